@@ -1,0 +1,364 @@
+"""The TOML configuration, parsed once at start into frozen dataclasses.
+
+Every section is a dataclass; the parser walks their fields, so a key that is not a field is an
+error (typos must not be silently ignored) and every error names the file, the key, the bad value
+and what was expected. Secrets never live in the TOML: it names an environment variable or a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from nightlab.loop.errors import UserError
+
+
+class ConfigError(UserError):
+    """A user error in the configuration; the CLI prints it and exits with code 2."""
+
+
+class Secret:
+    """A token that prints as *** everywhere (repr, str, f-strings, logs)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a secret comes from: an environment variable or a file (systemd LoadCredential=)."""
+
+    env: str = ""
+    file: str = ""
+
+    def describe(self) -> str:
+        if self.file:
+            return f"file {self.file}"
+        return f"environment variable {self.env}" if self.env else "nowhere (no env or file set)"
+
+    def resolve(self, key: str, config_path: Path | str) -> Secret:
+        if self.file:
+            path = Path(os.path.expandvars(self.file)).expanduser()
+            try:
+                value = path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{config_path}: {key}.file = {self.file!r}: cannot read the secret ({exc.strerror});"
+                    " point it at a readable file (e.g. $CREDENTIALS_DIRECTORY/telegram)"
+                ) from None
+        elif self.env:
+            value = os.environ.get(self.env, "").strip()
+            if not value:
+                raise ConfigError(
+                    f"{config_path}: {key}.env = {self.env!r}: the environment variable is not set;"
+                    f" export {self.env}=... (or use an EnvironmentFile= in the systemd unit)"
+                )
+        else:
+            raise ConfigError(f"{config_path}: {key}: set either env = \"VAR\" or file = \"/path\"")
+        if not value:
+            raise ConfigError(f"{config_path}: {key}: the secret from {self.describe()} is empty")
+        return Secret(value)
+
+
+@dataclass(frozen=True)
+class WorkspaceSettings:
+    path: str = "~/nightlab-workspace"  # the git repository the loop works in
+    tag: str = ""  # branch autoresearch/<tag>; empty: today's date, e.g. nov23
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    source: str = "climbmix"  # climbmix | stdlib | http(s)://mirror | /path/to/parquet/shards
+    shards: int = 10  # training shards to fetch (plus the pinned validation shard)
+    cache_dir: str = "~/.cache/nightlab"
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    profile: str = "auto"  # auto (tiny without a GPU) | default | tiny
+
+
+@dataclass(frozen=True)
+class ProjectSettings:
+    editable: tuple[str, ...] = ("train.py",)
+    protected: tuple[str, ...] = ("prepare.py",)
+    run_command: str = ""  # empty: `<python> train.py` for the built-in trainer
+    metric: str = "val_bpb"
+    direction: Literal["minimize", "maximize"] = "minimize"
+    checks_command: str = ""  # run after a successful run; failure -> checks_failed
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    baseline_runs: int = 1  # repeats of the unmodified baseline, to estimate noise
+    confirm_k: float = 2.0  # a gain smaller than k x noise is re-run once before it is kept
+    switch_area_after: int = 5  # consecutive failures before the search changes area
+    pause_after_failures: int = 15  # consecutive failures before the loop pauses itself
+    checkpoint_interval: float = 1.0  # seconds between command checks while a run is in flight
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    command: str = ""  # e.g. "claude -p --dangerously-skip-permissions < {prompt_file}"
+    timeout: float = 900.0
+
+
+@dataclass(frozen=True)
+class ProposerSettings:
+    kind: Literal["search", "agent"] = "search"
+    seed: int = 0
+    agent: AgentSettings = field(default_factory=AgentSettings)
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    kind: Literal["local"] = "local"
+    gpus: tuple[int, ...] = ()  # empty: all visible GPUs (or one CPU slot without a GPU)
+
+
+@dataclass(frozen=True)
+class HeartbeatSettings:
+    check_interval: float = 5.0
+    run_timeout: float = 600.0
+    stall_after: float = 180.0
+    loop_stall_after: float = 120.0
+    max_restarts_per_hour: int = 3
+    min_free_disk_gb: float = 2.0
+    report_time: str = "07:30"  # daily report, HH:MM local time; empty: off
+
+
+@dataclass(frozen=True)
+class TelegramSettings:
+    token: SecretRef = field(default_factory=lambda: SecretRef(env="NIGHTLAB_TELEGRAM_TOKEN"))
+    operators: tuple[int, ...] = ()  # user ids allowed to steer
+    viewers: tuple[int, ...] = ()  # user ids allowed read-only commands
+    chats: tuple[int, ...] = ()  # chats that receive digests and may send commands
+    api_base: str = ""  # Bot API base URL; empty: Telegram's
+
+
+@dataclass(frozen=True)
+class SlackSettings:
+    bot_token: SecretRef = field(default_factory=lambda: SecretRef(env="NIGHTLAB_SLACK_BOT_TOKEN"))
+    app_token: SecretRef = field(default_factory=lambda: SecretRef(env="NIGHTLAB_SLACK_APP_TOKEN"))
+    operators: tuple[str, ...] = ()
+    viewers: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()  # channel ids that receive digests and may send commands
+    api_base: str = ""  # Web API base URL ending in /api/; empty: Slack's
+
+
+@dataclass(frozen=True)
+class DigestSettings:
+    mode: Literal["every", "keeps_and_crashes", "hourly"] = "every"
+    log_tail_lines: int = 15
+
+
+@dataclass(frozen=True)
+class Settings:
+    workspace: WorkspaceSettings = field(default_factory=WorkspaceSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    project: ProjectSettings = field(default_factory=ProjectSettings)
+    loop: LoopSettings = field(default_factory=LoopSettings)
+    proposer: ProposerSettings = field(default_factory=ProposerSettings)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
+    digest: DigestSettings = field(default_factory=DigestSettings)
+    telegram: TelegramSettings | None = None  # the section's presence turns the channel on
+    slack: SlackSettings | None = None
+    origin: str = "<defaults>"  # the file these came from, for messages
+
+    @property
+    def workspace_path(self) -> Path:
+        return Path(os.path.expandvars(self.workspace.path)).expanduser().resolve()
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(os.path.expandvars(self.data.cache_dir)).expanduser()
+
+
+_PROFILES = ("auto", "default", "tiny")
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Read and validate a TOML file; raises ConfigError with a message meant for people."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file; copy config.example.toml and edit it, or check the path"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file ({exc.strerror})") from None
+    try:
+        table = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    return settings_from_table(table, source=str(path))
+
+
+def settings_from_table(table: dict[str, Any], source: str = "<table>") -> Settings:
+    settings = _build(Settings, {**table, "origin": source}, source, prefix="")
+    _check(settings)
+    return settings
+
+
+def _build(cls: type, table: dict[str, Any], source: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in names:
+            where = f"[{prefix[:-1]}]" if prefix else "the top level"
+            known = ", ".join(sorted(n for n in names if n != "origin"))
+            raise ConfigError(f"{source}: unknown key {prefix + key!r} in {where}; known keys: {known}")
+    values = {name: _convert(hints[name], table[name], source, f"{prefix}{name}") for name in table}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # `X | None`: the section is present
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(inner, value, source, key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} = {value!r}: expected a table [{key}]")
+        return _build(hint, value, source, prefix=f"{key}.")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(
+                f"{source}: {key} = {value!r}: expected one of {', '.join(map(repr, choices))}"
+            )
+        return value
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} = {value!r}: expected a list of {item.__name__}")
+        return tuple(_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{source}: {key} = {value!r}: expected {_type_name(hint)}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def _check(s: Settings) -> None:
+    """Range and cross-field checks that types alone cannot express."""
+    src = s.origin
+
+    def fail(key: str, value: Any, expected: str) -> None:
+        raise ConfigError(f"{src}: {key} = {value!r}: expected {expected}")
+
+    if s.trainer.profile not in _PROFILES:
+        fail("trainer.profile", s.trainer.profile, "one of " + ", ".join(map(repr, _PROFILES)))
+    if s.data.shards < 1:
+        fail("data.shards", s.data.shards, "at least 1")
+    for name in ("check_interval", "run_timeout", "stall_after", "loop_stall_after"):
+        if getattr(s.heartbeat, name) <= 0:
+            fail(f"heartbeat.{name}", getattr(s.heartbeat, name), "a positive number of seconds")
+    if s.heartbeat.report_time:
+        hh, _, mm = s.heartbeat.report_time.partition(":")
+        if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
+            fail("heartbeat.report_time", s.heartbeat.report_time, 'HH:MM, e.g. "07:30", or ""')
+    if s.loop.baseline_runs < 1:
+        fail("loop.baseline_runs", s.loop.baseline_runs, "at least 1")
+    if s.loop.confirm_k < 0:
+        fail("loop.confirm_k", s.loop.confirm_k, "a number >= 0")
+    if not s.project.editable:
+        fail("project.editable", [], "at least one file the proposer may edit")
+    if set(s.project.editable) & set(s.project.protected):
+        both = sorted(set(s.project.editable) & set(s.project.protected))
+        fail("project.protected", both, "files that are not also editable")
+    if s.proposer.kind == "agent" and not s.proposer.agent.command:
+        fail("proposer.agent.command", "", 'a command when proposer.kind = "agent" (see README)')
+    if s.telegram is not None and not (s.telegram.operators or s.telegram.viewers):
+        fail("telegram.operators", [], "at least one user id in operators or viewers (deny by default)")
+    if s.slack is not None and not (s.slack.operators or s.slack.viewers):
+        fail("slack.operators", [], "at least one user id in operators or viewers (deny by default)")
+
+
+@dataclass(frozen=True)
+class Secrets:
+    telegram_token: Secret | None = None
+    slack_bot_token: Secret | None = None
+    slack_app_token: Secret | None = None
+
+
+def resolve_secrets(s: Settings) -> Secrets:
+    """Read the secrets of the enabled channels; raises ConfigError when one is missing."""
+    return Secrets(
+        telegram_token=s.telegram.token.resolve("telegram.token", s.origin) if s.telegram else None,
+        slack_bot_token=s.slack.bot_token.resolve("slack.bot_token", s.origin) if s.slack else None,
+        slack_app_token=s.slack.app_token.resolve("slack.app_token", s.origin) if s.slack else None,
+    )
+
+
+def render_settings(s: Settings) -> str:
+    """The effective configuration as TOML-like text; secrets appear only as where they come from."""
+    lines: list[str] = [f"# effective configuration from {s.origin}"]
+
+    def emit(obj: Any, section: str) -> None:
+        scalars, tables = [], []
+        for f in dataclasses.fields(obj):
+            if f.name == "origin":
+                continue
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, SecretRef):
+                tables.append((f.name, value))
+            elif value is not None:
+                scalars.append((f.name, value))
+        if section and scalars:
+            lines.append(f"\n[{section}]")
+        for name, value in scalars:
+            if isinstance(value, SecretRef):
+                lines.append(f"{name} = <secret from {value.describe()}>")
+            else:
+                lines.append(f"{name} = {_toml_value(value)}")
+        for name, value in tables:
+            emit(value, f"{section}.{name}" if section else name)
+
+    emit(s, "")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

@@ -1,0 +1,188 @@
+"""The durable state store: one SQLite file (WAL) in the workspace's state directory.
+
+Every part of nightlab talks through it: the engine writes experiments, runs and events and reads
+commands; the bot reads events into its outbox and writes commands; the heartbeat reads runs and
+the engine's tick. Any process may be killed at any moment and start again from here, so every
+write that belongs together happens in one transaction.
+
+Each thread gets its own connection (sqlite3 connections must not be shared across threads);
+several processes may open the same file at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATE_DIRNAME = ".nightlab"
+DB_FILENAME = "state.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL                      -- JSON
+);
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts      REAL NOT NULL,
+    kind    TEXT NOT NULL,
+    payload TEXT NOT NULL                    -- JSON object
+);
+CREATE TABLE IF NOT EXISTS commands (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts         REAL NOT NULL,
+    sender     TEXT NOT NULL,                -- e.g. "telegram:123", "cli:alice"
+    name       TEXT NOT NULL,
+    args       TEXT NOT NULL DEFAULT '',
+    status     TEXT NOT NULL DEFAULT 'pending',   -- pending | done | rejected
+    result     TEXT NOT NULL DEFAULT '',
+    handled_at REAL
+);
+CREATE INDEX IF NOT EXISTS commands_pending ON commands(status) WHERE status = 'pending';
+"""
+
+
+def state_dir(workspace: Path) -> Path:
+    return Path(workspace) / STATE_DIRNAME
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    ts: float
+    kind: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    id: int
+    ts: float
+    sender: str
+    name: str
+    args: str
+    status: str
+    result: str
+
+
+class Store:
+    """A handle on the state database. Cheap to create; safe to use from several threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self.connection().executescript(_SCHEMA)  # idempotent; executescript commits by itself
+
+    @classmethod
+    def for_workspace(cls, workspace: Path) -> Store:
+        return cls(state_dir(workspace) / DB_FILENAME)
+
+    # -- connections -------------------------------------------------------------------------
+    def connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            # isolation_level=None: we issue BEGIN ourselves, so a transaction is exactly the block.
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; nested use joins the outer transaction."""
+        db = self.connection()
+        if db.in_transaction:
+            yield db
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- key/value state (paused, focus, best commit, engine tick, ...) ------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self.connection().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row["value"])
+
+    def set(self, key: str, value: Any) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO kv(key, value) VALUES(?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+
+    def delete(self, key: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM kv WHERE key = ?", (key,))
+
+    # -- events: the loop's durable story, read by the bot -------------------------------------
+    def emit(self, kind: str, **payload: Any) -> int:
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO events(ts, kind, payload) VALUES(?, ?, ?)",
+                (time.time(), kind, json.dumps(payload, default=str)),
+            )
+            return int(cur.lastrowid)
+
+    def events_after(self, cursor: int, limit: int = 500) -> list[Event]:
+        rows = self.connection().execute(
+            "SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit)
+        )
+        return [Event(r["id"], r["ts"], r["kind"], json.loads(r["payload"])) for r in rows]
+
+    def last_event_id(self) -> int:
+        row = self.connection().execute("SELECT MAX(id) AS m FROM events").fetchone()
+        return int(row["m"] or 0)
+
+    # -- commands: written by the bot and `nightlab ctl`, applied by the engine ----------------
+    def add_command(self, name: str, args: str = "", sender: str = "cli") -> int:
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO commands(ts, sender, name, args) VALUES(?, ?, ?, ?)",
+                (time.time(), sender, name, args),
+            )
+            return int(cur.lastrowid)
+
+    def pending_commands(self) -> list[CommandRecord]:
+        rows = self.connection().execute(
+            "SELECT * FROM commands WHERE status = 'pending' ORDER BY id"
+        )
+        return [_command(r) for r in rows]
+
+    def finish_command(self, command_id: int, status: str, result: str = "") -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE commands SET status = ?, result = ?, handled_at = ? WHERE id = ?",
+                (status, result, time.time(), command_id),
+            )
+
+    def command(self, command_id: int) -> CommandRecord | None:
+        row = self.connection().execute(
+            "SELECT * FROM commands WHERE id = ?", (command_id,)
+        ).fetchone()
+        return None if row is None else _command(row)
+
+
+def _command(r: sqlite3.Row) -> CommandRecord:
+    return CommandRecord(r["id"], r["ts"], r["sender"], r["name"], r["args"], r["status"], r["result"])

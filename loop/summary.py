@@ -1,0 +1,62 @@
+"""Reads a run's figures from its log: the one parser the loop and the trainer's tests share.
+
+Two formats, both written by the built-in trainer and common in users' own projects:
+- upstream autoresearch's summary block: a line `---`, then `name: value` lines;
+- the autoresearch plugins' `METRIC name=value` lines, anywhere in the log.
+METRIC lines win where both name a figure. Non-numeric values (e.g. `mfu_percent: n/a`) are
+kept out of `metrics` so a missing figure is never read as a number.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+_SUMMARY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):\s+(\S+)\s*$")
+_METRIC_LINE = re.compile(r"^METRIC\s+([A-Za-z_][A-Za-z0-9_.]*)=(\S+)\s*$")
+
+
+@dataclass(frozen=True)
+class Summary:
+    metrics: dict[str, float] = field(default_factory=dict)
+    complete: bool = False  # a `---` block or METRIC lines with at least one figure were found
+
+    def get(self, name: str) -> float | None:
+        return self.metrics.get(name)
+
+    def finite(self, name: str) -> float | None:
+        """The figure if present and finite (NaN/inf mean the run failed)."""
+        value = self.metrics.get(name)
+        return value if value is not None and math.isfinite(value) else None
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def parse_summary(text: str) -> Summary:
+    lines = text.splitlines()
+    metrics: dict[str, float] = {}
+    complete = False
+    # The last `---` starts the summary block: earlier ones may be part of the user's output.
+    start = max((i for i, line in enumerate(lines) if line.strip() == "---"), default=None)
+    if start is not None:
+        for line in lines[start + 1 :]:
+            match = _SUMMARY_LINE.match(line.strip())
+            if match:
+                value = _number(match.group(2))
+                if value is not None:
+                    metrics[match.group(1)] = value
+                    complete = True
+    for line in lines:
+        match = _METRIC_LINE.match(line.strip())
+        if match:
+            value = _number(match.group(2))
+            if value is not None:
+                metrics[match.group(1)] = value
+                complete = True
+    return Summary(metrics=metrics, complete=complete)

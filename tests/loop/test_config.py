@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nightlab.heartbeat.cli import main
+from nightlab.loop.config import ConfigError, Secret, load_settings, render_settings, resolve_secrets
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "nightlab.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads_and_is_offline() -> None:
+    settings = load_settings(REPO / "config.example.toml")
+    assert settings.data.source == "stdlib"
+    assert settings.proposer.kind == "search"
+    assert settings.telegram is None and settings.slack is None
+    assert settings.heartbeat.run_timeout == 600.0
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_syntax_error_names_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[loop\nconfirm_k = 2\n")
+    with pytest.raises(ConfigError, match=r"nightlab\.toml: TOML syntax error"):
+        load_settings(path)
+
+
+def test_unknown_key_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "[heartbeat]\nrun_timout = 60\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    message = str(err.value)
+    assert "heartbeat.run_timout" in message and "run_timeout" in message
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key 'telegarm'"):
+        load_settings(write(tmp_path, "[telegarm]\n"))
+
+
+def test_wrong_type_names_key_value_and_expectation(tmp_path: Path) -> None:
+    path = write(tmp_path, '[heartbeat]\nrun_timeout = "ten minutes"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert "heartbeat.run_timeout = 'ten minutes'" in str(err.value)
+    assert "expected a number" in str(err.value)
+
+
+def test_bool_is_not_an_int(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.shards"):
+        load_settings(write(tmp_path, "[data]\nshards = true\n"))
+
+
+def test_bad_choice(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'minimize', 'maximize'"):
+        load_settings(write(tmp_path, '[project]\ndirection = "down"\n'))
+
+
+def test_bad_list_item(tmp_path: Path) -> None:
+    path = write(tmp_path, '[telegram]\noperators = ["alice"]\n')
+    with pytest.raises(ConfigError, match=r"telegram.operators\[0\]"):
+        load_settings(path)
+
+
+def test_channels_deny_by_default(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="deny by default"):
+        load_settings(write(tmp_path, "[telegram]\nchats = [1]\n"))
+
+
+def test_missing_secret_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NIGHTLAB_TELEGRAM_TOKEN", raising=False)
+    settings = load_settings(write(tmp_path, "[telegram]\noperators = [1]\n"))
+    with pytest.raises(ConfigError, match="NIGHTLAB_TELEGRAM_TOKEN"):
+        resolve_secrets(settings)
+
+
+def test_secret_from_file_is_redacted(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("123:SECRET-TOKEN\n")
+    path = write(tmp_path, f'[telegram]\noperators = [1]\ntoken = {{ file = "{token_file}" }}\n')
+    settings = load_settings(path)
+    secrets = resolve_secrets(settings)
+    assert isinstance(secrets.telegram_token, Secret)
+    assert secrets.telegram_token.reveal() == "123:SECRET-TOKEN"
+    assert "SECRET" not in repr(secrets) and "SECRET" not in f"{secrets.telegram_token}"
+    assert "SECRET" not in render_settings(settings)
+
+
+def test_cli_config_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(REPO / "config.example.toml")]) == 0
+    assert "source = \"stdlib\"" in capsys.readouterr().out
+    bad = write(tmp_path, "[loop]\nconfirm_k = -1\n")
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "loop.confirm_k = -1.0" in err and "Traceback" not in err

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+from nightlab.loop.store import Store
+
+
+def test_kv_events_commands_round_trip(tmp_path: Path) -> None:
+    store = Store.for_workspace(tmp_path)
+    assert store.get("paused", False) is False
+    store.set("paused", True)
+    assert Store.for_workspace(tmp_path).get("paused") is True
+    first = store.emit("experiment_started", number=1)
+    second = store.emit("experiment_finished", number=1, val_bpb=0.99)
+    assert [e.id for e in store.events_after(0)] == [first, second]
+    assert store.events_after(first)[0].payload == {"number": 1, "val_bpb": 0.99}
+    cid = store.add_command("pause", "now", sender="telegram:1")
+    assert [c.name for c in store.pending_commands()] == ["pause"]
+    store.finish_command(cid, "done", "paused")
+    assert store.pending_commands() == []
+    assert store.command(cid).result == "paused"
+
+
+def test_transaction_rolls_back(tmp_path: Path) -> None:
+    store = Store.for_workspace(tmp_path)
+    try:
+        with store.transaction():
+            store.emit("a")
+            store.set("k", 1)
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert store.last_event_id() == 0 and store.get("k") is None
+
+
+def _writer(path: str, n: int) -> None:
+    store = Store(Path(path))
+    for i in range(n):
+        store.emit("tick", i=i)
+
+
+def test_several_processes_write_safely(tmp_path: Path) -> None:
+    store = Store.for_workspace(tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(store.path), 50)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert len(store.events_after(0, limit=1000)) == 150

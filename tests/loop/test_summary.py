@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from nightlab.loop.summary import parse_summary
+
+UPSTREAM_BLOCK = """step 00953 (100.0%) | loss 3.1 | remaining 0s
+---
+val_bpb:          0.997900
+training_seconds: 300.1
+total_seconds:    325.9
+peak_vram_mb:     45060.2
+mfu_percent:      39.80
+total_tokens_M:   499.6
+num_steps:        953
+num_params_M:     50.3
+depth:            8
+"""
+
+
+def test_upstream_block() -> None:
+    summary = parse_summary(UPSTREAM_BLOCK)
+    assert summary.complete
+    assert summary.get("val_bpb") == 0.9979
+    assert summary.get("num_steps") == 953
+    assert summary.get("depth") == 8
+
+
+def test_metric_lines_win_and_count() -> None:
+    summary = parse_summary(UPSTREAM_BLOCK + "METRIC val_bpb=0.99785\nMETRIC tokens_per_sec=1650000\n")
+    assert summary.get("val_bpb") == 0.99785
+    assert summary.get("tokens_per_sec") == 1_650_000
+
+
+def test_metric_only_log_is_complete() -> None:
+    summary = parse_summary("hello\nMETRIC accuracy=0.91\n")
+    assert summary.complete and summary.get("accuracy") == 0.91
+
+
+def test_truncated_log_has_no_figures() -> None:
+    summary = parse_summary("step 00010 | loss 5.0\nTraceback (most recent call last):\n")
+    assert not summary.complete and summary.get("val_bpb") is None
+
+
+def test_non_numeric_and_nan() -> None:
+    summary = parse_summary("---\nval_bpb: nan\nmfu_percent: n/a\n")
+    assert "mfu_percent" not in summary.metrics
+    assert summary.finite("val_bpb") is None
+
+
+def test_only_last_separator_counts() -> None:
+    summary = parse_summary("---\nval_bpb: 5.0\nlater output\n---\nval_bpb: 1.0\n")
+    assert summary.get("val_bpb") == 1.0
