@@ -46,6 +46,67 @@ CREATE TABLE IF NOT EXISTS commands (
     handled_at REAL
 );
 CREATE INDEX IF NOT EXISTS commands_pending ON commands(status) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS runs (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id INTEGER NOT NULL,
+    handle       TEXT NOT NULL,               -- JSON from the executor
+    slot         TEXT NOT NULL DEFAULT '',
+    log_path     TEXT NOT NULL,
+    started_at   REAL NOT NULL,
+    state        TEXT NOT NULL DEFAULT 'running',   -- running | exited
+    exit_code    INTEGER,
+    kill_reason  TEXT,                         -- why someone stopped it; the engine records it
+    finished_at  REAL
+);
+CREATE INDEX IF NOT EXISTS runs_running ON runs(state) WHERE state = 'running';
+-- The in-flight cycle, one row per experiment number. `phase` says how far the cycle got, so a
+-- restarted engine resumes from it: proposing -> committed -> running -> finished -> recorded -> done.
+CREATE TABLE IF NOT EXISTS candidates (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    number        INTEGER NOT NULL UNIQUE,      -- the experiment number people see (#42)
+    kind          TEXT NOT NULL,                -- baseline | proposal | confirm
+    confirm_of    INTEGER,                      -- the number a confirm run repeats
+    phase         TEXT NOT NULL,
+    base_commit   TEXT NOT NULL,                -- the last kept commit it branches from
+    commit_sha    TEXT,                         -- the candidate's commit (= base for a baseline)
+    description   TEXT NOT NULL DEFAULT '',
+    hypothesis    TEXT NOT NULL DEFAULT '',
+    area          TEXT NOT NULL DEFAULT '',
+    params        TEXT NOT NULL DEFAULT '{}',   -- JSON
+    focus         TEXT,
+    lines_added   INTEGER NOT NULL DEFAULT 0,
+    lines_removed INTEGER NOT NULL DEFAULT 0,
+    outcome       TEXT,                         -- JSON verdict, set together with phase 'finished'
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS candidates_open ON candidates(phase) WHERE phase != 'done';
+-- The final record: written exactly once per candidate, in the transaction that emits its
+-- experiment_finished event and moves the candidate to 'recorded'.
+CREATE TABLE IF NOT EXISTS experiments (
+    number        INTEGER PRIMARY KEY,
+    candidate_id  INTEGER NOT NULL UNIQUE,
+    kind          TEXT NOT NULL,
+    confirm_of    INTEGER,
+    commit_sha    TEXT NOT NULL,
+    status        TEXT NOT NULL,                -- keep | discard | crash | checks_failed
+    metric        REAL,                         -- NULL for a crash
+    metrics       TEXT NOT NULL DEFAULT '{}',   -- JSON: every figure the run printed
+    best          REAL,                         -- the best metric after this experiment
+    confidence    REAL,                         -- gain / noise; NULL when unknown
+    description   TEXT NOT NULL DEFAULT '',
+    hypothesis    TEXT NOT NULL DEFAULT '',
+    area          TEXT NOT NULL DEFAULT '',
+    params        TEXT NOT NULL DEFAULT '{}',
+    focus         TEXT,
+    reason        TEXT NOT NULL DEFAULT '',
+    lines_added   INTEGER NOT NULL DEFAULT 0,
+    lines_removed INTEGER NOT NULL DEFAULT 0,
+    duration_s    REAL,
+    slot          TEXT NOT NULL DEFAULT '',
+    started_at    REAL,
+    finished_at   REAL NOT NULL
+);
 """
 
 
