@@ -1,0 +1,396 @@
+"""The fixed harness: data sources (local, mirror over real HTTP, stdlib), tokenizer,
+dataloader and evaluate_bpb. Self-made data; the shared corpus only when present."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from nightlab.trainer import prepare as P
+
+from tests.conftest import REPO, SHARED_CORPUS
+from tests.fakes.hf_server import FakeHF
+
+SAMPLES = {
+    "ascii": "Hello world! Numbers: 1234567. def f(x): return x ** 2",
+    "accented": "Crème brûlée, naïve façade, Ångström, Straße, Ελληνικά, Ærø",
+    "cjk": "你好，世界。日本語のテキストです。한국어 문장입니다.",
+    "emoji": "Launch 🚀🚀 then 👩‍👩‍👧‍👦 family, flags 🇫🇷🇯🇵 and 🤖 robots 🎉",
+}
+MULTILINGUAL = list(SAMPLES.values()) + [
+    "Le café est très chaud ; l'été dernier était magnifique à Montréal.",
+    "Über den Wolken muß die Freiheit wohl grenzenlos sein, sagte er.",
+    "東京は日本の首都であり、人口が多い都市です。北京是中国的首都。",
+    "Good morning ☀️ see you at 10:30 🕥 with ☕ and 🥐 at the café.",
+]
+
+
+def _stdlib_paragraphs(limit_chars: int) -> list[str]:
+    """Blank-line separated pieces of stdlib sources: documents of varied length."""
+    docs: list[str] = []
+    total = 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        for para in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            if para.strip():
+                docs.append(para)
+                total += len(para)
+        if total >= limit_chars:
+            return docs
+    return docs
+
+
+def write_shards(directory: Path, shards: list[list[str]], column: str = "text") -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, docs in enumerate(shards):
+        path = directory / f"shard_{i:05d}.parquet"
+        pq.write_table(pa.table({column: docs}), path, row_group_size=256)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[str]]]:
+    """A folder of 3 parquet shards (2 train + val), ~600 KB: code paragraphs + multilingual text."""
+    paras = _stdlib_paragraphs(600_000)
+    shards = [paras[i::3] + [f"{s} ({i}, {k})" for k, s in enumerate(MULTILINGUAL * 20)] for i in range(3)]
+    directory = tmp_path_factory.mktemp("corpus")
+    write_shards(directory, shards)
+    return directory, shards
+
+
+@pytest.fixture(scope="module")
+def data_dir(corpus: tuple[Path, list[list[str]]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return P.prepare(str(corpus[0]), -1, tmp_path_factory.mktemp("cache"), progress=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir: Path) -> P.Tokenizer:
+    return P.Tokenizer.from_directory(data_dir / "tokenizer")
+
+
+def tiny_shard_bytes(tag: str) -> bytes:
+    sink = pa.BufferOutputStream()
+    docs = [f"{tag} document {i}: {MULTILINGUAL[i % len(MULTILINGUAL)]} " * (1 + i % 5) for i in range(200)]
+    pq.write_table(pa.table({"text": docs}), sink)
+    return sink.getvalue().to_pybytes()
+
+
+MIRROR_NAMES = ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "shard_06542.parquet"]
+
+
+@pytest.fixture
+def mirror() -> FakeHF:
+    with FakeHF({name: tiny_shard_bytes(name) for name in MIRROR_NAMES}) as server:
+        yield server
+
+
+def mirror_prepare(server: FakeHF, cache: Path, messages: list[str] | None = None, **kw) -> Path:
+    kw = {"retries": 3, "backoff_s": 0.01, "workers": 4} | kw
+    return P.prepare(server.url, 3, cache, progress=(messages.append if messages is not None else None), **kw)
+
+
+# --- settings -------------------------------------------------------------------------
+
+
+def test_constants_and_settings_follow_environment() -> None:
+    assert (P.VOCAB_SIZE, P.DEFAULT_MAX_SEQ_LEN, P.DEFAULT_TIME_BUDGET, P.DEFAULT_EVAL_TOKENS) == (
+        8192, 2048, 300, 40 * 524288,
+    )
+    settings = P.harness_settings(
+        {"NIGHTLAB_MAX_SEQ_LEN": "512", "NIGHTLAB_TIME_BUDGET": "60", "NIGHTLAB_DATA_DIR": "/data/x"}
+    )
+    assert settings == {
+        "MAX_SEQ_LEN": 512, "TIME_BUDGET": 60, "EVAL_TOKENS": 40 * 524288, "VOCAB_SIZE": 8192, "DATA_DIR": "/data/x",
+    }
+    assert P.harness_settings({"NIGHTLAB_CACHE": "/c"})["DATA_DIR"] == "/c/climbmix"
+    assert set(P.harness_settings()) == {"MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE", "DATA_DIR"}
+    for bad in ("abc", "0", "-5", "1.5"):
+        with pytest.raises(P.PrepareError, match="NIGHTLAB_EVAL_TOKENS"):
+            P.harness_settings({"NIGHTLAB_EVAL_TOKENS": bad})
+
+
+def test_runs_as_top_level_module_without_torch(tmp_path: Path) -> None:
+    """Copied next to train.py it imports as `prepare`; importing it never loads torch."""
+    shutil.copy(REPO / "trainer" / "prepare.py", tmp_path / "prepare.py")
+    code = "import sys, prepare; print(prepare.MAX_SEQ_LEN, prepare.TIME_BUDGET, 'torch' in sys.modules)"
+    env = os.environ | {"NIGHTLAB_MAX_SEQ_LEN": "256", "NIGHTLAB_TIME_BUDGET": "30"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["256", "30", "False"]
+    env["NIGHTLAB_TIME_BUDGET"] = "five"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "NIGHTLAB_TIME_BUDGET='five' is not an integer" in out.stderr
+
+
+# --- local directory source -------------------------------------------------------------
+
+
+def test_local_source_links_shards_and_trains_tokenizer(corpus, data_dir: Path) -> None:
+    source, _ = corpus
+    assert data_dir.name == P.source_id(str(source)) and data_dir.name.startswith("local-")
+    assert sorted(p.name for p in data_dir.glob("shard_*.parquet")) == [p.name for p in sorted(source.glob("*"))]
+    train, val = P.split_shards(data_dir)
+    assert [p.name for p in train] == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert val.name == "shard_00002.parquet"
+    spec = json.loads((data_dir / "tokenizer" / "tokenizer.json").read_text())
+    assert spec["format"] == P.TOKENIZER_FORMAT and spec["bos_token"] == "<|reserved_0|>"
+    assert not list(data_dir.rglob("*.pkl")) and not list(data_dir.rglob("*.tmp"))
+
+    messages: list[str] = []
+    t0 = time.perf_counter()
+    assert P.prepare(str(source), -1, data_dir.parent, progress=messages.append) == data_dir
+    assert time.perf_counter() - t0 < 1.0
+    assert "(0 new)" in messages[0] and "present" in messages[-1]
+
+
+def test_local_source_takes_first_shards_and_last_as_validation(corpus, tmp_path: Path) -> None:
+    data_dir = P.prepare(str(corpus[0]), 1, tmp_path, progress=lambda _: None)
+    assert sorted(p.name for p in data_dir.glob("shard_*.parquet")) == ["shard_00000.parquet", "shard_00002.parquet"]
+
+
+def test_local_source_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(P.PrepareError, match="is not a directory"):
+        P.prepare(str(tmp_path / "nope"), 2, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(P.PrepareError, match="0 .parquet file"):
+        P.prepare(str(tmp_path / "empty"), 2, tmp_path / "cache")
+    write_shards(tmp_path / "wrong", [["a"], ["b"]], column="content")
+    with pytest.raises(P.PrepareError, match="no `text` column"):
+        P.prepare(str(tmp_path / "wrong"), 2, tmp_path / "cache")
+
+    assert P.main(["--source", str(tmp_path / "nope"), "--cache-dir", str(tmp_path / "c")]) == 1
+    assert "prepare: error: data source" in capsys.readouterr().err
+
+
+def test_cli_prepares_a_local_source(corpus, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert P.main(["--source", str(corpus[0]), "--shards", "2", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert f"NIGHTLAB_DATA_DIR={tmp_path / P.source_id(str(corpus[0]))}" in out.out
+    assert "tokenizer: trained" in out.err
+
+
+@pytest.mark.skipif(not SHARED_CORPUS.is_dir(), reason="shared corpus not present")
+def test_shared_corpus_as_local_source(tmp_path: Path) -> None:
+    data_dir = P.prepare(str(SHARED_CORPUS), 1, tmp_path, progress=lambda _: None, tokenizer_max_chars=1_000_000)
+    train, val = P.split_shards(data_dir)
+    assert [p.name for p in train] == ["shard_00000.parquet"] and val.name == "shard_00007.parquet"
+    assert P.Tokenizer.from_directory(data_dir / "tokenizer").get_vocab_size() == P.VOCAB_SIZE
+
+
+# --- mirror source over real HTTP ------------------------------------------------------------
+
+
+def test_mirror_download_retries_and_refetches(mirror: FakeHF, tmp_path: Path) -> None:
+    data_dir = tmp_path / P.source_id(mirror.url)
+    data_dir.mkdir()
+    (data_dir / "shard_00000.parquet").write_bytes(mirror.files["shard_00000.parquet"][:1000])  # truncated earlier
+    (data_dir / "shard_00001.parquet.x1y2.tmp").write_bytes(b"partial")  # left by a killed run
+    mirror.fail("shard_00001.parquet", "500", "500")
+    mirror.fail("shard_00002.parquet", "truncate")
+    messages: list[str] = []
+    assert mirror_prepare(mirror, tmp_path, messages) == data_dir
+    assert data_dir.name.startswith("mirror-")
+    for name in MIRROR_NAMES:
+        assert (data_dir / name).read_bytes() == mirror.files[name]
+    assert [mirror.requested(n) for n in MIRROR_NAMES] == [1, 3, 2, 1]
+    assert any("shard_00000.parquet is invalid (no parquet magic at the end" in m for m in messages)
+    assert any("shard_00001.parquet attempt 1/3 failed (HTTP 500" in m for m in messages)
+    assert any("shard_00002.parquet attempt 1/3 failed (incomplete transfer" in m for m in messages)
+    assert not list(data_dir.glob("*.tmp"))
+    assert P.split_shards(data_dir)[1].name == "shard_06542.parquet"
+    assert (data_dir / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_mirror_404_fails_at_once_with_a_clear_error(mirror: FakeHF, tmp_path: Path) -> None:
+    del mirror.files["shard_06542.parquet"]
+    with pytest.raises(P.PrepareError) as err:
+        mirror_prepare(mirror, tmp_path)
+    assert "shard_06542.parquet: HTTP 404" in str(err.value) and "Check the source URL" in str(err.value)
+    assert mirror.requested("shard_06542.parquet") == 1
+
+
+def test_mirror_serving_a_truncated_file_is_reported(mirror: FakeHF, tmp_path: Path) -> None:
+    mirror.files["shard_00002.parquet"] = mirror.files["shard_00002.parquet"][:-100]
+    with pytest.raises(P.PrepareError, match=r"shard_00002.parquet: failed after 3 attempts; last error: invalid file"):
+        mirror_prepare(mirror, tmp_path)
+    data_dir = tmp_path / P.source_id(mirror.url)
+    assert not (data_dir / "shard_00002.parquet").exists() and (data_dir / "shard_00001.parquet").exists()
+    assert not list(data_dir.glob("*.tmp"))
+
+
+def test_mirror_interrupted_set_resumes(mirror: FakeHF, tmp_path: Path) -> None:
+    mirror.fail("shard_00001.parquet", "500", "500")
+    with pytest.raises(P.PrepareError, match="1 of 4 shards could not be downloaded"):
+        mirror_prepare(mirror, tmp_path, retries=2)
+    assert not (tmp_path / P.source_id(mirror.url) / "tokenizer").exists()
+    data_dir = mirror_prepare(mirror, tmp_path, retries=2)
+    assert [mirror.requested(n) for n in MIRROR_NAMES] == [1, 3, 1, 1]
+    assert len(P.split_shards(data_dir)[0]) == 3
+    before = len(mirror.requests)
+    mirror_prepare(mirror, tmp_path)
+    assert len(mirror.requests) == before  # complete: nothing fetched again
+
+
+# --- stdlib source ---------------------------------------------------------------------------
+
+
+def test_stdlib_source_builds_shards_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args, **kwargs):
+        raise AssertionError("the stdlib source must not touch the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    data_dir = P.prepare("stdlib", 0, tmp_path, progress=lambda _: None, tokenizer_max_chars=300_000)
+    assert data_dir == tmp_path / "stdlib"
+    train, val = P.split_shards(data_dir)
+    assert len(train) == 4 and val.name == "shard_00004.parquet"
+    docs = P._stdlib_documents()
+    assert len(docs) > 500 and any(d.startswith("assert\n\n") for d in docs)  # sources + pydoc topics
+    assert pq.read_table(val).column("text").to_pylist() == docs[4::5]  # deterministic
+    assert P.Tokenizer.from_directory(data_dir / "tokenizer").get_vocab_size() == P.VOCAB_SIZE
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+def test_tokenizer_shape_and_specials(tokenizer: P.Tokenizer) -> None:
+    assert tokenizer.get_vocab_size() == P.VOCAB_SIZE
+    assert tokenizer.get_bos_token_id() == P.VOCAB_SIZE - 4
+    assert tokenizer.enc.special_tokens_set == set(P.SPECIAL_TOKENS)
+    assert tokenizer.encode("12345") == [tokenizer.enc.encode_single_token(t) for t in ("12", "34", "5")]
+    assert tokenizer.encode("hi", prepend="<|reserved_0|>")[0] == tokenizer.get_bos_token_id()
+    assert tokenizer.encode(["a b", "c"], prepend=tokenizer.get_bos_token_id()) == [
+        [tokenizer.get_bos_token_id()] + tokenizer.encode("a b"),
+        [tokenizer.get_bos_token_id()] + tokenizer.encode("c"),
+    ]
+    # special-token text inside documents is ordinary text, never a BOS
+    assert tokenizer.get_bos_token_id() not in tokenizer.encode("x <|reserved_0|> y")
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_tokenizer_round_trip_and_byte_counts(tokenizer: P.Tokenizer, kind: str) -> None:
+    text = SAMPLES[kind]
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    lengths = tokenizer.token_byte_lengths()
+    assert sum(lengths[i] for i in ids) == len(text.encode("utf-8"))
+    token_bytes = P.get_token_bytes("cpu", tokenizer)
+    assert token_bytes.dtype == torch.int32 and int(token_bytes[ids].sum()) == len(text.encode("utf-8"))
+
+
+def test_token_bytes_are_raw_bytes_and_zero_for_specials(tokenizer: P.Tokenizer) -> None:
+    lengths = tokenizer.token_byte_lengths()
+    assert lengths[-4:] == [0, 0, 0, 0] and min(lengths[:-4]) >= 1
+    assert lengths[:256] == [1] * 256  # the byte tokens, incl. the partial UTF-8 ones upstream counts as 3
+
+
+def test_get_token_bytes_defaults_to_the_data_dir(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
+    assert P.get_token_bytes().tolist() == P.Tokenizer.from_directory().token_byte_lengths()
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir / "missing"))
+    with pytest.raises(P.PrepareError, match="no tokenizer at"):
+        P.Tokenizer.from_directory()
+
+
+# --- dataloader ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_dataloader_invariants(
+    tokenizer: P.Tokenizer, data_dir: Path, corpus, split: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
+    shards = corpus[1]
+    docs = [d for s in (shards[:-1] if split == "train" else shards[-1:]) for d in s]
+    doc_bytes = {d.encode("utf-8") for d in docs}
+    B, T = 4, 64
+    loader = P.make_dataloader(tokenizer, B, T, split, device="cpu")
+    bos = tokenizer.get_bos_token_id()
+    for _ in range(5):
+        x, y, epoch = next(loader)
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.long and x.is_contiguous()
+        assert isinstance(epoch, int) and epoch >= 1  # the small val shard cycles
+        assert (x[:, 0] == bos).all()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert ((x >= 0) & (x < tokenizer.get_vocab_size())).all()
+        for row in torch.cat([x, y[:, -1:]], dim=1).tolist():  # the full row of T+1 tokens
+            cuts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+            for start, end in itertools.pairwise(cuts):
+                piece = b"".join(tokenizer.enc.decode_single_token_bytes(t) for t in row[start + 1 : end])
+                if end < len(row):  # a whole document: no padding, nothing invented
+                    assert piece in doc_bytes
+                else:  # the last piece may be cropped
+                    assert any(d.startswith(piece) for d in doc_bytes)
+    first = [next(P.make_dataloader(tokenizer, B, T, split, device="cpu"))[0] for _ in range(2)]
+    assert torch.equal(*first)  # deterministic
+
+
+def test_dataloader_yields_fresh_tensors_on_cpu(tokenizer: P.Tokenizer, data_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
+    loader = P.make_dataloader(tokenizer, 1, 32, "train", device="cpu")
+    x1, _, _ = next(loader)
+    kept = x1.clone()
+    next(loader)
+    assert torch.equal(x1, kept)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dataloader_on_cuda(tokenizer: P.Tokenizer, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
+    x, y, _ = next(P.make_dataloader(tokenizer, 2, 32, "train", device="cuda"))
+    cpu_x, cpu_y, _ = next(P.make_dataloader(tokenizer, 2, 32, "train", device="cpu"))
+    assert x.is_cuda and torch.equal(x.cpu(), cpu_x) and torch.equal(y.cpu(), cpu_y)
+
+
+# --- evaluate_bpb -----------------------------------------------------------------------------
+
+
+class UniformModel(torch.nn.Module):
+    """Uniform logits over V tokens: the loss of every target is ln V."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        logits = torch.zeros(*x.shape, self.vocab) + self.anchor
+        return torch.nn.functional.cross_entropy(logits.view(-1, self.vocab), y.view(-1), reduction=reduction)
+
+
+def test_evaluate_bpb_matches_hand_computation(
+    tokenizer: P.Tokenizer, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
+    B, T, steps = 2, 128, 3
+    monkeypatch.setattr(P, "MAX_SEQ_LEN", T)
+    monkeypatch.setattr(P, "EVAL_TOKENS", steps * B * T + 5)
+    lengths = tokenizer.token_byte_lengths()
+    loader = P.make_dataloader(tokenizer, B, T, "val", device="cpu")
+    targets = [t for _ in range(steps) for t in next(loader)[1].view(-1).tolist()]
+    scored = [t for t in targets if t != tokenizer.get_bos_token_id()]
+    assert len(scored) < len(targets)  # the case that matters: some targets are BOS
+    expected = len(scored) * math.log(tokenizer.get_vocab_size()) / (math.log(2) * sum(lengths[t] for t in scored))
+
+    model = UniformModel(tokenizer.get_vocab_size())
+    bpb = P.evaluate_bpb(model, tokenizer, B)
+    assert bpb == pytest.approx(expected, rel=1e-6)
+    assert P.evaluate_bpb(model, tokenizer, B) == bpb  # deterministic
+
+    monkeypatch.setattr(P, "EVAL_TOKENS", B * T - 1)
+    with pytest.raises(ValueError, match="NIGHTLAB_EVAL_TOKENS"):
+        P.evaluate_bpb(model, tokenizer, B)

@@ -1,0 +1,718 @@
+"""The FIXED harness of nightlab's experiment template (upstream autoresearch's prepare.py).
+
+It prepares the data (parquet shards with a `text` column + a BPE tokenizer) and provides
+what every train.py relies on and must not change: the constants, the tokenizer, the
+BOS-aligned dataloader and the metric `evaluate_bpb`.
+
+    python prepare.py --source climbmix --shards 10   # download 10 + 1 shards, train tokenizer
+    python prepare.py --source stdlib                 # offline corpus from Python's stdlib
+    python prepare.py --source ../shared/corpus       # a local folder of parquet shards
+    python prepare.py --source https://mirror/path    # a mirror with climbmix's layout
+
+Two ways in, so the module depends on nothing of nightlab's and keeps torch out of the
+daemon: it runs as a top-level module copied next to train.py (`from prepare import ...`),
+and the daemon imports it as `nightlab.trainer.prepare` to download data. torch is
+imported lazily inside the functions that need it.
+
+A data dir holds `shard_*.parquet` and `tokenizer/tokenizer.json`; the shard that sorts
+last is the validation shard. The trainer finds it through NIGHTLAB_DATA_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import http.client
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import rustbpe
+import tiktoken
+
+# ---------------------------------------------------------------------------
+# Constants. Upstream's values; a profile may override the first three through the
+# environment (set by nightlab's executor), VOCAB_SIZE is a property of the tokenizer.
+# ---------------------------------------------------------------------------
+
+DEFAULT_MAX_SEQ_LEN = 2048  # context length
+DEFAULT_TIME_BUDGET = 300  # training time budget in seconds (5 minutes)
+DEFAULT_EVAL_TOKENS = 40 * 524288  # number of validation tokens evaluate_bpb scores
+VOCAB_SIZE = 8192
+
+ENV_MAX_SEQ_LEN = "NIGHTLAB_MAX_SEQ_LEN"
+ENV_TIME_BUDGET = "NIGHTLAB_TIME_BUDGET"
+ENV_EVAL_TOKENS = "NIGHTLAB_EVAL_TOKENS"
+ENV_DATA_DIR = "NIGHTLAB_DATA_DIR"
+ENV_CACHE = "NIGHTLAB_CACHE"
+
+# Data sources
+BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+MAX_SHARD = 6542  # the last climbmix shard is shard_06542.parquet
+VAL_SHARD = MAX_SHARD  # pinned validation shard (climbmix and mirrors)
+SHARD_PATTERN = "shard_*.parquet"
+STDLIB_TRAIN_SHARDS = 4  # the stdlib corpus: 4 training shards + 1 validation shard
+DOWNLOAD_WORKERS = 8
+DOWNLOAD_RETRIES = 5
+DOWNLOAD_BACKOFF_S = 1.0  # first retry waits this long, then doubles
+DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation, not per file
+PARQUET_MAGIC = b"PAR1"
+
+# Tokenizer
+TOKENIZER_FILE = "tokenizer/tokenizer.json"
+TOKENIZER_FORMAT = "nightlab-bpe/1"
+TOKENIZER_MAX_CHARS = 1_000_000_000  # cap on the training text (upstream's)
+TOKENIZER_DOC_CAP = 10_000  # characters taken from any one document (upstream's)
+# GPT-4 style split, digits in groups of 1-2 instead of 1-3 (upstream's)
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
+BOS_TOKEN = SPECIAL_TOKENS[0]
+
+Progress = Callable[[str], None]
+
+
+class PrepareError(Exception):
+    """Data or settings are missing or wrong; the message says what and what to do."""
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    """A positive integer from the environment, or `default` when unset or empty."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise PrepareError(f"{name}={raw!r} is not an integer; set a positive whole number or unset it") from None
+    if value <= 0:
+        raise PrepareError(f"{name}={raw!r} must be positive; set a positive whole number or unset it")
+    return value
+
+
+MAX_SEQ_LEN = _env_int(os.environ, ENV_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+TIME_BUDGET = _env_int(os.environ, ENV_TIME_BUDGET, DEFAULT_TIME_BUDGET)
+EVAL_TOKENS = _env_int(os.environ, ENV_EVAL_TOKENS, DEFAULT_EVAL_TOKENS)
+
+
+def cache_root(environ: Mapping[str, str] | None = None) -> Path:
+    """Where prepared data dirs live: $NIGHTLAB_CACHE or ~/.cache/nightlab."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(ENV_CACHE, "").strip()
+    return Path(raw).expanduser() if raw else Path.home() / ".cache" / "nightlab"
+
+
+def get_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The data dir in force: $NIGHTLAB_DATA_DIR, else the default climbmix dir.
+
+    Read at call time (not import time) so one process can point at several data dirs.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get(ENV_DATA_DIR, "").strip()
+    return Path(raw).expanduser() if raw else cache_root(environ) / "climbmix"
+
+
+def harness_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The harness values to record with a run.
+
+    With no argument: the values in force in this process. With an environment mapping:
+    the values a trainer started with that environment will use (what the daemon records
+    before it launches a run); a bad value raises PrepareError naming the variable.
+    """
+    if environ is None:
+        seq_len, budget, eval_tokens = MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS
+    else:
+        seq_len = _env_int(environ, ENV_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+        budget = _env_int(environ, ENV_TIME_BUDGET, DEFAULT_TIME_BUDGET)
+        eval_tokens = _env_int(environ, ENV_EVAL_TOKENS, DEFAULT_EVAL_TOKENS)
+    return {
+        "MAX_SEQ_LEN": seq_len,
+        "TIME_BUDGET": budget,
+        "EVAL_TOKENS": eval_tokens,
+        "VOCAB_SIZE": VOCAB_SIZE,
+        "DATA_DIR": str(get_data_dir(environ)),
+    }
+
+
+def _stderr_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Shards: naming, validation, splits
+# ---------------------------------------------------------------------------
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def parquet_problem(path: Path) -> str | None:
+    """Why `path` is not a usable shard, or None if it is.
+
+    Checks the cheap things first (size, `PAR1` at head and tail) so a truncated download
+    is caught without parsing, then lets pyarrow read the footer and looks for `text`.
+    """
+    try:
+        size = path.stat().st_size
+        if size < 2 * len(PARQUET_MAGIC):
+            return f"{size} bytes, too small to be parquet"
+        with open(path, "rb") as f:
+            head = f.read(len(PARQUET_MAGIC))
+            f.seek(-len(PARQUET_MAGIC), os.SEEK_END)
+            tail = f.read(len(PARQUET_MAGIC))
+        if head != PARQUET_MAGIC:
+            return "no parquet magic at the start"
+        if tail != PARQUET_MAGIC:
+            return "no parquet magic at the end (truncated?)"
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        return f"unreadable: {e}"
+    if "text" not in schema.names:
+        return f"no `text` column (columns: {', '.join(schema.names) or 'none'})"
+    if not pa.types.is_string(schema.field("text").type) and not pa.types.is_large_string(schema.field("text").type):
+        return f"column `text` has type {schema.field('text').type}, expected string"
+    return None
+
+
+def split_shards(data_dir: Path) -> tuple[list[Path], Path]:
+    """(training shards, validation shard) of a data dir: the last shard by name validates."""
+    shards = sorted(Path(data_dir).glob(SHARD_PATTERN))
+    if len(shards) < 2:
+        raise PrepareError(
+            f"{data_dir} has {len(shards)} shard(s) ({SHARD_PATTERN}); at least 2 are needed "
+            f"(training + validation). Run `python prepare.py --source ...` or set {ENV_DATA_DIR}."
+        )
+    return shards[:-1], shards[-1]
+
+
+# ---------------------------------------------------------------------------
+# Data sources
+# ---------------------------------------------------------------------------
+
+
+def source_id(source: str) -> str:
+    """Name of the data dir for a source: climbmix, stdlib, mirror-<hash>, local-<hash>."""
+    if source in ("climbmix", "stdlib"):
+        return source
+    if source.startswith(("http://", "https://")):
+        return "mirror-" + hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:10]
+    path = Path(source).expanduser().resolve()
+    return "local-" + hashlib.sha256(str(path).encode()).hexdigest()[:10]
+
+
+def prepare(
+    source: str = "climbmix",
+    shards: int = 10,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+    *,
+    workers: int = DOWNLOAD_WORKERS,
+    retries: int = DOWNLOAD_RETRIES,
+    backoff_s: float = DOWNLOAD_BACKOFF_S,
+    tokenizer_max_chars: int = TOKENIZER_MAX_CHARS,
+) -> Path:
+    """Make the data dir for `source` complete (shards + tokenizer) and return it.
+
+    source: `climbmix`, `stdlib`, an http(s) base URL with climbmix's layout, or a folder
+    of parquet shards with a `text` column. shards: training shards to use besides the
+    validation shard (-1 = all; ignored by `stdlib`, which is always 4 + 1). Idempotent:
+    valid files are kept, so a rerun resumes an interrupted set and a complete one returns
+    at once. `progress` receives one line per step (default: stderr); downloads call it
+    from worker threads, one call at a time.
+    """
+    say = progress or _stderr_progress
+    base_url = BASE_URL if source == "climbmix" else source.rstrip("/")
+    remote = source == "climbmix" or source.startswith(("http://", "https://"))
+    if remote and shards != -1 and shards < 1:
+        raise PrepareError(f"--shards must be at least 1 (or -1 for all), got {shards}")
+    if not remote and source != "stdlib" and not Path(source).expanduser().is_dir():
+        raise PrepareError(
+            f"data source {source!r} is not a directory. Use `climbmix`, `stdlib`, an "
+            "http(s) mirror URL, or a folder of parquet shards with a `text` column."
+        )
+    data_dir = (cache_dir or cache_root()) / source_id(source)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if remote:
+        num_train = MAX_SHARD if shards == -1 else min(shards, MAX_SHARD)
+        _download_shards(base_url, num_train, data_dir, say, workers, retries, backoff_s)
+    elif source == "stdlib":
+        _build_stdlib_shards(data_dir, say)
+    else:
+        _link_local_shards(Path(source).expanduser(), shards, data_dir, say)
+    ensure_tokenizer(data_dir, say, max_chars=tokenizer_max_chars)
+    return data_dir
+
+
+def _download_shards(
+    base_url: str, num_train: int, data_dir: Path, say: Progress, workers: int, retries: int, backoff_s: float
+) -> None:
+    """Download training shards 0..num_train-1 and the pinned validation shard in parallel."""
+    names = [shard_name(i) for i in range(num_train)] + [shard_name(VAL_SHARD)]
+    for leftover in data_dir.glob("shard_*.parquet.*.tmp"):  # from a run that was killed
+        leftover.unlink(missing_ok=True)
+    missing = []
+    for name in names:
+        path = data_dir / name
+        if path.exists():
+            problem = parquet_problem(path)
+            if problem is None:
+                continue
+            say(f"data: {name} is invalid ({problem}); fetching it again")
+            path.unlink()
+        missing.append(name)
+    if not missing:
+        say(f"data: all {len(names)} shards present in {data_dir}")
+        return
+    say(f"data: downloading {len(missing)} of {len(names)} shards from {base_url}")
+    lock = threading.Lock()
+    done = 0
+    errors: list[str] = []
+
+    def fetch(name: str) -> None:
+        nonlocal done
+        size = _download_one(f"{base_url}/{name}", data_dir / name, retries, backoff_s, say, lock)
+        with lock:
+            done += 1
+            say(f"data: {done}/{len(missing)} {name} ({size / 1e6:.1f} MB)")
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
+        for future in as_completed([pool.submit(fetch, name) for name in missing]):
+            try:
+                future.result()
+            except PrepareError as e:
+                errors.append(str(e))
+    if errors:
+        raise PrepareError(
+            f"{len(errors)} of {len(missing)} shards could not be downloaded (the others are kept; "
+            "rerun to resume):\n  " + "\n  ".join(sorted(errors))
+        )
+
+
+def _download_one(url: str, dest: Path, retries: int, backoff_s: float, say: Progress, lock: threading.Lock) -> int:
+    """Fetch `url` into `dest` atomically (temp file, validate, rename); return its size.
+
+    Retries server errors, network errors and invalid files with exponential backoff; a
+    4xx (other than 408/429) is final, since asking again will not make the file appear.
+    """
+    last_error = ""
+    for attempt in range(1, retries + 1):
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                shutil.copyfileobj(response, out, 1 << 20)
+                expected = response.headers.get("Content-Length")
+            size = tmp.stat().st_size
+            # http.client returns a short body without complaint when the connection drops
+            if expected is not None and expected.isdigit() and size != int(expected):
+                last_error = f"incomplete transfer ({size} of {expected} bytes)"
+            elif (problem := parquet_problem(tmp)) is not None:
+                last_error = f"invalid file ({problem})"
+            else:
+                os.replace(tmp, dest)
+                return size
+        except urllib.error.HTTPError as e:
+            if 400 <= e.code < 500 and e.code not in (408, 429):
+                raise PrepareError(
+                    f"{url}: HTTP {e.code} {e.reason}. Check the source URL; a mirror must serve "
+                    f"climbmix's layout (<base>/shard_NNNNN.parquet, validation shard {shard_name(VAL_SHARD)})."
+                ) from None
+            last_error = f"HTTP {e.code} {e.reason}"
+        except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, bad responses
+            last_error = f"{type(e).__name__}: {e}"
+        finally:
+            tmp.unlink(missing_ok=True)
+        if attempt < retries:
+            delay = backoff_s * 2 ** (attempt - 1)
+            with lock:
+                say(f"data: {dest.name} attempt {attempt}/{retries} failed ({last_error}); retrying in {delay:g}s")
+            time.sleep(delay)
+    raise PrepareError(f"{url}: failed after {retries} attempts; last error: {last_error}")
+
+
+def _link_local_shards(source_dir: Path, shards: int, data_dir: Path, say: Progress) -> None:
+    """Link (or copy, where links are impossible) a folder's parquet files into the data dir.
+
+    Files are taken in name order and keep their position as shard index, so the last one
+    stays the validation shard: shard_00000.. for the first `shards`, plus the last file.
+    """
+    files = sorted(p for p in source_dir.glob("*.parquet") if p.is_file())
+    if len(files) < 2:
+        raise PrepareError(
+            f"{source_dir} has {len(files)} .parquet file(s); at least 2 are needed "
+            "(training shards + the last one for validation)."
+        )
+    count = len(files) - 1 if shards == -1 else min(shards, len(files) - 1)
+    if count < 1:
+        raise PrepareError(f"--shards must be at least 1 (or -1 for all), got {shards}")
+    chosen = [(i, files[i]) for i in range(count)] + [(len(files) - 1, files[-1])]
+    for _, src in chosen:
+        problem = parquet_problem(src)
+        if problem is not None:
+            raise PrepareError(f"{src} is not a usable shard: {problem}. Shards need a string column `text`.")
+    linked = 0
+    for index, src in chosen:
+        dest = data_dir / shard_name(index)
+        if dest.exists() and dest.resolve() == src.resolve():
+            continue
+        tmp = data_dir / (dest.name + ".link.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.symlink(src.resolve(), tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        linked += 1
+    say(f"data: {len(chosen)} shards from {source_dir} in {data_dir} ({linked} new)")
+
+
+def _stdlib_documents() -> list[str]:
+    """Documents of the offline corpus: stdlib .py sources, then pydoc topics, sorted."""
+    from pydoc_data.topics import topics  # stdlib, but 0.5 MB: loaded only when needed
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        if {"site-packages", "dist-packages"} & set(path.relative_to(root).parts):
+            continue
+        try:
+            docs.append(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError):  # a few test files are deliberately not UTF-8
+            continue
+    docs.extend(f"{name}\n\n{topics[name]}" for name in sorted(topics))
+    return docs
+
+
+def _build_stdlib_shards(data_dir: Path, say: Progress) -> None:
+    """Write the offline corpus as 4 + 1 parquet shards, documents dealt round-robin."""
+    names = [shard_name(i) for i in range(STDLIB_TRAIN_SHARDS + 1)]
+    if all(parquet_problem(data_dir / n) is None for n in names):
+        say(f"data: stdlib shards present in {data_dir}")
+        return
+    docs = _stdlib_documents()
+    say(f"data: writing {len(docs)} stdlib documents ({sum(map(len, docs)) / 1e6:.1f}M chars) to {data_dir}")
+    for i, name in enumerate(names):
+        tmp = data_dir / (name + ".tmp")
+        pq.write_table(pa.table({"text": docs[i :: len(names)]}), tmp, compression="zstd", row_group_size=1024)
+        os.replace(tmp, data_dir / name)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer: trained with rustbpe, stored as JSON (no pickle), encoded with tiktoken
+# ---------------------------------------------------------------------------
+
+
+def _training_text(paths: list[Path], max_chars: int, say: Progress) -> Iterator[str]:
+    """Documents of the training shards, each capped, until `max_chars` in all."""
+    nchars = 0
+    next_report = 100_000_000
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+                doc = (text or "")[:TOKENIZER_DOC_CAP]
+                nchars += len(doc)
+                yield doc
+                if nchars >= next_report:
+                    say(f"tokenizer: read {nchars / 1e6:.0f}M chars")
+                    next_report += 100_000_000
+                if nchars >= max_chars:
+                    return
+
+
+def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_chars: int = TOKENIZER_MAX_CHARS) -> Path:
+    """Train the tokenizer on the data dir's training shards unless it exists; return its path.
+
+    An existing tokenizer is kept even if shards were added later: changing it would make
+    val_bpb incomparable with earlier runs on the same data dir.
+    """
+    say = progress or _stderr_progress
+    path = Path(data_dir) / TOKENIZER_FILE
+    if path.exists():
+        say(f"tokenizer: present at {path}")
+        return path
+    train_paths, _ = split_shards(data_dir)
+    say(f"tokenizer: training BPE (vocab {VOCAB_SIZE}) on {len(train_paths)} shards")
+    t0 = time.time()
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(
+        _training_text(train_paths, max_chars, say), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN
+    )
+    ranks = sorted(((bytes(token), rank) for token, rank in trainer.get_mergeable_ranks()), key=lambda kv: kv[1])
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    seconds = time.time() - t0
+    if len(ranks) + len(specials) < VOCAB_SIZE:
+        say(f"tokenizer: the text allowed only {len(ranks) - 256} merges; vocab is {len(ranks) + len(specials)}")
+    spec = {
+        "format": TOKENIZER_FORMAT,
+        "pattern": trainer.get_pattern(),
+        "mergeable_ranks": [[base64.b64encode(token).decode("ascii"), rank] for token, rank in ranks],
+        "special_tokens": specials,
+        "bos_token": BOS_TOKEN,
+        "trained_on": {"shards": [p.name for p in train_paths], "seconds": round(seconds, 2)},
+    }
+    tokenizer = Tokenizer(_encoding_from_spec(spec))
+    sample = "Hello world! Numbers: 123. Unicode: 你好, café, 🚀"
+    if tokenizer.decode(tokenizer.encode(sample)) != sample:
+        raise PrepareError(f"the trained tokenizer does not round-trip {sample!r}; please report this")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(spec), encoding="utf-8")
+    os.replace(tmp, path)
+    say(f"tokenizer: trained in {seconds:.1f}s, vocab {tokenizer.get_vocab_size()}, saved to {path}")
+    return path
+
+
+def _encoding_from_spec(spec: dict[str, Any]) -> tiktoken.Encoding:
+    ranks = {base64.b64decode(token): rank for token, rank in spec["mergeable_ranks"]}
+    return tiktoken.Encoding(
+        name="nightlab-bpe",
+        pat_str=spec["pattern"],
+        mergeable_ranks=ranks,
+        special_tokens=dict(spec["special_tokens"]),
+    )
+
+
+class Tokenizer:
+    """Upstream's tokenizer API over a tiktoken Encoding whose first special token is BOS."""
+
+    def __init__(self, enc: tiktoken.Encoding) -> None:
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir: str | Path | None = None) -> Tokenizer:
+        """Load `<tokenizer_dir>/tokenizer.json` (default: the data dir's `tokenizer/`)."""
+        directory = Path(tokenizer_dir) if tokenizer_dir is not None else get_data_dir() / "tokenizer"
+        path = directory / Path(TOKENIZER_FILE).name
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PrepareError(
+                f"no tokenizer at {path}. Run `python prepare.py --source ...` first, or set "
+                f"{ENV_DATA_DIR} to a prepared data dir."
+            ) from None
+        if spec.get("format") != TOKENIZER_FORMAT:
+            raise PrepareError(f"{path} has format {spec.get('format')!r}, expected {TOKENIZER_FORMAT!r}")
+        return cls(_encoding_from_spec(spec))
+
+    def get_vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self) -> int:
+        return self.bos_token_id
+
+    def encode(
+        self, text: str | list[str], prepend: int | str | None = None, num_threads: int = 8
+    ) -> list[int] | list[list[int]]:
+        """Token ids of a string (list[int]) or of a list of strings (list[list[int]]).
+
+        Special-token text in the input is encoded as ordinary text; `prepend` (an id or a
+        special token's name) is put in front of every sequence.
+        """
+        if isinstance(text, str):
+            rows = [self.enc.encode_ordinary(text)]
+        elif isinstance(text, list):
+            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+        else:
+            raise TypeError(f"Invalid input type: {type(text)}")
+        if prepend is not None:
+            prepend_id = prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)
+            for row in rows:
+                row.insert(0, prepend_id)
+        return rows[0] if isinstance(text, str) else rows
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
+
+    def token_byte_lengths(self) -> list[int]:
+        """Bytes each token stands for; 0 for special tokens.
+
+        Taken from the raw token bytes: decoding a token to str first (upstream) turns a
+        partial UTF-8 sequence into a 3-byte U+FFFD and miscounts the bytes of the text.
+        """
+        special_ids = {self.enc.encode_single_token(name) for name in self.enc.special_tokens_set}
+        return [
+            0 if token_id in special_ids else len(self.enc.decode_single_token_bytes(token_id))
+            for token_id in range(self.enc.n_vocab)
+        ]
+
+
+def get_token_bytes(device: Any = "cpu", tokenizer: Tokenizer | None = None):
+    """int32 tensor [vocab]: bytes per token id (0 for special tokens), on `device`.
+
+    Uses `tokenizer`, or the one in the data dir in force.
+    """
+    import torch  # lazy: the daemon imports this module and must never load torch
+
+    tokenizer = tokenizer or Tokenizer.from_directory()
+    return torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int32, device=device)
+
+
+# ---------------------------------------------------------------------------
+# Dataloader and evaluation (imported by train.py)
+# ---------------------------------------------------------------------------
+
+
+def _default_device(torch: Any) -> Any:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _document_batches(split: str, tokenizer_batch_size: int = 128) -> Iterator[tuple[list[str], int]]:
+    """Endless (documents, epoch) batches from the split's shards, in file order."""
+    train_paths, val_path = split_shards(get_data_dir())
+    paths = train_paths if split == "train" else [val_path]
+    epoch = 1
+    while True:
+        for path in paths:
+            pf = pq.ParquetFile(path)
+            for rg in range(pf.num_row_groups):
+                docs = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                for i in range(0, len(docs), tokenizer_batch_size):
+                    yield [d or "" for d in docs[i : i + tokenizer_batch_size]], epoch
+        epoch += 1
+
+
+def make_dataloader(
+    tokenizer: Tokenizer, B: int, T: int, split: str, buffer_size: int = 1000, device: Any = None
+) -> Iterator[tuple[Any, Any, int]]:
+    """Endless (inputs [B, T], targets [B, T], epoch) from the data dir in force.
+
+    BOS-aligned best-fit packing (upstream's): every row of T+1 tokens starts at a document
+    start (BOS); each step takes the longest buffered document that fits the rest of the
+    row, and when none fits, crops the shortest to fill it exactly. No padding. Rows are
+    shifted by one into inputs and targets. Deterministic for a given data dir.
+
+    device: default cuda, else mps, else cpu. On CUDA the batch goes through pinned memory
+    with a non-blocking copy and the yielded tensors are reused buffers (upstream's
+    behaviour: consume a batch before asking for the next); elsewhere they are fresh.
+    """
+    import torch  # lazy: the daemon imports this module and must never load torch
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    device = torch.device(device) if device is not None else _default_device(torch)
+    row_capacity = T + 1
+    batches = _document_batches(split)
+    bos = tokenizer.get_bos_token_id()
+    doc_buffer: list[list[int]] = []
+    epoch = 1
+    if device.type == "cuda":
+        cpu_buffer = torch.empty(2 * B * T, dtype=torch.long, pin_memory=True)
+        gpu_buffer = torch.empty(2 * B * T, dtype=torch.long, device=device)
+        copied = torch.cuda.Event()  # the pinned buffer may be refilled once this has passed
+        copied.record()
+
+    while True:
+        rows = []
+        for _ in range(B):
+            row: list[int] = []
+            while len(row) < row_capacity:
+                while len(doc_buffer) < buffer_size:
+                    docs, epoch = next(batches)
+                    doc_buffer.extend(tokenizer.encode(docs, prepend=bos))
+                remaining = row_capacity - len(row)
+                best_idx, best_len = -1, 0
+                for i, doc in enumerate(doc_buffer):
+                    if best_len < len(doc) <= remaining:
+                        best_idx, best_len = i, len(doc)
+                if best_idx >= 0:
+                    row.extend(doc_buffer.pop(best_idx))
+                else:
+                    shortest = min(range(len(doc_buffer)), key=lambda i: len(doc_buffer[i]))
+                    row.extend(doc_buffer.pop(shortest)[:remaining])
+            rows.append(row)
+        batch = torch.tensor(rows, dtype=torch.long)
+        if device.type == "cuda":
+            copied.synchronize()
+            cpu_buffer[: B * T].view(B, T).copy_(batch[:, :-1])
+            cpu_buffer[B * T :].view(B, T).copy_(batch[:, 1:])
+            gpu_buffer.copy_(cpu_buffer, non_blocking=True)
+            copied.record()
+            yield gpu_buffer[: B * T].view(B, T), gpu_buffer[B * T :].view(B, T), epoch
+        else:
+            yield batch[:, :-1].contiguous().to(device), batch[:, 1:].contiguous().to(device), epoch
+
+
+def evaluate_bpb(model: Any, tokenizer: Tokenizer, batch_size: int) -> float:
+    """Bits per byte on the validation shard: THE metric, fixed so runs stay comparable.
+
+    Contract: `model(x, y, reduction='none')` takes inputs and targets [B, T] (long) and
+    returns the per-token cross-entropy in nats, B*T values in any shape. Scores the first
+    EVAL_TOKENS // (batch_size * MAX_SEQ_LEN) batches of the validation loader (it cycles
+    if the shard is shorter) on the model's device. bpb = sum of nats over target tokens /
+    (ln 2 * sum of their UTF-8 bytes); special-token targets (0 bytes, e.g. BOS) are left
+    out of both sums, so the value does not depend on the vocabulary.
+    """
+    import torch  # lazy: the daemon imports this module and must never load torch
+
+    steps = EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)
+    if steps < 1:
+        raise ValueError(
+            f"EVAL_TOKENS={EVAL_TOKENS} is less than one batch ({batch_size} x {MAX_SEQ_LEN}); "
+            f"raise {ENV_EVAL_TOKENS} or lower the batch size"
+        )
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    device = param.device if param is not None else _default_device(torch)
+    token_bytes = get_token_bytes(device, tokenizer)
+    val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+    total_nats = 0.0
+    total_bytes = 0
+    with torch.no_grad():
+        for _ in range(steps):
+            x, y, _ = next(val_loader)
+            loss = model(x, y, reduction="none").reshape(-1).float()
+            nbytes = token_bytes[y.reshape(-1)]
+            total_nats += loss[nbytes > 0].sum().item()
+            total_bytes += nbytes.sum().item()
+    return total_nats / (math.log(2) * total_bytes)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Prepare data shards and the tokenizer for nightlab's trainer.")
+    parser.add_argument(
+        "--source",
+        default="climbmix",
+        help="climbmix (default), stdlib (offline), an http(s) mirror URL, or a folder of parquet shards",
+    )
+    parser.add_argument(
+        "--shards", type=int, default=10, help="training shards besides the validation shard (-1 = all)"
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default: ${ENV_CACHE} or ~/.cache/nightlab")
+    parser.add_argument("--workers", type=int, default=DOWNLOAD_WORKERS, help="parallel downloads")
+    args = parser.parse_args(argv)
+    try:
+        data_dir = prepare(args.source, args.shards, args.cache_dir, workers=args.workers)
+    except PrepareError as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Ready. Point the trainer at it with: export {ENV_DATA_DIR}={data_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
