@@ -1,0 +1,482 @@
+"""The editable baseline trainer/train.py and trainer/profiles.py, on CPU.
+
+Model and optimizer pieces are tested in-process (train.py is imported from its file with the
+harness importable as `prepare`; importing it does not train). The whole run is tested as a
+subprocess in a throwaway workspace: the tiny profile end to end, and a NaN fast-fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from nightlab.loop.summary import parse_summary
+from nightlab.trainer import prepare as harness
+from nightlab.trainer import profiles as P
+
+from tests.conftest import REPO
+
+TRAINER = REPO / "trainer"
+SUMMARY_FORMATS = [  # upstream's block: names, order, number formats
+    ("val_bpb", r"\d+\.\d{6}"),
+    ("training_seconds", r"\d+\.\d"),
+    ("total_seconds", r"\d+\.\d"),
+    ("peak_vram_mb", r"\d+\.\d"),
+    ("mfu_percent", r"(\d+\.\d{2}|n/a)"),
+    ("total_tokens_M", r"\d+\.\d"),
+    ("num_steps", r"\d+"),
+    ("num_params_M", r"\d+\.\d"),
+    ("depth", r"\d+"),
+]
+
+
+# ---------------------------------------------------------------------------
+# train.py as a module
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def T():
+    """trainer/train.py imported from its path, `prepare` resolving to the harness."""
+    saved = sys.modules.get("prepare")
+    sys.modules["prepare"] = harness
+    try:
+        spec = importlib.util.spec_from_file_location("nightlab_train_under_test", TRAINER / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        if saved is None:
+            sys.modules.pop("prepare", None)
+        else:
+            sys.modules["prepare"] = saved
+
+
+def small_model(T, seq=32, vocab=96, n_layer=3, n_embd=32, n_head=2, pattern="SL", backend="sdpa"):
+    torch.manual_seed(0)
+    config = T.GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_head,
+                         n_embd=n_embd, window_pattern=pattern, attn_backend=backend)
+    model = T.GPT(config)
+    model.init_weights()
+    return model
+
+
+def naive_attention(q, k, v, window):
+    """Reference: (B, T, H, D) inputs, causal with left window, explicit softmax."""
+    q, k, v = (t.transpose(1, 2).double() for t in (q, k, v))
+    Tn = q.size(2)
+    i = torch.arange(Tn)[:, None]
+    j = torch.arange(Tn)[None, :]
+    allowed = (j <= i) & (i - j <= window)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def test_import_does_not_train_and_constants_are_top_level(T):
+    assert T.DEPTH == 8 and T.ASPECT_RATIO == 64 and T.HEAD_DIM == 128 and T.WINDOW_PATTERN == "SSSL"
+    constants = P.read_constants((TRAINER / "train.py").read_text())
+    assert constants["TOTAL_BATCH_SIZE"] == 2**19
+    assert all(name.isupper() for name in constants)  # the only UPPER_CASE globals are hyperparameters
+    config = T.build_model_config(T.DEPTH, 8192, 2048)
+    assert (config.n_embd, config.n_head, config.n_layer) == (512, 4, 8)
+
+
+def test_forward_backward_shapes(T):
+    model = small_model(T)
+    B, S = 2, 32
+    x = torch.randint(0, 96, (B, S))
+    y = torch.randint(0, 96, (B, S))
+    logits = model(x)
+    assert logits.shape == (B, S, 96) and logits.dtype == torch.float32
+    assert logits.abs().max() <= model.config.softcap
+    per_token = model(x, y, reduction="none")
+    assert per_token.shape == (B * S,)
+    loss = model(x, y)
+    assert loss.ndim == 0 and torch.isclose(loss, per_token.mean())
+    assert abs(loss.item() - math.log(96)) < 0.1  # untrained: near-uniform predictions
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, name
+    # Shorter sequences work (masks built lazily outside the precomputed length)
+    assert model(x[:, :20], y[:, :20]).ndim == 0
+
+
+def test_architecture_details(T):
+    model = small_model(T, n_layer=4, pattern="SSL")
+    assert model.window_sizes == [16, 16, 32, 32]  # S = half, L = full, last layer always full
+    assert sorted(model.value_embeds.keys()) == ["1", "3"]  # alternating, last included
+    assert [b.attn.ve_gate is not None for b in model.transformer.h] == [False, True, False, True]
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()  # untied
+    assert model.resid_lambdas.shape == (4,) and model.x0_lambdas.shape == (4,)
+    with pytest.raises(ValueError, match="WINDOW_PATTERN"):
+        T.compute_window_sizes(4, 32, "SXL")
+
+
+@pytest.mark.parametrize("window", [0, 3, 17, 38, 39, 500])
+def test_sdpa_window_matches_naive(T, window):
+    torch.manual_seed(window)
+    q, k, v = (torch.randn(2, 40, 3, 8) for _ in range(3))
+    y = T.attention(q, k, v, window, "sdpa", {})
+    assert y.shape == q.shape
+    torch.testing.assert_close(y.double(), naive_attention(q, k, v, window), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("window", [0, 5, 20, 39])
+def test_flex_window_matches_naive(T, window):
+    if not T.flex_available():
+        pytest.skip("FlexAttention unavailable")
+    torch.manual_seed(100 + window)
+    q, k, v = (torch.randn(2, 40, 3, 8) for _ in range(3))
+    y = T.attention(q, k, v, window, "flex", {})  # eager flex on CPU: slow reference path, exact masks
+    torch.testing.assert_close(y.double(), naive_attention(q, k, v, window), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_model_backends_agree(T):
+    if not T.flex_available():
+        pytest.skip("FlexAttention unavailable")
+    a = small_model(T, backend="sdpa")
+    b = small_model(T, backend="flex")
+    b.load_state_dict(a.state_dict())
+    b.build_masks(32, torch.device("cpu"))
+    x = torch.randint(0, 96, (2, 32))
+    with torch.no_grad():  # flex has no backward on CPU
+        torch.testing.assert_close(a(x), b(x), atol=1e-4, rtol=1e-4)
+
+
+def test_attention_flops_use_real_windows(T):
+    for Tn, window in [(40, 5), (40, 39), (2048, 1024), (2048, 2048), (7, 0)]:
+        i = torch.arange(Tn)[:, None]
+        j = torch.arange(Tn)[None, :]
+        keys = ((j <= i) & (i - j <= window)).sum().item() / Tn
+        assert T.mean_attended_keys(Tn, window) == pytest.approx(keys)
+    # Upstream's shape: a full-context layer costs more than a half-window one
+    model = small_model(T, seq=32, n_layer=2, pattern="S")
+    full = small_model(T, seq=32, n_layer=2, pattern="L")
+    assert model.estimate_flops() < full.estimate_flops()
+
+
+def test_optimizer_step_lowers_loss(T):
+    model = small_model(T)
+    optimizer = model.setup_optimizer(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
+                                      compile_steps=False, ns_dtype=torch.float32)
+    kinds = sorted({g["kind"] for g in optimizer.param_groups})
+    assert kinds == ["adamw", "muon"]
+    muon_params = {id(p) for g in optimizer.param_groups if g["kind"] == "muon" for p in g["params"]}
+    assert muon_params == {id(p) for p in model.transformer.h.parameters()}  # Muon: block matrices only
+    torch.manual_seed(1)
+    x = torch.randint(0, 96, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = []
+    for _ in range(8):
+        loss = model(x, y)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    assert losses[-1] < losses[0] - 0.5, losses
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "transformer.h.0.mlp.c_fc.weight" in changed and "lm_head.weight" in changed and "transformer.wte.weight" in changed
+
+
+def test_muon_orthogonalises(T):
+    torch.manual_seed(0)
+    g = torch.randn(1, 64, 32)
+    p = torch.zeros(1, 64, 32)
+    one = lambda v: torch.tensor(v)
+    T.muon_step(g.clone(), p, torch.zeros_like(g), torch.zeros(1, 64, 1), one(0.0), one(1.0), one(0.0), one(0.0),
+                5, -1, torch.float32)
+    s = torch.linalg.svdvals(p[0])
+    assert s.max() / s.min() < 3  # singular values pulled together (polar express is approximate)
+
+
+def test_lr_schedule(T):
+    assert T.get_lr_multiplier(0.0) == 1.0
+    assert T.get_lr_multiplier(0.5) == pytest.approx(1.0)
+    assert T.get_lr_multiplier(0.75) == pytest.approx(0.5)
+    assert T.get_lr_multiplier(1.0) == pytest.approx(T.FINAL_LR_FRAC)
+
+
+def test_peak_flops_table(T):
+    assert T.peak_flops_for("NVIDIA H100 80GB HBM3") == 989.5e12
+    assert T.peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert T.peak_flops_for("NVIDIA H200") == 989.5e12
+    assert T.peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
+    assert T.peak_flops_for("NVIDIA L40S") == 362e12
+    assert T.peak_flops_for("NVIDIA GeForce RTX 4090") == 165.2e12
+    assert T.peak_flops_for("NVIDIA GeForce RTX 3090") == 71e12
+    assert T.peak_flops_for("NVIDIA GeForce RTX 5090") == 209.5e12
+    assert T.peak_flops_for("Tesla T4") is None
+    assert T.peak_flops_for("CPU") is None
+
+
+def test_cpu_hint_only_for_gpu_sized_constants(T):
+    assert "tiny profile" in T.cpu_hint("cpu", 3e8 * 2**19)
+    assert T.cpu_hint("cpu", 1e7 * 1024) is None
+    assert T.cpu_hint("cuda", 3e8 * 2**19) is None
+
+
+def test_fit_device_batch(T, monkeypatch):
+    config = T.build_model_config(8, 8192, 2048)
+    monkeypatch.setattr(T, "available_memory_bytes", lambda device: 80 * 2**30)
+    assert T.fit_device_batch(config, 50_000_000, 2048, torch.device("cuda")) == 128
+    monkeypatch.setattr(T, "available_memory_bytes", lambda device: 24 * 2**30)
+    b = T.fit_device_batch(config, 50_000_000, 2048, torch.device("cuda"))
+    assert b < 128 and 256 % b == 0  # grad accumulation keeps TOTAL_BATCH_SIZE
+    monkeypatch.setattr(T, "TOTAL_BATCH_SIZE", 3000)
+    with pytest.raises(ValueError, match="multiple of MAX_SEQ_LEN"):
+        T.fit_device_batch(config, 1, 2048, torch.device("cpu"))
+    assert T.smaller_batch(128, 256) == 64 and T.smaller_batch(6, 6) == 3 and T.smaller_batch(1, 4) is None
+
+
+# ---------------------------------------------------------------------------
+# Attention backend selection
+# ---------------------------------------------------------------------------
+
+
+def test_backend_on_cpu_is_sdpa(T):
+    name, module, note = T.select_attention_backend("cpu", None, "auto")
+    assert (name, module) == ("sdpa", None) and "fa3 needs CUDA" in note
+    assert T.select_attention_backend("cpu", None, "flex")[0] == "flex"
+    with pytest.raises(ValueError):
+        T.select_attention_backend("cpu", None, "xformers")
+
+
+def test_backend_falls_back_when_kernels_cannot_load(T, monkeypatch):
+    import huggingface_hub.constants
+    import kernels
+
+    calls = []
+
+    def broken(repo, **kwargs):
+        calls.append(repo)
+        raise OSError(f"cannot load {repo}: offline")
+
+    monkeypatch.setattr(kernels, "get_kernel", broken)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    name, module, note = T.select_attention_backend("cuda", (9, 0), "auto", compile_model=True)
+    assert (name, module) == ("flex", None)
+    assert calls == T.fa3_repos and "fa3 kernel not available" in note and "offline" in note
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # the lookup never goes to the network
+    assert T.select_attention_backend("cuda", (9, 0), "auto", compile_model=False)[0] == "sdpa"
+    assert T.select_attention_backend("cuda", (8, 0), "auto")[2].startswith("fa3 needs Hopper")
+
+
+def test_real_kernels_lookup_fails_fast_offline(T, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(Path(os.environ["NIGHTLAB_CACHE"]) / "hf"))  # an empty cache
+    t0 = time.time()
+    module, why = T.load_fa3()
+    assert module is None and why
+    assert time.time() - t0 < 30
+
+
+# ---------------------------------------------------------------------------
+# profiles.py
+# ---------------------------------------------------------------------------
+
+SOURCE = '''import os
+DEPTH = 8               # number of layers
+NAME = "SSSL" # pattern with a # inside? no
+LR = 0.04
+BETAS = (0.8, 0.95)  # betas
+TOTAL = 2**19 # tokens
+def f():
+    DEPTH = 3
+x = DEPTH == 8
+'''
+
+
+def test_apply_constants_round_trip():
+    values = {"DEPTH": 12, "NAME": "S#L", "LR": 1e-3, "BETAS": (0.9, 0.99), "TOTAL": 2**17}
+    out = P.apply_constants(SOURCE, values)
+    assert "DEPTH = 12              # number of layers\n" in out  # comment kept at its column
+    assert "NAME = 'S#L'  # pattern with a # inside? no\n" in out
+    assert "BETAS = (0.9, 0.99)  # betas\n" in out and "LR = 0.001\n" in out
+    assert "    DEPTH = 3\n" in out and "x = DEPTH == 8\n" in out  # only top-level assignments
+    assert P.read_constants(out, list(values)) == values
+    assert P.apply_constants(out, P.read_constants(SOURCE, list(values))) == SOURCE.replace(
+        "NAME = \"SSSL\"", "NAME = 'SSSL'").replace("TOTAL = 2**19", "TOTAL = 524288")
+
+
+def test_apply_constants_errors():
+    with pytest.raises(KeyError, match="MISSING"):
+        P.apply_constants(SOURCE, {"MISSING": 1})
+    with pytest.raises(ValueError):
+        P.apply_constants(SOURCE, {"LR": float("nan")})
+    with pytest.raises(ValueError):
+        P.apply_constants(SOURCE + "LR = 1\n", {"LR": 2})
+    with pytest.raises(ValueError, match="line"):
+        P.apply_constants("A = (1,\n     2)\n", {"A": (3, 4)})
+    with pytest.raises(ValueError):
+        P.apply_constants(SOURCE, {"lower": 1})
+
+
+def test_profiles_fit_train_py():
+    source = (TRAINER / "train.py").read_text()
+    names = set(P.read_constants(source))
+    assert set(P.PROFILES) >= {"default", "tiny"}
+    assert P.PROFILES["default"].constants == {} and P.PROFILES["default"].harness_env == {}
+    for profile in P.PROFILES.values():
+        assert set(profile.constants) <= names, profile.name  # every key is a top-level constant
+        assert set(profile.harness_env) <= {"NIGHTLAB_TIME_BUDGET", "NIGHTLAB_MAX_SEQ_LEN", "NIGHTLAB_EVAL_TOKENS"}
+        assert harness.harness_settings(profile.harness_env)  # values the harness accepts
+        rewritten = P.apply_constants(source, profile.constants)
+        compile(rewritten, "train.py", "exec")
+        assert P.read_constants(rewritten, list(profile.constants)) == profile.constants
+    tiny = P.PROFILES["tiny"]
+    assert tiny.constants["DEPTH"] <= 2 and int(tiny.harness_env["NIGHTLAB_MAX_SEQ_LEN"]) <= 256
+
+
+def test_profiles_do_not_import_torch():
+    code = "import sys; import nightlab.trainer.profiles; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------
+# Whole runs (subprocess) on small self-made data
+# ---------------------------------------------------------------------------
+
+
+def _documents(limit_chars: int) -> list[str]:
+    """Stdlib sources cut at blank lines into documents of up to ~2,000 characters."""
+    docs, current, total = [], "", 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        for para in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            current += para + "\n\n"
+            if len(current) >= 2000:
+                docs.append(current)
+                total += len(current)
+                current = ""
+        if total >= limit_chars:
+            break
+    return docs
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    source = tmp_path_factory.mktemp("corpus")
+    docs = _documents(1_500_000)
+    for i in range(4):  # 3 training shards + the validation shard (the last by name)
+        pq.write_table(pa.table({"text": docs[i::4]}), source / f"part_{i}.parquet")
+    return harness.prepare(str(source), shards=-1, cache_dir=tmp_path_factory.mktemp("cache"), progress=lambda _: None)
+
+
+def make_workspace(root: Path, constants: dict, edit=None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(TRAINER / "prepare.py", root / "prepare.py")
+    source = P.apply_constants((TRAINER / "train.py").read_text(), constants)
+    (root / "train.py").write_text(edit(source) if edit else source)
+    return root
+
+
+def run_train(workspace: Path, data_dir: Path, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env, "NIGHTLAB_DATA_DIR": str(data_dir)}
+    full_env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run([sys.executable, "train.py"], cwd=workspace, env=full_env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+    tiny = P.PROFILES["tiny"]
+    ws = make_workspace(tmp_path_factory.mktemp("ws") / "tiny", tiny.constants)
+    checkpoint = ws / "trained.pt"
+    t0 = time.time()
+    proc = run_train(ws, data_dir, {**tiny.harness_env, "NIGHTLAB_CHECKPOINT": str(checkpoint)})
+    return proc, time.time() - t0, checkpoint
+
+
+@pytest.mark.slow
+def test_tiny_run_prints_upstream_summary_and_metrics(tiny_run):
+    proc, _, _ = tiny_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    start = lines.index("---")
+    block = lines[start + 1 : start + 1 + len(SUMMARY_FORMATS)]
+    for line, (name, fmt) in zip(block, SUMMARY_FORMATS, strict=True):
+        assert re.fullmatch(rf"{name}:\s+{fmt}", line), line
+        assert line[17] == " " and line[18] != " "  # values aligned at column 18, as upstream
+    assert "mfu_percent:      n/a" in block  # CPU: no peak FLOPs, no made-up MFU
+    before = lines[:start]
+    assert "attention_backend: sdpa" in before and "profile: tiny" in before
+    assert any(re.fullmatch(r"step \d{5} \(\d+\.\d%\) \| loss \d+\.\d{3} \| lrm \d\.\d\d \| dt \d+ms \| tok/sec [\d,]+ \| "
+                            r"mfu n/a \| epoch \d+ \| remaining \d+s", line) for line in before)
+    summary = parse_summary(proc.stdout)
+    metrics = [line for line in lines[start:] if line.startswith("METRIC ")]
+    names = {m.split()[1].split("=")[0] for m in metrics}
+    assert {n for n, _ in SUMMARY_FORMATS} - {"mfu_percent"} <= names and "mfu_percent" not in names
+    assert {"tokens_per_sec", "device_batch_size", "grad_accum_steps", "startup_seconds", "eval_seconds"} <= names
+    assert summary.complete and summary.finite("val_bpb") is not None
+    assert summary.get("depth") == P.PROFILES["tiny"].constants["DEPTH"]
+    assert summary.get("mfu_percent") is None
+
+
+@pytest.mark.slow
+def test_tiny_run_stops_at_time_budget(tiny_run):
+    proc, wall, _ = tiny_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = parse_summary(proc.stdout)
+    budget = int(P.PROFILES["tiny"].harness_env["NIGHTLAB_TIME_BUDGET"])
+    dts = [int(m.group(1)) / 1000 for m in re.finditer(r"\| dt (\d+)ms", proc.stdout)]
+    assert budget <= summary.get("training_seconds") <= budget + max(dts) + 0.2
+    assert summary.get("total_seconds") >= summary.get("training_seconds")
+    assert summary.get("num_steps") >= 5
+    assert wall < 60  # the tiny profile must stay CI-sized
+
+
+@pytest.mark.slow
+def test_tiny_run_learns(tiny_run, data_dir):
+    proc, _, _ = tiny_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val_bpb = parse_summary(proc.stdout).finite("val_bpb")
+    # An untrained model predicts ~uniformly: log2(vocab) bits per token over the bytes per token
+    tokenizer = harness.Tokenizer.from_directory(Path(data_dir) / "tokenizer")
+    lengths = tokenizer.token_byte_lengths()
+    _, val_path = harness.split_shards(Path(data_dir))
+    text = "".join(pq.read_table(val_path).column("text").to_pylist()[:200])
+    ids = tokenizer.encode(text)
+    bytes_per_token = sum(lengths[i] for i in ids) / len(ids)
+    untrained_bpb = math.log2(tokenizer.get_vocab_size()) / bytes_per_token
+    assert val_bpb < 0.8 * untrained_bpb, (val_bpb, untrained_bpb)
+
+
+@pytest.mark.slow
+def test_tiny_run_keeps_trained_weights(tiny_run):
+    proc, _, checkpoint = tiny_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(checkpoint, map_location="cpu")
+    assert "lm_head.weight" in state and "transformer.h.0.attn.c_q.weight" in state
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_nan_loss_fails_fast(tmp_path, data_dir):
+    tiny = P.PROFILES["tiny"]
+    ws = make_workspace(tmp_path / "nan", tiny.constants,
+                        edit=lambda s: re.sub(r"^SOFTCAP = .*$", 'SOFTCAP = float("nan")', s, flags=re.MULTILINE))
+    proc = run_train(ws, data_dir, tiny.harness_env)
+    assert proc.returncode != 0
+    assert "FAIL: loss is nan at step 0" in proc.stdout
+    assert "---" not in proc.stdout.splitlines()  # no summary block for a failed run
+    assert not parse_summary(proc.stdout).complete
