@@ -1,0 +1,44 @@
+"""Proposers: `search` (built in, Optuna TPE over UPPER_CASE constants) and `agent` (an external
+coding-agent command). The engine picks one with `make_proposer(settings)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nightlab.loop.config import Settings
+from nightlab.loop.proposers.base import (
+    PastExperiment,
+    Proposal,
+    ProposalContext,
+    ProposalError,
+    Proposer,
+)
+
+__all__ = [
+    "PastExperiment",
+    "Proposal",
+    "ProposalContext",
+    "ProposalError",
+    "Proposer",
+    "make_proposer",
+]
+
+
+def make_proposer(settings: Settings, tick: Callable[[], None] | None = None) -> Proposer:
+    """The proposer the config names (`[proposer] kind`).
+
+    `tick`: called about once a second while a slow proposer (an agent) works, so the engine
+    can keep its liveness tick fresh and check commands; raising from it aborts the proposal.
+    """
+    # Imported here so the engine never loads optuna when it runs an agent, and vice versa.
+    if settings.proposer.kind == "agent":
+        from nightlab.loop.proposers.agent import AgentProposer
+
+        return AgentProposer(settings.proposer.agent, settings.loop.switch_area_after, tick)
+    from nightlab.loop.proposers.search import SearchProposer
+
+    return SearchProposer(
+        seed=settings.proposer.seed,
+        switch_area_after=settings.loop.switch_area_after,
+        target=settings.workspace_path / settings.project.editable[0],
+    )

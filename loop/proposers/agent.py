@@ -1,0 +1,248 @@
+"""The `agent` proposer: an external coding agent edits the editable files.
+
+The daemon writes a prompt file (`.nightlab/agent/prompt.md`, see prompt.py), runs the
+configured command through the shell in the workspace, in its own process session, with the
+prompt file also on stdin, stdout/stderr into `.nightlab/agent/`, and `{prompt_file}` in the
+command replaced by the prompt's path. At `[proposer.agent] timeout` the command's whole
+process tree is killed (psutil, plus its process group for orphans). The agent may write
+`.nightlab/agent/proposal.json` {"description", "hypothesis"}; otherwise the description
+comes from the diff ("edit train.py: +3 −1 lines (MATRIX_LR, WARMUP_RATIO)"). Non-zero exit,
+timeout or no change → ProposalError. The engine, not this module, checks that only editable
+files changed. An agent that commits anyway has its commits undone, its changes kept.
+
+Example commands (`[proposer.agent] command`); each runs one non-interactive turn and exits:
+
+    # Claude Code: -p/--print is headless mode; acceptEdits lets it edit files without asking
+    # (use --dangerously-skip-permissions only in a sandbox: it also allows any shell command)
+    claude -p --permission-mode acceptEdits < {prompt_file}
+    # Codex CLI: `exec` is the non-interactive mode; "-" reads the prompt from stdin; the
+    # default sandbox is read-only, workspace-write allows edits in the workspace
+    codex exec --sandbox workspace-write - < {prompt_file}
+    # OpenCode: `run` is the non-interactive mode; --auto approves permission requests
+    opencode run --auto "$(cat {prompt_file})"
+    # Aider: --message-file sends the file and exits; it auto-commits unless told not to
+    aider --yes-always --no-auto-commits --message-file {prompt_file} train.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from nightlab.loop.config import AgentSettings
+from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
+from nightlab.loop.proposers.prompt import PROPOSAL_FILE, build_prompt
+
+STATE_DIR = ".nightlab/agent"
+KILL_GRACE_S = 3.0  # SIGTERM first so an agent can save its session, then SIGKILL
+TAIL_CHARS = 1500  # of the agent's output quoted in an error message
+_ASSIGNED = re.compile(r"^[+-]\s*([A-Z_][A-Z0-9_]*)\s*=(?!=)")
+
+
+@dataclass(frozen=True)
+class _Run:
+    returncode: int
+    timed_out: bool
+    seconds: float
+    stdout: str  # tails
+    stderr: str
+
+
+class AgentProposer:
+    areas: tuple[str, ...] | None = None  # the focus is free text in the prompt
+
+    def __init__(
+        self, settings: AgentSettings, switch_area_after: int = 5, tick: Callable[[], None] | None = None
+    ) -> None:
+        """`tick` is called about once a second while the agent runs (the engine writes its
+        liveness there); if it raises, the agent's process tree is killed and the error
+        propagates."""
+        self.settings = settings
+        self.switch_area_after = switch_area_after
+        self.tick = tick
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        ws = ctx.workspace
+        state = ws / STATE_DIR
+        state.mkdir(parents=True, exist_ok=True)
+        proposal_file = ws / PROPOSAL_FILE
+        proposal_file.unlink(missing_ok=True)  # a stale one would describe an older edit
+        program = ws / "program.md"
+        prompt_file = state / "prompt.md"
+        prompt_file.write_text(
+            build_prompt(ctx, program.read_text(encoding="utf-8") if program.is_file() else "", self.switch_area_after),
+            encoding="utf-8",
+        )
+        branch, head = _git(ws, "symbolic-ref", "-q", "HEAD", check=False), _git(ws, "rev-parse", "HEAD")
+
+        run = self._run(ws, state, prompt_file, proposal_file)
+        if run.timed_out:
+            raise ProposalError(
+                f"agent timed out after {self.settings.timeout:g}s and was killed with all its processes"
+                " (raise [proposer.agent] timeout to give it longer)"
+            )
+        if run.returncode != 0:
+            raise ProposalError(
+                f"agent exited with status {run.returncode} after {run.seconds:.0f}s: "
+                + (run.stderr or run.stdout or "(no output)")
+            )
+        if _git(ws, "symbolic-ref", "-q", "HEAD", check=False) != branch:
+            raise ProposalError("agent switched branches; the loop owns git (tell it not to run git commands)")
+        if _git(ws, "rev-parse", "HEAD") != head:
+            # It committed despite the rules (e.g. aider's auto-commit): keep the edit, drop the commits.
+            _git(ws, "reset", "-q", "--mixed", head)
+
+        stats = _diff_stats(ws)
+        if not stats:
+            raise ProposalError(
+                f"agent exited 0 after {run.seconds:.0f}s but changed nothing; output: {run.stdout or run.stderr or '(none)'}"
+            )
+        described = _read_proposal_file(proposal_file)
+        return Proposal(
+            description=described.get("description") or _describe_diff(ws, stats),
+            hypothesis=described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)",
+            area=ctx.focus or "",
+        )
+
+    def _run(self, ws: Path, state: Path, prompt_file: Path, proposal_file: Path) -> _Run:
+        command = self.settings.command.replace("{prompt_file}", shlex.quote(str(prompt_file)))
+        env = {**os.environ, "NIGHTLAB_PROMPT_FILE": str(prompt_file), "NIGHTLAB_PROPOSAL_FILE": str(proposal_file)}
+        out_path, err_path = state / "stdout.log", state / "stderr.log"
+        start = time.monotonic()
+        # Files, not pipes: a backgrounded grandchild holding a pipe open cannot block us.
+        with prompt_file.open("rb") as stdin, out_path.open("wb") as out, err_path.open("wb") as err:
+            proc = subprocess.Popen(
+                command, shell=True, cwd=ws, env=env, stdin=stdin, stdout=out, stderr=err, start_new_session=True
+            )
+            timed_out = False
+            try:
+                while True:
+                    left = self.settings.timeout - (time.monotonic() - start)
+                    if left <= 0:
+                        timed_out = True
+                        break
+                    try:
+                        proc.wait(timeout=min(left, 1.0))
+                        break
+                    except subprocess.TimeoutExpired:
+                        if self.tick is not None:
+                            self.tick()
+            finally:
+                # Always: on timeout, on a failing tick, and after a normal exit (leftover children).
+                kill_tree(proc.pid)
+                proc.wait()
+        return _Run(proc.returncode, timed_out, time.monotonic() - start, _tail(out_path), _tail(err_path))
+
+
+def kill_tree(pid: int, grace_s: float = KILL_GRACE_S) -> None:
+    """Terminate `pid`, every descendant and its process group; SIGKILL what outlives `grace_s`.
+
+    Descendants are listed before anything is signalled (once a parent dies its children are
+    re-parented and no longer findable); the process group also catches children orphaned
+    earlier, and psutil catches those that started their own session.
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    for p in _wait_gone(procs, grace_s):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """The processes still alive after up to `timeout` seconds. A zombie counts as gone: it is
+    dead, and reaping an orphan is its new parent's job (psutil.wait_procs would wait for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _git(ws: Path, *args: str, check: bool = True) -> str:
+    done = subprocess.run(["git", *args], cwd=ws, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise ProposalError(f"git {' '.join(args)} failed in {ws}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+# The state dir is git-ignored by `nightlab init`; excluded here too, so a workspace without
+# that ignore rule never counts the prompt file as the agent's change.
+_NOT_STATE = ":(exclude).nightlab"
+
+
+def _diff_stats(ws: Path) -> dict[str, tuple[int, int]]:
+    """{path: (lines added, lines removed)} against HEAD, untracked files included."""
+    stats: dict[str, tuple[int, int]] = {}
+    for line in _git(ws, "diff", "--numstat", "HEAD", "--", ".", _NOT_STATE).splitlines():
+        added, removed, path = line.split("\t", 2)
+        stats[path] = (int(added) if added.isdigit() else 0, int(removed) if removed.isdigit() else 0)
+    for path in _git(ws, "ls-files", "--others", "--exclude-standard", "--", ".", _NOT_STATE).splitlines():
+        try:
+            stats[path] = (len((ws / path).read_bytes().splitlines()), 0)
+        except OSError:
+            stats[path] = (0, 0)
+    return stats
+
+
+def _describe_diff(ws: Path, stats: dict[str, tuple[int, int]]) -> str:
+    """ "edit train.py: +3 −1 lines (MATRIX_LR, WARMUP_RATIO)" """
+    added = sum(a for a, _ in stats.values())
+    removed = sum(r for _, r in stats.values())
+    diff = _git(ws, "diff", "-U0", "HEAD", "--", ".", _NOT_STATE)
+    names = dict.fromkeys(m.group(1) for line in diff.splitlines() if (m := _ASSIGNED.match(line)))
+    text = f"edit {', '.join(sorted(stats))}: +{added} −{removed} lines"
+    return text + (f" ({', '.join(names)})" if names else "")
+
+
+def _read_proposal_file(path: Path) -> dict[str, str]:
+    """The agent's own description and hypothesis; a missing or malformed file counts as none."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    found = {k: " ".join(str(data[k]).split()) for k in ("description", "hypothesis") if isinstance(data.get(k), str)}
+    if "description" in found:
+        found["description"] = found["description"][:200]
+    return found
+
+
+def _tail(path: Path) -> str:
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - TAIL_CHARS))
+        return f.read().decode("utf-8", errors="replace").strip()
+
+
+def _last_paragraph(text: str) -> str:
+    """An agent's closing words usually say what it changed and why: a fair hypothesis."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return " ".join(paragraphs[-1].split())[:500] if paragraphs else ""

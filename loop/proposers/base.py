@@ -1,0 +1,64 @@
+"""The proposer interface: what the engine gives a proposer and what it gets back.
+
+A proposer edits the editable files of a clean working tree and describes the edit; it never
+commits, runs or judges (the engine does). It keeps no state of its own: everything it learns
+from arrives in `ProposalContext`, which the engine rebuilds from the ledger, so a restarted
+daemon proposes exactly as the old one would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class PastExperiment:
+    """One recorded experiment, as a proposer may learn from it (built by the engine)."""
+
+    number: int
+    status: str  # keep | discard | crash | checks_failed
+    metric: float | None
+    description: str
+    hypothesis: str
+    area: str
+    params: dict[str, object]  # the constants the search set (empty for agent proposals)
+
+
+@dataclass(frozen=True)
+class ProposalContext:
+    workspace: Path  # the working tree to edit (at the best commit, clean)
+    editable: tuple[str, ...]  # files the proposal may change
+    metric_name: str
+    direction: str  # "minimize" | "maximize"
+    best: PastExperiment | None
+    history: tuple[PastExperiment, ...]  # oldest first
+    focus: str | None
+    notes: tuple[str, ...]  # the user's pending notes (delivered with this proposal)
+    consecutive_failures: int
+    last_crash_log: str  # tail of the last crash's log, "" if none
+    in_flight: tuple[str, ...] = ()  # descriptions of candidates already running (waves)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    description: str  # one line, e.g. "MATRIX_LR 0.04→0.05"
+    hypothesis: str
+    area: str = ""
+    params: dict[str, object] = field(default_factory=dict)
+
+
+class ProposalError(Exception):
+    """The proposer could not propose (agent failed, timed out, changed nothing).
+
+    The message is meant for people; the engine logs it and counts a failure.
+    """
+
+
+class Proposer(Protocol):
+    areas: tuple[str, ...] | None  # focus areas; None = free text (agent)
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        """Edit files in ctx.workspace and describe the edit."""
+        ...

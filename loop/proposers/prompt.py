@@ -1,0 +1,70 @@
+"""The prompt file the agent proposer hands to an external coding agent.
+
+Everything the agent needs to make one good next experiment, and nothing it has to go looking
+for: the research directives (program.md), the goal, the best result, what was tried and how it
+went, the last crash, the user's steering, what is already running, and the rules.
+"""
+
+from __future__ import annotations
+
+from nightlab.loop.proposers.base import PastExperiment, ProposalContext
+
+RECENT = 20  # experiments shown; older ones rarely change what to try next
+PROPOSAL_FILE = ".nightlab/agent/proposal.json"
+
+
+def build_prompt(ctx: ProposalContext, program: str, switch_after: int) -> str:
+    better = "higher" if ctx.direction == "maximize" else "lower"
+    files = ", ".join(ctx.editable)
+    parts = [
+        "# nightlab: propose the next experiment",
+        (
+            "You are one step of an unattended research loop. Make ONE focused change to "
+            f"{files} that you expect to give a {better} {ctx.metric_name}. The loop then commits "
+            "your change, trains for a fixed time budget and keeps it only if the metric improves."
+        ),
+    ]
+    if program.strip():
+        parts += ["## Research directives (program.md)", program.strip()]
+    parts += ["## Goal", f"Metric: {ctx.metric_name}, {ctx.direction} ({better} is better).", _best(ctx)]
+    if ctx.history:
+        recent = ctx.history[-RECENT:]
+        parts += [f"## Recent experiments (last {len(recent)} of {len(ctx.history)}, oldest first)"]
+        parts += [_line(e) for e in recent]
+    if ctx.consecutive_failures:
+        line = f"The last {ctx.consecutive_failures} experiments did not improve on the best."
+        if ctx.consecutive_failures >= switch_after:
+            line += " Stop refining that line of work: try a clearly different idea or area."
+        parts += ["## Streak", line]
+    if ctx.last_crash_log.strip():
+        parts += ["## Log tail of the last crash", "```", ctx.last_crash_log.rstrip(), "```"]
+    if ctx.focus:
+        parts += ["## Focus (set by the user)", f"Work on: {ctx.focus}"]
+    if ctx.notes:
+        parts += ["## Notes from the user (take them into account)"] + [f"- {n}" for n in ctx.notes]
+    if ctx.in_flight:
+        parts += ["## Already running (propose something different)"] + [f"- {d}" for d in ctx.in_flight]
+    parts += [
+        "## Rules",
+        f"- Edit only {files}. Any change to another file rejects the whole proposal.",
+        "- Do not commit, stash, reset or switch branches: the loop owns git.",
+        "- Do not run the training yourself: the loop runs it with the right budget and hardware.",
+        "- Keep the change small and readable; simpler code wins ties.",
+        (
+            f"- Optionally write {PROPOSAL_FILE} as JSON: "
+            '{"description": "<one line, e.g. MATRIX_LR 0.04→0.05>", "hypothesis": "<why it should help>"}.'
+        ),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _best(ctx: ProposalContext) -> str:
+    if ctx.best is None or ctx.best.metric is None:
+        return "No result yet: the baseline is still to be measured."
+    return f"Best so far: {ctx.metric_name} = {ctx.best.metric:.6g} (#{ctx.best.number}: {ctx.best.description})."
+
+
+def _line(e: PastExperiment) -> str:
+    metric = "no metric" if e.metric is None else f"{e.metric:.6g}"
+    why = f" (hypothesis: {e.hypothesis})" if e.hypothesis else ""
+    return f"- #{e.number} {e.status}, {metric}: {e.description}{why}"

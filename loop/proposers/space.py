@@ -1,0 +1,217 @@
+"""The search space of the `search` proposer: which UPPER_CASE constants it may set, to what.
+
+The built-in trainer's constants have hand-picked ranges grouped into areas. Any other file
+(bring-your-own project) gets its positive numeric constants searched in one area,
+`constants`, with multiplicative ranges around their current value. Values are snapped to a
+coarse grid (two significant digits, ratio steps, powers of two) so that a configuration can
+actually repeat: "never try the same thing twice" is meaningless over raw floats, and
+"MATRIX_LR 0.04→0.05" reads better than 0.0487213.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from nightlab.trainer.profiles import apply_constants, read_constants
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+GENERIC_AREA = "constants"
+# The built-in trainer's areas, in the order the search visits them: cheap and usually
+# rewarding knobs first, shape changes (slower, riskier) later.
+BUILTIN_AREAS = ("optimizer", "schedule", "architecture", "attention", "batch")
+
+Kind = Literal["log", "linear", "int", "choice"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable constant. Floats live on a grid: `log` keeps two significant digits,
+    `linear` snaps to multiples of `step`; `choice` lists every allowed value."""
+
+    name: str
+    area: str
+    kind: Kind
+    low: float = 0.0
+    high: float = 0.0
+    step: float = 0.0
+    choices: tuple[object, ...] = ()
+
+    def distribution(self) -> BaseDistribution:
+        if self.kind == "choice":
+            # Optuna's categorical choices must be scalars; repr() also carries tuples and strings.
+            return CategoricalDistribution([repr(c) for c in self.choices])
+        if self.kind == "int":
+            return IntDistribution(int(self.low), int(self.high))
+        return FloatDistribution(self.low, self.high, log=self.kind == "log")
+
+    def to_optuna(self, value: object) -> object | None:
+        """`value` as Optuna's param value, or None when it lies outside this space."""
+        if isinstance(value, list):  # tuples come back from the ledger's JSON as lists
+            value = tuple(value)
+        if self.kind == "choice":
+            return repr(value) if value in self.choices else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if not self.low <= value <= self.high:
+            return None
+        return int(value) if self.kind == "int" else float(value)
+
+    def from_optuna(self, raw: object) -> object:
+        """The value to write into the file for Optuna's `raw` pick (snapped to the grid)."""
+        if self.kind == "choice":
+            return ast.literal_eval(str(raw))
+        return self.snap(float(raw))  # type: ignore[arg-type]
+
+    def snap(self, x: float) -> object:
+        if self.kind == "int":
+            return int(min(max(round(x), self.low), self.high))
+        if self.kind == "log":
+            x = float(f"{x:.2g}")
+        else:
+            x = round(round(x / self.step) * self.step, 10)
+        return min(max(x, self.low), self.high)
+
+    def neighbours(self, current: object, rng: random.Random) -> list[object]:
+        """Values near `current`, nearest first (ties shuffled): the fallback when TPE's picks
+        have all been tried."""
+        if self.kind == "choice":
+            others = [c for c in self.choices if c != current]
+            rng.shuffle(others)
+            return others
+        if isinstance(current, bool) or not isinstance(current, (int, float)):
+            return []
+        if self.kind == "log":
+            factors = (1.25, 0.8, 1.5, 0.67, 2.0, 0.5, 3.0, 0.33)
+            values = [self.snap(current * f) for f in factors]
+        else:
+            unit = 1 if self.kind == "int" else self.step
+            values = [self.snap(current + sign * k * unit) for k in (1, 2, 3, 4) for sign in (1, -1)]
+        return list(dict.fromkeys(v for v in values if v != current))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    file: str  # the editable file these constants live in
+    params: tuple[Param, ...]
+    current: dict[str, object]  # the file's values now (the best configuration)
+
+    @property
+    def areas(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.area for p in self.params))
+
+    def in_area(self, area: str) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.area == area)
+
+    def by_name(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+def _log(name: str, area: str, low: float, high: float) -> Param:
+    return Param(name, area, "log", low=low, high=high)
+
+
+def _linear(name: str, area: str, low: float, high: float, step: float) -> Param:
+    return Param(name, area, "linear", low=low, high=high, step=step)
+
+
+def _choice(name: str, area: str, *choices: object) -> Param:
+    return Param(name, area, "choice", choices=choices)
+
+
+def _powers_of_two(name: str, area: str, current: object) -> Param | None:
+    """current / 4 … current × 4 in powers of two: batch sizes must stay divisible."""
+    if not isinstance(current, int) or isinstance(current, bool) or current < 1:
+        return None
+    values = [current * 2**k for k in (1, 2)] + [current // 2**k for k in (1, 2) if current % 2**k == 0]
+    return _choice(name, area, *sorted({current, *values}))
+
+
+# The built-in trainer (trainer/train.py). Ranges span roughly 4× either side of upstream's
+# defaults; a profile's value outside a range widens it (see _widen), so tiny keeps working.
+_BUILTIN: tuple[Param, ...] = (
+    _log("MATRIX_LR", "optimizer", 0.01, 0.16),
+    _log("EMBEDDING_LR", "optimizer", 0.15, 2.4),
+    _log("UNEMBEDDING_LR", "optimizer", 0.001, 0.032),
+    _log("SCALAR_LR", "optimizer", 0.12, 2.0),
+    _linear("WEIGHT_DECAY", "optimizer", 0.0, 0.5, 0.05),
+    _choice("ADAM_BETAS", "optimizer", (0.8, 0.95), (0.9, 0.95), (0.8, 0.99), (0.9, 0.99), (0.7, 0.95), (0.85, 0.9)),
+    _linear("WARMUP_RATIO", "schedule", 0.0, 0.2, 0.02),
+    _linear("WARMDOWN_RATIO", "schedule", 0.1, 0.9, 0.05),
+    _linear("FINAL_LR_FRAC", "schedule", 0.0, 0.2, 0.02),
+    Param("DEPTH", "architecture", "int", low=2, high=16),
+    _choice("ASPECT_RATIO", "architecture", 32, 48, 64, 80, 96, 128),
+    _choice("HEAD_DIM", "architecture", 32, 64, 96, 128),
+    _linear("SOFTCAP", "architecture", 5.0, 30.0, 2.5),
+    _choice("WINDOW_PATTERN", "attention", "L", "SL", "SSL", "SSSL", "SSSSL", "SLSL"),
+)
+# Sized relative to the current value (powers of two), since tiny and default differ 100×.
+_BUILTIN_POW2 = (("TOTAL_BATCH_SIZE", "batch"), ("DEVICE_BATCH_SIZE", "batch"))
+_BUILTIN_NAMES = {p.name for p in _BUILTIN} | {n for n, _ in _BUILTIN_POW2}
+
+
+def _widen(param: Param, current: object) -> Param:
+    """Make room for the file's current value, so the best configuration is always inside."""
+    if param.kind == "choice":
+        if current in param.choices:
+            return param
+        return _choice(param.name, param.area, *param.choices, current)
+    if isinstance(current, bool) or not isinstance(current, (int, float)):
+        return param
+    return Param(param.name, param.area, param.kind, low=min(param.low, current),
+                 high=max(param.high, current), step=param.step)
+
+
+def _generic(name: str, current: object) -> Param | None:
+    """A BYO constant: positive numbers only, × / ÷ 4 around the current value. Zero and
+    negative values have no scale to multiply; seeds are excluded because a "better seed" is
+    noise, not progress."""
+    if "SEED" in name or isinstance(current, bool) or not isinstance(current, (int, float)):
+        return None
+    if current <= 0:
+        return None
+    if isinstance(current, int):
+        if current >= 2 and current & (current - 1) == 0:
+            return _powers_of_two(name, GENERIC_AREA, current)
+        return Param(name, GENERIC_AREA, "int", low=max(1, current // 4), high=current * 4)
+    return _log(name, GENERIC_AREA, current / 4, current * 4)
+
+
+def _editable_line(source: str, name: str, value: object) -> bool:
+    """apply_constants can rewrite this constant (one single-line top-level assignment)."""
+    try:
+        apply_constants(source, {name: value})
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+def build_space(file: str, source: str) -> SearchSpace:
+    """The space for one editable file's source. Empty when the file has no searchable
+    constants (not Python, or none that fit); the proposer then says so."""
+    try:
+        current = read_constants(source)
+    except SyntaxError:
+        return SearchSpace(file, (), {})
+    current = {n: v for n, v in current.items() if _editable_line(source, n, v)}
+    # The built-in trainer (or a derivative): most of its names are present.
+    if 2 * len(_BUILTIN_NAMES & current.keys()) >= len(_BUILTIN_NAMES):
+        params = [_widen(p, current[p.name]) for p in _BUILTIN if p.name in current]
+        params += [q for n, a in _BUILTIN_POW2 if n in current and (q := _powers_of_two(n, a, current[n]))]
+    else:
+        params = [q for n, v in current.items() if (q := _generic(n, v))]
+    params = [p for p in params if not (p.kind == "choice" and len(p.choices) < 2)]
+    names = {p.name for p in params}
+    return SearchSpace(file, tuple(params), {n: v for n, v in current.items() if n in names})
+
+
+def format_value(value: object) -> str:
+    """How values appear in descriptions; stable, so a description doubles as a dedupe key."""
+    return repr(tuple(value) if isinstance(value, list) else value)

@@ -1,0 +1,13 @@
+"""Fake coding agent that hangs: spawns a child (in the same group) and a grandchild in its own
+session (escapes killpg), records their pids, then sleeps forever."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+pids_file = Path(sys.argv[1])
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+escaped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+pids_file.write_text(f"{child.pid} {escaped.pid}")
+time.sleep(600)

@@ -1,0 +1,128 @@
+"""The agent proposer with scripted fake agents (tests/fakes/agent_*.py) in a real git repo."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+import pytest
+from nightlab.loop.config import AgentSettings
+from nightlab.loop.proposers import PastExperiment, ProposalContext, ProposalError
+from nightlab.loop.proposers.agent import AgentProposer
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+TRAIN = "DEPTH = 8\nMATRIX_LR = 0.04  # Muon\nWARMUP_RATIO = 0.0\n\nprint('training')\n"
+
+
+def git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture()
+def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for key in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        monkeypatch.setenv(key, "nightlab test")
+    for key in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(key, "test@example.invalid")
+    (tmp_path / "train.py").write_text(TRAIN)
+    (tmp_path / "prepare.py").write_text("def evaluate_bpb():\n    return 1.0\n")
+    (tmp_path / "program.md").write_text("Directive: prefer optimizer changes.\n")
+    (tmp_path / ".gitignore").write_text(".nightlab/\n")
+    git(tmp_path, "init", "-q", "-b", "autoresearch/test")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-qm", "baseline")
+    return tmp_path
+
+
+def ctx(ws: Path, **kw: object) -> ProposalContext:
+    best = PastExperiment(1, "keep", 0.9979, "baseline", "", "", {})
+    crash = PastExperiment(2, "crash", None, "DEPTH 8→64", "deeper is better", "architecture", {"DEPTH": 64})
+    base = ProposalContext(
+        workspace=ws, editable=("train.py",), metric_name="val_bpb", direction="minimize", best=best,
+        history=(best, crash), focus="learning rates", notes=("try a warmup",), consecutive_failures=1,
+        last_crash_log="torch.OutOfMemoryError: CUDA out of memory", in_flight=("WARMUP_RATIO 0.0→0.1",),
+    )
+    return replace(base, **kw)
+
+
+def agent(script: str, *args: str, timeout: float = 30.0, **kw: object) -> AgentProposer:
+    command = shlex.join([sys.executable, str(FAKES / script), *args])
+    return AgentProposer(AgentSettings(command=command, timeout=timeout), **kw)  # type: ignore[arg-type]
+
+
+def test_agent_edits_train_py_and_describes_it_with_its_proposal_file(ws: Path) -> None:
+    proposal = agent("agent_edit.py").propose(ctx(ws))
+    assert proposal.description == "MATRIX_LR 0.04→0.05"
+    assert proposal.hypothesis == "A higher Muon LR converges faster."
+    assert proposal.area == "learning rates" and proposal.params == {}
+    assert "MATRIX_LR = 0.05" in (ws / "train.py").read_text()
+    assert git(ws, "status", "--porcelain") == " M train.py\n"  # nothing committed, state dir ignored
+    prompt = (ws / ".nightlab/agent/prompt.md").read_text()
+    for expected in (
+        "Directive: prefer optimizer changes.", "val_bpb, minimize", "0.9979", "#2 crash, no metric: DEPTH 8→64",
+        "deeper is better", "CUDA out of memory", "Work on: learning rates", "- try a warmup",
+        "- WARMUP_RATIO 0.0→0.1", "Edit only train.py", "Do not commit", ".nightlab/agent/proposal.json",
+    ):
+        assert expected in prompt, expected
+
+
+def test_agent_that_edits_the_harness_returns_a_proposal_the_engine_can_reject(ws: Path) -> None:
+    proposal = agent("agent_harness.py").propose(ctx(ws))
+    assert proposal.description == "edit prepare.py, train.py: +2 −0 lines (CHEAT, WARMUP_RATIO)"
+    assert proposal.hypothesis == "I made evaluation easier and added warmup."
+    assert set(git(ws, "diff", "--name-only").split()) == {"prepare.py", "train.py"}
+
+
+def test_agent_that_hangs_is_killed_with_every_descendant(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    pids_file = tmp_path_factory.mktemp("pids") / "pids"
+    start = time.monotonic()
+    with pytest.raises(ProposalError, match=r"timed out after 2s and was killed"):
+        agent("agent_hang.py", str(pids_file), timeout=2.0).propose(ctx(ws))
+    assert time.monotonic() - start < 8
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert len(pids) == 2
+    for pid in pids:  # the child in its group and the grandchild that escaped to its own session
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_tick_failure_kills_the_agent_and_propagates(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    pids_file = tmp_path_factory.mktemp("pids") / "pids"
+    ticks: list[float] = []
+
+    def tick() -> None:
+        ticks.append(time.monotonic())
+        if pids_file.exists() and len(ticks) >= 2:
+            raise KeyboardInterrupt  # e.g. the engine is told to stop
+
+    with pytest.raises(KeyboardInterrupt):
+        agent("agent_hang.py", str(pids_file), timeout=60, tick=tick).propose(ctx(ws))
+    for pid in map(int, pids_file.read_text().split()):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_agent_that_changes_nothing_is_a_proposal_error(ws: Path) -> None:
+    with pytest.raises(ProposalError, match="changed nothing.*nothing worth changing"):
+        agent("agent_noop.py").propose(ctx(ws))
+
+
+def test_agent_that_exits_1_is_a_proposal_error_with_its_stderr(ws: Path) -> None:
+    with pytest.raises(ProposalError, match=r"exited with status 1 .*API key not set"):
+        agent("agent_fail.py").propose(ctx(ws))
+
+
+def test_agent_that_commits_has_its_commit_undone_and_its_edit_kept(ws: Path) -> None:
+    head = git(ws, "rev-parse", "HEAD")
+    proposal = agent("agent_commit.py").propose(ctx(ws))
+    assert git(ws, "rev-parse", "HEAD") == head
+    assert proposal.description == "edit train.py: +1 −1 lines (DEPTH)"
+    assert "DEPTH = 10" in (ws / "train.py").read_text()
+
+
+def test_prompt_tells_the_agent_to_change_direction_after_many_failures(ws: Path) -> None:
+    agent("agent_edit.py", switch_area_after=3).propose(ctx(ws, consecutive_failures=3))
+    assert "try a clearly different idea" in (ws / ".nightlab/agent/prompt.md").read_text()

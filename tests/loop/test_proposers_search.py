@@ -1,0 +1,206 @@
+"""The built-in search proposer over simulated sessions: no repeats, focus, area rotation,
+determinism, waves, file edits, BYO constants."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from nightlab.loop.config import settings_from_table
+from nightlab.loop.proposers import (
+    PastExperiment,
+    Proposal,
+    ProposalContext,
+    ProposalError,
+    make_proposer,
+)
+from nightlab.loop.proposers.agent import AgentProposer
+from nightlab.loop.proposers.search import SearchProposer, parse_description
+from nightlab.loop.proposers.space import build_space
+from nightlab.trainer.profiles import read_constants
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "trainer" / "train.py"
+DESCRIPTION = re.compile(r"^[A-Z_][A-Z0-9_]* \S.*→\S.*$")
+
+
+@pytest.fixture()
+def ws(tmp_path: Path) -> Path:
+    shutil.copy(TRAIN, tmp_path / "train.py")
+    return tmp_path
+
+
+def ctx_for(ws: Path, history: list[PastExperiment], **kw: object) -> ProposalContext:
+    kept = [e for e in history if e.status == "keep"]
+    base = ProposalContext(
+        workspace=ws, editable=("train.py",), metric_name="val_bpb", direction="minimize",
+        best=kept[-1] if kept else None, history=tuple(history), focus=None, notes=(),
+        consecutive_failures=0, last_crash_log="",
+    )
+    return replace(base, **kw)
+
+
+def fake_metric(values: dict[str, object]) -> float:
+    """A smooth objective with an optimum at MATRIX_LR 0.06, WARMDOWN_RATIO 0.6."""
+    lr = float(values.get("MATRIX_LR", 0.04))  # type: ignore[arg-type]
+    wd = float(values.get("WARMDOWN_RATIO", 0.5))  # type: ignore[arg-type]
+    return 1.0 + (lr - 0.06) ** 2 * 10 + (wd - 0.6) ** 2
+
+
+def session(proposer: SearchProposer, ws: Path, rounds: int, **kw: object) -> list[Proposal]:
+    """Run the keep/discard ratchet against fake_metric; returns every proposal."""
+    best_source = (ws / "train.py").read_text()
+    history = [PastExperiment(1, "keep", fake_metric({}), "baseline", "", "", {})]
+    failures, proposals = 0, []
+    for number in range(2, rounds + 2):
+        (ws / "train.py").write_text(best_source)  # the engine resets to the best commit
+        proposal = proposer.propose(ctx_for(ws, history, consecutive_failures=failures, **kw))
+        proposals.append(proposal)
+        metric = fake_metric(read_constants((ws / "train.py").read_text()))
+        status = "keep" if metric < min(e.metric for e in history if e.status == "keep") else "discard"  # type: ignore[type-var]
+        history.append(PastExperiment(number, status, metric, proposal.description, proposal.hypothesis, proposal.area, proposal.params))
+        if status == "keep":
+            best_source, failures = (ws / "train.py").read_text(), 0
+        else:
+            failures += 1
+    return proposals
+
+
+def test_session_never_repeats_and_edits_only_the_proposed_constants(ws: Path) -> None:
+    proposer = SearchProposer(seed=3, switch_area_after=4)
+    original = (ws / "train.py").read_text()
+    first = proposer.propose(ctx_for(ws, [PastExperiment(1, "keep", 1.0, "baseline", "", "", {})]))
+    edited = (ws / "train.py").read_text()
+    changed = [(a, b) for a, b in zip(original.splitlines(), edited.splitlines()) if a != b]
+    assert len(changed) == len(first.params) and 1 <= len(first.params) <= 2
+    after = read_constants(edited)
+    for name, value in first.params.items():
+        assert after[name] == value
+        assert all(line.startswith(f"{name} =") for _, line in changed if name in line)
+    assert DESCRIPTION.match(first.description), first.description
+    assert parse_description(first.description) == first.params
+
+    (ws / "train.py").write_text(original)
+    proposals = session(proposer, ws, rounds=30)
+    keys = [frozenset((k, repr(v)) for k, v in p.params.items()) for p in proposals]
+    assert len(set(keys)) == len(keys), "a configuration was proposed twice"
+    for p in proposals:
+        assert DESCRIPTION.match(p.description) and 1 <= len(p.params) <= 2
+        assert p.area and p.hypothesis.endswith(".")
+    assert len({p.area for p in proposals}) >= 2, "failures should move the search to other areas"
+
+
+def test_same_seed_same_proposals_other_seed_differs(tmp_path: Path) -> None:
+    runs = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        ws = tmp_path / name
+        ws.mkdir()
+        shutil.copy(TRAIN, ws / "train.py")
+        runs.append([p.description for p in session(SearchProposer(seed=seed), ws, rounds=8)])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_focus_restricts_to_the_area_and_unknown_focus_is_an_error(ws: Path) -> None:
+    schedule = {p.name for p in build_space("train.py", TRAIN.read_text()).in_area("schedule")}
+    proposals = session(SearchProposer(seed=1), ws, rounds=10, focus="schedule")
+    assert all(p.area == "schedule" and set(p.params) <= schedule for p in proposals)
+    with pytest.raises(ProposalError, match="unknown focus area 'vibes'.*optimizer"):
+        SearchProposer().propose(ctx_for(ws, [], focus="vibes"))
+
+
+def test_rotates_area_after_consecutive_failures(ws: Path) -> None:
+    base = PastExperiment(1, "keep", 1.0, "baseline", "", "", {})
+    fails = [PastExperiment(n, "discard", 1.1, f"MATRIX_LR 0.04→0.0{n}", "", "optimizer", {"MATRIX_LR": n / 100}) for n in range(2, 7)]
+    proposer = SearchProposer(seed=0, switch_area_after=5)
+    assert proposer.propose(ctx_for(ws, [base, *fails[:4]], consecutive_failures=4)).area == "optimizer"
+    switched = proposer.propose(ctx_for(ws, [base, *fails], consecutive_failures=5))
+    assert switched.area == "schedule"
+    assert "switched from optimizer after 5 failures" in switched.hypothesis
+    # The new area gets its own tries: one failure there does not switch again.
+    one_more = PastExperiment(7, "crash", None, switched.description, "", "schedule", switched.params)
+    assert proposer.propose(ctx_for(ws, [base, *fails, one_more], consecutive_failures=6)).area == "schedule"
+
+
+def test_wave_of_distinct_candidates_via_in_flight(ws: Path) -> None:
+    history = [PastExperiment(1, "keep", 1.0, "baseline", "", "", {})]
+    original = (ws / "train.py").read_text()
+    wave: list[str] = []
+    for _ in range(5):  # WINDOW_PATTERN has five alternatives to 'SSSL': the wave takes them all
+        (ws / "train.py").write_text(original)
+        wave.append(SearchProposer(seed=2).propose(ctx_for(ws, history, focus="attention", in_flight=tuple(wave))).description)
+    assert len(set(wave)) == 5
+    (ws / "train.py").write_text(original)
+    with pytest.raises(ProposalError, match="every nearby configuration"):
+        SearchProposer(seed=2).propose(ctx_for(ws, history, focus="attention", in_flight=tuple(wave)))
+
+
+def test_small_area_is_exhausted_with_a_clear_error(ws: Path) -> None:
+    history = [PastExperiment(1, "keep", 1.0, "baseline", "", "", {})]
+    proposer = SearchProposer(seed=5)
+    for n in range(2, 7):  # 'SSSL' has five alternatives
+        p = proposer.propose(ctx_for(ws, history, focus="attention"))
+        history.append(PastExperiment(n, "crash", None, p.description, p.hypothesis, p.area, p.params))
+        shutil.copy(TRAIN, ws / "train.py")
+    with pytest.raises(ProposalError, match="every nearby configuration in area 'attention'"):
+        proposer.propose(ctx_for(ws, history, focus="attention"))
+
+
+def test_notes_are_kept_in_the_hypothesis(ws: Path) -> None:
+    p = SearchProposer().propose(ctx_for(ws, [], notes=("try a longer warmup", "keep depth at 8")))
+    assert "try a longer warmup | keep depth at 8" in p.hypothesis
+
+
+BYO = '''"""A user's own training script."""
+import math
+
+LEARNING_RATE = 3e-4   # Adam
+BATCH = 64
+HIDDEN = 300
+DROPOUT = 0.0          # zero: no scale to search around
+SEED = 1337            # never searched
+RUN_NAME = "exp"
+USE_AMP = True
+SCHEDULE = [1, 2, 3]
+
+def train():
+    LOCAL = 5
+    return LEARNING_RATE * BATCH
+'''
+
+
+def test_byo_file_searches_its_own_positive_numeric_constants(tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text(BYO)
+    proposer = SearchProposer(seed=4, target=tmp_path / "model.py")
+    assert proposer.areas == ("constants",)
+    history = [PastExperiment(1, "keep", 2.0, "baseline", "", "", {})]
+    seen = set()
+    for n in range(2, 14):
+        (tmp_path / "model.py").write_text(BYO)
+        p = proposer.propose(ctx_for(tmp_path, history, editable=("model.py",)))
+        assert p.area == "constants" and set(p.params) <= {"LEARNING_RATE", "BATCH", "HIDDEN"}
+        if "BATCH" in p.params:
+            assert p.params["BATCH"] in (16, 32, 128, 256)
+        if "LEARNING_RATE" in p.params:
+            assert 7.5e-5 <= p.params["LEARNING_RATE"] <= 1.2e-3  # type: ignore[operator]
+        assert read_constants((tmp_path / "model.py").read_text())["SEED"] == 1337
+        seen |= set(p.params)
+        history.append(PastExperiment(n, "discard", 2.1, p.description, p.hypothesis, p.area, p.params))
+    assert seen == {"LEARNING_RATE", "BATCH", "HIDDEN"}
+
+
+def test_file_without_constants_is_a_proposal_error(tmp_path: Path) -> None:
+    (tmp_path / "train.py").write_text("def main():\n    pass\n")
+    with pytest.raises(ProposalError, match="no numeric UPPER_CASE constants"):
+        SearchProposer().propose(ctx_for(tmp_path, [], ))
+
+
+def test_make_proposer_picks_by_kind(tmp_path: Path) -> None:
+    shutil.copy(TRAIN, tmp_path / "train.py")
+    search = make_proposer(settings_from_table({"workspace": {"path": str(tmp_path)}}))
+    assert isinstance(search, SearchProposer) and search.areas and "optimizer" in search.areas
+    agent = make_proposer(settings_from_table({"proposer": {"kind": "agent", "agent": {"command": "true"}}}))
+    assert isinstance(agent, AgentProposer) and agent.areas is None
