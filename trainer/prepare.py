@@ -67,6 +67,7 @@ MAX_SHARD = 6542  # the last climbmix shard is shard_06542.parquet
 VAL_SHARD = MAX_SHARD  # pinned validation shard (climbmix and mirrors)
 SHARD_PATTERN = "shard_*.parquet"
 STDLIB_TRAIN_SHARDS = 4  # the stdlib corpus: 4 training shards + 1 validation shard
+STDLIB_PIECE_CHARS = 3000  # stdlib documents are cut into pieces of about this size
 DOWNLOAD_WORKERS = 8
 DOWNLOAD_RETRIES = 5
 DOWNLOAD_BACKOFF_S = 1.0  # first retry waits this long, then doubles
@@ -395,7 +396,22 @@ def _stdlib_documents() -> list[str]:
         except (OSError, UnicodeDecodeError):  # a few test files are deliberately not UTF-8
             continue
     docs.extend(f"{name}\n\n{topics[name]}" for name in sorted(topics))
-    return docs
+    # Cut long files at blank lines into climbmix-sized pieces: whole 20K-character modules make
+    # the dataloader's 1000-document buffer slow to fill on a small CPU.
+    return [piece for doc in docs for piece in _pieces(doc, STDLIB_PIECE_CHARS)]
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    pieces: list[str] = []
+    current = ""
+    for paragraph in text.split("\n\n"):
+        if current and len(current) + len(paragraph) > size:
+            pieces.append(current)
+            current = ""
+        current = f"{current}\n\n{paragraph}" if current else paragraph
+    if current.strip():
+        pieces.append(current)
+    return pieces
 
 
 def _build_stdlib_shards(data_dir: Path, say: Progress) -> None:
