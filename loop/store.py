@@ -198,7 +198,7 @@ class Store:
             db.execute("DELETE FROM kv WHERE key = ?", (key,))
 
     # -- events: the loop's durable story, read by the bot -------------------------------------
-    def emit(self, kind: str, **payload: Any) -> int:
+    def emit(self, kind: str, /, **payload: Any) -> int:  # "kind" may be a payload key too
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO events(ts, kind, payload) VALUES(?, ?, ?)",

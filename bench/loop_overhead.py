@@ -1,0 +1,78 @@
+"""The loop's own overhead per experiment: everything but the training process and the proposer.
+
+A stub trainer that exits at once (`cat` of a file holding the summary block) and a proposer that
+rewrites one number, so nearly all the time left is nightlab's: git, the ledger, the exports,
+launching and polling, events.
+
+    .venv/bin/python bench/loop_overhead.py [--experiments 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nightlab.loop import ledger
+from nightlab.loop.config import settings_from_table
+from nightlab.loop.engine import run_engine
+from nightlab.loop.proposers.base import Proposal, ProposalContext
+from nightlab.loop.store import Store
+from nightlab.loop.workspace import init_workspace
+
+
+class RandomWalk:
+    """Rewrites val_bpb in result.txt; the time it takes is measured and left out."""
+
+    areas = None
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.rng = random.Random(0)
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        start = time.perf_counter()
+        value = 1.0 - 0.001 * len(ctx.history) + self.rng.uniform(-0.01, 0.01)
+        (ctx.workspace / "result.txt").write_text(f"---\nval_bpb: {value:.6f}\npeak_vram_mb: 1.0\n")
+        self.seconds += time.perf_counter() - start
+        return Proposal(f"val_bpb -> {value:.4f}", "noise")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiments", type=int, default=60)
+    n = parser.parse_args().experiments
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "ws"
+        repo.mkdir()
+        (repo / "result.txt").write_text("---\nval_bpb: 1.000000\n")
+        (repo / "harness.txt").write_text("fixed\n")
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "i"], check=True)
+        settings = settings_from_table({
+            "workspace": {"path": str(repo), "tag": "bench"},
+            "project": {"run_command": "cat result.txt", "editable": ["result.txt"], "protected": ["harness.txt"]},
+        })
+        init_workspace(repo, "bench", settings, say=lambda _: None)
+        proposer = RandomWalk()
+        start = time.perf_counter()
+        run_engine(settings, n, proposer=proposer)
+        total = time.perf_counter() - start
+        rows = ledger.experiments(Store.for_workspace(repo))
+        training = sum(e.duration_s or 0.0 for e in rows)
+    overhead = (total - training - proposer.seconds) / n
+    print(f"experiments:             {n} ({sum(e.status == 'keep' for e in rows)} kept)")
+    print(f"wall time:               {total:.2f} s")
+    print(f"experiments per minute:  {n / total * 60:.0f}")
+    print(f"trainer processes:       {training / n * 1000:.0f} ms per experiment")
+    print(f"loop overhead:           {overhead * 1000:.0f} ms per experiment (target <= 1000 ms)")
+    return 0 if overhead <= 1.0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

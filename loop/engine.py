@@ -1,0 +1,478 @@
+"""The experiment cycle as a restartable state machine over the candidates table.
+
+    propose -> commit -> launch -> poll -> judge -> keep or reset -> record -> exports -> repeat
+
+Each candidate's `phase` says how far its cycle got, and every step is idempotent from its
+phase, so the engine may be SIGKILLed anywhere and a new one carries on:
+
+  proposing  the proposer is editing the tree      -> reset the tree to base, propose again
+  committed  the commit exists                     -> launch (or adopt the run a launch left)
+  running    a run is recorded in `runs`           -> poll it (alive) or read how it ended
+  finished   the verdict is stored (outcome JSON)  -> move git to keep/reset, record
+  recorded   experiment + event written, once      -> regenerate the exports
+  done
+
+Rejected proposals (a file outside `project.editable` changed) are recorded as `crash` with the
+reason "rejected: ..." and no run: they count as failures for the anti-thrash rules.
+
+    python -m nightlab.loop.engine --config FILE [--workspace PATH] [--max-experiments N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from nightlab.loop import ledger, steering
+from nightlab.loop.config import Settings, load_settings
+from nightlab.loop.errors import UserError
+from nightlab.loop.executor import (
+    Executor,
+    RunHandle,
+    RunSpec,
+    find_handle,
+    make_executor,
+    read_tail,
+)
+from nightlab.loop.judge import Measurement, Verdict, judge, noise
+from nightlab.loop.ledger import Candidate, Experiment
+from nightlab.loop.lock import EngineLock
+from nightlab.loop.proposers.base import (
+    PastExperiment,
+    ProposalContext,
+    ProposalError,
+    Proposer,
+)
+from nightlab.loop.store import Store, state_dir
+from nightlab.loop.summary import parse_summary
+from nightlab.loop.workspace import (
+    Git,
+    Workspace,
+    dirty_error,
+    open_workspace,
+    protect,
+    protected_mismatches,
+    run_environment,
+)
+
+_LOG_TAIL_BYTES = 256 * 1024  # the summary block is at the end of the log
+_EVENT_LOG_TAIL_LINES = 30
+_CANCEL_GRACE_S = 10.0
+_FIRST_POLL_S = 0.02  # polls start fast (a stub run ends at once) and back off to the checkpoint
+
+
+def _say(message: str) -> None:
+    print(f"nightlab engine: {message}", file=sys.stderr, flush=True)
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        ws: Workspace,
+        executor: Executor,
+        proposer: Proposer,
+        env: dict[str, str],
+        stop: threading.Event,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.settings, self.ws, self.executor, self.proposer = settings, ws, executor, proposer
+        self.env, self.stop, self.parent_pid = env, stop, parent_pid
+        self.store: Store = ws.store
+        self.git = Git(ws.path)
+        self.slot = executor.slots()[0]
+        self.metric_name = settings.project.metric
+        self.direction = settings.project.direction
+        self._running: tuple[int, RunHandle, int] | None = None  # run id, handle, number
+        self._last_checkpoint = 0.0
+
+    # -- LoopControl (steering) ------------------------------------------------------------------
+    def running_number(self) -> int | None:
+        return None if self._running is None else self._running[2]
+
+    def kill_running(self, reason: str) -> bool:
+        if self._running is None:
+            return False
+        run_id, handle, _ = self._running
+        marked = ledger.mark_kill(self.store, run_id, reason)
+        self.executor.cancel(handle, grace_s=_CANCEL_GRACE_S)
+        return marked
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, max_experiments: int | None) -> int:
+        self._startup()
+        while not self.stop.is_set():
+            self.checkpoint()
+            open_ = ledger.open_candidates(self.store)
+            cand = open_[0] if open_ else None
+            if cand is not None and cand.phase in ("running", "finished", "recorded"):
+                self._advance(cand)  # a run in flight always finishes, paused or not
+                continue
+            if max_experiments is not None and ledger.experiment_count(self.store) >= max_experiments:
+                self.store.set("engine.finished", True)
+                _say(f"{max_experiments} experiments recorded; stopping")
+                return 0
+            if ledger.paused(self.store) is not None:
+                self.stop.wait(self.settings.loop.checkpoint_interval)
+                continue
+            self._advance(cand if cand is not None else self._next_candidate())
+        return 0
+
+    def checkpoint(self) -> None:
+        """Tick, apply steering commands, notice a dead parent. Cheap; called often."""
+        self._last_checkpoint = time.monotonic()
+        self.store.set("engine.tick", time.time())
+        steering.apply_pending(self.store, self)
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            _say("the parent daemon is gone; stopping (the run in flight is left to be re-attached)")
+            self.stop.set()
+
+    def _startup(self) -> None:
+        branch = self.git.branch()
+        if branch != self.ws.branch:
+            raise UserError(
+                f"{self.ws.path} is on {branch or 'a detached HEAD'}, not the session branch"
+                f" {self.ws.branch}; run `git -C {self.ws.path} checkout {self.ws.branch}`"
+            )
+        open_ = ledger.open_candidates(self.store)
+        changed = self.git.changed_files()
+        if changed and not open_:
+            raise dirty_error(self.ws, changed)
+        if open_ and open_[0].phase == "proposing":
+            self.git.reset_to(open_[0].base_commit)  # our own interrupted edit
+        if not open_ or open_[0].phase == "proposing":
+            bad = protected_mismatches(self.ws)
+            if bad:
+                raise UserError(
+                    f"protected files changed since `nightlab init`: {', '.join(bad)}; restore them"
+                    f" (git -C {self.ws.path} checkout -- {' '.join(bad)}) or init a new workspace"
+                )
+        with self.store.transaction():
+            self.store.set(ledger.AREAS_KEY, None if self.proposer.areas is None else list(self.proposer.areas))
+            self.store.set("loop.metric_name", self.metric_name)
+            self.store.set("engine.finished", False)
+            self.store.set("engine.pid", os.getpid())
+
+    def _next_candidate(self) -> Candidate:
+        head = self.git.head()
+        rows = ledger.experiments(self.store)
+        baselines = [e for e in rows if e.kind == "baseline" and e.status == "keep"]
+        if len(baselines) < self.settings.loop.baseline_runs and all(e.kind == "baseline" for e in rows):
+            label = "baseline" if self.settings.loop.baseline_runs == 1 else (
+                f"baseline {len(baselines) + 1}/{self.settings.loop.baseline_runs}")
+            return ledger.new_candidate(
+                self.store, "baseline", head, commit=head, phase="committed", description=label,
+                focus=ledger.focus(self.store),
+            )
+        return ledger.new_candidate(self.store, "proposal", head, focus=ledger.focus(self.store))
+
+    def _advance(self, cand: Candidate) -> None:
+        step = {
+            "proposing": self._propose,
+            "committed": self._launch,
+            "running": self._watch,
+            "finished": self._record,
+            "recorded": self._export,
+        }[cand.phase]
+        step(cand)
+
+    # -- proposing -> committed -------------------------------------------------------------------
+    def _propose(self, cand: Candidate) -> None:
+        if self.git.changed_files() or self.git.head() != cand.base_commit:
+            self.git.reset_to(cand.base_commit)
+        notes = ledger.queued_notes(self.store)
+        ctx = self._context(cand, tuple(text for _, text in notes))
+        try:
+            proposal = self.proposer.propose(ctx)
+        except ProposalError as exc:
+            return self._no_run(cand, "crash", f"proposer failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 -- a proposer bug must not stop the night; it counts as a failure
+            traceback.print_exc()
+            return self._no_run(cand, "crash", f"proposer error: {type(exc).__name__}: {exc}")
+        finally:
+            if notes:
+                ledger.mark_notes_delivered(self.store, [cid for cid, _ in notes], cand.number)
+        described = {"description": proposal.description, "hypothesis": proposal.hypothesis,
+                     "area": proposal.area, "params": dict(proposal.params)}
+        changed = self.git.changed_files()
+        outside = [p for p in changed if p not in self.ws.editable]
+        if outside:
+            self.git.reset_to(cand.base_commit)
+            protect(self.ws)
+            reason = f"rejected: changed files outside project.editable: {', '.join(outside)} (restored)"
+            return self._no_run(cand, "crash", reason, **described)
+        if not changed:
+            return self._no_run(cand, "discard", "the proposal changed nothing", **described)
+        commit = self.git.commit_all(f"#{cand.number}: {proposal.description}\n\n{proposal.hypothesis}")
+        self.git.keep_ref(cand.number, commit)
+        added, removed = self.git.numstat(cand.base_commit, commit)
+        ledger.update_candidate(self.store, cand.id, phase="committed", commit_sha=commit,
+                                lines_added=added, lines_removed=removed, **described)
+
+    def _no_run(self, cand: Candidate, status: str, reason: str, **described: Any) -> None:
+        """A candidate that ends before any run: judged here, recorded by the usual steps."""
+        best = self._best()
+        outcome = {"status": status, "metric": None, "metrics": {}, "best_after": best, "reason": reason,
+                   "confidence": None, "needs_confirm": False, "duration_s": None, "started_at": None,
+                   "finished_at": time.time(), "log_tail": "", "slot": ""}
+        ledger.update_candidate(self.store, cand.id, phase="finished", commit_sha=cand.base_commit,
+                                outcome=outcome, **described)
+
+    def _context(self, cand: Candidate, notes: tuple[str, ...]) -> ProposalContext:
+        rows = ledger.experiments(self.store)
+        history = tuple(
+            PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params)
+            for e in rows
+        )
+        keeps = [p for p in history if p.status == "keep"]
+        crashes = [e for e in rows if e.status == "crash" and e.duration_s is not None]
+        return ProposalContext(
+            workspace=self.ws.path, editable=self.ws.editable, metric_name=self.metric_name,
+            direction=self.direction, best=keeps[-1] if keeps else None, history=history,
+            focus=cand.focus, notes=notes, consecutive_failures=self._consecutive_failures(rows),
+            last_crash_log=self._log_tail(crashes[-1].number, 4000) if crashes else "",
+        )
+
+    # -- committed -> running ---------------------------------------------------------------------
+    def _log_path(self, number: int) -> Path:
+        return state_dir(self.ws.path) / "runs" / f"{number}.log"
+
+    def _log_tail(self, number: int, tail_bytes: int) -> str:
+        return read_tail(self._log_path(number), tail_bytes)
+
+    def _launch(self, cand: Candidate) -> None:
+        assert cand.commit is not None
+        if self.git.head() != cand.commit or self.git.changed_files():
+            self.git.reset_to(cand.commit)
+        bad = protected_mismatches(self.ws)
+        if bad:
+            self.git.reset_to(cand.base_commit)
+            protect(self.ws)
+            return self._no_run(cand, "crash", f"rejected: protected files changed: {', '.join(bad)}")
+        log = self._log_path(cand.number)
+        # A launch that happened just before we were killed left its handle: adopt that run.
+        handle = find_handle(log)
+        if handle is None:
+            spec = RunSpec(self.ws.run_command, self.ws.path, log, self.slot, self.env)
+            handle = self.executor.launch(spec)
+        with self.store.transaction():
+            ledger.add_run(self.store, cand.id, handle.to_json(), handle.slot, str(log))
+            ledger.update_candidate(self.store, cand.id, phase="running")
+            self.store.emit(
+                "experiment_started", number=cand.number, kind=cand.kind, description=cand.description,
+                hypothesis=cand.hypothesis, area=cand.area, commit=cand.commit[:7], slot=handle.slot,
+                focus=cand.focus,
+            )
+        _say(f"#{cand.number} {cand.kind} started on {handle.slot}: {cand.description}")
+
+    # -- running -> finished ----------------------------------------------------------------------
+    def _watch(self, cand: Candidate) -> None:
+        run = ledger.run_for_candidate(self.store, cand.id)
+        assert run is not None
+        handle = RunHandle.from_json(run.handle)
+        self._running = (run.id, handle, cand.number)
+        try:
+            delay = _FIRST_POLL_S
+            while True:
+                status = self.executor.poll([handle])[handle.key]
+                if status.state != "running":
+                    break
+                if time.monotonic() - self._last_checkpoint >= self.settings.loop.checkpoint_interval:
+                    self.checkpoint()
+                if self.stop.is_set():
+                    return  # the run goes on; the next engine re-attaches
+                self.stop.wait(delay)
+                delay = min(delay * 1.5, self.settings.loop.checkpoint_interval)
+        finally:
+            self._running = None
+        self._judge(cand, ledger.get_run(self.store, run.id), status.exit_code, handle)
+
+    def _judge(self, cand: Candidate, run: ledger.RunRecord, exit_code: int | None, handle: RunHandle) -> None:
+        tail = self.executor.read_log(handle, _LOG_TAIL_BYTES)
+        rows = ledger.experiments(self.store)
+        original = next((e for e in rows if e.number == cand.confirm_of), None)
+        verdict = judge(
+            Measurement(exit_code, run.kill_reason, parse_summary(tail), tail),
+            kind=cand.kind, metric_name=self.metric_name, direction=self.direction,
+            best=self._best(rows),
+            baselines=[e.metric for e in rows if e.kind == "baseline" and e.metric is not None],
+            confirm_of_metric=original.metric if original else None,
+            noise_sd=noise(self._repeat_groups(rows)), confirm_k=self.settings.loop.confirm_k,
+        )
+        if (verdict.status == "keep" or verdict.needs_confirm) and self.settings.project.checks_command:
+            verdict = self._checks(verdict)
+        finished_at = _mtime(f"{run.log_path}.exit") or time.time()
+        outcome = {
+            "status": verdict.status, "metric": verdict.metric, "metrics": verdict.metrics,
+            "best_after": verdict.best_after, "reason": verdict.reason, "confidence": verdict.confidence,
+            "needs_confirm": verdict.needs_confirm, "duration_s": max(0.0, finished_at - run.started_at),
+            "started_at": run.started_at, "finished_at": finished_at, "slot": run.slot,
+            "log_tail": "\n".join(tail.splitlines()[-_EVENT_LOG_TAIL_LINES:]) if verdict.status == "crash" else "",
+        }
+        with self.store.transaction():
+            ledger.finish_run(self.store, run.id, exit_code)
+            ledger.update_candidate(self.store, cand.id, phase="finished", outcome=outcome)
+
+    def _checks(self, verdict: Verdict) -> Verdict:
+        try:
+            done = subprocess.run(
+                self.settings.project.checks_command, shell=True, check=False, cwd=self.ws.path, capture_output=True,
+                text=True, env={**os.environ, **self.env}, timeout=self.settings.heartbeat.run_timeout,
+            )
+            code, output = done.returncode, (done.stdout + done.stderr).strip()
+        except subprocess.TimeoutExpired:
+            code, output = -1, "timed out"
+        if code == 0:
+            return verdict
+        last = output.splitlines()[-1] if output else ""
+        return dataclasses.replace(
+            verdict, status="checks_failed", needs_confirm=False, best_after=self._best(),
+            reason=f"checks failed (exit {code}): {last[:200]}",
+        )
+
+    # -- finished -> recorded -> done -------------------------------------------------------------
+    def _record(self, cand: Candidate) -> None:
+        out = cand.outcome or {}
+        commit = cand.commit or cand.base_commit
+        target = commit if out["status"] == "keep" or out["needs_confirm"] else cand.base_commit
+        if self.git.head() != target or self.git.changed_files():
+            self.git.reset_to(target)
+        rows = ledger.experiments(self.store)
+        previous = self._best(rows)
+        exp = Experiment(
+            number=cand.number, kind=cand.kind, confirm_of=cand.confirm_of, commit=commit,
+            status=out["status"], metric=out["metric"], metrics=out["metrics"], best=out["best_after"],
+            confidence=out["confidence"], description=cand.description, hypothesis=cand.hypothesis,
+            area=cand.area, params=cand.params, focus=cand.focus, reason=out["reason"],
+            lines_added=cand.lines_added, lines_removed=cand.lines_removed, duration_s=out["duration_s"],
+            slot=out["slot"], started_at=out["started_at"], finished_at=out["finished_at"],
+        )
+        new_best = out["status"] == "keep" and previous != exp.best
+        event = {
+            "number": exp.number, "status": exp.status, "metric_name": self.metric_name,
+            "metric": exp.metric, "best": exp.best, "previous_best": previous,
+            "delta": None if exp.best is None or previous is None else exp.best - previous,
+            "new_best": new_best, "description": exp.description, "hypothesis": exp.hypothesis,
+            "area": exp.area, "duration_s": exp.duration_s, "peak_vram_mb": exp.metrics.get("peak_vram_mb"),
+            "mfu_percent": exp.metrics.get("mfu_percent"), "confidence": exp.confidence, "focus": exp.focus,
+            "commit": commit[:7], "lines_added": exp.lines_added, "lines_removed": exp.lines_removed,
+            "reason": exp.reason, "log_tail": out["log_tail"], "slot": exp.slot, "kind": exp.kind,
+        }
+        with self.store.transaction():
+            if not ledger.record_experiment(self.store, cand.id, exp, event):
+                ledger.update_candidate(self.store, cand.id, phase="recorded")
+                return
+            if out["needs_confirm"]:
+                ledger.new_candidate(
+                    self.store, "confirm", cand.base_commit, commit=commit, phase="committed",
+                    confirm_of=cand.number, description=f"confirm #{cand.number}: {cand.description}",
+                    hypothesis=cand.hypothesis, area=cand.area, params=cand.params, focus=cand.focus,
+                )
+            self._maybe_self_pause([*rows, exp])
+        _say(f"#{exp.number} {exp.status} {exp.metric if exp.metric is not None else ''} {exp.reason}")
+
+    def _maybe_self_pause(self, rows: list[Experiment]) -> None:
+        failures = self._consecutive_failures(rows)
+        limit = self.settings.loop.pause_after_failures
+        if failures >= limit and ledger.paused(self.store) is None:
+            reason = f"{failures} failed experiments in a row; resume when you have looked (focus, note)"
+            ledger.set_paused(self.store, "nightlab", reason, None)
+            self.store.emit("self_paused", reason=reason)
+
+    def _export(self, cand: Candidate) -> None:
+        ledger.write_exports(self.ws.path, self.store, self.metric_name, self.direction, self.ws.branch)
+        ledger.update_candidate(self.store, cand.id, phase="done")
+
+    # -- ledger-derived figures -------------------------------------------------------------------
+    def _best(self, rows: list[Experiment] | None = None) -> float | None:
+        rows = ledger.experiments(self.store, last=1) if rows is None else rows
+        return rows[-1].best if rows else None
+
+    def _consecutive_failures(self, rows: list[Experiment]) -> int:
+        """Failures since the last keep (or the last resume); a result re-run to confirm is not one."""
+        since = self.store.get(ledger.FAILURES_SINCE_KEY, 0)
+        confirmed = {e.confirm_of for e in rows if e.confirm_of is not None}
+        count = 0
+        for e in reversed(rows):
+            if e.status == "keep" or e.number <= since:
+                break
+            if e.number not in confirmed:
+                count += 1
+        return count
+
+    @staticmethod
+    def _repeat_groups(rows: list[Experiment]) -> list[list[float]]:
+        """Results of the same commit run more than once (baseline repeats, confirm pairs)."""
+        groups: dict[str, list[float]] = {}
+        for e in rows:
+            if e.metric is not None:
+                groups.setdefault(e.commit, []).append(e.metric)
+        return list(groups.values())
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+def run_engine(
+    settings: Settings,
+    max_experiments: int | None = None,
+    stop: threading.Event | None = None,
+    *,
+    proposer: Proposer | None = None,
+    executor: Executor | None = None,
+    parent_pid: int | None = None,
+) -> int:
+    """Run the loop in this process until `stop` is set or `max_experiments` are recorded."""
+    ws = open_workspace(settings.workspace_path, settings)
+    lock = EngineLock(ws.path)
+    lock.acquire()
+    try:
+        if proposer is None:
+            from nightlab.loop.proposers import make_proposer
+
+            proposer = make_proposer(settings)
+        engine = Engine(
+            settings, ws, executor or make_executor(settings), proposer,
+            run_environment(ws, settings, _say), stop or threading.Event(), parent_pid,
+        )
+        return engine.run(max_experiments)
+    finally:
+        lock.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nightlab.loop.engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workspace", help="overrides [workspace] path")
+    parser.add_argument("--max-experiments", type=int, default=None)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        settings = load_settings(args.config)
+        if args.workspace:
+            settings = dataclasses.replace(
+                settings, workspace=dataclasses.replace(settings.workspace, path=str(args.workspace))
+            )
+        return run_engine(settings, args.max_experiments, stop, parent_pid=os.getppid())
+    except UserError as exc:
+        print(f"nightlab: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""The ledger: candidates (the cycle in flight), runs, experiments (the final record) and the
+two export files kept in step with them.
+
+Experiments are written exactly once: `record_experiment` inserts the row, emits its
+`experiment_finished` event and moves the candidate to `recorded` in one transaction, and the
+table's primary key on the number refuses a second row. `results.tsv` (upstream's format) and
+`autoresearch.jsonl` (the autoresearch plugins' format) are regenerated from the table after
+every write, through a temp file and a rename, so they always agree with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nightlab.loop.store import Store
+
+RESULTS_TSV = "results.tsv"
+AUTORESEARCH_JSONL = "autoresearch.jsonl"
+PHASES = ("proposing", "committed", "running", "finished", "recorded", "done")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: int
+    number: int
+    kind: str  # baseline | proposal | confirm
+    confirm_of: int | None
+    phase: str
+    base_commit: str
+    commit: str | None
+    description: str
+    hypothesis: str
+    area: str
+    params: dict[str, Any]
+    focus: str | None
+    lines_added: int
+    lines_removed: int
+    outcome: dict[str, Any] | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    candidate_id: int
+    handle: str  # executor JSON
+    slot: str
+    log_path: str
+    started_at: float
+    state: str  # running | exited
+    exit_code: int | None
+    kill_reason: str | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    number: int
+    kind: str
+    confirm_of: int | None
+    commit: str
+    status: str
+    metric: float | None
+    metrics: dict[str, float]
+    best: float | None
+    confidence: float | None
+    description: str
+    hypothesis: str
+    area: str
+    params: dict[str, Any] = field(default_factory=dict)
+    focus: str | None = None
+    reason: str = ""
+    lines_added: int = 0
+    lines_removed: int = 0
+    duration_s: float | None = None
+    slot: str = ""
+    started_at: float | None = None
+    finished_at: float = 0.0
+
+
+# -- candidates ----------------------------------------------------------------------------------
+def _candidate(r: sqlite3.Row) -> Candidate:
+    return Candidate(
+        r["id"], r["number"], r["kind"], r["confirm_of"], r["phase"], r["base_commit"],
+        r["commit_sha"], r["description"], r["hypothesis"], r["area"], json.loads(r["params"]),
+        r["focus"], r["lines_added"], r["lines_removed"],
+        None if r["outcome"] is None else json.loads(r["outcome"]), r["created_at"],
+    )
+
+
+def new_candidate(
+    store: Store,
+    kind: str,
+    base_commit: str,
+    *,
+    commit: str | None = None,
+    phase: str = "proposing",
+    confirm_of: int | None = None,
+    description: str = "",
+    hypothesis: str = "",
+    area: str = "",
+    params: dict[str, Any] | None = None,
+    focus: str | None = None,
+) -> Candidate:
+    """A new candidate with the next experiment number (joins an open transaction)."""
+    now = time.time()
+    with store.transaction() as db:
+        number = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM candidates").fetchone()[0]
+        cur = db.execute(
+            "INSERT INTO candidates(number, kind, confirm_of, phase, base_commit, commit_sha,"
+            " description, hypothesis, area, params, focus, created_at, updated_at)"
+            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (number, kind, confirm_of, phase, base_commit, commit, description, hypothesis, area,
+             json.dumps(params or {}), focus, now, now),
+        )
+        return get_candidate(store, int(cur.lastrowid))
+
+
+def get_candidate(store: Store, candidate_id: int) -> Candidate:
+    row = store.connection().execute("SELECT * FROM candidates WHERE id = ?", (candidate_id,)).fetchone()
+    return _candidate(row)
+
+
+def open_candidates(store: Store) -> list[Candidate]:
+    rows = store.connection().execute("SELECT * FROM candidates WHERE phase != 'done' ORDER BY number")
+    return [_candidate(r) for r in rows]
+
+
+_CANDIDATE_FIELDS = {
+    "phase", "commit_sha", "description", "hypothesis", "area", "params", "focus",
+    "lines_added", "lines_removed", "outcome",
+}
+
+
+def update_candidate(store: Store, candidate_id: int, **fields: Any) -> Candidate:
+    """Set some fields (params/outcome as Python objects); joins an open transaction."""
+    unknown = set(fields) - _CANDIDATE_FIELDS
+    if unknown:
+        raise ValueError(f"not candidate fields: {sorted(unknown)}")
+    values = {k: json.dumps(v) if k in ("params", "outcome") and v is not None else v for k, v in fields.items()}
+    assignments = ", ".join(f"{k} = ?" for k in values)
+    with store.transaction() as db:
+        db.execute(
+            f"UPDATE candidates SET {assignments}, updated_at = ? WHERE id = ?",
+            (*values.values(), time.time(), candidate_id),
+        )
+    return get_candidate(store, candidate_id)
+
+
+# -- runs (shared with the heartbeat) --------------------------------------------------------------
+def _run(r: sqlite3.Row) -> RunRecord:
+    return RunRecord(
+        r["id"], r["candidate_id"], r["handle"], r["slot"], r["log_path"], r["started_at"],
+        r["state"], r["exit_code"], r["kill_reason"], r["finished_at"],
+    )
+
+
+def add_run(store: Store, candidate_id: int, handle: str, slot: str, log_path: str) -> RunRecord:
+    with store.transaction() as db:
+        cur = db.execute(
+            "INSERT INTO runs(candidate_id, handle, slot, log_path, started_at) VALUES(?, ?, ?, ?, ?)",
+            (candidate_id, handle, slot, log_path, time.time()),
+        )
+        return _run(db.execute("SELECT * FROM runs WHERE id = ?", (cur.lastrowid,)).fetchone())
+
+
+def run_for_candidate(store: Store, candidate_id: int) -> RunRecord | None:
+    row = store.connection().execute(
+        "SELECT * FROM runs WHERE candidate_id = ? ORDER BY id DESC LIMIT 1", (candidate_id,)
+    ).fetchone()
+    return None if row is None else _run(row)
+
+
+def running_runs(store: Store) -> list[RunRecord]:
+    """Every run whose process the engine has not yet seen end (for the heartbeat's checks)."""
+    rows = store.connection().execute("SELECT * FROM runs WHERE state = 'running' ORDER BY id")
+    return [_run(r) for r in rows]
+
+
+def mark_kill(store: Store, run_id: int, reason: str) -> bool:
+    """Say why a run is being stopped, before cancelling it. False when it already ended or
+    already has a reason (the first reason wins, so a timeout is not renamed by a later kill)."""
+    with store.transaction() as db:
+        cur = db.execute(
+            "UPDATE runs SET kill_reason = ? WHERE id = ? AND state = 'running' AND kill_reason IS NULL",
+            (reason, run_id),
+        )
+        return cur.rowcount == 1
+
+
+def finish_run(store: Store, run_id: int, exit_code: int | None) -> None:
+    with store.transaction() as db:
+        db.execute(
+            "UPDATE runs SET state = 'exited', exit_code = ?, finished_at = ? WHERE id = ? AND state = 'running'",
+            (exit_code, time.time(), run_id),
+        )
+
+
+def get_run(store: Store, run_id: int) -> RunRecord:
+    return _run(store.connection().execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
+
+
+# -- experiments ---------------------------------------------------------------------------------
+_EXPERIMENT_COLUMNS = (
+    "number", "candidate_id", "kind", "confirm_of", "commit_sha", "status", "metric", "metrics",
+    "best", "confidence", "description", "hypothesis", "area", "params", "focus", "reason",
+    "lines_added", "lines_removed", "duration_s", "slot", "started_at", "finished_at",
+)
+
+
+def _experiment(r: sqlite3.Row) -> Experiment:
+    return Experiment(
+        number=r["number"], kind=r["kind"], confirm_of=r["confirm_of"], commit=r["commit_sha"],
+        status=r["status"], metric=r["metric"], metrics=json.loads(r["metrics"]), best=r["best"],
+        confidence=r["confidence"], description=r["description"], hypothesis=r["hypothesis"],
+        area=r["area"], params=json.loads(r["params"]), focus=r["focus"], reason=r["reason"],
+        lines_added=r["lines_added"], lines_removed=r["lines_removed"], duration_s=r["duration_s"],
+        slot=r["slot"], started_at=r["started_at"], finished_at=r["finished_at"],
+    )
+
+
+def record_experiment(store: Store, candidate_id: int, exp: Experiment, event: dict[str, Any]) -> bool:
+    """Write the experiment, its event and the candidate's phase in one transaction (joins an
+    open one, so a caller may add a follow-up candidate atomically).
+
+    Returns False (and writes nothing) when the number is already recorded.
+    """
+    with store.transaction() as db:
+        if db.execute("SELECT 1 FROM experiments WHERE number = ?", (exp.number,)).fetchone():
+            return False
+        row = {
+            "number": exp.number, "candidate_id": candidate_id, "kind": exp.kind,
+            "confirm_of": exp.confirm_of, "commit_sha": exp.commit, "status": exp.status,
+            "metric": exp.metric, "metrics": json.dumps(exp.metrics), "best": exp.best,
+            "confidence": exp.confidence, "description": exp.description,
+            "hypothesis": exp.hypothesis, "area": exp.area, "params": json.dumps(exp.params),
+            "focus": exp.focus, "reason": exp.reason, "lines_added": exp.lines_added,
+            "lines_removed": exp.lines_removed, "duration_s": exp.duration_s, "slot": exp.slot,
+            "started_at": exp.started_at, "finished_at": exp.finished_at,
+        }
+        db.execute(
+            f"INSERT INTO experiments({', '.join(_EXPERIMENT_COLUMNS)})"
+            f" VALUES({', '.join('?' for _ in _EXPERIMENT_COLUMNS)})",
+            tuple(row[c] for c in _EXPERIMENT_COLUMNS),
+        )
+        store.emit("experiment_finished", **event)
+        update_candidate(store, candidate_id, phase="recorded")
+    return True
+
+
+def experiments(store: Store, last: int | None = None) -> list[Experiment]:
+    """All experiments oldest first, or the last `last` of them."""
+    if last is None:
+        rows = store.connection().execute("SELECT * FROM experiments ORDER BY number").fetchall()
+    else:
+        rows = store.connection().execute(
+            "SELECT * FROM experiments ORDER BY number DESC LIMIT ?", (last,)
+        ).fetchall()[::-1]
+    return [_experiment(r) for r in rows]
+
+
+def experiment_count(store: Store) -> int:
+    return int(store.connection().execute("SELECT COUNT(*) FROM experiments").fetchone()[0])
+
+
+def last_number(store: Store) -> int:
+    """The number of the last recorded experiment (0 when none)."""
+    return int(store.connection().execute("SELECT COALESCE(MAX(number), 0) FROM experiments").fetchone()[0])
+
+
+# -- notes: a note command stays 'queued' until a proposal receives it ------------------------------
+NOTE_QUEUED = "queued for the next proposal"
+
+
+def queued_notes(store: Store) -> list[tuple[int, str]]:
+    rows = store.connection().execute(
+        "SELECT id, args FROM commands WHERE name = 'note' AND status = 'done' AND result = ? ORDER BY id",
+        (NOTE_QUEUED,),
+    )
+    return [(r["id"], r["args"]) for r in rows]
+
+
+def mark_notes_delivered(store: Store, command_ids: list[int], number: int) -> None:
+    with store.transaction() as db:
+        db.executemany(
+            "UPDATE commands SET result = ? WHERE id = ?",
+            [(f"delivered with #{number}", cid) for cid in command_ids],
+        )
+
+
+# -- exports ---------------------------------------------------------------------------------------
+def write_exports(workspace: Path, store: Store, metric_name: str, direction: str, name: str) -> None:
+    """Regenerate results.tsv and autoresearch.jsonl from the experiments table."""
+    rows = experiments(store)
+    tsv = ["commit\t" + metric_name + "\tmemory_gb\tstatus\tdescription"]
+    for e in rows:
+        crashed = e.metric is None
+        memory_gb = 0.0 if crashed else e.metrics.get("peak_vram_mb", 0.0) / 1024
+        tsv.append(
+            f"{e.commit[:7]}\t{0.0 if crashed else e.metric:.6f}\t{memory_gb:.1f}\t{e.status}\t"
+            + _one_line(e.description)
+        )
+    header = {
+        "type": "config", "name": name, "metricName": metric_name, "metricUnit": "",
+        "bestDirection": "lower" if direction == "minimize" else "higher",
+    }
+    jsonl = [json.dumps(header)]
+    for e in rows:
+        jsonl.append(json.dumps({
+            "run": e.number, "commit": e.commit[:7], "metric": e.metric, "metrics": e.metrics,
+            "status": e.status, "description": e.description, "timestamp": int(e.finished_at),
+            "segment": 0, "confidence": e.confidence,
+            "asi": {
+                "hypothesis": e.hypothesis, "area": e.area, "kind": e.kind, "reason": e.reason,
+                "confirm_of": e.confirm_of, "params": e.params, "focus": e.focus,
+                "lines_added": e.lines_added, "lines_removed": e.lines_removed,
+                "duration_s": e.duration_s,
+            },
+        }))
+    _atomic_write(workspace / RESULTS_TSV, "\n".join(tsv) + "\n")
+    _atomic_write(workspace / AUTORESEARCH_JSONL, "\n".join(jsonl) + "\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())  # tabs and newlines would break the TSV
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- loop state in kv: survives restarts -----------------------------------------------------------
+PAUSED_KEY = "loop.paused"  # {"by", "reason", "after", "since"} or absent
+FOCUS_KEY = "loop.focus"  # an area, or absent
+AREAS_KEY = "proposer.areas"  # the proposer's areas (a list), or null for free text
+FAILURES_SINCE_KEY = "loop.failures_since"  # failures up to this number do not count (resume)
+
+
+@dataclass(frozen=True)
+class Paused:
+    by: str
+    reason: str
+    after: int | None  # the experiment the pause waits for
+    since: float
+
+
+def paused(store: Store) -> Paused | None:
+    value = store.get(PAUSED_KEY)
+    return None if value is None else Paused(**value)
+
+
+def set_paused(store: Store, by: str, reason: str, after: int | None) -> None:
+    store.set(PAUSED_KEY, {"by": by, "reason": reason, "after": after, "since": time.time()})
+
+
+def focus(store: Store) -> str | None:
+    return store.get(FOCUS_KEY)

@@ -1,0 +1,157 @@
+"""Steering: sending a command (CLI, bot) and applying it (the engine, at its checkpoints).
+
+A command that parses is written to the store with its sender and answered with what will
+happen and when; the engine applies it at its next checkpoint (every `loop.checkpoint_interval`
+seconds while a run is in flight), marks it done or rejected and emits events. Pause and focus
+live in the store's kv table, so they survive restarts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from nightlab.loop import ledger, views
+from nightlab.loop.commands import Command, CommandError, help_text, parse_command
+from nightlab.loop.errors import UserError
+from nightlab.loop.judge import USER_KILL_PREFIX
+from nightlab.loop.lock import holder
+from nightlab.loop.store import DB_FILENAME, Store, state_dir
+
+_READ_ONLY = ("help", "status", "best", "last", "plot", "report")
+
+
+# -- sending (any process) -----------------------------------------------------------------------
+def send_command(workspace_path: Path, text: str, sender: str) -> str:
+    """Validate and queue a command; returns a reply for people. Raises UserError when invalid."""
+    if not (state_dir(Path(workspace_path)) / DB_FILENAME).exists():
+        raise UserError(f"{workspace_path} is not a nightlab workspace; run `nightlab init {workspace_path}` first")
+    store = Store.for_workspace(Path(workspace_path))
+    areas = store.get(ledger.AREAS_KEY)
+    try:
+        command = parse_command(text, tuple(areas) if areas is not None else None)
+    except CommandError as exc:
+        raise UserError(str(exc)) from None
+    if command.name in _READ_ONLY:
+        return _answer(Path(workspace_path), command)
+    current = _current_number(store)
+    if command.name == "kill":
+        if current is None:
+            raise UserError("nothing is running; there is no experiment to kill")
+        if command.args and int(command.args) != current:
+            raise UserError(f"#{command.args} is not running; the running experiment is #{current}")
+    store.add_command(command.name, command.args, sender=sender)
+    return _promise(store, command, current) + _engine_note(Path(workspace_path))
+
+
+def _answer(workspace: Path, command: Command) -> str:
+    if command.name == "help":
+        return help_text()
+    if command.name == "status":
+        return views.status_text(workspace)
+    if command.name == "best":
+        return views.best_text(workspace)
+    if command.name == "last":
+        return views.history_text(workspace, int(command.args or 5))
+    if command.name == "report":
+        return views.report_markdown(workspace)
+    return "the progress chart is sent by the chat bot; `nightlab report` has the numbers"
+
+
+def _current_number(store: Store) -> int | None:
+    runs = ledger.running_runs(store)
+    return ledger.get_candidate(store, runs[-1].candidate_id).number if runs else None
+
+
+def _promise(store: Store, command: Command, current: int | None) -> str:
+    name, args = command.name, command.args
+    soon = "within ~2 s"
+    if name == "pause" and args == "now":
+        return f"cancelling #{current} and pausing {soon}" if current else f"pausing {soon}"
+    if name == "pause":
+        if current is None:
+            return f"pausing {soon} (nothing is running)"
+        left = views.remaining_s(store)
+        return f"pausing after #{current} finishes" + (f", ~{views.duration(left)}" if left else "")
+    if name == "resume":
+        return f"resuming {soon}" if ledger.paused(store) else "the loop is not paused; nothing to resume"
+    if name == "focus":
+        return "focus off from the next proposal" if args == "off" else f"focusing on {args} from the next proposal"
+    if name == "note":
+        return "note queued: it goes into the next proposal"
+    return f"killing #{current} {soon}; it will be recorded as discarded"
+
+
+def _engine_note(workspace: Path) -> str:
+    if holder(workspace) is None:
+        return " (the loop is not running right now: it acts on this when it starts)"
+    return ""
+
+
+# -- applying (the engine) -----------------------------------------------------------------------
+class LoopControl(Protocol):
+    """What a command may ask of the engine."""
+
+    def running_number(self) -> int | None: ...
+
+    def kill_running(self, reason: str) -> bool: ...
+
+
+def apply_pending(store: Store, loop: LoopControl) -> None:
+    """Apply every pending command in order; each is marked done or rejected with a result."""
+    for record in store.pending_commands():
+        try:
+            command = parse_command(f"{record.name} {record.args}".strip(), _areas(store))
+            status, result = "done", _apply(store, loop, command, record.sender)
+        except (CommandError, UserError) as exc:
+            status, result = "rejected", str(exc)
+        with store.transaction():
+            store.finish_command(record.id, status, result)
+            store.emit("command_done", command_id=record.id, name=record.name, sender=record.sender, result=result)
+
+
+def _areas(store: Store) -> tuple[str, ...] | None:
+    areas = store.get(ledger.AREAS_KEY)
+    return tuple(areas) if areas is not None else None
+
+
+def _apply(store: Store, loop: LoopControl, command: Command, by: str) -> str:
+    name, args = command.name, command.args
+    current = loop.running_number()
+    if name in _READ_ONLY:
+        return "answered by the bot"
+    if name == "pause":
+        if args == "now" and current is not None:
+            loop.kill_running(f"{USER_KILL_PREFIX}{by} (pause now)")
+        after = None if args == "now" else current
+        with store.transaction():
+            ledger.set_paused(store, by, "pause now" if args == "now" else "pause", after)
+            store.emit("paused", by=by, reason=f"{command.text()} by {by}", after=after)
+        return f"pausing after #{after}" if after else "paused"
+    if name == "resume":
+        if ledger.paused(store) is None:
+            return "not paused"
+        with store.transaction():
+            store.delete(ledger.PAUSED_KEY)
+            store.set(ledger.FAILURES_SINCE_KEY, ledger.last_number(store))
+            store.emit("resumed", by=by, reason=f"resume by {by}", after=None)
+        return "resumed"
+    if name == "focus":
+        area = None if args == "off" else args
+        with store.transaction():
+            if area is None:
+                store.delete(ledger.FOCUS_KEY)
+            else:
+                store.set(ledger.FOCUS_KEY, area)
+            store.emit("focus_changed", focus=area, by=by)
+        return "focus off" if area is None else f"focus: {area}"
+    if name == "note":
+        store.emit("note_added", text=args, by=by)
+        return ledger.NOTE_QUEUED
+    # kill [N]
+    if current is None:
+        raise UserError("nothing is running; there is no experiment to kill")
+    if args and int(args) != current:
+        raise UserError(f"#{args} is not running; the running experiment is #{current}")
+    loop.kill_running(f"{USER_KILL_PREFIX}{by}")
+    return f"killed #{current}"

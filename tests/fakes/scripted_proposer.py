@@ -1,0 +1,45 @@
+"""A scripted proposer for engine tests: step i of the script is what the i-th proposal does.
+
+The step index is rebuilt from the ledger (the history without baselines and confirms), as a real
+proposer's state is, so an engine restarted mid-session proposes exactly what the old one would
+have. A step is a dict:
+  {"set": {"VAL_BPB": [0.9]}}         rewrite train.py constants (the stub trainer's behaviour)
+  {"write": {"prepare.py": "text"}}   write any file (a protected one -> rejected)
+  {"noop": True}                      change nothing
+  {"raise": "message"}                fail with ProposalError
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
+from nightlab.trainer.profiles import apply_constants
+
+AREAS = ("lr", "arch")
+
+
+class ScriptedProposer:
+    areas: tuple[str, ...] | None = AREAS
+
+    def __init__(self, steps: list[dict[str, Any]]) -> None:
+        self.steps = steps
+        self.contexts: list[ProposalContext] = []
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        self.contexts.append(ctx)
+        index = sum(1 for h in ctx.history if not h.description.startswith(("baseline", "confirm")))
+        step = self.steps[min(index, len(self.steps) - 1)]
+        if "raise" in step:
+            raise ProposalError(step["raise"])
+        for name, text in step.get("write", {}).items():
+            path = Path(ctx.workspace) / name
+            path.chmod(0o644)
+            path.write_text(text)
+        if step.get("set"):
+            train = Path(ctx.workspace) / "train.py"
+            train.write_text(apply_constants(train.read_text(), step["set"]))
+        what = ", ".join(f"{k}={v}" for k, v in step.get("set", {}).items()) or ", ".join(step) or "nothing"
+        return Proposal(f"step {index}: {what}", f"hypothesis {index}", area=step.get("area", "lr"),
+                        params=dict(step.get("set", {})))

@@ -1,0 +1,48 @@
+"""A stub trainer: copied into test workspaces as train.py, so its behaviour is its content.
+
+The scripted proposer rewrites the UPPER_CASE constants below, exactly like the search proposer
+rewrites the real train.py's. VAL_BPB is a list: the n-th run of the same file content prints the
+n-th value (the last one repeats), so repeated baselines and confirm runs see realistic noise.
+"""
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+VAL_BPB = [1.0]
+MODE = "ok"  # ok | crash | nan | oom | nosummary | hang | spawn (hang with a child process)
+SLEEP = 0.0  # seconds of "training" before the summary
+PEAK_VRAM_MB = 1024.0
+
+here = pathlib.Path(__file__).resolve()
+counter = here.parent / ".nightlab" / ("stub-" + hashlib.sha1(here.read_bytes()).hexdigest()[:12])
+counter.parent.mkdir(exist_ok=True)
+seen = int(counter.read_text()) if counter.exists() else 0
+counter.write_text(str(seen + 1))
+value = VAL_BPB[min(seen, len(VAL_BPB) - 1)]
+
+print(f"step 00001 | loss 4.2 | cuda={os.environ.get('CUDA_VISIBLE_DEVICES')!r}", flush=True)
+if MODE in ("hang", "spawn"):
+    if MODE == "spawn":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(f"child {child.pid}", flush=True)
+    while True:
+        time.sleep(0.05)
+time.sleep(SLEEP)
+if MODE == "crash":
+    print("Traceback (most recent call last):\nRuntimeError: boom", flush=True)
+    sys.exit(3)
+if MODE == "oom":
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
+    sys.exit(1)
+if MODE == "nosummary":
+    sys.exit(0)
+print("---")
+print(f"val_bpb:          {'nan' if MODE == 'nan' else f'{value:.6f}'}")
+print("training_seconds: 0.1")
+print(f"peak_vram_mb:     {PEAK_VRAM_MB:.1f}")
+print("mfu_percent:      1.00")
+print("depth:            2")

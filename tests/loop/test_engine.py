@@ -1,0 +1,369 @@
+"""Whole sessions with the stub trainer and the scripted proposer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from nightlab.loop import ledger, views
+from nightlab.loop.config import Settings
+from nightlab.loop.engine import run_engine
+from nightlab.loop.errors import UserError
+from nightlab.loop.executor import LocalExecutor, RunHandle
+from nightlab.loop.steering import send_command
+from nightlab.loop.store import Store
+
+from tests.fakes.loop_workspace import git_out, make_stub_workspace
+from tests.fakes.scripted_proposer import ScriptedProposer
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+
+
+def _statuses(store: Store) -> list[str]:
+    return [e.status for e in ledger.experiments(store)]
+
+
+def assert_consistent(settings: Settings) -> None:
+    """Ledger, exports and git agree; nothing recorded twice, nothing left in flight."""
+    repo = settings.workspace_path
+    store = Store.for_workspace(repo)
+    rows = ledger.experiments(store)
+    assert [e.number for e in rows] == list(range(1, len(rows) + 1))
+    assert ledger.running_runs(store) == []
+    finished = [e for e in store.events_after(0, limit=10_000) if e.kind == "experiment_finished"]
+    assert [e.payload["number"] for e in finished] == [e.number for e in rows]
+    tsv = (repo / "results.tsv").read_text().splitlines()[1:]
+    assert [line.split("\t")[3] for line in tsv] == [e.status for e in rows]
+    jsonl = [json.loads(x) for x in (repo / "autoresearch.jsonl").read_text().splitlines()[1:]]
+    assert [(j["run"], j["status"], j["metric"]) for j in jsonl] == [(e.number, e.status, e.metric) for e in rows]
+    keeps = [e for e in rows if e.status == "keep"]
+    assert git_out(repo, "rev-parse", "HEAD") == keeps[-1].commit
+    assert git_out(repo, "status", "--porcelain") == ""
+    for e in rows:
+        if e.kind == "proposal" and e.commit != ledger.get_candidate(store, e.number).base_commit:
+            assert git_out(repo, "rev-parse", f"refs/nightlab/exp/{e.number}") == e.commit
+
+
+class EngineThread:
+    """The engine in a thread of this process, stoppable like the daemon stops it."""
+
+    def __init__(self, settings: Settings, proposer: ScriptedProposer, limit: int | None = None) -> None:
+        self.stop = threading.Event()
+        self.result: list[Any] = []
+        self.store = Store.for_workspace(settings.workspace_path)
+
+        def target() -> None:
+            try:
+                self.result.append(run_engine(settings, limit, self.stop, proposer=proposer))
+            except BaseException as exc:  # noqa: BLE001 -- surfaced by join()
+                self.result.append(exc)
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if not self.thread.is_alive():
+                raise AssertionError(f"engine ended: {self.result}")
+            time.sleep(0.02)
+        raise AssertionError("timed out waiting")
+
+    def running(self, number: int) -> ledger.RunRecord:
+        def find() -> ledger.RunRecord | None:
+            runs = ledger.running_runs(self.store)
+            ok = runs and ledger.get_candidate(self.store, runs[-1].candidate_id).number == number
+            return runs[-1] if ok else None
+
+        return self.wait_for(find)
+
+    def join(self, stop: bool = False) -> Any:
+        if stop:
+            self.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+        if isinstance(self.result[0], BaseException):
+            raise self.result[0]
+        return self.result[0]
+
+
+def test_a_session_keeps_discards_crashes_rejects(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    proposer = ScriptedProposer([
+        {"set": {"VAL_BPB": [0.9]}},
+        {"set": {"VAL_BPB": [0.95]}},
+        {"set": {"MODE": "crash"}},
+        {"write": {"prepare.py": "harness edited"}},
+        {"noop": True},
+        {"raise": "the agent timed out"},
+        {"set": {"VAL_BPB": [0.8]}},
+    ])
+    assert run_engine(settings, 8, proposer=proposer) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    rows = ledger.experiments(store)
+    assert _statuses(store) == ["keep", "keep", "discard", "crash", "crash", "discard", "crash", "keep"]
+    assert [e.kind for e in rows][:2] == ["baseline", "proposal"]
+    assert rows[3].reason == "exit code 3"
+    assert rows[4].reason.startswith("rejected: changed files outside project.editable: prepare.py")
+    assert rows[5].reason == "the proposal changed nothing" and rows[6].reason == "proposer failed: the agent timed out"
+    assert rows[7].best == 0.8 and rows[7].lines_added == 1 and rows[7].lines_removed == 1
+    assert (settings.workspace_path / "prepare.py").read_text().startswith("# the fixed harness")
+    assert [c.consecutive_failures for c in proposer.contexts] == [0, 0, 1, 2, 3, 4, 5]
+    assert store.get("engine.finished") is True
+    started = [e.payload for e in store.events_after(0) if e.kind == "experiment_started"]
+    assert [p["number"] for p in started] == [1, 2, 3, 4, 8] and started[0]["kind"] == "baseline"
+    finished = [e.payload for e in store.events_after(0) if e.kind == "experiment_finished"]
+    assert finished[1]["new_best"] and finished[1]["delta"] == pytest.approx(-0.1)
+    assert finished[3]["log_tail"].endswith("RuntimeError: boom") and finished[2]["log_tail"] == ""
+    assert finished[7]["peak_vram_mb"] == 1024.0 and finished[7]["slot"] == "cpu0"
+    assert_consistent(settings)
+    assert "best val_bpb: 0.800000 (#8" in views.status_text(settings.workspace_path)
+    assert views.status_line(settings.workspace_path) == "idle · best 0.800000"
+    report = views.report_markdown(settings.workspace_path)
+    assert "| 2 |" in report and "#4 crash: step 2: MODE=crash — exit code 3" in report
+
+
+@pytest.mark.parametrize(
+    ("step", "reason"),
+    [
+        ({"MODE": "nan"}, "val_bpb is nan"),
+        ({"MODE": "oom"}, "OOM (exit code 1): torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ({"MODE": "nosummary"}, "no val_bpb in the log"),
+    ],
+)
+def test_runs_without_a_usable_metric_are_crashes(tmp_path: Path, step: dict[str, Any], reason: str) -> None:
+    settings = make_stub_workspace(tmp_path)
+    run_engine(settings, 2, proposer=ScriptedProposer([{"set": step}]))
+    exp = ledger.experiments(Store.for_workspace(settings.workspace_path))[-1]
+    assert (exp.status, exp.reason, exp.metric) == ("crash", reason, None)
+    assert_consistent(settings)
+
+
+def test_small_gains_are_confirmed_before_they_are_kept(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path, loop={"baseline_runs": 3})
+    (settings.workspace_path / "train.py").chmod(0o644)
+    proposer = ScriptedProposer([
+        {"set": {"VAL_BPB": [0.99, 0.985]}},  # within noise, holds up when re-run -> keep
+        {"set": {"VAL_BPB": [0.984, 1.5]}},  # within the (now smaller) noise, a fluke -> not confirmed
+        {"set": {"VAL_BPB": [0.5]}},  # far beyond noise -> kept at once
+    ])
+    # three baselines of the same file: the stub prints 1.0, 1.01, 0.99 (noise ~0.015)
+    train = settings.workspace_path / "train.py"
+    train.write_text(train.read_text().replace("VAL_BPB = [1.0]", "VAL_BPB = [1.0, 1.01, 0.99]"))
+    git_out(settings.workspace_path, "commit", "-qam", "noisy baseline")
+    run_engine(settings, 8, proposer=proposer)
+    store = Store.for_workspace(settings.workspace_path)
+    rows = ledger.experiments(store)
+    assert [(e.kind, e.status) for e in rows] == [
+        ("baseline", "keep"), ("baseline", "keep"), ("baseline", "keep"),
+        ("proposal", "discard"), ("confirm", "keep"),
+        ("proposal", "discard"), ("confirm", "discard"),
+        ("proposal", "keep"),
+    ]
+    assert rows[2].best == pytest.approx(1.0)  # the mean of the baselines
+    assert rows[3].reason.startswith("gain 0.010000 < 2 x noise") and rows[4].confirm_of == 4
+    assert rows[4].commit == rows[3].commit and rows[4].best == pytest.approx(0.9875)
+    assert rows[6].reason.startswith("not confirmed") and rows[6].best == pytest.approx(0.9875)
+    assert rows[7].confidence is not None and rows[7].confidence > 2
+    assert [c.consecutive_failures for c in proposer.contexts] == [0, 0, 1]  # a confirmed result is no failure
+    assert_consistent(settings)
+
+
+def test_failing_checks_reset_the_commit(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path, project={"checks_command": "echo lint error; exit 4"})
+    run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.5]}}]))
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert rows[0].status == "checks_failed" and rows[0].kind == "baseline"  # the baseline is checked too
+    assert rows[1].status == "checks_failed" and rows[1].reason == "checks failed (exit 4): lint error"
+    assert git_out(settings.workspace_path, "rev-parse", "HEAD") == rows[0].commit
+
+
+def test_the_loop_pauses_itself_after_repeated_failures(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path, loop={"pause_after_failures": 3, "checkpoint_interval": 0.05})
+    proposer = ScriptedProposer([{"set": {"MODE": "crash"}}])
+    engine = EngineThread(settings, proposer)
+    engine.wait_for(lambda: ledger.paused(engine.store))
+    time.sleep(0.3)  # paused: no new experiment starts
+    assert _statuses(engine.store) == ["keep", "crash", "crash", "crash"]
+    self_paused = next(e.payload for e in engine.store.events_after(0) if e.kind == "self_paused")
+    assert self_paused["reason"].startswith("3 failed experiments in a row")
+    assert "paused by nightlab" in views.status_text(settings.workspace_path)
+    send_command(settings.workspace_path, "resume", "cli:test")  # the count starts again after a resume
+    engine.wait_for(lambda: len(_statuses(engine.store)) == 7)
+    engine.join(stop=True)
+    assert [c.consecutive_failures for c in proposer.contexts[:6]] == [0, 1, 2, 0, 1, 2]
+
+
+def test_steering_while_runs_are_in_flight(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    ws = settings.workspace_path
+    proposer = ScriptedProposer([
+        {"set": {"MODE": "hang"}},  # #2 killed by the user
+        {"set": {"VAL_BPB": [0.9], "SLEEP": 0.5}},  # #3 pause after it
+        {"set": {"MODE": "spawn"}},  # #4 stopped by the heartbeat's timeout, child and all
+        {"set": {"MODE": "hang"}, "area": "arch"},  # #5 pause now
+        {"set": {"VAL_BPB": [0.8]}},  # #6 after resume
+    ])
+    engine = EngineThread(settings, proposer, limit=6)
+    engine.running(2)
+    assert send_command(ws, "focus lr", "telegram:7") == "focusing on lr from the next proposal"
+    assert send_command(ws, "note try a smaller lr", "telegram:7") == "note queued: it goes into the next proposal"
+    assert send_command(ws, "kill 2", "telegram:7") == "killing #2 within ~2 s; it will be recorded as discarded"
+    engine.running(3)
+    assert proposer.contexts[1].focus == "lr" and proposer.contexts[1].notes == ("try a smaller lr",)
+    assert send_command(ws, "/pause", "slack:U1").startswith("pausing after #3 finishes")
+    engine.wait_for(lambda: ledger.paused(engine.store) and len(_statuses(engine.store)) == 3)
+    time.sleep(0.3)
+    assert len(_statuses(engine.store)) == 3 and not ledger.open_candidates(engine.store)
+    send_command(ws, "resume", "slack:U1")
+    run = engine.running(4)
+    child = int(engine.wait_for(lambda: "child " in Path(run.log_path).read_text() and Path(run.log_path).read_text()).split("child ")[1].split()[0])
+    assert ledger.mark_kill(engine.store, run.id, "timeout after 0m01s")  # what the heartbeat does
+    LocalExecutor().cancel(RunHandle.from_json(run.handle), grace_s=2)
+    engine.running(5)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert send_command(ws, "pause now", "cli:me") == "cancelling #5 and pausing within ~2 s"
+    engine.wait_for(lambda: len(_statuses(engine.store)) == 5 and ledger.paused(engine.store))
+    send_command(ws, "focus off", "cli:me")
+    send_command(ws, "resume", "cli:me")
+    assert engine.join() == 0
+    rows = ledger.experiments(engine.store)
+    assert [(e.status, e.reason) for e in rows[1:5]] == [
+        ("discard", "killed by telegram:7"),
+        ("keep", "better by 0.100000"),
+        ("crash", "timeout after 0m01s"),
+        ("discard", "killed by cli:me (pause now)"),
+    ]
+    assert rows[5].status == "keep" and proposer.contexts[-1].focus is None
+    assert proposer.contexts[2].notes == ()  # a note is delivered once
+    kinds = [e.kind for e in engine.store.events_after(0)]
+    for kind in ("focus_changed", "note_added", "paused", "resumed", "command_done"):
+        assert kind in kinds
+    paused = [e.payload for e in engine.store.events_after(0) if e.kind == "paused"]
+    assert paused[0]["after"] == 3 and paused[1]["after"] is None
+    assert all(c.status == "done" for c in map(engine.store.command, range(1, 10)) if c)
+    assert_consistent(settings)
+
+
+def test_bad_commands_get_clear_errors(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    run_engine(settings, 1, proposer=ScriptedProposer([{"noop": True}]))  # the engine publishes its areas
+    ws = settings.workspace_path
+    for text, message in (
+        ("", "empty command"),
+        ("dance", "unknown command 'dance'"),
+        ("focus", "focus needs an area or 'off'"),
+        ("focus attention", "unknown area 'attention'; areas: lr, arch, off"),
+        ("note", "note needs some text"),
+        ("pause later", "pause takes nothing or 'now'"),
+        ("kill abc", "kill takes an experiment number"),
+        ("kill", "nothing is running"),
+        ("resume now", "resume takes no arguments"),
+    ):
+        with pytest.raises(UserError, match=message):
+            send_command(ws, text, "cli:t")
+    with pytest.raises(UserError, match="not a nightlab workspace"):
+        send_command(tmp_path / "nowhere", "pause", "cli:t")
+    assert "pausing" in send_command(ws, "pause", "cli:t") and "not running right now" in send_command(ws, "pause", "cli:t")
+    assert send_command(ws, "status", "cli:t").startswith("nightlab · autoresearch/test")
+    assert "pause [now]" in send_command(ws, "help", "cli:t")
+
+
+def test_restart_reattaches_to_a_live_run_and_reads_a_finished_one(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9], "SLEEP": 1.0}}, {"set": {"VAL_BPB": [0.8], "SLEEP": 0.5}}])
+    first = EngineThread(settings, proposer, limit=3)
+    run = first.running(2)
+    first.join(stop=True)  # the daemon stops; the run goes on
+    handle = RunHandle.from_json(run.handle)
+    assert LocalExecutor().poll([handle])[handle.key].state == "running"
+    second = EngineThread(settings, proposer, limit=3)  # re-attaches to the live #2
+    run3 = second.running(3)
+    second.join(stop=True)
+    h3 = RunHandle.from_json(run3.handle)
+    deadline = time.monotonic() + 20
+    while LocalExecutor().poll([h3])[h3.key].state == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)  # #3 ends while no engine runs: its log and exit file decide
+    assert run_engine(settings, 3, proposer=proposer) == 0
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert [(e.number, e.status, e.metric) for e in rows] == [(1, "keep", 1.0), (2, "keep", 0.9), (3, "keep", 0.8)]
+    assert_consistent(settings)
+
+
+def test_a_second_engine_is_refused_and_a_dirty_tree_is_explained_or_refused(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    proposer = ScriptedProposer([{"set": {"MODE": "hang"}}])
+    engine = EngineThread(settings, proposer)
+    engine.running(2)
+    with pytest.raises(UserError, match=r"another nightlab engine \(pid \d+\) is running"):
+        run_engine(settings, 1, proposer=proposer)
+    send_command(settings.workspace_path, "pause now", "cli:t")
+    engine.wait_for(lambda: len(_statuses(engine.store)) == 2)
+    engine.join(stop=True)
+    (settings.workspace_path / "train.py").write_text("# edited by hand\n")
+    with pytest.raises(UserError, match="has changes nightlab did not make: train.py"):
+        run_engine(settings, 3, proposer=proposer)
+
+
+KILL_POINTS = [("proposed", 2), ("launched", 2), ("running", 2), ("finished", 2), ("recorded", 2),
+               ("finished", 3), ("running", 4)]
+
+
+@pytest.mark.parametrize(("point", "number"), KILL_POINTS)
+def test_kill_9_anywhere_loses_nothing_and_records_nothing_twice(tmp_path: Path, point: str, number: int) -> None:
+    settings = make_stub_workspace(tmp_path)
+    steps = [
+        {"set": {"VAL_BPB": [0.9], "SLEEP": 0.3}},  # #2 keep
+        {"set": {"VAL_BPB": [0.95]}},  # #3 discard
+        {"set": {"MODE": "crash", "SLEEP": 0.3}},  # #4 crash
+        {"set": {"VAL_BPB": [0.85]}},  # #5 keep
+    ]
+    script = tmp_path / "steps.json"
+    script.write_text(json.dumps(steps))
+    cmd = [sys.executable, str(FAKES / "engine_main.py"), str(settings.workspace_path), str(script), "5"]
+    killed = subprocess.run([*cmd, point, str(number)], check=False, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    store = Store.for_workspace(settings.workspace_path)
+    assert ledger.last_number(store) < 5
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = ledger.experiments(store)
+    assert [(e.number, e.status, e.metric) for e in rows] == [
+        (1, "keep", 1.0), (2, "keep", 0.9), (3, "discard", 0.95), (4, "crash", None), (5, "keep", 0.85)]
+    starts = [e.payload["number"] for e in store.events_after(0) if e.kind == "experiment_started"]
+    assert starts == [1, 2, 3, 4, 5]
+    assert_consistent(settings)
+    # every stub run left its counter file: each commit ran exactly once (a re-attach, never a re-run)
+    counters = [int(p.read_text()) for p in (settings.workspace_path / ".nightlab").glob("stub-*")]
+    assert sorted(counters) == [1, 1, 1, 1, 1]
+
+
+def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    config = tmp_path / "nightlab.toml"
+    config.write_text(
+        f'[workspace]\npath = "{settings.workspace_path}"\n[project]\nrun_command = "{sys.executable} train.py"\n'
+        '[proposer]\nkind = "agent"\n[proposer.agent]\ncommand = "true"\n'
+    )
+    bad = subprocess.run([sys.executable, "-m", "nightlab.loop.engine", "--config", str(tmp_path / "missing.toml")],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no such file" in bad.stderr and "Traceback" not in bad.stderr
+    ok = subprocess.run([sys.executable, "-m", "nightlab.loop.engine", "--config", str(config), "--max-experiments", "1"],
+                        check=False, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(FAKES.parents[1])})
+    if "No module named 'nightlab.loop.proposers.agent'" in ok.stderr:
+        pytest.skip("the agent proposer is not written yet")
+    assert ok.returncode == 0, ok.stderr
+    assert Store.for_workspace(settings.workspace_path).get("engine.finished") is True

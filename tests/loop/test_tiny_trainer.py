@@ -1,0 +1,37 @@
+"""One short session with the real built-in trainer (tiny CPU profile, offline stdlib data)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from nightlab.loop import ledger
+from nightlab.loop.config import settings_from_table
+from nightlab.loop.engine import run_engine
+from nightlab.loop.store import Store
+from nightlab.loop.workspace import init_workspace
+
+from tests.fakes.loop_workspace import git_out
+from tests.fakes.scripted_proposer import ScriptedProposer
+
+TRAINER = Path(__file__).resolve().parents[2] / "trainer"
+
+
+def test_baseline_with_the_real_tiny_trainer(tmp_path: Path) -> None:
+    if not all((TRAINER / name).exists() for name in ("train.py", "prepare.py", "profiles.py")):
+        pytest.skip("the built-in trainer (trainer/train.py, prepare.py, profiles.py) is not there yet")
+    settings = settings_from_table({
+        "workspace": {"path": str(tmp_path / "ws"), "tag": "tiny"},
+        "data": {"source": "stdlib", "cache_dir": str(tmp_path / "cache")},
+        "trainer": {"profile": "tiny"},
+    })
+    ws = init_workspace(settings.workspace_path, "tiny", settings, say=lambda _: None)
+    # Shorter than the tiny profile (15 s budget, 16K eval tokens): this test proves the plumbing.
+    ws.store.set("workspace.harness_env", {**ws.harness_env, "NIGHTLAB_TIME_BUDGET": "2", "NIGHTLAB_EVAL_TOKENS": "2048"})
+    assert run_engine(settings, 1, proposer=ScriptedProposer([{"noop": True}])) == 0
+    (exp,) = ledger.experiments(Store.for_workspace(ws.path))
+    assert exp.status == "keep", exp.reason
+    assert exp.metric is not None and math.isfinite(exp.metric) and exp.metrics["depth"] == 2
+    assert (ws.path / "results.tsv").read_text().splitlines()[1].split("\t")[3] == "keep"
+    assert git_out(ws.path, "status", "--porcelain") == ""

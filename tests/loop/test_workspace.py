@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from nightlab.loop.errors import UserError
+from nightlab.loop.workspace import (
+    default_tag,
+    init_workspace,
+    open_workspace,
+    protected_mismatches,
+)
+
+from tests.fakes.loop_workspace import git_out, make_stub_workspace, stub_settings
+
+
+def test_adopts_a_users_repository(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    repo = settings.workspace_path
+    ws = open_workspace(repo, settings)
+    assert ws.branch == "autoresearch/test" and git_out(repo, "branch", "--show-current") == ws.branch
+    assert ws.profile == "custom" and ws.editable == ("train.py",) and ws.protected == ("prepare.py",)
+    assert "program.md" in git_out(repo, "ls-files")  # the directives are versioned with the code
+    assert not os.stat(repo / "prepare.py").st_mode & stat.S_IWUSR
+    assert git_out(repo, "status", "--porcelain") == ""  # .nightlab/ is excluded, not committed
+    assert ".nightlab" not in git_out(repo, "ls-files")
+    assert protected_mismatches(ws) == []
+    (repo / "prepare.py").chmod(0o644)
+    (repo / "prepare.py").write_text("tampered")
+    assert protected_mismatches(ws) == ["prepare.py"]
+
+
+def test_init_is_idempotent(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    head = git_out(settings.workspace_path, "rev-parse", "HEAD")
+    again = init_workspace(settings.workspace_path, "other", settings, say=lambda _: None)
+    assert again.branch == "autoresearch/test" and git_out(settings.workspace_path, "rev-parse", "HEAD") == head
+
+
+def test_refuses_a_dirty_tree_naming_the_files(tmp_path: Path) -> None:
+    repo = tmp_path / "ws"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "train.py").write_text("x = 1\n")
+    (repo / "prepare.py").write_text("")
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "i"], check=True)
+    (repo / "train.py").write_text("x = 2\n")
+    (repo / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"changes nightlab did not make: notes.txt, train.py; commit them"):
+        init_workspace(repo, "t", stub_settings(repo), say=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: (p.mkdir(), (p / "x").write_text("x")), "is not empty and is not a git repository"),
+        (lambda p: p.write_text("x"), "is a file"),
+    ],
+)
+def test_bad_paths_are_clear_errors(tmp_path: Path, setup, message: str) -> None:
+    path = tmp_path / "ws"
+    setup(path)
+    with pytest.raises(UserError, match=message):
+        init_workspace(path, "t", stub_settings(path), say=lambda _: None)
+
+
+def test_missing_project_files_and_bad_tag(tmp_path: Path) -> None:
+    path = tmp_path / "ws"
+    settings = stub_settings(path, project={"editable": ["model.py"]})
+    with pytest.raises(UserError, match="do not exist: model.py, prepare.py"):
+        init_workspace(path, "t", settings, say=lambda _: None)
+    with pytest.raises(UserError, match="valid branch name"):
+        init_workspace(tmp_path / "other", "a..b", stub_settings(tmp_path / "other"), say=lambda _: None)
+    with pytest.raises(UserError, match="run `nightlab init"):
+        open_workspace(tmp_path / "nowhere", settings)
+
+
+def test_default_tag_is_the_date() -> None:
+    assert default_tag(datetime.date(2025, 11, 23)) == "nov23"
+
+
+def test_builtin_trainer_gets_the_profile(tmp_path: Path) -> None:
+    pytest.importorskip("nightlab.trainer.profiles")
+    trainer = Path(__import__("nightlab.trainer", fromlist=["x"]).__path__[0])
+    if not (trainer / "train.py").exists():
+        pytest.skip("trainer/train.py is not there yet")
+    from nightlab.loop.config import settings_from_table
+
+    path = tmp_path / "ws"
+    settings = settings_from_table({"workspace": {"path": str(path)}, "trainer": {"profile": "auto"}})
+    said: list[str] = []
+    ws = init_workspace(path, "", settings, say=said.append)
+    assert ws.branch == "autoresearch/" + default_tag()
+    if ws.profile == "tiny":  # no GPU here: auto says why it chose tiny
+        assert any("no GPU visible" in s for s in said)
+        assert "DEPTH = 2" in (path / "train.py").read_text()
+        assert ws.harness_env["NIGHTLAB_TIME_BUDGET"] == "15"
+    assert git_out(path, "status", "--porcelain") == ""
+    assert set(git_out(path, "ls-files").split()) == {"train.py", "prepare.py", "program.md"}
