@@ -1,0 +1,120 @@
+"""What the owner reads: an event from the store becomes a channel-neutral message.
+
+One digest per finished experiment (payload keys in ARCHITECTURE.md's events table) and a short
+line for the loop's other events. Pure functions of the event: the outbox calls them inside the
+transaction that advances its cursor, so they must never raise on an odd payload.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nightlab.bot.format import (
+    Outgoing,
+    Photo,
+    Span,
+    bold,
+    italic,
+    plain,
+    pre,
+    text_message,
+)
+from nightlab.loop.config import DigestSettings
+from nightlab.loop.store import Event
+
+MARKS = {"keep": "✅", "discard": "❌", "crash": "💥", "checks_failed": "⚠️"}
+
+
+def wanted(event: Event, settings: DigestSettings) -> bool:
+    """Whether the digest mode sends this event at all (hourly mode sends every one, batched)."""
+    if event.kind != "experiment_finished" or settings.mode != "keeps_and_crashes":
+        return True
+    return event.payload.get("status") in ("keep", "crash") or bool(event.payload.get("new_best"))
+
+
+def describe(event: Event, settings: DigestSettings) -> list[Outgoing]:
+    p = event.payload
+    try:
+        if event.kind == "experiment_finished":
+            return [experiment_digest(p, settings.log_tail_lines)]
+        if event.kind == "report":
+            out: list[Outgoing] = [text_message(bold("📋 report"), plain("\n" + str(p.get("markdown", ""))))]
+            chart = p.get("chart_path")
+            if chart and Path(chart).is_file():
+                out.append(Photo(Path(chart), "progress"))
+            return out
+        line = _short_line(event.kind, p)
+        return [text_message(plain(line))] if line else []
+    except Exception as exc:  # noqa: BLE001 - a payload we cannot read must not stall the outbox
+        return [text_message(plain(f"event {event.kind} #{event.id} (unreadable payload: {exc})"))]
+
+
+def _short_line(kind: str, p: dict[str, Any]) -> str | None:
+    by = f" by {p['by']}" if p.get("by") else ""
+    if kind == "paused":
+        after = f" after #{p['after']} finishes" if p.get("after") is not None else ""
+        return f"⏸ paused{by}{after}" + (f": {p['reason']}" if p.get("reason") else "")
+    if kind == "resumed":
+        return f"▶️ resumed{by}"
+    if kind == "focus_changed":
+        return f"🎯 focus → {p.get('focus') or 'off'}{by}"
+    if kind == "note_added":
+        return f"📝 note{by}: {p.get('text', '')}"
+    if kind == "self_paused":
+        return f"⏸ the loop paused itself: {p.get('reason', '')}"
+    if kind == "engine_restarted":
+        return f"🔁 engine restarted ({p.get('restarts_last_hour', '?')} in the last hour): {p.get('reason', '')}"
+    if kind == "alert":
+        return f"🚨 {p.get('text', '')}"
+    if kind == "command_done":
+        return f"↳ {p.get('name', '?')} from {p.get('sender', '?')}: {p.get('result', '')}"
+    return None  # experiment_started and unknown kinds: nothing to say
+
+
+def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
+    status = str(p.get("status", "?"))
+    name = p.get("metric_name") or "val_bpb"
+    head = f"{'🏆' if p.get('new_best') else MARKS.get(status, '•')} #{p.get('number', '?')} {status}"
+    metric = p.get("metric")
+    figure = f"{name} {_num(metric)}" if metric is not None else f"{name} —"
+    if p.get("delta") is not None:
+        figure += f" (Δ {float(p['delta']):+.4f}"
+        figure += f" vs {_num(p['previous_best'])})" if p.get("previous_best") is not None else ")"
+    spans: list[Span] = [bold(f"{head} · {figure}")]
+    if p.get("new_best"):
+        spans.append(bold("  NEW BEST"))
+    if p.get("description"):
+        spans.append(plain(f"\n{p['description']}"))
+    if p.get("hypothesis"):
+        spans.append(italic(f"\n{p['hypothesis']}"))
+    facts = [
+        f"⏱ {_duration(p['duration_s'])}" if p.get("duration_s") is not None else "",
+        f"VRAM {float(p['peak_vram_mb']) / 1024:.1f} GB" if p.get("peak_vram_mb") else "",
+        f"MFU {float(p['mfu_percent']):.1f}%" if p.get("mfu_percent") is not None else "",
+        f"confidence {_num(p['confidence'], 2)}" if p.get("confidence") is not None else "",
+        f"focus {p['focus']}" if p.get("focus") else "",
+        f"{p['slot']}" if p.get("slot") not in (None, "") else "",
+        f"best {_num(p['best'])}" if p.get("best") is not None and not p.get("new_best") else "",
+    ]
+    if any(facts):
+        spans.append(plain("\n" + " · ".join(f for f in facts if f)))
+    if p.get("reason"):
+        spans.append(plain(f"\nreason: {p['reason']}"))
+    tail = str(p.get("log_tail") or "").rstrip()
+    if status == "crash" and tail:
+        lines = tail.splitlines()[-log_tail_lines:]
+        spans.append(pre("\n" + "\n".join(lines)))
+    return text_message(*spans)
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _duration(seconds: Any) -> str:
+    s = int(float(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

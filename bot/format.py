@@ -1,0 +1,170 @@
+"""The one formatter: a channel-neutral message (styled spans) rendered per channel and split.
+
+Content is written once (digest.py, router.py) as `Span`s; each channel picks a `Flavour`
+(Telegram HTML, Slack mrkdwn, plain console text) that escapes, marks up and splits it. Splitting
+works on spans, so every chunk is well-formed markup on its own: a <pre> block cut in two is
+closed at the end of one chunk and opened again at the start of the next.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Style = Literal["plain", "bold", "italic", "pre"]
+
+
+@dataclass(frozen=True)
+class Span:
+    text: str
+    style: Style = "plain"
+
+
+def plain(text: str) -> Span:
+    return Span(text)
+
+
+def bold(text: str) -> Span:
+    return Span(text, "bold")
+
+
+def italic(text: str) -> Span:
+    return Span(text, "italic")
+
+
+def pre(text: str) -> Span:
+    return Span(text, "pre")
+
+
+@dataclass(frozen=True)
+class Text:
+    """A message to send: spans plus a one-line plain title (what an outage summary lists)."""
+
+    spans: tuple[Span, ...]
+    title: str
+
+
+@dataclass(frozen=True)
+class Photo:
+    path: Path
+    caption: str  # plain text; adapters send captions without markup
+
+
+Outgoing = Text | Photo
+
+
+def text_message(*spans: Span) -> Text:
+    first_line = "".join(s.text for s in spans).strip().split("\n", 1)[0]
+    return Text(tuple(spans), first_line[:200])
+
+
+def utf16_len(s: str) -> int:
+    # Telegram counts message length in UTF-16 code units (an emoji is 2); so do we, for both.
+    return len(s.encode("utf-16-le")) // 2
+
+
+@dataclass(frozen=True)
+class Flavour:
+    name: str
+    limit: int  # the most characters one message may have
+    escape: Callable[[str], str]
+    marks: dict[str, tuple[str, str]]  # style -> (open, close)
+    markup_counts: bool = True  # False: the limit applies to the text once markup is parsed (Telegram)
+
+    def render(self, spans: Sequence[Span]) -> list[str]:
+        """Render and split into messages within `limit`, at line ends when possible."""
+        out: list[str] = []
+        chunk, size = "", 0
+        for span in spans:
+            start, end = self.marks.get(span.style, ("", ""))
+            overhead = utf16_len(start + end) if self.markup_counts else 0
+            body, body_size = "", 0
+            for piece, cost in self._pieces(span.text, self.limit - overhead):
+                if size + overhead + body_size + cost > self.limit:
+                    if body:
+                        chunk += start + body + end
+                    if chunk.strip():
+                        out.append(chunk)
+                    chunk, size, body, body_size = "", 0, "", 0
+                body += piece
+                body_size += cost
+            if body:
+                chunk += start + body + end
+                size += overhead + body_size
+        if chunk.strip():
+            out.append(chunk)
+        return out
+
+    def _cost(self, raw: str) -> int:
+        return utf16_len(self.escape(raw) if self.markup_counts else raw)
+
+    def _pieces(self, text: str, room: int) -> Iterator[tuple[str, int]]:
+        """(escaped piece, cost): whole lines, and lines too long for one message cut by characters."""
+        for line in text.splitlines(keepends=True):
+            cost = self._cost(line)
+            if cost <= room:
+                yield self.escape(line), cost
+                continue
+            piece, piece_cost = "", 0
+            for ch in line:  # escaped per character so an entity is never cut in half
+                c = self._cost(ch)
+                if piece_cost + c > room:
+                    yield piece, piece_cost
+                    piece, piece_cost = "", 0
+                piece += self.escape(ch)
+                piece_cost += c
+            if piece:
+                yield piece, piece_cost
+
+    def pack(self, bodies: Sequence[str], sep: str = "\n\n") -> list[str]:
+        """Join rendered messages into as few messages as fit, never cutting one in two."""
+        out: list[str] = []
+        current = ""
+        for body in bodies:
+            joined = f"{current}{sep}{body}" if current else body
+            if current and utf16_len(joined) > self.limit:
+                out.append(current)
+                joined = body
+            current = joined
+        if current:
+            out.append(current)
+        return out
+
+    def render_summary(self, head: str, lines: Sequence[str]) -> str:
+        """One message: `head`, then a bullet per line, ending '… and N more' at the limit."""
+        text = self.escape(head)
+        for i, line in enumerate(lines):
+            item = self.escape(f"• {line}\n")
+            more = self.escape(f"… and {len(lines) - i} more\n")
+            if utf16_len(text + item + more) > self.limit:
+                return text + more
+            text += item
+        return text
+
+
+def _slack_escape(s: str) -> str:
+    # Slack's mrkdwn reserves exactly these three characters.
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+TELEGRAM_HTML = Flavour(
+    name="telegram-html",
+    limit=4096,
+    escape=lambda s: html.escape(s, quote=False),
+    marks={"bold": ("<b>", "</b>"), "italic": ("<i>", "</i>"), "pre": ("<pre>", "</pre>")},
+    markup_counts=False,  # "1-4096 characters after entities parsing"
+)
+
+# A section block's text may hold 3000 characters; a message's `text` far more. 3000 keeps a
+# chunk valid whether Slack shows it as text or we ever wrap it in a block.
+SLACK_MRKDWN = Flavour(
+    name="slack-mrkdwn",
+    limit=3000,
+    escape=_slack_escape,
+    marks={"bold": ("*", "*"), "italic": ("_", "_"), "pre": ("```\n", "```")},
+)
+
+PLAIN = Flavour(name="plain", limit=1_000_000, escape=lambda s: s, marks={})

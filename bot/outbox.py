@@ -1,0 +1,261 @@
+"""The outbox: every message the bot will send, durable in the state store, delivered in order.
+
+Filling: events are read after a per-channel cursor (`kv['bot.cursor.<channel>']`), rendered and
+split for that channel, and inserted as one row per message and destination in the SAME
+transaction that moves the cursor, so a crash at any point neither loses nor repeats a message.
+Replies to commands are inserted directly.
+
+Delivery: per destination, strictly oldest first. A failure blocks that destination only (order
+is kept) and is retried with exponential backoff, or when the platform said (Telegram 429
+retry_after, Slack Retry-After). After a long outage a destination with more than `fold_limit`
+waiting messages gets the oldest folded into one summary that says so; the newest few still go
+out in full. In hourly digest mode experiment digests wait as 'batched' rows and go out as one
+message per hour. The engine never waits on any of this: it only writes events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nightlab.bot import digest
+from nightlab.bot.channel import Channel, DeliveryError
+from nightlab.bot.format import Outgoing, Photo
+from nightlab.loop.config import DigestSettings
+from nightlab.loop.store import Store
+
+log = logging.getLogger("nightlab.bot")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,   -- delivery order
+    channel         TEXT NOT NULL,
+    destination     TEXT NOT NULL,
+    kind            TEXT NOT NULL,                       -- text | photo
+    body            TEXT NOT NULL,                       -- rendered text, or JSON {path, caption}
+    title           TEXT NOT NULL DEFAULT '',            -- plain one-liner for folded summaries
+    status          TEXT NOT NULL DEFAULT 'pending',     -- pending | batched | sent | folded | failed
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    created_at      REAL NOT NULL,
+    last_error      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS outbox_waiting ON outbox(channel, destination, id)
+    WHERE status IN ('pending', 'batched');
+"""
+
+
+@dataclass(frozen=True)
+class Tuning:
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 300.0
+    fold_limit: int = 30  # more waiting messages than this for one destination -> fold
+    fold_keep: int = 5  # the newest messages still delivered in full after a fold
+    batch_period_s: float = 3600.0  # hourly digest mode
+    events_per_fill: int = 200
+    keep_sent_s: float = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    channel: str
+    destination: str
+    kind: str
+    body: str
+    title: str
+    attempts: int
+    next_attempt_at: float
+    created_at: float
+
+
+class Outbox:
+    def __init__(
+        self,
+        store: Store,
+        channels: Sequence[Channel],
+        digest_settings: DigestSettings,
+        tuning: Tuning = Tuning(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.channels = {c.name: c for c in channels}
+        self.digest = digest_settings
+        self.tuning = tuning
+        self.clock = clock
+        store.connection().executescript(_SCHEMA)
+
+    # -- filling -----------------------------------------------------------------------------
+    def fill(self) -> int:
+        """Turn new events into rows for every channel; returns the number of events read."""
+        read = 0
+        for channel in self.channels.values():
+            key = f"bot.cursor.{channel.name}"
+            with self.store.transaction():
+                cursor = self.store.get(key)
+                if cursor is None:
+                    # First start on this workspace: begin with what happens from now on rather
+                    # than replaying a whole history into the chat.
+                    self.store.set(key, self.store.last_event_id())
+                    continue
+                events = self.store.events_after(cursor, self.tuning.events_per_fill)
+                for event in events:
+                    if not digest.wanted(event, self.digest):
+                        continue
+                    batched = self.digest.mode == "hourly" and event.kind == "experiment_finished"
+                    for destination in channel.destinations():
+                        self._insert(channel, destination, digest.describe(event, self.digest), batched)
+                if events:
+                    self.store.set(key, events[-1].id)
+                read += len(events)
+        return read
+
+    def enqueue(self, channel_name: str, destination: str, messages: Sequence[Outgoing]) -> None:
+        """Replies to a command, queued behind what that destination is already waiting for."""
+        with self.store.transaction():
+            self._insert(self.channels[channel_name], destination, messages, batched=False)
+
+    def _insert(self, channel: Channel, destination: str, messages: Sequence[Outgoing], batched: bool) -> None:
+        now = self.clock()
+        status = "batched" if batched else "pending"
+        db = self.store.connection()
+        for msg in messages:
+            if isinstance(msg, Photo):
+                rows = [("photo", json.dumps({"path": str(msg.path), "caption": msg.caption}), msg.caption)]
+            else:
+                rows = [("text", body, msg.title) for body in channel.flavour.render(msg.spans)]
+            for kind, body, title in rows:
+                db.execute(
+                    "INSERT INTO outbox(channel, destination, kind, body, title, status,"
+                    " next_attempt_at, created_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                    (channel.name, destination, kind, body, title, status, now, now),
+                )
+
+    # -- delivery ----------------------------------------------------------------------------
+    def waiting(self) -> list[Row]:
+        """Rows not yet delivered (pending and batched), oldest first."""
+        rows = self.store.connection().execute(
+            "SELECT * FROM outbox WHERE status IN ('pending', 'batched') ORDER BY id")
+        return [_row(r) for r in rows]
+
+    def destinations_waiting(self) -> list[tuple[str, str]]:
+        rows = self.store.connection().execute(
+            "SELECT DISTINCT channel, destination FROM outbox WHERE status IN ('pending', 'batched')"
+        )
+        return [(r["channel"], r["destination"]) for r in rows if r["channel"] in self.channels]
+
+    async def deliver(self, channel_name: str, destination: str) -> None:
+        """Send what is due for one destination, oldest first, until it is empty or must wait."""
+        channel = self.channels[channel_name]
+        self._release_batch(channel, destination)
+        self._fold(channel, destination)
+        while (row := self._head(channel_name, destination)) and row.next_attempt_at <= self.clock():
+            try:
+                if row.kind == "photo":
+                    photo = json.loads(row.body)
+                    path = Path(photo["path"])
+                    if not path.is_file():
+                        raise DeliveryError(f"chart {path} is gone", permanent=True)
+                    await channel.send_photo(destination, path, photo["caption"])
+                else:
+                    await channel.send_text(destination, row.body)
+            except DeliveryError as exc:
+                self._failed(row, exc)
+                if not exc.permanent:
+                    return  # keep the order: nothing behind it goes before it
+                continue  # a message that can never go out must not block the ones behind it
+            except Exception as exc:  # an adapter bug or an unexpected library error: retry
+                log.exception("%s delivery to %s raised", channel_name, destination)
+                self._failed(row, DeliveryError(repr(exc)))
+                return
+            self._set(row.id, status="sent", attempts=row.attempts + 1, last_error="")
+
+    def _head(self, channel: str, destination: str) -> Row | None:
+        r = self.store.connection().execute(
+            "SELECT * FROM outbox WHERE channel = ? AND destination = ? AND status = 'pending'"
+            " ORDER BY id LIMIT 1", (channel, destination),
+        ).fetchone()
+        return None if r is None else _row(r)
+
+    def _failed(self, row: Row, exc: DeliveryError) -> None:
+        attempts = row.attempts + 1
+        if exc.permanent:
+            log.error("dropping %s message #%d to %s: %s", row.channel, row.id, row.destination, exc)
+            self._set(row.id, status="failed", attempts=attempts, last_error=str(exc)[:500])
+            return
+        if exc.retry_after is not None:
+            delay = exc.retry_after  # the platform's word beats our guess
+        else:
+            delay = min(self.tuning.backoff_base_s * 2 ** row.attempts, self.tuning.backoff_max_s)
+        log.warning("%s delivery to %s failed (attempt %d, retry in %.1fs): %s",
+                    row.channel, row.destination, attempts, delay, exc)
+        self._set(row.id, attempts=attempts, next_attempt_at=self.clock() + delay,
+                  last_error=str(exc)[:500])
+
+    def _set(self, row_id: int, **fields: Any) -> None:
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self.store.transaction() as db:
+            db.execute(f"UPDATE outbox SET {assignments} WHERE id = ?", (*fields.values(), row_id))
+
+    def _fold(self, channel: Channel, destination: str) -> None:
+        """Past the limit, replace the oldest waiting messages by one summary in the first's place."""
+        with self.store.transaction() as db:
+            rows = [_row(r) for r in db.execute(
+                "SELECT * FROM outbox WHERE channel = ? AND destination = ? AND status = 'pending'"
+                " ORDER BY id", (channel.name, destination))]
+            if len(rows) <= self.tuning.fold_limit:
+                return
+            folded = rows[: len(rows) - self.tuning.fold_keep]
+            since = time.strftime("%H:%M", time.localtime(folded[0].created_at))
+            head = (f"📦 Delivery was interrupted since {since}; {len(folded)} messages are folded"
+                    f" into this summary (the newest {self.tuning.fold_keep} follow in full):\n")
+            body = channel.flavour.render_summary(head, [r.title or r.kind for r in folded])
+            db.execute(
+                "UPDATE outbox SET kind = 'text', body = ?, title = 'summary', attempts = 0 WHERE id = ?",
+                (body, folded[0].id),
+            )
+            db.executemany("UPDATE outbox SET status = 'folded' WHERE id = ?", [(r.id,) for r in folded[1:]])
+            log.warning("folded %d messages for %s:%s into a summary", len(folded), channel.name, destination)
+
+    def _release_batch(self, channel: Channel, destination: str) -> None:
+        """Hourly mode: once the oldest batched digest is a period old, send them all as one."""
+        due = self._next_batch_at(channel.name, destination)
+        if due is None or due > self.clock():
+            return
+        with self.store.transaction() as db:
+            rows = [_row(r) for r in db.execute(
+                "SELECT * FROM outbox WHERE channel = ? AND destination = ? AND status = 'batched'"
+                " ORDER BY id", (channel.name, destination))]
+            head = channel.flavour.escape(f"🕐 {len(rows)} experiments in the last hour")
+            now = self.clock()
+            for body in channel.flavour.pack([head, *(r.body for r in rows)]):
+                db.execute(
+                    "INSERT INTO outbox(channel, destination, kind, body, title, next_attempt_at, created_at)"
+                    " VALUES(?, ?, 'text', ?, 'hourly digest', ?, ?)",
+                    (channel.name, destination, body, now, now),
+                )
+            db.executemany("UPDATE outbox SET status = 'folded' WHERE id = ?", [(r.id,) for r in rows])
+
+    def _next_batch_at(self, channel: str, destination: str) -> float | None:
+        r = self.store.connection().execute(
+            "SELECT MIN(created_at) AS t FROM outbox WHERE channel = ? AND destination = ?"
+            " AND status = 'batched'", (channel, destination),
+        ).fetchone()
+        return None if r["t"] is None else r["t"] + self.tuning.batch_period_s
+
+    def prune(self) -> None:
+        cutoff = self.clock() - self.tuning.keep_sent_s
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM outbox WHERE status IN ('sent', 'folded', 'failed') AND created_at < ?",
+                       (cutoff,))
+
+
+def _row(r: Any) -> Row:
+    return Row(r["id"], r["channel"], r["destination"], r["kind"], r["body"], r["title"],
+               r["attempts"], r["next_attempt_at"], r["created_at"])
+

@@ -1,0 +1,136 @@
+"""The Slack channel: Socket Mode in, the Web API out (slack-sdk).
+
+Socket Mode needs no public URL. We use slack-sdk's builtin Socket Mode client because it needs
+no extra dependency (the aiohttp and websockets variants would add one to the daemon); it runs
+in its own threads, so incoming requests are acknowledged there at once and handed to our event
+loop with run_coroutine_threadsafe. The WebClient is synchronous and runs in a worker thread.
+Its 429s are not retried inside slack-sdk: they come back as DeliveryError with the
+Retry-After the server sent, and the outbox waits exactly that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
+from nightlab.bot.format import SLACK_MRKDWN
+from nightlab.loop.config import Secret, SlackSettings
+from slack_sdk.errors import SlackApiError
+from slack_sdk.socket_mode import SocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
+from slack_sdk.socket_mode.response import SocketModeResponse
+from slack_sdk.web import WebClient
+
+log = logging.getLogger("nightlab.bot")
+
+SLASH_COMMAND = "/nightlab"
+_MENTION = re.compile(r"<@[A-Z0-9]+(\|[^>]*)?>")
+
+
+class SlackChannel:
+    name = "slack"
+    flavour = SLACK_MRKDWN
+
+    def __init__(self, settings: SlackSettings, bot_token: Secret, app_token: Secret) -> None:
+        self.settings = settings
+        self._bot_token = bot_token
+        self._app_token = app_token
+        self._web: WebClient | None = None
+        self._socket: SocketModeClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_message: OnMessage | None = None
+
+    def destinations(self) -> list[str]:
+        # Allowed channels get the digests; without any, each listed user as a DM.
+        ids = self.settings.channels or (*self.settings.operators, *self.settings.viewers)
+        return list(dict.fromkeys(ids))
+
+    async def start(self, on_message: OnMessage) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_message = on_message
+        kwargs: dict[str, Any] = {"base_url": self.settings.api_base} if self.settings.api_base else {}
+        web = WebClient(token=self._bot_token.reveal(), timeout=10, **kwargs)
+        await asyncio.to_thread(web.auth_test)  # fails fast on a bad token or no network
+        socket = SocketModeClient(
+            app_token=self._app_token.reveal(),
+            web_client=web,  # apps.connections.open goes to the same base_url
+            auto_reconnect_enabled=True,
+        )
+        socket.socket_mode_request_listeners.append(self._receive)
+        try:
+            await asyncio.to_thread(socket.connect)
+        except BaseException:
+            await asyncio.to_thread(socket.close)
+            raise
+        self._web, self._socket = web, socket
+        log.info("slack: socket mode connected")
+
+    # -- incoming (runs in the Socket Mode client's threads) ----------------------------------
+    def _receive(self, client: SocketModeClient, req: SocketModeRequest) -> None:
+        # Acknowledge first: Slack redelivers what is not acked within 3 s.
+        client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
+        msg = _incoming(req)
+        if msg is not None and self._loop is not None and self._on_message is not None:
+            asyncio.run_coroutine_threadsafe(self._on_message(msg), self._loop)
+
+    # -- outgoing ----------------------------------------------------------------------------
+    async def send_text(self, destination: str, body: str) -> None:
+        web = self._connected()
+        await _call(web.chat_postMessage, channel=destination, text=body, mrkdwn=True, unfurl_links=False)
+
+    async def send_photo(self, destination: str, path: Path, caption: str) -> None:
+        web = self._connected()
+        await _call(web.files_upload_v2, channel=destination, file=str(path), filename=path.name,
+                    title=caption, initial_comment=caption)
+
+    def _connected(self) -> WebClient:
+        if self._web is None:
+            raise DeliveryError("slack is not connected yet")
+        return self._web
+
+    async def stop(self) -> None:
+        if self._socket is not None:
+            socket, self._socket = self._socket, None
+            await asyncio.to_thread(socket.close)
+
+
+def _incoming(req: SocketModeRequest) -> Incoming | None:
+    p = req.payload
+    if req.type == "slash_commands" and p.get("command") == SLASH_COMMAND:
+        channel = str(p.get("channel_id", ""))
+        return Incoming("slack", str(p.get("user_id", "")), channel, _is_dm(channel),
+                        str(p.get("text", "")).strip() or "help")
+    if req.type != "events_api":
+        return None
+    event = p.get("event", {})
+    if event.get("bot_id") or event.get("subtype"):
+        return None  # our own posts and edits/joins: never answer those
+    channel = str(event.get("channel", ""))
+    text = _MENTION.sub("", str(event.get("text", ""))).strip() or "help"
+    if event.get("type") == "app_mention":
+        return Incoming("slack", str(event.get("user", "")), channel, _is_dm(channel), text)
+    if event.get("type") == "message" and event.get("channel_type") == "im":
+        return Incoming("slack", str(event.get("user", "")), channel, True, text)
+    return None  # channel chatter (a mention there also arrives as app_mention)
+
+
+def _is_dm(channel: str) -> bool:
+    return channel.startswith("D")  # Slack's direct-message conversation ids
+
+
+async def _call(method: Any, **kwargs: Any) -> None:
+    try:
+        await asyncio.to_thread(method, **kwargs)
+    except SlackApiError as exc:
+        status = exc.response.status_code
+        if status == 429:
+            after = float(exc.response.headers.get("Retry-After", exc.response.headers.get("retry-after", 1)))
+            raise DeliveryError(f"slack 429 (retry after {after:g}s)", retry_after=after) from None
+        error = exc.response.get("error") if isinstance(exc.response.data, dict) else None
+        raise DeliveryError(f"slack: {error or status}", permanent=status < 500 and bool(error)) from None
+    except Exception as exc:  # noqa: BLE001 - URLError, timeouts, a closed connection: try again later
+        raise DeliveryError(f"slack: {exc!r}") from None

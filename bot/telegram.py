@@ -1,0 +1,134 @@
+"""The Telegram channel: python-telegram-bot 22's Application with long polling.
+
+Long polling because a GPU box behind NAT has no public URL for a webhook. Text goes out as
+HTML (rendered and split by format.TELEGRAM_HTML); errors become DeliveryError so the outbox
+decides about retries: 429 carries Telegram's retry_after, a refused request (bad chat, bot
+blocked) is permanent, anything on the network is retried.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import warnings
+from pathlib import Path
+
+from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
+from nightlab.bot.format import TELEGRAM_HTML
+from nightlab.loop.commands import SPECS
+from nightlab.loop.config import Secret, TelegramSettings
+from telegram import BotCommand, Update
+from telegram.constants import ChatType, ParseMode
+from telegram.error import (
+    BadRequest,
+    Forbidden,
+    InvalidToken,
+    RetryAfter,
+    TelegramError,
+)
+from telegram.ext import Application, ContextTypes, MessageHandler, filters
+
+log = logging.getLogger("nightlab.bot")
+
+
+class TelegramChannel:
+    name = "telegram"
+    flavour = TELEGRAM_HTML
+
+    def __init__(self, settings: TelegramSettings, token: Secret, poll_timeout_s: float = 10.0) -> None:
+        self.settings = settings
+        self._token = token
+        self._poll_timeout = poll_timeout_s
+        self._app: Application | None = None  # type: ignore[type-arg]
+        self._on_message: OnMessage | None = None
+
+    def destinations(self) -> list[str]:
+        # Allowed chats get the digests; without any, every listed user in their private chat.
+        ids = self.settings.chats or (*self.settings.operators, *self.settings.viewers)
+        return [str(i) for i in dict.fromkeys(ids)]
+
+    async def start(self, on_message: OnMessage) -> None:
+        self._on_message = on_message
+        builder = Application.builder().token(self._token.reveal()).job_queue(None)
+        if self.settings.api_base:
+            base = self.settings.api_base.rstrip("/")
+            builder = builder.base_url(f"{base}/bot").base_file_url(f"{base}/file/bot")
+        app = builder.build()
+        app.add_handler(MessageHandler(filters.TEXT, self._handle))
+        try:
+            await app.initialize()  # getMe: fails fast on a bad token or no network
+            await app.bot.set_my_commands([BotCommand(name, spec.help[:256]) for name, spec in SPECS.items()])
+            await app.start()
+            assert app.updater is not None
+            await app.updater.start_polling(
+                timeout=dt.timedelta(seconds=self._poll_timeout),
+                allowed_updates=[Update.MESSAGE],
+                error_callback=lambda exc: log.warning("telegram polling: %s", exc),
+            )
+        except BaseException:
+            await _shutdown(app)
+            raise
+        self._app = app
+        me = app.bot.username
+        log.info("telegram: polling as @%s", me)
+
+    async def _handle(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        msg, user, chat = update.effective_message, update.effective_user, update.effective_chat
+        if msg is None or user is None or chat is None or msg.text is None or self._on_message is None:
+            return
+        private = chat.type == ChatType.PRIVATE
+        await self._on_message(Incoming(
+            channel=self.name,
+            user=str(user.id),
+            chat=str(chat.id),
+            private=private,
+            text=msg.text,
+            # In groups only "/command" is meant for the bot; in private every message is.
+            addressed=private or msg.text.startswith("/"),
+        ))
+
+    async def send_text(self, destination: str, body: str) -> None:
+        bot = self._bot()
+        await _call(bot.send_message(chat_id=int(destination), text=body, parse_mode=ParseMode.HTML,
+                                     disable_web_page_preview=True))
+
+    async def send_photo(self, destination: str, path: Path, caption: str) -> None:
+        bot = self._bot()
+        with path.open("rb") as f:
+            await _call(bot.send_photo(chat_id=int(destination), photo=f, caption=caption[:1024]))
+
+    def _bot(self):  # type: ignore[no-untyped-def]
+        if self._app is None:
+            raise DeliveryError("telegram is not connected yet")
+        return self._app.bot
+
+    async def stop(self) -> None:
+        if self._app is not None:
+            app, self._app = self._app, None
+            await _shutdown(app)
+
+
+async def _call(request) -> None:  # type: ignore[no-untyped-def]
+    try:
+        await request
+    except RetryAfter as exc:
+        with warnings.catch_warnings():  # int vs timedelta deprecation: both are handled here
+            warnings.simplefilter("ignore")
+            after = exc.retry_after
+        seconds = after.total_seconds() if isinstance(after, dt.timedelta) else float(after)
+        raise DeliveryError(f"telegram 429: {exc}", retry_after=seconds) from None
+    except (BadRequest, Forbidden, InvalidToken) as exc:
+        raise DeliveryError(f"telegram refused: {exc}", permanent=True) from None
+    except TelegramError as exc:  # NetworkError, TimedOut, 5xx: worth another try
+        raise DeliveryError(f"telegram: {exc}") from None
+
+
+async def _shutdown(app: Application) -> None:  # type: ignore[type-arg]
+    try:
+        if app.updater is not None and app.updater.running:
+            await app.updater.stop()
+        if app.running:
+            await app.stop()
+        await app.shutdown()
+    except Exception as exc:  # noqa: BLE001 - stopping must not fail the daemon's shutdown
+        log.warning("telegram: shutdown: %s", exc)

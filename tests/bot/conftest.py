@@ -1,0 +1,88 @@
+"""Fixtures for the bot tests: a workspace with a state store, settings pointing at the fake
+servers, a BotService started in its own thread, and experiments recorded through the ledger
+(which emits the same `experiment_finished` events the engine does). Replies to read-only
+commands come from the real loop/views.py over that store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nightlab.bot.outbox import Tuning
+from nightlab.bot.service import BotService
+from nightlab.loop import ledger
+from nightlab.loop.config import Secrets, Settings, settings_from_table
+from nightlab.loop.store import Store
+
+FAST = Tuning(backoff_base_s=0.1, backoff_max_s=0.5)
+AREAS = ("attention", "optimizer", "schedule")
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    return ws
+
+
+@pytest.fixture
+def store(workspace: Path) -> Iterator[Store]:
+    s = Store.for_workspace(workspace)
+    s.set(ledger.AREAS_KEY, list(AREAS))  # what the engine publishes from its proposer
+    yield s
+    s.close()
+
+
+def settings(**table: Any) -> Settings:
+    return settings_from_table(table, source="test.toml")
+
+
+def start_service(s: Settings, secrets: Secrets, workspace: Path, **kwargs: Any) -> BotService:
+    kwargs.setdefault("tuning", FAST)
+    svc = BotService(s, secrets, workspace, **kwargs)
+    svc.start()
+    assert svc.ready.wait(15), "the bot did not connect"
+    return svc
+
+
+def finished(store: Store, status: str = "discard", metric: float | None = 1.0, **extra: Any) -> int:
+    """Record one experiment the way the engine does; returns its number."""
+    cand = ledger.new_candidate(store, "proposal", "base", description=extra.get("description", "a change"))
+    exp = ledger.Experiment(
+        number=cand.number, kind="proposal", confirm_of=None, commit="c0ffee", status=status,
+        metric=metric, metrics={}, best=extra.get("best", metric), confidence=None,
+        description=extra.get("description", "a change"), hypothesis="because", area="optimizer",
+        duration_s=extra.get("duration_s", 312.0), finished_at=time.time(),
+    )
+    event = {
+        "number": cand.number, "status": status, "metric_name": "val_bpb", "metric": metric,
+        "best": exp.best, "previous_best": extra.get("previous_best"), "delta": extra.get("delta"),
+        "new_best": extra.get("new_best", False), "description": exp.description,
+        "hypothesis": "because", "area": "optimizer", "duration_s": exp.duration_s,
+        "peak_vram_mb": 45000, "mfu_percent": 38.5, "confidence": 2.5, "focus": None,
+        "commit": "c0ffee", "lines_added": 1, "lines_removed": 1, "reason": "",
+        "log_tail": extra.get("log_tail"), "slot": "gpu0",
+    }
+    ledger.record_experiment(store, cand.id, exp, event)
+    return cand.number
+
+
+def running(store: Store, started_ago_s: float = 60.0) -> int:
+    """A candidate with a run in flight, started `started_ago_s` ago; returns its number."""
+    cand = ledger.new_candidate(store, "proposal", "base", phase="running", description="in flight")
+    run = ledger.add_run(store, cand.id, "{}", "gpu0", "/tmp/log")
+    store.connection().execute("UPDATE runs SET started_at = ? WHERE id = ?", (time.time() - started_ago_s, run.id))
+    return cand.number
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")

@@ -1,0 +1,145 @@
+"""The outbox's own rules (cursor, order, folding, batching, filters) with an in-memory channel
+that implements the bot's Channel protocol; the platform clients are covered against their
+fake servers in test_telegram.py and test_slack.py."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from nightlab.bot.channel import DeliveryError, OnMessage
+from nightlab.bot.format import PLAIN, Flavour
+from nightlab.bot.outbox import Outbox, Tuning
+from nightlab.loop.config import DigestSettings
+from nightlab.loop.store import Store
+
+from tests.bot.conftest import finished
+
+SMALL = Flavour("small", 120, PLAIN.escape, {}, markup_counts=True)
+
+
+class Inbox:
+    """A destination that records texts and can be switched off (a platform outage)."""
+
+    name = "memo"
+    flavour = SMALL
+
+    def __init__(self) -> None:
+        self.got: list[str] = []
+        self.down = False
+
+    def destinations(self) -> list[str]:
+        return ["d1"]
+
+    async def start(self, on_message: OnMessage) -> None: ...
+
+    async def send_text(self, destination: str, body: str) -> None:
+        if self.down:
+            raise DeliveryError("down")
+        if body.startswith("BAD"):
+            raise DeliveryError("refused", permanent=True)
+        self.got.append(body)
+
+    async def send_photo(self, destination: str, path: Path, caption: str) -> None:
+        self.got.append(f"photo {caption}")
+
+    async def stop(self) -> None: ...
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def outbox(store: Store, inbox: Inbox, mode: str = "every", clock: Clock | None = None) -> Outbox:
+    tuning = Tuning(backoff_base_s=1.0, backoff_max_s=8.0, fold_limit=30, fold_keep=5, batch_period_s=3600)
+    return Outbox(store, [inbox], DigestSettings(mode=mode), tuning, clock or Clock())  # type: ignore[list-item]
+
+
+def pump(box: Outbox) -> None:
+    box.fill()
+    asyncio.run(box.deliver("memo", "d1"))
+
+
+def test_cursor_starts_now_and_survives_a_restart_exactly_once(store: Store) -> None:
+    store.emit("alert", text="history before the first start")
+    inbox = Inbox()
+    pump(outbox(store, inbox))
+    assert inbox.got == []  # the first start does not replay old events
+    store.emit("alert", text="one")
+    box = outbox(store, inbox)
+    box.fill()
+    # A crash after filling and before delivery: the next process neither loses nor repeats it.
+    store.emit("alert", text="two")
+    pump(outbox(store, inbox))
+    pump(outbox(store, inbox))
+    assert inbox.got == ["🚨 one", "🚨 two"]
+
+
+def test_backoff_keeps_order_and_a_permanent_failure_does_not_block(store: Store) -> None:
+    inbox, clock = Inbox(), Clock()
+    box = outbox(store, inbox, clock=clock)
+    box.fill()
+    inbox.down = True
+    for text in ("a", "b"):
+        store.emit("alert", text=text)
+    box.enqueue("memo", "d1", [])  # an empty reply queues nothing
+    pump(box)
+    pump(box)  # not due yet: no second attempt
+    (head,) = [r for r in box.waiting() if r.attempts]
+    assert (head.attempts, head.next_attempt_at) == (1, 1001.0)
+    clock.now += 1
+    pump(box)
+    assert [r.next_attempt_at for r in box.waiting() if r.attempts] == [1003.0]  # 1 s, then 2 s
+    inbox.down = False
+    store.emit("note_added", text="x", by="cli")
+    clock.now += 2
+    pump(box)
+    assert inbox.got == ["🚨 a", "🚨 b", "📝 note by cli: x"]
+
+
+def test_a_long_outage_is_folded_into_one_summary(store: Store) -> None:
+    inbox, clock = Inbox(), Clock()
+    box = outbox(store, inbox, clock=clock)
+    box.fill()
+    inbox.down = True
+    for i in range(40):
+        store.emit("alert", text=f"m{i}")
+    pump(box)
+    inbox.down = False
+    clock.now += 10
+    pump(box)
+    summary, *rest = inbox.got
+    assert summary.startswith("📦 Delivery was interrupted") and "35 messages are folded" in summary
+    assert summary.rstrip().endswith("more")  # cut at the flavour's limit, saying so
+    assert rest == [f"🚨 m{i}" for i in range(35, 40)]
+    assert box.waiting() == []
+
+
+def test_hourly_mode_batches_digests_but_not_other_messages(store: Store) -> None:
+    inbox, clock = Inbox(), Clock()
+    box = outbox(store, inbox, mode="hourly", clock=clock)
+    box.fill()
+    for metric in (1.0, 0.99):
+        finished(store, "discard", metric)
+    store.emit("alert", text="now")
+    pump(box)
+    assert inbox.got == ["🚨 now"]
+    clock.now += 3600
+    pump(box)
+    assert inbox.got[1].startswith("🕐 2 experiments in the last hour")
+    assert "#1 discard" in "".join(inbox.got[1:]) and "#2 discard" in "".join(inbox.got[1:])
+
+
+def test_keeps_and_crashes_mode_skips_discards(store: Store) -> None:
+    inbox = Inbox()
+    box = outbox(store, inbox, mode="keeps_and_crashes")
+    box.fill()
+    finished(store, "discard", 1.0)
+    finished(store, "keep", 0.9)
+    finished(store, "crash", None)
+    pump(box)
+    assert [m.split(" ", 2)[1] for m in inbox.got] == ["#2", "#3"]

@@ -1,0 +1,63 @@
+"""The service without any chat platform: console digests, the router's answers, the chart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from nightlab.bot.auth import allowlists
+from nightlab.bot.channel import Incoming
+from nightlab.bot.format import Photo, Text
+from nightlab.bot.router import Router
+from nightlab.bot.service import build_channels
+from nightlab.loop import views
+from nightlab.loop.config import Secrets
+from nightlab.loop.store import Store
+
+from tests.bot.conftest import finished, running, settings, start_service, wait_until
+
+
+def test_console_is_the_default_and_prints_digests(workspace: Path, store: Store,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    s = settings()
+    (channel,) = build_channels(s, Secrets())
+    assert channel.name == "console"
+    svc = start_service(s, Secrets(), workspace)
+    try:
+        finished(store, "keep", 0.97, new_best=True, description="MATRIX_LR 0.04→0.05")
+        store.emit("paused", by="cli:alice", reason="", after=None)
+        chart = workspace / "chart.png"
+        chart.write_bytes(b"\x89PNG")
+        store.emit("report", markdown="# Night report", chart_path=str(chart))
+        seen: list[str] = []
+        out = wait_until(lambda: seen.append(capsys.readouterr().out) or ("[chart]" in "".join(seen) and "".join(seen)))
+    finally:
+        assert svc.stop(5)
+    assert "🏆 #1 keep · val_bpb 0.9700" in out and "MATRIX_LR 0.04→0.05" in out and "⏸ paused by cli:alice" in out
+    assert "📋 report\n# Night report" in out and f"[chart] progress: {chart}" in out
+
+
+def ask(router: Router, text: str, user: str = "1", private: bool = True) -> list[Text | Photo]:
+    return asyncio.run(router.handle(Incoming("telegram", user, user if private else "-5", private, text)))
+
+
+def test_router_answers_and_promises(workspace: Path, store: Store) -> None:
+    s = settings(telegram={"operators": [1], "viewers": [2]})
+    router = Router(store, workspace, allowlists(s))
+    assert ask(router, "hello")[0].title.startswith("⚠️ unknown command 'hello'")
+    assert "too long" in ask(router, "/note " + "é" * 3000)[0].title
+    assert ask(router, "\x00\x07")[0].title.startswith("⚠️ empty command")
+    assert ask(router, "/plot")[0].title == "No finished experiments to plot yet."
+    assert ask(router, "/pause")[0].title.startswith("✔ pausing within ~2 s (nothing is running)")
+    assert ask(router, "/focus gpu")[0].title.startswith("⚠️ unknown area 'gpu'; areas: attention")
+    assert "only operators" in ask(router, "/resume", user="2")[0].title
+    number = running(store, started_ago_s=10)
+    assert ask(router, "/pause now")[0].title.startswith(f"✔ cancelling #{number} and pausing")
+    assert ask(router, "/note try a longer warmup")[0].title.startswith("✔ note queued")
+    assert [c.args for c in store.pending_commands()] == ["", "now", "try a longer warmup"]
+    finished(store, "keep", 1.0)
+    finished(store, "crash", None)
+    report = ask(router, "/report", user="2")
+    assert report[0].title == views.report_markdown(workspace).split("\n")[0] and isinstance(report[1], Photo)
+    assert report[1].path.read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,101 @@
+"""The Slack channel end to end: slack-sdk's real WebClient and builtin Socket Mode client
+against the fake Web API and a real WebSocket server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nightlab.bot.service import BotService
+from nightlab.loop import views
+from nightlab.loop.config import Secret, Secrets
+from nightlab.loop.store import Store
+
+from tests.bot.conftest import finished, running, settings, start_service
+from tests.fakes.slack_server import FakeSlack
+
+OPERATOR, VIEWER, STRANGER = "UOP", "UVIEW", "USTRANGER"
+CHANNEL, OTHER_CHANNEL, DM = "CLAB", "CRANDOM", "DOP"
+
+
+@pytest.fixture
+def slack() -> Iterator[FakeSlack]:
+    with FakeSlack() as fake:
+        yield fake
+
+
+@pytest.fixture
+def bot(slack: FakeSlack, workspace: Path) -> Iterator[BotService]:
+    s = settings(slack={"operators": [OPERATOR], "viewers": [VIEWER], "channels": [CHANNEL],
+                        "api_base": slack.api_url})
+    svc = start_service(s, Secrets(slack_bot_token=Secret(slack.bot_token),
+                                   slack_app_token=Secret(slack.app_token)), workspace)
+    assert slack.connected()
+    yield svc
+    assert svc.stop(10)
+
+
+def replies(slack: FakeSlack, channel: str, before: int, count: int = 1) -> list[str]:
+    return [p.text for p in slack.wait_for(before + count, channel)[before:]]
+
+
+def test_slash_command_round_trip_with_ack(slack: FakeSlack, bot: BotService, workspace: Path) -> None:
+    envelope = slack.slash_command("status", VIEWER, CHANNEL)
+    assert slack.acked(envelope)
+    escaped = views.status_text(workspace).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    assert replies(slack, CHANNEL, 0) == [f"```\n{escaped}```"]
+    envelope = slack.slash_command("", VIEWER, CHANNEL)  # bare /nightlab: help
+    assert "pause [now]" in replies(slack, CHANNEL, 1)[0]
+
+
+def test_mentions_and_dms_steer_but_channel_membership_grants_nothing(
+        slack: FakeSlack, bot: BotService, store: Store) -> None:
+    number = running(store, started_ago_s=30)
+    slack.event({"type": "app_mention", "user": OPERATOR, "channel": CHANNEL, "text": "<@UBOT> kill"})
+    assert replies(slack, CHANNEL, 0)[0].startswith(f"✔ killing #{number}")
+    slack.event({"type": "message", "channel_type": "im", "user": OPERATOR, "channel": DM, "text": "note try rope"})
+    assert replies(slack, DM, 0)[0].startswith("✔ note queued")
+    assert [(c.name, c.args, c.sender) for c in store.pending_commands()] == [
+        ("kill", "", f"slack:{OPERATOR}"), ("note", "try rope", f"slack:{OPERATOR}")]
+    # A stranger in the allowed channel, an operator in a channel that is not allowed, chatter,
+    # our own bot's post: all silent. A stranger's DM gets a short refusal.
+    slack.slash_command("pause", STRANGER, CHANNEL)
+    slack.slash_command("pause", OPERATOR, OTHER_CHANNEL)
+    slack.event({"type": "message", "channel_type": "channel", "user": OPERATOR, "channel": CHANNEL, "text": "pause"})
+    slack.event({"type": "message", "channel_type": "im", "bot_id": "B1", "channel": DM, "text": "pause"})
+    slack.slash_command("pause", STRANGER, "DSTRANGER")
+    assert "Not authorised" in replies(slack, "DSTRANGER", 0)[0]
+    slack.slash_command("pause", VIEWER, CHANNEL)
+    assert "only operators" in replies(slack, CHANNEL, 1)[0]
+    assert len(store.pending_commands()) == 2 and slack.wait_for(0, OTHER_CHANNEL, timeout=0) == []
+
+
+def test_digest_429_retry_after_and_splitting(slack: FakeSlack, bot: BotService, store: Store) -> None:
+    slack.fail("429", times=1, retry_after=1)
+    finished(store, "keep", 0.98, new_best=True, delta=-0.01, previous_best=0.99, description="*bold* <b>")
+    store.emit("alert", text="x" * 7000)
+    posts = slack.wait_for(4, CHANNEL)
+    assert posts[0].text.startswith("*🏆 #1 keep · val_bpb 0.9800") and "&lt;b&gt;" in posts[0].text
+    assert [len(p.text) for p in posts[1:]] == [2999, 3000, 1003]  # 3000 UTF-16 units; 🚨 counts 2
+    tries = [t for m, t in slack.attempts if m == "chat.postMessage"]
+    assert tries[1] - tries[0] >= 0.95  # Slack's Retry-After, not our 0.1 s backoff
+
+
+def test_plot_uploads_a_png_with_files_upload_v2(slack: FakeSlack, bot: BotService, store: Store) -> None:
+    finished(store, "keep", 1.0)
+    finished(store, "keep", 0.97)
+    slack.wait_for(2, CHANNEL)
+    slack.slash_command("plot", OPERATOR, CHANNEL)
+    upload = [p for p in slack.wait_for(3, CHANNEL, timeout=20) if p.method == "file"]
+    assert upload and upload[0].data.startswith(b"\x89PNG")
+
+
+def test_reconnects_after_disconnect(slack: FakeSlack, bot: BotService) -> None:
+    assert slack.connections_opened == 1
+    slack.disconnect()
+    assert slack.connected(timeout=15)
+    assert slack.connections_opened >= 2
+    envelope = slack.slash_command("best", VIEWER, CHANNEL)
+    assert slack.acked(envelope)
+    assert replies(slack, CHANNEL, 0) == ["```\nno result yet```"]

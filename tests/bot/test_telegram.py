@@ -1,0 +1,151 @@
+"""The Telegram channel end to end: python-telegram-bot's real client against the fake Bot API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nightlab.bot.service import BotService
+from nightlab.loop import views
+from nightlab.loop.config import Secret, Secrets
+from nightlab.loop.store import Store
+
+from tests.bot.conftest import finished, running, settings, start_service, wait_until
+from tests.fakes.telegram_server import FakeTelegram
+
+OPERATOR, VIEWER, STRANGER, GROUP, OTHER_GROUP = 111, 222, 999, -1001, -2002
+
+
+@pytest.fixture
+def tg() -> Iterator[FakeTelegram]:
+    with FakeTelegram() as fake:
+        yield fake
+
+
+def tg_settings(fake: FakeTelegram, **digest: object):  # type: ignore[no-untyped-def]
+    table: dict[str, object] = {"telegram": {
+        "operators": [OPERATOR], "viewers": [VIEWER], "chats": [GROUP], "api_base": fake.url,
+    }}
+    if digest:
+        table["digest"] = digest
+    return settings(**table)
+
+
+@pytest.fixture
+def bot(tg: FakeTelegram, workspace: Path) -> Iterator[BotService]:
+    svc = start_service(tg_settings(tg), Secrets(telegram_token=Secret(tg.token)), workspace)
+    yield svc
+    assert svc.stop(10)
+
+
+def ask(tg: FakeTelegram, text: str, user: int, chat: int | None = None, count: int = 1) -> list[str]:
+    chat = user if chat is None else chat
+    before = len(tg.messages(chat))
+    tg.inject(text, user, chat)
+    return [m.text for m in tg.wait_for(before + count, chat)[before:]]
+
+
+def test_registers_commands_and_answers_read_only_commands(tg: FakeTelegram, bot: BotService, store: Store,
+                                                             workspace: Path) -> None:
+    assert tg.commands is not None and [c["command"] for c in tg.commands][:3] == ["help", "status", "best"]
+    assert "deleteWebhook" in tg.methods  # long polling, no webhook
+    finished(store, "keep", 0.99, description="if a<b & c: <b>bold?</b>")
+    tg.wait_for(1, GROUP)
+    assert ask(tg, "/status", VIEWER) == [views.status_text(workspace)]
+    assert ask(tg, "/last 7", VIEWER) == [views.history_text(workspace, 7)]
+    sent = tg.messages(VIEWER)[-1]
+    assert sent.parse_mode == "HTML" and "a&lt;b &amp; c: &lt;b&gt;bold?&lt;/b&gt;" in sent.raw  # shown verbatim
+    assert ask(tg, "/best", VIEWER) == [views.best_text(workspace)]
+    assert "pause [now]" in ask(tg, "/help@nightlab_test_bot", OPERATOR)[0]
+
+
+def test_operator_command_is_written_and_promised(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    number = running(store, started_ago_s=200)
+    finished(store, "keep", 0.99, duration_s=320)
+    reply = ask(tg, "/pause", OPERATOR)[0]
+    assert reply.startswith(f"✔ pausing after #{number} finishes, ~"), reply
+    (cmd,) = store.pending_commands()
+    assert (cmd.name, cmd.args, cmd.sender) == ("pause", "", f"telegram:{OPERATOR}")
+    assert ask(tg, "/focus Attention", OPERATOR, GROUP)[0].startswith("✔ focusing on attention")
+    assert [c.name for c in store.pending_commands()] == ["pause", "focus"]
+
+
+def test_viewer_cannot_steer_and_bad_input_gets_usage(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    assert "only operators" in ask(tg, "/pause", VIEWER)[0]
+    assert "unknown command" in ask(tg, "/frobnicate", OPERATOR)[0]
+    assert "usage: last [N]" in ask(tg, "/last many", OPERATOR)[0]
+    assert "unknown area 'gpu'" in ask(tg, "/focus gpu", OPERATOR)[0]
+    assert "too long" in ask(tg, "/note " + "x" * 1500, OPERATOR)[0]
+    assert "nothing is running" in ask(tg, "/kill 7", OPERATOR)[0]
+    assert store.pending_commands() == []  # nothing reached the loop
+
+
+def test_strangers_are_refused_privately_and_ignored_in_groups(tg: FakeTelegram, bot: BotService, store: Store,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    assert "Not authorised" in ask(tg, "/pause", STRANGER)[0]
+    tg.inject("/pause", STRANGER, GROUP)  # a stranger in the allowed group
+    tg.inject("/status", OPERATOR, OTHER_GROUP)  # an operator in a group that is not allowed
+    tg.inject("chatter without a slash", OPERATOR, GROUP)
+    assert ask(tg, "/best", OPERATOR, GROUP) == ["no result yet"]  # processed in order, after those
+    assert len(tg.messages(GROUP)) == 1 and tg.messages(OTHER_GROUP) == []
+    assert store.pending_commands() == []
+    assert sum("refused telegram:999" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_digest_per_experiment_and_new_best(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    finished(store, "discard", 1.01, delta=0.02, previous_best=0.99, description="WARMUP 0→0.1")
+    finished(store, "keep", 0.98, delta=-0.01, previous_best=0.99, new_best=True, description="MATRIX_LR 0.04→0.05")
+    finished(store, "crash", None, log_tail="\n".join(f"line {i}" for i in range(40)) + "\nCUDA out of memory")
+    digests = [m for m in tg.wait_for(3, GROUP)]
+    assert digests[0].text.startswith("❌ #1 discard · val_bpb 1.0100 (Δ +0.0200 vs 0.9900)")
+    assert digests[1].text.startswith("🏆 #2 keep") and "NEW BEST" in digests[1].text
+    assert "<b>" in digests[1].raw and "MATRIX_LR 0.04→0.05" in digests[1].text
+    crash = digests[2]
+    assert crash.text.startswith("💥 #3 crash") and "<pre>" in crash.raw
+    assert crash.text.rstrip().endswith("CUDA out of memory") and "line 20" not in crash.text  # last 15 lines
+
+
+def test_long_messages_are_split_at_4096(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    store.emit("alert", text="<&>" * 3000)  # 9000 visible characters that escape to 27000
+    parts = tg.wait_for(3, GROUP)
+    assert [len(p.text) for p in parts][:2] == [4095, 4096]  # 4096 UTF-16 units; the 🚨 counts 2
+    assert len(parts) == 3 and all(len(p.raw) > 4096 for p in parts[:2])  # the escapes do not count
+    assert "".join(p.text for p in parts) == "🚨 " + "<&>" * 3000
+
+
+def test_429_is_honoured(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    tg.fail("429", times=1, retry_after=1)
+    store.emit("alert", text="first")
+    store.emit("alert", text="second")
+    got = tg.wait_for(2, GROUP)
+    assert [m.text for m in got] == ["🚨 first", "🚨 second"]
+    tries = [t for m, t in tg.attempts if m == "sendMessage"]
+    assert tries[1] - tries[0] >= 0.95  # waited the retry_after second, not our 0.1 s backoff
+
+
+def test_plot_sends_a_png(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    finished(store, "keep", 1.0)
+    finished(store, "discard", 1.02)
+    finished(store, "keep", 0.97, description="depth 8→10")
+    finished(store, "crash", None)
+    tg.wait_for(4, GROUP)  # the digests
+    tg.inject("/plot", VIEWER)
+    (photo,) = tg.wait_for(1, VIEWER, timeout=20)
+    assert photo.method == "sendPhoto" and photo.photo.startswith(b"\x89PNG")
+
+
+def test_outage_queues_then_delivers_everything_in_order(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    store.emit("alert", text="before")
+    tg.wait_for(1, GROUP)
+    tg.down()
+    for i in range(10):
+        store.emit("alert", text=f"during {i}")
+    wait_until(lambda: len(bot_waiting(store)) >= 10)
+    tg.up()
+    got = tg.wait_for(11, GROUP, timeout=15)
+    assert [m.text for m in got] == ["🚨 before", *(f"🚨 during {i}" for i in range(10))]
+
+
+def bot_waiting(store: Store) -> list[object]:
+    return store.connection().execute("SELECT id FROM outbox WHERE status = 'pending'").fetchall()

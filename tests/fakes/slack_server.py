@@ -1,0 +1,248 @@
+"""A fake Slack on 127.0.0.1 for slack-sdk's real clients: the Web API over HTTP and Socket Mode
+over a real WebSocket (the `websockets` server).
+
+Web API: auth.test, apps.connections.open (hands out this fake's ws:// URL), chat.postMessage,
+and the three steps of files_upload_v2 (files.getUploadURLExternal, the raw POST to the upload
+URL, files.completeUploadExternal). `fail("429", retry_after=N)` answers the next posts with
+HTTP 429 and a Retry-After header, as Slack does.
+
+Socket Mode: every connection gets `hello`; `slash_command(...)` / `event(...)` send envelopes
+and `acked(envelope_id)` says whether the client acknowledged one; `disconnect()` sends Slack's
+`disconnect` message (refresh_requested) and closes, after which the client must reconnect
+through apps.connections.open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+from urllib.parse import parse_qs
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+BOT_USER_ID = "UBOT"
+
+
+@dataclass
+class Post:
+    method: str  # chat.postMessage | file
+    channel: str
+    text: str = ""
+    data: bytes = b""
+    at: float = field(default_factory=time.monotonic)
+
+
+class FakeSlack:
+    def __init__(self, bot_token: str = "xoxb-test", app_token: str = "xapp-test") -> None:
+        self.bot_token, self.app_token = bot_token, app_token
+        self.posts: list[Post] = []
+        self.attempts: list[tuple[str, float]] = []
+        self.acks: set[str] = set()
+        self.connections_opened = 0
+        self._faults: deque[tuple[str, int]] = deque()
+        self._uploads: dict[str, bytes] = {}
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._ws: ServerConnection | None = None
+        self._http = _Server(("127.0.0.1", 0), self._handler())
+        self._loop = asyncio.new_event_loop()
+        self._threads = [threading.Thread(target=self._http.serve_forever, daemon=True),
+                         threading.Thread(target=self._loop.run_forever, daemon=True)]
+        self._ws_server: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self._http.server_address[1]}/api/"
+
+    def __enter__(self) -> Self:
+        for t in self._threads:
+            t.start()
+        self._ws_server = self._run(self._serve())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ws_server.close()
+        self._run(self._ws_server.wait_closed())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._http.shutdown()
+        self._http.server_close()
+
+    async def _serve(self) -> Any:
+        return await serve(self._session, "127.0.0.1", 0)  # must start inside the running loop
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self._ws_server.sockets[0].getsockname()[1]}/link"
+
+    # -- Socket Mode -------------------------------------------------------------------------
+    async def _session(self, ws: ServerConnection) -> None:
+        with self._cond:
+            self._ws = ws
+            self._cond.notify_all()
+        await ws.send(json.dumps({"type": "hello", "num_connections": 1,
+                                  "debug_info": {"host": "fake"}, "connection_info": {"app_id": "A1"}}))
+        with contextlib.suppress(ConnectionClosed):  # clients may drop without a close frame
+            async for raw in ws:
+                message = json.loads(raw)
+                if "envelope_id" in message:
+                    with self._cond:
+                        self.acks.add(message["envelope_id"])
+                        self._cond.notify_all()
+
+    def connected(self, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._ws is None or self._ws.state.name != "OPEN":
+                if time.monotonic() >= deadline:
+                    return False
+                self._cond.wait(0.05)
+        return True
+
+    def _envelope(self, kind: str, payload: dict[str, Any]) -> str:
+        assert self.connected(), "no socket mode connection"
+        envelope_id = f"env-{next(self._ids)}"
+        message = {"envelope_id": envelope_id, "type": kind, "payload": payload,
+                   "accepts_response_payload": kind == "slash_commands", "retry_attempt": 0}
+        assert self._ws is not None
+        self._run(self._ws.send(json.dumps(message)))
+        return envelope_id
+
+    def slash_command(self, text: str, user: str, channel: str) -> str:
+        return self._envelope("slash_commands", {
+            "command": "/nightlab", "text": text, "user_id": user, "channel_id": channel,
+            "channel_name": "directmessage" if channel.startswith("D") else "lab",
+            "team_id": "T1", "response_url": "http://127.0.0.1/unused", "trigger_id": "t",
+        })
+
+    def event(self, event: dict[str, Any]) -> str:
+        return self._envelope("events_api", {"type": "event_callback", "team_id": "T1", "event": event,
+                                             "event_id": f"Ev{next(self._ids)}"})
+
+    def acked(self, envelope_id: str, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while envelope_id not in self.acks:
+                if time.monotonic() >= deadline:
+                    return False
+                self._cond.wait(0.05)
+        return True
+
+    def disconnect(self) -> None:
+        """Slack's periodic refresh: a `disconnect` message, then the socket closes."""
+        ws = self._ws
+        assert ws is not None
+        with self._cond:
+            self._ws = None
+        self._run(ws.send(json.dumps({"type": "disconnect", "reason": "refresh_requested"})))
+        self._run(ws.close())
+
+    # -- Web API -----------------------------------------------------------------------------
+    def fail(self, kind: str, times: int = 1, retry_after: int = 1) -> None:
+        with self._cond:
+            self._faults.extend([(kind, retry_after)] * times)
+
+    def wait_for(self, count: int, channel: str | None = None, timeout: float = 10.0) -> list[Post]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                got = [p for p in self.posts if channel is None or p.channel == channel]
+                if len(got) >= count or time.monotonic() >= deadline:
+                    return got
+                self._cond.wait(0.05)
+
+    def _api(self, method: str, token: str, params: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        expected = self.app_token if method == "apps.connections.open" else self.bot_token
+        if token != expected:
+            return 200, {"ok": False, "error": "invalid_auth"}, {}
+        if method == "auth.test":
+            return 200, {"ok": True, "user_id": BOT_USER_ID, "bot_id": "B1", "team_id": "T1"}, {}
+        if method == "apps.connections.open":
+            with self._cond:
+                self.connections_opened += 1
+            return 200, {"ok": True, "url": self.ws_url}, {}
+        if method in ("chat.postMessage", "files.completeUploadExternal"):
+            with self._cond:
+                self.attempts.append((method, time.monotonic()))
+                fault = self._faults.popleft() if self._faults else None
+            if fault and fault[0] == "429":
+                return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(fault[1])}
+            if fault:
+                return 500, {"ok": False, "error": "fatal_error"}, {}
+        if method == "chat.postMessage":
+            text = str(params.get("text", ""))
+            if not text or len(text) > 40000:
+                return 200, {"ok": False, "error": "msg_too_long" if text else "no_text"}, {}
+            self._record(Post(method, str(params["channel"]), text=text))
+            return 200, {"ok": True, "channel": params["channel"], "ts": f"{time.time():.6f}"}, {}
+        if method == "files.getUploadURLExternal":
+            file_id = f"F{next(self._ids)}"
+            base = self.api_url.removesuffix("/api/")
+            return 200, {"ok": True, "upload_url": f"{base}/upload/{file_id}", "file_id": file_id}, {}
+        if method == "files.completeUploadExternal":
+            files = json.loads(params["files"]) if isinstance(params["files"], str) else params["files"]
+            for f in files:
+                self._record(Post("file", str(params.get("channel_id", "")),
+                                  text=str(params.get("initial_comment", "")), data=self._uploads.get(f["id"], b"")))
+            return 200, {"ok": True, "files": [{"id": f["id"], "title": f.get("title", "")} for f in files]}, {}
+        return 200, {"ok": False, "error": "unknown_method"}, {}
+
+    def _record(self, post: Post) -> None:
+        with self._cond:
+            self.posts.append(post)
+            self._cond.notify_all()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.startswith("/upload/"):
+                    fake._uploads[self.path.removeprefix("/upload/")] = body
+                    self._reply(200, b"OK - uploaded", "text/plain", {})
+                    return
+                ctype = self.headers.get("Content-Type", "")
+                if ctype.startswith("application/json"):
+                    params = json.loads(body or b"{}")
+                else:
+                    params = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+                token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                token = token or str(params.get("token", ""))
+                status, payload, headers = fake._api(self.path.removeprefix("/api/").split("?")[0], token, params)
+                self._reply(status, json.dumps(payload).encode(), "application/json", headers)
+
+            do_GET = do_POST
+
+            def _reply(self, status: int, data: bytes, ctype: str, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
