@@ -1,0 +1,242 @@
+"""`nightlab run`: the daemon process that keeps one workspace's loop going with nobody awake.
+
+What runs where
+- This process holds the workspace lock, runs the chat channels (bot service, background
+  thread) and an APScheduler BackgroundScheduler with the heartbeat jobs (jobs.py).
+- The engine runs as a CHILD PROCESS (`python -m nightlab.loop.engine`), not a thread: a thread
+  cannot be killed, so an engine stuck in a blocking call could never be recovered; a process can
+  be terminated or SIGKILLed and a new one resumes from the state store.
+- Training runs are launched by the engine in their own process sessions (loop.executor). They
+  are nobody's to kill by accident: stopping or restarting the engine or this daemon leaves a run
+  running, and the next engine re-attaches to it (pid + create time in `runs.handle`). Only the
+  heartbeat (run timeout, stall) and the engine (a user's /kill) cancel a run, through the executor.
+
+Stopping
+- SIGTERM/SIGINT: STOPPING=1, the scheduler stops, the bot stops (no more commands accepted), the
+  engine gets SIGTERM (SIGKILL after a grace period), the lock is released, exit 0. All bounded:
+  at most about BOT_STOP_TIMEOUT_S + ENGINE_STOP_GRACE_S. The in-flight training run is LEFT
+  RUNNING on purpose, to be re-attached by the next start (a restart costs no experiment). The
+  systemd unit agrees: KillMode=process (service.py) makes `systemctl stop/restart` signal only
+  this process, not the run's session that still lives in the service's cgroup.
+- `--max-experiments N`: the engine exits 0 with kv['engine.finished'] after N; the daemon then
+  stops everything as above and exits 0.
+- SIGHUP: re-reads the config file and applies what is safe to change live: the heartbeat limits
+  (the jobs are rescheduled); everything else that changed is logged as needing a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from nightlab.heartbeat.engine_child import (
+    ENGINE_STOP_GRACE_S,
+    EngineProcess,
+    engine_argv,
+    stop_leftover_engine,
+)
+from nightlab.heartbeat.jobs import JOB_PROBLEMS, Heartbeat, log_job_problem
+from nightlab.heartbeat.lock import DaemonLock
+from nightlab.heartbeat.logsetup import setup_logging
+from nightlab.heartbeat.sdnotify import Notifier
+from nightlab.loop.config import (
+    ConfigError,
+    Secret,
+    Secrets,
+    Settings,
+    load_settings,
+    resolve_secrets,
+)
+from nightlab.loop.errors import UserError
+from nightlab.loop.executor import make_executor
+from nightlab.loop.store import Store
+
+if TYPE_CHECKING:  # imported when channels are on: the bot pulls in the HTTP clients
+    from nightlab.bot.service import BotService
+
+log = logging.getLogger("nightlab.daemon")
+
+BOT_STOP_TIMEOUT_S = 10.0
+SETTLE_S = 0.5  # how often the main thread looks for signals' requests
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    max_experiments: int | None = None
+    engine_program: Sequence[str] | None = None  # replaces `python -m nightlab.loop.engine` (tests)
+    prepare: bool = True  # create the workspace and prepare data when missing
+    channels: bool = True  # run the bot service (Telegram / Slack / console)
+
+
+def run_daemon(settings: Settings, max_experiments: int | None = None) -> int:
+    return Daemon(settings, DaemonOptions(max_experiments=max_experiments)).run()
+
+
+class Daemon:
+    def __init__(self, settings: Settings, options: DaemonOptions) -> None:
+        config = Path(settings.origin)
+        if not config.is_file():
+            # The engine child reads the same file; there is nothing to hand it otherwise.
+            raise UserError(f"the daemon needs a configuration file, got {settings.origin!r}")
+        self.settings = settings
+        self.options = options
+        self.config = config.resolve()
+        self.workspace = settings.workspace_path
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._why = ""
+        self._bot: BotService | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def run(self) -> int:
+        secrets = resolve_secrets(self.settings)  # a missing token fails here, before anything starts
+        setup_logging(_secret_values(secrets))
+        notifier = Notifier.from_environ()
+        self.workspace.mkdir(parents=True, exist_ok=True)  # `--workspace PATH` creates it
+        with DaemonLock(self.workspace):
+            log.info("nightlab daemon (pid %d) for %s, config %s", os.getpid(), self.workspace, self.config)
+            store = Store.for_workspace(self.workspace)
+            engine = EngineProcess(engine_argv(self.config, self.workspace, self.options.max_experiments,
+                                               self.options.engine_program))
+            heartbeat = Heartbeat(self.settings, self.workspace, store, make_executor(self.settings),
+                                  engine, notifier, on_engine_finished=lambda: self.request_stop("finished"))
+            scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True})
+            scheduler.add_listener(log_job_problem, JOB_PROBLEMS)
+            self._install_signals()
+            scheduler.start()
+            heartbeat.schedule(scheduler)
+            notifier.ready("starting")
+            try:
+                self._serve(heartbeat, scheduler, secrets)
+            finally:
+                notifier.stopping(f"stopping ({self._why or 'error'})")
+                scheduler.shutdown(wait=False)
+                if self._bot is not None:
+                    self._bot.stop(timeout=BOT_STOP_TIMEOUT_S)
+                heartbeat.stop_engine()
+                store.close()
+                log.info("nightlab daemon stopped (%s)", self._why or "error")
+        return 0
+
+    def _serve(self, heartbeat: Heartbeat, scheduler: BackgroundScheduler, secrets: Secrets) -> None:
+        if self.options.prepare:
+            self._init_workspace(heartbeat)
+        if self.options.channels:
+            from nightlab.bot.service import BotService
+
+            self._bot = BotService(self.settings, secrets, self.workspace)
+            self._bot.start()
+        if self.options.prepare and not self._prepare_data(heartbeat):
+            return  # asked to stop while preparing
+        if self._stop.is_set():
+            return
+        stop_leftover_engine(self.workspace, ENGINE_STOP_GRACE_S)
+        heartbeat.start_engine()
+        while not self._stop.wait(SETTLE_S):
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload(heartbeat, scheduler)
+
+    def request_stop(self, why: str) -> None:
+        if not self._stop.is_set():
+            self._why = why
+            log.info("stopping: %s", why)
+            self._stop.set()
+
+    # -- preparation -----------------------------------------------------------------------------
+    def _init_workspace(self, heartbeat: Heartbeat) -> None:
+        from nightlab.loop.workspace import init_workspace
+
+        heartbeat.startup_status = "creating the workspace"
+        init_workspace(self.workspace, tag="", settings=self.settings, say=_say)
+
+    def _prepare_data(self, heartbeat: Heartbeat) -> bool:
+        """Shards + tokenizer for the built-in trainer (idempotent: quick when all is there).
+
+        It runs in a thread so SIGTERM is honoured at once even in the middle of a download;
+        prepare() keeps what is complete and validates the rest next time. Returns False when
+        stopped first.
+        """
+        if self.settings.project.run_command:
+            return True  # a custom project brings its own data
+        from nightlab.trainer import prepare
+
+        failure: list[BaseException] = []
+
+        def progress(line: str) -> None:
+            heartbeat.startup_status = f"preparing data: {line}"
+            _say(line)
+
+        def work() -> None:
+            try:
+                prepare.prepare(self.settings.data.source, self.settings.data.shards,
+                                self.settings.cache_path, progress)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread
+                failure.append(exc)
+
+        worker = threading.Thread(target=work, name="prepare", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            if self._stop.wait(SETTLE_S):
+                return False
+        if failure:
+            exc = failure[0]
+            raise UserError(str(exc)) if isinstance(exc, prepare.PrepareError) else exc
+        return True
+
+    # -- signals ---------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            self.request_stop(signal.Signals(signum).name)
+
+        def reload(_signum: int, _frame: FrameType | None) -> None:
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def reload(self, heartbeat: Heartbeat, scheduler: BackgroundScheduler) -> None:
+        try:
+            new = load_settings(self.config)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        old = heartbeat.settings
+        changed = _changed_fields(old.heartbeat, new.heartbeat, "heartbeat")
+        heartbeat.settings = dataclasses.replace(old, heartbeat=new.heartbeat)
+        heartbeat.schedule(scheduler)
+        needs_restart = [
+            f.name for f in dataclasses.fields(Settings)
+            if f.name not in ("heartbeat", "origin", "workspace")
+            and getattr(old, f.name) != getattr(new, f.name)
+        ]
+        log.info("SIGHUP: reloaded %s", ", ".join(changed) or "nothing (no live setting changed)")
+        if needs_restart:
+            log.warning("SIGHUP: changed but only applied after a restart: [%s]", "], [".join(needs_restart))
+
+
+def _changed_fields(old: object, new: object, section: str) -> list[str]:
+    return [
+        f"{section}.{f.name} {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+        for f in dataclasses.fields(old)  # type: ignore[arg-type]
+        if getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
+def _secret_values(secrets: Secrets) -> list[Secret]:
+    values = (getattr(secrets, f.name) for f in dataclasses.fields(secrets))
+    return [v for v in values if v is not None]
+
+
+def _say(line: str) -> None:
+    log.info("%s", line)

@@ -1,0 +1,60 @@
+"""`nightlab demo`: a short offline night on this machine, through the real daemon.
+
+Embedded defaults, the offline choices of config.example.toml: the `stdlib` corpus (built from
+Python's own sources, no download), the search proposer (no LLM), the console channel (digests
+printed here) and the `tiny` profile (a 15-second budget per run, on the CPU or, when there is
+one, the GPU). The daemon runs the baseline plus N experiments and stops by itself; then the
+report (markdown) and the progress chart (PNG) are written and their paths printed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from nightlab.heartbeat.daemon import Daemon, DaemonOptions
+from nightlab.heartbeat.report import write_report
+from nightlab.loop.config import load_settings
+from nightlab.loop.store import Store, state_dir
+
+DEMO_CONFIG = """\
+# written by `nightlab demo`; run it again with:
+#   nightlab run --config {config} --max-experiments N
+[workspace]
+path = "{workspace}"
+
+[data]
+source = "stdlib"
+
+[trainer]
+profile = "tiny"
+
+[proposer]
+kind = "search"
+
+[heartbeat]
+check_interval = 2.0
+run_timeout = 180.0       # a tiny run takes well under a minute
+stall_after = 90.0
+report_time = ""          # the report is written at the end instead
+"""
+
+
+def run_demo(workspace: Path | None, experiments: int) -> int:
+    workspace = (Path(workspace) if workspace else Path(tempfile.mkdtemp(prefix="nightlab-demo-")) / "ws")
+    workspace = workspace.expanduser().resolve()
+    # Inside the workspace's state folder: never part of the git tree the loop works on.
+    config = state_dir(workspace) / "demo.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(DEMO_CONFIG.format(config=config, workspace=workspace))
+    settings = load_settings(config)
+    total = settings.loop.baseline_runs + experiments
+    print(f"nightlab demo: workspace {workspace}\n"
+          f"  baseline + {experiments} experiments with the tiny profile; digests follow")
+    code = Daemon(settings, DaemonOptions(max_experiments=total)).run()
+    report = write_report(workspace, Store.for_workspace(workspace), settings.project)
+    print(f"\nreport: {report.markdown_path}")
+    if report.chart_path is not None:
+        print(f"chart:  {report.chart_path}")
+    print(f"config: {config} (nightlab run --config {config} --max-experiments N to go on)")
+    return code

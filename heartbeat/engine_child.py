@@ -1,0 +1,119 @@
+"""The engine as a child process of the daemon, so the heartbeat can really stop it.
+
+Why a process and not a thread: a Python thread cannot be killed from outside. An engine stuck in
+a blocking call (a hung git, an sqlite lock, a deadlock in a library) would stay stuck forever and
+the heartbeat could only watch. A child process can be terminated and, if it ignores that,
+SIGKILLed; its replacement rebuilds everything from the state store, which is built for exactly
+that (every step of a cycle is idempotent from its recorded phase).
+
+The engine gets its own process group so a stop also takes down whatever it started itself
+(git, a coding agent), while training runs, which the executor starts in their own sessions, are
+left running for the next engine to re-attach.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+from nightlab.loop.lock import holder
+
+log = logging.getLogger(__name__)
+
+ENGINE_STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL: the engine stops at its next checkpoint (~1 s)
+
+
+def engine_argv(config: Path, workspace: Path, max_experiments: int | None,
+                program: Sequence[str] | None = None) -> list[str]:
+    """The engine's command line (ARCHITECTURE.md: engine entry point); `program` replaces
+    `python -m nightlab.loop.engine`, e.g. with a fake engine in tests."""
+    argv = list(program or (sys.executable, "-m", "nightlab.loop.engine"))
+    argv += ["--config", str(config), "--workspace", str(workspace)]
+    if max_experiments is not None:
+        argv += ["--max-experiments", str(max_experiments)]
+    return argv
+
+
+class EngineProcess:
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopped = False  # its group was killed; never signal that pgid again (pid reuse)
+        self.started_at = 0.0  # the heartbeat gives a fresh engine this long before expecting ticks
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def start(self) -> None:
+        # stdout/stderr are inherited: the engine's log lines land in the daemon's journal.
+        self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._stopped = False
+        self.started_at = time.time()
+        log.info("engine started (pid %d)", self._proc.pid)
+
+    def poll(self) -> int | None:
+        """None while running (or never started); the exit code once it has ended."""
+        if self._proc is None:
+            return None
+        return self._proc.poll()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM the engine's process group, SIGKILL it after `grace_s`; returns the exit code."""
+        proc = self._proc
+        if proc is None or self._stopped:
+            return None if proc is None else proc.poll()
+        if proc.poll() is None:
+            _killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("engine (pid %d) ignored SIGTERM for %.0fs; killing it", proc.pid, grace_s)
+        # Also when the leader has exited: helpers it started may still be in the group.
+        _killpg(proc.pid, signal.SIGKILL)
+        self._stopped = True
+        return proc.wait()
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_leftover_engine(workspace: Path, grace_s: float) -> int | None:
+    """Stop an engine left over by a previous daemon; returns its pid, None when there was none.
+
+    Under the daemon lock no other daemon lives, so an engine holding the workspace's engine lock
+    is an orphan (the daemon was SIGKILLed, or systemd restarted it with KillMode=process). It
+    would exit by itself at its next checkpoint, but a frozen one never would, and it would keep
+    every new engine from starting.
+    """
+    pid = holder(workspace)
+    if pid is None or pid <= 0:
+        return None
+    log.warning("stopping an engine left over by a previous daemon (pid %d)", pid)
+    try:
+        proc = psutil.Process(pid)
+        group = os.getpgid(pid) == pid  # our engines lead their own group (start_new_session)
+        _killpg(pid, signal.SIGTERM) if group else proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except psutil.TimeoutExpired:
+            _killpg(pid, signal.SIGKILL) if group else proc.kill()
+            proc.wait(grace_s)
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        pass
+    return pid

@@ -1,0 +1,299 @@
+"""The heartbeat: the checks the daemon's APScheduler runs, and their schedule.
+
+Each check is a method that reads the state store, decides, and acts; none of them records an
+experiment (that is the engine's job, ARCHITECTURE.md "kill protocol"). The checks run in the
+scheduler's worker threads, so they must stay correct if one of them blocks for a while (killing
+a process tree waits for it to die): each job has max_instances=1 and coalesces missed runs.
+
+- check_runs:   a run past run_timeout, or whose log has not grown for stall_after, is marked with
+                the reason and cancelled through the executor (its whole process tree).
+- check_engine: the engine child exited, or has not ticked for loop_stall_after -> killed and
+                restarted from durable state; at most max_restarts_per_hour restarts in any hour,
+                beyond that the loop is paused and an alert raised instead. A paused engine is
+                watched too: it still ticks at every checkpoint (it has to, to hear /resume), so a
+                paused engine that stops ticking is frozen, and only a restart gets /resume heard.
+- check_host:   free disk under min_free_disk_gb -> pause + alert (once per episode); GPU status.
+- notify:       systemd STATUS= every beat, WATCHDOG=1 only while the checks above are passing.
+- daily_report: a `report` event at report_time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from nightlab.heartbeat.engine_child import ENGINE_STOP_GRACE_S, EngineProcess
+from nightlab.heartbeat.health import free_disk_gb, gpu_report
+from nightlab.heartbeat.report import write_report
+from nightlab.heartbeat.sdnotify import Notifier
+from nightlab.loop import ledger, views
+from nightlab.loop.config import HeartbeatSettings, Settings
+from nightlab.loop.executor import Executor, RunHandle
+from nightlab.loop.store import Store
+
+log = logging.getLogger(__name__)
+
+RUN_CANCEL_GRACE_S = 10.0  # SIGTERM -> SIGKILL for a run's tree: lets a trainer flush its log
+HOUR_S = 3600.0
+# The watchdog is withheld when the supervision passes themselves stop completing: longer than
+# this beyond their interval means a check is stuck (e.g. on a locked database).
+SUPERVISION_SLACK_S = 30.0
+
+
+def fmt_duration(seconds: float) -> str:
+    """600 -> '10m00s' (the form used in kill reasons and messages)."""
+    total = round(seconds)
+    return f"{total // 60}m{total % 60:02d}s"
+
+
+@dataclass
+class RestartWindow:
+    """Engine restarts in the last hour, to tell recovering from flapping."""
+
+    times: deque[float] = field(default_factory=deque)
+
+    def count(self, now: float) -> int:
+        while self.times and self.times[0] <= now - HOUR_S:
+            self.times.popleft()
+        return len(self.times)
+
+    def add(self, now: float) -> int:
+        self.times.append(now)
+        return self.count(now)
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        settings: Settings,
+        workspace: Path,
+        store: Store,
+        executor: Executor,
+        engine: EngineProcess,
+        notifier: Notifier,
+        on_engine_finished: Callable[[], None],
+    ) -> None:
+        self.settings = settings  # replaced on SIGHUP (the daemon's reload), then schedule() again
+        self.workspace = workspace
+        self.store = store
+        self.executor = executor
+        self.engine = engine
+        self.notifier = notifier
+        self.on_engine_finished = on_engine_finished
+        self.restarts = RestartWindow()
+        self.supervising = False  # False until the engine has been started (data prep before)
+        self.startup_status = "starting"
+        self._last_pass = time.time()
+        self._flapping = False  # we paused the loop for flapping; cleared by the next restart
+        self._low_disk = False  # we alerted about disk; cleared when space is back
+        self._engine_lock = threading.Lock()  # check_engine vs. the daemon's own start/stop
+
+    @property
+    def limits(self) -> HeartbeatSettings:
+        return self.settings.heartbeat
+
+    # -- scheduling ------------------------------------------------------------------------------
+    def schedule(self, scheduler: BaseScheduler) -> None:
+        """Add (or, after a reload, replace) every job with the current limits."""
+        every = self.limits.check_interval
+        common = {"max_instances": 1, "coalesce": True, "replace_existing": True,
+                  # a beat late by more than one interval is skipped: the next one comes soon
+                  "misfire_grace_time": max(1, int(every))}
+        beat = IntervalTrigger(seconds=every)
+        scheduler.add_job(self.check_runs, beat, id="check_runs", **common)
+        scheduler.add_job(self.check_engine, beat, id="check_engine", **common)
+        scheduler.add_job(self.check_host, IntervalTrigger(seconds=max(every, 30.0)), id="check_host",
+                          next_run_time=_now_dt(), **common)
+        if self.notifier.enabled:
+            notify_every = min(every, self.notifier.watchdog_interval or every)
+            scheduler.add_job(self.notify, IntervalTrigger(seconds=notify_every), id="notify",
+                              next_run_time=_now_dt(), **common)
+        if self.limits.report_time:
+            hour, minute = self.limits.report_time.split(":")
+            scheduler.add_job(self.daily_report, CronTrigger(hour=int(hour), minute=int(minute)),
+                              id="daily_report", **{**common, "misfire_grace_time": 3600})
+        elif scheduler.get_job("daily_report"):
+            scheduler.remove_job("daily_report")
+
+    # -- runs ------------------------------------------------------------------------------------
+    def check_runs(self) -> None:
+        # Active from the start, engine or not: a run left over by a crashed daemon is bounded too.
+        now = time.time()
+        records = ledger.running_runs(self.store)
+        handles = {r.id: RunHandle.from_json(r.handle) for r in records}
+        # The engine may not have noticed an exit yet (it may be the frozen one); only a process
+        # that is still running may be killed, or a finished run would be turned into a crash.
+        statuses = self.executor.poll(list(handles.values())) if handles else {}
+        for run in records:
+            handle = handles[run.id]
+            if statuses[handle.key].state != "running":
+                continue
+            reason = self._kill_reason(run, now)
+            if reason is None:
+                continue
+            # The first reason wins (mark_kill); cancelling again on later beats is harmless and
+            # finishes a kill that a crash of ours interrupted.
+            if ledger.mark_kill(self.store, run.id, reason):
+                log.warning("run %d (pid %d): %s; killing its process tree", run.id, handle.pid, reason)
+            self.executor.cancel(handle, grace_s=RUN_CANCEL_GRACE_S)
+        self._last_pass = time.time()
+
+    def _kill_reason(self, run: ledger.RunRecord, now: float) -> str | None:
+        if now - run.started_at > self.limits.run_timeout:
+            return f"timeout after {fmt_duration(self.limits.run_timeout)}"
+        try:
+            last_output = max(run.started_at, Path(run.log_path).stat().st_mtime)
+        except OSError:  # no log yet: silent since it started
+            last_output = run.started_at
+        if now - last_output > self.limits.stall_after:
+            return f"stalled: no output for {fmt_duration(self.limits.stall_after)}"
+        return None
+
+    # -- engine ----------------------------------------------------------------------------------
+    def check_engine(self) -> None:
+        if not self.supervising:
+            return
+        with self._engine_lock:
+            code = self.engine.poll()
+            if code is not None:
+                if code == 0 and self.store.get("engine.finished"):
+                    log.info("engine finished (max experiments reached)")
+                    self.supervising = False
+                    self.on_engine_finished()
+                    return
+                self._restart(f"engine exited with code {code}")
+            else:
+                age = self._tick_age(time.time())
+                if age > self.limits.loop_stall_after:
+                    self._restart(f"engine stalled: no progress for {fmt_duration(age)}")
+        self._last_pass = time.time()
+
+    def start_engine(self) -> None:
+        with self._engine_lock:
+            self.engine.start()
+            self.supervising = True
+
+    def stop_engine(self) -> None:
+        with self._engine_lock:
+            self.supervising = False
+            self.engine.stop(ENGINE_STOP_GRACE_S)
+
+    def _restart(self, reason: str) -> None:
+        if not self._flapping:  # while flapping this comes every beat; said once is enough
+            log.warning("%s", reason)
+        self.engine.stop(ENGINE_STOP_GRACE_S)
+        now = time.time()
+        if self.restarts.count(now) >= self.limits.max_restarts_per_hour:
+            # Flapping. Restarts resume on their own as old ones age out of the hour, so a
+            # paused engine comes back to hear /resume; until then nothing runs.
+            if not self._flapping:
+                self._flapping = True
+                text = (f"the engine needed {self.restarts.count(now)} restarts within an hour"
+                        f" (last: {reason}); the loop is paused. Check the logs, then /resume.")
+                self._pause(text)
+                self.store.emit("self_paused", reason=text)
+                self.store.emit("alert", text=text)
+                log.error("%s", text)
+            return
+        self._flapping = False
+        self.engine.start()
+        count = self.restarts.add(now)
+        self.store.emit("engine_restarted", restarts_last_hour=count, reason=reason)
+        log.warning("engine restarted (%d in the last hour)", count)
+
+    def _tick_age(self, now: float) -> float:
+        # A fresh engine has not ticked yet; its start counts as its first sign of life.
+        return now - max(float(self.store.get("engine.tick", 0.0) or 0.0), self.engine.started_at)
+
+    def _paused(self) -> bool:
+        return ledger.paused(self.store) is not None
+
+    def _pause(self, reason: str) -> None:
+        if not self._paused():  # an operator's pause (and its reason) stays as it is
+            ledger.set_paused(self.store, "heartbeat", reason, None)
+
+    # -- host ------------------------------------------------------------------------------------
+    def check_host(self) -> None:
+        low = {str(p): free_disk_gb(p) for p in (self.workspace, self.settings.cache_path)}
+        low = {p: gb for p, gb in low.items() if gb < self.limits.min_free_disk_gb}
+        if low and not self._low_disk:
+            where = ", ".join(f"{p} has {gb:.1f} GB free" for p, gb in low.items())
+            text = (f"low disk: {where} (minimum {self.limits.min_free_disk_gb:g} GB); the loop is"
+                    " paused. Free some space, then /resume.")
+            self._pause(text)
+            self.store.emit("alert", text=text)
+            log.error("%s", text)
+        self._low_disk = bool(low)
+        self.store.set("host.gpus", gpu_report(self._own_pids()))
+
+    def _own_pids(self) -> set[int]:
+        roots = [RunHandle.from_json(r.handle).pid for r in ledger.running_runs(self.store)]
+        if self.engine.pid is not None:
+            roots.append(self.engine.pid)
+        pids: set[int] = set()
+        for pid in roots:
+            try:
+                proc = psutil.Process(pid)
+                pids.update([pid, *(c.pid for c in proc.children(recursive=True))])
+            except psutil.NoSuchProcess:
+                continue
+        return pids
+
+    # -- systemd ---------------------------------------------------------------------------------
+    def healthy(self) -> bool:
+        """What WATCHDOG=1 vouches for: the supervision passes complete, and the engine is ticking
+        (paused or not) or deliberately not running (not started yet, finished, or held back by
+        the flapping protection, with the loop paused)."""
+        if not self.supervising:
+            return True
+        now = time.time()
+        if now - self._last_pass > 2 * self.limits.check_interval + SUPERVISION_SLACK_S:
+            return False
+        return self._flapping or (
+            self.engine.running and self._tick_age(now) <= self.limits.loop_stall_after
+        )
+
+    def notify(self) -> None:
+        text = self.startup_status
+        if self.supervising:
+            try:
+                text = views.status_line(self.workspace)
+            except Exception as exc:  # noqa: BLE001 - a broken status line must not silence the watchdog
+                log.warning("status line unavailable: %r", exc)
+                text = "running (status unavailable)"
+        self.notifier.status(text, watchdog=self.healthy())
+
+    # -- report ----------------------------------------------------------------------------------
+    def daily_report(self) -> None:
+        report = write_report(self.workspace, self.store, self.settings.project)
+        self.store.emit("report", markdown=report.markdown,
+                        chart_path=str(report.chart_path) if report.chart_path else None)
+        log.info("daily report written to %s", report.markdown_path)
+
+
+def _now_dt() -> datetime:
+    return datetime.now(UTC)
+
+
+JOB_PROBLEMS = EVENT_JOB_ERROR | EVENT_JOB_MISSED
+
+
+def log_job_problem(event: JobExecutionEvent) -> None:
+    """Scheduler listener (mask JOB_PROBLEMS)."""
+    # The scheduler keeps going after a failed job; the error is ours to report.
+    if event.exception is not None:
+        log.error("heartbeat job %s failed: %r\n%s", event.job_id, event.exception,
+                  event.traceback or "")
+    else:
+        log.warning("heartbeat job %s missed its time (host suspended or overloaded?)", event.job_id)

@@ -1,0 +1,35 @@
+"""The session report as files: the loop's markdown report and the bot's progress chart.
+
+Used by the daily report job (the event carries both, the bot sends them) and by the demo.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nightlab.bot.plots import progress_chart
+from nightlab.loop import ledger, views
+from nightlab.loop.config import ProjectSettings
+from nightlab.loop.store import Store, state_dir
+
+
+@dataclass(frozen=True)
+class Report:
+    markdown: str
+    markdown_path: Path
+    chart_path: Path | None  # None until there is an experiment to plot
+
+
+def write_report(workspace: Path, store: Store, project: ProjectSettings) -> Report:
+    folder = state_dir(workspace) / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    markdown = views.report_markdown(workspace)
+    markdown_path = folder / f"report-{stamp}.md"
+    markdown_path.write_text(markdown)
+    points = ledger.experiments(store)
+    chart = (progress_chart(points, folder / f"progress-{stamp}.png", project.metric, project.direction)
+             if points else None)
+    return Report(markdown, markdown_path, chart)

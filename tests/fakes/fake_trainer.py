@@ -1,0 +1,34 @@
+"""A trainer that misbehaves, for the heartbeat's tests.
+
+    python fake_trainer.py hang   PIDFILE   # prints forever (never stalls), never finishes
+    python fake_trainer.py silent PIDFILE   # one line, then nothing, never finishes
+
+Both first start a child of their own (a stand-in for a dataloader worker) and write
+"<own pid> <child pid>" to PIDFILE, so a test can check that the whole tree was killed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+
+def main() -> None:
+    mode, pidfile = sys.argv[1], sys.argv[2]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {child.pid}\n")
+    os.replace(pidfile + ".tmp", pidfile)
+    print("step 0: starting", flush=True)
+    step = 0
+    while True:
+        time.sleep(0.2)
+        if mode == "hang":
+            step += 1
+            print(f"step {step}: still going", flush=True)
+
+
+if __name__ == "__main__":
+    main()

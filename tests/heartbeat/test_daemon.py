@@ -1,0 +1,115 @@
+"""The daemon process: one per workspace, signals, a clean end after --max-experiments."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nightlab.loop import ledger
+from nightlab.loop.executor import RunHandle
+from nightlab.loop.store import Store
+
+from tests.heartbeat.conftest import FAKES, Harness, gone, wait_for, write_config
+
+
+def test_second_daemon_is_refused_and_the_first_ends_after_max_experiments(
+    harness: Harness, tmp_path: Path
+) -> None:
+    first = harness.start("--finish-after", "3", max_experiments=1)
+    wait_for(lambda: first.store.get("engine.tick"), what="the engine to tick")
+
+    second = subprocess.run(
+        [sys.executable, "-m", "nightlab.heartbeat.cli", "run",
+         "--config", str(write_config(tmp_path / "second.toml")), "--workspace", str(first.workspace)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert second.returncode != 0
+    assert f"nightlab is already running for {first.workspace} (pid {first.proc.pid})" in second.stderr
+
+    assert first.proc.wait(timeout=30) == 0  # the engine finished: the daemon stops by itself
+    assert "engine finished" in first.log()
+    assert first.store.get("fake_engine.max_experiments") == 1
+
+
+def test_sigterm_stops_within_the_bound_and_leaves_the_run_running(
+    harness: Harness, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "trainer.pids"
+    trainer = f"{sys.executable} {FAKES / 'fake_trainer.py'} hang {pidfile}"
+    daemon = harness.start("--launch-run", trainer)
+    wait_for(pidfile.exists, what="the run to start")
+    run_pids = [int(p) for p in pidfile.read_text().split()]
+    harness.cleanup_pids.extend(run_pids)
+    engine_pid = daemon.store.get("fake_engine.starts")[0]
+
+    # SIGHUP first: the heartbeat limits are reloaded live
+    write_config(tmp_path / "daemon.toml", run_timeout=500.0)
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded heartbeat.run_timeout 600.0 -> 500.0" in daemon.log(), what="reload")
+
+    started = time.monotonic()
+    assert daemon.stop(timeout=30) == 0
+    assert time.monotonic() - started < 25  # bot + engine bounds (10 s each) plus slack
+    assert "stopping: SIGTERM" in daemon.log()
+    wait_for(lambda: gone(engine_pid), timeout=5, what="the engine to be gone")
+    # the run goes on, unmarked, for the next start to re-attach
+    assert not any(gone(p) for p in run_pids)
+    run = ledger.get_run(daemon.store, 1)
+    assert (run.state, run.kill_reason) == ("running", None)
+
+
+def test_an_engine_left_over_by_a_previous_daemon_is_stopped_first(harness: Harness, tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    leftover = subprocess.Popen([sys.executable, str(FAKES / "fake_engine.py"), "--config", "unused",
+                                 "--workspace", str(workspace)])
+    harness.cleanup_pids.append(leftover.pid)
+    store = Store.for_workspace(workspace)
+    wait_for(lambda: store.get("engine.tick"), what="the leftover engine to hold the lock")
+
+    daemon = harness.start()
+    assert leftover.wait(timeout=20) is not None
+    wait_for(lambda: len(store.get("fake_engine.starts", [])) == 2, what="the daemon's own engine")
+    assert f"stopping an engine left over by a previous daemon (pid {leftover.pid})" in daemon.log()
+    assert daemon.stop() == 0
+
+
+STUB_TRAIN = """\
+import time
+
+LEARNING_RATE = 0.1
+for step in range(25):
+    print(f"step {step}", flush=True)
+    time.sleep(0.1)
+print("---")
+print(f"val_bpb: {1.0 + abs(LEARNING_RATE - 0.05):.6f}")
+"""
+
+
+def test_the_next_start_reattaches_to_the_run_a_sigterm_left_running(
+    harness: Harness, tmp_path: Path
+) -> None:
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "train.py").write_text(STUB_TRAIN)
+    subprocess.run(["git", "init", "-q", str(workspace)], check=True)
+    project = (f'[project]\nrun_command = "{sys.executable} train.py"\nprotected = []\n'
+               '[loop]\ncheckpoint_interval = 0.2\n')
+    first = harness.start(real_engine=True, extra_config=project, max_experiments=2)
+    store = first.store
+    run = wait_for(lambda: (ledger.running_runs(store) or [None])[0], timeout=60, what="the baseline run")
+    handle = RunHandle.from_json(run.handle)
+    harness.cleanup_pids.append(handle.pid)
+    assert first.stop() == 0
+    assert not gone(handle.pid)  # the run outlived the daemon and its engine
+
+    second = harness.start(real_engine=True, extra_config=project, max_experiments=2, name="second")
+    assert second.proc.wait(timeout=90) == 0, second.log()
+    again = ledger.get_run(store, run.id)
+    assert (again.state, again.exit_code, again.kill_reason) == ("exited", 0, None)
+    numbers = [e.number for e in ledger.experiments(store)]
+    assert numbers == [1, 2]  # the re-attached baseline recorded once, then one more experiment
+    assert len(store.connection().execute("SELECT id FROM runs").fetchall()) == 2

@@ -1,0 +1,132 @@
+"""The heartbeat's small parts in-process: sd_notify, the restart window, host health, logging,
+the systemd unit."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from nightlab.heartbeat.engine_child import EngineProcess
+from nightlab.heartbeat.health import free_disk_gb, gpu_report
+from nightlab.heartbeat.jobs import Heartbeat, RestartWindow, fmt_duration
+from nightlab.heartbeat.logsetup import DaemonFormatter
+from nightlab.heartbeat.sdnotify import Notifier
+from nightlab.heartbeat.service import render_unit
+from nightlab.loop import ledger
+from nightlab.loop.config import (
+    HeartbeatSettings,
+    Secret,
+    load_settings,
+    settings_from_table,
+)
+from nightlab.loop.executor import LocalExecutor
+from nightlab.loop.store import Store
+
+
+def test_durations_read_like_the_kill_reasons() -> None:
+    assert fmt_duration(600) == "10m00s"
+    assert fmt_duration(180) == "3m00s"
+    assert fmt_duration(3.2) == "0m03s"
+
+
+def test_restart_window_forgets_restarts_older_than_an_hour() -> None:
+    window = RestartWindow()
+    assert window.add(0.0) == 1 and window.add(1800.0) == 2
+    assert window.count(3600.5) == 1
+
+
+@pytest.mark.parametrize("abstract", [True, False])
+def test_notifier_sends_datagrams_to_path_and_abstract_sockets(abstract: bool) -> None:
+    folder = tempfile.mkdtemp(dir="/tmp")  # AF_UNIX paths are limited to 108 bytes
+    try:
+        name = f"@nightlab-parts-{os.getpid()}" if abstract else f"{folder}/notify"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind("\0" + name[1:] if abstract else name)
+            env = {"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "60000000", "WATCHDOG_PID": str(os.getpid())}
+            notifier = Notifier.from_environ(env)
+            assert env == {}  # children must not inherit them
+            assert notifier.watchdog_interval == 30.0
+            assert notifier.ready("up")
+            assert notifier.status("exp #1\nrunning", watchdog=True)
+            assert notifier.stopping("bye")
+            got = [sock.recv(1024).decode() for _ in range(3)]
+        assert got == ["READY=1\nSTATUS=up", "STATUS=exp #1 running\nWATCHDOG=1", "STOPPING=1\nSTATUS=bye"]
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_notifier_is_silent_outside_systemd_and_ignores_a_watchdog_meant_for_another_pid() -> None:
+    assert not Notifier.from_environ({}).send(READY="1")
+    other = Notifier.from_environ({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+    assert other.watchdog_interval is None
+
+
+def test_gpu_report_says_why_it_is_unavailable() -> None:
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        report = gpu_report(set())
+        assert report == {"available": False, "reason": "nvidia-ml-py is not installed", "gpus": []}
+    else:
+        assert "available" in gpu_report(set())
+
+
+def test_low_disk_pauses_and_alerts_once(tmp_path: Path) -> None:
+    base = settings_from_table({"data": {"cache_dir": str(tmp_path / "cache")}})
+    settings = dataclasses.replace(base, heartbeat=HeartbeatSettings(min_free_disk_gb=1e9))
+    store = Store.for_workspace(tmp_path)
+    beat = Heartbeat(settings, tmp_path, store, LocalExecutor(), EngineProcess(["true"]),
+                     Notifier(None), on_engine_finished=lambda: None)
+    assert free_disk_gb(tmp_path / "cache" / "not-yet") > 0  # measured on the nearest parent
+    beat.check_host()
+    beat.check_host()
+    alerts = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
+    assert len(alerts) == 1 and alerts[0].startswith("low disk: ")
+    paused = ledger.paused(store)
+    assert paused is not None and paused.by == "heartbeat"
+    assert store.get("host.gpus")["available"] in (True, False)
+
+
+def test_log_lines_never_show_a_secret_and_carry_journald_priorities() -> None:
+    token = Secret("123456:SECRET-TOKEN")
+    formatter = DaemonFormatter(journal=True, secrets=[token])
+    try:
+        raise RuntimeError(f"POST https://api.telegram.org/bot{token.reveal()}/getUpdates failed")
+    except RuntimeError:
+        record = logging.LogRecord("nightlab.bot", logging.WARNING, __file__, 1,
+                                   "url %s", (f"/bot{token.reveal()}/x",), sys.exc_info())
+    text = formatter.format(record)
+    assert "SECRET-TOKEN" not in text and "/bot***/x" in text
+    assert all(line.startswith("<4>") for line in text.splitlines())
+
+
+@pytest.mark.parametrize("user", [False, True])
+def test_the_unit_matches_the_reattach_design(tmp_path: Path, user: bool) -> None:
+    config = tmp_path / "nightlab.toml"
+    config.write_text(
+        '[telegram]\ntoken = { file = "$CREDENTIALS_DIRECTORY/telegram" }\noperators = [1]\n'
+    )
+    load_settings(config)  # a valid config
+    unit = render_unit(config, user=user, run_as="alice", executable=["/opt/venv/bin/nightlab"])
+    lines = set(unit.splitlines())
+    for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=60", "Restart=on-failure",
+                 "KillMode=process", f"ExecStart=/opt/venv/bin/nightlab run --config {config}",
+                 f"WorkingDirectory={tmp_path}", "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert line in lines, line
+    assert ("User=alice" in lines) is not user
+    assert any(line.startswith("LoadCredential=telegram:") for line in lines)
+    assert ("WantedBy=default.target" if user else "WantedBy=multi-user.target") in lines
+    verify = shutil.which("systemd-analyze")
+    if verify and not user:
+        path = tmp_path / "nightlab.service"
+        path.write_text(unit.replace("/opt/venv/bin/nightlab", "/bin/true"))
+        out = subprocess.run([verify, "verify", str(path)], capture_output=True, text=True, check=False)
+        assert "nightlab.service:" not in out.stderr, out.stderr

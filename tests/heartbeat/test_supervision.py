@@ -1,0 +1,134 @@
+"""The heartbeat against real processes: run timeout, stalled run, frozen engine, flapping,
+and what systemd hears meanwhile."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from nightlab.loop import ledger
+from nightlab.loop.executor import RunHandle
+from nightlab.loop.store import Store
+
+from tests.heartbeat.conftest import FAKES, Harness, gone, wait_for
+
+
+def _trainer(mode: str, pidfile: Path) -> str:
+    return f"{sys.executable} {FAKES / 'fake_trainer.py'} {mode} {pidfile}"
+
+
+def _tree(harness: Harness, pidfile: Path, store: Store) -> list[int]:
+    """The executor's wrapper shell, the trainer, and the trainer's own child (cleaned up after)."""
+    wait_for(pidfile.exists, what="the trainer to start")
+    wrapper = RunHandle.from_json(ledger.get_run(store, 1).handle).pid
+    pids = [wrapper, *(int(p) for p in pidfile.read_text().split())]
+    harness.cleanup_pids.extend(pids)
+    return pids
+
+
+@pytest.mark.parametrize(
+    ("mode", "limits", "reason"),
+    [
+        ("hang", {"run_timeout": 2.0}, "timeout after 0m02s"),
+        ("silent", {"stall_after": 1.0}, "stalled: no output for 0m01s"),
+    ],
+)
+def test_misbehaving_run_is_killed_with_its_whole_tree(
+    harness: Harness, tmp_path: Path, mode: str, limits: dict, reason: str
+) -> None:
+    pidfile = tmp_path / "trainer.pids"
+    daemon = harness.start("--launch-run", _trainer(mode, pidfile), **limits)
+    pids = _tree(harness, pidfile, daemon.store)
+    assert len(pids) == 3 and not any(gone(p) for p in pids)
+
+    wait_for(lambda: all(gone(p) for p in pids), what="every process of the run to be gone")
+    run = ledger.get_run(daemon.store, 1)
+    assert run.kill_reason == reason
+    # the (fake) engine saw it end and recorded it, as the real one does
+    wait_for(lambda: ledger.get_run(daemon.store, 1).state == "exited", what="the run recorded")
+    assert daemon.proc.poll() is None  # the daemon goes on
+    assert daemon.stop() == 0
+
+
+class _NotifySocket:
+    """An abstract AF_UNIX datagram socket standing in for systemd; keeps (time, fields)."""
+
+    def __init__(self) -> None:
+        self.address = f"@nightlab-test-{os.getpid()}-{time.monotonic_ns()}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.address[1:])
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._done.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((time.time(), fields))
+
+    def fields(self) -> list[str]:
+        return [k for _, fields in self.messages for k in fields]
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def test_frozen_engine_is_restarted_and_the_watchdog_pauses_meanwhile(harness: Harness) -> None:
+    notify = _NotifySocket()
+    try:
+        env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000"}  # pings every 0.2 s
+        daemon = harness.start("--freeze-first", env=env, loop_stall_after=1.5)
+        restarted = wait_for(lambda: daemon.events("engine_restarted"), what="engine_restarted")
+        assert restarted[0]["restarts_last_hour"] == 1
+        assert restarted[0]["reason"].startswith("engine stalled: no progress for")
+        # the second engine carries on: it ticks
+        tick = wait_for(lambda: len(daemon.store.get("fake_engine.starts", [])) == 2
+                        and daemon.store.get("engine.tick"), what="the new engine")
+        wait_for(lambda: daemon.store.get("engine.tick") > tick, what="the new engine to tick")
+        resumed = time.time()
+        wait_for(lambda: any(t > resumed and "WATCHDOG" in f for t, f in notify.messages),
+                 what="watchdog pings to resume")
+        assert daemon.stop() == 0
+        wait_for(lambda: "STOPPING" in notify.fields(), timeout=5, what="STOPPING=1")
+    finally:
+        notify.close()
+
+    keys = notify.fields()
+    assert keys[0] == "READY"
+    assert keys.index("READY") < keys.index("STATUS") < keys.index("WATCHDOG") < keys.index("STOPPING")
+    assert "STOPPING" not in keys[: keys.index("STOPPING")] and keys[-2:] == ["STOPPING", "STATUS"]
+    # While the frozen engine was being dealt with, STATUS went on without WATCHDOG=1 ...
+    pings = ["WATCHDOG" in f for _, f in notify.messages if "STATUS" in f and "READY" not in f]
+    first_ping = pings.index(True)
+    gap = max(len(run) for run in "".join("W" if p else "." for p in pings[first_ping:]).split("W"))
+    assert gap >= 3, pings
+    # ... and resumed once the new engine ticked.
+    assert pings[-2] is True or pings[-3] is True
+
+
+def test_flapping_engine_pauses_the_loop_and_alerts_once(harness: Harness) -> None:
+    daemon = harness.start("--always-die", max_restarts_per_hour=2)
+    wait_for(lambda: daemon.events("self_paused"), what="self_paused")
+    restarts = daemon.events("engine_restarted")
+    assert [r["restarts_last_hour"] for r in restarts] == [1, 2]
+    assert all(r["reason"] == "engine exited with code 3" for r in restarts)
+    paused = ledger.paused(daemon.store)
+    assert paused is not None and paused.by == "heartbeat"
+    time.sleep(1.0)  # several more beats: no further restarts, no repeated alert
+    assert len(daemon.store.get("fake_engine.starts")) == 3
+    assert len(daemon.events("alert")) == 1 and len(daemon.events("self_paused")) == 1
+    assert "the loop is paused" in daemon.events("alert")[0]["text"]
+    assert daemon.stop() == 0
