@@ -30,6 +30,7 @@ def progress_chart(
     matplotlib.use("Agg")  # off-screen: the daemon has no display
     import matplotlib.pyplot as plt
     from matplotlib.transforms import blended_transform_factory
+    from matplotlib.ticker import MaxNLocator
 
     better = min if direction == "minimize" else max
     measured = [p for p in points if p.metric is not None and p.status != "crash"]
@@ -60,6 +61,7 @@ def progress_chart(
             last = max(p.number for p in points)
             ax.step([*xs, last], [*ys, ys[-1]], where="post", c="#2ca02c", lw=1.5,
                     label="running best", zorder=2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("experiment #")
         ax.set_ylabel(f"{metric_name} ({'lower' if direction == 'minimize' else 'higher'} is better)")
         ax.set_title(f"{len(points)} experiments, {len(kept)} kept")

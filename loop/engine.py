@@ -360,7 +360,8 @@ class Engine:
         event = {
             "number": exp.number, "status": exp.status, "metric_name": self.metric_name,
             "metric": exp.metric, "best": exp.best, "previous_best": previous,
-            "delta": None if exp.best is None or previous is None else exp.best - previous,
+            # this result against the best before it: what a reader wants to see for any status
+            "delta": None if exp.metric is None or previous is None else exp.metric - previous,
             "new_best": new_best, "description": exp.description, "hypothesis": exp.hypothesis,
             "area": exp.area, "duration_s": exp.duration_s, "peak_vram_mb": exp.metrics.get("peak_vram_mb"),
             "mfu_percent": exp.metrics.get("mfu_percent"), "confidence": exp.confidence, "focus": exp.focus,
@@ -426,6 +427,15 @@ def _mtime(path: str) -> float | None:
         return None
 
 
+def _proposer_tick(store: Store, stop: threading.Event) -> None:
+    """Called about once a second while a slow proposer works (an agent, for minutes): liveness
+    for the heartbeat and a way out on stop. Steering commands wait until the proposal is in,
+    because the proposer owns the working tree until then."""
+    store.set("engine.tick", time.time())
+    if stop.is_set():
+        raise ProposalError("the engine is stopping")
+
+
 def run_engine(
     settings: Settings,
     max_experiments: int | None = None,
@@ -440,13 +450,14 @@ def run_engine(
     lock = EngineLock(ws.path)
     lock.acquire()
     try:
+        stop = stop or threading.Event()
         if proposer is None:
             from nightlab.loop.proposers import make_proposer
 
-            proposer = make_proposer(settings)
+            proposer = make_proposer(settings, tick=lambda: _proposer_tick(ws.store, stop))
         engine = Engine(
             settings, ws, executor or make_executor(settings), proposer,
-            run_environment(ws, settings, _say), stop or threading.Event(), parent_pid,
+            run_environment(ws, settings, _say), stop, parent_pid,
         )
         return engine.run(max_experiments)
     finally:

@@ -162,7 +162,8 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = _stderr)
         return ws
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is a file; give a directory for the workspace")
-    fresh = not path.exists() or not any(path.iterdir())
+    # Only our own state dir (the daemon's lock is taken before init) still counts as empty.
+    fresh = not path.exists() or all(p.name == STATE_DIRNAME for p in path.iterdir())
     if not fresh and not (path / ".git").exists():
         raise UserError(
             f"{path} exists, is not empty and is not a git repository; pick a new or empty"

@@ -127,6 +127,7 @@ def test_a_session_keeps_discards_crashes_rejects(tmp_path: Path) -> None:
     assert [p["number"] for p in started] == [1, 2, 3, 4, 8] and started[0]["kind"] == "baseline"
     finished = [e.payload for e in store.events_after(0) if e.kind == "experiment_finished"]
     assert finished[1]["new_best"] and finished[1]["delta"] == pytest.approx(-0.1)
+    assert not finished[2]["new_best"] and finished[2]["delta"] == pytest.approx(0.05)  # 0.95 vs 0.9
     assert finished[3]["log_tail"].endswith("RuntimeError: boom") and finished[2]["log_tail"] == ""
     assert finished[7]["peak_vram_mb"] == 1024.0 and finished[7]["slot"] == "cpu0"
     assert_consistent(settings)
