@@ -1,7 +1,9 @@
-"""One engine per workspace: an flock()ed file holding the owner's pid.
+"""One process per role and workspace: an flock()ed file under .nightlab/ holding the owner's pid.
 
-The kernel drops the lock when the process dies (even by SIGKILL), so a stale file never blocks
-a restart.
+flock locks belong to the open file, so the kernel drops the lock the moment the owner dies, even
+by SIGKILL: a stale file never blocks a restart. Python opens files close-on-exec, so a child
+(a training run that outlives us) never inherits the lock. The daemon and the engine each hold
+one (`daemon.lock`, `engine.lock`).
 """
 
 from __future__ import annotations
@@ -9,46 +11,71 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from nightlab.loop.errors import UserError
 from nightlab.loop.store import state_dir
 
-LOCK_FILENAME = "engine.lock"
+ENGINE_LOCK = "engine.lock"
 
 
-def lock_path(workspace: Path) -> Path:
-    return state_dir(workspace) / LOCK_FILENAME
+class LockHeld(UserError):
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
-class EngineLock:
-    def __init__(self, workspace: Path) -> None:
-        self.path = lock_path(workspace)
+class PidLock:
+    def __init__(self, workspace: Path, filename: str, held_message: str) -> None:
+        """`held_message` is formatted with {pid} and {workspace} when someone else holds it."""
+        self.workspace = Path(workspace)
+        self.path = state_dir(self.workspace) / filename
+        self.held_message = held_message
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        """Take the lock or raise LockHeld naming the holder's pid."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            pid = _read_pid(fd)
             os.close(fd)
-            raise UserError(
-                f"another nightlab engine (pid {holder(self.path.parents[1]) or '?'}) is running on"
-                f" {self.path.parents[1]}; stop it first (or wait for it to finish)"
-            ) from None
+            message = self.held_message.format(pid=pid or "unknown", workspace=self.workspace)
+            raise LockHeld(message, pid) from None
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # a reader never sees our pid after we are gone
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
 
-def holder(workspace: Path) -> int | None:
-    """The pid of the engine holding the workspace's lock, or None when nobody holds it."""
-    path = lock_path(workspace)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+class EngineLock(PidLock):
+    def __init__(self, workspace: Path) -> None:
+        super().__init__(
+            workspace, ENGINE_LOCK,
+            "another nightlab engine (pid {pid}) is running on {workspace}; stop it first (or wait for it to finish)",
+        )
+
+
+def holder(workspace: Path, filename: str = ENGINE_LOCK) -> int | None:
+    """The pid holding a workspace's lock, or None when nobody holds it (-1: held, pid unknown)."""
+    path = state_dir(workspace) / filename
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -58,7 +85,11 @@ def holder(workspace: Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     except BlockingIOError:
-        text = path.read_text().strip()
-        return int(text) if text.isdigit() else -1
+        return _read_pid(fd) or -1
     finally:
         os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
