@@ -301,6 +301,8 @@ def _download_shards(
         raise PrepareError(
             f"{len(errors)} of {len(missing)} shards could not be downloaded (the others are kept; "
             "rerun to resume):\n  " + "\n  ".join(sorted(errors))
+            + "\nNo network on this machine? Use the offline corpus (--source stdlib, or"
+            " [data] source = \"stdlib\") or a local folder of parquet shards (--source /path)."
         )
 
 
