@@ -39,7 +39,7 @@ from nightlab.heartbeat.report import write_report
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop import ledger, views
 from nightlab.loop.config import HeartbeatSettings, Settings
-from nightlab.loop.executor import Executor, RunHandle
+from nightlab.loop.executor import Executor, RunHandle, started_at
 from nightlab.loop.store import Store
 
 log = logging.getLogger(__name__)
@@ -145,17 +145,20 @@ class Heartbeat:
             # The first reason wins (mark_kill); cancelling again on later beats is harmless and
             # finishes a kill that a crash of ours interrupted.
             if ledger.mark_kill(self.store, run.id, reason):
-                log.warning("run %d (pid %d): %s; killing its process tree", run.id, handle.pid, reason)
+                log.warning("run %d (%s): %s; cancelling it", run.id, handle.key, reason)
             self.executor.cancel(handle, grace_s=RUN_CANCEL_GRACE_S)
         self._last_pass = time.time()
 
     def _kill_reason(self, run: ledger.RunRecord, now: float) -> str | None:
-        if now - run.started_at > self.limits.run_timeout:
+        # The clock starts when the command started (a cluster job may queue first; a requeued
+        # one starts again), per run: every slot has its own limit.
+        started = max(run.started_at, started_at(run.log_path) or 0.0)
+        if now - started > self.limits.run_timeout:
             return f"timeout after {fmt_duration(self.limits.run_timeout)}"
         try:
-            last_output = max(run.started_at, Path(run.log_path).stat().st_mtime)
+            last_output = max(started, Path(run.log_path).stat().st_mtime)
         except OSError:  # no log yet: silent since it started
-            last_output = run.started_at
+            last_output = started
         if now - last_output > self.limits.stall_after:
             return f"stalled: no output for {fmt_duration(self.limits.stall_after)}"
         return None
@@ -239,6 +242,7 @@ class Heartbeat:
 
     def _own_pids(self) -> set[int]:
         roots = [RunHandle.from_json(r.handle).pid for r in ledger.running_runs(self.store)]
+        roots = [pid for pid in roots if pid > 0]  # a cluster job has no pid here
         if self.engine.pid is not None:
             roots.append(self.engine.pid)
         pids: set[int] = set()

@@ -133,9 +133,27 @@ class ProposerSettings:
 
 
 @dataclass(frozen=True)
+class SlurmSettings:
+    shared_dir: str = ""  # required: a filesystem the compute nodes see (snapshots, logs, exit files)
+    partition: str = ""  # empty: the cluster's default partition
+    account: str = ""
+    gres: str = "gpu:1"  # per job; empty: no --gres (CPU partitions)
+    extra_args: tuple[str, ...] = ()  # more sbatch flags, e.g. ["--qos=low", "--mem=64G"]
+    jobs: int = 1  # jobs in flight at once: the wave size
+    time_margin: float = 300.0  # --time = heartbeat.run_timeout + this (the backstop when we are down)
+    poll_interval: float = 5.0  # at most one squeue call per this many seconds (per process)
+
+    @property
+    def shared_path(self) -> Path:
+        return Path(os.path.expandvars(self.shared_dir)).expanduser()
+
+
+@dataclass(frozen=True)
 class ExecutorSettings:
-    kind: Literal["local"] = "local"
-    gpus: tuple[int, ...] = ()  # empty: all visible GPUs (or one CPU slot without a GPU)
+    kind: Literal["local", "slurm"] = "local"
+    gpus: tuple[int, ...] = ()  # local: empty = all visible GPUs, one slot each
+    cpu_slots: int = 1  # local without a GPU: this many CPU slots (tests, demos)
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
 
 @dataclass(frozen=True)
@@ -302,12 +320,40 @@ def _check(s: Settings) -> None:
     if set(s.project.editable) & set(s.project.protected):
         both = sorted(set(s.project.editable) & set(s.project.protected))
         fail("project.protected", both, "files that are not also editable")
+    _check_executor(s, fail)
     if s.proposer.kind == "agent" and not s.proposer.agent.command:
         fail("proposer.agent.command", "", 'a command when proposer.kind = "agent" (see README)')
     if s.telegram is not None and not (s.telegram.operators or s.telegram.viewers):
         fail("telegram.operators", [], "at least one user id in operators or viewers (deny by default)")
     if s.slack is not None and not (s.slack.operators or s.slack.viewers):
         fail("slack.operators", [], "at least one user id in operators or viewers (deny by default)")
+
+
+def _check_executor(s: Settings, fail: Any) -> None:
+    ex = s.executor
+    if ex.cpu_slots < 1:
+        fail("executor.cpu_slots", ex.cpu_slots, "at least 1")
+    if len(set(ex.gpus)) != len(ex.gpus) or any(g < 0 for g in ex.gpus):
+        fail("executor.gpus", list(ex.gpus), "distinct GPU indices >= 0, e.g. [0, 1, 2, 3]")
+    if ex.kind != "slurm":
+        return
+    sl = ex.slurm
+    if not sl.shared_dir:
+        fail("executor.slurm.shared_dir", "", 'a directory every compute node sees, e.g. "/shared/nightlab"'
+             ' (run snapshots, logs and exit files go there)')
+    if not sl.shared_path.is_absolute():
+        fail("executor.slurm.shared_dir", sl.shared_dir, "an absolute path (~ and $VARS are expanded)")
+    if sl.jobs < 1:
+        fail("executor.slurm.jobs", sl.jobs, "at least 1 (jobs in flight at once)")
+    if sl.time_margin < 0:
+        fail("executor.slurm.time_margin", sl.time_margin, "seconds >= 0")
+    if sl.poll_interval <= 0:
+        fail("executor.slurm.poll_interval", sl.poll_interval, "a positive number of seconds")
+    owned = ("-o", "--output", "-e", "--error", "-t", "--time", "--parsable", "-D", "--chdir", "-J", "--job-name")
+    for arg in sl.extra_args:
+        if arg.split("=", 1)[0] in owned:
+            fail("executor.slurm.extra_args", list(sl.extra_args),
+                 f"no {arg.split('=', 1)[0]} (nightlab sets the job's output, time, name and directory itself)")
 
 
 @dataclass(frozen=True)

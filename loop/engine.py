@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import signal
 import subprocess
@@ -39,9 +40,11 @@ from nightlab.loop.executor import (
     Executor,
     RunHandle,
     RunSpec,
+    Slot,
     find_handle,
     make_executor,
     read_tail,
+    started_at,
 )
 from nightlab.loop.judge import Measurement, Verdict, judge, noise
 from nightlab.loop.ledger import Candidate, Experiment
@@ -68,6 +71,7 @@ _LOG_TAIL_BYTES = 256 * 1024  # the summary block is at the end of the log
 _EVENT_LOG_TAIL_LINES = 30
 _CANCEL_GRACE_S = 10.0
 _FIRST_POLL_S = 0.02  # polls start fast (a stub run ends at once) and back off to the checkpoint
+WAVE_KEY = "loop.wave"  # kv: the wave in flight {base, kind, size, done}; absent between waves
 
 
 def _say(message: str) -> None:
@@ -89,42 +93,61 @@ class Engine:
         self.env, self.stop, self.parent_pid = env, stop, parent_pid
         self.store: Store = ws.store
         self.git = Git(ws.path)
-        self.slot = executor.slots()[0]
+        self.slots = executor.slots()
         self.metric_name = settings.project.metric
         self.direction = settings.project.direction
-        self._running: tuple[int, RunHandle, int] | None = None  # run id, handle, number
+        # One local slot: the run happens in the workspace itself, exactly as the single-slot loop
+        # always did. Several slots, or a cluster (its nodes see only the shared filesystem): each
+        # candidate runs in its own snapshot (a worktree at its commit), the workspace stays at the
+        # wave's base, and the branch moves only when a wave is decided.
+        self.in_place = len(self.slots) == 1 and getattr(executor, "backend", "local") == "local"
+        shared = getattr(executor, "shared_dir", None)
+        self.run_root = state_dir(ws.path) if shared is None else Path(shared) / _run_dir_name(ws)
         self._last_checkpoint = 0.0
+        self._delay = _FIRST_POLL_S
 
     # -- LoopControl (steering) ------------------------------------------------------------------
-    def running_number(self) -> int | None:
-        return None if self._running is None else self._running[2]
+    def _in_flight(self) -> list[tuple[Candidate, ledger.RunRecord]]:
+        return [(ledger.get_candidate(self.store, r.candidate_id), r) for r in ledger.running_runs(self.store)]
 
-    def kill_running(self, reason: str) -> bool:
-        if self._running is None:
-            return False
-        run_id, handle, _ = self._running
-        marked = ledger.mark_kill(self.store, run_id, reason)
-        self.executor.cancel(handle, grace_s=_CANCEL_GRACE_S)
-        return marked
+    def running_numbers(self) -> list[int]:
+        return [cand.number for cand, _ in self._in_flight()]
+
+    def kill(self, number: int, reason: str) -> bool:
+        for cand, run in self._in_flight():
+            if cand.number == number:
+                marked = ledger.mark_kill(self.store, run.id, reason)
+                self.executor.cancel(RunHandle.from_json(run.handle), grace_s=_CANCEL_GRACE_S)
+                return marked
+        return False
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, max_experiments: int | None) -> int:
         self._startup()
+        busy = True
         while not self.stop.is_set():
-            self.checkpoint()
+            if busy or time.monotonic() - self._last_checkpoint >= self.settings.loop.checkpoint_interval:
+                self.checkpoint()
+                if self.stop.is_set():
+                    break  # runs in flight go on; the next engine re-attaches
             open_ = ledger.open_candidates(self.store)
-            cand = open_[0] if open_ else None
-            if cand is not None and cand.phase in ("running", "finished", "recorded"):
-                self._advance(cand)  # a run in flight always finishes, paused or not
-                continue
-            if max_experiments is not None and ledger.experiment_count(self.store) >= max_experiments:
+            in_flight = any(c.phase in ("running", "finished", "recorded") for c in open_)
+            if (not in_flight and max_experiments is not None
+                    and ledger.experiment_count(self.store) >= max_experiments):
                 self.store.set("engine.finished", True)
                 _say(f"{max_experiments} experiments recorded; stopping")
                 return 0
-            if ledger.paused(self.store) is not None:
-                self.stop.wait(self.settings.loop.checkpoint_interval)
+            if not open_:
+                if ledger.paused(self.store) is not None:
+                    self.stop.wait(self.settings.loop.checkpoint_interval)
+                    continue
+                self._new_wave(max_experiments)
+                busy = True
                 continue
-            self._advance(cand if cand is not None else self._next_candidate())
+            busy = self._step(open_)
+            if not busy:  # only runs in flight: poll fast at first, back off to the checkpoint
+                self.stop.wait(self._delay)
+                self._delay = min(self._delay * 1.5, self.settings.loop.checkpoint_interval)
         return 0
 
     def checkpoint(self) -> None:
@@ -133,7 +156,7 @@ class Engine:
         self.store.set("engine.tick", time.time())
         steering.apply_pending(self.store, self)
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
-            _say("the parent daemon is gone; stopping (the run in flight is left to be re-attached)")
+            _say("the parent daemon is gone; stopping (the runs in flight are left to be re-attached)")
             self.stop.set()
 
     def _startup(self) -> None:
@@ -147,9 +170,10 @@ class Engine:
         changed = self.git.changed_files()
         if changed and not open_:
             raise dirty_error(self.ws, changed)
-        if open_ and open_[0].phase == "proposing":
-            self.git.reset_to(open_[0].base_commit)  # our own interrupted edit
-        if not open_ or open_[0].phase == "proposing":
+        proposing = [c for c in open_ if c.phase == "proposing"]
+        if proposing:
+            self.git.reset_to(proposing[0].base_commit)  # our own interrupted edit
+        if not open_ or proposing:
             bad = protected_mismatches(self.ws)
             if bad:
                 raise UserError(
@@ -159,38 +183,84 @@ class Engine:
         with self.store.transaction():
             self.store.set(ledger.AREAS_KEY, None if self.proposer.areas is None else list(self.proposer.areas))
             self.store.set("loop.metric_name", self.metric_name)
+            self.store.set("loop.slots", [s.name for s in self.slots])
             self.store.set("engine.finished", False)
             self.store.set("engine.pid", os.getpid())
 
-    def _next_candidate(self) -> Candidate:
+    # -- waves -----------------------------------------------------------------------------------
+    # A wave is the set of open candidates: up to one per slot, all branching from the best commit
+    # (`loop.wave` in kv: base, kind, size). Members are created one by one (each proposal sees
+    # the ones before it as in flight) and launched as soon as each is committed; when every
+    # member has ended, the wave is decided at once (best of wave) and recorded in number order.
+    def _new_wave(self, max_experiments: int | None) -> None:
         head = self.git.head()
         rows = ledger.experiments(self.store)
+        size = len(self.slots)
+        if max_experiments is not None:
+            size = max(1, min(size, max_experiments - len(rows)))
         baselines = [e for e in rows if e.kind == "baseline" and e.status == "keep"]
+        kind = "proposal"
         if len(baselines) < self.settings.loop.baseline_runs and all(e.kind == "baseline" for e in rows):
-            label = "baseline" if self.settings.loop.baseline_runs == 1 else (
-                f"baseline {len(baselines) + 1}/{self.settings.loop.baseline_runs}")
-            return ledger.new_candidate(
-                self.store, "baseline", head, commit=head, phase="committed", description=label,
-                focus=ledger.focus(self.store),
-            )
-        return ledger.new_candidate(self.store, "proposal", head, focus=ledger.focus(self.store))
+            kind, size = "baseline", min(size, self.settings.loop.baseline_runs - len(baselines))
+        with self.store.transaction():
+            self.store.set(WAVE_KEY, {"base": head, "kind": kind, "size": size, "done": len(baselines)})
+            self._add_member()
 
-    def _advance(self, cand: Candidate) -> None:
-        step = {
-            "proposing": self._propose,
-            "committed": self._launch,
-            "running": self._watch,
-            "finished": self._record,
-            "recorded": self._export,
-        }[cand.phase]
-        step(cand)
+    def _wave(self, open_: list[Candidate]) -> dict[str, Any]:
+        # No wave record: a confirm run (or a single-slot candidate from an older version) alone.
+        return self.store.get(WAVE_KEY) or {"base": open_[0].base_commit, "kind": "", "size": len(open_)}
+
+    def _add_member(self) -> Candidate:
+        wave = self.store.get(WAVE_KEY)
+        focus = ledger.focus(self.store)
+        if wave["kind"] == "baseline":
+            n = wave["done"] + len(ledger.open_candidates(self.store)) + 1
+            total = self.settings.loop.baseline_runs
+            label = "baseline" if total == 1 else f"baseline {n}/{total}"
+            return ledger.new_candidate(self.store, "baseline", wave["base"], commit=wave["base"],
+                                        phase="committed", description=label, focus=focus)
+        return ledger.new_candidate(self.store, "proposal", wave["base"], focus=focus)
+
+    def _step(self, open_: list[Candidate]) -> bool:
+        """One step of the wave in flight; False when there was nothing to do but wait."""
+        if self._poll(open_):
+            return True
+        wave = self._wave(open_)
+        paused = ledger.paused(self.store) is not None
+        if not paused:  # a pause stops new launches; the runs in flight finish
+            for cand in open_:
+                if cand.phase == "committed" and self._free_slot() is not None:
+                    self._launch(cand)
+                    self._delay = _FIRST_POLL_S
+                    return True
+                if cand.phase == "proposing":
+                    self._propose(cand, open_)
+                    return True
+            if len(open_) < wave["size"] and self._free_slot() is not None:
+                self._add_member()
+                return True
+        runs = {c.id: ledger.run_for_candidate(self.store, c.id) for c in open_ if c.phase == "running"}
+        ended = all(c.phase in ("finished", "recorded") or (runs.get(c.id) and runs[c.id].state == "exited")
+                    for c in open_)
+        if not ended or (len(open_) < wave["size"] and not paused):
+            return False
+        if any(c.outcome is None or "head_after" not in c.outcome for c in open_):
+            self._decide(open_, wave["base"])
+            return True
+        for cand in open_:
+            if cand.phase == "finished":
+                self._record(cand)
+                return True
+        self._export(open_)
+        return True
 
     # -- proposing -> committed -------------------------------------------------------------------
-    def _propose(self, cand: Candidate) -> None:
+    def _propose(self, cand: Candidate, open_: list[Candidate]) -> None:
         if self.git.changed_files() or self.git.head() != cand.base_commit:
             self.git.reset_to(cand.base_commit)
         notes = ledger.queued_notes(self.store)
-        ctx = self._context(cand, tuple(text for _, text in notes))
+        in_flight = tuple(c.description for c in open_ if c.id != cand.id and c.kind == "proposal" and c.description)
+        ctx = dataclasses.replace(self._context(cand, tuple(text for _, text in notes)), in_flight=in_flight)
         try:
             proposal = self.proposer.propose(ctx)
         except ProposalError as exc:
@@ -214,14 +284,15 @@ class Engine:
             return self._no_run(cand, "discard", "the proposal changed nothing", **described)
         commit = self.git.commit_all(f"#{cand.number}: {proposal.description}\n\n{proposal.hypothesis}")
         self.git.keep_ref(cand.number, commit)
+        if not self.in_place:  # the run gets a snapshot; the workspace stays at the wave's base
+            self.git.reset_to(cand.base_commit)
         added, removed = self.git.numstat(cand.base_commit, commit)
         ledger.update_candidate(self.store, cand.id, phase="committed", commit_sha=commit,
                                 lines_added=added, lines_removed=removed, **described)
 
     def _no_run(self, cand: Candidate, status: str, reason: str, **described: Any) -> None:
         """A candidate that ends before any run: judged here, recorded by the usual steps."""
-        best = self._best()
-        outcome = {"status": status, "metric": None, "metrics": {}, "best_after": best, "reason": reason,
+        outcome = {"status": status, "metric": None, "metrics": {}, "best_after": self._best(), "reason": reason,
                    "confidence": None, "needs_confirm": False, "duration_s": None, "started_at": None,
                    "finished_at": time.time(), "log_tail": "", "slot": ""}
         ledger.update_candidate(self.store, cand.id, phase="finished", commit_sha=cand.base_commit,
@@ -244,25 +315,41 @@ class Engine:
 
     # -- committed -> running ---------------------------------------------------------------------
     def _log_path(self, number: int) -> Path:
-        return state_dir(self.ws.path) / "runs" / f"{number}.log"
+        return self.run_root / "runs" / f"{number}.log"
+
+    def _snapshot_path(self, number: int) -> Path:
+        return self.run_root / "worktrees" / str(number)
+
+    def _run_dir(self, cand: Candidate) -> Path:
+        return self.ws.path if self.in_place else self._snapshot_path(cand.number)
 
     def _log_tail(self, number: int, tail_bytes: int) -> str:
         return read_tail(self._log_path(number), tail_bytes)
 
+    def _free_slot(self) -> Slot | None:
+        used = {RunHandle.from_json(r.handle).slot for r in ledger.running_runs(self.store)}
+        return next((s for s in self.slots if s.name not in used), None)
+
     def _launch(self, cand: Candidate) -> None:
         assert cand.commit is not None
-        if self.git.head() != cand.commit or self.git.changed_files():
-            self.git.reset_to(cand.commit)
-        bad = protected_mismatches(self.ws)
-        if bad:
-            self.git.reset_to(cand.base_commit)
-            protect(self.ws)
-            return self._no_run(cand, "crash", f"rejected: protected files changed: {', '.join(bad)}")
         log = self._log_path(cand.number)
         # A launch that happened just before we were killed left its handle: adopt that run.
         handle = find_handle(log)
         if handle is None:
-            spec = RunSpec(self.ws.run_command, self.ws.path, log, self.slot, self.env)
+            if self.in_place:
+                if self.git.head() != cand.commit or self.git.changed_files():
+                    self.git.reset_to(cand.commit)
+                bad = protected_mismatches(self.ws)
+            else:
+                bad = protected_mismatches(self.ws, self.git.snapshot(self._run_dir(cand), cand.commit))
+            if bad:
+                if self.in_place:
+                    self.git.reset_to(cand.base_commit)
+                    protect(self.ws)
+                return self._no_run(cand, "crash", f"rejected: protected files changed: {', '.join(bad)}")
+            slot = self._free_slot()
+            assert slot is not None  # _step launches only with a free slot
+            spec = RunSpec(self.ws.run_command, self._run_dir(cand), log, slot, self.env)
             handle = self.executor.launch(spec)
         with self.store.transaction():
             ledger.add_run(self.store, cand.id, handle.to_json(), handle.slot, str(log))
@@ -274,58 +361,103 @@ class Engine:
             )
         _say(f"#{cand.number} {cand.kind} started on {handle.slot}: {cand.description}")
 
-    # -- running -> finished ----------------------------------------------------------------------
-    def _watch(self, cand: Candidate) -> None:
-        run = ledger.run_for_candidate(self.store, cand.id)
-        assert run is not None
-        handle = RunHandle.from_json(run.handle)
-        self._running = (run.id, handle, cand.number)
-        try:
-            delay = _FIRST_POLL_S
-            while True:
-                status = self.executor.poll([handle])[handle.key]
-                if status.state != "running":
-                    break
-                if time.monotonic() - self._last_checkpoint >= self.settings.loop.checkpoint_interval:
-                    self.checkpoint()
-                if self.stop.is_set():
-                    return  # the run goes on; the next engine re-attaches
-                self.stop.wait(delay)
-                delay = min(delay * 1.5, self.settings.loop.checkpoint_interval)
-        finally:
-            self._running = None
-        self._judge(cand, ledger.get_run(self.store, run.id), status.exit_code, handle)
+    # -- running -> ended -------------------------------------------------------------------------
+    def _poll(self, open_: list[Candidate]) -> bool:
+        """One executor poll for every run in flight; True when one of them ended."""
+        runs = ledger.running_runs(self.store)
+        if not runs:
+            return False
+        handles = {r.id: RunHandle.from_json(r.handle) for r in runs}
+        statuses = self.executor.poll(list(handles.values()))
+        ended = False
+        for run in runs:
+            handle = handles[run.id]
+            status = statuses[handle.key]
+            where = f"{handle.slot}@{status.where}" if status.where else run.slot
+            if where != run.slot:  # a cluster job: record the node it landed on
+                ledger.set_run_slot(self.store, run.id, where)
+            if status.state in ("pending", "running"):
+                continue
+            ledger.finish_run(self.store, run.id, status.exit_code, status.reason)
+            ended = True
+        return ended
 
-    def _judge(self, cand: Candidate, run: ledger.RunRecord, exit_code: int | None, handle: RunHandle) -> None:
-        tail = self.executor.read_log(handle, _LOG_TAIL_BYTES)
+    # -- ended -> finished: the wave's verdicts, all at once ---------------------------------------
+    def _decide(self, members: list[Candidate], base: str) -> None:
+        """Judge every member against the best before the wave, keep only the best of the wave
+        (the minimum of N noisy runs beats the incumbent by luck more often as N grows, so the
+        winner still has to beat the best by more than the noise, or pass a confirm run), and fix
+        where git and the best stand after each member is recorded. Deterministic from stored
+        state, so a restart mid-way decides the same."""
         rows = ledger.experiments(self.store)
+        best = self._best(rows)
+        baselines = [e.metric for e in rows if e.kind == "baseline" and e.metric is not None]
+        noise_sd = noise(self._repeat_groups(rows))
+        outcomes: dict[int, dict[str, Any]] = {}
+        for cand in members:
+            if cand.outcome is not None:  # ended before any run (proposer failure, rejection)
+                outcomes[cand.id] = dict(cand.outcome)
+                continue
+            run = ledger.run_for_candidate(self.store, cand.id)
+            assert run is not None
+            outcomes[cand.id] = out = self._judge(cand, run, rows, best, baselines, noise_sd)
+            if cand.kind == "baseline" and out["metric"] is not None:
+                baselines.append(out["metric"])
+        contenders = [c for c in members if c.kind != "baseline"
+                      and (outcomes[c.id]["status"] == "keep" or outcomes[c.id]["needs_confirm"])]
+        sign = 1.0 if self.direction == "minimize" else -1.0
+        winner = min(contenders, key=lambda c: (sign * outcomes[c.id]["metric"], c.number), default=None)
+        for cand in contenders:
+            if cand is not winner:
+                assert winner is not None
+                outcomes[cand.id].update(
+                    status="discard", needs_confirm=False, best_after=best,
+                    reason=f"beaten in its wave by #{winner.number} ({outcomes[winner.id]['metric']:.6f})")
+        won = outcomes[winner.id] if winner is not None else None
+        for cand in members:
+            out = outcomes[cand.id]
+            if self.in_place:  # the single-slot rule: git follows this candidate
+                moves = out["status"] == "keep" or out["needs_confirm"]
+                out["head_after"] = (cand.commit or cand.base_commit) if moves else cand.base_commit
+                continue
+            kept = won is not None and won["status"] == "keep" and winner.number <= cand.number  # type: ignore[union-attr]
+            out["head_after"] = winner.commit if kept else base  # type: ignore[union-attr]
+            if kept and cand is not winner:
+                out["best_after"] = won["best_after"]  # type: ignore[index]
+        with self.store.transaction():
+            for cand in members:
+                ledger.update_candidate(self.store, cand.id, phase="finished", outcome=outcomes[cand.id])
+            wave = self.store.get(WAVE_KEY)
+            if wave is not None:  # decided: closed to new members (a /resume during recording)
+                self.store.set(WAVE_KEY, {**wave, "size": len(members)})
+
+    def _judge(self, cand: Candidate, run: ledger.RunRecord, rows: list[Experiment], best: float | None,
+               baselines: list[float], noise_sd: float) -> dict[str, Any]:
+        handle = RunHandle.from_json(run.handle)
+        tail = self.executor.read_log(handle, _LOG_TAIL_BYTES)
         original = next((e for e in rows if e.number == cand.confirm_of), None)
         verdict = judge(
-            Measurement(exit_code, run.kill_reason, parse_summary(tail), tail),
+            Measurement(run.exit_code, run.kill_reason, parse_summary(tail), tail),
             kind=cand.kind, metric_name=self.metric_name, direction=self.direction,
-            best=self._best(rows),
-            baselines=[e.metric for e in rows if e.kind == "baseline" and e.metric is not None],
-            confirm_of_metric=original.metric if original else None,
-            noise_sd=noise(self._repeat_groups(rows)), confirm_k=self.settings.loop.confirm_k,
+            best=best, baselines=list(baselines), confirm_of_metric=original.metric if original else None,
+            noise_sd=noise_sd, confirm_k=self.settings.loop.confirm_k,
         )
         if (verdict.status == "keep" or verdict.needs_confirm) and self.settings.project.checks_command:
-            verdict = self._checks(verdict)
-        finished_at = _mtime(f"{run.log_path}.exit") or time.time()
-        outcome = {
+            verdict = self._checks(verdict, self._run_dir(cand), best)
+        started = started_at(run.log_path) or run.started_at
+        finished_at = _mtime(f"{run.log_path}.exit") or run.finished_at or time.time()
+        return {
             "status": verdict.status, "metric": verdict.metric, "metrics": verdict.metrics,
             "best_after": verdict.best_after, "reason": verdict.reason, "confidence": verdict.confidence,
-            "needs_confirm": verdict.needs_confirm, "duration_s": max(0.0, finished_at - run.started_at),
-            "started_at": run.started_at, "finished_at": finished_at, "slot": run.slot,
+            "needs_confirm": verdict.needs_confirm, "duration_s": max(0.0, finished_at - started),
+            "started_at": started, "finished_at": finished_at, "slot": run.slot,
             "log_tail": "\n".join(tail.splitlines()[-_EVENT_LOG_TAIL_LINES:]) if verdict.status == "crash" else "",
         }
-        with self.store.transaction():
-            ledger.finish_run(self.store, run.id, exit_code)
-            ledger.update_candidate(self.store, cand.id, phase="finished", outcome=outcome)
 
-    def _checks(self, verdict: Verdict) -> Verdict:
+    def _checks(self, verdict: Verdict, cwd: Path, best: float | None) -> Verdict:
         try:
             done = subprocess.run(
-                self.settings.project.checks_command, shell=True, check=False, cwd=self.ws.path, capture_output=True,
+                self.settings.project.checks_command, shell=True, check=False, cwd=cwd, capture_output=True,
                 text=True, env={**os.environ, **self.env}, timeout=self.settings.heartbeat.run_timeout,
             )
             code, output = done.returncode, (done.stdout + done.stderr).strip()
@@ -335,7 +467,7 @@ class Engine:
             return verdict
         last = output.splitlines()[-1] if output else ""
         return dataclasses.replace(
-            verdict, status="checks_failed", needs_confirm=False, best_after=self._best(),
+            verdict, status="checks_failed", needs_confirm=False, best_after=best,
             reason=f"checks failed (exit {code}): {last[:200]}",
         )
 
@@ -343,7 +475,8 @@ class Engine:
     def _record(self, cand: Candidate) -> None:
         out = cand.outcome or {}
         commit = cand.commit or cand.base_commit
-        target = commit if out["status"] == "keep" or out["needs_confirm"] else cand.base_commit
+        target = out.get("head_after") or (
+            commit if out["status"] == "keep" or out["needs_confirm"] else cand.base_commit)
         if self.git.head() != target or self.git.changed_files():
             self.git.reset_to(target)
         rows = ledger.experiments(self.store)
@@ -372,12 +505,6 @@ class Engine:
             if not ledger.record_experiment(self.store, cand.id, exp, event):
                 ledger.update_candidate(self.store, cand.id, phase="recorded")
                 return
-            if out["needs_confirm"]:
-                ledger.new_candidate(
-                    self.store, "confirm", cand.base_commit, commit=commit, phase="committed",
-                    confirm_of=cand.number, description=f"confirm #{cand.number}: {cand.description}",
-                    hypothesis=cand.hypothesis, area=cand.area, params=cand.params, focus=cand.focus,
-                )
             self._maybe_self_pause([*rows, exp])
         _say(f"#{exp.number} {exp.status} {exp.metric if exp.metric is not None else ''} {exp.reason}")
 
@@ -389,9 +516,25 @@ class Engine:
             ledger.set_paused(self.store, "nightlab", reason, None)
             self.store.emit("self_paused", reason=reason)
 
-    def _export(self, cand: Candidate) -> None:
+    def _export(self, members: list[Candidate]) -> None:
         ledger.write_exports(self.ws.path, self.store, self.metric_name, self.direction, self.ws.branch)
-        ledger.update_candidate(self.store, cand.id, phase="done")
+        recorded = [c for c in members if c.phase == "recorded"]
+        # The wave ends in one transaction; a confirm run it asked for is created here, not while
+        # recording, so it never joins the wave being recorded: it is the next wave, alone.
+        with self.store.transaction():
+            for cand in recorded:
+                ledger.update_candidate(self.store, cand.id, phase="done")
+                if (cand.outcome or {}).get("needs_confirm"):
+                    assert cand.commit is not None
+                    ledger.new_candidate(
+                        self.store, "confirm", cand.base_commit, commit=cand.commit, phase="committed",
+                        confirm_of=cand.number, description=f"confirm #{cand.number}: {cand.description}",
+                        hypothesis=cand.hypothesis, area=cand.area, params=cand.params, focus=cand.focus,
+                    )
+            self.store.delete(WAVE_KEY)
+        if not self.in_place:
+            for cand in recorded:
+                self.git.drop_snapshot(self._snapshot_path(cand.number))
 
     # -- ledger-derived figures -------------------------------------------------------------------
     def _best(self, rows: list[Experiment] | None = None) -> float | None:
@@ -418,6 +561,12 @@ class Engine:
             if e.metric is not None:
                 groups.setdefault(e.commit, []).append(e.metric)
         return list(groups.values())
+
+
+def _run_dir_name(ws: Workspace) -> str:
+    """This workspace's folder on a shared filesystem: readable, and unique per workspace path."""
+    digest = hashlib.sha1(str(ws.path).encode()).hexdigest()[:8]
+    return f"{ws.path.name}-{ws.branch.replace('/', '-')}-{digest}"
 
 
 def _mtime(path: str) -> float | None:

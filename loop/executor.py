@@ -1,11 +1,13 @@
 """Launch, poll and cancel training runs: the one place that knows how a run is executed.
 
 The `Executor` protocol is what the engine and the heartbeat use; `LocalExecutor` runs each
-command in its own process session on this machine (a Slurm backend will implement the same
-protocol). A run never depends on the process that launched it: the command runs under a small
-shell wrapper that writes its exit status next to the log, and the handle (pid + the process's
-create time, so a reused pid is never mistaken for our run) is JSON, stored in the database and
-in `<log>.handle`, so a restarted engine re-attaches or, if the run is gone, reads how it ended.
+command in its own process session on this machine, one per slot (a GPU, or a CPU slot), and
+`nightlab.loop.slurm.SlurmExecutor` submits it as a batch job. A run never depends on the process
+that launched it: the command runs under one small shell wrapper (both backends) that touches
+`<log>.start` when the command starts and writes its exit status to `<log>.exit` when it ends,
+and the handle (local: pid + the process's create time, so a reused pid is never mistaken for
+our run; Slurm: the job id) is JSON, stored in the database and in `<log>.handle`, so a
+restarted engine re-attaches or, if the run is gone, reads how it ended.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -23,12 +25,21 @@ import psutil
 from nightlab.loop.config import Settings
 from nightlab.loop.errors import UserError
 
-# `( cmd )` in a subshell so an `exit` inside the user's command still reaches the status line;
-# the status is written to a temp file and renamed, so a reader never sees half a number.
+# The exit-file protocol, shared by every backend. A stale status is removed first (a requeued
+# Slurm job runs this again); the start marker's mtime is when the command really started (a
+# batch job may wait in a queue long after submission). `( cmd )` in a subshell so an `exit`
+# inside the user's command still reaches the status line; the status is written to a temp
+# file and renamed, so a reader never sees half a number.
 _WRAPPER = (
+    'rm -f "$NIGHTLAB_EXIT_FILE"\n: > "$NIGHTLAB_EXIT_FILE.start"\n'
     '( {command}\n)\ncode=$?\nprintf "%s\\n" "$code" > "$NIGHTLAB_EXIT_FILE.tmp" '
     '&& mv -f "$NIGHTLAB_EXIT_FILE.tmp" "$NIGHTLAB_EXIT_FILE"\nexit $code\n'
 )
+
+
+def wrap(command: str) -> str:
+    """The shell script that runs `command` under the exit-file protocol ($NIGHTLAB_EXIT_FILE)."""
+    return _WRAPPER.format(command=command)
 _CREATE_TIME_TOLERANCE_S = 0.01
 
 
@@ -51,16 +62,24 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class RunHandle:
-    """JSON-serialisable identity of a launched run."""
+    """JSON-serialisable identity of a launched run, for any backend.
+
+    local: pid + create_time (job_id ""); slurm: job_id (pid 0). The field order is the
+    original local one, and unknown or missing keys are tolerated on load, so handles stored by
+    an older nightlab still load.
+    """
 
     backend: str
     pid: int
     create_time: float
     log_path: str
     slot: str
+    job_id: str = ""
 
     @property
     def key(self) -> str:
+        if self.job_id:
+            return f"{self.backend}:{self.job_id}"
         return f"{self.backend}:{self.pid}:{self.create_time:.3f}"
 
     def to_json(self) -> str:
@@ -68,17 +87,30 @@ class RunHandle:
 
     @classmethod
     def from_json(cls, text: str) -> RunHandle:
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data.setdefault("pid", 0)
+        data.setdefault("create_time", 0.0)
+        return cls(**data)
 
 
 @dataclass(frozen=True)
 class RunStatus:
+    # pending: submitted, not started (a batch queue; a requeued job is pending again);
     # running; exited (the wrapper wrote the exit code); lost (gone without an exit code: killed)
-    state: Literal["running", "exited", "lost"]
+    state: Literal["pending", "running", "exited", "lost"]
     exit_code: int | None = None
+    # why a backend ended it, for the record, e.g. "timeout: Slurm time limit (--time 11:00)";
+    # the engine stores it as the run's kill_reason unless someone's reason came first.
+    reason: str = ""
+    where: str = ""  # the node it runs on, when the backend says (Slurm)
 
 
 class Executor(Protocol):
+    backend: str
+    shared_dir: Path | None  # where run snapshots and logs must live (None: the state dir)
+
     def slots(self) -> list[Slot]: ...
 
     def launch(self, spec: RunSpec) -> RunHandle: ...
@@ -96,6 +128,18 @@ def exit_file(log_path: Path | str) -> Path:
 
 def handle_file(log_path: Path | str) -> Path:
     return Path(f"{log_path}.handle")
+
+
+def start_file(log_path: Path | str) -> Path:
+    return Path(f"{log_path}.exit.start")
+
+
+def started_at(log_path: Path | str) -> float | None:
+    """When the command really started (its wrapper's start marker), None if it has not yet."""
+    try:
+        return start_file(log_path).stat().st_mtime
+    except OSError:
+        return None
 
 
 def read_exit_code(log_path: Path | str) -> int | None:
@@ -150,23 +194,42 @@ def _identity(handle: RunHandle) -> psutil.Process | None:
         return None
 
 
+def clear_run_files(log_path: Path) -> None:
+    """Before a launch: the files a previous attempt of the same log left (all backends)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (exit_file(log_path), handle_file(log_path), start_file(log_path)):
+        stale.unlink(missing_ok=True)
+
+
+def save_handle(handle: RunHandle) -> None:
+    """`<log>.handle`, written right after a launch, so a crash before the database write adopts it."""
+    target = handle_file(handle.log_path)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(handle.to_json())
+    tmp.replace(target)
+
+
 class LocalExecutor:
-    """Runs on this machine, one process session per run."""
+    """Runs on this machine, one process session per run, one run per slot.
+
+    Slots: the GPUs given (or all visible ones), each run pinned with CUDA_VISIBLE_DEVICES; with
+    no GPU, `cpu_slots` CPU slots (tests, demos) that see no GPU at all.
+    """
 
     backend = "local"
+    shared_dir: Path | None = None
 
-    def __init__(self, gpus: tuple[int, ...] = ()) -> None:
+    def __init__(self, gpus: tuple[int, ...] = (), cpu_slots: int = 1) -> None:
         self._gpus = list(gpus)
+        self._cpu_slots = max(1, cpu_slots)
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # reaped in poll(): no zombies
 
     def slots(self) -> list[Slot]:
         gpus = self._gpus or visible_gpus()
-        return [Slot(f"gpu{g}", g) for g in gpus] or [Slot("cpu0", None)]
+        return [Slot(f"gpu{g}", g) for g in gpus] or [Slot(f"cpu{i}", None) for i in range(self._cpu_slots)]
 
     def launch(self, spec: RunSpec) -> RunHandle:
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in (exit_file(spec.log_path), handle_file(spec.log_path)):
-            stale.unlink(missing_ok=True)
+        clear_run_files(spec.log_path)
         env = {
             **os.environ,
             **spec.env,
@@ -178,7 +241,7 @@ class LocalExecutor:
         with open(spec.log_path, "wb") as log:
             try:
                 proc = subprocess.Popen(
-                    ["/bin/sh", "-c", _WRAPPER.format(command=spec.command)],
+                    ["/bin/sh", "-c", wrap(spec.command)],
                     cwd=spec.cwd,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -194,9 +257,7 @@ class LocalExecutor:
         except psutil.NoSuchProcess:  # exited already; the wrapper's exit file tells how
             create_time = time.time()
         handle = RunHandle(self.backend, proc.pid, create_time, str(spec.log_path), spec.slot.name)
-        tmp = handle_file(spec.log_path).with_suffix(".tmp")
-        tmp.write_text(handle.to_json())
-        tmp.replace(handle_file(spec.log_path))
+        save_handle(handle)
         return handle
 
     def poll(self, handles: list[RunHandle]) -> dict[str, RunStatus]:
@@ -254,4 +315,9 @@ class LocalExecutor:
 
 
 def make_executor(settings: Settings) -> Executor:
-    return LocalExecutor(settings.executor.gpus)
+    ex = settings.executor
+    if ex.kind == "slurm":
+        from nightlab.loop.slurm import SlurmExecutor
+
+        return SlurmExecutor.from_settings(settings)
+    return LocalExecutor(ex.gpus, ex.cpu_slots)

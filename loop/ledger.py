@@ -194,12 +194,21 @@ def mark_kill(store: Store, run_id: int, reason: str) -> bool:
         return cur.rowcount == 1
 
 
-def finish_run(store: Store, run_id: int, exit_code: int | None) -> None:
+def finish_run(store: Store, run_id: int, exit_code: int | None, reason: str = "") -> None:
+    """The run's process is over. `reason`: why the backend ended it (e.g. a Slurm time limit),
+    kept only when nobody gave a reason first."""
     with store.transaction() as db:
         db.execute(
-            "UPDATE runs SET state = 'exited', exit_code = ?, finished_at = ? WHERE id = ? AND state = 'running'",
-            (exit_code, time.time(), run_id),
+            "UPDATE runs SET state = 'exited', exit_code = ?, finished_at = ?,"
+            " kill_reason = COALESCE(kill_reason, ?) WHERE id = ? AND state = 'running'",
+            (exit_code, time.time(), reason or None, run_id),
         )
+
+
+def set_run_slot(store: Store, run_id: int, slot: str) -> None:
+    """Where the run really is, once the backend says (a Slurm node)."""
+    with store.transaction() as db:
+        db.execute("UPDATE runs SET slot = ? WHERE id = ?", (slot, run_id))
 
 
 def get_run(store: Store, run_id: int) -> RunRecord:

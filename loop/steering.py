@@ -34,14 +34,25 @@ def send_command(workspace_path: Path, text: str, sender: str) -> str:
         raise UserError(str(exc)) from None
     if command.name in _READ_ONLY:
         return _answer(Path(workspace_path), command)
-    current = _current_number(store)
+    running = running_numbers(store)
     if command.name == "kill":
-        if current is None:
-            raise UserError("nothing is running; there is no experiment to kill")
-        if command.args and int(command.args) != current:
-            raise UserError(f"#{command.args} is not running; the running experiment is #{current}")
+        _kill_target(command, running)
     store.add_command(command.name, command.args, sender=sender)
-    return _promise(store, command, current) + _engine_note(Path(workspace_path))
+    return _promise(store, command, running) + _engine_note(Path(workspace_path))
+
+
+def _kill_target(command: Command, running: list[int]) -> int:
+    """The experiment `kill [N]` means; UserError when it names none that is running."""
+    if not running:
+        raise UserError("nothing is running; there is no experiment to kill")
+    listed = ", ".join(f"#{n}" for n in running)
+    if command.args:
+        if int(command.args) not in running:
+            raise UserError(f"#{command.args} is not running; running now: {listed}")
+        return int(command.args)
+    if len(running) > 1:
+        raise UserError(f"{len(running)} experiments are running ({listed}); say which: kill N")
+    return running[0]
 
 
 def _answer(workspace: Path, command: Command) -> str:
@@ -58,28 +69,31 @@ def _answer(workspace: Path, command: Command) -> str:
     return "the progress chart is sent by the chat bot; `nightlab report` has the numbers"
 
 
-def _current_number(store: Store) -> int | None:
-    runs = ledger.running_runs(store)
-    return ledger.get_candidate(store, runs[-1].candidate_id).number if runs else None
+def running_numbers(store: Store) -> list[int]:
+    """Experiments with a run in flight, oldest first."""
+    return [ledger.get_candidate(store, r.candidate_id).number for r in ledger.running_runs(store)]
 
 
-def _promise(store: Store, command: Command, current: int | None) -> str:
+def _promise(store: Store, command: Command, running: list[int]) -> str:
     name, args = command.name, command.args
     soon = "within ~2 s"
+    listed = ", ".join(f"#{n}" for n in running)
     if name == "pause" and args == "now":
-        return f"cancelling #{current} and pausing {soon}" if current else f"pausing {soon}"
+        return f"cancelling {listed} and pausing {soon}" if running else f"pausing {soon}"
     if name == "pause":
-        if current is None:
+        if not running:
             return f"pausing {soon} (nothing is running)"
+        if len(running) > 1:
+            return f"no new launches; pausing after {listed} finish"
         left = views.remaining_s(store)
-        return f"pausing after #{current} finishes" + (f", ~{views.duration(left)}" if left else "")
+        return f"pausing after {listed} finishes" + (f", ~{views.duration(left)}" if left else "")
     if name == "resume":
         return f"resuming {soon}" if ledger.paused(store) else "the loop is not paused; nothing to resume"
     if name == "focus":
         return "focus off from the next proposal" if args == "off" else f"focusing on {args} from the next proposal"
     if name == "note":
         return "note queued: it goes into the next proposal"
-    return f"killing #{current} {soon}; it will be recorded as discarded"
+    return f"killing #{_kill_target(command, running)} {soon}; it will be recorded as discarded"
 
 
 def _engine_note(workspace: Path) -> str:
@@ -92,9 +106,9 @@ def _engine_note(workspace: Path) -> str:
 class LoopControl(Protocol):
     """What a command may ask of the engine."""
 
-    def running_number(self) -> int | None: ...
+    def running_numbers(self) -> list[int]: ...
 
-    def kill_running(self, reason: str) -> bool: ...
+    def kill(self, number: int, reason: str) -> bool: ...
 
 
 def apply_pending(store: Store, loop: LoopControl) -> None:
@@ -117,13 +131,14 @@ def _areas(store: Store) -> tuple[str, ...] | None:
 
 def _apply(store: Store, loop: LoopControl, command: Command, by: str) -> str:
     name, args = command.name, command.args
-    current = loop.running_number()
+    running = loop.running_numbers()
     if name in _READ_ONLY:
         return "answered by the bot"
     if name == "pause":
-        if args == "now" and current is not None:
-            loop.kill_running(f"{USER_KILL_PREFIX}{by} (pause now)")
-        after = None if args == "now" else current
+        if args == "now":  # cancels the whole wave in flight
+            for number in running:
+                loop.kill(number, f"{USER_KILL_PREFIX}{by} (pause now)")
+        after = None if args == "now" or not running else running[-1]
         with store.transaction():
             ledger.set_paused(store, by, "pause now" if args == "now" else "pause", after)
             store.emit("paused", by=by, reason=f"{command.text()} by {by}", after=after)
@@ -149,9 +164,6 @@ def _apply(store: Store, loop: LoopControl, command: Command, by: str) -> str:
         store.emit("note_added", text=args, by=by)
         return ledger.NOTE_QUEUED
     # kill [N]
-    if current is None:
-        raise UserError("nothing is running; there is no experiment to kill")
-    if args and int(args) != current:
-        raise UserError(f"#{args} is not running; the running experiment is #{current}")
-    loop.kill_running(f"{USER_KILL_PREFIX}{by}")
-    return f"killed #{current}"
+    number = _kill_target(command, running)
+    loop.kill(number, f"{USER_KILL_PREFIX}{by}")
+    return f"killed #{number}"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nightlab.loop import ledger
 from nightlab.loop.errors import UserError
+from nightlab.loop.executor import started_at
 from nightlab.loop.ledger import Experiment
 from nightlab.loop.store import DB_FILENAME, Store, state_dir
 
@@ -35,6 +36,18 @@ def _metric_name(store: Store) -> str:
 def _running(store: Store) -> tuple[ledger.Candidate, ledger.RunRecord] | None:
     runs = ledger.running_runs(store)
     return (ledger.get_candidate(store, runs[-1].candidate_id), runs[-1]) if runs else None
+
+
+def _in_flight(store: Store) -> list[tuple[ledger.Candidate, ledger.RunRecord]]:
+    return [(ledger.get_candidate(store, r.candidate_id), r) for r in ledger.running_runs(store)]
+
+
+def _elapsed(run: ledger.RunRecord) -> str:
+    """How long the command has run; a cluster job still waiting in the queue says so."""
+    began = started_at(run.log_path)
+    if began is None and run.handle and '"job_id": ""' not in run.handle:
+        return f"queued {duration(time.time() - run.started_at)}"
+    return f"running {duration(time.time() - (began or run.started_at))}"
 
 
 def remaining_s(store: Store) -> float | None:
@@ -80,15 +93,21 @@ def status_text(workspace: Path) -> str:
     rows = ledger.experiments(store)
     name = _metric_name(store)
     lines = [f"nightlab · {store.get('workspace.branch', '?')} · profile {store.get('workspace.profile', '?')}"]
-    now = _running(store)
-    if now is not None:
-        cand, run = now
+    flight = _in_flight(store)
+    if len(flight) == 1:
+        cand, run = flight[0]
         left = remaining_s(store)
         lines.append(
             f"now: #{cand.number} {cand.kind} running {duration(time.time() - run.started_at)}"
             + (f" (~{duration(left)} left)" if left is not None else "")
             + f" on {run.slot}: {cand.description or cand.kind}" + (f" [{cand.area}]" if cand.area else "")
         )
+    elif flight:  # a wave: one line per slot
+        slots = store.get("loop.slots") or []
+        lines.append(f"now: {len(flight)} runs in flight" + (f" on {len(slots)} slots" if slots else ""))
+        for cand, run in flight:
+            lines.append(f"  {run.slot}: #{cand.number} {cand.kind} {_elapsed(run)}: {cand.description or cand.kind}"
+                         + (f" [{cand.area}]" if cand.area else ""))
     else:
         lines.append("now: no run in flight")
     pause = ledger.paused(store)
@@ -185,9 +204,11 @@ def status_line(workspace: Path) -> str:
     """One line for systemd's STATUS=, e.g. "exp #42 running 3m12s · best 0.987100 · focus attention"."""
     store = _store(workspace)
     parts = []
-    now = _running(store)
-    if now is not None:
-        parts.append(f"exp #{now[0].number} running {duration(time.time() - now[1].started_at)}")
+    flight = _in_flight(store)
+    if len(flight) > 1:
+        parts.append(f"{len(flight)} runs in flight (" + ", ".join(f"#{c.number}" for c, _ in flight) + ")")
+    elif flight:
+        parts.append(f"exp #{flight[0][0].number} running {duration(time.time() - flight[0][1].started_at)}")
     elif ledger.paused(store):
         parts.append("paused")
     else:

@@ -114,6 +114,31 @@ class Git:
         self.g.reset("--hard", "-q", sha)
         self.g.clean("-fdq")
 
+    def snapshot(self, path: Path, sha: str) -> Path:
+        """A clean detached worktree of `sha` at `path`: where a parallel run executes, so runs
+        never share a working tree and the branch moves only by the ratchet. Idempotent: an
+        existing worktree is reset to `sha` (call it only when no run is using it)."""
+        path = Path(path)
+        if (path / ".git").exists():
+            wt = git.Repo(path).git
+            wt.reset("--hard", "-q", sha)
+            wt.clean("-fdxq")  # a snapshot holds exactly the commit, nothing a past run left
+            return path
+        shutil.rmtree(path, ignore_errors=True)  # a half-made one from a crash
+        self.g.worktree("prune")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.g.worktree("add", "--detach", "--force", "-q", str(path), sha)
+        return path
+
+    def drop_snapshot(self, path: Path) -> None:
+        """Remove a run's worktree (its log lives elsewhere); missing is fine."""
+        if Path(path).exists():
+            try:
+                self.g.worktree("remove", "--force", str(path))
+            except git.GitCommandError:
+                shutil.rmtree(path, ignore_errors=True)
+        self.g.worktree("prune")
+
     def numstat(self, base: str, commit: str) -> tuple[int, int]:
         added = removed = 0
         for line in self.g.diff("--numstat", base, commit).splitlines():
@@ -301,12 +326,13 @@ def protect(ws: Workspace) -> None:
     _protect(ws.path, ws.protected)
 
 
-def protected_mismatches(ws: Workspace) -> list[str]:
-    """Protected files whose content differs from the hash recorded at init."""
+def protected_mismatches(ws: Workspace, root: Path | None = None) -> list[str]:
+    """Protected files whose content differs from the hash recorded at init, in the workspace or
+    in a run's snapshot `root`."""
     recorded: dict[str, str] = ws.store.get("workspace.protected_sha256", {})
     bad = []
     for name in ws.protected:
-        p = ws.path / name
+        p = (root or ws.path) / name
         if name not in recorded or not p.is_file() or sha256_file(p) != recorded[name]:
             bad.append(name)
     return bad
@@ -343,7 +369,7 @@ def train_once(settings: Settings, profile: str | None) -> int:
     if pid is not None:
         raise UserError(f"the loop (pid {pid}) is running in {ws.path}; pause or stop it before `nightlab train`")
     env = run_environment(ws, settings)
-    executor = LocalExecutor(settings.executor.gpus)
+    executor = LocalExecutor(settings.executor.gpus, settings.executor.cpu_slots)
     log = state_dir(ws.path) / "runs" / f"train-{int(time.time())}.log"
     handle = executor.launch(RunSpec(ws.run_command, ws.path, log, executor.slots()[0], env))
     _stderr(f"running `{ws.run_command}` in {ws.path} (log {log})")

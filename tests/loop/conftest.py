@@ -1,0 +1,35 @@
+"""A real single-node Slurm for the executor tests (tests/fakes/slurm_cluster.py), started once
+per module that asks for it and stopped after; skipped, saying why, where Slurm is missing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.slurm_cluster import SlurmCluster, missing_binaries
+
+
+def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, gpus: int) -> Iterator[SlurmCluster]:
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Slurm is not installed here (missing: {', '.join(missing)}); .ci/run installs it")
+    cluster = SlurmCluster(Path(tmp_path_factory.mktemp(name)), gpus=gpus)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """Two fake GPUs: two one-GPU jobs run at once, a third waits."""
+    yield from _cluster(tmp_path_factory, "slurm", gpus=2)
+
+
+@pytest.fixture(scope="module")
+def slurm_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A second cluster, so a slow event (a one-minute time limit) overlaps a node failure."""
+    yield from _cluster(tmp_path_factory, "slurm_b", gpus=1)

@@ -1,0 +1,278 @@
+"""The Slurm executor: state mapping and config on their own, then against a real Slurm.
+
+The real-cluster tests share one module-scoped cluster with two fake GPUs (tests/loop/conftest.py).
+Slurm's own clocks set the pace: a time limit has minute granularity and a dead node is noticed
+after ~30 s, so the two slow events run at once on two clusters (test_slow_events_...).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from nightlab.loop import ledger
+from nightlab.loop.config import ConfigError, Settings, settings_from_table
+from nightlab.loop.engine import run_engine
+from nightlab.loop.executor import (
+    RunHandle,
+    RunSpec,
+    RunStatus,
+    Slot,
+    exit_file,
+    started_at,
+)
+from nightlab.loop.slurm import JobState, SlurmExecutor, map_state, slurm_time
+from nightlab.loop.store import Store
+
+from tests.fakes.loop_workspace import make_stub_workspace
+from tests.fakes.scripted_proposer import ScriptedProposer
+from tests.fakes.slurm_cluster import SlurmCluster
+
+
+# -- no cluster needed ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("job", "code", "expected"), [
+    (JobState("PENDING", ""), None, RunStatus("pending")),
+    (JobState("REQUEUED", ""), None, RunStatus("pending")),
+    (JobState("CONFIGURING", "n1"), None, RunStatus("pending", where="n1")),
+    (JobState("RUNNING", "n1"), None, RunStatus("running", where="n1")),
+    (JobState("COMPLETING", "n1"), 0, RunStatus("exited", 0, where="n1")),
+    (JobState("COMPLETED", "n1"), 0, RunStatus("exited", 0, where="n1")),
+    (JobState("FAILED", "n1"), 3, RunStatus("exited", 3, where="n1")),
+    (JobState("FAILED", "n1"), None, RunStatus("lost", reason="Slurm says FAILED but the job wrote no exit status", where="n1")),
+    (JobState("CANCELLED", "n1"), None, RunStatus("lost", reason="cancelled in Slurm (scancel)", where="n1")),
+    (JobState("TIMEOUT", "n1"), None, RunStatus("lost", reason="timeout: the Slurm time limit (11:00) was reached", where="n1")),
+    (JobState("NODE_FAIL", "n1"), None, RunStatus("lost", reason="node failure: the job's node stopped responding (not requeued)", where="n1")),
+    (JobState("PREEMPTED", "n1"), None, RunStatus("lost", reason="preempted by Slurm (not requeued)", where="n1")),
+    (None, 0, RunStatus("exited", 0)),
+    (None, None, RunStatus("lost", reason="the job is gone from Slurm without an exit status")),
+])
+def test_slurm_states_map_onto_the_loops(job: JobState | None, code: int | None, expected: RunStatus) -> None:
+    assert map_state(job, code, "11:00") == expected
+
+
+def test_time_limit_is_the_run_timeout_plus_the_margin() -> None:
+    assert slurm_time(600 + 300) == "15:00"
+    assert slurm_time(5) == "1:00"  # Slurm counts limits in minutes
+
+
+@pytest.mark.parametrize(("slurm", "message"), [
+    ({}, "executor.slurm.shared_dir = '': expected a directory every compute node sees"),
+    ({"shared_dir": "rel/dir"}, "executor.slurm.shared_dir = 'rel/dir': expected an absolute path"),
+    ({"shared_dir": "/s", "jobs": 0}, "executor.slurm.jobs = 0: expected at least 1"),
+    ({"shared_dir": "/s", "extra_args": ["--time=5"]}, "executor.slurm.extra_args = ['--time=5']: expected no --time"),
+    ({"shared_dir": "/s", "partiton": "gpu"}, "unknown key 'executor.slurm.partiton'"),
+])
+def test_bad_slurm_config_names_key_value_and_expectation(slurm: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as err:
+        settings_from_table({"executor": {"kind": "slurm", "slurm": slurm}}, source="c.toml")
+    assert message in str(err.value)
+
+
+def test_old_local_handles_still_load() -> None:
+    old = '{"backend": "local", "create_time": 12.5, "log_path": "/l", "pid": 7, "slot": "gpu0"}'
+    handle = RunHandle.from_json(old)
+    assert (handle.pid, handle.job_id, handle.key) == (7, "", "local:7:12.500")
+    slurm = RunHandle("slurm", 0, 0.0, "/l", "slurm0", job_id="42")
+    assert RunHandle.from_json(slurm.to_json()) == slurm and slurm.key == "slurm:42"
+
+
+# -- a real Slurm -----------------------------------------------------------------------------------
+def _executor(cluster: SlurmCluster, jobs: int = 3, **conf: Any) -> SlurmExecutor:
+    table = {"executor": {"kind": "slurm", "slurm": {"shared_dir": str(cluster.root / "shared"), "jobs": jobs,
+                                                     "poll_interval": 0.2, **conf}}}
+    settings = settings_from_table(table)
+    return SlurmExecutor(settings.executor.slurm, settings.heartbeat.run_timeout, env=cluster.env)
+
+
+def _spec(cluster: SlurmCluster, name: str, command: str, slot: str = "slurm0") -> RunSpec:
+    cwd = cluster.root / "shared" / "wt"
+    cwd.mkdir(exist_ok=True)
+    return RunSpec(command, cwd, cluster.root / "shared" / "runs" / f"{name}.log", Slot(slot), {"NIGHTLAB_X": "it's"})
+
+
+def _until(predicate: Any, timeout: float = 30.0, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def test_two_jobs_run_at_once_a_third_waits_and_polls_are_batched(slurm: SlurmCluster) -> None:
+    ex = _executor(slurm)
+    cmd = 'echo "cuda=$CUDA_VISIBLE_DEVICES x=$NIGHTLAB_X pwd=$(pwd)"; sleep 3; exit {code}'
+    handles = [ex.launch(_spec(slurm, f"w{i}", cmd.format(code=i), f"slurm{i}")) for i in range(3)]
+    states = _until(lambda: (s := ex.poll(handles)) and sorted(v.state for v in s.values()) == [
+        "pending", "running", "running"] and s)
+    assert states[handles[2].key].state == "pending"  # the last submitted waits for a GPU
+    before = ex.squeue_calls
+    final = _until(lambda: (s := ex.poll(handles)) and all(v.state == "exited" for v in s.values()) and s, 40)
+    assert [final[h.key].exit_code for h in handles] == [0, 1, 2]
+    assert ex.squeue_calls - before <= (40 / 0.2) + 1  # never one call per job
+    logs = [ex.read_log(h) for h in handles]
+    assert sorted(log.split("cuda=")[1][0] for log in logs[:2]) == ["0", "1"]  # distinct GPUs
+    assert all("x=it's" in log and f"pwd={slurm.root}/shared/wt" in log for log in logs)
+    assert all(started_at(h.log_path) is not None for h in handles)
+
+
+def test_one_squeue_call_for_many_jobs(slurm: SlurmCluster) -> None:
+    ex = _executor(slurm, poll_interval=0.01)
+    handles = [ex.launch(_spec(slurm, f"b{i}", "exit 0")) for i in range(5)]
+    time.sleep(0.05)
+    before = ex.squeue_calls
+    ex.poll(handles)
+    assert ex.squeue_calls == before + 1
+    _until(lambda: all(s.state == "exited" for s in ex.poll(handles).values()))
+
+
+def test_cancel(slurm: SlurmCluster) -> None:
+    ex = _executor(slurm)
+    handle = ex.launch(_spec(slurm, "c", "sleep 300"))
+    _until(lambda: ex.poll([handle])[handle.key].state == "running")
+    ex.cancel(handle)
+    status = _until(lambda: (s := ex.poll([handle])[handle.key]).state == "lost" and s)
+    assert status.reason == "cancelled in Slurm (scancel)"  # nightlab's own kill carries its reason
+
+
+def _slurm_settings(tmp_path: Path, cluster: SlurmCluster, run_timeout: float = 600.0, margin: float = 300.0) -> Settings:
+    return make_stub_workspace(
+        tmp_path, executor={"kind": "slurm", "slurm": {"shared_dir": str(cluster.root / "shared"),
+                                                       "poll_interval": 0.3, "time_margin": margin}},
+        heartbeat={"run_timeout": run_timeout},
+    )
+
+
+class _Engine:
+    def __init__(self, settings: Settings, cluster: SlurmCluster, steps: list[dict[str, Any]], limit: int) -> None:
+        self.stop, self.result = threading.Event(), []  # type: ignore[var-annotated]
+        ex = SlurmExecutor(settings.executor.slurm, settings.heartbeat.run_timeout, env=cluster.env)
+
+        def target() -> None:
+            try:
+                self.result.append(run_engine(settings, limit, self.stop, proposer=ScriptedProposer(steps), executor=ex))
+            except BaseException as exc:  # noqa: BLE001 -- surfaced by join()
+                self.result.append(exc)
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float = 120.0) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the engine did not finish"
+        assert self.result == [0], self.result
+
+
+def _run_of(store: Store, number: int) -> ledger.RunRecord | None:
+    cands = [c for c in ledger.open_candidates(store) if c.number == number]
+    return ledger.run_for_candidate(store, cands[0].id) if cands else None
+
+
+def test_engine_restart_reattaches_to_a_running_job(slurm: SlurmCluster, tmp_path: Path) -> None:
+    settings = _slurm_settings(tmp_path, slurm)
+    store = Store.for_workspace(settings.workspace_path)
+    steps = [{"set": {"VAL_BPB": [0.9], "SLEEP": 4.0}}]
+    first = _Engine(settings, slurm, steps, 2)
+    run = _until(lambda: (r := _run_of(store, 2)) and started_at(r.log_path) and r, 30)
+    first.stop.set()
+    first.join()
+    job = RunHandle.from_json(run.handle).job_id
+    assert job and ledger.get_run(store, run.id).state == "running"  # left running, not recorded
+    second = _Engine(settings, slurm, steps, 2)
+    second.join()
+    rows = ledger.experiments(store)
+    assert [(e.number, e.status, e.metric) for e in rows] == [(1, "keep", 1.0), (2, "keep", 0.9)]
+    assert ledger.run_for_candidate(store, ledger.get_candidate(store, 2).id).id == run.id  # the same run
+    assert rows[1].slot.startswith("slurm0@")  # the node it ran on
+    assert ledger.running_runs(store) == []
+
+
+def _kill_node(cluster: SlurmCluster, log_path: str) -> None:
+    """The node dies: slurmd and the job's processes (its slurmstepd included) are gone."""
+    cluster.kill_slurmd()
+    victims = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("NIGHTLAB_EXIT_FILE") == str(exit_file(log_path)):
+                victims.append(proc)  # the trainer; then its ancestors up to the job's slurmstepd
+                for parent in proc.parents():
+                    victims.append(parent)
+                    if parent.name() == "slurmstepd":
+                        break
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    assert victims, "the job's processes were not found"
+    for signal_them in (psutil.Process.suspend, psutil.Process.kill):  # frozen first: a dead node writes nothing
+        for proc in reversed(victims):
+            try:
+                signal_them(proc)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _squeue_state(cluster: SlurmCluster, job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "--states=all", "-j", job, "-o", "%T|%r"],
+                         capture_output=True, text=True, env=cluster.env, check=False)
+    return out.stdout.strip()
+
+
+def test_slow_events_node_failure_requeues_the_same_candidate_and_time_limit_is_a_timeout_crash(
+    slurm: SlurmCluster, slurm_b: SlurmCluster, tmp_path: Path,
+) -> None:
+    # Cluster B: a run that hangs past its one-minute Slurm time limit (no heartbeat here: the
+    # limit is the backstop). It runs while cluster A loses its node.
+    (tmp_path / "b").mkdir()
+    timeout_settings = _slurm_settings(tmp_path / "b", slurm_b, run_timeout=5.0, margin=0.0)  # --time=1:00
+    hang = _Engine(timeout_settings, slurm_b, [{"set": {"MODE": "hang"}}], 2)
+
+    (tmp_path / "a").mkdir()
+    settings = _slurm_settings(tmp_path / "a", slurm)
+    store = Store.for_workspace(settings.workspace_path)
+    engine = _Engine(settings, slurm, [{"set": {"VAL_BPB": [0.8], "SLEEP": 8.0}}], 2)
+    run = _until(lambda: (r := _run_of(store, 2)) and started_at(r.log_path) and r, 60)
+    job = RunHandle.from_json(run.handle).job_id
+    _kill_node(slurm, run.log_path)
+    # Slurm notices the silent node (SlurmdTimeout), marks it down and requeues the job
+    _until(lambda: _squeue_state(slurm, job).startswith("PENDING"), 60, 0.5)
+    slurm.start_slurmd()
+    # The node's return must settle first: slurmctld's kill for the failed attempt reaches the new
+    # slurmd and would also kill an attempt started at that very moment (same job id).
+    _until(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False,
+                                  env=slurm.env).stdout.strip() == "idle", 30, 0.3)
+    time.sleep(3)
+    # a requeued job is held back for a while (reason BeginTime); an admin's nudge skips the wait
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True)
+    engine.join(90)
+    rows = ledger.experiments(store)
+    assert [(e.number, e.status, e.metric) for e in rows] == [(1, "keep", 1.0), (2, "keep", 0.8)]
+    runs = store.connection().execute("SELECT handle FROM runs WHERE candidate_id = ?",
+                                      (ledger.get_candidate(store, 2).id,)).fetchall()
+    assert [RunHandle.from_json(r["handle"]).job_id for r in runs] == [job]  # one run, the same job
+    started = [e for e in store.events_after(0, 10_000) if e.kind == "experiment_started"]
+    assert [e.payload["number"] for e in started] == [1, 2]  # announced once
+    assert Path(run.log_path).read_text().count("step 00001") == 1  # the log is the last attempt's
+
+    hang.join(150)
+    b = ledger.experiments(Store.for_workspace(timeout_settings.workspace_path))
+    assert [(e.number, e.status) for e in b] == [(1, "keep"), (2, "crash")]
+    assert b[1].reason == "timeout: the Slurm time limit (1:00) was reached"
+
+
+def test_sbatch_errors_are_clear(slurm: SlurmCluster) -> None:
+    ex = _executor(slurm, partition="nosuchpartition")
+    with pytest.raises(Exception, match="sbatch failed"):
+        ex.launch(_spec(slurm, "e", "true"))
+
+
+def test_make_executor_refuses_without_slurm_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    settings = settings_from_table({"executor": {"kind": "slurm", "slurm": {"shared_dir": "/s"}}}, source="c.toml")
+    with pytest.raises(ConfigError, match="executor.kind = 'slurm': sbatch, squeue, scancel not found on PATH"):
+        SlurmExecutor.from_settings(settings)
+

@@ -1,0 +1,147 @@
+"""N local slots: synchronous best-of-wave waves with the stub trainer.
+
+Slots are "GPUs" 5, 6, 7 (this machine needs none: the executor only pins CUDA_VISIBLE_DEVICES),
+so every run shows which slot it had."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from nightlab.loop import ledger, views
+from nightlab.loop.engine import run_engine
+from nightlab.loop.errors import UserError
+from nightlab.loop.executor import RunHandle
+from nightlab.loop.proposers.base import Proposal, ProposalContext
+from nightlab.loop.steering import send_command
+from nightlab.loop.store import Store
+
+from tests.fakes.loop_workspace import git_out, make_stub_workspace
+from tests.fakes.scripted_proposer import ScriptedProposer
+from tests.loop.test_engine import EngineThread, assert_consistent
+
+HERE = Path(__file__).resolve().parent
+
+
+class WaveProposer(ScriptedProposer):
+    """The scripted proposer, told what is in flight: member k of a wave takes the k-th next step
+    (as the search proposer asks for N distinct trials)."""
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        self.contexts.append(ctx)
+        done = sum(1 for h in ctx.history if not h.description.startswith(("baseline", "confirm")))
+        index = done + len(ctx.in_flight)
+        proposal = ScriptedProposer([self.steps[min(index, len(self.steps) - 1)]]).propose(ctx)
+        return Proposal(proposal.description.replace("step 0", f"step {index}"), proposal.hypothesis,
+                        proposal.area, proposal.params)
+
+
+def _settings(tmp_path: Path, slots: int = 3) -> Any:
+    return make_stub_workspace(tmp_path, executor={"gpus": [5, 6, 7][:slots]})
+
+
+def test_a_wave_runs_in_parallel_snapshots_and_keeps_only_its_winner(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    repo = settings.workspace_path
+    steps = [{"set": {"VAL_BPB": [v], "SLEEP": 1.0}} for v in (0.95, 0.9, 0.97, 0.85, 1.2, 0.99)]
+    proposer = WaveProposer(steps)
+    started = time.monotonic()
+    assert run_engine(settings, 7, proposer=proposer) == 0
+    elapsed = time.monotonic() - started
+    store = Store.for_workspace(repo)
+    rows = ledger.experiments(store)
+    assert [(e.number, e.status, e.metric) for e in rows] == [
+        (1, "keep", 1.0),  # one baseline (loop.baseline_runs = 1)
+        (2, "discard", 0.95), (3, "keep", 0.9), (4, "discard", 0.97),  # wave 1: #3 wins
+        (5, "keep", 0.85), (6, "discard", 1.2), (7, "discard", 0.99),  # wave 2 from #3: #5 wins
+    ]
+    assert rows[1].reason == "beaten in its wave by #3 (0.900000)"
+    assert rows[5].reason.startswith("worse than the best")
+    assert [e.best for e in rows] == [1.0, 1.0, 0.9, 0.9, 0.85, 0.85, 0.85]
+    # each member ran on its own slot, pinned, at the same time as the others
+    assert sorted(e.slot for e in rows[1:4]) == ["gpu5", "gpu6", "gpu7"]
+    for e in rows[1:]:
+        log = (repo / ".nightlab" / "runs" / f"{e.number}.log").read_text()
+        assert f"cuda='{e.slot[3:]}'" in log
+    assert max(e.started_at for e in rows[1:4]) < min(e.finished_at for e in rows[1:4])  # type: ignore[type-var]
+    assert elapsed < 6 * 1.0 + 4  # two waves of three 1 s runs, not six runs in a row
+    # git: linear history baseline -> #3 -> #5; every candidate reachable; no worktree left behind
+    assert git_out(repo, "rev-list", "--first-parent", "HEAD").splitlines()[:3] == [
+        rows[4].commit, rows[2].commit, rows[0].commit]
+    assert git_out(repo, "rev-list", "--merges", "HEAD") == ""
+    for e in rows[1:]:
+        assert git_out(repo, "rev-parse", f"refs/nightlab/exp/{e.number}") == e.commit
+    assert ledger.get_candidate(store, 6).base_commit == rows[2].commit  # wave 2 branched from the winner
+    assert git_out(repo, "worktree", "list").count("\n") == 0
+    # members of a wave are proposed knowing what is already in flight
+    assert [len(c.in_flight) for c in proposer.contexts] == [0, 1, 2, 0, 1, 2]
+    assert_consistent(settings)
+
+
+def test_kill_one_experiment_of_a_wave_and_pause_now_cancels_the_wave(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, slots=2)
+    repo = settings.workspace_path
+    steps = [{"set": {"VAL_BPB": [0.9], "MODE": "hang"}}, {"set": {"VAL_BPB": [0.8], "SLEEP": 2.0}},
+             {"set": {"MODE": "hang"}}, {"set": {"MODE": "hang", "VAL_BPB": [0.7]}}]
+    engine = EngineThread(settings, WaveProposer(steps))
+    store = engine.store
+    engine.wait_for(lambda: len(ledger.running_runs(store)) == 2)
+    status = views.status_text(repo).splitlines()
+    assert status[1] == "now: 2 runs in flight on 2 slots"
+    assert status[2].startswith("  gpu5: #2 proposal running ") and status[3].startswith("  gpu6: #3 proposal running ")
+    assert views.status_line(repo).startswith("2 runs in flight (#2, #3)")
+    with pytest.raises(UserError, match=r"2 experiments are running \(#2, #3\); say which: kill N"):
+        send_command(repo, "kill", "cli:test")
+    assert "killing #2" in send_command(repo, "kill 2", "cli:test")
+    engine.wait_for(lambda: ledger.experiment_count(store) == 3)
+    rows = ledger.experiments(store)
+    assert [(e.number, e.status) for e in rows] == [(1, "keep"), (2, "discard"), (3, "keep")]
+    assert rows[1].reason == "killed by cli:test"
+    engine.wait_for(lambda: len(ledger.running_runs(store)) == 2)  # wave 2: #4 and #5 hang
+    send_command(repo, "pause now", "cli:test")
+    engine.wait_for(lambda: ledger.experiment_count(store) == 5)
+    assert [e.status for e in ledger.experiments(store)][3:] == ["discard", "discard"]
+    time.sleep(0.5)
+    assert ledger.open_candidates(store) == [] and ledger.paused(store) is not None
+    engine.join(stop=True)
+    assert_consistent(settings)
+
+
+def test_kill_9_mid_wave_reattaches_every_run_and_records_each_once(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    repo = settings.workspace_path
+    steps = [{"set": {"VAL_BPB": [v], "SLEEP": 2.0}} for v in (0.95, 0.9, 0.97)]
+    script = tmp_path / "steps.json"
+    script.write_text(json.dumps(steps))
+    cmd = [sys.executable, str(HERE / "wave_main.py"), str(repo), str(script), "4", "3"]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
+    first = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    store = Store.for_workspace(repo)
+    deadline = time.monotonic() + 30
+    while len(ledger.running_runs(store)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    runs = ledger.running_runs(store)
+    assert len(runs) == 3
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    pids = [RunHandle.from_json(r.handle).pid for r in runs]
+    assert all(psutil.pid_exists(p) for p in pids)  # the runs outlive the engine
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = ledger.experiments(store)
+    assert [(e.number, e.status, e.metric) for e in rows] == [
+        (1, "keep", 1.0), (2, "discard", 0.95), (3, "keep", 0.9), (4, "discard", 0.97)]
+    all_runs = store.connection().execute("SELECT candidate_id, handle FROM runs ORDER BY id").fetchall()
+    assert len(all_runs) == 4  # no run launched twice
+    assert {RunHandle.from_json(r["handle"]).pid for r in all_runs} >= set(pids)  # re-attached
+    started = [e.payload["number"] for e in store.events_after(0, 10_000) if e.kind == "experiment_started"]
+    assert sorted(started) == [1, 2, 3, 4]
+    assert_consistent(settings)
