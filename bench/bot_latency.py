@@ -52,15 +52,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=50, help="samples per measurement")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(json.loads(args.child))
-        return
-
+def measure(n: int = 50) -> dict[str, object]:
+    """Seconds per sample of command -> reply and experiment end -> digest, and the bot's RSS (MB)."""
     import psutil
     from nightlab.loop.store import Store
 
@@ -82,7 +75,7 @@ def main() -> None:
             rss_mb = psutil.Process(proc.pid).memory_info().rss / 2**20
 
             replies = []
-            for _ in range(args.n):
+            for _ in range(n):
                 before = len(tg.messages(OPERATOR))
                 t0 = time.monotonic()
                 tg.inject("/status", OPERATOR)
@@ -90,7 +83,7 @@ def main() -> None:
                 replies.append(sent.at - t0)
 
             digests = []
-            for i in range(args.n):
+            for i in range(n):
                 before = len(tg.messages(CHAT))
                 t0 = time.monotonic()
                 finished(store, "discard", 1.0 + i / 1000)
@@ -101,7 +94,19 @@ def main() -> None:
             if proc.stdin:
                 proc.stdin.close()
             proc.wait(30)
+    return {"replies": replies, "digests": digests, "rss_mb": rss_mb, "rss_after_mb": rss_after_mb}
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=50, help="samples per measurement")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    m = measure(args.n)
+    replies, digests, rss_mb, rss_after_mb = m["replies"], m["digests"], m["rss_mb"], m["rss_after_mb"]
     print(f"{'measurement':<38} {'p50':>8} {'p95':>8} {'max':>8}   target")
     for name, values, target in (("command -> reply (Telegram /status)", replies, "p95 <= 1 s"),
                                  ("experiment end -> digest (Telegram)", digests, "<= 2 s")):

@@ -74,7 +74,7 @@ def make_workspace(root: Path, profile: profiles.Profile) -> Path:
     return ws
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, default=90, help="TIME_BUDGET in seconds (default 90)")
     parser.add_argument("--profile", default=None, help=f"one of {', '.join(profiles.PROFILES)} (default: tiny without a GPU)")
@@ -83,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--untrained", action="store_true", help="also evaluate the untrained model")
     parser.add_argument("--keep", action="store_true", help="keep the workspace and print its path")
     parser.add_argument("--log", default=None, help="also write the run's log here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def measure(argv: list[str] | None = None) -> list[tuple[str, str]] | None:
+    """One benchmark run with the command line's options; the table's rows, None when train.py failed."""
+    args = build_parser().parse_args(argv)
 
     profile = profiles.PROFILES[args.profile or default_profile()]
     data_dir = data_dir_for(args)
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if run.returncode != 0:
             print(log[-4000:])
             print(f"bench: train.py exited {run.returncode}")
-            return 1
+            return None
         summary = parse_summary(run.stdout)
         m = summary.metrics
         untimed = int(profiles.read_constants((ws / "train.py").read_text(), ["UNTIMED_STEPS"])["UNTIMED_STEPS"])
@@ -136,16 +141,23 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if untrained is not None:
             rows.append(("val_bpb untrained", f"{untrained:.6f}"))
-        width = max(len(k) for k, _ in rows)
-        print("-" * (width + 20))
-        for key, value in rows:
-            print(f"{key:<{width}}  {value}")
         if args.keep:
             print(f"workspace: {ws}")
-        return 0
+        return rows
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    rows = measure(argv)
+    if rows is None:
+        return 1
+    width = max(len(k) for k, _ in rows)
+    print("-" * (width + 20))
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ characters after the markup is parsed), multipart sendPhoto, setMyCommands. Test
 incoming messages, read what the bot sent, and script failures: `fail(...)` queues 429s
 (`{"ok":false,"error_code":429,"parameters":{"retry_after":N}}`) or 500s for the next sends,
 and `down()`/`up()` close and reopen the port (connection refused in between).
+`hold(...)` keeps one matching send waiting (the chaos suite kills the bot meanwhile): either
+already accepted, so only the reply is late, or not yet, so a client gone by `release()` never
+delivered it.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import contextlib
 import email
 import email.policy
 import json
+import select
 import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +56,9 @@ class FakeTelegram:
         self._updates: list[dict[str, Any]] = []
         self._next_update = 1
         self._faults: deque[tuple[str, int]] = deque()
+        self._hold: tuple[str, bool] | None = None
+        self.holding = threading.Event()  # a held send is waiting
+        self._released = threading.Event()
         self._cond = threading.Condition()
         self._port = 0
         self._server: ThreadingHTTPServer | None = None
@@ -98,6 +106,18 @@ class FakeTelegram:
         with self._cond:
             self._faults.extend([(kind, retry_after)] * times)
 
+    def hold(self, contains: str, accepted: bool) -> None:
+        """The next sendMessage whose visible text contains `contains` waits until `release()`.
+        accepted=True: it counts as delivered at once (Telegram has it; only the reply is late).
+        accepted=False: it is delivered at release only if the client is still connected."""
+        with self._cond:
+            self._hold = (contains, accepted)
+            self.holding.clear()
+            self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
     def inject(self, text: str, user_id: int, chat_id: int | None = None, chat_type: str = "") -> int:
         """A user writes to the bot; chat_id defaults to the user's private chat."""
         chat_id = user_id if chat_id is None else chat_id
@@ -132,7 +152,8 @@ class FakeTelegram:
                 self._cond.wait(max(0.0, min(0.05, deadline - time.monotonic())))
 
     # -- the API -----------------------------------------------------------------------------
-    def _call(self, method: str, params: dict[str, Any], files: dict[str, bytes]) -> tuple[int, dict[str, Any]]:
+    def _call(self, method: str, params: dict[str, Any], files: dict[str, bytes],
+              alive: Callable[[], bool] = lambda: True) -> tuple[int, dict[str, Any]]:
         with self._cond:
             self.methods.append(method)
         if method == "getMe":
@@ -144,7 +165,7 @@ class FakeTelegram:
         if method == "getUpdates":
             return _ok(self._get_updates(int(params.get("offset", 0) or 0), float(params.get("timeout", 0) or 0)))
         if method in SENDS:
-            return self._send(method, params, files)
+            return self._send(method, params, files, alive)
         return 404, {"ok": False, "error_code": 404, "description": "Not Found: method not found"}
 
     def _get_updates(self, offset: int, timeout: float) -> list[dict[str, Any]]:
@@ -156,7 +177,8 @@ class FakeTelegram:
                 self._cond.wait(deadline - time.monotonic())
             return list(self._updates)
 
-    def _send(self, method: str, params: dict[str, Any], files: dict[str, bytes]) -> tuple[int, dict[str, Any]]:
+    def _send(self, method: str, params: dict[str, Any], files: dict[str, bytes],
+              alive: Callable[[], bool] = lambda: True) -> tuple[int, dict[str, Any]]:
         with self._cond:
             self.attempts.append((method, time.monotonic()))
             fault = self._faults.popleft() if self._faults else None
@@ -183,9 +205,16 @@ class FakeTelegram:
             if not sent.photo:
                 return 400, {"ok": False, "error_code": 400, "description": "Bad Request: there is no photo in the request"}
         with self._cond:
-            self.sent.append(sent)
-            message_id = len(self.sent)
-            self._cond.notify_all()
+            held = self._hold if self._hold and self._hold[0] in sent.text else None
+            if held:
+                self._hold = None
+        message_id = self._record(sent) if held and held[1] else 0
+        if held:
+            self.holding.set()
+            self._released.wait(60)
+            if not held[1] and not alive():
+                return 500, {"ok": False, "error_code": 500, "description": "client gone"}
+        message_id = message_id or self._record(sent)
         result: dict[str, Any] = {
             "message_id": message_id, "date": int(time.time()), "from": BOT_USER,
             "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},
@@ -197,6 +226,12 @@ class FakeTelegram:
                                 "width": 800, "height": 400, "file_size": len(sent.photo)}]
             result["caption"] = sent.caption
         return _ok(result)
+
+    def _record(self, sent: Sent) -> int:
+        with self._cond:
+            self.sent.append(sent)
+            self._cond.notify_all()
+            return len(self.sent)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -228,8 +263,16 @@ class FakeTelegram:
                     self._reply(401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
                     return
                 params, files = _parse(self.headers.get("Content-Type", ""), body)
-                status, payload = fake._call(self.path[len(prefix):].split("?")[0], params, files)
+                status, payload = fake._call(self.path[len(prefix):].split("?")[0], params, files, self._alive)
                 self._reply(status, payload)
+
+            def _alive(self) -> bool:
+                # A peer that closed its end reads as "readable with nothing to read".
+                try:
+                    readable, _, _ = select.select([self.connection], [], [], 0)
+                    return not readable or self.connection.recv(1, socket.MSG_PEEK) != b""
+                except OSError:
+                    return False
 
             def _reply(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
