@@ -149,6 +149,15 @@ class Outbox:
         )
         return [(r["channel"], r["destination"]) for r in rows if r["channel"] in self.channels]
 
+    def has_due(self, within_s: float) -> bool:
+        """Is any message of a configured channel due to be sent within `within_s` seconds?
+        (Hourly batches are not: they wait for their hour.)"""
+        rows = self.store.connection().execute(
+            "SELECT DISTINCT channel FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?",
+            (self.clock() + within_s,),
+        )
+        return any(r["channel"] in self.channels for r in rows)
+
     async def deliver(self, channel_name: str, destination: str) -> None:
         """Send what is due for one destination, oldest first, until it is empty or must wait."""
         channel = self.channels[channel_name]

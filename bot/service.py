@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class BotService:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        self._drain_s = 0.0
 
     # -- the daemon's interface --------------------------------------------------------------
     def start(self) -> None:
@@ -80,9 +82,11 @@ class BotService:
         started.wait(10.0)  # the loop exists, so stop() can reach it
 
     def stop(self, timeout: float = 10.0) -> bool:
-        """Disconnect and end the thread; True when it ended within `timeout`."""
+        """Send what is due (for up to half of `timeout`), disconnect and end the thread; True when
+        it ended within `timeout`."""
         if self._thread is None:
             return True
+        self._drain_s = timeout / 2
         if self._loop is not None and self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(timeout)
@@ -122,6 +126,7 @@ class BotService:
         pump = asyncio.create_task(self._pump(outbox, wake, connected))
         try:
             await self._stopping.wait()
+            await self._drain(outbox, wake)
         finally:
             for task in (*starters, pump):
                 task.cancel()
@@ -130,6 +135,17 @@ class BotService:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(channel.stop(), 5.0)
             store.close()
+
+    async def _drain(self, outbox: Outbox, wake: asyncio.Event) -> None:
+        """On stop, give what is already due a bounded chance to go out: a session's last digest
+        must not wait for the next start."""
+        deadline = time.monotonic() + self._drain_s
+        while time.monotonic() < deadline:
+            outbox.fill()
+            if not outbox.has_due(within_s=deadline - time.monotonic()):
+                return
+            wake.set()
+            await asyncio.sleep(0.05)
 
     async def _keep_starting(self, channel: Channel, on_message: OnMessage, connected: asyncio.Event) -> None:
         delay = 1.0

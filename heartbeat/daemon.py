@@ -120,9 +120,9 @@ class Daemon:
             finally:
                 notifier.stopping(f"stopping ({self._why or 'error'})")
                 scheduler.shutdown(wait=False)
+                heartbeat.stop_engine()  # first, so the engine's last events reach the bot's drain
                 if self._bot is not None:
                     self._bot.stop(timeout=BOT_STOP_TIMEOUT_S)
-                heartbeat.stop_engine()
                 store.close()
                 log.info("nightlab daemon stopped (%s)", self._why or "error")
         return 0

@@ -15,7 +15,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
 from nightlab.loop.store import Store
 
 from tests.e2e.invariants import DIGEST
@@ -24,17 +23,8 @@ from tests.fakes.telegram_server import FakeTelegram
 
 OPERATOR, CHAT = 111, -1001
 
-UNDRAINED_STOP = (
-    "product bug: on a clean stop (max experiments reached, SIGTERM) the daemon stops the bot"
-    " before the engine and BotService.stop cancels the outbox pump at once, so what is still"
-    " waiting (typically the last digest) is only sent at the next start; fix: heartbeat/daemon.py"
-    " Daemon.run stops the engine first, and bot/service.py BotService._run, once asked to stop,"
-    " fills the outbox one last time and delivers what is due (bounded by the stop timeout)"
-    " before cancelling the channels"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=UNDRAINED_STOP)
 def test_max_experiments_stop_delivers_the_last_digest(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     ws = settings.workspace_path
