@@ -60,6 +60,7 @@ from nightlab.loop.summary import parse_summary
 from nightlab.loop.workspace import (
     Git,
     Workspace,
+    clear_stale_git_locks,
     dirty_error,
     open_workspace,
     protect,
@@ -114,11 +115,11 @@ class Engine:
         return [cand.number for cand, _ in self._in_flight()]
 
     def kill(self, number: int, reason: str) -> bool:
+        """Mark the run (durably, inside the command's transaction); the next poll cancels it, so a
+        kill interrupted by a crash is still carried out after the restart."""
         for cand, run in self._in_flight():
             if cand.number == number:
-                marked = ledger.mark_kill(self.store, run.id, reason)
-                self.executor.cancel(RunHandle.from_json(run.handle), grace_s=_CANCEL_GRACE_S)
-                return marked
+                return ledger.mark_kill(self.store, run.id, reason)
         return False
 
     # -- the loop --------------------------------------------------------------------------------
@@ -160,6 +161,8 @@ class Engine:
             self.stop.set()
 
     def _startup(self) -> None:
+        for lock in clear_stale_git_locks(self.ws.path):  # we hold the engine lock: they are stale
+            _say(f"removed a stale git lock left by a killed git process: {lock}")
         branch = self.git.branch()
         if branch != self.ws.branch:
             raise UserError(
@@ -377,6 +380,8 @@ class Engine:
             if where != run.slot:  # a cluster job: record the node it landed on
                 ledger.set_run_slot(self.store, run.id, where)
             if status.state in ("pending", "running"):
+                if run.kill_reason:  # marked for a kill (a user's, or ours before a crash): carry it out
+                    self.executor.cancel(handle, grace_s=_CANCEL_GRACE_S)
                 continue
             ledger.finish_run(self.store, run.id, status.exit_code, status.reason)
             ended = True

@@ -114,12 +114,17 @@ class LoopControl(Protocol):
 def apply_pending(store: Store, loop: LoopControl) -> None:
     """Apply every pending command in order; each is marked done or rejected with a result."""
     for record in store.pending_commands():
-        try:
-            command = parse_command(f"{record.name} {record.args}".strip(), _areas(store))
-            status, result = "done", _apply(store, loop, command, record.sender)
-        except (CommandError, UserError) as exc:
-            status, result = "rejected", str(exc)
+        # One transaction per command: its effect, its "done" mark and its event commit together,
+        # so a crash can never apply a command twice (or mark it done without its effect).
         with store.transaction():
+            current = store.command(record.id)
+            if current is None or current.status != "pending":
+                continue
+            try:
+                command = parse_command(f"{record.name} {record.args}".strip(), _areas(store))
+                status, result = "done", _apply(store, loop, command, record.sender)
+            except (CommandError, UserError) as exc:
+                status, result = "rejected", str(exc)
             store.finish_command(record.id, status, result)
             store.emit("command_done", command_id=record.id, name=record.name, sender=record.sender, result=result)
 

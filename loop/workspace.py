@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import git
+import psutil
 from nightlab.loop.config import Settings
 from nightlab.loop.errors import UserError
 from nightlab.loop.executor import LocalExecutor, RunSpec, read_tail, visible_gpus
@@ -146,6 +147,27 @@ class Git:
             if a != "-":  # binary files count no lines
                 added, removed = added + int(a), removed + int(r)
         return added, removed
+
+
+def clear_stale_git_locks(path: Path) -> list[Path]:
+    """Remove lock files a git process killed mid-operation left behind (index.lock, ref locks):
+    otherwise every git command fails and the night stops. Only when no git process is working
+    in this repository, so a user's `git` running right now is never disturbed."""
+    root = Path(path).resolve()
+    for proc in psutil.process_iter(["name", "cwd", "cmdline"]):
+        info = proc.info
+        # GitPython keeps read-only `git cat-file --batch` helpers alive; they never take locks.
+        if info["name"] != "git" or "cat-file" in (info["cmdline"] or []) or not info["cwd"]:
+            continue
+        if Path(info["cwd"]).is_relative_to(root):
+            return []
+    gitdir = root / ".git"
+    locks = [gitdir / name for name in ("index.lock", "HEAD.lock", "packed-refs.lock")]
+    locks += list((gitdir / "refs").rglob("*.lock")) + list(gitdir.glob("worktrees/*/index.lock"))
+    removed = [lock for lock in locks if lock.is_file()]
+    for lock in removed:
+        lock.unlink(missing_ok=True)
+    return removed
 
 
 def sha256_file(path: Path) -> str:

@@ -41,18 +41,6 @@ STEPS = [
 ]
 OPERATOR = 111
 
-STALE_GIT_LOCK = (
-    "product bug: a git killed mid-operation leaves .git/index.lock and no engine ever removes it,"
-    " so every restarted engine dies on its first git command until the heartbeat gives up"
-    " (3 restarts) and pauses the night; fix in loop/engine.py Engine._startup (under the engine"
-    " lock): delete stale .git/*.lock files left by a killed git before touching the tree"
-)
-NOTE_TWICE = (
-    "product bug: loop/steering.py apply_pending applies a command (its kv change and event) and"
-    " marks it done in separate transactions, so a kill between them applies it again after the"
-    " restart (two note_added events, the note posted twice); fix: one transaction per command"
-)
-
 # (point, experiment, what it interrupts); the kill hooks are documented in engine_main.py.
 POINTS = [
     ("proposing", 2, "while proposing (the proposer has not edited yet)"),
@@ -217,12 +205,7 @@ def run_scenario(tmp: Path, point: str, number: int, tg: FakeTelegram, slack: Fa
     return checks
 
 
-KNOWN_BUGS = {"git_lock": STALE_GIT_LOCK, "steering": NOTE_TWICE}
-PARAMS = [
-    pytest.param(point, number, what, id=point,
-                 marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[point])] if point in KNOWN_BUGS else [])
-    for point, number, what in POINTS
-]
+PARAMS = [pytest.param(point, number, what, id=point) for point, number, what in POINTS]
 
 
 @pytest.mark.parametrize(("point", "number", "what"), PARAMS)
@@ -231,8 +214,6 @@ def test_sigkill_at_a_point_of_the_cycle_then_restart(
 ) -> None:
     tg, slack = chats
     started = time.monotonic()
-    if point in KNOWN_BUGS:
-        what += " [known product bug: xfail]"
     try:
         checks = run_scenario(tmp_path, point, number, tg, slack, [p for p, _, _ in POINTS].index(point))
     except Exception as exc:  # the scenario itself broke: no invariant can be counted as held
