@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import signal
 import statistics
@@ -50,6 +49,7 @@ def daemon_idle(seconds: float) -> dict[str, float]:
     import psutil
     from nightlab.loop.steering import send_command
 
+    from tests.fakes.daemon_config import write_daemon_config
     from tests.fakes.loop_workspace import make_stub_workspace
     from tests.fakes.slack_server import FakeSlack
     from tests.fakes.telegram_server import FakeTelegram
@@ -62,24 +62,10 @@ def daemon_idle(seconds: float) -> dict[str, float]:
     # ticks, so what is measured is the daemon's own idle cost (heartbeat, bot, engine ticks).
     send_command(ws, "pause", "bench")
     with FakeTelegram() as tg, FakeSlack() as slack:
-        config = tmp / "nightlab.toml"
-        config.write_text(f"""\
-[workspace]
-path = {json.dumps(str(ws))}
-tag = "test"
-[project]
-run_command = {json.dumps(f"{sys.executable} train.py")}
-[heartbeat]
-min_free_disk_gb = 0.0
-[telegram]
-operators = [111]
-chats = [-1001]
-api_base = {json.dumps(tg.url)}
-[slack]
-operators = ["UOP"]
-channels = ["CLAB"]
-api_base = {json.dumps(slack.api_url)}
-""")
+        config = write_daemon_config(
+            tmp / "nightlab.toml", ws, telegram=(tg, 111, -1001), slack=(slack, "UOP", "CLAB"),
+            heartbeat={"min_free_disk_gb": 0.0},
+        )
         env = {**os.environ, "NIGHTLAB_TELEGRAM_TOKEN": tg.token, "NIGHTLAB_SLACK_BOT_TOKEN": slack.bot_token,
                "NIGHTLAB_SLACK_APP_TOKEN": slack.app_token}
         script = Path(sys.executable).with_name("nightlab")

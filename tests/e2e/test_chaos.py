@@ -29,6 +29,7 @@ from nightlab.loop.store import Store
 
 from tests.e2e import invariants as inv
 from tests.e2e.conftest import CHAOS_TABLE
+from tests.fakes.daemon_config import write_daemon_config
 from tests.fakes.loop_workspace import make_stub_workspace
 from tests.fakes.slack_server import FakeSlack
 from tests.fakes.telegram_server import FakeTelegram
@@ -66,34 +67,6 @@ POINTS = [
 def chats() -> Iterator[tuple[FakeTelegram, FakeSlack]]:
     with FakeTelegram() as tg, FakeSlack() as slack:
         yield tg, slack
-
-
-def _config(path: Path, ws: Path, tg: FakeTelegram, slack: FakeSlack, chat: int, channel: str) -> Path:
-    path.write_text(f"""\
-[workspace]
-path = {json.dumps(str(ws))}
-tag = "test"
-[project]
-run_command = {json.dumps(f"{sys.executable} train.py")}
-[loop]
-checkpoint_interval = 0.1
-[heartbeat]
-check_interval = 0.3
-run_timeout = 60.0
-stall_after = 60.0
-loop_stall_after = 60.0
-min_free_disk_gb = 0.0
-report_time = ""
-[telegram]
-operators = [{OPERATOR}]
-chats = [{chat}]
-api_base = {json.dumps(tg.url)}
-[slack]
-operators = ["UOP"]
-channels = [{json.dumps(channel)}]
-api_base = {json.dumps(slack.api_url)}
-""")
-    return path
 
 
 def _daemon(config: Path, ws: Path, log: Path, engine: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -134,7 +107,12 @@ def run_scenario(tmp: Path, point: str, number: int, tg: FakeTelegram, slack: Fa
     settings = make_stub_workspace(tmp)
     ws = settings.workspace_path
     chat, channel = -(2000 + index), f"CCHAOS{index}"
-    config = _config(tmp / "nightlab.toml", ws, tg, slack, chat, channel)
+    config = write_daemon_config(
+        tmp / "nightlab.toml", ws, telegram=(tg, OPERATOR, chat), slack=(slack, "UOP", channel),
+        loop={"checkpoint_interval": 0.1},
+        heartbeat={"check_interval": 0.3, "run_timeout": 60.0, "stall_after": 60.0, "loop_stall_after": 60.0,
+                   "min_free_disk_gb": 0.0, "report_time": ""},
+    )
     steps = tmp / "steps.json"
     # While sending: #3 trains for 2 s, so that no other digest is on its way at the kill.
     steps.write_text(json.dumps(STEPS if point not in ("sending", "reply_lost")

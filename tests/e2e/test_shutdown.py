@@ -8,7 +8,6 @@ the fake Telegram takes 1.5 s to accept that digest (a slow network, well within
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from nightlab.loop.store import Store
 
 from tests.e2e.invariants import DIGEST
+from tests.fakes.daemon_config import write_daemon_config
 from tests.fakes.loop_workspace import make_stub_workspace
 from tests.fakes.telegram_server import FakeTelegram
 
@@ -29,24 +29,10 @@ def test_max_experiments_stop_delivers_the_last_digest(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     ws = settings.workspace_path
     with FakeTelegram() as tg:
-        config = tmp_path / "nightlab.toml"
-        config.write_text(f"""\
-[workspace]
-path = {json.dumps(str(ws))}
-tag = "test"
-[project]
-run_command = {json.dumps(f"{sys.executable} train.py")}
-[loop]
-checkpoint_interval = 0.1
-[heartbeat]
-check_interval = 0.3
-min_free_disk_gb = 0.0
-report_time = ""
-[telegram]
-operators = [{OPERATOR}]
-chats = [{CHAT}]
-api_base = {json.dumps(tg.url)}
-""")
+        config = write_daemon_config(
+            tmp_path / "nightlab.toml", ws, telegram=(tg, OPERATOR, CHAT), loop={"checkpoint_interval": 0.1},
+            heartbeat={"check_interval": 0.3, "min_free_disk_gb": 0.0, "report_time": ""},
+        )
         tg.hold("#1 keep · ", accepted=False)
 
         def slow_network() -> None:
