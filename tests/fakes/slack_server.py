@@ -22,12 +22,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 from urllib.parse import parse_qs
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+
+from tests.fakes.http_base import QuietServer, send_reply
 
 BOT_USER_ID = "UBOT"
 
@@ -53,7 +55,7 @@ class FakeSlack:
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._ws: ServerConnection | None = None
-        self._http = _Server(("127.0.0.1", 0), self._handler())
+        self._http = QuietServer(("127.0.0.1", 0), self._handler())
         self._loop = asyncio.new_event_loop()
         self._threads = [threading.Thread(target=self._http.serve_forever, daemon=True),
                          threading.Thread(target=self._loop.run_forever, daemon=True)]
@@ -230,19 +232,7 @@ class FakeSlack:
             do_GET = do_POST
 
             def _reply(self, status: int, data: bytes, ctype: str, headers: dict[str, str]) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                send_reply(self, status, data, ctype, headers)
 
         return Handler
 
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass

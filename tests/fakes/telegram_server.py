@@ -25,9 +25,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 from urllib.parse import parse_qs
+
+from tests.fakes.http_base import QuietServer, send_reply
 
 BOT_USER = {"id": 4242, "is_bot": True, "first_name": "nightlab", "username": "nightlab_test_bot",
             "can_join_groups": True, "can_read_all_group_messages": False, "supports_inline_queries": False}
@@ -61,7 +63,7 @@ class FakeTelegram:
         self._released = threading.Event()
         self._cond = threading.Condition()
         self._port = 0
-        self._server: ThreadingHTTPServer | None = None
+        self._server: QuietServer | None = None
         self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
 
@@ -78,7 +80,7 @@ class FakeTelegram:
         self.down()
 
     def up(self) -> None:
-        server = _Server(("127.0.0.1", self._port), self._handler())
+        server = QuietServer(("127.0.0.1", self._port), self._handler())
         self._port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -275,21 +277,10 @@ class FakeTelegram:
                     return False
 
             def _reply(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_reply(self, status, json.dumps(payload).encode(), "application/json")
 
         return Handler
 
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that hung up (a cancelled long poll, a stopping bot) is not news
 
 
 def _ok(result: Any) -> tuple[int, dict[str, Any]]:
