@@ -94,7 +94,7 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
         f"MFU {float(p['mfu_percent']):.1f}%" if p.get("mfu_percent") is not None else "",
         f"confidence {_num(p['confidence'], 2)}" if p.get("confidence") is not None else "",
         f"focus {p['focus']}" if p.get("focus") else "",
-        f"{p['slot']}" if p.get("slot") not in (None, "") else "",
+        " ".join(x for x in (p.get("slot"), f"({p['hardware']})" if p.get("hardware") else "") if x),
         f"best {_num(p['best'])}" if p.get("best") is not None and not p.get("new_best") else "",
     ]
     if any(facts):

@@ -29,8 +29,8 @@ def progress_chart(
 
     matplotlib.use("Agg")  # off-screen: the daemon has no display
     import matplotlib.pyplot as plt
-    from matplotlib.transforms import blended_transform_factory
     from matplotlib.ticker import MaxNLocator
+    from matplotlib.transforms import blended_transform_factory
 
     better = min if direction == "minimize" else max
     measured = [p for p in points if p.metric is not None and p.status != "crash"]

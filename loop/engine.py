@@ -33,7 +33,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from nightlab.loop import ledger, steering
+from nightlab.loop import hardware, ledger, steering
 from nightlab.loop.config import Settings, load_settings
 from nightlab.loop.errors import UserError
 from nightlab.loop.executor import (
@@ -44,9 +44,18 @@ from nightlab.loop.executor import (
     find_handle,
     make_executor,
     read_tail,
+    run_hardware,
     started_at,
 )
-from nightlab.loop.judge import Measurement, Verdict, judge, noise
+from nightlab.loop.hardware import HardwareClass
+from nightlab.loop.judge import (
+    NOT_COMPARED_PREFIX,
+    Measurement,
+    Verdict,
+    gain,
+    judge,
+    noise,
+)
 from nightlab.loop.ledger import Candidate, Experiment
 from nightlab.loop.lock import EngineLock
 from nightlab.loop.proposers.base import (
@@ -72,7 +81,11 @@ _LOG_TAIL_BYTES = 256 * 1024  # the summary block is at the end of the log
 _EVENT_LOG_TAIL_LINES = 30
 _CANCEL_GRACE_S = 10.0
 _FIRST_POLL_S = 0.02  # polls start fast (a stub run ends at once) and back off to the checkpoint
-WAVE_KEY = "loop.wave"  # kv: the wave in flight {base, kind, size, done}; absent between waves
+WAVE_KEY = "loop.wave"  # kv: the wave in flight {base, kind, size, done, pins}; absent between waves
+# kv: where a result could not be compared (no reference of its base there): [{hardware, node}];
+# the next wave measures the best commit there first
+WANTED_KEY = "loop.wanted_baselines"
+_ANYWHERE = {"hardware": "", "node": ""}  # a pin that does not restrict where a run goes
 
 
 def _say(message: str) -> None:
@@ -92,6 +105,7 @@ class Engine:
     ) -> None:
         self.settings, self.ws, self.executor, self.proposer = settings, ws, executor, proposer
         self.env, self.stop, self.parent_pid = env, stop, parent_pid
+        self.setting = hardware.setting_of(ws.run_command, env)
         self.store: Store = ws.store
         self.git = Git(ws.path)
         self.slots = executor.slots()
@@ -192,9 +206,12 @@ class Engine:
 
     # -- waves -----------------------------------------------------------------------------------
     # A wave is the set of open candidates: up to one per slot, all branching from the best commit
-    # (`loop.wave` in kv: base, kind, size). Members are created one by one (each proposal sees
-    # the ones before it as in flight) and launched as soon as each is committed; when every
+    # (`loop.wave` in kv: base, kind, size, pins). Members are created one by one (each proposal
+    # sees the ones before it as in flight) and launched as soon as each is committed; when every
     # member has ended, the wave is decided at once (best of wave) and recorded in number order.
+    # Results are compared only within a hardware class, so a wave first measures the best commit
+    # (a baseline, pinned there) on every class that has no measurement of it yet: each slot's
+    # class known ahead (local), and each place where a result could not be compared (a cluster).
     def _new_wave(self, max_experiments: int | None) -> None:
         head = self.git.head()
         rows = ledger.experiments(self.store)
@@ -202,11 +219,24 @@ class Engine:
         if max_experiments is not None:
             size = max(1, min(size, max_experiments - len(rows)))
         baselines = [e for e in rows if e.kind == "baseline" and e.status == "keep"]
+        wanted = [*({"hardware": s.hardware, "node": ""} for s in self.slots if s.hardware),
+                  *self.store.get(WANTED_KEY, [])]
+        pins: list[dict[str, str]] = []
         kind = "proposal"
         if len(baselines) < self.settings.loop.baseline_runs and all(e.kind == "baseline" for e in rows):
-            kind, size = "baseline", min(size, self.settings.loop.baseline_runs - len(baselines))
+            kind = "baseline"  # the session's first measurements: repeats on the first class
+            first = wanted[0] if wanted else _ANYWHERE
+            pins = [first] * (self.settings.loop.baseline_runs - len(baselines))
+        for want in wanted:
+            ref = ledger.reference(rows, self._class(want["hardware"]))
+            if all(p["hardware"] != want["hardware"] for p in pins) and (ref is None or ref.commit != head):
+                pins.append(want)
+        if kind == "baseline":
+            size = min(size, len(pins))
         with self.store.transaction():
-            self.store.set(WAVE_KEY, {"base": head, "kind": kind, "size": size, "done": len(baselines)})
+            self.store.set(WAVE_KEY, {"base": head, "kind": kind, "size": size, "done": len(baselines),
+                                      "pins": pins[:size]})
+            self.store.delete(WANTED_KEY)
             self._add_member()
 
     def _wave(self, open_: list[Candidate]) -> dict[str, Any]:
@@ -214,15 +244,29 @@ class Engine:
         return self.store.get(WAVE_KEY) or {"base": open_[0].base_commit, "kind": "", "size": len(open_)}
 
     def _add_member(self) -> Candidate:
+        """The wave's next member: its pinned baselines first, then proposals."""
         wave = self.store.get(WAVE_KEY)
         focus = ledger.focus(self.store)
-        if wave["kind"] == "baseline":
-            n = wave["done"] + len(ledger.open_candidates(self.store)) + 1
-            total = self.settings.loop.baseline_runs
-            label = "baseline" if total == 1 else f"baseline {n}/{total}"
+        members = ledger.open_candidates(self.store)
+        made = [c.pin or _ANYWHERE for c in members if c.kind == "baseline"]
+        # a baseline wave stored by an older nightlab has no pins: its members run anywhere
+        pins = wave.get("pins", [_ANYWHERE] * wave["size"] if wave["kind"] == "baseline" else [])
+        for pin in pins:
+            if pin in made:
+                made.remove(pin)
+                continue
+            if wave["kind"] == "baseline" and pin == pins[0]:
+                n = wave["done"] + len(members) + 1
+                total = self.settings.loop.baseline_runs
+                label = "baseline" if total == 1 else f"baseline {n}/{total}"
+            else:
+                label = f"baseline on {pin['hardware'] or pin['node']}"
             return ledger.new_candidate(self.store, "baseline", wave["base"], commit=wave["base"],
-                                        phase="committed", description=label, focus=focus)
+                                        phase="committed", description=label, focus=focus, pin=pin)
         return ledger.new_candidate(self.store, "proposal", wave["base"], focus=focus)
+
+    def _class(self, hardware_name: str) -> HardwareClass:
+        return HardwareClass(hardware_name, self.setting)
 
     def _step(self, open_: list[Candidate]) -> bool:
         """One step of the wave in flight; False when there was nothing to do but wait."""
@@ -232,7 +276,7 @@ class Engine:
         paused = ledger.paused(self.store) is not None
         if not paused:  # a pause stops new launches; the runs in flight finish
             for cand in open_:
-                if cand.phase == "committed" and self._free_slot() is not None:
+                if cand.phase == "committed" and self._free_slot(cand) is not None:
                     self._launch(cand)
                     self._delay = _FIRST_POLL_S
                     return True
@@ -329,9 +373,16 @@ class Engine:
     def _log_tail(self, number: int, tail_bytes: int) -> str:
         return read_tail(self._log_path(number), tail_bytes)
 
-    def _free_slot(self) -> Slot | None:
+    def _free_slot(self, cand: Candidate | None = None) -> Slot | None:
+        """A slot with no run; for a candidate pinned to a hardware class, one of that class (when
+        this machine has one: a pin to a class no slot has any more does not hold the loop)."""
         used = {RunHandle.from_json(r.handle).slot for r in ledger.running_runs(self.store)}
-        return next((s for s in self.slots if s.name not in used), None)
+        want = (cand.pin or _ANYWHERE)["hardware"] if cand is not None else ""
+        eligible = []
+        if want:  # a slot's hardware: probed ahead, or else seen in its last run
+            seen = {e.slot: e.hardware for e in ledger.experiments(self.store) if e.hardware}
+            eligible = [s for s in self.slots if (s.hardware or seen.get(s.name)) == want]
+        return next((s for s in eligible or self.slots if s.name not in used), None)
 
     def _launch(self, cand: Candidate) -> None:
         assert cand.commit is not None
@@ -350,9 +401,10 @@ class Engine:
                     self.git.reset_to(cand.base_commit)
                     protect(self.ws)
                 return self._no_run(cand, "crash", f"rejected: protected files changed: {', '.join(bad)}")
-            slot = self._free_slot()
+            slot = self._free_slot(cand)
             assert slot is not None  # _step launches only with a free slot
-            spec = RunSpec(self.ws.run_command, self._run_dir(cand), log, slot, self.env)
+            node = (cand.pin or _ANYWHERE)["node"]
+            spec = RunSpec(self.ws.run_command, self._run_dir(cand), log, slot, self.env, node)
             handle = self.executor.launch(spec)
         with self.store.transaction():
             ledger.add_run(self.store, cand.id, handle.to_json(), handle.slot, str(log))
@@ -389,14 +441,12 @@ class Engine:
 
     # -- ended -> finished: the wave's verdicts, all at once ---------------------------------------
     def _decide(self, members: list[Candidate], base: str) -> None:
-        """Judge every member against the best before the wave, keep only the best of the wave
-        (the minimum of N noisy runs beats the incumbent by luck more often as N grows, so the
-        winner still has to beat the best by more than the noise, or pass a confirm run), and fix
-        where git and the best stand after each member is recorded. Deterministic from stored
-        state, so a restart mid-way decides the same."""
+        """Judge every member against its hardware class's reference (the best commit measured
+        there), keep only the best of the wave (the minimum of N noisy runs beats the incumbent by
+        luck more often as N grows, so the winner still has to beat the best by more than the
+        noise, or pass a confirm run), and fix where git and the best stand after each member is
+        recorded. Deterministic from stored state, so a restart mid-way decides the same."""
         rows = ledger.experiments(self.store)
-        best = self._best(rows)
-        baselines = [e.metric for e in rows if e.kind == "baseline" and e.metric is not None]
         noise_sd = noise(self._repeat_groups(rows))
         outcomes: dict[int, dict[str, Any]] = {}
         for cand in members:
@@ -405,18 +455,16 @@ class Engine:
                 continue
             run = ledger.run_for_candidate(self.store, cand.id)
             assert run is not None
-            outcomes[cand.id] = out = self._judge(cand, run, rows, best, baselines, noise_sd)
-            if cand.kind == "baseline" and out["metric"] is not None:
-                baselines.append(out["metric"])
+            outcomes[cand.id] = self._judge(cand, run, rows, [outcomes.get(m.id) for m in members], noise_sd)
         contenders = [c for c in members if c.kind != "baseline"
                       and (outcomes[c.id]["status"] == "keep" or outcomes[c.id]["needs_confirm"])]
-        sign = 1.0 if self.direction == "minimize" else -1.0
-        winner = min(contenders, key=lambda c: (sign * outcomes[c.id]["metric"], c.number), default=None)
+        # the largest gain over its own class's reference (classes are never compared directly)
+        winner = min(contenders, key=lambda c: (-outcomes[c.id]["gain"], c.number), default=None)
         for cand in contenders:
             if cand is not winner:
                 assert winner is not None
                 outcomes[cand.id].update(
-                    status="discard", needs_confirm=False, best_after=best,
+                    status="discard", needs_confirm=False, best_after=outcomes[cand.id]["reference"],
                     reason=f"beaten in its wave by #{winner.number} ({outcomes[winner.id]['metric']:.6f})")
         won = outcomes[winner.id] if winner is not None else None
         for cand in members:
@@ -427,7 +475,7 @@ class Engine:
                 continue
             kept = won is not None and won["status"] == "keep" and winner.number <= cand.number  # type: ignore[union-attr]
             out["head_after"] = winner.commit if kept else base  # type: ignore[union-attr]
-            if kept and cand is not winner:
+            if kept and cand is not winner and out.get("hardware") == won["hardware"]:  # type: ignore[index]
                 out["best_after"] = won["best_after"]  # type: ignore[index]
         with self.store.transaction():
             for cand in members:
@@ -436,27 +484,46 @@ class Engine:
             if wave is not None:  # decided: closed to new members (a /resume during recording)
                 self.store.set(WAVE_KEY, {**wave, "size": len(members)})
 
-    def _judge(self, cand: Candidate, run: ledger.RunRecord, rows: list[Experiment], best: float | None,
-               baselines: list[float], noise_sd: float) -> dict[str, Any]:
+    def _judge(self, cand: Candidate, run: ledger.RunRecord, rows: list[Experiment],
+               judged: list[dict[str, Any] | None], noise_sd: float) -> dict[str, Any]:
+        """One run's verdict. `judged`: the outcomes of this wave's members so far (a baseline's
+        mean includes the repeats judged before it in the same wave)."""
         handle = RunHandle.from_json(run.handle)
         tail = self.executor.read_log(handle, _LOG_TAIL_BYTES)
+        hw = run_hardware(run.log_path) or next((s.hardware for s in self.slots if s.name == handle.slot), "")
+        cls = self._class(hw)
+        ref = ledger.reference(rows, cls)
+        best = ref.best if ref is not None and ref.commit == cand.base_commit else None
         original = next((e for e in rows if e.number == cand.confirm_of), None)
+        repeats = [e.metric for e in rows if e.kind == "baseline" and e.status == "keep"
+                   and e.commit == cand.commit and e.hardware_class == cls and e.metric is not None]
+        repeats += [o["metric"] for o in judged if o is not None and o.get("kind") == "baseline"
+                    and o.get("commit") == cand.commit and o.get("hardware") == hw and o["metric"] is not None]
         verdict = judge(
             Measurement(run.exit_code, run.kill_reason, parse_summary(tail), tail),
             kind=cand.kind, metric_name=self.metric_name, direction=self.direction,
-            best=best, baselines=list(baselines), confirm_of_metric=original.metric if original else None,
+            best=best, baselines=repeats, confirm_of_metric=original.metric if original else None,
             noise_sd=noise_sd, confirm_k=self.settings.loop.confirm_k,
         )
+        if verdict.reason.startswith(NOT_COMPARED_PREFIX):
+            measured = f"{ref.commit[:7]}" if ref is not None else "nothing yet"
+            verdict = dataclasses.replace(verdict, reason=(
+                f"{NOT_COMPARED_PREFIX} {hw or 'this hardware'} has no measurement of {cand.base_commit[:7]}"
+                f" (it has {measured}); measuring the best commit there first"))
         if (verdict.status == "keep" or verdict.needs_confirm) and self.settings.project.checks_command:
             verdict = self._checks(verdict, self._run_dir(cand), best)
         started = started_at(run.log_path) or run.started_at
         finished_at = _mtime(f"{run.log_path}.exit") or run.finished_at or time.time()
+        where = run.slot.split("@", 1)[1] if "@" in run.slot else ""
         return {
             "status": verdict.status, "metric": verdict.metric, "metrics": verdict.metrics,
             "best_after": verdict.best_after, "reason": verdict.reason, "confidence": verdict.confidence,
             "needs_confirm": verdict.needs_confirm, "duration_s": max(0.0, finished_at - started),
             "started_at": started, "finished_at": finished_at, "slot": run.slot,
             "log_tail": "\n".join(tail.splitlines()[-_EVENT_LOG_TAIL_LINES:]) if verdict.status == "crash" else "",
+            "hardware": hw, "node": where, "kind": cand.kind, "commit": cand.commit, "reference": best,
+            "gain": None if best is None or verdict.metric is None else gain(verdict.metric, best, self.direction),
+            "compared": not verdict.reason.startswith(NOT_COMPARED_PREFIX),
         }
 
     def _checks(self, verdict: Verdict, cwd: Path, best: float | None) -> Verdict:
@@ -485,7 +552,9 @@ class Engine:
         if self.git.head() != target or self.git.changed_files():
             self.git.reset_to(target)
         rows = ledger.experiments(self.store)
-        previous = self._best(rows)
+        hw = out.get("hardware", "")
+        ref = ledger.reference(rows, self._class(hw)) if hw else None
+        previous = ref.best if ref is not None else None if hw else self._best(rows)
         exp = Experiment(
             number=cand.number, kind=cand.kind, confirm_of=cand.confirm_of, commit=commit,
             status=out["status"], metric=out["metric"], metrics=out["metrics"], best=out["best_after"],
@@ -493,8 +562,10 @@ class Engine:
             area=cand.area, params=cand.params, focus=cand.focus, reason=out["reason"],
             lines_added=cand.lines_added, lines_removed=cand.lines_removed, duration_s=out["duration_s"],
             slot=out["slot"], started_at=out["started_at"], finished_at=out["finished_at"],
+            hardware=hw, setting=self.setting if hw else "",
         )
-        new_best = out["status"] == "keep" and previous != exp.best
+        # a class's later baselines re-measure the best commit: a new reference, not a new best
+        new_best = out["status"] == "keep" and previous != exp.best and (exp.kind != "baseline" or previous is None)
         event = {
             "number": exp.number, "status": exp.status, "metric_name": self.metric_name,
             "metric": exp.metric, "best": exp.best, "previous_best": previous,
@@ -505,6 +576,7 @@ class Engine:
             "mfu_percent": exp.metrics.get("mfu_percent"), "confidence": exp.confidence, "focus": exp.focus,
             "commit": commit[:7], "lines_added": exp.lines_added, "lines_removed": exp.lines_removed,
             "reason": exp.reason, "log_tail": out["log_tail"], "slot": exp.slot, "kind": exp.kind,
+            "hardware": exp.hardware,
         }
         with self.store.transaction():
             if not ledger.record_experiment(self.store, cand.id, exp, event):
@@ -527,15 +599,23 @@ class Engine:
         # The wave ends in one transaction; a confirm run it asked for is created here, not while
         # recording, so it never joins the wave being recorded: it is the next wave, alone.
         with self.store.transaction():
+            wanted = self.store.get(WANTED_KEY, [])
             for cand in recorded:
                 ledger.update_candidate(self.store, cand.id, phase="done")
-                if (cand.outcome or {}).get("needs_confirm"):
+                out = cand.outcome or {}
+                where = {"hardware": out.get("hardware", ""), "node": out.get("node", "")}
+                if out.get("needs_confirm"):  # on the same hardware class, and node when a cluster's
                     assert cand.commit is not None
                     ledger.new_candidate(
                         self.store, "confirm", cand.base_commit, commit=cand.commit, phase="committed",
                         confirm_of=cand.number, description=f"confirm #{cand.number}: {cand.description}",
                         hypothesis=cand.hypothesis, area=cand.area, params=cand.params, focus=cand.focus,
+                        pin=where,
                     )
+                if out.get("compared") is False and where not in wanted:
+                    wanted.append(where)
+            if wanted:
+                self.store.set(WANTED_KEY, wanted)
             self.store.delete(WAVE_KEY)
         if not self.in_place:
             for cand in recorded:
@@ -547,24 +627,26 @@ class Engine:
         return rows[-1].best if rows else None
 
     def _consecutive_failures(self, rows: list[Experiment]) -> int:
-        """Failures since the last keep (or the last resume); a result re-run to confirm is not one."""
+        """Failures since the last keep (or the last resume); a result re-run to confirm is not
+        one, nor one that had nothing to be compared with."""
         since = self.store.get(ledger.FAILURES_SINCE_KEY, 0)
         confirmed = {e.confirm_of for e in rows if e.confirm_of is not None}
         count = 0
         for e in reversed(rows):
-            if e.status == "keep" or e.number <= since:
+            if (e.status == "keep" and e.kind != "baseline") or e.number <= since:
                 break
-            if e.number not in confirmed:
+            if e.number not in confirmed and e.status != "keep" and not e.reason.startswith(NOT_COMPARED_PREFIX):
                 count += 1
         return count
 
     @staticmethod
     def _repeat_groups(rows: list[Experiment]) -> list[list[float]]:
-        """Results of the same commit run more than once (baseline repeats, confirm pairs)."""
-        groups: dict[str, list[float]] = {}
+        """Results of the same commit run more than once on the same hardware class (baseline
+        repeats, confirm pairs); the noise is pooled over them."""
+        groups: dict[tuple[str, HardwareClass], list[float]] = {}
         for e in rows:
             if e.metric is not None:
-                groups.setdefault(e.commit, []).append(e.metric)
+                groups.setdefault((e.commit, e.hardware_class), []).append(e.metric)
         return list(groups.values())
 
 

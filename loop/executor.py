@@ -22,24 +22,31 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import psutil
+from nightlab.loop import hardware
 from nightlab.loop.config import Settings
 from nightlab.loop.errors import UserError
 
 # The exit-file protocol, shared by every backend. A stale status is removed first (a requeued
 # Slurm job runs this again); the start marker's mtime is when the command really started (a
-# batch job may wait in a queue long after submission). `( cmd )` in a subshell so an `exit`
-# inside the user's command still reaches the status line; the status is written to a temp
-# file and renamed, so a reader never sees half a number.
-_WRAPPER = (
+# batch job may wait in a queue long after submission), and the hardware probe's lines follow in
+# it (what the run ran on, see loop/hardware.py). `( cmd )` in a subshell so an `exit` inside the
+# user's command still reaches the status line; the status is written to a temp file and
+# renamed, so a reader never sees half a number.
+_WRAPPER_START = (
     'rm -f "$NIGHTLAB_EXIT_FILE"\n: > "$NIGHTLAB_EXIT_FILE.start"\n'
-    '( {command}\n)\ncode=$?\nprintf "%s\\n" "$code" > "$NIGHTLAB_EXIT_FILE.tmp" '
+    + hardware.PROBE + 'nightlab_probe >> "$NIGHTLAB_EXIT_FILE.start"\n'
+)
+_WRAPPER_END = (
+    'code=$?\nprintf "%s\\n" "$code" > "$NIGHTLAB_EXIT_FILE.tmp" '
     '&& mv -f "$NIGHTLAB_EXIT_FILE.tmp" "$NIGHTLAB_EXIT_FILE"\nexit $code\n'
 )
 
 
 def wrap(command: str) -> str:
     """The shell script that runs `command` under the exit-file protocol ($NIGHTLAB_EXIT_FILE)."""
-    return _WRAPPER.format(command=command)
+    return f"{_WRAPPER_START}( {command}\n)\n{_WRAPPER_END}"
+
+
 _CREATE_TIME_TOLERANCE_S = 0.01
 
 
@@ -49,6 +56,7 @@ class Slot:
 
     name: str  # "gpu0", "cpu0"
     gpu: int | None = None
+    hardware: str = ""  # what runs here run on (loop/hardware.py); "" = known only once a run starts
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class RunSpec:
     log_path: Path  # stdout+stderr; the exit status goes to <log>.exit
     slot: Slot
     env: dict[str, str] = field(default_factory=dict)  # added to the daemon's environment
+    node: str = ""  # run on this node (a cluster backend), e.g. to confirm a result on the same GPU type
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,14 @@ def started_at(log_path: Path | str) -> float | None:
         return None
 
 
+def run_hardware(log_path: Path | str) -> str:
+    """What the run ran on, from the probe lines in its start marker ("" before it started)."""
+    try:
+        return hardware.describe(start_file(log_path).read_text(errors="replace"))
+    except OSError:
+        return ""
+
+
 def read_exit_code(log_path: Path | str) -> int | None:
     try:
         return int(exit_file(log_path).read_text().strip())
@@ -223,10 +240,18 @@ class LocalExecutor:
         self._gpus = list(gpus)
         self._cpu_slots = max(1, cpu_slots)
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # reaped in poll(): no zombies
+        self._slots: list[Slot] | None = None
 
     def slots(self) -> list[Slot]:
-        gpus = self._gpus or visible_gpus()
-        return [Slot(f"gpu{g}", g) for g in gpus] or [Slot(f"cpu{i}", None) for i in range(self._cpu_slots)]
+        """Probed once: each slot's hardware is known before its first run (a baseline per class)."""
+        if self._slots is None:
+            gpus = self._gpus or visible_gpus()
+            if gpus:
+                self._slots = [Slot(f"gpu{g}", g, hardware.probe(str(g))) for g in gpus]
+            else:
+                cpu = hardware.probe("")
+                self._slots = [Slot(f"cpu{i}", None, cpu) for i in range(self._cpu_slots)]
+        return self._slots
 
     def launch(self, spec: RunSpec) -> RunHandle:
         clear_run_files(spec.log_path)
@@ -282,7 +307,10 @@ class LocalExecutor:
         procs: list[psutil.Process] = []
         leader = _identity(handle)
         if leader is not None:
-            procs = [leader, *leader.children(recursive=True)]
+            try:
+                procs = [leader, *leader.children(recursive=True)]
+            except psutil.NoSuchProcess:  # the tree changed while we walked it (a short-lived child)
+                procs = [leader]
         # The group (pgid = pid, from start_new_session) also holds orphans whose parent died;
         # Linux never hands out a pid that is still in use as a process group id.
         self._signal_group(handle.pid, signal.SIGTERM)

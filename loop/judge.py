@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from nightlab.loop.summary import Summary
 
 USER_KILL_PREFIX = "killed by "  # kill_reason of a user's kill: recorded as discard, not crash
+# the reason of a result that had nothing to be compared with (no reference on its hardware class)
+NOT_COMPARED_PREFIX = "not compared:"
 _MAD_TO_STD = 1.4826  # MAD of a normal distribution x this = its standard deviation
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|MemoryError", re.IGNORECASE)
 
@@ -91,9 +93,10 @@ def judge(
 ) -> Verdict:
     """Judge one run.
 
-    kind: baseline (its metric, averaged with this session's earlier baselines, becomes the best),
-    proposal (keep when strictly better than the best; a gain under confirm_k x noise asks for a
-    confirm run first), confirm (the mean of the original and the re-run decides).
+    kind: baseline (its metric, averaged with the earlier runs of the same commit on the same
+    hardware class, becomes that class's best), proposal (keep when strictly better than the best;
+    a gain under confirm_k x noise asks for a confirm run first), confirm (the mean of the original
+    and the re-run decides). `best` None: no reference on this run's class, nothing to compare with.
     """
     metrics = dict(m.summary.metrics)
     reason = failure_reason(m, metric_name)
@@ -101,11 +104,13 @@ def judge(
         status = "discard" if reason.startswith(USER_KILL_PREFIX) else "crash"
         return Verdict(status, None, best, reason, metrics=metrics)
     value = m.summary.metrics[metric_name]
-    if kind == "baseline" or best is None:
+    if kind == "baseline":
         runs = [*baselines, value]
         mean = statistics.fmean(runs)
         why = "baseline" if len(runs) == 1 else f"baseline: mean of {len(runs)} runs {mean:.6f}"
         return Verdict("keep", value, mean, why, metrics=metrics)
+    if best is None:
+        return Verdict("discard", value, None, f"{NOT_COMPARED_PREFIX} no reference measurement", metrics=metrics)
     judged = value if confirm_of_metric is None else statistics.fmean([confirm_of_metric, value])
     delta = gain(judged, best, direction)
     confidence = delta / noise_sd if noise_sd > 0 else None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nightlab.loop.hardware import HardwareClass
 from nightlab.loop.store import Store
 
 RESULTS_TSV = "results.tsv"
@@ -43,6 +44,7 @@ class Candidate:
     lines_removed: int
     outcome: dict[str, Any] | None
     created_at: float
+    pin: dict[str, str] | None = None  # {hardware, node}: where it must run (a confirm, a class baseline)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,12 @@ class Experiment:
     slot: str = ""
     started_at: float | None = None
     finished_at: float = 0.0
+    hardware: str = ""  # what the run ran on ("" when there was no run)
+    setting: str = ""  # digest of the run command + environment (loop/hardware.py)
+
+    @property
+    def hardware_class(self) -> HardwareClass:
+        return HardwareClass(self.hardware, self.setting)
 
 
 # -- candidates ----------------------------------------------------------------------------------
@@ -91,6 +99,7 @@ def _candidate(r: sqlite3.Row) -> Candidate:
         r["commit_sha"], r["description"], r["hypothesis"], r["area"], json.loads(r["params"]),
         r["focus"], r["lines_added"], r["lines_removed"],
         None if r["outcome"] is None else json.loads(r["outcome"]), r["created_at"],
+        None if r["pin"] is None else json.loads(r["pin"]),
     )
 
 
@@ -107,6 +116,7 @@ def new_candidate(
     area: str = "",
     params: dict[str, Any] | None = None,
     focus: str | None = None,
+    pin: dict[str, str] | None = None,
 ) -> Candidate:
     """A new candidate with the next experiment number (joins an open transaction)."""
     now = time.time()
@@ -114,10 +124,10 @@ def new_candidate(
         number = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM candidates").fetchone()[0]
         cur = db.execute(
             "INSERT INTO candidates(number, kind, confirm_of, phase, base_commit, commit_sha,"
-            " description, hypothesis, area, params, focus, created_at, updated_at)"
-            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " description, hypothesis, area, params, focus, pin, created_at, updated_at)"
+            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (number, kind, confirm_of, phase, base_commit, commit, description, hypothesis, area,
-             json.dumps(params or {}), focus, now, now),
+             json.dumps(params or {}), focus, None if pin is None else json.dumps(pin), now, now),
         )
         return get_candidate(store, int(cur.lastrowid))
 
@@ -219,7 +229,8 @@ def get_run(store: Store, run_id: int) -> RunRecord:
 _EXPERIMENT_COLUMNS = (
     "number", "candidate_id", "kind", "confirm_of", "commit_sha", "status", "metric", "metrics",
     "best", "confidence", "description", "hypothesis", "area", "params", "focus", "reason",
-    "lines_added", "lines_removed", "duration_s", "slot", "started_at", "finished_at",
+    "lines_added", "lines_removed", "duration_s", "slot", "started_at", "finished_at", "hardware",
+    "setting",
 )
 
 
@@ -231,6 +242,7 @@ def _experiment(r: sqlite3.Row) -> Experiment:
         area=r["area"], params=json.loads(r["params"]), focus=r["focus"], reason=r["reason"],
         lines_added=r["lines_added"], lines_removed=r["lines_removed"], duration_s=r["duration_s"],
         slot=r["slot"], started_at=r["started_at"], finished_at=r["finished_at"],
+        hardware=r["hardware"], setting=r["setting"],
     )
 
 
@@ -252,6 +264,7 @@ def record_experiment(store: Store, candidate_id: int, exp: Experiment, event: d
             "focus": exp.focus, "reason": exp.reason, "lines_added": exp.lines_added,
             "lines_removed": exp.lines_removed, "duration_s": exp.duration_s, "slot": exp.slot,
             "started_at": exp.started_at, "finished_at": exp.finished_at,
+            "hardware": exp.hardware, "setting": exp.setting,
         }
         db.execute(
             f"INSERT INTO experiments({', '.join(_EXPERIMENT_COLUMNS)})"
@@ -272,6 +285,25 @@ def experiments(store: Store, last: int | None = None) -> list[Experiment]:
             "SELECT * FROM experiments ORDER BY number DESC LIMIT ?", (last,)
         ).fetchall()[::-1]
     return [_experiment(r) for r in rows]
+
+
+def reference(rows: list[Experiment], cls: HardwareClass) -> Experiment | None:
+    """The class's reference: its last keep (a baseline or a kept change), whose `best` is the
+    measured metric of that commit on this class. Results are judged only against it, and only
+    when it measured the commit they branched from."""
+    return next((e for e in reversed(rows) if e.status == "keep" and e.hardware_class == cls), None)
+
+
+def segments(rows: list[Experiment]) -> list[int]:
+    """Each experiment's segment: its hardware class, numbered in order of first appearance (a row
+    without a run continues the segment before it)."""
+    seen: dict[HardwareClass, int] = {}
+    out, current = [], 0
+    for e in rows:
+        if e.hardware:
+            current = seen.setdefault(e.hardware_class, len(seen))
+        out.append(current)
+    return out
 
 
 def experiment_count(store: Store) -> int:
@@ -320,16 +352,16 @@ def write_exports(workspace: Path, store: Store, metric_name: str, direction: st
         "bestDirection": "lower" if direction == "minimize" else "higher",
     }
     jsonl = [json.dumps(header)]
-    for e in rows:
+    for e, segment in zip(rows, segments(rows), strict=True):
         jsonl.append(json.dumps({
             "run": e.number, "commit": e.commit[:7], "metric": e.metric, "metrics": e.metrics,
             "status": e.status, "description": e.description, "timestamp": int(e.finished_at),
-            "segment": 0, "confidence": e.confidence,
+            "segment": segment, "confidence": e.confidence,
             "asi": {
                 "hypothesis": e.hypothesis, "area": e.area, "kind": e.kind, "reason": e.reason,
                 "confirm_of": e.confirm_of, "params": e.params, "focus": e.focus,
                 "lines_added": e.lines_added, "lines_removed": e.lines_removed,
-                "duration_s": e.duration_s,
+                "duration_s": e.duration_s, "hardware": e.hardware, "slot": e.slot,
             },
         }))
     _atomic_write(workspace / RESULTS_TSV, "\n".join(tsv) + "\n")

@@ -136,7 +136,9 @@ class SlurmExecutor:
         args += [f"--gres={c.gres}"] if c.gres else []
         args += [f"--partition={c.partition}"] if c.partition else []
         args += [f"--account={c.account}"] if c.account else []
-        return [*args, *c.extra_args, str(script)]
+        # after extra_args: a pinned run (a confirm, a baseline for a class) must land on its node
+        pinned = [f"--nodelist={spec.node}"] if spec.node else []
+        return [*args, *c.extra_args, *pinned, str(script)]
 
     def launch(self, spec: RunSpec) -> RunHandle:
         clear_run_files(spec.log_path)

@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS candidates (
     lines_added   INTEGER NOT NULL DEFAULT 0,
     lines_removed INTEGER NOT NULL DEFAULT 0,
     outcome       TEXT,                         -- JSON verdict, set together with phase 'finished'
+    pin           TEXT,                         -- JSON {hardware, node}: where it must run, or NULL
     created_at    REAL NOT NULL,
     updated_at    REAL NOT NULL
 );
@@ -105,7 +106,9 @@ CREATE TABLE IF NOT EXISTS experiments (
     duration_s    REAL,
     slot          TEXT NOT NULL DEFAULT '',
     started_at    REAL,
-    finished_at   REAL NOT NULL
+    finished_at   REAL NOT NULL,
+    hardware      TEXT NOT NULL DEFAULT '',     -- what it ran on, e.g. "NVIDIA H100 80GB HBM3"
+    setting       TEXT NOT NULL DEFAULT ''      -- digest of the run command + environment
 );
 """
 
@@ -132,6 +135,13 @@ class CommandRecord:
     status: str
     result: str
 
+# Columns added after the first release: (table, column, definition as in _SCHEMA).
+_ADDED_COLUMNS = (
+    ("candidates", "pin", "TEXT"),
+    ("experiments", "hardware", "TEXT NOT NULL DEFAULT ''"),
+    ("experiments", "setting", "TEXT NOT NULL DEFAULT ''"),
+)
+
 
 class Store:
     """A handle on the state database. Cheap to create; safe to use from several threads."""
@@ -141,6 +151,19 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self.connection().executescript(_SCHEMA)  # idempotent; executescript commits by itself
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A database made by an older nightlab gets the columns added since (with their defaults)."""
+        db = self.connection()
+        for table, column, ddl in _ADDED_COLUMNS:
+            present = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                try:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     @classmethod
     def for_workspace(cls, workspace: Path) -> Store:

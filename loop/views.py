@@ -60,14 +60,36 @@ def remaining_s(store: Store) -> float | None:
 
 
 def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
-    """The experiment that set the current best (the last keep) and the best value."""
+    """The experiment that set the current best and the best value, on its hardware class: the
+    last kept change (a later baseline on another class only re-measures it), else the baseline."""
     keeps = [e for e in rows if e.status == "keep"]
-    return (keeps[-1] if keeps else None), (rows[-1].best if rows else None)
+    changes = [e for e in keeps if e.kind != "baseline"]
+    if changes:
+        return changes[-1], changes[-1].best
+    if not keeps:
+        return None, None
+    first = [e for e in keeps if e.hardware_class == keeps[0].hardware_class]
+    return first[-1], first[-1].best  # the mean of the baseline repeats
 
 
-def _baseline(rows: list[Experiment]) -> float | None:
-    bases = [e for e in rows if e.kind == "baseline" and e.status == "keep"]
-    return bases[-1].best if bases else None
+def _baseline(rows: list[Experiment], best: Experiment | None) -> float | None:
+    """The session's baseline on the best's hardware class (its first measured commit there)."""
+    bases = [e for e in rows if e.kind == "baseline" and e.status == "keep"
+             and (best is None or e.hardware_class == best.hardware_class)]
+    first = [e for e in bases if e.commit == bases[0].commit] if bases else []
+    return first[-1].best if first else None
+
+
+def _classes_line(rows: list[Experiment]) -> str:
+    """With more than one hardware class: each one's best commit as measured there."""
+    refs = {}
+    for e in rows:
+        if e.status == "keep" and e.hardware:
+            refs[e.hardware_class] = e
+    if len(refs) < 2:
+        return ""
+    return "per hardware: " + " · ".join(
+        f"{cls.hardware} {_fmt(e.best)} ({e.commit[:7]})" for cls, e in sorted(refs.items()))
 
 
 def _fmt(value: float | None) -> str:
@@ -116,8 +138,10 @@ def status_text(workspace: Path) -> str:
         lines.append(f"paused by {pause.by} ({pause.reason}{waits}) {duration(time.time() - pause.since)} ago")
     best_exp, best = _best(rows)
     if best_exp is not None:
-        gain = _gain_text(_baseline(rows), best)
+        gain = _gain_text(_baseline(rows, best_exp), best)
         lines.append(f"best {name}: {_fmt(best)} (#{best_exp.number}, {best_exp.commit[:7]})" + (f" · vs baseline {gain}" if gain else ""))
+    if _classes_line(rows):
+        lines.append(_classes_line(rows))
     lines.append(f"focus: {ledger.focus(store) or 'off'}")
     lines.append(f"experiments: {len(rows)} ({_counts(rows)})")
     if rows:
@@ -148,22 +172,29 @@ def best_text(workspace: Path) -> str:
     text = f"best {name}: {_fmt(best)} — #{best_exp.number} {best_exp.commit[:7]}: {best_exp.description or best_exp.kind}"
     if best_exp.hypothesis:
         text += f"\nhypothesis: {best_exp.hypothesis}"
-    gain = _gain_text(_baseline(rows), best)
+    baseline = _baseline(rows, best_exp)
+    gain = _gain_text(baseline, best)
     if gain:
-        text += f"\nvs baseline {_fmt(_baseline(rows))}: {gain}"
+        text += f"\nvs baseline {_fmt(baseline)}: {gain}"
+    if best_exp.hardware:
+        text += f"\nmeasured on: {best_exp.hardware}"
+    if _classes_line(rows):
+        text += "\n" + _classes_line(rows)
     if best_exp.confidence is not None:
         text += f"\nconfidence: {best_exp.confidence:.1f}x noise"
     return text
 
 
 def improvements(rows: list[Experiment]) -> list[tuple[Experiment, float]]:
-    """Every keep after the baseline with how much it moved the best, largest first."""
-    found, previous = [], None
+    """Every kept change with how much it moved the best of its hardware class, largest first."""
+    found, previous = [], {}
     for e in rows:
-        if e.status == "keep" and e.kind != "baseline" and previous is not None and e.best is not None:
-            found.append((e, abs(previous - e.best)))
-        if e.best is not None:
-            previous = e.best
+        if e.status != "keep" or e.best is None:
+            continue
+        before = previous.get(e.hardware_class)
+        if e.kind != "baseline" and before is not None:
+            found.append((e, abs(before - e.best)))
+        previous[e.hardware_class] = e.best
     return sorted(found, key=lambda item: item[1], reverse=True)
 
 
@@ -176,7 +207,7 @@ def report_markdown(workspace: Path) -> str:
         return "\n".join([*out, "No experiments yet."])
     span = rows[-1].finished_at - (rows[0].started_at or rows[0].finished_at)
     best_exp, best = _best(rows)
-    baseline = _baseline(rows)
+    baseline = _baseline(rows, best_exp)
     out += [
         f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}",
         f"- baseline {name}: {_fmt(baseline)}",
@@ -213,9 +244,9 @@ def status_line(workspace: Path) -> str:
         parts.append("paused")
     else:
         parts.append("idle")
-    rows = ledger.experiments(store, last=1)
-    if rows and rows[-1].best is not None:
-        parts.append(f"best {rows[-1].best:.6f}")
+    best = _best(ledger.experiments(store))[1]
+    if best is not None:
+        parts.append(f"best {best:.6f}")
     area = ledger.focus(store)
     if area:
         parts.append(f"focus {area}")

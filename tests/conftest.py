@@ -21,3 +21,18 @@ def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # No test writes into the user's real cache.
     monkeypatch.setenv("NIGHTLAB_CACHE", str(tmp_path / "cache"))
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+FAKE_NVIDIA_SMI_DIR = REPO / "tests" / "fakes" / "bin"
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch: pytest.MonkeyPatch):
+    """`fake_gpus(["NVIDIA H100 80GB HBM3", ...])`: this machine now has these GPUs, as far as
+    nvidia-smi (tests/fakes/bin/nvidia-smi, first on PATH, also for runs we launch) can tell."""
+
+    def install(names: list[str]) -> None:
+        monkeypatch.setenv("PATH", f"{FAKE_NVIDIA_SMI_DIR}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("NIGHTLAB_FAKE_GPUS", ",".join(names))
+
+    return install

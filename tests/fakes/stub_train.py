@@ -6,6 +6,7 @@ n-th value (the last one repeats), so repeated baselines and confirm runs see re
 """
 
 import hashlib
+import json
 import os
 import pathlib
 import subprocess
@@ -18,11 +19,19 @@ SLEEP = 0.0  # seconds of "training" before the summary
 PEAK_VRAM_MB = 1024.0
 
 here = pathlib.Path(__file__).resolve()
-counter = here.parent / ".nightlab" / ("stub-" + hashlib.sha1(here.read_bytes()).hexdigest()[:12])
+# per content, in the run's own directory (a wave's snapshots count apart) or one shared folder
+counts = pathlib.Path(os.environ.get("NIGHTLAB_STUB_COUNTS", here.parent / ".nightlab"))
+counter = counts / ("stub-" + hashlib.sha1(here.read_bytes()).hexdigest()[:12])
 counter.parent.mkdir(exist_ok=True)
 seen = int(counter.read_text()) if counter.exists() else 0
 counter.write_text(str(seen + 1))
 value = VAL_BPB[min(seen, len(VAL_BPB) - 1)]
+# A slower hardware class: $NIGHTLAB_STUB_OFFSETS = {"<GPU model>": added to val_bpb}, the model
+# being this run's GPU as the fake nvidia-smi names it ($NIGHTLAB_FAKE_GPUS, by index).
+gpus = os.environ.get("NIGHTLAB_FAKE_GPUS", "").split(",")
+device = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+model = gpus[int(device)] if device.isdigit() and int(device) < len(gpus) else ""
+value += json.loads(os.environ.get("NIGHTLAB_STUB_OFFSETS", "{}")).get(model, 0.0)
 
 print(f"step 00001 | loss 4.2 | cuda={os.environ.get('CUDA_VISIBLE_DEVICES')!r}", flush=True)
 if MODE in ("hang", "spawn"):

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import psutil
+from nightlab.loop import hardware
 from nightlab.loop.executor import (
     LocalExecutor,
     RunHandle,
@@ -12,6 +13,7 @@ from nightlab.loop.executor import (
     RunStatus,
     Slot,
     read_exit_code,
+    run_hardware,
 )
 
 
@@ -43,12 +45,38 @@ def test_exit_code_log_and_environment(tmp_path: Path) -> None:
     assert read_exit_code(handle.log_path) == 7
 
 
-def test_gpu_slot_pins_cuda_visible_devices(tmp_path: Path) -> None:
+def test_gpu_slot_pins_cuda_visible_devices_and_records_its_gpu(tmp_path: Path, fake_gpus) -> None:
+    fake_gpus(["NVIDIA A100-SXM4-80GB"] * 3 + ["NVIDIA H100 80GB HBM3"])
     ex = LocalExecutor(gpus=(3,))
-    assert ex.slots() == [Slot("gpu3", 3)]
+    assert ex.slots() == [Slot("gpu3", 3, "NVIDIA H100 80GB HBM3")]  # probed before any run
     handle = ex.launch(_spec(tmp_path, "echo cuda=$CUDA_VISIBLE_DEVICES", ex.slots()[0]))
     assert _wait(ex, handle).exit_code == 0
     assert "cuda=3" in ex.read_log(handle)
+    assert run_hardware(handle.log_path) == "NVIDIA H100 80GB HBM3"  # probed by the run's wrapper
+
+
+def test_all_visible_gpus_become_slots_each_with_its_model(fake_gpus) -> None:
+    fake_gpus(["NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090"])
+    assert [(s.name, s.gpu, s.hardware) for s in LocalExecutor().slots()] == [
+        ("gpu0", 0, "NVIDIA H100 80GB HBM3"), ("gpu1", 1, "NVIDIA GeForce RTX 4090")]
+
+
+def test_hardware_probe_without_nvidia_smi_names_the_cpu_or_an_unknown_gpu(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvidia-smi here
+    cpu = hardware.probe("")
+    assert cpu.startswith("cpu") and hardware.probe(None) == cpu
+    assert hardware.probe("0") == "unknown GPU"  # a GPU was given, nothing can tell its model
+    ex = LocalExecutor(cpu_slots=2)
+    assert [s.hardware for s in ex.slots()] == [cpu, cpu]
+    handle = ex.launch(_spec(tmp_path, "true", ex.slots()[1]))
+    _wait(ex, handle)
+    assert run_hardware(handle.log_path) == cpu
+
+
+def test_describe_hardware() -> None:
+    assert hardware.describe("gpu: B\ngpu: A\ngpu: B\n") == "A + 2x B"
+    assert hardware.describe("cpu: \n") == "cpu"
+    assert hardware.describe("") == ""
 
 
 def test_cancel_kills_the_whole_tree_and_reads_as_lost(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 from pathlib import Path
 
 from nightlab.loop.store import Store
@@ -49,3 +50,21 @@ def test_several_processes_write_safely(tmp_path: Path) -> None:
     for p in procs:
         p.join(60)
     assert len(store.events_after(0, limit=1000)) == 150
+
+
+def test_a_database_from_an_older_nightlab_gets_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Store(path).connection().execute("INSERT INTO experiments(number, candidate_id, kind, commit_sha, status,"
+                                     " finished_at) VALUES (1, 1, 'baseline', 'abc', 'keep', 0.0)")
+    old = sqlite3.connect(path)  # the columns an older nightlab did not have
+    for table, column in (("experiments", "hardware"), ("experiments", "setting"), ("candidates", "pin")):
+        old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    old.commit()
+    old.close()
+    store = Store(path)
+    Store(path)  # a second opener finds them there
+    columns = {r["name"] for r in store.connection().execute("PRAGMA table_info(experiments)")}
+    assert {"hardware", "setting"} <= columns
+    row = store.connection().execute("SELECT hardware, setting FROM experiments").fetchone()
+    assert tuple(row) == ("", "")  # old results: no class recorded
+    assert "pin" in {r["name"] for r in store.connection().execute("PRAGMA table_info(candidates)")}

@@ -1,0 +1,87 @@
+"""Hardware classes: results are compared only between runs on the same hardware and setting.
+
+A run's hardware is found where it runs, by the same shell probe everywhere: the executor's job
+wrapper appends the probe's output to the run's start marker (`<log>.exit.start`), and the local
+executor runs the probe once per slot before any launch, so a slot's class is known ahead. The
+probe asks nvidia-smi for the names of the GPUs the run may use (CUDA_VISIBLE_DEVICES, set by us
+for a local slot and by Slurm for a job), and falls back to the CPU's model name.
+
+The setting is everything besides the code that changes what a run measures: the run command and
+the environment nightlab gives it (the profile's time budget, sequence length, data). Together
+they make the `HardwareClass`; the judge keeps one reference (the best commit's measured metric)
+per class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+
+# POSIX sh, one output line per GPU ("gpu: <name>"), or one "cpu: <model>" line. CUDA_VISIBLE_DEVICES
+# unset: every GPU; set but empty: none (a CPU slot). nvidia-smi ignores CUDA_VISIBLE_DEVICES, so
+# the devices are passed with -i (indices or UUIDs, the forms CUDA_VISIBLE_DEVICES takes). GPUs
+# given without a working nvidia-smi are all "unknown GPU" (one class: nothing tells them apart).
+PROBE = r"""nightlab_probe() {
+  cvd="${CUDA_VISIBLE_DEVICES-all}"
+  if [ "$cvd" != "" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      if [ "$cvd" = all ]; then
+        names=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)
+      else
+        names=$(nvidia-smi --query-gpu=name --format=csv,noheader -i "$cvd" 2>/dev/null)
+      fi
+      if [ $? -eq 0 ] && [ -n "$names" ]; then printf '%s\n' "$names" | sed 's/^/gpu: /'; return; fi
+    fi
+    if [ "$cvd" != all ]; then echo "gpu: unknown GPU"; return; fi
+  fi
+  model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1)
+  printf 'cpu: %s\n' "${model:-$(uname -m)}"
+}
+"""
+_PROBE_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, order=True)
+class HardwareClass:
+    """Runs are comparable only within one class. `hardware` is readable ("NVIDIA H100 80GB HBM3",
+    "2x NVIDIA A100-SXM4-80GB", "cpu: AMD EPYC 7B13"); `setting` is a short digest."""
+
+    hardware: str
+    setting: str
+
+    def __str__(self) -> str:
+        return self.hardware or "unknown hardware"
+
+
+def describe(probe_output: str) -> str:
+    """The probe's lines as one readable name; "" when there is nothing to read."""
+    gpus = [line[5:].strip() for line in probe_output.splitlines() if line.startswith("gpu: ")]
+    if gpus:
+        counts = Counter(gpus)
+        return " + ".join(name if n == 1 else f"{n}x {name}" for name, n in sorted(counts.items()))
+    cpu = next((line[5:].strip() for line in probe_output.splitlines() if line.startswith("cpu: ")), None)
+    return "" if cpu is None else f"cpu: {cpu}" if cpu else "cpu"
+
+
+def probe(cuda_visible_devices: str | None) -> str:
+    """Run the probe here, as a run with this CUDA_VISIBLE_DEVICES would (None: unset)."""
+    env = dict(os.environ)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+    try:
+        out = subprocess.run(["/bin/sh", "-c", PROBE + "nightlab_probe"], capture_output=True, text=True,
+                             env=env, timeout=_PROBE_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return describe(out.stdout)
+
+
+def setting_of(run_command: str, env: dict[str, str]) -> str:
+    """A short digest of what, besides the code, decides a run's result."""
+    text = json.dumps({"command": run_command, "env": sorted(env.items())})
+    return hashlib.sha1(text.encode()).hexdigest()[:8]

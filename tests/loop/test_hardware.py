@@ -1,0 +1,138 @@
+"""Hardware classes: results are compared only within one GPU model and setting, with a
+baseline per class. The machine's GPUs are faked by tests/fakes/bin/nvidia-smi (the `fake_gpus`
+fixture) and the stub trainer scores worse on the slower model ($NIGHTLAB_STUB_OFFSETS)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nightlab.loop import ledger, views
+from nightlab.loop.config import SlurmSettings
+from nightlab.loop.engine import run_engine
+from nightlab.loop.executor import LocalExecutor, RunSpec, Slot
+from nightlab.loop.ledger import AUTORESEARCH_JSONL
+from nightlab.loop.slurm import SlurmExecutor
+from nightlab.loop.store import Store
+
+from tests.fakes.loop_workspace import git_out, make_stub_workspace
+from tests.loop.test_engine import assert_consistent
+from tests.loop.test_waves import WaveProposer
+
+H100 = "NVIDIA H100 80GB HBM3"
+RTX = "NVIDIA GeForce RTX 4090"
+
+
+@pytest.fixture
+def mixed_box(fake_gpus, monkeypatch: pytest.MonkeyPatch):
+    def install(names: list[str]) -> None:
+        fake_gpus(names)
+        monkeypatch.setenv("NIGHTLAB_STUB_OFFSETS", json.dumps({RTX: 0.5}))  # the 4090 scores 0.5 worse
+
+    return install
+
+
+def _table(rows: list[ledger.Experiment]) -> list[tuple[Any, ...]]:
+    return [(e.number, e.kind, e.status, e.metric, e.hardware) for e in rows]
+
+
+def test_each_class_gets_a_baseline_and_results_are_judged_within_their_class(tmp_path: Path, mixed_box) -> None:
+    mixed_box([H100, H100, RTX])
+    settings = make_stub_workspace(tmp_path, executor={"gpus": [0, 1, 2]})
+    repo = settings.workspace_path
+    steps = [{"set": {"VAL_BPB": [v], "SLEEP": 1.0}} for v in (0.95, 0.9, 0.97, 0.85, 1.2)]
+    assert run_engine(settings, 8, proposer=WaveProposer(steps)) == 0
+    store = Store.for_workspace(repo)
+    rows = ledger.experiments(store)
+    assert _table(rows) == [
+        (1, "baseline", "keep", 1.0, H100),  # the first class's baseline ...
+        (2, "baseline", "keep", 1.5, RTX),  # ... and one on the other class, in the same wave
+        (3, "proposal", "discard", 0.95, H100),
+        (4, "proposal", "keep", 0.9, H100),  # the largest gain over its own class's baseline
+        # 1.47 is worse than the H100 best but better than the 4090's 1.5: a contender, beaten
+        (5, "proposal", "discard", 1.47, RTX),
+        (6, "baseline", "keep", 1.4, RTX),  # the new best commit re-measured on the 4090 first
+        (7, "proposal", "keep", 0.85, H100),
+        (8, "proposal", "discard", 1.2, H100),
+    ]
+    assert rows[4].reason == "beaten in its wave by #4 (0.900000)" and rows[4].best == 1.5
+    assert [e.slot for e in rows[:2]] == ["gpu0", "gpu2"] and rows[5].slot == "gpu2"
+    assert rows[1].description == f"baseline on {RTX}" and rows[5].commit == rows[3].commit
+    assert [e.best for e in rows] == [1.0, 1.5, 1.0, 0.9, 1.5, 1.4, 0.85, 0.85]
+    finished = {e.payload["number"]: e.payload for e in store.events_after(0, 10_000) if e.kind == "experiment_finished"}
+    assert finished[6]["new_best"] is False and finished[6]["hardware"] == RTX  # a reference, not a gain
+    assert finished[4]["new_best"] is True and finished[4]["previous_best"] == 1.0
+    # the export keeps the classes apart: autoresearch.jsonl's segment is the class
+    lines = [json.loads(line) for line in (repo / AUTORESEARCH_JSONL).read_text().splitlines()[1:]]
+    assert [r["segment"] for r in lines] == [0, 1, 0, 0, 1, 1, 0, 0]
+    assert lines[0]["asi"]["hardware"] == H100
+    assert len({e.setting for e in rows}) == 1 and rows[0].setting
+    # what people read: the best on its class, and every class's best commit as measured there
+    assert views.best_text(repo).splitlines()[0].startswith("best val_bpb: 0.850000 — #7")
+    assert f"measured on: {H100}" in views.best_text(repo)
+    assert f"per hardware: {RTX} 1.400000 ({rows[3].commit[:7]}) · {H100} 0.850000 ({rows[6].commit[:7]})" \
+        in views.status_text(repo)
+    assert "vs baseline -0.150000 (-15.00%)" in views.status_text(repo)
+    assert git_out(repo, "rev-list", "--first-parent", "HEAD").splitlines()[:3] == [
+        rows[6].commit, rows[3].commit, rows[0].commit]
+    assert_consistent(settings)
+
+
+class UnprobedExecutor(LocalExecutor):
+    """Slots whose hardware is known only once a run reports it, as on a cluster."""
+
+    def slots(self) -> list[Slot]:
+        return [Slot("gpu1", 1), Slot("gpu0", 0)]
+
+
+def test_a_result_on_a_class_without_a_baseline_is_not_compared_and_a_baseline_follows(
+        tmp_path: Path, mixed_box) -> None:
+    mixed_box([H100, RTX])
+    settings = make_stub_workspace(tmp_path, executor={"gpus": [0, 1]})
+    steps = [{"set": {"VAL_BPB": [v], "SLEEP": 1.0}} for v in (0.95, 0.9, 0.97)]
+    assert run_engine(settings, 5, proposer=WaveProposer(steps), executor=UnprobedExecutor()) == 0
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert _table(rows) == [
+        (1, "baseline", "keep", 1.5, RTX),
+        (2, "proposal", "keep", 1.45, RTX),
+        (3, "proposal", "discard", 0.9, H100),  # far below 1.5, but measured on another GPU model
+        (4, "baseline", "keep", 0.95, H100),  # the best commit measured where #3 ran (learned: gpu0)
+        (5, "proposal", "discard", 1.47, RTX),
+    ]
+    assert rows[2].reason.startswith(f"not compared: {H100} has no measurement of {rows[0].commit[:7]} (it has nothing yet)")
+    assert "measuring the best commit there first" in rows[2].reason and rows[2].best is None
+    assert rows[3].description == f"baseline on {H100}" and rows[3].slot == "gpu0"
+    assert rows[4].reason == "worse than the best 1.450000"
+    assert_consistent(settings)
+
+
+def test_a_confirm_run_is_pinned_to_the_class_of_the_result_it_repeats(
+        tmp_path: Path, mixed_box, monkeypatch: pytest.MonkeyPatch) -> None:
+    mixed_box([H100, RTX])
+    monkeypatch.setenv("NIGHTLAB_STUB_COUNTS", str(tmp_path))  # the n-th run of a content, in any snapshot
+    settings = make_stub_workspace(tmp_path, executor={"gpus": [0, 1]}, loop={"baseline_runs": 2})
+    steps = [{"set": {"VAL_BPB": [1.005, 0.99], "SLEEP": 0.2}}, {"set": {"VAL_BPB": [1.3]}}]
+    # the baseline repeats give 1.0 and 1.02 (noise ~0.015): a 0.005 gain must be confirmed
+    (settings.workspace_path / "train.py").write_text(
+        (settings.workspace_path / "train.py").read_text().replace("VAL_BPB = [1.0]", "VAL_BPB = [1.0, 1.02]"))
+    git_out(settings.workspace_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "noisy")
+    assert run_engine(settings, 6, proposer=WaveProposer(steps)) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    rows = ledger.experiments(store)
+    confirm = next(e for e in rows if e.kind == "confirm")
+    original = next(e for e in rows if e.number == confirm.confirm_of)
+    assert [e.hardware for e in rows if e.kind == "baseline"][:2] == [H100, H100]  # repeats on one class
+    assert original.reason.startswith("gain 0.005000 < ") and confirm.hardware == original.hardware == H100
+    assert ledger.get_candidate(store, confirm.number).pin == {"hardware": H100, "node": ""}
+    assert confirm.status == "keep" and confirm.reason == "better by 0.012500 (confirmed: mean 0.997500)"
+
+
+def test_a_pinned_slurm_run_asks_for_its_node_after_the_users_flags(tmp_path: Path) -> None:
+    ex = SlurmExecutor(SlurmSettings(shared_dir=str(tmp_path), extra_args=("--nodelist=a",)), 600)
+    spec = RunSpec("true", tmp_path, tmp_path / "1.log", Slot("slurm0"), {}, node="gpu-node-7")
+    args = ex.sbatch_args(spec, tmp_path / "1.sbatch")
+    assert args[-3:] == ["--nodelist=a", "--nodelist=gpu-node-7", str(tmp_path / "1.sbatch")]
+    unpinned = ex.sbatch_args(RunSpec("true", tmp_path, tmp_path / "2.log", Slot("slurm0")), tmp_path / "2.sbatch")
+    assert [a for a in unpinned if a.startswith("--nodelist")] == ["--nodelist=a"]
