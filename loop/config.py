@@ -117,6 +117,9 @@ class LoopSettings:
     switch_area_after: int = 5  # consecutive failures before the search changes area
     pause_after_failures: int = 15  # consecutive failures before the loop pauses itself
     checkpoint_interval: float = 1.0  # seconds between command checks while a run is in flight
+    # waves: N candidates from the best, decided together; async: a freed slot starts the next
+    # candidate at once, each result decided as it ends (several slots only)
+    mode: Literal["waves", "async"] = "waves"
 
 
 @dataclass(frozen=True)

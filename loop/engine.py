@@ -15,6 +15,11 @@ phase, so the engine may be SIGKILLed anywhere and a new one carries on:
 Rejected proposals (a file outside `project.editable` changed) are recorded as `crash` with the
 reason "rejected: ..." and no run: they count as failures for the anti-thrash rules.
 
+With several slots the candidates run in waves (all from the best commit, decided together), or,
+with `loop.mode = "async"`, each freed slot starts the next candidate at once and each result is
+decided as it ends; a promising result from an older base is re-made on the current best (a
+`rebase` candidate) and re-run before it can be kept.
+
     python -m nightlab.loop.engine --config FILE [--workspace PATH] [--max-experiments N]
 """
 
@@ -50,6 +55,7 @@ from nightlab.loop.executor import (
 from nightlab.loop.hardware import HardwareClass
 from nightlab.loop.judge import (
     NOT_COMPARED_PREFIX,
+    REBASE_PREFIX,
     Measurement,
     Verdict,
     gain,
@@ -60,6 +66,7 @@ from nightlab.loop.ledger import Candidate, Experiment
 from nightlab.loop.lock import EngineLock
 from nightlab.loop.proposers.base import (
     PastExperiment,
+    Proposal,
     ProposalContext,
     ProposalError,
     Proposer,
@@ -116,6 +123,8 @@ class Engine:
         # candidate runs in its own snapshot (a worktree at its commit), the workspace stays at the
         # wave's base, and the branch moves only when a wave is decided.
         self.in_place = len(self.slots) == 1 and getattr(executor, "backend", "local") == "local"
+        self.asynchronous = settings.loop.mode == "async" and not self.in_place
+        self.max_experiments: int | None = None
         shared = getattr(executor, "shared_dir", None)
         self.run_root = state_dir(ws.path) if shared is None else Path(shared) / _run_dir_name(ws)
         self._last_checkpoint = 0.0
@@ -139,6 +148,7 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------------
     def run(self, max_experiments: int | None) -> int:
         self._startup()
+        self.max_experiments = max_experiments
         busy = True
         while not self.stop.is_set():
             if busy or time.monotonic() - self._last_checkpoint >= self.settings.loop.checkpoint_interval:
@@ -218,6 +228,18 @@ class Engine:
         size = len(self.slots)
         if max_experiments is not None:
             size = max(1, min(size, max_experiments - len(rows)))
+        wave = self._wave_record(rows, head)
+        if wave["kind"] == "baseline":
+            size = min(size, len(wave["pins"]))
+        with self.store.transaction():
+            self.store.set(WAVE_KEY, {**wave, "size": size, "pins": wave["pins"][:size]})
+            self.store.delete(WANTED_KEY)
+            self._add_member()
+
+    def _wave_record(self, rows: list[Experiment], head: str) -> dict[str, Any]:
+        """What a wave from `head` must run first: the session's baseline repeats, then a baseline
+        on every class (a slot's, or one where a result could not be compared) that has not
+        measured `head`."""
         baselines = [e for e in rows if e.kind == "baseline" and e.status == "keep"]
         wanted = [*({"hardware": s.hardware, "node": ""} for s in self.slots if s.hardware),
                   *self.store.get(WANTED_KEY, [])]
@@ -231,13 +253,7 @@ class Engine:
             ref = ledger.reference(rows, self._class(want["hardware"]))
             if all(p["hardware"] != want["hardware"] for p in pins) and (ref is None or ref.commit != head):
                 pins.append(want)
-        if kind == "baseline":
-            size = min(size, len(pins))
-        with self.store.transaction():
-            self.store.set(WAVE_KEY, {"base": head, "kind": kind, "size": size, "done": len(baselines),
-                                      "pins": pins[:size]})
-            self.store.delete(WANTED_KEY)
-            self._add_member()
+        return {"base": head, "kind": kind, "size": len(self.slots), "done": len(baselines), "pins": pins}
 
     def _wave(self, open_: list[Candidate]) -> dict[str, Any]:
         # No wave record: a confirm run (or a single-slot candidate from an older version) alone.
@@ -273,6 +289,8 @@ class Engine:
         if self._poll(open_):
             return True
         wave = self._wave(open_)
+        if self.asynchronous and wave["kind"] != "baseline":
+            return self._step_async(open_)
         paused = ledger.paused(self.store) is not None
         if not paused:  # a pause stops new launches; the runs in flight finish
             for cand in open_:
@@ -301,23 +319,68 @@ class Engine:
         self._export(open_)
         return True
 
+    def _step_async(self, open_: list[Candidate]) -> bool:
+        """One step of the asynchronous mode. Order matters for git: a proposal is made at once
+        (from the best commit it was created on, before anything can move the best), then each
+        ended candidate goes through decide -> record -> export on its own, then launches, and a
+        free slot gets a new candidate."""
+        for cand in open_:
+            if cand.phase == "proposing":
+                self._propose(cand, open_)
+                return True
+        for cand in open_:
+            if cand.phase == "finished" and "head_after" not in (cand.outcome or {}):
+                self._decide([cand], self.git.head())  # ended before any run
+                return True
+            if cand.phase == "finished":
+                self._record(cand)
+                return True
+            if cand.phase == "recorded":
+                self._export([cand])
+                return True
+        for cand in open_:
+            run = ledger.run_for_candidate(self.store, cand.id) if cand.phase == "running" else None
+            if run is not None and run.state == "exited":
+                self._decide([cand], self.git.head())
+                return True
+        if ledger.paused(self.store) is not None:  # a pause stops new launches; the runs in flight finish
+            return False
+        for cand in open_:
+            if cand.phase == "committed" and self._free_slot(cand) is not None:
+                self._launch(cand)
+                self._delay = _FIRST_POLL_S
+                return True
+        room = self.max_experiments is None or ledger.experiment_count(self.store) + len(open_) < self.max_experiments
+        if room and len(open_) < len(self.slots) and self._free_slot() is not None:
+            with self.store.transaction():  # from the best commit as it is now
+                self.store.set(WAVE_KEY, self._wave_record(ledger.experiments(self.store), self.git.head()))
+                self.store.delete(WANTED_KEY)
+                self._add_member()
+            return True
+        return False
+
     # -- proposing -> committed -------------------------------------------------------------------
     def _propose(self, cand: Candidate, open_: list[Candidate]) -> None:
         if self.git.changed_files() or self.git.head() != cand.base_commit:
             self.git.reset_to(cand.base_commit)
-        notes = ledger.queued_notes(self.store)
-        in_flight = tuple(c.description for c in open_ if c.id != cand.id and c.kind == "proposal" and c.description)
-        ctx = dataclasses.replace(self._context(cand, tuple(text for _, text in notes)), in_flight=in_flight)
-        try:
-            proposal = self.proposer.propose(ctx)
-        except ProposalError as exc:
-            return self._no_run(cand, "crash", f"proposer failed: {exc}")
-        except Exception as exc:  # noqa: BLE001 -- a proposer bug must not stop the night; it counts as a failure
-            traceback.print_exc()
-            return self._no_run(cand, "crash", f"proposer error: {type(exc).__name__}: {exc}")
-        finally:
-            if notes:
-                ledger.mark_notes_delivered(self.store, [cid for cid, _ in notes], cand.number)
+        if cand.kind == "rebase":
+            proposal = self._remake(cand)
+            if proposal is None:
+                return None
+        else:
+            notes = ledger.queued_notes(self.store)
+            in_flight = tuple(c.description for c in open_ if c.id != cand.id and c.kind != "baseline" and c.description)
+            ctx = dataclasses.replace(self._context(cand, tuple(text for _, text in notes)), in_flight=in_flight)
+            try:
+                proposal = self.proposer.propose(ctx)
+            except ProposalError as exc:
+                return self._no_run(cand, "crash", f"proposer failed: {exc}")
+            except Exception as exc:  # noqa: BLE001 -- a proposer bug must not stop the night; it counts as a failure
+                traceback.print_exc()
+                return self._no_run(cand, "crash", f"proposer error: {type(exc).__name__}: {exc}")
+            finally:
+                if notes:
+                    ledger.mark_notes_delivered(self.store, [cid for cid, _ in notes], cand.number)
         described = {"description": proposal.description, "hypothesis": proposal.hypothesis,
                      "area": proposal.area, "params": dict(proposal.params)}
         changed = self.git.changed_files()
@@ -336,6 +399,17 @@ class Engine:
         added, removed = self.git.numstat(cand.base_commit, commit)
         ledger.update_candidate(self.store, cand.id, phase="committed", commit_sha=commit,
                                 lines_added=added, lines_removed=removed, **described)
+
+    def _remake(self, cand: Candidate) -> Proposal | None:
+        """A rebase: the change of the experiment it re-runs, applied to the current best."""
+        original = next(e for e in ledger.experiments(self.store) if e.number == cand.confirm_of)
+        conflicts = self.git.apply_change(original.commit)
+        if conflicts:
+            self.git.reset_to(cand.base_commit)
+            self._no_run(cand, "discard", f"could not re-make #{original.number} on {cand.base_commit[:7]}:"
+                                          f" its change conflicts with the best's in {', '.join(conflicts)}")
+            return None
+        return Proposal(cand.description, cand.hypothesis, cand.area, dict(cand.params))
 
     def _no_run(self, cand: Candidate, status: str, reason: str, **described: Any) -> None:
         """A candidate that ends before any run: judged here, recorded by the usual steps."""
@@ -494,7 +568,12 @@ class Engine:
         cls = self._class(hw)
         ref = ledger.reference(rows, cls)
         best = ref.best if ref is not None and ref.commit == cand.base_commit else None
-        original = next((e for e in rows if e.number == cand.confirm_of), None)
+        stale = best is None and self.asynchronous and cand.kind in ("proposal", "rebase")
+        if stale:  # the best moved on while it ran: judged against its own base as measured here
+            measured = [e for e in rows if e.status == "keep" and e.hardware_class == cls and e.commit == cand.base_commit]
+            best = measured[-1].best if measured else None
+            stale = best is not None
+        original = next((e for e in rows if e.number == cand.confirm_of), None) if cand.kind == "confirm" else None
         repeats = [e.metric for e in rows if e.kind == "baseline" and e.status == "keep"
                    and e.commit == cand.commit and e.hardware_class == cls and e.metric is not None]
         repeats += [o["metric"] for o in judged if o is not None and o.get("kind") == "baseline"
@@ -510,6 +589,16 @@ class Engine:
             verdict = dataclasses.replace(verdict, reason=(
                 f"{NOT_COMPARED_PREFIX} {hw or 'this hardware'} has no measurement of {cand.base_commit[:7]}"
                 f" (it has {measured}); measuring the best commit there first"))
+        rebase = stale and (verdict.status == "keep" or verdict.needs_confirm)
+        if stale:  # whatever it was, the class's best is the newer one
+            assert ref is not None
+            verdict = dataclasses.replace(verdict, best_after=ref.best)
+        if rebase:
+            assert ref is not None and verdict.metric is not None and best is not None
+            verdict = dataclasses.replace(verdict, status="discard", needs_confirm=False, reason=(
+                f"{REBASE_PREFIX} better than its base {cand.base_commit[:7]} by"
+                f" {gain(verdict.metric, best, self.direction):.6f}, but the best moved on to {ref.commit[:7]}"
+                f" while it ran: re-made there and re-run"))
         if (verdict.status == "keep" or verdict.needs_confirm) and self.settings.project.checks_command:
             verdict = self._checks(verdict, self._run_dir(cand), best)
         started = started_at(run.log_path) or run.started_at
@@ -523,7 +612,7 @@ class Engine:
             "log_tail": "\n".join(tail.splitlines()[-_EVENT_LOG_TAIL_LINES:]) if verdict.status == "crash" else "",
             "hardware": hw, "node": where, "kind": cand.kind, "commit": cand.commit, "reference": best,
             "gain": None if best is None or verdict.metric is None else gain(verdict.metric, best, self.direction),
-            "compared": not verdict.reason.startswith(NOT_COMPARED_PREFIX),
+            "compared": not verdict.reason.startswith(NOT_COMPARED_PREFIX), "rebase": rebase,
         }
 
     def _checks(self, verdict: Verdict, cwd: Path, best: float | None) -> Verdict:
@@ -596,6 +685,8 @@ class Engine:
     def _export(self, members: list[Candidate]) -> None:
         ledger.write_exports(self.ws.path, self.store, self.metric_name, self.direction, self.ws.branch)
         recorded = [c for c in members if c.phase == "recorded"]
+        done = {c.id for c in recorded}
+        others = [c for c in ledger.open_candidates(self.store) if c.id not in done]  # async: still running
         # The wave ends in one transaction; a confirm run it asked for is created here, not while
         # recording, so it never joins the wave being recorded: it is the next wave, alone.
         with self.store.transaction():
@@ -612,11 +703,18 @@ class Engine:
                         hypothesis=cand.hypothesis, area=cand.area, params=cand.params, focus=cand.focus,
                         pin=where,
                     )
+                if out.get("rebase"):  # from the best as it is now, before it can be kept
+                    ledger.new_candidate(
+                        self.store, "rebase", self.git.head(), confirm_of=cand.number,
+                        description=f"rebase of #{cand.number}: {cand.description}", hypothesis=cand.hypothesis,
+                        area=cand.area, params=cand.params, focus=cand.focus,
+                    )
                 if out.get("compared") is False and where not in wanted:
                     wanted.append(where)
             if wanted:
                 self.store.set(WANTED_KEY, wanted)
-            self.store.delete(WAVE_KEY)
+            if not others:
+                self.store.delete(WAVE_KEY)
         if not self.in_place:
             for cand in recorded:
                 self.git.drop_snapshot(self._snapshot_path(cand.number))
@@ -635,7 +733,8 @@ class Engine:
         for e in reversed(rows):
             if (e.status == "keep" and e.kind != "baseline") or e.number <= since:
                 break
-            if e.number not in confirmed and e.status != "keep" and not e.reason.startswith(NOT_COMPARED_PREFIX):
+            if (e.number not in confirmed and e.status != "keep"
+                    and not e.reason.startswith((NOT_COMPARED_PREFIX, REBASE_PREFIX))):
                 count += 1
         return count
 

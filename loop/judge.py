@@ -16,6 +16,8 @@ from nightlab.loop.summary import Summary
 USER_KILL_PREFIX = "killed by "  # kill_reason of a user's kill: recorded as discard, not crash
 # the reason of a result that had nothing to be compared with (no reference on its hardware class)
 NOT_COMPARED_PREFIX = "not compared:"
+# the reason of a promising result from an older base, re-made on the current best (async mode)
+REBASE_PREFIX = "rebased:"
 _MAD_TO_STD = 1.4826  # MAD of a normal distribution x this = its standard deviation
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|MemoryError", re.IGNORECASE)
 
@@ -95,8 +97,8 @@ def judge(
 
     kind: baseline (its metric, averaged with the earlier runs of the same commit on the same
     hardware class, becomes that class's best), proposal (keep when strictly better than the best;
-    a gain under confirm_k x noise asks for a confirm run first), confirm (the mean of the original
-    and the re-run decides). `best` None: no reference on this run's class, nothing to compare with.
+    a gain under confirm_k x noise asks for a confirm run first; a rebase is a proposal re-made on
+    a newer best), confirm (the mean of the original and the re-run decides). `best` None: no reference on this run's class, nothing to compare with.
     """
     metrics = dict(m.summary.metrics)
     reason = failure_reason(m, metric_name)
@@ -119,7 +121,7 @@ def judge(
         if confirm_of_metric is not None:
             why = f"not confirmed: mean {judged:.6f} {why}"
         return Verdict("discard", value, best, why, confidence, metrics=metrics)
-    if kind == "proposal" and noise_sd > 0 and delta < confirm_k * noise_sd:
+    if kind in ("proposal", "rebase") and noise_sd > 0 and delta < confirm_k * noise_sd:
         why = f"gain {delta:.6f} < {confirm_k:g} x noise {noise_sd:.6f}: re-running to confirm"
         return Verdict("discard", value, best, why, confidence, needs_confirm=True, metrics=metrics)
     why = f"better by {delta:.6f}" + (f" (confirmed: mean {judged:.6f})" if confirm_of_metric else "")

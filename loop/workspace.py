@@ -107,6 +107,16 @@ class Git:
         self.g.commit("--no-verify", "--allow-empty", "-m", message)
         return self.head()
 
+    def apply_change(self, commit: str) -> list[str]:
+        """Re-make `commit`'s change (against its parent) in the working tree, uncommitted: a
+        result from an older base brought onto the current one. The files in conflict ([] = it
+        applied); on a conflict the caller resets the tree."""
+        try:
+            self.g.cherry_pick("--no-commit", commit)
+        except git.GitCommandError:
+            return self.g.diff("--name-only", "--diff-filter=U").split() or ["(the change does not apply)"]
+        return []
+
     def keep_ref(self, number: int, sha: str) -> None:
         self.g.update_ref(f"{EXP_REF_PREFIX}{number}", sha)
 

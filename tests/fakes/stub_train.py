@@ -13,10 +13,17 @@ import subprocess
 import sys
 import time
 
+# A blank line between constants: changes to different ones merge cleanly (git needs an unchanged
+# line between two changes), as a re-made (rebased) change must.
 VAL_BPB = [1.0]
+
 MODE = "ok"  # ok | crash | nan | oom | nosummary | hang | spawn (hang with a child process)
+
 SLEEP = 0.0  # seconds of "training" before the summary
+
 PEAK_VRAM_MB = 1024.0
+
+GAIN = 0.0  # subtracted from val_bpb: a better result that leaves VAL_BPB alone
 
 here = pathlib.Path(__file__).resolve()
 # per content, in the run's own directory (a wave's snapshots count apart) or one shared folder
@@ -31,6 +38,7 @@ value = VAL_BPB[min(seen, len(VAL_BPB) - 1)]
 gpus = os.environ.get("NIGHTLAB_FAKE_GPUS", "").split(",")
 device = os.environ.get("CUDA_VISIBLE_DEVICES", "")
 model = gpus[int(device)] if device.isdigit() and int(device) < len(gpus) else ""
+value -= GAIN
 value += json.loads(os.environ.get("NIGHTLAB_STUB_OFFSETS", "{}")).get(model, 0.0)
 
 print(f"step 00001 | loss 4.2 | cuda={os.environ.get('CUDA_VISIBLE_DEVICES')!r}", flush=True)

@@ -33,15 +33,17 @@ def _statuses(store: Store) -> list[str]:
     return [e.status for e in ledger.experiments(store)]
 
 
-def assert_consistent(settings: Settings) -> None:
-    """Ledger, exports and git agree; nothing recorded twice, nothing left in flight."""
+def assert_consistent(settings: Settings, in_order: bool = True) -> None:
+    """Ledger, exports and git agree; nothing recorded twice, nothing left in flight.
+    `in_order`: recorded in number order (the asynchronous mode records as runs end)."""
     repo = settings.workspace_path
     store = Store.for_workspace(repo)
     rows = ledger.experiments(store)
     assert [e.number for e in rows] == list(range(1, len(rows) + 1))
     assert ledger.running_runs(store) == []
     finished = [e for e in store.events_after(0, limit=10_000) if e.kind == "experiment_finished"]
-    assert [e.payload["number"] for e in finished] == [e.number for e in rows]
+    numbers = [e.payload["number"] for e in finished]
+    assert (numbers if in_order else sorted(numbers)) == [e.number for e in rows]
     tsv = (repo / "results.tsv").read_text().splitlines()[1:]
     assert [line.split("\t")[3] for line in tsv] == [e.status for e in rows]
     jsonl = [json.loads(x) for x in (repo / "autoresearch.jsonl").read_text().splitlines()[1:]]

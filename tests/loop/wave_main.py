@@ -1,6 +1,6 @@
 """The engine with N local slots in a subprocess, for kill -9 tests of a wave.
 
-    python wave_main.py WORKSPACE STEPS_JSON MAX SLOTS
+    python wave_main.py WORKSPACE STEPS_JSON MAX SLOTS [MODE]     (MODE: waves | async)
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from tests.loop.test_waves import WaveProposer
 
 def main() -> int:
     workspace, steps, limit, slots = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()), int(sys.argv[3]), int(sys.argv[4])
-    settings = stub_settings(workspace, executor={"gpus": list(range(slots))})
+    mode = sys.argv[5] if len(sys.argv) > 5 else "waves"
+    settings = stub_settings(workspace, executor={"gpus": list(range(slots))}, loop={"mode": mode})
     return engine.run_engine(settings, limit, proposer=WaveProposer(steps))
 
 
