@@ -568,7 +568,7 @@ class Engine:
         cls = self._class(hw)
         ref = ledger.reference(rows, cls)
         best = ref.best if ref is not None and ref.commit == cand.base_commit else None
-        stale = best is None and self.asynchronous and cand.kind in ("proposal", "rebase")
+        stale = best is None and self.asynchronous and cand.kind in ("proposal", "rebase", "confirm")
         if stale:  # the best moved on while it ran: judged against its own base as measured here
             measured = [e for e in rows if e.status == "keep" and e.hardware_class == cls and e.commit == cand.base_commit]
             best = measured[-1].best if measured else None

@@ -25,12 +25,13 @@ from tests.loop.test_waves import WaveProposer
 HERE = Path(__file__).resolve().parent
 
 
-def _workspace(tmp_path: Path) -> Settings:
+def _workspace(tmp_path: Path, **start: object) -> Settings:
     """Two slots; every run of the session's train.py takes at least 1 s (SLEEP = 1.0 in the
     starting commit), so a proposal's change need not touch SLEEP to overlap with the next one."""
-    settings = make_stub_workspace(tmp_path, executor={"gpus": [0, 1]}, loop={"mode": "async"})
+    loop = {"mode": "async", "baseline_runs": start.pop("baseline_runs", 1)}
+    settings = make_stub_workspace(tmp_path, executor={"gpus": [0, 1]}, loop=loop)
     train = settings.workspace_path / "train.py"
-    train.write_text(apply_constants(train.read_text(), {"SLEEP": 1.0}))
+    train.write_text(apply_constants(train.read_text(), {"SLEEP": 1.0, **start}))
     git_out(settings.workspace_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "runs take 1 s")
     return settings
 
@@ -110,3 +111,23 @@ def test_a_stale_result_whose_change_conflicts_with_the_new_best_is_not_re_run(t
     assert rows[2].reason.startswith("rebased: better than its base")
     assert rebase.status == "discard" and rebase.metric is None and rebase.confirm_of == 3
     assert rebase.reason == f"could not re-make #3 on {rows[1].commit[:7]}: its change conflicts with the best's in train.py"
+
+
+def test_a_confirm_run_overtaken_by_a_new_best_is_rebased_too(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NIGHTLAB_STUB_COUNTS", str(tmp_path))  # the n-th run of a content, in any snapshot
+    # two baselines 1.0 and 1.02 (noise ~0.015, so a gain under ~0.03 needs a confirm run); runs take 2 s
+    settings = _workspace(tmp_path, SLEEP=2.0, VAL_BPB=[1.0, 1.02], baseline_runs=2)
+    steps = [
+        {"set": {"VAL_BPB": [1.0, 0.99]}},  # #3: gain 0.01 -> confirm #5 (0.99; mean 0.995)
+        {"set": {"GAIN": 0.1, "SLEEP": 3.0}},  # #4: kept while #5 runs
+        {"set": {"VAL_BPB": [1.5]}},
+    ]
+    assert run_engine(settings, 7, proposer=WaveProposer(steps)) == 0
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert [(e.kind, e.status, e.metric) for e in rows[:5]] == [
+        ("baseline", "keep", 1.0), ("baseline", "keep", 1.02), ("proposal", "discard", 1.0),
+        ("proposal", "keep", 0.9), ("confirm", "discard", 0.99)]
+    assert rows[2].reason.startswith("gain 0.010000 < 2 x noise")
+    assert rows[4].confirm_of == 3 and rows[4].reason.startswith("rebased: better than its base")
+    rebase = next(e for e in rows if e.kind == "rebase")
+    assert rebase.confirm_of == 5 and rebase.commit != rows[2].commit  # #3's change re-made on #4
