@@ -6,6 +6,8 @@ gives every wave member a distinct value, so the only variables are the slot cou
 - local N = 1, 2, 4, 8 slots (pinned fake GPUs; nothing runs on a GPU): experiments per hour,
   and the loop's overhead per experiment = slot time not spent in a run / experiments
   (proposing, committing, snapshots, launching, polling latency, judging, recording).
+- uneven run lengths (1-5 s in turn), 4 local slots: waves vs the asynchronous mode (loop.mode),
+  experiments per hour and how busy the slots were (run time / slot time).
 - slurm: 64 one-GPU jobs in flight on the real single-node test Slurm (64 fake GPUs as gres),
   managed by the real daemon in its own process (tests/fakes/daemon_main.py: heartbeat/daemon.py's
   Daemon with the console channel, as `nightlab run`), executor.kind = "slurm", its engine child
@@ -14,7 +16,7 @@ gives every wave member a distinct value, so the only variables are the slot cou
   every job in flight), RSS, and squeue calls per minute (a logging `squeue` first on the daemon's
   PATH). Then the wave finishes, the daemon stops, leftovers are scancelled, the cluster stops.
 
-    .venv/bin/python bench/scale.py [--sleep 3] [--waves 3] [--slurm-sleep 90] [--slurm-window 20]
+    .venv/bin/python bench/scale.py [--only local|uneven|slurm] [--sleep 3] [--waves 3] [--slurm-sleep 90] [--slurm-window 20]
                                     [--only local|slurm]
 """
 
@@ -40,11 +42,13 @@ sys.path.insert(0, str(REPO))
 
 from nightlab.loop import ledger
 from nightlab.loop.engine import run_engine
+from nightlab.loop.proposers.base import Proposal, ProposalContext
 from nightlab.loop.store import Store
 
 from tests.fakes.bench_engine import DistinctProposer as Distinct
 from tests.fakes.daemon_config import write_daemon_config
 from tests.fakes.loop_workspace import make_stub_workspace
+from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.fakes.slurm_cluster import SlurmCluster, missing_binaries
 
 
@@ -61,6 +65,37 @@ def local(slots: int, sleep: float, waves: int) -> dict[str, Any]:
         busy = sum(e.duration_s or 0.0 for e in rows)
         return {"slots": slots, "experiments": len(rows), "wall_s": window,
                 "per_hour": len(rows) / window * 3600, "overhead_s": (slots * window - busy) / len(rows)}
+
+
+class Uneven:
+    """Run lengths from a fixed uneven cycle, and every result worse than the baseline (nothing is
+    kept or re-run), so waves and the asynchronous mode differ only in how they fill the slots."""
+
+    areas = ("lr",)
+    LENGTHS = (1.0, 5.0, 2.0, 4.0, 3.0)  # x --sleep / 3: mean = --sleep
+
+    def __init__(self, sleep: float) -> None:
+        self.lengths = [length * sleep / 3.0 for length in self.LENGTHS]
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        k = len(ctx.history) + len(ctx.in_flight)
+        step = {"set": {"VAL_BPB": [1.0 + 0.0001 * k], "SLEEP": self.lengths[k % len(self.lengths)]}}
+        return ScriptedProposer([step]).propose(ctx)
+
+
+def uneven(slots: int, mode: str, sleep: float, count: int) -> dict[str, Any]:
+    """`count` experiments with uneven run lengths on `slots` local slots, in waves or async."""
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = make_stub_workspace(Path(tmp), executor={"gpus": list(range(slots))},
+                                       loop={"checkpoint_interval": 1.0, "mode": mode,
+                                             "pause_after_failures": 10_000})  # all discards: never self-pause
+        run_engine(settings, 1 + count, proposer=Uneven(sleep))
+        end = time.time()
+        rows = ledger.experiments(Store.for_workspace(settings.workspace_path))[1:]
+        window = end - min(e.started_at for e in rows if e.started_at is not None)
+        busy = sum(e.duration_s or 0.0 for e in rows)
+        return {"experiments": len(rows), "wall_s": window, "per_hour": len(rows) / window * 3600,
+                "busy": busy / (slots * window)}
 
 
 def _squeue_wrapper(folder: Path, calls: Path) -> Path:
@@ -188,9 +223,18 @@ def main() -> int:
     parser.add_argument("--slurm-window", type=float, default=20.0, help="seconds of measurement, all jobs in flight")
     parser.add_argument("--slurm-poll", type=float, default=5.0, help="executor.slurm.poll_interval (the default)")
     parser.add_argument("--slurm-jobs", type=int, default=64)
-    parser.add_argument("--only", choices=("local", "slurm"), help="run one part only")
+    parser.add_argument("--uneven-count", type=int, default=20, help="experiments per mode, uneven run lengths")
+    parser.add_argument("--only", choices=("local", "uneven", "slurm"), help="run one part only")
     args = parser.parse_args()
-    if args.only != "slurm":
+    if args.only in (None, "uneven"):
+        lengths = ", ".join(f"{x:g}" for x in Uneven(args.sleep).lengths)
+        print(f"uneven run lengths ({lengths} s, in turn), 4 local slots, {args.uneven_count} experiments:")
+        print(f"{'mode':>6} {'wall s':>7} {'exp/hour':>9} {'slots busy':>11}")
+        for mode in ("waves", "async"):
+            r = uneven(4, mode, args.sleep, args.uneven_count)
+            print(f"{mode:>6} {r['wall_s']:>7.1f} {r['per_hour']:>9.0f} {r['busy'] * 100:>10.0f}%")
+        print()
+    if args.only in (None, "local"):
         print(f"local: stub run = {args.sleep:g} s, {args.waves} waves per N (after one baseline)")
         print(f"{'slots':>5} {'experiments':>11} {'wall s':>7} {'exp/hour':>9} {'vs N=1':>7} {'overhead s/exp':>15}")
         first = None
@@ -199,7 +243,7 @@ def main() -> int:
             first = first or r["per_hour"]
             print(f"{n:>5} {r['experiments']:>11} {r['wall_s']:>7.1f} {r['per_hour']:>9.0f} "
                   f"{r['per_hour'] / first:>6.2f}x {r['overhead_s']:>15.2f}")
-    if args.only == "local":
+    if args.only in ("local", "uneven"):
         return 0
     missing = missing_binaries()
     if missing:
