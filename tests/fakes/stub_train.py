@@ -5,6 +5,7 @@ rewrites the real train.py's. VAL_BPB is a list: the n-th run of the same file c
 n-th value (the last one repeats), so repeated baselines and confirm runs see realistic noise.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -30,8 +31,10 @@ here = pathlib.Path(__file__).resolve()
 counts = pathlib.Path(os.environ.get("NIGHTLAB_STUB_COUNTS", here.parent / ".nightlab"))
 counter = counts / ("stub-" + hashlib.sha1(here.read_bytes()).hexdigest()[:12])
 counter.parent.mkdir(exist_ok=True)
-seen = int(counter.read_text()) if counter.exists() else 0
-counter.write_text(str(seen + 1))
+with open(counts / "stub.lock", "w") as lock:  # runs of a wave may start at the same moment
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    seen = int(counter.read_text()) if counter.exists() else 0
+    counter.write_text(str(seen + 1))
 value = VAL_BPB[min(seen, len(VAL_BPB) - 1)]
 # A slower hardware class: $NIGHTLAB_STUB_OFFSETS = {"<GPU model>": added to val_bpb}, the model
 # being this run's GPU as the fake nvidia-smi names it ($NIGHTLAB_FAKE_GPUS, by index).
