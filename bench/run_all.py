@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import io
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ def daemon_idle(seconds: float) -> dict[str, float]:
     import psutil
     from nightlab.loop.steering import send_command
 
-    from tests.fakes.daemon_config import write_daemon_config
+    from tests.fakes.daemon_config import stop_daemon, write_daemon_config
     from tests.fakes.loop_workspace import make_stub_workspace
     from tests.fakes.slack_server import FakeSlack
     from tests.fakes.telegram_server import FakeTelegram
@@ -95,11 +94,7 @@ def daemon_idle(seconds: float) -> dict[str, float]:
             result = {"daemon_rss_mb": daemon.memory_info().rss / 2**20, "engine_rss_mb": engine.memory_info().rss / 2**20,
                       "daemon_cpu_pct": cpu(d0, d1), "engine_cpu_pct": cpu(e0, e1), "seconds": t1 - t0}
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_daemon(proc, 40)
             log.close()
     return result
 

@@ -27,7 +27,6 @@ import contextlib
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from nightlab.loop.proposers.base import Proposal, ProposalContext
 from nightlab.loop.store import Store
 
 from tests.fakes.bench_engine import DistinctProposer as Distinct
-from tests.fakes.daemon_config import write_daemon_config
+from tests.fakes.daemon_config import stop_daemon, write_daemon_config
 from tests.fakes.loop_workspace import make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.fakes.slurm_cluster import SlurmCluster, missing_binaries
@@ -196,20 +195,14 @@ def slurm(jobs: int, sleep: float, window: float, poll: float) -> dict[str, Any]
             recorded = len(ledger.experiments(store))
             store.close()
             stopped_by_itself = proc.poll() is not None
-            proc.send_signal(signal.SIGTERM)  # no-op when it has already exited
-            code = proc.wait(60)
+            code = stop_daemon(proc, 60)
             return {"jobs": jobs, "launch_s": launched, "window_s": span, "least_in_flight": least,
                     "cpu": cpu, "rss_mb": {k: v / 2**20 for k, v in rss.items()}, "others_seen": others_seen,
                     "squeue_per_min": squeue, "poll_s": poll, "recorded": recorded,
                     "daemon_exit": code, "stopped_by_itself": stopped_by_itself}
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if proc is not None:
+                stop_daemon(proc, 60)
             log.close()
             cluster.stop()  # scancels what is left (a stopped daemon leaves its runs running, on purpose)
 

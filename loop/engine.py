@@ -642,8 +642,11 @@ class Engine:
             self.git.reset_to(target)
         rows = ledger.experiments(self.store)
         hw = out.get("hardware", "")
-        ref = ledger.reference(rows, self._class(hw)) if hw else None
-        previous = ref.best if ref is not None else None if hw else self._best(rows)
+        if hw:  # the best of its class before it
+            ref = ledger.reference(rows, self._class(hw))
+            previous = None if ref is None else ref.best
+        else:  # no run (a proposer failure, a rejection): the last best recorded
+            previous = self._best(rows)
         exp = Experiment(
             number=cand.number, kind=cand.kind, confirm_of=cand.confirm_of, commit=commit,
             status=out["status"], metric=out["metric"], metrics=out["metrics"], best=out["best_after"],

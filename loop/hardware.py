@@ -53,9 +53,6 @@ class HardwareClass:
     hardware: str
     setting: str
 
-    def __str__(self) -> str:
-        return self.hardware or "unknown hardware"
-
 
 def describe(probe_output: str) -> str:
     """The probe's lines as one readable name; "" when there is nothing to read."""

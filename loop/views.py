@@ -140,8 +140,9 @@ def status_text(workspace: Path) -> str:
     if best_exp is not None:
         gain = _gain_text(_baseline(rows, best_exp), best)
         lines.append(f"best {name}: {_fmt(best)} (#{best_exp.number}, {best_exp.commit[:7]})" + (f" · vs baseline {gain}" if gain else ""))
-    if _classes_line(rows):
-        lines.append(_classes_line(rows))
+    classes = _classes_line(rows)
+    if classes:
+        lines.append(classes)
     lines.append(f"focus: {ledger.focus(store) or 'off'}")
     lines.append(f"experiments: {len(rows)} ({_counts(rows)})")
     if rows:
@@ -178,8 +179,9 @@ def best_text(workspace: Path) -> str:
         text += f"\nvs baseline {_fmt(baseline)}: {gain}"
     if best_exp.hardware:
         text += f"\nmeasured on: {best_exp.hardware}"
-    if _classes_line(rows):
-        text += "\n" + _classes_line(rows)
+    classes = _classes_line(rows)
+    if classes:
+        text += "\n" + classes
     if best_exp.confidence is not None:
         text += f"\nconfidence: {best_exp.confidence:.1f}x noise"
     return text

@@ -1,9 +1,12 @@
 """One writer for the daemon configs the end-to-end tests and benches start `nightlab run` with:
-a stub-trainer workspace, optionally the fake Telegram and the fake Slack as its chats."""
+a stub-trainer workspace, optionally the fake Telegram and the fake Slack as its chats; and one
+way for the benches to stop such a daemon."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,3 +40,15 @@ def write_daemon_config(
         for name, table in sections.items()
     ))
     return path
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], grace_s: float) -> int:
+    """SIGTERM (as systemd stops it), SIGKILL after `grace_s`; its exit code. Harmless when the
+    daemon has already exited."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

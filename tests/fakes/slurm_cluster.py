@@ -125,7 +125,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = subprocess.run(
-                [_binary("sinfo"), "-h", "-o", "%T"], capture_output=True, text=True, env=self.env
+                [_binary("sinfo"), "-h", "-o", "%T"], check=False, capture_output=True, text=True, env=self.env
             ).stdout.strip()
             if out in ("idle", "mixed", "allocated"):
                 return
@@ -139,7 +139,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             pass
 
     def stop(self) -> None:
-        subprocess.run([_binary("scancel"), "--full", "-u", "root"], env=self.env, capture_output=True)
+        subprocess.run([_binary("scancel"), "--full", "-u", "root"], check=False, env=self.env, capture_output=True)
         for name in ("slurmd.pid", "slurmctld.pid", "munge/munged.pid"):
             self._kill_pidfile(self.root / name, signal.SIGTERM)
         time.sleep(0.5)
