@@ -99,6 +99,9 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
     ]
     if any(facts):
         spans.append(plain("\n" + " · ".join(f for f in facts if f)))
+    if p.get("kind") == "baseline" and p.get("profile"):  # the first digest says what the night runs with
+        harness = p.get("harness") or {}
+        spans.append(plain(f"\nprofile {p['profile']}" + "".join(f" · {k} {v}" for k, v in harness.items())))
     if p.get("reason"):
         spans.append(plain(f"\nreason: {p['reason']}"))
     tail = str(p.get("log_tail") or "").rstrip()

@@ -74,7 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from nightlab.heartbeat.daemon import run_daemon
 
-    return run_daemon(_settings(args), max_experiments=args.max_experiments)
+    settings = _settings(args)
+    # the flag wins; else [loop] max_experiments (0 = no limit), which means the same as the flag
+    limit = args.max_experiments if args.max_experiments is not None else settings.loop.max_experiments or None
+    return run_daemon(settings, max_experiments=limit)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -169,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "train", cmd_train, "run train.py once (smoke test)",
              "nightlab train --profile tiny")
     _config_args(p)
-    p.add_argument("--profile", choices=("auto", "default", "tiny"), default=None)
+    from nightlab.loop.config import profile_names
+
+    p.add_argument("--profile", choices=profile_names(), default=None)
 
     p = _add(sub, "run", cmd_run, "run the daemon: the loop, the heartbeat and the chat channels",
              "nightlab run --config nightlab.toml --max-experiments 3")

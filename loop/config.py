@@ -95,9 +95,22 @@ class DataSettings:
     cache_dir: str = "~/.cache/nightlab"
 
 
+# The harness's environment variables (trainer/prepare.py reads them; named here so the config
+# does not import the harness and its data libraries).
+HARNESS_ENV = {"time_budget": "NIGHTLAB_TIME_BUDGET", "max_seq_len": "NIGHTLAB_MAX_SEQ_LEN",
+               "eval_tokens": "NIGHTLAB_EVAL_TOKENS"}
+
+
 @dataclass(frozen=True)
 class TrainerSettings:
-    profile: str = "auto"  # auto (tiny without a GPU) | default | tiny
+    profile: str = "auto"  # auto (picked from the hardware) | a name in trainer/profiles.py PROFILES
+    time_budget: int = 0  # seconds of training per experiment; 0 = the profile's (300 on GPUs)
+    max_seq_len: int = 0  # context length; 0 = the profile's
+    eval_tokens: int = 0  # validation tokens val_bpb is scored on; 0 = the profile's
+
+    def harness_overrides(self) -> dict[str, str]:
+        """The NIGHTLAB_* values the config sets; they win over the profile's in every run's env."""
+        return {env: str(getattr(self, key)) for key, env in HARNESS_ENV.items() if getattr(self, key)}
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,9 @@ class LoopSettings:
     switch_area_after: int = 5  # consecutive failures before the search changes area
     pause_after_failures: int = 15  # consecutive failures before the loop pauses itself
     checkpoint_interval: float = 1.0  # seconds between command checks while a run is in flight
+    # stop after this many more experiments each time `nightlab run` starts (like
+    # --max-experiments N, which wins when both are given); 0 = run until stopped
+    max_experiments: int = 0
     # waves: N candidates from the best, decided together; async: a freed slot starts the next
     # candidate at once, each result decided as it ends (several slots only)
     mode: Literal["waves", "async"] = "waves"
@@ -219,7 +235,10 @@ class Settings:
         return Path(os.path.expandvars(self.data.cache_dir)).expanduser()
 
 
-_PROFILES = ("auto", "default", "tiny")
+def profile_names() -> tuple[str, ...]:
+    from nightlab.trainer.profiles import PROFILES  # no torch
+
+    return ("auto", *PROFILES)
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:
@@ -303,8 +322,17 @@ def _check(s: Settings) -> None:
     def fail(key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{src}: {key} = {value!r}: expected {expected}")
 
-    if s.trainer.profile not in _PROFILES:
-        fail("trainer.profile", s.trainer.profile, "one of " + ", ".join(map(repr, _PROFILES)))
+    if s.trainer.profile not in profile_names():
+        fail("trainer.profile", s.trainer.profile, "one of " + ", ".join(map(repr, profile_names())))
+    for key in HARNESS_ENV:
+        if getattr(s.trainer, key) < 0:
+            fail(f"trainer.{key}", getattr(s.trainer, key), "a positive number, or 0 for the profile's value")
+    # a run also starts up (compiles) and evaluates; the heartbeat kills it at run_timeout
+    if s.trainer.time_budget and s.heartbeat.run_timeout < s.trainer.time_budget + 120:
+        fail("heartbeat.run_timeout", s.heartbeat.run_timeout,
+             f"at least trainer.time_budget + 120 s (start-up and eval); e.g. {s.trainer.time_budget + 300}")
+    if s.loop.max_experiments < 0:
+        fail("loop.max_experiments", s.loop.max_experiments, "a number of experiments >= 1, or 0 for no limit")
     if s.data.shards < 1:
         fail("data.shards", s.data.shards, "at least 1")
     for name in ("check_interval", "run_timeout", "stall_after", "loop_stall_after"):

@@ -112,8 +112,8 @@ class Engine:
     ) -> None:
         self.settings, self.ws, self.executor, self.proposer = settings, ws, executor, proposer
         self.env, self.stop, self.parent_pid = env, stop, parent_pid
-        self.setting = hardware.setting_of(ws.run_command, env)
         self.store: Store = ws.store
+        self.setting = hardware.record_setting(self.store, ws.run_command, env)
         self.git = Git(ws.path)
         self.slots = executor.slots()
         self.metric_name = settings.project.metric
@@ -668,7 +668,7 @@ class Engine:
             "mfu_percent": exp.metrics.get("mfu_percent"), "confidence": exp.confidence, "focus": exp.focus,
             "commit": commit[:7], "lines_added": exp.lines_added, "lines_removed": exp.lines_removed,
             "reason": exp.reason, "log_tail": out["log_tail"], "slot": exp.slot, "kind": exp.kind,
-            "hardware": exp.hardware,
+            "hardware": exp.hardware, "profile": self.ws.profile, "harness": hardware.harness_values(self.env),
         }
         with self.store.transaction():
             if not ledger.record_experiment(self.store, cand.id, exp, event):

@@ -17,9 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import subprocess
+import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from nightlab.trainer.profiles import DTYPE_ENV, Gpu, Machine
 
 # POSIX sh, one output line per GPU ("gpu: <name>"), or one "cpu: <model>" line. CUDA_VISIBLE_DEVICES
 # unset: every GPU; set but empty: none (a CPU slot). nvidia-smi ignores CUDA_VISIBLE_DEVICES, so
@@ -82,3 +88,73 @@ def setting_of(run_command: str, env: dict[str, str]) -> str:
     """A short digest of what, besides the code, decides a run's result."""
     text = json.dumps({"command": run_command, "env": sorted(env.items())})
     return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+SETTING_KEY = "setting."  # kv['setting.<digest>'] = {"command", "env"}: what a setting digest stands for
+
+
+def record_setting(store: Any, run_command: str, env: dict[str, str]) -> str:
+    """The setting's digest, with the values behind it kept in the store (readable later)."""
+    digest = setting_of(run_command, env)
+    store.set(SETTING_KEY + digest, {"command": run_command, "env": dict(sorted(env.items()))})
+    return digest
+
+
+def harness_values(env: dict[str, str]) -> dict[str, str]:
+    """The budget values in a run's environment (time budget, sequence length, eval tokens, dtype),
+    by their short names; the harness's defaults apply to those absent."""
+    return {k[len("NIGHTLAB_"):].lower(): v for k, v in sorted(env.items())
+            if k in ("NIGHTLAB_TIME_BUDGET", "NIGHTLAB_MAX_SEQ_LEN", "NIGHTLAB_EVAL_TOKENS", DTYPE_ENV)}
+
+
+@dataclass(frozen=True)
+class GpuReport:
+    """What nvidia-smi says about the GPUs runs will use: the cards, the driver, and why it said
+    nothing ("" when it answered)."""
+
+    gpus: tuple[Gpu, ...]
+    driver: str = ""
+    problem: str = ""
+
+
+_GPU_FIELDS = "name,memory.total,compute_cap,driver_version"
+
+
+def query_gpus(indices: Sequence[int] = ()) -> GpuReport:
+    """The GPUs at `indices` (none given: all) with memory and compute capability, from nvidia-smi.
+    No torch: the daemon calls this to pick a profile."""
+    argv = ["nvidia-smi", f"--query-gpu={_GPU_FIELDS}", "--format=csv,noheader,nounits"]
+    if indices:
+        argv += ["-i", ",".join(str(i) for i in indices)]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, check=False)
+    except FileNotFoundError:
+        return GpuReport((), problem="nvidia-smi is not installed (no NVIDIA driver)")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return GpuReport((), problem=f"nvidia-smi did not answer ({type(exc).__name__})")
+    if out.returncode != 0:
+        said = (out.stdout + out.stderr).strip().splitlines()
+        return GpuReport((), problem=f"nvidia-smi failed (exit {out.returncode}): {said[0] if said else 'no output'}")
+    gpus, driver = [], ""
+    for line in out.stdout.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4 or not parts[0]:
+            continue
+        name, memory, cap, driver = parts
+        gpus.append(Gpu(name, int(memory) if memory.isdigit() else None, _capability(cap)))
+    return GpuReport(tuple(gpus), "" if driver.startswith("[") else driver)
+
+
+def _capability(text: str) -> tuple[int, int] | None:
+    major, _, minor = text.partition(".")
+    return (int(major), int(minor)) if major.isdigit() and minor.isdigit() else None
+
+
+def apple_silicon() -> bool:
+    """Apple MPS is there on arm64 macOS (checked without torch; `nightlab doctor` confirms it with torch)."""
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def machine(indices: Sequence[int] = ()) -> Machine:
+    """What a run here trains on, for `trainer.profiles.choose`."""
+    return Machine(query_gpus(indices).gpus, mps=apple_silicon())

@@ -26,7 +26,7 @@ import git
 import psutil
 from nightlab.loop.config import Settings
 from nightlab.loop.errors import UserError
-from nightlab.loop.executor import LocalExecutor, RunSpec, read_tail, visible_gpus
+from nightlab.loop.executor import LocalExecutor, RunSpec, read_tail
 from nightlab.loop.ledger import AUTORESEARCH_JSONL, RESULTS_TSV
 from nightlab.loop.lock import holder
 from nightlab.loop.store import DB_FILENAME, STATE_DIRNAME, Store, state_dir
@@ -185,24 +185,18 @@ def sha256_file(path: Path) -> str:
 
 
 # -- profiles ------------------------------------------------------------------------------------
-def resolve_profile(name: str, say: Say) -> str:
-    if name != "auto":
-        return name
-    gpus = visible_gpus()
-    if gpus:
-        say(f"trainer.profile = auto: {len(gpus)} GPU(s) visible, using the 'default' profile")
-        return "default"
-    say("trainer.profile = auto: no GPU visible (nvidia-smi, /proc/driver/nvidia), using the 'tiny'"
-        " CPU profile; set trainer.profile = \"default\" on a GPU box")
-    return "tiny"
+def resolve_profile(name: str, say: Say, gpus: tuple[int, ...] = ()) -> Any:
+    """The Profile for `trainer.profile` on this machine's GPUs (`gpus`: the executor's; () = all),
+    said with the reason (trainer/profiles.py `choose`)."""
+    from nightlab.loop import hardware
+    from nightlab.trainer.profiles import choose  # no torch: safe in the daemon
 
-
-def _profile(name: str) -> Any:
-    from nightlab.trainer.profiles import PROFILES  # no torch: safe in the daemon
-
-    if name not in PROFILES:
-        raise UserError(f"unknown trainer profile {name!r}; profiles: {', '.join(PROFILES)}")
-    return PROFILES[name]
+    try:
+        choice = choose(name, hardware.machine(gpus))
+    except KeyError as exc:
+        raise UserError(str(exc.args[0])) from None
+    say(f"trainer.profile: {choice.reason}; using {choice.profile.name!r}")
+    return choice.profile
 
 
 # -- init ----------------------------------------------------------------------------------------
@@ -250,8 +244,8 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = _stderr)
 
     profile, harness_env = "custom", {}
     if builtin:
-        profile = resolve_profile(settings.trainer.profile, say)
-        chosen = _profile(profile)
+        chosen = resolve_profile(settings.trainer.profile, say, settings.executor.gpus)
+        profile = chosen.name
         harness_env = dict(chosen.harness_env)
         _install_trainer(path, chosen, say)
     if not (path / PROGRAM_MD).exists():
@@ -371,9 +365,9 @@ def protected_mismatches(ws: Workspace, root: Path | None = None) -> list[str]:
 
 
 def run_environment(ws: Workspace, settings: Settings, say: Say = _stderr) -> dict[str, str]:
-    """The environment every run gets: the profile's harness env and, for the built-in trainer,
-    NIGHTLAB_DATA_DIR (prepared here when missing: shards + tokenizer)."""
-    env = dict(ws.harness_env)
+    """The environment every run gets: the profile's harness env with the [trainer] budget keys
+    over it and, for the built-in trainer, NIGHTLAB_DATA_DIR (prepared here when missing)."""
+    env = {**ws.harness_env, **settings.trainer.harness_overrides()}
     if ws.builtin_trainer:
         from nightlab.trainer import prepare
 

@@ -44,7 +44,7 @@ model = gpus[int(device)] if device.isdigit() and int(device) < len(gpus) else "
 value -= GAIN
 value += json.loads(os.environ.get("NIGHTLAB_STUB_OFFSETS", "{}")).get(model, 0.0)
 
-print(f"step 00001 | loss 4.2 | cuda={os.environ.get('CUDA_VISIBLE_DEVICES')!r}", flush=True)
+print(f"step 00001 | loss 4.2 | cuda={os.environ.get('CUDA_VISIBLE_DEVICES')!r} | budget={os.environ.get('NIGHTLAB_TIME_BUDGET')!r}", flush=True)
 if MODE in ("hang", "spawn"):
     if MODE == "spawn":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
