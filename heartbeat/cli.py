@@ -72,9 +72,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from nightlab.heartbeat import doctor
     from nightlab.heartbeat.daemon import run_daemon
+    from nightlab.heartbeat.logsetup import setup_logging
 
     settings = _settings(args)
+    setup_logging()
+    doctor.log_report(settings)  # findings in the log; the daemon starts either way
     # the flag wins; else [loop] max_experiments (0 = no limit), which means the same as the flag
     limit = args.max_experiments if args.max_experiments is not None else settings.loop.max_experiments or None
     return run_daemon(settings, max_experiments=limit)
@@ -84,6 +88,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from nightlab.heartbeat.demo import run_demo
 
     return run_demo(Path(args.workspace) if args.workspace else None, experiments=args.experiments)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from nightlab.heartbeat.doctor import diagnose
+
+    report = diagnose(_settings(args))
+    print(report.text())
+    return report.exit_code
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
@@ -180,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
              "nightlab run --config nightlab.toml --max-experiments 3")
     _config_args(p, required=True)
     p.add_argument("--max-experiments", type=int, default=None, help="stop cleanly after N")
+
+    p = _add(sub, "doctor", cmd_doctor, "check this machine before a night: GPU, torch, disk, data, git, "
+             "channels, and the profile auto picks (exit 1 when a run would fail)", "nightlab doctor --config nightlab.toml")
+    _config_args(p)
 
     p = _add(sub, "demo", cmd_demo, "the offline demo: a short night on this machine",
              "nightlab demo")

@@ -1,0 +1,143 @@
+"""Each GPU profile on this GPU, with the process's memory capped to its tier's card.
+
+    python bench/profiles_gpu.py                          # default, 24gb, 16gb, 8gb; 20 s each
+    python bench/profiles_gpu.py --profiles 16gb,16gb-fp16 --budget 30 --data-dir /path/to/data
+    python bench/profiles_gpu.py --profiles tiny --budget 5    # the same code path on a CPU
+
+For each profile: a throwaway workspace (train.py with the profile's constants + prepare.py, as
+bench/trainer.py makes it), then `python train.py` there with the profile's harness env, the
+budget and a small eval, started through a two-line wrapper that first calls
+`torch.cuda.set_per_process_memory_fraction` so the caching allocator refuses more than the
+tier's card holds (24gb: 24 GiB, ...; no cap without CUDA). A name with -fp16 / -fp32 runs that
+tier as adapted for a card without bf16 (needs a train.py that reads NIGHTLAB_DTYPE).
+
+Prints one row per profile: memory cap, micro-batch, steps, steady-state tokens/s, the steps a
+5-minute budget would make at that rate, peak memory, MFU, val_bpb, the smoothed training loss
+first -> last, and pass/FAIL (pass: exit 0, no out-of-memory retry, peak under the cap, loss
+fell). The tokens/s are this GPU's, not the tier's card's: the cap shows a profile fits, not how
+fast a smaller card runs it. Data: --data-dir, else $NIGHTLAB_DATA_DIR, else the offline stdlib
+corpus (bench/trainer.py's choice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trainer as bench_trainer  # bench/trainer.py: workspace + data, shared with the one-run bench
+
+profiles = bench_trainer.profiles  # trainer/profiles.py (no torch)
+parse_summary = bench_trainer.parse_summary
+
+GPU_PROFILES = ("24gb", "16gb", "8gb", "default")  # smallest-risk first, so a short lease reports most
+VARIANTS = {"fp16": (7, 5), "fp32": (6, 1)}  # the capability a -fp16 / -fp32 name stands for
+FIVE_MINUTES = 300
+
+# Runs train.py as `python train.py` would, after capping this process's CUDA memory.
+WRAPPER = """
+import os, runpy, sys
+import torch
+cap = float(os.environ.get("NIGHTLAB_BENCH_MEMORY_GB") or 0)
+if cap and torch.cuda.is_available():
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total))
+    print(f"bench: memory capped to {cap:g} GiB of {total / 2**30:.0f} GiB", flush=True)
+sys.argv = ["train.py"]
+runpy.run_path("train.py", run_name="__main__")
+"""
+LOSS = re.compile(r"^step \d+ \([\d.]+%\) \| loss ([\d.]+)", re.MULTILINE)
+
+
+def resolve(name: str) -> profiles.Profile:
+    base, _, variant = name.partition("-")
+    if base not in profiles.PROFILES or (variant and variant not in VARIANTS):
+        known = ", ".join([*profiles.PROFILES, *(f"{t}-{v}" for t in profiles.GPU_TIERS for v in VARIANTS)])
+        raise SystemExit(f"bench: unknown profile {name!r}; one of {known}")
+    profile = profiles.PROFILES[base]
+    return profiles.for_capability(profile, VARIANTS[variant]) if variant else profile
+
+
+def run_one(profile: profiles.Profile, data_dir: Path, budget: int, eval_tokens: int, log_dir: Path | None) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="nightlab-profile-"))
+    try:
+        ws = bench_trainer.make_workspace(root, profile)
+        own_eval = int(profile.harness_env.get("NIGHTLAB_EVAL_TOKENS", 40 * 2**19))
+        cap = profiles.TIER_MEMORY_GB.get(profile.name.split("-")[0], 0)
+        env = {**os.environ, **profile.harness_env, "NIGHTLAB_DATA_DIR": str(data_dir),
+               "NIGHTLAB_TIME_BUDGET": str(budget), "NIGHTLAB_EVAL_TOKENS": str(min(own_eval, eval_tokens)),
+               "NIGHTLAB_BENCH_MEMORY_GB": str(cap), "PYTHONUNBUFFERED": "1"}
+        t0 = time.time()
+        run = subprocess.run([sys.executable, "-c", WRAPPER], cwd=ws, env=env, capture_output=True, text=True,
+                             check=False)
+        log = run.stdout + run.stderr
+        if log_dir is not None:
+            (log_dir / f"{profile.name}.log").write_text(log, encoding="utf-8")
+        m = parse_summary(run.stdout).metrics
+        losses = [float(x) for x in LOSS.findall(run.stdout)]
+        tokens_per_s = m.get("tokens_per_sec", 0.0)
+        step_tokens = m.get("total_batch_size") or int(str(profile.constants.get("TOTAL_BATCH_SIZE", 2**19)))
+        problems = []
+        if run.returncode != 0:
+            failed = [line for line in log.splitlines() if line.startswith("FAIL")]
+            problems.append(f"exit {run.returncode}" + (f" ({failed[-1][:80]})" if failed else ""))
+        if "Out of memory at device batch" in run.stdout:
+            problems.append("needed an out-of-memory retry")
+        if cap and m.get("peak_vram_mb", 0) > cap * 1024:
+            problems.append("peak above the cap")
+        if len(losses) < 2 or losses[-1] >= losses[0]:
+            problems.append("loss did not fall")
+        return {
+            "profile": profile.name, "cap": f"{cap} GiB" if cap else "none",
+            "batch": f"{m.get('device_batch_size', 0):.0f}x{m.get('max_seq_len', 0):.0f}",
+            "steps": f"{m.get('num_steps', 0):.0f}", "tok/s": f"{tokens_per_s:,.0f}",
+            "steps/5min": f"{tokens_per_s * FIVE_MINUTES / step_tokens:,.0f}" if tokens_per_s else "n/a",
+            "peak MB": f"{m.get('peak_vram_mb', 0):,.0f}", "MFU %": f"{m['mfu_percent']:.1f}" if "mfu_percent" in m else "n/a",
+            "val_bpb": f"{m['val_bpb']:.4f}" if "val_bpb" in m else "n/a",
+            "loss": f"{losses[0]:.2f}->{losses[-1]:.2f}" if losses else "n/a",
+            "wall s": f"{time.time() - t0:.0f}", "result": "pass" if not problems else "FAIL: " + "; ".join(problems),
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in keys}
+    lines = [" | ".join(k.ljust(widths[k]) for k in keys), "-+-".join("-" * widths[k] for k in keys)]
+    lines += [" | ".join(r[k].ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profiles", default=",".join(GPU_PROFILES), help="comma-separated (default: the GPU tiers)")
+    parser.add_argument("--budget", type=int, default=20, help="TIME_BUDGET per profile in seconds (default 20)")
+    parser.add_argument("--eval-tokens", type=int, default=2**20, help="at most this many eval tokens (default 1M)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "nightlab-bench-cache"))
+    parser.add_argument("--log-dir", default=None, help="write each run's log here")
+    args = parser.parse_args(argv)
+    chosen = [resolve(name.strip()) for name in args.profiles.split(",") if name.strip()]
+    data_dir = bench_trainer.data_dir_for(args).resolve()  # the runs start in their own workspace
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"bench: {len(chosen)} profile(s), {args.budget} s each, data {data_dir}", flush=True)
+    rows = []
+    for profile in chosen:
+        rows.append(run_one(profile, data_dir, args.budget, args.eval_tokens, log_dir))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)  # progress, in case the lease ends early
+    print(table(rows))
+    return 0 if all(r["result"] == "pass" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

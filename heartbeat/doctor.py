@@ -1,0 +1,331 @@
+"""`nightlab doctor`: will a night of runs work on this machine, and with which profile?
+
+Checks what a run needs, each finding with what to do about it: the GPUs (nvidia-smi: model,
+memory, compute capability, bf16, driver), torch as the runs will import it (version, CUDA build,
+whether it sees the GPU or Apple MPS, FlexAttention; probed in a child process, because the daemon
+never imports torch), the FA3 kernel in the local kernels cache (Hopper), free disk for data and
+workspace, the data and tokenizer, git, each configured chat channel (a real call through the same
+client library the bot uses), and the profile `auto` picks with its reason. `fail` findings mean a
+run would fail: the command exits 1. `nightlab run` logs the same findings when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from nightlab.loop import hardware
+from nightlab.loop.config import ConfigError, Settings, resolve_secrets
+from nightlab.trainer.profiles import (
+    DTYPE_ENV,
+    PROFILES,
+    Choice,
+    Machine,
+    choose,
+    dtype_for,
+)
+
+log = logging.getLogger("nightlab.doctor")
+
+Level = Literal["ok", "warn", "fail"]
+_MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+_TORCH_TIMEOUT_S = 180.0  # importing torch (and CUDA's first init) on a cold, slow disk
+_CHANNEL_TIMEOUT_S = 10.0
+# The FA3 kernels train.py loads from the Hugging Face cache (trainer/train.py fa3_repos).
+_FA3_REPOS = ("kernels-community/flash-attn3", "varunneal/flash-attention-3")
+
+# Run as `python -c` with the interpreter the runs use; prints one JSON line. Only facts, no verdicts.
+TORCH_PROBE = r"""
+import json, sys
+facts = {"python": sys.version.split()[0]}
+try:
+    import torch
+except Exception as e:
+    facts["error"] = f"{type(e).__name__}: {e}"
+    print(json.dumps(facts)); sys.exit(0)
+facts.update(torch=torch.__version__, cuda=torch.version.cuda, hip=getattr(torch.version, "hip", None),
+             cuda_available=torch.cuda.is_available(), devices=[])
+if facts["cuda_available"]:
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        facts["devices"].append({"name": p.name, "memory_mib": p.total_memory // 2**20,
+                                 "capability": [p.major, p.minor]})
+    try:
+        facts["bf16"] = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        facts["bf16"] = torch.cuda.is_bf16_supported()
+mps = getattr(torch.backends, "mps", None)
+facts["mps"] = bool(mps is not None and mps.is_available())
+try:
+    from torch.nn.attention.flex_attention import flex_attention
+    facts["flex"] = True
+except Exception:
+    facts["flex"] = False
+print(json.dumps(facts))
+"""
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Level
+    topic: str
+    text: str
+    fix: str = ""  # what to do (warn and fail findings)
+
+    def line(self) -> str:
+        return f"{_MARK[self.level]} {self.topic:<9} {self.text}" + (f"\n               -> {self.fix}" if self.fix else "")
+
+
+@dataclass(frozen=True)
+class Report:
+    findings: tuple[Finding, ...]
+    choice: Choice | None
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if any(f.level == "fail" for f in self.findings) else 0
+
+    def text(self) -> str:
+        fails = sum(f.level == "fail" for f in self.findings)
+        warns = sum(f.level == "warn" for f in self.findings)
+        verdict = (f"{fails} problem(s) would make runs fail" if fails
+                   else "runs can start" + (f" ({warns} warning(s))" if warns else ""))
+        return "\n".join([*(f.line() for f in self.findings), f"doctor: {verdict}"])
+
+
+def diagnose(settings: Settings, python: str = sys.executable) -> Report:
+    """Every check, in the order a user fixes things; `python` is the interpreter runs use."""
+    found: list[Finding] = []
+    builtin = not settings.project.run_command
+    gpus = hardware.query_gpus(settings.executor.gpus)
+    found += _gpu_findings(settings, gpus)
+    torch = _torch_facts(python) if builtin else None
+    if torch is not None:
+        found += _torch_findings(torch, gpus, python)
+    choice = None
+    if builtin:
+        try:
+            choice = choose(settings.trainer.profile, Machine(gpus.gpus, mps=hardware.apple_silicon()
+                                                                   or bool(torch and torch.get("mps"))))
+        except KeyError as exc:
+            found.append(Finding("fail", "profile", str(exc.args[0]), "set trainer.profile to one of those"))
+        else:
+            found.append(_profile_finding(settings, choice))
+            found += _attention_findings(gpus, torch or {}, choice)
+    found += _disk_findings(settings)
+    if builtin:
+        found.append(_data_finding(settings))
+    found.append(_git_finding())
+    found += _channel_findings(settings)
+    return Report(tuple(found), choice)
+
+
+# -- GPUs and torch ------------------------------------------------------------------------------
+def _gpu_findings(settings: Settings, report: hardware.GpuReport) -> list[Finding]:
+    if not report.gpus:
+        if settings.executor.gpus:
+            return [Finding("fail", "gpu", f"executor.gpus = {list(settings.executor.gpus)} but {report.problem}",
+                            "list GPUs that `nvidia-smi -L` shows, or set executor.gpus = [] (all visible)")]
+        return [Finding("warn", "gpu", f"no NVIDIA GPU: {report.problem}",
+                        "fine for a CPU or Apple silicon night; on a GPU box install the NVIDIA driver")]
+    out = []
+    for i, gpu in enumerate(report.gpus):
+        dtype = dtype_for(gpu.capability)
+        bf16 = "bf16 yes" if dtype == "bf16" else f"no bf16: trains in {dtype}"
+        out.append(Finding("ok", "gpu", f"{i}: {gpu.describe()}, {bf16}, driver {report.driver or 'unknown'}"))
+    if settings.executor.kind == "slurm":
+        out.append(Finding("warn", "gpu", "executor.kind = slurm: these are this host's GPUs, not the nodes'",
+                           "set trainer.profile to the tier of the cluster's GPUs (see README, hardware)"))
+    return out
+
+
+def _torch_facts(python: str) -> dict[str, Any]:
+    try:
+        out = subprocess.run([python, "-c", TORCH_PROBE], capture_output=True, text=True,
+                             timeout=_TORCH_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": f"{python} did not run ({type(exc).__name__})"}
+    last = (out.stdout.strip().splitlines() or [""])[-1]
+    try:
+        facts: dict[str, Any] = json.loads(last)
+    except json.JSONDecodeError:
+        said = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"the torch probe failed (exit {out.returncode}): {said}"}
+    return facts
+
+
+def _torch_findings(t: dict[str, Any], gpus: hardware.GpuReport, python: str) -> list[Finding]:
+    if "error" in t:
+        return [Finding("fail", "torch", f"{python}: {t['error']}",
+                        f"{python} -m pip install torch==2.13.0 (the CUDA build on a GPU box)")]
+    build = f"CUDA {t['cuda']}" if t.get("cuda") else f"ROCm {t['hip']}" if t.get("hip") else "CPU-only build"
+    head = f"torch {t['torch']} ({build}), Python {t['python']}"
+    if gpus.gpus and not t.get("cuda_available"):
+        why = "a CPU-only build" if not t.get("cuda") else f"built for CUDA {t['cuda']}; the driver may be too old"
+        return [Finding("fail", "torch", f"{head} cannot use the GPU nvidia-smi shows ({why})",
+                        f"{python} -m pip install --force-reinstall torch==2.13.0 (pip picks the CUDA build on a "
+                        "GPU box), or update the NVIDIA driver")]
+    if t.get("cuda_available"):
+        names = ", ".join(d["name"] for d in t.get("devices", []))
+        bf16 = "bf16 yes" if t.get("bf16") else "no bf16 (fp16/fp32 profile variant)"
+        return [Finding("ok", "torch", f"{head} sees {names}; {bf16}")]
+    if t.get("mps"):
+        return [Finding("ok", "torch", f"{head}; Apple MPS available")]
+    return [Finding("ok", "torch", f"{head}; no GPU: runs train on the CPU")]
+
+
+def _attention_findings(gpus: hardware.GpuReport, t: dict[str, Any], choice: Choice) -> list[Finding]:
+    if not gpus.gpus or choice.profile.harness_env.get(DTYPE_ENV):
+        return []  # CPU, MPS and cards without bf16 use SDPA by design
+    out = []
+    if t and not t.get("flex", False):
+        out.append(Finding("warn", "attention", "FlexAttention is not in this torch: runs use SDPA (slower "
+                           "with sliding windows)", "install torch >= 2.5 (2.13.0 is pinned in the README)"))
+    if any(g.capability == (9, 0) for g in gpus.gpus):
+        cached = [repo for repo in _FA3_REPOS if _hf_cached(repo)]
+        if cached and importlib.util.find_spec("kernels") is not None:
+            out.append(Finding("ok", "attention", f"FA3 kernel cached locally ({cached[0]})"))
+        else:
+            missing = "the `kernels` package" if importlib.util.find_spec("kernels") is None else "the FA3 kernel"
+            out.append(Finding("warn", "attention", f"Hopper GPU but {missing} is not here: runs use FlexAttention "
+                               "(a little slower than upstream's FA3)",
+                               "pip install kernels, then one run with NIGHTLAB_KERNELS_DOWNLOAD=1 "
+                               "(`NIGHTLAB_KERNELS_DOWNLOAD=1 nightlab train`) caches it"))
+    elif t.get("flex"):
+        out.append(Finding("ok", "attention", "FlexAttention available (FA3 is for Hopper only)"))
+    return out
+
+
+def _hf_cached(repo: str) -> bool:
+    hub = os.environ.get("HF_HUB_CACHE") or str(Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    return (Path(hub).expanduser() / ("models--" + repo.replace("/", "--")) / "snapshots").is_dir()
+
+
+def _profile_finding(settings: Settings, choice: Choice) -> Finding:
+    env = {**choice.profile.harness_env, **settings.trainer.harness_overrides()}
+    budget = env.get("NIGHTLAB_TIME_BUDGET", "300")
+    seq = env.get("NIGHTLAB_MAX_SEQ_LEN", "2048")
+    evals = int(env.get("NIGHTLAB_EVAL_TOKENS", str(40 * 2**19)))
+    text = (f"{choice.profile.name!r}: {choice.reason}. {choice.profile.description}. In force: time budget "
+            f"{budget} s, seq {seq}, {evals:,} eval tokens")
+    others = ", ".join(n for n in PROFILES if n != choice.profile.name.split("-")[0])
+    return Finding("ok", "profile", text + f" (others: {others}; set trainer.profile)")
+
+
+# -- disk, data, git -----------------------------------------------------------------------------
+def _disk_findings(settings: Settings) -> list[Finding]:
+    out = []
+    need = settings.heartbeat.min_free_disk_gb
+    for label, path in (("workspace", settings.workspace_path), ("data", settings.cache_path)):
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free / 1e9
+        if free < need:
+            out.append(Finding("fail", "disk", f"{label} {path}: {free:.1f} GB free, under heartbeat.min_free_disk_gb "
+                               f"= {need:g} (the loop pauses itself below it)", "free some space or move the "
+                               f"{label} (workspace.path / data.cache_dir)"))
+        else:
+            out.append(Finding("ok", "disk", f"{label} {path}: {free:.1f} GB free"))
+    return out
+
+
+def _data_finding(settings: Settings) -> Finding:
+    from nightlab.trainer import prepare  # no torch (pyarrow, tokenizers)
+
+    source = settings.data.source
+    if not (source in ("climbmix", "stdlib") or source.startswith(("http://", "https://"))
+            or Path(source).expanduser().is_dir()):
+        return Finding("fail", "data", f"data.source = {source!r} is not a directory",
+                       "point data.source at a folder of parquet shards, or use climbmix / stdlib / a mirror URL")
+    data_dir = settings.cache_path / prepare.source_id(source)
+    shards = sorted(data_dir.glob(prepare.SHARD_PATTERN)) if data_dir.is_dir() else []
+    tokenizer = (data_dir / prepare.TOKENIZER_FILE).is_file()
+    if shards and tokenizer:
+        return Finding("ok", "data", f"{len(shards)} shards and the tokenizer in {data_dir}")
+    what = "shards" if not shards else "the tokenizer"
+    fetch = " (downloads them)" if source == "climbmix" or source.startswith("http") else ""
+    return Finding("warn", "data", f"{what} not prepared yet in {data_dir}",
+                   f"`nightlab run` prepares them first{fetch}; or now: nightlab prepare --config <file>")
+
+
+def _git_finding() -> Finding:
+    git = shutil.which("git")
+    if git is None:
+        return Finding("fail", "git", "git is not installed (the loop commits every experiment)",
+                       "sudo apt-get install -y git")
+    out = subprocess.run([git, "--version"], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return Finding("fail", "git", f"`git --version` failed: {out.stderr.strip()[:120]}", "reinstall git")
+    return Finding("ok", "git", out.stdout.strip())
+
+
+# -- chat channels -------------------------------------------------------------------------------
+def _channel_findings(settings: Settings) -> list[Finding]:
+    if settings.telegram is None and settings.slack is None:
+        return [Finding("ok", "channels", "none configured (digests go to the console log)")]
+    try:
+        secrets = resolve_secrets(settings)
+    except ConfigError as exc:
+        return [Finding("fail", "channels", str(exc), "set the token (README: Telegram / Slack)")]
+    out = []
+    if settings.telegram is not None and secrets.telegram_token is not None:
+        out.append(_reach("telegram", _telegram_me, settings.telegram.api_base, secrets.telegram_token.reveal()))
+    if settings.slack is not None and secrets.slack_bot_token is not None:
+        out.append(_reach("slack", _slack_me, settings.slack.api_base, secrets.slack_bot_token.reveal()))
+    return out
+
+
+def _reach(name: str, call: Any, api_base: str, token: str) -> Finding:
+    try:
+        return Finding("ok", "channels", f"{name}: reachable, {call(api_base, token)}")
+    except Exception as exc:  # noqa: BLE001 - any failure of the client library is the finding
+        said = f"{type(exc).__name__}: {str(exc)[:160]}".replace(token, "***")  # URLs carry Telegram's token
+        return Finding("fail", "channels", f"{name}: not reachable ({said})",
+                       f"check the token and the network (README: {name.capitalize()})")
+
+
+def _telegram_me(api_base: str, token: str) -> str:
+    from telegram import Bot
+    from telegram.request import HTTPXRequest
+
+    kwargs: dict[str, Any] = {}
+    if api_base:
+        kwargs["base_url"] = f"{api_base.rstrip('/')}/bot"
+    request = HTTPXRequest(connect_timeout=_CHANNEL_TIMEOUT_S, read_timeout=_CHANNEL_TIMEOUT_S)
+
+    async def me() -> str:
+        async with Bot(token, request=request, **kwargs) as bot:
+            return f"bot @{bot.username}"
+
+    return asyncio.run(me())
+
+
+def _slack_me(api_base: str, token: str) -> str:
+    from slack_sdk import WebClient
+    from slack_sdk.errors import SlackApiError
+
+    kwargs: dict[str, Any] = {"base_url": api_base} if api_base else {}
+    try:
+        answer = WebClient(token=token, timeout=int(_CHANNEL_TIMEOUT_S), **kwargs).auth_test()
+    except SlackApiError as exc:  # its message is a long preamble; Slack's error code says it all
+        raise RuntimeError(f"Slack answered {exc.response.get('error', '?')}") from None
+    return f"bot {answer.get('user') or answer.get('user_id', '?')} in {answer.get('team') or answer.get('team_id', '?')}"
+
+
+def log_report(settings: Settings) -> Report:
+    """At the start of `nightlab run`: every finding in the log (warnings and failures as such)."""
+    report = diagnose(settings)
+    for finding in report.findings:
+        level = {"ok": logging.INFO, "warn": logging.WARNING, "fail": logging.ERROR}[finding.level]
+        log.log(level, "doctor: %s", finding.line().replace("\n               -> ", "; to fix: "))
+    return report

@@ -1,0 +1,153 @@
+"""`nightlab doctor` through the real CLI: the machine's GPUs come from the fake nvidia-smi
+(tests/fakes/bin), torch is this environment's (a CPU build) or an interpreter without it, the chat
+channels are the fake Telegram and Slack servers reached with the real client libraries."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nightlab.heartbeat import cli
+from nightlab.heartbeat.doctor import diagnose
+from nightlab.loop.config import settings_from_table
+
+from tests.fakes.slack_server import FakeSlack
+from tests.fakes.telegram_server import FakeTelegram
+
+
+def write_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
+    table: dict[str, Any] = {"workspace": {"path": str(tmp_path / "ws")},
+                             "data": {"source": "stdlib", "cache_dir": str(tmp_path / "cache")}, **sections}
+    lines = []
+    for name, values in table.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    path = tmp_path / "nightlab.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def doctor(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli.main(["doctor", "--config", str(config)])
+    return code, capsys.readouterr().out
+
+
+def lines(out: str, start: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(start)]
+
+
+def test_a_cpu_box_can_run_the_tiny_profile(tmp_path: Path, fake_gpus, capsys) -> None:
+    fake_gpus([])  # nvidia-smi there, but no driver answering
+    code, out = doctor(write_config(tmp_path), capsys)
+    assert code == 0, out
+    said = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+    assert lines(out, "WARN gpu") == [f"WARN gpu       no NVIDIA GPU: nvidia-smi failed (exit 9): {said}"]
+    assert "(CPU-only build)" in lines(out, "ok   torch")[0] and "no GPU: runs train on the CPU" in out
+    assert lines(out, "ok   profile")[0].startswith("ok   profile   'tiny': auto: no GPU visible")
+    assert "time budget 15 s, seq 256, 8,192 eval tokens" in out
+    assert lines(out, "WARN data")[0].startswith("WARN data      shards not prepared yet")
+    assert lines(out, "ok   git") and out.rstrip().endswith("runs can start (2 warning(s))")
+
+
+def test_a_gpu_that_torch_cannot_use_fails_with_what_to_do(tmp_path: Path, fake_gpus, capsys) -> None:
+    fake_gpus(["NVIDIA H100 80GB HBM3"])  # this venv's torch is a CPU build
+    code, out = doctor(write_config(tmp_path, trainer={"time_budget": 120}), capsys)
+    assert code == 1
+    assert lines(out, "ok   gpu") == ["ok   gpu       0: NVIDIA H100 80GB HBM3 (80 GB, sm90), bf16 yes, driver 550.54.15"]
+    (torch,) = lines(out, "FAIL torch")
+    assert "cannot use the GPU nvidia-smi shows (a CPU-only build)" in torch
+    assert "pip install --force-reinstall torch==2.13.0" in out.split(torch, 1)[1].splitlines()[1]
+    assert "'default': auto: NVIDIA H100 80GB HBM3 (80 GB, sm90) -> the 'default' tier" in out
+    assert "time budget 120 s, seq 2048" in out  # the config's budget over the profile's
+    assert lines(out, "WARN attention")  # Hopper without a cached FA3 kernel
+    assert out.rstrip().endswith("1 problem(s) would make runs fail")
+
+
+def test_a_t4_gets_the_fp16_variant(tmp_path: Path, fake_gpus, capsys) -> None:
+    fake_gpus(["Tesla T4"])
+    _, out = doctor(write_config(tmp_path), capsys)
+    assert "0: Tesla T4 (15 GB, sm75), no bf16: trains in fp16" in out
+    assert "'16gb-fp16': auto: Tesla T4 (15 GB, sm75) -> the '16gb' tier, fp16 because sm75 has no bf16" in out
+
+
+def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
+    fake_gpus(["NVIDIA GeForce RTX 4090"])
+    config = write_config(tmp_path, executor={"gpus": [3]}, heartbeat={"min_free_disk_gb": 1e9},
+                          data={"source": str(tmp_path / "nowhere"), "cache_dir": str(tmp_path / "cache")})
+    code, out = doctor(config, capsys)
+    assert code == 1
+    assert "FAIL gpu       executor.gpus = [3] but nvidia-smi failed (exit 6): No devices were found" in out
+    assert len(lines(out, "FAIL disk")) == 2 and "under heartbeat.min_free_disk_gb" in out
+    assert f"FAIL data      data.source = '{tmp_path / 'nowhere'}' is not a directory" in out
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no git (and no nvidia-smi) on this PATH
+    code, out = doctor(write_config(tmp_path), capsys)
+    assert code == 1 and lines(out, "FAIL git")[0].endswith("git is not installed (the loop commits every experiment)")
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system python")
+def test_an_interpreter_without_torch(tmp_path: Path, fake_gpus) -> None:
+    python = "/usr/bin/python3"
+    if os.path.realpath(python) == os.path.realpath(sys.executable) or shutil.which("python3") is None:
+        pytest.skip("the system python is this one")
+    fake_gpus([])
+    report = diagnose(settings_from_table({"workspace": {"path": str(tmp_path / "ws")}}), python=python)
+    (torch,) = [f for f in report.findings if f.topic == "torch"]
+    if torch.level != "fail":
+        pytest.skip("the system python has torch")
+    assert "ModuleNotFoundError: No module named 'torch'" in torch.text and "pip install torch" in torch.fix
+    assert report.exit_code == 1
+
+
+@pytest.fixture
+def telegram() -> Iterator[FakeTelegram]:
+    with FakeTelegram() as fake:
+        yield fake
+
+
+@pytest.fixture
+def slack() -> Iterator[FakeSlack]:
+    with FakeSlack() as fake:
+        yield fake
+
+
+def test_each_chat_channel_is_reached(tmp_path, fake_gpus, capsys, monkeypatch, telegram, slack) -> None:
+    fake_gpus([])
+    monkeypatch.setenv("TG", telegram.token)
+    monkeypatch.setenv("SB", slack.bot_token)
+    monkeypatch.setenv("SA", slack.app_token)
+    config = write_config(
+        tmp_path, telegram={"token": {"env": "TG"}, "operators": [1], "api_base": telegram.url},
+        slack={"bot_token": {"env": "SB"}, "app_token": {"env": "SA"}, "operators": ["U1"], "api_base": slack.api_url})
+    code, out = doctor(config, capsys)
+    assert code == 0, out
+    assert lines(out, "ok   channels")[0].startswith("ok   channels  telegram: reachable, bot @")
+    assert lines(out, "ok   channels")[1].startswith("ok   channels  slack: reachable, bot ")
+    monkeypatch.setenv("TG", "999:wrong-token")  # the fake answers 401
+    monkeypatch.setenv("SB", "xoxb-wrong")
+    code, out = doctor(config, capsys)
+    assert code == 1
+    (tg,) = [line for line in lines(out, "FAIL channels") if "telegram" in line]
+    assert "not reachable" in tg and "999:wrong-token" not in out
+    assert any("slack: not reachable" in line and "invalid_auth" in line for line in lines(out, "FAIL channels"))
+    telegram.down()
+    monkeypatch.setenv("TG", telegram.token)
+    code, out = doctor(config, capsys)
+    assert code == 1 and any("telegram: not reachable" in line for line in lines(out, "FAIL channels"))
+    assert telegram.token not in out
