@@ -113,7 +113,9 @@ def cmd_view(args: argparse.Namespace) -> int:
     if args.command == "status":
         text = views.status_text(path)
     elif args.command == "history":
-        text = views.history_text(path, args.n)
+        status = "keep" if args.kept_only else args.status
+        text = views.history_text(path, args.n, status=status, top=args.top,
+                                  direction=_settings(args).project.direction)
     elif args.command == "best":
         text = views.best_text(path)
     else:
@@ -127,6 +129,12 @@ def cmd_service_install(args: argparse.Namespace) -> int:
 
     print(install_unit(Path(args.config).resolve(), user=args.user, dry_run=args.print))
     return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def _user() -> str:
@@ -218,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         if name == "history":
             p.add_argument("-n", type=int, default=20, help="how many (default 20)")
+            p.add_argument("--kept-only", action="store_true", help="only kept experiments (= --status keep)")
+            p.add_argument("--status", choices=("keep", "discard", "crash", "checks_failed"),
+                           help="only experiments with this status")
+            p.add_argument("--top", type=_positive, metavar="N", help="the N best results, best first")
 
     p = _add(sub, "config", lambda a: 0, "configuration tools", "nightlab config check nightlab.toml")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

@@ -156,11 +156,24 @@ def _counts(rows: list[Experiment]) -> str:
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
 
 
-def history_text(workspace: Path, n: int = 20) -> str:
-    rows = ledger.experiments(_store(workspace), last=max(1, n))
+def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top: int | None = None,
+                 direction: str = "minimize") -> str:
+    """The last `n` experiments; with `status` only those (e.g. keep, crash); with `top` the `top`
+    best results by the metric (in `direction`), best first, instead of the last ones."""
+    if status is None and top is None:
+        rows = ledger.experiments(_store(workspace), last=max(1, n))
+        return "\n".join(_line(e) for e in rows) if rows else "no experiments yet"
+    rows = [e for e in ledger.experiments(_store(workspace)) if status is None or e.status == status]
+    if top is not None:
+        scored = sorted((e for e in rows if e.metric is not None),
+                        key=lambda e: (e.metric if direction == "minimize" else -e.metric, e.number))  # type: ignore[operator]
+        rows = scored[:max(1, top)]
+    else:
+        rows = rows[-max(1, n):]
     if not rows:
-        return "no experiments yet"
-    return "\n".join(_line(e) for e in rows)
+        return f"no {status or 'scored'} experiments yet"
+    several = len({e.hardware for e in rows}) > 1  # metrics of different classes are not comparable
+    return "\n".join(_line(e) + (f" [{e.hardware or 'no run'}]" if several else "") for e in rows)
 
 
 def best_text(workspace: Path) -> str:

@@ -1,0 +1,52 @@
+"""`nightlab history` filters: --kept-only, --status, --top N (best first), through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from nightlab.heartbeat import cli
+from nightlab.loop.store import Store
+
+from tests.bot.conftest import finished
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    for status, metric in [("keep", 1.0), ("discard", 1.2), ("keep", 0.9), ("crash", None),
+                           ("discard", 0.95), ("keep", 0.85), ("crash", None)]:
+        finished(store, status, metric, description=f"{status} {metric}")
+    store.close()
+    return ws
+
+
+def history(workspace: Path, capsys: pytest.CaptureFixture[str], *args: str) -> list[str]:
+    assert cli.main(["history", "--workspace", str(workspace), *args]) == 0
+    return [line.split()[0] + " " + line.split()[1] for line in capsys.readouterr().out.strip().splitlines()]
+
+
+def test_filters(workspace: Path, capsys) -> None:
+    assert history(workspace, capsys, "-n", "3") == ["#5 discard", "#6 keep", "#7 crash"]
+    assert history(workspace, capsys, "--kept-only") == ["#1 keep", "#3 keep", "#6 keep"]
+    assert history(workspace, capsys, "--kept-only", "-n", "2") == ["#3 keep", "#6 keep"]
+    assert history(workspace, capsys, "--status", "crash") == ["#4 crash", "#7 crash"]
+    assert history(workspace, capsys, "--top", "3") == ["#6 keep", "#3 keep", "#5 discard"]  # best first
+    assert history(workspace, capsys, "--top", "2", "--kept-only") == ["#6 keep", "#3 keep"]
+    assert cli.main(["history", "--workspace", str(workspace), "--status", "checks_failed"]) == 0
+    assert capsys.readouterr().out.strip() == "no checks_failed experiments yet"
+
+
+def test_bigger_is_better_and_bad_input(workspace: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "max.toml"
+    config.write_text(f'[workspace]\npath = "{workspace}"\n[project]\ndirection = "maximize"\n')
+    assert cli.main(["history", "--config", str(config), "--top", "2"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["#2", "#1"]
+    for bad in (["--top", "0"], ["--status", "kept"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["history", "--workspace", str(workspace), *bad])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "'0' is not a whole number >= 1" in err or "invalid choice: 'kept'" in err
