@@ -53,6 +53,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     except prepare.PrepareError as exc:
         raise UserError(str(exc)) from None
     print(f"data and tokenizer ready in {data_dir}")
+    from nightlab.loop.kernel_prefetch import prefetch_fa3
+
+    print(prefetch_fa3().line)
     return 0
 
 
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="", help="branch autoresearch/<tag> (default: today, e.g. nov23)")
     p.add_argument("--config", help="the TOML configuration file")
 
-    p = _add(sub, "prepare", cmd_prepare, "download data shards and train the tokenizer",
+    p = _add(sub, "prepare", cmd_prepare, "download data shards, train the tokenizer, fetch the FA3 kernel on Hopper",
              "nightlab prepare --source stdlib")
     _config_args(p)
     p.add_argument("--source", help="climbmix | stdlib | http(s)://mirror | /path/to/shards")

@@ -160,7 +160,8 @@ class Daemon:
         init_workspace(self.workspace, tag="", settings=self.settings, say=_say)
 
     def _prepare_data(self, heartbeat: Heartbeat) -> bool:
-        """Shards + tokenizer for the built-in trainer (idempotent: quick when all is there).
+        """Shards + tokenizer for the built-in trainer (idempotent: quick when all is there), then
+        the FA3 kernel on a Hopper box, so no run downloads.
 
         It runs in a thread so SIGTERM is honoured at once even in the middle of a download;
         prepare() keeps what is complete and validates the rest next time. Returns False when
@@ -168,6 +169,7 @@ class Daemon:
         """
         if self.settings.project.run_command:
             return True  # a custom project brings its own data
+        from nightlab.loop.kernel_prefetch import prefetch_fa3
         from nightlab.trainer import prepare
 
         failure: list[BaseException] = []
@@ -180,6 +182,8 @@ class Daemon:
             try:
                 prepare.prepare(self.settings.data.source, self.settings.data.shards,
                                 self.settings.cache_path, progress)
+                heartbeat.startup_status = "fetching the FA3 kernel (Hopper GPUs only)"
+                _say(prefetch_fa3().line)  # never raises: offline, the runs fall back
             except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread
                 failure.append(exc)
 
