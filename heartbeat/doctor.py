@@ -12,10 +12,8 @@ run would fail: the command exits 1. `nightlab run` logs the same findings when 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -40,8 +38,6 @@ Level = Literal["ok", "warn", "fail"]
 _MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 _TORCH_TIMEOUT_S = 180.0  # importing torch (and CUDA's first init) on a cold, slow disk
 _CHANNEL_TIMEOUT_S = 10.0
-# The FA3 kernels train.py loads from the Hugging Face cache (trainer/train.py fa3_repos).
-_FA3_REPOS = ("kernels-community/flash-attn3", "varunneal/flash-attention-3")
 
 # Run as `python -c` with the interpreter the runs use; prints one JSON line. Only facts, no verdicts.
 TORCH_PROBE = r"""
@@ -191,23 +187,22 @@ def _attention_findings(gpus: hardware.GpuReport, t: dict[str, Any], choice: Cho
         out.append(Finding("warn", "attention", "FlexAttention is not in this torch: runs use SDPA (slower "
                            "with sliding windows)", "install torch >= 2.5 (2.13.0 is pinned in the README)"))
     if any(g.capability == (9, 0) for g in gpus.gpus):
-        cached = [repo for repo in _FA3_REPOS if _hf_cached(repo)]
-        if cached and importlib.util.find_spec("kernels") is not None:
+        from nightlab.loop.kernel_prefetch import (  # no torch
+            FA3_KERNELS,
+            cached_snapshot,
+        )
+
+        cached = [ref for ref in FA3_KERNELS if cached_snapshot(ref) is not None]
+        if cached:
             out.append(Finding("ok", "attention", f"FA3 kernel cached locally ({cached[0]})"))
         else:
-            missing = "the `kernels` package" if importlib.util.find_spec("kernels") is None else "the FA3 kernel"
-            out.append(Finding("warn", "attention", f"Hopper GPU but {missing} is not here: runs use FlexAttention "
-                               "(a little slower than upstream's FA3)",
-                               "pip install kernels, then one run with NIGHTLAB_KERNELS_DOWNLOAD=1 "
-                               "(`NIGHTLAB_KERNELS_DOWNLOAD=1 nightlab train`) caches it"))
+            out.append(Finding("warn", "attention", "Hopper GPU but no FA3 kernel in the local cache: runs use "
+                               "FlexAttention (a little slower than upstream's FA3)",
+                               "`nightlab prepare` fetches it while the box is online (`nightlab run` does too, "
+                               "before its first run)"))
     elif t.get("flex"):
         out.append(Finding("ok", "attention", "FlexAttention available (FA3 is for Hopper only)"))
     return out
-
-
-def _hf_cached(repo: str) -> bool:
-    hub = os.environ.get("HF_HUB_CACHE") or str(Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
-    return (Path(hub).expanduser() / ("models--" + repo.replace("/", "--")) / "snapshots").is_dir()
 
 
 def _profile_finding(settings: Settings, choice: Choice) -> Finding:

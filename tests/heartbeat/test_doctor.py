@@ -74,8 +74,23 @@ def test_a_gpu_that_torch_cannot_use_fails_with_what_to_do(tmp_path: Path, fake_
     assert "pip install --force-reinstall torch==2.13.0" in out.split(torch, 1)[1].splitlines()[1]
     assert "'default': auto: NVIDIA H100 80GB HBM3 (80 GB, sm90) -> the 'default' tier" in out
     assert "time budget 120 s, seq 2048" in out  # the config's budget over the profile's
-    assert lines(out, "WARN attention")  # Hopper without a cached FA3 kernel
+    assert lines(out, "WARN attention")[0].startswith("WARN attention Hopper GPU but no FA3 kernel in the local cache")
     assert out.rstrip().endswith("1 problem(s) would make runs fail")
+
+
+def test_a_cached_fa3_kernel_is_found(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
+    from huggingface_hub.file_download import repo_folder_name
+    from nightlab.loop.kernel_prefetch import FA3_KERNELS
+
+    fake_gpus(["NVIDIA H200"])
+    cache = tmp_path / "kernels"
+    monkeypatch.setenv("KERNELS_CACHE", str(cache))
+    repo = cache / repo_folder_name(repo_id=FA3_KERNELS[1].repo, repo_type="kernel")  # the laid-out cache
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / FA3_KERNELS[1].branch).write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    _, out = doctor(write_config(tmp_path), capsys)
+    assert lines(out, "ok   attention") == [f"ok   attention FA3 kernel cached locally ({FA3_KERNELS[1]})"]
 
 
 def test_a_t4_gets_the_fp16_variant(tmp_path: Path, fake_gpus, capsys) -> None:
