@@ -166,3 +166,22 @@ def test_each_chat_channel_is_reached(tmp_path, fake_gpus, capsys, monkeypatch, 
     code, out = doctor(config, capsys)
     assert code == 1 and any("telegram: not reachable" in line for line in lines(out, "FAIL channels"))
     assert telegram.token not in out
+
+
+def test_run_logs_the_findings_and_stops_after_the_configured_experiments(tmp_path: Path) -> None:
+    import subprocess
+
+    from nightlab.loop import ledger
+    from nightlab.loop.store import Store
+
+    from tests.fakes.daemon_config import write_daemon_config
+    from tests.fakes.loop_workspace import make_stub_workspace
+
+    ws = make_stub_workspace(tmp_path).workspace_path
+    config = write_daemon_config(tmp_path / "nightlab.toml", ws, loop={"checkpoint_interval": 0.1, "max_experiments": 1},
+                                 heartbeat={"check_interval": 0.3, "min_free_disk_gb": 0.0, "report_time": ""})
+    done = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "doctor: ok   git       git version" in done.stderr and "doctor: ok   channels  none configured" in done.stderr
+    assert len(ledger.experiments(Store.for_workspace(ws))) == 1  # [loop] max_experiments = 1, no flag

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from nightlab.bot.digest import experiment_digest
 from nightlab.loop import hardware, ledger
 from nightlab.loop.config import ConfigError, settings_from_table
 from nightlab.loop.engine import run_engine
@@ -106,6 +107,9 @@ def test_budget_keys_reach_the_run_and_the_recorded_setting(tmp_path: Path) -> N
     assert any("budget='120'" in log.read_text() for log in logs)  # what the run itself saw
     finished = [e for e in store.events_after(0) if e.kind == "experiment_finished"]
     assert finished[0].payload["harness"] == {"eval_tokens": "4096", "max_seq_len": "512", "time_budget": "120"}
+    message = experiment_digest(finished[0].payload, 15)  # the first digest says what the night runs with
+    digest = "".join(span.text for span in message.spans)  # type: ignore[union-attr]
+    assert "\nprofile custom · eval_tokens 4096 · max_seq_len 512 · time_budget 120" in digest
     # another budget is another setting: results are never compared across the two
     other = settings_from_table({**_table(settings), "trainer": {"time_budget": 60}})
     assert hardware.setting_of("x", run_environment(open_workspace(other.workspace_path, other), other)) != \
