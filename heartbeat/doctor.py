@@ -30,6 +30,7 @@ from nightlab.trainer.profiles import (
     Machine,
     choose,
     dtype_for,
+    estimated_peak_bytes,
 )
 
 log = logging.getLogger("nightlab.doctor")
@@ -108,15 +109,11 @@ def diagnose(settings: Settings, python: str = sys.executable) -> Report:
     if torch is not None:
         found += _torch_findings(torch, gpus, python)
     choice = None
-    if builtin:
-        try:
-            choice = choose(settings.trainer.profile, Machine(gpus.gpus, mps=hardware.apple_silicon()
-                                                                   or bool(torch and torch.get("mps"))))
-        except KeyError as exc:
-            found.append(Finding("fail", "profile", str(exc.args[0]), "set trainer.profile to one of those"))
-        else:
-            found.append(_profile_finding(settings, choice))
-            found += _attention_findings(gpus, torch or {}, choice)
+    if builtin:  # the config check has vetted the profile's name
+        machine = Machine(gpus.gpus, mps=hardware.apple_silicon() or bool(torch and torch.get("mps")))
+        choice = choose(settings.trainer.profile, machine)
+        found += _profile_findings(settings, choice, choose("auto", machine), gpus)
+        found += _attention_findings(gpus, torch or {}, choice)
     found += _disk_findings(settings)
     if builtin:
         found.append(_data_finding(settings))
@@ -205,15 +202,24 @@ def _attention_findings(gpus: hardware.GpuReport, t: dict[str, Any], choice: Cho
     return out
 
 
-def _profile_finding(settings: Settings, choice: Choice) -> Finding:
+def _profile_findings(settings: Settings, choice: Choice, auto: Choice, gpus: hardware.GpuReport) -> list[Finding]:
     env = {**choice.profile.harness_env, **settings.trainer.harness_overrides()}
     budget = env.get("NIGHTLAB_TIME_BUDGET", "300")
     seq = env.get("NIGHTLAB_MAX_SEQ_LEN", "2048")
     evals = int(env.get("NIGHTLAB_EVAL_TOKENS", str(40 * 2**19)))
     text = (f"{choice.profile.name!r}: {choice.reason}. {choice.profile.description}. In force: time budget "
             f"{budget} s, seq {seq}, {evals:,} eval tokens")
+    if choice.profile.name != auto.profile.name:
+        text += f". auto would pick {auto.profile.name!r} ({auto.reason})"
     others = ", ".join(n for n in PROFILES if n != choice.profile.name.split("-")[0])
-    return Finding("ok", "profile", text + f" (others: {others}; set trainer.profile)")
+    out = [Finding("ok", "profile", text + f" (others: {others}; set trainer.profile)")]
+    smallest = min((g.memory_mib for g in gpus.gpus if g.memory_mib), default=None)
+    need = estimated_peak_bytes(choice.profile) / 2**20
+    if smallest is not None and need > 0.9 * smallest and choice.profile.name != auto.profile.name:
+        out.append(Finding("warn", "profile", f"{choice.profile.name!r} needs about {need / 1024:.0f} GB by its "
+                           f"estimate, the GPU has {smallest / 1024:.0f} GB: train.py lowers the micro-batch to fit "
+                           "(slower steps)", f"trainer.profile = \"auto\" (picks {auto.profile.name!r})"))
+    return out
 
 
 # -- disk, data, git -----------------------------------------------------------------------------

@@ -98,6 +98,13 @@ def test_a_t4_gets_the_fp16_variant(tmp_path: Path, fake_gpus, capsys) -> None:
     _, out = doctor(write_config(tmp_path), capsys)
     assert "0: Tesla T4 (15 GB, sm75), no bf16: trains in fp16" in out
     assert "'16gb-fp16': auto: Tesla T4 (15 GB, sm75) -> the '16gb' tier, fp16 because sm75 has no bf16" in out
+    assert not lines(out, "WARN profile")
+    _, out = doctor(write_config(tmp_path, trainer={"profile": "default"}), capsys)  # too big for a T4
+    assert "'default-fp16': trainer.profile = 'default', fp16 because sm75 has no bf16" in out
+    assert "auto would pick '16gb-fp16'" in out
+    warning = ("WARN profile   'default-fp16' needs about 49 GB by its estimate, the GPU has 15 GB: train.py "
+               "lowers the micro-batch to fit (slower steps)")
+    assert lines(out, "WARN profile") == [warning]
 
 
 def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
