@@ -192,3 +192,15 @@ def test_run_logs_the_findings_and_stops_after_the_configured_experiments(tmp_pa
     assert done.returncode == 0, done.stderr
     assert "doctor: ok   git       git version" in done.stderr and "doctor: ok   channels  none configured" in done.stderr
     assert len(ledger.experiments(Store.for_workspace(ws))) == 1  # [loop] max_experiments = 1, no flag
+
+
+def test_the_doctor_never_imports_torch_itself(tmp_path: Path, fake_gpus) -> None:
+    import subprocess
+
+    fake_gpus(["NVIDIA H100 80GB HBM3"])
+    code = ("import sys\nfrom nightlab.heartbeat.doctor import diagnose\nfrom nightlab.loop.config import load_settings\n"
+            f"report = diagnose(load_settings({str(write_config(tmp_path))!r}))\n"
+            "assert any(f.topic == 'torch' for f in report.findings)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
