@@ -125,6 +125,7 @@ TIER_MIN_MIB = {"default": 38 * 1024, "24gb": 20 * 1024, "16gb": 11 * 1024}
 # train.py's fit_device_batch halving the micro-batch on a 40 GB A100).
 TIER_MEMORY_GB = {"default": 80, "24gb": 24, "16gb": 12, "8gb": 8, "mps": 8}
 DTYPE_ENV = "NIGHTLAB_DTYPE"  # bf16 | fp16 | fp32, read by the trainer (bf16 when unset)
+_DEFAULT_DEVICE_BATCH = 128  # train.py's DEVICE_BATCH_SIZE, which `default` leaves alone
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def for_capability(profile: Profile, capability: tuple[int, int] | None) -> Prof
     (FlexAttention's Triton kernels target sm80+); fp32 cards run eager (Triton needs sm70+) and
     with half the micro-batch (fp32 activations are twice the size)."""
     dtype = dtype_for(capability)
-    if dtype == "bf16" or profile.name not in GPU_TIERS:
+    if capability is None or dtype == "bf16" or profile.name not in GPU_TIERS:
         return profile
     constants: dict[str, object] = {**profile.constants, "ATTENTION_BACKEND": "sdpa"}
     if dtype == "fp32":
@@ -177,11 +178,7 @@ def for_capability(profile: Profile, capability: tuple[int, int] | None) -> Prof
     name = f"{profile.name}-{dtype}"
     constants["PROFILE"] = name
     return Profile(name=name, constants=constants, harness_env={**profile.harness_env, DTYPE_ENV: dtype},
-                   description=f"{profile.description}; {dtype} (no bf16 on sm{capability[0]}{capability[1]})"
-                   if capability else profile.description)
-
-
-_DEFAULT_DEVICE_BATCH = 128  # train.py's DEVICE_BATCH_SIZE, which `default` leaves alone
+                   description=f"{profile.description}; {dtype} (no bf16 on sm{capability[0]}{capability[1]})")
 
 
 def tier_for(memory_mib: int | None) -> str:
@@ -212,11 +209,9 @@ def choose(name: str, machine: Machine) -> Choice:
         chosen, reason = PROFILES["mps"], "auto: no NVIDIA GPU, Apple silicon (MPS) -> 'mps'"
     else:
         chosen, reason = PROFILES["tiny"], "auto: no GPU visible (nvidia-smi found none, no Apple MPS) -> the CPU profile 'tiny'"
-    if machine.gpus:
-        adapted = for_capability(chosen, capability)
-        if adapted is not chosen:
-            reason += f", {adapted.harness_env[DTYPE_ENV]} because sm{capability[0]}{capability[1]} has no bf16"  # type: ignore[index]
-            chosen = adapted
+    if capability is not None and (adapted := for_capability(chosen, capability)) is not chosen:
+        reason += f", {adapted.harness_env[DTYPE_ENV]} because sm{capability[0]}{capability[1]} has no bf16"
+        chosen = adapted
     return Choice(chosen, reason)
 
 
