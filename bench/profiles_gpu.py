@@ -45,6 +45,7 @@ FIVE_MINUTES = 300
 # Runs train.py as `python train.py` would, after capping this process's CUDA memory.
 WRAPPER = """
 import os, runpy, sys
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # train.py's, set before torch starts
 import torch
 cap = float(os.environ.get("NIGHTLAB_BENCH_MEMORY_GB") or 0)
 if cap and torch.cuda.is_available():
