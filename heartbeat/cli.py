@@ -75,13 +75,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from nightlab.heartbeat import doctor
     from nightlab.heartbeat.daemon import run_daemon
-    from nightlab.heartbeat.logsetup import setup_logging
 
     settings = _settings(args)
-    setup_logging()
-    doctor.log_report(settings)  # findings in the log; the daemon starts either way
     # the flag wins; else [loop] max_experiments (0 = no limit), which means the same as the flag
     limit = args.max_experiments if args.max_experiments is not None else settings.loop.max_experiments or None
     return run_daemon(settings, max_experiments=limit)

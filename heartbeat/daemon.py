@@ -38,6 +38,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from nightlab.heartbeat.doctor import log_report
 from nightlab.heartbeat.engine_child import (
     ENGINE_STOP_GRACE_S,
     EngineProcess,
@@ -104,6 +105,7 @@ class Daemon:
         self.workspace.mkdir(parents=True, exist_ok=True)  # `--workspace PATH` creates it
         with DaemonLock(self.workspace):
             log.info("nightlab daemon (pid %d) for %s, config %s", os.getpid(), self.workspace, self.config)
+            log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
             store = Store.for_workspace(self.workspace)
             engine = EngineProcess(engine_argv(self.config, self.workspace, self.options.max_experiments,
                                                self.options.engine_program))
