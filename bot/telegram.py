@@ -17,7 +17,7 @@ from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
 from nightlab.bot.format import TELEGRAM_HTML
 from nightlab.loop.commands import SPECS
 from nightlab.loop.config import Secret, TelegramSettings
-from telegram import BotCommand, Update
+from telegram import BotCommand, MessageEntity, Update
 from telegram.constants import ChatType, ParseMode
 from telegram.error import (
     BadRequest,
@@ -26,7 +26,7 @@ from telegram.error import (
     RetryAfter,
     TelegramError,
 )
-from telegram.ext import Application, ContextTypes, MessageHandler, filters
+from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 log = logging.getLogger("nightlab.bot")
 
@@ -54,7 +54,10 @@ class TelegramChannel:
             base = self.settings.api_base.rstrip("/")
             builder = builder.base_url(f"{base}/bot").base_file_url(f"{base}/file/bot")
         app = builder.build()
-        app.add_handler(MessageHandler(filters.TEXT, self._handle))
+        # CommandHandler knows the bot's username (getMe) and matches "/cmd" and "/cmd@thisbot"
+        # only: "/kill@otherbot" in a shared group is another bot's business.
+        app.add_handler(CommandHandler(list(SPECS), self._command))
+        app.add_handler(MessageHandler(filters.TEXT, self._other))
         try:
             await app.initialize()  # getMe: fails fast on a bad token or no network
             await app.bot.set_my_commands([BotCommand(name, spec.help[:256]) for name, spec in SPECS.items()])
@@ -72,19 +75,39 @@ class TelegramChannel:
         me = app.bot.username
         log.info("telegram: polling as @%s", me)
 
-    async def _handle(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        msg, user, chat = update.effective_message, update.effective_user, update.effective_chat
-        if msg is None or user is None or chat is None or msg.text is None or self._on_message is None:
+    async def _command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        msg = update.effective_message
+        if msg is not None and msg.text is not None and msg.entities:
+            await self._deliver(update, addressed=True, text=_unaddressed(msg.text, msg.entities[0]))
+
+    async def _other(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Text that is not one of our commands: chatter, or an unknown "/command"."""
+        msg, chat = update.effective_message, update.effective_chat
+        if msg is None or chat is None:
             return
         private = chat.type == ChatType.PRIVATE
+        entity = msg.entities[0] if msg.entities else None
+        if entity is None or entity.type != MessageEntity.BOT_COMMAND or entity.offset != 0:
+            await self._deliver(update, addressed=private, text=msg.text or "")  # group chatter: not for us
+            return
+        _, _, to = msg.parse_entity(entity).partition("@")
+        if to and to.lower() != context.bot.username.lower():
+            return  # addressed to another bot: silently not ours
+        # An unknown command gets its usage where it can only be meant for us: a private chat,
+        # or "/x@thisbot"; an unaddressed "/start" in a group may be another bot's.
+        await self._deliver(update, addressed=private or bool(to), text=_unaddressed(msg.text or "", entity))
+
+    async def _deliver(self, update: Update, addressed: bool, text: str) -> None:
+        user, chat = update.effective_user, update.effective_chat
+        if user is None or chat is None or self._on_message is None:
+            return
         await self._on_message(Incoming(
             channel=self.name,
             user=str(user.id),
             chat=str(chat.id),
-            private=private,
-            text=msg.text,
-            # In groups only "/command" is meant for the bot; in private every message is.
-            addressed=private or msg.text.startswith("/"),
+            private=chat.type == ChatType.PRIVATE,
+            text=text,
+            addressed=addressed,
         ))
 
     async def send_text(self, destination: str, body: str) -> None:
@@ -106,6 +129,12 @@ class TelegramChannel:
         if self._app is not None:
             app, self._app = self._app, None
             await _shutdown(app)
+
+
+def _unaddressed(text: str, command: MessageEntity) -> str:
+    """"/kill@thisbot 7" -> "/kill 7" (the entity is the leading command; its text is ASCII)."""
+    end = command.offset + command.length
+    return text[:end].partition("@")[0] + text[end:]
 
 
 async def _call(request) -> None:  # type: ignore[no-untyped-def]

@@ -93,6 +93,20 @@ def test_strangers_are_refused_privately_and_ignored_in_groups(tg: FakeTelegram,
     assert sum("refused telegram:999" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_commands_addressed_to_another_bot_are_ignored(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    number = running(store, started_ago_s=30)
+    tg.inject("/kill@otherbot", OPERATOR, GROUP)
+    tg.inject("/status@OtherBot", OPERATOR, GROUP)
+    tg.inject("/kill@otherbot", OPERATOR)  # in private too: it names someone else
+    tg.inject("/start", OPERATOR, GROUP)  # an unaddressed unknown command in a group: another bot's
+    assert "unknown command '/frobnicate'" in ask(tg, "/frobnicate@nightlab_test_bot", OPERATOR, GROUP)[0]
+    assert "unknown command" in ask(tg, "/start", OPERATOR)[0]  # in private it can only be for us
+    assert store.pending_commands() == []
+    assert ask(tg, "/kill@NightLab_Test_Bot", OPERATOR, GROUP)[0].startswith(f"✔ killing #{number}")
+    assert len(tg.messages(GROUP)) == 2 and len(tg.messages(OPERATOR)) == 1  # nothing else answered
+    assert [(c.name, c.args) for c in store.pending_commands()] == [("kill", "")]
+
+
 def test_digest_per_experiment_and_new_best(tg: FakeTelegram, bot: BotService, store: Store) -> None:
     finished(store, "discard", 1.01, delta=0.02, previous_best=0.99, description="WARMUP 0→0.1")
     finished(store, "keep", 0.98, delta=-0.01, previous_best=0.99, new_best=True, description="MATRIX_LR 0.04→0.05")

@@ -12,7 +12,6 @@ AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")
     [
         ("/pause", Command("pause")),
         ("pause now", Command("pause", "now")),
-        ("/status@nightlab_bot", Command("status")),
         ("/focus Attention", Command("focus", "attention")),
         ("focus off", Command("focus", "off")),
         ("/note try a longer warmup", Command("note", "try a longer warmup")),
@@ -29,6 +28,7 @@ def test_valid(text: str, expected: Command) -> None:
     [
         ("", "empty command"),
         ("/reboot", "unknown command"),
+        ("/kill@otherbot", "unknown command"),  # only the Telegram adapter may drop an addressee
         ("/focus", "focus needs an area"),
         ("/focus quantum", "unknown area 'quantum'; areas: architecture"),
         ("/last many", "last wants a number"),
