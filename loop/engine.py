@@ -363,6 +363,7 @@ class Engine:
     def _propose(self, cand: Candidate, open_: list[Candidate]) -> None:
         if self.git.changed_files() or self.git.head() != cand.base_commit:
             self.git.reset_to(cand.base_commit)
+        notes: list[tuple[int, str]] = []  # delivered only with a proposal that runs (committed below)
         if cand.kind == "rebase":
             proposal = self._remake(cand)
             if proposal is None:
@@ -378,9 +379,6 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 -- a proposer bug must not stop the night; it counts as a failure
                 traceback.print_exc()
                 return self._no_run(cand, "crash", f"proposer error: {type(exc).__name__}: {exc}")
-            finally:
-                if notes:
-                    ledger.mark_notes_delivered(self.store, [cid for cid, _ in notes], cand.number)
         described = {"description": proposal.description, "hypothesis": proposal.hypothesis,
                      "area": proposal.area, "params": dict(proposal.params)}
         changed = self.git.changed_files()
@@ -397,8 +395,10 @@ class Engine:
         if not self.in_place:  # the run gets a snapshot; the workspace stays at the wave's base
             self.git.reset_to(cand.base_commit)
         added, removed = self.git.numstat(cand.base_commit, commit)
-        ledger.update_candidate(self.store, cand.id, phase="committed", commit_sha=commit,
-                                lines_added=added, lines_removed=removed, **described)
+        with self.store.transaction():
+            ledger.update_candidate(self.store, cand.id, phase="committed", commit_sha=commit,
+                                    lines_added=added, lines_removed=removed, **described)
+            ledger.mark_notes_delivered(self.store, [cid for cid, _ in notes], cand.number)
 
     def _remake(self, cand: Candidate) -> Proposal | None:
         """A rebase: the change of the experiment it re-runs, applied to the current best."""
