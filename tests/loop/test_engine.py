@@ -45,9 +45,9 @@ def assert_consistent(settings: Settings, in_order: bool = True) -> None:
     numbers = [e.payload["number"] for e in finished]
     assert (numbers if in_order else sorted(numbers)) == [e.number for e in rows]
     tsv = (repo / "results.tsv").read_text().splitlines()[1:]
-    assert [line.split("\t")[3] for line in tsv] == [e.status for e in rows]
+    assert [line.split("\t")[3] for line in tsv] == [ledger.tsv_status(e) for e in rows]
     jsonl = [json.loads(x) for x in (repo / "autoresearch.jsonl").read_text().splitlines()[1:]]
-    assert [(j["run"], j["status"], j["metric"]) for j in jsonl] == [(e.number, e.status, e.metric) for e in rows]
+    assert [(j["run"], j["asi"]["status"], j["metric"]) for j in jsonl] == [(e.number, e.status, e.metric or 0) for e in rows]
     keeps = [e for e in rows if e.status == "keep"]
     assert git_out(repo, "rev-parse", "HEAD") == keeps[-1].commit
     assert git_out(repo, "status", "--porcelain") == ""
