@@ -113,6 +113,8 @@ class BotService:
 
         async def on_message(msg: Incoming) -> None:
             try:
+                outbox.channel_works(msg.channel)  # it delivered this, so it is back: flush now
+                wake.set()
                 replies = await router.handle(msg)
                 if replies:
                     outbox.enqueue(msg.channel, msg.chat, replies)
