@@ -4,6 +4,7 @@ the user named, clear one-line messages for bad input, --version and help on eve
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,38 @@ def test_version_and_help_on_every_option(capsys: pytest.CaptureFixture[str]) ->
         return missing
 
     assert walk(build_parser(), "nightlab") == []
+
+
+def test_train_uses_what_prepare_made(tmp_path: Path, home: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nightlab.trainer.prepare import source_id
+
+    from tests.trainer.test_prepare import _stdlib_paragraphs
+
+    shards = tmp_path / "my shards"
+    shards.mkdir()
+    paras = _stdlib_paragraphs(400_000)
+    for i in range(3):
+        pq.write_table(pa.table({"text": paras[i::3]}), shards / f"part_{i}.parquet")
+    env = {**os.environ, "HOME": str(home)}
+
+    def nightlab(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", *argv], capture_output=True,
+                              text=True, timeout=300, check=False, env=env)
+
+    prepared = nightlab("prepare", "--source", str(shards), "--shards", "2")
+    assert prepared.returncode == 0, prepared.stderr
+    assert f'[data] source = "{shards}"' in prepared.stdout
+    ws = tmp_path / "ws"
+    assert nightlab("init", str(ws), "--tag", "t").returncode == 0
+    store = Store.for_workspace(ws)  # a 2-second run: this test proves which data it used
+    store.set("workspace.harness_env", {**store.get("workspace.harness_env"), "NIGHTLAB_TIME_BUDGET": "2",
+                                        "NIGHTLAB_EVAL_TOKENS": "2048"})
+    store.close()
+    trained = nightlab("train", "--profile", "tiny", "--workspace", str(ws))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert f"data source {shards} (from the last `nightlab prepare`" in trained.stderr
+    cache = home / ".cache" / "nightlab"
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [source_id(str(shards))]  # nothing else fetched
+    assert "summary: val_bpb=" in trained.stdout
