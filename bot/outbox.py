@@ -291,7 +291,9 @@ class Outbox:
             rows = [_row(r) for r in db.execute(
                 "SELECT * FROM outbox WHERE channel = ? AND destination = ? AND status = 'batched'"
                 " ORDER BY id", (channel.name, destination))]
-            head = channel.flavour.escape(f"🕐 {len(rows)} experiments in the last hour")
+            # A long digest is split into several rows that share its title ("#12 keep · ...").
+            experiments = len(dict.fromkeys(r.title for r in rows))
+            head = channel.flavour.escape(f"🕐 {experiments} experiments in the last hour")
             now = self.clock()
             for body in channel.flavour.pack([head, *(r.body for r in rows)]):
                 db.execute(

@@ -171,6 +171,7 @@ def test_digests_are_never_folded_behind_replies_and_stale_replies_are(store: St
     pump(box)
     first, summary, second, fresh = inbox.got
     assert "#1 keep" in first and "#2 discard" in second  # both digests in full
+    assert "memory 43.9 GB" in first and "VRAM" not in first  # a CPU run has no VRAM
     assert summary.startswith("⌛ 35 out-of-date replies (held up while memo was unreachable), not sent")
     assert "• status 0" in summary
     assert fresh == "asked just now" and box.waiting() == []
