@@ -12,9 +12,11 @@ import datetime as dt
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
 from nightlab.bot.format import TELEGRAM_HTML
+from nightlab.bot.outage import LibraryLog, Outage
 from nightlab.loop.commands import SPECS
 from nightlab.loop.config import Secret, TelegramSettings
 from telegram import BotCommand, MessageEntity, Update
@@ -27,6 +29,7 @@ from telegram.error import (
     TelegramError,
 )
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
+from telegram.request import HTTPXRequest
 
 log = logging.getLogger("nightlab.bot")
 
@@ -41,6 +44,7 @@ class TelegramChannel:
         self._poll_timeout = poll_timeout_s
         self._app: Application | None = None  # type: ignore[type-arg]
         self._on_message: OnMessage | None = None
+        self.outage = Outage(self.name)
 
     def destinations(self) -> list[str]:
         # Allowed chats get the digests; without any, every listed user in their private chat.
@@ -49,7 +53,8 @@ class TelegramChannel:
 
     async def start(self, on_message: OnMessage) -> None:
         self._on_message = on_message
-        builder = Application.builder().token(self._token.reveal()).job_queue(None)
+        builder = (Application.builder().token(self._token.reveal()).job_queue(None)
+                   .request(_Request(self.outage)).get_updates_request(_Request(self.outage, connection_pool_size=1)))
         if self.settings.api_base:
             base = self.settings.api_base.rstrip("/")
             builder = builder.base_url(f"{base}/bot").base_file_url(f"{base}/file/bot")
@@ -66,10 +71,10 @@ class TelegramChannel:
             await app.updater.start_polling(
                 timeout=dt.timedelta(seconds=self._poll_timeout),
                 allowed_updates=[Update.MESSAGE],
-                error_callback=lambda exc: log.warning("telegram polling: %s", exc),
+                error_callback=lambda exc: self.outage.lost(f"polling: {exc}"),
             )
         except BaseException:
-            await _shutdown(app)
+            await _shutdown(app, self.outage)
             raise
         self._app = app
         me = app.bot.username
@@ -128,7 +133,7 @@ class TelegramChannel:
     async def stop(self) -> None:
         if self._app is not None:
             app, self._app = self._app, None
-            await _shutdown(app)
+            await _shutdown(app, self.outage)
 
 
 def _unaddressed(text: str, command: MessageEntity) -> str:
@@ -152,7 +157,27 @@ async def _call(request) -> None:  # type: ignore[no-untyped-def]
         raise DeliveryError(f"telegram: {exc}") from None
 
 
-async def _shutdown(app: Application) -> None:  # type: ignore[type-arg]
+class _Request(HTTPXRequest):
+    """python-telegram-bot's HTTP client, telling the channel whenever Telegram answered: that is
+    how a lost connection is seen to be back (polling has no callback for it)."""
+
+    def __init__(self, outage: Outage, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._outage = outage
+
+    async def do_request(self, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
+        code, payload = await super().do_request(*args, **kwargs)
+        if code < 500:
+            self._outage.back()
+        return code, payload
+
+
+async def _shutdown(app: Application, outage: Outage) -> None:  # type: ignore[type-arg]
+    # Stopped while Telegram is unreachable, the updater logs its last getUpdates failing as an
+    # ERROR with a chained traceback: that is the outage again, one line at most.
+    updater_log = logging.getLogger("telegram.ext.Updater")
+    quiet = LibraryLog(outage)
+    updater_log.addFilter(quiet)
     try:
         if app.updater is not None and app.updater.running:
             await app.updater.stop()
@@ -161,3 +186,5 @@ async def _shutdown(app: Application) -> None:  # type: ignore[type-arg]
         await app.shutdown()
     except Exception as exc:  # noqa: BLE001 - stopping must not fail the daemon's shutdown
         log.warning("telegram: shutdown: %s", exc)
+    finally:
+        updater_log.removeFilter(quiet)

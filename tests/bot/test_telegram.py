@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
 from nightlab.loop import views
 from nightlab.loop.config import Secret, Secrets
@@ -163,3 +165,25 @@ def test_outage_queues_then_delivers_everything_in_order(tg: FakeTelegram, bot: 
 
 def bot_waiting(store: Store) -> list[object]:
     return store.connection().execute("SELECT id FROM outbox WHERE status = 'pending'").fetchall()
+
+
+def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is_back(
+        tg: FakeTelegram, workspace: Path, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    # Our backoff alone would wait ten minutes: only seeing Telegram answer again can flush now.
+    svc = start_service(tg_settings(tg), Secrets(telegram_token=Secret(tg.token)), workspace,
+                        tuning=Tuning(backoff_base_s=600, backoff_max_s=600))
+    caplog.set_level(logging.DEBUG, logger="nightlab")
+    tg.down()
+    store.emit("alert", text="while down")
+    wait_until(lambda: store.connection().execute("SELECT COALESCE(MAX(attempts), 0) FROM outbox").fetchone()[0])
+    wait_until(lambda: sum("polling" in r.getMessage() for r in caplog.records) >= 1, timeout=15)
+    tg.up()
+    assert [m.text for m in tg.wait_for(1, GROUP, timeout=30)] == ["🚨 while down"]
+    tg.down()  # and stopped while it is down again
+    assert svc.stop(15)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    lost = [m for _, m in lines if m.startswith("telegram: connection lost")]
+    back = [m for _, m in lines if m.startswith("telegram: connected again")]
+    assert len(lost) == 2 and len(back) == 1, lines  # one per outage, one when back
+    assert not [r for r in caplog.records if r.name.startswith("telegram") and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
