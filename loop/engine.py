@@ -96,7 +96,9 @@ _ANYWHERE = {"hardware": "", "node": ""}  # a pin that does not restrict where a
 
 
 def _say(message: str) -> None:
-    print(f"nightlab engine: {message}", file=sys.stderr, flush=True)
+    # Beside the daemon's log lines: a time in a terminal, none under journald (it adds its own).
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else time.strftime("%H:%M:%S ")
+    print(f"{stamp}nightlab engine: {message}", file=sys.stderr, flush=True)
 
 
 class Engine:
@@ -795,7 +797,8 @@ def run_engine(
             proposer = make_proposer(settings, tick=lambda: _proposer_tick(ws.store, stop))
         engine = Engine(
             settings, ws, executor or make_executor(settings), proposer,
-            run_environment(ws, settings, _say), stop, parent_pid,
+            # Quiet: the daemon prepared the data and said so just before starting this process.
+            run_environment(ws, settings, lambda _: None), stop, parent_pid,
         )
         return engine.run(max_experiments)
     finally:
