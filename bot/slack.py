@@ -44,6 +44,7 @@ class SlackChannel:
         self._socket: SocketModeClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_message: OnMessage | None = None
+        self._me = ""  # the bot's own member id (auth.test)
         self.outage = Outage(self.name)
         # slack-sdk logs through this logger (ours, not its own): an outage reads as two lines.
         # A logger of this channel's own (not in the global registry, so none accumulate filters),
@@ -63,7 +64,8 @@ class SlackChannel:
         self._on_message = on_message
         kwargs: dict[str, Any] = {"base_url": self.settings.api_base} if self.settings.api_base else {}
         web = WebClient(token=self._bot_token.reveal(), timeout=10, logger=self._library_log, **kwargs)
-        await asyncio.to_thread(web.auth_test)  # fails fast on a bad token or no network
+        me = await asyncio.to_thread(web.auth_test)  # fails fast on a bad token or no network
+        self._me = str(me.get("user_id", ""))
         socket = SocketModeClient(
             app_token=self._app_token.reveal(),
             web_client=web,  # apps.connections.open goes to the same base_url
@@ -83,7 +85,7 @@ class SlackChannel:
     def _receive(self, client: SocketModeClient, req: SocketModeRequest) -> None:
         # Acknowledge first: Slack redelivers what is not acked within 3 s.
         client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
-        msg = _incoming(req)
+        msg = _incoming(req, self._me)
         if msg is not None and self._loop is not None and self._on_message is not None:
             asyncio.run_coroutine_threadsafe(self._on_message(msg), self._loop)
 
@@ -110,7 +112,7 @@ class SlackChannel:
             await asyncio.to_thread(socket.close)
 
 
-def _incoming(req: SocketModeRequest) -> Incoming | None:
+def _incoming(req: SocketModeRequest, me: str) -> Incoming | None:
     p = req.payload
     if req.type == "slash_commands" and p.get("command") == SLASH_COMMAND:
         channel = str(p.get("channel_id", ""))
@@ -122,8 +124,13 @@ def _incoming(req: SocketModeRequest) -> Incoming | None:
     if event.get("bot_id") or event.get("subtype"):
         return None  # our own posts and edits/joins: never answer those
     channel = str(event.get("channel", ""))
-    text = _MENTION.sub("", str(event.get("text", ""))).strip() or "help"
+    raw = str(event.get("text", "")).strip()
+    text = _MENTION.sub("", raw).strip() or "help"
     if event.get("type") == "app_mention":
+        # Slack's `/cmd@otherbot`: "@otherbot pause, cc @nightlab" mentions us but speaks to
+        # another; only a message that starts by addressing this bot is a command for it.
+        if not raw.startswith(f"<@{me}"):
+            return None
         return Incoming("slack", str(event.get("user", "")), channel, _is_dm(channel), text)
     if event.get("type") == "message" and event.get("channel_type") == "im":
         return Incoming("slack", str(event.get("user", "")), channel, True, text)

@@ -56,6 +56,8 @@ def test_mentions_and_dms_steer_but_channel_membership_grants_nothing(
     number = running(store, started_ago_s=30)
     slack.event({"type": "app_mention", "user": OPERATOR, "channel": CHANNEL, "text": "<@UBOT> kill"})
     assert replies(slack, CHANNEL, 0)[0].startswith(f"✔ killing #{number}")
+    # A mention that speaks to another bot (Telegram's /pause@otherbot) is not ours: silent.
+    slack.event({"type": "app_mention", "user": OPERATOR, "channel": CHANNEL, "text": "<@UDEPLOY> pause, cc <@UBOT>"})
     slack.event({"type": "message", "channel_type": "im", "user": OPERATOR, "channel": DM, "text": "note try rope"})
     assert replies(slack, DM, 0)[0].startswith("✔ note queued")
     assert [(c.name, c.args, c.sender) for c in store.pending_commands()] == [
