@@ -11,9 +11,9 @@ soon), or when the platform said (Telegram 429 retry_after, Slack Retry-After). 
 channel is seen working again (a send succeeded, or a message came in) every destination of it
 is retried at once. After a long outage a destination with more than `fold_limit` waiting
 digests gets the oldest folded into one summary that says so; the newest few still go out in
-full. Replies to commands never count towards that limit: a reply that waited longer than
-`reply_stale_s` is out of date (a /status from before the outage) and is folded into one line
-instead of being sent. In hourly digest mode experiment digests wait as 'batched' rows and go out
+full. Replies to commands never count towards that limit: the replies that waited out an
+outage are folded into one line, but the newest per chat, and so is any reply that waited longer
+than `reply_stale_s` (a /status from long ago is out of date). In hourly digest mode experiment digests wait as 'batched' rows and go out
 as one message per hour. The engine never waits on any of this: it only writes events.
 """
 
@@ -175,7 +175,7 @@ class Outbox:
         channel = self.channels[channel_name]
         self._release_batch(channel, destination)
         self._fold(channel, destination)
-        self._fold_stale_replies(channel, destination)
+        self._fold_stale_replies(channel, destination, self.clock() - self.tuning.reply_stale_s)
         while (row := self._head(channel_name, destination)) and row.next_attempt_at <= self.clock():
             try:
                 if row.kind == "photo":
@@ -212,6 +212,11 @@ class Outbox:
         with self.store.transaction() as db:
             db.execute("UPDATE outbox SET next_attempt_at = ? WHERE channel = ? AND status = 'pending'"
                        " AND next_attempt_at > ?", (due, channel_name, due))
+            # Replies that waited out the outage: the newest per chat still answers the last
+            # question asked; the ones before it are folded into one line.
+            for (destination,) in db.execute("SELECT DISTINCT destination FROM outbox WHERE channel = ?"
+                                             " AND status = 'pending' AND reply = 1", (channel_name,)).fetchall():
+                self._fold_stale_replies(self.channels[channel_name], destination, self.clock(), keep_newest=True)
 
     def _head(self, channel: str, destination: str) -> Row | None:
         r = self.store.connection().execute(
@@ -265,14 +270,16 @@ class Outbox:
             db.executemany("UPDATE outbox SET status = 'folded' WHERE id = ?", [(r.id,) for r in folded[1:]])
             log.warning("folded %d messages for %s:%s into a summary", len(folded), channel.name, destination)
 
-    def _fold_stale_replies(self, channel: Channel, destination: str) -> None:
-        """Replies that waited out an outage answer questions that are no longer current: one line
-        in the first one's place says what they were; the digests keep their turn in full."""
+    def _fold_stale_replies(self, channel: Channel, destination: str, before: float,
+                            keep_newest: bool = False) -> None:
+        """Replies made before `before` answer questions that are no longer current: one line in
+        the first one's place says what they were; the digests keep their turn in full."""
         with self.store.transaction() as db:
             rows = [_row(r) for r in db.execute(
                 "SELECT * FROM outbox WHERE channel = ? AND destination = ? AND status = 'pending'"
-                " AND reply = 1 AND title != 'stale replies' AND created_at < ? ORDER BY id",
-                (channel.name, destination, self.clock() - self.tuning.reply_stale_s))]
+                " AND reply = 1 AND title != 'stale replies' AND created_at <= ? ORDER BY id",
+                (channel.name, destination, before))]
+            rows = rows[:-1] if keep_newest else rows
             if not rows:
                 return
             head = (f"⌛ {len(rows)} out-of-date {'reply' if len(rows) == 1 else 'replies'} (held up while"

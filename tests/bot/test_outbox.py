@@ -200,3 +200,20 @@ def test_backoff_is_capped_and_a_channel_seen_working_is_retried_at_once(store: 
     store.emit("alert", text="x")
     box.channel_works("memo")
     assert [r.next_attempt_at for r in box.waiting()][0] == clock.now + 5.0
+
+
+def test_after_a_short_outage_only_the_newest_reply_goes_out_in_full(store: Store) -> None:
+    inbox, clock = Inbox(), Clock()
+    box = outbox(store, inbox, clock=clock)
+    box.fill()
+    inbox.down = True
+    for i in range(11):
+        box.enqueue("memo", "d1", [text_message(plain(f"status {i}"))])
+        clock.now += 0.5
+    store.emit("alert", text="digest")
+    pump(box)
+    inbox.down = False
+    box.channel_works("memo")  # a message came in: the chat is back after 6 s
+    pump(box)
+    summary, newest, digest = inbox.got
+    assert summary.startswith("⌛ 10 out-of-date replies") and newest == "status 10" and digest == "🚨 digest"
