@@ -30,6 +30,7 @@ from typing import Any
 from nightlab.bot import digest
 from nightlab.bot.channel import Channel, DeliveryError
 from nightlab.bot.format import Outgoing, Photo
+from nightlab.bot.outage import Outage
 from nightlab.loop.config import DigestSettings
 from nightlab.loop.store import Store
 
@@ -206,8 +207,11 @@ class Outbox:
             return
         waiting = self.store.connection().execute(
             "SELECT COUNT(*) FROM outbox WHERE channel = ? AND status = 'pending'", (channel_name,)).fetchone()[0]
-        log.warning("%s: delivering again after %.0fs; %d messages waiting", channel_name,
-                    self.clock() - since, waiting)
+        outage = self._outage(channel_name)
+        if outage is not None:
+            outage.back()  # its WARNING says it; this line is detail
+        log.log(logging.INFO if outage else logging.WARNING, "%s: delivering again after %.0fs; %d messages waiting",
+                channel_name, self.clock() - since, waiting)
         due = max(self.clock(), self._throttled_until.get(channel_name, 0.0))
         with self.store.transaction() as db:
             db.execute("UPDATE outbox SET next_attempt_at = ? WHERE channel = ? AND status = 'pending'"
@@ -236,14 +240,21 @@ class Outbox:
             self._throttled_until[row.channel] = self.clock() + delay
         else:
             delay = min(self.tuning.backoff_base_s * 2 ** row.attempts, self.tuning.backoff_max_s)
-        # One warning per outage (and one when it is back), not one per attempt.
+        # One warning per outage (and one when it is back), not one per attempt: the channel's
+        # own connection state says it when it has one.
         first = row.channel not in self._down_since
         self._down_since.setdefault(row.channel, self.clock())
-        log.log(logging.WARNING if first else logging.DEBUG,
+        outage = self._outage(row.channel)
+        if outage is not None:
+            outage.lost(f"delivery to {row.destination} failed: {exc}")
+        log.log(logging.WARNING if first and outage is None else logging.DEBUG,
                 "%s: delivery to %s failed (attempt %d, retrying every %.0fs at most): %s",
                 row.channel, row.destination, attempts, self.tuning.backoff_max_s, exc)
         self._set(row.id, attempts=attempts, next_attempt_at=self.clock() + delay,
                   last_error=str(exc)[:500])
+
+    def _outage(self, channel_name: str) -> Outage | None:
+        return getattr(self.channels.get(channel_name), "outage", None)  # the console has none
 
     def _set(self, row_id: int, **fields: Any) -> None:
         assignments = ", ".join(f"{k} = ?" for k in fields)

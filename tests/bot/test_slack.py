@@ -124,5 +124,4 @@ def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is
     assert sum(m.startswith("slack: connection lost") for m in lines) == 1, lines
     assert sum(m.startswith("slack: connected again") for m in lines) == 1, lines
     assert not [r for r in caplog.records if r.name.startswith("slack_sdk") and r.levelno >= logging.WARNING]
-    assert [m for m in lines if "slack" in m and not m.startswith(("slack: connection lost", "slack: connected",
-                                                                    "slack: delivery to", "slack: delivering"))] == []
+    assert len(lines) == 2, lines  # the deliveries that failed meanwhile are the same outage

@@ -184,6 +184,6 @@ def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
     lost = [m for _, m in lines if m.startswith("telegram: connection lost")]
     back = [m for _, m in lines if m.startswith("telegram: connected again")]
-    assert len(lost) == 2 and len(back) == 1, lines  # one per outage, one when back
+    assert len(lost) == 2 and len(back) == 1 and len(lines) == 3, lines  # one per outage, one when back
     assert not [r for r in caplog.records if r.name.startswith("telegram") and r.levelno >= logging.WARNING]
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
