@@ -90,7 +90,8 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
         spans.append(italic(f"\n{p['hypothesis']}"))
     facts = [
         f"⏱ {_duration(p['duration_s'])}" if p.get("duration_s") is not None else "",
-        f"VRAM {float(p['peak_vram_mb']) / 1024:.1f} GB" if p.get("peak_vram_mb") else "",
+        # "memory": the same figure on a GPU (VRAM) and on a CPU run (RAM)
+        f"memory {float(p['peak_vram_mb']) / 1024:.1f} GB" if p.get("peak_vram_mb") else "",
         f"MFU {float(p['mfu_percent']):.1f}%" if p.get("mfu_percent") is not None else "",
         f"confidence {_num(p['confidence'], 2)}" if p.get("confidence") is not None else "",
         f"focus {p['focus']}" if p.get("focus") else "",

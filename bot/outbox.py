@@ -6,11 +6,15 @@ transaction that moves the cursor, so a crash at any point neither loses nor rep
 Replies to commands are inserted directly.
 
 Delivery: per destination, strictly oldest first. A failure blocks that destination only (order
-is kept) and is retried with exponential backoff, or when the platform said (Telegram 429
-retry_after, Slack Retry-After). After a long outage a destination with more than `fold_limit`
-waiting messages gets the oldest folded into one summary that says so; the newest few still go
-out in full. In hourly digest mode experiment digests wait as 'batched' rows and go out as one
-message per hour. The engine never waits on any of this: it only writes events.
+is kept) and is retried with exponential backoff (capped, so a channel that is back is found
+soon), or when the platform said (Telegram 429 retry_after, Slack Retry-After). As soon as the
+channel is seen working again (a send succeeded, or a message came in) every destination of it
+is retried at once. After a long outage a destination with more than `fold_limit` waiting
+digests gets the oldest folded into one summary that says so; the newest few still go out in
+full. Replies to commands never count towards that limit: the replies that waited out an
+outage are folded into one line, but the newest per chat, and so is any reply that waited longer
+than `reply_stale_s` (a /status from long ago is out of date). In hourly digest mode experiment digests wait as 'batched' rows and go out
+as one message per hour. The engine never waits on any of this: it only writes events.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 from nightlab.bot import digest
 from nightlab.bot.channel import Channel, DeliveryError
 from nightlab.bot.format import Outgoing, Photo
+from nightlab.bot.outage import Outage
 from nightlab.loop.config import DigestSettings
 from nightlab.loop.store import Store
 
@@ -43,7 +48,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     created_at      REAL NOT NULL,
-    last_error      TEXT NOT NULL DEFAULT ''
+    last_error      TEXT NOT NULL DEFAULT '',
+    reply           INTEGER NOT NULL DEFAULT 0           -- 1: a reply to a command, 0: from an event
 );
 CREATE INDEX IF NOT EXISTS outbox_waiting ON outbox(channel, destination, id)
     WHERE status IN ('pending', 'batched');
@@ -53,10 +59,11 @@ CREATE INDEX IF NOT EXISTS outbox_waiting ON outbox(channel, destination, id)
 @dataclass(frozen=True)
 class Tuning:
     backoff_base_s: float = 2.0
-    backoff_max_s: float = 300.0
-    fold_limit: int = 30  # more waiting messages than this for one destination -> fold
+    backoff_max_s: float = 30.0  # also how late a channel that came back may be noticed
+    fold_limit: int = 30  # more waiting digests than this for one destination -> fold
     fold_keep: int = 5  # the newest messages still delivered in full after a fold
     batch_period_s: float = 3600.0  # hourly digest mode
+    reply_stale_s: float = 20.0  # a reply still waiting after this long is out of date
     events_per_fill: int = 200
     keep_sent_s: float = 7 * 24 * 3600.0
 
@@ -88,7 +95,12 @@ class Outbox:
         self.digest = digest_settings
         self.tuning = tuning
         self.clock = clock
-        store.connection().executescript(_SCHEMA)
+        self._down_since: dict[str, float] = {}  # channel -> first failure of the current outage
+        self._throttled_until: dict[str, float] = {}  # channel -> the platform's retry-after
+        db = store.connection()
+        db.executescript(_SCHEMA)
+        if "reply" not in {r["name"] for r in db.execute("PRAGMA table_info(outbox)")}:
+            db.execute("ALTER TABLE outbox ADD COLUMN reply INTEGER NOT NULL DEFAULT 0")  # older state.db
 
     # -- filling -----------------------------------------------------------------------------
     def fill(self) -> int:
@@ -118,9 +130,10 @@ class Outbox:
     def enqueue(self, channel_name: str, destination: str, messages: Sequence[Outgoing]) -> None:
         """Replies to a command, queued behind what that destination is already waiting for."""
         with self.store.transaction():
-            self._insert(self.channels[channel_name], destination, messages, batched=False)
+            self._insert(self.channels[channel_name], destination, messages, batched=False, reply=True)
 
-    def _insert(self, channel: Channel, destination: str, messages: Sequence[Outgoing], batched: bool) -> None:
+    def _insert(self, channel: Channel, destination: str, messages: Sequence[Outgoing], batched: bool,
+                reply: bool = False) -> None:
         now = self.clock()
         status = "batched" if batched else "pending"
         db = self.store.connection()
@@ -132,8 +145,8 @@ class Outbox:
             for kind, body, title in rows:
                 db.execute(
                     "INSERT INTO outbox(channel, destination, kind, body, title, status,"
-                    " next_attempt_at, created_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
-                    (channel.name, destination, kind, body, title, status, now, now),
+                    " next_attempt_at, created_at, reply) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (channel.name, destination, kind, body, title, status, now, now, int(reply)),
                 )
 
     # -- delivery ----------------------------------------------------------------------------
@@ -163,6 +176,7 @@ class Outbox:
         channel = self.channels[channel_name]
         self._release_batch(channel, destination)
         self._fold(channel, destination)
+        self._fold_stale_replies(channel, destination, self.clock() - self.tuning.reply_stale_s)
         while (row := self._head(channel_name, destination)) and row.next_attempt_at <= self.clock():
             try:
                 if row.kind == "photo":
@@ -183,6 +197,30 @@ class Outbox:
                 self._failed(row, DeliveryError(repr(exc)))
                 return
             self._set(row.id, status="sent", attempts=row.attempts + 1, last_error="")
+            self.channel_works(channel_name)
+
+    def channel_works(self, channel_name: str) -> None:
+        """The channel was seen working (a send went through, a message came in): after an
+        outage, every destination waiting on a retry is due now, not at the end of its backoff."""
+        since = self._down_since.pop(channel_name, None)
+        if since is None:
+            return
+        waiting = self.store.connection().execute(
+            "SELECT COUNT(*) FROM outbox WHERE channel = ? AND status = 'pending'", (channel_name,)).fetchone()[0]
+        outage = self._outage(channel_name)
+        if outage is not None:
+            outage.back()  # its WARNING says it; this line is detail
+        log.log(logging.INFO if outage else logging.WARNING, "%s: delivering again after %.0fs; %d messages waiting",
+                channel_name, self.clock() - since, waiting)
+        due = max(self.clock(), self._throttled_until.get(channel_name, 0.0))
+        with self.store.transaction() as db:
+            db.execute("UPDATE outbox SET next_attempt_at = ? WHERE channel = ? AND status = 'pending'"
+                       " AND next_attempt_at > ?", (due, channel_name, due))
+            # Replies that waited out the outage: the newest per chat still answers the last
+            # question asked; the ones before it are folded into one line.
+            for (destination,) in db.execute("SELECT DISTINCT destination FROM outbox WHERE channel = ?"
+                                             " AND status = 'pending' AND reply = 1", (channel_name,)).fetchall():
+                self._fold_stale_replies(self.channels[channel_name], destination, self.clock(), keep_newest=True)
 
     def _head(self, channel: str, destination: str) -> Row | None:
         r = self.store.connection().execute(
@@ -199,12 +237,24 @@ class Outbox:
             return
         if exc.retry_after is not None:
             delay = exc.retry_after  # the platform's word beats our guess
+            self._throttled_until[row.channel] = self.clock() + delay
         else:
             delay = min(self.tuning.backoff_base_s * 2 ** row.attempts, self.tuning.backoff_max_s)
-        log.warning("%s delivery to %s failed (attempt %d, retry in %.1fs): %s",
-                    row.channel, row.destination, attempts, delay, exc)
+        # One warning per outage (and one when it is back), not one per attempt: the channel's
+        # own connection state says it when it has one.
+        first = row.channel not in self._down_since
+        self._down_since.setdefault(row.channel, self.clock())
+        outage = self._outage(row.channel)
+        if outage is not None:
+            outage.lost(f"delivery to {row.destination} failed: {exc}")
+        log.log(logging.WARNING if first and outage is None else logging.DEBUG,
+                "%s: delivery to %s failed (attempt %d, retrying every %.0fs at most): %s",
+                row.channel, row.destination, attempts, self.tuning.backoff_max_s, exc)
         self._set(row.id, attempts=attempts, next_attempt_at=self.clock() + delay,
                   last_error=str(exc)[:500])
+
+    def _outage(self, channel_name: str) -> Outage | None:
+        return getattr(self.channels.get(channel_name), "outage", None)  # the console has none
 
     def _set(self, row_id: int, **fields: Any) -> None:
         assignments = ", ".join(f"{k} = ?" for k in fields)
@@ -216,7 +266,7 @@ class Outbox:
         with self.store.transaction() as db:
             rows = [_row(r) for r in db.execute(
                 "SELECT * FROM outbox WHERE channel = ? AND destination = ? AND status = 'pending'"
-                " ORDER BY id", (channel.name, destination))]
+                " AND reply = 0 ORDER BY id", (channel.name, destination))]
             if len(rows) <= self.tuning.fold_limit:
                 return
             folded = rows[: len(rows) - self.tuning.fold_keep]
@@ -231,6 +281,25 @@ class Outbox:
             db.executemany("UPDATE outbox SET status = 'folded' WHERE id = ?", [(r.id,) for r in folded[1:]])
             log.warning("folded %d messages for %s:%s into a summary", len(folded), channel.name, destination)
 
+    def _fold_stale_replies(self, channel: Channel, destination: str, before: float,
+                            keep_newest: bool = False) -> None:
+        """Replies made before `before` answer questions that are no longer current: one line in
+        the first one's place says what they were; the digests keep their turn in full."""
+        with self.store.transaction() as db:
+            rows = [_row(r) for r in db.execute(
+                "SELECT * FROM outbox WHERE channel = ? AND destination = ? AND status = 'pending'"
+                " AND reply = 1 AND title != 'stale replies' AND created_at <= ? ORDER BY id",
+                (channel.name, destination, before))]
+            rows = rows[:-1] if keep_newest else rows
+            if not rows:
+                return
+            head = (f"⌛ {len(rows)} out-of-date {'reply' if len(rows) == 1 else 'replies'} (held up while"
+                    f" {channel.name} was unreachable), not sent; ask again:\n")
+            body = channel.flavour.render_summary(head, [r.title or r.kind for r in rows])
+            db.execute("UPDATE outbox SET kind = 'text', body = ?, title = 'stale replies' WHERE id = ?",
+                       (body, rows[0].id))
+            db.executemany("UPDATE outbox SET status = 'folded' WHERE id = ?", [(r.id,) for r in rows[1:]])
+
     def _release_batch(self, channel: Channel, destination: str) -> None:
         """Hourly mode: once the oldest batched digest is a period old, send them all as one."""
         due = self._next_batch_at(channel.name, destination)
@@ -240,7 +309,9 @@ class Outbox:
             rows = [_row(r) for r in db.execute(
                 "SELECT * FROM outbox WHERE channel = ? AND destination = ? AND status = 'batched'"
                 " ORDER BY id", (channel.name, destination))]
-            head = channel.flavour.escape(f"🕐 {len(rows)} experiments in the last hour")
+            # A long digest is split into several rows that share its title ("#12 keep · ...").
+            experiments = len(dict.fromkeys(r.title for r in rows))
+            head = channel.flavour.escape(f"🕐 {experiments} experiments in the last hour")
             now = self.clock()
             for body in channel.flavour.pack([head, *(r.body for r in rows)]):
                 db.execute(

@@ -8,6 +8,7 @@ asks for a chart.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,8 @@ def progress_chart(
 ) -> Path:
     import matplotlib
 
+    # Its first use on a machine builds a font cache and says so; not news for the journal.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     matplotlib.use("Agg")  # off-screen: the daemon has no display
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator

@@ -111,14 +111,26 @@ class BotService:
         )
         wake = asyncio.Event()
 
+        def flush(name: str) -> None:
+            """The channel is seen working again: what waits for it is due now."""
+            outbox.channel_works(name)
+            wake.set()
+
         async def on_message(msg: Incoming) -> None:
             try:
+                flush(msg.channel)  # it delivered this message, so it is back
                 replies = await router.handle(msg)
                 if replies:
                     outbox.enqueue(msg.channel, msg.chat, replies)
                     wake.set()
             except Exception:  # never let one message take a channel's receiver down
                 log.exception("handling a message from %s failed", msg.sender)
+
+        for channel in self.channels:
+            outage = getattr(channel, "outage", None)  # platform channels; the console has none
+            if outage is not None:
+                # Called from the library's threads: hop onto this loop.
+                outage.on_back = lambda name=channel.name, loop=self._loop: loop.call_soon_threadsafe(flush, name)
 
         connected = [asyncio.Event() for _ in self.channels]
         starters = [asyncio.create_task(self._keep_starting(c, on_message, ev))

@@ -18,6 +18,7 @@ from typing import Any
 
 from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
 from nightlab.bot.format import SLACK_MRKDWN
+from nightlab.bot.outage import LibraryLog, Outage
 from nightlab.loop.config import Secret, SlackSettings
 from slack_sdk.errors import SlackApiError
 from slack_sdk.socket_mode import SocketModeClient
@@ -43,6 +44,15 @@ class SlackChannel:
         self._socket: SocketModeClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_message: OnMessage | None = None
+        self._me = ""  # the bot's own member id (auth.test)
+        self.outage = Outage(self.name)
+        # slack-sdk logs through this logger (ours, not its own): an outage reads as two lines.
+        # A logger of this channel's own (not in the global registry, so none accumulate filters),
+        # under nightlab.bot for its handlers.
+        self._library_log = logging.Logger("nightlab.bot.slack_sdk", logging.INFO)  # the reconnect is INFO
+        self._library_log.parent = log
+        self._library_log.addFilter(LibraryLog(self.outage, back_marker="A new session has been established",
+                                               keep=("Failed to run a",)))
 
     def destinations(self) -> list[str]:
         # Allowed channels get the digests; without any, each listed user as a DM.
@@ -53,12 +63,14 @@ class SlackChannel:
         self._loop = asyncio.get_running_loop()
         self._on_message = on_message
         kwargs: dict[str, Any] = {"base_url": self.settings.api_base} if self.settings.api_base else {}
-        web = WebClient(token=self._bot_token.reveal(), timeout=10, **kwargs)
-        await asyncio.to_thread(web.auth_test)  # fails fast on a bad token or no network
+        web = WebClient(token=self._bot_token.reveal(), timeout=10, logger=self._library_log, **kwargs)
+        me = await asyncio.to_thread(web.auth_test)  # fails fast on a bad token or no network
+        self._me = str(me.get("user_id", ""))
         socket = SocketModeClient(
             app_token=self._app_token.reveal(),
             web_client=web,  # apps.connections.open goes to the same base_url
             auto_reconnect_enabled=True,
+            logger=self._library_log,
         )
         socket.socket_mode_request_listeners.append(self._receive)
         try:
@@ -73,7 +85,7 @@ class SlackChannel:
     def _receive(self, client: SocketModeClient, req: SocketModeRequest) -> None:
         # Acknowledge first: Slack redelivers what is not acked within 3 s.
         client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
-        msg = _incoming(req)
+        msg = _incoming(req, self._me)
         if msg is not None and self._loop is not None and self._on_message is not None:
             asyncio.run_coroutine_threadsafe(self._on_message(msg), self._loop)
 
@@ -81,11 +93,13 @@ class SlackChannel:
     async def send_text(self, destination: str, body: str) -> None:
         web = self._connected()
         await _call(web.chat_postMessage, channel=destination, text=body, mrkdwn=True, unfurl_links=False)
+        self.outage.back()
 
     async def send_photo(self, destination: str, path: Path, caption: str) -> None:
         web = self._connected()
         await _call(web.files_upload_v2, channel=destination, file=str(path), filename=path.name,
                     title=caption, initial_comment=caption)
+        self.outage.back()
 
     def _connected(self) -> WebClient:
         if self._web is None:
@@ -98,7 +112,7 @@ class SlackChannel:
             await asyncio.to_thread(socket.close)
 
 
-def _incoming(req: SocketModeRequest) -> Incoming | None:
+def _incoming(req: SocketModeRequest, me: str) -> Incoming | None:
     p = req.payload
     if req.type == "slash_commands" and p.get("command") == SLASH_COMMAND:
         channel = str(p.get("channel_id", ""))
@@ -110,8 +124,13 @@ def _incoming(req: SocketModeRequest) -> Incoming | None:
     if event.get("bot_id") or event.get("subtype"):
         return None  # our own posts and edits/joins: never answer those
     channel = str(event.get("channel", ""))
-    text = _MENTION.sub("", str(event.get("text", ""))).strip() or "help"
+    raw = str(event.get("text", "")).strip()
+    text = _MENTION.sub("", raw).strip() or "help"
     if event.get("type") == "app_mention":
+        # Slack's `/cmd@otherbot`: "@otherbot pause, cc @nightlab" mentions us but speaks to
+        # another; only a message that starts by addressing this bot is a command for it.
+        if not raw.startswith(f"<@{me}"):
+            return None
         return Incoming("slack", str(event.get("user", "")), channel, _is_dm(channel), text)
     if event.get("type") == "message" and event.get("channel_type") == "im":
         return Incoming("slack", str(event.get("user", "")), channel, True, text)

@@ -12,12 +12,14 @@ import datetime as dt
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
 from nightlab.bot.format import TELEGRAM_HTML
+from nightlab.bot.outage import LibraryLog, Outage
 from nightlab.loop.commands import SPECS
 from nightlab.loop.config import Secret, TelegramSettings
-from telegram import BotCommand, Update
+from telegram import BotCommand, MessageEntity, Update
 from telegram.constants import ChatType, ParseMode
 from telegram.error import (
     BadRequest,
@@ -26,7 +28,8 @@ from telegram.error import (
     RetryAfter,
     TelegramError,
 )
-from telegram.ext import Application, ContextTypes, MessageHandler, filters
+from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
+from telegram.request import HTTPXRequest
 
 log = logging.getLogger("nightlab.bot")
 
@@ -41,6 +44,7 @@ class TelegramChannel:
         self._poll_timeout = poll_timeout_s
         self._app: Application | None = None  # type: ignore[type-arg]
         self._on_message: OnMessage | None = None
+        self.outage = Outage(self.name)
 
     def destinations(self) -> list[str]:
         # Allowed chats get the digests; without any, every listed user in their private chat.
@@ -49,12 +53,16 @@ class TelegramChannel:
 
     async def start(self, on_message: OnMessage) -> None:
         self._on_message = on_message
-        builder = Application.builder().token(self._token.reveal()).job_queue(None)
+        builder = (Application.builder().token(self._token.reveal()).job_queue(None)
+                   .request(_Request(self.outage)).get_updates_request(_Request(self.outage, connection_pool_size=1)))
         if self.settings.api_base:
             base = self.settings.api_base.rstrip("/")
             builder = builder.base_url(f"{base}/bot").base_file_url(f"{base}/file/bot")
         app = builder.build()
-        app.add_handler(MessageHandler(filters.TEXT, self._handle))
+        # CommandHandler knows the bot's username (getMe) and matches "/cmd" and "/cmd@thisbot"
+        # only: "/kill@otherbot" in a shared group is another bot's business.
+        app.add_handler(CommandHandler(list(SPECS), self._command))
+        app.add_handler(MessageHandler(filters.TEXT, self._other))
         try:
             await app.initialize()  # getMe: fails fast on a bad token or no network
             await app.bot.set_my_commands([BotCommand(name, spec.help[:256]) for name, spec in SPECS.items()])
@@ -63,28 +71,48 @@ class TelegramChannel:
             await app.updater.start_polling(
                 timeout=dt.timedelta(seconds=self._poll_timeout),
                 allowed_updates=[Update.MESSAGE],
-                error_callback=lambda exc: log.warning("telegram polling: %s", exc),
+                error_callback=lambda exc: self.outage.lost(f"polling: {exc}"),
             )
         except BaseException:
-            await _shutdown(app)
+            await _shutdown(app, self.outage)
             raise
         self._app = app
         me = app.bot.username
         log.info("telegram: polling as @%s", me)
 
-    async def _handle(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        msg, user, chat = update.effective_message, update.effective_user, update.effective_chat
-        if msg is None or user is None or chat is None or msg.text is None or self._on_message is None:
+    async def _command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        msg = update.effective_message
+        if msg is not None and msg.text is not None and msg.entities:
+            await self._deliver(update, addressed=True, text=_unaddressed(msg.text, msg.entities[0]))
+
+    async def _other(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Text that is not one of our commands: chatter, or an unknown "/command"."""
+        msg, chat = update.effective_message, update.effective_chat
+        if msg is None or chat is None:
             return
         private = chat.type == ChatType.PRIVATE
+        entity = msg.entities[0] if msg.entities else None
+        if entity is None or entity.type != MessageEntity.BOT_COMMAND or entity.offset != 0:
+            await self._deliver(update, addressed=private, text=msg.text or "")  # group chatter: not for us
+            return
+        _, _, to = msg.parse_entity(entity).partition("@")
+        if to and to.lower() != context.bot.username.lower():
+            return  # addressed to another bot: silently not ours
+        # An unknown command gets its usage where it can only be meant for us: a private chat,
+        # or "/x@thisbot"; an unaddressed "/start" in a group may be another bot's.
+        await self._deliver(update, addressed=private or bool(to), text=_unaddressed(msg.text or "", entity))
+
+    async def _deliver(self, update: Update, addressed: bool, text: str) -> None:
+        user, chat = update.effective_user, update.effective_chat
+        if user is None or chat is None or self._on_message is None:
+            return
         await self._on_message(Incoming(
             channel=self.name,
             user=str(user.id),
             chat=str(chat.id),
-            private=private,
-            text=msg.text,
-            # In groups only "/command" is meant for the bot; in private every message is.
-            addressed=private or msg.text.startswith("/"),
+            private=chat.type == ChatType.PRIVATE,
+            text=text,
+            addressed=addressed,
         ))
 
     async def send_text(self, destination: str, body: str) -> None:
@@ -105,7 +133,13 @@ class TelegramChannel:
     async def stop(self) -> None:
         if self._app is not None:
             app, self._app = self._app, None
-            await _shutdown(app)
+            await _shutdown(app, self.outage)
+
+
+def _unaddressed(text: str, command: MessageEntity) -> str:
+    """"/kill@thisbot 7" -> "/kill 7" (the entity is the leading command; its text is ASCII)."""
+    end = command.offset + command.length
+    return text[:end].partition("@")[0] + text[end:]
 
 
 async def _call(request) -> None:  # type: ignore[no-untyped-def]
@@ -123,7 +157,27 @@ async def _call(request) -> None:  # type: ignore[no-untyped-def]
         raise DeliveryError(f"telegram: {exc}") from None
 
 
-async def _shutdown(app: Application) -> None:  # type: ignore[type-arg]
+class _Request(HTTPXRequest):
+    """python-telegram-bot's HTTP client, telling the channel whenever Telegram answered: that is
+    how a lost connection is seen to be back (polling has no callback for it)."""
+
+    def __init__(self, outage: Outage, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._outage = outage
+
+    async def do_request(self, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
+        code, payload = await super().do_request(*args, **kwargs)
+        if code < 500:
+            self._outage.back()
+        return code, payload
+
+
+async def _shutdown(app: Application, outage: Outage) -> None:  # type: ignore[type-arg]
+    # Stopped while Telegram is unreachable, the updater logs its last getUpdates failing as an
+    # ERROR with a chained traceback: that is the outage again, one line at most.
+    updater_log = logging.getLogger("telegram.ext.Updater")
+    quiet = LibraryLog(outage)
+    updater_log.addFilter(quiet)
     try:
         if app.updater is not None and app.updater.running:
             await app.updater.stop()
@@ -132,3 +186,5 @@ async def _shutdown(app: Application) -> None:  # type: ignore[type-arg]
         await app.shutdown()
     except Exception as exc:  # noqa: BLE001 - stopping must not fail the daemon's shutdown
         log.warning("telegram: shutdown: %s", exc)
+    finally:
+        updater_log.removeFilter(quiet)

@@ -8,12 +8,15 @@ nothing here prints a traceback for them. Heavy modules are imported inside the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nightlab.loop.config import Settings, load_settings, render_settings, settings_from_table
 from nightlab.loop.errors import UserError
+from nightlab.loop.store import DB_FILENAME, STATE_DIRNAME, state_dir
 
 EXIT_USER_ERROR = 2
 
@@ -23,12 +26,46 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(config) if config else settings_from_table({}, source="<defaults>")
     workspace = getattr(args, "workspace", None)
     if workspace:
-        import dataclasses
-
         settings = dataclasses.replace(
             settings, workspace=dataclasses.replace(settings.workspace, path=str(workspace))
         )
     return settings
+
+
+def _named_settings(args: argparse.Namespace) -> Settings:
+    """Settings for a command that acts on an existing loop: the user must say which one (a
+    command never lands in a default workspace nobody named) and it must be there."""
+    if not (args.config or args.workspace):
+        raise UserError(f"{args.command}: which loop? give --config FILE (the one `nightlab run` uses)"
+                        " or --workspace DIR")
+    settings = _settings(args)
+    path = settings.workspace_path
+    if not (state_dir(path) / DB_FILENAME).is_file():
+        raise UserError(f"{path} is not a nightlab workspace (no {STATE_DIRNAME}/{DB_FILENAME});"
+                        " check --workspace / [workspace] path, or start one with `nightlab run --config FILE`")
+    return settings
+
+
+def _workspace_dir(path: Path) -> Path:
+    """Make sure `path` is (or can become) the workspace directory; a clear message otherwise."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is not a directory; give a directory for the workspace (--workspace DIR)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the workspace {path}: {exc.strerror}; give a directory you can"
+                        " write to (--workspace DIR)") from None
+    return path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of 1 or more, got {value}")
+    return value
 
 
 # -- handlers ----------------------------------------------------------------------------------
@@ -52,11 +89,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         data_dir = prepare.prepare(source, shards, settings.cache_path)
     except prepare.PrepareError as exc:
         raise UserError(str(exc)) from None
+    if not _is_named_source(source):
+        source = str(Path(source).expanduser().resolve())  # a folder: the same one from anywhere
+    (settings.cache_path / LAST_PREPARED).write_text(source + "\n")
     print(f"data and tokenizer ready in {data_dir}")
+    print("`nightlab train` uses it; in a config: [data] source = " + json.dumps(source))
     from nightlab.loop.kernel_prefetch import prefetch_fa3
 
     print(prefetch_fa3().line)
     return 0
+
+
+LAST_PREPARED = "last-prepared-source"  # in the data cache: what `nightlab train` uses by default
+
+
+def _is_named_source(source: str) -> bool:
+    return source in ("climbmix", "stdlib") or source.startswith(("http://", "https://"))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -71,22 +119,58 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from nightlab.loop.workspace import train_once
 
-    return train_once(_settings(args), profile=args.profile)
+    settings = _settings(args)
+    source = args.source
+    if source is None and not args.config:
+        # No config: what `nightlab prepare` made last, else the offline corpus (a smoke test
+        # must not need the network).
+        marker = settings.cache_path / LAST_PREPARED
+        source = marker.read_text().strip() if marker.is_file() else "stdlib"
+        why = f"from the last `nightlab prepare` ({marker})" if marker.is_file() else \
+            "offline; `nightlab prepare --source …` first, --source or --config for other data"
+        print(f"nightlab: data source {source} ({why})", file=sys.stderr)
+    if source is not None:
+        settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, source=source))
+    path = settings.workspace_path
+    if not path.exists():
+        print(f"nightlab: creating the workspace {path} (--workspace DIR to put it elsewhere)", file=sys.stderr)
+    _workspace_dir(path)
+    return train_once(settings, profile=args.profile)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from nightlab.heartbeat.daemon import run_daemon
 
     settings = _settings(args)
-    # the flag wins; else [loop] max_experiments (0 = no limit), which means the same as the flag
-    limit = args.max_experiments if args.max_experiments is not None else settings.loop.max_experiments or None
+    _workspace_dir(settings.workspace_path)
+    # the flag wins, else [loop] max_experiments (0 = no limit); both mean N more than the ledger holds
+    more = args.max_experiments if args.max_experiments is not None else settings.loop.max_experiments or None
+    limit = None
+    if more is not None:
+        done = _recorded(settings.workspace_path)  # the engine's limit counts the whole ledger
+        limit = done + more
+        print(f"nightlab: {more} more experiments ({done} recorded so far)")
     return run_daemon(settings, max_experiments=limit)
+
+
+def _recorded(workspace: Path) -> int:
+    from nightlab.loop import ledger
+    from nightlab.loop.store import Store
+
+    if not (state_dir(workspace) / DB_FILENAME).is_file():
+        return 0
+    store = Store.for_workspace(workspace)
+    try:
+        return ledger.experiment_count(store)
+    finally:
+        store.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from nightlab.heartbeat.demo import run_demo
 
-    return run_demo(Path(args.workspace) if args.workspace else None, experiments=args.experiments)
+    workspace = _workspace_dir(Path(args.workspace).expanduser().resolve()) if args.workspace else None
+    return run_demo(workspace, experiments=args.experiments)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -101,14 +185,14 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     from nightlab.loop.steering import send_command
 
     text = " ".join([args.name, *args.words])
-    print(send_command(_settings(args).workspace_path, text, sender=f"cli:{_user()}"))
+    print(send_command(_named_settings(args).workspace_path, text, sender=f"cli:{_user()}"))
     return 0
 
 
 def cmd_view(args: argparse.Namespace) -> int:
     from nightlab.loop import views
 
-    path = _settings(args).workspace_path
+    path = _named_settings(args).workspace_path
     if args.command == "status":
         text = views.status_text(path)
     elif args.command == "history":
@@ -128,12 +212,6 @@ def cmd_service_install(args: argparse.Namespace) -> int:
 
     print(install_unit(Path(args.config).resolve(), user=args.user, dry_run=args.print))
     return 0
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return int(text)
 
 
 def _user() -> str:
@@ -174,11 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs autoresearch experiment loops overnight and reports to Telegram and Slack.",
         epilog="start with:  nightlab demo",
     )
+    parser.add_argument("--version", action="version", version=f"nightlab {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = _add(sub, "init", cmd_init, "create (or adopt) a workspace git repository",
              "nightlab init ~/nightlab-ws --tag nov23")
-    p.add_argument("path")
+    p.add_argument("path", help="the workspace directory (created if missing; an existing git repository is adopted)")
     p.add_argument("--tag", default="", help="branch autoresearch/<tag> (default: today, e.g. nov23)")
     p.add_argument("--config", help="the TOML configuration file")
 
@@ -193,12 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     from nightlab.loop.config import profile_names
 
-    p.add_argument("--profile", choices=profile_names(), default=None)
+    p.add_argument("--source", help="the data to train on, as for `prepare` (default: the config's;"
+                                    " without a config the last `nightlab prepare`, else stdlib)")
+    p.add_argument("--profile", choices=profile_names(), default=None,
+                   help="a hardware tier's constants (see `nightlab doctor`); tiny: a small model for CPUs"
+                        " and smoke tests; auto: picked from the GPU (default: the config's trainer.profile)")
 
     p = _add(sub, "run", cmd_run, "run the daemon: the loop, the heartbeat and the chat channels",
              "nightlab run --config nightlab.toml --max-experiments 3")
     _config_args(p, required=True)
-    p.add_argument("--max-experiments", type=int, default=None, help="stop cleanly after N")
+    p.add_argument("--max-experiments", type=_positive_int, default=None, metavar="N",
+                   help="stop cleanly after N more experiments (those already recorded do not count)")
 
     p = _add(sub, "doctor", cmd_doctor, "check this machine before a night: GPU, torch, disk, data, git, "
              "channels, and the profile auto picks (exit 1 when a run would fail)", "nightlab doctor --config nightlab.toml")
@@ -207,13 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "demo", cmd_demo, "the offline demo: a short night on this machine",
              "nightlab demo")
     p.add_argument("--workspace", help="where to put the demo workspace (default: a new temp dir)")
-    p.add_argument("--experiments", type=int, default=4, help="experiments after the baseline")
+    p.add_argument("--experiments", type=_positive_int, default=4, metavar="N",
+                   help="experiments after the baseline (default 4)")
 
     p = _add(sub, "ctl", cmd_ctl, "steer a running loop: pause [now], resume, focus, note, kill",
-             "nightlab ctl --config nightlab.toml focus attention")
+             "nightlab ctl --config nightlab.toml focus attention\n"
+             "  nightlab ctl note try a longer warmup --workspace ~/nightlab-ws\n"
+             "  nightlab ctl --config nightlab.toml note -- text that starts with --")
     _config_args(p)
     p.add_argument("name", help="pause | resume | focus | note | kill | status | ...")
-    p.add_argument("words", nargs=argparse.REMAINDER, help="the command's arguments")
+    p.add_argument("words", nargs="*", help="the command's arguments (after -- when they start with -)")
 
     for name, summary, example in (
         ("status", "what the loop is doing now", "nightlab status --config nightlab.toml"),
@@ -224,32 +311,54 @@ def build_parser() -> argparse.ArgumentParser:
         p = _add(sub, name, cmd_view, summary, example)
         _config_args(p)
         if name == "history":
-            p.add_argument("-n", type=int, default=20, help="how many (default 20)")
+            p.add_argument("-n", type=_positive_int, default=20, help="how many (default 20)")
             p.add_argument("--kept-only", action="store_true", help="only kept experiments (= --status keep)")
             p.add_argument("--status", choices=("keep", "discard", "crash", "checks_failed"),
                            help="only experiments with this status")
-            p.add_argument("--top", type=_positive, metavar="N", help="the N best results, best first")
+            p.add_argument("--top", type=_positive_int, metavar="N", help="the N best results, best first")
 
     p = _add(sub, "config", lambda a: 0, "configuration tools", "nightlab config check nightlab.toml")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     p = _add(config_sub, "check", cmd_config_check,
              "validate a configuration and print it with secrets redacted",
              "nightlab config check nightlab.toml")
-    p.add_argument("file")
+    p.add_argument("file", help="the TOML configuration file to check")
 
     p = _add(sub, "service", lambda a: 0, "systemd service tools",
              "nightlab service install --config /etc/nightlab.toml")
     service_sub = p.add_subparsers(dest="service_command", metavar="ACTION", required=True)
     p = _add(service_sub, "install", cmd_service_install, "write the systemd unit for this config",
              "nightlab service install --config ~/nightlab.toml --user")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="the TOML configuration file the service runs with")
     p.add_argument("--user", action="store_true", help="a user unit (~/.config/systemd/user)")
     p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nightlab")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Options may come anywhere, as with any argparse command: `ctl focus attention --config F`.
+    The words of a `ctl` command that follow an option come back as extras and join its words."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and args.command == "ctl" and not any(x.startswith("-") for x in extras):
+        args.words = [*args.words, *extras]
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}"
+                     + ("; text that starts with - goes after --" if args.command == "ctl" else ""))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.handler(args)
     except UserError as exc:

@@ -76,7 +76,9 @@ def parse_command(text: str, areas: tuple[str, ...] | None = None) -> Command:
     if not text:
         raise CommandError("empty command; send 'help' for the list")
     head, _, rest = text.partition(" ")
-    name = head.lstrip("/").split("@", 1)[0].lower()  # Telegram: /status@nightlab_bot
+    # "/status@somebot" is not stripped here: the Telegram adapter decides whom a command is
+    # addressed to and hands over only ours, without the "@thisbot".
+    name = head.lstrip("/").lower()
     rest = rest.strip()
     if name not in SPECS:
         raise CommandError(f"unknown command {head[:40]!r}; commands: {', '.join(SPECS)}")

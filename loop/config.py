@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -262,32 +263,66 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
 
 
 def settings_from_table(table: dict[str, Any], source: str = "<table>") -> Settings:
-    settings = _build(Settings, {**table, "origin": source}, source, prefix="")
-    _check(settings)
+    """Settings from a parsed table; every mistake in it is reported at once, one line each."""
+    problems = _Problems(source)
+    settings = _build(Settings, {**table, "origin": source}, problems, prefix="")
+    _check(settings, problems)
+    if problems.lines:
+        raise ConfigError("\n".join(problems.lines))
     return settings
 
 
-def _build(cls: type, table: dict[str, Any], source: str, prefix: str) -> Any:
+class _Problems:
+    """The mistakes found so far; a key that is already wrong is not checked again."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: list[str] = []
+        self._keys: set[str] = set()
+
+    def add(self, key: str, message: str) -> None:
+        self._keys.add(key)
+        self.lines.append(message if message.startswith(f"{self.source}: ") else f"{self.source}: {message}")
+
+    def seen(self, key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in self._keys for i in range(1, len(parts) + 1))
+
+
+def _build(cls: type, table: dict[str, Any], problems: _Problems, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in table:
+    values = {}
+    for key, value in table.items():
         if key not in names:
             where = f"[{prefix[:-1]}]" if prefix else "the top level"
             known = ", ".join(sorted(n for n in names if n != "origin"))
-            raise ConfigError(f"{source}: unknown key {prefix + key!r} in {where}; known keys: {known}")
-    values = {name: _convert(hints[name], table[name], source, f"{prefix}{name}") for name in table}
+            problems.add(prefix + key, f"unknown key {prefix + key!r} in {where}; known keys: {known}")
+            continue
+        try:
+            values[key] = _convert(hints[key], value, problems, f"{prefix}{key}")
+        except ConfigError as exc:  # this key keeps its default; the others are still checked
+            problems.add(prefix + key, str(exc))
     return cls(**values)
 
 
-def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
+def _convert(hint: Any, value: Any, problems: _Problems, key: str) -> Any:
+    source = problems.source
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):  # `X | None`: the section is present
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _convert(inner, value, source, key)
+        return _convert(inner, value, problems, key)
+    if hint is SecretRef and not isinstance(value, dict):
+        # Most likely the token itself was pasted in: never echo it.
+        name = key.rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"{source}: {key} is a {type(value).__name__} (value not shown): secrets are never written in"
+            f' the config; use {name} = {{ env = "VAR" }} or {name} = {{ file = "/path" }}'
+        )
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} = {value!r}: expected a table [{key}]")
-        return _build(hint, value, source, prefix=f"{key}.")
+        return _build(hint, value, problems, prefix=f"{key}.")
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -299,7 +334,7 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
         item = typing.get_args(hint)[0]
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} = {value!r}: expected a list of {item.__name__}")
-        return tuple(_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(_convert(item, v, problems, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -315,12 +350,12 @@ def _type_name(hint: Any) -> str:
     )
 
 
-def _check(s: Settings) -> None:
+def _check(s: Settings, problems: _Problems) -> None:
     """Range and cross-field checks that types alone cannot express."""
-    src = s.origin
 
     def fail(key: str, value: Any, expected: str) -> None:
-        raise ConfigError(f"{src}: {key} = {value!r}: expected {expected}")
+        if not problems.seen(key):  # a key that failed to parse holds its default: no second line
+            problems.add(key, f"{key} = {value!r}: expected {expected}")
 
     if s.trainer.profile not in profile_names():
         fail("trainer.profile", s.trainer.profile, "one of " + ", ".join(map(repr, profile_names())))
@@ -358,6 +393,21 @@ def _check(s: Settings) -> None:
         fail("telegram.operators", [], "at least one user id in operators or viewers (deny by default)")
     if s.slack is not None and not (s.slack.operators or s.slack.viewers):
         fail("slack.operators", [], "at least one user id in operators or viewers (deny by default)")
+    for key, ref in _secret_refs(s):
+        if ref.env and not _ENV_NAME.fullmatch(ref.env):
+            # Not a variable name: likely the token itself; say so without showing it.
+            problems.add(f"{key}.env", f'{key}.env is not an environment variable name (value not shown);'
+                         f' use {key.rsplit(".", 1)[-1]} = {{ env = "VAR" }} or {{ file = "/path" }}')
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _secret_refs(s: Settings) -> list[tuple[str, SecretRef]]:
+    refs = [("telegram.token", s.telegram.token)] if s.telegram else []
+    if s.slack:
+        refs += [("slack.bot_token", s.slack.bot_token), ("slack.app_token", s.slack.app_token)]
+    return refs
 
 
 def _check_executor(s: Settings, fail: Any) -> None:

@@ -96,7 +96,9 @@ _ANYWHERE = {"hardware": "", "node": ""}  # a pin that does not restrict where a
 
 
 def _say(message: str) -> None:
-    print(f"nightlab engine: {message}", file=sys.stderr, flush=True)
+    # Beside the daemon's log lines: a time in a terminal, none under journald (it adds its own).
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else time.strftime("%H:%M:%S ")
+    print(f"{stamp}nightlab engine: {message}", file=sys.stderr, flush=True)
 
 
 class Engine:
@@ -363,6 +365,7 @@ class Engine:
     def _propose(self, cand: Candidate, open_: list[Candidate]) -> None:
         if self.git.changed_files() or self.git.head() != cand.base_commit:
             self.git.reset_to(cand.base_commit)
+        notes: list[tuple[int, str]] = []  # delivered only with a proposal that runs (committed below)
         if cand.kind == "rebase":
             proposal = self._remake(cand)
             if proposal is None:
@@ -378,9 +381,6 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 -- a proposer bug must not stop the night; it counts as a failure
                 traceback.print_exc()
                 return self._no_run(cand, "crash", f"proposer error: {type(exc).__name__}: {exc}")
-            finally:
-                if notes:
-                    ledger.mark_notes_delivered(self.store, [cid for cid, _ in notes], cand.number)
         described = {"description": proposal.description, "hypothesis": proposal.hypothesis,
                      "area": proposal.area, "params": dict(proposal.params)}
         changed = self.git.changed_files()
@@ -397,8 +397,10 @@ class Engine:
         if not self.in_place:  # the run gets a snapshot; the workspace stays at the wave's base
             self.git.reset_to(cand.base_commit)
         added, removed = self.git.numstat(cand.base_commit, commit)
-        ledger.update_candidate(self.store, cand.id, phase="committed", commit_sha=commit,
-                                lines_added=added, lines_removed=removed, **described)
+        with self.store.transaction():
+            ledger.update_candidate(self.store, cand.id, phase="committed", commit_sha=commit,
+                                    lines_added=added, lines_removed=removed, **described)
+            ledger.mark_notes_delivered(self.store, [cid for cid, _ in notes], cand.number)
 
     def _remake(self, cand: Candidate) -> Proposal | None:
         """A rebase: the change of the experiment it re-runs, applied to the current best."""
@@ -795,7 +797,8 @@ def run_engine(
             proposer = make_proposer(settings, tick=lambda: _proposer_tick(ws.store, stop))
         engine = Engine(
             settings, ws, executor or make_executor(settings), proposer,
-            run_environment(ws, settings, _say), stop, parent_pid,
+            # Quiet: the daemon prepared the data and said so just before starting this process.
+            run_environment(ws, settings, lambda _: None), stop, parent_pid,
         )
         return engine.run(max_experiments)
     finally:

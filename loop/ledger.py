@@ -341,11 +341,13 @@ def write_exports(workspace: Path, store: Store, metric_name: str, direction: st
     rows = experiments(store)
     tsv = ["commit\t" + metric_name + "\tmemory_gb\tstatus\tdescription"]
     for e in rows:
-        crashed = e.metric is None
-        memory_gb = 0.0 if crashed else e.metrics.get("peak_vram_mb", 0.0) / 1024
+        measured = e.metric is not None
+        memory_gb = e.metrics.get("peak_vram_mb", 0.0) / 1024 if measured else 0.0
+        # A row without a measurement says why in its description (e.g. "killed by telegram:7").
+        why = f" ({e.reason})" if not measured and e.reason else ""
         tsv.append(
-            f"{e.commit[:7]}\t{0.0 if crashed else e.metric:.6f}\t{memory_gb:.1f}\t{e.status}\t"
-            + _one_line(e.description)
+            f"{e.commit[:7]}\t{e.metric or 0.0:.6f}\t{memory_gb:.1f}\t{tsv_status(e)}\t"
+            + _one_line(e.description + why)
         )
     header = {
         "type": "config", "name": name, "metricName": metric_name, "metricUnit": "",
@@ -354,18 +356,34 @@ def write_exports(workspace: Path, store: Store, metric_name: str, direction: st
     jsonl = [json.dumps(header)]
     for e, segment in zip(rows, segments(rows), strict=True):
         jsonl.append(json.dumps({
-            "run": e.number, "commit": e.commit[:7], "metric": e.metric, "metrics": e.metrics,
-            "status": e.status, "description": e.description, "timestamp": int(e.finished_at),
+            "run": e.number, "commit": e.commit[:7], "metric": e.metric or 0, "metrics": e.metrics,
+            "status": jsonl_status(e), "description": e.description, "timestamp": int(e.finished_at),
             "segment": segment, "confidence": e.confidence,
             "asi": {
                 "hypothesis": e.hypothesis, "area": e.area, "kind": e.kind, "reason": e.reason,
-                "confirm_of": e.confirm_of, "params": e.params, "focus": e.focus,
+                "status": e.status, "confirm_of": e.confirm_of, "params": e.params, "focus": e.focus,
                 "lines_added": e.lines_added, "lines_removed": e.lines_removed,
                 "duration_s": e.duration_s, "hardware": e.hardware, "slot": e.slot,
             },
         }))
     _atomic_write(workspace / RESULTS_TSV, "\n".join(tsv) + "\n")
     _atomic_write(workspace / AUTORESEARCH_JSONL, "\n".join(jsonl) + "\n")
+
+
+def tsv_status(e: Experiment) -> str:
+    """Upstream's statuses: keep | discard | crash. Its notebook plots every row that is not a
+    crash as a measurement, so a row without a metric (a user's kill, a proposal that never ran)
+    is a crash with val_bpb 0.000000, as upstream's program.md writes crashes; checks_failed was
+    measured and not kept: a discard."""
+    if e.metric is None:
+        return "crash"
+    return e.status if e.status in ("keep", "discard") else "discard"
+
+
+def jsonl_status(e: Experiment) -> str:
+    """The autoresearch plugins' statuses (keep | discard | crash | checks_failed); a run without
+    a metric is logged as a crash with metric 0 (their log_experiment: "0 for crashes")."""
+    return "crash" if e.metric is None else e.status
 
 
 def _one_line(text: str) -> str:

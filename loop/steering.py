@@ -146,7 +146,9 @@ def _apply(store: Store, loop: LoopControl, command: Command, by: str) -> str:
         after = None if args == "now" or not running else running[-1]
         with store.transaction():
             ledger.set_paused(store, by, "pause now" if args == "now" else "pause", after)
-            store.emit("paused", by=by, reason=f"{command.text()} by {by}", after=after)
+            # `by` and `after` say who and when; the reason only adds what else happened.
+            cancelled = ", ".join(f"#{n}" for n in running) if args == "now" else ""
+            store.emit("paused", by=by, reason=f"cancelled {cancelled}" if cancelled else "", after=after)
         return f"pausing after #{after}" if after else "paused"
     if name == "resume":
         if ledger.paused(store) is None:

@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 from nightlab.bot.channel import DeliveryError, OnMessage
-from nightlab.bot.format import PLAIN, Flavour
+from nightlab.bot.format import PLAIN, Flavour, plain, text_message
 from nightlab.bot.outbox import Outbox, Tuning
 from nightlab.loop.config import DigestSettings
 from nightlab.loop.store import Store
@@ -19,7 +19,8 @@ SMALL = Flavour("small", 120, PLAIN.escape, {}, markup_counts=True)
 
 
 class Inbox:
-    """A destination that records texts and can be switched off (a platform outage)."""
+    """A destination that records texts and can be switched off (a platform outage) or throttle
+    (`retry_after`: the next send gets a 429 saying to wait that long)."""
 
     name = "memo"
     flavour = SMALL
@@ -27,6 +28,7 @@ class Inbox:
     def __init__(self) -> None:
         self.got: list[str] = []
         self.down = False
+        self.retry_after: float | None = None
 
     def destinations(self) -> list[str]:
         return ["d1"]
@@ -34,6 +36,9 @@ class Inbox:
     async def start(self, on_message: OnMessage) -> None: ...
 
     async def send_text(self, destination: str, body: str) -> None:
+        if self.retry_after is not None:
+            after, self.retry_after = self.retry_after, None
+            raise DeliveryError("429", retry_after=after)
         if self.down:
             raise DeliveryError("down")
         if body.startswith("BAD"):
@@ -143,3 +148,72 @@ def test_keeps_and_crashes_mode_skips_discards(store: Store) -> None:
     finished(store, "crash", None)
     pump(box)
     assert [m.split(" ", 2)[1] for m in inbox.got] == ["#2", "#3"]
+
+
+def test_digests_are_never_folded_behind_replies_and_stale_replies_are(store: Store) -> None:
+    inbox, clock = Inbox(), Clock()
+    box = outbox(store, inbox, clock=clock)
+    box.fill()
+    inbox.down = True
+    finished(store, "keep", 0.98, description="first")
+    box.fill()
+    for i in range(20):
+        box.enqueue("memo", "d1", [text_message(plain(f"status {i}"))])
+    finished(store, "discard", 0.99, description="second")
+    box.fill()
+    for i in range(20, 35):
+        box.enqueue("memo", "d1", [text_message(plain(f"status {i}"))])
+    pump(box)  # fails: the chat is down
+    clock.now += 30  # the replies are out of date by the time it is back
+    inbox.down = False
+    box.enqueue("memo", "d1", [text_message(plain("asked just now"))])
+    clock.now += 10
+    pump(box)
+    first, summary, second, fresh = inbox.got
+    assert "#1 keep" in first and "#2 discard" in second  # both digests in full
+    assert "memory 43.9 GB" in first and "VRAM" not in first  # a CPU run has no VRAM
+    assert summary.startswith("⌛ 35 out-of-date replies (held up while memo was unreachable), not sent")
+    assert "• status 0" in summary
+    assert fresh == "asked just now" and box.waiting() == []
+
+
+def test_backoff_is_capped_and_a_channel_seen_working_is_retried_at_once(store: Store) -> None:
+    inbox, clock = Inbox(), Clock()
+    box = outbox(store, inbox, clock=clock)
+    box.fill()
+    inbox.down = True
+    store.emit("alert", text="during")
+    for _ in range(8):  # 1, 2, 4, 8, 8, ... seconds: never past backoff_max_s
+        pump(box)
+        (row,) = box.waiting()
+        assert row.next_attempt_at - clock.now <= 8.0
+        clock.now = row.next_attempt_at
+    clock.now -= 1  # the next retry is not due yet ...
+    inbox.down = False
+    box.channel_works("memo")  # ... but a message came in: the channel is back
+    pump(box)
+    assert inbox.got == ["🚨 during"]
+    inbox.retry_after = 5.0  # a 429: the platform's word still holds when the channel is seen working
+    store.emit("alert", text="throttled")
+    pump(box)
+    inbox.down = True
+    store.emit("alert", text="x")
+    box.channel_works("memo")
+    assert [r.next_attempt_at for r in box.waiting()][0] == clock.now + 5.0
+
+
+def test_after_a_short_outage_only_the_newest_reply_goes_out_in_full(store: Store) -> None:
+    inbox, clock = Inbox(), Clock()
+    box = outbox(store, inbox, clock=clock)
+    box.fill()
+    inbox.down = True
+    for i in range(11):
+        box.enqueue("memo", "d1", [text_message(plain(f"status {i}"))])
+        clock.now += 0.5
+    store.emit("alert", text="digest")
+    pump(box)
+    inbox.down = False
+    box.channel_works("memo")  # a message came in: the chat is back after 6 s
+    pump(box)
+    summary, newest, digest = inbox.got
+    assert summary.startswith("⌛ 10 out-of-date replies") and newest == "status 10" and digest == "🚨 digest"

@@ -3,16 +3,18 @@ against the fake Web API and a real WebSocket server."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
 from nightlab.loop import views
 from nightlab.loop.config import Secret, Secrets
 from nightlab.loop.store import Store
 
-from tests.bot.conftest import finished, running, settings, start_service
+from tests.bot.conftest import finished, running, settings, start_service, wait_until
 from tests.fakes.slack_server import FakeSlack
 
 OPERATOR, VIEWER, STRANGER = "UOP", "UVIEW", "USTRANGER"
@@ -54,6 +56,8 @@ def test_mentions_and_dms_steer_but_channel_membership_grants_nothing(
     number = running(store, started_ago_s=30)
     slack.event({"type": "app_mention", "user": OPERATOR, "channel": CHANNEL, "text": "<@UBOT> kill"})
     assert replies(slack, CHANNEL, 0)[0].startswith(f"✔ killing #{number}")
+    # A mention that speaks to another bot (Telegram's /pause@otherbot) is not ours: silent.
+    slack.event({"type": "app_mention", "user": OPERATOR, "channel": CHANNEL, "text": "<@UDEPLOY> pause, cc <@UBOT>"})
     slack.event({"type": "message", "channel_type": "im", "user": OPERATOR, "channel": DM, "text": "note try rope"})
     assert replies(slack, DM, 0)[0].startswith("✔ note queued")
     assert [(c.name, c.args, c.sender) for c in store.pending_commands()] == [
@@ -99,3 +103,25 @@ def test_reconnects_after_disconnect(slack: FakeSlack, bot: BotService) -> None:
     envelope = slack.slash_command("best", VIEWER, CHANNEL)
     assert slack.acked(envelope)
     assert replies(slack, CHANNEL, 0) == ["```\nno result yet```"]
+
+
+def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is_back(
+        slack: FakeSlack, workspace: Path, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    s = settings(slack={"operators": [OPERATOR], "channels": [CHANNEL], "api_base": slack.api_url})
+    # Our backoff alone would wait ten minutes: only seeing Slack answer again can flush now.
+    svc = start_service(s, Secrets(slack_bot_token=Secret(slack.bot_token), slack_app_token=Secret(slack.app_token)),
+                        workspace, tuning=Tuning(backoff_base_s=600, backoff_max_s=600))
+    caplog.set_level(logging.DEBUG)
+    slack.down()
+    store.emit("alert", text="while down")
+    wait_until(lambda: store.connection().execute("SELECT COALESCE(MAX(attempts), 0) FROM outbox").fetchone()[0])
+    wait_until(lambda: sum("Failed to check the current session" in r.getMessage() for r in caplog.records)
+               + sum(r.getMessage().startswith("slack: connection lost") for r in caplog.records) >= 1, timeout=30)
+    slack.up()
+    assert [p.text for p in slack.wait_for(1, CHANNEL, timeout=30)] == ["🚨 while down"]
+    assert svc.stop(10)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum(m.startswith("slack: connection lost") for m in lines) == 1, lines
+    assert sum(m.startswith("slack: connected again") for m in lines) == 1, lines
+    assert not [r for r in caplog.records if r.name.startswith("slack_sdk") and r.levelno >= logging.WARNING]
+    assert len(lines) == 2, lines  # the deliveries that failed meanwhile are the same outage

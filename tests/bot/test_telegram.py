@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
 from nightlab.loop import views
 from nightlab.loop.config import Secret, Secrets
@@ -93,6 +95,20 @@ def test_strangers_are_refused_privately_and_ignored_in_groups(tg: FakeTelegram,
     assert sum("refused telegram:999" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_commands_addressed_to_another_bot_are_ignored(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    number = running(store, started_ago_s=30)
+    tg.inject("/kill@otherbot", OPERATOR, GROUP)
+    tg.inject("/status@OtherBot", OPERATOR, GROUP)
+    tg.inject("/kill@otherbot", OPERATOR)  # in private too: it names someone else
+    tg.inject("/start", OPERATOR, GROUP)  # an unaddressed unknown command in a group: another bot's
+    assert "unknown command '/frobnicate'" in ask(tg, "/frobnicate@nightlab_test_bot", OPERATOR, GROUP)[0]
+    assert "unknown command" in ask(tg, "/start", OPERATOR)[0]  # in private it can only be for us
+    assert store.pending_commands() == []
+    assert ask(tg, "/kill@NightLab_Test_Bot", OPERATOR, GROUP)[0].startswith(f"✔ killing #{number}")
+    assert len(tg.messages(GROUP)) == 2 and len(tg.messages(OPERATOR)) == 1  # nothing else answered
+    assert [(c.name, c.args) for c in store.pending_commands()] == [("kill", "")]
+
+
 def test_digest_per_experiment_and_new_best(tg: FakeTelegram, bot: BotService, store: Store) -> None:
     finished(store, "discard", 1.01, delta=0.02, previous_best=0.99, description="WARMUP 0→0.1")
     finished(store, "keep", 0.98, delta=-0.01, previous_best=0.99, new_best=True, description="MATRIX_LR 0.04→0.05")
@@ -149,3 +165,25 @@ def test_outage_queues_then_delivers_everything_in_order(tg: FakeTelegram, bot: 
 
 def bot_waiting(store: Store) -> list[object]:
     return store.connection().execute("SELECT id FROM outbox WHERE status = 'pending'").fetchall()
+
+
+def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is_back(
+        tg: FakeTelegram, workspace: Path, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    # Our backoff alone would wait ten minutes: only seeing Telegram answer again can flush now.
+    svc = start_service(tg_settings(tg), Secrets(telegram_token=Secret(tg.token)), workspace,
+                        tuning=Tuning(backoff_base_s=600, backoff_max_s=600))
+    caplog.set_level(logging.DEBUG, logger="nightlab")
+    tg.down()
+    store.emit("alert", text="while down")
+    wait_until(lambda: store.connection().execute("SELECT COALESCE(MAX(attempts), 0) FROM outbox").fetchone()[0])
+    wait_until(lambda: sum("polling" in r.getMessage() for r in caplog.records) >= 1, timeout=15)
+    tg.up()
+    assert [m.text for m in tg.wait_for(1, GROUP, timeout=30)] == ["🚨 while down"]
+    tg.down()  # and stopped while it is down again
+    assert svc.stop(15)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    lost = [m for _, m in lines if m.startswith("telegram: connection lost")]
+    back = [m for _, m in lines if m.startswith("telegram: connected again")]
+    assert len(lost) == 2 and len(back) == 1 and len(lines) == 3, lines  # one per outage, one when back
+    assert not [r for r in caplog.records if r.name.startswith("telegram") and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"

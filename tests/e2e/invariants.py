@@ -64,10 +64,9 @@ def exports_agree(workspace: Path, store: Store) -> Check:
         jsonl = [json.loads(line) for line in (workspace / ledger.AUTORESEARCH_JSONL).read_text().splitlines()]
     except (OSError, ValueError) as exc:
         return Check("exports agree with the ledger", False, f"unreadable: {exc}")
-    want_tsv = [(e.commit[:7], "0.000000" if e.metric is None else f"{e.metric:.6f}", e.status,
-                 " ".join(e.description.split())) for e in rows]
-    got_tsv = [tuple(line.split("\t")[i] for i in (0, 1, 3, 4)) for line in tsv[1:]]
-    want_json = [(e.number, e.commit[:7], e.metric, e.status) for e in rows]
+    want_tsv = [(e.commit[:7], f"{e.metric or 0.0:.6f}", ledger.tsv_status(e)) for e in rows]
+    got_tsv = [tuple(line.split("\t")[i] for i in (0, 1, 3)) for line in tsv[1:]]
+    want_json = [(e.number, e.commit[:7], e.metric or 0, ledger.jsonl_status(e)) for e in rows]
     got_json = [(j["run"], j["commit"], j["metric"], j["status"]) for j in jsonl[1:]]
     problems = []
     if got_tsv != want_tsv:

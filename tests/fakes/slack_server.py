@@ -9,7 +9,7 @@ HTTP 429 and a Retry-After header, as Slack does.
 Socket Mode: every connection gets `hello`; `slash_command(...)` / `event(...)` send envelopes
 and `acked(envelope_id)` says whether the client acknowledged one; `disconnect()` sends Slack's
 `disconnect` message (refresh_requested) and closes, after which the client must reconnect
-through apps.connections.open.
+through apps.connections.open. `down()`/`up()`: an outage of both, the same ports after it.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class FakeSlack:
         self._threads = [threading.Thread(target=self._http.serve_forever, daemon=True),
                          threading.Thread(target=self._loop.run_forever, daemon=True)]
         self._ws_server: Any = None
+        self._ports = (0, 0)  # (HTTP, WebSocket) while down
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -79,8 +80,24 @@ class FakeSlack:
         self._http.shutdown()
         self._http.server_close()
 
-    async def _serve(self) -> Any:
-        return await serve(self._session, "127.0.0.1", 0)  # must start inside the running loop
+    async def _serve(self, port: int = 0) -> Any:
+        return await serve(self._session, "127.0.0.1", port)  # must start inside the running loop
+
+    def down(self) -> None:
+        """An outage: the socket drops and both ports refuse connections until `up()`."""
+        self._ports = (self._http.server_address[1], self._ws_server.sockets[0].getsockname()[1])
+        self._ws_server.close()  # closes the open connection too
+        self._run(self._ws_server.wait_closed())
+        with self._cond:
+            self._ws = None
+        self._http.shutdown()
+        self._http.server_close()
+
+    def up(self) -> None:
+        http_port, ws_port = self._ports
+        self._http = QuietServer(("127.0.0.1", http_port), self._handler())
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        self._ws_server = self._run(self._serve(ws_port))
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)

@@ -49,4 +49,4 @@ def test_bigger_is_better_and_bad_input(workspace: Path, tmp_path: Path, capsys)
             cli.main(["history", "--workspace", str(workspace), *bad])
         assert exit_.value.code == 2
         err = capsys.readouterr().err
-        assert "'0' is not a whole number >= 1" in err or "invalid choice: 'kept'" in err
+        assert "expected a number of 1 or more, got 0" in err or "invalid choice: 'kept'" in err

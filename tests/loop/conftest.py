@@ -14,7 +14,7 @@ from tests.fakes.slurm_cluster import SlurmCluster, missing_binaries
 def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, gpus: int) -> Iterator[SlurmCluster]:
     missing = missing_binaries()
     if missing:
-        pytest.skip(f"Slurm is not installed here (missing: {', '.join(missing)}); .ci/run installs it")
+        pytest.skip(f"Slurm is not installed here (missing: {', '.join(missing)}); the README's test command installs it")
     cluster = SlurmCluster(Path(tmp_path_factory.mktemp(name)), gpus=gpus)
     cluster.start()
     try:

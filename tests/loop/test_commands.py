@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from nightlab.loop.commands import Command, CommandError, help_text, parse_command
@@ -12,7 +14,6 @@ AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")
     [
         ("/pause", Command("pause")),
         ("pause now", Command("pause", "now")),
-        ("/status@nightlab_bot", Command("status")),
         ("/focus Attention", Command("focus", "attention")),
         ("focus off", Command("focus", "off")),
         ("/note try a longer warmup", Command("note", "try a longer warmup")),
@@ -29,6 +30,7 @@ def test_valid(text: str, expected: Command) -> None:
     [
         ("", "empty command"),
         ("/reboot", "unknown command"),
+        ("/kill@otherbot", "unknown command"),  # only the Telegram adapter may drop an addressee
         ("/focus", "focus needs an area"),
         ("/focus quantum", "unknown area 'quantum'; areas: architecture"),
         ("/last many", "last wants a number"),
@@ -61,3 +63,31 @@ def test_help_lists_every_command() -> None:
 
 def test_control_characters_are_neutralised() -> None:
     assert parse_command("note a\x00b\x1bc") == Command("note", "a b c")
+
+
+class _Loop:
+    """Two experiments in flight; kills are only remembered (the engine's side is not under test)."""
+
+    def __init__(self) -> None:
+        self.killed: list[int] = []
+
+    def running_numbers(self) -> list[int]:
+        return [4, 5]
+
+    def kill(self, number: int, reason: str) -> bool:
+        self.killed.append(number)
+        return True
+
+
+def test_the_pause_broadcast_says_each_thing_once(tmp_path: Path) -> None:
+    from nightlab.bot.digest import describe
+    from nightlab.loop.config import DigestSettings
+    from nightlab.loop.steering import apply_pending
+    from nightlab.loop.store import Store
+
+    store = Store.for_workspace(tmp_path)
+    for text in ("pause", "resume", "pause now"):
+        store.add_command(*parse_command(text).text().partition(" ")[::2], sender="telegram:1001")
+        apply_pending(store, _Loop())
+    lines = [describe(e, DigestSettings())[0].title for e in store.events_after(0) if e.kind == "paused"]
+    assert lines == ["⏸ paused by telegram:1001 after #5 finishes", "⏸ paused by telegram:1001: cancelled #4, #5"]

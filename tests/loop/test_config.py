@@ -96,6 +96,37 @@ def test_secret_from_file_is_redacted(tmp_path: Path) -> None:
     assert "SECRET" not in render_settings(settings)
 
 
+@pytest.mark.parametrize("line", [
+    "token = 'xoxb-1234-SECRET'",  # the token pasted in as a string
+    "token = { env = 'xoxb-1234-SECRET' }",  # ... or as the variable's name
+])
+def test_a_secret_written_in_the_config_is_not_echoed(tmp_path: Path, line: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, f"[telegram]\noperators = [1]\n{line}\n"))
+    message = str(err.value)
+    assert "SECRET" not in message and "xoxb" not in message
+    assert "telegram.token" in message and "value not shown" in message
+    assert 'token = { env = "VAR" }' in message and '{ file = "/path" }' in message
+
+
+def test_every_mistake_is_reported_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "\n".join([
+        "[heartbeat]", "run_timout = 60", 'check_interval = "often"', "stall_after = -1",
+        "[data]", "shards = 0",
+        "[project]", 'direction = "down"',
+        "[telegram]", 'operators = ["alice"]',  # no second line about an empty allowlist
+        "[slack]", "operators = ['U1']", "bot_token = 'xoxb-SECRET'",
+    ]) + "\n")
+    assert main(["config", "check", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    keys = ["heartbeat.run_timout", "heartbeat.check_interval", "project.direction", "telegram.operators[0]",
+            "slack.bot_token", "data.shards", "heartbeat.stall_after"]
+    assert len(lines) == len(keys), lines
+    for key in keys:
+        assert sum(key in line for line in lines) == 1, key
+    assert all(str(path) in line for line in lines) and "SECRET" not in "".join(lines)
+
+
 def test_cli_config_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(REPO / "config.example.toml")]) == 0
     assert "source = \"stdlib\"" in capsys.readouterr().out

@@ -45,9 +45,9 @@ def assert_consistent(settings: Settings, in_order: bool = True) -> None:
     numbers = [e.payload["number"] for e in finished]
     assert (numbers if in_order else sorted(numbers)) == [e.number for e in rows]
     tsv = (repo / "results.tsv").read_text().splitlines()[1:]
-    assert [line.split("\t")[3] for line in tsv] == [e.status for e in rows]
+    assert [line.split("\t")[3] for line in tsv] == [ledger.tsv_status(e) for e in rows]
     jsonl = [json.loads(x) for x in (repo / "autoresearch.jsonl").read_text().splitlines()[1:]]
-    assert [(j["run"], j["status"], j["metric"]) for j in jsonl] == [(e.number, e.status, e.metric) for e in rows]
+    assert [(j["run"], j["asi"]["status"], j["metric"]) for j in jsonl] == [(e.number, e.status, e.metric or 0) for e in rows]
     keeps = [e for e in rows if e.status == "keep"]
     assert git_out(repo, "rev-parse", "HEAD") == keeps[-1].commit
     assert git_out(repo, "status", "--porcelain") == ""
@@ -370,3 +370,21 @@ def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> Non
         pytest.skip("the agent proposer is not written yet")
     assert ok.returncode == 0, ok.stderr
     assert Store.for_workspace(settings.workspace_path).get("engine.finished") is True
+
+
+def test_a_note_waits_for_a_proposal_that_runs(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    send_command(settings.workspace_path, "note try rope", "telegram:7")
+    proposer = ScriptedProposer([
+        {"raise": "the agent timed out"},  # #2: no proposal at all
+        {"noop": True},  # #3: changed nothing
+        {"write": {"prepare.py": "harness edited"}},  # #4: rejected
+        {"set": {"VAL_BPB": [0.9]}},  # #5: runs, with the note
+        {"set": {"VAL_BPB": [0.8]}},
+    ])
+    assert run_engine(settings, 6, proposer=proposer) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    assert _statuses(store)[1:5] == ["crash", "discard", "crash", "keep"]
+    assert [c.notes for c in proposer.contexts] == [("try rope",)] * 4 + [()]
+    (note,) = [c for c in map(store.command, range(1, 5)) if c and c.name == "note"]
+    assert note.result == "delivered with #5"

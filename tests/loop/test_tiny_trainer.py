@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from tests.fakes.scripted_proposer import ScriptedProposer
 TRAINER = Path(__file__).resolve().parents[2] / "trainer"
 
 
-def test_baseline_with_the_real_tiny_trainer(tmp_path: Path) -> None:
+def test_baseline_with_the_real_tiny_trainer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if not all((TRAINER / name).exists() for name in ("train.py", "prepare.py", "profiles.py")):
         pytest.skip("the built-in trainer (trainer/train.py, prepare.py, profiles.py) is not there yet")
     settings = settings_from_table({
@@ -29,7 +30,17 @@ def test_baseline_with_the_real_tiny_trainer(tmp_path: Path) -> None:
     ws = init_workspace(settings.workspace_path, "tiny", settings, say=lambda _: None)
     # Shorter than the tiny profile (15 s budget, 16K eval tokens): this test proves the plumbing.
     ws.store.set("workspace.harness_env", {**ws.harness_env, "NIGHTLAB_TIME_BUDGET": "2", "NIGHTLAB_EVAL_TOKENS": "2048"})
+    from nightlab.trainer import prepare
+
+    prepare.prepare("stdlib", 1, settings.cache_path, lambda _: None)  # as the daemon does before the engine
+    capsys.readouterr()
     assert run_engine(settings, 1, proposer=ScriptedProposer([{"noop": True}])) == 0
+    engine_lines = capsys.readouterr().err.splitlines()
+    # The daemon says the data is there before it starts the engine: the engine does not repeat it.
+    assert not [line for line in engine_lines if "present" in line], engine_lines
+    # Its lines carry a time, like the daemon's log lines beside them.
+    assert engine_lines and all(re.match(r"\d\d:\d\d:\d\d nightlab engine: ", line)
+                                for line in engine_lines if "nightlab engine" in line), engine_lines
     (exp,) = ledger.experiments(Store.for_workspace(ws.path))
     assert exp.status == "keep", exp.reason
     assert exp.metric is not None and math.isfinite(exp.metric) and exp.metrics["depth"] == 2

@@ -1,5 +1,5 @@
 """The fixed harness: data sources (local, mirror over real HTTP, stdlib), tokenizer,
-dataloader and evaluate_bpb. Self-made data; the shared corpus only when present."""
+dataloader and evaluate_bpb. Self-made data only: every test runs on a fresh machine."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 from nightlab.trainer import prepare as P
 
-from tests.conftest import REPO, SHARED_CORPUS
+from tests.conftest import REPO
 from tests.fakes.hf_server import FakeHF
 
 SAMPLES = {
@@ -184,9 +184,12 @@ def test_cli_prepares_a_local_source(corpus, tmp_path: Path, capsys: pytest.Capt
     assert "tokenizer: trained" in out.err
 
 
-@pytest.mark.skipif(not SHARED_CORPUS.is_dir(), reason="shared corpus not present")
-def test_shared_corpus_as_local_source(tmp_path: Path) -> None:
-    data_dir = P.prepare(str(SHARED_CORPUS), 1, tmp_path, progress=lambda _: None, tokenizer_max_chars=1_000_000)
+def test_a_climbmix_like_folder_as_local_source(tmp_path: Path) -> None:
+    """Eight shards named like climbmix's: the first N train, the last is the validation shard."""
+    paras = _stdlib_paragraphs(600_000)  # the tokenizer learns from the one training shard used
+    source = tmp_path / "shards"
+    write_shards(source, [paras] + [paras[i::50] for i in range(7)])
+    data_dir = P.prepare(str(source), 1, tmp_path / "cache", progress=lambda _: None, tokenizer_max_chars=1_000_000)
     train, val = P.split_shards(data_dir)
     assert [p.name for p in train] == ["shard_00000.parquet"] and val.name == "shard_00007.parquet"
     assert P.Tokenizer.from_directory(data_dir / "tokenizer").get_vocab_size() == P.VOCAB_SIZE

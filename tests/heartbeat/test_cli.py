@@ -1,0 +1,158 @@
+"""The `nightlab` command line as a person types it: options anywhere, a command only for the loop
+the user named, clear one-line messages for bad input, --version and help on every option."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from nightlab.heartbeat.cli import build_parser, main
+from nightlab.loop import ledger
+from nightlab.loop.store import Store
+
+from tests.fakes.daemon_config import write_daemon_config
+from tests.fakes.loop_workspace import make_stub_workspace
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A HOME of its own: a command must never create or touch ~/nightlab-workspace by default."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    store = Store.for_workspace(ws)
+    store.set(ledger.AREAS_KEY, ["attention", "optimizer"])
+    store.close()
+    return ws
+
+
+def pending(ws: Path) -> list[tuple[str, str]]:
+    return [(c.name, c.args) for c in Store.for_workspace(ws).pending_commands()]
+
+
+def test_ctl_options_may_come_anywhere(loop: Path, tmp_path: Path, home: Path) -> None:
+    config = write_daemon_config(tmp_path / "n.toml", loop)
+    assert main(["ctl", "focus", "attention", "--config", str(config)]) == 0
+    assert main(["ctl", "note", "try", "--workspace", str(loop), "a longer warmup"]) == 0
+    assert main(["ctl", "--workspace", str(loop), "note", "--", "--lr 0.1 looked good"]) == 0
+    assert main(["ctl", "pause", "--workspace", str(loop)]) == 0
+    assert pending(loop) == [("focus", "attention"), ("note", "try a longer warmup"),
+                             ("note", "--lr 0.1 looked good"), ("pause", "")]
+    assert not (home / "nightlab-workspace").exists()
+
+
+def test_a_command_goes_only_to_a_loop_the_user_named(loop: Path, tmp_path: Path, home: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["ctl", "pause"], ["status"], ["history", "-n", "3"]):
+        assert main(argv) == 2
+        assert "which loop? give --config FILE" in capsys.readouterr().err
+    missing = tmp_path / "not" / "here"
+    assert main(["ctl", "pause", "--workspace", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} is not a nightlab workspace" in err and len(err.splitlines()) == 1
+    assert not (home / "nightlab-workspace").exists() and not missing.exists()
+    assert pending(loop) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--config", "x.toml", "--max-experiments", "0"],
+    ["run", "--config", "x.toml", "--max-experiments", "-2"],
+    ["demo", "--experiments", "0"],
+    ["ctl", "pause", "--frobnicate"],
+])
+def test_bad_arguments_are_refused_by_the_parser(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("1 or more" in err or "unrecognized arguments" in err)
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "train"])
+def test_a_workspace_that_cannot_be_a_directory_gets_a_message(command: str, tmp_path: Path, home: Path) -> None:
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    config = write_daemon_config(tmp_path / "n.toml", tmp_path / "ws")
+    for bad, says in ((afile, "is not a directory"), (afile / "below", "cannot create the workspace")):
+        argv = [command, "--workspace", str(bad)] + (["--config", str(config)] if command == "run" else [])
+        out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", *argv],
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert out.returncode == 2, out.stderr
+        assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_max_experiments_counts_from_now(tmp_path: Path, home: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    config = write_daemon_config(tmp_path / "n.toml", settings.workspace_path,
+                                 heartbeat={"check_interval": 0.3, "report_time": ""},
+                                 loop={"checkpoint_interval": 0.1})
+    store = Store.for_workspace(settings.workspace_path)
+    for recorded in (1, 3):  # the baseline, then two more
+        more = "1" if recorded == 1 else "2"
+        out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", "run", "--config", str(config),
+                              "--max-experiments", more], capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 0, out.stderr
+        assert ledger.experiment_count(store) == recorded
+
+
+def test_version_and_help_on_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("nightlab 0.")
+
+    def walk(parser: argparse.ArgumentParser, where: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += walk(sub, f"{where} {name}")
+            elif not action.help:
+                missing.append(f"{where} {'/'.join(action.option_strings) or action.dest}")
+        return missing
+
+    assert walk(build_parser(), "nightlab") == []
+
+
+def test_train_uses_what_prepare_made(tmp_path: Path, home: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nightlab.trainer.prepare import source_id
+
+    from tests.trainer.test_prepare import _stdlib_paragraphs
+
+    shards = tmp_path / "my shards"
+    shards.mkdir()
+    paras = _stdlib_paragraphs(400_000)
+    for i in range(3):
+        pq.write_table(pa.table({"text": paras[i::3]}), shards / f"part_{i}.parquet")
+    env = {**os.environ, "HOME": str(home)}
+
+    def nightlab(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", *argv], capture_output=True,
+                              text=True, timeout=300, check=False, env=env)
+
+    prepared = nightlab("prepare", "--source", str(shards), "--shards", "2")
+    assert prepared.returncode == 0, prepared.stderr
+    assert f'[data] source = "{shards}"' in prepared.stdout
+    ws = tmp_path / "ws"
+    assert nightlab("init", str(ws), "--tag", "t").returncode == 0
+    store = Store.for_workspace(ws)  # a 2-second run: this test proves which data it used
+    store.set("workspace.harness_env", {**store.get("workspace.harness_env"), "NIGHTLAB_TIME_BUDGET": "2",
+                                        "NIGHTLAB_EVAL_TOKENS": "2048"})
+    store.close()
+    trained = nightlab("train", "--profile", "tiny", "--workspace", str(ws))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert f"data source {shards} (from the last `nightlab prepare`" in trained.stderr
+    cache = home / ".cache" / "nightlab"
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [source_id(str(shards))]  # nothing else fetched
+    assert "summary: val_bpb=" in trained.stdout

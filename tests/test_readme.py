@@ -1,0 +1,42 @@
+"""The README's test command (what .ci/run runs) sets up everything the whole suite needs, so a
+newcomer's run skips nothing that a fresh Debian/Ubuntu machine can have."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from tests.conftest import REPO
+from tests.fakes.slurm_cluster import BINARIES
+
+# Where each binary the Slurm tests start comes from (Debian/Ubuntu packages).
+PACKAGE_OF = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client", "squeue": "slurm-client",
+              "scancel": "slurm-client", "scontrol": "slurm-client", "sinfo": "slurm-client", "munged": "munge",
+              "munge": "munge"}
+
+
+def readme_test_command() -> str:
+    """Extracted exactly as .ci/run extracts it."""
+    awk = re.search(r"cmd=\$\(awk '([^']*)' README\.md\)", (REPO / ".ci" / "run").read_text())
+    assert awk, ".ci/run no longer extracts the README's command with awk"
+    return subprocess.run(["awk", awk.group(1), str(REPO / "README.md")], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_the_readme_test_command_installs_what_every_test_needs() -> None:
+    cmd = readme_test_command()
+    assert len(cmd.splitlines()) == 1, "one command"
+    installs = re.search(r"apt-get install ([^&]*)", cmd)
+    assert installs, cmd
+    packages = set(installs.group(1).split())
+    assert {PACKAGE_OF[b] for b in BINARIES} <= packages, f"Slurm packages missing from: {cmd}"
+    assert cmd.endswith("-m pytest -q"), "the whole suite, nothing deselected"
+
+
+def test_no_test_reads_data_from_outside_the_repository() -> None:
+    for path in (REPO / "tests").rglob("*.py"):
+        if path == Path(__file__):
+            continue
+        text = path.read_text()
+        assert "REPO.parent" not in text and "../shared" not in text, f"{path} depends on data it does not make"
