@@ -37,7 +37,11 @@ EXP_REF_PREFIX = "refs/nightlab/exp/"
 PROGRAM_MD = "program.md"
 # Never part of an experiment: our state, the exports, and the bytecode `import prepare` leaves.
 _EXCLUDES = (f"/{STATE_DIRNAME}/", f"/{RESULTS_TSV}", f"/{AUTORESEARCH_JSONL}", "__pycache__/")
-_BUILTIN = ("train.py", "prepare.py")
+_BUILTIN = ("train.py", "prepare.py", "harness.py")
+# The built-in trainer's fixed harness: protected whatever [project] protected says.
+_HARNESS = ("prepare.py", "harness.py")
+ARTIFACTS_DIRNAME = "artifacts"  # kept models by commit, for held-out scoring
+COMPILE_CACHE_DIRNAME = "compile-cache"  # torch inductor + triton, shared by every experiment
 _GIT_IDENTITY = {"user.name": "nightlab", "user.email": "nightlab@localhost"}
 
 Say = Callable[[str], None]
@@ -256,13 +260,14 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = _stderr)
         _install_trainer(path, chosen, say)
     if not (path / PROGRAM_MD).exists():
         (path / PROGRAM_MD).write_text(DEFAULT_PROGRAM)
-    missing = [f for f in (*project.editable, *project.protected) if not (path / f).is_file()]
+    protected = _protected_files(project.protected, builtin)
+    missing = [f for f in (*project.editable, *protected) if not (path / f).is_file()]
     if missing:
         raise UserError(
             f"{path}: the files named in [project] editable/protected do not exist: {', '.join(missing)};"
             " fix the config or add them to the repository"
         )
-    _protect(path, project.protected)
+    _protect(path, protected)
     if repo.changed_files() or not repo.has_commits():
         repo.commit_all(f"nightlab baseline (profile {profile})")
 
@@ -270,7 +275,7 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = _stderr)
     with store.transaction():
         store.set("workspace.profile", profile)
         store.set("workspace.harness_env", harness_env)
-        store.set("workspace.protected_sha256", {f: sha256_file(path / f) for f in project.protected})
+        store.set("workspace.protected_sha256", {f: sha256_file(path / f) for f in protected})
         store.set("workspace.created_at", time.time())
         store.set("workspace.branch", branch)  # last: its presence means "initialized"
     say(f"workspace {path}: branch {branch}, baseline {repo.head()[:7]}, profile {profile}")
@@ -338,12 +343,31 @@ def open_workspace(path: Path, settings: Settings) -> Workspace:
         raise UserError(f"{path}: `nightlab init` did not finish; run `nightlab init {path}` again")
     project = settings.project
     builtin = not project.run_command
-    command = project.run_command or f"{shlex.quote(sys.executable)} train.py"
     return Workspace(
         path=path, branch=branch, profile=store.get("workspace.profile", "custom"),
         harness_env=dict(store.get("workspace.harness_env", {})), editable=project.editable,
-        protected=project.protected, run_command=command, builtin_trainer=builtin,
+        protected=_protected_files(project.protected, builtin), run_command=run_command(settings),
+        builtin_trainer=builtin,
     )
+
+
+def _protected_files(protected: tuple[str, ...], builtin: bool) -> tuple[str, ...]:
+    return (*protected, *(f for f in _HARNESS if builtin and f not in protected))
+
+
+def run_command(settings: Settings) -> str:
+    """The command each experiment runs. Built-in trainer: `prepare.py run` trains with train.py,
+    then the harness scores the saved model in its own process. A project with its own
+    run_command and a score_command gets the same two steps through nightlab's own copy of the
+    harness; with no score_command its run_command runs alone and its printed metric is trusted."""
+    project = settings.project
+    python = shlex.quote(sys.executable)
+    if not project.run_command:
+        return f"{python} prepare.py run"
+    if not project.score_command:
+        return project.run_command
+    return (f"{python} -m nightlab.trainer.prepare run --command {shlex.quote(project.run_command)}"
+            f" --score {shlex.quote(project.score_command)}")
 
 
 def _protect(path: Path, protected: tuple[str, ...]) -> None:
@@ -379,9 +403,14 @@ def run_environment(ws: Workspace, settings: Settings, say: Say = _stderr) -> di
 
         try:
             data_dir = prepare.prepare(settings.data.source, settings.data.shards, settings.cache_path, say)
+            prepare.training_view(data_dir)  # made once here, not by several slots at once
         except prepare.PrepareError as exc:
             raise UserError(str(exc)) from None
         env[prepare.ENV_DATA_DIR] = str(data_dir)
+        # Compiled graphs and kernels outlive a run: the next experiment with the same shapes starts warm.
+        cache = state_dir(ws.path) / COMPILE_CACHE_DIRNAME
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     return env
 
 

@@ -50,9 +50,9 @@ PROFILES: dict[str, Profile] = {
             "UNEMBEDDING_LR": 0.008,
             "MATRIX_LR": 0.04,
             "WARMDOWN_RATIO": 0.5,
-            "UNTIMED_STEPS": 1,
         },
         harness_env={
+            "NIGHTLAB_BUDGET_STEPS": "40",  # steps, not seconds: the same run under any CPU load
             "NIGHTLAB_TIME_BUDGET": "15",
             "NIGHTLAB_MAX_SEQ_LEN": "256",
             "NIGHTLAB_EVAL_TOKENS": str(8 * 256 * 4),

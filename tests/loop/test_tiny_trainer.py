@@ -27,8 +27,8 @@ def test_baseline_with_the_real_tiny_trainer(tmp_path: Path) -> None:
         "trainer": {"profile": "tiny"},
     })
     ws = init_workspace(settings.workspace_path, "tiny", settings, say=lambda _: None)
-    # Shorter than the tiny profile (15 s budget, 16K eval tokens): this test proves the plumbing.
-    ws.store.set("workspace.harness_env", {**ws.harness_env, "NIGHTLAB_TIME_BUDGET": "2", "NIGHTLAB_EVAL_TOKENS": "2048"})
+    # Shorter than the tiny profile (40 steps, 8K eval tokens): this test proves the plumbing.
+    ws.store.set("workspace.harness_env", {**ws.harness_env, "NIGHTLAB_BUDGET_STEPS": "5", "NIGHTLAB_EVAL_TOKENS": "2048"})
     assert run_engine(settings, 1, proposer=ScriptedProposer([{"noop": True}])) == 0
     (exp,) = ledger.experiments(Store.for_workspace(ws.path))
     assert exp.status == "keep", exp.reason

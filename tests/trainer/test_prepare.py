@@ -121,6 +121,9 @@ def test_constants_and_settings_follow_environment() -> None:
     for bad in ("abc", "0", "-5", "1.5"):
         with pytest.raises(P.PrepareError, match="NIGHTLAB_EVAL_TOKENS"):
             P.harness_settings({"NIGHTLAB_EVAL_TOKENS": bad})
+    assert P.harness_settings({"NIGHTLAB_BUDGET_STEPS": "40"})["BUDGET_STEPS"] == 40  # recorded when in force
+    with pytest.raises(P.PrepareError, match="NIGHTLAB_BUDGET_STEPS"):
+        P.harness_settings({"NIGHTLAB_BUDGET_STEPS": "soon"})
 
 
 def test_runs_as_top_level_module_without_torch(tmp_path: Path) -> None:
