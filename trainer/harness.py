@@ -45,7 +45,7 @@ import prepare
 from prepare import EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer
 
 ENV_DTYPE = "NIGHTLAB_DTYPE"
-ENV_BUDGET_STEPS = "NIGHTLAB_BUDGET_STEPS"
+ENV_BUDGET_STEPS = prepare.ENV_BUDGET_STEPS
 ENV_COMPILE = "NIGHTLAB_COMPILE"  # 0: never torch.compile (a device where it cannot run)
 UNTIMED_STEPS = 10  # the first steps (compilation, warm-up) do not count against TIME_BUDGET
 ARTIFACT_FORMAT = "nightlab-artifact/1"
@@ -333,8 +333,10 @@ class Budget:
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Budget:
-        steps = prepare._env_int(environ, ENV_BUDGET_STEPS, 0) if environ.get(ENV_BUDGET_STEPS, "").strip() else None
-        return cls(seconds=TIME_BUDGET, steps=steps)
+        if not environ.get(ENV_BUDGET_STEPS, "").strip():
+            return cls(seconds=TIME_BUDGET)
+        # every step counts: a step budget has no clock to protect from warm-up
+        return cls(seconds=TIME_BUDGET, steps=prepare._env_int(environ, ENV_BUDGET_STEPS, 1), untimed=0)
 
     @property
     def progress(self) -> float:
@@ -673,57 +675,6 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
             "meta": meta, "rt": rt, "rows": n}
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def print_summary(result: dict[str, Any], run_started: float | None) -> None:
-    """Upstream's summary block (names, order, formats), then METRIC lines for every figure."""
-    train = result["meta"]["train"]
-    total = time.time() - run_started if run_started else None
-    block = [
-        ("val_bpb", result["bpb"], ".6f"),
-        ("training_seconds", train.get("training_seconds"), ".1f"),
-        ("total_seconds", total, ".1f"),
-        ("peak_vram_mb", train.get("peak_vram_mb"), ".1f"),
-        ("mfu_percent", train.get("mfu_percent"), ".2f"),
-        ("total_tokens_M", train.get("total_tokens_M"), ".1f"),
-        ("num_steps", train.get("num_steps"), "d"),
-        ("num_params_M", train.get("num_params_M"), ".1f"),
-        ("depth", train.get("depth"), "d"),
-    ]
-    for key in ("attention_backend", "device", "dtype", "profile"):
-        if train.get(key) is not None:
-            print(f"{key}: {train[key]}")
-    print("---")
-    for name, value, spec in block:
-        print(f"{name + ':':<18}{_fmt(value, spec)}")
-    extra = {
-        "tokens_per_sec": (train.get("tokens_per_sec"), ".0f"),
-        "startup_seconds": (train.get("startup_seconds"), ".1f"),
-        "score_seconds": (result["score_seconds"], ".1f"),
-        "eval_seconds": (result["eval_seconds"], ".1f"),
-        "overhead_seconds": (None if total is None else total - train.get("training_seconds", 0.0), ".1f"),
-        "time_budget": (TIME_BUDGET, "d"),
-        "max_seq_len": (MAX_SEQ_LEN, "d"),
-        "eval_tokens": (EVAL_TOKENS, "d"),
-        "total_batch_size": (train.get("total_batch_size"), "d"),
-        "device_batch_size": (train.get("device_batch_size"), "d"),
-        "grad_accum_steps": (train.get("grad_accum_steps"), "d"),
-        "flops_per_token": (train.get("flops_per_token"), ".6e"),
-        "peak_flops": (train.get("peak_flops"), ".4e"),
-    }
-    for name, value, spec in block:
-        if value is not None:
-            print(f"METRIC {name}={format(value, spec)}")
-    for name, (value, spec) in extra.items():
-        if value is not None:
-            print(f"METRIC {name}={format(value, spec)}")
-    if train.get("cuda_capability"):
-        print(f"METRIC cuda_capability={train['cuda_capability']}")
-    sys.stdout.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Score a trained model saved by train.py (the harness's metric).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -731,27 +682,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, default=None, help=f"default: ${prepare.ENV_ARTIFACT_DIR} or {prepare.DEFAULT_ARTIFACT_DIR}")
     p.add_argument("--split", choices=["val", "heldout"], default="val")
     p.add_argument("--slice", type=int, default=0, help="which held-out slice (0, 1, ...)")
+    p.add_argument("--result", type=Path, default=None,
+                   help="write the result here as JSON instead of printing the summary (what `prepare.py run` reads)")
     args = parser.parse_args(argv)
     artifact = args.artifact or artifact_dir()
-    data_dir = prepare.get_data_dir()
-    started = os.environ.get(prepare.ENV_RUN_STARTED, "").strip()
     try:
-        result = score(artifact, data_dir, args.split, args.slice)
+        found = score(artifact, prepare.get_data_dir(), args.split, args.slice)
+        result = {"bpb": found["bpb"], "score_seconds": found["score_seconds"], "eval_seconds": found["eval_seconds"],
+                  "rows": found["rows"], "split": args.split, "slice": args.slice, "train": found["meta"]["train"]}
+        code = 0
     except Rejected as e:
-        print(f"REJECTED: {e}", flush=True)
-        return REJECTED_EXIT
+        result, code = {"rejected": str(e)}, REJECTED_EXIT
     except (HarnessError, prepare.PrepareError) as e:
-        print(f"FAIL: {e}", flush=True)
-        return 1
-    if args.split == "heldout":
-        print("---")
-        print(f"heldout_bpb: {result['bpb']:.6f}")
-        print(f"METRIC heldout_bpb={result['bpb']:.6f}")
-        print(f"METRIC heldout_slice={args.slice}")
-        return 0
-    print_summary(result, float(started) if started else None)
-    return 0
+        result, code = {"error": str(e)}, 1
+    if args.result is not None:
+        tmp = args.result.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, args.result)
+    else:
+        prepare.print_result(result, None)
+    sys.stdout.flush()
+    # The model's code was imported into this process: leave before any exit hook it set can run.
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -839,13 +839,17 @@ def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) ->
     return proc.wait()
 
 
-def run(train_command: str, score_command: str, environ: Mapping[str, str] | None = None) -> int:
+def run(train_command: str, score_command: str | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Train, then score: the run command of the built-in trainer (and of a project that names
-    its own score command). The training command runs with a data dir that has no validation
-    shard and must save its model to $NIGHTLAB_ARTIFACT_DIR; its output is passed on, with any
-    line that could pose as the result (`---`, METRIC, REJECTED) prefixed. The score command
-    then runs in its own process with the full data dir and prints the result. A val_bpb that
-    the training command printed is shown beside the harness's, never used."""
+    its own score command).
+
+    The training command runs with a data dir that has no validation shard and must save its
+    model to $NIGHTLAB_ARTIFACT_DIR; its output is passed on, with any line that could pose as
+    the result (`---`, METRIC, REJECTED) prefixed. Then the score command runs in its own process
+    with the full data dir. score_command None: the built-in scorer (harness.py next to this
+    file), whose output is filtered the same way (it imports train.py's model code) and whose
+    result comes back in a file this process prints; a project's own score command prints its
+    result itself. A val_bpb the training command printed is shown beside, never used."""
     started = time.time()
     env = dict(os.environ if environ is None else environ)
     env[ENV_RUN_STARTED] = f"{started:.3f}"
@@ -865,29 +869,94 @@ def run(train_command: str, score_command: str, environ: Mapping[str, str] | Non
             return 1
     claimed: list[str] = []
 
-    def training_line(line: str) -> str:
+    def untrusted(line: str) -> str:
         match = _CLAIMED.match(line)
         if match:
             claimed.append(match.group(1))
         return TRAIN_PREFIX + line if _POSING.match(line) else line
 
-    code = _stream(train_command, train_env, training_line)
+    code = _stream(train_command, train_env, untrusted)
     if code != 0:
         print(f"FAIL: the training command exited with code {code}", flush=True)
         return code
-    scored: list[str] = []
-
-    def score_line(line: str) -> str:
-        if line.startswith("val_bpb:"):
-            scored.append(line.split()[1])
-        return line
-
-    code = _stream(score_command, env, score_line)
+    if score_command is not None:
+        code = _stream(score_command, env, lambda line: line)
+        scored = None
+    else:
+        result_path = Path(tempfile.mkdtemp(prefix="nightlab-score-")) / "result.json"
+        harness = Path(__file__).resolve().with_name("harness.py")
+        command = [sys.executable, str(harness), "score", "--artifact", str(artifact), "--result", str(result_path)]
+        code = _stream(shlex.join(command), env, untrusted)
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, ValueError):
+            print(f"FAIL: the scorer exited with code {code} and left no result", flush=True)
+            return code or 1
+        finally:
+            shutil.rmtree(result_path.parent, ignore_errors=True)
+        print_result(result, started)
+        scored = result.get("bpb")
     if claimed:
-        same = bool(scored) and _number_or_none(claimed[-1]) == _number_or_none(scored[-1])
+        differs = scored is None or _number_or_none(claimed[-1]) != round(scored, 6)
         print(f"note: train.py printed val_bpb {claimed[-1]}; ignored"
-              + ("" if same else f" (DIFFERS from the harness's {scored[-1] if scored else 'score'})"), flush=True)
+              + (f" (DIFFERS from the harness's {scored:.6f})" if differs and scored is not None else ""), flush=True)
+        if _number_or_none(claimed[-1]) is not None:  # recorded beside the harness's figure
+            print(f"METRIC claimed_val_bpb={claimed[-1]}", flush=True)
     return code
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_result(result: dict[str, Any], run_started: float | None) -> None:
+    """The scorer's result as the daemon reads it: upstream's summary block (names, order,
+    formats) then METRIC lines; `heldout_bpb` for a held-out slice; a REJECTED or FAIL line."""
+    if "rejected" in result:
+        print(f"REJECTED: {result['rejected']}", flush=True)
+        return
+    if "error" in result:
+        print(f"FAIL: {result['error']}", flush=True)
+        return
+    if result.get("split") == "heldout":
+        print(f"---\nheldout_bpb:      {result['bpb']:.6f}\nMETRIC heldout_bpb={result['bpb']:.6f}\n"
+              f"METRIC heldout_slice={result['slice']}", flush=True)
+        return
+    train = result["train"]
+    total = time.time() - run_started if run_started else None
+    block = [
+        ("val_bpb", result["bpb"], ".6f"),
+        ("training_seconds", train.get("training_seconds"), ".1f"),
+        ("total_seconds", total, ".1f"),
+        ("peak_vram_mb", train.get("peak_vram_mb"), ".1f"),
+        ("mfu_percent", train.get("mfu_percent"), ".2f"),
+        ("total_tokens_M", train.get("total_tokens_M"), ".1f"),
+        ("num_steps", train.get("num_steps"), "d"),
+        ("num_params_M", train.get("num_params_M"), ".1f"),
+        ("depth", train.get("depth"), "d"),
+    ]
+    extra = [
+        ("tokens_per_sec", train.get("tokens_per_sec"), ".0f"),
+        ("startup_seconds", train.get("startup_seconds"), ".1f"),
+        ("score_seconds", result["score_seconds"], ".1f"),
+        ("eval_seconds", result["eval_seconds"], ".1f"),
+        ("overhead_seconds", None if total is None else total - train.get("training_seconds", 0.0), ".1f"),
+        ("time_budget", TIME_BUDGET, "d"),
+        ("max_seq_len", MAX_SEQ_LEN, "d"),
+        ("eval_tokens", EVAL_TOKENS, "d"),
+        ("total_batch_size", train.get("total_batch_size"), "d"),
+        ("device_batch_size", train.get("device_batch_size"), "d"),
+        ("grad_accum_steps", train.get("grad_accum_steps"), "d"),
+        ("flops_per_token", train.get("flops_per_token"), ".6e"),
+        ("peak_flops", train.get("peak_flops"), ".4e"),
+    ]
+    lines = [f"{key}: {train[key]}" for key in ("attention_backend", "device", "dtype", "profile") if train.get(key) is not None]
+    lines.append("---")
+    lines += [f"{name + ':':<18}{_fmt(value, spec)}" for name, value, spec in block]
+    lines += [f"METRIC {name}={format(value, spec)}" for name, value, spec in block + extra if value is not None]
+    if train.get("cuda_capability"):
+        lines.append(f"METRIC cuda_capability={train['cuda_capability']}")
+    print("\n".join(lines), flush=True)
 
 
 def _number_or_none(text: str) -> float | None:
@@ -903,11 +972,10 @@ def _number_or_none(text: str) -> float | None:
 
 
 def run_main(argv: list[str]) -> int:
-    here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(prog="prepare.py run", description="Train, then score in the harness (see `run`).")
     parser.add_argument("--command", default=f"{shlex.quote(sys.executable)} train.py", help="the training command")
-    parser.add_argument("--score", default=f"{shlex.quote(sys.executable)} {shlex.quote(str(here / 'harness.py'))} score",
-                        help="the score command (run in its own process after training)")
+    parser.add_argument("--score", default=None,
+                        help="a project's own score command (default: the built-in scorer, harness.py next to this file)")
     args = parser.parse_args(argv)
     return run(args.command, args.score)
 
