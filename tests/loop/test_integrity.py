@@ -18,7 +18,7 @@ from nightlab.loop.workspace import init_workspace
 
 from tests.fakes.trick_agent import TRICKS, TrickAgent
 
-ORDER = ["fake_print", "skip_eval", "targets_in_forward", "non_causal", "read_val_shard", "honest"]
+ORDER = ["fake_print", "skip_eval", "targets_in_forward", "non_causal", "read_val_shard", "honest", "memorise_val"]
 STEPS = 8  # enough for the baseline to learn more than a model trained on a leaked target
 
 
@@ -49,7 +49,18 @@ def test_no_trick_is_kept(night):
     _, baseline, by_trick, _ = night
     assert baseline.status == "keep" and baseline.metric is not None
     assert sorted(by_trick) == sorted(ORDER)
-    assert [name for name, e in by_trick.items() if e.status == "keep"] == []
+    # memorising the scored rows does win on them: the second opinion is what shows it (below)
+    assert [name for name, e in by_trick.items() if e.status == "keep"] == ["memorise_val"]
+
+
+@pytest.mark.slow
+def test_a_keep_whose_gain_vanishes_on_held_out_rows_is_suspect(night):
+    ws, baseline, by_trick, _ = night
+    e = by_trick["memorise_val"]
+    assert e.metric < baseline.metric  # it trained on the validation rows
+    assert "held-out slice 0:" in e.reason and "SUSPECT: the gain vanishes there" in e.reason, e.reason
+    kept = ws.path / ".nightlab" / "artifacts"
+    assert {p.name for p in kept.iterdir()} == {baseline.commit, e.commit}  # the models compared
 
 
 @pytest.mark.slow
@@ -102,7 +113,7 @@ def test_an_honest_run_scores_what_evaluate_bpb_gives(night, monkeypatch):
     monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 2048)
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 256)
-    artifact = ws.path / prepare.DEFAULT_ARTIFACT_DIR  # the last run's model: the honest one
+    artifact = ws.path / ".nightlab" / "artifacts" / baseline.commit  # the same training as the honest run
     monkeypatch.setitem(sys.modules, "prepare", prepare)
     spec = importlib.util.spec_from_file_location("harness", ws.path / "harness.py")
     harness = importlib.util.module_from_spec(spec)
