@@ -383,7 +383,8 @@ class Runtime:
     backend: str
     peak_flops: float | None
     scaler: Any = None  # torch.amp.GradScaler for fp16
-    t_start: float = field(default_factory=time.time)
+    # start-up is counted from the run's start (`prepare.py run` sets it), python and torch import included
+    t_start: float = field(default_factory=lambda: float(os.environ.get(prepare.ENV_RUN_STARTED) or time.time()))
     t_training: float | None = None
     interactive: bool = field(default_factory=lambda: sys.stdout.isatty())
     smooth_loss: float = 0.0
