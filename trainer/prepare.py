@@ -44,7 +44,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import rustbpe
 import tiktoken
 
 # ---------------------------------------------------------------------------
@@ -482,6 +481,8 @@ def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_ch
     train_paths, _ = split_shards(data_dir)
     say(f"tokenizer: training BPE (vocab {VOCAB_SIZE}) on {len(train_paths)} shards")
     t0 = time.time()
+    import rustbpe  # only to train a tokenizer: a box given a prepared data dir needs none
+
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(
         _training_text(train_paths, max_chars, say), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN
