@@ -553,9 +553,13 @@ coding agent reads it before every experiment) and never changes it.
 ## Setup
 - `train.py` is the only file you change. Everything in it is fair game: the model, the
   optimizer, the hyperparameters, the schedule, the batch size.
-- `prepare.py` is the fixed harness: data, tokenizer, dataloader and `evaluate_bpb`. Do not
-  change it, and do not add dependencies.
-- Every run trains for a fixed wall-clock budget, so results are comparable whatever you change.
+- `prepare.py` and `harness.py` are the fixed harness (data, tokenizer, dataloader; device, dtype,
+  attention backend, budget, scoring). Do not change them, and do not add dependencies.
+- The harness scores every run itself: it rebuilds your model with `build_model(config, device,
+  dtype)`, loads the weights the run saved (`rt.finish(...)` at the end of `main`), and computes
+  val_bpb from `model(inputs)` logits. Keep those names; a model whose position t looks at later
+  tokens is rejected. train.py has no validation data; printing a val_bpb changes nothing.
+- Every run trains for a fixed budget, so results are comparable whatever you change.
 
 ## Goal
 Get the lowest `val_bpb` (validation bits per byte; lower is better). The budget is fixed, so a
