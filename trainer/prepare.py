@@ -27,6 +27,7 @@ import http.client
 import json
 import math
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -720,10 +721,10 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
     if path.is_file():
         try:
             rows = torch.load(path, weights_only=True)
-            if tuple(rows.shape) == (n, T + 1):
-                return rows
-        except Exception:  # a torn write: make it again
-            pass
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            rows = None  # a torn or foreign file: made again below
+        if rows is not None and tuple(rows.shape) == (n, T + 1):
+            return rows
     it = packed_rows(tokenizer, paths, T)
     rows_list = []
     for i, (row, epoch) in enumerate(it):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from nightlab.loop.engine import run_engine
 from nightlab.loop.store import Store
 from nightlab.loop.workspace import init_workspace
 
-from tests.fakes.trick_agent import TRICKS, TrickAgent
+from tests.fakes.trick_agent import TrickAgent
 
 ORDER = ["fake_print", "skip_eval", "targets_in_forward", "non_causal", "read_val_shard", "honest", "memorise_val"]
 STEPS = 8  # enough for the baseline to learn more than a model trained on a leaked target

@@ -10,7 +10,7 @@ import torch
 from nightlab.loop.summary import parse_summary
 from nightlab.trainer import profiles as P
 
-from tests.trainer.test_train import H, T, data_dir, make_workspace, run_train  # noqa: F401 (fixtures)
+from tests.trainer.test_train import make_workspace, run_train
 
 
 @pytest.mark.parametrize(("device", "capability", "requested", "expected"), [
@@ -55,8 +55,8 @@ def test_step_budget_counts_steps_whatever_they_cost(H, monkeypatch):
 
 
 def test_causality_probe(H, T):
-    model = T.build_model(dict(sequence_len=32, vocab_size=96, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
-                               window_pattern="SL"), torch.device("cpu"))
+    model = T.build_model({"sequence_len": 32, "vocab_size": 96, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 32,
+                               "window_pattern": "SL"}, torch.device("cpu"))
     torch.nn.init.normal_(model.lm_head.weight)  # untrained logits are near zero: make them move
     for block in model.transformer.h:
         torch.nn.init.normal_(block.attn.c_proj.weight, std=0.2)
@@ -73,7 +73,7 @@ def test_causality_probe(H, T):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_reduced_precision_paths_train_on_cpu(tmp_path, data_dir, dtype):  # noqa: F811
+def test_reduced_precision_paths_train_on_cpu(tmp_path, data_dir, dtype):
     tiny = P.PROFILES["tiny"]
     ws = make_workspace(tmp_path / dtype, tiny.constants)
     proc = run_train(ws, data_dir, {**tiny.harness_env, "NIGHTLAB_DTYPE": dtype, "NIGHTLAB_BUDGET_STEPS": "12",

@@ -470,3 +470,28 @@ def test_run_stops_when_training_fails(tmp_path: Path, monkeypatch, capfd) -> No
     code = P.run(_script(tmp_path, "t.py", "raise SystemExit(7)\n"), _script(tmp_path, "s.py", f"open({str(scored)!r}, 'w')\n"))
     assert code == 7 and not scored.exists()
     assert "FAIL: the training command exited with code 7" in capfd.readouterr().out
+
+
+def test_a_cancelled_run_takes_its_training_process_with_it(tmp_path: Path) -> None:
+    """`prepare.py run` keeps its children in the run's process group: the executor's kill of a
+    run (timeout, stall, /kill) ends the training process too."""
+    import psutil
+    from nightlab.loop.executor import LocalExecutor, RunSpec, Slot
+
+    shutil.copy(REPO / "trainer" / "prepare.py", tmp_path / "prepare.py")
+    ex = LocalExecutor()
+    handle = ex.launch(RunSpec(f"{sys.executable} prepare.py run --command 'sleep 600'", tmp_path,
+                               tmp_path / "runs" / "1.log", Slot("cpu0"), {}))
+    deadline = time.monotonic() + 30
+    while not [p for p in psutil.Process(handle.pid).children(recursive=True) if p.name() == "sleep"]:
+        assert time.monotonic() < deadline, "the training command never started"
+        time.sleep(0.05)
+    tree = [psutil.Process(handle.pid), *psutil.Process(handle.pid).children(recursive=True)]
+    ex.cancel(handle, grace_s=2)
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_upstreams_imports_still_resolve() -> None:
+    """Upstream autoresearch's train.py imports these from prepare (bench/trainer.py --other)."""
+    for name in ("MAX_SEQ_LEN", "TIME_BUDGET", "Tokenizer", "make_dataloader", "evaluate_bpb"):
+        assert hasattr(P, name), name
