@@ -41,6 +41,7 @@ _BUILTIN = ("train.py", "prepare.py", "harness.py")
 # The built-in trainer's fixed harness: protected whatever [project] protected says.
 _HARNESS = ("prepare.py", "harness.py")
 ARTIFACTS_DIRNAME = "artifacts"  # kept models by commit, for held-out scoring
+KEPT_ARTIFACTS = 3  # the newest kept models stay (a default-profile model is ~150 MB)
 COMPILE_CACHE_DIRNAME = "compile-cache"  # torch inductor + triton, shared by every experiment
 _GIT_IDENTITY = {"user.name": "nightlab", "user.email": "nightlab@localhost"}
 
@@ -423,13 +424,18 @@ def keep_artifact(ws: Workspace, run_dir: Path, commit: str) -> Path | None:
     source = Path(run_dir) / DEFAULT_ARTIFACT_DIR
     if not (source / "model.pt").is_file():
         return None
-    dest = state_dir(ws.path) / ARTIFACTS_DIRNAME / commit
+    root = state_dir(ws.path) / ARTIFACTS_DIRNAME
+    dest = root / commit
     if not (dest / "model.pt").is_file():
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
+    # A model is needed until the next keep has been compared with it: a few, not a night's worth.
+    kept = sorted((p for p in root.iterdir() if p.is_dir() and p != dest), key=lambda p: p.stat().st_mtime)
+    for old in kept[: max(0, len(kept) - (KEPT_ARTIFACTS - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
     return dest
 
 

@@ -117,3 +117,22 @@ def test_a_project_with_a_score_command_runs_through_the_harness(tmp_path: Path)
     assert command({"run_command": "make train"}) == "make train"  # no score command: trusted as today
     scored = command({"run_command": "make train", "score_command": "python score.py"})
     assert "-m nightlab.trainer.prepare run --command 'make train' --score 'python score.py'" in scored
+
+
+def test_kept_models_are_kept_by_commit_and_only_the_newest_few(tmp_path: Path) -> None:
+    import os
+
+    from nightlab.loop.workspace import KEPT_ARTIFACTS, Workspace, keep_artifact
+
+    ws = Workspace(path=tmp_path, branch="b", profile="tiny", harness_env={}, editable=("train.py",),
+                   protected=(), run_command="", builtin_trainer=True)
+    run_dir = tmp_path / "run"
+    assert keep_artifact(ws, run_dir, "c0") is None  # the run saved no model
+    (run_dir / ".nightlab" / "artifact").mkdir(parents=True)
+    for i in range(KEPT_ARTIFACTS + 2):
+        (run_dir / ".nightlab" / "artifact" / "model.pt").write_text(f"weights {i}")
+        dest = keep_artifact(ws, run_dir, f"c{i}")
+        assert dest is not None and (dest / "model.pt").read_text() == f"weights {i}"
+        os.utime(dest, (i, i))  # newest last, whatever the file system's clock resolution
+    left = sorted(p.name for p in (tmp_path / ".nightlab" / "artifacts").iterdir())
+    assert left == [f"c{i}" for i in range(2, KEPT_ARTIFACTS + 2)]
