@@ -5,8 +5,8 @@
     python bench/profiles_gpu.py --profiles tiny --budget 5    # the same code path on a CPU
 
 For each profile: a throwaway workspace (train.py with the profile's constants + prepare.py, as
-bench/trainer.py makes it), then `python train.py` there with the profile's harness env, the
-budget and a small eval, started through a two-line wrapper that first calls
+bench/trainer.py makes it), then `python prepare.py run` there (train, then the harness scores) with the profile's harness env, the
+budget and a small eval, training started through a short wrapper that first calls
 `torch.cuda.set_per_process_memory_fraction` so the caching allocator refuses more than the
 tier's card holds (24gb: 24 GiB, ...; no cap without CUDA). A name with -fp16 / -fp32 runs that
 tier as adapted for a card without bf16 (needs a train.py that reads NIGHTLAB_DTYPE).
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,7 @@ GPU_PROFILES = ("24gb", "16gb", "8gb", "default")  # smallest-risk first, so a s
 VARIANTS = {"fp16": (7, 5), "fp32": (6, 1)}  # the capability a -fp16 / -fp32 name stands for
 FIVE_MINUTES = 300
 
-# Runs train.py as `python train.py` would, after capping this process's CUDA memory.
+# The training command: train.py as `python train.py` runs it, after capping this process's CUDA memory.
 WRAPPER = """
 import os, runpy, sys
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # train.py's, set before torch starts
@@ -70,15 +71,18 @@ def resolve(name: str) -> profiles.Profile:
 def run_one(profile: profiles.Profile, data_dir: Path, budget: int, eval_tokens: int, log_dir: Path | None) -> dict:
     root = Path(tempfile.mkdtemp(prefix="nightlab-profile-"))
     try:
-        ws = bench_trainer.make_workspace(root, profile)
+        source = (bench_trainer.TRAINER / "train.py").read_text(encoding="utf-8")
+        ws = bench_trainer.make_workspace(root / "ws", profiles.apply_constants(source, profile.constants))
+        (ws / "capped_train.py").write_text(WRAPPER, encoding="utf-8")
         own_eval = int(profile.harness_env.get("NIGHTLAB_EVAL_TOKENS", 40 * 2**19))
         cap = profiles.TIER_MEMORY_GB.get(profile.name.split("-")[0], 0)
         env = {**os.environ, **profile.harness_env, "NIGHTLAB_DATA_DIR": str(data_dir),
                "NIGHTLAB_TIME_BUDGET": str(budget), "NIGHTLAB_EVAL_TOKENS": str(min(own_eval, eval_tokens)),
                "NIGHTLAB_BENCH_MEMORY_GB": str(cap), "PYTHONUNBUFFERED": "1"}
         t0 = time.time()
-        run = subprocess.run([sys.executable, "-c", WRAPPER], cwd=ws, env=env, capture_output=True, text=True,
-                             check=False)
+        # the harness's run: training (behind the memory cap) without the validation shard, then scoring
+        command = ["prepare.py", "run", "--command", f"{shlex.quote(sys.executable)} capped_train.py"]
+        run = subprocess.run([sys.executable, *command], cwd=ws, env=env, capture_output=True, text=True, check=False)
         log = run.stdout + run.stderr
         if log_dir is not None:
             (log_dir / f"{profile.name}.log").write_text(log, encoding="utf-8")

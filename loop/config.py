@@ -122,6 +122,8 @@ class ProjectSettings:
     metric: str = "val_bpb"
     direction: Literal["minimize", "maximize"] = "minimize"
     checks_command: str = ""  # run after a successful run; failure -> checks_failed
+    # prints the metric from what run_command saved, in its own process (see README: integrity)
+    score_command: str = ""
 
 
 @dataclass(frozen=True)

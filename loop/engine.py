@@ -78,10 +78,12 @@ from nightlab.loop.workspace import (
     Workspace,
     clear_stale_git_locks,
     dirty_error,
+    keep_artifact,
     open_workspace,
     protect,
     protected_mismatches,
     run_environment,
+    second_opinion,
 )
 
 _LOG_TAIL_BYTES = 256 * 1024  # the summary block is at the end of the log
@@ -649,11 +651,12 @@ class Engine:
             previous = None if ref is None else ref.best
         else:  # no run (a proposer failure, a rejection): the last best recorded
             previous = self._best(rows)
+        reason = out["reason"] + self._second_opinion(cand, out, rows)
         exp = Experiment(
             number=cand.number, kind=cand.kind, confirm_of=cand.confirm_of, commit=commit,
             status=out["status"], metric=out["metric"], metrics=out["metrics"], best=out["best_after"],
             confidence=out["confidence"], description=cand.description, hypothesis=cand.hypothesis,
-            area=cand.area, params=cand.params, focus=cand.focus, reason=out["reason"],
+            area=cand.area, params=cand.params, focus=cand.focus, reason=reason,
             lines_added=cand.lines_added, lines_removed=cand.lines_removed, duration_s=out["duration_s"],
             slot=out["slot"], started_at=out["started_at"], finished_at=out["finished_at"],
             hardware=hw, setting=self.setting if hw else "",
@@ -678,6 +681,20 @@ class Engine:
                 return
             self._maybe_self_pause([*rows, exp])
         _say(f"#{exp.number} {exp.status} {exp.metric if exp.metric is not None else ''} {exp.reason}")
+
+    def _second_opinion(self, cand: Candidate, out: dict[str, Any], rows: list[Experiment]) -> str:
+        """The harness's hook for keeps (built-in trainer): keep the run's model, and score a kept
+        change and the commit it replaced on a held-out slice (a fresh one per keep); a text for
+        the reason, flagging a keep whose gain vanishes there as SUSPECT. Deterministic from
+        stored state (scores are cached by commit), so a restart writes the same reason."""
+        if out["status"] != "keep" or not self.ws.builtin_trainer or cand.commit is None:
+            return ""
+        keep_artifact(self.ws, self._run_dir(cand), cand.commit)
+        if cand.kind == "baseline":
+            return ""
+        earlier = sum(1 for e in rows if e.status == "keep" and e.kind != "baseline")
+        opinion = second_opinion(self.ws, self.env, cand.commit, cand.base_commit, earlier, self.direction)
+        return "" if opinion is None else f"; {opinion.text()}"
 
     def _maybe_self_pause(self, rows: list[Experiment]) -> None:
         failures = self._consecutive_failures(rows)

@@ -68,6 +68,8 @@ def failure_reason(m: Measurement, metric_name: str) -> str | None:
     """Why a run counts as a crash, or None when it produced a usable metric."""
     if m.kill_reason:
         return m.kill_reason
+    if m.summary.rejected and m.exit_code not in (0, None):  # the harness refused the model (trainer/harness.py)
+        return f"rejected by the harness: {m.summary.rejected}"
     value = m.summary.get(metric_name)
     if m.exit_code is None and not (m.summary.complete and value is not None):
         return "the run vanished without an exit status (killed?)"

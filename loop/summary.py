@@ -4,7 +4,8 @@ Two formats, both written by the built-in trainer and common in users' own proje
 - upstream autoresearch's summary block: a line `---`, then `name: value` lines;
 - the autoresearch plugins' `METRIC name=value` lines, anywhere in the log.
 METRIC lines win where both name a figure. Non-numeric values (e.g. `mfu_percent: n/a`) are
-kept out of `metrics` so a missing figure is never read as a number.
+kept out of `metrics` so a missing figure is never read as a number. A line `REJECTED: reason`
+(the built-in harness refusing a trained model, e.g. one that looks ahead) is kept as `rejected`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from dataclasses import dataclass, field
 
 _SUMMARY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):\s+(\S+)\s*$")
 _METRIC_LINE = re.compile(r"^METRIC\s+([A-Za-z_][A-Za-z0-9_.]*)=(\S+)\s*$")
+_REJECTED_LINE = re.compile(r"^REJECTED:\s*(.+?)\s*$")
 
 
 @dataclass(frozen=True)
 class Summary:
     metrics: dict[str, float] = field(default_factory=dict)
     complete: bool = False  # a `---` block or METRIC lines with at least one figure were found
+    rejected: str | None = None  # why the harness refused the run's model (the last REJECTED line)
 
     def get(self, name: str) -> float | None:
         return self.metrics.get(name)
@@ -52,6 +55,7 @@ def parse_summary(text: str) -> Summary:
                 if value is not None:
                     metrics[match.group(1)] = value
                     complete = True
+    rejected = None
     for line in lines:
         match = _METRIC_LINE.match(line.strip())
         if match:
@@ -59,4 +63,6 @@ def parse_summary(text: str) -> Summary:
             if value is not None:
                 metrics[match.group(1)] = value
                 complete = True
-    return Summary(metrics=metrics, complete=complete)
+        elif rejection := _REJECTED_LINE.match(line):
+            rejected = rejection.group(1)
+    return Summary(metrics=metrics, complete=complete, rejected=rejected)

@@ -37,7 +37,12 @@ EXP_REF_PREFIX = "refs/nightlab/exp/"
 PROGRAM_MD = "program.md"
 # Never part of an experiment: our state, the exports, and the bytecode `import prepare` leaves.
 _EXCLUDES = (f"/{STATE_DIRNAME}/", f"/{RESULTS_TSV}", f"/{AUTORESEARCH_JSONL}", "__pycache__/")
-_BUILTIN = ("train.py", "prepare.py")
+_BUILTIN = ("train.py", "prepare.py", "harness.py")
+# The built-in trainer's fixed harness: protected whatever [project] protected says.
+_HARNESS = ("prepare.py", "harness.py")
+ARTIFACTS_DIRNAME = "artifacts"  # kept models by commit, for held-out scoring
+KEPT_ARTIFACTS = 3  # the newest kept models stay (a default-profile model is ~150 MB)
+COMPILE_CACHE_DIRNAME = "compile-cache"  # torch inductor + triton, shared by every experiment
 _GIT_IDENTITY = {"user.name": "nightlab", "user.email": "nightlab@localhost"}
 
 Say = Callable[[str], None]
@@ -250,13 +255,14 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = _stderr)
         _install_trainer(path, chosen, say)
     if not (path / PROGRAM_MD).exists():
         (path / PROGRAM_MD).write_text(DEFAULT_PROGRAM)
-    missing = [f for f in (*project.editable, *project.protected) if not (path / f).is_file()]
+    protected = _protected_files(project.protected, builtin)
+    missing = [f for f in (*project.editable, *protected) if not (path / f).is_file()]
     if missing:
         raise UserError(
             f"{path}: the files named in [project] editable/protected do not exist: {', '.join(missing)};"
             " fix the config or add them to the repository"
         )
-    _protect(path, project.protected)
+    _protect(path, protected)
     if repo.changed_files() or not repo.has_commits():
         repo.commit_all(f"nightlab baseline (profile {profile})")
 
@@ -264,7 +270,7 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = _stderr)
     with store.transaction():
         store.set("workspace.profile", profile)
         store.set("workspace.harness_env", harness_env)
-        store.set("workspace.protected_sha256", {f: sha256_file(path / f) for f in project.protected})
+        store.set("workspace.protected_sha256", {f: sha256_file(path / f) for f in protected})
         store.set("workspace.created_at", time.time())
         store.set("workspace.branch", branch)  # last: its presence means "initialized"
     say(f"workspace {path}: branch {branch}, baseline {repo.head()[:7]}, profile {profile}")
@@ -332,12 +338,31 @@ def open_workspace(path: Path, settings: Settings) -> Workspace:
         raise UserError(f"{path}: `nightlab init` did not finish; run `nightlab init {path}` again")
     project = settings.project
     builtin = not project.run_command
-    command = project.run_command or f"{shlex.quote(sys.executable)} train.py"
     return Workspace(
         path=path, branch=branch, profile=store.get("workspace.profile", "custom"),
         harness_env=dict(store.get("workspace.harness_env", {})), editable=project.editable,
-        protected=project.protected, run_command=command, builtin_trainer=builtin,
+        protected=_protected_files(project.protected, builtin), run_command=run_command(settings),
+        builtin_trainer=builtin,
     )
+
+
+def _protected_files(protected: tuple[str, ...], builtin: bool) -> tuple[str, ...]:
+    return (*protected, *(f for f in _HARNESS if builtin and f not in protected))
+
+
+def run_command(settings: Settings) -> str:
+    """The command each experiment runs. Built-in trainer: `prepare.py run` trains with train.py,
+    then the harness scores the saved model in its own process. A project with its own
+    run_command and a score_command gets the same two steps through nightlab's own copy of the
+    harness; with no score_command its run_command runs alone and its printed metric is trusted."""
+    project = settings.project
+    python = shlex.quote(sys.executable)
+    if not project.run_command:
+        return f"{python} prepare.py run"
+    if not project.score_command:
+        return project.run_command
+    return (f"{python} -m nightlab.trainer.prepare run --command {shlex.quote(project.run_command)}"
+            f" --score {shlex.quote(project.score_command)}")
 
 
 def _protect(path: Path, protected: tuple[str, ...]) -> None:
@@ -373,10 +398,100 @@ def run_environment(ws: Workspace, settings: Settings, say: Say = _stderr) -> di
 
         try:
             data_dir = prepare.prepare(settings.data.source, settings.data.shards, settings.cache_path, say)
+            prepare.training_view(data_dir)  # made once here, not by several slots at once
         except prepare.PrepareError as exc:
             raise UserError(str(exc)) from None
         env[prepare.ENV_DATA_DIR] = str(data_dir)
+        # Compiled graphs and kernels outlive a run: the next experiment with the same shapes starts warm.
+        cache = state_dir(ws.path) / COMPILE_CACHE_DIRNAME
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     return env
+
+
+# -- a second opinion on keeps: the held-out slice ------------------------------------------------
+def keep_artifact(ws: Workspace, run_dir: Path, commit: str) -> Path | None:
+    """Keep a kept run's saved model (from its run dir) under the state dir by commit, so a later
+    keep can be compared with it on a held-out slice; None when the run saved none."""
+    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR  # no torch
+
+    source = Path(run_dir) / DEFAULT_ARTIFACT_DIR
+    if not (source / "model.pt").is_file():
+        return None
+    root = state_dir(ws.path) / ARTIFACTS_DIRNAME
+    dest = root / commit
+    if not (dest / "model.pt").is_file():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    # A model is needed until the next keep has been compared with it: a few, not a night's worth.
+    kept = sorted((p for p in root.iterdir() if p.is_dir() and p != dest), key=lambda p: p.stat().st_mtime)
+    for old in kept[: max(0, len(kept) - (KEPT_ARTIFACTS - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+@dataclass(frozen=True)
+class SecondOpinion:
+    slice: int
+    kept: float  # held-out bpb of the kept commit
+    base: float  # held-out bpb of the commit it replaced
+    direction: str = "minimize"
+
+    @property
+    def gain(self) -> float:
+        return self.base - self.kept if self.direction == "minimize" else self.kept - self.base
+
+    @property
+    def suspect(self) -> bool:
+        """The gain measured on the validation rows vanishes on rows no decision has seen."""
+        return self.gain <= 0
+
+    def text(self) -> str:
+        verdict = "SUSPECT: the gain vanishes there" if self.suspect else "holds"
+        return f"held-out slice {self.slice}: {self.kept:.6f} vs {self.base:.6f} ({self.gain:+.6f}), {verdict}"
+
+
+def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: int) -> float | None:
+    """The held-out bpb of a kept commit's model (scored by the workspace's harness once, then
+    cached beside the model); None when there is no model or the scorer failed."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    artifact = state_dir(ws.path) / ARTIFACTS_DIRNAME / commit
+    cached = artifact / f"heldout-{slice_index}.json"
+    if cached.is_file():
+        return float(json.loads(cached.read_text())["bpb"])
+    if not (artifact / "model.pt").is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "harness.py", "score", "--split", "heldout", "--slice", str(slice_index),
+               "--artifact", str(artifact), "--result", str(result)]
+        subprocess.run(cmd, cwd=ws.path, env={**os.environ, **env}, capture_output=True, check=False)
+        try:
+            found = json.loads(result.read_text())
+        except (OSError, ValueError):
+            return None
+    if "bpb" not in found:
+        return None
+    cached.write_text(json.dumps({"bpb": found["bpb"]}))
+    return float(found["bpb"])
+
+
+def second_opinion(ws: Workspace, env: dict[str, str], kept: str, base: str, slice_index: int,
+                   direction: str = "minimize") -> SecondOpinion | None:
+    """Score the kept commit and the one it replaced on held-out slice `slice_index` (rows after
+    the validation rows, never used for a decision); None when either model is not there."""
+    kept_bpb = heldout_bpb(ws, env, kept, slice_index)
+    base_bpb = heldout_bpb(ws, env, base, slice_index) if kept_bpb is not None else None
+    if kept_bpb is None or base_bpb is None:
+        return None
+    return SecondOpinion(slice_index, kept_bpb, base_bpb, direction)
 
 
 # -- `nightlab train` ------------------------------------------------------------------------------
@@ -438,9 +553,13 @@ coding agent reads it before every experiment) and never changes it.
 ## Setup
 - `train.py` is the only file you change. Everything in it is fair game: the model, the
   optimizer, the hyperparameters, the schedule, the batch size.
-- `prepare.py` is the fixed harness: data, tokenizer, dataloader and `evaluate_bpb`. Do not
-  change it, and do not add dependencies.
-- Every run trains for a fixed wall-clock budget, so results are comparable whatever you change.
+- `prepare.py` and `harness.py` are the fixed harness (data, tokenizer, dataloader; device, dtype,
+  attention backend, budget, scoring). Do not change them, and do not add dependencies.
+- The harness scores every run itself: it rebuilds your model with `build_model(config, device,
+  dtype)`, loads the weights the run saved (`rt.finish(...)` at the end of `main`), and computes
+  val_bpb from `model(inputs)` logits. Keep those names; a model whose position t looks at later
+  tokens is rejected. train.py has no validation data; printing a val_bpb changes nothing.
+- Every run trains for a fixed budget, so results are comparable whatever you change.
 
 ## Goal
 Get the lowest `val_bpb` (validation bits per byte; lower is better). The budget is fixed, so a

@@ -27,6 +27,9 @@ import http.client
 import json
 import math
 import os
+import pickle
+import re
+import shlex
 import shutil
 import sys
 import sysconfig
@@ -42,7 +45,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import rustbpe
 import tiktoken
 
 # ---------------------------------------------------------------------------
@@ -60,6 +62,12 @@ ENV_TIME_BUDGET = "NIGHTLAB_TIME_BUDGET"
 ENV_EVAL_TOKENS = "NIGHTLAB_EVAL_TOKENS"
 ENV_DATA_DIR = "NIGHTLAB_DATA_DIR"
 ENV_CACHE = "NIGHTLAB_CACHE"
+ENV_ARTIFACT_DIR = "NIGHTLAB_ARTIFACT_DIR"  # where train.py's run saves the trained model
+ENV_RUN_STARTED = "NIGHTLAB_RUN_STARTED"  # set by `run` for the scorer's total_seconds
+ENV_BUDGET_STEPS = "NIGHTLAB_BUDGET_STEPS"  # a step budget instead of TIME_BUDGET (harness.py)
+DEFAULT_ARTIFACT_DIR = ".nightlab/artifact"
+TRAINING_ONLY_MARKER = "TRAINING_ONLY"  # in a data dir without its validation shard (see `run`)
+EVAL_CACHE_DIR = "eval-cache"
 
 # Data sources
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -140,13 +148,17 @@ def harness_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         seq_len = _env_int(environ, ENV_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
         budget = _env_int(environ, ENV_TIME_BUDGET, DEFAULT_TIME_BUDGET)
         eval_tokens = _env_int(environ, ENV_EVAL_TOKENS, DEFAULT_EVAL_TOKENS)
-    return {
+    settings: dict[str, Any] = {
         "MAX_SEQ_LEN": seq_len,
         "TIME_BUDGET": budget,
         "EVAL_TOKENS": eval_tokens,
         "VOCAB_SIZE": VOCAB_SIZE,
         "DATA_DIR": str(get_data_dir(environ)),
     }
+    env = os.environ if environ is None else environ
+    if env.get(ENV_BUDGET_STEPS, "").strip():  # a step budget replaces TIME_BUDGET (tiny profile)
+        settings["BUDGET_STEPS"] = _env_int(env, ENV_BUDGET_STEPS, 1)
+    return settings
 
 
 def _stderr_progress(message: str) -> None:
@@ -190,9 +202,12 @@ def parquet_problem(path: Path) -> str | None:
     return None
 
 
-def split_shards(data_dir: Path) -> tuple[list[Path], Path]:
-    """(training shards, validation shard) of a data dir: the last shard by name validates."""
+def split_shards(data_dir: Path) -> tuple[list[Path], Path | None]:
+    """(training shards, validation shard) of a data dir: the last shard by name validates.
+    A training-only view (what train.py gets under `run`) has no validation shard: None."""
     shards = sorted(Path(data_dir).glob(SHARD_PATTERN))
+    if (Path(data_dir) / TRAINING_ONLY_MARKER).exists() and shards:
+        return shards, None
     if len(shards) < 2:
         raise PrepareError(
             f"{data_dir} has {len(shards)} shard(s) ({SHARD_PATTERN}); at least 2 are needed "
@@ -467,6 +482,8 @@ def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_ch
     train_paths, _ = split_shards(data_dir)
     say(f"tokenizer: training BPE (vocab {VOCAB_SIZE}) on {len(train_paths)} shards")
     t0 = time.time()
+    import rustbpe  # only to train a tokenizer: a box given a prepared data dir needs none
+
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(
         _training_text(train_paths, max_chars, say), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN
@@ -595,10 +612,8 @@ def _default_device(torch: Any) -> Any:
     return torch.device("cpu")
 
 
-def _document_batches(split: str, tokenizer_batch_size: int = 128) -> Iterator[tuple[list[str], int]]:
-    """Endless (documents, epoch) batches from the split's shards, in file order."""
-    train_paths, val_path = split_shards(get_data_dir())
-    paths = train_paths if split == "train" else [val_path]
+def _document_batches(paths: list[Path], tokenizer_batch_size: int = 128) -> Iterator[tuple[list[str], int]]:
+    """Endless (documents, epoch) batches from the shards, in file order."""
     epoch = 1
     while True:
         for path in paths:
@@ -610,15 +625,56 @@ def _document_batches(split: str, tokenizer_batch_size: int = 128) -> Iterator[t
         epoch += 1
 
 
+def _split_paths(split: str, data_dir: Path) -> list[Path]:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    train_paths, val_path = split_shards(data_dir)
+    if split == "train":
+        return train_paths
+    if val_path is None:
+        raise PrepareError(
+            f"{data_dir} holds no validation data: train.py runs without it, and the harness scores the"
+            " trained model itself (`python prepare.py run`); do not evaluate in train.py"
+        )
+    return [val_path]
+
+
+def packed_rows(tokenizer: Tokenizer, paths: list[Path], T: int, buffer_size: int = 1000) -> Iterator[tuple[list[int], int]]:
+    """Endless (row of T+1 token ids, epoch): BOS-aligned best-fit packing (upstream's).
+
+    Every row starts at a document start (BOS); each step takes the longest buffered document
+    that fits the rest of the row, and when none fits, crops the shortest to fill it exactly.
+    No padding. Deterministic for given shards."""
+    row_capacity = T + 1
+    batches = _document_batches(paths)
+    bos = tokenizer.get_bos_token_id()
+    doc_buffer: list[list[int]] = []
+    epoch = 1
+    while True:
+        row: list[int] = []
+        while len(row) < row_capacity:
+            while len(doc_buffer) < buffer_size:
+                docs, epoch = next(batches)
+                doc_buffer.extend(tokenizer.encode(docs, prepend=bos))
+            remaining = row_capacity - len(row)
+            best_idx, best_len = -1, 0
+            for i, doc in enumerate(doc_buffer):
+                if best_len < len(doc) <= remaining:
+                    best_idx, best_len = i, len(doc)
+            if best_idx >= 0:
+                row.extend(doc_buffer.pop(best_idx))
+            else:
+                shortest = min(range(len(doc_buffer)), key=lambda i: len(doc_buffer[i]))
+                row.extend(doc_buffer.pop(shortest)[:remaining])
+        yield row, epoch
+
+
 def make_dataloader(
     tokenizer: Tokenizer, B: int, T: int, split: str, buffer_size: int = 1000, device: Any = None
 ) -> Iterator[tuple[Any, Any, int]]:
     """Endless (inputs [B, T], targets [B, T], epoch) from the data dir in force.
 
-    BOS-aligned best-fit packing (upstream's): every row of T+1 tokens starts at a document
-    start (BOS); each step takes the longest buffered document that fits the rest of the
-    row, and when none fits, crops the shortest to fill it exactly. No padding. Rows are
-    shifted by one into inputs and targets. Deterministic for a given data dir.
+    Rows come from `packed_rows` and are shifted by one into inputs and targets.
 
     device: default cuda, else mps, else cpu. On CUDA the batch goes through pinned memory
     with a non-blocking copy and the yielded tensors are reused buffers (upstream's
@@ -626,14 +682,9 @@ def make_dataloader(
     """
     import torch  # lazy: the daemon imports this module and must never load torch
 
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    paths = _split_paths(split, get_data_dir())
     device = torch.device(device) if device is not None else _default_device(torch)
-    row_capacity = T + 1
-    batches = _document_batches(split)
-    bos = tokenizer.get_bos_token_id()
-    doc_buffer: list[list[int]] = []
-    epoch = 1
+    rows_iter = packed_rows(tokenizer, paths, T, buffer_size)
     if device.type == "cuda":
         cpu_buffer = torch.empty(2 * B * T, dtype=torch.long, pin_memory=True)
         gpu_buffer = torch.empty(2 * B * T, dtype=torch.long, device=device)
@@ -643,21 +694,7 @@ def make_dataloader(
     while True:
         rows = []
         for _ in range(B):
-            row: list[int] = []
-            while len(row) < row_capacity:
-                while len(doc_buffer) < buffer_size:
-                    docs, epoch = next(batches)
-                    doc_buffer.extend(tokenizer.encode(docs, prepend=bos))
-                remaining = row_capacity - len(row)
-                best_idx, best_len = -1, 0
-                for i, doc in enumerate(doc_buffer):
-                    if best_len < len(doc) <= remaining:
-                        best_idx, best_len = i, len(doc)
-                if best_idx >= 0:
-                    row.extend(doc_buffer.pop(best_idx))
-                else:
-                    shortest = min(range(len(doc_buffer)), key=lambda i: len(doc_buffer[i]))
-                    row.extend(doc_buffer.pop(shortest)[:remaining])
+            row, epoch = next(rows_iter)
             rows.append(row)
         batch = torch.tensor(rows, dtype=torch.long)
         if device.type == "cuda":
@@ -669,6 +706,42 @@ def make_dataloader(
             yield gpu_buffer[: B * T].view(B, T), gpu_buffer[B * T :].view(B, T), epoch
         else:
             yield batch[:, :-1].contiguous().to(device), batch[:, 1:].contiguous().to(device), epoch
+
+
+def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int):
+    """int32 tensor [n, T+1]: validation rows start..start+n of `packed_rows`, tokenized once per
+    data dir (cached in its eval-cache/, keyed by tokenizer, shard and shape), not once per run."""
+    import torch  # lazy: the daemon imports this module and must never load torch
+
+    paths = _split_paths("val", data_dir)
+    tok_hash = hashlib.sha256((Path(data_dir) / TOKENIZER_FILE).read_bytes()).hexdigest()[:12]
+    stat_ = paths[0].stat()
+    key = f"{tok_hash}-{paths[0].name}-{stat_.st_size}-T{T}-rows{start}+{n}"
+    path = Path(data_dir) / EVAL_CACHE_DIR / f"{key}.pt"
+    if path.is_file():
+        try:
+            rows = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            rows = None  # a torn or foreign file: made again below
+        if rows is not None and tuple(rows.shape) == (n, T + 1):
+            return rows
+    it = packed_rows(tokenizer, paths, T)
+    rows_list = []
+    for i, (row, epoch) in enumerate(it):
+        if i >= start:
+            rows_list.append(row)
+        if len(rows_list) == n:
+            break
+    if epoch > 1 and start > 0:
+        print(f"note: the validation shard has fewer than {start + n} rows of {T + 1}; held-out rows repeat its text",
+              file=sys.stderr)
+    rows = torch.tensor(rows_list, dtype=torch.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(rows, tmp)
+    os.replace(tmp, path)
+    return rows
 
 
 def evaluate_bpb(model: Any, tokenizer: Tokenizer, batch_size: int) -> float:
@@ -706,11 +779,213 @@ def evaluate_bpb(model: Any, tokenizer: Tokenizer, batch_size: int) -> float:
 
 
 # ---------------------------------------------------------------------------
+# `python prepare.py run`: train without the validation shard, then score in the harness
+# ---------------------------------------------------------------------------
+
+# Lines of the training command that could pose as the harness's result: shown with a prefix.
+_POSING = re.compile(r"^\s*(---\s*$|METRIC\s|REJECTED:)")
+_CLAIMED = re.compile(r"^\s*(?:val_bpb:\s+|METRIC\s+val_bpb=)(\S+)\s*$")
+TRAIN_PREFIX = "train.py| "
+
+
+def _link(src: Path, dest: Path) -> None:
+    """A hard link (no path back to the source), a symlink across file systems."""
+    try:
+        os.link(src, dest)
+    except FileExistsError:  # another slot made it a moment ago
+        pass
+    except OSError:
+        try:
+            os.symlink(src, dest)
+        except FileExistsError:
+            pass
+
+
+def training_view(data_dir: Path) -> Path:
+    """The data dir train.py gets under `run`: its training shards and tokenizer, no validation
+    shard (<data_dir>.train next to it, updated in place; safe for several slots at once)."""
+    data_dir = Path(data_dir)
+    train_paths, val_path = split_shards(data_dir)
+    if val_path is None:
+        return data_dir
+    view = data_dir.parent / f"{data_dir.name}.train"
+    (view / TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
+    wanted = {p.name for p in train_paths}
+    for old in view.glob(SHARD_PATTERN):
+        if old.name not in wanted:
+            old.unlink(missing_ok=True)
+    for path in train_paths:
+        if not (view / path.name).exists():
+            _link(path.resolve(), view / path.name)
+    tokenizer = (data_dir / TOKENIZER_FILE).read_bytes()
+    if not (view / TOKENIZER_FILE).is_file() or (view / TOKENIZER_FILE).read_bytes() != tokenizer:
+        fd, tmp = tempfile.mkstemp(dir=view / "tokenizer", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(tokenizer)
+        os.replace(tmp, view / TOKENIZER_FILE)
+    (view / TRAINING_ONLY_MARKER).touch()
+    return view
+
+
+def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) -> int:
+    """Run a shell command (in our process group, so a kill of the run reaches it), copy its
+    output line by line through on_line to our stdout; its exit code."""
+    import subprocess
+
+    proc = subprocess.Popen(command, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    out = sys.stdout.buffer
+    for raw in proc.stdout:
+        out.write(on_line(raw.decode("utf-8", errors="replace")).encode("utf-8"))
+        out.flush()
+    return proc.wait()
+
+
+def run(train_command: str, score_command: str | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Train, then score: the run command of the built-in trainer (and of a project that names
+    its own score command).
+
+    The training command runs with a data dir that has no validation shard and must save its
+    model to $NIGHTLAB_ARTIFACT_DIR; its output is passed on, with any line that could pose as
+    the result (`---`, METRIC, REJECTED) prefixed. Then the score command runs in its own process
+    with the full data dir. score_command None: the built-in scorer (harness.py next to this
+    file), whose output is filtered the same way (it imports train.py's model code) and whose
+    result comes back in a file this process prints; a project's own score command prints its
+    result itself. A val_bpb the training command printed is shown beside, never used."""
+    started = time.time()
+    env = dict(os.environ if environ is None else environ)
+    env[ENV_RUN_STARTED] = f"{started:.3f}"
+    env["PYTHONUNBUFFERED"] = "1"  # progress lines reach the log as they happen (stall detection)
+    artifact = Path(env.get(ENV_ARTIFACT_DIR, "").strip() or DEFAULT_ARTIFACT_DIR).resolve()
+    shutil.rmtree(artifact, ignore_errors=True)  # never score a model an earlier run left
+    artifact.mkdir(parents=True)
+    env[ENV_ARTIFACT_DIR] = str(artifact)
+    if Path("train.py").is_file():  # the scorer builds the model with the code that trained it
+        shutil.copyfile("train.py", artifact / "train.py")
+    train_env = dict(env)
+    if env.get(ENV_DATA_DIR, "").strip():
+        try:
+            train_env[ENV_DATA_DIR] = str(training_view(Path(env[ENV_DATA_DIR])))
+        except PrepareError as e:
+            print(f"FAIL: {e}", flush=True)
+            return 1
+    claimed: list[str] = []
+
+    def untrusted(line: str) -> str:
+        match = _CLAIMED.match(line)
+        if match:
+            claimed.append(match.group(1))
+        return TRAIN_PREFIX + line if _POSING.match(line) else line
+
+    code = _stream(train_command, train_env, untrusted)
+    if code != 0:
+        print(f"FAIL: the training command exited with code {code}", flush=True)
+        return code
+    if score_command is not None:
+        code = _stream(score_command, env, lambda line: line)
+        scored = None
+    else:
+        result_path = Path(tempfile.mkdtemp(prefix="nightlab-score-")) / "result.json"
+        harness = Path(__file__).resolve().with_name("harness.py")
+        command = [sys.executable, str(harness), "score", "--artifact", str(artifact), "--result", str(result_path)]
+        code = _stream(shlex.join(command), env, untrusted)
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, ValueError):
+            print(f"FAIL: the scorer exited with code {code} and left no result", flush=True)
+            return code or 1
+        finally:
+            shutil.rmtree(result_path.parent, ignore_errors=True)
+        print_result(result, started)
+        scored = result.get("bpb")
+    if claimed:
+        differs = scored is None or _number_or_none(claimed[-1]) != round(scored, 6)
+        print(f"note: train.py printed val_bpb {claimed[-1]}; ignored"
+              + (f" (DIFFERS from the harness's {scored:.6f})" if differs and scored is not None else ""), flush=True)
+        if _number_or_none(claimed[-1]) is not None:  # recorded beside the harness's figure
+            print(f"METRIC claimed_val_bpb={claimed[-1]}", flush=True)
+    return code
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_result(result: dict[str, Any], run_started: float | None) -> None:
+    """The scorer's result as the daemon reads it: upstream's summary block (names, order,
+    formats) then METRIC lines; `heldout_bpb` for a held-out slice; a REJECTED or FAIL line."""
+    if "rejected" in result:
+        print(f"REJECTED: {result['rejected']}", flush=True)
+        return
+    if "error" in result:
+        print(f"FAIL: {result['error']}", flush=True)
+        return
+    if result.get("split") == "heldout":
+        print(f"---\nheldout_bpb:      {result['bpb']:.6f}\nMETRIC heldout_bpb={result['bpb']:.6f}\n"
+              f"METRIC heldout_slice={result['slice']}", flush=True)
+        return
+    train = result["train"]
+    total = time.time() - run_started if run_started else None
+    block = [
+        ("val_bpb", result["bpb"], ".6f"),
+        ("training_seconds", train.get("training_seconds"), ".1f"),
+        ("total_seconds", total, ".1f"),
+        ("peak_vram_mb", train.get("peak_vram_mb"), ".1f"),
+        ("mfu_percent", train.get("mfu_percent"), ".2f"),
+        ("total_tokens_M", train.get("total_tokens_M"), ".1f"),
+        ("num_steps", train.get("num_steps"), "d"),
+        ("num_params_M", train.get("num_params_M"), ".1f"),
+        ("depth", train.get("depth"), "d"),
+    ]
+    extra = [
+        ("tokens_per_sec", train.get("tokens_per_sec"), ".0f"),
+        ("startup_seconds", train.get("startup_seconds"), ".1f"),
+        ("score_seconds", result["score_seconds"], ".1f"),
+        ("eval_seconds", result["eval_seconds"], ".1f"),
+        ("overhead_seconds", None if total is None else total - train.get("training_seconds", 0.0), ".1f"),
+        ("time_budget", TIME_BUDGET, "d"),
+        ("max_seq_len", MAX_SEQ_LEN, "d"),
+        ("eval_tokens", EVAL_TOKENS, "d"),
+        ("total_batch_size", train.get("total_batch_size"), "d"),
+        ("device_batch_size", train.get("device_batch_size"), "d"),
+        ("grad_accum_steps", train.get("grad_accum_steps"), "d"),
+        ("flops_per_token", train.get("flops_per_token"), ".6e"),
+        ("peak_flops", train.get("peak_flops"), ".4e"),
+    ]
+    lines = [f"{key}: {train[key]}" for key in ("attention_backend", "device", "dtype", "profile") if train.get(key) is not None]
+    lines.append("---")
+    lines += [f"{name + ':':<18}{_fmt(value, spec)}" for name, value, spec in block]
+    lines += [f"METRIC {name}={format(value, spec)}" for name, value, spec in block + extra if value is not None]
+    if train.get("cuda_capability"):
+        lines.append(f"METRIC cuda_capability={train['cuda_capability']}")
+    print("\n".join(lines), flush=True)
+
+
+def _number_or_none(text: str) -> float | None:
+    try:
+        return round(float(text), 6)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
 
+def run_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="prepare.py run", description="Train, then score in the harness (see `run`).")
+    parser.add_argument("--command", default=f"{shlex.quote(sys.executable)} train.py", help="the training command")
+    parser.add_argument("--score", default=None,
+                        help="a project's own score command (default: the built-in scorer, harness.py next to this file)")
+    args = parser.parse_args(argv)
+    return run(args.command, args.score)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        return run_main(argv[1:])
     parser = argparse.ArgumentParser(description="Prepare data shards and the tokenizer for nightlab's trainer.")
     parser.add_argument(
         "--source",

@@ -1,36 +1,30 @@
 """
 nightlab baseline pretraining script: single device, single file (the EDITABLE part).
 Follows karpathy/autoresearch's train.py (itself cherry-picked from nanochat): a small GPT
-trained for a fixed wall-clock budget, scored by val_bpb from the fixed harness prepare.py.
+trained for a fixed budget. Everything here is fair game: constants, model, optimizer, loop.
 
-Usage: python train.py   (cwd = a workspace with prepare.py next to this file)
+Usage: python prepare.py run   (trains with this file, then the harness scores the saved model)
 
-Hyperparameters are the UPPER_CASE constants right below the imports; edit them in place
-(`NAME = value` lines: the search proposer and the profiles rewrite exactly those lines).
-The run, top to bottom: pick device + attention backend -> build model + optimizer ->
-fit the device batch to memory -> train until TIME_BUDGET seconds are counted -> keep the
-trained weights -> evaluate val_bpb -> print the summary block + METRIC lines.
+The fixed harness (prepare.py: data, tokenizer; harness.py: device, dtype, attention backend,
+memory fitting, budget, scoring) is not part of the experiment. The contract with it:
+- `build_model(config, device, dtype)` builds the model from a plain config dict; the harness
+  calls it in its own process to score the trained weights;
+- `model(inputs)` returns logits [B, T, vocab] and position t may only look at inputs <= t;
+- the run ends with `rt.finish(model, config, budget, ...)`, which saves the weights.
+Hyperparameters are the UPPER_CASE constants right below the imports; edit them in place.
 """
 
-import os
-os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-import gc
 import math
-import sys
 import time
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-try:
-    from torch.nn.attention.flex_attention import flex_attention, create_block_mask
-except ImportError:  # torch < 2.5
-    flex_attention = create_block_mask = None
 
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, make_dataloader, evaluate_bpb
+import harness
+from harness import attention
+from prepare import MAX_SEQ_LEN, Tokenizer, make_dataloader
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly, no CLI flags needed)
@@ -59,183 +53,9 @@ WARMDOWN_RATIO = 0.5    # fraction of time budget for LR warmdown
 FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 
 # Run
-UNTIMED_STEPS = 10      # the first steps (compilation, warm-up) do not count against TIME_BUDGET
 ATTENTION_BACKEND = "auto" # auto | fa3 | flex | sdpa
 COMPILE = True          # torch.compile model and optimizer (CUDA only; CPU/MPS run eager)
-SAVE_CHECKPOINT = False # torch.save the trained state_dict before eval (or env NIGHTLAB_CHECKPOINT=path)
 SEED = 42
-
-# ---------------------------------------------------------------------------
-# Device helpers: peak FLOPs table, memory, synchronisation
-# ---------------------------------------------------------------------------
-
-# Peak dense (no sparsity) bf16 tensor-core FLOP/s, FP32 accumulate, from NVIDIA's datasheets.
-# Matched in order against torch.cuda.get_device_name(): more specific names first.
-gpu_peak_bf16_flops = [
-    ("H100 NVL", 835.5e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989.5e12),      # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
-    ("H800", 989.5e12),
-    ("H200 NVL", 835.5e12),
-    ("H200", 989.5e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("RTX 4090", 165.2e12),
-    ("RTX 3090", 71e12),
-    ("RTX 5090", 209.5e12),
-]
-
-
-def peak_flops_for(device_name):
-    """Peak bf16 FLOP/s for a GPU name, or None when unknown (MFU is then reported as n/a)."""
-    for key, flops in gpu_peak_bf16_flops:
-        if key.lower() in device_name.lower():
-            return flops
-    return None
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def peak_memory_mb(device):
-    """Peak memory of the device the model lives on (CPU: the process's peak RSS)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 1024 / 1024
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 1024 / 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def available_memory_bytes(device):
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info()
-        return free
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-# ---------------------------------------------------------------------------
-# Attention backends: FA3 (Hopper, via `kernels`), FlexAttention, SDPA
-# ---------------------------------------------------------------------------
-
-fa3 = None  # the flash_attn_interface module when the fa3 backend is in use
-fa3_repos = ["varunneal/flash-attention-3", "kernels-community/flash-attn3"]
-
-
-def load_fa3():
-    """Load a locally cached FA3 kernel through `kernels`. Returns (module, None) or (None, why).
-    Never downloads unless NIGHTLAB_KERNELS_DOWNLOAD=1: the run must not hang on an offline box."""
-    if os.environ.get("NIGHTLAB_KERNELS_DOWNLOAD") != "1":
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    errors = []
-    try:
-        from kernels import get_kernel
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            from huggingface_hub import constants as hf_constants
-            hf_constants.HF_HUB_OFFLINE = True  # in case huggingface_hub was imported earlier
-    except Exception as e:
-        return None, f"kernels package unusable ({type(e).__name__}: {e})"
-    for repo in fa3_repos:
-        try:
-            try:
-                kernel = get_kernel(repo, trust_remote_code=[repo])
-            except TypeError:  # older `kernels` without trust_remote_code
-                kernel = get_kernel(repo)
-            module = getattr(kernel, "flash_attn_interface", kernel)
-            if not hasattr(module, "flash_attn_func"):
-                raise AttributeError("no flash_attn_func")
-            return module, None
-        except Exception as e:
-            errors.append(f"{repo}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-    return None, "; ".join(errors)
-
-
-def fa3_works(module, device):
-    """Run FA3 once on a tiny input: a kernel that loads but cannot run must not be chosen."""
-    try:
-        q = torch.randn(1, 128, 1, 64, device=device, dtype=torch.bfloat16)
-        y = module.flash_attn_func(q, q, q, causal=True, window_size=(64, 0))
-        y = y[0] if isinstance(y, tuple) else y
-        synchronize(device)
-        return bool(torch.isfinite(y.float()).all())
-    except Exception:
-        return False
-
-
-def flex_available():
-    return flex_attention is not None
-
-
-def select_attention_backend(device_type, capability=None, requested="auto", compile_model=True):
-    """Pick the attention backend. Returns (name, fa3_module_or_None, note explaining the choice).
-    auto: fa3 on Hopper when the kernel is cached locally and runs; else flex on CUDA when the
-    model is compiled (flex is slow eager); else sdpa (CPU, MPS, or no compile)."""
-    requested = requested.lower()
-    if requested not in ("auto", "fa3", "flex", "sdpa"):
-        raise ValueError(f"ATTENTION_BACKEND must be auto, fa3, flex or sdpa, not {requested!r}")
-    notes = []
-    if requested in ("auto", "fa3"):
-        if device_type != "cuda":
-            notes.append(f"fa3 needs CUDA (device is {device_type})")
-        elif capability is not None and tuple(capability) != (9, 0):
-            notes.append(f"fa3 needs Hopper sm90 (this GPU is sm{capability[0]}{capability[1]})")
-        else:
-            module, why = load_fa3()
-            if module is not None and fa3_works(module, torch.device("cuda")):
-                return "fa3", module, "FA3 kernel loaded from the local kernels cache"
-            notes.append(f"fa3 kernel not available ({why or 'failed a smoke test'})")
-        if requested == "fa3":
-            notes.append("falling back")
-    if requested == "flex" or (requested in ("auto", "fa3") and device_type == "cuda" and compile_model):
-        if flex_available():
-            return "flex", None, "; ".join(notes + ["FlexAttention with sliding-window block masks"])
-        notes.append("FlexAttention unavailable in this torch")
-    return "sdpa", None, "; ".join(notes + ["SDPA (causal; explicit boolean mask for sliding windows)"])
-
-
-def window_mask(T, window, device):
-    """Boolean (T, T) mask: query i sees keys j with i - window <= j <= i (FA's window_size=(window, 0))."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & (i - j <= window)
-
-
-def flex_block_mask(T, window, device):
-    def sliding_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
-    return create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-
-
-def attention(q, k, v, window, backend, masks):
-    """Causal attention with a left window. q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D)."""
-    B, T, H, D = q.shape
-    full = window >= T - 1
-    if backend == "fa3":
-        y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-        return y[0] if isinstance(y, tuple) else y
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = k.size(1) != H
-    if backend == "flex":
-        key = ("flex", T, window)
-        if key not in masks:
-            masks[key] = flex_block_mask(T, min(window, T), q.device)
-        y = flex_attention(q, k, v, block_mask=masks[key], enable_gqa=gqa)
-    elif full:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:
-        key = ("sdpa", T, window)
-        if key not in masks:
-            masks[key] = window_mask(T, window, q.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[key], enable_gqa=gqa)
-    return y.transpose(1, 2)
 
 # ---------------------------------------------------------------------------
 # GPT Model
@@ -251,7 +71,6 @@ class GPTConfig:
     n_embd: int = 512
     window_pattern: str = "SSSL"
     softcap: float = 15.0
-    attn_backend: str = "sdpa"
 
 
 def norm(x):
@@ -300,9 +119,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.ve_gate_channels = min(32, config.n_embd)
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve(layer_idx, config.n_layer) else None
-        self.backend = config.attn_backend
 
-    def forward(self, x, ve, cos_sin, window, masks):
+    def forward(self, x, ve, cos_sin, window):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -315,7 +133,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm
-        y = attention(q, k, v, window, self.backend, masks)
+        y = attention(q, k, v, window)  # the harness's backend: FA3, FlexAttention or SDPA
         y = y.contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -336,8 +154,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos_sin, window, masks):
-        x = x + self.attn(norm(x), ve, cos_sin, window, masks)
+    def forward(self, x, ve, cos_sin, window):
+        x = x + self.attn(norm(x), ve, cos_sin, window)
         x = x + self.mlp(norm(x))
         return x
 
@@ -364,7 +182,6 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.masks = {}  # attention masks by (backend, T, window), built before compiling
 
     @torch.no_grad()
     def init_weights(self, compute_dtype=torch.float32):
@@ -399,18 +216,6 @@ class GPT(nn.Module):
         freqs = torch.outer(t, inv_freq)
         cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         return cos[None, :, None, :], sin[None, :, None, :]
-
-    def build_masks(self, T, device):
-        """Build the attention masks for sequence length T up front (not inside a compiled graph)."""
-        for window in self.window_sizes:
-            if self.config.attn_backend == "flex":
-                key = ("flex", T, window)
-                if key not in self.masks:
-                    self.masks[key] = flex_block_mask(T, min(window, T), device)
-            elif self.config.attn_backend == "sdpa" and window < T - 1:
-                key = ("sdpa", T, window)
-                if key not in self.masks:
-                    self.masks[key] = window_mask(T, window, device)
 
     def estimate_flops(self):
         """FLOPs per token (forward + backward): 6 per matmul weight + attention with the real
@@ -475,7 +280,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos_sin, self.window_sizes[i], self.masks)
+            x = block(x, ve, cos_sin, self.window_sizes[i])
         x = norm(x)
         logits = self.lm_head(x).float()
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
@@ -614,48 +419,24 @@ class MuonAdamW(torch.optim.Optimizer):
 # Setup helpers
 # ---------------------------------------------------------------------------
 
-def build_model_config(depth, vocab_size, sequence_len, attn_backend="sdpa"):
+def build_model_config(depth, vocab_size, sequence_len):
     base_dim = depth * ASPECT_RATIO
     model_dim = ((base_dim + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
     num_heads = model_dim // HEAD_DIM
     return GPTConfig(
         sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
         n_kv_head=num_heads, n_embd=model_dim, window_pattern=WINDOW_PATTERN, softcap=SOFTCAP,
-        attn_backend=attn_backend,
     )
 
 
-def estimate_train_bytes(config, num_params, rows, T):
-    """Rough peak memory of one forward/backward: activations per token (calibrated on upstream's
-    45 GB at depth 8, dim 512, 128 x 2048 rows) + fp32 logits + params, grads and optimizer state."""
-    per_token = 24 * config.n_layer * config.n_embd + 12 * config.vocab_size
-    return rows * T * per_token + 16 * num_params
-
-
-def fit_device_batch(config, num_params, T, device):
-    """Largest device batch <= DEVICE_BATCH_SIZE that divides the rows of TOTAL_BATCH_SIZE and
-    (by the estimate above) fits the device's free memory. Grad accumulation keeps TOTAL_BATCH_SIZE."""
-    if TOTAL_BATCH_SIZE % T != 0 or TOTAL_BATCH_SIZE < T:
-        raise ValueError(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a positive multiple of MAX_SEQ_LEN ({T})")
-    total_rows = TOTAL_BATCH_SIZE // T
-    candidates = [b for b in range(min(DEVICE_BATCH_SIZE, total_rows), 0, -1) if total_rows % b == 0]
-    if not candidates:
-        raise ValueError(f"DEVICE_BATCH_SIZE must be >= 1, not {DEVICE_BATCH_SIZE}")
-    free = available_memory_bytes(device)
-    if free is None:
-        return candidates[0]
-    for b in candidates:
-        if estimate_train_bytes(config, num_params, b, T) <= 0.9 * free:
-            return b
-    return candidates[-1]
-
-
-def smaller_batch(B, total_rows):
-    """Next smaller divisor of total_rows below B (for an OOM retry), or None."""
-    for b in range(B // 2, 0, -1):
-        if total_rows % b == 0:
-            return b
-    return None
+def build_model(config, device, dtype=torch.float32):
+    """The model for a config dict, initialised on `device` (the harness scores through this)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+    model.to_empty(device=device)
+    model.init_weights(dtype)
+    harness.build_masks(model.config.sequence_len, model.window_sizes, device)
+    return model
 
 
 def get_lr_multiplier(progress):
@@ -676,65 +457,20 @@ def get_muon_momentum(step):
 def get_weight_decay(progress):
     return WEIGHT_DECAY * (1 - progress)
 
-
-def cpu_hint(device_type, flops_per_step):
-    """A line suggesting the tiny profile when there is no GPU and the constants are GPU-sized."""
-    if device_type == "cuda" or flops_per_step <= 1e13:
-        return None
-    return (f"HINT: no GPU found, and train.py still has GPU-sized constants ({flops_per_step:.1e} FLOPs per "
-            f"optimizer step): one step will take many minutes here. Use the tiny profile (trainer/profiles.py "
-            f"PROFILES['tiny']; nightlab picks it automatically on machines without a GPU).")
-
-
-def fail(message, code=1):
-    print(f"\nFAIL: {message}", flush=True)
-    sys.exit(code)
-
 # ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
 
 def main():
-    t_start = time.time()
-    torch.manual_seed(SEED)
-    torch.set_float32_matmul_precision("high")
-
-    # Device and precision
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        torch.cuda.manual_seed(SEED)
-        capability = torch.cuda.get_device_capability()
-        device_name = torch.cuda.get_device_name()
-        compute_dtype = torch.bfloat16
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        device, capability, device_name, compute_dtype = torch.device("mps"), None, "Apple MPS", torch.float32
-    else:
-        device, capability, device_name, compute_dtype = torch.device("cpu"), None, "CPU", torch.float32
-    peak_flops = peak_flops_for(device_name) if device.type == "cuda" else None
-    use_compile = COMPILE and device.type == "cuda"
-    autocast_ctx = (torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else torch.autocast(device_type="cpu", enabled=False))
-    print(f"Device: {device.type} ({device_name}{f', sm{capability[0]}{capability[1]}' if capability else ''}), "
-          f"compute dtype {str(compute_dtype).replace('torch.', '')}, compile {use_compile}")
-
-    backend, fa3_module, backend_note = select_attention_backend(device.type, capability, ATTENTION_BACKEND, use_compile)
-    global fa3
-    fa3 = fa3_module
-    print(f"Attention backend: {backend} ({backend_note})")
-
+    rt = harness.setup(seed=SEED, attention_backend=ATTENTION_BACKEND, compile=COMPILE)
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
     print(f"Vocab size: {vocab_size:,}")
 
     T = MAX_SEQ_LEN
-    config = build_model_config(DEPTH, vocab_size, T, backend)
-    print(f"Model config: {asdict(config)}")
-
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights(compute_dtype)
-    model.build_masks(T, device)
+    config = asdict(build_model_config(DEPTH, vocab_size, T))
+    print(f"Model config: {config}")
+    model = build_model(config, rt.device, rt.dtype)
 
     param_counts = model.num_scaling_params()
     print("Parameter counts:")
@@ -743,224 +479,53 @@ def main():
     num_params = param_counts["total"]
     num_flops_per_token = model.estimate_flops()
     print(f"Estimated FLOPs per token: {num_flops_per_token:e}")
-
-    hint = cpu_hint(device.type, num_flops_per_token * TOTAL_BATCH_SIZE)
+    hint = harness.cpu_hint(rt.device.type, num_flops_per_token * TOTAL_BATCH_SIZE)
     if hint:
         print(hint)
-
-    try:
-        device_batch = fit_device_batch(config, num_params, T, device)
-    except ValueError as e:
-        fail(str(e))
-    total_rows = TOTAL_BATCH_SIZE // T
-    if device_batch != DEVICE_BATCH_SIZE:
-        print(f"Device batch size: {device_batch} (DEVICE_BATCH_SIZE {DEVICE_BATCH_SIZE} lowered to fit memory / divide {total_rows} rows)")
 
     optimizer = model.setup_optimizer(
         unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
         adam_betas=ADAM_BETAS, matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY,
-        compile_steps=use_compile, ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        compile_steps=rt.compile, ns_dtype=rt.ns_dtype,
     )
-    raw_model = model
-    if use_compile:
-        model = torch.compile(model, dynamic=False)
+    train_model, train_loader, (x, y, epoch), device_batch, grad_accum_steps = rt.fit(
+        model, config, num_params, TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE,
+        lambda B: make_dataloader(tokenizer, B, T, "train", device=rt.device))
+    budget = harness.Budget.from_env()
+    print(f"Budget: {budget.describe()}")
 
-    # On CUDA, probe one forward/backward first (also the compile step); on OOM halve the device batch
-    while True:
-        train_loader = make_dataloader(tokenizer, device_batch, T, "train", device=device)
-        x, y, epoch = next(train_loader)
-        if device.type != "cuda":
-            break
-        try:
-            with autocast_ctx:
-                loss = model(x, y)
-            loss.backward()
-            break
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
-                raise
-            del train_loader, x, y
-            loss = None
-            raw_model.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-            smaller = smaller_batch(device_batch, total_rows)
-            if smaller is None:
-                fail(f"out of memory at device batch 1 (seq {T}); the model does not fit this device")
-            print(f"Out of memory at device batch {device_batch}; retrying with {smaller}")
-            device_batch = smaller
-    if device.type == "cuda":
-        raw_model.zero_grad(set_to_none=True)
-        del loss
-        x, y, epoch = next(train_loader)
-    grad_accum_steps = total_rows // device_batch
-
-    print(f"Time budget: {TIME_BUDGET}s")
-    print(f"Device batch: {device_batch} x {T} tokens, gradient accumulation steps: {grad_accum_steps}")
-
-    # -----------------------------------------------------------------------
-    # Training loop: stop when counted time (steps after UNTIMED_STEPS) reaches TIME_BUDGET
-    # -----------------------------------------------------------------------
-    t_start_training = time.time()
-    interactive = sys.stdout.isatty()
-    smooth_train_loss = 0.0
-    total_training_time = 0.0
-    step = 0
-    last_print = 0.0
-    while True:
-        synchronize(device)
+    # Training loop
+    while not budget.done:
+        harness.synchronize(rt.device)
         t0 = time.time()
         loss_sum = 0.0
         for micro_step in range(grad_accum_steps):
-            with autocast_ctx:
-                loss = model(x, y)
+            with rt.autocast():
+                loss = train_model(x, y)
             loss_sum = loss_sum + loss.detach()
-            (loss / grad_accum_steps).backward()
+            rt.backward(loss / grad_accum_steps)
             x, y, epoch = next(train_loader)
 
-        progress = min(total_training_time / TIME_BUDGET, 1.0)
+        progress = budget.progress
         lrm = get_lr_multiplier(progress)
-        muon_momentum = get_muon_momentum(step)
-        muon_weight_decay = get_weight_decay(progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
-                group["momentum"] = muon_momentum
-                group["weight_decay"] = muon_weight_decay
-        optimizer.step()
-        raw_model.zero_grad(set_to_none=True)
+                group["momentum"] = get_muon_momentum(budget.step)
+                group["weight_decay"] = get_weight_decay(progress)
+        rt.step(optimizer)
+        model.zero_grad(set_to_none=True)
 
-        train_loss_f = (loss_sum / grad_accum_steps).item()
-        # Fast fail: NaN/inf or exploding loss
-        if math.isnan(train_loss_f) or math.isinf(train_loss_f):
-            fail(f"loss is {'nan' if math.isnan(train_loss_f) else 'inf'} at step {step}")
-        if train_loss_f > 100:
-            fail(f"loss exploded to {train_loss_f:.1f} at step {step}")
-
-        synchronize(device)
+        train_loss = (loss_sum / grad_accum_steps).item()
+        harness.synchronize(rt.device)
         dt = time.time() - t0
-        if step >= UNTIMED_STEPS:
-            total_training_time += dt
+        budget.tick(dt)
+        rt.log_step(budget, train_loss, lrm, dt, TOTAL_BATCH_SIZE, num_flops_per_token, epoch)
 
-        ema_beta = 0.9
-        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
-        debiased_smooth_loss = smooth_train_loss / (1 - ema_beta**(step + 1))
-        tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
-        mfu_text = f"{100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops:.1f}%" if peak_flops else "n/a"
-        remaining = max(0.0, TIME_BUDGET - total_training_time)
-        step += 1
-        done = step > UNTIMED_STEPS and total_training_time >= TIME_BUDGET
-
-        now = time.time()
-        if interactive or step <= UNTIMED_STEPS + 1 or done or now - last_print >= 0.5:
-            last_print = now
-            line = (f"step {step - 1:05d} ({100 * progress:.1f}%) | loss {debiased_smooth_loss:.3f} | lrm {lrm:.2f} | "
-                    f"dt {dt * 1000:.0f}ms | tok/sec {tok_per_sec:,} | mfu {mfu_text} | epoch {epoch} | remaining {remaining:.0f}s")
-            print(f"\r{line}    " if interactive else line, end="" if interactive else "\n", flush=True)
-
-        # GC management (Python's GC causes ~500ms stalls)
-        if step == 1:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
-
-        if done:
-            break
-
-    if interactive:
-        print()
-    total_tokens = step * TOTAL_BATCH_SIZE
-    timed_steps = step - min(step, UNTIMED_STEPS)
-    tokens_per_sec = TOTAL_BATCH_SIZE * timed_steps / total_training_time if total_training_time > 0 else 0.0
-    steady_state_mfu = (100 * num_flops_per_token * tokens_per_sec / peak_flops) if peak_flops else None
-
-    # Keep the trained weights before evaluation: a crash in eval must not lose the run
-    trained_state = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
-    checkpoint_path = os.environ.get("NIGHTLAB_CHECKPOINT") or ("checkpoint.pt" if SAVE_CHECKPOINT else None)
-    if checkpoint_path:
-        torch.save(trained_state, checkpoint_path)
-        print(f"Saved trained weights to {checkpoint_path}")
-
-    # Final eval (not counted in the budget); on failure retry once eagerly with a smaller batch
-    gc.enable()
-    model.eval()
-    t_eval = time.time()
-    try:
-        with autocast_ctx:
-            val_bpb = evaluate_bpb(model, tokenizer, device_batch)
-    except Exception as e:
-        print(f"WARNING: evaluation failed ({type(e).__name__}: {e}); retrying uncompiled with batch {max(1, device_batch // 2)}")
-        raw_model.load_state_dict(trained_state)
-        raw_model.eval()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        try:
-            with autocast_ctx:
-                val_bpb = evaluate_bpb(raw_model, tokenizer, max(1, device_batch // 2))
-        except Exception as e2:
-            fail(f"evaluation failed: {type(e2).__name__}: {e2}"
-                 + (f" (trained weights saved at {checkpoint_path})" if checkpoint_path else ""))
-    if not math.isfinite(val_bpb):
-        fail(f"val_bpb is {val_bpb}")
-    t_end = time.time()
-
-    # Final summary: upstream's block (names, order, formats), then METRIC lines
-    peak_vram_mb = peak_memory_mb(device)
-    print(f"attention_backend: {backend}")
-    print(f"device: {device.type} ({device_name})")
-    print(f"profile: {PROFILE}")
-    print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
-    print(f"training_seconds: {total_training_time:.1f}")
-    print(f"total_seconds:    {t_end - t_start:.1f}")
-    print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
-    print(f"mfu_percent:      {f'{steady_state_mfu:.2f}' if steady_state_mfu is not None else 'n/a'}")
-    print(f"total_tokens_M:   {total_tokens / 1e6:.1f}")
-    print(f"num_steps:        {step}")
-    print(f"num_params_M:     {num_params / 1e6:.1f}")
-    print(f"depth:            {DEPTH}")
-    metrics = {
-        "val_bpb": f"{val_bpb:.6f}",
-        "training_seconds": f"{total_training_time:.1f}",
-        "total_seconds": f"{t_end - t_start:.1f}",
-        "peak_vram_mb": f"{peak_vram_mb:.1f}",
-        "mfu_percent": f"{steady_state_mfu:.2f}" if steady_state_mfu is not None else None,
-        "total_tokens_M": f"{total_tokens / 1e6:.1f}",
-        "num_steps": f"{step}",
-        "num_params_M": f"{num_params / 1e6:.1f}",
-        "depth": f"{DEPTH}",
-        "tokens_per_sec": f"{tokens_per_sec:.0f}",
-        "startup_seconds": f"{t_start_training - t_start:.1f}",
-        "eval_seconds": f"{t_end - t_eval:.1f}",
-        "overhead_seconds": f"{t_end - t_start - total_training_time:.1f}",
-        "time_budget": f"{TIME_BUDGET}",
-        "max_seq_len": f"{T}",
-        "eval_tokens": f"{EVAL_TOKENS}",
-        "total_batch_size": f"{TOTAL_BATCH_SIZE}",
-        "device_batch_size": f"{device_batch}",
-        "grad_accum_steps": f"{grad_accum_steps}",
-        "flops_per_token": f"{num_flops_per_token:.6e}",
-        "peak_flops": f"{peak_flops:.4e}" if peak_flops else None,
-        "cuda_capability": f"{capability[0]}.{capability[1]}" if capability else None,
-    }
-    for name, value in metrics.items():
-        if value is not None:
-            print(f"METRIC {name}={value}")
-    sys.stdout.flush()
+    rt.finish(model, config, budget, tokens_per_step=TOTAL_BATCH_SIZE, flops_per_token=num_flops_per_token,
+              num_params=num_params, depth=DEPTH, profile=PROFILE, total_batch_size=TOTAL_BATCH_SIZE,
+              device_batch_size=device_batch, grad_accum_steps=grad_accum_steps)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        print("\nFAIL: interrupted", flush=True)
-        sys.exit(130)
-    except Exception as e:
-        import traceback
-        traceback.print_exc()
-        print(f"FAIL: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
-        sys.exit(1)
+    main()

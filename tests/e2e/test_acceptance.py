@@ -149,9 +149,9 @@ def _configs(tmp: Path, cache: Path, data: Path, tg: FakeTelegram, slack: FakeSl
     init = tmp / "init.toml"
     init.write_text(common)
     py, q = sys.executable, shlex.quote
-    command = (f"NIGHTLAB_DATA_DIR={q(str(data))} NIGHTLAB_TIME_BUDGET=3 NIGHTLAB_EVAL_TOKENS=2048"
+    command = (f"NIGHTLAB_DATA_DIR={q(str(data))} NIGHTLAB_BUDGET_STEPS=6 NIGHTLAB_EVAL_TOKENS=2048"
                f" {q(py)} {q(str(FAKES / 'flaky_train.py'))} --counter {q(str(counter))} --hang {HANG}"
-               f" --crash {CRASH} --pidfile {q(str(pidfile))} -- {q(py)} train.py")
+               f" --crash {CRASH} --pidfile {q(str(pidfile))} -- {q(py)} prepare.py run")
     night = tmp / "night.toml"
     night.write_text(common + f"""\
 [project]

@@ -1,6 +1,6 @@
 """A run command that misbehaves on chosen invocations and otherwise runs the real trainer.
 
-    python flaky_train.py --counter FILE [--hang 3] [--crash 5] [--pidfile FILE] -- python train.py
+    python flaky_train.py --counter FILE [--hang 3] [--crash 5] [--pidfile FILE] -- python prepare.py run
 
 Every start adds one to the number in FILE (kept outside the workspace, so `git clean` never
 resets it) and is that invocation: 1 is the first run the loop launches. A re-attached run is

@@ -49,3 +49,16 @@ def test_non_numeric_and_nan() -> None:
 def test_only_last_separator_counts() -> None:
     summary = parse_summary("---\nval_bpb: 5.0\nlater output\n---\nval_bpb: 1.0\n")
     assert summary.get("val_bpb") == 1.0
+
+
+def test_a_rejection_by_the_harness_is_kept_with_its_reason() -> None:
+    from nightlab.loop.judge import Measurement, failure_reason
+
+    log = "train.py| REJECTED: by train.py itself\nstep 1\nREJECTED: not causal: the model looks ahead\n"
+    summary = parse_summary(log)
+    assert summary.rejected == "not causal: the model looks ahead" and not summary.complete
+    assert failure_reason(Measurement(3, None, summary, log), "val_bpb") == (
+        "rejected by the harness: not causal: the model looks ahead")
+    # a project's own output that happens to say REJECTED while succeeding is not a rejection
+    ok = parse_summary("REJECTED: a line of the user's\n---\nval_bpb: 1.0\n")
+    assert failure_reason(Measurement(0, None, ok, ""), "val_bpb") is None

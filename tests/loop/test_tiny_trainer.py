@@ -28,8 +28,8 @@ def test_baseline_with_the_real_tiny_trainer(tmp_path: Path, capsys: pytest.Capt
         "trainer": {"profile": "tiny"},
     })
     ws = init_workspace(settings.workspace_path, "tiny", settings, say=lambda _: None)
-    # Shorter than the tiny profile (15 s budget, 16K eval tokens): this test proves the plumbing.
-    ws.store.set("workspace.harness_env", {**ws.harness_env, "NIGHTLAB_TIME_BUDGET": "2", "NIGHTLAB_EVAL_TOKENS": "2048"})
+    # Shorter than the tiny profile (40 steps, 8K eval tokens): this test proves the plumbing.
+    ws.store.set("workspace.harness_env", {**ws.harness_env, "NIGHTLAB_BUDGET_STEPS": "5", "NIGHTLAB_EVAL_TOKENS": "2048"})
     from nightlab.trainer import prepare
 
     prepare.prepare("stdlib", 1, settings.cache_path, lambda _: None)  # as the daemon does before the engine

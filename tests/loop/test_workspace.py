@@ -101,4 +101,38 @@ def test_builtin_trainer_gets_the_profile(tmp_path: Path) -> None:
         assert "DEPTH = 2" in (path / "train.py").read_text()
         assert ws.harness_env["NIGHTLAB_TIME_BUDGET"] == "15"
     assert git_out(path, "status", "--porcelain") == ""
-    assert set(git_out(path, "ls-files").split()) == {"train.py", "prepare.py", "program.md"}
+    assert set(git_out(path, "ls-files").split()) == {"train.py", "prepare.py", "harness.py", "program.md"}
+    # the harness is protected with prepare.py, and every experiment runs it: train, then score
+    assert ws.protected == ("prepare.py", "harness.py")
+    assert ws.run_command.endswith("prepare.py run")
+
+
+def test_a_project_with_a_score_command_runs_through_the_harness(tmp_path: Path) -> None:
+    from nightlab.loop.config import settings_from_table
+    from nightlab.loop.workspace import run_command
+
+    def command(project: dict) -> str:
+        return run_command(settings_from_table({"workspace": {"path": str(tmp_path)}, "project": project}))
+
+    assert command({"run_command": "make train"}) == "make train"  # no score command: trusted as today
+    scored = command({"run_command": "make train", "score_command": "python score.py"})
+    assert "-m nightlab.trainer.prepare run --command 'make train' --score 'python score.py'" in scored
+
+
+def test_kept_models_are_kept_by_commit_and_only_the_newest_few(tmp_path: Path) -> None:
+    import os
+
+    from nightlab.loop.workspace import KEPT_ARTIFACTS, Workspace, keep_artifact
+
+    ws = Workspace(path=tmp_path, branch="b", profile="tiny", harness_env={}, editable=("train.py",),
+                   protected=(), run_command="", builtin_trainer=True)
+    run_dir = tmp_path / "run"
+    assert keep_artifact(ws, run_dir, "c0") is None  # the run saved no model
+    (run_dir / ".nightlab" / "artifact").mkdir(parents=True)
+    for i in range(KEPT_ARTIFACTS + 2):
+        (run_dir / ".nightlab" / "artifact" / "model.pt").write_text(f"weights {i}")
+        dest = keep_artifact(ws, run_dir, f"c{i}")
+        assert dest is not None and (dest / "model.pt").read_text() == f"weights {i}"
+        os.utime(dest, (i, i))  # newest last, whatever the file system's clock resolution
+    left = sorted(p.name for p in (tmp_path / ".nightlab" / "artifacts").iterdir())
+    assert left == [f"c{i}" for i in range(2, KEPT_ARTIFACTS + 2)]

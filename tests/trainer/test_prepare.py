@@ -121,6 +121,9 @@ def test_constants_and_settings_follow_environment() -> None:
     for bad in ("abc", "0", "-5", "1.5"):
         with pytest.raises(P.PrepareError, match="NIGHTLAB_EVAL_TOKENS"):
             P.harness_settings({"NIGHTLAB_EVAL_TOKENS": bad})
+    assert P.harness_settings({"NIGHTLAB_BUDGET_STEPS": "40"})["BUDGET_STEPS"] == 40  # recorded when in force
+    with pytest.raises(P.PrepareError, match="NIGHTLAB_BUDGET_STEPS"):
+        P.harness_settings({"NIGHTLAB_BUDGET_STEPS": "soon"})
 
 
 def test_runs_as_top_level_module_without_torch(tmp_path: Path) -> None:
@@ -397,3 +400,101 @@ def test_evaluate_bpb_matches_hand_computation(
     monkeypatch.setattr(P, "EVAL_TOKENS", B * T - 1)
     with pytest.raises(ValueError, match="NIGHTLAB_EVAL_TOKENS"):
         P.evaluate_bpb(model, tokenizer, B)
+
+
+# --- the run: training without validation data, scoring in the harness -------------------------
+
+
+def test_training_view_has_no_validation_shard(data_dir: Path, tokenizer: P.Tokenizer, monkeypatch) -> None:
+    view = P.training_view(data_dir)
+    train, val = P.split_shards(data_dir)
+    assert sorted(p.name for p in view.glob("shard_*.parquet")) == [p.name for p in train]
+    assert val is not None and not (view / val.name).exists()
+    assert not any(p.is_symlink() for p in view.glob("shard_*.parquet"))  # hard links: no path back
+    assert P.split_shards(view) == (sorted(view.glob("shard_*.parquet")), None)
+    assert P.training_view(data_dir) == view and P.training_view(view) == view  # idempotent
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(view))
+    next(P.make_dataloader(tokenizer, 2, 32, "train", device="cpu"))
+    with pytest.raises(P.PrepareError, match="holds no validation data: train.py runs without it"):
+        next(P.make_dataloader(tokenizer, 2, 32, "val", device="cpu"))
+
+
+def test_eval_rows_are_the_validation_loader_rows_tokenized_once(
+    data_dir: Path, tokenizer: P.Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
+    x, y, _ = next(P.make_dataloader(tokenizer, 6, 32, "val", device="cpu"))
+    rows = P.cached_rows(tokenizer, data_dir, 32, 0, 6)
+    assert torch.equal(rows[:, :-1].long(), x) and torch.equal(rows[:, 1:].long(), y)  # what evaluate_bpb scores
+    assert len(list((data_dir / P.EVAL_CACHE_DIR).glob("*.pt"))) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the cached rows were tokenized again")
+
+    monkeypatch.setattr(P, "packed_rows", no_tokenizing)
+    assert torch.equal(P.cached_rows(tokenizer, data_dir, 32, 0, 6), rows)
+    monkeypatch.undo()
+    later = P.cached_rows(tokenizer, data_dir, 32, 6, 6)  # a held-out slice: the rows after them
+    assert torch.equal(later, P.cached_rows(tokenizer, data_dir, 32, 0, 12)[6:])
+
+
+def _script(tmp_path: Path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text(body)
+    return f"{sys.executable} {path}"
+
+
+def test_run_passes_training_output_on_but_never_as_a_result(tmp_path: Path, monkeypatch, capfd) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "model.pt").write_text("stale")
+    train = _script(tmp_path, "t.py", (
+        "import os\nprint('step 1 | loss 3.0')\nprint('---')\nprint('val_bpb:          0.100000')\n"
+        "print('METRIC val_bpb=0.1')\nprint('REJECTED: by me')\n"
+        "assert not os.path.exists(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'model.pt'))\n"
+    ))
+    score = _script(tmp_path, "s.py", "print('---')\nprint('val_bpb:          1.500000')\n")
+    assert P.run(train, score) == 0  # a project's own score command prints its result itself
+    out = capfd.readouterr().out
+    assert "step 1 | loss 3.0\ntrain.py| ---\nval_bpb:          0.100000\ntrain.py| METRIC val_bpb=0.1\n" in out
+    assert "train.py| REJECTED: by me" in out
+    assert "note: train.py printed val_bpb 0.1; ignored" in out
+    from nightlab.loop.summary import parse_summary
+
+    summary = parse_summary(out)
+    assert summary.get("val_bpb") == 1.5 and summary.get("claimed_val_bpb") == 0.1 and summary.rejected is None
+
+
+def test_run_stops_when_training_fails(tmp_path: Path, monkeypatch, capfd) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    scored = tmp_path / "scored"
+    code = P.run(_script(tmp_path, "t.py", "raise SystemExit(7)\n"), _script(tmp_path, "s.py", f"open({str(scored)!r}, 'w')\n"))
+    assert code == 7 and not scored.exists()
+    assert "FAIL: the training command exited with code 7" in capfd.readouterr().out
+
+
+def test_a_cancelled_run_takes_its_training_process_with_it(tmp_path: Path) -> None:
+    """`prepare.py run` keeps its children in the run's process group: the executor's kill of a
+    run (timeout, stall, /kill) ends the training process too."""
+    import psutil
+    from nightlab.loop.executor import LocalExecutor, RunSpec, Slot
+
+    shutil.copy(REPO / "trainer" / "prepare.py", tmp_path / "prepare.py")
+    ex = LocalExecutor()
+    handle = ex.launch(RunSpec(f"{sys.executable} prepare.py run --command 'sleep 600'", tmp_path,
+                               tmp_path / "runs" / "1.log", Slot("cpu0"), {}))
+    deadline = time.monotonic() + 30
+    while not [p for p in psutil.Process(handle.pid).children(recursive=True) if p.name() == "sleep"]:
+        assert time.monotonic() < deadline, "the training command never started"
+        time.sleep(0.05)
+    tree = [psutil.Process(handle.pid), *psutil.Process(handle.pid).children(recursive=True)]
+    ex.cancel(handle, grace_s=2)
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_upstreams_imports_still_resolve() -> None:
+    """Upstream autoresearch's train.py imports these from prepare (bench/trainer.py --other)."""
+    for name in ("MAX_SEQ_LEN", "TIME_BUDGET", "Tokenizer", "make_dataloader", "evaluate_bpb"):
+        assert hasattr(P, name), name

@@ -1,0 +1,87 @@
+"""The fixed runtime harness trainer/harness.py: dtype choice, the budget, the causality probe,
+and the fp16 (loss scaling) and bf16 paths run end to end on the CPU."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from nightlab.loop.summary import parse_summary
+from nightlab.trainer import profiles as P
+
+from tests.trainer.test_train import make_workspace, run_train
+
+
+@pytest.mark.parametrize(("device", "capability", "requested", "expected"), [
+    ("cuda", (9, 0), "", torch.bfloat16),  # H100
+    ("cuda", (8, 6), "", torch.bfloat16),  # RTX 3090
+    ("cuda", (7, 5), "", torch.float16),  # T4: no bf16, loss scaling
+    ("cuda", (7, 0), "bf16", torch.float16),  # V100 asked for bf16: falls back, never crashes
+    ("cpu", None, "", torch.float32),
+    ("mps", None, "", torch.float32),
+    ("cpu", None, "fp16", torch.float16),
+    ("cpu", None, "BF16", torch.bfloat16),
+    ("cuda", (9, 0), "fp32", torch.float32),
+])
+def test_dtype_choice(H, device, capability, requested, expected):
+    dtype, why = H.choose_dtype(device, capability, requested)
+    assert dtype == expected and why
+
+
+def test_a_bad_dtype_is_named(H):
+    with pytest.raises(H.HarnessError, match="NIGHTLAB_DTYPE='int8' is not one of bf16, fp16, fp32"):
+        H.choose_dtype("cpu", None, "int8")
+
+
+def test_wall_clock_budget_starts_after_the_untimed_steps(H):
+    budget = H.Budget(seconds=3.0, untimed=2)
+    dts = []
+    while not budget.done:
+        dts.append(budget.progress)
+        budget.tick(1.0)
+    assert budget.step == 5 and budget.counted == 3.0  # 2 untimed + 3 counted seconds
+    assert dts == [0.0, 0.0, 0.0, 1 / 3, 2 / 3] and budget.progress == 1.0
+
+
+def test_step_budget_counts_steps_whatever_they_cost(H, monkeypatch):
+    monkeypatch.setenv("NIGHTLAB_BUDGET_STEPS", "4")
+    budget = H.Budget.from_env()
+    for dt in (100.0, 0.001, 50.0, 0.5):
+        assert not budget.done
+        budget.tick(dt)
+    assert budget.done and budget.step == 4 and budget.progress == 1.0 and budget.remaining == "0 steps"
+    assert budget.counted == pytest.approx(150.501)  # every step's time is reported
+
+
+def test_causality_probe(H, T):
+    model = T.build_model({"sequence_len": 32, "vocab_size": 96, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 32,
+                               "window_pattern": "SL"}, torch.device("cpu"))
+    torch.nn.init.normal_(model.lm_head.weight)  # untrained logits are near zero: make them move
+    for block in model.transformer.h:
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.2)
+    rows = torch.randint(0, 96, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert H.causality_problem(model, rows, 96, torch.Generator().manual_seed(0)) is None
+
+        def peeks(x):  # position t also sees token t + 1
+            return model(x) + 5 * torch.nn.functional.one_hot(torch.roll(x, -1, dims=1), 96)
+
+        why = H.causality_problem(peeks, rows, 96, torch.Generator().manual_seed(0))
+    assert why and why.startswith("not causal: changing the tokens after position 16") and "looks ahead" in why
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_reduced_precision_paths_train_on_cpu(tmp_path, data_dir, dtype):
+    tiny = P.PROFILES["tiny"]
+    ws = make_workspace(tmp_path / dtype, tiny.constants)
+    proc = run_train(ws, data_dir, {**tiny.harness_env, "NIGHTLAB_DTYPE": dtype, "NIGHTLAB_BUDGET_STEPS": "12",
+                                    "NIGHTLAB_EVAL_TOKENS": "2048"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    name = {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    assert f"compute dtype {name} (NIGHTLAB_DTYPE={dtype})" in proc.stdout
+    assert f"dtype: {name}" in proc.stdout
+    losses = [float(m) for m in re.findall(r"\| loss (\d+\.\d+) \|", proc.stdout)]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert parse_summary(proc.stdout).finite("val_bpb") is not None

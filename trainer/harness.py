@@ -1,0 +1,710 @@
+"""The FIXED runtime harness of nightlab's built-in trainer, protected like prepare.py.
+
+train.py (the file an agent edits) holds the model, the optimizer and the training loop; this
+module holds what must stay the same between experiments and what the score must not depend on:
+- `setup`: the device, the compute dtype (bf16 where the device has it, else fp16 with loss
+  scaling on CUDA, else fp32; NIGHTLAB_DTYPE=bf16|fp16|fp32 forces one), torch.compile, and the
+  attention backend (FA3 through `kernels` on Hopper, FlexAttention, SDPA) behind `attention`;
+- `Runtime.fit`: the device batch fitted to memory (and halved on an out-of-memory);
+- `Budget`: wall-clock seconds after warm-up steps (GPU profiles) or a fixed number of optimizer
+  steps (NIGHTLAB_BUDGET_STEPS: the tiny CPU profile, repeatable under any load);
+- `Runtime.finish`: saves the trained weights and the model's config, the run's only result;
+- `score` (`python harness.py score`, run by `python prepare.py run` in its own process): builds
+  the model through train.py's `build_model`, loads the weights, checks causality, then computes
+  val_bpb from the model's logits on inputs only and prints the summary block the daemon reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5
+    flex_attention = create_block_mask = None
+
+import prepare
+from prepare import EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer
+
+ENV_DTYPE = "NIGHTLAB_DTYPE"
+ENV_BUDGET_STEPS = prepare.ENV_BUDGET_STEPS
+ENV_COMPILE = "NIGHTLAB_COMPILE"  # 0: never torch.compile (a device where it cannot run)
+UNTIMED_STEPS = 10  # the first steps (compilation, warm-up) do not count against TIME_BUDGET
+ARTIFACT_FORMAT = "nightlab-artifact/1"
+REJECTED_EXIT = 3  # `score`: the model was refused (the line before says why)
+PROBE_ROWS = 2  # sequences the causality probe perturbs
+PROBE_ATOL = 1e-2  # logits are soft-capped at ~15; a model that looks ahead moves them far more
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class HarnessError(Exception):
+    """The run cannot go on; the message says why and what to do."""
+
+
+class Rejected(Exception):
+    """The trained model is refused by the scorer; the message is the reason recorded."""
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"\nFAIL: {message}", flush=True)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------------------
+# Device helpers: peak FLOPs table, memory, synchronisation
+# ---------------------------------------------------------------------------
+
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s, FP32 accumulate, from NVIDIA's datasheets.
+# Matched in order against torch.cuda.get_device_name(): more specific names first.
+gpu_peak_bf16_flops = [
+    ("H100 NVL", 835.5e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989.5e12),      # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("H800", 989.5e12),
+    ("H200 NVL", 835.5e12),
+    ("H200", 989.5e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("RTX 4090", 165.2e12),
+    ("RTX 3090", 71e12),
+    ("RTX 5090", 209.5e12),
+]
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    """Peak bf16 FLOP/s for a GPU name, or None when unknown (MFU is then reported as n/a)."""
+    for key, flops in gpu_peak_bf16_flops:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of the device the model lives on (CPU: the process's peak RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1024 / 1024
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 1024 / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info()
+        return free
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_train_bytes(config: dict[str, Any], num_params: int, rows: int, T: int) -> int:
+    """Rough peak memory of one forward/backward: activations per token (calibrated on upstream's
+    45 GB at depth 8, dim 512, 128 x 2048 rows) + fp32 logits + params, grads and optimizer state."""
+    per_token = 24 * config.get("n_layer", 8) * config.get("n_embd", 512) + 12 * config.get("vocab_size", 8192)
+    return rows * T * per_token + 16 * num_params
+
+
+def fit_device_batch(config: dict[str, Any], num_params: int, T: int, total_batch_size: int,
+                     device_batch_size: int, device: torch.device) -> int:
+    """Largest device batch <= device_batch_size that divides the rows of total_batch_size and
+    (by the estimate above) fits the device's free memory. Grad accumulation keeps the total."""
+    if total_batch_size % T != 0 or total_batch_size < T:
+        raise HarnessError(f"TOTAL_BATCH_SIZE ({total_batch_size}) must be a positive multiple of MAX_SEQ_LEN ({T})")
+    total_rows = total_batch_size // T
+    candidates = [b for b in range(min(device_batch_size, total_rows), 0, -1) if total_rows % b == 0]
+    if not candidates:
+        raise HarnessError(f"DEVICE_BATCH_SIZE must be >= 1, not {device_batch_size}")
+    free = available_memory_bytes(device)
+    if free is None:
+        return candidates[0]
+    for b in candidates:
+        if estimate_train_bytes(config, num_params, b, T) <= 0.9 * free:
+            return b
+    return candidates[-1]
+
+
+def smaller_batch(B: int, total_rows: int) -> int | None:
+    """Next smaller divisor of total_rows below B (for an OOM retry), or None."""
+    for b in range(B // 2, 0, -1):
+        if total_rows % b == 0:
+            return b
+    return None
+
+
+def cpu_hint(device_type: str, flops_per_step: float) -> str | None:
+    """A line suggesting the tiny profile when there is no GPU and the constants are GPU-sized."""
+    if device_type == "cuda" or flops_per_step <= 1e13:
+        return None
+    return (f"HINT: no GPU found, and train.py still has GPU-sized constants ({flops_per_step:.1e} FLOPs per "
+            f"optimizer step): one step will take many minutes here. Use the tiny profile (trainer/profiles.py "
+            f"PROFILES['tiny']; nightlab picks it automatically on machines without a GPU).")
+
+
+def choose_dtype(device_type: str, capability: tuple[int, int] | None, requested: str = "") -> tuple[torch.dtype, str]:
+    """(compute dtype, why). bf16 on CUDA from sm80, fp16 (with loss scaling) on older CUDA GPUs,
+    fp32 elsewhere; `requested` (NIGHTLAB_DTYPE) forces one, but bf16 on a CUDA GPU without it
+    falls back to fp16 rather than crash."""
+    requested = requested.strip().lower()
+    if requested and requested not in DTYPES:
+        raise HarnessError(f"{ENV_DTYPE}={requested!r} is not one of {', '.join(DTYPES)}; set one of them or unset it")
+    cuda_bf16 = device_type == "cuda" and capability is not None and tuple(capability) >= (8, 0)
+    if requested == "bf16" and device_type == "cuda" and not cuda_bf16:
+        return torch.float16, f"{ENV_DTYPE}=bf16, but this GPU has no bf16: fp16 with loss scaling"
+    if requested:
+        return DTYPES[requested], f"{ENV_DTYPE}={requested}"
+    if device_type == "cuda":
+        return (torch.bfloat16, "bf16 (sm80+)") if cuda_bf16 else (torch.float16, "fp16 with loss scaling (no bf16 before sm80)")
+    return torch.float32, f"fp32 on {device_type}"
+
+
+# ---------------------------------------------------------------------------
+# Attention backends: FA3 (Hopper, via `kernels`), FlexAttention, SDPA
+# ---------------------------------------------------------------------------
+
+fa3 = None  # the flash_attn_interface module when the fa3 backend is in use
+fa3_repos = ["varunneal/flash-attention-3", "kernels-community/flash-attn3"]
+BACKEND = "sdpa"  # the backend `attention` uses, set by `setup`
+MASKS: dict[tuple[str, int, int], Any] = {}  # attention masks by (backend, T, window), built before compiling
+
+
+def load_fa3():
+    """Load a locally cached FA3 kernel through `kernels`. Returns (module, None) or (None, why).
+    Never downloads unless NIGHTLAB_KERNELS_DOWNLOAD=1: the run must not hang on an offline box."""
+    if os.environ.get("NIGHTLAB_KERNELS_DOWNLOAD") != "1":
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    errors = []
+    try:
+        from kernels import get_kernel
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            from huggingface_hub import constants as hf_constants
+            hf_constants.HF_HUB_OFFLINE = True  # in case huggingface_hub was imported earlier
+    except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: another backend
+        return None, f"kernels package unusable ({type(e).__name__}: {e})"
+    for repo in fa3_repos:
+        try:
+            try:
+                kernel = get_kernel(repo, trust_remote_code=[repo])
+            except TypeError:  # older `kernels` without trust_remote_code
+                kernel = get_kernel(repo)
+            module = getattr(kernel, "flash_attn_interface", kernel)
+            if not hasattr(module, "flash_attn_func"):
+                raise AttributeError("no flash_attn_func")
+            return module, None
+        except Exception as e:  # noqa: BLE001 - as above, per repository
+            errors.append(f"{repo}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    return None, "; ".join(errors)
+
+
+def fa3_works(module, device):
+    """Run FA3 once on a tiny input: a kernel that loads but cannot run must not be chosen."""
+    try:
+        q = torch.randn(1, 128, 1, 64, device=device, dtype=torch.bfloat16)
+        y = module.flash_attn_func(q, q, q, causal=True, window_size=(64, 0))
+        y = y[0] if isinstance(y, tuple) else y
+        synchronize(device)
+        return bool(torch.isfinite(y.float()).all())
+    except Exception:  # noqa: BLE001 - a kernel that cannot run is not chosen, whatever the error
+        return False
+
+
+def flex_available():
+    return flex_attention is not None
+
+
+def select_attention_backend(device_type, capability=None, requested="auto", compile_model=True):
+    """Pick the attention backend. Returns (name, fa3_module_or_None, note explaining the choice).
+    auto: fa3 on Hopper when the kernel is cached locally and runs; else flex on CUDA when the
+    model is compiled (flex is slow eager); else sdpa (CPU, MPS, or no compile)."""
+    requested = requested.lower()
+    if requested not in ("auto", "fa3", "flex", "sdpa"):
+        raise HarnessError(f"ATTENTION_BACKEND must be auto, fa3, flex or sdpa, not {requested!r}")
+    notes = []
+    if requested in ("auto", "fa3"):
+        if device_type != "cuda":
+            notes.append(f"fa3 needs CUDA (device is {device_type})")
+        elif capability is not None and tuple(capability) != (9, 0):
+            notes.append(f"fa3 needs Hopper sm90 (this GPU is sm{capability[0]}{capability[1]})")
+        else:
+            module, why = load_fa3()
+            if module is not None and fa3_works(module, torch.device("cuda")):
+                return "fa3", module, "FA3 kernel loaded from the local kernels cache"
+            notes.append(f"fa3 kernel not available ({why or 'failed a smoke test'})")
+        if requested == "fa3":
+            notes.append("falling back")
+    if requested == "flex" or (requested in ("auto", "fa3") and device_type == "cuda" and compile_model):
+        if flex_available():
+            return "flex", None, "; ".join(notes + ["FlexAttention with sliding-window block masks"])
+        notes.append("FlexAttention unavailable in this torch")
+    return "sdpa", None, "; ".join(notes + ["SDPA (causal; explicit boolean mask for sliding windows)"])
+
+
+def use_backend(name: str, fa3_module=None) -> None:
+    """Make `attention` use this backend (and forget masks built for another)."""
+    global BACKEND, fa3
+    BACKEND, fa3 = name, fa3_module
+    MASKS.clear()
+
+
+def window_mask(T, window, device):
+    """Boolean (T, T) mask: query i sees keys j with i - window <= j <= i (FA's window_size=(window, 0))."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & (i - j <= window)
+
+
+def flex_block_mask(T, window, device):
+    def sliding_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def build_masks(T: int, windows: list[int], device) -> None:
+    """Build the masks `attention` needs for sequence length T up front (not inside a compiled graph)."""
+    for window in windows:
+        if BACKEND == "flex" and ("flex", T, window) not in MASKS:
+            MASKS[("flex", T, window)] = flex_block_mask(T, min(window, T), device)
+        elif BACKEND == "sdpa" and window < T - 1 and ("sdpa", T, window) not in MASKS:
+            MASKS[("sdpa", T, window)] = window_mask(T, window, device)
+
+
+def attention(q, k, v, window):
+    """Causal attention with a left window. q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D)."""
+    T, H = q.size(1), q.size(2)
+    if BACKEND == "fa3":
+        y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        return y[0] if isinstance(y, tuple) else y
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = k.size(1) != H
+    if BACKEND == "flex":
+        key = ("flex", T, window)
+        if key not in MASKS:
+            MASKS[key] = flex_block_mask(T, min(window, T), q.device)
+        y = flex_attention(q, k, v, block_mask=MASKS[key], enable_gqa=gqa)
+    elif window >= T - 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        key = ("sdpa", T, window)
+        if key not in MASKS:
+            MASKS[key] = window_mask(T, window, q.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=MASKS[key], enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------
+# The budget: wall clock after warm-up (GPU) or a number of optimizer steps (tiny CPU profile)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    seconds: float = TIME_BUDGET
+    steps: int | None = None  # a step budget: the same work on any machine under any load
+    untimed: int = UNTIMED_STEPS
+    step: int = 0  # optimizer steps done
+    counted: float = 0.0  # seconds counted against `seconds` (steps after `untimed`)
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> Budget:
+        if not environ.get(ENV_BUDGET_STEPS, "").strip():
+            return cls(seconds=TIME_BUDGET)
+        # every step counts: a step budget has no clock to protect from warm-up
+        return cls(seconds=TIME_BUDGET, steps=prepare._env_int(environ, ENV_BUDGET_STEPS, 1), untimed=0)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the budget used, 0..1 (the LR schedule's clock)."""
+        if self.steps is not None:
+            return min(self.step / self.steps, 1.0)
+        return min(self.counted / self.seconds, 1.0)
+
+    def tick(self, dt: float) -> None:
+        if self.step >= self.untimed:
+            self.counted += dt
+        self.step += 1
+
+    @property
+    def done(self) -> bool:
+        if self.steps is not None:
+            return self.step >= self.steps
+        return self.step > self.untimed and self.counted >= self.seconds
+
+    @property
+    def remaining(self) -> str:
+        if self.steps is not None:
+            return f"{max(0, self.steps - self.step)} steps"
+        return f"{max(0.0, self.seconds - self.counted):.0f}s"
+
+    def describe(self) -> str:
+        if self.steps is not None:
+            return f"{self.steps} optimizer steps ({ENV_BUDGET_STEPS})"
+        return f"{self.seconds:g}s of training after {self.untimed} untimed warm-up steps"
+
+
+# ---------------------------------------------------------------------------
+# The runtime train.py gets from `setup`
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    device_name: str
+    capability: tuple[int, int] | None
+    dtype: torch.dtype
+    compile: bool
+    backend: str
+    peak_flops: float | None
+    scaler: Any = None  # torch.amp.GradScaler for fp16
+    # start-up is counted from the run's start (`prepare.py run` sets it), python and torch import included
+    t_start: float = field(default_factory=lambda: float(os.environ.get(prepare.ENV_RUN_STARTED) or time.time()))
+    t_training: float | None = None
+    interactive: bool = field(default_factory=lambda: sys.stdout.isatty())
+    smooth_loss: float = 0.0
+    last_print: float = 0.0
+
+    @property
+    def ns_dtype(self) -> torch.dtype:
+        """Dtype of Muon's orthogonalisation: bf16 where the device has it, else fp32 (fp16 overflows)."""
+        return torch.bfloat16 if self.dtype == torch.bfloat16 and self.device.type == "cuda" else torch.float32
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def backward(self, loss) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer) -> None:
+        """optimizer.step(); with fp16, unscaled first and skipped on inf/NaN gradients."""
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def fit(self, model, config: dict[str, Any], num_params: int, total_batch_size: int,
+            device_batch_size: int, make_loader):
+        """(model to train, loader, first batch, device batch, grad accumulation steps).
+
+        The device batch is the largest that divides the total rows and fits memory by estimate;
+        on CUDA one forward/backward is tried first (it also compiles) and halved on OOM.
+        make_loader(B) -> an endless (x, y, epoch) iterator."""
+        T = MAX_SEQ_LEN
+        try:
+            device_batch = fit_device_batch(config, num_params, T, total_batch_size, device_batch_size, self.device)
+        except HarnessError as e:
+            fail(str(e))
+        total_rows = total_batch_size // T
+        if device_batch != device_batch_size:
+            print(f"Device batch size: {device_batch} (DEVICE_BATCH_SIZE {device_batch_size} lowered to fit memory / divide {total_rows} rows)")
+        raw_model = model
+        if self.compile:
+            model = torch.compile(model, dynamic=False)
+        while True:
+            loader = make_loader(device_batch)
+            x, y, epoch = next(loader)
+            if self.device.type != "cuda":
+                break
+            try:
+                with self.autocast():
+                    loss = model(x, y)
+                loss.backward()
+                raw_model.zero_grad(set_to_none=True)
+                del loss
+                x, y, epoch = next(loader)
+                break
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                    raise
+                del loader, x, y
+                raw_model.zero_grad(set_to_none=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                smaller = smaller_batch(device_batch, total_rows)
+                if smaller is None:
+                    fail(f"out of memory at device batch 1 (seq {T}); the model does not fit this device")
+                print(f"Out of memory at device batch {device_batch}; retrying with {smaller}")
+                device_batch = smaller
+        grad_accum = total_rows // device_batch
+        print(f"Device batch: {device_batch} x {T} tokens, gradient accumulation steps: {grad_accum}")
+        self.t_training = time.time()
+        return model, loader, (x, y, epoch), device_batch, grad_accum
+
+    def log_step(self, budget: Budget, loss: float, lrm: float, dt: float, tokens: int,
+                 flops_per_token: float, epoch: int) -> None:
+        """Fail fast on a NaN/inf or exploding loss; print the progress line (every 0.5 s at most
+        when not a terminal); free Python's GC after the first step (it stalls ~500 ms)."""
+        step = budget.step - 1
+        if math.isnan(loss) or math.isinf(loss):
+            fail(f"loss is {'nan' if math.isnan(loss) else 'inf'} at step {step}")
+        if loss > 100:
+            fail(f"loss exploded to {loss:.1f} at step {step}")
+        beta = 0.9
+        self.smooth_loss = beta * self.smooth_loss + (1 - beta) * loss
+        debiased = self.smooth_loss / (1 - beta ** (step + 1))
+        mfu = f"{100 * flops_per_token * tokens / dt / self.peak_flops:.1f}%" if self.peak_flops else "n/a"
+        now = time.time()
+        if self.interactive or budget.step <= budget.untimed + 1 or budget.done or now - self.last_print >= 0.5:
+            self.last_print = now
+            line = (f"step {step:05d} ({100 * budget.progress:.1f}%) | loss {debiased:.3f} | lrm {lrm:.2f} | "
+                    f"dt {dt * 1000:.0f}ms | tok/sec {int(tokens / dt):,} | mfu {mfu} | epoch {epoch} | "
+                    f"remaining {budget.remaining}")
+            print(f"\r{line}    " if self.interactive else line, end="" if self.interactive else "\n", flush=True)
+        if budget.step == 1:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif budget.step % 5000 == 0:
+            gc.collect()
+
+    def finish(self, model, config: dict[str, Any], budget: Budget, *, tokens_per_step: int,
+               flops_per_token: float, num_params: int, **figures: Any) -> Path:
+        """Save the trained weights + config for the scorer; print the training figures. The run's
+        score is computed from these by `python harness.py score`, never by train.py."""
+        if self.interactive:
+            print()
+        gc.enable()
+        timed = budget.step - min(budget.step, budget.untimed)
+        tokens_per_sec = tokens_per_step * timed / budget.counted if budget.counted > 0 else 0.0
+        mfu = 100 * flops_per_token * tokens_per_sec / self.peak_flops if self.peak_flops else None
+        train = {
+            "training_seconds": budget.counted,
+            "peak_vram_mb": peak_memory_mb(self.device),
+            "mfu_percent": mfu,
+            "total_tokens_M": budget.step * tokens_per_step / 1e6,
+            "num_steps": budget.step,
+            "num_params_M": num_params / 1e6,
+            "tokens_per_sec": tokens_per_sec,
+            "startup_seconds": (self.t_training or self.t_start) - self.t_start,
+            "flops_per_token": flops_per_token,
+            "peak_flops": self.peak_flops,
+            "device": f"{self.device.type} ({self.device_name})",
+            "attention_backend": self.backend,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "cuda_capability": f"{self.capability[0]}.{self.capability[1]}" if self.capability else None,
+            **figures,
+        }
+        out = artifact_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        torch.save(state, out / "model.pt.tmp")
+        os.replace(out / "model.pt.tmp", out / "model.pt")
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if not (out / "train.py").exists() and main_file:
+            shutil.copyfile(main_file, out / "train.py")  # a direct `python train.py`: score what ran
+        meta = {"format": ARTIFACT_FORMAT, "config": config, "train": train}
+        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        print(f"Training done: {budget.step} steps in {budget.counted:.1f}s counted; weights saved to {out}", flush=True)
+        return out
+
+
+def artifact_dir(environ=os.environ) -> Path:
+    """Where a run's trained model goes: $NIGHTLAB_ARTIFACT_DIR, else .nightlab/artifact in the cwd."""
+    raw = environ.get(prepare.ENV_ARTIFACT_DIR, "").strip()
+    return Path(raw) if raw else Path(prepare.DEFAULT_ARTIFACT_DIR)
+
+
+def setup(seed: int = 42, attention_backend: str = "auto", compile: bool = True) -> Runtime:
+    """Seed, device, dtype, compile and attention backend for this process; prints what it chose."""
+    torch.manual_seed(seed)
+    torch.set_float32_matmul_precision("high")
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        torch.cuda.manual_seed(seed)
+        capability, device_name = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        device, capability, device_name = torch.device("mps"), None, "Apple MPS"
+    else:
+        device, capability, device_name = torch.device("cpu"), None, "CPU"
+    try:
+        dtype, dtype_note = choose_dtype(device.type, capability, os.environ.get(ENV_DTYPE, ""))
+    except HarnessError as e:
+        fail(str(e))
+    use_compile = compile and device.type == "cuda" and os.environ.get(ENV_COMPILE, "1") != "0"
+    print(f"Device: {device.type} ({device_name}{f', sm{capability[0]}{capability[1]}' if capability else ''}), "
+          f"compute dtype {str(dtype).replace('torch.', '')} ({dtype_note}), compile {use_compile}")
+    try:
+        backend, fa3_module, note = select_attention_backend(device.type, capability, attention_backend, use_compile)
+    except HarnessError as e:
+        fail(str(e))
+    use_backend(backend, fa3_module)
+    print(f"Attention backend: {backend} ({note})")
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return Runtime(device=device, device_name=device_name, capability=capability, dtype=dtype,
+                   compile=use_compile, backend=backend,
+                   peak_flops=peak_flops_for(device_name) if device.type == "cuda" else None, scaler=scaler)
+
+
+# ---------------------------------------------------------------------------
+# Scoring: in the harness's own process, from the saved model, on inputs only
+# ---------------------------------------------------------------------------
+
+
+def eval_rows(tokenizer: Tokenizer, data_dir: Path, split: str = "val", slice_index: int = 0) -> torch.Tensor:
+    """The scored rows [EVAL_TOKENS // MAX_SEQ_LEN, MAX_SEQ_LEN + 1] of the validation shard,
+    tokenized once per data dir and cached there. `val`: the first rows (what evaluate_bpb
+    scores); `heldout` slice k: the k+1-th block of as many rows after them, never scored for
+    keep decisions."""
+    if split not in ("val", "heldout"):
+        raise HarnessError(f"split must be val or heldout, not {split!r}")
+    T = MAX_SEQ_LEN
+    n = EVAL_TOKENS // T
+    if n < 1:
+        raise HarnessError(f"EVAL_TOKENS={EVAL_TOKENS} is less than one row of {T}; raise {prepare.ENV_EVAL_TOKENS}")
+    start = 0 if split == "val" else n * (1 + slice_index)
+    return prepare.cached_rows(tokenizer, Path(data_dir), T, start, n)
+
+
+def _eval_batch(n_rows: int, T: int, vocab: int, device: torch.device) -> int:
+    """Rows per scoring batch: the largest divisor of n_rows whose fp32 logits stay under a cap
+    (every batch has one shape, so a compiled model never recompiles)."""
+    cap_elements = 2**29 if device.type == "cuda" else 2**25
+    cap = max(1, cap_elements // (T * vocab))
+    return max(b for b in range(1, min(cap, n_rows) + 1) if n_rows % b == 0)
+
+
+def load_trained(artifact: Path, rt: Runtime):
+    """train.py's `build_model(config, device, dtype)` with the saved weights; Rejected when the
+    artifact is missing or does not fit."""
+    meta_path, weights = artifact / "meta.json", artifact / "model.pt"
+    if not meta_path.is_file() or not weights.is_file():
+        raise Rejected("train.py saved no trained model: it must end with the harness's finish(...)")
+    meta = json.loads(meta_path.read_text())
+    spec = importlib.util.spec_from_file_location("nightlab_scored_train", artifact / "train.py")
+    if spec is None or spec.loader is None or not (artifact / "train.py").is_file():
+        raise Rejected(f"no train.py saved with the model in {artifact}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # its main() is behind `if __name__ == "__main__"`: nothing trains
+    if not hasattr(module, "build_model"):
+        raise Rejected("train.py has no build_model(config, device, dtype): the harness cannot score it")
+    model = module.build_model(meta["config"], rt.device, rt.dtype)
+    try:
+        model.load_state_dict(torch.load(weights, map_location=rt.device, weights_only=True))
+    except RuntimeError as e:
+        raise Rejected(f"the saved weights do not fit build_model(config): {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, meta
+
+
+def causality_problem(forward, rows: torch.Tensor, vocab: int, generator: torch.Generator) -> str | None:
+    """Change the tokens after position t in a batch of rows: the logits up to t must not move.
+    Returns why the model fails, or None."""
+    x = rows[:, :-1]
+    T = x.size(1)
+    for t in (T // 2, T // 4):
+        changed = x.clone()
+        noise = torch.randint(0, vocab, (x.size(0), T - t - 1), generator=generator).to(x.device)
+        changed[:, t + 1:] = noise
+        a, b = forward(x)[:, : t + 1].float(), forward(changed)[:, : t + 1].float()
+        diff = (a - b).abs().max().item()
+        if not math.isfinite(diff) or diff > PROBE_ATOL:
+            return (f"not causal: changing the tokens after position {t} moved the logits at positions <= {t}"
+                    f" by up to {diff:.3g} (tolerance {PROBE_ATOL:g}); the model looks ahead")
+    return None
+
+
+def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int = 0) -> dict[str, Any]:
+    """Score a saved model: {"bpb", "score_seconds", "eval_seconds", "meta", "rt"}. Raises Rejected."""
+    t0 = time.time()
+    meta_path = artifact / "meta.json"
+    backend = "auto"
+    if meta_path.is_file():
+        backend = json.loads(meta_path.read_text()).get("train", {}).get("attention_backend", "auto")
+    rt = setup(attention_backend=backend)
+    tokenizer = Tokenizer.from_directory(Path(data_dir) / "tokenizer")
+    vocab = tokenizer.get_vocab_size()
+    model, meta = load_trained(artifact, rt)
+    rows = eval_rows(tokenizer, data_dir, split, slice_index)
+    n, T = rows.size(0), rows.size(1) - 1
+    B = _eval_batch(n, T, vocab, rt.device)
+    forward = torch.compile(model, dynamic=False) if rt.compile else model
+    rows = rows.to(rt.device)
+    token_bytes = prepare.get_token_bytes(rt.device, tokenizer)
+
+    def logits_of(x):
+        with rt.autocast():  # one layout for every call: a compiled model guards on strides
+            out = forward(x.long().contiguous())
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.size(0), x.size(1), vocab):
+            raise Rejected(f"model(inputs) must return logits [B, T, {vocab}], got "
+                           f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        return out
+
+    with torch.no_grad():
+        why = causality_problem(logits_of, rows[:B], vocab, torch.Generator().manual_seed(0))
+        if why:
+            raise Rejected(why)
+        t_eval = time.time()
+        total_nats = torch.zeros((), dtype=torch.float64, device=rt.device)
+        total_bytes = torch.zeros((), dtype=torch.int64, device=rt.device)
+        for i in range(0, n, B):  # no host sync per batch: the sums stay on the device
+            batch = rows[i : i + B].long()
+            x, y = batch[:, :-1], batch[:, 1:]
+            nats = F.cross_entropy(logits_of(x).float().reshape(-1, vocab), y.reshape(-1), reduction="none")
+            nbytes = token_bytes[y.reshape(-1)]
+            total_nats += torch.where(nbytes > 0, nats, 0.0).sum(dtype=torch.float64)
+            total_bytes += nbytes.sum()
+        bpb = total_nats.item() / (math.log(2) * total_bytes.item())
+    return {"bpb": bpb, "score_seconds": time.time() - t0, "eval_seconds": time.time() - t_eval,
+            "meta": meta, "rt": rt, "rows": n}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Score a trained model saved by train.py (the harness's metric).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("score", help="score the model in --artifact on the validation rows (or a held-out slice)")
+    p.add_argument("--artifact", type=Path, default=None, help=f"default: ${prepare.ENV_ARTIFACT_DIR} or {prepare.DEFAULT_ARTIFACT_DIR}")
+    p.add_argument("--split", choices=["val", "heldout"], default="val")
+    p.add_argument("--slice", type=int, default=0, help="which held-out slice (0, 1, ...)")
+    p.add_argument("--result", type=Path, default=None,
+                   help="write the result here as JSON instead of printing the summary (what `prepare.py run` reads)")
+    args = parser.parse_args(argv)
+    artifact = args.artifact or artifact_dir()
+    try:
+        found = score(artifact, prepare.get_data_dir(), args.split, args.slice)
+        result = {"bpb": found["bpb"], "score_seconds": found["score_seconds"], "eval_seconds": found["eval_seconds"],
+                  "rows": found["rows"], "split": args.split, "slice": args.slice, "train": found["meta"]["train"]}
+        code = 0
+    except Rejected as e:
+        result, code = {"rejected": str(e)}, REJECTED_EXIT
+    except (HarnessError, prepare.PrepareError) as e:
+        result, code = {"error": str(e)}, 1
+    if args.result is not None:
+        tmp = args.result.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, args.result)
+    else:
+        prepare.print_result(result, None)
+    sys.stdout.flush()
+    # The model's code was imported into this process: leave before any exit hook it set can run.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
