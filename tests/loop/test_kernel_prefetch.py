@@ -23,6 +23,7 @@ from nightlab.loop import kernel_prefetch as kp
 
 from tests.fakes.hf_hub import FakeHub
 
+TRAINER = Path(__file__).resolve().parents[2] / "trainer"
 H100 = "NVIDIA H100 80GB HBM3"
 REPO = "kernels-community/flash-attn3"
 _torch = version("torch").split("+")[0].split(".")
@@ -88,9 +89,12 @@ def test_prefetch_downloads_this_torchs_build_and_a_run_loads_it_offline(hopper_
     asked = len(hub.requests)
 
     hub.stop()  # the box is offline now: a run must find the kernel in the cache alone
-    shape = run_python("import torch\n"
-                       "from nightlab.loop.kernel_prefetch import FA3_KERNELS, load_cached\n"
-                       "fa3 = load_cached(FA3_KERNELS[1])\n"
+    # The harness's own loader, as a run calls it (harness.py imports prepare.py beside it)
+    shape = run_python("import sys, torch\n"
+                       f"sys.path.insert(0, {str(TRAINER)!r})\n"
+                       "import harness\n"
+                       "fa3, why = harness.load_fa3()\n"
+                       "assert fa3 is not None, why\n"
                        "q = torch.randn(2, 16, 3, 8)\n"
                        "print(tuple(fa3.flash_attn_func(q, q, q, causal=True).shape))\n",
                        HF_HUB_OFFLINE="1")
