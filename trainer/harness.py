@@ -290,9 +290,11 @@ def flex_block_mask(T, window, device):
 def build_masks(T: int, windows: list[int], device) -> None:
     """Build the masks `attention` needs for sequence length T up front (not inside a compiled graph)."""
     for window in windows:
+        if window >= T - 1:
+            continue  # full context needs no mask (attention uses SDPA's causal kernel)
         if BACKEND == "flex" and ("flex", T, window) not in MASKS:
             MASKS[("flex", T, window)] = flex_block_mask(T, min(window, T), device)
-        elif BACKEND == "sdpa" and window < T - 1 and ("sdpa", T, window) not in MASKS:
+        elif BACKEND == "sdpa" and ("sdpa", T, window) not in MASKS:
             MASKS[("sdpa", T, window)] = window_mask(T, window, device)
 
 
