@@ -60,8 +60,8 @@ def test_an_undecided_gain_is_re_run_and_the_means_decide() -> None:
     assert first.status == "discard" and first.needs_confirm and not first.remeasure_best
     assert first.confidence == pytest.approx(0.01 / (0.01 * math.sqrt(1 + 1 / 3)))
     assert _judge(_m(0.99)).remeasure_best  # n = 1 vs 1: the best's own error is as large
-    kept = _judge(_m(0.985), kind="confirm", earlier=[0.99, 0.98], best=[1.0, 1.0, 1.0])
-    assert kept.status == "keep" and kept.best_after == pytest.approx(0.985) and not kept.needs_confirm
+    kept = _judge(_m(0.975), kind="confirm", earlier=[0.985, 0.98], best=[1.0, 1.0, 1.0])
+    assert kept.status == "keep" and kept.best_after == pytest.approx(0.98) and not kept.needs_confirm
     lost = _judge(_m(1.02), kind="confirm", earlier=[0.99])
     assert lost.status == "discard" and lost.reason.startswith("not better") and lost.best_after == 1.0
     big = _judge(_m(0.9))
