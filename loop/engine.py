@@ -42,6 +42,7 @@ from typing import Any
 
 from nightlab.loop import hardware, ledger, steering
 from nightlab.loop.config import Settings, load_settings
+from nightlab.loop.decision import Rule, gain, pooled_noise
 from nightlab.loop.errors import UserError
 from nightlab.loop.executor import (
     Executor,
@@ -55,13 +56,11 @@ from nightlab.loop.executor import (
     started_at,
 )
 from nightlab.loop.hardware import HardwareClass
-from nightlab.loop.decision import Rule, pooled_noise
 from nightlab.loop.judge import (
     NOT_COMPARED_PREFIX,
     REBASE_PREFIX,
     Measurement,
     Verdict,
-    gain,
     judge,
 )
 from nightlab.loop.ledger import Candidate, Experiment
@@ -94,7 +93,9 @@ WAVE_KEY = "loop.wave"  # kv: the wave in flight {base, kind, size, done, pins};
 # kv: where a result could not be compared (no reference of its base there): [{hardware, node}];
 # the next wave measures the best commit there first
 WANTED_KEY = "loop.wanted_baselines"
-_ANYWHERE = {"hardware": "", "node": ""}  # a pin that does not restrict where a run goes
+_ANYWHERE = {"hardware": "", "node": ""}
+DISCARDS_SAID_KEY = "loop.discards_said"  # kv: the keep whose following run of discards was reported
+WIDENED_KEY = "loop.focus_widened"  # kv: the focus already said to be exhausted (said once)  # a pin that does not restrict where a run goes
 
 
 def _say(message: str) -> None:
@@ -404,6 +405,10 @@ class Engine:
                     ledger.mark_notes_delivered(self.store, [cid for cid, _ in notes], cand.number)
         described = {"description": proposal.description, "hypothesis": proposal.hypothesis,
                      "area": proposal.area, "params": dict(proposal.params)}
+        if cand.focus and proposal.area and proposal.area != cand.focus and self.store.get(WIDENED_KEY) != cand.focus:
+            self.store.set(WIDENED_KEY, cand.focus)  # once per focus, not once per proposal
+            self.store.emit("alert", text=f"focus {cand.focus}: nothing left to try there; the search widens to"
+                                          f" other areas (#{cand.number}: {proposal.area}). `focus off` or another focus to steer")
         changed = self.git.changed_files()
         outside = [p for p in changed if p not in self.ws.editable]
         if outside:
@@ -720,7 +725,9 @@ class Engine:
             ledger.set_paused(self.store, "nightlab", reason, None)
             self.store.emit("self_paused", reason=reason)
         misses = self._consecutive_failures(rows)
-        if misses == limit and rows[-1].status == "discard":
+        streak = next((e.number for e in reversed(rows) if e.status == "keep" and e.kind != "baseline"), 0)
+        if misses >= limit and self.store.get(DISCARDS_SAID_KEY) != streak:
+            self.store.set(DISCARDS_SAID_KEY, streak)  # said once per streak (it starts at a keep)
             self.store.emit("alert", text=(
                 f"{misses} experiments in a row without a keep: the search widens its moves and changes area;"
                 " the loop goes on (only failures pause it)"))

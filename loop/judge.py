@@ -11,7 +11,6 @@ import statistics
 from dataclasses import dataclass, field
 
 from nightlab.loop.decision import Comparison, Noise, Rule, decide
-from nightlab.loop.decision import gain as gain
 from nightlab.loop.summary import Summary
 
 USER_KILL_PREFIX = "killed by "  # kill_reason of a user's kill: recorded as discard, not crash

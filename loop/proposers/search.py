@@ -46,6 +46,7 @@ from nightlab.trainer.profiles import apply_constants
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState, create_trial
 
+WIDENED = "widened:"  # in a hypothesis: the focused area had nothing left, the proposal is elsewhere
 MAX_ASKS = 10  # TPE picks to try before nudging by hand (each ask costs a few ms)
 N_STARTUP = 5  # scored trials before TPE models anything; random sampling until then
 TWO_PARAM_SHARE = 0.4  # how often a proposal changes two constants rather than one
@@ -95,17 +96,18 @@ class SearchProposer:
         rng = random.Random(f"{self.seed}:{len(ctx.history)}:{len(ctx.in_flight)}")
         tried = _tried(ctx)
         area, switched = self._area(ctx, space)
-        # A focused area stays put; otherwise an exhausted area hands over to the next one.
-        order = [area] if ctx.focus else _rotate(space.areas, area)
-        for candidate_area in order:
+        # An exhausted area hands over to the next one, a focused one too (the engine says so
+        # once in chat): a search with nothing left to try never fails proposal after proposal.
+        for candidate_area in _rotate(space.areas, area):
             pick = _pick(ctx, space, candidate_area, tried, rng)
             if pick is not None:
                 break
         else:
-            where = f"area {area!r}" if ctx.focus else "every area"
-            raise ProposalError(f"search: every nearby configuration in {where} has been tried; try `focus off` or another area")
+            raise ProposalError("search: every nearby configuration in every area has been tried")
 
-        if candidate_area != area:
+        if candidate_area != area and ctx.focus:
+            why = f"{WIDENED} focus {area!r} has nothing left to try (every nearby configuration has been tried)"
+        elif candidate_area != area:
             why = f"every nearby {area} configuration has been tried"
         elif switched:
             why = f"switched from {switched} after {ctx.consecutive_failures} failures in a row"

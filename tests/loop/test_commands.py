@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from nightlab.loop.commands import Command, CommandError, help_text, parse_command
 
 AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 import math
-
-import pytest
 import random
 
+import pytest
 from nightlab.loop.decision import Noise, Rule, decide, pooled_noise
 from nightlab.loop.judge import Measurement, judge
 from nightlab.loop.summary import Summary
