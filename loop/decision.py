@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 PRIOR_DF = 2.0  # the prior noise weighs as much as one group of three repeats
+# kv keys where the engine leaves what the views need to state a gain the same way
+DIRECTION_KEY = "loop.direction"
+NOISE_PRIOR_KEY = "loop.noise_prior"  # [loop] noise_prior: a share of the metric
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,13 @@ from typing import Any
 
 from nightlab.loop import hardware, ledger, steering
 from nightlab.loop.config import Settings, load_settings
-from nightlab.loop.decision import Rule, gain, pooled_noise
+from nightlab.loop.decision import (
+    DIRECTION_KEY,
+    NOISE_PRIOR_KEY,
+    Rule,
+    gain,
+    pooled_noise,
+)
 from nightlab.loop.errors import UserError
 from nightlab.loop.executor import (
     Executor,
@@ -213,6 +219,8 @@ class Engine:
         with self.store.transaction():
             self.store.set(ledger.AREAS_KEY, None if self.proposer.areas is None else list(self.proposer.areas))
             self.store.set("loop.metric_name", self.metric_name)
+            self.store.set(DIRECTION_KEY, self.direction)
+            self.store.set(NOISE_PRIOR_KEY, self.settings.loop.noise_prior)
             self.store.set("loop.slots", [s.name for s in self.slots])
             self.store.set("engine.finished", False)
             self.store.set("engine.pid", os.getpid())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nightlab.loop import ledger
+from nightlab.loop import ledger, views
 from nightlab.loop.engine import run_engine
 from nightlab.loop.store import Store
 
@@ -38,6 +38,10 @@ def test_a_change_truly_better_by_3_sigma_is_kept(tmp_path: Path) -> None:
     kept = [e for e in rows if e.status == "keep" and e.kind != "baseline"]
     assert [e.params for e in kept] == [{"K00": round(best["K00"], 2)}]
     assert landscape.true_at(repo, land, kept[0].commit) < land.base - 2.9 * land.sigma
+    # what people read: the gain with its error, n = runs of the best vs runs of the baseline
+    found = views.night_gain(Store.for_workspace(repo), rows)
+    assert found is not None and found[1].gain > 2 * found[1].se and found[1].n_incumbent == 3
+    assert f"gain +{found[1].gain:.6f} ± {found[1].se:.6f}" in views.best_text(repo)
 
 
 def test_a_run_of_discards_never_pauses_the_loop_and_is_said_once(tmp_path: Path) -> None:
