@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nightlab.loop import ledger
+from nightlab.loop import ledger, views
 from nightlab.loop.engine import run_engine
 from nightlab.loop.proposers.base import Proposal, ProposalContext
 from nightlab.loop.proposers.search import describe
@@ -117,9 +117,8 @@ def night(land: Landscape, rule: str, proposer: str, experiments: int, loop: dic
             if truth[base] - truth[commit] >= MISSED_AT * land.sigma and not decided.get(commit):
                 missed += 1
         true_gain = land.base - truth[best]
-        baseline = statistics.fmean(e.metric for e in rows if e.commit == start and e.metric is not None)  # type: ignore[misc]
-        final = ledger.reference(rows, rows[-1].hardware_class if rows[-1].hardware else rows[0].hardware_class)
-        reported = baseline - (final.best if final is not None and final.best is not None else baseline)
+        found = views.night_gain(Store.for_workspace(repo), rows)  # what /best and the report say
+        reported = found[1].gain if found is not None else 0.0
         repeats = sum(e.kind in ("baseline", "confirm") for e in rows) - 1  # the first baseline is no repeat
         return Night(
             gain_share=true_gain / land.possible(), false_share=false / len(kept) if kept else None,

@@ -269,16 +269,19 @@ class Engine:
         return {"base": head, "kind": kind, "size": len(self.slots), "done": len(baselines), "pins": pins}
 
     def _drift_pins(self, rows: list[Experiment], head: str) -> list[dict[str, str]]:
-        """Classes whose best (`head`) was last measured `loop.remeasure_every` experiments ago or
-        more: measured again, for drift (a GPU's speed, a shared machine's load) and the noise."""
-        every = self.settings.loop.remeasure_every
+        """Classes where the best (`head`) is measured again: a new best until it has as many runs
+        as the baseline had (its runs so far were selected for luck: fresh ones tell its worth,
+        and every later comparison with it gets surer), then every `loop.remeasure_every`
+        experiments (drift: a GPU's speed, a shared machine's load; and the noise)."""
+        loop = self.settings.loop
         pins: list[dict[str, str]] = []
         for cls in dict.fromkeys(e.hardware_class for e in rows if e.hardware):
             ref = ledger.reference(rows, cls)
-            if every <= 0 or ref is None or ref.commit != head:
+            if ref is None or ref.commit != head:
                 continue
-            last = max(e.number for e in rows if e.commit == head and e.hardware_class == cls and e.metric is not None)
-            if sum(e.number > last for e in rows) >= every:
+            runs = [e.number for e in rows if e.commit == head and e.hardware_class == cls and e.metric is not None]
+            since = sum(e.number > runs[-1] for e in rows)
+            if len(runs) < loop.baseline_runs or 0 < loop.remeasure_every <= since:
                 pins.append({"hardware": cls.hardware, "node": ""})
         return pins
 
@@ -459,11 +462,16 @@ class Engine:
             PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params)
             for e in rows
         )
-        keeps = [p for p in history if p.status == "keep"]
+        # the best: the experiment that made it (a change, else the first baseline), valued at its
+        # estimate now (every measurement of its commit), not at its own single run
+        keeps = [e for e in rows if e.status == "keep"]
+        made = next((e for e in reversed(keeps) if e.kind != "baseline"), keeps[0] if keeps else None)
+        best = None if made is None else dataclasses.replace(
+            history[rows.index(made)], metric=next(e.best for e in reversed(keeps) if e.commit == made.commit))
         crashes = [e for e in rows if e.status == "crash" and e.duration_s is not None]
         return ProposalContext(
             workspace=self.ws.path, editable=self.ws.editable, metric_name=self.metric_name,
-            direction=self.direction, best=keeps[-1] if keeps else None, history=history,
+            direction=self.direction, best=best, history=history,
             focus=cand.focus, notes=notes, consecutive_failures=self._consecutive_failures(rows),
             last_crash_log=self._log_tail(crashes[-1].number, 4000) if crashes else "",
         )

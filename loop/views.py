@@ -80,8 +80,16 @@ def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
         best = [e for e in keeps if e.hardware_class == keeps[0].hardware_class][-1]
     else:
         return None, None
-    values = _values(rows, best.commit, best.hardware_class)
+    values = _best_values(rows, best)
     return best, statistics.fmean(values) if values else best.best
+
+
+def _best_values(rows: list[Experiment], best: Experiment) -> list[float]:
+    """The runs that state the best's value. The runs that got a change kept were picked for
+    luck (the winner's curse), so once it has been re-measured only the runs after its keep
+    count here (the decision rule itself uses every run)."""
+    fresh = _values([e for e in rows if e.number > best.number], best.commit, best.hardware_class)
+    return fresh if best.kind != "baseline" and fresh else _values(rows, best.commit, best.hardware_class)
 
 
 def _values(rows: list[Experiment], commit: str, cls: HardwareClass) -> list[float]:
@@ -90,8 +98,8 @@ def _values(rows: list[Experiment], commit: str, cls: HardwareClass) -> list[flo
 
 def night_gain(store: Store, rows: list[Experiment]) -> tuple[float, Comparison] | None:
     """(the baseline's mean, the best's gain over it ± its standard error), on the best's hardware
-    class: every measurement of both commits, the noise pooled over that class's repeats. A gain
-    is positive when the best is better, whichever the metric's direction."""
+    class (the best's value as `_best_values` states it), the noise pooled over that class's
+    repeats. A gain is positive when the best is better, whichever the metric's direction."""
     best, _ = _best(rows)
     if best is None:
         return None
@@ -99,7 +107,7 @@ def night_gain(store: Store, rows: list[Experiment]) -> tuple[float, Comparison]
     bases = [e for e in rows if e.kind == "baseline" and e.hardware_class == cls and e.metric is not None]
     if not bases:
         return None
-    baseline, values = _values(rows, bases[0].commit, cls), _values(rows, best.commit, cls)
+    baseline, values = _values(rows, bases[0].commit, cls), _best_values(rows, best)
     groups = [_values(rows, c, cls) for c in sorted({e.commit for e in rows if e.hardware_class == cls})]
     mean = statistics.fmean(baseline)
     noise = pooled_noise(groups, store.get(NOISE_PRIOR_KEY, 0.0) * (abs(mean) or 1.0))
