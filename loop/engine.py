@@ -269,19 +269,22 @@ class Engine:
         return {"base": head, "kind": kind, "size": len(self.slots), "done": len(baselines), "pins": pins}
 
     def _drift_pins(self, rows: list[Experiment], head: str) -> list[dict[str, str]]:
-        """Classes where the best (`head`) is measured again: a new best until it has as many runs
-        as the baseline had (its runs so far were selected for luck: fresh ones tell its worth,
-        and every later comparison with it gets surer), then every `loop.remeasure_every`
-        experiments (drift: a GPU's speed, a shared machine's load; and the noise)."""
+        """Classes where the best (`head`) is measured again: a new best until it has
+        `loop.baseline_runs` - 1 runs after its keep (the runs that got it kept were picked for
+        luck: fresh ones tell its worth, and every later comparison with it gets surer), then every
+        `loop.remeasure_every` experiments (drift: a GPU's speed, a shared machine's load)."""
         loop = self.settings.loop
         pins: list[dict[str, str]] = []
         for cls in dict.fromkeys(e.hardware_class for e in rows if e.hardware):
             ref = ledger.reference(rows, cls)
             if ref is None or ref.commit != head:
                 continue
-            runs = [e.number for e in rows if e.commit == head and e.hardware_class == cls and e.metric is not None]
+            mine = [e for e in rows if e.commit == head and e.hardware_class == cls]
+            kept = max((e.number for e in mine if e.status == "keep" and e.kind != "baseline"), default=0)
+            runs = [e.number for e in mine if e.metric is not None]
+            fresh = [n for n in runs if n > kept]
             since = sum(e.number > runs[-1] for e in rows)
-            if len(runs) < loop.baseline_runs or 0 < loop.remeasure_every <= since:
+            if len(fresh) < loop.baseline_runs - 1 or 0 < loop.remeasure_every <= since:
                 pins.append({"hardware": cls.hardware, "node": ""})
         return pins
 

@@ -206,3 +206,16 @@ def test_make_proposer_picks_by_kind(tmp_path: Path) -> None:
     assert isinstance(search, SearchProposer) and search.areas and "optimizer" in search.areas
     agent = make_proposer(settings_from_table({"proposer": {"kind": "agent", "agent": {"command": "true"}}}))
     assert isinstance(agent, AgentProposer) and agent.areas is None
+
+
+def test_two_near_misses_in_different_constants_are_tried_together(ws: Path) -> None:
+    base = PastExperiment(1, "keep", 1.0, "baseline", "", "", {})
+    lr = PastExperiment(2, "discard", 0.998, "MATRIX_LR 0.04→0.05", "", "optimizer", {"MATRIX_LR": 0.05})
+    worse = PastExperiment(3, "discard", 1.01, "SCALAR_LR 0.5→0.6", "", "optimizer", {"SCALAR_LR": 0.6})
+    wd = PastExperiment(4, "discard", 0.999, "WEIGHT_DECAY 0.2→0.25", "", "optimizer", {"WEIGHT_DECAY": 0.25})
+    both = SearchProposer(seed=0).propose(ctx_for(ws, [base, lr, worse, wd]))
+    assert both.params == {"MATRIX_LR": 0.05, "WEIGHT_DECAY": 0.25}
+    assert "near misses #2 and #4 together" in both.hypothesis
+    tried = PastExperiment(5, "discard", 1.0, both.description, "", "optimizer", both.params)
+    shutil.copy(TRAIN, ws / "train.py")
+    assert SearchProposer(seed=0).propose(ctx_for(ws, [base, lr, worse, wd, tried])).params != both.params
