@@ -270,7 +270,7 @@ class Engine:
 
     def _drift_pins(self, rows: list[Experiment], head: str) -> list[dict[str, str]]:
         """Classes where the best (`head`) is measured again: a new best until it has
-        `loop.baseline_runs` - 1 runs after its keep (the runs that got it kept were picked for
+        `loop.baseline_runs` runs after its keep (the runs that got it kept were picked for
         luck: fresh ones tell its worth, and every later comparison with it gets surer), then every
         `loop.remeasure_every` experiments (drift: a GPU's speed, a shared machine's load)."""
         loop = self.settings.loop
@@ -284,7 +284,8 @@ class Engine:
             runs = [e.number for e in mine if e.metric is not None]
             fresh = [n for n in runs if n > kept]
             since = sum(e.number > runs[-1] for e in rows)
-            if len(fresh) < loop.baseline_runs - 1 or 0 < loop.remeasure_every <= since:
+            # baseline_runs = 1 asks for no repeats at all: then a new best is not re-measured either
+            if len(fresh) < (loop.baseline_runs if loop.baseline_runs > 1 else 0) or 0 < loop.remeasure_every <= since:
                 pins.append({"hardware": cls.hardware, "node": ""})
         return pins
 
