@@ -118,8 +118,8 @@ class LoopSettings:
     max_runs: int = 3  # runs of one candidate at most (first run + re-runs) before it is decided
     noise_prior: float = 0.003  # noise assumed until repeats measure it, as a share of the best's metric
     remeasure_every: int = 20  # experiments between re-measurements of the best (drift); 0 = never
-    switch_area_after: int = 5  # consecutive failures before the search changes area
-    pause_after_failures: int = 15  # consecutive failures before the loop pauses itself
+    switch_area_after: int = 5  # experiments in a row without a keep before the search changes area
+    pause_after_failures: int = 15  # failures in a row (crash, timeout, rejected) before the loop pauses itself
     checkpoint_interval: float = 1.0  # seconds between command checks while a run is in flight
     # waves: N candidates from the best, decided together; async: a freed slot starts the next
     # candidate at once, each result decided as it ends (several slots only)
