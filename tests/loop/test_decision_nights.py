@@ -4,7 +4,10 @@ discards never stops the loop. Deterministic: one slot, the noise of the n-th ru
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
 
 from nightlab.loop import ledger, views
 from nightlab.loop.engine import run_engine
@@ -38,6 +41,10 @@ def test_a_change_truly_better_by_3_sigma_is_kept(tmp_path: Path) -> None:
     kept = [e for e in rows if e.status == "keep" and e.kind != "baseline"]
     assert [e.params for e in kept] == [{"K00": round(best["K00"], 2)}]
     assert landscape.true_at(repo, land, kept[0].commit) < land.base - 2.9 * land.sigma
+    # autoresearch.jsonl's confidence: the keep's gain in standard errors of the difference
+    lines = [json.loads(line) for line in (repo / ledger.AUTORESEARCH_JSONL).read_text().splitlines()[1:]]
+    confidence = next(r["confidence"] for r in lines if r["commit"] == kept[0].commit[:7])
+    assert confidence == pytest.approx(kept[0].confidence) and confidence > 2
     # a new best is measured again until it has the baseline's number of runs (its own were lucky)
     assert sum(e.commit == kept[0].commit and e.metric is not None for e in rows) >= 3
     assert any(e.description == "re-measure the best on " + e.hardware for e in rows if e.commit == kept[0].commit)
