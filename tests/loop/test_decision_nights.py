@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from nightlab.loop import ledger, views
 from nightlab.loop.engine import run_engine
 from nightlab.loop.store import Store
