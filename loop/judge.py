@@ -1,4 +1,5 @@
-"""The ratchet's rules as pure functions: how a finished run is judged and how noisy results are.
+"""A finished run as the ratchet sees it: did it fail (and why), and its verdict, the keep rule
+itself being `decision.py`'s.
 
 Nothing here touches git, processes or the store, so every rule is testable on plain numbers.
 """
