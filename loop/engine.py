@@ -99,9 +99,9 @@ WAVE_KEY = "loop.wave"  # kv: the wave in flight {base, kind, size, done, pins};
 # kv: where a result could not be compared (no reference of its base there): [{hardware, node}];
 # the next wave measures the best commit there first
 WANTED_KEY = "loop.wanted_baselines"
-_ANYWHERE = {"hardware": "", "node": ""}
+_ANYWHERE = {"hardware": "", "node": ""}  # a pin that does not restrict where a run goes
 DISCARDS_SAID_KEY = "loop.discards_said"  # kv: the keep whose following run of discards was reported
-WIDENED_KEY = "loop.focus_widened"  # kv: the focus already said to be exhausted (said once)  # a pin that does not restrict where a run goes
+WIDENED_KEY = "loop.focus_widened"  # kv: the focus already said to be exhausted (said once)
 
 
 def _say(message: str) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from nightlab.loop.commands import Command, CommandError, help_text, parse_command
 
 AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")

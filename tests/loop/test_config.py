@@ -3,14 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from nightlab.heartbeat.cli import main
-from nightlab.loop.config import (
-    ConfigError,
-    Secret,
-    load_settings,
-    render_settings,
-    resolve_secrets,
-)
+from nightlab.loop.config import ConfigError, Secret, load_settings, render_settings, resolve_secrets
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import pytest
+from nightlab.loop.config import ConfigError, settings_from_table
 from nightlab.loop.decision import Noise, Rule, decide, pooled_noise
 from nightlab.loop.judge import Measurement, judge
 from nightlab.loop.summary import Summary
@@ -129,3 +131,13 @@ def test_the_rule_rarely_keeps_noise_and_keeps_a_3_sigma_gain() -> None:
     assert _simulate(0.0, rule) < 0.05  # no effect: kept a few times in a hundred at most
     assert _simulate(-1.0, rule) < 0.005  # truly worse by 1 σ: almost never
     assert _simulate(3.0, rule) > 0.95
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [("keep_z", -1.0, "a number >= 0"), ("max_runs", 0, "at least 1"),
+     ("noise_prior", 0.0, "a positive share"), ("remeasure_every", -5, "0 (never)")],
+)
+def test_the_rules_settings_are_checked_with_a_clear_message(key: str, value: object, expected: str) -> None:
+    with pytest.raises(ConfigError, match=rf"loop\.{key} = {value}: expected {re.escape(expected)}"):
+        settings_from_table({"loop": {key: value}}, source="c.toml")
