@@ -47,9 +47,9 @@ from optuna.samplers import TPESampler
 from optuna.trial import TrialState, create_trial
 
 WIDENED = "widened:"  # in a hypothesis: the focused area had nothing left, the proposal is elsewhere
-MAX_ASKS = 10
+MAX_ASKS = 10  # TPE picks to try before nudging by hand (each ask costs a few ms)
 EXPLOIT_SHARE = 0.5  # how often a proposal steps around the best rather than asking TPE
-NEAR = 6  # a step: one of a value's nearest neighbours (×/÷ 2 at most for a log-scaled one)  # TPE picks to try before nudging by hand (each ask costs a few ms)
+NEAR = 6  # a step: one of a value's nearest neighbours (×/÷ 2 at most for a log-scaled one)
 N_STARTUP = 5  # scored trials before TPE models anything; random sampling until then
 TWO_PARAM_SHARE = 0.4  # how often a proposal changes two constants rather than one
 
