@@ -377,3 +377,19 @@ def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> Non
         pytest.skip("the agent proposer is not written yet")
     assert ok.returncode == 0, ok.stderr
     assert Store.for_workspace(settings.workspace_path).get("engine.finished") is True
+
+
+def test_a_focus_with_nothing_left_is_said_once_in_chat_and_the_loop_goes_on(tmp_path: Path) -> None:
+    """The search widens beyond an exhausted focus (its proposals name another area): the engine
+    says so once, records no crash, and the night goes on."""
+    settings = make_stub_workspace(tmp_path)
+    ws = settings.workspace_path
+    (ws / "train.py").chmod(0o644)
+    send_command(ws, "focus lr", "cli:test")  # applied at the first checkpoint
+    run_engine(settings, 4, proposer=ScriptedProposer([{"set": {"VAL_BPB": [1.1 + k / 100]}, "area": "arch"}
+                                                       for k in range(3)]))
+    store = Store.for_workspace(ws)
+    assert [e.status for e in ledger.experiments(store)] == ["keep", "discard", "discard", "discard"]
+    alerts = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
+    assert alerts == ["focus lr: nothing left to try there; the search widens to other areas (#2: arch)."
+                      " `focus off` or another focus to steer"]
