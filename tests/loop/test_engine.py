@@ -391,5 +391,5 @@ def test_a_focus_with_nothing_left_is_said_once_in_chat_and_the_loop_goes_on(tmp
     store = Store.for_workspace(ws)
     assert [e.status for e in ledger.experiments(store)] == ["keep", "discard", "discard", "discard"]
     alerts = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
-    assert alerts == ["focus lr: nothing left to try there; the search widens to other areas (#2: arch)."
-                      " `focus off` or another focus to steer"]
+    assert alerts == [("focus lr: nothing left to try there; the search widens to other areas (#2: arch)."
+                       " `focus off` or another focus to steer")]
