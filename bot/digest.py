@@ -78,7 +78,11 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
     head = f"{'🏆' if p.get('new_best') else MARKS.get(status, '•')} #{p.get('number', '?')} {status}"
     metric = p.get("metric")
     figure = f"{name} {_num(metric)}" if metric is not None else f"{name} —"
-    if p.get("delta") is not None:
+    if p.get("gain") is not None and p.get("se") is not None:  # a gain is positive when better
+        g = float(p["gain"])
+        figure += f" ({'better' if g > 0 else 'worse'} by {abs(g):.4f} ± {float(p['se']):.4f}"
+        figure += f", n = {p['n']} vs {p['n_best']})" if p.get("n") and p.get("n_best") else ")"
+    elif p.get("delta") is not None:
         figure += f" (Δ {float(p['delta']):+.4f}"
         figure += f" vs {_num(p['previous_best'])})" if p.get("previous_best") is not None else ")"
     spans: list[Span] = [bold(f"{head} · {figure}")]
@@ -93,7 +97,7 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
         # "memory": the same figure on a GPU (VRAM) and on a CPU run (RAM)
         f"memory {float(p['peak_vram_mb']) / 1024:.1f} GB" if p.get("peak_vram_mb") else "",
         f"MFU {float(p['mfu_percent']):.1f}%" if p.get("mfu_percent") is not None else "",
-        f"confidence {_num(p['confidence'], 2)}" if p.get("confidence") is not None else "",
+        f"confidence {float(p['confidence']):.1f} SE" if p.get("confidence") is not None else "",
         f"focus {p['focus']}" if p.get("focus") else "",
         " ".join(x for x in (p.get("slot"), f"({p['hardware']})" if p.get("hardware") else "") if x),
         f"best {_num(p['best'])}" if p.get("best") is not None and not p.get("new_best") else "",

@@ -1,7 +1,10 @@
 """The progress chart researchers know from upstream's analysis notebook, as a PNG.
 
 Discarded experiments grey, kept ones green, crashes as red crosses along the top edge, and the
-running best as a step line labelled with the change that set each new best. matplotlib is
+running best as a step line labelled with the change that set each new best. The best is its
+estimate (the mean of every measurement of its commit, as the decision rule uses it), drawn with
+a band of ± the run-to-run noise once repeats have measured it: a result inside the band is not
+distinguishable from the best by one run. matplotlib is
 imported inside `progress_chart` only: the daemon starts faster and stays smaller until someone
 asks for a chart.
 """
@@ -21,6 +24,20 @@ class Point(Protocol):
     status: str
     metric: float | None
     description: str
+    kind: str
+    commit: str
+    best: float | None
+
+
+def noise_sd(points: Sequence[Point]) -> float:
+    """The run-to-run noise pooled over commits measured more than once; 0.0 before any repeat."""
+    from nightlab.loop.decision import pooled_noise
+
+    groups: dict[str, list[float]] = {}
+    for p in points:
+        if p.metric is not None:
+            groups.setdefault(p.commit, []).append(p.metric)
+    return pooled_noise(groups.values(), prior_sd=0.0).sd
 
 
 def progress_chart(
@@ -35,7 +52,6 @@ def progress_chart(
     from matplotlib.ticker import MaxNLocator
     from matplotlib.transforms import blended_transform_factory
 
-    better = min if direction == "minimize" else max
     measured = [p for p in points if p.metric is not None and p.status != "crash"]
     kept = [p for p in measured if p.status == "keep"]
     others = [p for p in measured if p.status != "keep"]
@@ -52,18 +68,23 @@ def progress_chart(
             ax.scatter([p.number for p in crashes], [0.97] * len(crashes), marker="x", c="#d62728",
                        s=30, transform=top, label=f"crashed ({len(crashes)})", zorder=3)
         if kept:
-            xs, ys, best = [], [], None
-            for p in kept:  # the running best only moves at a kept experiment
-                value = p.metric if best is None else better(best, p.metric)
-                if value != best:
+            xs: list[float] = []
+            ys: list[float] = []
+            for p in kept:  # the best's estimate moves at a keep and at each re-measurement
+                value = p.best if p.best is not None else p.metric
+                assert value is not None
+                if p.kind != "baseline":
                     ax.annotate(p.description[:40], (p.number, value), textcoords="offset points",
                                 xytext=(4, 6), fontsize=7, rotation=30, color="#1a6e1a")
-                best = value
                 xs.append(p.number)
-                ys.append(best)
+                ys.append(value)
             last = max(p.number for p in points)
-            ax.step([*xs, last], [*ys, ys[-1]], where="post", c="#2ca02c", lw=1.5,
-                    label="running best", zorder=2)
+            xs, ys = [*xs, last], [*ys, ys[-1]]
+            ax.step(xs, ys, where="post", c="#2ca02c", lw=1.5, label="best (mean of its runs)", zorder=2)
+            sd = noise_sd(measured)
+            if sd > 0:
+                ax.fill_between(xs, [y - sd for y in ys], [y + sd for y in ys], step="post", color="#2ca02c",
+                                alpha=0.15, lw=0, label=f"± run-to-run noise ({sd:.4f})", zorder=1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("experiment #")
         ax.set_ylabel(f"{metric_name} ({'lower' if direction == 'minimize' else 'higher'} is better)")

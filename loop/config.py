@@ -128,10 +128,14 @@ class ProjectSettings:
 
 @dataclass(frozen=True)
 class LoopSettings:
-    baseline_runs: int = 1  # repeats of the unmodified baseline, to estimate noise
-    confirm_k: float = 2.0  # a gain smaller than k x noise is re-run once before it is kept
-    switch_area_after: int = 5  # consecutive failures before the search changes area
-    pause_after_failures: int = 15  # consecutive failures before the loop pauses itself
+    baseline_runs: int = 3  # repeats of the unmodified baseline: the noise is known from the first hour
+    confirm_k: float = 2.0  # superseded by keep_z (the decision rule); still accepted so older configs load
+    keep_z: float = 2.0  # keep when the gain beats the best by more than z standard errors of the difference
+    max_runs: int = 3  # runs of one candidate at most (first run + re-runs) before it is decided
+    noise_prior: float = 0.003  # noise assumed until repeats measure it, as a share of the best's metric
+    remeasure_every: int = 20  # experiments between re-measurements of the best (drift); 0 = never
+    switch_area_after: int = 5  # experiments in a row without a keep before the search changes area
+    pause_after_failures: int = 15  # failures in a row (crash, timeout, rejected) before the loop pauses itself
     checkpoint_interval: float = 1.0  # seconds between command checks while a run is in flight
     # stop after this many more experiments each time `nightlab run` starts (like
     # --max-experiments N, which wins when both are given); 0 = run until stopped
@@ -383,6 +387,14 @@ def _check(s: Settings, problems: _Problems) -> None:
         fail("loop.baseline_runs", s.loop.baseline_runs, "at least 1")
     if s.loop.confirm_k < 0:
         fail("loop.confirm_k", s.loop.confirm_k, "a number >= 0")
+    if s.loop.keep_z < 0:
+        fail("loop.keep_z", s.loop.keep_z, "a number >= 0")
+    if s.loop.max_runs < 1:
+        fail("loop.max_runs", s.loop.max_runs, "at least 1")
+    if s.loop.noise_prior <= 0:
+        fail("loop.noise_prior", s.loop.noise_prior, "a positive share, e.g. 0.003 (0.3 % of the metric)")
+    if s.loop.remeasure_every < 0:
+        fail("loop.remeasure_every", s.loop.remeasure_every, "0 (never) or a number of experiments")
     if not s.project.editable:
         fail("project.editable", [], "at least one file the proposer may edit")
     if set(s.project.editable) & set(s.project.protected):

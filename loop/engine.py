@@ -30,16 +30,25 @@ import dataclasses
 import hashlib
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from nightlab.loop import hardware, ledger, steering
 from nightlab.loop.config import Settings, load_settings
+from nightlab.loop.decision import (
+    DIRECTION_KEY,
+    NOISE_PRIOR_KEY,
+    Rule,
+    gain,
+    pooled_noise,
+)
 from nightlab.loop.errors import UserError
 from nightlab.loop.executor import (
     Executor,
@@ -58,9 +67,7 @@ from nightlab.loop.judge import (
     REBASE_PREFIX,
     Measurement,
     Verdict,
-    gain,
     judge,
-    noise,
 )
 from nightlab.loop.ledger import Candidate, Experiment
 from nightlab.loop.lock import EngineLock
@@ -95,6 +102,8 @@ WAVE_KEY = "loop.wave"  # kv: the wave in flight {base, kind, size, done, pins};
 # the next wave measures the best commit there first
 WANTED_KEY = "loop.wanted_baselines"
 _ANYWHERE = {"hardware": "", "node": ""}  # a pin that does not restrict where a run goes
+DISCARDS_SAID_KEY = "loop.discards_said"  # kv: the keep whose following run of discards was reported
+WIDENED_KEY = "loop.focus_widened"  # kv: the focus already said to be exhausted (said once)
 
 
 def _say(message: str) -> None:
@@ -214,6 +223,8 @@ class Engine:
         with self.store.transaction():
             self.store.set(ledger.AREAS_KEY, None if self.proposer.areas is None else list(self.proposer.areas))
             self.store.set("loop.metric_name", self.metric_name)
+            self.store.set(DIRECTION_KEY, self.direction)
+            self.store.set(NOISE_PRIOR_KEY, self.settings.loop.noise_prior)
             self.store.set("loop.slots", [s.name for s in self.slots])
             self.store.set("engine.finished", False)
             self.store.set("engine.pid", os.getpid())
@@ -257,7 +268,30 @@ class Engine:
             ref = ledger.reference(rows, self._class(want["hardware"]))
             if all(p["hardware"] != want["hardware"] for p in pins) and (ref is None or ref.commit != head):
                 pins.append(want)
+        if kind == "proposal":
+            pins += [p for p in self._drift_pins(rows, head) if p not in pins]
         return {"base": head, "kind": kind, "size": len(self.slots), "done": len(baselines), "pins": pins}
+
+    def _drift_pins(self, rows: list[Experiment], head: str) -> list[dict[str, str]]:
+        """Classes where the best (`head`) is measured again: a new best until it has
+        `loop.baseline_runs` runs after its keep (the runs that got it kept were picked for
+        luck: fresh ones tell its worth, and every later comparison with it gets surer), then every
+        `loop.remeasure_every` experiments (drift: a GPU's speed, a shared machine's load)."""
+        loop = self.settings.loop
+        pins: list[dict[str, str]] = []
+        for cls in dict.fromkeys(e.hardware_class for e in rows if e.hardware):
+            ref = ledger.reference(rows, cls)
+            if ref is None or ref.commit != head:
+                continue
+            mine = [e for e in rows if e.commit == head and e.hardware_class == cls]
+            kept = max((e.number for e in mine if e.status == "keep" and e.kind != "baseline"), default=0)
+            runs = [e.number for e in mine if e.metric is not None]
+            fresh = [n for n in runs if n > kept]
+            since = sum(e.number > runs[-1] for e in rows)
+            # baseline_runs = 1 asks for no repeats at all: then a new best is not re-measured either
+            if len(fresh) < (loop.baseline_runs if loop.baseline_runs > 1 else 0) or 0 < loop.remeasure_every <= since:
+                pins.append({"hardware": cls.hardware, "node": ""})
+        return pins
 
     def _wave(self, open_: list[Candidate]) -> dict[str, Any]:
         # No wave record: a confirm run (or a single-slot candidate from an older version) alone.
@@ -280,7 +314,10 @@ class Engine:
                 total = self.settings.loop.baseline_runs
                 label = "baseline" if total == 1 else f"baseline {n}/{total}"
             else:
-                label = f"baseline on {pin['hardware'] or pin['node']}"
+                where = pin["hardware"] or pin["node"]
+                ref = ledger.reference(ledger.experiments(self.store), self._class(pin["hardware"]))
+                again = ref is not None and ref.commit == wave["base"]
+                label = ("re-measure the best" + (f" on {where}" if where else "")) if again else f"baseline on {where}"
             return ledger.new_candidate(self.store, "baseline", wave["base"], commit=wave["base"],
                                         phase="committed", description=label, focus=focus, pin=pin)
         return ledger.new_candidate(self.store, "proposal", wave["base"], focus=focus)
@@ -385,6 +422,10 @@ class Engine:
                 return self._no_run(cand, "crash", f"proposer error: {type(exc).__name__}: {exc}")
         described = {"description": proposal.description, "hypothesis": proposal.hypothesis,
                      "area": proposal.area, "params": dict(proposal.params)}
+        if cand.focus and proposal.area and proposal.area != cand.focus and self.store.get(WIDENED_KEY) != cand.focus:
+            self.store.set(WIDENED_KEY, cand.focus)  # once per focus, not once per proposal
+            self.store.emit("alert", text=f"focus {cand.focus}: nothing left to try there; the search widens to"
+                                          f" other areas (#{cand.number}: {proposal.area}). `focus off` or another focus to steer")
         changed = self.git.changed_files()
         outside = [p for p in changed if p not in self.ws.editable]
         if outside:
@@ -429,11 +470,16 @@ class Engine:
             PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params)
             for e in rows
         )
-        keeps = [p for p in history if p.status == "keep"]
+        # the best: the experiment that made it (a change, else the first baseline), valued at its
+        # estimate now (every measurement of its commit), not at its own single run
+        keeps = [e for e in rows if e.status == "keep"]
+        made = next((e for e in reversed(keeps) if e.kind != "baseline"), keeps[0] if keeps else None)
+        best = None if made is None else dataclasses.replace(
+            history[rows.index(made)], metric=next(e.best for e in reversed(keeps) if e.commit == made.commit))
         crashes = [e for e in rows if e.status == "crash" and e.duration_s is not None]
         return ProposalContext(
             workspace=self.ws.path, editable=self.ws.editable, metric_name=self.metric_name,
-            direction=self.direction, best=keeps[-1] if keeps else None, history=history,
+            direction=self.direction, best=best, history=history,
             focus=cand.focus, notes=notes, consecutive_failures=self._consecutive_failures(rows),
             last_crash_log=self._log_tail(crashes[-1].number, 4000) if crashes else "",
         )
@@ -525,7 +571,6 @@ class Engine:
         noise, or pass a confirm run), and fix where git and the best stand after each member is
         recorded. Deterministic from stored state, so a restart mid-way decides the same."""
         rows = ledger.experiments(self.store)
-        noise_sd = noise(self._repeat_groups(rows))
         outcomes: dict[int, dict[str, Any]] = {}
         for cand in members:
             if cand.outcome is not None:  # ended before any run (proposer failure, rejection)
@@ -533,7 +578,7 @@ class Engine:
                 continue
             run = ledger.run_for_candidate(self.store, cand.id)
             assert run is not None
-            outcomes[cand.id] = self._judge(cand, run, rows, [outcomes.get(m.id) for m in members], noise_sd)
+            outcomes[cand.id] = self._judge(cand, run, rows, [outcomes.get(m.id) for m in members])
         contenders = [c for c in members if c.kind != "baseline"
                       and (outcomes[c.id]["status"] == "keep" or outcomes[c.id]["needs_confirm"])]
         # the largest gain over its own class's reference (classes are never compared directly)
@@ -542,7 +587,7 @@ class Engine:
             if cand is not winner:
                 assert winner is not None
                 outcomes[cand.id].update(
-                    status="discard", needs_confirm=False, best_after=outcomes[cand.id]["reference"],
+                    status="discard", needs_confirm=False, remeasure_best=False, best_after=outcomes[cand.id]["reference"],
                     reason=f"beaten in its wave by #{winner.number} ({outcomes[winner.id]['metric']:.6f})")
         won = outcomes[winner.id] if winner is not None else None
         for cand in members:
@@ -563,31 +608,36 @@ class Engine:
                 self.store.set(WAVE_KEY, {**wave, "size": len(members)})
 
     def _judge(self, cand: Candidate, run: ledger.RunRecord, rows: list[Experiment],
-               judged: list[dict[str, Any] | None], noise_sd: float) -> dict[str, Any]:
-        """One run's verdict. `judged`: the outcomes of this wave's members so far (a baseline's
-        mean includes the repeats judged before it in the same wave)."""
+               judged: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """One run's verdict. `judged`: the outcomes of this wave's members so far (a commit's
+        measurements include its repeats judged before it in the same wave)."""
         handle = RunHandle.from_json(run.handle)
         tail = self.executor.read_log(handle, _LOG_TAIL_BYTES)
         hw = run_hardware(run.log_path) or next((s.hardware for s in self.slots if s.name == handle.slot), "")
         cls = self._class(hw)
         ref = ledger.reference(rows, cls)
-        best = ref.best if ref is not None and ref.commit == cand.base_commit else None
-        stale = best is None and self.asynchronous and cand.kind in ("proposal", "rebase", "confirm")
+        measured = self._measurements(rows, judged, cls, hw)
+        incumbent = measured(cand.base_commit) if ref is not None and ref.commit == cand.base_commit else []
+        stale = not incumbent and self.asynchronous and cand.kind in ("proposal", "rebase", "confirm")
         if stale:  # the best moved on while it ran: judged against its own base as measured here
-            measured = [e for e in rows if e.status == "keep" and e.hardware_class == cls and e.commit == cand.base_commit]
-            best = measured[-1].best if measured else None
-            stale = best is not None
-        original = next((e for e in rows if e.number == cand.confirm_of), None) if cand.kind == "confirm" else None
-        repeats = [e.metric for e in rows if e.kind == "baseline" and e.status == "keep"
-                   and e.commit == cand.commit and e.hardware_class == cls and e.metric is not None]
-        repeats += [o["metric"] for o in judged if o is not None and o.get("kind") == "baseline"
-                    and o.get("commit") == cand.commit and o.get("hardware") == hw and o["metric"] is not None]
+            incumbent = measured(cand.base_commit)
+            stale = bool(incumbent)
+        best = statistics.fmean(incumbent) if incumbent else None
+        groups = self._repeat_groups(rows, judged, cls, hw)
+        scale = abs(best if best is not None else ref.best if ref is not None and ref.best else 1.0) or 1.0
+        loop = self.settings.loop
+        rule = Rule(z=loop.keep_z, max_runs=loop.max_runs, prior_sd=loop.noise_prior * scale)
         verdict = judge(
             Measurement(run.exit_code, run.kill_reason, parse_summary(tail), tail),
             kind=cand.kind, metric_name=self.metric_name, direction=self.direction,
-            best=best, baselines=repeats, confirm_of_metric=original.metric if original else None,
-            noise_sd=noise_sd, confirm_k=self.settings.loop.confirm_k,
+            earlier=measured(cand.commit or cand.base_commit), incumbent=incumbent or None,
+            noise=pooled_noise(groups, rule.prior_sd), rule=rule,
         )
+        if cand.kind == "baseline" and self.asynchronous and ref is not None and cand.commit != self.git.head():
+            # the best moved on while this re-measurement of an older best ran: a measurement
+            # (for the noise), not the class's reference
+            verdict = dataclasses.replace(verdict, status="discard", best_after=ref.best,
+                                          reason=f"re-measured {cand.base_commit[:7]}, no longer the best")
         if verdict.reason.startswith(NOT_COMPARED_PREFIX):
             measured = f"{ref.commit[:7]}" if ref is not None else "nothing yet"
             verdict = dataclasses.replace(verdict, reason=(
@@ -599,7 +649,7 @@ class Engine:
             verdict = dataclasses.replace(verdict, best_after=ref.best)
         if rebase:
             assert ref is not None and verdict.metric is not None and best is not None
-            verdict = dataclasses.replace(verdict, status="discard", needs_confirm=False, reason=(
+            verdict = dataclasses.replace(verdict, status="discard", needs_confirm=False, remeasure_best=False, reason=(
                 f"{REBASE_PREFIX} better than its base {cand.base_commit[:7]} by"
                 f" {gain(verdict.metric, best, self.direction):.6f}, but the best moved on to {ref.commit[:7]}"
                 f" while it ran: re-made there and re-run"))
@@ -611,11 +661,16 @@ class Engine:
         return {
             "status": verdict.status, "metric": verdict.metric, "metrics": verdict.metrics,
             "best_after": verdict.best_after, "reason": verdict.reason, "confidence": verdict.confidence,
-            "needs_confirm": verdict.needs_confirm, "duration_s": max(0.0, finished_at - started),
+            "needs_confirm": verdict.needs_confirm, "remeasure_best": verdict.remeasure_best,
+            "se": None if verdict.comparison is None else verdict.comparison.se,
+            "n": None if verdict.comparison is None else verdict.comparison.n_candidate,
+            "n_best": None if verdict.comparison is None else verdict.comparison.n_incumbent,
+            "duration_s": max(0.0, finished_at - started),
             "started_at": started, "finished_at": finished_at, "slot": run.slot,
             "log_tail": "\n".join(tail.splitlines()[-_EVENT_LOG_TAIL_LINES:]) if verdict.status == "crash" else "",
             "hardware": hw, "node": where, "kind": cand.kind, "commit": cand.commit, "reference": best,
-            "gain": None if best is None or verdict.metric is None else gain(verdict.metric, best, self.direction),
+            "gain": verdict.comparison.gain if verdict.comparison is not None else
+            None if best is None or verdict.metric is None else gain(verdict.metric, best, self.direction),
             "compared": not verdict.reason.startswith(NOT_COMPARED_PREFIX), "rebase": rebase,
         }
 
@@ -632,7 +687,7 @@ class Engine:
             return verdict
         last = output.splitlines()[-1] if output else ""
         return dataclasses.replace(
-            verdict, status="checks_failed", needs_confirm=False, best_after=best,
+            verdict, status="checks_failed", needs_confirm=False, remeasure_best=False, best_after=best,
             reason=f"checks failed (exit {code}): {last[:200]}",
         )
 
@@ -674,6 +729,9 @@ class Engine:
             "commit": commit[:7], "lines_added": exp.lines_added, "lines_removed": exp.lines_removed,
             "reason": exp.reason, "log_tail": out["log_tail"], "slot": exp.slot, "kind": exp.kind,
             "hardware": exp.hardware, "profile": self.ws.profile, "harness": hardware.harness_values(self.env),
+            # the decision's figures: the gain (positive = better) ± its standard error, n vs n
+            "gain": out.get("gain") if out.get("se") is not None else None, "se": out.get("se"),
+            "n": out.get("n"), "n_best": out.get("n_best"),
         }
         with self.store.transaction():
             if not ledger.record_experiment(self.store, cand.id, exp, event):
@@ -697,12 +755,21 @@ class Engine:
         return "" if opinion is None else f"; {opinion.text()}"
 
     def _maybe_self_pause(self, rows: list[Experiment]) -> None:
-        failures = self._consecutive_failures(rows)
+        """Only failures (crashes, timeouts, rejected proposals, failed checks) pause the loop: a
+        run of discards is the search's business (it widens), said once in chat, never a stop."""
+        failures = self._failures_in_a_row(rows)
         limit = self.settings.loop.pause_after_failures
         if failures >= limit and ledger.paused(self.store) is None:
             reason = f"{failures} failed experiments in a row; resume when you have looked (focus, note)"
             ledger.set_paused(self.store, "nightlab", reason, None)
             self.store.emit("self_paused", reason=reason)
+        misses = self._consecutive_failures(rows)
+        streak = next((e.number for e in reversed(rows) if e.status == "keep" and e.kind != "baseline"), 0)
+        if misses >= limit and self.store.get(DISCARDS_SAID_KEY) != streak:
+            self.store.set(DISCARDS_SAID_KEY, streak)  # said once per streak (it starts at a keep)
+            self.store.emit("alert", text=(
+                f"{misses} experiments in a row without a keep: the search widens its moves and changes area;"
+                " the loop goes on (only failures pause it)"))
 
     def _export(self, members: list[Candidate]) -> None:
         ledger.write_exports(self.ws.path, self.store, self.metric_name, self.direction, self.ws.branch)
@@ -719,9 +786,17 @@ class Engine:
                 where = {"hardware": out.get("hardware", ""), "node": out.get("node", "")}
                 if out.get("needs_confirm"):  # on the same hardware class, and node when a cluster's
                     assert cand.commit is not None
+                    # every re-run names the first run of its commit
+                    first, what = (cand.confirm_of, cand.description.split(": ", 1)[-1]) if cand.kind == "confirm" \
+                        else (cand.number, cand.description)
+                    if out.get("remeasure_best"):  # numbered first: its result counts for the re-run
+                        ledger.new_candidate(
+                            self.store, "baseline", cand.base_commit, commit=cand.base_commit, phase="committed",
+                            description=f"re-measure the best for #{first}", focus=cand.focus, pin=where,
+                        )
                     ledger.new_candidate(
                         self.store, "confirm", cand.base_commit, commit=cand.commit, phase="committed",
-                        confirm_of=cand.number, description=f"confirm #{cand.number}: {cand.description}",
+                        confirm_of=first, description=f"confirm #{first}: {what}",
                         hypothesis=cand.hypothesis, area=cand.area, params=cand.params, focus=cand.focus,
                         pin=where,
                     )
@@ -746,29 +821,49 @@ class Engine:
         rows = ledger.experiments(self.store, last=1) if rows is None else rows
         return rows[-1].best if rows else None
 
-    def _consecutive_failures(self, rows: list[Experiment]) -> int:
-        """Failures since the last keep (or the last resume); a result re-run to confirm is not
-        one, nor one that had nothing to be compared with."""
+    def _failures_in_a_row(self, rows: list[Experiment]) -> int:
+        """Experiments that failed (crash, checks_failed) in a row, since the last resume."""
         since = self.store.get(ledger.FAILURES_SINCE_KEY, 0)
-        confirmed = {e.confirm_of for e in rows if e.confirm_of is not None}
+        count = 0
+        for e in reversed(rows):
+            if e.number <= since or e.status not in ("crash", "checks_failed"):
+                break
+            count += 1
+        return count
+
+    def _consecutive_failures(self, rows: list[Experiment]) -> int:
+        """Experiments without a keep since the last keep (or the last resume): what the search
+        counts to change its strategy. A result re-run to decide is not one, nor one that had
+        nothing to be compared with."""
+        since = self.store.get(ledger.FAILURES_SINCE_KEY, 0)
+        # a candidate's runs (its first, its re-runs) count once: by the run that decided it
+        deciding = {e.commit: e.number for e in rows if e.kind == "confirm"}
         count = 0
         for e in reversed(rows):
             if (e.status == "keep" and e.kind != "baseline") or e.number <= since:
                 break
-            if (e.number not in confirmed and e.status != "keep"
+            if (deciding.get(e.commit, e.number) == e.number and e.status != "keep" and e.kind != "baseline"
                     and not e.reason.startswith((NOT_COMPARED_PREFIX, REBASE_PREFIX))):
                 count += 1
         return count
 
-    @staticmethod
-    def _repeat_groups(rows: list[Experiment]) -> list[list[float]]:
-        """Results of the same commit run more than once on the same hardware class (baseline
-        repeats, confirm pairs); the noise is pooled over them."""
-        groups: dict[tuple[str, HardwareClass], list[float]] = {}
-        for e in rows:
-            if e.metric is not None:
-                groups.setdefault((e.commit, e.hardware_class), []).append(e.metric)
-        return list(groups.values())
+    def _measurements(self, rows: list[Experiment], judged: list[dict[str, Any] | None], cls: HardwareClass,
+                      hw: str) -> Callable[[str], list[float]]:
+        """commit -> its measurements on `cls`: recorded, then judged earlier in this wave."""
+        def of(commit: str) -> list[float]:
+            values = [e.metric for e in rows if e.commit == commit and e.hardware_class == cls and e.metric is not None]
+            return values + [o["metric"] for o in judged if o is not None and o.get("commit") == commit
+                             and o.get("hardware") == hw and o["metric"] is not None]
+        return of
+
+    def _repeat_groups(self, rows: list[Experiment], judged: list[dict[str, Any] | None], cls: HardwareClass,
+                       hw: str) -> list[list[float]]:
+        """Results of the same commit run more than once on this hardware class and setting
+        (baseline repeats, re-runs, re-measurements of the best); the noise is pooled over them."""
+        measured = self._measurements(rows, judged, cls, hw)
+        commits = {e.commit for e in rows if e.hardware_class == cls and e.metric is not None}
+        commits |= {o["commit"] for o in judged if o is not None and o.get("hardware") == hw and o.get("commit")}
+        return [measured(c) for c in sorted(commits)]
 
 
 def _run_dir_name(ws: Workspace) -> str:

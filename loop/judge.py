@@ -1,4 +1,5 @@
-"""The ratchet's rules as pure functions: how a finished run is judged and how noisy results are.
+"""A finished run as the ratchet sees it: did it fail (and why), and its verdict, the keep rule
+itself being `decision.py`'s.
 
 Nothing here touches git, processes or the store, so every rule is testable on plain numbers.
 """
@@ -8,9 +9,9 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from nightlab.loop.decision import Comparison, Noise, Rule, decide
 from nightlab.loop.summary import Summary
 
 USER_KILL_PREFIX = "killed by "  # kill_reason of a user's kill: recorded as discard, not crash
@@ -18,7 +19,6 @@ USER_KILL_PREFIX = "killed by "  # kill_reason of a user's kill: recorded as dis
 NOT_COMPARED_PREFIX = "not compared:"
 # the reason of a promising result from an older base, re-made on the current best (async mode)
 REBASE_PREFIX = "rebased:"
-_MAD_TO_STD = 1.4826  # MAD of a normal distribution x this = its standard deviation
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|MemoryError", re.IGNORECASE)
 
 
@@ -38,30 +38,11 @@ class Verdict:
     metric: float | None
     best_after: float | None
     reason: str = ""
-    confidence: float | None = None
-    needs_confirm: bool = False  # a small gain: re-run the same commit before keeping it
+    confidence: float | None = None  # the gain in standard errors of the difference
+    needs_confirm: bool = False  # undecided: re-run the same commit before deciding
+    remeasure_best: bool = False  # ... and re-run the incumbent too, its own n is small
+    comparison: Comparison | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def gain(metric: float, best: float, direction: str) -> float:
-    """How much better `metric` is than `best` (positive = better), for either direction."""
-    return best - metric if direction == "minimize" else metric - best
-
-
-def noise(groups: Iterable[list[float]]) -> float:
-    """Run-to-run noise (a standard deviation) from groups of repeated runs of one commit.
-
-    Pooled over all groups with two or more results: the robust MAD of each result's distance
-    from its group's median, scaled to a standard deviation. 0.0 = unknown (no repeats yet).
-    """
-    deviations = []
-    for values in groups:
-        if len(values) >= 2:
-            centre = statistics.median(values)
-            deviations += [abs(v - centre) for v in values]
-    if not deviations:
-        return 0.0
-    return _MAD_TO_STD * statistics.median(deviations)
 
 
 def failure_reason(m: Measurement, metric_name: str) -> str | None:
@@ -89,42 +70,39 @@ def judge(
     kind: str,
     metric_name: str,
     direction: str,
-    best: float | None,
-    baselines: list[float],
-    confirm_of_metric: float | None,
-    noise_sd: float,
-    confirm_k: float,
+    earlier: list[float],
+    incumbent: list[float] | None,
+    noise: Noise,
+    rule: Rule,
 ) -> Verdict:
     """Judge one run.
 
-    kind: baseline (its metric, averaged with the earlier runs of the same commit on the same
-    hardware class, becomes that class's best), proposal (keep when strictly better than the best;
-    a gain under confirm_k x noise asks for a confirm run first; a rebase is a proposal re-made on
-    a newer best), confirm (the mean of the original and the re-run decides). `best` None: no reference on this run's class, nothing to compare with.
+    earlier: this commit's earlier measurements on the run's hardware class (baseline repeats, or
+    a candidate's runs before this re-run); incumbent: every measurement of the commit it branched
+    from there (None: nothing to compare with on this class). A baseline (the best commit measured
+    again) is kept with the mean of all its runs as the class's best; any other run is decided by
+    `decision.decide` on the means (see its rule).
     """
     metrics = dict(m.summary.metrics)
+    best = statistics.fmean(incumbent) if incumbent else None
     reason = failure_reason(m, metric_name)
     if reason is not None:
         status = "discard" if reason.startswith(USER_KILL_PREFIX) else "crash"
         return Verdict(status, None, best, reason, metrics=metrics)
     value = m.summary.metrics[metric_name]
+    runs = [*earlier, value]
     if kind == "baseline":
-        runs = [*baselines, value]
         mean = statistics.fmean(runs)
         why = "baseline" if len(runs) == 1 else f"baseline: mean of {len(runs)} runs {mean:.6f}"
+        how = f"measured from {noise.df + 1}+ repeats" if noise.measured else "assumed until repeats measure it"
+        why += f"; run-to-run noise ± {noise.sd:.4f} ({how})"
         return Verdict("keep", value, mean, why, metrics=metrics)
-    if best is None:
+    if not incumbent:
         return Verdict("discard", value, None, f"{NOT_COMPARED_PREFIX} no reference measurement", metrics=metrics)
-    judged = value if confirm_of_metric is None else statistics.fmean([confirm_of_metric, value])
-    delta = gain(judged, best, direction)
-    confidence = delta / noise_sd if noise_sd > 0 else None
-    if delta <= 0:
-        why = "equal to the best" if delta == 0 else f"worse than the best {best:.6f}"
-        if confirm_of_metric is not None:
-            why = f"not confirmed: mean {judged:.6f} {why}"
-        return Verdict("discard", value, best, why, confidence, metrics=metrics)
-    if kind in ("proposal", "rebase") and noise_sd > 0 and delta < confirm_k * noise_sd:
-        why = f"gain {delta:.6f} < {confirm_k:g} x noise {noise_sd:.6f}: re-running to confirm"
-        return Verdict("discard", value, best, why, confidence, needs_confirm=True, metrics=metrics)
-    why = f"better by {delta:.6f}" + (f" (confirmed: mean {judged:.6f})" if confirm_of_metric else "")
-    return Verdict("keep", value, judged, why, confidence, metrics=metrics)
+    d = decide(runs, incumbent, noise, direction, rule)
+    z = d.comparison.z
+    confidence = z if math.isfinite(z) else None
+    after = statistics.fmean(runs) if d.action == "keep" else best
+    return Verdict("keep" if d.action == "keep" else "discard", value, after, d.reason, confidence,
+                   needs_confirm=d.action == "rerun", remeasure_best=d.rerun_incumbent,
+                   comparison=d.comparison, metrics=metrics)

@@ -10,8 +10,17 @@ import time
 from pathlib import Path
 
 from nightlab.loop import ledger
+from nightlab.loop.decision import (
+    DIRECTION_KEY,
+    NOISE_PRIOR_KEY,
+    Comparison,
+    compare,
+    gain,
+    pooled_noise,
+)
 from nightlab.loop.errors import UserError
 from nightlab.loop.executor import started_at
+from nightlab.loop.hardware import HardwareClass
 from nightlab.loop.ledger import Experiment
 from nightlab.loop.store import DB_FILENAME, Store, state_dir
 
@@ -60,24 +69,49 @@ def remaining_s(store: Store) -> float | None:
 
 
 def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
-    """The experiment that set the current best and the best value, on its hardware class: the
-    last kept change (a later baseline on another class only re-measures it), else the baseline."""
+    """The experiment that set the current best and the best value on its hardware class: the
+    last kept change (a later baseline on another class only re-measures it), else the baseline;
+    the value is the mean of every measurement of its commit there (re-measurements included)."""
     keeps = [e for e in rows if e.status == "keep"]
     changes = [e for e in keeps if e.kind != "baseline"]
     if changes:
-        return changes[-1], changes[-1].best
-    if not keeps:
+        best = changes[-1]
+    elif keeps:
+        best = [e for e in keeps if e.hardware_class == keeps[0].hardware_class][-1]
+    else:
         return None, None
-    first = [e for e in keeps if e.hardware_class == keeps[0].hardware_class]
-    return first[-1], first[-1].best  # the mean of the baseline repeats
+    values = _best_values(rows, best)
+    return best, statistics.fmean(values) if values else best.best
 
 
-def _baseline(rows: list[Experiment], best: Experiment | None) -> float | None:
-    """The session's baseline on the best's hardware class (its first measured commit there)."""
-    bases = [e for e in rows if e.kind == "baseline" and e.status == "keep"
-             and (best is None or e.hardware_class == best.hardware_class)]
-    first = [e for e in bases if e.commit == bases[0].commit] if bases else []
-    return first[-1].best if first else None
+def _best_values(rows: list[Experiment], best: Experiment) -> list[float]:
+    """The runs that state the best's value. The runs that got a change kept were picked for
+    luck (the winner's curse), so once it has been re-measured only the runs after its keep
+    count here (the decision rule itself uses every run)."""
+    fresh = _values([e for e in rows if e.number > best.number], best.commit, best.hardware_class)
+    return fresh if best.kind != "baseline" and fresh else _values(rows, best.commit, best.hardware_class)
+
+
+def _values(rows: list[Experiment], commit: str, cls: HardwareClass) -> list[float]:
+    return [e.metric for e in rows if e.commit == commit and e.hardware_class == cls and e.metric is not None]
+
+
+def night_gain(store: Store, rows: list[Experiment]) -> tuple[float, Comparison] | None:
+    """(the baseline's mean, the best's gain over it ± its standard error), on the best's hardware
+    class (the best's value as `_best_values` states it), the noise pooled over that class's
+    repeats. A gain is positive when the best is better, whichever the metric's direction."""
+    best, _ = _best(rows)
+    if best is None:
+        return None
+    cls = best.hardware_class
+    bases = [e for e in rows if e.kind == "baseline" and e.hardware_class == cls and e.metric is not None]
+    if not bases:
+        return None
+    baseline, values = _values(rows, bases[0].commit, cls), _best_values(rows, best)
+    groups = [_values(rows, c, cls) for c in sorted({e.commit for e in rows if e.hardware_class == cls})]
+    mean = statistics.fmean(baseline)
+    noise = pooled_noise(groups, store.get(NOISE_PRIOR_KEY, 0.0) * (abs(mean) or 1.0))
+    return mean, compare(values, baseline, noise.sd, store.get(DIRECTION_KEY, "minimize"))
 
 
 def _classes_line(rows: list[Experiment]) -> str:
@@ -102,12 +136,13 @@ def _line(e: Experiment) -> str:
     return f"#{e.number} {e.status:<13} {figure}  {e.description or e.kind}{why}"
 
 
-def _gain_text(baseline: float | None, best: float | None) -> str:
-    if baseline is None or best is None:
+def _gain_text(found: tuple[float, Comparison] | None) -> str:
+    """ "+0.091757 ± 0.002100 (+6.34%, n = 3 vs 5)": positive = better (issue 14, item 13)."""
+    if found is None:
         return ""
-    delta = best - baseline
-    pct = f" ({delta / baseline * 100:+.2f}%)" if baseline else ""
-    return f"{delta:+.6f}{pct}"
+    baseline, c = found
+    pct = f"{c.gain / abs(baseline) * 100:+.2f}%, " if baseline else ""
+    return f"{c.gain:+.6f} ± {c.se:.6f} ({pct}n = {c.n_candidate} vs {c.n_incumbent})"
 
 
 def status_text(workspace: Path) -> str:
@@ -138,7 +173,7 @@ def status_text(workspace: Path) -> str:
         lines.append(f"paused by {pause.by} ({pause.reason}{waits}) {duration(time.time() - pause.since)} ago")
     best_exp, best = _best(rows)
     if best_exp is not None:
-        gain = _gain_text(_baseline(rows, best_exp), best)
+        gain = _gain_text(night_gain(store, rows)) if best_exp.kind != "baseline" else ""
         lines.append(f"best {name}: {_fmt(best)} (#{best_exp.number}, {best_exp.commit[:7]})" + (f" · vs baseline {gain}" if gain else ""))
     classes = _classes_line(rows)
     if classes:
@@ -149,6 +184,11 @@ def status_text(workspace: Path) -> str:
         lines.append("last:")
         lines += [f"  {_line(e)}" for e in rows[-3:]]
     return "\n".join(lines)
+
+
+def _repeats(rows: list[Experiment]) -> int:
+    """Baseline repeats, re-runs and re-measurements of the best (the first baseline is none)."""
+    return max(0, sum(e.kind in ("baseline", "confirm") for e in rows) - 1)
 
 
 def _counts(rows: list[Experiment]) -> str:
@@ -186,29 +226,29 @@ def best_text(workspace: Path) -> str:
     text = f"best {name}: {_fmt(best)} — #{best_exp.number} {best_exp.commit[:7]}: {best_exp.description or best_exp.kind}"
     if best_exp.hypothesis:
         text += f"\nhypothesis: {best_exp.hypothesis}"
-    baseline = _baseline(rows, best_exp)
-    gain = _gain_text(baseline, best)
-    if gain:
-        text += f"\nvs baseline {_fmt(baseline)}: {gain}"
+    found = night_gain(store, rows)
+    if found is not None and best_exp.kind != "baseline":
+        text += f"\nvs baseline {_fmt(found[0])}: gain {_gain_text(found)}"
     if best_exp.hardware:
         text += f"\nmeasured on: {best_exp.hardware}"
     classes = _classes_line(rows)
     if classes:
         text += "\n" + classes
     if best_exp.confidence is not None:
-        text += f"\nconfidence: {best_exp.confidence:.1f}x noise"
+        text += f"\nconfidence when kept: {best_exp.confidence:.1f} standard errors"
     return text
 
 
-def improvements(rows: list[Experiment]) -> list[tuple[Experiment, float]]:
-    """Every kept change with how much it moved the best of its hardware class, largest first."""
+def improvements(rows: list[Experiment], direction: str = "minimize") -> list[tuple[Experiment, float]]:
+    """Every kept change with its gain over the best of its hardware class before it (positive =
+    better), largest first."""
     found, previous = [], {}
     for e in rows:
         if e.status != "keep" or e.best is None:
             continue
         before = previous.get(e.hardware_class)
         if e.kind != "baseline" and before is not None:
-            found.append((e, abs(before - e.best)))
+            found.append((e, gain(e.best, before, direction)))
         previous[e.hardware_class] = e.best
     return sorted(found, key=lambda item: item[1], reverse=True)
 
@@ -222,17 +262,18 @@ def report_markdown(workspace: Path) -> str:
         return "\n".join([*out, "No experiments yet."])
     span = rows[-1].finished_at - (rows[0].started_at or rows[0].finished_at)
     best_exp, best = _best(rows)
-    baseline = _baseline(rows, best_exp)
+    found = night_gain(store, rows)
     out += [
-        f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}",
-        f"- baseline {name}: {_fmt(baseline)}",
+        f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)},"
+        + f" {_repeats(rows)} of them repeats (the noise, re-runs, re-measurements of the best)",
+        f"- baseline {name}: {_fmt(found[0] if found else None)}",
         f"- best {name}: {_fmt(best)}"
         + (f" (#{best_exp.number}, `{best_exp.commit[:7]}`)" if best_exp else ""),
-        f"- gain: {_gain_text(baseline, best) or '—'}",
+        f"- gain: {_gain_text(found) or '—'} (± one standard error; positive = better)",
         "",
         "## Top improvements",
     ]
-    top = improvements(rows)[:10]
+    top = improvements(rows, store.get(DIRECTION_KEY, "minimize"))[:10]
     if top:
         out += ["", f"| # | commit | {name} | gain | confidence | description |", "|---|---|---|---|---|---|"]
         for e, delta in top:

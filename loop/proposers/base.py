@@ -36,7 +36,7 @@ class ProposalContext:
     history: tuple[PastExperiment, ...]  # oldest first
     focus: str | None
     notes: tuple[str, ...]  # the user's pending notes (delivered with this proposal)
-    consecutive_failures: int
+    consecutive_failures: int  # experiments in a row without a keep (discards and failures)
     last_crash_log: str  # tail of the last crash's log, "" if none
     in_flight: tuple[str, ...] = ()  # descriptions of candidates already running (waves)
 

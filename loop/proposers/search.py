@@ -46,7 +46,10 @@ from nightlab.trainer.profiles import apply_constants
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState, create_trial
 
+WIDENED = "widened:"  # in a hypothesis: the focused area had nothing left, the proposal is elsewhere
 MAX_ASKS = 10  # TPE picks to try before nudging by hand (each ask costs a few ms)
+EXPLOIT_SHARE = 0.5  # how often a proposal steps around the best rather than asking TPE
+NEAR = 6  # a step: one of a value's nearest neighbours (×/÷ 2 at most for a log-scaled one)
 N_STARTUP = 5  # scored trials before TPE models anything; random sampling until then
 TWO_PARAM_SHARE = 0.4  # how often a proposal changes two constants rather than one
 
@@ -95,17 +98,22 @@ class SearchProposer:
         rng = random.Random(f"{self.seed}:{len(ctx.history)}:{len(ctx.in_flight)}")
         tried = _tried(ctx)
         area, switched = self._area(ctx, space)
-        # A focused area stays put; otherwise an exhausted area hands over to the next one.
-        order = [area] if ctx.focus else _rotate(space.areas, area)
-        for candidate_area in order:
+        # Two near misses (better than the best by one run, not shown) in different constants
+        # are tried together first; then an exhausted area hands over to the next one, a focused
+        # one too (the engine says so once in chat): a search with nothing left never fails
+        # proposal after proposal.
+        pick = _combine(ctx, space, area, tried)
+        candidate_area = area
+        for candidate_area in [] if pick else _rotate(space.areas, area):
             pick = _pick(ctx, space, candidate_area, tried, rng)
             if pick is not None:
                 break
-        else:
-            where = f"area {area!r}" if ctx.focus else "every area"
-            raise ProposalError(f"search: every nearby configuration in {where} has been tried; try `focus off` or another area")
+        if pick is None:
+            raise ProposalError("search: every nearby configuration in every area has been tried")
 
-        if candidate_area != area:
+        if candidate_area != area and ctx.focus:
+            why = f"{WIDENED} focus {area!r} has nothing left to try (every nearby configuration has been tried)"
+        elif candidate_area != area:
             why = f"every nearby {area} configuration has been tried"
         elif switched:
             why = f"switched from {switched} after {ctx.consecutive_failures} failures in a row"
@@ -226,6 +234,13 @@ def _pick(
     def fresh(changes: Changes) -> bool:
         return all(v != space.current[n] for n, v in changes.items()) and _key(changes) not in tried
 
+    if rng.random() < EXPLOIT_SHARE:  # a step around the best (good values are usually near it)
+        near = {p.name: p.neighbours(space.current[p.name], rng)[:NEAR] for p in chosen}
+        if all(near.values()):
+            for _ in range(MAX_ASKS):
+                changes = {n: rng.choice(values) for n, values in near.items()}
+                if fresh(changes):
+                    return _Pick(changes, "a step around the best")
     for _ in range(MAX_ASKS):
         trial = study.ask({p.name: p.distribution() for p in chosen})
         changes = {p.name: p.from_optuna(trial.params[p.name]) for p in chosen}
@@ -237,6 +252,25 @@ def _pick(
         for value in param.neighbours(space.current[param.name], rng):
             if fresh({param.name: value}):
                 return _Pick({param.name: value}, "the nearest untried value (TPE's picks had all been tried)")
+    return None
+
+
+def _combine(ctx: ProposalContext, space: SearchSpace, area: str, tried: set[frozenset[tuple[str, str]]]) -> _Pick | None:
+    """The two best near misses since the last keep (a single run better than the best, not
+    shown better by the rule) that change different constants of `area`, together."""
+    best = ctx.best
+    if best is None or best.metric is None:
+        return None
+    sign = -1 if ctx.direction == "maximize" else 1
+    since = [e for e in ctx.history if e.number > best.number and e.params and e.metric is not None]
+    near = sorted((e for e in since if sign * (e.metric - best.metric) < 0  # type: ignore[operator]
+                   and all(space.by_name(n) is not None and space.by_name(n).area == area for n in e.params)),  # type: ignore[union-attr]
+                  key=lambda e: sign * e.metric)  # type: ignore[operator]
+    for i, a in enumerate(near):
+        for b in near[i + 1:]:
+            changes = {**a.params, **b.params}
+            if not set(a.params) & set(b.params) and _key(changes) not in tried:
+                return _Pick(changes, f"near misses #{a.number} and #{b.number} together")
     return None
 
 

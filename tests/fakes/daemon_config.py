@@ -27,6 +27,8 @@ def write_daemon_config(
         "workspace": {"path": str(workspace), "tag": "test"},
         "project": {"run_command": f"{sys.executable} train.py"},
         **tables,
+        # the daemon's mechanics, one baseline (as tests/fakes/loop_workspace.py's stub settings)
+        "loop": {"baseline_runs": 1, "remeasure_every": 0, **tables.get("loop", {})},
     }
     if telegram is not None:
         server, operator, chat = telegram

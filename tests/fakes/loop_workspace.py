@@ -19,7 +19,8 @@ def stub_settings(path: Path, **sections: dict[str, Any]) -> Settings:
     table: dict[str, Any] = {
         "workspace": {"path": str(path), "tag": "test"},
         "project": {"run_command": f"{sys.executable} train.py"},
-        "loop": {"checkpoint_interval": 0.1},
+        # the engine's mechanics, one baseline: the decision rule's own tests set these themselves
+        "loop": {"checkpoint_interval": 0.1, "baseline_runs": 1, "remeasure_every": 0},
     }
     for name, values in sections.items():
         table[name] = {**table.get(name, {}), **values}

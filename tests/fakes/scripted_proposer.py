@@ -29,7 +29,7 @@ class ScriptedProposer:
 
     def propose(self, ctx: ProposalContext) -> Proposal:
         self.contexts.append(ctx)
-        index = sum(1 for h in ctx.history if not h.description.startswith(("baseline", "confirm")))
+        index = sum(1 for h in ctx.history if not h.description.startswith(("baseline", "confirm", "re-measure")))
         step = self.steps[min(index, len(self.steps) - 1)]
         if "raise" in step:
             raise ProposalError(step["raise"])

@@ -74,7 +74,8 @@ def test_each_class_gets_a_baseline_and_results_are_judged_within_their_class(tm
     assert f"measured on: {H100}" in views.best_text(repo)
     assert f"per hardware: {RTX} 1.400000 ({rows[3].commit[:7]}) · {H100} 0.850000 ({rows[6].commit[:7]})" \
         in views.status_text(repo)
-    assert "vs baseline -0.150000 (-15.00%)" in views.status_text(repo)
+    # a gain is positive when better (issue 14, item 13), with its standard error
+    assert "vs baseline +0.150000 ± 0.004243 (+15.00%, n = 1 vs 1)" in views.status_text(repo)
     assert git_out(repo, "rev-list", "--first-parent", "HEAD").splitlines()[:3] == [
         rows[6].commit, rows[3].commit, rows[0].commit]
     assert_consistent(settings)
@@ -104,7 +105,7 @@ def test_a_result_on_a_class_without_a_baseline_is_not_compared_and_a_baseline_f
     assert rows[2].reason.startswith(f"not compared: {H100} has no measurement of {rows[0].commit[:7]} (it has nothing yet)")
     assert "measuring the best commit there first" in rows[2].reason and rows[2].best is None
     assert rows[3].description == f"baseline on {H100}" and rows[3].slot == "gpu0"
-    assert rows[4].reason == "worse than the best 1.450000"
+    assert rows[4].reason.startswith("not better: worse by 0.0200 ± ")
     assert_consistent(settings)
 
 
@@ -118,15 +119,20 @@ def test_a_confirm_run_is_pinned_to_the_class_of_the_result_it_repeats(
     (settings.workspace_path / "train.py").write_text(
         (settings.workspace_path / "train.py").read_text().replace("VAL_BPB = [1.0]", "VAL_BPB = [1.0, 1.02]"))
     git_out(settings.workspace_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "noisy")
-    assert run_engine(settings, 6, proposer=WaveProposer(steps)) == 0
+    assert run_engine(settings, 7, proposer=WaveProposer(steps)) == 0
     store = Store.for_workspace(settings.workspace_path)
     rows = ledger.experiments(store)
-    confirm = next(e for e in rows if e.kind == "confirm")
-    original = next(e for e in rows if e.number == confirm.confirm_of)
+    confirms = [e for e in rows if e.kind == "confirm"]
+    original = next(e for e in rows if e.number == confirms[0].confirm_of)
     assert [e.hardware for e in rows if e.kind == "baseline"][:2] == [H100, H100]  # repeats on one class
-    assert original.reason.startswith("gain 0.005000 < ") and confirm.hardware == original.hardware == H100
-    assert ledger.get_candidate(store, confirm.number).pin == {"hardware": H100, "node": ""}
-    assert confirm.status == "keep" and confirm.reason == "better by 0.012500 (confirmed: mean 0.997500)"
+    assert original.reason.startswith("re-running to decide: better by 0.0050 ± ")
+    assert {e.hardware for e in confirms} == {original.hardware} == {H100}
+    assert all(ledger.get_candidate(store, e.number).pin == {"hardware": H100, "node": ""} for e in confirms)
+    # n = 2 vs 2 and still undecided: the best is re-measured too, on the same class, before the 3rd run
+    remeasure = next(e for e in rows if e.description == f"re-measure the best for #{original.number}")
+    assert remeasure.hardware == H100 and remeasure.number < confirms[-1].number
+    assert confirms[-1].status == "keep" and confirms[-1].reason.startswith("better by 0.0183 ± ")
+    assert confirms[-1].reason.endswith("(n = 3 vs 3)")
 
 
 def test_a_pinned_slurm_run_asks_for_its_node_after_the_users_flags(tmp_path: Path) -> None:

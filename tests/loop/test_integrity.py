@@ -28,6 +28,7 @@ def night(tmp_path_factory):
         "workspace": {"path": str(root / "ws"), "tag": "tricks"},
         "data": {"source": "stdlib", "cache_dir": str(root / "cache")},
         "trainer": {"profile": "tiny"},
+        "loop": {"baseline_runs": 1, "remeasure_every": 0},  # one run per trick: this night is about scoring
     })
     ws = init_workspace(settings.workspace_path, "tricks", settings, say=lambda _: None)
     ws.store.set("workspace.harness_env", {**ws.harness_env, "NIGHTLAB_BUDGET_STEPS": str(STEPS),

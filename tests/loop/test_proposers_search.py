@@ -134,19 +134,21 @@ def test_wave_of_distinct_candidates_via_in_flight(ws: Path) -> None:
         wave.append(SearchProposer(seed=2).propose(ctx_for(ws, history, focus="attention", in_flight=tuple(wave))).description)
     assert len(set(wave)) == 5
     (ws / "train.py").write_text(original)
-    with pytest.raises(ProposalError, match="every nearby configuration"):
-        SearchProposer(seed=2).propose(ctx_for(ws, history, focus="attention", in_flight=tuple(wave)))
+    wider = SearchProposer(seed=2).propose(ctx_for(ws, history, focus="attention", in_flight=tuple(wave)))
+    assert wider.area != "attention" and "focus 'attention' has nothing left to try" in wider.hypothesis
 
 
-def test_small_area_is_exhausted_with_a_clear_error(ws: Path) -> None:
+def test_an_exhausted_focus_widens_instead_of_failing(ws: Path) -> None:
     history = [PastExperiment(1, "keep", 1.0, "baseline", "", "", {})]
     proposer = SearchProposer(seed=5)
     for n in range(2, 7):  # 'SSSL' has five alternatives
         p = proposer.propose(ctx_for(ws, history, focus="attention"))
         history.append(PastExperiment(n, "crash", None, p.description, p.hypothesis, p.area, p.params))
         shutil.copy(TRAIN, ws / "train.py")
-    with pytest.raises(ProposalError, match="every nearby configuration in area 'attention'"):
-        proposer.propose(ctx_for(ws, history, focus="attention"))
+    # issue 13: this used to fail every proposal (a burst of "crash" records); now it widens
+    wider = proposer.propose(ctx_for(ws, history, focus="attention"))
+    assert wider.area == "batch" and wider.hypothesis.endswith(
+        "Area batch: widened: focus 'attention' has nothing left to try (every nearby configuration has been tried).")
 
 
 def test_notes_are_kept_in_the_hypothesis(ws: Path) -> None:
@@ -204,3 +206,16 @@ def test_make_proposer_picks_by_kind(tmp_path: Path) -> None:
     assert isinstance(search, SearchProposer) and search.areas and "optimizer" in search.areas
     agent = make_proposer(settings_from_table({"proposer": {"kind": "agent", "agent": {"command": "true"}}}))
     assert isinstance(agent, AgentProposer) and agent.areas is None
+
+
+def test_two_near_misses_in_different_constants_are_tried_together(ws: Path) -> None:
+    base = PastExperiment(1, "keep", 1.0, "baseline", "", "", {})
+    lr = PastExperiment(2, "discard", 0.998, "MATRIX_LR 0.04→0.05", "", "optimizer", {"MATRIX_LR": 0.05})
+    worse = PastExperiment(3, "discard", 1.01, "SCALAR_LR 0.5→0.6", "", "optimizer", {"SCALAR_LR": 0.6})
+    wd = PastExperiment(4, "discard", 0.999, "WEIGHT_DECAY 0.2→0.25", "", "optimizer", {"WEIGHT_DECAY": 0.25})
+    both = SearchProposer(seed=0).propose(ctx_for(ws, [base, lr, worse, wd]))
+    assert both.params == {"MATRIX_LR": 0.05, "WEIGHT_DECAY": 0.25}
+    assert "near misses #2 and #4 together" in both.hypothesis
+    tried = PastExperiment(5, "discard", 1.0, both.description, "", "optimizer", both.params)
+    shutil.copy(TRAIN, ws / "train.py")
+    assert SearchProposer(seed=0).propose(ctx_for(ws, [base, lr, worse, wd, tried])).params != both.params

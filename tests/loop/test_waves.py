@@ -64,7 +64,7 @@ def test_a_wave_runs_in_parallel_snapshots_and_keeps_only_its_winner(tmp_path: P
         (5, "keep", 0.85), (6, "discard", 1.2), (7, "discard", 0.99),  # wave 2 from #3: #5 wins
     ]
     assert rows[1].reason == "beaten in its wave by #3 (0.900000)"
-    assert rows[5].reason.startswith("worse than the best")
+    assert rows[5].reason.startswith("not better: worse by")
     assert [e.best for e in rows] == [1.0, 1.0, 0.9, 0.9, 0.85, 0.85, 0.85]
     # each member ran on its own slot, pinned, at the same time as the others
     assert sorted(e.slot for e in rows[1:4]) == ["gpu5", "gpu6", "gpu7"]

@@ -1,0 +1,49 @@
+"""A keep's digest and the chart state the gain with its uncertainty (issue 13): positive means
+better, ± one standard error, n = runs of the change vs runs of the best it beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from nightlab.bot.digest import experiment_digest
+from nightlab.bot.plots import noise_sd, progress_chart
+
+
+def _text(message) -> str:  # type: ignore[no-untyped-def]
+    return "".join(span.text for span in message.spans)
+
+
+def test_a_keeps_digest_says_better_by_gain_plus_minus_its_error() -> None:
+    payload = {"number": 9, "status": "keep", "metric_name": "val_bpb", "metric": 0.9951, "best": 0.9969,
+               "previous_best": 1.0, "delta": -0.0049, "new_best": True, "gain": 0.0031, "se": 0.0012,
+               "n": 3, "n_best": 5, "confidence": 2.58, "reason": "better by 0.0031 ± 0.0012 (n = 3 vs 5)"}
+    text = _text(experiment_digest(payload, 10))
+    assert "val_bpb 0.9951 (better by 0.0031 ± 0.0012, n = 3 vs 5)" in text
+    assert "confidence 2.6 SE" in text and "Δ" not in text
+    worse = _text(experiment_digest({**payload, "status": "discard", "new_best": False, "gain": -0.002}, 10))
+    assert "(worse by 0.0020 ± 0.0012, n = 3 vs 5)" in worse
+    # a result with nothing to compare (a baseline) keeps the plain delta
+    assert "(Δ -0.0049 vs 1.0000)" in _text(experiment_digest({**payload, "gain": None, "se": None}, 10))
+
+
+@dataclass(frozen=True)
+class P:
+    number: int
+    status: str
+    metric: float | None
+    description: str
+    kind: str
+    commit: str
+    best: float | None
+
+
+def test_the_chart_draws_the_best_with_the_noise_band(tmp_path: Path) -> None:
+    points = [P(1, "keep", 1.0, "baseline", "baseline", "a", 1.0), P(2, "keep", 1.02, "baseline", "baseline", "a", 1.01),
+              P(3, "discard", 1.03, "x", "proposal", "b", 1.01), P(4, "keep", 0.95, "y", "proposal", "c", 0.95),
+              P(5, "crash", None, "z", "proposal", "d", 0.95)]
+    assert noise_sd(points) == pytest.approx(0.0141421, rel=1e-4)  # one repeat pair: 1.0, 1.02
+    assert noise_sd(points[2:]) == 0.0  # no repeats: no band
+    path = progress_chart(points, tmp_path / "chart.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

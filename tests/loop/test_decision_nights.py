@@ -1,0 +1,65 @@
+"""Whole nights of the real engine on synthetic landscapes whose truth is known
+(tests/fakes/landscape.py): the decision rule keeps what is real and nothing else, and a run of
+discards never stops the loop. Deterministic: one slot, the noise of the n-th run is fixed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from nightlab.loop import ledger, views
+from nightlab.loop.engine import run_engine
+from nightlab.loop.store import Store
+
+from tests.fakes import landscape
+from tests.fakes.scripted_proposer import ScriptedProposer
+
+
+def _night(tmp_path: Path, land: landscape.Landscape, n: int, proposer: object = None, **loop: object):
+    settings = landscape.make_workspace(tmp_path, land, **loop)
+    run_engine(settings, n, proposer=proposer)  # type: ignore[arg-type]
+    store = Store.for_workspace(settings.workspace_path)
+    return settings.workspace_path, store, ledger.experiments(store)
+
+
+def test_a_night_on_a_flat_landscape_keeps_nothing(tmp_path: Path) -> None:
+    land = landscape.make("flat", seed=0)
+    _, _, rows = _night(tmp_path, land, 40)
+    assert [e.kind for e in rows[:3]] == ["baseline"] * 3  # the noise is measured first, by default
+    assert "run-to-run noise ± " in rows[2].reason
+    assert not [e for e in rows if e.status == "keep" and e.kind != "baseline"]
+    assert sum(e.kind == "proposal" for e in rows) >= 20  # the night went on: proposals, not only repeats
+
+
+def test_a_change_truly_better_by_3_sigma_is_kept(tmp_path: Path) -> None:
+    land = landscape.make("one_big", seed=0)  # K00 alone matters: 3 σ at its optimum
+    best = {n: 1.0 for n in land.names} | {"K00": 2.0 ** land.c[0]}
+    proposer = ScriptedProposer([{"set": {"K01": 2.0}}, {"set": {"K00": round(best["K00"], 2)}}, {"set": {"K02": 0.5}}])
+    repo, _, rows = _night(tmp_path, land, 10, proposer)
+    kept = [e for e in rows if e.status == "keep" and e.kind != "baseline"]
+    assert [e.params for e in kept] == [{"K00": round(best["K00"], 2)}]
+    assert landscape.true_at(repo, land, kept[0].commit) < land.base - 2.9 * land.sigma
+    # autoresearch.jsonl's confidence: the keep's gain in standard errors of the difference
+    lines = [json.loads(line) for line in (repo / ledger.AUTORESEARCH_JSONL).read_text().splitlines()[1:]]
+    confidence = next(r["confidence"] for r in lines if r["commit"] == kept[0].commit[:7])
+    assert confidence == pytest.approx(kept[0].confidence) and confidence > 2
+    # a new best is measured again until it has the baseline's number of runs (its own were lucky)
+    assert sum(e.commit == kept[0].commit and e.metric is not None for e in rows) >= 3
+    assert any(e.description == "re-measure the best on " + e.hardware for e in rows if e.commit == kept[0].commit)
+    # what people read: the gain with its error, n = runs of the best vs runs of the baseline
+    found = views.night_gain(Store.for_workspace(repo), rows)
+    assert found is not None and found[1].gain > 2 * found[1].se and found[1].n_incumbent == 3
+    assert f"gain +{found[1].gain:.6f} ± {found[1].se:.6f}" in views.best_text(repo)
+
+
+def test_a_run_of_discards_never_pauses_the_loop_and_is_said_once(tmp_path: Path) -> None:
+    land = landscape.make("flat", seed=1)
+    proposer = ScriptedProposer([{"set": {"K00": 1.0 + k / 100}} for k in range(1, 13)])  # nothing has an effect
+    _, store, rows = _night(tmp_path, land, 12, proposer, baseline_runs=1, max_runs=1,
+                            pause_after_failures=4, remeasure_every=0)
+    assert len(rows) == 12 and ledger.paused(store) is None
+    events = store.events_after(0)
+    assert not [e for e in events if e.kind == "self_paused"]
+    alerts = [e.payload["text"] for e in events if e.kind == "alert"]
+    assert len(alerts) == 1 and alerts[0].startswith("4 experiments in a row without a keep: the search widens")
