@@ -15,7 +15,7 @@ from nightlab.loop.store import Store
 
 from tests.bot.conftest import finished
 
-SMALL = Flavour("small", 120, PLAIN.escape, {}, markup_counts=True)
+SMALL = Flavour("small", 400, PLAIN.escape, {}, markup_counts=True)  # one digest, one message
 
 
 class Inbox:

@@ -154,5 +154,6 @@ def test_train_uses_what_prepare_made(tmp_path: Path, home: Path) -> None:
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert f"data source {shards} (from the last `nightlab prepare`" in trained.stderr
     cache = home / ".cache" / "nightlab"
-    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [source_id(str(shards))]  # nothing else fetched
+    data = source_id(str(shards))  # nothing else fetched: the data dir and the harness's training view of it
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [data, f"{data}.train"]
     assert "summary: val_bpb=" in trained.stdout
