@@ -41,13 +41,9 @@ from typing import Any
 from nightlab.loop import hardware, ledger, steering
 from nightlab.loop.config import Settings, load_settings
 from nightlab.loop.errors import UserError
-from nightlab.loop.executor import (
-    Executor,
-    RunHandle,
-    RunSpec,
-    Slot,
+from nightlab.loop.executors import Executor, RunHandle, RunSpec, Slot, make_executor
+from nightlab.loop.executors.runfiles import (
     find_handle,
-    make_executor,
     read_tail,
     run_hardware,
     started_at,

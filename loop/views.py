@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nightlab.loop import ledger
 from nightlab.loop.errors import UserError
-from nightlab.loop.executor import started_at
+from nightlab.loop.executors.runfiles import started_at
 from nightlab.loop.ledger import Experiment
 from nightlab.loop.store import DB_FILENAME, Store, state_dir
 
