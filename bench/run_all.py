@@ -100,7 +100,7 @@ def daemon_idle(seconds: float) -> dict[str, float]:
 
 
 def trainer_rows(budget: int) -> list[tuple[str, str, str]]:
-    from nightlab.loop.executor import visible_gpus
+    from nightlab.loop.executors.local import visible_gpus
 
     how = f"bench/trainer.py --budget {budget}"
     if not visible_gpus():

@@ -6,7 +6,7 @@ What runs where
 - The engine runs as a CHILD PROCESS (`python -m nightlab.loop.engine`), not a thread: a thread
   cannot be killed, so an engine stuck in a blocking call could never be recovered; a process can
   be terminated or SIGKILLed and a new one resumes from the state store.
-- Training runs are launched by the engine in their own process sessions (loop.executor). They
+- Training runs are launched by the engine in their own process sessions (loop.executors). They
   are nobody's to kill by accident: stopping or restarting the engine or this daemon leaves a run
   running, and the next engine re-attaches to it (pid + create time in `runs.handle`). Only the
   heartbeat (run timeout, stall) and the engine (a user's /kill) cancel a run, through the executor.
@@ -58,7 +58,7 @@ from nightlab.loop.config import (
     resolve_secrets,
 )
 from nightlab.loop.errors import UserError
-from nightlab.loop.executor import make_executor
+from nightlab.loop.executors import make_executor
 from nightlab.loop.store import Store
 
 if TYPE_CHECKING:  # imported when channels are on: the bot pulls in the HTTP clients

@@ -39,7 +39,8 @@ from nightlab.heartbeat.report import write_report
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop import ledger, views
 from nightlab.loop.config import HeartbeatSettings, Settings
-from nightlab.loop.executor import Executor, RunHandle, started_at
+from nightlab.loop.executors import Executor, RunHandle
+from nightlab.loop.executors.runfiles import started_at
 from nightlab.loop.store import Store
 
 log = logging.getLogger(__name__)

@@ -50,13 +50,9 @@ from nightlab.loop.decision import (
     pooled_noise,
 )
 from nightlab.loop.errors import UserError
-from nightlab.loop.executor import (
-    Executor,
-    RunHandle,
-    RunSpec,
-    Slot,
+from nightlab.loop.executors import Executor, RunHandle, RunSpec, Slot, make_executor
+from nightlab.loop.executors.runfiles import (
     find_handle,
-    make_executor,
     read_tail,
     run_hardware,
     started_at,

@@ -19,7 +19,7 @@ from nightlab.loop.decision import (
     pooled_noise,
 )
 from nightlab.loop.errors import UserError
-from nightlab.loop.executor import started_at
+from nightlab.loop.executors.runfiles import started_at
 from nightlab.loop.hardware import HardwareClass
 from nightlab.loop.ledger import Experiment
 from nightlab.loop.store import DB_FILENAME, Store, state_dir

@@ -26,7 +26,9 @@ import git
 import psutil
 from nightlab.loop.config import Settings
 from nightlab.loop.errors import UserError
-from nightlab.loop.executor import LocalExecutor, RunSpec, read_tail
+from nightlab.loop.executors import RunSpec
+from nightlab.loop.executors.local import LocalExecutor
+from nightlab.loop.executors.runfiles import read_tail
 from nightlab.loop.ledger import AUTORESEARCH_JSONL, RESULTS_TSV
 from nightlab.loop.lock import holder
 from nightlab.loop.store import DB_FILENAME, STATE_DIRNAME, Store, state_dir

@@ -37,7 +37,7 @@ from typing import Any
 import psutil
 import pytest
 from nightlab.loop import ledger
-from nightlab.loop.executor import RunHandle
+from nightlab.loop.executors import RunHandle
 from nightlab.loop.store import Store
 
 from tests.e2e import invariants as inv

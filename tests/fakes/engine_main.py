@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nightlab.loop import engine, ledger, steering, workspace
 from nightlab.loop.config import load_settings
-from nightlab.loop.executor import LocalExecutor
+from nightlab.loop.executors.local import LocalExecutor
 
 from tests.fakes.loop_workspace import stub_settings
 from tests.fakes.scripted_proposer import ScriptedProposer

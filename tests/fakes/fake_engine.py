@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from nightlab.loop import ledger
-from nightlab.loop.executor import LocalExecutor, RunHandle, RunSpec, Slot
+from nightlab.loop.executors import RunHandle, RunSpec, Slot
+from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.lock import EngineLock
 from nightlab.loop.store import Store, state_dir
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from nightlab.loop import ledger
-from nightlab.loop.executor import RunHandle
+from nightlab.loop.executors import RunHandle
 from nightlab.loop.store import Store
 
 from tests.heartbeat.conftest import FAKES, Harness, gone, wait_for, write_config

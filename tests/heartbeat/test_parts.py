@@ -27,7 +27,7 @@ from nightlab.loop.config import (
     load_settings,
     settings_from_table,
 )
-from nightlab.loop.executor import LocalExecutor
+from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.store import Store
 
 

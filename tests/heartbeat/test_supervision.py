@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from nightlab.loop import ledger
-from nightlab.loop.executor import RunHandle
+from nightlab.loop.executors import RunHandle
 from nightlab.loop.store import Store
 
 from tests.heartbeat.conftest import FAKES, Harness, gone, wait_for

@@ -19,7 +19,8 @@ from nightlab.loop import ledger, views
 from nightlab.loop.config import Settings
 from nightlab.loop.engine import run_engine
 from nightlab.loop.errors import UserError
-from nightlab.loop.executor import LocalExecutor, RunHandle
+from nightlab.loop.executors import RunHandle
+from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.steering import send_command
 from nightlab.loop.store import Store
 

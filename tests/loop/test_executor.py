@@ -6,15 +6,9 @@ from pathlib import Path
 
 import psutil
 from nightlab.loop import hardware
-from nightlab.loop.executor import (
-    LocalExecutor,
-    RunHandle,
-    RunSpec,
-    RunStatus,
-    Slot,
-    read_exit_code,
-    run_hardware,
-)
+from nightlab.loop.executors import RunHandle, RunSpec, RunStatus, Slot
+from nightlab.loop.executors.local import LocalExecutor
+from nightlab.loop.executors.runfiles import read_exit_code, run_hardware
 
 
 def _wait(executor: LocalExecutor, handle: RunHandle, timeout: float = 20.0) -> RunStatus:

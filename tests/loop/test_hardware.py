@@ -12,9 +12,10 @@ import pytest
 from nightlab.loop import ledger, views
 from nightlab.loop.config import SlurmSettings
 from nightlab.loop.engine import run_engine
-from nightlab.loop.executor import LocalExecutor, RunSpec, Slot
+from nightlab.loop.executors import RunSpec, Slot
+from nightlab.loop.executors.local import LocalExecutor
+from nightlab.loop.executors.slurm import SlurmExecutor
 from nightlab.loop.ledger import AUTORESEARCH_JSONL
-from nightlab.loop.slurm import SlurmExecutor
 from nightlab.loop.store import Store
 
 from tests.fakes.loop_workspace import git_out, make_stub_workspace

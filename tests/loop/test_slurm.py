@@ -18,15 +18,9 @@ import pytest
 from nightlab.loop import ledger
 from nightlab.loop.config import ConfigError, Settings, settings_from_table
 from nightlab.loop.engine import run_engine
-from nightlab.loop.executor import (
-    RunHandle,
-    RunSpec,
-    RunStatus,
-    Slot,
-    exit_file,
-    started_at,
-)
-from nightlab.loop.slurm import JobState, SlurmExecutor, map_state, slurm_time
+from nightlab.loop.executors import RunHandle, RunSpec, RunStatus, Slot
+from nightlab.loop.executors.runfiles import exit_file, started_at
+from nightlab.loop.executors.slurm import JobState, SlurmExecutor, map_state, slurm_time
 from nightlab.loop.store import Store
 
 from tests.fakes.loop_workspace import make_stub_workspace

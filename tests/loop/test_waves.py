@@ -19,7 +19,7 @@ import pytest
 from nightlab.loop import ledger, views
 from nightlab.loop.engine import run_engine
 from nightlab.loop.errors import UserError
-from nightlab.loop.executor import RunHandle
+from nightlab.loop.executors import RunHandle
 from nightlab.loop.proposers.base import Proposal, ProposalContext
 from nightlab.loop.steering import send_command
 from nightlab.loop.store import Store

@@ -479,7 +479,8 @@ def test_a_cancelled_run_takes_its_training_process_with_it(tmp_path: Path) -> N
     """`prepare.py run` keeps its children in the run's process group: the executor's kill of a
     run (timeout, stall, /kill) ends the training process too."""
     import psutil
-    from nightlab.loop.executor import LocalExecutor, RunSpec, Slot
+    from nightlab.loop.executors import RunSpec, Slot
+    from nightlab.loop.executors.local import LocalExecutor
 
     shutil.copy(REPO / "trainer" / "prepare.py", tmp_path / "prepare.py")
     ex = LocalExecutor()

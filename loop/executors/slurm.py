@@ -1,9 +1,9 @@
-"""The Slurm backend of the executor: the cluster's own scheduler, driven by its command line.
+"""The Slurm backend: the cluster's own scheduler, driven by its command line.
 
 No queue, scheduler or node agent of ours and no extra Python dependency: `sbatch --parsable`
 submits a generated job script, one `squeue` call per poll reads every job we track, `scancel`
 cancels. The job script runs the command under the same exit-file protocol as a local run
-(`loop.executor.wrap`), on the shared filesystem, so the exit status is known without slurmdbd
+(`runfiles.wrap`), on the shared filesystem, so the exit status is known without slurmdbd
 and after any restart of ours. Jobs are submitted with `--requeue`: after a node failure or a
 preemption Slurm runs the SAME job id again, which the loop sees as the same candidate going back
 to `pending` (the wrapper clears the old attempt's exit file and restarts the start marker).
@@ -22,11 +22,8 @@ from pathlib import Path
 
 from nightlab.loop.config import ConfigError, Settings, SlurmSettings
 from nightlab.loop.errors import UserError
-from nightlab.loop.executor import (
-    RunHandle,
-    RunSpec,
-    RunStatus,
-    Slot,
+from nightlab.loop.executors.base import RunHandle, RunSpec, RunStatus, Slot
+from nightlab.loop.executors.runfiles import (
     clear_run_files,
     exit_file,
     read_exit_code,

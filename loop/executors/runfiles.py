@@ -1,0 +1,102 @@
+"""The files a run leaves next to its log, shared by every backend.
+
+The command runs under one small shell wrapper that touches `<log>.exit.start` when the command
+starts and writes its exit status to `<log>.exit` when it ends; the handle is also written to
+`<log>.handle`, so a restarted engine re-attaches or, if the run is gone, reads how it ended.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nightlab.loop import hardware
+from nightlab.loop.executors.base import RunHandle
+
+# The exit-file protocol, shared by every backend. A stale status is removed first (a requeued
+# Slurm job runs this again); the start marker's mtime is when the command really started (a
+# batch job may wait in a queue long after submission), and the hardware probe's lines follow in
+# it (what the run ran on, see loop/hardware.py). `( cmd )` in a subshell so an `exit` inside the
+# user's command still reaches the status line; the status is written to a temp file and
+# renamed, so a reader never sees half a number.
+_WRAPPER_START = (
+    'rm -f "$NIGHTLAB_EXIT_FILE"\n: > "$NIGHTLAB_EXIT_FILE.start"\n'
+    + hardware.PROBE + 'nightlab_probe >> "$NIGHTLAB_EXIT_FILE.start"\n'
+)
+_WRAPPER_END = (
+    'code=$?\nprintf "%s\\n" "$code" > "$NIGHTLAB_EXIT_FILE.tmp" '
+    '&& mv -f "$NIGHTLAB_EXIT_FILE.tmp" "$NIGHTLAB_EXIT_FILE"\nexit $code\n'
+)
+
+
+def wrap(command: str) -> str:
+    """The shell script that runs `command` under the exit-file protocol ($NIGHTLAB_EXIT_FILE)."""
+    return f"{_WRAPPER_START}( {command}\n)\n{_WRAPPER_END}"
+
+
+def exit_file(log_path: Path | str) -> Path:
+    return Path(f"{log_path}.exit")
+
+
+def handle_file(log_path: Path | str) -> Path:
+    return Path(f"{log_path}.handle")
+
+
+def start_file(log_path: Path | str) -> Path:
+    return Path(f"{log_path}.exit.start")
+
+
+def started_at(log_path: Path | str) -> float | None:
+    """When the command really started (its wrapper's start marker), None if it has not yet."""
+    try:
+        return start_file(log_path).stat().st_mtime
+    except OSError:
+        return None
+
+
+def run_hardware(log_path: Path | str) -> str:
+    """What the run ran on, from the probe lines in its start marker ("" before it started)."""
+    try:
+        return hardware.describe(start_file(log_path).read_text(errors="replace"))
+    except OSError:
+        return ""
+
+
+def read_exit_code(log_path: Path | str) -> int | None:
+    try:
+        return int(exit_file(log_path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def read_tail(path: Path | str, tail_bytes: int = 8192) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail_bytes))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def find_handle(log_path: Path | str) -> RunHandle | None:
+    """The handle a launch left next to its log (a run launched just before a crash of ours)."""
+    try:
+        return RunHandle.from_json(handle_file(log_path).read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def clear_run_files(log_path: Path) -> None:
+    """Before a launch: the files a previous attempt of the same log left (all backends)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (exit_file(log_path), handle_file(log_path), start_file(log_path)):
+        stale.unlink(missing_ok=True)
+
+
+def save_handle(handle: RunHandle) -> None:
+    """`<log>.handle`, written right after a launch, so a crash before the database write adopts it."""
+    target = handle_file(handle.log_path)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(handle.to_json())
+    tmp.replace(target)
