@@ -39,8 +39,9 @@ TRAINER = REPO / "trainer"
 SHIM = Path(__file__).resolve().parent / "kernels_shim"
 sys.path.insert(0, str(TRAINER))
 
-import profiles  # trainer/profiles.py: no torch
 from nightlab.loop.summary import parse_summary
+
+import profiles  # trainer/profiles.py: no torch
 
 # ours: "step 00012 (…) | loss 3.2 | lrm … | dt 313ms"; upstream's: "step 00012 (…) | loss: … | dt: 313ms", \r-separated
 STEP_LINE = re.compile(r"step (\d+) \([\d.]+%\) \| loss:? [\d.]+ \| lrm:? [\d.]+ \| dt:? (\d+)ms")

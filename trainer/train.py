@@ -14,9 +14,8 @@ memory fitting, budget, scoring) is not part of the experiment. The contract wit
 Hyperparameters are the UPPER_CASE constants right below the imports; edit them in place.
 """
 
-import math
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from nightlab.loop.commands import Command, CommandError, help_text, parse_command
 
 AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")

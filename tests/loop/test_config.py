@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from nightlab.heartbeat.cli import main
 from nightlab.loop.config import ConfigError, Secret, load_settings, render_settings, resolve_secrets
 
