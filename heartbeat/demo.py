@@ -50,7 +50,8 @@ def run_demo(workspace: Path | None, experiments: int) -> int:
     settings = load_settings(config)
     total = settings.loop.baseline_runs + experiments
     print(f"nightlab demo: workspace {workspace}\n"
-          f"  baseline + {experiments} experiments with the tiny profile; digests follow")
+          f"  the baseline ({settings.loop.baseline_runs} runs, to measure the noise) + {experiments} experiments"
+          " with the tiny profile; digests follow")
     code = Daemon(settings, DaemonOptions(max_experiments=total)).run()
     report = write_report(workspace, Store.for_workspace(workspace), settings.project)
     print(f"\nreport: {report.markdown_path}")
