@@ -44,6 +44,9 @@ class DeliveryError(Exception):
 class Channel(Protocol):
     name: str
     flavour: Flavour
+    # Also show progress lines (an experiment started): the console, where a person watches the
+    # night go by; a chat gets only what the digest mode sends.
+    progress: bool
 
     def destinations(self) -> list[str]:
         """Where digests go."""

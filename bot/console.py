@@ -17,6 +17,7 @@ from nightlab.bot.format import PLAIN
 class ConsoleChannel:
     name = "console"
     flavour = PLAIN
+    progress = True
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream

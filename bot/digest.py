@@ -33,9 +33,17 @@ def wanted(event: Event, settings: DigestSettings) -> bool:
     return event.payload.get("status") in ("keep", "crash") or bool(event.payload.get("new_best"))
 
 
-def describe(event: Event, settings: DigestSettings) -> list[Outgoing]:
+def describe(event: Event, settings: DigestSettings, progress: bool = False) -> list[Outgoing]:
+    """The messages for one event; `progress` adds a line when an experiment starts (the console's:
+    it comes in order with the digests, which the engine's own log line could not)."""
     p = event.payload
     try:
+        if event.kind == "experiment_started":
+            if not progress:
+                return []
+            where = f" on {p['slot']}" if p.get("slot") else ""
+            return [text_message(plain(f"▶ #{p.get('number', '?')} {p.get('kind', '')} started{where}: "
+                                       f"{p.get('description', '')}"))]
         if event.kind == "experiment_finished":
             return [experiment_digest(p, settings.log_tail_lines)]
         if event.kind == "report":

@@ -121,7 +121,8 @@ class Outbox:
                         continue
                     batched = self.digest.mode == "hourly" and event.kind == "experiment_finished"
                     for destination in channel.destinations():
-                        self._insert(channel, destination, digest.describe(event, self.digest), batched)
+                        messages = digest.describe(event, self.digest, progress=channel.progress)
+                        self._insert(channel, destination, messages, batched)
                 if events:
                     self.store.set(key, events[-1].id)
                 read += len(events)

@@ -35,6 +35,7 @@ _MENTION = re.compile(r"<@[A-Z0-9]+(\|[^>]*)?>")
 class SlackChannel:
     name = "slack"
     flavour = SLACK_MRKDWN
+    progress = False
 
     def __init__(self, settings: SlackSettings, bot_token: Secret, app_token: Secret) -> None:
         self.settings = settings

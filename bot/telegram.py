@@ -37,6 +37,7 @@ log = logging.getLogger("nightlab.bot")
 class TelegramChannel:
     name = "telegram"
     flavour = TELEGRAM_HTML
+    progress = False
 
     def __init__(self, settings: TelegramSettings, token: Secret, poll_timeout_s: float = 10.0) -> None:
         self.settings = settings

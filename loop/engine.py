@@ -534,7 +534,6 @@ class Engine:
                 hypothesis=cand.hypothesis, area=cand.area, commit=cand.commit[:7], slot=handle.slot,
                 focus=cand.focus,
             )
-        _say(f"#{cand.number} {cand.kind} started on {handle.slot}: {cand.description}")
 
     # -- running -> ended -------------------------------------------------------------------------
     def _poll(self, open_: list[Candidate]) -> bool:

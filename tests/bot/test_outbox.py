@@ -24,6 +24,7 @@ class Inbox:
 
     name = "memo"
     flavour = SMALL
+    progress = False
 
     def __init__(self) -> None:
         self.got: list[str] = []
@@ -217,3 +218,20 @@ def test_after_a_short_outage_only_the_newest_reply_goes_out_in_full(store: Stor
     pump(box)
     summary, newest, digest = inbox.got
     assert summary.startswith("⌛ 10 out-of-date replies") and newest == "status 10" and digest == "🚨 digest"
+
+
+def test_the_console_shows_a_start_after_the_digest_before_it(store: Store) -> None:
+    """A start is a progress line in event order (the engine's own line used to beat the digest of
+    the experiment before it to the terminal); a chat gets no such line."""
+    console, chat = Inbox(), Inbox()
+    console.progress, chat.name = True, "chat"
+    box = Outbox(store, [console, chat], DigestSettings(), Tuning(), Clock())  # type: ignore[list-item]
+    box.fill()
+    finished(store, "keep", 0.9)
+    store.emit("experiment_started", number=2, kind="proposal", description="MATRIX_LR 0.04→0.05", slot="cpu0")
+    box.fill()
+    for name in ("memo", "chat"):
+        asyncio.run(box.deliver(name, "d1"))
+    assert [m.split("\n")[0][:9] for m in console.got] == ["✅ #1 keep", "▶ #2 prop"]
+    assert console.got[1] == "▶ #2 proposal started on cpu0: MATRIX_LR 0.04→0.05"
+    assert [m.split(" ", 2)[1] for m in chat.got] == ["#1"]
