@@ -25,6 +25,8 @@ PRIOR_DF = 2.0  # the prior noise weighs as much as one group of three repeats
 # kv keys where the engine leaves what the views need to state a gain the same way
 DIRECTION_KEY = "loop.direction"
 NOISE_PRIOR_KEY = "loop.noise_prior"  # [loop] noise_prior: a share of the metric
+# A keep's gain on a held-out slice (its second opinion; positive = better), in its metrics.
+HELDOUT_GAIN = "heldout_gain"
 
 
 @dataclass(frozen=True)
@@ -115,3 +117,8 @@ def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise,
     rerun_incumbent = c.n_incumbent <= c.n_candidate
     why = f"re-running to decide: {c.text()}, not yet {rule.z:g} SE" + (" (the best too: its n is small)" if rerun_incumbent else "")
     return Decision("rerun", c, rerun_incumbent, why)
+
+
+def suspect(metrics: dict[str, float]) -> bool:
+    """A keep whose gain vanishes on rows no decision has seen (its held-out second opinion)."""
+    return HELDOUT_GAIN in metrics and metrics[HELDOUT_GAIN] <= 0

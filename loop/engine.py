@@ -44,6 +44,7 @@ from nightlab.loop import hardware, ledger, steering
 from nightlab.loop.config import Settings, load_settings
 from nightlab.loop.decision import (
     DIRECTION_KEY,
+    HELDOUT_GAIN,
     NOISE_PRIOR_KEY,
     Rule,
     gain,
@@ -78,6 +79,7 @@ from nightlab.loop.store import Store, state_dir
 from nightlab.loop.summary import parse_summary
 from nightlab.loop.workspace import (
     Git,
+    SecondOpinion,
     Workspace,
     clear_stale_git_locks,
     dirty_error,
@@ -701,10 +703,12 @@ class Engine:
             previous = None if ref is None else ref.best
         else:  # no run (a proposer failure, a rejection): the last best recorded
             previous = self._best(rows)
-        reason = out["reason"] + self._second_opinion(cand, out, rows)
+        opinion = self._second_opinion(cand, out, rows)
+        reason = out["reason"] + ("" if opinion is None else f"; {opinion.text()}")
+        metrics = out["metrics"] if opinion is None else {**out["metrics"], HELDOUT_GAIN: opinion.gain}
         exp = Experiment(
             number=cand.number, kind=cand.kind, confirm_of=cand.confirm_of, commit=commit,
-            status=out["status"], metric=out["metric"], metrics=out["metrics"], best=out["best_after"],
+            status=out["status"], metric=out["metric"], metrics=metrics, best=out["best_after"],
             confidence=out["confidence"], description=cand.description, hypothesis=cand.hypothesis,
             area=cand.area, params=cand.params, focus=cand.focus, reason=reason,
             lines_added=cand.lines_added, lines_removed=cand.lines_removed, duration_s=out["duration_s"],
@@ -735,19 +739,19 @@ class Engine:
             self._maybe_self_pause([*rows, exp])
         _say(f"#{exp.number} {exp.status} {exp.metric if exp.metric is not None else ''} {exp.reason}")
 
-    def _second_opinion(self, cand: Candidate, out: dict[str, Any], rows: list[Experiment]) -> str:
+    def _second_opinion(self, cand: Candidate, out: dict[str, Any], rows: list[Experiment]) -> SecondOpinion | None:
         """The harness's hook for keeps (built-in trainer): keep the run's model, and score a kept
-        change and the commit it replaced on a held-out slice (a fresh one per keep); a text for
-        the reason, flagging a keep whose gain vanishes there as SUSPECT. Deterministic from
-        stored state (scores are cached by commit), so a restart writes the same reason."""
+        change and the commit it replaced on a held-out slice (a fresh one per keep); its gain
+        there goes into the keep's metrics and its text into the reason (SUSPECT when the gain
+        vanishes). Deterministic from stored state (scores are cached by commit), so a restart
+        records the same."""
         if out["status"] != "keep" or not self.ws.builtin_trainer or cand.commit is None:
-            return ""
+            return None
         keep_artifact(self.ws, self._run_dir(cand), cand.commit)
         if cand.kind == "baseline":
-            return ""
+            return None
         earlier = sum(1 for e in rows if e.status == "keep" and e.kind != "baseline")
-        opinion = second_opinion(self.ws, self.env, cand.commit, cand.base_commit, earlier, self.direction)
-        return "" if opinion is None else f"; {opinion.text()}"
+        return second_opinion(self.ws, self.env, cand.commit, cand.base_commit, earlier, self.direction)
 
     def _maybe_self_pause(self, rows: list[Experiment]) -> None:
         """Only failures (crashes, timeouts, rejected proposals, failed checks) pause the loop: a

@@ -12,11 +12,13 @@ from pathlib import Path
 from nightlab.loop import ledger
 from nightlab.loop.decision import (
     DIRECTION_KEY,
+    HELDOUT_GAIN,
     NOISE_PRIOR_KEY,
     Comparison,
     compare,
     gain,
     pooled_noise,
+    suspect,
 )
 from nightlab.loop.errors import UserError
 from nightlab.loop.executors.runfiles import started_at
@@ -136,6 +138,13 @@ def _line(e: Experiment) -> str:
     return f"#{e.number} {e.status:<13} {figure}  {e.description or e.kind}{why}"
 
 
+def _heldout(e: Experiment) -> str:
+    """A keep's second opinion: its gain on a held-out slice, SUSPECT when it vanishes there."""
+    if HELDOUT_GAIN not in e.metrics:
+        return "—"
+    return f"{e.metrics[HELDOUT_GAIN]:+.6f}" + (" SUSPECT" if suspect(e.metrics) else "")
+
+
 def _gain_text(found: tuple[float, Comparison] | None) -> str:
     """ "+0.091757 ± 0.002100 (+6.34%, n = 3 vs 5)": positive = better (issue 14, item 13)."""
     if found is None:
@@ -236,6 +245,9 @@ def best_text(workspace: Path) -> str:
         text += "\n" + classes
     if best_exp.confidence is not None:
         text += f"\nconfidence when kept: {best_exp.confidence:.1f} standard errors"
+    if HELDOUT_GAIN in best_exp.metrics:
+        text += f"\nheld-out gain: {_heldout(best_exp)}" + (" (the gain vanishes on rows no decision saw)"
+                                                            if suspect(best_exp.metrics) else "")
     return text
 
 
@@ -275,10 +287,12 @@ def report_markdown(workspace: Path) -> str:
     ]
     top = improvements(rows, store.get(DIRECTION_KEY, "minimize"))[:10]
     if top:
-        out += ["", f"| # | commit | {name} | gain | confidence | description |", "|---|---|---|---|---|---|"]
+        out += ["", f"| # | commit | {name} | gain | confidence | held-out gain | description |",
+                "|---|---|---|---|---|---|---|"]
         for e, delta in top:
             conf = "—" if e.confidence is None else f"{e.confidence:.1f}"
-            out.append(f"| {e.number} | `{e.commit[:7]}` | {_fmt(e.best)} | {delta:.6f} | {conf} | {e.description} |")
+            out.append(f"| {e.number} | `{e.commit[:7]}` | {_fmt(e.best)} | {delta:.6f} | {conf} | {_heldout(e)}"
+                       f" | {e.description} |")
     else:
         out.append("\nNothing beat the baseline yet.")
     failed = [e for e in rows if e.status != "keep"][-15:]

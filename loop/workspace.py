@@ -25,6 +25,7 @@ from typing import Any
 import git
 import psutil
 from nightlab.loop.config import Settings
+from nightlab.loop.decision import HELDOUT_GAIN, suspect
 from nightlab.loop.errors import UserError
 from nightlab.loop.executors import RunSpec
 from nightlab.loop.executors.local import LocalExecutor
@@ -448,8 +449,7 @@ class SecondOpinion:
 
     @property
     def suspect(self) -> bool:
-        """The gain measured on the validation rows vanishes on rows no decision has seen."""
-        return self.gain <= 0
+        return suspect({HELDOUT_GAIN: self.gain})
 
     def text(self) -> str:
         verdict = "SUSPECT: the gain vanishes there" if self.suspect else "holds"

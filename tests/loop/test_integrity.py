@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from nightlab.loop import ledger
+from nightlab.loop import ledger, views
 from nightlab.loop.config import settings_from_table
 from nightlab.loop.engine import run_engine
 from nightlab.loop.store import Store
@@ -59,6 +59,9 @@ def test_a_keep_whose_gain_vanishes_on_held_out_rows_is_suspect(night):
     e = by_trick["memorise_val"]
     assert e.metric < baseline.metric  # it trained on the validation rows
     assert "held-out slice 0:" in e.reason and "SUSPECT: the gain vanishes there" in e.reason, e.reason
+    assert e.metrics["heldout_gain"] <= 0  # and so the report's table and /best say SUSPECT
+    assert f"| {e.number} |" in views.report_markdown(ws.path) and " SUSPECT |" in views.report_markdown(ws.path)
+    assert "SUSPECT" in views.best_text(ws.path)
     kept = ws.path / ".nightlab" / "artifacts"
     assert {p.name for p in kept.iterdir()} == {baseline.commit, e.commit}  # the models compared
 

@@ -1,0 +1,49 @@
+"""A keep whose gain vanishes on its held-out slice (issue 18, item 4) is marked SUSPECT where
+people look for the night's results: the report's table and `/best`, not only in its reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nightlab.loop import ledger, views
+from nightlab.loop.decision import HELDOUT_GAIN
+from nightlab.loop.store import Store
+
+
+def _record(store: Store, number: int, kind: str, metric: float, best: float, heldout: float | None = None) -> None:
+    cand = ledger.new_candidate(store, kind, "base", commit=f"{number:07d}abc", description=f"change {number}")
+    metrics = {} if heldout is None else {HELDOUT_GAIN: heldout}
+    exp = ledger.Experiment(
+        number=cand.number, kind=kind, confirm_of=None, commit=f"{number:07d}abc", status="keep", metric=metric,
+        metrics=metrics, best=best, confidence=None if kind == "baseline" else 3.0, description=f"change {number}",
+        hypothesis="", area="", finished_at=float(number), hardware="H200", setting="s",
+    )
+    assert ledger.record_experiment(store, cand.id, exp, {"number": number})
+
+
+def _night(tmp_path: Path, last_heldout: float) -> Path:
+    store = Store.for_workspace(tmp_path)
+    store.set("workspace.branch", "autoresearch/test")
+    _record(store, 1, "baseline", 1.0, 1.0)
+    _record(store, 2, "proposal", 0.9, 0.9, heldout=0.05)  # the gain holds on held-out rows
+    _record(store, 3, "proposal", 0.8, 0.8, heldout=last_heldout)
+    return tmp_path
+
+
+def test_a_suspect_keep_is_marked_in_the_report_table_and_in_best(tmp_path: Path) -> None:
+    ws = _night(tmp_path, last_heldout=-0.02)
+    report = views.report_markdown(ws)
+    assert "| held-out gain |" in report
+    row3 = next(line for line in report.splitlines() if line.startswith("| 3 |"))
+    row2 = next(line for line in report.splitlines() if line.startswith("| 2 |"))
+    assert "| -0.020000 SUSPECT |" in row3, row3
+    assert "| +0.050000 |" in row2 and "SUSPECT" not in row2, row2
+    best = views.best_text(ws)
+    assert "held-out gain: -0.020000 SUSPECT (the gain vanishes on rows no decision saw)" in best, best
+
+
+def test_a_keep_that_holds_is_not_suspect(tmp_path: Path) -> None:
+    ws = _night(tmp_path, last_heldout=0.01)
+    assert "SUSPECT" not in views.report_markdown(ws)
+    best = views.best_text(ws)
+    assert "held-out gain: +0.010000" in best and "SUSPECT" not in best, best
