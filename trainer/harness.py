@@ -50,7 +50,6 @@ ENV_COMPILE = "NIGHTLAB_COMPILE"  # 0: never torch.compile (a device where it ca
 UNTIMED_STEPS = 10  # the first steps (compilation, warm-up) do not count against TIME_BUDGET
 ARTIFACT_FORMAT = "nightlab-artifact/1"
 REJECTED_EXIT = 3  # `score`: the model was refused (the line before says why)
-PROBE_ROWS = 2  # sequences the causality probe perturbs
 PROBE_ATOL = 1e-2  # logits are soft-capped at ~15; a model that looks ahead moves them far more
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -588,7 +587,7 @@ def eval_rows(tokenizer: Tokenizer, data_dir: Path, split: str = "val", slice_in
 
 def _eval_batch(n_rows: int, T: int, vocab: int, device: torch.device) -> int:
     """Rows per scoring batch: the largest divisor of n_rows whose fp32 logits stay under a cap
-    (every batch has one shape, so a compiled model never recompiles)."""
+    (every batch has one shape: the probe's batch, the first, looks like any other)."""
     cap_elements = 2**29 if device.type == "cuda" else 2**25
     cap = max(1, cap_elements // (T * vocab))
     return max(b for b in range(1, min(cap, n_rows) + 1) if n_rows % b == 0)
@@ -610,73 +609,105 @@ def load_trained(artifact: Path, rt: Runtime):
         raise Rejected("train.py has no build_model(config, device, dtype): the harness cannot score it")
     model = module.build_model(meta["config"], rt.device, rt.dtype)
     try:
-        model.load_state_dict(torch.load(weights, map_location=rt.device, weights_only=True))
+        # mmap: the weights go from the page cache straight into the built model (one copy)
+        model.load_state_dict(torch.load(weights, map_location="cpu", mmap=True, weights_only=True))
     except RuntimeError as e:
         raise Rejected(f"the saved weights do not fit build_model(config): {str(e).splitlines()[0]}") from None
     model.eval()
     return model, meta
 
 
-def causality_problem(forward, rows: torch.Tensor, vocab: int, generator: torch.Generator) -> str | None:
+def causality_problem(forward, rows: torch.Tensor, vocab: int, generator: torch.Generator,
+                      logits: torch.Tensor | None = None) -> str | None:
     """Change the tokens after position t in a batch of rows: the logits up to t must not move.
+    `logits`: forward(rows' inputs) when the caller has them already (the first scored batch).
     Returns why the model fails, or None."""
     x = rows[:, :-1]
     T = x.size(1)
+    a_all = (forward(x) if logits is None else logits).float()
     for t in (T // 2, T // 4):
         changed = x.clone()
         noise = torch.randint(0, vocab, (x.size(0), T - t - 1), generator=generator).to(x.device)
         changed[:, t + 1:] = noise
-        a, b = forward(x)[:, : t + 1].float(), forward(changed)[:, : t + 1].float()
-        diff = (a - b).abs().max().item()
+        diff = (a_all[:, : t + 1] - forward(changed)[:, : t + 1].float()).abs().max().item()
         if not math.isfinite(diff) or diff > PROBE_ATOL:
             return (f"not causal: changing the tokens after position {t} moved the logits at positions <= {t}"
                     f" by up to {diff:.3g} (tolerance {PROBE_ATOL:g}); the model looks ahead")
     return None
 
 
+class Phases:
+    """Seconds per phase of the scorer, summed by name (the device synchronised at each lap)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.time()
+
+    def lap(self, name: str, device: torch.device | None = None) -> None:
+        if device is not None:
+            synchronize(device)
+        now = time.time()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int = 0) -> dict[str, Any]:
-    """Score a saved model: {"bpb", "score_seconds", "eval_seconds", "meta", "rt"}. Raises Rejected."""
+    """Score a saved model: {"bpb", "score_seconds", "eval_seconds", "phases", "meta", "rt"}.
+    Raises Rejected.
+
+    Eager, never torch.compile: the scorer runs one short forward-only pass per experiment, and
+    a changed model would compile afresh each time (tens of seconds cold, several warm) for
+    little gain. FlexAttention is slow eager, so a model trained with it is scored with the
+    best eager backend instead (FA3 where it runs, else SDPA): exact attention either way."""
     t0 = time.time()
+    phases = Phases()
     meta_path = artifact / "meta.json"
     backend = "auto"
     if meta_path.is_file():
         backend = json.loads(meta_path.read_text()).get("train", {}).get("attention_backend", "auto")
-    rt = setup(attention_backend=backend)
+    rt = setup(attention_backend="auto" if backend == "flex" else backend, compile=False)
+    phases.lap("setup", rt.device)
     tokenizer = Tokenizer.from_directory(Path(data_dir) / "tokenizer")
     vocab = tokenizer.get_vocab_size()
+    phases.lap("tokenizer")
     model, meta = load_trained(artifact, rt)
+    phases.lap("model", rt.device)
     rows = eval_rows(tokenizer, data_dir, split, slice_index)
     n, T = rows.size(0), rows.size(1) - 1
     B = _eval_batch(n, T, vocab, rt.device)
-    forward = torch.compile(model, dynamic=False) if rt.compile else model
     rows = rows.to(rt.device)
     token_bytes = prepare.get_token_bytes(rt.device, tokenizer)
+    phases.lap("rows", rt.device)
 
     def logits_of(x):
-        with rt.autocast():  # one layout for every call: a compiled model guards on strides
-            out = forward(x.long().contiguous())
+        with rt.autocast():
+            out = model(x.long().contiguous())
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.size(0), x.size(1), vocab):
             raise Rejected(f"model(inputs) must return logits [B, T, {vocab}], got "
                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
         return out
 
     with torch.no_grad():
-        why = causality_problem(logits_of, rows[:B], vocab, torch.Generator().manual_seed(0))
-        if why:
-            raise Rejected(why)
-        t_eval = time.time()
         total_nats = torch.zeros((), dtype=torch.float64, device=rt.device)
         total_bytes = torch.zeros((), dtype=torch.int64, device=rt.device)
         for i in range(0, n, B):  # no host sync per batch: the sums stay on the device
             batch = rows[i : i + B].long()
             x, y = batch[:, :-1], batch[:, 1:]
-            nats = F.cross_entropy(logits_of(x).float().reshape(-1, vocab), y.reshape(-1), reduction="none")
+            logits = logits_of(x)
+            if i == 0:  # the probe reuses the first batch's logits, at the shape every batch has
+                phases.lap("eval", rt.device)
+                why = causality_problem(logits_of, batch, vocab, torch.Generator().manual_seed(0), logits)
+                if why:
+                    raise Rejected(why)
+                phases.lap("probe", rt.device)
+            nats = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), reduction="none")
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += torch.where(nbytes > 0, nats, 0.0).sum(dtype=torch.float64)
             total_bytes += nbytes.sum()
         bpb = total_nats.item() / (math.log(2) * total_bytes.item())
-    return {"bpb": bpb, "score_seconds": time.time() - t0, "eval_seconds": time.time() - t_eval,
-            "meta": meta, "rt": rt, "rows": n}
+    phases.lap("eval")
+    return {"bpb": bpb, "score_seconds": time.time() - t0, "eval_seconds": phases.seconds["eval"],
+            "phases": phases.seconds, "meta": meta, "rt": rt, "rows": n}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -693,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         found = score(artifact, prepare.get_data_dir(), args.split, args.slice)
         result = {"bpb": found["bpb"], "score_seconds": found["score_seconds"], "eval_seconds": found["eval_seconds"],
-                  "rows": found["rows"], "split": args.split, "slice": args.slice, "train": found["meta"]["train"]}
+                  "rows": found["rows"], "split": args.split, "slice": args.slice, "train": found["meta"]["train"],
+                  "phases": found["phases"]}
         code = 0
     except Rejected as e:
         result, code = {"rejected": str(e)}, REJECTED_EXIT
