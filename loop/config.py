@@ -129,7 +129,6 @@ class ProjectSettings:
 @dataclass(frozen=True)
 class LoopSettings:
     baseline_runs: int = 3  # repeats of the unmodified baseline: the noise is known from the first hour
-    confirm_k: float = 2.0  # superseded by keep_z (the decision rule); still accepted so older configs load
     keep_z: float = 2.0  # keep when the gain beats the best by more than z standard errors of the difference
     max_runs: int = 3  # runs of one candidate at most (first run + re-runs) before it is decided
     noise_prior: float = 0.003  # noise assumed until repeats measure it, as a share of the best's metric
@@ -295,11 +294,22 @@ class _Problems:
         return any(".".join(parts[:i]) in self._keys for i in range(1, len(parts) + 1))
 
 
+# Keys older configs may still set, with what replaced them.
+_REPLACED = {
+    "loop.confirm_k": "the keep rule replaced it with loop.keep_z (the standard errors a gain must beat)"
+                      " and loop.max_runs (the runs of a candidate before it is decided)",
+}
+
+
 def _build(cls: type, table: dict[str, Any], problems: _Problems, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values = {}
     for key, value in table.items():
+        if prefix + key in _REPLACED:
+            problems.add(prefix + key, f"{prefix + key} is no longer a setting: {_REPLACED[prefix + key]};"
+                                       f" remove it from [{prefix[:-1]}]")
+            continue
         if key not in names:
             where = f"[{prefix[:-1]}]" if prefix else "the top level"
             known = ", ".join(sorted(n for n in names if n != "origin"))
@@ -385,8 +395,6 @@ def _check(s: Settings, problems: _Problems) -> None:
             fail("heartbeat.report_time", s.heartbeat.report_time, 'HH:MM, e.g. "07:30", or ""')
     if s.loop.baseline_runs < 1:
         fail("loop.baseline_runs", s.loop.baseline_runs, "at least 1")
-    if s.loop.confirm_k < 0:
-        fail("loop.confirm_k", s.loop.confirm_k, "a number >= 0")
     if s.loop.keep_z < 0:
         fail("loop.keep_z", s.loop.keep_z, "a number >= 0")
     if s.loop.max_runs < 1:

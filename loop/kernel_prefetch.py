@@ -1,6 +1,6 @@
 """Fetch the FlashAttention-3 kernel while the box is online, so training runs never download.
 
-On a Hopper GPU (compute capability 9.0, asked of nvidia-smi) the built-in trainer's `auto`
+On a Hopper GPU (compute capability 9.0, asked of nvidia-smi by `hardware.query_gpus`) the built-in trainer's `auto`
 attention backend wants FA3 from the Hugging Face kernel hub. A run must not download (a 5-minute
 budget, a box that may be offline at night), so `nightlab prepare` and the daemon, before its first
 run, fetch it here through the `kernels` library into the Hugging Face cache the runs read: the
@@ -33,10 +33,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
+from nightlab.loop.hardware import query_gpus
+
 FALLBACK = "runs will use FlexAttention/SDPA"
 DEFAULT_TIMEOUT_S = 900.0  # a few hundred MB on a slow link; a hung connection must not hold the night
-_NVIDIA_SMI_TIMEOUT_S = 30.0
-_HOPPER = "9.0"
+_HOPPER = (9, 0)  # compute capability
 
 
 @dataclass(frozen=True)
@@ -67,20 +68,14 @@ class PrefetchResult:
 # -- the parent side (daemon, CLI): no torch ---------------------------------------------------------
 def hopper_absent() -> str | None:
     """Why FA3 is not wanted on this box (no NVIDIA GPU, none of them Hopper), or None when one is."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=_NVIDIA_SMI_TIMEOUT_S, check=False)
-    except FileNotFoundError:
-        return "no NVIDIA GPU: nvidia-smi not found"
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"no NVIDIA GPU: nvidia-smi failed ({exc})"
-    if out.returncode != 0:
-        return f"no NVIDIA GPU: nvidia-smi exited {out.returncode} ({_first_line(out.stdout + out.stderr)})"
-    gpus = [line.rsplit(",", 1) for line in out.stdout.splitlines() if "," in line]
-    if any(cap.strip() == _HOPPER for _, cap in gpus):
+    report = query_gpus()
+    if report.problem:
+        return f"no NVIDIA GPU: {report.problem}"
+    if any(gpu.capability == _HOPPER for gpu in report.gpus):
         return None
-    seen = ", ".join(f"{name.strip()} is sm{cap.strip().replace('.', '')}" for name, cap in gpus) or "none listed"
-    return f"no Hopper GPU: {seen}"
+    seen = ", ".join(f"{gpu.name} is " + (f"sm{gpu.capability[0]}{gpu.capability[1]}" if gpu.capability else "of unknown capability")
+                     for gpu in report.gpus)
+    return f"no Hopper GPU: {seen or 'none listed'}"
 
 
 def prefetch_fa3(timeout_s: float = DEFAULT_TIMEOUT_S, kernels: Sequence[KernelRef] = FA3_KERNELS) -> PrefetchResult:

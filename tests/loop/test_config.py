@@ -129,7 +129,17 @@ def test_every_mistake_is_reported_in_one_run(tmp_path: Path, capsys: pytest.Cap
 def test_cli_config_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(REPO / "config.example.toml")]) == 0
     assert "source = \"stdlib\"" in capsys.readouterr().out
-    bad = write(tmp_path, "[loop]\nconfirm_k = -1\n")
+    bad = write(tmp_path, "[loop]\nkeep_z = -1\n")
     assert main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "loop.confirm_k = -1.0" in err and "Traceback" not in err
+    assert "loop.keep_z = -1.0" in err and "Traceback" not in err
+
+
+def test_a_replaced_key_names_what_replaced_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "[loop]\nconfirm_k = 2.0\nkeep_z = 2.5\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(err.value) == (
+        f"{path}: loop.confirm_k is no longer a setting: the keep rule replaced it with loop.keep_z (the standard"
+        " errors a gain must beat) and loop.max_runs (the runs of a candidate before it is decided); remove it"
+        " from [loop]")

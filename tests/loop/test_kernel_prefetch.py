@@ -142,7 +142,7 @@ def test_a_hub_that_never_answers_is_cut_off_by_the_timeout(hopper_box: Path, mo
 
 
 @pytest.mark.parametrize(("gpus", "why"), [
-    ([], "no NVIDIA GPU: nvidia-smi exited 9 (NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.)"),
+    ([], "no NVIDIA GPU: nvidia-smi failed (exit 9): NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."),
     (["NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090"],
      "no Hopper GPU: NVIDIA A100-SXM4-80GB is sm80, NVIDIA GeForce RTX 4090 is sm89"),
 ])
@@ -154,7 +154,7 @@ def test_not_needed_without_a_hopper_gpu(fake_gpus, hub: FakeHub, gpus: list[str
 
 def test_not_needed_without_nvidia_smi(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert kp.prefetch_fa3().line == f"FA3 kernel: not needed (no NVIDIA GPU: nvidia-smi not found); {kp.FALLBACK}"
+    assert kp.prefetch_fa3().line == f"FA3 kernel: not needed (no NVIDIA GPU: nvidia-smi is not installed (no NVIDIA driver)); {kp.FALLBACK}"
 
 
 # -- the call sites: `nightlab prepare` and the daemon before its first run ------------------------
