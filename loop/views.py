@@ -135,6 +135,8 @@ def _fmt(value: float | None) -> str:
 def _line(e: Experiment) -> str:
     figure = _fmt(e.metric).ljust(8)
     why = f" ({e.reason})" if e.status != "keep" and e.reason else ""
+    if e.status == "keep" and suspect(e.metrics):
+        why = " (SUSPECT: its gain vanishes on held-out rows)"
     return f"#{e.number} {e.status:<13} {figure}  {e.description or e.kind}{why}"
 
 

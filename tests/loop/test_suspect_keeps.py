@@ -1,5 +1,6 @@
 """A keep whose gain vanishes on its held-out slice (issue 18, item 4) is marked SUSPECT where
-people look for the night's results: the report's table and `/best`, not only in its reason."""
+people look for the night's results: the report's table, `/best` and the history, not only in its
+reason."""
 
 from __future__ import annotations
 
@@ -40,10 +41,13 @@ def test_a_suspect_keep_is_marked_in_the_report_table_and_in_best(tmp_path: Path
     assert "| +0.050000 |" in row2 and "SUSPECT" not in row2, row2
     best = views.best_text(ws)
     assert "held-out gain: -0.020000 SUSPECT (the gain vanishes on rows no decision saw)" in best, best
+    history = views.history_text(ws).splitlines()
+    assert history[2].endswith("change 3 (SUSPECT: its gain vanishes on held-out rows)"), history
+    assert history[1].endswith("change 2"), history
 
 
 def test_a_keep_that_holds_is_not_suspect(tmp_path: Path) -> None:
     ws = _night(tmp_path, last_heldout=0.01)
-    assert "SUSPECT" not in views.report_markdown(ws)
+    assert "SUSPECT" not in views.report_markdown(ws) and "SUSPECT" not in views.history_text(ws)
     best = views.best_text(ws)
     assert "held-out gain: +0.010000" in best and "SUSPECT" not in best, best
