@@ -117,7 +117,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nightlab.loop.workspace import train_once
+    from nightlab.heartbeat.train_once import train_once
 
     settings = _settings(args)
     source = args.source

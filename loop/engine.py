@@ -75,21 +75,12 @@ from nightlab.loop.proposers.base import (
     ProposalError,
     Proposer,
 )
+from nightlab.loop.ratchet import Git, clear_stale_git_locks
+from nightlab.loop.runenv import run_environment
+from nightlab.loop.second_opinion import SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.store import Store, state_dir
 from nightlab.loop.summary import parse_summary
-from nightlab.loop.workspace import (
-    Git,
-    SecondOpinion,
-    Workspace,
-    clear_stale_git_locks,
-    dirty_error,
-    keep_artifact,
-    open_workspace,
-    protect,
-    protected_mismatches,
-    run_environment,
-    second_opinion,
-)
+from nightlab.loop.workspace import Workspace, dirty_error, open_workspace, protect, protected_mismatches
 
 _LOG_TAIL_BYTES = 256 * 1024  # the summary block is at the end of the log
 _EVENT_LOG_TAIL_LINES = 30

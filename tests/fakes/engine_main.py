@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nightlab.loop import engine, ledger, steering, workspace
+from nightlab.loop import engine, ledger, ratchet, steering
 from nightlab.loop.config import load_settings
 from nightlab.loop.executors.local import LocalExecutor
 
@@ -134,7 +134,7 @@ def main() -> int:
 
     propose, launch, poll = proposer.propose, executor.launch, executor.poll
     update, record, export = ledger.update_candidate, ledger.record_experiment, ledger.write_exports
-    commit_all, reset_to, apply = workspace.Git.commit_all, workspace.Git.reset_to, steering._apply
+    commit_all, reset_to, apply = ratchet.Git.commit_all, ratchet.Git.reset_to, steering._apply
 
     def proposing(ctx):  # type: ignore[no-untyped-def]
         settle(current(), "proposing", "proposed")
@@ -205,7 +205,7 @@ def main() -> int:
 
     proposer.propose, executor.launch, executor.poll = proposing, launched, polled  # type: ignore[method-assign]
     ledger.update_candidate, ledger.record_experiment, ledger.write_exports = updated, recorded, exported
-    workspace.Git.commit_all, workspace.Git.reset_to = committed_all, resetting  # type: ignore[method-assign]
+    ratchet.Git.commit_all, ratchet.Git.reset_to = committed_all, resetting  # type: ignore[method-assign]
     steering._apply = applied
     if service:
         settings = load_settings(args.config)

@@ -11,8 +11,9 @@ from nightlab.bot.digest import experiment_digest
 from nightlab.loop import hardware, ledger
 from nightlab.loop.config import ConfigError, settings_from_table
 from nightlab.loop.engine import run_engine
+from nightlab.loop.runenv import run_environment
 from nightlab.loop.store import Store
-from nightlab.loop.workspace import init_workspace, open_workspace, run_environment
+from nightlab.loop.workspace import init_workspace, open_workspace
 from nightlab.trainer import profiles as P
 
 from tests.fakes.loop_workspace import make_stub_workspace

@@ -8,12 +8,7 @@ from pathlib import Path
 
 import pytest
 from nightlab.loop.errors import UserError
-from nightlab.loop.workspace import (
-    default_tag,
-    init_workspace,
-    open_workspace,
-    protected_mismatches,
-)
+from nightlab.loop.workspace import default_tag, init_workspace, open_workspace, protected_mismatches
 
 from tests.fakes.loop_workspace import git_out, make_stub_workspace, stub_settings
 
@@ -122,7 +117,8 @@ def test_a_project_with_a_score_command_runs_through_the_harness(tmp_path: Path)
 def test_kept_models_are_kept_by_commit_and_only_the_newest_few(tmp_path: Path) -> None:
     import os
 
-    from nightlab.loop.workspace import KEPT_ARTIFACTS, Workspace, keep_artifact
+    from nightlab.loop.second_opinion import KEPT_ARTIFACTS, keep_artifact
+    from nightlab.loop.workspace import Workspace
 
     ws = Workspace(path=tmp_path, branch="b", profile="tiny", harness_env={}, editable=("train.py",),
                    protected=(), run_command="", builtin_trainer=True)

@@ -1,0 +1,68 @@
+"""`nightlab train`: the workspace's run once, outside the loop, its log streamed to the terminal."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from nightlab.loop.config import Settings
+from nightlab.loop.errors import UserError
+from nightlab.loop.executors import RunSpec
+from nightlab.loop.executors.local import LocalExecutor
+from nightlab.loop.executors.runfiles import read_tail
+from nightlab.loop.lock import holder
+from nightlab.loop.runenv import run_environment
+from nightlab.loop.store import DB_FILENAME, state_dir
+from nightlab.loop.summary import parse_summary
+from nightlab.loop.workspace import init_workspace, open_workspace, to_stderr
+
+
+def train_once(settings: Settings, profile: str | None) -> int:
+    """Run the workspace's train.py once through the executor, streaming its log; the exit code."""
+    path = settings.workspace_path
+    if profile:
+        settings = dataclasses.replace(settings, trainer=dataclasses.replace(settings.trainer, profile=profile))
+    if (state_dir(path) / DB_FILENAME).exists():
+        ws = open_workspace(path, settings)
+        if profile and profile != "auto" and profile != ws.profile:
+            to_stderr(f"note: {path} was set up with profile {ws.profile!r}; running it as it is")
+    else:
+        ws = init_workspace(path, settings.workspace.tag, settings)
+    pid = holder(ws.path)
+    if pid is not None:
+        raise UserError(f"the loop (pid {pid}) is running in {ws.path}; pause or stop it before `nightlab train`")
+    env = run_environment(ws, settings)
+    executor = LocalExecutor(settings.executor.gpus, settings.executor.cpu_slots)
+    log = state_dir(ws.path) / "runs" / f"train-{int(time.time())}.log"
+    handle = executor.launch(RunSpec(ws.run_command, ws.path, log, executor.slots()[0], env))
+    to_stderr(f"running `{ws.run_command}` in {ws.path} (log {log})")
+    offset = 0
+    try:
+        while True:
+            state = executor.poll([handle])[handle.key]
+            offset = _stream(log, offset)
+            if state.state != "running":
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        executor.cancel(handle, grace_s=5)
+        raise
+    _stream(log, offset)
+    summary = parse_summary(read_tail(log, 64 * 1024))
+    code = state.exit_code if state.exit_code is not None else 1
+    if summary.complete:
+        print("\nsummary: " + ", ".join(f"{k}={v:g}" for k, v in summary.metrics.items()))
+    print(f"exit code {code}" + ("" if summary.complete else "; no summary block in the log"))
+    return code
+
+
+def _stream(log: Path, offset: int) -> int:
+    with open(log, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    if chunk:
+        sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+        sys.stdout.flush()
+    return offset + len(chunk)

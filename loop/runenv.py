@@ -1,0 +1,31 @@
+"""The environment a run gets: the profile's harness values, the [trainer] overrides, and for the
+built-in trainer the prepared data dir and the compile caches every experiment shares."""
+
+from __future__ import annotations
+
+from nightlab.loop.config import Settings
+from nightlab.loop.errors import UserError
+from nightlab.loop.store import state_dir
+from nightlab.loop.workspace import Say, Workspace, to_stderr
+
+COMPILE_CACHE_DIRNAME = "compile-cache"  # torch inductor + triton, shared by every experiment
+
+
+def run_environment(ws: Workspace, settings: Settings, say: Say = to_stderr) -> dict[str, str]:
+    """The environment every run gets: the profile's harness env with the [trainer] budget keys
+    over it and, for the built-in trainer, NIGHTLAB_DATA_DIR (prepared here when missing)."""
+    env = {**ws.harness_env, **settings.trainer.harness_overrides()}
+    if ws.builtin_trainer:
+        from nightlab.trainer import prepare
+
+        try:
+            data_dir = prepare.prepare(settings.data.source, settings.data.shards, settings.cache_path, say)
+            prepare.training_view(data_dir)  # made once here, not by several slots at once
+        except prepare.PrepareError as exc:
+            raise UserError(str(exc)) from None
+        env[prepare.ENV_DATA_DIR] = str(data_dir)
+        # Compiled graphs and kernels outlive a run: the next experiment with the same shapes starts warm.
+        cache = state_dir(ws.path) / COMPILE_CACHE_DIRNAME
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    return env

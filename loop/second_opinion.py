@@ -1,0 +1,99 @@
+"""A second opinion on keeps (issue 18): a kept run's model is kept by commit, and a kept change
+and the commit it replaced are scored on a held-out slice of the validation shard (rows after the
+scored ones, never used for a decision), by the workspace's own harness in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from nightlab.loop.decision import HELDOUT_GAIN, suspect
+from nightlab.loop.store import state_dir
+from nightlab.loop.workspace import Workspace
+
+ARTIFACTS_DIRNAME = "artifacts"  # kept models by commit, for held-out scoring
+KEPT_ARTIFACTS = 3  # the newest kept models stay (a default-profile model is ~150 MB)
+
+
+def keep_artifact(ws: Workspace, run_dir: Path, commit: str) -> Path | None:
+    """Keep a kept run's saved model (from its run dir) under the state dir by commit, so a later
+    keep can be compared with it on a held-out slice; None when the run saved none."""
+    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR  # no torch
+
+    source = Path(run_dir) / DEFAULT_ARTIFACT_DIR
+    if not (source / "model.pt").is_file():
+        return None
+    root = state_dir(ws.path) / ARTIFACTS_DIRNAME
+    dest = root / commit
+    if not (dest / "model.pt").is_file():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    # A model is needed until the next keep has been compared with it: a few, not a night's worth.
+    kept = sorted((p for p in root.iterdir() if p.is_dir() and p != dest), key=lambda p: p.stat().st_mtime)
+    for old in kept[: max(0, len(kept) - (KEPT_ARTIFACTS - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+@dataclass(frozen=True)
+class SecondOpinion:
+    slice: int
+    kept: float  # held-out bpb of the kept commit
+    base: float  # held-out bpb of the commit it replaced
+    direction: str = "minimize"
+
+    @property
+    def gain(self) -> float:
+        return self.base - self.kept if self.direction == "minimize" else self.kept - self.base
+
+    @property
+    def suspect(self) -> bool:
+        return suspect({HELDOUT_GAIN: self.gain})
+
+    def text(self) -> str:
+        verdict = "SUSPECT: the gain vanishes there" if self.suspect else "holds"
+        return f"held-out slice {self.slice}: {self.kept:.6f} vs {self.base:.6f} ({self.gain:+.6f}), {verdict}"
+
+
+def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: int) -> float | None:
+    """The held-out bpb of a kept commit's model (scored by the workspace's harness once, then
+    cached beside the model); None when there is no model or the scorer failed."""
+    artifact = state_dir(ws.path) / ARTIFACTS_DIRNAME / commit
+    cached = artifact / f"heldout-{slice_index}.json"
+    if cached.is_file():
+        return float(json.loads(cached.read_text())["bpb"])
+    if not (artifact / "model.pt").is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "harness.py", "score", "--split", "heldout", "--slice", str(slice_index),
+               "--artifact", str(artifact), "--result", str(result)]
+        subprocess.run(cmd, cwd=ws.path, env={**os.environ, **env}, capture_output=True, check=False)
+        try:
+            found = json.loads(result.read_text())
+        except (OSError, ValueError):
+            return None
+    if "bpb" not in found:
+        return None
+    cached.write_text(json.dumps({"bpb": found["bpb"]}))
+    return float(found["bpb"])
+
+
+def second_opinion(ws: Workspace, env: dict[str, str], kept: str, base: str, slice_index: int,
+                   direction: str = "minimize") -> SecondOpinion | None:
+    """Score the kept commit and the one it replaced on held-out slice `slice_index` (rows after
+    the validation rows, never used for a decision); None when either model is not there."""
+    kept_bpb = heldout_bpb(ws, env, kept, slice_index)
+    base_bpb = heldout_bpb(ws, env, base, slice_index) if kept_bpb is not None else None
+    if kept_bpb is None or base_bpb is None:
+        return None
+    return SecondOpinion(slice_index, kept_bpb, base_bpb, direction)
