@@ -49,18 +49,17 @@ def score_once(ws: Path, env: dict[str, str], result: Path) -> dict[str, float]:
             **{f"phase {k}": v for k, v in found["phases"].items()}}
 
 
-def nested_imports(ws: Path, env: dict[str, str]) -> dict[str, float]:
-    """What importing harness.py costs, split into torch, prepare (pyarrow, tiktoken) and the rest."""
+def nested_imports(ws: Path, env: dict[str, str]) -> dict[str, tuple[float, int]]:
+    """What importing harness.py costs: {module: (cumulative seconds, nesting level)} for torch and
+    prepare (with its pyarrow and tiktoken); `-X importtime` lists each module once, indented two
+    spaces a level (harness.py itself is level 0)."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import harness"],
                           cwd=ws, env=env, capture_output=True, text=True, check=False)
-    per: dict[str, float] = {}
+    per: dict[str, tuple[float, int]] = {}
     for line in proc.stderr.splitlines():
         m = IMPORT_LINE.match(line)
-        if m:
-            name, depth = m.group(3), len(m.group(2))
-            if name in NAMED_IMPORTS and name not in per:  # the first (outermost) time it is imported
-                per[name] = int(m.group(1)) / 1e6
-                per[name + " depth"] = depth
+        if m and m.group(3) in NAMED_IMPORTS:
+            per[m.group(3)] = (int(m.group(1)) / 1e6, len(m.group(2)) // 2)
     return per
 
 
@@ -100,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                                      ("  python start, imports, exit", process)]
     for name in NAMED_IMPORTS:
         if name in harness_imports:
-            indent = "    " + "  " * int(harness_imports[name + " depth"] - 1)
-            rows.append((f"{indent}import {name}", harness_imports[name]))
+            seconds, level = harness_imports[name]
+            rows.append((f"{'  ' * (1 + level)}import {name}", seconds))
     rows.append(("  score() (the harness's own figure)", med["score"]))
     rows += [(f"    {k.removeprefix('phase ')}", med[k]) for k in phases]
     print(f"bench: profile {profile.name}, {len(runs)} scorer runs (median), val_bpb {med['bpb']:.6f},"
