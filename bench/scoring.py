@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("  score() (the harness's own figure)", med["score"]))
     rows += [(f"    {k.removeprefix('phase ')}", med[k]) for k in phases]
     print(f"bench: profile {profile.name}, {len(runs)} scorer runs (median), val_bpb {med['bpb']:.6f},"
-          f" python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+          f" python {sys.version.split()[0]}, {os.cpu_count()} CPUs; the import rows are measured apart"
+          " (python -X importtime -c 'import harness')")
     width = max(len(k) for k, _ in rows)
     print(f"{'part':<{width}}  seconds  share")
     for key, value in rows:
