@@ -619,17 +619,20 @@ def load_trained(artifact: Path, rt: Runtime):
 
 def causality_problem(forward, rows: torch.Tensor, vocab: int, generator: torch.Generator,
                       logits: torch.Tensor | None = None) -> str | None:
-    """Change the tokens after position t in a batch of rows: the logits up to t must not move.
-    `logits`: forward(rows' inputs) when the caller has them already (the first scored batch).
+    """Change each row's tokens after its own position t (one cut per row, spread over the
+    sequence): the logits up to t must not move. One forward of the changed batch, plus one of the
+    rows unless `logits` (forward of the rows' inputs, e.g. the first scored batch) is given.
     Returns why the model fails, or None."""
     x = rows[:, :-1]
-    T = x.size(1)
-    a_all = (forward(x) if logits is None else logits).float()
-    for t in (T // 2, T // 4):
-        changed = x.clone()
-        noise = torch.randint(0, vocab, (x.size(0), T - t - 1), generator=generator).to(x.device)
-        changed[:, t + 1:] = noise
-        diff = (a_all[:, : t + 1] - forward(changed)[:, : t + 1].float()).abs().max().item()
+    R, T = x.shape
+    cuts = [(r + 1) * (T - 1) // (R + 1) for r in range(R)]
+    changed = x.clone()
+    for r, t in enumerate(cuts):
+        changed[r, t + 1:] = torch.randint(0, vocab, (T - t - 1,), generator=generator).to(x.device)
+    before = (forward(x) if logits is None else logits).float()
+    after = forward(changed).float()
+    for r, t in sorted(enumerate(cuts), key=lambda cut: cut[1]):
+        diff = (before[r, : t + 1] - after[r, : t + 1]).abs().max().item()
         if not math.isfinite(diff) or diff > PROBE_ATOL:
             return (f"not causal: changing the tokens after position {t} moved the logits at positions <= {t}"
                     f" by up to {diff:.3g} (tolerance {PROBE_ATOL:g}); the model looks ahead")
@@ -655,17 +658,13 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     """Score a saved model: {"bpb", "score_seconds", "eval_seconds", "phases", "meta", "rt"}.
     Raises Rejected.
 
-    Eager, never torch.compile: the scorer runs one short forward-only pass per experiment, and
-    a changed model would compile afresh each time (tens of seconds cold, several warm) for
-    little gain. FlexAttention is slow eager, so a model trained with it is scored with the
-    best eager backend instead (FA3 where it runs, else SDPA): exact attention either way."""
+    Eager and SDPA, whatever the training used: the scorer runs one forward-only pass per
+    experiment, and a changed model would compile afresh each time (tens of seconds cold, several
+    warm) for little gain; SDPA (its causal kernel, or an explicit window mask) is exact attention,
+    fast eager, and needs no kernel loaded. Every model is scored the same way."""
     t0 = time.time()
     phases = Phases()
-    meta_path = artifact / "meta.json"
-    backend = "auto"
-    if meta_path.is_file():
-        backend = json.loads(meta_path.read_text()).get("train", {}).get("attention_backend", "auto")
-    rt = setup(attention_backend="auto" if backend == "flex" else backend, compile=False)
+    rt = setup(attention_backend="sdpa", compile=False)
     phases.lap("setup", rt.device)
     tokenizer = Tokenizer.from_directory(Path(data_dir) / "tokenizer")
     vocab = tokenizer.get_vocab_size()
@@ -743,4 +742,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # One harness in the process: train.py's `import harness` (the scored model's attention and
+    # masks) gets this module, the one `setup` configured, not a second, unconfigured copy.
+    sys.modules["harness"] = sys.modules[__name__]
     main()
