@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass
 
 from nightlab.bot.channel import Incoming
-from nightlab.loop.config import Settings
+from nightlab.loop.state.config import Settings
 
 
 class Role(enum.Enum):

@@ -31,8 +31,8 @@ from nightlab.bot import digest
 from nightlab.bot.channel import Channel, DeliveryError
 from nightlab.bot.format import Outgoing, Photo
 from nightlab.bot.outage import Outage
-from nightlab.loop.config import DigestSettings
-from nightlab.loop.store import Store
+from nightlab.loop.state.config import DigestSettings
+from nightlab.loop.state.store import Store
 
 log = logging.getLogger("nightlab.bot")
 

@@ -1,7 +1,7 @@
 """The one command router for every channel: who is asking, what they asked, what to answer.
 
-Read-only commands are answered here from loop.views (and the chart). Commands that steer the
-loop go through loop.steering.send_command, the same path as `nightlab ctl`: it validates them
+Read-only commands are answered here from loop.state.views (and the chart). Commands that steer the
+loop go through loop.state.steering.send_command, the same path as `nightlab ctl`: it validates them
 (focus areas included), writes them to the store for the engine's next checkpoint and says what
 will happen and when. Nothing a chat sends can raise out of here or reach the loop unparsed.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 from nightlab.bot.auth import Allowlist, Role
 from nightlab.bot.channel import Incoming
 from nightlab.bot.format import Outgoing, Photo, bold, plain, pre, text_message
-from nightlab.loop import ledger, steering, views
-from nightlab.loop.commands import Command, CommandError, help_text, parse_command
-from nightlab.loop.errors import UserError
-from nightlab.loop.store import Store, state_dir
+from nightlab.loop.state import ledger, steering, views
+from nightlab.loop.state.commands import Command, CommandError, help_text, parse_command
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.store import Store, state_dir
 
 log = logging.getLogger("nightlab.bot")
 

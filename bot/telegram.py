@@ -17,8 +17,8 @@ from typing import Any
 from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
 from nightlab.bot.format import TELEGRAM_HTML
 from nightlab.bot.outage import LibraryLog, Outage
-from nightlab.loop.commands import SPECS
-from nightlab.loop.config import Secret, TelegramSettings
+from nightlab.loop.state.commands import SPECS
+from nightlab.loop.state.config import Secret, TelegramSettings
 from telegram import BotCommand, MessageEntity, Update
 from telegram.constants import ChatType, ParseMode
 from telegram.error import (

@@ -24,14 +24,14 @@ from typing import Any
 
 import git
 import psutil
-from nightlab.loop.config import Settings
-from nightlab.loop.errors import UserError
 from nightlab.loop.executors import RunSpec
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.executors.runfiles import read_tail
-from nightlab.loop.ledger import AUTORESEARCH_JSONL, RESULTS_TSV
-from nightlab.loop.lock import holder
-from nightlab.loop.store import DB_FILENAME, STATE_DIRNAME, Store, state_dir
+from nightlab.loop.state.config import Settings
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.ledger import AUTORESEARCH_JSONL, RESULTS_TSV
+from nightlab.loop.state.lock import holder
+from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, Store, state_dir
 from nightlab.loop.summary import parse_summary
 
 BRANCH_PREFIX = "autoresearch/"

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from nightlab.loop import ledger
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.store import Store
 
 # The head line of an experiment digest (bot/digest.py): "✅ #3 keep · val_bpb ...". Status
 # replies list experiments as "#3 keep      1.0" (no " · "), so they never match.

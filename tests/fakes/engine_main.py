@@ -44,9 +44,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nightlab.loop import engine, ledger, steering, workspace
-from nightlab.loop.config import load_settings
+from nightlab.loop import engine, workspace
 from nightlab.loop.executors.local import LocalExecutor
+from nightlab.loop.state import ledger, steering
+from nightlab.loop.state.config import load_settings
 
 from tests.fakes.loop_workspace import stub_settings
 from tests.fakes.scripted_proposer import ScriptedProposer

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from nightlab.loop.commands import Command, CommandError, help_text, parse_command
+from nightlab.loop.state.commands import Command, CommandError, help_text, parse_command
 
 AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")
 
@@ -80,9 +80,9 @@ class _Loop:
 
 def test_the_pause_broadcast_says_each_thing_once(tmp_path: Path) -> None:
     from nightlab.bot.digest import describe
-    from nightlab.loop.config import DigestSettings
-    from nightlab.loop.steering import apply_pending
-    from nightlab.loop.store import Store
+    from nightlab.loop.state.config import DigestSettings
+    from nightlab.loop.state.steering import apply_pending
+    from nightlab.loop.state.store import Store
 
     store = Store.for_workspace(tmp_path)
     for text in ("pause", "resume", "pause now"):

@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from nightlab.loop import ledger, views
-from nightlab.loop.commands import Command, CommandError, help_text, parse_command
-from nightlab.loop.errors import UserError
-from nightlab.loop.judge import USER_KILL_PREFIX
-from nightlab.loop.lock import holder
-from nightlab.loop.store import DB_FILENAME, Store, state_dir
+from nightlab.loop.state import ledger, views
+from nightlab.loop.state.commands import Command, CommandError, help_text, parse_command
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.lock import holder
+from nightlab.loop.state.store import DB_FILENAME, Store, state_dir
 
 _READ_ONLY = ("help", "status", "best", "last", "plot", "report")
 
@@ -142,7 +141,7 @@ def _apply(store: Store, loop: LoopControl, command: Command, by: str) -> str:
     if name == "pause":
         if args == "now":  # cancels the whole wave in flight
             for number in running:
-                loop.kill(number, f"{USER_KILL_PREFIX}{by} (pause now)")
+                loop.kill(number, f"{ledger.USER_KILL_PREFIX}{by} (pause now)")
         after = None if args == "now" or not running else running[-1]
         with store.transaction():
             ledger.set_paused(store, by, "pause now" if args == "now" else "pause", after)
@@ -172,5 +171,5 @@ def _apply(store: Store, loop: LoopControl, command: Command, by: str) -> str:
         return ledger.NOTE_QUEUED
     # kill [N]
     number = _kill_target(command, running)
-    loop.kill(number, f"{USER_KILL_PREFIX}{by}")
+    loop.kill(number, f"{ledger.USER_KILL_PREFIX}{by}")
     return f"killed #{number}"
