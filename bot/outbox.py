@@ -3,7 +3,8 @@
 Filling: events are read after a per-channel cursor (`kv['bot.cursor.<channel>']`), rendered and
 split for that channel, and inserted as one row per message and destination in the SAME
 transaction that moves the cursor, so a crash at any point neither loses nor repeats a message.
-Replies to commands are inserted directly.
+Replies to commands are inserted directly; the event a command leaves when the engine applies it
+is not rendered again for the chat whose reply already answered it (`answered_in`).
 
 Delivery: per destination, strictly oldest first. A failure blocks that destination only (order
 is kept) and is retried with exponential backoff (capped, so a channel that is back is found
@@ -121,6 +122,8 @@ class Outbox:
                         continue
                     batched = self.digest.mode == "hourly" and event.kind == "experiment_finished"
                     for destination in channel.destinations():
+                        if event.payload.get("answered_in") == f"{channel.name}:{destination}":
+                            continue  # that chat has its answer: the command's reply said it
                         messages = digest.describe(event, self.digest, progress=channel.progress)
                         self._insert(channel, destination, messages, batched)
                 if events:

@@ -447,3 +447,24 @@ def set_paused(store: Store, by: str, reason: str, after: int | None) -> None:
 
 def focus(store: Store) -> str | None:
     return store.get(FOCUS_KEY)
+
+
+def set_focus(store: Store, area: str | None) -> None:
+    """What `focus` reads: the /focus command writes it here (None: off)."""
+    if area is None:
+        store.delete(FOCUS_KEY)
+    else:
+        store.set(FOCUS_KEY, area)
+
+
+def resume(store: Store) -> None:
+    """Lift a pause; the failures before it no longer count towards pausing again."""
+    with store.transaction():
+        store.delete(PAUSED_KEY)
+        store.set(FAILURES_SINCE_KEY, last_number(store))
+
+
+def areas(store: Store) -> tuple[str, ...] | None:
+    """The focus areas the proposer publishes; None: it takes any text."""
+    value = store.get(AREAS_KEY)
+    return None if value is None else tuple(value)
