@@ -31,7 +31,7 @@ OPERATOR, CHAT = 111, -1001
 def child(config: dict[str, str]) -> None:
     """The daemon's side: only what `nightlab run` would import for the bot."""
     from nightlab.bot.service import BotService
-    from nightlab.loop.config import Secret, Secrets, settings_from_table
+    from nightlab.loop.state.config import Secret, Secrets, settings_from_table
 
     settings = settings_from_table({
         "telegram": {"operators": [OPERATOR], "chats": [CHAT], "api_base": config["telegram"]},
@@ -55,7 +55,7 @@ def percentile(values: list[float], q: float) -> float:
 def measure(n: int = 50) -> dict[str, object]:
     """Seconds per sample of command -> reply and experiment end -> digest, and the bot's RSS (MB)."""
     import psutil
-    from nightlab.loop.store import Store
+    from nightlab.loop.state.store import Store
 
     from tests.bot.conftest import finished
     from tests.fakes.slack_server import FakeSlack

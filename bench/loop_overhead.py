@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from nightlab.loop import ledger
-from nightlab.loop.config import settings_from_table
 from nightlab.loop.engine import run_engine
 from nightlab.loop.proposers.base import Proposal, ProposalContext
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.config import settings_from_table
+from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import init_workspace
 
 

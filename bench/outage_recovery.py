@@ -34,8 +34,8 @@ class Count(logging.Handler):
 
 def run(kind: str, outage_s: float, digests: int) -> tuple[float, list[str]]:
     from nightlab.bot.service import BotService
-    from nightlab.loop.config import Secret, Secrets, settings_from_table
-    from nightlab.loop.store import Store
+    from nightlab.loop.state.config import Secret, Secrets, settings_from_table
+    from nightlab.loop.state.store import Store
 
     from tests.bot.conftest import finished
     from tests.fakes.slack_server import FakeSlack

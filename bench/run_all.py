@@ -46,7 +46,7 @@ def _p50_p95(values: list[float]) -> str:
 def daemon_idle(seconds: float) -> dict[str, float]:
     """RSS (MB) and CPU (% of one core) of an idle `nightlab run` and of its engine child."""
     import psutil
-    from nightlab.loop.steering import send_command
+    from nightlab.loop.state.steering import send_command
 
     from tests.fakes.daemon_config import stop_daemon, write_daemon_config
     from tests.fakes.loop_workspace import make_stub_workspace
@@ -72,8 +72,8 @@ def daemon_idle(seconds: float) -> dict[str, float]:
         log = open(tmp / "daemon.log", "wb")  # noqa: SIM115 - closed below, after the daemon
         proc = subprocess.Popen([*argv, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            from nightlab.loop import ledger
-            from nightlab.loop.store import Store
+            from nightlab.loop.state import ledger
+            from nightlab.loop.state.store import Store
 
             store = Store.for_workspace(ws)
             deadline = time.monotonic() + 60

@@ -39,10 +39,10 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nightlab.loop import ledger
 from nightlab.loop.engine import run_engine
 from nightlab.loop.proposers.base import Proposal, ProposalContext
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.store import Store
 
 from tests.fakes.bench_engine import DistinctProposer as Distinct
 from tests.fakes.daemon_config import stop_daemon, write_daemon_config

@@ -41,12 +41,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nightlab.loop import ledger, views
 from nightlab.loop.engine import run_engine
 from nightlab.loop.proposers.base import Proposal, ProposalContext
 from nightlab.loop.proposers.search import describe
 from nightlab.loop.proposers.space import build_space
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger, views
+from nightlab.loop.state.store import Store
 from nightlab.trainer.profiles import apply_constants
 
 from tests.fakes import landscape

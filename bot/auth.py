@@ -7,16 +7,11 @@ nothing by itself, so a colleague who joins #ml-night cannot pause the loop.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from nightlab.bot.channel import Incoming
-from nightlab.loop.config import Settings
-
-
-class Role(enum.Enum):
-    VIEWER = "viewer"  # read-only commands
-    OPERATOR = "operator"  # also commands that change the loop (commands.Spec.operator)
+from nightlab.loop.state.commands import Role  # what each command needs: its spec says
+from nightlab.loop.state.config import Settings
 
 
 @dataclass(frozen=True)

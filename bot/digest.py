@@ -20,8 +20,8 @@ from nightlab.bot.format import (
     pre,
     text_message,
 )
-from nightlab.loop.config import DigestSettings
-from nightlab.loop.store import Event
+from nightlab.loop.state.config import DigestSettings
+from nightlab.loop.state.store import Event
 
 MARKS = {"keep": "✅", "discard": "❌", "crash": "💥", "checks_failed": "⚠️"}
 

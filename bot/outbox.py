@@ -3,7 +3,8 @@
 Filling: events are read after a per-channel cursor (`kv['bot.cursor.<channel>']`), rendered and
 split for that channel, and inserted as one row per message and destination in the SAME
 transaction that moves the cursor, so a crash at any point neither loses nor repeats a message.
-Replies to commands are inserted directly.
+Replies to commands are inserted directly; the event a command leaves when the engine applies it
+is not rendered again for the chat whose reply already answered it (`answered_in`).
 
 Delivery: per destination, strictly oldest first. A failure blocks that destination only (order
 is kept) and is retried with exponential backoff (capped, so a channel that is back is found
@@ -31,8 +32,8 @@ from nightlab.bot import digest
 from nightlab.bot.channel import Channel, DeliveryError
 from nightlab.bot.format import Outgoing, Photo
 from nightlab.bot.outage import Outage
-from nightlab.loop.config import DigestSettings
-from nightlab.loop.store import Store
+from nightlab.loop.state.config import DigestSettings
+from nightlab.loop.state.store import Store
 
 log = logging.getLogger("nightlab.bot")
 
@@ -121,6 +122,8 @@ class Outbox:
                         continue
                     batched = self.digest.mode == "hourly" and event.kind == "experiment_finished"
                     for destination in channel.destinations():
+                        if event.payload.get("answered_in") == f"{channel.name}:{destination}":
+                            continue  # that chat has its answer: the command's reply said it
                         messages = digest.describe(event, self.digest, progress=channel.progress)
                         self._insert(channel, destination, messages, batched)
                 if events:

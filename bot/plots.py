@@ -18,7 +18,7 @@ from typing import Protocol
 
 
 class Point(Protocol):
-    """What the chart needs of an experiment (loop.ledger.Experiment has it)."""
+    """What the chart needs of an experiment (loop.state.ledger.Experiment has it)."""
 
     number: int
     status: str
@@ -31,7 +31,7 @@ class Point(Protocol):
 
 def noise_sd(points: Sequence[Point]) -> float:
     """The run-to-run noise pooled over commits measured more than once; 0.0 before any repeat."""
-    from nightlab.loop.decision import pooled_noise
+    from nightlab.loop.state.stats import pooled_noise
 
     groups: dict[str, list[float]] = {}
     for p in points:

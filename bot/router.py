@@ -1,8 +1,9 @@
-"""The one command router for every channel: who is asking, what they asked, what to answer.
+"""The one command router for every channel: who is asking, what they asked, the one answer.
 
-Read-only commands are answered here from loop.views (and the chart). Commands that steer the
-loop go through loop.steering.send_command, the same path as `nightlab ctl`: it validates them
-(focus areas included), writes them to the store for the engine's next checkpoint and says what
+The text is parsed once, against the registry (loop/state/commands.py) and the proposer's focus
+areas; the typed command it gives carries the role it needs. A read-only command is answered here
+from its view (and the chart); a steering command goes to loop.state.steering.queue, the same path
+as `nightlab ctl`: written to the store for the engine's next checkpoint, and answered with what
 will happen and when. Nothing a chat sends can raise out of here or reach the loop unparsed.
 """
 
@@ -16,10 +17,10 @@ from pathlib import Path
 from nightlab.bot.auth import Allowlist, Role
 from nightlab.bot.channel import Incoming
 from nightlab.bot.format import Outgoing, Photo, bold, plain, pre, text_message
-from nightlab.loop import ledger, steering, views
-from nightlab.loop.commands import Command, CommandError, help_text, parse_command
-from nightlab.loop.errors import UserError
-from nightlab.loop.store import Store, state_dir
+from nightlab.loop.state import ledger, steering
+from nightlab.loop.state.commands import Help, Plot, Steer, View, parse_command
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.store import Store, state_dir
 
 log = logging.getLogger("nightlab.bot")
 
@@ -54,42 +55,37 @@ class Router:
                 return []  # strangers in groups get nothing, not even a sign the bot listens
             return [text_message(plain(f"⛔ Not authorised (your id: {msg.user}). Ask the owner to add it."))]
         try:
-            cmd = parse_command(msg.text)  # areas are checked by steering, which knows them
-        except CommandError as exc:
+            cmd = parse_command(msg.text, ledger.areas(self.store))
+        except UserError as exc:
             return [text_message(plain(f"⚠️ {exc}"))]
-        if cmd.operator and role is not Role.OPERATOR:
+        if cmd.role is Role.OPERATOR and role is not Role.OPERATOR:
             log.warning("refused %s from viewer %s", cmd.name, msg.sender)
             return [text_message(plain(f"🔒 {cmd.name} changes the loop; only operators may send it."))]
         try:
-            if cmd.operator:
-                reply = await asyncio.to_thread(steering.send_command, self.workspace, cmd.text(), msg.sender)
+            if isinstance(cmd, Steer):
+                reply = await asyncio.to_thread(steering.queue, self.store, self.workspace, cmd, msg.sender,
+                                                f"{msg.channel}:{msg.chat}")
                 return [text_message(plain(f"✔ {reply}"))]
+            assert isinstance(cmd, View)  # every command is one or the other
             return await self._answer(cmd)
-        except UserError as exc:  # e.g. an unknown focus area, nothing running to kill
+        except UserError as exc:  # e.g. nothing running to kill
             return [text_message(plain(f"⚠️ {exc}"))]
         except Exception:
             log.exception("command %r from %s failed", cmd.text(), msg.sender)
             return [text_message(plain(f"⚠️ {cmd.name} failed on the server; the log has the details."))]
 
     # -- read-only ---------------------------------------------------------------------------
-    async def _answer(self, cmd: Command) -> list[Outgoing]:
-        ws = self.workspace
-        if cmd.name == "help":
-            return [text_message(bold("nightlab commands\n"), pre(help_text()))]
-        if cmd.name == "status":
-            return [_view(await asyncio.to_thread(views.status_text, ws))]
-        if cmd.name == "best":
-            return [_view(await asyncio.to_thread(views.best_text, ws))]
-        if cmd.name == "last":
-            return [_view(await asyncio.to_thread(views.history_text, ws, int(cmd.args or 5)))]
-        if cmd.name == "plot":
+    async def _answer(self, cmd: View) -> list[Outgoing]:
+        if isinstance(cmd, Plot):  # the chart is the answer
             chart = await self.chart()
             return [chart] if chart else [text_message(plain("No finished experiments to plot yet."))]
-        if cmd.name == "report":
-            markdown = await asyncio.to_thread(views.report_markdown, ws)
+        text = await asyncio.to_thread(cmd.answer, self.workspace)
+        if isinstance(cmd, Help):
+            return [text_message(bold("nightlab commands\n"), pre(text))]
+        if cmd.chart:  # the report: its text, then the chart
             chart = await self.chart()
-            return [text_message(plain(markdown)), *([chart] if chart else [])]
-        raise AssertionError(f"no answer for {cmd.name}")  # SPECS and this method disagree
+            return [text_message(plain(text)), *([chart] if chart else [])]
+        return [_view(text)]
 
     async def chart(self) -> Photo | None:
         points = ledger.experiments(self.store)

@@ -21,8 +21,8 @@ from nightlab.bot.auth import allowlists
 from nightlab.bot.channel import Channel, Incoming, OnMessage
 from nightlab.bot.outbox import Outbox, Tuning
 from nightlab.bot.router import Router
-from nightlab.loop.config import Secrets, Settings
-from nightlab.loop.store import Store
+from nightlab.loop.state.config import Secrets, Settings
+from nightlab.loop.state.store import Store
 
 log = logging.getLogger("nightlab.bot")
 

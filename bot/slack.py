@@ -19,7 +19,7 @@ from typing import Any
 from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
 from nightlab.bot.format import SLACK_MRKDWN
 from nightlab.bot.outage import LibraryLog, Outage
-from nightlab.loop.config import Secret, SlackSettings
+from nightlab.loop.state.config import Secret, SlackSettings
 from slack_sdk.errors import SlackApiError
 from slack_sdk.socket_mode import SocketModeClient
 from slack_sdk.socket_mode.request import SocketModeRequest

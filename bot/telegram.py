@@ -17,8 +17,8 @@ from typing import Any
 from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
 from nightlab.bot.format import TELEGRAM_HTML
 from nightlab.bot.outage import LibraryLog, Outage
-from nightlab.loop.commands import SPECS
-from nightlab.loop.config import Secret, TelegramSettings
+from nightlab.loop.state.commands import REGISTRY
+from nightlab.loop.state.config import Secret, TelegramSettings
 from telegram import BotCommand, MessageEntity, Update
 from telegram.constants import ChatType, ParseMode
 from telegram.error import (
@@ -62,11 +62,11 @@ class TelegramChannel:
         app = builder.build()
         # CommandHandler knows the bot's username (getMe) and matches "/cmd" and "/cmd@thisbot"
         # only: "/kill@otherbot" in a shared group is another bot's business.
-        app.add_handler(CommandHandler(list(SPECS), self._command))
+        app.add_handler(CommandHandler(list(REGISTRY), self._command))
         app.add_handler(MessageHandler(filters.TEXT, self._other))
         try:
             await app.initialize()  # getMe: fails fast on a bad token or no network
-            await app.bot.set_my_commands([BotCommand(name, spec.help[:256]) for name, spec in SPECS.items()])
+            await app.bot.set_my_commands([BotCommand(name, spec.help[:256]) for name, spec in REGISTRY.items()])
             await app.start()
             assert app.updater is not None
             await app.updater.start_polling(

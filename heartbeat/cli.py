@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nightlab.loop.config import Settings, load_settings, render_settings, settings_from_table
-from nightlab.loop.errors import UserError
-from nightlab.loop.store import DB_FILENAME, STATE_DIRNAME, state_dir
+from nightlab.loop.state.config import Settings, load_settings, render_settings, settings_from_table
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, state_dir
 
 EXIT_USER_ERROR = 2
 
@@ -70,7 +70,7 @@ def _positive_int(text: str) -> int:
 
 # -- handlers ----------------------------------------------------------------------------------
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from nightlab.loop.config import resolve_secrets
+    from nightlab.loop.state.config import resolve_secrets
 
     settings = load_settings(args.file)
     resolve_secrets(settings)  # a missing secret is an error here too, not at 3 a.m.
@@ -154,8 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _recorded(workspace: Path) -> int:
-    from nightlab.loop import ledger
-    from nightlab.loop.store import Store
+    from nightlab.loop.state import ledger
+    from nightlab.loop.state.store import Store
 
     if not (state_dir(workspace) / DB_FILENAME).is_file():
         return 0
@@ -182,7 +182,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from nightlab.loop.steering import send_command
+    from nightlab.loop.state.steering import send_command
 
     text = " ".join([args.name, *args.words])
     print(send_command(_named_settings(args).workspace_path, text, sender=f"cli:{_user()}"))
@@ -190,7 +190,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from nightlab.loop import views
+    from nightlab.loop.state import views
 
     path = _named_settings(args).workspace_path
     if args.command == "status":
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "train", cmd_train, "run train.py once (smoke test)",
              "nightlab train --profile tiny")
     _config_args(p)
-    from nightlab.loop.config import profile_names
+    from nightlab.loop.state.config import profile_names
 
     p.add_argument("--source", help="the data to train on, as for `prepare` (default: the config's;"
                                     " without a config the last `nightlab prepare`, else stdlib)")

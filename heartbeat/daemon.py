@@ -49,7 +49,8 @@ from nightlab.heartbeat.jobs import JOB_PROBLEMS, Heartbeat, log_job_problem
 from nightlab.heartbeat.lock import DaemonLock
 from nightlab.heartbeat.logsetup import setup_logging
 from nightlab.heartbeat.sdnotify import Notifier
-from nightlab.loop.config import (
+from nightlab.loop.executors import make_executor
+from nightlab.loop.state.config import (
     ConfigError,
     Secret,
     Secrets,
@@ -57,9 +58,8 @@ from nightlab.loop.config import (
     load_settings,
     resolve_secrets,
 )
-from nightlab.loop.errors import UserError
-from nightlab.loop.executors import make_executor
-from nightlab.loop.store import Store
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.store import Store
 
 if TYPE_CHECKING:  # imported when channels are on: the bot pulls in the HTTP clients
     from nightlab.bot.service import BotService

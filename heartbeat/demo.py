@@ -14,8 +14,8 @@ from pathlib import Path
 
 from nightlab.heartbeat.daemon import Daemon, DaemonOptions
 from nightlab.heartbeat.report import write_report
-from nightlab.loop.config import load_settings
-from nightlab.loop.store import Store, state_dir
+from nightlab.loop.state.config import load_settings
+from nightlab.loop.state.store import Store, state_dir
 
 DEMO_CONFIG = """\
 # written by `nightlab demo`; run it again with:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nightlab.loop import hardware
-from nightlab.loop.config import ConfigError, Settings, resolve_secrets
+from nightlab.loop.state.config import ConfigError, Settings, resolve_secrets
 from nightlab.trainer.profiles import (
     DTYPE_ENV,
     PROFILES,

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
-from nightlab.loop.lock import holder
+from nightlab.loop.state.lock import holder
 
 log = logging.getLogger(__name__)
 

@@ -37,11 +37,11 @@ from nightlab.heartbeat.engine_child import ENGINE_STOP_GRACE_S, EngineProcess
 from nightlab.heartbeat.health import free_disk_gb, gpu_report
 from nightlab.heartbeat.report import write_report
 from nightlab.heartbeat.sdnotify import Notifier
-from nightlab.loop import ledger, views
-from nightlab.loop.config import HeartbeatSettings, Settings
 from nightlab.loop.executors import Executor, RunHandle
-from nightlab.loop.executors.runfiles import started_at
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger, views
+from nightlab.loop.state.config import HeartbeatSettings, Settings
+from nightlab.loop.state.ledger import started_at
+from nightlab.loop.state.store import Store
 
 log = logging.getLogger(__name__)
 

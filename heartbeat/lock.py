@@ -1,10 +1,10 @@
-"""One daemon per workspace: <workspace>/.nightlab/daemon.lock (see loop/lock.py for how)."""
+"""One daemon per workspace: <workspace>/.nightlab/daemon.lock (see loop/state/lock.py for how)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from nightlab.loop.lock import PidLock
+from nightlab.loop.state.lock import PidLock
 
 LOCK_FILENAME = "daemon.lock"
 

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Iterable
 
-from nightlab.loop.config import Secret
+from nightlab.loop.state.config import Secret
 
 # syslog priorities for sd-daemon(3) prefixes
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}

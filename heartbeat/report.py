@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nightlab.bot.plots import progress_chart
-from nightlab.loop import ledger, views
-from nightlab.loop.config import ProjectSettings
-from nightlab.loop.store import Store, state_dir
+from nightlab.loop.state import ledger, views
+from nightlab.loop.state.config import ProjectSettings
+from nightlab.loop.state.store import Store, state_dir
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
-from nightlab.loop.config import SecretRef, Settings, load_settings
+from nightlab.loop.state.config import SecretRef, Settings, load_settings
 
 UNIT_NAME = "nightlab.service"
 _CREDENTIALS_PREFIX = "$CREDENTIALS_DIRECTORY/"

@@ -7,14 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-from nightlab.loop.config import Settings
-from nightlab.loop.errors import UserError
 from nightlab.loop.executors import RunSpec
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.executors.runfiles import read_tail
-from nightlab.loop.lock import holder
 from nightlab.loop.runenv import run_environment
-from nightlab.loop.store import DB_FILENAME, state_dir
+from nightlab.loop.state.config import Settings
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.lock import holder
+from nightlab.loop.state.store import DB_FILENAME, state_dir
 from nightlab.loop.summary import parse_summary
 from nightlab.loop.workspace import init_workspace, open_workspace, to_stderr
 

@@ -40,8 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nightlab.loop import hardware, ledger, steering
-from nightlab.loop.config import Settings, load_settings
+from nightlab.loop import hardware
 from nightlab.loop.decision import (
     DIRECTION_KEY,
     HELDOUT_GAIN,
@@ -50,7 +49,6 @@ from nightlab.loop.decision import (
     gain,
     pooled_noise,
 )
-from nightlab.loop.errors import UserError
 from nightlab.loop.executors import Executor, RunHandle, RunSpec, Slot, make_executor
 from nightlab.loop.executors.runfiles import (
     find_handle,
@@ -58,7 +56,6 @@ from nightlab.loop.executors.runfiles import (
     run_hardware,
     started_at,
 )
-from nightlab.loop.hardware import HardwareClass
 from nightlab.loop.judge import (
     NOT_COMPARED_PREFIX,
     REBASE_PREFIX,
@@ -66,8 +63,6 @@ from nightlab.loop.judge import (
     Verdict,
     judge,
 )
-from nightlab.loop.ledger import Candidate, Experiment
-from nightlab.loop.lock import EngineLock
 from nightlab.loop.proposers.base import (
     PastExperiment,
     Proposal,
@@ -78,7 +73,12 @@ from nightlab.loop.proposers.base import (
 from nightlab.loop.ratchet import Git, clear_stale_git_locks
 from nightlab.loop.runenv import run_environment
 from nightlab.loop.second_opinion import SecondOpinion, keep_artifact, second_opinion
-from nightlab.loop.store import Store, state_dir
+from nightlab.loop.state import ledger, steering
+from nightlab.loop.state.config import Settings, load_settings
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
+from nightlab.loop.state.lock import EngineLock
+from nightlab.loop.state.store import Store, state_dir
 from nightlab.loop.summary import parse_summary
 from nightlab.loop.workspace import Workspace, dirty_error, open_workspace, protect, protected_mismatches
 

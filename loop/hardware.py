@@ -8,8 +8,8 @@ for a local slot and by Slurm for a job), and falls back to the CPU's model name
 
 The setting is everything besides the code that changes what a run measures: the run command and
 the environment nightlab gives it (the profile's time budget, sequence length, data). Together
-they make the `HardwareClass`; the judge keeps one reference (the best commit's measured metric)
-per class.
+they make the `HardwareClass` (in loop/state/ledger.py, which records it); the judge keeps one
+reference (the best commit's measured metric) per class.
 """
 
 from __future__ import annotations
@@ -49,15 +49,6 @@ PROBE = r"""nightlab_probe() {
 }
 """
 _PROBE_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True, order=True)
-class HardwareClass:
-    """Runs are comparable only within one class. `hardware` is readable ("NVIDIA H100 80GB HBM3",
-    "2x NVIDIA A100-SXM4-80GB", "cpu: AMD EPYC 7B13"); `setting` is a short digest."""
-
-    hardware: str
-    setting: str
 
 
 def describe(probe_output: str) -> str:

@@ -12,9 +12,9 @@ import statistics
 from dataclasses import dataclass, field
 
 from nightlab.loop.decision import Comparison, Noise, Rule, decide
+from nightlab.loop.state.ledger import USER_KILL_PREFIX
 from nightlab.loop.summary import Summary
 
-USER_KILL_PREFIX = "killed by "  # kill_reason of a user's kill: recorded as discard, not crash
 # the reason of a result that had nothing to be compared with (no reference on its hardware class)
 NOT_COMPARED_PREFIX = "not compared:"
 # the reason of a promising result from an older base, re-made on the current best (async mode)

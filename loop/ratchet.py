@@ -11,7 +11,7 @@ from pathlib import Path
 
 import git
 import psutil
-from nightlab.loop.errors import UserError
+from nightlab.loop.state.errors import UserError
 
 EXP_REF_PREFIX = "refs/nightlab/exp/"
 

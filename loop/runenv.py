@@ -3,9 +3,9 @@ built-in trainer the prepared data dir and the compile caches every experiment s
 
 from __future__ import annotations
 
-from nightlab.loop.config import Settings
-from nightlab.loop.errors import UserError
-from nightlab.loop.store import state_dir
+from nightlab.loop.state.config import Settings
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.store import state_dir
 from nightlab.loop.workspace import Say, Workspace, to_stderr
 
 COMPILE_CACHE_DIRNAME = "compile-cache"  # torch inductor + triton, shared by every experiment

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nightlab.loop.decision import HELDOUT_GAIN, suspect
-from nightlab.loop.store import state_dir
+from nightlab.loop.state.store import state_dir
 from nightlab.loop.workspace import Workspace
 
 ARTIFACTS_DIRNAME = "artifacts"  # kept models by commit, for held-out scoring

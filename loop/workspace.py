@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import git
-from nightlab.loop.config import Settings
-from nightlab.loop.errors import UserError
-from nightlab.loop.ledger import AUTORESEARCH_JSONL, RESULTS_TSV
 from nightlab.loop.program import DEFAULT_PROGRAM, PROGRAM_MD
 from nightlab.loop.ratchet import Git
-from nightlab.loop.store import DB_FILENAME, STATE_DIRNAME, Store, state_dir
+from nightlab.loop.state.config import Settings
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.ledger import AUTORESEARCH_JSONL, RESULTS_TSV
+from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, Store, state_dir
 
 BRANCH_PREFIX = "autoresearch/"
 # Never part of an experiment: our state, the exports, and the bytecode `import prepare` leaves.

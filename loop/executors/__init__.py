@@ -9,8 +9,8 @@ by name, so the state layer (views, bot/) never loads psutil or the Slurm code.
 
 from __future__ import annotations
 
-from nightlab.loop.config import Settings
 from nightlab.loop.executors.base import Executor, RunHandle, RunSpec, RunStatus, Slot
+from nightlab.loop.state.config import Settings
 
 __all__ = ["Executor", "RunHandle", "RunSpec", "RunStatus", "Slot", "make_executor"]
 

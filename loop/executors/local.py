@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psutil
 from nightlab.loop import hardware
-from nightlab.loop.errors import UserError
 from nightlab.loop.executors.base import RunHandle, RunSpec, RunStatus, Slot
 from nightlab.loop.executors.runfiles import (
     clear_run_files,
@@ -25,6 +24,7 @@ from nightlab.loop.executors.runfiles import (
     save_handle,
     wrap,
 )
+from nightlab.loop.state.errors import UserError
 
 _CREATE_TIME_TOLERANCE_S = 0.01
 

@@ -13,6 +13,10 @@ from pathlib import Path
 from nightlab.loop import hardware
 from nightlab.loop.executors.base import RunHandle
 
+# The start marker is the state layer's (the views read it); the backends and the engine take it from here.
+from nightlab.loop.state.ledger import start_file
+from nightlab.loop.state.ledger import started_at as started_at
+
 # The exit-file protocol, shared by every backend. A stale status is removed first (a requeued
 # Slurm job runs this again); the start marker's mtime is when the command really started (a
 # batch job may wait in a queue long after submission), and the hardware probe's lines follow in
@@ -40,18 +44,6 @@ def exit_file(log_path: Path | str) -> Path:
 
 def handle_file(log_path: Path | str) -> Path:
     return Path(f"{log_path}.handle")
-
-
-def start_file(log_path: Path | str) -> Path:
-    return Path(f"{log_path}.exit.start")
-
-
-def started_at(log_path: Path | str) -> float | None:
-    """When the command really started (its wrapper's start marker), None if it has not yet."""
-    try:
-        return start_file(log_path).stat().st_mtime
-    except OSError:
-        return None
 
 
 def run_hardware(log_path: Path | str) -> str:

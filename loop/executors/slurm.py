@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nightlab.loop.config import ConfigError, Settings, SlurmSettings
-from nightlab.loop.errors import UserError
 from nightlab.loop.executors.base import RunHandle, RunSpec, RunStatus, Slot
 from nightlab.loop.executors.runfiles import (
     clear_run_files,
@@ -31,6 +29,8 @@ from nightlab.loop.executors.runfiles import (
     save_handle,
     wrap,
 )
+from nightlab.loop.state.config import ConfigError, Settings, SlurmSettings
+from nightlab.loop.state.errors import UserError
 
 COMMANDS = ("sbatch", "squeue", "scancel")
 _CALL_TIMEOUT_S = 60.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nightlab.loop.config import Settings
 from nightlab.loop.proposers.base import (
     PastExperiment,
     Proposal,
@@ -13,6 +12,7 @@ from nightlab.loop.proposers.base import (
     ProposalError,
     Proposer,
 )
+from nightlab.loop.state.config import Settings
 
 __all__ = [
     "PastExperiment",

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from nightlab.loop.config import AgentSettings
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.loop.proposers.prompt import PROPOSAL_FILE, build_prompt
+from nightlab.loop.state.config import AgentSettings
 
 STATE_DIR = ".nightlab/agent"
 KILL_GRACE_S = 3.0  # SIGTERM first so an agent can save its session, then SIGKILL

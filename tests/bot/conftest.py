@@ -1,7 +1,7 @@
 """Fixtures for the bot tests: a workspace with a state store, settings pointing at the fake
 servers, a BotService started in its own thread, and experiments recorded through the ledger
 (which emits the same `experiment_finished` events the engine does). Replies to read-only
-commands come from the real loop/views.py over that store."""
+commands come from the real loop/state/views.py over that store."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
-from nightlab.loop import ledger
-from nightlab.loop.config import Secrets, Settings, settings_from_table
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.config import Secrets, Settings, settings_from_table
+from nightlab.loop.state.store import Store
 
 FAST = Tuning(backoff_base_s=0.1, backoff_max_s=0.5)
 AREAS = ("attention", "optimizer", "schedule")

@@ -10,8 +10,8 @@ from pathlib import Path
 from nightlab.bot.channel import DeliveryError, OnMessage
 from nightlab.bot.format import PLAIN, Flavour, plain, text_message
 from nightlab.bot.outbox import Outbox, Tuning
-from nightlab.loop.config import DigestSettings
-from nightlab.loop.store import Store
+from nightlab.loop.state.config import DigestSettings
+from nightlab.loop.state.store import Store
 
 from tests.bot.conftest import finished
 

@@ -11,9 +11,9 @@ from nightlab.bot.channel import Incoming
 from nightlab.bot.format import Photo, Text
 from nightlab.bot.router import Router
 from nightlab.bot.service import build_channels
-from nightlab.loop import views
-from nightlab.loop.config import Secrets
-from nightlab.loop.store import Store
+from nightlab.loop.state import views
+from nightlab.loop.state.config import Secrets
+from nightlab.loop.state.store import Store
 
 from tests.bot.conftest import finished, running, settings, start_service, wait_until
 

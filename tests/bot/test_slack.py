@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
-from nightlab.loop import views
-from nightlab.loop.config import Secret, Secrets
-from nightlab.loop.store import Store
+from nightlab.loop.state import views
+from nightlab.loop.state.config import Secret, Secrets
+from nightlab.loop.state.store import Store
 
 from tests.bot.conftest import finished, running, settings, start_service, wait_until
 from tests.fakes.slack_server import FakeSlack

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
-from nightlab.loop import views
-from nightlab.loop.config import Secret, Secrets
-from nightlab.loop.store import Store
+from nightlab.loop.state import views
+from nightlab.loop.state.config import Secret, Secrets
+from nightlab.loop.state.store import Store
 
 from tests.bot.conftest import finished, running, settings, start_service, wait_until
 from tests.fakes.telegram_server import FakeTelegram
@@ -71,6 +71,40 @@ def test_operator_command_is_written_and_promised(tg: FakeTelegram, bot: BotServ
     assert (cmd.name, cmd.args, cmd.sender) == ("pause", "", f"telegram:{OPERATOR}")
     assert ask(tg, "/focus Attention", OPERATOR, GROUP)[0].startswith("✔ focusing on attention")
     assert [c.name for c in store.pending_commands()] == ["pause", "focus"]
+
+
+class _Checkpoint:
+    """The engine's side of applying commands, with nothing in flight (the engine is not under test)."""
+
+    def running_numbers(self) -> list[int]:
+        return []
+
+    def kill(self, number: int, reason: str) -> bool:
+        raise AssertionError("nothing is running to kill")
+
+
+def _group_after_apply(tg: FakeTelegram, store: Store, marker: str) -> list[str]:
+    """Apply the pending commands as the engine's checkpoint does, then everything the group got up
+    to a marker event behind them (a destination's messages go out in order)."""
+    from nightlab.loop.state.steering import apply_pending
+
+    apply_pending(store, _Checkpoint())
+    store.emit("alert", text=marker)
+    wait_until(lambda: any(marker in m.text for m in tg.messages(GROUP)))
+    return [m.text for m in tg.messages(GROUP)]
+
+
+def test_a_focus_gets_one_answer(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # Sent in the group: the promise is the one answer there (it was three: the promise, the
+    # focus line and the command's done line).
+    reply = ask(tg, "/focus attention", OPERATOR, GROUP)
+    assert reply[0].startswith("✔ focusing on attention from the next proposal")
+    assert _group_after_apply(tg, store, "first") == [reply[0], "🚨 first"]
+    assert store.get("loop.focus") == "attention"
+    # Sent privately: the answer goes there, and the group hears of it once.
+    assert ask(tg, "/focus off", OPERATOR)[0].startswith("✔ focus off from the next proposal")
+    assert _group_after_apply(tg, store, "second")[2:] == [f"🎯 focus → off by telegram:{OPERATOR}", "🚨 second"]
+    assert len(tg.messages(OPERATOR)) == 1 and store.get("loop.focus") is None
 
 
 def test_viewer_cannot_steer_and_bad_input_gets_usage(tg: FakeTelegram, bot: BotService, store: Store) -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from nightlab.loop import ledger
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.store import Store
 
 # The head line of an experiment digest (bot/digest.py): "✅ #3 keep · val_bpb ...". Status
 # replies list experiments as "#3 keep      1.0" (no " · "), so they never match.
@@ -167,13 +167,16 @@ def outbox_exact(store: Store, received: dict[tuple[str, str], list[str]], in_fl
 
 
 def commands_once(store: Store) -> Check:
-    """Every steering command took effect once: one command_done per command, and as many
-    note/pause/focus events as such commands were applied."""
+    """Every steering command took effect once and left one event (its effect's, or command_done),
+    and as many note/pause/focus events as such commands were applied."""
     events = store.events_after(0, 100_000)
-    done = Counter(e.payload["command_id"] for e in events if e.kind == "command_done")
-    problems = [f"command_done twice for {[c for c, n in done.items() if n > 1]}"] if any(
-        n > 1 for n in done.values()) else []
+    said = Counter(e.payload["command_id"] for e in events if "command_id" in e.payload)
+    problems = [f"more than one event for command(s) {[c for c, n in said.items() if n > 1]}"] if any(
+        n > 1 for n in said.values()) else []
     db = store.connection()
+    handled = db.execute("SELECT COUNT(*) FROM commands WHERE status != 'pending'").fetchone()[0]
+    if len(said) != handled:
+        problems.append(f"{handled} command(s) applied or rejected, {len(said)} with an event")
     for name, kind in (("note", "note_added"), ("pause", "paused"), ("focus", "focus_changed")):
         applied = db.execute("SELECT COUNT(*) FROM commands WHERE name = ? AND status = 'done'", (name,)).fetchone()[0]
         emitted = sum(e.kind == kind for e in events)

@@ -36,9 +36,9 @@ from typing import Any
 
 import psutil
 import pytest
-from nightlab.loop import ledger
 from nightlab.loop.executors import RunHandle
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.store import Store
 
 from tests.e2e import invariants as inv
 from tests.fakes.slack_server import FakeSlack

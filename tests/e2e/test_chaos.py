@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from nightlab.loop.steering import send_command
-from nightlab.loop.store import Store
+from nightlab.loop.state.steering import send_command
+from nightlab.loop.state.store import Store
 
 from tests.e2e import invariants as inv
 from tests.e2e.conftest import CHAOS_TABLE

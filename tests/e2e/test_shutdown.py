@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from nightlab.loop.store import Store
+from nightlab.loop.state.store import Store
 
 from tests.e2e.invariants import DIGEST
 from tests.fakes.daemon_config import write_daemon_config

@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import nightlab.loop.proposers.search  # noqa: F401 - loaded by the default engine: its memory counts
-from nightlab.loop.config import load_settings
 from nightlab.loop.engine import run_engine
 from nightlab.loop.proposers.base import Proposal, ProposalContext
+from nightlab.loop.state.config import load_settings
 
 from tests.fakes.scripted_proposer import ScriptedProposer
 

@@ -12,8 +12,8 @@ import dataclasses
 import sys
 
 from nightlab.heartbeat.daemon import Daemon, DaemonOptions
-from nightlab.loop.config import load_settings
-from nightlab.loop.errors import UserError
+from nightlab.loop.state.config import load_settings
+from nightlab.loop.state.errors import UserError
 
 
 def main() -> int:

@@ -44,9 +44,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nightlab.loop import engine, ledger, ratchet, steering
-from nightlab.loop.config import load_settings
+from nightlab.loop import engine, ratchet
 from nightlab.loop.executors.local import LocalExecutor
+from nightlab.loop.state import ledger
+from nightlab.loop.state.commands import REGISTRY, Steer
+from nightlab.loop.state.config import load_settings
 
 from tests.fakes.loop_workspace import stub_settings
 from tests.fakes.scripted_proposer import ScriptedProposer
@@ -134,7 +136,7 @@ def main() -> int:
 
     propose, launch, poll = proposer.propose, executor.launch, executor.poll
     update, record, export = ledger.update_candidate, ledger.record_experiment, ledger.write_exports
-    commit_all, reset_to, apply = ratchet.Git.commit_all, ratchet.Git.reset_to, steering._apply
+    commit_all, reset_to = ratchet.Git.commit_all, ratchet.Git.reset_to
 
     def proposing(ctx):  # type: ignore[no-untyped-def]
         settle(current(), "proposing", "proposed")
@@ -198,15 +200,19 @@ def main() -> int:
             at(kill_at, number)
         return reset_to(self, sha)
 
-    def applied(store, loop, command, by):  # type: ignore[no-untyped-def]
-        result = apply(store, loop, command, by)
-        at("steering", 0)
-        return result
+    def applying(apply):  # type: ignore[no-untyped-def]
+        def applied(self, store, loop, by):  # type: ignore[no-untyped-def]
+            result = apply(self, store, loop, by)
+            at("steering", 0)
+            return result
+        return applied
 
     proposer.propose, executor.launch, executor.poll = proposing, launched, polled  # type: ignore[method-assign]
     ledger.update_candidate, ledger.record_experiment, ledger.write_exports = updated, recorded, exported
     ratchet.Git.commit_all, ratchet.Git.reset_to = committed_all, resetting  # type: ignore[method-assign]
-    steering._apply = applied
+    for spec in REGISTRY.values():  # every steering command's action
+        if issubclass(spec, Steer):
+            spec.apply = applying(spec.apply)  # type: ignore[method-assign]
     if service:
         settings = load_settings(args.config)
         settings = dataclasses.replace(settings, workspace=dataclasses.replace(settings.workspace, path=str(ws_path)))

@@ -21,11 +21,11 @@ import signal
 import time
 from pathlib import Path
 
-from nightlab.loop import ledger
 from nightlab.loop.executors import RunHandle, RunSpec, Slot
 from nightlab.loop.executors.local import LocalExecutor
-from nightlab.loop.lock import EngineLock
-from nightlab.loop.store import Store, state_dir
+from nightlab.loop.state import ledger
+from nightlab.loop.state.lock import EngineLock
+from nightlab.loop.state.store import Store, state_dir
 
 TICK_S = 0.2
 

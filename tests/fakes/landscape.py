@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nightlab.loop.config import Settings
+    from nightlab.loop.state.config import Settings
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def make_workspace(tmp: Path, land: Landscape, seed: int = 0, **loop: Any) -> Se
     """A git workspace whose train.py is the landscape's constants and whose run command is
     this trainer; `loop`: [loop] settings (the rule's own defaults otherwise)."""
     # imported here, not at the top: the trainer's own runs stay fast to start
-    from nightlab.loop.config import settings_from_table
+    from nightlab.loop.state.config import settings_from_table
     from nightlab.loop.workspace import init_workspace
 
     repo = tmp / "ws"

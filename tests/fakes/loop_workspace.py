@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nightlab.loop.config import Settings, settings_from_table
+from nightlab.loop.state.config import Settings, settings_from_table
 from nightlab.loop.workspace import init_workspace
 
 STUB = Path(__file__).with_name("stub_train.py")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from nightlab.loop.store import Store
+from nightlab.loop.state.store import Store
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from nightlab.heartbeat.cli import build_parser, main
-from nightlab.loop import ledger
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.store import Store
 
 from tests.fakes.daemon_config import write_daemon_config
 from tests.fakes.loop_workspace import make_stub_workspace

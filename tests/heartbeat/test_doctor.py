@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from nightlab.heartbeat import cli
 from nightlab.heartbeat.doctor import diagnose
-from nightlab.loop.config import settings_from_table
+from nightlab.loop.state.config import settings_from_table
 
 from tests.fakes.slack_server import FakeSlack
 from tests.fakes.telegram_server import FakeTelegram
@@ -178,8 +178,8 @@ def test_each_chat_channel_is_reached(tmp_path, fake_gpus, capsys, monkeypatch, 
 def test_run_logs_the_findings_and_stops_after_the_configured_experiments(tmp_path: Path) -> None:
     import subprocess
 
-    from nightlab.loop import ledger
-    from nightlab.loop.store import Store
+    from nightlab.loop.state import ledger
+    from nightlab.loop.state.store import Store
 
     from tests.fakes.daemon_config import write_daemon_config
     from tests.fakes.loop_workspace import make_stub_workspace
@@ -198,7 +198,7 @@ def test_the_doctor_never_imports_torch_itself(tmp_path: Path, fake_gpus) -> Non
     import subprocess
 
     fake_gpus(["NVIDIA H100 80GB HBM3"])
-    code = ("import sys\nfrom nightlab.heartbeat.doctor import diagnose\nfrom nightlab.loop.config import load_settings\n"
+    code = ("import sys\nfrom nightlab.heartbeat.doctor import diagnose\nfrom nightlab.loop.state.config import load_settings\n"
             f"report = diagnose(load_settings({str(write_config(tmp_path))!r}))\n"
             "assert any(f.topic == 'torch' for f in report.findings)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")

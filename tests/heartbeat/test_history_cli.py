@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from nightlab.heartbeat import cli
-from nightlab.loop.store import Store
+from nightlab.loop.state.store import Store
 
 from tests.bot.conftest import finished
 

@@ -20,15 +20,15 @@ from nightlab.heartbeat.jobs import Heartbeat, RestartWindow, fmt_duration
 from nightlab.heartbeat.logsetup import DaemonFormatter
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.heartbeat.service import render_unit
-from nightlab.loop import ledger
-from nightlab.loop.config import (
+from nightlab.loop.executors.local import LocalExecutor
+from nightlab.loop.state import ledger
+from nightlab.loop.state.config import (
     HeartbeatSettings,
     Secret,
     load_settings,
     settings_from_table,
 )
-from nightlab.loop.executors.local import LocalExecutor
-from nightlab.loop.store import Store
+from nightlab.loop.state.store import Store
 
 
 def test_durations_read_like_the_kill_reasons() -> None:

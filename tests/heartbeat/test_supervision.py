@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from nightlab.loop import ledger
 from nightlab.loop.executors import RunHandle
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.store import Store
 
 from tests.heartbeat.conftest import FAKES, Harness, gone, wait_for
 

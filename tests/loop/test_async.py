@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from nightlab.loop import ledger
-from nightlab.loop.config import Settings
 from nightlab.loop.engine import run_engine
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.config import Settings
+from nightlab.loop.state.store import Store
 from nightlab.trainer.profiles import apply_constants
 
 from tests.fakes.loop_workspace import git_out, make_stub_workspace

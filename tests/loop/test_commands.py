@@ -3,7 +3,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from nightlab.loop.commands import Command, CommandError, help_text, parse_command
+from nightlab.loop.state.commands import (
+    REGISTRY,
+    Command,
+    CommandError,
+    Focus,
+    Kill,
+    Last,
+    Note,
+    Pause,
+    Role,
+    Status,
+    from_json,
+    help_text,
+    parse_command,
+)
 
 AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")
 
@@ -11,13 +25,13 @@ AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("/pause", Command("pause")),
-        ("pause now", Command("pause", "now")),
-        ("/focus Attention", Command("focus", "attention")),
-        ("focus off", Command("focus", "off")),
-        ("/note try a longer warmup", Command("note", "try a longer warmup")),
-        ("last 3", Command("last", "3")),
-        ("kill #42", Command("kill", "42")),
+        ("/pause", Pause()),
+        ("pause now", Pause(now=True)),
+        ("/focus Attention", Focus("attention")),
+        ("focus off", Focus(None)),
+        ("/note try a longer warmup", Note("try a longer warmup")),
+        ("last 3", Last(3)),
+        ("kill #42", Kill(42)),
     ],
 )
 def test_valid(text: str, expected: Command) -> None:
@@ -47,11 +61,11 @@ def test_invalid_gets_a_clear_message(text: str, message: str) -> None:
 
 
 def test_agent_focus_is_free_text() -> None:
-    assert parse_command("focus Attention sinks", None) == Command("focus", "Attention sinks")
+    assert parse_command("focus Attention sinks", None) == Focus("Attention sinks")
 
 
 def test_roles() -> None:
-    assert parse_command("pause").operator and not parse_command("status").operator
+    assert parse_command("pause").role is Role.OPERATOR and parse_command("status").role is Role.VIEWER
 
 
 def test_help_lists_every_command() -> None:
@@ -61,7 +75,7 @@ def test_help_lists_every_command() -> None:
 
 
 def test_control_characters_are_neutralised() -> None:
-    assert parse_command("note a\x00b\x1bc") == Command("note", "a b c")
+    assert parse_command("note a\x00b\x1bc") == Note("a b c")
 
 
 class _Loop:
@@ -80,13 +94,57 @@ class _Loop:
 
 def test_the_pause_broadcast_says_each_thing_once(tmp_path: Path) -> None:
     from nightlab.bot.digest import describe
-    from nightlab.loop.config import DigestSettings
-    from nightlab.loop.steering import apply_pending
-    from nightlab.loop.store import Store
+    from nightlab.loop.state.config import DigestSettings
+    from nightlab.loop.state.steering import apply_pending
+    from nightlab.loop.state.store import Store
 
     store = Store.for_workspace(tmp_path)
     for text in ("pause", "resume", "pause now"):
-        store.add_command(*parse_command(text).text().partition(" ")[::2], sender="telegram:1001")
+        command = parse_command(text)
+        store.add_command(command.name, command.args(), sender="telegram:1001", command=command.to_json())
         apply_pending(store, _Loop())
     lines = [describe(e, DigestSettings())[0].title for e in store.events_after(0) if e.kind == "paused"]
     assert lines == ["⏸ paused by telegram:1001 after #5 finishes", "⏸ paused by telegram:1001: cancelled #4, #5"]
+
+
+@pytest.mark.parametrize("text", ["help", "last 7", "pause now", "pause", "focus attention", "focus off",
+                                  "note try rope", "kill", "kill 3", "resume", "status"])
+def test_a_command_travels_as_itself(text: str) -> None:
+    """What the commands table keeps is the typed command, read back equal; and its text parses to it."""
+    command = parse_command(text, AREAS)
+    assert from_json(command.to_json()) == command
+    assert parse_command(command.text(), AREAS) == command
+
+
+def test_an_unreadable_stored_command_says_so() -> None:
+    for text in ("", "focus attention", '{"name": "dance"}', '{"name": "focus", "colour": "red"}'):
+        with pytest.raises(CommandError, match="unreadable command .* send it again"):
+            from_json(text)
+
+
+def test_every_command_is_one_spec_in_the_registry() -> None:
+    assert list(REGISTRY) == ["help", "status", "best", "last", "plot", "report",
+                              "pause", "resume", "focus", "note", "kill"]
+    for name, spec in REGISTRY.items():
+        assert spec.name == name and spec.usage.startswith(name) and spec.help
+        assert issubclass(spec, Command)
+    assert REGISTRY["status"] is Status and Status.role is Role.VIEWER and Kill.role is Role.OPERATOR
+
+
+def test_the_engine_applies_the_stored_command_once_with_one_event(tmp_path: Path) -> None:
+    from nightlab.loop.state import ledger
+    from nightlab.loop.state.steering import apply_pending
+    from nightlab.loop.state.store import Store
+
+    store = Store.for_workspace(tmp_path)
+    store.add_command("focus", "attention", sender="cli:old")  # an older nightlab's row: text only
+    focus = Focus("attention")
+    store.add_command(focus.name, focus.args(), sender="cli:me", command=focus.to_json(), reply_to="telegram:5")
+    apply_pending(store, _Loop())
+    apply_pending(store, _Loop())  # a second checkpoint finds nothing left to apply
+    old, new = store.command(1), store.command(2)
+    assert old is not None and old.status == "rejected" and "send it again" in old.result
+    assert new is not None and (new.status, new.result) == ("done", "focus: attention")
+    assert ledger.focus(store) == "attention"
+    events = [(e.kind, e.payload["command_id"], e.payload.get("answered_in")) for e in store.events_after(0)]
+    assert events == [("command_done", 1, None), ("focus_changed", 2, "telegram:5")]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from nightlab.heartbeat.cli import main
-from nightlab.loop.config import ConfigError, Secret, load_settings, render_settings, resolve_secrets
+from nightlab.loop.state.config import ConfigError, Secret, load_settings, render_settings, resolve_secrets
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from nightlab.loop import ledger, views
 from nightlab.loop.engine import run_engine
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger, views
+from nightlab.loop.state.store import Store
 
 from tests.fakes import landscape
 from tests.fakes.scripted_proposer import ScriptedProposer

@@ -15,14 +15,14 @@ from typing import Any
 
 import psutil
 import pytest
-from nightlab.loop import ledger, views
-from nightlab.loop.config import Settings
 from nightlab.loop.engine import run_engine
-from nightlab.loop.errors import UserError
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.executors.local import LocalExecutor
-from nightlab.loop.steering import send_command
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger, views
+from nightlab.loop.state.config import Settings
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.steering import send_command
+from nightlab.loop.state.store import Store
 
 from tests.fakes.loop_workspace import git_out, make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer

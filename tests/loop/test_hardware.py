@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nightlab.loop import ledger, views
-from nightlab.loop.config import SlurmSettings
 from nightlab.loop.engine import run_engine
 from nightlab.loop.executors import RunSpec, Slot
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.executors.slurm import SlurmExecutor
-from nightlab.loop.ledger import AUTORESEARCH_JSONL
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger, views
+from nightlab.loop.state.config import SlurmSettings
+from nightlab.loop.state.ledger import AUTORESEARCH_JSONL
+from nightlab.loop.state.store import Store
 
 from tests.fakes.loop_workspace import git_out, make_stub_workspace
 from tests.loop.test_engine import assert_consistent

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from nightlab.loop import ledger, views
-from nightlab.loop.config import settings_from_table
 from nightlab.loop.engine import run_engine
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger, views
+from nightlab.loop.state.config import settings_from_table
+from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import init_workspace
 
 from tests.fakes.trick_agent import TrickAgent

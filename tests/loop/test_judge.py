@@ -5,9 +5,9 @@ import random
 import re
 
 import pytest
-from nightlab.loop.config import ConfigError, settings_from_table
 from nightlab.loop.decision import Noise, Rule, decide, pooled_noise
 from nightlab.loop.judge import Measurement, judge
+from nightlab.loop.state.config import ConfigError, settings_from_table
 from nightlab.loop.summary import Summary
 
 

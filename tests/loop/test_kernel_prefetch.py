@@ -185,7 +185,7 @@ def test_nightlab_prepare_fetches_the_kernel(hopper_box: Path, hub: FakeHub, con
 def test_the_daemon_fetches_the_kernel_before_its_first_run(hopper_box: Path, hub: FakeHub, config: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     from nightlab.heartbeat.daemon import Daemon, DaemonOptions
-    from nightlab.loop.config import load_settings
+    from nightlab.loop.state.config import load_settings
 
     daemon = Daemon(load_settings(config), DaemonOptions())
     status = types.SimpleNamespace(startup_status="")  # the heartbeat's only part this step touches

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nightlab.loop import ledger
-from nightlab.loop.ledger import Experiment
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.ledger import Experiment
+from nightlab.loop.state.store import Store
 
 
 def _exp(number: int, status: str, metric: float | None, best: float | None, reason: str = "") -> Experiment:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from nightlab.bot.digest import experiment_digest
-from nightlab.loop import hardware, ledger
-from nightlab.loop.config import ConfigError, settings_from_table
+from nightlab.loop import hardware
 from nightlab.loop.engine import run_engine
 from nightlab.loop.runenv import run_environment
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.config import ConfigError, settings_from_table
+from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import init_workspace, open_workspace
 from nightlab.trainer import profiles as P
 
@@ -134,7 +135,7 @@ def test_bad_budget_keys_are_named(table: dict, message: str) -> None:
 
 
 def test_budget_keys_are_the_harness_names() -> None:
-    from nightlab.loop.config import HARNESS_ENV
+    from nightlab.loop.state.config import HARNESS_ENV
     from nightlab.trainer import prepare
 
     assert set(HARNESS_ENV.values()) == {prepare.ENV_TIME_BUDGET, prepare.ENV_MAX_SEQ_LEN, prepare.ENV_EVAL_TOKENS}

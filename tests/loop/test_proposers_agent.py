@@ -11,9 +11,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from nightlab.loop.config import AgentSettings
 from nightlab.loop.proposers import PastExperiment, ProposalContext, ProposalError
 from nightlab.loop.proposers.agent import AgentProposer
+from nightlab.loop.state.config import AgentSettings
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 TRAIN = "DEPTH = 8\nMATRIX_LR = 0.04  # Muon\nWARMUP_RATIO = 0.0\n\nprint('training')\n"

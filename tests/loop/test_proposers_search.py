@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from nightlab.loop.config import settings_from_table
 from nightlab.loop.proposers import (
     PastExperiment,
     Proposal,
@@ -20,6 +19,7 @@ from nightlab.loop.proposers import (
 from nightlab.loop.proposers.agent import AgentProposer
 from nightlab.loop.proposers.search import SearchProposer, parse_description
 from nightlab.loop.proposers.space import build_space
+from nightlab.loop.state.config import settings_from_table
 from nightlab.trainer.profiles import read_constants
 
 REPO = Path(__file__).resolve().parents[2]

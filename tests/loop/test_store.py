@@ -4,7 +4,7 @@ import multiprocessing
 import sqlite3
 from pathlib import Path
 
-from nightlab.loop.store import Store
+from nightlab.loop.state.store import Store
 
 
 def test_kv_events_commands_round_trip(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nightlab.loop import ledger, views
 from nightlab.loop.decision import HELDOUT_GAIN
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger, views
+from nightlab.loop.state.store import Store
 
 
 def _record(store: Store, number: int, kind: str, metric: float, best: float, heldout: float | None = None) -> None:

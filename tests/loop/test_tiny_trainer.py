@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from nightlab.loop import ledger
-from nightlab.loop.config import settings_from_table
 from nightlab.loop.engine import run_engine
-from nightlab.loop.store import Store
+from nightlab.loop.state import ledger
+from nightlab.loop.state.config import settings_from_table
+from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import init_workspace
 
 from tests.fakes.loop_workspace import git_out

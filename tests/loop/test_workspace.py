@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from nightlab.loop.errors import UserError
+from nightlab.loop.state.errors import UserError
 from nightlab.loop.workspace import default_tag, init_workspace, open_workspace, protected_mismatches
 
 from tests.fakes.loop_workspace import git_out, make_stub_workspace, stub_settings
@@ -84,7 +84,7 @@ def test_builtin_trainer_gets_the_profile(tmp_path: Path) -> None:
     trainer = Path(__import__("nightlab.trainer", fromlist=["x"]).__path__[0])
     if not (trainer / "train.py").exists():
         pytest.skip("trainer/train.py is not there yet")
-    from nightlab.loop.config import settings_from_table
+    from nightlab.loop.state.config import settings_from_table
 
     path = tmp_path / "ws"
     settings = settings_from_table({"workspace": {"path": str(path)}, "trainer": {"profile": "auto"}})
@@ -103,7 +103,7 @@ def test_builtin_trainer_gets_the_profile(tmp_path: Path) -> None:
 
 
 def test_a_project_with_a_score_command_runs_through_the_harness(tmp_path: Path) -> None:
-    from nightlab.loop.config import settings_from_table
+    from nightlab.loop.state.config import settings_from_table
     from nightlab.loop.workspace import run_command
 
     def command(project: dict) -> str:

@@ -18,12 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nightlab.loop.hardware import HardwareClass
-from nightlab.loop.store import Store
+from nightlab.loop.state.store import Store
 
 RESULTS_TSV = "results.tsv"
 AUTORESEARCH_JSONL = "autoresearch.jsonl"
 PHASES = ("proposing", "committed", "running", "finished", "recorded", "done")
+
+
+@dataclass(frozen=True, order=True)
+class HardwareClass:
+    """Runs are comparable only within one class. `hardware` is readable ("NVIDIA H100 80GB HBM3",
+    "2x NVIDIA A100-SXM4-80GB", "cpu: AMD EPYC 7B13"); `setting` is a short digest."""
+
+    hardware: str
+    setting: str
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,9 @@ def running_runs(store: Store) -> list[RunRecord]:
     return [_run(r) for r in rows]
 
 
+USER_KILL_PREFIX = "killed by "  # kill_reason of a user's kill: recorded as discard, not crash
+
+
 def mark_kill(store: Store, run_id: int, reason: str) -> bool:
     """Say why a run is being stopped, before cancelling it. False when it already ended or
     already has a reason (the first reason wins, so a timeout is not renamed by a later kill)."""
@@ -223,6 +234,20 @@ def set_run_slot(store: Store, run_id: int, slot: str) -> None:
 
 def get_run(store: Store, run_id: int) -> RunRecord:
     return _run(store.connection().execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
+
+
+# A run's start marker, next to its log: the executors' wrapper touches it when the command really
+# starts (a batch job may wait in a queue long after submission); the views and the heartbeat read it.
+def start_file(log_path: Path | str) -> Path:
+    return Path(f"{log_path}.exit.start")
+
+
+def started_at(log_path: Path | str) -> float | None:
+    """When the command really started (its wrapper's start marker), None if it has not yet."""
+    try:
+        return start_file(log_path).stat().st_mtime
+    except OSError:
+        return None
 
 
 # -- experiments ---------------------------------------------------------------------------------
@@ -422,3 +447,24 @@ def set_paused(store: Store, by: str, reason: str, after: int | None) -> None:
 
 def focus(store: Store) -> str | None:
     return store.get(FOCUS_KEY)
+
+
+def set_focus(store: Store, area: str | None) -> None:
+    """What `focus` reads: the /focus command writes it here (None: off)."""
+    if area is None:
+        store.delete(FOCUS_KEY)
+    else:
+        store.set(FOCUS_KEY, area)
+
+
+def resume(store: Store) -> None:
+    """Lift a pause; the failures before it no longer count towards pausing again."""
+    with store.transaction():
+        store.delete(PAUSED_KEY)
+        store.set(FAILURES_SINCE_KEY, last_number(store))
+
+
+def areas(store: Store) -> tuple[str, ...] | None:
+    """The focus areas the proposer publishes; None: it takes any text."""
+    value = store.get(AREAS_KEY)
+    return None if value is None else tuple(value)

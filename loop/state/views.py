@@ -9,8 +9,10 @@ import statistics
 import time
 from pathlib import Path
 
-from nightlab.loop import ledger
-from nightlab.loop.decision import (
+from nightlab.loop.state import ledger
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.ledger import Experiment, HardwareClass, started_at
+from nightlab.loop.state.stats import (
     DIRECTION_KEY,
     HELDOUT_GAIN,
     NOISE_PRIOR_KEY,
@@ -20,11 +22,7 @@ from nightlab.loop.decision import (
     pooled_noise,
     suspect,
 )
-from nightlab.loop.errors import UserError
-from nightlab.loop.executors.runfiles import started_at
-from nightlab.loop.hardware import HardwareClass
-from nightlab.loop.ledger import Experiment
-from nightlab.loop.store import DB_FILENAME, Store, state_dir
+from nightlab.loop.state.store import DB_FILENAME, Store, state_dir
 
 
 def _store(workspace: Path) -> Store:

@@ -14,8 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from nightlab.loop.errors import UserError
-from nightlab.loop.store import state_dir
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.store import state_dir
 
 ENGINE_LOCK = "engine.lock"
 

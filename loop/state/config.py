@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from nightlab.loop.errors import UserError
+from nightlab.loop.state.errors import UserError
 
 
 class ConfigError(UserError):

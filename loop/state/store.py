@@ -40,10 +40,12 @@ CREATE TABLE IF NOT EXISTS commands (
     ts         REAL NOT NULL,
     sender     TEXT NOT NULL,                -- e.g. "telegram:123", "cli:alice"
     name       TEXT NOT NULL,
-    args       TEXT NOT NULL DEFAULT '',
+    args       TEXT NOT NULL DEFAULT '',     -- the arguments as text, for people (and notes)
     status     TEXT NOT NULL DEFAULT 'pending',   -- pending | done | rejected
     result     TEXT NOT NULL DEFAULT '',
-    handled_at REAL
+    handled_at REAL,
+    command    TEXT NOT NULL DEFAULT '',     -- the typed command (loop/state/commands.py) as JSON
+    reply_to   TEXT NOT NULL DEFAULT ''      -- the chat that got the answer, e.g. "telegram:-1001"
 );
 CREATE INDEX IF NOT EXISTS commands_pending ON commands(status) WHERE status = 'pending';
 CREATE TABLE IF NOT EXISTS runs (
@@ -134,12 +136,16 @@ class CommandRecord:
     args: str
     status: str
     result: str
+    command: str  # JSON; what the engine applies
+    reply_to: str
 
 # Columns added after the first release: (table, column, definition as in _SCHEMA).
 _ADDED_COLUMNS = (
     ("candidates", "pin", "TEXT"),
     ("experiments", "hardware", "TEXT NOT NULL DEFAULT ''"),
     ("experiments", "setting", "TEXT NOT NULL DEFAULT ''"),
+    ("commands", "command", "TEXT NOT NULL DEFAULT ''"),
+    ("commands", "reply_to", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -240,11 +246,11 @@ class Store:
         return int(row["m"] or 0)
 
     # -- commands: written by the bot and `nightlab ctl`, applied by the engine ----------------
-    def add_command(self, name: str, args: str = "", sender: str = "cli") -> int:
+    def add_command(self, name: str, args: str = "", sender: str = "cli", command: str = "", reply_to: str = "") -> int:
         with self.transaction() as db:
             cur = db.execute(
-                "INSERT INTO commands(ts, sender, name, args) VALUES(?, ?, ?, ?)",
-                (time.time(), sender, name, args),
+                "INSERT INTO commands(ts, sender, name, args, command, reply_to) VALUES(?, ?, ?, ?, ?, ?)",
+                (time.time(), sender, name, args, command, reply_to),
             )
             return int(cur.lastrowid)
 
@@ -269,4 +275,5 @@ class Store:
 
 
 def _command(r: sqlite3.Row) -> CommandRecord:
-    return CommandRecord(r["id"], r["ts"], r["sender"], r["name"], r["args"], r["status"], r["result"])
+    return CommandRecord(r["id"], r["ts"], r["sender"], r["name"], r["args"], r["status"], r["result"],
+                         r["command"], r["reply_to"])

@@ -1,0 +1,358 @@
+"""The command registry: every command a chat or `nightlab ctl` can send, one class each.
+
+As python-telegram-bot's CommandHandler binds a command's name to its callback, each class here is
+one command's spec: its name, usage, help, the role it needs, how its arguments parse, and what it
+does — a `View` is answered at once from a view; a `Steer` is queued and applied once by the engine
+at its next checkpoint (loop/state/steering.py). Text is parsed once (`parse_command`) into a frozen
+instance of its class, which travels as itself: the commands table stores its JSON, and the engine
+applies what it reads back. Text that does not parse gets a short message with the usage.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, Self
+
+from nightlab.loop.state import ledger, views
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.store import Store
+
+MAX_COMMAND_CHARS = 2000
+MAX_NOTE_CHARS = 1000
+SOON = "within ~2 s"  # a checkpoint comes every ~1 s while a run is in flight
+
+Areas = tuple[str, ...] | None  # the proposer's focus areas; None: any text (the agent proposer)
+
+
+class CommandError(UserError):
+    """Bad command text; the message says what is wrong and shows the usage."""
+
+
+class Role(enum.Enum):
+    VIEWER = "viewer"  # read-only commands
+    OPERATOR = "operator"  # also the commands that change the loop
+
+
+class LoopControl(Protocol):
+    """What a command may ask of the engine."""
+
+    def running_numbers(self) -> list[int]: ...
+
+    def kill(self, number: int, reason: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What applying a command did: the result kept with it, and its one event (kind, payload)."""
+
+    result: str
+    event: str = "command_done"
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Command(abc.ABC):
+    name: ClassVar[str]
+    usage: ClassVar[str]
+    help: ClassVar[str]
+    role: ClassVar[Role] = Role.VIEWER
+
+    @classmethod
+    def parse(cls, rest: str, areas: Areas) -> Self:
+        """The command from the text after its name (commands without arguments take none)."""
+        if rest:
+            raise CommandError(f"{cls.name} takes no arguments; {usage(cls.name)}")
+        return cls()
+
+    def args(self) -> str:
+        """The arguments as text: parsing `text()` gives this command back."""
+        return ""
+
+    def text(self) -> str:
+        return f"{self.name} {self.args()}".strip()
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, **dataclasses.asdict(self)})
+
+
+class View(Command):
+    """Read-only: answered at once, never stored."""
+
+    chart: ClassVar[bool] = False  # a chat adds the progress chart
+
+    @abc.abstractmethod
+    def answer(self, workspace: Path) -> str: ...
+
+
+class Steer(Command):
+    """Changes the loop: validated and promised when sent, applied once by the engine."""
+
+    role = Role.OPERATOR
+
+    @abc.abstractmethod
+    def promise(self, store: Store, running: list[int]) -> str:
+        """What will happen and when, for the sender; UserError when it cannot happen."""
+
+    @abc.abstractmethod
+    def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
+        """Carry it out (inside the command's transaction); UserError when it no longer can."""
+
+
+# -- read-only ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Help(View):
+    name, usage, help = "help", "help", "list the commands"
+
+    def answer(self, workspace: Path) -> str:
+        return help_text()
+
+
+@dataclass(frozen=True)
+class Status(View):
+    name, usage, help = "status", "status", "current experiment, best, paused?, focus, last results"
+
+    def answer(self, workspace: Path) -> str:
+        return views.status_text(workspace)
+
+
+@dataclass(frozen=True)
+class Best(View):
+    name, usage, help = "best", "best", "the best result so far and its change"
+
+    def answer(self, workspace: Path) -> str:
+        return views.best_text(workspace)
+
+
+@dataclass(frozen=True)
+class Last(View):
+    name, usage, help = "last", "last [N]", "the last N experiments (default 5, at most 50)"
+    n: int = 5
+
+    @classmethod
+    def parse(cls, rest: str, areas: Areas) -> Self:
+        if rest and not (rest.isdigit() and 1 <= int(rest) <= 50):
+            raise CommandError(f"last wants a number from 1 to 50, got {rest[:20]!r}; {usage(cls.name)}")
+        return cls(int(rest)) if rest else cls()
+
+    def args(self) -> str:
+        return str(self.n)
+
+    def answer(self, workspace: Path) -> str:
+        return views.history_text(workspace, self.n)
+
+
+@dataclass(frozen=True)
+class Plot(View):
+    name, usage, help = "plot", "plot", "the progress chart"
+    chart = True
+
+    def answer(self, workspace: Path) -> str:
+        return "the progress chart is sent by the chat bot; `nightlab report` has the numbers"
+
+
+@dataclass(frozen=True)
+class Report(View):
+    name, usage, help = "report", "report", "the session report so far"
+    chart = True
+
+    def answer(self, workspace: Path) -> str:
+        return views.report_markdown(workspace)
+
+
+# -- steering -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pause(Steer):
+    name, usage, help = "pause", "pause [now]", "pause after the current run (now: cancel it and pause)"
+    now: bool = False
+
+    @classmethod
+    def parse(cls, rest: str, areas: Areas) -> Self:
+        if rest not in ("", "now"):
+            raise CommandError(f"pause takes nothing or 'now', got {rest[:20]!r}; {usage(cls.name)}")
+        return cls(rest == "now")
+
+    def args(self) -> str:
+        return "now" if self.now else ""
+
+    def promise(self, store: Store, running: list[int]) -> str:
+        listed = _listed(running)
+        if self.now:
+            return f"cancelling {listed} and pausing {SOON}" if running else f"pausing {SOON}"
+        if not running:
+            return f"pausing {SOON} (nothing is running)"
+        if len(running) > 1:
+            return f"no new launches; pausing after {listed} finish"
+        left = views.remaining_s(store)
+        return f"pausing after {listed} finishes" + (f", ~{views.duration(left)}" if left else "")
+
+    def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
+        running = loop.running_numbers()
+        if self.now:  # cancels the whole wave in flight
+            for number in running:
+                loop.kill(number, f"{ledger.USER_KILL_PREFIX}{by} (pause now)")
+        after = None if self.now or not running else running[-1]
+        ledger.set_paused(store, by, "pause now" if self.now else "pause", after)
+        # `by` and `after` say who and when; the reason only adds what else happened.
+        cancelled = _listed(running) if self.now else ""
+        return Applied(f"pausing after #{after}" if after else "paused", "paused",
+                       {"by": by, "reason": f"cancelled {cancelled}" if cancelled else "", "after": after})
+
+
+@dataclass(frozen=True)
+class Resume(Steer):
+    name, usage, help = "resume", "resume", "start experimenting again"
+
+    def promise(self, store: Store, running: list[int]) -> str:
+        return f"resuming {SOON}" if ledger.paused(store) else "the loop is not paused; nothing to resume"
+
+    def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
+        if ledger.paused(store) is None:
+            return Applied("not paused")
+        ledger.resume(store)
+        return Applied("resumed", "resumed", {"by": by, "reason": f"resume by {by}", "after": None})
+
+
+@dataclass(frozen=True)
+class Focus(Steer):
+    name, usage, help = "focus", "focus <area>|off", "steer proposals to one area, or off"
+    area: str | None  # None: off
+
+    @classmethod
+    def parse(cls, rest: str, areas: Areas) -> Self:
+        if not rest:
+            raise CommandError(f"focus needs an area or 'off'; {usage(cls.name)}" + _areas(areas))
+        rest = rest.lower() if areas is not None else rest
+        if areas is not None and rest != "off" and rest not in areas:
+            raise CommandError(f"unknown area {rest[:40]!r}" + _areas(areas))
+        return cls(None if rest == "off" else rest)
+
+    def args(self) -> str:
+        return self.area or "off"
+
+    def promise(self, store: Store, running: list[int]) -> str:
+        return f"focusing on {self.area} from the next proposal" if self.area else "focus off from the next proposal"
+
+    def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
+        ledger.set_focus(store, self.area)
+        return Applied(f"focus: {self.area}" if self.area else "focus off", "focus_changed",
+                       {"focus": self.area, "by": by})
+
+
+@dataclass(frozen=True)
+class Note(Steer):
+    name, usage, help = "note", "note <text>", "a note for the next proposal"
+    body: str
+
+    @classmethod
+    def parse(cls, rest: str, areas: Areas) -> Self:
+        if not rest:
+            raise CommandError(f"note needs some text; {usage(cls.name)}")
+        if len(rest) > MAX_NOTE_CHARS:
+            raise CommandError(f"note too long ({len(rest)} characters, at most {MAX_NOTE_CHARS})")
+        return cls(rest)
+
+    def args(self) -> str:
+        return self.body
+
+    def promise(self, store: Store, running: list[int]) -> str:
+        return "note queued: it goes into the next proposal"
+
+    def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
+        # The note waits in the commands table, its result saying so, until a proposal takes it.
+        return Applied(ledger.NOTE_QUEUED, "note_added", {"text": self.body, "by": by})
+
+
+@dataclass(frozen=True)
+class Kill(Steer):
+    name, usage, help = "kill", "kill [N]", "cancel the running experiment (or #N), recorded as discarded"
+    number: int | None = None  # None: the one running
+
+    @classmethod
+    def parse(cls, rest: str, areas: Areas) -> Self:
+        rest = rest.removeprefix("#")
+        if rest and not rest.isdigit():
+            raise CommandError(f"kill takes an experiment number, got {rest[:20]!r}; {usage(cls.name)}")
+        return cls(int(rest) if rest else None)
+
+    def args(self) -> str:
+        return "" if self.number is None else str(self.number)
+
+    def target(self, running: list[int]) -> int:
+        """The experiment this kill means; UserError when it names none that is running."""
+        if not running:
+            raise UserError("nothing is running; there is no experiment to kill")
+        if self.number is not None:
+            if self.number not in running:
+                raise UserError(f"#{self.number} is not running; running now: {_listed(running)}")
+            return self.number
+        if len(running) > 1:
+            raise UserError(f"{len(running)} experiments are running ({_listed(running)}); say which: kill N")
+        return running[0]
+
+    def promise(self, store: Store, running: list[int]) -> str:
+        return f"killing #{self.target(running)} {SOON}; it will be recorded as discarded"
+
+    def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
+        number = self.target(loop.running_numbers())
+        loop.kill(number, f"{ledger.USER_KILL_PREFIX}{by}")
+        return Applied(f"killed #{number}")
+
+
+REGISTRY: dict[str, type[Command]] = {
+    c.name: c for c in (Help, Status, Best, Last, Plot, Report, Pause, Resume, Focus, Note, Kill)
+}
+
+
+def usage(name: str) -> str:
+    return f"usage: {REGISTRY[name].usage}"
+
+
+def help_text() -> str:
+    width = max(len(c.usage) for c in REGISTRY.values())
+    return "\n".join(f"{c.usage.ljust(width)}  {c.help}" for c in REGISTRY.values())
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def parse_command(text: str, areas: Areas = None) -> Command:
+    """Parse `"/focus attention"`, `"pause now"`, `"note try rope base 50k"`, ...
+
+    `areas` are the focus areas the proposer knows (`ledger.areas`); None means any text is
+    accepted (the agent proposer takes the focus as free text in its prompt).
+    """
+    if len(text) > MAX_COMMAND_CHARS:
+        raise CommandError(f"command too long ({len(text)} characters, at most {MAX_COMMAND_CHARS})")
+    text = _CONTROL.sub(" ", text).strip()
+    if not text:
+        raise CommandError("empty command; send 'help' for the list")
+    head, _, rest = text.partition(" ")
+    # "/status@somebot" is not stripped here: the Telegram adapter decides whom a command is
+    # addressed to and hands over only ours, without the "@thisbot".
+    cls = REGISTRY.get(head.lstrip("/").lower())
+    if cls is None:
+        raise CommandError(f"unknown command {head[:40]!r}; commands: {', '.join(REGISTRY)}")
+    return cls.parse(rest.strip(), areas)
+
+
+def from_json(text: str) -> Command:
+    """A command as the commands table stores it; CommandError when it cannot be read back."""
+    try:
+        fields = json.loads(text)
+        return REGISTRY[fields.pop("name")](**fields)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CommandError(f"unreadable command {text[:80]!r} (from an older nightlab?); send it again") from None
+
+
+def _listed(numbers: list[int]) -> str:
+    return ", ".join(f"#{n}" for n in numbers)
+
+
+def _areas(areas: Areas) -> str:
+    return f"; areas: {', '.join(areas)}, off" if areas else ""
