@@ -391,15 +391,17 @@ def protected_mismatches(ws: Workspace, root: Path | None = None) -> list[str]:
     return bad
 
 
-def run_environment(ws: Workspace, settings: Settings, say: Say = _stderr) -> dict[str, str]:
+def run_environment(ws: Workspace, settings: Settings, say: Say = _stderr,
+                    prepared: Path | None = None) -> dict[str, str]:
     """The environment every run gets: the profile's harness env with the [trainer] budget keys
-    over it and, for the built-in trainer, NIGHTLAB_DATA_DIR (prepared here when missing)."""
+    over it and, for the built-in trainer, NIGHTLAB_DATA_DIR (prepared here when missing, unless
+    `prepared` names the data dir the daemon has just prepared)."""
     env = {**ws.harness_env, **settings.trainer.harness_overrides()}
     if ws.builtin_trainer:
         from nightlab.trainer import prepare
 
         try:
-            data_dir = prepare.prepare(settings.data.source, settings.data.shards, settings.cache_path, say)
+            data_dir = prepared or prepare.prepare(settings.data.source, settings.data.shards, settings.cache_path, say)
             prepare.training_view(data_dir)  # made once here, not by several slots at once
         except prepare.PrepareError as exc:
             raise UserError(str(exc)) from None

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from nightlab.loop import ledger
+from nightlab.loop.config import LIVE_HEARTBEAT_KEY
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.store import Store
 
@@ -49,6 +50,7 @@ def test_sigterm_stops_within_the_bound_and_leaves_the_run_running(
     write_config(tmp_path / "daemon.toml", run_timeout=500.0)
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "reloaded heartbeat.run_timeout 600.0 -> 500.0" in daemon.log(), what="reload")
+    assert daemon.store.get(LIVE_HEARTBEAT_KEY)["run_timeout"] == 500.0  # for the engine's next checkpoint
 
     started = time.monotonic()
     assert daemon.stop(timeout=30) == 0
