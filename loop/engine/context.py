@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,10 +38,9 @@ class Context:
         executor: Executor,
         proposer: Proposer,
         env: dict[str, str],
-        stop: threading.Event,
     ) -> None:
         self.settings, self.ws, self.executor, self.proposer = settings, ws, executor, proposer
-        self.env, self.stop = env, stop
+        self.env = env
         self.store: Store = ws.store
         self.setting = hardware.record_setting(self.store, ws.run_command, env)
         self.git = Git(ws.path)

@@ -61,7 +61,7 @@ class Engine:
         stop: threading.Event,
         parent_pid: int | None = None,
     ) -> None:
-        self.ctx = Context(settings, ws, executor, proposer, env, stop)
+        self.ctx = Context(settings, ws, executor, proposer, env)
         self.store = self.ctx.store
         self.stop = stop
         self.parent_pid = parent_pid
