@@ -112,8 +112,7 @@ class Daemon:
             log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
             store = Store.for_workspace(self.workspace)
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
-            engine = EngineProcess(engine_argv(self.config, self.workspace, self.options.max_experiments,
-                                               self.options.engine_program))
+            engine = EngineProcess(self._engine_argv())
             heartbeat = Heartbeat(self.settings, self.workspace, store, make_executor(self.settings),
                                   engine, notifier, on_engine_finished=lambda: self.request_stop("finished"))
             scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True})
@@ -144,9 +143,7 @@ class Daemon:
             self._bot.start()
         if self.options.prepare and not self._prepare_data(heartbeat):
             return  # asked to stop while preparing
-        if self._prepared_data is not None:  # the engine uses it as it is, not preparing it again
-            heartbeat.engine.argv = engine_argv(self.config, self.workspace, self.options.max_experiments,
-                                                self.options.engine_program, self._prepared_data)
+        heartbeat.engine.argv = self._engine_argv()  # with the data dir just prepared
         if self._stop.is_set():
             return
         stop_leftover_engine(self.workspace, ENGINE_STOP_GRACE_S)
@@ -155,6 +152,11 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload(heartbeat, scheduler)
+
+    def _engine_argv(self) -> list[str]:
+        # the data dir once prepared: the engine uses it as it is, not preparing it again
+        return engine_argv(self.config, self.workspace, self.options.max_experiments,
+                           self.options.engine_program, self._prepared_data)
 
     def request_stop(self, why: str) -> None:
         if not self._stop.is_set():

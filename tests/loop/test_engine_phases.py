@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from nightlab.heartbeat.engine_child import engine_argv
+from nightlab.heartbeat.daemon import Daemon, DaemonOptions
 from nightlab.loop import ledger
-from nightlab.loop.config import LIVE_HEARTBEAT_KEY, settings_from_table
+from nightlab.loop.config import LIVE_HEARTBEAT_KEY, load_settings
 from nightlab.loop.engine import Engine, main
 from nightlab.loop.engine.launching import free_slot
 from nightlab.loop.engine.outcome import Outcome
@@ -19,7 +22,8 @@ from nightlab.loop.executors import Slot
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.executors.slurm import SlurmExecutor, slurm_time
 from nightlab.loop.ledger import Experiment
-from nightlab.loop.workspace import init_workspace, open_workspace
+from nightlab.loop.workspace import open_workspace
+from nightlab.trainer.prepare import source_id
 
 from tests.fakes.loop_workspace import make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
@@ -82,21 +86,25 @@ def test_a_sighup_reload_reaches_the_engine_and_slurms_time_limit(tmp_path: Path
 
 
 def test_the_engine_uses_the_data_the_daemon_prepared(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    missing = tmp_path / "no-such-shards"
-    table = {"workspace": {"path": str(tmp_path / "ws"), "tag": "t"}, "data": {"source": str(missing)}}
-    config = tmp_path / "nightlab.toml"
-    config.write_text(f'[workspace]\npath = "{tmp_path / "ws"}"\ntag = "t"\n[data]\nsource = "{missing}"\n')
-    init_workspace(tmp_path / "ws", "t", settings_from_table(table), say=lambda _: None)
-    # standalone, the engine prepares the data itself (here: a source that cannot be prepared)
+    shards = tmp_path / "shards"  # a local source: two tiny parquet shards
+    shards.mkdir()
+    text = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}" for i in range(400)]
+    for i in range(2):
+        pq.write_table(pa.table({"text": text[i::2]}), shards / f"shard_{i:05d}.parquet")
+    config = tmp_path / "night.toml"
+    config.write_text(f'[data]\nsource = "{shards}"\nshards = 1\ncache_dir = "{tmp_path / "cache"}"\n'
+                      f'[workspace]\npath = "{tmp_path / "ws"}"\ntag = "t"\n')
+    daemon = Daemon(load_settings(config), DaemonOptions(max_experiments=0))
+    status = types.SimpleNamespace(startup_status="")  # the heartbeat's only part these steps touch
+    daemon._init_workspace(status)  # type: ignore[arg-type]
+    assert daemon._prepare_data(status)  # type: ignore[arg-type]
+    argv = daemon._engine_argv()
+    assert argv[argv.index("--prepared-data") + 1] == str(tmp_path / "cache" / source_id(str(shards)))
+    shards.rename(tmp_path / "gone")  # preparing the source again would fail now
+    # standalone, the engine prepares the data itself
     assert main(["--config", str(config), "--max-experiments", "0"]) == 2
-    assert f"data source {str(missing)!r} is not a directory" in capsys.readouterr().err
-    prepared = tmp_path / "prepared"  # what prepare() leaves: shards (the last validates) and the tokenizer
-    (prepared / "tokenizer").mkdir(parents=True)
-    (prepared / "tokenizer" / "tokenizer.json").write_text("{}")
-    for n in range(2):
-        (prepared / f"shard_{n:05d}.parquet").write_bytes(b"PAR1")
-    # started by the daemon after it prepared the data: used as it is, never prepared again
-    argv = engine_argv(config, tmp_path / "ws", 0, prepared_data=prepared)
+    assert f"data source {str(shards)!r} is not a directory" in capsys.readouterr().err
+    # started by the daemon: the data dir it prepared is used as it is
     assert main(argv[argv.index("--config"):]) == 0
 
 
