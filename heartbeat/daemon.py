@@ -20,8 +20,10 @@ Stopping
   this process, not the run's session that still lives in the service's cgroup.
 - `--max-experiments N`: the engine exits 0 with kv['engine.finished'] after N; the daemon then
   stops everything as above and exits 0.
-- SIGHUP: re-reads the config file and applies what is safe to change live: the heartbeat limits
-  (the jobs are rescheduled); everything else that changed is logged as needing a restart.
+- SIGHUP: re-reads the config file and applies what is safe to change live: the [heartbeat]
+  settings, here (the jobs are rescheduled) and in the engine (kv LIVE_HEARTBEAT_KEY, applied at
+  its next checkpoint: run_timeout is also the checks' timeout and Slurm's --time); everything
+  else that changed is logged as needing a restart.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from nightlab.heartbeat.logsetup import setup_logging
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors import make_executor
 from nightlab.loop.state.config import (
+    LIVE_HEARTBEAT_KEY,
     ConfigError,
     Secret,
     Secrets,
@@ -96,6 +99,7 @@ class Daemon:
         self._reload = threading.Event()
         self._why = ""
         self._bot: BotService | None = None
+        self._prepared_data: Path | None = None  # the built-in trainer's data dir, once prepared
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -107,8 +111,8 @@ class Daemon:
             log.info("nightlab daemon (pid %d) for %s, config %s", os.getpid(), self.workspace, self.config)
             log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
             store = Store.for_workspace(self.workspace)
-            engine = EngineProcess(engine_argv(self.config, self.workspace, self.options.max_experiments,
-                                               self.options.engine_program))
+            store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
+            engine = EngineProcess(self._engine_argv())
             heartbeat = Heartbeat(self.settings, self.workspace, store, make_executor(self.settings),
                                   engine, notifier, on_engine_finished=lambda: self.request_stop("finished"))
             scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True})
@@ -139,6 +143,7 @@ class Daemon:
             self._bot.start()
         if self.options.prepare and not self._prepare_data(heartbeat):
             return  # asked to stop while preparing
+        heartbeat.engine.argv = self._engine_argv()  # with the data dir just prepared
         if self._stop.is_set():
             return
         stop_leftover_engine(self.workspace, ENGINE_STOP_GRACE_S)
@@ -147,6 +152,11 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload(heartbeat, scheduler)
+
+    def _engine_argv(self) -> list[str]:
+        # the data dir once prepared: the engine uses it as it is, not preparing it again
+        return engine_argv(self.config, self.workspace, self.options.max_experiments,
+                           self.options.engine_program, self._prepared_data)
 
     def request_stop(self, why: str) -> None:
         if not self._stop.is_set():
@@ -167,7 +177,7 @@ class Daemon:
 
         It runs in a thread so SIGTERM is honoured at once even in the middle of a download;
         prepare() keeps what is complete and validates the rest next time. Returns False when
-        stopped first.
+        stopped first; the data dir is left in `_prepared_data`.
         """
         if self.settings.project.run_command:
             return True  # a custom project brings its own data
@@ -182,8 +192,8 @@ class Daemon:
 
         def work() -> None:
             try:
-                prepare.prepare(self.settings.data.source, self.settings.data.shards,
-                                self.settings.cache_path, progress)
+                self._prepared_data = prepare.prepare(self.settings.data.source, self.settings.data.shards,
+                                                      self.settings.cache_path, progress)
                 heartbeat.startup_status = "fetching the FA3 kernel (Hopper GPUs only)"
                 _say(prefetch_fa3().line)  # never raises: offline, the runs fall back
             except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread
@@ -221,12 +231,15 @@ class Daemon:
         changed = _changed_fields(old.heartbeat, new.heartbeat, "heartbeat")
         heartbeat.settings = dataclasses.replace(old, heartbeat=new.heartbeat)
         heartbeat.schedule(scheduler)
+        # the engine applies them at its next checkpoint (the checks' timeout, Slurm's --time)
+        heartbeat.store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(new.heartbeat))
         needs_restart = [
             f.name for f in dataclasses.fields(Settings)
             if f.name not in ("heartbeat", "origin", "workspace")
             and getattr(old, f.name) != getattr(new, f.name)
         ]
-        log.info("SIGHUP: reloaded %s", ", ".join(changed) or "nothing (no live setting changed)")
+        log.info("SIGHUP: reloaded %s", (", ".join(changed) + " (here and in the engine)") if changed
+                 else "nothing (no live setting changed)")
         if needs_restart:
             log.warning("SIGHUP: changed but only applied after a restart: [%s]", "], [".join(needs_restart))
 

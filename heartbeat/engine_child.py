@@ -31,13 +31,16 @@ ENGINE_STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL: the engine stops at its next c
 
 
 def engine_argv(config: Path, workspace: Path, max_experiments: int | None,
-                program: Sequence[str] | None = None) -> list[str]:
+                program: Sequence[str] | None = None, prepared_data: Path | None = None) -> list[str]:
     """The engine's command line (ARCHITECTURE.md: engine entry point); `program` replaces
-    `python -m nightlab.loop.engine`, e.g. with a fake engine in tests."""
+    `python -m nightlab.loop.engine`, e.g. with a fake engine in tests; `prepared_data`: the data
+    dir the daemon prepared, so the engine does not prepare it again."""
     argv = list(program or (sys.executable, "-m", "nightlab.loop.engine"))
     argv += ["--config", str(config), "--workspace", str(workspace)]
     if max_experiments is not None:
         argv += ["--max-experiments", str(max_experiments)]
+    if prepared_data is not None:
+        argv += ["--prepared-data", str(prepared_data)]
     return argv
 
 

@@ -3,6 +3,8 @@ built-in trainer the prepared data dir and the compile caches every experiment s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.store import state_dir
@@ -11,15 +13,17 @@ from nightlab.loop.workspace import Say, Workspace, to_stderr
 COMPILE_CACHE_DIRNAME = "compile-cache"  # torch inductor + triton, shared by every experiment
 
 
-def run_environment(ws: Workspace, settings: Settings, say: Say = to_stderr) -> dict[str, str]:
+def run_environment(ws: Workspace, settings: Settings, say: Say = to_stderr,
+                    prepared: Path | None = None) -> dict[str, str]:
     """The environment every run gets: the profile's harness env with the [trainer] budget keys
-    over it and, for the built-in trainer, NIGHTLAB_DATA_DIR (prepared here when missing)."""
+    over it and, for the built-in trainer, NIGHTLAB_DATA_DIR (prepared here when missing, unless
+    `prepared` names the data dir the daemon has just prepared)."""
     env = {**ws.harness_env, **settings.trainer.harness_overrides()}
     if ws.builtin_trainer:
         from nightlab.trainer import prepare
 
         try:
-            data_dir = prepare.prepare(settings.data.source, settings.data.shards, settings.cache_path, say)
+            data_dir = prepared or prepare.prepare(settings.data.source, settings.data.shards, settings.cache_path, say)
             prepare.training_view(data_dir)  # made once here, not by several slots at once
         except prepare.PrepareError as exc:
             raise UserError(str(exc)) from None

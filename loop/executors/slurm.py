@@ -97,7 +97,7 @@ class SlurmExecutor:
     def __init__(self, conf: SlurmSettings, run_timeout: float, env: dict[str, str] | None = None) -> None:
         self.conf = conf
         self.shared_dir: Path | None = conf.shared_path
-        self.time_limit = slurm_time(run_timeout + conf.time_margin)
+        self.apply_run_timeout(run_timeout)
         self.env = env  # the environment of the Slurm commands (None: ours; tests set SLURM_CONF)
         self._snapshot: dict[str, JobState] = {}
         self._snapshot_at = -math.inf
@@ -112,6 +112,10 @@ class SlurmExecutor:
                 " install the Slurm client (slurm-client) or run nightlab on a login node"
             )
         return cls(settings.executor.slurm, settings.heartbeat.run_timeout)
+
+    def apply_run_timeout(self, run_timeout: float) -> None:
+        """--time of the jobs submitted from now on (a SIGHUP reload changes run_timeout)."""
+        self.time_limit = slurm_time(run_timeout + self.conf.time_margin)
 
     def slots(self) -> list[Slot]:
         return [Slot(f"slurm{i}") for i in range(self.conf.jobs)]

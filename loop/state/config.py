@@ -181,6 +181,11 @@ class ExecutorSettings:
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
 
+# kv: [heartbeat] as the daemon last loaded it (a SIGHUP reload); the engine applies it at its
+# next checkpoint, so run_timeout means the same to the heartbeat, the checks and Slurm's --time
+LIVE_HEARTBEAT_KEY = "settings.heartbeat"
+
+
 @dataclass(frozen=True)
 class HeartbeatSettings:
     check_interval: float = 5.0

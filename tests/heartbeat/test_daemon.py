@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.state import ledger
+from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY
 from nightlab.loop.state.store import Store
 
 from tests.heartbeat.conftest import FAKES, Harness, gone, wait_for, write_config
@@ -49,6 +50,7 @@ def test_sigterm_stops_within_the_bound_and_leaves_the_run_running(
     write_config(tmp_path / "daemon.toml", run_timeout=500.0)
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "reloaded heartbeat.run_timeout 600.0 -> 500.0" in daemon.log(), what="reload")
+    assert daemon.store.get(LIVE_HEARTBEAT_KEY)["run_timeout"] == 500.0  # for the engine's next checkpoint
 
     started = time.monotonic()
     assert daemon.stop(timeout=30) == 0

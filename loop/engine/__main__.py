@@ -1,0 +1,5 @@
+import sys
+
+from nightlab.loop.engine.process import main
+
+sys.exit(main())

@@ -1,0 +1,103 @@
+"""What every phase of the cycle shares: the settings, the workspace and its store and git, the
+executor and its slots, the run environment, and where each candidate's files go."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from nightlab.loop import hardware
+from nightlab.loop.executors import Executor
+from nightlab.loop.executors.runfiles import read_tail
+from nightlab.loop.proposers.base import Proposer
+from nightlab.loop.ratchet import Git
+from nightlab.loop.state import ledger
+from nightlab.loop.state.config import HeartbeatSettings, Settings
+from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
+from nightlab.loop.state.store import Store, state_dir
+from nightlab.loop.workspace import Workspace
+
+# a pin that does not restrict where a run goes; candidates' pins are {hardware, node}
+ANYWHERE = {"hardware": "", "node": ""}
+
+
+def say(message: str) -> None:
+    # Beside the daemon's log lines: a time in a terminal, none under journald (it adds its own).
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else time.strftime("%H:%M:%S ")
+    print(f"{stamp}nightlab engine: {message}", file=sys.stderr, flush=True)
+
+
+class Context:
+    def __init__(
+        self,
+        settings: Settings,
+        ws: Workspace,
+        executor: Executor,
+        proposer: Proposer,
+        env: dict[str, str],
+    ) -> None:
+        self.settings, self.ws, self.executor, self.proposer = settings, ws, executor, proposer
+        self.env = env
+        self.store: Store = ws.store
+        self.setting = hardware.record_setting(self.store, ws.run_command, env)
+        self.git = Git(ws.path)
+        self.slots = executor.slots()
+        self.metric_name = settings.project.metric
+        self.direction = settings.project.direction
+        # One local slot: the run happens in the workspace itself, exactly as the single-slot loop
+        # always did. Several slots, or a cluster (its nodes see only the shared filesystem): each
+        # candidate runs in its own snapshot (a worktree at its commit), the workspace stays at the
+        # wave's base, and the branch moves only when a wave is decided.
+        self.in_place = len(self.slots) == 1 and getattr(executor, "backend", "local") == "local"
+        self.asynchronous = settings.loop.mode == "async" and not self.in_place
+        self.max_experiments: int | None = None
+        shared = getattr(executor, "shared_dir", None)
+        self.run_root = state_dir(ws.path) if shared is None else Path(shared) / _run_dir_name(ws)
+        # A slot's hardware as its last recorded run saw it (for pins to a class on slots that are
+        # not probed ahead): kept here as experiments are recorded, not re-read at every step.
+        self.slot_hardware: dict[str, str] = {}
+
+    def learn(self, rows: list[Experiment]) -> None:
+        """Note what recorded experiments tell about the slots (at startup, and on each record)."""
+        self.slot_hardware.update({e.slot: e.hardware for e in rows if e.hardware})
+
+    def apply_heartbeat(self, live: HeartbeatSettings) -> list[str]:
+        """Settings the daemon reloaded on SIGHUP: what changed, as `name old -> new`."""
+        old = self.settings.heartbeat
+        changed = [f"heartbeat.{f.name} {getattr(old, f.name)!r} -> {getattr(live, f.name)!r}"
+                   for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(live, f.name)]
+        self.settings = dataclasses.replace(self.settings, heartbeat=live)
+        follow = getattr(self.executor, "apply_run_timeout", None)  # Slurm's --time follows run_timeout
+        if follow is not None:
+            follow(live.run_timeout)
+        return changed
+
+    def hw_class(self, hardware_name: str) -> HardwareClass:
+        return HardwareClass(hardware_name, self.setting)
+
+    def best(self, rows: list[Experiment] | None = None) -> float | None:
+        """The last recorded best."""
+        rows = ledger.experiments(self.store, last=1) if rows is None else rows
+        return rows[-1].best if rows else None
+
+    def log_path(self, number: int) -> Path:
+        return self.run_root / "runs" / f"{number}.log"
+
+    def snapshot_path(self, number: int) -> Path:
+        return self.run_root / "worktrees" / str(number)
+
+    def run_dir(self, cand: Candidate) -> Path:
+        return self.ws.path if self.in_place else self.snapshot_path(cand.number)
+
+    def log_tail(self, number: int, tail_bytes: int) -> str:
+        return read_tail(self.log_path(number), tail_bytes)
+
+
+def _run_dir_name(ws: Workspace) -> str:
+    """This workspace's folder on a shared filesystem: readable, and unique per workspace path."""
+    digest = hashlib.sha1(str(ws.path).encode()).hexdigest()[:8]
+    return f"{ws.path.name}-{ws.branch.replace('/', '-')}-{digest}"

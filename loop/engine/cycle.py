@@ -1,0 +1,195 @@
+"""The cycle: the engine's phases in order, as a restartable state machine over the candidates.
+
+    startup -> plan -> propose -> launch -> poll -> decide -> record -> export -> plan ...
+
+Each candidate's `phase` says how far its cycle got, and every step is idempotent from its
+phase, so the engine may be SIGKILLed anywhere and a new one carries on:
+
+  proposing  the proposer is editing the tree      -> reset the tree to base, propose again
+  committed  the commit exists                     -> launch (or adopt the run a launch left)
+  running    a run is recorded in `runs`           -> poll it (alive) or read how it ended
+  finished   the outcome is stored (Outcome JSON)  -> move git to keep/reset, record
+  recorded   experiment + event written, once      -> regenerate the exports
+  done
+
+Each phase is a module named for it (planning, proposing, launching, polling, deciding,
+recording, exporting); this one only says which comes next. Between steps, a checkpoint ticks,
+applies steering commands and the heartbeat settings a SIGHUP reloaded.
+
+With several slots the candidates run in waves (all from the best commit, decided together), or,
+with `loop.mode = "async"`, each freed slot starts the next candidate at once and each result is
+decided as it ends; a promising result from an older base is re-made on the current best (a
+`rebase` candidate) and re-run before it can be kept.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from nightlab.loop.engine import planning
+from nightlab.loop.engine.context import Context, say
+from nightlab.loop.engine.deciding import decide
+from nightlab.loop.engine.exporting import export
+from nightlab.loop.engine.launching import free_slot, launch
+from nightlab.loop.engine.outcome import Outcome
+from nightlab.loop.engine.polling import poll
+from nightlab.loop.engine.proposing import propose
+from nightlab.loop.engine.recording import record
+from nightlab.loop.engine.startup import startup
+from nightlab.loop.engine.steering import apply_commands
+from nightlab.loop.executors import Executor
+from nightlab.loop.proposers.base import Proposer
+from nightlab.loop.state import ledger
+from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY, HeartbeatSettings, Settings
+from nightlab.loop.state.ledger import Candidate
+from nightlab.loop.workspace import Workspace
+
+FIRST_POLL_S = 0.02  # polls start fast (a stub run ends at once) and back off to the checkpoint
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        ws: Workspace,
+        executor: Executor,
+        proposer: Proposer,
+        env: dict[str, str],
+        stop: threading.Event,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.ctx = Context(settings, ws, executor, proposer, env)
+        self.store = self.ctx.store
+        self.stop = stop
+        self.parent_pid = parent_pid
+        self._last_checkpoint = 0.0
+        self._delay = FIRST_POLL_S
+        # the daemon's heartbeat settings as this engine last applied them (a change: a SIGHUP)
+        self._live: Any = self.store.get(LIVE_HEARTBEAT_KEY)
+
+    def run(self, max_experiments: int | None) -> int:
+        ctx, store = self.ctx, self.store
+        startup(ctx)
+        ctx.max_experiments = max_experiments
+        busy = True
+        while not self.stop.is_set():
+            if busy or time.monotonic() - self._last_checkpoint >= ctx.settings.loop.checkpoint_interval:
+                self.checkpoint()
+                if self.stop.is_set():
+                    break  # runs in flight go on; the next engine re-attaches
+            open_ = ledger.open_candidates(store)
+            in_flight = any(c.phase in ("running", "finished", "recorded") for c in open_)
+            if (not in_flight and max_experiments is not None
+                    and ledger.experiment_count(store) >= max_experiments):
+                store.set("engine.finished", True)
+                say(f"{max_experiments} experiments recorded; stopping")
+                return 0
+            if not open_:
+                if ledger.paused(store) is not None:
+                    self.stop.wait(ctx.settings.loop.checkpoint_interval)
+                    continue
+                planning.new_wave(ctx, max_experiments)
+                busy = True
+                continue
+            busy = self.step(open_)
+            if not busy:  # only runs in flight: poll fast at first, back off to the checkpoint
+                self.stop.wait(self._delay)
+                self._delay = min(self._delay * 1.5, ctx.settings.loop.checkpoint_interval)
+        return 0
+
+    def checkpoint(self) -> None:
+        """Tick, apply steering commands and reloaded settings, notice a dead parent. Cheap;
+        called often."""
+        self._last_checkpoint = time.monotonic()
+        self.store.set("engine.tick", time.time())
+        apply_commands(self.store)
+        live = self.store.get(LIVE_HEARTBEAT_KEY)
+        if live is not None and live != self._live:
+            self._live = live
+            changed = self.ctx.apply_heartbeat(HeartbeatSettings(**live))
+            say(f"settings reloaded: {', '.join(changed) or 'nothing changed here'}")
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            say("the parent daemon is gone; stopping (the runs in flight are left to be re-attached)")
+            self.stop.set()
+
+    def step(self, open_: list[Candidate]) -> bool:
+        """One step of the wave in flight; False when there was nothing to do but wait."""
+        ctx, store = self.ctx, self.store
+        if poll(ctx):
+            return True
+        wave = planning.current_wave(ctx, open_)
+        if ctx.asynchronous and wave.kind != "baseline":
+            return self.step_async(open_)
+        paused = ledger.paused(store) is not None
+        if not paused:  # a pause stops new launches; the runs in flight finish
+            for cand in open_:
+                if cand.phase == "committed" and free_slot(ctx, cand) is not None:
+                    launch(ctx, cand)
+                    self._delay = FIRST_POLL_S
+                    return True
+                if cand.phase == "proposing":
+                    propose(ctx, cand, open_)
+                    return True
+            if len(open_) < wave.size and free_slot(ctx) is not None:
+                planning.add_member(ctx, ledger.experiments(store))
+                return True
+        runs = {c.id: ledger.run_for_candidate(store, c.id) for c in open_ if c.phase == "running"}
+        ended = all(c.phase in ("finished", "recorded") or ((run := runs.get(c.id)) is not None and run.state == "exited")
+                    for c in open_)
+        if not ended or (len(open_) < wave.size and not paused):
+            return False
+        if not all(_decided(c) for c in open_):
+            decide(ctx, open_, wave.base)
+            return True
+        for cand in open_:
+            if cand.phase == "finished":
+                record(ctx, cand)
+                return True
+        export(ctx, open_)
+        return True
+
+    def step_async(self, open_: list[Candidate]) -> bool:
+        """One step of the asynchronous mode. Order matters for git: a proposal is made at once
+        (from the best commit it was created on, before anything can move the best), then each
+        ended candidate goes through decide -> record -> export on its own, then launches, and a
+        free slot gets a new candidate."""
+        ctx, store = self.ctx, self.store
+        for cand in open_:
+            if cand.phase == "proposing":
+                propose(ctx, cand, open_)
+                return True
+        for cand in open_:
+            if cand.phase == "finished" and not _decided(cand):
+                decide(ctx, [cand], ctx.git.head())  # ended before any run
+                return True
+            if cand.phase == "finished":
+                record(ctx, cand)
+                return True
+            if cand.phase == "recorded":
+                export(ctx, [cand])
+                return True
+        for cand in open_:
+            run = ledger.run_for_candidate(store, cand.id) if cand.phase == "running" else None
+            if run is not None and run.state == "exited":
+                decide(ctx, [cand], ctx.git.head())
+                return True
+        if ledger.paused(store) is not None:  # a pause stops new launches; the runs in flight finish
+            return False
+        for cand in open_:
+            if cand.phase == "committed" and free_slot(ctx, cand) is not None:
+                launch(ctx, cand)
+                self._delay = FIRST_POLL_S
+                return True
+        room = ctx.max_experiments is None or ledger.experiment_count(store) + len(open_) < ctx.max_experiments
+        if room and len(open_) < len(ctx.slots) and free_slot(ctx) is not None:
+            rows = ledger.experiments(store)  # a wave from the best commit as it is now
+            planning.start(ctx, planning.plan(ctx, rows, ctx.git.head()), rows)
+            return True
+        return False
+
+
+def _decided(cand: Candidate) -> bool:
+    return cand.outcome is not None and Outcome.from_json(cand.outcome).decided

@@ -1,0 +1,210 @@
+"""Deciding: ended -> finished. Each run is judged (loop/judge.py: did it fail, and why; the keep
+rule itself is loop/decision.py's) against the best commit as measured on its own hardware class;
+then the wave keeps at most one winner, and each member's outcome fixes where git and the best
+stand once it is recorded. The hooks around a keep live here too: the project's checks command
+before it, the held-out second opinion (built-in trainer) when it is recorded.
+
+Deterministic from stored state, so a restart mid-way decides the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from nightlab.loop.decision import Rule, gain, pooled_noise
+from nightlab.loop.engine import planning
+from nightlab.loop.engine.context import Context
+from nightlab.loop.engine.outcome import Outcome
+from nightlab.loop.executors import RunHandle
+from nightlab.loop.executors.runfiles import run_hardware, started_at
+from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
+from nightlab.loop.second_opinion import SecondOpinion, keep_artifact, second_opinion
+from nightlab.loop.state import ledger
+from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
+from nightlab.loop.summary import parse_summary
+
+LOG_TAIL_BYTES = 256 * 1024  # the summary block is at the end of the log
+EVENT_LOG_TAIL_LINES = 30
+Judged = Sequence[Outcome | None]  # the outcomes of a wave's members judged so far
+
+
+def decide(ctx: Context, members: list[Candidate], base: str) -> None:
+    """Judge every member against its hardware class's reference (the best commit measured
+    there), keep only the best of the wave (the minimum of N noisy runs beats the incumbent by
+    luck more often as N grows, so the winner still has to beat the best by more than the
+    noise, or pass a confirm run), and fix where git and the best stand after each member is
+    recorded."""
+    rows = ledger.experiments(ctx.store)
+    outcomes: dict[int, Outcome] = {}
+    for cand in members:
+        if cand.outcome is not None:  # ended before any run (proposer failure, rejection)
+            outcomes[cand.id] = Outcome.from_json(cand.outcome)
+            continue
+        run = ledger.run_for_candidate(ctx.store, cand.id)
+        assert run is not None
+        outcomes[cand.id] = judge_run(ctx, cand, run, rows, [outcomes.get(m.id) for m in members])
+    contenders = [c for c in members if c.kind != "baseline" and outcomes[c.id].moves_head]
+    # the largest gain over its own class's reference (classes are never compared directly)
+    winner = min(contenders, key=lambda c: (-_gain(outcomes[c.id]), c.number), default=None)
+    won = None if winner is None else outcomes[winner.id]
+    for cand in contenders:
+        if cand is not winner:
+            assert winner is not None and won is not None and won.metric is not None
+            outcomes[cand.id] = dataclasses.replace(
+                outcomes[cand.id], status="discard", needs_confirm=False, remeasure_best=False,
+                best_after=outcomes[cand.id].reference,
+                reason=f"beaten in its wave by #{winner.number} ({won.metric:.6f})")
+    for cand in members:
+        out = outcomes[cand.id]
+        if ctx.in_place:  # the single-slot rule: git follows this candidate
+            head = (cand.commit or cand.base_commit) if out.moves_head else cand.base_commit
+            outcomes[cand.id] = dataclasses.replace(out, head_after=head)
+            continue
+        kept = winner is not None and won is not None and won.status == "keep" and winner.number <= cand.number
+        if not kept:
+            outcomes[cand.id] = dataclasses.replace(out, head_after=base)
+            continue
+        assert winner is not None and won is not None and winner.commit is not None
+        best_after = won.best_after if cand is not winner and out.hardware == won.hardware else out.best_after
+        outcomes[cand.id] = dataclasses.replace(out, head_after=winner.commit, best_after=best_after)
+    with ctx.store.transaction():
+        for cand in members:
+            ledger.update_candidate(ctx.store, cand.id, phase="finished", outcome=outcomes[cand.id].to_json())
+        planning.close(ctx, len(members))
+
+
+def _gain(out: Outcome) -> float:
+    assert out.gain is not None  # a contender was compared with its incumbent
+    return out.gain
+
+
+def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[Experiment],
+              judged: Judged) -> Outcome:
+    """One run's outcome. `judged`: the outcomes of this wave's members so far (a commit's
+    measurements include its repeats judged before it in the same wave)."""
+    handle = RunHandle.from_json(run.handle)
+    tail = ctx.executor.read_log(handle, LOG_TAIL_BYTES)
+    hw = run_hardware(run.log_path) or next((s.hardware for s in ctx.slots if s.name == handle.slot), "")
+    cls = ctx.hw_class(hw)
+    ref = ledger.reference(rows, cls)
+    measured = _measurements(rows, judged, cls, hw)
+    incumbent = measured(cand.base_commit) if ref is not None and ref.commit == cand.base_commit else []
+    stale = not incumbent and ctx.asynchronous and cand.kind in ("proposal", "rebase", "confirm")
+    if stale:  # the best moved on while it ran: judged against its own base as measured here
+        incumbent = measured(cand.base_commit)
+        stale = bool(incumbent)
+    best = statistics.fmean(incumbent) if incumbent else None
+    groups = _repeat_groups(rows, judged, cls, hw)
+    scale = abs(best if best is not None else ref.best if ref is not None and ref.best else 1.0) or 1.0
+    loop = ctx.settings.loop
+    rule = Rule(z=loop.keep_z, max_runs=loop.max_runs, prior_sd=loop.noise_prior * scale)
+    verdict = judge(
+        Measurement(run.exit_code, run.kill_reason, parse_summary(tail), tail),
+        kind=cand.kind, metric_name=ctx.metric_name, direction=ctx.direction,
+        earlier=measured(cand.commit or cand.base_commit), incumbent=incumbent or None,
+        noise=pooled_noise(groups, rule.prior_sd), rule=rule,
+    )
+    if cand.kind == "baseline" and ctx.asynchronous and ref is not None and cand.commit != ctx.git.head():
+        # the best moved on while this re-measurement of an older best ran: a measurement
+        # (for the noise), not the class's reference
+        verdict = dataclasses.replace(verdict, status="discard", best_after=ref.best,
+                                      reason=f"re-measured {cand.base_commit[:7]}, no longer the best")
+    if verdict.reason.startswith(NOT_COMPARED_PREFIX):
+        has = f"{ref.commit[:7]}" if ref is not None else "nothing yet"
+        verdict = dataclasses.replace(verdict, reason=(
+            f"{NOT_COMPARED_PREFIX} {hw or 'this hardware'} has no measurement of {cand.base_commit[:7]}"
+            f" (it has {has}); measuring the best commit there first"))
+    rebase = stale and (verdict.status == "keep" or verdict.needs_confirm)
+    if stale:  # whatever it was, the class's best is the newer one
+        assert ref is not None
+        verdict = dataclasses.replace(verdict, best_after=ref.best)
+    if rebase:
+        assert ref is not None and verdict.metric is not None and best is not None
+        verdict = dataclasses.replace(verdict, status="discard", needs_confirm=False, remeasure_best=False, reason=(
+            f"{REBASE_PREFIX} better than its base {cand.base_commit[:7]} by"
+            f" {gain(verdict.metric, best, ctx.direction):.6f}, but the best moved on to {ref.commit[:7]}"
+            f" while it ran: re-made there and re-run"))
+    if (verdict.status == "keep" or verdict.needs_confirm) and ctx.settings.project.checks_command:
+        verdict = checks(ctx, verdict, ctx.run_dir(cand), best)
+    started = started_at(run.log_path) or run.started_at
+    finished_at = _mtime(f"{run.log_path}.exit") or run.finished_at or time.time()
+    c = verdict.comparison
+    return Outcome(
+        status=verdict.status, metric=verdict.metric, best_after=verdict.best_after, reason=verdict.reason,
+        metrics=verdict.metrics, confidence=verdict.confidence, needs_confirm=verdict.needs_confirm,
+        remeasure_best=verdict.remeasure_best,
+        gain=c.gain if c is not None else
+        None if best is None or verdict.metric is None else gain(verdict.metric, best, ctx.direction),
+        se=None if c is None else c.se, n=None if c is None else c.n_candidate,
+        n_best=None if c is None else c.n_incumbent, reference=best,
+        duration_s=max(0.0, finished_at - started), started_at=started, finished_at=finished_at,
+        slot=run.slot, node=run.slot.split("@", 1)[1] if "@" in run.slot else "", hardware=hw,
+        commit=cand.commit,
+        log_tail="\n".join(tail.splitlines()[-EVENT_LOG_TAIL_LINES:]) if verdict.status == "crash" else "",
+        compared=not verdict.reason.startswith(NOT_COMPARED_PREFIX), rebase=rebase,
+    )
+
+
+def checks(ctx: Context, verdict: Verdict, cwd: Path, best: float | None) -> Verdict:
+    """The project's checks command on a result that would move the best; a failure turns it
+    into `checks_failed`."""
+    try:
+        done = subprocess.run(
+            ctx.settings.project.checks_command, shell=True, check=False, cwd=cwd, capture_output=True,
+            text=True, env={**os.environ, **ctx.env}, timeout=ctx.settings.heartbeat.run_timeout,
+        )
+        code, output = done.returncode, (done.stdout + done.stderr).strip()
+    except subprocess.TimeoutExpired:
+        code, output = -1, "timed out"
+    if code == 0:
+        return verdict
+    last = output.splitlines()[-1] if output else ""
+    return dataclasses.replace(
+        verdict, status="checks_failed", needs_confirm=False, remeasure_best=False, best_after=best,
+        reason=f"checks failed (exit {code}): {last[:200]}",
+    )
+
+
+def held_out_opinion(ctx: Context, cand: Candidate, out: Outcome, rows: list[Experiment]) -> SecondOpinion | None:
+    """The harness's hook for keeps (built-in trainer): keep the run's model, and score a kept
+    change and the commit it replaced on a held-out slice (a fresh one per keep); its gain there
+    goes into the keep's metrics and its text into the reason (SUSPECT when the gain vanishes).
+    Deterministic from stored state (scores are cached by commit), so a restart records the same."""
+    if out.status != "keep" or not ctx.ws.builtin_trainer or cand.commit is None:
+        return None
+    keep_artifact(ctx.ws, ctx.run_dir(cand), cand.commit)
+    if cand.kind == "baseline":
+        return None
+    earlier = sum(1 for e in rows if e.status == "keep" and e.kind != "baseline")
+    return second_opinion(ctx.ws, ctx.env, cand.commit, cand.base_commit, earlier, ctx.direction)
+
+
+def _measurements(rows: list[Experiment], judged: Judged, cls: HardwareClass, hw: str) -> Callable[[str], list[float]]:
+    """commit -> its measurements on `cls`: recorded, then judged earlier in this wave."""
+    def of(commit: str) -> list[float]:
+        values = [e.metric for e in rows if e.commit == commit and e.hardware_class == cls and e.metric is not None]
+        return values + [o.metric for o in judged if o is not None and o.commit == commit
+                         and o.hardware == hw and o.metric is not None]
+    return of
+
+
+def _repeat_groups(rows: list[Experiment], judged: Judged, cls: HardwareClass, hw: str) -> list[list[float]]:
+    """Results of the same commit run more than once on this hardware class and setting
+    (baseline repeats, re-runs, re-measurements of the best); the noise is pooled over them."""
+    measured = _measurements(rows, judged, cls, hw)
+    commits = {e.commit for e in rows if e.hardware_class == cls and e.metric is not None}
+    commits |= {o.commit for o in judged if o is not None and o.hardware == hw and o.commit}
+    return [measured(c) for c in sorted(commits)]
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None

@@ -1,0 +1,66 @@
+"""Exporting: recorded -> done. results.tsv and autoresearch.jsonl are regenerated from the
+ledger; in one transaction the recorded candidates are done, the follow-ups their outcomes ask
+for are created (a confirm run and a re-measurement of the best, a rebase), places that could not
+compare are remembered for the next wave, and the wave ends when nothing of it is in flight."""
+
+from __future__ import annotations
+
+from nightlab.loop.engine.context import Context
+from nightlab.loop.engine.outcome import Outcome
+from nightlab.loop.engine.planning import WANTED_KEY, WAVE_KEY
+from nightlab.loop.state import ledger
+from nightlab.loop.state.ledger import Candidate
+
+
+def export(ctx: Context, members: list[Candidate]) -> None:
+    store = ctx.store
+    ledger.write_exports(ctx.ws.path, store, ctx.metric_name, ctx.direction, ctx.ws.branch)
+    recorded = [c for c in members if c.phase == "recorded"]
+    done = {c.id for c in recorded}
+    others = [c for c in ledger.open_candidates(store) if c.id not in done]  # async: still running
+    # The wave ends in one transaction; a confirm run it asked for is created here, not while
+    # recording, so it never joins the wave being recorded: it is the next wave, alone.
+    with store.transaction():
+        wanted = store.get(WANTED_KEY, [])
+        for cand in recorded:
+            ledger.update_candidate(store, cand.id, phase="done")
+            assert cand.outcome is not None
+            out = Outcome.from_json(cand.outcome)
+            where = {"hardware": out.hardware, "node": out.node}
+            if out.needs_confirm:
+                _rerun(ctx, cand, out, where)
+            if out.rebase:  # from the best as it is now, before it can be kept
+                ledger.new_candidate(
+                    store, "rebase", ctx.git.head(), confirm_of=cand.number,
+                    description=f"rebase of #{cand.number}: {cand.description}", hypothesis=cand.hypothesis,
+                    area=cand.area, params=cand.params, focus=cand.focus,
+                )
+            if not out.compared and where not in wanted:
+                wanted.append(where)
+        if wanted:
+            store.set(WANTED_KEY, wanted)
+        if not others:
+            store.delete(WAVE_KEY)
+    if not ctx.in_place:
+        for cand in recorded:
+            ctx.git.drop_snapshot(ctx.snapshot_path(cand.number))
+
+
+def _rerun(ctx: Context, cand: Candidate, out: Outcome, where: dict[str, str]) -> None:
+    """A result to decide by re-running it: on the same hardware class, and node when a
+    cluster's; the incumbent first when its own n is small (its result counts for the re-run)."""
+    assert cand.commit is not None
+    # every re-run names the first run of its commit
+    first, what = (cand.confirm_of, cand.description.split(": ", 1)[-1]) if cand.kind == "confirm" \
+        else (cand.number, cand.description)
+    if out.remeasure_best:
+        ledger.new_candidate(
+            ctx.store, "baseline", cand.base_commit, commit=cand.base_commit, phase="committed",
+            description=f"re-measure the best for #{first}", focus=cand.focus, pin=where,
+        )
+    ledger.new_candidate(
+        ctx.store, "confirm", cand.base_commit, commit=cand.commit, phase="committed",
+        confirm_of=first, description=f"confirm #{first}: {what}",
+        hypothesis=cand.hypothesis, area=cand.area, params=cand.params, focus=cand.focus,
+        pin=where,
+    )

@@ -1,0 +1,93 @@
+"""The engine process: `python -m nightlab.loop.engine`, one per workspace (its lock), until
+stopped (SIGTERM/SIGINT at the next checkpoint) or `--max-experiments` are recorded.
+
+    python -m nightlab.loop.engine --config FILE [--workspace PATH] [--max-experiments N]
+                                   [--prepared-data DIR]
+
+`--prepared-data`: the daemon has just prepared the built-in trainer's data dir; the engine
+uses it as it is instead of preparing it again (a standalone engine prepares it itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from nightlab.loop.engine.cycle import Engine
+from nightlab.loop.executors import Executor, make_executor
+from nightlab.loop.proposers.base import ProposalError, Proposer
+from nightlab.loop.runenv import run_environment
+from nightlab.loop.state.config import Settings, load_settings
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.lock import EngineLock
+from nightlab.loop.state.store import Store
+from nightlab.loop.workspace import open_workspace
+
+
+def _proposer_tick(store: Store, stop: threading.Event) -> None:
+    """Called about once a second while a slow proposer works (an agent, for minutes): liveness
+    for the heartbeat and a way out on stop. Steering commands wait until the proposal is in,
+    because the proposer owns the working tree until then."""
+    store.set("engine.tick", time.time())
+    if stop.is_set():
+        raise ProposalError("the engine is stopping")
+
+
+def run_engine(
+    settings: Settings,
+    max_experiments: int | None = None,
+    stop: threading.Event | None = None,
+    *,
+    proposer: Proposer | None = None,
+    executor: Executor | None = None,
+    parent_pid: int | None = None,
+    prepared_data: Path | None = None,
+) -> int:
+    """Run the loop in this process until `stop` is set or `max_experiments` are recorded.
+    `prepared_data`: the data dir the daemon prepared (None: prepare it here)."""
+    ws = open_workspace(settings.workspace_path, settings)
+    lock = EngineLock(ws.path)
+    lock.acquire()
+    try:
+        stop = stop or threading.Event()
+        if proposer is None:
+            from nightlab.loop.proposers import make_proposer
+
+            proposer = make_proposer(settings, tick=lambda: _proposer_tick(ws.store, stop))
+        # Quiet: the daemon prepared the data and said so just before starting this process.
+        env = run_environment(ws, settings, lambda _: None, prepared=prepared_data)
+        engine = Engine(settings, ws, executor or make_executor(settings), proposer, env, stop, parent_pid)
+        return engine.run(max_experiments)
+    finally:
+        lock.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nightlab.loop.engine",
+                                     description="The experiment cycle, until stopped.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workspace", help="overrides [workspace] path")
+    parser.add_argument("--max-experiments", type=int, default=None)
+    parser.add_argument("--prepared-data", type=Path, default=None,
+                        help="the data dir the daemon prepared (skips preparing it again)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        settings = load_settings(args.config)
+        if args.workspace:
+            settings = dataclasses.replace(
+                settings, workspace=dataclasses.replace(settings.workspace, path=str(args.workspace))
+            )
+        return run_engine(settings, args.max_experiments, stop, parent_pid=os.getppid(),
+                          prepared_data=args.prepared_data)
+    except UserError as exc:
+        print(f"nightlab: {exc}", file=sys.stderr)
+        return 2

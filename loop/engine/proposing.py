@@ -1,0 +1,108 @@
+"""Proposing: proposing -> committed. The proposer edits the working tree from the candidate's
+base (or a rebase re-makes an older change on the best); the engine, never the proposer, checks
+that only editable files changed and commits. A candidate that ends here (the proposer failed,
+a rejected or empty change) gets its outcome at once and is recorded by the usual steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from typing import Any
+
+from nightlab.loop.engine.context import Context
+from nightlab.loop.engine.outcome import Outcome
+from nightlab.loop.engine.streaks import without_a_keep
+from nightlab.loop.proposers.base import PastExperiment, Proposal, ProposalContext, ProposalError
+from nightlab.loop.state import ledger
+from nightlab.loop.state.ledger import Candidate
+from nightlab.loop.workspace import protect
+
+WIDENED_KEY = "loop.focus_widened"  # kv: the focus already said to be exhausted (said once)
+
+
+def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
+    git, store = ctx.git, ctx.store
+    if git.changed_files() or git.head() != cand.base_commit:
+        git.reset_to(cand.base_commit)
+    notes: list[tuple[int, str]] = []  # delivered only with a proposal that runs (committed below)
+    if cand.kind == "rebase":
+        remade = remake(ctx, cand)
+        if remade is None:
+            return None
+        proposal = remade
+    else:
+        notes = ledger.queued_notes(store)
+        in_flight = tuple(c.description for c in open_ if c.id != cand.id and c.kind != "baseline" and c.description)
+        pctx = dataclasses.replace(proposal_context(ctx, cand, tuple(text for _, text in notes)), in_flight=in_flight)
+        try:
+            proposal = ctx.proposer.propose(pctx)
+        except ProposalError as exc:
+            return no_run(ctx, cand, "crash", f"proposer failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 -- a proposer bug must not stop the night; it counts as a failure
+            traceback.print_exc()
+            return no_run(ctx, cand, "crash", f"proposer error: {type(exc).__name__}: {exc}")
+    described = {"description": proposal.description, "hypothesis": proposal.hypothesis,
+                 "area": proposal.area, "params": dict(proposal.params)}
+    if cand.focus and proposal.area and proposal.area != cand.focus and store.get(WIDENED_KEY) != cand.focus:
+        store.set(WIDENED_KEY, cand.focus)  # once per focus, not once per proposal
+        store.emit("alert", text=f"focus {cand.focus}: nothing left to try there; the search widens to"
+                                 f" other areas (#{cand.number}: {proposal.area}). `focus off` or another focus to steer")
+    changed = git.changed_files()
+    outside = [p for p in changed if p not in ctx.ws.editable]
+    if outside:
+        git.reset_to(cand.base_commit)
+        protect(ctx.ws)
+        reason = f"rejected: changed files outside project.editable: {', '.join(outside)} (restored)"
+        return no_run(ctx, cand, "crash", reason, **described)
+    if not changed:
+        return no_run(ctx, cand, "discard", "the proposal changed nothing", **described)
+    commit = git.commit_all(f"#{cand.number}: {proposal.description}\n\n{proposal.hypothesis}")
+    git.keep_ref(cand.number, commit)
+    if not ctx.in_place:  # the run gets a snapshot; the workspace stays at the wave's base
+        git.reset_to(cand.base_commit)
+    added, removed = git.numstat(cand.base_commit, commit)
+    with store.transaction():
+        ledger.update_candidate(store, cand.id, phase="committed", commit_sha=commit,
+                                lines_added=added, lines_removed=removed, **described)
+        ledger.mark_notes_delivered(store, [cid for cid, _ in notes], cand.number)
+
+
+def remake(ctx: Context, cand: Candidate) -> Proposal | None:
+    """A rebase: the change of the experiment it re-runs, applied to the current best."""
+    original = next(e for e in ledger.experiments(ctx.store) if e.number == cand.confirm_of)
+    conflicts = ctx.git.apply_change(original.commit)
+    if conflicts:
+        ctx.git.reset_to(cand.base_commit)
+        no_run(ctx, cand, "discard", f"could not re-make #{original.number} on {cand.base_commit[:7]}:"
+                                     f" its change conflicts with the best's in {', '.join(conflicts)}")
+        return None
+    return Proposal(cand.description, cand.hypothesis, cand.area, dict(cand.params))
+
+
+def no_run(ctx: Context, cand: Candidate, status: str, reason: str, **described: Any) -> None:
+    """A candidate that ends before any run: judged here, recorded by the usual steps."""
+    outcome = Outcome(status, None, ctx.best(), reason, finished_at=time.time())
+    ledger.update_candidate(ctx.store, cand.id, phase="finished", commit_sha=cand.base_commit,
+                            outcome=outcome.to_json(), **described)
+
+
+def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> ProposalContext:
+    rows = ledger.experiments(ctx.store)
+    history = tuple(
+        PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params)
+        for e in rows
+    )
+    # the best: the experiment that made it (a change, else the first baseline), valued at its
+    # estimate now (every measurement of its commit), not at its own single run
+    keeps = [e for e in rows if e.status == "keep"]
+    made = next((e for e in reversed(keeps) if e.kind != "baseline"), keeps[0] if keeps else None)
+    best = None if made is None else dataclasses.replace(
+        history[rows.index(made)], metric=next(e.best for e in reversed(keeps) if e.commit == made.commit))
+    crashes = [e for e in rows if e.status == "crash" and e.duration_s is not None]
+    return ProposalContext(
+        workspace=ctx.ws.path, editable=ctx.ws.editable, metric_name=ctx.metric_name,
+        direction=ctx.direction, best=best, history=history,
+        focus=cand.focus, notes=notes, consecutive_failures=without_a_keep(ctx.store, rows),
+        last_crash_log=ctx.log_tail(crashes[-1].number, 4000) if crashes else "",
+    )

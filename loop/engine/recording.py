@@ -1,0 +1,93 @@
+"""Recording: finished -> recorded. Git moves to where the decision put it (keep: the
+candidate's commit; otherwise its base), and the experiment and its `experiment_finished` event
+are written once, in one transaction; failures in a row pause the loop, a run of discards is
+said once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nightlab.loop import hardware
+from nightlab.loop.decision import HELDOUT_GAIN
+from nightlab.loop.engine.context import Context, say
+from nightlab.loop.engine.deciding import held_out_opinion
+from nightlab.loop.engine.outcome import Outcome
+from nightlab.loop.engine.streaks import failures_in_a_row, without_a_keep
+from nightlab.loop.state import ledger
+from nightlab.loop.state.ledger import Candidate, Experiment
+
+DISCARDS_SAID_KEY = "loop.discards_said"  # kv: the keep whose following run of discards was reported
+
+
+def record(ctx: Context, cand: Candidate) -> None:
+    assert cand.outcome is not None
+    out = Outcome.from_json(cand.outcome)
+    commit = cand.commit or cand.base_commit
+    target = out.head_after or (commit if out.moves_head else cand.base_commit)
+    if ctx.git.head() != target or ctx.git.changed_files():
+        ctx.git.reset_to(target)
+    rows = ledger.experiments(ctx.store)
+    hw = out.hardware
+    if hw:  # the best of its class before it
+        ref = ledger.reference(rows, ctx.hw_class(hw))
+        previous = None if ref is None else ref.best
+    else:  # no run (a proposer failure, a rejection): the last best recorded
+        previous = ctx.best(rows)
+    opinion = held_out_opinion(ctx, cand, out, rows)
+    reason = out.reason + ("" if opinion is None else f"; {opinion.text()}")
+    metrics = out.metrics if opinion is None else {**out.metrics, HELDOUT_GAIN: opinion.gain}
+    exp = Experiment(
+        number=cand.number, kind=cand.kind, confirm_of=cand.confirm_of, commit=commit,
+        status=out.status, metric=out.metric, metrics=metrics, best=out.best_after,
+        confidence=out.confidence, description=cand.description, hypothesis=cand.hypothesis,
+        area=cand.area, params=cand.params, focus=cand.focus, reason=reason,
+        lines_added=cand.lines_added, lines_removed=cand.lines_removed, duration_s=out.duration_s,
+        slot=out.slot, started_at=out.started_at, finished_at=out.finished_at,
+        hardware=hw, setting=ctx.setting if hw else "",
+    )
+    with ctx.store.transaction():
+        if not ledger.record_experiment(ctx.store, cand.id, exp, finished_event(ctx, exp, out, previous)):
+            ledger.update_candidate(ctx.store, cand.id, phase="recorded")
+            return
+        _maybe_self_pause(ctx, [*rows, exp])
+    ctx.learn([exp])
+    say(f"#{exp.number} {exp.status} {exp.metric if exp.metric is not None else ''} {exp.reason}")
+
+
+def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float | None) -> dict[str, Any]:
+    """The `experiment_finished` payload (ARCHITECTURE.md: events)."""
+    # a class's later baselines re-measure the best commit: a new reference, not a new best
+    new_best = exp.status == "keep" and previous != exp.best and (exp.kind != "baseline" or previous is None)
+    return {
+        "number": exp.number, "status": exp.status, "metric_name": ctx.metric_name,
+        "metric": exp.metric, "best": exp.best, "previous_best": previous,
+        # this result against the best before it: what a reader wants to see for any status
+        "delta": None if exp.metric is None or previous is None else exp.metric - previous,
+        "new_best": new_best, "description": exp.description, "hypothesis": exp.hypothesis,
+        "area": exp.area, "duration_s": exp.duration_s, "peak_vram_mb": exp.metrics.get("peak_vram_mb"),
+        "mfu_percent": exp.metrics.get("mfu_percent"), "confidence": exp.confidence, "focus": exp.focus,
+        "commit": exp.commit[:7], "lines_added": exp.lines_added, "lines_removed": exp.lines_removed,
+        "reason": exp.reason, "log_tail": out.log_tail, "slot": exp.slot, "kind": exp.kind,
+        "hardware": exp.hardware, "profile": ctx.ws.profile, "harness": hardware.harness_values(ctx.env),
+        # the decision's figures: the gain (positive = better) ± its standard error, n vs n
+        "gain": out.gain if out.se is not None else None, "se": out.se, "n": out.n, "n_best": out.n_best,
+    }
+
+
+def _maybe_self_pause(ctx: Context, rows: list[Experiment]) -> None:
+    """Only failures (crashes, timeouts, rejected proposals, failed checks) pause the loop: a
+    run of discards is the search's business (it widens), said once in chat, never a stop."""
+    store = ctx.store
+    failures = failures_in_a_row(store, rows)
+    limit = ctx.settings.loop.pause_after_failures
+    if failures >= limit and ledger.paused(store) is None:
+        reason = f"{failures} failed experiments in a row; resume when you have looked (focus, note)"
+        ledger.set_paused(store, "nightlab", reason, None)
+        store.emit("self_paused", reason=reason)
+    misses = without_a_keep(store, rows)
+    streak = next((e.number for e in reversed(rows) if e.status == "keep" and e.kind != "baseline"), 0)
+    if misses >= limit and store.get(DISCARDS_SAID_KEY) != streak:
+        store.set(DISCARDS_SAID_KEY, streak)  # said once per streak (it starts at a keep)
+        store.emit("alert", text=(
+            f"{misses} experiments in a row without a keep: the search widens its moves and changes area;"
+            " the loop goes on (only failures pause it)"))

@@ -1,0 +1,48 @@
+"""Startup: the workspace as a restart finds it (stale git locks, the branch, a dirty tree, the
+protected files), and the keys the views read about this loop."""
+
+from __future__ import annotations
+
+import os
+
+from nightlab.loop.decision import DIRECTION_KEY, NOISE_PRIOR_KEY
+from nightlab.loop.engine.context import Context, say
+from nightlab.loop.ratchet import clear_stale_git_locks
+from nightlab.loop.state import ledger
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.workspace import dirty_error, protected_mismatches
+
+
+def startup(ctx: Context) -> None:
+    ws, git, store = ctx.ws, ctx.git, ctx.store
+    for lock in clear_stale_git_locks(ws.path):  # we hold the engine lock: they are stale
+        say(f"removed a stale git lock left by a killed git process: {lock}")
+    branch = git.branch()
+    if branch != ws.branch:
+        raise UserError(
+            f"{ws.path} is on {branch or 'a detached HEAD'}, not the session branch"
+            f" {ws.branch}; run `git -C {ws.path} checkout {ws.branch}`"
+        )
+    open_ = ledger.open_candidates(store)
+    changed = git.changed_files()
+    if changed and not open_:
+        raise dirty_error(ws, changed)
+    proposing = [c for c in open_ if c.phase == "proposing"]
+    if proposing:
+        git.reset_to(proposing[0].base_commit)  # our own interrupted edit
+    if not open_ or proposing:
+        bad = protected_mismatches(ws)
+        if bad:
+            raise UserError(
+                f"protected files changed since `nightlab init`: {', '.join(bad)}; restore them"
+                f" (git -C {ws.path} checkout -- {' '.join(bad)}) or init a new workspace"
+            )
+    ctx.learn(ledger.experiments(store))
+    with store.transaction():
+        store.set(ledger.AREAS_KEY, None if ctx.proposer.areas is None else list(ctx.proposer.areas))
+        store.set("loop.metric_name", ctx.metric_name)
+        store.set(DIRECTION_KEY, ctx.direction)
+        store.set(NOISE_PRIOR_KEY, ctx.settings.loop.noise_prior)
+        store.set("loop.slots", [s.name for s in ctx.slots])
+        store.set("engine.finished", False)
+        store.set("engine.pid", os.getpid())
