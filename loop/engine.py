@@ -342,8 +342,8 @@ class Engine:
                 self._add_member()
                 return True
         runs = {c.id: ledger.run_for_candidate(self.store, c.id) for c in open_ if c.phase == "running"}
-        ended = all(c.phase in ("finished", "recorded") or (runs.get(c.id) and runs[c.id].state == "exited")
-                    for c in open_)
+        ended = all(c.phase in ("finished", "recorded")
+                    or ((run := runs.get(c.id)) is not None and run.state == "exited") for c in open_)
         if not ended or (len(open_) < wave["size"] and not paused):
             return False
         if any(c.outcome is None or "head_after" not in c.outcome for c in open_):
@@ -454,7 +454,7 @@ class Engine:
 
     def _no_run(self, cand: Candidate, status: str, reason: str, **described: Any) -> None:
         """A candidate that ends before any run: judged here, recorded by the usual steps."""
-        outcome = {"status": status, "metric": None, "metrics": {}, "best_after": self._best(), "reason": reason,
+        outcome: dict[str, Any] = {"status": status, "metric": None, "metrics": {}, "best_after": self._best(), "reason": reason,
                    "confidence": None, "needs_confirm": False, "duration_s": None, "started_at": None,
                    "finished_at": time.time(), "log_tail": "", "slot": ""}
         ledger.update_candidate(self.store, cand.id, phase="finished", commit_sha=cand.base_commit,
@@ -634,10 +634,10 @@ class Engine:
             verdict = dataclasses.replace(verdict, status="discard", best_after=ref.best,
                                           reason=f"re-measured {cand.base_commit[:7]}, no longer the best")
         if verdict.reason.startswith(NOT_COMPARED_PREFIX):
-            measured = f"{ref.commit[:7]}" if ref is not None else "nothing yet"
+            has = f"{ref.commit[:7]}" if ref is not None else "nothing yet"
             verdict = dataclasses.replace(verdict, reason=(
                 f"{NOT_COMPARED_PREFIX} {hw or 'this hardware'} has no measurement of {cand.base_commit[:7]}"
-                f" (it has {measured}); measuring the best commit there first"))
+                f" (it has {has}); measuring the best commit there first"))
         rebase = stale and (verdict.status == "keep" or verdict.needs_confirm)
         if stale:  # whatever it was, the class's best is the newer one
             assert ref is not None

@@ -227,7 +227,8 @@ class Store:
                 "INSERT INTO events(ts, kind, payload) VALUES(?, ?, ?)",
                 (time.time(), kind, json.dumps(payload, default=str)),
             )
-            return int(cur.lastrowid)
+            assert cur.lastrowid is not None  # every INSERT sets it
+            return cur.lastrowid
 
     def events_after(self, cursor: int, limit: int = 500) -> list[Event]:
         rows = self.connection().execute(
@@ -246,7 +247,8 @@ class Store:
                 "INSERT INTO commands(ts, sender, name, args) VALUES(?, ?, ?, ?)",
                 (time.time(), sender, name, args),
             )
-            return int(cur.lastrowid)
+            assert cur.lastrowid is not None  # every INSERT sets it
+            return cur.lastrowid
 
     def pending_commands(self) -> list[CommandRecord]:
         rows = self.connection().execute(
