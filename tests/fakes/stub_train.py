@@ -59,7 +59,11 @@ time.sleep(SLEEP)
 if os.environ.get("NIGHTLAB_STUB_GATES"):
     number = pathlib.Path(os.environ["NIGHTLAB_EXIT_FILE"]).name.split(".")[0]  # runs/N.log.exit
     gate = pathlib.Path(os.environ["NIGHTLAB_STUB_GATES"]) / number
+    given_up = time.monotonic() + 300  # a failed test never opens it: do not outlive the suite
     while not gate.exists():
+        if time.monotonic() > given_up:
+            print(f"the gate {gate} never opened", flush=True)
+            sys.exit(5)
         time.sleep(0.02)
 if MODE == "crash":
     print("Traceback (most recent call last):\nRuntimeError: boom", flush=True)
