@@ -7,10 +7,10 @@ Everything else (who may do what, what to say, retries, order) lives outside the
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from nightlab.bot.format import Flavour
 
@@ -29,7 +29,7 @@ class Incoming:
         return f"{self.channel}:{self.user}"
 
 
-OnMessage = Callable[[Incoming], Awaitable[None]]
+OnMessage = Callable[[Incoming], Coroutine[Any, Any, None]]  # a coroutine: Slack schedules it from its threads
 
 
 class DeliveryError(Exception):

@@ -18,15 +18,22 @@ from typing import Protocol
 
 
 class Point(Protocol):
-    """What the chart needs of an experiment (loop.state.ledger.Experiment has it)."""
+    """What the chart needs of an experiment (loop.state.ledger.Experiment, a frozen dataclass, has it)."""
 
-    number: int
-    status: str
-    metric: float | None
-    description: str
-    kind: str
-    commit: str
-    best: float | None
+    @property
+    def number(self) -> int: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def metric(self) -> float | None: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def commit(self) -> str: ...
+    @property
+    def best(self) -> float | None: ...
 
 
 def noise_sd(points: Sequence[Point]) -> float:
@@ -38,6 +45,10 @@ def noise_sd(points: Sequence[Point]) -> float:
         if p.metric is not None:
             groups.setdefault(p.commit, []).append(p.metric)
     return pooled_noise(groups.values(), prior_sd=0.0).sd
+
+
+def _metrics(measured: Sequence[Point]) -> list[float]:
+    return [p.metric for p in measured if p.metric is not None]
 
 
 def progress_chart(
@@ -59,9 +70,9 @@ def progress_chart(
 
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     try:
-        ax.scatter([p.number for p in others], [p.metric for p in others], c="#b0b0b0", s=18,
+        ax.scatter([p.number for p in others], _metrics(others), c="#b0b0b0", s=18,
                    label=f"discarded ({len(others)})", zorder=2)
-        ax.scatter([p.number for p in kept], [p.metric for p in kept], c="#2ca02c", s=36,
+        ax.scatter([p.number for p in kept], _metrics(kept), c="#2ca02c", s=36,
                    edgecolors="black", linewidths=0.5, label=f"kept ({len(kept)})", zorder=3)
         if crashes:
             top = blended_transform_factory(ax.transData, ax.transAxes)

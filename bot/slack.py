@@ -22,6 +22,7 @@ from nightlab.bot.outage import LibraryLog, Outage
 from nightlab.loop.state.config import Secret, SlackSettings
 from slack_sdk.errors import SlackApiError
 from slack_sdk.socket_mode import SocketModeClient
+from slack_sdk.socket_mode.client import BaseSocketModeClient
 from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web import WebClient
@@ -83,7 +84,7 @@ class SlackChannel:
         log.info("slack: socket mode connected")
 
     # -- incoming (runs in the Socket Mode client's threads) ----------------------------------
-    def _receive(self, client: SocketModeClient, req: SocketModeRequest) -> None:
+    def _receive(self, client: BaseSocketModeClient, req: SocketModeRequest) -> None:
         # Acknowledge first: Slack redelivers what is not acked within 3 s.
         client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
         msg = _incoming(req, self._me)

@@ -43,7 +43,7 @@ class TelegramChannel:
         self.settings = settings
         self._token = token
         self._poll_timeout = poll_timeout_s
-        self._app: Application | None = None  # type: ignore[type-arg]
+        self._app: Application | None = None
         self._on_message: OnMessage | None = None
         self.outage = Outage(self.name)
 
@@ -126,7 +126,7 @@ class TelegramChannel:
         with path.open("rb") as f:
             await _call(bot.send_photo(chat_id=int(destination), photo=f, caption=caption[:1024]))
 
-    def _bot(self):  # type: ignore[no-untyped-def]
+    def _bot(self):
         if self._app is None:
             raise DeliveryError("telegram is not connected yet")
         return self._app.bot
@@ -143,7 +143,7 @@ def _unaddressed(text: str, command: MessageEntity) -> str:
     return text[:end].partition("@")[0] + text[end:]
 
 
-async def _call(request) -> None:  # type: ignore[no-untyped-def]
+async def _call(request) -> None:
     try:
         await request
     except RetryAfter as exc:
@@ -173,7 +173,7 @@ class _Request(HTTPXRequest):
         return code, payload
 
 
-async def _shutdown(app: Application, outage: Outage) -> None:  # type: ignore[type-arg]
+async def _shutdown(app: Application, outage: Outage) -> None:
     # Stopped while Telegram is unreachable, the updater logs its last getUpdates failing as an
     # ERROR with a chained traceback: that is the outage again, one line at most.
     updater_log = logging.getLogger("telegram.ext.Updater")

@@ -225,7 +225,7 @@ def _user() -> str:
 
 # -- parser ------------------------------------------------------------------------------------
 def _add(
-    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    sub: argparse._SubParsersAction,
     name: str,
     handler: Callable[[argparse.Namespace], int],
     summary: str,

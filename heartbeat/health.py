@@ -38,7 +38,7 @@ class GpuInfo:
 def gpu_report(own_pids: Collection[int]) -> dict[str, Any]:
     """What kv['host.gpus'] holds for /status: {"available": bool, "reason"?, "gpus": [...]}."""
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
     except ImportError:
         return {"available": False, "reason": "nvidia-ml-py is not installed", "gpus": []}
     try:

@@ -136,7 +136,7 @@ def cached_snapshot(ref: KernelRef) -> Path | None:
 
 def load_cached(ref: KernelRef) -> ModuleType:
     """Load the cached kernel without any network, as a run does. Raises when it is not there."""
-    from kernels import get_local_kernel  # type: ignore[import-untyped]
+    from kernels import get_local_kernel
 
     snapshot = cached_snapshot(ref)
     if snapshot is None:
@@ -170,7 +170,7 @@ def hub_unreachable(timeout_s: float = 10.0) -> str | None:
 
 def _fetch(kernels: Sequence[KernelRef]) -> tuple[Outcome, str]:
     try:
-        from kernels import install_kernel  # type: ignore[import-untyped]
+        from kernels import install_kernel
     except Exception as exc:  # noqa: BLE001 - a broken install is one line, not a traceback
         return "failed", f"the kernels package cannot be imported: {type(exc).__name__}: {_first_line(str(exc))}"
     for ref in kernels:

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # torch < 2.5
-    flex_attention = create_block_mask = None
+    flex_attention = create_block_mask = None  # type: ignore[assignment]
 
 import prepare
 from prepare import EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer
@@ -62,7 +62,7 @@ class Rejected(Exception):
     """The trained model is refused by the scorer; the message is the reason recorded."""
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     print(f"\nFAIL: {message}", flush=True)
     sys.exit(code)
 
@@ -188,7 +188,7 @@ def choose_dtype(device_type: str, capability: tuple[int, int] | None, requested
 # Attention backends: FA3 (Hopper, via `kernels`), FlexAttention, SDPA
 # ---------------------------------------------------------------------------
 
-fa3 = None  # the flash_attn_interface module when the fa3 backend is in use
+fa3: Any = None  # the flash_attn_interface module when the fa3 backend is in use
 fa3_repos = ["varunneal/flash-attention-3", "kernels-community/flash-attn3"]
 BACKEND = "sdpa"  # the backend `attention` uses, set by `setup`
 MASKS: dict[tuple[str, int, int], Any] = {}  # attention masks by (backend, T, window), built before compiling

@@ -41,7 +41,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -552,6 +552,10 @@ class Tokenizer:
     def get_bos_token_id(self) -> int:
         return self.bos_token_id
 
+    @overload
+    def encode(self, text: str, prepend: int | str | None = None, num_threads: int = 8) -> list[int]: ...
+    @overload
+    def encode(self, text: list[str], prepend: int | str | None = None, num_threads: int = 8) -> list[list[int]]: ...
     def encode(
         self, text: str | list[str], prepend: int | str | None = None, num_threads: int = 8
     ) -> list[int] | list[list[int]]:

@@ -32,6 +32,7 @@ import operator
 import re
 import tokenize
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 
 @dataclass(frozen=True)
@@ -298,17 +299,23 @@ def apply_constants(source: str, values: dict[str, object]) -> str:
     return "".join(lines)
 
 
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _evaluate(node: ast.AST) -> object:
     """Value of a constant expression: literals and + - * / // ** % on numbers (e.g. 2**19)."""
     if isinstance(node, ast.BinOp) and isinstance(node.op, tuple(_BINOPS)):
         left, right = _evaluate(node.left), _evaluate(node.right)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (left, right)):
+        if not (_is_number(left) and _is_number(right)):
             raise ValueError("arithmetic on non-numbers")
         if isinstance(node.op, ast.Pow) and abs(right) > 256:
             raise ValueError("exponent too large")
         return _BINOPS[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         operand = _evaluate(node.operand)
+        if not _is_number(operand):
+            raise ValueError("arithmetic on non-numbers")
         return -operand if isinstance(node.op, ast.USub) else +operand
     if isinstance(node, (ast.Tuple, ast.List)):
         items = [_evaluate(e) for e in node.elts]

@@ -28,6 +28,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import optuna
 from nightlab.loop.proposers.base import (
@@ -184,7 +185,7 @@ def _rotate(areas: tuple[str, ...], start: str) -> list[str]:
 
 def _study(ctx: ProposalContext, space: SearchSpace, seed: int) -> optuna.Study:
     """An in-memory study holding everything the ledger knows about this space."""
-    direction = "maximize" if ctx.direction == "maximize" else "minimize"
+    direction: Literal["minimize", "maximize"] = "maximize" if ctx.direction == "maximize" else "minimize"
     sampler = TPESampler(seed=seed, n_startup_trials=N_STARTUP, constant_liar=True)
     study = optuna.create_study(direction=direction, sampler=sampler)
 

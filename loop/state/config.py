@@ -340,7 +340,7 @@ def _convert(hint: Any, value: Any, problems: _Problems, key: str) -> Any:
             f"{source}: {key} is a {type(value).__name__} (value not shown): secrets are never written in"
             f' the config; use {name} = {{ env = "VAR" }} or {name} = {{ file = "/path" }}'
         )
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} = {value!r}: expected a table [{key}]")
         return _build(hint, value, problems, prefix=f"{key}.")

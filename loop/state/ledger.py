@@ -137,7 +137,8 @@ def new_candidate(
             (number, kind, confirm_of, phase, base_commit, commit, description, hypothesis, area,
              json.dumps(params or {}), focus, None if pin is None else json.dumps(pin), now, now),
         )
-        return get_candidate(store, int(cur.lastrowid))
+        assert cur.lastrowid is not None  # every INSERT sets it
+        return get_candidate(store, cur.lastrowid)
 
 
 def get_candidate(store: Store, candidate_id: int) -> Candidate:

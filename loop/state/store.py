@@ -233,7 +233,8 @@ class Store:
                 "INSERT INTO events(ts, kind, payload) VALUES(?, ?, ?)",
                 (time.time(), kind, json.dumps(payload, default=str)),
             )
-            return int(cur.lastrowid)
+            assert cur.lastrowid is not None  # every INSERT sets it
+            return cur.lastrowid
 
     def events_after(self, cursor: int, limit: int = 500) -> list[Event]:
         rows = self.connection().execute(
@@ -252,7 +253,8 @@ class Store:
                 "INSERT INTO commands(ts, sender, name, args, command, reply_to) VALUES(?, ?, ?, ?, ?, ?)",
                 (time.time(), sender, name, args, command, reply_to),
             )
-            return int(cur.lastrowid)
+            assert cur.lastrowid is not None  # every INSERT sets it
+            return cur.lastrowid
 
     def pending_commands(self) -> list[CommandRecord]:
         rows = self.connection().execute(

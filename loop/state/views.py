@@ -254,7 +254,8 @@ def best_text(workspace: Path) -> str:
 def improvements(rows: list[Experiment], direction: str = "minimize") -> list[tuple[Experiment, float]]:
     """Every kept change with its gain over the best of its hardware class before it (positive =
     better), largest first."""
-    found, previous = [], {}
+    found: list[tuple[Experiment, float]] = []
+    previous: dict[HardwareClass, float] = {}
     for e in rows:
         if e.status != "keep" or e.best is None:
             continue

@@ -6,7 +6,7 @@ commands come from the real loop/state/views.py over that store."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +76,3 @@ def running(store: Store, started_ago_s: float = 60.0) -> int:
     run = ledger.add_run(store, cand.id, "{}", "gpu0", "/tmp/log")
     store.connection().execute("UPDATE runs SET started_at = ? WHERE id = ?", (time.time() - started_ago_s, run.id))
     return cand.number
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting")

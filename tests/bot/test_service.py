@@ -15,7 +15,8 @@ from nightlab.loop.state import views
 from nightlab.loop.state.config import Secrets
 from nightlab.loop.state.store import Store
 
-from tests.bot.conftest import finished, running, settings, start_service, wait_until
+from tests.bot.conftest import finished, running, settings, start_service
+from tests.waiting import wait_until
 
 
 def test_console_is_the_default_and_prints_digests(workspace: Path, store: Store,
@@ -31,7 +32,8 @@ def test_console_is_the_default_and_prints_digests(workspace: Path, store: Store
         chart.write_bytes(b"\x89PNG")
         store.emit("report", markdown="# Night report", chart_path=str(chart))
         seen: list[str] = []
-        out = wait_until(lambda: seen.append(capsys.readouterr().out) or ("[chart]" in "".join(seen) and "".join(seen)))
+        out = wait_until(lambda: seen.append(capsys.readouterr().out) or ("[chart]" in "".join(seen) and "".join(seen)),
+                         "the chart on the console")
     finally:
         assert svc.stop(5)
     assert "🏆 #1 keep · val_bpb 0.9700" in out and "MATRIX_LR 0.04→0.05" in out and "⏸ paused by cli:alice" in out

@@ -14,8 +14,9 @@ from nightlab.loop.state import views
 from nightlab.loop.state.config import Secret, Secrets
 from nightlab.loop.state.store import Store
 
-from tests.bot.conftest import finished, running, settings, start_service, wait_until
+from tests.bot.conftest import finished, running, settings, start_service
 from tests.fakes.slack_server import FakeSlack
+from tests.waiting import wait_until
 
 OPERATOR, VIEWER, STRANGER = "UOP", "UVIEW", "USTRANGER"
 CHANNEL, OTHER_CHANNEL, DM = "CLAB", "CRANDOM", "DOP"
@@ -114,9 +115,11 @@ def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is
     caplog.set_level(logging.DEBUG)
     slack.down()
     store.emit("alert", text="while down")
-    wait_until(lambda: store.connection().execute("SELECT COALESCE(MAX(attempts), 0) FROM outbox").fetchone()[0])
+    wait_until(lambda: store.connection().execute("SELECT COALESCE(MAX(attempts), 0) FROM outbox").fetchone()[0],
+               "a failed delivery attempt")
     wait_until(lambda: sum("Failed to check the current session" in r.getMessage() for r in caplog.records)
-               + sum(r.getMessage().startswith("slack: connection lost") for r in caplog.records) >= 1, timeout=30)
+               + sum(r.getMessage().startswith("slack: connection lost") for r in caplog.records) >= 1,
+               "the lost connection in the log", timeout=30)
     slack.up()
     assert [p.text for p in slack.wait_for(1, CHANNEL, timeout=30)] == ["🚨 while down"]
     assert svc.stop(10)

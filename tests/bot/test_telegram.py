@@ -13,8 +13,9 @@ from nightlab.loop.state import views
 from nightlab.loop.state.config import Secret, Secrets
 from nightlab.loop.state.store import Store
 
-from tests.bot.conftest import finished, running, settings, start_service, wait_until
+from tests.bot.conftest import finished, running, settings, start_service
 from tests.fakes.telegram_server import FakeTelegram
+from tests.waiting import wait_until
 
 OPERATOR, VIEWER, STRANGER, GROUP, OTHER_GROUP = 111, 222, 999, -1001, -2002
 
@@ -191,7 +192,7 @@ def test_outage_queues_then_delivers_everything_in_order(tg: FakeTelegram, bot: 
     tg.down()
     for i in range(10):
         store.emit("alert", text=f"during {i}")
-    wait_until(lambda: len(bot_waiting(store)) >= 10)
+    wait_until(lambda: len(bot_waiting(store)) >= 10, "ten messages waiting in the outbox")
     tg.up()
     got = tg.wait_for(11, GROUP, timeout=15)
     assert [m.text for m in got] == ["🚨 before", *(f"🚨 during {i}" for i in range(10))]
@@ -209,8 +210,10 @@ def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is
     caplog.set_level(logging.DEBUG, logger="nightlab")
     tg.down()
     store.emit("alert", text="while down")
-    wait_until(lambda: store.connection().execute("SELECT COALESCE(MAX(attempts), 0) FROM outbox").fetchone()[0])
-    wait_until(lambda: sum("polling" in r.getMessage() for r in caplog.records) >= 1, timeout=15)
+    wait_until(lambda: store.connection().execute("SELECT COALESCE(MAX(attempts), 0) FROM outbox").fetchone()[0],
+               "a failed delivery attempt")
+    wait_until(lambda: sum("polling" in r.getMessage() for r in caplog.records) >= 1, "polling errors in the log",
+               timeout=15)
     tg.up()
     assert [m.text for m in tg.wait_for(1, GROUP, timeout=30)] == ["🚨 while down"]
     tg.down()  # and stopped while it is down again

@@ -20,10 +20,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nightlab.loop.state import ledger
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
@@ -33,6 +34,7 @@ from tests.fakes.daemon_config import write_daemon_config
 from tests.fakes.loop_workspace import make_stub_workspace
 from tests.fakes.slack_server import FakeSlack
 from tests.fakes.telegram_server import FakeTelegram
+from tests.waiting import wait_until
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 EXPERIMENTS = 3  # the baseline (#1, keep), #2 keep, #3 discard: a keep and a reset in every session
@@ -88,13 +90,6 @@ def _finish(proc: subprocess.Popen[bytes], store: Store, since: int, timeout: fl
     return proc.poll()
 
 
-def _until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def _slack_done(slack: FakeSlack, channel: str, number: int, ws: Path) -> bool:
     """Slack has the digest of #number and the outbox has nothing for Slack in flight."""
     if not any(f"#{number} keep · " in p.text for p in slack.posts if p.channel == channel):
@@ -134,7 +129,7 @@ def run_scenario(tmp: Path, point: str, number: int, tg: FakeTelegram, slack: Fa
             assert tg.holding.wait(60), f"the digest of #{number} was never sent\n{log.read_text()}"
             # Slack's copy of the same digest goes out at the same moment: let it finish, so the
             # held Telegram request is the only one in flight when the daemon dies.
-            _until(lambda: _slack_done(slack, channel, number, ws), f"Slack's digest of #{number}")
+            wait_until(lambda: _slack_done(slack, channel, number, ws), f"Slack's digest of #{number}")
             first.send_signal(signal.SIGKILL)
         code = first.wait(60)
     finally:
@@ -142,8 +137,11 @@ def run_scenario(tmp: Path, point: str, number: int, tg: FakeTelegram, slack: Fa
         if first.poll() is None:
             first.kill()
     assert code == -signal.SIGKILL, f"the kill point {point!r} was never reached (exit {code})\n{log.read_text()}"
+    if point in WRITTEN:  # the premise: that phase was written (a kill inside its transaction would undo it)
+        phases = [c.phase for c in ledger.open_candidates(Store.for_workspace(ws)) if c.number == number]
+        assert phases == [point], f"at {point!r} #{number} is in phase {phases}"
     if sending:  # the premise: Telegram has the held digest (reply lost) or has not (request lost)
-        time.sleep(0.3)  # the held request decides once released
+        assert tg.settled.wait(10), "the released request never decided"
         held = [m for m in tg.messages(chat) if f"#{number} keep · " in m.text]
         assert len(held) == (point == "reply_lost"), f"the held digest was delivered {len(held)} times"
 
@@ -182,6 +180,8 @@ def run_scenario(tmp: Path, point: str, number: int, tg: FakeTelegram, slack: Fa
     store.close()
     return checks
 
+
+WRITTEN = ("committed", "running", "finished")  # points right after their phase is written
 
 PARAMS = [pytest.param(point, number, what, id=point) for point, number, what in POINTS]
 

@@ -12,12 +12,12 @@ there and every time (a timer from outside would race with phases that last mill
   proposing      the candidate exists (phase proposing), the proposer has not started
   proposed       the proposer has edited the tree, nothing committed yet
   git_committed  the commit exists in git, the candidate still says proposing
-  committed      the candidate's phase `committed` is written, no run launched yet
+  committed      the candidate's phase `committed` is written (committed), no run launched yet
   launched       the run's process started, not yet recorded in `runs`
-  running        just after the candidate's phase `running` was written
+  running        just after the candidate's phase `running` was written (committed)
   polled         while running: a poll found the run alive and its log already has output
   exited         a poll found the run ended; nothing about it written yet
-  finished       just after the candidate's phase `finished` (the verdict) was written
+  finished       just after the candidate's phase `finished` (the verdict) was written (committed)
   resetting      inside the keep/reset step: `git reset --hard` done, `git clean` not yet
   git_lock       inside the keep/reset step, as git dies holding `.git/index.lock`
   recorded       just after the experiment's transaction committed
@@ -32,6 +32,7 @@ training runs live in their own sessions and survive, as they would a power cut 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -137,6 +138,7 @@ def main() -> int:
     propose, launch, poll = proposer.propose, executor.launch, executor.poll
     update, record, export = ledger.update_candidate, ledger.record_experiment, ledger.write_exports
     commit_all, reset_to = ratchet.Git.commit_all, ratchet.Git.reset_to
+    begin = ledger.Store.transaction
 
     def proposing(ctx):  # type: ignore[no-untyped-def]
         settle(current(), "proposing", "proposed")
@@ -146,9 +148,13 @@ def main() -> int:
         return proposal
 
     def launched(spec):  # type: ignore[no-untyped-def]
-        settle(int(Path(spec.log_path).stem), "launched", "running")
+        n = int(Path(spec.log_path).stem)
+        settle(n, "committed", "launched", "running")
+        # Here, not where the phase is written: that write is inside a transaction (a kill there
+        # would undo it, and the bot could not mark anything sent while we wait for it).
+        at("committed", n)
         handle = launch(spec)
-        at("launched", int(Path(spec.log_path).stem))
+        at("launched", n)
         return handle
 
     def polled(handles):  # type: ignore[no-untyped-def]
@@ -165,13 +171,26 @@ def main() -> int:
                 at("exited", n)
         return statuses
 
+    after_commit: list[tuple[str, int]] = []  # kill points reached inside a write transaction
+
     def updated(store, candidate_id, **fields):  # type: ignore[no-untyped-def]
-        if fields.get("phase") == "committed":  # the other phases are written inside transactions
-            settle(ledger.get_candidate(store, candidate_id).number, "committed")
         cand = update(store, candidate_id, **fields)
-        if fields.get("phase") in ("committed", "running", "finished"):
-            at(fields["phase"], cand.number)
+        if fields.get("phase") in ("running", "finished"):
+            if store.connection().in_transaction:  # dying now would undo the write: die once it is committed
+                after_commit.append((fields["phase"], cand.number))
+            else:
+                at(fields["phase"], cand.number)
         return cand
+
+    @contextlib.contextmanager
+    def transaction(store):  # type: ignore[no-untyped-def]
+        with begin(store) as db:
+            yield db
+        if not store.connection().in_transaction:  # the outermost one has committed
+            reached = list(after_commit)
+            after_commit.clear()
+            for point, n in reached:
+                at(point, n)
 
     def recorded(store, candidate_id, exp, event):  # type: ignore[no-untyped-def]
         done = record(store, candidate_id, exp, event)
@@ -213,6 +232,7 @@ def main() -> int:
     for spec in REGISTRY.values():  # every steering command's action
         if issubclass(spec, Steer):
             spec.apply = applying(spec.apply)  # type: ignore[method-assign]
+    ledger.Store.transaction = transaction  # type: ignore[method-assign]
     if service:
         settings = load_settings(args.config)
         settings = dataclasses.replace(settings, workspace=dataclasses.replace(settings.workspace, path=str(ws_path)))

@@ -42,5 +42,18 @@ def make_stub_workspace(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
     return settings
 
 
+class Gates:
+    """The stub trainer's gates: the run of #N ends once `open(N)` was called (and not before).
+    Runs see them through $NIGHTLAB_STUB_GATES (tests/loop/conftest.py's `gates` sets it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def open(self, *numbers: int) -> None:
+        for number in numbers:
+            (self.folder / str(number)).touch()
+
+
 def git_out(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.waiting import wait_until
+
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 
 
@@ -122,15 +124,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         self._kill_pidfile(self.root / "slurmd.pid", signal.SIGKILL)
 
     def _wait_idle(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def up() -> bool:
             out = subprocess.run(
                 [_binary("sinfo"), "-h", "-o", "%T"], check=False, capture_output=True, text=True, env=self.env
             ).stdout.strip()
-            if out in ("idle", "mixed", "allocated"):
-                return
-            time.sleep(0.3)
-        raise RuntimeError(f"slurm node did not come up; see {self.root}/log")
+            return out in ("idle", "mixed", "allocated")
+
+        wait_until(up, f"the slurm node to come up (see {self.root}/log)", timeout, every=0.3)
 
     def _kill_pidfile(self, pidfile: Path, sig: int) -> None:
         try:

@@ -3,6 +3,10 @@
 The scripted proposer rewrites the UPPER_CASE constants below, exactly like the search proposer
 rewrites the real train.py's. VAL_BPB is a list: the n-th run of the same file content prints the
 n-th value (the last one repeats), so repeated baselines and confirm runs see realistic noise.
+
+With $NIGHTLAB_STUB_GATES set to a folder, the run of experiment N prints its summary only once
+the file <folder>/N exists (tests/fakes/loop_workspace.Gates): the test decides the order in
+which runs end, not the lengths of their sleeps.
 """
 
 import fcntl
@@ -52,6 +56,15 @@ if MODE in ("hang", "spawn"):
     while True:
         time.sleep(0.05)
 time.sleep(SLEEP)
+if os.environ.get("NIGHTLAB_STUB_GATES"):
+    number = pathlib.Path(os.environ["NIGHTLAB_EXIT_FILE"]).name.split(".")[0]  # runs/N.log.exit
+    gate = pathlib.Path(os.environ["NIGHTLAB_STUB_GATES"]) / number
+    given_up = time.monotonic() + 300  # a failed test never opens it: do not outlive the suite
+    while not gate.exists():
+        if time.monotonic() > given_up:
+            print(f"the gate {gate} never opened", flush=True)
+            sys.exit(5)
+        time.sleep(0.02)
 if MODE == "crash":
     print("Traceback (most recent call last):\nRuntimeError: boom", flush=True)
     sys.exit(3)

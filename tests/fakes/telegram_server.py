@@ -61,6 +61,7 @@ class FakeTelegram:
         self._hold: tuple[str, bool] | None = None
         self.holding = threading.Event()  # a held send is waiting
         self._released = threading.Event()
+        self.settled = threading.Event()  # the held send, released, was delivered or refused
         self._cond = threading.Condition()
         self._port = 0
         self._server: QuietServer | None = None
@@ -116,6 +117,7 @@ class FakeTelegram:
             self._hold = (contains, accepted)
             self.holding.clear()
             self._released.clear()
+            self.settled.clear()
 
     def release(self) -> None:
         self._released.set()
@@ -215,8 +217,11 @@ class FakeTelegram:
             self.holding.set()
             self._released.wait(60)
             if not held[1] and not alive():
+                self.settled.set()
                 return 500, {"ok": False, "error_code": 500, "description": "client gone"}
         message_id = message_id or self._record(sent)
+        if held:
+            self.settled.set()
         result: dict[str, Any] = {
             "message_id": message_id, "date": int(time.time()), "from": BOT_USER,
             "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},

@@ -13,14 +13,15 @@ from nightlab.loop.state import ledger
 from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY
 from nightlab.loop.state.store import Store
 
-from tests.heartbeat.conftest import FAKES, Harness, gone, wait_for, write_config
+from tests.heartbeat.conftest import FAKES, Harness, gone, write_config
+from tests.waiting import wait_until
 
 
 def test_second_daemon_is_refused_and_the_first_ends_after_max_experiments(
     harness: Harness, tmp_path: Path
 ) -> None:
     first = harness.start("--finish-after", "3", max_experiments=1)
-    wait_for(lambda: first.store.get("engine.tick"), what="the engine to tick")
+    wait_until(lambda: first.store.get("engine.tick"), what="the engine to tick")
 
     second = subprocess.run(
         [sys.executable, "-m", "nightlab.heartbeat.cli", "run",
@@ -41,7 +42,7 @@ def test_sigterm_stops_within_the_bound_and_leaves_the_run_running(
     pidfile = tmp_path / "trainer.pids"
     trainer = f"{sys.executable} {FAKES / 'fake_trainer.py'} hang {pidfile}"
     daemon = harness.start("--launch-run", trainer)
-    wait_for(pidfile.exists, what="the run to start")
+    wait_until(pidfile.exists, what="the run to start")
     run_pids = [int(p) for p in pidfile.read_text().split()]
     harness.cleanup_pids.extend(run_pids)
     engine_pid = daemon.store.get("fake_engine.starts")[0]
@@ -49,14 +50,14 @@ def test_sigterm_stops_within_the_bound_and_leaves_the_run_running(
     # SIGHUP first: the heartbeat limits are reloaded live
     write_config(tmp_path / "daemon.toml", run_timeout=500.0)
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reloaded heartbeat.run_timeout 600.0 -> 500.0" in daemon.log(), what="reload")
+    wait_until(lambda: "reloaded heartbeat.run_timeout 600.0 -> 500.0" in daemon.log(), what="reload")
     assert daemon.store.get(LIVE_HEARTBEAT_KEY)["run_timeout"] == 500.0  # for the engine's next checkpoint
 
     started = time.monotonic()
     assert daemon.stop(timeout=30) == 0
     assert time.monotonic() - started < 25  # bot + engine bounds (10 s each) plus slack
     assert "stopping: SIGTERM" in daemon.log()
-    wait_for(lambda: gone(engine_pid), timeout=5, what="the engine to be gone")
+    wait_until(lambda: gone(engine_pid), timeout=5, what="the engine to be gone")
     # the run goes on, unmarked, for the next start to re-attach
     assert not any(gone(p) for p in run_pids)
     run = ledger.get_run(daemon.store, 1)
@@ -70,11 +71,11 @@ def test_an_engine_left_over_by_a_previous_daemon_is_stopped_first(harness: Harn
                                  "--workspace", str(workspace)])
     harness.cleanup_pids.append(leftover.pid)
     store = Store.for_workspace(workspace)
-    wait_for(lambda: store.get("engine.tick"), what="the leftover engine to hold the lock")
+    wait_until(lambda: store.get("engine.tick"), what="the leftover engine to hold the lock")
 
     daemon = harness.start()
     assert leftover.wait(timeout=20) is not None
-    wait_for(lambda: len(store.get("fake_engine.starts", [])) == 2, what="the daemon's own engine")
+    wait_until(lambda: len(store.get("fake_engine.starts", [])) == 2, what="the daemon's own engine")
     assert f"stopping an engine left over by a previous daemon (pid {leftover.pid})" in daemon.log()
     assert daemon.stop() == 0
 
@@ -102,7 +103,7 @@ def test_the_next_start_reattaches_to_the_run_a_sigterm_left_running(
                '[loop]\ncheckpoint_interval = 0.2\n')
     first = harness.start(real_engine=True, extra_config=project, max_experiments=2)
     store = first.store
-    run = wait_for(lambda: (ledger.running_runs(store) or [None])[0], timeout=60, what="the baseline run")
+    run = wait_until(lambda: (ledger.running_runs(store) or [None])[0], timeout=60, what="the baseline run")
     handle = RunHandle.from_json(run.handle)
     harness.cleanup_pids.append(handle.pid)
     assert first.stop() == 0

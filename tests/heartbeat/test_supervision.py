@@ -15,7 +15,8 @@ from nightlab.loop.executors import RunHandle
 from nightlab.loop.state import ledger
 from nightlab.loop.state.store import Store
 
-from tests.heartbeat.conftest import FAKES, Harness, gone, wait_for
+from tests.heartbeat.conftest import FAKES, Harness, gone
+from tests.waiting import wait_until
 
 
 def _trainer(mode: str, pidfile: Path) -> str:
@@ -24,7 +25,7 @@ def _trainer(mode: str, pidfile: Path) -> str:
 
 def _tree(harness: Harness, pidfile: Path, store: Store) -> list[int]:
     """The executor's wrapper shell, the trainer, and the trainer's own child (cleaned up after)."""
-    wait_for(pidfile.exists, what="the trainer to start")
+    wait_until(pidfile.exists, what="the trainer to start")
     wrapper = RunHandle.from_json(ledger.get_run(store, 1).handle).pid
     pids = [wrapper, *(int(p) for p in pidfile.read_text().split())]
     harness.cleanup_pids.extend(pids)
@@ -46,11 +47,11 @@ def test_misbehaving_run_is_killed_with_its_whole_tree(
     pids = _tree(harness, pidfile, daemon.store)
     assert len(pids) == 3 and not any(gone(p) for p in pids)
 
-    wait_for(lambda: all(gone(p) for p in pids), what="every process of the run to be gone")
+    wait_until(lambda: all(gone(p) for p in pids), what="every process of the run to be gone")
     run = ledger.get_run(daemon.store, 1)
     assert run.kill_reason == reason
     # the (fake) engine saw it end and recorded it, as the real one does
-    wait_for(lambda: ledger.get_run(daemon.store, 1).state == "exited", what="the run recorded")
+    wait_until(lambda: ledger.get_run(daemon.store, 1).state == "exited", what="the run recorded")
     assert daemon.proc.poll() is None  # the daemon goes on
     assert daemon.stop() == 0
 
@@ -91,18 +92,18 @@ def test_frozen_engine_is_restarted_and_the_watchdog_pauses_meanwhile(harness: H
     try:
         env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000"}  # pings every 0.2 s
         daemon = harness.start("--freeze-first", env=env, loop_stall_after=1.5)
-        restarted = wait_for(lambda: daemon.events("engine_restarted"), what="engine_restarted")
+        restarted = wait_until(lambda: daemon.events("engine_restarted"), what="engine_restarted")
         assert restarted[0]["restarts_last_hour"] == 1
         assert restarted[0]["reason"].startswith("engine stalled: no progress for")
         # the second engine carries on: it ticks
-        tick = wait_for(lambda: len(daemon.store.get("fake_engine.starts", [])) == 2
-                        and daemon.store.get("engine.tick"), what="the new engine")
-        wait_for(lambda: daemon.store.get("engine.tick") > tick, what="the new engine to tick")
+        tick = wait_until(lambda: len(daemon.store.get("fake_engine.starts", [])) == 2
+                          and daemon.store.get("engine.tick"), what="the new engine")
+        wait_until(lambda: daemon.store.get("engine.tick") > tick, what="the new engine to tick")
         resumed = time.time()
-        wait_for(lambda: any(t > resumed and "WATCHDOG" in f for t, f in notify.messages),
-                 what="watchdog pings to resume")
+        wait_until(lambda: any(t > resumed and "WATCHDOG" in f for t, f in notify.messages),
+                   what="watchdog pings to resume")
         assert daemon.stop() == 0
-        wait_for(lambda: "STOPPING" in notify.fields(), timeout=5, what="STOPPING=1")
+        wait_until(lambda: "STOPPING" in notify.fields(), timeout=5, what="STOPPING=1")
     finally:
         notify.close()
 
@@ -120,14 +121,21 @@ def test_frozen_engine_is_restarted_and_the_watchdog_pauses_meanwhile(harness: H
 
 
 def test_flapping_engine_pauses_the_loop_and_alerts_once(harness: Harness) -> None:
-    daemon = harness.start("--always-die", max_restarts_per_hour=2)
-    wait_for(lambda: daemon.events("self_paused"), what="self_paused")
-    restarts = daemon.events("engine_restarted")
-    assert [r["restarts_last_hour"] for r in restarts] == [1, 2]
-    assert all(r["reason"] == "engine exited with code 3" for r in restarts)
-    paused = ledger.paused(daemon.store)
-    assert paused is not None and paused.by == "heartbeat"
-    time.sleep(1.0)  # several more beats: no further restarts, no repeated alert
+    notify = _NotifySocket()
+    try:
+        daemon = harness.start("--always-die", env={"NOTIFY_SOCKET": notify.address}, max_restarts_per_hour=2)
+        wait_until(lambda: daemon.events("self_paused"), what="self_paused")
+        restarts = daemon.events("engine_restarted")
+        assert [r["restarts_last_hour"] for r in restarts] == [1, 2]
+        assert all(r["reason"] == "engine exited with code 3" for r in restarts)
+        paused = ledger.paused(daemon.store)
+        assert paused is not None and paused.by == "heartbeat"
+        # Several more beats (systemd hears each: the engine check runs on the same interval),
+        # each of which would have restarted the engine or alerted again.
+        seen = len(notify.messages)
+        wait_until(lambda: len(notify.messages) >= seen + 4, what="four more heartbeat beats")
+    finally:
+        notify.close()
     assert len(daemon.store.get("fake_engine.starts")) == 3
     assert len(daemon.events("alert")) == 1 and len(daemon.events("self_paused")) == 1
     assert "the loop is paused" in daemon.events("alert")[0]["text"]

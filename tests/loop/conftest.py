@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.loop_workspace import Gates
 from tests.fakes.slurm_cluster import SlurmCluster, missing_binaries
+
+
+@pytest.fixture
+def gates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Gates:
+    """The stub trainer's gates, for every run started from this test (runs inherit the variable)."""
+    g = Gates(tmp_path / "gates")
+    monkeypatch.setenv("NIGHTLAB_STUB_GATES", str(g.folder))
+    return g
 
 
 def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, gpus: int) -> Iterator[SlurmCluster]:

@@ -9,53 +9,80 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
-from nightlab.loop.engine import run_engine
+import pytest
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import Settings
+from nightlab.loop.state.ledger import started_at
 from nightlab.loop.state.store import Store
 from nightlab.trainer.profiles import apply_constants
 
-from tests.fakes.loop_workspace import git_out, make_stub_workspace
-from tests.loop.test_engine import assert_consistent
+from tests.fakes.loop_workspace import Gates, git_out, make_stub_workspace
+from tests.loop.test_engine import EngineThread, assert_consistent
 from tests.loop.test_waves import WaveProposer
+from tests.waiting import wait_until
 
 HERE = Path(__file__).resolve().parent
 
 
-def _workspace(tmp_path: Path, **start: object) -> Settings:
-    """Two slots; every run of the session's train.py takes at least 1 s (SLEEP = 1.0 in the
-    starting commit), so a proposal's change need not touch SLEEP to overlap with the next one."""
-    loop = {"mode": "async", "baseline_runs": start.pop("baseline_runs", 1)}
+def _workspace(tmp_path: Path, baseline_runs: int = 1, **start: object) -> Settings:
+    """Two slots; `start`: train.py's constants in the starting commit. Runs end when the test
+    opens their gates (the `gates` fixture)."""
+    loop = {"mode": "async", "baseline_runs": baseline_runs}
     settings = make_stub_workspace(tmp_path, executor={"gpus": [0, 1]}, loop=loop)
-    train = settings.workspace_path / "train.py"
-    train.write_text(apply_constants(train.read_text(), {"SLEEP": 1.0, **start}))
-    git_out(settings.workspace_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "runs take 1 s")
+    if start:
+        train = settings.workspace_path / "train.py"
+        train.write_text(apply_constants(train.read_text(), start))
+        git_out(settings.workspace_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "the start")
     return settings
 
 
-def _run(tmp_path: Path, steps: list[dict], count: int) -> tuple[Path, list[ledger.Experiment]]:
-    settings = _workspace(tmp_path)
-    assert run_engine(settings, count, proposer=WaveProposer(steps)) == 0
-    assert_consistent(settings, in_order=False)
-    return settings.workspace_path, ledger.experiments(Store.for_workspace(settings.workspace_path))
-
-
+# The session's story; the gates (tests/fakes/loop_workspace.Gates) end the runs in its order.
 STEPS = [
     {"set": {"VAL_BPB": [0.9]}},  # #2: kept while #3 still runs
-    {"set": {"SLEEP": 3.0, "GAIN": 0.15}},  # #3: better than its base, but the best moved on
-    {"set": {"VAL_BPB": [0.95], "SLEEP": 8.0}},  # #4: from #2's commit, the moment #2's slot freed
+    {"set": {"GAIN": 0.15}},  # #3: better than its base, but the best moved on
+    {"set": {"VAL_BPB": [0.95]}},  # #4: from #2's commit, the moment #2's slot freed
 ]
 
 
-def test_a_freed_slot_starts_the_next_candidate_and_a_stale_winner_is_rebased_and_rerun(tmp_path: Path) -> None:
-    repo, rows = _run(tmp_path, STEPS, 5)
-    _assert_the_session(repo, rows)
+def _running(store: Store) -> set[int]:
+    """The experiments whose runs are in flight and have started (their start file is written)."""
+    return {ledger.get_candidate(store, r.candidate_id).number for r in ledger.running_runs(store)
+            if started_at(r.log_path) is not None}
 
 
-def test_kill_9_of_the_engine_in_async_mode_reattaches_and_decides_the_same(tmp_path: Path) -> None:
+def _first_two_end(gates: Gates, store: Store, alive: Callable[[], str | None]) -> None:
+    """#1 ends; #2 ends while #3 runs, and #4 takes #2's slot."""
+    gates.open(1)
+    wait_until(lambda: _running(store) == {2, 3}, "#2 and #3 running", 30, abort=alive)
+    gates.open(2)
+    wait_until(lambda: ledger.experiment_count(store) == 2 and _running(store) == {3, 4},
+               "#2 recorded and #3, #4 running", 30, abort=alive)
+
+
+def _after_the_kill(gates: Gates, store: Store, alive: Callable[[], str | None]) -> None:
+    """#3 ends (stale: its rebase #5 takes its slot while #4 runs); #5 ends; #4 ends last."""
+    gates.open(3)
+    wait_until(lambda: _running(store) == {4, 5}, "#4 and the rebase #5 running", 30, abort=alive)
+    gates.open(5)
+    wait_until(lambda: ledger.experiment_count(store) == 4, "#5 recorded", 30, abort=alive)
+    gates.open(4)
+
+
+def test_a_freed_slot_starts_the_next_candidate_and_a_stale_winner_is_rebased_and_rerun(
+        tmp_path: Path, gates: Gates) -> None:
+    settings = _workspace(tmp_path)
+    engine = EngineThread(settings, WaveProposer(STEPS), limit=5)
+    _first_two_end(gates, engine.store, engine.ended)
+    _after_the_kill(gates, engine.store, engine.ended)
+    assert engine.join() == 0
+    assert_consistent(settings, in_order=False)
+    _assert_the_session(settings.workspace_path, ledger.experiments(engine.store))
+
+
+def test_kill_9_of_the_engine_in_async_mode_reattaches_and_decides_the_same(tmp_path: Path, gates: Gates) -> None:
     settings = _workspace(tmp_path)
     repo = settings.workspace_path
     script = tmp_path / "steps.json"
@@ -64,14 +91,18 @@ def test_kill_9_of_the_engine_in_async_mode_reattaches_and_decides_the_same(tmp_
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
     store = Store.for_workspace(repo)
     first = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30  # kill it once #2 is recorded and #3, #4 run
-    while not (ledger.experiment_count(store) == 2 and len(ledger.running_runs(store)) == 2):
-        assert time.monotonic() < deadline, "the session did not get to #3 and #4 running"
-        time.sleep(0.02)
+    _first_two_end(gates, store, lambda: None if first.poll() is None else f"the engine exited ({first.returncode})")
     first.send_signal(signal.SIGKILL)
     first.wait()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90, check=False)
-    assert done.returncode == 0, done.stderr
+    second = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        _after_the_kill(gates, store, lambda: None if second.poll() is None else f"the engine exited ({second.returncode})")
+        _, err = second.communicate(timeout=60)
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait()
+    assert second.returncode == 0, err
     assert_consistent(settings, in_order=False)
     _assert_the_session(repo, ledger.experiments(store))
     assert store.connection().execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 5  # none launched twice
@@ -100,30 +131,48 @@ def _assert_the_session(repo: Path, rows: list[ledger.Experiment]) -> None:
     assert "GAIN = 0.15" in git_out(repo, "show", "HEAD:train.py") and "VAL_BPB = [0.9]" in git_out(repo, "show", "HEAD:train.py")
 
 
-def test_a_stale_result_whose_change_conflicts_with_the_new_best_is_not_re_run(tmp_path: Path) -> None:
+def test_a_stale_result_whose_change_conflicts_with_the_new_best_is_not_re_run(tmp_path: Path, gates: Gates) -> None:
     steps = [
         {"set": {"VAL_BPB": [0.9]}},
-        {"set": {"VAL_BPB": [0.8], "SLEEP": 3.0}},  # the same line as #2's change
-        {"set": {"VAL_BPB": [0.95], "SLEEP": 6.0}},
+        {"set": {"VAL_BPB": [0.8]}},  # the same line as #2's change
+        {"set": {"VAL_BPB": [0.95]}},
     ]
-    _, rows = _run(tmp_path, steps, 5)
+    settings = _workspace(tmp_path)
+    engine = EngineThread(settings, WaveProposer(steps), limit=5)
+    _first_two_end(gates, engine.store, engine.ended)
+    gates.open(3)  # better than its base, but the best moved on: its re-make conflicts
+    engine.wait_for(lambda: any(e.kind == "rebase" for e in ledger.experiments(engine.store)), "the rebase decided")
+    gates.open(*range(4, 6))
+    assert engine.join() == 0
+    assert_consistent(settings, in_order=False)
+    rows = ledger.experiments(engine.store)
     rebase = next(e for e in rows if e.kind == "rebase")
     assert rows[2].reason.startswith("rebased: better than its base")
     assert rebase.status == "discard" and rebase.metric is None and rebase.confirm_of == 3
     assert rebase.reason == f"could not re-make #3 on {rows[1].commit[:7]}: its change conflicts with the best's in train.py"
 
 
-def test_a_confirm_run_overtaken_by_a_new_best_is_rebased_too(tmp_path: Path, monkeypatch) -> None:
+def test_a_confirm_run_overtaken_by_a_new_best_is_rebased_too(
+        tmp_path: Path, gates: Gates, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NIGHTLAB_STUB_COUNTS", str(tmp_path))  # the n-th run of a content, in any snapshot
-    # two baselines 1.0 and 1.02 (noise ~0.015, so a gain under ~0.03 needs a confirm run); runs take 2 s
-    settings = _workspace(tmp_path, SLEEP=2.0, VAL_BPB=[1.0, 1.02], baseline_runs=2)
+    # two baselines 1.0 and 1.02 (noise ~0.015, so a gain under ~0.03 needs a confirm run)
+    settings = _workspace(tmp_path, VAL_BPB=[1.0, 1.02], baseline_runs=2)
     steps = [
         {"set": {"VAL_BPB": [1.0, 0.99]}},  # #3: gain 0.01 -> confirm #5 (0.99; mean 0.995)
-        {"set": {"GAIN": 0.1, "SLEEP": 3.0}},  # #4: kept while #5 runs
+        {"set": {"GAIN": 0.1}},  # #4: kept while #5 runs
         {"set": {"VAL_BPB": [1.5]}},
     ]
-    assert run_engine(settings, 7, proposer=WaveProposer(steps)) == 0
-    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    engine = EngineThread(settings, WaveProposer(steps), limit=7)
+    store = engine.store
+    gates.open(1, 2)
+    engine.wait_for(lambda: _running(store) == {3, 4}, "#3 and #4 running")
+    gates.open(3)
+    engine.wait_for(lambda: _running(store) == {4, 5}, "#4 and the confirm run #5 running")
+    gates.open(4)
+    engine.wait_for(lambda: ledger.experiment_count(store) == 4, "#4 recorded")
+    gates.open(*range(5, 8))
+    assert engine.join() == 0
+    rows = ledger.experiments(store)
     # the two baselines start together: which one prints 1.0 is a race
     assert sorted(e.metric for e in rows[:2]) == [1.0, 1.02]  # type: ignore[type-var]
     assert [(e.kind, e.status, e.metric) for e in rows[:5]] == [

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,9 @@ from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
-from tests.fakes.loop_workspace import git_out, make_stub_workspace
+from tests.fakes.loop_workspace import Gates, git_out, make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
+from tests.waiting import wait_until
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 
@@ -74,16 +74,18 @@ class EngineThread:
         self.thread = threading.Thread(target=target, daemon=True)
         self.thread.start()
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            if not self.thread.is_alive():
-                raise AssertionError(f"engine ended: {self.result}")
-            time.sleep(0.02)
-        raise AssertionError("timed out waiting")
+    def ended(self) -> str | None:
+        return None if self.thread.is_alive() else f"the engine ended: {self.result}"
+
+    def wait_for(self, predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+        return wait_until(predicate, what, timeout, abort=self.ended)
+
+    def ticks(self, count: int = 2) -> None:
+        """Wait for `count` more checkpoints: each round of the loop ticks, and then decides what
+        to start; after two ticks it has decided at least once since the call."""
+        for _ in range(count):
+            tick = self.store.get("engine.tick")
+            self.wait_for(lambda: self.store.get("engine.tick") != tick, "the engine's next checkpoint")
 
     def running(self, number: int) -> ledger.RunRecord:
         def find() -> ledger.RunRecord | None:
@@ -91,7 +93,7 @@ class EngineThread:
             ok = runs and ledger.get_candidate(self.store, runs[-1].candidate_id).number == number
             return runs[-1] if ok else None
 
-        return self.wait_for(find)
+        return self.wait_for(find, f"#{number} to run")
 
     def join(self, stop: bool = False) -> Any:
         if stop:
@@ -206,14 +208,14 @@ def test_the_loop_pauses_itself_after_repeated_failures(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path, loop={"pause_after_failures": 3, "checkpoint_interval": 0.05})
     proposer = ScriptedProposer([{"set": {"MODE": "crash"}}])
     engine = EngineThread(settings, proposer)
-    engine.wait_for(lambda: ledger.paused(engine.store))
-    time.sleep(0.3)  # paused: no new experiment starts
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine.ticks()  # paused: no new experiment starts
     assert _statuses(engine.store) == ["keep", "crash", "crash", "crash"]
     self_paused = next(e.payload for e in engine.store.events_after(0) if e.kind == "self_paused")
     assert self_paused["reason"].startswith("3 failed experiments in a row")
     assert "paused by nightlab" in views.status_text(settings.workspace_path)
     send_command(settings.workspace_path, "resume", "cli:test")  # the count starts again after a resume
-    engine.wait_for(lambda: len(_statuses(engine.store)) == 7)
+    engine.wait_for(lambda: len(_statuses(engine.store)) == 7, "seven experiments")
     engine.join(stop=True)
     assert [c.consecutive_failures for c in proposer.contexts[:6]] == [0, 1, 2, 0, 1, 2]
 
@@ -236,18 +238,19 @@ def test_steering_while_runs_are_in_flight(tmp_path: Path) -> None:
     engine.running(3)
     assert proposer.contexts[1].focus == "lr" and proposer.contexts[1].notes == ("try a smaller lr",)
     assert send_command(ws, "/pause", "slack:U1").startswith("pausing after #3 finishes")
-    engine.wait_for(lambda: ledger.paused(engine.store) and len(_statuses(engine.store)) == 3)
-    time.sleep(0.3)
+    engine.wait_for(lambda: ledger.paused(engine.store) and len(_statuses(engine.store)) == 3, "the pause after #3")
+    engine.ticks()  # paused: nothing more starts
     assert len(_statuses(engine.store)) == 3 and not ledger.open_candidates(engine.store)
     send_command(ws, "resume", "slack:U1")
     run = engine.running(4)
-    child = int(engine.wait_for(lambda: "child " in Path(run.log_path).read_text() and Path(run.log_path).read_text()).split("child ")[1].split()[0])
+    child = int(engine.wait_for(lambda: "child " in Path(run.log_path).read_text() and Path(run.log_path).read_text(),
+                                "the child's pid in the log").split("child ")[1].split()[0])
     assert ledger.mark_kill(engine.store, run.id, "timeout after 0m01s")  # what the heartbeat does
     LocalExecutor().cancel(RunHandle.from_json(run.handle), grace_s=2)
     engine.running(5)
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
     assert send_command(ws, "pause now", "cli:me") == "cancelling #5 and pausing within ~2 s"
-    engine.wait_for(lambda: len(_statuses(engine.store)) == 5 and ledger.paused(engine.store))
+    engine.wait_for(lambda: len(_statuses(engine.store)) == 5 and ledger.paused(engine.store), "#5 cancelled, paused")
     send_command(ws, "focus off", "cli:me")
     send_command(ws, "resume", "cli:me")
     assert engine.join() == 0
@@ -293,21 +296,22 @@ def test_bad_commands_get_clear_errors(tmp_path: Path) -> None:
     assert "pause [now]" in send_command(ws, "help", "cli:t")
 
 
-def test_restart_reattaches_to_a_live_run_and_reads_a_finished_one(tmp_path: Path) -> None:
+def test_restart_reattaches_to_a_live_run_and_reads_a_finished_one(tmp_path: Path, gates: Gates) -> None:
+    gates.open(1)
     settings = make_stub_workspace(tmp_path)
-    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9], "SLEEP": 1.0}}, {"set": {"VAL_BPB": [0.8], "SLEEP": 0.5}}])
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}, {"set": {"VAL_BPB": [0.8]}}])
     first = EngineThread(settings, proposer, limit=3)
     run = first.running(2)
     first.join(stop=True)  # the daemon stops; the run goes on
     handle = RunHandle.from_json(run.handle)
     assert LocalExecutor().poll([handle])[handle.key].state == "running"
     second = EngineThread(settings, proposer, limit=3)  # re-attaches to the live #2
+    gates.open(2)
     run3 = second.running(3)
     second.join(stop=True)
     h3 = RunHandle.from_json(run3.handle)
-    deadline = time.monotonic() + 20
-    while LocalExecutor().poll([h3])[h3.key].state == "running" and time.monotonic() < deadline:
-        time.sleep(0.05)  # #3 ends while no engine runs: its log and exit file decide
+    gates.open(3)  # #3 ends while no engine runs: its log and exit file decide
+    wait_until(lambda: LocalExecutor().poll([h3])[h3.key].state != "running", "#3 to end")
     assert run_engine(settings, 3, proposer=proposer) == 0
     rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
     assert [(e.number, e.status, e.metric) for e in rows] == [(1, "keep", 1.0), (2, "keep", 0.9), (3, "keep", 0.8)]
@@ -322,7 +326,7 @@ def test_a_second_engine_is_refused_and_a_dirty_tree_is_explained_or_refused(tmp
     with pytest.raises(UserError, match=r"another nightlab engine \(pid \d+\) is running"):
         run_engine(settings, 1, proposer=proposer)
     send_command(settings.workspace_path, "pause now", "cli:t")
-    engine.wait_for(lambda: len(_statuses(engine.store)) == 2)
+    engine.wait_for(lambda: len(_statuses(engine.store)) == 2, "#2 cancelled")
     engine.join(stop=True)
     (settings.workspace_path / "train.py").write_text("# edited by hand\n")
     with pytest.raises(UserError, match="has changes nightlab did not make: train.py"):

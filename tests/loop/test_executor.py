@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import psutil
@@ -10,15 +9,11 @@ from nightlab.loop.executors import RunHandle, RunSpec, RunStatus, Slot
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.executors.runfiles import read_exit_code, run_hardware
 
+from tests.waiting import wait_until
 
-def _wait(executor: LocalExecutor, handle: RunHandle, timeout: float = 20.0) -> RunStatus:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = executor.poll([handle])[handle.key]
-        if status.state != "running":
-            return status
-        time.sleep(0.02)
-    raise AssertionError("the run did not end")
+
+def _wait(executor: LocalExecutor, handle: RunHandle) -> RunStatus:
+    return wait_until(lambda: (s := executor.poll([handle])[handle.key]).state != "running" and s, "the run to end")
 
 
 CPU = Slot("cpu0")
@@ -76,9 +71,7 @@ def test_describe_hardware() -> None:
 def test_cancel_kills_the_whole_tree_and_reads_as_lost(tmp_path: Path) -> None:
     ex = LocalExecutor()
     handle = ex.launch(_spec(tmp_path, "sleep 600 & sleep 600 & wait"))
-    deadline = time.monotonic() + 10
-    while len(psutil.Process(handle.pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: len(psutil.Process(handle.pid).children(recursive=True)) >= 2, "both sleeps to start")
     tree = [psutil.Process(handle.pid), *psutil.Process(handle.pid).children(recursive=True)]
     ex.cancel(handle, grace_s=2)
     assert ex.poll([handle])[handle.key] == RunStatus("lost")

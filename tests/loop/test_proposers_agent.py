@@ -80,10 +80,8 @@ def test_agent_that_edits_the_harness_returns_a_proposal_the_engine_can_reject(w
 
 def test_agent_that_hangs_is_killed_with_every_descendant(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     pids_file = tmp_path_factory.mktemp("pids") / "pids"
-    start = time.monotonic()
-    with pytest.raises(ProposalError, match=r"timed out after 2s and was killed"):
+    with pytest.raises(ProposalError, match=r"timed out after 2s and was killed"):  # not the agent's 600 s
         agent("agent_hang.py", str(pids_file), timeout=2.0).propose(ctx(ws))
-    assert time.monotonic() - start < 8
     pids = [int(p) for p in pids_file.read_text().split()]
     assert len(pids) == 2
     for pid in pids:  # the child in its group and the grandchild that escaped to its own session

@@ -26,6 +26,7 @@ from nightlab.loop.state.store import Store
 from tests.fakes.loop_workspace import make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.fakes.slurm_cluster import SlurmCluster
+from tests.waiting import wait_until
 
 
 # -- no cluster needed ------------------------------------------------------------------------------
@@ -89,27 +90,21 @@ def _spec(cluster: SlurmCluster, name: str, command: str, slot: str = "slurm0") 
     return RunSpec(command, cwd, cluster.root / "shared" / "runs" / f"{name}.log", Slot(slot), {"NIGHTLAB_X": "it's"})
 
 
-def _until(predicate: Any, timeout: float = 30.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
+EVERY = 0.2  # the tests poll Slurm this often (each poll is a squeue call)
 
 
 def test_two_jobs_run_at_once_a_third_waits_and_polls_are_batched(slurm: SlurmCluster) -> None:
     ex = _executor(slurm)
     cmd = 'echo "cuda=$CUDA_VISIBLE_DEVICES x=$NIGHTLAB_X pwd=$(pwd)"; sleep 3; exit {code}'
     handles = [ex.launch(_spec(slurm, f"w{i}", cmd.format(code=i), f"slurm{i}")) for i in range(3)]
-    states = _until(lambda: (s := ex.poll(handles)) and sorted(v.state for v in s.values()) == [
-        "pending", "running", "running"] and s)
+    states = wait_until(lambda: (s := ex.poll(handles)) and sorted(v.state for v in s.values()) == [
+        "pending", "running", "running"] and s, "two jobs running, one pending", 30, every=EVERY)
     assert states[handles[2].key].state == "pending"  # the last submitted waits for a GPU
     before = ex.squeue_calls
-    final = _until(lambda: (s := ex.poll(handles)) and all(v.state == "exited" for v in s.values()) and s, 40)
+    final = wait_until(lambda: (s := ex.poll(handles)) and all(v.state == "exited" for v in s.values()) and s,
+                       "the three jobs to exit", 40, every=EVERY)
     assert [final[h.key].exit_code for h in handles] == [0, 1, 2]
-    assert ex.squeue_calls - before <= (40 / 0.2) + 1  # never one call per job
+    assert ex.squeue_calls - before <= (40 / EVERY) + 1  # never one call per job
     logs = [ex.read_log(h) for h in handles]
     assert sorted(log.split("cuda=")[1][0] for log in logs[:2]) == ["0", "1"]  # distinct GPUs
     assert all("x=it's" in log and f"pwd={slurm.root}/shared/wt" in log for log in logs)
@@ -123,15 +118,17 @@ def test_one_squeue_call_for_many_jobs(slurm: SlurmCluster) -> None:
     before = ex.squeue_calls
     ex.poll(handles)
     assert ex.squeue_calls == before + 1
-    _until(lambda: all(s.state == "exited" for s in ex.poll(handles).values()))
+    wait_until(lambda: all(s.state == "exited" for s in ex.poll(handles).values()), "the jobs to exit", 30,
+               every=EVERY)
 
 
 def test_cancel(slurm: SlurmCluster) -> None:
     ex = _executor(slurm)
     handle = ex.launch(_spec(slurm, "c", "sleep 300"))
-    _until(lambda: ex.poll([handle])[handle.key].state == "running")
+    wait_until(lambda: ex.poll([handle])[handle.key].state == "running", "the job to run", 30, every=EVERY)
     ex.cancel(handle)
-    status = _until(lambda: (s := ex.poll([handle])[handle.key]).state == "lost" and s)
+    status = wait_until(lambda: (s := ex.poll([handle])[handle.key]).state == "lost" and s, "the job to be lost", 30,
+                        every=EVERY)
     assert status.reason == "cancelled in Slurm (scancel)"  # nightlab's own kill carries its reason
 
 
@@ -173,7 +170,7 @@ def test_engine_restart_reattaches_to_a_running_job(slurm: SlurmCluster, tmp_pat
     store = Store.for_workspace(settings.workspace_path)
     steps = [{"set": {"VAL_BPB": [0.9], "SLEEP": 4.0}}]
     first = _Engine(settings, slurm, steps, 2)
-    run = _until(lambda: (r := _run_of(store, 2)) and started_at(r.log_path) and r, 30)
+    run = wait_until(lambda: (r := _run_of(store, 2)) and started_at(r.log_path) and r, "#2 to start", 30, every=EVERY)
     first.stop.set()
     first.join()
     job = RunHandle.from_json(run.handle).job_id
@@ -229,16 +226,16 @@ def test_slow_events_node_failure_requeues_the_same_candidate_and_time_limit_is_
     settings = _slurm_settings(tmp_path / "a", slurm)
     store = Store.for_workspace(settings.workspace_path)
     engine = _Engine(settings, slurm, [{"set": {"VAL_BPB": [0.8], "SLEEP": 8.0}}], 2)
-    run = _until(lambda: (r := _run_of(store, 2)) and started_at(r.log_path) and r, 60)
+    run = wait_until(lambda: (r := _run_of(store, 2)) and started_at(r.log_path) and r, "#2 to start", 60, every=EVERY)
     job = RunHandle.from_json(run.handle).job_id
     _kill_node(slurm, run.log_path)
     # Slurm notices the silent node (SlurmdTimeout), marks it down and requeues the job
-    _until(lambda: _squeue_state(slurm, job).startswith("PENDING"), 60, 0.5)
+    wait_until(lambda: _squeue_state(slurm, job).startswith("PENDING"), "the job requeued", 60, every=0.5)
     slurm.start_slurmd()
     # The node's return must settle first: slurmctld's kill for the failed attempt reaches the new
     # slurmd and would also kill an attempt started at that very moment (same job id).
-    _until(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False,
-                                  env=slurm.env).stdout.strip() == "idle", 30, 0.3)
+    wait_until(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False,
+                                      env=slurm.env).stdout.strip() == "idle", "the node idle again", 30, every=0.3)
     time.sleep(3)
     # a requeued job is held back for a while (reason BeginTime); an admin's nudge skips the wait
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True)

@@ -10,13 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from nightlab.loop.engine import run_engine
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.proposers.base import Proposal, ProposalContext
 from nightlab.loop.state import ledger, views
@@ -24,9 +22,10 @@ from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
-from tests.fakes.loop_workspace import git_out, make_stub_workspace
+from tests.fakes.loop_workspace import Gates, git_out, make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.loop.test_engine import EngineThread, assert_consistent
+from tests.waiting import wait_until
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,15 +47,19 @@ def _settings(tmp_path: Path, slots: int = 3) -> Any:
     return make_stub_workspace(tmp_path, executor={"gpus": [5, 6, 7][:slots]})
 
 
-def test_a_wave_runs_in_parallel_snapshots_and_keeps_only_its_winner(tmp_path: Path) -> None:
+def test_a_wave_runs_in_parallel_snapshots_and_keeps_only_its_winner(tmp_path: Path, gates: Gates) -> None:
+    gates.open(1)
     settings = _settings(tmp_path)
     repo = settings.workspace_path
-    steps = [{"set": {"VAL_BPB": [v], "SLEEP": 1.0}} for v in (0.95, 0.9, 0.97, 0.85, 1.2, 0.99)]
+    steps = [{"set": {"VAL_BPB": [v]}} for v in (0.95, 0.9, 0.97, 0.85, 1.2, 0.99)]
     proposer = WaveProposer(steps)
-    started = time.monotonic()
-    assert run_engine(settings, 7, proposer=proposer) == 0
-    elapsed = time.monotonic() - started
-    store = Store.for_workspace(repo)
+    engine = EngineThread(settings, proposer, limit=7)
+    store = engine.store
+    for wave in ((2, 3, 4), (5, 6, 7)):  # each run of a wave ends only once all of them run
+        engine.wait_for(lambda: {ledger.get_candidate(store, r.candidate_id).number
+                                 for r in ledger.running_runs(store)} == set(wave), f"{wave} running at once")
+        gates.open(*wave)
+    assert engine.join() == 0
     rows = ledger.experiments(store)
     assert [(e.number, e.status, e.metric) for e in rows] == [
         (1, "keep", 1.0),  # one baseline (loop.baseline_runs = 1)
@@ -72,7 +75,6 @@ def test_a_wave_runs_in_parallel_snapshots_and_keeps_only_its_winner(tmp_path: P
         log = (repo / ".nightlab" / "runs" / f"{e.number}.log").read_text()
         assert f"cuda='{e.slot[3:]}'" in log
     assert max(e.started_at for e in rows[1:4]) < min(e.finished_at for e in rows[1:4])  # type: ignore[type-var]
-    assert elapsed < 6 * 1.0 + 4  # two waves of three 1 s runs, not six runs in a row
     # git: linear history baseline -> #3 -> #5; every candidate reachable; no worktree left behind
     assert git_out(repo, "rev-list", "--first-parent", "HEAD").splitlines()[:3] == [
         rows[4].commit, rows[2].commit, rows[0].commit]
@@ -93,7 +95,7 @@ def test_kill_one_experiment_of_a_wave_and_pause_now_cancels_the_wave(tmp_path: 
              {"set": {"MODE": "hang"}}, {"set": {"MODE": "hang", "VAL_BPB": [0.7]}}]
     engine = EngineThread(settings, WaveProposer(steps))
     store = engine.store
-    engine.wait_for(lambda: len(ledger.running_runs(store)) == 2)
+    engine.wait_for(lambda: len(ledger.running_runs(store)) == 2, "wave 1: #2 and #3 running")
     status = views.status_text(repo).splitlines()
     assert status[1] == "now: 2 runs in flight on 2 slots"
     assert status[2].startswith("  gpu5: #2 proposal running ") and status[3].startswith("  gpu6: #3 proposal running ")
@@ -101,39 +103,37 @@ def test_kill_one_experiment_of_a_wave_and_pause_now_cancels_the_wave(tmp_path: 
     with pytest.raises(UserError, match=r"2 experiments are running \(#2, #3\); say which: kill N"):
         send_command(repo, "kill", "cli:test")
     assert "killing #2" in send_command(repo, "kill 2", "cli:test")
-    engine.wait_for(lambda: ledger.experiment_count(store) == 3)
+    engine.wait_for(lambda: ledger.experiment_count(store) == 3, "#2 and #3 recorded")
     rows = ledger.experiments(store)
     assert [(e.number, e.status) for e in rows] == [(1, "keep"), (2, "discard"), (3, "keep")]
     assert rows[1].reason == "killed by cli:test"
-    engine.wait_for(lambda: len(ledger.running_runs(store)) == 2)  # wave 2: #4 and #5 hang
+    engine.wait_for(lambda: len(ledger.running_runs(store)) == 2, "wave 2: #4 and #5 running")  # both hang
     send_command(repo, "pause now", "cli:test")
-    engine.wait_for(lambda: ledger.experiment_count(store) == 5)
+    engine.wait_for(lambda: ledger.experiment_count(store) == 5, "#4 and #5 cancelled")
     assert [e.status for e in ledger.experiments(store)][3:] == ["discard", "discard"]
-    time.sleep(0.5)
+    engine.ticks()  # paused: no new wave starts
     assert ledger.open_candidates(store) == [] and ledger.paused(store) is not None
     engine.join(stop=True)
     assert_consistent(settings)
 
 
-def test_kill_9_mid_wave_reattaches_every_run_and_records_each_once(tmp_path: Path) -> None:
+def test_kill_9_mid_wave_reattaches_every_run_and_records_each_once(tmp_path: Path, gates: Gates) -> None:
     settings = _settings(tmp_path)
     repo = settings.workspace_path
-    steps = [{"set": {"VAL_BPB": [v], "SLEEP": 2.0}} for v in (0.95, 0.9, 0.97)]
+    steps = [{"set": {"VAL_BPB": [v]}} for v in (0.95, 0.9, 0.97)]
     script = tmp_path / "steps.json"
     script.write_text(json.dumps(steps))
     cmd = [sys.executable, str(HERE / "wave_main.py"), str(repo), str(script), "4", "3"]
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
+    gates.open(1)
     first = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     store = Store.for_workspace(repo)
-    deadline = time.monotonic() + 30
-    while len(ledger.running_runs(store)) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    runs = ledger.running_runs(store)
-    assert len(runs) == 3
+    runs = wait_until(lambda: len(r := ledger.running_runs(store)) == 3 and r, "three runs in flight")
     first.send_signal(signal.SIGKILL)
     first.wait()
     pids = [RunHandle.from_json(r.handle).pid for r in runs]
     assert all(psutil.pid_exists(p) for p in pids)  # the runs outlive the engine
+    gates.open(2, 3, 4)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     rows = ledger.experiments(store)

@@ -62,7 +62,7 @@ def _documents(limit_chars: int) -> list[str]:
     return docs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # prepared once for every trainer test: the tokenizer takes a while
 def data_dir(tmp_path_factory):
     source = tmp_path_factory.mktemp("corpus")
     docs = _documents(1_500_000)

@@ -5,25 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import pytest
-from nightlab.trainer import prepare
-
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = tmp_path_factory.mktemp("corpus")
-    texts = [p.read_text(encoding="utf-8", errors="replace")[:20_000]
-             for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]]
-    for i in range(2):  # one training shard + the validation shard
-        pq.write_table(pa.table({"text": texts[i::2]}), source / f"part_{i}.parquet")
-    return prepare.prepare(str(source), shards=-1, cache_dir=tmp_path_factory.mktemp("cache"), progress=lambda _: None)
 
 
 def bench(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
