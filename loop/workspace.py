@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,10 @@ class Workspace:
     run_command: str
     builtin_trainer: bool
 
-    @property
+    @cached_property
     def store(self) -> Store:
+        # One store (one connection per thread, the schema checked once) for the workspace's life:
+        # the agent proposer's tick writes through it once a second.
         return Store.for_workspace(self.path)
 
 

@@ -91,7 +91,7 @@ def _group_after_apply(tg: FakeTelegram, store: Store, marker: str) -> list[str]
 
     apply_pending(store, _Checkpoint())
     store.emit("alert", text=marker)
-    wait_until(lambda: any(marker in m.text for m in tg.messages(GROUP)))
+    wait_until(lambda: any(marker in m.text for m in tg.messages(GROUP)), what=f"the group to get {marker!r}")
     return [m.text for m in tg.messages(GROUP)]
 
 

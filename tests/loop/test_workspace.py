@@ -132,3 +132,10 @@ def test_kept_models_are_kept_by_commit_and_only_the_newest_few(tmp_path: Path) 
         os.utime(dest, (i, i))  # newest last, whatever the file system's clock resolution
     left = sorted(p.name for p in (tmp_path / ".nightlab" / "artifacts").iterdir())
     assert left == [f"c{i}" for i in range(2, KEPT_ARTIFACTS + 2)]
+
+
+def test_a_workspace_keeps_one_store(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    ws = open_workspace(settings.workspace_path, settings)
+    assert ws.store is ws.store  # not a new connection (and schema run) per access
+    assert ws.store.connection() is ws.store.connection()
