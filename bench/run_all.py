@@ -89,7 +89,8 @@ def daemon_idle(seconds: float) -> dict[str, float]:
             t1, d1, e1 = time.monotonic(), daemon.cpu_times(), engine.cpu_times()
 
             def cpu(a: Any, b: Any) -> float:
-                return (b.user + b.system - a.user - a.system) / (t1 - t0) * 100
+                # CPU times come in clock ticks, so an idle process can read a hair below zero.
+                return max(0.0, (b.user + b.system - a.user - a.system) / (t1 - t0) * 100)
 
             result = {"daemon_rss_mb": daemon.memory_info().rss / 2**20, "engine_rss_mb": engine.memory_info().rss / 2**20,
                       "daemon_cpu_pct": cpu(d0, d1), "engine_cpu_pct": cpu(e0, e1), "seconds": t1 - t0}
