@@ -22,11 +22,11 @@ from nightlab.loop.engine import planning
 from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.executors import RunHandle
-from nightlab.loop.executors.runfiles import run_hardware, started_at
+from nightlab.loop.executors.runfiles import run_hardware
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
 from nightlab.loop.second_opinion import SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
-from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
+from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass, started_at
 from nightlab.loop.summary import parse_summary
 
 LOG_TAIL_BYTES = 256 * 1024  # the summary block is at the end of the log

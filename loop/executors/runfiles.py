@@ -13,9 +13,8 @@ from pathlib import Path
 from nightlab.loop import hardware
 from nightlab.loop.executors.base import RunHandle
 
-# The start marker is the state layer's (the views read it); the backends and the engine take it from here.
+# The start marker is the state layer's (the views and the engine read it); the backends write it.
 from nightlab.loop.state.ledger import start_file
-from nightlab.loop.state.ledger import started_at as started_at
 
 # The exit-file protocol, shared by every backend. A stale status is removed first (a requeued
 # Slurm job runs this again); the start marker's mtime is when the command really started (a

@@ -17,10 +17,11 @@ import psutil
 import pytest
 from nightlab.loop.engine import run_engine
 from nightlab.loop.executors import RunHandle, RunSpec, RunStatus, Slot
-from nightlab.loop.executors.runfiles import exit_file, started_at
+from nightlab.loop.executors.runfiles import exit_file
 from nightlab.loop.executors.slurm import JobState, SlurmExecutor, map_state, slurm_time
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import ConfigError, Settings, settings_from_table
+from nightlab.loop.state.ledger import started_at
 from nightlab.loop.state.store import Store
 
 from tests.fakes.loop_workspace import make_stub_workspace
