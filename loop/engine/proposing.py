@@ -90,7 +90,7 @@ def no_run(ctx: Context, cand: Candidate, status: str, reason: str, **described:
 def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> ProposalContext:
     rows = ledger.experiments(ctx.store)
     history = tuple(
-        PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params)
+        PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params, e.kind)
         for e in rows
     )
     # the best: the experiment that made it (a change, else the first baseline), valued at its

@@ -30,7 +30,7 @@ def make_proposer(settings: Settings, tick: Callable[[], None] | None = None) ->
     `tick`: called about once a second while a slow proposer (an agent) works, so the engine
     can keep its liveness tick fresh and check commands; raising from it aborts the proposal.
     """
-    # Imported here so the engine never loads optuna when it runs an agent, and vice versa.
+    # Imported here so the engine never loads numpy's model when it runs an agent, and vice versa.
     if settings.proposer.kind == "agent":
         from nightlab.loop.proposers.agent import AgentProposer
 
@@ -41,4 +41,5 @@ def make_proposer(settings: Settings, tick: Callable[[], None] | None = None) ->
         seed=settings.proposer.seed,
         switch_area_after=settings.loop.switch_area_after,
         target=settings.workspace_path / settings.project.editable[0],
+        noise_prior=settings.loop.noise_prior,
     )

@@ -24,6 +24,7 @@ class PastExperiment:
     hypothesis: str
     area: str
     params: dict[str, object]  # the constants the search set (empty for agent proposals)
+    kind: str = "proposal"  # baseline | proposal | confirm | rebase
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The built-in `search` proposer: Optuna's TPE over the editable file's UPPER_CASE constants.
+"""The built-in `search` proposer: a model of the metric over the editable file's UPPER_CASE
+constants, and one or two constants moved where a draw of that model says is best.
 
 No LLM, no network. Each proposal starts from the best configuration (the clean working tree)
 and changes one or two constants of one area. Why so few: a diff of one or two constants is
@@ -6,33 +7,33 @@ one experiment with one answer ("MATRIX_LR 0.04→0.05 helped"), readable in a c
 revertible on its own; a ten-constant jump that wins teaches nothing about which part won, and
 one that loses wastes five minutes without telling what to avoid.
 
-Nothing is kept between calls. The study is rebuilt from `ctx.history` every time: the best
-configuration (the file's current values) is one trial scored with the best metric, every past
-search experiment is a trial over the constants it set (keep/discard: its metric; crash or
-failed checks: pruned, which TPE ranks below every scored trial), and candidates in flight are
-running trials (TPE's constant liar steers away from them). So a restarted daemon proposes
-exactly what the old one would have, and the same seed and history give the same proposal.
+Nothing is kept between calls. The model (surface.py) is refitted from `ctx.history` every time:
+every scored run (baselines, repeats and discards too) is one noisy observation of the metric at
+the full configuration it ran, replayed from the experiments' descriptions; crashes and failed
+checks are left out. So a restarted daemon proposes exactly what the old one would have, and
+the same seed and history give the same proposal.
 
 Area: `ctx.focus` when set; otherwise the area of the latest search experiment, moving on to
-the next area once that area has failed `switch_area_after` times in a row.
+the next area once that area has failed `switch_area_after` times in a row. An area whose every
+nearby move has been tried hands over to the next one (a focused one too, said once in the
+hypothesis), so a search with nothing left never fails proposal after proposal.
 
-Dedupe: a candidate whose changes equal a past experiment's params, or an in-flight
-candidate's (parsed back from its description), or that sets a value equal to the current one,
-is re-asked up to `MAX_ASKS` times; then one constant is nudged to its nearest untried value.
+Dedupe: a move equal to a past experiment's params, or an in-flight candidate's (parsed back
+from its description), is never proposed again.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import random
 import re
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
-from typing import Literal
 
-import optuna
+import numpy as np
 from nightlab.loop.proposers.base import (
-    PastExperiment,
     Proposal,
     ProposalContext,
     ProposalError,
@@ -43,24 +44,15 @@ from nightlab.loop.proposers.space import (
     build_space,
     format_value,
 )
+from nightlab.loop.proposers.surface import Observation, Surface, noise_sigma
 from nightlab.trainer.profiles import apply_constants
-from optuna.samplers import TPESampler
-from optuna.trial import TrialState, create_trial
 
 WIDENED = "widened:"  # in a hypothesis: the focused area had nothing left, the proposal is elsewhere
-MAX_ASKS = 10  # TPE picks to try before nudging by hand (each ask costs a few ms)
-EXPLOIT_SHARE = 0.5  # how often a proposal steps around the best rather than asking TPE
-NEAR = 6  # a step: one of a value's nearest neighbours (×/÷ 2 at most for a log-scaled one)
-N_STARTUP = 5  # scored trials before TPE models anything; random sampling until then
-TWO_PARAM_SHARE = 0.4  # how often a proposal changes two constants rather than one
-
-# Every call builds a fresh study; Optuna would log "A new study created" each time.
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 _FAILED = {"discard", "crash", "checks_failed"}
 _PRUNED = {"crash", "checks_failed"}
 # "NAME old→new" pairs joined by ", "; a tuple value holds ", " too, but never ", NAME ".
 _PAIR_SPLIT = re.compile(r", (?=[A-Z_][A-Z0-9_]* )")
+_PREFIX = re.compile(r"^[a-z]+ #\d+: ")  # "confirm #6: " before a re-run's changes
 
 Changes = dict[str, object]
 
@@ -72,9 +64,12 @@ class _Pick:
 
 
 class SearchProposer:
-    def __init__(self, seed: int = 0, switch_area_after: int = 5, target: Path | None = None) -> None:
-        """`target`: the editable file, read once so `areas` (for `focus` validation) matches it."""
+    def __init__(self, seed: int = 0, switch_area_after: int = 5, target: Path | None = None,
+                 noise_prior: float = 0.003) -> None:
+        """`target`: the editable file, read once so `areas` (for `focus` validation) matches it;
+        `noise_prior`: run-to-run noise as a share of the metric, until repeats measure it."""
         self.seed = seed
+        self.noise_prior = noise_prior
         self.switch_area_after = switch_area_after
         self.areas: tuple[str, ...] | None = BUILTIN_AREAS
         if target is not None and target.is_file():
@@ -99,14 +94,15 @@ class SearchProposer:
         rng = random.Random(f"{self.seed}:{len(ctx.history)}:{len(ctx.in_flight)}")
         tried = _tried(ctx)
         area, switched = self._area(ctx, space)
-        # Two near misses (better than the best by one run, not shown) in different constants
-        # are tried together first; then an exhausted area hands over to the next one, a focused
-        # one too (the engine says so once in chat): a search with nothing left never fails
-        # proposal after proposal.
-        pick = _combine(ctx, space, area, tried)
+        # An exhausted area hands over to the next one, a focused one too (the engine says so
+        # once in chat): a search with nothing left never fails proposal after proposal.
+        observations = _observations(ctx, space)
+        prior = self.noise_prior * abs(ctx.best.metric) if ctx.best and ctx.best.metric else self.noise_prior
+        surface = Surface(space, observations, noise_sigma(observations, prior))
+        pick = None
         candidate_area = area
-        for candidate_area in [] if pick else _rotate(space.areas, area):
-            pick = _pick(ctx, space, candidate_area, tried, rng)
+        for candidate_area in _rotate(space.areas, area):
+            pick = _pick(ctx, space, candidate_area, tried, rng, surface)
             if pick is not None:
                 break
         if pick is None:
@@ -168,6 +164,34 @@ def parse_description(description: str) -> Changes:
     return changes
 
 
+def _old_values(description: str) -> Changes:
+    """The values a search description's changes replaced ("K 1.0→2.0" -> {K: 1.0}); a
+    re-run's description carries a "confirm #N: " prefix."""
+    old: Changes = {}
+    for pair in _PAIR_SPLIT.split(_PREFIX.sub("", description)):
+        name, _, rest = pair.partition(" ")
+        with contextlib.suppress(ValueError, SyntaxError):
+            old[name] = ast.literal_eval(rest.split("→", 1)[0].strip())
+    return old
+
+
+def _observations(ctx: ProposalContext, space: SearchSpace) -> list[Observation]:
+    """Every scored run as (full configuration, metric). The configuration is replayed
+    backwards from the file now (the best's): each run ran on the best of its time plus its
+    own changes, and passing a keep undoes its changes. A keep the search did not make (an
+    agent's edit) ends the replay after its own run: what ran before it is unknown."""
+    config = dict(space.current)
+    seen: list[Observation] = []
+    for e in reversed(ctx.history):
+        if e.metric is not None and e.status not in _PRUNED:
+            seen.append(Observation({**config, **e.params}, e.metric))
+        if e.status == "keep" and e.kind != "baseline" and not e.params:
+            break
+        if e.status == "keep" and e.params:
+            config.update(_old_values(e.description))
+    return seen[::-1]
+
+
 def _key(changes: Changes) -> frozenset[tuple[str, str]]:
     return frozenset((n, format_value(v)) for n, v in changes.items())
 
@@ -183,100 +207,27 @@ def _rotate(areas: tuple[str, ...], start: str) -> list[str]:
     return list(areas[i:] + areas[:i])
 
 
-def _study(ctx: ProposalContext, space: SearchSpace, seed: int) -> optuna.Study:
-    """An in-memory study holding everything the ledger knows about this space."""
-    direction: Literal["minimize", "maximize"] = "maximize" if ctx.direction == "maximize" else "minimize"
-    sampler = TPESampler(seed=seed, n_startup_trials=N_STARTUP, constant_liar=True)
-    study = optuna.create_study(direction=direction, sampler=sampler)
-
-    def add(values: Changes, state: TrialState, metric: float | None) -> None:
-        params, dists = {}, {}
-        for name, value in values.items():
-            param = space.by_name(name)
-            raw = param.to_optuna(value) if param else None
-            if param is not None and raw is not None:
-                params[name], dists[name] = raw, param.distribution()
-        if params:
-            study.add_trial(create_trial(state=state, value=metric, params=params, distributions=dists))
-
-    if ctx.best is not None and ctx.best.metric is not None:
-        add(space.current, TrialState.COMPLETE, ctx.best.metric)
-    for e in ctx.history:
-        if e.params:
-            add(e.params, *_outcome(e))
-    for description in ctx.in_flight:
-        add(parse_description(description), TrialState.RUNNING, None)
-    return study
-
-
-def _outcome(e: PastExperiment) -> tuple[TrialState, float | None]:
-    if e.status in _PRUNED:
-        return TrialState.PRUNED, None
-    if e.metric is None:  # e.g. killed by the user: says nothing about the configuration
-        return TrialState.FAIL, None
-    return TrialState.COMPLETE, e.metric
-
-
 def _pick(
     ctx: ProposalContext,
     space: SearchSpace,
     area: str,
     tried: set[frozenset[tuple[str, str]]],
     rng: random.Random,
+    surface: Surface,
 ) -> _Pick | None:
-    """New values for one or two constants of `area`, or None when nothing nearby is untried."""
-    params = list(space.in_area(area))
-    if not params:
+    """The best untried move of one or two constants of `area` under one draw of the model, or
+    None when every move in the area has been tried."""
+    moves = {p.name: p.moves(space.current[p.name]) for p in space.in_area(area)}
+    candidates: list[Changes] = [{n: v} for n, values in moves.items() for v in values]
+    candidates += [{a: v, b: w} for a, b in combinations(moves, 2) for v in moves[a] for w in moves[b]]
+    candidates = [c for c in candidates if _key(c) not in tried]
+    if not candidates:
         return None
-    count = 2 if len(params) >= 2 and rng.random() < TWO_PARAM_SHARE else 1
-    chosen = rng.sample(params, count)
-    study = _study(ctx, space, seed=rng.randrange(2**31))
-
-    def fresh(changes: Changes) -> bool:
-        return all(v != space.current[n] for n, v in changes.items()) and _key(changes) not in tried
-
-    if rng.random() < EXPLOIT_SHARE:  # a step around the best (good values are usually near it)
-        near = {p.name: p.neighbours(space.current[p.name], rng)[:NEAR] for p in chosen}
-        if all(near.values()):
-            for _ in range(MAX_ASKS):
-                changes = {n: rng.choice(values) for n, values in near.items()}
-                if fresh(changes):
-                    return _Pick(changes, "a step around the best")
-    for _ in range(MAX_ASKS):
-        trial = study.ask({p.name: p.distribution() for p in chosen})
-        changes = {p.name: p.from_optuna(trial.params[p.name]) for p in chosen}
-        if fresh(changes):
-            return _Pick(changes, f"TPE's pick from {_scored(study)} scored trials")
-    # TPE keeps landing on tried values (a small or well-explored area): nudge one constant.
-    rng.shuffle(params)
-    for param in params:
-        for value in param.neighbours(space.current[param.name], rng):
-            if fresh({param.name: value}):
-                return _Pick({param.name: value}, "the nearest untried value (TPE's picks had all been tried)")
-    return None
-
-
-def _combine(ctx: ProposalContext, space: SearchSpace, area: str, tried: set[frozenset[tuple[str, str]]]) -> _Pick | None:
-    """The two best near misses since the last keep (a single run better than the best, not
-    shown better by the rule) that change different constants of `area`, together."""
-    best = ctx.best
-    if best is None or best.metric is None:
-        return None
-    sign = -1 if ctx.direction == "maximize" else 1
-    since = [e for e in ctx.history if e.number > best.number and e.params and e.metric is not None]
-    near = sorted((e for e in since if sign * (e.metric - best.metric) < 0  # type: ignore[operator]
-                   and all(space.by_name(n) is not None and space.by_name(n).area == area for n in e.params)),  # type: ignore[union-attr]
-                  key=lambda e: sign * e.metric)  # type: ignore[operator]
-    for i, a in enumerate(near):
-        for b in near[i + 1:]:
-            changes = {**a.params, **b.params}
-            if not set(a.params) & set(b.params) and _key(changes) not in tried:
-                return _Pick(changes, f"near misses #{a.number} and #{b.number} together")
-    return None
-
-
-def _scored(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    predicted = surface.predict(surface.draw(rng), candidates)
+    sign = -1.0 if ctx.direction == "maximize" else 1.0
+    i = int(np.argmin(sign * predicted))
+    return _Pick(candidates[i], f"the best move on a draw of the model of {surface.runs} runs"
+                                f" ({predicted[i]:+.2g} predicted)")
 
 
 def _hypothesis(

@@ -10,18 +10,10 @@ actually repeat: "never try the same thing twice" is meaningless over raw floats
 
 from __future__ import annotations
 
-import ast
-import random
 from dataclasses import dataclass
 from typing import Literal
 
 from nightlab.trainer.profiles import apply_constants, read_constants
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
 
 GENERIC_AREA = "constants"
 # The built-in trainer's areas, in the order the search visits them: cheap and usually
@@ -44,32 +36,6 @@ class Param:
     step: float = 0.0
     choices: tuple[object, ...] = ()
 
-    def distribution(self) -> BaseDistribution:
-        if self.kind == "choice":
-            # Optuna's categorical choices must be scalars; repr() also carries tuples and strings.
-            return CategoricalDistribution([repr(c) for c in self.choices])
-        if self.kind == "int":
-            return IntDistribution(int(self.low), int(self.high))
-        return FloatDistribution(self.low, self.high, log=self.kind == "log")
-
-    def to_optuna(self, value: object) -> object | None:
-        """`value` as Optuna's param value, or None when it lies outside this space."""
-        if isinstance(value, list):  # tuples come back from the ledger's JSON as lists
-            value = tuple(value)
-        if self.kind == "choice":
-            return repr(value) if value in self.choices else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None
-        if not self.low <= value <= self.high:
-            return None
-        return int(value) if self.kind == "int" else float(value)
-
-    def from_optuna(self, raw: object) -> object:
-        """The value to write into the file for Optuna's `raw` pick (snapped to the grid)."""
-        if self.kind == "choice":
-            return ast.literal_eval(str(raw))
-        return self.snap(float(raw))  # type: ignore[arg-type]
-
     def snap(self, x: float) -> object:
         if self.kind == "int":
             return int(min(max(round(x), self.low), self.high))
@@ -79,21 +45,19 @@ class Param:
             x = round(round(x / self.step) * self.step, 10)
         return min(max(x, self.low), self.high)
 
-    def neighbours(self, current: object, rng: random.Random) -> list[object]:
-        """Values near `current`, nearest first (ties shuffled): the fallback when TPE's picks
-        have all been tried."""
+    def moves(self, current: object) -> list[object]:
+        """The values a proposal may set, nearest first: up to ×/÷ 4 in quarter-octave steps
+        for a log-scaled constant, up to 8 grid steps either side for a linear one, every other
+        value of a choice; inside the range and on the grid."""
         if self.kind == "choice":
-            others = [c for c in self.choices if c != current]
-            rng.shuffle(others)
-            return others
+            return [c for c in self.choices if c != current]
         if isinstance(current, bool) or not isinstance(current, (int, float)):
             return []
         if self.kind == "log":
-            factors = (1.25, 0.8, 1.5, 0.67, 2.0, 0.5, 3.0, 0.33)
-            values = [self.snap(current * f) for f in factors]
+            values = [self.snap(current * 2 ** (sign * k / 4)) for k in range(1, 9) for sign in (1, -1)]
         else:
             unit = 1 if self.kind == "int" else self.step
-            values = [self.snap(current + sign * k * unit) for k in (1, 2, 3, 4) for sign in (1, -1)]
+            values = [self.snap(current + sign * k * unit) for k in range(1, 9) for sign in (1, -1)]
         return list(dict.fromkeys(v for v in values if v != current))
 
 

@@ -1,0 +1,122 @@
+"""The search's model of the metric: a Bayesian quadratic response surface over the constants.
+
+Why a model, and this one: a 5-minute run measures val_bpb to about ±0.002, and most single
+changes are worth about that much, so one run says little about one change. What pools the
+night's evidence is a model of the whole configuration: every scored run (baselines, repeats,
+discards included) is one noisy observation of the metric at a full configuration, and a
+quadratic in each constant's (log) value with pairwise interactions is the shape learning-rate
+and size curves have near their optimum. Bayesian linear regression gives that model a
+posterior in closed form; the search draws one surface from it (Thompson sampling) and proposes
+the best move under that draw, so it explores what is uncertain and exploits what is known
+without a tuning knob. The prior sets every effect's scale to the noise's: a change is assumed
+worth about one noise σ until runs say otherwise.
+
+Coordinates: numeric constants are measured in "steps" from the best configuration (log2 of
+the ratio for log-scaled ones, a quarter of the range for linear ones), so one prior fits all;
+a choice constant is an indicator per value it is not at now.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+from nightlab.loop.proposers.space import Param, SearchSpace, format_value
+
+Config = dict[str, object]
+
+# Prior standard deviations, in units of the noise σ: the slope and curvature of a constant,
+# the interaction of two, the effect of a choice's value.
+PRIOR_SLOPE = 2.0
+PRIOR_CURVE = 1.0
+PRIOR_PAIR = 0.5
+PRIOR_CHOICE = 1.0
+
+
+@dataclass(frozen=True)
+class Observation:
+    config: Config  # every searched constant's value in that run
+    metric: float
+
+
+def _coordinate(param: Param, value: object, origin: object) -> float | None:
+    """`value`'s position relative to `origin` in steps, or None for a choice/unusable value."""
+    if param.kind == "choice" or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not isinstance(origin, (int, float)) or isinstance(origin, bool):
+        return None
+    if param.kind == "log":
+        if value <= 0 or origin <= 0:
+            return None
+        return math.log2(value / origin)
+    span = (param.high - param.low) / 4 or 1.0
+    return (value - origin) / span
+
+
+class Surface:
+    """The posterior over a quadratic surface around `origin` (the best configuration)."""
+
+    def __init__(self, space: SearchSpace, observations: Sequence[Observation], sigma: float) -> None:
+        self.space = space
+        self.origin = space.current
+        self.numeric = [p for p in space.params if p.kind != "choice"]
+        self.choices = [(p, c) for p in space.params if p.kind == "choice" for c in p.choices if c != space.current[p.name]]
+        self.pairs = list(combinations(range(len(self.numeric)), 2))
+        self._first = np.array([i for i, _ in self.pairs], dtype=int)
+        self._second = np.array([j for _, j in self.pairs], dtype=int)
+        self._numeric_index = {p.name: i for i, p in enumerate(self.numeric)}
+        self._choice_index = {(p.name, format_value(c)): j for j, (p, c) in enumerate(self.choices)}
+        scale = [PRIOR_SLOPE] * len(self.numeric) + [PRIOR_CURVE] * len(self.numeric)
+        scale += [PRIOR_PAIR] * len(self.pairs) + [PRIOR_CHOICE] * len(self.choices)
+        self.sigma = sigma
+        self.runs = len(observations)
+        x = self.features([o.config for o in observations])
+        y = np.array([o.metric for o in observations], dtype=float)
+        # The intercept is not a modelled effect: centre on the mean and leave it to the data.
+        self.offset = float(y.mean()) if len(y) else 0.0
+        x = np.hstack([np.ones((len(y), 1)), x])
+        prior = np.diag([1.0 / (10.0 * sigma) ** 2] + [1.0 / (s * sigma) ** 2 for s in scale])
+        precision = prior + x.T @ x / sigma**2
+        self.cov = np.linalg.inv(precision)
+        self.mean = self.cov @ (x.T @ (y - self.offset)) / sigma**2 if len(y) else np.zeros(len(prior))
+
+    def features(self, configs: Sequence[Config]) -> np.ndarray:
+        """Model features of each config; a constant a config leaves out is at the origin (so a
+        proposal's changes alone are a config)."""
+        k = len(self.numeric)
+        z, ind = np.zeros((len(configs), k)), np.zeros((len(configs), len(self.choices)))
+        for r, config in enumerate(configs):
+            for name, value in config.items():
+                if (i := self._numeric_index.get(name)) is not None:
+                    z[r, i] = _coordinate(self.numeric[i], value, self.origin[name]) or 0.0
+                elif (j := self._choice_index.get((name, format_value(value)))) is not None:
+                    ind[r, j] = 1.0
+        return np.hstack([z, z * z, z[:, self._first] * z[:, self._second], ind])
+
+    def draw(self, rng: random.Random) -> np.ndarray:
+        """One surface from the posterior (Thompson sampling), as coefficients."""
+        gen = np.random.default_rng(rng.randrange(2**32))
+        return gen.multivariate_normal(self.mean, self.cov, method="cholesky")
+
+    def predict(self, coefficients: np.ndarray, configs: Sequence[Config]) -> np.ndarray:
+        """The metric each config would have under `coefficients`, relative to the best's."""
+        return self.features(configs) @ coefficients[1:]
+
+
+def noise_sigma(observations: Sequence[Observation], prior: float) -> float:
+    """The run-to-run σ pooled over configurations measured more than once (baselines,
+    repeats), with `prior` counted as one degree of freedom so two runs cannot claim no noise."""
+    groups: dict[str, list[float]] = {}
+    for o in observations:
+        groups.setdefault(repr(sorted((k, format_value(v)) for k, v in o.config.items())), []).append(o.metric)
+    ss, dof = prior**2, 1
+    for values in groups.values():
+        if len(values) > 1:
+            mean = sum(values) / len(values)
+            ss += sum((v - mean) ** 2 for v in values)
+            dof += len(values) - 1
+    return math.sqrt(ss / dof)
