@@ -1,4 +1,4 @@
-"""Proposers: `search` (built in, Optuna TPE over UPPER_CASE constants) and `agent` (an external
+"""Proposers: `search` (built in, a Bayesian model of the metric over UPPER_CASE constants) and `agent` (an external
 coding-agent command). The engine picks one with `make_proposer(settings)`."""
 
 from __future__ import annotations
