@@ -26,6 +26,7 @@ from itertools import combinations
 
 import numpy as np
 from nightlab.loop.proposers.space import Param, SearchSpace, format_value
+from nightlab.loop.state.stats import pooled_noise
 
 Config = dict[str, object]
 
@@ -109,14 +110,10 @@ class Surface:
 
 def noise_sigma(observations: Sequence[Observation], prior: float) -> float:
     """The run-to-run σ pooled over configurations measured more than once (baselines,
-    repeats), with `prior` counted as one degree of freedom so two runs cannot claim no noise."""
+    repeats), with `prior` (> 0) counted as one degree of freedom so two runs cannot claim no
+    noise: the keep rule's pooling (loop/state/stats.py), lighter on the prior so the search
+    follows the measured noise sooner."""
     groups: dict[str, list[float]] = {}
     for o in observations:
         groups.setdefault(repr(sorted((k, format_value(v)) for k, v in o.config.items())), []).append(o.metric)
-    ss, dof = prior**2, 1
-    for values in groups.values():
-        if len(values) > 1:
-            mean = sum(values) / len(values)
-            ss += sum((v - mean) ** 2 for v in values)
-            dof += len(values) - 1
-    return math.sqrt(ss / dof)
+    return pooled_noise(groups.values(), prior, prior_df=1.0).sd

@@ -8,7 +8,7 @@ Everything else is the real engine's: the executor comes from the config (execut
 "slurm": the SlurmExecutor, its Slurm commands found on PATH with the daemon's environment),
 SIGTERM/SIGINT stop it at a checkpoint, and it exits when its parent daemon is gone. The proposer
 gives member k of a wave a VAL_BPB no other experiment had and makes every run sleep S seconds,
-so a whole wave stays in flight for a known time. The built-in search proposer's modules (optuna)
+so a whole wave stays in flight for a known time. The built-in search proposer's modules (numpy's model)
 are imported as the default engine imports them, so the engine's memory is that of a real one.
 """
 
