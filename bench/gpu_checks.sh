@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU measurements the README's GPU rows need, in one call that fits a GPU box lent for a few
+# minutes (each step has its own limit, so a slow one cannot eat the others' time):
+#   1. the trainer against another train.py (upstream's) in the same call, warm and cold overhead
+#   2. each GPU profile with the process's memory capped to its tier's card
+#   3. the harness scorer's cost per experiment
+# Everything is printed and also written under $OUT (default ./gpu-out).
+#
+#   usage: bench/gpu_checks.sh DATA_DIR [OTHER_TRAIN_PY]
+#   (DATA_DIR: a prepared data dir, e.g. from `nightlab prepare`; OTHER_TRAIN_PY: e.g. upstream
+#    autoresearch's train.py, fetched separately, never copied into this repository)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# absolute: the benches run in workspaces of their own
+DATA=$(realpath "${1:?usage: bench/gpu_checks.sh DATA_DIR [OTHER_TRAIN_PY]}")
+OTHER=${2:+$(realpath "$2")}
+OUT=${OUT:-gpu-out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME LIMIT_S COMMAND...: run it under a limit, tee its output, go on whatever it did
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at most ${limit} s): $*"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+    echo "== $name: exit ${PIPESTATUS[0]}"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" \
+    2>&1 | tee -a "$OUT/gpu.txt"
+step trainer 230 "$PY" bench/trainer.py --budget 40 --data-dir "$DATA" ${OTHER:+--other "$OTHER"} --log "$OUT/trainer.log"
+step profiles 250 "$PY" bench/profiles_gpu.py --budget 20 --data-dir "$DATA" --deadline 225 --log-dir "$OUT/profiles"
+step scoring 100 "$PY" bench/scoring.py --repeat 3 --profile default --data-dir "$DATA"
