@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
+from nightlab.bot.telegram import TelegramChannel
 from nightlab.loop.state import views
 from nightlab.loop.state.config import Secret, Secrets
 from nightlab.loop.state.store import Store
@@ -205,8 +206,11 @@ def bot_waiting(store: Store) -> list[object]:
 def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is_back(
         tg: FakeTelegram, workspace: Path, store: Store, caplog: pytest.LogCaptureFixture) -> None:
     # Our backoff alone would wait ten minutes: only seeing Telegram answer again can flush now.
-    svc = start_service(tg_settings(tg), Secrets(telegram_token=Secret(tg.token)), workspace,
-                        tuning=Tuning(backoff_base_s=600, backoff_max_s=600))
+    # "Back" shows when a long poll returns: 1 s polls instead of the default 10 s let it show sooner.
+    s = tg_settings(tg)
+    assert s.telegram is not None
+    svc = start_service(s, Secrets(), workspace, tuning=Tuning(backoff_base_s=600, backoff_max_s=600),
+                        channels=[TelegramChannel(s.telegram, Secret(tg.token), poll_timeout_s=1.0)])
     caplog.set_level(logging.DEBUG, logger="nightlab")
     tg.down()
     store.emit("alert", text="while down")

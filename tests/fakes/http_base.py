@@ -12,6 +12,10 @@ class QuietServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client that hung up (a cancelled long poll, a stopping bot) is not news
 
+    def serve_forever(self, poll_interval: float = 0.05) -> None:
+        # shutdown() waits for the loop's next look at its flag: 0.5 s by default, on every teardown
+        super().serve_forever(poll_interval)
+
 
 def send_reply(
     handler: BaseHTTPRequestHandler, status: int, data: bytes, ctype: str, headers: dict[str, str] | None = None

@@ -146,8 +146,9 @@ def test_train_uses_what_prepare_made(tmp_path: Path, home: Path) -> None:
     assert f'[data] source = "{shards}"' in prepared.stdout
     ws = tmp_path / "ws"
     assert nightlab("init", str(ws), "--tag", "t").returncode == 0
-    store = Store.for_workspace(ws)  # a 2-second run: this test proves which data it used
-    store.set("workspace.harness_env", {**store.get("workspace.harness_env"), "NIGHTLAB_TIME_BUDGET": "2",
+    store = Store.for_workspace(ws)  # a 2-step run: this test proves which data it used
+    # (the tiny profile's step budget, not TIME_BUDGET, is what ends its runs)
+    store.set("workspace.harness_env", {**store.get("workspace.harness_env"), "NIGHTLAB_BUDGET_STEPS": "2",
                                         "NIGHTLAB_EVAL_TOKENS": "2048"})
     store.close()
     trained = nightlab("train", "--profile", "tiny", "--workspace", str(ws))
