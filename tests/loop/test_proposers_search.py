@@ -290,3 +290,28 @@ def test_a_session_walks_to_the_optimum(tmp_path: Path) -> None:
     found = read_constants(best)
     # 0.0059 is the whole gain; the same 20 tries without the runs (prior draws alone) fall short
     assert bowl(found) - 1.0 < -0.0055, found
+
+
+def test_a_constant_the_runs_show_flat_stops_promising_gains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relevance: C measured flat at five values shrinks its prior, so a draw's promise for an
+    untried far move of C narrows; A (a real effect) and B (never moved) keep the full prior."""
+    from nightlab.loop.proposers import surface as surface_module
+
+    space = build_space("train.py", THREE)
+    rng = random.Random(0)
+    runs = [Observation({"A": 1.0, "B": 1.0, "C": c}, 1.0 + rng.gauss(0, 0.001))
+            for c in (1.0, 2.0, 0.5, 1.41, 0.71) for _ in range(3)]
+    runs += [Observation({"A": 2.0, "B": 1.0, "C": 1.0}, 0.996 + rng.gauss(0, 0.001)) for _ in range(2)]
+
+    def spread(surface: Surface, move: dict[str, object]) -> float:
+        f = surface.features([move])[0]
+        return float(np.sqrt(f @ surface.cov[1:, 1:] @ f))
+
+    sparse = Surface(space, runs, 0.001)
+    assert sparse.relevance[0] == sparse.relevance[1] == 1.0
+    assert sparse.relevance[2] < 0.7
+    monkeypatch.setattr(surface_module, "RELEVANCE_FLOOR", 1.0)  # the same model without relevance
+    plain = Surface(space, runs, 0.001)
+    assert spread(sparse, {"C": 4.0}) < 0.9 * spread(plain, {"C": 4.0})
+    assert spread(sparse, {"B": 4.0}) == pytest.approx(spread(plain, {"B": 4.0}))
+    assert spread(sparse, {"A": 4.0}) == pytest.approx(spread(plain, {"A": 4.0}), rel=0.05)
