@@ -58,6 +58,7 @@ from nightlab.loop.state.config import (
     Secret,
     Secrets,
     Settings,
+    changed_fields,
     load_settings,
     resolve_secrets,
 )
@@ -228,7 +229,7 @@ class Daemon:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return
         old = heartbeat.settings
-        changed = _changed_fields(old.heartbeat, new.heartbeat, "heartbeat")
+        changed = changed_fields(old.heartbeat, new.heartbeat, "heartbeat")
         heartbeat.settings = dataclasses.replace(old, heartbeat=new.heartbeat)
         heartbeat.schedule(scheduler)
         # the engine applies them at its next checkpoint (the checks' timeout, Slurm's --time)
@@ -242,14 +243,6 @@ class Daemon:
                  else "nothing (no live setting changed)")
         if needs_restart:
             log.warning("SIGHUP: changed but only applied after a restart: [%s]", "], [".join(needs_restart))
-
-
-def _changed_fields(old: object, new: object, section: str) -> list[str]:
-    return [
-        f"{section}.{f.name} {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
-        for f in dataclasses.fields(old)  # type: ignore[arg-type]
-        if getattr(old, f.name) != getattr(new, f.name)
-    ]
 
 
 def _secret_values(secrets: Secrets) -> list[Secret]:

@@ -16,7 +16,7 @@ from nightlab.loop.executors.runfiles import read_tail
 from nightlab.loop.proposers.base import Proposer
 from nightlab.loop.ratchet import Git
 from nightlab.loop.state import ledger
-from nightlab.loop.state.config import HeartbeatSettings, Settings
+from nightlab.loop.state.config import HeartbeatSettings, Settings, changed_fields
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
 from nightlab.loop.state.store import Store, state_dir
 from nightlab.loop.workspace import Workspace
@@ -68,8 +68,7 @@ class Context:
     def apply_heartbeat(self, live: HeartbeatSettings) -> list[str]:
         """Settings the daemon reloaded on SIGHUP: what changed, as `name old -> new`."""
         old = self.settings.heartbeat
-        changed = [f"heartbeat.{f.name} {getattr(old, f.name)!r} -> {getattr(live, f.name)!r}"
-                   for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(live, f.name)]
+        changed = changed_fields(old, live, "heartbeat")
         self.settings = dataclasses.replace(self.settings, heartbeat=live)
         follow = getattr(self.executor, "apply_run_timeout", None)  # Slurm's --time follows run_timeout
         if follow is not None:

@@ -186,6 +186,16 @@ class ExecutorSettings:
 LIVE_HEARTBEAT_KEY = "settings.heartbeat"
 
 
+def changed_fields(old: Any, new: Any, section: str) -> list[str]:
+    """What a reload changed in one section (two instances of its dataclass), as `section.name
+    old -> new`: the daemon and the engine log a SIGHUP's changes the same way."""
+    return [
+        f"{section}.{f.name} {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+        for f in dataclasses.fields(old)
+        if getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
 @dataclass(frozen=True)
 class HeartbeatSettings:
     check_interval: float = 5.0
