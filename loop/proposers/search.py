@@ -25,7 +25,6 @@ from its description), is never proposed again.
 from __future__ import annotations
 
 import ast
-import contextlib
 import random
 import re
 from dataclasses import dataclass
@@ -150,29 +149,25 @@ def describe(current: dict[str, object], changes: Changes) -> str:
     return ", ".join(f"{n} {format_value(current[n])}→{format_value(v)}" for n, v in changes.items())
 
 
-def parse_description(description: str) -> Changes:
-    """The changes in a search description (empty for free text, e.g. an agent's)."""
-    changes: Changes = {}
-    for pair in _PAIR_SPLIT.split(description):
-        name, _, rest = pair.partition(" ")
-        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) or "→" not in rest:
-            return {}
-        try:
-            changes[name] = ast.literal_eval(rest.split("→", 1)[1].strip())
-        except (ValueError, SyntaxError):
-            return {}
-    return changes
-
-
-def _old_values(description: str) -> Changes:
-    """The values a search description's changes replaced ("K 1.0→2.0" -> {K: 1.0}); a
-    re-run's description carries a "confirm #N: " prefix."""
-    old: Changes = {}
+def _pairs(description: str) -> dict[str, tuple[object, object]]:
+    """A search description's changes as {name: (old, new)}, a re-run's "confirm #N: " prefix
+    skipped; empty for free text (e.g. an agent's)."""
+    pairs: dict[str, tuple[object, object]] = {}
     for pair in _PAIR_SPLIT.split(_PREFIX.sub("", description)):
         name, _, rest = pair.partition(" ")
-        with contextlib.suppress(ValueError, SyntaxError):
-            old[name] = ast.literal_eval(rest.split("→", 1)[0].strip())
-    return old
+        old, arrow, new = rest.partition("→")
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) or not arrow:
+            return {}
+        try:
+            pairs[name] = (ast.literal_eval(old.strip()), ast.literal_eval(new.strip()))
+        except (ValueError, SyntaxError):
+            return {}
+    return pairs
+
+
+def parse_description(description: str) -> Changes:
+    """The changes in a search description (empty for free text)."""
+    return {name: new for name, (_, new) in _pairs(description).items()}
 
 
 def _observations(ctx: ProposalContext, space: SearchSpace) -> list[Observation]:
@@ -188,7 +183,7 @@ def _observations(ctx: ProposalContext, space: SearchSpace) -> list[Observation]
         if e.status == "keep" and e.kind != "baseline" and not e.params:
             break
         if e.status == "keep" and e.params:
-            config.update(_old_values(e.description))
+            config.update({name: old for name, (old, _) in _pairs(e.description).items()})
     return seen[::-1]
 
 
