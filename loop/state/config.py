@@ -8,6 +8,7 @@ and what was expected. Secrets never live in the TOML: it names an environment v
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -368,6 +369,9 @@ def _convert(hint: Any, value: Any, problems: _Problems, key: str) -> Any:
         return tuple(_convert(item, v, problems, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        # TOML allows nan and inf; no setting means anything by them (nan fails every comparison)
+        raise ConfigError(f"{source}: {key} = {value!r}: expected a finite number")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(
             f"{source}: {key} = {value!r}: expected {_type_name(hint)}, got {type(value).__name__}"
@@ -388,6 +392,8 @@ def _check(s: Settings, problems: _Problems) -> None:
         if not problems.seen(key):  # a key that failed to parse holds its default: no second line
             problems.add(key, f"{key} = {value!r}: expected {expected}")
 
+    if not s.workspace.path.strip():  # "" would be whatever directory nightlab was started in
+        fail("workspace.path", s.workspace.path, 'a directory, e.g. "~/nightlab-workspace"')
     if s.trainer.profile not in profile_names():
         fail("trainer.profile", s.trainer.profile, "one of " + ", ".join(map(repr, profile_names())))
     for key in HARNESS_ENV:
@@ -418,6 +424,21 @@ def _check(s: Settings, problems: _Problems) -> None:
         fail("loop.noise_prior", s.loop.noise_prior, "a positive share, e.g. 0.003 (0.3 % of the metric)")
     if s.loop.remeasure_every < 0:
         fail("loop.remeasure_every", s.loop.remeasure_every, "0 (never) or a number of experiments")
+    # below 1 these do not mean "never": the loop would pause after every experiment, change area
+    # every proposal, or poll in a busy loop
+    if s.loop.switch_area_after < 1:
+        fail("loop.switch_area_after", s.loop.switch_area_after, "at least 1 (experiments without a keep)")
+    if s.loop.pause_after_failures < 1:
+        fail("loop.pause_after_failures", s.loop.pause_after_failures, "at least 1 (failures in a row)")
+    if s.loop.checkpoint_interval <= 0:
+        fail("loop.checkpoint_interval", s.loop.checkpoint_interval, "a positive number of seconds, e.g. 1.0")
+    if s.proposer.agent.timeout <= 0:
+        fail("proposer.agent.timeout", s.proposer.agent.timeout, "a positive number of seconds, e.g. 900")
+    if s.heartbeat.max_restarts_per_hour < 0:
+        fail("heartbeat.max_restarts_per_hour", s.heartbeat.max_restarts_per_hour,
+             "0 (pause instead of restarting) or more")
+    if s.digest.log_tail_lines < 1:
+        fail("digest.log_tail_lines", s.digest.log_tail_lines, "at least 1 (log lines in a crash digest)")
     if not s.project.editable:
         fail("project.editable", [], "at least one file the proposer may edit")
     if set(s.project.editable) & set(s.project.protected):

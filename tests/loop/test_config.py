@@ -143,3 +143,21 @@ def test_a_replaced_key_names_what_replaced_it(tmp_path: Path) -> None:
         f"{path}: loop.confirm_k is no longer a setting: the keep rule replaced it with loop.keep_z (the standard"
         " errors a gain must beat) and loop.max_runs (the runs of a candidate before it is decided); remove it"
         " from [loop]")
+
+
+@pytest.mark.parametrize(("section", "line", "key"), [
+    ("loop", "pause_after_failures = 0", "loop.pause_after_failures"),  # paused after every experiment
+    ("loop", "switch_area_after = -1", "loop.switch_area_after"),
+    ("loop", "checkpoint_interval = 0", "loop.checkpoint_interval"),  # a busy loop while paused
+    ("proposer.agent", "timeout = 0", "proposer.agent.timeout"),
+    ("heartbeat", "max_restarts_per_hour = -1", "heartbeat.max_restarts_per_hour"),
+    ("digest", "log_tail_lines = -2", "digest.log_tail_lines"),
+    ("loop", "keep_z = nan", "loop.keep_z"),  # nan fails every comparison: nothing would ever be kept
+    ("heartbeat", "run_timeout = inf", "heartbeat.run_timeout"),
+    ("workspace", 'path = ""', "workspace.path"),  # would be whatever directory nightlab starts in
+])
+def test_values_the_loop_cannot_use_are_rejected(tmp_path: Path, section: str, line: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, f"[{section}]\n{line}\n"))
+    (message,) = str(err.value).splitlines()
+    assert message.startswith(f"{tmp_path / 'nightlab.toml'}: {key} = ") and "expected" in message
