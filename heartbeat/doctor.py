@@ -31,6 +31,7 @@ from nightlab.trainer.profiles import (
     choose,
     dtype_for,
     estimated_peak_bytes,
+    read_constants,
 )
 
 log = logging.getLogger("nightlab.doctor")
@@ -213,6 +214,7 @@ def _profile_findings(settings: Settings, choice: Choice, auto: Choice, gpus: ha
         text += f". auto would pick {auto.profile.name!r} ({auto.reason})"
     others = ", ".join(n for n in PROFILES if n != choice.profile.name.split("-")[0])
     out = [Finding("ok", "profile", text + f" (others: {others}; set trainer.profile)")]
+    out += _shape_findings(choice, int(seq), evals)
     smallest = min((g.memory_mib for g in gpus.gpus if g.memory_mib), default=None)
     need = estimated_peak_bytes(choice.profile) / 2**20
     if smallest is not None and need > 0.9 * smallest and choice.profile.name != auto.profile.name:
@@ -220,6 +222,30 @@ def _profile_findings(settings: Settings, choice: Choice, auto: Choice, gpus: ha
                            f"estimate, the GPU has {smallest / 1024:.0f} GB: train.py lowers the micro-batch to fit "
                            "(slower steps)", f"trainer.profile = \"auto\" (picks {auto.profile.name!r})"))
     return out
+
+
+def _shape_findings(choice: Choice, seq: int, evals: int) -> list[Finding]:
+    """The harness stops every run whose context does not divide a step's tokens or whose eval is
+    shorter than one row; the config's max_seq_len / eval_tokens can make either true."""
+    total = int(str(choice.profile.constants.get("TOTAL_BATCH_SIZE", _shipped_constant("TOTAL_BATCH_SIZE"))))
+    out = []
+    if total % seq:
+        out.append(Finding("fail", "profile", f"a context of {seq} tokens does not divide the {total:,} tokens of"
+                           f" a {choice.profile.name!r} step (TOTAL_BATCH_SIZE): every run would stop at its start",
+                           "trainer.max_seq_len = a power of two such as 256 or 1024, or 0 for the profile's"))
+    if evals < seq:
+        out.append(Finding("fail", "profile", f"{evals:,} eval tokens are less than one row of {seq}: every run"
+                           " would fail when it is scored", f"trainer.eval_tokens = at least {seq} (max_seq_len),"
+                           " or 0 for the profile's"))
+    return out
+
+
+def _shipped_constant(name: str) -> object:
+    """A constant of the built-in train.py as shipped (the `default` profile leaves them alone)."""
+    import nightlab.trainer
+
+    source = (Path(nightlab.trainer.__path__[0]) / "train.py").read_text(encoding="utf-8")
+    return read_constants(source, [name])[name]
 
 
 # -- disk, data, git -----------------------------------------------------------------------------

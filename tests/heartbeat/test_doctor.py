@@ -107,6 +107,23 @@ def test_a_t4_gets_the_fp16_variant(tmp_path: Path, fake_gpus, capsys) -> None:
     assert lines(out, "WARN profile") == [warning]
 
 
+def test_a_context_or_eval_the_harness_rejects_fails(tmp_path: Path, fake_gpus, capsys) -> None:
+    fake_gpus([])  # the tiny profile: 1,024 tokens a step
+    code, out = doctor(write_config(tmp_path, trainer={"max_seq_len": 7, "eval_tokens": 5}), capsys)
+    assert code == 1
+    assert lines(out, "FAIL profile") == [
+        "FAIL profile   a context of 7 tokens does not divide the 1,024 tokens of a 'tiny' step (TOTAL_BATCH_SIZE):"
+        " every run would stop at its start",
+        "FAIL profile   5 eval tokens are less than one row of 7: every run would fail when it is scored"]
+    assert "-> trainer.max_seq_len = a power of two" in out and "-> trainer.eval_tokens = at least 7" in out
+    fake_gpus(["NVIDIA H100 80GB HBM3"])  # `default` keeps train.py's own TOTAL_BATCH_SIZE (2**19)
+    _, out = doctor(write_config(tmp_path, trainer={"max_seq_len": 1000}), capsys)
+    assert lines(out, "FAIL profile")[0].startswith("FAIL profile   a context of 1000 tokens does not divide the"
+                                                    " 524,288 tokens of a 'default' step")
+    _, out = doctor(write_config(tmp_path, trainer={"max_seq_len": 1024, "eval_tokens": 1024}), capsys)
+    assert not lines(out, "FAIL profile")
+
+
 def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
     fake_gpus(["NVIDIA GeForce RTX 4090"])
     config = write_config(tmp_path, executor={"gpus": [3]}, heartbeat={"min_free_disk_gb": 1e9},
