@@ -175,6 +175,11 @@ def test_local_source_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFix
     write_shards(tmp_path / "wrong", [["a"], ["b"]], column="content")
     with pytest.raises(P.PrepareError, match="no `text` column"):
         P.prepare(str(tmp_path / "wrong"), 2, tmp_path / "cache")
+    (tmp_path / "norows").mkdir()
+    for name in ("a", "b"):  # prepared, every run would wait forever for a first document
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "norows" / f"{name}.parquet")
+    with pytest.raises(P.PrepareError, match=r"a.parquet is not a usable shard: no rows\."):
+        P.prepare(str(tmp_path / "norows"), 2, tmp_path / "cache")
 
     assert P.main(["--source", str(tmp_path / "nope"), "--cache-dir", str(tmp_path / "c")]) == 1
     assert "prepare: error: data source" in capsys.readouterr().err
