@@ -84,7 +84,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     source = args.source or settings.data.source
-    shards = args.shards or settings.data.shards
+    shards = args.shards if args.shards is not None else settings.data.shards  # 0 is a mistake, not "unset"
     try:
         data_dir = prepare.prepare(source, shards, settings.cache_path)
     except prepare.PrepareError as exc:
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
              "nightlab prepare --source stdlib")
     _config_args(p)
     p.add_argument("--source", help="climbmix | stdlib | http(s)://mirror | /path/to/shards")
-    p.add_argument("--shards", type=int, help="number of training shards")
+    p.add_argument("--shards", type=int, help="number of training shards (-1: all; default: the config's, 10)")
 
     p = _add(sub, "train", cmd_train, "run train.py once (smoke test)",
              "nightlab train --profile tiny")

@@ -91,6 +91,13 @@ def test_a_workspace_that_cannot_be_a_directory_gets_a_message(command: str, tmp
         assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_prepare_with_zero_shards_is_refused_not_replaced(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 0 was taken as "not given": the config's 10 shards were downloaded instead
+    assert main(["prepare", "--source", "climbmix", "--shards", "0"]) == 2
+    assert capsys.readouterr().err == "nightlab: --shards must be at least 1 (or -1 for all), got 0\n"
+    assert not (home / ".cache").exists()
+
+
 def test_max_experiments_counts_from_now(tmp_path: Path, home: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     config = write_daemon_config(tmp_path / "n.toml", settings.workspace_path,
