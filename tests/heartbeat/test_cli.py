@@ -98,6 +98,19 @@ def test_prepare_with_zero_shards_is_refused_not_replaced(home: Path, capsys: py
     assert not (home / ".cache").exists()
 
 
+@pytest.mark.parametrize("command", ["history", "report"])
+def test_a_reader_that_stops_early_gets_no_traceback(command: str, loop: Path) -> None:
+    """`nightlab history | head`: the pipe is closed before nightlab writes (head has its lines)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", command, "--workspace", str(loop)],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert (out.returncode, out.stderr) == (141, "")
+
+
 def test_max_experiments_counts_from_now(tmp_path: Path, home: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     config = write_daemon_config(tmp_path / "n.toml", settings.workspace_path,
