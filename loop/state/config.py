@@ -66,8 +66,10 @@ class SecretRef:
             try:
                 value = path.read_text().strip()
             except OSError as exc:
+                # A name with no folder in it may be the token itself, pasted in: never echo that.
+                shown = f" = {self.file!r}" if "/" in self.file else " (not a path; value not shown)"
                 raise ConfigError(
-                    f"{config_path}: {key}.file = {self.file!r}: cannot read the secret ({exc.strerror});"
+                    f"{config_path}: {key}.file{shown}: cannot read the secret ({exc.strerror});"
                     " point it at a readable file (e.g. $CREDENTIALS_DIRECTORY/telegram)"
                 ) from None
         elif self.env:

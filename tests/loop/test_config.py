@@ -108,6 +108,19 @@ def test_a_secret_written_in_the_config_is_not_echoed(tmp_path: Path, line: str)
     assert 'token = { env = "VAR" }' in message and '{ file = "/path" }' in message
 
 
+def test_a_secret_pasted_as_the_file_is_not_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "[telegram]\noperators = [1]\ntoken = { file = '123456:AAH-SECRET' }\n")
+    with pytest.raises(ConfigError) as err:
+        resolve_secrets(load_settings(path))
+    assert str(err.value) == (f"{path}: telegram.token.file (not a path; value not shown): cannot read the secret"
+                              " (No such file or directory); point it at a readable file"
+                              " (e.g. $CREDENTIALS_DIRECTORY/telegram)")
+    path = write(tmp_path, f"[telegram]\noperators = [1]\ntoken = {{ file = '{tmp_path}/absent' }}\n")
+    with pytest.raises(ConfigError, match=f"telegram.token.file = '{tmp_path}/absent': cannot read"):
+        resolve_secrets(load_settings(path))  # a path is shown: it is what to fix
+
+
 def test_every_mistake_is_reported_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "\n".join([
         "[heartbeat]", "run_timout = 60", 'check_interval = "often"', "stall_after = -1",
