@@ -350,12 +350,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     The words of a `ctl` command that follow an option come back as extras and join its words."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if extras and args.command == "ctl" and not any(x.startswith("-") for x in extras):
-        args.words = [*args.words, *extras]
+    # `ctl note --config F -- -x`: argparse hands back the `--` and what follows it as extras too
+    before, after = _split_at_dashes(extras)
+    if extras and args.command == "ctl" and not any(x.startswith("-") for x in before):
+        args.words = [*args.words, *before, *after]
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}"
                      + ("; text that starts with - goes after --" if args.command == "ctl" else ""))
     return args
+
+
+def _split_at_dashes(words: list[str]) -> tuple[list[str], list[str]]:
+    """The words before the first `--` and those after it."""
+    if "--" not in words:
+        return words, []
+    at = words.index("--")
+    return words[:at], words[at + 1:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,9 +45,10 @@ def test_ctl_options_may_come_anywhere(loop: Path, tmp_path: Path, home: Path) -
     assert main(["ctl", "focus", "attention", "--config", str(config)]) == 0
     assert main(["ctl", "note", "try", "--workspace", str(loop), "a longer warmup"]) == 0
     assert main(["ctl", "--workspace", str(loop), "note", "--", "--lr 0.1 looked good"]) == 0
+    assert main(["ctl", "note", "--workspace", str(loop), "--", "--wd", "0.1 too"]) == 0  # options, then --
     assert main(["ctl", "pause", "--workspace", str(loop)]) == 0
     assert pending(loop) == [("focus", "attention"), ("note", "try a longer warmup"),
-                             ("note", "--lr 0.1 looked good"), ("pause", "")]
+                             ("note", "--lr 0.1 looked good"), ("note", "--wd 0.1 too"), ("pause", "")]
     assert not (home / "nightlab-workspace").exists()
 
 
