@@ -277,7 +277,8 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the file ({exc.strerror})") from None
     try:
-        table = tomllib.loads(raw.decode("utf-8"))
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not a "syntax error at 1:1"
+        table = tomllib.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:

@@ -34,6 +34,12 @@ def test_syntax_error_names_file(tmp_path: Path) -> None:
         load_settings(path)
 
 
+def test_a_byte_order_mark_is_not_a_syntax_error(tmp_path: Path) -> None:
+    path = tmp_path / "nightlab.toml"
+    path.write_bytes(b"\xef\xbb\xbf[loop]\r\nkeep_z = 2.5\r\n")  # as some Windows editors save it
+    assert load_settings(path).loop.keep_z == 2.5
+
+
 def test_unknown_key_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, "[heartbeat]\nrun_timout = 60\n")
     with pytest.raises(ConfigError) as err:
