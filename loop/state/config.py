@@ -15,7 +15,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from nightlab.loop.state.errors import UserError
@@ -444,6 +444,12 @@ def _check(s: Settings, problems: _Problems) -> None:
         fail("digest.log_tail_lines", s.digest.log_tail_lines, "at least 1 (log lines in a crash digest)")
     if not s.project.editable:
         fail("project.editable", [], "at least one file the proposer may edit")
+    for key in ("editable", "protected"):
+        # git names changed files relative to the workspace: "/abs/train.py" would never match one,
+        # and every proposal would be rejected as changing a file outside project.editable
+        names = getattr(s.project, key)
+        if any(PurePosixPath(n).is_absolute() or n.startswith("~") or ".." in PurePosixPath(n).parts for n in names):
+            fail(f"project.{key}", list(names), 'paths inside the workspace, relative to it, e.g. ["train.py"]')
     if set(s.project.editable) & set(s.project.protected):
         both = sorted(set(s.project.editable) & set(s.project.protected))
         fail("project.protected", both, "files that are not also editable")

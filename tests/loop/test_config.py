@@ -174,6 +174,9 @@ def test_a_replaced_key_names_what_replaced_it(tmp_path: Path) -> None:
     ("loop", "keep_z = nan", "loop.keep_z"),  # nan fails every comparison: nothing would ever be kept
     ("heartbeat", "run_timeout = inf", "heartbeat.run_timeout"),
     ("workspace", 'path = ""', "workspace.path"),  # would be whatever directory nightlab starts in
+    # git names changed files relative to the workspace: every proposal would be "outside editable"
+    ("project", 'editable = ["/home/me/proj/train.py"]', "project.editable"),
+    ("project", 'protected = ["../prepare.py"]', "project.protected"),
 ])
 def test_values_the_loop_cannot_use_are_rejected(tmp_path: Path, section: str, line: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
