@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -119,6 +121,7 @@ def diagnose(settings: Settings, python: str = sys.executable) -> Report:
     if builtin:
         found.append(_data_finding(settings))
     found.append(_git_finding())
+    found += _program_findings(settings)
     found += _channel_findings(settings)
     return Report(tuple(found), choice)
 
@@ -294,6 +297,41 @@ def _git_finding() -> Finding:
     if out.returncode != 0:
         return Finding("fail", "git", f"`git --version` failed: {out.stderr.strip()[:120]}", "reinstall git")
     return Finding("ok", "git", out.stdout.strip())
+
+
+def _program_findings(settings: Settings) -> list[Finding]:
+    """The programs the commands of the config start: one that is not installed fails every
+    proposal (the agent) or every run."""
+    commands = [("project.run_command", settings.project.run_command)]
+    if settings.proposer.kind == "agent":
+        commands.append(("proposer.agent.command", settings.proposer.agent.command))
+    out = []
+    for key, command in commands:
+        program = _program(command)
+        if program is None:
+            continue
+        where = settings.workspace_path / program if "/" in program else None  # both run in the workspace
+        found = (where.is_file() and os.access(where, os.X_OK)) if where else shutil.which(program) is not None
+        if not found:
+            out.append(Finding("fail", "programs", f"{key} starts {program!r}, which "
+                               + ("is not an executable file" if where else "is not on PATH"),
+                               f"install it, or fix {key}"))
+    return out
+
+
+_SHELL_WORDS = {"cd", "exec", "export", "source", ".", "set", "if", "for", "while", "time", "nice", "!"}
+
+
+def _program(command: str) -> str | None:
+    """The program a shell command line starts, when that is plain to see; None otherwise
+    (empty, an assignment, a shell word or expansion first: the shell decides)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    if not words or words[0] in _SHELL_WORDS or any(c in words[0] for c in "=$`(){}<>|;&*?~"):
+        return None
+    return words[0]
 
 
 # -- chat channels -------------------------------------------------------------------------------

@@ -124,6 +124,25 @@ def test_a_context_or_eval_the_harness_rejects_fails(tmp_path: Path, fake_gpus, 
     assert not lines(out, "FAIL profile")
 
 
+def test_a_program_the_config_starts_that_is_not_installed_fails(tmp_path: Path, fake_gpus, capsys) -> None:
+    fake_gpus([])
+    config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"]},
+                          proposer={"kind": "agent"}, **{"proposer.agent": {"command": "nosuch-agent -p {prompt_file}"}})
+    code, out = doctor(config, capsys)
+    assert code == 1
+    assert lines(out, "FAIL programs") == [
+        "FAIL programs  project.run_command starts './train.sh', which is not an executable file",
+        "FAIL programs  proposer.agent.command starts 'nosuch-agent', which is not on PATH"]
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "train.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "ws" / "train.sh").chmod(0o755)
+    config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"]},
+                          proposer={"kind": "agent"},  # the shell's business: not checked
+                          **{"proposer.agent": {"command": "AGENT=1 $SHELL {prompt_file}"}})
+    code, out = doctor(config, capsys)
+    assert not lines(out, "FAIL programs") and code == 0, out
+
+
 def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
     fake_gpus(["NVIDIA GeForce RTX 4090"])
     config = write_config(tmp_path, executor={"gpus": [3]}, heartbeat={"min_free_disk_gb": 1e9},
