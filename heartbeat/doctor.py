@@ -4,8 +4,9 @@ Checks what a run needs, each finding with what to do about it: the GPUs (nvidia
 memory, compute capability, bf16, driver), torch as the runs will import it (version, CUDA build,
 whether it sees the GPU or Apple MPS, FlexAttention; probed in a child process, because the daemon
 never imports torch), the FA3 kernel in the local kernels cache (Hopper), free disk for data and
-workspace, the data and tokenizer, git, each configured chat channel (a real call through the same
-client library the bot uses), and the profile `auto` picks with its reason. `fail` findings mean a
+workspace, the data and tokenizer, git, the programs the config's commands start, each configured
+chat channel (a real call through the same client library the bot uses), and the profile `auto`
+picks with its reason (and whether the config's context and eval sizes fit it). `fail` findings mean a
 run would fail: the command exits 1. `nightlab run` logs the same findings when it starts.
 """
 
