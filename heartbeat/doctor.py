@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nightlab.loop import hardware
-from nightlab.loop.state.config import ConfigError, Settings, resolve_secrets
+from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
 from nightlab.trainer.profiles import (
     DTYPE_ENV,
     PROFILES,
@@ -219,6 +219,10 @@ def _profile_findings(settings: Settings, choice: Choice, auto: Choice, gpus: ha
     others = ", ".join(n for n in PROFILES if n != choice.profile.name.split("-")[0])
     out = [Finding("ok", "profile", text + f" (others: {others}; set trainer.profile)")]
     out += _shape_findings(choice, int(seq), evals)
+    if settings.heartbeat.run_timeout < int(budget) + RUN_OVERHEAD_S:
+        out.append(Finding("fail", "profile", f"heartbeat.run_timeout = {settings.heartbeat.run_timeout:g} s is"
+                           f" shorter than the {budget} s budget + {RUN_OVERHEAD_S} s of start-up and eval: every"
+                           " run would be killed as a timeout", f"heartbeat.run_timeout = {int(budget) + 300}"))
     smallest = min((g.memory_mib for g in gpus.gpus if g.memory_mib), default=None)
     need = estimated_peak_bytes(choice.profile) / 2**20
     if smallest is not None and need > 0.9 * smallest and choice.profile.name != auto.profile.name:

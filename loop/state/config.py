@@ -105,6 +105,10 @@ HARNESS_ENV = {"time_budget": "NIGHTLAB_TIME_BUDGET", "max_seq_len": "NIGHTLAB_M
                "eval_tokens": "NIGHTLAB_EVAL_TOKENS"}
 
 
+# seconds a run needs besides its training budget (start-up, compilation, eval): run_timeout must allow them
+RUN_OVERHEAD_S = 120
+
+
 @dataclass(frozen=True)
 class TrainerSettings:
     profile: str = "auto"  # auto (picked from the hardware) | a name in trainer/profiles.py PROFILES
@@ -403,9 +407,9 @@ def _check(s: Settings, problems: _Problems) -> None:
         if getattr(s.trainer, key) < 0:
             fail(f"trainer.{key}", getattr(s.trainer, key), "a positive number, or 0 for the profile's value")
     # a run also starts up (compiles) and evaluates; the heartbeat kills it at run_timeout
-    if s.trainer.time_budget and s.heartbeat.run_timeout < s.trainer.time_budget + 120:
-        fail("heartbeat.run_timeout", s.heartbeat.run_timeout,
-             f"at least trainer.time_budget + 120 s (start-up and eval); e.g. {s.trainer.time_budget + 300}")
+    if s.trainer.time_budget and s.heartbeat.run_timeout < s.trainer.time_budget + RUN_OVERHEAD_S:
+        fail("heartbeat.run_timeout", s.heartbeat.run_timeout, f"at least trainer.time_budget + {RUN_OVERHEAD_S} s"
+             f" (start-up and eval); e.g. {s.trainer.time_budget + 300}")
     if s.loop.max_experiments < 0:
         fail("loop.max_experiments", s.loop.max_experiments, "a number of experiments >= 1, or 0 for no limit")
     if s.data.shards < 1:

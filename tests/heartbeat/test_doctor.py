@@ -107,7 +107,7 @@ def test_a_t4_gets_the_fp16_variant(tmp_path: Path, fake_gpus, capsys) -> None:
     assert lines(out, "WARN profile") == [warning]
 
 
-def test_a_context_or_eval_the_harness_rejects_fails(tmp_path: Path, fake_gpus, capsys) -> None:
+def test_sizes_and_a_timeout_the_profile_cannot_run_with_fail(tmp_path: Path, fake_gpus, capsys) -> None:
     fake_gpus([])  # the tiny profile: 1,024 tokens a step
     code, out = doctor(write_config(tmp_path, trainer={"max_seq_len": 7, "eval_tokens": 5}), capsys)
     assert code == 1
@@ -122,6 +122,10 @@ def test_a_context_or_eval_the_harness_rejects_fails(tmp_path: Path, fake_gpus, 
                                                     " 524,288 tokens of a 'default' step")
     _, out = doctor(write_config(tmp_path, trainer={"max_seq_len": 1024, "eval_tokens": 1024}), capsys)
     assert not lines(out, "FAIL profile")
+    # the config's own check sees only an explicit trainer.time_budget; this is the profile's 300 s
+    _, out = doctor(write_config(tmp_path, heartbeat={"run_timeout": 100}), capsys)
+    assert lines(out, "FAIL profile") == ["FAIL profile   heartbeat.run_timeout = 100 s is shorter than the 300 s budget"
+                                          " + 120 s of start-up and eval: every run would be killed as a timeout"]
 
 
 def test_a_program_the_config_starts_that_is_not_installed_fails(tmp_path: Path, fake_gpus, capsys) -> None:
