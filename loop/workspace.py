@@ -99,7 +99,11 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
             f"{path} exists, is not empty and is not a git repository; pick a new or empty"
             f" directory, or run `git init` there first to use your own project"
         )
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # `nightlab init /data/ws` with /data missing or not ours
+        raise UserError(f"cannot create the workspace {path}: {exc.strerror}; give a directory you can write to")\
+            from None
     if fresh:
         git.Repo.init(path)
     repo = Git(path)
