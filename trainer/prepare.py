@@ -265,7 +265,11 @@ def prepare(
             "http(s) mirror URL, or a folder of parquet shards with a `text` column."
         )
     data_dir = (cache_dir or cache_root()) / source_id(source)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrepareError(f"cannot create the data folder {data_dir}: {exc.strerror}; set [data] cache_dir"
+                           f" (or ${ENV_CACHE}) to a folder you can write to") from None
     if remote:
         num_train = MAX_SHARD if shards == -1 else min(shards, MAX_SHARD)
         _download_shards(base_url, num_train, data_dir, say, workers, retries, backoff_s)

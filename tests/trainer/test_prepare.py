@@ -185,6 +185,14 @@ def test_local_source_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFix
     assert "prepare: error: data source" in capsys.readouterr().err
 
 
+def test_a_cache_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(P.PrepareError) as err:
+        P.prepare("stdlib", 2, tmp_path / "a-file" / "cache")  # as data.cache_dir = "/mnt/gone/cache"
+    assert str(err.value) == (f"cannot create the data folder {tmp_path}/a-file/cache/stdlib: Not a directory;"
+                              " set [data] cache_dir (or $NIGHTLAB_CACHE) to a folder you can write to")
+
+
 def test_cli_prepares_a_local_source(corpus, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert P.main(["--source", str(corpus[0]), "--shards", "2", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr()
