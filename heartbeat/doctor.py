@@ -355,13 +355,25 @@ def _channel_findings(settings: Settings) -> list[Finding]:
     return out
 
 
+_CLIENT_LOGGERS = ("telegram", "slack_sdk", "httpx")  # the client libraries' own loggers
+
+
 def _reach(name: str, call: Any, api_base: str, token: str) -> Finding:
+    # A client library logs what went wrong (a traceback, e.g. for an api_base that answers HTML)
+    # before it raises; the finding says it once, without the traceback.
+    loggers = [logging.getLogger(n) for n in _CLIENT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
     try:
         return Finding("ok", "channels", f"{name}: reachable, {call(api_base, token)}")
     except Exception as exc:  # noqa: BLE001 - any failure of the client library is the finding
         said = f"{type(exc).__name__}: {str(exc)[:160]}".replace(token, "***")  # URLs carry Telegram's token
         return Finding("fail", "channels", f"{name}: not reachable ({said})",
                        f"check the token and the network (README: {name.capitalize()})")
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _telegram_me(api_base: str, token: str) -> str:

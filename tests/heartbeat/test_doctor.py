@@ -215,6 +215,32 @@ def test_each_chat_channel_is_reached(tmp_path, fake_gpus, capsys, monkeypatch, 
     assert telegram.token not in out
 
 
+def test_an_api_base_that_answers_html_is_a_finding_without_a_traceback(tmp_path: Path) -> None:
+    """A proxy or a wrong api_base answers an HTML error page: the client libraries log a traceback
+    before they raise. In a terminal (no logging set up) that printed; only the finding should."""
+    import http.server
+    import subprocess
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501, HTML
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        config = write_config(tmp_path, project={"run_command": "true"},  # no torch probe: channels only
+                              telegram={"token": {"env": "TG"}, "operators": [1], "api_base": base},
+                              slack={"bot_token": {"env": "SB"}, "app_token": {"env": "SA"}, "operators": ["U1"],
+                                     "api_base": base + "api/"})
+        env = {**os.environ, "TG": "123:SECRET", "SB": "xoxb-SECRET", "SA": "xapp-SECRET"}
+        out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", "doctor", "--config", str(config)],
+                             capture_output=True, text=True, env=env, timeout=120, check=False)
+    finally:
+        server.shutdown()
+    assert out.returncode == 1 and out.stderr == ""
+    assert [line.split("(")[0] for line in lines(out.stdout, "FAIL channels")] == [
+        "FAIL channels  telegram: not reachable ", "FAIL channels  slack: not reachable "]
+    assert "SECRET" not in out.stdout
+
+
 def test_run_logs_the_findings_and_stops_after_the_configured_experiments(tmp_path: Path) -> None:
     import subprocess
 
