@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from nightlab.loop import hardware
 from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
+from nightlab.loop.workspace import workspace_problem
 from nightlab.trainer.profiles import (
     DTYPE_ENV,
     PROFILES,
@@ -258,7 +259,8 @@ def _shipped_constant(name: str) -> object:
 
 # -- disk, data, git -----------------------------------------------------------------------------
 def _disk_findings(settings: Settings) -> list[Finding]:
-    out = []
+    problem = workspace_problem(settings.workspace_path)
+    out = [Finding("fail", "workspace", problem, "set workspace.path (or --workspace)")] if problem else []
     need = settings.heartbeat.min_free_disk_gb
     for label, path in (("workspace", settings.workspace_path), ("data", settings.cache_path)):
         existing = path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,7 +138,7 @@ def test_a_program_the_config_starts_that_is_not_installed_fails(tmp_path: Path,
     assert lines(out, "FAIL programs") == [
         "FAIL programs  project.run_command starts './train.sh', which is not an executable file",
         "FAIL programs  proposer.agent.command starts 'nosuch-agent', which is not on PATH"]
-    (tmp_path / "ws").mkdir()
+    subprocess.run(["git", "init", "-q", str(tmp_path / "ws")], check=True)  # the user's project
     (tmp_path / "ws" / "train.sh").write_text("#!/bin/sh\n")
     (tmp_path / "ws" / "train.sh").chmod(0o755)
     config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"]},
@@ -158,6 +159,12 @@ def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_g
     assert f"FAIL data      data.source = '{tmp_path / 'nowhere'}' is not a directory" in out
     empty = tmp_path / "bin"
     empty.mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")  # a folder of the user's: `nightlab run` would refuse it
+    code, out = doctor(write_config(tmp_path, workspace={"path": str(tmp_path / "notes")}), capsys)
+    assert code == 1 and lines(out, "FAIL workspace") == [
+        f"FAIL workspace {tmp_path / 'notes'} exists, is not empty and is not a git repository; pick a new or empty"
+        " directory, or run `git init` there first to use your own project"]
     monkeypatch.setenv("PATH", str(empty))  # no git (and no nvidia-smi) on this PATH
     code, out = doctor(write_config(tmp_path), capsys)
     assert code == 1 and lines(out, "FAIL git")[0].endswith("git is not installed (the loop commits every experiment)")
@@ -219,7 +226,6 @@ def test_an_api_base_that_answers_html_is_a_finding_without_a_traceback(tmp_path
     """A proxy or a wrong api_base answers an HTML error page: the client libraries log a traceback
     before they raise. In a terminal (no logging set up) that printed; only the finding should."""
     import http.server
-    import subprocess
     import threading
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501, HTML
