@@ -62,6 +62,11 @@ class SecretRef:
 
     def resolve(self, key: str, config_path: Path | str) -> Secret:
         if self.file:
+            unset = [v for v in _VAR.findall(self.file) if v not in os.environ]
+            if unset:  # "No such file" would be misleading: the path is not even known
+                why = ("systemd sets it only inside the service (LoadCredential=), so the secret can be read there"
+                       " only" if unset[0] == "CREDENTIALS_DIRECTORY" else "set it, or write the path out")
+                raise ConfigError(f"{config_path}: {key}.file = {self.file!r}: ${unset[0]} is not set here; {why}")
             path = Path(os.path.expandvars(self.file)).expanduser()
             try:
                 value = path.read_text().strip()
@@ -472,6 +477,7 @@ def _check(s: Settings, problems: _Problems) -> None:
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")  # $NAME or ${NAME}, as os.path.expandvars reads them
 
 
 def _secret_refs(s: Settings) -> list[tuple[str, SecretRef]]:

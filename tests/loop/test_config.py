@@ -127,6 +127,19 @@ def test_a_secret_pasted_as_the_file_is_not_echoed(tmp_path: Path, monkeypatch: 
         resolve_secrets(load_settings(path))  # a path is shown: it is what to fix
 
 
+def test_a_secret_file_under_an_unset_variable_says_which(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)  # outside the systemd service
+    path = write(tmp_path, '[telegram]\noperators = [1]\ntoken = { file = "$CREDENTIALS_DIRECTORY/telegram" }\n')
+    with pytest.raises(ConfigError) as err:
+        resolve_secrets(load_settings(path))
+    assert str(err.value) == (f"{path}: telegram.token.file = '$CREDENTIALS_DIRECTORY/telegram': $CREDENTIALS_DIRECTORY"
+                              " is not set here; systemd sets it only inside the service (LoadCredential=), so the"
+                              " secret can be read there only")
+    (tmp_path / "telegram").write_text("123:TOKEN\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert resolve_secrets(load_settings(path)).telegram_token == Secret("123:TOKEN")
+
+
 def test_every_mistake_is_reported_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "\n".join([
         "[heartbeat]", "run_timout = 60", 'check_interval = "often"', "stall_after = -1",
