@@ -49,8 +49,13 @@ def _named_settings(args: argparse.Namespace) -> Settings:
 
 def _workspace_dir(path: Path) -> Path:
     """Make sure `path` is (or can become) the workspace directory; a clear message otherwise."""
+    from nightlab.loop.workspace import workspace_problem
+
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is not a directory; give a directory for the workspace (--workspace DIR)")
+    problem = workspace_problem(path)  # said now: the daemon would first leave its state folder there
+    if problem:
+        raise UserError(problem)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -83,13 +83,18 @@ def test_bad_arguments_are_refused_by_the_parser(argv: list[str], capsys: pytest
 def test_a_workspace_that_cannot_be_a_directory_gets_a_message(command: str, tmp_path: Path, home: Path) -> None:
     afile = tmp_path / "a-file"
     afile.write_text("x")
+    notes = tmp_path / "notes"  # a folder of the user's, not a git repository
+    notes.mkdir()
+    (notes / "todo.txt").write_text("x")
     config = write_daemon_config(tmp_path / "n.toml", tmp_path / "ws")
-    for bad, says in ((afile, "is not a directory"), (afile / "below", "cannot create the workspace")):
+    for bad, says in ((afile, "is not a directory"), (afile / "below", "cannot create the workspace"),
+                      (notes, "exists, is not empty and is not a git repository")):
         argv = [command, "--workspace", str(bad)] + (["--config", str(config)] if command == "run" else [])
         out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", *argv],
                              capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 2, out.stderr
         assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]  # no state folder left in it
 
 
 def test_prepare_with_zero_shards_is_refused_not_replaced(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
