@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,8 +49,13 @@ def _named_settings(args: argparse.Namespace) -> Settings:
 
 def _workspace_dir(path: Path) -> Path:
     """Make sure `path` is (or can become) the workspace directory; a clear message otherwise."""
+    from nightlab.loop.workspace import workspace_problem
+
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is not a directory; give a directory for the workspace (--workspace DIR)")
+    problem = workspace_problem(path)  # said now: the daemon would first leave its state folder there
+    if problem:
+        raise UserError(problem)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -84,7 +90,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     source = args.source or settings.data.source
-    shards = args.shards or settings.data.shards
+    shards = args.shards if args.shards is not None else settings.data.shards  # 0 is a mistake, not "unset"
     try:
         data_dir = prepare.prepare(source, shards, settings.cache_path)
     except prepare.PrepareError as exc:
@@ -265,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
              "nightlab prepare --source stdlib")
     _config_args(p)
     p.add_argument("--source", help="climbmix | stdlib | http(s)://mirror | /path/to/shards")
-    p.add_argument("--shards", type=int, help="number of training shards")
+    p.add_argument("--shards", type=int, help="number of training shards (-1: all; default: the config's, 10)")
 
     p = _add(sub, "train", cmd_train, "run train.py once (smoke test)",
              "nightlab train --profile tiny")
@@ -349,24 +355,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     The words of a `ctl` command that follow an option come back as extras and join its words."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if extras and args.command == "ctl" and not any(x.startswith("-") for x in extras):
-        args.words = [*args.words, *extras]
+    # `ctl note --config F -- -x`: argparse hands back the `--` and what follows it as extras too
+    before, after = _split_at_dashes(extras)
+    if extras and args.command == "ctl" and not any(x.startswith("-") for x in before):
+        args.words = [*args.words, *before, *after]
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}"
                      + ("; text that starts with - goes after --" if args.command == "ctl" else ""))
     return args
 
 
+def _split_at_dashes(words: list[str]) -> tuple[list[str], list[str]]:
+    """The words before the first `--` and those after it."""
+    if "--" not in words:
+        return words, []
+    at = words.index("--")
+    return words[:at], words[at + 1:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
     except UserError as exc:
         print(f"nightlab: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("nightlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `nightlab history | head`: the reader has what it wanted. Whatever is still buffered goes
+        # nowhere, so the exit does not raise again; 141 is what a shell shows for SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Checks what a run needs, each finding with what to do about it: the GPUs (nvidia
 memory, compute capability, bf16, driver), torch as the runs will import it (version, CUDA build,
 whether it sees the GPU or Apple MPS, FlexAttention; probed in a child process, because the daemon
 never imports torch), the FA3 kernel in the local kernels cache (Hopper), free disk for data and
-workspace, the data and tokenizer, git, each configured chat channel (a real call through the same
-client library the bot uses), and the profile `auto` picks with its reason. `fail` findings mean a
+workspace, the data and tokenizer, git, the programs the config's commands start, each configured
+chat channel (a real call through the same client library the bot uses), and the profile `auto`
+picks with its reason (and whether the config's context and eval sizes fit it). `fail` findings mean a
 run would fail: the command exits 1. `nightlab run` logs the same findings when it starts.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nightlab.loop import hardware
-from nightlab.loop.state.config import ConfigError, Settings, resolve_secrets
+from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
+from nightlab.loop.workspace import workspace_problem
 from nightlab.trainer.profiles import (
     DTYPE_ENV,
     PROFILES,
@@ -31,6 +35,7 @@ from nightlab.trainer.profiles import (
     choose,
     dtype_for,
     estimated_peak_bytes,
+    read_constants,
 )
 
 log = logging.getLogger("nightlab.doctor")
@@ -118,6 +123,7 @@ def diagnose(settings: Settings, python: str = sys.executable) -> Report:
     if builtin:
         found.append(_data_finding(settings))
     found.append(_git_finding())
+    found += _program_findings(settings)
     found += _channel_findings(settings)
     return Report(tuple(found), choice)
 
@@ -213,6 +219,11 @@ def _profile_findings(settings: Settings, choice: Choice, auto: Choice, gpus: ha
         text += f". auto would pick {auto.profile.name!r} ({auto.reason})"
     others = ", ".join(n for n in PROFILES if n != choice.profile.name.split("-")[0])
     out = [Finding("ok", "profile", text + f" (others: {others}; set trainer.profile)")]
+    out += _shape_findings(choice, int(seq), evals)
+    if settings.heartbeat.run_timeout < int(budget) + RUN_OVERHEAD_S:
+        out.append(Finding("fail", "profile", f"heartbeat.run_timeout = {settings.heartbeat.run_timeout:g} s is"
+                           f" shorter than the {budget} s budget + {RUN_OVERHEAD_S} s of start-up and eval: every"
+                           " run would be killed as a timeout", f"heartbeat.run_timeout = {int(budget) + 300}"))
     smallest = min((g.memory_mib for g in gpus.gpus if g.memory_mib), default=None)
     need = estimated_peak_bytes(choice.profile) / 2**20
     if smallest is not None and need > 0.9 * smallest and choice.profile.name != auto.profile.name:
@@ -222,9 +233,34 @@ def _profile_findings(settings: Settings, choice: Choice, auto: Choice, gpus: ha
     return out
 
 
+def _shape_findings(choice: Choice, seq: int, evals: int) -> list[Finding]:
+    """The harness stops every run whose context does not divide a step's tokens or whose eval is
+    shorter than one row; the config's max_seq_len / eval_tokens can make either true."""
+    total = int(str(choice.profile.constants.get("TOTAL_BATCH_SIZE", _shipped_constant("TOTAL_BATCH_SIZE"))))
+    out = []
+    if total % seq:
+        out.append(Finding("fail", "profile", f"a context of {seq} tokens does not divide the {total:,} tokens of"
+                           f" a {choice.profile.name!r} step (TOTAL_BATCH_SIZE): every run would stop at its start",
+                           "trainer.max_seq_len = a power of two such as 256 or 1024, or 0 for the profile's"))
+    if evals < seq:
+        out.append(Finding("fail", "profile", f"{evals:,} eval tokens are less than one row of {seq}: every run"
+                           " would fail when it is scored", f"trainer.eval_tokens = at least {seq} (max_seq_len),"
+                           " or 0 for the profile's"))
+    return out
+
+
+def _shipped_constant(name: str) -> object:
+    """A constant of the built-in train.py as shipped (the `default` profile leaves them alone)."""
+    import nightlab.trainer
+
+    source = (Path(nightlab.trainer.__path__[0]) / "train.py").read_text(encoding="utf-8")
+    return read_constants(source, [name])[name]
+
+
 # -- disk, data, git -----------------------------------------------------------------------------
 def _disk_findings(settings: Settings) -> list[Finding]:
-    out = []
+    problem = workspace_problem(settings.workspace_path)
+    out = [Finding("fail", "workspace", problem, "set workspace.path (or --workspace)")] if problem else []
     need = settings.heartbeat.min_free_disk_gb
     for label, path in (("workspace", settings.workspace_path), ("data", settings.cache_path)):
         existing = path
@@ -270,6 +306,41 @@ def _git_finding() -> Finding:
     return Finding("ok", "git", out.stdout.strip())
 
 
+def _program_findings(settings: Settings) -> list[Finding]:
+    """The programs the commands of the config start: one that is not installed fails every
+    proposal (the agent) or every run."""
+    commands = [("project.run_command", settings.project.run_command)]
+    if settings.proposer.kind == "agent":
+        commands.append(("proposer.agent.command", settings.proposer.agent.command))
+    out = []
+    for key, command in commands:
+        program = _program(command)
+        if program is None:
+            continue
+        where = settings.workspace_path / program if "/" in program else None  # both run in the workspace
+        found = (where.is_file() and os.access(where, os.X_OK)) if where else shutil.which(program) is not None
+        if not found:
+            out.append(Finding("fail", "programs", f"{key} starts {program!r}, which "
+                               + ("is not an executable file" if where else "is not on PATH"),
+                               f"install it, or fix {key}"))
+    return out
+
+
+_SHELL_WORDS = {"cd", "exec", "export", "source", ".", "set", "if", "for", "while", "time", "nice", "!"}
+
+
+def _program(command: str) -> str | None:
+    """The program a shell command line starts, when that is plain to see; None otherwise
+    (empty, an assignment, a shell word or expansion first: the shell decides)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    if not words or words[0] in _SHELL_WORDS or any(c in words[0] for c in "=$`(){}<>|;&*?~"):
+        return None
+    return words[0]
+
+
 # -- chat channels -------------------------------------------------------------------------------
 def _channel_findings(settings: Settings) -> list[Finding]:
     if settings.telegram is None and settings.slack is None:
@@ -286,13 +357,25 @@ def _channel_findings(settings: Settings) -> list[Finding]:
     return out
 
 
+_CLIENT_LOGGERS = ("telegram", "slack_sdk", "httpx")  # the client libraries' own loggers
+
+
 def _reach(name: str, call: Any, api_base: str, token: str) -> Finding:
+    # A client library logs what went wrong (a traceback, e.g. for an api_base that answers HTML)
+    # before it raises; the finding says it once, without the traceback.
+    loggers = [logging.getLogger(n) for n in _CLIENT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
     try:
         return Finding("ok", "channels", f"{name}: reachable, {call(api_base, token)}")
     except Exception as exc:  # noqa: BLE001 - any failure of the client library is the finding
         said = f"{type(exc).__name__}: {str(exc)[:160]}".replace(token, "***")  # URLs carry Telegram's token
         return Finding("fail", "channels", f"{name}: not reachable ({said})",
                        f"check the token and the network (README: {name.capitalize()})")
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _telegram_me(api_base: str, token: str) -> str:

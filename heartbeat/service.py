@@ -17,6 +17,7 @@ from pathlib import Path
 from string import Template
 
 from nightlab.loop.state.config import SecretRef, Settings, load_settings
+from nightlab.loop.state.errors import UserError
 
 UNIT_NAME = "nightlab.service"
 _CREDENTIALS_PREFIX = "$CREDENTIALS_DIRECTORY/"
@@ -46,12 +47,21 @@ def install_unit(config_path: Path, user: bool, dry_run: bool) -> str:
     if dry_run:
         return unit
     target = (Path.home() / ".config/systemd/user" if user else Path("/etc/systemd/system")) / UNIT_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(unit)
+    backup = target.with_name(UNIT_NAME + ".bak")  # systemd loads no unit from it
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # a unit edited by hand (an Environment= line, another User=) is not lost to a re-install
+        kept = target.is_file() and target.read_text() != unit
+        if kept:
+            target.replace(backup)
+        target.write_text(unit)
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror}; run it with sudo, or --user for a user unit"
+                        " (--print shows the unit)") from None
     ctl = "systemctl --user" if user else "sudo systemctl"
     journal = "journalctl --user -u nightlab -f" if user else "journalctl -u nightlab -f"
     steps = [
-        f"wrote {target}",
+        f"wrote {target}" + (f" (the unit it replaces, which differed: {backup})" if kept else ""),
         *_secret_steps(load_settings(config_path), user),
         f"  {ctl} daemon-reload",
         f"  {ctl} enable --now nightlab",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,9 @@ def train_once(settings: Settings, profile: str | None) -> int:
     handle = executor.launch(RunSpec(ws.run_command, ws.path, log, executor.slots()[0], env))
     to_stderr(f"running `{ws.run_command}` in {ws.path} (log {log})")
     offset = 0
+    # The run is in a session of its own (it outlives a daemon restart), so a closed terminal or a
+    # `kill` would not reach it: those end it as Ctrl-C does, not leave it holding the GPU.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while True:
             state = executor.poll([handle])[handle.key]
@@ -49,6 +53,9 @@ def train_once(settings: Settings, profile: str | None) -> int:
     except KeyboardInterrupt:
         executor.cancel(handle, grace_s=5)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     _stream(log, offset)
     summary = parse_summary(read_tail(log, 64 * 1024))
     code = state.exit_code if state.exit_code is not None else 1
@@ -56,6 +63,10 @@ def train_once(settings: Settings, profile: str | None) -> int:
         print("\nsummary: " + ", ".join(f"{k}={v:g}" for k, v in summary.metrics.items()))
     print(f"exit code {code}" + ("" if summary.complete else "; no summary block in the log"))
     return code
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _stream(log: Path, offset: int) -> int:

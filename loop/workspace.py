@@ -83,6 +83,22 @@ def default_tag(today: datetime.date | None = None) -> str:
     return (today or datetime.date.today()).strftime("%b%d").lower()  # e.g. nov23
 
 
+def workspace_problem(path: Path) -> str | None:
+    """Why `path` cannot become a workspace (None: it can, or it is one): what init refuses, for
+    `nightlab doctor` to say before a night."""
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file; give a directory for the workspace"
+    if not _fresh(path) and not (path / ".git").exists():
+        return (f"{path} exists, is not empty and is not a git repository; pick a new or empty"
+                " directory, or run `git init` there first to use your own project")
+    return None
+
+
+def _fresh(path: Path) -> bool:
+    # Only our own state dir (the daemon's lock is taken before init) still counts as empty.
+    return not path.exists() or all(p.name == STATE_DIRNAME for p in path.iterdir())
+
+
 def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stderr) -> Workspace:
     """Create (or adopt) the workspace repository; idempotent for an initialized workspace."""
     path = Path(path).expanduser().resolve()
@@ -90,16 +106,15 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
         ws = open_workspace(path, settings)
         say(f"{path} is already a nightlab workspace (branch {ws.branch}, profile {ws.profile})")
         return ws
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} is a file; give a directory for the workspace")
-    # Only our own state dir (the daemon's lock is taken before init) still counts as empty.
-    fresh = not path.exists() or all(p.name == STATE_DIRNAME for p in path.iterdir())
-    if not fresh and not (path / ".git").exists():
-        raise UserError(
-            f"{path} exists, is not empty and is not a git repository; pick a new or empty"
-            f" directory, or run `git init` there first to use your own project"
-        )
-    path.mkdir(parents=True, exist_ok=True)
+    problem = workspace_problem(path)
+    if problem:
+        raise UserError(problem)
+    fresh = _fresh(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # `nightlab init /data/ws` with /data missing or not ours
+        raise UserError(f"cannot create the workspace {path}: {exc.strerror}; give a directory you can write to")\
+            from None
     if fresh:
         git.Repo.init(path)
     repo = Git(path)

@@ -192,13 +192,16 @@ def parquet_problem(path: Path) -> str | None:
             return "no parquet magic at the start"
         if tail != PARQUET_MAGIC:
             return "no parquet magic at the end (truncated?)"
-        schema = pq.read_schema(path)
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as e:
         return f"unreadable: {e}"
     if "text" not in schema.names:
         return f"no `text` column (columns: {', '.join(schema.names) or 'none'})"
     if not pa.types.is_string(schema.field("text").type) and not pa.types.is_large_string(schema.field("text").type):
         return f"column `text` has type {schema.field('text').type}, expected string"
+    if meta.num_rows == 0:  # the data loader would wait forever for a first document
+        return "no rows"
     return None
 
 
@@ -262,7 +265,11 @@ def prepare(
             "http(s) mirror URL, or a folder of parquet shards with a `text` column."
         )
     data_dir = (cache_dir or cache_root()) / source_id(source)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrepareError(f"cannot create the data folder {data_dir}: {exc.strerror}; set [data] cache_dir"
+                           f" (or ${ENV_CACHE}) to a folder you can write to") from None
     if remote:
         num_train = MAX_SHARD if shards == -1 else min(shards, MAX_SHARD)
         _download_shards(base_url, num_train, data_dir, say, workers, retries, backoff_s)
@@ -382,7 +389,7 @@ def _link_local_shards(source_dir: Path, shards: int, data_dir: Path, say: Progr
     for _, src in chosen:
         problem = parquet_problem(src)
         if problem is not None:
-            raise PrepareError(f"{src} is not a usable shard: {problem}. Shards need a string column `text`.")
+            raise PrepareError(f"{src} is not a usable shard: {problem}. Shards need rows with a string column `text`.")
     linked = 0
     for index, src in chosen:
         dest = data_dir / shard_name(index)

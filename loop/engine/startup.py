@@ -46,3 +46,11 @@ def startup(ctx: Context) -> None:
         store.set("loop.slots", [s.name for s in ctx.slots])
         store.set("engine.finished", False)
         store.set("engine.pid", os.getpid())
+    areas, focus = ctx.proposer.areas, ledger.focus(store)
+    if focus is not None and areas is not None and focus not in areas:
+        # kept from another proposer's night (or set by an older nightlab that could not check it):
+        # left on, every proposal would fail as "unknown focus area"
+        with store.transaction():
+            ledger.set_focus(store, None)
+            store.emit("alert", text=f"focus {focus!r} is not an area of this proposer ({', '.join(areas)});"
+                                     " focus is off. `focus <area>` to steer")

@@ -239,9 +239,14 @@ class Focus(Steer):
         return f"focusing on {self.area} from the next proposal" if self.area else "focus off from the next proposal"
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
-        ledger.set_focus(store, self.area)
-        return Applied(f"focus: {self.area}" if self.area else "focus off", "focus_changed",
-                       {"focus": self.area, "by": by})
+        # Sent before the engine first started, the area was not checked (the proposer's areas were
+        # not known yet); kept unchecked, it would fail every proposal of the night.
+        areas = ledger.areas(store)
+        area = self.area.lower() if self.area and areas is not None else self.area
+        if area and areas is not None and area not in areas:
+            raise CommandError(f"unknown area {area[:40]!r}; focus unchanged" + _areas(areas))
+        ledger.set_focus(store, area)
+        return Applied(f"focus: {area}" if area else "focus off", "focus_changed", {"focus": area, "by": by})
 
 
 @dataclass(frozen=True)

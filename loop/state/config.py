@@ -8,13 +8,14 @@ and what was expected. Secrets never live in the TOML: it names an environment v
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from nightlab.loop.state.errors import UserError
@@ -61,12 +62,19 @@ class SecretRef:
 
     def resolve(self, key: str, config_path: Path | str) -> Secret:
         if self.file:
+            unset = [v for v in _VAR.findall(self.file) if v not in os.environ]
+            if unset:  # "No such file" would be misleading: the path is not even known
+                why = ("systemd sets it only inside the service (LoadCredential=), so the secret can be read there"
+                       " only" if unset[0] == "CREDENTIALS_DIRECTORY" else "set it, or write the path out")
+                raise ConfigError(f"{config_path}: {key}.file = {self.file!r}: ${unset[0]} is not set here; {why}")
             path = Path(os.path.expandvars(self.file)).expanduser()
             try:
                 value = path.read_text().strip()
             except OSError as exc:
+                # A name with no folder in it may be the token itself, pasted in: never echo that.
+                shown = f" = {self.file!r}" if "/" in self.file else " (not a path; value not shown)"
                 raise ConfigError(
-                    f"{config_path}: {key}.file = {self.file!r}: cannot read the secret ({exc.strerror});"
+                    f"{config_path}: {key}.file{shown}: cannot read the secret ({exc.strerror});"
                     " point it at a readable file (e.g. $CREDENTIALS_DIRECTORY/telegram)"
                 ) from None
         elif self.env:
@@ -100,6 +108,10 @@ class DataSettings:
 # does not import the harness and its data libraries).
 HARNESS_ENV = {"time_budget": "NIGHTLAB_TIME_BUDGET", "max_seq_len": "NIGHTLAB_MAX_SEQ_LEN",
                "eval_tokens": "NIGHTLAB_EVAL_TOKENS"}
+
+
+# seconds a run needs besides its training budget (start-up, compilation, eval): run_timeout must allow them
+RUN_OVERHEAD_S = 120
 
 
 @dataclass(frozen=True)
@@ -274,7 +286,8 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the file ({exc.strerror})") from None
     try:
-        table = tomllib.loads(raw.decode("utf-8"))
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not a "syntax error at 1:1"
+        table = tomllib.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
@@ -368,6 +381,9 @@ def _convert(hint: Any, value: Any, problems: _Problems, key: str) -> Any:
         return tuple(_convert(item, v, problems, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        # TOML allows nan and inf; no setting means anything by them (nan fails every comparison)
+        raise ConfigError(f"{source}: {key} = {value!r}: expected a finite number")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(
             f"{source}: {key} = {value!r}: expected {_type_name(hint)}, got {type(value).__name__}"
@@ -388,15 +404,17 @@ def _check(s: Settings, problems: _Problems) -> None:
         if not problems.seen(key):  # a key that failed to parse holds its default: no second line
             problems.add(key, f"{key} = {value!r}: expected {expected}")
 
+    if not s.workspace.path.strip():  # "" would be whatever directory nightlab was started in
+        fail("workspace.path", s.workspace.path, 'a directory, e.g. "~/nightlab-workspace"')
     if s.trainer.profile not in profile_names():
         fail("trainer.profile", s.trainer.profile, "one of " + ", ".join(map(repr, profile_names())))
     for key in HARNESS_ENV:
         if getattr(s.trainer, key) < 0:
             fail(f"trainer.{key}", getattr(s.trainer, key), "a positive number, or 0 for the profile's value")
     # a run also starts up (compiles) and evaluates; the heartbeat kills it at run_timeout
-    if s.trainer.time_budget and s.heartbeat.run_timeout < s.trainer.time_budget + 120:
-        fail("heartbeat.run_timeout", s.heartbeat.run_timeout,
-             f"at least trainer.time_budget + 120 s (start-up and eval); e.g. {s.trainer.time_budget + 300}")
+    if s.trainer.time_budget and s.heartbeat.run_timeout < s.trainer.time_budget + RUN_OVERHEAD_S:
+        fail("heartbeat.run_timeout", s.heartbeat.run_timeout, f"at least trainer.time_budget + {RUN_OVERHEAD_S} s"
+             f" (start-up and eval); e.g. {s.trainer.time_budget + 300}")
     if s.loop.max_experiments < 0:
         fail("loop.max_experiments", s.loop.max_experiments, "a number of experiments >= 1, or 0 for no limit")
     if s.data.shards < 1:
@@ -418,8 +436,29 @@ def _check(s: Settings, problems: _Problems) -> None:
         fail("loop.noise_prior", s.loop.noise_prior, "a positive share, e.g. 0.003 (0.3 % of the metric)")
     if s.loop.remeasure_every < 0:
         fail("loop.remeasure_every", s.loop.remeasure_every, "0 (never) or a number of experiments")
+    # below 1 these do not mean "never": the loop would pause after every experiment, change area
+    # every proposal, or poll in a busy loop
+    if s.loop.switch_area_after < 1:
+        fail("loop.switch_area_after", s.loop.switch_area_after, "at least 1 (experiments without a keep)")
+    if s.loop.pause_after_failures < 1:
+        fail("loop.pause_after_failures", s.loop.pause_after_failures, "at least 1 (failures in a row)")
+    if s.loop.checkpoint_interval <= 0:
+        fail("loop.checkpoint_interval", s.loop.checkpoint_interval, "a positive number of seconds, e.g. 1.0")
+    if s.proposer.agent.timeout <= 0:
+        fail("proposer.agent.timeout", s.proposer.agent.timeout, "a positive number of seconds, e.g. 900")
+    if s.heartbeat.max_restarts_per_hour < 0:
+        fail("heartbeat.max_restarts_per_hour", s.heartbeat.max_restarts_per_hour,
+             "0 (pause instead of restarting) or more")
+    if s.digest.log_tail_lines < 1:
+        fail("digest.log_tail_lines", s.digest.log_tail_lines, "at least 1 (log lines in a crash digest)")
     if not s.project.editable:
         fail("project.editable", [], "at least one file the proposer may edit")
+    for key in ("editable", "protected"):
+        # git names changed files relative to the workspace: "/abs/train.py" would never match one,
+        # and every proposal would be rejected as changing a file outside project.editable
+        names = getattr(s.project, key)
+        if any(PurePosixPath(n).is_absolute() or n.startswith("~") or ".." in PurePosixPath(n).parts for n in names):
+            fail(f"project.{key}", list(names), 'paths inside the workspace, relative to it, e.g. ["train.py"]')
     if set(s.project.editable) & set(s.project.protected):
         both = sorted(set(s.project.editable) & set(s.project.protected))
         fail("project.protected", both, "files that are not also editable")
@@ -438,6 +477,7 @@ def _check(s: Settings, problems: _Problems) -> None:
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")  # $NAME or ${NAME}, as os.path.expandvars reads them
 
 
 def _secret_refs(s: Settings) -> list[tuple[str, SecretRef]]:

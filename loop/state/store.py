@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nightlab.loop.state.errors import UserError
+
 STATE_DIRNAME = ".nightlab"
 DB_FILENAME = "state.db"
 
@@ -156,8 +158,14 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self.connection().executescript(_SCHEMA)  # idempotent; executescript commits by itself
-        self._add_missing_columns()
+        try:
+            self.connection().executescript(_SCHEMA)  # idempotent; executescript commits by itself
+            self._add_missing_columns()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, ...: not what is said below
+                raise
+            raise UserError(f"{self.path} is not a readable nightlab state database ({exc}); restore it from a"
+                            " backup, or move it aside to start this workspace's ledger afresh") from None
 
     def _add_missing_columns(self) -> None:
         """A database made by an older nightlab gets the columns added since (with their defaults)."""

@@ -45,9 +45,10 @@ def test_ctl_options_may_come_anywhere(loop: Path, tmp_path: Path, home: Path) -
     assert main(["ctl", "focus", "attention", "--config", str(config)]) == 0
     assert main(["ctl", "note", "try", "--workspace", str(loop), "a longer warmup"]) == 0
     assert main(["ctl", "--workspace", str(loop), "note", "--", "--lr 0.1 looked good"]) == 0
+    assert main(["ctl", "note", "--workspace", str(loop), "--", "--wd", "0.1 too"]) == 0  # options, then --
     assert main(["ctl", "pause", "--workspace", str(loop)]) == 0
     assert pending(loop) == [("focus", "attention"), ("note", "try a longer warmup"),
-                             ("note", "--lr 0.1 looked good"), ("pause", "")]
+                             ("note", "--lr 0.1 looked good"), ("note", "--wd 0.1 too"), ("pause", "")]
     assert not (home / "nightlab-workspace").exists()
 
 
@@ -82,13 +83,38 @@ def test_bad_arguments_are_refused_by_the_parser(argv: list[str], capsys: pytest
 def test_a_workspace_that_cannot_be_a_directory_gets_a_message(command: str, tmp_path: Path, home: Path) -> None:
     afile = tmp_path / "a-file"
     afile.write_text("x")
+    notes = tmp_path / "notes"  # a folder of the user's, not a git repository
+    notes.mkdir()
+    (notes / "todo.txt").write_text("x")
     config = write_daemon_config(tmp_path / "n.toml", tmp_path / "ws")
-    for bad, says in ((afile, "is not a directory"), (afile / "below", "cannot create the workspace")):
+    for bad, says in ((afile, "is not a directory"), (afile / "below", "cannot create the workspace"),
+                      (notes, "exists, is not empty and is not a git repository")):
         argv = [command, "--workspace", str(bad)] + (["--config", str(config)] if command == "run" else [])
         out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", *argv],
                              capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 2, out.stderr
         assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]  # no state folder left in it
+
+
+def test_prepare_with_zero_shards_is_refused_not_replaced(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 0 was taken as "not given": the config's 10 shards were downloaded instead
+    assert main(["prepare", "--source", "climbmix", "--shards", "0"]) == 2
+    assert capsys.readouterr().err == "nightlab: --shards must be at least 1 (or -1 for all), got 0\n"
+    assert not (home / ".cache").exists()
+
+
+@pytest.mark.parametrize("command", ["history", "report"])
+def test_a_reader_that_stops_early_gets_no_traceback(command: str, loop: Path) -> None:
+    """`nightlab history | head`: the pipe is closed before nightlab writes (head has its lines)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", command, "--workspace", str(loop)],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert (out.returncode, out.stderr) == (141, "")
 
 
 def test_max_experiments_counts_from_now(tmp_path: Path, home: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,46 @@ def test_a_t4_gets_the_fp16_variant(tmp_path: Path, fake_gpus, capsys) -> None:
     assert lines(out, "WARN profile") == [warning]
 
 
+def test_sizes_and_a_timeout_the_profile_cannot_run_with_fail(tmp_path: Path, fake_gpus, capsys) -> None:
+    fake_gpus([])  # the tiny profile: 1,024 tokens a step
+    code, out = doctor(write_config(tmp_path, trainer={"max_seq_len": 7, "eval_tokens": 5}), capsys)
+    assert code == 1
+    assert lines(out, "FAIL profile") == [
+        "FAIL profile   a context of 7 tokens does not divide the 1,024 tokens of a 'tiny' step (TOTAL_BATCH_SIZE):"
+        " every run would stop at its start",
+        "FAIL profile   5 eval tokens are less than one row of 7: every run would fail when it is scored"]
+    assert "-> trainer.max_seq_len = a power of two" in out and "-> trainer.eval_tokens = at least 7" in out
+    fake_gpus(["NVIDIA H100 80GB HBM3"])  # `default` keeps train.py's own TOTAL_BATCH_SIZE (2**19)
+    _, out = doctor(write_config(tmp_path, trainer={"max_seq_len": 1000}), capsys)
+    assert lines(out, "FAIL profile")[0].startswith("FAIL profile   a context of 1000 tokens does not divide the"
+                                                    " 524,288 tokens of a 'default' step")
+    _, out = doctor(write_config(tmp_path, trainer={"max_seq_len": 1024, "eval_tokens": 1024}), capsys)
+    assert not lines(out, "FAIL profile")
+    # the config's own check sees only an explicit trainer.time_budget; this is the profile's 300 s
+    _, out = doctor(write_config(tmp_path, heartbeat={"run_timeout": 100}), capsys)
+    assert lines(out, "FAIL profile") == ["FAIL profile   heartbeat.run_timeout = 100 s is shorter than the 300 s budget"
+                                          " + 120 s of start-up and eval: every run would be killed as a timeout"]
+
+
+def test_a_program_the_config_starts_that_is_not_installed_fails(tmp_path: Path, fake_gpus, capsys) -> None:
+    fake_gpus([])
+    config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"]},
+                          proposer={"kind": "agent"}, **{"proposer.agent": {"command": "nosuch-agent -p {prompt_file}"}})
+    code, out = doctor(config, capsys)
+    assert code == 1
+    assert lines(out, "FAIL programs") == [
+        "FAIL programs  project.run_command starts './train.sh', which is not an executable file",
+        "FAIL programs  proposer.agent.command starts 'nosuch-agent', which is not on PATH"]
+    subprocess.run(["git", "init", "-q", str(tmp_path / "ws")], check=True)  # the user's project
+    (tmp_path / "ws" / "train.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "ws" / "train.sh").chmod(0o755)
+    config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"]},
+                          proposer={"kind": "agent"},  # the shell's business: not checked
+                          **{"proposer.agent": {"command": "AGENT=1 $SHELL {prompt_file}"}})
+    code, out = doctor(config, capsys)
+    assert not lines(out, "FAIL programs") and code == 0, out
+
+
 def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
     fake_gpus(["NVIDIA GeForce RTX 4090"])
     config = write_config(tmp_path, executor={"gpus": [3]}, heartbeat={"min_free_disk_gb": 1e9},
@@ -118,6 +159,12 @@ def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_g
     assert f"FAIL data      data.source = '{tmp_path / 'nowhere'}' is not a directory" in out
     empty = tmp_path / "bin"
     empty.mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")  # a folder of the user's: `nightlab run` would refuse it
+    code, out = doctor(write_config(tmp_path, workspace={"path": str(tmp_path / "notes")}), capsys)
+    assert code == 1 and lines(out, "FAIL workspace") == [
+        f"FAIL workspace {tmp_path / 'notes'} exists, is not empty and is not a git repository; pick a new or empty"
+        " directory, or run `git init` there first to use your own project"]
     monkeypatch.setenv("PATH", str(empty))  # no git (and no nvidia-smi) on this PATH
     code, out = doctor(write_config(tmp_path), capsys)
     assert code == 1 and lines(out, "FAIL git")[0].endswith("git is not installed (the loop commits every experiment)")
@@ -173,6 +220,31 @@ def test_each_chat_channel_is_reached(tmp_path, fake_gpus, capsys, monkeypatch, 
     code, out = doctor(config, capsys)
     assert code == 1 and any("telegram: not reachable" in line for line in lines(out, "FAIL channels"))
     assert telegram.token not in out
+
+
+def test_an_api_base_that_answers_html_is_a_finding_without_a_traceback(tmp_path: Path) -> None:
+    """A proxy or a wrong api_base answers an HTML error page: the client libraries log a traceback
+    before they raise. In a terminal (no logging set up) that printed; only the finding should."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501, HTML
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        config = write_config(tmp_path, project={"run_command": "true"},  # no torch probe: channels only
+                              telegram={"token": {"env": "TG"}, "operators": [1], "api_base": base},
+                              slack={"bot_token": {"env": "SB"}, "app_token": {"env": "SA"}, "operators": ["U1"],
+                                     "api_base": base + "api/"})
+        env = {**os.environ, "TG": "123:SECRET", "SB": "xoxb-SECRET", "SA": "xapp-SECRET"}
+        out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", "doctor", "--config", str(config)],
+                             capture_output=True, text=True, env=env, timeout=120, check=False)
+    finally:
+        server.shutdown()
+    assert out.returncode == 1 and out.stderr == ""
+    assert [line.split("(")[0] for line in lines(out.stdout, "FAIL channels")] == [
+        "FAIL channels  telegram: not reachable ", "FAIL channels  slack: not reachable "]
+    assert "SECRET" not in out.stdout
 
 
 def test_run_logs_the_findings_and_stops_after_the_configured_experiments(tmp_path: Path) -> None:

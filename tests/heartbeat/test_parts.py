@@ -19,7 +19,7 @@ from nightlab.heartbeat.health import free_disk_gb, gpu_report
 from nightlab.heartbeat.jobs import Heartbeat, RestartWindow, fmt_duration
 from nightlab.heartbeat.logsetup import DaemonFormatter
 from nightlab.heartbeat.sdnotify import Notifier
-from nightlab.heartbeat.service import render_unit
+from nightlab.heartbeat.service import install_unit, render_unit
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import (
@@ -28,6 +28,7 @@ from nightlab.loop.state.config import (
     load_settings,
     settings_from_table,
 )
+from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.store import Store
 
 
@@ -106,6 +107,29 @@ def test_log_lines_never_show_a_secret_and_carry_journald_priorities() -> None:
     text = formatter.format(record)
     assert "SECRET-TOKEN" not in text and "/bot***/x" in text
     assert all(line.startswith("<4>") for line in text.splitlines())
+
+
+def test_a_reinstall_keeps_a_unit_edited_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    config = tmp_path / "nightlab.toml"
+    config.write_text("")
+    unit, backup = home / ".config/systemd/user/nightlab.service", home / ".config/systemd/user/nightlab.service.bak"
+    assert install_unit(config, user=True, dry_run=False).startswith(f"wrote {unit}\n")
+    written = unit.read_text()
+    assert install_unit(config, user=True, dry_run=False).startswith(f"wrote {unit}\n")  # the same: no backup
+    assert not backup.exists()
+    edited = written.replace("[Service]\n", "[Service]\nEnvironment=CUDA_VISIBLE_DEVICES=1\n")
+    unit.write_text(edited)
+    said = install_unit(config, user=True, dry_run=False)
+    assert said.startswith(f"wrote {unit} (the unit it replaces, which differed: {backup})\n")
+    assert (unit.read_text(), backup.read_text()) == (written, edited)
+    monkeypatch.setenv("HOME", str(config))  # a file: no unit folder can be made below it
+    with pytest.raises(UserError) as err:
+        install_unit(config, user=True, dry_run=False)
+    assert str(err.value) == (f"cannot write {config}/.config/systemd/user/nightlab.service: Not a directory; run it"
+                              " with sudo, or --user for a user unit (--print shows the unit)")
 
 
 @pytest.mark.parametrize("user", [False, True])

@@ -148,3 +148,21 @@ def test_the_engine_applies_the_stored_command_once_with_one_event(tmp_path: Pat
     assert ledger.focus(store) == "attention"
     events = [(e.kind, e.payload["command_id"], e.payload.get("answered_in")) for e in store.events_after(0)]
     assert events == [("command_done", 1, None), ("focus_changed", 2, "telegram:5")]
+
+
+def test_a_focus_sent_before_the_areas_were_known_is_checked_when_applied(tmp_path: Path) -> None:
+    from nightlab.loop.state import ledger
+    from nightlab.loop.state.steering import apply_pending
+    from nightlab.loop.state.store import Store
+
+    store = Store.for_workspace(tmp_path)  # an engine that never started: no areas published yet
+    for text in ("focus nosucharea", "focus Attention"):
+        focus = parse_command(text, ledger.areas(store))
+        store.add_command(focus.name, focus.args(), sender="cli:me", command=focus.to_json())
+    store.set(ledger.AREAS_KEY, list(AREAS))  # the engine starts and publishes them, then applies
+    apply_pending(store, _Loop())
+    rejected, done = store.command(1), store.command(2)
+    assert rejected is not None and rejected.status == "rejected"
+    assert rejected.result == f"unknown area 'nosucharea'; focus unchanged; areas: {', '.join(AREAS)}, off"
+    assert done is not None and (done.status, done.result) == ("done", "focus: attention")
+    assert ledger.focus(store) == "attention"

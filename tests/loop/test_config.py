@@ -34,6 +34,12 @@ def test_syntax_error_names_file(tmp_path: Path) -> None:
         load_settings(path)
 
 
+def test_a_byte_order_mark_is_not_a_syntax_error(tmp_path: Path) -> None:
+    path = tmp_path / "nightlab.toml"
+    path.write_bytes(b"\xef\xbb\xbf[loop]\r\nkeep_z = 2.5\r\n")  # as some Windows editors save it
+    assert load_settings(path).loop.keep_z == 2.5
+
+
 def test_unknown_key_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, "[heartbeat]\nrun_timout = 60\n")
     with pytest.raises(ConfigError) as err:
@@ -108,6 +114,32 @@ def test_a_secret_written_in_the_config_is_not_echoed(tmp_path: Path, line: str)
     assert 'token = { env = "VAR" }' in message and '{ file = "/path" }' in message
 
 
+def test_a_secret_pasted_as_the_file_is_not_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "[telegram]\noperators = [1]\ntoken = { file = '123456:AAH-SECRET' }\n")
+    with pytest.raises(ConfigError) as err:
+        resolve_secrets(load_settings(path))
+    assert str(err.value) == (f"{path}: telegram.token.file (not a path; value not shown): cannot read the secret"
+                              " (No such file or directory); point it at a readable file"
+                              " (e.g. $CREDENTIALS_DIRECTORY/telegram)")
+    path = write(tmp_path, f"[telegram]\noperators = [1]\ntoken = {{ file = '{tmp_path}/absent' }}\n")
+    with pytest.raises(ConfigError, match=f"telegram.token.file = '{tmp_path}/absent': cannot read"):
+        resolve_secrets(load_settings(path))  # a path is shown: it is what to fix
+
+
+def test_a_secret_file_under_an_unset_variable_says_which(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)  # outside the systemd service
+    path = write(tmp_path, '[telegram]\noperators = [1]\ntoken = { file = "$CREDENTIALS_DIRECTORY/telegram" }\n')
+    with pytest.raises(ConfigError) as err:
+        resolve_secrets(load_settings(path))
+    assert str(err.value) == (f"{path}: telegram.token.file = '$CREDENTIALS_DIRECTORY/telegram': $CREDENTIALS_DIRECTORY"
+                              " is not set here; systemd sets it only inside the service (LoadCredential=), so the"
+                              " secret can be read there only")
+    (tmp_path / "telegram").write_text("123:TOKEN\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert resolve_secrets(load_settings(path)).telegram_token == Secret("123:TOKEN")
+
+
 def test_every_mistake_is_reported_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "\n".join([
         "[heartbeat]", "run_timout = 60", 'check_interval = "often"', "stall_after = -1",
@@ -143,3 +175,24 @@ def test_a_replaced_key_names_what_replaced_it(tmp_path: Path) -> None:
         f"{path}: loop.confirm_k is no longer a setting: the keep rule replaced it with loop.keep_z (the standard"
         " errors a gain must beat) and loop.max_runs (the runs of a candidate before it is decided); remove it"
         " from [loop]")
+
+
+@pytest.mark.parametrize(("section", "line", "key"), [
+    ("loop", "pause_after_failures = 0", "loop.pause_after_failures"),  # paused after every experiment
+    ("loop", "switch_area_after = -1", "loop.switch_area_after"),
+    ("loop", "checkpoint_interval = 0", "loop.checkpoint_interval"),  # a busy loop while paused
+    ("proposer.agent", "timeout = 0", "proposer.agent.timeout"),
+    ("heartbeat", "max_restarts_per_hour = -1", "heartbeat.max_restarts_per_hour"),
+    ("digest", "log_tail_lines = -2", "digest.log_tail_lines"),
+    ("loop", "keep_z = nan", "loop.keep_z"),  # nan fails every comparison: nothing would ever be kept
+    ("heartbeat", "run_timeout = inf", "heartbeat.run_timeout"),
+    ("workspace", 'path = ""', "workspace.path"),  # would be whatever directory nightlab starts in
+    # git names changed files relative to the workspace: every proposal would be "outside editable"
+    ("project", 'editable = ["/home/me/proj/train.py"]', "project.editable"),
+    ("project", 'protected = ["../prepare.py"]', "project.protected"),
+])
+def test_values_the_loop_cannot_use_are_rejected(tmp_path: Path, section: str, line: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, f"[{section}]\n{line}\n"))
+    (message,) = str(err.value).splitlines()
+    assert message.startswith(f"{tmp_path / 'nightlab.toml'}: {key} = ") and "expected" in message

@@ -402,6 +402,22 @@ def test_a_note_waits_for_a_proposal_that_runs(tmp_path: Path) -> None:
     assert note.result == "delivered with #5"
 
 
+def test_a_kept_focus_the_proposer_does_not_know_is_turned_off_at_start(tmp_path: Path) -> None:
+    """A focus kept from another proposer's night would fail every proposal ("unknown focus area"):
+    the engine turns it off when it starts, says so once, and the night goes on."""
+    settings = make_stub_workspace(tmp_path)
+    ws = settings.workspace_path
+    (ws / "train.py").chmod(0o644)
+    store = Store.for_workspace(ws)
+    ledger.set_focus(store, "attention sinks")  # the agent proposer's free text
+    run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [1.1]}, "area": "lr"}]))
+    assert [e.status for e in ledger.experiments(store)] == ["keep", "discard"]
+    assert ledger.focus(store) is None
+    alerts = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
+    assert alerts == ["focus 'attention sinks' is not an area of this proposer (lr, arch); focus is off."
+                      " `focus <area>` to steer"]
+
+
 def test_a_focus_with_nothing_left_is_said_once_in_chat_and_the_loop_goes_on(tmp_path: Path) -> None:
     """The search widens beyond an exhausted focus (its proposals name another area): the engine
     says so once, records no crash, and the night goes on."""

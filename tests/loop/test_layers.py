@@ -18,6 +18,7 @@ ALLOWED = {
     ("heartbeat/jobs.py", "nightlab.loop.executors"): "the timeout and stall jobs kill runs",
     ("heartbeat/doctor.py", "nightlab.loop.hardware"): "`nightlab doctor` probes the GPUs",
     ("heartbeat/doctor.py", "nightlab.loop.kernel_prefetch"): "`nightlab doctor` checks the FA3 kernel",
+    ("heartbeat/doctor.py", "nightlab.loop.workspace"): "`nightlab doctor` says what init would refuse",
     ("heartbeat/cli.py", "nightlab.loop.workspace"): "`nightlab init` creates the workspace",
     ("heartbeat/cli.py", "nightlab.loop.kernel_prefetch"): "`nightlab prepare` fetches the FA3 kernel",
     # `nightlab train` runs train.py once, the way the engine runs an experiment

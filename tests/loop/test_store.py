@@ -4,6 +4,8 @@ import multiprocessing
 import sqlite3
 from pathlib import Path
 
+import pytest
+from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.store import Store
 
 
@@ -68,3 +70,12 @@ def test_a_database_from_an_older_nightlab_gets_the_new_columns(tmp_path: Path) 
     row = store.connection().execute("SELECT hardware, setting FROM experiments").fetchone()
     assert tuple(row) == ("", "")  # old results: no class recorded
     assert "pin" in {r["name"] for r in store.connection().execute("PRAGMA table_info(candidates)")}
+
+
+def test_a_damaged_database_is_a_user_error_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"not sqlite, e.g. a half-copied file\n" * 10)
+    with pytest.raises(UserError) as err:
+        Store(path)
+    assert str(err.value) == (f"{path} is not a readable nightlab state database (file is not a database); restore"
+                              " it from a backup, or move it aside to start this workspace's ledger afresh")

@@ -64,6 +64,14 @@ def test_bad_paths_are_clear_errors(tmp_path: Path, setup, message: str) -> None
         init_workspace(path, "t", stub_settings(path), say=lambda _: None)
 
 
+def test_a_workspace_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    path = tmp_path / "a-file" / "ws"  # as `nightlab init /data/ws` with /data not a folder of ours
+    with pytest.raises(UserError) as err:
+        init_workspace(path, "t", stub_settings(path), say=lambda _: None)
+    assert str(err.value) == f"cannot create the workspace {path}: Not a directory; give a directory you can write to"
+
+
 def test_missing_project_files_and_bad_tag(tmp_path: Path) -> None:
     path = tmp_path / "ws"
     settings = stub_settings(path, project={"editable": ["model.py"]})

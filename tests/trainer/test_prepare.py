@@ -175,9 +175,22 @@ def test_local_source_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFix
     write_shards(tmp_path / "wrong", [["a"], ["b"]], column="content")
     with pytest.raises(P.PrepareError, match="no `text` column"):
         P.prepare(str(tmp_path / "wrong"), 2, tmp_path / "cache")
+    (tmp_path / "norows").mkdir()
+    for name in ("a", "b"):  # prepared, every run would wait forever for a first document
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "norows" / f"{name}.parquet")
+    with pytest.raises(P.PrepareError, match=r"a.parquet is not a usable shard: no rows\."):
+        P.prepare(str(tmp_path / "norows"), 2, tmp_path / "cache")
 
     assert P.main(["--source", str(tmp_path / "nope"), "--cache-dir", str(tmp_path / "c")]) == 1
     assert "prepare: error: data source" in capsys.readouterr().err
+
+
+def test_a_cache_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(P.PrepareError) as err:
+        P.prepare("stdlib", 2, tmp_path / "a-file" / "cache")  # as data.cache_dir = "/mnt/gone/cache"
+    assert str(err.value) == (f"cannot create the data folder {tmp_path}/a-file/cache/stdlib: Not a directory;"
+                              " set [data] cache_dir (or $NIGHTLAB_CACHE) to a folder you can write to")
 
 
 def test_cli_prepares_a_local_source(corpus, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,45 @@
+"""`nightlab train` in a terminal: the run it started ends with it, however it is stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.heartbeat.conftest import gone
+from tests.waiting import wait_until
+
+# The run: says its pid, then trains "forever" (until it is killed).
+HANG = "import os, pathlib, time\npathlib.Path('run.pid').write_text(str(os.getpid()))\ntime.sleep(600)\n"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # `kill`, a closed terminal
+def test_a_stopped_train_ends_its_run(tmp_path: Path, sig: signal.Signals) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "hang.py").write_text(HANG)
+    git = ["git", "-C", str(ws), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "initial"], check=True)
+    config = tmp_path / "nightlab.toml"
+    config.write_text(f'[workspace]\npath = "{ws}"\n[project]\nrun_command = "{sys.executable} hang.py"\n'
+                      'editable = ["hang.py"]\nprotected = []\n')
+    proc = subprocess.Popen([sys.executable, "-m", "nightlab.heartbeat.cli", "train", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = int(wait_until(lambda: (ws / "run.pid").is_file() and (ws / "run.pid").read_text(), "the run's pid",
+                             abort=lambda: None if proc.poll() is None else f"nightlab exited {proc.returncode}"))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and err.rstrip().endswith("nightlab: interrupted"), err
+        wait_until(lambda: gone(pid), "the run to end with nightlab train")
+    finally:  # a failed test leaves nothing running
+        proc.kill()
+        pidfile = ws / "run.pid"
+        if pidfile.is_file() and pidfile.read_text() and not gone(left := int(pidfile.read_text())):
+            os.kill(left, signal.SIGKILL)
