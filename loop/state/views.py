@@ -195,13 +195,13 @@ def status_text(workspace: Path) -> str:
     return "\n".join(lines)
 
 
-def _repeats(rows: list[Experiment]) -> int:
-    """Baseline repeats, re-runs and re-measurements of the best (the first baseline is none)."""
-    return max(0, sum(e.kind in ("baseline", "confirm") for e in rows) - 1)
-
-
 def _counts(rows: list[Experiment]) -> str:
-    counts = {s: sum(e.status == s for e in rows) for s in ("keep", "discard", "crash", "checks_failed")}
+    """What the runs were: the baseline's, repeats of a result, then the changes by outcome. A
+    baseline run or a repeat is recorded as a keep, and "3 keep" beside "nothing beat the
+    baseline" would read as a contradiction."""
+    counts = {"baseline": sum(e.kind == "baseline" for e in rows), "repeat": sum(e.kind == "confirm" for e in rows)}
+    changes = [e for e in rows if e.kind not in ("baseline", "confirm")]
+    counts |= {s: sum(e.status == s for e in changes) for s in ("keep", "discard", "crash", "checks_failed")}
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
 
 
@@ -277,8 +277,8 @@ def report_markdown(workspace: Path) -> str:
     best_exp, best = _best(rows)
     found = night_gain(store, rows)
     out += [
-        f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)},"
-        + f" {_repeats(rows)} of them repeats (the noise, re-runs, re-measurements of the best)",
+        f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}; the baseline's runs and the"
+        " repeats (re-runs of a result, re-measurements of the best) measure the noise",
         f"- baseline {name}: {_fmt(found[0] if found else None)}",
         f"- best {name}: {_fmt(best)}"
         + (f" (#{best_exp.number}, `{best_exp.commit[:7]}`)" if best_exp else ""),
