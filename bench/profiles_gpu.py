@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nightlab.loop.state.config import TrainerSettings
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trainer as bench_trainer  # bench/trainer.py: workspace + data, shared with the one-run bench
 
@@ -76,8 +78,10 @@ def run_one(profile: profiles.Profile, data_dir: Path, budget: int, eval_tokens:
         (ws / "capped_train.py").write_text(WRAPPER, encoding="utf-8")
         own_eval = int(profile.harness_env.get("NIGHTLAB_EVAL_TOKENS", 40 * 2**19))
         cap = profiles.TIER_MEMORY_GB.get(profile.name.split("-")[0], 0)
-        env = {**os.environ, **profile.harness_env, "NIGHTLAB_DATA_DIR": str(data_dir),
-               "NIGHTLAB_TIME_BUDGET": str(budget), "NIGHTLAB_EVAL_TOKENS": str(min(own_eval, eval_tokens)),
+        # as `[trainer] time_budget` does in a night: seconds, also on tiny (whose own budget is steps)
+        harness = TrainerSettings(time_budget=budget, eval_tokens=min(own_eval, eval_tokens)).harness_env(
+            profile.harness_env)
+        env = {**os.environ, **harness, "NIGHTLAB_DATA_DIR": str(data_dir),
                "NIGHTLAB_BENCH_MEMORY_GB": str(cap), "PYTHONUNBUFFERED": "1"}
         t0 = time.time()
         # the harness's run: training (behind the memory cap) without the validation shard, then scoring

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nightlab.loop import hardware
-from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
+from nightlab.loop.state.config import BUDGET_STEPS_ENV, RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
 from nightlab.loop.workspace import workspace_problem
 from nightlab.trainer.profiles import (
     DTYPE_ENV,
@@ -209,18 +209,20 @@ def _attention_findings(gpus: hardware.GpuReport, t: dict[str, Any], choice: Cho
 
 
 def _profile_findings(settings: Settings, choice: Choice, auto: Choice, gpus: hardware.GpuReport) -> list[Finding]:
-    env = {**choice.profile.harness_env, **settings.trainer.harness_overrides()}
+    env = settings.trainer.harness_env(choice.profile.harness_env)
     budget = env.get("NIGHTLAB_TIME_BUDGET", "300")
+    steps = env.get(BUDGET_STEPS_ENV)
     seq = env.get("NIGHTLAB_MAX_SEQ_LEN", "2048")
     evals = int(env.get("NIGHTLAB_EVAL_TOKENS", str(40 * 2**19)))
-    text = (f"{choice.profile.name!r}: {choice.reason}. {choice.profile.description}. In force: time budget "
-            f"{budget} s, seq {seq}, {evals:,} eval tokens")
+    text = (f"{choice.profile.name!r}: {choice.reason}. {choice.profile.description}. In force: "
+            + (f"{steps} optimizer steps (trainer.time_budget for seconds)" if steps else f"time budget {budget} s")
+            + f", seq {seq}, {evals:,} eval tokens")
     if choice.profile.name != auto.profile.name:
         text += f". auto would pick {auto.profile.name!r} ({auto.reason})"
     others = ", ".join(n for n in PROFILES if n != choice.profile.name.split("-")[0])
     out = [Finding("ok", "profile", text + f" (others: {others}; set trainer.profile)")]
     out += _shape_findings(choice, int(seq), evals)
-    if settings.heartbeat.run_timeout < int(budget) + RUN_OVERHEAD_S:
+    if not steps and settings.heartbeat.run_timeout < int(budget) + RUN_OVERHEAD_S:  # a step budget has no clock
         out.append(Finding("fail", "profile", f"heartbeat.run_timeout = {settings.heartbeat.run_timeout:g} s is"
                            f" shorter than the {budget} s budget + {RUN_OVERHEAD_S} s of start-up and eval: every"
                            " run would be killed as a timeout", f"heartbeat.run_timeout = {int(budget) + 300}"))

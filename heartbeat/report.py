@@ -28,7 +28,7 @@ def write_report(workspace: Path, store: Store, project: ProjectSettings) -> Rep
     stamp = time.strftime("%Y%m%d-%H%M%S")
     markdown = views.report_markdown(workspace)
     markdown_path = folder / f"report-{stamp}.md"
-    markdown_path.write_text(markdown)
+    markdown_path.write_text(markdown + "\n")  # a text file ends with a newline
     points = ledger.experiments(store)
     chart = (progress_chart(points, folder / f"progress-{stamp}.png", project.metric, project.direction)
              if points else None)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nightlab.loop.state.config import BUDGET_STEPS_ENV, HARNESS_ENV
 from nightlab.trainer.profiles import DTYPE_ENV, Gpu, Machine
 
 # POSIX sh, one output line per GPU ("gpu: <name>"), or one "cpu: <model>" line. CUDA_VISIBLE_DEVICES
@@ -92,10 +93,13 @@ def record_setting(store: Any, run_command: str, env: dict[str, str]) -> str:
 
 
 def harness_values(env: dict[str, str]) -> dict[str, str]:
-    """The budget values in a run's environment (time budget, sequence length, eval tokens, dtype),
-    by their short names; the harness's defaults apply to those absent."""
-    return {k[len("NIGHTLAB_"):].lower(): v for k, v in sorted(env.items())
-            if k in ("NIGHTLAB_TIME_BUDGET", "NIGHTLAB_MAX_SEQ_LEN", "NIGHTLAB_EVAL_TOKENS", DTYPE_ENV)}
+    """The budget values in force in a run's environment (time budget or budget steps, sequence
+    length, eval tokens, dtype), by their short names; the harness's defaults apply to those absent.
+    A step budget (tiny's) is the budget: its time budget would only mislead."""
+    names = {*HARNESS_ENV.values(), BUDGET_STEPS_ENV, DTYPE_ENV}
+    if BUDGET_STEPS_ENV in env:
+        names.discard(HARNESS_ENV["time_budget"])
+    return {k[len("NIGHTLAB_"):].lower(): v for k, v in sorted(env.items()) if k in names}
 
 
 @dataclass(frozen=True)

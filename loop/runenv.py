@@ -16,9 +16,9 @@ COMPILE_CACHE_DIRNAME = "compile-cache"  # torch inductor + triton, shared by ev
 def run_environment(ws: Workspace, settings: Settings, say: Say = to_stderr,
                     prepared: Path | None = None) -> dict[str, str]:
     """The environment every run gets: the profile's harness env with the [trainer] budget keys
-    over it and, for the built-in trainer, NIGHTLAB_DATA_DIR (prepared here when missing, unless
+    over it (TrainerSettings.harness_env) and, for the built-in trainer, NIGHTLAB_DATA_DIR (prepared here when missing, unless
     `prepared` names the data dir the daemon has just prepared)."""
-    env = {**ws.harness_env, **settings.trainer.harness_overrides()}
+    env = settings.trainer.harness_env(ws.harness_env)
     if ws.builtin_trainer:
         from nightlab.trainer import prepare
 

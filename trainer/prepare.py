@@ -627,12 +627,17 @@ def _document_batches(paths: list[Path], tokenizer_batch_size: int = 128) -> Ite
     """Endless (documents, epoch) batches from the shards, in file order."""
     epoch = 1
     while True:
+        found = False
         for path in paths:
             pf = pq.ParquetFile(path)
             for rg in range(pf.num_row_groups):
                 docs = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
                 for i in range(0, len(docs), tokenizer_batch_size):
+                    found = True
                     yield [d or "" for d in docs[i : i + tokenizer_batch_size]], epoch
+        if not found:  # shards emptied after prepare: the loop would spin forever, waiting for a document
+            raise PrepareError(f"no documents in {', '.join(p.name for p in paths)} in {paths[0].parent}:"
+                               " prepare the data again (`nightlab prepare`)")
         epoch += 1
 
 

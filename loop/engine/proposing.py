@@ -14,7 +14,7 @@ from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import without_a_keep
 from nightlab.loop.proposers.base import PastExperiment, Proposal, ProposalContext, ProposalError
-from nightlab.loop.state import ledger
+from nightlab.loop.state import ledger, views
 from nightlab.loop.state.ledger import Candidate
 from nightlab.loop.workspace import protect
 
@@ -90,7 +90,7 @@ def no_run(ctx: Context, cand: Candidate, status: str, reason: str, **described:
 def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> ProposalContext:
     rows = ledger.experiments(ctx.store)
     history = tuple(
-        PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params, e.kind)
+        PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params, e.kind, e.reason)
         for e in rows
     )
     # the best: the experiment that made it (a change, else the first baseline), valued at its
@@ -105,4 +105,5 @@ def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> P
         direction=ctx.direction, best=best, history=history,
         focus=cand.focus, notes=notes, consecutive_failures=without_a_keep(ctx.store, rows),
         last_crash_log=ctx.log_tail(crashes[-1].number, 4000) if crashes else "",
+        noise=views.night_noise(ctx.store, rows), keep_z=ctx.settings.loop.keep_z,
     )

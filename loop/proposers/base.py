@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from nightlab.loop.state.stats import Noise
+
 
 @dataclass(frozen=True)
 class PastExperiment:
@@ -25,6 +27,7 @@ class PastExperiment:
     area: str
     params: dict[str, object]  # the constants the search set (empty for agent proposals)
     kind: str = "proposal"  # baseline | proposal | confirm | rebase
+    reason: str = ""  # the decision's words, e.g. "not better: worse by 0.0048 ± 0.0034 (n = 1 vs 3)"
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class ProposalContext:
     consecutive_failures: int  # experiments in a row without a keep (discards and failures)
     last_crash_log: str  # tail of the last crash's log, "" if none
     in_flight: tuple[str, ...] = ()  # descriptions of candidates already running (waves)
+    noise: Noise | None = None  # run-to-run noise of the metric on the best's hardware (None: no run yet)
+    keep_z: float = 2.0  # a change is kept when it beats the best by more than this many standard errors
 
 
 @dataclass(frozen=True)

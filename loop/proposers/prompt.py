@@ -8,9 +8,11 @@ went, the last crash, the user's steering, what is already running, and the rule
 from __future__ import annotations
 
 from nightlab.loop.proposers.base import PastExperiment, ProposalContext
+from nightlab.loop.state.stats import Noise
 
 RECENT = 20  # experiments shown; older ones rarely change what to try next
 PROPOSAL_FILE = ".nightlab/agent/proposal.json"
+REASON_CHARS = 200  # of a past experiment's reason: the decision, not a whole log line
 
 
 def build_prompt(ctx: ProposalContext, program: str, switch_after: int) -> str:
@@ -27,6 +29,8 @@ def build_prompt(ctx: ProposalContext, program: str, switch_after: int) -> str:
     if program.strip():
         parts += ["## Research directives (program.md)", program.strip()]
     parts += ["## Goal", f"Metric: {ctx.metric_name}, {ctx.direction} ({better} is better).", _best(ctx)]
+    if ctx.noise is not None:
+        parts += ["## Noise", _noise(ctx, ctx.noise)]
     if ctx.history:
         recent = ctx.history[-RECENT:]
         parts += [f"## Recent experiments (last {len(recent)} of {len(ctx.history)}, oldest first)"]
@@ -64,7 +68,17 @@ def _best(ctx: ProposalContext) -> str:
     return f"Best so far: {ctx.metric_name} = {ctx.best.metric:.6g} (#{ctx.best.number}: {ctx.best.description})."
 
 
+def _noise(ctx: ProposalContext, noise: Noise) -> str:
+    how = f"measured from {noise.df + 1}+ repeated runs" if noise.measured else "assumed until repeated runs measure it"
+    return (f"Two runs of the same code differ by about ± {noise.sd:.4g} {ctx.metric_name} (one standard"
+            f" deviation, {how}). A change is kept only when it beats the best by more than {ctx.keep_z:g}"
+            " standard errors of the difference; one in between is re-run first. Aim for changes you expect"
+            " to be worth several times the noise: a smaller one costs runs and is discarded.")
+
+
 def _line(e: PastExperiment) -> str:
     metric = "no metric" if e.metric is None else f"{e.metric:.6g}"
     why = f" (hypothesis: {e.hypothesis})" if e.hypothesis else ""
-    return f"- #{e.number} {e.status}, {metric}: {e.description}{why}"
+    # the decision's words say how sure it was (a gain within the noise, a harness rejection)
+    said = f" — {e.reason[:REASON_CHARS]}" if e.reason else ""
+    return f"- #{e.number} {e.status}, {metric}: {e.description}{why}{said}"

@@ -108,6 +108,7 @@ class DataSettings:
 # does not import the harness and its data libraries).
 HARNESS_ENV = {"time_budget": "NIGHTLAB_TIME_BUDGET", "max_seq_len": "NIGHTLAB_MAX_SEQ_LEN",
                "eval_tokens": "NIGHTLAB_EVAL_TOKENS"}
+BUDGET_STEPS_ENV = "NIGHTLAB_BUDGET_STEPS"  # a profile's step budget (tiny's), instead of seconds
 
 
 # seconds a run needs besides its training budget (start-up, compilation, eval): run_timeout must allow them
@@ -117,13 +118,21 @@ RUN_OVERHEAD_S = 120
 @dataclass(frozen=True)
 class TrainerSettings:
     profile: str = "auto"  # auto (picked from the hardware) | a name in trainer/profiles.py PROFILES
-    time_budget: int = 0  # seconds of training per experiment; 0 = the profile's (300 on GPUs)
+    time_budget: int = 0  # seconds of training per experiment; 0 = the profile's (300 on GPUs, 40 steps on tiny)
     max_seq_len: int = 0  # context length; 0 = the profile's
     eval_tokens: int = 0  # validation tokens val_bpb is scored on; 0 = the profile's
 
     def harness_overrides(self) -> dict[str, str]:
         """The NIGHTLAB_* values the config sets; they win over the profile's in every run's env."""
         return {env: str(getattr(self, key)) for key, env in HARNESS_ENV.items() if getattr(self, key)}
+
+    def harness_env(self, profile_env: dict[str, str]) -> dict[str, str]:
+        """The harness values every run gets: the profile's with the config's over them. A
+        time_budget set here also replaces a profile's step budget: the user asked for seconds."""
+        env = {**profile_env, **self.harness_overrides()}
+        if self.time_budget:
+            env.pop(BUDGET_STEPS_ENV, None)
+        return env
 
 
 @dataclass(frozen=True)

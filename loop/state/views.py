@@ -17,6 +17,7 @@ from nightlab.loop.state.stats import (
     HELDOUT_GAIN,
     NOISE_PRIOR_KEY,
     Comparison,
+    Noise,
     compare,
     gain,
     pooled_noise,
@@ -100,18 +101,34 @@ def night_gain(store: Store, rows: list[Experiment]) -> tuple[float, Comparison]
     """(the baseline's mean, the best's gain over it ± its standard error), on the best's hardware
     class (the best's value as `_best_values` states it), the noise pooled over that class's
     repeats. A gain is positive when the best is better, whichever the metric's direction."""
+    night = _night(store, rows)
+    if night is None:
+        return None
+    best, baseline, noise = night
+    return statistics.fmean(baseline), compare(_best_values(rows, best), baseline, noise.sd,
+                                               store.get(DIRECTION_KEY, "minimize"))
+
+
+def night_noise(store: Store, rows: list[Experiment]) -> Noise | None:
+    """The run-to-run noise on the best's hardware class (None before a baseline result there)."""
+    night = _night(store, rows)
+    return None if night is None else night[2]
+
+
+def _night(store: Store, rows: list[Experiment]) -> tuple[Experiment, list[float], Noise] | None:
+    """The best, the baseline's results on the best's hardware class, and the noise pooled over
+    that class's repeats from the prior (noise_prior × the baseline's mean)."""
     best, _ = _best(rows)
     if best is None:
         return None
     cls = best.hardware_class
-    bases = [e for e in rows if e.kind == "baseline" and e.hardware_class == cls and e.metric is not None]
-    if not bases:
+    base = next((e for e in rows if e.kind == "baseline" and e.hardware_class == cls and e.metric is not None), None)
+    if base is None:
         return None
-    baseline, values = _values(rows, bases[0].commit, cls), _best_values(rows, best)
+    baseline = _values(rows, base.commit, cls)
     groups = [_values(rows, c, cls) for c in sorted({e.commit for e in rows if e.hardware_class == cls})]
-    mean = statistics.fmean(baseline)
-    noise = pooled_noise(groups, store.get(NOISE_PRIOR_KEY, 0.0) * (abs(mean) or 1.0))
-    return mean, compare(values, baseline, noise.sd, store.get(DIRECTION_KEY, "minimize"))
+    noise = pooled_noise(groups, store.get(NOISE_PRIOR_KEY, 0.0) * (abs(statistics.fmean(baseline)) or 1.0))
+    return best, baseline, noise
 
 
 def _classes_line(rows: list[Experiment]) -> str:
@@ -195,13 +212,13 @@ def status_text(workspace: Path) -> str:
     return "\n".join(lines)
 
 
-def _repeats(rows: list[Experiment]) -> int:
-    """Baseline repeats, re-runs and re-measurements of the best (the first baseline is none)."""
-    return max(0, sum(e.kind in ("baseline", "confirm") for e in rows) - 1)
-
-
 def _counts(rows: list[Experiment]) -> str:
-    counts = {s: sum(e.status == s for e in rows) for s in ("keep", "discard", "crash", "checks_failed")}
+    """What the runs were: the baseline's, repeats of a result, then the changes by outcome. A
+    baseline run or a repeat is recorded as a keep, and "3 keep" beside "nothing beat the
+    baseline" would read as a contradiction."""
+    counts = {"baseline": sum(e.kind == "baseline" for e in rows), "repeat": sum(e.kind == "confirm" for e in rows)}
+    changes = [e for e in rows if e.kind not in ("baseline", "confirm")]
+    counts |= {s: sum(e.status == s for e in changes) for s in ("keep", "discard", "crash", "checks_failed")}
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
 
 
@@ -277,8 +294,8 @@ def report_markdown(workspace: Path) -> str:
     best_exp, best = _best(rows)
     found = night_gain(store, rows)
     out += [
-        f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)},"
-        + f" {_repeats(rows)} of them repeats (the noise, re-runs, re-measurements of the best)",
+        f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}; the baseline's runs and the"
+        " repeats (re-runs of a result, re-measurements of the best) measure the noise",
         f"- baseline {name}: {_fmt(found[0] if found else None)}",
         f"- best {name}: {_fmt(best)}"
         + (f" (#{best_exp.number}, `{best_exp.commit[:7]}`)" if best_exp else ""),

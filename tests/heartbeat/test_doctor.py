@@ -60,7 +60,7 @@ def test_a_cpu_box_can_run_the_tiny_profile(tmp_path: Path, fake_gpus, capsys) -
     assert lines(out, "WARN gpu") == [f"WARN gpu       no NVIDIA GPU: nvidia-smi failed (exit 9): {said}"]
     assert "(CPU-only build)" in lines(out, "ok   torch")[0] and "no GPU: runs train on the CPU" in out
     assert lines(out, "ok   profile")[0].startswith("ok   profile   'tiny': auto: no GPU visible")
-    assert "time budget 15 s, seq 256, 8,192 eval tokens" in out
+    assert "In force: 40 optimizer steps (trainer.time_budget for seconds), seq 256, 8,192 eval tokens" in out
     assert lines(out, "WARN data")[0].startswith("WARN data      shards not prepared yet")
     assert lines(out, "ok   git") and out.rstrip().endswith("runs can start (2 warning(s))")
 

@@ -127,6 +127,10 @@ def test_a_session_keeps_discards_crashes_rejects(tmp_path: Path) -> None:
     assert rows[7].best == 0.8 and rows[7].lines_added == 1 and rows[7].lines_removed == 1
     assert (settings.workspace_path / "prepare.py").read_text().startswith("# the fixed harness")
     assert [c.consecutive_failures for c in proposer.contexts] == [0, 0, 1, 2, 3, 4, 5]
+    # the proposer sees each decision's words and the night's noise (an agent aims above it)
+    last = proposer.contexts[-1]
+    assert [h.reason for h in last.history][3] == "exit code 3"
+    assert last.noise is not None and last.noise.sd > 0 and last.keep_z == settings.loop.keep_z
     assert store.get("engine.finished") is True
     started = [e.payload for e in store.events_after(0) if e.kind == "experiment_started"]
     assert [p["number"] for p in started] == [1, 2, 3, 4, 8] and started[0]["kind"] == "baseline"

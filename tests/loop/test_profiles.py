@@ -135,9 +135,22 @@ def test_bad_budget_keys_are_named(table: dict, message: str) -> None:
 
 
 def test_budget_keys_are_the_harness_names() -> None:
-    from nightlab.loop.state.config import HARNESS_ENV
+    from nightlab.loop.state.config import BUDGET_STEPS_ENV, HARNESS_ENV
     from nightlab.trainer import prepare
 
     assert set(HARNESS_ENV.values()) == {prepare.ENV_TIME_BUDGET, prepare.ENV_MAX_SEQ_LEN, prepare.ENV_EVAL_TOKENS}
+    assert BUDGET_STEPS_ENV == prepare.ENV_BUDGET_STEPS
     settings = settings_from_table({"trainer": {"time_budget": 200}})
     assert prepare.harness_settings(settings.trainer.harness_overrides())["TIME_BUDGET"] == 200
+
+
+def test_a_time_budget_replaces_the_tiny_profiles_step_budget() -> None:
+    """tiny trains 40 steps, not seconds; a researcher who sets trainer.time_budget on a CPU box
+    asked for seconds, and the digest shows the budget in force, not a time budget that is not."""
+    tiny = P.PROFILES["tiny"].harness_env
+    as_shipped = settings_from_table({"trainer": {"profile": "tiny"}}).trainer.harness_env(tiny)
+    assert as_shipped["NIGHTLAB_BUDGET_STEPS"] == "40"
+    assert hardware.harness_values(as_shipped) == {"budget_steps": "40", "eval_tokens": "8192", "max_seq_len": "256"}
+    seconds = settings_from_table({"trainer": {"profile": "tiny", "time_budget": 60}}).trainer.harness_env(tiny)
+    assert "NIGHTLAB_BUDGET_STEPS" not in seconds and seconds["NIGHTLAB_TIME_BUDGET"] == "60"
+    assert hardware.harness_values(seconds) == {"eval_tokens": "8192", "max_seq_len": "256", "time_budget": "60"}

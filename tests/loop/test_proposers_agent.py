@@ -14,6 +14,7 @@ import pytest
 from nightlab.loop.proposers import PastExperiment, ProposalContext, ProposalError
 from nightlab.loop.proposers.agent import AgentProposer
 from nightlab.loop.state.config import AgentSettings
+from nightlab.loop.state.stats import Noise
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 TRAIN = "DEPTH = 8\nMATRIX_LR = 0.04  # Muon\nWARMUP_RATIO = 0.0\n\nprint('training')\n"
@@ -41,11 +42,13 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def ctx(ws: Path, **kw: object) -> ProposalContext:
     best = PastExperiment(1, "keep", 0.9979, "baseline", "", "", {})
-    crash = PastExperiment(2, "crash", None, "DEPTH 8→64", "deeper is better", "architecture", {"DEPTH": 64})
+    crash = PastExperiment(2, "crash", None, "DEPTH 8→64", "deeper is better", "architecture", {"DEPTH": 64},
+                           reason="rejected by the harness: not causal: the model looks ahead")
     base = ProposalContext(
         workspace=ws, editable=("train.py",), metric_name="val_bpb", direction="minimize", best=best,
         history=(best, crash), focus="learning rates", notes=("try a warmup",), consecutive_failures=1,
         last_crash_log="torch.OutOfMemoryError: CUDA out of memory", in_flight=("WARMUP_RATIO 0.0→0.1",),
+        noise=Noise(0.0034, 2), keep_z=2.0,
     )
     return replace(base, **kw)
 
@@ -67,6 +70,9 @@ def test_agent_edits_train_py_and_describes_it_with_its_proposal_file(ws: Path) 
         "Directive: prefer optimizer changes.", "val_bpb, minimize", "0.9979", "#2 crash, no metric: DEPTH 8→64",
         "deeper is better", "CUDA out of memory", "Work on: learning rates", "- try a warmup",
         "- WARMUP_RATIO 0.0→0.1", "Edit only train.py", "Do not commit", ".nightlab/agent/proposal.json",
+        # how sure each decision was, and how big a change must be to show: the agent aims above the noise
+        "deeper is better) — rejected by the harness: not causal", "about ± 0.0034 val_bpb",
+        "measured from 3+ repeated runs", "more than 2 standard errors",
     ):
         assert expected in prompt, expected
 

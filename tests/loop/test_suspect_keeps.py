@@ -11,11 +11,12 @@ from nightlab.loop.state import ledger, views
 from nightlab.loop.state.store import Store
 
 
-def _record(store: Store, number: int, kind: str, metric: float, best: float, heldout: float | None = None) -> None:
+def _record(store: Store, number: int, kind: str, metric: float, best: float, heldout: float | None = None,
+            status: str = "keep") -> None:
     cand = ledger.new_candidate(store, kind, "base", commit=f"{number:07d}abc", description=f"change {number}")
     metrics = {} if heldout is None else {HELDOUT_GAIN: heldout}
     exp = ledger.Experiment(
-        number=cand.number, kind=kind, confirm_of=None, commit=f"{number:07d}abc", status="keep", metric=metric,
+        number=cand.number, kind=kind, confirm_of=None, commit=f"{number:07d}abc", status=status, metric=metric,
         metrics=metrics, best=best, confidence=None if kind == "baseline" else 3.0, description=f"change {number}",
         hypothesis="", area="", finished_at=float(number), hardware="H200", setting="s",
     )
@@ -51,3 +52,18 @@ def test_a_keep_that_holds_is_not_suspect(tmp_path: Path) -> None:
     assert "SUSPECT" not in views.report_markdown(ws) and "SUSPECT" not in views.history_text(ws)
     best = views.best_text(ws)
     assert "held-out gain: +0.010000" in best and "SUSPECT" not in best, best
+
+
+def test_the_reports_counts_keep_baseline_runs_and_repeats_apart_from_kept_changes(tmp_path: Path) -> None:
+    """Baseline runs and repeats are recorded as keeps; counted as such, a night that kept no change
+    read "3 keep" above "Nothing beat the baseline yet"."""
+    store = Store.for_workspace(tmp_path)
+    for n in (1, 2, 3):
+        _record(store, n, "baseline", 1.0, 1.0)
+    _record(store, 4, "proposal", 1.1, 1.0, status="discard")
+    report = views.report_markdown(tmp_path)
+    assert "- experiments: 4 (3 baseline, 1 discard) over" in report and "Nothing beat the baseline yet" in report
+    _record(store, 5, "proposal", 0.9, 0.9)
+    _record(store, 6, "confirm", 0.9, 0.9)
+    assert "- experiments: 6 (3 baseline, 1 repeat, 1 keep, 1 discard) over" in views.report_markdown(tmp_path)
+    assert "experiments: 6 (3 baseline, 1 repeat, 1 keep, 1 discard)" in views.status_text(tmp_path)

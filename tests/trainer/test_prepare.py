@@ -367,6 +367,18 @@ def test_dataloader_yields_fresh_tensors_on_cpu(tokenizer: P.Tokenizer, data_dir
     assert torch.equal(x1, kept)
 
 
+def test_dataloader_over_shards_emptied_after_prepare_fails_instead_of_spinning(
+    tokenizer: P.Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):  # train + val, both without a row
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), data / name)
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data))
+    with pytest.raises(P.PrepareError, match="no documents in shard_00000.parquet .*`nightlab prepare`"):
+        next(P.make_dataloader(tokenizer, 1, 32, "train", device="cpu"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dataloader_on_cuda(tokenizer: P.Tokenizer, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
