@@ -270,11 +270,19 @@ class Settings:
 
     @property
     def workspace_path(self) -> Path:
-        return Path(os.path.expandvars(self.workspace.path)).expanduser().resolve()
+        return self._path(self.workspace.path).resolve()
 
     @property
     def cache_path(self) -> Path:
-        return Path(os.path.expandvars(self.data.cache_dir)).expanduser()
+        return self._path(self.data.cache_dir)
+
+    def _path(self, text: str) -> Path:
+        """~ and $VARS expanded; a relative path is relative to the config file's folder (where the
+        service runs), so `nightlab status --config F` typed anywhere finds the same workspace."""
+        path = Path(os.path.expandvars(text)).expanduser()
+        if path.is_absolute() or self.origin.startswith("<"):  # "<defaults>", "<table>": no file
+            return path
+        return Path(self.origin).parent / path
 
 
 def profile_names() -> tuple[str, ...]:
