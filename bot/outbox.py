@@ -32,7 +32,7 @@ from nightlab.bot import digest
 from nightlab.bot.channel import Channel, DeliveryError
 from nightlab.bot.format import Outgoing, Photo
 from nightlab.bot.outage import Outage
-from nightlab.loop.state.config import DigestSettings
+from nightlab.loop.state.config import DigestSettings, Secret
 from nightlab.loop.state.store import Store
 
 log = logging.getLogger("nightlab.bot")
@@ -90,8 +90,11 @@ class Outbox:
         digest_settings: DigestSettings,
         tuning: Tuning = Tuning(),
         clock: Callable[[], float] = time.time,
+        secrets: Sequence[Secret] = (),
     ) -> None:
         self.store = store
+        # a token that reached a message (a crash's log tail, a note) is not sent, nor kept in state.db
+        self._secrets = [v for v in (s.reveal() for s in secrets) if v]
         self.channels = {c.name: c for c in channels}
         self.digest = digest_settings
         self.tuning = tuning
@@ -143,15 +146,21 @@ class Outbox:
         db = self.store.connection()
         for msg in messages:
             if isinstance(msg, Photo):
-                rows = [("photo", json.dumps({"path": str(msg.path), "caption": msg.caption}), msg.caption)]
+                caption = self._redact(msg.caption)
+                rows = [("photo", json.dumps({"path": str(msg.path), "caption": caption}), caption)]
             else:
-                rows = [("text", body, msg.title) for body in channel.flavour.render(msg.spans)]
+                rows = [("text", self._redact(body), msg.title) for body in channel.flavour.render(msg.spans)]
             for kind, body, title in rows:
                 db.execute(
                     "INSERT INTO outbox(channel, destination, kind, body, title, status,"
                     " next_attempt_at, created_at, reply) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (channel.name, destination, kind, body, title, status, now, now, int(reply)),
                 )
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     # -- delivery ----------------------------------------------------------------------------
     def waiting(self) -> list[Row]:

@@ -64,6 +64,7 @@ class BotService:
         self.settings = settings
         self.workspace = Path(workspace)
         self.channels = list(channels) if channels is not None else build_channels(settings, secrets)
+        self._secrets = secrets.values()
         self._tuning = tuning
         self._poll = poll_interval_s
         self.ready = threading.Event()  # set once every channel is connected and the pump runs
@@ -104,7 +105,7 @@ class BotService:
         self._stopping = asyncio.Event()
         started.set()
         store = Store.for_workspace(self.workspace)
-        outbox = Outbox(store, self.channels, self.settings.digest, self._tuning)
+        outbox = Outbox(store, self.channels, self.settings.digest, self._tuning, secrets=self._secrets)
         outbox.prune()
         router = Router(
             store, self.workspace, allowlists(self.settings), self.settings.project.metric, self.settings.project.direction,

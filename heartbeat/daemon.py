@@ -55,12 +55,12 @@ from nightlab.loop.executors import make_executor
 from nightlab.loop.state.config import (
     LIVE_HEARTBEAT_KEY,
     ConfigError,
-    Secret,
     Secrets,
     Settings,
     changed_fields,
     load_settings,
     resolve_secrets,
+    secret_env_names,
 )
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.store import Store
@@ -105,7 +105,7 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
         secrets = resolve_secrets(self.settings)  # a missing token fails here, before anything starts
-        setup_logging(_secret_values(secrets))
+        setup_logging(secrets.values())
         notifier = Notifier.from_environ()
         self.workspace.mkdir(parents=True, exist_ok=True)  # `--workspace PATH` creates it
         with DaemonLock(self.workspace):
@@ -113,7 +113,9 @@ class Daemon:
             log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
             store = Store.for_workspace(self.workspace)
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
-            engine = EngineProcess(self._engine_argv())
+            # the chat tokens stay in this process: an edited train.py or an agent cannot print them
+            hidden = secret_env_names(self.settings)
+            engine = EngineProcess(self._engine_argv(), {k: v for k, v in os.environ.items() if k not in hidden})
             heartbeat = Heartbeat(self.settings, self.workspace, store, make_executor(self.settings),
                                   engine, notifier, on_engine_finished=lambda: self.request_stop("finished"))
             scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True})
@@ -243,11 +245,6 @@ class Daemon:
                  else "nothing (no live setting changed)")
         if needs_restart:
             log.warning("SIGHUP: changed but only applied after a restart: [%s]", "], [".join(needs_restart))
-
-
-def _secret_values(secrets: Secrets) -> list[Secret]:
-    values = (getattr(secrets, f.name) for f in dataclasses.fields(secrets))
-    return [v for v in values if v is not None]
 
 
 def _say(line: str) -> None:

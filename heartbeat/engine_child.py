@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -45,8 +45,9 @@ def engine_argv(config: Path, workspace: Path, max_experiments: int | None,
 
 
 class EngineProcess:
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
         self.argv = list(argv)
+        self.env = None if env is None else dict(env)  # None: this process's environment
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopped = False  # its group was killed; never signal that pgid again (pid reuse)
         self.started_at = 0.0  # the heartbeat gives a fresh engine this long before expecting ticks
@@ -57,7 +58,7 @@ class EngineProcess:
 
     def start(self) -> None:
         # stdout/stderr are inherited: the engine's log lines land in the daemon's journal.
-        self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
         self._stopped = False
         self.started_at = time.time()
         log.info("engine started (pid %d)", self._proc.pid)

@@ -537,6 +537,19 @@ class Secrets:
     slack_bot_token: Secret | None = None
     slack_app_token: Secret | None = None
 
+    def values(self) -> list[Secret]:
+        found = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return [v for v in found if v is not None]
+
+
+def secret_env_names(s: Settings) -> set[str]:
+    """The environment variables the configured channels' tokens come from: only the daemon's bot
+    needs them, so the engine (and the runs, agents and checks it starts) get an environment
+    without them."""
+    refs = [s.telegram.token] if s.telegram else []
+    refs += [s.slack.bot_token, s.slack.app_token] if s.slack else []
+    return {ref.env for ref in refs if ref.env and not ref.file}
+
 
 def resolve_secrets(s: Settings) -> Secrets:
     """Read the secrets of the enabled channels; raises ConfigError when one is missing."""

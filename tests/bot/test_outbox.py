@@ -10,7 +10,7 @@ from pathlib import Path
 from nightlab.bot.channel import DeliveryError, OnMessage
 from nightlab.bot.format import PLAIN, Flavour, plain, text_message
 from nightlab.bot.outbox import Outbox, Tuning
-from nightlab.loop.state.config import DigestSettings
+from nightlab.loop.state.config import DigestSettings, Secret
 from nightlab.loop.state.store import Store
 
 from tests.bot.conftest import finished
@@ -149,6 +149,23 @@ def test_keeps_and_crashes_mode_skips_discards(store: Store) -> None:
     finished(store, "crash", None)
     pump(box)
     assert [m.split(" ", 2)[1] for m in inbox.got] == ["#2", "#3"]
+
+
+def test_a_token_in_a_crash_log_is_neither_sent_nor_kept(store: Store) -> None:
+    """A run that prints its environment (an agent's edit, a debug line) must not post a chat token:
+    the engine runs without them, and the outbox redacts any that reach a message all the same."""
+    token = "123456:AAF-secret-token"
+    inbox = Inbox()
+    tuning = Tuning(backoff_base_s=1.0, backoff_max_s=8.0, fold_limit=30, fold_keep=5, batch_period_s=3600)
+    box = Outbox(store, [inbox], DigestSettings(), tuning, Clock(), secrets=[Secret(token)])  # type: ignore[list-item]
+    box.fill()
+    finished(store, "crash", None, log_tail=f"Traceback ...\nNIGHTLAB_TELEGRAM_TOKEN={token}\nKeyError")
+    store.emit("alert", text=f"note: {token}")
+    pump(box)
+    assert len(inbox.got) == 2 and all(token not in m for m in inbox.got), inbox.got
+    assert "NIGHTLAB_TELEGRAM_TOKEN=***" in inbox.got[0]
+    rows = store.connection().execute("SELECT body FROM outbox").fetchall()
+    assert rows and all(token not in r["body"] for r in rows)
 
 
 def test_digests_are_never_folded_behind_replies_and_stale_replies_are(store: Store) -> None:

@@ -15,6 +15,9 @@ import psutil
 import pytest
 from nightlab.loop.state.store import Store
 
+from tests.fakes.slack_server import FakeSlack
+from tests.fakes.telegram_server import FakeTelegram
+
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 
 FAST = {
@@ -115,3 +118,15 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture
+def telegram() -> Iterator[FakeTelegram]:
+    with FakeTelegram() as fake:
+        yield fake
+
+
+@pytest.fixture
+def slack() -> Iterator[FakeSlack]:
+    with FakeSlack() as fake:
+        yield fake

@@ -116,3 +116,16 @@ def test_the_next_start_reattaches_to_the_run_a_sigterm_left_running(
     numbers = [e.number for e in ledger.experiments(store)]
     assert numbers == [1, 2]  # the re-attached baseline recorded once, then one more experiment
     assert len(store.connection().execute("SELECT id FROM runs").fetchall()) == 2
+
+
+def test_the_chat_token_stays_in_the_daemon(harness: Harness, tmp_path: Path, telegram) -> None:
+    """Only the bot needs the chat token: the engine, and every run, agent and check it starts, get
+    an environment without it, so an edited train.py cannot print it into a crash's digest."""
+    dump = tmp_path / "run-env.txt"
+    chat = f'[telegram]\ntoken = {{ env = "NIGHTLAB_TEST_TG" }}\noperators = [1]\napi_base = "{telegram.url}"\n'
+    run = harness.start("--launch-run", f"env > {dump}.tmp && mv {dump}.tmp {dump}",
+                        env={"NIGHTLAB_TEST_TG": telegram.token}, extra_config=chat)
+    wait_until(dump.is_file, what="the run to write its environment")
+    seen = dump.read_text()
+    assert "PATH=" in seen and "NIGHTLAB_TEST_TG" not in seen and telegram.token not in seen
+    assert run.proc.poll() is None, run.log()  # the daemon itself had the token: its bot is up

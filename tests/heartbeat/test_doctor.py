@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,6 @@ import pytest
 from nightlab.heartbeat import cli
 from nightlab.heartbeat.doctor import diagnose
 from nightlab.loop.state.config import settings_from_table
-
-from tests.fakes.slack_server import FakeSlack
-from tests.fakes.telegram_server import FakeTelegram
 
 
 def write_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
@@ -182,18 +178,6 @@ def test_an_interpreter_without_torch(tmp_path: Path, fake_gpus) -> None:
         pytest.skip("the system python has torch")
     assert "ModuleNotFoundError: No module named 'torch'" in torch.text and "pip install torch" in torch.fix
     assert report.exit_code == 1
-
-
-@pytest.fixture
-def telegram() -> Iterator[FakeTelegram]:
-    with FakeTelegram() as fake:
-        yield fake
-
-
-@pytest.fixture
-def slack() -> Iterator[FakeSlack]:
-    with FakeSlack() as fake:
-        yield fake
 
 
 def test_each_chat_channel_is_reached(tmp_path, fake_gpus, capsys, monkeypatch, telegram, slack) -> None:
