@@ -173,9 +173,10 @@ class Pause(Steer):
 
     @classmethod
     def parse(cls, rest: str, areas: Areas) -> Self:
-        if rest not in ("", "now"):
+        word = rest.lower()  # a phone keyboard writes "Now"
+        if word not in ("", "now"):
             raise CommandError(f"pause takes nothing or 'now', got {rest[:20]!r}; {usage(cls.name)}")
-        return cls(rest == "now")
+        return cls(word == "now")
 
     def args(self) -> str:
         return "now" if self.now else ""

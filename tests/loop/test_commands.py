@@ -27,6 +27,7 @@ AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")
     [
         ("/pause", Pause()),
         ("pause now", Pause(now=True)),
+        ("Pause Now", Pause(now=True)),  # as a phone keyboard capitalises it
         ("/focus Attention", Focus("attention")),
         ("focus off", Focus(None)),
         ("/note try a longer warmup", Note("try a longer warmup")),
