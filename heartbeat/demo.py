@@ -2,7 +2,7 @@
 
 Embedded defaults, the offline choices of config.example.toml: the `stdlib` corpus (built from
 Python's own sources, no download), the search proposer (no LLM), the console channel (digests
-printed here) and the `tiny` profile (a 15-second budget per run, on the CPU or, when there is
+printed here) and the `tiny` profile (40 optimizer steps per run, on the CPU or, when there is
 one, the GPU). The daemon runs the baseline plus N experiments and stops by itself; then the
 report (markdown) and the progress chart (PNG) are written and their paths printed.
 """
