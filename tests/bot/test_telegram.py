@@ -228,3 +228,29 @@ def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is
     assert len(lost) == 2 and len(back) == 1 and len(lines) == 3, lines  # one per outage, one when back
     assert not [r for r in caplog.records if r.name.startswith("telegram") and r.levelno >= logging.WARNING]
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+
+def test_only_a_command_the_sender_writes_now_is_one(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # Each of these carries "/kill" from an operator in the allowed group, yet none is the operator
+    # asking now: an edit of an old message (it would run again), a channel post, a forward (someone
+    # else's words), an inline bot's text, a caption, a command answering another bot's message.
+    running(store, started_ago_s=30)
+    other_bot = {"id": 777, "is_bot": True, "first_name": "Deploy", "username": "deploybot"}
+    tg.inject("/kill", OPERATOR, GROUP, kind="edited_message")
+    tg.inject("/kill", OPERATOR, GROUP, chat_type="channel", kind="channel_post")
+    tg.inject("/kill", OPERATOR, GROUP, forward_origin={
+        "type": "user", "date": 1, "sender_user": {"id": STRANGER, "is_bot": False, "first_name": "S"}})
+    tg.inject("/kill", OPERATOR, GROUP, via_bot=other_bot)
+    tg.inject("/kill", OPERATOR, GROUP, field="caption")
+    tg.inject("/kill", OPERATOR, GROUP, reply_to_message={
+        "message_id": 5, "date": 1, "chat": {"id": GROUP, "type": "group", "title": "lab"},
+        "from": other_bot, "text": "deploy #12 done"})
+    assert ask(tg, "/best", OPERATOR, GROUP) == ["no result yet"]  # processed in order, after those
+    assert store.pending_commands() == [] and len(tg.messages(GROUP)) == 1
+    # Addressed to us by name, or answering our own message, a reply is ours.
+    ours = {"message_id": 6, "date": 1, "chat": {"id": GROUP, "type": "group", "title": "lab"},
+            "from": {"id": 4242, "is_bot": True, "first_name": "nightlab", "username": "nightlab_test_bot"},
+            "text": "✔ ..."}
+    tg.inject("/best", OPERATOR, GROUP, reply_to_message=ours)
+    tg.inject("/best@nightlab_test_bot", OPERATOR, GROUP, reply_to_message={**ours, "from": other_bot})
+    assert [m.text for m in tg.wait_for(3, GROUP)][1:] == ["no result yet"] * 2
