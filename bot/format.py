@@ -57,8 +57,15 @@ Outgoing = Text | Photo
 
 
 def text_message(*spans: Span) -> Text:
-    first_line = "".join(s.text for s in spans).strip().split("\n", 1)[0]
-    return Text(tuple(spans), first_line[:200])
+    valid = tuple(Span(_valid(s.text), s.style) for s in spans)
+    first_line = "".join(s.text for s in valid).strip().split("\n", 1)[0]
+    return Text(valid, first_line[:200])
+
+
+def _valid(text: str) -> str:
+    # A lone surrogate (JSON's "\udcff", a path decoded with surrogateescape) can be neither
+    # measured, stored nor sent: it becomes U+FFFD, and a split pair becomes its character again.
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def utf16_len(s: str) -> int:

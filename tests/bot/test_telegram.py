@@ -254,3 +254,12 @@ def test_only_a_command_the_sender_writes_now_is_one(tg: FakeTelegram, bot: BotS
     tg.inject("/best", OPERATOR, GROUP, reply_to_message=ours)
     tg.inject("/best@nightlab_test_bot", OPERATOR, GROUP, reply_to_message={**ours, "from": other_bot})
     assert [m.text for m in tg.wait_for(3, GROUP)][1:] == ["no result yet"] * 2
+
+
+def test_text_that_is_not_valid_unicode_does_not_stop_the_digests(tg: FakeTelegram, bot: BotService,
+                                                                    store: Store) -> None:
+    # A lone surrogate (a JSON "\udcff" in an agent's proposal.json, a path decoded with
+    # surrogateescape) used to make every render raise: the outbox stopped for good.
+    store.emit("alert", text="bad byte \udcff in /data/r\udce9sultats")
+    store.emit("alert", text="after")
+    assert [m.text for m in tg.wait_for(2, GROUP)] == ["🚨 bad byte \ufffd in /data/r\ufffdsultats", "🚨 after"]
