@@ -23,6 +23,7 @@ from telegram import BotCommand, MessageEntity, Update
 from telegram.constants import ChatType, ParseMode
 from telegram.error import (
     BadRequest,
+    ChatMigrated,
     Forbidden,
     InvalidToken,
     RetryAfter,
@@ -164,6 +165,9 @@ async def _call(request) -> None:
             after = exc.retry_after
         seconds = after.total_seconds() if isinstance(after, dt.timedelta) else float(after)
         raise DeliveryError(f"telegram 429: {exc}", retry_after=seconds) from None
+    except ChatMigrated as exc:  # not a network error: every retry would get the same answer
+        raise DeliveryError(f"telegram: the group is now the supergroup {exc.new_chat_id}; put that id in"
+                            " telegram.chats (and restart) to send there", permanent=True) from None
     except (BadRequest, Forbidden, InvalidToken) as exc:
         raise DeliveryError(f"telegram refused: {exc}", permanent=True) from None
     except TelegramError as exc:  # NetworkError, TimedOut, 5xx: worth another try

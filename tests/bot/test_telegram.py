@@ -263,3 +263,16 @@ def test_text_that_is_not_valid_unicode_does_not_stop_the_digests(tg: FakeTelegr
     store.emit("alert", text="bad byte \udcff in /data/r\udce9sultats")
     store.emit("alert", text="after")
     assert [m.text for m in tg.wait_for(2, GROUP)] == ["🚨 bad byte \ufffd in /data/r\ufffdsultats", "🚨 after"]
+
+
+def test_a_group_that_became_a_supergroup_is_named_not_retried_forever(
+        tg: FakeTelegram, bot: BotService, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    # Telegram answers sends to the old id with its new one; that was taken for a network error,
+    # so the group's digests were retried (and the channel reported down) for ever.
+    tg.migrate(GROUP, -100777)
+    store.emit("alert", text="first")
+    store.emit("alert", text="second")
+    wait_until(lambda: store.connection().execute(
+        "SELECT COUNT(*) FROM outbox WHERE status = 'failed'").fetchone()[0] == 2, "both messages given up")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and all("-100777" in e and "telegram.chats" in e for e in errors), errors

@@ -58,6 +58,7 @@ class FakeTelegram:
         self._updates: list[dict[str, Any]] = []
         self._next_update = 1
         self._faults: deque[tuple[str, int]] = deque()
+        self._migrated: dict[int, int] = {}  # group id -> the supergroup it became
         self._hold: tuple[str, bool] | None = None
         self.holding = threading.Event()  # a held send is waiting
         self._released = threading.Event()
@@ -108,6 +109,11 @@ class FakeTelegram:
         """The next `times` sends get `kind`: "429" (with retry_after) or "500"."""
         with self._cond:
             self._faults.extend([(kind, retry_after)] * times)
+
+    def migrate(self, group: int, supergroup: int) -> None:
+        """The group became a supergroup: sends to its old id get Telegram's 400 naming the new one."""
+        with self._cond:
+            self._migrated[group] = supergroup
 
     def hold(self, contains: str, accepted: bool) -> None:
         """The next sendMessage whose visible text contains `contains` waits until `release()`.
@@ -203,6 +209,10 @@ class FakeTelegram:
         if fault:
             return 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"}
         chat_id = int(params["chat_id"])
+        if chat_id in self._migrated:
+            return 400, {"ok": False, "error_code": 400,
+                         "description": "Bad Request: group chat was upgraded to a supergroup chat",
+                         "parameters": {"migrate_to_chat_id": self._migrated[chat_id]}}
         sent = Sent(method, chat_id, parse_mode=params.get("parse_mode"))
         if method == "sendMessage":
             sent.raw = params["text"]
