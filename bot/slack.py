@@ -96,7 +96,9 @@ class SlackChannel:
     # -- outgoing ----------------------------------------------------------------------------
     async def send_text(self, destination: str, body: str) -> None:
         web = self._connected()
-        await _call(web.chat_postMessage, channel=destination, text=body, mrkdwn=True, unfurl_links=False)
+        # No previews: an image URL in an agent's description would put its picture in the channel.
+        await _call(web.chat_postMessage, channel=destination, text=body, mrkdwn=True, unfurl_links=False,
+                    unfurl_media=False)
         self.outage.back()
 
     async def send_photo(self, destination: str, path: Path, caption: str) -> None:

@@ -149,3 +149,14 @@ def test_text_arrives_as_the_user_typed_it(slack: FakeSlack, bot: BotService, st
     slack.slash_command("note a&amp;b", OPERATOR, CHANNEL)
     replies(slack, CHANNEL, 0)
     assert [c.args for c in store.pending_commands()] == ["lr < 1e-3 && wd > 0", "a&b"]
+
+
+def test_echoed_text_never_pings_links_or_previews(slack: FakeSlack, bot: BotService, store: Store) -> None:
+    # A note, an agent's description and hypothesis, a crash's log: written by others, shown as is.
+    bait = "<!channel> <!here> <@U123> <https://evil.example|click> https://evil.example/x.png"
+    store.emit("note_added", by="slack:UOP", text=bait)
+    finished(store, "crash", None, description=bait, log_tail=f"Traceback\n{bait}")
+    posts = slack.wait_for(2, CHANNEL)
+    assert all("<" not in p.text and ">" not in p.text for p in posts), [p.text for p in posts]
+    assert "&lt;!channel&gt; &lt;!here&gt; &lt;@U123&gt; &lt;https://evil.example|click&gt;" in posts[0].text
+    assert not any(p.unfurls for p in posts)  # an image URL would have put its picture in the channel
