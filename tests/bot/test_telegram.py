@@ -276,3 +276,14 @@ def test_a_group_that_became_a_supergroup_is_named_not_retried_forever(
         "SELECT COUNT(*) FROM outbox WHERE status = 'failed'").fetchone()[0] == 2, "both messages given up")
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 2 and all("-100777" in e and "telegram.chats" in e for e in errors), errors
+
+
+def test_echoed_markup_is_shown_as_text_and_never_fails_a_send(tg: FakeTelegram, bot: BotService,
+                                                                store: Store) -> None:
+    # A note, an agent's description, a crash's log: written by others, shown as is, sent for sure.
+    bait = '</pre><a href="https://evil.example">click</a> <b>&amp; *bold* [x](https://evil.example)'
+    store.emit("note_added", by="telegram:111", text=bait)
+    finished(store, "crash", None, description=bait, log_tail=f"Traceback\n{bait}")
+    note, crash = tg.wait_for(2, GROUP)
+    assert note.text == f"📝 note by telegram:111: {bait}" and "<a" not in note.raw
+    assert crash.text.count(bait) == 2 and crash.raw.count("<pre>") == 1
