@@ -160,3 +160,17 @@ def test_echoed_text_never_pings_links_or_previews(slack: FakeSlack, bot: BotSer
     assert all("<" not in p.text and ">" not in p.text for p in posts), [p.text for p in posts]
     assert "&lt;!channel&gt; &lt;!here&gt; &lt;@U123&gt; &lt;https://evil.example|click&gt;" in posts[0].text
     assert not any(p.unfurls for p in posts)  # an image URL would have put its picture in the channel
+
+
+def test_edits_deletions_bot_posts_and_unlisted_channels_are_silent(slack: FakeSlack, bot: BotService,
+                                                                    store: Store) -> None:
+    running(store, started_ago_s=30)
+    dm = {"type": "message", "channel_type": "im", "channel": DM}
+    slack.event({**dm, "subtype": "message_changed", "message": {"user": OPERATOR, "text": "kill"}})
+    slack.event({**dm, "subtype": "message_deleted", "previous_message": {"user": OPERATOR, "text": "kill"}})
+    slack.event({**dm, "subtype": "bot_message", "bot_id": "B9", "text": "kill"})
+    slack.event({**dm, "user": "UBOT", "bot_id": "B1", "text": "⚠️ unknown command 'x'"})  # our own reply
+    slack.event({"type": "app_mention", "user": OPERATOR, "channel": OTHER_CHANNEL, "text": "<@UBOT> kill"})
+    slack.event({**dm, "user": OPERATOR, "text": "best", "thread_ts": "1.0"})  # a thread is still a DM
+    assert replies(slack, DM, 0) == ["```\nno result yet```"]
+    assert store.pending_commands() == [] and slack.wait_for(0, OTHER_CHANNEL, timeout=0) == []
