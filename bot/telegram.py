@@ -87,7 +87,9 @@ class TelegramChannel:
         if msg is None or msg.text is None or not msg.entities:
             return
         command = msg.entities[0]
-        replied = msg.reply_to_message.from_user if msg.reply_to_message else None
+        # In a forum topic every message "replies" to the topic's first message: not an answer.
+        reply = msg.reply_to_message if msg.reply_to_message and not msg.reply_to_message.forum_topic_created else None
+        replied = reply.from_user if reply else None
         if replied is not None and replied.is_bot and replied.id != context.bot.id \
                 and "@" not in msg.parse_entity(command):
             return  # "/pause" answering another bot's message is that bot's command

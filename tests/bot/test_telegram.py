@@ -253,7 +253,12 @@ def test_only_a_command_the_sender_writes_now_is_one(tg: FakeTelegram, bot: BotS
             "text": "✔ ..."}
     tg.inject("/best", OPERATOR, GROUP, reply_to_message=ours)
     tg.inject("/best@nightlab_test_bot", OPERATOR, GROUP, reply_to_message={**ours, "from": other_bot})
-    assert [m.text for m in tg.wait_for(3, GROUP)][1:] == ["no result yet"] * 2
+    # In a forum topic another bot opened, every message "replies" to the topic's first message.
+    topic = {**ours, "from": other_bot, "forum_topic_created": {"name": "runs", "icon_color": 0}}
+    del topic["text"]
+    tg.inject("/best", OPERATOR, GROUP, chat_type="supergroup", is_topic_message=True, message_thread_id=6,
+              reply_to_message=topic)
+    assert [m.text for m in tg.wait_for(4, GROUP)][1:] == ["no result yet"] * 3
 
 
 def test_text_that_is_not_valid_unicode_does_not_stop_the_digests(tg: FakeTelegram, bot: BotService,
