@@ -292,3 +292,21 @@ def test_echoed_markup_is_shown_as_text_and_never_fails_a_send(tg: FakeTelegram,
     note, crash = tg.wait_for(2, GROUP)
     assert note.text == f"📝 note by telegram:111: {bait}" and "<a" not in note.raw
     assert crash.text.count(bait) == 2 and crash.raw.count("<pre>") == 1
+
+
+def test_other_secrets_in_the_environment_stay_out_of_a_crash_digest(
+        tg: FakeTelegram, workspace: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runs inherit the daemon's environment less the chat tokens: a train.py an agent edited to
+    # print it would post the agent's API key, or a hub token, to the group.
+    key, hub = "sk-ant-api03-abcdefghijklmnop", "hf_abcdefghijklmnopqrstu"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    monkeypatch.setenv("HF_TOKEN", hub)
+    monkeypatch.setenv("NIGHTLAB_NOTES_DIR", "/srv/notes")  # not a secret by its name: shown
+    svc = start_service(tg_settings(tg), Secrets(telegram_token=Secret(tg.token)), workspace)
+    try:
+        finished(store, "crash", None, log_tail=f"ANTHROPIC_API_KEY={key}\nHF_TOKEN={hub}\n"
+                                                "NIGHTLAB_NOTES_DIR=/srv/notes\nKeyError")
+        (crash,) = tg.wait_for(1, GROUP)
+        assert "ANTHROPIC_API_KEY=***\nHF_TOKEN=***\nNIGHTLAB_NOTES_DIR=/srv/notes" in crash.text, crash.text
+    finally:
+        assert svc.stop(10)
