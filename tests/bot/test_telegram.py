@@ -310,3 +310,13 @@ def test_other_secrets_in_the_environment_stay_out_of_a_crash_digest(
         assert "ANTHROPIC_API_KEY=***\nHF_TOKEN=***\nNIGHTLAB_NOTES_DIR=/srv/notes" in crash.text, crash.text
     finally:
         assert svc.stop(10)
+
+
+def test_terminal_control_sequences_in_a_crash_log_are_dropped(tg: FakeTelegram, bot: BotService,
+                                                                store: Store) -> None:
+    # Colours showed as "[31m" litter, and on the console an OSC 52 sequence would have written
+    # the reader's clipboard (a train.py an agent edited prints what it likes).
+    tail = "\x1b[1;31mRuntimeError\x1b[0m: boom\x07\n\x1b]52;c;cm0gLXJmIH4=\x07done\x00\x1b]0;title\x1b\\"
+    finished(store, "crash", None, log_tail=tail)
+    (crash,) = tg.wait_for(1, GROUP)
+    assert crash.text.endswith("RuntimeError: boom\ndone"), repr(crash.text)
