@@ -9,6 +9,7 @@ closed at the end of one chunk and opened again at the start of the next.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,22 @@ Outgoing = Text | Photo
 
 
 def text_message(*spans: Span) -> Text:
-    first_line = "".join(s.text for s in spans).strip().split("\n", 1)[0]
-    return Text(tuple(spans), first_line[:200])
+    valid = tuple(Span(_valid(s.text), s.style) for s in spans)
+    first_line = "".join(s.text for s in valid).strip().split("\n", 1)[0]
+    return Text(valid, first_line[:200])
+
+
+# Terminal escape sequences (CSI colours, OSC titles/clipboard/links, two-byte ESC codes) and the
+# other control characters but tab and line ends: a run's log is written by code an agent edited.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?"
+                      r"|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _valid(text: str) -> str:
+    # A lone surrogate (JSON's "\udcff", a path decoded with surrogateescape) can be neither
+    # measured, stored nor sent: it becomes U+FFFD, and a split pair becomes its character again.
+    text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return _CONTROL.sub("", text)
 
 
 def utf16_len(s: str) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 
 from nightlab.bot import digest
 from nightlab.bot.channel import Channel, DeliveryError
-from nightlab.bot.format import Outgoing, Photo
+from nightlab.bot.format import Outgoing, Photo, Span
 from nightlab.bot.outage import Outage
 from nightlab.loop.state.config import DigestSettings, Secret
 from nightlab.loop.state.store import Store
@@ -148,8 +148,10 @@ class Outbox:
             if isinstance(msg, Photo):
                 caption = self._redact(msg.caption)
                 rows = [("photo", json.dumps({"path": str(msg.path), "caption": caption}), caption)]
-            else:
-                rows = [("text", self._redact(body), msg.title) for body in channel.flavour.render(msg.spans)]
+            else:  # redacted before the split, which could cut a token in two, and in the title
+                spans = [Span(self._redact(s.text), s.style) for s in msg.spans]
+                title = self._redact(msg.title)
+                rows = [("text", body, title) for body in channel.flavour.render(spans)]
             for kind, body, title in rows:
                 db.execute(
                     "INSERT INTO outbox(channel, destination, kind, body, title, status,"

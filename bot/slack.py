@@ -96,7 +96,9 @@ class SlackChannel:
     # -- outgoing ----------------------------------------------------------------------------
     async def send_text(self, destination: str, body: str) -> None:
         web = self._connected()
-        await _call(web.chat_postMessage, channel=destination, text=body, mrkdwn=True, unfurl_links=False)
+        # No previews: an image URL in an agent's description would put its picture in the channel.
+        await _call(web.chat_postMessage, channel=destination, text=body, mrkdwn=True, unfurl_links=False,
+                    unfurl_media=False)
         self.outage.back()
 
     async def send_photo(self, destination: str, path: Path, caption: str) -> None:
@@ -135,7 +137,7 @@ def _incoming(req: SocketModeRequest, me: str) -> Incoming | None:
     if req.type == "slash_commands" and p.get("command") == SLASH_COMMAND:
         channel = str(p.get("channel_id", ""))
         return Incoming("slack", str(p.get("user_id", "")), channel, _is_dm(channel),
-                        str(p.get("text", "")).strip() or "help")
+                        _unescape(str(p.get("text", ""))).strip() or "help")
     if req.type != "events_api":
         return None
     event = p.get("event", {})
@@ -143,16 +145,23 @@ def _incoming(req: SocketModeRequest, me: str) -> Incoming | None:
         return None  # our own posts and edits/joins: never answer those
     channel = str(event.get("channel", ""))
     raw = str(event.get("text", "")).strip()
-    text = _MENTION.sub("", raw).strip() or "help"
+    text = _unescape(_MENTION.sub("", raw)).strip() or "help"
     if event.get("type") == "app_mention":
         # Slack's `/cmd@otherbot`: "@otherbot pause, cc @nightlab" mentions us but speaks to
-        # another; only a message that starts by addressing this bot is a command for it.
-        if not raw.startswith(f"<@{me}"):
+        # another; only a message that starts by addressing this bot is a command for it (this
+        # very id: <@UBOT2> is someone else).
+        if not re.match(rf"<@{re.escape(me)}(\|[^>]*)?>", raw):
             return None
         return Incoming("slack", str(event.get("user", "")), channel, _is_dm(channel), text)
     if event.get("type") == "message" and event.get("channel_type") == "im":
         return Incoming("slack", str(event.get("user", "")), channel, True, text)
     return None  # channel chatter (a mention there also arrives as app_mention)
+
+
+def _unescape(text: str) -> str:
+    # Slack sends &, < and > as these three entities (and only these); &amp; last, so a typed
+    # "&lt;" (sent as "&amp;lt;") stays "&lt;".
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
 def _is_dm(channel: str) -> bool:

@@ -23,6 +23,7 @@ from telegram import BotCommand, MessageEntity, Update
 from telegram.constants import ChatType, ParseMode
 from telegram.error import (
     BadRequest,
+    ChatMigrated,
     Forbidden,
     InvalidToken,
     RetryAfter,
@@ -62,8 +63,8 @@ class TelegramChannel:
         app = builder.build()
         # CommandHandler knows the bot's username (getMe) and matches "/cmd" and "/cmd@thisbot"
         # only: "/kill@otherbot" in a shared group is another bot's business.
-        app.add_handler(CommandHandler(list(REGISTRY), self._command))
-        app.add_handler(MessageHandler(filters.TEXT, self._other))
+        app.add_handler(CommandHandler(list(REGISTRY), self._command, filters=_WRITTEN_NOW))
+        app.add_handler(MessageHandler(filters.TEXT & _WRITTEN_NOW, self._other))
         try:
             await app.initialize()  # getMe: fails fast on a bad token or no network
             await app.bot.set_my_commands([BotCommand(name, spec.help[:256]) for name, spec in REGISTRY.items()])
@@ -83,8 +84,16 @@ class TelegramChannel:
 
     async def _command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         msg = update.effective_message
-        if msg is not None and msg.text is not None and msg.entities:
-            await self._deliver(update, addressed=True, text=_unaddressed(msg.text, msg.entities[0]))
+        if msg is None or msg.text is None or not msg.entities:
+            return
+        command = msg.entities[0]
+        # In a forum topic every message "replies" to the topic's first message: not an answer.
+        reply = msg.reply_to_message if msg.reply_to_message and not msg.reply_to_message.forum_topic_created else None
+        replied = reply.from_user if reply else None
+        if replied is not None and replied.is_bot and replied.id != context.bot.id \
+                and "@" not in msg.parse_entity(command):
+            return  # "/pause" answering another bot's message is that bot's command
+        await self._deliver(update, addressed=True, text=_unaddressed(msg.text, command))
 
     async def _other(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Text that is not one of our commands: chatter, or an unknown "/command"."""
@@ -137,6 +146,12 @@ class TelegramChannel:
             await _shutdown(app, self.outage)
 
 
+# A command is what the sender writes now: not an edit of an old message (it would run again),
+# a channel post, a forward (someone else's words) or an inline bot's text. allowed_updates asks
+# for new messages only, but Telegram still hands over updates queued before it was set.
+_WRITTEN_NOW = filters.UpdateType.MESSAGE & ~filters.FORWARDED & ~filters.VIA_BOT
+
+
 def _unaddressed(text: str, command: MessageEntity) -> str:
     """"/kill@thisbot 7" -> "/kill 7" (the entity is the leading command; its text is ASCII)."""
     end = command.offset + command.length
@@ -152,6 +167,9 @@ async def _call(request) -> None:
             after = exc.retry_after
         seconds = after.total_seconds() if isinstance(after, dt.timedelta) else float(after)
         raise DeliveryError(f"telegram 429: {exc}", retry_after=seconds) from None
+    except ChatMigrated as exc:  # not a network error: every retry would get the same answer
+        raise DeliveryError(f"telegram: the group is now the supergroup {exc.new_chat_id}; put that id in"
+                            " telegram.chats (and restart) to send there", permanent=True) from None
     except (BadRequest, Forbidden, InvalidToken) as exc:
         raise DeliveryError(f"telegram refused: {exc}", permanent=True) from None
     except TelegramError as exc:  # NetworkError, TimedOut, 5xx: worth another try

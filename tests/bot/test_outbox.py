@@ -168,6 +168,31 @@ def test_a_token_in_a_crash_log_is_neither_sent_nor_kept(store: Store) -> None:
     assert rows and all(token not in r["body"] for r in rows)
 
 
+def test_a_token_is_redacted_where_a_message_is_split_and_in_a_folded_summary(store: Store) -> None:
+    # Redacting the rendered pieces missed a token cut in two by the split, and the stored title
+    # (a message's first line) kept it: a summary of folded messages, made of titles, sent it.
+    token = "123456:AAF-secret-token"
+    inbox, clock = Inbox(), Clock()
+    tuning = Tuning(backoff_base_s=1.0, backoff_max_s=8.0, fold_limit=30, fold_keep=5, batch_period_s=3600)
+    box = Outbox(store, [inbox], DigestSettings(), tuning, clock, secrets=[Secret(token)])  # type: ignore[list-item]
+    box.fill()
+    store.emit("alert", text="x" * 387 + token)  # "🚨 " and 387 x: the token straddles SMALL's 400
+    pump(box)
+    sent = len(inbox.got)
+    assert token[:10] not in "".join(inbox.got) and token[-10:] not in "".join(inbox.got), inbox.got
+    inbox.down = True
+    for i in range(40):
+        store.emit("alert", text=f"m{i} {token}")
+    pump(box)
+    inbox.down = False
+    clock.now += 10
+    pump(box)
+    assert len(inbox.got) == sent + 6 and "folded" in inbox.got[sent]
+    assert all(token not in m for m in inbox.got), inbox.got
+    rows = store.connection().execute("SELECT body, title FROM outbox").fetchall()
+    assert all(token not in r["body"] and token not in r["title"] for r in rows)
+
+
 def test_digests_are_never_folded_behind_replies_and_stale_replies_are(store: Store) -> None:
     inbox, clock = Inbox(), Clock()
     box = outbox(store, inbox, clock=clock)

@@ -128,3 +128,49 @@ def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is
     assert sum(m.startswith("slack: connected again") for m in lines) == 1, lines
     assert not [r for r in caplog.records if r.name.startswith("slack_sdk") and r.levelno >= logging.WARNING]
     assert len(lines) == 2, lines  # the deliveries that failed meanwhile are the same outage
+
+
+def test_a_mention_of_a_bot_whose_id_starts_with_ours_is_not_for_us(slack: FakeSlack, bot: BotService,
+                                                                    store: Store) -> None:
+    # Slack ids differ in length: <@UBOT2> is another member whose id only starts with ours (UBOT).
+    running(store, started_ago_s=30)
+    slack.event({"type": "app_mention", "user": OPERATOR, "channel": CHANNEL, "text": "<@UBOT2> kill"})
+    slack.slash_command("best", OPERATOR, CHANNEL)
+    assert replies(slack, CHANNEL, 0) == ["```\nno result yet```"]  # processed in order, after that
+    assert store.pending_commands() == []
+
+
+def test_text_arrives_as_the_user_typed_it(slack: FakeSlack, bot: BotService, store: Store) -> None:
+    # Slack escapes &, < and > in what it sends (as we do in what we post): a note said
+    # "lr &lt; 1e-3" and the digest, escaping it again, showed "&amp;lt;".
+    slack.event({"type": "message", "channel_type": "im", "user": OPERATOR, "channel": DM,
+                 "text": "note lr &lt; 1e-3 &amp;&amp; wd &gt; 0"})
+    replies(slack, DM, 0)
+    slack.slash_command("note a&amp;b", OPERATOR, CHANNEL)
+    replies(slack, CHANNEL, 0)
+    assert [c.args for c in store.pending_commands()] == ["lr < 1e-3 && wd > 0", "a&b"]
+
+
+def test_echoed_text_never_pings_links_or_previews(slack: FakeSlack, bot: BotService, store: Store) -> None:
+    # A note, an agent's description and hypothesis, a crash's log: written by others, shown as is.
+    bait = "<!channel> <!here> <@U123> <https://evil.example|click> https://evil.example/x.png"
+    store.emit("note_added", by="slack:UOP", text=bait)
+    finished(store, "crash", None, description=bait, log_tail=f"Traceback\n{bait}")
+    posts = slack.wait_for(2, CHANNEL)
+    assert all("<" not in p.text and ">" not in p.text for p in posts), [p.text for p in posts]
+    assert "&lt;!channel&gt; &lt;!here&gt; &lt;@U123&gt; &lt;https://evil.example|click&gt;" in posts[0].text
+    assert not any(p.unfurls for p in posts)  # an image URL would have put its picture in the channel
+
+
+def test_edits_deletions_bot_posts_and_unlisted_channels_are_silent(slack: FakeSlack, bot: BotService,
+                                                                    store: Store) -> None:
+    running(store, started_ago_s=30)
+    dm = {"type": "message", "channel_type": "im", "channel": DM}
+    slack.event({**dm, "subtype": "message_changed", "message": {"user": OPERATOR, "text": "kill"}})
+    slack.event({**dm, "subtype": "message_deleted", "previous_message": {"user": OPERATOR, "text": "kill"}})
+    slack.event({**dm, "subtype": "bot_message", "bot_id": "B9", "text": "kill"})
+    slack.event({**dm, "user": "UBOT", "bot_id": "B1", "text": "⚠️ unknown command 'x'"})  # our own reply
+    slack.event({"type": "app_mention", "user": OPERATOR, "channel": OTHER_CHANNEL, "text": "<@UBOT> kill"})
+    slack.event({**dm, "user": OPERATOR, "text": "best", "thread_ts": "1.0"})  # a thread is still a DM
+    assert replies(slack, DM, 0) == ["```\nno result yet```"]
+    assert store.pending_commands() == [] and slack.wait_for(0, OTHER_CHANNEL, timeout=0) == []

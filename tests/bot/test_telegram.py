@@ -228,3 +228,95 @@ def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is
     assert len(lost) == 2 and len(back) == 1 and len(lines) == 3, lines  # one per outage, one when back
     assert not [r for r in caplog.records if r.name.startswith("telegram") and r.levelno >= logging.WARNING]
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+
+def test_only_a_command_the_sender_writes_now_is_one(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # Each of these carries "/kill" from an operator in the allowed group, yet none is the operator
+    # asking now: an edit of an old message (it would run again), a channel post, a forward (someone
+    # else's words), an inline bot's text, a caption, a command answering another bot's message.
+    running(store, started_ago_s=30)
+    other_bot = {"id": 777, "is_bot": True, "first_name": "Deploy", "username": "deploybot"}
+    tg.inject("/kill", OPERATOR, GROUP, kind="edited_message")
+    tg.inject("/kill", OPERATOR, GROUP, chat_type="channel", kind="channel_post")
+    tg.inject("/kill", OPERATOR, GROUP, forward_origin={
+        "type": "user", "date": 1, "sender_user": {"id": STRANGER, "is_bot": False, "first_name": "S"}})
+    tg.inject("/kill", OPERATOR, GROUP, via_bot=other_bot)
+    tg.inject("/kill", OPERATOR, GROUP, field="caption")
+    tg.inject("/kill", OPERATOR, GROUP, reply_to_message={
+        "message_id": 5, "date": 1, "chat": {"id": GROUP, "type": "group", "title": "lab"},
+        "from": other_bot, "text": "deploy #12 done"})
+    assert ask(tg, "/best", OPERATOR, GROUP) == ["no result yet"]  # processed in order, after those
+    assert store.pending_commands() == [] and len(tg.messages(GROUP)) == 1
+    # Addressed to us by name, or answering our own message, a reply is ours.
+    ours = {"message_id": 6, "date": 1, "chat": {"id": GROUP, "type": "group", "title": "lab"},
+            "from": {"id": 4242, "is_bot": True, "first_name": "nightlab", "username": "nightlab_test_bot"},
+            "text": "✔ ..."}
+    tg.inject("/best", OPERATOR, GROUP, reply_to_message=ours)
+    tg.inject("/best@nightlab_test_bot", OPERATOR, GROUP, reply_to_message={**ours, "from": other_bot})
+    # In a forum topic another bot opened, every message "replies" to the topic's first message.
+    topic = {**ours, "from": other_bot, "forum_topic_created": {"name": "runs", "icon_color": 0}}
+    del topic["text"]
+    tg.inject("/best", OPERATOR, GROUP, chat_type="supergroup", is_topic_message=True, message_thread_id=6,
+              reply_to_message=topic)
+    assert [m.text for m in tg.wait_for(4, GROUP)][1:] == ["no result yet"] * 3
+
+
+def test_text_that_is_not_valid_unicode_does_not_stop_the_digests(tg: FakeTelegram, bot: BotService,
+                                                                    store: Store) -> None:
+    # A lone surrogate (a JSON "\udcff" in an agent's proposal.json, a path decoded with
+    # surrogateescape) used to make every render raise: the outbox stopped for good.
+    store.emit("alert", text="bad byte \udcff in /data/r\udce9sultats")
+    store.emit("alert", text="after")
+    assert [m.text for m in tg.wait_for(2, GROUP)] == ["🚨 bad byte \ufffd in /data/r\ufffdsultats", "🚨 after"]
+
+
+def test_a_group_that_became_a_supergroup_is_named_not_retried_forever(
+        tg: FakeTelegram, bot: BotService, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    # Telegram answers sends to the old id with its new one; that was taken for a network error,
+    # so the group's digests were retried (and the channel reported down) for ever.
+    tg.migrate(GROUP, -100777)
+    store.emit("alert", text="first")
+    store.emit("alert", text="second")
+    wait_until(lambda: store.connection().execute(
+        "SELECT COUNT(*) FROM outbox WHERE status = 'failed'").fetchone()[0] == 2, "both messages given up")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and all("-100777" in e and "telegram.chats" in e for e in errors), errors
+
+
+def test_echoed_markup_is_shown_as_text_and_never_fails_a_send(tg: FakeTelegram, bot: BotService,
+                                                                store: Store) -> None:
+    # A note, an agent's description, a crash's log: written by others, shown as is, sent for sure.
+    bait = '</pre><a href="https://evil.example">click</a> <b>&amp; *bold* [x](https://evil.example)'
+    store.emit("note_added", by="telegram:111", text=bait)
+    finished(store, "crash", None, description=bait, log_tail=f"Traceback\n{bait}")
+    note, crash = tg.wait_for(2, GROUP)
+    assert note.text == f"📝 note by telegram:111: {bait}" and "<a" not in note.raw
+    assert crash.text.count(bait) == 2 and crash.raw.count("<pre>") == 1
+
+
+def test_other_secrets_in_the_environment_stay_out_of_a_crash_digest(
+        tg: FakeTelegram, workspace: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runs inherit the daemon's environment less the chat tokens: a train.py an agent edited to
+    # print it would post the agent's API key, or a hub token, to the group.
+    key, hub = "sk-ant-api03-abcdefghijklmnop", "hf_abcdefghijklmnopqrstu"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    monkeypatch.setenv("HF_TOKEN", hub)
+    monkeypatch.setenv("NIGHTLAB_NOTES_DIR", "/srv/notes")  # not a secret by its name: shown
+    svc = start_service(tg_settings(tg), Secrets(telegram_token=Secret(tg.token)), workspace)
+    try:
+        finished(store, "crash", None, log_tail=f"ANTHROPIC_API_KEY={key}\nHF_TOKEN={hub}\n"
+                                                "NIGHTLAB_NOTES_DIR=/srv/notes\nKeyError")
+        (crash,) = tg.wait_for(1, GROUP)
+        assert "ANTHROPIC_API_KEY=***\nHF_TOKEN=***\nNIGHTLAB_NOTES_DIR=/srv/notes" in crash.text, crash.text
+    finally:
+        assert svc.stop(10)
+
+
+def test_terminal_control_sequences_in_a_crash_log_are_dropped(tg: FakeTelegram, bot: BotService,
+                                                                store: Store) -> None:
+    # Colours showed as "[31m" litter, and on the console an OSC 52 sequence would have written
+    # the reader's clipboard (a train.py an agent edited prints what it likes).
+    tail = "\x1b[1;31mRuntimeError\x1b[0m: boom\x07\n\x1b]52;c;cm0gLXJmIH4=\x07done\x00\x1b]0;title\x1b\\"
+    finished(store, "crash", None, log_tail=tail)
+    (crash,) = tg.wait_for(1, GROUP)
+    assert crash.text.endswith("RuntimeError: boom\ndone"), repr(crash.text)

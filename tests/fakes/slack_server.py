@@ -40,6 +40,7 @@ class Post:
     channel: str
     text: str = ""
     data: bytes = b""
+    unfurls: bool = False  # Slack would show a preview of a link or an image in it (its defaults)
     at: float = field(default_factory=time.monotonic)
 
 
@@ -204,7 +205,8 @@ class FakeSlack:
             text = str(params.get("text", ""))
             if not text or len(text) > 40000:
                 return 200, {"ok": False, "error": "msg_too_long" if text else "no_text"}, {}
-            self._record(Post(method, str(params["channel"]), text=text))
+            unfurls = _flag(params.get("unfurl_links"), False) or _flag(params.get("unfurl_media"), True)
+            self._record(Post(method, str(params["channel"]), text=text, unfurls=unfurls))
             return 200, {"ok": True, "channel": params["channel"], "ts": f"{time.time():.6f}"}, {}
         if method == "files.getUploadURLExternal":
             file_id = f"F{next(self._ids)}"
@@ -253,3 +255,9 @@ class FakeSlack:
 
         return Handler
 
+
+def _flag(value: Any, default: bool) -> bool:
+    """A boolean parameter as Slack reads it: JSON true/false or a form's "true"/"1"."""
+    if value is None:
+        return default
+    return value is True or str(value).lower() in ("true", "1")

@@ -58,6 +58,7 @@ class FakeTelegram:
         self._updates: list[dict[str, Any]] = []
         self._next_update = 1
         self._faults: deque[tuple[str, int]] = deque()
+        self._migrated: dict[int, int] = {}  # group id -> the supergroup it became
         self._hold: tuple[str, bool] | None = None
         self.holding = threading.Event()  # a held send is waiting
         self._released = threading.Event()
@@ -109,6 +110,11 @@ class FakeTelegram:
         with self._cond:
             self._faults.extend([(kind, retry_after)] * times)
 
+    def migrate(self, group: int, supergroup: int) -> None:
+        """The group became a supergroup: sends to its old id get Telegram's 400 naming the new one."""
+        with self._cond:
+            self._migrated[group] = supergroup
+
     def hold(self, contains: str, accepted: bool) -> None:
         """The next sendMessage whose visible text contains `contains` waits until `release()`.
         accepted=True: it counts as delivered at once (Telegram has it; only the reply is late).
@@ -122,22 +128,33 @@ class FakeTelegram:
     def release(self) -> None:
         self._released.set()
 
-    def inject(self, text: str, user_id: int, chat_id: int | None = None, chat_type: str = "") -> int:
-        """A user writes to the bot; chat_id defaults to the user's private chat."""
+    def inject(self, text: str, user_id: int, chat_id: int | None = None, chat_type: str = "",
+               kind: str = "message", field: str = "text", **extra: Any) -> int:
+        """A user writes to the bot; chat_id defaults to the user's private chat. `kind`: the
+        update's kind ("edited_message", "channel_post", ...: delivered whatever allowed_updates
+        said, as Telegram does with updates made before the getUpdates call that set it);
+        `field`: "caption" puts the text in a photo's caption; `extra`: more message fields
+        (forward_origin, via_bot, reply_to_message, a bot's "from")."""
         chat_id = user_id if chat_id is None else chat_id
         chat_type = chat_type or ("private" if chat_id == user_id else "group")
         chat: dict[str, Any] = {"id": chat_id, "type": chat_type}
         chat.update({"first_name": "U"} if chat_type == "private" else {"title": "lab"})
         message: dict[str, Any] = {
             "message_id": int(time.time() * 1000) % 10**9, "date": int(time.time()), "chat": chat,
-            "from": {"id": user_id, "is_bot": False, "first_name": "U"}, "text": text,
+            "from": {"id": user_id, "is_bot": False, "first_name": "U"}, field: text,
         }
         if text.startswith("/"):
-            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+            entities = "entities" if field == "text" else f"{field}_entities"
+            message[entities] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+        if field == "caption":
+            message["photo"] = [{"file_id": "p", "file_unique_id": "u", "width": 1, "height": 1}]
+        if kind.startswith("edited"):
+            message["edit_date"] = int(time.time())
+        message.update(extra)
         with self._cond:
             update_id = self._next_update
             self._next_update += 1
-            self._updates.append({"update_id": update_id, "message": message})
+            self._updates.append({"update_id": update_id, kind: message})
             self._cond.notify_all()
         return update_id
 
@@ -192,6 +209,10 @@ class FakeTelegram:
         if fault:
             return 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"}
         chat_id = int(params["chat_id"])
+        if chat_id in self._migrated:
+            return 400, {"ok": False, "error_code": 400,
+                         "description": "Bad Request: group chat was upgraded to a supergroup chat",
+                         "parameters": {"migrate_to_chat_id": self._migrated[chat_id]}}
         sent = Sent(method, chat_id, parse_mode=params.get("parse_mode"))
         if method == "sendMessage":
             sent.raw = params["text"]
