@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -23,7 +21,7 @@ from nightlab.bot.auth import allowlists
 from nightlab.bot.channel import Channel, Incoming, OnMessage
 from nightlab.bot.outbox import Outbox, Tuning
 from nightlab.bot.router import Router
-from nightlab.loop.state.config import Secret, Secrets, Settings
+from nightlab.loop.state.config import Secrets, Settings, environment_secrets
 from nightlab.loop.state.store import Store
 
 log = logging.getLogger("nightlab.bot")
@@ -31,17 +29,6 @@ log = logging.getLogger("nightlab.bot")
 POLL_INTERVAL_S = 0.25  # how often new events are looked for: digests reach chats within ~1 s
 RESTART_MAX_S = 60.0
 DEFAULT_TUNING = Tuning()
-# Names that say "secret"; long values only, so that a flag or a short word is never starred out.
-_SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|APIKEY)$")
-_SECRET_MIN_LEN = 12
-
-
-def environment_secrets() -> list[Secret]:
-    """The runs inherit the daemon's environment (less the chat tokens): an API key or a hub token
-    a run prints must not reach a chat either."""
-    return [Secret(value=v) for k, v in os.environ.items()
-            if _SECRET_NAME.search(k.upper()) and len(v) >= _SECRET_MIN_LEN]
-
 
 def build_channels(settings: Settings, secrets: Secrets) -> list[Channel]:
     """The configured channels; the console when there are none. Adapters import their

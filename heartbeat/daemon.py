@@ -58,6 +58,7 @@ from nightlab.loop.state.config import (
     Secrets,
     Settings,
     changed_fields,
+    environment_secrets,
     load_settings,
     resolve_secrets,
     secret_env_names,
@@ -105,7 +106,7 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
         secrets = resolve_secrets(self.settings)  # a missing token fails here, before anything starts
-        setup_logging(secrets.values())
+        setup_logging([*secrets.values(), *environment_secrets()])
         notifier = Notifier.from_environ()
         self.workspace.mkdir(parents=True, exist_ok=True)  # `--workspace PATH` creates it
         with DaemonLock(self.workspace):

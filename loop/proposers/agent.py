@@ -230,7 +230,9 @@ def _read_proposal_file(path: Path) -> dict[str, str]:
         return {}
     if not isinstance(data, dict):
         return {}
-    found = {k: " ".join(str(data[k]).split()) for k in ("description", "hypothesis") if isinstance(data.get(k), str)}
+    # JSON may hold a lone surrogate ("\udcff") that no store, log or chat can encode: "?" instead
+    found = {k: " ".join(data[k].encode("utf-8", "replace").decode("utf-8").split())
+             for k in ("description", "hypothesis") if isinstance(data.get(k), str)}
     if "description" in found:
         found["description"] = found["description"][:200]
     return found

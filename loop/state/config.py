@@ -542,6 +542,18 @@ class Secrets:
         return [v for v in found if v is not None]
 
 
+# Names that say "secret"; long values only, so that a flag or a short word is never starred out.
+_SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|APIKEY)$")
+_SECRET_MIN_LEN = 12
+
+
+def environment_secrets() -> list[Secret]:
+    """The runs inherit the daemon's environment (less the chat tokens): an API key or a hub token
+    a run prints must not reach a chat or the journal either."""
+    return [Secret(value=v) for k, v in os.environ.items()
+            if _SECRET_NAME.search(k.upper()) and len(v) >= _SECRET_MIN_LEN]
+
+
 def secret_env_names(s: Settings) -> set[str]:
     """The environment variables the configured channels' tokens come from: only the daemon's bot
     needs them, so the engine (and the runs, agents and checks it starts) get an environment

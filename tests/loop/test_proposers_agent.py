@@ -130,3 +130,15 @@ def test_agent_that_commits_has_its_commit_undone_and_its_edit_kept(ws: Path) ->
 def test_prompt_tells_the_agent_to_change_direction_after_many_failures(ws: Path) -> None:
     agent("agent_edit.py", switch_area_after=3).propose(ctx(ws, consecutive_failures=3))
     assert "try a clearly different idea" in (ws / ".nightlab/agent/prompt.md").read_text()
+
+
+def test_a_proposal_file_with_a_lone_surrogate_is_read_as_text_the_ledger_can_store(tmp_path: Path) -> None:
+    from nightlab.loop.proposers.agent import _read_proposal_file
+    from nightlab.loop.state import ledger
+    from nightlab.loop.state.store import Store
+
+    path = tmp_path / "proposal.json"
+    path.write_text('{"description": "LR \\udcff up", "hypothesis": "why \\ud800"}', encoding="utf-8")
+    found = _read_proposal_file(path)
+    assert found == {"description": "LR ? up", "hypothesis": "why ?"}
+    ledger.new_candidate(Store.for_workspace(tmp_path), "proposal", "base", **found)  # raised UnicodeEncodeError
