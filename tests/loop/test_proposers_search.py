@@ -20,7 +20,7 @@ from nightlab.loop.proposers import (
     make_proposer,
 )
 from nightlab.loop.proposers.agent import AgentProposer
-from nightlab.loop.proposers.search import SearchProposer, _observations, parse_description
+from nightlab.loop.proposers.search import SearchProposer, _observations, _together, parse_description
 from nightlab.loop.proposers.space import build_space
 from nightlab.loop.proposers.surface import Observation, Surface, noise_sigma
 from nightlab.loop.state.config import settings_from_table
@@ -29,6 +29,7 @@ from nightlab.trainer.profiles import read_constants
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "trainer" / "train.py"
 DESCRIPTION = re.compile(r"^[A-Z_][A-Z0-9_]* \S.*→\S.*$")
+SPACE = build_space("train.py", TRAIN.read_text())
 
 
 @pytest.fixture()
@@ -91,9 +92,10 @@ def test_session_never_repeats_and_edits_only_the_proposed_constants(ws: Path) -
     proposals = session(proposer, ws, rounds=30)
     keys = [frozenset((k, repr(v)) for k, v in p.params.items()) for p in proposals]
     assert len(set(keys)) == len(keys), "a configuration was proposed twice"
-    for p in proposals:
-        assert DESCRIPTION.match(p.description) and 1 <= len(p.params) <= 2
+    for p in proposals:  # one or two constants, or several moved together (all of one area)
+        assert DESCRIPTION.match(p.description) and len(p.params) >= 1
         assert p.area and p.hypothesis.endswith(".")
+        assert {SPACE.by_name(n).area for n in p.params} == {p.area}  # type: ignore[union-attr]
     assert len({p.area for p in proposals}) >= 2, "failures should move the search to other areas"
 
 
@@ -315,3 +317,29 @@ def test_a_constant_the_runs_show_flat_stops_promising_gains(monkeypatch: pytest
     assert spread(sparse, {"C": 4.0}) < 0.9 * spread(plain, {"C": 4.0})
     assert spread(sparse, {"B": 4.0}) == pytest.approx(spread(plain, {"B": 4.0}))
     assert spread(sparse, {"A": 4.0}) == pytest.approx(spread(plain, {"A": 4.0}), rel=0.05)
+
+
+def test_small_gains_of_several_constants_are_proposed_together() -> None:
+    """Four constants each worth a quarter of the noise, each measured alone: one by one no move is
+    worth a run the keep rule could tell from noise, so the search can set all four at once."""
+    space = build_space("train.py", "A = 1.0\nB = 1.0\nC = 1.0\nD = 1.0\n")
+    best_at = {"A": 2.0, "B": -2.0, "C": 2.0, "D": -2.0}  # log2 of each one's optimum: 0.0005 to gain
+
+    def small(values: dict[str, object]) -> float:
+        return 1.0 + sum(0.000125 * ((math.log2(float(values[n])) - c) ** 2 - c**2)  # type: ignore[arg-type]
+                         for n, c in best_at.items())
+
+    runs = [Observation({"A": 1.0, "B": 1.0, "C": 1.0, "D": 1.0}, 1.0) for _ in range(3)]
+    for name in best_at:
+        for value in (2.0, 0.5):
+            config = {**{n: 1.0 for n in best_at}, name: value}
+            runs += [Observation(config, small(config))] * 2
+    surface = Surface(space, runs, 0.002)
+    moves = {p.name: p.moves(1.0) for p in space.params}
+    together = _together(surface, moves, sign=1.0)
+    assert together is not None and set(together) == set(best_at)
+    assert all((float(v) > 1.0) == (best_at[n] > 0) for n, v in together.items()), together  # type: ignore[arg-type]
+    assert small(together) < small({n: 1.0 for n in best_at}) - 0.0015  # ~ a noise σ together
+    # one constant worth moving is a one-constant move, not a "together" one
+    flat = [Observation({**{n: 1.0 for n in best_at}, "A": v}, 1.0 - 0.001 * (v > 1)) for v in (2.0, 0.5, 1.0)] * 2
+    assert _together(Surface(space, flat, 0.002), moves, sign=1.0) is None
