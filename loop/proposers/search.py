@@ -1,11 +1,13 @@
 """The built-in `search` proposer: a model of the metric over the editable file's UPPER_CASE
-constants, and one or two constants moved where a draw of that model says is best.
+constants, and the constants moved where a draw of that model says is best.
 
 No LLM, no network. Each proposal starts from the best configuration (the clean working tree)
 and changes one or two constants of one area. Why so few: a diff of one or two constants is
 one experiment with one answer ("MATRIX_LR 0.04→0.05 helped"), readable in a chat digest and
-revertible on its own; a ten-constant jump that wins teaches nothing about which part won, and
-one that loses wastes five minutes without telling what to avoid.
+revertible on its own; a ten-constant jump chosen blind teaches nothing about which part won.
+The one exception is the "together" move (`_together`): every constant whose own best move the
+model's mean already expects to gain, set at once, for effects each too small for the keep rule
+to show alone (the model knows each part; the run checks their sum).
 
 Nothing is kept between calls. The model (surface.py) is refitted from `ctx.history` every time:
 every scored run (baselines, repeats and discards too) is one noisy observation of the metric at
@@ -213,8 +215,8 @@ def _pick(
     rng: random.Random,
     surface: Surface,
 ) -> _Pick | None:
-    """The best untried move of one or two constants of `area` under one draw of the model, or
-    None when every move in the area has been tried."""
+    """The best untried move of `area` under one draw of the model (one or two constants, or the
+    together move), or None when every move in the area has been tried."""
     moves = {p.name: p.moves(space.current[p.name]) for p in space.in_area(area)}
     candidates: list[Changes] = [{n: v} for n, values in moves.items() for v in values]
     candidates += [{a: v, b: w} for a, b in combinations(moves, 2) for v in moves[a] for w in moves[b]]
