@@ -60,9 +60,11 @@ class Clock:
         return self.now
 
 
-def outbox(store: Store, inbox: Inbox, mode: str = "every", clock: Clock | None = None) -> Outbox:
+def outbox(store: Store, inbox: Inbox, mode: str = "every", clock: Clock | None = None,
+           secrets: tuple[Secret, ...] = ()) -> Outbox:
     tuning = Tuning(backoff_base_s=1.0, backoff_max_s=8.0, fold_limit=30, fold_keep=5, batch_period_s=3600)
-    return Outbox(store, [inbox], DigestSettings(mode=mode), tuning, clock or Clock())  # type: ignore[list-item]
+    return Outbox(store, [inbox], DigestSettings(mode=mode), tuning, clock or Clock(),  # type: ignore[list-item]
+                  secrets=secrets)
 
 
 def pump(box: Outbox) -> None:
@@ -156,8 +158,7 @@ def test_a_token_in_a_crash_log_is_neither_sent_nor_kept(store: Store) -> None:
     the engine runs without them, and the outbox redacts any that reach a message all the same."""
     token = "123456:AAF-secret-token"
     inbox = Inbox()
-    tuning = Tuning(backoff_base_s=1.0, backoff_max_s=8.0, fold_limit=30, fold_keep=5, batch_period_s=3600)
-    box = Outbox(store, [inbox], DigestSettings(), tuning, Clock(), secrets=[Secret(token)])  # type: ignore[list-item]
+    box = outbox(store, inbox, secrets=(Secret(token),))
     box.fill()
     finished(store, "crash", None, log_tail=f"Traceback ...\nNIGHTLAB_TELEGRAM_TOKEN={token}\nKeyError")
     store.emit("alert", text=f"note: {token}")
@@ -173,8 +174,7 @@ def test_a_token_is_redacted_where_a_message_is_split_and_in_a_folded_summary(st
     # (a message's first line) kept it: a summary of folded messages, made of titles, sent it.
     token = "123456:AAF-secret-token"
     inbox, clock = Inbox(), Clock()
-    tuning = Tuning(backoff_base_s=1.0, backoff_max_s=8.0, fold_limit=30, fold_keep=5, batch_period_s=3600)
-    box = Outbox(store, [inbox], DigestSettings(), tuning, clock, secrets=[Secret(token)])  # type: ignore[list-item]
+    box = outbox(store, inbox, clock=clock, secrets=(Secret(token),))
     box.fill()
     store.emit("alert", text="x" * 387 + token)  # "🚨 " and 387 x: the token straddles SMALL's 400
     pump(box)
