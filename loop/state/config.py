@@ -558,9 +558,7 @@ def secret_env_names(s: Settings) -> set[str]:
     """The environment variables the configured channels' tokens come from: only the daemon's bot
     needs them, so the engine (and the runs, agents and checks it starts) get an environment
     without them."""
-    refs = [s.telegram.token] if s.telegram else []
-    refs += [s.slack.bot_token, s.slack.app_token] if s.slack else []
-    return {ref.env for ref in refs if ref.env and not ref.file}
+    return {ref.env for _, ref in _secret_refs(s) if ref.env and not ref.file}
 
 
 def resolve_secrets(s: Settings) -> Secrets:
