@@ -62,7 +62,7 @@ class SecretRef:
 
     def resolve(self, key: str, config_path: Path | str) -> Secret:
         if self.file:
-            unset = [v for v in _VAR.findall(self.file) if v not in os.environ]
+            unset = _unset_variables(self.file)
             if unset:  # "No such file" would be misleading: the path is not even known
                 why = ("systemd sets it only inside the service (LoadCredential=), so the secret can be read there"
                        " only" if unset[0] == "CREDENTIALS_DIRECTORY" else "set it, or write the path out")
@@ -423,6 +423,14 @@ def _check(s: Settings, problems: _Problems) -> None:
 
     if not s.workspace.path.strip():  # "" would be whatever directory nightlab was started in
         fail("workspace.path", s.workspace.path, 'a directory, e.g. "~/nightlab-workspace"')
+    paths = [("workspace.path", s.workspace.path), ("data.cache_dir", s.data.cache_dir)]
+    if s.executor.kind == "slurm":
+        paths.append(("executor.slurm.shared_dir", s.executor.slurm.shared_dir))
+    for key, text in paths:
+        # expandvars leaves an unset $NAME as it is: a folder literally named "$SCRATCH" would appear
+        if (unset := _unset_variables(text)) and not problems.seen(key):
+            problems.add(key, f"{key} = {text!r}: ${unset[0]} is not set here; set it (for the service too,"
+                         " with Environment= in its unit) or write the path out")
     if s.trainer.profile not in profile_names():
         fail("trainer.profile", s.trainer.profile, "one of " + ", ".join(map(repr, profile_names())))
     for key in HARNESS_ENV:
@@ -495,6 +503,11 @@ def _check(s: Settings, problems: _Problems) -> None:
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")  # $NAME or ${NAME}, as os.path.expandvars reads them
+
+
+def _unset_variables(text: str) -> list[str]:
+    """The $NAME / ${NAME} in a path that this environment does not set."""
+    return [name for name in _VAR.findall(text) if name not in os.environ]
 
 
 def _secret_refs(s: Settings) -> list[tuple[str, SecretRef]]:

@@ -211,3 +211,20 @@ def test_values_the_loop_cannot_use_are_rejected(tmp_path: Path, section: str, l
         load_settings(write(tmp_path, f"[{section}]\n{line}\n"))
     (message,) = str(err.value).splitlines()
     assert message.startswith(f"{tmp_path / 'nightlab.toml'}: {key} = ") and "expected" in message
+
+
+def test_a_path_under_an_unset_variable_says_which(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """expandvars keeps an unset $NAME as text: the workspace would silently become a folder named
+    "$SCRATCH" beside the config. Each such path is named with its variable."""
+    monkeypatch.delenv("NIGHTLAB_TEST_SCRATCH", raising=False)
+    path = write(tmp_path, '[workspace]\npath = "$NIGHTLAB_TEST_SCRATCH/ws"\n'
+                           '[data]\ncache_dir = "${NIGHTLAB_TEST_SCRATCH}/cache"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    lines = str(err.value).splitlines()
+    assert f"{path}: workspace.path = '$NIGHTLAB_TEST_SCRATCH/ws': $NIGHTLAB_TEST_SCRATCH is not set here;" \
+        " set it (for the service too, with Environment= in its unit) or write the path out" in lines
+    assert any(line.startswith(f"{path}: data.cache_dir = '${{NIGHTLAB_TEST_SCRATCH}}/cache'") for line in lines)
+    assert not (tmp_path / "$NIGHTLAB_TEST_SCRATCH").exists()
+    monkeypatch.setenv("NIGHTLAB_TEST_SCRATCH", str(tmp_path / "scratch"))
+    assert load_settings(path).workspace_path == tmp_path / "scratch" / "ws"
