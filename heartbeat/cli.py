@@ -51,8 +51,6 @@ def _workspace_dir(path: Path) -> Path:
     """Make sure `path` is (or can become) the workspace directory; a clear message otherwise."""
     from nightlab.loop.workspace import workspace_problem
 
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} is not a directory; give a directory for the workspace (--workspace DIR)")
     problem = workspace_problem(path)  # said now: the daemon would first leave its state folder there
     if problem:
         raise UserError(problem)
@@ -146,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from nightlab.heartbeat.daemon import run_daemon
+    from nightlab.loop.state import views
 
     settings = _settings(args)
     _workspace_dir(settings.workspace_path)
@@ -153,23 +152,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     more = args.max_experiments if args.max_experiments is not None else settings.loop.max_experiments or None
     limit = None
     if more is not None:
-        done = _recorded(settings.workspace_path)  # the engine's limit counts the whole ledger
+        done = views.recorded(settings.workspace_path)  # the engine's limit counts the whole ledger
         limit = done + more
         print(f"nightlab: {more} more experiments ({done} recorded so far)")
     return run_daemon(settings, max_experiments=limit)
-
-
-def _recorded(workspace: Path) -> int:
-    from nightlab.loop.state import ledger
-    from nightlab.loop.state.store import Store
-
-    if not (state_dir(workspace) / DB_FILENAME).is_file():
-        return 0
-    store = Store.for_workspace(workspace)
-    try:
-        return ledger.experiment_count(store)
-    finally:
-        store.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

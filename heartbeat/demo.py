@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nightlab.heartbeat.daemon import Daemon, DaemonOptions
 from nightlab.heartbeat.report import write_report
+from nightlab.loop.state import views
 from nightlab.loop.state.config import load_settings
 from nightlab.loop.state.store import Store, state_dir
 
@@ -48,10 +49,15 @@ def run_demo(workspace: Path | None, experiments: int) -> int:
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(DEMO_CONFIG.format(config=config, workspace=workspace))
     settings = load_settings(config)
-    total = settings.loop.baseline_runs + experiments
-    print(f"nightlab demo: workspace {workspace}\n"
-          f"  the baseline ({settings.loop.baseline_runs} runs, to measure the noise) + {experiments} experiments"
-          " with the tiny profile; digests follow")
+    done = views.recorded(workspace)
+    if done < settings.loop.baseline_runs:
+        print(f"nightlab demo: workspace {workspace}\n"
+              f"  the baseline ({settings.loop.baseline_runs} runs, to measure the noise) + {experiments}"
+              " experiments with the tiny profile; digests follow")
+    else:
+        print(f"nightlab demo: workspace {workspace}\n  {experiments} more experiments ({done} recorded"
+              " so far); digests follow")
+    total = demo_limit(done, settings.loop.baseline_runs, experiments)
     code = Daemon(settings, DaemonOptions(max_experiments=total)).run()
     report = write_report(workspace, Store.for_workspace(workspace), settings.project)
     print(f"\nreport: {report.markdown_path}")
@@ -59,3 +65,9 @@ def run_demo(workspace: Path | None, experiments: int) -> int:
         print(f"chart:  {report.chart_path}")
     print(f"config: {config} (nightlab run --config {config} --max-experiments N to go on)")
     return code
+
+
+def demo_limit(recorded: int, baseline_runs: int, experiments: int) -> int:
+    """The ledger size the demo stops at: a demo run again on its workspace goes on by N experiments
+    (an unfinished baseline is finished first), rather than stopping at once on what it has."""
+    return max(recorded, baseline_runs) + experiments

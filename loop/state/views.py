@@ -32,6 +32,17 @@ def _store(workspace: Path) -> Store:
     return Store.for_workspace(Path(workspace))
 
 
+def recorded(workspace: Path) -> int:
+    """Experiments in the ledger (0 for a workspace not started yet)."""
+    if not (state_dir(Path(workspace)) / DB_FILENAME).exists():
+        return 0
+    store = Store.for_workspace(Path(workspace))
+    try:
+        return ledger.experiment_count(store)
+    finally:
+        store.close()
+
+
 def duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     if seconds >= 3600:

@@ -87,7 +87,7 @@ def test_a_workspace_that_cannot_be_a_directory_gets_a_message(command: str, tmp
     notes.mkdir()
     (notes / "todo.txt").write_text("x")
     config = write_daemon_config(tmp_path / "n.toml", tmp_path / "ws")
-    for bad, says in ((afile, "is not a directory"), (afile / "below", "cannot create the workspace"),
+    for bad, says in ((afile, "is a file; give a directory for the workspace"), (afile / "below", "cannot create the workspace"),
                       (notes, "exists, is not empty and is not a git repository")):
         argv = [command, "--workspace", str(bad)] + (["--config", str(config)] if command == "run" else [])
         out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", *argv],
@@ -184,3 +184,11 @@ def test_train_uses_what_prepare_made(tmp_path: Path, home: Path) -> None:
     data = source_id(str(shards))  # nothing else fetched: the data dir and the harness's training view of it
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [data, f"{data}.train"]
     assert "summary: val_bpb=" in trained.stdout
+
+
+def test_a_demo_run_again_on_its_workspace_goes_on() -> None:
+    from nightlab.heartbeat.demo import demo_limit
+
+    assert demo_limit(recorded=0, baseline_runs=3, experiments=5) == 8  # baseline + 5
+    assert demo_limit(recorded=1, baseline_runs=3, experiments=5) == 8  # the baseline is finished first
+    assert demo_limit(recorded=12, baseline_runs=3, experiments=5) == 17  # not: stop at once on 12 >= 8
