@@ -10,6 +10,7 @@ Deterministic from stored state, so a restart mid-way decides the same.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import statistics
 import subprocess
@@ -101,11 +102,15 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
         stale = bool(incumbent)
     best = statistics.fmean(incumbent) if incumbent else None
     groups = _repeat_groups(rows, judged, cls, hw)
-    scale = abs(best if best is not None else ref.best if ref is not None and ref.best else 1.0) or 1.0
+    summary = parse_summary(tail)
+    # the prior is a share of the metric: of the best, else (the night's first run) of this run's own
+    own = summary.metrics.get(ctx.metric_name)
+    scale = next((abs(v) for v in (best, ref.best if ref is not None else None, own)
+                  if v is not None and math.isfinite(v) and v != 0), 1.0)
     loop = ctx.settings.loop
     rule = Rule(z=loop.keep_z, max_runs=loop.max_runs, prior_sd=loop.noise_prior * scale)
     verdict = judge(
-        Measurement(run.exit_code, run.kill_reason, parse_summary(tail), tail),
+        Measurement(run.exit_code, run.kill_reason, summary, tail),
         kind=cand.kind, metric_name=ctx.metric_name, direction=ctx.direction,
         earlier=measured(cand.commit or cand.base_commit), incumbent=incumbent or None,
         noise=pooled_noise(groups, rule.prior_sd), rule=rule,

@@ -4,6 +4,7 @@ discards never stops the loop. Deterministic: one slot, the noise of the n-th ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,6 +31,18 @@ def test_a_night_on_a_flat_landscape_keeps_nothing(tmp_path: Path) -> None:
     assert "run-to-run noise ± " in rows[2].reason
     assert not [e for e in rows if e.status == "keep" and e.kind != "baseline"]
     assert sum(e.kind == "proposal" for e in rows) >= 20  # the night went on: proposals, not only repeats
+
+
+def test_the_first_baseline_assumes_a_noise_in_proportion_to_its_metric(tmp_path: Path) -> None:
+    """Nothing is measured before the night's first run: the prior (a share of the metric) scales
+    with that run's own value, as every later one does with the best's, not with 1.0."""
+    land = dataclasses.replace(landscape.make("flat", seed=0), base=4.0)
+    settings = landscape.make_workspace(tmp_path, land)
+    run_engine(settings, 1)
+    first = ledger.experiments(Store.for_workspace(settings.workspace_path))[0]
+    assert first.metric is not None and first.metric > 3
+    prior = settings.loop.noise_prior * first.metric
+    assert first.reason == f"baseline; run-to-run noise ± {prior:.4f} (assumed until repeats measure it)"
 
 
 def test_a_change_truly_better_by_3_sigma_is_kept(tmp_path: Path) -> None:
