@@ -161,8 +161,11 @@ class Flavour:
 
 
 def _slack_escape(s: str) -> str:
-    # Slack's mrkdwn reserves exactly these three characters.
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    # Slack's mrkdwn reserves exactly these three characters. A backtick has no escape: a log's
+    # "```" would end our code block early (the rest read as markup) and one in a description
+    # would open one. A zero-width space after each backtick means no run of three ever forms,
+    # in any span or across pieces escaped one character at a time, and shows nothing.
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "`\u200b")
 
 
 TELEGRAM_HTML = Flavour(

@@ -197,3 +197,15 @@ def test_a_redelivered_event_is_applied_once(slack: FakeSlack, bot: BotService, 
                "three redeliveries dropped", abort=lambda: "a copy was answered" if len(slack.posts) > 2 else None)
     assert [(c.name, c.args) for c in store.pending_commands()] == [("kill", ""), ("note", "try rope")]
     assert len(slack.posts) == 2
+
+
+def test_backticks_in_a_crash_log_or_a_description_never_end_the_code_block(slack: FakeSlack, bot: BotService,
+                                                                              store: Store) -> None:
+    # Slack's mrkdwn has no escape for a backtick: a log line "```" closed the crash's code block
+    # early and the rest of the log was read as markup; one in a description opened a block.
+    tail = "Traceback\n```\n*not bold* _nor italic_ ~nor struck~\nraise `x`"
+    finished(store, "crash", None, description="fix ```the``` bug", log_tail=tail)
+    (post,) = slack.wait_for(1, CHANNEL)
+    assert post.text.count("```") == 2 and post.text.endswith("```"), post.text  # the block's own fences only
+    assert post.text.replace("\u200b", "").endswith(f"```\n\n{tail}```")  # the log itself, unchanged to the eye
+    assert "fix ```the``` bug" in post.text.replace("\u200b", "")
