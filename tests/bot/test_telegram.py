@@ -320,3 +320,17 @@ def test_terminal_control_sequences_in_a_crash_log_are_dropped(tg: FakeTelegram,
     finished(store, "crash", None, log_tail=tail)
     (crash,) = tg.wait_for(1, GROUP)
     assert crash.text.endswith("RuntimeError: boom\ndone"), repr(crash.text)
+
+
+def test_bidi_controls_cannot_make_a_digest_show_other_than_it_says(tg: FakeTelegram, bot: BotService,
+                                                                     store: Store) -> None:
+    # "Trojan source": a right-to-left override in an agent's description shows the rest of the
+    # line backwards, an isolate hides a span's place, a mark reorders the numbers next to it.
+    rlo, pdf, rli, pdi, rlm, lrm, alm = "\u202e", "\u202c", "\u2067", "\u2069", "\u200f", "\u200e", "\u061c"
+    store.emit("note_added", by="telegram:111", text=f"keep {rlo}0.98 < 1.02{pdf} {rlm}1 2")
+    finished(store, "crash", None, description=f"safe {rli}change{pdi} {lrm}x{alm}",
+             log_tail=f"loss {rlo}nan{pdf}\n{rlm}1 2")
+    note, crash = tg.wait_for(2, GROUP)
+    assert note.text == "📝 note by telegram:111: keep 0.98 < 1.02 1 2"
+    assert "safe change x" in crash.text and crash.text.endswith("loss nan\n1 2"), repr(crash.text)
+    assert not any(c in crash.raw + note.raw for c in (rlo, pdf, rli, pdi, rlm, lrm, alm))
