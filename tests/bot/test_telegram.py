@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nightlab.bot.auth import REFUSAL_WINDOW_S, Refusals
 from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
 from nightlab.bot.telegram import TelegramChannel
@@ -129,6 +130,35 @@ def test_strangers_are_refused_privately_and_ignored_in_groups(tg: FakeTelegram,
     assert len(tg.messages(GROUP)) == 1 and tg.messages(OTHER_GROUP) == []
     assert store.pending_commands() == []
     assert sum("refused telegram:999" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_stranger_is_refused_once_per_window_and_the_owner_is_never_held_back(
+        tg: FakeTelegram, workspace: Path, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    # Each of a stranger's messages got its refusal: one who kept writing spent our rate limit on
+    # them, and the 429s delayed the owner's digests.
+    now = [0.0]
+    svc = start_service(tg_settings(tg), Secrets(telegram_token=Secret(tg.token)), workspace,
+                        refusals=Refusals(clock=lambda: now[0]))
+
+    def refusals_queued() -> int:  # what will be sent to the stranger, whether sent yet or not
+        return store.connection().execute("SELECT COUNT(*) FROM outbox WHERE destination = ?",
+                                          (str(STRANGER),)).fetchone()[0]
+
+    try:
+        for _ in range(5):
+            tg.inject("/pause", STRANGER)
+        # Updates are handled in order: with the owner's answers here, the stranger's were handled.
+        assert [ask(tg, "/best", OPERATOR) for _ in range(3)] == [["no result yet"]] * 3
+        assert refusals_queued() == 1 and "Not authorised" in tg.wait_for(1, STRANGER)[0].text
+        now[0] += REFUSAL_WINDOW_S - 1
+        tg.inject("/pause", STRANGER)
+        assert ask(tg, "/best", OPERATOR) == ["no result yet"] and refusals_queued() == 1
+        now[0] += 1  # the window is over: told once more
+        assert "Not authorised" in ask(tg, "/pause", STRANGER)[0] and refusals_queued() == 2
+    finally:
+        assert svc.stop(10)
+    refused = [r for r in caplog.records if "refused telegram:999" in r.getMessage()]
+    assert len(refused) == 2 and all(r.levelno == logging.WARNING for r in refused)
 
 
 def test_commands_addressed_to_another_bot_are_ignored(tg: FakeTelegram, bot: BotService, store: Store) -> None:
