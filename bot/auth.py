@@ -7,6 +7,8 @@ nothing by itself, so a colleague who joins #ml-night cannot pause the loop.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nightlab.bot.channel import Incoming
@@ -32,6 +34,33 @@ class Allowlist:
         if msg.user in self.viewers:
             return Role.VIEWER
         return None
+
+
+REFUSAL_WINDOW_S = 600.0
+
+
+class Refusals:
+    """Whether a stranger is told "not authorised" now: once per window each. One who keeps
+    writing would otherwise spend our rate limit on refusals, and the 429s delay the owner's
+    digests. Monotonic time, so a clock change cannot reopen the window; injectable for tests."""
+
+    def __init__(self, window_s: float = REFUSAL_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._told: dict[str, float] = {}  # sender -> when told; oldest first, as inserted
+
+    def due(self, sender: str) -> bool:
+        now = self._clock()
+        # Forget windows that are over, oldest first: only one window's strangers are remembered.
+        while self._told:
+            oldest = next(iter(self._told))
+            if now - self._told[oldest] < self.window_s:
+                break
+            del self._told[oldest]
+        if sender in self._told:
+            return False
+        self._told[sender] = now
+        return True
 
 
 def allowlists(settings: Settings) -> dict[str, Allowlist]:

@@ -69,11 +69,19 @@ _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\
                       r"|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
+# Unicode's Bidi_Control characters: the embeddings and overrides (U+202A-U+202E), the isolates
+# (U+2066-U+2069) and the marks (U+061C, U+200E, U+200F). An override shows a description
+# backwards from what it says ("Trojan source"); a mark is no better: an RLM before "1 2" shows it
+# as "2 1". All go: text from an agent or a log needs none, and right-to-left script displays
+# readably without them (the bidi algorithm orders its letters; marks only place punctuation).
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def _valid(text: str) -> str:
     # A lone surrogate (JSON's "\udcff", a path decoded with surrogateescape) can be neither
     # measured, stored nor sent: it becomes U+FFFD, and a split pair becomes its character again.
     text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    return _CONTROL.sub("", text)
+    return _BIDI.sub("", _CONTROL.sub("", text))
 
 
 def utf16_len(s: str) -> int:
@@ -161,8 +169,11 @@ class Flavour:
 
 
 def _slack_escape(s: str) -> str:
-    # Slack's mrkdwn reserves exactly these three characters.
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    # Slack's mrkdwn reserves exactly these three characters. A backtick has no escape: a log's
+    # "```" would end our code block early (the rest read as markup) and one in a description
+    # would open one. A zero-width space after each backtick means no run of three ever forms,
+    # in any span or across pieces escaped one character at a time, and shows nothing.
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "`\u200b")
 
 
 TELEGRAM_HTML = Flavour(

@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from nightlab.bot.auth import Allowlist, Role
+from nightlab.bot.auth import Allowlist, Refusals, Role
 from nightlab.bot.channel import Incoming
 from nightlab.bot.format import Outgoing, Photo, bold, plain, pre, text_message
 from nightlab.loop.state import ledger, steering
@@ -35,12 +35,14 @@ class Router:
         allowlists: dict[str, Allowlist],
         metric_name: str = "val_bpb",
         direction: str = "minimize",
+        refusals: Refusals | None = None,
     ) -> None:
         self.store = store
         self.workspace = workspace
         self.allowlists = allowlists
         self.metric_name = metric_name
         self.direction = direction
+        self.refusals = refusals or Refusals()
 
     async def handle(self, msg: Incoming) -> list[Outgoing]:
         """The replies to send back to `msg.chat` (empty: stay silent)."""
@@ -49,10 +51,14 @@ class Router:
         allow = self.allowlists.get(msg.channel)
         role = allow.role(msg) if allow else None
         if role is None:
-            log.warning("refused %s in %s (%s): %.80r", msg.sender, msg.chat,
-                        "private" if msg.private else "group", msg.text)
-            if not msg.private:
-                return []  # strangers in groups get nothing, not even a sign the bot listens
+            if not msg.private:  # strangers in groups get nothing, not even a sign the bot listens
+                log.warning("refused %s in %s (group): %.80r", msg.sender, msg.chat, msg.text)
+                return []
+            if not self.refusals.due(msg.sender):
+                log.debug("dropped %s's message unanswered (refused already): %.80r", msg.sender, msg.text)
+                return []
+            log.warning("refused %s in %s (private): %.80r; its next messages for %.0f min go unanswered",
+                        msg.sender, msg.chat, msg.text, self.refusals.window_s / 60)
             return [text_message(plain(f"⛔ Not authorised (your id: {msg.user}). Ask the owner to add it."))]
         try:
             cmd = parse_command(msg.text, ledger.areas(self.store))

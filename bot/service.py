@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from nightlab.bot.auth import allowlists
+from nightlab.bot.auth import Refusals, allowlists
 from nightlab.bot.channel import Channel, Incoming, OnMessage
 from nightlab.bot.outbox import Outbox, Tuning
 from nightlab.bot.router import Router
@@ -59,6 +59,7 @@ class BotService:
         channels: Sequence[Channel] | None = None,
         tuning: Tuning = DEFAULT_TUNING,
         poll_interval_s: float = POLL_INTERVAL_S,
+        refusals: Refusals | None = None,
     ) -> None:
         self.settings = settings
         self.workspace = Path(workspace)
@@ -66,6 +67,7 @@ class BotService:
         self._secrets = [*secrets.values(), *environment_secrets()]
         self._tuning = tuning
         self._poll = poll_interval_s
+        self._refusals = refusals
         self.ready = threading.Event()  # set once every channel is connected and the pump runs
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,6 +110,7 @@ class BotService:
         outbox.prune()
         router = Router(
             store, self.workspace, allowlists(self.settings), self.settings.project.metric, self.settings.project.direction,
+            self._refusals,
         )
         wake = asyncio.Event()
 

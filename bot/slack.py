@@ -15,6 +15,8 @@ import contextlib
 import logging
 import re
 import socket as sockets
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,11 @@ log = logging.getLogger("nightlab.bot")
 
 SLASH_COMMAND = "/nightlab"
 _MENTION = re.compile(r"<@[A-Z0-9]+(\|[^>]*)?>")
+# Slack redelivers an event whose ack it did not see in time: at once, after ~1 min and ~5 min,
+# also on the new connection after a reconnect, always with the same event_id. Only those few
+# minutes matter, so the last few hundred ids cover them many times over at a chat's pace, and
+# the memory stays the same size all night.
+SEEN_EVENTS = 512
 
 
 class SlackChannel:
@@ -49,6 +56,7 @@ class SlackChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_message: OnMessage | None = None
         self._me = ""  # the bot's own member id (auth.test)
+        self._seen = _Seen(SEEN_EVENTS)
         self.outage = Outage(self.name)
         # slack-sdk logs through this logger (ours, not its own): an outage reads as two lines.
         # A logger of this channel's own (not in the global registry, so none accumulate filters),
@@ -89,6 +97,11 @@ class SlackChannel:
     def _receive(self, client: BaseSocketModeClient, req: SocketModeRequest) -> None:
         # Acknowledge first: Slack redelivers what is not acked within 3 s.
         client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
+        event_id = str(req.payload.get("event_id") or "") if req.type == "events_api" else ""
+        if event_id and not self._seen.first(event_id):  # a /note or /kill must not run twice
+            log.info("slack: event %s came again (retry %s: %s); it was handled already", event_id,
+                     req.retry_attempt, req.retry_reason)
+            return
         msg = _incoming(req, self._me)
         if msg is not None and self._loop is not None and self._on_message is not None:
             asyncio.run_coroutine_threadsafe(self._on_message(msg), self._loop)
@@ -116,6 +129,26 @@ class SlackChannel:
         if self._socket is not None:
             socket, self._socket = self._socket, None
             await asyncio.to_thread(_close, socket)
+
+
+class _Seen:
+    """The most recent `size` event ids. Locked: the Socket Mode client runs listeners in a thread
+    pool, so an event and its redelivery can be looked at concurrently."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first(self, event_id: str) -> bool:
+        """Whether this is the first time `event_id` is seen (it is remembered from now on)."""
+        with self._lock:
+            if event_id in self._ids:
+                return False
+            self._ids[event_id] = None
+            if len(self._ids) > self._size:
+                self._ids.popitem(last=False)
+            return True
 
 
 def _close(client: SocketModeClient) -> None:

@@ -174,3 +174,38 @@ def test_edits_deletions_bot_posts_and_unlisted_channels_are_silent(slack: FakeS
     slack.event({**dm, "user": OPERATOR, "text": "best", "thread_ts": "1.0"})  # a thread is still a DM
     assert replies(slack, DM, 0) == ["```\nno result yet```"]
     assert store.pending_commands() == [] and slack.wait_for(0, OTHER_CHANNEL, timeout=0) == []
+
+
+def test_a_redelivered_event_is_applied_once(slack: FakeSlack, bot: BotService, store: Store,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    # Slack redelivers an event whose ack it did not see in time (the same event_id, retry_attempt
+    # counting up), also on the new connection after a reconnect: a kill or a note ran twice.
+    caplog.set_level(logging.INFO, logger="nightlab")
+    number = running(store, started_ago_s=30)
+    kill = slack.event({"type": "app_mention", "user": OPERATOR, "channel": CHANNEL, "text": "<@UBOT> kill"})
+    assert replies(slack, CHANNEL, 0)[0].startswith(f"✔ killing #{number}")
+    note = slack.event({"type": "message", "channel_type": "im", "user": OPERATOR, "channel": DM,
+                        "text": "note try rope"})
+    assert replies(slack, DM, 0)[0].startswith("✔ note queued")
+    again = [slack.redeliver(kill), slack.redeliver(note)]
+    slack.disconnect()
+    assert slack.connected(timeout=15)
+    again.append(slack.redeliver(again[1], reason="connection_lost"))
+    assert all(slack.acked(e) for e in again)  # acknowledged all the same, or Slack keeps trying
+    # Each copy leaves a line once it is dropped: the point where it would have been acted on.
+    wait_until(lambda: sum("handled already" in r.getMessage() for r in caplog.records) == 3,
+               "three redeliveries dropped", abort=lambda: "a copy was answered" if len(slack.posts) > 2 else None)
+    assert [(c.name, c.args) for c in store.pending_commands()] == [("kill", ""), ("note", "try rope")]
+    assert len(slack.posts) == 2
+
+
+def test_backticks_in_a_crash_log_or_a_description_never_end_the_code_block(slack: FakeSlack, bot: BotService,
+                                                                              store: Store) -> None:
+    # Slack's mrkdwn has no escape for a backtick: a log line "```" closed the crash's code block
+    # early and the rest of the log was read as markup; one in a description opened a block.
+    tail = "Traceback\n```\n*not bold* _nor italic_ ~nor struck~\nraise `x`"
+    finished(store, "crash", None, description="fix ```the``` bug", log_tail=tail)
+    (post,) = slack.wait_for(1, CHANNEL)
+    assert post.text.count("```") == 2 and post.text.endswith("```"), post.text  # the block's own fences only
+    assert post.text.replace("\u200b", "").endswith(f"```\n\n{tail}```")  # the log itself, unchanged to the eye
+    assert "fix ```the``` bug" in post.text.replace("\u200b", "")

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nightlab.bot.auth import REFUSAL_WINDOW_S, Refusals
 from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
 from nightlab.bot.telegram import TelegramChannel
@@ -129,6 +130,35 @@ def test_strangers_are_refused_privately_and_ignored_in_groups(tg: FakeTelegram,
     assert len(tg.messages(GROUP)) == 1 and tg.messages(OTHER_GROUP) == []
     assert store.pending_commands() == []
     assert sum("refused telegram:999" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_stranger_is_refused_once_per_window_and_the_owner_is_never_held_back(
+        tg: FakeTelegram, workspace: Path, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    # Each of a stranger's messages got its refusal: one who kept writing spent our rate limit on
+    # them, and the 429s delayed the owner's digests.
+    now = [0.0]
+    svc = start_service(tg_settings(tg), Secrets(telegram_token=Secret(tg.token)), workspace,
+                        refusals=Refusals(clock=lambda: now[0]))
+
+    def refusals_queued() -> int:  # what will be sent to the stranger, whether sent yet or not
+        return store.connection().execute("SELECT COUNT(*) FROM outbox WHERE destination = ?",
+                                          (str(STRANGER),)).fetchone()[0]
+
+    try:
+        for _ in range(5):
+            tg.inject("/pause", STRANGER)
+        # Updates are handled in order: with the owner's answers here, the stranger's were handled.
+        assert [ask(tg, "/best", OPERATOR) for _ in range(3)] == [["no result yet"]] * 3
+        assert refusals_queued() == 1 and "Not authorised" in tg.wait_for(1, STRANGER)[0].text
+        now[0] += REFUSAL_WINDOW_S - 1
+        tg.inject("/pause", STRANGER)
+        assert ask(tg, "/best", OPERATOR) == ["no result yet"] and refusals_queued() == 1
+        now[0] += 1  # the window is over: told once more
+        assert "Not authorised" in ask(tg, "/pause", STRANGER)[0] and refusals_queued() == 2
+    finally:
+        assert svc.stop(10)
+    refused = [r for r in caplog.records if "refused telegram:999" in r.getMessage()]
+    assert len(refused) == 2 and all(r.levelno == logging.WARNING for r in refused)
 
 
 def test_commands_addressed_to_another_bot_are_ignored(tg: FakeTelegram, bot: BotService, store: Store) -> None:
@@ -320,3 +350,17 @@ def test_terminal_control_sequences_in_a_crash_log_are_dropped(tg: FakeTelegram,
     finished(store, "crash", None, log_tail=tail)
     (crash,) = tg.wait_for(1, GROUP)
     assert crash.text.endswith("RuntimeError: boom\ndone"), repr(crash.text)
+
+
+def test_bidi_controls_cannot_make_a_digest_show_other_than_it_says(tg: FakeTelegram, bot: BotService,
+                                                                     store: Store) -> None:
+    # "Trojan source": a right-to-left override in an agent's description shows the rest of the
+    # line backwards, an isolate hides a span's place, a mark reorders the numbers next to it.
+    rlo, pdf, rli, pdi, rlm, lrm, alm = "\u202e", "\u202c", "\u2067", "\u2069", "\u200f", "\u200e", "\u061c"
+    store.emit("note_added", by="telegram:111", text=f"keep {rlo}0.98 < 1.02{pdf} {rlm}1 2")
+    finished(store, "crash", None, description=f"safe {rli}change{pdi} {lrm}x{alm}",
+             log_tail=f"loss {rlo}nan{pdf}\n{rlm}1 2")
+    note, crash = tg.wait_for(2, GROUP)
+    assert note.text == "📝 note by telegram:111: keep 0.98 < 1.02 1 2"
+    assert "safe change x" in crash.text and crash.text.endswith("loss nan\n1 2"), repr(crash.text)
+    assert not any(c in crash.raw + note.raw for c in (rlo, pdf, rli, pdi, rlm, lrm, alm))

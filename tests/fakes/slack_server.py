@@ -7,7 +7,8 @@ URL, files.completeUploadExternal). `fail("429", retry_after=N)` answers the nex
 HTTP 429 and a Retry-After header, as Slack does.
 
 Socket Mode: every connection gets `hello`; `slash_command(...)` / `event(...)` send envelopes
-and `acked(envelope_id)` says whether the client acknowledged one; `disconnect()` sends Slack's
+and `acked(envelope_id)` says whether the client acknowledged one; `redeliver(envelope_id)` sends
+one again as Slack's retry does (a new envelope, the same payload and event_id); `disconnect()` sends Slack's
 `disconnect` message (refresh_requested) and closes, after which the client must reconnect
 through apps.connections.open. `down()`/`up()`: an outage of both, the same ports after it.
 """
@@ -50,6 +51,7 @@ class FakeSlack:
         self.posts: list[Post] = []
         self.attempts: list[tuple[str, float]] = []
         self.acks: set[str] = set()
+        self._sent: dict[str, dict[str, Any]] = {}  # envelope id -> the message, for redeliver
         self.connections_opened = 0
         self._faults: deque[tuple[str, int]] = deque()
         self._uploads: dict[str, bytes] = {}
@@ -136,9 +138,21 @@ class FakeSlack:
         envelope_id = f"env-{next(self._ids)}"
         message = {"envelope_id": envelope_id, "type": kind, "payload": payload,
                    "accepts_response_payload": kind == "slash_commands", "retry_attempt": 0}
+        return self._send(message)
+
+    def _send(self, message: dict[str, Any]) -> str:
         assert self._ws is not None
+        self._sent[message["envelope_id"]] = message
         self._run(self._ws.send(json.dumps(message)))
-        return envelope_id
+        return str(message["envelope_id"])
+
+    def redeliver(self, envelope_id: str, reason: str = "timeout") -> str:
+        """Slack's retry of an envelope it saw no ack for in time: the same payload (event_id and
+        all) in a new envelope, with retry_attempt counting up and the reason."""
+        assert self.connected(), "no socket mode connection"
+        old = self._sent[envelope_id]
+        return self._send({**old, "envelope_id": f"env-{next(self._ids)}",
+                           "retry_attempt": old["retry_attempt"] + 1, "retry_reason": reason})
 
     def slash_command(self, text: str, user: str, channel: str) -> str:
         return self._envelope("slash_commands", {
