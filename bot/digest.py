@@ -94,12 +94,14 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
         figure += f" (Δ {float(p['delta']):+.4f}"
         figure += f" vs {_num(p['previous_best'])})" if p.get("previous_best") is not None else ")"
     spans: list[Span] = [bold(f"{head} · {figure}")]
+    # the spaces and line breaks stay outside the marks: Slack shows "*  NEW BEST*" or "_\ntext_"
+    # with the asterisks and underscores, not bold or italic
     if p.get("new_best"):
-        spans.append(bold("  NEW BEST"))
+        spans += [plain("  "), bold("NEW BEST")]
     if p.get("description"):
         spans.append(plain(f"\n{p['description']}"))
     if p.get("hypothesis"):
-        spans.append(italic(f"\n{p['hypothesis']}"))
+        spans += [plain("\n"), italic(p["hypothesis"])]
     facts = [
         f"⏱ {_duration(p['duration_s'])}" if p.get("duration_s") is not None else "",
         # "memory": the same figure on a GPU (VRAM) and on a CPU run (RAM)

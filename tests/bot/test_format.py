@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from nightlab.bot.format import SLACK_MRKDWN, TELEGRAM_HTML, bold, plain, pre, utf16_len
+from nightlab.bot.format import SLACK_MRKDWN, TELEGRAM_HTML, Text, bold, plain, pre, utf16_len
 
 
 def test_telegram_html_escapes_and_marks_up() -> None:
@@ -40,3 +40,16 @@ def test_pack_and_summary_respect_the_limit() -> None:
     assert [len(p) for p in SLACK_MRKDWN.pack(bodies)] == [1500, 1500 + 2 + 10]
     summary = SLACK_MRKDWN.render_summary("head\n", [f"item {i}" for i in range(1000)])
     assert len(summary) <= 3000 and summary.endswith("more\n")
+
+
+def test_slack_marks_hug_their_text() -> None:
+    """Slack shows "*  NEW BEST*" and "_\\ntext_" with the marks as written: no space or line break
+    may sit just inside a bold or italic mark of a digest."""
+    from nightlab.bot.digest import experiment_digest
+
+    digest = experiment_digest({"status": "keep", "number": 7, "metric": 1.38, "new_best": True,
+                                "description": "MATRIX_LR 0.02→0.028", "hypothesis": "raising it should help"}, 20)
+    assert isinstance(digest, Text)
+    (out,) = SLACK_MRKDWN.render(digest.spans)
+    assert "  *NEW BEST*" in out and "\n_raising it should help_" in out
+    assert not re.search(r"(^|\s)[*_]\s|\s[*_](\s|$)", out)
