@@ -87,7 +87,7 @@ class Router:
             return [chart] if chart else [text_message(plain("No finished experiments to plot yet."))]
         text = await asyncio.to_thread(cmd.answer, self.workspace)
         if isinstance(cmd, Help):
-            return [text_message(bold("nightlab commands\n"), pre(text))]
+            return [text_message(bold("nightlab commands"), plain("\n"), pre(text))]
         if cmd.chart:  # the report: its text, then the chart
             chart = await self.chart()
             return [text_message(plain(text)), *([chart] if chart else [])]
