@@ -46,6 +46,9 @@ from nightlab.loop.state.config import AgentSettings
 STATE_DIR = ".nightlab/agent"
 KILL_GRACE_S = 3.0  # SIGTERM first so an agent can save its session, then SIGKILL
 TAIL_CHARS = 1500  # of the agent's output quoted in an error message
+# A hypothesis goes into the commit message (one argument to git: a megabyte of it fails), the
+# digest and every later prompt: a paragraph, not whatever a runaway agent wrote.
+HYPOTHESIS_CHARS = 1000
 _ASSIGNED = re.compile(r"^[+-]\s*([A-Z_][A-Z0-9_]*)\s*=(?!=)")
 
 
@@ -235,6 +238,8 @@ def _read_proposal_file(path: Path) -> dict[str, str]:
              for k in ("description", "hypothesis") if isinstance(data.get(k), str)}
     if "description" in found:
         found["description"] = found["description"][:200]
+    if "hypothesis" in found:
+        found["hypothesis"] = found["hypothesis"][:HYPOTHESIS_CHARS]
     return found
 
 
@@ -247,4 +252,4 @@ def _tail(path: Path) -> str:
 def _last_paragraph(text: str) -> str:
     """An agent's closing words usually say what it changed and why: a fair hypothesis."""
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    return " ".join(paragraphs[-1].split())[:500] if paragraphs else ""
+    return " ".join(paragraphs[-1].split())[:HYPOTHESIS_CHARS] if paragraphs else ""

@@ -142,3 +142,12 @@ def test_a_proposal_file_with_a_lone_surrogate_is_read_as_text_the_ledger_can_st
     found = _read_proposal_file(path)
     assert found == {"description": "LR ? up", "hypothesis": "why ?"}
     ledger.new_candidate(Store.for_workspace(tmp_path), "proposal", "base", **found)  # raised UnicodeEncodeError
+
+
+def test_a_huge_proposal_file_gives_a_hypothesis_git_can_commit(ws: Path) -> None:
+    from nightlab.loop.ratchet import Git
+
+    proposal = agent("agent_misbehave.py", "huge-proposal").propose(ctx(ws))
+    assert proposal.description == "deeper" and proposal.hypothesis.startswith("because because")
+    # the engine's commit message; a 1.6 MB hypothesis was "Argument list too long" and killed the engine
+    Git(ws).commit_all(f"#3: {proposal.description}\n\n{proposal.hypothesis}")

@@ -1,0 +1,28 @@
+"""Fake coding agent that misbehaves the way real ones do, one way per run: `agent_misbehave.py MODE`.
+
+Every mode but the failing ones first makes a real edit to train.py (DEPTH 8→10), so what is
+checked is how the proposer treats the misbehaviour, not an empty change.
+"""
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+
+def edit() -> None:
+    src = Path("train.py").read_text()
+    Path("train.py").write_text(re.sub(r"^DEPTH = .*$", "DEPTH = 10", src, count=1, flags=re.MULTILINE))
+
+
+def proposal(text: str) -> None:
+    Path(os.environ["NIGHTLAB_PROPOSAL_FILE"]).write_text(text)
+
+
+mode = sys.argv[1]
+if mode == "huge-proposal":  # a runaway model pasting its whole context into the hypothesis
+    edit()
+    proposal(json.dumps({"description": "deeper", "hypothesis": "because " * 200_000}))
+else:
+    sys.exit(f"unknown mode {mode}")
