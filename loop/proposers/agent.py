@@ -49,6 +49,12 @@ TAIL_CHARS = 1500  # of the agent's output quoted in an error message
 # A hypothesis goes into the commit message (one argument to git: a megabyte of it fails), the
 # digest and every later prompt: a paragraph, not whatever a runaway agent wrote.
 HYPOTHESIS_CHARS = 1000
+LAST_WORDS = (3, 300)  # lines, characters: where a CLI says why it stopped, on one line
+# The shell's own statuses for a command it could not start: the config is what to fix.
+_SHELL_HINTS = {
+    126: "; the shell could not run it: make it executable or fix [proposer.agent] command",
+    127: "; the shell found no such program: install the agent or fix [proposer.agent] command",
+}
 _ASSIGNED = re.compile(r"^[+-]\s*([A-Z_][A-Z0-9_]*)\s*=(?!=)")
 
 
@@ -95,9 +101,11 @@ class AgentProposer:
                 " (raise [proposer.agent] timeout to give it longer)"
             )
         if run.returncode != 0:
+            said = _last_words(run.stderr) or _last_words(run.stdout) or "(no output)"
             raise ProposalError(
-                f"agent exited with status {run.returncode} after {run.seconds:.0f}s: "
-                + (run.stderr or run.stdout or "(no output)")
+                f"agent exited with status {run.returncode} after {run.seconds:.0f}s: {said}"
+                f"{_SHELL_HINTS.get(run.returncode, '')} (all of it in {STATE_DIR}/stderr.log and stdout.log"
+                " until the agent's next run)"
             )
         if _git(ws, "symbolic-ref", "-q", "HEAD", check=False) != branch:
             raise ProposalError("agent switched branches; the loop owns git (tell it not to run git commands)")
@@ -108,7 +116,9 @@ class AgentProposer:
         stats = _diff_stats(ws)
         if not stats:
             raise ProposalError(
-                f"agent exited 0 after {run.seconds:.0f}s but changed nothing; output: {run.stdout or run.stderr or '(none)'}"
+                f"agent exited 0 after {run.seconds:.0f}s but changed nothing; its last words:"
+                f" {_last_words(run.stdout) or _last_words(run.stderr) or '(none)'}; if it asked for permission to"
+                " edit, give [proposer.agent] command the flag that allows edits (README, Proposers)"
             )
         described = _read_proposal_file(proposal_file)
         return Proposal(
@@ -247,6 +257,13 @@ def _tail(path: Path) -> str:
     with path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - TAIL_CHARS))
         return f.read().decode("utf-8", errors="replace").strip()
+
+
+def _last_words(text: str) -> str:
+    """The last lines of an agent's output joined into one line, cut from the front."""
+    lines, chars = LAST_WORDS
+    said = " | ".join([" ".join(line.split()) for line in text.splitlines() if line.strip()][-lines:])
+    return said if len(said) <= chars else "…" + said[-chars:]
 
 
 def _last_paragraph(text: str) -> str:

@@ -24,5 +24,10 @@ mode = sys.argv[1]
 if mode == "huge-proposal":  # a runaway model pasting its whole context into the hypothesis
     edit()
     proposal(json.dumps({"description": "deeper", "hypothesis": "because " * 200_000}))
+elif mode == "long-stderr":  # a provider error after pages of retries and a traceback
+    for i in range(3000):
+        print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)
+    print("Error: 429 rate limit exceeded; try again in 30s", file=sys.stderr)
+    sys.exit(3)
 else:
     sys.exit(f"unknown mode {mode}")

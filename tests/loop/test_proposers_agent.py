@@ -110,7 +110,7 @@ def test_tick_failure_kills_the_agent_and_propagates(ws: Path, tmp_path_factory:
 
 
 def test_agent_that_changes_nothing_is_a_proposal_error(ws: Path) -> None:
-    with pytest.raises(ProposalError, match="changed nothing.*nothing worth changing"):
+    with pytest.raises(ProposalError, match="changed nothing.*nothing worth changing.*the flag that allows edits"):
         agent("agent_noop.py").propose(ctx(ws))
 
 
@@ -151,3 +151,24 @@ def test_a_huge_proposal_file_gives_a_hypothesis_git_can_commit(ws: Path) -> Non
     assert proposal.description == "deeper" and proposal.hypothesis.startswith("because because")
     # the engine's commit message; a 1.6 MB hypothesis was "Argument list too long" and killed the engine
     Git(ws).commit_all(f"#3: {proposal.description}\n\n{proposal.hypothesis}")
+
+
+def test_an_agent_failing_with_pages_of_stderr_is_said_in_one_line_ending_with_its_last_words(ws: Path) -> None:
+    with pytest.raises(ProposalError) as failed:
+        agent("agent_misbehave.py", "long-stderr").propose(ctx(ws))
+    said = str(failed.value)
+    assert "\n" not in said and len(said) < 600, said  # was 1,500 characters over 17 lines, cut mid-line
+    assert said.startswith("agent exited with status 3 after ")
+    assert "Error: 429 rate limit exceeded; try again in 30s" in said
+    assert ".nightlab/agent/stderr.log" in said  # where the whole of it is
+
+
+def test_an_agent_the_shell_cannot_start_is_said_with_what_to_fix(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    script = tmp_path_factory.mktemp("agents") / "agent.sh"
+    script.write_text("#!/bin/sh\necho hi\n")  # never made executable
+    for command, expected in (
+        ("nightlab-test-no-such-agent -p {prompt_file}", r"status 127 .*not found.*install the agent or fix"),
+        (str(script), r"status 126 .*Permission denied.*make it executable or fix"),
+    ):
+        with pytest.raises(ProposalError, match=expected + r" \[proposer.agent\] command"):
+            AgentProposer(AgentSettings(command=command, timeout=30.0)).propose(ctx(ws))
