@@ -49,6 +49,7 @@ TAIL_CHARS = 1500  # of the agent's output quoted in an error message
 # A hypothesis goes into the commit message (one argument to git: a megabyte of it fails), the
 # digest and every later prompt: a paragraph, not whatever a runaway agent wrote.
 HYPOTHESIS_CHARS = 1000
+PROPOSAL_BYTES = 1_000_000  # a bigger proposal.json is not a description; not read into memory
 LAST_WORDS = (3, 300)  # lines, characters: where a CLI says why it stopped, on one line
 # The shell's own statuses for a command it could not start: the config is what to fix.
 _SHELL_HINTS = {
@@ -120,10 +121,12 @@ class AgentProposer:
                 f" {_last_words(run.stdout) or _last_words(run.stderr) or '(none)'}; if it asked for permission to"
                 " edit, give [proposer.agent] command the flag that allows edits (README, Proposers)"
             )
-        described = _read_proposal_file(proposal_file)
+        described, problem = _read_proposal_file(proposal_file)
+        hypothesis = described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)"
         return Proposal(
             description=described.get("description") or _describe_diff(ws, stats),
-            hypothesis=described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)",
+            # said where the user reads it: a proposal file the agent meant to write, ignored
+            hypothesis=hypothesis + (f" [{PROPOSAL_FILE} ignored: {problem}]" if problem else ""),
             area=ctx.focus or "",
         )
 
@@ -235,14 +238,24 @@ def _describe_diff(ws: Path, stats: dict[str, tuple[int, int]]) -> str:
     return text + (f" ({', '.join(names)})" if names else "")
 
 
-def _read_proposal_file(path: Path) -> dict[str, str]:
-    """The agent's own description and hypothesis; a missing or malformed file counts as none."""
+def _read_proposal_file(path: Path) -> tuple[dict[str, str], str]:
+    """The agent's own description and hypothesis, and why a file that is there could not be
+    used ("" when it was, or when there is none: writing it is optional)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+        with path.open("rb") as f:
+            raw = f.read(PROPOSAL_BYTES + 1)
+    except FileNotFoundError:
+        return {}, ""
+    except OSError as exc:
+        return {}, f"unreadable: {exc.strerror}"
+    if len(raw) > PROPOSAL_BYTES:
+        return {}, f"over {PROPOSAL_BYTES // 1000} kB"
+    try:
+        data = json.loads(raw.decode("utf-8", "replace"))
+    except ValueError as exc:
+        return {}, f"not valid JSON: {exc}"
     if not isinstance(data, dict):
-        return {}
+        return {}, 'not a JSON object {"description": ..., "hypothesis": ...}'
     # JSON may hold a lone surrogate ("\udcff") that no store, log or chat can encode: "?" instead
     found = {k: " ".join(data[k].encode("utf-8", "replace").decode("utf-8").split())
              for k in ("description", "hypothesis") if isinstance(data.get(k), str)}
@@ -250,7 +263,7 @@ def _read_proposal_file(path: Path) -> dict[str, str]:
         found["description"] = found["description"][:200]
     if "hypothesis" in found:
         found["hypothesis"] = found["hypothesis"][:HYPOTHESIS_CHARS]
-    return found
+    return found, ""
 
 
 def _tail(path: Path) -> str:

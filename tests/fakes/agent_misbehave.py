@@ -23,7 +23,10 @@ def proposal(text: str) -> None:
 mode = sys.argv[1]
 if mode == "huge-proposal":  # a runaway model pasting its whole context into the hypothesis
     edit()
-    proposal(json.dumps({"description": "deeper", "hypothesis": "because " * 200_000}))
+    proposal(json.dumps({"description": "deeper", "hypothesis": "because " * 120_000}))
+elif mode == "bad-json":  # cut off mid-write
+    edit()
+    proposal('{"description": "deeper", "hypothesis": ')
 elif mode == "long-stderr":  # a provider error after pages of retries and a traceback
     for i in range(3000):
         print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)

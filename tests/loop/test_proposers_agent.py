@@ -139,8 +139,8 @@ def test_a_proposal_file_with_a_lone_surrogate_is_read_as_text_the_ledger_can_st
 
     path = tmp_path / "proposal.json"
     path.write_text('{"description": "LR \\udcff up", "hypothesis": "why \\ud800"}', encoding="utf-8")
-    found = _read_proposal_file(path)
-    assert found == {"description": "LR ? up", "hypothesis": "why ?"}
+    found, problem = _read_proposal_file(path)
+    assert found == {"description": "LR ? up", "hypothesis": "why ?"} and problem == ""
     ledger.new_candidate(Store.for_workspace(tmp_path), "proposal", "base", **found)  # raised UnicodeEncodeError
 
 
@@ -149,7 +149,7 @@ def test_a_huge_proposal_file_gives_a_hypothesis_git_can_commit(ws: Path) -> Non
 
     proposal = agent("agent_misbehave.py", "huge-proposal").propose(ctx(ws))
     assert proposal.description == "deeper" and proposal.hypothesis.startswith("because because")
-    # the engine's commit message; a 1.6 MB hypothesis was "Argument list too long" and killed the engine
+    # the engine's commit message; a 960 kB hypothesis was "Argument list too long" and killed the engine
     Git(ws).commit_all(f"#3: {proposal.description}\n\n{proposal.hypothesis}")
 
 
@@ -172,3 +172,19 @@ def test_an_agent_the_shell_cannot_start_is_said_with_what_to_fix(ws: Path, tmp_
     ):
         with pytest.raises(ProposalError, match=expected + r" \[proposer.agent\] command"):
             AgentProposer(AgentSettings(command=command, timeout=30.0)).propose(ctx(ws))
+
+
+def test_a_proposal_file_that_cannot_be_used_is_said_in_the_hypothesis(ws: Path) -> None:
+    proposal = agent("agent_misbehave.py", "bad-json").propose(ctx(ws))
+    assert proposal.description == "edit train.py: +1 −1 lines (DEPTH)"  # from the diff, as before
+    assert proposal.hypothesis.startswith("(the agent gave no hypothesis) [.nightlab/agent/proposal.json ignored:"
+                                          " not valid JSON: Expecting value"), proposal.hypothesis
+
+
+def test_a_proposal_file_over_a_megabyte_is_not_read(tmp_path: Path) -> None:
+    from nightlab.loop.proposers.agent import _read_proposal_file
+
+    path = tmp_path / "proposal.json"
+    path.write_text('{"description": "' + "x" * 2_000_000 + '"}')
+    assert _read_proposal_file(path) == ({}, "over 1000 kB")
+    assert _read_proposal_file(tmp_path / "none.json") == ({}, "")  # writing one is optional
