@@ -93,7 +93,7 @@ class AgentProposer:
             build_prompt(ctx, program.read_text(encoding="utf-8") if program.is_file() else "", self.switch_area_after),
             encoding="utf-8",
         )
-        branch, head = _git(ws, "symbolic-ref", "-q", "HEAD", check=False), _git(ws, "rev-parse", "HEAD")
+        branch, head = _git(ws, "symbolic-ref", "-q", "--short", "HEAD", check=False), _git(ws, "rev-parse", "HEAD")
 
         run = self._run(ws, state, prompt_file, proposal_file)
         if run.timed_out:
@@ -108,8 +108,16 @@ class AgentProposer:
                 f"{_SHELL_HINTS.get(run.returncode, '')} (all of it in {STATE_DIR}/stderr.log and stdout.log"
                 " until the agent's next run)"
             )
-        if _git(ws, "symbolic-ref", "-q", "HEAD", check=False) != branch:
-            raise ProposalError("agent switched branches; the loop owns git (tell it not to run git commands)")
+        now = _git(ws, "symbolic-ref", "-q", "--short", "HEAD", check=False)
+        if now != branch:
+            # Back where the loop works: left on the agent's branch, the next experiment would be
+            # committed there, and a restarted engine refuses a workspace off its branch.
+            _git(ws, "checkout", "-q", "-f", branch or head)
+            raise ProposalError(
+                f"agent left the branch {branch} for {now or 'a detached HEAD'}; switched back"
+                + (f" (its commits stay on {now})" if now else "")
+                + ". The loop owns git: tell the agent not to run git commands"
+            )
         if _git(ws, "rev-parse", "HEAD") != head:
             # It committed despite the rules (e.g. aider's auto-commit): keep the edit, drop the commits.
             _git(ws, "reset", "-q", "--mixed", head)

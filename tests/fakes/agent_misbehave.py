@@ -7,6 +7,7 @@ checked is how the proposer treats the misbehaviour, not an empty change.
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,5 +33,12 @@ elif mode == "long-stderr":  # a provider error after pages of retries and a tra
         print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)
     print("Error: 429 rate limit exceeded; try again in 30s", file=sys.stderr)
     sys.exit(3)
+elif mode == "switch-branch":  # works on a branch of its own and leaves the workspace there
+    subprocess.run(["git", "checkout", "-qb", "agent-experiment"], check=True)
+    edit()
+    subprocess.run(["git", "commit", "-qam", "agent: deeper"], check=True)
+elif mode == "detach":
+    subprocess.run(["git", "checkout", "-q", "--detach"], check=True)
+    edit()
 else:
     sys.exit(f"unknown mode {mode}")

@@ -188,3 +188,13 @@ def test_a_proposal_file_over_a_megabyte_is_not_read(tmp_path: Path) -> None:
     path.write_text('{"description": "' + "x" * 2_000_000 + '"}')
     assert _read_proposal_file(path) == ({}, "over 1000 kB")
     assert _read_proposal_file(tmp_path / "none.json") == ({}, "")  # writing one is optional
+
+
+@pytest.mark.parametrize("mode", ["switch-branch", "detach"])
+def test_an_agent_that_leaves_the_branch_is_refused_and_the_workspace_put_back(ws: Path, mode: str) -> None:
+    head = git(ws, "rev-parse", "HEAD")
+    with pytest.raises(ProposalError, match="agent left the branch autoresearch/test .*; switched back"):
+        agent("agent_misbehave.py", mode).propose(ctx(ws))
+    # left there, the next experiment was made on the agent's branch and a restarted engine refused the workspace
+    assert git(ws, "symbolic-ref", "--short", "HEAD").strip() == "autoresearch/test"
+    assert git(ws, "rev-parse", "HEAD") == head
