@@ -95,7 +95,9 @@ class AgentProposer:
         )
         branch, head = _git(ws, "symbolic-ref", "-q", "--short", "HEAD", check=False), _git(ws, "rev-parse", "HEAD")
 
+        ignored = _ignored(ws)
         run = self._run(ws, state, prompt_file, proposal_file)
+        hidden = _remove_new(ws, _ignored(ws) - ignored)
         if run.timed_out:
             raise ProposalError(
                 f"agent timed out after {self.settings.timeout:g}s and was killed with all its processes"
@@ -131,10 +133,16 @@ class AgentProposer:
             )
         described, problem = _read_proposal_file(proposal_file)
         hypothesis = described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)"
+        # said where the user reads it: a proposal file the agent meant to write, files it hid
+        if problem:
+            hypothesis += f" [{PROPOSAL_FILE} ignored: {problem}]"
+        shown = [p for p in hidden if not p.endswith(".pyc")]  # bytecode: any syntax check leaves it
+        if shown:
+            hypothesis += (" [removed what the agent left where git ignores it, which the commit would not hold: "
+                           + ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "") + "]")
         return Proposal(
             description=described.get("description") or _describe_diff(ws, stats),
-            # said where the user reads it: a proposal file the agent meant to write, ignored
-            hypothesis=hypothesis + (f" [{PROPOSAL_FILE} ignored: {problem}]" if problem else ""),
+            hypothesis=hypothesis,
             area=ctx.focus or "",
         )
 
@@ -220,6 +228,27 @@ def _git(ws: Path, *args: str, check: bool = True) -> str:
 # The state dir is git-ignored by `nightlab init`; excluded here too, so a workspace without
 # that ignore rule never counts the prompt file as the agent's change.
 _NOT_STATE = ":(exclude).nightlab"
+
+
+def _ignored(ws: Path) -> set[str]:
+    """Files git ignores in the workspace (our state dir aside): what a commit leaves out."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--", ".", _NOT_STATE],
+        cwd=ws, capture_output=True, check=False,
+    ).stdout
+    return {os.fsdecode(p) for p in out.split(b"\0") if p}
+
+
+def _remove_new(ws: Path, paths: set[str]) -> list[str]:
+    """Remove what the agent left where git ignores it (a helper train.py imports, a checkpoint):
+    the commit would not hold it, so a run in this tree would see more than the commit has, and
+    a run elsewhere would not. The ignored files that were there before stay (a run's outputs)."""
+    removed = []
+    for path in sorted(paths):
+        with contextlib.suppress(OSError):  # a nested repository's folder, a file not ours to remove
+            (ws / path).unlink()
+            removed.append(path)
+    return removed
 
 
 def _diff_stats(ws: Path) -> dict[str, tuple[int, int]]:

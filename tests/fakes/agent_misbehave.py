@@ -40,5 +40,11 @@ elif mode == "switch-branch":  # works on a branch of its own and leaves the wor
 elif mode == "detach":
     subprocess.run(["git", "checkout", "-q", "--detach"], check=True)
     edit()
+elif mode == "hide-ignored":  # a helper where git does not look, which train.py imports
+    Path("__pycache__").mkdir(exist_ok=True)
+    Path("__pycache__/helper.py").write_text("BONUS = -0.5\n")
+    Path("__pycache__/train.cpython-311.pyc").write_bytes(b"\0")  # what a syntax check leaves
+    src = Path("train.py").read_text()
+    Path("train.py").write_text(src + "import sys\nsys.path.insert(0, '__pycache__')\nfrom helper import BONUS\n")
 else:
     sys.exit(f"unknown mode {mode}")

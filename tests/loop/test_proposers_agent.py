@@ -198,3 +198,17 @@ def test_an_agent_that_leaves_the_branch_is_refused_and_the_workspace_put_back(w
     # left there, the next experiment was made on the agent's branch and a restarted engine refused the workspace
     assert git(ws, "symbolic-ref", "--short", "HEAD").strip() == "autoresearch/test"
     assert git(ws, "rev-parse", "HEAD") == head
+
+
+def test_what_an_agent_leaves_in_git_ignored_places_is_removed_and_said(ws: Path) -> None:
+    with (ws / ".git/info/exclude").open("a") as exclude:
+        exclude.write("__pycache__/\n")
+    (ws / "__pycache__").mkdir()
+    (ws / "__pycache__/prepare.cpython-311.pyc").write_bytes(b"\0")  # an earlier run's: not the agent's
+    proposal = agent("agent_misbehave.py", "hide-ignored").propose(ctx(ws))
+    # the commit would not hold them, so the run must not see them either
+    assert sorted(p.name for p in (ws / "__pycache__").iterdir()) == ["prepare.cpython-311.pyc"]
+    assert proposal.hypothesis.endswith(
+        "[removed what the agent left where git ignores it, which the commit would not hold: __pycache__/helper.py]"
+    ), proposal.hypothesis
+    assert (ws / ".nightlab/agent/prompt.md").is_file()  # our own state stays
