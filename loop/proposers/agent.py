@@ -254,7 +254,8 @@ def _remove_new(ws: Path, paths: set[str]) -> list[str]:
 def _diff_stats(ws: Path) -> dict[str, tuple[int, int]]:
     """{path: (lines added, lines removed)} against HEAD, untracked files included."""
     stats: dict[str, tuple[int, int]] = {}
-    for line in _git(ws, "diff", "--numstat", "HEAD", "--", ".", _NOT_STATE).splitlines():
+    # a file mode alone (`chmod +x train.py`) is no change: the run would repeat the best's code
+    for line in _git(ws, "-c", "core.fileMode=false", "diff", "--numstat", "HEAD", "--", ".", _NOT_STATE).splitlines():
         added, removed, path = line.split("\t", 2)
         stats[path] = (int(added) if added.isdigit() else 0, int(removed) if removed.isdigit() else 0)
     for path in _git(ws, "ls-files", "--others", "--exclude-standard", "--", ".", _NOT_STATE).splitlines():

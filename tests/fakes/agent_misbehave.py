@@ -46,5 +46,8 @@ elif mode == "hide-ignored":  # a helper where git does not look, which train.py
     Path("__pycache__/train.cpython-311.pyc").write_bytes(b"\0")  # what a syntax check leaves
     src = Path("train.py").read_text()
     Path("train.py").write_text(src + "import sys\nsys.path.insert(0, '__pycache__')\nfrom helper import BONUS\n")
+elif mode == "chmod":  # "made train.py executable", nothing else
+    os.chmod("train.py", 0o755)
+    print("made it executable")
 else:
     sys.exit(f"unknown mode {mode}")

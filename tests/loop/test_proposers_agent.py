@@ -212,3 +212,8 @@ def test_what_an_agent_leaves_in_git_ignored_places_is_removed_and_said(ws: Path
         "[removed what the agent left where git ignores it, which the commit would not hold: __pycache__/helper.py]"
     ), proposal.hypothesis
     assert (ws / ".nightlab/agent/prompt.md").is_file()  # our own state stays
+
+
+def test_an_agent_that_only_changes_a_file_mode_changed_nothing(ws: Path) -> None:
+    with pytest.raises(ProposalError, match="changed nothing; its last words: made it executable"):
+        agent("agent_misbehave.py", "chmod").propose(ctx(ws))  # was a run of the best's code as "+0 −0 lines"
