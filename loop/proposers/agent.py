@@ -95,8 +95,9 @@ class AgentProposer:
         )
         branch, head = _git(ws, "symbolic-ref", "-q", "--short", "HEAD", check=False), _git(ws, "rev-parse", "HEAD")
 
-        ignored = _ignored(ws)
+        ignored, git_files = _ignored(ws), _git_files(ws)
         run = self._run(ws, state, prompt_file, proposal_file)
+        git_changed = _put_back(ws, git_files)
         hidden = _remove_new(ws, _ignored(ws) - ignored)
         if run.timed_out:
             raise ProposalError(
@@ -119,6 +120,11 @@ class AgentProposer:
                 f"agent left the branch {branch} for {now or 'a detached HEAD'}; switched back"
                 + (f" (its commits stay on {now})" if now else "")
                 + ". The loop owns git: tell the agent not to run git commands"
+            )
+        if git_changed:
+            raise ProposalError(
+                f"agent changed git's own files ({', '.join(git_changed)}); put back as they were. The loop"
+                " owns git: tell the agent not to run git commands"
             )
         if _git(ws, "rev-parse", "HEAD") != head:
             # It committed despite the rules (e.g. aider's auto-commit): keep the edit, drop the commits.
@@ -228,6 +234,31 @@ def _git(ws: Path, *args: str, check: bool = True) -> str:
 # The state dir is git-ignored by `nightlab init`; excluded here too, so a workspace without
 # that ignore rule never counts the prompt file as the agent's change.
 _NOT_STATE = ":(exclude).nightlab"
+
+
+def _git_files(ws: Path) -> dict[str, tuple[bytes, int]]:
+    """The files of git's own an agent could use against the loop, with their modes: a hook or
+    the config (core.fsmonitor, core.hooksPath) runs its code in every later git command of the
+    daemon's, and info/exclude hides files from the checks."""
+    gitdir = ws / ".git"
+    paths = [gitdir / "config", gitdir / "info" / "exclude"]
+    if (gitdir / "hooks").is_dir():
+        paths += sorted((gitdir / "hooks").iterdir())
+    return {p.relative_to(gitdir).as_posix(): (p.read_bytes(), p.stat().st_mode) for p in paths if p.is_file()}
+
+
+def _put_back(ws: Path, before: dict[str, tuple[bytes, int]]) -> list[str]:
+    """Restore git's own files as they were before the agent ran; the ones it changed."""
+    after = _git_files(ws)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    for name in changed:
+        path = ws / ".git" / name
+        if name in before:
+            path.write_bytes(before[name][0])
+            path.chmod(before[name][1])
+        else:
+            path.unlink()
+    return changed
 
 
 def _ignored(ws: Path) -> set[str]:

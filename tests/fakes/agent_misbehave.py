@@ -49,5 +49,13 @@ elif mode == "hide-ignored":  # a helper where git does not look, which train.py
 elif mode == "chmod":  # "made train.py executable", nothing else
     os.chmod("train.py", 0o755)
     print("made it executable")
+elif mode == "git-own-files":  # code the daemon's git would run later, and a file hidden from it
+    hook = Path(".git/hooks/post-commit")
+    hook.write_text("#!/bin/sh\ntouch hooked\n")
+    hook.chmod(0o755)
+    subprocess.run(["git", "config", "core.fsmonitor", "touch fsmonitored"], check=True)
+    with open(".git/info/exclude", "a") as exclude:
+        exclude.write("notes.md\n")
+    edit()
 else:
     sys.exit(f"unknown mode {mode}")

@@ -217,3 +217,16 @@ def test_what_an_agent_leaves_in_git_ignored_places_is_removed_and_said(ws: Path
 def test_an_agent_that_only_changes_a_file_mode_changed_nothing(ws: Path) -> None:
     with pytest.raises(ProposalError, match="changed nothing; its last words: made it executable"):
         agent("agent_misbehave.py", "chmod").propose(ctx(ws))  # was a run of the best's code as "+0 −0 lines"
+
+
+def test_an_agent_that_changes_gits_own_files_is_refused_and_they_are_put_back(ws: Path) -> None:
+    exclude = (ws / ".git/info/exclude").read_bytes()
+    with pytest.raises(ProposalError, match=r"agent changed git's own files \(config, hooks/post-commit,"
+                                            r" info/exclude\); put back as they were"):
+        agent("agent_misbehave.py", "git-own-files").propose(ctx(ws))
+    # left there, every git command of the daemon's ran the agent's code
+    assert not (ws / ".git/hooks/post-commit").exists()
+    assert subprocess.run(["git", "config", "core.fsmonitor"], cwd=ws, check=False).returncode == 1
+    assert (ws / ".git/info/exclude").read_bytes() == exclude
+    git(ws, "commit", "-qam", "a commit runs no hook")
+    assert not (ws / "hooked").exists() and not (ws / "fsmonitored").exists()
