@@ -31,8 +31,10 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +42,8 @@ from pathlib import Path
 
 import psutil
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
-from nightlab.loop.proposers.prompt import PROPOSAL_FILE, build_prompt
+from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
+from nightlab.loop.ratchet import EXP_REF_PREFIX
 from nightlab.loop.state.config import AgentSettings
 
 STATE_DIR = ".nightlab/agent"
@@ -137,6 +140,11 @@ class AgentProposer:
                 f" {_last_words(run.stdout) or _last_words(run.stderr) or '(none)'}; if it asked for permission to"
                 " edit, give [proposer.agent] command the flag that allows edits (README, Proposers)"
             )
+        tried = _tried(ws, _tree(ws))
+        if tried is not None:
+            how = next((f"{e.status}: {e.reason[:REASON_CHARS]}" if e.reason else e.status
+                        for e in ctx.history if e.number == tried), "in flight")
+            raise ProposalError(f"agent proposed the code of #{tried} again ({how}); try something not tried yet")
         described, problem = _read_proposal_file(proposal_file)
         hypothesis = described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)"
         # said where the user reads it: a proposal file the agent meant to write, files it hid
@@ -259,6 +267,29 @@ def _put_back(ws: Path, before: dict[str, tuple[bytes, int]]) -> list[str]:
         else:
             path.unlink()
     return changed
+
+
+def _tree(ws: Path) -> str:
+    """The tree the engine's commit of the working tree will have (it adds everything), made in a
+    copy of the index so the real one is not touched."""
+    with tempfile.TemporaryDirectory() as tmp:
+        index = Path(tmp) / "index"
+        if (ws / ".git" / "index").is_file():
+            shutil.copyfile(ws / ".git" / "index", index)  # its stat cache: no file is hashed twice
+        env = {**os.environ, "GIT_INDEX_FILE": str(index)}
+        for args in (("add", "--all", "--", ".", _NOT_STATE), ("write-tree",)):
+            done = subprocess.run(["git", *args], cwd=ws, env=env, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+
+def _tried(ws: Path, tree: str) -> int | None:
+    """The experiment whose commit holds exactly this tree (every one keeps a ref), if any."""
+    numbers = []
+    for line in _git(ws, "for-each-ref", "--format=%(tree) %(refname:lstrip=3)", EXP_REF_PREFIX).splitlines():
+        ref_tree, number = line.split(" ", 1)
+        if ref_tree == tree and number.isdigit():
+            numbers.append(int(number))
+    return min(numbers, default=None)
 
 
 def _ignored(ws: Path) -> set[str]:

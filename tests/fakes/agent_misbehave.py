@@ -28,6 +28,9 @@ if mode == "huge-proposal":  # a runaway model pasting its whole context into th
 elif mode == "bad-json":  # cut off mid-write
     edit()
     proposal('{"description": "deeper", "hypothesis": ')
+elif mode == "deeper":  # a plain edit, the same every time: an agent repeating itself
+    edit()
+    print("DEPTH 8 -> 10")
 elif mode == "long-stderr":  # a provider error after pages of retries and a traceback
     for i in range(3000):
         print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)

@@ -230,3 +230,14 @@ def test_an_agent_that_changes_gits_own_files_is_refused_and_they_are_put_back(w
     assert (ws / ".git/info/exclude").read_bytes() == exclude
     git(ws, "commit", "-qam", "a commit runs no hook")
     assert not (ws / "hooked").exists() and not (ws / "fsmonitored").exists()
+
+
+def test_an_agent_that_proposes_code_already_tried_is_refused_with_how_it_went(ws: Path) -> None:
+    (ws / "train.py").write_text(TRAIN.replace("DEPTH = 8", "DEPTH = 10"))
+    git(ws, "commit", "-qam", "#2: DEPTH 8→10")
+    git(ws, "update-ref", "refs/nightlab/exp/2", "HEAD")
+    git(ws, "reset", "-q", "--hard", "HEAD~1")  # discarded: the best is the baseline again
+    with pytest.raises(ProposalError, match=r"agent proposed the code of #2 again \(crash: rejected by the harness:"
+                                            r" not causal: the model looks ahead\); try something not tried yet"):
+        agent("agent_misbehave.py", "deeper").propose(ctx(ws))  # was a whole run spent on a known result
+    assert git(ws, "status", "--porcelain") == " M train.py\n"  # the index is not touched; the engine resets the tree
