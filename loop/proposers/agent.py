@@ -329,12 +329,15 @@ def _diff_stats(ws: Path) -> dict[str, tuple[int, int]]:
 
 
 def _describe_diff(ws: Path, stats: dict[str, tuple[int, int]]) -> str:
-    """ "edit train.py: +3 −1 lines (MATRIX_LR, WARMUP_RATIO)" """
+    """ "edit train.py: +3 −1 lines (MATRIX_LR, WARMUP_RATIO)", "delete helper.py: ..." """
     added = sum(a for a, _ in stats.values())
     removed = sum(r for _, r in stats.values())
     diff = _git(ws, "diff", "-U0", "HEAD", "--", ".", _NOT_STATE)
     names = dict.fromkeys(m.group(1) for line in diff.splitlines() if (m := _ASSIGNED.match(line)))
-    text = f"edit {', '.join(sorted(stats))}: +{added} −{removed} lines"
+    deleted = set(_git(ws, "diff", "--name-only", "--diff-filter=D", "HEAD", "--", ".", _NOT_STATE).splitlines())
+    edited = sorted(set(stats) - deleted)
+    verbs = [f"{verb} {', '.join(paths)}" for verb, paths in (("edit", edited), ("delete", sorted(deleted))) if paths]
+    text = f"{', '.join(verbs)}: +{added} −{removed} lines"
     return text + (f" ({', '.join(names)})" if names else "")
 
 

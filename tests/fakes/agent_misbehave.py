@@ -31,6 +31,9 @@ elif mode == "bad-json":  # cut off mid-write
 elif mode == "deeper":  # a plain edit, the same every time: an agent repeating itself
     edit()
     print("DEPTH 8 -> 10")
+elif mode == "delete-train":  # "it was redundant"
+    os.remove("train.py")
+    print("Removed train.py: it was redundant.")
 elif mode == "long-stderr":  # a provider error after pages of retries and a traceback
     for i in range(3000):
         print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)

@@ -241,3 +241,9 @@ def test_an_agent_that_proposes_code_already_tried_is_refused_with_how_it_went(w
                                             r" not causal: the model looks ahead\); try something not tried yet"):
         agent("agent_misbehave.py", "deeper").propose(ctx(ws))  # was a whole run spent on a known result
     assert git(ws, "status", "--porcelain") == " M train.py\n"  # the index is not touched; the engine resets the tree
+
+
+def test_an_agent_that_deletes_the_file_is_described_as_deleting_it(ws: Path) -> None:
+    proposal = agent("agent_misbehave.py", "delete-train").propose(ctx(ws))
+    # was "edit train.py: +0 −5 lines (...)"
+    assert proposal.description == "delete train.py: +0 −5 lines (DEPTH, MATRIX_LR, WARMUP_RATIO)"
