@@ -10,6 +10,13 @@ comes from the diff ("edit train.py: +3 −1 lines (MATRIX_LR, WARMUP_RATIO)"). 
 timeout or no change → ProposalError. The engine, not this module, checks that only editable
 files changed. An agent that commits anyway has its commits undone, its changes kept.
 
+What an agent does to the workspace beyond its edit is undone here, and said: leaving the
+branch (switched back, refused), changing git's own files (hooks, config, info/exclude: put
+back, refused), files left where git ignores them (removed: the commit would not hold them).
+A change whose code an earlier experiment already ran is refused with how that one went.
+What it writes outside the workspace is not seen: run it in a sandbox that allows only the
+workspace (Codex's workspace-write, Claude Code without --dangerously-skip-permissions).
+
 Example commands (`[proposer.agent] command`); each runs one non-interactive turn and exits:
 
     # Claude Code: -p/--print is headless mode; acceptEdits lets it edit files without asking
