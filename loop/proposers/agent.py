@@ -43,6 +43,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from nightlab.loop.ratchet import EXP_REF_PREFIX
 from nightlab.loop.state.config import AgentSettings
 
 STATE_DIR = ".nightlab/agent"
+RUN_TOKEN_ENV = "NIGHTLAB_AGENT_RUN"  # marks every process of one agent run, to find the ones left behind
 KILL_GRACE_S = 3.0  # SIGTERM first so an agent can save its session, then SIGKILL
 TAIL_CHARS = 1500  # of the agent's output quoted in an error message
 # A hypothesis goes into the commit message (one argument to git: a megabyte of it fails), the
@@ -169,7 +171,9 @@ class AgentProposer:
 
     def _run(self, ws: Path, state: Path, prompt_file: Path, proposal_file: Path) -> _Run:
         command = self.settings.command.replace("{prompt_file}", shlex.quote(str(prompt_file)))
-        env = {**os.environ, "NIGHTLAB_PROMPT_FILE": str(prompt_file), "NIGHTLAB_PROPOSAL_FILE": str(proposal_file)}
+        token = uuid.uuid4().hex  # every process the agent starts inherits it, detached or not
+        env = {**os.environ, "NIGHTLAB_PROMPT_FILE": str(prompt_file), "NIGHTLAB_PROPOSAL_FILE": str(proposal_file),
+               RUN_TOKEN_ENV: token}
         out_path, err_path = state / "stdout.log", state / "stderr.log"
         start = time.monotonic()
         # Files, not pipes: a backgrounded grandchild holding a pipe open cannot block us.
@@ -192,23 +196,28 @@ class AgentProposer:
                             self.tick()
             finally:
                 # Always: on timeout, on a failing tick, and after a normal exit (leftover children).
-                kill_tree(proc.pid)
+                kill_tree(proc.pid, token)
                 proc.wait()
         return _Run(proc.returncode, timed_out, time.monotonic() - start, _tail(out_path), _tail(err_path))
 
 
-def kill_tree(pid: int, grace_s: float = KILL_GRACE_S) -> None:
+def kill_tree(pid: int, token: str | None = None, grace_s: float = KILL_GRACE_S) -> None:
     """Terminate `pid`, every descendant and its process group; SIGKILL what outlives `grace_s`.
 
     Descendants are listed before anything is signalled (once a parent dies its children are
     re-parented and no longer findable); the process group also catches children orphaned
-    earlier, and psutil catches those that started their own session.
+    earlier, and psutil catches those that started their own session. With `token`, also every
+    process whose environment holds it: one that left its session and was orphaned before we
+    looked (`setsid python train.py &`, a training left running beside the experiments).
     """
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         procs = []
+    if token is not None:
+        known = {p.pid for p in procs}
+        procs += [p for p in _tagged(token) if p.pid not in known]
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
     for p in procs:
@@ -219,6 +228,17 @@ def kill_tree(pid: int, grace_s: float = KILL_GRACE_S) -> None:
             p.kill()
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def _tagged(token: str) -> list[psutil.Process]:
+    """This user's processes whose environment holds the agent run's token."""
+    found = []
+    for p in psutil.process_iter(["uids"]):
+        with contextlib.suppress(psutil.Error):  # gone, a zombie, or not ours to read
+            uids = p.info["uids"]  # None when it may not be read
+            if uids is not None and uids.real == os.getuid() and p.environ().get(RUN_TOKEN_ENV) == token:
+                found.append(p)
+    return found
 
 
 def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:

@@ -34,6 +34,10 @@ elif mode == "deeper":  # a plain edit, the same every time: an agent repeating 
 elif mode == "delete-train":  # "it was redundant"
     os.remove("train.py")
     print("Removed train.py: it was redundant.")
+elif mode == "background":  # "let me check it trains": detached, left running after the agent exits
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    Path(sys.argv[2]).write_text(str(sleeper.pid))
+    edit()
 elif mode == "long-stderr":  # a provider error after pages of retries and a traceback
     for i in range(3000):
         print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)

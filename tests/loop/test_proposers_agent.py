@@ -247,3 +247,14 @@ def test_an_agent_that_deletes_the_file_is_described_as_deleting_it(ws: Path) ->
     proposal = agent("agent_misbehave.py", "delete-train").propose(ctx(ws))
     # was "edit train.py: +0 −5 lines (...)"
     assert proposal.description == "delete train.py: +0 −5 lines (DEPTH, MATRIX_LR, WARMUP_RATIO)"
+
+
+def test_what_an_agent_leaves_running_in_the_background_is_killed(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    pid_file = tmp_path_factory.mktemp("pids") / "pid"
+    agent("agent_misbehave.py", "background", str(pid_file)).propose(ctx(ws))
+    pid = int(pid_file.read_text())
+    try:  # it left the agent's session and outlived it: found by the agent's environment
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if psutil.pid_exists(pid):
+            psutil.Process(pid).kill()
