@@ -4,7 +4,8 @@ The daemon writes a prompt file (`.nightlab/agent/prompt.md`, see prompt.py), ru
 configured command through the shell in the workspace, in its own process session, with the
 prompt file also on stdin, stdout/stderr into `.nightlab/agent/`, and `{prompt_file}` in the
 command replaced by the prompt's path. At `[proposer.agent] timeout` the command's whole
-process tree is killed (psutil, plus its process group for orphans). The agent may write
+process tree is killed (psutil, plus its process group for orphans), and when it ends, whatever
+it left running, detached too (found by a token in its environment). The agent may write
 `.nightlab/agent/proposal.json` {"description", "hypothesis"}; otherwise the description
 comes from the diff ("edit train.py: +3 −1 lines (MATRIX_LR, WARMUP_RATIO)"). Non-zero exit,
 timeout or no change → ProposalError. The engine, not this module, checks that only editable
