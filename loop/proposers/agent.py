@@ -157,16 +157,9 @@ class AgentProposer:
             raise ProposalError(f"agent proposed the code of #{tried} again ({how}); try something not tried yet")
         described, problem = _read_proposal_file(proposal_file)
         hypothesis = described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)"
-        # said where the user reads it: a proposal file the agent meant to write, files it hid
-        if problem:
-            hypothesis += f" [{PROPOSAL_FILE} ignored: {problem}]"
-        shown = [p for p in hidden if not p.endswith(".pyc")]  # bytecode: any syntax check leaves it
-        if shown:
-            hypothesis += (" [removed what the agent left where git ignores it, which the commit would not hold: "
-                           + ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "") + "]")
         return Proposal(
             description=described.get("description") or _describe_diff(ws, stats),
-            hypothesis=hypothesis,
+            hypothesis=hypothesis + _notes(problem, hidden),
             area=ctx.focus or "",
         )
 
@@ -318,6 +311,17 @@ def _tried(ws: Path, tree: str) -> int | None:
         if ref_tree == tree and number.isdigit():
             numbers.append(int(number))
     return min(numbers, default=None)
+
+
+def _notes(problem: str, hidden: list[str]) -> str:
+    """Said after the hypothesis, where the user reads it: a proposal file the agent meant to
+    write that could not be used, and the files it hid from git that were removed."""
+    notes = f" [{PROPOSAL_FILE} ignored: {problem}]" if problem else ""
+    shown = [p for p in hidden if not p.endswith(".pyc")]  # bytecode: any syntax check leaves it
+    if shown:
+        notes += (" [removed what the agent left where git ignores it, which the commit would not hold: "
+                  + ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "") + "]")
+    return notes
 
 
 def _ignored(ws: Path) -> set[str]:
