@@ -115,7 +115,8 @@ class AgentProposer:
         if run.timed_out:
             raise ProposalError(
                 f"agent timed out after {self.settings.timeout:g}s and was killed with all its processes"
-                " (raise [proposer.agent] timeout to give it longer)"
+                " (raise [proposer.agent] timeout to give it longer); its last words:"
+                f" {_last_words(run.stdout) or _last_words(run.stderr) or '(none)'}"
             )
         if run.returncode != 0:
             said = _last_words(run.stderr) or _last_words(run.stdout) or "(no output)"

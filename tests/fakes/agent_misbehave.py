@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -38,6 +39,9 @@ elif mode == "background":  # "let me check it trains": detached, left running a
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
     Path(sys.argv[2]).write_text(str(sleeper.pid))
     edit()
+elif mode == "asks":  # waits for a yes nobody will type
+    print("Apply these edits to train.py? [y/N]", flush=True)
+    time.sleep(600)
 elif mode == "long-stderr":  # a provider error after pages of retries and a traceback
     for i in range(3000):
         print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)

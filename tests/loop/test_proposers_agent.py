@@ -258,3 +258,9 @@ def test_what_an_agent_leaves_running_in_the_background_is_killed(ws: Path, tmp_
     finally:
         if psutil.pid_exists(pid):
             psutil.Process(pid).kill()
+
+
+def test_an_agent_that_times_out_is_said_with_its_last_words(ws: Path) -> None:
+    # what it was waiting for is what to fix (a question, a permission, a login)
+    with pytest.raises(ProposalError, match=r"timed out after 2s .*; its last words: Apply these edits to train.py\? \[y/N\]"):
+        agent("agent_misbehave.py", "asks", timeout=2.0).propose(ctx(ws))
