@@ -272,8 +272,8 @@ def _git_files(ws: Path) -> dict[str, tuple[bytes, int]]:
     daemon's, and info/exclude hides files from the checks."""
     gitdir = ws / ".git"
     paths = [gitdir / "config", gitdir / "info" / "exclude"]
-    if (gitdir / "hooks").is_dir():
-        paths += sorted((gitdir / "hooks").iterdir())
+    if (gitdir / "hooks").is_dir():  # the samples git never runs are not worth a word
+        paths += sorted(p for p in (gitdir / "hooks").iterdir() if p.suffix != ".sample")
     return {p.relative_to(gitdir).as_posix(): (p.read_bytes(), p.stat().st_mode) for p in paths if p.is_file()}
 
 
@@ -284,6 +284,7 @@ def _put_back(ws: Path, before: dict[str, tuple[bytes, int]]) -> list[str]:
     for name in changed:
         path = ws / ".git" / name
         if name in before:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the agent may have removed the folder
             path.write_bytes(before[name][0])
             path.chmod(before[name][1])
         else:

@@ -42,6 +42,11 @@ elif mode == "background":  # "let me check it trains": detached, left running a
 elif mode == "asks":  # waits for a yes nobody will type
     print("Apply these edits to train.py? [y/N]", flush=True)
     time.sleep(600)
+elif mode == "rm-hooks":  # "cleaned up the repository"
+    import shutil
+
+    shutil.rmtree(".git/hooks")
+    edit()
 elif mode == "long-stderr":  # a provider error after pages of retries and a traceback
     for i in range(3000):
         print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)

@@ -264,3 +264,10 @@ def test_an_agent_that_times_out_is_said_with_its_last_words(ws: Path) -> None:
     # what it was waiting for is what to fix (a question, a permission, a login)
     with pytest.raises(ProposalError, match=r"timed out after 2s .*; its last words: Apply these edits to train.py\? \[y/N\]"):
         agent("agent_misbehave.py", "asks", timeout=2.0).propose(ctx(ws))
+
+
+def test_an_agent_that_removes_gits_hooks_folder_has_it_put_back(ws: Path) -> None:
+    (ws / ".git/hooks/pre-push").write_text("#!/bin/sh\nexit 0\n")  # the user's own hook
+    with pytest.raises(ProposalError, match=r"agent changed git's own files \(hooks/pre-push"):
+        agent("agent_misbehave.py", "rm-hooks").propose(ctx(ws))
+    assert (ws / ".git/hooks/pre-push").read_text() == "#!/bin/sh\nexit 0\n"
