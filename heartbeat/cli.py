@@ -189,6 +189,8 @@ def cmd_view(args: argparse.Namespace) -> int:
         text = views.status_text(path)
     elif args.command == "history":
         status = "keep" if args.kept_only else args.status
+        if args.top and status == "crash":
+            raise UserError("--top ranks results and a crash has none; leave out --top to list the crashes")
         text = views.history_text(path, args.n, status=status, top=args.top,
                                   direction=_settings(args).project.direction)
     elif args.command == "best":
@@ -304,9 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         if name == "history":
             p.add_argument("-n", type=_positive_int, default=20, help="how many (default 20)")
-            p.add_argument("--kept-only", action="store_true", help="only kept experiments (= --status keep)")
-            p.add_argument("--status", choices=("keep", "discard", "crash", "checks_failed"),
-                           help="only experiments with this status")
+            only = p.add_mutually_exclusive_group()
+            only.add_argument("--kept-only", action="store_true", help="only kept experiments (= --status keep)")
+            only.add_argument("--status", choices=("keep", "discard", "crash", "checks_failed"),
+                              help="only experiments with this status")
             p.add_argument("--top", type=_positive_int, metavar="N", help="the N best results, best first")
 
     p = _add(sub, "config", lambda a: 0, "configuration tools", "nightlab config check nightlab.toml")

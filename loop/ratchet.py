@@ -7,6 +7,7 @@ get a detached worktree (a snapshot) of their commit, so the branch moves only b
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import git
@@ -56,7 +57,11 @@ class Git:
 
     def commit_all(self, message: str) -> str:
         self.g.add("--all")
-        self.g.commit("--no-verify", "--allow-empty", "-m", message)
+        # on stdin, not as an argument: one argument may hold 128 kB, a proposal's words more
+        with tempfile.TemporaryFile() as text:
+            text.write(message.encode("utf-8", "replace"))
+            text.seek(0)
+            self.g.commit("--no-verify", "--allow-empty", "-F", "-", istream=text)
         return self.head()
 
     def apply_change(self, commit: str) -> list[str]:

@@ -2,8 +2,8 @@
 
 A workspace is a git repository on a branch `autoresearch/<tag>` (the ratchet moves it:
 loop/ratchet.py). The state directory `.nightlab/` and the exports (results.tsv,
-autoresearch.jsonl) are listed in `.git/info/exclude`, so they never dirty the tree and need no
-commit of their own. The protected files (the built-in trainer's harness, [project] protected) are
+autoresearch.jsonl), and coding agents' session files, are listed in `.git/info/exclude`, so
+they never dirty the tree and need no commit of their own. The protected files (the built-in trainer's harness, [project] protected) are
 hashed at init; a run whose copy differs is refused.
 """
 
@@ -31,8 +31,10 @@ from nightlab.loop.state.ledger import AUTORESEARCH_JSONL, RESULTS_TSV
 from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, Store, state_dir
 
 BRANCH_PREFIX = "autoresearch/"
-# Never part of an experiment: our state, the exports, and the bytecode `import prepare` leaves.
-_EXCLUDES = (f"/{STATE_DIRNAME}/", f"/{RESULTS_TSV}", f"/{AUTORESEARCH_JSONL}", "__pycache__/")
+# Never part of an experiment: our state, the exports, and the bytecode `import prepare` leaves;
+# and a coding agent's session files: aider writes `.aider*` and adds it and `.env` to .gitignore
+# unless git ignores both already, and a changed .gitignore would reject every proposal.
+_EXCLUDES = (f"/{STATE_DIRNAME}/", f"/{RESULTS_TSV}", f"/{AUTORESEARCH_JSONL}", "__pycache__/", ".aider*", ".env")
 _BUILTIN = ("train.py", "prepare.py", "harness.py")
 # The built-in trainer's fixed harness: protected whatever [project] protected says.
 _HARNESS = ("prepare.py", "harness.py")
@@ -103,6 +105,7 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
     """Create (or adopt) the workspace repository; idempotent for an initialized workspace."""
     path = Path(path).expanduser().resolve()
     if (state_dir(path) / DB_FILENAME).exists() and Store.for_workspace(path).get("workspace.branch"):
+        _ensure_excludes(path)  # a workspace made by an older nightlab gets the newer ones
         ws = open_workspace(path, settings)
         say(f"{path} is already a nightlab workspace (branch {ws.branch}, profile {ws.profile})")
         return ws

@@ -4,11 +4,19 @@ The daemon writes a prompt file (`.nightlab/agent/prompt.md`, see prompt.py), ru
 configured command through the shell in the workspace, in its own process session, with the
 prompt file also on stdin, stdout/stderr into `.nightlab/agent/`, and `{prompt_file}` in the
 command replaced by the prompt's path. At `[proposer.agent] timeout` the command's whole
-process tree is killed (psutil, plus its process group for orphans). The agent may write
+process tree is killed (psutil, plus its process group for orphans), and when it ends, whatever
+it left running, detached too (found by a token in its environment). The agent may write
 `.nightlab/agent/proposal.json` {"description", "hypothesis"}; otherwise the description
 comes from the diff ("edit train.py: +3 −1 lines (MATRIX_LR, WARMUP_RATIO)"). Non-zero exit,
 timeout or no change → ProposalError. The engine, not this module, checks that only editable
 files changed. An agent that commits anyway has its commits undone, its changes kept.
+
+What an agent does to the workspace beyond its edit is undone here, and said: leaving the
+branch (switched back, refused), changing git's own files (hooks, config, info/exclude: put
+back, refused), files left where git ignores them (removed: the commit would not hold them).
+A change whose code an earlier experiment already ran is refused with how that one went.
+What it writes outside the workspace is not seen: run it in a sandbox that allows only the
+workspace (Codex's workspace-write, Claude Code without --dangerously-skip-permissions).
 
 Example commands (`[proposer.agent] command`); each runs one non-interactive turn and exits:
 
@@ -31,21 +39,36 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
-from nightlab.loop.proposers.prompt import PROPOSAL_FILE, build_prompt
+from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
+from nightlab.loop.ratchet import EXP_REF_PREFIX
 from nightlab.loop.state.config import AgentSettings
 
 STATE_DIR = ".nightlab/agent"
+RUN_TOKEN_ENV = "NIGHTLAB_AGENT_RUN"  # marks every process of one agent run, to find the ones left behind
 KILL_GRACE_S = 3.0  # SIGTERM first so an agent can save its session, then SIGKILL
 TAIL_CHARS = 1500  # of the agent's output quoted in an error message
+# A hypothesis goes into the commit message (one argument to git: a megabyte of it fails), the
+# digest and every later prompt: a paragraph, not whatever a runaway agent wrote.
+HYPOTHESIS_CHARS = 1000
+PROPOSAL_BYTES = 1_000_000  # a bigger proposal.json is not a description; not read into memory
+LAST_WORDS = (3, 300)  # lines, characters: where a CLI says why it stopped, on one line
+# The shell's own statuses for a command it could not start: the config is what to fix.
+_SHELL_HINTS = {
+    126: "; the shell could not run it: make it executable or fix [proposer.agent] command",
+    127: "; the shell found no such program: install the agent or fix [proposer.agent] command",
+}
 _ASSIGNED = re.compile(r"^[+-]\s*([A-Z_][A-Z0-9_]*)\s*=(?!=)")
 
 
@@ -83,21 +106,40 @@ class AgentProposer:
             build_prompt(ctx, program.read_text(encoding="utf-8") if program.is_file() else "", self.switch_area_after),
             encoding="utf-8",
         )
-        branch, head = _git(ws, "symbolic-ref", "-q", "HEAD", check=False), _git(ws, "rev-parse", "HEAD")
+        branch, head = _git(ws, "symbolic-ref", "-q", "--short", "HEAD", check=False), _git(ws, "rev-parse", "HEAD")
 
+        ignored, git_files = _ignored(ws), _git_files(ws)
         run = self._run(ws, state, prompt_file, proposal_file)
+        git_changed = _put_back(ws, git_files)
+        hidden = _remove_new(ws, _ignored(ws) - ignored)
         if run.timed_out:
             raise ProposalError(
                 f"agent timed out after {self.settings.timeout:g}s and was killed with all its processes"
-                " (raise [proposer.agent] timeout to give it longer)"
+                " (raise [proposer.agent] timeout to give it longer); its last words:"
+                f" {_last_words(run.stdout) or _last_words(run.stderr) or '(none)'}"
             )
         if run.returncode != 0:
+            said = _last_words(run.stderr) or _last_words(run.stdout) or "(no output)"
             raise ProposalError(
-                f"agent exited with status {run.returncode} after {run.seconds:.0f}s: "
-                + (run.stderr or run.stdout or "(no output)")
+                f"agent exited with status {run.returncode} after {run.seconds:.0f}s: {said}"
+                f"{_SHELL_HINTS.get(run.returncode, '')} (all of it in {STATE_DIR}/stderr.log and stdout.log"
+                " until the agent's next run)"
             )
-        if _git(ws, "symbolic-ref", "-q", "HEAD", check=False) != branch:
-            raise ProposalError("agent switched branches; the loop owns git (tell it not to run git commands)")
+        now = _git(ws, "symbolic-ref", "-q", "--short", "HEAD", check=False)
+        if now != branch:
+            # Back where the loop works: left on the agent's branch, the next experiment would be
+            # committed there, and a restarted engine refuses a workspace off its branch.
+            _git(ws, "checkout", "-q", "-f", branch or head)
+            raise ProposalError(
+                f"agent left the branch {branch} for {now or 'a detached HEAD'}; switched back"
+                + (f" (its commits stay on {now})" if now else "")
+                + ". The loop owns git: tell the agent not to run git commands"
+            )
+        if git_changed:
+            raise ProposalError(
+                f"agent changed git's own files ({', '.join(git_changed)}); put back as they were. The loop"
+                " owns git: tell the agent not to run git commands"
+            )
         if _git(ws, "rev-parse", "HEAD") != head:
             # It committed despite the rules (e.g. aider's auto-commit): keep the edit, drop the commits.
             _git(ws, "reset", "-q", "--mixed", head)
@@ -105,18 +147,28 @@ class AgentProposer:
         stats = _diff_stats(ws)
         if not stats:
             raise ProposalError(
-                f"agent exited 0 after {run.seconds:.0f}s but changed nothing; output: {run.stdout or run.stderr or '(none)'}"
+                f"agent exited 0 after {run.seconds:.0f}s but changed nothing; its last words:"
+                f" {_last_words(run.stdout) or _last_words(run.stderr) or '(none)'}; if it asked for permission to"
+                " edit, give [proposer.agent] command the flag that allows edits (README, Proposers)"
             )
-        described = _read_proposal_file(proposal_file)
+        tried = _tried(ws, _tree(ws))
+        if tried is not None:
+            how = next((f"{e.status}: {e.reason[:REASON_CHARS]}" if e.reason else e.status
+                        for e in ctx.history if e.number == tried), "in flight")
+            raise ProposalError(f"agent proposed the code of #{tried} again ({how}); try something not tried yet")
+        described, problem = _read_proposal_file(proposal_file)
+        hypothesis = described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)"
         return Proposal(
             description=described.get("description") or _describe_diff(ws, stats),
-            hypothesis=described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)",
+            hypothesis=hypothesis + _notes(problem, hidden),
             area=ctx.focus or "",
         )
 
     def _run(self, ws: Path, state: Path, prompt_file: Path, proposal_file: Path) -> _Run:
         command = self.settings.command.replace("{prompt_file}", shlex.quote(str(prompt_file)))
-        env = {**os.environ, "NIGHTLAB_PROMPT_FILE": str(prompt_file), "NIGHTLAB_PROPOSAL_FILE": str(proposal_file)}
+        token = uuid.uuid4().hex  # every process the agent starts inherits it, detached or not
+        env = {**os.environ, "NIGHTLAB_PROMPT_FILE": str(prompt_file), "NIGHTLAB_PROPOSAL_FILE": str(proposal_file),
+               RUN_TOKEN_ENV: token}
         out_path, err_path = state / "stdout.log", state / "stderr.log"
         start = time.monotonic()
         # Files, not pipes: a backgrounded grandchild holding a pipe open cannot block us.
@@ -139,23 +191,28 @@ class AgentProposer:
                             self.tick()
             finally:
                 # Always: on timeout, on a failing tick, and after a normal exit (leftover children).
-                kill_tree(proc.pid)
+                kill_tree(proc.pid, token)
                 proc.wait()
         return _Run(proc.returncode, timed_out, time.monotonic() - start, _tail(out_path), _tail(err_path))
 
 
-def kill_tree(pid: int, grace_s: float = KILL_GRACE_S) -> None:
+def kill_tree(pid: int, token: str | None = None, grace_s: float = KILL_GRACE_S) -> None:
     """Terminate `pid`, every descendant and its process group; SIGKILL what outlives `grace_s`.
 
     Descendants are listed before anything is signalled (once a parent dies its children are
     re-parented and no longer findable); the process group also catches children orphaned
-    earlier, and psutil catches those that started their own session.
+    earlier, and psutil catches those that started their own session. With `token`, also every
+    process whose environment holds it: one that left its session and was orphaned before we
+    looked (`setsid python train.py &`, a training left running beside the experiments).
     """
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         procs = []
+    if token is not None:
+        known = {p.pid for p in procs}
+        procs += [p for p in _tagged(token) if p.pid not in known]
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
     for p in procs:
@@ -166,6 +223,17 @@ def kill_tree(pid: int, grace_s: float = KILL_GRACE_S) -> None:
             p.kill()
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def _tagged(token: str) -> list[psutil.Process]:
+    """This user's processes whose environment holds the agent run's token."""
+    found = []
+    for p in psutil.process_iter(["uids"]):
+        with contextlib.suppress(psutil.Error):  # gone, a zombie, or not ours to read
+            uids = p.info["uids"]  # None when it may not be read
+            if uids is not None and uids.real == os.getuid() and p.environ().get(RUN_TOKEN_ENV) == token:
+                found.append(p)
+    return found
 
 
 def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
@@ -198,10 +266,92 @@ def _git(ws: Path, *args: str, check: bool = True) -> str:
 _NOT_STATE = ":(exclude).nightlab"
 
 
+def _git_files(ws: Path) -> dict[str, tuple[bytes, int]]:
+    """The files of git's own an agent could use against the loop, with their modes: a hook or
+    the config (core.fsmonitor, core.hooksPath) runs its code in every later git command of the
+    daemon's, and info/exclude hides files from the checks."""
+    gitdir = ws / ".git"
+    paths = [gitdir / "config", gitdir / "info" / "exclude"]
+    if (gitdir / "hooks").is_dir():  # the samples git never runs are not worth a word
+        paths += sorted(p for p in (gitdir / "hooks").iterdir() if p.suffix != ".sample")
+    return {p.relative_to(gitdir).as_posix(): (p.read_bytes(), p.stat().st_mode) for p in paths if p.is_file()}
+
+
+def _put_back(ws: Path, before: dict[str, tuple[bytes, int]]) -> list[str]:
+    """Restore git's own files as they were before the agent ran; the ones it changed."""
+    after = _git_files(ws)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    for name in changed:
+        path = ws / ".git" / name
+        if name in before:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the agent may have removed the folder
+            path.write_bytes(before[name][0])
+            path.chmod(before[name][1])
+        else:
+            path.unlink()
+    return changed
+
+
+def _tree(ws: Path) -> str:
+    """The tree the engine's commit of the working tree will have (it adds everything), made in a
+    copy of the index so the real one is not touched."""
+    with tempfile.TemporaryDirectory() as tmp:
+        index = Path(tmp) / "index"
+        if (ws / ".git" / "index").is_file():
+            shutil.copyfile(ws / ".git" / "index", index)  # its stat cache: no file is hashed twice
+        env = {**os.environ, "GIT_INDEX_FILE": str(index)}
+        for args in (("add", "--all", "--", ".", _NOT_STATE), ("write-tree",)):
+            done = subprocess.run(["git", *args], cwd=ws, env=env, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+
+def _tried(ws: Path, tree: str) -> int | None:
+    """The experiment whose commit holds exactly this tree (every one keeps a ref), if any."""
+    numbers = []
+    for line in _git(ws, "for-each-ref", "--format=%(tree) %(refname:lstrip=3)", EXP_REF_PREFIX).splitlines():
+        ref_tree, number = line.split(" ", 1)
+        if ref_tree == tree and number.isdigit():
+            numbers.append(int(number))
+    return min(numbers, default=None)
+
+
+def _notes(problem: str, hidden: list[str]) -> str:
+    """Said after the hypothesis, where the user reads it: a proposal file the agent meant to
+    write that could not be used, and the files it hid from git that were removed."""
+    notes = f" [{PROPOSAL_FILE} ignored: {problem}]" if problem else ""
+    shown = [p for p in hidden if not p.endswith(".pyc")]  # bytecode: any syntax check leaves it
+    if shown:
+        notes += (" [removed what the agent left where git ignores it, which the commit would not hold: "
+                  + ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "") + "]")
+    return notes
+
+
+def _ignored(ws: Path) -> set[str]:
+    """Files git ignores in the workspace (our state dir aside): what a commit leaves out."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--", ".", _NOT_STATE],
+        cwd=ws, capture_output=True, check=False,
+    ).stdout
+    return {os.fsdecode(p) for p in out.split(b"\0") if p}
+
+
+def _remove_new(ws: Path, paths: set[str]) -> list[str]:
+    """Remove what the agent left where git ignores it (a helper train.py imports, a checkpoint):
+    the commit would not hold it, so a run in this tree would see more than the commit has, and
+    a run elsewhere would not. The ignored files that were there before stay (a run's outputs)."""
+    removed = []
+    for path in sorted(paths):
+        with contextlib.suppress(OSError):  # a nested repository's folder, a file not ours to remove
+            (ws / path).unlink()
+            removed.append(path)
+    return removed
+
+
 def _diff_stats(ws: Path) -> dict[str, tuple[int, int]]:
     """{path: (lines added, lines removed)} against HEAD, untracked files included."""
     stats: dict[str, tuple[int, int]] = {}
-    for line in _git(ws, "diff", "--numstat", "HEAD", "--", ".", _NOT_STATE).splitlines():
+    # a file mode alone (`chmod +x train.py`) is no change: the run would repeat the best's code
+    for line in _git(ws, "-c", "core.fileMode=false", "diff", "--numstat", "HEAD", "--", ".", _NOT_STATE).splitlines():
         added, removed, path = line.split("\t", 2)
         stats[path] = (int(added) if added.isdigit() else 0, int(removed) if removed.isdigit() else 0)
     for path in _git(ws, "ls-files", "--others", "--exclude-standard", "--", ".", _NOT_STATE).splitlines():
@@ -213,29 +363,44 @@ def _diff_stats(ws: Path) -> dict[str, tuple[int, int]]:
 
 
 def _describe_diff(ws: Path, stats: dict[str, tuple[int, int]]) -> str:
-    """ "edit train.py: +3 −1 lines (MATRIX_LR, WARMUP_RATIO)" """
+    """ "edit train.py: +3 −1 lines (MATRIX_LR, WARMUP_RATIO)", "delete helper.py: ..." """
     added = sum(a for a, _ in stats.values())
     removed = sum(r for _, r in stats.values())
     diff = _git(ws, "diff", "-U0", "HEAD", "--", ".", _NOT_STATE)
     names = dict.fromkeys(m.group(1) for line in diff.splitlines() if (m := _ASSIGNED.match(line)))
-    text = f"edit {', '.join(sorted(stats))}: +{added} −{removed} lines"
+    deleted = set(_git(ws, "diff", "--name-only", "--diff-filter=D", "HEAD", "--", ".", _NOT_STATE).splitlines())
+    edited = sorted(set(stats) - deleted)
+    verbs = [f"{verb} {', '.join(paths)}" for verb, paths in (("edit", edited), ("delete", sorted(deleted))) if paths]
+    text = f"{', '.join(verbs)}: +{added} −{removed} lines"
     return text + (f" ({', '.join(names)})" if names else "")
 
 
-def _read_proposal_file(path: Path) -> dict[str, str]:
-    """The agent's own description and hypothesis; a missing or malformed file counts as none."""
+def _read_proposal_file(path: Path) -> tuple[dict[str, str], str]:
+    """The agent's own description and hypothesis, and why a file that is there could not be
+    used ("" when it was, or when there is none: writing it is optional)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+        with path.open("rb") as f:
+            raw = f.read(PROPOSAL_BYTES + 1)
+    except FileNotFoundError:
+        return {}, ""
+    except OSError as exc:
+        return {}, f"unreadable: {exc.strerror}"
+    if len(raw) > PROPOSAL_BYTES:
+        return {}, f"over {PROPOSAL_BYTES // 1000} kB"
+    try:
+        data = json.loads(raw.decode("utf-8", "replace"))
+    except ValueError as exc:
+        return {}, f"not valid JSON: {exc}"
     if not isinstance(data, dict):
-        return {}
+        return {}, 'not a JSON object {"description": ..., "hypothesis": ...}'
     # JSON may hold a lone surrogate ("\udcff") that no store, log or chat can encode: "?" instead
     found = {k: " ".join(data[k].encode("utf-8", "replace").decode("utf-8").split())
              for k in ("description", "hypothesis") if isinstance(data.get(k), str)}
     if "description" in found:
         found["description"] = found["description"][:200]
-    return found
+    if "hypothesis" in found:
+        found["hypothesis"] = found["hypothesis"][:HYPOTHESIS_CHARS]
+    return found, ""
 
 
 def _tail(path: Path) -> str:
@@ -244,7 +409,14 @@ def _tail(path: Path) -> str:
         return f.read().decode("utf-8", errors="replace").strip()
 
 
+def _last_words(text: str) -> str:
+    """The last lines of an agent's output joined into one line, cut from the front."""
+    lines, chars = LAST_WORDS
+    said = " | ".join([" ".join(line.split()) for line in text.splitlines() if line.strip()][-lines:])
+    return said if len(said) <= chars else "…" + said[-chars:]
+
+
 def _last_paragraph(text: str) -> str:
     """An agent's closing words usually say what it changed and why: a fair hypothesis."""
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    return " ".join(paragraphs[-1].split())[:500] if paragraphs else ""
+    return " ".join(paragraphs[-1].split())[:HYPOTHESIS_CHARS] if paragraphs else ""

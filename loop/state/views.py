@@ -304,16 +304,22 @@ def report_markdown(workspace: Path) -> str:
     span = rows[-1].finished_at - (rows[0].started_at or rows[0].finished_at)
     best_exp, best = _best(rows)
     found = night_gain(store, rows)
-    out += [
-        f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}; the baseline's runs and the"
-        " repeats (re-runs of a result, re-measurements of the best) measure the noise",
-        f"- baseline {name}: {_fmt(found[0] if found else None)}",
-        f"- best {name}: {_fmt(best)}"
-        + (f" (#{best_exp.number}, `{best_exp.commit[:7]}`)" if best_exp else ""),
-        f"- gain: {_gain_text(found) or '—'} (± one standard error; positive = better)",
-        "",
-        "## Top improvements",
-    ]
+    if all(e.metric is None for e in rows):  # what to do, not a baseline, a best and a gain of "—"
+        out += [f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}",
+                f"- no {name} yet: all {len(rows)} experiments failed before giving one (see What"
+                " did not work); `nightlab train --config FILE` runs one and shows all its output"]
+    else:
+        gain = ("none yet, the best is the baseline" if best_exp is not None and best_exp.kind == "baseline"
+                else f"{_gain_text(found) or '—'} (± one standard error; positive = better)")
+        out += [
+            f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}; the baseline's runs and the"
+            " repeats (re-runs of a result, re-measurements of the best) measure the noise",
+            f"- baseline {name}: {_fmt(found[0] if found else None)}",
+            f"- best {name}: {_fmt(best)}"
+            + (f" (#{best_exp.number}, `{best_exp.commit[:7]}`)" if best_exp else ""),
+            f"- gain: {gain}",
+        ]
+    out += ["", "## Top improvements"]
     top = improvements(rows, store.get(DIRECTION_KEY, "minimize"))[:10]
     if top:
         out += ["", f"| # | commit | {name} | gain | confidence | held-out gain | description |",

@@ -50,3 +50,17 @@ def test_bigger_is_better_and_bad_input(workspace: Path, tmp_path: Path, capsys)
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert "expected a number of 1 or more, got 0" in err or "invalid choice: 'kept'" in err
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--kept-only", "--status", "crash"], "nightlab history: error: argument --status: not allowed with argument --kept-only"),
+    (["--top", "3", "--status", "crash"], "nightlab: --top ranks results and a crash has none; leave out --top to list the crashes"),
+])
+def test_filters_that_contradict_are_refused_in_one_line(workspace: Path, capsys, args: list[str], said: str) -> None:
+    # were answered as if half of it was not asked: the kept ones, or "no crash experiments yet"
+    try:
+        code = cli.main(["history", "--workspace", str(workspace), *args])
+    except SystemExit as exit_:  # the parser's own refusal
+        code = exit_.code
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == said

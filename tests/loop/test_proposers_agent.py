@@ -110,7 +110,7 @@ def test_tick_failure_kills_the_agent_and_propagates(ws: Path, tmp_path_factory:
 
 
 def test_agent_that_changes_nothing_is_a_proposal_error(ws: Path) -> None:
-    with pytest.raises(ProposalError, match="changed nothing.*nothing worth changing"):
+    with pytest.raises(ProposalError, match="changed nothing.*nothing worth changing.*the flag that allows edits"):
         agent("agent_noop.py").propose(ctx(ws))
 
 
@@ -139,6 +139,135 @@ def test_a_proposal_file_with_a_lone_surrogate_is_read_as_text_the_ledger_can_st
 
     path = tmp_path / "proposal.json"
     path.write_text('{"description": "LR \\udcff up", "hypothesis": "why \\ud800"}', encoding="utf-8")
-    found = _read_proposal_file(path)
-    assert found == {"description": "LR ? up", "hypothesis": "why ?"}
+    found, problem = _read_proposal_file(path)
+    assert found == {"description": "LR ? up", "hypothesis": "why ?"} and problem == ""
     ledger.new_candidate(Store.for_workspace(tmp_path), "proposal", "base", **found)  # raised UnicodeEncodeError
+
+
+def test_a_huge_proposal_file_gives_a_hypothesis_git_can_commit(ws: Path) -> None:
+    from nightlab.loop.ratchet import Git
+
+    proposal = agent("agent_misbehave.py", "huge-proposal").propose(ctx(ws))
+    assert proposal.description == "deeper" and proposal.hypothesis.startswith("because because")
+    # the engine's commit message; a 960 kB hypothesis was "Argument list too long" and killed the engine
+    Git(ws).commit_all(f"#3: {proposal.description}\n\n{proposal.hypothesis}")
+
+
+def test_an_agent_failing_with_pages_of_stderr_is_said_in_one_line_ending_with_its_last_words(ws: Path) -> None:
+    with pytest.raises(ProposalError) as failed:
+        agent("agent_misbehave.py", "long-stderr").propose(ctx(ws))
+    said = str(failed.value)
+    assert "\n" not in said and len(said) < 600, said  # was 1,500 characters over 17 lines, cut mid-line
+    assert said.startswith("agent exited with status 3 after ")
+    assert "Error: 429 rate limit exceeded; try again in 30s" in said
+    assert ".nightlab/agent/stderr.log" in said  # where the whole of it is
+
+
+def test_an_agent_the_shell_cannot_start_is_said_with_what_to_fix(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    script = tmp_path_factory.mktemp("agents") / "agent.sh"
+    script.write_text("#!/bin/sh\necho hi\n")  # never made executable
+    for command, expected in (
+        ("nightlab-test-no-such-agent -p {prompt_file}", r"status 127 .*not found.*install the agent or fix"),
+        (str(script), r"status 126 .*Permission denied.*make it executable or fix"),
+    ):
+        with pytest.raises(ProposalError, match=expected + r" \[proposer.agent\] command"):
+            AgentProposer(AgentSettings(command=command, timeout=30.0)).propose(ctx(ws))
+
+
+def test_a_proposal_file_that_cannot_be_used_is_said_in_the_hypothesis(ws: Path) -> None:
+    proposal = agent("agent_misbehave.py", "bad-json").propose(ctx(ws))
+    assert proposal.description == "edit train.py: +1 −1 lines (DEPTH)"  # from the diff, as before
+    assert proposal.hypothesis.startswith("(the agent gave no hypothesis) [.nightlab/agent/proposal.json ignored:"
+                                          " not valid JSON: Expecting value"), proposal.hypothesis
+
+
+def test_a_proposal_file_over_a_megabyte_is_not_read(tmp_path: Path) -> None:
+    from nightlab.loop.proposers.agent import _read_proposal_file
+
+    path = tmp_path / "proposal.json"
+    path.write_text('{"description": "' + "x" * 2_000_000 + '"}')
+    assert _read_proposal_file(path) == ({}, "over 1000 kB")
+    assert _read_proposal_file(tmp_path / "none.json") == ({}, "")  # writing one is optional
+
+
+@pytest.mark.parametrize("mode", ["switch-branch", "detach"])
+def test_an_agent_that_leaves_the_branch_is_refused_and_the_workspace_put_back(ws: Path, mode: str) -> None:
+    head = git(ws, "rev-parse", "HEAD")
+    with pytest.raises(ProposalError, match="agent left the branch autoresearch/test .*; switched back"):
+        agent("agent_misbehave.py", mode).propose(ctx(ws))
+    # left there, the next experiment was made on the agent's branch and a restarted engine refused the workspace
+    assert git(ws, "symbolic-ref", "--short", "HEAD").strip() == "autoresearch/test"
+    assert git(ws, "rev-parse", "HEAD") == head
+
+
+def test_what_an_agent_leaves_in_git_ignored_places_is_removed_and_said(ws: Path) -> None:
+    with (ws / ".git/info/exclude").open("a") as exclude:
+        exclude.write("__pycache__/\n")
+    (ws / "__pycache__").mkdir()
+    (ws / "__pycache__/prepare.cpython-311.pyc").write_bytes(b"\0")  # an earlier run's: not the agent's
+    proposal = agent("agent_misbehave.py", "hide-ignored").propose(ctx(ws))
+    # the commit would not hold them, so the run must not see them either
+    assert sorted(p.name for p in (ws / "__pycache__").iterdir()) == ["prepare.cpython-311.pyc"]
+    assert proposal.hypothesis.endswith(
+        "[removed what the agent left where git ignores it, which the commit would not hold: __pycache__/helper.py]"
+    ), proposal.hypothesis
+    assert (ws / ".nightlab/agent/prompt.md").is_file()  # our own state stays
+
+
+def test_an_agent_that_only_changes_a_file_mode_changed_nothing(ws: Path) -> None:
+    with pytest.raises(ProposalError, match="changed nothing; its last words: made it executable"):
+        agent("agent_misbehave.py", "chmod").propose(ctx(ws))  # was a run of the best's code as "+0 −0 lines"
+
+
+def test_an_agent_that_changes_gits_own_files_is_refused_and_they_are_put_back(ws: Path) -> None:
+    exclude = (ws / ".git/info/exclude").read_bytes()
+    with pytest.raises(ProposalError, match=r"agent changed git's own files \(config, hooks/post-commit,"
+                                            r" info/exclude\); put back as they were"):
+        agent("agent_misbehave.py", "git-own-files").propose(ctx(ws))
+    # left there, every git command of the daemon's ran the agent's code
+    assert not (ws / ".git/hooks/post-commit").exists()
+    assert subprocess.run(["git", "config", "core.fsmonitor"], cwd=ws, check=False).returncode == 1
+    assert (ws / ".git/info/exclude").read_bytes() == exclude
+    git(ws, "commit", "-qam", "a commit runs no hook")
+    assert not (ws / "hooked").exists() and not (ws / "fsmonitored").exists()
+
+
+def test_an_agent_that_proposes_code_already_tried_is_refused_with_how_it_went(ws: Path) -> None:
+    (ws / "train.py").write_text(TRAIN.replace("DEPTH = 8", "DEPTH = 10"))
+    git(ws, "commit", "-qam", "#2: DEPTH 8→10")
+    git(ws, "update-ref", "refs/nightlab/exp/2", "HEAD")
+    git(ws, "reset", "-q", "--hard", "HEAD~1")  # discarded: the best is the baseline again
+    with pytest.raises(ProposalError, match=r"agent proposed the code of #2 again \(crash: rejected by the harness:"
+                                            r" not causal: the model looks ahead\); try something not tried yet"):
+        agent("agent_misbehave.py", "deeper").propose(ctx(ws))  # was a whole run spent on a known result
+    assert git(ws, "status", "--porcelain") == " M train.py\n"  # the index is not touched; the engine resets the tree
+
+
+def test_an_agent_that_deletes_the_file_is_described_as_deleting_it(ws: Path) -> None:
+    proposal = agent("agent_misbehave.py", "delete-train").propose(ctx(ws))
+    # was "edit train.py: +0 −5 lines (...)"
+    assert proposal.description == "delete train.py: +0 −5 lines (DEPTH, MATRIX_LR, WARMUP_RATIO)"
+
+
+def test_what_an_agent_leaves_running_in_the_background_is_killed(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    pid_file = tmp_path_factory.mktemp("pids") / "pid"
+    agent("agent_misbehave.py", "background", str(pid_file)).propose(ctx(ws))
+    pid = int(pid_file.read_text())
+    try:  # it left the agent's session and outlived it: found by the agent's environment
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if psutil.pid_exists(pid):
+            psutil.Process(pid).kill()
+
+
+def test_an_agent_that_times_out_is_said_with_its_last_words(ws: Path) -> None:
+    # what it was waiting for is what to fix (a question, a permission, a login)
+    with pytest.raises(ProposalError, match=r"timed out after 2s .*; its last words: Apply these edits to train.py\? \[y/N\]"):
+        agent("agent_misbehave.py", "asks", timeout=2.0).propose(ctx(ws))
+
+
+def test_an_agent_that_removes_gits_hooks_folder_has_it_put_back(ws: Path) -> None:
+    (ws / ".git/hooks/pre-push").write_text("#!/bin/sh\nexit 0\n")  # the user's own hook
+    with pytest.raises(ProposalError, match=r"agent changed git's own files \(hooks/pre-push"):
+        agent("agent_misbehave.py", "rm-hooks").propose(ctx(ws))
+    assert (ws / ".git/hooks/pre-push").read_text() == "#!/bin/sh\nexit 0\n"

@@ -147,3 +147,16 @@ def test_a_workspace_keeps_one_store(tmp_path: Path) -> None:
     ws = open_workspace(settings.workspace_path, settings)
     assert ws.store is ws.store  # not a new connection (and schema run) per access
     assert ws.store.connection() is ws.store.connection()
+
+
+def test_coding_agents_session_files_are_ignored_even_in_a_workspace_made_before(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    repo = settings.workspace_path
+    exclude = repo / ".git/info/exclude"
+    # as an older nightlab wrote it: aider then adds `.aider*` and `.env` to .gitignore on every run
+    # (unless git ignores both already), and a change to .gitignore rejects the whole proposal
+    exclude.write_text("".join(line for line in exclude.read_text().splitlines(keepends=True)
+                               if "aider" not in line and "env" not in line))
+    init_workspace(repo, "test", settings, say=lambda _: None)
+    for name in (".aider.chat.history.md", ".aider.tags.cache.v4/x", ".env"):
+        assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", name], check=False).returncode == 0, name

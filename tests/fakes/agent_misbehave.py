@@ -1,0 +1,80 @@
+"""Fake coding agent that misbehaves the way real ones do, one way per run: `agent_misbehave.py MODE`.
+
+Every mode but the failing ones first makes a real edit to train.py (DEPTH 8→10), so what is
+checked is how the proposer treats the misbehaviour, not an empty change.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def edit() -> None:
+    src = Path("train.py").read_text()
+    Path("train.py").write_text(re.sub(r"^DEPTH = .*$", "DEPTH = 10", src, count=1, flags=re.MULTILINE))
+
+
+def proposal(text: str) -> None:
+    Path(os.environ["NIGHTLAB_PROPOSAL_FILE"]).write_text(text)
+
+
+mode = sys.argv[1]
+if mode == "huge-proposal":  # a runaway model pasting its whole context into the hypothesis
+    edit()
+    proposal(json.dumps({"description": "deeper", "hypothesis": "because " * 120_000}))
+elif mode == "bad-json":  # cut off mid-write
+    edit()
+    proposal('{"description": "deeper", "hypothesis": ')
+elif mode == "deeper":  # a plain edit, the same every time: an agent repeating itself
+    edit()
+    print("DEPTH 8 -> 10")
+elif mode == "delete-train":  # "it was redundant"
+    os.remove("train.py")
+    print("Removed train.py: it was redundant.")
+elif mode == "background":  # "let me check it trains": detached, left running after the agent exits
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    Path(sys.argv[2]).write_text(str(sleeper.pid))
+    edit()
+elif mode == "asks":  # waits for a yes nobody will type
+    print("Apply these edits to train.py? [y/N]", flush=True)
+    time.sleep(600)
+elif mode == "rm-hooks":  # "cleaned up the repository"
+    import shutil
+
+    shutil.rmtree(".git/hooks")
+    edit()
+elif mode == "long-stderr":  # a provider error after pages of retries and a traceback
+    for i in range(3000):
+        print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)
+    print("Error: 429 rate limit exceeded; try again in 30s", file=sys.stderr)
+    sys.exit(3)
+elif mode == "switch-branch":  # works on a branch of its own and leaves the workspace there
+    subprocess.run(["git", "checkout", "-qb", "agent-experiment"], check=True)
+    edit()
+    subprocess.run(["git", "commit", "-qam", "agent: deeper"], check=True)
+elif mode == "detach":
+    subprocess.run(["git", "checkout", "-q", "--detach"], check=True)
+    edit()
+elif mode == "hide-ignored":  # a helper where git does not look, which train.py imports
+    Path("__pycache__").mkdir(exist_ok=True)
+    Path("__pycache__/helper.py").write_text("BONUS = -0.5\n")
+    Path("__pycache__/train.cpython-311.pyc").write_bytes(b"\0")  # what a syntax check leaves
+    src = Path("train.py").read_text()
+    Path("train.py").write_text(src + "import sys\nsys.path.insert(0, '__pycache__')\nfrom helper import BONUS\n")
+elif mode == "chmod":  # "made train.py executable", nothing else
+    os.chmod("train.py", 0o755)
+    print("made it executable")
+elif mode == "git-own-files":  # code the daemon's git would run later, and a file hidden from it
+    hook = Path(".git/hooks/post-commit")
+    hook.write_text("#!/bin/sh\ntouch hooked\n")
+    hook.chmod(0o755)
+    subprocess.run(["git", "config", "core.fsmonitor", "touch fsmonitored"], check=True)
+    with open(".git/info/exclude", "a") as exclude:
+        exclude.write("notes.md\n")
+    edit()
+else:
+    sys.exit(f"unknown mode {mode}")
