@@ -22,7 +22,6 @@ from nightlab.loop.state.store import Store
 
 RESULTS_TSV = "results.tsv"
 AUTORESEARCH_JSONL = "autoresearch.jsonl"
-PHASES = ("proposing", "committed", "running", "finished", "recorded", "done")
 
 
 @dataclass(frozen=True, order=True)
