@@ -37,7 +37,7 @@ class HardwareClass:
 class Candidate:
     id: int
     number: int
-    kind: str  # baseline | proposal | confirm
+    kind: str  # baseline | proposal | confirm | rebase
     confirm_of: int | None
     phase: str
     base_commit: str
