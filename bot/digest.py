@@ -126,9 +126,9 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
     return text_message(*spans)
 
 
-def _num(value: Any, digits: int = 4) -> str:
+def _num(value: Any) -> str:
     try:
-        return f"{float(value):.{digits}f}"
+        return f"{float(value):.4f}"
     except (TypeError, ValueError):
         return str(value)
 

@@ -142,12 +142,12 @@ class Flavour:
             if piece:
                 yield piece, piece_cost
 
-    def pack(self, bodies: Sequence[str], sep: str = "\n\n") -> list[str]:
+    def pack(self, bodies: Sequence[str]) -> list[str]:
         """Join rendered messages into as few messages as fit, never cutting one in two."""
         out: list[str] = []
         current = ""
         for body in bodies:
-            joined = f"{current}{sep}{body}" if current else body
+            joined = f"{current}\n\n{body}" if current else body
             if current and utf16_len(joined) > self.limit:
                 out.append(current)
                 joined = body

@@ -58,7 +58,6 @@ class BotService:
         *,
         channels: Sequence[Channel] | None = None,
         tuning: Tuning = DEFAULT_TUNING,
-        poll_interval_s: float = POLL_INTERVAL_S,
         refusals: Refusals | None = None,
     ) -> None:
         self.settings = settings
@@ -66,7 +65,6 @@ class BotService:
         self.channels = list(channels) if channels is not None else build_channels(settings, secrets)
         self._secrets = [*secrets.values(), *environment_secrets()]
         self._tuning = tuning
-        self._poll = poll_interval_s
         self._refusals = refusals
         self.ready = threading.Event()  # set once every channel is connected and the pump runs
         self._thread: threading.Thread | None = None
@@ -198,5 +196,5 @@ class BotService:
             if not self.ready.is_set() and all(ev.is_set() for ev in connected):
                 self.ready.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self._poll)
+                await asyncio.wait_for(wake.wait(), POLL_INTERVAL_S)
             wake.clear()

@@ -12,7 +12,7 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
                 beyond that the loop is paused and an alert raised instead. A paused engine is
                 watched too: it still ticks at every checkpoint (it has to, to hear /resume), so a
                 paused engine that stops ticking is frozen, and only a restart gets /resume heard.
-- check_host:   free disk under min_free_disk_gb -> pause + alert (once per episode); GPU status.
+- check_host:   free disk under min_free_disk_gb -> pause + alert (once per episode).
 - notify:       systemd STATUS= every beat, WATCHDOG=1 only while the checks above are passing.
 - daily_report: a `report` event at report_time.
 """
@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psutil
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from nightlab.heartbeat.engine_child import ENGINE_STOP_GRACE_S, EngineProcess
-from nightlab.heartbeat.health import free_disk_gb, gpu_report
+from nightlab.heartbeat.health import free_disk_gb
 from nightlab.heartbeat.report import write_report
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors import Executor, RunHandle
@@ -239,21 +238,6 @@ class Heartbeat:
             self.store.emit("alert", text=text)
             log.error("%s", text)
         self._low_disk = bool(low)
-        self.store.set("host.gpus", gpu_report(self._own_pids()))
-
-    def _own_pids(self) -> set[int]:
-        roots = [RunHandle.from_json(r.handle).pid for r in ledger.running_runs(self.store)]
-        roots = [pid for pid in roots if pid > 0]  # a cluster job has no pid here
-        if self.engine.pid is not None:
-            roots.append(self.engine.pid)
-        pids: set[int] = set()
-        for pid in roots:
-            try:
-                proc = psutil.Process(pid)
-                pids.update([pid, *(c.pid for c in proc.children(recursive=True))])
-            except psutil.NoSuchProcess:
-                continue
-        return pids
 
     # -- systemd ---------------------------------------------------------------------------------
     def healthy(self) -> bool:

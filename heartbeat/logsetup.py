@@ -46,14 +46,14 @@ class DaemonFormatter(logging.Formatter):
         return text
 
 
-def setup_logging(secrets: Iterable[Secret] = (), level: int = logging.INFO) -> None:
+def setup_logging(secrets: Iterable[Secret]) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(DaemonFormatter(bool(os.environ.get("JOURNAL_STREAM")), secrets))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(logging.INFO)
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in _QUIET:

@@ -26,8 +26,8 @@ class Notifier:
     watchdog_usec: int | None = None  # None: no WatchdogSec= in the unit
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str] | None = None, unset: bool = True) -> Notifier:
-        """Read the socket and watchdog settings; by default remove them so children don't see them."""
+    def from_environ(cls, environ: MutableMapping[str, str] | None = None) -> Notifier:
+        """Read the socket and watchdog settings, and remove them so children don't see them."""
         env = os.environ if environ is None else environ
         address = env.get("NOTIFY_SOCKET") or None
         usec: int | None = None
@@ -36,9 +36,8 @@ class Notifier:
         # inherited the variables by accident and must not ping.
         if raw_usec.isdigit() and int(raw_usec) > 0 and (not raw_pid or raw_pid == str(os.getpid())):
             usec = int(raw_usec)
-        if unset:
-            for name in _SYSTEMD_VARS:
-                env.pop(name, None)
+        for name in _SYSTEMD_VARS:
+            env.pop(name, None)
         return cls(address, usec)
 
     @property

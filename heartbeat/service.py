@@ -16,7 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
-from nightlab.loop.state.config import SecretRef, Settings, load_settings
+from nightlab.loop.state.config import Settings, load_settings, secret_refs
 from nightlab.loop.state.errors import UserError
 
 UNIT_NAME = "nightlab.service"
@@ -85,24 +85,15 @@ def _etc_dir(user: bool) -> Path:
     return Path.home() / ".config/nightlab" if user else Path("/etc/nightlab")
 
 
-def _secret_refs(settings: Settings) -> list[SecretRef]:
-    refs: list[SecretRef] = []
-    if settings.telegram is not None:
-        refs.append(settings.telegram.token)
-    if settings.slack is not None:
-        refs += [settings.slack.bot_token, settings.slack.app_token]
-    return refs
-
-
 def _credential_names(settings: Settings) -> list[str]:
-    return [ref.file[len(_CREDENTIALS_PREFIX):] for ref in _secret_refs(settings)
+    return [ref.file[len(_CREDENTIALS_PREFIX):] for _, ref in secret_refs(settings)
             if ref.file.startswith(_CREDENTIALS_PREFIX)]
 
 
 def _secret_steps(settings: Settings, user: bool) -> list[str]:
     etc = _etc_dir(user)
     steps = []
-    for ref in _secret_refs(settings):
+    for _, ref in secret_refs(settings):
         if ref.env:
             steps.append(f"  put {ref.env}=... in {etc / 'nightlab.env'} (chmod 600)")
     for name in _credential_names(settings):

@@ -23,9 +23,9 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from nightlab.loop.state.config import BUDGET_STEPS_ENV, HARNESS_ENV
+from nightlab.loop.state.store import Store
 from nightlab.trainer.profiles import DTYPE_ENV, Gpu, Machine
 
 # POSIX sh, one output line per GPU ("gpu: <name>"), or one "cpu: <model>" line. CUDA_VISIBLE_DEVICES
@@ -85,7 +85,7 @@ def setting_of(run_command: str, env: dict[str, str]) -> str:
 SETTING_KEY = "setting."  # kv['setting.<digest>'] = {"command", "env"}: what a setting digest stands for
 
 
-def record_setting(store: Any, run_command: str, env: dict[str, str]) -> str:
+def record_setting(store: Store, run_command: str, env: dict[str, str]) -> str:
     """The setting's digest, with the values behind it kept in the store (readable later)."""
     digest = setting_of(run_command, env)
     store.set(SETTING_KEY + digest, {"command": run_command, "env": dict(sorted(env.items()))})

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nightlab.loop.decision import HELDOUT_GAIN, suspect
+from nightlab.loop.decision import HELDOUT_GAIN, gain, suspect
 from nightlab.loop.state.store import state_dir
 from nightlab.loop.workspace import Workspace
 
@@ -53,7 +53,7 @@ class SecondOpinion:
 
     @property
     def gain(self) -> float:
-        return self.base - self.kept if self.direction == "minimize" else self.kept - self.base
+        return gain(self.kept, self.base, self.direction)
 
     @property
     def suspect(self) -> bool:

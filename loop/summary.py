@@ -22,8 +22,12 @@ _REJECTED_LINE = re.compile(r"^REJECTED:\s*(.+?)\s*$")
 @dataclass(frozen=True)
 class Summary:
     metrics: dict[str, float] = field(default_factory=dict)
-    complete: bool = False  # a `---` block or METRIC lines with at least one figure were found
     rejected: str | None = None  # why the harness refused the run's model (the last REJECTED line)
+
+    @property
+    def complete(self) -> bool:
+        """A `---` block or METRIC lines gave at least one figure."""
+        return bool(self.metrics)
 
     def get(self, name: str) -> float | None:
         return self.metrics.get(name)
@@ -43,26 +47,16 @@ def _number(text: str) -> float | None:
 
 def parse_summary(text: str) -> Summary:
     lines = text.splitlines()
-    metrics: dict[str, float] = {}
-    complete = False
+    figures: list[tuple[str, str]] = []
     # The last `---` starts the summary block: earlier ones may be part of the user's output.
     start = max((i for i, line in enumerate(lines) if line.strip() == "---"), default=None)
     if start is not None:
-        for line in lines[start + 1 :]:
-            match = _SUMMARY_LINE.match(line.strip())
-            if match:
-                value = _number(match.group(2))
-                if value is not None:
-                    metrics[match.group(1)] = value
-                    complete = True
+        figures += [(m[1], m[2]) for line in lines[start + 1 :] if (m := _SUMMARY_LINE.match(line.strip()))]
     rejected = None
     for line in lines:
-        match = _METRIC_LINE.match(line.strip())
-        if match:
-            value = _number(match.group(2))
-            if value is not None:
-                metrics[match.group(1)] = value
-                complete = True
+        if match := _METRIC_LINE.match(line.strip()):
+            figures.append((match[1], match[2]))  # after the block's: a METRIC line wins
         elif rejection := _REJECTED_LINE.match(line):
             rejected = rejection.group(1)
-    return Summary(metrics=metrics, complete=complete, rejected=rejected)
+    metrics = {name: value for name, raw in figures if (value := _number(raw)) is not None}
+    return Summary(metrics=metrics, rejected=rejected)

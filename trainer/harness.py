@@ -335,11 +335,11 @@ class Budget:
     counted: float = 0.0  # seconds counted against `seconds` (steps after `untimed`)
 
     @classmethod
-    def from_env(cls, environ=os.environ) -> Budget:
-        if not environ.get(ENV_BUDGET_STEPS, "").strip():
+    def from_env(cls) -> Budget:
+        if not os.environ.get(ENV_BUDGET_STEPS, "").strip():
             return cls(seconds=TIME_BUDGET)
         # every step counts: a step budget has no clock to protect from warm-up
-        return cls(seconds=TIME_BUDGET, steps=prepare._env_int(environ, ENV_BUDGET_STEPS, 1), untimed=0)
+        return cls(seconds=TIME_BUDGET, steps=prepare._env_int(os.environ, ENV_BUDGET_STEPS, 1), untimed=0)
 
     @property
     def progress(self) -> float:
@@ -528,9 +528,9 @@ class Runtime:
         return out
 
 
-def artifact_dir(environ=os.environ) -> Path:
+def artifact_dir() -> Path:
     """Where a run's trained model goes: $NIGHTLAB_ARTIFACT_DIR, else .nightlab/artifact in the cwd."""
-    raw = environ.get(prepare.ENV_ARTIFACT_DIR, "").strip()
+    raw = os.environ.get(prepare.ENV_ARTIFACT_DIR, "").strip()
     return Path(raw) if raw else Path(prepare.DEFAULT_ARTIFACT_DIR)
 
 

@@ -136,12 +136,9 @@ def get_data_dir(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def harness_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The harness values to record with a run.
-
-    With no argument: the values in force in this process. With an environment mapping:
-    the values a trainer started with that environment will use (what the daemon records
-    before it launches a run); a bad value raises PrepareError naming the variable.
-    """
+    """The harness values a trainer started with `environ` would use (no argument: this process's);
+    a bad value raises PrepareError naming the variable. Read by nothing at run time: the tests hold
+    the profiles' and the config's environments to what the harness accepts with it."""
     if environ is None:
         seq_len, budget, eval_tokens = MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS
     else:

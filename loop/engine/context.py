@@ -52,11 +52,11 @@ class Context:
         # always did. Several slots, or a cluster (its nodes see only the shared filesystem): each
         # candidate runs in its own snapshot (a worktree at its commit), the workspace stays at the
         # wave's base, and the branch moves only when a wave is decided.
-        self.in_place = len(self.slots) == 1 and getattr(executor, "backend", "local") == "local"
+        self.in_place = len(self.slots) == 1 and executor.backend == "local"
         self.asynchronous = settings.loop.mode == "async" and not self.in_place
         self.max_experiments: int | None = None
-        shared = getattr(executor, "shared_dir", None)
-        self.run_root = state_dir(ws.path) if shared is None else Path(shared) / _run_dir_name(ws)
+        shared = executor.shared_dir
+        self.run_root = state_dir(ws.path) if shared is None else shared / _run_dir_name(ws)
         # A slot's hardware as its last recorded run saw it (for pins to a class on slots that are
         # not probed ahead): kept here as experiments are recorded, not re-read at every step.
         self.slot_hardware: dict[str, str] = {}

@@ -91,7 +91,7 @@ class Engine:
                 if ledger.paused(store) is not None:
                     self.stop.wait(ctx.settings.loop.checkpoint_interval)
                     continue
-                planning.new_wave(ctx, max_experiments)
+                planning.new_wave(ctx)
                 busy = True
                 continue
             busy = self.step(open_)

@@ -23,7 +23,7 @@ from nightlab.loop.engine import planning
 from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.executors import RunHandle
-from nightlab.loop.executors.runfiles import run_hardware
+from nightlab.loop.executors.runfiles import ended_at, run_hardware
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
 from nightlab.loop.second_opinion import SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
@@ -138,7 +138,7 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
     if (verdict.status == "keep" or verdict.needs_confirm) and ctx.settings.project.checks_command:
         verdict = checks(ctx, verdict, ctx.run_dir(cand), best)
     started = started_at(run.log_path) or run.started_at
-    finished_at = _mtime(f"{run.log_path}.exit") or run.finished_at or time.time()
+    finished_at = ended_at(run.log_path) or run.finished_at or time.time()
     c = verdict.comparison
     return Outcome(
         status=verdict.status, metric=verdict.metric, best_after=verdict.best_after, reason=verdict.reason,
@@ -206,10 +206,3 @@ def _repeat_groups(rows: list[Experiment], judged: Judged, cls: HardwareClass, h
     commits = {e.commit for e in rows if e.hardware_class == cls and e.metric is not None}
     commits |= {o.commit for o in judged if o is not None and o.hardware == hw and o.commit}
     return [measured(c) for c in sorted(commits)]
-
-
-def _mtime(path: str) -> float | None:
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return None

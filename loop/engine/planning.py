@@ -56,13 +56,13 @@ def current_wave(ctx: Context, open_: list[Candidate]) -> Wave:
     return Wave.from_json(data) if data else Wave(open_[0].base_commit, "", len(open_))
 
 
-def new_wave(ctx: Context, max_experiments: int | None) -> None:
+def new_wave(ctx: Context) -> None:
     """The next wave from the best commit, and its first member."""
     head = ctx.git.head()
     rows = ledger.experiments(ctx.store)
     size = len(ctx.slots)
-    if max_experiments is not None:
-        size = max(1, min(size, max_experiments - len(rows)))
+    if ctx.max_experiments is not None:
+        size = max(1, min(size, ctx.max_experiments - len(rows)))
     wave = plan(ctx, rows, head)
     if wave.kind == "baseline":
         size = min(size, len(wave.pins))

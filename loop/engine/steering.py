@@ -7,7 +7,6 @@ the engine's only contact with it.
 from __future__ import annotations
 
 from nightlab.loop.state import ledger, steering
-from nightlab.loop.state.ledger import Candidate
 from nightlab.loop.state.store import Store
 
 
@@ -17,17 +16,14 @@ class Control:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def _in_flight(self) -> list[tuple[Candidate, ledger.RunRecord]]:
-        return [(ledger.get_candidate(self.store, r.candidate_id), r) for r in ledger.running_runs(self.store)]
-
     def running_numbers(self) -> list[int]:
-        return [cand.number for cand, _ in self._in_flight()]
+        return steering.running_numbers(self.store)
 
     def kill(self, number: int, reason: str) -> bool:
         """Mark the run (durably, inside the command's transaction); the next poll cancels it, so a
         kill interrupted by a crash is still carried out after the restart."""
-        for cand, run in self._in_flight():
-            if cand.number == number:
+        for run in ledger.running_runs(self.store):
+            if ledger.get_candidate(self.store, run.candidate_id).number == number:
                 return ledger.mark_kill(self.store, run.id, reason)
         return False
 

@@ -53,6 +53,14 @@ def run_hardware(log_path: Path | str) -> str:
         return ""
 
 
+def ended_at(log_path: Path | str) -> float | None:
+    """When the command ended (its exit file's mtime), None if it has not (or left no status)."""
+    try:
+        return exit_file(log_path).stat().st_mtime
+    except OSError:
+        return None
+
+
 def read_exit_code(log_path: Path | str) -> int | None:
     try:
         return int(exit_file(log_path).read_text().strip())

@@ -101,7 +101,7 @@ class SlurmExecutor:
         self.env = env  # the environment of the Slurm commands (None: ours; tests set SLURM_CONF)
         self._snapshot: dict[str, JobState] = {}
         self._snapshot_at = -math.inf
-        self.squeue_calls = 0  # for tests and the benchmark: polls are batched
+        self.squeue_calls = 0  # the tests check that polls are batched (bench/scale.py counts its own)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SlurmExecutor:

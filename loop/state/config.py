@@ -494,7 +494,7 @@ def _check(s: Settings, problems: _Problems) -> None:
         fail("telegram.operators", [], "at least one user id in operators or viewers (deny by default)")
     if s.slack is not None and not (s.slack.operators or s.slack.viewers):
         fail("slack.operators", [], "at least one user id in operators or viewers (deny by default)")
-    for key, ref in _secret_refs(s):
+    for key, ref in secret_refs(s):
         if ref.env and not _ENV_NAME.fullmatch(ref.env):
             # Not a variable name: likely the token itself; say so without showing it.
             problems.add(f"{key}.env", f'{key}.env is not an environment variable name (value not shown);'
@@ -510,7 +510,8 @@ def _unset_variables(text: str) -> list[str]:
     return [name for name in _VAR.findall(text) if name not in os.environ]
 
 
-def _secret_refs(s: Settings) -> list[tuple[str, SecretRef]]:
+def secret_refs(s: Settings) -> list[tuple[str, SecretRef]]:
+    """The configured channels' secrets, each with its key in the config."""
     refs = [("telegram.token", s.telegram.token)] if s.telegram else []
     if s.slack:
         refs += [("slack.bot_token", s.slack.bot_token), ("slack.app_token", s.slack.app_token)]
@@ -571,7 +572,7 @@ def secret_env_names(s: Settings) -> set[str]:
     """The environment variables the configured channels' tokens come from: only the daemon's bot
     needs them, so the engine (and the runs, agents and checks it starts) get an environment
     without them."""
-    return {ref.env for _, ref in _secret_refs(s) if ref.env and not ref.file}
+    return {ref.env for _, ref in secret_refs(s) if ref.env and not ref.file}
 
 
 def resolve_secrets(s: Settings) -> Secrets:

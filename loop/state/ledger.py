@@ -22,7 +22,6 @@ from nightlab.loop.state.store import Store
 
 RESULTS_TSV = "results.tsv"
 AUTORESEARCH_JSONL = "autoresearch.jsonl"
-PHASES = ("proposing", "committed", "running", "finished", "recorded", "done")
 
 
 @dataclass(frozen=True, order=True)
@@ -38,7 +37,7 @@ class HardwareClass:
 class Candidate:
     id: int
     number: int
-    kind: str  # baseline | proposal | confirm
+    kind: str  # baseline | proposal | confirm | rebase
     confirm_of: int | None
     phase: str
     base_commit: str

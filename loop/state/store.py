@@ -68,7 +68,7 @@ CREATE INDEX IF NOT EXISTS runs_running ON runs(state) WHERE state = 'running';
 CREATE TABLE IF NOT EXISTS candidates (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     number        INTEGER NOT NULL UNIQUE,      -- the experiment number people see (#42)
-    kind          TEXT NOT NULL,                -- baseline | proposal | confirm
+    kind          TEXT NOT NULL,                -- baseline | proposal | confirm | rebase
     confirm_of    INTEGER,                      -- the number a confirm run repeats
     phase         TEXT NOT NULL,
     base_commit   TEXT NOT NULL,                -- the last kept commit it branches from

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from nightlab.heartbeat.engine_child import EngineProcess
-from nightlab.heartbeat.health import free_disk_gb, gpu_report
+from nightlab.heartbeat.health import free_disk_gb
 from nightlab.heartbeat.jobs import Heartbeat, RestartWindow, fmt_duration
 from nightlab.heartbeat.logsetup import DaemonFormatter
 from nightlab.heartbeat.sdnotify import Notifier
@@ -70,16 +70,6 @@ def test_notifier_is_silent_outside_systemd_and_ignores_a_watchdog_meant_for_ano
     assert other.watchdog_interval is None
 
 
-def test_gpu_report_says_why_it_is_unavailable() -> None:
-    try:
-        import pynvml  # noqa: F401
-    except ImportError:
-        report = gpu_report(set())
-        assert report == {"available": False, "reason": "nvidia-ml-py is not installed", "gpus": []}
-    else:
-        assert "available" in gpu_report(set())
-
-
 def test_low_disk_pauses_and_alerts_once(tmp_path: Path) -> None:
     base = settings_from_table({"data": {"cache_dir": str(tmp_path / "cache")}})
     settings = dataclasses.replace(base, heartbeat=HeartbeatSettings(min_free_disk_gb=1e9))
@@ -93,7 +83,6 @@ def test_low_disk_pauses_and_alerts_once(tmp_path: Path) -> None:
     assert len(alerts) == 1 and alerts[0].startswith("low disk: ")
     paused = ledger.paused(store)
     assert paused is not None and paused.by == "heartbeat"
-    assert store.get("host.gpus")["available"] in (True, False)
 
 
 def test_log_lines_never_show_a_secret_and_carry_journald_priorities() -> None:

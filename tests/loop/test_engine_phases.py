@@ -1,5 +1,5 @@
 """The engine's phases on their own: what a step reads, the settings a reload brings, the data the
-daemon prepared, and outcomes stored by an older nightlab."""
+daemon prepared, outcomes stored by an older nightlab, and a kill applied at a checkpoint."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from nightlab.heartbeat.daemon import Daemon, DaemonOptions
 from nightlab.loop.engine import Engine, main
 from nightlab.loop.engine.launching import free_slot
 from nightlab.loop.engine.outcome import Outcome
+from nightlab.loop.engine.steering import Control
 from nightlab.loop.executors import Slot
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.executors.slurm import SlurmExecutor, slurm_time
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY, load_settings
 from nightlab.loop.state.ledger import Experiment
+from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import open_workspace
 from nightlab.trainer.prepare import source_id
 
@@ -118,3 +120,12 @@ def test_an_outcome_stored_by_an_older_nightlab_reads_with_defaults() -> None:
     assert Outcome.from_json({**old, "head_after": "abc"}).decided
     assert Outcome.from_json(out.to_json()) == out
 
+
+def test_a_kill_marks_the_run_of_that_number_only(tmp_path: Path) -> None:
+    store = Store.for_workspace(tmp_path)
+    first, second = (ledger.new_candidate(store, "proposal", "base") for _ in range(2))
+    runs = [ledger.add_run(store, c.id, "{}", "cpu0", f"/{c.number}.log") for c in (first, second)]
+    control = Control(store)
+    assert control.running_numbers() == [first.number, second.number]
+    assert control.kill(second.number, "killed by cli:me") and not control.kill(99, "killed by cli:me")
+    assert [ledger.get_run(store, r.id).kill_reason for r in runs] == [None, "killed by cli:me"]

@@ -7,7 +7,7 @@ import psutil
 from nightlab.loop import hardware
 from nightlab.loop.executors import RunHandle, RunSpec, RunStatus, Slot
 from nightlab.loop.executors.local import LocalExecutor
-from nightlab.loop.executors.runfiles import read_exit_code, run_hardware
+from nightlab.loop.executors.runfiles import ended_at, read_exit_code, run_hardware
 
 from tests.waiting import wait_until
 
@@ -29,6 +29,8 @@ def test_exit_code_log_and_environment(tmp_path: Path) -> None:
     handle = ex.launch(_spec(tmp_path, cmd))
     assert RunHandle.from_json(handle.to_json()) == handle
     assert _wait(ex, handle) == RunStatus("exited", 7)
+    # the exit file's time ends an experiment's duration; none before the command has ended
+    assert ended_at(handle.log_path) is not None and ended_at(tmp_path / "never.log") is None
     log = ex.read_log(handle)
     assert "cuda=[] budget=7 unbuf=1" in log and "err" in log
     assert read_exit_code(handle.log_path) == 7

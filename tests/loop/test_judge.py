@@ -13,7 +13,7 @@ from nightlab.loop.summary import Summary
 
 def _m(value: float | None = None, exit_code: int | None = 0, kill: str | None = None, tail: str = "") -> Measurement:
     metrics = {} if value is None else {"val_bpb": value}
-    return Measurement(exit_code, kill, Summary(metrics, complete=bool(metrics)), tail)
+    return Measurement(exit_code, kill, Summary(metrics), tail)
 
 
 NOISE = Noise(0.01, 4)

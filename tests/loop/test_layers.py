@@ -29,17 +29,20 @@ ALLOWED = {
 }
 
 
-def _loop_imports(path: Path) -> set[str]:
-    """The nightlab.loop modules a file imports (`from nightlab.loop import x` imports nightlab.loop.x)."""
+def _nightlab_imports(path: Path) -> set[str]:
+    """The nightlab modules a file imports (`from nightlab.loop import x` imports nightlab.loop.x)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
-            if node.module in ("nightlab.loop", "nightlab.loop.state"):
-                found.update(f"{node.module}.{a.name}" for a in node.names)
-    return {m for m in found if m.startswith("nightlab.loop.")}
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {m for m in found if m.startswith("nightlab.")}
+
+
+def _loop_imports(path: Path) -> set[str]:
+    return {m for m in _nightlab_imports(path) if m.startswith("nightlab.loop.")}
 
 
 def _outside_state(module: str) -> str | None:
@@ -77,3 +80,12 @@ def test_bot_and_heartbeat_reach_loop_only_through_the_state_layer() -> None:
             used |= {(rel, top) for m in _loop_imports(path) if (top := _outside_state(m))}
     assert sorted(used - ALLOWED.keys()) == []
     assert sorted(ALLOWED.keys() - used) == []  # a stale exception would let a new import through unseen
+
+
+def test_the_engine_never_imports_the_bot_or_the_daemon_nor_the_bot_the_daemon_or_the_trainer() -> None:
+    """And the trainer imports nothing of the others."""
+    never = {"loop": ("nightlab.bot", "nightlab.heartbeat"), "bot": ("nightlab.heartbeat", "nightlab.trainer"),
+             "trainer": ("nightlab.loop", "nightlab.bot", "nightlab.heartbeat")}
+    wrong = {f"{p.relative_to(REPO)}: {m}" for package, banned in never.items() for p in (REPO / package).rglob("*.py")
+             for m in _nightlab_imports(p) if m.startswith(banned)}
+    assert wrong == set()

@@ -28,6 +28,7 @@ def test_metric_lines_win_and_count() -> None:
     summary = parse_summary(UPSTREAM_BLOCK + "METRIC val_bpb=0.99785\nMETRIC tokens_per_sec=1650000\n")
     assert summary.get("val_bpb") == 0.99785
     assert summary.get("tokens_per_sec") == 1_650_000
+    assert parse_summary(UPSTREAM_BLOCK + "METRIC val_bpb=n/a\n").get("val_bpb") == 0.9979  # not a figure
 
 
 def test_metric_only_log_is_complete() -> None:

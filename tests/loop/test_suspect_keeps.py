@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nightlab.loop.decision import HELDOUT_GAIN
+from nightlab.loop.second_opinion import SecondOpinion
 from nightlab.loop.state import ledger, views
 from nightlab.loop.state.store import Store
 
@@ -67,3 +68,11 @@ def test_the_reports_counts_keep_baseline_runs_and_repeats_apart_from_kept_chang
     _record(store, 6, "confirm", 0.9, 0.9)
     assert "- experiments: 6 (3 baseline, 1 repeat, 1 keep, 1 discard) over" in views.report_markdown(tmp_path)
     assert "experiments: 6 (3 baseline, 1 repeat, 1 keep, 1 discard)" in views.status_text(tmp_path)
+
+
+def test_the_second_opinion_states_its_gain_as_better_is_positive_in_either_direction() -> None:
+    held = SecondOpinion(slice=2, kept=0.95, base=1.0)  # lower bpb: better
+    assert abs(held.gain - 0.05) < 1e-12
+    assert not held.suspect and held.text().endswith("(+0.050000), holds")
+    accuracy = SecondOpinion(slice=2, kept=0.95, base=1.0, direction="maximize")  # lower accuracy: worse
+    assert accuracy.suspect and accuracy.text().endswith("(-0.050000), SUSPECT: the gain vanishes there")
