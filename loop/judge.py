@@ -57,8 +57,10 @@ def failure_reason(m: Measurement, metric_name: str) -> str | None:
     if m.exit_code not in (0, None):
         oom = next((line.strip() for line in m.log_tail.splitlines() if _OOM.search(line)), None)
         return f"OOM (exit code {m.exit_code}): {oom[:200]}" if oom else f"exit code {m.exit_code}"
-    if value is None:
-        return f"no {metric_name} in the log"
+    if value is None:  # a user's project meets this first: say what was read and what is wanted
+        found = f" (read: {', '.join(sorted(m.summary.metrics)[:8])})" if m.summary.metrics else ""
+        return (f"no {metric_name} in the log{found}; the run must print a line `---`, then"
+                f" `{metric_name}: <value>`, or a line `METRIC {metric_name}=<value>`")
     if not math.isfinite(value):
         return f"{metric_name} is {value}"
     return None

@@ -153,7 +153,7 @@ def test_a_session_keeps_discards_crashes_rejects(tmp_path: Path) -> None:
     [
         ({"MODE": "nan"}, "val_bpb is nan"),
         ({"MODE": "oom"}, "OOM (exit code 1): torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
-        ({"MODE": "nosummary"}, "no val_bpb in the log"),
+        ({"MODE": "nosummary"}, "no val_bpb in the log; the run must print a line `---`, then `val_bpb: <value>`, or a line `METRIC val_bpb=<value>`"),
     ],
 )
 def test_runs_without_a_usable_metric_are_crashes(tmp_path: Path, step: dict[str, Any], reason: str) -> None:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 from nightlab.loop.decision import Noise, Rule, decide, pooled_noise
-from nightlab.loop.judge import Measurement, judge
+from nightlab.loop.judge import Measurement, failure_reason, judge
 from nightlab.loop.state.config import ConfigError, settings_from_table
 from nightlab.loop.summary import Summary
 
@@ -35,7 +35,7 @@ def _judge(m: Measurement, kind: str = "proposal", best: list[float] | None = No
         (_m(float("nan")), "crash", "val_bpb is nan"),
         (_m(0.9, exit_code=3), "crash", "exit code 3"),
         (_m(None, exit_code=1, tail="torch.OutOfMemoryError: CUDA out of memory."), "crash", "OOM (exit code 1): torch.OutOfMemoryError: CUDA out of memory."),
-        (_m(None), "crash", "no val_bpb in the log"),
+        (_m(None), "crash", "no val_bpb in the log; the run must print a line `---`, then `val_bpb: <value>`, or a line `METRIC val_bpb=<value>`"),
         (_m(None, exit_code=None), "crash", "the run vanished without an exit status (killed?)"),
         (_m(0.9, exit_code=None), "keep", "better by 0.1000 ± 0.0141 (n = 1 vs 1)"),  # gone, but the log is complete
         (_m(0.9, kill="timeout after 10m00s"), "crash", "timeout after 10m00s"),
@@ -141,3 +141,11 @@ def test_the_rule_rarely_keeps_noise_and_keeps_a_3_sigma_gain() -> None:
 def test_the_rules_settings_are_checked_with_a_clear_message(key: str, value: object, expected: str) -> None:
     with pytest.raises(ConfigError, match=rf"loop\.{key} = {value}: expected {re.escape(expected)}"):
         settings_from_table({"loop": {key: value}}, source="c.toml")
+
+
+def test_a_log_with_other_figures_names_what_was_read() -> None:
+    """A user's project printing `score: 0.9` for a config expecting val_bpb: the reason shows the
+    name it did print, so the mismatch is seen at once."""
+    m = Measurement(0, None, Summary({"score": 0.9, "steps": 100.0}), "---\nscore: 0.9\nsteps: 100\n")
+    assert failure_reason(m, "val_bpb") == ("no val_bpb in the log (read: score, steps); the run must print a"
+                                            " line `---`, then `val_bpb: <value>`, or a line `METRIC val_bpb=<value>`")
