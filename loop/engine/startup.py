@@ -4,6 +4,7 @@ protected files), and the keys the views read about this loop."""
 from __future__ import annotations
 
 import os
+import time
 
 from nightlab.loop.decision import DIRECTION_KEY, NOISE_PRIOR_KEY
 from nightlab.loop.engine.context import Context, say
@@ -46,6 +47,11 @@ def startup(ctx: Context) -> None:
         store.set("loop.slots", [s.name for s in ctx.slots])
         store.set("engine.finished", False)
         store.set("engine.pid", os.getpid())
+    pause = ledger.paused(store)
+    if pause is not None:  # else a restarted loop sits paused without a word
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(pause.since))
+        say(f"the loop is paused (since {when}, by {pause.by}: {pause.reason}); nothing new starts until"
+            f" resume: /resume in chat, or `nightlab ctl --config {ctx.settings.origin} resume`")
     areas, focus = ctx.proposer.areas, ledger.focus(store)
     if focus is not None and areas is not None and focus not in areas:
         # kept from another proposer's night (or set by an older nightlab that could not check it):

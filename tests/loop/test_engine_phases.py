@@ -16,6 +16,7 @@ from nightlab.heartbeat.daemon import Daemon, DaemonOptions
 from nightlab.loop.engine import Engine, main
 from nightlab.loop.engine.launching import free_slot
 from nightlab.loop.engine.outcome import Outcome
+from nightlab.loop.engine.startup import startup
 from nightlab.loop.engine.steering import Control
 from nightlab.loop.executors import Slot
 from nightlab.loop.executors.local import LocalExecutor
@@ -129,3 +130,15 @@ def test_a_kill_marks_the_run_of_that_number_only(tmp_path: Path) -> None:
     assert control.running_numbers() == [first.number, second.number]
     assert control.kill(second.number, "killed by cli:me") and not control.kill(99, "killed by cli:me")
     assert [ledger.get_run(store, r.id).kill_reason for r in runs] == [None, "killed by cli:me"]
+
+
+def test_a_loop_restarted_while_paused_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A loop that paused itself (failures, restarts) and is started again sits idle: the log says
+    why and how to resume, instead of nothing at all."""
+    settings = make_stub_workspace(tmp_path)
+    engine = _engine(settings, LocalExecutor(gpus=(), cpu_slots=1))
+    ledger.set_paused(engine.store, "engine", "3 restarts within an hour", None)
+    startup(engine.ctx)
+    err = capsys.readouterr().err
+    assert "the loop is paused (since " in err and "by engine: 3 restarts within an hour); nothing new starts" in err
+    assert f"`nightlab ctl --config {settings.origin} resume`" in err
