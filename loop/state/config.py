@@ -8,6 +8,7 @@ and what was expected. Secrets never live in the TOML: it names an environment v
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -490,6 +491,12 @@ def _check(s: Settings, problems: _Problems) -> None:
     _check_executor(s, fail)
     if s.proposer.kind == "agent" and not s.proposer.agent.command:
         fail("proposer.agent.command", "", 'a command when proposer.kind = "agent" (see README)')
+    for name in _BRACED.findall(s.proposer.agent.command):
+        # a misspelt placeholder reaches the agent's shell as text: the agent would get no prompt.
+        # Only names like prompt_file count (awk's '{print}' and the like are the shell's business).
+        if name != "prompt_file" and difflib.SequenceMatcher(None, name.lower(), "prompt_file").ratio() >= 0.6:
+            problems.add("proposer.agent.command", f"proposer.agent.command: {{{name}}} is not a placeholder;"
+                         " the one nightlab replaces is {prompt_file} (the prompt's path)")
     if s.telegram is not None and not (s.telegram.operators or s.telegram.viewers):
         fail("telegram.operators", [], "at least one user id in operators or viewers (deny by default)")
     if s.slack is not None and not (s.slack.operators or s.slack.viewers):
@@ -501,6 +508,7 @@ def _check(s: Settings, problems: _Problems) -> None:
                          f' use {key.rsplit(".", 1)[-1]} = {{ env = "VAR" }} or {{ file = "/path" }}')
 
 
+_BRACED = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")  # {name}, not the shell's ${NAME}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")  # $NAME or ${NAME}, as os.path.expandvars reads them
 

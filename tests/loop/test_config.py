@@ -228,3 +228,16 @@ def test_a_path_under_an_unset_variable_says_which(tmp_path: Path, monkeypatch: 
     assert not (tmp_path / "$NIGHTLAB_TEST_SCRATCH").exists()
     monkeypatch.setenv("NIGHTLAB_TEST_SCRATCH", str(tmp_path / "scratch"))
     assert load_settings(path).workspace_path == tmp_path / "scratch" / "ws"
+
+
+def test_a_misspelt_prompt_placeholder_is_named(tmp_path: Path) -> None:
+    """{prompt_fle} would reach the agent's shell as text and the agent would get no prompt; the
+    shell's own braces (${HOME}, awk's '{print}') are left alone."""
+    path = write(tmp_path, '[proposer]\nkind = "agent"\n[proposer.agent]\n'
+                           'command = "claude -p < {prompt_fle}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert (f"{path}: proposer.agent.command: {{prompt_fle}} is not a placeholder; the one nightlab replaces"
+            " is {prompt_file} (the prompt's path)") in str(err.value).splitlines()
+    fine = "my-agent --home ${HOME} < {prompt_file} | awk '{print}'"
+    assert load_settings(write(tmp_path, f'[proposer]\nkind = "agent"\n[proposer.agent]\ncommand = "{fine}"\n'))
