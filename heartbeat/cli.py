@@ -114,8 +114,11 @@ def _is_named_source(source: str) -> bool:
 def cmd_init(args: argparse.Namespace) -> int:
     from nightlab.loop.workspace import init_workspace
 
+    if args.path is None and not args.config:
+        raise UserError("init: which directory? give it (nightlab init DIR), or --config FILE whose"
+                        " [workspace] path names it")
     settings = _settings(args)
-    ws = init_workspace(Path(args.path), tag=args.tag, settings=settings)
+    ws = init_workspace(Path(args.path) if args.path else settings.workspace_path, tag=args.tag, settings=settings)
     print(f"workspace ready: {ws.path} on branch {ws.branch}")
     return 0
 
@@ -251,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "init", cmd_init, "create (or adopt) a workspace git repository",
              "nightlab init ~/nightlab-ws --tag nov23")
-    p.add_argument("path", help="the workspace directory (created if missing; an existing git repository is adopted)")
+    p.add_argument("path", nargs="?", help="the workspace directory (created if missing; an existing git repository"
+                   " is adopted); default: the config's [workspace] path")
     p.add_argument("--tag", default="", help="branch autoresearch/<tag> (default: today, e.g. nov23)")
     p.add_argument("--config", help="the TOML configuration file")
 

@@ -192,3 +192,13 @@ def test_a_demo_run_again_on_its_workspace_goes_on() -> None:
     assert demo_limit(recorded=0, baseline_runs=3, experiments=5) == 8  # baseline + 5
     assert demo_limit(recorded=1, baseline_runs=3, experiments=5) == 8  # the baseline is finished first
     assert demo_limit(recorded=12, baseline_runs=3, experiments=5) == 17  # not: stop at once on 12 >= 8
+
+
+def test_init_takes_the_workspace_from_the_config(tmp_path: Path, home: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "n.toml"
+    config.write_text('[workspace]\npath = "ws"\n')  # relative to the config's folder
+    assert main(["init", "--config", str(config), "--tag", "t"]) == 0
+    assert f"workspace ready: {tmp_path / 'ws'} on branch autoresearch/t" in capsys.readouterr().out
+    assert main(["init"]) == 2
+    assert "init: which directory? give it (nightlab init DIR)" in capsys.readouterr().err
