@@ -95,13 +95,15 @@ def _spec(cluster: SlurmCluster, name: str, command: str, slot: str = "slurm0") 
 EVERY = 0.2  # the tests poll Slurm this often (each poll is a squeue call)
 
 
-def test_two_jobs_run_at_once_a_third_waits_and_polls_are_batched(slurm: SlurmCluster) -> None:
+def test_two_jobs_run_at_once_a_third_waits_and_polls_are_batched(slurm: SlurmCluster, tmp_path: Path) -> None:
     ex = _executor(slurm)
-    cmd = 'echo "cuda=$CUDA_VISIBLE_DEVICES x=$NIGHTLAB_X pwd=$(pwd)"; sleep 3; exit {code}'
+    gate = slurm.root / "shared" / f"gate-{tmp_path.name}"  # the jobs end once it exists
+    cmd = f'echo "cuda=$CUDA_VISIBLE_DEVICES x=$NIGHTLAB_X pwd=$(pwd)"; until [ -e {gate} ]; do sleep 0.05; done; exit {{code}}'
     handles = [ex.launch(_spec(slurm, f"w{i}", cmd.format(code=i), f"slurm{i}")) for i in range(3)]
     states = wait_until(lambda: (s := ex.poll(handles)) and sorted(v.state for v in s.values()) == [
         "pending", "running", "running"] and s, "two jobs running, one pending", 30, every=EVERY)
     assert states[handles[2].key].state == "pending"  # the last submitted waits for a GPU
+    gate.touch()
     before = ex.squeue_calls
     final = wait_until(lambda: (s := ex.poll(handles)) and all(v.state == "exited" for v in s.values()) and s,
                        "the three jobs to exit", 40, every=EVERY)
@@ -173,14 +175,26 @@ def _run_of(store: Store, number: int) -> ledger.RunRecord | None:
 def test_engine_restart_reattaches_to_a_running_job(slurm: SlurmCluster, tmp_path: Path) -> None:
     settings = _slurm_settings(tmp_path, slurm)
     store = Store.for_workspace(settings.workspace_path)
-    steps = [{"set": {"VAL_BPB": [0.9], "SLEEP": 4.0}}]
-    first = _Engine(settings, slurm, steps, 2)
+    steps = [{"set": {"VAL_BPB": [0.9]}}]
+    gates = Gates(tmp_path / "gates")  # #2 runs until the second engine has polled it
+    gates.open(1)
+    first = _Engine(settings, slurm, steps, 2, gates)
     run = wait_until(lambda: (r := _run_of(store, 2)) and started_at(r.log_path) and r, "#2 to start", 30, every=EVERY)
     first.stop.set()
     first.join()
     job = RunHandle.from_json(run.handle).job_id
     assert job and ledger.get_run(store, run.id).state == "running"  # left running, not recorded
-    second = _Engine(settings, slurm, steps, 2)
+    ticks = [store.get("engine.tick")]
+
+    def ticked_twice() -> bool:  # each checkpoint ticks, and a poll of the runs comes between two
+        if (tick := store.get("engine.tick")) != ticks[-1]:
+            ticks.append(tick)
+        return len(ticks) > 2
+
+    second = _Engine(settings, slurm, steps, 2, gates)
+    wait_until(ticked_twice, "two ticks of the second engine", 30)
+    assert ledger.get_run(store, run.id).state == "running"
+    gates.open(2)
     second.join()
     rows = ledger.experiments(store)
     assert [(e.number, e.status, e.metric) for e in rows] == [(1, "keep", 1.0), (2, "keep", 0.9)]
