@@ -8,6 +8,7 @@ notices a dead node after ~30 s, so the two slow events run at once on two clust
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -226,6 +227,18 @@ def _kill_node(cluster: SlurmCluster, log_path: str) -> None:
                 pass
 
 
+def _node_idle(cluster: SlurmCluster) -> bool:
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False, env=cluster.env)
+    return out.stdout.strip() == "idle"
+
+
+def _agents_idle(cluster: SlurmCluster) -> bool:
+    """slurmctld has no RPC to a node in flight or queued for a retry (sdiag's agent counters)."""
+    out = subprocess.run(["sdiag"], capture_output=True, text=True, check=False, env=cluster.env).stdout
+    counts = dict(re.findall(r"^(Agent queue size|Agent count):\s+(\d+)$", out, re.MULTILINE))
+    return counts == {"Agent queue size": "0", "Agent count": "0"}
+
+
 def _squeue(cluster: SlurmCluster, job: str, fields: str = "%T|%r") -> str:
     out = subprocess.run(["squeue", "-h", "--states=all", "-j", job, "-o", fields],
                          capture_output=True, text=True, env=cluster.env, check=False)
@@ -264,11 +277,11 @@ def test_slow_events_node_failure_requeues_the_same_candidate_and_time_limit_is_
     # Slurm notices the silent node (SlurmdTimeout), marks it down and requeues the job
     wait_until(lambda: _squeue(slurm, job).startswith("PENDING"), "the job requeued", 60, every=0.5)
     slurm.start_slurmd()
-    # The node's return must settle first: slurmctld's kill for the failed attempt reaches the new
-    # slurmd and would also kill an attempt started at that very moment (same job id).
-    wait_until(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False,
-                                      env=slurm.env).stdout.strip() == "idle", "the node idle again", 30, every=0.3)
-    time.sleep(3)
+    # The node's return must settle first: slurmctld's kill for the failed attempt (retried by its
+    # agent until the node answers) reaches the new slurmd and would also kill an attempt started at
+    # that very moment (same job id).
+    wait_until(lambda: _node_idle(slurm) and _agents_idle(slurm), "the node idle, no RPC to it pending", 30,
+               every=0.3)
     # a requeued job is held back for a while (reason BeginTime); an admin's nudge skips the wait
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True)
     engine.join(90)
