@@ -99,7 +99,8 @@ EVERY = 0.2  # the tests poll Slurm this often (each poll is a squeue call)
 def test_two_jobs_run_at_once_a_third_waits_and_polls_are_batched(slurm: SlurmCluster, tmp_path: Path) -> None:
     ex = _executor(slurm)
     gate = slurm.root / "shared" / f"gate-{tmp_path.name}"  # the jobs end once it exists
-    cmd = f'echo "cuda=$CUDA_VISIBLE_DEVICES x=$NIGHTLAB_X pwd=$(pwd)"; until [ -e {gate} ]; do sleep 0.05; done; exit {{code}}'
+    cmd = (f'echo "cuda=$CUDA_VISIBLE_DEVICES x=$NIGHTLAB_X pwd=$(pwd)"; until [ -e {gate} ]; do sleep 0.05; done;'
+           ' exit {code}')
     handles = [ex.launch(_spec(slurm, f"w{i}", cmd.format(code=i), f"slurm{i}")) for i in range(3)]
     states = wait_until(lambda: (s := ex.poll(handles)) and sorted(v.state for v in s.values()) == [
         "pending", "running", "running"] and s, "two jobs running, one pending", 30, every=EVERY)

@@ -16,7 +16,8 @@ def bench(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_tiny_runs_learns_and_the_deadline_skips(data_dir: Path) -> None:
-    out = bench(data_dir, "--profiles", "tiny,tiny", "--budget", "1", "--deadline", "1")  # the least: the path, not a result
+    # the least budget: this checks the path and the table, not a result
+    out = bench(data_dir, "--profiles", "tiny,tiny", "--budget", "1", "--deadline", "1")
     assert out.returncode == 0, out.stdout + out.stderr
     header, _, first, second = out.stdout.strip().splitlines()[-4:]
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in first.split("|")]))
