@@ -22,6 +22,20 @@ def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(scope="session")
+def stdlib_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(cache dir, data dir) of the offline `stdlib` corpus: shards + tokenizer, built once for
+    every night of real training (tests/e2e, tests/loop/test_integrity.py).
+
+    The tokenizer is trained on 2M characters instead of the default: a CPU night in CI needs a
+    working vocabulary, not a good one, and this saves most of the preparation time."""
+    from nightlab.trainer import prepare
+
+    cache = tmp_path_factory.mktemp("nightlab-cache")
+    data = prepare.prepare("stdlib", 1, cache, progress=lambda _: None, tokenizer_max_chars=2_000_000)
+    return cache, data
+
+
 FAKE_NVIDIA_SMI_DIR = REPO / "tests" / "fakes" / "bin"
 
 

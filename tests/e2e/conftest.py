@@ -1,27 +1,11 @@
-"""Shared by the end-to-end tests: the offline corpus (prepared once per session) and the chaos
-table (filled by test_chaos.py, printed at the end of the run by the hook below)."""
+"""Shared by the end-to-end tests: the chaos table (filled by test_chaos.py, printed at the end
+of the run by the hook below)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.e2e.invariants import Check
-
-
-@pytest.fixture(scope="session")
-def stdlib_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(cache dir, data dir) of the offline `stdlib` corpus: shards + tokenizer, built once.
-
-    The tokenizer is trained on 2M characters instead of the default: a CPU night in CI needs a
-    working vocabulary, not a good one, and this saves most of the preparation time."""
-    from nightlab.trainer import prepare
-
-    cache = tmp_path_factory.mktemp("nightlab-cache")
-    data = prepare.prepare("stdlib", 1, cache, progress=lambda _: None, tokenizer_max_chars=2_000_000)
-    return cache, data
 
 # point -> (what it interrupts, checks (None: the scenario broke before the checks), seconds, error)
 CHAOS_TABLE: dict[str, tuple[str, list[Check] | None, float, str]] = {}

@@ -163,9 +163,9 @@ def _configs(tmp: Path, cache: Path, data: Path, tg: FakeTelegram, slack: FakeSl
 [project]
 run_command = {json.dumps(command)}
 [loop]
-checkpoint_interval = 0.5
+checkpoint_interval = 0.2
 [heartbeat]
-check_interval = 1.0
+check_interval = 0.5
 run_timeout = 120.0
 stall_after = {float(STALL_AFTER)}
 loop_stall_after = 60.0

@@ -24,7 +24,7 @@ def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, gpus: int) -> 
     missing = missing_binaries()
     if missing:
         pytest.skip(f"Slurm is not installed here (missing: {', '.join(missing)}); the README's test command installs it")
-    cluster = SlurmCluster(Path(tmp_path_factory.mktemp(name)), gpus=gpus)
+    cluster = SlurmCluster(Path(tmp_path_factory.mktemp(name)), gpus=gpus, batch_sched_delay=0)
     cluster.start()
     try:
         yield cluster

@@ -22,13 +22,14 @@ STEPS = 8  # enough for the baseline to learn more than a model trained on a lea
 
 
 @pytest.fixture(scope="module")
-def night(tmp_path_factory):
+def night(tmp_path_factory, stdlib_data):
     root = tmp_path_factory.mktemp("integrity")
     settings = settings_from_table({
         "workspace": {"path": str(root / "ws"), "tag": "tricks"},
-        "data": {"source": "stdlib", "cache_dir": str(root / "cache")},
+        "data": {"source": "stdlib", "cache_dir": str(stdlib_data[0])},  # prepared already: used as it is
         "trainer": {"profile": "tiny"},
-        "loop": {"baseline_runs": 1, "remeasure_every": 0},  # one run per trick: this night is about scoring
+        # one run per trick: this night is about scoring; a run's end is noticed within 0.1 s
+        "loop": {"baseline_runs": 1, "remeasure_every": 0, "checkpoint_interval": 0.1},
     })
     ws = init_workspace(settings.workspace_path, "tricks", settings, say=lambda _: None)
     ws.store.set("workspace.harness_env", {**ws.harness_env, "NIGHTLAB_BUDGET_STEPS": str(STEPS),

@@ -1,12 +1,14 @@
 """The Slurm executor: state mapping and config on their own, then against a real Slurm.
 
 The real-cluster tests share one module-scoped cluster with two fake GPUs (tests/loop/conftest.py).
-Slurm's own clocks set the pace: a time limit has minute granularity and a dead node is noticed
-after ~30 s, so the two slow events run at once on two clusters (test_slow_events_...).
+Slurm's own clocks set the pace: slurmctld sweeps for jobs past their time limit every 30 s and
+notices a dead node after ~30 s, so the two slow events run at once on two clusters
+(test_slow_events_...).
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -24,7 +26,7 @@ from nightlab.loop.state.config import ConfigError, Settings, settings_from_tabl
 from nightlab.loop.state.ledger import started_at
 from nightlab.loop.state.store import Store
 
-from tests.fakes.loop_workspace import make_stub_workspace
+from tests.fakes.loop_workspace import Gates, make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.fakes.slurm_cluster import SlurmCluster
 from tests.waiting import wait_until
@@ -94,13 +96,16 @@ def _spec(cluster: SlurmCluster, name: str, command: str, slot: str = "slurm0") 
 EVERY = 0.2  # the tests poll Slurm this often (each poll is a squeue call)
 
 
-def test_two_jobs_run_at_once_a_third_waits_and_polls_are_batched(slurm: SlurmCluster) -> None:
+def test_two_jobs_run_at_once_a_third_waits_and_polls_are_batched(slurm: SlurmCluster, tmp_path: Path) -> None:
     ex = _executor(slurm)
-    cmd = 'echo "cuda=$CUDA_VISIBLE_DEVICES x=$NIGHTLAB_X pwd=$(pwd)"; sleep 3; exit {code}'
+    gate = slurm.root / "shared" / f"gate-{tmp_path.name}"  # the jobs end once it exists
+    cmd = (f'echo "cuda=$CUDA_VISIBLE_DEVICES x=$NIGHTLAB_X pwd=$(pwd)"; until [ -e {gate} ]; do sleep 0.05; done;'
+           ' exit {code}')
     handles = [ex.launch(_spec(slurm, f"w{i}", cmd.format(code=i), f"slurm{i}")) for i in range(3)]
     states = wait_until(lambda: (s := ex.poll(handles)) and sorted(v.state for v in s.values()) == [
         "pending", "running", "running"] and s, "two jobs running, one pending", 30, every=EVERY)
     assert states[handles[2].key].state == "pending"  # the last submitted waits for a GPU
+    gate.touch()
     before = ex.squeue_calls
     final = wait_until(lambda: (s := ex.poll(handles)) and all(v.state == "exited" for v in s.values()) and s,
                        "the three jobs to exit", 40, every=EVERY)
@@ -142,9 +147,12 @@ def _slurm_settings(tmp_path: Path, cluster: SlurmCluster, run_timeout: float = 
 
 
 class _Engine:
-    def __init__(self, settings: Settings, cluster: SlurmCluster, steps: list[dict[str, Any]], limit: int) -> None:
+    def __init__(self, settings: Settings, cluster: SlurmCluster, steps: list[dict[str, Any]], limit: int,
+                 gates: Gates | None = None) -> None:
         self.stop, self.result = threading.Event(), []  # type: ignore[var-annotated]
-        ex = SlurmExecutor(settings.executor.slurm, settings.heartbeat.run_timeout, env=cluster.env)
+        # the jobs inherit sbatch's environment: the gates' folder reaches the stub trainer that way
+        env = cluster.env if gates is None else {**cluster.env, "NIGHTLAB_STUB_GATES": str(gates.folder)}
+        ex = SlurmExecutor(settings.executor.slurm, settings.heartbeat.run_timeout, env=env)
 
         def target() -> None:
             try:
@@ -169,14 +177,26 @@ def _run_of(store: Store, number: int) -> ledger.RunRecord | None:
 def test_engine_restart_reattaches_to_a_running_job(slurm: SlurmCluster, tmp_path: Path) -> None:
     settings = _slurm_settings(tmp_path, slurm)
     store = Store.for_workspace(settings.workspace_path)
-    steps = [{"set": {"VAL_BPB": [0.9], "SLEEP": 4.0}}]
-    first = _Engine(settings, slurm, steps, 2)
+    steps = [{"set": {"VAL_BPB": [0.9]}}]
+    gates = Gates(tmp_path / "gates")  # #2 runs until the second engine has polled it
+    gates.open(1)
+    first = _Engine(settings, slurm, steps, 2, gates)
     run = wait_until(lambda: (r := _run_of(store, 2)) and started_at(r.log_path) and r, "#2 to start", 30, every=EVERY)
     first.stop.set()
     first.join()
     job = RunHandle.from_json(run.handle).job_id
     assert job and ledger.get_run(store, run.id).state == "running"  # left running, not recorded
-    second = _Engine(settings, slurm, steps, 2)
+    ticks = [store.get("engine.tick")]
+
+    def ticked_twice() -> bool:  # each checkpoint ticks, and a poll of the runs comes between two
+        if (tick := store.get("engine.tick")) != ticks[-1]:
+            ticks.append(tick)
+        return len(ticks) > 2
+
+    second = _Engine(settings, slurm, steps, 2, gates)
+    wait_until(ticked_twice, "two ticks of the second engine", 30)
+    assert ledger.get_run(store, run.id).state == "running"
+    gates.open(2)
     second.join()
     rows = ledger.experiments(store)
     assert [(e.number, e.status, e.metric) for e in rows] == [(1, "keep", 1.0), (2, "keep", 0.9)]
@@ -208,8 +228,20 @@ def _kill_node(cluster: SlurmCluster, log_path: str) -> None:
                 pass
 
 
-def _squeue_state(cluster: SlurmCluster, job: str) -> str:
-    out = subprocess.run(["squeue", "-h", "--states=all", "-j", job, "-o", "%T|%r"],
+def _node_idle(cluster: SlurmCluster) -> bool:
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False, env=cluster.env)
+    return out.stdout.strip() == "idle"
+
+
+def _agents_idle(cluster: SlurmCluster) -> bool:
+    """slurmctld has no RPC to a node in flight or queued for a retry (sdiag's agent counters)."""
+    out = subprocess.run(["sdiag"], capture_output=True, text=True, check=False, env=cluster.env).stdout
+    counts = dict(re.findall(r"^(Agent queue size|Agent count):\s+(\d+)$", out, re.MULTILINE))
+    return counts == {"Agent queue size": "0", "Agent count": "0"}
+
+
+def _squeue(cluster: SlurmCluster, job: str, fields: str = "%T|%r") -> str:
+    out = subprocess.run(["squeue", "-h", "--states=all", "-j", job, "-o", fields],
                          capture_output=True, text=True, env=cluster.env, check=False)
     return out.stdout.strip()
 
@@ -217,27 +249,40 @@ def _squeue_state(cluster: SlurmCluster, job: str) -> str:
 def test_slow_events_node_failure_requeues_the_same_candidate_and_time_limit_is_a_timeout_crash(
     slurm: SlurmCluster, slurm_b: SlurmCluster, tmp_path: Path,
 ) -> None:
-    # Cluster B: a run that hangs past its one-minute Slurm time limit (no heartbeat here: the
-    # limit is the backstop). It runs while cluster A loses its node.
+    # Cluster B: a run that hangs past its Slurm time limit (no heartbeat here: the limit is the
+    # backstop). It runs while cluster A loses its node.
     (tmp_path / "b").mkdir()
     timeout_settings = _slurm_settings(tmp_path / "b", slurm_b, run_timeout=5.0, margin=0.0)  # --time=1:00
+    b_store = Store.for_workspace(timeout_settings.workspace_path)
     hang = _Engine(timeout_settings, slurm_b, [{"set": {"MODE": "hang"}}], 2)
 
     (tmp_path / "a").mkdir()
+    gates = Gates(tmp_path / "gates")  # #2's first attempt never gets past its gate: the node dies first
+    gates.open(1)
     settings = _slurm_settings(tmp_path / "a", slurm)
     store = Store.for_workspace(settings.workspace_path)
-    engine = _Engine(settings, slurm, [{"set": {"VAL_BPB": [0.8], "SLEEP": 8.0}}], 2)
+    engine = _Engine(settings, slurm, [{"set": {"VAL_BPB": [0.8]}}], 2, gates)
+
+    hung = wait_until(lambda: (r := _run_of(b_store, 2)) and started_at(r.log_path) and r, "B's #2 to start", 60,
+                      every=EVERY)
+    hung_job = RunHandle.from_json(hung.handle).job_id
+    assert _squeue(slurm_b, hung_job, "%l") == "1:00"  # nightlab's limit: run_timeout + margin
+    # An admin's cut to 0 (end time = start) puts the job past its limit now instead of in a minute;
+    # slurmctld's next time-limit sweep (every 30 s) ends it as TIMEOUT, as it would have at 1:00.
+    subprocess.run(["scontrol", "update", f"JobId={hung_job}", "TimeLimit=0"], env=slurm_b.env, check=True)
+
     run = wait_until(lambda: (r := _run_of(store, 2)) and started_at(r.log_path) and r, "#2 to start", 60, every=EVERY)
     job = RunHandle.from_json(run.handle).job_id
     _kill_node(slurm, run.log_path)
+    gates.open(2)  # for the next attempt
     # Slurm notices the silent node (SlurmdTimeout), marks it down and requeues the job
-    wait_until(lambda: _squeue_state(slurm, job).startswith("PENDING"), "the job requeued", 60, every=0.5)
+    wait_until(lambda: _squeue(slurm, job).startswith("PENDING"), "the job requeued", 60, every=0.5)
     slurm.start_slurmd()
-    # The node's return must settle first: slurmctld's kill for the failed attempt reaches the new
-    # slurmd and would also kill an attempt started at that very moment (same job id).
-    wait_until(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False,
-                                      env=slurm.env).stdout.strip() == "idle", "the node idle again", 30, every=0.3)
-    time.sleep(3)
+    # The node's return must settle first: slurmctld's kill for the failed attempt (retried by its
+    # agent until the node answers) reaches the new slurmd and would also kill an attempt started at
+    # that very moment (same job id).
+    wait_until(lambda: _node_idle(slurm) and _agents_idle(slurm), "the node idle, no RPC to it pending", 30,
+               every=0.3)
     # a requeued job is held back for a while (reason BeginTime); an admin's nudge skips the wait
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True)
     engine.join(90)
@@ -250,8 +295,8 @@ def test_slow_events_node_failure_requeues_the_same_candidate_and_time_limit_is_
     assert [e.payload["number"] for e in started] == [1, 2]  # announced once
     assert Path(run.log_path).read_text().count("step 00001") == 1  # the log is the last attempt's
 
-    hang.join(150)
-    b = ledger.experiments(Store.for_workspace(timeout_settings.workspace_path))
+    hang.join(90)
+    b = ledger.experiments(b_store)
     assert [(e.number, e.status) for e in b] == [(1, "keep"), (2, "crash")]
     assert b[1].reason == "timeout: the Slurm time limit (1:00) was reached"
 
