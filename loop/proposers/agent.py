@@ -356,10 +356,19 @@ def _diff_stats(ws: Path) -> dict[str, tuple[int, int]]:
         stats[path] = (int(added) if added.isdigit() else 0, int(removed) if removed.isdigit() else 0)
     for path in _git(ws, "ls-files", "--others", "--exclude-standard", "--", ".", _NOT_STATE).splitlines():
         try:
-            stats[path] = (len((ws / path).read_bytes().splitlines()), 0)
+            stats[path] = (_line_count(ws / path), 0)
         except OSError:
             stats[path] = (0, 0)
     return stats
+
+
+def _line_count(path: Path) -> int:
+    """Lines of a file, read a megabyte at a time: an agent may leave a checkpoint of gigabytes."""
+    lines, last = 0, b"\n"
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    return lines + (last != b"\n")  # a last line without its newline counts too
 
 
 def _describe_diff(ws: Path, stats: dict[str, tuple[int, int]]) -> str:

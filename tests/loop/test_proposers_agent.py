@@ -271,3 +271,11 @@ def test_an_agent_that_removes_gits_hooks_folder_has_it_put_back(ws: Path) -> No
     with pytest.raises(ProposalError, match=r"agent changed git's own files \(hooks/pre-push"):
         agent("agent_misbehave.py", "rm-hooks").propose(ctx(ws))
     assert (ws / ".git/hooks/pre-push").read_text() == "#!/bin/sh\nexit 0\n"
+
+
+def test_new_files_are_counted_in_lines_as_git_would(tmp_path: Path) -> None:
+    from nightlab.loop.proposers.agent import _line_count
+
+    for text, lines in ((b"", 0), (b"a", 1), (b"a\n", 1), (b"a\nb", 2), (b"\n\n", 2), (b"x" * (1 << 20) + b"\ny", 2)):
+        (tmp_path / "f").write_bytes(text)
+        assert _line_count(tmp_path / "f") == lines == len(text.splitlines())
