@@ -72,6 +72,17 @@ def pump(box: Outbox) -> None:
     asyncio.run(box.deliver("memo", "d1"))
 
 
+def alerts_through_an_outage(store: Store, box: Outbox, inbox: Inbox, clock: Clock, texts: list[str]) -> None:
+    """Alerts raised while the channel is down, then sent once it is back 10 s later."""
+    inbox.down = True
+    for text in texts:
+        store.emit("alert", text=text)
+    pump(box)
+    inbox.down = False
+    clock.now += 10
+    pump(box)
+
+
 def test_cursor_starts_now_and_survives_a_restart_exactly_once(store: Store) -> None:
     store.emit("alert", text="history before the first start")
     inbox = Inbox()
@@ -113,13 +124,7 @@ def test_a_long_outage_is_folded_into_one_summary(store: Store) -> None:
     inbox, clock = Inbox(), Clock()
     box = outbox(store, inbox, clock=clock)
     box.fill()
-    inbox.down = True
-    for i in range(40):
-        store.emit("alert", text=f"m{i}")
-    pump(box)
-    inbox.down = False
-    clock.now += 10
-    pump(box)
+    alerts_through_an_outage(store, box, inbox, clock, [f"m{i}" for i in range(40)])
     summary, *rest = inbox.got
     assert summary.startswith("📦 Delivery was interrupted") and "35 messages are folded" in summary
     assert summary.rstrip().endswith("more")  # cut at the flavour's limit, saying so
@@ -180,13 +185,7 @@ def test_a_token_is_redacted_where_a_message_is_split_and_in_a_folded_summary(st
     pump(box)
     sent = len(inbox.got)
     assert token[:10] not in "".join(inbox.got) and token[-10:] not in "".join(inbox.got), inbox.got
-    inbox.down = True
-    for i in range(40):
-        store.emit("alert", text=f"m{i} {token}")
-    pump(box)
-    inbox.down = False
-    clock.now += 10
-    pump(box)
+    alerts_through_an_outage(store, box, inbox, clock, [f"m{i} {token}" for i in range(40)])
     assert len(inbox.got) == sent + 6 and "folded" in inbox.got[sent]
     assert all(token not in m for m in inbox.got), inbox.got
     rows = store.connection().execute("SELECT body, title FROM outbox").fetchall()
