@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="start no profile that would end later than this many seconds in (default 225)")
     args = parser.parse_args(argv)
     chosen = [resolve(name.strip()) for name in args.profiles.split(",") if name.strip()]
-    data_dir = bench_trainer.data_dir_for(args).resolve()  # the runs start in their own workspace
+    data_dir = bench_trainer.data_dir_for(args)
     log_dir = Path(args.log_dir) if args.log_dir else None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)

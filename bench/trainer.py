@@ -58,10 +58,11 @@ def default_profile() -> str:
 
 
 def data_dir_for(args: argparse.Namespace) -> Path:
+    """Absolute: the runs start in workspaces of their own."""
     if args.data_dir:
-        return Path(args.data_dir)
+        return Path(args.data_dir).resolve()
     if os.environ.get("NIGHTLAB_DATA_DIR"):
-        return Path(os.environ["NIGHTLAB_DATA_DIR"])
+        return Path(os.environ["NIGHTLAB_DATA_DIR"]).resolve()
     import prepare
 
     return prepare.prepare("stdlib", cache_dir=Path(args.cache_dir), tokenizer_max_chars=20_000_000)
