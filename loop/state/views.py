@@ -100,8 +100,21 @@ def _best_values(rows: list[Experiment], best: Experiment) -> list[float]:
     """The runs that state the best's value. The runs that got a change kept were picked for
     luck (the winner's curse), so once it has been re-measured only the runs after its keep
     count here (the decision rule itself uses every run)."""
-    fresh = _values([e for e in rows if e.number > best.number], best.commit, best.hardware_class)
+    fresh = _fresh_values(rows, best)
     return fresh if best.kind != "baseline" and fresh else _values(rows, best.commit, best.hardware_class)
+
+
+def _fresh_values(rows: list[Experiment], best: Experiment) -> list[float]:
+    return _values([e for e in rows if e.number > best.number], best.commit, best.hardware_class)
+
+
+def _unconfirmed(rows: list[Experiment], best: Experiment, n: int) -> str:
+    """Said beside a kept change's gain until a fresh run re-measures it: until then the gain
+    comes from the `n` runs that got it kept, picked for luck (the winner's curse)."""
+    if best.kind == "baseline" or _fresh_values(rows, best):
+        return ""
+    runs = "the run" if n == 1 else f"the {n} runs"
+    return f"; not confirmed yet: from {runs} that got it kept, likely too high until a fresh run re-measures it"
 
 
 def _values(rows: list[Experiment], commit: str, cls: HardwareClass) -> list[float]:
@@ -173,13 +186,14 @@ def _heldout(e: Experiment) -> str:
     return f"{e.metrics[HELDOUT_GAIN]:+.6f}" + (" SUSPECT" if suspect(e.metrics) else "")
 
 
-def _gain_text(found: tuple[float, Comparison] | None) -> str:
-    """ "+0.091757 ± 0.002100 (+6.34%, n = 3 vs 5)": positive = better (issue 14, item 13)."""
+def _gain_text(found: tuple[float, Comparison] | None, rows: list[Experiment], best: Experiment) -> str:
+    """ "+0.091757 ± 0.002100 (+6.34%, n = 3 vs 5)": positive = better (issue 14, item 13), and
+    whether fresh runs have confirmed it."""
     if found is None:
         return ""
     baseline, c = found
     pct = f"{c.gain / abs(baseline) * 100:+.2f}%, " if baseline else ""
-    return f"{c.gain:+.6f} ± {c.se:.6f} ({pct}n = {c.n_candidate} vs {c.n_incumbent})"
+    return f"{c.gain:+.6f} ± {c.se:.6f} ({pct}n = {c.n_candidate} vs {c.n_incumbent}{_unconfirmed(rows, best, c.n_candidate)})"
 
 
 def status_text(workspace: Path) -> str:
@@ -210,7 +224,7 @@ def status_text(workspace: Path) -> str:
         lines.append(f"paused by {pause.by} ({pause.reason}{waits}) {duration(time.time() - pause.since)} ago")
     best_exp, best = _best(rows)
     if best_exp is not None:
-        gain = _gain_text(night_gain(store, rows)) if best_exp.kind != "baseline" else ""
+        gain = _gain_text(night_gain(store, rows), rows, best_exp) if best_exp.kind != "baseline" else ""
         lines.append(f"best {name}: {_fmt(best)} (#{best_exp.number}, {best_exp.commit[:7]})" + (f" · vs baseline {gain}" if gain else ""))
     classes = _classes_line(rows)
     if classes:
@@ -265,7 +279,7 @@ def best_text(workspace: Path) -> str:
         text += f"\nhypothesis: {best_exp.hypothesis}"
     found = night_gain(store, rows)
     if found is not None and best_exp.kind != "baseline":
-        text += f"\nvs baseline {_fmt(found[0])}: gain {_gain_text(found)}"
+        text += f"\nvs baseline {_fmt(found[0])}: gain {_gain_text(found, rows, best_exp)}"
     if best_exp.hardware:
         text += f"\nmeasured on: {best_exp.hardware}"
     classes = _classes_line(rows)
@@ -310,7 +324,8 @@ def report_markdown(workspace: Path) -> str:
                 " did not work); `nightlab train --config FILE` runs one and shows all its output"]
     else:
         gain = ("none yet, the best is the baseline" if best_exp is not None and best_exp.kind == "baseline"
-                else f"{_gain_text(found) or '—'} (± one standard error; positive = better)")
+                else f"{(_gain_text(found, rows, best_exp) if best_exp else '') or '—'}"
+                " (± one standard error; positive = better)")
         out += [
             f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}; the baseline's runs and the"
             " repeats (re-runs of a result, re-measurements of the best) measure the noise",

@@ -66,6 +66,24 @@ def test_a_change_truly_better_by_3_sigma_is_kept(tmp_path: Path) -> None:
     assert f"gain +{found[1].gain:.6f} ± {found[1].se:.6f}" in views.best_text(repo)
 
 
+def test_a_gain_no_fresh_run_has_measured_yet_is_said_to_be_unconfirmed(tmp_path: Path) -> None:
+    """A night that stops right after a keep (a --max-experiments limit) states the gain from the
+    run that was picked for luck: /best, /status and the report say it is not confirmed yet; the
+    first fresh run of the best removes the warning."""
+    land = landscape.make("one_big", seed=0)
+    proposer = ScriptedProposer([{"set": {"K00": round(2.0 ** land.c[0], 2)}}])
+    settings = landscape.make_workspace(tmp_path, land)
+    run_engine(settings, 4, proposer=proposer)  # type: ignore[arg-type]
+    repo = settings.workspace_path
+    rows = ledger.experiments(Store.for_workspace(repo))
+    assert rows[-1].status == "keep" and rows[-1].kind == "proposal"
+    unconfirmed = "n = 1 vs 3; not confirmed yet: from the run that got it kept, likely too high"
+    assert unconfirmed in views.best_text(repo) and unconfirmed in views.status_text(repo)
+    assert unconfirmed in views.report_markdown(repo)
+    run_engine(settings, 5, proposer=proposer)  # type: ignore[arg-type]  # (a total) re-measures the new best
+    assert unconfirmed not in views.best_text(repo) and "n = 1 vs 3)" in views.best_text(repo)
+
+
 def test_a_run_of_discards_never_pauses_the_loop_and_is_said_once(tmp_path: Path) -> None:
     land = landscape.make("flat", seed=1)
     proposer = ScriptedProposer([{"set": {"K00": 1.0 + k / 100}} for k in range(1, 13)])  # nothing has an effect
