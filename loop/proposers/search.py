@@ -260,7 +260,8 @@ def _hypothesis(
             moves.append(f"changing {name}")
     better = "lower" if ctx.direction != "maximize" else "higher"
     best = f" than the best ({ctx.metric_name} {ctx.best.metric:.6g}, #{ctx.best.number})" if ctx.best and ctx.best.metric is not None else ""
-    text = f"In the {area} area, {' and '.join(moves)} should give a {better} {ctx.metric_name}{best}; {pick.how}."
+    listed = moves[0] if len(moves) == 1 else f"{', '.join(moves[:-1])} and {moves[-1]}"
+    text = f"In the {area} area, {listed} should give a {better} {ctx.metric_name}{best}; {pick.how}."
     if why_area:
         text += f" Area {area}: {why_area}."
     if ctx.notes:

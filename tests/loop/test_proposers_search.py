@@ -96,7 +96,10 @@ def test_session_never_repeats_and_edits_only_the_proposed_constants(ws: Path) -
         assert DESCRIPTION.match(p.description) and len(p.params) >= 1
         assert p.area and p.hypothesis.endswith(".")
         assert {SPACE.by_name(n).area for n in p.params} == {p.area}  # type: ignore[union-attr]
+        moves = p.hypothesis.split(" should give")[0]  # "raising A, lowering B and raising C"
+        assert moves.count(" and ") == (len(p.params) > 1) and moves.count(", ") == 1 + max(0, len(p.params) - 2)
     assert len({p.area for p in proposals}) >= 2, "failures should move the search to other areas"
+    assert max(len(p.params) for p in proposals) >= 3  # a together move was among them
 
 
 def test_same_seed_same_proposals_other_seed_differs(tmp_path: Path) -> None:
