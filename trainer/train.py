@@ -430,9 +430,8 @@ def build_model_config(depth, vocab_size, sequence_len):
 
 def build_model(config, device, dtype=torch.float32):
     """The model for a config dict, initialised on `device` (the harness scores through this)."""
-    with torch.device("meta"):
+    with torch.device(device):  # not "meta": its Embedding init imports torch._dynamo, ~1 s a process
         model = GPT(GPTConfig(**config))
-    model.to_empty(device=device)
     model.init_weights(dtype)
     harness.build_masks(model.config.sequence_len, model.window_sizes, device)
     return model
