@@ -53,6 +53,7 @@ from nightlab.heartbeat.logsetup import setup_logging
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors import make_executor
 from nightlab.loop.state.config import (
+    DAEMON_CONFIG_KEY,
     LIVE_HEARTBEAT_KEY,
     ConfigError,
     Secrets,
@@ -60,6 +61,7 @@ from nightlab.loop.state.config import (
     changed_fields,
     environment_secrets,
     load_settings,
+    read_config_text,
     resolve_secrets,
     secret_env_names,
 )
@@ -96,6 +98,8 @@ class Daemon:
         self.settings = settings
         self.options = options
         self.config = config.resolve()
+        # the text these settings came from (read again: Settings keeps no text), for the engine
+        self._config_text = read_config_text(self.config)
         self.workspace = settings.workspace_path
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -114,6 +118,7 @@ class Daemon:
             log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
             store = Store.for_workspace(self.workspace)
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
+            store.set(DAEMON_CONFIG_KEY, {"path": str(self.config), "text": self._config_text})
             # the chat tokens stay in this process: an edited train.py or an agent cannot print them
             hidden = secret_env_names(self.settings)
             engine = EngineProcess(self._engine_argv(), {k: v for k, v in os.environ.items() if k not in hidden})
