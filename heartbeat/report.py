@@ -22,11 +22,12 @@ class Report:
     chart_path: Path | None  # None until there is an experiment to plot
 
 
-def write_report(workspace: Path, store: Store, project: ProjectSettings) -> Report:
+def write_report(workspace: Path, store: Store, project: ProjectSettings, since: float | None = None) -> Report:
+    """`since`: the last report's time, so this one says what happened after it."""
     folder = state_dir(workspace) / "reports"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    markdown = views.report_markdown(workspace)
+    markdown = views.report_markdown(workspace, since=since)
     markdown_path = folder / f"report-{stamp}.md"
     markdown_path.write_text(markdown + "\n")  # a text file ends with a newline
     points = ledger.experiments(store)

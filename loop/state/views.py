@@ -294,11 +294,15 @@ def improvements(rows: list[Experiment], direction: str = "minimize") -> list[tu
     return sorted(found, key=lambda item: item[1], reverse=True)
 
 
-def report_markdown(workspace: Path) -> str:
+def report_markdown(workspace: Path, since: float | None = None) -> str:
+    """The session's report; with `since` (the last report's time) it first says what happened
+    after it: the same totals every morning would hide a night when nothing ran."""
     store = _store(workspace)
     rows = ledger.experiments(store)
     name = _metric_name(store)
     out = [f"# nightlab report — {store.get('workspace.branch', '?')}", ""]
+    if since is not None:
+        out.append(_since_line(store, [e for e in rows if (e.finished_at or 0.0) > since], since))
     if not rows:
         return "\n".join([*out, "No experiments yet."])
     span = rows[-1].finished_at - (rows[0].started_at or rows[0].finished_at)
@@ -334,6 +338,18 @@ def report_markdown(workspace: Path) -> str:
     out += ["", "## What did not work", ""]
     out += [f"- #{e.number} {e.status}: {e.description or e.kind} — {e.reason}" for e in failed] or ["- nothing failed"]
     return "\n".join(out)
+
+
+def _since_line(store: Store, rows: list[Experiment], since: float) -> str:
+    """- since the last report (Tue 07:30): 12 experiments (1 keep, 11 discard)", or none, and why
+    when the loop is paused."""
+    head = f"- since the last report ({time.strftime('%a %H:%M', time.localtime(since))}): "
+    if rows:
+        return head + f"{len(rows)} experiments ({_counts(rows)})"
+    pause = ledger.paused(store)
+    why = (f"; the loop is paused by {pause.by} ({pause.reason}) since"
+           f" {time.strftime('%a %H:%M', time.localtime(pause.since))}" if pause else "")
+    return head + "no experiments" + why
 
 
 def status_line(workspace: Path) -> str:

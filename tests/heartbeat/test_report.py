@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 from nightlab.heartbeat import cli
+from nightlab.heartbeat.engine_child import EngineProcess
+from nightlab.heartbeat.jobs import Heartbeat
+from nightlab.heartbeat.sdnotify import Notifier
+from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger
+from nightlab.loop.state.config import settings_from_table
 from nightlab.loop.state.store import Store
 
 
-def record(store: Store, kind: str, status: str, metric: float | None, reason: str) -> None:
+def record(store: Store, kind: str, status: str, metric: float | None, reason: str,
+           finished_at: float | None = None) -> None:
     """One experiment as the engine records it (the fields the report reads)."""
     cand = ledger.new_candidate(store, kind, "base", description=kind)
     exp = ledger.Experiment(
         number=cand.number, kind=kind, confirm_of=None, commit="c0ffee", status=status, metric=metric,
         metrics={}, best=metric, confidence=None, description=kind, hypothesis="", area="", reason=reason,
-        finished_at=time.time(),
+        finished_at=time.time() if finished_at is None else finished_at,
     )
     ledger.record_experiment(store, cand.id, exp, {"number": cand.number, "status": status})
 
@@ -51,3 +59,67 @@ def test_the_baseline_alone_has_no_gain_yet(tmp_path: Path, capsys) -> None:
     text = report(tmp_path, capsys, ("baseline", "keep", 1.0, "baseline"))
     assert "- best val_bpb: 1.000000 (#1, `c0ffee`)" in text
     assert "- gain: none yet, the best is the baseline" in text  # was "+0.000000 ± 0.004243 (+0.00%, n = 1 vs 1)"
+
+
+def daemon_heartbeat(ws: Path, store: Store) -> Heartbeat:
+    """The daemon's heartbeat with the report at 07:30 UTC, as one start of `nightlab run` schedules it."""
+    settings = settings_from_table({"heartbeat": {"report_time": "07:30"}})
+    beat = Heartbeat(settings, ws, store, LocalExecutor(), EngineProcess(["true"]), Notifier(None),
+                     on_engine_finished=lambda: None)
+    beat.schedule(BackgroundScheduler(timezone=UTC))
+    return beat
+
+
+def reports(store: Store) -> list[str]:
+    return [e.payload["markdown"] for e in store.events_after(0) if e.kind == "report"]
+
+
+def test_a_daemon_down_at_the_report_time_sends_the_missed_report_once(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    night = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
+    record(store, "baseline", "keep", 1.0, "baseline", finished_at=night.timestamp())
+    # down from 07:00 to 08:10: the restart sends the 07:30 report, a second restart does not
+    assert daemon_heartbeat(ws, store).missed_report(night.replace(hour=8, minute=10))
+    assert not daemon_heartbeat(ws, store).missed_report(night.replace(hour=8, minute=15))
+    assert len(reports(store)) == 1
+    # the next morning on time; a restart within the same minute sends nothing more
+    beat = daemon_heartbeat(ws, store)
+    assert beat.daily_report(datetime(2026, 12, 2, 7, 30, 0, 5000, tzinfo=UTC))
+    assert not daemon_heartbeat(ws, store).missed_report(datetime(2026, 12, 2, 7, 30, 40, tzinfo=UTC))
+    assert not beat.daily_report(datetime(2026, 12, 2, 7, 30, 50, tzinfo=UTC))  # fired twice: once
+    assert len(reports(store)) == 2
+
+
+def test_a_first_start_after_the_report_time_sends_no_report(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    start = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)
+    assert not daemon_heartbeat(ws, store).missed_report(start)  # nothing ran before 07:30
+    record(store, "baseline", "keep", 1.0, "baseline", finished_at=(start + timedelta(minutes=5)).timestamp())
+    assert not daemon_heartbeat(ws, store).missed_report(start + timedelta(hours=1))
+    assert reports(store) == []
+
+
+def test_the_morning_report_says_what_happened_since_the_last_one(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    monday = datetime(2026, 11, 30, 7, 30, tzinfo=UTC)
+    record(store, "baseline", "keep", 1.0, "baseline", finished_at=(monday - timedelta(hours=5)).timestamp())
+    beat = daemon_heartbeat(ws, store)
+    assert beat.daily_report(monday)
+    record(store, "proposal", "discard", 1.01, "not better", finished_at=(monday + timedelta(hours=15)).timestamp())
+    record(store, "proposal", "crash", None, "exit code 1", finished_at=(monday + timedelta(hours=16)).timestamp())
+    assert beat.daily_report(monday + timedelta(days=1))
+    ledger.set_paused(store, "telegram:42", "looking at the logs", None)
+    assert beat.daily_report(monday + timedelta(days=2))  # a night with nothing run: said, and why
+    tuesday, wednesday = reports(store)[1:]
+    last = time.strftime("%a %H:%M", time.localtime(monday.timestamp()))
+    assert f"- since the last report ({last}): 2 experiments (1 discard, 1 crash)" in tuesday.splitlines()
+    paused = time.strftime("%a %H:%M", time.localtime(ledger.paused(store).since))  # type: ignore[union-attr]
+    last = time.strftime("%a %H:%M", time.localtime((monday + timedelta(days=1)).timestamp()))
+    assert (f"- since the last report ({last}): no experiments; the loop is paused by telegram:42"
+            f" (looking at the logs) since {paused}") in wednesday.splitlines()
