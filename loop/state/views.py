@@ -225,12 +225,35 @@ def status_text(workspace: Path) -> str:
 
 def _counts(rows: list[Experiment]) -> str:
     """What the runs were: the baseline's, repeats of a result, then the changes by outcome. A
-    baseline run or a repeat is recorded as a keep, and "3 keep" beside "nothing beat the
-    baseline" would read as a contradiction."""
-    counts = {"baseline": sum(e.kind == "baseline" for e in rows), "repeat": sum(e.kind == "confirm" for e in rows)}
-    changes = [e for e in rows if e.kind not in ("baseline", "confirm")]
-    counts |= {s: sum(e.status == s for e in changes) for s in ("keep", "discard", "crash", "checks_failed")}
+    baseline run is recorded as a keep, and "3 keep" beside "nothing beat the baseline" would
+    read as a contradiction; a change re-run to decide counts once, by its deciding run (a change
+    kept on its third run was "2 repeat", and no keep)."""
+    decided = _decided_changes(rows)
+    changes = [e for e in rows if e.kind != "baseline"]
+    counts = {"baseline": sum(e.kind == "baseline" for e in rows), "repeat": len(changes) - len(decided)}
+    counts |= {s: sum(e.status == s for e in decided) for s in ("keep", "discard", "crash", "checks_failed")}
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
+
+
+def _decided_changes(rows: list[Experiment]) -> list[Experiment]:
+    """Each change once, as its last run so far left it."""
+    later = _re_run(rows)
+    return [e for e in rows if e.kind != "baseline" and e.number not in later]
+
+
+def _re_run(rows: list[Experiment]) -> set[int]:
+    """The runs of a change that the rule ran again to decide: a change has a row per run
+    (`confirm_of` names the run it repeats; a rebase's, the change it re-makes), and only the
+    last one says how it went."""
+    root: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for e in rows:
+        if e.kind == "baseline":
+            continue
+        origin = e.confirm_of if e.kind in ("confirm", "rebase") and e.confirm_of is not None else e.number
+        root[e.number] = root.get(origin, origin)
+        last[root[e.number]] = e.number
+    return {n for n, r in root.items() if last[r] != n}
 
 
 def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top: int | None = None,
@@ -334,7 +357,9 @@ def report_markdown(workspace: Path, since: float | None = None) -> str:
                        f" | {e.description} |")
     else:
         out.append("\nNothing beat the baseline yet.")
-    failed = [e for e in rows if e.status != "keep"][-15:]
+    # a run re-run to decide is no failure: the change it was may be kept on its next run
+    later = _re_run(rows)
+    failed = [e for e in rows if e.status != "keep" and e.number not in later][-15:]
     out += ["", "## What did not work", ""]
     out += [f"- #{e.number} {e.status}: {e.description or e.kind} — {e.reason}" for e in failed] or ["- nothing failed"]
     return "\n".join(out)

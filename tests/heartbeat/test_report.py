@@ -19,11 +19,11 @@ from nightlab.loop.state.store import Store
 
 
 def record(store: Store, kind: str, status: str, metric: float | None, reason: str,
-           finished_at: float | None = None) -> None:
+           finished_at: float | None = None, confirm_of: int | None = None) -> None:
     """One experiment as the engine records it (the fields the report reads)."""
-    cand = ledger.new_candidate(store, kind, "base", description=kind)
+    cand = ledger.new_candidate(store, kind, "base", description=kind, confirm_of=confirm_of)
     exp = ledger.Experiment(
-        number=cand.number, kind=kind, confirm_of=None, commit="c0ffee", status=status, metric=metric,
+        number=cand.number, kind=kind, confirm_of=confirm_of, commit="c0ffee", status=status, metric=metric,
         metrics={}, best=metric, confidence=None, description=kind, hypothesis="", area="", reason=reason,
         finished_at=time.time() if finished_at is None else finished_at,
     )
@@ -59,6 +59,23 @@ def test_the_baseline_alone_has_no_gain_yet(tmp_path: Path, capsys) -> None:
     text = report(tmp_path, capsys, ("baseline", "keep", 1.0, "baseline"))
     assert "- best val_bpb: 1.000000 (#1, `c0ffee`)" in text
     assert "- gain: none yet, the best is the baseline" in text  # was "+0.000000 ± 0.004243 (+0.00%, n = 1 vs 1)"
+
+
+def test_a_change_kept_on_its_third_run_is_one_keep_and_its_first_runs_did_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The rule re-runs a change it cannot decide yet; each run is a row. The report said
+    "2 repeat" and no keep for a change kept on its third run, and listed its first two runs under
+    "What did not work"."""
+    text = report(tmp_path, capsys, ("baseline", "keep", 1.0, "baseline"),
+                  ("proposal", "discard", 0.99, "re-running to decide: better by 0.0100 ± 0.0085"),
+                  ("confirm", "discard", 0.985, "re-running to decide: better by 0.0125 ± 0.0067", None, 2),
+                  ("confirm", "keep", 0.985, "better by 0.0133 ± 0.0041", None, 2),
+                  ("proposal", "discard", 0.984, "re-running to decide: better by 0.0018 ± 0.0056"),
+                  ("confirm", "discard", 1.5, "not better: worse by 0.2562 ± 0.0042", None, 5))
+    assert "- experiments: 6 (1 baseline, 3 repeat, 1 keep, 1 discard) over" in text
+    did_not_work = text.split("## What did not work\n\n", 1)[1].splitlines()
+    assert did_not_work == ["- #6 discard: confirm — not better: worse by 0.2562 ± 0.0042"]
 
 
 def daemon_heartbeat(ws: Path, store: Store) -> Heartbeat:
