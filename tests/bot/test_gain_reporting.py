@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from nightlab.bot.digest import experiment_digest
-from nightlab.bot.plots import noise_sd, progress_chart
+from nightlab.bot.plots import draw, groups, noise_sd, progress_chart
 
 
 def _text(message) -> str:  # type: ignore[no-untyped-def]
@@ -47,3 +47,35 @@ def test_the_chart_draws_the_best_with_the_noise_band(tmp_path: Path) -> None:
     assert noise_sd(points[2:]) == 0.0  # no repeats: no band
     path = progress_chart(points, tmp_path / "chart.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_chart_counts_kept_changes_not_baseline_runs_and_a_kill_is_no_crash() -> None:
+    """A night that kept no change read "4 experiments, 3 kept" (the baseline's runs are recorded
+    as keeps), and a run the user stopped was drawn as a crash."""
+    night = [P(1, "keep", 1.0, "baseline", "baseline", "a", 1.0), P(2, "keep", 1.01, "baseline", "baseline", "a", 1.0),
+             P(3, "keep", 0.99, "baseline", "baseline", "a", 1.0), P(4, "discard", 1.02, "x", "proposal", "b", 1.0),
+             P(5, "discard", None, "y", "proposal", "c", 1.0)]  # killed by the user
+    marks = groups(night)
+    assert marks.title(len(night)) == "5 experiments, 0 changes kept"
+    assert ([p.number for p in marks.measured], marks.crashed, [p.number for p in marks.stopped]) == ([1, 2, 3], [], [5])
+    # a change the rule re-ran to decide, kept on its second run, and a crash
+    night += [P(6, "discard", 0.98, "z", "proposal", "d", 1.0), P(7, "keep", 0.97, "confirm #6: z", "confirm", "d", 0.975),
+              P(8, "crash", None, "w", "proposal", "e", 0.975)]
+    marks = groups(night)
+    assert marks.title(len(night)) == "8 experiments, 1 change kept"
+    assert ([p.number for p in marks.kept], [p.number for p in marks.crashed]) == ([7], [8])
+
+
+def test_the_legend_hides_no_point() -> None:
+    import matplotlib.pyplot as plt
+
+    fig = draw([P(1, "keep", 1.0, "baseline", "baseline", "a", 1.0), P(2, "discard", 1.5, "x", "proposal", "b", 1.0)])
+    try:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        assert legend is not None
+        inside = legend.get_window_extent().overlaps(ax.get_window_extent())  # was "upper right", on the fluke
+        assert not inside
+    finally:
+        plt.close(fig)
