@@ -28,6 +28,16 @@ def test_a_keeps_digest_says_better_by_gain_plus_minus_its_error() -> None:
     assert "(Δ -0.0049 vs 1.0000)" in _text(experiment_digest({**payload, "gain": None, "se": None}, 10))
 
 
+def test_a_run_the_rule_runs_again_to_decide_does_not_read_as_the_changes_end() -> None:
+    payload = {"number": 4, "status": "discard", "metric_name": "val_bpb", "metric": 0.99, "best": 1.0,
+               "gain": 0.01, "se": 0.0085, "n": 1, "n_best": 3, "rerun": True,
+               "reason": "re-running to decide: better by 0.0100 ± 0.0085 (n = 1 vs 3), not yet 2 SE"}
+    text = _text(experiment_digest(payload, 10))
+    assert text.startswith("🔁 #4 undecided, runs again · val_bpb 0.9900 (better by 0.0100 ± 0.0085, n = 1 vs 3)")
+    assert "discard" not in text.splitlines()[0]  # was "❌ #4 discard", then kept on its next run
+    assert _text(experiment_digest({**payload, "rerun": False}, 10)).startswith("❌ #4 discard")
+
+
 @dataclass(frozen=True)
 class P:
     number: int
