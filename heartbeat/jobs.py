@@ -215,11 +215,12 @@ class Heartbeat:
             if not self._flapping:
                 self._flapping = True
                 text = (f"the engine needed {self.restarts.count(now)} restarts within an hour"
-                        f" (last: {reason}); the loop is paused. Check the logs, then /resume.")
+                        f" (last: {reason}). Check the logs, then /resume.")
                 self._pause(text)
+                # one message: chats render it "⏸ the loop paused itself: …" (an alert beside it
+                # said the same words a second time)
                 self.store.emit("self_paused", reason=text)
-                self.store.emit("alert", text=text)
-                log.error("%s", text)
+                log.error("the loop is paused: %s", text)
             return
         self._flapping = False
         self.engine.start()
