@@ -146,6 +146,20 @@ def test_an_engine_restarted_after_an_edit_nobody_reloaded_runs_with_the_daemons
     assert daemon.stop() == 0
 
 
+def test_an_edit_of_the_config_is_said_in_the_log(harness: Harness, tmp_path: Path) -> None:
+    """An edited config changes nothing until a reload or a restart; the log says so once, so
+    nobody waits for a change that is not coming (it said nothing)."""
+    daemon = harness.start()
+    wait_until(lambda: daemon.store.get("engine.tick"), what="the engine to tick")
+    config = write_config(tmp_path / "daemon.toml", run_timeout=500.0)
+    said = f"{config} was edited; it applies on `systemctl reload nightlab`"
+    wait_until(lambda: said in daemon.log(), what="the edit to be said")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded heartbeat.run_timeout 600.0 -> 500.0" in daemon.log(), what="reload")
+    assert daemon.log().count(said) == 1
+    assert daemon.stop() == 0
+
+
 def test_the_chat_token_stays_in_the_daemon(harness: Harness, tmp_path: Path, telegram) -> None:
     """Only the bot needs the chat token: the engine, and every run, agent and check it starts, get
     an environment without it, so an edited train.py cannot print it into a crash's digest."""
