@@ -46,8 +46,9 @@ def describe(event: Event, settings: DigestSettings, progress: bool = False) -> 
                                        f"{p.get('description', '')}"))]
         if event.kind == "experiment_finished":
             return [experiment_digest(p, settings.log_tail_lines)]
-        if event.kind == "report":
-            out: list[Outgoing] = [text_message(bold("📋 report"), plain("\n" + str(p.get("markdown", ""))))]
+        if event.kind == "report":  # its text for a chat; an older nightlab's event has the markdown only
+            title, _, rest = str(p.get("text") or p.get("markdown", "")).partition("\n")
+            out: list[Outgoing] = [text_message(bold(f"📋 {title.removeprefix('# ')}"), plain("\n" + rest))]
             chart = p.get("chart_path")
             if chart and Path(chart).is_file():
                 out.append(Photo(Path(chart), "progress"))

@@ -321,7 +321,7 @@ class Heartbeat:
         report = write_report(self.workspace, self.store, self.settings.project, since=last)
         # recorded with the event: one report per time, whatever restarts follow
         with self.store.transaction():
-            self.store.emit("report", markdown=report.markdown,
+            self.store.emit("report", markdown=report.markdown, text=report.text,
                             chart_path=str(report.chart_path) if report.chart_path else None)
             self.store.set(LAST_REPORT_KEY, now.timestamp())
         log.info("daily report written to %s", report.markdown_path)

@@ -18,6 +18,7 @@ from nightlab.loop.state.store import Store, state_dir
 @dataclass(frozen=True)
 class Report:
     markdown: str
+    text: str  # the same for a chat (no markdown marks, no table)
     markdown_path: Path
     chart_path: Path | None  # None until there is an experiment to plot
 
@@ -33,4 +34,4 @@ def write_report(workspace: Path, store: Store, project: ProjectSettings, since:
     points = ledger.experiments(store)
     chart = (progress_chart(points, folder / f"progress-{stamp}.png", project.metric, project.direction)
              if points else None)
-    return Report(markdown, markdown_path, chart)
+    return Report(markdown, views.report_markdown(workspace, since=since, chat=True), markdown_path, chart)

@@ -317,13 +317,15 @@ def improvements(rows: list[Experiment], direction: str = "minimize") -> list[tu
     return sorted(found, key=lambda item: item[1], reverse=True)
 
 
-def report_markdown(workspace: Path, since: float | None = None) -> str:
+def report_markdown(workspace: Path, since: float | None = None, chat: bool = False) -> str:
     """The session's report; with `since` (the last report's time) it first says what happened
-    after it: the same totals every morning would hide a night when nothing ran."""
+    after it: the same totals every morning would hide a night when nothing ran. `chat`: for a
+    phone, with no markdown marks (a chat shows them as they are) and lines for the table."""
     store = _store(workspace)
     rows = ledger.experiments(store)
     name = _metric_name(store)
-    out = [f"# nightlab report — {store.get('workspace.branch', '?')}", ""]
+    code = (lambda text: text) if chat else (lambda text: f"`{text}`")
+    out = [f"{'' if chat else '# '}nightlab report — {store.get('workspace.branch', '?')}", ""]
     if since is not None:
         out.append(_since_line(store, [e for e in rows if (e.finished_at or 0.0) > since], since))
     if not rows:
@@ -334,7 +336,7 @@ def report_markdown(workspace: Path, since: float | None = None) -> str:
     if all(e.metric is None for e in rows):  # what to do, not a baseline, a best and a gain of "—"
         out += [f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}",
                 f"- no {name} yet: all {len(rows)} experiments failed before giving one (see What"
-                " did not work); `nightlab train --config FILE` runs one and shows all its output"]
+                f" did not work); {code('nightlab train --config FILE')} runs one and shows all its output"]
     else:
         gain = ("none yet, the best is the baseline" if best_exp is not None and best_exp.kind == "baseline"
                 else f"{_gain_text(found) or '—'} (± one standard error; positive = better)")
@@ -343,12 +345,18 @@ def report_markdown(workspace: Path, since: float | None = None) -> str:
             " repeats (re-runs of a result, re-measurements of the best) measure the noise",
             f"- baseline {name}: {_fmt(found[0] if found else None)}",
             f"- best {name}: {_fmt(best)}"
-            + (f" (#{best_exp.number}, `{best_exp.commit[:7]}`)" if best_exp else ""),
+            + (f" (#{best_exp.number}, {code(best_exp.commit[:7])})" if best_exp else ""),
             f"- gain: {gain}",
         ]
-    out += ["", "## Top improvements"]
+    out += ["", "Top improvements:" if chat else "## Top improvements"]
     top = improvements(rows, store.get(DIRECTION_KEY, "minimize"))[:10]
-    if top:
+    if top and chat:  # a seven-column table wraps into a jumble on a phone
+        for e, delta in top:
+            conf = "" if e.confidence is None else f", {e.confidence:.1f} SE"
+            held = "" if HELDOUT_GAIN not in e.metrics else f", held-out {_heldout(e)}"
+            out.append(f"- #{e.number} {e.commit[:7]} {name} {_fmt(e.best)}, gain {delta:.6f}{conf}{held}:"
+                       f" {e.description}")
+    elif top:
         out += ["", f"| # | commit | {name} | gain | confidence | held-out gain | description |",
                 "|---|---|---|---|---|---|---|"]
         for e, delta in top:
@@ -356,11 +364,11 @@ def report_markdown(workspace: Path, since: float | None = None) -> str:
             out.append(f"| {e.number} | `{e.commit[:7]}` | {_fmt(e.best)} | {delta:.6f} | {conf} | {_heldout(e)}"
                        f" | {e.description} |")
     else:
-        out.append("\nNothing beat the baseline yet.")
+        out.append("Nothing beat the baseline yet." if chat else "\nNothing beat the baseline yet.")
     # a run re-run to decide is no failure: the change it was may be kept on its next run
     later = _re_run(rows)
     failed = [e for e in rows if e.status != "keep" and e.number not in later][-15:]
-    out += ["", "## What did not work", ""]
+    out += ["", "What did not work:"] if chat else ["", "## What did not work", ""]
     out += [f"- #{e.number} {e.status}: {e.description or e.kind} — {e.reason}" for e in failed] or ["- nothing failed"]
     return "\n".join(out)
 

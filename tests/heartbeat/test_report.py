@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
+from nightlab.bot.digest import describe
+from nightlab.bot.format import Text
 from nightlab.heartbeat import cli
 from nightlab.heartbeat.engine_child import EngineProcess
 from nightlab.heartbeat.jobs import Heartbeat
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger
-from nightlab.loop.state.config import settings_from_table
+from nightlab.loop.state.config import DigestSettings, settings_from_table
 from nightlab.loop.state.store import Store
 
 
@@ -140,3 +142,25 @@ def test_the_morning_report_says_what_happened_since_the_last_one(tmp_path: Path
     last = time.strftime("%a %H:%M", time.localtime((monday + timedelta(days=1)).timestamp()))
     assert (f"- since the last report ({last}): no experiments; the loop is paused by telegram:42"
             f" (looking at the logs) since {paused}") in wednesday.splitlines()
+
+
+def test_the_morning_report_reads_on_a_phone(tmp_path: Path) -> None:
+    """A chat shows markdown as it is: the report's seven-column table wrapped into a jumble of
+    pipes, its headings and commits came with # and backticks."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    store.set("workspace.branch", "autoresearch/dec01")
+    record(store, "baseline", "keep", 1.0, "baseline")
+    record(store, "proposal", "keep", 0.99, "better by 0.0100 ± 0.0030")
+    record(store, "proposal", "crash", None, "exit code 1")
+    daemon_heartbeat(ws, store).daily_report()
+    (event,) = [e for e in store.events_after(0) if e.kind == "report"]
+    (message, _chart) = describe(event, DigestSettings())
+    assert isinstance(message, Text)
+    lines = "".join(span.text for span in message.spans).splitlines()
+    assert lines[0] == "📋 nightlab report — autoresearch/dec01"
+    assert "- #2 c0ffee val_bpb 0.990000, gain 0.010000: proposal" in lines
+    assert "- #3 crash: proposal — exit code 1" in lines
+    assert not [line for line in lines if line.startswith(("#", "|")) or "`" in line], lines
+    assert "| 2 | `c0ffee` |" in event.payload["markdown"]  # the report's file keeps its table
