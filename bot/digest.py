@@ -46,8 +46,9 @@ def describe(event: Event, settings: DigestSettings, progress: bool = False) -> 
                                        f"{p.get('description', '')}"))]
         if event.kind == "experiment_finished":
             return [experiment_digest(p, settings.log_tail_lines)]
-        if event.kind == "report":
-            out: list[Outgoing] = [text_message(bold("📋 report"), plain("\n" + str(p.get("markdown", ""))))]
+        if event.kind == "report":  # its text for a chat; an older nightlab's event has the markdown only
+            title, _, rest = str(p.get("text") or p.get("markdown", "")).partition("\n")
+            out: list[Outgoing] = [text_message(bold(f"📋 {title.removeprefix('# ')}"), plain("\n" + rest))]
             chart = p.get("chart_path")
             if chart and Path(chart).is_file():
                 out.append(Photo(Path(chart), "progress"))
@@ -83,7 +84,9 @@ def _short_line(kind: str, p: dict[str, Any]) -> str | None:
 def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
     status = str(p.get("status", "?"))
     name = p.get("metric_name") or "val_bpb"
-    head = f"{'🏆' if p.get('new_best') else MARKS.get(status, '•')} #{p.get('number', '?')} {status}"
+    # a run the rule re-runs to decide is recorded as a discard; "❌ discard" read as the change's end
+    mark = "🏆" if p.get("new_best") else "🔁" if p.get("rerun") else MARKS.get(status, "•")
+    head = f"{mark} #{p.get('number', '?')} {'undecided, runs again' if p.get('rerun') else status}"
     metric = p.get("metric")
     figure = f"{name} {_num(metric)}" if metric is not None else f"{name} —"
     if p.get("gain") is not None and p.get("se") is not None:  # a gain is positive when better

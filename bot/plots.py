@@ -1,6 +1,7 @@
 """The progress chart researchers know from upstream's analysis notebook, as a PNG.
 
-Discarded experiments grey, kept ones green, crashes as red crosses along the top edge, and the
+Discarded experiments grey, kept changes green (the baseline's runs hollow green),
+crashes as red crosses along the top edge (runs stopped before a result grey ones), and the
 running best as a step line labelled with the change that set each new best. The best is its
 estimate (the mean of every measurement of its commit, as the decision rule uses it), drawn with
 a band of ± the run-to-run noise once repeats have measured it: a result inside the band is not
@@ -13,8 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class Point(Protocol):
@@ -51,9 +56,51 @@ def _metrics(measured: Sequence[Point]) -> list[float]:
     return [p.metric for p in measured if p.metric is not None]
 
 
+@dataclass(frozen=True)
+class Groups:
+    """The chart's markers. A baseline run (and a re-measurement of the best) is recorded as a
+    keep, but it changed nothing: counted as kept, a night where nothing beat the baseline read
+    "3 kept" (the views count them apart the same way). A run stopped before its result (a
+    user's kill: a discard) is no crash."""
+
+    kept: list[Point]  # kept changes (on their deciding run)
+    measured: list[Point]  # the baseline's runs and the best's re-measurements
+    discarded: list[Point]  # discarded, or a run the rule re-ran to decide
+    crashed: list[Point]
+    stopped: list[Point]  # no result, not a crash
+
+    def title(self, total: int) -> str:
+        return f"{total} experiments, {len(self.kept)} {'change' if len(self.kept) == 1 else 'changes'} kept"
+
+
+def groups(points: Sequence[Point]) -> Groups:
+    scored = [p for p in points if p.metric is not None and p.status != "crash"]
+    keeps = [p for p in scored if p.status == "keep"]
+    return Groups(
+        kept=[p for p in keeps if p.kind != "baseline"],
+        measured=[p for p in keeps if p.kind == "baseline"],
+        discarded=[p for p in scored if p.status != "keep"],
+        crashed=[p for p in points if p.status == "crash"],
+        stopped=[p for p in points if p.metric is None and p.status != "crash"],
+    )
+
+
 def progress_chart(
     points: Sequence[Point], path: Path, metric_name: str = "val_bpb", direction: str = "minimize"
 ) -> Path:
+    fig = draw(points, metric_name, direction)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png", bbox_inches="tight")  # "tight": the legend below, a late keep's label
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return path
+
+
+def draw(points: Sequence[Point], metric_name: str = "val_bpb", direction: str = "minimize") -> Figure:
+    """The chart as a figure; the caller closes it (matplotlib.pyplot.close)."""
     import matplotlib
 
     # Its first use on a machine builds a font cache and says so; not news for the journal.
@@ -64,20 +111,25 @@ def progress_chart(
     from matplotlib.transforms import blended_transform_factory
 
     measured = [p for p in points if p.metric is not None and p.status != "crash"]
-    kept = [p for p in measured if p.status == "keep"]
-    others = [p for p in measured if p.status != "keep"]
-    crashes = [p for p in points if p.status == "crash" or p.metric is None]
+    kept = [p for p in measured if p.status == "keep"]  # every estimate of the best, for its line
+    marks = groups(points)
 
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     try:
-        ax.scatter([p.number for p in others], _metrics(others), c="#b0b0b0", s=18,
-                   label=f"discarded ({len(others)})", zorder=2)
-        ax.scatter([p.number for p in kept], _metrics(kept), c="#2ca02c", s=36,
-                   edgecolors="black", linewidths=0.5, label=f"kept ({len(kept)})", zorder=3)
-        if crashes:
-            top = blended_transform_factory(ax.transData, ax.transAxes)
-            ax.scatter([p.number for p in crashes], [0.97] * len(crashes), marker="x", c="#d62728",
-                       s=30, transform=top, label=f"crashed ({len(crashes)})", zorder=3)
+        ax.scatter([p.number for p in marks.discarded], _metrics(marks.discarded), c="#b0b0b0", s=18,
+                   label=f"discarded or re-run ({len(marks.discarded)})", zorder=2)
+        if marks.measured:
+            ax.scatter([p.number for p in marks.measured], _metrics(marks.measured), c="white", s=30,
+                       edgecolors="#2ca02c", linewidths=1.2,
+                       label=f"baseline runs ({len(marks.measured)})", zorder=3)
+        ax.scatter([p.number for p in marks.kept], _metrics(marks.kept), c="#2ca02c", s=36,
+                   edgecolors="black", linewidths=0.5, label=f"kept changes ({len(marks.kept)})", zorder=3)
+        top = blended_transform_factory(ax.transData, ax.transAxes)
+        for failed, colour, label in ((marks.crashed, "#d62728", "crashed"),
+                                      (marks.stopped, "#7f7f7f", "stopped, no result")):
+            if failed:
+                ax.scatter([p.number for p in failed], [0.97] * len(failed), marker="x", c=colour,
+                           s=30, transform=top, label=f"{label} ({len(failed)})", zorder=3)
         if kept:
             xs: list[float] = []
             ys: list[float] = []
@@ -99,12 +151,12 @@ def progress_chart(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("experiment #")
         ax.set_ylabel(f"{metric_name} ({'lower' if direction == 'minimize' else 'higher'} is better)")
-        ax.set_title(f"{len(points)} experiments, {len(kept)} kept")
+        ax.set_title(marks.title(len(points)))
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        # below the plot: inside, "upper right" hid the points there (a late result, a fluke)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return fig

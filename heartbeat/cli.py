@@ -207,7 +207,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 def cmd_service_install(args: argparse.Namespace) -> int:
     from nightlab.heartbeat.service import install_unit
 
-    print(install_unit(Path(args.config).resolve(), user=args.user, dry_run=args.print))
+    print(install_unit(Path(args.config).resolve(), user=args.user, dry_run=args.print, run_as=args.run_as))
     return 0
 
 
@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
              "nightlab service install --config ~/nightlab.toml --user")
     p.add_argument("--config", required=True, help="the TOML configuration file the service runs with")
     p.add_argument("--user", action="store_true", help="a user unit (~/.config/systemd/user)")
+    p.add_argument("--run-as", metavar="USER", help="the system unit's user, e.g. a `nightlab` system user"
+                   " (default: who ran sudo, else you)")
     p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
     return parser
 

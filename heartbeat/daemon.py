@@ -23,7 +23,9 @@ Stopping
 - SIGHUP: re-reads the config file and applies what is safe to change live: the [heartbeat]
   settings, here (the jobs are rescheduled) and in the engine (kv LIVE_HEARTBEAT_KEY, applied at
   its next checkpoint: run_timeout is also the checks' timeout and Slurm's --time); everything
-  else that changed is logged as needing a restart.
+  else that changed is logged as needing a restart. An edit of the file without a reload is
+  logged once (it applies on a reload or a restart); the engine, restarted or not, runs with the
+  config the daemon loaded (kv DAEMON_CONFIG_KEY), never with the file as it is now.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,15 +56,17 @@ from nightlab.heartbeat.logsetup import setup_logging
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors import make_executor
 from nightlab.loop.state.config import (
+    DAEMON_CONFIG_KEY,
     LIVE_HEARTBEAT_KEY,
     ConfigError,
     Secrets,
     Settings,
     changed_fields,
     environment_secrets,
-    load_settings,
+    read_config_text,
     resolve_secrets,
     secret_env_names,
+    settings_from_text,
 )
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.store import Store
@@ -73,6 +78,7 @@ log = logging.getLogger("nightlab.daemon")
 
 BOT_STOP_TIMEOUT_S = 10.0
 SETTLE_S = 0.5  # how often the main thread looks for signals' requests
+CONFIG_LOOK_S = 5.0  # how often it looks whether the config file was edited
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,9 @@ class Daemon:
         self.settings = settings
         self.options = options
         self.config = config.resolve()
+        # the text these settings came from (read again: Settings keeps no text), for the engine
+        self._config_text = read_config_text(self.config)
+        self._config_seen = self._config_text  # as last loaded (start, SIGHUP): an edit since is said
         self.workspace = settings.workspace_path
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -114,6 +123,7 @@ class Daemon:
             log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
             store = Store.for_workspace(self.workspace)
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
+            store.set(DAEMON_CONFIG_KEY, {"path": str(self.config), "text": self._config_text})
             # the chat tokens stay in this process: an edited train.py or an agent cannot print them
             hidden = secret_env_names(self.settings)
             engine = EngineProcess(self._engine_argv(), {k: v for k, v in os.environ.items() if k not in hidden})
@@ -152,10 +162,25 @@ class Daemon:
             return
         stop_leftover_engine(self.workspace, ENGINE_STOP_GRACE_S)
         heartbeat.start_engine()
+        looked = time.monotonic()
         while not self._stop.wait(SETTLE_S):
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload(heartbeat, scheduler)
+            if time.monotonic() - looked >= CONFIG_LOOK_S:
+                looked = time.monotonic()
+                self._notice_edit()
+
+    def _notice_edit(self) -> None:
+        """Say once per edit that the file is not what is in force: nothing reads it by itself."""
+        try:
+            text = read_config_text(self.config)
+        except ConfigError:
+            return  # gone or unreadable for a moment (an editor saving it); a reload would say why
+        if text != self._config_seen:
+            self._config_seen = text
+            log.warning("%s was edited; it applies on `systemctl reload nightlab` (SIGHUP: [heartbeat] at once,"
+                        " then says what needs a restart) or a restart, not before", self.config)
 
     def _engine_argv(self) -> list[str]:
         # the data dir once prepared: the engine uses it as it is, not preparing it again
@@ -227,7 +252,9 @@ class Daemon:
 
     def reload(self, heartbeat: Heartbeat, scheduler: BackgroundScheduler) -> None:
         try:
-            new = load_settings(self.config)
+            text = read_config_text(self.config)
+            self._config_seen = text  # this reload says what it makes of it
+            new = settings_from_text(text, str(self.config))
         except ConfigError as exc:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return

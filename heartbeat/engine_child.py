@@ -36,7 +36,8 @@ def engine_argv(config: Path, workspace: Path, max_experiments: int | None,
     `python -m nightlab.loop.engine`, e.g. with a fake engine in tests; `prepared_data`: the data
     dir the daemon prepared, so the engine does not prepare it again."""
     argv = list(program or (sys.executable, "-m", "nightlab.loop.engine"))
-    argv += ["--config", str(config), "--workspace", str(workspace)]
+    # --daemon-settings: the config as the daemon loaded it, not the file as it is now
+    argv += ["--config", str(config), "--workspace", str(workspace), "--daemon-settings"]
     if max_experiments is not None:
         argv += ["--max-experiments", str(max_experiments)]
     if prepared_data is not None:

@@ -14,7 +14,8 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
                 paused engine that stops ticking is frozen, and only a restart gets /resume heard.
 - check_host:   free disk under min_free_disk_gb -> pause + alert (once per episode).
 - notify:       systemd STATUS= every beat, WATCHDOG=1 only while the checks above are passing.
-- daily_report: a `report` event at report_time.
+- daily_report: a `report` event at report_time; missed_report, at start, the one a daemon that
+                was down at that time missed (kv LAST_REPORT_KEY: each time's report goes out once).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
@@ -49,6 +50,7 @@ HOUR_S = 3600.0
 # The watchdog is withheld when the supervision passes themselves stop completing: longer than
 # this beyond their interval means a check is stuck (e.g. on a locked database).
 SUPERVISION_SLACK_S = 30.0
+LAST_REPORT_KEY = "report.last"  # kv: when the last daily report was sent (time.time())
 
 
 def fmt_duration(seconds: float) -> str:
@@ -98,6 +100,7 @@ class Heartbeat:
         self._flapping = False  # we paused the loop for flapping; cleared by the next restart
         self._low_disk = False  # we alerted about disk; cleared when space is back
         self._engine_lock = threading.Lock()  # check_engine vs. the daemon's own start/stop
+        self._report_trigger: CronTrigger | None = None  # set by schedule()
 
     @property
     def limits(self) -> HeartbeatSettings:
@@ -119,12 +122,21 @@ class Heartbeat:
             notify_every = min(every, self.notifier.watchdog_interval or every)
             scheduler.add_job(self.notify, IntervalTrigger(seconds=notify_every), id="notify",
                               next_run_time=_now_dt(), **common)
-        if self.limits.report_time:
-            hour, minute = self.limits.report_time.split(":")
-            scheduler.add_job(self.daily_report, CronTrigger(hour=int(hour), minute=int(minute)),
+        self._report_trigger = self._daily_trigger(scheduler)
+        if self._report_trigger is not None:
+            scheduler.add_job(self.daily_report, self._report_trigger,
                               id="daily_report", **{**common, "misfire_grace_time": 3600})
+            # a daemon that was down at the report time sends the one it missed, once
+            scheduler.add_job(self.missed_report, id="missed_report", next_run_time=_now_dt(), **common)
         elif scheduler.get_job("daily_report"):
             scheduler.remove_job("daily_report")
+
+    def _daily_trigger(self, scheduler: BaseScheduler) -> CronTrigger | None:
+        if not self.limits.report_time:
+            return None
+        hour, minute = self.limits.report_time.split(":")
+        # the scheduler's time zone (the machine's, or $TZ) for the job and for what was due alike
+        return CronTrigger(hour=int(hour), minute=int(minute), timezone=scheduler.timezone)
 
     # -- runs ------------------------------------------------------------------------------------
     def check_runs(self) -> None:
@@ -203,11 +215,12 @@ class Heartbeat:
             if not self._flapping:
                 self._flapping = True
                 text = (f"the engine needed {self.restarts.count(now)} restarts within an hour"
-                        f" (last: {reason}); the loop is paused. Check the logs, then /resume.")
+                        f" (last: {reason}). Check the logs, then /resume.")
                 self._pause(text)
+                # one message: chats render it "⏸ the loop paused itself: …" (an alert beside it
+                # said the same words a second time)
                 self.store.emit("self_paused", reason=text)
-                self.store.emit("alert", text=text)
-                log.error("%s", text)
+                log.error("the loop is paused: %s", text)
             return
         self._flapping = False
         self.engine.start()
@@ -264,10 +277,53 @@ class Heartbeat:
         self.notifier.status(text, watchdog=self.healthy())
 
     # -- report ----------------------------------------------------------------------------------
-    def daily_report(self) -> None:
-        report = write_report(self.workspace, self.store, self.settings.project)
-        self.store.emit("report", markdown=report.markdown,
-                        chart_path=str(report.chart_path) if report.chart_path else None)
+    def report_due(self, now: datetime) -> datetime | None:
+        """The latest report time at or before `now` (None without a daily report)."""
+        if self._report_trigger is None:
+            return None
+        # the last of its times in the past day (26 hours: a day around a DST change has 25)
+        due, fire = None, self._report_trigger.get_next_fire_time(None, now - timedelta(hours=26))
+        while fire is not None and fire <= now:
+            due, fire = fire, self._report_trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+        return due
+
+    def daily_report(self, now: datetime | None = None) -> bool:
+        """The report at its time; not again when one already went out for this time (a daemon
+        restarted within the minute, after sending it)."""
+        now = now or _now_dt()
+        due = self.report_due(now)
+        last = self.store.get(LAST_REPORT_KEY)
+        if due is not None and last is not None and last >= due.timestamp():
+            return False
+        self._send_report(last, now)
+        return True
+
+    def missed_report(self, now: datetime | None = None) -> bool:
+        """At start: the report the daemon was down for, if the last time passed without one and
+        the loop had been at work by then (a first start after the report time sends nothing)."""
+        now = now or _now_dt()
+        due = self.report_due(now)
+        if due is None:
+            return False
+        last = self.store.get(LAST_REPORT_KEY)
+        if last is None:
+            first = ledger.experiments(self.store)[:1]
+            if not first or first[0].finished_at >= due.timestamp():
+                return False
+        elif last >= due.timestamp():
+            return False
+        log.info("the daily report of %s was missed (the daemon was not running); sending it now",
+                 due.strftime("%a %H:%M"))
+        self._send_report(last, now)
+        return True
+
+    def _send_report(self, last: float | None, now: datetime) -> None:
+        report = write_report(self.workspace, self.store, self.settings.project, since=last)
+        # recorded with the event: one report per time, whatever restarts follow
+        with self.store.transaction():
+            self.store.emit("report", markdown=report.markdown, text=report.text,
+                            chart_path=str(report.chart_path) if report.chart_path else None)
+            self.store.set(LAST_REPORT_KEY, now.timestamp())
         log.info("daily report written to %s", report.markdown_path)
 
 

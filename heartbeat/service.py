@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import getpass
 import os
+import pwd
 import shlex
 import shutil
+import stat
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -39,10 +41,19 @@ def render_unit(config_path: Path, user: bool, run_as: str, executable: list[str
     )
 
 
-def install_unit(config_path: Path, user: bool, dry_run: bool) -> str:
-    """Write the unit (or, with dry_run, return it) and return what to do next."""
+def install_unit(config_path: Path, user: bool, dry_run: bool, run_as: str | None = None) -> str:
+    """Write the unit (or, with dry_run, return it) and return what to do next. `run_as`: the
+    system unit's User= (default: whoever ran `sudo nightlab service install`, else this user)."""
     config_path = Path(config_path).resolve()
-    run_as = os.environ.get("SUDO_USER") or getpass.getuser()  # `sudo nightlab service install`
+    if run_as is not None:
+        if user:
+            raise UserError("--run-as is for a system unit; a --user unit runs as the user who installs it")
+        try:
+            pwd.getpwnam(run_as)
+        except KeyError:
+            raise UserError(f"--run-as {run_as}: no such user on this machine; create it first"
+                            f" (sudo useradd --system --create-home {run_as})") from None
+    run_as = run_as or os.environ.get("SUDO_USER") or getpass.getuser()
     unit = render_unit(config_path, user, run_as, nightlab_command())
     if dry_run:
         return unit
@@ -62,7 +73,7 @@ def install_unit(config_path: Path, user: bool, dry_run: bool) -> str:
     journal = "journalctl --user -u nightlab -f" if user else "journalctl -u nightlab -f"
     steps = [
         f"wrote {target}" + (f" (the unit it replaces, which differed: {backup})" if kept else ""),
-        *_secret_steps(load_settings(config_path), user),
+        *_secret_places(load_settings(config_path), user),
         f"  {ctl} daemon-reload",
         f"  {ctl} enable --now nightlab",
         f"  {journal}",
@@ -90,12 +101,43 @@ def _credential_names(settings: Settings) -> list[str]:
             if ref.file.startswith(_CREDENTIALS_PREFIX)]
 
 
-def _secret_steps(settings: Settings, user: bool) -> list[str]:
+def _secret_places(settings: Settings, user: bool) -> list[str]:
+    """The env file (and credentials folder) the unit reads, made private before a secret goes in:
+    made by hand they get the umask's 644, a token any user of the box can read."""
     etc = _etc_dir(user)
+    names = [ref.env for _, ref in secret_refs(settings) if ref.env]
+    credentials = _credential_names(settings)
+    who = "you" if user else "root (systemd reads it)"
     steps = []
-    for _, ref in secret_refs(settings):
-        if ref.env:
-            steps.append(f"  put {ref.env}=... in {etc / 'nightlab.env'} (chmod 600)")
-    for name in _credential_names(settings):
-        steps.append(f"  put the secret in {etc / 'credentials' / name} (chmod 600)")
+    try:
+        if names:
+            env_file = etc / "nightlab.env"
+            steps.append(_private_file(env_file, "".join(f"#{n}=\n" for n in names), who))
+            given = {line.partition("=")[0].strip() for line in env_file.read_text().splitlines()
+                     if line.partition("=")[2].strip()}
+            steps += [f"  write the value after {n}= in {env_file} (and remove its #)" for n in names if n not in given]
+        if credentials:
+            folder = etc / "credentials"
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
+            steps += [f"  put the secret in {folder / name} (the folder is readable by {who} only)"
+                      for name in credentials]
+    except OSError as exc:
+        raise UserError(f"cannot prepare {exc.filename}: {exc.strerror}; run it with sudo, or --user for a"
+                        " user unit") from None
     return steps
+
+
+def _private_file(path: Path, template: str, who: str) -> str:
+    """Create `path` with `template`, mode 600; an existing one keeps its content, made 600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(template)
+        return f"made {path} (readable by {who} only)"
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        path.chmod(0o600)
+        return f"{path} was readable by others (mode {mode:o}); now 600"
+    return f"{path} is there (readable by {who} only)"

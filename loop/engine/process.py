@@ -2,10 +2,13 @@
 stopped (SIGTERM/SIGINT at the next checkpoint) or `--max-experiments` are recorded.
 
     python -m nightlab.loop.engine --config FILE [--workspace PATH] [--max-experiments N]
-                                   [--prepared-data DIR]
+                                   [--prepared-data DIR] [--daemon-settings]
 
 `--prepared-data`: the daemon has just prepared the built-in trainer's data dir; the engine
 uses it as it is instead of preparing it again (a standalone engine prepares it itself).
+`--daemon-settings`: the daemon's engine runs with the config the daemon loaded (kv
+DAEMON_CONFIG_KEY), so an edit of the file takes effect on a reload or a restart, as said, and
+never by surprise when the heartbeat restarts this process.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from nightlab.loop.engine.cycle import Engine
 from nightlab.loop.executors import Executor, make_executor
 from nightlab.loop.proposers.base import ProposalError, Proposer
 from nightlab.loop.runenv import run_environment
-from nightlab.loop.state.config import Settings, load_settings
+from nightlab.loop.state.config import (
+    DAEMON_CONFIG_KEY,
+    LIVE_HEARTBEAT_KEY,
+    HeartbeatSettings,
+    Settings,
+    load_settings,
+    settings_from_text,
+)
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.lock import EngineLock
 from nightlab.loop.state.store import Store
@@ -68,6 +78,20 @@ def run_engine(
         lock.release()
 
 
+def _daemon_settings(workspace: Path) -> Settings | None:
+    """The settings the daemon runs with: the config text it loaded, with [heartbeat] as it last
+    reloaded it; None when the daemon stored none (an older nightlab's daemon)."""
+    store = Store.for_workspace(workspace)
+    try:
+        loaded, live = store.get(DAEMON_CONFIG_KEY), store.get(LIVE_HEARTBEAT_KEY)
+    finally:
+        store.close()
+    if not loaded:
+        return None
+    settings = settings_from_text(loaded["text"], loaded["path"])
+    return dataclasses.replace(settings, heartbeat=HeartbeatSettings(**live)) if live else settings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nightlab.loop.engine",
                                      description="The experiment cycle, until stopped.")
@@ -76,12 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-experiments", type=int, default=None)
     parser.add_argument("--prepared-data", type=Path, default=None,
                         help="the data dir the daemon prepared (skips preparing it again)")
+    parser.add_argument("--daemon-settings", action="store_true",
+                        help="run with the config the daemon loaded (kept in the workspace's store), not the"
+                             " file as it is now")
     args = parser.parse_args(argv)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        settings = load_settings(args.config)
+        settings = _daemon_settings(Path(args.workspace)) if args.daemon_settings and args.workspace else None
+        settings = settings or load_settings(args.config)
         if args.workspace:
             settings = dataclasses.replace(
                 settings, workspace=dataclasses.replace(settings.workspace, path=str(args.workspace))

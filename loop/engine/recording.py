@@ -71,6 +71,8 @@ def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float 
         "hardware": exp.hardware, "profile": ctx.ws.profile, "harness": hardware.harness_values(ctx.env),
         # the decision's figures: the gain (positive = better) ± its standard error, n vs n
         "gain": out.gain if out.se is not None else None, "se": out.se, "n": out.n, "n_best": out.n_best,
+        # recorded as a discard, but not decided: the same change runs again (or re-made on the best)
+        "rerun": out.needs_confirm or out.rebase,
     }
 
 

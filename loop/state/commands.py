@@ -162,7 +162,7 @@ class Report(View):
     chart = True
 
     def answer(self, workspace: Path) -> str:
-        return views.report_markdown(workspace)
+        return views.report_markdown(workspace, chat=True)
 
 
 # -- steering -------------------------------------------------------------------------------------

@@ -206,6 +206,10 @@ class ExecutorSettings:
 # kv: [heartbeat] as the daemon last loaded it (a SIGHUP reload); the engine applies it at its
 # next checkpoint, so run_timeout means the same to the heartbeat, the checks and Slurm's --time
 LIVE_HEARTBEAT_KEY = "settings.heartbeat"
+# kv: {"path", "text"} of the config file the daemon started with. Its engine reads the settings
+# from here, not from the file as it is now: a restarted engine would otherwise pick up an edit
+# nobody reloaded (or die on a half-saved file, every restart, until the loop paused itself).
+DAEMON_CONFIG_KEY = "settings.config"
 
 
 def changed_fields(old: Any, new: Any, section: str) -> list[str]:
@@ -294,6 +298,10 @@ def profile_names() -> tuple[str, ...]:
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:
     """Read and validate a TOML file; raises ConfigError with a message meant for people."""
+    return settings_from_text(read_config_text(path), str(path))
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -305,12 +313,18 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{path}: cannot read the file ({exc.strerror})") from None
     try:
         # utf-8-sig: a byte-order mark (some Windows editors write one) is not a "syntax error at 1:1"
-        table = tomllib.loads(raw.decode("utf-8-sig"))
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
+
+
+def settings_from_text(text: str, source: str) -> Settings:
+    """Settings from a config file's text; `source` is the file (relative paths start at its folder)."""
+    try:
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
-    return settings_from_table(table, source=str(path))
+        raise ConfigError(f"{source}: TOML syntax error: {exc}") from None
+    return settings_from_table(table, source=source)
 
 
 def settings_from_table(table: dict[str, Any], source: str = "<table>") -> Settings:

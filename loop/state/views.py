@@ -239,12 +239,35 @@ def status_text(workspace: Path) -> str:
 
 def _counts(rows: list[Experiment]) -> str:
     """What the runs were: the baseline's, repeats of a result, then the changes by outcome. A
-    baseline run or a repeat is recorded as a keep, and "3 keep" beside "nothing beat the
-    baseline" would read as a contradiction."""
-    counts = {"baseline": sum(e.kind == "baseline" for e in rows), "repeat": sum(e.kind == "confirm" for e in rows)}
-    changes = [e for e in rows if e.kind not in ("baseline", "confirm")]
-    counts |= {s: sum(e.status == s for e in changes) for s in ("keep", "discard", "crash", "checks_failed")}
+    baseline run is recorded as a keep, and "3 keep" beside "nothing beat the baseline" would
+    read as a contradiction; a change re-run to decide counts once, by its deciding run (a change
+    kept on its third run was "2 repeat", and no keep)."""
+    decided = _decided_changes(rows)
+    changes = [e for e in rows if e.kind != "baseline"]
+    counts = {"baseline": sum(e.kind == "baseline" for e in rows), "repeat": len(changes) - len(decided)}
+    counts |= {s: sum(e.status == s for e in decided) for s in ("keep", "discard", "crash", "checks_failed")}
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
+
+
+def _decided_changes(rows: list[Experiment]) -> list[Experiment]:
+    """Each change once, as its last run so far left it."""
+    later = _re_run(rows)
+    return [e for e in rows if e.kind != "baseline" and e.number not in later]
+
+
+def _re_run(rows: list[Experiment]) -> set[int]:
+    """The runs of a change that the rule ran again to decide: a change has a row per run
+    (`confirm_of` names the run it repeats; a rebase's, the change it re-makes), and only the
+    last one says how it went."""
+    root: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for e in rows:
+        if e.kind == "baseline":
+            continue
+        origin = e.confirm_of if e.kind in ("confirm", "rebase") and e.confirm_of is not None else e.number
+        root[e.number] = root.get(origin, origin)
+        last[root[e.number]] = e.number
+    return {n for n, r in root.items() if last[r] != n}
 
 
 def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top: int | None = None,
@@ -308,11 +331,17 @@ def improvements(rows: list[Experiment], direction: str = "minimize") -> list[tu
     return sorted(found, key=lambda item: item[1], reverse=True)
 
 
-def report_markdown(workspace: Path) -> str:
+def report_markdown(workspace: Path, since: float | None = None, chat: bool = False) -> str:
+    """The session's report; with `since` (the last report's time) it first says what happened
+    after it: the same totals every morning would hide a night when nothing ran. `chat`: for a
+    phone, with no markdown marks (a chat shows them as they are) and lines for the table."""
     store = _store(workspace)
     rows = ledger.experiments(store)
     name = _metric_name(store)
-    out = [f"# nightlab report — {store.get('workspace.branch', '?')}", ""]
+    code = (lambda text: text) if chat else (lambda text: f"`{text}`")
+    out = [f"{'' if chat else '# '}nightlab report — {store.get('workspace.branch', '?')}", ""]
+    if since is not None:
+        out.append(_since_line(store, [e for e in rows if (e.finished_at or 0.0) > since], since))
     if not rows:
         return "\n".join([*out, "No experiments yet."])
     span = rows[-1].finished_at - (rows[0].started_at or rows[0].finished_at)
@@ -321,7 +350,7 @@ def report_markdown(workspace: Path) -> str:
     if all(e.metric is None for e in rows):  # what to do, not a baseline, a best and a gain of "—"
         out += [f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}",
                 f"- no {name} yet: all {len(rows)} experiments failed before giving one (see What"
-                " did not work); `nightlab train --config FILE` runs one and shows all its output"]
+                f" did not work); {code('nightlab train --config FILE')} runs one and shows all its output"]
     else:
         gain = ("none yet, the best is the baseline" if best_exp is not None and best_exp.kind == "baseline"
                 else f"{(_gain_text(found, rows, best_exp) if best_exp else '') or '—'}"
@@ -331,12 +360,18 @@ def report_markdown(workspace: Path) -> str:
             " repeats (re-runs of a result, re-measurements of the best) measure the noise",
             f"- baseline {name}: {_fmt(found[0] if found else None)}",
             f"- best {name}: {_fmt(best)}"
-            + (f" (#{best_exp.number}, `{best_exp.commit[:7]}`)" if best_exp else ""),
+            + (f" (#{best_exp.number}, {code(best_exp.commit[:7])})" if best_exp else ""),
             f"- gain: {gain}",
         ]
-    out += ["", "## Top improvements"]
+    out += ["", "Top improvements:" if chat else "## Top improvements"]
     top = improvements(rows, store.get(DIRECTION_KEY, "minimize"))[:10]
-    if top:
+    if top and chat:  # a seven-column table wraps into a jumble on a phone
+        for e, delta in top:
+            conf = "" if e.confidence is None else f", {e.confidence:.1f} SE"
+            held = "" if HELDOUT_GAIN not in e.metrics else f", held-out {_heldout(e)}"
+            out.append(f"- #{e.number} {e.commit[:7]} {name} {_fmt(e.best)}, gain {delta:.6f}{conf}{held}:"
+                       f" {e.description}")
+    elif top:
         out += ["", f"| # | commit | {name} | gain | confidence | held-out gain | description |",
                 "|---|---|---|---|---|---|---|"]
         for e, delta in top:
@@ -344,11 +379,25 @@ def report_markdown(workspace: Path) -> str:
             out.append(f"| {e.number} | `{e.commit[:7]}` | {_fmt(e.best)} | {delta:.6f} | {conf} | {_heldout(e)}"
                        f" | {e.description} |")
     else:
-        out.append("\nNothing beat the baseline yet.")
-    failed = [e for e in rows if e.status != "keep"][-15:]
-    out += ["", "## What did not work", ""]
+        out.append("Nothing beat the baseline yet." if chat else "\nNothing beat the baseline yet.")
+    # a run re-run to decide is no failure: the change it was may be kept on its next run
+    later = _re_run(rows)
+    failed = [e for e in rows if e.status != "keep" and e.number not in later][-15:]
+    out += ["", "What did not work:"] if chat else ["", "## What did not work", ""]
     out += [f"- #{e.number} {e.status}: {e.description or e.kind} — {e.reason}" for e in failed] or ["- nothing failed"]
     return "\n".join(out)
+
+
+def _since_line(store: Store, rows: list[Experiment], since: float) -> str:
+    """- since the last report (Tue 07:30): 12 experiments (1 keep, 11 discard)", or none, and why
+    when the loop is paused."""
+    head = f"- since the last report ({time.strftime('%a %H:%M', time.localtime(since))}): "
+    if rows:
+        return head + f"{len(rows)} experiments ({_counts(rows)})"
+    pause = ledger.paused(store)
+    why = (f"; the loop is paused by {pause.by} ({pause.reason}) since"
+           f" {time.strftime('%a %H:%M', time.localtime(pause.since))}" if pause else "")
+    return head + "no experiments" + why
 
 
 def status_line(workspace: Path) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from nightlab.bot.digest import experiment_digest
-from nightlab.bot.plots import noise_sd, progress_chart
+from nightlab.bot.plots import draw, groups, noise_sd, progress_chart
 
 
 def _text(message) -> str:  # type: ignore[no-untyped-def]
@@ -26,6 +26,16 @@ def test_a_keeps_digest_says_better_by_gain_plus_minus_its_error() -> None:
     assert "(worse by 0.0020 ± 0.0012, n = 3 vs 5)" in worse
     # a result with nothing to compare (a baseline) keeps the plain delta
     assert "(Δ -0.0049 vs 1.0000)" in _text(experiment_digest({**payload, "gain": None, "se": None}, 10))
+
+
+def test_a_run_the_rule_runs_again_to_decide_does_not_read_as_the_changes_end() -> None:
+    payload = {"number": 4, "status": "discard", "metric_name": "val_bpb", "metric": 0.99, "best": 1.0,
+               "gain": 0.01, "se": 0.0085, "n": 1, "n_best": 3, "rerun": True,
+               "reason": "re-running to decide: better by 0.0100 ± 0.0085 (n = 1 vs 3), not yet 2 SE"}
+    text = _text(experiment_digest(payload, 10))
+    assert text.startswith("🔁 #4 undecided, runs again · val_bpb 0.9900 (better by 0.0100 ± 0.0085, n = 1 vs 3)")
+    assert "discard" not in text.splitlines()[0]  # was "❌ #4 discard", then kept on its next run
+    assert _text(experiment_digest({**payload, "rerun": False}, 10)).startswith("❌ #4 discard")
 
 
 @dataclass(frozen=True)
@@ -47,3 +57,35 @@ def test_the_chart_draws_the_best_with_the_noise_band(tmp_path: Path) -> None:
     assert noise_sd(points[2:]) == 0.0  # no repeats: no band
     path = progress_chart(points, tmp_path / "chart.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_chart_counts_kept_changes_not_baseline_runs_and_a_kill_is_no_crash() -> None:
+    """A night that kept no change read "4 experiments, 3 kept" (the baseline's runs are recorded
+    as keeps), and a run the user stopped was drawn as a crash."""
+    night = [P(1, "keep", 1.0, "baseline", "baseline", "a", 1.0), P(2, "keep", 1.01, "baseline", "baseline", "a", 1.0),
+             P(3, "keep", 0.99, "baseline", "baseline", "a", 1.0), P(4, "discard", 1.02, "x", "proposal", "b", 1.0),
+             P(5, "discard", None, "y", "proposal", "c", 1.0)]  # killed by the user
+    marks = groups(night)
+    assert marks.title(len(night)) == "5 experiments, 0 changes kept"
+    assert ([p.number for p in marks.measured], marks.crashed, [p.number for p in marks.stopped]) == ([1, 2, 3], [], [5])
+    # a change the rule re-ran to decide, kept on its second run, and a crash
+    night += [P(6, "discard", 0.98, "z", "proposal", "d", 1.0), P(7, "keep", 0.97, "confirm #6: z", "confirm", "d", 0.975),
+              P(8, "crash", None, "w", "proposal", "e", 0.975)]
+    marks = groups(night)
+    assert marks.title(len(night)) == "8 experiments, 1 change kept"
+    assert ([p.number for p in marks.kept], [p.number for p in marks.crashed]) == ([7], [8])
+
+
+def test_the_legend_hides_no_point() -> None:
+    import matplotlib.pyplot as plt
+
+    fig = draw([P(1, "keep", 1.0, "baseline", "baseline", "a", 1.0), P(2, "discard", 1.5, "x", "proposal", "b", 1.0)])
+    try:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        assert legend is not None
+        inside = legend.get_window_extent().overlaps(ax.get_window_extent())  # was "upper right", on the fluke
+        assert not inside
+    finally:
+        plt.close(fig)

@@ -100,6 +100,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", required=True)
     p.add_argument("--workspace", required=True)
     p.add_argument("--max-experiments", type=int)
+    p.add_argument("--daemon-settings", action="store_true")  # the daemon's engines get it; a test never edits the file
     return p.parse_args(argv)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY
+from nightlab.loop.state.lock import holder
 from nightlab.loop.state.store import Store
 
 from tests.heartbeat.conftest import FAKES, Harness, gone, write_config
@@ -116,6 +118,46 @@ def test_the_next_start_reattaches_to_the_run_a_sigterm_left_running(
     numbers = [e.number for e in ledger.experiments(store)]
     assert numbers == [1, 2]  # the re-attached baseline recorded once, then one more experiment
     assert len(store.connection().execute("SELECT id FROM runs").fetchall()) == 2
+
+
+def test_an_engine_restarted_after_an_edit_nobody_reloaded_runs_with_the_daemons_config(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The config file saved half-edited while the night runs (no reload), then the engine dies
+    (say, the OOM killer): the heartbeat's restart must bring back an engine with the config the
+    daemon loaded, as the README promises (an edit applies on a reload or a restart). It used to
+    read the file again, exit 2 on every restart and leave the loop paused for "3 restarts"."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "train.py").write_text(STUB_TRAIN)
+    subprocess.run(["git", "init", "-q", str(workspace)], check=True)
+    project = (f'[project]\nrun_command = "{sys.executable} train.py"\nprotected = []\n'
+               '[loop]\ncheckpoint_interval = 0.2\n')
+    daemon = harness.start(real_engine=True, extra_config=project)
+    first = wait_until(lambda: holder(workspace), timeout=60, what="the engine to take its lock")
+    config = tmp_path / "daemon.toml"
+    config.write_text(config.read_text() + "[loop\n")  # saved mid-edit
+    os.kill(first, signal.SIGKILL)
+    killed = time.time()
+    wait_until(lambda: (holder(workspace) or first) != first and daemon.store.get("engine.tick", 0) > killed,
+               timeout=60, what="a restarted engine to tick", abort=lambda: "exited with code 2" in daemon.log()
+               and daemon.log())
+    assert len(daemon.events("engine_restarted")) == 1 and ledger.paused(daemon.store) is None
+    assert daemon.stop() == 0
+
+
+def test_an_edit_of_the_config_is_said_in_the_log(harness: Harness, tmp_path: Path) -> None:
+    """An edited config changes nothing until a reload or a restart; the log says so once, so
+    nobody waits for a change that is not coming (it said nothing)."""
+    daemon = harness.start()
+    wait_until(lambda: daemon.store.get("engine.tick"), what="the engine to tick")
+    config = write_config(tmp_path / "daemon.toml", run_timeout=500.0)
+    said = f"{config} was edited; it applies on `systemctl reload nightlab`"
+    wait_until(lambda: said in daemon.log(), what="the edit to be said")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded heartbeat.run_timeout 600.0 -> 500.0" in daemon.log(), what="reload")
+    assert daemon.log().count(said) == 1
+    assert daemon.stop() == 0
 
 
 def test_the_chat_token_stays_in_the_daemon(harness: Harness, tmp_path: Path, telegram) -> None:

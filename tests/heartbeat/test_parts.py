@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -119,6 +121,39 @@ def test_a_reinstall_keeps_a_unit_edited_by_hand(tmp_path: Path, monkeypatch: py
         install_unit(config, user=True, dry_run=False)
     assert str(err.value) == (f"cannot write {config}/.config/systemd/user/nightlab.service: Not a directory; run it"
                               " with sudo, or --user for a user unit (--print shows the unit)")
+
+
+def test_a_system_unit_runs_as_the_user_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: `sudo nightlab service install ... --run-as nightlab` for a system user of its own.
+    Before, User= was whoever ran sudo, and `sudo -u nightlab` could not write the unit."""
+    config = tmp_path / "nightlab.toml"
+    config.write_text("")
+    service_user = pwd.getpwuid(os.getuid()).pw_name
+    monkeypatch.setenv("SUDO_USER", "the-admin")
+    unit = install_unit(config, user=False, dry_run=True, run_as=service_user)
+    assert f"User={service_user}" in unit.splitlines() and "User=the-admin" not in unit
+    with pytest.raises(UserError) as err:
+        install_unit(config, user=False, dry_run=True, run_as="no-such-user-here")
+    assert str(err.value) == ("--run-as no-such-user-here: no such user on this machine; create it first"
+                              " (sudo useradd --system --create-home no-such-user-here)")
+
+
+def test_the_env_file_for_the_tokens_is_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made by hand, nightlab.env gets the umask's 644: a chat token any user of the box can read."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "nightlab.toml"
+    config.write_text('[telegram]\ntoken = { env = "NIGHTLAB_TELEGRAM_TOKEN" }\noperators = [1]\n')
+    env_file = tmp_path / ".config/nightlab/nightlab.env"
+    said = install_unit(config, user=True, dry_run=False).splitlines()
+    assert said[1:3] == [f"made {env_file} (readable by you only)",
+                         f"  write the value after NIGHTLAB_TELEGRAM_TOKEN= in {env_file} (and remove its #)"]
+    assert (env_file.read_text(), stat.S_IMODE(env_file.stat().st_mode)) == ("#NIGHTLAB_TELEGRAM_TOKEN=\n", 0o600)
+    env_file.write_text("NIGHTLAB_TELEGRAM_TOKEN=123:abc\n")
+    env_file.chmod(0o644)  # a reinstall over one the user made readable
+    said = install_unit(config, user=True, dry_run=False).splitlines()
+    assert said[1] == f"{env_file} was readable by others (mode 644); now 600"
+    assert not any("write the value" in line for line in said)  # the token is in; its value is left alone
+    assert (env_file.read_text(), stat.S_IMODE(env_file.stat().st_mode)) == ("NIGHTLAB_TELEGRAM_TOKEN=123:abc\n", 0o600)
 
 
 @pytest.mark.parametrize("user", [False, True])

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+from nightlab.bot.digest import describe
+from nightlab.bot.format import Text
 from nightlab.heartbeat import cli
+from nightlab.heartbeat.engine_child import EngineProcess
+from nightlab.heartbeat.jobs import Heartbeat
+from nightlab.heartbeat.sdnotify import Notifier
+from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger
+from nightlab.loop.state.config import DigestSettings, settings_from_table
 from nightlab.loop.state.store import Store
 
 
-def record(store: Store, kind: str, status: str, metric: float | None, reason: str) -> None:
+def record(store: Store, kind: str, status: str, metric: float | None, reason: str,
+           finished_at: float | None = None, confirm_of: int | None = None) -> None:
     """One experiment as the engine records it (the fields the report reads)."""
-    cand = ledger.new_candidate(store, kind, "base", description=kind)
+    cand = ledger.new_candidate(store, kind, "base", description=kind, confirm_of=confirm_of)
     exp = ledger.Experiment(
-        number=cand.number, kind=kind, confirm_of=None, commit="c0ffee", status=status, metric=metric,
+        number=cand.number, kind=kind, confirm_of=confirm_of, commit="c0ffee", status=status, metric=metric,
         metrics={}, best=metric, confidence=None, description=kind, hypothesis="", area="", reason=reason,
-        finished_at=time.time(),
+        finished_at=time.time() if finished_at is None else finished_at,
     )
     ledger.record_experiment(store, cand.id, exp, {"number": cand.number, "status": status})
 
@@ -51,3 +61,106 @@ def test_the_baseline_alone_has_no_gain_yet(tmp_path: Path, capsys) -> None:
     text = report(tmp_path, capsys, ("baseline", "keep", 1.0, "baseline"))
     assert "- best val_bpb: 1.000000 (#1, `c0ffee`)" in text
     assert "- gain: none yet, the best is the baseline" in text  # was "+0.000000 ± 0.004243 (+0.00%, n = 1 vs 1)"
+
+
+def test_a_change_kept_on_its_third_run_is_one_keep_and_its_first_runs_did_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The rule re-runs a change it cannot decide yet; each run is a row. The report said
+    "2 repeat" and no keep for a change kept on its third run, and listed its first two runs under
+    "What did not work"."""
+    text = report(tmp_path, capsys, ("baseline", "keep", 1.0, "baseline"),
+                  ("proposal", "discard", 0.99, "re-running to decide: better by 0.0100 ± 0.0085"),
+                  ("confirm", "discard", 0.985, "re-running to decide: better by 0.0125 ± 0.0067", None, 2),
+                  ("confirm", "keep", 0.985, "better by 0.0133 ± 0.0041", None, 2),
+                  ("proposal", "discard", 0.984, "re-running to decide: better by 0.0018 ± 0.0056"),
+                  ("confirm", "discard", 1.5, "not better: worse by 0.2562 ± 0.0042", None, 5))
+    assert "- experiments: 6 (1 baseline, 3 repeat, 1 keep, 1 discard) over" in text
+    did_not_work = text.split("## What did not work\n\n", 1)[1].splitlines()
+    assert did_not_work == ["- #6 discard: confirm — not better: worse by 0.2562 ± 0.0042"]
+
+
+def daemon_heartbeat(ws: Path, store: Store) -> Heartbeat:
+    """The daemon's heartbeat with the report at 07:30 UTC, as one start of `nightlab run` schedules it."""
+    settings = settings_from_table({"heartbeat": {"report_time": "07:30"}})
+    beat = Heartbeat(settings, ws, store, LocalExecutor(), EngineProcess(["true"]), Notifier(None),
+                     on_engine_finished=lambda: None)
+    beat.schedule(BackgroundScheduler(timezone=UTC))
+    return beat
+
+
+def reports(store: Store) -> list[str]:
+    return [e.payload["markdown"] for e in store.events_after(0) if e.kind == "report"]
+
+
+def test_a_daemon_down_at_the_report_time_sends_the_missed_report_once(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    night = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
+    record(store, "baseline", "keep", 1.0, "baseline", finished_at=night.timestamp())
+    # down from 07:00 to 08:10: the restart sends the 07:30 report, a second restart does not
+    assert daemon_heartbeat(ws, store).missed_report(night.replace(hour=8, minute=10))
+    assert not daemon_heartbeat(ws, store).missed_report(night.replace(hour=8, minute=15))
+    assert len(reports(store)) == 1
+    # the next morning on time; a restart within the same minute sends nothing more
+    beat = daemon_heartbeat(ws, store)
+    assert beat.daily_report(datetime(2026, 12, 2, 7, 30, 0, 5000, tzinfo=UTC))
+    assert not daemon_heartbeat(ws, store).missed_report(datetime(2026, 12, 2, 7, 30, 40, tzinfo=UTC))
+    assert not beat.daily_report(datetime(2026, 12, 2, 7, 30, 50, tzinfo=UTC))  # fired twice: once
+    assert len(reports(store)) == 2
+
+
+def test_a_first_start_after_the_report_time_sends_no_report(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    start = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)
+    assert not daemon_heartbeat(ws, store).missed_report(start)  # nothing ran before 07:30
+    record(store, "baseline", "keep", 1.0, "baseline", finished_at=(start + timedelta(minutes=5)).timestamp())
+    assert not daemon_heartbeat(ws, store).missed_report(start + timedelta(hours=1))
+    assert reports(store) == []
+
+
+def test_the_morning_report_says_what_happened_since_the_last_one(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    monday = datetime(2026, 11, 30, 7, 30, tzinfo=UTC)
+    record(store, "baseline", "keep", 1.0, "baseline", finished_at=(monday - timedelta(hours=5)).timestamp())
+    beat = daemon_heartbeat(ws, store)
+    assert beat.daily_report(monday)
+    record(store, "proposal", "discard", 1.01, "not better", finished_at=(monday + timedelta(hours=15)).timestamp())
+    record(store, "proposal", "crash", None, "exit code 1", finished_at=(monday + timedelta(hours=16)).timestamp())
+    assert beat.daily_report(monday + timedelta(days=1))
+    ledger.set_paused(store, "telegram:42", "looking at the logs", None)
+    assert beat.daily_report(monday + timedelta(days=2))  # a night with nothing run: said, and why
+    tuesday, wednesday = reports(store)[1:]
+    last = time.strftime("%a %H:%M", time.localtime(monday.timestamp()))
+    assert f"- since the last report ({last}): 2 experiments (1 discard, 1 crash)" in tuesday.splitlines()
+    paused = time.strftime("%a %H:%M", time.localtime(ledger.paused(store).since))  # type: ignore[union-attr]
+    last = time.strftime("%a %H:%M", time.localtime((monday + timedelta(days=1)).timestamp()))
+    assert (f"- since the last report ({last}): no experiments; the loop is paused by telegram:42"
+            f" (looking at the logs) since {paused}") in wednesday.splitlines()
+
+
+def test_the_morning_report_reads_on_a_phone(tmp_path: Path) -> None:
+    """A chat shows markdown as it is: the report's seven-column table wrapped into a jumble of
+    pipes, its headings and commits came with # and backticks."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    store.set("workspace.branch", "autoresearch/dec01")
+    record(store, "baseline", "keep", 1.0, "baseline")
+    record(store, "proposal", "keep", 0.99, "better by 0.0100 ± 0.0030")
+    record(store, "proposal", "crash", None, "exit code 1")
+    daemon_heartbeat(ws, store).daily_report()
+    (event,) = [e for e in store.events_after(0) if e.kind == "report"]
+    (message, _chart) = describe(event, DigestSettings())
+    assert isinstance(message, Text)
+    lines = "".join(span.text for span in message.spans).splitlines()
+    assert lines[0] == "📋 nightlab report — autoresearch/dec01"
+    assert "- #2 c0ffee val_bpb 0.990000, gain 0.010000: proposal" in lines
+    assert "- #3 crash: proposal — exit code 1" in lines
+    assert not [line for line in lines if line.startswith(("#", "|")) or "`" in line], lines
+    assert "| 2 | `c0ffee` |" in event.payload["markdown"]  # the report's file keeps its table

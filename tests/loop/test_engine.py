@@ -196,6 +196,8 @@ def test_undecided_gains_are_re_run_until_the_rule_decides(tmp_path: Path) -> No
     assert rows[10].reason.startswith("not better: worse by") and rows[10].best == rows[8].best
     assert rows[11].confidence is not None and rows[11].confidence > 2
     assert [c.consecutive_failures for c in proposer.contexts] == [0, 0, 1]  # a re-run result is no failure
+    finished = [e.payload for e in store.events_after(0, 1000) if e.kind == "experiment_finished"]
+    assert [p["number"] for p in finished if p["rerun"]] == [4, 5, 10]  # the digest: undecided, runs again
     assert_consistent(settings)
 
 

@@ -13,11 +13,12 @@ from nightlab.loop.state.store import Store
 
 
 def _record(store: Store, number: int, kind: str, metric: float, best: float, heldout: float | None = None,
-            status: str = "keep") -> None:
-    cand = ledger.new_candidate(store, kind, "base", commit=f"{number:07d}abc", description=f"change {number}")
+            status: str = "keep", confirm_of: int | None = None) -> None:
+    cand = ledger.new_candidate(store, kind, "base", commit=f"{number:07d}abc", description=f"change {number}",
+                                confirm_of=confirm_of)
     metrics = {} if heldout is None else {HELDOUT_GAIN: heldout}
     exp = ledger.Experiment(
-        number=cand.number, kind=kind, confirm_of=None, commit=f"{number:07d}abc", status=status, metric=metric,
+        number=cand.number, kind=kind, confirm_of=confirm_of, commit=f"{number:07d}abc", status=status, metric=metric,
         metrics=metrics, best=best, confidence=None if kind == "baseline" else 3.0, description=f"change {number}",
         hypothesis="", area="", finished_at=float(number), hardware="H200", setting="s",
     )
@@ -64,8 +65,8 @@ def test_the_reports_counts_keep_baseline_runs_and_repeats_apart_from_kept_chang
     _record(store, 4, "proposal", 1.1, 1.0, status="discard")
     report = views.report_markdown(tmp_path)
     assert "- experiments: 4 (3 baseline, 1 discard) over" in report and "Nothing beat the baseline yet" in report
-    _record(store, 5, "proposal", 0.9, 0.9)
-    _record(store, 6, "confirm", 0.9, 0.9)
+    _record(store, 5, "proposal", 0.9, 1.0, status="discard")  # re-run to decide: kept on its re-run
+    _record(store, 6, "confirm", 0.9, 0.9, confirm_of=5)
     assert "- experiments: 6 (3 baseline, 1 repeat, 1 keep, 1 discard) over" in views.report_markdown(tmp_path)
     assert "experiments: 6 (3 baseline, 1 repeat, 1 keep, 1 discard)" in views.status_text(tmp_path)
 
