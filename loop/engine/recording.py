@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from nightlab.loop import hardware
-from nightlab.loop.decision import HELDOUT_GAIN
 from nightlab.loop.engine.context import Context, say
 from nightlab.loop.engine.deciding import held_out_opinion
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import failures_in_a_row, without_a_keep
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment
+from nightlab.loop.state.stats import HELDOUT_GAIN
 
 DISCARDS_SAID_KEY = "loop.discards_said"  # kv: the keep whose following run of discards was reported
 
