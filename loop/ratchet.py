@@ -30,6 +30,12 @@ class Git:
             raise UserError(f"{path} is not a git repository; run `nightlab init {path}`") from None
         self.g = self.repo.git
 
+    @classmethod
+    def init(cls, path: Path) -> Git:
+        """A new repository at `path` (an existing one is left as it is)."""
+        git.Repo.init(path)
+        return cls(path)
+
     def head(self) -> str:
         return self.g.rev_parse("HEAD")
 
@@ -41,6 +47,30 @@ class Git:
             return self.g.symbolic_ref("--short", "-q", "HEAD")
         except git.GitCommandError:
             return None  # detached
+
+    def is_branch_name(self, name: str) -> bool:
+        try:
+            self.g.check_ref_format("--branch", name)
+        except git.GitCommandError:
+            return False
+        return True
+
+    def switch_branch(self, branch: str) -> None:
+        """HEAD on `branch`: checked out where it exists, else made where HEAD is."""
+        if self.has_commits() and branch in [h.name for h in self.repo.heads]:
+            self.g.checkout(branch)
+        else:
+            self.g.checkout("-b", branch)
+
+    def default_identity(self, identity: dict[str, str]) -> None:
+        """Set the config keys of `identity` ("user.name": ...) that no git config gives yet: commits
+        must work on a bare CI box, and a user's own identity always wins."""
+        reader = self.repo.config_reader()
+        with self.repo.config_writer() as writer:
+            for key, value in identity.items():
+                section, option = key.split(".")
+                if not reader.has_option(section, option):
+                    writer.set_value(section, option, value)
 
     def changed_files(self) -> list[str]:
         """Paths that differ from HEAD: modified, added, deleted, untracked (not ignored)."""
