@@ -44,7 +44,7 @@ def queue(store: Store, workspace: Path, command: Steer, sender: str, reply_to: 
 
 def running_numbers(store: Store) -> list[int]:
     """Experiments with a run in flight, oldest first."""
-    return [ledger.get_candidate(store, r.candidate_id).number for r in ledger.running_runs(store)]
+    return [cand.number for cand, _ in ledger.in_flight(store)]
 
 
 def _engine_note(workspace: Path) -> str:

@@ -54,15 +54,6 @@ def _metric_name(store: Store) -> str:
     return store.get("loop.metric_name", "val_bpb")
 
 
-def _running(store: Store) -> tuple[ledger.Candidate, ledger.RunRecord] | None:
-    runs = ledger.running_runs(store)
-    return (ledger.get_candidate(store, runs[-1].candidate_id), runs[-1]) if runs else None
-
-
-def _in_flight(store: Store) -> list[tuple[ledger.Candidate, ledger.RunRecord]]:
-    return [(ledger.get_candidate(store, r.candidate_id), r) for r in ledger.running_runs(store)]
-
-
 def _elapsed(run: ledger.RunRecord) -> str:
     """How long the command has run; a cluster job still waiting in the queue says so."""
     began = started_at(run.log_path)
@@ -73,11 +64,11 @@ def _elapsed(run: ledger.RunRecord) -> str:
 
 def remaining_s(store: Store) -> float | None:
     """Expected seconds left of the running experiment: the median past duration minus elapsed."""
-    now = _running(store)
+    runs = ledger.running_runs(store)
     past = [e.duration_s for e in ledger.experiments(store, last=20) if e.duration_s and e.metric is not None]
-    if now is None or not past:
+    if not runs or not past:
         return None
-    return max(0.0, statistics.median(past) - (time.time() - now[1].started_at))
+    return max(0.0, statistics.median(past) - (time.time() - runs[-1].started_at))
 
 
 def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
@@ -187,7 +178,7 @@ def status_text(workspace: Path) -> str:
     rows = ledger.experiments(store)
     name = _metric_name(store)
     lines = [f"nightlab · {store.get('workspace.branch', '?')} · profile {store.get('workspace.profile', '?')}"]
-    flight = _in_flight(store)
+    flight = ledger.in_flight(store)
     if len(flight) == 1:
         cand, run = flight[0]
         left = remaining_s(store)
@@ -340,7 +331,7 @@ def status_line(workspace: Path) -> str:
     """One line for systemd's STATUS=, e.g. "exp #42 running 3m12s · best 0.987100 · focus attention"."""
     store = _store(workspace)
     parts = []
-    flight = _in_flight(store)
+    flight = ledger.in_flight(store)
     if len(flight) > 1:
         parts.append(f"{len(flight)} runs in flight (" + ", ".join(f"#{c.number}" for c, _ in flight) + ")")
     elif flight:
