@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import time
 import uuid
@@ -49,6 +48,7 @@ from pathlib import Path
 
 import psutil
 from git import GitCommandError
+from nightlab.loop.processes import stop_tree
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
 from nightlab.loop.ratchet import Git
@@ -198,38 +198,20 @@ class AgentProposer:
                             self.tick()
             finally:
                 # Always: on timeout, on a failing tick, and after a normal exit (leftover children).
-                kill_tree(proc.pid, token)
+                _kill_tree(proc, token)
                 proc.wait()
         return _Run(proc.returncode, timed_out, time.monotonic() - start, _tail(out_path), _tail(err_path))
 
 
-def kill_tree(pid: int, token: str | None = None, grace_s: float = KILL_GRACE_S) -> None:
-    """Terminate `pid`, every descendant and its process group; SIGKILL what outlives `grace_s`.
-
-    Descendants are listed before anything is signalled (once a parent dies its children are
-    re-parented and no longer findable); the process group also catches children orphaned
-    earlier, and psutil catches those that started their own session. With `token`, also every
-    process whose environment holds it: one that left its session and was orphaned before we
-    looked (`setsid python train.py &`, a training left running beside the experiments).
-    """
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    if token is not None:
-        known = {p.pid for p in procs}
-        procs += [p for p in _tagged(token) if p.pid not in known]
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    for p in procs:
+def _kill_tree(proc: subprocess.Popen[bytes], token: str) -> None:
+    """Stop the agent's process tree (started in its own session) and every process whose
+    environment holds `token`: one that left its session and was orphaned before we looked
+    (`setsid python train.py &`, a training left running beside the experiments)."""
+    leader = None
+    if proc.poll() is None:  # not reaped: the pid is still our child's
         with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    for p in _wait_gone(procs, grace_s):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+            leader = psutil.Process(proc.pid)
+    stop_tree(proc.pid, leader, KILL_GRACE_S, also=_tagged(token))
 
 
 def _tagged(token: str) -> list[psutil.Process]:
@@ -241,24 +223,6 @@ def _tagged(token: str) -> list[psutil.Process]:
             if uids is not None and uids.real == os.getuid() and p.environ().get(RUN_TOKEN_ENV) == token:
                 found.append(p)
     return found
-
-
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """The processes still alive after up to `timeout` seconds. A zombie counts as gone: it is
-    dead, and reaping an orphan is its new parent's job (psutil.wait_procs would wait for it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in procs if _running(p)]
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.05)
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 # The state dir is git-ignored by `nightlab init`; excluded here too, so a workspace without
