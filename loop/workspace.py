@@ -204,9 +204,7 @@ def dirty_error(ws: Workspace, files: list[str]) -> UserError:
 def open_workspace(path: Path, settings: Settings) -> Workspace:
     """The initialized workspace at `path`; UserError when `nightlab init` has not run there."""
     path = Path(path).expanduser().resolve()
-    if not (state_dir(path) / DB_FILENAME).exists():
-        raise UserError(f"{path} is not a nightlab workspace; run `nightlab init {path}` first")
-    store = Store.for_workspace(path)
+    store = Store.existing(path)
     branch = store.get("workspace.branch")
     if not branch:
         raise UserError(f"{path}: `nightlab init` did not finish; run `nightlab init {path}` again")

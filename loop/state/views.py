@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from nightlab.loop.state import ledger
-from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Experiment, HardwareClass, started_at
 from nightlab.loop.state.stats import (
     DIRECTION_KEY,
@@ -24,12 +23,6 @@ from nightlab.loop.state.stats import (
     suspect,
 )
 from nightlab.loop.state.store import DB_FILENAME, Store, state_dir
-
-
-def _store(workspace: Path) -> Store:
-    if not (state_dir(Path(workspace)) / DB_FILENAME).exists():
-        raise UserError(f"{workspace} is not a nightlab workspace; run `nightlab init {workspace}` first")
-    return Store.for_workspace(Path(workspace))
 
 
 def recorded(workspace: Path) -> int:
@@ -174,7 +167,7 @@ def _gain_text(found: tuple[float, Comparison] | None) -> str:
 
 
 def status_text(workspace: Path) -> str:
-    store = _store(workspace)
+    store = Store.existing(workspace)
     rows = ledger.experiments(store)
     name = _metric_name(store)
     lines = [f"nightlab · {store.get('workspace.branch', '?')} · profile {store.get('workspace.profile', '?')}"]
@@ -229,9 +222,9 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     """The last `n` experiments; with `status` only those (e.g. keep, crash); with `top` the `top`
     best results by the metric (in `direction`), best first, instead of the last ones."""
     if status is None and top is None:
-        rows = ledger.experiments(_store(workspace), last=max(1, n))
+        rows = ledger.experiments(Store.existing(workspace), last=max(1, n))
         return "\n".join(_line(e) for e in rows) if rows else "no experiments yet"
-    rows = [e for e in ledger.experiments(_store(workspace)) if status is None or e.status == status]
+    rows = [e for e in ledger.experiments(Store.existing(workspace)) if status is None or e.status == status]
     if top is not None:
         scored = sorted((e for e in rows if e.metric is not None),
                         key=lambda e: (e.metric if direction == "minimize" else -e.metric, e.number))  # type: ignore[operator]
@@ -245,7 +238,7 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
 
 
 def best_text(workspace: Path) -> str:
-    store = _store(workspace)
+    store = Store.existing(workspace)
     rows = ledger.experiments(store)
     best_exp, best = _best(rows)
     if best_exp is None:
@@ -286,7 +279,7 @@ def improvements(rows: list[Experiment], direction: str = "minimize") -> list[tu
 
 
 def report_markdown(workspace: Path) -> str:
-    store = _store(workspace)
+    store = Store.existing(workspace)
     rows = ledger.experiments(store)
     name = _metric_name(store)
     out = [f"# nightlab report — {store.get('workspace.branch', '?')}", ""]
@@ -329,7 +322,7 @@ def report_markdown(workspace: Path) -> str:
 
 def status_line(workspace: Path) -> str:
     """One line for systemd's STATUS=, e.g. "exp #42 running 3m12s · best 0.987100 · focus attention"."""
-    store = _store(workspace)
+    store = Store.existing(workspace)
     parts = []
     flight = ledger.in_flight(store)
     if len(flight) > 1:
