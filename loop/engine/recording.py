@@ -49,7 +49,7 @@ def record(ctx: Context, cand: Candidate) -> None:
         if not ledger.record_experiment(ctx.store, cand.id, exp, finished_event(ctx, exp, out, previous)):
             ledger.update_candidate(ctx.store, cand.id, phase="recorded")
             return
-        _maybe_self_pause(ctx, [*rows, exp])
+        _on_streaks(ctx, [*rows, exp])
     ctx.learn([exp])
     say(f"#{exp.number} {exp.status} {exp.metric if exp.metric is not None else ''} {exp.reason}")
 
@@ -74,9 +74,10 @@ def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float 
     }
 
 
-def _maybe_self_pause(ctx: Context, rows: list[Experiment]) -> None:
-    """Only failures (crashes, timeouts, rejected proposals, failed checks) pause the loop: a
-    run of discards is the search's business (it widens), said once in chat, never a stop."""
+def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
+    """Failures in a row pause the loop; a run without a keep is said once. Only failures
+    (crashes, timeouts, rejected proposals, failed checks) pause it: a run of discards is the
+    search's business (it widens), said once in chat, never a stop."""
     store = ctx.store
     failures = failures_in_a_row(store, rows)
     limit = ctx.settings.loop.pause_after_failures
