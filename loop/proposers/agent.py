@@ -48,6 +48,7 @@ from pathlib import Path
 
 import psutil
 from git import GitCommandError
+from nightlab.loop.executors.runfiles import read_tail
 from nightlab.loop.processes import stop_tree
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
@@ -200,7 +201,8 @@ class AgentProposer:
                 # Always: on timeout, on a failing tick, and after a normal exit (leftover children).
                 _kill_tree(proc, token)
                 proc.wait()
-        return _Run(proc.returncode, timed_out, time.monotonic() - start, _tail(out_path), _tail(err_path))
+        return _Run(proc.returncode, timed_out, time.monotonic() - start,
+                    read_tail(out_path, TAIL_CHARS).strip(), read_tail(err_path, TAIL_CHARS).strip())
 
 
 def _kill_tree(proc: subprocess.Popen[bytes], token: str) -> None:
@@ -338,12 +340,6 @@ def _read_proposal_file(path: Path) -> tuple[dict[str, str], str]:
     if "hypothesis" in found:
         found["hypothesis"] = found["hypothesis"][:HYPOTHESIS_CHARS]
     return found, ""
-
-
-def _tail(path: Path) -> str:
-    with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - TAIL_CHARS))
-        return f.read().decode("utf-8", errors="replace").strip()
 
 
 def _last_words(text: str) -> str:
