@@ -20,8 +20,8 @@ EXP_REF_PREFIX = "refs/nightlab/exp/"
 
 
 class Git:
-    """The git operations the loop needs, the ratchet's and the agent proposer's checks
-    (GitPython's command wrapper). `paths`: pathspecs a listing is limited to."""
+    """Every git operation of the loop: the ratchet's, the workspace's set-up and the agent
+    proposer's checks (GitPython's command wrapper). `paths`: pathspecs a listing is limited to."""
 
     def __init__(self, path: Path) -> None:
         try:
