@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nightlab.loop import hardware
-from nightlab.loop.state.config import BUDGET_STEPS_ENV, RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
+from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
 from nightlab.loop.workspace import workspace_problem
 from nightlab.trainer.profiles import (
     DTYPE_ENV,
@@ -209,11 +209,12 @@ def _attention_findings(gpus: hardware.GpuReport, t: dict[str, Any], choice: Cho
 
 
 def _profile_findings(settings: Settings, choice: Choice, auto: Choice, gpus: hardware.GpuReport) -> list[Finding]:
-    env = settings.trainer.harness_env(choice.profile.harness_env)
-    budget = env.get("NIGHTLAB_TIME_BUDGET", "300")
-    steps = env.get(BUDGET_STEPS_ENV)
-    seq = env.get("NIGHTLAB_MAX_SEQ_LEN", "2048")
-    evals = int(env.get("NIGHTLAB_EVAL_TOKENS", str(40 * 2**19)))
+    from nightlab.trainer import prepare  # no torch (pyarrow, tokenizers)
+
+    # what the harness will use: the config's and the profile's values over its defaults
+    harness = prepare.harness_settings(settings.trainer.harness_env(choice.profile.harness_env))
+    budget, steps = harness["TIME_BUDGET"], harness.get("BUDGET_STEPS")
+    seq, evals = harness["MAX_SEQ_LEN"], harness["EVAL_TOKENS"]
     text = (f"{choice.profile.name!r}: {choice.reason}. {choice.profile.description}. In force: "
             + (f"{steps} optimizer steps (trainer.time_budget for seconds)" if steps else f"time budget {budget} s")
             + f", seq {seq}, {evals:,} eval tokens")
@@ -221,11 +222,11 @@ def _profile_findings(settings: Settings, choice: Choice, auto: Choice, gpus: ha
         text += f". auto would pick {auto.profile.name!r} ({auto.reason})"
     others = ", ".join(n for n in PROFILES if n != choice.profile.name.split("-")[0])
     out = [Finding("ok", "profile", text + f" (others: {others}; set trainer.profile)")]
-    out += _shape_findings(choice, int(seq), evals)
-    if not steps and settings.heartbeat.run_timeout < int(budget) + RUN_OVERHEAD_S:  # a step budget has no clock
+    out += _shape_findings(choice, seq, evals)
+    if not steps and settings.heartbeat.run_timeout < budget + RUN_OVERHEAD_S:  # a step budget has no clock
         out.append(Finding("fail", "profile", f"heartbeat.run_timeout = {settings.heartbeat.run_timeout:g} s is"
                            f" shorter than the {budget} s budget + {RUN_OVERHEAD_S} s of start-up and eval: every"
-                           " run would be killed as a timeout", f"heartbeat.run_timeout = {int(budget) + 300}"))
+                           " run would be killed as a timeout", f"heartbeat.run_timeout = {budget + 300}"))
     smallest = min((g.memory_mib for g in gpus.gpus if g.memory_mib), default=None)
     need = estimated_peak_bytes(choice.profile) / 2**20
     if smallest is not None and need > 0.9 * smallest and choice.profile.name != auto.profile.name:

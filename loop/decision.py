@@ -7,7 +7,7 @@ re-run (and the incumbent too when its own uncertainty dominates) until it is sh
 back, or has had `max_runs` runs, and then it is discarded.
 
 The noise and the comparison of means are the state layer's (loop/state/stats.py: the views state
-a gain the same way); this module re-exports them with the rule.
+a gain the same way).
 
 Nothing here touches git, processes or the store.
 """
@@ -18,23 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from nightlab.loop.state.stats import (
-    DIRECTION_KEY,
-    HELDOUT_GAIN,
-    NOISE_PRIOR_KEY,
-    Comparison,
-    Noise,
-    compare,
-    gain,
-    pooled_noise,
-    suspect,
-)
-
-# The rule with the statistics it is stated in (loop/state/stats.py), for the engine and the judge.
-__all__ = [
-    "DIRECTION_KEY", "HELDOUT_GAIN", "NOISE_PRIOR_KEY", "Action", "Comparison", "Decision", "Noise", "Rule",
-    "compare", "decide", "gain", "pooled_noise", "suspect",
-]
+from nightlab.loop.state.stats import Comparison, Noise, compare
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ import re
 import statistics
 from dataclasses import dataclass, field
 
-from nightlab.loop.decision import Comparison, Noise, Rule, decide
+from nightlab.loop.decision import Rule, decide
 from nightlab.loop.state.ledger import USER_KILL_PREFIX
+from nightlab.loop.state.stats import Comparison, Noise
 from nightlab.loop.summary import Summary
 
 # the reason of a result that had nothing to be compared with (no reference on its hardware class)

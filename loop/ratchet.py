@@ -6,8 +6,10 @@ get a detached worktree (a snapshot) of their commit, so the branch moves only b
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import git
@@ -18,7 +20,8 @@ EXP_REF_PREFIX = "refs/nightlab/exp/"
 
 
 class Git:
-    """The few git operations the ratchet needs (GitPython's command wrapper)."""
+    """Every git operation of the loop: the ratchet's, the workspace's set-up and the agent
+    proposer's checks (GitPython's command wrapper). `paths`: pathspecs a listing is limited to."""
 
     def __init__(self, path: Path) -> None:
         try:
@@ -26,6 +29,12 @@ class Git:
         except (git.InvalidGitRepositoryError, git.NoSuchPathError):
             raise UserError(f"{path} is not a git repository; run `nightlab init {path}`") from None
         self.g = self.repo.git
+
+    @classmethod
+    def init(cls, path: Path) -> Git:
+        """A new repository at `path` (an existing one is left as it is)."""
+        git.Repo.init(path)
+        return cls(path)
 
     def head(self) -> str:
         return self.g.rev_parse("HEAD")
@@ -38,6 +47,30 @@ class Git:
             return self.g.symbolic_ref("--short", "-q", "HEAD")
         except git.GitCommandError:
             return None  # detached
+
+    def is_branch_name(self, name: str) -> bool:
+        try:
+            self.g.check_ref_format("--branch", name)
+        except git.GitCommandError:
+            return False
+        return True
+
+    def switch_branch(self, branch: str) -> None:
+        """HEAD on `branch`: checked out where it exists, else made where HEAD is."""
+        if self.has_commits() and branch in [h.name for h in self.repo.heads]:
+            self.g.checkout(branch)
+        else:
+            self.g.checkout("-b", branch)
+
+    def default_identity(self, identity: dict[str, str]) -> None:
+        """Set the config keys of `identity` ("user.name": ...) that no git config gives yet: commits
+        must work on a bare CI box, and a user's own identity always wins."""
+        reader = self.repo.config_reader()
+        with self.repo.config_writer() as writer:
+            for key, value in identity.items():
+                section, option = key.split(".")
+                if not reader.has_option(section, option):
+                    writer.set_value(section, option, value)
 
     def changed_files(self) -> list[str]:
         """Paths that differ from HEAD: modified, added, deleted, untracked (not ignored)."""
@@ -55,6 +88,28 @@ class Git:
                 i += 1
         return sorted(set(paths))
 
+    def untracked_files(self, paths: Sequence[str] = ()) -> list[str]:
+        """Files git does not track and does not ignore: what `commit_all` adds besides changes."""
+        return self.g.ls_files("--others", "--exclude-standard", "--", *paths).splitlines()
+
+    def ignored_files(self, paths: Sequence[str] = ()) -> set[str]:
+        """Files git ignores: what a commit leaves out."""
+        out = self.g.ls_files("-z", "--others", "--ignored", "--exclude-standard", "--", *paths,
+                              stdout_as_string=False)
+        return {os.fsdecode(p) for p in out.split(b"\0") if p}
+
+    def worktree_tree(self, paths: Sequence[str] = ()) -> str:
+        """The tree a commit of the working tree (`commit_all`) would have, made in a copy of the
+        index so the real one is not touched."""
+        with tempfile.TemporaryDirectory() as tmp:
+            index = Path(tmp) / "index"
+            if (Path(self.repo.git_dir) / "index").is_file():  # its stat cache: no file is hashed twice
+                shutil.copyfile(Path(self.repo.git_dir) / "index", index)
+            env = {"GIT_INDEX_FILE": str(index)}
+            # Status 1, everything added, when `paths` excludes a folder git ignores anyway.
+            self.g.add("--all", "--", *paths, env=env, with_exceptions=False)
+            return self.g.write_tree(env=env)
+
     def commit_all(self, message: str) -> str:
         self.g.add("--all")
         # on stdin, not as an argument: one argument may hold 128 kB, a proposal's words more
@@ -71,11 +126,29 @@ class Git:
         try:
             self.g.cherry_pick("--no-commit", commit)
         except git.GitCommandError:
-            return self.g.diff("--name-only", "--diff-filter=U").split() or ["(the change does not apply)"]
+            return self.diff_names("U") or ["(the change does not apply)"]
         return []
 
     def keep_ref(self, number: int, sha: str) -> None:
         self.g.update_ref(f"{EXP_REF_PREFIX}{number}", sha)
+
+    def experiment_with_tree(self, tree: str) -> int | None:
+        """The first experiment whose commit holds exactly `tree` (each one's ref: `keep_ref`)."""
+        numbers = []
+        for line in self.g.for_each_ref("--format=%(tree) %(refname:lstrip=3)", EXP_REF_PREFIX).splitlines():
+            ref_tree, number = line.split(" ", 1)
+            if ref_tree == tree and number.isdigit():
+                numbers.append(int(number))
+        return min(numbers, default=None)
+
+    def checkout(self, ref: str) -> None:
+        """HEAD and the tree at `ref` (a branch, or a commit: detached), local changes discarded."""
+        self.g.checkout("-q", "-f", ref)
+
+    def uncommit(self, sha: str) -> None:
+        """The branch back at `sha`, the working tree as it is: the commits since are undone,
+        their changes kept uncommitted."""
+        self.g.reset("-q", "--mixed", sha)
 
     def reset_to(self, sha: str) -> None:
         """Make the tree exactly `sha`: tracked changes undone, untracked (non-ignored) files removed."""
@@ -108,12 +181,28 @@ class Git:
         self.g.worktree("prune")
 
     def numstat(self, base: str, commit: str) -> tuple[int, int]:
-        added = removed = 0
-        for line in self.g.diff("--numstat", base, commit).splitlines():
-            a, r, _ = line.split("\t", 2)
-            if a != "-":  # binary files count no lines
-                added, removed = added + int(a), removed + int(r)
-        return added, removed
+        """Lines added and removed from `base` to `commit`."""
+        files = self.file_numstat(base, commit).values()
+        return sum(a for a, _ in files), sum(r for _, r in files)
+
+    def file_numstat(self, base: str, commit: str | None = None, paths: Sequence[str] = ()) -> dict[str, tuple[int, int]]:
+        """{path: (lines added, lines removed)} from `base` to `commit` (None: the working
+        tree's tracked files). A binary file counts no lines; a file's mode alone (`chmod +x`)
+        is no change: its code would run as it did."""
+        stats: dict[str, tuple[int, int]] = {}
+        revs = [base] if commit is None else [base, commit]
+        for line in self.g(c="core.fileMode=false").diff("--numstat", *revs, "--", *paths).splitlines():
+            added, removed, path = line.split("\t", 2)
+            stats[path] = (int(added) if added.isdigit() else 0, int(removed) if removed.isdigit() else 0)
+        return stats
+
+    def diff_names(self, diff_filter: str, *revs: str, paths: Sequence[str] = ()) -> list[str]:
+        """The paths of a diff (`git diff REVS`) with a status in `diff_filter` (D: deleted, U: in conflict)."""
+        return self.g.diff("--name-only", f"--diff-filter={diff_filter}", *revs, "--", *paths).splitlines()
+
+    def diff(self, base: str, paths: Sequence[str] = ()) -> str:
+        """The working tree's change against `base` as a patch without context lines."""
+        return str(self.g.diff("-U0", base, "--", *paths))
 
 
 def clear_stale_git_locks(path: Path) -> list[Path]:

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nightlab.loop.decision import HELDOUT_GAIN, gain, suspect
+from nightlab.loop.state.stats import HELDOUT_GAIN, gain, suspect
 from nightlab.loop.state.store import state_dir
 from nightlab.loop.workspace import Workspace
 

@@ -10,7 +10,6 @@ kept out of `metrics` so a missing figure is never read as a number. A line `REJ
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -31,11 +30,6 @@ class Summary:
 
     def get(self, name: str) -> float | None:
         return self.metrics.get(name)
-
-    def finite(self, name: str) -> float | None:
-        """The figure if present and finite (NaN/inf mean the run failed)."""
-        value = self.metrics.get(name)
-        return value if value is not None and math.isfinite(value) else None
 
 
 def _number(text: str) -> float | None:

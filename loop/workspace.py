@@ -22,7 +22,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import git
 from nightlab.loop.program import DEFAULT_PROGRAM, PROGRAM_MD
 from nightlab.loop.ratchet import Git
 from nightlab.loop.state.config import Settings
@@ -118,10 +117,8 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
     except OSError as exc:  # `nightlab init /data/ws` with /data missing or not ours
         raise UserError(f"cannot create the workspace {path}: {exc.strerror}; give a directory you can write to")\
             from None
-    if fresh:
-        git.Repo.init(path)
-    repo = Git(path)
-    _ensure_identity(repo)
+    repo = Git.init(path) if fresh else Git(path)
+    repo.default_identity(_GIT_IDENTITY)
     _ensure_excludes(path)
     if repo.has_commits() and repo.changed_files():
         raise UserError(_dirty_message(path, repo.changed_files()))
@@ -129,15 +126,10 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
     project = settings.project
     builtin = not project.run_command
     branch = BRANCH_PREFIX + (tag or settings.workspace.tag or default_tag())
-    try:
-        repo.g.check_ref_format("--branch", branch)
-    except git.GitCommandError:
-        raise UserError(f"tag {branch[len(BRANCH_PREFIX):]!r} does not make a valid branch name") from None
+    if not repo.is_branch_name(branch):
+        raise UserError(f"tag {branch[len(BRANCH_PREFIX):]!r} does not make a valid branch name")
     if repo.branch() != branch:
-        if repo.has_commits() and branch in [h.name for h in repo.repo.heads]:
-            repo.g.checkout(branch)
-        else:
-            repo.g.checkout("-b", branch)
+        repo.switch_branch(branch)
 
     profile, harness_env = "custom", {}
     if builtin:
@@ -188,16 +180,6 @@ def _install_trainer(path: Path, profile: Any, say: Say) -> None:
         say(f"train.py: applied profile {profile.name!r} ({profile.description})")
 
 
-def _ensure_identity(repo: Git) -> None:
-    """Commits must work on a bare CI box; a user's own identity always wins."""
-    reader = repo.repo.config_reader()
-    with repo.repo.config_writer() as writer:
-        for key, value in _GIT_IDENTITY.items():
-            section, option = key.split(".")
-            if not reader.has_option(section, option):
-                writer.set_value(section, option, value)
-
-
 def _ensure_excludes(path: Path) -> None:
     exclude = path / ".git" / "info" / "exclude"
     exclude.parent.mkdir(parents=True, exist_ok=True)
@@ -222,9 +204,7 @@ def dirty_error(ws: Workspace, files: list[str]) -> UserError:
 def open_workspace(path: Path, settings: Settings) -> Workspace:
     """The initialized workspace at `path`; UserError when `nightlab init` has not run there."""
     path = Path(path).expanduser().resolve()
-    if not (state_dir(path) / DB_FILENAME).exists():
-        raise UserError(f"{path} is not a nightlab workspace; run `nightlab init {path}` first")
-    store = Store.for_workspace(path)
+    store = Store.existing(path)
     branch = store.get("workspace.branch")
     if not branch:
         raise UserError(f"{path}: `nightlab init` did not finish; run `nightlab init {path}` again")

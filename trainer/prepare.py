@@ -137,8 +137,8 @@ def get_data_dir(environ: Mapping[str, str] | None = None) -> Path:
 
 def harness_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The harness values a trainer started with `environ` would use (no argument: this process's);
-    a bad value raises PrepareError naming the variable. Read by nothing at run time: the tests hold
-    the profiles' and the config's environments to what the harness accepts with it."""
+    a bad value raises PrepareError naming the variable. `nightlab doctor` says what is in force
+    with it; the tests hold the profiles' and the config's environments to what the harness accepts."""
     if environ is None:
         seq_len, budget, eval_tokens = MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS
     else:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nightlab.loop.decision import Rule, gain, pooled_noise
+from nightlab.loop.decision import Rule
 from nightlab.loop.engine import planning
 from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
@@ -28,6 +28,7 @@ from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement,
 from nightlab.loop.second_opinion import SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass, started_at
+from nightlab.loop.state.stats import gain, pooled_noise
 from nightlab.loop.summary import parse_summary
 
 LOG_TAIL_BYTES = 256 * 1024  # the summary block is at the end of the log

@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from nightlab.loop import hardware
-from nightlab.loop.decision import HELDOUT_GAIN
 from nightlab.loop.engine.context import Context, say
 from nightlab.loop.engine.deciding import held_out_opinion
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import failures_in_a_row, without_a_keep
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment
+from nightlab.loop.state.stats import HELDOUT_GAIN
 
 DISCARDS_SAID_KEY = "loop.discards_said"  # kv: the keep whose following run of discards was reported
 
@@ -49,7 +49,7 @@ def record(ctx: Context, cand: Candidate) -> None:
         if not ledger.record_experiment(ctx.store, cand.id, exp, finished_event(ctx, exp, out, previous)):
             ledger.update_candidate(ctx.store, cand.id, phase="recorded")
             return
-        _maybe_self_pause(ctx, [*rows, exp])
+        _on_streaks(ctx, [*rows, exp])
     ctx.learn([exp])
     say(f"#{exp.number} {exp.status} {exp.metric if exp.metric is not None else ''} {exp.reason}")
 
@@ -76,9 +76,10 @@ def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float 
     }
 
 
-def _maybe_self_pause(ctx: Context, rows: list[Experiment]) -> None:
-    """Only failures (crashes, timeouts, rejected proposals, failed checks) pause the loop: a
-    run of discards is the search's business (it widens), said once in chat, never a stop."""
+def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
+    """Failures in a row pause the loop; a run without a keep is said once. Only failures
+    (crashes, timeouts, rejected proposals, failed checks) pause it: a run of discards is the
+    search's business (it widens), said once in chat, never a stop."""
     store = ctx.store
     failures = failures_in_a_row(store, rows)
     limit = ctx.settings.loop.pause_after_failures

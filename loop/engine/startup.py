@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import time
 
-from nightlab.loop.decision import DIRECTION_KEY, NOISE_PRIOR_KEY
 from nightlab.loop.engine.context import Context, say
 from nightlab.loop.ratchet import clear_stale_git_locks
 from nightlab.loop.state import ledger
 from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.stats import DIRECTION_KEY, NOISE_PRIOR_KEY
 from nightlab.loop.workspace import dirty_error, protected_mismatches
 
 

@@ -22,8 +22,8 @@ class Control:
     def kill(self, number: int, reason: str) -> bool:
         """Mark the run (durably, inside the command's transaction); the next poll cancels it, so a
         kill interrupted by a crash is still carried out after the restart."""
-        for run in ledger.running_runs(self.store):
-            if ledger.get_candidate(self.store, run.candidate_id).number == number:
+        for cand, run in ledger.in_flight(self.store):
+            if cand.number == number:
                 return ledger.mark_kill(self.store, run.id, reason)
         return False
 

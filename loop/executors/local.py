@@ -8,7 +8,6 @@ mistaken for our run.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from nightlab.loop.executors.runfiles import (
     save_handle,
     wrap,
 )
+from nightlab.loop.processes import stop_tree
 from nightlab.loop.state.errors import UserError
 
 _CREATE_TIME_TOLERANCE_S = 0.01
@@ -134,39 +134,10 @@ class LocalExecutor:
 
     def cancel(self, handle: RunHandle, grace_s: float = 10.0) -> None:
         """SIGTERM the run's whole tree (its process group and every descendant), SIGKILL the rest."""
-        procs: list[psutil.Process] = []
-        leader = _identity(handle)
-        if leader is not None:
-            try:
-                procs = [leader, *leader.children(recursive=True)]
-            except psutil.NoSuchProcess:  # the tree changed while we walked it (a short-lived child)
-                procs = [leader]
-        # The group (pgid = pid, from start_new_session) also holds orphans whose parent died;
-        # Linux never hands out a pid that is still in use as a process group id.
-        self._signal_group(handle.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=grace_s)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self._signal_group(handle.pid, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=5)
+        stop_tree(handle.pid, _identity(handle), grace_s)  # pgid = pid, from start_new_session
         child = self._children.pop(handle.pid, None)
         if child is not None:
             child.wait(timeout=5)
-
-    @staticmethod
-    def _signal_group(pgid: int, sig: signal.Signals) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def read_log(self, handle: RunHandle, tail_bytes: int = 8192) -> str:
         return read_tail(handle.log_path, tail_bytes)

@@ -39,10 +39,7 @@ import json
 import os
 import re
 import shlex
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -50,17 +47,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from git import GitCommandError
+from nightlab.loop.executors.runfiles import read_tail
+from nightlab.loop.processes import stop_tree
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
-from nightlab.loop.ratchet import EXP_REF_PREFIX
+from nightlab.loop.ratchet import Git
 from nightlab.loop.state.config import AgentSettings
 
 STATE_DIR = ".nightlab/agent"
 RUN_TOKEN_ENV = "NIGHTLAB_AGENT_RUN"  # marks every process of one agent run, to find the ones left behind
 KILL_GRACE_S = 3.0  # SIGTERM first so an agent can save its session, then SIGKILL
 TAIL_CHARS = 1500  # of the agent's output quoted in an error message
-# A hypothesis goes into the commit message (one argument to git: a megabyte of it fails), the
-# digest and every later prompt: a paragraph, not whatever a runaway agent wrote.
+# A hypothesis goes into the commit message, the digest and every later prompt: a paragraph,
+# not whatever a runaway agent wrote.
 HYPOTHESIS_CHARS = 1000
 PROPOSAL_BYTES = 1_000_000  # a bigger proposal.json is not a description; not read into memory
 LAST_WORDS = (3, 300)  # lines, characters: where a CLI says why it stopped, on one line
@@ -95,6 +95,13 @@ class AgentProposer:
         self.tick = tick
 
     def propose(self, ctx: ProposalContext) -> Proposal:
+        try:
+            return self._propose(ctx, Git(ctx.workspace))
+        except GitCommandError as exc:  # the agent broke the repository: a failed proposal, said on one line
+            said = " ".join(str(exc.stderr).split()).removeprefix("stderr: ").strip("'") or f"status {exc.status}"
+            raise ProposalError(f"{' '.join(map(str, exc.command))} failed in {ctx.workspace}: {said}") from None
+
+    def _propose(self, ctx: ProposalContext, git: Git) -> Proposal:
         ws = ctx.workspace
         state = ws / STATE_DIR
         state.mkdir(parents=True, exist_ok=True)
@@ -106,12 +113,12 @@ class AgentProposer:
             build_prompt(ctx, program.read_text(encoding="utf-8") if program.is_file() else "", self.switch_area_after),
             encoding="utf-8",
         )
-        branch, head = _git(ws, "symbolic-ref", "-q", "--short", "HEAD", check=False), _git(ws, "rev-parse", "HEAD")
+        branch, head = git.branch(), git.head()
 
-        ignored, git_files = _ignored(ws), _git_files(ws)
+        ignored, git_files = git.ignored_files(_NOT_STATE), _git_files(ws)
         run = self._run(ws, state, prompt_file, proposal_file)
         git_changed = _put_back(ws, git_files)
-        hidden = _remove_new(ws, _ignored(ws) - ignored)
+        hidden = _remove_new(ws, git.ignored_files(_NOT_STATE) - ignored)
         if run.timed_out:
             raise ProposalError(
                 f"agent timed out after {self.settings.timeout:g}s and was killed with all its processes"
@@ -125,11 +132,11 @@ class AgentProposer:
                 f"{_SHELL_HINTS.get(run.returncode, '')} (all of it in {STATE_DIR}/stderr.log and stdout.log"
                 " until the agent's next run)"
             )
-        now = _git(ws, "symbolic-ref", "-q", "--short", "HEAD", check=False)
+        now = git.branch()
         if now != branch:
             # Back where the loop works: left on the agent's branch, the next experiment would be
             # committed there, and a restarted engine refuses a workspace off its branch.
-            _git(ws, "checkout", "-q", "-f", branch or head)
+            git.checkout(branch or head)
             raise ProposalError(
                 f"agent left the branch {branch} for {now or 'a detached HEAD'}; switched back"
                 + (f" (its commits stay on {now})" if now else "")
@@ -140,18 +147,19 @@ class AgentProposer:
                 f"agent changed git's own files ({', '.join(git_changed)}); put back as they were. The loop"
                 " owns git: tell the agent not to run git commands"
             )
-        if _git(ws, "rev-parse", "HEAD") != head:
+        if git.head() != head:
             # It committed despite the rules (e.g. aider's auto-commit): keep the edit, drop the commits.
-            _git(ws, "reset", "-q", "--mixed", head)
+            git.uncommit(head)
 
-        stats = _diff_stats(ws)
+        stats = _diff_stats(git, ws)
         if not stats:
             raise ProposalError(
                 f"agent exited 0 after {run.seconds:.0f}s but changed nothing; its last words:"
                 f" {_last_words(run.stdout) or _last_words(run.stderr) or '(none)'}; if it asked for permission to"
                 " edit, give [proposer.agent] command the flag that allows edits (README, Proposers)"
             )
-        tried = _tried(ws, _tree(ws))
+        # the engine commits the whole working tree: a tree an experiment's commit already holds ran before
+        tried = git.experiment_with_tree(git.worktree_tree(_NOT_STATE))
         if tried is not None:
             how = next((f"{e.status}: {e.reason[:REASON_CHARS]}" if e.reason else e.status
                         for e in ctx.history if e.number == tried), "in flight")
@@ -159,7 +167,7 @@ class AgentProposer:
         described, problem = _read_proposal_file(proposal_file)
         hypothesis = described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)"
         return Proposal(
-            description=described.get("description") or _describe_diff(ws, stats),
+            description=described.get("description") or _describe_diff(git, stats),
             hypothesis=hypothesis + _notes(problem, hidden),
             area=ctx.focus or "",
         )
@@ -191,38 +199,21 @@ class AgentProposer:
                             self.tick()
             finally:
                 # Always: on timeout, on a failing tick, and after a normal exit (leftover children).
-                kill_tree(proc.pid, token)
+                _kill_tree(proc, token)
                 proc.wait()
-        return _Run(proc.returncode, timed_out, time.monotonic() - start, _tail(out_path), _tail(err_path))
+        return _Run(proc.returncode, timed_out, time.monotonic() - start,
+                    read_tail(out_path, TAIL_CHARS).strip(), read_tail(err_path, TAIL_CHARS).strip())
 
 
-def kill_tree(pid: int, token: str | None = None, grace_s: float = KILL_GRACE_S) -> None:
-    """Terminate `pid`, every descendant and its process group; SIGKILL what outlives `grace_s`.
-
-    Descendants are listed before anything is signalled (once a parent dies its children are
-    re-parented and no longer findable); the process group also catches children orphaned
-    earlier, and psutil catches those that started their own session. With `token`, also every
-    process whose environment holds it: one that left its session and was orphaned before we
-    looked (`setsid python train.py &`, a training left running beside the experiments).
-    """
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    if token is not None:
-        known = {p.pid for p in procs}
-        procs += [p for p in _tagged(token) if p.pid not in known]
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    for p in procs:
+def _kill_tree(proc: subprocess.Popen[bytes], token: str) -> None:
+    """Stop the agent's process tree (started in its own session) and every process whose
+    environment holds `token`: one that left its session and was orphaned before we looked
+    (`setsid python train.py &`, a training left running beside the experiments)."""
+    leader = None
+    if proc.poll() is None:  # not reaped: the pid is still our child's
         with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    for p in _wait_gone(procs, grace_s):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+            leader = psutil.Process(proc.pid)
+    stop_tree(proc.pid, leader, KILL_GRACE_S, also=_tagged(token))
 
 
 def _tagged(token: str) -> list[psutil.Process]:
@@ -236,34 +227,9 @@ def _tagged(token: str) -> list[psutil.Process]:
     return found
 
 
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """The processes still alive after up to `timeout` seconds. A zombie counts as gone: it is
-    dead, and reaping an orphan is its new parent's job (psutil.wait_procs would wait for it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in procs if _running(p)]
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.05)
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _git(ws: Path, *args: str, check: bool = True) -> str:
-    done = subprocess.run(["git", *args], cwd=ws, capture_output=True, text=True, check=False)
-    if check and done.returncode != 0:
-        raise ProposalError(f"git {' '.join(args)} failed in {ws}: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
 # The state dir is git-ignored by `nightlab init`; excluded here too, so a workspace without
 # that ignore rule never counts the prompt file as the agent's change.
-_NOT_STATE = ":(exclude).nightlab"
+_NOT_STATE = (".", ":(exclude).nightlab")
 
 
 def _git_files(ws: Path) -> dict[str, tuple[bytes, int]]:
@@ -292,29 +258,6 @@ def _put_back(ws: Path, before: dict[str, tuple[bytes, int]]) -> list[str]:
     return changed
 
 
-def _tree(ws: Path) -> str:
-    """The tree the engine's commit of the working tree will have (it adds everything), made in a
-    copy of the index so the real one is not touched."""
-    with tempfile.TemporaryDirectory() as tmp:
-        index = Path(tmp) / "index"
-        if (ws / ".git" / "index").is_file():
-            shutil.copyfile(ws / ".git" / "index", index)  # its stat cache: no file is hashed twice
-        env = {**os.environ, "GIT_INDEX_FILE": str(index)}
-        for args in (("add", "--all", "--", ".", _NOT_STATE), ("write-tree",)):
-            done = subprocess.run(["git", *args], cwd=ws, env=env, capture_output=True, text=True, check=False)
-        return done.stdout.strip()
-
-
-def _tried(ws: Path, tree: str) -> int | None:
-    """The experiment whose commit holds exactly this tree (every one keeps a ref), if any."""
-    numbers = []
-    for line in _git(ws, "for-each-ref", "--format=%(tree) %(refname:lstrip=3)", EXP_REF_PREFIX).splitlines():
-        ref_tree, number = line.split(" ", 1)
-        if ref_tree == tree and number.isdigit():
-            numbers.append(int(number))
-    return min(numbers, default=None)
-
-
 def _notes(problem: str, hidden: list[str]) -> str:
     """Said after the hypothesis, where the user reads it: a proposal file the agent meant to
     write that could not be used, and the files it hid from git that were removed."""
@@ -324,15 +267,6 @@ def _notes(problem: str, hidden: list[str]) -> str:
         notes += (" [removed what the agent left where git ignores it, which the commit would not hold: "
                   + ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "") + "]")
     return notes
-
-
-def _ignored(ws: Path) -> set[str]:
-    """Files git ignores in the workspace (our state dir aside): what a commit leaves out."""
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--", ".", _NOT_STATE],
-        cwd=ws, capture_output=True, check=False,
-    ).stdout
-    return {os.fsdecode(p) for p in out.split(b"\0") if p}
 
 
 def _remove_new(ws: Path, paths: set[str]) -> list[str]:
@@ -347,14 +281,10 @@ def _remove_new(ws: Path, paths: set[str]) -> list[str]:
     return removed
 
 
-def _diff_stats(ws: Path) -> dict[str, tuple[int, int]]:
+def _diff_stats(git: Git, ws: Path) -> dict[str, tuple[int, int]]:
     """{path: (lines added, lines removed)} against HEAD, untracked files included."""
-    stats: dict[str, tuple[int, int]] = {}
-    # a file mode alone (`chmod +x train.py`) is no change: the run would repeat the best's code
-    for line in _git(ws, "-c", "core.fileMode=false", "diff", "--numstat", "HEAD", "--", ".", _NOT_STATE).splitlines():
-        added, removed, path = line.split("\t", 2)
-        stats[path] = (int(added) if added.isdigit() else 0, int(removed) if removed.isdigit() else 0)
-    for path in _git(ws, "ls-files", "--others", "--exclude-standard", "--", ".", _NOT_STATE).splitlines():
+    stats = git.file_numstat("HEAD", paths=_NOT_STATE)
+    for path in git.untracked_files(_NOT_STATE):
         try:
             stats[path] = (_line_count(ws / path), 0)
         except OSError:
@@ -371,13 +301,13 @@ def _line_count(path: Path) -> int:
     return lines + (last != b"\n")  # a last line without its newline counts too
 
 
-def _describe_diff(ws: Path, stats: dict[str, tuple[int, int]]) -> str:
+def _describe_diff(git: Git, stats: dict[str, tuple[int, int]]) -> str:
     """ "edit train.py: +3 −1 lines (MATRIX_LR, WARMUP_RATIO)", "delete helper.py: ..." """
     added = sum(a for a, _ in stats.values())
     removed = sum(r for _, r in stats.values())
-    diff = _git(ws, "diff", "-U0", "HEAD", "--", ".", _NOT_STATE)
+    diff = git.diff("HEAD", _NOT_STATE)
     names = dict.fromkeys(m.group(1) for line in diff.splitlines() if (m := _ASSIGNED.match(line)))
-    deleted = set(_git(ws, "diff", "--name-only", "--diff-filter=D", "HEAD", "--", ".", _NOT_STATE).splitlines())
+    deleted = set(git.diff_names("D", "HEAD", paths=_NOT_STATE))
     edited = sorted(set(stats) - deleted)
     verbs = [f"{verb} {', '.join(paths)}" for verb, paths in (("edit", edited), ("delete", sorted(deleted))) if paths]
     text = f"{', '.join(verbs)}: +{added} −{removed} lines"
@@ -410,12 +340,6 @@ def _read_proposal_file(path: Path) -> tuple[dict[str, str], str]:
     if "hypothesis" in found:
         found["hypothesis"] = found["hypothesis"][:HYPOTHESIS_CHARS]
     return found, ""
-
-
-def _tail(path: Path) -> str:
-    with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - TAIL_CHARS))
-        return f.read().decode("utf-8", errors="replace").strip()
 
 
 def _last_words(text: str) -> str:

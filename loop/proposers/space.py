@@ -74,9 +74,6 @@ class SearchSpace:
     def in_area(self, area: str) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.area == area)
 
-    def by_name(self, name: str) -> Param | None:
-        return next((p for p in self.params if p.name == name), None)
-
 
 def _log(name: str, area: str, low: float, high: float) -> Param:
     return Param(name, area, "log", low=low, high=high)

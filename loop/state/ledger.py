@@ -201,6 +201,11 @@ def running_runs(store: Store) -> list[RunRecord]:
     return [_run(r) for r in rows]
 
 
+def in_flight(store: Store) -> list[tuple[Candidate, RunRecord]]:
+    """Every running run with its candidate, oldest first."""
+    return [(get_candidate(store, r.candidate_id), r) for r in running_runs(store)]
+
+
 USER_KILL_PREFIX = "killed by "  # kill_reason of a user's kill: recorded as discard, not crash
 
 

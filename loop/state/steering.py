@@ -17,16 +17,14 @@ from nightlab.loop.state import ledger
 from nightlab.loop.state.commands import LoopControl, Steer, View, from_json, parse_command
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.lock import holder
-from nightlab.loop.state.store import DB_FILENAME, Store, state_dir
+from nightlab.loop.state.store import Store
 
 
 # -- sending (any process) -----------------------------------------------------------------------
 def send_command(workspace_path: Path, text: str, sender: str) -> str:
     """`nightlab ctl`: parse, then answer or queue; returns the reply. Raises UserError when invalid."""
     workspace = Path(workspace_path)
-    if not (state_dir(workspace) / DB_FILENAME).exists():
-        raise UserError(f"{workspace} is not a nightlab workspace; run `nightlab init {workspace}` first")
-    store = Store.for_workspace(workspace)
+    store = Store.existing(workspace)
     command = parse_command(text, ledger.areas(store))
     if isinstance(command, View):
         return command.answer(workspace)
@@ -44,7 +42,7 @@ def queue(store: Store, workspace: Path, command: Steer, sender: str, reply_to: 
 
 def running_numbers(store: Store) -> list[int]:
     """Experiments with a run in flight, oldest first."""
-    return [ledger.get_candidate(store, r.candidate_id).number for r in ledger.running_runs(store)]
+    return [cand.number for cand, _ in ledger.in_flight(store)]
 
 
 def _engine_note(workspace: Path) -> str:

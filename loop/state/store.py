@@ -183,6 +183,15 @@ class Store:
     def for_workspace(cls, workspace: Path) -> Store:
         return cls(state_dir(workspace) / DB_FILENAME)
 
+    @classmethod
+    def existing(cls, workspace: Path) -> Store:
+        """The store of a workspace `nightlab init` made; UserError where there is none (reading
+        never makes one)."""
+        workspace = Path(workspace)
+        if not (state_dir(workspace) / DB_FILENAME).exists():
+            raise UserError(f"{workspace} is not a nightlab workspace; run `nightlab init {workspace}` first")
+        return cls.for_workspace(workspace)
+
     # -- connections -------------------------------------------------------------------------
     def connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from nightlab.loop.state import ledger
-from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Experiment, HardwareClass, started_at
 from nightlab.loop.state.stats import (
     DIRECTION_KEY,
@@ -24,12 +23,6 @@ from nightlab.loop.state.stats import (
     suspect,
 )
 from nightlab.loop.state.store import DB_FILENAME, Store, state_dir
-
-
-def _store(workspace: Path) -> Store:
-    if not (state_dir(Path(workspace)) / DB_FILENAME).exists():
-        raise UserError(f"{workspace} is not a nightlab workspace; run `nightlab init {workspace}` first")
-    return Store.for_workspace(Path(workspace))
 
 
 def recorded(workspace: Path) -> int:
@@ -54,15 +47,6 @@ def _metric_name(store: Store) -> str:
     return store.get("loop.metric_name", "val_bpb")
 
 
-def _running(store: Store) -> tuple[ledger.Candidate, ledger.RunRecord] | None:
-    runs = ledger.running_runs(store)
-    return (ledger.get_candidate(store, runs[-1].candidate_id), runs[-1]) if runs else None
-
-
-def _in_flight(store: Store) -> list[tuple[ledger.Candidate, ledger.RunRecord]]:
-    return [(ledger.get_candidate(store, r.candidate_id), r) for r in ledger.running_runs(store)]
-
-
 def _elapsed(run: ledger.RunRecord) -> str:
     """How long the command has run; a cluster job still waiting in the queue says so."""
     began = started_at(run.log_path)
@@ -73,11 +57,11 @@ def _elapsed(run: ledger.RunRecord) -> str:
 
 def remaining_s(store: Store) -> float | None:
     """Expected seconds left of the running experiment: the median past duration minus elapsed."""
-    now = _running(store)
+    runs = ledger.running_runs(store)
     past = [e.duration_s for e in ledger.experiments(store, last=20) if e.duration_s and e.metric is not None]
-    if now is None or not past:
+    if not runs or not past:
         return None
-    return max(0.0, statistics.median(past) - (time.time() - now[1].started_at))
+    return max(0.0, statistics.median(past) - (time.time() - runs[-1].started_at))
 
 
 def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
@@ -197,11 +181,11 @@ def _gain_text(found: tuple[float, Comparison] | None, rows: list[Experiment], b
 
 
 def status_text(workspace: Path) -> str:
-    store = _store(workspace)
+    store = Store.existing(workspace)
     rows = ledger.experiments(store)
     name = _metric_name(store)
     lines = [f"nightlab · {store.get('workspace.branch', '?')} · profile {store.get('workspace.profile', '?')}"]
-    flight = _in_flight(store)
+    flight = ledger.in_flight(store)
     if len(flight) == 1:
         cand, run = flight[0]
         left = remaining_s(store)
@@ -275,9 +259,9 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     """The last `n` experiments; with `status` only those (e.g. keep, crash); with `top` the `top`
     best results by the metric (in `direction`), best first, instead of the last ones."""
     if status is None and top is None:
-        rows = ledger.experiments(_store(workspace), last=max(1, n))
+        rows = ledger.experiments(Store.existing(workspace), last=max(1, n))
         return "\n".join(_line(e) for e in rows) if rows else "no experiments yet"
-    rows = [e for e in ledger.experiments(_store(workspace)) if status is None or e.status == status]
+    rows = [e for e in ledger.experiments(Store.existing(workspace)) if status is None or e.status == status]
     if top is not None:
         scored = sorted((e for e in rows if e.metric is not None),
                         key=lambda e: (e.metric if direction == "minimize" else -e.metric, e.number))  # type: ignore[operator]
@@ -291,7 +275,7 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
 
 
 def best_text(workspace: Path) -> str:
-    store = _store(workspace)
+    store = Store.existing(workspace)
     rows = ledger.experiments(store)
     best_exp, best = _best(rows)
     if best_exp is None:
@@ -335,7 +319,7 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
     """The session's report; with `since` (the last report's time) it first says what happened
     after it: the same totals every morning would hide a night when nothing ran. `chat`: for a
     phone, with no markdown marks (a chat shows them as they are) and lines for the table."""
-    store = _store(workspace)
+    store = Store.existing(workspace)
     rows = ledger.experiments(store)
     name = _metric_name(store)
     code = (lambda text: text) if chat else (lambda text: f"`{text}`")
@@ -402,9 +386,9 @@ def _since_line(store: Store, rows: list[Experiment], since: float) -> str:
 
 def status_line(workspace: Path) -> str:
     """One line for systemd's STATUS=, e.g. "exp #42 running 3m12s · best 0.987100 · focus attention"."""
-    store = _store(workspace)
+    store = Store.existing(workspace)
     parts = []
-    flight = _in_flight(store)
+    flight = ledger.in_flight(store)
     if len(flight) > 1:
         parts.append(f"{len(flight)} runs in flight (" + ", ".join(f"#{c.number}" for c, _ in flight) + ")")
     elif flight:

@@ -76,5 +76,8 @@ elif mode == "git-own-files":  # code the daemon's git would run later, and a fi
     with open(".git/info/exclude", "a") as exclude:
         exclude.write("notes.md\n")
     edit()
+elif mode == "break-branch":  # "fixed" the repository by hand
+    edit()
+    Path(".git/refs/heads/autoresearch/test").write_text("not a commit\n")
 else:
     sys.exit(f"unknown mode {mode}")

@@ -5,9 +5,10 @@ import random
 import re
 
 import pytest
-from nightlab.loop.decision import Noise, Rule, decide, pooled_noise
+from nightlab.loop.decision import Rule, decide
 from nightlab.loop.judge import Measurement, failure_reason, judge
 from nightlab.loop.state.config import ConfigError, settings_from_table
+from nightlab.loop.state.stats import Noise, pooled_noise
 from nightlab.loop.summary import Summary
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -271,6 +272,14 @@ def test_an_agent_that_removes_gits_hooks_folder_has_it_put_back(ws: Path) -> No
     with pytest.raises(ProposalError, match=r"agent changed git's own files \(hooks/pre-push"):
         agent("agent_misbehave.py", "rm-hooks").propose(ctx(ws))
     assert (ws / ".git/hooks/pre-push").read_text() == "#!/bin/sh\nexit 0\n"
+
+
+def test_an_agent_that_breaks_the_repository_is_a_failed_proposal_said_in_one_line(ws: Path) -> None:
+    with pytest.raises(ProposalError) as failed:
+        agent("agent_misbehave.py", "break-branch").propose(ctx(ws))
+    said = str(failed.value)
+    # the first git command that fails names itself, on one line
+    assert "\n" not in said and re.fullmatch(rf"git [^:]+ failed in {ws}: .*refs/heads/autoresearch/test.*", said), said
 
 
 def test_new_files_are_counted_in_lines_as_git_would(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 from nightlab.loop.summary import parse_summary
 
 UPSTREAM_BLOCK = """step 00953 (100.0%) | loss 3.1 | remaining 0s
@@ -44,7 +46,7 @@ def test_truncated_log_has_no_figures() -> None:
 def test_non_numeric_and_nan() -> None:
     summary = parse_summary("---\nval_bpb: nan\nmfu_percent: n/a\n")
     assert "mfu_percent" not in summary.metrics
-    assert summary.finite("val_bpb") is None
+    assert math.isnan(summary.metrics["val_bpb"])  # kept: the judge says "val_bpb is nan" (test_judge)
 
 
 def test_only_last_separator_counts() -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nightlab.loop.decision import HELDOUT_GAIN
 from nightlab.loop.second_opinion import SecondOpinion
 from nightlab.loop.state import ledger, views
+from nightlab.loop.state.stats import HELDOUT_GAIN
 from nightlab.loop.state.store import Store
 
 
