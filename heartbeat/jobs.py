@@ -13,6 +13,7 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
                 watched too: it still ticks at every checkpoint (it has to, to hear /resume), so a
                 paused engine that stops ticking is frozen, and only a restart gets /resume heard.
 - check_host:   free disk under min_free_disk_gb -> pause + alert (once per episode).
+- check_hours:  `[heartbeat] hours`: pause after the run in flight at their end, resume at their start.
 - notify:       systemd STATUS= every beat, WATCHDOG=1 only while the checks above are passing.
 - daily_report: a `report` event at report_time; missed_report, at start, the one a daemon that
                 was down at that time missed (kv LAST_REPORT_KEY: each time's report goes out once).
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.base import BaseScheduler
@@ -38,13 +40,16 @@ from nightlab.heartbeat.health import free_disk_gb
 from nightlab.heartbeat.report import write_report
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors import Executor, RunHandle
-from nightlab.loop.state import ledger, views
-from nightlab.loop.state.config import HeartbeatSettings, Settings
+from nightlab.loop.state import ledger, steering, views
+from nightlab.loop.state.commands import Pause, Resume
+from nightlab.loop.state.config import HeartbeatSettings, RunHours, Settings
 from nightlab.loop.state.ledger import started_at
 from nightlab.loop.state.store import Store
 
 log = logging.getLogger(__name__)
 
+HOURS_INSIDE_KEY = "hours.inside"  # the side of `[heartbeat] hours` the last check saw
+HOURS_SENDER = "the run hours"  # who a pause or resume of the hours is by
 RUN_CANCEL_GRACE_S = 10.0  # SIGTERM -> SIGKILL for a run's tree: lets a trainer flush its log
 HOUR_S = 3600.0
 # The watchdog is withheld when the supervision passes themselves stop completing: longer than
@@ -101,6 +106,7 @@ class Heartbeat:
         self._low_disk = False  # we alerted about disk; cleared when space is back
         self._engine_lock = threading.Lock()  # check_engine vs. the daemon's own start/stop
         self._report_trigger: CronTrigger | None = None  # set by schedule()
+        self._tz: Any = None  # the scheduler's time zone, set by schedule()
 
     @property
     def limits(self) -> HeartbeatSettings:
@@ -122,6 +128,14 @@ class Heartbeat:
             notify_every = min(every, self.notifier.watchdog_interval or every)
             scheduler.add_job(self.notify, IntervalTrigger(seconds=notify_every), id="notify",
                               next_run_time=_now_dt(), **common)
+        self._tz = scheduler.timezone
+        if RunHours.parse(self.limits.hours) is not None:
+            scheduler.add_job(self.check_hours, IntervalTrigger(seconds=max(every, 30.0)), id="check_hours",
+                              next_run_time=_now_dt(), **common)
+        else:
+            if scheduler.get_job("check_hours"):
+                scheduler.remove_job("check_hours")
+            self._release_hours()
         self._report_trigger = self._daily_trigger(scheduler)
         if self._report_trigger is not None:
             scheduler.add_job(self.daily_report, self._report_trigger,
@@ -251,6 +265,36 @@ class Heartbeat:
             self.store.emit("alert", text=text)
             log.error("%s", text)
         self._low_disk = bool(low)
+
+    # -- run hours -------------------------------------------------------------------------------
+    def check_hours(self, now: datetime | None = None) -> None:
+        """At the end of `[heartbeat] hours` the loop pauses after the run in flight (the GPU is the
+        owner's for the day); at their start it resumes if these hours paused it. Only the edges
+        act, and the last side seen is kept in the store: an owner's /resume in the day, or /pause
+        in the night, holds until the next edge, across restarts too."""
+        hours = RunHours.parse(self.limits.hours)
+        if hours is None:
+            return
+        local = (now or _now_dt()).astimezone(self._tz)
+        inside = hours.contains(local.hour * 60 + local.minute)
+        if self.store.get(HOURS_INSIDE_KEY) == inside:
+            return
+        self.store.set(HOURS_INSIDE_KEY, inside)
+        pause, sender = ledger.paused(self.store), f"{HOURS_SENDER} {hours.text}"
+        if not inside and pause is None:
+            log.info("outside the run hours %s: the loop pauses after the run in flight", hours.text)
+            steering.queue(self.store, self.workspace, Pause(), sender)
+        elif inside and pause is not None and pause.by.startswith(HOURS_SENDER):
+            log.info("the run hours %s begin: the loop resumes", hours.text)
+            steering.queue(self.store, self.workspace, Resume(), sender)
+
+    def _release_hours(self) -> None:
+        """Run hours taken out of the config (a reload or a restart) leave no pause of theirs behind."""
+        self.store.delete(HOURS_INSIDE_KEY)
+        pause = ledger.paused(self.store)
+        if pause is not None and pause.by.startswith(HOURS_SENDER):
+            log.info("no run hours in the config any more: the loop they paused resumes")
+            steering.queue(self.store, self.workspace, Resume(), "the config (no run hours)")
 
     # -- systemd ---------------------------------------------------------------------------------
     def healthy(self) -> bool:

@@ -231,6 +231,41 @@ class HeartbeatSettings:
     max_restarts_per_hour: int = 3
     min_free_disk_gb: float = 2.0
     report_time: str = "07:30"  # daily report, HH:MM local time; empty: off
+    hours: str = ""  # "22:00-08:00": experiments start only then (local time); empty: any time
+
+
+def minute_of_day(text: str) -> int | None:
+    """ "07:30" -> 450; None unless HH:MM."""
+    hh, _, mm = text.strip().partition(":")
+    if not (hh.isdigit() and mm.isdigit() and len(mm) == 2 and int(hh) < 24 and int(mm) < 60):
+        return None
+    return int(hh) * 60 + int(mm)
+
+
+@dataclass(frozen=True)
+class RunHours:
+    """`[heartbeat] hours`: the part of each day the loop may start experiments in, from `start`
+    to `end` (minutes of the local day; past midnight when end < start)."""
+
+    start: int
+    end: int
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> RunHours | None:
+        """None for "" (any time); ValueError when it is not "HH:MM-HH:MM" with two different times."""
+        if not text.strip():
+            return None
+        first, _, second = text.partition("-")
+        start, end = minute_of_day(first), minute_of_day(second)
+        if start is None or end is None or start == end:
+            raise ValueError(text)
+        return cls(start, end, f"{first.strip()}-{second.strip()}")
+
+    def contains(self, minute: int) -> bool:
+        if self.start < self.end:
+            return self.start <= minute < self.end
+        return minute >= self.start or minute < self.end
 
 
 @dataclass(frozen=True)
@@ -462,10 +497,12 @@ def _check(s: Settings, problems: _Problems) -> None:
     for name in ("check_interval", "run_timeout", "stall_after", "loop_stall_after"):
         if getattr(s.heartbeat, name) <= 0:
             fail(f"heartbeat.{name}", getattr(s.heartbeat, name), "a positive number of seconds")
-    if s.heartbeat.report_time:
-        hh, _, mm = s.heartbeat.report_time.partition(":")
-        if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
-            fail("heartbeat.report_time", s.heartbeat.report_time, 'HH:MM, e.g. "07:30", or ""')
+    if s.heartbeat.report_time and minute_of_day(s.heartbeat.report_time) is None:
+        fail("heartbeat.report_time", s.heartbeat.report_time, 'HH:MM, e.g. "07:30", or ""')
+    try:
+        RunHours.parse(s.heartbeat.hours)
+    except ValueError:
+        fail("heartbeat.hours", s.heartbeat.hours, 'from-to in local time, e.g. "22:00-08:00", or "" for any time')
     if s.loop.baseline_runs < 1:
         fail("loop.baseline_runs", s.loop.baseline_runs, "at least 1")
     if s.loop.keep_z < 0:

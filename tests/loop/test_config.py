@@ -86,6 +86,12 @@ def test_bad_choice(tmp_path: Path) -> None:
         load_settings(write(tmp_path, '[project]\ndirection = "down"\n'))
 
 
+@pytest.mark.parametrize("hours", ["22:00", "22-08", "22:00-22:00", "25:00-08:00", "22:00-8:0"])
+def test_bad_run_hours_say_the_form(tmp_path: Path, hours: str) -> None:
+    with pytest.raises(ConfigError, match=f"heartbeat.hours = '{hours}'.*e.g. \"22:00-08:00\""):
+        load_settings(write(tmp_path, f'[heartbeat]\nhours = "{hours}"\n'))
+
+
 def test_bad_list_item(tmp_path: Path) -> None:
     path = write(tmp_path, '[telegram]\noperators = ["alice"]\n')
     with pytest.raises(ConfigError, match=r"telegram.operators\[0\]"):
