@@ -25,6 +25,9 @@ from nightlab.loop.state.errors import UserError
 
 STATE_DIRNAME = ".nightlab"
 DB_FILENAME = "state.db"
+# PRAGMA user_version of the database: raised with every change an older nightlab would misread
+# (the columns in _ADDED_COLUMNS are read by every version, so they left it at 1)
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -159,13 +162,23 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         try:
+            self._refuse_a_newer_schema()
             self.connection().executescript(_SCHEMA)  # idempotent; executescript commits by itself
             self._add_missing_columns()
+            self.connection().execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, ...: not what is said below
                 raise
             raise UserError(f"{self.path} is not a readable nightlab state database ({exc}); restore it from a"
                             " backup, or move it aside to start this workspace's ledger afresh") from None
+
+    def _refuse_a_newer_schema(self) -> None:
+        """Rows this version wrote into a newer layout would be misread by the nightlab that made it."""
+        version = self.connection().execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{self.path} was written by a newer nightlab (state schema {version}; this one"
+                            f" reads up to {SCHEMA_VERSION}): update this nightlab (`git pull` in its clone, then"
+                            " `pip install -e .`), or give another workspace")
 
     def _add_missing_columns(self) -> None:
         """A database made by an older nightlab gets the columns added since (with their defaults)."""
