@@ -67,6 +67,16 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def _data_errors_said(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+    """sys.excepthook of a training process: bad data reaching train.py (a shard damaged during the
+    night, a missing tokenizer) ends it with the one line that says what to do, not a traceback;
+    any other error is train.py's own and keeps its traceback."""
+    if isinstance(error, prepare.PrepareError):
+        print(f"\nFAIL: {error}", flush=True)
+        return
+    sys.__excepthook__(kind, error, tb)
+
+
 # ---------------------------------------------------------------------------
 # Device helpers: peak FLOPs table, memory, synchronisation
 # ---------------------------------------------------------------------------
@@ -536,6 +546,7 @@ def artifact_dir() -> Path:
 
 def setup(seed: int = 42, attention_backend: str = "auto", compile: bool = True) -> Runtime:
     """Seed, device, dtype, compile and attention backend for this process; prints what it chose."""
+    sys.excepthook = _data_errors_said
     torch.manual_seed(seed)
     torch.set_float32_matmul_precision("high")
     if torch.cuda.is_available():

@@ -202,6 +202,30 @@ def parquet_problem(path: Path) -> str | None:
     return None
 
 
+def _row_groups(path: Path) -> Iterator[list[str | None]]:
+    """A shard's `text` column, a row group at a time. `parquet_problem` reads only the footer, so
+    a shard damaged inside (a disk error, a file changed after `prepare`) fails here, mid-read: said
+    as the data problem it is, with what to do, not as pyarrow's traceback."""
+    try:
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise PrepareError(
+            f"data: {_origin(Path(path))} is damaged ({e}); replace it with a good copy (a downloaded shard:"
+            " delete it and run `nightlab prepare`, which fetches it again); every run fails until then"
+        ) from None
+
+
+def _origin(shard: Path) -> Path:
+    """The file a user can replace: a training view's hard link names its data dir's shard, and a
+    data dir's link to a local source names the source's file."""
+    view = shard.parent
+    if (view / TRAINING_ONLY_MARKER).exists() and view.name.endswith(".train"):
+        shard = view.with_name(view.name.removesuffix(".train")) / shard.name
+    return shard.resolve()
+
+
 def split_shards(data_dir: Path) -> tuple[list[Path], Path | None]:
     """(training shards, validation shard) of a data dir: the last shard by name validates.
     A training-only view (what train.py gets under `run`) has no validation shard: None."""
@@ -459,9 +483,8 @@ def _training_text(paths: list[Path], max_chars: int, say: Progress) -> Iterator
     nchars = 0
     next_report = 100_000_000
     for path in paths:
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.num_row_groups):
-            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+        for texts in _row_groups(path):
+            for text in texts:
                 doc = (text or "")[:TOKENIZER_DOC_CAP]
                 nchars += len(doc)
                 yield doc
@@ -626,9 +649,7 @@ def _document_batches(paths: list[Path], tokenizer_batch_size: int = 128) -> Ite
     while True:
         found = False
         for path in paths:
-            pf = pq.ParquetFile(path)
-            for rg in range(pf.num_row_groups):
-                docs = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            for docs in _row_groups(path):
                 for i in range(0, len(docs), tokenizer_batch_size):
                     found = True
                     yield [d or "" for d in docs[i : i + tokenizer_batch_size]], epoch

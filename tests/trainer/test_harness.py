@@ -89,3 +89,15 @@ def test_reduced_precision_paths_train_on_cpu(tmp_path, data_dir, dtype):
     losses = [float(m) for m in re.findall(r"\| loss (\d+\.\d+) \|", proc.stdout)]
     assert losses[-1] < losses[0] - 1.0, losses
     assert parse_summary(proc.stdout).finite("val_bpb") is not None
+
+
+def test_bad_data_in_train_py_is_one_line_not_a_traceback(tmp_path, data_dir):
+    """A data problem train.py meets (here its tokenizer; a shard damaged during the night alike)
+    ends the run with the harness's FAIL line, what to do in it, and no traceback to read through."""
+    tiny = P.PROFILES["tiny"]
+    ws = make_workspace(tmp_path / "ws", tiny.constants, edit=lambda source: source.replace(
+        "tokenizer = Tokenizer.from_directory()", f"tokenizer = Tokenizer.from_directory({str(tmp_path)!r})"))
+    proc = run_train(ws, data_dir, tiny.harness_env)
+    assert proc.returncode == 1
+    assert f"\nFAIL: no tokenizer at {tmp_path}/tokenizer.json. Run `python prepare.py" in proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout

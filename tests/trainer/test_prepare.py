@@ -185,6 +185,40 @@ def test_local_source_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFix
     assert "prepare: error: data source" in capsys.readouterr().err
 
 
+def damage_inside(path: Path) -> None:
+    """Zero a shard's data pages, its magic and footer intact: what a disk error or a file rewritten
+    after `prepare` leaves, and what the footer check cannot see."""
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    data[4 : len(data) - footer] = bytes(len(data) - footer - 4)
+    path.write_bytes(bytes(data))
+
+
+def test_a_shard_damaged_inside_is_named_not_a_traceback(corpus, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(corpus[0], source)
+    damage_inside(source / "shard_00000.parquet")
+    with pytest.raises(P.PrepareError) as err:  # the tokenizer reads it first
+        P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)
+    assert str(err.value).startswith(f"data: {source / 'shard_00000.parquet'} is damaged (")
+    assert str(err.value).endswith("); replace it with a good copy (a downloaded shard: delete it and run"
+                                   " `nightlab prepare`, which fetches it again); every run fails until then")
+
+
+def test_a_shard_damaged_after_prepare_names_the_file_to_replace(
+    corpus, tokenizer: P.Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(corpus[0], source)
+    prepared = P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)
+    view = P.training_view(prepared)  # train.py reads hard links of the source's files
+    damage_inside(source / "shard_00001.parquet")  # the night goes on, the disk does not
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(view))
+    with pytest.raises(P.PrepareError, match=f"^data: {source / 'shard_00001.parquet'} is damaged"):
+        for _ in P.make_dataloader(tokenizer, 8, 256, "train", device="cpu"):
+            pass
+
+
 def test_a_cache_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(P.PrepareError) as err:
