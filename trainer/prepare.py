@@ -217,13 +217,13 @@ def _row_groups(path: Path) -> Iterator[list[str | None]]:
         ) from None
 
 
-def _origin(shard: Path) -> Path:
-    """The file a user can replace: a training view's hard link names its data dir's shard, and a
-    data dir's link to a local source names the source's file."""
-    view = shard.parent
-    if (view / TRAINING_ONLY_MARKER).exists() and view.name.endswith(".train"):
-        shard = view.with_name(view.name.removesuffix(".train")) / shard.name
-    return shard.resolve()
+def _origin(path: Path) -> Path:
+    """The file a user can replace: a training view's file (a shard's hard link, the tokenizer's
+    copy) names its data dir's, and a data dir's link to a local source names the source's file."""
+    for view in (path.parent, path.parent.parent):
+        if (view / TRAINING_ONLY_MARKER).exists() and view.name.endswith(".train"):
+            return (view.with_name(view.name.removesuffix(".train")) / path.relative_to(view)).resolve()
+    return path.resolve()
 
 
 def split_shards(data_dir: Path) -> tuple[list[Path], Path | None]:
@@ -504,6 +504,7 @@ def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_ch
     say = progress or _stderr_progress
     path = Path(data_dir) / TOKENIZER_FILE
     if path.exists():
+        Tokenizer.from_directory(path.parent)  # a damaged or foreign one is said now, not by every run
         say(f"tokenizer: present at {path}")
         return path
     train_paths, _ = split_shards(data_dir)
@@ -550,6 +551,11 @@ def _encoding_from_spec(spec: dict[str, Any]) -> tiktoken.Encoding:
     )
 
 
+def _unreadable_tokenizer(path: Path, why: str) -> PrepareError:
+    return PrepareError(f"{_origin(path)} is not a tokenizer nightlab can read ({why}); move it aside and run"
+                        " `nightlab prepare`, which trains one on the data dir's shards")
+
+
 class Tokenizer:
     """Upstream's tokenizer API over a tiktoken Encoding whose first special token is BOS."""
 
@@ -569,9 +575,15 @@ class Tokenizer:
                 f"no tokenizer at {path}. Run `python prepare.py --source ...` first, or set "
                 f"{ENV_DATA_DIR} to a prepared data dir."
             ) from None
-        if spec.get("format") != TOKENIZER_FORMAT:
-            raise PrepareError(f"{path} has format {spec.get('format')!r}, expected {TOKENIZER_FORMAT!r}")
-        return cls(_encoding_from_spec(spec))
+        except ValueError as e:  # cut short, or not text
+            raise _unreadable_tokenizer(path, f"not JSON: {e}") from None
+        if not isinstance(spec, dict) or spec.get("format") != TOKENIZER_FORMAT:
+            found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+            raise _unreadable_tokenizer(path, f"format {found!r}, expected {TOKENIZER_FORMAT!r}")
+        try:
+            return cls(_encoding_from_spec(spec))
+        except (ValueError, KeyError, TypeError) as e:
+            raise _unreadable_tokenizer(path, f"{type(e).__name__}: {e}") from None
 
     def get_vocab_size(self) -> int:
         return self.enc.n_vocab
@@ -851,7 +863,11 @@ def training_view(data_dir: Path) -> Path:
     for path in train_paths:
         if not (view / path.name).exists():
             _link(path.resolve(), view / path.name)
-    tokenizer = (data_dir / TOKENIZER_FILE).read_bytes()
+    try:
+        tokenizer = (data_dir / TOKENIZER_FILE).read_bytes()
+    except FileNotFoundError:
+        raise PrepareError(f"no tokenizer at {data_dir / TOKENIZER_FILE} (removed since it was prepared?); run"
+                           " `nightlab prepare` again, which trains it on the same shards") from None
     if not (view / TOKENIZER_FILE).is_file() or (view / TOKENIZER_FILE).read_bytes() != tokenizer:
         fd, tmp = tempfile.mkstemp(dir=view / "tokenizer", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:

@@ -320,6 +320,36 @@ def test_stdlib_source_builds_shards_offline(tmp_path: Path, monkeypatch: pytest
 # --- tokenizer ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("text", "why"), [
+    ('{"mergeable_ranks": [', "not JSON: Expecting value: line 1 column 22 (char 21)"),  # a copy cut short
+    ('{"vocab": {"a": 0}, "merges": []}', "format None, expected 'nightlab-bpe/1'"),  # another library's
+    ('["a"]', "format 'list', expected 'nightlab-bpe/1'"),
+])
+def test_a_damaged_or_foreign_tokenizer_is_said_at_prepare(corpus, data_dir: Path, tmp_path: Path,
+                                                           text: str, why: str) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(data_dir, cache / data_dir.name, symlinks=True)
+    (cache / data_dir.name / P.TOKENIZER_FILE).write_text(text)
+    with pytest.raises(P.PrepareError) as err:  # before any run, not by each run of the night
+        P.prepare(str(corpus[0]), -1, cache, progress=lambda _: None)
+    assert str(err.value) == (f"{cache / data_dir.name / P.TOKENIZER_FILE} is not a tokenizer nightlab can read"
+                              f" ({why}); move it aside and run `nightlab prepare`, which trains one on the data"
+                              " dir's shards")
+
+
+def test_a_tokenizer_removed_after_prepare_fails_the_run_with_what_to_do(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    prepared = tmp_path / "data"
+    shutil.copytree(data_dir, prepared, symlinks=True)
+    (prepared / P.TOKENIZER_FILE).unlink()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_DATA_DIR, str(prepared))
+    assert P.run(f"{sys.executable} -c pass") == 1
+    assert capfd.readouterr().out == (f"FAIL: no tokenizer at {prepared / P.TOKENIZER_FILE} (removed since it was"
+                                      " prepared?); run `nightlab prepare` again, which trains it on the same shards\n")
+
+
 def test_tokenizer_shape_and_specials(tokenizer: P.Tokenizer) -> None:
     assert tokenizer.get_vocab_size() == P.VOCAB_SIZE
     assert tokenizer.get_bos_token_id() == P.VOCAB_SIZE - 4
