@@ -16,10 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nightlab.loop.state.config import Settings, load_settings, render_settings, settings_from_table
-from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.errors import EXIT_USER_ERROR, UserError
 from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, state_dir
-
-EXIT_USER_ERROR = 2
 
 
 def _settings(args: argparse.Namespace) -> Settings:

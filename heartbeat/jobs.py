@@ -12,6 +12,8 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
                 beyond that the loop is paused and an alert raised instead. A paused engine is
                 watched too: it still ticks at every checkpoint (it has to, to hear /resume), so a
                 paused engine that stops ticking is frozen, and only a restart gets /resume heard.
+                An engine that exits 2 stopped on a problem a person must fix (a user's edit in
+                the tree, a detached HEAD): not restarted; its words go to chat and the daemon stops.
 - check_host:   free disk under min_free_disk_gb -> pause + alert (once per episode).
 - notify:       systemd STATUS= every beat, WATCHDOG=1 only while the checks above are passing.
 - daily_report: a `report` event at report_time.
@@ -39,6 +41,7 @@ from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors import Executor, RunHandle
 from nightlab.loop.state import ledger, views
 from nightlab.loop.state.config import HeartbeatSettings, Settings
+from nightlab.loop.state.errors import EXIT_USER_ERROR, USER_ERROR_KEY
 from nightlab.loop.state.ledger import started_at
 from nightlab.loop.state.store import Store
 
@@ -82,7 +85,7 @@ class Heartbeat:
         executor: Executor,
         engine: EngineProcess,
         notifier: Notifier,
-        on_engine_finished: Callable[[], None],
+        on_engine_stopped: Callable[[str, int], None],
     ) -> None:
         self.settings = settings  # replaced on SIGHUP (the daemon's reload), then schedule() again
         self.workspace = workspace
@@ -90,7 +93,7 @@ class Heartbeat:
         self.executor = executor
         self.engine = engine
         self.notifier = notifier
-        self.on_engine_finished = on_engine_finished
+        self.on_engine_stopped = on_engine_stopped  # (why, the exit code the daemon ends with)
         self.restarts = RestartWindow()
         self.supervising = False  # False until the engine has been started (data prep before)
         self.startup_status = "starting"
@@ -173,7 +176,10 @@ class Heartbeat:
                 if code == 0 and self.store.get("engine.finished"):
                     log.info("engine finished (max experiments reached)")
                     self.supervising = False
-                    self.on_engine_finished()
+                    self.on_engine_stopped("finished", 0)
+                    return
+                if code == EXIT_USER_ERROR:  # something to fix first: a restart would meet it again
+                    self._stop_for_the_user()
                     return
                 self._restart(f"engine exited with code {code}")
             else:
@@ -181,6 +187,14 @@ class Heartbeat:
                 if age > self.limits.loop_stall_after:
                     self._restart(f"engine stalled: no progress for {fmt_duration(age)}")
         self._last_pass = time.time()
+
+    def _stop_for_the_user(self) -> None:
+        problem = self.store.get(USER_ERROR_KEY) or "see the daemon's log"
+        text = f"nightlab stopped: {problem}"
+        log.error("%s", text)
+        self.store.emit("alert", text=text)
+        self.supervising = False
+        self.on_engine_stopped("a problem to fix first", EXIT_USER_ERROR)
 
     def start_engine(self) -> None:
         with self._engine_lock:

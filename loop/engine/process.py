@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -24,9 +25,9 @@ from nightlab.loop.executors import Executor, make_executor
 from nightlab.loop.proposers.base import ProposalError, Proposer
 from nightlab.loop.runenv import run_environment
 from nightlab.loop.state.config import Settings, load_settings
-from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.errors import EXIT_USER_ERROR, USER_ERROR_KEY, UserError
 from nightlab.loop.state.lock import EngineLock
-from nightlab.loop.state.store import Store
+from nightlab.loop.state.store import DB_FILENAME, Store, state_dir
 from nightlab.loop.workspace import open_workspace
 
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    settings: Settings | None = None
     try:
         settings = load_settings(args.config)
         if args.workspace:
@@ -90,4 +92,17 @@ def main(argv: list[str] | None = None) -> int:
                           prepared_data=args.prepared_data)
     except UserError as exc:
         print(f"nightlab: {exc}", file=sys.stderr)
-        return 2
+        if settings is not None:
+            _tell_the_daemon(settings.workspace_path, str(exc))
+        return EXIT_USER_ERROR
+
+
+def _tell_the_daemon(workspace: Path, text: str) -> None:
+    """What stopped the engine, for the daemon to say in chat before it stops too: a restart would
+    only meet the same problem. Not written where there is no state database to write it in."""
+    if not (state_dir(workspace) / DB_FILENAME).is_file():
+        return
+    try:
+        Store.for_workspace(workspace).set(USER_ERROR_KEY, text)
+    except (UserError, sqlite3.Error):  # the problem is the store itself: the daemon's log has it
+        pass
