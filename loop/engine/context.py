@@ -92,6 +92,24 @@ class Context:
     def run_dir(self, cand: Candidate) -> Path:
         return self.ws.path if self.in_place else self.snapshot_path(cand.number)
 
+    def reset_tree(self, target: str, number: int) -> None:
+        """The workspace's tree at `target` for experiment `number`. The engine commits or undoes
+        its own edits at once, so edits of tracked files found here are someone else's (a person
+        editing train.py while the loop runs): kept as a git stash entry and said, not reset away."""
+        git = self.git
+        changed = git.changed_files()
+        if git.head() == target and not changed:
+            return
+        saved = git.stash_edits(f"nightlab: edits found in the workspace at #{number}") if changed else []
+        if saved:
+            at = self.ws.path
+            self.store.emit("alert", text=(
+                f"edits nightlab did not make were in {', '.join(saved)} at #{number}: the loop owns the"
+                f" workspace's files while it runs, so they were not run; kept in `git -C {at} stash list`."
+                f" To have them tried: `nightlab ctl pause`, then `git -C {at} stash pop`, commit them, and"
+                " resume"))
+        git.reset_to(target)
+
     def log_tail(self, number: int, tail_bytes: int) -> str:
         return read_tail(self.log_path(number), tail_bytes)
 

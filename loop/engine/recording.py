@@ -24,8 +24,7 @@ def record(ctx: Context, cand: Candidate) -> None:
     out = Outcome.from_json(cand.outcome)
     commit = cand.commit or cand.base_commit
     target = out.head_after or (commit if out.moves_head else cand.base_commit)
-    if ctx.git.head() != target or ctx.git.changed_files():
-        ctx.git.reset_to(target)
+    ctx.reset_tree(target, cand.number)
     rows = ledger.experiments(ctx.store)
     hw = out.hardware
     if hw:  # the best of its class before it

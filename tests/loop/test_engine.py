@@ -337,6 +337,29 @@ def test_a_second_engine_is_refused_and_a_dirty_tree_is_explained_or_refused(tmp
         run_engine(settings, 3, proposer=proposer)
 
 
+def test_an_edit_made_by_hand_while_a_run_is_in_flight_is_kept_not_reset_away(tmp_path: Path, gates: Gates) -> None:
+    """A person edits train.py while #2 runs in the workspace: the ratchet's reset after the run
+    used to remove the edit without a word. It is kept as a git stash entry and said in chat."""
+    settings = make_stub_workspace(tmp_path)
+    ws = settings.workspace_path
+    gates.open(1)
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [1.1]}}]), limit=2)
+    run = engine.running(2)
+    engine.wait_for(lambda: "step 00001" in Path(run.log_path).read_text(), "#2's trainer to have read train.py")
+    edited = (ws / "train.py").read_text().replace("GAIN = 0.0", "GAIN = 0.5  # tried by hand")
+    (ws / "train.py").write_text(edited)
+    gates.open(2)
+    engine.join()
+    assert [e.status for e in ledger.experiments(engine.store)] == ["keep", "discard"]
+    alerts = [e.payload["text"] for e in engine.store.events_after(0) if e.kind == "alert"]
+    assert alerts == [f"edits nightlab did not make were in train.py at #2: the loop owns the workspace's files while"
+                      f" it runs, so they were not run; kept in `git -C {ws} stash list`. To have them tried:"
+                      f" `nightlab ctl pause`, then `git -C {ws} stash pop`, commit them, and resume"]
+    assert "GAIN = 0.0" in (ws / "train.py").read_text()  # the tree is the kept commit's
+    subprocess.run(["git", "-C", str(ws), "stash", "pop", "-q"], check=True)  # the edit, on the best
+    assert (ws / "train.py").read_text() == edited.replace("VAL_BPB = [1.1]", "VAL_BPB = [1.0]")
+
+
 KILL_POINTS = [("proposed", 2), ("launched", 2), ("running", 2), ("finished", 2), ("recorded", 2),
                ("finished", 3), ("running", 4)]
 
