@@ -120,6 +120,13 @@ CREATE TABLE IF NOT EXISTS experiments (
 """
 
 
+def cannot_write(path: Path, exc: Exception) -> str:
+    """What to do when the state database cannot be opened or written (a full disk, mostly)."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (f"cannot write the state database {path} ({why}): is its disk full (`df -h {Path(path).parent}`),"
+            " or the folder not writable by this user? Free space or fix the permissions, then start again")
+
+
 def state_dir(workspace: Path) -> Path:
     return Path(workspace) / STATE_DIRNAME
 
@@ -159,16 +166,18 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._refuse_a_newer_schema()
             self.connection().executescript(_SCHEMA)  # idempotent; executescript commits by itself
             self._add_missing_columns()
             self.connection().execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, ...: not what is said below
+        except (OSError, sqlite3.OperationalError) as exc:
+            if "locked" in str(exc):  # another process's long write: transient, not the user's to fix
                 raise
+            raise UserError(cannot_write(self.path, exc)) from None
+        except sqlite3.DatabaseError as exc:
             raise UserError(f"{self.path} is not a readable nightlab state database ({exc}); restore it from a"
                             " backup, or move it aside to start this workspace's ledger afresh") from None
 

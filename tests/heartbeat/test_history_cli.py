@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +68,20 @@ def test_filters_that_contradict_are_refused_in_one_line(workspace: Path, capsys
         code = exit_.code
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == said
+
+
+def _disk_full() -> None:
+    """In the child: no file may grow (a full disk, as far as this process can tell)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with an error instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+
+def test_a_state_database_on_a_full_disk_is_said_with_what_to_do(workspace: Path) -> None:
+    """Opening the ledger writes (its WAL files): on a full disk `nightlab history` was a traceback."""
+    out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", "history", "--workspace", str(workspace)],
+                         preexec_fn=_disk_full, capture_output=True, text=True, check=False)
+    db = workspace / ".nightlab" / "state.db"
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == (f"nightlab: cannot write the state database {db} (disk I/O error): is its disk full"
+                          f" (`df -h {db.parent}`), or the folder not writable by this user? Free space or fix the"
+                          " permissions, then start again\n")
