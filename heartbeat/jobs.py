@@ -5,7 +5,8 @@ experiment (that is the engine's job, ARCHITECTURE.md "kill protocol"). The chec
 scheduler's worker threads, so they must stay correct if one of them blocks for a while (killing
 a process tree waits for it to die): each job has max_instances=1 and coalesces missed runs.
 
-- check_runs:   a run past run_timeout, or whose log has not grown for stall_after, is marked with
+- check_runs:   a run past run_timeout, whose log has not grown for stall_after or has grown past
+                max_log_mb (a trainer printing in a tight loop would fill the disk), is marked with
                 the reason and cancelled through the executor (its whole process tree).
 - check_engine: the engine child exited, or has not ticked for loop_stall_after -> killed and
                 restarted from durable state; at most max_restarts_per_hour restarts in any hour,
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 RUN_CANCEL_GRACE_S = 10.0  # SIGTERM -> SIGKILL for a run's tree: lets a trainer flush its log
 HOUR_S = 3600.0
+MB = 1024 * 1024
 # The watchdog is withheld when the supervision passes themselves stop completing: longer than
 # this beyond their interval means a check is stuck (e.g. on a locked database).
 SUPERVISION_SLACK_S = 30.0
@@ -159,10 +161,13 @@ class Heartbeat:
         if now - started > self.limits.run_timeout:
             return f"timeout after {fmt_duration(self.limits.run_timeout)}"
         try:
-            last_output = max(started, Path(run.log_path).stat().st_mtime)
+            log = Path(run.log_path).stat()
         except OSError:  # no log yet: silent since it started
-            last_output = started
-        if now - last_output > self.limits.stall_after:
+            log = None
+        if log is not None and log.st_size > self.limits.max_log_mb * MB:
+            return (f"its log passed {self.limits.max_log_mb:g} MB: the run printed too much (a print in its"
+                    " training loop?); raise [heartbeat] max_log_mb if it must")
+        if now - max(started, log.st_mtime if log else 0.0) > self.limits.stall_after:
             return f"stalled: no output for {fmt_duration(self.limits.stall_after)}"
         return None
 
