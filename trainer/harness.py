@@ -72,7 +72,7 @@ def _data_errors_said(kind: type[BaseException], error: BaseException, tb: Any) 
     night, a missing tokenizer) ends it with the one line that says what to do, not a traceback;
     any other error is train.py's own and keeps its traceback."""
     if isinstance(error, prepare.PrepareError):
-        print(f"\nFAIL: {error}", flush=True)
+        print(f"\nFAIL: {prepare.fail_text(error)}", flush=True)
         return
     sys.__excepthook__(kind, error, tb)
 
@@ -739,7 +739,9 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
     except Rejected as e:
         result, code = {"rejected": str(e)}, REJECTED_EXIT
-    except (HarnessError, prepare.PrepareError) as e:
+    except prepare.PrepareError as e:
+        result, code = {"error": prepare.fail_text(e)}, 1
+    except HarnessError as e:
         result, code = {"error": str(e)}, 1
     if args.result is not None:
         tmp = args.result.with_suffix(".tmp")

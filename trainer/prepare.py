@@ -99,6 +99,19 @@ class PrepareError(Exception):
     """Data or settings are missing or wrong; the message says what and what to do."""
 
 
+class DataError(PrepareError):
+    """Prepared data that went bad after `prepare` checked it (a damaged or missing shard, a missing
+    or unreadable tokenizer): no change to train.py can run until a person fixes it."""
+
+
+DATA_FAIL = "FAIL: data: "  # how a run says so (its last words); the engine pauses the loop on it
+
+
+def fail_text(error: PrepareError) -> str:
+    """A FAIL line's text for `error`: a data problem says it is one."""
+    return f"data: {error}" if isinstance(error, DataError) else str(error)
+
+
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
     """A positive integer from the environment, or `default` when unset or empty."""
     raw = environ.get(name, "").strip()
@@ -211,9 +224,9 @@ def _row_groups(path: Path) -> Iterator[list[str | None]]:
         for rg in range(pf.num_row_groups):
             yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
     except (OSError, pa.ArrowException) as e:
-        raise PrepareError(
-            f"data: {_origin(Path(path))} is damaged ({e}); replace it with a good copy (a downloaded shard:"
-            " delete it and run `nightlab prepare`, which fetches it again); every run fails until then"
+        raise DataError(
+            f"{_origin(Path(path))} is damaged ({e}); replace it with a good copy (a downloaded shard:"
+            " delete it and run `nightlab prepare`, which fetches it again)"
         ) from None
 
 
@@ -233,7 +246,7 @@ def split_shards(data_dir: Path) -> tuple[list[Path], Path | None]:
     if (Path(data_dir) / TRAINING_ONLY_MARKER).exists() and shards:
         return shards, None
     if len(shards) < 2:
-        raise PrepareError(
+        raise DataError(
             f"{data_dir} has {len(shards)} shard(s) ({SHARD_PATTERN}); at least 2 are needed "
             f"(training + validation). Run `python prepare.py --source ...` or set {ENV_DATA_DIR}."
         )
@@ -551,8 +564,8 @@ def _encoding_from_spec(spec: dict[str, Any]) -> tiktoken.Encoding:
     )
 
 
-def _unreadable_tokenizer(path: Path, why: str) -> PrepareError:
-    return PrepareError(f"{_origin(path)} is not a tokenizer nightlab can read ({why}); move it aside and run"
+def _unreadable_tokenizer(path: Path, why: str) -> DataError:
+    return DataError(f"{_origin(path)} is not a tokenizer nightlab can read ({why}); move it aside and run"
                         " `nightlab prepare`, which trains one on the data dir's shards")
 
 
@@ -571,7 +584,7 @@ class Tokenizer:
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise PrepareError(
+            raise DataError(
                 f"no tokenizer at {path}. Run `python prepare.py --source ...` first, or set "
                 f"{ENV_DATA_DIR} to a prepared data dir."
             ) from None
@@ -666,7 +679,7 @@ def _document_batches(paths: list[Path], tokenizer_batch_size: int = 128) -> Ite
                     found = True
                     yield [d or "" for d in docs[i : i + tokenizer_batch_size]], epoch
         if not found:  # shards emptied after prepare: the loop would spin forever, waiting for a document
-            raise PrepareError(f"no documents in {', '.join(p.name for p in paths)} in {paths[0].parent}:"
+            raise DataError(f"no documents in {', '.join(p.name for p in paths)} in {paths[0].parent}:"
                                " prepare the data again (`nightlab prepare`)")
         epoch += 1
 
@@ -866,7 +879,7 @@ def training_view(data_dir: Path) -> Path:
     try:
         tokenizer = (data_dir / TOKENIZER_FILE).read_bytes()
     except FileNotFoundError:
-        raise PrepareError(f"no tokenizer at {data_dir / TOKENIZER_FILE} (removed since it was prepared?); run"
+        raise DataError(f"no tokenizer at {data_dir / TOKENIZER_FILE} (removed since it was prepared?); run"
                            " `nightlab prepare` again, which trains it on the same shards") from None
     if not (view / TOKENIZER_FILE).is_file() or (view / TOKENIZER_FILE).read_bytes() != tokenizer:
         fd, tmp = tempfile.mkstemp(dir=view / "tokenizer", suffix=".tmp")
@@ -917,7 +930,7 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         try:
             train_env[ENV_DATA_DIR] = str(training_view(Path(env[ENV_DATA_DIR])))
         except PrepareError as e:
-            print(f"FAIL: {e}", flush=True)
+            print(f"FAIL: {fail_text(e)}", flush=True)
             return 1
     claimed: list[str] = []
 

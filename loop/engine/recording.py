@@ -13,6 +13,7 @@ from nightlab.loop.engine.context import Context, say
 from nightlab.loop.engine.deciding import held_out_opinion
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import failures_in_a_row, without_a_keep
+from nightlab.loop.judge import DATA_PROBLEM_PREFIX
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment
 
@@ -74,13 +75,16 @@ def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float 
 
 
 def _maybe_self_pause(ctx: Context, rows: list[Experiment]) -> None:
-    """Only failures (crashes, timeouts, rejected proposals, failed checks) pause the loop: a
-    run of discards is the search's business (it widens), said once in chat, never a stop."""
+    """Only failures (crashes, timeouts, rejected proposals, failed checks) pause the loop, a data
+    problem at once: a run of discards is the search's business (it widens), said once in chat, never a stop."""
     store = ctx.store
     failures = failures_in_a_row(store, rows)
     limit = ctx.settings.loop.pause_after_failures
-    if failures >= limit and ledger.paused(store) is None:
-        reason = f"{failures} failed experiments in a row; resume when you have looked (focus, note)"
+    # bad data fails every run alike: pausing at once spares the proposals that would follow
+    data = rows[-1].status == "crash" and rows[-1].reason.startswith(DATA_PROBLEM_PREFIX)
+    if (failures >= limit or data) and ledger.paused(store) is None:
+        reason = (f"#{rows[-1].number}: {rows[-1].reason}; /resume once it is fixed" if data else
+                  f"{failures} failed experiments in a row; resume when you have looked (focus, note)")
         ledger.set_paused(store, "nightlab", reason, None)
         store.emit("self_paused", reason=reason)
     misses = without_a_keep(store, rows)

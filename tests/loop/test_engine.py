@@ -224,6 +224,21 @@ def test_the_loop_pauses_itself_after_repeated_failures(tmp_path: Path) -> None:
     assert [c.consecutive_failures for c in proposer.contexts[:6]] == [0, 1, 2, 0, 1, 2]
 
 
+def test_a_data_problem_pauses_the_loop_at_its_first_crash(tmp_path: Path) -> None:
+    """A shard that went bad fails every run alike: the loop went on for pause_after_failures (15)
+    proposals, each recorded as a crash of its own change."""
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"MODE": "datafail"}}]))
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine.ticks()  # paused: no new experiment starts
+    assert _statuses(engine.store) == ["keep", "crash"]
+    reason = "data problem: /data/shard_00003.parquet is damaged (ZSTD decompression failed); replace it"
+    assert ledger.experiments(engine.store)[1].reason == reason
+    self_paused = [e.payload for e in engine.store.events_after(0) if e.kind == "self_paused"]
+    assert self_paused == [{"reason": f"#2: {reason}; /resume once it is fixed"}]
+    engine.join(stop=True)
+
+
 def test_steering_while_runs_are_in_flight(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
     ws = settings.workspace_path

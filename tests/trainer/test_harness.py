@@ -99,5 +99,5 @@ def test_bad_data_in_train_py_is_one_line_not_a_traceback(tmp_path, data_dir):
         "tokenizer = Tokenizer.from_directory()", f"tokenizer = Tokenizer.from_directory({str(tmp_path)!r})"))
     proc = run_train(ws, data_dir, tiny.harness_env)
     assert proc.returncode == 1
-    assert f"\nFAIL: no tokenizer at {tmp_path}/tokenizer.json. Run `python prepare.py" in proc.stdout
+    assert f"\nFAIL: data: no tokenizer at {tmp_path}/tokenizer.json. Run `python prepare.py" in proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -200,9 +200,9 @@ def test_a_shard_damaged_inside_is_named_not_a_traceback(corpus, tmp_path: Path)
     damage_inside(source / "shard_00000.parquet")
     with pytest.raises(P.PrepareError) as err:  # the tokenizer reads it first
         P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)
-    assert str(err.value).startswith(f"data: {source / 'shard_00000.parquet'} is damaged (")
+    assert str(err.value).startswith(f"{source / 'shard_00000.parquet'} is damaged (")
     assert str(err.value).endswith("); replace it with a good copy (a downloaded shard: delete it and run"
-                                   " `nightlab prepare`, which fetches it again); every run fails until then")
+                                   " `nightlab prepare`, which fetches it again)")
 
 
 def test_a_shard_damaged_after_prepare_names_the_file_to_replace(
@@ -214,7 +214,7 @@ def test_a_shard_damaged_after_prepare_names_the_file_to_replace(
     view = P.training_view(prepared)  # train.py reads hard links of the source's files
     damage_inside(source / "shard_00001.parquet")  # the night goes on, the disk does not
     monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(view))
-    with pytest.raises(P.PrepareError, match=f"^data: {source / 'shard_00001.parquet'} is damaged"):
+    with pytest.raises(P.DataError, match=f"^{source / 'shard_00001.parquet'} is damaged"):
         for _ in P.make_dataloader(tokenizer, 8, 256, "train", device="cpu"):
             pass
 
@@ -346,7 +346,7 @@ def test_a_tokenizer_removed_after_prepare_fails_the_run_with_what_to_do(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(P.ENV_DATA_DIR, str(prepared))
     assert P.run(f"{sys.executable} -c pass") == 1
-    assert capfd.readouterr().out == (f"FAIL: no tokenizer at {prepared / P.TOKENIZER_FILE} (removed since it was"
+    assert capfd.readouterr().out == (f"FAIL: data: no tokenizer at {prepared / P.TOKENIZER_FILE} (removed since it was"
                                       " prepared?); run `nightlab prepare` again, which trains it on the same shards\n")
 
 
