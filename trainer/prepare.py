@@ -108,8 +108,8 @@ DATA_FAIL = "FAIL: data: "  # how a run says so (its last words); the engine pau
 
 
 def fail_text(error: PrepareError) -> str:
-    """A FAIL line's text for `error`: a data problem says it is one."""
-    return f"data: {error}" if isinstance(error, DataError) else str(error)
+    """A FAIL line's text for `error`, on one line (the engine reads one): a data problem says it is one."""
+    return " ".join((f"data: {error}" if isinstance(error, DataError) else str(error)).split())
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -225,7 +225,7 @@ def _row_groups(path: Path) -> Iterator[list[str | None]]:
             yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
     except (OSError, pa.ArrowException) as e:
         raise DataError(
-            f"{_origin(Path(path))} is damaged ({e}); replace it with a good copy (a downloaded shard:"
+            f"{_origin(Path(path))} is damaged ({' '.join(str(e).split())}); replace it with a good copy (a downloaded shard:"
             " delete it and run `nightlab prepare`, which fetches it again)"
         ) from None
 
