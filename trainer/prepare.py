@@ -517,8 +517,11 @@ def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_ch
     say = progress or _stderr_progress
     path = Path(data_dir) / TOKENIZER_FILE
     if path.exists():
-        Tokenizer.from_directory(path.parent)  # a damaged or foreign one is said now, not by every run
-        say(f"tokenizer: present at {path}")
+        vocab = Tokenizer.from_directory(path.parent).get_vocab_size()  # a damaged or foreign one: said now
+        say(f"tokenizer: present at {path}" + ("" if vocab == VOCAB_SIZE else (
+            f", but its vocabulary is {vocab:,}, not {VOCAB_SIZE:,} (copied from elsewhere, or trained on little"
+            " text?): results are comparable only with runs on this same tokenizer; to train the usual one, move"
+            " it aside and run `nightlab prepare`")))
         return path
     train_paths, _ = split_shards(data_dir)
     say(f"tokenizer: training BPE (vocab {VOCAB_SIZE}) on {len(train_paths)} shards")

@@ -338,6 +338,21 @@ def test_a_damaged_or_foreign_tokenizer_is_said_at_prepare(corpus, data_dir: Pat
                               " dir's shards")
 
 
+def test_a_tokenizer_of_another_vocabulary_size_is_said_at_prepare(corpus, data_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(data_dir, cache / data_dir.name, symlinks=True)
+    path = cache / data_dir.name / P.TOKENIZER_FILE
+    spec = json.loads(path.read_text())  # as one trained elsewhere with a smaller vocabulary
+    spec["mergeable_ranks"] = spec["mergeable_ranks"][:1000]
+    spec["special_tokens"] = {name: 1000 + i for i, name in enumerate(spec["special_tokens"])}
+    path.write_text(json.dumps(spec))
+    messages: list[str] = []
+    P.prepare(str(corpus[0]), -1, cache, progress=messages.append)
+    assert messages[-1] == (f"tokenizer: present at {path}, but its vocabulary is 1,004, not 8,192 (copied from"
+                            " elsewhere, or trained on little text?): results are comparable only with runs on this"
+                            " same tokenizer; to train the usual one, move it aside and run `nightlab prepare`")
+
+
 def test_a_tokenizer_removed_after_prepare_fails_the_run_with_what_to_do(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
