@@ -116,6 +116,7 @@ class Daemon:
             log.info("nightlab daemon (pid %d) for %s, config %s", os.getpid(), self.workspace, self.config)
             log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
             store = Store.for_workspace(self.workspace)
+            store.check()  # a damaged ledger said now, not by a night of engine restarts
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
             # the chat tokens stay in this process: an edited train.py or an agent cannot print them
             hidden = secret_env_names(self.settings)

@@ -27,7 +27,7 @@ from nightlab.loop.runenv import run_environment
 from nightlab.loop.state.config import Settings, load_settings
 from nightlab.loop.state.errors import EXIT_USER_ERROR, USER_ERROR_KEY, UserError
 from nightlab.loop.state.lock import EngineLock
-from nightlab.loop.state.store import DB_FILENAME, Store, state_dir
+from nightlab.loop.state.store import DB_FILENAME, Store, state_dir, unusable
 from nightlab.loop.workspace import open_workspace
 
 
@@ -90,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         return run_engine(settings, args.max_experiments, stop, parent_pid=os.getppid(),
                           prepared_data=args.prepared_data)
-    except UserError as exc:
-        print(f"nightlab: {exc}", file=sys.stderr)
+    except (UserError, sqlite3.DatabaseError) as exc:
+        if isinstance(exc, sqlite3.DatabaseError) and "locked" in str(exc):
+            raise  # another process's long write: a restart heals it
+        text = str(exc)
+        if isinstance(exc, sqlite3.DatabaseError):  # damaged past its schema, or its disk filled
+            text = unusable(state_dir(settings.workspace_path) / DB_FILENAME if settings else Path(DB_FILENAME), exc)
+        print(f"nightlab: {text}", file=sys.stderr)
         if settings is not None:
-            _tell_the_daemon(settings.workspace_path, str(exc))
+            _tell_the_daemon(settings.workspace_path, text)
         return EXIT_USER_ERROR
 
 

@@ -120,11 +120,15 @@ CREATE TABLE IF NOT EXISTS experiments (
 """
 
 
-def cannot_write(path: Path, exc: Exception) -> str:
-    """What to do when the state database cannot be opened or written (a full disk, mostly)."""
-    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return (f"cannot write the state database {path} ({why}): is its disk full (`df -h {Path(path).parent}`),"
-            " or the folder not writable by this user? Free space or fix the permissions, then start again")
+def unusable(path: Path, exc: OSError | sqlite3.DatabaseError) -> str:
+    """What to do about a state database that failed: one that cannot be written (a full disk,
+    mostly: sqlite's OperationalError), or one that is damaged (any other DatabaseError)."""
+    if isinstance(exc, OSError | sqlite3.OperationalError):
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return (f"cannot write the state database {path} ({why}): is its disk full (`df -h {Path(path).parent}`),"
+                " or the folder not writable by this user? Free space or fix the permissions, then start again")
+    return (f"{path} is not a readable nightlab state database ({exc}); restore it from a backup, or move it"
+            " aside to start this workspace's ledger afresh")
 
 
 def state_dir(workspace: Path) -> Path:
@@ -173,13 +177,20 @@ class Store:
             self.connection().executescript(_SCHEMA)  # idempotent; executescript commits by itself
             self._add_missing_columns()
             self.connection().execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except (OSError, sqlite3.OperationalError) as exc:
+        except (OSError, sqlite3.DatabaseError) as exc:
             if "locked" in str(exc):  # another process's long write: transient, not the user's to fix
                 raise
-            raise UserError(cannot_write(self.path, exc)) from None
+            raise UserError(unusable(self.path, exc)) from None
+
+    def check(self) -> None:
+        """Every page readable (PRAGMA quick_check, a pass over the file): opening reads only the
+        schema, so a damaged table would first show in the middle of a night."""
+        try:
+            found = [r[0] for r in self.connection().execute("PRAGMA quick_check")]
         except sqlite3.DatabaseError as exc:
-            raise UserError(f"{self.path} is not a readable nightlab state database ({exc}); restore it from a"
-                            " backup, or move it aside to start this workspace's ledger afresh") from None
+            raise UserError(unusable(self.path, exc)) from None
+        if found != ["ok"]:
+            raise UserError(unusable(self.path, sqlite3.DatabaseError(f"damaged: {'; '.join(found[:3])}")))
 
     def _refuse_a_newer_schema(self) -> None:
         """Rows this version wrote into a newer layout would be misread by the nightlab that made it."""

@@ -153,3 +153,22 @@ def test_an_engine_that_stops_on_a_problem_to_fix_stops_the_daemon_and_says_why(
     assert [a["text"] for a in second.events("alert")] == [f"nightlab stopped: {problem}"]
     assert second.events("engine_restarted") == [] and second.events("self_paused") == []
     assert (workspace / "train.py").read_text().endswith("# mine\n")  # nothing of the user's undone
+
+
+def test_a_ledger_damaged_inside_stops_the_daemon_at_its_start(harness: Harness, tmp_path: Path) -> None:
+    """Opening reads the schema only: a damaged table showed first in the middle of the night, as
+    engine restarts and a pause that said "check the logs"."""
+    from tests.heartbeat.test_history_cli import damage_table
+
+    workspace = tmp_path / "ws"
+    store = Store.for_workspace(workspace)
+    for number in range(1, 40):
+        store.emit("experiment_finished", number=number, text="x" * 200)
+    store.close()
+    db = workspace / ".nightlab" / "state.db"
+    damage_table(db, "events")
+    daemon = harness.start()
+    assert daemon.proc.wait(timeout=60) == 2, daemon.log()
+    assert (f"nightlab: {db} is not a readable nightlab state database (database disk image is malformed);"
+            " restore it from a backup, or move it aside to start this workspace's ledger afresh") in daemon.log()
+    assert Store.for_workspace(workspace).get("fake_engine.starts") is None  # no engine started

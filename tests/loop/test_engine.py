@@ -426,6 +426,23 @@ def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> Non
     assert Store.for_workspace(settings.workspace_path).get("engine.finished") is True
 
 
+def test_an_engine_on_a_damaged_ledger_stops_with_what_to_do(tmp_path: Path) -> None:
+    """A table damaged past the schema failed in the engine's first read: a traceback, and the
+    daemon restarted it until it paused the loop. Exit 2 (a person must act) and the words to act on."""
+    from tests.heartbeat.test_history_cli import damage_table
+
+    settings = make_stub_workspace(tmp_path)
+    config = tmp_path / "nightlab.toml"
+    config.write_text(f'[workspace]\npath = "{settings.workspace_path}"\n[project]\nrun_command = "true"\n')
+    db = settings.workspace_path / ".nightlab" / "state.db"
+    damage_table(db, "experiments")
+    out = subprocess.run([sys.executable, "-m", "nightlab.loop.engine", "--config", str(config)],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (2, f"nightlab: {db} is not a readable nightlab state database (database"
+                                               " disk image is malformed); restore it from a backup, or move it aside"
+                                               " to start this workspace's ledger afresh\n")
+
+
 def test_a_note_waits_for_a_proposal_that_runs(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     send_command(settings.workspace_path, "note try rope", "telegram:7")
