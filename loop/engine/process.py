@@ -26,7 +26,7 @@ from nightlab.loop.proposers.base import ProposalError, Proposer
 from nightlab.loop.runenv import run_environment
 from nightlab.loop.state.config import Settings, load_settings
 from nightlab.loop.state.errors import EXIT_USER_ERROR, USER_ERROR_KEY, UserError
-from nightlab.loop.state.lock import EngineLock
+from nightlab.loop.state.lock import EngineLock, LockHeld
 from nightlab.loop.state.store import DB_FILENAME, Store, state_dir, unusable
 from nightlab.loop.workspace import open_workspace
 
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         return run_engine(settings, args.max_experiments, stop, parent_pid=os.getppid(),
                           prepared_data=args.prepared_data)
+    except LockHeld as exc:  # an engine on its way out (a restart's race): the daemon's next try gets it
+        print(f"nightlab: {exc}", file=sys.stderr)
+        return 1
     except (UserError, sqlite3.DatabaseError) as exc:
         if isinstance(exc, sqlite3.DatabaseError) and "locked" in str(exc):
             raise  # another process's long write: a restart heals it
