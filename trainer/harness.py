@@ -525,15 +525,24 @@ class Runtime:
             **figures,
         }
         out = artifact_dir()
-        out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        torch.save(state, out / "model.pt.tmp")
-        os.replace(out / "model.pt.tmp", out / "model.pt")
-        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-        if not (out / "train.py").exists() and main_file:
-            shutil.copyfile(main_file, out / "train.py")  # a direct `python train.py`: score what ran
-        meta = {"format": ARTIFACT_FORMAT, "config": config, "train": train}
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(state, out / "model.pt.tmp")
+            os.replace(out / "model.pt.tmp", out / "model.pt")
+            main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+            if not (out / "train.py").exists() and main_file:
+                shutil.copyfile(main_file, out / "train.py")  # a direct `python train.py`: score what ran
+            meta = {"format": ARTIFACT_FORMAT, "config": config, "train": train}
+            (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        except (OSError, RuntimeError) as e:  # torch says a full disk as "unexpected pos 576 vs 534"
+            (out / "model.pt.tmp").unlink(missing_ok=True)
+            probe = out
+            while not probe.exists():
+                probe = probe.parent
+            free = shutil.disk_usage(probe).free
+            fail(f"could not save the trained model in {out} ({' '.join(str(e).split())[:200]}); {free / 2**20:,.0f} MB"
+                 " free there: a full disk? free space on it")
         print(f"Training done: {budget.step} steps in {budget.counted:.1f}s counted; weights saved to {out}", flush=True)
         return out
 
