@@ -375,6 +375,35 @@ def test_an_edit_made_by_hand_while_a_run_is_in_flight_is_kept_not_reset_away(tm
     assert (ws / "train.py").read_text() == edited.replace("VAL_BPB = [1.1]", "VAL_BPB = [1.0]")
 
 
+def test_a_checkout_by_hand_while_a_run_is_in_flight_stops_the_engine_with_what_to_do(
+    tmp_path: Path, gates: Gates
+) -> None:
+    """Someone checks out an old commit to look at it while #2 runs: the night's next commits went
+    onto that detached HEAD, off the session branch, unseen until the next start refused it."""
+    settings = make_stub_workspace(tmp_path)
+    ws = settings.workspace_path
+    gates.open(1)
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}, {"set": {"VAL_BPB": [0.8]}}])
+    engine = EngineThread(settings, proposer, limit=3)
+    run = engine.running(2)
+    engine.wait_for(lambda: "step 00001" in Path(run.log_path).read_text(), "#2's trainer to have read train.py")
+    first = ledger.experiments(engine.store)[0].commit
+    subprocess.run(["git", "-C", str(ws), "checkout", "-q", first], check=True)
+    gates.open(2, 3)
+    with pytest.raises(UserError) as err:
+        engine.join()
+    assert str(err.value) == (
+        f"{ws} was switched to a detached HEAD while the loop ran (it owns the workspace's git; to look at an old"
+        f" commit use `git -C {ws} show <commit>:train.py`); run `git -C {ws} checkout autoresearch/test` and start"
+        " nightlab again: nothing recorded is lost")
+    subprocess.run(["git", "-C", str(ws), "checkout", "-q", "autoresearch/test"], check=True)
+    assert run_engine(settings, 3, proposer=proposer) == 0
+    rows = ledger.experiments(engine.store)
+    assert [(e.number, e.status, e.metric) for e in rows] == [(1, "keep", 1.0), (2, "keep", 0.9), (3, "keep", 0.8)]
+    assert git_out(ws, "rev-parse", "autoresearch/test") == rows[2].commit  # the night's keeps on the branch
+    assert_consistent(settings)
+
+
 KILL_POINTS = [("proposed", 2), ("launched", 2), ("running", 2), ("finished", 2), ("recorded", 2),
                ("finished", 3), ("running", 4)]
 
