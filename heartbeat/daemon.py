@@ -65,7 +65,7 @@ from nightlab.loop.state.config import (
     resolve_secrets,
     secret_env_names,
 )
-from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.errors import USER_ERROR_KEY, UserError
 from nightlab.loop.state.store import Store
 
 if TYPE_CHECKING:  # imported when channels are on: the bot pulls in the HTTP clients
@@ -117,6 +117,7 @@ class Daemon:
             log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
             store = Store.for_workspace(self.workspace)
             store.check()  # a damaged ledger said now, not by a night of engine restarts
+            store.delete(USER_ERROR_KEY)  # what stopped an earlier engine is not this one's problem
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
             # the chat tokens stay in this process: an edited train.py or an agent cannot print them
             hidden = secret_env_names(self.settings)

@@ -94,9 +94,10 @@ class Context:
         return self.ws.path if self.in_place else self.snapshot_path(cand.number)
 
     def reset_tree(self, target: str, number: int) -> None:
-        """The workspace's tree at `target` for experiment `number`. The engine commits or undoes
-        its own edits at once, so edits of tracked files found here are someone else's (a person
-        editing train.py while the loop runs): kept as a git stash entry and said, not reset away."""
+        """The workspace's tree at `target` for experiment `number`, on the session branch (a person's
+        checkout stops the engine: UserError). The engine commits or undoes its own edits at once, so
+        edits of tracked files found here are someone else's (a person editing train.py while the
+        loop runs): kept as a git stash entry and said, not reset away."""
         git, at = self.git, self.ws.path
         branch = git.branch()
         if branch != self.ws.branch:  # a person's checkout: the night's commits would land off the branch
