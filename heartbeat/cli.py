@@ -11,15 +11,14 @@ import argparse
 import dataclasses
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nightlab.loop.state.config import Settings, load_settings, render_settings, settings_from_table
-from nightlab.loop.state.errors import UserError
-from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, state_dir
-
-EXIT_USER_ERROR = 2
+from nightlab.loop.state.errors import EXIT_USER_ERROR, UserError
+from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, state_dir, unusable
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -360,6 +359,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _state_db(args: argparse.Namespace) -> Path:
+    try:
+        return state_dir(_settings(args).workspace_path) / DB_FILENAME
+    except UserError:
+        return Path(STATE_DIRNAME) / DB_FILENAME
+
+
 def _split_at_dashes(words: list[str]) -> tuple[list[str], list[str]]:
     """The words before the first `--` and those after it."""
     if "--" not in words:
@@ -376,6 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except UserError as exc:
         print(f"nightlab: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except sqlite3.DatabaseError as exc:  # damaged past its schema, or a disk that filled since it opened
+        if "locked" in str(exc):
+            raise
+        print(f"nightlab: {unusable(_state_db(args), exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("nightlab: interrupted", file=sys.stderr)

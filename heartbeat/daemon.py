@@ -20,6 +20,8 @@ Stopping
   this process, not the run's session that still lives in the service's cgroup.
 - `--max-experiments N`: the engine exits 0 with kv['engine.finished'] after N; the daemon then
   stops everything as above and exits 0.
+- The engine exits 2 on a problem a person must fix (kv['engine.user_error'] says what): the
+  daemon says it in chat and stops as above with exit 2 (the systemd unit does not restart on 2).
 - SIGHUP: re-reads the config file and applies what is safe to change live: the [heartbeat]
   settings, here (the jobs are rescheduled) and in the engine (kv LIVE_HEARTBEAT_KEY, applied at
   its next checkpoint: run_timeout is also the checks' timeout and Slurm's --time); everything
@@ -68,7 +70,7 @@ from nightlab.loop.state.config import (
     secret_env_names,
     settings_from_text,
 )
-from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.errors import USER_ERROR_KEY, UserError
 from nightlab.loop.state.store import Store
 
 if TYPE_CHECKING:  # imported when channels are on: the bot pulls in the HTTP clients
@@ -109,6 +111,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._why = ""
+        self._exit_code = 0  # EXIT_USER_ERROR when the engine stopped on something to fix
         self._bot: BotService | None = None
         self._prepared_data: Path | None = None  # the built-in trainer's data dir, once prepared
 
@@ -122,13 +125,15 @@ class Daemon:
             log.info("nightlab daemon (pid %d) for %s, config %s", os.getpid(), self.workspace, self.config)
             log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
             store = Store.for_workspace(self.workspace)
+            store.check()  # a damaged ledger said now, not by a night of engine restarts
+            store.delete(USER_ERROR_KEY)  # what stopped an earlier engine is not this one's problem
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
             store.set(DAEMON_CONFIG_KEY, {"path": str(self.config), "text": self._config_text})
             # the chat tokens stay in this process: an edited train.py or an agent cannot print them
             hidden = secret_env_names(self.settings)
             engine = EngineProcess(self._engine_argv(), {k: v for k, v in os.environ.items() if k not in hidden})
             heartbeat = Heartbeat(self.settings, self.workspace, store, make_executor(self.settings),
-                                  engine, notifier, on_engine_finished=lambda: self.request_stop("finished"))
+                                  engine, notifier, on_engine_stopped=self._engine_stopped)
             scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True})
             scheduler.add_listener(log_job_problem, JOB_PROBLEMS)
             self._install_signals()
@@ -145,7 +150,7 @@ class Daemon:
                     self._bot.stop(timeout=BOT_STOP_TIMEOUT_S)
                 store.close()
                 log.info("nightlab daemon stopped (%s)", self._why or "error")
-        return 0
+        return self._exit_code
 
     def _serve(self, heartbeat: Heartbeat, scheduler: BackgroundScheduler, secrets: Secrets) -> None:
         if self.options.prepare:
@@ -186,6 +191,10 @@ class Daemon:
         # the data dir once prepared: the engine uses it as it is, not preparing it again
         return engine_argv(self.config, self.workspace, self.options.max_experiments,
                            self.options.engine_program, self._prepared_data)
+
+    def _engine_stopped(self, why: str, code: int) -> None:
+        self._exit_code = code
+        self.request_stop(why)
 
     def request_stop(self, why: str) -> None:
         if not self._stop.is_set():

@@ -5,13 +5,16 @@ experiment (that is the engine's job, ARCHITECTURE.md "kill protocol"). The chec
 scheduler's worker threads, so they must stay correct if one of them blocks for a while (killing
 a process tree waits for it to die): each job has max_instances=1 and coalesces missed runs.
 
-- check_runs:   a run past run_timeout, or whose log has not grown for stall_after, is marked with
+- check_runs:   a run past run_timeout, whose log has not grown for stall_after or has grown past
+                max_log_mb (a trainer printing in a tight loop would fill the disk), is marked with
                 the reason and cancelled through the executor (its whole process tree).
 - check_engine: the engine child exited, or has not ticked for loop_stall_after -> killed and
                 restarted from durable state; at most max_restarts_per_hour restarts in any hour,
                 beyond that the loop is paused and an alert raised instead. A paused engine is
                 watched too: it still ticks at every checkpoint (it has to, to hear /resume), so a
                 paused engine that stops ticking is frozen, and only a restart gets /resume heard.
+                An engine that exits 2 stopped on a problem a person must fix (a user's edit in
+                the tree, a detached HEAD): not restarted; its words go to chat and the daemon stops.
 - check_host:   free disk under min_free_disk_gb -> pause + alert (once per episode).
 - check_hours:  `[heartbeat] hours`: pause after the run in flight at their end, resume at their start.
 - notify:       systemd STATUS= every beat, WATCHDOG=1 only while the checks above are passing.
@@ -43,6 +46,7 @@ from nightlab.loop.executors import Executor, RunHandle
 from nightlab.loop.state import ledger, steering, views
 from nightlab.loop.state.commands import Pause, Resume
 from nightlab.loop.state.config import HeartbeatSettings, RunHours, Settings
+from nightlab.loop.state.errors import EXIT_USER_ERROR, USER_ERROR_KEY
 from nightlab.loop.state.ledger import started_at
 from nightlab.loop.state.store import Store
 
@@ -52,6 +56,7 @@ HOURS_INSIDE_KEY = "hours.inside"  # the side of `[heartbeat] hours` the last ch
 HOURS_SENDER = "the run hours"  # who a pause or resume of the hours is by
 RUN_CANCEL_GRACE_S = 10.0  # SIGTERM -> SIGKILL for a run's tree: lets a trainer flush its log
 HOUR_S = 3600.0
+MB = 1024 * 1024
 # The watchdog is withheld when the supervision passes themselves stop completing: longer than
 # this beyond their interval means a check is stuck (e.g. on a locked database).
 SUPERVISION_SLACK_S = 30.0
@@ -89,7 +94,7 @@ class Heartbeat:
         executor: Executor,
         engine: EngineProcess,
         notifier: Notifier,
-        on_engine_finished: Callable[[], None],
+        on_engine_stopped: Callable[[str, int], None],
     ) -> None:
         self.settings = settings  # replaced on SIGHUP (the daemon's reload), then schedule() again
         self.workspace = workspace
@@ -97,7 +102,7 @@ class Heartbeat:
         self.executor = executor
         self.engine = engine
         self.notifier = notifier
-        self.on_engine_finished = on_engine_finished
+        self.on_engine_stopped = on_engine_stopped  # (why, the exit code the daemon ends with)
         self.restarts = RestartWindow()
         self.supervising = False  # False until the engine has been started (data prep before)
         self.startup_status = "starting"
@@ -182,10 +187,13 @@ class Heartbeat:
         if now - started > self.limits.run_timeout:
             return f"timeout after {fmt_duration(self.limits.run_timeout)}"
         try:
-            last_output = max(started, Path(run.log_path).stat().st_mtime)
+            log = Path(run.log_path).stat()
         except OSError:  # no log yet: silent since it started
-            last_output = started
-        if now - last_output > self.limits.stall_after:
+            log = None
+        if log is not None and log.st_size > self.limits.max_log_mb * MB:
+            return (f"its log passed {self.limits.max_log_mb:g} MB: the run printed too much (a print in its"
+                    " training loop?); raise [heartbeat] max_log_mb if it must")
+        if now - max(started, log.st_mtime if log else 0.0) > self.limits.stall_after:
             return f"stalled: no output for {fmt_duration(self.limits.stall_after)}"
         return None
 
@@ -199,7 +207,10 @@ class Heartbeat:
                 if code == 0 and self.store.get("engine.finished"):
                     log.info("engine finished (max experiments reached)")
                     self.supervising = False
-                    self.on_engine_finished()
+                    self.on_engine_stopped("finished", 0)
+                    return
+                if code == EXIT_USER_ERROR:  # something to fix first: a restart would meet it again
+                    self._stop_for_the_user()
                     return
                 self._restart(f"engine exited with code {code}")
             else:
@@ -207,6 +218,14 @@ class Heartbeat:
                 if age > self.limits.loop_stall_after:
                     self._restart(f"engine stalled: no progress for {fmt_duration(age)}")
         self._last_pass = time.time()
+
+    def _stop_for_the_user(self) -> None:
+        problem = self.store.get(USER_ERROR_KEY) or "see the daemon's log"
+        text = f"nightlab stopped: {problem}"
+        log.error("%s", text)
+        self.store.emit("alert", text=text)
+        self.supervising = False
+        self.on_engine_stopped("a problem to fix first", EXIT_USER_ERROR)
 
     def start_engine(self) -> None:
         with self._engine_lock:

@@ -15,11 +15,14 @@ from nightlab.loop.decision import Rule, decide
 from nightlab.loop.state.ledger import USER_KILL_PREFIX
 from nightlab.loop.state.stats import Comparison, Noise
 from nightlab.loop.summary import Summary
+from nightlab.trainer.prepare import DATA_FAIL
 
 # the reason of a result that had nothing to be compared with (no reference on its hardware class)
 NOT_COMPARED_PREFIX = "not compared:"
 # the reason of a promising result from an older base, re-made on the current best (async mode)
 REBASE_PREFIX = "rebased:"
+# the reason of a run the data failed (the harness's DATA_FAIL line): no proposal can run until fixed
+DATA_PROBLEM_PREFIX = "data problem:"
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|MemoryError", re.IGNORECASE)
 
 
@@ -56,6 +59,9 @@ def failure_reason(m: Measurement, metric_name: str) -> str | None:
     if m.exit_code is None and not (m.summary.complete and value is not None):
         return "the run vanished without an exit status (killed?)"
     if m.exit_code not in (0, None):
+        said = [line[len(DATA_FAIL):].strip() for line in m.log_tail.splitlines() if line.startswith(DATA_FAIL)]
+        if said:
+            return f"{DATA_PROBLEM_PREFIX} {said[-1][:500]}"
         oom = next((line.strip() for line in m.log_tail.splitlines() if _OOM.search(line)), None)
         return f"OOM (exit code {m.exit_code}): {oom[:200]}" if oom else f"exit code {m.exit_code}"
     if value is None:  # a user's project meets this first: say what was read and what is wanted

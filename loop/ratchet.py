@@ -150,6 +150,14 @@ class Git:
         their changes kept uncommitted."""
         self.g.reset("-q", "--mixed", sha)
 
+    def stash_edits(self, message: str) -> list[str]:
+        """Keep the tracked files' uncommitted changes as a git stash entry, the tree untouched
+        (`git stash list` shows it, `git stash pop` brings it back); the files, [] when none."""
+        files = [f for f in self.g.diff("--name-only", "-z", "HEAD").split("\0") if f]
+        if files:
+            self.g.stash("store", "-m", message, self.g.stash("create", message))
+        return files
+
     def reset_to(self, sha: str) -> None:
         """Make the tree exactly `sha`: tracked changes undone, untracked (non-ignored) files removed."""
         self.g.reset("--hard", "-q", sha)

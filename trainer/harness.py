@@ -67,6 +67,16 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def _data_errors_said(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+    """sys.excepthook of a training process: bad data reaching train.py (a shard damaged during the
+    night, a missing tokenizer) ends it with the one line that says what to do, not a traceback;
+    any other error is train.py's own and keeps its traceback."""
+    if isinstance(error, prepare.PrepareError):
+        print(f"\nFAIL: {prepare.fail_text(error)}", flush=True)
+        return
+    sys.__excepthook__(kind, error, tb)
+
+
 # ---------------------------------------------------------------------------
 # Device helpers: peak FLOPs table, memory, synchronisation
 # ---------------------------------------------------------------------------
@@ -515,15 +525,24 @@ class Runtime:
             **figures,
         }
         out = artifact_dir()
-        out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        torch.save(state, out / "model.pt.tmp")
-        os.replace(out / "model.pt.tmp", out / "model.pt")
-        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-        if not (out / "train.py").exists() and main_file:
-            shutil.copyfile(main_file, out / "train.py")  # a direct `python train.py`: score what ran
-        meta = {"format": ARTIFACT_FORMAT, "config": config, "train": train}
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(state, out / "model.pt.tmp")
+            os.replace(out / "model.pt.tmp", out / "model.pt")
+            main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+            if not (out / "train.py").exists() and main_file:
+                shutil.copyfile(main_file, out / "train.py")  # a direct `python train.py`: score what ran
+            meta = {"format": ARTIFACT_FORMAT, "config": config, "train": train}
+            (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        except (OSError, RuntimeError) as e:  # torch says a full disk as "unexpected pos 576 vs 534"
+            (out / "model.pt.tmp").unlink(missing_ok=True)
+            probe = out
+            while not probe.exists():
+                probe = probe.parent
+            free = shutil.disk_usage(probe).free
+            fail(f"could not save the trained model in {out} ({' '.join(str(e).split())[:200]}); {free / 2**20:,.0f} MB"
+                 " free there: a full disk? free space on it")
         print(f"Training done: {budget.step} steps in {budget.counted:.1f}s counted; weights saved to {out}", flush=True)
         return out
 
@@ -536,6 +555,7 @@ def artifact_dir() -> Path:
 
 def setup(seed: int = 42, attention_backend: str = "auto", compile: bool = True) -> Runtime:
     """Seed, device, dtype, compile and attention backend for this process; prints what it chose."""
+    sys.excepthook = _data_errors_said
     torch.manual_seed(seed)
     torch.set_float32_matmul_precision("high")
     if torch.cuda.is_available():
@@ -728,7 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
     except Rejected as e:
         result, code = {"rejected": str(e)}, REJECTED_EXIT
-    except (HarnessError, prepare.PrepareError) as e:
+    except prepare.PrepareError as e:
+        result, code = {"error": prepare.fail_text(e)}, 1
+    except HarnessError as e:
         result, code = {"error": str(e)}, 1
     if args.result is not None:
         tmp = args.result.with_suffix(".tmp")

@@ -99,6 +99,19 @@ class PrepareError(Exception):
     """Data or settings are missing or wrong; the message says what and what to do."""
 
 
+class DataError(PrepareError):
+    """Prepared data that went bad after `prepare` checked it (a damaged or missing shard, a missing
+    or unreadable tokenizer): no change to train.py can run until a person fixes it."""
+
+
+DATA_FAIL = "FAIL: data: "  # how a run says so (its last words); the engine pauses the loop on it
+
+
+def fail_text(error: PrepareError) -> str:
+    """A FAIL line's text for `error`, on one line (the engine reads one): a data problem says it is one."""
+    return " ".join((f"data: {error}" if isinstance(error, DataError) else str(error)).split())
+
+
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
     """A positive integer from the environment, or `default` when unset or empty."""
     raw = environ.get(name, "").strip()
@@ -202,6 +215,30 @@ def parquet_problem(path: Path) -> str | None:
     return None
 
 
+def _row_groups(path: Path) -> Iterator[list[str | None]]:
+    """A shard's `text` column, a row group at a time. `parquet_problem` reads only the footer, so
+    a shard damaged inside (a disk error, a file changed after `prepare`) fails here, mid-read: said
+    as the data problem it is, with what to do, not as pyarrow's traceback."""
+    try:
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(
+            f"{_origin(Path(path))} is damaged ({' '.join(str(e).split())}); replace it with a good copy (a downloaded shard:"
+            " delete it and run `nightlab prepare`, which fetches it again)"
+        ) from None
+
+
+def _origin(path: Path) -> Path:
+    """The file a user can replace: a training view's file (a shard's hard link, the tokenizer's
+    copy) names its data dir's, and a data dir's link to a local source names the source's file."""
+    for view in (path.parent, path.parent.parent):
+        if (view / TRAINING_ONLY_MARKER).exists() and view.name.endswith(".train"):
+            return (view.with_name(view.name.removesuffix(".train")) / path.relative_to(view)).resolve()
+    return path.resolve()
+
+
 def split_shards(data_dir: Path) -> tuple[list[Path], Path | None]:
     """(training shards, validation shard) of a data dir: the last shard by name validates.
     A training-only view (what train.py gets under `run`) has no validation shard: None."""
@@ -209,7 +246,7 @@ def split_shards(data_dir: Path) -> tuple[list[Path], Path | None]:
     if (Path(data_dir) / TRAINING_ONLY_MARKER).exists() and shards:
         return shards, None
     if len(shards) < 2:
-        raise PrepareError(
+        raise DataError(
             f"{data_dir} has {len(shards)} shard(s) ({SHARD_PATTERN}); at least 2 are needed "
             f"(training + validation). Run `python prepare.py --source ...` or set {ENV_DATA_DIR}."
         )
@@ -459,9 +496,8 @@ def _training_text(paths: list[Path], max_chars: int, say: Progress) -> Iterator
     nchars = 0
     next_report = 100_000_000
     for path in paths:
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.num_row_groups):
-            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+        for texts in _row_groups(path):
+            for text in texts:
                 doc = (text or "")[:TOKENIZER_DOC_CAP]
                 nchars += len(doc)
                 yield doc
@@ -481,7 +517,11 @@ def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_ch
     say = progress or _stderr_progress
     path = Path(data_dir) / TOKENIZER_FILE
     if path.exists():
-        say(f"tokenizer: present at {path}")
+        vocab = Tokenizer.from_directory(path.parent).get_vocab_size()  # a damaged or foreign one: said now
+        say(f"tokenizer: present at {path}" + ("" if vocab == VOCAB_SIZE else (
+            f", but its vocabulary is {vocab:,}, not {VOCAB_SIZE:,} (copied from elsewhere, or trained on little"
+            " text?): results are comparable only with runs on this same tokenizer; to train the usual one, move"
+            " it aside and run `nightlab prepare`")))
         return path
     train_paths, _ = split_shards(data_dir)
     say(f"tokenizer: training BPE (vocab {VOCAB_SIZE}) on {len(train_paths)} shards")
@@ -527,6 +567,11 @@ def _encoding_from_spec(spec: dict[str, Any]) -> tiktoken.Encoding:
     )
 
 
+def _unreadable_tokenizer(path: Path, why: str) -> DataError:
+    return DataError(f"{_origin(path)} is not a tokenizer nightlab can read ({why}); move it aside and run"
+                        " `nightlab prepare`, which trains one on the data dir's shards")
+
+
 class Tokenizer:
     """Upstream's tokenizer API over a tiktoken Encoding whose first special token is BOS."""
 
@@ -542,13 +587,19 @@ class Tokenizer:
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise PrepareError(
+            raise DataError(
                 f"no tokenizer at {path}. Run `python prepare.py --source ...` first, or set "
                 f"{ENV_DATA_DIR} to a prepared data dir."
             ) from None
-        if spec.get("format") != TOKENIZER_FORMAT:
-            raise PrepareError(f"{path} has format {spec.get('format')!r}, expected {TOKENIZER_FORMAT!r}")
-        return cls(_encoding_from_spec(spec))
+        except ValueError as e:  # cut short, or not text
+            raise _unreadable_tokenizer(path, f"not JSON: {e}") from None
+        if not isinstance(spec, dict) or spec.get("format") != TOKENIZER_FORMAT:
+            found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+            raise _unreadable_tokenizer(path, f"format {found!r}, expected {TOKENIZER_FORMAT!r}")
+        try:
+            return cls(_encoding_from_spec(spec))
+        except (ValueError, KeyError, TypeError) as e:
+            raise _unreadable_tokenizer(path, f"{type(e).__name__}: {e}") from None
 
     def get_vocab_size(self) -> int:
         return self.enc.n_vocab
@@ -626,14 +677,12 @@ def _document_batches(paths: list[Path], tokenizer_batch_size: int = 128) -> Ite
     while True:
         found = False
         for path in paths:
-            pf = pq.ParquetFile(path)
-            for rg in range(pf.num_row_groups):
-                docs = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            for docs in _row_groups(path):
                 for i in range(0, len(docs), tokenizer_batch_size):
                     found = True
                     yield [d or "" for d in docs[i : i + tokenizer_batch_size]], epoch
         if not found:  # shards emptied after prepare: the loop would spin forever, waiting for a document
-            raise PrepareError(f"no documents in {', '.join(p.name for p in paths)} in {paths[0].parent}:"
+            raise DataError(f"no documents in {', '.join(p.name for p in paths)} in {paths[0].parent}:"
                                " prepare the data again (`nightlab prepare`)")
         epoch += 1
 
@@ -830,7 +879,11 @@ def training_view(data_dir: Path) -> Path:
     for path in train_paths:
         if not (view / path.name).exists():
             _link(path.resolve(), view / path.name)
-    tokenizer = (data_dir / TOKENIZER_FILE).read_bytes()
+    try:
+        tokenizer = (data_dir / TOKENIZER_FILE).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"no tokenizer at {data_dir / TOKENIZER_FILE} (removed since it was prepared?); run"
+                           " `nightlab prepare` again, which trains it on the same shards") from None
     if not (view / TOKENIZER_FILE).is_file() or (view / TOKENIZER_FILE).read_bytes() != tokenizer:
         fd, tmp = tempfile.mkstemp(dir=view / "tokenizer", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
@@ -880,7 +933,7 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         try:
             train_env[ENV_DATA_DIR] = str(training_view(Path(env[ENV_DATA_DIR])))
         except PrepareError as e:
-            print(f"FAIL: {e}", flush=True)
+            print(f"FAIL: {fail_text(e)}", flush=True)
             return 1
     claimed: list[str] = []
 

@@ -17,6 +17,7 @@ from nightlab.loop.proposers.base import Proposer
 from nightlab.loop.ratchet import Git
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import HeartbeatSettings, Settings, changed_fields
+from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
 from nightlab.loop.state.store import Store, state_dir
 from nightlab.loop.workspace import Workspace
@@ -91,6 +92,30 @@ class Context:
 
     def run_dir(self, cand: Candidate) -> Path:
         return self.ws.path if self.in_place else self.snapshot_path(cand.number)
+
+    def reset_tree(self, target: str, number: int) -> None:
+        """The workspace's tree at `target` for experiment `number`, on the session branch (a person's
+        checkout stops the engine: UserError). The engine commits or undoes its own edits at once, so
+        edits of tracked files found here are someone else's (a person editing train.py while the
+        loop runs): kept as a git stash entry and said, not reset away."""
+        git, at = self.git, self.ws.path
+        branch = git.branch()
+        if branch != self.ws.branch:  # a person's checkout: the night's commits would land off the branch
+            raise UserError(
+                f"{at} was switched to {branch or 'a detached HEAD'} while the loop ran (it owns the workspace's"
+                f" git; to look at an old commit use `git -C {at} show <commit>:train.py`); run"
+                f" `git -C {at} checkout {self.ws.branch}` and start nightlab again: nothing recorded is lost")
+        changed = git.changed_files()
+        if git.head() == target and not changed:
+            return
+        saved = git.stash_edits(f"nightlab: edits found in the workspace at #{number}") if changed else []
+        if saved:
+            self.store.emit("alert", text=(
+                f"edits nightlab did not make were in {', '.join(saved)} at #{number}: the loop owns the"
+                f" workspace's files while it runs, so they were not run; kept in `git -C {at} stash list`."
+                f" To have them tried: `nightlab ctl pause`, then `git -C {at} stash pop`, commit them, and"
+                " resume"))
+        git.reset_to(target)
 
     def log_tail(self, number: int, tail_bytes: int) -> str:
         return read_tail(self.log_path(number), tail_bytes)

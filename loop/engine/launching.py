@@ -32,8 +32,7 @@ def launch(ctx: Context, cand: Candidate) -> None:
     handle = find_handle(log)
     if handle is None:
         if ctx.in_place:
-            if git.head() != cand.commit or git.changed_files():
-                git.reset_to(cand.commit)
+            ctx.reset_tree(cand.commit, cand.number)
             bad = protected_mismatches(ws)
         else:
             bad = protected_mismatches(ws, git.snapshot(ctx.run_dir(cand), cand.commit))

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -34,9 +35,9 @@ from nightlab.loop.state.config import (
     load_settings,
     settings_from_text,
 )
-from nightlab.loop.state.errors import UserError
-from nightlab.loop.state.lock import EngineLock
-from nightlab.loop.state.store import Store
+from nightlab.loop.state.errors import EXIT_USER_ERROR, USER_ERROR_KEY, UserError
+from nightlab.loop.state.lock import EngineLock, LockHeld
+from nightlab.loop.state.store import DB_FILENAME, Store, state_dir, unusable
 from nightlab.loop.workspace import open_workspace
 
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    settings: Settings | None = None
     try:
         settings = _daemon_settings(Path(args.workspace)) if args.daemon_settings and args.workspace else None
         settings = settings or load_settings(args.config)
@@ -116,6 +118,27 @@ def main(argv: list[str] | None = None) -> int:
             )
         return run_engine(settings, args.max_experiments, stop, parent_pid=os.getppid(),
                           prepared_data=args.prepared_data)
-    except UserError as exc:
+    except LockHeld as exc:  # an engine on its way out (a restart's race): the daemon's next try gets it
         print(f"nightlab: {exc}", file=sys.stderr)
-        return 2
+        return 1
+    except (UserError, sqlite3.DatabaseError) as exc:
+        if isinstance(exc, sqlite3.DatabaseError) and "locked" in str(exc):
+            raise  # another process's long write: a restart heals it
+        text = str(exc)
+        if isinstance(exc, sqlite3.DatabaseError):  # damaged past its schema, or its disk filled
+            text = unusable(state_dir(settings.workspace_path) / DB_FILENAME if settings else Path(DB_FILENAME), exc)
+        print(f"nightlab: {text}", file=sys.stderr)
+        if settings is not None:
+            _tell_the_daemon(settings.workspace_path, text)
+        return EXIT_USER_ERROR
+
+
+def _tell_the_daemon(workspace: Path, text: str) -> None:
+    """What stopped the engine, for the daemon to say in chat before it stops too: a restart would
+    only meet the same problem. Not written where there is no state database to write it in."""
+    if not (state_dir(workspace) / DB_FILENAME).is_file():
+        return
+    try:
+        Store.for_workspace(workspace).set(USER_ERROR_KEY, text)
+    except (UserError, sqlite3.Error):  # the problem is the store itself: the daemon's log has it
+        pass

@@ -23,8 +23,7 @@ WIDENED_KEY = "loop.focus_widened"  # kv: the focus already said to be exhausted
 
 def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
     git, store = ctx.git, ctx.store
-    if git.changed_files() or git.head() != cand.base_commit:
-        git.reset_to(cand.base_commit)
+    ctx.reset_tree(cand.base_commit, cand.number)
     notes: list[tuple[int, str]] = []  # delivered only with a proposal that runs (committed below)
     if cand.kind == "rebase":
         remade = remake(ctx, cand)
@@ -38,9 +37,11 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         try:
             proposal = ctx.proposer.propose(pctx)
         except ProposalError as exc:
+            git.reset_to(cand.base_commit)  # what a failed proposer left is its own, not a person's
             return no_run(ctx, cand, "crash", f"proposer failed: {exc}")
         except Exception as exc:  # noqa: BLE001 -- a proposer bug must not stop the night; it counts as a failure
             traceback.print_exc()
+            git.reset_to(cand.base_commit)
             return no_run(ctx, cand, "crash", f"proposer error: {type(exc).__name__}: {exc}")
     described = {"description": proposal.description, "hypothesis": proposal.hypothesis,
                  "area": proposal.area, "params": dict(proposal.params)}

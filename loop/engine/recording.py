@@ -12,6 +12,7 @@ from nightlab.loop.engine.context import Context, say
 from nightlab.loop.engine.deciding import held_out_opinion
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import failures_in_a_row, without_a_keep
+from nightlab.loop.judge import DATA_PROBLEM_PREFIX
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment
 from nightlab.loop.state.stats import HELDOUT_GAIN
@@ -24,8 +25,7 @@ def record(ctx: Context, cand: Candidate) -> None:
     out = Outcome.from_json(cand.outcome)
     commit = cand.commit or cand.base_commit
     target = out.head_after or (commit if out.moves_head else cand.base_commit)
-    if ctx.git.head() != target or ctx.git.changed_files():
-        ctx.git.reset_to(target)
+    ctx.reset_tree(target, cand.number)
     rows = ledger.experiments(ctx.store)
     hw = out.hardware
     if hw:  # the best of its class before it
@@ -77,14 +77,17 @@ def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float 
 
 
 def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
-    """Failures in a row pause the loop; a run without a keep is said once. Only failures
-    (crashes, timeouts, rejected proposals, failed checks) pause it: a run of discards is the
-    search's business (it widens), said once in chat, never a stop."""
+    """Failures in a row pause the loop, a data problem at once; a run without a keep is said
+    once. Only failures (crashes, timeouts, rejected proposals, failed checks) pause it: a run of
+    discards is the search's business (it widens), said once in chat, never a stop."""
     store = ctx.store
     failures = failures_in_a_row(store, rows)
     limit = ctx.settings.loop.pause_after_failures
-    if failures >= limit and ledger.paused(store) is None:
-        reason = f"{failures} failed experiments in a row; resume when you have looked (focus, note)"
+    # bad data fails every run alike: pausing at once spares the proposals that would follow
+    data = rows[-1].status == "crash" and rows[-1].reason.startswith(DATA_PROBLEM_PREFIX)
+    if (failures >= limit or data) and ledger.paused(store) is None:
+        reason = (f"#{rows[-1].number}: {rows[-1].reason}; /resume once it is fixed" if data else
+                  f"{failures} failed experiments in a row; resume when you have looked (focus, note)")
         ledger.set_paused(store, "nightlab", reason, None)
         store.emit("self_paused", reason=reason)
     misses = without_a_keep(store, rows)

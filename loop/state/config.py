@@ -230,6 +230,7 @@ class HeartbeatSettings:
     loop_stall_after: float = 120.0
     max_restarts_per_hour: int = 3
     min_free_disk_gb: float = 2.0
+    max_log_mb: float = 1024.0  # a run's log past this is killed: it would fill the disk by morning
     report_time: str = "07:30"  # daily report, HH:MM local time; empty: off
     hours: str = ""  # "22:00-08:00": experiments start only then (local time); empty: any time
 
@@ -497,6 +498,8 @@ def _check(s: Settings, problems: _Problems) -> None:
     for name in ("check_interval", "run_timeout", "stall_after", "loop_stall_after"):
         if getattr(s.heartbeat, name) <= 0:
             fail(f"heartbeat.{name}", getattr(s.heartbeat, name), "a positive number of seconds")
+    if s.heartbeat.max_log_mb <= 0:
+        fail("heartbeat.max_log_mb", s.heartbeat.max_log_mb, "a positive number of megabytes, e.g. 1024")
     if s.heartbeat.report_time and minute_of_day(s.heartbeat.report_time) is None:
         fail("heartbeat.report_time", s.heartbeat.report_time, 'HH:MM, e.g. "07:30", or ""')
     try:

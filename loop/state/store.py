@@ -25,6 +25,9 @@ from nightlab.loop.state.errors import UserError
 
 STATE_DIRNAME = ".nightlab"
 DB_FILENAME = "state.db"
+# PRAGMA user_version of the database: raised with every change an older nightlab would misread
+# (the columns in _ADDED_COLUMNS are read by every version, so they left it at 1)
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -117,6 +120,17 @@ CREATE TABLE IF NOT EXISTS experiments (
 """
 
 
+def unusable(path: Path, exc: OSError | sqlite3.DatabaseError) -> str:
+    """What to do about a state database that failed: one that cannot be written (a full disk,
+    mostly: sqlite's OperationalError), or one that is damaged (any other DatabaseError)."""
+    if isinstance(exc, OSError | sqlite3.OperationalError):
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return (f"cannot write the state database {path} ({why}): is its disk full (`df -h {Path(path).parent}`),"
+                " or the folder not writable by this user? Free space or fix the permissions, then start again")
+    return (f"{path} is not a readable nightlab state database ({exc}); restore it from a backup, or move it"
+            " aside to start this workspace's ledger afresh")
+
+
 def state_dir(workspace: Path) -> Path:
     return Path(workspace) / STATE_DIRNAME
 
@@ -156,16 +170,35 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._refuse_a_newer_schema()
             self.connection().executescript(_SCHEMA)  # idempotent; executescript commits by itself
             self._add_missing_columns()
-        except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, ...: not what is said below
+            self.connection().execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except (OSError, sqlite3.DatabaseError) as exc:
+            if "locked" in str(exc):  # another process's long write: transient, not the user's to fix
                 raise
-            raise UserError(f"{self.path} is not a readable nightlab state database ({exc}); restore it from a"
-                            " backup, or move it aside to start this workspace's ledger afresh") from None
+            raise UserError(unusable(self.path, exc)) from None
+
+    def check(self) -> None:
+        """Every page readable (PRAGMA quick_check, a pass over the file): opening reads only the
+        schema, so a damaged table would first show in the middle of a night."""
+        try:
+            found = [r[0] for r in self.connection().execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as exc:
+            raise UserError(unusable(self.path, exc)) from None
+        if found != ["ok"]:
+            raise UserError(unusable(self.path, sqlite3.DatabaseError(f"damaged: {'; '.join(found[:3])}")))
+
+    def _refuse_a_newer_schema(self) -> None:
+        """Rows this version wrote into a newer layout would be misread by the nightlab that made it."""
+        version = self.connection().execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{self.path} was written by a newer nightlab (state schema {version}; this one"
+                            f" reads up to {SCHEMA_VERSION}): update this nightlab (`git pull` in its clone, then"
+                            " `pip install -e .`), or give another workspace")
 
     def _add_missing_columns(self) -> None:
         """A database made by an older nightlab gets the columns added since (with their defaults)."""

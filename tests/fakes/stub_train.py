@@ -22,7 +22,7 @@ import time
 # line between two changes), as a re-made (rebased) change must.
 VAL_BPB = [1.0]
 
-MODE = "ok"  # ok | crash | nan | oom | nosummary | hang | spawn (hang with a child process)
+MODE = "ok"  # ok | crash | nan | oom | datafail | nosummary | hang | spawn (hang with a child process)
 
 SLEEP = 0.0  # seconds of "training" before the summary
 
@@ -70,6 +70,9 @@ if MODE == "crash":
     sys.exit(3)
 if MODE == "oom":
     print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
+    sys.exit(1)
+if MODE == "datafail":  # the harness's words for a shard that went bad during the night
+    print("FAIL: data: /data/shard_00003.parquet is damaged (ZSTD decompression failed); replace it", flush=True)
     sys.exit(1)
 if MODE == "nosummary":
     sys.exit(0)

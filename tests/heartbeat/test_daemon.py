@@ -171,3 +171,46 @@ def test_the_chat_token_stays_in_the_daemon(harness: Harness, tmp_path: Path, te
     seen = dump.read_text()
     assert "PATH=" in seen and "NIGHTLAB_TEST_TG" not in seen and telegram.token not in seen
     assert run.proc.poll() is None, run.log()  # the daemon itself had the token: its bot is up
+
+
+def test_an_engine_that_stops_on_a_problem_to_fix_stops_the_daemon_and_says_why(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A user's edit left in train.py: restarting the engine three times and pausing with "check the
+    logs, then /resume" helped nobody (a resume met the same edit). The chat hears the engine's own
+    words, once, and the daemon ends with 2, which the systemd unit does not restart."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "train.py").write_text(STUB_TRAIN)
+    subprocess.run(["git", "init", "-q", str(workspace)], check=True)
+    project = f'[project]\nrun_command = "{sys.executable} train.py"\nprotected = []\n'
+    assert harness.start(real_engine=True, extra_config=project, max_experiments=1).proc.wait(timeout=90) == 0
+    (workspace / "train.py").write_text(STUB_TRAIN + "# mine\n")
+
+    second = harness.start(real_engine=True, extra_config=project, name="second")
+    assert second.proc.wait(timeout=90) == 2, second.log()
+    problem = (f"{workspace} has changes nightlab did not make: train.py; commit them (git -C {workspace} commit"
+               f" -am ...) or discard them (git -C {workspace} checkout -- . && git -C {workspace} clean -fd),"
+               " then start again")
+    assert [a["text"] for a in second.events("alert")] == [f"nightlab stopped: {problem}"]
+    assert second.events("engine_restarted") == [] and second.events("self_paused") == []
+    assert (workspace / "train.py").read_text().endswith("# mine\n")  # nothing of the user's undone
+
+
+def test_a_ledger_damaged_inside_stops_the_daemon_at_its_start(harness: Harness, tmp_path: Path) -> None:
+    """Opening reads the schema only: a damaged table showed first in the middle of the night, as
+    engine restarts and a pause that said "check the logs"."""
+    from tests.heartbeat.test_history_cli import damage_table
+
+    workspace = tmp_path / "ws"
+    store = Store.for_workspace(workspace)
+    for number in range(1, 40):
+        store.emit("experiment_finished", number=number, text="x" * 200)
+    store.close()
+    db = workspace / ".nightlab" / "state.db"
+    damage_table(db, "events")
+    daemon = harness.start()
+    assert daemon.proc.wait(timeout=60) == 2, daemon.log()
+    assert (f"nightlab: {db} is not a readable nightlab state database (database disk image is malformed);"
+            " restore it from a backup, or move it aside to start this workspace's ledger afresh") in daemon.log()
+    assert Store.for_workspace(workspace).get("fake_engine.starts") is None  # no engine started

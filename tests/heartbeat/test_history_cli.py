@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -64,3 +70,40 @@ def test_filters_that_contradict_are_refused_in_one_line(workspace: Path, capsys
         code = exit_.code
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == said
+
+
+def _disk_full() -> None:
+    """In the child: no file may grow (a full disk, as far as this process can tell)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with an error instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+
+def test_a_state_database_on_a_full_disk_is_said_with_what_to_do(workspace: Path) -> None:
+    """Opening the ledger writes (its WAL files): on a full disk `nightlab history` was a traceback."""
+    out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", "history", "--workspace", str(workspace)],
+                         preexec_fn=_disk_full, capture_output=True, text=True, check=False)
+    db = workspace / ".nightlab" / "state.db"
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == (f"nightlab: cannot write the state database {db} (disk I/O error): is its disk full"
+                          f" (`df -h {db.parent}`), or the folder not writable by this user? Free space or fix the"
+                          " permissions, then start again\n")
+
+
+def damage_table(db: Path, table: str) -> None:
+    """Overwrite a page of `table`'s rows: the schema still opens, a query of the table fails."""
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file, none left in the WAL
+        page_size, page = conn.execute(
+            "SELECT pgsize, max(pageno) FROM dbstat WHERE name = ? AND pagetype = 'leaf'", (table,)).fetchone()
+    data = bytearray(db.read_bytes())
+    data[(page - 1) * page_size : page * page_size] = b"\x0d" + b"\xff" * (page_size - 1)
+    db.write_bytes(bytes(data))
+
+
+def test_a_ledger_damaged_inside_is_said_with_what_to_do(workspace: Path, capsys) -> None:
+    db = workspace / ".nightlab" / "state.db"
+    damage_table(db, "experiments")
+    assert cli.main(["history", "--workspace", str(workspace)]) == 2  # was sqlite's traceback
+    assert capsys.readouterr().err == (f"nightlab: {db} is not a readable nightlab state database (database disk"
+                                       " image is malformed); restore it from a backup, or move it aside to start"
+                                       " this workspace's ledger afresh\n")

@@ -77,7 +77,7 @@ def test_low_disk_pauses_and_alerts_once(tmp_path: Path) -> None:
     settings = dataclasses.replace(base, heartbeat=HeartbeatSettings(min_free_disk_gb=1e9))
     store = Store.for_workspace(tmp_path)
     beat = Heartbeat(settings, tmp_path, store, LocalExecutor(), EngineProcess(["true"]),
-                     Notifier(None), on_engine_finished=lambda: None)
+                     Notifier(None), on_engine_stopped=lambda why, code: None)
     assert free_disk_gb(tmp_path / "cache" / "not-yet") > 0  # measured on the nearest parent
     beat.check_host()
     beat.check_host()

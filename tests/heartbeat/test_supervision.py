@@ -37,6 +37,8 @@ def _tree(harness: Harness, pidfile: Path, store: Store) -> list[int]:
     [
         ("hang", {"run_timeout": 2.0}, "timeout after 0m02s"),
         ("silent", {"stall_after": 1.0}, "stalled: no output for 0m01s"),
+        ("flood", {"max_log_mb": 1.0}, "its log passed 1 MB: the run printed too much (a print in its training"
+                                       " loop?); raise [heartbeat] max_log_mb if it must"),
     ],
 )
 def test_misbehaving_run_is_killed_with_its_whole_tree(

@@ -226,6 +226,21 @@ def test_the_loop_pauses_itself_after_repeated_failures(tmp_path: Path) -> None:
     assert [c.consecutive_failures for c in proposer.contexts[:6]] == [0, 1, 2, 0, 1, 2]
 
 
+def test_a_data_problem_pauses_the_loop_at_its_first_crash(tmp_path: Path) -> None:
+    """A shard that went bad fails every run alike: the loop went on for pause_after_failures (15)
+    proposals, each recorded as a crash of its own change."""
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"MODE": "datafail"}}]))
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine.ticks()  # paused: no new experiment starts
+    assert _statuses(engine.store) == ["keep", "crash"]
+    reason = "data problem: /data/shard_00003.parquet is damaged (ZSTD decompression failed); replace it"
+    assert ledger.experiments(engine.store)[1].reason == reason
+    self_paused = [e.payload for e in engine.store.events_after(0) if e.kind == "self_paused"]
+    assert self_paused == [{"reason": f"#2: {reason}; /resume once it is fixed"}]
+    engine.join(stop=True)
+
+
 def test_steering_while_runs_are_in_flight(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
     ws = settings.workspace_path
@@ -339,6 +354,58 @@ def test_a_second_engine_is_refused_and_a_dirty_tree_is_explained_or_refused(tmp
         run_engine(settings, 3, proposer=proposer)
 
 
+def test_an_edit_made_by_hand_while_a_run_is_in_flight_is_kept_not_reset_away(tmp_path: Path, gates: Gates) -> None:
+    """A person edits train.py while #2 runs in the workspace: the ratchet's reset after the run
+    used to remove the edit without a word. It is kept as a git stash entry and said in chat."""
+    settings = make_stub_workspace(tmp_path)
+    ws = settings.workspace_path
+    gates.open(1)
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [1.1]}}]), limit=2)
+    run = engine.running(2)
+    engine.wait_for(lambda: "step 00001" in Path(run.log_path).read_text(), "#2's trainer to have read train.py")
+    edited = (ws / "train.py").read_text().replace("GAIN = 0.0", "GAIN = 0.5  # tried by hand")
+    (ws / "train.py").write_text(edited)
+    gates.open(2)
+    engine.join()
+    assert [e.status for e in ledger.experiments(engine.store)] == ["keep", "discard"]
+    alerts = [e.payload["text"] for e in engine.store.events_after(0) if e.kind == "alert"]
+    assert alerts == [f"edits nightlab did not make were in train.py at #2: the loop owns the workspace's files while"
+                      f" it runs, so they were not run; kept in `git -C {ws} stash list`. To have them tried:"
+                      f" `nightlab ctl pause`, then `git -C {ws} stash pop`, commit them, and resume"]
+    assert "GAIN = 0.0" in (ws / "train.py").read_text()  # the tree is the kept commit's
+    subprocess.run(["git", "-C", str(ws), "stash", "pop", "-q"], check=True)  # the edit, on the best
+    assert (ws / "train.py").read_text() == edited.replace("VAL_BPB = [1.1]", "VAL_BPB = [1.0]")
+
+
+def test_a_checkout_by_hand_while_a_run_is_in_flight_stops_the_engine_with_what_to_do(
+    tmp_path: Path, gates: Gates
+) -> None:
+    """Someone checks out an old commit to look at it while #2 runs: the night's next commits went
+    onto that detached HEAD, off the session branch, unseen until the next start refused it."""
+    settings = make_stub_workspace(tmp_path)
+    ws = settings.workspace_path
+    gates.open(1)
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}, {"set": {"VAL_BPB": [0.8]}}])
+    engine = EngineThread(settings, proposer, limit=3)
+    run = engine.running(2)
+    engine.wait_for(lambda: "step 00001" in Path(run.log_path).read_text(), "#2's trainer to have read train.py")
+    first = ledger.experiments(engine.store)[0].commit
+    subprocess.run(["git", "-C", str(ws), "checkout", "-q", first], check=True)
+    gates.open(2, 3)
+    with pytest.raises(UserError) as err:
+        engine.join()
+    assert str(err.value) == (
+        f"{ws} was switched to a detached HEAD while the loop ran (it owns the workspace's git; to look at an old"
+        f" commit use `git -C {ws} show <commit>:train.py`); run `git -C {ws} checkout autoresearch/test` and start"
+        " nightlab again: nothing recorded is lost")
+    subprocess.run(["git", "-C", str(ws), "checkout", "-q", "autoresearch/test"], check=True)
+    assert run_engine(settings, 3, proposer=proposer) == 0
+    rows = ledger.experiments(engine.store)
+    assert [(e.number, e.status, e.metric) for e in rows] == [(1, "keep", 1.0), (2, "keep", 0.9), (3, "keep", 0.8)]
+    assert git_out(ws, "rev-parse", "autoresearch/test") == rows[2].commit  # the night's keeps on the branch
+    assert_consistent(settings)
+
+
 KILL_POINTS = [("proposed", 2), ("launched", 2), ("running", 2), ("finished", 2), ("recorded", 2),
                ("finished", 3), ("running", 4)]
 
@@ -388,6 +455,23 @@ def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> Non
         pytest.skip("the agent proposer is not written yet")
     assert ok.returncode == 0, ok.stderr
     assert Store.for_workspace(settings.workspace_path).get("engine.finished") is True
+
+
+def test_an_engine_on_a_damaged_ledger_stops_with_what_to_do(tmp_path: Path) -> None:
+    """A table damaged past the schema failed in the engine's first read: a traceback, and the
+    daemon restarted it until it paused the loop. Exit 2 (a person must act) and the words to act on."""
+    from tests.heartbeat.test_history_cli import damage_table
+
+    settings = make_stub_workspace(tmp_path)
+    config = tmp_path / "nightlab.toml"
+    config.write_text(f'[workspace]\npath = "{settings.workspace_path}"\n[project]\nrun_command = "true"\n')
+    db = settings.workspace_path / ".nightlab" / "state.db"
+    damage_table(db, "experiments")
+    out = subprocess.run([sys.executable, "-m", "nightlab.loop.engine", "--config", str(config)],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (2, f"nightlab: {db} is not a readable nightlab state database (database"
+                                               " disk image is malformed); restore it from a backup, or move it aside"
+                                               " to start this workspace's ledger afresh\n")
 
 
 def test_a_note_waits_for_a_proposal_that_runs(tmp_path: Path) -> None:

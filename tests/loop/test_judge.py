@@ -36,6 +36,9 @@ def _judge(m: Measurement, kind: str = "proposal", best: list[float] | None = No
         (_m(float("nan")), "crash", "val_bpb is nan"),
         (_m(0.9, exit_code=3), "crash", "exit code 3"),
         (_m(None, exit_code=1, tail="torch.OutOfMemoryError: CUDA out of memory."), "crash", "OOM (exit code 1): torch.OutOfMemoryError: CUDA out of memory."),
+        (_m(None, exit_code=1, tail="Traceback ...\nFAIL: data: /d/shard_00001.parquet is damaged (ZSTD ...); replace"
+                                    " it\nFAIL: the training command exited with code 1"),
+         "crash", "data problem: /d/shard_00001.parquet is damaged (ZSTD ...); replace it"),
         (_m(None), "crash", "no val_bpb in the log; the run must print a line `---`, then `val_bpb: <value>`, or a line `METRIC val_bpb=<value>`"),
         (_m(None, exit_code=None), "crash", "the run vanished without an exit status (killed?)"),
         (_m(0.9, exit_code=None), "keep", "better by 0.1000 ± 0.0141 (n = 1 vs 1)"),  # gone, but the log is complete

@@ -79,3 +79,26 @@ def test_a_damaged_database_is_a_user_error_not_a_traceback(tmp_path: Path) -> N
         Store(path)
     assert str(err.value) == (f"{path} is not a readable nightlab state database (file is not a database); restore"
                               " it from a backup, or move it aside to start this workspace's ledger afresh")
+
+
+def test_a_database_from_a_newer_nightlab_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Store(path).set("loop.paused", None)
+    newer = sqlite3.connect(path)
+    newer.execute("PRAGMA user_version = 99")
+    newer.execute("ALTER TABLE experiments RENAME COLUMN metric TO value")  # a layout this one would misread
+    newer.commit()
+    newer.close()
+    with pytest.raises(UserError) as err:
+        Store(path)
+    assert str(err.value) == (f"{path} was written by a newer nightlab (state schema 99; this one reads up to 1):"
+                              " update this nightlab (`git pull` in its clone, then `pip install -e .`), or give"
+                              " another workspace")
+    columns = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(experiments)")}
+    assert "metric" not in columns  # nothing was added to it
+
+
+def test_a_new_database_carries_its_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Store(path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1

@@ -90,3 +90,41 @@ def test_reduced_precision_paths_train_on_cpu(tmp_path, data_dir, dtype):
     losses = [float(m) for m in re.findall(r"\| loss (\d+\.\d+) \|", proc.stdout)]
     assert losses[-1] < losses[0] - 1.0, losses
     assert failure_reason(Measurement(proc.returncode, None, parse_summary(proc.stdout), ""), "val_bpb") is None
+
+
+def test_bad_data_in_train_py_is_one_line_not_a_traceback(tmp_path, data_dir):
+    """A data problem train.py meets (here its tokenizer; a shard damaged during the night alike)
+    ends the run with the harness's FAIL line, what to do in it, and no traceback to read through."""
+    tiny = P.PROFILES["tiny"]
+    ws = make_workspace(tmp_path / "ws", tiny.constants, edit=lambda source: source.replace(
+        "tokenizer = Tokenizer.from_directory()", f"tokenizer = Tokenizer.from_directory({str(tmp_path)!r})"))
+    proc = run_train(ws, data_dir, tiny.harness_env)
+    assert proc.returncode == 1
+    assert f"\nFAIL: data: no tokenizer at {tmp_path}/tokenizer.json. Run `python prepare.py" in proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def _no_file_over_4_mb():
+    """In the run: files stop growing at 4 MB (a full disk, as the model's save meets it)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with an error instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+
+def test_a_model_that_cannot_be_saved_is_one_line_not_a_traceback(tmp_path, data_dir):
+    """torch says a full disk as "unexpected pos 576 vs 534" under a traceback; the run says what failed."""
+    import os
+    import subprocess
+    import sys
+
+    tiny = P.PROFILES["tiny"]
+    ws = make_workspace(tmp_path / "ws", tiny.constants)
+    env = {**os.environ, **tiny.harness_env, "NIGHTLAB_DATA_DIR": str(data_dir), "NIGHTLAB_BUDGET_STEPS": "1"}
+    proc = subprocess.run([sys.executable, "prepare.py", "run"], cwd=ws, env=env, capture_output=True, text=True,
+                          timeout=180, check=False, preexec_fn=_no_file_over_4_mb)
+    assert proc.returncode == 1
+    assert f"\nFAIL: could not save the trained model in {ws}/.nightlab/artifact (" in proc.stdout
+    assert " MB free there: a full disk? free space on it\n" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr

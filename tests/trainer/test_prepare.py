@@ -185,6 +185,41 @@ def test_local_source_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFix
     assert "prepare: error: data source" in capsys.readouterr().err
 
 
+def damage_inside(path: Path) -> None:
+    """Zero a shard's data pages, its magic and footer intact: what a disk error or a file rewritten
+    after `prepare` leaves, and what the footer check cannot see."""
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    data[4 : len(data) - footer] = bytes(len(data) - footer - 4)
+    path.write_bytes(bytes(data))
+
+
+def test_a_shard_damaged_inside_is_named_not_a_traceback(corpus, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(corpus[0], source)
+    damage_inside(source / "shard_00000.parquet")
+    with pytest.raises(P.PrepareError) as err:  # the tokenizer reads it first
+        P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)
+    assert str(err.value).startswith(f"{source / 'shard_00000.parquet'} is damaged (")
+    assert str(err.value).endswith("); replace it with a good copy (a downloaded shard: delete it and run"
+                                   " `nightlab prepare`, which fetches it again)")
+
+
+def test_a_shard_damaged_after_prepare_names_the_file_to_replace(
+    corpus, tokenizer: P.Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(corpus[0], source)
+    prepared = P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)
+    view = P.training_view(prepared)  # train.py reads hard links of the source's files
+    damage_inside(source / "shard_00001.parquet")  # the night goes on, the disk does not
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(view))
+    with pytest.raises(P.DataError, match=f"^{source / 'shard_00001.parquet'} is damaged") as err:
+        for _ in P.make_dataloader(tokenizer, 8, 256, "train", device="cpu"):
+            pass
+    assert "\n" not in str(err.value)  # pyarrow's words may span lines; the engine reads one
+
+
 def test_a_cache_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(P.PrepareError) as err:
@@ -284,6 +319,51 @@ def test_stdlib_source_builds_shards_offline(tmp_path: Path, monkeypatch: pytest
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ('{"mergeable_ranks": [', "not JSON: Expecting value: line 1 column 22 (char 21)"),  # a copy cut short
+    ('{"vocab": {"a": 0}, "merges": []}', "format None, expected 'nightlab-bpe/1'"),  # another library's
+    ('["a"]', "format 'list', expected 'nightlab-bpe/1'"),
+])
+def test_a_damaged_or_foreign_tokenizer_is_said_at_prepare(corpus, data_dir: Path, tmp_path: Path,
+                                                           text: str, why: str) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(data_dir, cache / data_dir.name, symlinks=True)
+    (cache / data_dir.name / P.TOKENIZER_FILE).write_text(text)
+    with pytest.raises(P.PrepareError) as err:  # before any run, not by each run of the night
+        P.prepare(str(corpus[0]), -1, cache, progress=lambda _: None)
+    assert str(err.value) == (f"{cache / data_dir.name / P.TOKENIZER_FILE} is not a tokenizer nightlab can read"
+                              f" ({why}); move it aside and run `nightlab prepare`, which trains one on the data"
+                              " dir's shards")
+
+
+def test_a_tokenizer_of_another_vocabulary_size_is_said_at_prepare(corpus, data_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(data_dir, cache / data_dir.name, symlinks=True)
+    path = cache / data_dir.name / P.TOKENIZER_FILE
+    spec = json.loads(path.read_text())  # as one trained elsewhere with a smaller vocabulary
+    spec["mergeable_ranks"] = spec["mergeable_ranks"][:1000]
+    spec["special_tokens"] = {name: 1000 + i for i, name in enumerate(spec["special_tokens"])}
+    path.write_text(json.dumps(spec))
+    messages: list[str] = []
+    P.prepare(str(corpus[0]), -1, cache, progress=messages.append)
+    assert messages[-1] == (f"tokenizer: present at {path}, but its vocabulary is 1,004, not 8,192 (copied from"
+                            " elsewhere, or trained on little text?): results are comparable only with runs on this"
+                            " same tokenizer; to train the usual one, move it aside and run `nightlab prepare`")
+
+
+def test_a_tokenizer_removed_after_prepare_fails_the_run_with_what_to_do(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    prepared = tmp_path / "data"
+    shutil.copytree(data_dir, prepared, symlinks=True)
+    (prepared / P.TOKENIZER_FILE).unlink()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_DATA_DIR, str(prepared))
+    assert P.run(f"{sys.executable} -c pass") == 1
+    assert capfd.readouterr().out == (f"FAIL: data: no tokenizer at {prepared / P.TOKENIZER_FILE} (removed since it was"
+                                      " prepared?); run `nightlab prepare` again, which trains it on the same shards\n")
 
 
 def test_tokenizer_shape_and_specials(tokenizer: P.Tokenizer) -> None:
