@@ -24,7 +24,7 @@ def heartbeat(ws: Path, store: Store, hours: str = HOURS) -> Heartbeat:
     """One start of the daemon: its heartbeat with the run hours, in UTC."""
     settings = settings_from_table({"heartbeat": {"hours": hours}})
     beat = Heartbeat(settings, ws, store, LocalExecutor(), EngineProcess(["true"]), Notifier(None),
-                     on_engine_finished=lambda: None)
+                     on_engine_stopped=lambda *_: None)
     scheduler = BackgroundScheduler(timezone=UTC)
     beat.schedule(scheduler)
     assert (scheduler.get_job("check_hours") is not None) == bool(hours)

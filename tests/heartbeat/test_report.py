@@ -84,7 +84,7 @@ def daemon_heartbeat(ws: Path, store: Store) -> Heartbeat:
     """The daemon's heartbeat with the report at 07:30 UTC, as one start of `nightlab run` schedules it."""
     settings = settings_from_table({"heartbeat": {"report_time": "07:30"}})
     beat = Heartbeat(settings, ws, store, LocalExecutor(), EngineProcess(["true"]), Notifier(None),
-                     on_engine_finished=lambda: None)
+                     on_engine_stopped=lambda *_: None)
     beat.schedule(BackgroundScheduler(timezone=UTC))
     return beat
 
