@@ -5,12 +5,14 @@ from nightlab.loop.state.config import ProjectSettings
 
 PROGRAM_MD = "program.md"
 
-DEFAULT_PROGRAM = """\
+_HEADER = """\
 # program.md — research directives
 
 This file is yours: edit it to steer the research. nightlab gives it to the proposer (the
 coding agent reads it before every experiment) and never changes it.
+"""
 
+DEFAULT_PROGRAM = _HEADER + """
 ## Setup
 - `train.py` is the only file you change. Everything in it is fair game: the model, the
   optimizer, the hyperparameters, the schedule, the batch size.
@@ -54,12 +56,7 @@ def program_for(project: ProjectSettings) -> str:
     editable = ", ".join(f"`{f}`" for f in project.editable)
     protected = ", ".join(f"`{f}`" for f in project.protected) or "none"
     goal = "lowest" if project.direction == "minimize" else "highest"
-    return f"""\
-# program.md — research directives
-
-This file is yours: edit it to steer the research. nightlab gives it to the proposer (the
-coding agent reads it before every experiment) and never changes it.
-
+    return _HEADER + f"""
 ## Setup
 - Files you change: {editable}. Protected (hash-checked before every run): {protected}.
 - Every run is measured the same way, so results are comparable whatever you change.
