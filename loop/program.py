@@ -1,14 +1,18 @@
 """program.md: the research directives nightlab writes into a new workspace (the user's to edit;
 the agent proposer gives it to the coding agent before every experiment)."""
 
+from nightlab.loop.state.config import ProjectSettings
+
 PROGRAM_MD = "program.md"
 
-DEFAULT_PROGRAM = """\
+_HEADER = """\
 # program.md — research directives
 
 This file is yours: edit it to steer the research. nightlab gives it to the proposer (the
 coding agent reads it before every experiment) and never changes it.
+"""
 
+DEFAULT_PROGRAM = _HEADER + """
 ## Setup
 - `train.py` is the only file you change. Everything in it is fair game: the model, the
   optimizer, the hyperparameters, the schedule, the batch size.
@@ -41,4 +45,27 @@ faster step is as good as a better step: more steps fit in the same time.
 - Learning rates and warmup/warmdown fractions; weight decay; Adam betas.
 - Model shape: depth vs width (aspect ratio), head dim, attention window pattern.
 - Batch size vs number of steps within the budget.
+"""
+
+
+def program_for(project: ProjectSettings) -> str:
+    """The directives for a new workspace: the built-in trainer's, or for a project of the user's
+    its own files and metric (the agent must not be sent to a train.py and a val_bpb it lacks)."""
+    if not project.run_command:
+        return DEFAULT_PROGRAM
+    editable = ", ".join(f"`{f}`" for f in project.editable)
+    protected = ", ".join(f"`{f}`" for f in project.protected) or "none"
+    goal = "lowest" if project.direction == "minimize" else "highest"
+    return _HEADER + f"""
+## Setup
+- Files you change: {editable}. Protected (hash-checked before every run): {protected}.
+- Every run is measured the same way, so results are comparable whatever you change.
+
+## Goal
+Get the {goal} `{project.metric}`.
+
+## Rules of thumb
+- One focused change per experiment; prefer small diffs. Simpler code wins ties.
+- A crash costs a whole run: read the last crash's log before trying something similar.
+- Do not chase noise: a gain smaller than the run-to-run noise is re-run before it counts.
 """

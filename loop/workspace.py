@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from nightlab.loop.program import DEFAULT_PROGRAM, PROGRAM_MD
+from nightlab.loop.program import PROGRAM_MD, program_for
 from nightlab.loop.ratchet import Git
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.errors import UserError
@@ -138,7 +138,7 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
         harness_env = dict(chosen.harness_env)
         _install_trainer(path, chosen, say)
     if not (path / PROGRAM_MD).exists():
-        (path / PROGRAM_MD).write_text(DEFAULT_PROGRAM)
+        (path / PROGRAM_MD).write_text(program_for(project))
     protected = _protected_files(project.protected, builtin)
     missing = [f for f in (*project.editable, *protected) if not (path / f).is_file()]
     if missing:

@@ -40,3 +40,14 @@ def test_no_test_reads_data_from_outside_the_repository() -> None:
             continue
         text = path.read_text()
         assert "REPO.parent" not in text and "../shared" not in text, f"{path} depends on data it does not make"
+
+
+def test_every_toml_example_in_the_readme_is_a_valid_config(monkeypatch) -> None:
+    """A newcomer pastes them into a config: each must pass `nightlab config check` as shown."""
+    from nightlab.loop.state.config import settings_from_text
+
+    monkeypatch.setenv("USER", "me")  # the Slurm example's shared_dir names $USER
+    blocks = re.findall(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
+    assert len(blocks) >= 3
+    for block in blocks:
+        settings_from_text(block, "README.md")

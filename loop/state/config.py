@@ -168,7 +168,7 @@ class LoopSettings:
 
 @dataclass(frozen=True)
 class AgentSettings:
-    command: str = ""  # e.g. "claude -p --dangerously-skip-permissions < {prompt_file}"
+    command: str = ""  # e.g. "claude -p --permission-mode acceptEdits < {prompt_file}"
     timeout: float = 900.0
 
 

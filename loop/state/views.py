@@ -214,23 +214,33 @@ def status_text(workspace: Path) -> str:
     if classes:
         lines.append(classes)
     lines.append(f"focus: {ledger.focus(store) or 'off'}")
-    lines.append(f"experiments: {len(rows)} ({_counts(rows)})")
+    lines.append(f"experiments: {len(rows)} ({_counts(store, rows)})")
     if rows:
         lines.append("last:")
         lines += [f"  {_line(e)}" for e in rows[-3:]]
     return "\n".join(lines)
 
 
-def _counts(rows: list[Experiment]) -> str:
+def _counts(store: Store, rows: list[Experiment]) -> str:
     """What the runs were: the baseline's, repeats of a result, then the changes by outcome. A
     baseline run is recorded as a keep, and "3 keep" beside "nothing beat the baseline" would
     read as a contradiction; a change re-run to decide counts once, by its deciding run (a change
-    kept on its third run was "2 repeat", and no keep)."""
-    decided = _decided_changes(rows)
+    kept on its third run was "2 repeat", and no keep), or as undecided while that run is to come."""
+    last = _decided_changes(rows)
+    undecided = _undecided(store, last)
+    decided = [e for e in last if e.number not in undecided]
     changes = [e for e in rows if e.kind != "baseline"]
-    counts = {"baseline": sum(e.kind == "baseline" for e in rows), "repeat": len(changes) - len(decided)}
+    counts = {"baseline": sum(e.kind == "baseline" for e in rows), "repeat": len(changes) - len(last)}
     counts |= {s: sum(e.status == s for e in decided) for s in ("keep", "discard", "crash", "checks_failed")}
+    counts["undecided"] = len(undecided)
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
+
+
+def _undecided(store: Store, last: list[Experiment]) -> set[int]:
+    """The changes (each as its last run) whose re-run the rule asked for and is still to come: a
+    night stopped between them. Recorded as a discard, yet the change may still be kept."""
+    queued = {c.confirm_of for c in ledger.open_candidates(store) if c.confirm_of is not None and c.phase != "recorded"}
+    return {e.number for e in last if e.status != "keep" and (e.number in queued or e.confirm_of in queued)}
 
 
 def _decided_changes(rows: list[Experiment]) -> list[Experiment]:
@@ -332,7 +342,7 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
     best_exp, best = _best(rows)
     found = night_gain(store, rows)
     if all(e.metric is None for e in rows):  # what to do, not a baseline, a best and a gain of "—"
-        out += [f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}",
+        out += [f"- experiments: {len(rows)} ({_counts(store, rows)}) over {duration(span)}",
                 f"- no {name} yet: all {len(rows)} experiments failed before giving one (see What"
                 f" did not work); {code('nightlab train --config FILE')} runs one and shows all its output"]
     else:
@@ -340,7 +350,7 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
                 else f"{(_gain_text(found, rows, best_exp) if best_exp else '') or '—'}"
                 " (± one standard error; positive = better)")
         out += [
-            f"- experiments: {len(rows)} ({_counts(rows)}) over {duration(span)}; the baseline's runs and the"
+            f"- experiments: {len(rows)} ({_counts(store, rows)}) over {duration(span)}; the baseline's runs and the"
             " repeats (re-runs of a result, re-measurements of the best) measure the noise",
             f"- baseline {name}: {_fmt(found[0] if found else None)}",
             f"- best {name}: {_fmt(best)}"
@@ -365,7 +375,7 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
     else:
         out.append("Nothing beat the baseline yet." if chat else "\nNothing beat the baseline yet.")
     # a run re-run to decide is no failure: the change it was may be kept on its next run
-    later = _re_run(rows)
+    later = _re_run(rows) | _undecided(store, _decided_changes(rows))
     failed = [e for e in rows if e.status != "keep" and e.number not in later][-15:]
     out += ["", "What did not work:"] if chat else ["", "## What did not work", ""]
     out += [f"- #{e.number} {e.status}: {e.description or e.kind} — {e.reason}" for e in failed] or ["- nothing failed"]
@@ -377,7 +387,7 @@ def _since_line(store: Store, rows: list[Experiment], since: float) -> str:
     when the loop is paused."""
     head = f"- since the last report ({time.strftime('%a %H:%M', time.localtime(since))}): "
     if rows:
-        return head + f"{len(rows)} experiments ({_counts(rows)})"
+        return head + f"{len(rows)} experiments ({_counts(store, rows)})"
     pause = ledger.paused(store)
     why = (f"; the loop is paused by {pause.by} ({pause.reason}) since"
            f" {time.strftime('%a %H:%M', time.localtime(pause.since))}" if pause else "")

@@ -164,3 +164,22 @@ def test_the_morning_report_reads_on_a_phone(tmp_path: Path) -> None:
     assert "- #3 crash: proposal — exit code 1" in lines
     assert not [line for line in lines if line.startswith(("#", "|")) or "`" in line], lines
     assert "| 2 | `c0ffee` |" in event.payload["markdown"]  # the report's file keeps its table
+
+
+def test_a_change_whose_re_run_the_night_did_not_reach_is_undecided_not_a_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A night stopped (--max-experiments, the demo) between a run the rule could not decide and
+    its re-run: the report counted a discard and listed it under "What did not work", though the
+    digest said it runs again and it may yet be kept."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    record(store, "baseline", "keep", 1.0, "baseline")
+    record(store, "proposal", "discard", 0.999, "re-running to decide: better by 0.0010 ± 0.0034")
+    ledger.new_candidate(store, "confirm", "base", phase="committed", confirm_of=2, description="confirm #2")
+    store.close()
+    assert cli.main(["report", "--workspace", str(ws)]) == 0
+    text = capsys.readouterr().out
+    assert "- experiments: 2 (1 baseline, 1 undecided) over" in text
+    assert text.split("## What did not work\n\n", 1)[1].splitlines() == ["- nothing failed"]

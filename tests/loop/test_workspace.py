@@ -160,3 +160,14 @@ def test_coding_agents_session_files_are_ignored_even_in_a_workspace_made_before
     init_workspace(repo, "test", settings, say=lambda _: None)
     for name in (".aider.chat.history.md", ".aider.tags.cache.v4/x", ".env"):
         assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", name], check=False).returncode == 0, name
+
+
+def test_a_projects_program_md_names_its_own_files_and_metric(tmp_path: Path) -> None:
+    """The coding agent reads program.md before every experiment: in a project of the user's it
+    must not be told that train.py is the file to change and val_bpb the goal."""
+    settings = make_stub_workspace(tmp_path, project={"editable": ["train.py"], "metric": "accuracy",
+                                                      "direction": "maximize"})
+    program = (settings.workspace_path / "program.md").read_text()
+    assert "`train.py`" in program and "`prepare.py`" in program and "accuracy" in program and "highest" in program
+    assert "val_bpb" not in program and "harness.py" not in program
+
