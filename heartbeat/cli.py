@@ -156,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if more is not None:
         done = views.recorded(settings.workspace_path)  # the engine's limit counts the whole ledger
         limit = done + more
-        print(f"nightlab: {more} more experiments ({done} recorded so far)")
+        print(f"nightlab: {views.counted(more, 'more experiment')} ({done} recorded so far)")
     return run_daemon(settings, max_experiments=limit)
 
 

@@ -55,7 +55,7 @@ def run_demo(workspace: Path | None, experiments: int) -> int:
               f"  the baseline ({settings.loop.baseline_runs} runs, to measure the noise) + {experiments}"
               " experiments with the tiny profile; digests follow")
     else:
-        print(f"nightlab demo: workspace {workspace}\n  {experiments} more experiments ({done} recorded"
+        print(f"nightlab demo: workspace {workspace}\n  {views.counted(experiments, 'more experiment')} ({done} recorded"
               " so far); digests follow")
     total = demo_limit(done, settings.loop.baseline_runs, experiments)
     code = Daemon(settings, DaemonOptions(max_experiments=total)).run()

@@ -42,7 +42,7 @@ from nightlab.loop.engine.startup import startup
 from nightlab.loop.engine.steering import apply_commands
 from nightlab.loop.executors import Executor
 from nightlab.loop.proposers.base import Proposer
-from nightlab.loop.state import ledger
+from nightlab.loop.state import ledger, views
 from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY, HeartbeatSettings, Settings
 from nightlab.loop.state.ledger import Candidate
 from nightlab.loop.workspace import Workspace
@@ -85,7 +85,7 @@ class Engine:
             if (not in_flight and max_experiments is not None
                     and ledger.experiment_count(store) >= max_experiments):
                 store.set("engine.finished", True)
-                say(f"{max_experiments} experiments recorded; stopping")
+                say(f"{views.counted(max_experiments, 'experiment')} recorded; stopping")
                 return 0
             if not open_:
                 if ledger.paused(store) is not None:

@@ -36,6 +36,11 @@ def recorded(workspace: Path) -> int:
         store.close()
 
 
+def counted(n: int, noun: str) -> str:
+    """ "1 experiment", "3 experiments"."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     if seconds >= 3600:

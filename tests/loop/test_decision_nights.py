@@ -33,7 +33,7 @@ def test_a_night_on_a_flat_landscape_keeps_nothing(tmp_path: Path) -> None:
     assert sum(e.kind == "proposal" for e in rows) >= 20  # the night went on: proposals, not only repeats
 
 
-def test_the_first_baseline_assumes_a_noise_in_proportion_to_its_metric(tmp_path: Path) -> None:
+def test_the_first_baseline_assumes_a_noise_in_proportion_to_its_metric(tmp_path: Path, capsys) -> None:
     """Nothing is measured before the night's first run: the prior (a share of the metric) scales
     with that run's own value, as every later one does with the best's, not with 1.0."""
     land = dataclasses.replace(landscape.make("flat", seed=0), base=4.0)
@@ -43,6 +43,7 @@ def test_the_first_baseline_assumes_a_noise_in_proportion_to_its_metric(tmp_path
     assert first.metric is not None and first.metric > 3
     prior = settings.loop.noise_prior * first.metric
     assert first.reason == f"baseline; run-to-run noise ± {prior:.4f} (assumed until repeats measure it)"
+    assert "nightlab engine: 1 experiment recorded; stopping" in capsys.readouterr().err
 
 
 def test_a_change_truly_better_by_3_sigma_is_kept(tmp_path: Path) -> None:
