@@ -127,7 +127,8 @@ class Heartbeat:
             scheduler.add_job(self.daily_report, self._report_trigger,
                               id="daily_report", **{**common, "misfire_grace_time": 3600})
             # a daemon that was down at the report time sends the one it missed, once
-            scheduler.add_job(self.missed_report, id="missed_report", next_run_time=_now_dt(), **common)
+            scheduler.add_job(self.missed_report, id="missed_report", next_run_time=_now_dt(),
+                              **{**common, "misfire_grace_time": None})  # however late: it is once
         elif scheduler.get_job("daily_report"):
             scheduler.remove_job("daily_report")
 
