@@ -260,6 +260,26 @@ def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
 
 
+def test_a_second_program_polling_the_same_bot_is_named_once(
+        tg: FakeTelegram, workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two daemons (two boxes, or two workspaces) with one bot token: Telegram ends each one's poll
+    with 409 Conflict whenever the other polls. That read "connection lost ... connected again",
+    two warnings every few seconds all night, and nothing of the cause."""
+    caplog.set_level(logging.WARNING, logger="nightlab")
+    other = tmp_path / "other"
+    other.mkdir()
+    secrets = Secrets(telegram_token=Secret(tg.token))
+    first = start_service(tg_settings(tg), secrets, workspace)
+    second = start_service(tg_settings(tg), secrets, other)
+    try:
+        wait_until(lambda: tg.conflicts >= 4, "four polls ended by the other's", timeout=60)
+    finally:
+        assert first.stop(10) and second.stop(10)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    named = [line for line in lines if "another program polls this bot's token" in line]
+    assert len(named) == 2 and not [line for line in lines if "connection lost" in line], lines  # once each
+
+
 def test_only_a_command_the_sender_writes_now_is_one(tg: FakeTelegram, bot: BotService, store: Store) -> None:
     # Each of these carries "/kill" from an operator in the allowed group, yet none is the operator
     # asking now: an edit of an old message (it would run again), a channel post, a forward (someone
