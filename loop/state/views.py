@@ -12,6 +12,7 @@ from pathlib import Path
 from nightlab.loop.state import ledger
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Experiment, HardwareClass, started_at
+from nightlab.loop.state.lock import DAEMON_LOCK, holder
 from nightlab.loop.state.stats import (
     DIRECTION_KEY,
     HELDOUT_GAIN,
@@ -204,6 +205,11 @@ def status_text(workspace: Path) -> str:
                          + (f" [{cand.area}]" if cand.area else ""))
     else:
         lines.append("now: no run in flight")
+    if holder(Path(workspace), DAEMON_LOCK) is None:  # `nightlab status` at 7 am: the night may have stopped
+        tick = store.get("engine.tick")
+        ago = f" (last active {duration(time.time() - tick)} ago)" if tick else ""
+        lines.append(f"nightlab is not running{ago}: no new experiment starts until it does"
+                     " (systemctl start nightlab, or nightlab run --config FILE)")
     pause = ledger.paused(store)
     if pause:
         waits = f", after #{pause.after}" if pause.after else ""
