@@ -21,6 +21,7 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections import deque
@@ -188,7 +189,7 @@ class Heartbeat:
                     self.supervising = False
                     self.on_engine_finished()
                     return
-                self._restart(f"engine exited with code {code}")
+                self._restart(exit_reason(code))
             else:
                 age = self._tick_age(time.time())
                 if age > self.limits.loop_stall_after:
@@ -326,6 +327,18 @@ class Heartbeat:
                             chart_path=str(report.chart_path) if report.chart_path else None)
             self.store.set(LAST_REPORT_KEY, now.timestamp())
         log.info("daily report written to %s", report.markdown_path)
+
+
+def exit_reason(code: int) -> str:
+    """How the engine ended, for a chat: a signal by its name (-9 means nothing on a phone)."""
+    if code >= 0:
+        return f"engine exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    why = " (the out-of-memory killer, or kill -9)" if code == -signal.SIGKILL else ""
+    return f"engine killed by {name}{why}"
 
 
 def _now_dt() -> datetime:

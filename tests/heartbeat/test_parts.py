@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from nightlab.heartbeat.engine_child import EngineProcess
 from nightlab.heartbeat.health import free_disk_gb
-from nightlab.heartbeat.jobs import Heartbeat, RestartWindow, fmt_duration
+from nightlab.heartbeat.jobs import Heartbeat, RestartWindow, exit_reason, fmt_duration
 from nightlab.heartbeat.logsetup import DaemonFormatter
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.heartbeat.service import install_unit, render_unit
@@ -38,6 +38,12 @@ def test_durations_read_like_the_kill_reasons() -> None:
     assert fmt_duration(600) == "10m00s"
     assert fmt_duration(180) == "3m00s"
     assert fmt_duration(3.2) == "0m03s"
+
+
+def test_an_engine_killed_by_a_signal_is_said_by_its_name() -> None:
+    assert exit_reason(3) == "engine exited with code 3"
+    assert exit_reason(-9) == "engine killed by SIGKILL (the out-of-memory killer, or kill -9)"  # was "code -9"
+    assert exit_reason(-15) == "engine killed by SIGTERM"
 
 
 def test_restart_window_forgets_restarts_older_than_an_hour() -> None:
