@@ -380,8 +380,8 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
 
 
 def _since_line(store: Store, rows: list[Experiment], since: float) -> str:
-    """- since the last report (Tue 07:30): 12 experiments (1 keep, 11 discard)", or none, and why
-    when the loop is paused."""
+    """ "- since the last report (Tue 07:30): 12 experiments (1 keep, 11 discard)", or none, and
+    why when the loop is paused."""
     head = f"- since the last report ({time.strftime('%a %H:%M', time.localtime(since))}): "
     if rows:
         return head + f"{len(rows)} experiments ({_counts(rows)})"
