@@ -126,7 +126,7 @@ class TelegramChannel:
         await self._deliver(update, addressed=private or bool(to), text=_unaddressed(msg.text or "", entity))
 
     async def _deliver(self, update: Update, addressed: bool, text: str) -> None:
-        user, chat = update.effective_user, update.effective_chat
+        user, chat, msg = update.effective_user, update.effective_chat, update.effective_message
         if user is None or chat is None or self._on_message is None:
             return
         await self._on_message(Incoming(
@@ -136,6 +136,7 @@ class TelegramChannel:
             private=chat.type == ChatType.PRIVATE,
             text=text,
             addressed=addressed,
+            written_at=msg.date.timestamp() if msg is not None and msg.date else None,
         ))
 
     async def send_text(self, destination: str, body: str) -> None:
