@@ -121,6 +121,9 @@ def test_a_reinstall_keeps_a_unit_edited_by_hand(tmp_path: Path, monkeypatch: py
     unit.write_text(edited)
     said = install_unit(config, user=True, dry_run=False)
     assert said.startswith(f"wrote {unit} (the unit it replaces, which differed: {backup})\n")
+    # `enable --now` left a running service on the old unit
+    assert "  systemctl --user restart nightlab   # if it runs: the new unit applies (no experiment is lost)" \
+        in said.splitlines()
     assert (unit.read_text(), backup.read_text()) == (written, edited)
     monkeypatch.setenv("HOME", str(config))  # a file: no unit folder can be made below it
     with pytest.raises(UserError) as err:
