@@ -230,6 +230,12 @@ class Store:
                 (key, json.dumps(value)),
             )
 
+    def with_prefix(self, prefix: str) -> dict[str, Any]:
+        """Every key starting with `prefix` and its value, oldest first."""
+        rows = self.connection().execute(
+            "SELECT key, value FROM kv WHERE substr(key, 1, ?) = ? ORDER BY rowid", (len(prefix), prefix))
+        return {r["key"]: json.loads(r["value"]) for r in rows}
+
     def delete(self, key: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM kv WHERE key = ?", (key,))
