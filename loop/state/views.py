@@ -159,12 +159,15 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.6f}"
 
 
-def _line(e: Experiment) -> str:
+def _line(e: Experiment, re_run: set[int]) -> str:
+    """`re_run`: the runs the rule ran again to decide (`_re_run`): recorded as discards, shown
+    as undecided, as their digest said."""
     figure = _fmt(e.metric).ljust(8)
     why = f" ({e.reason})" if e.status != "keep" and e.reason else ""
     if e.status == "keep" and suspect(e.metrics):
         why = " (SUSPECT: its gain vanishes on held-out rows)"
-    return f"#{e.number} {e.status:<13} {figure}  {e.description or e.kind}{why}"
+    status = "undecided" if e.number in re_run else e.status
+    return f"#{e.number} {status:<13} {figure}  {e.description or e.kind}{why}"
 
 
 def _heldout(e: Experiment) -> str:
@@ -225,7 +228,8 @@ def status_text(workspace: Path) -> str:
     lines.append(f"experiments: {len(rows)} ({_counts(rows)})")
     if rows:
         lines.append("last:")
-        lines += [f"  {_line(e)}" for e in rows[-3:]]
+        later = _re_run(rows)
+        lines += [f"  {_line(e, later)}" for e in rows[-3:]]
     return "\n".join(lines)
 
 
@@ -267,9 +271,12 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     """The last `n` experiments; with `status` only those (e.g. keep, crash); with `top` the `top`
     best results by the metric (in `direction`), best first, instead of the last ones."""
     if status is None and top is None:
-        rows = ledger.experiments(_store(workspace), last=max(1, n))
-        return "\n".join(_line(e) for e in rows) if rows else "no experiments yet"
-    rows = [e for e in ledger.experiments(_store(workspace)) if status is None or e.status == status]
+        rows = ledger.experiments(_store(workspace), last=max(1, n))  # the last ones: their re-runs too
+        later = _re_run(rows)
+        return "\n".join(_line(e, later) for e in rows) if rows else "no experiments yet"
+    every = ledger.experiments(_store(workspace))
+    later = _re_run(every)
+    rows = [e for e in every if status is None or e.status == status]
     if top is not None:
         scored = sorted((e for e in rows if e.metric is not None),
                         key=lambda e: (e.metric if direction == "minimize" else -e.metric, e.number))  # type: ignore[operator]
@@ -279,7 +286,7 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     if not rows:
         return f"no {status or 'scored'} experiments yet"
     several = len({e.hardware for e in rows}) > 1  # metrics of different classes are not comparable
-    return "\n".join(_line(e) + (f" [{e.hardware or 'no run'}]" if several else "") for e in rows)
+    return "\n".join(_line(e, later) + (f" [{e.hardware or 'no run'}]" if several else "") for e in rows)
 
 
 def best_text(workspace: Path) -> str:

@@ -78,6 +78,10 @@ def test_a_change_kept_on_its_third_run_is_one_keep_and_its_first_runs_did_work(
     assert "- experiments: 6 (1 baseline, 3 repeat, 1 keep, 1 discard) over" in text
     did_not_work = text.split("## What did not work\n\n", 1)[1].splitlines()
     assert did_not_work == ["- #6 discard: confirm — not better: worse by 0.2562 ± 0.0042"]
+    # the history says so too, as each digest did ("undecided, runs again", not "discard")
+    assert cli.main(["history", "--workspace", str(tmp_path / "ws")]) == 0
+    statuses = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
+    assert statuses == ["keep", "undecided", "undecided", "keep", "undecided", "discard"]
 
 
 def daemon_heartbeat(ws: Path, store: Store) -> Heartbeat:
