@@ -294,7 +294,7 @@ class Heartbeat:
         restarted within the minute, after sending it)."""
         now = now or _now_dt()
         due = self.report_due(now)
-        last = self.store.get(LAST_REPORT_KEY)
+        last = self._last_report()
         if due is not None and last is not None and last >= due.timestamp():
             return False
         self._send_report(last, now)
@@ -307,7 +307,7 @@ class Heartbeat:
         due = self.report_due(now)
         if due is None:
             return False
-        last = self.store.get(LAST_REPORT_KEY)
+        last = self._last_report()
         if last is None:
             first = ledger.experiments(self.store)[:1]
             if not first or first[0].finished_at >= due.timestamp():
@@ -318,6 +318,11 @@ class Heartbeat:
                  due.strftime("%a %H:%M"))
         self._send_report(last, now)
         return True
+
+    def _last_report(self) -> float | None:
+        # a report sent by a nightlab before the key was kept: its event's time
+        last = self.store.get(LAST_REPORT_KEY)
+        return last if last is not None else self.store.last_event_time("report")
 
     def _send_report(self, last: float | None, now: datetime) -> None:
         report = write_report(self.workspace, self.store, self.settings.project, since=last)

@@ -256,6 +256,10 @@ class Store:
         )
         return [Event(r["id"], r["ts"], r["kind"], json.loads(r["payload"])) for r in rows]
 
+    def last_event_time(self, kind: str) -> float | None:
+        row = self.connection().execute("SELECT MAX(ts) AS t FROM events WHERE kind = ?", (kind,)).fetchone()
+        return None if row["t"] is None else float(row["t"])
+
     def last_event_id(self) -> int:
         row = self.connection().execute("SELECT MAX(id) AS m FROM events").fetchone()
         return int(row["m"] or 0)

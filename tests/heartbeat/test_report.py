@@ -115,6 +115,21 @@ def test_a_daemon_down_at_the_report_time_sends_the_missed_report_once(tmp_path:
     assert len(reports(store)) == 2
 
 
+def test_a_report_sent_by_an_older_nightlab_counts_as_sent(tmp_path: Path) -> None:
+    """Upgraded after this morning's report (it kept no time of it): a restart must not send it again."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    now = datetime.now(UTC)
+    beat = daemon_heartbeat(ws, store)
+    due = beat.report_due(now)
+    assert due is not None
+    record(store, "baseline", "keep", 1.0, "baseline", finished_at=(due - timedelta(hours=1)).timestamp())
+    store.emit("report", markdown="# nightlab report", chart_path=None)  # as the older daemon did, at its time
+    assert not beat.missed_report(now)
+    assert len(reports(store)) == 1
+
+
 def test_a_first_start_after_the_report_time_sends_no_report(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     ws.mkdir()
