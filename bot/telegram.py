@@ -92,8 +92,8 @@ class TelegramChannel:
             # lines every few seconds all night, and nothing about the cause.
             self._conflict_said = True
             log.error("telegram: another program polls this bot's token (Telegram: %s); a second nightlab (another"
-                      " box or workspace) with the same bot? Its commands reach either one: give each daemon its"
-                      " own bot (@BotFather /newbot)", exc)
+                      " box or workspace) with the same bot? A command sent to the bot reaches either one: give each"
+                      " daemon its own bot (@BotFather /newbot)", exc)
 
     async def _command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         msg = update.effective_message
