@@ -23,6 +23,7 @@ class Incoming:
     private: bool  # a one-to-one chat (strangers there get a short refusal)
     text: str
     addressed: bool = True  # an explicit command (Telegram "/x", Slack slash or mention)
+    written_at: float | None = None  # when the sender wrote it (Telegram keeps a day of them), if known
 
     @property
     def sender(self) -> str:

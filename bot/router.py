@@ -21,10 +21,14 @@ from nightlab.loop.state import ledger, steering
 from nightlab.loop.state.commands import Help, Plot, Steer, View, parse_command
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.store import Store, state_dir
+from nightlab.loop.state.views import duration
 
 log = logging.getLogger("nightlab.bot")
 
 CHART_KEEP_S = 24 * 3600  # charts are kept a day: a queued photo must still find its file
+# Telegram hands a restarted daemon the messages of the last day: a /kill written at 3 am while
+# nightlab was down would stop whatever runs when it is back. Older steering is said, not applied.
+STEER_STALE_S = 600.0
 
 
 class Router:
@@ -67,6 +71,12 @@ class Router:
         if cmd.role is Role.OPERATOR and role is not Role.OPERATOR:
             log.warning("refused %s from viewer %s", cmd.name, msg.sender)
             return [text_message(plain(f"🔒 {cmd.name} changes the loop; only operators may send it."))]
+        if isinstance(cmd, Steer) and msg.written_at is not None and time.time() - msg.written_at > STEER_STALE_S:
+            log.warning("not applied: %s from %s, written %s ago", cmd.text(), msg.sender,
+                        duration(time.time() - msg.written_at))
+            return [text_message(plain(
+                f"⚠️ not applied: your /{cmd.text()} was written {duration(time.time() - msg.written_at)} ago and"
+                " reached nightlab only now (it was not running, or offline); send it again if you still mean it"))]
         try:
             if isinstance(cmd, Steer):
                 reply = await asyncio.to_thread(steering.queue, self.store, self.workspace, cmd, msg.sender,

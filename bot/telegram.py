@@ -24,6 +24,7 @@ from telegram.constants import ChatType, ParseMode
 from telegram.error import (
     BadRequest,
     ChatMigrated,
+    Conflict,
     Forbidden,
     InvalidToken,
     RetryAfter,
@@ -47,6 +48,7 @@ class TelegramChannel:
         self._app: Application | None = None
         self._on_message: OnMessage | None = None
         self.outage = Outage(self.name)
+        self._conflict_said = False  # another poller of this token: said once
 
     def destinations(self) -> list[str]:
         # Allowed chats get the digests; without any, every listed user in their private chat.
@@ -73,7 +75,7 @@ class TelegramChannel:
             await app.updater.start_polling(
                 timeout=dt.timedelta(seconds=self._poll_timeout),
                 allowed_updates=[Update.MESSAGE],
-                error_callback=lambda exc: self.outage.lost(f"polling: {exc}"),
+                error_callback=self._polling_failed,
             )
         except BaseException:
             await _shutdown(app, self.outage)
@@ -81,6 +83,17 @@ class TelegramChannel:
         self._app = app
         me = app.bot.username
         log.info("telegram: polling as @%s", me)
+
+    def _polling_failed(self, exc: TelegramError) -> None:
+        if not isinstance(exc, Conflict):
+            self.outage.lost(f"polling: {exc}")
+        elif not self._conflict_said:
+            # Telegram answered: no outage. Said as "connection lost ... connected again", two
+            # lines every few seconds all night, and nothing about the cause.
+            self._conflict_said = True
+            log.error("telegram: another program polls this bot's token (Telegram: %s); a second nightlab (another"
+                      " box or workspace) with the same bot? A command sent to the bot reaches either one: give each"
+                      " daemon its own bot (@BotFather /newbot)", exc)
 
     async def _command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         msg = update.effective_message
@@ -113,7 +126,7 @@ class TelegramChannel:
         await self._deliver(update, addressed=private or bool(to), text=_unaddressed(msg.text or "", entity))
 
     async def _deliver(self, update: Update, addressed: bool, text: str) -> None:
-        user, chat = update.effective_user, update.effective_chat
+        user, chat, msg = update.effective_user, update.effective_chat, update.effective_message
         if user is None or chat is None or self._on_message is None:
             return
         await self._on_message(Incoming(
@@ -123,6 +136,7 @@ class TelegramChannel:
             private=chat.type == ChatType.PRIVATE,
             text=text,
             addressed=addressed,
+            written_at=msg.date.timestamp() if msg is not None and msg.date else None,
         ))
 
     async def send_text(self, destination: str, body: str) -> None:

@@ -25,6 +25,7 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections import deque
@@ -146,7 +147,8 @@ class Heartbeat:
             scheduler.add_job(self.daily_report, self._report_trigger,
                               id="daily_report", **{**common, "misfire_grace_time": 3600})
             # a daemon that was down at the report time sends the one it missed, once
-            scheduler.add_job(self.missed_report, id="missed_report", next_run_time=_now_dt(), **common)
+            scheduler.add_job(self.missed_report, id="missed_report", next_run_time=_now_dt(),
+                              **{**common, "misfire_grace_time": None})  # however late: it is once
         elif scheduler.get_job("daily_report"):
             scheduler.remove_job("daily_report")
 
@@ -212,7 +214,7 @@ class Heartbeat:
                 if code == EXIT_USER_ERROR:  # something to fix first: a restart would meet it again
                     self._stop_for_the_user()
                     return
-                self._restart(f"engine exited with code {code}")
+                self._restart(exit_reason(code))
             else:
                 age = self._tick_age(time.time())
                 if age > self.limits.loop_stall_after:
@@ -355,7 +357,7 @@ class Heartbeat:
         restarted within the minute, after sending it)."""
         now = now or _now_dt()
         due = self.report_due(now)
-        last = self.store.get(LAST_REPORT_KEY)
+        last = self._last_report()
         if due is not None and last is not None and last >= due.timestamp():
             return False
         self._send_report(last, now)
@@ -368,7 +370,7 @@ class Heartbeat:
         due = self.report_due(now)
         if due is None:
             return False
-        last = self.store.get(LAST_REPORT_KEY)
+        last = self._last_report()
         if last is None:
             first = ledger.experiments(self.store)[:1]
             if not first or first[0].finished_at >= due.timestamp():
@@ -380,6 +382,11 @@ class Heartbeat:
         self._send_report(last, now)
         return True
 
+    def _last_report(self) -> float | None:
+        # a report sent by a nightlab before the key was kept: its event's time
+        last = self.store.get(LAST_REPORT_KEY)
+        return last if last is not None else self.store.last_event_time("report")
+
     def _send_report(self, last: float | None, now: datetime) -> None:
         report = write_report(self.workspace, self.store, self.settings.project, since=last)
         # recorded with the event: one report per time, whatever restarts follow
@@ -388,6 +395,18 @@ class Heartbeat:
                             chart_path=str(report.chart_path) if report.chart_path else None)
             self.store.set(LAST_REPORT_KEY, now.timestamp())
         log.info("daily report written to %s", report.markdown_path)
+
+
+def exit_reason(code: int) -> str:
+    """How the engine ended, for a chat: a signal by its name (-9 means nothing on a phone)."""
+    if code >= 0:
+        return f"engine exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    why = " (the out-of-memory killer, or kill -9)" if code == -signal.SIGKILL else ""
+    return f"engine killed by {name}{why}"
 
 
 def _now_dt() -> datetime:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nightlab.loop.state.lock import PidLock
-
-LOCK_FILENAME = "daemon.lock"
+from nightlab.loop.state.lock import DAEMON_LOCK, PidLock
 
 
 class DaemonLock(PidLock):
     def __init__(self, workspace: Path) -> None:
         super().__init__(
-            workspace, LOCK_FILENAME,
+            workspace, DAEMON_LOCK,
             "nightlab is already running for {workspace} (pid {pid}); stop it first"
             " (e.g. `systemctl stop nightlab` or kill that pid)",
         )

@@ -76,6 +76,8 @@ def install_unit(config_path: Path, user: bool, dry_run: bool, run_as: str | Non
         *_secret_places(load_settings(config_path), user),
         f"  {ctl} daemon-reload",
         f"  {ctl} enable --now nightlab",
+        # `enable --now` leaves a running service on the unit it started with
+        *([f"  {ctl} restart nightlab   # if it runs: the new unit applies (no experiment is lost)"] if kept else []),
         f"  {journal}",
     ]
     if user:

@@ -23,6 +23,8 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from nightlab.loop.state.config import BUDGET_STEPS_ENV, HARNESS_ENV
 from nightlab.loop.state.store import Store
@@ -85,11 +87,31 @@ def setting_of(run_command: str, env: dict[str, str]) -> str:
 SETTING_KEY = "setting."  # kv['setting.<digest>'] = {"command", "env"}: what a setting digest stands for
 
 
+# Values that say where things lie, not what a run does: the compile caches (in the workspace) and
+# the data dir's folder (the data cache; its last part names the data). A moved workspace changed
+# them, and every result after the move was judged as another setting, the best re-measured.
+_PLACE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+_DATA_ENV = "NIGHTLAB_DATA_DIR"
+
+
 def record_setting(store: Store, run_command: str, env: dict[str, str]) -> str:
-    """The setting's digest, with the values behind it kept in the store (readable later)."""
+    """The setting's digest, with the values behind it kept in the store (readable later). A
+    setting recorded before that differs only in where things lie keeps its digest."""
     digest = setting_of(run_command, env)
+    if store.get(SETTING_KEY + digest) is None:
+        for key, recorded in store.with_prefix(SETTING_KEY).items():
+            if _moved(recorded, run_command, env):
+                return key[len(SETTING_KEY):]
     store.set(SETTING_KEY + digest, {"command": run_command, "env": dict(sorted(env.items()))})
     return digest
+
+
+def _moved(recorded: dict[str, Any], run_command: str, env: dict[str, str]) -> bool:
+    old = recorded.get("env", {})
+    if recorded.get("command") != run_command or old.keys() != env.keys():
+        return False
+    return all(old[k] == v or k in _PLACE_ENV or (k == _DATA_ENV and Path(old[k]).name == Path(v).name)
+               for k, v in env.items())
 
 
 def harness_values(env: dict[str, str]) -> dict[str, str]:

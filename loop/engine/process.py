@@ -81,7 +81,7 @@ def run_engine(
 
 def _daemon_settings(workspace: Path) -> Settings | None:
     """The settings the daemon runs with: the config text it loaded, with [heartbeat] as it last
-    reloaded it; None when the daemon stored none (an older nightlab's daemon)."""
+    reloaded it; None when none is stored (the engine then reads the file)."""
     store = Store.for_workspace(workspace)
     try:
         loaded, live = store.get(DAEMON_CONFIG_KEY), store.get(LIVE_HEARTBEAT_KEY)

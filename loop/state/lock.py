@@ -18,6 +18,7 @@ from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.store import state_dir
 
 ENGINE_LOCK = "engine.lock"
+DAEMON_LOCK = "daemon.lock"  # taken by heartbeat/lock.py; the views ask whether a daemon runs
 
 
 class LockHeld(UserError):

@@ -272,6 +272,12 @@ class Store:
                 (key, json.dumps(value)),
             )
 
+    def with_prefix(self, prefix: str) -> dict[str, Any]:
+        """Every key starting with `prefix` and its value, oldest first."""
+        rows = self.connection().execute(
+            "SELECT key, value FROM kv WHERE substr(key, 1, ?) = ? ORDER BY rowid", (len(prefix), prefix))
+        return {r["key"]: json.loads(r["value"]) for r in rows}
+
     def delete(self, key: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM kv WHERE key = ?", (key,))
@@ -291,6 +297,10 @@ class Store:
             "SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit)
         )
         return [Event(r["id"], r["ts"], r["kind"], json.loads(r["payload"])) for r in rows]
+
+    def last_event_time(self, kind: str) -> float | None:
+        row = self.connection().execute("SELECT MAX(ts) AS t FROM events WHERE kind = ?", (kind,)).fetchone()
+        return None if row["t"] is None else float(row["t"])
 
     def last_event_id(self) -> int:
         row = self.connection().execute("SELECT MAX(id) AS m FROM events").fetchone()

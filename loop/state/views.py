@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Experiment, HardwareClass, started_at
+from nightlab.loop.state.lock import DAEMON_LOCK, holder
 from nightlab.loop.state.stats import (
     DIRECTION_KEY,
     HELDOUT_GAIN,
@@ -160,12 +161,15 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.6f}"
 
 
-def _line(e: Experiment) -> str:
+def _line(e: Experiment, undecided: set[int]) -> str:
+    """`undecided`: the runs that do not say how their change went (`_undecided_runs`), shown
+    so, as their digest said."""
     figure = _fmt(e.metric).ljust(8)
     why = f" ({e.reason})" if e.status != "keep" and e.reason else ""
     if e.status == "keep" and suspect(e.metrics):
         why = " (SUSPECT: its gain vanishes on held-out rows)"
-    return f"#{e.number} {e.status:<13} {figure}  {e.description or e.kind}{why}"
+    status = "undecided" if e.number in undecided else e.status
+    return f"#{e.number} {status:<13} {figure}  {e.description or e.kind}{why}"
 
 
 def _heldout(e: Experiment) -> str:
@@ -207,6 +211,11 @@ def status_text(workspace: Path) -> str:
                          + (f" [{cand.area}]" if cand.area else ""))
     else:
         lines.append("now: no run in flight")
+    if holder(Path(workspace), DAEMON_LOCK) is None:  # `nightlab status` at 7 am: the night may have stopped
+        tick = store.get("engine.tick")
+        ago = f" (last active {duration(time.time() - tick)} ago)" if tick else ""
+        lines.append(f"nightlab is not running{ago}: no new experiment starts until it does"
+                     " (systemctl start nightlab, or nightlab run --config FILE)")
     pause = ledger.paused(store)
     if pause:
         waits = f", after #{pause.after}" if pause.after else ""
@@ -222,7 +231,8 @@ def status_text(workspace: Path) -> str:
     lines.append(f"experiments: {len(rows)} ({_counts(store, rows)})")
     if rows:
         lines.append("last:")
-        lines += [f"  {_line(e)}" for e in rows[-3:]]
+        later = _undecided_runs(store, rows)
+        lines += [f"  {_line(e, later)}" for e in rows[-3:]]
     return "\n".join(lines)
 
 
@@ -246,6 +256,12 @@ def _undecided(store: Store, last: list[Experiment]) -> set[int]:
     night stopped between them. Recorded as a discard, yet the change may still be kept."""
     queued = {c.confirm_of for c in ledger.open_candidates(store) if c.confirm_of is not None and c.phase != "recorded"}
     return {e.number for e in last if e.status != "keep" and (e.number in queued or e.confirm_of in queued)}
+
+
+def _undecided_runs(store: Store, rows: list[Experiment]) -> set[int]:
+    """The runs that do not say how their change went: those the rule ran again to decide, and a
+    last run whose re-run is still to come. Recorded as discards, shown as undecided."""
+    return _re_run(rows) | _undecided(store, _decided_changes(rows))
 
 
 def _decided_changes(rows: list[Experiment]) -> list[Experiment]:
@@ -274,9 +290,14 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     """The last `n` experiments; with `status` only those (e.g. keep, crash); with `top` the `top`
     best results by the metric (in `direction`), best first, instead of the last ones."""
     if status is None and top is None:
-        rows = ledger.experiments(Store.existing(workspace), last=max(1, n))
-        return "\n".join(_line(e) for e in rows) if rows else "no experiments yet"
-    rows = [e for e in ledger.experiments(Store.existing(workspace)) if status is None or e.status == status]
+        store = Store.existing(workspace)
+        rows = ledger.experiments(store, last=max(1, n))  # the last ones: their re-runs too
+        later = _undecided_runs(store, rows)
+        return "\n".join(_line(e, later) for e in rows) if rows else "no experiments yet"
+    store = Store.existing(workspace)
+    every = ledger.experiments(store)
+    later = _undecided_runs(store, every)
+    rows = [e for e in every if status is None or e.status == status]
     if top is not None:
         scored = sorted((e for e in rows if e.metric is not None),
                         key=lambda e: (e.metric if direction == "minimize" else -e.metric, e.number))  # type: ignore[operator]
@@ -286,7 +307,7 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     if not rows:
         return f"no {status or 'scored'} experiments yet"
     several = len({e.hardware for e in rows}) > 1  # metrics of different classes are not comparable
-    return "\n".join(_line(e) + (f" [{e.hardware or 'no run'}]" if several else "") for e in rows)
+    return "\n".join(_line(e, later) + (f" [{e.hardware or 'no run'}]" if several else "") for e in rows)
 
 
 def best_text(workspace: Path) -> str:
@@ -380,7 +401,7 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
     else:
         out.append("Nothing beat the baseline yet." if chat else "\nNothing beat the baseline yet.")
     # a run re-run to decide is no failure: the change it was may be kept on its next run
-    later = _re_run(rows) | _undecided(store, _decided_changes(rows))
+    later = _undecided_runs(store, rows)
     failed = [e for e in rows if e.status != "keep" and e.number not in later][-15:]
     out += ["", "What did not work:"] if chat else ["", "## What did not work", ""]
     out += [f"- #{e.number} {e.status}: {e.description or e.kind} — {e.reason}" for e in failed] or ["- nothing failed"]
@@ -388,8 +409,8 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
 
 
 def _since_line(store: Store, rows: list[Experiment], since: float) -> str:
-    """- since the last report (Tue 07:30): 12 experiments (1 keep, 11 discard)", or none, and why
-    when the loop is paused."""
+    """ "- since the last report (Tue 07:30): 12 experiments (1 keep, 11 discard)", or none, and
+    why when the loop is paused."""
     head = f"- since the last report ({time.strftime('%a %H:%M', time.localtime(since))}): "
     if rows:
         return head + f"{len(rows)} experiments ({_counts(store, rows)})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -258,6 +259,40 @@ def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is
     assert len(lost) == 2 and len(back) == 1 and len(lines) == 3, lines  # one per outage, one when back
     assert not [r for r in caplog.records if r.name.startswith("telegram") and r.levelno >= logging.WARNING]
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+
+def test_steering_written_while_nightlab_was_down_is_said_not_applied(tg: FakeTelegram, bot: BotService,
+                                                                     store: Store) -> None:
+    """Telegram hands a restarted daemon the last day's messages: a /kill written at 3 am, while
+    nightlab was down, stopped whatever ran when it came back."""
+    number = running(store, started_ago_s=60)
+    before = len(tg.messages(OPERATOR))
+    tg.inject("/kill", OPERATOR, date=int(time.time()) - 3 * 3600 - 5 * 60)
+    (reply,) = [m.text for m in tg.wait_for(before + 1, OPERATOR)[before:]]
+    assert reply == ("⚠️ not applied: your /kill was written 3h05m ago and reached nightlab only now (it was not"
+                     " running, or offline); send it again if you still mean it")
+    assert store.pending_commands() == []
+    assert ask(tg, "/kill", OPERATOR)[0].startswith(f"✔ killing #{number}")  # written now: applied
+
+
+def test_a_second_program_polling_the_same_bot_is_named_once(
+        tg: FakeTelegram, workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two daemons (two boxes, or two workspaces) with one bot token: Telegram ends each one's poll
+    with 409 Conflict whenever the other polls. That read "connection lost ... connected again",
+    two warnings every few seconds all night, and nothing of the cause."""
+    caplog.set_level(logging.WARNING, logger="nightlab")
+    other = tmp_path / "other"
+    other.mkdir()
+    secrets = Secrets(telegram_token=Secret(tg.token))
+    first = start_service(tg_settings(tg), secrets, workspace)
+    second = start_service(tg_settings(tg), secrets, other)
+    try:
+        wait_until(lambda: tg.conflicts >= 4, "four polls ended by the other's", timeout=60)
+    finally:
+        assert first.stop(10) and second.stop(10)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    named = [line for line in lines if "another program polls this bot's token" in line]
+    assert len(named) == 2 and not [line for line in lines if "connection lost" in line], lines  # once each
 
 
 def test_only_a_command_the_sender_writes_now_is_one(tg: FakeTelegram, bot: BotService, store: Store) -> None:

@@ -1,8 +1,9 @@
 """A fake Telegram Bot API on 127.0.0.1: real HTTP for python-telegram-bot's real client.
 
 Speaks the subset nightlab uses: getMe, deleteWebhook, long-polling getUpdates (offset and
-timeout honoured), sendMessage (HTML checked and measured the way Telegram does: at most 4096
-characters after the markup is parsed), multipart sendPhoto, setMyCommands. Tests inject
+timeout honoured; a second poller ends the first with 409 Conflict, as Telegram does),
+sendMessage (HTML checked and measured the way Telegram does: at most 4096 characters after the
+markup is parsed), multipart sendPhoto, setMyCommands. Tests inject
 incoming messages, read what the bot sent, and script failures: `fail(...)` queues 429s
 (`{"ok":false,"error_code":429,"parameters":{"retry_after":N}}`) or 500s for the next sends,
 and `down()`/`up()` close and reopen the port (connection refused in between).
@@ -58,6 +59,8 @@ class FakeTelegram:
         self._updates: list[dict[str, Any]] = []
         self._next_update = 1
         self._faults: deque[tuple[str, int]] = deque()
+        self._polls = 0  # getUpdates calls so far: a newer one ends the one waiting
+        self.conflicts = 0  # polls ended that way (409)
         self._migrated: dict[int, int] = {}  # group id -> the supergroup it became
         self._hold: tuple[str, bool] | None = None
         self.holding = threading.Event()  # a held send is waiting
@@ -184,19 +187,31 @@ class FakeTelegram:
                 self.commands = json.loads(params["commands"])
             return _ok(True)
         if method == "getUpdates":
-            return _ok(self._get_updates(int(params.get("offset", 0) or 0), float(params.get("timeout", 0) or 0)))
+            updates = self._get_updates(int(params.get("offset", 0) or 0), float(params.get("timeout", 0) or 0))
+            if updates is None:
+                with self._cond:
+                    self.conflicts += 1
+                return 409, {"ok": False, "error_code": 409, "description": "Conflict: terminated by other"
+                             " getUpdates request; make sure that only one bot instance is running"}
+            return _ok(updates)
         if method in SENDS:
             return self._send(method, params, files, alive)
         return 404, {"ok": False, "error_code": 404, "description": "Not Found: method not found"}
 
-    def _get_updates(self, offset: int, timeout: float) -> list[dict[str, Any]]:
+    def _get_updates(self, offset: int, timeout: float) -> list[dict[str, Any]] | None:
+        """The updates; None when a newer getUpdates ended this one (a second program polling the
+        same token: Telegram answers the older one 409 Conflict)."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            self._polls += 1
+            mine = self._polls
+            self._cond.notify_all()
             # Like Telegram: an offset confirms (forgets) every earlier update.
             self._updates = [u for u in self._updates if u["update_id"] >= offset]
-            while not self._updates and time.monotonic() < deadline and self._server is not None:
+            while (not self._updates and time.monotonic() < deadline and self._server is not None
+                   and self._polls == mine):
                 self._cond.wait(deadline - time.monotonic())
-            return list(self._updates)
+            return list(self._updates) if self._polls == mine or self._updates else None
 
     def _send(self, method: str, params: dict[str, Any], files: dict[str, bytes],
               alive: Callable[[], bool] = lambda: True) -> tuple[int, dict[str, Any]]:

@@ -7,10 +7,12 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from nightlab.heartbeat.cli import build_parser, main
+from nightlab.heartbeat.lock import DaemonLock
 from nightlab.loop.state import ledger
 from nightlab.loop.state.store import Store
 
@@ -63,6 +65,20 @@ def test_a_command_goes_only_to_a_loop_the_user_named(loop: Path, tmp_path: Path
     assert f"{missing} is not a nightlab workspace" in err and len(err.splitlines()) == 1
     assert not (home / "nightlab-workspace").exists() and not missing.exists()
     assert pending(loop) == []
+
+
+def test_status_says_when_nightlab_is_not_running(loop: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`nightlab status` read the ledger as if the night went on: a daemon that systemd gave up on
+    looked like one between two experiments."""
+    store = Store.for_workspace(loop)
+    store.set("engine.tick", time.time() - 3 * 3600 - 60)
+    assert main(["status", "--workspace", str(loop)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[2] == ("nightlab is not running (last active 3h01m ago): no new experiment starts until it does"
+                       " (systemctl start nightlab, or nightlab run --config FILE)")
+    with DaemonLock(loop):  # as `nightlab run` holds it
+        assert main(["status", "--workspace", str(loop)]) == 0
+    assert "not running" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv", [

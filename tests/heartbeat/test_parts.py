@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from nightlab.heartbeat.engine_child import EngineProcess
 from nightlab.heartbeat.health import free_disk_gb
-from nightlab.heartbeat.jobs import Heartbeat, RestartWindow, fmt_duration
+from nightlab.heartbeat.jobs import Heartbeat, RestartWindow, exit_reason, fmt_duration
 from nightlab.heartbeat.logsetup import DaemonFormatter
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.heartbeat.service import install_unit, render_unit
@@ -38,6 +38,12 @@ def test_durations_read_like_the_kill_reasons() -> None:
     assert fmt_duration(600) == "10m00s"
     assert fmt_duration(180) == "3m00s"
     assert fmt_duration(3.2) == "0m03s"
+
+
+def test_an_engine_killed_by_a_signal_is_said_by_its_name() -> None:
+    assert exit_reason(3) == "engine exited with code 3"
+    assert exit_reason(-9) == "engine killed by SIGKILL (the out-of-memory killer, or kill -9)"  # was "code -9"
+    assert exit_reason(-15) == "engine killed by SIGTERM"
 
 
 def test_restart_window_forgets_restarts_older_than_an_hour() -> None:
@@ -115,6 +121,9 @@ def test_a_reinstall_keeps_a_unit_edited_by_hand(tmp_path: Path, monkeypatch: py
     unit.write_text(edited)
     said = install_unit(config, user=True, dry_run=False)
     assert said.startswith(f"wrote {unit} (the unit it replaces, which differed: {backup})\n")
+    # `enable --now` left a running service on the old unit
+    assert "  systemctl --user restart nightlab   # if it runs: the new unit applies (no experiment is lost)" \
+        in said.splitlines()
     assert (unit.read_text(), backup.read_text()) == (written, edited)
     monkeypatch.setenv("HOME", str(config))  # a file: no unit folder can be made below it
     with pytest.raises(UserError) as err:

@@ -15,7 +15,7 @@ from nightlab.heartbeat.engine_child import EngineProcess
 from nightlab.heartbeat.jobs import Heartbeat
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors.local import LocalExecutor
-from nightlab.loop.state import ledger
+from nightlab.loop.state import ledger, views
 from nightlab.loop.state.config import DigestSettings, settings_from_table
 from nightlab.loop.state.store import Store
 
@@ -78,6 +78,10 @@ def test_a_change_kept_on_its_third_run_is_one_keep_and_its_first_runs_did_work(
     assert "- experiments: 6 (1 baseline, 3 repeat, 1 keep, 1 discard) over" in text
     did_not_work = text.split("## What did not work\n\n", 1)[1].splitlines()
     assert did_not_work == ["- #6 discard: confirm — not better: worse by 0.2562 ± 0.0042"]
+    # the history says so too, as each digest did ("undecided, runs again", not "discard")
+    assert cli.main(["history", "--workspace", str(tmp_path / "ws")]) == 0
+    statuses = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
+    assert statuses == ["keep", "undecided", "undecided", "keep", "undecided", "discard"]
 
 
 def daemon_heartbeat(ws: Path, store: Store) -> Heartbeat:
@@ -109,6 +113,21 @@ def test_a_daemon_down_at_the_report_time_sends_the_missed_report_once(tmp_path:
     assert not daemon_heartbeat(ws, store).missed_report(datetime(2026, 12, 2, 7, 30, 40, tzinfo=UTC))
     assert not beat.daily_report(datetime(2026, 12, 2, 7, 30, 50, tzinfo=UTC))  # fired twice: once
     assert len(reports(store)) == 2
+
+
+def test_a_report_sent_by_an_older_nightlab_counts_as_sent(tmp_path: Path) -> None:
+    """Upgraded after this morning's report (it kept no time of it): a restart must not send it again."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    now = datetime.now(UTC)
+    beat = daemon_heartbeat(ws, store)
+    due = beat.report_due(now)
+    assert due is not None
+    record(store, "baseline", "keep", 1.0, "baseline", finished_at=(due - timedelta(hours=1)).timestamp())
+    store.emit("report", markdown="# nightlab report", chart_path=None)  # as the older daemon did, at its time
+    assert not beat.missed_report(now)
+    assert len(reports(store)) == 1
 
 
 def test_a_first_start_after_the_report_time_sends_no_report(tmp_path: Path) -> None:
@@ -183,3 +202,7 @@ def test_a_change_whose_re_run_the_night_did_not_reach_is_undecided_not_a_failur
     text = capsys.readouterr().out
     assert "- experiments: 2 (1 baseline, 1 undecided) over" in text
     assert text.split("## What did not work\n\n", 1)[1].splitlines() == ["- nothing failed"]
+    # the lines of /status and the history say so too, not "discard"
+    assert cli.main(["history", "--workspace", str(ws)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("#2 undecided ")
+    assert "  #2 undecided " in views.status_text(ws)

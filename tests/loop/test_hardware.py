@@ -143,3 +143,23 @@ def test_a_pinned_slurm_run_asks_for_its_node_after_the_users_flags(tmp_path: Pa
     assert args[-3:] == ["--nodelist=a", "--nodelist=gpu-node-7", str(tmp_path / "1.sbatch")]
     unpinned = ex.sbatch_args(RunSpec("true", tmp_path, tmp_path / "2.log", Slot("slurm0")), tmp_path / "2.sbatch")
     assert [a for a in unpinned if a.startswith("--nodelist")] == ["--nodelist=a"]
+
+
+def test_a_moved_workspace_keeps_its_setting(tmp_path: Path) -> None:
+    """The compile caches live in the workspace and the data dir in the data cache: moving either
+    changed the setting's digest, so every result after a move was judged as another setting (the
+    best re-measured, the night's noise and history split in two)."""
+    from nightlab.loop.hardware import record_setting
+
+    store = Store.for_workspace(tmp_path)
+
+    def env(workspace: str, cache: str, budget: str = "300") -> dict[str, str]:
+        return {"TORCHINDUCTOR_CACHE_DIR": f"{workspace}/.nightlab/compile-cache/inductor",
+                "TRITON_CACHE_DIR": f"{workspace}/.nightlab/compile-cache/triton",
+                "NIGHTLAB_DATA_DIR": f"{cache}/climbmix-10", "NIGHTLAB_TIME_BUDGET": budget}
+
+    before = record_setting(store, "python prepare.py run", env("/home/a/ws", "/home/a/.cache/nightlab"))
+    assert record_setting(store, "python prepare.py run", env("/data/ws", "/data/cache")) == before
+    assert record_setting(store, "python prepare.py run", env("/data/ws", "/data/cache", budget="600")) != before
+    other_data = {**env("/data/ws", "/data/cache"), "NIGHTLAB_DATA_DIR": "/data/cache/stdlib-1"}
+    assert record_setting(store, "python prepare.py run", other_data) != before
