@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -225,7 +226,10 @@ class Heartbeat:
         problem = self.store.get(USER_ERROR_KEY) or "see the daemon's log"
         text = f"nightlab stopped: {problem}"
         log.error("%s", text)
-        self.store.emit("alert", text=text)
+        try:
+            self.store.emit("alert", text=text)
+        except sqlite3.Error as exc:  # the ledger's disk is full: the log is all there is, stop anyway
+            log.error("that could not be stored for chat (%s)", exc)
         self.supervising = False
         self.on_engine_stopped("a problem to fix first", EXIT_USER_ERROR)
 

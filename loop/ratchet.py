@@ -39,6 +39,13 @@ class Git:
     def head(self) -> str:
         return self.g.rev_parse("HEAD")
 
+    def has_commit(self, sha: str) -> bool:
+        try:
+            self.g.cat_file("-e", f"{sha}^{{commit}}")
+        except git.GitCommandError:
+            return False
+        return True
+
     def has_commits(self) -> bool:
         return self.repo.head.is_valid()
 

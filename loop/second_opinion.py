@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.stats import HELDOUT_GAIN, gain, suspect
 from nightlab.loop.state.store import state_dir
 from nightlab.loop.workspace import Workspace
@@ -34,7 +35,12 @@ def keep_artifact(ws: Workspace, run_dir: Path, commit: str) -> Path | None:
     if not (dest / "model.pt").is_file():
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
+        try:
+            shutil.copytree(source, tmp)
+        except OSError as exc:  # a full disk: a traceback at every restart of the engine, and a half copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not keep the kept model of {commit[:7]} in {root} ({_why(exc)}) for the held-out"
+                            f" second opinion: free space there (`df -h {root}`), then start nightlab again") from None
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
     # A model is needed until the next keep has been compared with it: a few, not a night's worth.
@@ -42,6 +48,12 @@ def keep_artifact(ws: Workspace, run_dir: Path, commit: str) -> Path | None:
     for old in kept[: max(0, len(kept) - (KEPT_ARTIFACTS - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def _why(exc: OSError) -> str:
+    if isinstance(exc, shutil.Error):  # copytree gathers each file's error as "[Errno 28] No space ...: 'a' -> 'b'"
+        return str(exc.args[0][0][2]).split(": '")[0]
+    return exc.strerror or str(exc)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,12 @@ class Context:
         changed = git.changed_files()
         if git.head() == target and not changed:
             return
+        if not git.has_commit(target):  # git's own words would be a traceback, and restarts the same one
+            raise UserError(
+                f"commit {target[:7]}, which #{number} needs, is no longer in {at}: its history was rewritten or"
+                f" cleaned (git gc) under the loop. Put it back if a backup or `git -C {at} fsck --lost-found` has"
+                f" it, then start nightlab again; rewrite the session branch only while nightlab is stopped and no"
+                " experiment is open")
         saved = git.stash_edits(f"nightlab: edits found in the workspace at #{number}") if changed else []
         if saved:
             self.store.emit("alert", text=(

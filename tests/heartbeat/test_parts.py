@@ -187,3 +187,38 @@ def test_the_unit_matches_the_reattach_design(tmp_path: Path, user: bool) -> Non
         path.write_text(unit.replace("/opt/venv/bin/nightlab", "/bin/true"))
         out = subprocess.run([verify, "verify", str(path)], capture_output=True, text=True, check=False)
         assert "nightlab.service:" not in out.stderr, out.stderr
+
+
+ON_A_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from nightlab.heartbeat.engine_child import EngineProcess
+from nightlab.heartbeat.jobs import Heartbeat
+from nightlab.heartbeat.sdnotify import Notifier
+from nightlab.loop.executors.local import LocalExecutor
+from nightlab.loop.state.config import settings_from_table
+from nightlab.loop.state.store import Store
+from tests.waiting import wait_until
+
+store = Store.for_workspace(Path(sys.argv[1]))
+stopped = []
+beat = Heartbeat(settings_from_table({}), Path(sys.argv[1]), store, LocalExecutor(),
+                 EngineProcess([sys.executable, "-c", "raise SystemExit(2)"]), Notifier(None),
+                 on_engine_stopped=lambda why, code: stopped.append((why, code)))
+beat.start_engine()
+wait_until(lambda: beat.engine.poll() is not None, "the engine to stop on its problem")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # from here no write succeeds: the disk is full
+beat.check_engine()
+print(stopped)
+"""
+
+
+def test_an_engine_stopped_on_a_full_disk_stops_the_daemon_though_chat_cannot_be_told(tmp_path: Path) -> None:
+    """The engine stops (exit 2) because the ledger cannot be written; the daemon's alert cannot be
+    stored either. The daemon logged that failure at every beat and never stopped."""
+    out = subprocess.run([sys.executable, "-c", ON_A_FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert out.stdout == "[('a problem to fix first', 2)]\n", out.stderr
+    assert "nightlab stopped: see the daemon's log" in out.stderr
+    assert "could not be stored for chat (disk I/O error)" in out.stderr

@@ -406,6 +406,33 @@ def test_a_checkout_by_hand_while_a_run_is_in_flight_stops_the_engine_with_what_
     assert_consistent(settings)
 
 
+def test_a_commit_gone_from_under_an_open_experiment_is_said_not_a_git_traceback(tmp_path: Path, gates: Gates) -> None:
+    """The branch rewritten and cleaned (reset, refs removed, gc) while #2 was open: git's 'Could not
+    parse object' traceback at every restart of the engine."""
+    settings = make_stub_workspace(tmp_path)
+    ws = settings.workspace_path
+    gates.open(1)
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])
+    engine = EngineThread(settings, proposer, limit=2)
+    run = engine.running(2)
+    engine.wait_for(lambda: "step 00001" in Path(run.log_path).read_text(), "#2's trainer to have read train.py")
+    engine.join(stop=True)
+    first = ledger.experiments(engine.store)[0].commit
+    gone = ledger.get_candidate(engine.store, run.candidate_id).commit
+    git = ["git", "-C", str(ws)]
+    subprocess.run([*git, "reset", "-q", "--hard", first], check=True)
+    subprocess.run([*git, "update-ref", "-d", "refs/nightlab/exp/2"], check=True)
+    subprocess.run([*git, "reflog", "expire", "--expire=now", "--all"], check=True)
+    subprocess.run([*git, "gc", "-q", "--prune=now"], check=True)
+    gates.open(2)
+    with pytest.raises(UserError) as err:
+        run_engine(settings, 2, proposer=proposer)
+    assert str(err.value) == (
+        f"commit {gone[:7]}, which #2 needs, is no longer in {ws}: its history was rewritten or cleaned (git gc)"
+        f" under the loop. Put it back if a backup or `git -C {ws} fsck --lost-found` has it, then start nightlab"
+        " again; rewrite the session branch only while nightlab is stopped and no experiment is open")
+
+
 KILL_POINTS = [("proposed", 2), ("launched", 2), ("running", 2), ("finished", 2), ("recorded", 2),
                ("finished", 3), ("running", 4)]
 

@@ -77,3 +77,37 @@ def test_the_second_opinion_states_its_gain_as_better_is_positive_in_either_dire
     assert not held.suspect and held.text().endswith("(+0.050000), holds")
     accuracy = SecondOpinion(slice=2, kept=0.95, base=1.0, direction="maximize")  # lower accuracy: worse
     assert accuracy.suspect and accuracy.text().endswith("(-0.050000), SUSPECT: the gain vanishes there")
+
+
+KEEP_ON_A_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from nightlab.loop.second_opinion import keep_artifact
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.workspace import Workspace
+
+root = Path(sys.argv[1])
+(root / "run" / ".nightlab" / "artifact").mkdir(parents=True)
+(root / "run" / ".nightlab" / "artifact" / "model.pt").write_bytes(bytes(2 << 20))
+ws = Workspace(root / "ws", "autoresearch/t", "tiny", {}, ("train.py",), (), "true", True)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the copy stops at 1 MB: a full disk
+try:
+    keep_artifact(ws, root / "run", "abcdef0123")
+except UserError as e:
+    print(e)
+print(sorted(p.name for p in (root / "ws" / ".nightlab" / "artifacts").iterdir()))
+"""
+
+
+def test_a_kept_model_that_cannot_be_copied_is_said_and_leaves_no_half_copy(tmp_path: Path) -> None:
+    """An OSError traceback at every restart of the engine, and a half copy eating the space left."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", KEEP_ON_A_FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    where = tmp_path / "ws" / ".nightlab" / "artifacts"
+    assert out.stdout == (f"could not keep the kept model of abcdef0 in {where} ([Errno 27] File too large) for the"
+                          f" held-out second opinion: free space there (`df -h {where}`), then start nightlab again\n"
+                          "[]\n"), out.stderr
