@@ -94,15 +94,20 @@ print(f"val_bpb: {1.0 + abs(LEARNING_RATE - 0.05):.6f}")
 """
 
 
-def test_the_next_start_reattaches_to_the_run_a_sigterm_left_running(
-    harness: Harness, tmp_path: Path
-) -> None:
+def _stub_project(tmp_path: Path) -> tuple[Path, str]:
+    """A workspace whose train.py is STUB_TRAIN, and the config lines that run it."""
     workspace = tmp_path / "ws"
     workspace.mkdir()
     (workspace / "train.py").write_text(STUB_TRAIN)
     subprocess.run(["git", "init", "-q", str(workspace)], check=True)
-    project = (f'[project]\nrun_command = "{sys.executable} train.py"\nprotected = []\n'
-               '[loop]\ncheckpoint_interval = 0.2\n')
+    return workspace, (f'[project]\nrun_command = "{sys.executable} train.py"\nprotected = []\n'
+                       '[loop]\ncheckpoint_interval = 0.2\n')
+
+
+def test_the_next_start_reattaches_to_the_run_a_sigterm_left_running(
+    harness: Harness, tmp_path: Path
+) -> None:
+    workspace, project = _stub_project(tmp_path)
     first = harness.start(real_engine=True, extra_config=project, max_experiments=2)
     store = first.store
     run = wait_until(lambda: (ledger.running_runs(store) or [None])[0], timeout=60, what="the baseline run")
@@ -127,12 +132,7 @@ def test_an_engine_restarted_after_an_edit_nobody_reloaded_runs_with_the_daemons
     (say, the OOM killer): the heartbeat's restart must bring back an engine with the config the
     daemon loaded, as the README promises (an edit applies on a reload or a restart). It used to
     read the file again, exit 2 on every restart and leave the loop paused for "3 restarts"."""
-    workspace = tmp_path / "ws"
-    workspace.mkdir()
-    (workspace / "train.py").write_text(STUB_TRAIN)
-    subprocess.run(["git", "init", "-q", str(workspace)], check=True)
-    project = (f'[project]\nrun_command = "{sys.executable} train.py"\nprotected = []\n'
-               '[loop]\ncheckpoint_interval = 0.2\n')
+    workspace, project = _stub_project(tmp_path)
     daemon = harness.start(real_engine=True, extra_config=project)
     first = wait_until(lambda: holder(workspace), timeout=60, what="the engine to take its lock")
     config = tmp_path / "daemon.toml"
