@@ -108,3 +108,16 @@ def test_an_experiment_recorded_before_patches_were_kept_says_how_to_see_it(tmp_
     said = f"no patch in the ledger (recorded by an older nightlab); on the workspace's machine: git -C {ws.resolve()} diff {base} {commit}"
     assert views.diff_text(ws, 2) == f"#2 keep: step 0: VAL_BPB=[0.9]\n{said}"
     assert views.diff_text(ws) == f"the best, #2, against the baseline, #1: step 0: VAL_BPB=[0.9]\n{said}"
+
+
+def test_a_change_in_flight_is_shown_before_its_result(tmp_path: Path) -> None:
+    store = Store.for_workspace(tmp_path)
+    ledger.new_candidate(store, "baseline", "a" * 40, commit="a" * 40, phase="running", description="baseline")
+    proposing = ledger.new_candidate(store, "proposal", "a" * 40, description="")
+    running = ledger.new_candidate(store, "proposal", "a" * 40, commit="b" * 40, phase="running",
+                                   description="raise the warmup")
+    ledger.record_patch(store, ledger.make_patch("a" * 40, "b" * 40, {"train.py": (1, 1)}, "-WARMUP = 0\n+WARMUP = 0.1\n"))
+    assert views.diff_text(tmp_path, running.number) == "#3 in flight: raise the warmup\naaaaaaa..bbbbbbb train.py +1 -1\n-WARMUP = 0\n+WARMUP = 0.1"
+    assert views.diff_text(tmp_path, proposing.number) == "#2 in flight: proposal\nno change yet: its proposal is being made"
+    assert views.diff_text(tmp_path, 1) == "#1 in flight: baseline\nno change: a baseline runs the code as it is"
+    assert views.diff_text(tmp_path) == "no result yet"
