@@ -342,11 +342,6 @@ def segments(rows: list[Experiment]) -> list[int]:
     return out
 
 
-def experiment(store: Store, number: int) -> Experiment | None:
-    row = store.connection().execute("SELECT * FROM experiments WHERE number = ?", (number,)).fetchone()
-    return None if row is None else _experiment(row)
-
-
 def experiment_count(store: Store) -> int:
     return int(store.connection().execute("SELECT COUNT(*) FROM experiments").fetchone()[0])
 
