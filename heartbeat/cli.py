@@ -197,6 +197,8 @@ def cmd_view(args: argparse.Namespace) -> int:
                                   direction=_settings(args).project.direction)
     elif args.command == "best":
         text = views.best_text(path)
+    elif args.command == "diff":  # a terminal takes all the ledger holds, not a chat message's worth
+        text = views.diff_text(path, args.number)
     else:
         text = views.report_markdown(path)
     print(text)
@@ -296,13 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
              "  nightlab ctl note try a longer warmup --workspace ~/nightlab-ws\n"
              "  nightlab ctl --config nightlab.toml note -- text that starts with --")
     _config_args(p)
-    p.add_argument("name", help="pause | resume | focus | note | kill | status | ...")
+    p.add_argument("name", help="pause | resume | focus | note | kill | status | diff | ...")
     p.add_argument("words", nargs="*", help="the command's arguments (after -- when they start with -)")
 
     for name, summary, example in (
         ("status", "what the loop is doing now", "nightlab status --config nightlab.toml"),
         ("history", "the last experiments", "nightlab history --config nightlab.toml -n 20"),
         ("best", "the best result and its change", "nightlab best --config nightlab.toml"),
+        ("diff", "what an experiment changed, as a diff (default: the best against the baseline)",
+         "nightlab diff 37 --config nightlab.toml"),
         ("report", "the session report (markdown)", "nightlab report --config nightlab.toml"),
     ):
         p = _add(sub, name, cmd_view, summary, example)
@@ -314,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
             only.add_argument("--status", choices=("keep", "discard", "crash", "checks_failed"),
                               help="only experiments with this status")
             p.add_argument("--top", type=_positive_int, metavar="N", help="the N best results, best first")
+        if name == "diff":
+            p.add_argument("number", nargs="?", type=_positive_int, metavar="N",
+                           help="the experiment (default: the best, against the night's baseline)")
 
     p = _add(sub, "config", lambda a: 0, "configuration tools", "nightlab config check nightlab.toml")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

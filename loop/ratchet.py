@@ -211,6 +211,13 @@ class Git:
             stats[path] = (int(added) if added.isdigit() else 0, int(removed) if removed.isdigit() else 0)
         return stats
 
+    def patch(self, base: str, commit: str) -> str:
+        """`git diff base commit` as a person's git shows it, uncoloured (a file's mode alone is
+        no change, as in `file_numstat`); bytes that are not UTF-8 become U+FFFD."""
+        out = self.g(c="core.fileMode=false").diff("--no-color", "--no-ext-diff", base, commit,
+                                                   stdout_as_string=False)
+        return bytes(out).decode("utf-8", "replace")
+
     def diff_names(self, diff_filter: str, *revs: str, paths: Sequence[str] = ()) -> list[str]:
         """The paths of a diff (`git diff REVS`) with a status in `diff_filter` (D: deleted, U: in conflict)."""
         return self.g.diff("--name-only", f"--diff-filter={diff_filter}", *revs, "--", *paths).splitlines()

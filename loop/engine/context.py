@@ -84,6 +84,11 @@ class Context:
         rows = ledger.experiments(self.store, last=1) if rows is None else rows
         return rows[-1].best if rows else None
 
+    def patch(self, base: str, commit: str) -> ledger.Patch:
+        """`commit`'s change from `base` as the ledger keeps it for /diff: the bot cannot run git.
+        Made before the transaction that records it, so no git call holds the store's lock."""
+        return ledger.make_patch(base, commit, self.git.file_numstat(base, commit), self.git.patch(base, commit))
+
     def log_path(self, number: int) -> Path:
         return self.run_root / "runs" / f"{number}.log"
 

@@ -63,7 +63,9 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
     if not ctx.in_place:  # the run gets a snapshot; the workspace stays at the wave's base
         git.reset_to(cand.base_commit)
     added, removed = git.numstat(cand.base_commit, commit)
+    patch = ctx.patch(cand.base_commit, commit)
     with store.transaction():
+        ledger.record_patch(store, patch)
         ledger.update_candidate(store, cand.id, phase="committed", commit_sha=commit,
                                 lines_added=added, lines_removed=removed, **described)
         ledger.mark_notes_delivered(store, [cid for cid, _ in notes], cand.number)

@@ -13,7 +13,7 @@ from nightlab.loop.engine.deciding import held_out_opinion
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import failures_in_a_row, without_a_keep
 from nightlab.loop.judge import DATA_PROBLEM_PREFIX
-from nightlab.loop.state import ledger
+from nightlab.loop.state import ledger, views
 from nightlab.loop.state.ledger import Candidate, Experiment
 from nightlab.loop.state.stats import HELDOUT_GAIN
 
@@ -45,13 +45,24 @@ def record(ctx: Context, cand: Candidate) -> None:
         slot=out.slot, started_at=out.started_at, finished_at=out.finished_at,
         hardware=hw, setting=ctx.setting if hw else "",
     )
+    night = _night_patch(ctx, exp, rows)
     with ctx.store.transaction():
+        if night is not None:
+            ledger.record_patch(ctx.store, night)
         if not ledger.record_experiment(ctx.store, cand.id, exp, finished_event(ctx, exp, out, previous)):
             ledger.update_candidate(ctx.store, cand.id, phase="recorded")
             return
         _on_streaks(ctx, [*rows, exp])
     ctx.learn([exp])
     say(f"#{exp.number} {exp.status} {exp.metric if exp.metric is not None else ''} {exp.reason}")
+
+
+def _night_patch(ctx: Context, exp: Experiment, rows: list[Experiment]) -> ledger.Patch | None:
+    """A kept change against the night's baseline: what /diff shows of the best."""
+    base = views.baseline(rows, exp.hardware_class)
+    if exp.status != "keep" or exp.kind == "baseline" or base is None or base.commit == exp.commit:
+        return None
+    return ctx.patch(base.commit, exp.commit)
 
 
 def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float | None) -> dict[str, Any]:

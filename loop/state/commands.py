@@ -130,6 +130,26 @@ class Best(View):
 
 
 @dataclass(frozen=True)
+class Diff(View):
+    name, usage = "diff", "diff [N]"
+    help = "what experiment N changed, as a diff (default: the best against the baseline)"
+    number: int | None = None  # None: the best's change against the night's baseline
+
+    @classmethod
+    def parse(cls, rest: str, areas: Areas) -> Self:
+        rest = rest.removeprefix("#")
+        if rest and not (rest.isdigit() and int(rest) >= 1):
+            raise CommandError(f"diff takes an experiment number, got {rest[:20]!r}; {usage(cls.name)}")
+        return cls(int(rest) if rest else None)
+
+    def args(self) -> str:
+        return "" if self.number is None else str(self.number)
+
+    def answer(self, workspace: Path) -> str:
+        return views.diff_text(workspace, self.number, views.CHAT_DIFF_CHARS)
+
+
+@dataclass(frozen=True)
 class Last(View):
     name, usage, help = "last", "last [N]", "the last N experiments (default 5, at most 50)"
     n: int = 5
@@ -311,7 +331,7 @@ class Kill(Steer):
 
 
 REGISTRY: dict[str, type[Command]] = {
-    c.name: c for c in (Help, Status, Best, Last, Plot, Report, Pause, Resume, Focus, Note, Kill)
+    c.name: c for c in (Help, Status, Best, Diff, Last, Plot, Report, Pause, Resume, Focus, Note, Kill)
 }
 
 

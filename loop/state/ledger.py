@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,11 @@ def new_candidate(
 def get_candidate(store: Store, candidate_id: int) -> Candidate:
     row = store.connection().execute("SELECT * FROM candidates WHERE id = ?", (candidate_id,)).fetchone()
     return _candidate(row)
+
+
+def candidate_numbered(store: Store, number: int) -> Candidate | None:
+    row = store.connection().execute("SELECT * FROM candidates WHERE number = ?", (number,)).fetchone()
+    return None if row is None else _candidate(row)
 
 
 def open_candidates(store: Store) -> list[Candidate]:
@@ -343,6 +349,64 @@ def experiment_count(store: Store) -> int:
 def last_number(store: Store) -> int:
     """The number of the last recorded experiment (0 when none)."""
     return int(store.connection().execute("SELECT COALESCE(MAX(number), 0) FROM experiments").fetchone()[0])
+
+
+# -- patches: a change as text, for /diff (the bot cannot run git) ---------------------------------
+PATCH_CAP_BYTES = 16 * 1024  # a diff's first lines kept; the view gives the git command for the rest
+
+
+@dataclass(frozen=True)
+class Patch:
+    """`git diff base commit` as the ledger keeps it: `text` holds its first lines (up to
+    PATCH_CAP_BYTES), `lines` counts them all, `files` is the whole change's (path, added, removed)."""
+
+    base: str
+    commit: str
+    files: tuple[tuple[str, int, int], ...]
+    text: str
+    lines: int
+
+
+def make_patch(base: str, commit: str, files: dict[str, tuple[int, int]], diff: str) -> Patch:
+    """The patch of a whole diff, capped."""
+    every = split_lines(diff)
+    kept = first_lines(every, PATCH_CAP_BYTES, lambda line: len(line.encode()))
+    return Patch(base, commit, tuple((path, a, r) for path, (a, r) in files.items()), "".join(kept), len(every))
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines with their ends, at "\n" only (a form feed in code is no line end for git)."""
+    *ended, last = text.split("\n")
+    return [line + "\n" for line in ended] + ([last] if last else [])
+
+
+def first_lines(lines: list[str], budget: int, size: Callable[[str], int] = len) -> list[str]:
+    """The longest head of `lines` whose sizes add up to at most `budget`."""
+    out: list[str] = []
+    for line in lines:
+        budget -= size(line)
+        if budget < 0:
+            break
+        out.append(line)
+    return out
+
+
+def record_patch(store: Store, patch: Patch) -> None:
+    """Keep a change's patch (joins an open transaction); the same change again replaces it."""
+    with store.transaction() as db:
+        db.execute(
+            "INSERT OR REPLACE INTO patches(base_commit, commit_sha, files, patch, lines) VALUES(?, ?, ?, ?, ?)",
+            (patch.base, patch.commit, json.dumps(patch.files), patch.text, patch.lines),
+        )
+
+
+def recorded_patch(store: Store, base: str, commit: str) -> Patch | None:
+    """The change from `base` to `commit`; None where none was recorded (an older nightlab's)."""
+    row = store.connection().execute(
+        "SELECT * FROM patches WHERE base_commit = ? AND commit_sha = ?", (base, commit)).fetchone()
+    if row is None:
+        return None
+    return Patch(base, commit, tuple((p, a, r) for p, a, r in json.loads(row["files"])), row["patch"], row["lines"])
 
 
 # -- notes: a note command stays 'queued' until a proposal receives it ------------------------------

@@ -26,7 +26,8 @@ from nightlab.loop.state.errors import UserError
 STATE_DIRNAME = ".nightlab"
 DB_FILENAME = "state.db"
 # PRAGMA user_version of the database: raised with every change an older nightlab would misread
-# (the columns in _ADDED_COLUMNS are read by every version, so they left it at 1)
+# (the columns in _ADDED_COLUMNS are read by every version, and a new table, `patches`, is never
+# read by an older one, so they left it at 1)
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -116,6 +117,17 @@ CREATE TABLE IF NOT EXISTS experiments (
     finished_at   REAL NOT NULL,
     hardware      TEXT NOT NULL DEFAULT '',     -- what it ran on, e.g. "NVIDIA H100 80GB HBM3"
     setting       TEXT NOT NULL DEFAULT ''      -- digest of the run command + environment
+);
+-- Changes as patches, for /diff (the bot cannot run git): the engine records a candidate's change
+-- when it commits it (base = the commit it was made on) and a kept change's against the baseline.
+-- Experiments recorded before this table have none; the view gives the git command instead.
+CREATE TABLE IF NOT EXISTS patches (
+    base_commit TEXT NOT NULL,
+    commit_sha  TEXT NOT NULL,
+    files       TEXT NOT NULL,                -- JSON [[path, lines added, lines removed], ...]: the whole change
+    patch       TEXT NOT NULL,                -- `git diff base commit`, its first lines up to a cap (ledger.py)
+    lines       INTEGER NOT NULL,             -- lines of the whole diff (more than `patch` has when capped)
+    PRIMARY KEY (base_commit, commit_sha)
 );
 """
 

@@ -5,11 +5,13 @@ Read-only: every view opens the store, reads, and formats; none of them needs th
 
 from __future__ import annotations
 
+import shlex
 import statistics
 import time
 from pathlib import Path
 
 from nightlab.loop.state import ledger
+from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Experiment, HardwareClass, started_at
 from nightlab.loop.state.lock import DAEMON_LOCK, holder
 from nightlab.loop.state.stats import (
@@ -136,13 +138,19 @@ def _night(store: Store, rows: list[Experiment]) -> tuple[Experiment, list[float
     if best is None:
         return None
     cls = best.hardware_class
-    base = next((e for e in rows if e.kind == "baseline" and e.hardware_class == cls and e.metric is not None), None)
+    base = baseline(rows, cls)
     if base is None:
         return None
-    baseline = _values(rows, base.commit, cls)
+    baseline_values = _values(rows, base.commit, cls)
     groups = [_values(rows, c, cls) for c in sorted({e.commit for e in rows if e.hardware_class == cls})]
-    noise = pooled_noise(groups, store.get(NOISE_PRIOR_KEY, 0.0) * (abs(statistics.fmean(baseline)) or 1.0))
-    return best, baseline, noise
+    noise = pooled_noise(groups, store.get(NOISE_PRIOR_KEY, 0.0) * (abs(statistics.fmean(baseline_values)) or 1.0))
+    return best, baseline_values, noise
+
+
+def baseline(rows: list[Experiment], cls: HardwareClass) -> Experiment | None:
+    """The night's baseline on a hardware class: its first baseline with a result, what the best's
+    gain is measured against (and its change shown against, by /diff)."""
+    return next((e for e in rows if e.kind == "baseline" and e.hardware_class == cls and e.metric is not None), None)
 
 
 def _classes_line(rows: list[Experiment]) -> str:
@@ -334,6 +342,77 @@ def best_text(workspace: Path) -> str:
         text += f"\nheld-out gain: {_heldout(best_exp)}" + (" (the gain vanishes on rows no decision saw)"
                                                             if suspect(best_exp.metrics) else "")
     return text
+
+
+CHAT_DIFF_CHARS = 2500  # a /diff in one chat message: Slack's 3000, less room for its escapes
+_HEAD_CHARS = 160  # a long description (an agent's summary) leaves the message to the diff
+
+
+def diff_text(workspace: Path, number: int | None = None, limit: int | None = None) -> str:
+    """Experiment `number`'s change against the commit it was made on, or (None) the best's
+    against the night's baseline: a stat line, then the unified diff, its first lines within
+    `limit` characters (None: all the ledger holds); what is left out is said, with the git
+    command that shows it all."""
+    store = Store.existing(workspace)
+    rows = ledger.experiments(store)
+    if number is None:
+        best, _ = _best(rows)
+        if best is None:
+            return "no result yet"
+        base = baseline(rows, best.hardware_class)
+        if best.kind == "baseline":
+            return f"the best is the baseline (#{best.number}, {best.commit[:7]}): no change has been kept yet"
+        if base is not None:
+            head = f"the best, #{best.number}, against the baseline, #{base.number}: {_short(best.description)}"
+            return _change(store, workspace, head, base.commit, best.commit, limit)
+        number = best.number  # no baseline measured on its hardware: its own change
+    cand = ledger.candidate_numbered(store, number)
+    if cand is None:
+        last = ledger.last_number(store)
+        raise UserError(f"there is no experiment #{number}" + (f"; the last recorded is #{last}" if last else " yet"))
+    exp = next((e for e in rows if e.number == number), None)
+    status = "in flight" if exp is None else "undecided" if number in _undecided_runs(store, rows) else exp.status
+    head = f"#{number} {status}: {_short(cand.description or cand.kind)}"
+    commit = cand.commit if exp is None else exp.commit
+    if commit is None:
+        return f"{head}\nno change yet: its proposal is being made"
+    if commit == cand.base_commit:  # a baseline, or a proposal that ended before its commit
+        why = "a baseline runs the code as it is" if cand.kind == "baseline" else exp.reason if exp else ""
+        return f"{head}\nno change" + (f": {why}" if why else "")
+    return _change(store, workspace, head, cand.base_commit, commit, limit)
+
+
+def _change(store: Store, workspace: Path, head: str, base: str, commit: str, limit: int | None) -> str:
+    command = f"git -C {shlex.quote(str(Path(workspace).resolve()))} diff {base} {commit}"
+    found = ledger.recorded_patch(store, base, commit)
+    if found is None:
+        return f"{head}\nno patch in the ledger (recorded by an older nightlab); on the workspace's machine: {command}"
+    stat = f"{base[:7]}..{commit[:7]} {_stat(found.files)}"
+    lines = ledger.split_lines(found.text)
+    if limit is not None:  # the note's numbers at their longest, so whatever is cut fits with it
+        room = limit - len(head) - len(stat) - len(_cut(found.lines, found.lines, command)) - 3
+        lines = ledger.first_lines(lines, room)
+    out = [head, stat, "".join(lines).rstrip("\n")]
+    if len(lines) < found.lines:
+        out.append(_cut(found.lines - len(lines), found.lines, command))
+    return "\n".join(out)
+
+
+def _cut(left: int, total: int, command: str) -> str:
+    return f"… {left} of {total} lines not shown; all of it: {command}"
+
+
+def _stat(files: tuple[tuple[str, int, int], ...]) -> str:
+    """ "train.py +3 -1", or "2 files +4 -2: train.py +3 -1, model.py +1 -1"."""
+    each = ", ".join(f"{path} +{added} -{removed}" for path, added, removed in files)
+    if len(files) == 1:
+        return each
+    return f"{len(files)} files +{sum(f[1] for f in files)} -{sum(f[2] for f in files)}" + (f": {each}" if each else "")
+
+
+def _short(text: str) -> str:
+    one = " ".join(text.split())
+    return one if len(one) <= _HEAD_CHARS else one[:_HEAD_CHARS - 1] + "…"
 
 
 def improvements(rows: list[Experiment], direction: str = "minimize") -> list[tuple[Experiment, float]]:

@@ -70,6 +70,15 @@ def finished(store: Store, status: str = "discard", metric: float | None = 1.0, 
     return cand.number
 
 
+def finished_with_patch(store: Store, diff: str, **extra: Any) -> int:
+    """`finished`, its change recorded as a patch as the engine records it when it commits one."""
+    number = finished(store, "keep", 0.98, **extra)
+    lines = [x for x in diff.splitlines() if not x.startswith(("+++", "---"))]
+    added, removed = sum(x.startswith("+") for x in lines), sum(x.startswith("-") for x in lines)
+    ledger.record_patch(store, ledger.make_patch("base", "c0ffee", {"train.py": (added, removed)}, diff))
+    return number
+
+
 def running(store: Store, started_ago_s: float = 60.0) -> int:
     """A candidate with a run in flight, started `started_ago_s` ago; returns its number."""
     cand = ledger.new_candidate(store, "proposal", "base", phase="running", description="in flight")

@@ -14,7 +14,7 @@ from nightlab.loop.state import views
 from nightlab.loop.state.config import Secret, Secrets
 from nightlab.loop.state.store import Store
 
-from tests.bot.conftest import finished, running, settings, start_service
+from tests.bot.conftest import finished, finished_with_patch, running, settings, start_service
 from tests.fakes.slack_server import FakeSlack
 from tests.waiting import wait_until
 
@@ -209,3 +209,18 @@ def test_backticks_in_a_crash_log_or_a_description_never_end_the_code_block(slac
     assert post.text.count("```") == 2 and post.text.endswith("```"), post.text  # the block's own fences only
     assert post.text.replace("\u200b", "").endswith(f"```\n\n{tail}```")  # the log itself, unchanged to the eye
     assert "fix ```the``` bug" in post.text.replace("\u200b", "")
+
+
+def test_a_long_diff_is_one_message_cut_with_the_command_for_the_rest(slack: FakeSlack, bot: BotService,
+                                                                       store: Store, workspace: Path) -> None:
+    # Slack's messages are the shortest, and a diff's < > & each cost several characters escaped
+    body = "".join(f"+    if step < warmup and lr > 0: lr = lr * (step + 1) / warmup  # {i}\n" for i in range(150))
+    number = finished_with_patch(store, "--- a/train.py\n+++ b/train.py\n@@ -1,0 +1,150 @@\n" + body)
+    slack.wait_for(1, CHANNEL)  # its digest
+    slack.slash_command(f"diff {number}", VIEWER, CHANNEL)
+    slack.slash_command("best", VIEWER, CHANNEL)  # answered next: the diff took exactly one message
+    diff, best = replies(slack, CHANNEL, 1, count=2)
+    text = views.diff_text(workspace, number, views.CHAT_DIFF_CHARS)
+    assert diff == "```\n" + text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") + "```"
+    assert text.endswith(f"of 153 lines not shown; all of it: git -C {workspace.resolve()} diff base c0ffee")
+    assert best.startswith("```\nbest val_bpb")

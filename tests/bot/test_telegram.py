@@ -16,7 +16,7 @@ from nightlab.loop.state import views
 from nightlab.loop.state.config import Secret, Secrets
 from nightlab.loop.state.store import Store
 
-from tests.bot.conftest import finished, running, settings, start_service
+from tests.bot.conftest import finished, finished_with_patch, running, settings, start_service
 from tests.fakes.telegram_server import FakeTelegram
 from tests.waiting import wait_until
 
@@ -64,6 +64,17 @@ def test_registers_commands_and_answers_read_only_commands(tg: FakeTelegram, bot
     assert sent.parse_mode == "HTML" and "a&lt;b &amp; c: &lt;b&gt;bold?&lt;/b&gt;" in sent.raw  # shown verbatim
     assert ask(tg, "/best", VIEWER) == [views.best_text(workspace)]
     assert "pause [now]" in ask(tg, "/help@nightlab_test_bot", OPERATOR)[0]
+
+
+def test_diff_shows_what_an_experiment_changed(tg: FakeTelegram, bot: BotService, store: Store,
+                                              workspace: Path) -> None:
+    diff = "--- a/train.py\n+++ b/train.py\n@@ -20 +20 @@\n-MATRIX_LR = 0.04\n+MATRIX_LR = 0.05  # if a<b & c"
+    number = finished_with_patch(store, diff, description="MATRIX_LR 0.04→0.05")
+    tg.wait_for(1, GROUP)
+    assert ask(tg, f"/diff {number}", VIEWER) == [f"#{number} keep: MATRIX_LR 0.04→0.05\nbase..c0ffee train.py +1 -1\n{diff}"]
+    sent = tg.messages(VIEWER)[-1]
+    assert sent.raw.startswith("<pre>") and "# if a&lt;b &amp; c" in sent.raw  # monospace, shown verbatim
+    assert ask(tg, "/diff 9", VIEWER) == [f"⚠️ there is no experiment #9; the last recorded is #{number}"]
 
 
 def test_operator_command_is_written_and_promised(tg: FakeTelegram, bot: BotService, store: Store) -> None:

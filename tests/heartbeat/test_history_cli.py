@@ -14,7 +14,7 @@ import pytest
 from nightlab.heartbeat import cli
 from nightlab.loop.state.store import Store
 
-from tests.bot.conftest import finished
+from tests.bot.conftest import finished, finished_with_patch
 
 
 @pytest.fixture
@@ -70,6 +70,22 @@ def test_filters_that_contradict_are_refused_in_one_line(workspace: Path, capsys
         code = exit_.code
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == said
+
+
+def test_diff_prints_all_the_ledger_holds_and_ctl_diff_the_chat_s_cut(workspace: Path, capsys) -> None:
+    store = Store.for_workspace(workspace)
+    diff = "--- a/train.py\n+++ b/train.py\n@@ -1,0 +1,400 @@\n" + "".join(f"+# line {i}\n" for i in range(400))
+    number = finished_with_patch(store, diff, description="a long comment")
+    store.close()
+    assert cli.main(["diff", str(number), "--workspace", str(workspace)]) == 0
+    assert capsys.readouterr().out == f"#{number} keep: a long comment\nbase..c0ffee train.py +400 -0\n{diff}"
+    assert cli.main(["ctl", "diff", str(number), "--workspace", str(workspace)]) == 0  # as a chat gets it
+    assert capsys.readouterr().out.rstrip().endswith(f"lines not shown; all of it: git -C {workspace.resolve()} diff base c0ffee")
+    assert cli.main(["diff", "99", "--workspace", str(workspace)]) == 2
+    assert capsys.readouterr().err == f"nightlab: there is no experiment #99; the last recorded is #{number}\n"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["diff", "best", "--workspace", str(workspace)])
+    assert exit_.value.code == 2 and "expected a whole number, got 'best'" in capsys.readouterr().err
 
 
 def _disk_full() -> None:

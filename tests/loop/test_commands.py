@@ -7,6 +7,7 @@ from nightlab.loop.state.commands import (
     REGISTRY,
     Command,
     CommandError,
+    Diff,
     Focus,
     Kill,
     Last,
@@ -33,6 +34,8 @@ AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")
         ("/note try a longer warmup", Note("try a longer warmup")),
         ("last 3", Last(3)),
         ("kill #42", Kill(42)),
+        ("/diff", Diff()),
+        ("diff #37", Diff(37)),
     ],
 )
 def test_valid(text: str, expected: Command) -> None:
@@ -53,6 +56,8 @@ def test_valid(text: str, expected: Command) -> None:
         ("/status please", "status takes no arguments"),
         ("/note", "note needs some text"),
         ("/kill everything", "kill takes an experiment number"),
+        ("/diff best", "diff takes an experiment number, got 'best'; usage: diff"),
+        ("/diff 0", "diff takes an experiment number"),
         ("x" * 5000, "command too long"),
     ],
 )
@@ -109,7 +114,7 @@ def test_the_pause_broadcast_says_each_thing_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", ["help", "last 7", "pause now", "pause", "focus attention", "focus off",
-                                  "note try rope", "kill", "kill 3", "resume", "status"])
+                                  "note try rope", "kill", "kill 3", "resume", "status", "diff", "diff 4"])
 def test_a_command_travels_as_itself(text: str) -> None:
     """What the commands table keeps is the typed command, read back equal; and its text parses to it."""
     command = parse_command(text, AREAS)
@@ -124,7 +129,7 @@ def test_an_unreadable_stored_command_says_so() -> None:
 
 
 def test_every_command_is_one_spec_in_the_registry() -> None:
-    assert list(REGISTRY) == ["help", "status", "best", "last", "plot", "report",
+    assert list(REGISTRY) == ["help", "status", "best", "diff", "last", "plot", "report",
                               "pause", "resume", "focus", "note", "kill"]
     for name, spec in REGISTRY.items():
         assert spec.name == name and spec.usage.startswith(name) and spec.help
