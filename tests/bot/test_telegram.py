@@ -69,6 +69,8 @@ def test_registers_commands_and_answers_read_only_commands(tg: FakeTelegram, bot
 def test_operator_command_is_written_and_promised(tg: FakeTelegram, bot: BotService, store: Store) -> None:
     number = running(store, started_ago_s=200)
     finished(store, "keep", 0.99, duration_s=320)
+    # its digest first: sent while /focus was asked below, it was taken for the reply in the group
+    tg.wait_for(1, GROUP)
     reply = ask(tg, "/pause", OPERATOR)[0]
     assert reply.startswith(f"✔ pausing after #{number} finishes, ~"), reply
     (cmd,) = store.pending_commands()
@@ -226,7 +228,7 @@ def test_outage_queues_then_delivers_everything_in_order(tg: FakeTelegram, bot: 
         store.emit("alert", text=f"during {i}")
     wait_until(lambda: len(bot_waiting(store)) >= 10, "ten messages waiting in the outbox")
     tg.up()
-    got = tg.wait_for(11, GROUP, timeout=15)
+    got = tg.wait_for(11, GROUP, timeout=30)
     assert [m.text for m in got] == ["🚨 before", *(f"🚨 during {i}" for i in range(10))]
 
 
