@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,13 @@ _SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 class Notifier:
     address: str | None  # None: not under systemd, every message is dropped
     watchdog_usec: int | None = None  # None: no WatchdogSec= in the unit
+    # STATUS/WATCHDOG=1 only between READY=1 and STOPPING=1: the beats run on the scheduler's
+    # threads, so the first can come before the daemon has said READY=1, and one in flight (its
+    # status line read while the daemon began to stop) after STOPPING=1, showing systemd a running
+    # status while we stop.
+    _ready: bool = field(default=False, init=False)
+    _stopping: bool = field(default=False, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @classmethod
     def from_environ(cls, environ: MutableMapping[str, str] | None = None) -> Notifier:
@@ -65,16 +73,22 @@ class Notifier:
         return True
 
     def ready(self, status: str) -> bool:
-        return self.send(READY="1", STATUS=status)
+        with self._lock:
+            self._ready = True
+            return self.send(READY="1", STATUS=status)
 
     def status(self, text: str, watchdog: bool) -> bool:
+        """STATUS (and WATCHDOG=1); False, sending nothing, before ready() or after stopping()."""
         fields = {"STATUS": _one_line(text)}
         if watchdog:
             fields["WATCHDOG"] = "1"
-        return self.send(**fields)
+        with self._lock:
+            return self._ready and not self._stopping and self.send(**fields)
 
     def stopping(self, status: str) -> bool:
-        return self.send(STOPPING="1", STATUS=_one_line(status))
+        with self._lock:
+            self._stopping = True
+            return self.send(STOPPING="1", STATUS=_one_line(status))
 
 
 def _one_line(text: str) -> str:

@@ -80,6 +80,8 @@ def test_diff_shows_what_an_experiment_changed(tg: FakeTelegram, bot: BotService
 def test_operator_command_is_written_and_promised(tg: FakeTelegram, bot: BotService, store: Store) -> None:
     number = running(store, started_ago_s=200)
     finished(store, "keep", 0.99, duration_s=320)
+    # its digest first: sent while /focus was asked below, it was taken for the reply in the group
+    tg.wait_for(1, GROUP)
     reply = ask(tg, "/pause", OPERATOR)[0]
     assert reply.startswith(f"✔ pausing after #{number} finishes, ~"), reply
     (cmd,) = store.pending_commands()
@@ -231,13 +233,16 @@ def test_plot_sends_a_png(tg: FakeTelegram, bot: BotService, store: Store) -> No
 
 def test_outage_queues_then_delivers_everything_in_order(tg: FakeTelegram, bot: BotService, store: Store) -> None:
     store.emit("alert", text="before")
-    tg.wait_for(1, GROUP)
+    # Delivered as far as the bot knows, not just received: an outage that cuts the reply off is
+    # one the bot must send it again after (at least once), and it came twice.
+    wait_until(lambda: store.connection().execute("SELECT COUNT(*) FROM outbox WHERE status = 'sent'").fetchone()[0],
+               "'before' marked sent")
     tg.down()
     for i in range(10):
         store.emit("alert", text=f"during {i}")
     wait_until(lambda: len(bot_waiting(store)) >= 10, "ten messages waiting in the outbox")
     tg.up()
-    got = tg.wait_for(11, GROUP, timeout=15)
+    got = tg.wait_for(11, GROUP, timeout=30)
     assert [m.text for m in got] == ["🚨 before", *(f"🚨 during {i}" for i in range(10))]
 
 

@@ -165,7 +165,7 @@ class FakeSlack:
         return self._envelope("events_api", {"type": "event_callback", "team_id": "T1", "event": event,
                                              "event_id": f"Ev{next(self._ids)}"})
 
-    def acked(self, envelope_id: str, timeout: float = 5.0) -> bool:
+    def acked(self, envelope_id: str, timeout: float = 20.0) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:
             while envelope_id not in self.acks:

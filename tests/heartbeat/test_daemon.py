@@ -59,7 +59,7 @@ def test_sigterm_stops_within_the_bound_and_leaves_the_run_running(
     assert daemon.stop(timeout=30) == 0
     assert time.monotonic() - started < 25  # bot + engine bounds (10 s each) plus slack
     assert "stopping: SIGTERM" in daemon.log()
-    wait_until(lambda: gone(engine_pid), timeout=5, what="the engine to be gone")
+    wait_until(lambda: gone(engine_pid), what="the engine to be gone")
     # the run goes on, unmarked, for the next start to re-attach
     assert not any(gone(p) for p in run_pids)
     run = ledger.get_run(daemon.store, 1)

@@ -72,6 +72,22 @@ def test_notifier_sends_datagrams_to_path_and_abstract_sockets(abstract: bool) -
         shutil.rmtree(folder)
 
 
+def test_status_and_watchdog_pings_come_only_between_ready_and_stopping() -> None:
+    # The beats run on the scheduler's threads: the first one sent STATUS before READY=1, and one in
+    # flight when the daemon began to stop sent STATUS and WATCHDOG=1 after STOPPING=1 (systemd
+    # showed a running status again while the daemon stopped).
+    name = f"@nightlab-parts-order-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name[1:])
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": name})
+        assert not notifier.status("too early", watchdog=True)
+        assert notifier.ready("up") and notifier.stopping("bye")
+        assert not notifier.status("too late", watchdog=True)
+        assert notifier.send(STATUS="marker")  # datagrams arrive in order: all sent before it are queued
+        got = [sock.recv(1024).decode() for _ in range(3)]
+    assert got == ["READY=1\nSTATUS=up", "STOPPING=1\nSTATUS=bye", "STATUS=marker"]
+
+
 def test_notifier_is_silent_outside_systemd_and_ignores_a_watchdog_meant_for_another_pid() -> None:
     assert not Notifier.from_environ({}).send(READY="1")
     other = Notifier.from_environ({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})

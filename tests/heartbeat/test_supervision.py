@@ -105,7 +105,7 @@ def test_frozen_engine_is_restarted_and_the_watchdog_pauses_meanwhile(harness: H
         wait_until(lambda: any(t > resumed and "WATCHDOG" in f for t, f in notify.messages),
                    what="watchdog pings to resume")
         assert daemon.stop() == 0
-        wait_until(lambda: "STOPPING" in notify.fields(), timeout=5, what="STOPPING=1")
+        wait_until(lambda: "STOPPING" in notify.fields(), what="STOPPING=1")
     finally:
         notify.close()
 
