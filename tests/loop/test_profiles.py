@@ -135,11 +135,13 @@ def test_bad_budget_keys_are_named(table: dict, message: str) -> None:
 
 
 def test_budget_keys_are_the_harness_names() -> None:
+    from nightlab.loop import judge
     from nightlab.loop.state.config import BUDGET_STEPS_ENV, HARNESS_ENV
     from nightlab.trainer import prepare
 
     assert set(HARNESS_ENV.values()) == {prepare.ENV_TIME_BUDGET, prepare.ENV_MAX_SEQ_LEN, prepare.ENV_EVAL_TOKENS}
     assert BUDGET_STEPS_ENV == prepare.ENV_BUDGET_STEPS
+    assert judge.DATA_FAIL == prepare.DATA_FAIL  # how a run says its data failed
     settings = settings_from_table({"trainer": {"time_budget": 200}})
     assert prepare.harness_settings(settings.trainer.harness_overrides())["TIME_BUDGET"] == 200
 
