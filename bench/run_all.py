@@ -1,6 +1,6 @@
 """Every benchmark of the product in one table (markdown, ready for the README).
 
-    .venv/bin/python bench/run_all.py            # ~2 minutes on a 2-core CPU box
+    .venv/bin/python bench/run_all.py            # ~35 s on a 2-core CPU box
     .venv/bin/python bench/run_all.py --quick    # fewer samples, for a smoke check
 
 Rows, and where each number comes from:
