@@ -195,11 +195,6 @@ class Git:
                 shutil.rmtree(path, ignore_errors=True)
         self.g.worktree("prune")
 
-    def numstat(self, base: str, commit: str) -> tuple[int, int]:
-        """Lines added and removed from `base` to `commit`."""
-        files = self.file_numstat(base, commit).values()
-        return sum(a for a, _ in files), sum(r for _, r in files)
-
     def file_numstat(self, base: str, commit: str | None = None, paths: Sequence[str] = ()) -> dict[str, tuple[int, int]]:
         """{path: (lines added, lines removed)} from `base` to `commit` (None: the working
         tree's tracked files). A binary file counts no lines; a file's mode alone (`chmod +x`)

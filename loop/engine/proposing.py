@@ -62,8 +62,8 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
     git.keep_ref(cand.number, commit)
     if not ctx.in_place:  # the run gets a snapshot; the workspace stays at the wave's base
         git.reset_to(cand.base_commit)
-    added, removed = git.numstat(cand.base_commit, commit)
-    patch = ctx.patch(cand.base_commit, commit)
+    patch = ctx.patch(cand.base_commit, commit)  # its per-file counts are the candidate's too (one git call)
+    added, removed = sum(a for _, a, _ in patch.files), sum(r for _, _, r in patch.files)
     with store.transaction():
         ledger.record_patch(store, patch)
         ledger.update_candidate(store, cand.id, phase="committed", commit_sha=commit,

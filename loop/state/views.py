@@ -297,12 +297,11 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
                  direction: str = "minimize") -> str:
     """The last `n` experiments; with `status` only those (e.g. keep, crash); with `top` the `top`
     best results by the metric (in `direction`), best first, instead of the last ones."""
+    store = Store.existing(workspace)
     if status is None and top is None:
-        store = Store.existing(workspace)
         rows = ledger.experiments(store, last=max(1, n))  # the last ones: their re-runs too
         later = _undecided_runs(store, rows)
         return "\n".join(_line(e, later) for e in rows) if rows else "no experiments yet"
-    store = Store.existing(workspace)
     every = ledger.experiments(store)
     later = _undecided_runs(store, every)
     rows = [e for e in every if status is None or e.status == status]
