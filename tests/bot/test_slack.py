@@ -221,8 +221,11 @@ def test_a_long_diff_is_one_message_cut_with_the_command_for_the_rest(slack: Fak
     number = finished_with_patch(store, "--- a/train.py\n+++ b/train.py\n@@ -1,0 +1,150 @@\n" + body)
     slack.wait_for(1, CHANNEL)  # its digest
     slack.slash_command(f"diff {number}", VIEWER, CHANNEL)
-    slack.slash_command("best", VIEWER, CHANNEL)  # answered next: the diff took exactly one message
-    diff, best = replies(slack, CHANNEL, 1, count=2)
+    (diff,) = replies(slack, CHANNEL, 1)
+    # Sent once the diff is answered (commands are handled concurrently, so sent together the
+    # short /best could be answered first): the next reply is best's, the diff took one message.
+    slack.slash_command("best", VIEWER, CHANNEL)
+    best = replies(slack, CHANNEL, 2)[0]
     text = views.diff_text(workspace, number, views.CHAT_DIFF_CHARS)
     assert diff == "```\n" + text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") + "```"
     assert text.endswith(f"of 153 lines not shown; all of it: git -C {workspace.resolve()} diff base c0ffee")
