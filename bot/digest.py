@@ -7,6 +7,7 @@ transaction that advances its cursor, so they must never raise on an odd payload
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,37 @@ def _short_line(kind: str, p: dict[str, Any]) -> str | None:
         return f"🔁 engine restarted ({p.get('restarts_last_hour', '?')} in the last hour): {p.get('reason', '')}"
     if kind == "alert":
         return f"🚨 {p.get('text', '')}"
+    if kind == "daemon_started":
+        return "🟢 nightlab started" + "".join(f"; {part}" for part in _found_at_start(p))
+    if kind == "daemon_stopped":
+        runs = p.get("in_flight") or []
+        left = f"; {_numbers(runs)} {'keeps' if len(runs) == 1 else 'keep'} running, re-attached at the next start"
+        return f"⏹ nightlab stopped: {p.get('why', '?')}" + (left if runs else "")
     if kind == "command_done":
         return f"↳ {p.get('name', '?')} from {p.get('sender', '?')}: {p.get('result', '')}"
     return None  # experiment_started and unknown kinds: nothing to say
+
+
+def _found_at_start(p: dict[str, Any]) -> list[str]:
+    parts = []
+    if p.get("unclean"):
+        parts.append("the daemon before it did not stop cleanly (killed, crashed, or the machine went down)")
+    runs = _numbers(p.get("in_flight"))
+    if runs:
+        parts.append(f"{runs} still running, re-attached")
+    pause = p.get("paused")
+    if pause:
+        parts.append(f"the loop is paused by {pause.get('by', '?')}" + (f": {pause['reason']}" if pause.get("reason") else ""))
+    if p.get("unsaid"):
+        since = time.strftime("%H:%M", time.localtime(float(p["unsaid_since"]))) if p.get("unsaid_since") else "?"
+        parts.append(f"{p['unsaid']} more {'start' if p['unsaid'] == 1 else 'starts'} since {since} not announced"
+                     " (restarting often? see its log: journalctl -u nightlab)")
+    return parts
+
+
+def _numbers(numbers: Any) -> str:
+    """[41, 42] -> '#41, #42'."""
+    return ", ".join(f"#{n}" for n in numbers or [])
 
 
 def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:

@@ -17,7 +17,8 @@ Stopping
   at most about BOT_STOP_TIMEOUT_S + ENGINE_STOP_GRACE_S. The in-flight training run is LEFT
   RUNNING on purpose, to be re-attached by the next start (a restart costs no experiment). The
   systemd unit agrees: KillMode=process (service.py) makes `systemctl stop/restart` signal only
-  this process, not the run's session that still lives in the service's cgroup.
+  this process, not the run's session that still lives in the service's cgroup. The stop, and
+  the start once the engine ticks, are said in chat (lifecycle.py: a crash loop about hourly).
 - `--max-experiments N`: the engine exits 0 with kv['engine.finished'] after N; the daemon then
   stops everything as above and exits 0.
 - The engine exits 2 on a problem a person must fix (kv['engine.user_error'] says what): the
@@ -36,6 +37,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -45,6 +47,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from nightlab.heartbeat import lifecycle
 from nightlab.heartbeat.doctor import log_report
 from nightlab.heartbeat.engine_child import (
     ENGINE_STOP_GRACE_S,
@@ -70,7 +73,7 @@ from nightlab.loop.state.config import (
     secret_env_names,
     settings_from_text,
 )
-from nightlab.loop.state.errors import USER_ERROR_KEY, UserError
+from nightlab.loop.state.errors import EXIT_USER_ERROR, USER_ERROR_KEY, UserError
 from nightlab.loop.state.store import Store
 
 if TYPE_CHECKING:  # imported when channels are on: the bot pulls in the HTTP clients
@@ -114,6 +117,7 @@ class Daemon:
         self._exit_code = 0  # EXIT_USER_ERROR when the engine stopped on something to fix
         self._bot: BotService | None = None
         self._prepared_data: Path | None = None  # the built-in trainer's data dir, once prepared
+        self._start: lifecycle.Start | None = None  # what this start found, said in chat once up
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -129,6 +133,7 @@ class Daemon:
             store.delete(USER_ERROR_KEY)  # what stopped an earlier engine is not this one's problem
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
             store.set(DAEMON_CONFIG_KEY, {"path": str(self.config), "text": self._config_text})
+            self._start = lifecycle.begin(store, time.time())
             # the chat tokens stay in this process: an edited train.py or an agent cannot print them
             hidden = secret_env_names(self.settings)
             engine = EngineProcess(self._engine_argv(), {k: v for k, v in os.environ.items() if k not in hidden})
@@ -140,12 +145,17 @@ class Daemon:
             scheduler.start()
             heartbeat.schedule(scheduler)
             notifier.ready("starting")
+            error: BaseException | None = None
             try:
                 self._serve(heartbeat, scheduler, secrets)
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
                 notifier.stopping(f"stopping ({self._why or 'error'})")
                 scheduler.shutdown(wait=False)
                 heartbeat.stop_engine()  # first, so the engine's last events reach the bot's drain
+                self._say_stopped(store, error)  # before the bot's drain, which sends it
                 if self._bot is not None:
                     self._bot.stop(timeout=BOT_STOP_TIMEOUT_S)
                 store.close()
@@ -169,12 +179,31 @@ class Daemon:
         heartbeat.start_engine()
         looked = time.monotonic()
         while not self._stop.wait(SETTLE_S):
+            if self._start is not None and self._engine_up(heartbeat):
+                lifecycle.say_started(heartbeat.store, self._start, time.time())
+                self._start = None  # looked at once: said, or counted for the next start said
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload(heartbeat, scheduler)
             if time.monotonic() - looked >= CONFIG_LOOK_S:
                 looked = time.monotonic()
                 self._notice_edit()
+
+    @staticmethod
+    def _engine_up(heartbeat: Heartbeat) -> bool:
+        """The daemon is up once its engine has ticked: the config read, the data prepared, the engine running."""
+        return float(heartbeat.store.get("engine.tick", 0.0) or 0.0) >= heartbeat.engine.started_at > 0
+
+    def _say_stopped(self, store: Store, error: BaseException | None) -> None:
+        why = self._why or (str(error) if isinstance(error, UserError)
+                            else f"an error, see the daemon's log: {error!r}")
+        try:
+            # a UserError (bad data, say) is not restarted: as much a stop asked for as a signal
+            lifecycle.say_stopped(store, lifecycle.why_stopped(why), asked=error is None or isinstance(error, UserError),
+                                  now=time.time(),
+                                  heard=self._exit_code == EXIT_USER_ERROR)  # its alert said why
+        except sqlite3.Error as exc:  # the ledger's disk is full: the log is all there is
+            log.error("the stop could not be stored for chat (%s)", exc)
 
     def _notice_edit(self) -> None:
         """Say once per edit that the file is not what is in force: nothing reads it by itself."""

@@ -207,6 +207,14 @@ def running_runs(store: Store) -> list[RunRecord]:
     return [_run(r) for r in rows]
 
 
+def running_numbers(store: Store) -> list[int]:
+    """The experiment numbers of the runs still running (what a daemon's start and stop say)."""
+    rows = store.connection().execute(
+        "SELECT c.number FROM runs r JOIN candidates c ON c.id = r.candidate_id WHERE r.state = 'running'"
+        " ORDER BY c.number")
+    return [int(r["number"]) for r in rows]
+
+
 def in_flight(store: Store) -> list[tuple[Candidate, RunRecord]]:
     """Every running run with its candidate, oldest first."""
     return [(get_candidate(store, r.candidate_id), r) for r in running_runs(store)]

@@ -79,9 +79,11 @@ class Harness:
         name: str = "daemon",
         real_engine: bool = False,
         extra_config: str = "",
+        channels: bool = False,
         **heartbeat: object,
     ) -> DaemonRun:
-        """A daemon with the fake engine and `engine_flags`, or with the real engine."""
+        """A daemon with the fake engine and `engine_flags`, or with the real engine; `channels`: the
+        chats the config names (else none)."""
         workspace = self.tmp / "ws"
         workspace.mkdir(exist_ok=True)
         config = write_config(self.tmp / f"{name}.toml", extra_config, **heartbeat)
@@ -89,6 +91,7 @@ class Harness:
         argv = [sys.executable, str(FAKES / "daemon_main.py"), str(config), str(workspace)]
         if max_experiments is not None:
             argv += ["--max-experiments", str(max_experiments)]
+        argv += ["--channels"] if channels else []
         argv.append("--")
         if not real_engine:
             argv += [sys.executable, str(FAKES / "fake_engine.py"), *engine_flags]

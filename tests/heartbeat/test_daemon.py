@@ -9,13 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+from nightlab.heartbeat import lifecycle
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY
 from nightlab.loop.state.lock import holder
 from nightlab.loop.state.store import Store
 
-from tests.heartbeat.conftest import FAKES, Harness, gone, write_config
+from tests.heartbeat.conftest import FAKES, DaemonRun, Harness, gone, write_config
 from tests.waiting import wait_until
 
 
@@ -214,3 +215,44 @@ def test_a_ledger_damaged_inside_stops_the_daemon_at_its_start(harness: Harness,
     assert (f"nightlab: {db} is not a readable nightlab state database (database disk image is malformed);"
             " restore it from a backup, or move it aside to start this workspace's ledger afresh") in daemon.log()
     assert Store.for_workspace(workspace).get("fake_engine.starts") is None  # no engine started
+
+
+def test_chat_hears_each_start_and_stop_but_not_each_turn_of_a_crash_loop(
+    harness: Harness, tmp_path: Path, telegram
+) -> None:
+    """A restart at 3 am showed only in later digests. Now the chat hears the daemon come up (and what
+    it found) and a clean stop (and why); a daemon killed a second time within the hour starts silently."""
+    chat_id = -100
+    chat = (f'[telegram]\ntoken = {{ env = "NIGHTLAB_TEST_TG" }}\noperators = [1]\nchats = [{chat_id}]\n'
+            f'api_base = "{telegram.url}"\n')
+
+    def start(name: str) -> DaemonRun:
+        return harness.start(env={"NIGHTLAB_TEST_TG": telegram.token}, extra_config=chat, channels=True, name=name)
+
+    def texts() -> list[str]:
+        return [m.text for m in telegram.messages(chat_id)]
+
+    first = start("first")
+    wait_until(lambda: first.events("daemon_started"), what="the first start to be said")
+    first.proc.kill()  # the OOM killer: no shutdown
+    first.proc.wait(10)
+    ledger.set_paused(first.store, "telegram:1", "checking the GPU", None)
+
+    second = start("second")
+    said = ("🟢 nightlab started; the daemon before it did not stop cleanly (killed, crashed, or the machine went"
+            " down); the loop is paused by telegram:1: checking the GPU")
+    wait_until(lambda: said in texts(), what="the second start in chat", abort=lambda: second.proc.poll() is not None
+               and second.log())
+    assert second.stop() == 0
+    stopped = "⏹ nightlab stopped: SIGTERM (systemctl stop or restart, or a kill)"
+    assert stopped in texts()  # sent before the daemon exited
+
+    third = start("third")
+    wait_until(lambda: texts()[-1].startswith("🟢 nightlab started"), what="the start after a stop in chat")
+    third.proc.kill()
+    third.proc.wait(10)
+    fourth = start("fourth")
+    wait_until(lambda: fourth.store.get(lifecycle.LIFECYCLE_KEY)["unsaid"] == 1, what="the fourth start counted")
+    assert fourth.stop() == 0
+    back = "🟢 nightlab started; the loop is paused by telegram:1: checking the GPU"
+    assert texts()[texts().index(said):] == [said, stopped, back, stopped]
