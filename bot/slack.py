@@ -3,7 +3,10 @@
 Socket Mode needs no public URL. We use slack-sdk's builtin Socket Mode client because it needs
 no extra dependency (the aiohttp and websockets variants would add one to the daemon); it runs
 in its own threads, so incoming requests are acknowledged there at once and handed to our event
-loop with run_coroutine_threadsafe. The WebClient is synchronous and runs in a worker thread.
+loop. Commands are handled one at a time in the order Slack delivered them, as Telegram's are (a
+/pause then a /resume sent at once must not be applied the other way round): the client's
+listeners run on one thread (`concurrency=1`, its default is a pool of 10) and hand each message
+to one task on our loop through a queue. The WebClient is synchronous and runs in a worker thread.
 Its 429s are not retried inside slack-sdk: they come back as DeliveryError with the
 Retry-After the server sent, and the outbox waits exactly that long.
 """
@@ -15,7 +18,6 @@ import contextlib
 import logging
 import re
 import socket as sockets
-import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,8 @@ class SlackChannel:
         self._web: WebClient | None = None
         self._socket: SocketModeClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._on_message: OnMessage | None = None
+        self._inbox: asyncio.Queue[Incoming] | None = None  # in Slack's order, handled one at a time
+        self._handler: asyncio.Task[None] | None = None
         self._me = ""  # the bot's own member id (auth.test)
         self._seen = _Seen(SEEN_EVENTS)
         self.outage = Outage(self.name)
@@ -73,7 +76,6 @@ class SlackChannel:
 
     async def start(self, on_message: OnMessage) -> None:
         self._loop = asyncio.get_running_loop()
-        self._on_message = on_message
         kwargs: dict[str, Any] = {"base_url": self.settings.api_base} if self.settings.api_base else {}
         web = WebClient(token=self._bot_token.reveal(), timeout=10, logger=self._library_log, **kwargs)
         me = await asyncio.to_thread(web.auth_test)  # fails fast on a bad token or no network
@@ -83,15 +85,25 @@ class SlackChannel:
             web_client=web,  # apps.connections.open goes to the same base_url
             auto_reconnect_enabled=True,
             logger=self._library_log,
+            concurrency=1,  # listeners in delivery order (see the module's docstring)
         )
         socket.socket_mode_request_listeners.append(self._receive)
+        self._inbox = asyncio.Queue()  # before the first message can come
+        self._handler = asyncio.create_task(self._handle_in_order(self._inbox, on_message))
         try:
             await asyncio.to_thread(socket.connect)
         except BaseException:
+            self._handler.cancel()
             await asyncio.to_thread(_close, socket)
             raise
         self._web, self._socket = web, socket
         log.info("slack: socket mode connected")
+
+    @staticmethod
+    async def _handle_in_order(inbox: asyncio.Queue[Incoming], on_message: OnMessage) -> None:
+        # on_message never raises (the service logs what a message's handling raised)
+        while True:
+            await on_message(await inbox.get())
 
     # -- incoming (runs in the Socket Mode client's threads) ----------------------------------
     def _receive(self, client: BaseSocketModeClient, req: SocketModeRequest) -> None:
@@ -103,8 +115,8 @@ class SlackChannel:
                      req.retry_attempt, req.retry_reason)
             return
         msg = _incoming(req, self._me)
-        if msg is not None and self._loop is not None and self._on_message is not None:
-            asyncio.run_coroutine_threadsafe(self._on_message(msg), self._loop)
+        if msg is not None and self._loop is not None and self._inbox is not None:
+            self._loop.call_soon_threadsafe(self._inbox.put_nowait, msg)
 
     # -- outgoing ----------------------------------------------------------------------------
     async def send_text(self, destination: str, body: str) -> None:
@@ -126,29 +138,29 @@ class SlackChannel:
         return self._web
 
     async def stop(self) -> None:
+        if self._handler is not None:
+            self._handler.cancel()
+            self._handler = None
         if self._socket is not None:
             socket, self._socket = self._socket, None
             await asyncio.to_thread(_close, socket)
 
 
 class _Seen:
-    """The most recent `size` event ids. Locked: the Socket Mode client runs listeners in a thread
-    pool, so an event and its redelivery can be looked at concurrently."""
+    """The most recent `size` event ids. Looked at by the one listener thread only (concurrency=1)."""
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._ids: OrderedDict[str, None] = OrderedDict()
-        self._lock = threading.Lock()
 
     def first(self, event_id: str) -> bool:
         """Whether this is the first time `event_id` is seen (it is remembered from now on)."""
-        with self._lock:
-            if event_id in self._ids:
-                return False
-            self._ids[event_id] = None
-            if len(self._ids) > self._size:
-                self._ids.popitem(last=False)
-            return True
+        if event_id in self._ids:
+            return False
+        self._ids[event_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return True
 
 
 def _close(client: SocketModeClient) -> None:

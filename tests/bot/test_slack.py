@@ -222,11 +222,23 @@ def test_a_long_diff_is_one_message_cut_with_the_command_for_the_rest(slack: Fak
     slack.wait_for(1, CHANNEL)  # its digest
     slack.slash_command(f"diff {number}", VIEWER, CHANNEL)
     (diff,) = replies(slack, CHANNEL, 1)
-    # Sent once the diff is answered (commands are handled concurrently, so sent together the
-    # short /best could be answered first): the next reply is best's, the diff took one message.
+    # Sent once the diff is answered: the next reply is best's, so the diff took one message.
     slack.slash_command("best", VIEWER, CHANNEL)
     best = replies(slack, CHANNEL, 2)[0]
     text = views.diff_text(workspace, number, views.CHAT_DIFF_CHARS)
     assert diff == "```\n" + text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") + "```"
     assert text.endswith(f"of 153 lines not shown; all of it: git -C {workspace.resolve()} diff base c0ffee")
     assert best.startswith("```\nbest val_bpb")
+
+
+def test_commands_sent_back_to_back_are_applied_in_the_order_slack_delivered_them(
+        slack: FakeSlack, bot: BotService, store: Store) -> None:
+    # The Socket Mode client ran its listeners in a pool of 10 threads, and each command was handled
+    # as a task of its own: a /pause then a /resume sent at once could be applied resume first.
+    # Telegram hands updates over one at a time; Slack now does the same.
+    notes = [f"note {letter}" for letter in "ABCDEFGHIJKLMNOPQRST"]
+    envelopes = [slack.slash_command(note, OPERATOR, CHANNEL) for note in notes]
+    assert all(slack.acked(e) for e in envelopes)
+    answered = replies(slack, CHANNEL, 0, len(notes))
+    assert [c.args for c in store.pending_commands()] == [n.removeprefix("note ") for n in notes]
+    assert all(a.startswith("✔ note queued") for a in answered)
