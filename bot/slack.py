@@ -26,7 +26,7 @@ from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
 from nightlab.bot.format import SLACK_MRKDWN
 from nightlab.bot.outage import LibraryLog, Outage
 from nightlab.loop.state.config import Secret, SlackSettings
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackClientNotConnectedError
 from slack_sdk.socket_mode import SocketModeClient
 from slack_sdk.socket_mode.client import BaseSocketModeClient
 from slack_sdk.socket_mode.request import SocketModeRequest
@@ -108,7 +108,14 @@ class SlackChannel:
     # -- incoming (runs in the Socket Mode client's threads) ----------------------------------
     def _receive(self, client: BaseSocketModeClient, req: SocketModeRequest) -> None:
         # Acknowledge first: Slack redelivers what is not acked within 3 s.
-        client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
+        try:
+            client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
+        except SlackClientNotConnectedError as exc:  # the connection went (a reconnect): nothing is lost
+            # Not handled now: the copy Slack sends on the new connection is (a slash command has no
+            # event id to tell the two apart).
+            log.warning("slack: could not acknowledge %s %s (%s); Slack delivers it again after the reconnect",
+                        req.type, req.envelope_id, exc)
+            return
         event_id = str(req.payload.get("event_id") or "") if req.type == "events_api" else ""
         if event_id and not self._seen.first(event_id):  # a /note or /kill must not run twice
             log.info("slack: event %s came again (retry %s: %s); it was handled already", event_id,

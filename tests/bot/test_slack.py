@@ -13,6 +13,7 @@ from nightlab.bot.service import BotService
 from nightlab.loop.state import views
 from nightlab.loop.state.config import Secret, Secrets
 from nightlab.loop.state.store import Store
+from slack_sdk.socket_mode.request import SocketModeRequest
 
 from tests.bot.conftest import finished, finished_with_patch, running, settings, start_service
 from tests.fakes.slack_server import FakeSlack
@@ -242,3 +243,23 @@ def test_commands_sent_back_to_back_are_applied_in_the_order_slack_delivered_the
     answered = replies(slack, CHANNEL, 0, len(notes))
     assert [c.args for c in store.pending_commands()] == [n.removeprefix("note ") for n in notes]
     assert all(a.startswith("✔ note queued") for a in answered)
+
+
+def test_an_ack_lost_in_a_reconnect_is_one_warning_and_the_copy_is_handled(
+        slack: FakeSlack, bot: BotService, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    # A command comes in just as the connection goes: its ack cannot be sent, and Slack sends the
+    # command again on the new connection. It was an ERROR with a traceback, for nothing lost.
+    caplog.set_level(logging.INFO, logger="nightlab")
+    (channel,) = bot.channels
+    client = channel._socket  # type: ignore[attr-defined]  # slack-sdk's real client, connected to the fake
+    client.disconnect()  # the connection goes; the client's monitor makes a new one in a few seconds
+    payload = {"command": "/nightlab", "text": "note once", "user_id": OPERATOR, "channel_id": CHANNEL}
+    channel._receive(client, SocketModeRequest(type="slash_commands", envelope_id="env-lost", payload=payload))  # type: ignore[attr-defined]
+    wait_until(lambda: slack.sessions == 2, "the client's new connection", timeout=30)
+    assert slack.acked(slack.slash_command("note once", OPERATOR, CHANNEL))  # Slack's copy
+    assert replies(slack, CHANNEL, 0)[0].startswith("✔ note queued")
+    assert [(c.name, c.args) for c in store.pending_commands()] == [("note", "once")]
+    (line,) = [r for r in caplog.records if "could not acknowledge" in r.getMessage()]
+    assert line.levelno == logging.WARNING and line.exc_info is None
+    assert "slash_commands env-lost" in line.getMessage() and "Slack delivers it again" in line.getMessage()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

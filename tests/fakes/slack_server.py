@@ -53,6 +53,7 @@ class FakeSlack:
         self.acks: set[str] = set()
         self._sent: dict[str, dict[str, Any]] = {}  # envelope id -> the message, for redeliver
         self.connections_opened = 0
+        self.sessions = 0  # WebSocket sessions begun (a dropped one may look open here for a moment)
         self._faults: deque[tuple[str, int]] = deque()
         self._uploads: dict[str, bytes] = {}
         self._ids = itertools.count(1)
@@ -113,6 +114,7 @@ class FakeSlack:
     async def _session(self, ws: ServerConnection) -> None:
         with self._cond:
             self._ws = ws
+            self.sessions += 1
             self._cond.notify_all()
         await ws.send(json.dumps({"type": "hello", "num_connections": 1,
                                   "debug_info": {"host": "fake"}, "connection_info": {"app_id": "A1"}}))
