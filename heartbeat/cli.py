@@ -315,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-n", type=_positive_int, default=20, help="how many (default 20)")
             only = p.add_mutually_exclusive_group()
             only.add_argument("--kept-only", action="store_true", help="only kept experiments (= --status keep)")
-            only.add_argument("--status", choices=("keep", "discard", "crash", "checks_failed"),
-                              help="only experiments with this status")
+            only.add_argument("--status", choices=("keep", "discard", "crash", "checks_failed", "undecided"),
+                              help="only experiments with this status (undecided: runs the rule runs again)")
             p.add_argument("--top", type=_positive_int, metavar="N", help="the N best results, best first")
         if name == "diff":
             p.add_argument("number", nargs="?", type=_positive_int, metavar="N",

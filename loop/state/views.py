@@ -176,8 +176,12 @@ def _line(e: Experiment, undecided: set[int]) -> str:
     why = f" ({e.reason})" if e.status != "keep" and e.reason else ""
     if e.status == "keep" and suspect(e.metrics):
         why = " (SUSPECT: its gain vanishes on held-out rows)"
-    status = "undecided" if e.number in undecided else e.status
-    return f"#{e.number} {status:<13} {figure}  {e.description or e.kind}{why}"
+    return f"#{e.number} {_shown_status(e, undecided):<13} {figure}  {e.description or e.kind}{why}"
+
+
+def _shown_status(e: Experiment, undecided: set[int]) -> str:
+    """What a view calls a run: recorded as a discard, a run the rule runs again is undecided."""
+    return "undecided" if e.number in undecided else e.status
 
 
 def _heldout(e: Experiment) -> str:
@@ -295,8 +299,9 @@ def _re_run(rows: list[Experiment]) -> set[int]:
 
 def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top: int | None = None,
                  direction: str = "minimize") -> str:
-    """The last `n` experiments; with `status` only those (e.g. keep, crash); with `top` the `top`
-    best results by the metric (in `direction`), best first, instead of the last ones."""
+    """The last `n` experiments; with `status` only those as the views call them (keep, crash,
+    undecided: a discard the rule runs again is not a discard); with `top` the `top` best results
+    by the metric (in `direction`), best first, instead of the last ones."""
     store = Store.existing(workspace)
     if status is None and top is None:
         rows = ledger.experiments(store, last=max(1, n))  # the last ones: their re-runs too
@@ -304,7 +309,7 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
         return "\n".join(_line(e, later) for e in rows) if rows else "no experiments yet"
     every = ledger.experiments(store)
     later = _undecided_runs(store, every)
-    rows = [e for e in every if status is None or e.status == status]
+    rows = [e for e in every if status is None or _shown_status(e, later) == status]
     if top is not None:
         scored = sorted((e for e in rows if e.metric is not None),
                         key=lambda e: (e.metric if direction == "minimize" else -e.metric, e.number))  # type: ignore[operator]
@@ -370,7 +375,7 @@ def diff_text(workspace: Path, number: int | None = None, limit: int | None = No
         last = ledger.last_number(store)
         raise UserError(f"there is no experiment #{number}" + (f"; the last recorded is #{last}" if last else " yet"))
     exp = next((e for e in rows if e.number == number), None)
-    status = "in flight" if exp is None else "undecided" if number in _undecided_runs(store, rows) else exp.status
+    status = "in flight" if exp is None else _shown_status(exp, _undecided_runs(store, rows))
     head = f"#{number} {status}: {_short(cand.description or cand.kind)}"
     commit = cand.commit if exp is None else exp.commit
     if commit is None:

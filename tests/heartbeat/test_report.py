@@ -82,6 +82,10 @@ def test_a_change_kept_on_its_third_run_is_one_keep_and_its_first_runs_did_work(
     assert cli.main(["history", "--workspace", str(tmp_path / "ws")]) == 0
     statuses = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
     assert statuses == ["keep", "undecided", "undecided", "keep", "undecided", "discard"]
+    # and so do its filters: --status discard listed the runs every other view calls undecided
+    for status, numbers in (("discard", ["#6"]), ("undecided", ["#2", "#3", "#5"])):
+        assert cli.main(["history", "--workspace", str(tmp_path / "ws"), "--status", status]) == 0
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == numbers
 
 
 def daemon_heartbeat(ws: Path, store: Store) -> Heartbeat:
