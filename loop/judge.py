@@ -85,6 +85,7 @@ def judge(
     incumbent: list[float] | None,
     noise: Noise,
     rule: Rule,
+    best_again: bool = False,
 ) -> Verdict:
     """Judge one run.
 
@@ -92,7 +93,8 @@ def judge(
     a candidate's runs before this re-run); incumbent: every measurement of the commit it branched
     from there (None: nothing to compare with on this class). A baseline (the best commit measured
     again) is kept with the mean of all its runs as the class's best; any other run is decided by
-    `decision.decide` on the means (see its rule).
+    `decision.decide` on the means (see its rule). best_again: the baseline run measures a kept
+    change again (the best), not the starting commit, and its reason says so.
     """
     metrics = dict(m.summary.metrics)
     best = statistics.fmean(incumbent) if incumbent else None
@@ -104,7 +106,8 @@ def judge(
     runs = [*earlier, value]
     if kind == "baseline":
         mean = statistics.fmean(runs)
-        why = "baseline" if len(runs) == 1 else f"baseline: mean of {len(runs)} runs {mean:.6f}"
+        what = "re-measured the best" if best_again else "baseline"
+        why = what if len(runs) == 1 else f"{what}: mean of {len(runs)} runs {mean:.6f}"
         how = f"measured from {noise.df + 1}+ repeats" if noise.measured else "assumed until repeats measure it"
         why += f"; run-to-run noise ± {noise.sd:.4f} ({how})"
         return Verdict("keep", value, mean, why, metrics=metrics)

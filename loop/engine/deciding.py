@@ -115,6 +115,8 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
         kind=cand.kind, metric_name=ctx.metric_name, direction=ctx.direction,
         earlier=measured(cand.commit or cand.base_commit), incumbent=incumbent or None,
         noise=pooled_noise(groups, rule.prior_sd), rule=rule,
+        # the starting commit has baseline rows only; a commit with a change's row is a kept change
+        best_again=cand.kind == "baseline" and any(e.commit == cand.commit and e.kind != "baseline" for e in rows),
     )
     if cand.kind == "baseline" and ctx.asynchronous and ref is not None and cand.commit != ctx.git.head():
         # the best moved on while this re-measurement of an older best ran: a measurement

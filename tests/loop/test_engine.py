@@ -193,6 +193,9 @@ def test_undecided_gains_are_re_run_until_the_rule_decides(tmp_path: Path) -> No
     assert rows[5].reason.startswith("better by 0.0133 ± ") and rows[5].reason.endswith("(n = 3 vs 3)")
     assert [r.description for r in rows[6:9]] == [f"re-measure the best on {rows[0].hardware}"] * 3
     assert rows[8].best == pytest.approx((0.99 + 0.985 * 5) / 6) and rows[8].commit == rows[5].commit
+    # its reason says what it was: it read "baseline: mean of 6 runs", as if the baseline had run again
+    assert rows[8].reason.startswith(f"re-measured the best: mean of 6 runs {rows[8].best:.6f}; run-to-run noise")
+    assert rows[2].reason.startswith("baseline: mean of 3 runs 1.000000; run-to-run noise")
     assert rows[10].reason.startswith("not better: worse by") and rows[10].best == rows[8].best
     assert rows[11].confidence is not None and rows[11].confidence > 2
     assert [c.consecutive_failures for c in proposer.contexts] == [0, 0, 1]  # a re-run result is no failure
