@@ -272,7 +272,8 @@ def _literal(value: object) -> str:
 def apply_constants(source: str, values: dict[str, object]) -> str:
     """Rewrite the top-level `NAME = <value>` lines of a train.py for each name in `values`.
 
-    Keeps each line's trailing comment (at the same column where the new value leaves room).
+    Keeps each line's trailing comment: at the same column where the new value leaves room, else
+    after as many spaces as it had (two at most: an aligned column is given up, PEP 8's two kept).
     Raises KeyError when a name has no such line, ValueError when it has several, when its
     value spans lines, or when a value has no literal form (e.g. NaN). Strings are written as
     repr() literals.
@@ -293,8 +294,9 @@ def apply_constants(source: str, values: dict[str, object]) -> str:
         prefix, old, comment = _split_line(body)
         new = _literal(value)
         if comment:
-            width = len(old) + len(comment) - len(comment.lstrip())  # keep the comment's column
-            comment = " " * max(1, width - len(new)) + comment.lstrip()
+            gap = len(comment) - len(comment.lstrip())
+            # the comment's column; a longer value pushes it on, never closer than the line had it
+            comment = " " * max(min(gap, 2), len(old) + gap - len(new)) + comment.lstrip()
         lines[i] = prefix + new + comment + ending
     return "".join(lines)
 

@@ -301,8 +301,16 @@ def test_apply_constants_round_trip():
     assert "BETAS = (0.9, 0.99)  # betas\n" in out and "LR = 0.001\n" in out
     assert "    DEPTH = 3\n" in out and "x = DEPTH == 8\n" in out  # only top-level assignments
     assert P.read_constants(out, list(values)) == values
+    # back again: NAME's comment keeps the two spaces its shorter value gave it (never fewer than a line has)
     assert P.apply_constants(out, P.read_constants(SOURCE, list(values))) == SOURCE.replace(
-        "NAME = \"SSSL\"", "NAME = 'SSSL'").replace("TOTAL = 2**19", "TOTAL = 524288")
+        "NAME = \"SSSL\" #", "NAME = 'SSSL'  #").replace("TOTAL = 2**19", "TOTAL = 524288")
+
+
+def test_apply_constants_keeps_the_spaces_before_a_comment_when_the_value_grows():
+    # a longer value left one space where the line had two (PEP 8's, and train.py's own style)
+    source = "LR = 0.04  # peak\nWD = 0.1 # decay\nDEPTH = 8       # layers\n"
+    out = P.apply_constants(source, {"LR": 0.000123, "WD": 0.0625, "DEPTH": 123456789012})
+    assert out == "LR = 0.000123  # peak\nWD = 0.0625 # decay\nDEPTH = 123456789012  # layers\n"
 
 
 def test_apply_constants_errors():
