@@ -76,6 +76,8 @@ def _short_line(kind: str, p: dict[str, Any]) -> str | None:
         return f"🔁 engine restarted ({p.get('restarts_last_hour', '?')} in the last hour): {p.get('reason', '')}"
     if kind == "alert":
         return f"🚨 {p.get('text', '')}"
+    if kind == "harness_upgraded":
+        return f"🔧 {p.get('text', '')}"
     if kind == "command_done":
         return f"↳ {p.get('name', '?')} from {p.get('sender', '?')}: {p.get('result', '')}"
     return None  # experiment_started and unknown kinds: nothing to say
