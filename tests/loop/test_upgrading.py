@@ -39,11 +39,11 @@ INSTALLED = Path(__import__("nightlab.trainer", fromlist=["__path__"]).__path__[
 RUN = f"{sys.executable} train.py && sha256sum prepare.py >> .nightlab/scored-with"
 
 
-def _settings(path: Path) -> Settings:
+def _settings(path: Path, **loop: str) -> Settings:
     return settings_from_table({
         "workspace": {"path": str(path), "tag": "test"},
         "trainer": {"profile": "tiny"},
-        "loop": {"checkpoint_interval": 0.1, "baseline_runs": 1, "remeasure_every": 0},
+        "loop": {"checkpoint_interval": 0.1, "baseline_runs": 1, "remeasure_every": 0, **loop},
     }, source="<test>")
 
 
@@ -57,14 +57,22 @@ def _put(repo: Path, name: str, text: bytes) -> None:
     (repo / name).write_bytes(text)
 
 
-def _old_workspace(tmp_path: Path) -> Settings:
-    """A workspace as an older nightlab left it: its prepare.py from before SCORE_VERSION was
-    declared (and a message worded otherwise), recorded by that nightlab as the copy it wrote."""
+@pytest.fixture(autouse=True)
+def _two_gpus(fake_gpus: Any) -> None:
+    """Slots the same on every machine: each test's executor takes GPU 0, or 0 and 1."""
+    fake_gpus(["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"])
+
+
+def _old_workspace(tmp_path: Path, declared: bool = False, **loop: str) -> Settings:
+    """A workspace as an older nightlab left it: its prepare.py with a message worded otherwise, from
+    before SCORE_VERSION was declared (`declared`: from after, measuring the same), recorded by that
+    nightlab as the copy it wrote."""
     repo = tmp_path / "ws"
-    settings = _settings(repo)
+    settings = _settings(repo, **loop)
     init_workspace(repo, "test", settings, say=lambda _: None)
-    old = (INSTALLED / "prepare.py").read_bytes()
-    old = old.replace(b"\nSCORE_VERSION = 1\n", b"\n").replace(b"FAIL: data: ", b"data problem: ")
+    old = (INSTALLED / "prepare.py").read_bytes().replace(b"FAIL: data: ", b"data problem: ")
+    if not declared:
+        old = old.replace(b"\nSCORE_VERSION = 1\n", b"\n")
     _put(repo, "prepare.py", old)
     shutil.copyfile(STUB, repo / "train.py")  # the stub trains: only the harness copy matters here
     _git(repo, "commit", "-qam", "an older nightlab's harness, and the stub trainer")
@@ -73,9 +81,12 @@ def _old_workspace(tmp_path: Path) -> Settings:
     return settings
 
 
-def _engine(settings: Settings, stop: threading.Event | None = None) -> Engine:
+def _engine(settings: Settings, stop: threading.Event | None = None, slots: int = 1) -> Engine:
+    """The engine on the workspace, its runs the stub trainer's (one slot: in place, as on one GPU)."""
     ws = dataclasses.replace(open_workspace(settings.workspace_path, settings), run_command=RUN)
-    return Engine(settings, ws, LocalExecutor(), ScriptedProposer([]), {}, stop or threading.Event())
+    executor = LocalExecutor(gpus=tuple(range(slots)))
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}])  # worse: discarded, the best stays
+    return Engine(settings, ws, executor, proposer, {}, stop or threading.Event())
 
 
 def _events(store: Store) -> list[Event]:
@@ -108,10 +119,11 @@ def test_an_unedited_older_harness_is_brought_up_to_date_at_engine_start_once(tm
     assert len(_events(engine.store)) == 1
 
 
-def test_a_run_in_flight_scores_with_its_copy_and_the_upgrade_is_a_new_setting_after_it(
-    tmp_path: Path, gates: Gates
+@pytest.mark.parametrize("declared", [False, True], ids=["measures-differently", "messages-only"])
+def test_a_run_in_flight_scores_with_its_copy_and_the_upgrade_comes_after_it(
+    tmp_path: Path, gates: Gates, declared: bool
 ) -> None:
-    settings = _old_workspace(tmp_path)
+    settings = _old_workspace(tmp_path, declared)
     repo = settings.workspace_path
     old_sha = sha256_file(repo / "prepare.py")
     # the older nightlab's engine launched #1 and was stopped for the upgrade; its run goes on
@@ -138,14 +150,17 @@ def test_a_run_in_flight_scores_with_its_copy_and_the_upgrade_is_a_new_setting_a
         thread.join(30)
     assert result == [0]
     one, two = ledger.experiments(engine.store)
-    assert one.status == "keep" and one.setting == setting_of(RUN, {})  # as an older nightlab recorded it
+    assert one.status == "keep" and one.setting == setting_of(RUN, {}, "1" if declared else "")
     scored = [line.split()[0] for line in (repo / ".nightlab" / "scored-with").read_text().splitlines()]
     assert scored == [old_sha, sha256_file(INSTALLED / "prepare.py")]
-    # the new harness measures under a new setting: its best measured again, #1 compared with nothing after
-    assert two.kind == "baseline" and two.setting == setting_of(RUN, {}, "1") and two.commit != one.commit
-    assert event.payload["setting_changed"] is True
-    assert "score version not declared -> 1), so runs from here on are a new setting" in event.payload["text"]
-    assert _installed(repo, "prepare.py")
+    assert _installed(repo, "prepare.py") and event.payload["setting_changed"] is not declared
+    # the best measured again at the upgrade's commit before anything is compared with it ...
+    assert two.kind == "baseline" and two.commit == git_out(repo, "rev-parse", "HEAD") != one.commit
+    assert two.setting == setting_of(RUN, {}, "1")
+    if declared:  # ... in the same setting: the harness measures what it measured
+        assert two.setting == one.setting and "what it measures is unchanged (score version 1)" in event.payload["text"]
+    else:  # ... as a new setting: nothing compared with #1
+        assert "score version not declared -> 1), so runs from here on are a new setting" in event.payload["text"]
 
 
 def test_an_edited_harness_is_never_overwritten_and_the_message_says_what_to_do(tmp_path: Path) -> None:
@@ -171,3 +186,45 @@ def test_an_edited_harness_is_never_overwritten_and_the_message_says_what_to_do(
     assert _installed(repo, "prepare.py") and git_out(repo, "status", "--porcelain") == ""
     assert engine.store.get(PROTECTED_KEY)["prepare.py"] == sha256_file(INSTALLED / "prepare.py")
     assert [e.payload["files"] for e in _events(engine.store)] == [["prepare.py"]]
+
+
+def test_in_async_mode_no_new_candidate_starts_until_the_upgrade_is_done(tmp_path: Path, gates: Gates) -> None:
+    """A freed slot would start the next candidate at once: while an upgrade waits for the runs in
+    flight, none starts, or the workspace might never be without one."""
+    settings = _old_workspace(tmp_path, mode="async")
+    store = Store.for_workspace(settings.workspace_path)
+    # the older nightlab's engine (no upgrade: it had none) measures the baseline and starts #2, #3
+    older = _engine(settings, threading.Event(), slots=2)
+    older.ctx.upgrade_waiting = False
+    thread = threading.Thread(target=lambda: older.run(None), daemon=True)
+    thread.start()
+    try:
+        gates.open(1)
+        wait_until(lambda: len(ledger.running_runs(store)) == 2, "#2 and #3 running")
+    finally:
+        older.stop.set()
+        thread.join(30)
+    engine = _engine(settings, threading.Event(), slots=2)
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(engine.run(4)), daemon=True)
+    thread.start()
+    try:
+        gates.open(2)
+        wait_until(lambda: len((settings.workspace_path / "results.tsv").read_text().splitlines()) == 3,
+                   "#2 recorded and exported")
+        for _ in range(2):  # past the step after the export, where a freed slot gets a candidate
+            tick = store.get("engine.tick")
+            wait_until(lambda: store.get("engine.tick") > tick, "the engine's next checkpoint")
+        assert [c.number for c in ledger.open_candidates(store)] == [3] and _events(store) == []
+        gates.open(3)
+        [event] = wait_until(lambda: _events(store), "the upgrade after #3")
+        gates.open(4)
+        thread.join(30)
+    finally:
+        engine.stop.set()
+        gates.open(2, 3, 4)
+        thread.join(30)
+    assert result == [0]
+    four = ledger.experiments(store)[-1]
+    assert four.kind == "baseline" and four.commit == git_out(settings.workspace_path, "rev-parse", "HEAD")
+    assert event.payload["commit"] == four.commit[:7] and four.setting != ledger.experiments(store)[0].setting
