@@ -280,13 +280,17 @@ def protected_mismatches(ws: Workspace, root: Path | None = None) -> list[str]:
 
 
 def edited_message(ws: Workspace, bad: list[str]) -> str:
-    """What to do about protected files that differ from the recorded copies: nightlab never runs
-    them, nor installs a newer harness over them (the edit may be the owner's on purpose)."""
+    """Why the loop does not start on protected files that differ from the recorded copies: it never
+    runs them, nor installs a newer harness over them (the edit may be the owner's on purpose)."""
+    return (f"protected files differ from the copies nightlab recorded: {', '.join(bad)}; no experiment runs with"
+            " them and nightlab does not overwrite them (nor bring them up to a newer nightlab's). To go on: "
+            + edited_fix(ws, bad))
+
+
+def edited_fix(ws: Workspace, bad: list[str]) -> str:
     shown = " ".join(bad)
-    text = (f"protected files differ from the copies nightlab recorded: {', '.join(bad)}; no experiment runs with"
-            " them and nightlab does not overwrite them (nor bring them up to a newer nightlab's). Put the"
-            f" recorded ones back (`git -C {ws.path} log -p -- {shown}` shows the edit; `git -C {ws.path} checkout"
-            f" <commit> -- {shown}` and commit)")
+    text = (f"put the recorded ones back (`git -C {ws.path} log -p -- {shown}` shows the edit; `git -C {ws.path}"
+            f" checkout <commit> -- {shown}` and commit)")
     ours = [name for name in bad if ws.builtin_trainer and name in _HARNESS]
     if ours:
         source = _trainer_source()

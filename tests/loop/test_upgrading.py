@@ -175,7 +175,7 @@ def test_an_edited_harness_is_never_overwritten_and_the_message_says_what_to_do(
     copy = f"cp -f {INSTALLED / 'prepare.py'} {repo}/"
     assert str(err.value) == (
         "protected files differ from the copies nightlab recorded: prepare.py; no experiment runs with them and"
-        " nightlab does not overwrite them (nor bring them up to a newer nightlab's). Put the recorded ones back"
+        " nightlab does not overwrite them (nor bring them up to a newer nightlab's). To go on: put the recorded ones back"
         f" (`git -C {repo} log -p -- prepare.py` shows the edit; `git -C {repo} checkout <commit> -- prepare.py`"
         f" and commit), or take this nightlab's harness: `{copy}` (the next start commits and records it), or init"
         " a new workspace")
