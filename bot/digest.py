@@ -83,6 +83,8 @@ def _short_line(kind: str, p: dict[str, Any]) -> str | None:
         runs = p.get("in_flight") or []
         left = f"; {_numbers(runs)} {'keeps' if len(runs) == 1 else 'keep'} running, re-attached at the next start"
         return f"⏹ nightlab stopped: {p.get('why', '?')}" + (left if runs else "")
+    if kind == "harness_upgraded":
+        return f"🔧 {p.get('text', '')}"
     if kind == "command_done":
         return f"↳ {p.get('name', '?')} from {p.get('sender', '?')}: {p.get('result', '')}"
     return None  # experiment_started and unknown kinds: nothing to say

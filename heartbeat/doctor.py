@@ -26,7 +26,16 @@ from typing import Any, Literal
 
 from nightlab.loop import hardware
 from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
-from nightlab.loop.workspace import workspace_problem
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.workspace import (
+    HarnessUpgrade,
+    edited_fix,
+    harness_upgrade,
+    installed_harness,
+    open_workspace,
+    protected_mismatches,
+    workspace_problem,
+)
 from nightlab.trainer.profiles import (
     DTYPE_ENV,
     PROFILES,
@@ -122,6 +131,7 @@ def diagnose(settings: Settings, python: str = sys.executable) -> Report:
     found += _disk_findings(settings)
     if builtin:
         found.append(_data_finding(settings))
+    found += _protected_findings(settings)
     found.append(_git_finding())
     found += _program_findings(settings)
     found += _channel_findings(settings)
@@ -296,6 +306,24 @@ def _data_finding(settings: Settings) -> Finding:
     fetch = " (downloads them)" if source == "climbmix" or source.startswith("http") else ""
     return Finding("warn", "data", f"{what} not prepared yet in {data_dir}",
                    f"`nightlab run` prepares them first{fetch}; or now: nightlab prepare --config <file>")
+
+
+def _protected_findings(settings: Settings) -> list[Finding]:
+    """An existing workspace's protected files: an edited one stops the loop at its start; a copy of
+    an older nightlab's harness is brought up to this one's there."""
+    try:
+        ws = open_workspace(settings.workspace_path, settings)
+    except UserError:  # none yet: `nightlab run` makes it, with this nightlab's harness
+        return []
+    todo = harness_upgrade(ws, installed_harness()) if ws.builtin_trainer else HarnessUpgrade((), ())
+    bad = [name for name in protected_mismatches(ws) if name not in todo.record]  # the start records those
+    if bad:
+        return [Finding("fail", "protected", f"changed since nightlab recorded them: {', '.join(bad)}; the loop"
+                        " does not start on them", edited_fix(ws, bad))]
+    if todo:
+        return [Finding("ok", "harness", f"{', '.join((*todo.write, *todo.record))}: not this nightlab's copy yet,"
+                        " brought up to it when the loop starts (a commit on the session branch, said in chat)")]
+    return []
 
 
 def _git_finding() -> Finding:

@@ -6,8 +6,9 @@ executor runs the probe once per slot before any launch, so a slot's class is kn
 probe asks nvidia-smi for the names of the GPUs the run may use (CUDA_VISIBLE_DEVICES, set by us
 for a local slot and by Slurm for a job), and falls back to the CPU's model name.
 
-The setting is everything besides the code that changes what a run measures: the run command and
-the environment nightlab gives it (the profile's time budget, sequence length, data). Together
+The setting is everything besides the code that changes what a run measures: the run command, the
+environment nightlab gives it (the profile's time budget, sequence length, data) and what the
+built-in harness declares it measures (its SCORE_VERSION, see `setting_of`). Together
 they make the `HardwareClass` (in loop/state/ledger.py, which records it); the judge keeps one
 reference (the best commit's measured metric) per class.
 """
@@ -78,13 +79,20 @@ def probe(cuda_visible_devices: str | None) -> str:
     return describe(out.stdout)
 
 
-def setting_of(run_command: str, env: dict[str, str]) -> str:
-    """A short digest of what, besides the code, decides a run's result."""
-    text = json.dumps({"command": run_command, "env": sorted(env.items())})
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
+def setting_of(run_command: str, env: dict[str, str], scorer: str = "") -> str:
+    """A short digest of what, besides the code, decides a run's result. `scorer`: the SCORE_VERSION
+    the workspace's harness declares (workspace.score_version). Only that number, not the harness's
+    hash: a harness brought up to date for its messages measures what it measured, so its results stay
+    comparable; one whose number moved is a new setting. "" (a copy from before the number, or a
+    project of the user's) is left out, so the digests of those workspaces stay what they were."""
+    setting: dict[str, Any] = {"command": run_command, "env": sorted(env.items())}
+    if scorer:
+        setting["scorer"] = scorer
+    return hashlib.sha1(json.dumps(setting).encode()).hexdigest()[:8]
 
 
-SETTING_KEY = "setting."  # kv['setting.<digest>'] = {"command", "env"}: what a setting digest stands for
+# kv['setting.<digest>'] = {"command", "env"[, "scorer"]}: what a setting digest stands for
+SETTING_KEY = "setting."
 
 
 # Values that say where things lie, not what a run does: the compile caches (in the workspace) and
@@ -94,21 +102,27 @@ _PLACE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 _DATA_ENV = "NIGHTLAB_DATA_DIR"
 
 
-def record_setting(store: Store, run_command: str, env: dict[str, str]) -> str:
+def record_setting(store: Store, run_command: str, env: dict[str, str], scorer: str = "") -> str:
     """The setting's digest, with the values behind it kept in the store (readable later). A
     setting recorded before that differs only in where things lie keeps its digest."""
-    digest = setting_of(run_command, env)
+    digest = setting_of(run_command, env, scorer)
     if store.get(SETTING_KEY + digest) is None:
         for key, recorded in store.with_prefix(SETTING_KEY).items():
-            if _moved(recorded, run_command, env):
+            if _moved(recorded, run_command, env, scorer):
                 return key[len(SETTING_KEY):]
-    store.set(SETTING_KEY + digest, {"command": run_command, "env": dict(sorted(env.items()))})
+    values: dict[str, Any] = {"command": run_command, "env": dict(sorted(env.items()))}
+    store.set(SETTING_KEY + digest, {**values, "scorer": scorer} if scorer else values)
     return digest
 
 
-def _moved(recorded: dict[str, Any], run_command: str, env: dict[str, str]) -> bool:
+def scorer_of(store: Store, digest: str) -> str:
+    """The harness's SCORE_VERSION a recorded setting stands for ("" when none was declared)."""
+    return str((store.get(SETTING_KEY + digest) or {}).get("scorer", ""))
+
+
+def _moved(recorded: dict[str, Any], run_command: str, env: dict[str, str], scorer: str) -> bool:
     old = recorded.get("env", {})
-    if recorded.get("command") != run_command or old.keys() != env.keys():
+    if recorded.get("command") != run_command or old.keys() != env.keys() or recorded.get("scorer", "") != scorer:
         return False
     return all(old[k] == v or k in _PLACE_ENV or (k == _DATA_ENV and Path(old[k]).name == Path(v).name)
                for k, v in env.items())

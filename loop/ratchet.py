@@ -126,6 +126,11 @@ class Git:
             self.g.commit("--no-verify", "--allow-empty", "-F", "-", istream=text)
         return self.head()
 
+    def commit_files(self, message: str, paths: Sequence[str]) -> str:
+        """Commit `paths` as they are in the tree, and nothing else that may be changed."""
+        self.g.commit("--no-verify", "-q", "-m", message, "--", *paths)
+        return self.head()
+
     def apply_change(self, commit: str) -> list[str]:
         """Re-make `commit`'s change (against its parent) in the working tree, uncommitted: a
         result from an older base brought onto the current one. The files in conflict ([] = it

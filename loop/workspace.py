@@ -4,13 +4,17 @@ A workspace is a git repository on a branch `autoresearch/<tag>` (the ratchet mo
 loop/ratchet.py). The state directory `.nightlab/` and the exports (results.tsv,
 autoresearch.jsonl), and coding agents' session files, are listed in `.git/info/exclude`, so
 they never dirty the tree and need no commit of their own. The protected files (the built-in trainer's harness, [project] protected) are
-hashed at init; a run whose copy differs is refused.
+hashed at init; a run whose copy differs is refused. A copy of the built-in harness that is still the
+one nightlab recorded, older than the installed nightlab's, is brought up to date by the engine
+(loop/engine/upgrading.py, with the helpers here); an edited one never is.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import os
+import re
 import shlex
 import shutil
 import stat
@@ -37,6 +41,8 @@ _EXCLUDES = (f"/{STATE_DIRNAME}/", f"/{RESULTS_TSV}", f"/{AUTORESEARCH_JSONL}", 
 _BUILTIN = ("train.py", "prepare.py", "harness.py")
 # The built-in trainer's fixed harness: protected whatever [project] protected says.
 _HARNESS = ("prepare.py", "harness.py")
+PROTECTED_KEY = "workspace.protected_sha256"  # kv: {file: sha256} of each protected file as recorded
+_SCORE_VERSION = re.compile(rb"^SCORE_VERSION = (\d+)[ \t]*(?:#.*)?$", re.M)  # in prepare.py
 _GIT_IDENTITY = {"user.name": "nightlab", "user.email": "nightlab@localhost"}
 
 Say = Callable[[str], None]
@@ -154,7 +160,7 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
     with store.transaction():
         store.set("workspace.profile", profile)
         store.set("workspace.harness_env", harness_env)
-        store.set("workspace.protected_sha256", {f: sha256_file(path / f) for f in protected})
+        store.set(PROTECTED_KEY, {f: sha256_file(path / f) for f in protected})
         store.set("workspace.created_at", time.time())
         store.set("workspace.branch", branch)  # last: its presence means "initialized"
     say(f"workspace {path}: branch {branch}, baseline {repo.head()[:7]}, profile {profile}")
@@ -165,7 +171,7 @@ def _install_trainer(path: Path, profile: Any, say: Say) -> None:
     """Copy the built-in train.py/prepare.py when missing and write the profile into train.py."""
     from nightlab.trainer.profiles import apply_constants
 
-    source = Path(__import__("nightlab.trainer", fromlist=["__path__"]).__path__[0])
+    source = _trainer_source()
     copied = [name for name in _BUILTIN if not (path / name).exists()]
     for name in copied:
         if not (source / name).is_file():
@@ -178,6 +184,10 @@ def _install_trainer(path: Path, profile: Any, say: Say) -> None:
         except (KeyError, ValueError) as exc:
             raise UserError(f"cannot apply profile {profile.name!r} to {train}: {exc}") from None
         say(f"train.py: applied profile {profile.name!r} ({profile.description})")
+
+
+def _trainer_source() -> Path:
+    return Path(__import__("nightlab.trainer", fromlist=["__path__"]).__path__[0])
 
 
 def _ensure_excludes(path: Path) -> None:
@@ -238,7 +248,11 @@ def run_command(settings: Settings) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256(path.read_bytes())
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _protect(path: Path, protected: tuple[str, ...]) -> None:
@@ -256,10 +270,97 @@ def protect(ws: Workspace) -> None:
 def protected_mismatches(ws: Workspace, root: Path | None = None) -> list[str]:
     """Protected files whose content differs from the hash recorded at init, in the workspace or
     in a run's snapshot `root`."""
-    recorded: dict[str, str] = ws.store.get("workspace.protected_sha256", {})
+    recorded: dict[str, str] = ws.store.get(PROTECTED_KEY, {})
     bad = []
     for name in ws.protected:
         p = (root or ws.path) / name
         if name not in recorded or not p.is_file() or sha256_file(p) != recorded[name]:
             bad.append(name)
     return bad
+
+
+def edited_message(ws: Workspace, bad: list[str]) -> str:
+    """Why the loop does not start on protected files that differ from the recorded copies: it never
+    runs them, nor installs a newer harness over them (the edit may be the owner's on purpose)."""
+    return (f"protected files differ from the copies nightlab recorded: {', '.join(bad)}; no experiment runs with"
+            " them and nightlab does not overwrite them (nor bring them up to a newer nightlab's). To go on: "
+            + edited_fix(ws, bad))
+
+
+def edited_fix(ws: Workspace, bad: list[str]) -> str:
+    shown = " ".join(bad)
+    text = (f"put the recorded ones back (`git -C {ws.path} log -p -- {shown}` shows the edit; `git -C {ws.path}"
+            f" checkout <commit> -- {shown}` and commit)")
+    ours = [name for name in bad if ws.builtin_trainer and name in _HARNESS]
+    if ours:
+        source = _trainer_source()
+        text += (f", or take this nightlab's harness: `cp -f {' '.join(str(source / n) for n in ours)} {ws.path}/`"
+                 " (the next start commits and records it)")
+    return text + ", or init a new workspace"
+
+
+# -- the built-in harness brought up to the installed nightlab's ------------------------------------
+def installed_harness() -> dict[str, bytes]:
+    """The installed nightlab's harness files by name. An engine reads them once, at its start: a
+    `pip install -U` while it runs is taken up by the next engine, whose code goes with it."""
+    source = _trainer_source()
+    try:
+        return {name: (source / name).read_bytes() for name in _HARNESS}
+    except OSError as exc:
+        raise UserError(f"the built-in trainer's harness cannot be read in {source} ({exc.strerror});"
+                        " reinstall nightlab") from None
+
+
+def score_version(prepare_text: bytes) -> str:
+    """The SCORE_VERSION a copy of prepare.py declares; "" for a copy from before it was declared."""
+    found = _SCORE_VERSION.search(prepare_text)
+    return found.group(1).decode() if found else ""
+
+
+def workspace_score_version(ws: Workspace) -> str:
+    """What the workspace's harness copy measures, for the setting digest ("" for a project's own)."""
+    copy = ws.path / "prepare.py"
+    return score_version(copy.read_bytes()) if ws.builtin_trainer and copy.is_file() else ""
+
+
+@dataclass(frozen=True)
+class HarnessUpgrade:
+    """What bringing the workspace's harness copy up to the installed one takes. A copy that is
+    neither the recorded one nor the installed one was edited: it is in neither list, never
+    overwritten (`protected_mismatches` names it)."""
+
+    write: tuple[str, ...]  # still as recorded, and older than the installed copy
+    record: tuple[str, ...]  # already the installed copy, not yet recorded (an upgrade cut short, a restore)
+
+    def __bool__(self) -> bool:
+        return bool(self.write or self.record)
+
+
+def harness_upgrade(ws: Workspace, installed: dict[str, bytes]) -> HarnessUpgrade:
+    recorded: dict[str, str] = ws.store.get(PROTECTED_KEY, {})
+    write, record = [], []
+    for name, text in installed.items():
+        copy = ws.path / name
+        if not copy.is_file():
+            continue
+        have, new = sha256_file(copy), sha256(text)
+        if have == new and recorded.get(name) != new:
+            record.append(name)
+        elif have != new and have == recorded.get(name):
+            write.append(name)
+    return HarnessUpgrade(tuple(write), tuple(record))
+
+
+def write_harness(ws: Workspace, installed: dict[str, bytes], upgrade: HarnessUpgrade, git: Git) -> dict[str, str]:
+    """Replace the outdated copies with the installed ones and commit whichever of the upgrade's
+    files differ from HEAD; their hashes, for the caller to record with its event in one
+    transaction. Each file is replaced whole (a rename), so a kill leaves old or new, never half."""
+    for name in upgrade.write:
+        tmp = state_dir(ws.path) / f"{name}.upgrade"
+        tmp.write_bytes(installed[name])
+        os.replace(tmp, ws.path / name)
+    files = [*upgrade.write, *upgrade.record]
+    if set(files) & set(git.changed_files()):
+        git.commit_files(f"nightlab: the harness brought up to the installed nightlab's ({', '.join(files)})", files)
+    _protect(ws.path, tuple(files))
+    return {name: sha256_file(ws.path / name) for name in files}

@@ -12,6 +12,7 @@ module holds what must stay the same between experiments and what the score must
 - `score` (`python harness.py score`, run by `python prepare.py run` in its own process): builds
   the model through train.py's `build_model`, loads the weights, checks causality, then computes
   val_bpb from the model's logits on inputs only and prints the summary block the daemon reads.
+A change here that can move a run's val_bpb raises prepare.SCORE_VERSION (why: see there).
 """
 
 from __future__ import annotations

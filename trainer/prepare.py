@@ -56,6 +56,11 @@ DEFAULT_MAX_SEQ_LEN = 2048  # context length
 DEFAULT_TIME_BUDGET = 300  # training time budget in seconds (5 minutes)
 DEFAULT_EVAL_TOKENS = 40 * 524288  # number of validation tokens evaluate_bpb scores
 VOCAB_SIZE = 8192
+# What a run's val_bpb measures, as a number: raised by a change to prepare.py or harness.py that
+# can move it (the rows scored and how, the budget, the speed training runs at); a change of
+# messages or of how a failure is said leaves it. The daemon reads it from a workspace's copy: a
+# copy brought up to another number is a new setting, its best measured again (loop/workspace.py).
+SCORE_VERSION = 1
 
 ENV_MAX_SEQ_LEN = "NIGHTLAB_MAX_SEQ_LEN"
 ENV_TIME_BUDGET = "NIGHTLAB_TIME_BUDGET"

@@ -20,7 +20,7 @@ from nightlab.loop.state.config import HeartbeatSettings, Settings, changed_fiel
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
 from nightlab.loop.state.store import Store, state_dir
-from nightlab.loop.workspace import Workspace
+from nightlab.loop.workspace import Workspace, harness_upgrade, installed_harness, workspace_score_version
 
 # a pin that does not restrict where a run goes; candidates' pins are {hardware, node}
 ANYWHERE = {"hardware": "", "node": ""}
@@ -44,7 +44,11 @@ class Context:
         self.settings, self.ws, self.executor, self.proposer = settings, ws, executor, proposer
         self.env = env
         self.store: Store = ws.store
-        self.setting = hardware.record_setting(self.store, ws.run_command, env)
+        # The installed nightlab's harness as this engine found it ({}: a project of the user's), and
+        # whether the workspace's copy waits to be brought up to it (loop/engine/upgrading.py).
+        self.harness = installed_harness() if ws.builtin_trainer else {}
+        self.upgrade_waiting = bool(self.harness) and bool(harness_upgrade(ws, self.harness))
+        self.setting = self.record_setting()
         self.git = Git(ws.path)
         self.slots = executor.slots()
         self.metric_name = settings.project.metric
@@ -75,6 +79,10 @@ class Context:
         if follow is not None:
             follow(live.run_timeout)
         return changed
+
+    def record_setting(self) -> str:
+        """The setting digest of runs from the workspace as it is (its harness copy's score version)."""
+        return hardware.record_setting(self.store, self.ws.run_command, self.env, workspace_score_version(self.ws))
 
     def hw_class(self, hardware_name: str) -> HardwareClass:
         return HardwareClass(hardware_name, self.setting)

@@ -40,6 +40,7 @@ from nightlab.loop.engine.proposing import propose
 from nightlab.loop.engine.recording import record
 from nightlab.loop.engine.startup import startup
 from nightlab.loop.engine.steering import apply_commands
+from nightlab.loop.engine.upgrading import upgrade_harness
 from nightlab.loop.executors import Executor
 from nightlab.loop.proposers.base import Proposer
 from nightlab.loop.state import ledger, views
@@ -88,6 +89,7 @@ class Engine:
                 say(f"{views.counted(max_experiments, 'experiment')} recorded; stopping")
                 return 0
             if not open_:
+                upgrade_harness(ctx)  # one that waited for the runs in flight at the start
                 if ledger.paused(store) is not None:
                     self.stop.wait(ctx.settings.loop.checkpoint_interval)
                     continue
@@ -183,7 +185,9 @@ class Engine:
                 launch(ctx, cand)
                 self._delay = FIRST_POLL_S
                 return True
-        room = ctx.max_experiments is None or ledger.experiment_count(store) + len(open_) < ctx.max_experiments
+        # an upgrade of the harness waits for no candidate to be open: none new until then
+        room = not ctx.upgrade_waiting and (
+            ctx.max_experiments is None or ledger.experiment_count(store) + len(open_) < ctx.max_experiments)
         if room and len(open_) < len(ctx.slots) and free_slot(ctx) is not None:
             rows = ledger.experiments(store)  # a wave from the best commit as it is now
             planning.start(ctx, planning.plan(ctx, rows, ctx.git.head()), rows)

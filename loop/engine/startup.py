@@ -1,5 +1,6 @@
 """Startup: the workspace as a restart finds it (stale git locks, the branch, a dirty tree, the
-protected files), and the keys the views read about this loop."""
+harness brought up to the installed nightlab's, the protected files), and the keys the views read
+about this loop."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 import time
 
 from nightlab.loop.engine.context import Context, say
+from nightlab.loop.engine.upgrading import cut_short, upgrade_harness
 from nightlab.loop.ratchet import clear_stale_git_locks
 from nightlab.loop.state import ledger
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.stats import DIRECTION_KEY, NOISE_PRIOR_KEY
-from nightlab.loop.workspace import dirty_error, protected_mismatches
+from nightlab.loop.workspace import dirty_error, edited_message, protected_mismatches
 
 
 def startup(ctx: Context) -> None:
@@ -26,18 +28,16 @@ def startup(ctx: Context) -> None:
         )
     open_ = ledger.open_candidates(store)
     changed = git.changed_files()
-    if changed and not open_:
+    if changed and not open_ and set(changed) - cut_short(ctx, changed):
         raise dirty_error(ws, changed)
     proposing = [c for c in open_ if c.phase == "proposing"]
     if proposing:
         git.reset_to(proposing[0].base_commit)  # our own interrupted edit
+    upgrade_harness(ctx)
     if not open_ or proposing:
         bad = protected_mismatches(ws)
         if bad:
-            raise UserError(
-                f"protected files changed since `nightlab init`: {', '.join(bad)}; restore them"
-                f" (git -C {ws.path} checkout -- {' '.join(bad)}) or init a new workspace"
-            )
+            raise UserError(edited_message(ws, bad))
     ctx.learn(ledger.experiments(store))
     with store.transaction():
         store.set(ledger.AREAS_KEY, None if ctx.proposer.areas is None else list(ctx.proposer.areas))

@@ -260,3 +260,34 @@ def test_the_doctor_never_imports_torch_itself(tmp_path: Path, fake_gpus) -> Non
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_older_harness_is_said_and_an_edited_one_fails_with_what_to_do(tmp_path: Path, fake_gpus, capsys) -> None:
+    from nightlab.loop.state.config import load_settings
+    from nightlab.loop.state.store import Store
+    from nightlab.loop.workspace import PROTECTED_KEY, init_workspace, sha256_file
+
+    fake_gpus([])
+    config = write_config(tmp_path)
+    repo = tmp_path / "ws"
+    init_workspace(repo, "t", load_settings(config), say=lambda _: None)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam"]
+
+    def put(text: str, message: str) -> None:
+        (repo / "prepare.py").chmod(0o644)
+        (repo / "prepare.py").write_text(text)
+        subprocess.run([*git, message], check=True)
+
+    installed = (repo / "prepare.py").read_text()
+    put(installed.replace("\nSCORE_VERSION = 1\n", "\n"), "an older nightlab's harness")
+    store = Store.for_workspace(repo)
+    store.set(PROTECTED_KEY, {**store.get(PROTECTED_KEY), "prepare.py": sha256_file(repo / "prepare.py")})
+    code, out = doctor(config, capsys)
+    assert code == 0 and lines(out, "ok   harness") == [
+        "ok   harness   prepare.py: not this nightlab's copy yet, brought up to it when the loop starts (a commit"
+        " on the session branch, said in chat)"]
+    put(installed + "\n# the owner's\n", "the owner's edit")
+    code, out = doctor(config, capsys)
+    assert code == 1 and lines(out, "FAIL protected") == [
+        "FAIL protected changed since nightlab recorded them: prepare.py; the loop does not start on them"]
+    assert f"or take this nightlab's harness: `cp -f {Path(cli.__file__).parents[1] / 'trainer' / 'prepare.py'}" in out

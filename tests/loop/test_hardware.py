@@ -163,3 +163,19 @@ def test_a_moved_workspace_keeps_its_setting(tmp_path: Path) -> None:
     assert record_setting(store, "python prepare.py run", env("/data/ws", "/data/cache", budget="600")) != before
     other_data = {**env("/data/ws", "/data/cache"), "NIGHTLAB_DATA_DIR": "/data/cache/stdlib-1"}
     assert record_setting(store, "python prepare.py run", other_data) != before
+
+
+def test_the_harness_score_version_is_a_setting_but_leaves_older_digests_as_they_were(tmp_path: Path) -> None:
+    """A workspace whose harness declares no SCORE_VERSION (every copy an older nightlab made) keeps
+    the digest its experiments were recorded with: a new nightlab re-classes nothing that did not
+    change. A declared version is part of the setting, also for a moved workspace."""
+    from nightlab.loop.hardware import record_setting, scorer_of, setting_of
+
+    env = {"NIGHTLAB_TIME_BUDGET": "300"}
+    assert setting_of("python prepare.py run", env) == "715e920b"  # as an older nightlab computed it
+    store = Store.for_workspace(tmp_path)
+    legacy = record_setting(store, "python prepare.py run", env)
+    assert legacy == "715e920b" and scorer_of(store, legacy) == ""
+    declared = record_setting(store, "python prepare.py run", env, "1")
+    assert declared != legacy and scorer_of(store, declared) == "1"
+    assert record_setting(store, "python prepare.py run", env, "2") not in (legacy, declared)

@@ -1,0 +1,63 @@
+"""Upgrading: the workspace's copy of the built-in harness brought up to the installed nightlab's.
+
+After `pip install -U nightlab` a workspace still scores with the harness copied into it at init.
+At engine start, a copy that is still the one nightlab recorded (nobody edited it) and differs from
+the installed one is replaced, committed on the session branch and its new hash recorded, with one
+`harness_upgraded` event: said in the log and, by the bot, in chat. Automatic, because it is safe:
+only an unedited copy of nightlab's own file is replaced, the old one stays in git, and the engine
+that does it runs the code that goes with the new harness. An edited copy is never overwritten:
+startup refuses it as it always did (workspace.edited_message says what to do).
+
+Only between experiments: an in-place run reads harness.py again when it scores, so while any
+candidate is open the upgrade waits for them to end (the asynchronous mode starts no new one
+meanwhile); a run in flight scores with the copy it started with.
+
+Comparisons stay honest through the setting digest (loop/hardware.py): it holds the copy's
+SCORE_VERSION, so a harness that measures differently starts a new setting (its best measured
+again, nothing compared across), and one changed only in messages keeps the setting.
+"""
+
+from __future__ import annotations
+
+from nightlab.loop import hardware
+from nightlab.loop.engine.context import Context, say
+from nightlab.loop.state import ledger
+from nightlab.loop.workspace import PROTECTED_KEY, harness_upgrade, write_harness
+
+
+def cut_short(ctx: Context, changed: list[str]) -> set[str]:
+    """Changed files that are an upgrade cut short before its commit, which the upgrade commits:
+    harness files already the installed copy but not recorded (the owner's restore by `cp` looks
+    the same, and is as welcome)."""
+    return set(changed) & set(harness_upgrade(ctx.ws, ctx.harness).record) if ctx.upgrade_waiting else set()
+
+
+def upgrade_harness(ctx: Context) -> None:
+    """Bring the harness copy up to the installed one when it waits for that and no candidate is
+    open; once: the new hash is recorded with the event."""
+    if not ctx.upgrade_waiting or ledger.open_candidates(ctx.store):
+        return
+    ws, store = ctx.ws, ctx.store
+    todo = harness_upgrade(ws, ctx.harness)
+    ctx.upgrade_waiting = False
+    if not todo:
+        return
+    hashes = write_harness(ws, ctx.harness, todo, ctx.git)
+    commit = ctx.git.head()[:7]
+    last = ledger.experiments(store, last=1)
+    with store.transaction():
+        store.set(PROTECTED_KEY, {**store.get(PROTECTED_KEY, {}), **hashes})
+        before = hardware.scorer_of(store, last[-1].setting) if last else None
+        ctx.setting = ctx.record_setting()
+        after = hardware.scorer_of(store, ctx.setting)
+        text = f"the harness ({', '.join(hashes)}) is now the installed nightlab's, commit {commit}"
+        changed = before is not None and before != after
+        if changed:
+            text += (f"; what it measures changed (score version {before or 'not declared'} -> {after}), so runs"
+                     " from here on are a new setting: the best is measured again and no result is compared"
+                     " with one from before")
+        elif before is not None:
+            text += (f"; what it measures is unchanged (score version {after}): the best is measured again at"
+                     " that commit before anything is compared with it")
+        store.emit("harness_upgraded", files=list(hashes), commit=commit, setting_changed=changed, text=text)
+    say(text)
