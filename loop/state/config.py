@@ -311,7 +311,7 @@ class Settings:
 
     @property
     def workspace_path(self) -> Path:
-        return self._path(self.workspace.path).resolve()
+        return self._path(self.workspace.path)
 
     @property
     def cache_path(self) -> Path:
@@ -319,11 +319,12 @@ class Settings:
 
     def _path(self, text: str) -> Path:
         """~ and $VARS expanded; a relative path is relative to the config file's folder (where the
-        service runs), so `nightlab status --config F` typed anywhere finds the same workspace."""
+        service runs), so `nightlab status --config F` typed anywhere finds the same workspace.
+        Absolute: runs and agents work in the workspace, where a relative data dir named nothing."""
         path = Path(os.path.expandvars(text)).expanduser()
         if path.is_absolute() or self.origin.startswith("<"):  # "<defaults>", "<table>": no file
-            return path
-        return Path(self.origin).parent / path
+            return path.resolve()
+        return (Path(self.origin).parent / path).resolve()
 
 
 def profile_names() -> tuple[str, ...]:

@@ -42,14 +42,16 @@ def test_a_byte_order_mark_is_not_a_syntax_error(tmp_path: Path) -> None:
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The service runs in the config's folder; `nightlab status --config F` typed elsewhere must
-    find the same workspace and data, not make a second one under the shell's directory."""
+    find the same workspace and data, not make a second one under the shell's directory; and
+    `nightlab run --config nightlab.toml` must not give runs a data dir relative to nothing."""
     (tmp_path / "conf").mkdir()
     path = write(tmp_path / "conf", '[workspace]\npath = "ws"\n[data]\ncache_dir = "../cache"\n')
     monkeypatch.chdir(tmp_path)
     for config in (path, Path("conf/nightlab.toml")):  # the path as given, absolute or not
         settings = load_settings(config)
         assert settings.workspace_path == tmp_path / "conf" / "ws"
-        assert settings.cache_path.resolve() == tmp_path / "cache"
+        # as is: runs get it from their own folder, the workspace (a relative one named nothing there)
+        assert settings.cache_path == tmp_path / "cache"
     monkeypatch.setenv("NIGHTLAB_TEST_ROOT", str(tmp_path / "elsewhere"))
     absolute = load_settings(write(tmp_path / "conf", '[workspace]\npath = "$NIGHTLAB_TEST_ROOT/ws"\n'))
     assert absolute.workspace_path == tmp_path / "elsewhere" / "ws"
