@@ -21,6 +21,7 @@ from nightlab.bot.format import (
     pre,
     text_message,
 )
+from nightlab.loop.state import ledger
 from nightlab.loop.state.config import DigestSettings
 from nightlab.loop.state.store import Event
 
@@ -115,9 +116,12 @@ def _numbers(numbers: Any) -> str:
 def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
     status = str(p.get("status", "?"))
     name = p.get("metric_name") or "val_bpb"
-    # a run the rule re-runs to decide is recorded as a discard; "❌ discard" read as the change's end
+    # a run the rule re-runs to decide is recorded as a discard, one the data failed as a crash;
+    # "❌ discard" or "💥 crash" read as the change's end
     mark = "🏆" if p.get("new_best") else "🔁" if p.get("rerun") else MARKS.get(status, "•")
-    head = f"{mark} #{p.get('number', '?')} {'undecided, runs again' if p.get('rerun') else status}"
+    again = ("bad data, not the change: runs again after /resume" if ledger.failed_by_data(str(p.get("reason", "")))
+             else "undecided, runs again")
+    head = f"{mark} #{p.get('number', '?')} {again if p.get('rerun') else status}"
     metric = p.get("metric")
     figure = f"{name} {_num(metric)}" if metric is not None else f"{name} —"
     if p.get("gain") is not None and p.get("se") is not None:  # a gain is positive when better

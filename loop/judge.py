@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from nightlab.loop.decision import Rule, decide
-from nightlab.loop.state.ledger import USER_KILL_PREFIX
+from nightlab.loop.state.ledger import DATA_PROBLEM_PREFIX, USER_KILL_PREFIX
 from nightlab.loop.state.stats import Comparison, Noise
 from nightlab.loop.summary import Summary
 
@@ -23,8 +23,6 @@ REBASE_PREFIX = "rebased:"
 # how the harness says a run met bad data (prepare.DATA_FAIL, written out here: importing prepare
 # would load pyarrow and tiktoken into the engine; tests/loop/test_profiles.py holds them equal)
 DATA_FAIL = "FAIL: data: "
-# the reason of a run the data failed (the harness's DATA_FAIL line): no proposal can run until fixed
-DATA_PROBLEM_PREFIX = "data problem:"
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|MemoryError", re.IGNORECASE)
 
 

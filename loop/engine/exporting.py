@@ -18,6 +18,7 @@ def export(ctx: Context, members: list[Candidate]) -> None:
     recorded = [c for c in members if c.phase == "recorded"]
     done = {c.id for c in recorded}
     others = [c for c in ledger.open_candidates(store) if c.id not in done]  # async: still running
+    head = ctx.git.head()
     # The wave ends in one transaction; a confirm run it asked for is created here, not while
     # recording, so it never joins the wave being recorded: it is the next wave, alone.
     with store.transaction():
@@ -27,11 +28,13 @@ def export(ctx: Context, members: list[Candidate]) -> None:
             assert cand.outcome is not None
             out = Outcome.from_json(cand.outcome)
             where = {"hardware": out.hardware, "node": out.node}
-            if out.needs_confirm:
+            # a change the data failed runs again as it was, or re-made on the best when the best moved on
+            on_best = cand.base_commit == head
+            if out.needs_confirm or (out.retry and on_best):
                 _rerun(ctx, cand, out, where)
-            if out.rebase:  # from the best as it is now, before it can be kept
+            if out.rebase or (out.retry and not on_best):  # from the best as it is now, before it can be kept
                 ledger.new_candidate(
-                    store, "rebase", ctx.git.head(), confirm_of=cand.number,
+                    store, "rebase", head, confirm_of=cand.number,
                     description=f"rebase of #{cand.number}: {cand.description}", hypothesis=cand.hypothesis,
                     area=cand.area, params=cand.params, focus=cand.focus,
                 )

@@ -39,6 +39,8 @@ class Outcome:
     log_tail: str = ""  # crashes only
     compared: bool = True  # False: nothing on its hardware class to compare it with
     rebase: bool = False  # async: better than an older base; re-made on the best and re-run
+    # the data failed the run (a damaged shard), not its change: the change runs again, undecided
+    retry: bool = False
     # where git stands once it is recorded; None until its wave is decided
     head_after: str | None = None
 

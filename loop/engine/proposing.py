@@ -91,7 +91,9 @@ def no_run(ctx: Context, cand: Candidate, status: str, reason: str, **described:
 
 
 def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> ProposalContext:
-    rows = ledger.experiments(ctx.store)
+    every = ledger.experiments(ctx.store)
+    # a run the data failed says nothing of its change (which runs again): nothing to learn from
+    rows = [e for e in every if not ledger.failed_by_data(e.reason)]
     history = tuple(
         PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params, e.kind, e.reason)
         for e in rows
@@ -106,7 +108,7 @@ def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> P
     return ProposalContext(
         workspace=ctx.ws.path, editable=ctx.ws.editable, metric_name=ctx.metric_name,
         direction=ctx.direction, best=best, history=history,
-        focus=cand.focus, notes=notes, consecutive_failures=without_a_keep(ctx.store, rows),
+        focus=cand.focus, notes=notes, consecutive_failures=without_a_keep(ctx.store, every),
         last_crash_log=ctx.log_tail(crashes[-1].number, 4000) if crashes else "",
-        noise=views.night_noise(ctx.store, rows), keep_z=ctx.settings.loop.keep_z,
+        noise=views.night_noise(ctx.store, every), keep_z=ctx.settings.loop.keep_z,
     )

@@ -12,7 +12,6 @@ from nightlab.loop.engine.context import Context, say
 from nightlab.loop.engine.deciding import held_out_opinion
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import failures_in_a_row, without_a_keep
-from nightlab.loop.judge import DATA_PROBLEM_PREFIX
 from nightlab.loop.state import ledger, views
 from nightlab.loop.state.ledger import Candidate, Experiment
 from nightlab.loop.state.stats import HELDOUT_GAIN
@@ -82,8 +81,9 @@ def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float 
         "hardware": exp.hardware, "profile": ctx.ws.profile, "harness": hardware.harness_values(ctx.env),
         # the decision's figures: the gain (positive = better) ± its standard error, n vs n
         "gain": out.gain if out.se is not None else None, "se": out.se, "n": out.n, "n_best": out.n_best,
-        # recorded as a discard, but not decided: the same change runs again (or re-made on the best)
-        "rerun": out.needs_confirm or out.rebase,
+        # not decided (recorded as a discard, or the data failed it): the same change runs again
+        # (or re-made on the best)
+        "rerun": out.needs_confirm or out.rebase or out.retry,
     }
 
 
@@ -95,10 +95,11 @@ def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
     failures = failures_in_a_row(store, rows)
     limit = ctx.settings.loop.pause_after_failures
     # bad data fails every run alike: pausing at once spares the proposals that would follow
-    data = rows[-1].status == "crash" and rows[-1].reason.startswith(DATA_PROBLEM_PREFIX)
+    last = rows[-1]
+    data = ledger.failed_by_data(last.reason)
     if (failures >= limit or data) and ledger.paused(store) is None:
-        reason = (f"#{rows[-1].number}: {rows[-1].reason}; /resume once it is fixed" if data else
-                  f"{failures} failed experiments in a row; resume when you have looked (focus, note)")
+        reason = (f"#{last.number}: {last.reason}; /resume once it is fixed, and #{last.number} runs again" if data
+                  else f"{failures} failed experiments in a row; resume when you have looked (focus, note)")
         ledger.set_paused(store, "nightlab", reason, None)
         store.emit("self_paused", reason=reason)
     misses = without_a_keep(store, rows)

@@ -221,6 +221,14 @@ def in_flight(store: Store) -> list[tuple[Candidate, RunRecord]]:
 
 
 USER_KILL_PREFIX = "killed by "  # kill_reason of a user's kill: recorded as discard, not crash
+# the reason of a run the data failed (the harness's `FAIL: data:` line: a damaged shard, a tokenizer
+# gone): it measured nothing of its change, which runs again once the data is fixed
+DATA_PROBLEM_PREFIX = "data problem:"
+
+
+def failed_by_data(reason: str) -> bool:
+    """A run's reason says the data failed it, not its change (loop/judge.py writes it)."""
+    return reason.startswith(DATA_PROBLEM_PREFIX)
 
 
 def mark_kill(store: Store, run_id: int, reason: str) -> bool:

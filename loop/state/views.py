@@ -252,14 +252,17 @@ def _counts(store: Store, rows: list[Experiment]) -> str:
     """What the runs were: the baseline's, repeats of a result, then the changes by outcome. A
     baseline run is recorded as a keep, and "3 keep" beside "nothing beat the baseline" would
     read as a contradiction; a change re-run to decide counts once, by its deciding run (a change
-    kept on its third run was "2 repeat", and no keep), or as undecided while that run is to come."""
-    last = _decided_changes(rows)
+    kept on its third run was "2 repeat", and no keep), or as undecided while that run is to come.
+    A run the data failed measured nothing, of a change or of the baseline: "bad data", apart."""
+    measured = [e for e in rows if not ledger.failed_by_data(e.reason)]
+    last = _decided_changes(measured)
     undecided = _undecided(store, last)
     decided = [e for e in last if e.number not in undecided]
-    changes = [e for e in rows if e.kind != "baseline"]
-    counts = {"baseline": sum(e.kind == "baseline" for e in rows), "repeat": len(changes) - len(last)}
+    changes = [e for e in measured if e.kind != "baseline"]
+    counts = {"baseline": sum(e.kind == "baseline" for e in measured), "repeat": len(changes) - len(last)}
     counts |= {s: sum(e.status == s for e in decided) for s in ("keep", "discard", "crash", "checks_failed")}
     counts["undecided"] = len(undecided)
+    counts["bad data"] = len(rows) - len(measured)
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
 
 

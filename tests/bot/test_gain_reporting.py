@@ -38,6 +38,16 @@ def test_a_run_the_rule_runs_again_to_decide_does_not_read_as_the_changes_end() 
     assert _text(experiment_digest({**payload, "rerun": False}, 10)).startswith("❌ #4 discard")
 
 
+def test_a_change_the_data_failed_reads_as_the_datas_failure_and_runs_again() -> None:
+    """It read "💥 #2 crash", the change's end, though a damaged shard failed it; it now runs again."""
+    reason = "data problem: /data/shard_00003.parquet is damaged (ZSTD decompression failed); replace it"
+    payload = {"number": 2, "status": "crash", "metric_name": "val_bpb", "metric": None, "rerun": True,
+               "reason": reason, "log_tail": f"step 00001\nFAIL: {reason.removeprefix('data problem: ')}"}
+    lines = _text(experiment_digest(payload, 10)).splitlines()
+    assert lines[0] == "🔁 #2 bad data, not the change: runs again after /resume · val_bpb —"
+    assert f"reason: {reason}" in lines
+
+
 @dataclass(frozen=True)
 class P:
     number: int

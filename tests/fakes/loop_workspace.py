@@ -55,5 +55,23 @@ class Gates:
             (self.folder / str(number)).touch()
 
 
+class StubData:
+    """The stub trainer's data dir, one shard in it: a test damages it mid-night and repairs it.
+    Runs see it through $NIGHTLAB_STUB_DATA (tests/loop/conftest.py's `stub_data` sets it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.shard = folder / "shard_00003.parquet"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.repair()
+
+    def damage(self) -> None:
+        """Cut short, its footer gone (a disk error, a copy interrupted)."""
+        self.shard.write_bytes(b"PAR1 rows")
+
+    def repair(self) -> None:
+        self.shard.write_bytes(b"PAR1 rows PAR1")
+
+
 def git_out(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()

@@ -71,8 +71,13 @@ if MODE == "crash":
 if MODE == "oom":
     print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
     sys.exit(1)
-if MODE == "datafail":  # the harness's words for a shard that went bad during the night
-    print("FAIL: data: /data/shard_00003.parquet is damaged (ZSTD decompression failed); replace it", flush=True)
+# $NIGHTLAB_STUB_DATA: a data dir whose shard a test damages and repairs during a night
+# (tests/fakes/loop_workspace.StubData); a good shard ends with parquet's footer magic
+data = os.environ.get("NIGHTLAB_STUB_DATA")
+shard = pathlib.Path(data or "/data") / "shard_00003.parquet"
+if MODE == "datafail" or (data and not shard.read_bytes().endswith(b"PAR1")):
+    # the harness's words for a shard that went bad during the night
+    print(f"FAIL: data: {shard} is damaged (ZSTD decompression failed); replace it", flush=True)
     sys.exit(1)
 if MODE == "nosummary":
     sys.exit(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.loop_workspace import Gates
+from tests.fakes.loop_workspace import Gates, StubData
 from tests.fakes.slurm_cluster import SlurmCluster, missing_binaries
 
 
@@ -18,6 +18,14 @@ def gates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Gates:
     g = Gates(tmp_path / "gates")
     monkeypatch.setenv("NIGHTLAB_STUB_GATES", str(g.folder))
     return g
+
+
+@pytest.fixture
+def stub_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StubData:
+    """The stub trainer's data dir, good until the test damages it (runs inherit the variable)."""
+    data = StubData(tmp_path / "data")
+    monkeypatch.setenv("NIGHTLAB_STUB_DATA", str(data.folder))
+    return data
 
 
 def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, gpus: int) -> Iterator[SlurmCluster]:

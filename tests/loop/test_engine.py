@@ -23,7 +23,7 @@ from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
-from tests.fakes.loop_workspace import Gates, git_out, make_stub_workspace
+from tests.fakes.loop_workspace import Gates, StubData, git_out, make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.waiting import wait_until
 
@@ -240,8 +240,62 @@ def test_a_data_problem_pauses_the_loop_at_its_first_crash(tmp_path: Path) -> No
     reason = "data problem: /data/shard_00003.parquet is damaged (ZSTD decompression failed); replace it"
     assert ledger.experiments(engine.store)[1].reason == reason
     self_paused = [e.payload for e in engine.store.events_after(0) if e.kind == "self_paused"]
-    assert self_paused == [{"reason": f"#2: {reason}; /resume once it is fixed"}]
+    assert self_paused == [{"reason": f"#2: {reason}; /resume once it is fixed, and #2 runs again"}]
     engine.join(stop=True)
+
+
+def test_a_change_the_data_failed_is_not_blamed_and_runs_again_once_the_data_is_fixed(
+    tmp_path: Path, gates: Gates, stub_data: StubData
+) -> None:
+    """A shard damaged mid-night: the run that met it was recorded as its change's crash (the
+    digest, the counts, the report's "What did not work", the proposer's history and last crash
+    log) and the change was never run again. Now it is undecided: after /resume the same commit
+    runs again, pausing again while the data is still bad (no proposal spent), judged as usual
+    once it is fixed."""
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    ws = settings.workspace_path
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])
+    engine = EngineThread(settings, proposer, limit=5)
+    gates.open(1)
+    engine.running(2)
+    stub_data.damage()
+    gates.open(2, 3)
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine.ticks()  # paused: the change's re-run waits for /resume
+    rows = ledger.experiments(engine.store)
+    reason = f"data problem: {stub_data.shard} is damaged (ZSTD decompression failed); replace it"
+    assert [(e.kind, e.status, e.reason) for e in rows[1:]] == [("proposal", "crash", reason)]
+    again = ledger.open_candidates(engine.store)
+    assert [(c.number, c.kind, c.commit, c.phase) for c in again] == [(3, "confirm", rows[1].commit, "committed")]
+    assert ledger.running_runs(engine.store) == []
+    finished = [e.payload for e in engine.store.events_after(0) if e.kind == "experiment_finished"]
+    assert finished[-1]["rerun"]  # the digest: the data failed it, it runs again
+    status = views.status_text(ws)
+    assert f"paused by nightlab (#2: {reason}; /resume once it is fixed, and #2 runs again)" in status
+    assert "experiments: 2 (1 baseline, 1 bad data)" in status and "  #2 undecided " in status
+    assert views.report_markdown(ws).endswith("## What did not work\n\n- nothing failed")
+    send_command(ws, "resume", "cli:test")  # the data is still bad: the same change, and paused again
+    engine.wait_for(lambda: len(_statuses(engine.store)) == 3 and ledger.paused(engine.store), "#3, paused again")
+    engine.ticks()
+    rows = ledger.experiments(engine.store)
+    assert (rows[2].kind, rows[2].confirm_of, rows[2].commit, rows[2].reason) == ("confirm", 2, rows[1].commit, reason)
+    assert len(proposer.contexts) == 1  # no proposal spent on bad data
+    stub_data.repair()
+    send_command(ws, "resume", "cli:test")
+    gates.open(4, 5)
+    assert engine.join() == 0
+    rows = ledger.experiments(engine.store)
+    assert [(e.number, e.kind) for e in rows[3:]] == [(4, "confirm"), (5, "proposal")]
+    assert rows[3].commit == rows[1].commit and rows[3].confirm_of == 2
+    assert (rows[3].status, rows[3].reason) == ("keep", "better by 0.1000 ± 0.0042 (n = 1 vs 1)")  # as a first run
+    # the next proposal (#5) learns nothing from the runs the data failed
+    learned = proposer.contexts[1]
+    assert [e.number for e in learned.history] == [1, 4] and learned.last_crash_log == ""
+    assert learned.consecutive_failures == 0
+    # (#5: the script's one step again, which changes nothing on the best now: a discard)
+    assert "experiments: 5 (1 baseline, 1 keep, 1 discard, 2 bad data)" in views.status_text(ws)
+    assert views.history_text(ws, status="crash") == "no crash experiments yet"
+    assert_consistent(settings)
 
 
 def test_steering_while_runs_are_in_flight(tmp_path: Path) -> None:

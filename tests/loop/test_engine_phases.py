@@ -18,6 +18,7 @@ from nightlab.loop.engine.launching import free_slot
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.startup import startup
 from nightlab.loop.engine.steering import Control
+from nightlab.loop.engine.streaks import without_a_keep
 from nightlab.loop.executors import Slot
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.executors.slurm import SlurmExecutor, slurm_time
@@ -120,6 +121,16 @@ def test_an_outcome_stored_by_an_older_nightlab_reads_with_defaults() -> None:
     assert (out.status, out.hardware, out.compared, out.decided, out.moves_head) == ("crash", "", True, False, False)
     assert Outcome.from_json({**old, "head_after": "abc"}).decided
     assert Outcome.from_json(out.to_json()) == out
+
+
+def test_a_run_the_data_failed_is_no_miss_of_the_search(tmp_path: Path) -> None:
+    """Runs without a keep turn the search to other areas (and are said in chat): a change a damaged
+    shard failed counted as one, though it runs again."""
+    base = _experiment(1, "gpu0", "h")
+    change = dataclasses.replace(base, kind="proposal", status="discard", description="x", reason="not better")
+    rows = [base, dataclasses.replace(change, number=2),
+            dataclasses.replace(change, number=3, status="crash", metric=None, reason="data problem: shard damaged")]
+    assert without_a_keep(Store.for_workspace(tmp_path), rows) == 1
 
 
 def test_a_kill_marks_the_run_of_that_number_only(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
-from tests.fakes.loop_workspace import Gates, git_out, make_stub_workspace
+from tests.fakes.loop_workspace import Gates, StubData, git_out, make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.loop.test_engine import EngineThread, assert_consistent
 from tests.waiting import wait_until
@@ -85,6 +85,40 @@ def test_a_wave_runs_in_parallel_snapshots_and_keeps_only_its_winner(tmp_path: P
     assert git_out(repo, "worktree", "list").count("\n") == 0
     # members of a wave are proposed knowing what is already in flight
     assert [len(c.in_flight) for c in proposer.contexts] == [0, 1, 2, 0, 1, 2]
+    assert_consistent(settings)
+
+
+def test_a_member_the_data_failed_is_re_made_on_the_best_its_wave_kept(
+    tmp_path: Path, gates: Gates, stub_data: StubData
+) -> None:
+    """A shard damaged while a wave ran: the member that met it was its change's crash, never run
+    again. Its wave kept another member, so its change is re-made there (a rebase) and runs once
+    the data is fixed and the loop resumed."""
+    settings = _settings(tmp_path, slots=2)
+    steps = [{"set": {"GAIN": 0.1}}, {"set": {"VAL_BPB": [0.95]}}]
+    engine = EngineThread(settings, WaveProposer(steps), limit=4)
+    store = engine.store
+    gates.open(1)
+    engine.wait_for(lambda: len(ledger.running_runs(store)) == 2, "#2 and #3 running")
+    gates.open(2)
+    engine.wait_for(lambda: ledger.run_for_candidate(store, 2).state == "exited", "#2 ended")  # type: ignore[union-attr]
+    stub_data.damage()
+    gates.open(3)
+    engine.wait_for(lambda: ledger.paused(store), "the loop to pause itself")
+    engine.ticks()  # paused: the re-made change waits for /resume
+    rows = ledger.experiments(store)
+    assert [(e.number, e.status) for e in rows] == [(1, "keep"), (2, "keep"), (3, "crash")]
+    assert rows[2].reason.startswith("data problem: ")
+    rebase = ledger.open_candidates(store)
+    assert [(c.number, c.kind, c.confirm_of, c.base_commit, c.phase) for c in rebase] == [
+        (4, "rebase", 3, rows[1].commit, "proposing")]
+    stub_data.repair()
+    send_command(settings.workspace_path, "resume", "cli:test")
+    gates.open(4)
+    assert engine.join() == 0
+    last = ledger.experiments(store)[3]
+    assert (last.kind, last.status, last.metric) == ("rebase", "keep", 0.85)  # both changes: 0.95 - 0.1
+    assert last.description == f"rebase of #3: {rows[2].description}"
     assert_consistent(settings)
 
 
