@@ -138,6 +138,11 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
             f"{REBASE_PREFIX} better than its base {cand.base_commit[:7]} by"
             f" {gain(verdict.metric, best, ctx.direction):.6f}, but the best moved on to {ref.commit[:7]}"
             f" while it ran: re-made there and re-run"))
+    if cand.kind != "baseline" and ledger.failed_by_data(verdict.reason) and _data_failed_before(rows, cand):
+        said = verdict.reason[len(ledger.DATA_PROBLEM_PREFIX):].strip()
+        verdict = dataclasses.replace(verdict, reason=(
+            f"{ledger.DATA_AGAIN_PREFIX} {said}; its run before met it too, so it counts as this change's"
+            " crash (if the data is fine, the change is what fails it)"))
     if (verdict.status == "keep" or verdict.needs_confirm) and ctx.settings.project.checks_command:
         verdict = checks(ctx, verdict, ctx.run_dir(cand), best)
     started = started_at(run.log_path) or run.started_at
@@ -159,6 +164,13 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
         # a baseline needs no re-run of its own: planning measures the best again where runs are missing
         retry=cand.kind != "baseline" and ledger.failed_by_data(verdict.reason),
     )
+
+
+def _data_failed_before(rows: list[Experiment], cand: Candidate) -> bool:
+    """A re-run of a change (confirm, rebase) one of whose runs the data failed already."""
+    first = cand.confirm_of
+    return first is not None and any(
+        ledger.failed_by_data(e.reason) for e in rows if first in (e.number, e.confirm_of))
 
 
 def checks(ctx: Context, verdict: Verdict, cwd: Path, best: float | None) -> Verdict:

@@ -96,10 +96,14 @@ def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
     limit = ctx.settings.loop.pause_after_failures
     # bad data fails every run alike: pausing at once spares the proposals that would follow
     last = rows[-1]
-    data = ledger.failed_by_data(last.reason)
+    again = ledger.failed_by_data(last.reason)  # its change runs again after /resume
+    data = again or last.reason.startswith(ledger.DATA_AGAIN_PREFIX)
     if (failures >= limit or data) and ledger.paused(store) is None:
-        reason = (f"#{last.number}: {last.reason}; /resume once it is fixed, and #{last.number} runs again" if data
-                  else f"{failures} failed experiments in a row; resume when you have looked (focus, note)")
+        if data:
+            reason = f"#{last.number}: {last.reason}; /resume once it is fixed" + (
+                f", and #{last.number} runs again" if again else "")
+        else:
+            reason = f"{failures} failed experiments in a row; resume when you have looked (focus, note)"
         ledger.set_paused(store, "nightlab", reason, None)
         store.emit("self_paused", reason=reason)
     misses = without_a_keep(store, rows)

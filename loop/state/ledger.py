@@ -224,6 +224,9 @@ USER_KILL_PREFIX = "killed by "  # kill_reason of a user's kill: recorded as dis
 # the reason of a run the data failed (the harness's `FAIL: data:` line: a damaged shard, a tokenizer
 # gone): it measured nothing of its change, which runs again once the data is fixed
 DATA_PROBLEM_PREFIX = "data problem:"
+# the reason of a change's re-run the data failed again: the change's crash (it may be what breaks
+# the data, or an agent's train.py printing the harness's line), so no change runs again forever
+DATA_AGAIN_PREFIX = "data problem again:"
 
 
 def failed_by_data(reason: str) -> bool:

@@ -250,12 +250,11 @@ def test_a_change_the_data_failed_is_not_blamed_and_runs_again_once_the_data_is_
     """A shard damaged mid-night: the run that met it was recorded as its change's crash (the
     digest, the counts, the report's "What did not work", the proposer's history and last crash
     log) and the change was never run again. Now it is undecided: after /resume the same commit
-    runs again, pausing again while the data is still bad (no proposal spent), judged as usual
-    once it is fixed."""
+    runs again, judged as usual once the data is fixed."""
     settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
     ws = settings.workspace_path
     proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])
-    engine = EngineThread(settings, proposer, limit=5)
+    engine = EngineThread(settings, proposer, limit=4)
     gates.open(1)
     engine.running(2)
     stub_data.damage()
@@ -274,27 +273,56 @@ def test_a_change_the_data_failed_is_not_blamed_and_runs_again_once_the_data_is_
     assert f"paused by nightlab (#2: {reason}; /resume once it is fixed, and #2 runs again)" in status
     assert "experiments: 2 (1 baseline, 1 bad data)" in status and "  #2 undecided " in status
     assert views.report_markdown(ws).endswith("## What did not work\n\n- nothing failed")
-    send_command(ws, "resume", "cli:test")  # the data is still bad: the same change, and paused again
-    engine.wait_for(lambda: len(_statuses(engine.store)) == 3 and ledger.paused(engine.store), "#3, paused again")
-    engine.ticks()
-    rows = ledger.experiments(engine.store)
-    assert (rows[2].kind, rows[2].confirm_of, rows[2].commit, rows[2].reason) == ("confirm", 2, rows[1].commit, reason)
     assert len(proposer.contexts) == 1  # no proposal spent on bad data
     stub_data.repair()
     send_command(ws, "resume", "cli:test")
-    gates.open(4, 5)
+    gates.open(3, 4)
     assert engine.join() == 0
     rows = ledger.experiments(engine.store)
-    assert [(e.number, e.kind) for e in rows[3:]] == [(4, "confirm"), (5, "proposal")]
-    assert rows[3].commit == rows[1].commit and rows[3].confirm_of == 2
-    assert (rows[3].status, rows[3].reason) == ("keep", "better by 0.1000 ± 0.0042 (n = 1 vs 1)")  # as a first run
-    # the next proposal (#5) learns nothing from the runs the data failed
+    assert [(e.number, e.kind) for e in rows[2:]] == [(3, "confirm"), (4, "proposal")]
+    assert rows[2].commit == rows[1].commit and rows[2].confirm_of == 2
+    assert (rows[2].status, rows[2].reason) == ("keep", "better by 0.1000 ± 0.0042 (n = 1 vs 1)")  # as a first run
+    # the next proposal (#4) learns nothing from the run the data failed
     learned = proposer.contexts[1]
-    assert [e.number for e in learned.history] == [1, 4] and learned.last_crash_log == ""
+    assert [e.number for e in learned.history] == [1, 3] and learned.last_crash_log == ""
     assert learned.consecutive_failures == 0
-    # (#5: the script's one step again, which changes nothing on the best now: a discard)
-    assert "experiments: 5 (1 baseline, 1 keep, 1 discard, 2 bad data)" in views.status_text(ws)
+    # (#4: the script's one step again, which changes nothing on the best now: a discard)
+    assert "experiments: 4 (1 baseline, 1 keep, 1 discard, 1 bad data)" in views.status_text(ws)
     assert views.history_text(ws, status="crash") == "no crash experiments yet"
+    assert_consistent(settings)
+
+
+def test_a_change_the_data_fails_again_on_its_re_run_is_its_crash_not_run_forever(
+    tmp_path: Path, gates: Gates, stub_data: StubData
+) -> None:
+    """A change whose re-run the data fails too (resumed with the data still bad, or a change that
+    breaks loading: an agent's train.py can print the harness's line) ran again at every /resume,
+    pausing each time, with no way past it. Its second data failure is its crash; the loop pauses."""
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    ws = settings.workspace_path
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}, {"set": {"VAL_BPB": [0.8]}}])
+    engine = EngineThread(settings, proposer, limit=4)
+    gates.open(1)
+    engine.running(2)
+    stub_data.damage()
+    gates.open(2, 3)
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    send_command(ws, "resume", "cli:test")  # the data is still bad
+    engine.wait_for(lambda: len(_statuses(engine.store)) == 3 and ledger.paused(engine.store), "#3, paused again")
+    engine.ticks()
+    third = ledger.experiments(engine.store)[2]
+    assert (third.kind, third.confirm_of, third.status) == ("confirm", 2, "crash")
+    assert third.reason == (f"data problem again: {stub_data.shard} is damaged (ZSTD decompression failed); replace"
+                            " it; its run before met it too, so it counts as this change's crash (if the data is"
+                            " fine, the change is what fails it)")
+    assert ledger.paused(engine.store) is not None and "runs again" not in views.status_text(ws)
+    assert "experiments: 3 (1 baseline, 1 crash, 1 bad data)" in views.status_text(ws)
+    stub_data.repair()
+    send_command(ws, "resume", "cli:test")
+    gates.open(4)
+    assert engine.join() == 0
+    fourth = ledger.experiments(engine.store)[3]
+    assert (fourth.kind, fourth.confirm_of, fourth.status) == ("proposal", None, "keep")  # the night goes on
     assert_consistent(settings)
 
 
