@@ -244,6 +244,18 @@ def test_a_data_problem_pauses_the_loop_at_its_first_crash(tmp_path: Path) -> No
     engine.join(stop=True)
 
 
+def _night_the_data_fails_at_2(settings: Settings, proposer: ScriptedProposer, gates: Gates,
+                               stub_data: StubData) -> EngineThread:
+    """A night of 4 whose data is damaged while #2 runs: returned paused by the engine."""
+    engine = EngineThread(settings, proposer, limit=4)
+    gates.open(1)
+    engine.running(2)
+    stub_data.damage()
+    gates.open(2, 3)
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    return engine
+
+
 def test_a_change_the_data_failed_is_not_blamed_and_runs_again_once_the_data_is_fixed(
     tmp_path: Path, gates: Gates, stub_data: StubData
 ) -> None:
@@ -254,12 +266,7 @@ def test_a_change_the_data_failed_is_not_blamed_and_runs_again_once_the_data_is_
     settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
     ws = settings.workspace_path
     proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])
-    engine = EngineThread(settings, proposer, limit=4)
-    gates.open(1)
-    engine.running(2)
-    stub_data.damage()
-    gates.open(2, 3)
-    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine = _night_the_data_fails_at_2(settings, proposer, gates, stub_data)
     engine.ticks()  # paused: the change's re-run waits for /resume
     rows = ledger.experiments(engine.store)
     reason = f"data problem: {stub_data.shard} is damaged (ZSTD decompression failed); replace it"
@@ -301,12 +308,7 @@ def test_a_change_the_data_fails_again_on_its_re_run_is_its_crash_not_run_foreve
     settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
     ws = settings.workspace_path
     proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}, {"set": {"VAL_BPB": [0.8]}}])
-    engine = EngineThread(settings, proposer, limit=4)
-    gates.open(1)
-    engine.running(2)
-    stub_data.damage()
-    gates.open(2, 3)
-    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine = _night_the_data_fails_at_2(settings, proposer, gates, stub_data)
     send_command(ws, "resume", "cli:test")  # the data is still bad
     engine.wait_for(lambda: len(_statuses(engine.store)) == 3 and ledger.paused(engine.store), "#3, paused again")
     engine.ticks()
