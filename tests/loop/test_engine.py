@@ -241,12 +241,13 @@ def test_a_data_problem_pauses_the_loop_at_its_first_crash(tmp_path: Path) -> No
     engine.join(stop=True)
 
 
-def test_steering_while_runs_are_in_flight(tmp_path: Path) -> None:
+def test_steering_while_runs_are_in_flight(tmp_path: Path, gates: Gates) -> None:
+    gates.open(1)
     settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
     ws = settings.workspace_path
     proposer = ScriptedProposer([
         {"set": {"MODE": "hang"}},  # #2 killed by the user
-        {"set": {"VAL_BPB": [0.9], "SLEEP": 0.5}},  # #3 pause after it
+        {"set": {"VAL_BPB": [0.9]}},  # #3 pause after it (it ends once the pause is sent: its gate)
         {"set": {"MODE": "spawn"}},  # #4 stopped by the heartbeat's timeout, child and all
         {"set": {"MODE": "hang"}, "area": "arch"},  # #5 pause now
         {"set": {"VAL_BPB": [0.8]}},  # #6 after resume
@@ -259,6 +260,7 @@ def test_steering_while_runs_are_in_flight(tmp_path: Path) -> None:
     engine.running(3)
     assert proposer.contexts[1].focus == "lr" and proposer.contexts[1].notes == ("try a smaller lr",)
     assert send_command(ws, "/pause", "slack:U1").startswith("pausing after #3 finishes")
+    gates.open(3, 6)
     engine.wait_for(lambda: ledger.paused(engine.store) and len(_statuses(engine.store)) == 3, "the pause after #3")
     engine.ticks()  # paused: nothing more starts
     assert len(_statuses(engine.store)) == 3 and not ledger.open_candidates(engine.store)
