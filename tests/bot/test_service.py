@@ -90,7 +90,7 @@ def test_an_event_written_once_the_service_has_started_is_delivered(workspace: P
     try:
         store.emit("alert", text="the engine's first event")
         console.release.set()
-        wait_until(lambda: "the engine's first event" in out.getvalue(), "the event on the console", timeout=10)
+        wait_until(lambda: "the engine's first event" in out.getvalue(), "the event on the console")
     finally:
         console.release.set()
         assert svc.stop(5)
