@@ -22,9 +22,10 @@ from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
+from tests.fakes.engine_thread import EngineThread
 from tests.fakes.loop_workspace import Gates, git_out, make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
-from tests.loop.test_engine import EngineThread, assert_consistent
+from tests.loop.test_engine import assert_consistent
 from tests.waiting import wait_until
 
 HERE = Path(__file__).resolve().parent
