@@ -57,6 +57,10 @@ CREATE INDEX IF NOT EXISTS outbox_waiting ON outbox(channel, destination, id)
 """
 
 
+def _cursor_key(channel: Channel) -> str:
+    return f"bot.cursor.{channel.name}"
+
+
 @dataclass(frozen=True)
 class Tuning:
     backoff_base_s: float = 2.0
@@ -105,21 +109,22 @@ class Outbox:
         db.executescript(_SCHEMA)
         if "reply" not in {r["name"] for r in db.execute("PRAGMA table_info(outbox)")}:
             db.execute("ALTER TABLE outbox ADD COLUMN reply INTEGER NOT NULL DEFAULT 0")  # older state.db
+        # First start on this workspace: begin with what happens from now on rather than replaying
+        # a whole history into the chat. Now, not at the first fill: what the engine writes after
+        # the bot has started is never history, however late the bot's first pass comes.
+        with store.transaction():
+            for channel in self.channels.values():
+                if store.get(_cursor_key(channel)) is None:
+                    store.set(_cursor_key(channel), store.last_event_id())
 
     # -- filling -----------------------------------------------------------------------------
     def fill(self) -> int:
         """Turn new events into rows for every channel; returns the number of events read."""
         read = 0
         for channel in self.channels.values():
-            key = f"bot.cursor.{channel.name}"
+            key = _cursor_key(channel)
             with self.store.transaction():
-                cursor = self.store.get(key)
-                if cursor is None:
-                    # First start on this workspace: begin with what happens from now on rather
-                    # than replaying a whole history into the chat.
-                    self.store.set(key, self.store.last_event_id())
-                    continue
-                events = self.store.events_after(cursor, self.tuning.events_per_fill)
+                events = self.store.events_after(self.store.get(key), self.tuning.events_per_fill)
                 for event in events:
                     if not digest.wanted(event, self.digest):
                         continue

@@ -79,7 +79,9 @@ class BotService:
         started = threading.Event()
         self._thread = threading.Thread(target=self._main, args=(started,), name="nightlab-bot", daemon=True)
         self._thread.start()
-        started.wait(10.0)  # the loop exists, so stop() can reach it
+        # The loop exists, so stop() can reach it, and the outbox's cursors are placed: every event
+        # from now on (the daemon starts the engine next) reaches the chats.
+        started.wait(10.0)
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Send what is due (for up to half of `timeout`), disconnect and end the thread; True when
@@ -102,9 +104,11 @@ class BotService:
     async def _run(self, started: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        started.set()
-        store = Store.for_workspace(self.workspace)
-        outbox = Outbox(store, self.channels, self.settings.digest, self._tuning, secrets=self._secrets)
+        try:
+            store = Store.for_workspace(self.workspace)
+            outbox = Outbox(store, self.channels, self.settings.digest, self._tuning, secrets=self._secrets)
+        finally:
+            started.set()
         outbox.prune()
         router = Router(
             store, self.workspace, allowlists(self.settings), self.settings.project.metric, self.settings.project.direction,

@@ -13,10 +13,12 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], what: str, timeout: float = 20.0, *, every: float = 0.02,
+def wait_until(predicate: Callable[[], T], what: str, timeout: float = 60.0, *, every: float = 0.02,
                abort: Callable[[], str | None] = lambda: None) -> T:
     """The first truthy value `predicate` returns. Fails after `timeout` seconds, or at once when
-    `abort` gives a reason to stop waiting (the process under test has died, say)."""
+    `abort` gives a reason to stop waiting (the process under test has died, say). The timeout
+    only bounds a wait that fails: a passing test never reaches it, so it is generous (a daemon
+    started on a box busy with other work took more than 20 s to tick)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -44,7 +44,7 @@ def start_service(s: Settings, secrets: Secrets, workspace: Path, **kwargs: Any)
     kwargs.setdefault("tuning", FAST)
     svc = BotService(s, secrets, workspace, **kwargs)
     svc.start()
-    assert svc.ready.wait(15), "the bot did not connect"
+    assert svc.ready.wait(60), "the bot did not connect"
     return svc
 
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import threading
 from pathlib import Path
 
 import pytest
 from nightlab.bot.auth import allowlists
-from nightlab.bot.channel import Incoming
+from nightlab.bot.channel import Incoming, OnMessage
+from nightlab.bot.console import ConsoleChannel
 from nightlab.bot.format import Photo, Text
 from nightlab.bot.router import Router
-from nightlab.bot.service import build_channels
+from nightlab.bot.service import BotService, build_channels
 from nightlab.loop.state.config import Secrets
 from nightlab.loop.state.store import Store
 
-from tests.bot.conftest import finished, running, settings, start_service
+from tests.bot.conftest import FAST, finished, running, settings, start_service
 from tests.waiting import wait_until
 
 
@@ -62,3 +65,32 @@ def test_router_answers_and_promises(workspace: Path, store: Store) -> None:
     report = ask(router, "/report", user="2")
     assert report[0].title == "nightlab report — ?" and isinstance(report[1], Photo)  # no markdown marks
     assert report[1].path.read_bytes().startswith(b"\x89PNG")
+
+
+class _SlowToStart(ConsoleChannel):
+    """A console whose start holds the bot's event loop until released: the bot thread slow to
+    get going, as on a loaded box (a platform client is built synchronously in its start)."""
+
+    def __init__(self, stream: io.StringIO) -> None:
+        super().__init__(stream)
+        self.release = threading.Event()
+
+    async def start(self, on_message: OnMessage) -> None:
+        self.release.wait(10)
+
+
+def test_an_event_written_once_the_service_has_started_is_delivered(workspace: Path, store: Store) -> None:
+    """The daemon starts the engine when the bot's start() returns. The outbox placed its cursor
+    on its first pass, which a slow bot thread made later than the engine's first events: they
+    were taken for history and never sent (the chaos suite, on a loaded box, lost #1's digest)."""
+    out = io.StringIO()
+    console = _SlowToStart(out)
+    svc = BotService(settings(), Secrets(), workspace, channels=[console], tuning=FAST)
+    svc.start()
+    try:
+        store.emit("alert", text="the engine's first event")
+        console.release.set()
+        wait_until(lambda: "the engine's first event" in out.getvalue(), "the event on the console")
+    finally:
+        console.release.set()
+        assert svc.stop(5)

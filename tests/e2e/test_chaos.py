@@ -31,7 +31,7 @@ from nightlab.loop.state.store import Store
 from tests.e2e import invariants as inv
 from tests.e2e.conftest import CHAOS_TABLE
 from tests.fakes.daemon_config import write_daemon_config
-from tests.fakes.loop_workspace import make_stub_workspace
+from tests.fakes.loop_workspace import Gates, make_stub_workspace
 from tests.fakes.slack_server import FakeSlack
 from tests.fakes.telegram_server import FakeTelegram
 from tests.waiting import wait_until
@@ -109,15 +109,17 @@ def run_scenario(tmp: Path, point: str, number: int, tg: FakeTelegram, slack: Fa
                    "min_free_disk_gb": 0.0, "report_time": ""},
     )
     steps = tmp / "steps.json"
-    # While sending: #3 trains for 2 s, so that no other digest is on its way at the kill.
-    steps.write_text(json.dumps(STEPS if point not in ("sending", "reply_lost")
-                                else [STEPS[0], {"set": {**STEPS[1]["set"], "SLEEP": 2.0}}]))
+    steps.write_text(json.dumps(STEPS))
+    sending = point in ("sending", "reply_lost")
+    # While sending, #3's run ends only once the daemon is dead: no other digest is on its way at
+    # the kill (it had 2 s of training for that, which a loaded box could spend before the kill).
+    gates = Gates(tmp / "gates")
+    gates.open(1, 2, *(() if sending else (3,)))
     env = {**os.environ, "NIGHTLAB_TELEGRAM_TOKEN": tg.token, "NIGHTLAB_SLACK_BOT_TOKEN": slack.bot_token,
-           "NIGHTLAB_SLACK_APP_TOKEN": slack.app_token}
+           "NIGHTLAB_SLACK_APP_TOKEN": slack.app_token, "NIGHTLAB_STUB_GATES": str(gates.folder)}
     engine = [sys.executable, str(FAKES / "engine_main.py"), "--steps", str(steps)]
     log = tmp / "daemon.log"
     kill = ["--kill-at", point, "--kill-number", str(number)]
-    sending = point in ("sending", "reply_lost")
     if point == "steering":
         send_command(ws, "note kill me while you apply this", "cli:chaos")  # applied at the first checkpoint
     if sending:
@@ -134,6 +136,7 @@ def run_scenario(tmp: Path, point: str, number: int, tg: FakeTelegram, slack: Fa
         code = first.wait(60)
     finally:
         tg.release()
+        gates.open(3)
         if first.poll() is None:
             first.kill()
     assert code == -signal.SIGKILL, f"the kill point {point!r} was never reached (exit {code})\n{log.read_text()}"

@@ -7,7 +7,7 @@ launched through the real executor and recorded in `runs`. Misbehaviour on reque
     --freeze-first    the first instance stops ticking after 1 s; SIGTERM then takes it 2 s
     --die-first       the first instance exits with code 3 after 0.5 s
     --always-die      every instance exits with code 3 after 0.5 s
-    --finish-after S  set engine.finished and exit 0 after S seconds
+    --finish-when F   set engine.finished and exit 0 once the file F exists (the test says when)
     --launch-run CMD  the first instance launches CMD as a run (and records it when it ends)
 
 Every start appends its pid to kv['fake_engine.starts'] and records its --max-experiments.
@@ -39,7 +39,7 @@ def main() -> int:
     p.add_argument("--freeze-first", action="store_true")
     p.add_argument("--die-first", action="store_true")
     p.add_argument("--always-die", action="store_true")
-    p.add_argument("--finish-after", type=float)
+    p.add_argument("--finish-when", type=Path)
     p.add_argument("--launch-run")
     args = p.parse_args()
 
@@ -68,7 +68,7 @@ def main() -> int:
             signal.signal(signal.SIGTERM, lambda *_: (time.sleep(2.0), os._exit(0)))
             while True:
                 time.sleep(1)
-        if args.finish_after is not None and age > args.finish_after:
+        if args.finish_when is not None and args.finish_when.exists():
             store.set("engine.finished", True)
             return 0
         store.set("engine.tick", time.time())

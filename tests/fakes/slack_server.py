@@ -126,7 +126,7 @@ class FakeSlack:
                         self.acks.add(message["envelope_id"])
                         self._cond.notify_all()
 
-    def connected(self, timeout: float = 10.0) -> bool:
+    def connected(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._ws is None or self._ws.state.name != "OPEN":
@@ -167,7 +167,7 @@ class FakeSlack:
         return self._envelope("events_api", {"type": "event_callback", "team_id": "T1", "event": event,
                                              "event_id": f"Ev{next(self._ids)}"})
 
-    def acked(self, envelope_id: str, timeout: float = 20.0) -> bool:
+    def acked(self, envelope_id: str, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:
             while envelope_id not in self.acks:
@@ -190,7 +190,7 @@ class FakeSlack:
         with self._cond:
             self._faults.extend([(kind, retry_after)] * times)
 
-    def wait_for(self, count: int, channel: str | None = None, timeout: float = 10.0) -> list[Post]:
+    def wait_for(self, count: int, channel: str | None = None, timeout: float = 30.0) -> list[Post]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:

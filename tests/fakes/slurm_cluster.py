@@ -7,6 +7,7 @@ CUDA_VISIBLE_DEVICES. Everything lives under one folder and one pair of ports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -25,10 +26,14 @@ def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: the sockets stay bound until all are picked (one closed before
+    the next was bound could be handed out twice, and slurmctld and slurmd would share a port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _binary(name: str) -> str:
@@ -61,6 +66,7 @@ class SlurmCluster:
             if not dev.exists():
                 os.mknod(dev, 0o644 | 0o020000, os.makedev(1, 3))  # a char device like /dev/null
         r = self.root
+        ctld_port, slurmd_port = _free_ports(2)
         self.conf.write_text(
             f"""ClusterName=nightlabtest
 SlurmctldHost={host}
@@ -75,8 +81,8 @@ SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd.log
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none

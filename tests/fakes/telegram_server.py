@@ -165,7 +165,7 @@ class FakeTelegram:
         with self._cond:
             return [s for s in self.sent if chat_id is None or s.chat_id == chat_id]
 
-    def wait_for(self, count: int, chat_id: int | None = None, timeout: float = 10.0) -> list[Sent]:
+    def wait_for(self, count: int, chat_id: int | None = None, timeout: float = 30.0) -> list[Sent]:
         """Block until at least `count` messages went to `chat_id` (or anywhere)."""
         deadline = time.monotonic() + timeout
         with self._cond:

@@ -23,7 +23,10 @@ from tests.waiting import wait_until
 def test_second_daemon_is_refused_and_the_first_ends_after_max_experiments(
     harness: Harness, tmp_path: Path
 ) -> None:
-    first = harness.start("--finish-after", "3", max_experiments=1)
+    # The engine finishes once the second daemon was refused: on a timer, a slow start of the
+    # second could come after the first had ended, and find the workspace free.
+    finish = tmp_path / "finish"
+    first = harness.start("--finish-when", str(finish), max_experiments=1)
     wait_until(lambda: first.store.get("engine.tick"), what="the engine to tick")
 
     second = subprocess.run(
@@ -34,6 +37,7 @@ def test_second_daemon_is_refused_and_the_first_ends_after_max_experiments(
     assert second.returncode != 0
     assert f"nightlab is already running for {first.workspace} (pid {first.proc.pid})" in second.stderr
 
+    finish.touch()
     assert first.proc.wait(timeout=30) == 0  # the engine finished: the daemon stops by itself
     assert "engine finished" in first.log()
     assert first.store.get("fake_engine.max_experiments") == 1
@@ -84,12 +88,17 @@ def test_an_engine_left_over_by_a_previous_daemon_is_stopped_first(harness: Harn
 
 
 STUB_TRAIN = """\
+import os
+import pathlib
 import time
 
 LEARNING_RATE = 0.1
-for step in range(25):
+hold = os.environ.get("NIGHTLAB_TEST_HOLD")  # a test's gate: the run goes on while this file exists
+step = 0
+while step < 25 or (hold and pathlib.Path(hold).exists()):
     print(f"step {step}", flush=True)
     time.sleep(0.1)
+    step += 1
 print("---")
 print(f"val_bpb: {1.0 + abs(LEARNING_RATE - 0.05):.6f}")
 """
@@ -109,15 +118,24 @@ def test_the_next_start_reattaches_to_the_run_a_sigterm_left_running(
     harness: Harness, tmp_path: Path
 ) -> None:
     workspace, project = _stub_project(tmp_path)
-    first = harness.start(real_engine=True, extra_config=project, max_experiments=2)
+    # The baseline runs until the second engine has ticked: on its own 2.5 s, a stop slowed by a
+    # loaded box saw it end before the daemon was gone, and no run was left to re-attach to.
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = {"NIGHTLAB_TEST_HOLD": str(hold)}
+    first = harness.start(real_engine=True, extra_config=project, max_experiments=2, env=env)
     store = first.store
     run = wait_until(lambda: (ledger.running_runs(store) or [None])[0], timeout=60, what="the baseline run")
     handle = RunHandle.from_json(run.handle)
     harness.cleanup_pids.append(handle.pid)
     assert first.stop() == 0
     assert not gone(handle.pid)  # the run outlived the daemon and its engine
+    stopped = time.time()
 
-    second = harness.start(real_engine=True, extra_config=project, max_experiments=2, name="second")
+    second = harness.start(real_engine=True, extra_config=project, max_experiments=2, name="second", env=env)
+    wait_until(lambda: store.get("engine.tick", 0) > stopped, timeout=60, what="the second engine to tick",
+               abort=lambda: second.proc.poll() is not None and second.log())
+    hold.unlink()
     assert second.proc.wait(timeout=90) == 0, second.log()
     again = ledger.get_run(store, run.id)
     assert (again.state, again.exit_code, again.kill_reason) == ("exited", 0, None)

@@ -4,6 +4,7 @@ and what systemd hears meanwhile."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -15,7 +16,7 @@ from nightlab.loop.executors import RunHandle
 from nightlab.loop.state import ledger
 from nightlab.loop.state.store import Store
 
-from tests.heartbeat.conftest import FAKES, Harness, gone
+from tests.heartbeat.conftest import FAKES, Harness, gone, write_config
 from tests.waiting import wait_until
 
 
@@ -45,9 +46,14 @@ def test_misbehaving_run_is_killed_with_its_whole_tree(
     harness: Harness, tmp_path: Path, mode: str, limits: dict, reason: str
 ) -> None:
     pidfile = tmp_path / "trainer.pids"
-    daemon = harness.start("--launch-run", _trainer(mode, pidfile), **limits)
+    daemon = harness.start("--launch-run", _trainer(mode, pidfile))
     pids = _tree(harness, pidfile, daemon.store)
     assert len(pids) == 3 and not any(gone(p) for p in pids)
+    # The limit comes in a live reload once the whole tree is seen alive: set from the start, a
+    # second's stall or a megabyte of log could kill a run whose trainer a loaded box was slow to
+    # start, before it had written its pids.
+    write_config(tmp_path / "daemon.toml", **limits)
+    daemon.proc.send_signal(signal.SIGHUP)
 
     wait_until(lambda: all(gone(p) for p in pids), what="every process of the run to be gone")
     run = ledger.get_run(daemon.store, 1)

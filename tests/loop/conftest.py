@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.engine_thread import EngineThread
 from tests.fakes.loop_workspace import Gates, StubData
 from tests.fakes.slurm_cluster import SlurmCluster, missing_binaries
+
+
+@pytest.fixture(autouse=True)
+def _engines_end_with_their_test() -> Iterator[None]:
+    yield
+    EngineThread.end_all()
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ from nightlab.loop.state.ledger import started_at
 from nightlab.loop.state.store import Store
 from nightlab.trainer.profiles import apply_constants
 
+from tests.fakes.engine_thread import EngineThread
 from tests.fakes.loop_workspace import Gates, git_out, make_stub_workspace
-from tests.loop.test_engine import EngineThread, assert_consistent
+from tests.loop.test_engine import assert_consistent
 from tests.loop.test_waves import WaveProposer
 from tests.waiting import wait_until
 

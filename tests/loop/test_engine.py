@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
+from tests.fakes.engine_thread import EngineThread
 from tests.fakes.loop_workspace import Gates, StubData, git_out, make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.waiting import wait_until
@@ -55,54 +54,6 @@ def assert_consistent(settings: Settings, in_order: bool = True) -> None:
     for e in rows:
         if e.kind == "proposal" and e.commit != ledger.get_candidate(store, e.number).base_commit:
             assert git_out(repo, "rev-parse", f"refs/nightlab/exp/{e.number}") == e.commit
-
-
-class EngineThread:
-    """The engine in a thread of this process, stoppable like the daemon stops it."""
-
-    def __init__(self, settings: Settings, proposer: ScriptedProposer, limit: int | None = None) -> None:
-        self.stop = threading.Event()
-        self.result: list[Any] = []
-        self.store = Store.for_workspace(settings.workspace_path)
-
-        def target() -> None:
-            try:
-                self.result.append(run_engine(settings, limit, self.stop, proposer=proposer))
-            except BaseException as exc:  # noqa: BLE001 -- surfaced by join()
-                self.result.append(exc)
-
-        self.thread = threading.Thread(target=target, daemon=True)
-        self.thread.start()
-
-    def ended(self) -> str | None:
-        return None if self.thread.is_alive() else f"the engine ended: {self.result}"
-
-    def wait_for(self, predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-        return wait_until(predicate, what, timeout, abort=self.ended)
-
-    def ticks(self, count: int = 2) -> None:
-        """Wait for `count` more checkpoints: each round of the loop ticks, and then decides what
-        to start; after two ticks it has decided at least once since the call."""
-        for _ in range(count):
-            tick = self.store.get("engine.tick")
-            self.wait_for(lambda: self.store.get("engine.tick") != tick, "the engine's next checkpoint")
-
-    def running(self, number: int) -> ledger.RunRecord:
-        def find() -> ledger.RunRecord | None:
-            runs = ledger.running_runs(self.store)
-            ok = runs and ledger.get_candidate(self.store, runs[-1].candidate_id).number == number
-            return runs[-1] if ok else None
-
-        return self.wait_for(find, f"#{number} to run")
-
-    def join(self, stop: bool = False) -> Any:
-        if stop:
-            self.stop.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive()
-        if isinstance(self.result[0], BaseException):
-            raise self.result[0]
-        return self.result[0]
 
 
 def test_a_session_keeps_discards_crashes_rejects(tmp_path: Path) -> None:
@@ -328,12 +279,13 @@ def test_a_change_the_data_fails_again_on_its_re_run_is_its_crash_not_run_foreve
     assert_consistent(settings)
 
 
-def test_steering_while_runs_are_in_flight(tmp_path: Path) -> None:
+def test_steering_while_runs_are_in_flight(tmp_path: Path, gates: Gates) -> None:
+    gates.open(1)
     settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
     ws = settings.workspace_path
     proposer = ScriptedProposer([
         {"set": {"MODE": "hang"}},  # #2 killed by the user
-        {"set": {"VAL_BPB": [0.9], "SLEEP": 0.5}},  # #3 pause after it
+        {"set": {"VAL_BPB": [0.9]}},  # #3 pause after it (it ends once the pause is sent: its gate)
         {"set": {"MODE": "spawn"}},  # #4 stopped by the heartbeat's timeout, child and all
         {"set": {"MODE": "hang"}, "area": "arch"},  # #5 pause now
         {"set": {"VAL_BPB": [0.8]}},  # #6 after resume
@@ -346,6 +298,7 @@ def test_steering_while_runs_are_in_flight(tmp_path: Path) -> None:
     engine.running(3)
     assert proposer.contexts[1].focus == "lr" and proposer.contexts[1].notes == ("try a smaller lr",)
     assert send_command(ws, "/pause", "slack:U1").startswith("pausing after #3 finishes")
+    gates.open(3, 6)
     engine.wait_for(lambda: ledger.paused(engine.store) and len(_statuses(engine.store)) == 3, "the pause after #3")
     engine.ticks()  # paused: nothing more starts
     assert len(_statuses(engine.store)) == 3 and not ledger.open_candidates(engine.store)
@@ -424,6 +377,16 @@ def test_restart_reattaches_to_a_live_run_and_reads_a_finished_one(tmp_path: Pat
     rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
     assert [(e.number, e.status, e.metric) for e in rows] == [(1, "keep", 1.0), (2, "keep", 0.9), (3, "keep", 0.8)]
     assert_consistent(settings)
+
+
+def test_an_engine_its_test_left_running_is_ended_with_its_run(tmp_path: Path) -> None:
+    # What tests/loop/conftest.py does after every test: the engine of a test that failed half-way
+    # went on launching runs (a hang here) beside the tests after it, and outlived the suite.
+    engine = EngineThread(make_stub_workspace(tmp_path), ScriptedProposer([{"set": {"MODE": "hang"}}]))
+    handle = RunHandle.from_json(engine.running(2).handle)
+    EngineThread.end_all()
+    assert not engine.thread.is_alive() and EngineThread.started == []
+    assert LocalExecutor().poll([handle])[handle.key].state != "running"
 
 
 def test_a_second_engine_is_refused_and_a_dirty_tree_is_explained_or_refused(tmp_path: Path) -> None:

@@ -82,10 +82,12 @@ def test_cancel_kills_the_whole_tree_and_reads_as_lost(tmp_path: Path) -> None:
 
 def test_a_new_executor_reattaches_by_handle(tmp_path: Path) -> None:
     first = LocalExecutor()
-    handle = first.launch(_spec(tmp_path, "sleep 0.5; exit 0"))
+    gate = tmp_path / "gate"  # the run ends once it exists: after it was seen running, not 0.5 s in
+    handle = first.launch(_spec(tmp_path, f"until [ -e {gate} ]; do sleep 0.02; done; exit 0"))
     again = LocalExecutor()  # a restarted daemon: the run is not its child
     handle = RunHandle.from_json(handle.to_json())
     assert again.poll([handle])[handle.key].state == "running"
+    gate.touch()
     assert _wait(again, handle) == RunStatus("exited", 0)
 
 

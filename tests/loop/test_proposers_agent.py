@@ -17,6 +17,8 @@ from nightlab.loop.proposers.agent import AgentProposer
 from nightlab.loop.state.config import AgentSettings
 from nightlab.loop.state.stats import Noise
 
+from tests.waiting import wait_until
+
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 TRAIN = "DEPTH = 8\nMATRIX_LR = 0.04  # Muon\nWARMUP_RATIO = 0.0\n\nprint('training')\n"
 
@@ -87,8 +89,12 @@ def test_agent_that_edits_the_harness_returns_a_proposal_the_engine_can_reject(w
 
 def test_agent_that_hangs_is_killed_with_every_descendant(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     pids_file = tmp_path_factory.mktemp("pids") / "pids"
+    # Its tick (the proposer's call while the agent runs) holds until the agent has written its
+    # pids: the timeout can only cut it off after that, however slowly a loaded box starts it.
+    started = agent("agent_hang.py", str(pids_file), timeout=2.0,
+                    tick=lambda: wait_until(lambda: pids_file.is_file(), "the agent's pids"))
     with pytest.raises(ProposalError, match=r"timed out after 2s and was killed"):  # not the agent's 600 s
-        agent("agent_hang.py", str(pids_file), timeout=2.0).propose(ctx(ws))
+        started.propose(ctx(ws))
     pids = [int(p) for p in pids_file.read_text().split()]
     assert len(pids) == 2
     for pid in pids:  # the child in its group and the grandchild that escaped to its own session
@@ -263,8 +269,12 @@ def test_what_an_agent_leaves_running_in_the_background_is_killed(ws: Path, tmp_
 
 def test_an_agent_that_times_out_is_said_with_its_last_words(ws: Path) -> None:
     # what it was waiting for is what to fix (a question, a permission, a login)
+    # The tick holds until the question is out: the timeout cannot cut the agent off before it.
+    out = ws / ".nightlab" / "agent" / "stdout.log"
+    asks = agent("agent_misbehave.py", "asks", timeout=2.0,
+                 tick=lambda: wait_until(lambda: "[y/N]" in out.read_text(), "the agent's question"))
     with pytest.raises(ProposalError, match=r"timed out after 2s .*; its last words: Apply these edits to train.py\? \[y/N\]"):
-        agent("agent_misbehave.py", "asks", timeout=2.0).propose(ctx(ws))
+        asks.propose(ctx(ws))
 
 
 def test_an_agent_that_removes_gits_hooks_folder_has_it_put_back(ws: Path) -> None:

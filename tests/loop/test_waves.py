@@ -22,9 +22,10 @@ from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
+from tests.fakes.engine_thread import EngineThread
 from tests.fakes.loop_workspace import Gates, StubData, git_out, make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
-from tests.loop.test_engine import EngineThread, assert_consistent
+from tests.loop.test_engine import assert_consistent
 from tests.waiting import wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -122,10 +123,12 @@ def test_a_member_the_data_failed_is_re_made_on_the_best_its_wave_kept(
     assert_consistent(settings)
 
 
-def test_kill_one_experiment_of_a_wave_and_pause_now_cancels_the_wave(tmp_path: Path) -> None:
+def test_kill_one_experiment_of_a_wave_and_pause_now_cancels_the_wave(tmp_path: Path, gates: Gates) -> None:
+    gates.open(1)
     settings = _settings(tmp_path, slots=2)
     repo = settings.workspace_path
-    steps = [{"set": {"VAL_BPB": [0.9], "MODE": "hang"}}, {"set": {"VAL_BPB": [0.8], "SLEEP": 2.0}},
+    # #3 ends once its gate opens, after the checks that need it running (it had 2 s of sleep)
+    steps = [{"set": {"VAL_BPB": [0.9], "MODE": "hang"}}, {"set": {"VAL_BPB": [0.8]}},
              {"set": {"MODE": "hang"}}, {"set": {"MODE": "hang", "VAL_BPB": [0.7]}}]
     engine = EngineThread(settings, WaveProposer(steps))
     store = engine.store
@@ -137,6 +140,7 @@ def test_kill_one_experiment_of_a_wave_and_pause_now_cancels_the_wave(tmp_path: 
     with pytest.raises(UserError, match=r"2 experiments are running \(#2, #3\); say which: kill N"):
         send_command(repo, "kill", "cli:test")
     assert "killing #2" in send_command(repo, "kill 2", "cli:test")
+    gates.open(3)
     engine.wait_for(lambda: ledger.experiment_count(store) == 3, "#2 and #3 recorded")
     rows = ledger.experiments(store)
     assert [(e.number, e.status) for e in rows] == [(1, "keep"), (2, "discard"), (3, "keep")]
