@@ -571,6 +571,16 @@ def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> Non
     assert Store.for_workspace(settings.workspace_path).get("engine.finished") is True
 
 
+def test_an_agent_command_whose_program_is_not_installed_stops_the_engine_at_its_start(tmp_path: Path) -> None:
+    """It was a crash per proposal ("the shell found no such program"), a digest each, until the
+    loop paused itself after 15 of them: now one message at the start, naming the key to fix."""
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": "claude-not-here -p"}})
+    with pytest.raises(UserError, match=r"^\[proposer.agent\] command starts 'claude-not-here', which is not on PATH"
+                                        r" .*; install the agent, or fix \[proposer.agent\] command in <test>$"):
+        run_engine(settings, 3)
+    assert ledger.experiments(Store.for_workspace(settings.workspace_path)) == []
+
+
 def test_an_engine_on_a_damaged_ledger_stops_with_what_to_do(tmp_path: Path) -> None:
     """A table damaged past the schema failed in the engine's first read: a traceback, and the
     daemon restarted it until it paused the loop. Exit 2 (a person must act) and the words to act on."""
