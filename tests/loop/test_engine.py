@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -579,6 +580,19 @@ def test_an_agent_command_whose_program_is_not_installed_stops_the_engine_at_its
                                         r" .*; install the agent, or fix \[proposer.agent\] command in <test>$"):
         run_engine(settings, 3)
     assert ledger.experiments(Store.for_workspace(settings.workspace_path)) == []
+
+
+def test_an_api_key_an_agent_prints_stays_out_of_the_engines_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """The engine's lines go to the daemon's journal as they are: a failed proposal's reason quoted
+    the agent's stderr there, key and all, while the chat and the daemon's own lines starred it out."""
+    key = "sk-ant-api03-abcdefghijklmnop"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} leak-key"
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})
+    assert run_engine(settings, 2) == 0
+    log = capfd.readouterr().err
+    assert "#2 crash" in log and "invalid x-api-key ***" in log and key not in log
 
 
 def test_an_engine_on_a_damaged_ledger_stops_with_what_to_do(tmp_path: Path) -> None:
