@@ -158,8 +158,11 @@ class AgentProposer:
                 f" {_last_words(run.stdout) or _last_words(run.stderr) or '(none)'}; if it asked for permission to"
                 " edit, give [proposer.agent] command the flag that allows edits (README, Proposers)"
             )
-        # the engine commits the whole working tree: a tree an experiment's commit already holds ran before
-        tried = git.experiment_with_tree(git.worktree_tree(_NOT_STATE))
+        # the engine commits the whole working tree: a tree an experiment's commit already holds ran before.
+        # Only for a change the engine will run: hashing a tree stores its files in .git, and a
+        # checkpoint the agent left beside train.py (refused by the engine) would stay there for weeks.
+        tried = (git.experiment_with_tree(git.worktree_tree(_NOT_STATE))
+                 if set(stats) <= set(ctx.editable) else None)
         if tried is not None:
             how = next((f"{e.status}: {e.reason[:REASON_CHARS]}" if e.reason else e.status
                         for e in ctx.history if e.number == tried), "in flight")

@@ -52,6 +52,9 @@ elif mode == "long-stderr":  # a provider error after pages of retries and a tra
         print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)
     print("Error: 429 rate limit exceeded; try again in 30s", file=sys.stderr)
     sys.exit(3)
+elif mode == "checkpoint":  # "saved the test run's model", beside train.py where git sees it
+    edit()
+    Path("model.pt").write_bytes(os.urandom(1 << 20))
 elif mode == "leak-key":  # a provider refusing the key, quoting it
     print(f"Error: 401 invalid x-api-key {os.environ['ANTHROPIC_API_KEY']}", file=sys.stderr)
     sys.exit(1)

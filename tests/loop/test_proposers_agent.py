@@ -282,6 +282,16 @@ def test_an_agent_that_breaks_the_repository_is_a_failed_proposal_said_in_one_li
     assert "\n" not in said and re.fullmatch(rf"git [^:]+ failed in {ws}: .*refs/heads/autoresearch/test.*", said), said
 
 
+def test_a_file_the_engine_will_refuse_is_not_stored_in_git(ws: Path) -> None:
+    """Checking whether the change ran before hashed the whole tree into .git: a checkpoint left
+    beside train.py stayed there (unreachable, for weeks) though the engine refuses the change."""
+    proposal = agent("agent_misbehave.py", "checkpoint").propose(ctx(ws))
+    assert proposal.description.startswith("edit model.pt, train.py")  # the engine's check refuses it
+    blob = git(ws, "hash-object", "model.pt").strip()  # its id, not written
+    stored = subprocess.run(["git", "cat-file", "-e", blob], cwd=ws, check=False, capture_output=True)
+    assert stored.returncode != 0
+
+
 def test_new_files_are_counted_in_lines_as_git_would(tmp_path: Path) -> None:
     from nightlab.loop.proposers.agent import _line_count
 
