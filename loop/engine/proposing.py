@@ -52,9 +52,9 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
     changed = git.changed_files()
     outside = [p for p in changed if p not in ctx.ws.editable]
     if outside:
+        reason = outside_reason(ctx, outside, set(git.untracked_files()))
         git.reset_to(cand.base_commit)
         protect(ctx.ws)
-        reason = f"rejected: changed files outside project.editable: {', '.join(outside)} (restored)"
         return no_run(ctx, cand, "crash", reason, **described)
     if not changed:
         return no_run(ctx, cand, "discard", "the proposal changed nothing", **described)
@@ -69,6 +69,24 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         ledger.update_candidate(store, cand.id, phase="committed", commit_sha=commit,
                                 lines_added=added, lines_removed=removed, **described)
         ledger.mark_notes_delivered(store, [cid for cid, _ in notes], cand.number)
+
+
+def outside_reason(ctx: Context, outside: list[str], new: set[str]) -> str:
+    """Why a change to files besides the editable ones is refused, for the user and the next
+    proposal alike: the protected harness said as such (no config lets a proposal change it), a
+    new file said removed (a module train.py imports cannot run from a commit that lacks it)."""
+    protected = [p for p in outside if p in ctx.ws.protected]
+    added = [p for p in outside if p in new and p not in protected]
+    other = [p for p in outside if p not in protected and p not in added]
+    said = []
+    if protected:
+        said.append(f"changed the protected {', '.join(protected)} (the harness that measures every run; restored)")
+    if other:
+        said.append(f"changed files outside project.editable: {', '.join(other)} (restored)")
+    if added:
+        said.append(f"added {', '.join(added)} outside project.editable (removed: a change lives in"
+                    f" {', '.join(ctx.ws.editable)})")
+    return "rejected: " + "; ".join(said)
 
 
 def remake(ctx: Context, cand: Candidate) -> Proposal | None:

@@ -123,7 +123,7 @@ def test_a_session_keeps_discards_crashes_rejects(tmp_path: Path) -> None:
     assert _statuses(store) == ["keep", "keep", "discard", "crash", "crash", "discard", "crash", "keep"]
     assert [e.kind for e in rows][:2] == ["baseline", "proposal"]
     assert rows[3].reason == "exit code 3"
-    assert rows[4].reason.startswith("rejected: changed files outside project.editable: prepare.py")
+    assert rows[4].reason.startswith("rejected: changed the protected prepare.py")
     assert rows[5].reason == "the proposal changed nothing" and rows[6].reason == "proposer failed: the agent timed out"
     assert rows[7].best == 0.8 and rows[7].lines_added == 1 and rows[7].lines_removed == 1
     assert (settings.workspace_path / "prepare.py").read_text().startswith("# the fixed harness")
@@ -570,6 +570,24 @@ def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> Non
         pytest.skip("the agent proposer is not written yet")
     assert ok.returncode == 0, ok.stderr
     assert Store.for_workspace(settings.workspace_path).get("engine.finished") is True
+
+
+def test_a_change_beside_the_editable_files_is_refused_saying_what_each_file_was(tmp_path: Path) -> None:
+    """All three read "changed files outside project.editable … (restored)": the harness as if a
+    config could allow it, a module the proposer added (train.py importing it) as if it had been there."""
+    settings = make_stub_workspace(tmp_path)
+    proposer = ScriptedProposer([
+        {"write": {"prepare.py": "harness edited"}},
+        {"write": {"helper.py": "BONUS = 0.1\n", "program.md": "be lazy\n"}},
+    ])
+    assert run_engine(settings, 3, proposer=proposer) == 0
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert [e.reason for e in rows[1:]] == [
+        "rejected: changed the protected prepare.py (the harness that measures every run; restored)",
+        "rejected: changed files outside project.editable: program.md (restored); added helper.py outside"
+        " project.editable (removed: a change lives in train.py)",
+    ]
+    assert not (settings.workspace_path / "helper.py").exists()
 
 
 def test_an_agent_command_whose_program_is_not_installed_stops_the_engine_at_its_start(tmp_path: Path) -> None:
