@@ -58,7 +58,7 @@ from nightlab.loop.state.config import AgentSettings
 STATE_DIR = ".nightlab/agent"
 RUN_TOKEN_ENV = "NIGHTLAB_AGENT_RUN"  # marks every process of one agent run, to find the ones left behind
 KILL_GRACE_S = 3.0  # SIGTERM first so an agent can save its session, then SIGKILL
-TAIL_CHARS = 1500  # of the agent's output quoted in an error message
+TAIL_CHARS = 8000  # of the agent's output kept: its closing paragraph (the hypothesis) and its last words
 # A hypothesis goes into the commit message, the digest and every later prompt: a paragraph,
 # not whatever a runaway agent wrote.
 HYPOTHESIS_CHARS = 1000
@@ -79,6 +79,7 @@ class _Run:
     seconds: float
     stdout: str  # tails
     stderr: str
+    stdout_cut: bool  # longer than its tail: the tail starts in the middle of something
 
 
 class AgentProposer:
@@ -168,7 +169,7 @@ class AgentProposer:
                         for e in ctx.history if e.number == tried), "in flight")
             raise ProposalError(f"agent proposed the code of #{tried} again ({how}); try something not tried yet")
         described, problem = _read_proposal_file(proposal_file)
-        hypothesis = described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)"
+        hypothesis = described.get("hypothesis") or _last_paragraph(run.stdout, run.stdout_cut) or "(the agent gave no hypothesis)"
         return Proposal(
             description=described.get("description") or _describe_diff(git, stats),
             hypothesis=hypothesis + _notes(problem, hidden),
@@ -205,7 +206,8 @@ class AgentProposer:
                 _kill_tree(proc, token)
                 proc.wait()
         return _Run(proc.returncode, timed_out, time.monotonic() - start,
-                    read_tail(out_path, TAIL_CHARS).strip(), read_tail(err_path, TAIL_CHARS).strip())
+                    read_tail(out_path, TAIL_CHARS).strip(), read_tail(err_path, TAIL_CHARS).strip(),
+                    out_path.stat().st_size > TAIL_CHARS)
 
 
 def _kill_tree(proc: subprocess.Popen[bytes], token: str) -> None:
@@ -352,7 +354,8 @@ def _last_words(text: str) -> str:
     return said if len(said) <= chars else "…" + said[-chars:]
 
 
-def _last_paragraph(text: str) -> str:
-    """An agent's closing words usually say what it changed and why: a fair hypothesis."""
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+def _last_paragraph(text: str, cut: bool) -> str:
+    """An agent's closing words usually say what it changed and why: a fair hypothesis. Not the
+    front of a tail cut from longer output: a fragment of its progress lines, not a paragraph."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()][1 if cut else 0:]
     return " ".join(paragraphs[-1].split())[:HYPOTHESIS_CHARS] if paragraphs else ""

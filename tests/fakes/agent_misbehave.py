@@ -55,6 +55,12 @@ elif mode == "long-stderr":  # a provider error after pages of retries and a tra
 elif mode == "checkpoint":  # "saved the test run's model", beside train.py where git sees it
     edit()
     Path("model.pt").write_bytes(os.urandom(1 << 20))
+elif mode == "chatty":  # streams its progress and ends without a word of its own
+    edit()
+    for i in range(5000):
+        print(f"[tool] read_file train.py chunk {i}")
+    if sys.argv[2:] == ["closing"]:  # ... or with its closing words after them
+        print("\nDeeper: DEPTH 8 -> 10, more capacity for the same budget.")
 elif mode == "leak-key":  # a provider refusing the key, quoting it
     print(f"Error: 401 invalid x-api-key {os.environ['ANTHROPIC_API_KEY']}", file=sys.stderr)
     sys.exit(1)

@@ -292,6 +292,15 @@ def test_a_file_the_engine_will_refuse_is_not_stored_in_git(ws: Path) -> None:
     assert stored.returncode != 0
 
 
+def test_an_agent_that_only_streams_progress_gives_no_hypothesis_rather_than_a_fragment_of_it(ws: Path) -> None:
+    # was "k 4953 [tool] read_file train.py chunk 4954 …": the end of its log, cut mid-line, in every digest
+    proposal = agent("agent_misbehave.py", "chatty").propose(ctx(ws))
+    assert proposal.hypothesis == "(the agent gave no hypothesis)"
+    (ws / "train.py").write_text(TRAIN)
+    proposal = agent("agent_misbehave.py", "chatty", "closing").propose(ctx(ws))
+    assert proposal.hypothesis == "Deeper: DEPTH 8 -> 10, more capacity for the same budget."
+
+
 def test_new_files_are_counted_in_lines_as_git_would(tmp_path: Path) -> None:
     from nightlab.loop.proposers.agent import _line_count
 
