@@ -45,10 +45,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import psutil
 from git import GitCommandError
-from nightlab.loop.executors.runfiles import read_tail
 from nightlab.loop.processes import stop_tree
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
@@ -184,7 +184,7 @@ class AgentProposer:
         out_path, err_path = state / "stdout.log", state / "stderr.log"
         start = time.monotonic()
         # Files, not pipes: a backgrounded grandchild holding a pipe open cannot block us.
-        with prompt_file.open("rb") as stdin, out_path.open("wb") as out, err_path.open("wb") as err:
+        with prompt_file.open("rb") as stdin, out_path.open("w+b") as out, err_path.open("w+b") as err:
             proc = subprocess.Popen(
                 command, shell=True, cwd=ws, env=env, stdin=stdin, stdout=out, stderr=err, start_new_session=True
             )
@@ -205,9 +205,16 @@ class AgentProposer:
                 # Always: on timeout, on a failing tick, and after a normal exit (leftover children).
                 _kill_tree(proc, token)
                 proc.wait()
-        return _Run(proc.returncode, timed_out, time.monotonic() - start,
-                    read_tail(out_path, TAIL_CHARS).strip(), read_tail(err_path, TAIL_CHARS).strip(),
-                    out_path.stat().st_size > TAIL_CHARS)
+            # from the open files: an agent that removed the state folder still has its words read
+            (stdout, cut), (stderr, _) = _tail(out), _tail(err)
+        return _Run(proc.returncode, timed_out, time.monotonic() - start, stdout, stderr, cut)
+
+
+def _tail(f: BinaryIO) -> tuple[str, bool]:
+    """The last TAIL_CHARS of what was written to `f`, and whether there was more."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - TAIL_CHARS))
+    return f.read().decode("utf-8", errors="replace").strip(), size > TAIL_CHARS
 
 
 def _kill_tree(proc: subprocess.Popen[bytes], token: str) -> None:

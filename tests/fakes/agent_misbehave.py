@@ -61,6 +61,12 @@ elif mode == "chatty":  # streams its progress and ends without a word of its ow
         print(f"[tool] read_file train.py chunk {i}")
     if sys.argv[2:] == ["closing"]:  # ... or with its closing words after them
         print("\nDeeper: DEPTH 8 -> 10, more capacity for the same budget.")
+elif mode == "clean-state":  # "cleaned the build outputs" (not -x: the ledger stays), and says so
+    import shutil
+
+    edit()
+    shutil.rmtree(".nightlab/agent")
+    print("Removed stale outputs; DEPTH 8 -> 10.")
 elif mode == "leak-key":  # a provider refusing the key, quoting it
     print(f"Error: 401 invalid x-api-key {os.environ['ANTHROPIC_API_KEY']}", file=sys.stderr)
     sys.exit(1)

@@ -301,6 +301,11 @@ def test_an_agent_that_only_streams_progress_gives_no_hypothesis_rather_than_a_f
     assert proposal.hypothesis == "Deeper: DEPTH 8 -> 10, more capacity for the same budget."
 
 
+def test_an_agent_that_removes_its_state_folder_still_has_its_words_read(ws: Path) -> None:
+    proposal = agent("agent_misbehave.py", "clean-state").propose(ctx(ws))  # was a proposer error, a traceback
+    assert proposal.hypothesis == "Removed stale outputs; DEPTH 8 -> 10."
+
+
 def test_new_files_are_counted_in_lines_as_git_would(tmp_path: Path) -> None:
     from nightlab.loop.proposers.agent import _line_count
 
