@@ -67,6 +67,9 @@ elif mode == "clean-state":  # "cleaned the build outputs" (not -x: the ledger s
     edit()
     shutil.rmtree(".nightlab/agent")
     print("Removed stale outputs; DEPTH 8 -> 10.")
+elif mode == "clean-all":  # "cleaned the build outputs", ignored files too: the workspace's .nightlab
+    edit()
+    subprocess.run(["git", "clean", "-fdxq"], check=True)
 elif mode == "leak-key":  # a provider refusing the key, quoting it
     print(f"Error: 401 invalid x-api-key {os.environ['ANTHROPIC_API_KEY']}", file=sys.stderr)
     sys.exit(1)

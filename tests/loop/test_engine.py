@@ -613,6 +613,19 @@ def test_an_api_key_an_agent_prints_stays_out_of_the_engines_log(
     assert "#2 crash" in log and "invalid x-api-key ***" in log and key not in log
 
 
+def test_an_agent_that_removes_the_ledger_stops_the_loop_with_the_ledger_written_back(tmp_path: Path) -> None:
+    """`git clean -fdx` took .nightlab/state.db: the night went on in the removed file and the next
+    start found an empty ledger, every experiment forgotten."""
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} clean-all"
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})
+    with pytest.raises(UserError, match=r"^the proposer removed the night's ledger \(.*state.db: an agent's"
+                                        r" `git clean -x` or `rm`\); written back, and the loop stopped"):
+        run_engine(settings, 3)
+    store = Store.for_workspace(settings.workspace_path)
+    assert [e.status for e in ledger.experiments(store)] == ["keep"]  # the baseline, as it was
+    assert store.get("engine.user_error").startswith("the proposer removed the night's ledger")
+
+
 def test_an_engine_on_a_damaged_ledger_stops_with_what_to_do(tmp_path: Path) -> None:
     """A table damaged past the schema failed in the engine's first read: a traceback, and the
     daemon restarted it until it paused the loop. Exit 2 (a person must act) and the words to act on."""
