@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -32,6 +30,7 @@ from nightlab.loop.workspace import (
     edited_fix,
     harness_upgrade,
     installed_harness,
+    missing_program,
     open_workspace,
     protected_mismatches,
     workspace_problem,
@@ -345,31 +344,10 @@ def _program_findings(settings: Settings) -> list[Finding]:
         commands.append(("proposer.agent.command", settings.proposer.agent.command))
     out = []
     for key, command in commands:
-        program = _program(command)
-        if program is None:
-            continue
-        where = settings.workspace_path / program if "/" in program else None  # both run in the workspace
-        found = (where.is_file() and os.access(where, os.X_OK)) if where else shutil.which(program) is not None
-        if not found:
-            out.append(Finding("fail", "programs", f"{key} starts {program!r}, which "
-                               + ("is not an executable file" if where else "is not on PATH"),
-                               f"install it, or fix {key}"))
+        problem = missing_program(command, settings.workspace_path)
+        if problem is not None:
+            out.append(Finding("fail", "programs", f"{key} starts {problem}", f"install it, or fix {key}"))
     return out
-
-
-_SHELL_WORDS = {"cd", "exec", "export", "source", ".", "set", "if", "for", "while", "time", "nice", "!"}
-
-
-def _program(command: str) -> str | None:
-    """The program a shell command line starts, when that is plain to see; None otherwise
-    (empty, an assignment, a shell word or expansion first: the shell decides)."""
-    try:
-        words = shlex.split(command)
-    except ValueError:
-        return None
-    if not words or words[0] in _SHELL_WORDS or any(c in words[0] for c in "=$`(){}<>|;&*?~"):
-        return None
-    return words[0]
 
 
 # -- chat channels -------------------------------------------------------------------------------

@@ -247,6 +247,34 @@ def run_command(settings: Settings) -> str:
             f" --score {shlex.quote(project.score_command)}")
 
 
+def missing_program(command: str, workspace: Path) -> str | None:
+    """What is wrong with the program a configured command starts (it runs through the shell in
+    the workspace, with this process's PATH): "'claude', which is not on PATH"; None when it is
+    there or the shell decides (an assignment, a shell word or an expansion first)."""
+    program = _program(command)
+    if program is None:
+        return None
+    if "/" in program:
+        where = workspace / program  # an absolute path stays itself
+        return None if where.is_file() and os.access(where, os.X_OK) else f"{program!r}, which is not an executable file"
+    return None if shutil.which(program) is not None else f"{program!r}, which is not on PATH"
+
+
+_SHELL_WORDS = {"cd", "exec", "export", "source", ".", "set", "if", "for", "while", "time", "nice", "!"}
+
+
+def _program(command: str) -> str | None:
+    """The program a shell command line starts, when that is plain to see; None otherwise
+    (empty, an assignment, a shell word or expansion first: the shell decides)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    if not words or words[0] in _SHELL_WORDS or any(c in words[0] for c in "=$`(){}<>|;&*?~"):
+        return None
+    return words[0]
+
+
 def sha256_file(path: Path) -> str:
     return sha256(path.read_bytes())
 

@@ -6,8 +6,10 @@ a rejected or empty change) gets its outcome at once and is recorded by the usua
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from nightlab.loop.engine.context import Context
@@ -15,6 +17,7 @@ from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import without_a_keep
 from nightlab.loop.proposers.base import PastExperiment, Proposal, ProposalContext, ProposalError
 from nightlab.loop.state import ledger, views
+from nightlab.loop.state.errors import USER_ERROR_KEY, UserError
 from nightlab.loop.state.ledger import Candidate
 from nightlab.loop.workspace import protect
 
@@ -34,6 +37,7 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         notes = ledger.queued_notes(store)
         in_flight = tuple(c.description for c in open_ if c.id != cand.id and c.kind != "baseline" and c.description)
         pctx = dataclasses.replace(proposal_context(ctx, cand, tuple(text for _, text in notes)), in_flight=in_flight)
+        ledger_file = _file_id(store.path)
         try:
             proposal = ctx.proposer.propose(pctx)
         except ProposalError as exc:
@@ -43,6 +47,8 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
             traceback.print_exc()
             git.reset_to(cand.base_commit)
             return no_run(ctx, cand, "crash", f"proposer error: {type(exc).__name__}: {exc}")
+        finally:
+            keep_ledger(ctx, ledger_file)
     described = {"description": proposal.description, "hypothesis": proposal.hypothesis,
                  "area": proposal.area, "params": dict(proposal.params)}
     if cand.focus and proposal.area and proposal.area != cand.focus and store.get(WIDENED_KEY) != cand.focus:
@@ -52,9 +58,9 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
     changed = git.changed_files()
     outside = [p for p in changed if p not in ctx.ws.editable]
     if outside:
+        reason = outside_reason(ctx, outside, set(git.untracked_files()))
         git.reset_to(cand.base_commit)
         protect(ctx.ws)
-        reason = f"rejected: changed files outside project.editable: {', '.join(outside)} (restored)"
         return no_run(ctx, cand, "crash", reason, **described)
     if not changed:
         return no_run(ctx, cand, "discard", "the proposal changed nothing", **described)
@@ -69,6 +75,55 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         ledger.update_candidate(store, cand.id, phase="committed", commit_sha=commit,
                                 lines_added=added, lines_removed=removed, **described)
         ledger.mark_notes_delivered(store, [cid for cid, _ in notes], cand.number)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def keep_ledger(ctx: Context, before: tuple[int, int] | None) -> None:
+    """An agent that cleaned the workspace (`git clean -fdx`, `rm -rf .nightlab`) took the ledger
+    with it: this engine and the daemon went on in the removed file, and the next start found an
+    empty one, the night forgotten. Written back from the open copy, and the loop stopped, said
+    first in the removed file, which the daemon still reads."""
+    path = ctx.store.path
+    if _file_id(path) == before:
+        return
+    text = (f"the proposer removed the night's ledger ({path}: an agent's `git clean -x` or `rm`);"
+            " written back, and the loop stopped. Its runs' logs there may be gone too. Tell the agent"
+            " in program.md not to clean or remove ignored files, then start nightlab again")
+    ctx.store.set(USER_ERROR_KEY, text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        stale.unlink(missing_ok=True)  # an empty database opened there meanwhile
+    copy = sqlite3.connect(path)
+    try:
+        ctx.store.connection().backup(copy)
+    finally:
+        copy.close()
+    raise UserError(text)
+
+
+def outside_reason(ctx: Context, outside: list[str], new: set[str]) -> str:
+    """Why a change to files besides the editable ones is refused, for the user and the next
+    proposal alike: the protected harness said as such (no config lets a proposal change it), a
+    new file said removed (a module train.py imports cannot run from a commit that lacks it)."""
+    protected = [p for p in outside if p in ctx.ws.protected]
+    added = [p for p in outside if p in new and p not in protected]
+    other = [p for p in outside if p not in protected and p not in added]
+    said = []
+    if protected:
+        said.append(f"changed the protected {', '.join(protected)} (the harness that measures every run; restored)")
+    if other:
+        said.append(f"changed files outside project.editable: {', '.join(other)} (restored)")
+    if added:
+        said.append(f"added {', '.join(added)} outside project.editable (removed: a change lives in"
+                    f" {', '.join(ctx.ws.editable)})")
+    return "rejected: " + "; ".join(said)
 
 
 def remake(ctx: Context, cand: Candidate) -> Proposal | None:

@@ -13,6 +13,7 @@ from nightlab.loop.proposers.base import (
     Proposer,
 )
 from nightlab.loop.state.config import Settings
+from nightlab.loop.state.errors import UserError
 
 __all__ = [
     "PastExperiment",
@@ -33,7 +34,15 @@ def make_proposer(settings: Settings, tick: Callable[[], None] | None = None) ->
     # Imported here so the engine never loads numpy's model when it runs an agent, and vice versa.
     if settings.proposer.kind == "agent":
         from nightlab.loop.proposers.agent import AgentProposer
+        from nightlab.loop.workspace import missing_program
 
+        # Said once at the start (the daemon stops with it in chat), not as a crash per proposal
+        # until the loop pauses itself after a night's worth of them.
+        problem = missing_program(settings.proposer.agent.command, settings.workspace_path)
+        if problem is not None:
+            raise UserError(f"[proposer.agent] command starts {problem} (a service's PATH may lack where it is"
+                            f" installed: give its full path); install the agent, or fix [proposer.agent] command"
+                            f" in {settings.origin}")
         return AgentProposer(settings.proposer.agent, settings.loop.switch_area_after, tick)
     from nightlab.loop.proposers.search import SearchProposer
 

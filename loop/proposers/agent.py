@@ -45,10 +45,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import psutil
 from git import GitCommandError
-from nightlab.loop.executors.runfiles import read_tail
 from nightlab.loop.processes import stop_tree
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
@@ -58,7 +58,7 @@ from nightlab.loop.state.config import AgentSettings
 STATE_DIR = ".nightlab/agent"
 RUN_TOKEN_ENV = "NIGHTLAB_AGENT_RUN"  # marks every process of one agent run, to find the ones left behind
 KILL_GRACE_S = 3.0  # SIGTERM first so an agent can save its session, then SIGKILL
-TAIL_CHARS = 1500  # of the agent's output quoted in an error message
+TAIL_CHARS = 8000  # of the agent's output kept: its closing paragraph (the hypothesis) and its last words
 # A hypothesis goes into the commit message, the digest and every later prompt: a paragraph,
 # not whatever a runaway agent wrote.
 HYPOTHESIS_CHARS = 1000
@@ -79,6 +79,7 @@ class _Run:
     seconds: float
     stdout: str  # tails
     stderr: str
+    stdout_cut: bool  # longer than its tail: the tail starts in the middle of something
 
 
 class AgentProposer:
@@ -158,14 +159,17 @@ class AgentProposer:
                 f" {_last_words(run.stdout) or _last_words(run.stderr) or '(none)'}; if it asked for permission to"
                 " edit, give [proposer.agent] command the flag that allows edits (README, Proposers)"
             )
-        # the engine commits the whole working tree: a tree an experiment's commit already holds ran before
-        tried = git.experiment_with_tree(git.worktree_tree(_NOT_STATE))
+        # the engine commits the whole working tree: a tree an experiment's commit already holds ran before.
+        # Only for a change the engine will run: hashing a tree stores its files in .git, and a
+        # checkpoint the agent left beside train.py (refused by the engine) would stay there for weeks.
+        tried = (git.experiment_with_tree(git.worktree_tree(_NOT_STATE))
+                 if set(stats) <= set(ctx.editable) else None)
         if tried is not None:
             how = next((f"{e.status}: {e.reason[:REASON_CHARS]}" if e.reason else e.status
                         for e in ctx.history if e.number == tried), "in flight")
             raise ProposalError(f"agent proposed the code of #{tried} again ({how}); try something not tried yet")
         described, problem = _read_proposal_file(proposal_file)
-        hypothesis = described.get("hypothesis") or _last_paragraph(run.stdout) or "(the agent gave no hypothesis)"
+        hypothesis = described.get("hypothesis") or _last_paragraph(run.stdout, run.stdout_cut) or "(the agent gave no hypothesis)"
         return Proposal(
             description=described.get("description") or _describe_diff(git, stats),
             hypothesis=hypothesis + _notes(problem, hidden),
@@ -180,7 +184,7 @@ class AgentProposer:
         out_path, err_path = state / "stdout.log", state / "stderr.log"
         start = time.monotonic()
         # Files, not pipes: a backgrounded grandchild holding a pipe open cannot block us.
-        with prompt_file.open("rb") as stdin, out_path.open("wb") as out, err_path.open("wb") as err:
+        with prompt_file.open("rb") as stdin, out_path.open("w+b") as out, err_path.open("w+b") as err:
             proc = subprocess.Popen(
                 command, shell=True, cwd=ws, env=env, stdin=stdin, stdout=out, stderr=err, start_new_session=True
             )
@@ -201,8 +205,16 @@ class AgentProposer:
                 # Always: on timeout, on a failing tick, and after a normal exit (leftover children).
                 _kill_tree(proc, token)
                 proc.wait()
-        return _Run(proc.returncode, timed_out, time.monotonic() - start,
-                    read_tail(out_path, TAIL_CHARS).strip(), read_tail(err_path, TAIL_CHARS).strip())
+            # from the open files: an agent that removed the state folder still has its words read
+            (stdout, cut), (stderr, _) = _tail(out), _tail(err)
+        return _Run(proc.returncode, timed_out, time.monotonic() - start, stdout, stderr, cut)
+
+
+def _tail(f: BinaryIO) -> tuple[str, bool]:
+    """The last TAIL_CHARS of what was written to `f`, and whether there was more."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - TAIL_CHARS))
+    return f.read().decode("utf-8", errors="replace").strip(), size > TAIL_CHARS
 
 
 def _kill_tree(proc: subprocess.Popen[bytes], token: str) -> None:
@@ -349,7 +361,8 @@ def _last_words(text: str) -> str:
     return said if len(said) <= chars else "…" + said[-chars:]
 
 
-def _last_paragraph(text: str) -> str:
-    """An agent's closing words usually say what it changed and why: a fair hypothesis."""
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+def _last_paragraph(text: str, cut: bool) -> str:
+    """An agent's closing words usually say what it changed and why: a fair hypothesis. Not the
+    front of a tail cut from longer output: a fragment of its progress lines, not a paragraph."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()][1 if cut else 0:]
     return " ".join(paragraphs[-1].split())[:HYPOTHESIS_CHARS] if paragraphs else ""

@@ -52,6 +52,27 @@ elif mode == "long-stderr":  # a provider error after pages of retries and a tra
         print(f"retry {i}: POST /v1/messages failed, backing off", file=sys.stderr)
     print("Error: 429 rate limit exceeded; try again in 30s", file=sys.stderr)
     sys.exit(3)
+elif mode == "checkpoint":  # "saved the test run's model", beside train.py where git sees it
+    edit()
+    Path("model.pt").write_bytes(os.urandom(1 << 20))
+elif mode == "chatty":  # streams its progress and ends without a word of its own
+    edit()
+    for i in range(5000):
+        print(f"[tool] read_file train.py chunk {i}")
+    if sys.argv[2:] == ["closing"]:  # ... or with its closing words after them
+        print("\nDeeper: DEPTH 8 -> 10, more capacity for the same budget.")
+elif mode == "clean-state":  # "cleaned the build outputs" (not -x: the ledger stays), and says so
+    import shutil
+
+    edit()
+    shutil.rmtree(".nightlab/agent")
+    print("Removed stale outputs; DEPTH 8 -> 10.")
+elif mode == "clean-all":  # "cleaned the build outputs", ignored files too: the workspace's .nightlab
+    edit()
+    subprocess.run(["git", "clean", "-fdxq"], check=True)
+elif mode == "leak-key":  # a provider refusing the key, quoting it
+    print(f"Error: 401 invalid x-api-key {os.environ['ANTHROPIC_API_KEY']}", file=sys.stderr)
+    sys.exit(1)
 elif mode == "switch-branch":  # works on a branch of its own and leaves the workspace there
     subprocess.run(["git", "checkout", "-qb", "agent-experiment"], check=True)
     edit()

@@ -4,7 +4,7 @@ The step index is rebuilt from the ledger (the history without baselines and con
 proposer's state is, so an engine restarted mid-session proposes exactly what the old one would
 have. A step is a dict:
   {"set": {"VAL_BPB": [0.9]}}         rewrite train.py constants (the stub trainer's behaviour)
-  {"write": {"prepare.py": "text"}}   write any file (a protected one -> rejected)
+  {"write": {"prepare.py": "text"}}   write any file, or a new one (a protected one -> rejected)
   {"noop": True}                      change nothing
   {"raise": "message"}                fail with ProposalError
 """
@@ -35,7 +35,8 @@ class ScriptedProposer:
             raise ProposalError(step["raise"])
         for name, text in step.get("write", {}).items():
             path = Path(ctx.workspace) / name
-            path.chmod(0o644)
+            if path.exists():  # a protected file is read-only
+                path.chmod(0o644)
             path.write_text(text)
         if step.get("set"):
             train = Path(ctx.workspace) / "train.py"

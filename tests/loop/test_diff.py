@@ -60,7 +60,7 @@ def test_a_night_s_changes_are_shown_as_git_shows_them(tmp_path: Path) -> None:
     # runs without a change of their own say why there is nothing to show
     assert views.diff_text(ws, 1).endswith("\nno change: a baseline runs the code as it is")
     assert views.diff_text(ws, 4).endswith("\nno change: the proposal changed nothing")
-    assert "\nno change: rejected: changed files outside project.editable: prepare.py" in views.diff_text(ws, 6)
+    assert "\nno change: rejected: changed the protected prepare.py" in views.diff_text(ws, 6)
     with pytest.raises(UserError, match="^there is no experiment #7; the last recorded is #6$"):
         views.diff_text(ws, 7)
 

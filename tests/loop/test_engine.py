@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def test_a_session_keeps_discards_crashes_rejects(tmp_path: Path) -> None:
     assert _statuses(store) == ["keep", "keep", "discard", "crash", "crash", "discard", "crash", "keep"]
     assert [e.kind for e in rows][:2] == ["baseline", "proposal"]
     assert rows[3].reason == "exit code 3"
-    assert rows[4].reason.startswith("rejected: changed files outside project.editable: prepare.py")
+    assert rows[4].reason.startswith("rejected: changed the protected prepare.py")
     assert rows[5].reason == "the proposal changed nothing" and rows[6].reason == "proposer failed: the agent timed out"
     assert rows[7].best == 0.8 and rows[7].lines_added == 1 and rows[7].lines_removed == 1
     assert (settings.workspace_path / "prepare.py").read_text().startswith("# the fixed harness")
@@ -532,6 +533,60 @@ def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> Non
         pytest.skip("the agent proposer is not written yet")
     assert ok.returncode == 0, ok.stderr
     assert Store.for_workspace(settings.workspace_path).get("engine.finished") is True
+
+
+def test_a_change_beside_the_editable_files_is_refused_saying_what_each_file_was(tmp_path: Path) -> None:
+    """All three read "changed files outside project.editable … (restored)": the harness as if a
+    config could allow it, a module the proposer added (train.py importing it) as if it had been there."""
+    settings = make_stub_workspace(tmp_path)
+    proposer = ScriptedProposer([
+        {"write": {"prepare.py": "harness edited"}},
+        {"write": {"helper.py": "BONUS = 0.1\n", "program.md": "be lazy\n"}},
+    ])
+    assert run_engine(settings, 3, proposer=proposer) == 0
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert [e.reason for e in rows[1:]] == [
+        "rejected: changed the protected prepare.py (the harness that measures every run; restored)",
+        "rejected: changed files outside project.editable: program.md (restored); added helper.py outside"
+        " project.editable (removed: a change lives in train.py)",
+    ]
+    assert not (settings.workspace_path / "helper.py").exists()
+
+
+def test_an_agent_command_whose_program_is_not_installed_stops_the_engine_at_its_start(tmp_path: Path) -> None:
+    """It was a crash per proposal ("the shell found no such program"), a digest each, until the
+    loop paused itself after 15 of them: now one message at the start, naming the key to fix."""
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": "claude-not-here -p"}})
+    with pytest.raises(UserError, match=r"^\[proposer.agent\] command starts 'claude-not-here', which is not on PATH"
+                                        r" .*; install the agent, or fix \[proposer.agent\] command in <test>$"):
+        run_engine(settings, 3)
+    assert ledger.experiments(Store.for_workspace(settings.workspace_path)) == []
+
+
+def test_an_api_key_an_agent_prints_stays_out_of_the_engines_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """The engine's lines go to the daemon's journal as they are: a failed proposal's reason quoted
+    the agent's stderr there, key and all, while the chat and the daemon's own lines starred it out."""
+    key = "sk-ant-api03-abcdefghijklmnop"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} leak-key"
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})
+    assert run_engine(settings, 2) == 0
+    log = capfd.readouterr().err
+    assert "#2 crash" in log and "invalid x-api-key ***" in log and key not in log
+
+
+def test_an_agent_that_removes_the_ledger_stops_the_loop_with_the_ledger_written_back(tmp_path: Path) -> None:
+    """`git clean -fdx` took .nightlab/state.db: the night went on in the removed file and the next
+    start found an empty ledger, every experiment forgotten."""
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} clean-all"
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})
+    with pytest.raises(UserError, match=r"^the proposer removed the night's ledger \(.*state.db: an agent's"
+                                        r" `git clean -x` or `rm`\); written back, and the loop stopped"):
+        run_engine(settings, 3)
+    store = Store.for_workspace(settings.workspace_path)
+    assert [e.status for e in ledger.experiments(store)] == ["keep"]  # the baseline, as it was
+    assert store.get("engine.user_error").startswith("the proposer removed the night's ledger")
 
 
 def test_an_engine_on_a_damaged_ledger_stops_with_what_to_do(tmp_path: Path) -> None:

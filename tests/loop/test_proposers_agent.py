@@ -292,6 +292,30 @@ def test_an_agent_that_breaks_the_repository_is_a_failed_proposal_said_in_one_li
     assert "\n" not in said and re.fullmatch(rf"git [^:]+ failed in {ws}: .*refs/heads/autoresearch/test.*", said), said
 
 
+def test_a_file_the_engine_will_refuse_is_not_stored_in_git(ws: Path) -> None:
+    """Checking whether the change ran before hashed the whole tree into .git: a checkpoint left
+    beside train.py stayed there (unreachable, for weeks) though the engine refuses the change."""
+    proposal = agent("agent_misbehave.py", "checkpoint").propose(ctx(ws))
+    assert proposal.description.startswith("edit model.pt, train.py")  # the engine's check refuses it
+    blob = git(ws, "hash-object", "model.pt").strip()  # its id, not written
+    stored = subprocess.run(["git", "cat-file", "-e", blob], cwd=ws, check=False, capture_output=True)
+    assert stored.returncode != 0
+
+
+def test_an_agent_that_only_streams_progress_gives_no_hypothesis_rather_than_a_fragment_of_it(ws: Path) -> None:
+    # was "k 4953 [tool] read_file train.py chunk 4954 …": the end of its log, cut mid-line, in every digest
+    proposal = agent("agent_misbehave.py", "chatty").propose(ctx(ws))
+    assert proposal.hypothesis == "(the agent gave no hypothesis)"
+    (ws / "train.py").write_text(TRAIN)
+    proposal = agent("agent_misbehave.py", "chatty", "closing").propose(ctx(ws))
+    assert proposal.hypothesis == "Deeper: DEPTH 8 -> 10, more capacity for the same budget."
+
+
+def test_an_agent_that_removes_its_state_folder_still_has_its_words_read(ws: Path) -> None:
+    proposal = agent("agent_misbehave.py", "clean-state").propose(ctx(ws))  # was a proposer error, a traceback
+    assert proposal.hypothesis == "Removed stale outputs; DEPTH 8 -> 10."
+
+
 def test_new_files_are_counted_in_lines_as_git_would(tmp_path: Path) -> None:
     from nightlab.loop.proposers.agent import _line_count
 
