@@ -80,6 +80,7 @@ class _Run:
     stdout: str  # tails
     stderr: str
     stdout_cut: bool  # longer than its tail: the tail starts in the middle of something
+    too_much: bool = False  # its output passed max_output_mb: killed, and the files cut to the limit
 
 
 class AgentProposer:
@@ -120,6 +121,13 @@ class AgentProposer:
         run = self._run(ws, state, prompt_file, proposal_file)
         git_changed = _put_back(ws, git_files)
         hidden = _remove_new(ws, git.ignored_files(_NOT_STATE) - ignored)
+        if run.too_much:
+            raise ProposalError(
+                f"agent printed more than {self.settings.max_output_mb:g} MB and was killed with all its processes"
+                f" (the first {self.settings.max_output_mb:g} MB are in {STATE_DIR}/stdout.log and stderr.log; raise"
+                " [proposer.agent] max_output_mb if it must print that much); its last words:"
+                f" {_last_words(run.stdout) or _last_words(run.stderr) or '(none)'}"
+            )
         if run.timed_out:
             raise ProposalError(
                 f"agent timed out after {self.settings.timeout:g}s and was killed with all its processes"
@@ -188,7 +196,8 @@ class AgentProposer:
             proc = subprocess.Popen(
                 command, shell=True, cwd=ws, env=env, stdin=stdin, stdout=out, stderr=err, start_new_session=True
             )
-            timed_out = False
+            timed_out = too_much = False
+            limit = int(self.settings.max_output_mb * 2**20)
             try:
                 while True:
                     left = self.settings.timeout - (time.monotonic() - start)
@@ -199,6 +208,9 @@ class AgentProposer:
                         proc.wait(timeout=min(left, 1.0))
                         break
                     except subprocess.TimeoutExpired:
+                        if _written(out) + _written(err) > limit:
+                            too_much = True
+                            break
                         if self.tick is not None:
                             self.tick()
             finally:
@@ -207,7 +219,15 @@ class AgentProposer:
                 proc.wait()
             # from the open files: an agent that removed the state folder still has its words read
             (stdout, cut), (stderr, _) = _tail(out), _tail(err)
-        return _Run(proc.returncode, timed_out, time.monotonic() - start, stdout, stderr, cut)
+            if too_much:  # what it wrote in its last second stays under the limit too
+                for f in (out, err):
+                    f.truncate(min(_written(f), limit))
+        return _Run(proc.returncode, timed_out, time.monotonic() - start, stdout, stderr, cut, too_much)
+
+
+def _written(f: BinaryIO) -> int:
+    """Bytes the agent wrote to `f` so far (its own descriptor moves the end, not ours)."""
+    return os.fstat(f.fileno()).st_size
 
 
 def _tail(f: BinaryIO) -> tuple[str, bool]:

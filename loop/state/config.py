@@ -170,6 +170,8 @@ class LoopSettings:
 class AgentSettings:
     command: str = ""  # e.g. "claude -p --permission-mode acceptEdits < {prompt_file}"
     timeout: float = 900.0
+    # stdout + stderr past this is killed: an agent printing in a loop would fill the disk
+    max_output_mb: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -527,6 +529,8 @@ def _check(s: Settings, problems: _Problems) -> None:
         fail("loop.checkpoint_interval", s.loop.checkpoint_interval, "a positive number of seconds, e.g. 1.0")
     if s.proposer.agent.timeout <= 0:
         fail("proposer.agent.timeout", s.proposer.agent.timeout, "a positive number of seconds, e.g. 900")
+    if s.proposer.agent.max_output_mb <= 0:
+        fail("proposer.agent.max_output_mb", s.proposer.agent.max_output_mb, "a positive number of megabytes, e.g. 100")
     if s.heartbeat.max_restarts_per_hour < 0:
         fail("heartbeat.max_restarts_per_hour", s.heartbeat.max_restarts_per_hour,
              "0 (pause instead of restarting) or more")

@@ -61,6 +61,11 @@ elif mode == "chatty":  # streams its progress and ends without a word of its ow
         print(f"[tool] read_file train.py chunk {i}")
     if sys.argv[2:] == ["closing"]:  # ... or with its closing words after them
         print("\nDeeper: DEPTH 8 -> 10, more capacity for the same budget.")
+elif mode == "flood":  # a debug print in a loop: the same line, forever
+    edit()
+    while True:
+        print("[debug] tokens: " + "x" * 65_000, flush=True)
+        time.sleep(0.005)
 elif mode == "clean-state":  # "cleaned the build outputs" (not -x: the ledger stays), and says so
     import shutil
 

@@ -277,6 +277,18 @@ def test_an_agent_that_times_out_is_said_with_its_last_words(ws: Path) -> None:
         asks.propose(ctx(ws))
 
 
+def test_an_agent_printing_without_end_is_killed_at_its_output_cap_and_its_files_cut_to_it(ws: Path) -> None:
+    # before: nothing capped the agent's files: it wrote until its timeout (15 minutes: gigabytes)
+    command = shlex.join([sys.executable, str(FAKES / "agent_misbehave.py"), "flood"])
+    flood = AgentProposer(AgentSettings(command=command, timeout=5.0, max_output_mb=1.0))
+    with pytest.raises(ProposalError) as failed:
+        flood.propose(ctx(ws))
+    said = str(failed.value)
+    assert said.startswith("agent printed more than 1 MB and was killed"), said
+    assert "[proposer.agent] max_output_mb" in said and "\n" not in said
+    assert (ws / ".nightlab/agent/stdout.log").stat().st_size <= 2**20
+
+
 def test_an_agent_that_removes_gits_hooks_folder_has_it_put_back(ws: Path) -> None:
     (ws / ".git/hooks/pre-push").write_text("#!/bin/sh\nexit 0\n")  # the user's own hook
     with pytest.raises(ProposalError, match=r"agent changed git's own files \(hooks/pre-push"):
