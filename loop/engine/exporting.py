@@ -8,6 +8,7 @@ from __future__ import annotations
 from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.planning import WANTED_KEY, WAVE_KEY
+from nightlab.loop.executors.runfiles import trim_log
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate
 
@@ -19,6 +20,8 @@ def export(ctx: Context, members: list[Candidate]) -> None:
     done = {c.id for c in recorded}
     others = [c for c in ledger.open_candidates(store) if c.id not in done]  # async: still running
     head = ctx.git.head()
+    for cand in recorded:  # decided: only a person reads its log now, and the proposer its last crash's tail
+        trim_log(ctx.log_path(cand.number), int(ctx.settings.loop.decided_log_mb * 2**20))
     # The wave ends in one transaction; a confirm run it asked for is created here, not while
     # recording, so it never joins the wave being recorded: it is the next wave, alone.
     with store.transaction():

@@ -78,6 +78,27 @@ def read_tail(path: Path | str, tail_bytes: int = 8192) -> str:
         return ""
 
 
+def trim_log(path: Path | str, max_bytes: int) -> None:
+    """Cut a finished run's log to its first and last `max_bytes` / 2, with a line saying what was
+    cut; idempotent (a shorter log is left as it is), and atomic (a reader sees the old or the new)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if max_bytes <= 0 or size <= max_bytes:
+            return
+        half = max_bytes // 2
+        with open(path, "rb") as f:
+            head = f.read(half)
+            f.seek(size - half)
+            tail = f.read()
+        tmp = path.with_name(path.name + ".trim")
+        cut = f"\n[nightlab: {size - 2 * half:,} bytes cut here once the experiment was decided (loop.decided_log_mb)]\n"
+        tmp.write_bytes(head + cut.encode() + tail)
+        os.replace(tmp, path)
+    except OSError:  # gone, or a full disk: the log stays as it was
+        return
+
+
 def find_handle(log_path: Path | str) -> RunHandle | None:
     """The handle a launch left next to its log (a run launched just before a crash of ours)."""
     try:

@@ -164,6 +164,9 @@ class LoopSettings:
     # waves: N candidates from the best, decided together; async: a freed slot starts the next
     # candidate at once, each result decided as it ends (several slots only)
     mode: Literal["waves", "async"] = "waves"
+    # a decided experiment's run log is cut to its first and last halves of this (0 = kept whole): a
+    # night of runs killed at heartbeat.max_log_mb would otherwise keep a gigabyte each for good
+    decided_log_mb: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -527,6 +530,8 @@ def _check(s: Settings, problems: _Problems) -> None:
         fail("loop.pause_after_failures", s.loop.pause_after_failures, "at least 1 (failures in a row)")
     if s.loop.checkpoint_interval <= 0:
         fail("loop.checkpoint_interval", s.loop.checkpoint_interval, "a positive number of seconds, e.g. 1.0")
+    if s.loop.decided_log_mb < 0:
+        fail("loop.decided_log_mb", s.loop.decided_log_mb, "0 (keep logs whole) or a number of megabytes, e.g. 1")
     if s.proposer.agent.timeout <= 0:
         fail("proposer.agent.timeout", s.proposer.agent.timeout, "a positive number of seconds, e.g. 900")
     if s.proposer.agent.max_output_mb <= 0:

@@ -654,3 +654,20 @@ def test_a_focus_with_nothing_left_is_said_once_in_chat_and_the_loop_goes_on(tmp
     alerts = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
     assert alerts == [("focus lr: nothing left to try there; the search widens to other areas (#2: arch)."
                        " `focus off` or another focus to steer")]
+
+
+def test_a_decided_experiments_log_is_cut_to_its_head_and_tail(tmp_path: Path) -> None:
+    # before: every run's log stayed whole for good: a night of runs killed at heartbeat.max_log_mb kept
+    # a gigabyte each. The result is read first; what stays is the start and the end (the summary).
+    chatty = shlex.join([sys.executable, "-c", "for i in range(2000): print(f'step {i:05d} | loss 3.4', 'x' * 60)"])
+    settings = make_stub_workspace(tmp_path, project={"run_command": f"{chatty} && {sys.executable} train.py"},
+                                   loop={"decided_log_mb": 0.05})
+    run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}]))
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert [(e.status, e.metric) for e in rows] == [("keep", 1.0), ("keep", 0.9)]
+    for number in (1, 2):
+        log = (settings.workspace_path / ".nightlab" / "runs" / f"{number}.log").read_text()
+        assert len(log) < 0.06 * 2**20 and log.startswith("step 00000")
+        assert "bytes cut here once the experiment was decided (loop.decided_log_mb)" in log
+        assert "val_bpb:" in log[-400:]
+    assert_consistent(settings)
