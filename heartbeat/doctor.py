@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from nightlab.heartbeat.health import space_used
 from nightlab.loop import hardware
 from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
 from nightlab.loop.state.errors import UserError
@@ -280,9 +281,11 @@ def _disk_findings(settings: Settings) -> list[Finding]:
             existing = existing.parent
         free = shutil.disk_usage(existing).free / 1e9
         if free < need:
+            used = space_used(settings.workspace_path, settings.cache_path)
             out.append(Finding("fail", "disk", f"{label} {path}: {free:.1f} GB free, under heartbeat.min_free_disk_gb "
                                f"= {need:g} (the loop pauses itself below it)", "free some space or move the "
-                               f"{label} (workspace.path / data.cache_dir)"))
+                               f"{label} (workspace.path / data.cache_dir)"
+                               + (f"; nightlab's files: {used}" if used else "")))
         else:
             out.append(Finding("ok", "disk", f"{label} {path}: {free:.1f} GB free"))
     return out

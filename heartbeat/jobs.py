@@ -41,7 +41,7 @@ from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from nightlab.heartbeat.engine_child import ENGINE_STOP_GRACE_S, EngineProcess
-from nightlab.heartbeat.health import free_disk_gb
+from nightlab.heartbeat.health import free_disk_gb, space_used
 from nightlab.heartbeat.report import write_report
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors import Executor, RunHandle
@@ -284,8 +284,10 @@ class Heartbeat:
         low = {p: gb for p, gb in low.items() if gb < self.limits.min_free_disk_gb}
         if low and not self._low_disk:
             where = ", ".join(f"{p} has {gb:.1f} GB free" for p, gb in low.items())
+            used = space_used(self.workspace, self.settings.cache_path)
             text = (f"low disk: {where} (minimum {self.limits.min_free_disk_gb:g} GB); the loop is"
-                    " paused. Free some space, then /resume.")
+                    " paused. Free some space, then /resume."
+                    + (f" nightlab's files there: {used}" if used else ""))
             self._pause(text)
             self.store.emit("alert", text=text)
             log.error("%s", text)

@@ -146,10 +146,14 @@ def test_a_program_the_config_starts_that_is_not_installed_fails(tmp_path: Path,
 
 def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
     fake_gpus(["NVIDIA GeForce RTX 4090"])
+    (tmp_path / "ws" / ".nightlab" / "agent").mkdir(parents=True)
+    (tmp_path / "ws" / ".nightlab" / "agent" / "stdout.log").write_bytes(b"x" * 2 * 2**20)
     config = write_config(tmp_path, executor={"gpus": [3]}, heartbeat={"min_free_disk_gb": 1e9},
                           data={"source": str(tmp_path / "nowhere"), "cache_dir": str(tmp_path / "cache")})
     code, out = doctor(config, capsys)
     assert code == 1
+    # what of nightlab's holds the space, and what may go
+    assert f"nightlab's files: {tmp_path / 'ws'}/.nightlab/agent 2 MB (the agent's last output: safe to delete)" in out
     assert "FAIL gpu       executor.gpus = [3] but nvidia-smi failed (exit 6): No devices were found" in out
     assert len(lines(out, "FAIL disk")) == 2 and "under heartbeat.min_free_disk_gb" in out
     assert f"FAIL data      data.source = '{tmp_path / 'nowhere'}' is not a directory" in out

@@ -94,8 +94,13 @@ def test_notifier_is_silent_outside_systemd_and_ignores_a_watchdog_meant_for_ano
     assert other.watchdog_interval is None
 
 
-def test_low_disk_pauses_and_alerts_once(tmp_path: Path) -> None:
+def test_low_disk_pauses_and_alerts_once_saying_what_of_ours_uses_the_space(tmp_path: Path) -> None:
     base = settings_from_table({"data": {"cache_dir": str(tmp_path / "cache")}})
+    # before: only "free some space": not which of nightlab's folders holds it, nor what may go
+    (tmp_path / ".nightlab" / "compile-cache").mkdir(parents=True)
+    (tmp_path / ".nightlab" / "compile-cache" / "kernel.so").write_bytes(b"k" * 3 * 2**20)
+    (tmp_path / ".nightlab" / "runs").mkdir()
+    (tmp_path / ".nightlab" / "runs" / "1.log").write_bytes(b"step\n" * 2**20)
     settings = dataclasses.replace(base, heartbeat=HeartbeatSettings(min_free_disk_gb=1e9))
     store = Store.for_workspace(tmp_path)
     beat = Heartbeat(settings, tmp_path, store, LocalExecutor(), EngineProcess(["true"]),
@@ -105,6 +110,10 @@ def test_low_disk_pauses_and_alerts_once(tmp_path: Path) -> None:
     beat.check_host()
     alerts = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
     assert len(alerts) == 1 and alerts[0].startswith("low disk: ")
+    assert alerts[0].endswith(
+        f"nightlab's files there: {tmp_path}/.nightlab/runs 5 MB (run logs: old ones may be deleted, the ledger keeps"
+        f" every result); {tmp_path}/.nightlab/compile-cache 3 MB (torch's compile caches: safe to delete, the next"
+        " run of a shape compiles again)"), alerts[0]
     paused = ledger.paused(store)
     assert paused is not None and paused.by == "heartbeat"
 
