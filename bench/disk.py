@@ -1,0 +1,93 @@
+"""What a night leaves on disk, by category, per experiment: run logs, the agent's files, kept
+models, the state database, git, the exports. A stub trainer (a fixed summary block after
+`--lines` progress lines, about what the harness prints in a 5-minute run) and a proposer that
+rewrites one number, on one local slot.
+
+    .venv/bin/python bench/disk.py [--experiments 60] [--lines 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from nightlab.loop.engine import run_engine
+from nightlab.loop.proposers.base import Proposal, ProposalContext
+from nightlab.loop.state.config import settings_from_table
+from nightlab.loop.workspace import init_workspace
+
+# one progress line as the harness prints it every 0.5 s when not on a terminal
+PROGRESS = "step 00421 (46.8%) | loss: 3.421234 | lrm: 1.00 | dt: 322ms | tok/sec: 1,628,112 | mfu: 32.9% | epoch: 1 | remaining: 160s"
+
+
+class RandomWalk:
+    areas = None
+
+    def __init__(self) -> None:
+        self.rng = random.Random(0)
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        value = 1.0 - 0.001 * len(ctx.history) + self.rng.uniform(-0.01, 0.01)
+        (ctx.workspace / "result.txt").write_text(f"---\nval_bpb: {value:.6f}\npeak_vram_mb: 1.0\n")
+        return Proposal(f"val_bpb -> {value:.4f}", "noise")
+
+
+def du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def measure(n: int, lines: int, decided_log_mb: float) -> dict[str, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "ws"
+        repo.mkdir()
+        (repo / "result.txt").write_text("---\nval_bpb: 1.000000\n")
+        (repo / "progress.txt").write_text("".join(f"{PROGRESS}\n" for _ in range(lines)))
+        (repo / "harness.txt").write_text("fixed\n")
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "i"], check=True)
+        settings = settings_from_table({
+            "workspace": {"path": str(repo), "tag": "bench"},
+            "project": {"run_command": "cat progress.txt result.txt", "editable": ["result.txt"],
+                        "protected": ["harness.txt", "progress.txt"]},
+            "loop": {"decided_log_mb": decided_log_mb},
+        })
+        init_workspace(repo, "bench", settings, say=lambda _: None)
+        before = {"git": du(repo / ".git")}
+        run_engine(settings, n, proposer=RandomWalk())
+        state = repo / ".nightlab"
+        sizes = {
+            "run logs (.nightlab/runs)": du(state / "runs"),
+            "state db (state.db)": du(state / "state.db"),
+            "its write-ahead log (reused: 4 MB at most)": du(state / "state.db-wal"),
+            "git objects (.git, grown)": du(repo / ".git") - before["git"],
+            "exports (results.tsv, autoresearch.jsonl)": du(repo / "results.tsv") + du(repo / "autoresearch.jsonl"),
+            "kept models (.nightlab/artifacts)": du(state / "artifacts"),
+            "worktrees (.nightlab/worktrees)": du(state / "worktrees"),
+        }
+        sizes["everything else in .nightlab"] = du(state) - sum(
+            du(p) for p in (state / "runs", state / "artifacts", state / "worktrees", *state.glob("state.db*")))
+        return sizes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiments", type=int, default=60)
+    parser.add_argument("--lines", type=int, default=600, help="progress lines a run prints (600 = 5 min at 2/s)")
+    parser.add_argument("--decided-log-mb", type=float, default=1.0, help="[loop] decided_log_mb (0 = logs kept whole)")
+    args = parser.parse_args()
+    sizes = measure(args.experiments, args.lines, args.decided_log_mb)
+    print(f"{'category':45s} {'bytes':>12s} {'per experiment':>15s}")
+    for name, size in sizes.items():
+        print(f"{name:45s} {size:12,d} {size / args.experiments:15,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
