@@ -22,7 +22,6 @@ from nightlab.loop.state.config import (
     Settings,
     changed_fields,
     environment_secrets,
-    readable_secrets,
 )
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
@@ -53,10 +52,10 @@ class Context:
     ) -> None:
         self.settings, self.ws, self.executor, self.proposer = settings, ws, executor, proposer
         self.env = env
-        # What an agent, a run or a check could read and write back: the API keys of this
-        # environment (theirs) and the chat tokens the config reads from files. Every text from
-        # them goes through it where it enters (proposing, deciding, the patch, a crash's log tail).
-        self.redact = Redactor.of([*readable_secrets(settings), *environment_secrets()])
+        # The API keys of this environment (the agent's, the runs') and the chat tokens the config
+        # reads from files. Every text from them goes through it where it enters (proposing,
+        # deciding, the patch, a crash's log tail).
+        self.redact = Redactor.known(settings)
         self.store: Store = ws.store
         # The installed nightlab's harness as this engine found it ({}: a project of the user's), and
         # whether the workspace's copy waits to be brought up to it (loop/engine/upgrading.py).

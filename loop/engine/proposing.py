@@ -44,7 +44,7 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
             git.reset_to(cand.base_commit)  # what a failed proposer left is its own, not a person's
             return no_run(ctx, cand, "crash", ctx.redact(f"proposer failed: {exc}"))
         except Exception as exc:  # noqa: BLE001 -- a proposer bug must not stop the night; it counts as a failure
-            say(traceback.format_exc().rstrip())  # scrubbed: its message may quote what the agent said
+            say(ctx.redact(traceback.format_exc().rstrip()))  # its message may quote what the agent said
             git.reset_to(cand.base_commit)
             return no_run(ctx, cand, "crash", ctx.redact(f"proposer error: {type(exc).__name__}: {exc}"))
         finally:

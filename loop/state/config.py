@@ -656,6 +656,12 @@ class Redactor:
         # longest first: a value holding another one is starred whole, not left in pieces
         return cls(tuple(sorted({s.reveal() for s in secrets} - {""}, key=len, reverse=True)))
 
+    @classmethod
+    def known(cls, s: Settings) -> Redactor:
+        """The secrets this process can know of (the engine, `nightlab ctl`): what an agent, a run
+        or a person here could read and write back."""
+        return cls.of([*readable_secrets(s), *environment_secrets()])
+
     def __call__(self, text: str) -> str:
         for value in self.values:
             text = text.replace(value, "***")
