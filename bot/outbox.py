@@ -32,7 +32,7 @@ from nightlab.bot import digest
 from nightlab.bot.channel import Channel, DeliveryError
 from nightlab.bot.format import Outgoing, Photo, Span
 from nightlab.bot.outage import Outage
-from nightlab.loop.state.config import DigestSettings, Secret
+from nightlab.loop.state.config import DigestSettings, Redactor, Secret
 from nightlab.loop.state.store import Store
 
 log = logging.getLogger("nightlab.bot")
@@ -98,7 +98,7 @@ class Outbox:
     ) -> None:
         self.store = store
         # a token that reached a message (a crash's log tail, a note) is not sent, nor kept in state.db
-        self._secrets = [v for v in (s.reveal() for s in secrets) if v]
+        self._redact = Redactor.of(secrets)
         self.channels = {c.name: c for c in channels}
         self.digest = digest_settings
         self.tuning = tuning
@@ -163,11 +163,6 @@ class Outbox:
                     " next_attempt_at, created_at, reply) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (channel.name, destination, kind, body, title, status, now, now, int(reply)),
                 )
-
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
 
     # -- delivery ----------------------------------------------------------------------------
     def waiting(self) -> list[Row]:

@@ -19,6 +19,7 @@ from nightlab.bot.channel import Incoming
 from nightlab.bot.format import Outgoing, Photo, bold, plain, pre, text_message
 from nightlab.loop.state import ledger, steering
 from nightlab.loop.state.commands import Help, Plot, Steer, View, parse_command
+from nightlab.loop.state.config import Redactor
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.store import Store, state_dir
 from nightlab.loop.state.views import duration
@@ -40,8 +41,10 @@ class Router:
         metric_name: str = "val_bpb",
         direction: str = "minimize",
         refusals: Refusals | None = None,
+        redact: Redactor = Redactor(),
     ) -> None:
         self.store = store
+        self.redact = redact  # a token pasted into a note would be stored and put in the agent's prompt
         self.workspace = workspace
         self.allowlists = allowlists
         self.metric_name = metric_name
@@ -65,7 +68,7 @@ class Router:
                         msg.sender, msg.chat, msg.text, self.refusals.window_s / 60)
             return [text_message(plain(f"⛔ Not authorised (your id: {msg.user}). Ask the owner to add it."))]
         try:
-            cmd = parse_command(msg.text, ledger.areas(self.store))
+            cmd = parse_command(self.redact(msg.text), ledger.areas(self.store))
         except UserError as exc:
             return [text_message(plain(f"⚠️ {exc}"))]
         if cmd.role is Role.OPERATOR and role is not Role.OPERATOR:

@@ -21,7 +21,7 @@ from nightlab.bot.auth import Refusals, allowlists
 from nightlab.bot.channel import Channel, Incoming, OnMessage
 from nightlab.bot.outbox import Outbox, Tuning
 from nightlab.bot.router import Router
-from nightlab.loop.state.config import Secrets, Settings, environment_secrets
+from nightlab.loop.state.config import Redactor, Secrets, Settings, environment_secrets
 from nightlab.loop.state.store import Store
 
 log = logging.getLogger("nightlab.bot")
@@ -112,7 +112,7 @@ class BotService:
         outbox.prune()
         router = Router(
             store, self.workspace, allowlists(self.settings), self.settings.project.metric, self.settings.project.direction,
-            self._refusals,
+            self._refusals, Redactor.of(self._secrets),
         )
         wake = asyncio.Event()
 

@@ -176,10 +176,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
+    from nightlab.loop.state.config import Redactor
     from nightlab.loop.state.steering import send_command
 
-    text = " ".join([args.name, *args.words])
-    print(send_command(_named_settings(args).workspace_path, text, sender=f"cli:{_user()}"))
+    settings = _named_settings(args)
+    text = Redactor.known(settings)(" ".join([args.name, *args.words]))  # a note goes into the agent's prompt
+    print(send_command(settings.workspace_path, text, sender=f"cli:{_user()}"))
     return 0
 
 

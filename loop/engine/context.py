@@ -16,7 +16,13 @@ from nightlab.loop.executors.runfiles import read_tail
 from nightlab.loop.proposers.base import Proposer
 from nightlab.loop.ratchet import Git
 from nightlab.loop.state import ledger
-from nightlab.loop.state.config import HeartbeatSettings, Settings, changed_fields, environment_secrets
+from nightlab.loop.state.config import (
+    HeartbeatSettings,
+    Redactor,
+    Settings,
+    changed_fields,
+    environment_secrets,
+)
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
 from nightlab.loop.state.store import Store, state_dir
@@ -29,10 +35,9 @@ ANYWHERE = {"hardware": "", "node": ""}
 def say(message: str) -> None:
     # Beside the daemon's log lines: a time in a terminal, none under journald (it adds its own).
     stamp = "" if os.environ.get("JOURNAL_STREAM") else time.strftime("%H:%M:%S ")
-    # scrubbed as the daemon's lines are: a reason quotes an agent's or a run's words, which may
-    # hold the API key it was given
-    for secret in environment_secrets():
-        message = message.replace(secret.reveal(), "***")
+    # scrubbed as the daemon's lines are (this process's stderr is the journal's as it is): the
+    # text from outside is clean already (Context.redact); this also covers a traceback
+    message = Redactor.of(environment_secrets())(message)
     print(f"{stamp}nightlab engine: {message}", file=sys.stderr, flush=True)
 
 
@@ -47,6 +52,10 @@ class Context:
     ) -> None:
         self.settings, self.ws, self.executor, self.proposer = settings, ws, executor, proposer
         self.env = env
+        # The API keys of this environment (the agent's, the runs') and the chat tokens the config
+        # reads from files. Every text from them goes through it where it enters (proposing,
+        # deciding, the patch, a crash's log tail).
+        self.redact = Redactor.known(settings)
         self.store: Store = ws.store
         # The installed nightlab's harness as this engine found it ({}: a project of the user's), and
         # whether the workspace's copy waits to be brought up to it (loop/engine/upgrading.py).
@@ -99,7 +108,9 @@ class Context:
     def patch(self, base: str, commit: str) -> ledger.Patch:
         """`commit`'s change from `base` as the ledger keeps it for /diff: the bot cannot run git.
         Made before the transaction that records it, so no git call holds the store's lock."""
-        return ledger.make_patch(base, commit, self.git.file_numstat(base, commit), self.git.patch(base, commit))
+        # a key an agent wrote into train.py stays in the commit (the user's code), not in what /diff shows
+        text = self.redact(self.git.patch(base, commit))
+        return ledger.make_patch(base, commit, self.git.file_numstat(base, commit), text)
 
     def log_path(self, number: int) -> Path:
         return self.run_root / "runs" / f"{number}.log"
@@ -141,7 +152,7 @@ class Context:
         git.reset_to(target)
 
     def log_tail(self, number: int, tail_bytes: int) -> str:
-        return read_tail(self.log_path(number), tail_bytes)
+        return self.redact(read_tail(self.log_path(number), tail_bytes))
 
 
 def _run_dir_name(ws: Workspace) -> str:

@@ -91,7 +91,7 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
     """One run's outcome. `judged`: the outcomes of this wave's members so far (a commit's
     measurements include its repeats judged before it in the same wave)."""
     handle = RunHandle.from_json(run.handle)
-    tail = ctx.executor.read_log(handle, LOG_TAIL_BYTES)
+    tail = ctx.redact(ctx.executor.read_log(handle, LOG_TAIL_BYTES))  # its lines become reasons and a digest's tail
     hw = run_hardware(run.log_path) or next((s.hardware for s in ctx.slots if s.name == handle.slot), "")
     cls = ctx.hw_class(hw)
     ref = ledger.reference(rows, cls)
@@ -181,7 +181,7 @@ def checks(ctx: Context, verdict: Verdict, cwd: Path, best: float | None) -> Ver
             ctx.settings.project.checks_command, shell=True, check=False, cwd=cwd, capture_output=True,
             text=True, env={**os.environ, **ctx.env}, timeout=ctx.settings.heartbeat.run_timeout,
         )
-        code, output = done.returncode, (done.stdout + done.stderr).strip()
+        code, output = done.returncode, ctx.redact(done.stdout + done.stderr).strip()
     except subprocess.TimeoutExpired:
         code, output = -1, "timed out"
     if code == 0:

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from nightlab.loop.engine.context import Context
+from nightlab.loop.engine.context import Context, say
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import without_a_keep
 from nightlab.loop.proposers.base import PastExperiment, Proposal, ProposalContext, ProposalError
@@ -42,15 +42,16 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
             proposal = ctx.proposer.propose(pctx)
         except ProposalError as exc:
             git.reset_to(cand.base_commit)  # what a failed proposer left is its own, not a person's
-            return no_run(ctx, cand, "crash", f"proposer failed: {exc}")
+            return no_run(ctx, cand, "crash", ctx.redact(f"proposer failed: {exc}"))
         except Exception as exc:  # noqa: BLE001 -- a proposer bug must not stop the night; it counts as a failure
-            traceback.print_exc()
+            say(ctx.redact(traceback.format_exc().rstrip()))  # its message may quote what the agent said
             git.reset_to(cand.base_commit)
-            return no_run(ctx, cand, "crash", f"proposer error: {type(exc).__name__}: {exc}")
+            return no_run(ctx, cand, "crash", ctx.redact(f"proposer error: {type(exc).__name__}: {exc}"))
         finally:
             keep_ledger(ctx, ledger_file)
-    described = {"description": proposal.description, "hypothesis": proposal.hypothesis,
-                 "area": proposal.area, "params": dict(proposal.params)}
+    # the words stored, committed, exported, reported and put in later prompts: clean once, here
+    described = {"description": ctx.redact(proposal.description), "hypothesis": ctx.redact(proposal.hypothesis),
+                 "area": ctx.redact(proposal.area), "params": dict(proposal.params)}
     if cand.focus and proposal.area and proposal.area != cand.focus and store.get(WIDENED_KEY) != cand.focus:
         store.set(WIDENED_KEY, cand.focus)  # once per focus, not once per proposal
         store.emit("alert", text=f"focus {cand.focus}: nothing left to try there; the search widens to"
@@ -64,7 +65,7 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         return no_run(ctx, cand, "crash", reason, **described)
     if not changed:
         return no_run(ctx, cand, "discard", "the proposal changed nothing", **described)
-    commit = git.commit_all(f"#{cand.number}: {proposal.description}\n\n{proposal.hypothesis}")
+    commit = git.commit_all(f"#{cand.number}: {described['description']}\n\n{described['hypothesis']}")
     git.keep_ref(cand.number, commit)
     if not ctx.in_place:  # the run gets a snapshot; the workspace stays at the wave's base
         git.reset_to(cand.base_commit)

@@ -7,6 +7,7 @@ and what was expected. Secrets never live in the TOML: it names an environment v
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -15,6 +16,7 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -638,6 +640,41 @@ def environment_secrets() -> list[Secret]:
     a run prints must not reach a chat or the journal either."""
     return [Secret(value=v) for k, v in os.environ.items()
             if _SECRET_NAME.search(k.upper()) and len(v) >= _SECRET_MIN_LEN]
+
+
+def readable_secrets(s: Settings) -> list[Secret]:
+    """The configured channels' secrets this process can read: in the engine, the ones from files
+    (an agent it starts could read those too), not the variables the daemon kept from it."""
+    found = []
+    for key, ref in secret_refs(s):
+        with contextlib.suppress(ConfigError):
+            found.append(ref.resolve(key, s.origin))
+    return found
+
+
+@dataclass(frozen=True)
+class Redactor:
+    """Stars out known secret values. Text from outside (an agent's words, a run's log, a note, a
+    traceback) goes through one where it enters the store, git, a file, a prompt, a log or a chat,
+    so it is the same clean text everywhere after."""
+
+    values: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, secrets: Iterable[Secret]) -> Redactor:
+        # longest first: a value holding another one is starred whole, not left in pieces
+        return cls(tuple(sorted({s.reveal() for s in secrets} - {""}, key=len, reverse=True)))
+
+    @classmethod
+    def known(cls, s: Settings) -> Redactor:
+        """The secrets this process can know of (the engine, `nightlab ctl`): what an agent, a run
+        or a person here could read and write back."""
+        return cls.of([*readable_secrets(s), *environment_secrets()])
+
+    def __call__(self, text: str) -> str:
+        for value in self.values:
+            text = text.replace(value, "***")
+        return text
 
 
 def secret_env_names(s: Settings) -> set[str]:

@@ -14,7 +14,7 @@ from nightlab.bot.console import ConsoleChannel
 from nightlab.bot.format import Photo, Text
 from nightlab.bot.router import Router
 from nightlab.bot.service import BotService, build_channels
-from nightlab.loop.state.config import Secrets
+from nightlab.loop.state.config import Redactor, Secret, Secrets
 from nightlab.loop.state.store import Store
 
 from tests.bot.conftest import FAST, finished, running, settings, start_service
@@ -65,6 +65,14 @@ def test_router_answers_and_promises(workspace: Path, store: Store) -> None:
     report = ask(router, "/report", user="2")
     assert report[0].title == "nightlab report — ?" and isinstance(report[1], Photo)  # no markdown marks
     assert report[1].path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_token_pasted_into_a_note_is_queued_starred(workspace: Path, store: Store) -> None:
+    """The note went into the commands table, the ledger and the next agent's prompt as written."""
+    s = settings(telegram={"operators": [1]})
+    router = Router(store, workspace, allowlists(s), redact=Redactor.of([Secret("123456:ABCdefGHIjklMNOpqr")]))
+    assert ask(router, "/note the bot is 123456:ABCdefGHIjklMNOpqr")[0].title.startswith("✔ note queued")
+    assert [c.args for c in store.pending_commands()] == ["the bot is ***"]
 
 
 class _SlowToStart(ConsoleChannel):

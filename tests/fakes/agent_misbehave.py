@@ -78,6 +78,11 @@ elif mode == "clean-all":  # "cleaned the build outputs", ignored files too: the
 elif mode == "leak-key":  # a provider refusing the key, quoting it
     print(f"Error: 401 invalid x-api-key {os.environ['ANTHROPIC_API_KEY']}", file=sys.stderr)
     sys.exit(1)
+elif mode == "write-key":  # "the model calls the API itself": its key in train.py, its words and its run's output
+    key = os.environ["OPENAI_API_KEY"]
+    code = f'API_KEY = "{key}"\nprint("calling the API with", API_KEY, flush=True)\nraise SystemExit(f"401 invalid key {{API_KEY}}")\n'
+    Path("train.py").write_text(code + Path("train.py").read_text())
+    proposal(json.dumps({"description": f"use the API (key {key})", "hypothesis": f"{key} lets the model ask GPT"}))
 elif mode == "switch-branch":  # works on a branch of its own and leaves the workspace there
     subprocess.run(["git", "checkout", "-qb", "agent-experiment"], check=True)
     edit()

@@ -7,6 +7,7 @@ have. A step is a dict:
   {"write": {"prepare.py": "text"}}   write any file, or a new one (a protected one -> rejected)
   {"noop": True}                      change nothing
   {"raise": "message"}                fail with ProposalError
+  {"bug": "message"}                  fail with RuntimeError (a bug in a proposer)
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class ScriptedProposer:
         step = self.steps[min(index, len(self.steps) - 1)]
         if "raise" in step:
             raise ProposalError(step["raise"])
+        if "bug" in step:
+            raise RuntimeError(step["bug"])
         for name, text in step.get("write", {}).items():
             path = Path(ctx.workspace) / name
             if path.exists():  # a protected file is read-only

@@ -54,6 +54,13 @@ def test_ctl_options_may_come_anywhere(loop: Path, tmp_path: Path, home: Path) -
     assert not (home / "nightlab-workspace").exists()
 
 
+def test_a_key_in_a_ctl_note_is_queued_starred(loop: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The note went into the ledger and the next agent's prompt as typed."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-api03-0123456789")
+    assert main(["ctl", "note", "--workspace", str(loop), "the key is sk-ant-api03-0123456789"]) == 0
+    assert pending(loop) == [("note", "the key is ***")]
+
+
 def test_a_command_goes_only_to_a_loop_the_user_named(loop: Path, tmp_path: Path, home: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["ctl", "pause"], ["status"], ["history", "-n", "3"]):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from nightlab.heartbeat.cli import main
-from nightlab.loop.state.config import ConfigError, Secret, load_settings, render_settings, resolve_secrets
+from nightlab.loop.state.config import ConfigError, Redactor, Secret, load_settings, render_settings, resolve_secrets
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -249,3 +249,16 @@ def test_a_misspelt_prompt_placeholder_is_named(tmp_path: Path) -> None:
             " is {prompt_file} (the prompt's path)") in str(err.value).splitlines()
     fine = "my-agent --home ${HOME} < {prompt_file} | awk '{print}'"
     assert load_settings(write(tmp_path, f'[proposer]\nkind = "agent"\n[proposer.agent]\ncommand = "{fine}"\n'))
+
+
+def test_what_a_process_can_read_of_the_secrets_is_starred(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine has the file's token (an agent it starts could read the file too) and the
+    environment's API keys; the variables the daemon kept from it are not there to know, and are no error."""
+    token_file = tmp_path / "telegram"
+    token_file.write_text("123456:AAH-from-a-file\n")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-proj-0123456789abcdef")
+    monkeypatch.delenv("NIGHTLAB_SLACK_BOT_TOKEN", raising=False)
+    path = write(tmp_path, f'[telegram]\noperators = [1]\ntoken = {{ file = "{token_file}" }}\n'
+                           '[slack]\noperators = ["U1"]\nchannels = ["C1"]\n')
+    redact = Redactor.known(load_settings(path))
+    assert redact("bot 123456:AAH-from-a-file, key sk-proj-0123456789abcdef") == "bot ***, key ***"

@@ -576,6 +576,50 @@ def test_an_api_key_an_agent_prints_stays_out_of_the_engines_log(
     assert "#2 crash" in log and "invalid x-api-key ***" in log and key not in log
 
 
+def test_a_key_an_agent_writes_in_its_words_its_code_and_its_runs_output_is_stored_nowhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the chat and the journal starred it out: the ledger, the exports, the commit message,
+    the report, /diff and the next agent's prompt had the key as the agent and its run wrote it."""
+    from nightlab.bot.digest import describe
+
+    key = "sk-proj-abcdefghijklmnop0123"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} write-key"
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})
+    assert run_engine(settings, 3) == 0  # #3: the same code again, refused, after its prompt was written
+    ws = settings.workspace_path
+    store = Store.for_workspace(ws)
+    two = ledger.experiments(store)[1]
+    assert (two.status, two.description, two.hypothesis) == ("crash", "use the API (key ***)", "*** lets the model ask GPT")
+    (crashed,) = [e for e in store.events_after(0) if e.kind == "experiment_finished" and e.payload["number"] == 2]
+    assert "401 invalid key ***" in crashed.payload["log_tail"]
+    commit_message = git_out(ws, "log", "-1", "--format=%B", two.commit)
+    assert commit_message == "#2: use the API (key ***)\n\n*** lets the model ask GPT"
+    assert key in git_out(ws, "show", f"{two.commit}:train.py")  # the code as the agent wrote it: the user's
+    said = [
+        b"".join(f.read_bytes() for f in (ws / ".nightlab").glob("state.db*")).decode("utf-8", "replace"),
+        (ws / "results.tsv").read_text(), (ws / "autoresearch.jsonl").read_text(),
+        commit_message, views.report_markdown(ws), views.history_text(ws), views.diff_text(ws, 2),
+        (ws / ".nightlab" / "agent" / "prompt.md").read_text(),
+        repr([describe(e, settings.digest) for e in store.events_after(0)]),  # what the chat is given
+    ]
+    assert [key in text for text in said] == [False] * len(said)
+    assert 'API_KEY = "***"' in views.diff_text(ws, 2)
+
+
+def test_a_proposer_bugs_traceback_is_scrubbed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capfd: pytest.CaptureFixture[str]) -> None:
+    """traceback.print_exc() wrote the bug's message, key and all, into the daemon's journal."""
+    key = "hf_abcdefghijklmnopqrstu"
+    monkeypatch.setenv("HF_TOKEN", key)
+    settings = make_stub_workspace(tmp_path)
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"bug": f"bad token {key}"}])) == 0
+    log = capfd.readouterr().err
+    assert "Traceback (most recent call last)" in log and "RuntimeError: bad token ***" in log and key not in log
+    reason = ledger.experiments(Store.for_workspace(settings.workspace_path))[1].reason
+    assert reason == "proposer error: RuntimeError: bad token ***"
+
+
 def test_an_agent_that_removes_the_ledger_stops_the_loop_with_the_ledger_written_back(tmp_path: Path) -> None:
     """`git clean -fdx` took .nightlab/state.db: the night went on in the removed file and the next
     start found an empty ledger, every experiment forgotten."""
