@@ -41,8 +41,10 @@ class EngineThread:
     def ended(self) -> str | None:
         return None if self.thread.is_alive() else f"the engine ended: {self.result}"
 
-    def wait_for(self, predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-        return wait_until(predicate, what, timeout, abort=self.ended)
+    def wait_for(self, predicate: Callable[[], Any], what: str) -> Any:
+        # wait_until's bound (60 s; was 30 here): it bounds a failure, never a speed, and a loaded
+        # 2-core box took over 30 s to cancel a run under `pause now`
+        return wait_until(predicate, what, abort=self.ended)
 
     def ticks(self, count: int = 2) -> None:
         """Wait for `count` more checkpoints: each round of the loop ticks, and then decides what
