@@ -32,7 +32,7 @@ from nightlab.bot import digest
 from nightlab.bot.channel import Channel, DeliveryError
 from nightlab.bot.format import Outgoing, Photo, Span
 from nightlab.bot.outage import Outage
-from nightlab.loop.state.config import DigestSettings, Secret
+from nightlab.loop.state.config import DigestSettings, Secret, scrub
 from nightlab.loop.state.store import Store
 
 log = logging.getLogger("nightlab.bot")
@@ -98,7 +98,7 @@ class Outbox:
     ) -> None:
         self.store = store
         # a token that reached a message (a crash's log tail, a note) is not sent, nor kept in state.db
-        self._secrets = [v for v in (s.reveal() for s in secrets) if v]
+        self._secrets = list(secrets)
         self.channels = {c.name: c for c in channels}
         self.digest = digest_settings
         self.tuning = tuning
@@ -151,11 +151,11 @@ class Outbox:
         db = self.store.connection()
         for msg in messages:
             if isinstance(msg, Photo):
-                caption = self._redact(msg.caption)
+                caption = scrub(msg.caption, self._secrets)
                 rows = [("photo", json.dumps({"path": str(msg.path), "caption": caption}), caption)]
             else:  # redacted before the split, which could cut a token in two, and in the title
-                spans = [Span(self._redact(s.text), s.style) for s in msg.spans]
-                title = self._redact(msg.title)
+                spans = [Span(scrub(s.text, self._secrets), s.style) for s in msg.spans]
+                title = scrub(msg.title, self._secrets)
                 rows = [("text", body, title) for body in channel.flavour.render(spans)]
             for kind, body, title in rows:
                 db.execute(
@@ -163,11 +163,6 @@ class Outbox:
                     " next_attempt_at, created_at, reply) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (channel.name, destination, kind, body, title, status, now, now, int(reply)),
                 )
-
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
 
     # -- delivery ----------------------------------------------------------------------------
     def waiting(self) -> list[Row]:

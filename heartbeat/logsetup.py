@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Iterable
 
-from nightlab.loop.state.config import Secret
+from nightlab.loop.state.config import Secret, scrub
 
 # syslog priorities for sd-daemon(3) prefixes
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -33,12 +33,10 @@ class DaemonFormatter(logging.Formatter):
         else:
             super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         self._journal = journal
-        self._values = [v for v in (s.reveal() for s in secrets) if v]
+        self._secrets = list(secrets)
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for value in self._values:
-            text = text.replace(value, "***")
+        text = scrub(super().format(record), self._secrets)
         if self._journal:
             # Continuation lines (tracebacks) get the prefix too, or journald files them as info.
             prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"

@@ -16,7 +16,7 @@ from nightlab.loop.executors.runfiles import read_tail
 from nightlab.loop.proposers.base import Proposer
 from nightlab.loop.ratchet import Git
 from nightlab.loop.state import ledger
-from nightlab.loop.state.config import HeartbeatSettings, Settings, changed_fields, environment_secrets
+from nightlab.loop.state.config import HeartbeatSettings, Settings, changed_fields, environment_secrets, scrub
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
 from nightlab.loop.state.store import Store, state_dir
@@ -31,9 +31,7 @@ def say(message: str) -> None:
     stamp = "" if os.environ.get("JOURNAL_STREAM") else time.strftime("%H:%M:%S ")
     # scrubbed as the daemon's lines are: a reason quotes an agent's or a run's words, which may
     # hold the API key it was given
-    for secret in environment_secrets():
-        message = message.replace(secret.reveal(), "***")
-    print(f"{stamp}nightlab engine: {message}", file=sys.stderr, flush=True)
+    print(f"{stamp}nightlab engine: {scrub(message, environment_secrets())}", file=sys.stderr, flush=True)
 
 
 class Context:

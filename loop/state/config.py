@@ -15,6 +15,7 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -47,6 +48,14 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+def scrub(text: str, secrets: Iterable[Secret]) -> str:
+    """`text` with every secret's value in it starred out: what leaves for a chat or a log."""
+    for secret in secrets:
+        if value := secret.reveal():  # an empty one would star out nothing but the spaces between
+            text = text.replace(value, "***")
+    return text
 
 
 @dataclass(frozen=True)
