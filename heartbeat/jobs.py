@@ -267,9 +267,13 @@ class Heartbeat:
         self.store.emit("engine_restarted", restarts_last_hour=count, reason=reason)
         log.warning("engine restarted (%d in the last hour)", count)
 
+    def last_tick(self) -> float:
+        """When the engine last ticked (kv `engine.tick`, 0.0 before any did)."""
+        return float(self.store.get("engine.tick", 0.0) or 0.0)
+
     def _tick_age(self, now: float) -> float:
         # A fresh engine has not ticked yet; its start counts as its first sign of life.
-        return now - max(float(self.store.get("engine.tick", 0.0) or 0.0), self.engine.started_at)
+        return now - max(self.last_tick(), self.engine.started_at)
 
     def _paused(self) -> bool:
         return ledger.paused(self.store) is not None
