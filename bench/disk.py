@@ -9,31 +9,15 @@ rewrites one number, on one local slot.
 from __future__ import annotations
 
 import argparse
-import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from loop_overhead import RandomWalk, stub_workspace  # bench/loop_overhead.py: the same stub night
 from nightlab.loop.engine import run_engine
-from nightlab.loop.proposers.base import Proposal, ProposalContext
-from nightlab.loop.state.config import settings_from_table
-from nightlab.loop.workspace import init_workspace
 
 # one progress line as the harness prints it every 0.5 s when not on a terminal
 PROGRESS = "step 00421 (46.8%) | loss: 3.421234 | lrm: 1.00 | dt: 322ms | tok/sec: 1,628,112 | mfu: 32.9% | epoch: 1 | remaining: 160s"
-
-
-class RandomWalk:
-    areas = None
-
-    def __init__(self) -> None:
-        self.rng = random.Random(0)
-
-    def propose(self, ctx: ProposalContext) -> Proposal:
-        value = 1.0 - 0.001 * len(ctx.history) + self.rng.uniform(-0.01, 0.01)
-        (ctx.workspace / "result.txt").write_text(f"---\nval_bpb: {value:.6f}\npeak_vram_mb: 1.0\n")
-        return Proposal(f"val_bpb -> {value:.4f}", "noise")
 
 
 def du(path: Path) -> int:
@@ -44,21 +28,10 @@ def du(path: Path) -> int:
 
 def measure(n: int, lines: int, decided_log_mb: float) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "ws"
-        repo.mkdir()
-        (repo / "result.txt").write_text("---\nval_bpb: 1.000000\n")
-        (repo / "progress.txt").write_text("".join(f"{PROGRESS}\n" for _ in range(lines)))
-        (repo / "harness.txt").write_text("fixed\n")
-        subprocess.run(["git", "init", "-q", str(repo)], check=True)
-        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
-        subprocess.run(["git", "-C", str(repo), "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "i"], check=True)
-        settings = settings_from_table({
-            "workspace": {"path": str(repo), "tag": "bench"},
-            "project": {"run_command": "cat progress.txt result.txt", "editable": ["result.txt"],
-                        "protected": ["harness.txt", "progress.txt"]},
-            "loop": {"decided_log_mb": decided_log_mb},
-        })
-        init_workspace(repo, "bench", settings, say=lambda _: None)
+        progress = "".join(f"{PROGRESS}\n" for _ in range(lines))
+        settings = stub_workspace(Path(tmp), "cat progress.txt result.txt",
+                                  {"harness.txt": "fixed\n", "progress.txt": progress}, {"decided_log_mb": decided_log_mb})
+        repo = settings.workspace_path
         before = {"git": du(repo / ".git")}
         run_engine(settings, n, proposer=RandomWalk())
         state = repo / ".nightlab"

@@ -16,11 +16,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from nightlab.loop.engine import run_engine
 from nightlab.loop.proposers.base import Proposal, ProposalContext
 from nightlab.loop.state import ledger
-from nightlab.loop.state.config import settings_from_table
+from nightlab.loop.state.config import Settings, settings_from_table
 from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import init_workspace
 
@@ -42,26 +43,36 @@ class RandomWalk:
         return Proposal(f"val_bpb -> {value:.4f}", "noise")
 
 
+def stub_workspace(root: Path, run_command: str, protected: dict[str, str],
+                   loop: dict[str, Any] | None = None) -> Settings:
+    """A nightlab workspace in `root`/ws whose only editable file is result.txt (the summary block
+    the stub trainer prints, rewritten by RandomWalk), beside the `protected` files; its settings."""
+    repo = root / "ws"
+    repo.mkdir()
+    (repo / "result.txt").write_text("---\nval_bpb: 1.000000\n")
+    for name, text in protected.items():
+        (repo / name).write_text(text)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "i"], check=True)
+    settings = settings_from_table({
+        "workspace": {"path": str(repo), "tag": "bench"},
+        "project": {"run_command": run_command, "editable": ["result.txt"], "protected": list(protected)},
+        **({"loop": loop} if loop else {}),
+    })
+    init_workspace(repo, "bench", settings, say=lambda _: None)
+    return settings
+
+
 def measure(n: int = 60) -> dict[str, float]:
     """Run `n` experiments with the stub trainer; seconds per experiment that are nightlab's own."""
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "ws"
-        repo.mkdir()
-        (repo / "result.txt").write_text("---\nval_bpb: 1.000000\n")
-        (repo / "harness.txt").write_text("fixed\n")
-        subprocess.run(["git", "init", "-q", str(repo)], check=True)
-        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
-        subprocess.run(["git", "-C", str(repo), "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "i"], check=True)
-        settings = settings_from_table({
-            "workspace": {"path": str(repo), "tag": "bench"},
-            "project": {"run_command": "cat result.txt", "editable": ["result.txt"], "protected": ["harness.txt"]},
-        })
-        init_workspace(repo, "bench", settings, say=lambda _: None)
+        settings = stub_workspace(Path(tmp), "cat result.txt", {"harness.txt": "fixed\n"})
         proposer = RandomWalk()
         start = time.perf_counter()
         run_engine(settings, n, proposer=proposer)
         total = time.perf_counter() - start
-        rows = ledger.experiments(Store.for_workspace(repo))
+        rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
         training = sum(e.duration_s or 0.0 for e in rows)
     return {"experiments": n, "kept": sum(e.status == "keep" for e in rows), "wall_s": total,
             "training_s": training / n, "overhead_s": (total - training - proposer.seconds) / n}

@@ -24,6 +24,7 @@ from nightlab.bot.format import (
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import DigestSettings
 from nightlab.loop.state.store import Event
+from nightlab.loop.state.views import numbered
 
 MARKS = {"keep": "✅", "discard": "❌", "crash": "💥", "checks_failed": "⚠️"}
 
@@ -82,7 +83,7 @@ def _short_line(kind: str, p: dict[str, Any]) -> str | None:
         return "🟢 nightlab started" + "".join(f"; {part}" for part in _found_at_start(p))
     if kind == "daemon_stopped":
         runs = p.get("in_flight") or []
-        left = f"; {_numbers(runs)} {'keeps' if len(runs) == 1 else 'keep'} running, re-attached at the next start"
+        left = f"; {numbered(runs)} {'keeps' if len(runs) == 1 else 'keep'} running, re-attached at the next start"
         return f"⏹ nightlab stopped: {p.get('why', '?')}" + (left if runs else "")
     if kind == "harness_upgraded":
         return f"🔧 {p.get('text', '')}"
@@ -95,7 +96,7 @@ def _found_at_start(p: dict[str, Any]) -> list[str]:
     parts = []
     if p.get("unclean"):
         parts.append("the daemon before it did not stop cleanly (killed, crashed, or the machine went down)")
-    runs = _numbers(p.get("in_flight"))
+    runs = numbered(p.get("in_flight") or [])
     if runs:
         parts.append(f"{runs} still running, re-attached")
     pause = p.get("paused")
@@ -106,11 +107,6 @@ def _found_at_start(p: dict[str, Any]) -> list[str]:
         parts.append(f"{p['unsaid']} more {'start' if p['unsaid'] == 1 else 'starts'} since {since} not announced"
                      " (restarting often? see its log: journalctl -u nightlab)")
     return parts
-
-
-def _numbers(numbers: Any) -> str:
-    """[41, 42] -> '#41, #42'."""
-    return ", ".join(f"#{n}" for n in numbers or [])
 
 
 def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:

@@ -192,7 +192,7 @@ class Daemon:
     @staticmethod
     def _engine_up(heartbeat: Heartbeat) -> bool:
         """The daemon is up once its engine has ticked: the config read, the data prepared, the engine running."""
-        return float(heartbeat.store.get("engine.tick", 0.0) or 0.0) >= heartbeat.engine.started_at > 0
+        return heartbeat.last_tick() >= heartbeat.engine.started_at > 0
 
     def _say_stopped(self, store: Store, error: BaseException | None) -> None:
         why = self._why or (str(error) if isinstance(error, UserError)

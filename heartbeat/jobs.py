@@ -41,7 +41,7 @@ from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from nightlab.heartbeat.engine_child import ENGINE_STOP_GRACE_S, EngineProcess
-from nightlab.heartbeat.health import free_disk_gb, space_used
+from nightlab.heartbeat.health import MIB, free_disk_gb, space_used
 from nightlab.heartbeat.report import write_report
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors import Executor, RunHandle
@@ -58,7 +58,6 @@ HOURS_INSIDE_KEY = "hours.inside"  # the side of `[heartbeat] hours` the last ch
 HOURS_SENDER = "the run hours"  # who a pause or resume of the hours is by
 RUN_CANCEL_GRACE_S = 10.0  # SIGTERM -> SIGKILL for a run's tree: lets a trainer flush its log
 HOUR_S = 3600.0
-MB = 1024 * 1024
 # The watchdog is withheld when the supervision passes themselves stop completing: longer than
 # this beyond their interval means a check is stuck (e.g. on a locked database).
 SUPERVISION_SLACK_S = 30.0
@@ -193,7 +192,7 @@ class Heartbeat:
             log = Path(run.log_path).stat()
         except OSError:  # no log yet: silent since it started
             log = None
-        if log is not None and log.st_size > self.limits.max_log_mb * MB:
+        if log is not None and log.st_size > self.limits.max_log_mb * MIB:
             return (f"its log passed {self.limits.max_log_mb:g} MB: the run printed too much (a print in its"
                     " training loop?); raise [heartbeat] max_log_mb if it must")
         if now - max(started, log.st_mtime if log else 0.0) > self.limits.stall_after:
@@ -267,9 +266,13 @@ class Heartbeat:
         self.store.emit("engine_restarted", restarts_last_hour=count, reason=reason)
         log.warning("engine restarted (%d in the last hour)", count)
 
+    def last_tick(self) -> float:
+        """When the engine last ticked (kv `engine.tick`, 0.0 before any did)."""
+        return float(self.store.get("engine.tick", 0.0) or 0.0)
+
     def _tick_age(self, now: float) -> float:
         # A fresh engine has not ticked yet; its start counts as its first sign of life.
-        return now - max(float(self.store.get("engine.tick", 0.0) or 0.0), self.engine.started_at)
+        return now - max(self.last_tick(), self.engine.started_at)
 
     def _paused(self) -> bool:
         return ledger.paused(self.store) is not None

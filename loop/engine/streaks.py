@@ -32,6 +32,6 @@ def without_a_keep(store: Store, rows: list[Experiment]) -> int:
         if (e.status == "keep" and e.kind != "baseline") or e.number <= since:
             break
         if (deciding.get(e.commit, e.number) == e.number and e.status != "keep" and e.kind != "baseline"
-                and not e.reason.startswith((NOT_COMPARED_PREFIX, REBASE_PREFIX, ledger.DATA_PROBLEM_PREFIX))):
+                and not e.reason.startswith((NOT_COMPARED_PREFIX, REBASE_PREFIX)) and not ledger.failed_by_data(e.reason)):
             count += 1
     return count

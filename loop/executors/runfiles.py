@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from nightlab.loop import hardware
 from nightlab.loop.executors.base import RunHandle
@@ -71,11 +72,16 @@ def read_exit_code(log_path: Path | str) -> int | None:
 def read_tail(path: Path | str, tail_bytes: int = 8192) -> str:
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - tail_bytes))
-            return f.read().decode("utf-8", errors="replace")
+            return file_tail(f, tail_bytes)
     except OSError:
         return ""
+
+
+def file_tail(f: BinaryIO, tail_bytes: int) -> str:
+    """The last `tail_bytes` of an open file, decoded (a character cut in two is replaced)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - tail_bytes))
+    return f.read().decode("utf-8", errors="replace")
 
 
 def trim_log(path: Path | str, max_bytes: int) -> None:

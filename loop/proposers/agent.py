@@ -49,6 +49,7 @@ from typing import BinaryIO
 
 import psutil
 from git import GitCommandError
+from nightlab.loop.executors.runfiles import file_tail
 from nightlab.loop.processes import stop_tree
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
@@ -218,7 +219,8 @@ class AgentProposer:
                 _kill_tree(proc, token)
                 proc.wait()
             # from the open files: an agent that removed the state folder still has its words read
-            (stdout, cut), (stderr, _) = _tail(out), _tail(err)
+            stdout, stderr = file_tail(out, TAIL_CHARS).strip(), file_tail(err, TAIL_CHARS).strip()
+            cut = _written(out) > TAIL_CHARS  # the tail starts in the middle of something
             if too_much:  # what it wrote in its last second stays under the limit too
                 for f in (out, err):
                     f.truncate(min(_written(f), limit))
@@ -228,13 +230,6 @@ class AgentProposer:
 def _written(f: BinaryIO) -> int:
     """Bytes the agent wrote to `f` so far (its own descriptor moves the end, not ours)."""
     return os.fstat(f.fileno()).st_size
-
-
-def _tail(f: BinaryIO) -> tuple[str, bool]:
-    """The last TAIL_CHARS of what was written to `f`, and whether there was more."""
-    size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - TAIL_CHARS))
-    return f.read().decode("utf-8", errors="replace").strip(), size > TAIL_CHARS
 
 
 def _kill_tree(proc: subprocess.Popen[bytes], token: str) -> None:

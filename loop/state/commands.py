@@ -202,7 +202,7 @@ class Pause(Steer):
         return "now" if self.now else ""
 
     def promise(self, store: Store, running: list[int]) -> str:
-        listed = _listed(running)
+        listed = views.numbered(running)
         if self.now:
             return f"cancelling {listed} and pausing {SOON}" if running else f"pausing {SOON}"
         if not running:
@@ -220,7 +220,7 @@ class Pause(Steer):
         after = None if self.now or not running else running[-1]
         ledger.set_paused(store, by, "pause now" if self.now else "pause", after)
         # `by` and `after` say who and when; the reason only adds what else happened.
-        cancelled = _listed(running) if self.now else ""
+        cancelled = views.numbered(running) if self.now else ""
         return Applied(f"pausing after #{after}" if after else "paused", "paused",
                        {"by": by, "reason": f"cancelled {cancelled}" if cancelled else "", "after": after})
 
@@ -315,10 +315,10 @@ class Kill(Steer):
             raise UserError("nothing is running; there is no experiment to kill")
         if self.number is not None:
             if self.number not in running:
-                raise UserError(f"#{self.number} is not running; running now: {_listed(running)}")
+                raise UserError(f"#{self.number} is not running; running now: {views.numbered(running)}")
             return self.number
         if len(running) > 1:
-            raise UserError(f"{len(running)} experiments are running ({_listed(running)}); say which: kill N")
+            raise UserError(f"{len(running)} experiments are running ({views.numbered(running)}); say which: kill N")
         return running[0]
 
     def promise(self, store: Store, running: list[int]) -> str:
@@ -374,10 +374,6 @@ def from_json(text: str) -> Command:
         return REGISTRY[fields.pop("name")](**fields)
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CommandError(f"unreadable command {text[:80]!r} (from an older nightlab?); send it again") from None
-
-
-def _listed(numbers: list[int]) -> str:
-    return ", ".join(f"#{n}" for n in numbers)
 
 
 def _areas(areas: Areas) -> str:

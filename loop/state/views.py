@@ -8,6 +8,7 @@ from __future__ import annotations
 import shlex
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from nightlab.loop.state import ledger
@@ -42,6 +43,11 @@ def recorded(workspace: Path) -> int:
 def counted(n: int, noun: str) -> str:
     """ "1 experiment", "3 experiments"."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def numbered(numbers: Iterable[int]) -> str:
+    """[41, 42] -> "#41, #42"."""
+    return ", ".join(f"#{n}" for n in numbers)
 
 
 def duration(seconds: float) -> str:
@@ -512,7 +518,7 @@ def status_line(workspace: Path) -> str:
     parts = []
     flight = ledger.in_flight(store)
     if len(flight) > 1:
-        parts.append(f"{len(flight)} runs in flight (" + ", ".join(f"#{c.number}" for c, _ in flight) + ")")
+        parts.append(f"{len(flight)} runs in flight ({numbered(c.number for c, _ in flight)})")
     elif flight:
         parts.append(f"exp #{flight[0][0].number} running {duration(time.time() - flight[0][1].started_at)}")
     elif ledger.paused(store):
