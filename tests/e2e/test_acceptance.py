@@ -11,6 +11,10 @@ through 7 experiments. Along the way:
   the tree) and crashes once (tests/fakes/flaky_train.py picks the invocations);
 - the daemon is SIGKILLed once while a run is in flight, and started again: the run must be
   re-attached, not restarted.
+The runs the test steers (the baseline, the one the daemon dies during, the two paused) wait on a
+gate (flaky_train.py's --hold) that the test opens once its command was answered and applied: a
+real tiny run takes a few seconds, a chat round trip about one, and on a loaded box the run could
+otherwise end first.
 Then every invariant of tests/e2e/invariants.py must hold, and each step above must have left
 its trace (a refusal, a stall reason, a note delivered to a proposal, ...).
 
@@ -40,6 +44,7 @@ from nightlab.loop.state import ledger
 from nightlab.loop.state.store import Store
 
 from tests.e2e import invariants as inv
+from tests.fakes.loop_workspace import Gates
 from tests.fakes.slack_server import FakeSlack
 from tests.fakes.telegram_server import FakeTelegram
 from tests.waiting import wait_until
@@ -49,6 +54,8 @@ OPERATOR, STRANGER, CHAT = 111, 666, -1001
 SLACK_OPERATOR, SLACK_STRANGER, CHANNEL = "UOP", "USTRANGER", "CLAB"
 EXPERIMENTS = 7  # the fewest the story below needs: the morning's pause comes during the last one
 HANG, CRASH, KILL_DURING = 3, 5, 4  # trainer invocations: the n-th run the loop launches
+LAST = EXPERIMENTS  # the last experiment's run: one run per experiment, as runs_once checks
+HELD = (1, KILL_DURING, CRASH + 1, LAST)  # the runs that wait on the test's gate
 STALL_AFTER = 15  # longer than any silence of a real tiny run on a loaded 2-core box
 
 
@@ -65,6 +72,7 @@ class Night:
         self.ws = tmp / "ws"
         self.log = tmp / "daemon.log"
         self.store = Store.for_workspace(self.ws)
+        self.gates = Gates(tmp / "gates")
         self.daemon: subprocess.Popen[bytes] | None = None
         self.env = {**os.environ, "NIGHTLAB_TELEGRAM_TOKEN": tg.token,
                     "NIGHTLAB_SLACK_BOT_TOKEN": slack.bot_token, "NIGHTLAB_SLACK_APP_TOKEN": slack.app_token}
@@ -110,6 +118,11 @@ class Night:
     def number_of(self, run: ledger.RunRecord) -> int:
         return ledger.get_candidate(self.store, run.candidate_id).number
 
+    def paused_after(self, number: int) -> bool:
+        """The engine applied a pause that waits for #number (not just queued it)."""
+        return any(e.kind == "paused" and e.payload.get("after") == number
+                   for e in self.store.events_after(0, 100_000))
+
     # -- chats --------------------------------------------------------------------------------
     def telegram(self, text: str, expect: str, user: int = OPERATOR) -> str:
         before = len(self.tg.messages(user))
@@ -148,7 +161,7 @@ class Night:
 
 
 def _configs(tmp: Path, cache: Path, data: Path, tg: FakeTelegram, slack: FakeSlack) -> tuple[Path, Path, Path]:
-    ws, counter, pidfile = tmp / "ws", tmp / "invocations", tmp / "hung.pids"
+    ws, counter, pidfile, gates = tmp / "ws", tmp / "invocations", tmp / "hung.pids", tmp / "gates"
     common = (f"[workspace]\npath = {json.dumps(str(ws))}\ntag = \"night\"\n"
               f"[data]\nsource = \"stdlib\"\ncache_dir = {json.dumps(str(cache))}\n"
               "[trainer]\nprofile = \"tiny\"\n")
@@ -157,7 +170,8 @@ def _configs(tmp: Path, cache: Path, data: Path, tg: FakeTelegram, slack: FakeSl
     py, q = sys.executable, shlex.quote
     command = (f"NIGHTLAB_DATA_DIR={q(str(data))} NIGHTLAB_BUDGET_STEPS=6 NIGHTLAB_EVAL_TOKENS=2048"
                f" {q(py)} {q(str(FAKES / 'flaky_train.py'))} --counter {q(str(counter))} --hang {HANG}"
-               f" --crash {CRASH} --pidfile {q(str(pidfile))} -- {q(py)} prepare.py run")
+               f" --crash {CRASH} --pidfile {q(str(pidfile))} --gates {q(str(gates))}"
+               f"{''.join(f' --hold {n}' for n in HELD)} -- {q(py)} prepare.py run")
     night = tmp / "night.toml"
     night.write_text(common + f"""\
 [project]
@@ -223,6 +237,7 @@ def _the_night(n: Night) -> None:
     n.wait(lambda: f"refused slack:{SLACK_STRANGER}" in n.log.read_text(errors="replace"), "the Slack refusal")
     n.ticks()  # a kill that got through would have been applied by now
     assert ledger.get_run(n.store, base.id).kill_reason is None
+    n.gates.open(1)
 
     # #2: steer it, over both channels.
     n.wait(lambda: n.running(2), "the second run", timeout=120)
@@ -246,6 +261,7 @@ def _the_night(n: Night) -> None:
     n.start()  # the same command again, as systemd's Restart= would
     n.wait(lambda: not psutil.pid_exists(engine_pid) or psutil.Process(engine_pid).status() == psutil.STATUS_ZOMBIE,
            "the old engine to go")
+    n.gates.open(KILL_DURING)  # in flight across the restart: the new daemon must re-attach it
     n.wait(lambda: any(e.number == n.number_of(victim) for e in n.recorded()), "the re-attached run to be recorded",
            timeout=120)
 
@@ -255,6 +271,8 @@ def _the_night(n: Night) -> None:
     pausing = n.wait(lambda: n.running(CRASH + 1), "the run after the crash", timeout=120)
     number = n.number_of(pausing)
     assert f"pausing after #{number} finishes" in n.telegram("/pause", "pausing")
+    n.wait(lambda: n.paused_after(number), f"the pause after #{number} to be applied")
+    n.gates.open(CRASH + 1)
     n.wait(lambda: any(e.number == number for e in n.recorded()), f"#{number} to finish", timeout=120)
     n.ticks()  # a paused loop starts nothing
     assert not ledger.running_runs(n.store) and n.invocations() == CRASH + 1
@@ -264,9 +282,11 @@ def _the_night(n: Night) -> None:
 
     # The morning: the operator pauses during the last experiment and stops the service once
     # every digest is out (a clean SIGTERM; nothing is left in flight).
-    last = n.wait(lambda: len(n.recorded()) == EXPERIMENTS - 1 and (ledger.running_runs(n.store) or [None])[0],
-                  "the last experiment", timeout=150)
-    n.telegram("/pause", "pausing")
+    last = n.wait(lambda: len(n.recorded()) == EXPERIMENTS - 1 and n.running(LAST), "the last experiment",
+                  timeout=150)
+    assert f"pausing after #{n.number_of(last)} finishes" in n.telegram("/pause", "pausing")
+    n.wait(lambda: n.paused_after(n.number_of(last)), "the morning's pause to be applied")
+    n.gates.open(LAST)
     n.wait(lambda: len(n.recorded()) == EXPERIMENTS and not ledger.running_runs(n.store), "the last result",
            timeout=120)
     n.wait(lambda: n.outbox_idle(), "every message to go out")

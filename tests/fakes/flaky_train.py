@@ -1,6 +1,7 @@
 """A run command that misbehaves on chosen invocations and otherwise runs the real trainer.
 
-    python flaky_train.py --counter FILE [--hang 3] [--crash 5] [--pidfile FILE] -- python prepare.py run
+    python flaky_train.py --counter FILE [--hang 3] [--crash 5] [--pidfile FILE]
+                          [--gates DIR --hold 1 ...] -- python prepare.py run
 
 Every start adds one to the number in FILE (kept outside the workspace, so `git clean` never
 resets it) and is that invocation: 1 is the first run the loop launches. A re-attached run is
@@ -11,6 +12,9 @@ not started again, so the count is also the number of times the loop really laun
          whole process tree. "<own pid> <child pid>" is appended to --pidfile.
 - crash: prints a few progress lines and a traceback, exits 1 (what an exception in train.py
          looks like to the loop).
+- hold:  waits until the file DIR/<n> exists (tests/fakes/loop_workspace.py's `Gates` opens it),
+         printing a line every half second so the heartbeat never takes it for stalled, and then
+         runs the command: a test steering that run knows it is still in flight.
 - otherwise: exec()s the command after `--` (same pid, so the executor's handle stays valid).
 """
 
@@ -47,6 +51,8 @@ def main() -> None:
     p.add_argument("--hang", type=int, action="append", default=[])
     p.add_argument("--crash", type=int, action="append", default=[])
     p.add_argument("--pidfile", default="")
+    p.add_argument("--hold", type=int, action="append", default=[])
+    p.add_argument("--gates", default="")
     args, command = p.parse_args(argv[:split]), argv[split + 1:]
     n = bump(args.counter)
     if n in args.hang:
@@ -64,6 +70,11 @@ def main() -> None:
         print("Traceback (most recent call last):\n  File \"train.py\", line 1, in <module>\n"
               f"RuntimeError: injected crash (flaky_train invocation {n})", flush=True)
         sys.exit(1)
+    if n in args.hold:
+        gate = os.path.join(args.gates, str(n))
+        while not os.path.exists(gate):
+            print(f"flaky_train: invocation {n}: held until {gate} exists", flush=True)
+            time.sleep(0.5)
     os.execvp(command[0], command)
 
 
