@@ -6,10 +6,8 @@ a rejected or empty change) gets its outcome at once and is recorded by the usua
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 from nightlab.loop.engine.context import Context, say
@@ -37,7 +35,7 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         notes = ledger.queued_notes(store)
         in_flight = tuple(c.description for c in open_ if c.id != cand.id and c.kind != "baseline" and c.description)
         pctx = dataclasses.replace(proposal_context(ctx, cand, tuple(text for _, text in notes)), in_flight=in_flight)
-        ledger_file = _file_id(store.path)
+        ledger_file = store.file_id()
         try:
             proposal = ctx.proposer.propose(pctx)
         except ProposalError as exc:
@@ -78,34 +76,19 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         ledger.mark_notes_delivered(store, [cid for cid, _ in notes], cand.number)
 
 
-def _file_id(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def keep_ledger(ctx: Context, before: tuple[int, int] | None) -> None:
     """An agent that cleaned the workspace (`git clean -fdx`, `rm -rf .nightlab`) took the ledger
     with it: this engine and the daemon went on in the removed file, and the next start found an
     empty one, the night forgotten. Written back from the open copy, and the loop stopped, said
     first in the removed file, which the daemon still reads."""
     path = ctx.store.path
-    if _file_id(path) == before:
+    if ctx.store.file_id() == before:
         return
     text = (f"the proposer removed the night's ledger ({path}: an agent's `git clean -x` or `rm`);"
             " written back, and the loop stopped. Its runs' logs there may be gone too. Tell the agent"
             " in program.md not to clean or remove ignored files, then start nightlab again")
     ctx.store.set(USER_ERROR_KEY, text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        stale.unlink(missing_ok=True)  # an empty database opened there meanwhile
-    copy = sqlite3.connect(path)
-    try:
-        ctx.store.connection().backup(copy)
-    finally:
-        copy.close()
+    ctx.store.write_back()
     raise UserError(text)
 
 

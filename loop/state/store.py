@@ -265,6 +265,27 @@ class Store:
             raise
         db.execute("COMMIT")
 
+    def file_id(self) -> tuple[int, int] | None:
+        """Which file the path names now (device, inode); None when it names none."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def write_back(self) -> None:
+        """The open database written back to its path, whose file was removed under it (what a
+        process still has open survives the removal; the next one to open the path would not)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (self.path, self.path.with_name(self.path.name + "-wal"),
+                      self.path.with_name(self.path.name + "-shm")):
+            stale.unlink(missing_ok=True)  # an empty database opened there meanwhile
+        copy = sqlite3.connect(self.path)
+        try:
+            self.connection().backup(copy)
+        finally:
+            copy.close()
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
