@@ -221,9 +221,10 @@ class AgentProposer:
             # from the open files: an agent that removed the state folder still has its words read
             stdout, stderr = file_tail(out, TAIL_CHARS).strip(), file_tail(err, TAIL_CHARS).strip()
             cut = _written(out) > TAIL_CHARS  # the tail starts in the middle of something
-            if too_much:  # what it wrote in its last second stays under the limit too
-                for f in (out, err):
-                    f.truncate(min(_written(f), limit))
+            # what it wrote in its last second, or before it exited within the first, stays under the limit too
+            for f in (out, err):
+                if _written(f) > limit:
+                    f.truncate(limit)
         return _Run(proc.returncode, timed_out, time.monotonic() - start, stdout, stderr, cut, too_much)
 
 

@@ -66,6 +66,9 @@ elif mode == "flood":  # a debug print in a loop: the same line, forever
     while True:
         print("[debug] tokens: " + "x" * 65_000, flush=True)
         time.sleep(0.005)
+elif mode == "burst":  # a verbose agent that prints 3 MB at once and exits before anyone looks
+    edit()
+    sys.stdout.write(("[debug] tokens: " + "x" * 65_000 + "\n") * 48)
 elif mode == "clean-state":  # "cleaned the build outputs" (not -x: the ledger stays), and says so
     import shutil
 

@@ -289,6 +289,13 @@ def test_an_agent_printing_without_end_is_killed_at_its_output_cap_and_its_files
     assert (ws / ".nightlab/agent/stdout.log").stat().st_size <= 2**20
 
 
+def test_an_agent_that_prints_past_its_cap_and_exits_at_once_has_its_file_cut_too(ws: Path) -> None:
+    # before: the cap was checked once a second while the agent ran; one done sooner kept all 3 MB
+    command = shlex.join([sys.executable, str(FAKES / "agent_misbehave.py"), "burst"])
+    AgentProposer(AgentSettings(command=command, timeout=5.0, max_output_mb=1.0)).propose(ctx(ws))
+    assert (ws / ".nightlab/agent/stdout.log").stat().st_size == 2**20
+
+
 def test_an_agent_that_removes_gits_hooks_folder_has_it_put_back(ws: Path) -> None:
     (ws / ".git/hooks/pre-push").write_text("#!/bin/sh\nexit 0\n")  # the user's own hook
     with pytest.raises(ProposalError, match=r"agent changed git's own files \(hooks/pre-push"):
