@@ -134,9 +134,12 @@ class Daemon:
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
             store.set(DAEMON_CONFIG_KEY, {"path": str(self.config), "text": self._config_text})
             self._start = lifecycle.begin(store, time.time())
-            # the chat tokens stay in this process: an edited train.py or an agent cannot print them
+            # the chat tokens' variables stay in this process: an edited train.py or an agent cannot
+            # print them from its environment; the engine gets the values on stdin, to star them out
+            # where one that read them here (/proc/<pid>/environ) writes them back
             hidden = secret_env_names(self.settings)
-            engine = EngineProcess(self._engine_argv(), {k: v for k, v in os.environ.items() if k not in hidden})
+            engine = EngineProcess(self._engine_argv(), {k: v for k, v in os.environ.items() if k not in hidden},
+                                   handed=secrets.values())
             heartbeat = Heartbeat(self.settings, self.workspace, store, make_executor(self.settings),
                                   engine, notifier, on_engine_stopped=self._engine_stopped)
             scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True})

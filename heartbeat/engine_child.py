@@ -9,10 +9,16 @@ that (every step of a cycle is idempotent from its recorded phase).
 The engine gets its own process group so a stop also takes down whatever it started itself
 (git, a coding agent), while training runs, which the executor starts in their own sessions, are
 left running for the next engine to re-attach.
+
+The chat tokens the daemon keeps out of the engine's environment reach it once, on a pipe on its
+stdin (never argv or the environment, which other processes of the user can read), so it can star
+them out of what an agent or a run writes back: an agent can still find them in the daemon's
+/proc/<pid>/environ.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -21,8 +27,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import psutil
+from nightlab.loop.state.config import Secret
 from nightlab.loop.state.lock import holder
 
 log = logging.getLogger(__name__)
@@ -46,9 +54,12 @@ def engine_argv(config: Path, workspace: Path, max_experiments: int | None,
 
 
 class EngineProcess:
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                 handed: Sequence[Secret] | None = None) -> None:
         self.argv = list(argv)
         self.env = None if env is None else dict(env)  # None: this process's environment
+        # None: the engine reads no stdin; else these values go to it on stdin, with the flag that says so
+        self.handed = None if handed is None else list(handed)
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopped = False  # its group was killed; never signal that pgid again (pid reuse)
         self.started_at = 0.0  # the heartbeat gives a fresh engine this long before expecting ticks
@@ -59,10 +70,22 @@ class EngineProcess:
 
     def start(self) -> None:
         # stdout/stderr are inherited: the engine's log lines land in the daemon's journal.
-        self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
+        argv, stdin = (self.argv, subprocess.DEVNULL) if self.handed is None else (
+            [*self.argv, "--secrets-on-stdin"], subprocess.PIPE)
+        self._proc = subprocess.Popen(argv, stdin=stdin, start_new_session=True, env=self.env)
         self._stopped = False
         self.started_at = time.time()
         log.info("engine started (pid %d)", self._proc.pid)
+        if self._proc.stdin is not None and self.handed is not None:
+            self._hand_over(self._proc.stdin, self.handed)
+
+    def _hand_over(self, pipe: IO[bytes], handed: list[Secret]) -> None:
+        # A few hundred bytes: the pipe's buffer takes them whether or not the engine reads yet.
+        try:
+            with pipe:
+                pipe.write(json.dumps([s.reveal() for s in handed]).encode())
+        except BrokenPipeError:  # it died at once; its restart gets them again
+            log.warning("engine (pid %d) exited before it got the chat tokens", self.pid)
 
     def poll(self) -> int | None:
         """None while running (or never started); the exit code once it has ended."""

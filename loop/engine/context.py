@@ -8,6 +8,7 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from nightlab.loop import hardware
@@ -19,9 +20,9 @@ from nightlab.loop.state import ledger
 from nightlab.loop.state.config import (
     HeartbeatSettings,
     Redactor,
+    Secret,
     Settings,
     changed_fields,
-    environment_secrets,
 )
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
@@ -32,13 +33,16 @@ from nightlab.loop.workspace import Workspace, harness_upgrade, installed_harnes
 ANYWHERE = {"hardware": "", "node": ""}
 
 
+# The engine's one redactor (Context.redact), set where the engine starts: say() has no context.
+_log_redact = Redactor()
+
+
 def say(message: str) -> None:
     # Beside the daemon's log lines: a time in a terminal, none under journald (it adds its own).
     stamp = "" if os.environ.get("JOURNAL_STREAM") else time.strftime("%H:%M:%S ")
     # scrubbed as the daemon's lines are (this process's stderr is the journal's as it is): the
     # text from outside is clean already (Context.redact); this also covers a traceback
-    message = Redactor.of(environment_secrets())(message)
-    print(f"{stamp}nightlab engine: {message}", file=sys.stderr, flush=True)
+    print(f"{stamp}nightlab engine: {_log_redact(message)}", file=sys.stderr, flush=True)
 
 
 class Context:
@@ -49,13 +53,15 @@ class Context:
         executor: Executor,
         proposer: Proposer,
         env: dict[str, str],
+        handed: Iterable[Secret] = (),
     ) -> None:
+        global _log_redact
         self.settings, self.ws, self.executor, self.proposer = settings, ws, executor, proposer
         self.env = env
-        # The API keys of this environment (the agent's, the runs') and the chat tokens the config
-        # reads from files. Every text from them goes through it where it enters (proposing,
-        # deciding, the patch, a crash's log tail).
-        self.redact = Redactor.known(settings)
+        # The API keys of this environment (the agent's, the runs'), the chat tokens the config
+        # reads from files and those the daemon `handed` over. Every text from them goes through it
+        # where it enters (proposing, deciding, the patch, a crash's log tail), and every log line.
+        self.redact = _log_redact = Redactor.known(settings, handed)
         self.store: Store = ws.store
         # The installed nightlab's harness as this engine found it ({}: a project of the user's), and
         # whether the workspace's copy waits to be brought up to it (loop/engine/upgrading.py).

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from nightlab.loop.engine import planning
@@ -44,7 +45,7 @@ from nightlab.loop.engine.upgrading import upgrade_harness
 from nightlab.loop.executors import Executor
 from nightlab.loop.proposers.base import Proposer
 from nightlab.loop.state import ledger, views
-from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY, HeartbeatSettings, Settings
+from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY, HeartbeatSettings, Secret, Settings
 from nightlab.loop.state.ledger import Candidate
 from nightlab.loop.workspace import Workspace
 
@@ -61,8 +62,9 @@ class Engine:
         env: dict[str, str],
         stop: threading.Event,
         parent_pid: int | None = None,
+        handed: Iterable[Secret] = (),
     ) -> None:
-        self.ctx = Context(settings, ws, executor, proposer, env)
+        self.ctx = Context(settings, ws, executor, proposer, env, handed)
         self.store = self.ctx.store
         self.stop = stop
         self.parent_pid = parent_pid

@@ -2,27 +2,32 @@
 stopped (SIGTERM/SIGINT at the next checkpoint) or `--max-experiments` are recorded.
 
     python -m nightlab.loop.engine --config FILE [--workspace PATH] [--max-experiments N]
-                                   [--prepared-data DIR] [--daemon-settings]
+                                   [--prepared-data DIR] [--daemon-settings] [--secrets-on-stdin]
 
 `--prepared-data`: the daemon has just prepared the built-in trainer's data dir; the engine
 uses it as it is instead of preparing it again (a standalone engine prepares it itself).
 `--daemon-settings`: the daemon's engine runs with the config the daemon loaded (kv
 DAEMON_CONFIG_KEY), so an edit of the file takes effect on a reload or a restart, as said, and
 never by surprise when the heartbeat restarts this process.
+`--secrets-on-stdin`: the daemon kept the chat tokens' variables out of this environment and
+writes their values on stdin (one JSON list), read once at the start so they are starred out too.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
+from nightlab.loop.engine.context import say
 from nightlab.loop.engine.cycle import Engine
 from nightlab.loop.executors import Executor, make_executor
 from nightlab.loop.proposers.base import ProposalError, Proposer
@@ -31,6 +36,7 @@ from nightlab.loop.state.config import (
     DAEMON_CONFIG_KEY,
     LIVE_HEARTBEAT_KEY,
     HeartbeatSettings,
+    Secret,
     Settings,
     load_settings,
     settings_from_text,
@@ -59,9 +65,11 @@ def run_engine(
     executor: Executor | None = None,
     parent_pid: int | None = None,
     prepared_data: Path | None = None,
+    handed: Iterable[Secret] = (),
 ) -> int:
     """Run the loop in this process until `stop` is set or `max_experiments` are recorded.
-    `prepared_data`: the data dir the daemon prepared (None: prepare it here)."""
+    `prepared_data`: the data dir the daemon prepared (None: prepare it here); `handed`: the chat
+    tokens the daemon kept out of this environment, to be starred out too."""
     ws = open_workspace(settings.workspace_path, settings)
     lock = EngineLock(ws.path)
     lock.acquire()
@@ -73,7 +81,7 @@ def run_engine(
             proposer = make_proposer(settings, tick=lambda: _proposer_tick(ws.store, stop))
         # Quiet: the daemon prepared the data and said so just before starting this process.
         env = run_environment(ws, settings, lambda _: None, prepared=prepared_data)
-        engine = Engine(settings, ws, executor or make_executor(settings), proposer, env, stop, parent_pid)
+        engine = Engine(settings, ws, executor or make_executor(settings), proposer, env, stop, parent_pid, handed)
         return engine.run(max_experiments)
     finally:
         lock.release()
@@ -93,6 +101,29 @@ def _daemon_settings(workspace: Path) -> Settings | None:
     return dataclasses.replace(settings, heartbeat=HeartbeatSettings(**live)) if live else settings
 
 
+def _handed_secrets() -> list[Secret]:
+    """The chat tokens the daemon kept out of this environment, read once from stdin (one JSON list
+    of strings; heartbeat/engine_child.py writes it and closes the pipe). stdin is /dev/null after,
+    so nothing this engine starts (an agent, a run, a check) can read them there."""
+    try:
+        chunks = []
+        while chunk := os.read(0, 1 << 16):
+            chunks.append(chunk)
+        values = json.loads(b"".join(chunks))
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError
+    except (OSError, ValueError) as exc:  # never the content in the message: it may be a token
+        why = exc.strerror if isinstance(exc, OSError) else "not a JSON list of strings"
+        say(f"the chat tokens the daemon hands over on stdin could not be read ({why}); the engine runs on, but"
+            " a chat token an agent or a run writes back is not starred out: restart nightlab if this is said again")
+        values = []
+    finally:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    return [Secret(v) for v in values]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nightlab.loop.engine",
                                      description="The experiment cycle, until stopped.")
@@ -104,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemon-settings", action="store_true",
                         help="run with the config the daemon loaded (kept in the workspace's store), not the"
                              " file as it is now")
+    parser.add_argument("--secrets-on-stdin", action="store_true",
+                        help="read the chat tokens the daemon kept out of this environment from stdin (a JSON list)")
     args = parser.parse_args(argv)
+    handed = _handed_secrets() if args.secrets_on_stdin else []
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -117,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings, workspace=dataclasses.replace(settings.workspace, path=str(args.workspace))
             )
         return run_engine(settings, args.max_experiments, stop, parent_pid=os.getppid(),
-                          prepared_data=args.prepared_data)
+                          prepared_data=args.prepared_data, handed=handed)
     except LockHeld as exc:  # an engine on its way out (a restart's race): the daemon's next try gets it
         print(f"nightlab: {exc}", file=sys.stderr)
         return 1

@@ -666,10 +666,12 @@ class Redactor:
         return cls(tuple(sorted({s.reveal() for s in secrets} - {""}, key=len, reverse=True)))
 
     @classmethod
-    def known(cls, s: Settings) -> Redactor:
+    def known(cls, s: Settings, handed: Iterable[Secret] = ()) -> Redactor:
         """The secrets this process can know of (the engine, `nightlab ctl`): what an agent, a run
-        or a person here could read and write back."""
-        return cls.of([*readable_secrets(s), *environment_secrets()])
+        or a person here could read and write back; `handed`: the chat tokens the daemon kept out
+        of the engine's environment and gave it on stdin (an agent can still read them in the
+        daemon's /proc/<pid>/environ)."""
+        return cls.of([*readable_secrets(s), *environment_secrets(), *handed])
 
     def __call__(self, text: str) -> str:
         for value in self.values:

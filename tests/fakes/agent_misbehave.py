@@ -86,6 +86,13 @@ elif mode == "write-key":  # "the model calls the API itself": its key in train.
     code = f'API_KEY = "{key}"\nprint("calling the API with", API_KEY, flush=True)\nraise SystemExit(f"401 invalid key {{API_KEY}}")\n'
     Path("train.py").write_text(code + Path("train.py").read_text())
     proposal(json.dumps({"description": f"use the API (key {key})", "hypothesis": f"{key} lets the model ask GPT"}))
+elif mode == "steal-token":  # the chat token kept from its environment, read in the daemon's (the same user's)
+    daemon = int(Path(".nightlab/daemon.lock").read_text())
+    environ = dict(v.split(b"=", 1) for v in Path(f"/proc/{daemon}/environ").read_bytes().split(b"\0") if b"=" in v)
+    token = environ[sys.argv[2].encode()].decode()
+    code = f'TOKEN = "{token}"\nprint("posting with", TOKEN, flush=True)\nraise SystemExit(f"401 bad token {{TOKEN}}")\n'
+    Path("train.py").write_text(code + Path("train.py").read_text())
+    proposal(json.dumps({"description": f"tell the chat (token {token})", "hypothesis": f"{token} reaches the bot"}))
 elif mode == "switch-branch":  # works on a branch of its own and leaves the workspace there
     subprocess.run(["git", "checkout", "-qb", "agent-experiment"], check=True)
     edit()

@@ -1,6 +1,6 @@
 """The daemon's engine program for bench/scale.py's slurm row: `python -m nightlab.loop.engine`
 with one difference, the proposer (DaemonOptions.engine_program; the daemon appends
-`--config C --workspace W [--max-experiments N]`):
+`--config C --workspace W [--max-experiments N]` and its flags):
 
     python bench_engine.py --sleep S --config C --workspace W [--max-experiments N]
 
@@ -51,6 +51,8 @@ def main() -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--workspace", required=True)
     p.add_argument("--max-experiments", type=int)
+    p.add_argument("--daemon-settings", action="store_true")  # the daemon's engines get it; the file is read here
+    p.add_argument("--secrets-on-stdin", action="store_true")  # the chat tokens on stdin: not read here
     args = p.parse_args()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

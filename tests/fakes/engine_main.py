@@ -101,6 +101,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workspace", required=True)
     p.add_argument("--max-experiments", type=int)
     p.add_argument("--daemon-settings", action="store_true")  # the daemon's engines get it; a test never edits the file
+    p.add_argument("--secrets-on-stdin", action="store_true")  # the chat tokens on stdin: not read here
     return p.parse_args(argv)
 
 

@@ -36,6 +36,7 @@ def main() -> int:
     p.add_argument("--workspace", required=True)
     p.add_argument("--max-experiments", type=int)
     p.add_argument("--daemon-settings", action="store_true")  # the daemon's engines get it; no config read here
+    p.add_argument("--secrets-on-stdin", action="store_true")  # the chat tokens on stdin: not read here
     p.add_argument("--freeze-first", action="store_true")
     p.add_argument("--die-first", action="store_true")
     p.add_argument("--always-die", action="store_true")

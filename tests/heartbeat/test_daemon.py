@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY
 from nightlab.loop.state.lock import holder
 from nightlab.loop.state.store import Store
 
+from tests.fakes.loop_workspace import git_out
 from tests.heartbeat.conftest import FAKES, DaemonRun, Harness, gone, write_config
 from tests.waiting import wait_until
 
@@ -190,6 +192,39 @@ def test_the_chat_token_stays_in_the_daemon(harness: Harness, tmp_path: Path, te
     seen = dump.read_text()
     assert "PATH=" in seen and "NIGHTLAB_TEST_TG" not in seen and telegram.token not in seen
     assert run.proc.poll() is None, run.log()  # the daemon itself had the token: its bot is up
+
+
+def test_a_chat_token_an_agent_reads_in_the_daemons_environ_is_starred_wherever_it_is_stored(
+    harness: Harness, tmp_path: Path, telegram
+) -> None:
+    """The engine never had the token, so it could not star it out: an agent (the same user) read it
+    in the daemon's /proc/<pid>/environ and the ledger, the exports, the commit message and the
+    engine's log lines kept it as written. Now the daemon hands the engine the value on stdin."""
+    workspace, project = _stub_project(tmp_path)
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} steal-token NIGHTLAB_TEST_TG"
+    chat_id = -100
+    config = (f'{project}baseline_runs = 1\nremeasure_every = 0\n[proposer]\nkind = "agent"\n'
+              f'[proposer.agent]\ncommand = "{agent}"\n'
+              f'[telegram]\ntoken = {{ env = "NIGHTLAB_TEST_TG" }}\noperators = [1]\nchats = [{chat_id}]\n'
+              f'api_base = "{telegram.url}"\n')
+    token = telegram.token
+    daemon = harness.start(real_engine=True, extra_config=config, max_experiments=2, channels=True,
+                           env={"NIGHTLAB_TEST_TG": token})
+    assert daemon.proc.wait(timeout=120) == 0, daemon.log()
+    two = ledger.experiments(daemon.store)[1]
+    assert (two.status, two.description) == ("crash", "tell the chat (token ***)"), daemon.log()
+    assert token in git_out(workspace, "show", f"{two.commit}:train.py")  # the agent did get it
+    nightlab = workspace / ".nightlab"
+    said = {
+        "state.db": b"".join(f.read_bytes() for f in nightlab.glob("state.db*")),
+        "results.tsv": (workspace / "results.tsv").read_bytes(),
+        "autoresearch.jsonl": (workspace / "autoresearch.jsonl").read_bytes(),
+        "commit message": git_out(workspace, "log", "-1", "--format=%B", two.commit).encode(),
+        "daemon and engine log": daemon.log_path.read_bytes(),
+        "chat": "\n".join(f"{m.text}\n{m.raw}" for m in telegram.sent).encode(),
+    }
+    assert "*** reaches the bot" in said["commit message"].decode() and "401 bad token ***" in said["chat"].decode()
+    assert [name for name, text in said.items() if token.encode() in text] == []
 
 
 def test_an_engine_that_stops_on_a_problem_to_fix_stops_the_daemon_and_says_why(

@@ -517,13 +517,19 @@ def test_kill_9_anywhere_loses_nothing_and_records_nothing_twice(tmp_path: Path,
     assert sorted(counters) == [1, 1, 1, 1, 1]
 
 
-def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> None:
+def _engine_config(tmp_path: Path) -> Path:
+    """A stub workspace and the config file `python -m nightlab.loop.engine` runs it with."""
     settings = make_stub_workspace(tmp_path)
     config = tmp_path / "nightlab.toml"
     config.write_text(
         f'[workspace]\npath = "{settings.workspace_path}"\n[project]\nrun_command = "{sys.executable} train.py"\n'
         '[proposer]\nkind = "agent"\n[proposer.agent]\ncommand = "true"\n'
     )
+    return config
+
+
+def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> None:
+    config = _engine_config(tmp_path)
     bad = subprocess.run([sys.executable, "-m", "nightlab.loop.engine", "--config", str(tmp_path / "missing.toml")],
                          check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no such file" in bad.stderr and "Traceback" not in bad.stderr
@@ -532,7 +538,27 @@ def test_engine_module_exits_cleanly_with_max_experiments(tmp_path: Path) -> Non
     if "No module named 'nightlab.loop.proposers.agent'" in ok.stderr:
         pytest.skip("the agent proposer is not written yet")
     assert ok.returncode == 0, ok.stderr
-    assert Store.for_workspace(settings.workspace_path).get("engine.finished") is True
+    assert Store.for_workspace(tmp_path / "ws").get("engine.finished") is True
+
+
+@pytest.mark.parametrize("flags", [[], ["--secrets-on-stdin"]])
+def test_only_an_engine_the_daemon_started_reads_its_stdin_and_bad_content_is_said(
+        tmp_path: Path, flags: list[str]) -> None:
+    """An engine started by hand or by a test must not wait on a terminal; the daemon's (its flag)
+    reads the chat tokens there, and content it cannot read is one line, not a stop."""
+    config = _engine_config(tmp_path)
+    given = tmp_path / "stdin"
+    given.write_text('{"telegram": "123456:not-a-list"}')
+    with given.open("rb") as stdin:  # a file, not a pipe: its offset, shared with the engine, says what it read
+        done = subprocess.run([sys.executable, "-m", "nightlab.loop.engine", "--config", str(config),
+                               "--max-experiments", "1", *flags], stdin=stdin, check=False, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert stdin.tell() == (given.stat().st_size if flags else 0)
+    said = [line.partition("nightlab engine: ")[2] for line in done.stderr.splitlines() if "stdin" in line]
+    assert said == (["the chat tokens the daemon hands over on stdin could not be read (not a JSON list of strings);"
+                     " the engine runs on, but a chat token an agent or a run writes back is not starred out: restart"
+                     " nightlab if this is said again"] if flags else [])
 
 
 def test_a_change_beside_the_editable_files_is_refused_saying_what_each_file_was(tmp_path: Path) -> None:
