@@ -23,6 +23,7 @@ from nightlab.loop.state.config import (
     Secret,
     Settings,
     changed_fields,
+    environment_secrets,
 )
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
@@ -34,7 +35,8 @@ ANYWHERE = {"hardware": "", "node": ""}
 
 
 # The engine's one redactor (Context.redact), set where the engine starts: say() has no context.
-_log_redact = Redactor()
+# None before that: the lines of a failed start are scrubbed of this environment's keys.
+_log_redact: Redactor | None = None
 
 
 def say(message: str) -> None:
@@ -42,7 +44,8 @@ def say(message: str) -> None:
     stamp = "" if os.environ.get("JOURNAL_STREAM") else time.strftime("%H:%M:%S ")
     # scrubbed as the daemon's lines are (this process's stderr is the journal's as it is): the
     # text from outside is clean already (Context.redact); this also covers a traceback
-    print(f"{stamp}nightlab engine: {_log_redact(message)}", file=sys.stderr, flush=True)
+    redact = _log_redact or Redactor.of(environment_secrets())
+    print(f"{stamp}nightlab engine: {redact(message)}", file=sys.stderr, flush=True)
 
 
 class Context:
