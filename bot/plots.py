@@ -5,7 +5,8 @@ crashes as red crosses along the top edge (runs stopped before a result grey one
 running best as a step line labelled with the change that set each new best. The best is its
 estimate (the mean of every measurement of its commit, as the decision rule uses it), drawn with
 a band of ± the run-to-run noise once repeats have measured it: a result inside the band is not
-distinguishable from the best by one run. matplotlib is
+distinguishable from the best by one run. The axis spans the night's progress: a result far worse
+than anything kept is an arrow on the edge with its value. matplotlib is
 imported inside `progress_chart` only: the daemon starts faster and stays smaller until someone
 asks for a chart.
 """
@@ -13,13 +14,17 @@ asks for a chart.
 from __future__ import annotations
 
 import logging
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+_LABELLED_FAR = 12  # results off the chart that get their value written beside them
 
 
 class Point(Protocol):
@@ -85,6 +90,40 @@ def groups(points: Sequence[Point]) -> Groups:
     )
 
 
+def _worse_edge(kept: Sequence[Point], measured: Sequence[Point], direction: str) -> float | None:
+    """Where the chart's worse side ends, or None to show everything. One bad run (a learning rate
+    x4: 2.0 on a night that lives at 1.40) stretched the axis until the best's steps were a flat
+    line. The edge leaves room past the worst estimate of the best (the span of the best's steps,
+    at least 5 noise SDs and 1 % of the metric) and keeps every ordinary result: only one past
+    Tukey's far fence (3 IQRs past the quartile) of the night's results is off the chart."""
+    core = [v for p in kept for v in (p.best, p.metric) if v is not None]
+    if not core:
+        return None
+    sign = 1 if direction == "minimize" else -1
+    worst = sign * max(sign * v for v in core)
+    pad = max(max(core) - min(core), 5 * noise_sd(measured), 0.01 * abs(worst))
+    q1, _, q3 = statistics.quantiles([sign * v for v in _metrics(measured)], n=4, method="inclusive")
+    return sign * max(sign * worst + pad, q3 + 3 * (q3 - q1))
+
+
+def _fold_worse(ax: Axes, measured: Sequence[Point], edge: float, direction: str) -> None:
+    """Results past `edge` are drawn on the edge as arrows with their values, not dropped."""
+    sign = 1 if direction == "minimize" else -1
+    far = [p for p in measured if p.metric is not None and sign * (p.metric - edge) > 0]
+    if not far:
+        return
+    values = [p.metric for p in measured if p.metric is not None and sign * (p.metric - edge) <= 0]
+    near = min(values) if direction == "minimize" else max(values)
+    margin = 0.04 * abs(edge - near) if values else 0.0
+    ax.set_ylim(*sorted((near - sign * margin, edge)))
+    ax.scatter([p.number for p in far], [edge] * len(far), marker="^" if sign > 0 else "v", c="#b0b0b0", s=30,
+               clip_on=False, label=f"worse, off the chart ({len(far)})", zorder=3)
+    if len(far) <= _LABELLED_FAR:
+        for p in far:
+            ax.annotate(f"{p.metric:.3f}", (p.number, edge), textcoords="offset points", xytext=(0, -9 * sign),
+                        ha="center", va="center", fontsize=6, color="#808080", annotation_clip=False)
+
+
 def progress_chart(
     points: Sequence[Point], path: Path, metric_name: str = "val_bpb", direction: str = "minimize"
 ) -> Path:
@@ -148,6 +187,9 @@ def draw(points: Sequence[Point], metric_name: str = "val_bpb", direction: str =
             if sd > 0:
                 ax.fill_between(xs, [y - sd for y in ys], [y + sd for y in ys], step="post", color="#2ca02c",
                                 alpha=0.15, lw=0, label=f"± run-to-run noise ({sd:.4f})", zorder=1)
+        edge = _worse_edge(kept, measured, direction)
+        if edge is not None:
+            _fold_worse(ax, measured, edge, direction)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("experiment #")
         ax.set_ylabel(f"{metric_name} ({'lower' if direction == 'minimize' else 'higher'} is better)")

@@ -99,3 +99,37 @@ def test_the_legend_hides_no_point() -> None:
         assert not inside
     finally:
         plt.close(fig)
+
+
+def test_one_disastrous_run_does_not_flatten_the_best_it_is_an_arrow_on_the_edge() -> None:
+    """A learning rate x4 scored 2.0 on a night at 1.40: the axis ran to 2.0 and the best's steps
+    (0.01 apart) were one flat line."""
+    import matplotlib.pyplot as plt
+
+    night = [P(1, "keep", 1.40, "baseline", "baseline", "a", 1.40), P(2, "keep", 1.41, "baseline", "baseline", "a", 1.405),
+             P(3, "discard", 2.0, "lr x4", "proposal", "b", 1.405), P(4, "discard", 1.42, "x", "proposal", "c", 1.405),
+             P(5, "keep", 1.39, "y", "proposal", "d", 1.39)]
+    fig = draw(night)
+    try:
+        ax = fig.axes[0]
+        low, high = ax.get_ylim()
+        assert low < 1.39 and 1.42 < high < 1.5  # every result but the disaster, and room for the steps
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "worse, off the chart (1)" in labels
+        assert "2.000" in [t.get_text() for t in ax.texts]  # its value stays readable
+    finally:
+        plt.close(fig)
+    maximize = [P(1, "keep", 0.60, "baseline", "baseline", "a", 0.60), P(2, "discard", 0.05, "broke", "proposal", "b", 0.60),
+                P(3, "discard", 0.59, "x", "proposal", "c", 0.60), P(4, "discard", 0.61, "z", "proposal", "d", 0.60),
+                P(5, "keep", 0.62, "y", "proposal", "e", 0.62)]
+    fig = draw(maximize, "accuracy", "maximize")
+    try:
+        low, high = fig.axes[0].get_ylim()
+        assert 0.05 < low < 0.60 and high > 0.62
+    finally:
+        plt.close(fig)
+    fig = draw(night[:2] + night[3:])  # nothing far: the axis is matplotlib's own
+    try:
+        assert "worse, off the chart" not in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    finally:
+        plt.close(fig)
