@@ -148,6 +148,12 @@ def test_a_tokenizer_trained_again_is_a_new_setting(tmp_path: Path) -> None:
     after = _engine(settings, data_dir).ctx.setting
     assert after != before
     assert hardware.setting_changes(Store.for_workspace(settings.workspace_path), before, after) == ["the tokenizer changed"]
+    # trained again on the same text (what a tokenizer's data problem asks for): the same merges, only
+    # the training's timing note differs in the file, and the setting is the one before
+    tokenizer.rename(tmp_path / "tokenizer-aside-2.json")
+    _prepare(folder, tmp_path / "cache", chars=CHARS * 5 // 6)
+    assert tokenizer.read_bytes() != (tmp_path / "tokenizer-aside-2.json").read_bytes()
+    assert _engine(settings, data_dir).ctx.setting == after
 
 
 def test_the_same_data_is_the_same_setting_and_a_file_seen_before_is_not_read_again(tmp_path: Path) -> None:
