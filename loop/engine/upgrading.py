@@ -25,6 +25,7 @@ from __future__ import annotations
 from nightlab.loop import hardware
 from nightlab.loop.engine.context import Context, say
 from nightlab.loop.state import ledger
+from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import PROTECTED_KEY, harness_upgrade, write_harness
 
 SETTING_SAID_KEY = "loop.setting_said"  # kv: the last setting whose change from the last run's was said
@@ -49,15 +50,15 @@ def upgrade_harness(ctx: Context) -> None:
         return
     hashes = write_harness(ws, ctx.harness, todo, ctx.git)
     commit = ctx.git.head()[:7]
-    last = ledger.experiments(store, last=1)
+    before = _last_setting(store)
     with store.transaction():
         store.set(PROTECTED_KEY, {**store.get(PROTECTED_KEY, {}), **hashes})
         ctx.setting = ctx.record_setting()
-        changes = hardware.setting_changes(store, last[-1].setting, ctx.setting) if last else []
+        changes = hardware.setting_changes(store, before, ctx.setting) if before is not None else []
         text = f"the harness ({', '.join(hashes)}) is now the installed nightlab's, commit {commit}"
         if changes:
             text += f"; what it measures changed ({', '.join(changes)}), {hardware.NEW_SETTING}"
-        elif last:
+        elif before is not None:
             text += (f"; what it measures is unchanged (score version {hardware.scorer_of(store, ctx.setting)}):"
                      " the best is measured again at that commit before anything is compared with it")
         store.set(SETTING_SAID_KEY, ctx.setting)
@@ -69,10 +70,10 @@ def say_setting_change(ctx: Context) -> None:
     """At a start: say once, in the log and in chat, that what runs measure changed since the last
     run (the data they are scored on, prepared again), so the best is measured again."""
     store = ctx.store
-    last = ledger.experiments(store, last=1)
-    if not last or last[-1].setting == ctx.setting or store.get(SETTING_SAID_KEY) == ctx.setting:
+    before = _last_setting(store)
+    if before is None or before == ctx.setting or store.get(SETTING_SAID_KEY) == ctx.setting:
         return
-    changes = hardware.setting_changes(store, last[-1].setting, ctx.setting)
+    changes = hardware.setting_changes(store, before, ctx.setting)
     if not changes:  # the config's values changed: the person who changed them knows
         return
     text = f"{', '.join(changes)} since the last run, {hardware.NEW_SETTING}"
@@ -80,3 +81,9 @@ def say_setting_change(ctx: Context) -> None:
         store.set(SETTING_SAID_KEY, ctx.setting)
         store.emit("alert", text=text)
     say(text)
+
+
+def _last_setting(store: Store) -> str | None:
+    """The setting of the last experiment that ran (one that ended before a run, a proposal that
+    failed, has none); None before any."""
+    return next((e.setting for e in reversed(ledger.experiments(store)) if e.setting), None)

@@ -255,3 +255,17 @@ def test_data_that_cannot_be_read_at_a_start_changes_no_setting(tmp_path: Path) 
     assert _engine(settings, data_dir).ctx.setting == before.setting
     fresh = _workspace(tmp_path / "another")  # nothing remembered: no data in the setting, as before
     assert _engine(fresh, data_dir).ctx.data is None
+
+
+def test_a_last_experiment_without_a_run_is_no_change_of_setting(tmp_path: Path) -> None:
+    """A proposal that failed before any run is recorded without a setting: what a start compares
+    with is the last experiment that ran."""
+    data_dir = _prepare(_folder(tmp_path, 3), tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    engine = _engine(settings, data_dir)
+    engine.ctx.proposer = ScriptedProposer([{"raise": "the agent found nothing to try"}])
+    assert engine.run(2) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    assert [e.setting == "" for e in ledger.experiments(store)] == [False, True]
+    startup(_engine(settings, data_dir).ctx)
+    assert _alerts(store) == []
