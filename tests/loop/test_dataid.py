@@ -90,11 +90,11 @@ def _workspace(tmp_path: Path, older_harness: bool = False) -> Settings:
     return settings
 
 
-def _engine(settings: Settings, data_dir: Path, stop: threading.Event | None = None) -> Engine:
+def _engine(settings: Settings, data_dir: Path) -> Engine:
     ws = dataclasses.replace(open_workspace(settings.workspace_path, settings), run_command=RUN)
     proposer = ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}])  # worse: discarded, the best stays
     return Engine(settings, ws, LocalExecutor(gpus=(0,)), proposer, {P.ENV_DATA_DIR: str(data_dir)},
-                  stop or threading.Event())
+                  threading.Event())
 
 
 def _alerts(store: Store) -> list[Event]:
