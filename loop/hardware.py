@@ -7,8 +7,9 @@ probe asks nvidia-smi for the names of the GPUs the run may use (CUDA_VISIBLE_DE
 for a local slot and by Slurm for a job), and falls back to the CPU's model name.
 
 The setting is everything besides the code that changes what a run measures: the run command, the
-environment nightlab gives it (the profile's time budget, sequence length, data) and what the
-built-in harness declares it measures (its SCORE_VERSION, see `setting_of`). Together
+environment nightlab gives it (the profile's time budget, sequence length, data), what the
+built-in harness declares it measures (its SCORE_VERSION, see `setting_of`) and the text and
+tokenizer the built-in trainer's runs are scored on (loop/dataid.py). Together
 they make the `HardwareClass` (in loop/state/ledger.py, which records it); the judge keeps one
 reference (the best commit's measured metric) per class.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nightlab.loop.dataid import DataIdentity
 from nightlab.loop.state.config import BUDGET_STEPS_ENV, HARNESS_ENV
 from nightlab.loop.state.store import Store
 from nightlab.trainer.profiles import DTYPE_ENV, Gpu, Machine
@@ -79,39 +81,54 @@ def probe(cuda_visible_devices: str | None) -> str:
     return describe(out.stdout)
 
 
-def setting_of(run_command: str, env: dict[str, str], scorer: str = "") -> str:
+def setting_of(run_command: str, env: dict[str, str], scorer: str = "", data: DataIdentity | None = None) -> str:
     """A short digest of what, besides the code, decides a run's result. `scorer`: the SCORE_VERSION
     the workspace's harness declares (workspace.score_version). Only that number, not the harness's
     hash: a harness brought up to date for its messages measures what it measured, so its results stay
     comparable; one whose number moved is a new setting. "" (a copy from before the number, or a
-    project of the user's) is left out, so the digests of those workspaces stay what they were."""
+    project of the user's) is left out, so the digests of those workspaces stay what they were.
+    `data`: what the built-in trainer's runs are scored on (None: a project of the user's, left out)."""
     setting: dict[str, Any] = {"command": run_command, "env": sorted(env.items())}
     if scorer:
         setting["scorer"] = scorer
+    if data is not None:
+        setting["data"] = data.to_json()
     return hashlib.sha1(json.dumps(setting).encode()).hexdigest()[:8]
 
 
-# kv['setting.<digest>'] = {"command", "env"[, "scorer"]}: what a setting digest stands for
+# kv['setting.<digest>'] = {"command", "env"[, "scorer"][, "data"]}: what a setting digest stands for
 SETTING_KEY = "setting."
+# how a change of what runs measure is said (the harness upgrade's line, a start on other data)
+NEW_SETTING = ("so runs from here on are a new setting: the best is measured again and no result is compared"
+               " with one from before")
 
 
 # Values that say where things lie, not what a run does: the compile caches (in the workspace) and
 # the data dir's folder (the data cache; its last part names the data). A moved workspace changed
 # them, and every result after the move was judged as another setting, the best re-measured.
 _PLACE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
-_DATA_ENV = "NIGHTLAB_DATA_DIR"
+DATA_DIR_ENV = "NIGHTLAB_DATA_DIR"  # the data dir of the built-in trainer's runs
 
 
-def record_setting(store: Store, run_command: str, env: dict[str, str], scorer: str = "") -> str:
+def record_setting(store: Store, run_command: str, env: dict[str, str], scorer: str = "",
+                   data: DataIdentity | None = None) -> str:
     """The setting's digest, with the values behind it kept in the store (readable later). A
-    setting recorded before that differs only in where things lie keeps its digest."""
-    digest = setting_of(run_command, env, scorer)
+    setting recorded before that differs only in where things lie keeps its digest; so does one
+    recorded by a nightlab that did not record the data yet: it takes `data` as its own, and only a
+    later change of the data is a new setting (upgrading nightlab re-measures nothing)."""
+    digest = setting_of(run_command, env, scorer, data)
     if store.get(SETTING_KEY + digest) is None:
         for key, recorded in store.with_prefix(SETTING_KEY).items():
-            if _moved(recorded, run_command, env, scorer):
+            if _moved(recorded, run_command, env, scorer, data):
+                if data is not None and "data" not in recorded:
+                    store.set(key, {**recorded, "data": data.to_json()})
                 return key[len(SETTING_KEY):]
     values: dict[str, Any] = {"command": run_command, "env": dict(sorted(env.items()))}
-    store.set(SETTING_KEY + digest, {**values, "scorer": scorer} if scorer else values)
+    if scorer:
+        values["scorer"] = scorer
+    if data is not None:
+        values["data"] = data.to_json()
+    store.set(SETTING_KEY + digest, values)
     return digest
 
 
@@ -120,11 +137,29 @@ def scorer_of(store: Store, digest: str) -> str:
     return str((store.get(SETTING_KEY + digest) or {}).get("scorer", ""))
 
 
-def _moved(recorded: dict[str, Any], run_command: str, env: dict[str, str], scorer: str) -> bool:
+def setting_changes(store: Store, before: str, after: str) -> list[str]:
+    """What changed from recorded setting `before` to `after` in what runs measure, as words for a
+    person: the harness's score version, the validation shard, the tokenizer."""
+    old, new = store.get(SETTING_KEY + before) or {}, store.get(SETTING_KEY + after) or {}
+    said = []
+    if old.get("scorer", "") != new.get("scorer", ""):
+        said.append(f"score version {old.get('scorer') or 'not declared'} -> {new.get('scorer') or 'not declared'}")
+    old_data, new_data = DataIdentity.from_json(old.get("data")), DataIdentity.from_json(new.get("data"))
+    parts = new_data.changed(old_data) if old_data is not None and new_data is not None else []
+    if parts:
+        said.append(f"{' and '.join(parts)} changed")
+    return said
+
+
+def _moved(recorded: dict[str, Any], run_command: str, env: dict[str, str], scorer: str,
+           data: DataIdentity | None) -> bool:
     old = recorded.get("env", {})
     if recorded.get("command") != run_command or old.keys() != env.keys() or recorded.get("scorer", "") != scorer:
         return False
-    return all(old[k] == v or k in _PLACE_ENV or (k == _DATA_ENV and Path(old[k]).name == Path(v).name)
+    # one recorded before the data counted has none: any data matches it (record_setting makes it its own)
+    if "data" in recorded and DataIdentity.from_json(recorded["data"]) != data:
+        return False
+    return all(old[k] == v or k in _PLACE_ENV or (k == DATA_DIR_ENV and Path(old[k]).name == Path(v).name)
                for k, v in env.items())
 
 

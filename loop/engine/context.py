@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from nightlab.loop import hardware
+from nightlab.loop.dataid import identify
 from nightlab.loop.executors import Executor
 from nightlab.loop.executors.runfiles import read_tail
 from nightlab.loop.proposers.base import Proposer
@@ -70,6 +71,9 @@ class Context:
         # whether the workspace's copy waits to be brought up to it (loop/engine/upgrading.py).
         self.harness = installed_harness() if ws.builtin_trainer else {}
         self.upgrade_waiting = bool(self.harness) and bool(harness_upgrade(ws, self.harness))
+        # what the built-in trainer's runs are scored on, as this start finds it (None: a project of the user's)
+        data_dir = env.get(hardware.DATA_DIR_ENV) if ws.builtin_trainer else None
+        self.data = identify(self.store, Path(data_dir)) if data_dir else None
         self.setting = self.record_setting()
         self.git = Git(ws.path)
         self.slots = executor.slots()
@@ -103,8 +107,10 @@ class Context:
         return changed
 
     def record_setting(self) -> str:
-        """The setting digest of runs from the workspace as it is (its harness copy's score version)."""
-        return hardware.record_setting(self.store, self.ws.run_command, self.env, workspace_score_version(self.ws))
+        """The setting digest of runs from the workspace as it is (its harness copy's score version,
+        the data as this start found it)."""
+        return hardware.record_setting(self.store, self.ws.run_command, self.env, workspace_score_version(self.ws),
+                                       self.data)
 
     def hw_class(self, hardware_name: str) -> HardwareClass:
         return HardwareClass(hardware_name, self.setting)

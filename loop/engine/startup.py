@@ -8,7 +8,7 @@ import os
 import time
 
 from nightlab.loop.engine.context import Context, say
-from nightlab.loop.engine.upgrading import cut_short, upgrade_harness
+from nightlab.loop.engine.upgrading import cut_short, say_setting_change, upgrade_harness
 from nightlab.loop.ratchet import clear_stale_git_locks
 from nightlab.loop.state import ledger
 from nightlab.loop.state.errors import UserError
@@ -34,6 +34,7 @@ def startup(ctx: Context) -> None:
     if proposing:
         git.reset_to(proposing[0].base_commit)  # our own interrupted edit
     upgrade_harness(ctx)
+    say_setting_change(ctx)  # after the upgrade, which says a change at the same start in its line
     if not open_ or proposing:
         bad = protected_mismatches(ws)
         if bad:

@@ -14,7 +14,10 @@ meanwhile); a run in flight scores with the copy it started with.
 
 Comparisons stay honest through the setting digest (loop/hardware.py): it holds the copy's
 SCORE_VERSION, so a harness that measures differently starts a new setting (its best measured
-again, nothing compared across), and one changed only in messages keeps the setting.
+again, nothing compared across), and one changed only in messages keeps the setting. The digest
+also holds the data the runs are scored on (loop/dataid.py): a start on another validation shard or
+tokenizer than the last run's is said the same way (`say_setting_change`), and once, also with an
+upgrade at the same start (one line for both).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from __future__ import annotations
 from nightlab.loop import hardware
 from nightlab.loop.engine.context import Context, say
 from nightlab.loop.state import ledger
+from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import PROTECTED_KEY, harness_upgrade, write_harness
+
+SETTING_SAID_KEY = "loop.setting_said"  # kv: the last setting whose change from the last run's was said
 
 
 def cut_short(ctx: Context, changed: list[str]) -> set[str]:
@@ -44,20 +50,40 @@ def upgrade_harness(ctx: Context) -> None:
         return
     hashes = write_harness(ws, ctx.harness, todo, ctx.git)
     commit = ctx.git.head()[:7]
-    last = ledger.experiments(store, last=1)
+    before = _last_setting(store)
     with store.transaction():
         store.set(PROTECTED_KEY, {**store.get(PROTECTED_KEY, {}), **hashes})
-        before = hardware.scorer_of(store, last[-1].setting) if last else None
         ctx.setting = ctx.record_setting()
-        after = hardware.scorer_of(store, ctx.setting)
+        changes = hardware.setting_changes(store, before, ctx.setting) if before is not None else []
         text = f"the harness ({', '.join(hashes)}) is now the installed nightlab's, commit {commit}"
-        changed = before is not None and before != after
-        if changed:
-            text += (f"; what it measures changed (score version {before or 'not declared'} -> {after}), so runs"
-                     " from here on are a new setting: the best is measured again and no result is compared"
-                     " with one from before")
+        if changes:
+            text += f"; what it measures changed ({', '.join(changes)}), {hardware.NEW_SETTING}"
         elif before is not None:
-            text += (f"; what it measures is unchanged (score version {after}): the best is measured again at"
-                     " that commit before anything is compared with it")
-        store.emit("harness_upgraded", files=list(hashes), commit=commit, setting_changed=changed, text=text)
+            text += (f"; what it measures is unchanged (score version {hardware.scorer_of(store, ctx.setting)}):"
+                     " the best is measured again at that commit before anything is compared with it")
+        store.set(SETTING_SAID_KEY, ctx.setting)
+        store.emit("harness_upgraded", files=list(hashes), commit=commit, setting_changed=bool(changes), text=text)
     say(text)
+
+
+def say_setting_change(ctx: Context) -> None:
+    """At a start: say once, in the log and in chat, that what runs measure changed since the last
+    run (the data they are scored on, prepared again), so the best is measured again."""
+    store = ctx.store
+    before = _last_setting(store)
+    if before is None or before == ctx.setting or store.get(SETTING_SAID_KEY) == ctx.setting:
+        return
+    changes = hardware.setting_changes(store, before, ctx.setting)
+    if not changes:  # the config's values changed: the person who changed them knows
+        return
+    text = f"{', '.join(changes)} since the last run, {hardware.NEW_SETTING}"
+    with store.transaction():
+        store.set(SETTING_SAID_KEY, ctx.setting)
+        store.emit("alert", text=text)
+    say(text)
+
+
+def _last_setting(store: Store) -> str | None:
+    """The setting of the last experiment that ran (one that ended before a run, a proposal that
+    failed, has none); None before any."""
+    return next((e.setting for e in reversed(ledger.experiments(store)) if e.setting), None)

@@ -228,3 +228,19 @@ def test_in_async_mode_no_new_candidate_starts_until_the_upgrade_is_done(tmp_pat
     four = ledger.experiments(store)[-1]
     assert four.kind == "baseline" and four.commit == git_out(settings.workspace_path, "rev-parse", "HEAD")
     assert event.payload["commit"] == four.commit[:7] and four.setting != ledger.experiments(store)[0].setting
+
+
+def test_a_last_experiment_without_a_run_does_not_make_an_upgrade_of_messages_a_new_setting(tmp_path: Path) -> None:
+    """What the upgrade compares with is the last experiment that ran: one that failed before its run
+    has no setting, and read as 'score version not declared' it made an upgrade of messages say the
+    setting changed."""
+    settings = _old_workspace(tmp_path, declared=True)
+    older = _engine(settings)
+    older.ctx.upgrade_waiting = False  # the older nightlab had no upgrade to make
+    older.ctx.proposer = ScriptedProposer([{"raise": "the agent found nothing to try"}])
+    assert older.run(2) == 0
+    assert [e.setting == "" for e in ledger.experiments(older.store)] == [False, True]
+    engine = _engine(settings)
+    startup(engine.ctx)
+    [event] = _events(engine.store)
+    assert not event.payload["setting_changed"] and "what it measures is unchanged (score version 1)" in event.payload["text"]

@@ -1,0 +1,275 @@
+"""What the built-in trainer's runs are scored on is part of their setting (loop/dataid.py,
+loop/hardware.py): a data dir keeps its name when `nightlab prepare` puts other text in it (a local
+folder's is named after the folder's path, and its last file validates), so a validation shard or
+a tokenizer that changed under that name would have had its results compared with the best
+measured on the old ones.
+
+The workspaces are the built-in trainer's (its harness copied in by init) with the stub trainer as
+train.py and as the run; the data dirs are made by the real `prepare` from a local folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from nightlab.bot.digest import describe
+from nightlab.loop import dataid, hardware
+from nightlab.loop.engine import Engine
+from nightlab.loop.engine.startup import startup
+from nightlab.loop.executors.local import LocalExecutor
+from nightlab.loop.state import ledger
+from nightlab.loop.state.config import DigestSettings, Settings, settings_from_table
+from nightlab.loop.state.store import Event, Store
+from nightlab.loop.workspace import PROTECTED_KEY, init_workspace, open_workspace, sha256_file
+from nightlab.trainer import prepare as P
+
+from tests.fakes.loop_workspace import STUB, make_stub_workspace
+from tests.fakes.scripted_proposer import ScriptedProposer
+
+RUN = f"{sys.executable} train.py"
+CHARS = 300_000  # tokenizer training text: the full vocabulary in a fraction of a second
+SYLLABLES = ["ka", "to", "ri", "mu", "sen", "del", "pha", "qua", "xi", "zo", "ber", "lin", "gor", "vet", "ul", "om"]
+
+
+@pytest.fixture(autouse=True)
+def _one_gpu(fake_gpus: Any) -> None:
+    """The slot's class is known ahead and the same on every machine."""
+    fake_gpus(["NVIDIA H100 80GB HBM3"])
+
+
+def _shard(path: Path, seed: int) -> None:
+    """600 documents of made-up words, other ones per seed."""
+    r = random.Random(seed)
+    docs = [" ".join("".join(r.choice(SYLLABLES) for _ in range(r.randint(1, 4))) for _ in range(200))
+            for _ in range(600)]
+    pq.write_table(pa.table({"text": docs}), path)
+
+
+def _folder(tmp_path: Path, files: int) -> Path:
+    """A user's folder of parquet shards (the last by name validates)."""
+    folder = tmp_path / "shards"
+    folder.mkdir(exist_ok=True)
+    for i in range(files):
+        _shard(folder / f"part_{i:02d}.parquet", i)
+    return folder
+
+
+def _prepare(folder: Path, cache: Path, chars: int = CHARS) -> Path:
+    return P.prepare(str(folder), -1, cache, progress=lambda _: None, tokenizer_max_chars=chars)
+
+
+def _workspace(tmp_path: Path, older_harness: bool = False) -> Settings:
+    """The built-in trainer's workspace, the stub as train.py; `older_harness`: its prepare.py as a
+    nightlab from before SCORE_VERSION left it (recorded as its own copy)."""
+    repo = tmp_path / "ws"
+    settings = settings_from_table({
+        "workspace": {"path": str(repo), "tag": "test"},
+        "trainer": {"profile": "tiny"},
+        "loop": {"checkpoint_interval": 0.1, "baseline_runs": 1, "remeasure_every": 0},
+    }, source="<test>")
+    init_workspace(repo, "test", settings, say=lambda _: None)
+    (repo / "train.py").chmod(0o644)
+    shutil.copyfile(STUB, repo / "train.py")  # the stub trains: only the setting matters here
+    if older_harness:
+        (repo / "prepare.py").chmod(0o644)
+        (repo / "prepare.py").write_bytes((repo / "prepare.py").read_bytes().replace(b"\nSCORE_VERSION = 1\n", b"\n"))
+        store = Store.for_workspace(repo)
+        store.set(PROTECTED_KEY, {**store.get(PROTECTED_KEY), "prepare.py": sha256_file(repo / "prepare.py")})
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "stub"],
+                   check=True)
+    return settings
+
+
+def _engine(settings: Settings, data_dir: Path) -> Engine:
+    ws = dataclasses.replace(open_workspace(settings.workspace_path, settings), run_command=RUN)
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}])  # worse: discarded, the best stays
+    return Engine(settings, ws, LocalExecutor(gpus=(0,)), proposer, {P.ENV_DATA_DIR: str(data_dir)},
+                  threading.Event())
+
+
+def _alerts(store: Store) -> list[Event]:
+    return [e for e in store.events_after(0) if e.kind == "alert"]
+
+
+def test_a_validation_shard_added_to_the_folder_is_a_new_setting_and_the_best_is_measured_again(
+    tmp_path: Path,
+) -> None:
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    assert _engine(settings, data_dir).run(2) == 0  # the baseline (kept) and a worse proposal
+    store = Store.for_workspace(settings.workspace_path)
+    one, two = ledger.experiments(store)
+    assert (one.kind, one.status, two.status, two.setting) == ("baseline", "keep", "discard", one.setting)
+    # the user adds a file to the folder and prepares again: the same data dir, another validation shard
+    _, val_before = P.split_shards(data_dir)
+    _shard(folder / "part_03.parquet", 3)
+    assert _prepare(folder, tmp_path / "cache") == data_dir
+    _, val_after = P.split_shards(data_dir)
+    assert val_after != val_before and val_after.read_bytes() != val_before.read_bytes()
+
+    assert _engine(settings, data_dir).run(3) == 0  # the ledger's count: one more
+    three = ledger.experiments(store)[-1]
+    # the best measured again on the new text, not a proposal judged against #1's number
+    assert (three.kind, three.commit, three.status) == ("baseline", one.commit, "keep")
+    assert three.setting != one.setting
+    [alert] = _alerts(store)
+    assert alert.payload["text"] == (
+        "the validation shard changed since the last run, so runs from here on are a new setting: the best is"
+        " measured again and no result is compared with one from before")
+    assert "🚨 the validation shard changed since the last run" in str(describe(alert, DigestSettings()))
+    startup(_engine(settings, data_dir).ctx)  # a restart: said once
+    assert len(_alerts(store)) == 1
+
+
+def test_a_tokenizer_trained_again_is_a_new_setting(tmp_path: Path) -> None:
+    """Moved aside and trained again (`nightlab prepare`) on other text: the same vocabulary size,
+    other merges, so every val_bpb moves."""
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    before = _engine(settings, data_dir).ctx.setting
+    tokenizer = data_dir / P.TOKENIZER_FILE
+    old = tokenizer.read_bytes()
+    tokenizer.rename(tmp_path / "tokenizer-aside.json")
+    _prepare(folder, tmp_path / "cache", chars=CHARS * 5 // 6)
+    assert tokenizer.read_bytes() != old
+    assert P.Tokenizer.from_directory(tokenizer.parent).get_vocab_size() == P.VOCAB_SIZE
+    after = _engine(settings, data_dir).ctx.setting
+    assert after != before
+    assert hardware.setting_changes(Store.for_workspace(settings.workspace_path), before, after) == ["the tokenizer changed"]
+    # trained again on the same text (what a tokenizer's data problem asks for): the same merges, only
+    # the training's timing note differs in the file, and the setting is the one before
+    tokenizer.rename(tmp_path / "tokenizer-aside-2.json")
+    _prepare(folder, tmp_path / "cache", chars=CHARS * 5 // 6)
+    spec = json.loads(tokenizer.read_text())
+    assert spec == json.loads((tmp_path / "tokenizer-aside-2.json").read_text()) | {"trained_on": spec["trained_on"]}
+    spec["trained_on"]["seconds"] += 1.0  # as a training that took longer writes it (the clock, not the text)
+    tokenizer.write_text(json.dumps(spec))
+    assert _engine(settings, data_dir).ctx.setting == after
+
+
+def test_the_same_data_is_the_same_setting_and_a_file_seen_before_is_not_read_again(tmp_path: Path) -> None:
+    data_dir = _prepare(_folder(tmp_path, 3), tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    first = _engine(settings, data_dir).ctx
+    assert _engine(settings, data_dir).ctx.setting == first.setting and first.data is not None
+    # the validation shard rewritten in place to the same size and time: an engine start does not
+    # read it again, it only compares the file's path, size, time and inode with what it hashed
+    _, validation = P.split_shards(data_dir)
+    seen = validation.stat()
+    text = bytearray(validation.read_bytes())
+    text[len(text) // 2] ^= 1
+    with validation.open("r+b") as f:
+        f.write(text)
+    os.utime(validation, ns=(seen.st_atime_ns, seen.st_mtime_ns))
+    assert _engine(settings, data_dir).ctx.data == first.data
+    os.utime(validation, ns=(seen.st_atime_ns, seen.st_mtime_ns + 1))  # touched: hashed again
+    assert _engine(settings, data_dir).ctx.data != first.data
+
+
+def test_a_setting_recorded_before_the_data_counted_keeps_its_digest_and_a_later_change_is_new(
+    tmp_path: Path,
+) -> None:
+    """Upgrading nightlab costs no baseline: the first start takes the data it finds as the recorded
+    setting's; only a change after that is a new setting."""
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    store = Store.for_workspace(settings.workspace_path)
+    env = {P.ENV_DATA_DIR: str(data_dir)}
+    # what an older nightlab recorded: the same setting without the data, the baseline and #2 under it
+    legacy = hardware.record_setting(store, RUN, env, "1")
+    assert _engine(settings, data_dir).run(2) == 0
+    assert {e.setting for e in ledger.experiments(store)} == {legacy}
+    recorded = store.get(hardware.SETTING_KEY + legacy)
+    store.set(hardware.SETTING_KEY + legacy, {k: v for k, v in recorded.items() if k != "data"})
+    store.delete(dataid.FILES_KEY)
+
+    engine = _engine(settings, data_dir)
+    assert engine.ctx.setting == legacy and engine.run(3) == 0
+    three = ledger.experiments(store)[-1]
+    assert (three.kind, three.setting) == ("proposal", legacy) and _alerts(store) == []  # no baseline again
+    assert store.get(hardware.SETTING_KEY + legacy)["data"] == engine.ctx.data.to_json()  # adopted
+    assert _engine(settings, data_dir).ctx.setting == legacy  # and kept at the next start
+    _shard(folder / "part_03.parquet", 3)
+    _prepare(folder, tmp_path / "cache")
+    changed = _engine(settings, data_dir)
+    assert changed.ctx.setting != legacy
+    startup(changed.ctx)
+    assert [a.payload["text"].split(",")[0] for a in _alerts(store)] == ["the validation shard changed since the last run"]
+
+
+def test_a_moved_data_cache_is_the_same_setting(tmp_path: Path) -> None:
+    data_dir = _prepare(_folder(tmp_path, 3), tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    before = _engine(settings, data_dir).ctx.setting
+    shutil.copytree(tmp_path / "cache", tmp_path / "elsewhere" / "cache", symlinks=True)
+    moved = tmp_path / "elsewhere" / "cache" / data_dir.name
+    assert _engine(settings, moved).ctx.setting == before
+
+
+def test_a_project_of_the_users_has_no_data_in_its_setting(tmp_path: Path) -> None:
+    settings = make_stub_workspace(tmp_path)
+    ws = open_workspace(settings.workspace_path, settings)
+    env = {P.ENV_DATA_DIR: str(tmp_path / "nothing-here")}  # its own variable, whatever it names
+    engine = Engine(settings, ws, LocalExecutor(gpus=(0,)), ScriptedProposer([]), env, threading.Event())
+    assert engine.ctx.data is None and engine.ctx.setting == hardware.setting_of(ws.run_command, env)
+
+
+def test_data_changed_at_a_harness_upgrade_is_said_in_the_upgrade_s_one_line(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path, older_harness=True)
+    older = _engine(settings, data_dir)
+    older.ctx.upgrade_waiting = False  # the older nightlab had no upgrade to make
+    assert older.run(1) == 0
+    _shard(folder / "part_03.parquet", 3)
+    _prepare(folder, tmp_path / "cache")
+    store = Store.for_workspace(settings.workspace_path)
+    startup(_engine(settings, data_dir).ctx)
+    [upgraded] = [e for e in store.events_after(0) if e.kind == "harness_upgraded"]
+    assert "; what it measures changed (score version not declared -> 1, the validation shard changed), so runs from" \
+        " here on are a new setting" in upgraded.payload["text"] and upgraded.payload["setting_changed"]
+    assert _alerts(store) == []
+    startup(_engine(settings, data_dir).ctx)
+    assert _alerts(store) == [] and [e.kind for e in store.events_after(0)].count("harness_upgraded") == 1
+
+
+def test_data_that_cannot_be_read_at_a_start_changes_no_setting(tmp_path: Path) -> None:
+    """Broken after `prepare` (a source folder renamed, a tokenizer removed): the runs fail on it and
+    name the file, the loop pauses; the start itself neither stops nor makes a new setting."""
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    before = _engine(settings, data_dir).ctx
+    folder.rename(tmp_path / "gone")  # the data dir's links to it dangle
+    (data_dir / P.TOKENIZER_FILE).unlink()
+    assert _engine(settings, data_dir).ctx.setting == before.setting
+    fresh = _workspace(tmp_path / "another")  # nothing remembered: no data in the setting, as before
+    assert _engine(fresh, data_dir).ctx.data is None
+
+
+def test_a_last_experiment_without_a_run_is_no_change_of_setting(tmp_path: Path) -> None:
+    """A proposal that failed before any run is recorded without a setting: what a start compares
+    with is the last experiment that ran."""
+    data_dir = _prepare(_folder(tmp_path, 3), tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    engine = _engine(settings, data_dir)
+    engine.ctx.proposer = ScriptedProposer([{"raise": "the agent found nothing to try"}])
+    assert engine.run(2) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    assert [e.setting == "" for e in ledger.experiments(store)] == [False, True]
+    startup(_engine(settings, data_dir).ctx)
+    assert _alerts(store) == []
