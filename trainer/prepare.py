@@ -442,6 +442,13 @@ def _link_local_shards(source_dir: Path, shards: int, data_dir: Path, say: Progr
             shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
         linked += 1
+    # The data dir is this folder's alone. A shard name left from an earlier prepare (a file since
+    # removed, a --shards since lowered) would sort among these: a stale link to the validation file
+    # sorted last and made the shard before it, the same file, training data.
+    keep = {shard_name(index) for index, _ in chosen}
+    for stale in data_dir.glob(SHARD_PATTERN):
+        if stale.name not in keep:
+            stale.unlink()
     say(f"data: {len(chosen)} shards from {source_dir} in {data_dir} ({linked} new)")
 
 
@@ -877,13 +884,23 @@ def training_view(data_dir: Path) -> Path:
         return data_dir
     view = data_dir.parent / f"{data_dir.name}.train"
     (view / TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
+    for path in train_paths:
+        if os.path.samefile(path, val_path):
+            raise DataError(f"{path.name} and {val_path.name} in {data_dir} are one file ({path.resolve()}): train.py"
+                            " would train on the text that scores it; run `nightlab prepare` again")
     wanted = {p.name for p in train_paths}
     for old in view.glob(SHARD_PATTERN):
         if old.name not in wanted:
             old.unlink(missing_ok=True)
     for path in train_paths:
-        if not (view / path.name).exists():
-            _link(path.resolve(), view / path.name)
+        entry = view / path.name
+        if not entry.exists():
+            _link(path.resolve(), entry)
+        elif not os.path.samefile(entry, path):  # the name now holds another file (prepared again)
+            fresh = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+            fresh.unlink(missing_ok=True)
+            _link(path.resolve(), fresh)
+            os.replace(fresh, entry)
     try:
         tokenizer = (data_dir / TOKENIZER_FILE).read_bytes()
     except FileNotFoundError:

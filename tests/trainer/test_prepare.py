@@ -524,6 +524,41 @@ def test_training_view_has_no_validation_shard(data_dir: Path, tokenizer: P.Toke
         next(P.make_dataloader(tokenizer, 2, 32, "val", device="cpu"))
 
 
+def _prepared_again(source: Path, data_dir: Path) -> Path:
+    P._link_local_shards(source, -1, data_dir, lambda _: None)
+    return P.training_view(data_dir)
+
+
+def test_a_folder_prepared_again_trains_on_what_it_holds_now_never_on_its_validation_shard(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A file removed from the folder left its old link behind: a link to the validation file then
+    sorted last, and the shard before it, the same file, became training data."""
+    source = tmp_path / "folder"
+    source.mkdir()
+    for name in ("a", "b", "c", "d"):
+        (source / f"{name}.parquet").write_bytes(tiny_shard_bytes(name))
+    ours = tmp_path / "local-x"
+    (ours / "tokenizer").mkdir(parents=True)
+    shutil.copy(data_dir / P.TOKENIZER_FILE, ours / P.TOKENIZER_FILE)
+    view = _prepared_again(source, ours)
+    (source / "c.parquet").unlink()
+    view = _prepared_again(source, ours)
+    train, val = P.split_shards(ours)
+    assert (val.resolve(), [p.resolve() for p in train]) == ((source / "d.parquet").resolve(),
+                                                             [(source / f"{n}.parquet").resolve() for n in "ab"])
+    # a name that now holds another file is that file in the training view too, not the old one
+    (source / "ab.parquet").write_bytes(tiny_shard_bytes("ab"))  # sorts between a and b: shard 1
+    view = _prepared_again(source, ours)
+    assert [os.path.samefile(view / p.name, source / f"{n}.parquet") for p, n in
+            zip(P.split_shards(ours)[0], ["a", "ab", "b"], strict=True)] == [True, True, True]
+    # a data dir whose training shards hold its validation file is refused, saying which
+    os.symlink((source / "d.parquet").resolve(), ours / "shard_00000.parquet.tmp")
+    os.replace(ours / "shard_00000.parquet.tmp", ours / "shard_00000.parquet")
+    with pytest.raises(P.DataError, match=r"shard_00000.parquet and shard_00003.parquet in .* are one file"):
+        P.training_view(ours)
+
+
 def test_eval_rows_are_the_validation_loader_rows_tokenized_once(
     data_dir: Path, tokenizer: P.Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
