@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from nightlab.loop import hardware
-from nightlab.loop.dataid import identify
+from nightlab.loop.dataid import DataIdentity, identify
 from nightlab.loop.executors import Executor
 from nightlab.loop.executors.runfiles import read_tail
 from nightlab.loop.proposers.base import Proposer
@@ -71,10 +71,9 @@ class Context:
         # whether the workspace's copy waits to be brought up to it (loop/engine/upgrading.py).
         self.harness = installed_harness() if ws.builtin_trainer else {}
         self.upgrade_waiting = bool(self.harness) and bool(harness_upgrade(ws, self.harness))
-        # what the built-in trainer's runs are scored on, as this start finds it (None: a project of the user's)
-        data_dir = env.get(hardware.DATA_DIR_ENV) if ws.builtin_trainer else None
-        self.data = identify(self.store, Path(data_dir)) if data_dir else None
-        self.setting = self.record_setting()
+        self.data: DataIdentity | None
+        self.setting: str
+        self.identify_data()
         self.git = Git(ws.path)
         self.slots = executor.slots()
         self.metric_name = settings.project.metric
@@ -105,6 +104,13 @@ class Context:
         if follow is not None:
             follow(live.run_timeout)
         return changed
+
+    def identify_data(self) -> None:
+        """What the built-in trainer's runs are scored on as found now (None: a project of the
+        user's), and the setting of runs from here on."""
+        data_dir = self.env.get(hardware.DATA_DIR_ENV) if self.ws.builtin_trainer else None
+        self.data = identify(self.store, Path(data_dir)) if data_dir else None
+        self.setting = self.record_setting()
 
     def record_setting(self) -> str:
         """The setting digest of runs from the workspace as it is (its harness copy's score version,

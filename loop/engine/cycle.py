@@ -41,7 +41,7 @@ from nightlab.loop.engine.proposing import propose
 from nightlab.loop.engine.recording import record
 from nightlab.loop.engine.startup import startup
 from nightlab.loop.engine.steering import apply_commands
-from nightlab.loop.engine.upgrading import upgrade_harness
+from nightlab.loop.engine.upgrading import say_setting_change, upgrade_harness
 from nightlab.loop.executors import Executor
 from nightlab.loop.proposers.base import Proposer
 from nightlab.loop.state import ledger, views
@@ -72,6 +72,7 @@ class Engine:
         self._delay = FIRST_POLL_S
         # the daemon's heartbeat settings as this engine last applied them (a change: a SIGHUP)
         self._live: Any = self.store.get(LIVE_HEARTBEAT_KEY)
+        self._paused = ledger.paused(self.store) is not None
 
     def run(self, max_experiments: int | None) -> int:
         ctx, store = self.ctx, self.store
@@ -110,6 +111,13 @@ class Engine:
         self._last_checkpoint = time.monotonic()
         self.store.set("engine.tick", time.time())
         apply_commands(self.store)
+        paused = ledger.paused(self.store) is not None
+        if self._paused and not paused:
+            # a data problem's repair (`nightlab prepare`) happens during the pause it caused: runs
+            # from here on may be scored on another validation shard or tokenizer
+            self.ctx.identify_data()
+            say_setting_change(self.ctx)
+        self._paused = paused
         live = self.store.get(LIVE_HEARTBEAT_KEY)
         if live is not None and live != self._live:
             self._live = live

@@ -133,6 +133,27 @@ def test_a_validation_shard_added_to_the_folder_is_a_new_setting_and_the_best_is
     assert len(_alerts(store)) == 1
 
 
+def test_data_prepared_again_during_a_pause_is_a_new_setting_from_the_resume_on(tmp_path: Path) -> None:
+    """A data problem pauses the loop and asks for `nightlab prepare`; the repair may bring another
+    validation shard. Before, the engine found the data only at its start: the runs after /resume
+    were judged against the best measured on the old shard."""
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    engine = _engine(settings, data_dir)
+    store, before = engine.store, engine.ctx.setting
+    ledger.set_paused(store, "the engine", "data problem: a shard is damaged", None)
+    engine.checkpoint()
+    _shard(folder / "part_03.parquet", 3)
+    _prepare(folder, tmp_path / "cache")
+    engine.checkpoint()
+    assert engine.ctx.setting == before  # still paused: nothing runs, nothing changes
+    ledger.resume(store)
+    engine.checkpoint()
+    assert engine.ctx.setting != before
+    assert hardware.setting_changes(store, before, engine.ctx.setting) == ["the validation shard changed"]
+
+
 def test_a_tokenizer_trained_again_is_a_new_setting(tmp_path: Path) -> None:
     """Moved aside and trained again (`nightlab prepare`) on other text: the same vocabulary size,
     other merges, so every val_bpb moves."""
