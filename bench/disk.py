@@ -1,5 +1,6 @@
 """What a night leaves on disk, by category, per experiment: run logs, the agent's files, kept
-models, the state database, git, the exports. A stub trainer (a fixed summary block after
+models, the state database, git, the exports, and the bound on the compile caches (the stub
+compiles nothing: how fast they grow is a GPU night's question). A stub trainer (a fixed summary block after
 `--lines` progress lines, about what the harness prints in a 5-minute run) and a proposer that
 rewrites one number, on one local slot.
 
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from loop_overhead import RandomWalk, stub_workspace  # bench/loop_overhead.py: the same stub night
+from nightlab.loop.compile_cache import cache_dir
 from nightlab.loop.engine import run_engine
 
 # one progress line as the harness prints it every 0.5 s when not on a terminal
@@ -26,7 +28,8 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def measure(n: int, lines: int, decided_log_mb: float) -> dict[str, int]:
+def measure(n: int, lines: int, decided_log_mb: float) -> tuple[dict[str, int], float]:
+    """The sizes by category, and the compile caches' bound in force (GB)."""
     with tempfile.TemporaryDirectory() as tmp:
         progress = "".join(f"{PROGRESS}\n" for _ in range(lines))
         settings = stub_workspace(Path(tmp), "cat progress.txt result.txt",
@@ -43,10 +46,12 @@ def measure(n: int, lines: int, decided_log_mb: float) -> dict[str, int]:
             "exports (results.tsv, autoresearch.jsonl)": du(repo / "results.tsv") + du(repo / "autoresearch.jsonl"),
             "kept models (.nightlab/artifacts)": du(state / "artifacts"),
             "worktrees (.nightlab/worktrees)": du(state / "worktrees"),
+            "compile caches (.nightlab/compile-cache)": du(cache_dir(repo)),
         }
         sizes["everything else in .nightlab"] = du(state) - sum(
-            du(p) for p in (state / "runs", state / "artifacts", state / "worktrees", *state.glob("state.db*")))
-        return sizes
+            du(p) for p in (state / "runs", state / "artifacts", state / "worktrees", cache_dir(repo),
+                            *state.glob("state.db*")))
+        return sizes, settings.loop.compile_cache_gb
 
 
 def main() -> int:
@@ -55,10 +60,12 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=600, help="progress lines a run prints (600 = 5 min at 2/s)")
     parser.add_argument("--decided-log-mb", type=float, default=1.0, help="[loop] decided_log_mb (0 = logs kept whole)")
     args = parser.parse_args()
-    sizes = measure(args.experiments, args.lines, args.decided_log_mb)
+    sizes, bound_gb = measure(args.experiments, args.lines, args.decided_log_mb)
     print(f"{'category':45s} {'bytes':>12s} {'per experiment':>15s}")
     for name, size in sizes.items():
         print(f"{name:45s} {size:12,d} {size / args.experiments:15,.0f}")
+    print(f"the compile caches are kept under [loop] compile_cache_gb = {bound_gb:g} GB (pruned between"
+          " experiments, least recently used first); the stub trainer compiles nothing")
     return 0
 
 
