@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nightlab.loop.state.disk import files
+from nightlab.loop.state.disk import folders
 from nightlab.loop.state.store import state_dir
 
 COMPILE_CACHE_DIRNAME = "compile-cache"  # torch inductor + triton, shared by every experiment
@@ -59,21 +60,27 @@ class Pruned:
 
 def entries(root: Path) -> list[Entry]:
     """The cache's entries, from one walk of its files."""
-    found = [(path, st) for path, st in files(root) if _PRUNING not in path.relative_to(root).parts]
-    # folders holding a folder (the files' folders' parents): their own files are entries by name
-    outer = {d for folder in {path.parent for path, _ in found} for d in folder.parents}
-    groups: dict[tuple[Path, str], list[tuple[Path, os.stat_result]]] = {}
-    for path, st in found:
-        folder = path.parent
-        # a folder directly under the root is a cache's own (inductor/, triton/): never one entry
-        whole = folder.parent not in (root, *root.parents) and folder not in outer and len(folder.name) != 2
-        key = (folder, "") if whole else (folder, path.name.split(".", 1)[0])
-        groups.setdefault(key, []).append((path, st))
-    return [
-        Entry((folder,) if not stem else tuple(sorted(p for p, _ in members)), sum(st.st_size for _, st in members),
-              max(max(st.st_atime, st.st_mtime) for _, st in members))
-        for (folder, stem), members in groups.items()
-    ]
+    found = []
+    for folder in folders(root):
+        parts = os.path.relpath(folder.path, root).split(os.sep)
+        if not folder.files or parts[0] == _PRUNING:
+            continue
+        # the root and the caches' own folders (inductor/, triton/) are never one entry
+        if len(parts) >= 2 and not folder.subfolders and len(parts[-1]) != 2:
+            found.append(_entry(folder.path, [], folder.files))
+            continue
+        groups: dict[str, list[tuple[str, os.stat_result]]] = {}
+        for name, st in folder.files:
+            groups.setdefault(name.split(".", 1)[0], []).append((name, st))
+        found += [_entry(folder.path, sorted(n for n, _ in members), members) for members in groups.values()]
+    return found
+
+
+def _entry(folder: str, names: list[str], files: Iterable[tuple[str, os.stat_result]]) -> Entry:
+    """A whole folder (no `names`), or the files of one name in it."""
+    stats = [st for _, st in files]
+    paths = tuple(Path(folder, n) for n in names) if names else (Path(folder),)
+    return Entry(paths, sum(st.st_size for st in stats), max(max(st.st_atime, st.st_mtime) for st in stats))
 
 
 def prune(root: Path, bound: int) -> Pruned:
@@ -85,8 +92,12 @@ def prune(root: Path, bound: int) -> Pruned:
     if total <= bound:
         return Pruned(0, 0, total)
     trash = root / _PRUNING
-    trash.mkdir()
+    try:
+        trash.mkdir(exist_ok=True)
+    except OSError:  # a cache we may not write to: nothing can go
+        return Pruned(0, 0, total)
     removed = freed = 0
+    emptied: set[Path] = set()
     for entry in sorted(found, key=lambda e: e.used):
         if total - freed <= bound * PRUNE_TO:
             break
@@ -97,16 +108,19 @@ def prune(root: Path, bound: int) -> Pruned:
             continue
         removed += 1
         freed += entry.size
+        emptied.update(path.parent for path in entry.paths)
     shutil.rmtree(trash, ignore_errors=True)
-    _drop_empty_folders(root)
+    _drop_empty_folders(root, emptied)
     return Pruned(removed, freed, total - freed)
 
 
-def _drop_empty_folders(root: Path) -> None:
-    """Buckets and key folders emptied by a prune (torch makes them again when it needs them)."""
-    for folder, _, _ in sorted(os.walk(root), key=lambda w: len(w[0]), reverse=True):
-        if Path(folder) != root:
+def _drop_empty_folders(root: Path, candidates: set[Path]) -> None:
+    """Buckets and key folders a prune emptied, and their parents emptied so (torch makes them
+    again when it needs them)."""
+    for folder in sorted(candidates, key=lambda p: len(p.parts), reverse=True):
+        while folder != root and root in folder.parents:
             try:
-                os.rmdir(folder)
-            except OSError:  # not empty
-                pass
+                folder.rmdir()
+            except OSError:  # not empty (or gone already)
+                break
+            folder = folder.parent

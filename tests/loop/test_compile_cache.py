@@ -85,21 +85,31 @@ def _compile(cache: Path, *names: str) -> list[str]:
 
 def test_the_real_torch_compiles_again_from_a_cache_pruned_in_part(tmp_path: Path) -> None:
     """What torch.compile left is pruned with a small bound; a fresh process compiles the same
-    function (graphs whose kernels went, and kernels whose graph went) and a new one."""
+    function and a new one. The ages make the prune take the compiled graph (its AOTAutograd entry,
+    which names it, stays) and some of the kernels, the oldest half of them first."""
     cache = tmp_path / "compile-cache"
     _compile(cache, "f")
     found = entries(cache)
-    # every second entry made older, so both graph and kernel entries go and some of each stay
+
+    def kind(entry: compile_cache.Entry) -> str:
+        return entry.paths[0].relative_to(cache / "inductor").parts[0]
+
     now = time.time()
     for i, entry in enumerate(sorted(found, key=lambda e: e.paths)):
+        days = {"fxgraph": 3, "aotautograd": 0}.get(kind(entry), 1 + i % 2)
         for path in entry.paths:
-            for f in [path] if path.is_file() else path.iterdir():
-                os.utime(f, (now - (i % 2 + 1) * 86400,) * 2)
+            for file in [path] if path.is_file() else path.iterdir():
+                os.utime(file, (now - days * 86400,) * 2)
     total = sum(e.size for e in found)
     done = prune(cache, total // 2)
     assert 0 < done.entries < len(found) and done.left <= total // 2
-    kinds = {e.paths[0].relative_to(cache).parts[1] for e in entries(cache)}
-    assert {"fxgraph", "aotautograd"} & kinds  # a graph stayed whose kernels may not have
+    left = {kind(e) for e in entries(cache)}
+    assert "fxgraph" not in left and "aotautograd" in left
+
+    def kernels(found: list[compile_cache.Entry]) -> set[tuple[Path, ...]]:  # in the buckets: <xx>/c<hash>.*
+        return {e.paths for e in found if len(kind(e)) == 2}
+
+    assert 0 < len(kernels(entries(cache))) < len(kernels(found))
     assert _compile(cache, "f", "g") == ["f: compiled", "g: compiled"]
 
 
