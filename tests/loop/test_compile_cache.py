@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from nightlab.loop import compile_cache
 from nightlab.loop.compile_cache import Pruned, entries, prune
 from nightlab.loop.state import ledger
@@ -117,7 +118,8 @@ def _running(store: Store) -> set[int]:
     return {ledger.get_candidate(store, r.candidate_id).number for r in ledger.running_runs(store)}
 
 
-def test_the_engine_prunes_only_once_no_run_is_in_flight(tmp_path: Path, gates: Gates) -> None:
+def test_the_engine_prunes_only_once_no_run_is_in_flight(tmp_path: Path, gates: Gates,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """Async, two slots: the caches pass their bound while #2 and #3 run; #3 ends, and its slot
     starts nothing until #2 has ended too, then the caches are pruned and #4 starts."""
     bound_gb = 6 * fake.SIZE / GIB
@@ -137,5 +139,7 @@ def test_the_engine_prunes_only_once_no_run_is_in_flight(tmp_path: Path, gates: 
     gates.open(2)
     engine.wait_for(lambda: 4 in _running(store), "#4 running")
     assert _all_or_none(planted) == {name: name in ("triton/kernel-hot", "locks") for name in planted}
+    said = f"compile caches past loop.compile_cache_gb = {bound_gb:g}: 5 least recently used entries removed"
+    assert said in capsys.readouterr().err
     gates.open(4)
     assert engine.join() == 0
