@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-GIB = 1024**3
-MIB = 1024**2
+from nightlab.loop.state.disk import GIB, MIB, human_size, tree_size
 
 # What nightlab writes, and what a person may do about each (folder names as the engine makes them:
-# loop/engine/context.py, loop/runenv.py, loop/second_opinion.py, loop/proposers/agent.py).
+# loop/engine/context.py, loop/compile_cache.py, loop/second_opinion.py, loop/proposers/agent.py).
 _OURS = (
-    (".nightlab/compile-cache", "torch's compile caches: safe to delete, the next run of a shape compiles again"),
+    (".nightlab/compile-cache", "torch's compile caches: safe to delete, the next run of a shape compiles again;"
+                                " the engine keeps them under [loop] compile_cache_gb"),
     (".nightlab/runs", "run logs: old ones may be deleted, the ledger keeps every result"),
     (".nightlab/artifacts", "the newest kept models: the second opinion needs them, keep them"),
     (".nightlab/artifact", "the last run's model: replaced by the next run"),
@@ -31,25 +30,10 @@ def free_disk_gb(path: Path) -> float:
     return shutil.disk_usage(probe).free / GIB
 
 
-def _size(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:  # removed while we walked
-                pass
-    return total
-
-
-def _human(size: int) -> str:
-    return f"{size / GIB:.1f} GB" if size >= GIB else f"{size / MIB:.0f} MB"
-
-
 def space_used(workspace: Path, cache: Path) -> str:
     """What of nightlab's uses space, largest first, each with what may be removed (folders under
     1 MB left out); "" when nothing of ours is that big."""
-    found = [(_size(workspace / rel), str(workspace / rel), what) for rel, what in _OURS]
-    found.append((_size(cache), str(cache), "data shards and tokenizer: needed (`nightlab prepare` fetches them again)"))
-    said = [f"{where} {_human(size)} ({what})" for size, where, what in sorted(found, reverse=True) if size >= MIB]
+    found = [(tree_size(workspace / rel), str(workspace / rel), what) for rel, what in _OURS]
+    found.append((tree_size(cache), str(cache), "data shards and tokenizer: needed (`nightlab prepare` fetches them again)"))
+    said = [f"{where} {human_size(size)} ({what})" for size, where, what in sorted(found, reverse=True) if size >= MIB]
     return "; ".join(said)

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nightlab.loop.compile_cache import cache_dir
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.errors import UserError
-from nightlab.loop.state.store import state_dir
 from nightlab.loop.workspace import Say, Workspace, to_stderr
-
-COMPILE_CACHE_DIRNAME = "compile-cache"  # torch inductor + triton, shared by every experiment
 
 
 def run_environment(ws: Workspace, settings: Settings, say: Say = to_stderr,
@@ -28,8 +26,9 @@ def run_environment(ws: Workspace, settings: Settings, say: Say = to_stderr,
         except prepare.PrepareError as exc:
             raise UserError(str(exc)) from None
         env[prepare.ENV_DATA_DIR] = str(data_dir)
-        # Compiled graphs and kernels outlive a run: the next experiment with the same shapes starts warm.
-        cache = state_dir(ws.path) / COMPILE_CACHE_DIRNAME
+        # Compiled graphs and kernels outlive a run: the next experiment with the same shapes starts
+        # warm (the engine keeps them under [loop] compile_cache_gb: loop/engine/caching.py).
+        cache = cache_dir(ws.path)
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     return env

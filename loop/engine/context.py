@@ -71,6 +71,8 @@ class Context:
         # whether the workspace's copy waits to be brought up to it (loop/engine/upgrading.py).
         self.harness = installed_harness() if ws.builtin_trainer else {}
         self.upgrade_waiting = bool(self.harness) and bool(harness_upgrade(ws, self.harness))
+        # whether the compile caches passed their bound: new candidates wait for a prune (async)
+        self.prune_waiting = False
         self.data: DataIdentity | None
         self.setting: str
         self.identify_data()

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from nightlab.loop.engine import planning
+from nightlab.loop.engine.caching import prune_compile_cache, prune_waiting
 from nightlab.loop.engine.context import Context, say
 from nightlab.loop.engine.deciding import decide
 from nightlab.loop.engine.exporting import export
@@ -96,6 +97,7 @@ class Engine:
                 if ledger.paused(store) is not None:
                     self.stop.wait(ctx.settings.loop.checkpoint_interval)
                     continue
+                prune_compile_cache(ctx)  # no candidate open, so no run in flight reads the caches
                 planning.new_wave(ctx)
                 busy = True
                 continue
@@ -195,10 +197,11 @@ class Engine:
                 launch(ctx, cand)
                 self._delay = FIRST_POLL_S
                 return True
-        # an upgrade of the harness waits for no candidate to be open: none new until then
+        # an upgrade of the harness, and a prune of the compile caches, wait for no candidate to be
+        # open: none new until then (the caches are measured last, only when one would start)
         room = not ctx.upgrade_waiting and (
             ctx.max_experiments is None or ledger.experiment_count(store) + len(open_) < ctx.max_experiments)
-        if room and len(open_) < len(ctx.slots) and free_slot(ctx) is not None:
+        if room and len(open_) < len(ctx.slots) and free_slot(ctx) is not None and not prune_waiting(ctx):
             rows = ledger.experiments(store)  # a wave from the best commit as it is now
             planning.start(ctx, planning.plan(ctx, rows, ctx.git.head()), rows)
             return True

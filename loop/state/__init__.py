@@ -9,6 +9,7 @@
   config.py    TOML -> frozen Settings, secrets
   lock.py      one process per role and workspace (pid files under flock)
   errors.py    UserError: what a user can fix
+  disk.py      the one walk of a folder's files and their sizes
 
 bot/ and heartbeat/ read and write state only through here; importing it loads no engine module,
 no executor and no psutil (tests/loop/test_layers.py holds that).

@@ -169,6 +169,9 @@ class LoopSettings:
     # a decided experiment's run log is cut to its first and last halves of this (0 = kept whole): a
     # night of runs killed at heartbeat.max_log_mb would otherwise keep a gigabyte each for good
     decided_log_mb: float = 1.0
+    # the compile caches every run shares (.nightlab/compile-cache) are pruned past this, least
+    # recently used first, between experiments: each new architecture compiles graphs of its own
+    compile_cache_gb: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -534,6 +537,9 @@ def _check(s: Settings, problems: _Problems) -> None:
         fail("loop.checkpoint_interval", s.loop.checkpoint_interval, "a positive number of seconds, e.g. 1.0")
     if s.loop.decided_log_mb < 0:
         fail("loop.decided_log_mb", s.loop.decided_log_mb, "0 (keep logs whole) or a number of megabytes, e.g. 1")
+    if s.loop.compile_cache_gb <= 0:
+        fail("loop.compile_cache_gb", s.loop.compile_cache_gb,
+             "a positive number of gigabytes, e.g. 20 (the compile caches are pruned past it)")
     if s.proposer.agent.timeout <= 0:
         fail("proposer.agent.timeout", s.proposer.agent.timeout, "a positive number of seconds, e.g. 900")
     if s.proposer.agent.max_output_mb <= 0:

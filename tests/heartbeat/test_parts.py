@@ -113,7 +113,7 @@ def test_low_disk_pauses_and_alerts_once_saying_what_of_ours_uses_the_space(tmp_
     assert alerts[0].endswith(
         f"nightlab's files there: {tmp_path}/.nightlab/runs 5 MB (run logs: old ones may be deleted, the ledger keeps"
         f" every result); {tmp_path}/.nightlab/compile-cache 3 MB (torch's compile caches: safe to delete, the next"
-        " run of a shape compiles again)"), alerts[0]
+        " run of a shape compiles again; the engine keeps them under [loop] compile_cache_gb)"), alerts[0]
     paused = ledger.paused(store)
     assert paused is not None and paused.by == "heartbeat"
 

@@ -204,6 +204,7 @@ def test_a_replaced_key_names_what_replaced_it(tmp_path: Path) -> None:
     ("loop", "pause_after_failures = 0", "loop.pause_after_failures"),  # paused after every experiment
     ("loop", "switch_area_after = -1", "loop.switch_area_after"),
     ("loop", "checkpoint_interval = 0", "loop.checkpoint_interval"),  # a busy loop while paused
+    ("loop", "compile_cache_gb = 0", "loop.compile_cache_gb"),  # every graph pruned before it is used again
     ("proposer.agent", "timeout = 0", "proposer.agent.timeout"),
     ("heartbeat", "max_restarts_per_hour = -1", "heartbeat.max_restarts_per_hour"),
     ("digest", "log_tail_lines = -2", "digest.log_tail_lines"),
