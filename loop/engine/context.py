@@ -73,6 +73,7 @@ class Context:
         self.upgrade_waiting = bool(self.harness) and bool(harness_upgrade(ws, self.harness))
         # whether the compile caches passed their bound: new candidates wait for a prune (async)
         self.prune_waiting = False
+        self.cache_measured: float | None = None  # when the caches were last walked (monotonic)
         self.data: DataIdentity | None
         self.setting: str
         self.identify_data()

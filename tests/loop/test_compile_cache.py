@@ -6,15 +6,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from nightlab.loop import compile_cache
 from nightlab.loop.compile_cache import Pruned, entries, prune
+from nightlab.loop.engine import Engine, caching
+from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger
 from nightlab.loop.state.disk import GIB, tree_size
 from nightlab.loop.state.store import Store
+from nightlab.loop.workspace import open_workspace
 
 from tests.fakes import compile_cache as fake
 from tests.fakes.engine_thread import EngineThread
@@ -118,10 +122,11 @@ def _running(store: Store) -> set[int]:
     return {ledger.get_candidate(store, r.candidate_id).number for r in ledger.running_runs(store)}
 
 
-def test_the_engine_prunes_only_once_no_run_is_in_flight(tmp_path: Path, gates: Gates,
+def test_the_engine_prunes_only_once_no_run_is_in_flight(tmp_path: Path, gates: Gates, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """Async, two slots: the caches pass their bound while #2 and #3 run; #3 ends, and its slot
     starts nothing until #2 has ended too, then the caches are pruned and #4 starts."""
+    monkeypatch.setattr(caching, "MEASURE_EVERY_S", 0.0)  # walked whenever it could matter
     bound_gb = 6 * fake.SIZE / GIB
     settings = make_stub_workspace(tmp_path, executor={"gpus": [0, 1]},
                                    loop={"mode": "async", "compile_cache_gb": bound_gb})
@@ -143,3 +148,17 @@ def test_the_engine_prunes_only_once_no_run_is_in_flight(tmp_path: Path, gates: 
     assert said in capsys.readouterr().err
     gates.open(4)
     assert engine.join() == 0
+
+
+def test_the_caches_are_walked_at_most_every_few_minutes_unless_a_prune_waits(tmp_path: Path) -> None:
+    """A month's cache takes seconds to walk, the GPU idle meanwhile: not before every experiment."""
+    settings = make_stub_workspace(tmp_path, loop={"compile_cache_gb": 6 * fake.SIZE / GIB})
+    ws = open_workspace(settings.workspace_path, settings)
+    ctx = Engine(settings, ws, LocalExecutor(gpus=(0,)), WaveProposer([]), {}, threading.Event()).ctx
+    planted = fake.plant(compile_cache.cache_dir(settings.workspace_path))
+    ctx.cache_measured = time.monotonic()  # walked a moment ago
+    caching.prune_compile_cache(ctx)
+    assert all(_all_or_none(planted).values())  # not walked again yet: nothing pruned
+    ctx.prune_waiting = True  # the asynchronous mode found it past the bound: pruned at once
+    caching.prune_compile_cache(ctx)
+    assert not all(_all_or_none(planted).values())
