@@ -102,7 +102,10 @@ def _worse_edge(kept: Sequence[Point], measured: Sequence[Point], direction: str
     sign = 1 if direction == "minimize" else -1
     worst = sign * max(sign * v for v in core)
     pad = max(max(core) - min(core), 5 * noise_sd(measured), 0.01 * abs(worst))
-    q1, _, q3 = statistics.quantiles([sign * v for v in _metrics(measured)], n=4, method="inclusive")
+    signed = [sign * v for v in _metrics(measured)]
+    if len(signed) < 4:  # too few results to call one far out
+        return None
+    q1, _, q3 = statistics.quantiles(signed, n=4, method="inclusive")
     return sign * max(sign * worst + pad, q3 + 3 * (q3 - q1))
 
 

@@ -875,6 +875,15 @@ def _link(src: Path, dest: Path) -> None:
             pass
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """True also when one cannot be read (a source folder moved away): a link made before is kept,
+    and the run that reads it says what is missing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return True
+
+
 def training_view(data_dir: Path) -> Path:
     """The data dir train.py gets under `run`: its training shards and tokenizer, no validation
     shard (<data_dir>.train next to it, updated in place; safe for several slots at once)."""
@@ -885,7 +894,7 @@ def training_view(data_dir: Path) -> Path:
     view = data_dir.parent / f"{data_dir.name}.train"
     (view / TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
     for path in train_paths:
-        if os.path.samefile(path, val_path):
+        if path.resolve() == val_path.resolve():  # links to one file (a source folder's shards are links)
             raise DataError(f"{path.name} and {val_path.name} in {data_dir} are one file ({path.resolve()}): train.py"
                             " would train on the text that scores it; run `nightlab prepare` again")
     wanted = {p.name for p in train_paths}
@@ -896,7 +905,7 @@ def training_view(data_dir: Path) -> Path:
         entry = view / path.name
         if not entry.exists():
             _link(path.resolve(), entry)
-        elif not os.path.samefile(entry, path):  # the name now holds another file (prepared again)
+        elif not _same_file(entry, path):  # the name now holds another file (prepared again)
             fresh = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
             fresh.unlink(missing_ok=True)
             _link(path.resolve(), fresh)
