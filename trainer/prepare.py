@@ -953,6 +953,10 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     env = dict(os.environ if environ is None else environ)
     env[ENV_RUN_STARTED] = f"{started:.3f}"
     env["PYTHONUNBUFFERED"] = "1"  # progress lines reach the log as they happen (stall detection)
+    # The run shares the CPU with the daemon, the engine and the bot: OpenMP workers spinning while they
+    # wait take the cores the others need (a tiny CPU run trained 1.5-4x slower on a busy 2-core box).
+    # They sleep instead; a policy set in the environment wins.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     artifact = Path(env.get(ENV_ARTIFACT_DIR, "").strip() or DEFAULT_ARTIFACT_DIR).resolve()
     shutil.rmtree(artifact, ignore_errors=True)  # never score a model an earlier run left
     artifact.mkdir(parents=True)

@@ -19,12 +19,14 @@ from tests.fakes.scripted_proposer import ScriptedProposer
 TRAINER = Path(__file__).resolve().parents[2] / "trainer"
 
 
-def test_baseline_with_the_real_tiny_trainer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_baseline_with_the_real_tiny_trainer(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            stdlib_data: tuple[Path, Path]) -> None:
     if not all((TRAINER / name).exists() for name in ("train.py", "prepare.py", "profiles.py")):
         pytest.skip("the built-in trainer (trainer/train.py, prepare.py, profiles.py) is not there yet")
     settings = settings_from_table({
         "workspace": {"path": str(tmp_path / "ws"), "tag": "tiny"},
-        "data": {"source": "stdlib", "cache_dir": str(tmp_path / "cache")},
+        # the session's stdlib data (its tokenizer trained on less text): this night needs no other
+        "data": {"source": "stdlib", "cache_dir": str(stdlib_data[0])},
         "trainer": {"profile": "tiny"},
     })
     ws = init_workspace(settings.workspace_path, "tiny", settings, say=lambda _: None)

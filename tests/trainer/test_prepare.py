@@ -606,6 +606,22 @@ def test_run_passes_training_output_on_but_never_as_a_result(tmp_path: Path, mon
     assert summary.get("val_bpb") == 1.5 and summary.get("claimed_val_bpb") == 0.1 and summary.rejected is None
 
 
+@pytest.mark.parametrize(("set_by_user", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_run_lets_openmp_workers_sleep_unless_told_otherwise(tmp_path: Path, monkeypatch, capfd, set_by_user,
+                                                              expected) -> None:
+    """Training and scoring share the CPU with the daemon: their OpenMP workers must not spin."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    if set_by_user is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", set_by_user)
+    show = "import os\nprint('{}', os.environ.get('OMP_WAIT_POLICY'))\n"
+    assert P.run(_script(tmp_path, "t.py", show.format("train")), _script(tmp_path, "s.py", show.format("score"))) == 0
+    out = capfd.readouterr().out
+    assert f"train {expected}\n" in out and f"score {expected}\n" in out
+
+
 def test_run_stops_when_training_fails(tmp_path: Path, monkeypatch, capfd) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
