@@ -81,6 +81,8 @@ class FakeSlack:
         self._ws_server.close()
         self._run(self._ws_server.wait_closed())
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._threads[1].join(10)
+        self._loop.close()  # left to the garbage collector, its close raised "Invalid file descriptor"
         self._http.shutdown()
         self._http.server_close()
 
