@@ -105,7 +105,7 @@ class BotService:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         try:
-            store = Store.for_workspace(self.workspace)
+            store = Store.for_workspace(self.workspace, follow=True)  # marks where the next start reads (the daemon's)
             outbox = Outbox(store, self.channels, self.settings.digest, self._tuning, secrets=self._secrets)
         finally:
             started.set()

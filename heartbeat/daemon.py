@@ -128,7 +128,9 @@ class Daemon:
         with DaemonLock(self.workspace):
             log.info("nightlab daemon (pid %d) for %s, config %s", os.getpid(), self.workspace, self.config)
             log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
-            store = Store.for_workspace(self.workspace)
+            # following its path: after an agent removed the ledger, the engine writes it back and stops;
+            # this stop, and what the bot sends meanwhile, belong in that file, which the next start reads
+            store = Store.for_workspace(self.workspace, follow=True)
             store.check()  # a damaged ledger said now, not by a night of engine restarts
             store.delete(USER_ERROR_KEY)  # what stopped an earlier engine is not this one's problem
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows

@@ -178,10 +178,15 @@ _ADDED_COLUMNS = (
 
 
 class Store:
-    """A handle on the state database. Cheap to create; safe to use from several threads."""
+    """A handle on the state database. Cheap to create; safe to use from several threads.
 
-    def __init__(self, path: Path) -> None:
+    `follow`: each connection reopens at the path once the file there is another one (the engine
+    wrote back a ledger an agent removed): the daemon and its bot then write where the next start
+    reads, not into the removed file. The engine never follows: it is the one that writes it back."""
+
+    def __init__(self, path: Path, follow: bool = False) -> None:
         self.path = Path(path)
+        self.follow = follow
         self._local = threading.local()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,8 +230,8 @@ class Store:
                         raise
 
     @classmethod
-    def for_workspace(cls, workspace: Path) -> Store:
-        return cls(state_dir(workspace) / DB_FILENAME)
+    def for_workspace(cls, workspace: Path, follow: bool = False) -> Store:
+        return cls(state_dir(workspace) / DB_FILENAME, follow)
 
     @classmethod
     def existing(cls, workspace: Path) -> Store:
@@ -240,6 +245,9 @@ class Store:
     # -- connections -------------------------------------------------------------------------
     def connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
+        if db is not None and self.follow and not db.in_transaction and self.file_id() not in (None, self._local.file):
+            db.close()  # the path names another file now; none (removed, not yet written back): stay
+            db = None
         if db is None:
             # isolation_level=None: we issue BEGIN ourselves, so a transaction is exactly the block.
             db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -248,6 +256,7 @@ class Store:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=30000")
             self._local.db = db
+            self._local.file = self.file_id() if self.follow else None
         return db
 
     @contextmanager

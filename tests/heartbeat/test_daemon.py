@@ -315,3 +315,37 @@ def test_chat_hears_each_start_and_stop_but_not_each_turn_of_a_crash_loop(
     assert fourth.stop() == 0
     back = "🟢 nightlab started; the loop is paused by telegram:1: checking the GPU"
     assert texts()[texts().index(said):] == [said, stopped, back, stopped]
+
+
+def test_after_an_agent_removed_the_ledger_the_next_start_is_honest(harness: Harness, tmp_path: Path, telegram) -> None:
+    """`git clean -fdx` by an agent: the engine wrote the ledger back and stopped, but the daemon and
+    its bot went on in the removed file: the stop and the sent marks went there, so the next start
+    said the daemon before it "did not stop cleanly" and sent the digests of the night again."""
+    workspace, project = _stub_project(tmp_path)
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} clean-all"
+    chat_id = -100
+    config = (f'{project}baseline_runs = 1\nremeasure_every = 0\n[proposer]\nkind = "agent"\n'
+              f'[proposer.agent]\ncommand = "{agent}"\n'
+              f'[telegram]\ntoken = {{ env = "NIGHTLAB_TEST_TG" }}\noperators = [1]\nchats = [{chat_id}]\n'
+              f'api_base = "{telegram.url}"\n')
+    env = {"NIGHTLAB_TEST_TG": telegram.token}
+
+    def texts() -> list[str]:
+        return [m.text for m in telegram.messages(chat_id)]
+
+    telegram.hold("#1 keep", accepted=True)  # the baseline's digest is in flight while the agent cleans
+    first = harness.start(real_engine=True, extra_config=config, channels=True, env=env)
+    assert telegram.holding.wait(60), first.log()
+    wait_until(lambda: "nightlab stopped: the proposer removed the night's ledger" in first.log(),
+               timeout=60, what="the engine to write the ledger back and stop")
+    telegram.release()  # sent now, after the write-back
+    assert first.proc.wait(timeout=60) == 2, first.log()
+    alert = [t for t in texts() if t.startswith("🚨 nightlab stopped: the proposer removed the night's ledger")]
+    assert len(alert) == 1
+
+    said = len(texts())
+    second = harness.start(real_engine=True, extra_config=config, channels=True, env=env, name="second")
+    wait_until(lambda: any(t.startswith("🟢") for t in texts()[said:]), timeout=60, what="the second start in chat",
+               abort=lambda: second.proc.poll() is not None and second.log())
+    assert [t for t in texts()[said:] if t.startswith("🟢")] == ["🟢 nightlab started"]  # the stop was stored
+    assert [t for t in texts() if t.startswith("🏆 #1 keep")] == [texts()[1]]  # not sent again
