@@ -125,7 +125,7 @@ class Daemon:
         setup_logging([*secrets.values(), *environment_secrets()])
         notifier = Notifier.from_environ()
         self.workspace.mkdir(parents=True, exist_ok=True)  # `--workspace PATH` creates it
-        with DaemonLock(self.workspace):
+        with DaemonLock(self.workspace) as lock:
             log.info("nightlab daemon (pid %d) for %s, config %s", os.getpid(), self.workspace, self.config)
             log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
             # following its path: after an agent removed the ledger, the engine writes it back and stops;
@@ -152,7 +152,7 @@ class Daemon:
             notifier.ready("starting")
             error: BaseException | None = None
             try:
-                self._serve(heartbeat, scheduler, secrets)
+                self._serve(heartbeat, scheduler, secrets, lock)
             except BaseException as exc:
                 error = exc
                 raise
@@ -167,7 +167,7 @@ class Daemon:
                 log.info("nightlab daemon stopped (%s)", self._why or "error")
         return self._exit_code
 
-    def _serve(self, heartbeat: Heartbeat, scheduler: BackgroundScheduler, secrets: Secrets) -> None:
+    def _serve(self, heartbeat: Heartbeat, scheduler: BackgroundScheduler, secrets: Secrets, lock: DaemonLock) -> None:
         if self.options.prepare:
             self._init_workspace(heartbeat)
         if self.options.channels:
@@ -184,6 +184,7 @@ class Daemon:
         heartbeat.start_engine()
         looked = time.monotonic()
         while not self._stop.wait(SETTLE_S):
+            self._keep(lock)
             if self._start is not None and self._engine_up(heartbeat):
                 lifecycle.say_started(heartbeat.store, self._start, time.time())
                 self._start = None  # looked at once: said, or counted for the next start said
@@ -193,6 +194,14 @@ class Daemon:
             if time.monotonic() - looked >= CONFIG_LOOK_S:
                 looked = time.monotonic()
                 self._notice_edit()
+
+    def _keep(self, lock: DaemonLock) -> None:
+        """The lock file put back if removed; one who took the workspace meanwhile is not shared with."""
+        other = lock.keep()
+        if other is not None:
+            log.error("another nightlab (pid %s) took %s while its lock file was removed; this one stops",
+                      other, self.workspace)
+            self.request_stop("another nightlab took the workspace")
 
     @staticmethod
     def _engine_up(heartbeat: Heartbeat) -> bool:

@@ -47,11 +47,13 @@ from nightlab.loop.state.store import DB_FILENAME, Store, state_dir, unusable
 from nightlab.loop.workspace import open_workspace
 
 
-def _proposer_tick(store: Store, stop: threading.Event) -> None:
+def _proposer_tick(store: Store, stop: threading.Event, lock: EngineLock) -> None:
     """Called about once a second while a slow proposer works (an agent, for minutes): liveness
-    for the heartbeat and a way out on stop. Steering commands wait until the proposal is in,
-    because the proposer owns the working tree until then."""
+    for the heartbeat, the lock file put back if the agent removed it, and a way out on stop.
+    Steering commands wait until the proposal is in, because the proposer owns the working tree
+    until then."""
     store.set("engine.tick", time.time())
+    lock.keep()
     if stop.is_set():
         raise ProposalError("the engine is stopping")
 
@@ -78,7 +80,7 @@ def run_engine(
         if proposer is None:
             from nightlab.loop.proposers import make_proposer
 
-            proposer = make_proposer(settings, tick=lambda: _proposer_tick(ws.store, stop))
+            proposer = make_proposer(settings, tick=lambda: _proposer_tick(ws.store, stop, lock))
         # Quiet: the daemon prepared the data and said so just before starting this process.
         env = run_environment(ws, settings, lambda _: None, prepared=prepared_data)
         engine = Engine(settings, ws, executor or make_executor(settings), proposer, env, stop, parent_pid, handed)

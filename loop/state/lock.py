@@ -50,6 +50,28 @@ class PidLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
+    def keep(self) -> int | None:
+        """Put the lock file back where it was removed (an agent's `git clean -fdx`, `rm -rf .nightlab`):
+        the lock held on the removed file is no one else's to see, and a second daemon or engine would
+        start on the workspace beside this one. None when held (again); else the pid of the one that
+        took it while it was gone."""
+        if self._fd is None:
+            return None
+        try:
+            st = self.path.stat()
+            held = os.fstat(self._fd)
+            if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                return None
+        except FileNotFoundError:
+            pass
+        old = self._fd
+        try:
+            self.acquire()
+        except LockHeld as exc:
+            return exc.pid or -1
+        os.close(old)
+        return None
+
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)  # a reader never sees our pid after we are gone

@@ -349,3 +349,21 @@ def test_after_an_agent_removed_the_ledger_the_next_start_is_honest(harness: Har
                abort=lambda: second.proc.poll() is not None and second.log())
     assert [t for t in texts()[said:] if t.startswith("🟢")] == ["🟢 nightlab started"]  # the stop was stored
     assert [t for t in texts() if t.startswith("🏆 #1 keep")] == [texts()[1]]  # not sent again
+
+
+def test_a_daemon_whose_lock_file_was_removed_still_refuses_a_second(harness: Harness, tmp_path: Path) -> None:
+    """`rm -rf .nightlab` (or an agent's `git clean -fdx`) removed daemon.lock: the first daemon held
+    its lock on the removed file, so a second `nightlab run` started on the same workspace beside it."""
+    first = harness.start()
+    wait_until(lambda: first.store.get("engine.tick"), what="the engine to tick")
+    lock = first.workspace / ".nightlab" / "daemon.lock"
+    lock.unlink()
+    wait_until(lambda: lock.is_file() and lock.read_text().strip() == str(first.proc.pid),
+               what="the daemon to put its lock file back")
+    second = subprocess.run(
+        [sys.executable, "-m", "nightlab.heartbeat.cli", "run",
+         "--config", str(write_config(tmp_path / "second.toml")), "--workspace", str(first.workspace)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert f"nightlab is already running for {first.workspace} (pid {first.proc.pid})" in second.stderr
+    assert first.proc.poll() is None and first.stop() == 0

@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger, views
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.lock import EngineLock, LockHeld
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
@@ -657,6 +659,35 @@ def test_an_agent_that_removes_the_ledger_stops_the_loop_with_the_ledger_written
     store = Store.for_workspace(settings.workspace_path)
     assert [e.status for e in ledger.experiments(store)] == ["keep"]  # the baseline, as it was
     assert store.get("engine.user_error").startswith("the proposer removed the night's ledger")
+
+
+def test_an_engine_whose_lock_file_an_agent_removed_still_refuses_a_second(tmp_path: Path) -> None:
+    """The agent's `git clean -fdx` removed engine.lock: the engine held its lock on the removed file,
+    so a second engine on the workspace took a new one while the agent worked on."""
+    gate = tmp_path / "gate"
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} clean-all {gate}"
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})
+    lock = settings.workspace_path / ".nightlab" / "engine.lock"
+    ended: list[BaseException | int] = []
+
+    def engine() -> None:
+        try:
+            ended.append(run_engine(settings, 3))
+        except BaseException as exc:  # noqa: BLE001 -- asserted below
+            ended.append(exc)
+
+    thread = threading.Thread(target=engine, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: not (settings.workspace_path / ".nightlab" / "state.db").exists(), what="the agent to clean")
+        wait_until(lambda: lock.is_file() and lock.read_text().strip() == str(os.getpid()),
+                   what="the engine to put its lock file back", abort=lambda: ended and f"the engine ended: {ended}")
+        with pytest.raises(LockHeld, match=f"another nightlab engine \\(pid {os.getpid()}\\) is running"):
+            EngineLock(settings.workspace_path).acquire()
+    finally:
+        gate.touch()
+        thread.join(60)
+    assert isinstance(ended[0], UserError) and str(ended[0]).startswith("the proposer removed the night's ledger")
 
 
 def test_an_engine_on_a_damaged_ledger_stops_with_what_to_do(tmp_path: Path) -> None:
