@@ -68,12 +68,30 @@ class SecondOpinion:
         return gain(self.kept, self.base, self.direction)
 
     @property
+    def metrics(self) -> dict[str, float]:
+        return {HELDOUT_GAIN: self.gain}
+
+    @property
     def suspect(self) -> bool:
         return suspect({HELDOUT_GAIN: self.gain})
 
     def text(self) -> str:
         verdict = "SUSPECT: the gain vanishes there" if self.suspect else "holds"
         return f"held-out slice {self.slice}: {self.kept:.6f} vs {self.base:.6f} ({self.gain:+.6f}), {verdict}"
+
+
+@dataclass(frozen=True)
+class NoOpinion:
+    """A keep the held-out slice could not judge, and why: said in its reason, not left out silently."""
+
+    why: str
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def text(self) -> str:
+        return f"no held-out second opinion: {self.why}"
 
 
 def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: int) -> float | None:
@@ -101,11 +119,18 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
 
 
 def second_opinion(ws: Workspace, env: dict[str, str], kept: str, base: str, slice_index: int,
-                   direction: str = "minimize") -> SecondOpinion | None:
+                   direction: str = "minimize") -> SecondOpinion | NoOpinion:
     """Score the kept commit and the one it replaced on held-out slice `slice_index` (rows after
-    the validation rows, never used for a decision); None when either model is not there."""
+    the validation rows, never used for a decision); NoOpinion when a model is not there (an
+    agent's `git clean -x` took the state folder's) or its scoring failed."""
+    root = state_dir(ws.path) / ARTIFACTS_DIRNAME
+    gone = [c[:7] for c in (kept, base) if not (root / c / "model.pt").is_file()]
+    if gone:
+        return NoOpinion(f"the model of {' and '.join(gone)} is not in {root} (removed?); the next keep is"
+                         " compared with this one's")
     kept_bpb = heldout_bpb(ws, env, kept, slice_index)
     base_bpb = heldout_bpb(ws, env, base, slice_index) if kept_bpb is not None else None
     if kept_bpb is None or base_bpb is None:
-        return None
+        return NoOpinion(f"the harness could not score the model of {(base if kept_bpb else kept)[:7]} on held-out"
+                         f" slice {slice_index} (python harness.py score --split heldout)")
     return SecondOpinion(slice_index, kept_bpb, base_bpb, direction)

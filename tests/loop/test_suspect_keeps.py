@@ -111,3 +111,23 @@ def test_a_kept_model_that_cannot_be_copied_is_said_and_leaves_no_half_copy(tmp_
     assert out.stdout == (f"could not keep the kept model of abcdef0 in {where} ([Errno 27] File too large) for the"
                           f" held-out second opinion: free space there (`df -h {where}`), then start nightlab again\n"
                           "[]\n"), out.stderr
+
+
+def test_a_keep_whose_models_an_agent_removed_says_it_got_no_second_opinion(tmp_path: Path) -> None:
+    """An agent's `git clean -fdx` took .nightlab/artifacts: the next keep was recorded without a
+    held-out score and without a word why, as if the second opinion did not exist."""
+    from nightlab.loop.second_opinion import NoOpinion, second_opinion
+    from nightlab.loop.workspace import open_workspace
+
+    from tests.fakes.loop_workspace import make_stub_workspace
+
+    settings = make_stub_workspace(tmp_path)
+    ws = open_workspace(settings.workspace_path, settings)
+    root = ws.path / ".nightlab" / "artifacts"
+    kept, base = "a" * 40, "b" * 40
+    (root / kept).mkdir(parents=True)
+    (root / kept / "model.pt").write_bytes(b"the model just kept")  # the base's went with the clean
+    opinion = second_opinion(ws, {}, kept, base, 0)
+    assert opinion == NoOpinion(f"the model of bbbbbbb is not in {root} (removed?); the next keep is compared"
+                                " with this one's")
+    assert opinion.text().startswith("no held-out second opinion: the model of bbbbbbb") and opinion.metrics == {}
