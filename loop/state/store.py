@@ -187,6 +187,7 @@ class Store:
     def __init__(self, path: Path, follow: bool = False) -> None:
         self.path = Path(path)
         self.follow = follow
+        self._made = False  # the file made (or found) and its schema in place
         self._local = threading.local()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +195,7 @@ class Store:
             self.connection().executescript(_SCHEMA)  # idempotent; executescript commits by itself
             self._add_missing_columns()
             self.connection().execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._made = True
         except (OSError, sqlite3.DatabaseError) as exc:
             if "locked" in str(exc):  # another process's long write: transient, not the user's to fix
                 raise
@@ -250,7 +252,10 @@ class Store:
             db = None
         if db is None:
             # isolation_level=None: we issue BEGIN ourselves, so a transaction is exactly the block.
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            # a follower's thread never makes the file: an empty one made in the folder a lock put back,
+            # before the engine writes the ledger back, would be followed by every thread until then
+            where = f"{self.path.absolute().as_uri()}?mode=rw" if self.follow and self._made else str(self.path)
+            db = sqlite3.connect(where, uri=True, timeout=30.0, isolation_level=None)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")

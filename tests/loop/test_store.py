@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,27 @@ def test_a_new_database_carries_its_schema_version(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     Store(path)
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_a_following_store_makes_no_empty_ledger_while_the_removed_one_is_not_written_back(tmp_path: Path) -> None:
+    """The daemon's store follows the file the engine writes back after an agent's `git clean -fdx`;
+    meanwhile a new thread of the daemon (a heartbeat job) made an empty database in the folder its
+    lock file was put back in, and every thread followed that one, without tables, until then."""
+    store = Store.for_workspace(tmp_path, follow=True)
+    store.set("night", 1)
+    shutil.rmtree(tmp_path / ".nightlab")
+    (tmp_path / ".nightlab").mkdir()  # the daemon's lock file put back
+    failed: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            store.get("night")
+        except sqlite3.OperationalError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+    assert [str(e) for e in failed] == ["unable to open database file"]
+    assert not (tmp_path / ".nightlab" / "state.db").exists()
+    assert store.get("night") == 1  # this thread still reads the removed file, until it is written back
