@@ -62,13 +62,15 @@ class PidLock:
             held = os.fstat(self._fd)
             if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
                 return None
-        except FileNotFoundError:
+        except OSError:  # gone, or its folder replaced: put back below
             pass
         old = self._fd
         try:
             self.acquire()
         except LockHeld as exc:
             return exc.pid or -1
+        except OSError:  # the folder not writable just now: tried again at the next call
+            return None
         os.close(old)
         return None
 
