@@ -789,8 +789,10 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
 
     paths = _split_paths("val", data_dir)
     tok_hash = hashlib.sha256((Path(data_dir) / TOKENIZER_FILE).read_bytes()).hexdigest()[:12]
-    stat_ = paths[0].stat()
-    key = f"{tok_hash}-{paths[0].name}-{stat_.st_size}-T{T}-rows{start}+{n}"
+    # Keyed by the shard's content, not its name and size: a validation file replaced by one of the
+    # same size (or another file under the shard's name) had its runs scored on the old file's rows.
+    val_hash = _file_digest(paths[0])
+    key = f"{tok_hash}-{val_hash}-T{T}-rows{start}+{n}"
     path = Path(data_dir) / EVAL_CACHE_DIR / f"{key}.pt"
     if path.is_file():
         try:
@@ -806,16 +808,30 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
             rows_list.append(row)
         if len(rows_list) == n:
             break
-    if epoch > 1 and start > 0:
-        print(f"note: the validation shard has fewer than {start + n} rows of {T + 1}; held-out rows repeat its text",
-              file=sys.stderr)
     rows = torch.tensor(rows_list, dtype=torch.int32)
+    if not (rows != tokenizer.get_bos_token_id()).any():  # nothing to score: bpb would divide by zero bytes
+        raise DataError(f"{_origin(paths[0])}, the validation shard, holds no text (every `text` is empty): put"
+                        " documents in it, or make a file with text the last by name, and run `nightlab prepare`")
+    if epoch > 1:  # the loader went round the shard (its buffer too): do the rows hold more than it does?
+        held = sum(len(doc) + 1 for docs in _row_groups(paths[0]) for doc in tokenizer.encode([d or "" for d in docs]))
+        if held < (start + n) * (T + 1):
+            print(f"note: the validation shard {_origin(paths[0])} holds {held:,} tokens, fewer than the"
+                  f" {(start + n) * (T + 1):,} these rows need: {'held-out rows repeat' if start else 'the scored rows repeat'}"
+                  f" its text ({ENV_EVAL_TOKENS} sets how many are scored); a larger last file scores more", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     torch.save(rows, tmp)
     os.replace(tmp, path)
     return rows
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def evaluate_bpb(model: Any, tokenizer: Tokenizer, batch_size: int) -> float:

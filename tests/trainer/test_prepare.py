@@ -578,6 +578,55 @@ def test_eval_rows_are_the_validation_loader_rows_tokenized_once(
     assert torch.equal(later, P.cached_rows(tokenizer, data_dir, 32, 0, 12)[6:])
 
 
+def _folder_with_validation(data_dir: Path, tmp_path: Path, validation: list[str]) -> Path:
+    """A data dir of a local folder (the module's tokenizer) whose last file holds `validation`."""
+    source = tmp_path / "folder"
+    source.mkdir(exist_ok=True)
+    (source / "a.parquet").write_bytes(tiny_shard_bytes("a"))
+    pq.write_table(pa.table({"text": validation}), source / "z.parquet", compression="none", use_dictionary=False)
+    ours = tmp_path / "local-x"
+    (ours / "tokenizer").mkdir(parents=True, exist_ok=True)
+    shutil.copy(data_dir / P.TOKENIZER_FILE, ours / P.TOKENIZER_FILE)
+    P._link_local_shards(source, -1, ours, lambda _: None)
+    return ours
+
+
+def test_a_validation_file_replaced_by_one_of_the_same_size_is_scored_on_its_own_rows(
+    data_dir: Path, tokenizer: P.Tokenizer, tmp_path: Path
+) -> None:
+    """The scored rows were cached under the shard's name and size: a last file replaced by another of
+    the same size (a regenerated split) was scored on the old file's rows, while the setting (its
+    content's digest) said new text."""
+    ours = _folder_with_validation(data_dir, tmp_path, ["the old validation text " * 40] * 50)
+    old = P.cached_rows(tokenizer, ours, 32, 0, 6)
+    before = (tmp_path / "folder" / "z.parquet").stat().st_size
+    ours = _folder_with_validation(data_dir, tmp_path, ["the new validation text " * 40] * 50)
+    assert (tmp_path / "folder" / "z.parquet").stat().st_size == before
+    new = P.cached_rows(tokenizer, ours, 32, 0, 6)
+    assert not torch.equal(new, old)
+    assert tokenizer.decode(new[0].tolist()).startswith("<|reserved_0|>the new validation text")
+
+
+def test_a_validation_shard_without_text_is_a_data_problem_naming_it(
+    data_dir: Path, tokenizer: P.Tokenizer, tmp_path: Path
+) -> None:
+    """Only empty strings: every row was BOS, no byte to score, and the scorer died dividing by zero."""
+    ours = _folder_with_validation(data_dir, tmp_path, [""] * 20)
+    with pytest.raises(P.DataError, match=r"folder/z.parquet, the validation shard, holds no text .* `nightlab prepare`"):
+        P.cached_rows(tokenizer, ours, 32, 0, 6)
+
+
+def test_a_validation_shard_smaller_than_the_scored_rows_is_said(
+    data_dir: Path, tokenizer: P.Tokenizer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    ours = _folder_with_validation(data_dir, tmp_path, ["a short validation text"] * 3)
+    P.cached_rows(tokenizer, ours, 32, 0, 6)
+    assert "folder/z.parquet holds 18 tokens, fewer than the 198 these rows need: the scored rows repeat its text" \
+        in capfd.readouterr().err
+    P.cached_rows(tokenizer, data_dir, 32, 0, 6)  # a shard that holds them: nothing said
+    assert "note:" not in capfd.readouterr().err
+
+
 def _script(tmp_path: Path, name: str, body: str) -> str:
     path = tmp_path / name
     path.write_text(body)
