@@ -713,6 +713,32 @@ def _split_paths(split: str, data_dir: Path) -> list[Path]:
     return [val_path]
 
 
+def _tokenized_batches(tokenizer: Tokenizer, paths: list[Path], keep_docs: int) -> Iterator[tuple[list[list[int]], int]]:
+    """`_document_batches` tokenized, BOS first. Shards of at most `keep_docs` documents in all (the
+    loader's buffer, which then holds every one of them anyway) are tokenized once and replayed: the
+    buffer went round such shards many times, tokenizing each document again on every round and
+    holding a copy per round (a validation shard of one 8M-character row had not been scored after 2
+    minutes). The same rows either way: nothing changes a tokenized document."""
+    bos = tokenizer.get_bos_token_id()
+    kept: list[list[list[int]]] | None = []
+    count = 0
+    for docs, epoch in _document_batches(paths):
+        if epoch > 1 and kept is not None:
+            break
+        encoded = tokenizer.encode(docs, prepend=bos)
+        if kept is not None:
+            count += len(encoded)
+            kept.append(encoded)
+            if count > keep_docs:  # larger shards: read again each round, as always
+                kept = None
+        yield encoded, epoch
+    epoch = 2
+    while kept is not None:
+        for encoded in kept:
+            yield encoded, epoch
+        epoch += 1
+
+
 def packed_rows(tokenizer: Tokenizer, paths: list[Path], T: int, buffer_size: int = 1000) -> Iterator[tuple[list[int], int]]:
     """Endless (row of T+1 token ids, epoch): BOS-aligned best-fit packing (upstream's).
 
@@ -720,8 +746,7 @@ def packed_rows(tokenizer: Tokenizer, paths: list[Path], T: int, buffer_size: in
     that fits the rest of the row, and when none fits, crops the shortest to fill it exactly.
     No padding. Deterministic for given shards."""
     row_capacity = T + 1
-    batches = _document_batches(paths)
-    bos = tokenizer.get_bos_token_id()
+    batches = _tokenized_batches(tokenizer, paths, buffer_size)
     doc_buffer: list[list[int]] = []
     epoch = 1
     while True:
@@ -729,7 +754,7 @@ def packed_rows(tokenizer: Tokenizer, paths: list[Path], T: int, buffer_size: in
         while len(row) < row_capacity:
             while len(doc_buffer) < buffer_size:
                 docs, epoch = next(batches)
-                doc_buffer.extend(tokenizer.encode(docs, prepend=bos))
+                doc_buffer.extend(docs)
             remaining = row_capacity - len(row)
             best_idx, best_len = -1, 0
             for i, doc in enumerate(doc_buffer):
@@ -812,12 +837,12 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
     if not (rows != tokenizer.get_bos_token_id()).any():  # nothing to score: bpb would divide by zero bytes
         raise DataError(f"{_origin(paths[0])}, the validation shard, holds no text (every `text` is empty): put"
                         " documents in it, or make a file with text the last by name, and run `nightlab prepare`")
-    if epoch > 1:  # the loader went round the shard (its buffer too): do the rows hold more than it does?
-        held = sum(len(doc) + 1 for docs in _row_groups(paths[0]) for doc in tokenizer.encode([d or "" for d in docs]))
-        if held < (start + n) * (T + 1):
-            print(f"note: the validation shard {_origin(paths[0])} holds {held:,} tokens, fewer than the"
-                  f" {(start + n) * (T + 1):,} these rows need: {'held-out rows repeat' if start else 'the scored rows repeat'}"
-                  f" its text ({ENV_EVAL_TOKENS} sets how many are scored); a larger last file scores more", file=sys.stderr)
+    distinct = len({tuple(row) for row in rows_list})
+    if distinct < n:  # a shard of few documents, or of documents longer than a row (cut to their first tokens)
+        print(f"note: only {distinct} of the {n} {'held-out' if start else 'scored'} rows differ: the validation shard"
+              f" {_origin(paths[0])} holds too few documents for them (one longer than a row is cut to its first"
+              f" {T + 1} tokens; {ENV_EVAL_TOKENS} sets how many are scored); a last file with more scores more text",
+              file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)

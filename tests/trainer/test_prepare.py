@@ -616,13 +616,25 @@ def test_a_validation_shard_without_text_is_a_data_problem_naming_it(
         P.cached_rows(tokenizer, ours, 32, 0, 6)
 
 
-def test_a_validation_shard_smaller_than_the_scored_rows_is_said(
-    data_dir: Path, tokenizer: P.Tokenizer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("validation", [["a short validation text"] * 3, ["one long document " * 200_000]],
+                         ids=["few documents", "one huge row"])
+def test_a_validation_shard_too_small_for_the_scored_rows_is_said_and_tokenized_once(
+    data_dir: Path, tokenizer: P.Tokenizer, tmp_path: Path, capfd: pytest.CaptureFixture[str], validation: list[str]
 ) -> None:
-    ours = _folder_with_validation(data_dir, tmp_path, ["a short validation text"] * 3)
-    P.cached_rows(tokenizer, ours, 32, 0, 6)
-    assert "folder/z.parquet holds 18 tokens, fewer than the 198 these rows need: the scored rows repeat its text" \
-        in capfd.readouterr().err
+    """The rows then repeat its text, said nowhere. And the loader's 1000-document buffer went round
+    such a shard again and again, tokenizing every document anew each time: a validation shard of one
+    8M-character row was never scored."""
+    ours = _folder_with_validation(data_dir, tmp_path, validation)
+    encoded: list[int] = []
+
+    class Counting(P.Tokenizer):
+        def encode(self, text, prepend=None, num_threads=8):  # type: ignore[no-untyped-def]
+            encoded.append(len(text))
+            return super().encode(text, prepend, num_threads)
+
+    P.cached_rows(Counting(tokenizer.enc), ours, 32, 0, 6)
+    assert "of the 6 scored rows differ: the validation shard" in capfd.readouterr().err
+    assert encoded == [len(validation)]  # each document once
     P.cached_rows(tokenizer, data_dir, 32, 0, 6)  # a shard that holds them: nothing said
     assert "note:" not in capfd.readouterr().err
 
