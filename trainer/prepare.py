@@ -409,12 +409,10 @@ def _download_one(url: str, dest: Path, retries: int, backoff_s: float, say: Pro
     raise PrepareError(f"{url}: failed after {retries} attempts; last error: {last_error}")
 
 
-def _link_local_shards(source_dir: Path, shards: int, data_dir: Path, say: Progress) -> None:
-    """Link (or copy, where links are impossible) a folder's parquet files into the data dir.
-
-    Files are taken in name order and keep their position as shard index, so the last one
-    stays the validation shard: shard_00000.. for the first `shards`, plus the last file.
-    """
+def local_shards(source_dir: Path, shards: int) -> list[tuple[int, Path]]:
+    """The (shard index, file) pairs a folder gives, each checked: files are taken in name order and
+    keep their position as shard index, so the last one stays the validation shard: shard_00000..
+    for the first `shards`, plus the last file. `nightlab doctor` asks it too (a bad file fails the run)."""
     files = sorted(p for p in source_dir.glob("*.parquet") if p.is_file())
     if len(files) < 2:
         raise PrepareError(
@@ -429,6 +427,14 @@ def _link_local_shards(source_dir: Path, shards: int, data_dir: Path, say: Progr
         problem = parquet_problem(src)
         if problem is not None:
             raise PrepareError(f"{src} is not a usable shard: {problem}. Shards need rows with a string column `text`.")
+    return chosen
+
+
+def _link_local_shards(source_dir: Path, shards: int, data_dir: Path, say: Progress) -> None:
+    """Link (or copy, where links are impossible) a folder's parquet files (`local_shards`) into the data dir."""
+    chosen = local_shards(source_dir, shards)
+    for dangling in sorted(p for p in source_dir.glob("*.parquet") if p.is_symlink() and not p.exists()):
+        say(f"data: {dangling} is a link to nothing ({os.readlink(dangling)}), left out")
     linked = 0
     for index, src in chosen:
         dest = data_dir / shard_name(index)

@@ -591,6 +591,19 @@ def _folder_with_validation(data_dir: Path, tmp_path: Path, validation: list[str
     return ours
 
 
+def test_a_link_to_nothing_in_the_folder_is_said_not_silently_skipped(tmp_path: Path) -> None:
+    """A link whose target moved away sorted last: the file before it validated, and nothing said why."""
+    source = tmp_path / "folder"
+    source.mkdir()
+    for name in ("a", "b"):
+        (source / f"{name}.parquet").write_bytes(tiny_shard_bytes(name))
+    os.symlink(tmp_path / "elsewhere" / "c.parquet", source / "c.parquet")
+    said: list[str] = []
+    (tmp_path / "local-x").mkdir()
+    P._link_local_shards(source, -1, tmp_path / "local-x", said.append)
+    assert said[0] == f"data: {source / 'c.parquet'} is a link to nothing ({tmp_path / 'elsewhere' / 'c.parquet'}), left out"
+
+
 def test_a_validation_file_replaced_by_one_of_the_same_size_is_scored_on_its_own_rows(
     data_dir: Path, tokenizer: P.Tokenizer, tmp_path: Path
 ) -> None:
