@@ -415,9 +415,12 @@ def local_shards(source_dir: Path, shards: int) -> list[tuple[int, Path]]:
     for the first `shards`, plus the last file. `nightlab doctor` asks it too (a bad file fails the run)."""
     files = sorted(p for p in source_dir.glob("*.parquet") if p.is_file())
     if len(files) < 2:
+        nested = sorted(p for p in source_dir.glob("*/**/*.parquet") if p.is_file())
         raise PrepareError(
-            f"{source_dir} has {len(files)} .parquet file(s); at least 2 are needed "
-            "(training shards + the last one for validation)."
+            f"{source_dir} has {len(files)} .parquet file(s); at least 2 are needed (training shards + the last"
+            " one by name for validation): " + (f"{len(nested)} lie in its subfolders (e.g. {nested[0]}), point the"
+                                                " source at the folder that holds them" if nested else
+                                                "add files, or split the one you have into several")
         )
     count = len(files) - 1 if shards == -1 else min(shards, len(files) - 1)
     if count < 1:

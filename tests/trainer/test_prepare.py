@@ -170,8 +170,12 @@ def test_local_source_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFix
         P.prepare(str(tmp_path / "nope"), 2, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(P.PrepareError, match="0 .parquet file"):
+    with pytest.raises(P.PrepareError, match="0 .parquet file.*: add files, or split the one you have into several"):
         P.prepare(str(tmp_path / "empty"), 2, tmp_path / "cache")
+    write_shards(tmp_path / "hub" / "data", [["a"], ["b"]])  # a dataset's layout: the shards one level down
+    with pytest.raises(P.PrepareError, match=r"2 lie in its subfolders \(e.g. .*hub/data/shard_00000.parquet\), point"
+                                             " the source at the folder that holds them"):
+        P.prepare(str(tmp_path / "hub"), 2, tmp_path / "cache")
     write_shards(tmp_path / "wrong", [["a"], ["b"]], column="content")
     with pytest.raises(P.PrepareError, match="no `text` column"):
         P.prepare(str(tmp_path / "wrong"), 2, tmp_path / "cache")
