@@ -818,7 +818,8 @@ def make_dataloader(
 
 def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int):
     """int32 tensor [n, T+1]: validation rows start..start+n of `packed_rows`, tokenized once per
-    data dir (cached in its eval-cache/, keyed by tokenizer, shard and shape), not once per run."""
+    data dir (cached in its eval-cache/, keyed by the tokenizer, the shard's content and the shape), not
+    once per run. Rows of other text or another tokenizer are removed as these are written."""
     import torch  # lazy: the daemon imports this module and must never load torch
 
     paths = _split_paths("val", data_dir)
@@ -857,6 +858,9 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
     os.close(fd)
     torch.save(rows, tmp)
     os.replace(tmp, path)
+    for other in path.parent.glob("*.pt"):  # no run scores on them again: each can be tens of MB
+        if not other.name.startswith(f"{tok_hash}-{val_hash}-"):
+            other.unlink(missing_ok=True)
     return rows
 
 

@@ -622,6 +622,7 @@ def test_a_validation_file_replaced_by_one_of_the_same_size_is_scored_on_its_own
     new = P.cached_rows(tokenizer, ours, 32, 0, 6)
     assert not torch.equal(new, old)
     assert tokenizer.decode(new[0].tolist()).startswith("<|reserved_0|>the new validation text")
+    assert len(list((ours / P.EVAL_CACHE_DIR).glob("*.pt"))) == 1  # the old text's rows are gone
 
 
 def test_a_validation_shard_without_text_is_a_data_problem_naming_it(
