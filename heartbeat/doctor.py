@@ -295,10 +295,15 @@ def _data_finding(settings: Settings) -> Finding:
     from nightlab.trainer import prepare  # no torch (pyarrow, tokenizers)
 
     source = settings.data.source
-    if not (source in ("climbmix", "stdlib") or source.startswith(("http://", "https://"))
-            or Path(source).expanduser().is_dir()):
+    folder = not (source in ("climbmix", "stdlib") or source.startswith(("http://", "https://")))
+    if folder and not Path(source).expanduser().is_dir():
         return Finding("fail", "data", f"data.source = {source!r} is not a directory",
                        "point data.source at a folder of parquet shards, or use climbmix / stdlib / a mirror URL")
+    if folder:
+        try:  # what `nightlab run` prepares from: a bad file there fails it
+            prepare.local_shards(Path(source).expanduser(), settings.data.shards)
+        except prepare.PrepareError as exc:
+            return Finding("fail", "data", str(exc), "fix or move the file named, then run `nightlab doctor` again")
     data_dir = settings.cache_path / prepare.source_id(source)
     shards = sorted(data_dir.glob(prepare.SHARD_PATTERN)) if data_dir.is_dir() else []
     tokenizer = (data_dir / prepare.TOKENIZER_FILE).is_file()

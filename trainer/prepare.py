@@ -409,17 +409,18 @@ def _download_one(url: str, dest: Path, retries: int, backoff_s: float, say: Pro
     raise PrepareError(f"{url}: failed after {retries} attempts; last error: {last_error}")
 
 
-def _link_local_shards(source_dir: Path, shards: int, data_dir: Path, say: Progress) -> None:
-    """Link (or copy, where links are impossible) a folder's parquet files into the data dir.
-
-    Files are taken in name order and keep their position as shard index, so the last one
-    stays the validation shard: shard_00000.. for the first `shards`, plus the last file.
-    """
+def local_shards(source_dir: Path, shards: int) -> list[tuple[int, Path]]:
+    """The (shard index, file) pairs a folder gives, each checked: files are taken in name order and
+    keep their position as shard index, so the last one stays the validation shard: shard_00000..
+    for the first `shards`, plus the last file. `nightlab doctor` asks it too (a bad file fails the run)."""
     files = sorted(p for p in source_dir.glob("*.parquet") if p.is_file())
     if len(files) < 2:
+        nested = sorted(p for p in source_dir.glob("*/**/*.parquet") if p.is_file())
         raise PrepareError(
-            f"{source_dir} has {len(files)} .parquet file(s); at least 2 are needed "
-            "(training shards + the last one for validation)."
+            f"{source_dir} has {len(files)} .parquet file(s); at least 2 are needed (training shards + the last"
+            " one by name for validation): " + (f"{len(nested)} lie in its subfolders (e.g. {nested[0]}), point the"
+                                                " source at the folder that holds them" if nested else
+                                                "add files, or split the one you have into several")
         )
     count = len(files) - 1 if shards == -1 else min(shards, len(files) - 1)
     if count < 1:
@@ -429,6 +430,14 @@ def _link_local_shards(source_dir: Path, shards: int, data_dir: Path, say: Progr
         problem = parquet_problem(src)
         if problem is not None:
             raise PrepareError(f"{src} is not a usable shard: {problem}. Shards need rows with a string column `text`.")
+    return chosen
+
+
+def _link_local_shards(source_dir: Path, shards: int, data_dir: Path, say: Progress) -> None:
+    """Link (or copy, where links are impossible) a folder's parquet files (`local_shards`) into the data dir."""
+    chosen = local_shards(source_dir, shards)
+    for dangling in sorted(p for p in source_dir.glob("*.parquet") if p.is_symlink() and not p.exists()):
+        say(f"data: {dangling} is a link to nothing ({os.readlink(dangling)}), left out")
     linked = 0
     for index, src in chosen:
         dest = data_dir / shard_name(index)
@@ -713,6 +722,32 @@ def _split_paths(split: str, data_dir: Path) -> list[Path]:
     return [val_path]
 
 
+def _tokenized_batches(tokenizer: Tokenizer, paths: list[Path], keep_docs: int) -> Iterator[tuple[list[list[int]], int]]:
+    """`_document_batches` tokenized, BOS first. Shards of at most `keep_docs` documents in all (the
+    loader's buffer, which then holds every one of them anyway) are tokenized once and replayed: the
+    buffer went round such shards many times, tokenizing each document again on every round and
+    holding a copy per round (a validation shard of one 8M-character row had not been scored after 2
+    minutes). The same rows either way: nothing changes a tokenized document."""
+    bos = tokenizer.get_bos_token_id()
+    kept: list[list[list[int]]] | None = []
+    count = 0
+    for docs, epoch in _document_batches(paths):
+        if epoch > 1 and kept is not None:
+            break
+        encoded = tokenizer.encode(docs, prepend=bos)
+        if kept is not None:
+            count += len(encoded)
+            kept.append(encoded)
+            if count > keep_docs:  # larger shards: read again each round, as always
+                kept = None
+        yield encoded, epoch
+    epoch = 2
+    while kept is not None:
+        for encoded in kept:
+            yield encoded, epoch
+        epoch += 1
+
+
 def packed_rows(tokenizer: Tokenizer, paths: list[Path], T: int, buffer_size: int = 1000) -> Iterator[tuple[list[int], int]]:
     """Endless (row of T+1 token ids, epoch): BOS-aligned best-fit packing (upstream's).
 
@@ -720,8 +755,7 @@ def packed_rows(tokenizer: Tokenizer, paths: list[Path], T: int, buffer_size: in
     that fits the rest of the row, and when none fits, crops the shortest to fill it exactly.
     No padding. Deterministic for given shards."""
     row_capacity = T + 1
-    batches = _document_batches(paths)
-    bos = tokenizer.get_bos_token_id()
+    batches = _tokenized_batches(tokenizer, paths, buffer_size)
     doc_buffer: list[list[int]] = []
     epoch = 1
     while True:
@@ -729,7 +763,7 @@ def packed_rows(tokenizer: Tokenizer, paths: list[Path], T: int, buffer_size: in
         while len(row) < row_capacity:
             while len(doc_buffer) < buffer_size:
                 docs, epoch = next(batches)
-                doc_buffer.extend(tokenizer.encode(docs, prepend=bos))
+                doc_buffer.extend(docs)
             remaining = row_capacity - len(row)
             best_idx, best_len = -1, 0
             for i, doc in enumerate(doc_buffer):
@@ -784,13 +818,16 @@ def make_dataloader(
 
 def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int):
     """int32 tensor [n, T+1]: validation rows start..start+n of `packed_rows`, tokenized once per
-    data dir (cached in its eval-cache/, keyed by tokenizer, shard and shape), not once per run."""
+    data dir (cached in its eval-cache/, keyed by the tokenizer, the shard's content and the shape), not
+    once per run. Rows of other text or another tokenizer are removed as these are written."""
     import torch  # lazy: the daemon imports this module and must never load torch
 
     paths = _split_paths("val", data_dir)
     tok_hash = hashlib.sha256((Path(data_dir) / TOKENIZER_FILE).read_bytes()).hexdigest()[:12]
-    stat_ = paths[0].stat()
-    key = f"{tok_hash}-{paths[0].name}-{stat_.st_size}-T{T}-rows{start}+{n}"
+    # Keyed by the shard's content, not its name and size: a validation file replaced by one of the
+    # same size (or another file under the shard's name) had its runs scored on the old file's rows.
+    val_hash = _file_digest(paths[0])
+    key = f"{tok_hash}-{val_hash}-T{T}-rows{start}+{n}"
     path = Path(data_dir) / EVAL_CACHE_DIR / f"{key}.pt"
     if path.is_file():
         try:
@@ -806,16 +843,33 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
             rows_list.append(row)
         if len(rows_list) == n:
             break
-    if epoch > 1 and start > 0:
-        print(f"note: the validation shard has fewer than {start + n} rows of {T + 1}; held-out rows repeat its text",
-              file=sys.stderr)
     rows = torch.tensor(rows_list, dtype=torch.int32)
+    if not (rows != tokenizer.get_bos_token_id()).any():  # nothing to score: bpb would divide by zero bytes
+        raise DataError(f"{_origin(paths[0])}, the validation shard, holds no text (every `text` is empty): put"
+                        " documents in it, or make a file with text the last by name, and run `nightlab prepare`")
+    distinct = len({tuple(row) for row in rows_list})
+    if distinct < n:  # a shard of few documents, or of documents longer than a row (cut to their first tokens)
+        print(f"note: only {distinct} of the {n} {'held-out' if start else 'scored'} rows differ: the validation shard"
+              f" {_origin(paths[0])} holds too few documents for them (one longer than a row is cut to its first"
+              f" {T + 1} tokens; {ENV_EVAL_TOKENS} sets how many are scored); a last file with more scores more text",
+              file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     torch.save(rows, tmp)
     os.replace(tmp, path)
+    for other in path.parent.glob("*.pt"):  # no run scores on them again: each can be tens of MB
+        if not other.name.startswith(f"{tok_hash}-{val_hash}-"):
+            other.unlink(missing_ok=True)
     return rows
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def evaluate_bpb(model: Any, tokenizer: Tokenizer, batch_size: int) -> float:

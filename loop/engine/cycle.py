@@ -98,6 +98,9 @@ class Engine:
                     self.stop.wait(ctx.settings.loop.checkpoint_interval)
                     continue
                 prune_compile_cache(ctx)  # no candidate open, so no run in flight reads the caches
+                # a local folder's files are links: one rewritten during the night scores what runs next
+                ctx.identify_data()
+                say_setting_change(ctx)
                 planning.new_wave(ctx)
                 busy = True
                 continue

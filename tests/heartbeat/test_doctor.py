@@ -170,6 +170,29 @@ def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_g
     assert code == 1 and lines(out, "FAIL git")[0].endswith("git is not installed (the loop commits every experiment)")
 
 
+def test_a_bad_file_in_the_source_folder_fails_as_the_run_would(tmp_path: Path, fake_gpus, capsys) -> None:
+    """The data was prepared, then the folder's last file replaced by one that is not parquet:
+    doctor said `ok data`, and `nightlab run`, which prepares the folder again first, refused it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nightlab.trainer import prepare
+
+    fake_gpus([])
+    folder = tmp_path / "my shards"
+    folder.mkdir()
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"text": [f"{name} text {i}" for i in range(300)]}), folder / f"{name}.parquet")
+    config = write_config(tmp_path, data={"source": str(folder), "cache_dir": str(tmp_path / "cache")})
+    prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None, tokenizer_max_chars=10_000)
+    code, out = doctor(config, capsys)
+    assert code == 0 and lines(out, "ok   data")
+    (folder / "b.parquet").write_text("not parquet\n")
+    code, out = doctor(config, capsys)
+    assert code == 1 and lines(out, "FAIL data") == [
+        f"FAIL data      {folder / 'b.parquet'} is not a usable shard: no parquet magic at the start. Shards need"
+        " rows with a string column `text`."]
+
+
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system python")
 def test_an_interpreter_without_torch(tmp_path: Path, fake_gpus) -> None:
     python = "/usr/bin/python3"

@@ -133,6 +133,24 @@ def test_a_validation_shard_added_to_the_folder_is_a_new_setting_and_the_best_is
     assert len(_alerts(store)) == 1
 
 
+def test_a_validation_file_rewritten_during_a_night_is_a_new_setting_from_the_next_wave(tmp_path: Path) -> None:
+    """A folder's files are linked into the data dir, not copied: its last file rewritten while the
+    loop ran (no `nightlab prepare`, no restart) changed the text every later run was scored on, and
+    the night went on judging them against the best measured on the old text."""
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    engine = _engine(settings, data_dir)
+    assert engine.run(2) == 0  # the baseline (kept) and a worse proposal
+    _shard(folder / "part_02.parquet", 99)  # the user regenerates the validation split
+    assert engine.run(3) == 0  # the same engine: no start in between
+    one, _, three = ledger.experiments(engine.store)
+    assert (three.kind, three.commit, three.status) == ("baseline", one.commit, "keep")
+    assert three.setting != one.setting
+    [alert] = _alerts(engine.store)
+    assert alert.payload["text"].startswith("the validation shard changed since the last run")
+
+
 def test_data_prepared_again_during_a_pause_is_a_new_setting_from_the_resume_on(tmp_path: Path) -> None:
     """A data problem pauses the loop and asks for `nightlab prepare`; the repair may bring another
     validation shard. Before, the engine found the data only at its start: the runs after /resume

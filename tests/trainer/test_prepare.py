@@ -170,8 +170,12 @@ def test_local_source_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFix
         P.prepare(str(tmp_path / "nope"), 2, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(P.PrepareError, match="0 .parquet file"):
+    with pytest.raises(P.PrepareError, match="0 .parquet file.*: add files, or split the one you have into several"):
         P.prepare(str(tmp_path / "empty"), 2, tmp_path / "cache")
+    write_shards(tmp_path / "hub" / "data", [["a"], ["b"]])  # a dataset's layout: the shards one level down
+    with pytest.raises(P.PrepareError, match=r"2 lie in its subfolders \(e.g. .*hub/data/shard_00000.parquet\), point"
+                                             " the source at the folder that holds them"):
+        P.prepare(str(tmp_path / "hub"), 2, tmp_path / "cache")
     write_shards(tmp_path / "wrong", [["a"], ["b"]], column="content")
     with pytest.raises(P.PrepareError, match="no `text` column"):
         P.prepare(str(tmp_path / "wrong"), 2, tmp_path / "cache")
@@ -576,6 +580,81 @@ def test_eval_rows_are_the_validation_loader_rows_tokenized_once(
     monkeypatch.undo()
     later = P.cached_rows(tokenizer, data_dir, 32, 6, 6)  # a held-out slice: the rows after them
     assert torch.equal(later, P.cached_rows(tokenizer, data_dir, 32, 0, 12)[6:])
+
+
+def _folder_with_validation(data_dir: Path, tmp_path: Path, validation: list[str]) -> Path:
+    """A data dir of a local folder (the module's tokenizer) whose last file holds `validation`."""
+    source = tmp_path / "folder"
+    source.mkdir(exist_ok=True)
+    (source / "a.parquet").write_bytes(tiny_shard_bytes("a"))
+    pq.write_table(pa.table({"text": validation}), source / "z.parquet", compression="none", use_dictionary=False)
+    ours = tmp_path / "local-x"
+    (ours / "tokenizer").mkdir(parents=True, exist_ok=True)
+    shutil.copy(data_dir / P.TOKENIZER_FILE, ours / P.TOKENIZER_FILE)
+    P._link_local_shards(source, -1, ours, lambda _: None)
+    return ours
+
+
+def test_a_link_to_nothing_in_the_folder_is_said_not_silently_skipped(tmp_path: Path) -> None:
+    """A link whose target moved away sorted last: the file before it validated, and nothing said why."""
+    source = tmp_path / "folder"
+    source.mkdir()
+    for name in ("a", "b"):
+        (source / f"{name}.parquet").write_bytes(tiny_shard_bytes(name))
+    os.symlink(tmp_path / "elsewhere" / "c.parquet", source / "c.parquet")
+    said: list[str] = []
+    (tmp_path / "local-x").mkdir()
+    P._link_local_shards(source, -1, tmp_path / "local-x", said.append)
+    assert said[0] == f"data: {source / 'c.parquet'} is a link to nothing ({tmp_path / 'elsewhere' / 'c.parquet'}), left out"
+
+
+def test_a_validation_file_replaced_by_one_of_the_same_size_is_scored_on_its_own_rows(
+    data_dir: Path, tokenizer: P.Tokenizer, tmp_path: Path
+) -> None:
+    """The scored rows were cached under the shard's name and size: a last file replaced by another of
+    the same size (a regenerated split) was scored on the old file's rows, while the setting (its
+    content's digest) said new text."""
+    ours = _folder_with_validation(data_dir, tmp_path, ["the old validation text " * 40] * 50)
+    old = P.cached_rows(tokenizer, ours, 32, 0, 6)
+    before = (tmp_path / "folder" / "z.parquet").stat().st_size
+    ours = _folder_with_validation(data_dir, tmp_path, ["the new validation text " * 40] * 50)
+    assert (tmp_path / "folder" / "z.parquet").stat().st_size == before
+    new = P.cached_rows(tokenizer, ours, 32, 0, 6)
+    assert not torch.equal(new, old)
+    assert tokenizer.decode(new[0].tolist()).startswith("<|reserved_0|>the new validation text")
+    assert len(list((ours / P.EVAL_CACHE_DIR).glob("*.pt"))) == 1  # the old text's rows are gone
+
+
+def test_a_validation_shard_without_text_is_a_data_problem_naming_it(
+    data_dir: Path, tokenizer: P.Tokenizer, tmp_path: Path
+) -> None:
+    """Only empty strings: every row was BOS, no byte to score, and the scorer died dividing by zero."""
+    ours = _folder_with_validation(data_dir, tmp_path, [""] * 20)
+    with pytest.raises(P.DataError, match=r"folder/z.parquet, the validation shard, holds no text .* `nightlab prepare`"):
+        P.cached_rows(tokenizer, ours, 32, 0, 6)
+
+
+@pytest.mark.parametrize("validation", [["a short validation text"] * 3, ["one long document " * 200_000]],
+                         ids=["few documents", "one huge row"])
+def test_a_validation_shard_too_small_for_the_scored_rows_is_said_and_tokenized_once(
+    data_dir: Path, tokenizer: P.Tokenizer, tmp_path: Path, capfd: pytest.CaptureFixture[str], validation: list[str]
+) -> None:
+    """The rows then repeat its text, said nowhere. And the loader's 1000-document buffer went round
+    such a shard again and again, tokenizing every document anew each time: a validation shard of one
+    8M-character row was never scored."""
+    ours = _folder_with_validation(data_dir, tmp_path, validation)
+    encoded: list[int] = []
+
+    class Counting(P.Tokenizer):
+        def encode(self, text, prepend=None, num_threads=8):  # type: ignore[no-untyped-def]
+            encoded.append(len(text))
+            return super().encode(text, prepend, num_threads)
+
+    P.cached_rows(Counting(tokenizer.enc), ours, 32, 0, 6)
+    assert "of the 6 scored rows differ: the validation shard" in capfd.readouterr().err
+    assert encoded == [len(validation)]  # each document once
+    P.cached_rows(tokenizer, data_dir, 32, 0, 6)  # a shard that holds them: nothing said
+    assert "note:" not in capfd.readouterr().err
 
 
 def _script(tmp_path: Path, name: str, body: str) -> str:
