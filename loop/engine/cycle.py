@@ -42,7 +42,7 @@ from nightlab.loop.engine.proposing import propose
 from nightlab.loop.engine.recording import record
 from nightlab.loop.engine.startup import startup
 from nightlab.loop.engine.steering import apply_commands
-from nightlab.loop.engine.upgrading import say_setting_change, upgrade_harness
+from nightlab.loop.engine.upgrading import notice_data_change, upgrade_harness
 from nightlab.loop.executors import Executor
 from nightlab.loop.proposers.base import Proposer
 from nightlab.loop.state import ledger, views
@@ -98,9 +98,7 @@ class Engine:
                     self.stop.wait(ctx.settings.loop.checkpoint_interval)
                     continue
                 prune_compile_cache(ctx)  # no candidate open, so no run in flight reads the caches
-                # a local folder's files are links: one rewritten during the night scores what runs next
-                ctx.identify_data()
-                say_setting_change(ctx)
+                notice_data_change(ctx)  # a file rewritten during the night scores what runs next
                 planning.new_wave(ctx)
                 busy = True
                 continue
@@ -117,11 +115,8 @@ class Engine:
         self.store.set("engine.tick", time.time())
         apply_commands(self.store)
         paused = ledger.paused(self.store) is not None
-        if self._paused and not paused:
-            # a data problem's repair (`nightlab prepare`) happens during the pause it caused: runs
-            # from here on may be scored on another validation shard or tokenizer
-            self.ctx.identify_data()
-            say_setting_change(self.ctx)
+        if self._paused and not paused:  # before a data-failed run is run again, maybe on repaired data
+            notice_data_change(self.ctx)
         self._paused = paused
         live = self.store.get(LIVE_HEARTBEAT_KEY)
         if live is not None and live != self._live:

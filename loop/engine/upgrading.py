@@ -83,6 +83,16 @@ def say_setting_change(ctx: Context) -> None:
     say(text)
 
 
+def notice_data_change(ctx: Context) -> None:
+    """Between waves and at a resume: the data found again (a local folder's files are links, and a
+    data problem's repair happens during its pause); a change is said as at a start. Cheap when
+    nothing changed: two stat calls, no read of the experiments."""
+    before = ctx.setting
+    ctx.identify_data()
+    if ctx.setting != before:
+        say_setting_change(ctx)
+
+
 def _last_setting(store: Store) -> str | None:
     """The setting of the last experiment that ran (one that ended before a run, a proposal that
     failed, has none); None before any."""
