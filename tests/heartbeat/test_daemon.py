@@ -194,6 +194,16 @@ def test_the_chat_token_stays_in_the_daemon(harness: Harness, tmp_path: Path, te
     assert run.proc.poll() is None, run.log()  # the daemon itself had the token: its bot is up
 
 
+def _agent_night(project: str, mode: str, telegram_url: str, chat_id: int) -> str:
+    """A config: one baseline, then tests/fakes/agent_misbehave.py in `mode` as the proposer, and
+    Telegram (its token from NIGHTLAB_TEST_TG)."""
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} {mode}"
+    return (f'{project}baseline_runs = 1\nremeasure_every = 0\n[proposer]\nkind = "agent"\n'
+            f'[proposer.agent]\ncommand = "{agent}"\n'
+            f'[telegram]\ntoken = {{ env = "NIGHTLAB_TEST_TG" }}\noperators = [1]\nchats = [{chat_id}]\n'
+            f'api_base = "{telegram_url}"\n')
+
+
 def test_a_chat_token_an_agent_reads_in_the_daemons_environ_is_starred_wherever_it_is_stored(
     harness: Harness, tmp_path: Path, telegram
 ) -> None:
@@ -201,12 +211,8 @@ def test_a_chat_token_an_agent_reads_in_the_daemons_environ_is_starred_wherever_
     in the daemon's /proc/<pid>/environ and the ledger, the exports, the commit message and the
     engine's log lines kept it as written. Now the daemon hands the engine the value on stdin."""
     workspace, project = _stub_project(tmp_path)
-    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} steal-token NIGHTLAB_TEST_TG"
     chat_id = -100
-    config = (f'{project}baseline_runs = 1\nremeasure_every = 0\n[proposer]\nkind = "agent"\n'
-              f'[proposer.agent]\ncommand = "{agent}"\n'
-              f'[telegram]\ntoken = {{ env = "NIGHTLAB_TEST_TG" }}\noperators = [1]\nchats = [{chat_id}]\n'
-              f'api_base = "{telegram.url}"\n')
+    config = _agent_night(project, "steal-token NIGHTLAB_TEST_TG", telegram.url, chat_id)
     token = telegram.token
     daemon = harness.start(real_engine=True, extra_config=config, max_experiments=2, channels=True,
                            env={"NIGHTLAB_TEST_TG": token})
@@ -322,12 +328,8 @@ def test_after_an_agent_removed_the_ledger_the_next_start_is_honest(harness: Har
     its bot went on in the removed file: the stop and the sent marks went there, so the next start
     said the daemon before it "did not stop cleanly" and sent the digests of the night again."""
     workspace, project = _stub_project(tmp_path)
-    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} clean-all"
     chat_id = -100
-    config = (f'{project}baseline_runs = 1\nremeasure_every = 0\n[proposer]\nkind = "agent"\n'
-              f'[proposer.agent]\ncommand = "{agent}"\n'
-              f'[telegram]\ntoken = {{ env = "NIGHTLAB_TEST_TG" }}\noperators = [1]\nchats = [{chat_id}]\n'
-              f'api_base = "{telegram.url}"\n')
+    config = _agent_night(project, "clean-all", telegram.url, chat_id)
     env = {"NIGHTLAB_TEST_TG": telegram.token}
 
     def texts() -> list[str]:
