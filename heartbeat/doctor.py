@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from nightlab.heartbeat.health import space_used
+from nightlab.heartbeat.health import free_disk_gb, space_used
 from nightlab.loop import hardware
 from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
 from nightlab.loop.state.errors import UserError
@@ -276,10 +276,7 @@ def _disk_findings(settings: Settings) -> list[Finding]:
     out = [Finding("fail", "workspace", problem, "set workspace.path (or --workspace)")] if problem else []
     need = settings.heartbeat.min_free_disk_gb
     for label, path in (("workspace", settings.workspace_path), ("data", settings.cache_path)):
-        existing = path
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        free = shutil.disk_usage(existing).free / 1e9
+        free = free_disk_gb(path)  # as the heartbeat measures it when it pauses the loop
         if free < need:
             used = space_used(settings.workspace_path, settings.cache_path)
             out.append(Finding("fail", "disk", f"{label} {path}: {free:.1f} GB free, under heartbeat.min_free_disk_gb "

@@ -23,7 +23,6 @@ from typing import Any
 from nightlab.loop.state.store import Store
 
 FILES_KEY = "data.files"  # kv: {"validation": {path, size, mtime_ns, inode, sha256}, "tokenizer": {...}}
-_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def identify(store: Store, data_dir: Path) -> DataIdentity | None:
         validation = None
     known = store.get(FILES_KEY) or {}
     files = {}
-    for role, path, digest in (("validation", validation, _content_digest),
+    for role, path, digest in (("validation", validation, lambda p: prepare.file_digest(p)[:16]),
                                ("tokenizer", data_dir / prepare.TOKENIZER_FILE, _tokenizer_digest)):
         entry = (_file(path, known.get(role), digest) if path is not None else None) or known.get(role)
         if entry is None:
@@ -81,14 +80,6 @@ def _file(path: Path, known: dict[str, Any] | None, digest: Callable[[Path], str
         return {**seen, "sha256": digest(path)}
     except OSError:
         return None
-
-
-def _content_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _tokenizer_digest(path: Path) -> str:

@@ -826,7 +826,7 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
     tok_hash = hashlib.sha256((Path(data_dir) / TOKENIZER_FILE).read_bytes()).hexdigest()[:12]
     # Keyed by the shard's content, not its name and size: a validation file replaced by one of the
     # same size (or another file under the shard's name) had its runs scored on the old file's rows.
-    val_hash = _file_digest(paths[0])
+    val_hash = file_digest(paths[0])[:12]
     key = f"{tok_hash}-{val_hash}-T{T}-rows{start}+{n}"
     path = Path(data_dir) / EVAL_CACHE_DIR / f"{key}.pt"
     if path.is_file():
@@ -864,12 +864,14 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
     return rows
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content (hex), read in blocks: a shard may be gigabytes. The engine's
+    record of what runs are scored on (loop/dataid.py) hashes the validation shard with it too."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()
 
 
 def evaluate_bpb(model: Any, tokenizer: Tokenizer, batch_size: int) -> float:
