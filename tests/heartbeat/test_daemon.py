@@ -346,11 +346,14 @@ def test_after_an_agent_removed_the_ledger_the_next_start_is_honest(harness: Har
     assert len(alert) == 1
 
     said = len(texts())
-    second = harness.start(real_engine=True, extra_config=config, channels=True, env=env, name="second")
+    # an agent that takes its time: the second night is up (said in chat) before anything ends it
+    waits = _agent_night(project, "asks", telegram.url, chat_id)
+    second = harness.start(real_engine=True, extra_config=waits, channels=True, env=env, name="second")
     wait_until(lambda: any(t.startswith("🟢") for t in texts()[said:]), timeout=60, what="the second start in chat",
                abort=lambda: second.proc.poll() is not None and second.log())
     assert [t for t in texts()[said:] if t.startswith("🟢")] == ["🟢 nightlab started"]  # the stop was stored
     assert [t for t in texts() if t.startswith("🏆 #1 keep")] == [texts()[1]]  # not sent again
+    assert second.stop() == 0
 
 
 def test_a_daemon_whose_lock_file_was_removed_still_refuses_a_second(harness: Harness, tmp_path: Path) -> None:
