@@ -199,6 +199,34 @@ def test_a_tokenizer_trained_again_is_a_new_setting(tmp_path: Path) -> None:
     assert _engine(settings, data_dir).ctx.setting == after
 
 
+def test_a_tokenizer_trained_again_off_what_validates_now_is_one_new_setting_said_once(tmp_path: Path) -> None:
+    """The folder's first file renamed to sort last: the text the tokenizer was trained on validates
+    now, and `prepare` trains it again without it (other merges). One new setting for both, said once;
+    prepared again unchanged, nothing is trained and the setting stays."""
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    assert _engine(settings, data_dir).run(1) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    [one] = ledger.experiments(store)
+    tokenizer = (data_dir / P.TOKENIZER_FILE).read_bytes()
+    (folder / "part_00.parquet").rename(folder / "part_99.parquet")  # CHARS: the only file it read
+    _prepare(folder, tmp_path / "cache")
+    assert (data_dir / P.TOKENIZER_FILE).read_bytes() != tokenizer
+    engine = _engine(settings, data_dir)
+    assert hardware.setting_changes(store, one.setting, engine.ctx.setting) == [
+        "the validation shard and the tokenizer changed"]
+    startup(engine.ctx)
+    tokenizer = (data_dir / P.TOKENIZER_FILE).read_bytes()
+    _prepare(folder, tmp_path / "cache")
+    assert (data_dir / P.TOKENIZER_FILE).read_bytes() == tokenizer
+    again = _engine(settings, data_dir)
+    assert again.ctx.setting == engine.ctx.setting
+    startup(again.ctx)
+    assert [a.payload["text"].split(",")[0] for a in _alerts(store)] == [
+        "the validation shard and the tokenizer changed since the last run"]
+
+
 def test_the_same_data_is_the_same_setting_and_a_file_seen_before_is_not_read_again(tmp_path: Path) -> None:
     data_dir = _prepare(_folder(tmp_path, 3), tmp_path / "cache")
     settings = _workspace(tmp_path)
