@@ -287,6 +287,30 @@ def test_a_moved_data_cache_is_the_same_setting(tmp_path: Path) -> None:
     assert _engine(settings, moved).ctx.setting == before
 
 
+def test_a_moved_source_folder_is_the_same_setting_when_its_files_are_the_same(tmp_path: Path) -> None:
+    """The data dir is named after the folder's path: a folder moved and the config pointed at its new
+    path gave a new data dir, the tokenizer trained again (the same merges), and a new setting without
+    a word: the best was measured again (a 5-minute GPU run) and an undecided candidate's repeat was
+    discarded, 'not compared'. What runs are scored on is the same, so the setting is."""
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    assert _engine(settings, data_dir).run(1) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    [one] = ledger.experiments(store)
+    moved = folder.rename(tmp_path / "elsewhere")
+    new_dir = _prepare(moved, tmp_path / "cache")
+    assert new_dir != data_dir  # the tokenizer trained again in it
+    assert _engine(settings, new_dir).run(2) == 0
+    two = ledger.experiments(store)[-1]
+    assert (two.kind, two.setting) == ("proposal", one.setting) and _alerts(store) == []
+    # moved with another validation file: what is scored on changed, a new setting, said
+    _shard(moved / "part_02.parquet", 99)
+    moved = moved.rename(tmp_path / "third")
+    changed = _engine(settings, _prepare(moved, tmp_path / "cache"))
+    assert hardware.setting_changes(store, one.setting, changed.ctx.setting) == ["the validation shard changed"]
+
+
 def test_a_project_of_the_users_has_no_data_in_its_setting(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     ws = open_workspace(settings.workspace_path, settings)
