@@ -596,27 +596,28 @@ def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_ch
     return path
 
 
-def trained_on_validation(path: Path, validation: Path) -> str | None:
-    """Why the tokenizer at `path` has seen the text of the shard `validation`, or None when it has not
-    (or nothing says). It records the shards it read, by size and SHA-256, so only a shard of the
-    validation shard's size is hashed; one from before that records their names only: the validation
-    shard's name among them is taken as that file (a conservative guess: it costs one training)."""
+def trained_on_validation(path: Path, validation: Path, shard: str | None = None) -> str | None:
+    """Why the tokenizer at `path` has seen the text of the shard `validation` (named `shard` in the
+    data dir, by default its own name), or None when it has not (or nothing says). It records the
+    shards it read, by size and SHA-256, so only a shard of the validation shard's size is hashed; one
+    from before that records their names only: the validation shard's name among them is taken as that
+    file (a conservative guess: it costs one training)."""
     try:
         shards = json.loads(path.read_text(encoding="utf-8"))["trained_on"]["shards"]
         size = validation.stat().st_size
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a foreign tokenizer records nothing; a validation shard that cannot be read fails the runs
     digest = None
-    for shard in shards if isinstance(shards, list) else []:
-        if isinstance(shard, str) and shard == validation.name:
-            return (f"it was trained on a shard named {shard}, the validation shard's name now ({_origin(validation)});"
+    for read in shards if isinstance(shards, list) else []:
+        if isinstance(read, str) and read == (shard or validation.name):
+            return (f"it was trained on a shard named {read}, the validation shard's name now ({_origin(validation)});"
                     " trained by an older nightlab, it recorded names, not contents, so it may have seen the text"
                     " that scores the runs")
-        if isinstance(shard, dict) and shard.get("bytes") == size:
+        if isinstance(read, dict) and read.get("bytes") == size:
             digest = digest or file_digest(validation)
-            if shard.get("sha256") == digest:
-                return (f"it was trained on the text of {_origin(validation)}, the validation shard now (the"
-                        " source's files changed since), and must not have seen the text that scores the runs")
+            if read.get("sha256") == digest:
+                return (f"it was trained on the text of {_origin(validation)}, the validation shard now, and must"
+                        " not have seen the text that scores the runs")
     return None
 
 
