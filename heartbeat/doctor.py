@@ -296,20 +296,47 @@ def _data_finding(settings: Settings) -> Finding:
     if folder and not Path(source).expanduser().is_dir():
         return Finding("fail", "data", f"data.source = {source!r} is not a directory",
                        "point data.source at a folder of parquet shards, or use climbmix / stdlib / a mirror URL")
+    chosen: list[tuple[int, Path]] = []
     if folder:
         try:  # what `nightlab run` prepares from: a bad file there fails it
-            prepare.local_shards(Path(source).expanduser(), settings.data.shards)
+            chosen = prepare.local_shards(Path(source).expanduser(), settings.data.shards)
         except prepare.PrepareError as exc:
             return Finding("fail", "data", str(exc), "fix or move the file named, then run `nightlab doctor` again")
     data_dir = settings.cache_path / prepare.source_id(source)
     shards = sorted(data_dir.glob(prepare.SHARD_PATTERN)) if data_dir.is_dir() else []
     tokenizer = (data_dir / prepare.TOKENIZER_FILE).is_file()
     if shards and tokenizer:
-        return Finding("ok", "data", f"{len(shards)} shards and the tokenizer in {data_dir}")
+        return (_folder_change(source, data_dir, shards, chosen) if chosen else None) or \
+            Finding("ok", "data", f"{len(shards)} shards and the tokenizer in {data_dir}")
     what = "shards" if not shards else "the tokenizer"
     fetch = " (downloads them)" if source == "climbmix" or source.startswith("http") else ""
     return Finding("warn", "data", f"{what} not prepared yet in {data_dir}",
                    f"`nightlab run` prepares them first{fetch}; or now: nightlab prepare --config <file>")
+
+
+def _folder_change(source: str, data_dir: Path, shards: list[Path], chosen: list[tuple[int, Path]]) -> Finding | None:
+    """What `nightlab run` will change in a folder's data dir prepared before: the folder's files
+    changed since (another file validates), or the tokenizer has seen what validates now; None when
+    neither. Said so the changed setting of the night (the best measured again) is no surprise."""
+    from nightlab.trainer import prepare  # no torch (pyarrow, tokenizers)
+
+    index, validation = chosen[-1]
+    wanted = {prepare.shard_name(i): src.resolve() for i, src in chosen}
+    present = {p.name: p.resolve() for p in shards}
+    seen = prepare.trained_on_validation(data_dir / prepare.TOKENIZER_FILE, validation, prepare.shard_name(index))
+    if wanted == present and seen is None:
+        return None
+    was = next(reversed(present.values()))  # the validation shard of the data dir as it is
+    said = [f"{source}'s files changed since it was prepared in {data_dir}"] if wanted != present else []
+    if seen is not None:
+        said.append(f"the tokenizer must be trained again: {seen}")
+    elif was != validation.resolve():
+        said.append(f"{validation.name} validates now, not {was.name}")
+    fix = ("`nightlab run` prepares it again first" + (" and trains the tokenizer again" if seen else "")
+           + ("; runs are then scored on other text: a new setting, the best is measured again"
+              if was != validation.resolve() or seen else "; the same validation shard: the same setting")
+           + "; or now: nightlab prepare --config <file>")
+    return Finding("warn", "data", "; ".join(said), fix)
 
 
 def _protected_findings(settings: Settings) -> list[Finding]:

@@ -83,9 +83,9 @@ def _file(path: Path, known: dict[str, Any] | None, digest: Callable[[Path], str
 
 
 def _tokenizer_digest(path: Path) -> str:
-    """What tokenizes: the file without its note of how long training took (`trained_on`), which
-    differs at every training, also one on the same shards that gives the same merges (the repair
-    a tokenizer's data problem asks for)."""
+    """What tokenizes: the file without its note of what it was trained on and how long that took
+    (`trained_on`), which differs at every training, also one on the same shards that gives the same
+    merges (the repair a tokenizer's data problem asks for)."""
     raw = path.read_bytes()
     try:
         spec = json.loads(raw)

@@ -105,7 +105,9 @@ NEW_SETTING = ("so runs from here on are a new setting: the best is measured aga
 
 # Values that say where things lie, not what a run does: the compile caches (in the workspace) and
 # the data dir's folder (the data cache; its last part names the data). A moved workspace changed
-# them, and every result after the move was judged as another setting, the best re-measured.
+# them, and every result after the move was judged as another setting, the best re-measured. A
+# local folder's data dir is named after the folder's path: one of another name with the same
+# validation shard and tokenizer (the folder moved, prepared again) is the same data.
 _PLACE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 DATA_DIR_ENV = "NIGHTLAB_DATA_DIR"  # the data dir of the built-in trainer's runs
 
@@ -159,8 +161,9 @@ def _moved(recorded: dict[str, Any], run_command: str, env: dict[str, str], scor
     # one recorded before the data counted has none: any data matches it (record_setting makes it its own)
     if "data" in recorded and DataIdentity.from_json(recorded["data"]) != data:
         return False
-    return all(old[k] == v or k in _PLACE_ENV or (k == DATA_DIR_ENV and Path(old[k]).name == Path(v).name)
-               for k, v in env.items())
+    same_data = data is not None and "data" in recorded  # by content: the data dir's name does not matter
+    return all(old[k] == v or k in _PLACE_ENV
+               or (k == DATA_DIR_ENV and (same_data or Path(old[k]).name == Path(v).name)) for k, v in env.items())
 
 
 def harness_values(env: dict[str, str]) -> dict[str, str]:

@@ -430,6 +430,12 @@ def local_shards(source_dir: Path, shards: int) -> list[tuple[int, Path]]:
         problem = parquet_problem(src)
         if problem is not None:
             raise PrepareError(f"{src} is not a usable shard: {problem}. Shards need rows with a string column `text`.")
+    validation = files[-1]
+    for _, src in chosen[:-1]:  # a copy of the validation file: sizes first, so a folder of distinct files reads nothing
+        if src.stat().st_size == validation.stat().st_size and file_digest(src) == file_digest(validation):
+            raise PrepareError(f"{src} and {validation} (the last file, the validation shard) hold the same text:"
+                               " runs would train on the text that scores them; remove one of the two from"
+                               f" {source_dir}")
     return chosen
 
 
@@ -512,11 +518,13 @@ def _build_stdlib_shards(data_dir: Path, say: Progress) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _training_text(paths: list[Path], max_chars: int, say: Progress) -> Iterator[str]:
-    """Documents of the training shards, each capped, until `max_chars` in all."""
+def _training_text(paths: list[Path], max_chars: int, say: Progress, read: list[Path]) -> Iterator[str]:
+    """Documents of the training shards, each capped, until `max_chars` in all; each shard opened is
+    appended to `read` (the text may end before the last ones)."""
     nchars = 0
     next_report = 100_000_000
     for path in paths:
+        read.append(path)
         for texts in _row_groups(path):
             for text in texts:
                 doc = (text or "")[:TOKENIZER_DOC_CAP]
@@ -533,25 +541,33 @@ def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_ch
     """Train the tokenizer on the data dir's training shards unless it exists; return its path.
 
     An existing tokenizer is kept even if shards were added later: changing it would make
-    val_bpb incomparable with earlier runs on the same data dir.
+    val_bpb incomparable with earlier runs on the same data dir. Unless it was trained on the text
+    that is now the validation shard (a local folder's files removed or renamed since): then it is
+    trained again, since it would score runs on text it learnt from; the validation shard changed
+    anyway, so the runs' setting is a new one whether or not the tokenizer is trained again.
     """
     say = progress or _stderr_progress
     path = Path(data_dir) / TOKENIZER_FILE
     if path.exists():
         vocab = Tokenizer.from_directory(path.parent).get_vocab_size()  # a damaged or foreign one: said now
-        say(f"tokenizer: present at {path}" + ("" if vocab == VOCAB_SIZE else (
-            f", but its vocabulary is {vocab:,}, not {VOCAB_SIZE:,} (copied from elsewhere, or trained on little"
-            " text?): results are comparable only with runs on this same tokenizer; to train the usual one, move"
-            " it aside and run `nightlab prepare`")))
-        return path
+        _, validation = split_shards(data_dir)
+        why = trained_on_validation(path, validation) if validation is not None else None
+        if why is None:
+            say(f"tokenizer: present at {path}" + ("" if vocab == VOCAB_SIZE else (
+                f", but its vocabulary is {vocab:,}, not {VOCAB_SIZE:,} (copied from elsewhere, or trained on little"
+                " text?): results are comparable only with runs on this same tokenizer; to train the usual one, move"
+                " it aside and run `nightlab prepare`")))
+            return path
+        say(f"tokenizer: training it again: {why}")
     train_paths, _ = split_shards(data_dir)
     say(f"tokenizer: training BPE (vocab {VOCAB_SIZE}) on {len(train_paths)} shards")
     t0 = time.time()
     import rustbpe  # only to train a tokenizer: a box given a prepared data dir needs none
 
     trainer = rustbpe.Tokenizer()
+    read: list[Path] = []
     trainer.train_from_iterator(
-        _training_text(train_paths, max_chars, say), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN
+        _training_text(train_paths, max_chars, say, read), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN
     )
     ranks = sorted(((bytes(token), rank) for token, rank in trainer.get_mergeable_ranks()), key=lambda kv: kv[1])
     specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
@@ -564,7 +580,9 @@ def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_ch
         "mergeable_ranks": [[base64.b64encode(token).decode("ascii"), rank] for token, rank in ranks],
         "special_tokens": specials,
         "bos_token": BOS_TOKEN,
-        "trained_on": {"shards": [p.name for p in train_paths], "seconds": round(seconds, 2)},
+        # what it learnt from, by content: a shard that validates later is found among them (`trained_on_validation`)
+        "trained_on": {"shards": [{"name": p.name, "bytes": p.stat().st_size, "sha256": file_digest(p)} for p in read],
+                       "seconds": round(seconds, 2)},
     }
     tokenizer = Tokenizer(_encoding_from_spec(spec))
     sample = "Hello world! Numbers: 123. Unicode: 你好, café, 🚀"
@@ -576,6 +594,31 @@ def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_ch
     os.replace(tmp, path)
     say(f"tokenizer: trained in {seconds:.1f}s, vocab {tokenizer.get_vocab_size()}, saved to {path}")
     return path
+
+
+def trained_on_validation(path: Path, validation: Path, shard: str | None = None) -> str | None:
+    """Why the tokenizer at `path` has seen the text of the shard `validation` (named `shard` in the
+    data dir, by default its own name), or None when it has not (or nothing says). It records the
+    shards it read, by size and SHA-256, so only a shard of the validation shard's size is hashed; one
+    from before that records their names only: the validation shard's name among them is taken as that
+    file (a conservative guess: it costs one training)."""
+    try:
+        shards = json.loads(path.read_text(encoding="utf-8"))["trained_on"]["shards"]
+        size = validation.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a foreign tokenizer records nothing; a validation shard that cannot be read fails the runs
+    digest = None
+    for read in shards if isinstance(shards, list) else []:
+        if isinstance(read, str) and read == (shard or validation.name):
+            return (f"it was trained on a shard named {read}, the validation shard's name now ({_origin(validation)});"
+                    " trained by an older nightlab, it recorded names, not contents, so it may have seen the text"
+                    " that scores the runs")
+        if isinstance(read, dict) and read.get("bytes") == size:
+            digest = digest or file_digest(validation)
+            if read.get("sha256") == digest:
+                return (f"it was trained on the text of {_origin(validation)}, the validation shard now, and must"
+                        " not have seen the text that scores the runs")
+    return None
 
 
 def _encoding_from_spec(spec: dict[str, Any]) -> tiktoken.Encoding:

@@ -193,6 +193,42 @@ def test_a_bad_file_in_the_source_folder_fails_as_the_run_would(tmp_path: Path, 
         " rows with a string column `text`."]
 
 
+def test_a_source_folder_changed_since_prepare_is_said_with_what_the_run_will_do(
+    tmp_path: Path, fake_gpus, capsys
+) -> None:
+    """A folder's file removed after `prepare`: doctor said `ok data`, and `nightlab run` then made
+    another file the validation shard, trained the tokenizer again and measured the best again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nightlab.trainer import prepare
+
+    fake_gpus([])
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        pq.write_table(pa.table({"text": [f"{name} text {i}" for i in range(300)]}), folder / f"{name}.parquet")
+    config = write_config(tmp_path, data={"source": str(folder), "cache_dir": str(tmp_path / "cache")})
+    data_dir = prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None)
+    (folder / "c.parquet").unlink()
+    code, out = doctor(config, capsys)
+    assert code == 0 and out[out.index("WARN data"):].split("\n", 2)[:2] == [
+        f"WARN data      {folder}'s files changed since it was prepared in {data_dir}; the tokenizer must be trained"
+        f" again: it was trained on the text of {folder / 'b.parquet'}, the validation shard now, and must not have"
+        " seen the text that scores the runs",
+        "               -> `nightlab run` prepares it again first and trains the tokenizer again; runs are then"
+        " scored on other text: a new setting, the best is measured again; or now: nightlab prepare --config <file>"]
+    prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None)
+    assert lines(doctor(config, capsys)[1], "ok   data")
+    pq.write_table(pa.table({"text": ["d text"] * 300}), folder / "d.parquet")  # sorts last: validates
+    assert lines(doctor(config, capsys)[1], "WARN data") == [
+        f"WARN data      {folder}'s files changed since it was prepared in {data_dir}; d.parquet validates now, not"
+        " b.parquet"]
+    (folder / "d.parquet").unlink()
+    pq.write_table(pa.table({"text": ["ab text"] * 300}), folder / "ab.parquet")  # a training file more
+    out = doctor(config, capsys)[1]
+    assert "the same validation shard: the same setting" in out and "validates now" not in out
+
+
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system python")
 def test_an_interpreter_without_torch(tmp_path: Path, fake_gpus) -> None:
     python = "/usr/bin/python3"

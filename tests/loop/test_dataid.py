@@ -199,6 +199,34 @@ def test_a_tokenizer_trained_again_is_a_new_setting(tmp_path: Path) -> None:
     assert _engine(settings, data_dir).ctx.setting == after
 
 
+def test_a_tokenizer_trained_again_off_what_validates_now_is_one_new_setting_said_once(tmp_path: Path) -> None:
+    """The folder's first file renamed to sort last: the text the tokenizer was trained on validates
+    now, and `prepare` trains it again without it (other merges). One new setting for both, said once;
+    prepared again unchanged, nothing is trained and the setting stays."""
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    assert _engine(settings, data_dir).run(1) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    [one] = ledger.experiments(store)
+    tokenizer = (data_dir / P.TOKENIZER_FILE).read_bytes()
+    (folder / "part_00.parquet").rename(folder / "part_99.parquet")  # CHARS: the only file it read
+    _prepare(folder, tmp_path / "cache")
+    assert (data_dir / P.TOKENIZER_FILE).read_bytes() != tokenizer
+    engine = _engine(settings, data_dir)
+    assert hardware.setting_changes(store, one.setting, engine.ctx.setting) == [
+        "the validation shard and the tokenizer changed"]
+    startup(engine.ctx)
+    tokenizer = (data_dir / P.TOKENIZER_FILE).read_bytes()
+    _prepare(folder, tmp_path / "cache")
+    assert (data_dir / P.TOKENIZER_FILE).read_bytes() == tokenizer
+    again = _engine(settings, data_dir)
+    assert again.ctx.setting == engine.ctx.setting
+    startup(again.ctx)
+    assert [a.payload["text"].split(",")[0] for a in _alerts(store)] == [
+        "the validation shard and the tokenizer changed since the last run"]
+
+
 def test_the_same_data_is_the_same_setting_and_a_file_seen_before_is_not_read_again(tmp_path: Path) -> None:
     data_dir = _prepare(_folder(tmp_path, 3), tmp_path / "cache")
     settings = _workspace(tmp_path)
@@ -257,6 +285,30 @@ def test_a_moved_data_cache_is_the_same_setting(tmp_path: Path) -> None:
     shutil.copytree(tmp_path / "cache", tmp_path / "elsewhere" / "cache", symlinks=True)
     moved = tmp_path / "elsewhere" / "cache" / data_dir.name
     assert _engine(settings, moved).ctx.setting == before
+
+
+def test_a_moved_source_folder_is_the_same_setting_when_its_files_are_the_same(tmp_path: Path) -> None:
+    """The data dir is named after the folder's path: a folder moved and the config pointed at its new
+    path gave a new data dir, the tokenizer trained again (the same merges), and a new setting without
+    a word: the best was measured again (a 5-minute GPU run) and an undecided candidate's repeat was
+    discarded, 'not compared'. What runs are scored on is the same, so the setting is."""
+    folder = _folder(tmp_path, 3)
+    data_dir = _prepare(folder, tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    assert _engine(settings, data_dir).run(1) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    [one] = ledger.experiments(store)
+    moved = folder.rename(tmp_path / "elsewhere")
+    new_dir = _prepare(moved, tmp_path / "cache")
+    assert new_dir != data_dir  # the tokenizer trained again in it
+    assert _engine(settings, new_dir).run(2) == 0
+    two = ledger.experiments(store)[-1]
+    assert (two.kind, two.setting) == ("proposal", one.setting) and _alerts(store) == []
+    # moved with another validation file: what is scored on changed, a new setting, said
+    _shard(moved / "part_02.parquet", 99)
+    moved = moved.rename(tmp_path / "third")
+    changed = _engine(settings, _prepare(moved, tmp_path / "cache"))
+    assert hardware.setting_changes(store, one.setting, changed.ctx.setting) == ["the validation shard changed"]
 
 
 def test_a_project_of_the_users_has_no_data_in_its_setting(tmp_path: Path) -> None:

@@ -563,6 +563,79 @@ def test_a_folder_prepared_again_trains_on_what_it_holds_now_never_on_its_valida
         P.training_view(ours)
 
 
+def _spec(data_dir: Path) -> dict:
+    return json.loads((data_dir / P.TOKENIZER_FILE).read_text())
+
+
+@pytest.mark.parametrize("change", ["the last file removed", "a file renamed to sort last"])
+def test_a_tokenizer_trained_on_what_validates_now_is_trained_again_once(tmp_path: Path, change: str) -> None:
+    """A folder prepared, then its files changed: the file that validates now was a training file, and
+    the tokenizer kept from before had learnt from the text that scores every run."""
+    source = tmp_path / "folder"
+    source.mkdir()
+    for name in "abc":
+        (source / f"{name}.parquet").write_bytes(tiny_shard_bytes(name))
+    data_dir = P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)
+    assert [s["name"] for s in _spec(data_dir)["trained_on"]["shards"]] == ["shard_00000.parquet", "shard_00001.parquet"]
+    if change == "the last file removed":
+        (source / "c.parquet").unlink()
+        validates = source / "b.parquet"
+    else:
+        (source / "a.parquet").rename(source / "d.parquet")
+        validates = source / "d.parquet"
+    said: list[str] = []
+    P.prepare(str(source), -1, tmp_path / "cache", progress=said.append)
+    assert said[1] == (f"tokenizer: training it again: it was trained on the text of {validates}, the validation shard"
+                       " now, and must not have seen the text that scores the runs")
+    assert said[2].startswith("tokenizer: training BPE")
+    digests = {s["sha256"] for s in _spec(data_dir)["trained_on"]["shards"]}
+    assert P.file_digest(validates) not in digests and len(digests) == len(P.split_shards(data_dir)[0])
+    # prepared again unchanged: kept, nothing written
+    tokenizer = (data_dir / P.TOKENIZER_FILE).stat().st_mtime_ns
+    said.clear()
+    P.prepare(str(source), -1, tmp_path / "cache", progress=said.append)
+    assert said[-1].startswith(f"tokenizer: present at {data_dir / P.TOKENIZER_FILE}")  # (a small vocabulary)
+    assert (data_dir / P.TOKENIZER_FILE).stat().st_mtime_ns == tokenizer
+
+
+def test_a_tokenizer_that_recorded_only_shard_names_is_trained_again_when_the_validation_name_is_one(
+    tmp_path: Path,
+) -> None:
+    """An older nightlab's tokenizer records its shards' names: the validation shard's name among them
+    is all there is to go by."""
+    source = tmp_path / "folder"
+    source.mkdir()
+    for name in "abc":
+        (source / f"{name}.parquet").write_bytes(tiny_shard_bytes(name))
+    ours = P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)
+    spec = _spec(ours)
+    spec["trained_on"]["shards"] = ["shard_00000.parquet", "shard_00001.parquet"]
+    (ours / P.TOKENIZER_FILE).write_text(json.dumps(spec))
+    said: list[str] = []
+    P.prepare(str(source), -1, tmp_path / "cache", progress=said.append)  # unchanged: kept
+    assert said[-1].startswith(f"tokenizer: present at {ours / P.TOKENIZER_FILE}")
+    (source / "c.parquet").unlink()
+    P.prepare(str(source), -1, tmp_path / "cache", progress=said.append)
+    assert ("tokenizer: training it again: it was trained on a shard named shard_00001.parquet, the validation shard's"
+            f" name now ({source / 'b.parquet'}); trained by an older nightlab, it recorded names, not contents, so it"
+            " may have seen the text that scores the runs") in said
+    assert isinstance(_spec(ours)["trained_on"]["shards"][0], dict)
+
+
+def test_a_copy_of_the_validation_file_among_the_training_files_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "folder"
+    source.mkdir()
+    for name in "abc":
+        (source / f"{name}.parquet").write_bytes(tiny_shard_bytes(name))
+    (source / "b2.parquet").write_bytes(tiny_shard_bytes("b"))  # the same size, other text: fine
+    shutil.copyfile(source / "c.parquet", source / "a-copy.parquet")
+    with pytest.raises(P.PrepareError) as err:
+        P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)
+    assert str(err.value) == (f"{source / 'a-copy.parquet'} and {source / 'c.parquet'} (the last file, the validation"
+                              " shard) hold the same text: runs would train on the text that scores them; remove one"
+                              f" of the two from {source}")
+
+
 def test_eval_rows_are_the_validation_loader_rows_tokenized_once(
     data_dir: Path, tokenizer: P.Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
