@@ -141,7 +141,8 @@ def scorer_of(store: Store, digest: str) -> str:
 
 def setting_changes(store: Store, before: str, after: str) -> list[str]:
     """What changed from recorded setting `before` to `after` in what runs measure, as words for a
-    person: the harness's score version, the validation shard, the tokenizer."""
+    person: the harness's score version, the validation shard, the tokenizer, the values the config
+    and profile give runs (`time_budget 300 -> 600`), the run command."""
     old, new = store.get(SETTING_KEY + before) or {}, store.get(SETTING_KEY + after) or {}
     said = []
     if old.get("scorer", "") != new.get("scorer", ""):
@@ -150,6 +151,13 @@ def setting_changes(store: Store, before: str, after: str) -> list[str]:
     parts = new_data.changed(old_data) if old_data is not None and new_data is not None else []
     if parts:
         said.append(f"{' and '.join(parts)} changed")
+    old_env, new_env = old.get("env", {}), new.get("env", {})
+    for key in sorted((old_env.keys() | new_env.keys()) - {*_PLACE_ENV, DATA_DIR_ENV}):
+        was, now = old_env.get(key, "default"), new_env.get(key, "default")
+        if was != now:
+            said.append(f"{key.removeprefix('NIGHTLAB_').lower()} {was} -> {now}")
+    if old.get("command", "") != new.get("command", ""):
+        said.append("the run command changed")
     return said
 
 

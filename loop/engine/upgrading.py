@@ -68,13 +68,14 @@ def upgrade_harness(ctx: Context) -> None:
 
 def say_setting_change(ctx: Context) -> None:
     """At a start: say once, in the log and in chat, that what runs measure changed since the last
-    run (the data they are scored on, prepared again), so the best is measured again."""
+    run (the data they are scored on, prepared again; a value the config gives runs), so the best is
+    measured again."""
     store = ctx.store
     before = _last_setting(store)
     if before is None or before == ctx.setting or store.get(SETTING_SAID_KEY) == ctx.setting:
         return
     changes = hardware.setting_changes(store, before, ctx.setting)
-    if not changes:  # the config's values changed: the person who changed them knows
+    if not changes:  # only where things lie (a data dir recorded before the data counted): nothing to say
         return
     text = f"{', '.join(changes)} since the last run, {hardware.NEW_SETTING}"
     with store.transaction():

@@ -91,10 +91,10 @@ def _workspace(tmp_path: Path, older_harness: bool = False) -> Settings:
     return settings
 
 
-def _engine(settings: Settings, data_dir: Path) -> Engine:
+def _engine(settings: Settings, data_dir: Path, **env: str) -> Engine:
     ws = dataclasses.replace(open_workspace(settings.workspace_path, settings), run_command=RUN)
     proposer = ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}])  # worse: discarded, the best stays
-    return Engine(settings, ws, LocalExecutor(gpus=(0,)), proposer, {P.ENV_DATA_DIR: str(data_dir)},
+    return Engine(settings, ws, LocalExecutor(gpus=(0,)), proposer, {P.ENV_DATA_DIR: str(data_dir), **env},
                   threading.Event())
 
 
@@ -364,3 +364,22 @@ def test_a_last_experiment_without_a_run_is_no_change_of_setting(tmp_path: Path)
     assert [e.setting == "" for e in ledger.experiments(store)] == [False, True]
     startup(_engine(settings, data_dir).ctx)
     assert _alerts(store) == []
+
+
+def test_a_budget_the_config_changed_is_said_once_with_its_values(tmp_path: Path) -> None:
+    """A value the config gives runs (here the time budget) changed between two starts: a new
+    setting, as for other data. It came unsaid: the best was measured again, and a researcher who
+    had forgotten the edit saw a baseline in the middle of the night without a word why."""
+    data_dir = _prepare(_folder(tmp_path, 3), tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    assert _engine(settings, data_dir, NIGHTLAB_TIME_BUDGET="300").run(2) == 0
+    engine = _engine(settings, data_dir, NIGHTLAB_TIME_BUDGET="600", NIGHTLAB_EVAL_TOKENS="4096")
+    assert engine.run(3) == 0
+    one, _, three = ledger.experiments(engine.store)
+    assert (three.kind, three.commit, three.setting != one.setting) == ("baseline", one.commit, True)
+    [alert] = _alerts(engine.store)
+    assert alert.payload["text"] == (
+        "eval_tokens default -> 4096, time_budget 300 -> 600 since the last run, so runs from here on are a new"
+        " setting: the best is measured again and no result is compared with one from before")
+    startup(_engine(settings, data_dir, NIGHTLAB_TIME_BUDGET="600", NIGHTLAB_EVAL_TOKENS="4096").ctx)
+    assert len(_alerts(engine.store)) == 1  # a restart says nothing again
