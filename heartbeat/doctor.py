@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shlex
 import shutil
 import subprocess
 import sys
@@ -308,8 +309,10 @@ def _data_finding(settings: Settings) -> Finding:
         return Finding("ok", "data", f"{len(shards)} shards and the tokenizer in {data_dir}")
     what = "shards" if not shards else "the tokenizer"
     fetch = " (downloads them)" if source == "climbmix" or source.startswith("http") else ""
+    # the command to type, with this config's path (a placeholder only when no file was given)
+    config = "" if settings.origin.startswith("<") else f" --config {shlex.quote(settings.origin)}"
     return Finding("warn", "data", f"{what} not prepared yet in {data_dir}",
-                   f"`nightlab run` prepares them first{fetch}; or now: nightlab prepare --config <file>")
+                   f"`nightlab run` prepares them first{fetch}; or now: nightlab prepare{config}")
 
 
 def _protected_findings(settings: Settings) -> list[Finding]:

@@ -58,6 +58,8 @@ def test_a_cpu_box_can_run_the_tiny_profile(tmp_path: Path, fake_gpus, capsys) -
     assert lines(out, "ok   profile")[0].startswith("ok   profile   'tiny': auto: no GPU visible")
     assert "In force: 40 optimizer steps (trainer.time_budget for seconds), seq 256, 8,192 eval tokens" in out
     assert lines(out, "WARN data")[0].startswith("WARN data      shards not prepared yet")
+    # the command to type names this config (it said `--config <file>`)
+    assert f"or now: nightlab prepare --config {tmp_path / 'nightlab.toml'}\n" in out
     assert lines(out, "ok   git") and out.rstrip().endswith("runs can start (2 warning(s))")
 
 
