@@ -420,13 +420,37 @@ def _build(cls: type, table: dict[str, Any], problems: _Problems, prefix: str) -
         if key not in names:
             where = f"[{prefix[:-1]}]" if prefix else "the top level"
             known = ", ".join(sorted(n for n in names if n != "origin"))
-            problems.add(prefix + key, f"unknown key {prefix + key!r} in {where}; known keys: {known}")
+            problems.add(prefix + key, f"unknown key {prefix + key!r} in {where}; {_unknown_key_hint(key, names, prefix)}"
+                                       f" (known keys: {known})")
             continue
         try:
             values[key] = _convert(hints[key], value, problems, f"{prefix}{key}")
         except ConfigError as exc:  # this key keeps its default; the others are still checked
             problems.add(prefix + key, str(exc))
     return cls(**values)
+
+
+def _sections(cls: type, prefix: str = "") -> dict[str, set[str]]:
+    """Every section of the config ("" = the top level, "loop", "proposer.agent", ...) with its keys."""
+    hints = typing.get_type_hints(cls)
+    found = {prefix: {f.name for f in dataclasses.fields(cls)} - {"origin"}}
+    for name, hint in hints.items():
+        inner = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+        if isinstance(inner, type) and inner is not SecretRef:
+            found |= _sections(inner, f"{prefix}{name}.")
+    return {section.rstrip("."): keys for section, keys in found.items()}
+
+
+def _unknown_key_hint(key: str, names: set[str], prefix: str) -> str:
+    """What the user most likely meant: a key of another section (one written under the wrong
+    header, or appended at the end of the file, lands in the last section), else a near spelling."""
+    here = prefix.rstrip(".")
+    homes = [section for section, keys in _sections(Settings).items() if key in keys and section != here]
+    if homes:
+        which = "that header" if len(homes) == 1 else "the one you meant"
+        return f"it is a key of {' or '.join(f'[{h}]' for h in homes)}: move it under {which}"
+    close = difflib.get_close_matches(key, sorted(names - {"origin"}), n=1)
+    return f"did you mean {close[0]!r}?" if close else "remove it"
 
 
 def _convert(hint: Any, value: Any, problems: _Problems, key: str) -> Any:
@@ -456,7 +480,11 @@ def _convert(hint: Any, value: Any, problems: _Problems, key: str) -> Any:
     if origin is tuple:
         item = typing.get_args(hint)[0]
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} = {value!r}: expected a list of {item.__name__}")
+            plural = {str: "strings", int: "integers"}.get(item, item.__name__)
+            # one value where a list belongs (gpus = 0): the list it most likely meant
+            bracket = (f"; in brackets: {key.rsplit('.', 1)[-1]} = [{_toml_value(value)}]"
+                       if isinstance(value, item) and not isinstance(value, bool) else "")
+            raise ConfigError(f"{source}: {key} = {value!r}: expected a list of {plural}{bracket}")
         return tuple(_convert(item, v, problems, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -65,6 +65,22 @@ def test_unknown_key_is_an_error(tmp_path: Path) -> None:
     assert "heartbeat.run_timout" in message and "run_timeout" in message
 
 
+@pytest.mark.parametrize(("text", "said"), [
+    # appended at the end of config.example.toml, a [loop] key lands in its last section
+    ("[digest]\nmode = \"every\"\nmax_experiments = 3\n",
+     "unknown key 'digest.max_experiments' in [digest]; it is a key of [loop]: move it under that header"),
+    ("keep_z = 2.5\n[loop]\n", "unknown key 'keep_z' in the top level; it is a key of [loop]: move it under"),
+    ("[proposer]\ncommand = \"claude\"\n", "it is a key of [proposer.agent]: move it under that header"),
+    ("[loop]\nkind = \"agent\"\n", "it is a key of [proposer] or [executor]: move it under the one you meant"),
+    ("[loop]\nkeep_zz = 2\n", "unknown key 'loop.keep_zz' in [loop]; did you mean 'keep_z'? (known keys: "),
+    ("[loop]\nzzzz = 2\n", "unknown key 'loop.zzzz' in [loop]; remove it (known keys: "),
+])
+def test_an_unknown_key_says_what_was_meant(tmp_path: Path, text: str, said: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text))
+    assert said in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
 def test_unknown_section(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown key 'telegarm'"):
         load_settings(write(tmp_path, "[telegarm]\n"))
@@ -98,6 +114,17 @@ def test_bad_list_item(tmp_path: Path) -> None:
     path = write(tmp_path, '[telegram]\noperators = ["alice"]\n')
     with pytest.raises(ConfigError, match=r"telegram.operators\[0\]"):
         load_settings(path)
+
+
+@pytest.mark.parametrize(("line", "said"), [
+    ("[executor]\ngpus = 0", "executor.gpus = 0: expected a list of integers; in brackets: gpus = [0]"),
+    ('[slack]\nchannels = "C01"', "slack.channels = 'C01': expected a list of strings; in brackets: channels = [\"C01\"]"),
+    ('[executor]\ngpus = "all"', "executor.gpus = 'all': expected a list of integers"),
+])
+def test_one_value_where_a_list_belongs_says_the_list(tmp_path: Path, line: str, said: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, line + "\n"))
+    assert said in str(err.value)
 
 
 def test_channels_deny_by_default(tmp_path: Path) -> None:
