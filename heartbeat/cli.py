@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
@@ -92,11 +93,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         data_dir = prepare.prepare(source, shards, settings.cache_path)
     except prepare.PrepareError as exc:
         raise UserError(str(exc)) from None
-    if not _is_named_source(source):
-        source = str(Path(source).expanduser().resolve())  # a folder: the same one from anywhere
+    source = _absolute_source(source)
     (settings.cache_path / LAST_PREPARED).write_text(source + "\n")
     print(f"data and tokenizer ready in {data_dir}")
-    print("`nightlab train` uses it; in a config: [data] source = " + json.dumps(source))
+    # with a config, `nightlab train` reads that config's cache and source, not the marker
+    train = "nightlab train"
+    if args.config:
+        train += f" --config {shlex.quote(args.config)}"
+        if source != _absolute_source(settings.data.source):
+            train += f" --source {shlex.quote(source)}"
+    print(f"`{train}` uses it; in a config: [data] source = " + json.dumps(source))
     from nightlab.loop.kernel_prefetch import prefetch_fa3
 
     print(prefetch_fa3().line)
@@ -108,6 +114,11 @@ LAST_PREPARED = "last-prepared-source"  # in the data cache: what `nightlab trai
 
 def _is_named_source(source: str) -> bool:
     return source in ("climbmix", "stdlib") or source.startswith(("http://", "https://"))
+
+
+def _absolute_source(source: str) -> str:
+    """A folder's absolute path (the same one from anywhere); a named source as it is."""
+    return source if _is_named_source(source) else str(Path(source).expanduser().resolve())
 
 
 def cmd_init(args: argparse.Namespace) -> int:

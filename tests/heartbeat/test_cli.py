@@ -209,6 +209,31 @@ def test_train_uses_what_prepare_made(tmp_path: Path, home: Path) -> None:
     assert "summary: val_bpb=" in trained.stdout
 
 
+def test_prepare_with_a_config_names_the_train_command_that_uses_it(tmp_path: Path, home: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """With a config, `nightlab train` reads that config's data cache and source, not what prepare
+    made last in the default cache: the line said `nightlab train` uses it, and that trained on the
+    config's source (climbmix: a download) or on other data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.trainer.test_prepare import _stdlib_paragraphs
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    paras = _stdlib_paragraphs(200_000)
+    for i in range(2):
+        pq.write_table(pa.table({"text": paras[i::2]}), shards / f"part_{i}.parquet")
+    config = tmp_path / "n.toml"
+    config.write_text('[data]\ncache_dir = "cache"\n')  # source: climbmix, the default
+    assert main(["prepare", "--config", str(config), "--source", str(shards), "--shards", "1"]) == 0
+    said = capsys.readouterr().out
+    assert f"`nightlab train --config {config} --source {shards}` uses it" in said
+    config.write_text(f'[data]\ncache_dir = "cache"\nsource = "{shards}"\n')
+    assert main(["prepare", "--config", str(config)]) == 0
+    assert f"`nightlab train --config {config}` uses it" in capsys.readouterr().out
+
+
 def test_a_demo_run_again_on_its_workspace_goes_on() -> None:
     from nightlab.heartbeat.demo import demo_limit
 
