@@ -364,8 +364,9 @@ def _channel_findings(settings: Settings) -> list[Finding]:
         return [Finding("ok", "channels", "none configured (digests go to the console log)")]
     try:
         secrets = resolve_secrets(settings)
-    except ConfigError as exc:
-        return [Finding("fail", "channels", str(exc), "set the token (README: Telegram / Slack)")]
+    except ConfigError as exc:  # a line per missing token
+        return [Finding("fail", "channels", line, "set the token (README: Telegram / Slack)")
+                for line in str(exc).splitlines()]
     out = []
     if settings.telegram is not None and secrets.telegram_token is not None:
         out.append(_reach("telegram", _telegram_me, settings.telegram.api_base, secrets.telegram_token.reveal()))

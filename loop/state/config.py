@@ -721,12 +721,19 @@ def secret_env_names(s: Settings) -> set[str]:
 
 
 def resolve_secrets(s: Settings) -> Secrets:
-    """Read the secrets of the enabled channels; raises ConfigError when one is missing."""
-    return Secrets(
-        telegram_token=s.telegram.token.resolve("telegram.token", s.origin) if s.telegram else None,
-        slack_bot_token=s.slack.bot_token.resolve("slack.bot_token", s.origin) if s.slack else None,
-        slack_app_token=s.slack.app_token.resolve("slack.app_token", s.origin) if s.slack else None,
-    )
+    """Read the secrets of the enabled channels; raises ConfigError naming every missing one, a
+    line each (one at a time, a night's setup took a `config check` per token)."""
+    found: dict[str, Secret] = {}
+    problems = []
+    for key, ref in secret_refs(s):
+        try:
+            found[key] = ref.resolve(key, s.origin)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return Secrets(telegram_token=found.get("telegram.token"), slack_bot_token=found.get("slack.bot_token"),
+                   slack_app_token=found.get("slack.app_token"))
 
 
 def render_settings(s: Settings) -> str:

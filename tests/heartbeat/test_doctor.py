@@ -235,6 +235,17 @@ def test_each_chat_channel_is_reached(tmp_path, fake_gpus, capsys, monkeypatch, 
     assert telegram.token not in out
 
 
+def test_each_missing_token_is_a_finding_of_its_own(tmp_path, fake_gpus, capsys, monkeypatch) -> None:
+    fake_gpus([])
+    for name in ("NO_TG", "NO_SB", "NO_SA"):
+        monkeypatch.delenv(name, raising=False)
+    config = write_config(tmp_path, telegram={"token": {"env": "NO_TG"}, "operators": [1]},
+                          slack={"bot_token": {"env": "NO_SB"}, "app_token": {"env": "NO_SA"}, "operators": ["U1"]})
+    code, out = doctor(config, capsys)
+    assert code == 1
+    assert [line.split("'")[1] for line in lines(out, "FAIL channels")] == ["NO_TG", "NO_SB", "NO_SA"]
+
+
 def test_an_api_base_that_answers_html_is_a_finding_without_a_traceback(tmp_path: Path) -> None:
     """A proxy or a wrong api_base answers an HTML error page: the client libraries log a traceback
     before they raise. In a terminal (no logging set up) that printed; only the finding should."""

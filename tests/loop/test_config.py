@@ -139,6 +139,20 @@ def test_missing_secret_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         resolve_secrets(settings)
 
 
+def test_every_missing_secret_is_named_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Telegram and Slack set up together: `config check` named only the first missing token, so
+    each of the three took a fix and a check of its own."""
+    for name in ("NIGHTLAB_TELEGRAM_TOKEN", "NIGHTLAB_SLACK_BOT_TOKEN", "NIGHTLAB_SLACK_APP_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NIGHTLAB_SLACK_BOT_TOKEN", "xoxb-1-2-3")
+    path = write(tmp_path, '[telegram]\noperators = [1]\n[slack]\noperators = ["U1"]\n')
+    assert main(["config", "check", str(path)]) == 2
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 2 and "telegram.token.env = 'NIGHTLAB_TELEGRAM_TOKEN'" in said[0]
+    assert said[1].startswith(f"{path}: slack.app_token.env = 'NIGHTLAB_SLACK_APP_TOKEN': the environment variable")
+
+
 def test_secret_from_file_is_redacted(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("123:SECRET-TOKEN\n")
