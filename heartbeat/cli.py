@@ -42,8 +42,9 @@ def _named_settings(args: argparse.Namespace) -> Settings:
     settings = _settings(args)
     path = settings.workspace_path
     if not (state_dir(path) / DB_FILENAME).is_file():
+        config = shlex.quote(args.config) if args.config else "FILE"  # the command to type, filled in
         raise UserError(f"{path} is not a nightlab workspace (no {STATE_DIRNAME}/{DB_FILENAME});"
-                        " check --workspace / [workspace] path, or start one with `nightlab run --config FILE`")
+                        f" check --workspace / [workspace] path, or start one with `nightlab run --config {config}`")
     return settings
 
 

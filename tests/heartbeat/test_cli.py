@@ -70,6 +70,10 @@ def test_a_command_goes_only_to_a_loop_the_user_named(loop: Path, tmp_path: Path
     assert main(["ctl", "pause", "--workspace", str(missing)]) == 2
     err = capsys.readouterr().err
     assert f"{missing} is not a nightlab workspace" in err and len(err.splitlines()) == 1
+    config = tmp_path / "first night.toml"  # its workspace not started yet: the command names this file
+    config.write_text(f'[workspace]\npath = "{missing}"\n')
+    assert main(["status", "--config", str(config)]) == 2
+    assert f"start one with `nightlab run --config '{config}'`" in capsys.readouterr().err
     assert not (home / "nightlab-workspace").exists() and not missing.exists()
     assert pending(loop) == []
 
