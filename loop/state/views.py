@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from nightlab.loop.state import ledger
+from nightlab.loop.state.config import DAEMON_CONFIG_KEY
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Experiment, HardwareClass, started_at
 from nightlab.loop.state.lock import DAEMON_LOCK, holder
@@ -232,8 +233,10 @@ def status_text(workspace: Path) -> str:
     if holder(Path(workspace), DAEMON_LOCK) is None:  # `nightlab status` at 7 am: the night may have stopped
         tick = store.get("engine.tick")
         ago = f" (last active {duration(time.time() - tick)} ago)" if tick else ""
+        started = (store.get(DAEMON_CONFIG_KEY) or {}).get("path")  # the file its last daemon ran with
+        config = shlex.quote(started) if started else "FILE"
         lines.append(f"nightlab is not running{ago}: no new experiment starts until it does"
-                     " (systemctl start nightlab, or nightlab run --config FILE)")
+                     f" (systemctl start nightlab, or nightlab run --config {config})")
     pause = ledger.paused(store)
     if pause:
         waits = f", after #{pause.after}" if pause.after else ""

@@ -14,6 +14,7 @@ import pytest
 from nightlab.heartbeat.cli import build_parser, main
 from nightlab.heartbeat.lock import DaemonLock
 from nightlab.loop.state import ledger
+from nightlab.loop.state.config import DAEMON_CONFIG_KEY
 from nightlab.loop.state.store import Store
 
 from tests.fakes.daemon_config import write_daemon_config
@@ -87,6 +88,9 @@ def test_status_says_when_nightlab_is_not_running(loop: Path, capsys: pytest.Cap
     said = capsys.readouterr().out.splitlines()
     assert said[2] == ("nightlab is not running (last active 3h01m ago): no new experiment starts until it does"
                        " (systemctl start nightlab, or nightlab run --config FILE)")
+    store.set(DAEMON_CONFIG_KEY, {"path": "/home/me/nightlab.toml", "text": ""})  # as a daemon ran it
+    assert main(["status", "--workspace", str(loop)]) == 0
+    assert "(systemctl start nightlab, or nightlab run --config /home/me/nightlab.toml)" in capsys.readouterr().out
     with DaemonLock(loop):  # as `nightlab run` holds it
         assert main(["status", "--workspace", str(loop)]) == 0
     assert "not running" not in capsys.readouterr().out
