@@ -346,8 +346,10 @@ def _git_finding() -> Finding:
 
 def _program_findings(settings: Settings) -> list[Finding]:
     """The programs the commands of the config start: one that is not installed fails every
-    proposal (the agent) or every run."""
-    commands = [("project.run_command", settings.project.run_command)]
+    proposal (the agent), every run, or every run's checks or score."""
+    project = settings.project
+    commands = [("project.run_command", project.run_command), ("project.checks_command", project.checks_command),
+                ("project.score_command", project.score_command)]
     if settings.proposer.kind == "agent":
         commands.append(("proposer.agent.command", settings.proposer.agent.command))
     out = []

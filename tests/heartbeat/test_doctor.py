@@ -129,12 +129,15 @@ def test_sizes_and_a_timeout_the_profile_cannot_run_with_fail(tmp_path: Path, fa
 
 def test_a_program_the_config_starts_that_is_not_installed_fails(tmp_path: Path, fake_gpus, capsys) -> None:
     fake_gpus([])
-    config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"]},
+    config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"],
+                                             "checks_command": "nosuch-pytest -q", "score_command": "./score.sh"},
                           proposer={"kind": "agent"}, **{"proposer.agent": {"command": "nosuch-agent -p {prompt_file}"}})
     code, out = doctor(config, capsys)
     assert code == 1
-    assert lines(out, "FAIL programs") == [
+    assert lines(out, "FAIL programs") == [  # the checks and the scorer fail every run's decision too
         "FAIL programs  project.run_command starts './train.sh', which is not an executable file",
+        "FAIL programs  project.checks_command starts 'nosuch-pytest', which is not on PATH",
+        "FAIL programs  project.score_command starts './score.sh', which is not an executable file",
         "FAIL programs  proposer.agent.command starts 'nosuch-agent', which is not on PATH"]
     subprocess.run(["git", "init", "-q", str(tmp_path / "ws")], check=True)  # the user's project
     (tmp_path / "ws" / "train.sh").write_text("#!/bin/sh\n")
