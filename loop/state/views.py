@@ -176,14 +176,19 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.6f}"
 
 
-def _line(e: Experiment, undecided: set[int]) -> str:
-    """`undecided`: the runs that do not say how their change went (`_undecided_runs`), shown
-    so, as their digest said."""
+def _lines(rows: list[Experiment], undecided: set[int]) -> list[str]:
+    """One line per experiment, in columns. `undecided`: the runs that do not say how their change
+    went (`_undecided_runs`), shown so, as their digest said."""
+    width = max((len(f"#{e.number}") for e in rows), default=0)  # #9 above #10: the columns stay
+    return [_line(e, undecided, width) for e in rows]
+
+
+def _line(e: Experiment, undecided: set[int], width: int) -> str:
     figure = _fmt(e.metric).ljust(8)
     why = f" ({e.reason})" if e.status != "keep" and e.reason else ""
     if e.status == "keep" and suspect(e.metrics):
         why = " (SUSPECT: its gain vanishes on held-out rows)"
-    return f"#{e.number} {_shown_status(e, undecided):<13} {figure}  {e.description or e.kind}{why}"
+    return f"{f'#{e.number}':<{width}} {_shown_status(e, undecided):<13} {figure}  {e.description or e.kind}{why}"
 
 
 def _shown_status(e: Experiment, undecided: set[int]) -> str:
@@ -253,7 +258,7 @@ def status_text(workspace: Path) -> str:
     if rows:
         lines.append("last:")
         later = _undecided_runs(store, rows)
-        lines += [f"  {_line(e, later)}" for e in rows[-3:]]
+        lines += [f"  {line}" for line in _lines(rows[-3:], later)]
     return "\n".join(lines)
 
 
@@ -318,7 +323,7 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     if status is None and top is None:
         rows = ledger.experiments(store, last=max(1, n))  # the last ones: their re-runs too
         later = _undecided_runs(store, rows)
-        return "\n".join(_line(e, later) for e in rows) if rows else "no experiments yet"
+        return "\n".join(_lines(rows, later)) if rows else "no experiments yet"
     every = ledger.experiments(store)
     later = _undecided_runs(store, every)
     rows = [e for e in every if status is None or _shown_status(e, later) == status]
@@ -331,7 +336,7 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     if not rows:
         return f"no {status or 'scored'} experiments yet"
     several = len({e.hardware for e in rows}) > 1  # metrics of different classes are not comparable
-    return "\n".join(_line(e, later) + (f" [{e.hardware or 'no run'}]" if several else "") for e in rows)
+    return "\n".join(line + (f" [{e.hardware or 'no run'}]" if several else "") for e, line in zip(rows, _lines(rows, later)))
 
 
 def best_text(workspace: Path) -> str:
