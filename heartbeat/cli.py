@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nightlab.loop.state.config import Settings, load_settings, render_settings, settings_from_table
+from nightlab.loop.state.config import Settings, is_named_source, load_settings, render_settings, settings_from_table
 from nightlab.loop.state.errors import EXIT_USER_ERROR, UserError
 from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, state_dir, unusable
 
@@ -88,20 +88,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from nightlab.trainer import prepare
 
     settings = _settings(args)
-    source = args.source or settings.data.source
+    source = _absolute_source(args.source) if args.source else settings.data_source
     shards = args.shards if args.shards is not None else settings.data.shards  # 0 is a mistake, not "unset"
     try:
         data_dir = prepare.prepare(source, shards, settings.cache_path)
     except prepare.PrepareError as exc:
         raise UserError(str(exc)) from None
-    source = _absolute_source(source)
     (settings.cache_path / LAST_PREPARED).write_text(source + "\n")
     print(f"data and tokenizer ready in {data_dir}")
     # with a config, `nightlab train` reads that config's cache and source, not the marker
     train = "nightlab train"
     if args.config:
         train += f" --config {shlex.quote(args.config)}"
-        if source != _absolute_source(settings.data.source):
+        if source != settings.data_source:
             train += f" --source {shlex.quote(source)}"
     print(f"`{train}` uses it; in a config: [data] source = " + json.dumps(source))
     from nightlab.loop.kernel_prefetch import prefetch_fa3
@@ -113,13 +112,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 LAST_PREPARED = "last-prepared-source"  # in the data cache: what `nightlab train` uses by default
 
 
-def _is_named_source(source: str) -> bool:
-    return source in ("climbmix", "stdlib") or source.startswith(("http://", "https://"))
-
-
 def _absolute_source(source: str) -> str:
     """A folder's absolute path (the same one from anywhere); a named source as it is."""
-    return source if _is_named_source(source) else str(Path(source).expanduser().resolve())
+    return source if is_named_source(source) else str(Path(source).expanduser().resolve())
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -147,8 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         why = f"from the last `nightlab prepare` ({marker})" if marker.is_file() else \
             "offline; `nightlab prepare --source …` first, --source or --config for other data"
         print(f"nightlab: data source {source} ({why})", file=sys.stderr)
-    if source is not None:
-        settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, source=source))
+    if source is not None:  # typed here (or written by prepare): relative to this directory, not the config's
+        settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, source=_absolute_source(source)))
     path = settings.workspace_path
     if not path.exists():
         print(f"nightlab: creating the workspace {path} (--workspace DIR to put it elsewhere)", file=sys.stderr)

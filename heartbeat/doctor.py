@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from nightlab.heartbeat.health import free_disk_gb, space_used
 from nightlab.loop import hardware
-from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
+from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, is_named_source, resolve_secrets
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.workspace import (
     HarnessUpgrade,
@@ -292,14 +292,15 @@ def _disk_findings(settings: Settings) -> list[Finding]:
 def _data_finding(settings: Settings) -> Finding:
     from nightlab.trainer import prepare  # no torch (pyarrow, tokenizers)
 
-    source = settings.data.source
-    folder = not (source in ("climbmix", "stdlib") or source.startswith(("http://", "https://")))
-    if folder and not Path(source).expanduser().is_dir():
-        return Finding("fail", "data", f"data.source = {source!r} is not a directory",
+    source = settings.data_source
+    folder = not is_named_source(source)
+    if folder and not Path(source).is_dir():
+        shown = "" if source == settings.data.source else f" ({source})"  # a relative one: where it was looked for
+        return Finding("fail", "data", f"data.source = {settings.data.source!r}{shown} is not a directory",
                        "point data.source at a folder of parquet shards, or use climbmix / stdlib / a mirror URL")
     if folder:
         try:  # what `nightlab run` prepares from: a bad file there fails it
-            prepare.local_shards(Path(source).expanduser(), settings.data.shards)
+            prepare.local_shards(Path(source), settings.data.shards)
         except prepare.PrepareError as exc:
             return Finding("fail", "data", str(exc), "fix or move the file named, then run `nightlab doctor` again")
     data_dir = settings.cache_path / prepare.source_id(source)

@@ -327,6 +327,13 @@ class Settings:
     def cache_path(self) -> Path:
         return self._path(self.data.cache_dir)
 
+    @property
+    def data_source(self) -> str:
+        """data.source as the data is prepared from: a local folder as an absolute path (relative
+        to the config's folder, as the other paths), a named source or a mirror's URL as it is."""
+        source = self.data.source
+        return source if is_named_source(source) else str(self._path(source))
+
     def _path(self, text: str) -> Path:
         """~ and $VARS expanded; a relative path is relative to the config file's folder (where the
         service runs), so `nightlab status --config F` typed anywhere finds the same workspace.
@@ -335,6 +342,11 @@ class Settings:
         if path.is_absolute() or self.origin.startswith("<"):  # "<defaults>", "<table>": no file
             return path.resolve()
         return (Path(self.origin).parent / path).resolve()
+
+
+def is_named_source(source: str) -> bool:
+    """climbmix, stdlib or a mirror's URL: not a local folder."""
+    return source in ("climbmix", "stdlib") or source.startswith(("http://", "https://"))
 
 
 def profile_names() -> tuple[str, ...]:

@@ -198,6 +198,28 @@ def test_a_bad_file_in_the_source_folder_fails_as_the_run_would(tmp_path: Path, 
         " rows with a string column `text`."]
 
 
+def test_a_relative_source_folder_is_found_from_any_directory(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
+    """data.source = "my shards" was looked for in the shell's directory, unlike workspace.path and
+    data.cache_dir (the config's folder): doctor from elsewhere said it was not a directory, and
+    `nightlab run --config` from elsewhere refused it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nightlab.trainer import prepare
+
+    fake_gpus([])
+    folder = tmp_path / "my shards"
+    folder.mkdir()
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"text": [f"{name} text {i}" for i in range(300)]}), folder / f"{name}.parquet")
+    prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None, tokenizer_max_chars=10_000)
+    config = write_config(tmp_path, data={"source": "my shards", "cache_dir": "cache"})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out = doctor(config, capsys)
+    data_dir = tmp_path / "cache" / prepare.source_id(str(folder))
+    assert code == 0 and lines(out, "ok   data") == [f"ok   data      2 shards and the tokenizer in {data_dir}"], out
+
+
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system python")
 def test_an_interpreter_without_torch(tmp_path: Path, fake_gpus) -> None:
     python = "/usr/bin/python3"
