@@ -80,17 +80,18 @@ def remaining_s(store: Store) -> float | None:
 
 
 def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
-    """The experiment that set the current best and the best value on its hardware class: the
-    last kept change (a later baseline on another class only re-measures it), else the baseline;
-    the value is the mean of every measurement of its commit there (re-measurements included)."""
+    """The experiment that set the current best and the best value on its hardware class. The
+    best commit is the last keep's, as the engine's reference is: a later baseline of the same
+    commit (another class, a re-measurement) only re-measures it, one of another commit measured
+    a commit of the user's put on the branch (an edit committed between nights), which the loop goes
+    on from. Of that commit: its last kept change, else its first class's baseline. The value is the
+    mean of every measurement of the commit there (re-measurements included)."""
     keeps = [e for e in rows if e.status == "keep"]
-    changes = [e for e in keeps if e.kind != "baseline"]
-    if changes:
-        best = changes[-1]
-    elif keeps:
-        best = [e for e in keeps if e.hardware_class == keeps[0].hardware_class][-1]
-    else:
+    if not keeps:
         return None, None
+    mine = [e for e in keeps if e.commit == keeps[-1].commit]
+    changes = [e for e in mine if e.kind != "baseline"]
+    best = changes[-1] if changes else [e for e in mine if e.hardware_class == mine[0].hardware_class][-1]
     values = _best_values(rows, best)
     return best, statistics.fmean(values) if values else best.best
 
@@ -152,6 +153,12 @@ def _night(store: Store, rows: list[Experiment]) -> tuple[Experiment, list[float
     groups = [_values(rows, c, cls) for c in sorted({e.commit for e in rows if e.hardware_class == cls})]
     noise = pooled_noise(groups, store.get(NOISE_PRIOR_KEY, 0.0) * (abs(statistics.fmean(baseline_values)) or 1.0))
     return best, baseline_values, noise
+
+
+def _unchanged(rows: list[Experiment], best: Experiment) -> bool:
+    """The best is the night's baseline code: no change kept, nor a commit of the user's since."""
+    base = baseline(rows, best.hardware_class)
+    return best.kind == "baseline" and (base is None or base.commit == best.commit)
 
 
 def baseline(rows: list[Experiment], cls: HardwareClass) -> Experiment | None:
@@ -248,7 +255,7 @@ def status_text(workspace: Path) -> str:
         lines.append(f"paused by {pause.by} ({pause.reason}{waits}) {duration(time.time() - pause.since)} ago")
     best_exp, best = _best(rows)
     if best_exp is not None:
-        gain = _gain_text(night_gain(store, rows), rows, best_exp) if best_exp.kind != "baseline" else ""
+        gain = "" if _unchanged(rows, best_exp) else _gain_text(night_gain(store, rows), rows, best_exp)
         lines.append(f"best {name}: {_fmt(best)} (#{best_exp.number}, {best_exp.commit[:7]})" + (f" · vs baseline {gain}" if gain else ""))
     classes = _classes_line(rows)
     if classes:
@@ -350,7 +357,7 @@ def best_text(workspace: Path) -> str:
     if best_exp.hypothesis:
         text += f"\nhypothesis: {best_exp.hypothesis}"
     found = night_gain(store, rows)
-    if found is not None and best_exp.kind != "baseline":
+    if found is not None and not _unchanged(rows, best_exp):
         text += f"\nvs baseline {_fmt(found[0])}: gain {_gain_text(found, rows, best_exp)}"
     if best_exp.hardware:
         text += f"\nmeasured on: {best_exp.hardware}"
@@ -381,7 +388,7 @@ def diff_text(workspace: Path, number: int | None = None, limit: int | None = No
         if best is None:
             return "no result yet"
         base = baseline(rows, best.hardware_class)
-        if best.kind == "baseline":
+        if _unchanged(rows, best):
             return f"the best is the baseline (#{best.number}, {best.commit[:7]}): no change has been kept yet"
         if base is not None:
             head = f"the best, #{best.number}, against the baseline, #{base.number}: {_short(best.description)}"
@@ -472,7 +479,7 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
                 f"- no {name} yet: all {len(rows)} experiments failed before giving one (see What"
                 f" did not work); {code('nightlab train --config FILE')} runs one and shows all its output"]
     else:
-        gain = ("none yet, the best is the baseline" if best_exp is not None and best_exp.kind == "baseline"
+        gain = ("none yet, the best is the baseline" if best_exp is not None and _unchanged(rows, best_exp)
                 else f"{(_gain_text(found, rows, best_exp) if best_exp else '') or '—'}"
                 " (± one standard error; positive = better)")
         out += [

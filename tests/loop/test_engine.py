@@ -336,6 +336,28 @@ def test_steering_while_runs_are_in_flight(tmp_path: Path, gates: Gates) -> None
     assert_consistent(settings)
 
 
+def test_an_edit_the_user_commits_between_nights_is_the_best_the_views_show(tmp_path: Path) -> None:
+    """README: edit train.py and commit it before `nightlab run`. After a night with a keep, the
+    loop measures that commit and goes on from it, and its digest said so (best 0.95); `best`,
+    `status`, the report and `diff` went on showing the keep before it (0.9) as the best."""
+    settings = make_stub_workspace(tmp_path)
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])) == 0
+    ws = settings.workspace_path
+    train = ws / "train.py"
+    train.write_text(train.read_text().replace("VAL_BPB = [0.9]", "VAL_BPB = [0.95]"))
+    subprocess.run(["git", "-C", str(ws), "commit", "-qam", "mine: 0.95"], check=True)
+    assert run_engine(settings, 3, proposer=ScriptedProposer([])) == 0
+    store = Store.for_workspace(ws)
+    rows = ledger.experiments(store)
+    assert [(e.kind, e.status, e.metric) for e in rows] == [("baseline", "keep", 1.0), ("proposal", "keep", 0.9),
+                                                             ("baseline", "keep", 0.95)]
+    assert views.best_text(ws).startswith(f"best val_bpb: 0.950000 — #3 {rows[2].commit[:7]}")
+    assert "best val_bpb: 0.950000 (#3" in views.status_text(ws)
+    assert "- best val_bpb: 0.950000 (#3" in views.report_markdown(ws)
+    shown = views.diff_text(ws)  # the night's change: the keep and the user's edit together
+    assert shown.startswith("the best, #3, against the baseline, #1") and "+VAL_BPB = [0.95]" in shown
+
+
 def test_bad_commands_get_clear_errors(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     run_engine(settings, 1, proposer=ScriptedProposer([{"noop": True}]))  # the engine publishes its areas
