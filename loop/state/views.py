@@ -86,7 +86,7 @@ def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
     a commit of the user's put on the branch (an edit committed between nights), which the loop goes
     on from. Of that commit: its last kept change, else its first class's baseline. The value is the
     mean of every measurement of the commit there (re-measurements included)."""
-    keeps = [e for e in rows if e.status == "keep"]
+    keeps = [e for e in _current(rows) if e.status == "keep"]
     if not keeps:
         return None, None
     mine = [e for e in keeps if e.commit == keeps[-1].commit]
@@ -94,6 +94,13 @@ def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
     best = changes[-1] if changes else [e for e in mine if e.hardware_class == mine[0].hardware_class][-1]
     values = _best_values(rows, best)
     return best, statistics.fmean(values) if values else best.best
+
+
+def _current(rows: list[Experiment]) -> list[Experiment]:
+    """The experiments of the latest setting (the last run's): one measured under another budget,
+    data or scorer is compared with nothing now, so it is no best and no class of the night's."""
+    setting = next((e.setting for e in reversed(rows) if e.setting), "")
+    return [e for e in rows if e.setting in (setting, "")]  # "": no run (a failed proposal)
 
 
 def _best_values(rows: list[Experiment], best: Experiment) -> list[float]:
@@ -170,7 +177,7 @@ def baseline(rows: list[Experiment], cls: HardwareClass) -> Experiment | None:
 def _classes_line(rows: list[Experiment]) -> str:
     """With more than one hardware class: each one's best commit as measured there."""
     refs = {}
-    for e in rows:
+    for e in _current(rows):
         if e.status == "keep" and e.hardware:
             refs[e.hardware_class] = e
     if len(refs) < 2:

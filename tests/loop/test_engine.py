@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -356,6 +357,25 @@ def test_an_edit_the_user_commits_between_nights_is_the_best_the_views_show(tmp_
     assert "- best val_bpb: 0.950000 (#3" in views.report_markdown(ws)
     shown = views.diff_text(ws)  # the night's change: the keep and the user's edit together
     assert shown.startswith("the best, #3, against the baseline, #1") and "+VAL_BPB = [0.95]" in shown
+
+
+def test_after_a_budget_change_the_views_show_the_new_settings_best(tmp_path: Path) -> None:
+    """README: results are compared only between runs with the same budget. After [trainer]
+    time_budget changed, the loop measured the best again in the new setting, while best, status
+    and the report showed the old setting's keep and gain, and `per hardware` listed the one CPU
+    twice (one class per setting)."""
+    settings = make_stub_workspace(tmp_path)
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.9, 0.92]}}])) == 0
+    changed = dataclasses.replace(settings, trainer=dataclasses.replace(settings.trainer, time_budget=5))
+    assert run_engine(changed, 3, proposer=ScriptedProposer([])) == 0
+    ws = settings.workspace_path
+    rows = ledger.experiments(Store.for_workspace(ws))
+    assert [(e.kind, e.metric) for e in rows] == [("baseline", 1.0), ("proposal", 0.9), ("baseline", 0.92)]
+    assert rows[2].setting != rows[1].setting and rows[2].commit == rows[1].commit
+    status = views.status_text(ws)
+    assert "best val_bpb: 0.920000 (#3" in status and "per hardware" not in status
+    assert views.best_text(ws).startswith("best val_bpb: 0.920000 — #3")
+    assert "- gain: none yet, the best is the baseline" in views.report_markdown(ws)
 
 
 def test_bad_commands_get_clear_errors(tmp_path: Path) -> None:
