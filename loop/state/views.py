@@ -81,15 +81,21 @@ def remaining_s(store: Store) -> float | None:
 
 def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
     """The experiment that set the current best and the best value on its hardware class. The
-    best commit is the last keep's, as the engine's reference is: a later baseline of the same
-    commit (another class, a re-measurement) only re-measures it, one of another commit measured
-    a commit of the user's put on the branch (an edit committed between nights), which the loop goes
-    on from. Of that commit: its last kept change, else its first class's baseline. The value is the
-    mean of every measurement of the commit there (re-measurements included)."""
+    best commit is the last kept change's, or a later baseline's of a commit not kept before: a
+    commit of the user's put on the branch (an edit committed between nights), which the loop goes
+    on from. A baseline of a commit kept before (another class, a re-measurement) only re-measures
+    it. Of that commit: its last kept change, else its first class's baseline. The value is the mean
+    of every measurement of the commit there (re-measurements included)."""
     keeps = [e for e in _current(rows) if e.status == "keep"]
     if not keeps:
         return None, None
-    mine = [e for e in keeps if e.commit == keeps[-1].commit]
+    seen: set[str] = set()
+    commit = keeps[0].commit
+    for e in keeps:
+        if e.kind != "baseline" or e.commit not in seen:
+            commit = e.commit
+        seen.add(e.commit)
+    mine = [e for e in keeps if e.commit == commit]
     changes = [e for e in mine if e.kind != "baseline"]
     best = changes[-1] if changes else [e for e in mine if e.hardware_class == mine[0].hardware_class][-1]
     values = _best_values(rows, best)
