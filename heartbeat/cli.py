@@ -11,12 +11,13 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nightlab.loop.state.config import Settings, load_settings, render_settings, settings_from_table
+from nightlab.loop.state.config import Settings, is_named_source, load_settings, render_settings, settings_from_table
 from nightlab.loop.state.errors import EXIT_USER_ERROR, UserError
 from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, state_dir, unusable
 
@@ -41,8 +42,9 @@ def _named_settings(args: argparse.Namespace) -> Settings:
     settings = _settings(args)
     path = settings.workspace_path
     if not (state_dir(path) / DB_FILENAME).is_file():
+        config = shlex.quote(args.config) if args.config else "FILE"  # the command to type, filled in
         raise UserError(f"{path} is not a nightlab workspace (no {STATE_DIRNAME}/{DB_FILENAME});"
-                        " check --workspace / [workspace] path, or start one with `nightlab run --config FILE`")
+                        f" check --workspace / [workspace] path, or start one with `nightlab run --config {config}`")
     return settings
 
 
@@ -86,17 +88,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from nightlab.trainer import prepare
 
     settings = _settings(args)
-    source = args.source or settings.data.source
+    source = _absolute_source(args.source) if args.source else settings.data_source
     shards = args.shards if args.shards is not None else settings.data.shards  # 0 is a mistake, not "unset"
     try:
         data_dir = prepare.prepare(source, shards, settings.cache_path)
     except prepare.PrepareError as exc:
         raise UserError(str(exc)) from None
-    if not _is_named_source(source):
-        source = str(Path(source).expanduser().resolve())  # a folder: the same one from anywhere
     (settings.cache_path / LAST_PREPARED).write_text(source + "\n")
     print(f"data and tokenizer ready in {data_dir}")
-    print("`nightlab train` uses it; in a config: [data] source = " + json.dumps(source))
+    # with a config, `nightlab train` reads that config's cache and source, not the marker
+    train = "nightlab train"
+    if args.config:
+        train += f" --config {shlex.quote(args.config)}"
+        if source != settings.data_source:
+            train += f" --source {shlex.quote(source)}"
+    print(f"`{train}` uses it; in a config: [data] source = " + json.dumps(source))
     from nightlab.loop.kernel_prefetch import prefetch_fa3
 
     print(prefetch_fa3().line)
@@ -106,8 +112,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 LAST_PREPARED = "last-prepared-source"  # in the data cache: what `nightlab train` uses by default
 
 
-def _is_named_source(source: str) -> bool:
-    return source in ("climbmix", "stdlib") or source.startswith(("http://", "https://"))
+def _absolute_source(source: str) -> str:
+    """A folder's absolute path (the same one from anywhere); a named source as it is."""
+    return source if is_named_source(source) else str(Path(source).expanduser().resolve())
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -135,8 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         why = f"from the last `nightlab prepare` ({marker})" if marker.is_file() else \
             "offline; `nightlab prepare --source …` first, --source or --config for other data"
         print(f"nightlab: data source {source} ({why})", file=sys.stderr)
-    if source is not None:
-        settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, source=source))
+    if source is not None:  # typed here (or written by prepare): relative to this directory, not the config's
+        settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, source=_absolute_source(source)))
     path = settings.workspace_path
     if not path.exists():
         print(f"nightlab: creating the workspace {path} (--workspace DIR to put it elsewhere)", file=sys.stderr)

@@ -273,7 +273,7 @@ class Daemon:
 
         def work() -> None:
             try:
-                self._prepared_data = prepare.prepare(self.settings.data.source, self.settings.data.shards,
+                self._prepared_data = prepare.prepare(self.settings.data_source, self.settings.data.shards,
                                                       self.settings.cache_path, progress)
                 heartbeat.startup_status = "fetching the FA3 kernel (Hopper GPUs only)"
                 _say(prefetch_fa3().line)  # never raises: offline, the runs fall back

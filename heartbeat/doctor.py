@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 from nightlab.heartbeat.health import free_disk_gb, space_used
 from nightlab.loop import hardware
-from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, resolve_secrets
+from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, is_named_source, resolve_secrets
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.workspace import (
     HarnessUpgrade,
@@ -291,30 +292,35 @@ def _disk_findings(settings: Settings) -> list[Finding]:
 def _data_finding(settings: Settings) -> Finding:
     from nightlab.trainer import prepare  # no torch (pyarrow, tokenizers)
 
-    source = settings.data.source
-    folder = not (source in ("climbmix", "stdlib") or source.startswith(("http://", "https://")))
-    if folder and not Path(source).expanduser().is_dir():
-        return Finding("fail", "data", f"data.source = {source!r} is not a directory",
+    source = settings.data_source
+    folder = not is_named_source(source)
+    if folder and not Path(source).is_dir():
+        shown = "" if source == settings.data.source else f" ({source})"  # a relative one: where it was looked for
+        return Finding("fail", "data", f"data.source = {settings.data.source!r}{shown} is not a directory",
                        "point data.source at a folder of parquet shards, or use climbmix / stdlib / a mirror URL")
     chosen: list[tuple[int, Path]] = []
     if folder:
         try:  # what `nightlab run` prepares from: a bad file there fails it
-            chosen = prepare.local_shards(Path(source).expanduser(), settings.data.shards)
+            chosen = prepare.local_shards(Path(source), settings.data.shards)
         except prepare.PrepareError as exc:
             return Finding("fail", "data", str(exc), "fix or move the file named, then run `nightlab doctor` again")
     data_dir = settings.cache_path / prepare.source_id(source)
     shards = sorted(data_dir.glob(prepare.SHARD_PATTERN)) if data_dir.is_dir() else []
     tokenizer = (data_dir / prepare.TOKENIZER_FILE).is_file()
+    # the command to type, with this config's path (a placeholder only when no file was given)
+    given = not settings.origin.startswith("<")
+    prepare_now = "nightlab prepare" + (f" --config {shlex.quote(settings.origin)}" if given else "")
     if shards and tokenizer:
-        return (_folder_change(source, data_dir, shards, chosen) if chosen else None) or \
+        return (_folder_change(source, data_dir, shards, chosen, prepare_now) if chosen else None) or \
             Finding("ok", "data", f"{len(shards)} shards and the tokenizer in {data_dir}")
     what = "shards" if not shards else "the tokenizer"
     fetch = " (downloads them)" if source == "climbmix" or source.startswith("http") else ""
     return Finding("warn", "data", f"{what} not prepared yet in {data_dir}",
-                   f"`nightlab run` prepares them first{fetch}; or now: nightlab prepare --config <file>")
+                   f"`nightlab run` prepares them first{fetch}; or now: {prepare_now}")
 
 
-def _folder_change(source: str, data_dir: Path, shards: list[Path], chosen: list[tuple[int, Path]]) -> Finding | None:
+def _folder_change(source: str, data_dir: Path, shards: list[Path], chosen: list[tuple[int, Path]],
+                   prepare_now: str) -> Finding | None:
     """What `nightlab run` will change in a folder's data dir prepared before: the folder's files
     changed since (another file validates), or the tokenizer has seen what validates now; None when
     neither. Said so the changed setting of the night (the best measured again) is no surprise."""
@@ -335,7 +341,7 @@ def _folder_change(source: str, data_dir: Path, shards: list[Path], chosen: list
     fix = ("`nightlab run` prepares it again first" + (" and trains the tokenizer again" if seen else "")
            + ("; runs are then scored on other text: a new setting, the best is measured again"
               if was != validation.resolve() or seen else "; the same validation shard: the same setting")
-           + "; or now: nightlab prepare --config <file>")
+           + f"; or now: {prepare_now}")
     return Finding("warn", "data", "; ".join(said), fix)
 
 
@@ -370,8 +376,10 @@ def _git_finding() -> Finding:
 
 def _program_findings(settings: Settings) -> list[Finding]:
     """The programs the commands of the config start: one that is not installed fails every
-    proposal (the agent) or every run."""
-    commands = [("project.run_command", settings.project.run_command)]
+    proposal (the agent), every run, or every run's checks or score."""
+    project = settings.project
+    commands = [("project.run_command", project.run_command), ("project.checks_command", project.checks_command),
+                ("project.score_command", project.score_command)]
     if settings.proposer.kind == "agent":
         commands.append(("proposer.agent.command", settings.proposer.agent.command))
     out = []
@@ -388,8 +396,9 @@ def _channel_findings(settings: Settings) -> list[Finding]:
         return [Finding("ok", "channels", "none configured (digests go to the console log)")]
     try:
         secrets = resolve_secrets(settings)
-    except ConfigError as exc:
-        return [Finding("fail", "channels", str(exc), "set the token (README: Telegram / Slack)")]
+    except ConfigError as exc:  # a line per missing token
+        return [Finding("fail", "channels", line, "set the token (README: Telegram / Slack)")
+                for line in str(exc).splitlines()]
     out = []
     if settings.telegram is not None and secrets.telegram_token is not None:
         out.append(_reach("telegram", _telegram_me, settings.telegram.api_base, secrets.telegram_token.reveal()))

@@ -21,7 +21,7 @@ def run_environment(ws: Workspace, settings: Settings, say: Say = to_stderr,
         from nightlab.trainer import prepare
 
         try:
-            data_dir = prepared or prepare.prepare(settings.data.source, settings.data.shards, settings.cache_path, say)
+            data_dir = prepared or prepare.prepare(settings.data_source, settings.data.shards, settings.cache_path, say)
             prepare.training_view(data_dir)  # made once here, not by several slots at once
         except prepare.PrepareError as exc:
             raise UserError(str(exc)) from None

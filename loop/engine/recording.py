@@ -56,9 +56,13 @@ def record(ctx: Context, cand: Candidate) -> None:
 
 
 def _night_patch(ctx: Context, exp: Experiment, rows: list[Experiment]) -> ledger.Patch | None:
-    """A kept change against the night's baseline: what /diff shows of the best."""
+    """A kept commit against the night's baseline: what /diff shows of the best. A baseline keeps
+    one when it measured a commit of the user's (an edit committed between nights); one that
+    re-measured a kept change finds its patch recorded."""
     base = views.baseline(rows, exp.hardware_class)
-    if exp.status != "keep" or exp.kind == "baseline" or base is None or base.commit == exp.commit:
+    if exp.status != "keep" or base is None or base.commit == exp.commit:
+        return None
+    if exp.kind == "baseline" and ledger.recorded_patch(ctx.store, base.commit, exp.commit) is not None:
         return None
     return ctx.patch(base.commit, exp.commit)
 

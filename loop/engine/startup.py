@@ -49,7 +49,9 @@ def startup(ctx: Context) -> None:
         store.set("engine.finished", False)
         store.set("engine.pid", os.getpid())
     pause = ledger.paused(store)
-    if pause is not None:  # else a restarted loop sits paused without a word
+    # a resume sent while the loop was down applies at the first checkpoint: no "until resume" then
+    waiting = any(c.name == "resume" for c in store.pending_commands())
+    if pause is not None and not waiting:  # else a restarted loop sits paused without a word
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(pause.since))
         say(f"the loop is paused (since {when}, by {pause.by}: {pause.reason}); nothing new starts until"
             f" resume: /resume in chat, or `nightlab ctl --config {ctx.settings.origin} resume`")

@@ -27,6 +27,11 @@ MAX_COMMAND_CHARS = 2000
 MAX_NOTE_CHARS = 1000
 SOON = "within ~2 s"  # a checkpoint comes every ~1 s while a run is in flight
 
+
+def _when(text: str, soon: str) -> str:
+    """`text` with when it happens; none said when no engine runs to do it (it acts at its start)."""
+    return f"{text} {soon}" if soon else text
+
 Areas = tuple[str, ...] | None  # the proposer's focus areas; None: any text (the agent proposer)
 
 
@@ -96,8 +101,9 @@ class Steer(Command):
     role = Role.OPERATOR
 
     @abc.abstractmethod
-    def promise(self, store: Store, running: list[int]) -> str:
-        """What will happen and when, for the sender; UserError when it cannot happen."""
+    def promise(self, store: Store, running: list[int], soon: str) -> str:
+        """What will happen and when (`soon`: SOON, or "" while no engine runs), for the sender;
+        UserError when it cannot happen."""
 
     @abc.abstractmethod
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
@@ -201,12 +207,12 @@ class Pause(Steer):
     def args(self) -> str:
         return "now" if self.now else ""
 
-    def promise(self, store: Store, running: list[int]) -> str:
+    def promise(self, store: Store, running: list[int], soon: str) -> str:
         listed = views.numbered(running)
         if self.now:
-            return f"cancelling {listed} and pausing {SOON}" if running else f"pausing {SOON}"
+            return _when(f"cancelling {listed} and pausing" if running else "pausing", soon)
         if not running:
-            return f"pausing {SOON} (nothing is running)"
+            return _when("pausing", soon) + " (nothing is running)"
         if len(running) > 1:
             return f"no new launches; pausing after {listed} finish"
         left = views.remaining_s(store)
@@ -229,8 +235,8 @@ class Pause(Steer):
 class Resume(Steer):
     name, usage, help = "resume", "resume", "start experimenting again"
 
-    def promise(self, store: Store, running: list[int]) -> str:
-        return f"resuming {SOON}" if ledger.paused(store) else "the loop is not paused; nothing to resume"
+    def promise(self, store: Store, running: list[int], soon: str) -> str:
+        return _when("resuming", soon) if ledger.paused(store) else "the loop is not paused; nothing to resume"
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
         if ledger.paused(store) is None:
@@ -256,7 +262,7 @@ class Focus(Steer):
     def args(self) -> str:
         return self.area or "off"
 
-    def promise(self, store: Store, running: list[int]) -> str:
+    def promise(self, store: Store, running: list[int], soon: str) -> str:
         return f"focusing on {self.area} from the next proposal" if self.area else "focus off from the next proposal"
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
@@ -286,7 +292,7 @@ class Note(Steer):
     def args(self) -> str:
         return self.body
 
-    def promise(self, store: Store, running: list[int]) -> str:
+    def promise(self, store: Store, running: list[int], soon: str) -> str:
         return "note queued: it goes into the next proposal"
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
@@ -321,8 +327,8 @@ class Kill(Steer):
             raise UserError(f"{len(running)} experiments are running ({views.numbered(running)}); say which: kill N")
         return running[0]
 
-    def promise(self, store: Store, running: list[int]) -> str:
-        return f"killing #{self.target(running)} {SOON}; it will be recorded as discarded"
+    def promise(self, store: Store, running: list[int], soon: str) -> str:
+        return _when(f"killing #{self.target(running)}", soon) + "; it will be recorded as discarded"
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
         number = self.target(loop.running_numbers())

@@ -327,6 +327,13 @@ class Settings:
     def cache_path(self) -> Path:
         return self._path(self.data.cache_dir)
 
+    @property
+    def data_source(self) -> str:
+        """data.source as the data is prepared from: a local folder as an absolute path (relative
+        to the config's folder, as the other paths), a named source or a mirror's URL as it is."""
+        source = self.data.source
+        return source if is_named_source(source) else str(self._path(source))
+
     def _path(self, text: str) -> Path:
         """~ and $VARS expanded; a relative path is relative to the config file's folder (where the
         service runs), so `nightlab status --config F` typed anywhere finds the same workspace.
@@ -335,6 +342,11 @@ class Settings:
         if path.is_absolute() or self.origin.startswith("<"):  # "<defaults>", "<table>": no file
             return path.resolve()
         return (Path(self.origin).parent / path).resolve()
+
+
+def is_named_source(source: str) -> bool:
+    """climbmix, stdlib or a mirror's URL: not a local folder."""
+    return source in ("climbmix", "stdlib") or source.startswith(("http://", "https://"))
 
 
 def profile_names() -> tuple[str, ...]:
@@ -420,13 +432,37 @@ def _build(cls: type, table: dict[str, Any], problems: _Problems, prefix: str) -
         if key not in names:
             where = f"[{prefix[:-1]}]" if prefix else "the top level"
             known = ", ".join(sorted(n for n in names if n != "origin"))
-            problems.add(prefix + key, f"unknown key {prefix + key!r} in {where}; known keys: {known}")
+            problems.add(prefix + key, f"unknown key {prefix + key!r} in {where}; {_unknown_key_hint(key, names, prefix)}"
+                                       f" (known keys: {known})")
             continue
         try:
             values[key] = _convert(hints[key], value, problems, f"{prefix}{key}")
         except ConfigError as exc:  # this key keeps its default; the others are still checked
             problems.add(prefix + key, str(exc))
     return cls(**values)
+
+
+def _sections(cls: type, prefix: str = "") -> dict[str, set[str]]:
+    """Every section of the config ("" = the top level, "loop", "proposer.agent", ...) with its keys."""
+    hints = typing.get_type_hints(cls)
+    found = {prefix: {f.name for f in dataclasses.fields(cls)} - {"origin"}}
+    for name, hint in hints.items():
+        inner = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+        if isinstance(inner, type) and inner is not SecretRef:
+            found |= _sections(inner, f"{prefix}{name}.")
+    return {section.rstrip("."): keys for section, keys in found.items()}
+
+
+def _unknown_key_hint(key: str, names: set[str], prefix: str) -> str:
+    """What the user most likely meant: a key of another section (one written under the wrong
+    header, or appended at the end of the file, lands in the last section), else a near spelling."""
+    here = prefix.rstrip(".")
+    homes = [section for section, keys in _sections(Settings).items() if key in keys and section != here]
+    if homes:
+        which = "that header" if len(homes) == 1 else "the one you meant"
+        return f"it is a key of {' or '.join(f'[{h}]' for h in homes)}: move it under {which}"
+    close = difflib.get_close_matches(key, sorted(names - {"origin"}), n=1)
+    return f"did you mean {close[0]!r}?" if close else "remove it"
 
 
 def _convert(hint: Any, value: Any, problems: _Problems, key: str) -> Any:
@@ -456,7 +492,11 @@ def _convert(hint: Any, value: Any, problems: _Problems, key: str) -> Any:
     if origin is tuple:
         item = typing.get_args(hint)[0]
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} = {value!r}: expected a list of {item.__name__}")
+            plural = {str: "strings", int: "integers"}.get(item, item.__name__)
+            # one value where a list belongs (gpus = 0): the list it most likely meant
+            bracket = (f"; in brackets: {key.rsplit('.', 1)[-1]} = [{_toml_value(value)}]"
+                       if isinstance(value, item) and not isinstance(value, bool) else "")
+            raise ConfigError(f"{source}: {key} = {value!r}: expected a list of {plural}{bracket}")
         return tuple(_convert(item, v, problems, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -693,12 +733,19 @@ def secret_env_names(s: Settings) -> set[str]:
 
 
 def resolve_secrets(s: Settings) -> Secrets:
-    """Read the secrets of the enabled channels; raises ConfigError when one is missing."""
-    return Secrets(
-        telegram_token=s.telegram.token.resolve("telegram.token", s.origin) if s.telegram else None,
-        slack_bot_token=s.slack.bot_token.resolve("slack.bot_token", s.origin) if s.slack else None,
-        slack_app_token=s.slack.app_token.resolve("slack.app_token", s.origin) if s.slack else None,
-    )
+    """Read the secrets of the enabled channels; raises ConfigError naming every missing one, a
+    line each (one at a time, a night's setup took a `config check` per token)."""
+    found: dict[str, Secret] = {}
+    problems = []
+    for key, ref in secret_refs(s):
+        try:
+            found[key] = ref.resolve(key, s.origin)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return Secrets(telegram_token=found.get("telegram.token"), slack_bot_token=found.get("slack.bot_token"),
+                   slack_app_token=found.get("slack.app_token"))
 
 
 def render_settings(s: Settings) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nightlab.loop.state import ledger
-from nightlab.loop.state.commands import LoopControl, Steer, View, from_json, parse_command
+from nightlab.loop.state.commands import SOON, LoopControl, Steer, View, from_json, parse_command
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.lock import holder
 from nightlab.loop.state.store import Store
@@ -35,20 +35,15 @@ def send_command(workspace_path: Path, text: str, sender: str) -> str:
 def queue(store: Store, workspace: Path, command: Steer, sender: str, reply_to: str = "") -> str:
     """Write a steering command for the engine; returns the promise. `reply_to` ("telegram:<chat>")
     is the chat that gets this promise as its answer, so the command's event is not sent there again."""
-    promise = command.promise(store, running_numbers(store))  # UserError: e.g. nothing to kill
+    engine = holder(workspace) is not None  # none: it acts on this at its start, whenever that is
+    promise = command.promise(store, running_numbers(store), SOON if engine else "")  # UserError: e.g. nothing to kill
     store.add_command(command.name, command.args(), sender=sender, command=command.to_json(), reply_to=reply_to)
-    return promise + _engine_note(workspace)
+    return promise + ("" if engine else " (the loop is not running right now: it acts on this when it starts)")
 
 
 def running_numbers(store: Store) -> list[int]:
     """Experiments with a run in flight, oldest first."""
     return [cand.number for cand, _ in ledger.in_flight(store)]
-
-
-def _engine_note(workspace: Path) -> str:
-    if holder(workspace) is None:
-        return " (the loop is not running right now: it acts on this when it starts)"
-    return ""
 
 
 # -- applying (the engine) -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from nightlab.loop.state import ledger
+from nightlab.loop.state.config import DAEMON_CONFIG_KEY
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import Experiment, HardwareClass, started_at
 from nightlab.loop.state.lock import DAEMON_LOCK, holder
@@ -79,19 +80,33 @@ def remaining_s(store: Store) -> float | None:
 
 
 def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
-    """The experiment that set the current best and the best value on its hardware class: the
-    last kept change (a later baseline on another class only re-measures it), else the baseline;
-    the value is the mean of every measurement of its commit there (re-measurements included)."""
-    keeps = [e for e in rows if e.status == "keep"]
-    changes = [e for e in keeps if e.kind != "baseline"]
-    if changes:
-        best = changes[-1]
-    elif keeps:
-        best = [e for e in keeps if e.hardware_class == keeps[0].hardware_class][-1]
-    else:
+    """The experiment that set the current best and the best value on its hardware class. The
+    best commit is the last kept change's, or a later baseline's of a commit not kept before: a
+    commit of the user's put on the branch (an edit committed between nights), which the loop goes
+    on from. A baseline of a commit kept before (another class, a re-measurement) only re-measures
+    it. Of that commit: its last kept change, else its first class's baseline. The value is the mean
+    of every measurement of the commit there (re-measurements included)."""
+    keeps = [e for e in _current(rows) if e.status == "keep"]
+    if not keeps:
         return None, None
+    seen: set[str] = set()
+    commit = keeps[0].commit
+    for e in keeps:
+        if e.kind != "baseline" or e.commit not in seen:
+            commit = e.commit
+        seen.add(e.commit)
+    mine = [e for e in keeps if e.commit == commit]
+    changes = [e for e in mine if e.kind != "baseline"]
+    best = changes[-1] if changes else [e for e in mine if e.hardware_class == mine[0].hardware_class][-1]
     values = _best_values(rows, best)
     return best, statistics.fmean(values) if values else best.best
+
+
+def _current(rows: list[Experiment]) -> list[Experiment]:
+    """The experiments of the latest setting (the last run's): one measured under another budget,
+    data or scorer is compared with nothing now, so it is no best and no class of the night's."""
+    setting = next((e.setting for e in reversed(rows) if e.setting), "")
+    return [e for e in rows if e.setting in (setting, "")]  # "": no run (a failed proposal)
 
 
 def _best_values(rows: list[Experiment], best: Experiment) -> list[float]:
@@ -153,6 +168,12 @@ def _night(store: Store, rows: list[Experiment]) -> tuple[Experiment, list[float
     return best, baseline_values, noise
 
 
+def _unchanged(rows: list[Experiment], best: Experiment) -> bool:
+    """The best is the night's baseline code: no change kept, nor a commit of the user's since."""
+    base = baseline(rows, best.hardware_class)
+    return best.kind == "baseline" and (base is None or base.commit == best.commit)
+
+
 def baseline(rows: list[Experiment], cls: HardwareClass) -> Experiment | None:
     """The night's baseline on a hardware class: its first baseline with a result, what the best's
     gain is measured against (and its change shown against, by /diff)."""
@@ -162,7 +183,7 @@ def baseline(rows: list[Experiment], cls: HardwareClass) -> Experiment | None:
 def _classes_line(rows: list[Experiment]) -> str:
     """With more than one hardware class: each one's best commit as measured there."""
     refs = {}
-    for e in rows:
+    for e in _current(rows):
         if e.status == "keep" and e.hardware:
             refs[e.hardware_class] = e
     if len(refs) < 2:
@@ -175,14 +196,19 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.6f}"
 
 
-def _line(e: Experiment, undecided: set[int]) -> str:
-    """`undecided`: the runs that do not say how their change went (`_undecided_runs`), shown
-    so, as their digest said."""
+def _lines(rows: list[Experiment], undecided: set[int]) -> list[str]:
+    """One line per experiment, in columns. `undecided`: the runs that do not say how their change
+    went (`_undecided_runs`), shown so, as their digest said."""
+    width = max((len(f"#{e.number}") for e in rows), default=0)  # #9 above #10: the columns stay
+    return [_line(e, undecided, width) for e in rows]
+
+
+def _line(e: Experiment, undecided: set[int], width: int) -> str:
     figure = _fmt(e.metric).ljust(8)
     why = f" ({e.reason})" if e.status != "keep" and e.reason else ""
     if e.status == "keep" and suspect(e.metrics):
         why = " (SUSPECT: its gain vanishes on held-out rows)"
-    return f"#{e.number} {_shown_status(e, undecided):<13} {figure}  {e.description or e.kind}{why}"
+    return f"{f'#{e.number}':<{width}} {_shown_status(e, undecided):<13} {figure}  {e.description or e.kind}{why}"
 
 
 def _shown_status(e: Experiment, undecided: set[int]) -> str:
@@ -232,15 +258,17 @@ def status_text(workspace: Path) -> str:
     if holder(Path(workspace), DAEMON_LOCK) is None:  # `nightlab status` at 7 am: the night may have stopped
         tick = store.get("engine.tick")
         ago = f" (last active {duration(time.time() - tick)} ago)" if tick else ""
+        started = (store.get(DAEMON_CONFIG_KEY) or {}).get("path")  # the file its last daemon ran with
+        config = shlex.quote(started) if started else "FILE"
         lines.append(f"nightlab is not running{ago}: no new experiment starts until it does"
-                     " (systemctl start nightlab, or nightlab run --config FILE)")
+                     f" (systemctl start nightlab, or nightlab run --config {config})")
     pause = ledger.paused(store)
     if pause:
         waits = f", after #{pause.after}" if pause.after else ""
         lines.append(f"paused by {pause.by} ({pause.reason}{waits}) {duration(time.time() - pause.since)} ago")
     best_exp, best = _best(rows)
     if best_exp is not None:
-        gain = _gain_text(night_gain(store, rows), rows, best_exp) if best_exp.kind != "baseline" else ""
+        gain = "" if _unchanged(rows, best_exp) else _gain_text(night_gain(store, rows), rows, best_exp)
         lines.append(f"best {name}: {_fmt(best)} (#{best_exp.number}, {best_exp.commit[:7]})" + (f" · vs baseline {gain}" if gain else ""))
     classes = _classes_line(rows)
     if classes:
@@ -250,7 +278,7 @@ def status_text(workspace: Path) -> str:
     if rows:
         lines.append("last:")
         later = _undecided_runs(store, rows)
-        lines += [f"  {_line(e, later)}" for e in rows[-3:]]
+        lines += [f"  {line}" for line in _lines(rows[-3:], later)]
     return "\n".join(lines)
 
 
@@ -315,7 +343,7 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     if status is None and top is None:
         rows = ledger.experiments(store, last=max(1, n))  # the last ones: their re-runs too
         later = _undecided_runs(store, rows)
-        return "\n".join(_line(e, later) for e in rows) if rows else "no experiments yet"
+        return "\n".join(_lines(rows, later)) if rows else "no experiments yet"
     every = ledger.experiments(store)
     later = _undecided_runs(store, every)
     rows = [e for e in every if status is None or _shown_status(e, later) == status]
@@ -328,7 +356,7 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     if not rows:
         return f"no {status or 'scored'} experiments yet"
     several = len({e.hardware for e in rows}) > 1  # metrics of different classes are not comparable
-    return "\n".join(_line(e, later) + (f" [{e.hardware or 'no run'}]" if several else "") for e in rows)
+    return "\n".join(line + (f" [{e.hardware or 'no run'}]" if several else "") for e, line in zip(rows, _lines(rows, later)))
 
 
 def best_text(workspace: Path) -> str:
@@ -342,7 +370,7 @@ def best_text(workspace: Path) -> str:
     if best_exp.hypothesis:
         text += f"\nhypothesis: {best_exp.hypothesis}"
     found = night_gain(store, rows)
-    if found is not None and best_exp.kind != "baseline":
+    if found is not None and not _unchanged(rows, best_exp):
         text += f"\nvs baseline {_fmt(found[0])}: gain {_gain_text(found, rows, best_exp)}"
     if best_exp.hardware:
         text += f"\nmeasured on: {best_exp.hardware}"
@@ -373,7 +401,7 @@ def diff_text(workspace: Path, number: int | None = None, limit: int | None = No
         if best is None:
             return "no result yet"
         base = baseline(rows, best.hardware_class)
-        if best.kind == "baseline":
+        if _unchanged(rows, best):
             return f"the best is the baseline (#{best.number}, {best.commit[:7]}): no change has been kept yet"
         if base is not None:
             head = f"the best, #{best.number}, against the baseline, #{base.number}: {_short(best.description)}"
@@ -464,7 +492,7 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
                 f"- no {name} yet: all {len(rows)} experiments failed before giving one (see What"
                 f" did not work); {code('nightlab train --config FILE')} runs one and shows all its output"]
     else:
-        gain = ("none yet, the best is the baseline" if best_exp is not None and best_exp.kind == "baseline"
+        gain = ("none yet, the best is the baseline" if best_exp is not None and _unchanged(rows, best_exp)
                 else f"{(_gain_text(found, rows, best_exp) if best_exp else '') or '—'}"
                 " (± one standard error; positive = better)")
         out += [

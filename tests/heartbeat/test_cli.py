@@ -14,6 +14,7 @@ import pytest
 from nightlab.heartbeat.cli import build_parser, main
 from nightlab.heartbeat.lock import DaemonLock
 from nightlab.loop.state import ledger
+from nightlab.loop.state.config import DAEMON_CONFIG_KEY
 from nightlab.loop.state.store import Store
 
 from tests.fakes.daemon_config import write_daemon_config
@@ -70,6 +71,10 @@ def test_a_command_goes_only_to_a_loop_the_user_named(loop: Path, tmp_path: Path
     assert main(["ctl", "pause", "--workspace", str(missing)]) == 2
     err = capsys.readouterr().err
     assert f"{missing} is not a nightlab workspace" in err and len(err.splitlines()) == 1
+    config = tmp_path / "first night.toml"  # its workspace not started yet: the command names this file
+    config.write_text(f'[workspace]\npath = "{missing}"\n')
+    assert main(["status", "--config", str(config)]) == 2
+    assert f"start one with `nightlab run --config '{config}'`" in capsys.readouterr().err
     assert not (home / "nightlab-workspace").exists() and not missing.exists()
     assert pending(loop) == []
 
@@ -83,6 +88,9 @@ def test_status_says_when_nightlab_is_not_running(loop: Path, capsys: pytest.Cap
     said = capsys.readouterr().out.splitlines()
     assert said[2] == ("nightlab is not running (last active 3h01m ago): no new experiment starts until it does"
                        " (systemctl start nightlab, or nightlab run --config FILE)")
+    store.set(DAEMON_CONFIG_KEY, {"path": "/home/me/nightlab.toml", "text": ""})  # as a daemon ran it
+    assert main(["status", "--workspace", str(loop)]) == 0
+    assert "(systemctl start nightlab, or nightlab run --config /home/me/nightlab.toml)" in capsys.readouterr().out
     with DaemonLock(loop):  # as `nightlab run` holds it
         assert main(["status", "--workspace", str(loop)]) == 0
     assert "not running" not in capsys.readouterr().out
@@ -207,6 +215,31 @@ def test_train_uses_what_prepare_made(tmp_path: Path, home: Path) -> None:
     data = source_id(str(shards))  # nothing else fetched: the data dir and the harness's training view of it
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [data, f"{data}.train"]
     assert "summary: val_bpb=" in trained.stdout
+
+
+def test_prepare_with_a_config_names_the_train_command_that_uses_it(tmp_path: Path, home: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """With a config, `nightlab train` reads that config's data cache and source, not what prepare
+    made last in the default cache: the line said `nightlab train` uses it, and that trained on the
+    config's source (climbmix: a download) or on other data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.trainer.test_prepare import _stdlib_paragraphs
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    paras = _stdlib_paragraphs(200_000)
+    for i in range(2):
+        pq.write_table(pa.table({"text": paras[i::2]}), shards / f"part_{i}.parquet")
+    config = tmp_path / "n.toml"
+    config.write_text('[data]\ncache_dir = "cache"\n')  # source: climbmix, the default
+    assert main(["prepare", "--config", str(config), "--source", str(shards), "--shards", "1"]) == 0
+    said = capsys.readouterr().out
+    assert f"`nightlab train --config {config} --source {shards}` uses it" in said
+    config.write_text(f'[data]\ncache_dir = "cache"\nsource = "{shards}"\n')
+    assert main(["prepare", "--config", str(config)]) == 0
+    assert f"`nightlab train --config {config}` uses it" in capsys.readouterr().out
 
 
 def test_a_demo_run_again_on_its_workspace_goes_on() -> None:

@@ -58,6 +58,8 @@ def test_a_cpu_box_can_run_the_tiny_profile(tmp_path: Path, fake_gpus, capsys) -
     assert lines(out, "ok   profile")[0].startswith("ok   profile   'tiny': auto: no GPU visible")
     assert "In force: 40 optimizer steps (trainer.time_budget for seconds), seq 256, 8,192 eval tokens" in out
     assert lines(out, "WARN data")[0].startswith("WARN data      shards not prepared yet")
+    # the command to type names this config (it said `--config <file>`)
+    assert f"or now: nightlab prepare --config {tmp_path / 'nightlab.toml'}\n" in out
     assert lines(out, "ok   git") and out.rstrip().endswith("runs can start (2 warning(s))")
 
 
@@ -127,12 +129,15 @@ def test_sizes_and_a_timeout_the_profile_cannot_run_with_fail(tmp_path: Path, fa
 
 def test_a_program_the_config_starts_that_is_not_installed_fails(tmp_path: Path, fake_gpus, capsys) -> None:
     fake_gpus([])
-    config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"]},
+    config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"],
+                                             "checks_command": "nosuch-pytest -q", "score_command": "./score.sh"},
                           proposer={"kind": "agent"}, **{"proposer.agent": {"command": "nosuch-agent -p {prompt_file}"}})
     code, out = doctor(config, capsys)
     assert code == 1
-    assert lines(out, "FAIL programs") == [
+    assert lines(out, "FAIL programs") == [  # the checks and the scorer fail every run's decision too
         "FAIL programs  project.run_command starts './train.sh', which is not an executable file",
+        "FAIL programs  project.checks_command starts 'nosuch-pytest', which is not on PATH",
+        "FAIL programs  project.score_command starts './score.sh', which is not an executable file",
         "FAIL programs  proposer.agent.command starts 'nosuch-agent', which is not on PATH"]
     subprocess.run(["git", "init", "-q", str(tmp_path / "ws")], check=True)  # the user's project
     (tmp_path / "ws" / "train.sh").write_text("#!/bin/sh\n")
@@ -216,7 +221,7 @@ def test_a_source_folder_changed_since_prepare_is_said_with_what_the_run_will_do
         f" again: it was trained on the text of {folder / 'b.parquet'}, the validation shard now, and must not have"
         " seen the text that scores the runs",
         "               -> `nightlab run` prepares it again first and trains the tokenizer again; runs are then"
-        " scored on other text: a new setting, the best is measured again; or now: nightlab prepare --config <file>"]
+        f" scored on other text: a new setting, the best is measured again; or now: nightlab prepare --config {config}"]
     prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None)
     assert lines(doctor(config, capsys)[1], "ok   data")
     pq.write_table(pa.table({"text": ["d text"] * 300}), folder / "d.parquet")  # sorts last: validates
@@ -227,6 +232,28 @@ def test_a_source_folder_changed_since_prepare_is_said_with_what_the_run_will_do
     pq.write_table(pa.table({"text": ["ab text"] * 300}), folder / "ab.parquet")  # a training file more
     out = doctor(config, capsys)[1]
     assert "the same validation shard: the same setting" in out and "validates now" not in out
+
+
+def test_a_relative_source_folder_is_found_from_any_directory(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
+    """data.source = "my shards" was looked for in the shell's directory, unlike workspace.path and
+    data.cache_dir (the config's folder): doctor from elsewhere said it was not a directory, and
+    `nightlab run --config` from elsewhere refused it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nightlab.trainer import prepare
+
+    fake_gpus([])
+    folder = tmp_path / "my shards"
+    folder.mkdir()
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"text": [f"{name} text {i}" for i in range(300)]}), folder / f"{name}.parquet")
+    prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None, tokenizer_max_chars=10_000)
+    config = write_config(tmp_path, data={"source": "my shards", "cache_dir": "cache"})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out = doctor(config, capsys)
+    data_dir = tmp_path / "cache" / prepare.source_id(str(folder))
+    assert code == 0 and lines(out, "ok   data") == [f"ok   data      2 shards and the tokenizer in {data_dir}"], out
 
 
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system python")
@@ -267,6 +294,17 @@ def test_each_chat_channel_is_reached(tmp_path, fake_gpus, capsys, monkeypatch, 
     code, out = doctor(config, capsys)
     assert code == 1 and any("telegram: not reachable" in line for line in lines(out, "FAIL channels"))
     assert telegram.token not in out
+
+
+def test_each_missing_token_is_a_finding_of_its_own(tmp_path, fake_gpus, capsys, monkeypatch) -> None:
+    fake_gpus([])
+    for name in ("NO_TG", "NO_SB", "NO_SA"):
+        monkeypatch.delenv(name, raising=False)
+    config = write_config(tmp_path, telegram={"token": {"env": "NO_TG"}, "operators": [1]},
+                          slack={"bot_token": {"env": "NO_SB"}, "app_token": {"env": "NO_SA"}, "operators": ["U1"]})
+    code, out = doctor(config, capsys)
+    assert code == 1
+    assert [line.split("'")[1] for line in lines(out, "FAIL channels")] == ["NO_TG", "NO_SB", "NO_SA"]
 
 
 def test_an_api_base_that_answers_html_is_a_finding_without_a_traceback(tmp_path: Path) -> None:

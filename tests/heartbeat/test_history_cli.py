@@ -45,6 +45,17 @@ def test_filters(workspace: Path, capsys) -> None:
     assert capsys.readouterr().out.strip() == "no checks_failed experiments yet"
 
 
+def test_the_columns_stay_aligned_past_9(workspace: Path, capsys) -> None:
+    store = Store.for_workspace(workspace)
+    for _ in range(3):  # #8 .. #10
+        finished(store, "discard", 1.1, description="d")
+    store.close()
+    assert cli.main(["history", "--workspace", str(workspace), "-n", "3"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("#8  discard ") and said[2].startswith("#10 discard ")
+    assert len({line.index("1.100000") for line in said}) == 1  # the numbers in one column
+
+
 def test_bigger_is_better_and_bad_input(workspace: Path, tmp_path: Path, capsys) -> None:
     config = tmp_path / "max.toml"
     config.write_text(f'[workspace]\npath = "{workspace}"\n[project]\ndirection = "maximize"\n')

@@ -65,6 +65,22 @@ def test_unknown_key_is_an_error(tmp_path: Path) -> None:
     assert "heartbeat.run_timout" in message and "run_timeout" in message
 
 
+@pytest.mark.parametrize(("text", "said"), [
+    # appended at the end of config.example.toml, a [loop] key lands in its last section
+    ("[digest]\nmode = \"every\"\nmax_experiments = 3\n",
+     "unknown key 'digest.max_experiments' in [digest]; it is a key of [loop]: move it under that header"),
+    ("keep_z = 2.5\n[loop]\n", "unknown key 'keep_z' in the top level; it is a key of [loop]: move it under"),
+    ("[proposer]\ncommand = \"claude\"\n", "it is a key of [proposer.agent]: move it under that header"),
+    ("[loop]\nkind = \"agent\"\n", "it is a key of [proposer] or [executor]: move it under the one you meant"),
+    ("[loop]\nkeep_zz = 2\n", "unknown key 'loop.keep_zz' in [loop]; did you mean 'keep_z'? (known keys: "),
+    ("[loop]\nzzzz = 2\n", "unknown key 'loop.zzzz' in [loop]; remove it (known keys: "),
+])
+def test_an_unknown_key_says_what_was_meant(tmp_path: Path, text: str, said: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text))
+    assert said in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
 def test_unknown_section(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown key 'telegarm'"):
         load_settings(write(tmp_path, "[telegarm]\n"))
@@ -100,6 +116,17 @@ def test_bad_list_item(tmp_path: Path) -> None:
         load_settings(path)
 
 
+@pytest.mark.parametrize(("line", "said"), [
+    ("[executor]\ngpus = 0", "executor.gpus = 0: expected a list of integers; in brackets: gpus = [0]"),
+    ('[slack]\nchannels = "C01"', "slack.channels = 'C01': expected a list of strings; in brackets: channels = [\"C01\"]"),
+    ('[executor]\ngpus = "all"', "executor.gpus = 'all': expected a list of integers"),
+])
+def test_one_value_where_a_list_belongs_says_the_list(tmp_path: Path, line: str, said: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, line + "\n"))
+    assert said in str(err.value)
+
+
 def test_channels_deny_by_default(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="deny by default"):
         load_settings(write(tmp_path, "[telegram]\nchats = [1]\n"))
@@ -110,6 +137,20 @@ def test_missing_secret_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     settings = load_settings(write(tmp_path, "[telegram]\noperators = [1]\n"))
     with pytest.raises(ConfigError, match="NIGHTLAB_TELEGRAM_TOKEN"):
         resolve_secrets(settings)
+
+
+def test_every_missing_secret_is_named_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Telegram and Slack set up together: `config check` named only the first missing token, so
+    each of the three took a fix and a check of its own."""
+    for name in ("NIGHTLAB_TELEGRAM_TOKEN", "NIGHTLAB_SLACK_BOT_TOKEN", "NIGHTLAB_SLACK_APP_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NIGHTLAB_SLACK_BOT_TOKEN", "xoxb-1-2-3")
+    path = write(tmp_path, '[telegram]\noperators = [1]\n[slack]\noperators = ["U1"]\n')
+    assert main(["config", "check", str(path)]) == 2
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 2 and "telegram.token.env = 'NIGHTLAB_TELEGRAM_TOKEN'" in said[0]
+    assert said[1].startswith(f"{path}: slack.app_token.env = 'NIGHTLAB_SLACK_APP_TOKEN': the environment variable")
 
 
 def test_secret_from_file_is_redacted(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -336,6 +337,47 @@ def test_steering_while_runs_are_in_flight(tmp_path: Path, gates: Gates) -> None
     assert_consistent(settings)
 
 
+def test_an_edit_the_user_commits_between_nights_is_the_best_the_views_show(tmp_path: Path) -> None:
+    """README: edit train.py and commit it before `nightlab run`. After a night with a keep, the
+    loop measures that commit and goes on from it, and its digest said so (best 0.95); `best`,
+    `status`, the report and `diff` went on showing the keep before it (0.9) as the best."""
+    settings = make_stub_workspace(tmp_path)
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])) == 0
+    ws = settings.workspace_path
+    train = ws / "train.py"
+    train.write_text(train.read_text().replace("VAL_BPB = [0.9]", "VAL_BPB = [0.95]"))
+    subprocess.run(["git", "-C", str(ws), "commit", "-qam", "mine: 0.95"], check=True)
+    assert run_engine(settings, 3, proposer=ScriptedProposer([])) == 0
+    store = Store.for_workspace(ws)
+    rows = ledger.experiments(store)
+    assert [(e.kind, e.status, e.metric) for e in rows] == [("baseline", "keep", 1.0), ("proposal", "keep", 0.9),
+                                                             ("baseline", "keep", 0.95)]
+    assert views.best_text(ws).startswith(f"best val_bpb: 0.950000 — #3 {rows[2].commit[:7]}")
+    assert "best val_bpb: 0.950000 (#3" in views.status_text(ws)
+    assert "- best val_bpb: 0.950000 (#3" in views.report_markdown(ws)
+    shown = views.diff_text(ws)  # the night's change: the keep and the user's edit together
+    assert shown.startswith("the best, #3, against the baseline, #1") and "+VAL_BPB = [0.95]" in shown
+
+
+def test_after_a_budget_change_the_views_show_the_new_settings_best(tmp_path: Path) -> None:
+    """README: results are compared only between runs with the same budget. After [trainer]
+    time_budget changed, the loop measured the best again in the new setting, while best, status
+    and the report showed the old setting's keep and gain, and `per hardware` listed the one CPU
+    twice (one class per setting)."""
+    settings = make_stub_workspace(tmp_path)
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.9, 0.92]}}])) == 0
+    changed = dataclasses.replace(settings, trainer=dataclasses.replace(settings.trainer, time_budget=5))
+    assert run_engine(changed, 3, proposer=ScriptedProposer([])) == 0
+    ws = settings.workspace_path
+    rows = ledger.experiments(Store.for_workspace(ws))
+    assert [(e.kind, e.metric) for e in rows] == [("baseline", 1.0), ("proposal", 0.9), ("baseline", 0.92)]
+    assert rows[2].setting != rows[1].setting and rows[2].commit == rows[1].commit
+    status = views.status_text(ws)
+    assert "best val_bpb: 0.920000 (#3" in status and "per hardware" not in status
+    assert views.best_text(ws).startswith("best val_bpb: 0.920000 — #3")
+    assert "- gain: none yet, the best is the baseline" in views.report_markdown(ws)
+
+
 def test_bad_commands_get_clear_errors(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     run_engine(settings, 1, proposer=ScriptedProposer([{"noop": True}]))  # the engine publishes its areas
@@ -355,7 +397,9 @@ def test_bad_commands_get_clear_errors(tmp_path: Path) -> None:
             send_command(ws, text, "cli:t")
     with pytest.raises(UserError, match="not a nightlab workspace"):
         send_command(tmp_path / "nowhere", "pause", "cli:t")
-    assert "pausing" in send_command(ws, "pause", "cli:t") and "not running right now" in send_command(ws, "pause", "cli:t")
+    # no engine: no "within ~2 s" beside "not running" (it acts whenever the loop starts)
+    assert send_command(ws, "pause", "cli:t") == ("pausing (nothing is running) (the loop is not running right now:"
+                                                  " it acts on this when it starts)")
     assert send_command(ws, "status", "cli:t").startswith("nightlab · autoresearch/test")
     assert "pause [now]" in send_command(ws, "help", "cli:t")
 

@@ -25,6 +25,7 @@ from nightlab.loop.executors.slurm import SlurmExecutor, slurm_time
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import LIVE_HEARTBEAT_KEY, load_settings
 from nightlab.loop.state.ledger import Experiment
+from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import open_workspace
 from nightlab.trainer.prepare import source_id
@@ -153,3 +154,7 @@ def test_a_loop_restarted_while_paused_says_so(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert "the loop is paused (since " in err and "by engine: 3 restarts within an hour); nothing new starts" in err
     assert f"`nightlab ctl --config {settings.origin} resume`" in err
+    # `nightlab ctl resume` while it was down: applied next, so not "nothing new starts until resume"
+    send_command(settings.workspace_path, "resume", "cli:me")
+    startup(engine.ctx)
+    assert "the loop is paused" not in capsys.readouterr().err

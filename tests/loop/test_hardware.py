@@ -179,3 +179,22 @@ def test_the_harness_score_version_is_a_setting_but_leaves_older_digests_as_they
     declared = record_setting(store, "python prepare.py run", env, "1")
     assert declared != legacy and scorer_of(store, declared) == "1"
     assert record_setting(store, "python prepare.py run", env, "2") not in (legacy, declared)
+
+
+def test_a_class_baseline_recorded_after_a_keep_does_not_take_the_best_back(tmp_path: Path) -> None:
+    """Results are recorded as they end (the asynchronous mode): a second class's baseline of the
+    commit before a keep can be recorded after the keep; it re-measures that commit there, it is not
+    a commit of the user's the loop goes on from, so the best stays the keep."""
+    store = Store.for_workspace(tmp_path)
+
+    def record(kind: str, commit: str, metric: float, hw: str) -> None:
+        cand = ledger.new_candidate(store, kind, "a", commit=commit, description=f"{kind} {commit}")
+        ledger.record_experiment(store, cand.id, ledger.Experiment(
+            number=cand.number, kind=kind, confirm_of=None, commit=commit, status="keep", metric=metric,
+            metrics={}, best=metric, confidence=None, description=f"{kind} {commit}", hypothesis="", area="",
+            hardware=hw, setting="s1"), {"number": cand.number})
+
+    record("baseline", "a", 1.0, H100)
+    record("proposal", "x", 0.9, H100)
+    record("baseline", "a", 1.1, "NVIDIA A100-SXM4-80GB")  # in flight on the other class during the keep
+    assert views.best_text(tmp_path).startswith("best val_bpb: 0.900000 — #2 x: proposal x")
