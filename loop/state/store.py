@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS runs (
     state        TEXT NOT NULL DEFAULT 'running',   -- running | exited
     exit_code    INTEGER,
     kill_reason  TEXT,                         -- why someone stopped it; the engine records it
-    finished_at  REAL
+    finished_at  REAL,
+    setting      TEXT NOT NULL DEFAULT ''       -- the setting digest it started on ('': an older nightlab's)
 );
 CREATE INDEX IF NOT EXISTS runs_running ON runs(state) WHERE state = 'running';
 -- The in-flight cycle, one row per experiment number. `phase` says how far the cycle got, so a
@@ -174,6 +175,7 @@ _ADDED_COLUMNS = (
     ("experiments", "setting", "TEXT NOT NULL DEFAULT ''"),
     ("commands", "command", "TEXT NOT NULL DEFAULT ''"),
     ("commands", "reply_to", "TEXT NOT NULL DEFAULT ''"),
+    ("runs", "setting", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
