@@ -171,7 +171,7 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
         log_tail="\n".join(tail.splitlines()[-EVENT_LOG_TAIL_LINES:]) if verdict.status == "crash" else "",
         compared=not verdict.reason.startswith(NOT_COMPARED_PREFIX), rebase=rebase,
         # a baseline needs no re-run of its own: planning measures the best again where runs are missing
-        retry=cand.kind != "baseline" and (across or ledger.failed_by_data(verdict.reason)),
+        retry=cand.kind != "baseline" and (across or ledger.measured_nothing(verdict.reason)),
     )
 
 

@@ -230,9 +230,20 @@ DATA_PROBLEM_PREFIX = "data problem:"
 DATA_AGAIN_PREFIX = "data problem again:"
 
 
+# the reason of a run whose log and exit status were removed after it ended (an agent's `git clean -x`
+# or `rm` of .nightlab): its result is lost, not its change's fault, and the change runs again
+RESULT_LOST_PREFIX = "result lost:"
+
+
 def failed_by_data(reason: str) -> bool:
     """A run's reason says the data failed it, not its change (loop/judge.py writes it)."""
     return reason.startswith(DATA_PROBLEM_PREFIX)
+
+
+def measured_nothing(reason: str) -> bool:
+    """A run that tells nothing of its change, which runs again: the data failed it, or its result
+    was lost."""
+    return reason.startswith((DATA_PROBLEM_PREFIX, RESULT_LOST_PREFIX))
 
 
 def mark_kill(store: Store, run_id: int, reason: str) -> bool:
