@@ -179,6 +179,11 @@ _ADDED_COLUMNS = (
 )
 
 
+class LedgerGone(UserError):
+    """A follower's thread found no ledger to open: removed under the daemon, before the engine
+    writes it back (its threads with a connection read the removed file meanwhile)."""
+
+
 class Store:
     """A handle on the state database. Cheap to create; safe to use from several threads.
 
@@ -257,7 +262,13 @@ class Store:
             # a follower's thread never makes the file: an empty one made in the folder a lock put back,
             # before the engine writes the ledger back, would be followed by every thread until then
             where = f"{self.path.absolute().as_uri()}?mode=rw" if self.follow and self._made else str(self.path)
-            db = sqlite3.connect(where, uri=True, timeout=30.0, isolation_level=None)
+            try:
+                db = sqlite3.connect(where, uri=True, timeout=30.0, isolation_level=None)
+            except sqlite3.OperationalError:
+                if self.follow and self.file_id() is None:  # a thread that had not opened it yet
+                    raise LedgerGone(f"the ledger {self.path} was removed (an agent's `git clean -x`, or `rm`)"
+                                     " and is not back yet") from None
+                raise
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
