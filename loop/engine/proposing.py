@@ -13,6 +13,7 @@ from typing import Any
 
 from nightlab.loop.engine.context import Context, say
 from nightlab.loop.engine.outcome import Outcome
+from nightlab.loop.engine.polling import CANCEL_GRACE_S
 from nightlab.loop.engine.streaks import without_a_keep
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.proposers.base import PastExperiment, Proposal, ProposalContext, ProposalError
@@ -97,28 +98,38 @@ def keep_ledger(ctx: Context, before: tuple[int, int] | None, number: int) -> No
 
 
 def _runs_hit(ctx: Context, number: int) -> str:
-    """The runs in flight whose logs the cleaning removed, as sentences ("" when none): those that
-    had ended are marked as lost results (their change runs again), not crashes."""
-    hit = [(cand, run) for cand, run in ledger.in_flight(ctx.store) if not Path(run.log_path).exists()]
+    """The runs in flight the cleaning hit, as sentences ("" when none). One still training in its
+    folder (a git worktree: `git clean` leaves it) writes its log back when it ends; one that had
+    ended (its log and exit status gone unread), or whose folder went too (`rm -rf`: it cannot
+    finish as its change would, so it is stopped), is a lost result: its change runs again."""
+    at = ctx.run_root
+    hit = [(cand, run) for cand, run in ledger.in_flight(ctx.store)
+           if not Path(run.log_path).exists() or not ctx.run_dir(cand).exists()]
     if not hit:
         return ""
     handles = {run.id: RunHandle.from_json(run.handle) for _, run in hit}
     statuses = ctx.executor.poll(list(handles.values()))
     lost, going = [], []
     for cand, run in hit:
-        if statuses[handles[run.id].key].state in ("pending", "running"):
+        handle = handles[run.id]
+        alive = statuses[handle.key].state in ("pending", "running")
+        if alive and ctx.run_dir(cand).exists():
             going.append(f"#{cand.number}")
             continue
-        if Path(run.log_path).exists():  # it ended just now, and its wrapper wrote the log back
+        if not alive and Path(run.log_path).exists():  # it ended just now, and its wrapper wrote the log back
             continue
+        if alive:
+            ctx.executor.cancel(handle, grace_s=CANCEL_GRACE_S)
+            what = f"its folder {ctx.run_dir(cand)} was removed while it ran, so it was stopped"
+        else:
+            what = f"the run had ended when its log and exit status were removed with {at}"
         lost.append(f"#{cand.number}")
         ledger.finish_run(ctx.store, run.id, None, (
-            f"{ledger.RESULT_LOST_PREFIX} the run had ended when its log and exit status were removed with"
-            f" {Path(run.log_path).parent.parent} (during #{number}'s proposal: an agent's `git clean -x` or"
+            f"{ledger.RESULT_LOST_PREFIX} {what} (during #{number}'s proposal: an agent's `git clean -x` or"
             " `rm`), so how it went is unknown; not its change's fault: it runs again"))
     said = ""
     if lost:
-        said += f" Ended before the cleaning took their logs: {', '.join(lost)}, run again at the next start (no crash)."
+        said += f" Lost with the cleaning: the results of {', '.join(lost)}, run again at the next start (no crash)."
     if going:
         said += f" Still training: {', '.join(going)}, whose logs are written back when they end."
     return said

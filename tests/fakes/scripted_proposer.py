@@ -10,10 +10,12 @@ have. A step is a dict:
   {"bug": "message"}                  fail with RuntimeError (a bug in a proposer)
   {"wait": "/path"}                   first wait for that file (a proposal that takes its time)
   {"clean": True}                     `git clean -fdx` in the workspace, as agents do: .nightlab too
+  {"remove": ".nightlab"}             `rm -rf` that folder of the workspace
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ class ScriptedProposer:
             wait_until(Path(step["wait"]).exists, f"the test's file {step['wait']}", timeout=120)
         if step.get("clean"):
             subprocess.run(["git", "clean", "-fdxq"], cwd=ctx.workspace, check=True)
+        if "remove" in step:
+            shutil.rmtree(Path(ctx.workspace) / step["remove"])
         if "raise" in step:
             raise ProposalError(step["raise"])
         if "bug" in step:

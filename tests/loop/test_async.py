@@ -240,7 +240,7 @@ def test_a_run_that_ended_before_an_agent_cleaned_the_workspace_runs_again_and_i
 
     steps = [{"set": {"VAL_BPB": [0.9]}}, {"wait": str(go), "clean": True}]
     said, store = _cleaned_mid_run(settings, steps, gates, end_two)
-    assert "Ended before the cleaning took their logs: #2, run again at the next start (no crash)." in said
+    assert "Lost with the cleaning: the results of #2, run again at the next start (no crash)." in said
     second = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}]), limit=4)  # #3: no new best
     gates.open(3, 4)
     second.thread.join(60)
@@ -248,4 +248,21 @@ def test_a_run_that_ended_before_an_agent_cleaned_the_workspace_runs_again_and_i
     _, two, _, four = ledger.experiments(store)
     assert (two.status, two.metric) == ("discard", None)
     assert two.reason.startswith("result lost: the run had ended when its log and exit status were removed with")
+    assert (four.kind, four.confirm_of, four.status, four.metric) == ("confirm", 2, "keep", 0.9)
+
+
+def test_a_run_whose_folder_an_agent_removed_is_stopped_and_runs_again(tmp_path: Path, gates: Gates) -> None:
+    """`rm -rf .nightlab` took the folder #2 ran in (its worktree, which `git clean` leaves): its
+    harness files gone, it could only fail, and the failure would be blamed on its change."""
+    settings = _workspace(tmp_path)
+    said, store = _cleaned_mid_run(settings, [{"set": {"VAL_BPB": [0.9]}}, {"remove": ".nightlab"}], gates)
+    assert "Lost with the cleaning: the results of #2, run again at the next start (no crash)." in said
+    assert ledger.in_flight(store) == []  # stopped, not left to fail
+    second = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}]), limit=4)
+    gates.open(2, 3, 4)
+    second.thread.join(60)
+    assert second.result == [0]
+    _, two, _, four = ledger.experiments(store)
+    assert (two.status, two.metric) == ("discard", None)
+    assert two.reason.startswith("result lost: its folder ") and "was removed while it ran, so it was stopped" in two.reason
     assert (four.kind, four.confirm_of, four.status, four.metric) == ("confirm", 2, "keep", 0.9)
