@@ -143,10 +143,12 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
             f" {gain(verdict.metric, best, ctx.direction):.6f}, but the best moved on to {ref.commit[:7]}"
             f" while it ran: re-made there and re-run"))
     # the data it is scored on changed while it ran (async has no moment between runs to notice it):
-    # its number measured neither data, so it is compared with neither best; a crash is judged by its log
-    across = started_on != ctx.setting and verdict.metric is not None
+    # its number measured neither data, so it is compared with neither best; a crash is judged by its log.
+    # (A setting that moved only in the config's values, at a restart, is the one it ran under throughout.)
+    moved = hardware.setting_changes(ctx.store, started_on, ctx.setting) if started_on != ctx.setting else []
+    across = bool(moved) and verdict.metric is not None
     if across:
-        verdict, best, rebase = _across(ctx, cand, verdict, started_on), None, False
+        verdict, best, rebase = _across(cand, verdict, moved), None, False
     if cand.kind != "baseline" and ledger.failed_by_data(verdict.reason) and _data_failed_before(rows, cand):
         said = verdict.reason[len(ledger.DATA_PROBLEM_PREFIX):].strip()
         verdict = dataclasses.replace(verdict, reason=(
@@ -175,10 +177,11 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
     )
 
 
-def _across(ctx: Context, cand: Candidate, verdict: Verdict, started_on: str) -> Verdict:
-    """The verdict on a run whose data changed under it: no metric, not compared; a change runs
-    again on the new data, after the best is measured there (`remeasure_best`)."""
-    what = " and ".join(hardware.setting_changes(ctx.store, started_on, ctx.setting)) or "what runs measure changed"
+def _across(cand: Candidate, verdict: Verdict, moved: list[str]) -> Verdict:
+    """The verdict on a run whose data changed under it (`moved`: what changed, in words): no
+    metric, not compared; a change runs again on the new data, after the best is measured there
+    (`remeasure_best`)."""
+    what = " and ".join(moved)
     then = "its change runs again on the new data" if cand.kind != "baseline" else "the best is measured on the new data"
     return dataclasses.replace(
         verdict, status="discard", metric=None, needs_confirm=False, remeasure_best=cand.kind != "baseline",

@@ -399,3 +399,29 @@ def test_in_async_mode_a_re_run_that_ends_before_the_best_is_measured_on_the_new
     five, six = ledger.experiments(store)[-2:]
     assert (five.number, five.kind, five.status, six.number, six.kind) == (5, "baseline", "keep", 6, "confirm")
     assert six.setting == five.setting and six.status == "keep" and six.best == 0.5
+
+
+def test_a_run_in_flight_at_a_restart_with_another_config_is_judged_on_the_setting_it_ran_under(
+    tmp_path: Path, gates: Gates,
+) -> None:
+    """Only the data changing under a run makes it measure neither setting: a config edited before
+    a restart changed nothing for the run in flight, which ran with the values it started with."""
+    data_dir = _prepare(_folder(tmp_path, 3), tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    first = _engine(settings, data_dir, steps=[{"set": {"VAL_BPB": [0.5]}}])
+    thread = threading.Thread(target=first.run, args=(None,), daemon=True)
+    thread.start()
+    try:
+        gates.open(1)
+        wait_until(lambda: _phase(first.store, 2) == "running", "#2 running")
+    finally:
+        first.stop.set()
+        thread.join(30)
+    restarted = _engine(settings, data_dir)
+    restarted.ctx.env = {**restarted.ctx.env, "NIGHTLAB_TIME_BUDGET": "7"}  # the config's budget, edited
+    restarted.ctx.identify_data()
+    assert restarted.ctx.setting != first.ctx.setting
+    gates.open(2)
+    assert restarted.run(2) == 0
+    one, two = ledger.experiments(restarted.store)
+    assert (two.setting, two.status, two.metric) == (one.setting, "keep", 0.5), two.reason
