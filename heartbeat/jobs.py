@@ -361,7 +361,9 @@ class Heartbeat:
 
     def notify(self) -> None:
         text = self.startup_status
-        if self.supervising:
+        if self.supervising and self.store.file_id() is None:  # removed under us: no workspace to `init`
+            text = "the ledger was removed (an agent's `git clean -x`?); waiting for the engine to write it back"
+        elif self.supervising:
             try:
                 text = views.status_line(self.workspace)
             except Exception as exc:  # noqa: BLE001 - a broken status line must not silence the watchdog
