@@ -25,6 +25,7 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sqlite3
 import threading
@@ -207,10 +208,7 @@ class Heartbeat:
         started = max(run.started_at, started_at(run.log_path) or 0.0)
         if now - started > self.limits.run_timeout:
             return f"timeout after {fmt_duration(self.limits.run_timeout)}"
-        try:
-            log = Path(run.log_path).stat()
-        except OSError:  # no log yet: silent since it started
-            log = None
+        log = _log_stat(run)  # None: no log yet, silent since it started
         if log is not None and log.st_size > self.limits.max_log_mb * MIB:
             return (f"its log passed {self.limits.max_log_mb:g} MB: the run printed too much (a print in its"
                     " training loop?); raise [heartbeat] max_log_mb if it must")
@@ -425,6 +423,21 @@ class Heartbeat:
                             chart_path=str(report.chart_path) if report.chart_path else None)
             self.store.set(LAST_REPORT_KEY, now.timestamp())
         log.info("daily report written to %s", report.markdown_path)
+
+
+def _log_stat(run: ledger.RunRecord) -> os.stat_result | None:
+    """The run's log as it grows: at its path, or, removed under the run (an agent's `git clean -x`
+    of .nightlab), the file a local run's wrapper still writes to (its stdout): a run training on
+    is not silent, and is not killed as stalled."""
+    try:
+        return Path(run.log_path).stat()
+    except OSError:
+        pass
+    handle = RunHandle.from_json(run.handle)
+    try:
+        return os.stat(f"/proc/{handle.pid}/fd/1") if handle.backend == "local" else None
+    except OSError:
+        return None
 
 
 def exit_reason(code: int) -> str:
