@@ -322,7 +322,8 @@ def test_a_last_experiment_without_a_run_is_no_change_of_setting(tmp_path: Path)
 def _async_night(tmp_path: Path, fake_gpus: Any, gates: Gates, slots: int, steps: list[dict[str, Any]]) -> Iterator[
         tuple[Engine, Path]]:
     """An asynchronous night on `slots` GPUs, its engine in a thread: (the engine, the user's folder
-    of shards, whose last file validates)."""
+    of shards, whose last file validates). Every proposal takes the first of `steps` while nothing
+    but the baseline is recorded (the scripted proposer counts the history)."""
     fake_gpus(["NVIDIA H100 80GB HBM3"] * slots)
     folder = _folder(tmp_path, 3)
     engine = _engine(_workspace(tmp_path, mode="async"), _prepare(folder, tmp_path / "cache"), slots, steps)
@@ -353,8 +354,7 @@ def test_in_async_mode_a_validation_shard_rewritten_mid_run_is_noticed_and_no_re
     the old text. Now the data is found again at each launch and each decision: a run the change
     happened under measured neither text (it is re-run), and the best is measured on the new one
     before the re-run is compared with it."""
-    with _async_night(tmp_path, fake_gpus, gates, 2, [{"set": {"VAL_BPB": [0.5]}}, {"set": {"VAL_BPB": [0.6]}}]) as (
-            engine, folder):
+    with _async_night(tmp_path, fake_gpus, gates, 2, [{"set": {"VAL_BPB": [0.5]}}]) as (engine, folder):
         store = engine.store
         gates.open(1)
         wait_until(lambda: [_phase(store, n) for n in (2, 3)] == ["running"] * 2, "#2 and #3 running")
@@ -382,8 +382,7 @@ def test_in_async_mode_a_re_run_that_ends_before_the_best_is_measured_on_the_new
 ) -> None:
     """Each result is decided as it ends: #2's re-run on the new text, ending before the best's
     measurement there, found nothing on its setting to be compared with, and the change was lost."""
-    steps = [{"set": {"VAL_BPB": [0.5]}}, {"set": {"VAL_BPB": [0.6]}}, {"set": {"VAL_BPB": [0.7]}}]
-    with _async_night(tmp_path, fake_gpus, gates, 3, steps) as (engine, folder):
+    with _async_night(tmp_path, fake_gpus, gates, 3, [{"set": {"VAL_BPB": [0.5]}}]) as (engine, folder):
         store = engine.store
         gates.open(1)
         wait_until(lambda: [_phase(store, n) for n in (2, 3, 4)] == ["running"] * 3, "#2, #3 and #4 running")
