@@ -25,6 +25,7 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sqlite3
 import threading
@@ -50,7 +51,7 @@ from nightlab.loop.state.commands import Pause, Resume
 from nightlab.loop.state.config import HeartbeatSettings, RunHours, Settings
 from nightlab.loop.state.errors import EXIT_USER_ERROR, USER_ERROR_KEY
 from nightlab.loop.state.ledger import started_at
-from nightlab.loop.state.store import Store
+from nightlab.loop.state.store import LedgerGone, Store
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class Heartbeat:
         self._engine_lock = threading.Lock()  # check_engine vs. the daemon's own start/stop
         self._report_trigger: CronTrigger | None = None  # set by schedule()
         self._tz: Any = None  # the scheduler's time zone, set by schedule()
+        self._ledger_gone = False  # a check found the ledger removed; said once until it is back
+        self._gone_lock = threading.Lock()
 
     @property
     def limits(self) -> HeartbeatSettings:
@@ -126,31 +129,48 @@ class Heartbeat:
                   # a beat late by more than one interval is skipped: the next one comes soon
                   "misfire_grace_time": max(1, int(every))}
         beat = IntervalTrigger(seconds=every)
-        scheduler.add_job(self.check_runs, beat, id="check_runs", **common)
-        scheduler.add_job(self.check_engine, beat, id="check_engine", **common)
-        scheduler.add_job(self.check_host, IntervalTrigger(seconds=max(every, 30.0)), id="check_host",
-                          next_run_time=_now_dt(), **common)
+        scheduler.add_job(self.waiting_for_the_ledger, beat, args=[self.check_runs], id="check_runs", **common)
+        scheduler.add_job(self.waiting_for_the_ledger, beat, args=[self.check_engine], id="check_engine", **common)
+        scheduler.add_job(self.waiting_for_the_ledger, IntervalTrigger(seconds=max(every, 30.0)),
+                          args=[self.check_host], id="check_host", next_run_time=_now_dt(), **common)
         if self.notifier.enabled:
             notify_every = min(every, self.notifier.watchdog_interval or every)
-            scheduler.add_job(self.notify, IntervalTrigger(seconds=notify_every), id="notify",
-                              next_run_time=_now_dt(), **common)
+            scheduler.add_job(self.waiting_for_the_ledger, IntervalTrigger(seconds=notify_every), args=[self.notify],
+                              id="notify", next_run_time=_now_dt(), **common)
         self._tz = scheduler.timezone
         if RunHours.parse(self.limits.hours) is not None:
-            scheduler.add_job(self.check_hours, IntervalTrigger(seconds=max(every, 30.0)), id="check_hours",
-                              next_run_time=_now_dt(), **common)
+            scheduler.add_job(self.waiting_for_the_ledger, IntervalTrigger(seconds=max(every, 30.0)),
+                              args=[self.check_hours], id="check_hours", next_run_time=_now_dt(), **common)
         else:
             if scheduler.get_job("check_hours"):
                 scheduler.remove_job("check_hours")
             self._release_hours()
         self._report_trigger = self._daily_trigger(scheduler)
         if self._report_trigger is not None:
-            scheduler.add_job(self.daily_report, self._report_trigger,
+            scheduler.add_job(self.waiting_for_the_ledger, self._report_trigger, args=[self.daily_report],
                               id="daily_report", **{**common, "misfire_grace_time": 3600})
             # a daemon that was down at the report time sends the one it missed, once
-            scheduler.add_job(self.missed_report, id="missed_report", next_run_time=_now_dt(),
-                              **{**common, "misfire_grace_time": None})  # however late: it is once
+            scheduler.add_job(self.waiting_for_the_ledger, args=[self.missed_report], id="missed_report",
+                              next_run_time=_now_dt(), **{**common, "misfire_grace_time": None})  # however late: once
         elif scheduler.get_job("daily_report"):
             scheduler.remove_job("daily_report")
+
+    def waiting_for_the_ledger(self, check: Callable[[], object]) -> None:
+        """A check as the scheduler runs it. Between an agent's `git clean -x` of the ledger and the
+        engine writing it back, a scheduler thread that had not opened it yet cannot: said once, and
+        the checks skip until it is back (a traceback at every beat said nothing more)."""
+        try:
+            check()
+        except LedgerGone as exc:
+            with self._gone_lock:
+                if not self._ledger_gone:
+                    log.warning("heartbeat: %s; the checks wait for the engine to write it back", exc)
+                self._ledger_gone = True
+            return
+        with self._gone_lock:
+            if self._ledger_gone and self.store.file_id() is not None:
+                self._ledger_gone = False
+                log.info("heartbeat: the ledger is back; the checks go on")
 
     def _daily_trigger(self, scheduler: BaseScheduler) -> CronTrigger | None:
         if not self.limits.report_time:
@@ -188,10 +208,7 @@ class Heartbeat:
         started = max(run.started_at, started_at(run.log_path) or 0.0)
         if now - started > self.limits.run_timeout:
             return f"timeout after {fmt_duration(self.limits.run_timeout)}"
-        try:
-            log = Path(run.log_path).stat()
-        except OSError:  # no log yet: silent since it started
-            log = None
+        log = _log_stat(run)  # None: no log yet, silent since it started
         if log is not None and log.st_size > self.limits.max_log_mb * MIB:
             return (f"its log passed {self.limits.max_log_mb:g} MB: the run printed too much (a print in its"
                     " training loop?); raise [heartbeat] max_log_mb if it must")
@@ -342,7 +359,9 @@ class Heartbeat:
 
     def notify(self) -> None:
         text = self.startup_status
-        if self.supervising:
+        if self.supervising and self.store.file_id() is None:  # removed under us: no workspace to `init`
+            text = "the ledger was removed (an agent's `git clean -x`?); waiting for the engine to write it back"
+        elif self.supervising:
             try:
                 text = views.status_line(self.workspace)
             except Exception as exc:  # noqa: BLE001 - a broken status line must not silence the watchdog
@@ -404,6 +423,21 @@ class Heartbeat:
                             chart_path=str(report.chart_path) if report.chart_path else None)
             self.store.set(LAST_REPORT_KEY, now.timestamp())
         log.info("daily report written to %s", report.markdown_path)
+
+
+def _log_stat(run: ledger.RunRecord) -> os.stat_result | None:
+    """The run's log as it grows: at its path, or, removed under the run (an agent's `git clean -x`
+    of .nightlab), the file a local run's wrapper still writes to (its stdout): a run training on
+    is not silent, and is not killed as stalled."""
+    try:
+        return Path(run.log_path).stat()
+    except OSError:
+        pass
+    handle = RunHandle.from_json(run.handle)
+    try:
+        return os.stat(f"/proc/{handle.pid}/fd/1") if handle.backend == "local" else None
+    except OSError:
+        return None
 
 
 def exit_reason(code: int) -> str:

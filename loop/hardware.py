@@ -139,10 +139,11 @@ def scorer_of(store: Store, digest: str) -> str:
     return str((store.get(SETTING_KEY + digest) or {}).get("scorer", ""))
 
 
-def setting_changes(store: Store, before: str, after: str) -> list[str]:
+def setting_changes(store: Store, before: str, after: str, config: bool = True) -> list[str]:
     """What changed from recorded setting `before` to `after` in what runs measure, as words for a
-    person: the harness's score version, the validation shard, the tokenizer, the values the config
-    and profile give runs (`time_budget 300 -> 600`), the run command."""
+    person: the harness's score version, the validation shard, the tokenizer and, with `config`, the
+    values the config and profile give runs (`time_budget 300 -> 600`) and the run command (those
+    change only at a start: a run in flight keeps the ones it started with)."""
     old, new = store.get(SETTING_KEY + before) or {}, store.get(SETTING_KEY + after) or {}
     said = []
     if old.get("scorer", "") != new.get("scorer", ""):
@@ -151,6 +152,8 @@ def setting_changes(store: Store, before: str, after: str) -> list[str]:
     parts = new_data.changed(old_data) if old_data is not None and new_data is not None else []
     if parts:
         said.append(f"{' and '.join(parts)} changed")
+    if not config:
+        return said
     old_env, new_env = old.get("env", {}), new.get("env", {})
     for key in sorted((old_env.keys() | new_env.keys()) - {*_PLACE_ENV, DATA_DIR_ENV}):
         was, now = old_env.get(key, "default"), new_env.get(key, "default")

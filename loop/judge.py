@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from nightlab.loop.decision import Rule, decide
-from nightlab.loop.state.ledger import DATA_PROBLEM_PREFIX, USER_KILL_PREFIX
+from nightlab.loop.state.ledger import DATA_PROBLEM_PREFIX, RESULT_LOST_PREFIX, USER_KILL_PREFIX
 from nightlab.loop.state.stats import Comparison, Noise
 from nightlab.loop.summary import Summary
 
@@ -98,7 +98,8 @@ def judge(
     best = statistics.fmean(incumbent) if incumbent else None
     reason = failure_reason(m, metric_name)
     if reason is not None:
-        status = "discard" if reason.startswith(USER_KILL_PREFIX) else "crash"
+        # a user's kill, and a result removed after its run ended, are nobody's crash
+        status = "discard" if reason.startswith((USER_KILL_PREFIX, RESULT_LOST_PREFIX)) else "crash"
         return Verdict(status, None, best, reason, metrics=metrics)
     value = m.summary.metrics[metric_name]
     runs = [*earlier, value]

@@ -185,7 +185,7 @@ class Engine:
                 return True
         for cand in open_:
             run = ledger.run_for_candidate(store, cand.id) if cand.phase == "running" else None
-            if run is not None and run.state == "exited":
+            if run is not None and run.state == "exited" and not _measuring_base(cand, open_):
                 decide(ctx, [cand], ctx.git.head())
                 return True
         if ledger.paused(store) is not None:  # a pause stops new launches; the runs in flight finish
@@ -200,10 +200,18 @@ class Engine:
         room = not ctx.upgrade_waiting and (
             ctx.max_experiments is None or ledger.experiment_count(store) + len(open_) < ctx.max_experiments)
         if room and len(open_) < len(ctx.slots) and free_slot(ctx) is not None and not prune_waiting(ctx):
+            notice_data_change(ctx)  # planned on the data as it is now: the best measured first on new data
             rows = ledger.experiments(store)  # a wave from the best commit as it is now
             planning.start(ctx, planning.plan(ctx, rows, ctx.git.head()), rows)
             return True
         return False
+
+
+def _measuring_base(cand: Candidate, open_: list[Candidate]) -> bool:
+    """Its base commit is being measured (a re-measurement of the best, one on new data): its result
+    waits for that run, or it could find nothing on its setting to be compared with."""
+    return cand.kind != "baseline" and any(
+        o.kind == "baseline" and o.commit == cand.base_commit and o.phase == "running" for o in open_)
 
 
 def _decided(cand: Candidate) -> bool:

@@ -18,10 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from nightlab.loop import hardware
 from nightlab.loop.decision import Rule
 from nightlab.loop.engine import planning
 from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
+from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.executors.runfiles import ended_at, run_hardware
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
@@ -42,6 +44,7 @@ def decide(ctx: Context, members: list[Candidate], base: str) -> None:
     luck more often as N grows, so the winner still has to beat the best by more than the
     noise, or pass a confirm run), and fix where git and the best stand after each member is
     recorded."""
+    notice_data_change(ctx)  # what the runs ended on: one the data changed under is compared with neither best
     rows = ledger.experiments(ctx.store)
     outcomes: dict[int, Outcome] = {}
     for cand in members:
@@ -93,7 +96,8 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
     handle = RunHandle.from_json(run.handle)
     tail = ctx.redact(ctx.executor.read_log(handle, LOG_TAIL_BYTES))  # its lines become reasons and a digest's tail
     hw = run_hardware(run.log_path) or next((s.hardware for s in ctx.slots if s.name == handle.slot), "")
-    cls = ctx.hw_class(hw)
+    started_on = run.setting or ctx.setting  # a run an older nightlab launched: the setting as found now
+    cls = HardwareClass(hw, started_on)
     ref = ledger.reference(rows, cls)
     measured = _measurements(rows, judged, cls, hw)
     incumbent = measured(cand.base_commit) if ref is not None and ref.commit == cand.base_commit else []
@@ -138,6 +142,14 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
             f"{REBASE_PREFIX} better than its base {cand.base_commit[:7]} by"
             f" {gain(verdict.metric, best, ctx.direction):.6f}, but the best moved on to {ref.commit[:7]}"
             f" while it ran: re-made there and re-run"))
+    # the data it is scored on changed while it ran (async has no moment between runs to notice it):
+    # its number measured neither data, so it is compared with neither best; a crash is judged by its log.
+    # (A setting that moved only in the config's values, at a restart, is the one it ran under throughout.)
+    moved = (hardware.setting_changes(ctx.store, started_on, ctx.setting, config=False)
+             if started_on != ctx.setting else [])
+    across = bool(moved) and verdict.metric is not None
+    if across:
+        verdict, best, rebase = _across(cand, verdict, moved), None, False
     if cand.kind != "baseline" and ledger.failed_by_data(verdict.reason) and _data_failed_before(rows, cand):
         said = verdict.reason[len(ledger.DATA_PROBLEM_PREFIX):].strip()
         verdict = dataclasses.replace(verdict, reason=(
@@ -158,12 +170,25 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
         n_best=None if c is None else c.n_incumbent, reference=best,
         duration_s=max(0.0, finished_at - started), started_at=started, finished_at=finished_at,
         slot=run.slot, node=run.slot.split("@", 1)[1] if "@" in run.slot else "", hardware=hw,
-        commit=cand.commit,
+        commit=cand.commit, setting=started_on,
         log_tail="\n".join(tail.splitlines()[-EVENT_LOG_TAIL_LINES:]) if verdict.status == "crash" else "",
         compared=not verdict.reason.startswith(NOT_COMPARED_PREFIX), rebase=rebase,
         # a baseline needs no re-run of its own: planning measures the best again where runs are missing
-        retry=cand.kind != "baseline" and ledger.failed_by_data(verdict.reason),
+        retry=cand.kind != "baseline" and (across or ledger.measured_nothing(verdict.reason)),
     )
+
+
+def _across(cand: Candidate, verdict: Verdict, moved: list[str]) -> Verdict:
+    """The verdict on a run whose data changed under it (`moved`: what changed, in words): no
+    metric, not compared; a change runs again on the new data, after the best is measured there
+    (`remeasure_best`)."""
+    what = " and ".join(moved)
+    then = "its change runs again on the new data" if cand.kind != "baseline" else "the best is measured on the new data"
+    return dataclasses.replace(
+        verdict, status="discard", metric=None, needs_confirm=False, remeasure_best=cand.kind != "baseline",
+        comparison=None, confidence=None, reason=(
+            f"{NOT_COMPARED_PREFIX} {what} while it ran: it started on the old data and ended on the new, so its"
+            f" {verdict.metric:.6f} is compared with neither best; {then}"))
 
 
 def _data_failed_before(rows: list[Experiment], cand: Candidate) -> bool:

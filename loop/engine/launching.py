@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from nightlab.loop.engine.context import ANYWHERE, Context
 from nightlab.loop.engine.proposing import no_run
+from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle, RunSpec, Slot
 from nightlab.loop.executors.runfiles import find_handle
 from nightlab.loop.state import ledger
@@ -30,6 +31,7 @@ def launch(ctx: Context, cand: Candidate) -> None:
     log = ctx.log_path(cand.number)
     # A launch that happened just before we were killed left its handle: adopt that run.
     handle = find_handle(log)
+    notice_data_change(ctx)  # what this run is scored on: the data as found now (async has no pause between runs)
     if handle is None:
         if ctx.in_place:
             ctx.reset_tree(cand.commit, cand.number)
@@ -47,7 +49,7 @@ def launch(ctx: Context, cand: Candidate) -> None:
         spec = RunSpec(ws.run_command, ctx.run_dir(cand), log, slot, ctx.env, node)
         handle = ctx.executor.launch(spec)
     with ctx.store.transaction():
-        ledger.add_run(ctx.store, cand.id, handle.to_json(), handle.slot, str(log))
+        ledger.add_run(ctx.store, cand.id, handle.to_json(), handle.slot, str(log), ctx.setting)
         ledger.update_candidate(ctx.store, cand.id, phase="running")
         ctx.store.emit(
             "experiment_started", number=cand.number, kind=cand.kind, description=cand.description,

@@ -36,6 +36,7 @@ class Outcome:
     node: str = ""  # a cluster's node it ran on
     hardware: str = ""
     commit: str | None = None
+    setting: str = ""  # the setting digest its run started on (recorded with it); "" without a run
     log_tail: str = ""  # crashes only
     compared: bool = True  # False: nothing on its hardware class to compare it with
     rebase: bool = False  # async: better than an older base; re-made on the best and re-run

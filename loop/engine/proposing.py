@@ -8,11 +8,14 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from nightlab.loop.engine.context import Context, say
 from nightlab.loop.engine.outcome import Outcome
+from nightlab.loop.engine.polling import CANCEL_GRACE_S
 from nightlab.loop.engine.streaks import without_a_keep
+from nightlab.loop.executors import RunHandle
 from nightlab.loop.proposers.base import PastExperiment, Proposal, ProposalContext, ProposalError
 from nightlab.loop.state import ledger, views
 from nightlab.loop.state.errors import USER_ERROR_KEY, UserError
@@ -46,7 +49,7 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
             git.reset_to(cand.base_commit)
             return no_run(ctx, cand, "crash", ctx.redact(f"proposer error: {type(exc).__name__}: {exc}"))
         finally:
-            keep_ledger(ctx, ledger_file)
+            keep_ledger(ctx, ledger_file, cand.number)
     # the words stored, committed, exported, reported and put in later prompts: clean once, here
     described = {"description": ctx.redact(proposal.description), "hypothesis": ctx.redact(proposal.hypothesis),
                  "area": ctx.redact(proposal.area), "params": dict(proposal.params)}
@@ -76,20 +79,60 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         ledger.mark_notes_delivered(store, [cid for cid, _ in notes], cand.number)
 
 
-def keep_ledger(ctx: Context, before: tuple[int, int] | None) -> None:
+def keep_ledger(ctx: Context, before: tuple[int, int] | None, number: int) -> None:
     """An agent that cleaned the workspace (`git clean -fdx`, `rm -rf .nightlab`) took the ledger
     with it: this engine and the daemon went on in the removed file, and the next start found an
     empty one, the night forgotten. Written back from the open copy, and the loop stopped, said
-    first in the removed file, which the daemon still reads."""
+    first in the removed file, which the daemon still reads. The runs in flight lost their logs
+    too (`number`: the proposal during which it happened): one still training writes its own back
+    when it ends (the run wrapper), one that had ended is recorded as a lost result and runs again."""
     path = ctx.store.path
     if ctx.store.file_id() == before:
         return
     text = (f"the proposer removed the night's ledger ({path}: an agent's `git clean -x` or `rm`);"
-            " written back, and the loop stopped. Its runs' logs there may be gone too. Tell the agent"
-            " in program.md not to clean or remove ignored files, then start nightlab again")
+            f" written back, and the loop stopped.{_runs_hit(ctx, number)} Tell the agent in program.md not"
+            " to clean or remove ignored files, then start nightlab again")
     ctx.store.set(USER_ERROR_KEY, text)
-    ctx.store.write_back()
+    ctx.store.write_back()  # the marks above go with it: the open copy is what is written back
     raise UserError(text)
+
+
+def _runs_hit(ctx: Context, number: int) -> str:
+    """The runs in flight the cleaning hit, as sentences ("" when none). One still training in its
+    folder (a git worktree: `git clean` leaves it) writes its log back when it ends; one that had
+    ended (its log and exit status gone unread), or whose folder went too (`rm -rf`: it cannot
+    finish as its change would, so it is stopped), is a lost result: its change runs again."""
+    at = ctx.run_root
+    hit = [(cand, run) for cand, run in ledger.in_flight(ctx.store)
+           if not Path(run.log_path).exists() or not ctx.run_dir(cand).exists()]
+    if not hit:
+        return ""
+    handles = {run.id: RunHandle.from_json(run.handle) for _, run in hit}
+    statuses = ctx.executor.poll(list(handles.values()))
+    lost, going = [], []
+    for cand, run in hit:
+        handle = handles[run.id]
+        alive = statuses[handle.key].state in ("pending", "running")
+        if alive and ctx.run_dir(cand).exists():
+            going.append(f"#{cand.number}")
+            continue
+        if not alive and Path(run.log_path).exists():  # it ended just now, and its wrapper wrote the log back
+            continue
+        if alive:
+            ctx.executor.cancel(handle, grace_s=CANCEL_GRACE_S)
+            what = f"its folder {ctx.run_dir(cand)} was removed while it ran, so it was stopped"
+        else:
+            what = f"the run had ended when its log and exit status were removed with {at}"
+        lost.append(f"#{cand.number}")
+        ledger.finish_run(ctx.store, run.id, None, (
+            f"{ledger.RESULT_LOST_PREFIX} {what} (during #{number}'s proposal: an agent's `git clean -x` or"
+            " `rm`), so how it went is unknown; not its change's fault: it runs again"))
+    said = ""
+    if lost:
+        said += f" Lost with the cleaning: the results of {', '.join(lost)}, run again at the next start (no crash)."
+    if going:
+        said += f" Still training: {', '.join(going)}, whose logs are written back when they end."
+    return said
 
 
 def outside_reason(ctx: Context, outside: list[str], new: set[str]) -> str:
@@ -131,8 +174,8 @@ def no_run(ctx: Context, cand: Candidate, status: str, reason: str, **described:
 
 def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> ProposalContext:
     every = ledger.experiments(ctx.store)
-    # a run the data failed says nothing of its change (which runs again): nothing to learn from
-    rows = [e for e in every if not ledger.failed_by_data(e.reason)]
+    # a run the data failed, or whose result was lost, says nothing of its change (which runs again)
+    rows = [e for e in every if not ledger.measured_nothing(e.reason)]
     history = tuple(
         PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params, e.kind, e.reason)
         for e in rows

@@ -13,7 +13,7 @@ from nightlab.loop.engine.deciding import held_out_opinion
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import failures_in_a_row, without_a_keep
 from nightlab.loop.state import ledger, views
-from nightlab.loop.state.ledger import Candidate, Experiment
+from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
 
 DISCARDS_SAID_KEY = "loop.discards_said"  # kv: the keep whose following run of discards was reported
 
@@ -26,8 +26,9 @@ def record(ctx: Context, cand: Candidate) -> None:
     ctx.reset_tree(target, cand.number)
     rows = ledger.experiments(ctx.store)
     hw = out.hardware
+    setting = out.setting or ctx.setting  # an outcome an older nightlab decided has none
     if hw:  # the best of its class before it
-        ref = ledger.reference(rows, ctx.hw_class(hw))
+        ref = ledger.reference(rows, HardwareClass(hw, setting))
         previous = None if ref is None else ref.best
     else:  # no run (a proposer failure, a rejection): the last best recorded
         previous = ctx.best(rows)
@@ -41,7 +42,7 @@ def record(ctx: Context, cand: Candidate) -> None:
         area=cand.area, params=cand.params, focus=cand.focus, reason=reason,
         lines_added=cand.lines_added, lines_removed=cand.lines_removed, duration_s=out.duration_s,
         slot=out.slot, started_at=out.started_at, finished_at=out.finished_at,
-        hardware=hw, setting=ctx.setting if hw else "",
+        hardware=hw, setting=setting if hw else "",
     )
     night = _night_patch(ctx, exp, rows)
     with ctx.store.transaction():

@@ -23,7 +23,7 @@ def failures_in_a_row(store: Store, rows: list[Experiment]) -> int:
 def without_a_keep(store: Store, rows: list[Experiment]) -> int:
     """Experiments without a keep since the last keep (or the last resume): what the search
     counts to change its strategy. A result re-run to decide is not one, nor one that had
-    nothing to be compared with, nor a run the data failed (its change runs again)."""
+    nothing to be compared with, nor a run the data failed or whose result was lost (its change runs again)."""
     since = store.get(ledger.FAILURES_SINCE_KEY, 0)
     # a candidate's runs (its first, its re-runs) count once: by the run that decided it
     deciding = {e.commit: e.number for e in rows if e.kind == "confirm"}
@@ -32,6 +32,6 @@ def without_a_keep(store: Store, rows: list[Experiment]) -> int:
         if (e.status == "keep" and e.kind != "baseline") or e.number <= since:
             break
         if (deciding.get(e.commit, e.number) == e.number and e.status != "keep" and e.kind != "baseline"
-                and not e.reason.startswith((NOT_COMPARED_PREFIX, REBASE_PREFIX)) and not ledger.failed_by_data(e.reason)):
+                and not e.reason.startswith((NOT_COMPARED_PREFIX, REBASE_PREFIX)) and not ledger.measured_nothing(e.reason)):
             count += 1
     return count

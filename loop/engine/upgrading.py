@@ -85,9 +85,11 @@ def say_setting_change(ctx: Context) -> None:
 
 
 def notice_data_change(ctx: Context) -> None:
-    """Between waves and at a resume: the data found again (a local folder's files are links, and a
-    data problem's repair happens during its pause); a change is said as at a start. Cheap when
-    nothing changed: two stat calls, no read of the experiments."""
+    """Between waves, at a resume, before a launch and a decision: the data found again (a local
+    folder's files are links, and a data problem's repair happens during its pause; the asynchronous
+    mode has no moment between runs); a change is said as at a start. Each run keeps the setting it
+    started on (`runs.setting`), so one the data changed under is compared with neither best
+    (deciding.judge_run). Cheap when nothing changed: two stat calls, no read of the experiments."""
     before = ctx.setting
     ctx.identify_data()
     if ctx.setting != before:

@@ -27,8 +27,14 @@ _WRAPPER_START = (
     'rm -f "$NIGHTLAB_EXIT_FILE"\n: > "$NIGHTLAB_EXIT_FILE.start"\n'
     + hardware.PROBE + 'nightlab_probe >> "$NIGHTLAB_EXIT_FILE.start"\n'
 )
+# The log's folder removed while the command ran (an agent's `git clean -x` of .nightlab): the folder
+# is made again for the exit status, and the log written back from the file this shell still has
+# open (a regular file only: a pipe would block; read as stdin, opened before stdout moves to the new
+# file), so the run's result survives the cleaning.
 _WRAPPER_END = (
-    'code=$?\nprintf "%s\\n" "$code" > "$NIGHTLAB_EXIT_FILE.tmp" '
+    'code=$?\nlog="${NIGHTLAB_EXIT_FILE%.exit}"\nmkdir -p "${log%/*}"\n'
+    'if [ ! -e "$log" ] && [ -f /proc/$$/fd/1 ]; then cat < /proc/$$/fd/1 > "$log"; fi\n'
+    'printf "%s\\n" "$code" > "$NIGHTLAB_EXIT_FILE.tmp" '
     '&& mv -f "$NIGHTLAB_EXIT_FILE.tmp" "$NIGHTLAB_EXIT_FILE"\nexit $code\n'
 )
 

@@ -67,6 +67,7 @@ class RunRecord:
     exit_code: int | None
     kill_reason: str | None
     finished_at: float | None
+    setting: str = ""  # the setting digest it started on ("": a run launched by an older nightlab)
 
 
 @dataclass(frozen=True)
@@ -181,15 +182,15 @@ def update_candidate(store: Store, candidate_id: int, **fields: Any) -> Candidat
 def _run(r: sqlite3.Row) -> RunRecord:
     return RunRecord(
         r["id"], r["candidate_id"], r["handle"], r["slot"], r["log_path"], r["started_at"],
-        r["state"], r["exit_code"], r["kill_reason"], r["finished_at"],
+        r["state"], r["exit_code"], r["kill_reason"], r["finished_at"], r["setting"],
     )
 
 
-def add_run(store: Store, candidate_id: int, handle: str, slot: str, log_path: str) -> RunRecord:
+def add_run(store: Store, candidate_id: int, handle: str, slot: str, log_path: str, setting: str = "") -> RunRecord:
     with store.transaction() as db:
         cur = db.execute(
-            "INSERT INTO runs(candidate_id, handle, slot, log_path, started_at) VALUES(?, ?, ?, ?, ?)",
-            (candidate_id, handle, slot, log_path, time.time()),
+            "INSERT INTO runs(candidate_id, handle, slot, log_path, started_at, setting) VALUES(?, ?, ?, ?, ?, ?)",
+            (candidate_id, handle, slot, log_path, time.time(), setting),
         )
         return _run(db.execute("SELECT * FROM runs WHERE id = ?", (cur.lastrowid,)).fetchone())
 
@@ -229,9 +230,20 @@ DATA_PROBLEM_PREFIX = "data problem:"
 DATA_AGAIN_PREFIX = "data problem again:"
 
 
+# the reason of a run whose log and exit status were removed after it ended (an agent's `git clean -x`
+# or `rm` of .nightlab): its result is lost, not its change's fault, and the change runs again
+RESULT_LOST_PREFIX = "result lost:"
+
+
 def failed_by_data(reason: str) -> bool:
     """A run's reason says the data failed it, not its change (loop/judge.py writes it)."""
     return reason.startswith(DATA_PROBLEM_PREFIX)
+
+
+def measured_nothing(reason: str) -> bool:
+    """A run that tells nothing of its change, which runs again: the data failed it, or its result
+    was lost."""
+    return reason.startswith((DATA_PROBLEM_PREFIX, RESULT_LOST_PREFIX))
 
 
 def mark_kill(store: Store, run_id: int, reason: str) -> bool:

@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS runs (
     state        TEXT NOT NULL DEFAULT 'running',   -- running | exited
     exit_code    INTEGER,
     kill_reason  TEXT,                         -- why someone stopped it; the engine records it
-    finished_at  REAL
+    finished_at  REAL,
+    setting      TEXT NOT NULL DEFAULT ''       -- the setting digest it started on ('': an older nightlab's)
 );
 CREATE INDEX IF NOT EXISTS runs_running ON runs(state) WHERE state = 'running';
 -- The in-flight cycle, one row per experiment number. `phase` says how far the cycle got, so a
@@ -174,7 +175,13 @@ _ADDED_COLUMNS = (
     ("experiments", "setting", "TEXT NOT NULL DEFAULT ''"),
     ("commands", "command", "TEXT NOT NULL DEFAULT ''"),
     ("commands", "reply_to", "TEXT NOT NULL DEFAULT ''"),
+    ("runs", "setting", "TEXT NOT NULL DEFAULT ''"),
 )
+
+
+class LedgerGone(UserError):
+    """A follower's thread found no ledger to open: removed under the daemon, before the engine
+    writes it back (its threads with a connection read the removed file meanwhile)."""
 
 
 class Store:
@@ -255,7 +262,13 @@ class Store:
             # a follower's thread never makes the file: an empty one made in the folder a lock put back,
             # before the engine writes the ledger back, would be followed by every thread until then
             where = f"{self.path.absolute().as_uri()}?mode=rw" if self.follow and self._made else str(self.path)
-            db = sqlite3.connect(where, uri=True, timeout=30.0, isolation_level=None)
+            try:
+                db = sqlite3.connect(where, uri=True, timeout=30.0, isolation_level=None)
+            except sqlite3.OperationalError:
+                if self.follow and self.file_id() is None:  # a thread that had not opened it yet
+                    raise LedgerGone(f"the ledger {self.path} was removed (an agent's `git clean -x`, or `rm`)"
+                                     " and is not back yet") from None
+                raise
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")

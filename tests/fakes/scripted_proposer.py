@@ -8,15 +8,22 @@ have. A step is a dict:
   {"noop": True}                      change nothing
   {"raise": "message"}                fail with ProposalError
   {"bug": "message"}                  fail with RuntimeError (a bug in a proposer)
+  {"wait": "/path"}                   first wait for that file (a proposal that takes its time)
+  {"clean": True}                     `git clean -fdx` in the workspace, as agents do: .nightlab too
+  {"remove": ".nightlab"}             `rm -rf` that folder of the workspace
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.trainer.profiles import apply_constants
+
+from tests.waiting import wait_until
 
 AREAS = ("lr", "arch")
 
@@ -32,6 +39,12 @@ class ScriptedProposer:
         self.contexts.append(ctx)
         index = sum(1 for h in ctx.history if not h.description.startswith(("baseline", "confirm", "re-measure")))
         step = self.steps[min(index, len(self.steps) - 1)]
+        if "wait" in step:
+            wait_until(Path(step["wait"]).exists, f"the test's file {step['wait']}", timeout=120)
+        if step.get("clean"):
+            subprocess.run(["git", "clean", "-fdxq"], cwd=ctx.workspace, check=True)
+        if "remove" in step:
+            shutil.rmtree(Path(ctx.workspace) / step["remove"])
         if "raise" in step:
             raise ProposalError(step["raise"])
         if "bug" in step:

@@ -372,3 +372,35 @@ def test_a_daemon_whose_lock_file_was_removed_still_refuses_a_second(harness: Ha
     )
     assert f"nightlab is already running for {first.workspace} (pid {first.proc.pid})" in second.stderr
     assert first.proc.poll() is None and first.stop() == 0
+
+
+def cleaning_night(tmp_path: Path) -> tuple[Path, str, Path]:
+    """A night whose agent runs `git clean -fdx` in the workspace (the ledger with it) after the
+    baseline, then works on until the gate file exists: (the workspace, the config, the gate)."""
+    workspace, project = _stub_project(tmp_path)
+    gate = tmp_path / "gate"
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} clean-all {gate}"
+    return workspace, (f'{project}baseline_runs = 1\nremeasure_every = 0\n[proposer]\nkind = "agent"\n'
+                       f'[proposer.agent]\ncommand = "{agent}"\n'), gate
+
+
+def test_checks_while_an_agent_has_removed_the_ledger_say_one_line_not_a_traceback(
+        harness: Harness, tmp_path: Path) -> None:
+    """Between an agent's `git clean -fdx` and the engine writing the ledger back, a heartbeat check
+    on a scheduler thread that had not opened the ledger yet failed to open it: a traceback in the
+    daemon's log at every beat. The beats begin only in that window here (a SIGHUP shortens them),
+    so every thread that runs them opens the ledger there."""
+    workspace, config, gate = cleaning_night(tmp_path)
+    daemon = harness.start(real_engine=True, extra_config=config, check_interval=3600.0)
+    wait_until(lambda: not (workspace / ".nightlab" / "state.db").exists(), timeout=60, what="the agent to clean",
+               abort=lambda: daemon.proc.poll() is not None and daemon.log())
+    write_config(tmp_path / "daemon.toml", config)  # the beats as the tests have them
+    daemon.proc.send_signal(signal.SIGHUP)
+    waiting = "was removed (an agent's `git clean -x`, or `rm`) and is not back yet; the checks wait for the engine"
+    wait_until(lambda: waiting in daemon.log() or "Traceback" in daemon.log(), timeout=60,
+               what="a check in the cleaned workspace")
+    gate.touch()  # the agent ends: the engine writes the ledger back and stops for the user
+    assert daemon.proc.wait(timeout=60) == 2, daemon.log()
+    log = daemon.log()
+    assert "Traceback" not in log and log.count(waiting) == 1, log
+    assert "nightlab stopped: the proposer removed the night's ledger" in log

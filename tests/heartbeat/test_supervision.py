@@ -4,6 +4,7 @@ and what systemd hears meanwhile."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -17,6 +18,7 @@ from nightlab.loop.state import ledger
 from nightlab.loop.state.store import Store
 
 from tests.heartbeat.conftest import FAKES, Harness, gone, write_config
+from tests.heartbeat.test_daemon import cleaning_night
 from tests.waiting import wait_until
 
 
@@ -149,4 +151,51 @@ def test_flapping_engine_pauses_the_loop_and_alerts_once(harness: Harness) -> No
     assert daemon.events("alert") == [] and len(daemon.events("self_paused")) == 1
     assert daemon.events("self_paused")[0]["reason"] == ("the engine needed 2 restarts within an hour (last: engine"
                                                          " exited with code 3). Check the logs, then /resume.")
+    assert daemon.stop() == 0
+
+
+def test_while_an_agent_has_removed_the_ledger_the_status_says_so_not_to_init_a_workspace(
+        harness: Harness, tmp_path: Path) -> None:
+    """Between an agent's `git clean -fdx` and the engine writing the ledger back, every beat logged
+    "status line unavailable: ... is not a nightlab workspace; run `nightlab init` first": advice
+    that would start the night's ledger afresh."""
+    workspace, config, gate = cleaning_night(tmp_path)
+    notify = _NotifySocket()
+    try:
+        env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000"}  # a beat every 0.2 s
+        daemon = harness.start(real_engine=True, extra_config=config, env=env)
+        wait_until(lambda: not (workspace / ".nightlab" / "state.db").exists(), timeout=60,
+                   what="the agent to clean", abort=lambda: daemon.proc.poll() is not None and daemon.log())
+        status = wait_until(lambda: [f["STATUS"] for _, f in notify.messages if "removed" in f.get("STATUS", "")],
+                            what="the status in the cleaned workspace")
+        gate.touch()
+        assert daemon.proc.wait(timeout=60) == 2, daemon.log()
+    finally:
+        notify.close()
+    assert status[0] == "the ledger was removed (an agent's `git clean -x`?); waiting for the engine to write it back"
+    assert "status line unavailable" not in daemon.log(), daemon.log()
+
+
+def test_a_run_whose_log_an_agent_removed_is_not_killed_as_stalled_while_it_prints(
+        harness: Harness, tmp_path: Path) -> None:
+    """An agent's `git clean -fdx` took .nightlab/runs: the heartbeat found no log, took the run for
+    silent since it started, and killed it as stalled though it trained on (a crash of its change)."""
+    pidfile = tmp_path / "trainer.pids"
+    daemon = harness.start("--launch-run", _trainer("hang", pidfile))  # a line every 0.2 s
+    pids = _tree(harness, pidfile, daemon.store)
+    shutil.rmtree(daemon.workspace / ".nightlab" / "runs")
+    write_config(tmp_path / "daemon.toml", stall_after=1.0)
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP: reloaded heartbeat.stall_after" in daemon.log(), what="the reload")
+    reloaded = time.time()
+
+    def printed_since() -> float:
+        try:  # the removed log, as the run's wrapper still writes it
+            return os.stat(f"/proc/{pids[0]}/fd/1").st_mtime - reloaded
+        except OSError:
+            return 0.0
+
+    wait_until(lambda: printed_since() > 3.0, what="the run to print for three times stall_after",
+               abort=lambda: ledger.get_run(daemon.store, 1).kill_reason)
+    assert ledger.get_run(daemon.store, 1).kill_reason is None and not any(gone(p) for p in pids)
     assert daemon.stop() == 0

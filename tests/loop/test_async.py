@@ -11,16 +11,21 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from nightlab.loop.executors import RunHandle
+from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import Settings
+from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import started_at
 from nightlab.loop.state.store import Store
 from nightlab.trainer.profiles import apply_constants
 
 from tests.fakes.engine_thread import EngineThread
 from tests.fakes.loop_workspace import Gates, git_out, make_stub_workspace
+from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.loop.test_engine import assert_consistent
 from tests.loop.test_waves import WaveProposer
 from tests.waiting import wait_until
@@ -183,3 +188,81 @@ def test_a_confirm_run_overtaken_by_a_new_best_is_rebased_too(
     assert rows[4].confirm_of == 3 and rows[4].reason.startswith("rebased: better than its base")
     rebase = next(e for e in rows if e.kind == "rebase")
     assert rebase.confirm_of == 5 and rebase.commit != rows[2].commit  # #3's change re-made on #4
+
+
+def _cleaned_mid_run(settings: Settings, steps: list[dict[str, Any]], gates: Gates,
+                     before: Callable[[Store], None] = lambda _: None) -> tuple[str, Store]:
+    """A night whose second proposal (#3) runs `git clean -fdx` in the workspace while #2 is in
+    flight (`before(store)` first, while #3's proposal waits); what the stopped engine said, and the
+    ledger it wrote back."""
+    first = EngineThread(settings, WaveProposer(steps))
+    gates.open(1)
+    wait_until(lambda: [c.number for c, _ in ledger.in_flight(first.store)] == [2], "#2 running", abort=first.ended)
+    before(first.store)
+    first.thread.join(60)
+    [error] = first.result
+    assert isinstance(error, UserError), error
+    return str(error), Store.for_workspace(settings.workspace_path)  # the file written back
+
+
+def test_a_run_training_while_an_agent_cleans_the_workspace_is_recorded_as_it_ran(tmp_path: Path, gates: Gates) -> None:
+    """An agent's `git clean -fdx` took .nightlab while #2 trained: its log and exit file went with
+    it, and the run, which trained fine, was recorded as vanished without an exit status (a crash)."""
+    settings = _workspace(tmp_path)
+    said, store = _cleaned_mid_run(settings, [{"set": {"VAL_BPB": [0.9]}}, {"clean": True}], gates)
+    assert "Still training: #2, whose logs are written back when they end." in said
+    [(_, run)] = ledger.in_flight(store)
+    handle = RunHandle.from_json(run.handle)
+    gates.open(2)
+    wait_until(lambda: LocalExecutor().poll([handle])[handle.key].state != "running", "#2's run to end")
+    second = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [0.95]}}]), limit=3)
+    gates.open(3)
+    second.thread.join(60)
+    assert second.result == [0]
+    two = ledger.experiments(store)[1]
+    assert (two.number, two.status, two.metric) == (2, "keep", 0.9), two.reason
+    assert "val_bpb:" in Path(run.log_path).read_text()
+
+
+def test_a_run_that_ended_before_an_agent_cleaned_the_workspace_runs_again_and_is_no_crash(
+        tmp_path: Path, gates: Gates) -> None:
+    """#2 ended while #3's agent worked, and the agent's `git clean -fdx` took its log and exit
+    file before the engine read them: the result cannot be known, and it was blamed on #2's change
+    as a crash. Now it says so and the change runs again."""
+    settings = _workspace(tmp_path)
+    go = tmp_path / "go"
+
+    def end_two(store: Store) -> None:
+        gates.open(2)
+        [(_, run)] = ledger.in_flight(store)
+        wait_until(lambda: Path(f"{run.log_path}.exit").exists(), "#2's run to end")
+        go.touch()
+
+    steps = [{"set": {"VAL_BPB": [0.9]}}, {"wait": str(go), "clean": True}]
+    said, store = _cleaned_mid_run(settings, steps, gates, end_two)
+    assert "Lost with the cleaning: the results of #2, run again at the next start (no crash)." in said
+    second = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}]), limit=4)  # #3: no new best
+    gates.open(3, 4)
+    second.thread.join(60)
+    assert second.result == [0]
+    _, two, _, four = ledger.experiments(store)
+    assert (two.status, two.metric) == ("discard", None)
+    assert two.reason.startswith("result lost: the run had ended when its log and exit status were removed with")
+    assert (four.kind, four.confirm_of, four.status, four.metric) == ("confirm", 2, "keep", 0.9)
+
+
+def test_a_run_whose_folder_an_agent_removed_is_stopped_and_runs_again(tmp_path: Path, gates: Gates) -> None:
+    """`rm -rf .nightlab` took the folder #2 ran in (its worktree, which `git clean` leaves): its
+    harness files gone, it could only fail, and the failure would be blamed on its change."""
+    settings = _workspace(tmp_path)
+    said, store = _cleaned_mid_run(settings, [{"set": {"VAL_BPB": [0.9]}}, {"remove": ".nightlab"}], gates)
+    assert "Lost with the cleaning: the results of #2, run again at the next start (no crash)." in said
+    assert ledger.in_flight(store) == []  # stopped, not left to fail
+    second = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}]), limit=4)
+    gates.open(2, 3, 4)
+    second.thread.join(60)
+    assert second.result == [0]
+    _, two, _, four = ledger.experiments(store)
+    assert (two.status, two.metric) == ("discard", None)
+    assert two.reason.startswith("result lost: its folder ") and "was removed while it ran, so it was stopped" in two.reason
+    assert (four.kind, four.confirm_of, four.status, four.metric) == ("confirm", 2, "keep", 0.9)

@@ -17,6 +17,8 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,9 @@ from nightlab.loop.state.store import Event, Store
 from nightlab.loop.workspace import PROTECTED_KEY, init_workspace, open_workspace, sha256_file
 from nightlab.trainer import prepare as P
 
-from tests.fakes.loop_workspace import STUB, make_stub_workspace
+from tests.fakes.loop_workspace import STUB, Gates, make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
+from tests.waiting import wait_until
 
 RUN = f"{sys.executable} train.py"
 CHARS = 300_000  # tokenizer training text: the full vocabulary in a fraction of a second
@@ -69,14 +72,14 @@ def _prepare(folder: Path, cache: Path, chars: int = CHARS) -> Path:
     return P.prepare(str(folder), -1, cache, progress=lambda _: None, tokenizer_max_chars=chars)
 
 
-def _workspace(tmp_path: Path, older_harness: bool = False) -> Settings:
+def _workspace(tmp_path: Path, older_harness: bool = False, mode: str = "waves") -> Settings:
     """The built-in trainer's workspace, the stub as train.py; `older_harness`: its prepare.py as a
     nightlab from before SCORE_VERSION left it (recorded as its own copy)."""
     repo = tmp_path / "ws"
     settings = settings_from_table({
         "workspace": {"path": str(repo), "tag": "test"},
         "trainer": {"profile": "tiny"},
-        "loop": {"checkpoint_interval": 0.1, "baseline_runs": 1, "remeasure_every": 0},
+        "loop": {"checkpoint_interval": 0.1, "baseline_runs": 1, "remeasure_every": 0, "mode": mode},
     }, source="<test>")
     init_workspace(repo, "test", settings, say=lambda _: None)
     (repo / "train.py").chmod(0o644)
@@ -91,10 +94,13 @@ def _workspace(tmp_path: Path, older_harness: bool = False) -> Settings:
     return settings
 
 
-def _engine(settings: Settings, data_dir: Path, **env: str) -> Engine:
+def _engine(settings: Settings, data_dir: Path, slots: int = 1, steps: list[dict[str, Any]] | None = None,
+            **env: str) -> Engine:
     ws = dataclasses.replace(open_workspace(settings.workspace_path, settings), run_command=RUN)
-    proposer = ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}])  # worse: discarded, the best stays
-    return Engine(settings, ws, LocalExecutor(gpus=(0,)), proposer, {P.ENV_DATA_DIR: str(data_dir), **env},
+    # by default worse: discarded, the best stays
+    proposer = ScriptedProposer(steps or [{"set": {"VAL_BPB": [1.5]}}])
+    return Engine(settings, ws, LocalExecutor(gpus=tuple(range(slots))), proposer,
+                  {P.ENV_DATA_DIR: str(data_dir), **env},
                   threading.Event())
 
 
@@ -383,3 +389,111 @@ def test_a_budget_the_config_changed_is_said_once_with_its_values(tmp_path: Path
         " setting: the best is measured again and no result is compared with one from before")
     startup(_engine(settings, data_dir, NIGHTLAB_TIME_BUDGET="600", NIGHTLAB_EVAL_TOKENS="4096").ctx)
     assert len(_alerts(engine.store)) == 1  # a restart says nothing again
+
+
+@contextmanager
+def _async_night(tmp_path: Path, fake_gpus: Any, gates: Gates, slots: int, steps: list[dict[str, Any]]) -> Iterator[
+        tuple[Engine, Path]]:
+    """An asynchronous night on `slots` GPUs, its engine in a thread: (the engine, the user's folder
+    of shards, whose last file validates). Every proposal takes the first of `steps` while nothing
+    but the baseline is recorded (the scripted proposer counts the history)."""
+    fake_gpus(["NVIDIA H100 80GB HBM3"] * slots)
+    folder = _folder(tmp_path, 3)
+    engine = _engine(_workspace(tmp_path, mode="async"), _prepare(folder, tmp_path / "cache"), slots, steps)
+    thread = threading.Thread(target=engine.run, args=(None,), daemon=True)
+    thread.start()
+    try:
+        yield engine, folder
+    finally:
+        engine.stop.set()
+        gates.open(*range(1, 20))
+        thread.join(30)
+
+
+def _phase(store: Store, number: int) -> str:
+    """Candidate #number's phase ("ended": its run exited, not decided yet; "": none yet)."""
+    cand = ledger.candidate_numbered(store, number)
+    if cand is None:
+        return ""
+    run = ledger.run_for_candidate(store, cand.id) if cand.phase == "running" else None
+    return "ended" if run is not None and run.state == "exited" else cand.phase
+
+
+def test_in_async_mode_a_validation_shard_rewritten_mid_run_is_noticed_and_no_result_is_judged_across_it(
+    tmp_path: Path, fake_gpus: Any, gates: Gates,
+) -> None:
+    """The asynchronous mode has no moment between waves: the engine found the data only at its
+    start, so every run after a rewritten validation shard was judged against the best measured on
+    the old text. Now the data is found again at each launch and each decision: a run the change
+    happened under measured neither text (it is re-run), and the best is measured on the new one
+    before the re-run is compared with it."""
+    with _async_night(tmp_path, fake_gpus, gates, 2, [{"set": {"VAL_BPB": [0.5]}}]) as (engine, folder):
+        store = engine.store
+        gates.open(1)
+        wait_until(lambda: [_phase(store, n) for n in (2, 3)] == ["running"] * 2, "#2 and #3 running")
+        _shard(folder / "part_02.parquet", 99)  # the user regenerates the validation split
+        gates.open(2)
+        wait_until(lambda: ledger.experiment_count(store) == 2, "#2 recorded")
+        gates.open(4)  # the best measured again, on the new text
+        wait_until(lambda: ledger.experiment_count(store) == 3, "#4 recorded")
+        gates.open(5)  # #2's change run again, now on the new text
+        wait_until(lambda: ledger.experiment_count(store) == 4, "#5 recorded")
+    one, two, four, five = ledger.experiments(store)
+    # #2 started on the old text and was scored on the new: compared with neither best
+    assert (two.number, two.status, two.metric, two.setting) == (2, "discard", None, one.setting)
+    assert two.reason.startswith("not compared: the validation shard changed while it ran")
+    assert (four.number, four.kind, four.commit, four.status) == (4, "baseline", one.commit, "keep")
+    assert four.setting != one.setting
+    assert (five.number, five.kind, five.confirm_of, five.setting) == (5, "confirm", 2, four.setting)
+    assert five.status == "keep" and five.best == 0.5 and not five.reason.startswith("not compared")
+    [alert] = _alerts(store)
+    assert alert.payload["text"].startswith("the validation shard changed since the last run")
+
+
+def test_in_async_mode_a_re_run_that_ends_before_the_best_is_measured_on_the_new_data_waits_for_it(
+    tmp_path: Path, fake_gpus: Any, gates: Gates,
+) -> None:
+    """Each result is decided as it ends: #2's re-run on the new text, ending before the best's
+    measurement there, found nothing on its setting to be compared with, and the change was lost."""
+    with _async_night(tmp_path, fake_gpus, gates, 3, [{"set": {"VAL_BPB": [0.5]}}]) as (engine, folder):
+        store = engine.store
+        gates.open(1)
+        wait_until(lambda: [_phase(store, n) for n in (2, 3, 4)] == ["running"] * 3, "#2, #3 and #4 running")
+        _shard(folder / "part_02.parquet", 99)
+        gates.open(2)  # #5 measures the best on the new text, #6 re-runs #2's change
+        wait_until(lambda: _phase(store, 5) == "running", "#5 running")
+        gates.open(3)  # frees the slot #6 runs in
+        wait_until(lambda: _phase(store, 6) == "running", "#6 running")
+        gates.open(6)
+        wait_until(lambda: _phase(store, 6) != "running", "#6 ended")
+        gates.open(5)
+        wait_until(lambda: ledger.experiment_count(store) == 5, "#5 and #6 recorded")
+    five, six = ledger.experiments(store)[-2:]
+    assert (five.number, five.kind, five.status, six.number, six.kind) == (5, "baseline", "keep", 6, "confirm")
+    assert six.setting == five.setting and six.status == "keep" and six.best == 0.5
+
+
+def test_a_run_in_flight_at_a_restart_with_another_config_is_judged_on_the_setting_it_ran_under(
+    tmp_path: Path, gates: Gates,
+) -> None:
+    """Only the data changing under a run makes it measure neither setting: a config edited before
+    a restart changed nothing for the run in flight, which ran with the values it started with."""
+    data_dir = _prepare(_folder(tmp_path, 3), tmp_path / "cache")
+    settings = _workspace(tmp_path)
+    first = _engine(settings, data_dir, steps=[{"set": {"VAL_BPB": [0.5]}}])
+    thread = threading.Thread(target=first.run, args=(None,), daemon=True)
+    thread.start()
+    try:
+        gates.open(1)
+        wait_until(lambda: _phase(first.store, 2) == "running", "#2 running")
+    finally:
+        first.stop.set()
+        thread.join(30)
+    restarted = _engine(settings, data_dir)
+    restarted.ctx.env = {**restarted.ctx.env, "NIGHTLAB_TIME_BUDGET": "7"}  # the config's budget, edited
+    restarted.ctx.identify_data()
+    assert restarted.ctx.setting != first.ctx.setting
+    gates.open(2)
+    assert restarted.run(2) == 0
+    one, two = ledger.experiments(restarted.store)
+    assert (two.setting, two.status, two.metric) == (one.setting, "keep", 0.5), two.reason

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from nightlab.loop.state.errors import UserError
-from nightlab.loop.state.store import Store
+from nightlab.loop.state.store import LedgerGone, Store
 
 
 def test_kv_events_commands_round_trip(tmp_path: Path) -> None:
@@ -119,12 +119,14 @@ def test_a_following_store_makes_no_empty_ledger_while_the_removed_one_is_not_wr
     def job() -> None:
         try:
             store.get("night")
-        except sqlite3.OperationalError as exc:
+        except LedgerGone as exc:  # said in one line by the heartbeat (jobs.waiting_for_the_ledger)
             failed.append(exc)
 
     thread = threading.Thread(target=job)
     thread.start()
     thread.join()
-    assert [str(e) for e in failed] == ["unable to open database file"]
+    db = tmp_path / ".nightlab" / "state.db"
+    assert [str(e) for e in failed] == [f"the ledger {db} was removed (an agent's `git clean -x`, or `rm`) and is not"
+                                        " back yet"]
     assert not (tmp_path / ".nightlab" / "state.db").exists()
     assert store.get("night") == 1  # this thread still reads the removed file, until it is written back
