@@ -112,7 +112,12 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
     if (state_dir(path) / DB_FILENAME).exists() and Store.for_workspace(path).get("workspace.branch"):
         _ensure_excludes(path)  # a workspace made by an older nightlab gets the newer ones
         ws = open_workspace(path, settings)
-        say(f"{path} is already a nightlab workspace (branch {ws.branch}, profile {ws.profile})")
+        said = f"{path} is already a nightlab workspace (branch {ws.branch}, profile {ws.profile})"
+        asked = tag or settings.workspace.tag
+        if asked and BRANCH_PREFIX + asked != ws.branch:  # a new tag reads as a new session: it is not one
+            said += (f"; its session goes on there, not on {BRANCH_PREFIX + asked}: a workspace holds one"
+                     " session (its ledger); for a new one give another workspace path")
+        say(said)
         return ws
     problem = workspace_problem(path)
     if problem:

@@ -32,8 +32,17 @@ def test_adopts_a_users_repository(tmp_path: Path) -> None:
 def test_init_is_idempotent(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     head = git_out(settings.workspace_path, "rev-parse", "HEAD")
-    again = init_workspace(settings.workspace_path, "other", settings, say=lambda _: None)
+    said: list[str] = []
+    again = init_workspace(settings.workspace_path, "other", settings, say=said.append)
     assert again.branch == "autoresearch/test" and git_out(settings.workspace_path, "rev-parse", "HEAD") == head
+    # another tag is no new session, and is said so (it was kept quiet: the night went on the old branch)
+    assert said == [f"{settings.workspace_path} is already a nightlab workspace (branch autoresearch/test, profile"
+                    " custom); its session goes on there, not on autoresearch/other: a workspace holds one session"
+                    " (its ledger); for a new one give another workspace path"]
+    said.clear()
+    init_workspace(settings.workspace_path, "test", settings, say=said.append)
+    assert said == [f"{settings.workspace_path} is already a nightlab workspace (branch autoresearch/test, profile"
+                    " custom)"]
 
 
 def test_refuses_a_dirty_tree_naming_the_files(tmp_path: Path) -> None:
