@@ -25,7 +25,6 @@ from __future__ import annotations
 from nightlab.loop import hardware
 from nightlab.loop.engine.context import Context, say
 from nightlab.loop.state import ledger
-from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import PROTECTED_KEY, harness_upgrade, write_harness
 
 SETTING_SAID_KEY = "loop.setting_said"  # kv: the last setting whose change from the last run's was said
@@ -50,7 +49,7 @@ def upgrade_harness(ctx: Context) -> None:
         return
     hashes = write_harness(ws, ctx.harness, todo, ctx.git)
     commit = ctx.git.head()[:7]
-    before = _last_setting(store)
+    before = ledger.last_setting(ledger.experiments(store))
     with store.transaction():
         store.set(PROTECTED_KEY, {**store.get(PROTECTED_KEY, {}), **hashes})
         ctx.setting = ctx.record_setting()
@@ -71,7 +70,7 @@ def say_setting_change(ctx: Context) -> None:
     run (the data they are scored on, prepared again; a value the config gives runs), so the best is
     measured again."""
     store = ctx.store
-    before = _last_setting(store)
+    before = ledger.last_setting(ledger.experiments(store))
     if before is None or before == ctx.setting or store.get(SETTING_SAID_KEY) == ctx.setting:
         return
     changes = hardware.setting_changes(store, before, ctx.setting)
@@ -95,8 +94,3 @@ def notice_data_change(ctx: Context) -> None:
     if ctx.setting != before:
         say_setting_change(ctx)
 
-
-def _last_setting(store: Store) -> str | None:
-    """The setting of the last experiment that ran (one that ended before a run, a proposal that
-    failed, has none); None before any."""
-    return next((e.setting for e in reversed(ledger.experiments(store)) if e.setting), None)

@@ -105,7 +105,7 @@ def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
 def _current(rows: list[Experiment]) -> list[Experiment]:
     """The experiments of the latest setting (the last run's): one measured under another budget,
     data or scorer is compared with nothing now, so it is no best and no class of the night's."""
-    setting = next((e.setting for e in reversed(rows) if e.setting), "")
+    setting = ledger.last_setting(rows)
     return [e for e in rows if e.setting in (setting, "")]  # "": no run (a failed proposal)
 
 
