@@ -442,6 +442,8 @@ def test_in_async_mode_a_validation_shard_rewritten_mid_run_is_noticed_and_no_re
     # #2 started on the old text and was scored on the new: compared with neither best
     assert (two.number, two.status, two.metric, two.setting) == (2, "discard", None, one.setting)
     assert two.reason.startswith("not compared: the validation shard changed while it ran")
+    finished = next(e.payload for e in store.events_after(0) if e.kind == "experiment_finished" and e.payload["number"] == 2)
+    assert (two.best, finished["best"]) == (None, None)  # not its own 0.5: no best was measured after it
     assert (four.number, four.kind, four.commit, four.status) == (4, "baseline", one.commit, "keep")
     assert four.setting != one.setting
     assert (five.number, five.kind, five.confirm_of, five.setting) == (5, "confirm", 2, four.setting)
