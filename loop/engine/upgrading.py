@@ -15,9 +15,9 @@ meanwhile); a run in flight scores with the copy it started with.
 Comparisons stay honest through the setting digest (loop/hardware.py): it holds the copy's
 SCORE_VERSION, so a harness that measures differently starts a new setting (its best measured
 again, nothing compared across), and one changed only in messages keeps the setting. The digest
-also holds the data the runs are scored on (loop/dataid.py): a start on another validation shard or
-tokenizer than the last run's is said the same way (`say_setting_change`), and once, also with an
-upgrade at the same start (one line for both).
+also holds the data the runs are scored on (loop/dataid.py) and the values the config gives runs: a
+start on another validation shard, tokenizer or such a value than the last run's is said the same way
+(`say_setting_change`), and once, also with an upgrade at the same start (one line for both).
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def notice_data_change(ctx: Context) -> None:
     folder's files are links, and a data problem's repair happens during its pause; the asynchronous
     mode has no moment between runs); a change is said as at a start. Each run keeps the setting it
     started on (`runs.setting`), so one the data changed under is compared with neither best
-    (deciding.judge_run). Cheap when nothing changed: two stat calls, no read of the experiments."""
+    (deciding.judge_run). Cheap when nothing changed (it runs at every launch and decision): the
+    data dir listed, its two files stat'ed, the harness copy's version read; no read of the experiments."""
     before = ctx.setting
     ctx.identify_data()
     if ctx.setting != before:
