@@ -93,10 +93,16 @@ class Context:
         # A slot's hardware as its last recorded run saw it (for pins to a class on slots that are
         # not probed ahead): kept here as experiments are recorded, not re-read at every step.
         self.slot_hardware: dict[str, str] = {}
+        # (setting, commit) of every keep recorded: a result whose base was kept on its setting has it
+        # to compare with; one whose base is not measured there yet (new data, an edited config) waits
+        # for that measurement when it runs (cycle.py)
+        self.kept: set[tuple[str, str]] = set()
 
     def learn(self, rows: list[Experiment]) -> None:
-        """Note what recorded experiments tell about the slots (at startup, and on each record)."""
+        """Note what recorded experiments tell about the slots and the keeps (at startup, and on each
+        record)."""
         self.slot_hardware.update({e.slot: e.hardware for e in rows if e.hardware})
+        self.kept.update((e.setting, e.commit) for e in rows if e.status == "keep" and e.setting)
 
     def apply_heartbeat(self, live: HeartbeatSettings) -> list[str]:
         """Settings the daemon reloaded on SIGHUP: what changed, as `name old -> new`."""

@@ -185,7 +185,7 @@ class Engine:
                 return True
         for cand in open_:
             run = ledger.run_for_candidate(store, cand.id) if cand.phase == "running" else None
-            if run is not None and run.state == "exited" and not _measuring_base(cand, open_):
+            if run is not None and run.state == "exited" and not _measuring_base(ctx, cand, run, open_):
                 decide(ctx, [cand], ctx.git.head())
                 return True
         if ledger.paused(store) is not None:  # a pause stops new launches; the runs in flight finish
@@ -207,10 +207,12 @@ class Engine:
         return False
 
 
-def _measuring_base(cand: Candidate, open_: list[Candidate]) -> bool:
-    """Its base commit is being measured (a re-measurement of the best, one on new data): its result
-    waits for that run, or it could find nothing on its setting to be compared with."""
-    return cand.kind != "baseline" and any(
+def _measuring_base(ctx: Context, cand: Candidate, run: ledger.RunRecord, open_: list[Candidate]) -> bool:
+    """Its base commit is being measured on a setting where it was not yet (new data, an edited
+    config): its result waits for that run, or it would find nothing to be compared with. A base
+    measured there already (a drift re-measurement of the best) is compared at once: waiting only
+    idled its slot."""
+    return cand.kind != "baseline" and (run.setting or ctx.setting, cand.base_commit) not in ctx.kept and any(
         o.kind == "baseline" and o.commit == cand.base_commit and o.phase == "running" for o in open_)
 
 

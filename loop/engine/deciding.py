@@ -180,13 +180,14 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
 
 def _across(cand: Candidate, verdict: Verdict, moved: list[str]) -> Verdict:
     """The verdict on a run whose data changed under it (`moved`: what changed, in words): no
-    metric, not compared; a change runs again on the new data, after the best is measured there
-    (`remeasure_best`)."""
+    metric, not compared, no best after it (as one with nothing to be compared with: a change judged
+    a keep said its own number as the best, in chat); a change runs again on the new data, after
+    the best is measured there (`remeasure_best`)."""
     what = " and ".join(moved)
     then = "its change runs again on the new data" if cand.kind != "baseline" else "the best is measured on the new data"
     return dataclasses.replace(
-        verdict, status="discard", metric=None, needs_confirm=False, remeasure_best=cand.kind != "baseline",
-        comparison=None, confidence=None, reason=(
+        verdict, status="discard", metric=None, best_after=None, needs_confirm=False,
+        remeasure_best=cand.kind != "baseline", comparison=None, confidence=None, reason=(
             f"{NOT_COMPARED_PREFIX} {what} while it ran: it started on the old data and ended on the new, so its"
             f" {verdict.metric:.6f} is compared with neither best; {then}"))
 

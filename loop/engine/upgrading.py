@@ -15,9 +15,9 @@ meanwhile); a run in flight scores with the copy it started with.
 Comparisons stay honest through the setting digest (loop/hardware.py): it holds the copy's
 SCORE_VERSION, so a harness that measures differently starts a new setting (its best measured
 again, nothing compared across), and one changed only in messages keeps the setting. The digest
-also holds the data the runs are scored on (loop/dataid.py): a start on another validation shard or
-tokenizer than the last run's is said the same way (`say_setting_change`), and once, also with an
-upgrade at the same start (one line for both).
+also holds the data the runs are scored on (loop/dataid.py) and the values the config gives runs: a
+start on another validation shard, tokenizer or such a value than the last run's is said the same way
+(`say_setting_change`), and once, also with an upgrade at the same start (one line for both).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 from nightlab.loop import hardware
 from nightlab.loop.engine.context import Context, say
 from nightlab.loop.state import ledger
-from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import PROTECTED_KEY, harness_upgrade, write_harness
 
 SETTING_SAID_KEY = "loop.setting_said"  # kv: the last setting whose change from the last run's was said
@@ -50,7 +49,7 @@ def upgrade_harness(ctx: Context) -> None:
         return
     hashes = write_harness(ws, ctx.harness, todo, ctx.git)
     commit = ctx.git.head()[:7]
-    before = _last_setting(store)
+    before = ledger.last_setting(ledger.experiments(store))
     with store.transaction():
         store.set(PROTECTED_KEY, {**store.get(PROTECTED_KEY, {}), **hashes})
         ctx.setting = ctx.record_setting()
@@ -71,7 +70,7 @@ def say_setting_change(ctx: Context) -> None:
     run (the data they are scored on, prepared again; a value the config gives runs), so the best is
     measured again."""
     store = ctx.store
-    before = _last_setting(store)
+    before = ledger.last_setting(ledger.experiments(store))
     if before is None or before == ctx.setting or store.get(SETTING_SAID_KEY) == ctx.setting:
         return
     changes = hardware.setting_changes(store, before, ctx.setting)
@@ -89,14 +88,10 @@ def notice_data_change(ctx: Context) -> None:
     folder's files are links, and a data problem's repair happens during its pause; the asynchronous
     mode has no moment between runs); a change is said as at a start. Each run keeps the setting it
     started on (`runs.setting`), so one the data changed under is compared with neither best
-    (deciding.judge_run). Cheap when nothing changed: two stat calls, no read of the experiments."""
+    (deciding.judge_run). Cheap when nothing changed (it runs at every launch and decision): the
+    data dir listed, its two files stat'ed, the harness copy's version read; no read of the experiments."""
     before = ctx.setting
     ctx.identify_data()
     if ctx.setting != before:
         say_setting_change(ctx)
 
-
-def _last_setting(store: Store) -> str | None:
-    """The setting of the last experiment that ran (one that ended before a run, a proposal that
-    failed, has none); None before any."""
-    return next((e.setting for e in reversed(ledger.experiments(store)) if e.setting), None)

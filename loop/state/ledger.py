@@ -354,6 +354,12 @@ def experiments(store: Store, last: int | None = None) -> list[Experiment]:
     return [_experiment(r) for r in rows]
 
 
+def last_setting(rows: list[Experiment]) -> str | None:
+    """The setting of the last experiment that ran (one that ended before a run, a proposal that
+    failed, has none): what runs are measured under now, as far as the ledger knows; None before any."""
+    return next((e.setting for e in reversed(rows) if e.setting), None)
+
+
 def reference(rows: list[Experiment], cls: HardwareClass) -> Experiment | None:
     """The class's reference: its last keep (a baseline or a kept change), whose `best` is the
     measured metric of that commit on this class. Results are judged only against it, and only

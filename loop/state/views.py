@@ -105,7 +105,7 @@ def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
 def _current(rows: list[Experiment]) -> list[Experiment]:
     """The experiments of the latest setting (the last run's): one measured under another budget,
     data or scorer is compared with nothing now, so it is no best and no class of the night's."""
-    setting = next((e.setting for e in reversed(rows) if e.setting), "")
+    setting = ledger.last_setting(rows)
     return [e for e in rows if e.setting in (setting, "")]  # "": no run (a failed proposal)
 
 
@@ -402,7 +402,13 @@ def diff_text(workspace: Path, number: int | None = None, limit: int | None = No
             return "no result yet"
         base = baseline(rows, best.hardware_class)
         if _unchanged(rows, best):
-            return f"the best is the baseline (#{best.number}, {best.commit[:7]}): no change has been kept yet"
+            # a setting's baseline can be the best measured again (another budget, new data): the
+            # change kept before it is still the night's, against a baseline of a setting before
+            # (the first whose patch to it was recorded with a keep)
+            base = next((e for e in rows if e.kind == "baseline" and e.hardware == best.hardware and e.metric is not None
+                         and e.commit != best.commit and ledger.recorded_patch(store, e.commit, best.commit)), None)
+            if base is None:
+                return f"the best is the baseline (#{best.number}, {best.commit[:7]}): no change has been kept yet"
         if base is not None:
             head = f"the best, #{best.number}, against the baseline, #{base.number}: {_short(best.description)}"
             return _change(store, workspace, head, base.commit, best.commit, limit)

@@ -4,6 +4,7 @@ current best and re-run before it can be kept."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -266,3 +267,26 @@ def test_a_run_whose_folder_an_agent_removed_is_stopped_and_runs_again(tmp_path:
     assert (two.status, two.metric) == ("discard", None)
     assert two.reason.startswith("result lost: its folder ") and "was removed while it ran, so it was stopped" in two.reason
     assert (four.kind, four.confirm_of, four.status, four.metric) == ("confirm", 2, "keep", 0.9)
+
+
+def test_a_result_ending_while_the_best_is_re_measured_on_its_own_setting_is_decided_at_once(
+        tmp_path: Path, gates: Gates) -> None:
+    """A re-measurement of the best (drift, or a new best's repeats) held every result of a change
+    from that best that ended meanwhile, and its slot idle, until the re-measurement ended, though
+    the best's own measurement on that setting was there to compare it with. Only a setting with
+    nothing measured yet (new data) makes a result wait for its base's measurement."""
+    settings = _workspace(tmp_path)
+    settings = dataclasses.replace(settings, loop=dataclasses.replace(settings.loop, remeasure_every=1))
+    engine = EngineThread(settings, WaveProposer([{"set": {"VAL_BPB": [1.5]}}]), limit=4)
+    store = engine.store
+    gates.open(1)
+    engine.wait_for(lambda: _running(store) == {2, 3}, "#2 and #3 running")
+    gates.open(2)  # recorded: the best is re-measured (remeasure_every = 1) in #2's slot
+    engine.wait_for(lambda: _running(store) == {3, 4}, "#3 and the re-measurement #4 running")
+    gates.open(3)
+    engine.wait_for(lambda: ledger.experiment_count(store) == 3, "#3 decided while #4 runs")
+    assert _running(store) == {4}
+    gates.open(4)
+    assert engine.join() == 0
+    assert [(e.number, e.kind, e.status) for e in ledger.experiments(store)] == [
+        (1, "baseline", "keep"), (2, "proposal", "discard"), (3, "proposal", "discard"), (4, "baseline", "keep")]

@@ -376,6 +376,9 @@ def test_after_a_budget_change_the_views_show_the_new_settings_best(tmp_path: Pa
     assert "best val_bpb: 0.920000 (#3" in status and "per hardware" not in status
     assert views.best_text(ws).startswith("best val_bpb: 0.920000 — #3")
     assert "- gain: none yet, the best is the baseline" in views.report_markdown(ws)
+    # the code is still #2's change: /diff said "no change has been kept yet"
+    shown = views.diff_text(ws)
+    assert shown.startswith("the best, #3, against the baseline, #1") and "+VAL_BPB = [0.9, 0.92]" in shown
 
 
 def test_bad_commands_get_clear_errors(tmp_path: Path) -> None:
