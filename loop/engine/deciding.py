@@ -101,8 +101,11 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
     ref = ledger.reference(rows, cls)
     measured = _measurements(rows, judged, cls, hw)
     incumbent = measured(cand.base_commit) if ref is not None and ref.commit == cand.base_commit else []
-    stale = not incumbent and ctx.asynchronous and cand.kind in ("proposal", "rebase", "confirm")
-    if stale:  # the best moved on while it ran: judged against its own base as measured here
+    head = ctx.git.head() if ctx.asynchronous else cand.base_commit  # the best commit now
+    # the best moved on while it ran (a keep on another class moves it before this class measures it)
+    stale = ctx.asynchronous and cand.kind in ("proposal", "rebase", "confirm") and (
+        not incumbent or cand.base_commit != head)
+    if stale:  # judged against its own base as measured here
         incumbent = measured(cand.base_commit)
         stale = bool(incumbent)
     best = statistics.fmean(incumbent) if incumbent else None
@@ -122,7 +125,7 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
         # the starting commit has baseline rows only; a commit with a change's row is a kept change
         best_again=cand.kind == "baseline" and any(e.commit == cand.commit and e.kind != "baseline" for e in rows),
     )
-    if cand.kind == "baseline" and ctx.asynchronous and ref is not None and cand.commit != ctx.git.head():
+    if cand.kind == "baseline" and ctx.asynchronous and ref is not None and cand.commit != head:
         # the best moved on while this re-measurement of an older best ran: a measurement
         # (for the noise), not the class's reference
         verdict = dataclasses.replace(verdict, status="discard", best_after=ref.best,
@@ -140,7 +143,7 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
         assert ref is not None and verdict.metric is not None and best is not None
         verdict = dataclasses.replace(verdict, status="discard", needs_confirm=False, remeasure_best=False, reason=(
             f"{REBASE_PREFIX} better than its base {cand.base_commit[:7]} by"
-            f" {gain(verdict.metric, best, ctx.direction):.6f}, but the best moved on to {ref.commit[:7]}"
+            f" {gain(verdict.metric, best, ctx.direction):.6f}, but the best moved on to {head[:7]}"
             f" while it ran: re-made there and re-run"))
     # the data it is scored on changed while it ran (async has no moment between runs to notice it):
     # its number measured neither data, so it is compared with neither best; a crash is judged by its log.

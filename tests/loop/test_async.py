@@ -266,3 +266,32 @@ def test_a_run_whose_folder_an_agent_removed_is_stopped_and_runs_again(tmp_path:
     assert (two.status, two.metric) == ("discard", None)
     assert two.reason.startswith("result lost: its folder ") and "was removed while it ran, so it was stopped" in two.reason
     assert (four.kind, four.confirm_of, four.status, four.metric) == ("confirm", 2, "keep", 0.9)
+
+
+def test_a_result_from_another_class_than_the_new_best_s_is_rebased_not_kept_over_it(
+        tmp_path: Path, gates: Gates, fake_gpus: Any) -> None:
+    """Two classes (an H100 and an A100): #3 was kept while #4 ran on the other class. That class
+    had not measured #3's commit yet, so its reference was still the commit #4 branched from, and
+    #4 was kept too: the branch went to #4's commit and #3's kept change was gone from it (found on
+    a 4-GPU night: `nightlab history` said keep for both, `git log` had only the second)."""
+    fake_gpus(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])
+    settings = _workspace(tmp_path)
+    steps = [{"set": {"VAL_BPB": [0.9]}}, {"set": {"GAIN": 0.15}}, {"set": {"VAL_BPB": [1.5]}}]
+    engine = EngineThread(settings, WaveProposer(steps), limit=7)
+    store = engine.store
+    gates.open(1, 2)  # the starting commit measured on each class
+    engine.wait_for(lambda: _running(store) == {3, 4}, "#3 and #4 running")
+    gates.open(3)
+    engine.wait_for(lambda: ledger.experiment_count(store) == 3, "#3 recorded")
+    gates.open(4)
+    engine.wait_for(lambda: ledger.experiment_count(store) == 4, "#4 recorded")
+    gates.open(*range(5, 8))
+    assert engine.join() == 0
+    assert_consistent(settings, in_order=False)
+    rows = ledger.experiments(store)
+    three, four = rows[2], rows[3]
+    assert (three.status, four.status, four.hardware != three.hardware) == ("keep", "discard", True)
+    assert four.reason.startswith(f"rebased: better than its base {rows[0].commit[:7]} by 0.150000, but the best"
+                                  f" moved on to {three.commit[:7]}")
+    repo = settings.workspace_path
+    assert three.commit in git_out(repo, "rev-list", "HEAD").splitlines()  # a keep stays on the branch
