@@ -25,7 +25,7 @@ from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle
-from nightlab.loop.executors.runfiles import ended_at, run_hardware
+from nightlab.loop.executors.runfiles import ended_at
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
 from nightlab.loop.second_opinion import NoOpinion, SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
@@ -95,9 +95,8 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
     measurements include its repeats judged before it in the same wave)."""
     handle = RunHandle.from_json(run.handle)
     tail = ctx.redact(ctx.executor.read_log(handle, LOG_TAIL_BYTES))  # its lines become reasons and a digest's tail
-    hw = run_hardware(run.log_path) or next((s.hardware for s in ctx.slots if s.name == handle.slot), "")
-    started_on = run.setting or ctx.setting  # a run an older nightlab launched: the setting as found now
-    cls = HardwareClass(hw, started_on)
+    cls = ctx.run_class(run)
+    hw, started_on = cls.hardware, cls.setting
     ref = ledger.reference(rows, cls)
     measured = _measurements(rows, judged, cls, hw)
     incumbent = measured(cand.base_commit) if ref is not None and ref.commit == cand.base_commit else []

@@ -295,3 +295,29 @@ def test_a_result_from_another_class_than_the_new_best_s_is_rebased_not_kept_ove
                                   f" moved on to {three.commit[:7]}")
     repo = settings.workspace_path
     assert three.commit in git_out(repo, "rev-list", "HEAD").splitlines()  # a keep stays on the branch
+
+
+def test_a_result_is_not_held_back_by_its_base_s_measurement_on_another_class(
+        tmp_path: Path, gates: Gates, fake_gpus: Any) -> None:
+    """A result waits for its base's re-measurement only on its own class: on a box of two GPU
+    models, the A100's re-measurement of a new best held back every H100 result from that best
+    for a whole run, and its slot with it (51 of 78 waiting slot-seconds on a 4-GPU night)."""
+    fake_gpus(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])
+    settings = _workspace(tmp_path)
+    steps = [{"set": {"VAL_BPB": [0.9]}}, {"set": {"GAIN": 0.15}}, {"set": {"VAL_BPB": [1.5]}}]
+    engine = EngineThread(settings, WaveProposer(steps), limit=8)
+    store = engine.store
+    gates.open(1, 2)
+    engine.wait_for(lambda: _running(store) == {3, 4}, "#3 and #4 running")
+    gates.open(3)  # kept: the A100 measures #3's commit next (#5), once #4 frees it
+    engine.wait_for(lambda: ledger.experiment_count(store) == 3, "#3 recorded")
+    gates.open(4)  # its change re-made on #3's (#6), on the H100
+    engine.wait_for(lambda: _running(store) == {5, 6}, "#5 and #6 running")
+    gates.open(6)
+    engine.wait_for(lambda: 6 in {e.number for e in ledger.experiments(store)}, "#6 recorded while #5 runs")
+    assert 5 in _running(store)
+    gates.open(*range(5, 9))
+    assert engine.join() == 0
+    assert_consistent(settings, in_order=False)
+    five, six = ledger.experiments(store)[4:6]
+    assert (five.kind, six.kind, five.hardware != six.hardware) == ("baseline", "rebase", True)
