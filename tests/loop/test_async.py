@@ -321,3 +321,19 @@ def test_a_result_is_not_held_back_by_its_base_s_measurement_on_another_class(
     assert_consistent(settings, in_order=False)
     five, six = ledger.experiments(store)[4:6]
     assert (five.kind, six.kind, five.hardware != six.hardware) == ("baseline", "rebase", True)
+
+
+def test_a_stale_result_whose_change_the_best_holds_already_says_so(tmp_path: Path, gates: Gates) -> None:
+    """#3 made the change #2 was kept with: its re-make on #2's commit changed nothing, and the
+    rebase was recorded as "the proposal changed nothing", as if a proposer had failed to edit."""
+    settings = _workspace(tmp_path)
+    steps = [{"set": {"VAL_BPB": [0.9]}}, {"set": {"VAL_BPB": [0.9]}}, {"set": {"VAL_BPB": [0.95]}}]
+    engine = EngineThread(settings, WaveProposer(steps), limit=5)
+    _first_two_end(gates, engine.store, engine.ended)
+    gates.open(3)
+    engine.wait_for(lambda: any(e.kind == "rebase" for e in ledger.experiments(engine.store)), "the rebase decided")
+    gates.open(*range(4, 6))
+    assert engine.join() == 0
+    rebase = next(e for e in ledger.experiments(engine.store) if e.kind == "rebase")
+    assert (rebase.status, rebase.metric, rebase.confirm_of) == ("discard", None, 3)
+    assert rebase.reason == "#3's change is in the best already: nothing to run"
