@@ -14,7 +14,7 @@ from pathlib import Path
 from nightlab.loop import hardware
 from nightlab.loop.dataid import DataIdentity, identify
 from nightlab.loop.executors import Executor
-from nightlab.loop.executors.runfiles import read_tail
+from nightlab.loop.executors.runfiles import read_tail, run_hardware
 from nightlab.loop.proposers.base import Proposer
 from nightlab.loop.ratchet import Git
 from nightlab.loop.state import ledger
@@ -126,6 +126,12 @@ class Context:
         the data as this start found it)."""
         return hardware.record_setting(self.store, self.ws.run_command, self.env, workspace_score_version(self.ws),
                                        self.data)
+
+    def run_class(self, run: ledger.RunRecord) -> HardwareClass:
+        """What a run is compared within: the GPU model its start marker probed (else its slot's, as
+        probed ahead) and the setting it started on (a run an older nightlab launched: as found now)."""
+        hw = run_hardware(run.log_path) or next((s.hardware for s in self.slots if s.name == run.slot), "")
+        return HardwareClass(hw, run.setting or self.setting)
 
     def hw_class(self, hardware_name: str) -> HardwareClass:
         return HardwareClass(hardware_name, self.setting)

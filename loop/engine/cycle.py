@@ -183,9 +183,13 @@ class Engine:
             if cand.phase == "recorded":
                 export(ctx, [cand])
                 return True
+        waiting = 0  # ended, their results waiting for their base's measurement: they hold no slot
         for cand in open_:
             run = ledger.run_for_candidate(store, cand.id) if cand.phase == "running" else None
-            if run is not None and run.state == "exited" and not _measuring_base(ctx, cand, run, open_):
+            if run is not None and run.state == "exited":
+                if _measuring_base(ctx, cand, run, open_):
+                    waiting += 1
+                    continue
                 decide(ctx, [cand], ctx.git.head())
                 return True
         if ledger.paused(store) is not None:  # a pause stops new launches; the runs in flight finish
@@ -199,7 +203,7 @@ class Engine:
         # open: none new until then (the caches are measured last, only when one would start)
         room = not ctx.upgrade_waiting and (
             ctx.max_experiments is None or ledger.experiment_count(store) + len(open_) < ctx.max_experiments)
-        if room and len(open_) < len(ctx.slots) and free_slot(ctx) is not None and not prune_waiting(ctx):
+        if room and len(open_) - waiting < len(ctx.slots) and free_slot(ctx) is not None and not prune_waiting(ctx):
             notice_data_change(ctx)  # planned on the data as it is now: the best measured first on new data
             rows = ledger.experiments(store)  # a wave from the best commit as it is now
             planning.start(ctx, planning.plan(ctx, rows, ctx.git.head()), rows)
@@ -208,12 +212,15 @@ class Engine:
 
 
 def _measuring_base(ctx: Context, cand: Candidate, run: ledger.RunRecord, open_: list[Candidate]) -> bool:
-    """Its base commit is being measured on a setting where it was not yet (new data, an edited
-    config): its result waits for that run, or it would find nothing to be compared with. A base
-    measured there already (a drift re-measurement of the best) is compared at once: waiting only
-    idled its slot."""
-    return cand.kind != "baseline" and (run.setting or ctx.setting, cand.base_commit) not in ctx.kept and any(
-        o.kind == "baseline" and o.commit == cand.base_commit and o.phase == "running" for o in open_)
+    """Its base commit is being measured on its class where it was not measured yet (new data, an
+    edited config): its result waits for that run, or it could find nothing on its setting to be
+    compared with. A base measured there already (a drift re-measurement of the best) is compared at
+    once, and a measurement on another class is none of its business: waiting only idled a slot."""
+    if cand.kind == "baseline" or (run.setting or ctx.setting, cand.base_commit) in ctx.kept:
+        return False
+    measuring = (ledger.run_for_candidate(ctx.store, o.id) for o in open_
+                 if o.kind == "baseline" and o.commit == cand.base_commit and o.phase == "running")
+    return any(other is not None and ctx.run_class(other) == ctx.run_class(run) for other in measuring)
 
 
 def _decided(cand: Candidate) -> bool:

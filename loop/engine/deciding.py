@@ -25,7 +25,7 @@ from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle
-from nightlab.loop.executors.runfiles import ended_at, run_hardware
+from nightlab.loop.executors.runfiles import ended_at
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
 from nightlab.loop.second_opinion import NoOpinion, SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
@@ -95,14 +95,16 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
     measurements include its repeats judged before it in the same wave)."""
     handle = RunHandle.from_json(run.handle)
     tail = ctx.redact(ctx.executor.read_log(handle, LOG_TAIL_BYTES))  # its lines become reasons and a digest's tail
-    hw = run_hardware(run.log_path) or next((s.hardware for s in ctx.slots if s.name == handle.slot), "")
-    started_on = run.setting or ctx.setting  # a run an older nightlab launched: the setting as found now
-    cls = HardwareClass(hw, started_on)
+    cls = ctx.run_class(run)
+    hw, started_on = cls.hardware, cls.setting
     ref = ledger.reference(rows, cls)
     measured = _measurements(rows, judged, cls, hw)
     incumbent = measured(cand.base_commit) if ref is not None and ref.commit == cand.base_commit else []
-    stale = not incumbent and ctx.asynchronous and cand.kind in ("proposal", "rebase", "confirm")
-    if stale:  # the best moved on while it ran: judged against its own base as measured here
+    head = ctx.git.head() if ctx.asynchronous else cand.base_commit  # the best commit now
+    # the best moved on while it ran (a keep on another class moves it before this class measures it)
+    stale = ctx.asynchronous and cand.kind in ("proposal", "rebase", "confirm") and (
+        not incumbent or cand.base_commit != head)
+    if stale:  # judged against its own base as measured here
         incumbent = measured(cand.base_commit)
         stale = bool(incumbent)
     best = statistics.fmean(incumbent) if incumbent else None
@@ -122,7 +124,7 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
         # the starting commit has baseline rows only; a commit with a change's row is a kept change
         best_again=cand.kind == "baseline" and any(e.commit == cand.commit and e.kind != "baseline" for e in rows),
     )
-    if cand.kind == "baseline" and ctx.asynchronous and ref is not None and cand.commit != ctx.git.head():
+    if cand.kind == "baseline" and ctx.asynchronous and ref is not None and cand.commit != head:
         # the best moved on while this re-measurement of an older best ran: a measurement
         # (for the noise), not the class's reference
         verdict = dataclasses.replace(verdict, status="discard", best_after=ref.best,
@@ -140,7 +142,7 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
         assert ref is not None and verdict.metric is not None and best is not None
         verdict = dataclasses.replace(verdict, status="discard", needs_confirm=False, remeasure_best=False, reason=(
             f"{REBASE_PREFIX} better than its base {cand.base_commit[:7]} by"
-            f" {gain(verdict.metric, best, ctx.direction):.6f}, but the best moved on to {ref.commit[:7]}"
+            f" {gain(verdict.metric, best, ctx.direction):.6f}, but the best moved on to {head[:7]}"
             f" while it ran: re-made there and re-run"))
     # the data it is scored on changed while it ran (async has no moment between runs to notice it):
     # its number measured neither data, so it is compared with neither best; a crash is judged by its log.

@@ -34,7 +34,7 @@ def export(ctx: Context, members: list[Candidate]) -> None:
             # a change the data failed runs again as it was, or re-made on the best when the best moved on
             on_best = cand.base_commit == head
             if out.needs_confirm or (out.retry and on_best):
-                _rerun(ctx, cand, out, where)
+                _rerun(ctx, cand, out, where, others)
             if out.rebase or (out.retry and not on_best):  # from the best as it is now, before it can be kept
                 ledger.new_candidate(
                     store, "rebase", head, confirm_of=cand.number,
@@ -52,14 +52,15 @@ def export(ctx: Context, members: list[Candidate]) -> None:
             ctx.git.drop_snapshot(ctx.snapshot_path(cand.number))
 
 
-def _rerun(ctx: Context, cand: Candidate, out: Outcome, where: dict[str, str]) -> None:
+def _rerun(ctx: Context, cand: Candidate, out: Outcome, where: dict[str, str], others: list[Candidate]) -> None:
     """A result to decide by re-running it: on the same hardware class, and node when a
-    cluster's; the incumbent first when its own n is small (its result counts for the re-run)."""
+    cluster's; the incumbent first when its own n is small (its result counts for the re-run),
+    unless a measurement of it there on this setting is in flight already (async: `others`)."""
     assert cand.commit is not None
     # every re-run names the first run of its commit
     first, what = (cand.confirm_of, cand.description.split(": ", 1)[-1]) if cand.kind == "confirm" \
         else (cand.number, cand.description)
-    if out.remeasure_best:
+    if out.remeasure_best and not any(_measures(ctx, o, cand.base_commit, where) for o in others):
         ledger.new_candidate(
             ctx.store, "baseline", cand.base_commit, commit=cand.base_commit, phase="committed",
             description=f"re-measure the best for #{first}", focus=cand.focus, pin=where,
@@ -70,3 +71,11 @@ def _rerun(ctx: Context, cand: Candidate, out: Outcome, where: dict[str, str]) -
         hypothesis=cand.hypothesis, area=cand.area, params=cand.params, focus=cand.focus,
         pin=where,
     )
+
+
+def _measures(ctx: Context, other: Candidate, commit: str, where: dict[str, str]) -> bool:
+    """`other` is a measurement of `commit` at `where` on the setting runs start on now."""
+    if other.kind != "baseline" or other.commit != commit or other.pin != where:
+        return False
+    run = ledger.run_for_candidate(ctx.store, other.id) if other.phase == "running" else None
+    return run is None or (run.setting or ctx.setting) == ctx.setting

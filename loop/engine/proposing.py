@@ -65,7 +65,8 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         protect(ctx.ws)
         return no_run(ctx, cand, "crash", reason, **described)
     if not changed:
-        return no_run(ctx, cand, "discard", "the proposal changed nothing", **described)
+        return no_run(ctx, cand, "discard", f"#{cand.confirm_of}'s change is in the best already: nothing to run"
+                      if cand.kind == "rebase" else "the proposal changed nothing", **described)
     commit = git.commit_all(f"#{cand.number}: {described['description']}\n\n{described['hypothesis']}")
     git.keep_ref(cand.number, commit)
     if not ctx.in_place:  # the run gets a snapshot; the workspace stays at the wave's base

@@ -290,3 +290,74 @@ def test_a_result_ending_while_the_best_is_re_measured_on_its_own_setting_is_dec
     assert engine.join() == 0
     assert [(e.number, e.kind, e.status) for e in ledger.experiments(store)] == [
         (1, "baseline", "keep"), (2, "proposal", "discard"), (3, "proposal", "discard"), (4, "baseline", "keep")]
+
+
+def test_a_result_from_another_class_than_the_new_best_s_is_rebased_not_kept_over_it(
+        tmp_path: Path, gates: Gates, fake_gpus: Any) -> None:
+    """Two classes (an H100 and an A100): #3 was kept while #4 ran on the other class. That class
+    had not measured #3's commit yet, so its reference was still the commit #4 branched from, and
+    #4 was kept too: the branch went to #4's commit and #3's kept change was gone from it (found on
+    a 4-GPU night: `nightlab history` said keep for both, `git log` had only the second)."""
+    fake_gpus(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])
+    settings = _workspace(tmp_path)
+    steps = [{"set": {"VAL_BPB": [0.9]}}, {"set": {"GAIN": 0.15}}, {"set": {"VAL_BPB": [1.5]}}]
+    engine = EngineThread(settings, WaveProposer(steps), limit=7)
+    store = engine.store
+    gates.open(1, 2)  # the starting commit measured on each class
+    engine.wait_for(lambda: _running(store) == {3, 4}, "#3 and #4 running")
+    gates.open(3)
+    engine.wait_for(lambda: ledger.experiment_count(store) == 3, "#3 recorded")
+    gates.open(4)
+    engine.wait_for(lambda: ledger.experiment_count(store) == 4, "#4 recorded")
+    gates.open(*range(5, 8))
+    assert engine.join() == 0
+    assert_consistent(settings, in_order=False)
+    rows = ledger.experiments(store)
+    three, four = rows[2], rows[3]
+    assert (three.status, four.status, four.hardware != three.hardware) == ("keep", "discard", True)
+    assert four.reason.startswith(f"rebased: better than its base {rows[0].commit[:7]} by 0.150000, but the best"
+                                  f" moved on to {three.commit[:7]}")
+    repo = settings.workspace_path
+    assert three.commit in git_out(repo, "rev-list", "HEAD").splitlines()  # a keep stays on the branch
+
+
+def test_a_result_is_not_held_back_by_its_base_s_measurement_on_another_class(
+        tmp_path: Path, gates: Gates, fake_gpus: Any) -> None:
+    """A result waits for its base's re-measurement only on its own class: on a box of two GPU
+    models, the A100's re-measurement of a new best held back every H100 result from that best
+    for a whole run, and its slot with it (51 of 78 waiting slot-seconds on a 4-GPU night)."""
+    fake_gpus(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])
+    settings = _workspace(tmp_path)
+    steps = [{"set": {"VAL_BPB": [0.9]}}, {"set": {"GAIN": 0.15}}, {"set": {"VAL_BPB": [1.5]}}]
+    engine = EngineThread(settings, WaveProposer(steps), limit=8)
+    store = engine.store
+    gates.open(1, 2)
+    engine.wait_for(lambda: _running(store) == {3, 4}, "#3 and #4 running")
+    gates.open(3)  # kept: the A100 measures #3's commit next (#5), once #4 frees it
+    engine.wait_for(lambda: ledger.experiment_count(store) == 3, "#3 recorded")
+    gates.open(4)  # its change re-made on #3's (#6), on the H100
+    engine.wait_for(lambda: _running(store) == {5, 6}, "#5 and #6 running")
+    gates.open(6)
+    engine.wait_for(lambda: 6 in {e.number for e in ledger.experiments(store)}, "#6 recorded while #5 runs")
+    assert 5 in _running(store)
+    gates.open(*range(5, 9))
+    assert engine.join() == 0
+    assert_consistent(settings, in_order=False)
+    five, six = ledger.experiments(store)[4:6]
+    assert (five.kind, six.kind, five.hardware != six.hardware) == ("baseline", "rebase", True)
+
+
+def test_a_stale_result_whose_change_the_best_holds_already_says_so(tmp_path: Path, gates: Gates) -> None:
+    """#3 made the change #2 was kept with: its re-make on #2's commit changed nothing, and the
+    rebase was recorded as "the proposal changed nothing", as if a proposer had failed to edit."""
+    settings = _workspace(tmp_path)
+    steps = [{"set": {"VAL_BPB": [0.9]}}, {"set": {"VAL_BPB": [0.9]}}, {"set": {"VAL_BPB": [0.95]}}]
+    engine = EngineThread(settings, WaveProposer(steps), limit=5)
+    _first_two_end(gates, engine.store, engine.ended)
+    gates.open(3)
+    engine.wait_for(lambda: any(e.kind == "rebase" for e in ledger.experiments(engine.store)), "the rebase decided")
+    gates.open(*range(4, 6))
+    assert engine.join() == 0
+    rebase = next(e for e in ledger.experiments(engine.store) if e.kind == "rebase")
+    assert (rebase.status, rebase.metric, rebase.confirm_of) == ("discard", None, 3)
+    assert rebase.reason == "#3's change is in the best already: nothing to run"

@@ -456,7 +456,8 @@ def test_in_async_mode_a_re_run_that_ends_before_the_best_is_measured_on_the_new
     tmp_path: Path, fake_gpus: Any, gates: Gates,
 ) -> None:
     """Each result is decided as it ends: #2's re-run on the new text, ending before the best's
-    measurement there, found nothing on its setting to be compared with, and the change was lost."""
+    measurement there, found nothing on its setting to be compared with, and the change was lost.
+    While it waits its slot runs the next candidate (it stood idle until the measurement ended)."""
     with _async_night(tmp_path, fake_gpus, gates, 3, [{"set": {"VAL_BPB": [0.5]}}]) as (engine, folder):
         store = engine.store
         gates.open(1)
@@ -468,6 +469,10 @@ def test_in_async_mode_a_re_run_that_ends_before_the_best_is_measured_on_the_new
         wait_until(lambda: _phase(store, 6) == "running", "#6 running")
         gates.open(6)
         wait_until(lambda: _phase(store, 6) != "running", "#6 ended")
+        wait_until(lambda: _phase(store, 7) == "running", "#7 running in #6's slot while #6 waits")
+        assert (_phase(store, 5), _phase(store, 6)) == ("running", "ended")
+        # #3's change runs again too, after the same measurement: #5, not a second one
+        assert [c.number for c in ledger.open_candidates(store) if c.kind == "baseline"] == [5]
         gates.open(5)
         wait_until(lambda: ledger.experiment_count(store) == 5, "#5 and #6 recorded")
     five, six = ledger.experiments(store)[3:5]  # a next proposal may be recorded already
