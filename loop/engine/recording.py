@@ -48,7 +48,7 @@ def record(ctx: Context, cand: Candidate) -> None:
     with ctx.store.transaction():
         if night is not None:
             ledger.record_patch(ctx.store, night)
-        if not ledger.record_experiment(ctx.store, cand.id, exp, finished_event(ctx, exp, out, previous)):
+        if not ledger.record_experiment(ctx.store, cand.id, exp, finished_event(ctx, exp, out, previous, rows)):
             ledger.update_candidate(ctx.store, cand.id, phase="recorded")
             return
         _on_streaks(ctx, [*rows, exp])
@@ -68,10 +68,14 @@ def _night_patch(ctx: Context, exp: Experiment, rows: list[Experiment]) -> ledge
     return ctx.patch(base.commit, exp.commit)
 
 
-def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float | None) -> dict[str, Any]:
-    """The `experiment_finished` payload (ARCHITECTURE.md: events)."""
-    # a class's later baselines re-measure the best commit: a new reference, not a new best
-    new_best = exp.status == "keep" and previous != exp.best and (exp.kind != "baseline" or previous is None)
+def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float | None,
+                   rows: list[Experiment]) -> dict[str, Any]:
+    """The `experiment_finished` payload (ARCHITECTURE.md: events); `rows`: the experiments before it."""
+    # A baseline is a new best only as the night's first keep: later ones measure the best commit on
+    # another class or a new setting (after a budget change "🏆 NEW BEST 0.9722" read as a gain over
+    # the 0.9764 measured under the old budget), or re-measure it: a new reference, not a new best.
+    first = not any(e.status == "keep" for e in rows)
+    new_best = exp.status == "keep" and previous != exp.best and (exp.kind != "baseline" or first)
     return {
         "number": exp.number, "status": exp.status, "metric_name": ctx.metric_name,
         "metric": exp.metric, "best": exp.best, "previous_best": previous,

@@ -389,6 +389,9 @@ def test_a_budget_the_config_changed_is_said_once_with_its_values(tmp_path: Path
         " setting: the best is measured again and no result is compared with one from before")
     startup(_engine(settings, data_dir, NIGHTLAB_TIME_BUDGET="600", NIGHTLAB_EVAL_TOKENS="4096").ctx)
     assert len(_alerts(engine.store)) == 1  # a restart says nothing again
+    # the best measured under the new budget is no gain over the old one's: not "🏆 NEW BEST"
+    finished = {e.payload["number"]: e.payload for e in engine.store.events_after(0) if e.kind == "experiment_finished"}
+    assert (finished[1]["new_best"], finished[3]["new_best"]) == (True, False)
 
 
 @contextmanager
