@@ -177,16 +177,8 @@ def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> P
     every = ledger.experiments(ctx.store)
     # a run the data failed, or whose result was lost, says nothing of its change (which runs again)
     rows = [e for e in every if not ledger.measured_nothing(e.reason)]
-    history = tuple(
-        PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params, e.kind, e.reason)
-        for e in rows
-    )
-    # the best: the experiment that made it (a change, else the first baseline), valued at its
-    # estimate now (every measurement of its commit), not at its own single run
-    keeps = [e for e in rows if e.status == "keep"]
-    made = next((e for e in reversed(keeps) if e.kind != "baseline"), keeps[0] if keeps else None)
-    best = None if made is None else dataclasses.replace(
-        history[rows.index(made)], metric=next(e.best for e in reversed(keeps) if e.commit == made.commit))
+    history = tuple(_past(e) for e in rows)
+    best = best_for_proposers(rows)
     crashes = [e for e in rows if e.status == "crash" and e.duration_s is not None]
     return ProposalContext(
         workspace=ctx.ws.path, editable=ctx.ws.editable, metric_name=ctx.metric_name,
@@ -195,3 +187,21 @@ def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> P
         last_crash_log=ctx.log_tail(crashes[-1].number, 4000) if crashes else "",
         noise=views.night_noise(ctx.store, every), keep_z=ctx.settings.loop.keep_z,
     )
+
+
+def _past(e: ledger.Experiment) -> PastExperiment:
+    group = f"{e.hardware}|{e.setting}" if e.hardware else ""  # comparable only within one
+    return PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params, e.kind,
+                          e.reason, group)
+
+
+def best_for_proposers(rows: list[ledger.Experiment]) -> PastExperiment | None:
+    """The best as /best defines it (the latest setting; the hardware class it was kept on), valued
+    at its commit's estimate now on that class: another GPU model's value, or an older budget's,
+    sits at an offset and is no number to beat."""
+    made, _ = views.current_best(rows)
+    if made is None:
+        return None
+    value = next(e.best for e in reversed(rows)
+                 if e.status == "keep" and e.commit == made.commit and e.hardware_class == made.hardware_class)
+    return dataclasses.replace(_past(made), metric=value)

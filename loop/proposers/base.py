@@ -28,6 +28,9 @@ class PastExperiment:
     params: dict[str, object]  # the constants the search set (empty for agent proposals)
     kind: str = "proposal"  # baseline | proposal | confirm | rebase
     reason: str = ""  # the decision's words, e.g. "not better: worse by 0.0048 ± 0.0034 (n = 1 vs 3)"
+    # What it was measured in (hardware class and setting; "": no run), opaque: metrics compare
+    # only within one group (an A100's val_bpb sits at an offset from an H100's)
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class ProposalContext:
     editable: tuple[str, ...]  # files the proposal may change
     metric_name: str
     direction: str  # "minimize" | "maximize"
-    best: PastExperiment | None
+    best: PastExperiment | None  # the best as /best states it: the latest setting, on the best's hardware class
     history: tuple[PastExperiment, ...]  # oldest first
     focus: str | None
     notes: tuple[str, ...]  # the user's pending notes (delivered with this proposal)

@@ -184,7 +184,7 @@ def _observations(ctx: ProposalContext, space: SearchSpace) -> list[Observation]
     seen: list[Observation] = []
     for e in reversed(ctx.history):
         if e.metric is not None and e.status not in _PRUNED:
-            seen.append(Observation({**config, **e.params}, e.metric))
+            seen.append(Observation({**config, **e.params}, e.metric, e.group))
         if e.status == "keep" and e.kind != "baseline" and not e.params:
             break
         if e.status == "keep" and e.params:

@@ -21,6 +21,12 @@ keeps its full prior. Measured on the benchmark's tuning seeds (few_big's worst 
 of the possible, the other shapes no lower); a full automatic relevance determination (EM to a
 fixed point) gained more on few_big but cost the separable shape.
 
+Groups: a run is measured in one group, its hardware class (GPU model) and setting (time budget,
+data); val_bpb on an A100 sits at an offset from an H100's, and a 600 s budget's from a 300 s one's.
+Each group gets its own intercept (a fixed effect, each centred on its group's mean), so an offset
+is never read as the effect of whatever constants that group's runs had: effects are learnt from
+differences within groups and shared across them. With one group this is the single intercept.
+
 Coordinates: numeric constants are measured in "steps" from the best configuration (log2 of
 the ratio for log-scaled ones, a quarter of the range for linear ones), so one prior fits all;
 a choice constant is an indicator per value it is not at now.
@@ -55,6 +61,7 @@ RELEVANCE_FLOOR = 0.15
 class Observation:
     config: Config  # every searched constant's value in that run
     metric: float
+    group: str = ""  # what it was measured in (hardware class and setting): comparable only within one
 
 
 def _coordinate(param: Param, value: object, origin: object) -> float | None:
@@ -85,15 +92,19 @@ class Surface:
         self._numeric_index = {p.name: i for i, p in enumerate(self.numeric)}
         self._choice_index = {(p.name, format_value(c)): j for j, (p, c) in enumerate(self.choices)}
         k = len(self.numeric)
-        base = np.array([10.0] + [PRIOR_SLOPE] * k + [PRIOR_CURVE] * k + [PRIOR_PAIR] * len(self.pairs)
+        groups = sorted({o.group for o in observations}) or [""]
+        self.intercepts = len(groups)
+        base = np.array([10.0] * self.intercepts + [PRIOR_SLOPE] * k + [PRIOR_CURVE] * k + [PRIOR_PAIR] * len(self.pairs)
                         + [PRIOR_CHOICE] * len(self.choices)) * sigma
         self.sigma = sigma
         self.runs = len(observations)
         x = self.features([o.config for o in observations])
         y = np.array([o.metric for o in observations], dtype=float)
-        # The intercept is not a modelled effect: centre on the mean and leave it to the data.
-        self.offset = float(y.mean()) if len(y) else 0.0
-        x = np.hstack([np.ones((len(y), 1)), x])
+        # A group's intercept is not a modelled effect: centre each group on its own mean and
+        # leave the rest to the data (one indicator column per group).
+        of = np.array([groups.index(o.group) for o in observations], dtype=int)
+        self.offset = np.array([y[of == j].mean() for j in of])
+        x = np.hstack([(of[:, None] == np.arange(len(groups))).astype(float), x])
         self.relevance = np.ones(k)
         if len(y):  # a first fit on the base prior says which constants the runs show flat
             self._fit(x, y, base)
@@ -105,7 +116,7 @@ class Surface:
         prior): a constant's slope and curve by its own, a pair by the geometric mean of both."""
         r = self.relevance
         pair = np.sqrt(r[self._first] * r[self._second]) if self.pairs else np.zeros(0)
-        return np.concatenate([[1.0], r, r, pair, np.ones(len(self.choices))])
+        return np.concatenate([np.ones(self.intercepts), r, r, pair, np.ones(len(self.choices))])
 
     def _fit(self, x: np.ndarray, y: np.ndarray, scale: np.ndarray) -> None:
         precision = np.diag(1.0 / scale**2) + x.T @ x / self.sigma**2
@@ -118,9 +129,9 @@ class Surface:
         [RELEVANCE_FLOOR, 1]. A constant never moved keeps 1 (its posterior is its prior); one
         the runs show confidently flat shrinks, so a draw stops promising it gains it has not
         got and the night's runs go to the constants that matter."""
-        k = len(self.numeric)
+        k, g = len(self.numeric), self.intercepts
         bound = (np.abs(self.mean) + 2 * np.sqrt(np.diag(self.cov))) / base
-        return np.clip(np.maximum(bound[1:k + 1], bound[k + 1:2 * k + 1]) / 2, RELEVANCE_FLOOR, 1.0)
+        return np.clip(np.maximum(bound[g:g + k], bound[g + k:g + 2 * k]) / 2, RELEVANCE_FLOOR, 1.0)
 
     def features(self, configs: Sequence[Config]) -> np.ndarray:
         """Model features of each config; a constant a config leaves out is at the origin (so a
@@ -142,15 +153,16 @@ class Surface:
 
     def predict(self, coefficients: np.ndarray, configs: Sequence[Config]) -> np.ndarray:
         """The metric each config would have under `coefficients`, relative to the best's."""
-        return self.features(configs) @ coefficients[1:]
+        return self.features(configs) @ coefficients[self.intercepts:]
 
 
 def noise_sigma(observations: Sequence[Observation], prior: float) -> float:
     """The run-to-run σ pooled over configurations measured more than once (baselines,
-    repeats), with `prior` (> 0) counted as one degree of freedom so two runs cannot claim no
-    noise: the keep rule's pooling (loop/state/stats.py), lighter on the prior so the search
-    follows the measured noise sooner."""
-    groups: dict[str, list[float]] = {}
+    repeats) within one group (another GPU's offset is no noise), with `prior` (> 0) counted as
+    one degree of freedom so two runs cannot claim no noise: the keep rule's pooling
+    (loop/state/stats.py), lighter on the prior so the search follows the measured noise sooner."""
+    groups: dict[tuple[str, str], list[float]] = {}
     for o in observations:
-        groups.setdefault(repr(sorted((k, format_value(v)) for k, v in o.config.items())), []).append(o.metric)
+        key = repr(sorted((k, format_value(v)) for k, v in o.config.items()))
+        groups.setdefault((o.group, key), []).append(o.metric)
     return pooled_noise(groups.values(), prior, prior_df=1.0).sd

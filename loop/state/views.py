@@ -79,7 +79,7 @@ def remaining_s(store: Store) -> float | None:
     return max(0.0, statistics.median(past) - (time.time() - runs[-1].started_at))
 
 
-def _best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
+def current_best(rows: list[Experiment]) -> tuple[Experiment | None, float | None]:
     """The experiment that set the current best and the best value on its hardware class. The
     best commit is the last kept change's, or a later baseline's of a commit not kept before: a
     commit of the user's put on the branch (an edit committed between nights), which the loop goes
@@ -155,7 +155,7 @@ def night_noise(store: Store, rows: list[Experiment]) -> Noise | None:
 def _night(store: Store, rows: list[Experiment]) -> tuple[Experiment, list[float], Noise] | None:
     """The best, the baseline's results on the best's hardware class, and the noise pooled over
     that class's repeats from the prior (noise_prior × the baseline's mean)."""
-    best, _ = _best(rows)
+    best, _ = current_best(rows)
     if best is None:
         return None
     cls = best.hardware_class
@@ -266,7 +266,7 @@ def status_text(workspace: Path) -> str:
     if pause:
         waits = f", after #{pause.after}" if pause.after else ""
         lines.append(f"paused by {pause.by} ({pause.reason}{waits}) {duration(time.time() - pause.since)} ago")
-    best_exp, best = _best(rows)
+    best_exp, best = current_best(rows)
     if best_exp is not None:
         gain = "" if _unchanged(rows, best_exp) else _gain_text(night_gain(store, rows), rows, best_exp)
         lines.append(f"best {name}: {_fmt(best)} (#{best_exp.number}, {best_exp.commit[:7]})" + (f" · vs baseline {gain}" if gain else ""))
@@ -362,7 +362,7 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
 def best_text(workspace: Path) -> str:
     store = Store.existing(workspace)
     rows = ledger.experiments(store)
-    best_exp, best = _best(rows)
+    best_exp, best = current_best(rows)
     if best_exp is None:
         return "no result yet"
     name = _metric_name(store)
@@ -397,7 +397,7 @@ def diff_text(workspace: Path, number: int | None = None, limit: int | None = No
     store = Store.existing(workspace)
     rows = ledger.experiments(store)
     if number is None:
-        best, _ = _best(rows)
+        best, _ = current_best(rows)
         if best is None:
             return "no result yet"
         base = baseline(rows, best.hardware_class)
@@ -491,7 +491,7 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
     if not rows:
         return "\n".join([*out, "No experiments yet."])
     span = rows[-1].finished_at - (rows[0].started_at or rows[0].finished_at)
-    best_exp, best = _best(rows)
+    best_exp, best = current_best(rows)
     found = night_gain(store, rows)
     if all(e.metric is None for e in rows):  # what to do, not a baseline, a best and a gain of "—"
         out += [f"- experiments: {len(rows)} ({_counts(store, rows)}) over {duration(span)}",
@@ -559,7 +559,7 @@ def status_line(workspace: Path) -> str:
         parts.append("paused")
     else:
         parts.append("idle")
-    best = _best(ledger.experiments(store))[1]
+    best = current_best(ledger.experiments(store))[1]
     if best is not None:
         parts.append(f"best {best:.6f}")
     area = ledger.focus(store)

@@ -346,3 +346,26 @@ def test_small_gains_of_several_constants_are_proposed_together() -> None:
     # one constant worth moving is a one-constant move, not a "together" one
     flat = [Observation({**{n: 1.0 for n in best_at}, "A": v}, 1.0 - 0.001 * (v > 1)) for v in (2.0, 0.5, 1.0)] * 2
     assert _together(Surface(space, flat, 0.002), moves, sign=1.0) is None
+
+
+def test_an_offset_between_groups_is_not_read_as_a_constant_s_effect() -> None:
+    """An asynchronous night on an H100 and an A100 (val_bpb 0.03 higher there): raising A truly
+    helps (0.002 a doubling), but the H100 happened to run A at 0.5 and 1.0, the A100 at 1.0 and 2.0.
+    One intercept for both reads the A100's offset as A's effect and sees raising A as 0.03 worse,
+    and the repeats of A = 1.0 on both GPUs as noise; an intercept per group learns A from
+    differences within each GPU, and the noise too."""
+    space = build_space("train.py", THREE)
+    rng = random.Random(0)
+    runs = [Observation({"A": a, "B": 1.0, "C": 1.0}, 1.0 + offset - 0.002 * math.log2(a) + rng.gauss(0, 0.001), group)
+            for group, offset, values in (("h100", 0.0, (0.5, 1.0)), ("a100", 0.03, (1.0, 2.0)))
+            for a in values for _ in range(4)]
+
+    def raising_a(observations: list[Observation]) -> float:
+        surface = Surface(space, observations, noise_sigma(observations, 0.001))
+        return float(surface.predict(surface.mean, [{"A": 2.0}])[0])
+
+    assert -0.003 < raising_a(runs) < -0.001
+    assert noise_sigma(runs, 0.001) < 0.0015
+    merged = [replace(o, group="") for o in runs]  # as the search was: one group for the night
+    assert raising_a(merged) > 0.005
+    assert noise_sigma(merged, 0.001) > 0.01
