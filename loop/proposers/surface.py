@@ -103,7 +103,7 @@ class Surface:
         # A group's intercept is not a modelled effect: centre each group on its own mean and
         # leave the rest to the data (one indicator column per group).
         of = np.array([groups.index(o.group) for o in observations], dtype=int)
-        self.offset = np.array([y[of == j].mean() for j in of])
+        self.offset = np.array([y[of == j].mean() for j in range(len(groups))])[of] if len(y) else np.zeros(0)
         x = np.hstack([(of[:, None] == np.arange(len(groups))).astype(float), x])
         self.relevance = np.ones(k)
         if len(y):  # a first fit on the base prior says which constants the runs show flat
