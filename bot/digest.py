@@ -124,9 +124,11 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
         g = float(p["gain"])
         figure += f" ({'better' if g > 0 else 'worse'} by {abs(g):.4f} ± {float(p['se']):.4f}"
         figure += f", n = {p['n']} vs {p['n_best']})" if p.get("n") and p.get("n_best") else ")"
-    elif p.get("delta") is not None:
-        figure += f" (Δ {float(p['delta']):+.4f}"
-        figure += f" vs {_num(p['previous_best'])})" if p.get("previous_best") is not None else ")"
+    elif p.get("delta") is not None:  # worded as the gains are: "better"/"worse", whichever the direction
+        d, was = float(p["delta"]), p.get("previous_best")
+        better = (d < 0) == (p.get("direction", "minimize") == "minimize")  # an older event: val_bpb's
+        words = f"{'better' if better else 'worse'} by {abs(d):.4f}" if d else "the same"
+        figure += f" ({words} {'than' if d else 'as'} {_num(was)})" if was is not None else f" ({words})"
     spans: list[Span] = [bold(f"{head} · {figure}")]
     # the spaces and line breaks stay outside the marks: Slack shows "*  NEW BEST*" or "_\ntext_"
     # with the asterisks and underscores, not bold or italic

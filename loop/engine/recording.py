@@ -81,6 +81,7 @@ def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float 
         "metric": exp.metric, "best": exp.best, "previous_best": previous,
         # this result against the best before it: what a reader wants to see for any status
         "delta": None if exp.metric is None or previous is None else exp.metric - previous,
+        "direction": ctx.direction,  # which way the delta is better
         "new_best": new_best, "description": exp.description, "hypothesis": exp.hypothesis,
         "area": exp.area, "duration_s": exp.duration_s, "peak_vram_mb": exp.metrics.get("peak_vram_mb"),
         "mfu_percent": exp.metrics.get("mfu_percent"), "confidence": exp.confidence, "focus": exp.focus,

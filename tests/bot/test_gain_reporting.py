@@ -24,8 +24,12 @@ def test_a_keeps_digest_says_better_by_gain_plus_minus_its_error() -> None:
     assert "confidence 2.6 SE" in text and "Δ" not in text
     worse = _text(experiment_digest({**payload, "status": "discard", "new_best": False, "gain": -0.002}, 10))
     assert "(worse by 0.0020 ± 0.0012, n = 3 vs 5)" in worse
-    # a result with nothing to compare (a baseline) keeps the plain delta
-    assert "(Δ -0.0049 vs 1.0000)" in _text(experiment_digest({**payload, "gain": None, "se": None}, 10))
+    # without a decision's gain (a baseline, a result with nothing to compare), the change from the best before, worded the same way (it was a
+    # signed "Δ -0.0049", whose sign meant better for val_bpb and worse for a metric to maximise)
+    unjudged = {**payload, "gain": None, "se": None}
+    assert "(better by 0.0049 than 1.0000)" in _text(experiment_digest(unjudged, 10))
+    assert "(worse by 0.0049 than 1.0000)" in _text(experiment_digest({**unjudged, "direction": "maximize"}, 10))
+    assert "(the same as 1.0000)" in _text(experiment_digest({**unjudged, "delta": 0.0}, 10))
 
 
 def test_a_run_the_rule_runs_again_to_decide_does_not_read_as_the_changes_end() -> None:

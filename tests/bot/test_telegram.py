@@ -194,7 +194,7 @@ def test_digest_per_experiment_and_new_best(tg: FakeTelegram, bot: BotService, s
     finished(store, "keep", 0.98, delta=-0.01, previous_best=0.99, new_best=True, description="MATRIX_LR 0.04→0.05")
     finished(store, "crash", None, log_tail="\n".join(f"line {i}" for i in range(40)) + "\nCUDA out of memory")
     digests = [m for m in tg.wait_for(3, GROUP)]
-    assert digests[0].text.startswith("❌ #1 discard · val_bpb 1.0100 (Δ +0.0200 vs 0.9900)")
+    assert digests[0].text.startswith("❌ #1 discard · val_bpb 1.0100 (worse by 0.0200 than 0.9900)")
     assert digests[1].text.startswith("🏆 #2 keep") and "NEW BEST" in digests[1].text
     assert "<b>" in digests[1].raw and "MATRIX_LR 0.04→0.05" in digests[1].text
     crash = digests[2]
