@@ -514,6 +514,7 @@ class Runtime:
             "mfu_percent": mfu,
             "total_tokens_M": budget.step * tokens_per_step / 1e6,
             "num_steps": budget.step,
+            "budget_steps": budget.steps,  # None under a time budget
             "num_params_M": num_params / 1e6,
             "tokens_per_sec": tokens_per_sec,
             "startup_seconds": (self.t_training or self.t_start) - self.t_start,

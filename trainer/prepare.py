@@ -1143,7 +1143,9 @@ def print_result(result: dict[str, Any], run_started: float | None) -> None:
         ("score_seconds", result["score_seconds"], ".1f"),
         ("eval_seconds", result["eval_seconds"], ".1f"),
         ("overhead_seconds", None if total is None else total - train.get("training_seconds", 0.0), ".1f"),
-        ("time_budget", TIME_BUDGET, "d"),
+        # the budget in force: a step budget (tiny's) is the budget, its time budget would only mislead
+        ("time_budget", None if train.get("budget_steps") else TIME_BUDGET, "d"),
+        ("budget_steps", train.get("budget_steps"), "d"),
         ("max_seq_len", MAX_SEQ_LEN, "d"),
         ("eval_tokens", EVAL_TOKENS, "d"),
         ("total_batch_size", train.get("total_batch_size"), "d"),

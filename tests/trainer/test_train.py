@@ -421,6 +421,8 @@ def test_tiny_run_stops_at_its_step_budget(tiny_run):
     assert proc.returncode == 0, proc.stdout[-3000:]
     summary = parse_summary(proc.stdout)
     assert summary.get("num_steps") == int(P.PROFILES["tiny"].harness_env["NIGHTLAB_BUDGET_STEPS"])
+    # the budget in force is said, not the time budget it overrides (METRIC time_budget=15 misled)
+    assert summary.get("budget_steps") == summary.get("num_steps") and summary.get("time_budget") is None
     assert summary.get("total_seconds") >= summary.get("training_seconds")
 
 
