@@ -177,8 +177,8 @@ def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> P
     every = ledger.experiments(ctx.store)
     # a run the data failed, or whose result was lost, says nothing of its change (which runs again)
     rows = [e for e in every if not ledger.measured_nothing(e.reason)]
-    history = tuple(_past(e) for e in rows)
-    best = best_for_proposers(rows)
+    history = tuple(_past(e, ctx.setting) for e in rows)
+    best = best_for_proposers(rows, ctx.setting)
     crashes = [e for e in rows if e.status == "crash" and e.duration_s is not None]
     return ProposalContext(
         workspace=ctx.ws.path, editable=ctx.ws.editable, metric_name=ctx.metric_name,
@@ -189,19 +189,21 @@ def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> P
     )
 
 
-def _past(e: ledger.Experiment) -> PastExperiment:
+def _past(e: ledger.Experiment, setting: str) -> PastExperiment:
+    """`setting`: the one the next runs start on; a result of another is no number to compare with."""
     group = f"{e.hardware}|{e.setting}" if e.hardware else ""  # comparable only within one
     return PastExperiment(e.number, e.status, e.metric, e.description, e.hypothesis, e.area, e.params, e.kind,
-                          e.reason, group)
+                          e.reason, group, e.hardware, bool(e.setting) and e.setting != setting)
 
 
-def best_for_proposers(rows: list[ledger.Experiment]) -> PastExperiment | None:
+def best_for_proposers(rows: list[ledger.Experiment], setting: str) -> PastExperiment | None:
     """The best as /best defines it (the latest setting; the hardware class it was kept on), valued
     at its commit's estimate now on that class: another GPU model's value, or an older budget's,
-    sits at an offset and is no number to beat."""
+    sits at an offset and is no number to beat. `setting`: the one the next runs start on (a best
+    of another, before any run on it, is said to be of an older setting)."""
     made, _ = views.current_best(rows)
     if made is None:
         return None
     value = next(e.best for e in reversed(rows)
                  if e.status == "keep" and e.commit == made.commit and e.hardware_class == made.hardware_class)
-    return dataclasses.replace(_past(made), metric=value)
+    return dataclasses.replace(_past(made, setting), metric=value)

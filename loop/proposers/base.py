@@ -31,6 +31,8 @@ class PastExperiment:
     # What it was measured in (hardware class and setting; "": no run), opaque: metrics compare
     # only within one group (an A100's val_bpb sits at an offset from an H100's)
     group: str = ""
+    hardware: str = ""  # the group's GPU model, readable ("NVIDIA H100 80GB HBM3"; "": no run)
+    older_setting: bool = False  # measured under a setting runs no longer use (another budget, data, scorer)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from nightlab.loop.state.stats import Noise
 RECENT = 20  # experiments shown; older ones rarely change what to try next
 PROPOSAL_FILE = ".nightlab/agent/proposal.json"
 REASON_CHARS = 200  # of a past experiment's reason: the decision, not a whole log line
+OLDER = "an older setting than the runs from now (another time budget, data or scorer)"
+OLDER_MARK = "older setting: not comparable"
 
 
 def build_prompt(ctx: ProposalContext, program: str, switch_after: int) -> str:
@@ -28,13 +30,17 @@ def build_prompt(ctx: ProposalContext, program: str, switch_after: int) -> str:
     ]
     if program.strip():
         parts += ["## Research directives (program.md)", program.strip()]
-    parts += ["## Goal", f"Metric: {ctx.metric_name}, {ctx.direction} ({better} is better).", _best(ctx)]
+    recent = ctx.history[-RECENT:]
+    # Each GPU model's values sit at their own offset: named beside each value only where the
+    # prompt shows more than one (with one, the line reads as it always did).
+    gpus = len({e.hardware for e in (*recent, *([ctx.best] if ctx.best else [])) if e.hardware}) > 1
+    parts += ["## Goal", f"Metric: {ctx.metric_name}, {ctx.direction} ({better} is better).", _best(ctx, gpus)]
     if ctx.noise is not None:
         parts += ["## Noise", _noise(ctx, ctx.noise)]
-    if ctx.history:
-        recent = ctx.history[-RECENT:]
+    if recent:
         parts += [f"## Recent experiments (last {len(recent)} of {len(ctx.history)}, oldest first)"]
-        parts += [_line(e) for e in recent]
+        parts += _caveats(recent, gpus)
+        parts += [_line(e, gpus) for e in recent]
     if ctx.consecutive_failures:
         line = f"The last {ctx.consecutive_failures} experiments did not improve on the best."
         if ctx.consecutive_failures >= switch_after:
@@ -62,10 +68,29 @@ def build_prompt(ctx: ProposalContext, program: str, switch_after: int) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _best(ctx: ProposalContext) -> str:
-    if ctx.best is None or ctx.best.metric is None:
+def _best(ctx: ProposalContext, gpus: bool) -> str:
+    best = ctx.best
+    if best is None or best.metric is None:
         return "No result yet: the baseline is still to be measured."
-    return f"Best so far: {ctx.metric_name} = {ctx.best.metric:.6g} (#{ctx.best.number}: {ctx.best.description})."
+    said = f"Best so far: {ctx.metric_name} = {best.metric:.6g}{_gpu(best, gpus)} (#{best.number}: {best.description})."
+    if best.older_setting:  # no run on the new setting yet: the number to beat is still unknown
+        said += f" It was measured under {OLDER}: no number for the next run's to beat."
+    return said
+
+
+def _caveats(shown: tuple[PastExperiment, ...], gpus: bool) -> list[str]:
+    """How to read the labels below, said only where a label is shown. A result of an older
+    setting is marked rather than left out: its value compares with nothing now, but what was
+    tried, and whether it beat the best of its own time, still tells the agent what helps and
+    keeps it from proposing the same change again."""
+    said = []
+    if gpus:
+        said.append("Values compare only within one GPU model (each sits at its own offset), so each is labelled"
+                    " with its GPU; a keep or discard was judged against the best on its own GPU.")
+    if any(e.older_setting for e in shown):
+        said.append(f"Values marked \"{OLDER_MARK}\" were measured under {OLDER}; their keep or discard"
+                    " (against the best of their time) still says what helped.")
+    return said
 
 
 def _noise(ctx: ProposalContext, noise: Noise) -> str:
@@ -76,8 +101,13 @@ def _noise(ctx: ProposalContext, noise: Noise) -> str:
             " to be worth several times the noise: a smaller one costs runs and is discarded.")
 
 
-def _line(e: PastExperiment) -> str:
-    metric = "no metric" if e.metric is None else f"{e.metric:.6g}"
+def _gpu(e: PastExperiment, gpus: bool) -> str:
+    return f" on {e.hardware}" if gpus and e.hardware else ""
+
+
+def _line(e: PastExperiment, gpus: bool) -> str:
+    older = f" ({OLDER_MARK})" if e.older_setting else ""
+    metric = "no metric" if e.metric is None else f"{e.metric:.6g}{_gpu(e, gpus)}{older}"
     why = f" (hypothesis: {e.hypothesis})" if e.hypothesis else ""
     # the decision's words say how sure it was (a gain within the noise, a harness rejection)
     said = f" — {e.reason[:REASON_CHARS]}" if e.reason else ""

@@ -173,12 +173,16 @@ def test_the_proposers_best_is_the_current_best_s_value_on_its_own_gpu_and_setti
 
     rows = [run(1, "baseline", "a", 0.98, "H100"), run(2, "baseline", "a", 1.02, "A100"),
             run(3, "proposal", "b", 0.97, "H100"), run(4, "baseline", "b", 1.01, "A100")]
-    best = best_for_proposers(rows)
+    best = best_for_proposers(rows, "s")
     assert best is not None and (best.number, best.metric, best.group) == (3, 0.97, "H100|s")
     (tmp_path / "train.py").write_text("A = 2.0\nB = 1.0\n")
     ctx = ProposalContext(workspace=tmp_path, editable=("train.py",), metric_name="val_bpb", direction="minimize",
                           best=best, history=(), focus=None, notes=(),
                           consecutive_failures=0, last_crash_log="")
     assert "than the best (val_bpb 0.97, #3)" in SearchProposer().propose(ctx).hypothesis
-    later = best_for_proposers([*rows, run(5, "baseline", "b", 0.95, "H100", setting="t")])
+    later = best_for_proposers([*rows, run(5, "baseline", "b", 0.95, "H100", setting="t")], "t")
     assert later is not None and (later.number, later.metric) == (5, 0.95)
+    assert (best.hardware, best.older_setting, later.older_setting) == ("H100", False, False)
+    # the budget changed at a start and nothing ran on it yet: the best quoted is the old setting's
+    stale = best_for_proposers(rows, "t")
+    assert stale is not None and stale.older_setting

@@ -14,6 +14,7 @@ import psutil
 import pytest
 from nightlab.loop.proposers import PastExperiment, ProposalContext, ProposalError
 from nightlab.loop.proposers.agent import AgentProposer
+from nightlab.loop.proposers.prompt import build_prompt
 from nightlab.loop.state.config import AgentSettings
 from nightlab.loop.state.stats import Noise
 
@@ -137,6 +138,61 @@ def test_agent_that_commits_has_its_commit_undone_and_its_edit_kept(ws: Path) ->
 def test_prompt_tells_the_agent_to_change_direction_after_many_failures(ws: Path) -> None:
     agent("agent_edit.py", switch_area_after=3).propose(ctx(ws, consecutive_failures=3))
     assert "try a clearly different idea" in (ws / ".nightlab/agent/prompt.md").read_text()
+
+
+H100, A100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
+
+
+def measured(number: int, status: str, metric: float, description: str, hardware: str = H100,
+             older: bool = False, **kw: object) -> PastExperiment:
+    return PastExperiment(number, status, metric, description, "", "", {}, group=f"{hardware}|{'old' if older else 'new'}",
+                          hardware=hardware, older_setting=older, **kw)  # type: ignore[arg-type]
+
+
+def test_a_prompt_of_one_gpu_and_one_setting_reads_as_it_always_did(ws: Path) -> None:
+    """The labels of another GPU model or setting are said only where there is one: a night on one
+    GPU gets the prompt it had before them, byte for byte."""
+    best = measured(1, "keep", 0.9979, "baseline", kind="baseline")
+    worse = measured(2, "discard", 1.0012, "MATRIX_LR 0.04→0.05", reason="not better: worse by 0.0033 ± 0.0034 (n = 1 vs 1)")
+    failed = PastExperiment(3, "crash", None, "DEPTH 8→64", "deeper", "architecture", {}, reason="proposer failed: x")
+    prompt = build_prompt(ctx(ws, best=best, history=(best, worse, failed)), "", 5)
+    assert prompt.split("## Goal\n\n")[1].split("\n\n## Streak")[0] == (
+        "Metric: val_bpb, minimize (lower is better).\n\n"
+        "Best so far: val_bpb = 0.9979 (#1: baseline).\n\n"
+        "## Noise\n\n"
+        "Two runs of the same code differ by about ± 0.0034 val_bpb (one standard deviation, measured from 3+ repeated"
+        " runs). A change is kept only when it beats the best by more than 2 standard errors of the difference; one in"
+        " between is re-run first. Aim for changes you expect to be worth several times the noise: a smaller one costs"
+        " runs and is discarded.\n\n"
+        "## Recent experiments (last 3 of 3, oldest first)\n\n"
+        "- #1 keep, 0.9979: baseline\n\n"
+        "- #2 discard, 1.0012: MATRIX_LR 0.04→0.05 — not better: worse by 0.0033 ± 0.0034 (n = 1 vs 1)\n\n"
+        "- #3 crash, no metric: DEPTH 8→64 (hypothesis: deeper) — proposer failed: x"
+    )
+
+
+def test_a_prompt_names_each_values_gpu_and_marks_an_older_settings_values(ws: Path) -> None:
+    """A box with an A100 and an H100 (val_bpb 0.05 higher on the A100), and the time budget raised
+    since #2: the prompt listed "#3 discard, 1.0273" beside "#4 keep, 0.97" unlabelled, so an
+    agent read the A100's result as a change that hurt by 0.06, and #1's 300 s number as one to beat."""
+    old = measured(1, "keep", 0.9979, "baseline", older=True, kind="baseline")
+    h100 = measured(2, "keep", 0.9700, "MATRIX_LR 0.04→0.05")
+    a100 = measured(3, "discard", 1.0273, "WARMUP_RATIO 0.0→0.1", A100)
+    prompt = build_prompt(ctx(ws, best=h100, history=(old, h100, a100)), "", 5)
+    assert f"Best so far: val_bpb = 0.97 on {H100} (#2: MATRIX_LR 0.04→0.05)." in prompt
+    assert f"- #1 keep, 0.9979 on {H100} (older setting: not comparable): baseline" in prompt
+    assert f"- #2 keep, 0.97 on {H100}: MATRIX_LR" in prompt
+    assert f"- #3 discard, 1.0273 on {A100}: WARMUP_RATIO" in prompt
+    assert "Values compare only within one GPU model" in prompt
+    assert 'Values marked "older setting: not comparable" were measured under an older setting' in prompt
+
+
+def test_a_best_of_an_older_setting_is_said_to_be_no_number_to_beat(ws: Path) -> None:
+    """The budget changed between starts and nothing ran on the new one yet: the best is a 300 s run's."""
+    best = measured(1, "keep", 0.9979, "baseline", older=True, kind="baseline")
+    prompt = build_prompt(ctx(ws, best=best, history=(best,)), "", 5)
+    assert "Best so far: val_bpb = 0.9979 (#1: baseline). It was measured under an older setting" in prompt
+    assert "no number for the next run's to beat" in prompt
 
 
 def test_a_proposal_file_with_a_lone_surrogate_is_read_as_text_the_ledger_can_store(tmp_path: Path) -> None:
