@@ -276,6 +276,17 @@ def test_a_ledger_damaged_inside_stops_the_daemon_at_its_start(harness: Harness,
     assert Store.for_workspace(workspace).get("fake_engine.starts") is None  # no engine started
 
 
+def test_the_start_is_said_before_anything_the_engine_says(harness: Harness) -> None:
+    """The start was said once the daemon saw its engine tick, up to a poll later: an engine quick to
+    start its first experiment had the console show "▶ #1 started" before "🟢 nightlab started"."""
+    daemon = harness.start("--start-experiment", channels=True)  # no chat configured: the console
+    wait_until(lambda: "▶ #1" in daemon.log() and "🟢 nightlab started" in daemon.log(),
+               what="the start and the first experiment on the console")
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert 0 <= log.find("🟢 nightlab started") < log.find("▶ #1"), log
+
+
 def test_chat_hears_each_start_and_stop_but_not_each_turn_of_a_crash_loop(
     harness: Harness, tmp_path: Path, telegram
 ) -> None:
