@@ -17,7 +17,8 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
                 the tree, a detached HEAD): not restarted; its words go to chat and the daemon stops.
 - check_host:   free disk under min_free_disk_gb -> pause + alert (once per episode).
 - check_hours:  `[heartbeat] hours`: pause after the run in flight at their end, resume at their start.
-- notify:       systemd STATUS= every beat, WATCHDOG=1 only while the checks above are passing.
+- notify:       systemd STATUS= every beat, WATCHDOG=1 only while the checks above are passing (a check
+                waiting for a removed ledger passes: the ping never waits for the ledger).
 - daily_report: a `report` event at report_time; missed_report, at start, the one a daemon that
                 was down at that time missed (kv LAST_REPORT_KEY: each time's report goes out once).
 """
@@ -135,8 +136,9 @@ class Heartbeat:
                           args=[self.check_host], id="check_host", next_run_time=_now_dt(), **common)
         if self.notifier.enabled:
             notify_every = min(every, self.notifier.watchdog_interval or every)
-            scheduler.add_job(self.waiting_for_the_ledger, IntervalTrigger(seconds=notify_every), args=[self.notify],
-                              id="notify", next_run_time=_now_dt(), **common)
+            # not waiting for the ledger: WATCHDOG=1 says this process is alive, with the ledger or without
+            scheduler.add_job(self.notify, IntervalTrigger(seconds=notify_every), id="notify",
+                              next_run_time=_now_dt(), **common)
         self._tz = scheduler.timezone
         if RunHours.parse(self.limits.hours) is not None:
             scheduler.add_job(self.waiting_for_the_ledger, IntervalTrigger(seconds=max(every, 30.0)),
@@ -166,6 +168,7 @@ class Heartbeat:
                 if not self._ledger_gone:
                     log.warning("heartbeat: %s; the checks wait for the engine to write it back", exc)
                 self._ledger_gone = True
+                self._last_pass = time.time()  # waiting is this pass's work: it completed, it is not stuck
             return
         with self._gone_lock:
             if self._ledger_gone and self.store.file_id() is not None:
@@ -353,9 +356,11 @@ class Heartbeat:
         now = time.time()
         if now - self._last_pass > 2 * self.limits.check_interval + SUPERVISION_SLACK_S:
             return False
-        return self._flapping or (
-            self.engine.running and self._tick_age(now) <= self.limits.loop_stall_after
-        )
+        try:
+            ticking = self._tick_age(now) <= self.limits.loop_stall_after
+        except LedgerGone:  # its ticks are in the removed file; the engine is what writes it back
+            ticking = True
+        return self._flapping or (self.engine.running and ticking)
 
     def notify(self) -> None:
         text = self.startup_status
