@@ -1111,6 +1111,12 @@ def _fmt(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _tokens_spec(millions: float | None) -> str:
+    """Upstream's one decimal; under a million tokens (the tiny profile's) every token, which one
+    decimal showed as 0.0. Still a plain number, as every reader of the block parses it."""
+    return ".1f" if millions is None or millions >= 1 else ".6f"
+
+
 def print_result(result: dict[str, Any], run_started: float | None) -> None:
     """The scorer's result as the daemon reads it: upstream's summary block (names, order,
     formats) then METRIC lines; `heldout_bpb` for a held-out slice; a REJECTED or FAIL line."""
@@ -1132,7 +1138,7 @@ def print_result(result: dict[str, Any], run_started: float | None) -> None:
         ("total_seconds", total, ".1f"),
         ("peak_vram_mb", train.get("peak_vram_mb"), ".1f"),
         ("mfu_percent", train.get("mfu_percent"), ".2f"),
-        ("total_tokens_M", train.get("total_tokens_M"), ".1f"),
+        ("total_tokens_M", train.get("total_tokens_M"), _tokens_spec(train.get("total_tokens_M"))),
         ("num_steps", train.get("num_steps"), "d"),
         ("num_params_M", train.get("num_params_M"), ".1f"),
         ("depth", train.get("depth"), "d"),
