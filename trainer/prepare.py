@@ -621,6 +621,16 @@ def trained_on_validation(path: Path, validation: Path, shard: str | None = None
     return None
 
 
+def learnt_from(data_dir: Path) -> frozenset[tuple[int, str]] | None:
+    """The shards (size, SHA-256) the data dir's tokenizer learnt from, as it records them: one folder's
+    data prepared at two places has the same; None when it records none (foreign, or from before)."""
+    try:
+        shards = json.loads((Path(data_dir) / TOKENIZER_FILE).read_text(encoding="utf-8"))["trained_on"]["shards"]
+        return frozenset((shard["bytes"], shard["sha256"]) for shard in shards) or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _encoding_from_spec(spec: dict[str, Any]) -> tiktoken.Encoding:
     ranks = {base64.b64decode(token): rank for token, rank in spec["mergeable_ranks"]}
     return tiktoken.Encoding(
