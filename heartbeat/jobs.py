@@ -7,7 +7,8 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
 
 - check_runs:   a run past run_timeout, whose log has not grown for stall_after or has grown past
                 max_log_mb (a trainer printing in a tight loop would fill the disk), is marked with
-                the reason and cancelled through the executor (its whole process tree).
+                the reason and cancelled through the executor (its whole process tree). A cluster
+                job's log removed under it is out of sight, not silent: only run_timeout bounds it.
 - check_engine: the engine child exited, or has not ticked for loop_stall_after -> killed and
                 restarted from durable state; at most max_restarts_per_hour restarts in any hour,
                 beyond that the loop is paused and an alert raised instead. A paused engine is
@@ -117,6 +118,7 @@ class Heartbeat:
         self._tz: Any = None  # the scheduler's time zone, set by schedule()
         self._ledger_gone = False  # a check found the ledger removed; said once until it is back
         self._gone_lock = threading.Lock()
+        self._unseen_logs: set[int] = set()  # runs whose removed log was said out of sight
 
     @property
     def limits(self) -> HeartbeatSettings:
@@ -211,13 +213,26 @@ class Heartbeat:
         started = max(run.started_at, started_at(run.log_path) or 0.0)
         if now - started > self.limits.run_timeout:
             return f"timeout after {fmt_duration(self.limits.run_timeout)}"
-        log = _log_stat(run)  # None: no log yet, silent since it started
-        if log is not None and log.st_size > self.limits.max_log_mb * MIB:
+        output = _log_stat(run)  # None: no log yet, silent since it started
+        if output is None and RunHandle.from_json(run.handle).backend != "local":
+            self._out_of_sight(run)
+            return None
+        if output is not None and output.st_size > self.limits.max_log_mb * MIB:
             return (f"its log passed {self.limits.max_log_mb:g} MB: the run printed too much (a print in its"
                     " training loop?); raise [heartbeat] max_log_mb if it must")
-        if now - max(started, log.st_mtime if log else 0.0) > self.limits.stall_after:
+        if now - max(started, output.st_mtime if output else 0.0) > self.limits.stall_after:
             return f"stalled: no output for {fmt_duration(self.limits.stall_after)}"
         return None
+
+    def _out_of_sight(self, run: ledger.RunRecord) -> None:
+        """A running cluster job's log is there from its start: gone, it was removed (an agent's clean)
+        and the job writes on on its node where we cannot look; its wrapper writes it back at the end.
+        Not silence, so no stall is judged; said once per run."""
+        if run.id not in self._unseen_logs:
+            self._unseen_logs.add(run.id)
+            log.warning("run %d: its log %s was removed; its output is out of sight until it ends, so only"
+                        " run_timeout (%s) bounds it, not stall_after", run.id, run.log_path,
+                        fmt_duration(self.limits.run_timeout))
 
     # -- engine ----------------------------------------------------------------------------------
     def check_engine(self) -> None:
