@@ -18,7 +18,8 @@ Stopping
   RUNNING on purpose, to be re-attached by the next start (a restart costs no experiment). The
   systemd unit agrees: KillMode=process (service.py) makes `systemctl stop/restart` signal only
   this process, not the run's session that still lives in the service's cgroup. The stop, and
-  the start once the data is prepared and the engine starts, are said in chat (lifecycle.py: a crash loop about hourly).
+  the start (once the data is prepared, before the engine starts), are said in chat (lifecycle.py:
+  a crash loop about hourly).
 - `--max-experiments N`: the engine exits 0 with kv['engine.finished'] after N; the daemon then
   stops everything as above and exits 0.
 - The engine exits 2 on a problem a person must fix (kv['engine.user_error'] says what): the
