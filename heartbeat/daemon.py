@@ -56,6 +56,7 @@ from nightlab.heartbeat.engine_child import (
     engine_argv,
     stop_leftover_engine,
 )
+from nightlab.heartbeat.health import left_data_dirs
 from nightlab.heartbeat.jobs import JOB_PROBLEMS, Heartbeat, log_job_problem
 from nightlab.heartbeat.lock import DaemonLock
 from nightlab.heartbeat.logsetup import setup_logging
@@ -271,6 +272,8 @@ class Daemon:
             try:
                 self._prepared_data = prepare.prepare(self.settings.data_source, self.settings.data.shards,
                                                       self.settings.cache_path, progress)
+                for line in left_data_dirs(self._prepared_data):  # a source moved by editing the config
+                    _say(line)
                 heartbeat.startup_status = "fetching the FA3 kernel (Hopper GPUs only)"
                 _say(prefetch_fa3().line)  # never raises: offline, the runs fall back
             except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread

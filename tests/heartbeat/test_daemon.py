@@ -287,6 +287,25 @@ def test_the_start_is_said_before_anything_the_engine_says(harness: Harness) -> 
     assert 0 <= log.find("🟢 nightlab started") < log.find("▶ #1"), log
 
 
+def test_a_start_after_the_data_folder_moved_names_the_data_dir_left_for_its_old_place(
+        harness: Harness, tmp_path: Path) -> None:
+    """`[data] source` edited to the folder's new place and the daemon restarted: no `nightlab prepare`
+    run by hand said the old place's data dir left in the cache; the daemon's own preparation says it."""
+    from nightlab.trainer import prepare
+
+    from tests.heartbeat.test_cli import text_folder
+
+    old, new, cache = text_folder(tmp_path / "old"), tmp_path / "new", tmp_path / "cache"
+    left = prepare.prepare(str(old), -1, cache, progress=lambda _: None)
+    old.rename(new)
+    daemon = harness.start(real_engine=True, extra_config=f'[data]\nsource = "{new}"\ncache_dir = "{cache}"\n',
+                           max_experiments=0)  # prepared, then done: no run
+    assert daemon.proc.wait(timeout=60) == 0, daemon.log()
+    assert (f"data: {left} (" in daemon.log() and f"holds these files as prepared at {old}, which is gone"
+            in daemon.log()), daemon.log()
+    assert left.is_dir()
+
+
 def test_chat_hears_each_start_and_stop_but_not_each_turn_of_a_crash_loop(
     harness: Harness, tmp_path: Path, telegram
 ) -> None:
