@@ -214,7 +214,7 @@ def test_systemd_hears_the_watchdog_while_an_agent_has_removed_the_ledger(
     before an agent's `git clean -fdx`, no WATCHDOG=1 until the engine wrote it back, and an agent
     working past WatchdogSec had systemd restart the daemon. The scheduler starts after the removal
     here, so no thread of it has the ledger open."""
-    monkeypatch.setattr(jobs, "SUPERVISION_SLACK_S", 0.0)  # the checks' bound: two intervals, not 30 s more
+    monkeypatch.setattr(jobs, "SUPERVISION_SLACK_S", 1.0)  # the checks' bound: 1.4 s, not 30.4 s
     store = Store.for_workspace(tmp_path, follow=True)
     for path in (tmp_path / ".nightlab").glob("state.db*"):
         path.unlink()
@@ -231,11 +231,11 @@ def test_systemd_hears_the_watchdog_while_an_agent_has_removed_the_ledger(
         scheduler.start()
         beat.schedule(scheduler)
 
-        def span() -> float:  # from the first status to the last, past the checks' bound (0.4 s)
+        def span() -> float:  # from the first status to the last, past the checks' bound
             times = [t for t, fields in notify.messages if "STATUS" in fields and "READY" not in fields]
             return times[-1] - times[0] if times else 0.0
 
-        wait_until(lambda: span() > 1.0, what="statuses for more than twice the checks' bound")
+        wait_until(lambda: span() > 2.0, what="statuses for longer than the checks' bound")
     finally:
         scheduler.shutdown(wait=True)
         beat.stop_engine()
