@@ -96,6 +96,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     (settings.cache_path / LAST_PREPARED).write_text(source + "\n")
     print(f"data and tokenizer ready in {data_dir}")
+    from nightlab.heartbeat.health import left_data_dirs
+
+    for line in left_data_dirs(data_dir):
+        print(line)
     # with a config, `nightlab train` reads that config's cache and source, not the marker
     train = "nightlab train"
     if args.config:

@@ -18,7 +18,8 @@ Stopping
   RUNNING on purpose, to be re-attached by the next start (a restart costs no experiment). The
   systemd unit agrees: KillMode=process (service.py) makes `systemctl stop/restart` signal only
   this process, not the run's session that still lives in the service's cgroup. The stop, and
-  the start once the engine ticks, are said in chat (lifecycle.py: a crash loop about hourly).
+  the start (once the data is prepared, before the engine starts), are said in chat (lifecycle.py:
+  a crash loop about hourly).
 - `--max-experiments N`: the engine exits 0 with kv['engine.finished'] after N; the daemon then
   stops everything as above and exits 0.
 - The engine exits 2 on a problem a person must fix (kv['engine.user_error'] says what): the
@@ -55,6 +56,7 @@ from nightlab.heartbeat.engine_child import (
     engine_argv,
     stop_leftover_engine,
 )
+from nightlab.heartbeat.health import left_data_dirs
 from nightlab.heartbeat.jobs import JOB_PROBLEMS, Heartbeat, log_job_problem
 from nightlab.heartbeat.lock import DaemonLock
 from nightlab.heartbeat.logsetup import setup_logging
@@ -117,7 +119,6 @@ class Daemon:
         self._exit_code = 0  # EXIT_USER_ERROR when the engine stopped on something to fix
         self._bot: BotService | None = None
         self._prepared_data: Path | None = None  # the built-in trainer's data dir, once prepared
-        self._start: lifecycle.Start | None = None  # what this start found, said in chat once up
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -135,7 +136,7 @@ class Daemon:
             store.delete(USER_ERROR_KEY)  # what stopped an earlier engine is not this one's problem
             store.set(LIVE_HEARTBEAT_KEY, dataclasses.asdict(self.settings.heartbeat))  # what the engine follows
             store.set(DAEMON_CONFIG_KEY, {"path": str(self.config), "text": self._config_text})
-            self._start = lifecycle.begin(store, time.time())
+            start = lifecycle.begin(store, time.time())  # what this start found, said in chat once up
             # the chat tokens' variables stay in this process: an edited train.py or an agent cannot
             # print them from its environment; the engine gets the values on stdin, to star them out
             # where one that read them here (/proc/<pid>/environ) writes them back
@@ -152,7 +153,7 @@ class Daemon:
             notifier.ready("starting")
             error: BaseException | None = None
             try:
-                self._serve(heartbeat, scheduler, secrets, lock)
+                self._serve(heartbeat, scheduler, secrets, lock, start)
             except BaseException as exc:
                 error = exc
                 raise
@@ -167,7 +168,8 @@ class Daemon:
                 log.info("nightlab daemon stopped (%s)", self._why or "error")
         return self._exit_code
 
-    def _serve(self, heartbeat: Heartbeat, scheduler: BackgroundScheduler, secrets: Secrets, lock: DaemonLock) -> None:
+    def _serve(self, heartbeat: Heartbeat, scheduler: BackgroundScheduler, secrets: Secrets, lock: DaemonLock,
+               start: lifecycle.Start) -> None:
         if self.options.prepare:
             self._init_workspace(heartbeat)
         if self.options.channels:
@@ -181,13 +183,13 @@ class Daemon:
         if self._stop.is_set():
             return
         stop_leftover_engine(self.workspace, ENGINE_STOP_GRACE_S)
+        # said before the engine starts, so before anything it says: said once it ticked, up to a
+        # poll later, it came after an experiment the engine had started meanwhile
+        lifecycle.say_started(heartbeat.store, start, time.time())
         heartbeat.start_engine()
         looked = time.monotonic()
         while not self._stop.wait(SETTLE_S):
             self._keep(lock)
-            if self._start is not None and self._engine_up(heartbeat):
-                lifecycle.say_started(heartbeat.store, self._start, time.time())
-                self._start = None  # looked at once: said, or counted for the next start said
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload(heartbeat, scheduler)
@@ -202,11 +204,6 @@ class Daemon:
             log.error("another nightlab (pid %s) took %s while its lock file was removed; this one stops",
                       other, self.workspace)
             self.request_stop("another nightlab took the workspace")
-
-    @staticmethod
-    def _engine_up(heartbeat: Heartbeat) -> bool:
-        """The daemon is up once its engine has ticked: the config read, the data prepared, the engine running."""
-        return heartbeat.last_tick() >= heartbeat.engine.started_at > 0
 
     def _say_stopped(self, store: Store, error: BaseException | None) -> None:
         why = self._why or (str(error) if isinstance(error, UserError)
@@ -275,6 +272,8 @@ class Daemon:
             try:
                 self._prepared_data = prepare.prepare(self.settings.data_source, self.settings.data.shards,
                                                       self.settings.cache_path, progress)
+                for line in left_data_dirs(self._prepared_data):  # a source moved by editing the config
+                    _say(line)
                 heartbeat.startup_status = "fetching the FA3 kernel (Hopper GPUs only)"
                 _say(prefetch_fa3().line)  # never raises: offline, the runs fall back
             except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread

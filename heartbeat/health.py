@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -37,3 +39,40 @@ def space_used(workspace: Path, cache: Path) -> str:
     found.append((tree_size(cache), str(cache), "data shards and tokenizer: needed (`nightlab prepare` fetches them again)"))
     said = [f"{where} {human_size(size)} ({what})" for size, where, what in sorted(found, reverse=True) if size >= MIB]
     return "; ".join(said)
+
+
+def left_data_dirs(data_dir: Path) -> list[str]:
+    """The data dirs beside `data_dir` that nightlab prepared from the same files at another place, each
+    with its size and how to free it. A local folder's data dir is named after its path, so a folder
+    moved left its old one in the cache unsaid. Said, never removed: only the user knows which places
+    their configs still name."""
+    from nightlab.trainer.prepare import learnt_from  # pyarrow and tiktoken: not for every import of the jobs
+
+    mine = learnt_from(data_dir)
+    if mine is None:
+        return []
+    said = []
+    for other in sorted(p for p in data_dir.parent.iterdir() if p.is_dir() and p != data_dir):
+        if other.name.endswith(".train") or learnt_from(other) != mine:
+            continue
+        parts = [other] + [view for view in [other.with_name(f"{other.name}.train")] if view.is_dir()]
+        size = human_size(sum(tree_size(p) for p in parts))
+        free = f"`rm -rf {' '.join(shlex.quote(str(p)) for p in parts)}` frees it"
+        source = _linked_source(other)
+        if source is not None and not source.exists():
+            said.append(f"data: {other} ({size}) holds these files as prepared at {source}, which is gone: nothing"
+                        f" uses it now; {free}")
+        else:
+            said.append(f"data: {other} ({size}) holds these files as prepared at {source or 'another place'}: if no"
+                        f" config names that place any more, {free}")
+    return said
+
+
+def _linked_source(data_dir: Path) -> Path | None:
+    """The folder a data dir's shards link to (a local source's); None for shards it holds itself."""
+    from nightlab.trainer.prepare import SHARD_PATTERN
+
+    for shard in sorted(data_dir.glob(SHARD_PATTERN)):
+        if shard.is_symlink():
+            return Path(os.readlink(shard)).parent
+    return None

@@ -7,7 +7,8 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
 
 - check_runs:   a run past run_timeout, whose log has not grown for stall_after or has grown past
                 max_log_mb (a trainer printing in a tight loop would fill the disk), is marked with
-                the reason and cancelled through the executor (its whole process tree).
+                the reason and cancelled through the executor (its whole process tree). A cluster
+                job's log removed under it is out of sight, not silent: only run_timeout bounds it.
 - check_engine: the engine child exited, or has not ticked for loop_stall_after -> killed and
                 restarted from durable state; at most max_restarts_per_hour restarts in any hour,
                 beyond that the loop is paused and an alert raised instead. A paused engine is
@@ -17,7 +18,8 @@ a process tree waits for it to die): each job has max_instances=1 and coalesces 
                 the tree, a detached HEAD): not restarted; its words go to chat and the daemon stops.
 - check_host:   free disk under min_free_disk_gb -> pause + alert (once per episode).
 - check_hours:  `[heartbeat] hours`: pause after the run in flight at their end, resume at their start.
-- notify:       systemd STATUS= every beat, WATCHDOG=1 only while the checks above are passing.
+- notify:       systemd STATUS= every beat, WATCHDOG=1 only while the checks above are passing (a check
+                waiting for a removed ledger passes: the ping never waits for the ledger).
 - daily_report: a `report` event at report_time; missed_report, at start, the one a daemon that
                 was down at that time missed (kv LAST_REPORT_KEY: each time's report goes out once).
 """
@@ -116,6 +118,7 @@ class Heartbeat:
         self._tz: Any = None  # the scheduler's time zone, set by schedule()
         self._ledger_gone = False  # a check found the ledger removed; said once until it is back
         self._gone_lock = threading.Lock()
+        self._unseen_logs: set[int] = set()  # runs whose removed log was said out of sight
 
     @property
     def limits(self) -> HeartbeatSettings:
@@ -135,8 +138,9 @@ class Heartbeat:
                           args=[self.check_host], id="check_host", next_run_time=_now_dt(), **common)
         if self.notifier.enabled:
             notify_every = min(every, self.notifier.watchdog_interval or every)
-            scheduler.add_job(self.waiting_for_the_ledger, IntervalTrigger(seconds=notify_every), args=[self.notify],
-                              id="notify", next_run_time=_now_dt(), **common)
+            # not waiting for the ledger: WATCHDOG=1 says this process is alive, with the ledger or without
+            scheduler.add_job(self.notify, IntervalTrigger(seconds=notify_every), id="notify",
+                              next_run_time=_now_dt(), **common)
         self._tz = scheduler.timezone
         if RunHours.parse(self.limits.hours) is not None:
             scheduler.add_job(self.waiting_for_the_ledger, IntervalTrigger(seconds=max(every, 30.0)),
@@ -166,6 +170,7 @@ class Heartbeat:
                 if not self._ledger_gone:
                     log.warning("heartbeat: %s; the checks wait for the engine to write it back", exc)
                 self._ledger_gone = True
+                self._last_pass = time.time()  # waiting is this pass's work: it completed, it is not stuck
             return
         with self._gone_lock:
             if self._ledger_gone and self.store.file_id() is not None:
@@ -208,13 +213,26 @@ class Heartbeat:
         started = max(run.started_at, started_at(run.log_path) or 0.0)
         if now - started > self.limits.run_timeout:
             return f"timeout after {fmt_duration(self.limits.run_timeout)}"
-        log = _log_stat(run)  # None: no log yet, silent since it started
-        if log is not None and log.st_size > self.limits.max_log_mb * MIB:
+        output = _log_stat(run)  # None: no log yet, silent since it started
+        if output is None and RunHandle.from_json(run.handle).backend != "local":
+            self._out_of_sight(run)
+            return None
+        if output is not None and output.st_size > self.limits.max_log_mb * MIB:
             return (f"its log passed {self.limits.max_log_mb:g} MB: the run printed too much (a print in its"
                     " training loop?); raise [heartbeat] max_log_mb if it must")
-        if now - max(started, log.st_mtime if log else 0.0) > self.limits.stall_after:
+        if now - max(started, output.st_mtime if output else 0.0) > self.limits.stall_after:
             return f"stalled: no output for {fmt_duration(self.limits.stall_after)}"
         return None
+
+    def _out_of_sight(self, run: ledger.RunRecord) -> None:
+        """A running cluster job's log is there from its start: gone, it was removed (an agent's clean)
+        and the job writes on on its node where we cannot look; its wrapper writes it back at the end.
+        Not silence, so no stall is judged; said once per run."""
+        if run.id not in self._unseen_logs:
+            self._unseen_logs.add(run.id)
+            log.warning("run %d: its log %s was removed; its output is out of sight until it ends, so only"
+                        " run_timeout (%s) bounds it, not stall_after", run.id, run.log_path,
+                        fmt_duration(self.limits.run_timeout))
 
     # -- engine ----------------------------------------------------------------------------------
     def check_engine(self) -> None:
@@ -353,9 +371,11 @@ class Heartbeat:
         now = time.time()
         if now - self._last_pass > 2 * self.limits.check_interval + SUPERVISION_SLACK_S:
             return False
-        return self._flapping or (
-            self.engine.running and self._tick_age(now) <= self.limits.loop_stall_after
-        )
+        try:
+            ticking = self._tick_age(now) <= self.limits.loop_stall_after
+        except LedgerGone:  # its ticks are in the removed file; the engine is what writes it back
+            ticking = True
+        return self._flapping or (self.engine.running and ticking)
 
     def notify(self) -> None:
         text = self.startup_status

@@ -1,7 +1,8 @@
 """What chat hears when the daemon starts and when it stops, without a line per turn of a crash loop.
 
 A restart at 3 am (systemd, an upgrade, a crash) used to show only in later digests. Now:
-- a start is said once the daemon is up (its engine has ticked: config read, data prepared), with
+- a start is said once the daemon is up (config read, data prepared), just before its engine starts, so
+  before anything the engine says (said once it ticked, it came after a quick first experiment), with
   what it found: the runs still in flight (re-attached), a pause and why, a previous daemon that
   ended without stopping (killed, crashed, the machine went down);
 - a stop that runs the daemon's shutdown is said with its why and the runs it leaves running.

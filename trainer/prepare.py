@@ -621,6 +621,16 @@ def trained_on_validation(path: Path, validation: Path, shard: str | None = None
     return None
 
 
+def learnt_from(data_dir: Path) -> frozenset[tuple[int, str]] | None:
+    """The shards (size, SHA-256) the data dir's tokenizer learnt from, as it records them: one folder's
+    data prepared at two places has the same; None when it records none (foreign, or from before)."""
+    try:
+        shards = json.loads((Path(data_dir) / TOKENIZER_FILE).read_text(encoding="utf-8"))["trained_on"]["shards"]
+        return frozenset((shard["bytes"], shard["sha256"]) for shard in shards) or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _encoding_from_spec(spec: dict[str, Any]) -> tiktoken.Encoding:
     ranks = {base64.b64decode(token): rank for token, rank in spec["mergeable_ranks"]}
     return tiktoken.Encoding(
@@ -1111,6 +1121,12 @@ def _fmt(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _tokens_spec(millions: float | None) -> str:
+    """Upstream's one decimal; under a million tokens (the tiny profile's) every token, which one
+    decimal showed as 0.0. Still a plain number, as every reader of the block parses it."""
+    return ".1f" if millions is None or millions >= 1 else ".6f"
+
+
 def print_result(result: dict[str, Any], run_started: float | None) -> None:
     """The scorer's result as the daemon reads it: upstream's summary block (names, order,
     formats) then METRIC lines; `heldout_bpb` for a held-out slice; a REJECTED or FAIL line."""
@@ -1132,7 +1148,7 @@ def print_result(result: dict[str, Any], run_started: float | None) -> None:
         ("total_seconds", total, ".1f"),
         ("peak_vram_mb", train.get("peak_vram_mb"), ".1f"),
         ("mfu_percent", train.get("mfu_percent"), ".2f"),
-        ("total_tokens_M", train.get("total_tokens_M"), ".1f"),
+        ("total_tokens_M", train.get("total_tokens_M"), _tokens_spec(train.get("total_tokens_M"))),
         ("num_steps", train.get("num_steps"), "d"),
         ("num_params_M", train.get("num_params_M"), ".1f"),
         ("depth", train.get("depth"), "d"),

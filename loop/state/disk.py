@@ -39,4 +39,6 @@ def tree_size(path: Path) -> int:
 
 
 def human_size(size: int) -> str:
+    if size < MIB:  # a tokenizer without its eval cache: "0 MB" said nothing
+        return f"{size / 1024:.0f} KB"
     return f"{size / GIB:.1f} GB" if size >= GIB else f"{size / MIB:.0f} MB"

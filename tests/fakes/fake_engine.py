@@ -9,6 +9,7 @@ launched through the real executor and recorded in `runs`. Misbehaviour on reque
     --always-die      every instance exits with code 3 after 0.5 s
     --finish-when F   set engine.finished and exit 0 once the file F exists (the test says when)
     --launch-run CMD  the first instance launches CMD as a run (and records it when it ends)
+    --start-experiment  the first instance says experiment #1 started with its first tick
 
 Every start appends its pid to kv['fake_engine.starts'] and records its --max-experiments.
 """
@@ -42,6 +43,7 @@ def main() -> int:
     p.add_argument("--always-die", action="store_true")
     p.add_argument("--finish-when", type=Path)
     p.add_argument("--launch-run")
+    p.add_argument("--start-experiment", action="store_true")
     args = p.parse_args()
 
     workspace = Path(args.workspace)
@@ -72,7 +74,11 @@ def main() -> int:
         if args.finish_when is not None and args.finish_when.exists():
             store.set("engine.finished", True)
             return 0
-        store.set("engine.tick", time.time())
+        with store.transaction():  # one write: no reader sees the tick without the event
+            store.set("engine.tick", time.time())
+            if args.start_experiment and first:
+                args.start_experiment = False
+                store.emit("experiment_started", number=1, kind="candidate", description="first")
         for run in ledger.running_runs(store):  # the engine's part: record runs that ended
             status = executor.poll([RunHandle.from_json(run.handle)])
             if all(s.state != "running" for s in status.values()):

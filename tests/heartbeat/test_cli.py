@@ -258,3 +258,39 @@ def test_init_takes_the_workspace_from_the_config(tmp_path: Path, home: Path,
     assert f"workspace ready: {tmp_path / 'ws'} on branch autoresearch/t" in capsys.readouterr().out
     assert main(["init"]) == 2
     assert "init: which directory? give it (nightlab init DIR)" in capsys.readouterr().err
+
+
+def text_folder(folder: Path, offset: int = 0) -> Path:
+    """A local data source: two parquet files of stdlib paragraphs (another `offset`, other text)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.trainer.test_prepare import _stdlib_paragraphs
+
+    paras = _stdlib_paragraphs(200_000)
+    folder.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"text": paras[offset + i::3]}), folder / f"part_{i}.parquet")
+    return folder
+
+
+def test_prepare_after_the_data_folder_moved_names_the_data_dir_left_for_its_old_place(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A local folder's data dir is named after its path: moved (the same files, `[data] source` pointed
+    at the new place), it left the old place's data dir in the cache, disk the user never heard of."""
+    from nightlab.trainer.prepare import source_id
+
+    old, new, other = text_folder(tmp_path / "old"), tmp_path / "new", text_folder(tmp_path / "other", 1)
+    config = tmp_path / "n.toml"
+    config.write_text('[data]\ncache_dir = "cache"\n')
+    for source in (old, other):
+        assert main(["prepare", "--config", str(config), "--source", str(source)]) == 0
+    left = tmp_path / "cache" / source_id(str(old))
+    capsys.readouterr()
+    old.rename(new)
+    assert main(["prepare", "--config", str(config), "--source", str(new)]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: ")]
+    assert len(said) == 1, said  # not the other folder's data
+    assert said[0].startswith(f"data: {left} (") and said[0].endswith(
+        f" KB) holds these files as prepared at {old}, which is gone: nothing uses it now; `rm -rf {left}` frees it")
+    assert left.is_dir()  # said, not removed: the user decides

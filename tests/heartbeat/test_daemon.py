@@ -276,6 +276,36 @@ def test_a_ledger_damaged_inside_stops_the_daemon_at_its_start(harness: Harness,
     assert Store.for_workspace(workspace).get("fake_engine.starts") is None  # no engine started
 
 
+def test_the_start_is_said_before_anything_the_engine_says(harness: Harness) -> None:
+    """The start was said once the daemon saw its engine tick, up to a poll later: an engine quick to
+    start its first experiment had the console show "▶ #1 started" before "🟢 nightlab started"."""
+    daemon = harness.start("--start-experiment", channels=True)  # no chat configured: the console
+    wait_until(lambda: "▶ #1" in daemon.log() and "🟢 nightlab started" in daemon.log(),
+               what="the start and the first experiment on the console")
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert 0 <= log.find("🟢 nightlab started") < log.find("▶ #1"), log
+
+
+def test_a_start_after_the_data_folder_moved_names_the_data_dir_left_for_its_old_place(
+        harness: Harness, tmp_path: Path) -> None:
+    """`[data] source` edited to the folder's new place and the daemon restarted: no `nightlab prepare`
+    run by hand said the old place's data dir left in the cache; the daemon's own preparation says it."""
+    from nightlab.trainer import prepare
+
+    from tests.heartbeat.test_cli import text_folder
+
+    old, new, cache = text_folder(tmp_path / "old"), tmp_path / "new", tmp_path / "cache"
+    left = prepare.prepare(str(old), -1, cache, progress=lambda _: None)
+    old.rename(new)
+    daemon = harness.start(real_engine=True, extra_config=f'[data]\nsource = "{new}"\ncache_dir = "{cache}"\n',
+                           max_experiments=0)  # prepared, then done: no run
+    assert daemon.proc.wait(timeout=60) == 0, daemon.log()
+    assert (f"data: {left} (" in daemon.log() and f"holds these files as prepared at {old}, which is gone"
+            in daemon.log()), daemon.log()
+    assert left.is_dir()
+
+
 def test_chat_hears_each_start_and_stop_but_not_each_turn_of_a_crash_loop(
     harness: Harness, tmp_path: Path, telegram
 ) -> None:
@@ -317,7 +347,10 @@ def test_chat_hears_each_start_and_stop_but_not_each_turn_of_a_crash_loop(
     third.proc.kill()
     third.proc.wait(10)
     fourth = start("fourth")
-    wait_until(lambda: fourth.store.get(lifecycle.LIFECYCLE_KEY)["unsaid"] == 1, what="the fourth start counted")
+    # its chat connected too: the start is counted before the engine starts, and a stop before the
+    # chat connects leaves its line in the outbox for the next start
+    wait_until(lambda: fourth.store.get(lifecycle.LIFECYCLE_KEY)["unsaid"] == 1 and "telegram: polling as" in fourth.log(),
+               what="the fourth start counted, its chat connected")
     assert fourth.stop() == 0
     back = "🟢 nightlab started; the loop is paused by telegram:1: checking the GPU"
     assert texts()[texts().index(said):] == [said, stopped, back, stopped]

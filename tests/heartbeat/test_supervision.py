@@ -13,8 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+from nightlab.heartbeat import jobs
+from nightlab.heartbeat.engine_child import EngineProcess
+from nightlab.heartbeat.jobs import Heartbeat
+from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors import RunHandle
+from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger
+from nightlab.loop.state.config import settings_from_table
 from nightlab.loop.state.store import Store
 
 from tests.heartbeat.conftest import FAKES, Harness, gone, write_config
@@ -199,3 +206,40 @@ def test_a_run_whose_log_an_agent_removed_is_not_killed_as_stalled_while_it_prin
                abort=lambda: ledger.get_run(daemon.store, 1).kill_reason)
     assert ledger.get_run(daemon.store, 1).kill_reason is None and not any(gone(p) for p in pids)
     assert daemon.stop() == 0
+
+
+def test_systemd_hears_the_watchdog_while_an_agent_has_removed_the_ledger(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ping waited for the ledger as the checks do: on a scheduler thread that had not opened it
+    before an agent's `git clean -fdx`, no WATCHDOG=1 until the engine wrote it back, and an agent
+    working past WatchdogSec had systemd restart the daemon. The scheduler starts after the removal
+    here, so no thread of it has the ledger open."""
+    monkeypatch.setattr(jobs, "SUPERVISION_SLACK_S", 1.0)  # the checks' bound: 1.4 s, not 30.4 s
+    store = Store.for_workspace(tmp_path, follow=True)
+    for path in (tmp_path / ".nightlab").glob("state.db*"):
+        path.unlink()
+    notify = _NotifySocket()
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000"})
+    settings = settings_from_table({"heartbeat": {"check_interval": 0.2, "report_time": ""}})
+    beat = Heartbeat(settings, tmp_path, store, LocalExecutor(),
+                     EngineProcess([sys.executable, "-c", "import time; time.sleep(600)"]), notifier,
+                     on_engine_stopped=lambda why, code: None)
+    scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True})
+    try:
+        beat.start_engine()
+        notifier.ready("up")
+        scheduler.start()
+        beat.schedule(scheduler)
+
+        def span() -> float:  # from the first status to the last, past the checks' bound
+            times = [t for t, fields in notify.messages if "STATUS" in fields and "READY" not in fields]
+            return times[-1] - times[0] if times else 0.0
+
+        wait_until(lambda: span() > 2.0, what="statuses for longer than the checks' bound")
+    finally:
+        scheduler.shutdown(wait=True)
+        beat.stop_engine()
+        notify.close()
+    statuses = [fields for _, fields in notify.messages if "STATUS" in fields and "READY" not in fields]
+    assert statuses[0]["STATUS"].startswith("the ledger was removed")
+    assert all(fields.get("WATCHDOG") == "1" for fields in statuses), statuses

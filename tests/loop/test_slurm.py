@@ -17,6 +17,9 @@ from typing import Any
 
 import psutil
 import pytest
+from nightlab.heartbeat.engine_child import EngineProcess
+from nightlab.heartbeat.jobs import Heartbeat
+from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.engine import run_engine
 from nightlab.loop.executors import RunHandle, RunSpec, RunStatus, Slot
 from nightlab.loop.executors.runfiles import exit_file
@@ -313,3 +316,34 @@ def test_make_executor_refuses_without_slurm_commands(tmp_path: Path, monkeypatc
     with pytest.raises(ConfigError, match="executor.kind = 'slurm': sbatch, squeue, scancel not found on PATH"):
         SlurmExecutor.from_settings(settings)
 
+
+
+def test_a_job_whose_log_an_agent_removed_is_not_killed_as_stalled(slurm: SlurmCluster, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """An agent's `git clean -fdx` took .nightlab/runs: the job writes on on its node into the removed
+    file, out of the heartbeat's sight (the /proc fallback is a local run's), which took it for silent
+    since it started and killed it as stalled."""
+    ex = _executor(slurm)
+    gate = slurm.root / "shared" / f"gate-{tmp_path.name}"
+    spec = _spec(slurm, "cleaned", f"until [ -e {gate} ]; do echo step; sleep 0.1; done")
+    handle = ex.launch(spec)
+    wait_until(lambda: ex.poll([handle])[handle.key].state == "running", "the job to run", 30, every=EVERY)
+    settings = settings_from_table({"heartbeat": {"stall_after": 1.0}})
+    store = Store.for_workspace(tmp_path / "ws")
+    ledger.add_run(store, 1, handle.to_json(), "slurm0", str(spec.log_path))
+    beat = Heartbeat(settings, tmp_path / "ws", store, ex, EngineProcess(["true"]), Notifier(None),
+                     on_engine_stopped=lambda why, code: None)
+    spec.log_path.unlink()
+    removed = time.time()
+
+    def beats_for_three_stall_afters() -> bool:
+        beat.check_runs()
+        return time.time() - removed > 3.0
+
+    wait_until(beats_for_three_stall_afters, "beats for three times stall_after", 30, every=EVERY,
+               abort=lambda: ledger.get_run(store, 1).kill_reason)
+    assert ledger.get_run(store, 1).kill_reason is None and ex.poll([handle])[handle.key].state == "running"
+    assert caplog.text.count("its log") == 1  # said once: only run_timeout bounds it now
+    gate.touch()
+    wait_until(lambda: ex.poll([handle])[handle.key].state == "exited", "the job to end", 30, every=EVERY)
+    assert "step\nstep\n" in spec.log_path.read_text()  # written back by its wrapper

@@ -758,6 +758,18 @@ def test_run_passes_training_output_on_but_never_as_a_result(tmp_path: Path, mon
     assert summary.get("val_bpb") == 1.5 and summary.get("claimed_val_bpb") == 0.1 and summary.rejected is None
 
 
+@pytest.mark.parametrize(("millions", "shown"), [(0.16384, "0.163840"), (499.63, "499.6")])
+def test_the_tokens_trained_say_something_at_the_tiny_profiles_size(capsys, millions: float, shown: str) -> None:
+    """The tiny profile trains a fraction of a million tokens: upstream's one decimal said 0.0."""
+    P.print_result({"bpb": 1.0, "score_seconds": 1.0, "eval_seconds": 1.0, "train": {"total_tokens_M": millions}},
+                   None)
+    out = capsys.readouterr().out
+    from nightlab.loop.summary import parse_summary
+
+    assert f"\ntotal_tokens_M:   {shown}\n" in out and f"\nMETRIC total_tokens_M={shown}\n" in out
+    assert parse_summary(out).get("total_tokens_M") == float(shown)
+
+
 @pytest.mark.parametrize(("set_by_user", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_run_lets_openmp_workers_sleep_unless_told_otherwise(tmp_path: Path, monkeypatch, capfd, set_by_user,
                                                               expected) -> None:

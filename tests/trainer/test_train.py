@@ -34,7 +34,7 @@ SUMMARY_FORMATS = [  # upstream's block: names, order, number formats
     ("total_seconds", r"\d+\.\d"),
     ("peak_vram_mb", r"\d+\.\d"),
     ("mfu_percent", r"(\d+\.\d{2}|n/a)"),
-    ("total_tokens_M", r"\d+\.\d"),
+    ("total_tokens_M", r"(\d+\.\d|0\.\d{6})"),  # every token under a million (tiny's)
     ("num_steps", r"\d+"),
     ("num_params_M", r"\d+\.\d"),
     ("depth", r"\d+"),
