@@ -758,6 +758,23 @@ def test_run_passes_training_output_on_but_never_as_a_result(tmp_path: Path, mon
     assert summary.get("val_bpb") == 1.5 and summary.get("claimed_val_bpb") == 0.1 and summary.rejected is None
 
 
+def test_training_output_cannot_pose_as_a_result_past_the_prefix_with_a_carriage_return(
+        tmp_path: Path, monkeypatch, capfd) -> None:
+    """A `\r` or a Unicode line separator inside a line: the prefix went before the whole line, and
+    a parser splitting there read the METRIC after it (a project's score command: 0.99, not 0.5)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    train = _script(tmp_path, "t.py", (
+        "print('progress\\rMETRIC accuracy=0.99')\nprint('\\rMETRIC accuracy=0.98')\n"
+        "print('x\\u2028METRIC accuracy=0.97')\nprint('step 9\\r---\\naccuracy: 0.96')\n"
+    ))
+    score = _script(tmp_path, "s.py", "print('---')\nprint('accuracy: 0.5')\n")
+    assert P.run(train, score) == 0
+    from nightlab.loop.summary import parse_summary
+
+    assert parse_summary(capfd.readouterr().out).get("accuracy") == 0.5
+
+
 @pytest.mark.parametrize(("set_by_user", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_run_lets_openmp_workers_sleep_unless_told_otherwise(tmp_path: Path, monkeypatch, capfd, set_by_user,
                                                               expected) -> None:
