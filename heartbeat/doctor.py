@@ -28,11 +28,14 @@ from nightlab.loop import hardware
 from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, is_named_source, resolve_secrets
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.workspace import (
+    MISSING_FILES,
+    MISSING_FILES_FIX,
     HarnessUpgrade,
     edited_fix,
     harness_upgrade,
     installed_harness,
     missing_program,
+    missing_project_files,
     open_workspace,
     protected_mismatches,
     workspace_problem,
@@ -350,8 +353,10 @@ def _protected_findings(settings: Settings) -> list[Finding]:
     an older nightlab's harness is brought up to this one's there."""
     try:
         ws = open_workspace(settings.workspace_path, settings)
-    except UserError:  # none yet: `nightlab run` makes it, with this nightlab's harness
-        return []
+    except UserError:  # none yet: `nightlab run` makes it, with this nightlab's harness, from these files
+        missing = missing_project_files(settings.workspace_path, settings.project)
+        return [Finding("fail", "project", f"{settings.workspace_path}: {MISSING_FILES} {', '.join(missing)}",
+                        MISSING_FILES_FIX)] if missing else []
     todo = harness_upgrade(ws, installed_harness()) if ws.builtin_trainer else HarnessUpgrade((), ())
     bad = [name for name in protected_mismatches(ws) if name not in todo.record]  # the start records those
     if bad:

@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from nightlab.loop.ratchet import Git
 from nightlab.loop.state.errors import UserError
-from nightlab.loop.workspace import default_tag, init_workspace, open_workspace, protected_mismatches
+from nightlab.loop.workspace import BRANCH_PREFIX, default_tag, init_workspace, open_workspace, protected_mismatches
 
 from tests.fakes.loop_workspace import git_out, make_stub_workspace, stub_settings
 
@@ -90,6 +91,21 @@ def test_missing_project_files_and_bad_tag(tmp_path: Path) -> None:
         init_workspace(tmp_path / "other", "a..b", stub_settings(tmp_path / "other"), say=lambda _: None)
     with pytest.raises(UserError, match="run `nightlab init"):
         open_workspace(tmp_path / "nowhere", settings)
+
+
+def test_a_config_naming_a_missing_file_leaves_the_repository_as_it_was(tmp_path: Path) -> None:
+    """The refusal came after program.md was written and the session branch made: fixed, the
+    config's next `nightlab init` was refused for "changes nightlab did not make: program.md"."""
+    path = tmp_path / "ws"
+    repo = Git.init(path)
+    repo.default_identity({"user.name": "t", "user.email": "t@example.com"})
+    (path / "fit.py").write_text("print('---')\nprint('accuracy: 0.5')\n")
+    repo.commit_all("mine")
+    project = {"editable": ["fit.py"], "protected": ["score.py"], "run_command": "python fit.py"}
+    with pytest.raises(UserError, match="do not exist: score.py"):
+        init_workspace(path, "t", stub_settings(path, project=project), say=lambda _: None)
+    assert repo.changed_files() == [] and repo.branch() != BRANCH_PREFIX + "t"
+    init_workspace(path, "t", stub_settings(path, project={**project, "protected": []}), say=lambda _: None)
 
 
 def test_default_tag_is_the_date() -> None:
