@@ -37,6 +37,7 @@ from nightlab.loop.workspace import (
     missing_program,
     missing_project_files,
     open_workspace,
+    project_commands,
     protected_mismatches,
     workspace_problem,
 )
@@ -382,9 +383,7 @@ def _git_finding() -> Finding:
 def _program_findings(settings: Settings) -> list[Finding]:
     """The programs the commands of the config start: one that is not installed fails every
     proposal (the agent), every run, or every run's checks or score."""
-    project = settings.project
-    commands = [("project.run_command", project.run_command), ("project.checks_command", project.checks_command),
-                ("project.score_command", project.score_command)]
+    commands = project_commands(settings)
     if settings.proposer.kind == "agent":
         commands.append(("proposer.agent.command", settings.proposer.agent.command))
     out = []

@@ -263,6 +263,18 @@ def run_command(settings: Settings) -> str:
             f" --score {shlex.quote(project.score_command)}")
 
 
+def project_commands(settings: Settings, here: bool = False) -> list[tuple[str, str]]:
+    """[project]'s commands, each with its key. here: only those this machine starts: the checks
+    always (the engine runs them), the run and its scoring only on the local executor (a Slurm
+    node's PATH is its own)."""
+    p = settings.project
+    commands = [("project.run_command", p.run_command), ("project.checks_command", p.checks_command),
+                ("project.score_command", p.score_command)]
+    if here and settings.executor.kind != "local":
+        return [commands[1]]
+    return commands
+
+
 def missing_program(command: str, workspace: Path) -> str | None:
     """What is wrong with the program a configured command starts (it runs through the shell in
     the workspace, with this process's PATH): "'claude', which is not on PATH"; None when it is

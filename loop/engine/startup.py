@@ -13,7 +13,7 @@ from nightlab.loop.ratchet import clear_stale_git_locks
 from nightlab.loop.state import ledger
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.stats import DIRECTION_KEY, NOISE_PRIOR_KEY
-from nightlab.loop.workspace import dirty_error, edited_message, protected_mismatches
+from nightlab.loop.workspace import dirty_error, edited_message, missing_program, project_commands, protected_mismatches
 
 
 def startup(ctx: Context) -> None:
@@ -26,6 +26,12 @@ def startup(ctx: Context) -> None:
             f"{ws.path} is on {branch or 'a detached HEAD'}, not the session branch"
             f" {ws.branch}; run `git -C {ws.path} checkout {ws.branch}`"
         )
+    # said once here, not as a crash per run (or checks_failed per keep) until the loop pauses itself
+    missing = [f"{key} starts {problem}" for key, command in project_commands(ctx.settings, here=True)
+               if (problem := missing_program(command, ws.path)) is not None]
+    if missing:
+        raise UserError(f"{'; '.join(missing)} (a service's PATH may lack where it is installed: give its full"
+                        f" path); install it, or fix [project] in {ctx.settings.origin}")
     open_ = ledger.open_candidates(store)
     changed = git.changed_files()
     if changed and not open_ and set(changed) - cut_short(ctx, changed):

@@ -638,6 +638,20 @@ def test_an_agent_command_whose_program_is_not_installed_stops_the_engine_at_its
     assert ledger.experiments(Store.for_workspace(settings.workspace_path)) == []
 
 
+def test_a_project_command_whose_program_is_not_installed_stops_the_engine_at_its_start(tmp_path: Path) -> None:
+    """A run command's was a crash per experiment, a checks command's a checks_failed per keep (the
+    baseline's first), until the loop paused itself after 15: now one message at the start."""
+    settings = make_stub_workspace(tmp_path, project={"run_command": "nosuch-train train.py",
+                                                      "checks_command": "./lint.sh"})
+    with pytest.raises(UserError) as err:
+        run_engine(settings, 3)
+    assert str(err.value).startswith(
+        "project.run_command starts 'nosuch-train', which is not on PATH; project.checks_command starts"
+        " './lint.sh', which is not an executable file (")
+    assert str(err.value).endswith("; install it, or fix [project] in <test>")
+    assert ledger.experiments(Store.for_workspace(settings.workspace_path)) == []
+
+
 def test_an_api_key_an_agent_prints_stays_out_of_the_engines_log(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     """The engine's lines go to the daemon's journal as they are: a failed proposal's reason quoted

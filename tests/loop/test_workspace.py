@@ -147,6 +147,18 @@ def test_a_project_with_a_score_command_runs_through_the_harness(tmp_path: Path)
     assert "-m nightlab.trainer.prepare run --command 'make train' --score 'python score.py'" in scored
 
 
+def test_on_slurm_only_the_checks_are_started_here(tmp_path: Path) -> None:
+    """A node runs the run and its score with its own PATH: the engine's start checks only what it
+    starts itself."""
+    from nightlab.loop.workspace import project_commands
+
+    project = {"run_command": "srun-only-train", "checks_command": "lint", "score_command": "score"}
+    slurm = stub_settings(tmp_path, project=project, executor={"kind": "slurm", "slurm": {"shared_dir": str(tmp_path)}})
+    assert project_commands(slurm, here=True) == [("project.checks_command", "lint")]
+    assert [key for key, _ in project_commands(slurm)] == [
+        "project.run_command", "project.checks_command", "project.score_command"]  # doctor says them all
+
+
 def test_kept_models_are_kept_by_commit_and_only_the_newest_few(tmp_path: Path) -> None:
     import os
 
