@@ -652,6 +652,22 @@ def test_a_project_command_whose_program_is_not_installed_stops_the_engine_at_it
     assert ledger.experiments(Store.for_workspace(settings.workspace_path)) == []
 
 
+def test_a_metric_the_config_changed_is_a_new_setting_said_once(tmp_path: Path) -> None:
+    """`project.metric` changed between two nights (or its direction): the next proposal's
+    peak_vram_mb 1024 was compared with the best's val_bpb 1.0 and kept, "better by 1023.0000"."""
+    settings = make_stub_workspace(tmp_path)
+    assert run_engine(settings, 1) == 0
+    other = dataclasses.replace(settings, project=dataclasses.replace(settings.project, metric="peak_vram_mb",
+                                                                      direction="maximize"))
+    assert run_engine(other, 3, proposer=ScriptedProposer([{"set": {"GAIN": 0.5}}])) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    one, two, three = ledger.experiments(store)
+    assert (two.kind, two.commit, two.setting != one.setting) == ("baseline", one.commit, True)
+    assert three.reason.startswith("not better")  # compared with the best's peak_vram_mb, measured again
+    [alert] = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
+    assert alert.startswith("the metric val_bpb minimize -> peak_vram_mb maximize since the last run, so runs from")
+
+
 def test_an_api_key_an_agent_prints_stays_out_of_the_engines_log(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     """The engine's lines go to the daemon's journal as they are: a failed proposal's reason quoted
