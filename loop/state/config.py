@@ -597,6 +597,9 @@ def _check(s: Settings, problems: _Problems) -> None:
         names = getattr(s.project, key)
         if any(PurePosixPath(n).is_absolute() or n.startswith("~") or ".." in PurePosixPath(n).parts for n in names):
             fail(f"project.{key}", list(names), 'paths inside the workspace, relative to it, e.g. ["train.py"]')
+    if not _METRIC_NAME.fullmatch(s.project.metric):  # no log line could carry it: every run a crash
+        fail("project.metric", s.project.metric, "the name the run prints, of letters, digits, _ and . (`accuracy:"
+             " 0.91` after a line `---`, or `METRIC accuracy=0.91`)")
     if set(s.project.editable) & set(s.project.protected):
         both = sorted(set(s.project.editable) & set(s.project.protected))
         fail("project.protected", both, "files that are not also editable")
@@ -622,6 +625,7 @@ def _check(s: Settings, problems: _Problems) -> None:
 
 _BRACED = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")  # {name}, not the shell's ${NAME}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")  # what loop/summary.py reads (a `.` in METRIC lines only)
 _VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")  # $NAME or ${NAME}, as os.path.expandvars reads them
 
 
