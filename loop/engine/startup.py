@@ -32,6 +32,12 @@ def startup(ctx: Context) -> None:
     if missing:
         raise UserError(f"{'; '.join(missing)} (a service's PATH may lack where it is installed: give its full"
                         f" path); install it, or fix [project] in {ctx.settings.origin}")
+    ignored = sorted(git.ignored_files((*ws.editable, *ws.protected))) if not ctx.in_place else []
+    if ignored:  # each run gets the commit's files in a snapshot of its own: every run would lack them
+        raise UserError(f"git ignores {', '.join(ignored)}, named in [project]: runs on several slots or on Slurm get"
+                        f" only the files of their commit, so every run would lack them (and be rejected); commit"
+                        f" them (git -C {ws.path} add -f {' '.join(ignored)} && git -C {ws.path} commit -m ...), or"
+                        f" take them out of [project] in {ctx.settings.origin}")
     open_ = ledger.open_candidates(store)
     changed = git.changed_files()
     if changed and not open_ and set(changed) - cut_short(ctx, changed):

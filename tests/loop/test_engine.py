@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,9 +25,10 @@ from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.lock import EngineLock, LockHeld
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
+from nightlab.loop.workspace import init_workspace
 
 from tests.fakes.engine_thread import EngineThread
-from tests.fakes.loop_workspace import Gates, StubData, git_out, make_stub_workspace
+from tests.fakes.loop_workspace import STUB, Gates, StubData, git_out, make_stub_workspace, stub_settings
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.waiting import wait_until
 
@@ -650,6 +652,26 @@ def test_a_project_command_whose_program_is_not_installed_stops_the_engine_at_it
         " './lint.sh', which is not an executable file (")
     assert str(err.value).endswith("; install it, or fix [project] in <test>")
     assert ledger.experiments(Store.for_workspace(settings.workspace_path)) == []
+
+
+def test_a_project_file_git_ignores_stops_a_night_on_several_slots_at_its_start(tmp_path: Path) -> None:
+    """Each run's snapshot lacked it: every run was "rejected: protected files changed: data.csv"."""
+    repo = tmp_path / "ws"
+    repo.mkdir()
+    shutil.copyfile(STUB, repo / "train.py")
+    (repo / "data.csv").write_text("1,2,3\n")
+    (repo / ".gitignore").write_text("data.csv\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "initial"], check=True)
+    settings = stub_settings(repo, project={"protected": ["data.csv"]}, executor={"cpu_slots": 2})
+    init_workspace(repo, "test", settings, say=lambda _: None)
+    with pytest.raises(UserError, match=r"^git ignores data.csv, named in \[project\]: runs on several slots"):
+        run_engine(settings, 2)
+    assert ledger.experiments(Store.for_workspace(repo)) == []
+    one_slot = stub_settings(repo, project={"protected": ["data.csv"]})
+    assert run_engine(one_slot, 1) == 0  # in place: the file is there
 
 
 def test_a_metric_the_config_changed_is_a_new_setting_said_once(tmp_path: Path) -> None:
