@@ -280,7 +280,7 @@ def _disk_findings(settings: Settings) -> list[Finding]:
     problem = workspace_problem(settings.workspace_path)
     out = [Finding("fail", "workspace", problem, "set workspace.path (or --workspace)")] if problem else []
     need = settings.heartbeat.min_free_disk_gb
-    for label, path in (("workspace", settings.workspace_path), ("data", settings.cache_path)):
+    for label, path in settings.written_paths(settings.workspace_path).items():
         free = free_disk_gb(path)  # as the heartbeat measures it when it pauses the loop
         if free < need:
             used = space_used(settings.workspace_path, settings.cache_path)
