@@ -1087,6 +1087,8 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
                   " command to score", flush=True)
             return 1
         code = _stream(score_command, env, lambda line: line)
+        if code != 0:  # the log's last line says which step failed, as for the training command
+            print(f"FAIL: the score command exited with code {code}", flush=True)
         scored = None
     else:
         result_path = Path(tempfile.mkdtemp(prefix="nightlab-score-")) / "result.json"

@@ -810,13 +810,16 @@ def test_run_lets_openmp_workers_sleep_unless_told_otherwise(tmp_path: Path, mon
     assert f"train {expected}\n" in out and f"score {expected}\n" in out
 
 
-def test_run_stops_when_training_fails(tmp_path: Path, monkeypatch, capfd) -> None:
+def test_run_stops_when_training_fails_and_says_which_step_failed(tmp_path: Path, monkeypatch, capfd) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
     scored = tmp_path / "scored"
     code = P.run(_script(tmp_path, "t.py", "raise SystemExit(7)\n"), _script(tmp_path, "s.py", f"open({str(scored)!r}, 'w')\n"))
     assert code == 7 and not scored.exists()
     assert "FAIL: the training command exited with code 7" in capfd.readouterr().out
+    failing = _script(tmp_path, "s.py", "raise SystemExit('no weights')\n")
+    assert P.run(_script(tmp_path, "t.py", SAVE), failing) == 1
+    assert capfd.readouterr().out.endswith("no weights\nFAIL: the score command exited with code 1\n")
 
 
 def test_a_cancelled_run_takes_its_training_process_with_it(tmp_path: Path) -> None:
