@@ -603,6 +603,9 @@ def _check(s: Settings, problems: _Problems) -> None:
         names = getattr(s.project, key)
         if any(PurePosixPath(n).is_absolute() or n.startswith("~") or ".." in PurePosixPath(n).parts for n in names):
             fail(f"project.{key}", list(names), 'paths inside the workspace, relative to it, e.g. ["train.py"]')
+    if s.project.score_command and not s.project.run_command:  # else ignored: the built-in trainer's harness scores
+        fail("project.score_command", s.project.score_command,
+             '"" with the built-in trainer (its harness scores), or your training command in project.run_command')
     if not _METRIC_NAME.fullmatch(s.project.metric):  # no log line could carry it: every run a crash
         fail("project.metric", s.project.metric, "the name the run prints, of letters, digits, _ and . (`accuracy:"
              " 0.91` after a line `---`, or `METRIC accuracy=0.91`)")

@@ -232,6 +232,15 @@ def test_a_metric_no_log_line_can_carry_is_a_config_error(tmp_path: Path, metric
                               " digits, _ and . (`accuracy: 0.91` after a line `---`, or `METRIC accuracy=0.91`)")
 
 
+def test_a_score_command_without_a_run_command_is_a_config_error(tmp_path: Path) -> None:
+    """It was ignored without a word: the built-in trainer ran and its harness scored."""
+    path = write(tmp_path, '[project]\nscore_command = "python score.py"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(err.value) == (f"{path}: project.score_command = 'python score.py': expected \"\" with the built-in"
+                              " trainer (its harness scores), or your training command in project.run_command")
+
+
 def test_cli_config_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(REPO / "config.example.toml")]) == 0
     assert "source = \"stdlib\"" in capsys.readouterr().out
