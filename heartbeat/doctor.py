@@ -28,12 +28,16 @@ from nightlab.loop import hardware
 from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, is_named_source, resolve_secrets
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.workspace import (
+    MISSING_FILES,
+    MISSING_FILES_FIX,
     HarnessUpgrade,
     edited_fix,
     harness_upgrade,
     installed_harness,
     missing_program,
+    missing_project_files,
     open_workspace,
+    project_commands,
     protected_mismatches,
     workspace_problem,
 )
@@ -276,7 +280,7 @@ def _disk_findings(settings: Settings) -> list[Finding]:
     problem = workspace_problem(settings.workspace_path)
     out = [Finding("fail", "workspace", problem, "set workspace.path (or --workspace)")] if problem else []
     need = settings.heartbeat.min_free_disk_gb
-    for label, path in (("workspace", settings.workspace_path), ("data", settings.cache_path)):
+    for label, path in settings.written_paths(settings.workspace_path).items():
         free = free_disk_gb(path)  # as the heartbeat measures it when it pauses the loop
         if free < need:
             used = space_used(settings.workspace_path, settings.cache_path)
@@ -350,8 +354,10 @@ def _protected_findings(settings: Settings) -> list[Finding]:
     an older nightlab's harness is brought up to this one's there."""
     try:
         ws = open_workspace(settings.workspace_path, settings)
-    except UserError:  # none yet: `nightlab run` makes it, with this nightlab's harness
-        return []
+    except UserError:  # none yet: `nightlab run` makes it, with this nightlab's harness, from these files
+        missing = missing_project_files(settings.workspace_path, settings.project)
+        return [Finding("fail", "project", f"{settings.workspace_path}: {MISSING_FILES} {', '.join(missing)}",
+                        MISSING_FILES_FIX)] if missing else []
     todo = harness_upgrade(ws, installed_harness()) if ws.builtin_trainer else HarnessUpgrade((), ())
     bad = [name for name in protected_mismatches(ws) if name not in todo.record]  # the start records those
     if bad:
@@ -377,9 +383,7 @@ def _git_finding() -> Finding:
 def _program_findings(settings: Settings) -> list[Finding]:
     """The programs the commands of the config start: one that is not installed fails every
     proposal (the agent), every run, or every run's checks or score."""
-    project = settings.project
-    commands = [("project.run_command", project.run_command), ("project.checks_command", project.checks_command),
-                ("project.score_command", project.score_command)]
+    commands = project_commands(settings)
     if settings.proposer.kind == "agent":
         commands.append(("proposer.agent.command", settings.proposer.agent.command))
     out = []

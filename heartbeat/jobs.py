@@ -318,7 +318,7 @@ class Heartbeat:
 
     # -- host ------------------------------------------------------------------------------------
     def check_host(self) -> None:
-        low = {str(p): free_disk_gb(p) for p in (self.workspace, self.settings.cache_path)}
+        low = {str(p): free_disk_gb(p) for p in self.settings.written_paths(self.workspace).values()}
         low = {p: gb for p, gb in low.items() if gb < self.limits.min_free_disk_gb}
         if low and not self._low_disk:
             where = ", ".join(f"{p} has {gb:.1f} GB free" for p, gb in low.items())

@@ -81,18 +81,31 @@ def probe(cuda_visible_devices: str | None) -> str:
     return describe(out.stdout)
 
 
-def setting_of(run_command: str, env: dict[str, str], scorer: str = "", data: DataIdentity | None = None) -> str:
+DEFAULT_GOAL = "val_bpb minimize"
+
+
+def goal_of(metric: str, direction: str) -> str:
+    """What a run's number is and which way is better ("accuracy maximize"): part of the setting, so
+    a config that names another metric (or flips its direction) compares nothing across."""
+    return f"{metric} {direction}"
+
+
+def setting_of(run_command: str, env: dict[str, str], scorer: str = "", data: DataIdentity | None = None,
+               goal: str = DEFAULT_GOAL) -> str:
     """A short digest of what, besides the code, decides a run's result. `scorer`: the SCORE_VERSION
     the workspace's harness declares (workspace.score_version). Only that number, not the harness's
     hash: a harness brought up to date for its messages measures what it measured, so its results stay
     comparable; one whose number moved is a new setting. "" (a copy from before the number, or a
     project of the user's) is left out, so the digests of those workspaces stay what they were.
-    `data`: what the built-in trainer's runs are scored on (None: a project of the user's, left out)."""
+    `data`: what the built-in trainer's runs are scored on (None: a project of the user's, left out).
+    `goal`: `goal_of` the config's metric; the default's is left out, as the scorer's."""
     setting: dict[str, Any] = {"command": run_command, "env": sorted(env.items())}
     if scorer:
         setting["scorer"] = scorer
     if data is not None:
         setting["data"] = data.to_json()
+    if goal != DEFAULT_GOAL:
+        setting["goal"] = goal
     return hashlib.sha1(json.dumps(setting).encode()).hexdigest()[:8]
 
 
@@ -113,19 +126,21 @@ DATA_DIR_ENV = "NIGHTLAB_DATA_DIR"  # the data dir of the built-in trainer's run
 
 
 def record_setting(store: Store, run_command: str, env: dict[str, str], scorer: str = "",
-                   data: DataIdentity | None = None) -> str:
+                   data: DataIdentity | None = None, goal: str = DEFAULT_GOAL) -> str:
     """The setting's digest, with the values behind it kept in the store (readable later). A
     setting recorded before that differs only in where things lie keeps its digest; so does one
-    recorded by a nightlab that did not record the data yet: it takes `data` as its own, and only a
-    later change of the data is a new setting (upgrading nightlab re-measures nothing)."""
-    digest = setting_of(run_command, env, scorer, data)
+    recorded by a nightlab that did not record the data or the goal yet: it takes them as its own,
+    and only a later change is a new setting (upgrading nightlab re-measures nothing)."""
+    digest = setting_of(run_command, env, scorer, data, goal)
     if store.get(SETTING_KEY + digest) is None:
         for key, recorded in store.with_prefix(SETTING_KEY).items():
-            if _moved(recorded, run_command, env, scorer, data):
-                if data is not None and "data" not in recorded:
-                    store.set(key, {**recorded, "data": data.to_json()})
+            if _moved(recorded, run_command, env, scorer, data, goal):
+                adopted = {k: v for k, v in (("goal", goal), ("data", data and data.to_json()))
+                           if v is not None and k not in recorded}
+                if adopted:
+                    store.set(key, {**recorded, **adopted})
                 return key[len(SETTING_KEY):]
-    values: dict[str, Any] = {"command": run_command, "env": dict(sorted(env.items()))}
+    values: dict[str, Any] = {"command": run_command, "env": dict(sorted(env.items())), "goal": goal}
     if scorer:
         values["scorer"] = scorer
     if data is not None:
@@ -161,13 +176,17 @@ def setting_changes(store: Store, before: str, after: str, config: bool = True) 
             said.append(f"{key.removeprefix('NIGHTLAB_').lower()} {was} -> {now}")
     if old.get("command", "") != new.get("command", ""):
         said.append("the run command changed")
+    if old.get("goal", DEFAULT_GOAL) != new.get("goal", DEFAULT_GOAL):
+        said.append(f"the metric {old.get('goal', DEFAULT_GOAL)} -> {new.get('goal', DEFAULT_GOAL)}")
     return said
 
 
 def _moved(recorded: dict[str, Any], run_command: str, env: dict[str, str], scorer: str,
-           data: DataIdentity | None) -> bool:
+           data: DataIdentity | None, goal: str) -> bool:
     old = recorded.get("env", {})
     if recorded.get("command") != run_command or old.keys() != env.keys() or recorded.get("scorer", "") != scorer:
+        return False
+    if recorded.get("goal", goal) != goal:  # one recorded before the goal counted has none: it matches
         return False
     # one recorded before the data counted has none: any data matches it (record_setting makes it its own)
     if "data" in recorded and DataIdentity.from_json(recorded["data"]) != data:

@@ -28,7 +28,7 @@ from typing import Any
 
 from nightlab.loop.program import PROGRAM_MD, program_for
 from nightlab.loop.ratchet import Git
-from nightlab.loop.state.config import Settings
+from nightlab.loop.state.config import ProjectSettings, Settings
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import AUTORESEARCH_JSONL, RESULTS_TSV
 from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, Store, state_dir
@@ -139,6 +139,11 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
     branch = BRANCH_PREFIX + (tag or settings.workspace.tag or default_tag())
     if not repo.is_branch_name(branch):
         raise UserError(f"tag {branch[len(BRANCH_PREFIX):]!r} does not make a valid branch name")
+    # before anything is switched or written: a refusal that left program.md behind had the next
+    # start refuse the user's repository as holding changes nightlab did not make
+    missing = missing_project_files(path, project)
+    if missing:
+        raise UserError(f"{path}: {MISSING_FILES} {', '.join(missing)}; {MISSING_FILES_FIX}")
     if repo.branch() != branch:
         repo.switch_branch(branch)
 
@@ -151,12 +156,6 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
     if not (path / PROGRAM_MD).exists():
         (path / PROGRAM_MD).write_text(program_for(project))
     protected = _protected_files(project.protected, builtin)
-    missing = [f for f in (*project.editable, *protected) if not (path / f).is_file()]
-    if missing:
-        raise UserError(
-            f"{path}: the files named in [project] editable/protected do not exist: {', '.join(missing)};"
-            " fix the config or add them to the repository"
-        )
     _protect(path, protected)
     if repo.changed_files() or not repo.has_commits():
         repo.commit_all(f"nightlab baseline (profile {profile})")
@@ -237,6 +236,18 @@ def _protected_files(protected: tuple[str, ...], builtin: bool) -> tuple[str, ..
     return (*protected, *(f for f in _HARNESS if builtin and f not in protected))
 
 
+MISSING_FILES = "the files named in [project] editable/protected do not exist:"
+MISSING_FILES_FIX = "fix the config or add them to the repository"
+
+
+def missing_project_files(path: Path, project: ProjectSettings) -> list[str]:
+    """The files [project] names that the repository at `path` lacks (`nightlab init` installs the
+    built-in trainer's own)."""
+    builtin = not project.run_command
+    return [f for f in (*project.editable, *_protected_files(project.protected, builtin))
+            if not (builtin and f in _BUILTIN) and not (path / f).is_file()]
+
+
 def run_command(settings: Settings) -> str:
     """The command each experiment runs. Built-in trainer: `prepare.py run` trains with train.py,
     then the harness scores the saved model in its own process. A project with its own
@@ -250,6 +261,18 @@ def run_command(settings: Settings) -> str:
         return project.run_command
     return (f"{python} -m nightlab.trainer.prepare run --command {shlex.quote(project.run_command)}"
             f" --score {shlex.quote(project.score_command)}")
+
+
+def project_commands(settings: Settings, here: bool = False) -> list[tuple[str, str]]:
+    """[project]'s commands, each with its key. here: only those this machine starts: the checks
+    always (the engine runs them), the run and its scoring only on the local executor (a Slurm
+    node's PATH is its own)."""
+    p = settings.project
+    commands = [("project.run_command", p.run_command), ("project.checks_command", p.checks_command),
+                ("project.score_command", p.score_command)]
+    if here and settings.executor.kind != "local":
+        return [commands[1]]
+    return commands
 
 
 def missing_program(command: str, workspace: Path) -> str | None:

@@ -1070,7 +1070,7 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     shutil.rmtree(artifact, ignore_errors=True)  # never score a model an earlier run left
     artifact.mkdir(parents=True)
     env[ENV_ARTIFACT_DIR] = str(artifact)
-    if Path("train.py").is_file():  # the scorer builds the model with the code that trained it
+    if score_command is None and Path("train.py").is_file():  # the scorer builds the model with the code that trained it
         shutil.copyfile("train.py", artifact / "train.py")
     train_env = dict(env)
     if env.get(ENV_DATA_DIR, "").strip():
@@ -1092,7 +1092,13 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         print(f"FAIL: the training command exited with code {code}", flush=True)
         return code
     if score_command is not None:
+        if not any(artifact.iterdir()):  # a score command that copes with nothing would score no training
+            print(f"REJECTED: the training command saved nothing in ${ENV_ARTIFACT_DIR} ({artifact}) for the score"
+                  " command to score", flush=True)
+            return 1
         code = _stream(score_command, env, lambda line: line)
+        if code != 0:  # the log's last line says which step failed, as for the training command
+            print(f"FAIL: the score command exited with code {code}", flush=True)
         scored = None
     else:
         result_path = Path(tempfile.mkdtemp(prefix="nightlab-score-")) / "result.json"

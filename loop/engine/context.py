@@ -123,9 +123,10 @@ class Context:
 
     def record_setting(self) -> str:
         """The setting digest of runs from the workspace as it is (its harness copy's score version,
-        the data as this start found it)."""
+        the data as this start found it, the config's metric and direction)."""
+        project = self.settings.project
         return hardware.record_setting(self.store, self.ws.run_command, self.env, workspace_score_version(self.ws),
-                                       self.data)
+                                       self.data, hardware.goal_of(project.metric, project.direction))
 
     def run_class(self, run: ledger.RunRecord) -> HardwareClass:
         """What a run is compared within: the GPU model its start marker probed (else its slot's, as

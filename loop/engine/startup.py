@@ -13,7 +13,7 @@ from nightlab.loop.ratchet import clear_stale_git_locks
 from nightlab.loop.state import ledger
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.stats import DIRECTION_KEY, NOISE_PRIOR_KEY
-from nightlab.loop.workspace import dirty_error, edited_message, protected_mismatches
+from nightlab.loop.workspace import dirty_error, edited_message, missing_program, project_commands, protected_mismatches
 
 
 def startup(ctx: Context) -> None:
@@ -26,6 +26,18 @@ def startup(ctx: Context) -> None:
             f"{ws.path} is on {branch or 'a detached HEAD'}, not the session branch"
             f" {ws.branch}; run `git -C {ws.path} checkout {ws.branch}`"
         )
+    # said once here, not as a crash per run (or checks_failed per keep) until the loop pauses itself
+    missing = [f"{key} starts {problem}" for key, command in project_commands(ctx.settings, here=True)
+               if (problem := missing_program(command, ws.path)) is not None]
+    if missing:
+        raise UserError(f"{'; '.join(missing)} (a service's PATH may lack where it is installed: give its full"
+                        f" path); install it, or fix [project] in {ctx.settings.origin}")
+    ignored = sorted(git.ignored_files((*ws.editable, *ws.protected))) if not ctx.in_place else []
+    if ignored:  # each run gets the commit's files in a snapshot of its own: every run would lack them
+        raise UserError(f"git ignores {', '.join(ignored)}, named in [project]: runs on several slots or on Slurm get"
+                        f" only the files of their commit, so every run would lack them (and be rejected); commit"
+                        f" them (git -C {ws.path} add -f {' '.join(ignored)} && git -C {ws.path} commit -m ...), or"
+                        f" take them out of [project] in {ctx.settings.origin}")
     open_ = ledger.open_candidates(store)
     changed = git.changed_files()
     if changed and not open_ and set(changed) - cut_short(ctx, changed):

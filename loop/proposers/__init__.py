@@ -46,9 +46,12 @@ def make_proposer(settings: Settings, tick: Callable[[], None] | None = None) ->
         return AgentProposer(settings.proposer.agent, settings.loop.switch_area_after, tick)
     from nightlab.loop.proposers.search import SearchProposer
 
-    return SearchProposer(
+    search = SearchProposer(
         seed=settings.proposer.seed,
         switch_area_after=settings.loop.switch_area_after,
         target=settings.workspace_path / settings.project.editable[0],
         noise_prior=settings.loop.noise_prior,
     )
+    if search.unsearchable:  # as for the agent: once at the start, not a crash per proposal
+        raise UserError(f"{search.unsearchable} ([proposer] kind in {settings.origin})")
+    return search

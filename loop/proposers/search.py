@@ -67,6 +67,11 @@ class _Pick:
     how: str  # why these values, for the hypothesis
 
 
+def _nothing_to_search(file: str) -> str:
+    return (f"search: {file} (the first of project.editable, the file the search edits) has no numeric"
+            " UPPER_CASE constants (`NAME = value` lines) to search; add some, or use the agent proposer")
+
+
 class SearchProposer:
     def __init__(self, seed: int = 0, switch_area_after: int = 5, target: Path | None = None,
                  noise_prior: float = 0.003) -> None:
@@ -76,9 +81,11 @@ class SearchProposer:
         self.noise_prior = noise_prior
         self.switch_area_after = switch_area_after
         self.areas: tuple[str, ...] | None = BUILTIN_AREAS
+        self.unsearchable: str | None = None  # why `target` gives the search nothing to set
         if target is not None and target.is_file():
             space = build_space(target.name, target.read_text(encoding="utf-8", errors="replace"))
             self.areas = space.areas or BUILTIN_AREAS
+            self.unsearchable = None if space.params else _nothing_to_search(target.name)
 
     def propose(self, ctx: ProposalContext) -> Proposal:
         path = ctx.workspace / ctx.editable[0]
@@ -88,10 +95,7 @@ class SearchProposer:
             raise ProposalError(f"search: cannot read {ctx.editable[0]}: {exc}") from None
         space = build_space(ctx.editable[0], source)
         if not space.params:
-            raise ProposalError(
-                f"search: {ctx.editable[0]} has no numeric UPPER_CASE constants (`NAME = value` lines)"
-                " to search; add some, or use the agent proposer"
-            )
+            raise ProposalError(_nothing_to_search(ctx.editable[0]))
         if ctx.focus is not None and ctx.focus not in space.areas:
             raise ProposalError(f"search: unknown focus area {ctx.focus!r}; areas: {', '.join(space.areas)}")
 

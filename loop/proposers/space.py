@@ -87,12 +87,13 @@ def _choice(name: str, area: str, *choices: object) -> Param:
     return Param(name, area, "choice", choices=choices)
 
 
-def _powers_of_two(name: str, area: str, current: object) -> Param | None:
-    """current / 4 … current × 4 in powers of two: batch sizes must stay divisible."""
+def _by_twos(name: str, area: str, current: object) -> Param | None:
+    """current / 4 … current × 4 by factors of two: a power of two (a batch size) stays one, so
+    it stays divisible; another integer is rounded."""
     if not isinstance(current, int) or isinstance(current, bool) or current < 1:
         return None
-    values = [current * 2**k for k in (1, 2)] + [current // 2**k for k in (1, 2) if current % 2**k == 0]
-    return _choice(name, area, *sorted({current, *values}))
+    values = [current * 2**k for k in (1, 2)] + [round(current / 2**k) for k in (1, 2)]
+    return _choice(name, area, *sorted({current, *(v for v in values if v >= 1)}))
 
 
 # The built-in trainer (trainer/train.py). Ranges span roughly 4× either side of upstream's
@@ -139,8 +140,9 @@ def _generic(name: str, current: object) -> Param | None:
     if current <= 0:
         return None
     if isinstance(current, int):
-        if current >= 2 and current & (current - 1) == 0:
-            return _powers_of_two(name, GENERIC_AREA, current)
+        # above 16 a step of 1 (8 at most) would never move it by half: NUM_STEPS 200 went to 208 at most
+        if current > 16 or (current >= 2 and current & (current - 1) == 0):
+            return _by_twos(name, GENERIC_AREA, current)
         return Param(name, GENERIC_AREA, "int", low=max(1, current // 4), high=current * 4)
     return _log(name, GENERIC_AREA, current / 4, current * 4)
 
@@ -165,7 +167,7 @@ def build_space(file: str, source: str) -> SearchSpace:
     # The built-in trainer (or a derivative): most of its names are present.
     if 2 * len(_BUILTIN_NAMES & current.keys()) >= len(_BUILTIN_NAMES):
         params = [_widen(p, current[p.name]) for p in _BUILTIN if p.name in current]
-        params += [q for n, a in _BUILTIN_POW2 if n in current and (q := _powers_of_two(n, a, current[n]))]
+        params += [q for n, a in _BUILTIN_POW2 if n in current and (q := _by_twos(n, a, current[n]))]
     else:
         params = [q for n, v in current.items() if (q := _generic(n, v))]
     params = [p for p in params if not (p.kind == "choice" and len(p.choices) < 2)]

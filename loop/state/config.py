@@ -327,6 +327,12 @@ class Settings:
     def cache_path(self) -> Path:
         return self._path(self.data.cache_dir)
 
+    def written_paths(self, workspace: Path) -> dict[str, Path]:
+        """Where nightlab writes for this config, by what it holds, as the low-disk checks watch it:
+        the workspace, and the data cache when the built-in trainer's runs read it (a project's own
+        run command reads nothing there: a full home disk would pause its loop for nothing)."""
+        return {"workspace": workspace, **({"data": self.cache_path} if not self.project.run_command else {})}
+
     @property
     def data_source(self) -> str:
         """data.source as the data is prepared from: a local folder as an absolute path (relative
@@ -597,6 +603,12 @@ def _check(s: Settings, problems: _Problems) -> None:
         names = getattr(s.project, key)
         if any(PurePosixPath(n).is_absolute() or n.startswith("~") or ".." in PurePosixPath(n).parts for n in names):
             fail(f"project.{key}", list(names), 'paths inside the workspace, relative to it, e.g. ["train.py"]')
+    if s.project.score_command and not s.project.run_command:  # else ignored: the built-in trainer's harness scores
+        fail("project.score_command", s.project.score_command,
+             '"" with the built-in trainer (its harness scores), or your training command in project.run_command')
+    if not _METRIC_NAME.fullmatch(s.project.metric):  # no log line could carry it: every run a crash
+        fail("project.metric", s.project.metric, "the name the run prints, of letters, digits, _ and . (`accuracy:"
+             " 0.91` after a line `---`, or `METRIC accuracy=0.91`)")
     if set(s.project.editable) & set(s.project.protected):
         both = sorted(set(s.project.editable) & set(s.project.protected))
         fail("project.protected", both, "files that are not also editable")
@@ -622,6 +634,7 @@ def _check(s: Settings, problems: _Problems) -> None:
 
 _BRACED = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")  # {name}, not the shell's ${NAME}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")  # what loop/summary.py reads (a `.` in METRIC lines only)
 _VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")  # $NAME or ${NAME}, as os.path.expandvars reads them
 
 

@@ -142,11 +142,27 @@ def test_a_program_the_config_starts_that_is_not_installed_fails(tmp_path: Path,
     subprocess.run(["git", "init", "-q", str(tmp_path / "ws")], check=True)  # the user's project
     (tmp_path / "ws" / "train.sh").write_text("#!/bin/sh\n")
     (tmp_path / "ws" / "train.sh").chmod(0o755)
-    config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"]},
+    config = write_config(tmp_path, project={"run_command": "./train.sh --fast", "editable": ["train.sh"],
+                                             "protected": []},
                           proposer={"kind": "agent"},  # the shell's business: not checked
                           **{"proposer.agent": {"command": "AGENT=1 $SHELL {prompt_file}"}})
     code, out = doctor(config, capsys)
     assert not lines(out, "FAIL programs") and code == 0, out
+
+
+def test_a_project_file_the_repository_lacks_fails_before_the_workspace_is_made(
+        tmp_path: Path, fake_gpus, capsys) -> None:
+    """Doctor said "runs can start", then `nightlab run` refused to make the workspace."""
+    fake_gpus([])
+    subprocess.run(["git", "init", "-q", str(tmp_path / "ws")], check=True)  # the user's project
+    (tmp_path / "ws" / "fit.py").write_text("print('---')\nprint('accuracy: 0.5')\n")
+    config = write_config(tmp_path, project={"run_command": "python fit.py", "editable": ["fit.py", "model.py"],
+                                             "protected": ["score.py"]})
+    code, out = doctor(config, capsys)
+    assert code == 1
+    assert lines(out, "FAIL project") == [f"FAIL project   {tmp_path / 'ws'}: the files named in [project]"
+                                          " editable/protected do not exist: model.py, score.py"]
+    assert "-> fix the config or add them to the repository" in out
 
 
 def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import pwd
+import re
 import shutil
 import socket
 import stat
@@ -116,6 +117,21 @@ def test_low_disk_pauses_and_alerts_once_saying_what_of_ours_uses_the_space(tmp_
         " run of a shape compiles again; the engine keeps them under [loop] compile_cache_gb)"), alerts[0]
     paused = ledger.paused(store)
     assert paused is not None and paused.by == "heartbeat"
+
+
+def test_low_disk_watches_the_data_cache_only_for_the_built_in_trainer(tmp_path: Path) -> None:
+    """A project's own run command reads nothing there: its loop was paused for a full home disk
+    ("~/.cache/nightlab has 1.2 GB free") while its workspace on /data had room."""
+    low = HeartbeatSettings(min_free_disk_gb=1e9)
+    for project, watched in (({"run_command": "python fit.py"}, [tmp_path]), ({}, [tmp_path, tmp_path / "cache"])):
+        settings = dataclasses.replace(settings_from_table({"data": {"cache_dir": str(tmp_path / "cache")},
+                                                            "project": project}), heartbeat=low)
+        store = Store.for_workspace(tmp_path)
+        Heartbeat(settings, tmp_path, store, LocalExecutor(), EngineProcess(["true"]), Notifier(None),
+                  on_engine_stopped=lambda why, code: None).check_host()
+        [alert] = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
+        assert re.findall(r"(\S+) has [\d.]+ GB free", alert) == [str(p) for p in watched], alert
+        (tmp_path / ".nightlab" / "state.db").unlink()
 
 
 def test_log_lines_never_show_a_secret_and_carry_journald_priorities() -> None:

@@ -222,6 +222,25 @@ def test_every_mistake_is_reported_in_one_run(tmp_path: Path, capsys: pytest.Cap
     assert all(str(path) in line for line in lines) and "SECRET" not in "".join(lines)
 
 
+@pytest.mark.parametrize("metric", ["val-acc", "", "accuracy ", "top-1 (%)"])
+def test_a_metric_no_log_line_can_carry_is_a_config_error(tmp_path: Path, metric: str) -> None:
+    """It passed the check, and every run crashed: "no val-acc in the log", whatever the run printed."""
+    path = write(tmp_path, f'[project]\nrun_command = "python fit.py"\nmetric = "{metric}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(err.value) == (f"{path}: project.metric = {metric!r}: expected the name the run prints, of letters,"
+                              " digits, _ and . (`accuracy: 0.91` after a line `---`, or `METRIC accuracy=0.91`)")
+
+
+def test_a_score_command_without_a_run_command_is_a_config_error(tmp_path: Path) -> None:
+    """It was ignored without a word: the built-in trainer ran and its harness scored."""
+    path = write(tmp_path, '[project]\nscore_command = "python score.py"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(err.value) == (f"{path}: project.score_command = 'python score.py': expected \"\" with the built-in"
+                              " trainer (its harness scores), or your training command in project.run_command")
+
+
 def test_cli_config_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(REPO / "config.example.toml")]) == 0
     assert "source = \"stdlib\"" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,9 +25,10 @@ from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.lock import EngineLock, LockHeld
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
+from nightlab.loop.workspace import init_workspace
 
 from tests.fakes.engine_thread import EngineThread
-from tests.fakes.loop_workspace import Gates, StubData, git_out, make_stub_workspace
+from tests.fakes.loop_workspace import STUB, Gates, StubData, git_out, make_stub_workspace, stub_settings
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.waiting import wait_until
 
@@ -636,6 +638,56 @@ def test_an_agent_command_whose_program_is_not_installed_stops_the_engine_at_its
                                         r" .*; install the agent, or fix \[proposer.agent\] command in <test>$"):
         run_engine(settings, 3)
     assert ledger.experiments(Store.for_workspace(settings.workspace_path)) == []
+
+
+def test_a_project_command_whose_program_is_not_installed_stops_the_engine_at_its_start(tmp_path: Path) -> None:
+    """A run command's was a crash per experiment, a checks command's a checks_failed per keep (the
+    baseline's first), until the loop paused itself after 15: now one message at the start."""
+    settings = make_stub_workspace(tmp_path, project={"run_command": "nosuch-train train.py",
+                                                      "checks_command": "./lint.sh"})
+    with pytest.raises(UserError) as err:
+        run_engine(settings, 3)
+    assert str(err.value).startswith(
+        "project.run_command starts 'nosuch-train', which is not on PATH; project.checks_command starts"
+        " './lint.sh', which is not an executable file (")
+    assert str(err.value).endswith("; install it, or fix [project] in <test>")
+    assert ledger.experiments(Store.for_workspace(settings.workspace_path)) == []
+
+
+def test_a_project_file_git_ignores_stops_a_night_on_several_slots_at_its_start(tmp_path: Path) -> None:
+    """Each run's snapshot lacked it: every run was "rejected: protected files changed: data.csv"."""
+    repo = tmp_path / "ws"
+    repo.mkdir()
+    shutil.copyfile(STUB, repo / "train.py")
+    (repo / "data.csv").write_text("1,2,3\n")
+    (repo / ".gitignore").write_text("data.csv\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "initial"], check=True)
+    settings = stub_settings(repo, project={"protected": ["data.csv"]}, executor={"cpu_slots": 2})
+    init_workspace(repo, "test", settings, say=lambda _: None)
+    with pytest.raises(UserError, match=r"^git ignores data.csv, named in \[project\]: runs on several slots"):
+        run_engine(settings, 2)
+    assert ledger.experiments(Store.for_workspace(repo)) == []
+    one_slot = stub_settings(repo, project={"protected": ["data.csv"]})
+    assert run_engine(one_slot, 1) == 0  # in place: the file is there
+
+
+def test_a_metric_the_config_changed_is_a_new_setting_said_once(tmp_path: Path) -> None:
+    """`project.metric` changed between two nights (or its direction): the next proposal's
+    peak_vram_mb 1024 was compared with the best's val_bpb 1.0 and kept, "better by 1023.0000"."""
+    settings = make_stub_workspace(tmp_path)
+    assert run_engine(settings, 1) == 0
+    other = dataclasses.replace(settings, project=dataclasses.replace(settings.project, metric="peak_vram_mb",
+                                                                      direction="maximize"))
+    assert run_engine(other, 3, proposer=ScriptedProposer([{"set": {"GAIN": 0.5}}])) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    one, two, three = ledger.experiments(store)
+    assert (two.kind, two.commit, two.setting != one.setting) == ("baseline", one.commit, True)
+    assert three.reason.startswith("not better")  # compared with the best's peak_vram_mb, measured again
+    [alert] = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
+    assert alert.startswith("the metric val_bpb minimize -> peak_vram_mb maximize since the last run, so runs from")
 
 
 def test_an_api_key_an_agent_prints_stays_out_of_the_engines_log(

@@ -181,6 +181,25 @@ def test_the_harness_score_version_is_a_setting_but_leaves_older_digests_as_they
     assert record_setting(store, "python prepare.py run", env, "2") not in (legacy, declared)
 
 
+def test_the_metric_is_a_setting_and_one_recorded_before_it_counted_takes_the_configs(tmp_path: Path) -> None:
+    """The default metric leaves the digest as it was; another is a new setting. A setting an older
+    nightlab recorded (no goal) takes the config's as its own: upgrading re-measures nothing, and a
+    later change of the metric is still a new setting."""
+    from nightlab.loop.hardware import SETTING_KEY, goal_of, record_setting, setting_changes, setting_of
+
+    env = {"NIGHTLAB_TIME_BUDGET": "300"}
+    assert setting_of("python prepare.py run", env, goal=goal_of("val_bpb", "minimize")) == "715e920b"
+    store = Store.for_workspace(tmp_path)
+    legacy = setting_of("python fit.py", env)
+    store.set(SETTING_KEY + legacy, {"command": "python fit.py", "env": env})  # as an older nightlab wrote it
+    accuracy = goal_of("accuracy", "maximize")
+    assert record_setting(store, "python fit.py", env, goal=accuracy) == legacy
+    assert record_setting(store, "python fit.py", env, goal=accuracy) == legacy
+    loss = record_setting(store, "python fit.py", env, goal=goal_of("loss", "minimize"))
+    assert loss != legacy
+    assert setting_changes(store, legacy, loss) == ["the metric accuracy maximize -> loss minimize"]
+
+
 def test_a_class_baseline_recorded_after_a_keep_does_not_take_the_best_back(tmp_path: Path) -> None:
     """Results are recorded as they end (the asynchronous mode): a second class's baseline of the
     commit before a keep can be recorded after the keep; it re-measures that commit there, it is not

@@ -183,6 +183,32 @@ def train():
 '''
 
 
+def test_a_file_with_nothing_to_search_stops_the_engine_at_its_start(tmp_path: Path) -> None:
+    """It was a crash per proposal, 15 of them in an instant, until the loop paused itself."""
+    from nightlab.loop.proposers import make_proposer
+    from nightlab.loop.state.errors import UserError
+
+    from tests.fakes.loop_workspace import stub_settings
+
+    (tmp_path / "fit.py").write_text("lr = 0.1\nSEED = 3\nprint('---')\nprint(f'accuracy: {lr}')\n")
+    settings = stub_settings(tmp_path, project={"editable": ["fit.py"]})
+    with pytest.raises(UserError, match=r"^search: fit.py \(the first of project.editable, the file the search"
+                                        r" edits\) has no numeric UPPER_CASE constants .*; add some, or use the agent"
+                                        r" proposer \(\[proposer\] kind in <test>\)$"):
+        make_proposer(settings)
+    (tmp_path / "fit.py").write_text("LR = 0.1\n")
+    assert make_proposer(settings).areas == ("constants",)
+
+
+def test_a_large_integer_is_halved_and_doubled_a_small_one_stepped() -> None:
+    """A step of 1, 8 at most, never moved NUM_STEPS = 200 by more than 4 %: a night could not try
+    100 or 400 steps, nor HIDDEN = 100 at 50 or 200."""
+    space = build_space("fit.py", "NUM_STEPS = 200\nHIDDEN = 100\nFEATURES = 6\nBATCH = 64\n")
+    moves = {p.name: p.moves(space.current[p.name]) for p in space.params}
+    assert moves["NUM_STEPS"] == [50, 100, 400, 800] and moves["HIDDEN"] == [25, 50, 200, 400]
+    assert moves["FEATURES"][:2] == [7, 5] and moves["BATCH"] == [16, 32, 128, 256]
+
+
 def test_byo_file_searches_its_own_positive_numeric_constants(tmp_path: Path) -> None:
     (tmp_path / "model.py").write_text(BYO)
     proposer = SearchProposer(seed=4, target=tmp_path / "model.py")

@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from nightlab.loop.ratchet import Git
 from nightlab.loop.state.errors import UserError
-from nightlab.loop.workspace import default_tag, init_workspace, open_workspace, protected_mismatches
+from nightlab.loop.workspace import BRANCH_PREFIX, default_tag, init_workspace, open_workspace, protected_mismatches
 
 from tests.fakes.loop_workspace import git_out, make_stub_workspace, stub_settings
 
@@ -92,6 +93,21 @@ def test_missing_project_files_and_bad_tag(tmp_path: Path) -> None:
         open_workspace(tmp_path / "nowhere", settings)
 
 
+def test_a_config_naming_a_missing_file_leaves_the_repository_as_it_was(tmp_path: Path) -> None:
+    """The refusal came after program.md was written and the session branch made: fixed, the
+    config's next `nightlab init` was refused for "changes nightlab did not make: program.md"."""
+    path = tmp_path / "ws"
+    repo = Git.init(path)
+    repo.default_identity({"user.name": "t", "user.email": "t@example.com"})
+    (path / "fit.py").write_text("print('---')\nprint('accuracy: 0.5')\n")
+    repo.commit_all("mine")
+    project = {"editable": ["fit.py"], "protected": ["score.py"], "run_command": "python fit.py"}
+    with pytest.raises(UserError, match="do not exist: score.py"):
+        init_workspace(path, "t", stub_settings(path, project=project), say=lambda _: None)
+    assert repo.changed_files() == [] and repo.branch() != BRANCH_PREFIX + "t"
+    init_workspace(path, "t", stub_settings(path, project={**project, "protected": []}), say=lambda _: None)
+
+
 def test_default_tag_is_the_date() -> None:
     assert default_tag(datetime.date(2025, 11, 23)) == "nov23"
 
@@ -129,6 +145,18 @@ def test_a_project_with_a_score_command_runs_through_the_harness(tmp_path: Path)
     assert command({"run_command": "make train"}) == "make train"  # no score command: trusted as today
     scored = command({"run_command": "make train", "score_command": "python score.py"})
     assert "-m nightlab.trainer.prepare run --command 'make train' --score 'python score.py'" in scored
+
+
+def test_on_slurm_only_the_checks_are_started_here(tmp_path: Path) -> None:
+    """A node runs the run and its score with its own PATH: the engine's start checks only what it
+    starts itself."""
+    from nightlab.loop.workspace import project_commands
+
+    project = {"run_command": "srun-only-train", "checks_command": "lint", "score_command": "score"}
+    slurm = stub_settings(tmp_path, project=project, executor={"kind": "slurm", "slurm": {"shared_dir": str(tmp_path)}})
+    assert project_commands(slurm, here=True) == [("project.checks_command", "lint")]
+    assert [key for key, _ in project_commands(slurm)] == [
+        "project.run_command", "project.checks_command", "project.score_command"]  # doctor says them all
 
 
 def test_kept_models_are_kept_by_commit_and_only_the_newest_few(tmp_path: Path) -> None:

@@ -730,6 +730,25 @@ def test_a_validation_shard_too_small_for_the_scored_rows_is_said_and_tokenized_
     assert "note:" not in capfd.readouterr().err
 
 
+SAVE = "import os\nopen(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'w.npy'), 'w').close()\n"
+
+
+def test_a_project_run_that_saves_nothing_is_rejected_unscored(tmp_path: Path, monkeypatch, capfd) -> None:
+    """A score command that copes with an empty folder (a default model) scored no training; one
+    that did not crashed with a traceback. The folder holds only what training saved (no train.py)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    (tmp_path / "train.py").write_text("print('a project file of that name')\n")
+    scored = tmp_path / "scored"
+    code = P.run(_script(tmp_path, "t.py", "print('trained')\n"), _script(tmp_path, "s.py", f"open({str(scored)!r}, 'w')\n"))
+    assert code == 1 and not scored.exists()
+    from nightlab.loop.summary import parse_summary
+
+    assert parse_summary(capfd.readouterr().out).rejected == (
+        f"the training command saved nothing in $NIGHTLAB_ARTIFACT_DIR ({tmp_path / 'artifact'}) for the score command"
+        " to score")
+
+
 def _script(tmp_path: Path, name: str, body: str) -> str:
     path = tmp_path / name
     path.write_text(body)
@@ -744,7 +763,7 @@ def test_run_passes_training_output_on_but_never_as_a_result(tmp_path: Path, mon
     train = _script(tmp_path, "t.py", (
         "import os\nprint('step 1 | loss 3.0')\nprint('---')\nprint('val_bpb:          0.100000')\n"
         "print('METRIC val_bpb=0.1')\nprint('REJECTED: by me')\n"
-        "assert not os.path.exists(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'model.pt'))\n"
+        "assert not os.path.exists(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'model.pt'))\n" + SAVE
     ))
     score = _script(tmp_path, "s.py", "print('---')\nprint('val_bpb:          1.500000')\n")
     assert P.run(train, score) == 0  # a project's own score command prints its result itself
@@ -770,6 +789,23 @@ def test_the_tokens_trained_say_something_at_the_tiny_profiles_size(capsys, mill
     assert parse_summary(out).get("total_tokens_M") == float(shown)
 
 
+def test_training_output_cannot_pose_as_a_result_past_the_prefix_with_a_carriage_return(
+        tmp_path: Path, monkeypatch, capfd) -> None:
+    """A `\r` or a Unicode line separator inside a line: the prefix went before the whole line, and
+    a parser splitting there read the METRIC after it (a project's score command: 0.99, not 0.5)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    train = _script(tmp_path, "t.py", (
+        "print('progress\\rMETRIC accuracy=0.99')\nprint('\\rMETRIC accuracy=0.98')\n"
+        "print('x\\u2028METRIC accuracy=0.97')\nprint('step 9\\r---\\naccuracy: 0.96')\n" + SAVE
+    ))
+    score = _script(tmp_path, "s.py", "print('---')\nprint('accuracy: 0.5')\n")
+    assert P.run(train, score) == 0
+    from nightlab.loop.summary import parse_summary
+
+    assert parse_summary(capfd.readouterr().out).get("accuracy") == 0.5
+
+
 @pytest.mark.parametrize(("set_by_user", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_run_lets_openmp_workers_sleep_unless_told_otherwise(tmp_path: Path, monkeypatch, capfd, set_by_user,
                                                               expected) -> None:
@@ -781,18 +817,21 @@ def test_run_lets_openmp_workers_sleep_unless_told_otherwise(tmp_path: Path, mon
     else:
         monkeypatch.setenv("OMP_WAIT_POLICY", set_by_user)
     show = "import os\nprint('{}', os.environ.get('OMP_WAIT_POLICY'))\n"
-    assert P.run(_script(tmp_path, "t.py", show.format("train")), _script(tmp_path, "s.py", show.format("score"))) == 0
+    assert P.run(_script(tmp_path, "t.py", show.format("train") + SAVE), _script(tmp_path, "s.py", show.format("score"))) == 0
     out = capfd.readouterr().out
     assert f"train {expected}\n" in out and f"score {expected}\n" in out
 
 
-def test_run_stops_when_training_fails(tmp_path: Path, monkeypatch, capfd) -> None:
+def test_run_stops_when_training_fails_and_says_which_step_failed(tmp_path: Path, monkeypatch, capfd) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
     scored = tmp_path / "scored"
     code = P.run(_script(tmp_path, "t.py", "raise SystemExit(7)\n"), _script(tmp_path, "s.py", f"open({str(scored)!r}, 'w')\n"))
     assert code == 7 and not scored.exists()
     assert "FAIL: the training command exited with code 7" in capfd.readouterr().out
+    failing = _script(tmp_path, "s.py", "raise SystemExit('no weights')\n")
+    assert P.run(_script(tmp_path, "t.py", SAVE), failing) == 1
+    assert capfd.readouterr().out.endswith("no weights\nFAIL: the score command exited with code 1\n")
 
 
 def test_a_cancelled_run_takes_its_training_process_with_it(tmp_path: Path) -> None:
