@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from nightlab.heartbeat.health import free_disk_gb, space_used
+from nightlab.heartbeat.health import free_disk_gb, space_used, watched_paths
 from nightlab.loop import hardware
 from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, is_named_source, resolve_secrets
 from nightlab.loop.state.errors import UserError
@@ -280,7 +280,7 @@ def _disk_findings(settings: Settings) -> list[Finding]:
     problem = workspace_problem(settings.workspace_path)
     out = [Finding("fail", "workspace", problem, "set workspace.path (or --workspace)")] if problem else []
     need = settings.heartbeat.min_free_disk_gb
-    for label, path in settings.written_paths(settings.workspace_path).items():
+    for label, path in watched_paths(settings, settings.workspace_path).items():
         free = free_disk_gb(path)  # as the heartbeat measures it when it pauses the loop
         if free < need:
             used = space_used(settings.workspace_path, settings.cache_path)
