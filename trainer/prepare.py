@@ -1093,7 +1093,9 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         print(f"FAIL: the training command exited with code {code}", flush=True)
         return code
     if score_command is not None:
-        if not any(artifact.iterdir()):  # a score command that copes with nothing would score no training
+        # a score command that copes with nothing would score no training (the folder may be gone:
+        # a training command's own clean)
+        if not artifact.is_dir() or not any(artifact.iterdir()):
             print(f"REJECTED: the training command saved nothing in ${ENV_ARTIFACT_DIR} ({artifact}) for the score"
                   " command to score", flush=True)
             return 1

@@ -872,3 +872,16 @@ def test_the_harness_lines_after_progress_ended_by_a_carriage_return_are_read(
     assert parse_summary(capfd.readouterr().out).get("accuracy") == 0.5
     assert P.run(_script(tmp_path, "t.py", progress), score) == 1
     assert parse_summary(capfd.readouterr().out).rejected.startswith("the training command saved nothing")
+
+
+def test_a_training_command_that_removed_the_artifact_folder_is_rejected_without_a_traceback(
+        tmp_path: Path, monkeypatch, capfd) -> None:
+    """`shutil.rmtree($NIGHTLAB_ARTIFACT_DIR)` to start clean, the model saved elsewhere: the check
+    for a saved model ended the harness in a FileNotFoundError traceback."""
+    from nightlab.loop.summary import parse_summary
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    train = _script(tmp_path, "t.py", "import os, shutil\nshutil.rmtree(os.environ['NIGHTLAB_ARTIFACT_DIR'])\n")
+    assert P.run(train, _script(tmp_path, "s.py", "print('---')\nprint('accuracy: 0.5')\n")) == 1
+    assert parse_summary(capfd.readouterr().out).rejected.startswith("the training command saved nothing")
