@@ -386,11 +386,17 @@ def _program_findings(settings: Settings) -> list[Finding]:
     commands = project_commands(settings)
     if settings.proposer.kind == "agent":
         commands.append(("proposer.agent.command", settings.proposer.agent.command))
+    here = {key for key, _ in project_commands(settings, here=True)} | {"proposer.agent.command"}
     out = []
     for key, command in commands:
         problem = missing_program(command, settings.workspace_path)
-        if problem is not None:
+        if problem is None:
+            continue
+        if key in here:
             out.append(Finding("fail", "programs", f"{key} starts {problem}", f"install it, or fix {key}"))
+        else:  # as the engine's start: a Slurm node runs it with its own PATH
+            out.append(Finding("warn", "programs", f"{key} starts {problem} here",
+                               "a Slurm node's PATH decides there: install it on the nodes, or give its full path"))
     return out
 
 
