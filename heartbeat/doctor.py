@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from nightlab.heartbeat.health import free_disk_gb, space_used
+from nightlab.heartbeat.health import free_disk_gb, space_used, watched_paths
 from nightlab.loop import hardware
 from nightlab.loop.state.config import RUN_OVERHEAD_S, ConfigError, Settings, is_named_source, resolve_secrets
 from nightlab.loop.state.errors import UserError
@@ -280,7 +280,7 @@ def _disk_findings(settings: Settings) -> list[Finding]:
     problem = workspace_problem(settings.workspace_path)
     out = [Finding("fail", "workspace", problem, "set workspace.path (or --workspace)")] if problem else []
     need = settings.heartbeat.min_free_disk_gb
-    for label, path in settings.written_paths(settings.workspace_path).items():
+    for label, path in watched_paths(settings, settings.workspace_path).items():
         free = free_disk_gb(path)  # as the heartbeat measures it when it pauses the loop
         if free < need:
             used = space_used(settings.workspace_path, settings.cache_path)
@@ -386,11 +386,17 @@ def _program_findings(settings: Settings) -> list[Finding]:
     commands = project_commands(settings)
     if settings.proposer.kind == "agent":
         commands.append(("proposer.agent.command", settings.proposer.agent.command))
+    here = {key for key, _ in project_commands(settings, here=True)} | {"proposer.agent.command"}
     out = []
     for key, command in commands:
         problem = missing_program(command, settings.workspace_path)
-        if problem is not None:
+        if problem is None:
+            continue
+        if key in here:
             out.append(Finding("fail", "programs", f"{key} starts {problem}", f"install it, or fix {key}"))
+        else:  # as the engine's start: a Slurm node runs it with its own PATH
+            out.append(Finding("warn", "programs", f"{key} starts {problem} here",
+                               "a Slurm node's PATH decides there: install it on the nodes, or give its full path"))
     return out
 
 

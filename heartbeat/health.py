@@ -7,6 +7,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+from nightlab.loop.state.config import Settings
 from nightlab.loop.state.disk import GIB, MIB, human_size, tree_size
 
 # What nightlab writes, and what a person may do about each (folder names as the engine makes them:
@@ -30,6 +31,13 @@ def free_disk_gb(path: Path) -> float:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return shutil.disk_usage(probe).free / GIB
+
+
+def watched_paths(settings: Settings, workspace: Path) -> dict[str, Path]:
+    """Where the low-disk checks look, by what it holds: the workspace, and the data cache when the
+    built-in trainer's runs read it (a project's own run command reads nothing there: a full home
+    disk would pause its loop for nothing)."""
+    return {"workspace": workspace, **({"data": settings.cache_path} if not settings.project.run_command else {})}
 
 
 def space_used(workspace: Path, cache: Path) -> str:

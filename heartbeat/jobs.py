@@ -44,7 +44,7 @@ from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from nightlab.heartbeat.engine_child import ENGINE_STOP_GRACE_S, EngineProcess
-from nightlab.heartbeat.health import MIB, free_disk_gb, space_used
+from nightlab.heartbeat.health import MIB, free_disk_gb, space_used, watched_paths
 from nightlab.heartbeat.report import write_report
 from nightlab.heartbeat.sdnotify import Notifier
 from nightlab.loop.executors import Executor, RunHandle
@@ -318,7 +318,7 @@ class Heartbeat:
 
     # -- host ------------------------------------------------------------------------------------
     def check_host(self) -> None:
-        low = {str(p): free_disk_gb(p) for p in self.settings.written_paths(self.workspace).values()}
+        low = {str(p): free_disk_gb(p) for p in watched_paths(self.settings, self.workspace).values()}
         low = {p: gb for p, gb in low.items() if gb < self.limits.min_free_disk_gb}
         if low and not self._low_disk:
             where = ", ".join(f"{p} has {gb:.1f} GB free" for p, gb in low.items())

@@ -6,9 +6,9 @@ Two formats, both written by the built-in trainer and common in users' own proje
 METRIC lines win where both name a figure. Non-numeric values (e.g. `mfu_percent: n/a`) are
 kept out of `metrics` so a missing figure is never read as a number. A line `REJECTED: reason`
 (the built-in harness refusing a trained model, e.g. one that looks ahead) is kept as `rejected`.
-A line is what the run wrote up to a newline, as the harness passes training output on (prefixing
-the lines that pose as a result): a `\r` or a Unicode line separator inside it starts no line, or
-train.py could print `progress\rMETRIC val_bpb=0.5` past the prefix.
+Lines are str.splitlines()'s: a `\r` ends one (a progress line printed with end="\r" does not
+swallow the `---` after it), and the harness prefixes the training output's lines that pose as a
+result by the same split (trainer/prepare.py: `progress\rMETRIC val_bpb=0.5` is prefixed after its `\r`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _number(text: str) -> float | None:
 
 
 def parse_summary(text: str) -> Summary:
-    lines = text.split("\n")  # not splitlines(): see the module's docstring
+    lines = text.splitlines()
     figures: list[tuple[str, str]] = []
     # The last `---` starts the summary block: earlier ones may be part of the user's output.
     start = max((i for i, line in enumerate(lines) if line.strip() == "---"), default=None)

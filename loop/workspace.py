@@ -288,7 +288,11 @@ def missing_program(command: str, workspace: Path) -> str | None:
     return None if shutil.which(program) is not None else f"{program!r}, which is not on PATH"
 
 
-_SHELL_WORDS = {"cd", "exec", "export", "source", ".", "set", "if", "for", "while", "time", "nice", "!"}
+# words after which the shell decides: its own, no program on PATH (POSIX reserved words and builtins,
+# dash's as /bin/sh runs the commands, bash's `source` and `time`), and `nice`, which starts the next word
+_SHELL_WORDS = {"!", "case", "for", "if", "until", "while", ".", ":", "alias", "cd", "command", "eval", "exec",
+                "exit", "export", "getopts", "hash", "local", "read", "readonly", "set", "shift", "source",
+                "time", "trap", "type", "ulimit", "umask", "unalias", "unset", "wait", "nice"}
 
 
 def _program(command: str) -> str | None:

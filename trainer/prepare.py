@@ -1082,17 +1082,20 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     claimed: list[str] = []
 
     def untrusted(line: str) -> str:
-        match = _CLAIMED.match(line)
-        if match:
-            claimed.append(match.group(1))
-        return TRAIN_PREFIX + line if _POSING.match(line) else line
+        # by the lines the log's parser reads (str.splitlines: a `\r` starts one too), so that
+        # `progress\rMETRIC val_bpb=0.5` gets its prefix where the parser would read it
+        parts = line.splitlines(keepends=True)
+        claimed.extend(match.group(1) for part in parts if (match := _CLAIMED.match(part)))
+        return "".join(TRAIN_PREFIX + part if _POSING.match(part) else part for part in parts)
 
     code = _stream(train_command, train_env, untrusted)
     if code != 0:
         print(f"FAIL: the training command exited with code {code}", flush=True)
         return code
     if score_command is not None:
-        if not any(artifact.iterdir()):  # a score command that copes with nothing would score no training
+        # a score command that copes with nothing would score no training (the folder may be gone:
+        # a training command's own clean)
+        if not artifact.is_dir() or not any(artifact.iterdir()):
             print(f"REJECTED: the training command saved nothing in ${ENV_ARTIFACT_DIR} ({artifact}) for the score"
                   " command to score", flush=True)
             return 1

@@ -327,12 +327,6 @@ class Settings:
     def cache_path(self) -> Path:
         return self._path(self.data.cache_dir)
 
-    def written_paths(self, workspace: Path) -> dict[str, Path]:
-        """Where nightlab writes for this config, by what it holds, as the low-disk checks watch it:
-        the workspace, and the data cache when the built-in trainer's runs read it (a project's own
-        run command reads nothing there: a full home disk would pause its loop for nothing)."""
-        return {"workspace": workspace, **({"data": self.cache_path} if not self.project.run_command else {})}
-
     @property
     def data_source(self) -> str:
         """data.source as the data is prepared from: a local folder as an absolute path (relative

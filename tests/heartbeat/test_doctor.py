@@ -150,6 +150,21 @@ def test_a_program_the_config_starts_that_is_not_installed_fails(tmp_path: Path,
     assert not lines(out, "FAIL programs") and code == 0, out
 
 
+def test_on_slurm_a_run_program_missing_here_is_a_warning_not_a_failure(tmp_path: Path, fake_gpus, capsys) -> None:
+    """A node runs the run and its score with its own PATH (a module's program, a node's conda): the
+    engine starts with them, and doctor failed the config for this host's PATH. The checks, which the
+    engine runs here, still fail."""
+    fake_gpus([])
+    config = write_config(tmp_path, project={"run_command": "nosuch-train fit.py", "checks_command": "nosuch-lint",
+                                             "editable": ["fit.py"], "protected": []},
+                          executor={"kind": "slurm"}, **{"executor.slurm": {"shared_dir": str(tmp_path)}})
+    _, out = doctor(config, capsys)
+    assert lines(out, "FAIL programs") == ["FAIL programs  project.checks_command starts 'nosuch-lint', which is not on PATH"]
+    assert lines(out, "WARN programs") == ["WARN programs  project.run_command starts 'nosuch-train', which is not on"
+                                           " PATH here"]
+    assert "-> a Slurm node's PATH decides there: install it on the nodes, or give its full path" in out
+
+
 def test_a_project_file_the_repository_lacks_fails_before_the_workspace_is_made(
         tmp_path: Path, fake_gpus, capsys) -> None:
     """Doctor said "runs can start", then `nightlab run` refused to make the workspace."""

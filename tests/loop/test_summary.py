@@ -65,3 +65,10 @@ def test_a_rejection_by_the_harness_is_kept_with_its_reason() -> None:
     # a project's own output that happens to say REJECTED while succeeding is not a rejection
     ok = parse_summary("REJECTED: a line of the user's\n---\nval_bpb: 1.0\n")
     assert failure_reason(Measurement(0, None, ok, ""), "val_bpb") is None
+
+
+def test_a_summary_after_progress_ended_by_a_carriage_return_is_read() -> None:
+    """`print(f"epoch {e} loss {l}", end="\\r")` then `print("---")`: a project's own run (no score
+    command) printed its block on the progress line, and every run crashed "no accuracy in the log"."""
+    summary = parse_summary("epoch 1 loss 0.3\repoch 2 loss 0.1\r---\naccuracy: 0.91\n")
+    assert summary.get("accuracy") == 0.91

@@ -208,3 +208,19 @@ def test_a_projects_program_md_names_its_own_files_and_metric(tmp_path: Path) ->
     assert "`train.py`" in program and "`prepare.py`" in program and "accuracy" in program and "highest" in program
     assert "val_bpb" not in program and "harness.py" not in program
 
+
+
+@pytest.mark.parametrize("command", [
+    'eval "$(conda shell.bash hook)" && conda activate fit && python fit.py',
+    "ulimit -v 64000000; python fit.py",
+    "umask 002 && python fit.py",
+    "trap 'rm -f lock' EXIT; python fit.py",
+    "command -v python && python fit.py",
+])
+def test_a_command_starting_with_a_shell_builtin_is_left_to_the_shell(tmp_path: Path, command: str) -> None:
+    """`eval`, `ulimit`, `umask` are no program on PATH but the shell's own: the engine's start
+    refused such a run command as "'eval', which is not on PATH", and the loop never ran."""
+    from nightlab.loop.workspace import missing_program
+
+    assert missing_program(command, tmp_path) is None
+    assert missing_program("nosuch-fit fit.py", tmp_path) == "'nosuch-fit', which is not on PATH"

@@ -856,3 +856,32 @@ def test_upstreams_imports_still_resolve() -> None:
     """Upstream autoresearch's train.py imports these from prepare (bench/trainer.py --other)."""
     for name in ("MAX_SEQ_LEN", "TIME_BUDGET", "Tokenizer", "make_dataloader", "evaluate_bpb"):
         assert hasattr(P, name), name
+
+
+def test_the_harness_lines_after_progress_ended_by_a_carriage_return_are_read(
+        tmp_path: Path, monkeypatch, capfd) -> None:
+    """Training's last progress line ended in `\\r`, no newline: the score command's `---` block, or the
+    harness's REJECTED line, went on that line and was not read (a crash, "no accuracy in the log")."""
+    from nightlab.loop.summary import parse_summary
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    progress = "import sys\nsys.stdout.write('epoch 1\\repoch 2\\r')\n"
+    score = _script(tmp_path, "s.py", "print('---')\nprint('accuracy: 0.5')\n")
+    assert P.run(_script(tmp_path, "t.py", progress + SAVE), score) == 0
+    assert parse_summary(capfd.readouterr().out).get("accuracy") == 0.5
+    assert P.run(_script(tmp_path, "t.py", progress), score) == 1
+    assert parse_summary(capfd.readouterr().out).rejected.startswith("the training command saved nothing")
+
+
+def test_a_training_command_that_removed_the_artifact_folder_is_rejected_without_a_traceback(
+        tmp_path: Path, monkeypatch, capfd) -> None:
+    """`shutil.rmtree($NIGHTLAB_ARTIFACT_DIR)` to start clean, the model saved elsewhere: the check
+    for a saved model ended the harness in a FileNotFoundError traceback."""
+    from nightlab.loop.summary import parse_summary
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    train = _script(tmp_path, "t.py", "import os, shutil\nshutil.rmtree(os.environ['NIGHTLAB_ARTIFACT_DIR'])\n")
+    assert P.run(train, _script(tmp_path, "s.py", "print('---')\nprint('accuracy: 0.5')\n")) == 1
+    assert parse_summary(capfd.readouterr().out).rejected.startswith("the training command saved nothing")
