@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -276,33 +277,33 @@ def project_commands(settings: Settings, here: bool = False) -> list[tuple[str, 
 
 
 def missing_program(command: str, workspace: Path) -> str | None:
-    """What is wrong with the program a configured command starts (it runs through the shell in
+    """What is wrong with the program a configured command starts (it runs through /bin/sh in
     the workspace, with this process's PATH): "'claude', which is not on PATH"; None when it is
-    there or the shell decides (an assignment, a shell word or an expansion first)."""
+    there, is the shell's own (a builtin, a keyword) or the shell decides at run time (an
+    assignment or an expansion first)."""
     program = _program(command)
     if program is None:
         return None
     if "/" in program:
         where = workspace / program  # an absolute path stays itself
         return None if where.is_file() and os.access(where, os.X_OK) else f"{program!r}, which is not an executable file"
-    return None if shutil.which(program) is not None else f"{program!r}, which is not on PATH"
-
-
-# words after which the shell decides: its own, no program on PATH (POSIX reserved words and builtins,
-# dash's as /bin/sh runs the commands, bash's `source` and `time`), and `nice`, which starts the next word
-_SHELL_WORDS = {"!", "case", "for", "if", "until", "while", ".", ":", "alias", "cd", "command", "eval", "exec",
-                "exit", "export", "getopts", "hash", "local", "read", "readonly", "set", "shift", "source",
-                "time", "trap", "type", "ulimit", "umask", "unalias", "unset", "wait", "nice"}
+    # /bin/sh runs the commands, and only it knows its own words: dash has `eval` and `ulimit` but no `source`
+    found = subprocess.run(["/bin/sh", "-c", 'command -v -- "$1"', "sh", program], capture_output=True, check=False)
+    if found.returncode == 0:
+        return None
+    if program == "source":
+        return "'source', which /bin/sh (it runs the commands) does not have: write `. FILE` instead"
+    return f"{program!r}, which is not on PATH"
 
 
 def _program(command: str) -> str | None:
     """The program a shell command line starts, when that is plain to see; None otherwise
-    (empty, an assignment, a shell word or expansion first: the shell decides)."""
+    (empty, an assignment or expansion first: the shell decides)."""
     try:
         words = shlex.split(command)
     except ValueError:
         return None
-    if not words or words[0] in _SHELL_WORDS or any(c in words[0] for c in "=$`(){}<>|;&*?~"):
+    if not words or any(c in words[0] for c in "=$`(){}<>|;&*?~"):
         return None
     return words[0]
 

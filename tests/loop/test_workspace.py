@@ -209,13 +209,14 @@ def test_a_projects_program_md_names_its_own_files_and_metric(tmp_path: Path) ->
     assert "val_bpb" not in program and "harness.py" not in program
 
 
-
 @pytest.mark.parametrize("command", [
     'eval "$(conda shell.bash hook)" && conda activate fit && python fit.py',
     "ulimit -v 64000000; python fit.py",
     "umask 002 && python fit.py",
     "trap 'rm -f lock' EXIT; python fit.py",
     "command -v python && python fit.py",
+    "if true; then python fit.py; fi",
+    ". .venv/bin/activate && python fit.py",
 ])
 def test_a_command_starting_with_a_shell_builtin_is_left_to_the_shell(tmp_path: Path, command: str) -> None:
     """`eval`, `ulimit`, `umask` are no program on PATH but the shell's own: the engine's start
@@ -224,3 +225,13 @@ def test_a_command_starting_with_a_shell_builtin_is_left_to_the_shell(tmp_path: 
 
     assert missing_program(command, tmp_path) is None
     assert missing_program("nosuch-fit fit.py", tmp_path) == "'nosuch-fit', which is not on PATH"
+
+
+def test_bashs_source_is_named_with_what_sh_has_instead(tmp_path: Path) -> None:
+    """/bin/sh runs the commands; where it is dash, `source venv/bin/activate && …` fails every run."""
+    from nightlab.loop.workspace import missing_program
+
+    if subprocess.run(["/bin/sh", "-c", "command -v source"], capture_output=True, check=False).returncode == 0:
+        pytest.skip("this /bin/sh has `source` (bash)")
+    assert missing_program("source .venv/bin/activate && python fit.py", tmp_path) == (
+        "'source', which /bin/sh (it runs the commands) does not have: write `. FILE` instead")
