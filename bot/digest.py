@@ -23,6 +23,7 @@ from nightlab.bot.format import (
 )
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import DigestSettings
+from nightlab.loop.state.stats import gain_words
 from nightlab.loop.state.store import Event
 from nightlab.loop.state.views import numbered
 
@@ -121,8 +122,7 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
     metric = p.get("metric")
     figure = f"{name} {_num(metric)}" if metric is not None else f"{name} —"
     if p.get("gain") is not None and p.get("se") is not None:  # a gain is positive when better
-        g = float(p["gain"])
-        figure += f" ({'better' if g > 0 else 'worse'} by {abs(g):.4f} ± {float(p['se']):.4f}"
+        figure += f" ({gain_words(float(p['gain']), float(p['se']))}"
         figure += f", n = {p['n']} vs {p['n_best']})" if p.get("n") and p.get("n_best") else ")"
     elif p.get("delta") is not None:  # worded as the gains are: "better"/"worse", whichever the direction
         d, was = float(p["delta"]), p.get("previous_best")

@@ -47,8 +47,15 @@ class Comparison:
 
     def text(self) -> str:
         """ "better by 0.0031 ± 0.0012 (n = 3 vs 5)" (± one standard error)."""
-        word = "better" if self.gain > 0 else "worse"
-        return f"{word} by {abs(self.gain):.4f} ± {self.se:.4f} (n = {self.n_candidate} vs {self.n_incumbent})"
+        return f"{gain_words(self.gain, self.se)} (n = {self.n_candidate} vs {self.n_incumbent})"
+
+
+def gain_words(gain: float, se: float) -> str:
+    """ "better by 0.0031 ± 0.0012", "worse by …"; a gain that rounds to nothing is "the same"
+    (it read "worse by 0.0000")."""
+    if f"{abs(gain):.4f}" == "0.0000":
+        return f"the same to 4 decimals ± {se:.4f}"
+    return f"{'better' if gain > 0 else 'worse'} by {abs(gain):.4f} ± {se:.4f}"
 
 
 def gain(metric: float, best: float, direction: str) -> float:

@@ -31,7 +31,7 @@ def _judge(m: Measurement, kind: str = "proposal", best: list[float] | None = No
     ("m", "status", "reason"),
     [
         (_m(0.9), "keep", "better by 0.1000 ± 0.0141 (n = 1 vs 1)"),
-        (_m(1.0), "discard", "not better: worse by 0.0000 ± 0.0141 (n = 1 vs 1)"),
+        (_m(1.0), "discard", "not better: the same to 4 decimals ± 0.0141 (n = 1 vs 1)"),
         (_m(1.1), "discard", "not better: worse by 0.1000 ± 0.0141 (n = 1 vs 1)"),
         (_m(float("nan")), "crash", "val_bpb is nan"),
         (_m(0.9, exit_code=3), "crash", "exit code 3"),
