@@ -347,8 +347,12 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     every = ledger.experiments(store)
     later = _undecided_runs(store, every)
     rows = [e for e in every if status is None or _shown_status(e, later) == status]
+    older = 0
     if top is not None:
-        scored = sorted((e for e in rows if e.metric is not None),
+        # a result of an earlier setting (another budget, data, metric) ranks against nothing now
+        current = _current(rows)
+        older = sum(e.metric is not None for e in rows) - sum(e.metric is not None for e in current)
+        scored = sorted((e for e in current if e.metric is not None),
                         key=lambda e: (e.metric if direction == "minimize" else -e.metric, e.number))  # type: ignore[operator]
         rows = scored[:max(1, top)]
     else:
@@ -356,7 +360,10 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
     if not rows:
         return f"no {status or 'scored'} experiments yet"
     several = len({e.hardware for e in rows}) > 1  # metrics of different classes are not comparable
-    return "\n".join(line + (f" [{e.hardware or 'no run'}]" if several else "") for e, line in zip(rows, _lines(rows, later)))
+    lines = [line + (f" [{e.hardware or 'no run'}]" if several else "") for e, line in zip(rows, _lines(rows, later))]
+    if older:
+        lines.append(f"(ranked within the current setting; {counted(older, 'result')} of an earlier one left out)")
+    return "\n".join(lines)
 
 
 def best_text(workspace: Path) -> str:

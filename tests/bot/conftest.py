@@ -55,7 +55,7 @@ def finished(store: Store, status: str = "discard", metric: float | None = 1.0, 
         number=cand.number, kind="proposal", confirm_of=None, commit="c0ffee", status=status,
         metric=metric, metrics={}, best=extra.get("best", metric), confidence=None,
         description=extra.get("description", "a change"), hypothesis="because", area="optimizer",
-        duration_s=extra.get("duration_s", 312.0), finished_at=time.time(),
+        duration_s=extra.get("duration_s", 312.0), finished_at=time.time(), setting=extra.get("setting", ""),
     )
     event = {
         "number": cand.number, "status": status, "metric_name": "val_bpb", "metric": metric,

@@ -45,6 +45,19 @@ def test_filters(workspace: Path, capsys) -> None:
     assert capsys.readouterr().out.strip() == "no checks_failed experiments yet"
 
 
+def test_top_ranks_within_the_current_setting(tmp_path: Path, capsys) -> None:
+    """After a budget, data or metric change, a result of before ranks against nothing: the old
+    setting's 0.85 topped a list of the new one's (a metric change even mixed two metrics)."""
+    store = Store.for_workspace(tmp_path)
+    for metric, setting in [(1.0, "s300"), (0.85, "s300"), (None, "s300"), (1.3, "s600"), (1.25, "s600")]:
+        finished(store, "keep" if metric else "crash", metric, setting=setting)
+    store.close()
+    assert cli.main(["history", "--workspace", str(tmp_path), "--top", "3"]) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in said[:-1]] == ["#5", "#4"]
+    assert said[-1] == "(ranked within the current setting; 2 results of an earlier one left out)"
+
+
 def test_the_columns_stay_aligned_past_9(workspace: Path, capsys) -> None:
     store = Store.for_workspace(workspace)
     for _ in range(3):  # #8 .. #10
