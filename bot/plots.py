@@ -163,7 +163,7 @@ def draw(points: Sequence[Point], metric_name: str = "val_bpb", direction: str =
         if marks.measured:
             ax.scatter([p.number for p in marks.measured], _metrics(marks.measured), c="white", s=30,
                        edgecolors="#2ca02c", linewidths=1.2,
-                       label=f"baseline runs ({len(marks.measured)})", zorder=3)
+                       label=f"baseline and re-measurements of the best ({len(marks.measured)})", zorder=3)
         ax.scatter([p.number for p in marks.kept], _metrics(marks.kept), c="#2ca02c", s=36,
                    edgecolors="black", linewidths=0.5, label=f"kept changes ({len(marks.kept)})", zorder=3)
         top = blended_transform_factory(ax.transData, ax.transAxes)
