@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -410,13 +411,25 @@ def _channel_findings(settings: Settings) -> list[Finding]:
 _CLIENT_LOGGERS = ("telegram", "slack_sdk", "httpx")  # the client libraries' own loggers
 
 
+class _CheckLibraryLog(logging.Filter):
+    """Drops the client libraries' records made by the thread that checks a channel. Not their
+    levels: the daemon checks in a thread while its bot starts, and the bot's records must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.thread == self.thread and record.name.split(".")[0] in _CLIENT_LOGGERS)
+
+
 def _reach(name: str, call: Any, api_base: str, token: str) -> Finding:
     # A client library logs what went wrong (a traceback, e.g. for an api_base that answers HTML)
     # before it raises; the finding says it once, without the traceback.
-    loggers = [logging.getLogger(n) for n in _CLIENT_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL + 1)
+    quiet = _CheckLibraryLog()
+    handlers = [*logging.getLogger().handlers, *([logging.lastResort] if logging.lastResort else [])]
+    for handler in handlers:
+        handler.addFilter(quiet)
     try:
         return Finding("ok", "channels", f"{name}: reachable, {call(api_base, token)}")
     except Exception as exc:  # noqa: BLE001 - any failure of the client library is the finding
@@ -424,8 +437,8 @@ def _reach(name: str, call: Any, api_base: str, token: str) -> Finding:
         return Finding("fail", "channels", f"{name}: not reachable ({said})",
                        f"check the token and the network (README: {name.capitalize()})")
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _telegram_me(api_base: str, token: str) -> str:
