@@ -13,8 +13,10 @@ run would fail: the command exits 1. `nightlab run` logs the same findings when 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import os
 import shlex
 import shutil
 import subprocess
@@ -160,6 +162,11 @@ def _gpu_findings(settings: Settings, report: hardware.GpuReport) -> list[Findin
 
 
 def _torch_facts(python: str) -> dict[str, Any]:
+    return dict(_probe_torch(python, os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+@functools.cache  # an interpreter's torch does not change while one process asks again (~1.5 s a probe)
+def _probe_torch(python: str, visible: str | None) -> dict[str, Any]:
     try:
         out = subprocess.run([python, "-c", TORCH_PROBE], capture_output=True, text=True,
                              timeout=_TORCH_TIMEOUT_S, check=False)
