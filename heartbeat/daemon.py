@@ -85,8 +85,7 @@ log = logging.getLogger("nightlab.daemon")
 
 BOT_STOP_TIMEOUT_S = 10.0
 DOCTOR_JOIN_S = 10.0  # a stop waits this long at most for the start's doctor findings
-SETTLE_S = 0.5  # how often the main thread looks for signals' requests
-CONFIG_LOOK_S = 5.0  # how often it looks whether the config file was edited
+SETTLE_S = 0.5  # how often the main thread looks for signals' requests and an edit of the config (a small file)
 
 
 @dataclass(frozen=True)
@@ -190,7 +189,6 @@ class Daemon:
             return
         stop_leftover_engine(self.workspace, ENGINE_STOP_GRACE_S)
         heartbeat.start_engine()
-        looked = time.monotonic()
         while not self._stop.wait(SETTLE_S):
             self._keep(lock)
             if self._start is not None and self._engine_up(heartbeat):
@@ -199,9 +197,7 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload(heartbeat, scheduler)
-            if time.monotonic() - looked >= CONFIG_LOOK_S:
-                looked = time.monotonic()
-                self._notice_edit()
+            self._notice_edit()
 
     def _keep(self, lock: DaemonLock) -> None:
         """The lock file put back if removed; one who took the workspace meanwhile is not shared with."""
