@@ -2,7 +2,8 @@
 
 What runs where
 - This process holds the workspace lock, runs the chat channels (bot service, background
-  thread) and an APScheduler BackgroundScheduler with the heartbeat jobs (jobs.py).
+  thread) and an APScheduler BackgroundScheduler with the heartbeat jobs (jobs.py). The start's
+  doctor findings are made in a thread of their own: the night does not wait for them.
 - The engine runs as a CHILD PROCESS (`python -m nightlab.loop.engine`), not a thread: a thread
   cannot be killed, so an engine stuck in a blocking call could never be recovered; a process can
   be terminated or SIGKILLed and a new one resumes from the state store.
@@ -14,7 +15,8 @@ What runs where
 Stopping
 - SIGTERM/SIGINT: STOPPING=1, the scheduler stops, the bot stops (no more commands accepted), the
   engine gets SIGTERM (SIGKILL after a grace period), the lock is released, exit 0. All bounded:
-  at most about BOT_STOP_TIMEOUT_S + ENGINE_STOP_GRACE_S. The in-flight training run is LEFT
+  at most about BOT_STOP_TIMEOUT_S + ENGINE_STOP_GRACE_S (+ DOCTOR_JOIN_S in the seconds after a
+  start, while the doctor's findings are still coming). The in-flight training run is LEFT
   RUNNING on purpose, to be re-attached by the next start (a restart costs no experiment). The
   systemd unit agrees: KillMode=process (service.py) makes `systemctl stop/restart` signal only
   this process, not the run's session that still lives in the service's cgroup. The stop, and
@@ -84,8 +86,8 @@ if TYPE_CHECKING:  # imported when channels are on: the bot pulls in the HTTP cl
 log = logging.getLogger("nightlab.daemon")
 
 BOT_STOP_TIMEOUT_S = 10.0
-SETTLE_S = 0.5  # how often the main thread looks for signals' requests
-CONFIG_LOOK_S = 5.0  # how often it looks whether the config file was edited
+DOCTOR_JOIN_S = 10.0  # a stop waits this long at most for the start's doctor findings
+SETTLE_S = 0.5  # how often the main thread looks for signals' requests and an edit of the config (a small file)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,10 @@ class Daemon:
         self.workspace.mkdir(parents=True, exist_ok=True)  # `--workspace PATH` creates it
         with DaemonLock(self.workspace) as lock:
             log.info("nightlab daemon (pid %d) for %s, config %s", os.getpid(), self.workspace, self.config)
-            log_report(self.settings)  # `nightlab doctor`'s findings in the log; a night starts either way
+            # `nightlab doctor`'s findings in the log; a night starts either way, so it does not wait
+            # for them (the torch probe alone takes ~2 s, a slow chat API up to its timeout)
+            doctor = threading.Thread(target=log_report, args=(self.settings,), name="doctor", daemon=True)
+            doctor.start()
             # following its path: after an agent removed the ledger, the engine writes it back and stops;
             # this stop, and what the bot sends meanwhile, belong in that file, which the next start reads
             store = Store.for_workspace(self.workspace, follow=True)
@@ -164,6 +169,8 @@ class Daemon:
                 self._say_stopped(store, error)  # before the bot's drain, which sends it
                 if self._bot is not None:
                     self._bot.stop(timeout=BOT_STOP_TIMEOUT_S)
+                # a stop seconds after the start: the findings still reach the log, the probe is not left behind
+                doctor.join(DOCTOR_JOIN_S)
                 store.close()
                 log.info("nightlab daemon stopped (%s)", self._why or "error")
         return self._exit_code
@@ -187,15 +194,12 @@ class Daemon:
         # poll later, it came after an experiment the engine had started meanwhile
         lifecycle.say_started(heartbeat.store, start, time.time())
         heartbeat.start_engine()
-        looked = time.monotonic()
         while not self._stop.wait(SETTLE_S):
             self._keep(lock)
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload(heartbeat, scheduler)
-            if time.monotonic() - looked >= CONFIG_LOOK_S:
-                looked = time.monotonic()
-                self._notice_edit()
+            self._notice_edit()
 
     def _keep(self, lock: DaemonLock) -> None:
         """The lock file put back if removed; one who took the workspace meanwhile is not shared with."""

@@ -13,12 +13,15 @@ run would fail: the command exits 1. `nightlab run` logs the same findings when 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -163,6 +166,11 @@ def _gpu_findings(settings: Settings, report: hardware.GpuReport) -> list[Findin
 
 
 def _torch_facts(python: str) -> dict[str, Any]:
+    return dict(_probe_torch(python, os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+@functools.cache  # an interpreter's torch does not change while one process asks again (~1.5 s a probe)
+def _probe_torch(python: str, visible: str | None) -> dict[str, Any]:
     try:
         out = subprocess.run([python, "-c", TORCH_PROBE], capture_output=True, text=True,
                              timeout=_TORCH_TIMEOUT_S, check=False)
@@ -420,13 +428,25 @@ def _channel_findings(settings: Settings) -> list[Finding]:
 _CLIENT_LOGGERS = ("telegram", "slack_sdk", "httpx")  # the client libraries' own loggers
 
 
+class _CheckLibraryLog(logging.Filter):
+    """Drops the client libraries' records made by the thread that checks a channel. Not their
+    levels: the daemon checks in a thread while its bot starts, and the bot's records must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.thread == self.thread and record.name.split(".")[0] in _CLIENT_LOGGERS)
+
+
 def _reach(name: str, call: Any, api_base: str, token: str) -> Finding:
     # A client library logs what went wrong (a traceback, e.g. for an api_base that answers HTML)
     # before it raises; the finding says it once, without the traceback.
-    loggers = [logging.getLogger(n) for n in _CLIENT_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL + 1)
+    quiet = _CheckLibraryLog()
+    handlers = [*logging.getLogger().handlers, *([logging.lastResort] if logging.lastResort else [])]
+    for handler in handlers:
+        handler.addFilter(quiet)
     try:
         return Finding("ok", "channels", f"{name}: reachable, {call(api_base, token)}")
     except Exception as exc:  # noqa: BLE001 - any failure of the client library is the finding
@@ -434,8 +454,8 @@ def _reach(name: str, call: Any, api_base: str, token: str) -> Finding:
         return Finding("fail", "channels", f"{name}: not reachable ({said})",
                        f"check the token and the network (README: {name.capitalize()})")
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _telegram_me(api_base: str, token: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,6 +72,21 @@ def test_sigterm_stops_within_the_bound_and_leaves_the_run_running(
     assert not any(gone(p) for p in run_pids)
     run = ledger.get_run(daemon.store, 1)
     assert (run.state, run.kill_reason) == ("running", None)
+
+
+def test_the_engine_starts_while_the_doctor_still_waits_on_a_chat_api(harness: Harness) -> None:
+    """The start's doctor findings held the engine back until every check was done: the torch
+    probe (~2 s every start) and a chat API that does not answer (its 10 s timeout). They now come
+    in the log while the night runs, and a stop soon after the start still waits for them."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connections queue, never answered
+        chat = (f'[telegram]\ntoken = {{ env = "NIGHTLAB_TEST_TG" }}\noperators = [1]\n'
+                f'api_base = "http://127.0.0.1:{silent.getsockname()[1]}/"\n')
+        daemon = harness.start(env={"NIGHTLAB_TEST_TG": "123:abc"}, extra_config=chat)
+        wait_until(lambda: daemon.store.get("engine.tick"), what="the engine to tick")
+        assert "channels  telegram" not in daemon.log()
+    assert daemon.stop() == 0  # closed: the check fails at once, and its finding is logged before the stop
+    assert "FAIL channels  telegram: not reachable" in daemon.log()
+    assert daemon.log().index("channels  telegram") < daemon.log().index("nightlab daemon stopped")
 
 
 def test_an_engine_left_over_by_a_previous_daemon_is_stopped_first(harness: Harness, tmp_path: Path) -> None:

@@ -301,6 +301,23 @@ def test_an_interpreter_without_torch(tmp_path: Path, fake_gpus) -> None:
     assert report.exit_code == 1
 
 
+def test_one_process_probes_an_interpreter_s_torch_once(tmp_path: Path, fake_gpus) -> None:
+    """Each diagnosis started a child importing torch (~1.5 s); an interpreter's torch does not
+    change while one process asks again."""
+    fake_gpus([])
+    count = tmp_path / "probes"
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\necho probed >> {count}\n"
+                      'echo \'{"python": "3.11.7", "torch": "2.13.0+cpu", "cuda": null, "cuda_available": false, '
+                      '"devices": [], "mps": false, "flex": true}\'\n')
+    python.chmod(0o755)
+    settings = settings_from_table({"workspace": {"path": str(tmp_path / "ws")}})
+    first, second = (diagnose(settings, python=str(python)) for _ in range(2))
+    assert [f for f in first.findings if f.topic == "torch"] == [f for f in second.findings if f.topic == "torch"]
+    assert "torch 2.13.0+cpu (CPU-only build)" in next(f.text for f in second.findings if f.topic == "torch")
+    assert count.read_text() == "probed\n"
+
+
 def test_each_chat_channel_is_reached(tmp_path, fake_gpus, capsys, monkeypatch, telegram, slack) -> None:
     fake_gpus([])
     monkeypatch.setenv("TG", telegram.token)
