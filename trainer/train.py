@@ -363,12 +363,6 @@ class MuonAdamW(torch.optim.Optimizer):
         self._adamw_beta2_t, self._adamw_eps_t, self._adamw_wd_t = t(), t(), t()
         self._muon_momentum_t, self._muon_lr_t, self._muon_wd_t, self._muon_beta2_t = t(), t(), t(), t()
 
-    def add_param_group(self, param_group):
-        # torch's is wrapped to import torch._dynamo on its first call, about 1 s of every CPU or MPS
-        # run, which never compiles; the wrapper matters only inside a compiled region, not here
-        add = torch.optim.Optimizer.add_param_group
-        getattr(add, "__wrapped__", add)(self, param_group)
-
     def _step_adamw(self, group):
         for p in group["params"]:
             if p.grad is None:

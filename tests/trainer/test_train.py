@@ -349,16 +349,14 @@ def test_profiles_do_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_building_the_model_and_a_step_of_its_optimizer_leave_torch_dynamo_unloaded():
+def test_building_the_model_leaves_torch_dynamo_unloaded():
     """An eager process (the scorer every experiment, CPU and MPS training) never needs dynamo;
-    building on the meta device imported it, and so did torch's Optimizer (about 1 s a process)."""
+    building on the meta device imported it (about 1 s a process)."""
     code = ("import sys, torch, train; from dataclasses import asdict; "
             "c = train.GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32); "
-            "m = train.build_model(asdict(c), torch.device('cpu')); train.harness.use_backend('sdpa'); "
-            "o = m.setup_optimizer(); x = torch.randint(0, 64, (2, 32)); m(x, x).backward(); o.step(); "
-            "print('torch._dynamo' in sys.modules)")
+            "train.build_model(asdict(c), torch.device('cpu')); print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=TRAINER, capture_output=True, text=True, check=True)
-    assert out.stdout.splitlines()[-1] == "False"
+    assert out.stdout.strip() == "False"
 
 
 # ---------------------------------------------------------------------------
