@@ -12,7 +12,7 @@ from nightlab.bot.auth import REFUSAL_WINDOW_S, Refusals
 from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
 from nightlab.bot.telegram import TelegramChannel
-from nightlab.loop.state import views
+from nightlab.loop.state import ledger, views
 from nightlab.loop.state.config import Secret, Secrets
 from nightlab.loop.state.store import Store
 
@@ -122,6 +122,38 @@ def test_a_focus_gets_one_answer(tg: FakeTelegram, bot: BotService, store: Store
     assert ask(tg, "/focus off", OPERATOR)[0].startswith("✔ focus off from the next proposal")
     assert _group_after_apply(tg, store, "second")[2:] == [f"🎯 focus → off by telegram:{OPERATOR}", "🚨 second"]
     assert len(tg.messages(OPERATOR)) == 1 and store.get("loop.focus") is None
+
+
+def test_a_pause_sent_twice_is_said_once(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # A double tap on the phone: the second /pause is answered, not queued (applied twice, the
+    # group heard "paused" twice).
+    assert ask(tg, "/pause", OPERATOR)[0].startswith("✔ pausing")
+    assert ask(tg, "/pause", OPERATOR) == ["⚠️ 'pause' is queued already; this one changes nothing"]
+    assert len(store.pending_commands()) == 1
+    # Sent again once applied: the same, in the pause's own words.
+    group = _group_after_apply(tg, store, "applied")
+    assert ask(tg, "/pause", OPERATOR) == ["⚠️ already paused; nothing changed (resume undoes it)"]
+    assert not store.pending_commands()
+    assert [t for t in group if t.startswith("⏸")] == [f"⏸ paused by telegram:{OPERATOR}"]
+
+
+def test_a_pause_of_the_run_hours_is_taken_over(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # Paused by the run hours, the owner's /pause is no repeat: it keeps the loop paused past their start.
+    ledger.set_paused(store, "the run hours 22:00-08:00", "pause", None)
+    assert ask(tg, "/pause", OPERATOR)[0].startswith("✔ pausing")
+    assert [c.name for c in store.pending_commands()] == ["pause"]
+
+
+def test_resume_says_whether_there_is_anything_to_resume(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # Not paused: said, and nothing queued (the group got "↳ resume from …: not paused" once applied).
+    assert ask(tg, "/resume", OPERATOR) == ["⚠️ the loop is not paused; nothing to resume"]
+    assert not store.pending_commands()
+    # A /pause the engine has not applied yet counts: /pause then /resume sent at once resumes
+    # (the answer was "nothing to resume", and the loop resumed).
+    ask(tg, "/pause", OPERATOR)
+    assert ask(tg, "/resume", OPERATOR)[0].startswith("✔ resuming")
+    _group_after_apply(tg, store, "applied")
+    assert ledger.paused(store) is None
 
 
 def test_viewer_cannot_steer_and_bad_input_gets_usage(tg: FakeTelegram, bot: BotService, store: Store) -> None:
