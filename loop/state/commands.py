@@ -273,6 +273,9 @@ class Focus(Steer):
         return self.area or "off"
 
     def promise(self, store: Store, running: list[int], soon: str, sender: str) -> str:
+        # Already so, and no other focus on its way: applied, it would tell the other chats again.
+        if ledger.focus(store) == self.area and not any(r.name == self.name for r in store.pending_commands()):
+            raise UserError(f"the focus is {self.area or 'off'} already; nothing changed")
         return f"focusing on {self.area} from the next proposal" if self.area else "focus off from the next proposal"
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:

@@ -156,6 +156,18 @@ def test_resume_says_whether_there_is_anything_to_resume(tg: FakeTelegram, bot: 
     assert ledger.paused(store) is None
 
 
+def test_a_focus_already_in_force_is_answered_not_queued(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # "/focus off" with no focus set was queued, and the group heard "🎯 focus → off" for nothing.
+    assert ask(tg, "/focus off", OPERATOR) == ["⚠️ the focus is off already; nothing changed"]
+    ask(tg, "/focus attention", OPERATOR)
+    _group_after_apply(tg, store, "applied")
+    assert ask(tg, "/focus Attention", OPERATOR) == ["⚠️ the focus is attention already; nothing changed"]
+    assert not store.pending_commands()
+    # Another focus on its way: the one sent last is what the next proposal gets.
+    ask(tg, "/focus optimizer", OPERATOR)
+    assert ask(tg, "/focus attention", OPERATOR)[0].startswith("✔ focusing on attention")
+
+
 def test_viewer_cannot_steer_and_bad_input_gets_usage(tg: FakeTelegram, bot: BotService, store: Store) -> None:
     assert "only operators" in ask(tg, "/pause", VIEWER)[0]
     assert "unknown command" in ask(tg, "/frobnicate", OPERATOR)[0]
