@@ -354,6 +354,11 @@ REGISTRY: dict[str, type[Command]] = {
 }
 
 
+# Telegram's apps send "/start" when the owner first opens the bot's chat: the list of commands
+# answers it (an unknown command's warning was the first thing a new owner read).
+ALIASES = {"start": Help.name}
+
+
 def usage(name: str) -> str:
     return f"usage: {REGISTRY[name].usage}"
 
@@ -380,7 +385,8 @@ def parse_command(text: str, areas: Areas = None) -> Command:
     head, _, rest = text.partition(" ")
     # "/status@somebot" is not stripped here: the Telegram adapter decides whom a command is
     # addressed to and hands over only ours, without the "@thisbot".
-    cls = REGISTRY.get(head.lstrip("/").lower())
+    name = head.lstrip("/").lower()
+    cls = REGISTRY.get(ALIASES.get(name, name))
     if cls is None:
         raise CommandError(f"unknown command {head[:40]!r}; commands: {', '.join(REGISTRY)}")
     return cls.parse(rest.strip(), areas)

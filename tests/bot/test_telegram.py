@@ -226,10 +226,12 @@ def test_commands_addressed_to_another_bot_are_ignored(tg: FakeTelegram, bot: Bo
     tg.inject("/kill@otherbot", OPERATOR)  # in private too: it names someone else
     tg.inject("/start", OPERATOR, GROUP)  # an unaddressed unknown command in a group: another bot's
     assert "unknown command '/frobnicate'" in ask(tg, "/frobnicate@nightlab_test_bot", OPERATOR, GROUP)[0]
-    assert "unknown command" in ask(tg, "/start", OPERATOR)[0]  # in private it can only be for us
+    assert "unknown command" in ask(tg, "/frobnicate", OPERATOR)[0]  # in private it can only be for us
+    # The app's own first message to a bot: answered with the commands (it was "unknown command").
+    assert ask(tg, "/start", OPERATOR)[0].startswith("nightlab commands\nhelp ")
     assert store.pending_commands() == []
     assert ask(tg, "/kill@NightLab_Test_Bot", OPERATOR, GROUP)[0].startswith(f"✔ killing #{number}")
-    assert len(tg.messages(GROUP)) == 2 and len(tg.messages(OPERATOR)) == 1  # nothing else answered
+    assert len(tg.messages(GROUP)) == 2 and len(tg.messages(OPERATOR)) == 2  # nothing else answered
     assert [(c.name, c.args) for c in store.pending_commands()] == [("kill", "")]
 
 
