@@ -128,13 +128,17 @@ def test_a_pause_sent_twice_is_said_once(tg: FakeTelegram, bot: BotService, stor
     # A double tap on the phone: the second /pause is answered, not queued (applied twice, the
     # group heard "paused" twice).
     assert ask(tg, "/pause", OPERATOR)[0].startswith("✔ pausing")
-    assert ask(tg, "/pause", OPERATOR) == ["⚠️ 'pause' is queued already; this one changes nothing"]
-    assert len(store.pending_commands()) == 1
+    assert ask(tg, "/pause", OPERATOR) == ["⚠️ the same pause is queued already (sent twice?); nothing changed"]
+    note = "/note " + "a long thought " * 60
+    ask(tg, note, OPERATOR)
+    assert ask(tg, note, OPERATOR) == ["⚠️ the same note is queued already (sent twice?); nothing changed"]
+    assert [c.name for c in store.pending_commands()] == ["pause", "note"]
     # Sent again once applied: the same, in the pause's own words.
     group = _group_after_apply(tg, store, "applied")
     assert ask(tg, "/pause", OPERATOR) == ["⚠️ already paused; nothing changed (resume undoes it)"]
     assert not store.pending_commands()
-    assert [t for t in group if t.startswith("⏸")] == [f"⏸ paused by telegram:{OPERATOR}"]
+    assert [t for t in group if t.startswith(("⏸", "📝"))] == [f"⏸ paused by telegram:{OPERATOR}",
+                                                             f"📝 note by telegram:{OPERATOR}: {note[6:].strip()}"]
 
 
 def test_a_pause_of_the_run_hours_is_taken_over(tg: FakeTelegram, bot: BotService, store: Store) -> None:
