@@ -112,6 +112,7 @@ class Heartbeat:
         self.startup_status = "starting"
         self._last_pass = time.time()
         self._flapping = False  # we paused the loop for flapping; cleared by the next restart
+        self._resume_heard = 0  # the last /resume that started a flapping engine again (its command id)
         self._low_disk = False  # we alerted about disk; cleared when space is back
         self._engine_lock = threading.Lock()  # check_engine vs. the daemon's own start/stop
         self._report_trigger: CronTrigger | None = None  # set by schedule()
@@ -277,12 +278,23 @@ class Heartbeat:
             self.supervising = False
             self.engine.stop(ENGINE_STOP_GRACE_S)
 
+    def _resume_asked(self) -> bool:
+        """A /resume waits for the engine: the owner has looked at the logs, as the self-pause asks,
+        so the engine starts now rather than once the old restarts age out of the hour (once per
+        /resume: one it dies before applying does not restart it at every beat)."""
+        asked = [r.id for r in self.store.pending_commands() if r.name == Resume.name]
+        if not asked or asked[-1] == self._resume_heard:
+            return False
+        self._resume_heard = asked[-1]
+        log.info("a /resume is waiting: the engine starts again")
+        return True
+
     def _restart(self, reason: str) -> None:
         if not self._flapping:  # while flapping this comes every beat; said once is enough
             log.warning("%s", reason)
         self.engine.stop(ENGINE_STOP_GRACE_S)
         now = time.time()
-        if self.restarts.count(now) >= self.limits.max_restarts_per_hour:
+        if self.restarts.count(now) >= self.limits.max_restarts_per_hour and not self._resume_asked():
             # Flapping. Restarts resume on their own as old ones age out of the hour, so a
             # paused engine comes back to hear /resume; until then nothing runs.
             if not self._flapping:

@@ -101,9 +101,9 @@ class Steer(Command):
     role = Role.OPERATOR
 
     @abc.abstractmethod
-    def promise(self, store: Store, running: list[int], soon: str) -> str:
-        """What will happen and when (`soon`: SOON, or "" while no engine runs), for the sender;
-        UserError when it cannot happen."""
+    def promise(self, store: Store, running: list[int], soon: str, sender: str) -> str:
+        """What will happen and when (`soon`: SOON, or "" while no engine runs), for `sender`;
+        UserError when it cannot happen or would change nothing (it is then not queued)."""
 
     @abc.abstractmethod
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
@@ -207,8 +207,15 @@ class Pause(Steer):
     def args(self) -> str:
         return "now" if self.now else ""
 
-    def promise(self, store: Store, running: list[int], soon: str) -> str:
+    def promise(self, store: Store, running: list[int], soon: str, sender: str) -> str:
         listed = views.numbered(running)
+        current = ledger.paused(store)
+        # Sent again: it would change nothing and tell the other chats a second time. Another's
+        # pause is taken over (the run hours resume only a pause of theirs).
+        resuming = any(r.name == Resume.name for r in store.pending_commands())
+        if not self.now and current is not None and current.by == sender and not resuming:
+            after = f"pausing after #{current.after} finishes" if current.after else "paused"
+            raise UserError(f"already {after}; nothing changed (resume undoes it)")
         if self.now:
             return _when(f"cancelling {listed} and pausing" if running else "pausing", soon)
         if not running:
@@ -235,8 +242,11 @@ class Pause(Steer):
 class Resume(Steer):
     name, usage, help = "resume", "resume", "start experimenting again"
 
-    def promise(self, store: Store, running: list[int], soon: str) -> str:
-        return _when("resuming", soon) if ledger.paused(store) else "the loop is not paused; nothing to resume"
+    def promise(self, store: Store, running: list[int], soon: str, sender: str) -> str:
+        # A pause still waiting for the engine counts: pause then resume, sent at once, resumes.
+        if ledger.paused(store) is None and not any(r.name == Pause.name for r in store.pending_commands()):
+            raise UserError("the loop is not paused; nothing to resume")
+        return _when("resuming", soon)
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
         if ledger.paused(store) is None:
@@ -262,7 +272,10 @@ class Focus(Steer):
     def args(self) -> str:
         return self.area or "off"
 
-    def promise(self, store: Store, running: list[int], soon: str) -> str:
+    def promise(self, store: Store, running: list[int], soon: str, sender: str) -> str:
+        # Already so, and no other focus on its way: applied, it would tell the other chats again.
+        if ledger.focus(store) == self.area and not any(r.name == self.name for r in store.pending_commands()):
+            raise UserError(f"the focus is {self.area or 'off'} already; nothing changed")
         return f"focusing on {self.area} from the next proposal" if self.area else "focus off from the next proposal"
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
@@ -292,7 +305,7 @@ class Note(Steer):
     def args(self) -> str:
         return self.body
 
-    def promise(self, store: Store, running: list[int], soon: str) -> str:
+    def promise(self, store: Store, running: list[int], soon: str, sender: str) -> str:
         return "note queued: it goes into the next proposal"
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
@@ -327,7 +340,7 @@ class Kill(Steer):
             raise UserError(f"{len(running)} experiments are running ({views.numbered(running)}); say which: kill N")
         return running[0]
 
-    def promise(self, store: Store, running: list[int], soon: str) -> str:
+    def promise(self, store: Store, running: list[int], soon: str, sender: str) -> str:
         return _when(f"killing #{self.target(running)}", soon) + "; it will be recorded as discarded"
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
@@ -339,6 +352,11 @@ class Kill(Steer):
 REGISTRY: dict[str, type[Command]] = {
     c.name: c for c in (Help, Status, Best, Diff, Last, Plot, Report, Pause, Resume, Focus, Note, Kill)
 }
+
+
+# Telegram's apps send "/start" when the owner first opens the bot's chat: the list of commands
+# answers it (an unknown command's warning was the first thing a new owner read).
+ALIASES = {"start": Help.name}
 
 
 def usage(name: str) -> str:
@@ -367,7 +385,8 @@ def parse_command(text: str, areas: Areas = None) -> Command:
     head, _, rest = text.partition(" ")
     # "/status@somebot" is not stripped here: the Telegram adapter decides whom a command is
     # addressed to and hands over only ours, without the "@thisbot".
-    cls = REGISTRY.get(head.lstrip("/").lower())
+    name = head.lstrip("/").lower()
+    cls = REGISTRY.get(ALIASES.get(name, name))
     if cls is None:
         raise CommandError(f"unknown command {head[:40]!r}; commands: {', '.join(REGISTRY)}")
     return cls.parse(rest.strip(), areas)

@@ -12,7 +12,7 @@ from nightlab.bot.auth import REFUSAL_WINDOW_S, Refusals
 from nightlab.bot.outbox import Tuning
 from nightlab.bot.service import BotService
 from nightlab.bot.telegram import TelegramChannel
-from nightlab.loop.state import views
+from nightlab.loop.state import ledger, views
 from nightlab.loop.state.config import Secret, Secrets
 from nightlab.loop.state.store import Store
 
@@ -124,6 +124,54 @@ def test_a_focus_gets_one_answer(tg: FakeTelegram, bot: BotService, store: Store
     assert len(tg.messages(OPERATOR)) == 1 and store.get("loop.focus") is None
 
 
+def test_a_pause_sent_twice_is_said_once(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # A double tap on the phone: the second /pause is answered, not queued (applied twice, the
+    # group heard "paused" twice).
+    assert ask(tg, "/pause", OPERATOR)[0].startswith("✔ pausing")
+    assert ask(tg, "/pause", OPERATOR) == ["⚠️ the same pause is queued already (sent twice?); nothing changed"]
+    note = "/note " + "a long thought " * 60
+    ask(tg, note, OPERATOR)
+    assert ask(tg, note, OPERATOR) == ["⚠️ the same note is queued already (sent twice?); nothing changed"]
+    assert [c.name for c in store.pending_commands()] == ["pause", "note"]
+    # Sent again once applied: the same, in the pause's own words.
+    group = _group_after_apply(tg, store, "applied")
+    assert ask(tg, "/pause", OPERATOR) == ["⚠️ already paused; nothing changed (resume undoes it)"]
+    assert not store.pending_commands()
+    assert [t for t in group if t.startswith(("⏸", "📝"))] == [f"⏸ paused by telegram:{OPERATOR}",
+                                                             f"📝 note by telegram:{OPERATOR}: {note[6:].strip()}"]
+
+
+def test_a_pause_of_the_run_hours_is_taken_over(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # Paused by the run hours, the owner's /pause is no repeat: it keeps the loop paused past their start.
+    ledger.set_paused(store, "the run hours 22:00-08:00", "pause", None)
+    assert ask(tg, "/pause", OPERATOR)[0].startswith("✔ pausing")
+    assert [c.name for c in store.pending_commands()] == ["pause"]
+
+
+def test_resume_says_whether_there_is_anything_to_resume(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # Not paused: said, and nothing queued (the group got "↳ resume from …: not paused" once applied).
+    assert ask(tg, "/resume", OPERATOR) == ["⚠️ the loop is not paused; nothing to resume"]
+    assert not store.pending_commands()
+    # A /pause the engine has not applied yet counts: /pause then /resume sent at once resumes
+    # (the answer was "nothing to resume", and the loop resumed).
+    ask(tg, "/pause", OPERATOR)
+    assert ask(tg, "/resume", OPERATOR)[0].startswith("✔ resuming")
+    _group_after_apply(tg, store, "applied")
+    assert ledger.paused(store) is None
+
+
+def test_a_focus_already_in_force_is_answered_not_queued(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    # "/focus off" with no focus set was queued, and the group heard "🎯 focus → off" for nothing.
+    assert ask(tg, "/focus off", OPERATOR) == ["⚠️ the focus is off already; nothing changed"]
+    ask(tg, "/focus attention", OPERATOR)
+    _group_after_apply(tg, store, "applied")
+    assert ask(tg, "/focus Attention", OPERATOR) == ["⚠️ the focus is attention already; nothing changed"]
+    assert not store.pending_commands()
+    # Another focus on its way: the one sent last is what the next proposal gets.
+    ask(tg, "/focus optimizer", OPERATOR)
+    assert ask(tg, "/focus attention", OPERATOR)[0].startswith("✔ focusing on attention")
+
+
 def test_viewer_cannot_steer_and_bad_input_gets_usage(tg: FakeTelegram, bot: BotService, store: Store) -> None:
     assert "only operators" in ask(tg, "/pause", VIEWER)[0]
     assert "unknown command" in ask(tg, "/frobnicate", OPERATOR)[0]
@@ -182,10 +230,12 @@ def test_commands_addressed_to_another_bot_are_ignored(tg: FakeTelegram, bot: Bo
     tg.inject("/kill@otherbot", OPERATOR)  # in private too: it names someone else
     tg.inject("/start", OPERATOR, GROUP)  # an unaddressed unknown command in a group: another bot's
     assert "unknown command '/frobnicate'" in ask(tg, "/frobnicate@nightlab_test_bot", OPERATOR, GROUP)[0]
-    assert "unknown command" in ask(tg, "/start", OPERATOR)[0]  # in private it can only be for us
+    assert "unknown command" in ask(tg, "/frobnicate", OPERATOR)[0]  # in private it can only be for us
+    # The app's own first message to a bot: answered with the commands (it was "unknown command").
+    assert ask(tg, "/start", OPERATOR)[0].startswith("nightlab commands\nhelp ")
     assert store.pending_commands() == []
     assert ask(tg, "/kill@NightLab_Test_Bot", OPERATOR, GROUP)[0].startswith(f"✔ killing #{number}")
-    assert len(tg.messages(GROUP)) == 2 and len(tg.messages(OPERATOR)) == 1  # nothing else answered
+    assert len(tg.messages(GROUP)) == 2 and len(tg.messages(OPERATOR)) == 2  # nothing else answered
     assert [(c.name, c.args) for c in store.pending_commands()] == [("kill", "")]
 
 

@@ -22,6 +22,7 @@ from nightlab.loop.executors import RunHandle
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import settings_from_table
+from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
 from tests.heartbeat.conftest import FAKES, Harness, gone, write_config
@@ -158,6 +159,24 @@ def test_flapping_engine_pauses_the_loop_and_alerts_once(harness: Harness) -> No
     assert daemon.events("alert") == [] and len(daemon.events("self_paused")) == 1
     assert daemon.events("self_paused")[0]["reason"] == ("the engine needed 2 restarts within an hour (last: engine"
                                                          " exited with code 3). Check the logs, then /resume.")
+    assert daemon.stop() == 0
+
+
+def test_a_resume_starts_a_flapping_engine_again(harness: Harness) -> None:
+    # "Check the logs, then /resume": the /resume waited up to an hour, until old restarts aged out.
+    notify = _NotifySocket()
+    try:
+        daemon = harness.start("--always-die", env={"NOTIFY_SOCKET": notify.address}, max_restarts_per_hour=1)
+        wait_until(lambda: daemon.events("self_paused"), what="self_paused")
+        assert "acts on this when it starts" in send_command(daemon.workspace, "resume", "telegram:1")
+        wait_until(lambda: len(daemon.store.get("fake_engine.starts")) == 3, what="the engine started again")
+        # It dies again before applying the resume: paused and said again, not restarted at every beat.
+        wait_until(lambda: len(daemon.events("self_paused")) == 2, what="the second self-pause")
+        seen = len(notify.messages)
+        wait_until(lambda: len(notify.messages) >= seen + 4, what="four more heartbeat beats")
+    finally:
+        notify.close()
+    assert len(daemon.store.get("fake_engine.starts")) == 3
     assert daemon.stop() == 0
 
 
