@@ -51,7 +51,7 @@ from nightlab.loop.executors import Executor, RunHandle
 from nightlab.loop.state import ledger, steering, views
 from nightlab.loop.state.commands import Pause, Resume
 from nightlab.loop.state.config import HeartbeatSettings, RunHours, Settings
-from nightlab.loop.state.errors import EXIT_USER_ERROR, USER_ERROR_KEY
+from nightlab.loop.state.errors import EXIT_USER_ERROR, USER_ERROR_KEY, UserError
 from nightlab.loop.state.ledger import started_at
 from nightlab.loop.state.store import LedgerGone, Store
 
@@ -360,10 +360,18 @@ class Heartbeat:
         pause, sender = ledger.paused(self.store), f"{HOURS_SENDER} {hours.text}"
         if not inside and pause is None:
             log.info("outside the run hours %s: the loop pauses after the run in flight", hours.text)
-            steering.queue(self.store, self.workspace, Pause(), sender)
+            self._steer(Pause(), sender)
         elif inside and pause is not None and pause.by.startswith(HOURS_SENDER):
             log.info("the run hours %s begin: the loop resumes", hours.text)
-            steering.queue(self.store, self.workspace, Resume(), sender)
+            self._steer(Resume(), sender)
+
+    def _steer(self, command: Pause | Resume, sender: str) -> None:
+        """Queue the hours' pause or resume; one that would change nothing (the same one still
+        queued: the hours edited back and forth before the engine applied it) is a line, not a job error."""
+        try:
+            steering.queue(self.store, self.workspace, command, sender)
+        except UserError as exc:
+            log.info("%s: %s", sender, exc)
 
     def _release_hours(self) -> None:
         """Run hours taken out of the config (a reload or a restart) leave no pause of theirs behind."""
@@ -371,7 +379,7 @@ class Heartbeat:
         pause = ledger.paused(self.store)
         if pause is not None and pause.by.startswith(HOURS_SENDER):
             log.info("no run hours in the config any more: the loop they paused resumes")
-            steering.queue(self.store, self.workspace, Resume(), "the config (no run hours)")
+            self._steer(Resume(), "the config (no run hours)")
 
     # -- systemd ---------------------------------------------------------------------------------
     def healthy(self) -> bool:

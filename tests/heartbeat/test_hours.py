@@ -4,6 +4,7 @@ it pauses after the run in flight, at their start it resumes what they paused; a
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -83,6 +84,20 @@ def test_hours_taken_out_of_the_config_leave_no_pause_behind(tmp_path: Path) -> 
     assert queued_then_applied(store) == [("pause", f"the run hours {HOURS}")]
     heartbeat(ws, store, hours="")  # restarted (or reloaded) without them
     assert queued_then_applied(store) == [("resume", "the config (no run hours)")] and ledger.paused(store) is None
+
+
+def test_the_hours_pause_queued_twice_before_the_engine_applies_it_is_queued_once(tmp_path: Path, caplog) -> None:
+    """Hours edited back and forth while the engine is not applying commands (it is down): the
+    second pause would change nothing; it was a job error with a traceback in the log."""
+    caplog.set_level(logging.INFO)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    heartbeat(ws, store).check_hours(at(1, 14))  # queued, not applied
+    heartbeat(ws, store, hours="13:00-16:00").check_hours(at(1, 14, 10))  # inside: nothing of theirs is paused yet
+    heartbeat(ws, store).check_hours(at(1, 14, 20))  # edited back: outside, the same pause, still queued
+    assert [c.name for c in store.pending_commands()] == ["pause"]
+    assert "is queued already" in caplog.text
 
 
 def test_hours_within_one_day() -> None:
