@@ -299,7 +299,7 @@ class Heartbeat:
             # paused engine comes back to hear /resume; until then nothing runs.
             if not self._flapping:
                 self._flapping = True
-                text = (f"the engine needed {self.restarts.count(now)} restarts within an hour"
+                text = (f"the engine needed {views.counted(self.restarts.count(now), 'restart')} within an hour"
                         f" (last: {reason}). Check the logs, then /resume.")
                 self._pause(text)
                 # one message: chats render it "⏸ the loop paused itself: …" (an alert beside it
