@@ -111,7 +111,9 @@ class Git:
         with tempfile.TemporaryDirectory() as tmp:
             index = Path(tmp) / "index"
             if (Path(self.repo.git_dir) / "index").is_file():  # its stat cache: no file is hashed twice
-                shutil.copyfile(Path(self.repo.git_dir) / "index", index)
+                # with its mtime: git trusts the cache for a file changed in the second of the index's
+                # write only when the index's mtime says so (a copy's own, later, hid an agent's fast edit)
+                shutil.copy2(Path(self.repo.git_dir) / "index", index)
             env = {"GIT_INDEX_FILE": str(index)}
             # Status 1, everything added, when `paths` excludes a folder git ignores anyway.
             self.g.add("--all", "--", *paths, env=env, with_exceptions=False)

@@ -179,13 +179,17 @@ def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> P
     rows = [e for e in every if not ledger.measured_nothing(e.reason)]
     history = tuple(_past(e, ctx.setting) for e in rows)
     best = best_for_proposers(rows, ctx.setting)
-    crashes = [e for e in rows if e.status == "crash" and e.duration_s is not None]
+    # A crash before the last keep is of code the best no longer holds: its log would stay in
+    # every prompt of the night, stale, for as long as nothing else crashed.
+    kept = max((e.number for e in rows if e.status == "keep" and e.kind != "baseline"), default=0)
+    crashes = [e for e in rows if e.status == "crash" and e.duration_s is not None and e.number > kept]
     return ProposalContext(
         workspace=ctx.ws.path, editable=ctx.ws.editable, metric_name=ctx.metric_name,
         direction=ctx.direction, best=best, history=history,
         focus=cand.focus, notes=notes, consecutive_failures=without_a_keep(ctx.store, every),
         last_crash_log=ctx.log_tail(crashes[-1].number, 4000) if crashes else "",
         noise=views.night_noise(ctx.store, every), keep_z=ctx.settings.loop.keep_z,
+        best_runs=tuple(views.best_runs(rows)), last_crash=crashes[-1].number if crashes else 0,
     )
 
 

@@ -46,10 +46,12 @@ class ProposalContext:
     focus: str | None
     notes: tuple[str, ...]  # the user's pending notes (delivered with this proposal)
     consecutive_failures: int  # experiments in a row without a keep (discards and failures)
-    last_crash_log: str  # tail of the last crash's log, "" if none
+    last_crash_log: str  # tail of the last crash's log since the last keep, "" if none
     in_flight: tuple[str, ...] = ()  # descriptions of candidates already running (waves)
     noise: Noise | None = None  # run-to-run noise of the metric on the best's hardware (None: no run yet)
     keep_z: float = 2.0  # a change is kept when it beats the best by more than this many standard errors
+    best_runs: tuple[float, ...] = ()  # the best's runs on its hardware, the keep rule's incumbent (): none
+    last_crash: int = 0  # the experiment whose log is last_crash_log
 
 
 @dataclass(frozen=True)

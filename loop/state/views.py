@@ -102,6 +102,12 @@ def current_best(rows: list[Experiment]) -> tuple[Experiment | None, float | Non
     return best, statistics.fmean(values) if values else best.best
 
 
+def best_runs(rows: list[Experiment]) -> list[float]:
+    """Every run of the best commit on its hardware class: what the keep rule compares a change with."""
+    best, _ = current_best(rows)
+    return [] if best is None else _values(rows, best.commit, best.hardware_class)
+
+
 def _current(rows: list[Experiment]) -> list[Experiment]:
     """The experiments of the latest setting (the last run's): one measured under another budget,
     data or scorer is compared with nothing now, so it is no best and no class of the night's."""

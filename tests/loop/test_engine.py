@@ -871,3 +871,16 @@ def test_a_decided_experiments_log_is_cut_to_its_head_and_tail(tmp_path: Path) -
         assert "bytes cut here once the experiment was decided (loop.decided_log_mb)" in log
         assert "val_bpb:" in log[-400:]
     assert_consistent(settings)
+
+
+def test_a_crash_before_the_last_keep_is_not_in_the_proposers_context(tmp_path: Path) -> None:
+    """#2's traceback was in every agent prompt for the rest of the night, "the last crash", long
+    after #3 was kept and the best no longer held its code."""
+    settings = make_stub_workspace(tmp_path)
+    proposer = ScriptedProposer([{"set": {"MODE": "crash"}}, {"set": {"VAL_BPB": [0.9]}}, {"set": {"VAL_BPB": [0.95]}}])
+    run_engine(settings, 4, proposer=proposer)
+    assert _statuses(Store.for_workspace(settings.workspace_path)) == ["keep", "crash", "keep", "discard"]
+    after_crash, after_keep = proposer.contexts[1:]
+    assert after_crash.last_crash == 2 and after_crash.last_crash_log.endswith("RuntimeError: boom\n")
+    assert (after_keep.last_crash, after_keep.last_crash_log) == (0, "")
+    assert (after_crash.best_runs, after_keep.best_runs) == ((1.0,), (0.9,))  # what the keep rule compares with

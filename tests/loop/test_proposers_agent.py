@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -12,12 +13,16 @@ from pathlib import Path
 
 import psutil
 import pytest
+from nightlab.loop.engine import run_engine
 from nightlab.loop.proposers import PastExperiment, ProposalContext, ProposalError
 from nightlab.loop.proposers.agent import AgentProposer
 from nightlab.loop.proposers.prompt import build_prompt
+from nightlab.loop.state import ledger
 from nightlab.loop.state.config import AgentSettings
 from nightlab.loop.state.stats import Noise
+from nightlab.loop.state.store import Store
 
+from tests.fakes.loop_workspace import make_stub_workspace
 from tests.waiting import wait_until
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
@@ -51,7 +56,7 @@ def ctx(ws: Path, **kw: object) -> ProposalContext:
     base = ProposalContext(
         workspace=ws, editable=("train.py",), metric_name="val_bpb", direction="minimize", best=best,
         history=(best, crash), focus="learning rates", notes=("try a warmup",), consecutive_failures=1,
-        last_crash_log="torch.OutOfMemoryError: CUDA out of memory", in_flight=("WARMUP_RATIO 0.0→0.1",),
+        last_crash_log="torch.OutOfMemoryError: CUDA out of memory", last_crash=2, in_flight=("WARMUP_RATIO 0.0→0.1",),
         noise=Noise(0.0034, 2), keep_z=2.0,
     )
     return replace(base, **kw)
@@ -397,3 +402,75 @@ def test_new_files_are_counted_in_lines_as_git_would(tmp_path: Path) -> None:
     for text, lines in ((b"", 0), (b"a", 1), (b"a\n", 1), (b"a\nb", 2), (b"\n\n", 2), (b"x" * (1 << 20) + b"\ny", 2)):
         (tmp_path / "f").write_bytes(text)
         assert _line_count(tmp_path / "f") == lines == len(text.splitlines())
+
+
+def test_a_long_nights_prompt_lists_every_experiment_and_stays_bounded(ws: Path) -> None:
+    """Only the last 20 experiments were in the prompt, each with its whole hypothesis (an agent's
+    closing paragraph, up to 1000 characters): by #100 the agent no longer knew what #1–#80 had
+    tried and proposed them again, and paid for 16 kB a turn. Now the recent ones in full, the
+    older ones a line each, the hypotheses cut."""
+    why = "A faster Muon step suits the short budget. " * 20
+    history = tuple(PastExperiment(n, "keep" if n % 10 == 0 else "discard", 0.99 - n / 10_000, f"idea {n:03d}", why, "", {},
+                                   reason="not better: worse by 0.0048 ± 0.0034 (n = 1 vs 3)") for n in range(1, 301))
+    prompt = build_prompt(ctx(ws, best=history[-1], history=history[:100]), "", 5)
+    assert all(f"idea {n:03d}" in prompt for n in range(1, 101))
+    assert "## Earlier experiments (#1–#90 in brief: 9 kept, 81 not)\n\n- #1 discard, 0.9899: idea 001\n\n" in prompt
+    assert "## Recent experiments (last 10 of 100, oldest first)" in prompt
+    assert len(prompt) < 14_000
+    longer = build_prompt(ctx(ws, best=history[-1], history=history), "", 5)
+    assert "- #100 keep, 0.98: idea 100" in longer and "idea 101" not in longer  # keeps always, the latest 100 others
+    assert "(161 earlier not listed)" in longer and len(longer) < 20_000
+
+
+@pytest.mark.parametrize(("direction", "said"), [
+    ("minimize", "against the best (the mean of its 2 runs: 0.9805), a change's first run is kept at once below"
+                 " 0.975601, re-run between that and 0.9805, discarded otherwise."),
+    ("maximize", "against the best (the mean of its 2 runs: 0.9805), a change's first run is kept at once above"
+                 " 0.985399, re-run between that and 0.9805, discarded otherwise."),
+])
+def test_the_keep_rule_is_said_in_the_metrics_own_numbers(ws: Path, direction: str, said: str) -> None:
+    """"beats the best by more than 2 standard errors of the difference" left the agent to work out
+    what value a run needs: 2 × 0.002 × √(1 + 1/2) from the best's 2 runs."""
+    prompt = build_prompt(ctx(ws, direction=direction, noise=Noise(0.002, 4), best_runs=(0.98, 0.981)), "", 5)
+    assert f"In numbers: {said}" in prompt
+
+
+def test_a_prompt_says_one_failure_in_words_and_what_not_to_do(ws: Path) -> None:
+    prompt = build_prompt(ctx(ws, consecutive_failures=1), "", 5)
+    assert "## Streak\n\nThe last experiment did not improve on the best.\n" in prompt  # not "the last 1 experiments"
+    assert "## Log tail of the last crash (#2)\n" in prompt
+    assert "- Do not repeat an experiment listed above: the same code is refused" in prompt
+    assert "- Improve the training itself: do not change how val_bpb is computed or printed." in prompt
+
+
+def test_an_agent_nights_prompts_follow_the_best_the_crash_and_the_owners_note_and_focus(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A night as the agent lives it, one prompt per turn (tests/fakes/agent_plan.py keeps each):
+    a keep, a discard, a crash, a rejected edit, another keep; the owner's note and focus sent
+    while the agent works. The crash's log was in every prompt after the keep that left it behind,
+    unnamed, and the keep rule was said in standard errors only."""
+    token = "123456:telegram-token-of-the-owner"
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", token)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([
+        {"set": {"VAL_BPB": "[0.95]"}, "describe": "MATRIX_LR 0.04→0.05", "why": "faster"},  # #2 keep
+        {"set": {"VAL_BPB": "[0.97]"}, "describe": "warmup 0.1", "owner": "note try a longer warmup"},  # #3 discard
+        {"set": {"MODE": "'crash'"}, "describe": "deeper", "owner": "focus attention"},  # #4 crash
+        {"write": {"prepare.py": "# mine\n"}, "describe": "tweak the eval", "why": "a lighter eval"},  # #5 rejected
+        {"set": {"VAL_BPB": "[0.9]"}, "describe": "wider MLP", "owner": "focus off"},  # #6 keep
+        {"set": {"VAL_BPB": "[0.91]"}, "describe": "rope base 50k"},  # #7 discard
+    ]))
+    command = shlex.join([sys.executable, str(FAKES / "agent_plan.py"), str(plan)])
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": command}})
+    assert run_engine(settings, 7) == 0
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert [e.status for e in rows] == ["keep", "keep", "discard", "crash", "crash", "keep", "discard"]
+    prompts = {n: (tmp_path / f"prompt-{n - 1}.md").read_text() for n in range(2, 8)}  # the prompt of #n
+    assert "Best so far: val_bpb = 0.95 (#2: MATRIX_LR 0.04→0.05)." in prompts[3]
+    assert "Best so far: val_bpb = 0.9 (#6: wider MLP)." in prompts[7]
+    assert "kept at once below 0.891515, re-run between that and 0.9," in prompts[7]
+    assert "- #5 crash, no metric: tweak the eval (hypothesis: a lighter eval) — rejected: changed the protected prepare.py" in prompts[6]
+    assert [n for n, p in prompts.items() if "## Log tail of the last crash (#4)\n" in p] == [5, 6]  # not after #6's keep
+    assert [n for n, p in prompts.items() if "- try a longer warmup" in p] == [4]
+    assert [n for n, p in prompts.items() if "Work on: attention" in p] == [5, 6]
+    assert not any(token in p for p in prompts.values())
