@@ -14,6 +14,7 @@ Nothing here touches git, processes or the store.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -53,3 +54,11 @@ def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise,
     rerun_incumbent = c.n_incumbent <= c.n_candidate
     why = f"re-running to decide: {c.text()}, not yet {rule.z:g} SE" + (" (the best too: its n is small)" if rerun_incumbent else "")
     return Decision("rerun", c, rerun_incumbent, why)
+
+
+def kept_at_once(incumbent: Sequence[float], noise: Noise, direction: str, rule: Rule) -> float:
+    """The value a change's first run must pass to be kept at once against `incumbent`: its mean
+    by more than z standard errors of the difference (between that and the mean it is re-run)."""
+    margin = rule.z * compare(incumbent[:1], incumbent, noise.sd, direction).se
+    mean = statistics.fmean(incumbent)
+    return mean - margin if direction == "minimize" else mean + margin

@@ -7,8 +7,9 @@ went, the last crash, the user's steering, what is already running, and the rule
 
 from __future__ import annotations
 
-import math
+import statistics
 
+from nightlab.loop.decision import Rule, kept_at_once
 from nightlab.loop.proposers.base import PastExperiment, ProposalContext
 from nightlab.loop.state.stats import Noise
 
@@ -118,12 +119,12 @@ def _keep_at(ctx: ProposalContext, noise: Noise) -> str:
     """The keep rule in the metric's own numbers, for a change's first run against the best's runs."""
     if not ctx.best_runs or (ctx.best is not None and ctx.best.older_setting):
         return ""
-    n, mean = len(ctx.best_runs), math.fsum(ctx.best_runs) / len(ctx.best_runs)
-    margin = ctx.keep_z * noise.sd * math.sqrt(1 + 1 / n)
-    sign, beyond = (-1, "below") if ctx.direction == "minimize" else (1, "above")
+    n, mean = len(ctx.best_runs), statistics.fmean(ctx.best_runs)
+    at = kept_at_once(ctx.best_runs, noise, ctx.direction, Rule(z=ctx.keep_z))
     runs = "its run" if n == 1 else f"the mean of its {n} runs"
     return (f" In numbers: against the best ({runs}: {mean:.6g}), a change's first run is kept at once"
-            f" {beyond} {mean + sign * margin:.6g}, re-run between that and {mean:.6g}, discarded otherwise.")
+            f" {'below' if ctx.direction == 'minimize' else 'above'} {at:.6g}, re-run between that and"
+            f" {mean:.6g}, discarded otherwise.")
 
 
 def _brief(older: tuple[PastExperiment, ...], gpus: bool) -> list[str]:

@@ -160,7 +160,7 @@ def night_noise(store: Store, rows: list[Experiment]) -> Noise | None:
 
 def _night(store: Store, rows: list[Experiment]) -> tuple[Experiment, list[float], Noise] | None:
     """The best, the baseline's results on the best's hardware class, and the noise pooled over
-    that class's repeats from the prior (noise_prior × the baseline's mean)."""
+    that class's repeats from the prior (noise_prior × the best's mean, as the judge scales it)."""
     best, _ = current_best(rows)
     if best is None:
         return None
@@ -170,7 +170,8 @@ def _night(store: Store, rows: list[Experiment]) -> tuple[Experiment, list[float
         return None
     baseline_values = _values(rows, base.commit, cls)
     groups = [_values(rows, c, cls) for c in sorted({e.commit for e in rows if e.hardware_class == cls})]
-    noise = pooled_noise(groups, store.get(NOISE_PRIOR_KEY, 0.0) * (abs(statistics.fmean(baseline_values)) or 1.0))
+    scale = abs(statistics.fmean(_values(rows, best.commit, cls) or baseline_values)) or 1.0
+    noise = pooled_noise(groups, store.get(NOISE_PRIOR_KEY, 0.0) * scale)
     return best, baseline_values, noise
 
 

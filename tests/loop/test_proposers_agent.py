@@ -468,7 +468,7 @@ def test_an_agent_nights_prompts_follow_the_best_the_crash_and_the_owners_note_a
     prompts = {n: (tmp_path / f"prompt-{n - 1}.md").read_text() for n in range(2, 8)}  # the prompt of #n
     assert "Best so far: val_bpb = 0.95 (#2: MATRIX_LR 0.04→0.05)." in prompts[3]
     assert "Best so far: val_bpb = 0.9 (#6: wider MLP)." in prompts[7]
-    assert "kept at once below 0.891515, re-run between that and 0.9," in prompts[7]
+    assert "kept at once below 0.892363, re-run between that and 0.9," in prompts[7]
     assert "- #5 crash, no metric: tweak the eval (hypothesis: a lighter eval) — rejected: changed the protected prepare.py" in prompts[6]
     assert [n for n, p in prompts.items() if "## Log tail of the last crash (#4)\n" in p] == [5, 6]  # not after #6's keep
     assert [n for n, p in prompts.items() if "- try a longer warmup" in p] == [4]
