@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nightlab.loop import engine, ratchet
 from nightlab.loop.executors.local import LocalExecutor
-from nightlab.loop.state import ledger
+from nightlab.loop.state import ledger, steering
 from nightlab.loop.state.commands import REGISTRY, Steer
 from nightlab.loop.state.config import load_settings
 
@@ -140,7 +140,7 @@ def main() -> int:
     propose, launch, poll = proposer.propose, executor.launch, executor.poll
     update, record, export = ledger.update_candidate, ledger.record_experiment, ledger.write_exports
     commit_all, reset_to = ratchet.Git.commit_all, ratchet.Git.reset_to
-    begin = ledger.Store.transaction
+    begin, apply_pending = ledger.Store.transaction, steering.apply_pending
 
     def proposing(ctx):  # type: ignore[no-untyped-def]
         settle(current(), "proposing", "proposed")
@@ -221,6 +221,12 @@ def main() -> int:
             at(kill_at, number)
         return reset_to(self, sha)
 
+    def applying_pending(store, loop):  # type: ignore[no-untyped-def]
+        # before the command's transaction: the daemon's start message may still be on its way
+        if store.pending_commands() and not store.connection().in_transaction:
+            settle(0, "steering")
+        return apply_pending(store, loop)
+
     def applying(apply):  # type: ignore[no-untyped-def]
         def applied(self, store, loop, by):  # type: ignore[no-untyped-def]
             result = apply(self, store, loop, by)
@@ -235,6 +241,7 @@ def main() -> int:
         if issubclass(spec, Steer):
             spec.apply = applying(spec.apply)  # type: ignore[method-assign]
     ledger.Store.transaction = transaction  # type: ignore[method-assign]
+    steering.apply_pending = applying_pending
     if service:
         settings = load_settings(args.config)
         settings = dataclasses.replace(settings, workspace=dataclasses.replace(settings.workspace, path=str(ws_path)))
