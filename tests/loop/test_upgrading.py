@@ -280,7 +280,7 @@ def test_a_new_setting_said_at_the_start_is_not_said_again_by_an_upgrade_that_wa
         thread.join(30)
     assert result == [0]
     said = [e.payload["text"] for e in engine.store.events_after(0) if e.kind in ("alert", "harness_upgraded")]
-    assert sum("the run command changed" in text for text in said) == 1, said
+    assert sum("the run command `" in text for text in said) == 1, said
     assert event.payload["setting_changed"]
     assert event.payload["text"].endswith("; what it measures is otherwise unchanged (score version 1): the new setting"
                                           " said above measures the best again at that commit")
