@@ -92,7 +92,7 @@ class Engine:
                 if ctx.in_place and open_:  # git followed a result to be re-run: at rest the branch is the best
                     ctx.reset_tree(open_[0].base_commit, open_[0].number)  # (its re-run checks it out again)
                 store.set("engine.finished", True)
-                say(f"{views.counted(max_experiments, 'experiment')} recorded; stopping")
+                say(f"{views.counted(ledger.experiment_count(store), 'experiment')} recorded; stopping")  # a wave ends whole
                 return 0
             if not open_:
                 upgrade_harness(ctx)  # one that waited for the runs in flight at the start

@@ -906,3 +906,17 @@ def test_a_night_that_ends_before_an_undecided_result_is_re_run_leaves_the_branc
                                                                 ("confirm", "keep", rows[3].commit)]
     assert git_out(settings.workspace_path, "rev-parse", "HEAD") == rows[3].commit
     assert_consistent(settings)
+
+
+def test_the_stop_says_how_many_experiments_are_recorded_when_a_wave_went_past_the_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wave ends whole: an undecided result's re-run with the best's re-measurement is two experiments,
+    and a limit reached after the first still records both. The stop said the limit ('3 experiments
+    recorded') where 4 were."""
+    settings = make_stub_workspace(tmp_path, loop={"baseline_runs": 1})
+    run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.997]}}]))  # within the noise
+    run_engine(settings, 3, proposer=ScriptedProposer([]))
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert [e.kind for e in rows] == ["baseline", "proposal", "baseline", "confirm"]
+    assert "nightlab engine: 4 experiments recorded; stopping" in capsys.readouterr().err
