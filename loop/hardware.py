@@ -175,7 +175,7 @@ def setting_changes(store: Store, before: str, after: str, config: bool = True) 
         if was != now:
             said.append(f"{key.removeprefix('NIGHTLAB_').lower()} {was} -> {now}")
     if old.get("command", "") != new.get("command", ""):
-        said.append("the run command changed")
+        said.append(f"the run command `{old.get('command', '')}` -> `{new.get('command', '')}`")
     if old.get("goal", DEFAULT_GOAL) != new.get("goal", DEFAULT_GOAL):
         said.append(f"the metric {old.get('goal', DEFAULT_GOAL)} -> {new.get('goal', DEFAULT_GOAL)}")
     return said

@@ -89,8 +89,10 @@ class Engine:
             in_flight = any(c.phase in ("running", "finished", "recorded") for c in open_)
             if (not in_flight and max_experiments is not None
                     and ledger.experiment_count(store) >= max_experiments):
+                if ctx.in_place and open_:  # git followed a result to be re-run: at rest the branch is the best
+                    ctx.reset_tree(open_[0].base_commit, open_[0].number)  # (its re-run checks it out again)
                 store.set("engine.finished", True)
-                say(f"{views.counted(max_experiments, 'experiment')} recorded; stopping")
+                say(f"{views.counted(ledger.experiment_count(store), 'experiment')} recorded; stopping")  # a wave ends whole
                 return 0
             if not open_:
                 upgrade_harness(ctx)  # one that waited for the runs in flight at the start

@@ -50,18 +50,24 @@ def upgrade_harness(ctx: Context) -> None:
     hashes = write_harness(ws, ctx.harness, todo, ctx.git)
     commit = ctx.git.head()[:7]
     before = ledger.last_setting(ledger.experiments(store))
+    # a change since the last run said already (at the start, the upgrade waiting for a run): not again
+    since = ctx.setting if before is not None and store.get(SETTING_SAID_KEY) == ctx.setting else before
     with store.transaction():
         store.set(PROTECTED_KEY, {**store.get(PROTECTED_KEY, {}), **hashes})
         ctx.setting = ctx.record_setting()
-        changes = hardware.setting_changes(store, before, ctx.setting) if before is not None else []
+        changes = hardware.setting_changes(store, since, ctx.setting) if since is not None else []
         text = f"the harness ({', '.join(hashes)}) is now the installed nightlab's, commit {commit}"
         if changes:
             text += f"; what it measures changed ({', '.join(changes)}), {hardware.NEW_SETTING}"
+        elif since != before:
+            text += (f"; what it measures is otherwise unchanged (score version {hardware.scorer_of(store, ctx.setting)}):"
+                     " the new setting said above measures the best again at that commit")
         elif before is not None:
             text += (f"; what it measures is unchanged (score version {hardware.scorer_of(store, ctx.setting)}):"
                      " the best is measured again at that commit before anything is compared with it")
         store.set(SETTING_SAID_KEY, ctx.setting)
-        store.emit("harness_upgraded", files=list(hashes), commit=commit, setting_changed=bool(changes), text=text)
+        store.emit("harness_upgraded", files=list(hashes), commit=commit,
+                   setting_changed=bool(changes) or since != before, text=text)
     say(text)
 
 

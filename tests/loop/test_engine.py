@@ -884,3 +884,39 @@ def test_a_crash_before_the_last_keep_is_not_in_the_proposers_context(tmp_path: 
     assert after_crash.last_crash == 2 and after_crash.last_crash_log.endswith("RuntimeError: boom\n")
     assert (after_keep.last_crash, after_keep.last_crash_log) == (0, "")
     assert (after_crash.best_runs, after_keep.best_runs) == ((1.0,), (0.9,))  # what the keep rule compares with
+
+
+def test_a_night_that_ends_before_an_undecided_result_is_re_run_leaves_the_branch_at_the_best(tmp_path: Path) -> None:
+    """Git follows a result that is to be re-run at its own commit; a `--max-experiments` end just then left
+    the session branch (and train.py) at that undecided change, not the best that status and best name.
+    The next start checks it out again for its re-run."""
+    settings = make_stub_workspace(tmp_path, loop={"baseline_runs": 3, "keep_z": 2.0, "max_runs": 3})
+    train = settings.workspace_path / "train.py"
+    train.chmod(0o644)
+    train.write_text(train.read_text().replace("VAL_BPB = [1.0]", "VAL_BPB = [1.0, 1.01, 0.99]"))
+    git_out(settings.workspace_path, "commit", "-qam", "noisy baseline")
+    run_engine(settings, 4, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.99, 0.985]}}]))
+    store = Store.for_workspace(settings.workspace_path)
+    rows = ledger.experiments(store)
+    assert rows[3].reason.startswith("re-running to decide")
+    assert git_out(settings.workspace_path, "rev-parse", "HEAD") == rows[2].commit != rows[3].commit
+    run_engine(settings, 6, proposer=ScriptedProposer([]))
+    rows = ledger.experiments(store)
+    assert [(e.kind, e.status, e.commit) for e in rows[4:]] == [("confirm", "discard", rows[3].commit),
+                                                                ("confirm", "keep", rows[3].commit)]
+    assert git_out(settings.workspace_path, "rev-parse", "HEAD") == rows[3].commit
+    assert_consistent(settings)
+
+
+def test_the_stop_says_how_many_experiments_are_recorded_when_a_wave_went_past_the_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wave ends whole: an undecided result's re-run with the best's re-measurement is two experiments,
+    and a limit reached after the first still records both. The stop said the limit ('3 experiments
+    recorded') where 4 were."""
+    settings = make_stub_workspace(tmp_path, loop={"baseline_runs": 1})
+    run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.997]}}]))  # within the noise
+    run_engine(settings, 3, proposer=ScriptedProposer([]))
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert [e.kind for e in rows] == ["baseline", "proposal", "baseline", "confirm"]
+    assert "nightlab engine: 4 experiments recorded; stopping" in capsys.readouterr().err

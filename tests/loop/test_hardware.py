@@ -217,3 +217,16 @@ def test_a_class_baseline_recorded_after_a_keep_does_not_take_the_best_back(tmp_
     record("proposal", "x", 0.9, H100)
     record("baseline", "a", 1.1, "NVIDIA A100-SXM4-80GB")  # in flight on the other class during the keep
     assert views.best_text(tmp_path).startswith("best val_bpb: 0.900000 — #2 x: proposal x")
+
+
+def test_a_changed_run_command_is_said_with_both_commands(tmp_path: Path) -> None:
+    """The built-in trainer's run command is the interpreter nightlab runs under: a virtualenv made
+    again elsewhere changes it with no edit of the config, and 'the run command changed' left the owner
+    wondering which (they never set one)."""
+    from nightlab.loop.hardware import record_setting, setting_changes
+
+    store = Store.for_workspace(tmp_path)
+    old = record_setting(store, "/old/venv/bin/python3 prepare.py run", {})
+    new = record_setting(store, "/new/venv/bin/python3 prepare.py run", {})
+    assert setting_changes(store, old, new) == [
+        "the run command `/old/venv/bin/python3 prepare.py run` -> `/new/venv/bin/python3 prepare.py run`"]

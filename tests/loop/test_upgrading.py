@@ -81,9 +81,9 @@ def _old_workspace(tmp_path: Path, declared: bool = False, **loop: str) -> Setti
     return settings
 
 
-def _engine(settings: Settings, stop: threading.Event | None = None, slots: int = 1) -> Engine:
+def _engine(settings: Settings, stop: threading.Event | None = None, slots: int = 1, run: str = RUN) -> Engine:
     """The engine on the workspace, its runs the stub trainer's (one slot: in place, as on one GPU)."""
-    ws = dataclasses.replace(open_workspace(settings.workspace_path, settings), run_command=RUN)
+    ws = dataclasses.replace(open_workspace(settings.workspace_path, settings), run_command=run)
     executor = LocalExecutor(gpus=tuple(range(slots)))
     proposer = ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}])  # worse: discarded, the best stays
     return Engine(settings, ws, executor, proposer, {}, stop or threading.Event())
@@ -244,3 +244,45 @@ def test_a_last_experiment_without_a_run_does_not_make_an_upgrade_of_messages_a_
     startup(engine.ctx)
     [event] = _events(engine.store)
     assert not event.payload["setting_changed"] and "what it measures is unchanged (score version 1)" in event.payload["text"]
+
+
+def test_a_new_setting_said_at_the_start_is_not_said_again_by_an_upgrade_that_waited_for_a_run(
+    tmp_path: Path, gates: Gates
+) -> None:
+    """A start that changes the setting (here the run command: a new virtualenv's interpreter) says so
+    at once; the upgrade that waited for the run in flight then says the harness only, not the same
+    change a second time in chat."""
+    settings = _old_workspace(tmp_path, declared=True)
+    # the older nightlab measured the baseline, launched #2 and was stopped for the upgrade
+    older = _engine(settings, threading.Event())
+    older.ctx.upgrade_waiting = False
+    thread = threading.Thread(target=lambda: older.run(None), daemon=True)
+    thread.start()
+    try:
+        gates.open(1)
+        wait_until(lambda: ledger.running_numbers(older.store) == [2], "#2 running")
+    finally:
+        older.stop.set()
+        thread.join(30)
+    engine = _engine(settings, threading.Event(), run=f"{RUN} && true")
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(engine.run(3)), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: engine.store.get("engine.pid"), "the engine's startup")
+        gates.open(2)
+        [event] = wait_until(lambda: _events(engine.store), "the upgrade after #2")
+        gates.open(3)
+        thread.join(30)
+    finally:
+        engine.stop.set()
+        gates.open(2, 3)
+        thread.join(30)
+    assert result == [0]
+    said = [e.payload["text"] for e in engine.store.events_after(0) if e.kind in ("alert", "harness_upgraded")]
+    assert sum("the run command `" in text for text in said) == 1, said
+    assert event.payload["setting_changed"]
+    assert event.payload["text"].endswith("; what it measures is otherwise unchanged (score version 1): the new setting"
+                                          " said above measures the best again at that commit")
+    one, _, three = ledger.experiments(engine.store)
+    assert three.kind == "baseline" and three.setting != one.setting
