@@ -138,7 +138,7 @@ class BotService:
                 outage.on_back = lambda name=channel.name, loop=self._loop: loop.call_soon_threadsafe(flush, name)
 
         connected = [asyncio.Event() for _ in self.channels]
-        starters = [asyncio.create_task(self._keep_starting(c, on_message, ev))
+        starters = [asyncio.create_task(self._keep_starting(c, on_message, ev, wake))
                     for c, ev in zip(self.channels, connected)]
         pump = asyncio.create_task(self._pump(outbox, wake, connected))
         try:
@@ -164,12 +164,14 @@ class BotService:
             wake.set()
             await asyncio.sleep(0.05)
 
-    async def _keep_starting(self, channel: Channel, on_message: OnMessage, connected: asyncio.Event) -> None:
+    async def _keep_starting(self, channel: Channel, on_message: OnMessage, connected: asyncio.Event,
+                             wake: asyncio.Event) -> None:
         delay = 1.0
         while True:
             try:
                 await channel.start(on_message)
                 connected.set()
+                wake.set()  # what waited for the first connect goes out now
                 return
             except Exception as exc:  # noqa: BLE001 - whatever the cause, try again later
                 log.warning("%s: cannot connect (%s); retrying in %.0fs", channel.name, exc, delay)
@@ -190,7 +192,11 @@ class BotService:
         while True:
             try:
                 outbox.fill()
+                # a channel not connected yet is no outage: its messages wait, unsaid, for its first connect
+                up = {c.name for c, ev in zip(self.channels, connected) if ev.is_set()}
                 for key in outbox.destinations_waiting():
+                    if key[0] not in up:
+                        continue
                     task = deliveries.get(key)
                     if task is None or task.done():
                         # One task per destination: a slow chat never holds up another.

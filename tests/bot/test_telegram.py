@@ -327,6 +327,20 @@ def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
 
 
+def test_what_waits_for_the_first_connect_goes_out_without_an_outage_in_the_journal(
+        tg: FakeTelegram, workspace: Path, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon says its start before the chats have connected: each start logged 'connection
+    lost (… telegram is not connected yet)' and 'connected again after 0s', up to three times."""
+    secrets = Secrets(telegram_token=Secret(tg.token))
+    assert start_service(tg_settings(tg), secrets, workspace).stop(10)  # the outbox's cursor is set
+    store.emit("alert", text="said before the connect")
+    caplog.set_level(logging.DEBUG, logger="nightlab")
+    svc = start_service(tg_settings(tg), secrets, workspace)
+    assert [m.text for m in tg.wait_for(1, GROUP)] == ["🚨 said before the connect"]
+    assert svc.stop(10)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_steering_written_while_nightlab_was_down_is_said_not_applied(tg: FakeTelegram, bot: BotService,
                                                                      store: Store) -> None:
     """Telegram hands a restarted daemon the last day's messages: a /kill written at 3 am, while
