@@ -72,6 +72,7 @@ ENV_RUN_STARTED = "NIGHTLAB_RUN_STARTED"  # set by `run` for the scorer's total_
 ENV_BUDGET_STEPS = "NIGHTLAB_BUDGET_STEPS"  # a step budget instead of TIME_BUDGET (harness.py)
 DEFAULT_ARTIFACT_DIR = ".nightlab/artifact"
 TRAINING_ONLY_MARKER = "TRAINING_ONLY"  # in a data dir without its validation shard (see `run`)
+TRAINING_VIEW_SUFFIX = ".train"  # <data dir>.train, next to it: that view (`training_view_dir`)
 EVAL_CACHE_DIR = "eval-cache"
 
 # Data sources
@@ -245,9 +246,21 @@ def _origin(path: Path) -> Path:
     """The file a user can replace: a training view's file (a shard's hard link, the tokenizer's
     copy) names its data dir's, and a data dir's link to a local source names the source's file."""
     for view in (path.parent, path.parent.parent):
-        if (view / TRAINING_ONLY_MARKER).exists() and view.name.endswith(".train"):
-            return (view.with_name(view.name.removesuffix(".train")) / path.relative_to(view)).resolve()
+        data_dir = viewed_data_dir(view)
+        if data_dir is not None and (view / TRAINING_ONLY_MARKER).exists():
+            return (data_dir / path.relative_to(view)).resolve()
     return path.resolve()
+
+
+def training_view_dir(data_dir: Path) -> Path:
+    """Where `training_view` puts the data dir as train.py sees it: next to it, by name."""
+    return data_dir.with_name(data_dir.name + TRAINING_VIEW_SUFFIX)
+
+
+def viewed_data_dir(folder: Path) -> Path | None:
+    """The data dir `folder` is the training view of, by its name; None for any other folder."""
+    name = folder.name
+    return folder.with_name(name.removesuffix(TRAINING_VIEW_SUFFIX)) if name.endswith(TRAINING_VIEW_SUFFIX) else None
 
 
 def split_shards(data_dir: Path) -> tuple[list[Path], Path | None]:
@@ -1025,7 +1038,7 @@ def training_view(data_dir: Path) -> Path:
     train_paths, val_path = split_shards(data_dir)
     if val_path is None:
         return data_dir
-    view = data_dir.parent / f"{data_dir.name}.train"
+    view = training_view_dir(data_dir)
     (view / TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
     for path in train_paths:
         if path.resolve() == val_path.resolve():  # links to one file (a source folder's shards are links)
