@@ -968,3 +968,40 @@ def test_a_sigterm_while_an_undecided_result_waits_for_its_re_run_leaves_the_bra
     assert [(e.kind, e.status, e.commit) for e in rows[4:]] == [("confirm", "discard", rows[3].commit),
                                                                 ("confirm", "keep", rows[3].commit)]
     assert_consistent(settings)
+
+
+def test_a_sigterm_while_the_agent_proposes_is_no_crash_and_the_next_start_proposes_again(tmp_path: Path) -> None:
+    """`systemctl stop` or `restart` while the coding agent works (most of an agent night's time): the stop
+    ended the proposal as 'proposer failed: the engine is stopping', recorded at the next start as a
+    crash of its own (a 💥 digest, a failure in a row towards the self-pause). Nothing was proposed:
+    the next start asks the agent again."""
+    settings = make_stub_workspace(tmp_path)
+    ws, pids = settings.workspace_path, tmp_path / "agent.pids"
+    config = tmp_path / "nightlab.toml"
+
+    def agent(*argv: str) -> None:
+        config.write_text(
+            f'[workspace]\npath = "{ws}"\ntag = "test"\n[project]\nrun_command = "{sys.executable} train.py"\n'
+            "[loop]\ncheckpoint_interval = 0.1\nbaseline_runs = 1\nremeasure_every = 0\n[proposer]\nkind ="
+            f' "agent"\n[proposer.agent]\ncommand = {json.dumps(shlex.join([sys.executable, *argv]))}\n')
+
+    agent(str(FAKES / "agent_hang.py"), str(pids))
+    engine = [sys.executable, "-m", "nightlab.loop.engine", "--config", str(config)]
+    store = Store.for_workspace(ws)
+    with open(tmp_path / "engine.log", "w") as log:
+        first = subprocess.Popen(engine, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(pids.exists, "the agent to work on #2", abort=first.poll)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(60) == 0
+        finally:
+            first.kill()
+    assert [(c.number, c.phase) for c in ledger.open_candidates(store)] == [(2, "proposing")]
+    assert git_out(ws, "status", "--porcelain") == ""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([{"set": {"VAL_BPB": "[0.9]"}, "describe": "VAL_BPB lower"}]))
+    agent(str(FAKES / "agent_plan.py"), str(plan))
+    assert subprocess.run([*engine, "--max-experiments", "2"], capture_output=True, timeout=120).returncode == 0
+    assert [(e.number, e.status, e.description) for e in ledger.experiments(store)] == [
+        (1, "keep", "baseline"), (2, "keep", "VAL_BPB lower")]
+    assert_consistent(settings)
