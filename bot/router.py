@@ -22,7 +22,7 @@ from nightlab.loop.state.commands import Help, Plot, Steer, View, parse_command
 from nightlab.loop.state.config import Redactor
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.store import Store, state_dir
-from nightlab.loop.state.views import duration
+from nightlab.loop.state.views import chart_caption, duration
 
 log = logging.getLogger("nightlab.bot")
 
@@ -116,7 +116,7 @@ class Router:
         from nightlab.bot.plots import progress_chart
 
         await asyncio.to_thread(progress_chart, points, path, self.metric_name, self.direction)
-        return Photo(path, f"{len(points)} experiments")
+        return Photo(path, await asyncio.to_thread(chart_caption, self.workspace))
 
 
 def _view(text: str) -> Outgoing:

@@ -136,7 +136,7 @@ class SlackChannel:
     async def send_photo(self, destination: str, path: Path, caption: str) -> None:
         web = self._connected()
         await _call(web.files_upload_v2, channel=destination, file=str(path), filename=path.name,
-                    title=caption, initial_comment=caption)
+                    title=caption.split("\n", 1)[0], initial_comment=caption)  # a title of one line
         self.outage.back()
 
     def _connected(self) -> WebClient:

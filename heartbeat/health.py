@@ -54,16 +54,17 @@ def left_data_dirs(data_dir: Path) -> list[str]:
     with its size and how to free it. A local folder's data dir is named after its path, so a folder
     moved left its old one in the cache unsaid. Said, never removed: only the user knows which places
     their configs still name."""
-    from nightlab.trainer.prepare import learnt_from  # pyarrow and tiktoken: not for every import of the jobs
+    # pyarrow and tiktoken: not for every import of the jobs
+    from nightlab.trainer.prepare import learnt_from, training_view_dir, viewed_data_dir
 
     mine = learnt_from(data_dir)
     if mine is None:
         return []
     said = []
     for other in sorted(p for p in data_dir.parent.iterdir() if p.is_dir() and p != data_dir):
-        if other.name.endswith(".train") or learnt_from(other) != mine:
+        if viewed_data_dir(other) is not None or learnt_from(other) != mine:
             continue
-        parts = [other] + [view for view in [other.with_name(f"{other.name}.train")] if view.is_dir()]
+        parts = [other] + [view for view in [training_view_dir(other)] if view.is_dir()]
         size = human_size(sum(tree_size(p) for p in parts))
         free = f"`rm -rf {' '.join(shlex.quote(str(p)) for p in parts)}` frees it"
         source = _linked_source(other)

@@ -70,7 +70,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def _data_errors_said(kind: type[BaseException], error: BaseException, tb: Any) -> None:
     """sys.excepthook of a training process: bad data reaching train.py (a shard damaged during the
-    night, a missing tokenizer) ends it with the one line that says what to do, not a traceback;
+    night, a missing tokenizer) ends it with the one line that says what to do, not a traceback
+    (`prepare.run` prefixes it as train.py's and reads the data through before it says so itself);
     any other error is train.py's own and keeps its traceback."""
     if isinstance(error, prepare.PrepareError):
         print(f"\nFAIL: {prepare.fail_text(error)}", flush=True)

@@ -72,6 +72,7 @@ ENV_RUN_STARTED = "NIGHTLAB_RUN_STARTED"  # set by `run` for the scorer's total_
 ENV_BUDGET_STEPS = "NIGHTLAB_BUDGET_STEPS"  # a step budget instead of TIME_BUDGET (harness.py)
 DEFAULT_ARTIFACT_DIR = ".nightlab/artifact"
 TRAINING_ONLY_MARKER = "TRAINING_ONLY"  # in a data dir without its validation shard (see `run`)
+TRAINING_VIEW_SUFFIX = ".train"  # <data dir>.train, next to it: that view (`training_view_dir`)
 EVAL_CACHE_DIR = "eval-cache"
 
 # Data sources
@@ -221,13 +222,19 @@ def parquet_problem(path: Path) -> str | None:
 
 
 def _row_groups(path: Path) -> Iterator[list[str | None]]:
-    """A shard's `text` column, a row group at a time. `parquet_problem` reads only the footer, so
-    a shard damaged inside (a disk error, a file changed after `prepare`) fails here, mid-read: said
-    as the data problem it is, with what to do, not as pyarrow's traceback."""
+    """A shard's `text` column, a row group at a time."""
+    for column in _text_columns(path):
+        yield column.to_pylist()
+
+
+def _text_columns(path: Path) -> Iterator[pa.ChunkedArray]:
+    """A shard's `text` column as arrow reads it, a row group at a time. `parquet_problem` reads only
+    the footer, so a shard damaged inside (a disk error, a file changed after `prepare`) fails here,
+    mid-read: said as the data problem it is, with what to do, not as pyarrow's traceback."""
     try:
         pf = pq.ParquetFile(path)
         for rg in range(pf.num_row_groups):
-            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            yield pf.read_row_group(rg, columns=["text"]).column("text")
     except (OSError, pa.ArrowException) as e:
         raise DataError(
             f"{_origin(Path(path))} is damaged ({' '.join(str(e).split())}); replace it with a good copy (a downloaded shard:"
@@ -239,9 +246,21 @@ def _origin(path: Path) -> Path:
     """The file a user can replace: a training view's file (a shard's hard link, the tokenizer's
     copy) names its data dir's, and a data dir's link to a local source names the source's file."""
     for view in (path.parent, path.parent.parent):
-        if (view / TRAINING_ONLY_MARKER).exists() and view.name.endswith(".train"):
-            return (view.with_name(view.name.removesuffix(".train")) / path.relative_to(view)).resolve()
+        data_dir = viewed_data_dir(view)
+        if data_dir is not None and (view / TRAINING_ONLY_MARKER).exists():
+            return (data_dir / path.relative_to(view)).resolve()
     return path.resolve()
+
+
+def training_view_dir(data_dir: Path) -> Path:
+    """Where `training_view` puts the data dir as train.py sees it: next to it, by name."""
+    return data_dir.with_name(data_dir.name + TRAINING_VIEW_SUFFIX)
+
+
+def viewed_data_dir(folder: Path) -> Path | None:
+    """The data dir `folder` is the training view of, by its name; None for any other folder."""
+    name = folder.name
+    return folder.with_name(name.removesuffix(TRAINING_VIEW_SUFFIX)) if name.endswith(TRAINING_VIEW_SUFFIX) else None
 
 
 def split_shards(data_dir: Path) -> tuple[list[Path], Path | None]:
@@ -756,9 +775,27 @@ def _document_batches(paths: list[Path], tokenizer_batch_size: int = 128) -> Ite
                     found = True
                     yield [d or "" for d in docs[i : i + tokenizer_batch_size]], epoch
         if not found:  # shards emptied after prepare: the loop would spin forever, waiting for a document
-            raise DataError(f"no documents in {', '.join(p.name for p in paths)} in {paths[0].parent}:"
-                               " prepare the data again (`nightlab prepare`)")
+            raise _no_documents(paths)
         epoch += 1
+
+
+def _no_documents(paths: list[Path]) -> DataError:
+    return DataError(f"no documents in {', '.join(p.name for p in paths)} in {paths[0].parent}:"
+                     " prepare the data again (`nightlab prepare`)")
+
+
+def data_problem(data_dir: Path) -> DataError | None:
+    """What is wrong with the training data a run read (`training_view`'s folder), found by reading
+    it through: the tokenizer loaded, every training shard's text decompressed; None when all of it
+    reads. `run` asks before it says a run's data failed: train.py's own word is no proof."""
+    try:
+        Tokenizer.from_directory(Path(data_dir) / Path(TOKENIZER_FILE).parent)
+        paths = split_shards(Path(data_dir))[0]
+        if sum(len(column) for path in paths for column in _text_columns(path)) == 0:  # all read, none skipped
+            raise _no_documents(paths)
+    except DataError as e:
+        return e
+    return None
 
 
 def _split_paths(split: str, data_dir: Path) -> list[Path]:
@@ -965,8 +1002,9 @@ def evaluate_bpb(model: Any, tokenizer: Tokenizer, batch_size: int) -> float:
 # `python prepare.py run`: train without the validation shard, then score in the harness
 # ---------------------------------------------------------------------------
 
-# Lines of the training command that could pose as the harness's result: shown with a prefix.
-_POSING = re.compile(r"^\s*(---\s*$|METRIC\s|REJECTED:)")
+# Lines of the training command that could pose as the harness's result, or as its word that the data
+# failed (which pauses the night for a person, and runs the change again): shown with a prefix.
+_POSING = re.compile(r"^\s*(---\s*$|METRIC\s|REJECTED:|FAIL:)")
 _CLAIMED = re.compile(r"^\s*(?:val_bpb:\s+|METRIC\s+val_bpb=)(\S+)\s*$")
 TRAIN_PREFIX = "train.py| "
 
@@ -1000,7 +1038,7 @@ def training_view(data_dir: Path) -> Path:
     train_paths, val_path = split_shards(data_dir)
     if val_path is None:
         return data_dir
-    view = data_dir.parent / f"{data_dir.name}.train"
+    view = training_view_dir(data_dir)
     (view / TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
     for path in train_paths:
         if path.resolve() == val_path.resolve():  # links to one file (a source folder's shards are links)
@@ -1053,7 +1091,9 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
 
     The training command runs with a data dir that has no validation shard and must save its
     model to $NIGHTLAB_ARTIFACT_DIR; its output is passed on, with any line that could pose as
-    the result (`---`, METRIC, REJECTED) prefixed. Then the score command runs in its own process
+    the result (`---`, METRIC, REJECTED) or as a failure's cause (FAIL) prefixed. One that failed
+    saying its data did (`FAIL: data: …`) has the data it read checked (`data_problem`): only bad data
+    found there is said as the run's data failure. Then the score command runs in its own process
     with the full data dir. score_command None: the built-in scorer (harness.py next to this
     file), whose output is filtered the same way (it imports train.py's model code) and whose
     result comes back in a file this process prints; a project's own score command prints its
@@ -1073,23 +1113,34 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     if score_command is None and Path("train.py").is_file():  # the scorer builds the model with the code that trained it
         shutil.copyfile("train.py", artifact / "train.py")
     train_env = dict(env)
+    view = None
     if env.get(ENV_DATA_DIR, "").strip():
         try:
-            train_env[ENV_DATA_DIR] = str(training_view(Path(env[ENV_DATA_DIR])))
+            view = training_view(Path(env[ENV_DATA_DIR]))
         except PrepareError as e:
             print(f"FAIL: {fail_text(e)}", flush=True)
             return 1
+        train_env[ENV_DATA_DIR] = str(view)
     claimed: list[str] = []
+    blamed: list[str] = []  # train.py's word that its data failed (the harness's hook in its process says it)
 
     def untrusted(line: str) -> str:
         # by the lines the log's parser reads (str.splitlines: a `\r` starts one too), so that
         # `progress\rMETRIC val_bpb=0.5` gets its prefix where the parser would read it
         parts = line.splitlines(keepends=True)
         claimed.extend(match.group(1) for part in parts if (match := _CLAIMED.match(part)))
+        blamed.extend(part for part in parts if part.lstrip().startswith(DATA_FAIL))
         return "".join(TRAIN_PREFIX + part if _POSING.match(part) else part for part in parts)
 
     code = _stream(train_command, train_env, untrusted)
     if code != 0:
+        if blamed and view is not None:
+            found = data_problem(view)
+            if found is not None:  # the harness's own word, the line the engine pauses the night on
+                print(f"FAIL: {fail_text(found)}", flush=True)
+                return code
+            print("note: train.py said its data failed, but its training shards and tokenizer read well: the"
+                  " failure is its own", flush=True)
         print(f"FAIL: the training command exited with code {code}", flush=True)
         return code
     if score_command is not None:

@@ -86,14 +86,11 @@ class Engine:
                 if self.stop.is_set():
                     break  # runs in flight go on; the next engine re-attaches
             open_ = ledger.open_candidates(store)
-            in_flight = any(c.phase in ("running", "finished", "recorded") for c in open_)
-            if (not in_flight and max_experiments is not None
+            if (not _in_flight(open_) and max_experiments is not None
                     and ledger.experiment_count(store) >= max_experiments):
-                if ctx.in_place and open_:  # git followed a result to be re-run: at rest the branch is the best
-                    ctx.reset_tree(open_[0].base_commit, open_[0].number)  # (its re-run checks it out again)
                 store.set("engine.finished", True)
                 say(f"{views.counted(ledger.experiment_count(store), 'experiment')} recorded; stopping")  # a wave ends whole
-                return 0
+                break
             if not open_:
                 upgrade_harness(ctx)  # one that waited for the runs in flight at the start
                 if ledger.paused(store) is not None:
@@ -108,7 +105,17 @@ class Engine:
             if not busy:  # only runs in flight: poll fast at first, back off to the checkpoint
                 self.stop.wait(self._delay)
                 self._delay = min(self._delay * 1.5, ctx.settings.loop.checkpoint_interval)
+        self.rest()
         return 0
+
+    def rest(self) -> None:
+        """The workspace as every stop leaves it (SIGTERM, the parent gone, --max-experiments): with no
+        run in flight, the session branch at the best that status and best name. Git had followed a
+        result to be re-run (or a proposal not launched yet) to its commit; the next start checks it
+        out again. A run in flight keeps the tree it runs in, and a result being recorded its git step."""
+        open_ = ledger.open_candidates(self.store)
+        if self.ctx.in_place and open_ and not _in_flight(open_):
+            self.ctx.reset_tree(open_[0].base_commit, open_[0].number)
 
     def checkpoint(self) -> None:
         """Tick, apply steering commands and reloaded settings, notice a dead parent. Cheap;
@@ -223,6 +230,11 @@ def _measuring_base(ctx: Context, cand: Candidate, run: ledger.RunRecord, open_:
     measuring = (ledger.run_for_candidate(ctx.store, o.id) for o in open_
                  if o.kind == "baseline" and o.commit == cand.base_commit and o.phase == "running")
     return any(other is not None and ctx.run_class(other) == ctx.run_class(run) for other in measuring)
+
+
+def _in_flight(open_: list[Candidate]) -> bool:
+    """A run of the candidates is under way, or its result is being recorded."""
+    return any(c.phase in ("running", "finished", "recorded") for c in open_)
 
 
 def _decided(cand: Candidate) -> bool:

@@ -30,7 +30,7 @@ from pathlib import Path
 from nightlab.loop.engine.context import say
 from nightlab.loop.engine.cycle import Engine
 from nightlab.loop.executors import Executor, make_executor
-from nightlab.loop.proposers.base import ProposalError, Proposer
+from nightlab.loop.proposers.base import ProposalStopped, Proposer
 from nightlab.loop.runenv import run_environment
 from nightlab.loop.state.config import (
     DAEMON_CONFIG_KEY,
@@ -55,7 +55,7 @@ def _proposer_tick(store: Store, stop: threading.Event, lock: EngineLock) -> Non
     store.set("engine.tick", time.time())
     lock.keep()
     if stop.is_set():
-        raise ProposalError("the engine is stopping")
+        raise ProposalStopped("the engine is stopping")
 
 
 def run_engine(

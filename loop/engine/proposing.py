@@ -16,7 +16,7 @@ from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.polling import CANCEL_GRACE_S
 from nightlab.loop.engine.streaks import without_a_keep
 from nightlab.loop.executors import RunHandle
-from nightlab.loop.proposers.base import PastExperiment, Proposal, ProposalContext, ProposalError
+from nightlab.loop.proposers.base import PastExperiment, Proposal, ProposalContext, ProposalError, ProposalStopped
 from nightlab.loop.state import ledger, views
 from nightlab.loop.state.errors import USER_ERROR_KEY, UserError
 from nightlab.loop.state.ledger import Candidate
@@ -41,6 +41,9 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         ledger_file = store.file_id()
         try:
             proposal = ctx.proposer.propose(pctx)
+        except ProposalStopped:  # a stop (SIGTERM) while the agent worked: its edit undone, proposed again
+            git.reset_to(cand.base_commit)
+            return None
         except ProposalError as exc:
             git.reset_to(cand.base_commit)  # what a failed proposer left is its own, not a person's
             return no_run(ctx, cand, "crash", ctx.redact(f"proposer failed: {exc}"))

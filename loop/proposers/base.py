@@ -69,6 +69,11 @@ class ProposalError(Exception):
     """
 
 
+class ProposalStopped(Exception):
+    """The engine is stopping (SIGTERM) while the proposer works: no proposal and no failure of one;
+    the next start proposes again."""
+
+
 class Proposer(Protocol):
     areas: tuple[str, ...] | None  # focus areas; None = free text (agent)
 

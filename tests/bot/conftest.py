@@ -49,13 +49,16 @@ def start_service(s: Settings, secrets: Secrets, workspace: Path, **kwargs: Any)
 
 
 def finished(store: Store, status: str = "discard", metric: float | None = 1.0, **extra: Any) -> int:
-    """Record one experiment the way the engine does; returns its number."""
-    cand = ledger.new_candidate(store, "proposal", "base", description=extra.get("description", "a change"))
+    """Record one experiment the way the engine does; returns its number. `extra`: kind, commit,
+    hardware, setting, best, description, ... (a proposal of commit c0ffee otherwise)."""
+    kind, commit = extra.get("kind", "proposal"), extra.get("commit", "c0ffee")
+    cand = ledger.new_candidate(store, kind, "base", description=extra.get("description", "a change"))
     exp = ledger.Experiment(
-        number=cand.number, kind="proposal", confirm_of=None, commit="c0ffee", status=status,
+        number=cand.number, kind=kind, confirm_of=None, commit=commit, status=status,
         metric=metric, metrics={}, best=extra.get("best", metric), confidence=None,
         description=extra.get("description", "a change"), hypothesis="because", area="optimizer",
         duration_s=extra.get("duration_s", 312.0), finished_at=time.time(), setting=extra.get("setting", ""),
+        hardware=extra.get("hardware", ""),
     )
     event = {
         "number": cand.number, "status": status, "metric_name": "val_bpb", "metric": metric,
@@ -63,11 +66,25 @@ def finished(store: Store, status: str = "discard", metric: float | None = 1.0, 
         "new_best": extra.get("new_best", False), "description": exp.description,
         "hypothesis": "because", "area": "optimizer", "duration_s": exp.duration_s,
         "peak_vram_mb": 45000, "mfu_percent": 38.5, "confidence": 2.5, "focus": None,
-        "commit": "c0ffee", "lines_added": 1, "lines_removed": 1, "reason": "",
+        "commit": commit, "lines_added": 1, "lines_removed": 1, "reason": "",
         "log_tail": extra.get("log_tail"), "slot": "gpu0",
     }
     ledger.record_experiment(store, cand.id, exp, event)
     return cand.number
+
+
+def a_night_to_plot(store: Store) -> None:
+    """An earlier setting's baseline, then the current one's: three baseline runs, a discard, a keep, a crash."""
+    finished(store, "keep", 1.2, kind="baseline", commit="a", hardware="H200", setting="s1")
+    for value in (1.0, 1.01, 0.99):
+        finished(store, "keep", value, kind="baseline", commit="a", hardware="H200", setting="s2", best=1.0)
+    finished(store, "discard", 1.02, commit="b", hardware="H200", setting="s2", best=1.0)
+    finished(store, "keep", 0.97, commit="c", hardware="H200", setting="s2", description="depth 8→10")
+    finished(store, "crash", None, commit="d", hardware="H200", setting="s2", best=0.97)
+
+
+CAPTION = ("6 experiments (3 baseline, 1 keep, 1 discard, 1 crash); 1 of an earlier setting not counted\n"
+           "best val_bpb 0.970000 (#6), runs vary ± 0.0100\nvs the baseline 1.000000: better by 0.0300 ± 0.0115")
 
 
 def finished_with_patch(store: Store, diff: str, **extra: Any) -> int:

@@ -15,7 +15,7 @@ from nightlab.loop.state.config import Secret, Secrets
 from nightlab.loop.state.store import Store
 from slack_sdk.socket_mode.request import SocketModeRequest
 
-from tests.bot.conftest import finished, finished_with_patch, running, settings, start_service
+from tests.bot.conftest import CAPTION, a_night_to_plot, finished, finished_with_patch, running, settings, start_service
 from tests.fakes.slack_server import FakeSlack
 from tests.waiting import wait_until
 
@@ -88,13 +88,14 @@ def test_digest_429_retry_after_and_splitting(slack: FakeSlack, bot: BotService,
     assert tries[1] - tries[0] >= 0.95  # Slack's Retry-After, not our 0.1 s backoff
 
 
-def test_plot_uploads_a_png_with_files_upload_v2(slack: FakeSlack, bot: BotService, store: Store) -> None:
-    finished(store, "keep", 1.0)
-    finished(store, "keep", 0.97)
-    slack.wait_for(2, CHANNEL)
+def test_plot_uploads_a_png_with_files_upload_v2_that_says_how_the_night_went(
+        slack: FakeSlack, bot: BotService, store: Store) -> None:
+    a_night_to_plot(store)
+    slack.wait_for(7, CHANNEL)
     slack.slash_command("plot", OPERATOR, CHANNEL)
-    upload = [p for p in slack.wait_for(3, CHANNEL, timeout=20) if p.method == "file"]
+    upload = [p for p in slack.wait_for(8, CHANNEL, timeout=20) if p.method == "file"]
     assert upload and upload[0].data.startswith(b"\x89PNG")
+    assert (upload[0].text, upload[0].title) == (CAPTION, CAPTION.split("\n")[0])  # the comment, a title of one line
 
 
 def test_reconnects_after_disconnect(slack: FakeSlack, bot: BotService) -> None:

@@ -16,7 +16,7 @@ from nightlab.loop.state import ledger, views
 from nightlab.loop.state.config import Secret, Secrets
 from nightlab.loop.state.store import Store
 
-from tests.bot.conftest import finished, finished_with_patch, running, settings, start_service
+from tests.bot.conftest import CAPTION, a_night_to_plot, finished, finished_with_patch, running, settings, start_service
 from tests.fakes.telegram_server import FakeTelegram
 from tests.waiting import wait_until
 
@@ -270,15 +270,15 @@ def test_429_is_honoured(tg: FakeTelegram, bot: BotService, store: Store) -> Non
     assert tries[1] - tries[0] >= 0.95  # waited the retry_after second, not our 0.1 s backoff
 
 
-def test_plot_sends_a_png(tg: FakeTelegram, bot: BotService, store: Store) -> None:
-    finished(store, "keep", 1.0)
-    finished(store, "discard", 1.02)
-    finished(store, "keep", 0.97, description="depth 8→10")
-    finished(store, "crash", None)
-    tg.wait_for(4, GROUP)  # the digests
+def test_plot_sends_a_png_that_says_how_the_night_went(tg: FakeTelegram, bot: BotService, store: Store) -> None:
+    """Its caption said "7 experiments", what the chart's title says already; a glance at a phone wants
+    how many were kept, the best, how far runs vary and what it gained over the baseline."""
+    a_night_to_plot(store)
+    tg.wait_for(7, GROUP)  # the digests
     tg.inject("/plot", VIEWER)
     (photo,) = tg.wait_for(1, VIEWER, timeout=20)
     assert photo.method == "sendPhoto" and photo.photo.startswith(b"\x89PNG")
+    assert photo.caption == CAPTION  # within Telegram's 1024 characters of a caption
 
 
 def test_outage_queues_then_delivers_everything_in_order(tg: FakeTelegram, bot: BotService, store: Store) -> None:

@@ -41,6 +41,7 @@ class Post:
     channel: str
     text: str = ""
     data: bytes = b""
+    title: str = ""  # a file's
     unfurls: bool = False  # Slack would show a preview of a link or an image in it (its defaults)
     at: float = field(default_factory=time.monotonic)
 
@@ -234,7 +235,8 @@ class FakeSlack:
             files = json.loads(params["files"]) if isinstance(params["files"], str) else params["files"]
             for f in files:
                 self._record(Post("file", str(params.get("channel_id", "")),
-                                  text=str(params.get("initial_comment", "")), data=self._uploads.get(f["id"], b"")))
+                                  text=str(params.get("initial_comment", "")), data=self._uploads.get(f["id"], b""),
+                                  title=str(f.get("title", ""))))
             return 200, {"ok": True, "files": [{"id": f["id"], "title": f.get("title", "")} for f in files]}, {}
         return 200, {"ok": False, "error": "unknown_method"}, {}
 

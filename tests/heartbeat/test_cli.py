@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from nightlab.loop.state import ledger
 from nightlab.loop.state.config import DAEMON_CONFIG_KEY
 from nightlab.loop.state.store import Store
 
+from tests.conftest import REPO
 from tests.fakes.daemon_config import write_daemon_config
 from tests.fakes.loop_workspace import make_stub_workspace
 
@@ -294,3 +296,28 @@ def test_prepare_after_the_data_folder_moved_names_the_data_dir_left_for_its_old
     assert said[0].startswith(f"data: {left} (") and said[0].endswith(
         f" KB) holds these files as prepared at {old}, which is gone: nothing uses it now; `rm -rf {left}` frees it")
     assert left.is_dir()  # said, not removed: the user decides
+
+
+def test_a_data_dir_left_for_a_moved_folder_is_named_with_its_training_view(tmp_path: Path) -> None:
+    """A run made `<data dir>.train` beside the old place's data dir: the line that says how to free it
+    removes both, the view found by the one name the harness gives it, and never named as a data dir."""
+    from nightlab.heartbeat.health import left_data_dirs
+    from nightlab.trainer import prepare
+
+    old, new = text_folder(tmp_path / "old"), tmp_path / "new"
+    left = prepare.prepare(str(old), -1, tmp_path / "cache", progress=lambda _: None)
+    view = prepare.training_view(left)  # what a night's run made
+    old.rename(new)
+    here = prepare.prepare(str(new), -1, tmp_path / "cache", progress=lambda _: None)
+    assert view == prepare.training_view_dir(left) and prepare.viewed_data_dir(view) == left
+    (said,) = left_data_dirs(here)
+    assert said.startswith(f"data: {left} (") and said.endswith(f"`rm -rf {left} {view}` frees it")
+
+
+def test_the_training_views_name_is_written_once() -> None:
+    """The harness makes `<data dir>.train`, reads a file's data dir back from it, and the heartbeat
+    names it in the low-disk and moved-folder lines: three copies of the suffix, one definition now."""
+    code = [p for package in ("trainer", "loop", "heartbeat", "bot") for p in (REPO / package).rglob("*.py")]
+    written = [(p.relative_to(REPO).as_posix(), line.split("#")[0].strip()) for p in code
+               for line in p.read_text().splitlines() if re.search(r"""\.train["'/]""", line)]
+    assert written == [("trainer/prepare.py", 'TRAINING_VIEW_SUFFIX = ".train"')]

@@ -920,3 +920,88 @@ def test_the_stop_says_how_many_experiments_are_recorded_when_a_wave_went_past_t
     rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
     assert [e.kind for e in rows] == ["baseline", "proposal", "baseline", "confirm"]
     assert "nightlab engine: 4 experiments recorded; stopping" in capsys.readouterr().err
+
+
+def test_a_sigterm_while_an_undecided_result_waits_for_its_re_run_leaves_the_branch_at_the_best(
+        tmp_path: Path, gates: Gates) -> None:
+    """`systemctl stop` (the engine's SIGTERM) while a result to be re-run waits for its run, here behind a
+    pause: HEAD and train.py stayed at that unkept change while status and best named the best. Every stop
+    leaves the branch as a --max-experiments end does; the next start checks the change out again."""
+    settings = make_stub_workspace(tmp_path, loop={"baseline_runs": 3, "keep_z": 2.0, "max_runs": 3})
+    ws, train = settings.workspace_path, settings.workspace_path / "train.py"
+    train.chmod(0o644)
+    train.write_text(train.read_text().replace("VAL_BPB = [1.0]", "VAL_BPB = [1.0, 1.01, 0.99]"))
+    git_out(ws, "commit", "-qam", "noisy baseline")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([{"set": {"VAL_BPB": "[0.99, 0.985]"}, "describe": "VAL_BPB lower"}]))
+    agent = shlex.join([sys.executable, str(FAKES / "agent_plan.py"), str(plan)])
+    config = tmp_path / "nightlab.toml"
+    config.write_text(
+        f'[workspace]\npath = "{ws}"\ntag = "test"\n[project]\nrun_command = "{sys.executable} train.py"\n'
+        "[loop]\ncheckpoint_interval = 0.1\nbaseline_runs = 3\nkeep_z = 2.0\nmax_runs = 3\nremeasure_every = 0\n"
+        f'[proposer]\nkind = "agent"\n[proposer.agent]\ncommand = {json.dumps(agent)}\n')
+    engine = [sys.executable, "-m", "nightlab.loop.engine", "--config", str(config)]
+    store = Store.for_workspace(ws)
+    with open(tmp_path / "engine.log", "w") as log:
+        first = subprocess.Popen(engine, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            gates.open(1, 2, 3)
+            wait_until(lambda: [c for c, _ in ledger.in_flight(store) if c.number == 4], "#4 to run",
+                       abort=first.poll)
+            send_command(ws, "pause", "cli:test")  # after #4: its re-run waits
+            gates.open(4)
+            wait_until(lambda: ledger.experiment_count(store) == 4 and [
+                c for c in ledger.open_candidates(store) if c.kind == "confirm" and c.phase == "committed"],
+                "#4's re-run to wait behind the pause", abort=first.poll)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(60) == 0
+        finally:
+            first.kill()
+    rows = ledger.experiments(store)
+    assert rows[3].reason.startswith("re-running to decide")
+    assert git_out(ws, "rev-parse", "HEAD") == rows[2].commit != rows[3].commit
+    assert "VAL_BPB = [1.0, 1.01, 0.99]" in train.read_text() and git_out(ws, "status", "--porcelain") == ""
+    send_command(ws, "resume", "cli:test")
+    gates.open(5, 6)
+    assert subprocess.run([*engine, "--max-experiments", "6"], capture_output=True, timeout=120).returncode == 0
+    rows = ledger.experiments(store)
+    assert [(e.kind, e.status, e.commit) for e in rows[4:]] == [("confirm", "discard", rows[3].commit),
+                                                                ("confirm", "keep", rows[3].commit)]
+    assert_consistent(settings)
+
+
+def test_a_sigterm_while_the_agent_proposes_is_no_crash_and_the_next_start_proposes_again(tmp_path: Path) -> None:
+    """`systemctl stop` or `restart` while the coding agent works (most of an agent night's time): the stop
+    ended the proposal as 'proposer failed: the engine is stopping', recorded at the next start as a
+    crash of its own (a 💥 digest, a failure in a row towards the self-pause). Nothing was proposed:
+    the next start asks the agent again."""
+    settings = make_stub_workspace(tmp_path)
+    ws, pids = settings.workspace_path, tmp_path / "agent.pids"
+    config = tmp_path / "nightlab.toml"
+
+    def agent(*argv: str) -> None:
+        config.write_text(
+            f'[workspace]\npath = "{ws}"\ntag = "test"\n[project]\nrun_command = "{sys.executable} train.py"\n'
+            "[loop]\ncheckpoint_interval = 0.1\nbaseline_runs = 1\nremeasure_every = 0\n[proposer]\nkind ="
+            f' "agent"\n[proposer.agent]\ncommand = {json.dumps(shlex.join([sys.executable, *argv]))}\n')
+
+    agent(str(FAKES / "agent_hang.py"), str(pids))
+    engine = [sys.executable, "-m", "nightlab.loop.engine", "--config", str(config)]
+    store = Store.for_workspace(ws)
+    with open(tmp_path / "engine.log", "w") as log:
+        first = subprocess.Popen(engine, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(pids.exists, "the agent to work on #2", abort=first.poll)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(60) == 0
+        finally:
+            first.kill()
+    assert [(c.number, c.phase) for c in ledger.open_candidates(store)] == [(2, "proposing")]
+    assert git_out(ws, "status", "--porcelain") == ""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([{"set": {"VAL_BPB": "[0.9]"}, "describe": "VAL_BPB lower"}]))
+    agent(str(FAKES / "agent_plan.py"), str(plan))
+    assert subprocess.run([*engine, "--max-experiments", "2"], capture_output=True, timeout=120).returncode == 0
+    assert [(e.number, e.status, e.description) for e in ledger.experiments(store)] == [
+        (1, "keep", "baseline"), (2, "keep", "VAL_BPB lower")]
+    assert_consistent(settings)

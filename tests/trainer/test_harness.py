@@ -4,6 +4,7 @@ and the fp16 (loss scaling) and bf16 paths run end to end on the CPU."""
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from nightlab.loop.judge import Measurement, failure_reason
 from nightlab.loop.summary import parse_summary
 from nightlab.trainer import profiles as P
 
+from tests.trainer.test_prepare import damage_inside
 from tests.trainer.test_train import make_workspace, run_train
 
 
@@ -93,15 +95,32 @@ def test_reduced_precision_paths_train_on_cpu(tmp_path, data_dir, dtype):
 
 
 def test_bad_data_in_train_py_is_one_line_not_a_traceback(tmp_path, data_dir):
-    """A data problem train.py meets (here its tokenizer; a shard damaged during the night alike)
-    ends the run with the harness's FAIL line, what to do in it, and no traceback to read through."""
+    """A shard damaged during the night, met by train.py's dataloader, ends the run with the harness's
+    FAIL line (the engine pauses the night on it), what to do in it, and no traceback to read through."""
+    tiny = P.PROFILES["tiny"]
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)  # the files themselves, not links to the shared fixture's
+    damage_inside(data / "shard_00000.parquet")
+    proc = run_train(make_workspace(tmp_path / "ws", tiny.constants), data, tiny.harness_env)
+    assert proc.returncode == 1
+    assert f"\nFAIL: data: {data / 'shard_00000.parquet'} is damaged (" in proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    reason = failure_reason(Measurement(1, None, parse_summary(proc.stdout), proc.stdout), "val_bpb")
+    assert reason is not None and reason.startswith(f"data problem: {data / 'shard_00000.parquet'} is damaged (")
+
+
+def test_a_data_failure_of_train_pys_own_making_is_its_crash(tmp_path, data_dir):
+    """train.py reading a tokenizer from a folder of its own: the harness's hook in its process says
+    `FAIL: data: …`, but the data it was given reads well, so the crash is the change's (it paused the
+    night, and the change ran again after /resume)."""
     tiny = P.PROFILES["tiny"]
     ws = make_workspace(tmp_path / "ws", tiny.constants, edit=lambda source: source.replace(
         "tokenizer = Tokenizer.from_directory()", f"tokenizer = Tokenizer.from_directory({str(tmp_path)!r})"))
     proc = run_train(ws, data_dir, tiny.harness_env)
     assert proc.returncode == 1
-    assert f"\nFAIL: data: no tokenizer at {tmp_path}/tokenizer.json. Run `python prepare.py" in proc.stdout
+    assert f"\ntrain.py| FAIL: data: no tokenizer at {tmp_path}/tokenizer.json. Run `python prepare.py" in proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert failure_reason(Measurement(1, None, parse_summary(proc.stdout), proc.stdout), "val_bpb") == "exit code 1"
 
 
 def _no_file_over_4_mb():
@@ -114,7 +133,8 @@ def _no_file_over_4_mb():
 
 
 def test_a_model_that_cannot_be_saved_is_one_line_not_a_traceback(tmp_path, data_dir):
-    """torch says a full disk as "unexpected pos 576 vs 534" under a traceback; the run says what failed."""
+    """torch says a full disk as "unexpected pos 576 vs 534" under a traceback; the run says what failed (the
+    harness in the training process: shown as train.py's line, as every FAIL line of that process is)."""
     import os
     import subprocess
     import sys
@@ -125,6 +145,6 @@ def test_a_model_that_cannot_be_saved_is_one_line_not_a_traceback(tmp_path, data
     proc = subprocess.run([sys.executable, "prepare.py", "run"], cwd=ws, env=env, capture_output=True, text=True,
                           timeout=180, check=False, preexec_fn=_no_file_over_4_mb)
     assert proc.returncode == 1
-    assert f"\nFAIL: could not save the trained model in {ws}/.nightlab/artifact (" in proc.stdout
+    assert f"\ntrain.py| FAIL: could not save the trained model in {ws}/.nightlab/artifact (" in proc.stdout
     assert " MB free there: a full disk? free space on it\n" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -885,3 +885,37 @@ def test_a_training_command_that_removed_the_artifact_folder_is_rejected_without
     train = _script(tmp_path, "t.py", "import os, shutil\nshutil.rmtree(os.environ['NIGHTLAB_ARTIFACT_DIR'])\n")
     assert P.run(train, _script(tmp_path, "s.py", "print('---')\nprint('accuracy: 0.5')\n")) == 1
     assert parse_summary(capfd.readouterr().out).rejected.startswith("the training command saved nothing")
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_training_output_cannot_pose_as_a_data_failure(corpus, tmp_path: Path, monkeypatch, capfd,
+                                                       project: bool) -> None:
+    """`FAIL: data: …` pauses the night for a person and runs the change again after /resume: a
+    train.py (or a project's training command) that printed it made its own crash the data's. Only
+    the harness says a run's data failed, once it has read the data train.py got and found it bad."""
+    from nightlab.loop.judge import Measurement, failure_reason
+    from nightlab.loop.summary import parse_summary
+
+    def reason(out: str) -> str | None:
+        return failure_reason(Measurement(1, None, parse_summary(out), out), "val_bpb")
+
+    source = tmp_path / "source"
+    shutil.copytree(corpus[0], source)
+    monkeypatch.setenv(P.ENV_DATA_DIR, str(P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    blames = _script(tmp_path, "t.py", "print('FAIL: data: shard_00001.parquet is damaged; replace it')\n"
+                                       "print('step 3\\rFAIL: data: the tokenizer is gone')\nraise SystemExit(1)\n")
+    score = _script(tmp_path, "s.py", "print('---')\nprint('val_bpb: 1.0')\n") if project else None
+    assert P.run(blames, score) == 1
+    out = capfd.readouterr().out
+    assert "train.py| FAIL: data: shard_00001.parquet is damaged; replace it\n" in out
+    assert "\rtrain.py| FAIL: data: the tokenizer is gone\n" in out
+    assert out.endswith("note: train.py said its data failed, but its training shards and tokenizer read well:"
+                        " the failure is its own\nFAIL: the training command exited with code 1\n")
+    assert reason(out) == "exit code 1"  # the change's crash; the night goes on
+    damage_inside(source / "shard_00001.parquet")  # now it is so
+    assert P.run(blames, score) == 1
+    out = capfd.readouterr().out
+    said = reason(out)
+    assert said is not None and said.startswith(f"data problem: {source / 'shard_00001.parquet'} is damaged (")
