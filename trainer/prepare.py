@@ -73,6 +73,7 @@ ENV_BUDGET_STEPS = "NIGHTLAB_BUDGET_STEPS"  # a step budget instead of TIME_BUDG
 DEFAULT_ARTIFACT_DIR = ".nightlab/artifact"
 TRAINING_ONLY_MARKER = "TRAINING_ONLY"  # in a data dir without its validation shard (see `run`)
 EVAL_CACHE_DIR = "eval-cache"
+REJECTED_EXIT = 3  # `run` and the scorer: the run was refused (the REJECTED line before says why)
 
 # Data sources
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
