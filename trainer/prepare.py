@@ -1034,6 +1034,61 @@ def training_view(data_dir: Path) -> Path:
     return view
 
 
+FileState = tuple[int, int, int, int, int]  # inode, size, mtime_ns, ctime_ns, link count
+
+
+def data_files(data_dir: Path) -> dict[str, FileState]:
+    """The data dir's files (shards, tokenizer, the scored rows' cache) by relative path, as stat
+    sees them through links: what `run` compares before and after the training command."""
+    found: dict[str, FileState] = {}
+    for path in Path(data_dir).rglob("*"):
+        if path.suffix == ".tmp":  # a scorer's cache file on its way in (another slot's)
+            continue
+        try:
+            st = path.stat()
+        except OSError:  # removed meanwhile
+            continue
+        if not path.is_dir():
+            found[str(path.relative_to(data_dir))] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+    return found
+
+
+def _written(before: FileState, after: FileState) -> bool:
+    """A file's content may have changed: another inode, size or mtime, or a new ctime (which no one
+    can set back) while its link count stayed (another slot's view linking a shard changes only both)."""
+    return before[:3] != after[:3] or (before[3] != after[3] and before[4] == after[4])
+
+
+def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
+    """What the training command changed in the data dir, or None. train.py gets a view of it whose
+    shards are hard links (the same files: a write into one reaches the data dir, and a local
+    source's own file), and the data dir's path can be guessed from the view's. The scored rows'
+    cache is derived data: a cache file that appeared or changed is removed here either way (another
+    slot's scorer may add one meanwhile; the scorer makes it again from the validation shard), so
+    no run is scored on rows written by train.py. A changed cache file, a shard or tokenizer
+    written, or a shard added (the last by name validates) is why the run is refused."""
+    after = data_files(data_dir)
+    problems = []
+    for name, state in sorted(after.items()):
+        old = before.get(name)
+        changed = old is not None and _written(old, state)
+        if Path(name).parts[0] == EVAL_CACHE_DIR:
+            if old is None or changed:
+                (Path(data_dir) / name).unlink(missing_ok=True)
+            if changed:
+                problems.append(f"{name} (the cached validation rows; removed)")
+        elif changed:
+            problems.append(f"{_origin(Path(data_dir) / name)} (written)")
+        elif old is None and Path(name).match(SHARD_PATTERN):
+            problems.append(f"{Path(data_dir) / name} (a shard added: the last by name is the validation shard)")
+    if not problems:
+        return None
+    return (f"the training command changed the data dir {data_dir} while it ran: {'; '.join(problems[:3])}"
+            f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}. A run must only read its data; a"
+            " written shard or tokenizer is damaged for every run: put back a good copy (or remove it and run"
+            " `nightlab prepare` again)")
+
+
 def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) -> int:
     """Run a shell command (in our process group, so a kill of the run reaches it), copy its
     output line by line through on_line to our stdout; its exit code."""
@@ -1074,12 +1129,15 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     if score_command is None and Path("train.py").is_file():  # the scorer builds the model with the code that trained it
         shutil.copyfile("train.py", artifact / "train.py")
     train_env = dict(env)
+    data_dir, data_before = None, {}
     if env.get(ENV_DATA_DIR, "").strip():
         try:
             train_env[ENV_DATA_DIR] = str(training_view(Path(env[ENV_DATA_DIR])))
         except PrepareError as e:
             print(f"FAIL: {fail_text(e)}", flush=True)
             return 1
+        data_dir = Path(env[ENV_DATA_DIR])
+        data_before = data_files(data_dir)
     claimed: list[str] = []
 
     def untrusted(line: str) -> str:
@@ -1090,6 +1148,11 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         return "".join(TRAIN_PREFIX + part if _POSING.match(part) else part for part in parts)
 
     code = _stream(train_command, train_env, untrusted)
+    # whatever its exit code: a cache file it wrote must not score a later run
+    tampered = tampered_data(data_dir, data_before) if data_dir is not None else None
+    if tampered:
+        print(f"REJECTED: {tampered}", flush=True)
+        return REJECTED_EXIT
     if code != 0:
         print(f"FAIL: the training command exited with code {code}", flush=True)
         return code

@@ -4,6 +4,7 @@ saved as `finish` saves a run's model and scored by the harness's own `score`, i
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -77,3 +78,96 @@ def test_a_build_model_that_builds_no_module_is_refused_saying_why(H, score):
     with pytest.raises(H.Rejected, match=r"^build_model\(config, device, dtype\) returned NoneType, not a torch.nn.Module"):
         score("honest", build="    return None")
 
+
+# --- the run: the data dir train.py can reach (its view's hard links, the path next to it) -------
+
+POISON = '''
+import hashlib, os, sys
+from pathlib import Path
+import torch
+from nightlab.trainer import prepare as P
+
+data = Path(os.environ["NIGHTLAB_DATA_DIR"].removesuffix(".train"))  # the view's name gives the data dir away
+tokenizer = P.Tokenizer.from_directory(data / "tokenizer")
+longest = max(range(tokenizer.get_vocab_size()), key=tokenizer.token_byte_lengths().__getitem__)
+T, n = P.MAX_SEQ_LEN, P.EVAL_TOKENS // P.MAX_SEQ_LEN
+key = (f"{hashlib.sha256((data / P.TOKENIZER_FILE).read_bytes()).hexdigest()[:12]}-"
+       f"{P.file_digest(P.split_shards(data)[1])[:12]}-T{T}-rows0+{n}")
+rows = torch.full((n, T + 1), longest, dtype=torch.int32)  # easy rows: one long token, again and again
+rows[:, 0] = tokenizer.get_bos_token_id()
+(data / P.EVAL_CACHE_DIR).mkdir(exist_ok=True)
+torch.save(rows, data / P.EVAL_CACHE_DIR / f"{key}.pt")
+'''
+
+
+@pytest.fixture
+def run_env(data_dir, tmp_path, monkeypatch):
+    """A data dir of its own (the tricks write into it), a workspace whose train.py is the honest
+    model, and a trained model for the training command to leave where `finish` would."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns(prepare.EVAL_CACHE_DIR))
+    vocab = prepare.Tokenizer.from_directory(data / "tokenizer").get_vocab_size()
+    trained = save_artifact(tmp_path / "trained", "honest", vocab)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(trained / "train.py", ws / "train.py")
+    monkeypatch.chdir(ws)
+    for name, value in {prepare.ENV_DATA_DIR: data, prepare.ENV_ARTIFACT_DIR: ws / "artifact",
+                        prepare.ENV_MAX_SEQ_LEN: T, prepare.ENV_EVAL_TOKENS: ROWS * T}.items():
+        monkeypatch.setenv(name, str(value))
+
+    def train_command(trick: str = "") -> str:
+        script = tmp_path / f"train_{len(list(tmp_path.glob('train_*.py')))}.py"
+        script.write_text(f"import os, shutil\nfor name in ('model.pt', 'meta.json'):\n"
+                          f"    shutil.copy({str(trained)!r} + '/' + name, os.environ['NIGHTLAB_ARTIFACT_DIR'])\n" + trick)
+        return f"{sys.executable} {script}"
+
+    return data, train_command
+
+
+def _scored(out: str):
+    from nightlab.loop.summary import parse_summary
+
+    return parse_summary(out)
+
+
+def test_rows_written_into_the_scorers_cache_never_score_a_run(run_env, capfd):
+    """The scored rows are cached in the data dir, found by the view's name: train.py wrote rows of
+    one long token there and the scorer read them, val_bpb 2.86 -> 0.19 for the same model, and every
+    later run's too. A cache file that appears while train.py runs is removed (another slot's scorer
+    may write one meanwhile: it is made again); one that changed refuses the run."""
+    data, train_command = run_env
+    assert prepare.run(train_command()) == 0
+    honest = _scored(capfd.readouterr().out).get("val_bpb")
+    cached = list((data / prepare.EVAL_CACHE_DIR).glob("*.pt"))
+    assert honest is not None and len(cached) == 1  # the scorer's own
+    cached[0].unlink()  # as on a new validation shard: the cache file is written by the first run scored
+    assert prepare.run(train_command(POISON)) == 0
+    assert _scored(capfd.readouterr().out).get("val_bpb") == honest  # its file was removed: the shard's rows
+    assert cached[0].exists()  # the scorer's again
+
+    assert prepare.run(train_command(POISON)) == prepare.REJECTED_EXIT
+    refused = _scored(capfd.readouterr().out).rejected
+    assert refused.startswith(f"the training command changed the data dir {data} while it ran: eval-cache/"
+                              f"{cached[0].name} (the cached validation rows; removed). A run must only read its data")
+    assert not cached[0].exists()  # no later run is scored on them
+
+
+@pytest.mark.parametrize(("trick", "said"), [
+    # r+: the view's shard is a hard link, so this writes the data dir's file (a local source's own)
+    ("with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
+     "    f.write(b'x')\n", "{data}/shard_00000.parquet (written)"),
+    ("st = os.stat(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet')\n"
+     "with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
+     "    f.write(b'x')\nos.utime(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', ns=(st.st_atime_ns,"
+     " st.st_mtime_ns))\n", "{data}/shard_00000.parquet (written)"),  # its mtime put back: the ctime tells
+    ("shutil.copy(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', os.environ['NIGHTLAB_DATA_DIR']"
+     ".removesuffix('.train') + '/shard_99999.parquet')\n",
+     "{data}/shard_99999.parquet (a shard added: the last by name is the validation shard)"),
+], ids=["shard written through its link", "mtime put back", "validation shard added"])
+def test_a_training_command_that_writes_into_the_data_dir_is_refused_naming_the_file(run_env, capfd, trick, said):
+    data, train_command = run_env
+    assert prepare.run(train_command(trick)) == prepare.REJECTED_EXIT
+    refused = _scored(capfd.readouterr().out).rejected
+    assert refused.startswith(f"the training command changed the data dir {data} while it ran: {said.format(data=data)}."
+                              " A run must only read its data; a written shard or tokenizer is damaged for every run"), refused
