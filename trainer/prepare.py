@@ -71,6 +71,7 @@ ENV_ARTIFACT_DIR = "NIGHTLAB_ARTIFACT_DIR"  # where train.py's run saves the tra
 ENV_RUN_STARTED = "NIGHTLAB_RUN_STARTED"  # set by `run` for the scorer's total_seconds
 ENV_BUDGET_STEPS = "NIGHTLAB_BUDGET_STEPS"  # a step budget instead of TIME_BUDGET (harness.py)
 DEFAULT_ARTIFACT_DIR = ".nightlab/artifact"
+ARTIFACT_FILES = ("model.pt", "meta.json", "train.py")  # what the scorer reads of a saved model, all it is kept with
 TRAINING_ONLY_MARKER = "TRAINING_ONLY"  # in a data dir without its validation shard (see `run`)
 EVAL_CACHE_DIR = "eval-cache"
 REJECTED_EXIT = 3  # `run` and the scorer: the run was refused (the REJECTED line before says why)
