@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +100,8 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
     """The held-out bpb of a kept commit's model (scored by the workspace's harness once, then
     cached beside the model); None when there is no model or the scorer failed."""
     artifact = state_dir(ws.path) / ARTIFACTS_DIRNAME / commit
+    from nightlab.trainer.prepare import scorer_command  # no torch
+
     cached = artifact / f"heldout-{slice_index}.json"
     if cached.is_file():
         return float(json.loads(cached.read_text())["bpb"])
@@ -108,8 +109,8 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
         return None
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "harness.py", "score", "--split", "heldout", "--slice", str(slice_index),
-               "--artifact", str(artifact), "--result", str(result)]
+        cmd = scorer_command(ws.path / "harness.py", "--split", "heldout", "--slice", str(slice_index),
+                             "--artifact", str(artifact), "--result", str(result), pycache=Path(tmp) / "pycache")
         subprocess.run(cmd, cwd=ws.path, env={**os.environ, **env}, capture_output=True, check=False)
         try:
             found = json.loads(result.read_text())

@@ -43,6 +43,11 @@ try:
 except ImportError:  # torch < 2.5
     flex_attention = create_block_mask = None  # type: ignore[assignment]
 
+if __name__ == "__main__" and str(Path(__file__).resolve().parent) not in sys.path:
+    # run with -P (prepare.scorer_command): its own folder last, so a module a run wrote there
+    # (torch.py, json.py) never comes before the installation's
+    sys.path.append(str(Path(__file__).resolve().parent))
+
 import prepare
 from prepare import EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer
 

@@ -1067,8 +1067,9 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
     cache is derived data: a cache file that appeared or changed is removed here either way (another
     slot's scorer may add one meanwhile; the scorer makes it again from the validation shard), so
     no run is scored on rows written by train.py. A changed cache file, a shard or tokenizer
-    written, or a shard added (the last by name validates) is why the run is refused."""
+    written, or a shard added that sorts last (it would validate) is why the run is refused."""
     after = data_files(data_dir)
+    validation = max((name for name in after if Path(name).match(SHARD_PATTERN) and "/" not in name), default=None)
     problems = []
     for name, state in sorted(after.items()):
         old = before.get(name)
@@ -1080,7 +1081,7 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
                 problems.append(f"{name} (the cached validation rows; removed)")
         elif changed:
             problems.append(f"{_origin(Path(data_dir) / name)} (written)")
-        elif old is None and Path(name).match(SHARD_PATTERN):
+        elif old is None and name == validation:  # a training shard added (more downloaded) scores nothing
             problems.append(f"{Path(data_dir) / name} (a shard added: the last by name is the validation shard)")
     if not problems:
         return None
@@ -1088,6 +1089,15 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
             f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}. A run must only read its data; a"
             " written shard or tokenizer is damaged for every run: put back a good copy (or remove it and run"
             " `nightlab prepare` again)")
+
+
+def scorer_command(harness: Path, *args: str, pycache: Path) -> list[str]:
+    """`python harness.py score ARGS` as the harness runs it after a training command that may have
+    written anything next to it: -P, so harness.py's folder is not first on its path (harness.py
+    puts it last: a torch.py or json.py a run left there is not what it imports; PYTHONPATH, which
+    a cluster's modules set, still counts), its bytecode cached in `pycache` (a .pyc planted in
+    __pycache__, dated as the source, is not read), unbuffered (its lines reach the log as they come)."""
+    return [sys.executable, "-P", "-u", "-X", f"pycache_prefix={pycache}", str(harness), "score", *args]
 
 
 def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) -> int:
@@ -1129,6 +1139,9 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     env[ENV_ARTIFACT_DIR] = str(artifact)
     if score_command is None and Path("train.py").is_file():  # the scorer builds the model with the code that trained it
         shutil.copyfile("train.py", artifact / "train.py")
+    harness = Path(__file__).resolve().with_name("harness.py")
+    # the scorer's own code, in the training command's reach (a single slot runs in the workspace)
+    scorer_files = {path: path.read_bytes() for path in (Path(__file__).resolve(), harness) if path.is_file()}
     train_env = dict(env)
     data_dir, data_before = None, {}
     if env.get(ENV_DATA_DIR, "").strip():
@@ -1151,6 +1164,10 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     code = _stream(train_command, train_env, untrusted)
     # whatever its exit code: a cache file it wrote must not score a later run
     tampered = tampered_data(data_dir, data_before) if data_dir is not None else None
+    changed = [path.name for path, code in scorer_files.items() if not path.is_file() or path.read_bytes() != code]
+    if changed and score_command is None:
+        tampered = (f"the training command changed the harness that scores it ({', '.join(changed)}); a run must not"
+                    " write the protected files: `git checkout` them, or `nightlab doctor` says how")
     if tampered:
         print(f"REJECTED: {tampered}", flush=True)
         return REJECTED_EXIT
@@ -1170,8 +1187,8 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         scored = None
     else:
         result_path = Path(tempfile.mkdtemp(prefix="nightlab-score-")) / "result.json"
-        harness = Path(__file__).resolve().with_name("harness.py")
-        command = [sys.executable, str(harness), "score", "--artifact", str(artifact), "--result", str(result_path)]
+        command = scorer_command(harness, "--artifact", str(artifact), "--result", str(result_path),
+                                 pycache=result_path.parent / "pycache")
         code = _stream(shlex.join(command), env, untrusted)
         try:
             result = json.loads(result_path.read_text())

@@ -11,6 +11,7 @@ import pytest
 from nightlab.trainer import prepare
 
 from tests.fakes.scored_models import save_artifact
+from tests.trainer.conftest import TRAINER
 
 T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
 
@@ -171,3 +172,63 @@ def test_a_training_command_that_writes_into_the_data_dir_is_refused_naming_the_
     refused = _scored(capfd.readouterr().out).rejected
     assert refused.startswith(f"the training command changed the data dir {data} while it ran: {said.format(data=data)}."
                               " A run must only read its data; a written shard or tokenizer is damaged for every run"), refused
+
+
+def test_a_training_shard_added_while_a_run_trains_is_no_reason_to_refuse_it(run_env, capfd):
+    """More shards downloaded meanwhile (a restarted daemon's prepare, a raised [data] shards) change
+    nothing the run is scored on."""
+    data, train_command = run_env
+    added = "shutil.copy(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', '{}')\n".format(data / "shard_00001b.parquet")
+    assert prepare.run(train_command(added)) == 0
+    assert _scored(capfd.readouterr().out).rejected is None
+
+
+# --- the run: the harness's own files, in the training command's reach ----------------------------
+
+SCORE_LINE = "bpb = total_nats.item() / (math.log(2) * total_bytes.item())"
+HARNESS_TRICKS = {
+    # the workspace's harness.py: the scorer's own code
+    "harness.py rewritten": f"code = open('harness.py').read()\nopen('harness.py', 'w').write(code.replace({SCORE_LINE!r}, 'bpb = 0.01'))\n",
+    # a module next to harness.py came first on the scorer's path: `import resource` (harness.py's) got it
+    "a module shadowed": ("open('resource.py', 'w').write('import torch.nn.functional as F\\n_ce = F.cross_entropy\\n"
+                          "F.cross_entropy = lambda *a, **k: _ce(*a, **k) / 2\\nRUSAGE_SELF = 0\\n')\n"),
+    # a .pyc of another prepare.py, dated as the real one: imported instead of the source
+    "a .pyc planted": (
+        "import importlib.util, importlib._bootstrap_external as ext\nsrc = os.path.abspath('prepare.py')\n"
+        "st = os.stat(src)\ncode = compile(open(src).read().replace('return torch.tensor(tokenizer.token_byte_lengths(),"
+        " dtype', 'return 2 * torch.tensor(tokenizer.token_byte_lengths(), dtype'), src, 'exec')\n"
+        "pyc = importlib.util.cache_from_source(src)\nos.makedirs(os.path.dirname(pyc), exist_ok=True)\n"
+        "open(pyc, 'wb').write(ext._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size))\n"),
+}
+
+
+@pytest.mark.parametrize("trick", list(HARNESS_TRICKS))
+def test_a_training_command_never_changes_the_code_that_scores_it(run_env, trick):
+    """The scorer ran the workspace's harness.py after the training command, with that folder first on
+    its path and its __pycache__ read: a training command that rewrote harness.py (0.01), left a
+    module that harness.py imports (half the cross-entropy) or a .pyc of another prepare.py (twice the
+    bytes) there got the score it wrote. The harness's files changed refuse the run; the scorer runs
+    with -P and its own bytecode cache."""
+    import subprocess
+
+    from nightlab.loop.summary import parse_summary
+
+    _, train_command = run_env
+    for name in ("prepare.py", "harness.py"):
+        shutil.copy(TRAINER / name, name)
+
+    def run(command: str) -> tuple[int, str]:
+        proc = subprocess.run([sys.executable, "prepare.py", "run", "--command", command], capture_output=True,
+                              text=True, timeout=120, check=False)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    code, out = run(train_command())
+    honest = parse_summary(out).get("val_bpb")
+    assert code == 0 and honest is not None, out[-2000:]
+    code, out = run(train_command(HARNESS_TRICKS[trick]))
+    if trick == "harness.py rewritten":
+        assert code == prepare.REJECTED_EXIT and parse_summary(out).rejected == (
+            "the training command changed the harness that scores it (harness.py); a run must not write the protected"
+            " files: `git checkout` them, or `nightlab doctor` says how"), out[-2000:]
+    else:
+        assert code == 0 and parse_summary(out).get("val_bpb") == honest, out[-2000:]
