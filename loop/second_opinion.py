@@ -110,7 +110,7 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = scorer_command(ws.path / "harness.py", "--split", "heldout", "--slice", str(slice_index),
-                             "--artifact", str(artifact), "--result", str(result), pycache=Path(tmp) / "pycache")
+                             "--artifact", str(artifact), "--result", str(result))
         subprocess.run(cmd, cwd=ws.path, env={**os.environ, **env}, capture_output=True, check=False)
         try:
             found = json.loads(result.read_text())

@@ -1091,13 +1091,17 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
             " `nightlab prepare` again)")
 
 
-def scorer_command(harness: Path, *args: str, pycache: Path) -> list[str]:
+def scorer_command(harness: Path, *args: str) -> list[str]:
     """`python harness.py score ARGS` as the harness runs it after a training command that may have
     written anything next to it: -P, so harness.py's folder is not first on its path (harness.py
     puts it last: a torch.py or json.py a run left there is not what it imports; PYTHONPATH, which
-    a cluster's modules set, still counts), its bytecode cached in `pycache` (a .pyc planted in
-    __pycache__, dated as the source, is not read), unbuffered (its lines reach the log as they come)."""
-    return [sys.executable, "-P", "-u", "-X", f"pycache_prefix={pycache}", str(harness), "score", *args]
+    a cluster's modules set, still counts), unbuffered (its lines reach the log as they come). The
+    cached bytecode of prepare.py there is removed (a .pyc of other code, dated as the source, was
+    imported instead of it); the scorer compiles it again (a bytecode cache of its own, -X
+    pycache_prefix, would compile all of torch at every start)."""
+    for planted in (Path(harness).parent / "__pycache__").glob("prepare.*.pyc"):
+        planted.unlink(missing_ok=True)
+    return [sys.executable, "-P", "-u", str(harness), "score", *args]
 
 
 def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) -> int:
@@ -1187,8 +1191,7 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         scored = None
     else:
         result_path = Path(tempfile.mkdtemp(prefix="nightlab-score-")) / "result.json"
-        command = scorer_command(harness, "--artifact", str(artifact), "--result", str(result_path),
-                                 pycache=result_path.parent / "pycache")
+        command = scorer_command(harness, "--artifact", str(artifact), "--result", str(result_path))
         code = _stream(shlex.join(command), env, untrusted)
         try:
             result = json.loads(result_path.read_text())

@@ -208,7 +208,7 @@ def test_a_training_command_never_changes_the_code_that_scores_it(run_env, trick
     its path and its __pycache__ read: a training command that rewrote harness.py (0.01), left a
     module that harness.py imports (half the cross-entropy) or a .pyc of another prepare.py (twice the
     bytes) there got the score it wrote. The harness's files changed refuse the run; the scorer runs
-    with -P and its own bytecode cache."""
+    with -P, prepare.py's bytecode compiled again."""
     import subprocess
 
     from nightlab.loop.summary import parse_summary
