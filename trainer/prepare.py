@@ -1146,6 +1146,8 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     harness = Path(__file__).resolve().with_name("harness.py")
     # the scorer's own code, in the training command's reach (a single slot runs in the workspace)
     scorer_files = {path: path.read_bytes() for path in (Path(__file__).resolve(), harness) if path.is_file()}
+    # ... and the train.py it builds the model with: the commit's, which the training command could replace
+    scored_code = (artifact / "train.py").read_bytes() if (artifact / "train.py").is_file() else None
     train_env = dict(env)
     data_dir, data_before = None, {}
     if env.get(ENV_DATA_DIR, "").strip():
@@ -1168,10 +1170,13 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     code = _stream(train_command, train_env, untrusted)
     # whatever its exit code: a cache file it wrote must not score a later run
     tampered = tampered_data(data_dir, data_before) if data_dir is not None else None
-    changed = [path.name for path, code in scorer_files.items() if not path.is_file() or path.read_bytes() != code]
+    changed = [path.name for path, text in scorer_files.items() if not path.is_file() or path.read_bytes() != text]
     if changed and score_command is None:
         tampered = (f"the training command changed the harness that scores it ({', '.join(changed)}); a run must not"
                     " write the protected files: `git checkout` them, or `nightlab doctor` says how")
+    elif scored_code is not None and (artifact / "train.py").is_file() and (artifact / "train.py").read_bytes() != scored_code:
+        tampered = (f"the training command replaced {artifact / 'train.py'}, the code the harness builds the model with:"
+                    " a run is scored with the train.py it committed")
     if tampered:
         print(f"REJECTED: {tampered}", flush=True)
         return REJECTED_EXIT

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from nightlab.trainer import prepare
@@ -192,6 +193,9 @@ HARNESS_TRICKS = {
     # a module next to harness.py came first on the scorer's path: `import resource` (harness.py's) got it
     "a module shadowed": ("open('resource.py', 'w').write('import torch.nn.functional as F\\n_ce = F.cross_entropy\\n"
                           "F.cross_entropy = lambda *a, **k: _ce(*a, **k) / 2\\nRUSAGE_SELF = 0\\n')\n"),
+    # the model's code the scorer imports: another than the commit's
+    "the scored train.py replaced": ("open(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'train.py'), 'a')"
+                                     ".write('# scored, not committed\\n')\n"),
     # a .pyc of another prepare.py, dated as the real one: imported instead of the source
     "a .pyc planted": (
         "import importlib.util, importlib._bootstrap_external as ext\nsrc = os.path.abspath('prepare.py')\n"
@@ -207,8 +211,9 @@ def test_a_training_command_never_changes_the_code_that_scores_it(run_env, trick
     """The scorer ran the workspace's harness.py after the training command, with that folder first on
     its path and its __pycache__ read: a training command that rewrote harness.py (0.01), left a
     module that harness.py imports (half the cross-entropy) or a .pyc of another prepare.py (twice the
-    bytes) there got the score it wrote. The harness's files changed refuse the run; the scorer runs
-    with -P, prepare.py's bytecode compiled again."""
+    bytes) there got the score it wrote, and the model was built with whatever train.py it left in
+    the artifact folder. The harness's files or the scored train.py changed refuse the run; the
+    scorer runs with -P, prepare.py's bytecode compiled again."""
     import subprocess
 
     from nightlab.loop.summary import parse_summary
@@ -230,5 +235,9 @@ def test_a_training_command_never_changes_the_code_that_scores_it(run_env, trick
         assert code == prepare.REJECTED_EXIT and parse_summary(out).rejected == (
             "the training command changed the harness that scores it (harness.py); a run must not write the protected"
             " files: `git checkout` them, or `nightlab doctor` says how"), out[-2000:]
+    elif trick == "the scored train.py replaced":
+        assert code == prepare.REJECTED_EXIT and parse_summary(out).rejected == (
+            f"the training command replaced {Path.cwd() / 'artifact' / 'train.py'}, the code the harness builds the model"
+            " with: a run is scored with the train.py it committed"), out[-2000:]
     else:
         assert code == 0 and parse_summary(out).get("val_bpb") == honest, out[-2000:]
