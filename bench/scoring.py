@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nightlab.trainer.prepare import scorer_command  # no torch
+
 import trainer as trainer_bench  # bench/trainer.py: the same workspace and data as the trainer's bench
 
 profiles = trainer_bench.profiles  # trainer/profiles.py
@@ -39,7 +41,7 @@ NAMED_IMPORTS = ("torch", "prepare", "pyarrow", "tiktoken")  # harness.py's impo
 def score_once(ws: Path, env: dict[str, str], result: Path) -> dict[str, float]:
     """One scorer process: its wall time and the phases it reports (seconds)."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "harness.py", "score", "--result", str(result)],
+    proc = subprocess.run(scorer_command(ws / "harness.py", "--result", str(result)),  # as `prepare.py run` starts it
                           cwd=ws, env=env, capture_output=True, text=True, check=False)
     wall = time.time() - t0
     found = json.loads(result.read_text()) if result.is_file() else {}

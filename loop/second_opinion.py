@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,10 @@ KEPT_ARTIFACTS = 3  # the newest kept models stay (a default-profile model is ~1
 
 def keep_artifact(ws: Workspace, run_dir: Path, commit: str) -> Path | None:
     """Keep a kept run's saved model (from its run dir) under the state dir by commit, so a later
-    keep can be compared with it on a held-out slice; None when the run saved none."""
-    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR  # no torch
+    keep can be compared with it on a held-out slice; None when the run saved none. Only the files
+    the scorer reads: the folder is train.py's to write, and a held-out score cached beside the model
+    (`heldout-<k>.json`) that it left there was read as the model's."""
+    from nightlab.trainer.prepare import ARTIFACT_FILES, DEFAULT_ARTIFACT_DIR  # no torch
 
     source = Path(run_dir) / DEFAULT_ARTIFACT_DIR
     if not (source / "model.pt").is_file():
@@ -36,7 +37,10 @@ def keep_artifact(ws: Workspace, run_dir: Path, commit: str) -> Path | None:
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            shutil.copytree(source, tmp)
+            tmp.mkdir(parents=True)
+            for name in ARTIFACT_FILES:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, tmp / name)
         except OSError as exc:  # a full disk: a traceback at every restart of the engine, and a half copy
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"could not keep the kept model of {commit[:7]} in {root} ({_why(exc)}) for the held-out"
@@ -51,9 +55,7 @@ def keep_artifact(ws: Workspace, run_dir: Path, commit: str) -> Path | None:
 
 
 def _why(exc: OSError) -> str:
-    if isinstance(exc, shutil.Error):  # copytree gathers each file's error as "[Errno 28] No space ...: 'a' -> 'b'"
-        return str(exc.args[0][0][2]).split(": '")[0]
-    return exc.strerror or str(exc)
+    return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno and exc.strerror else str(exc)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
     """The held-out bpb of a kept commit's model (scored by the workspace's harness once, then
     cached beside the model); None when there is no model or the scorer failed."""
     artifact = state_dir(ws.path) / ARTIFACTS_DIRNAME / commit
+    from nightlab.trainer.prepare import scorer_command  # no torch
+
     cached = artifact / f"heldout-{slice_index}.json"
     if cached.is_file():
         return float(json.loads(cached.read_text())["bpb"])
@@ -105,8 +109,8 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
         return None
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "harness.py", "score", "--split", "heldout", "--slice", str(slice_index),
-               "--artifact", str(artifact), "--result", str(result)]
+        cmd = scorer_command(ws.path / "harness.py", "--split", "heldout", "--slice", str(slice_index),
+                             "--artifact", str(artifact), "--result", str(result))
         subprocess.run(cmd, cwd=ws.path, env={**os.environ, **env}, capture_output=True, check=False)
         try:
             found = json.loads(result.read_text())

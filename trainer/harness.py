@@ -27,6 +27,7 @@ import resource
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -42,6 +43,11 @@ try:
 except ImportError:  # torch < 2.5
     flex_attention = create_block_mask = None  # type: ignore[assignment]
 
+if __name__ == "__main__" and str(Path(__file__).resolve().parent) not in sys.path:
+    # run with -P (prepare.scorer_command): its own folder last, so a module a run wrote there
+    # (torch.py, json.py) never comes before the installation's
+    sys.path.append(str(Path(__file__).resolve().parent))
+
 import prepare
 from prepare import EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer
 
@@ -50,7 +56,7 @@ ENV_BUDGET_STEPS = prepare.ENV_BUDGET_STEPS
 ENV_COMPILE = "NIGHTLAB_COMPILE"  # 0: never torch.compile (a device where it cannot run)
 UNTIMED_STEPS = 10  # the first steps (compilation, warm-up) do not count against TIME_BUDGET
 ARTIFACT_FORMAT = "nightlab-artifact/1"
-REJECTED_EXIT = 3  # `score`: the model was refused (the line before says why)
+REJECTED_EXIT = prepare.REJECTED_EXIT  # `score`: the model was refused (the line before says why)
 PROBE_ATOL = 1e-2  # logits are soft-capped at ~15; a model that looks ahead moves them far more
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -610,27 +616,50 @@ def eval_rows(tokenizer: Tokenizer, data_dir: Path, split: str = "val", slice_in
 
 def _eval_batch(n_rows: int, T: int, vocab: int, device: torch.device) -> int:
     """Rows per scoring batch: the largest divisor of n_rows whose fp32 logits stay under a cap
-    (every batch has one shape: the probe's batch, the first, looks like any other)."""
+    (every batch has one shape: the probed batch, drawn at random, looks like any other)."""
     cap_elements = 2**29 if device.type == "cuda" else 2**25
     cap = max(1, cap_elements // (T * vocab))
     return max(b for b in range(1, min(cap, n_rows) + 1) if n_rows % b == 0)
 
 
+def model_failed(error: BaseException, artifact: Path) -> Rejected:
+    """An error raised by the scored model's code, as one line: what and where in its train.py (no
+    traceback: the reason goes to chat)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = next((f" (train.py line {f.lineno})" for f in reversed(frames) if Path(f.filename) == artifact / "train.py"), "")
+    message = " ".join(str(error).split())[:200]
+    return Rejected(f"train.py's model failed while the harness scored it: {type(error).__name__}"
+                    f"{': ' + message if message else ''}{where}")
+
+
 def load_trained(artifact: Path, rt: Runtime):
     """train.py's `build_model(config, device, dtype)` with the saved weights; Rejected when the
-    artifact is missing or does not fit."""
+    artifact is missing or does not fit, or the model's code fails."""
     meta_path, weights = artifact / "meta.json", artifact / "model.pt"
     if not meta_path.is_file() or not weights.is_file():
         raise Rejected("train.py saved no trained model: it must end with the harness's finish(...)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise Rejected(f"the saved model's meta.json is not JSON ({e}): train.py must save through the harness's finish(...)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("train"), dict):
+        raise Rejected("the saved model's meta.json has no config and train figures: train.py must save through the"
+                       " harness's finish(...)")
     spec = importlib.util.spec_from_file_location("nightlab_scored_train", artifact / "train.py")
     if spec is None or spec.loader is None or not (artifact / "train.py").is_file():
         raise Rejected(f"no train.py saved with the model in {artifact}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # its main() is behind `if __name__ == "__main__"`: nothing trains
-    if not hasattr(module, "build_model"):
-        raise Rejected("train.py has no build_model(config, device, dtype): the harness cannot score it")
-    model = module.build_model(meta["config"], rt.device, rt.dtype)
+    try:
+        spec.loader.exec_module(module)  # its main() is behind `if __name__ == "__main__"`: nothing trains
+        if not hasattr(module, "build_model"):
+            raise Rejected("train.py has no build_model(config, device, dtype): the harness cannot score it")
+        model = module.build_model(meta["config"], rt.device, rt.dtype)
+    except Rejected:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own code: whatever it raises refuses the run
+        raise model_failed(e, artifact) from None
+    if not isinstance(model, torch.nn.Module):
+        raise Rejected(f"build_model(config, device, dtype) returned {type(model).__name__}, not a torch.nn.Module")
     try:
         # mmap: the weights go from the page cache straight into the built model (one copy)
         model.load_state_dict(torch.load(weights, map_location="cpu", mmap=True, weights_only=True))
@@ -641,22 +670,34 @@ def load_trained(artifact: Path, rt: Runtime):
 
 
 def causality_problem(forward, rows: torch.Tensor, vocab: int, generator: torch.Generator,
-                      logits: torch.Tensor | None = None) -> str | None:
-    """Change each row's tokens after its own position t (one cut per row, spread over the
-    sequence): the logits up to t must not move. One forward of the changed batch, plus one of the
-    rows unless `logits` (forward of the rows' inputs, e.g. the first scored batch) is given.
-    Returns why the model fails, or None."""
+                      logits: torch.Tensor | None = None, pool: torch.Tensor | None = None) -> str | None:
+    """Change each row's tokens after its own position t (a random cut per row): the logits up to t
+    must not move. The new tokens are another row's of `pool` at those positions (text, not noise a
+    model that looks ahead could tell apart), random ones without a pool. One forward of the changed
+    batch, plus one of the rows unless `logits` (forward of the rows' inputs, e.g. a scored batch's)
+    is given. Returns why the model fails, or None."""
     x = rows[:, :-1]
     R, T = x.shape
-    cuts = [(r + 1) * (T - 1) // (R + 1) for r in range(R)]
+    cuts = torch.randint(0, max(1, T - 1), (R,), generator=generator).tolist()
     changed = x.clone()
+    donors = pool[:, :-1] if pool is not None and pool.size(0) > 1 else None
     for r, t in enumerate(cuts):
-        changed[r, t + 1:] = torch.randint(0, vocab, (T - t - 1,), generator=generator).to(x.device)
+        if donors is not None:
+            donor = int(torch.randint(0, donors.size(0), (), generator=generator))
+            changed[r, t + 1:] = donors[donor, t + 1:]
+        else:
+            changed[r, t + 1:] = torch.randint(0, vocab, (T - t - 1,), generator=generator).to(x.device)
     before = (forward(x) if logits is None else logits).float()
     after = forward(changed).float()
+    moved = torch.stack([(before[r, : t + 1] - after[r, : t + 1]).abs().amax() for r, t in enumerate(cuts)]).tolist()
     for r, t in sorted(enumerate(cuts), key=lambda cut: cut[1]):
-        diff = (before[r, : t + 1] - after[r, : t + 1]).abs().max().item()
-        if not math.isfinite(diff) or diff > PROBE_ATOL:
+        diff = moved[r]
+        if not math.isfinite(diff):  # a NaN logit, or -inf on both sides: a token the model rules out did not move
+            b, a = before[r, : t + 1], after[r, : t + 1]
+            if b.isnan().any() or a.isnan().any():
+                return "the model's logits hold NaN: it must return finite logits (or -inf) for every position"
+            diff = (b - a).abs().masked_fill_(b == a, 0.0).amax().item()
+        if diff > PROBE_ATOL:
             return (f"not causal: changing the tokens after position {t} moved the logits at positions <= {t}"
                     f" by up to {diff:.3g} (tolerance {PROBE_ATOL:g}); the model looks ahead")
     return None
@@ -677,9 +718,10 @@ class Phases:
         self._last = now
 
 
-def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int = 0) -> dict[str, Any]:
+def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int = 0,
+          seed: int | None = None) -> dict[str, Any]:
     """Score a saved model: {"bpb", "score_seconds", "eval_seconds", "phases", "meta", "rt"}.
-    Raises Rejected.
+    Raises Rejected. `seed`: the causality probe's draws (None: the system's randomness; tests).
 
     Eager and SDPA, whatever the training used: the scorer runs one forward-only pass per
     experiment, and a changed model would compile afresh each time (tens of seconds cold, several
@@ -702,13 +744,23 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     phases.lap("rows", rt.device)
 
     def logits_of(x):
-        with rt.autocast():
-            out = model(x.long().contiguous())
+        try:
+            with rt.autocast():
+                out = model(x.long().contiguous())
+        except Exception as e:  # noqa: BLE001 - the model's own code: whatever it raises refuses the run
+            raise model_failed(e, artifact) from None
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.size(0), x.size(1), vocab):
             raise Rejected(f"model(inputs) must return logits [B, T, {vocab}], got "
                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        if out.device != x.device:
+            raise Rejected(f"model(inputs) must return its logits on {x.device}, where the inputs are, not on {out.device}")
         return out
 
+    # The probed batch and its cuts are drawn here, from the system's randomness: a model cannot know
+    # which of its calls is checked (a fixed first batch and fixed cuts let one look ahead elsewhere).
+    # It follows the scored batch's forward and reuses its logits, at the shape every batch has.
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
+    probed = int(torch.randint(0, n // B, (), generator=generator)) * B
     with torch.no_grad():
         total_nats = torch.zeros((), dtype=torch.float64, device=rt.device)
         total_bytes = torch.zeros((), dtype=torch.int64, device=rt.device)
@@ -716,9 +768,9 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
             batch = rows[i : i + B].long()
             x, y = batch[:, :-1], batch[:, 1:]
             logits = logits_of(x)
-            if i == 0:  # the probe reuses the first batch's logits, at the shape every batch has
+            if i == probed:
                 phases.lap("eval", rt.device)
-                why = causality_problem(logits_of, batch, vocab, torch.Generator().manual_seed(0), logits)
+                why = causality_problem(logits_of, batch, vocab, generator, logits, rows)
                 if why:
                     raise Rejected(why)
                 phases.lap("probe", rt.device)
@@ -727,6 +779,9 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
             total_nats += torch.where(nbytes > 0, nats, 0.0).sum(dtype=torch.float64)
             total_bytes += nbytes.sum()
         bpb = total_nats.item() / (math.log(2) * total_bytes.item())
+    if not math.isfinite(bpb):  # inf where a target's logit is -inf, NaN from NaN or +inf logits
+        raise Rejected(f"val_bpb is {bpb}: the model's logits are not finite where they are scored (NaN, +inf, or"
+                       " -inf at a token that comes)")
     phases.lap("eval")
     return {"bpb": bpb, "score_seconds": time.time() - t0, "eval_seconds": phases.seconds["eval"],
             "phases": phases.seconds, "meta": meta, "rt": rt, "rows": n}

@@ -71,9 +71,11 @@ ENV_ARTIFACT_DIR = "NIGHTLAB_ARTIFACT_DIR"  # where train.py's run saves the tra
 ENV_RUN_STARTED = "NIGHTLAB_RUN_STARTED"  # set by `run` for the scorer's total_seconds
 ENV_BUDGET_STEPS = "NIGHTLAB_BUDGET_STEPS"  # a step budget instead of TIME_BUDGET (harness.py)
 DEFAULT_ARTIFACT_DIR = ".nightlab/artifact"
+ARTIFACT_FILES = ("model.pt", "meta.json", "train.py")  # what the scorer reads of a saved model, all it is kept with
 TRAINING_ONLY_MARKER = "TRAINING_ONLY"  # in a data dir without its validation shard (see `run`)
 TRAINING_VIEW_SUFFIX = ".train"  # <data dir>.train, next to it: that view (`training_view_dir`)
 EVAL_CACHE_DIR = "eval-cache"
+REJECTED_EXIT = 3  # `run` and the scorer: the run was refused (the REJECTED line before says why)
 
 # Data sources
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -1071,6 +1073,75 @@ def training_view(data_dir: Path) -> Path:
     return view
 
 
+FileState = tuple[int, int, int, int, int]  # inode, size, mtime_ns, ctime_ns, link count
+
+
+def data_files(data_dir: Path) -> dict[str, FileState]:
+    """The data dir's files (shards, tokenizer, the scored rows' cache) by relative path, as stat
+    sees them through links: what `run` compares before and after the training command."""
+    found: dict[str, FileState] = {}
+    for path in Path(data_dir).rglob("*"):
+        if path.suffix == ".tmp":  # a scorer's cache file on its way in (another slot's)
+            continue
+        try:
+            st = path.stat()
+        except OSError:  # removed meanwhile
+            continue
+        if not path.is_dir():
+            found[str(path.relative_to(data_dir))] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+    return found
+
+
+def _written(before: FileState, after: FileState) -> bool:
+    """A file's content may have changed: another inode, size or mtime, or a new ctime (which no one
+    can set back) while its link count stayed (another slot's view linking a shard changes only both)."""
+    return before[:3] != after[:3] or (before[3] != after[3] and before[4] == after[4])
+
+
+def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
+    """What the training command changed in the data dir, or None. train.py gets a view of it whose
+    shards are hard links (the same files: a write into one reaches the data dir, and a local
+    source's own file), and the data dir's path can be guessed from the view's. The scored rows'
+    cache is derived data: a cache file that appeared or changed is removed here either way (another
+    slot's scorer may add one meanwhile; the scorer makes it again from the validation shard), so
+    no run is scored on rows written by train.py. A changed cache file, a shard or tokenizer
+    written, or a shard added that sorts last (it would validate) is why the run is refused."""
+    after = data_files(data_dir)
+    validation = max((name for name in after if Path(name).match(SHARD_PATTERN) and "/" not in name), default=None)
+    problems = []
+    for name, state in sorted(after.items()):
+        old = before.get(name)
+        changed = old is not None and _written(old, state)
+        if Path(name).parts[0] == EVAL_CACHE_DIR:
+            if old is None or changed:
+                (Path(data_dir) / name).unlink(missing_ok=True)
+            if changed:
+                problems.append(f"{name} (the cached validation rows; removed)")
+        elif changed:
+            problems.append(f"{_origin(Path(data_dir) / name)} (written)")
+        elif old is None and name == validation:  # a training shard added (more downloaded) scores nothing
+            problems.append(f"{Path(data_dir) / name} (a shard added: the last by name is the validation shard)")
+    if not problems:
+        return None
+    return (f"the training command changed the data dir {data_dir} while it ran: {'; '.join(problems[:3])}"
+            f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}. A run must only read its data; a"
+            " written shard or tokenizer is damaged for every run: put back a good copy (or remove it and run"
+            " `nightlab prepare` again)")
+
+
+def scorer_command(harness: Path, *args: str) -> list[str]:
+    """`python harness.py score ARGS` as the harness runs it after a training command that may have
+    written anything next to it: -P, so harness.py's folder is not first on its path (harness.py
+    puts it last: a torch.py or json.py a run left there is not what it imports; PYTHONPATH, which
+    a cluster's modules set, still counts), unbuffered (its lines reach the log as they come). The
+    cached bytecode of prepare.py there is removed (a .pyc of other code, dated as the source, was
+    imported instead of it); the scorer compiles it again (a bytecode cache of its own, -X
+    pycache_prefix, would compile all of torch at every start)."""
+    for planted in (Path(harness).parent / "__pycache__").glob("prepare.*.pyc"):
+        planted.unlink(missing_ok=True)
+    return [sys.executable, "-P", "-u", str(harness), "score", *args]
+
+
 def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) -> int:
     """Run a shell command (in our process group, so a kill of the run reaches it), copy its
     output line by line through on_line to our stdout; its exit code."""
@@ -1112,8 +1183,13 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     env[ENV_ARTIFACT_DIR] = str(artifact)
     if score_command is None and Path("train.py").is_file():  # the scorer builds the model with the code that trained it
         shutil.copyfile("train.py", artifact / "train.py")
+    harness = Path(__file__).resolve().with_name("harness.py")
+    # the scorer's own code, in the training command's reach (a single slot runs in the workspace)
+    scorer_files = {path: path.read_bytes() for path in (Path(__file__).resolve(), harness) if path.is_file()}
+    # ... and the train.py it builds the model with: the commit's, which the training command could replace
+    scored_code = (artifact / "train.py").read_bytes() if (artifact / "train.py").is_file() else None
     train_env = dict(env)
-    view = None
+    view, data_dir, data_before = None, None, {}
     if env.get(ENV_DATA_DIR, "").strip():
         try:
             view = training_view(Path(env[ENV_DATA_DIR]))
@@ -1121,6 +1197,8 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
             print(f"FAIL: {fail_text(e)}", flush=True)
             return 1
         train_env[ENV_DATA_DIR] = str(view)
+        data_dir = Path(env[ENV_DATA_DIR])
+        data_before = data_files(data_dir)
     claimed: list[str] = []
     blamed: list[str] = []  # train.py's word that its data failed (the harness's hook in its process says it)
 
@@ -1133,6 +1211,18 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         return "".join(TRAIN_PREFIX + part if _POSING.match(part) else part for part in parts)
 
     code = _stream(train_command, train_env, untrusted)
+    # whatever its exit code: a cache file it wrote must not score a later run
+    tampered = tampered_data(data_dir, data_before) if data_dir is not None else None
+    changed = [path.name for path, text in scorer_files.items() if not path.is_file() or path.read_bytes() != text]
+    if changed and score_command is None:
+        tampered = (f"the training command changed the harness that scores it ({', '.join(changed)}); a run must not"
+                    " write the protected files: `git checkout` them, or `nightlab doctor` says how")
+    elif scored_code is not None and (artifact / "train.py").is_file() and (artifact / "train.py").read_bytes() != scored_code:
+        tampered = (f"the training command replaced {artifact / 'train.py'}, the code the harness builds the model with:"
+                    " a run is scored with the train.py it committed")
+    if tampered:
+        print(f"REJECTED: {tampered}", flush=True)
+        return REJECTED_EXIT
     if code != 0:
         if blamed and view is not None:
             found = data_problem(view)
@@ -1156,8 +1246,7 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         scored = None
     else:
         result_path = Path(tempfile.mkdtemp(prefix="nightlab-score-")) / "result.json"
-        harness = Path(__file__).resolve().with_name("harness.py")
-        command = [sys.executable, str(harness), "score", "--artifact", str(artifact), "--result", str(result_path)]
+        command = scorer_command(harness, "--artifact", str(artifact), "--result", str(result_path))
         code = _stream(shlex.join(command), env, untrusted)
         try:
             result = json.loads(result_path.read_text())

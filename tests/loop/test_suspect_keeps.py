@@ -131,3 +131,24 @@ def test_a_keep_whose_models_an_agent_removed_says_it_got_no_second_opinion(tmp_
     assert opinion == NoOpinion(f"the model of bbbbbbb is not in {root} (removed?); the next keep is compared"
                                 " with this one's")
     assert opinion.text().startswith("no held-out second opinion: the model of bbbbbbb") and opinion.metrics == {}
+
+
+def test_a_held_out_score_the_run_saved_beside_its_model_is_not_its_second_opinion(tmp_path: Path) -> None:
+    """The artifact folder is train.py's to write, and the kept model's folder was a copy of it: a
+    `heldout-0.json` saved there was read as the held-out score already computed, so a keep that had
+    memorised the scored rows could name its own held-out value and never be SUSPECT."""
+    from nightlab.loop.second_opinion import heldout_bpb, keep_artifact
+    from nightlab.loop.workspace import open_workspace
+
+    from tests.fakes.loop_workspace import make_stub_workspace
+
+    settings = make_stub_workspace(tmp_path)
+    ws = open_workspace(settings.workspace_path, settings)
+    saved = tmp_path / "run" / ".nightlab" / "artifact"
+    saved.mkdir(parents=True)
+    for name, text in {"model.pt": "weights", "meta.json": "{}", "train.py": "# code", "heldout-0.json": '{"bpb": 0.001}',
+                       "notes.txt": "anything"}.items():
+        (saved / name).write_text(text)
+    kept = keep_artifact(ws, tmp_path / "run", "c" * 40)
+    assert kept is not None and sorted(p.name for p in kept.iterdir()) == ["meta.json", "model.pt", "train.py"]
+    assert heldout_bpb(ws, {}, "c" * 40, 0) is None  # scored by the harness (none in this stub workspace), not read

@@ -1,0 +1,243 @@
+"""The scorer against models written to fool it (issue 18): each variant of tests/fakes/scored_models.py
+saved as `finish` saves a run's model and scored by the harness's own `score`, in two batches of
+128 rows so that a model can tell its calls apart."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from nightlab.trainer import prepare
+
+from tests.fakes.scored_models import save_artifact
+from tests.trainer.conftest import TRAINER
+
+T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
+
+
+@pytest.fixture
+def score(H, data_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(H, "MAX_SEQ_LEN", T)
+    monkeypatch.setattr(H, "EVAL_TOKENS", ROWS * T)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # `setup` sets the training process's own
+    tokenizer = prepare.Tokenizer.from_directory(data_dir / "tokenizer")
+
+    def scored(variant: str, seed: int | None = None, **kwargs) -> float:
+        artifact = save_artifact(tmp_path / variant, variant, tokenizer.get_vocab_size(), **kwargs)
+        return H.score(artifact, data_dir, seed=seed)["bpb"]
+
+    scored.tokenizer = tokenizer  # type: ignore[attr-defined]
+    return scored
+
+
+def test_an_honest_model_scores_the_same_whatever_the_probe_draws(score):
+    assert score("honest", seed=1) == score("honest")
+
+
+def test_a_model_honest_only_where_the_probe_used_to_look_is_rejected(H, score):
+    """The probe was the first batch's forward and the call after it: a model honest for its first two
+    calls and looking ahead from the third passed it and scored far better on every other batch. The
+    probed batch is now drawn from the system's randomness: a model that looks ahead on some batches
+    is refused when the draw falls on one of them (here the second batch, seed 1), and passes when it
+    does not (seed 0: the first batch; the README says so)."""
+    honest = score("honest")
+    assert score("causal_at_first", seed=0) < honest - 1  # the first batch probed: its look-ahead not seen
+    with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
+        score("causal_at_first", seed=1)
+
+
+def test_a_model_that_looks_ahead_everywhere_but_at_the_probes_cuts_is_rejected(H, score):
+    """The cuts were fixed: a model honest only at those positions looked ahead at all the others."""
+    for seed in (None, 1):
+        with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
+            score("avoids_the_cuts", seed=seed)
+
+
+def test_minus_inf_for_tokens_that_never_come_is_no_look_ahead(score):
+    """-inf == -inf: the probe read the difference as NaN and refused the model as not causal."""
+    tokenizer = score.tokenizer
+    unused = sorted(tokenizer.enc.encode_single_token(name) for name in tokenizer.enc.special_tokens_set
+                    if name != prepare.BOS_TOKEN)
+    honest = score("honest")
+    assert honest - 1e-3 < score("masks_unused_tokens", masked=unused) < honest  # their share of the mass goes
+
+
+@pytest.mark.parametrize(("variant", "reason"), [
+    ("nan_logits", "the model's logits hold NaN: it must return finite logits (or -inf) for every position"),
+    ("all_minus_inf", "val_bpb is nan: the model's logits are not finite where they are scored"),
+    ("raises", "train.py's model failed while the harness scored it: KeyError: 'no such key' (train.py line 22)"),
+    ("wrong_vocab", "model(inputs) must return logits [B, T, 8192], got (128, 32, 8191)"),
+])
+def test_a_model_whose_output_cannot_be_scored_is_refused_saying_why(H, score, variant, reason):
+    with pytest.raises(H.Rejected) as refused:
+        score(variant)
+    assert str(refused.value).startswith(reason), str(refused.value)
+
+
+def test_a_build_model_that_builds_no_module_is_refused_saying_why(H, score):
+    with pytest.raises(H.Rejected, match=r"^build_model\(config, device, dtype\) returned NoneType, not a torch.nn.Module"):
+        score("honest", build="    return None")
+
+
+# --- the run: the data dir train.py can reach (its view's hard links, the path next to it) -------
+
+POISON = '''
+import hashlib, os, sys
+from pathlib import Path
+import torch
+from nightlab.trainer import prepare as P
+
+data = Path(os.environ["NIGHTLAB_DATA_DIR"].removesuffix(".train"))  # the view's name gives the data dir away
+tokenizer = P.Tokenizer.from_directory(data / "tokenizer")
+longest = max(range(tokenizer.get_vocab_size()), key=tokenizer.token_byte_lengths().__getitem__)
+T, n = P.MAX_SEQ_LEN, P.EVAL_TOKENS // P.MAX_SEQ_LEN
+key = (f"{hashlib.sha256((data / P.TOKENIZER_FILE).read_bytes()).hexdigest()[:12]}-"
+       f"{P.file_digest(P.split_shards(data)[1])[:12]}-T{T}-rows0+{n}")
+rows = torch.full((n, T + 1), longest, dtype=torch.int32)  # easy rows: one long token, again and again
+rows[:, 0] = tokenizer.get_bos_token_id()
+(data / P.EVAL_CACHE_DIR).mkdir(exist_ok=True)
+torch.save(rows, data / P.EVAL_CACHE_DIR / f"{key}.pt")
+'''
+
+
+@pytest.fixture
+def run_env(data_dir, tmp_path, monkeypatch):
+    """A data dir of its own (the tricks write into it), a workspace whose train.py is the honest
+    model, and a trained model for the training command to leave where `finish` would."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns(prepare.EVAL_CACHE_DIR))
+    vocab = prepare.Tokenizer.from_directory(data / "tokenizer").get_vocab_size()
+    trained = save_artifact(tmp_path / "trained", "honest", vocab)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(trained / "train.py", ws / "train.py")
+    monkeypatch.chdir(ws)
+    for name, value in {prepare.ENV_DATA_DIR: data, prepare.ENV_ARTIFACT_DIR: ws / "artifact",
+                        prepare.ENV_MAX_SEQ_LEN: T, prepare.ENV_EVAL_TOKENS: ROWS * T}.items():
+        monkeypatch.setenv(name, str(value))
+
+    def train_command(trick: str = "") -> str:
+        script = tmp_path / f"train_{len(list(tmp_path.glob('train_*.py')))}.py"
+        script.write_text(f"import os, shutil\nfor name in ('model.pt', 'meta.json'):\n"
+                          f"    shutil.copy({str(trained)!r} + '/' + name, os.environ['NIGHTLAB_ARTIFACT_DIR'])\n" + trick)
+        return f"{sys.executable} {script}"
+
+    return data, train_command
+
+
+def _scored(out: str):
+    from nightlab.loop.summary import parse_summary
+
+    return parse_summary(out)
+
+
+def test_rows_written_into_the_scorers_cache_never_score_a_run(run_env, capfd):
+    """The scored rows are cached in the data dir, found by the view's name: train.py wrote rows of
+    one long token there and the scorer read them, val_bpb 2.86 -> 0.19 for the same model, and every
+    later run's too. A cache file that appears while train.py runs is removed (another slot's scorer
+    may write one meanwhile: it is made again); one that changed refuses the run."""
+    data, train_command = run_env
+    assert prepare.run(train_command()) == 0
+    honest = _scored(capfd.readouterr().out).get("val_bpb")
+    cached = list((data / prepare.EVAL_CACHE_DIR).glob("*.pt"))
+    assert honest is not None and len(cached) == 1  # the scorer's own
+    cached[0].unlink()  # as on a new validation shard: the cache file is written by the first run scored
+    assert prepare.run(train_command(POISON)) == 0
+    assert _scored(capfd.readouterr().out).get("val_bpb") == honest  # its file was removed: the shard's rows
+    assert cached[0].exists()  # the scorer's again
+
+    assert prepare.run(train_command(POISON)) == prepare.REJECTED_EXIT
+    refused = _scored(capfd.readouterr().out).rejected
+    assert refused.startswith(f"the training command changed the data dir {data} while it ran: eval-cache/"
+                              f"{cached[0].name} (the cached validation rows; removed). A run must only read its data")
+    assert not cached[0].exists()  # no later run is scored on them
+
+
+@pytest.mark.parametrize(("trick", "said"), [
+    # r+: the view's shard is a hard link, so this writes the data dir's file (a local source's own)
+    ("with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
+     "    f.write(b'x')\n", "{data}/shard_00000.parquet (written)"),
+    ("st = os.stat(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet')\n"
+     "with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
+     "    f.write(b'x')\nos.utime(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', ns=(st.st_atime_ns,"
+     " st.st_mtime_ns))\n", "{data}/shard_00000.parquet (written)"),  # its mtime put back: the ctime tells
+    ("shutil.copy(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', os.environ['NIGHTLAB_DATA_DIR']"
+     ".removesuffix('.train') + '/shard_99999.parquet')\n",
+     "{data}/shard_99999.parquet (a shard added: the last by name is the validation shard)"),
+], ids=["shard written through its link", "mtime put back", "validation shard added"])
+def test_a_training_command_that_writes_into_the_data_dir_is_refused_naming_the_file(run_env, capfd, trick, said):
+    data, train_command = run_env
+    assert prepare.run(train_command(trick)) == prepare.REJECTED_EXIT
+    refused = _scored(capfd.readouterr().out).rejected
+    assert refused.startswith(f"the training command changed the data dir {data} while it ran: {said.format(data=data)}."
+                              " A run must only read its data; a written shard or tokenizer is damaged for every run"), refused
+
+
+def test_a_training_shard_added_while_a_run_trains_is_no_reason_to_refuse_it(run_env, capfd):
+    """More shards downloaded meanwhile (a restarted daemon's prepare, a raised [data] shards) change
+    nothing the run is scored on."""
+    data, train_command = run_env
+    added = "shutil.copy(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', '{}')\n".format(data / "shard_00001b.parquet")
+    assert prepare.run(train_command(added)) == 0
+    assert _scored(capfd.readouterr().out).rejected is None
+
+
+# --- the run: the harness's own files, in the training command's reach ----------------------------
+
+SCORE_LINE = "bpb = total_nats.item() / (math.log(2) * total_bytes.item())"
+HARNESS_TRICKS = {
+    # the workspace's harness.py: the scorer's own code
+    "harness.py rewritten": f"code = open('harness.py').read()\nopen('harness.py', 'w').write(code.replace({SCORE_LINE!r}, 'bpb = 0.01'))\n",
+    # a module next to harness.py came first on the scorer's path: `import resource` (harness.py's) got it
+    "a module shadowed": ("open('resource.py', 'w').write('import torch.nn.functional as F\\n_ce = F.cross_entropy\\n"
+                          "F.cross_entropy = lambda *a, **k: _ce(*a, **k) / 2\\nRUSAGE_SELF = 0\\n')\n"),
+    # the model's code the scorer imports: another than the commit's
+    "the scored train.py replaced": ("open(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'train.py'), 'a')"
+                                     ".write('# scored, not committed\\n')\n"),
+    # a .pyc of another prepare.py, dated as the real one: imported instead of the source
+    "a .pyc planted": (
+        "import importlib.util, importlib._bootstrap_external as ext\nsrc = os.path.abspath('prepare.py')\n"
+        "st = os.stat(src)\ncode = compile(open(src).read().replace('return torch.tensor(tokenizer.token_byte_lengths(),"
+        " dtype', 'return 2 * torch.tensor(tokenizer.token_byte_lengths(), dtype'), src, 'exec')\n"
+        "pyc = importlib.util.cache_from_source(src)\nos.makedirs(os.path.dirname(pyc), exist_ok=True)\n"
+        "open(pyc, 'wb').write(ext._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size))\n"),
+}
+
+
+@pytest.mark.parametrize("trick", list(HARNESS_TRICKS))
+def test_a_training_command_never_changes_the_code_that_scores_it(run_env, trick):
+    """The scorer ran the workspace's harness.py after the training command, with that folder first on
+    its path and its __pycache__ read: a training command that rewrote harness.py (0.01), left a
+    module that harness.py imports (half the cross-entropy) or a .pyc of another prepare.py (twice the
+    bytes) there got the score it wrote, and the model was built with whatever train.py it left in
+    the artifact folder. The harness's files or the scored train.py changed refuse the run; the
+    scorer runs with -P, prepare.py's bytecode compiled again."""
+    import subprocess
+
+    from nightlab.loop.summary import parse_summary
+
+    _, train_command = run_env
+    for name in ("prepare.py", "harness.py"):
+        shutil.copy(TRAINER / name, name)
+
+    def run(command: str) -> tuple[int, str]:
+        proc = subprocess.run([sys.executable, "prepare.py", "run", "--command", command], capture_output=True,
+                              text=True, timeout=120, check=False)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    code, out = run(train_command())
+    honest = parse_summary(out).get("val_bpb")
+    assert code == 0 and honest is not None, out[-2000:]
+    code, out = run(train_command(HARNESS_TRICKS[trick]))
+    if trick == "harness.py rewritten":
+        assert code == prepare.REJECTED_EXIT and parse_summary(out).rejected == (
+            "the training command changed the harness that scores it (harness.py); a run must not write the protected"
+            " files: `git checkout` them, or `nightlab doctor` says how"), out[-2000:]
+    elif trick == "the scored train.py replaced":
+        assert code == prepare.REJECTED_EXIT and parse_summary(out).rejected == (
+            f"the training command replaced {Path.cwd() / 'artifact' / 'train.py'}, the code the harness builds the model"
+            " with: a run is scored with the train.py it committed"), out[-2000:]
+    else:
+        assert code == 0 and parse_summary(out).get("val_bpb") == honest, out[-2000:]
