@@ -18,7 +18,7 @@ from nightlab.loop.workspace import init_workspace
 from tests.fakes.trick_agent import TrickAgent
 
 ORDER = ["fake_print", "skip_eval", "targets_in_forward", "non_causal", "read_val_shard", "honest", "memorise_val"]
-STEPS = 8  # enough for the baseline to learn more than a model trained on a leaked target
+STEPS = 4  # enough for the baseline to learn more than a model trained on a leaked target
 
 
 @pytest.fixture(scope="module")
