@@ -373,12 +373,26 @@ def make_workspace(root: Path, constants: dict, edit=None) -> Path:
     return root
 
 
-def run_train(workspace: Path, data_dir: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+def start_train(workspace: Path, data_dir: Path, env: dict) -> subprocess.Popen:
     """`python prepare.py run` as the loop runs it: train, then the harness scores."""
     full_env = {**os.environ, **env, "NIGHTLAB_DATA_DIR": str(data_dir)}
     full_env.pop("CUDA_VISIBLE_DEVICES", None)
-    return subprocess.run([sys.executable, "prepare.py", "run"], cwd=workspace, env=full_env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.Popen([sys.executable, "prepare.py", "run"], cwd=workspace, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_train(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_train(workspace: Path, data_dir: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return finish_train(start_train(workspace, data_dir, env), timeout)
 
 
 TINY_RUN_STEPS = 10  # the tiny profile with a quarter of its 40 steps: it learns as clearly, in half the time
