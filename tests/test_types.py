@@ -1,7 +1,11 @@
 """mypy (configured in pyproject.toml) is part of the suite, beside ruff in test_lint.py.
 
 The packages install as nightlab.<name> through setuptools' package-dir, which mypy cannot see
-through the editable install; so mypy reads them through a nightlab/<name> symlink layout."""
+through the editable install; so mypy reads them through a nightlab/<name> symlink layout.
+
+A cold check (a clean clone has no cache) takes ~25 s of one core, so the suite starts it as soon
+as it has collected this test (tests/conftest.py): it runs beside the tests that mostly wait on
+processes and servers, and the test reads its result."""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import tomllib
 from tests.conftest import REPO
 
 CACHE = REPO / ".mypy_cache"  # kept between runs: a warm check takes seconds
+NODEID = "tests/test_types.py::test_mypy_finds_nothing"
+_mypy: subprocess.Popen[bytes] | None = None
 
 
 def _layout() -> list[str]:
@@ -28,9 +34,26 @@ def _layout() -> list[str]:
     return sorted(top)
 
 
+def start_mypy() -> subprocess.Popen[bytes]:
+    """mypy over the packages, started once; its output goes to a file (a pipe nobody reads yet
+    would stop it when full)."""
+    global _mypy
+    if _mypy is None:
+        packages = [arg for module in _layout() for arg in ("-p", module)]
+        with open(CACHE / "suite-output.txt", "wb") as out:
+            _mypy = subprocess.Popen([sys.executable, "-m", "mypy", "--config-file", str(REPO / "pyproject.toml"),
+                                      "--cache-dir", str(CACHE), *packages], cwd=CACHE / "layout",
+                                     stdout=out, stderr=subprocess.STDOUT)
+    return _mypy
+
+
+def stop_mypy() -> None:
+    """At the end of a session that never read the result (stopped early, say): mypy goes too."""
+    if _mypy is not None and _mypy.poll() is None:
+        _mypy.kill()
+        _mypy.wait()
+
+
 def test_mypy_finds_nothing() -> None:
-    packages = [arg for module in _layout() for arg in ("-p", module)]
-    out = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(REPO / "pyproject.toml"),
-                          "--cache-dir", str(CACHE), *packages], cwd=CACHE / "layout",
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
+    code = start_mypy().wait(timeout=300)
+    assert code == 0, (CACHE / "suite-output.txt").read_text()

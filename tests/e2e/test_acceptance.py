@@ -21,7 +21,7 @@ its trace (a refusal, a stall reason, a note delivered to a proposal, ...).
 The run command wraps the built-in trainer: `nightlab init` with the tiny profile writes
 train.py/prepare.py and the profile's environment; the night's config then names a run command
 (the wrapper), so the daemon neither prepares data nor sets NIGHTLAB_DATA_DIR, and the command
-sets it itself along with a 3 s budget (a variable set on the command line wins over the
+sets it itself along with a 2-step budget (a variable set on the command line wins over the
 profile's, which the executor exports).
 """
 
@@ -168,7 +168,7 @@ def _configs(tmp: Path, cache: Path, data: Path, tg: FakeTelegram, slack: FakeSl
     init = tmp / "init.toml"
     init.write_text(common)
     py, q = sys.executable, shlex.quote
-    command = (f"NIGHTLAB_DATA_DIR={q(str(data))} NIGHTLAB_BUDGET_STEPS=6 NIGHTLAB_EVAL_TOKENS=2048"
+    command = (f"NIGHTLAB_DATA_DIR={q(str(data))} NIGHTLAB_BUDGET_STEPS=2 NIGHTLAB_EVAL_TOKENS=2048"
                f" {q(py)} {q(str(FAKES / 'flaky_train.py'))} --counter {q(str(counter))} --hang {HANG}"
                f" --crash {CRASH} --pidfile {q(str(pidfile))} --gates {q(str(gates))}"
                f"{''.join(f' --hold {n}' for n in HELD)} -- {q(py)} prepare.py run")

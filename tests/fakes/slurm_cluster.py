@@ -49,6 +49,9 @@ class SlurmCluster:
     # Slurm holds a submitted batch job back this long before it schedules (its default: 3 s);
     # the executor tests set 0, the benchmark keeps a real cluster's pace
     batch_sched_delay: int = 3
+    # How long slurmctld's RPCs wait, its ping of a node included: a dead slurmd is found out after
+    # SlurmdTimeout plus about twice this (Slurm's default, 10 s, took ~28 s); the executor tests set 3
+    message_timeout: int = 10
     env: dict[str, str] = field(default_factory=dict)
     _pids: dict[str, int] = field(default_factory=dict)
 
@@ -97,6 +100,7 @@ MpiDefault=none
 SlurmdParameters=config_overrides
 SlurmdTimeout={self.slurmd_timeout}
 SlurmctldTimeout=10
+MessageTimeout={self.message_timeout}
 InactiveLimit=0
 MinJobAge=600
 KillWait=2

@@ -83,7 +83,8 @@ TRICKS: dict[str, Callable[[str], str]] = {
 
 
 class TrickAgent:
-    """Proposal i applies trick i (in TRICKS order) to train.py; its description names it."""
+    """Each proposal applies the first of `names` neither recorded nor in flight (runs in parallel
+    slots overlap) to train.py, the last one again once all are; its description names it."""
 
     areas: tuple[str, ...] | None = None
 
@@ -91,8 +92,8 @@ class TrickAgent:
         self.names = names
 
     def propose(self, ctx: ProposalContext) -> Proposal:
-        index = sum(1 for h in ctx.history if not h.description.startswith(("baseline", "confirm")))
-        name = self.names[min(index, len(self.names) - 1)]
+        tried = {h.description for h in ctx.history} | set(ctx.in_flight)
+        name = next((n for n in self.names if f"trick {n}" not in tried), self.names[-1])
         train = Path(ctx.workspace) / "train.py"
         train.write_text(TRICKS[name](train.read_text()))
         return Proposal(f"trick {name}", (TRICKS[name].__doc__ or "").strip(), area="integrity")

@@ -39,7 +39,8 @@ def _cluster(tmp_path_factory: pytest.TempPathFactory, name: str, gpus: int) -> 
     missing = missing_binaries()
     if missing:
         pytest.skip(f"Slurm is not installed here (missing: {', '.join(missing)}); the README's test command installs it")
-    cluster = SlurmCluster(Path(tmp_path_factory.mktemp(name)), gpus=gpus, batch_sched_delay=0)
+    cluster = SlurmCluster(Path(tmp_path_factory.mktemp(name)), gpus=gpus, batch_sched_delay=0,
+                           message_timeout=3)
     cluster.start()
     try:
         yield cluster

@@ -18,7 +18,7 @@ from nightlab.loop.workspace import init_workspace
 from tests.fakes.trick_agent import TrickAgent
 
 ORDER = ["fake_print", "skip_eval", "targets_in_forward", "non_causal", "read_val_shard", "honest", "memorise_val"]
-STEPS = 8  # enough for the baseline to learn more than a model trained on a leaked target
+STEPS = 4  # enough for the baseline to learn more than a model trained on a leaked target
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,11 @@ def night(tmp_path_factory, stdlib_data):
         "workspace": {"path": str(root / "ws"), "tag": "tricks"},
         "data": {"source": "stdlib", "cache_dir": str(stdlib_data[0])},  # prepared already: used as it is
         "trainer": {"profile": "tiny"},
+        # two runs at a time, each trick decided as it ends: most of a tiny run is one core's work
+        # (starting Python and torch, loading data, scoring)
+        "executor": {"cpu_slots": 2},
         # one run per trick: this night is about scoring; a run's end is noticed within 0.1 s
-        "loop": {"baseline_runs": 1, "remeasure_every": 0, "checkpoint_interval": 0.1},
+        "loop": {"mode": "async", "baseline_runs": 1, "remeasure_every": 0, "checkpoint_interval": 0.1},
     })
     ws = init_workspace(settings.workspace_path, "tricks", settings, say=lambda _: None)
     ws.store.set("workspace.harness_env", {**ws.harness_env, "NIGHTLAB_BUDGET_STEPS": str(STEPS),

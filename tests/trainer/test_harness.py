@@ -13,7 +13,7 @@ from nightlab.loop.summary import parse_summary
 from nightlab.trainer import profiles as P
 
 from tests.trainer.test_prepare import damage_inside
-from tests.trainer.test_train import make_workspace, run_train
+from tests.trainer.test_train import finish_train, make_workspace, run_train, start_train
 
 
 @pytest.mark.parametrize(("device", "capability", "requested", "expected"), [
@@ -79,15 +79,30 @@ def test_causality_probe(H, T):
         assert "looks ahead" in H.causality_problem(peeks, rows, 96, torch.Generator().manual_seed(0), pool=rows)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_reduced_precision_paths_train_on_cpu(tmp_path, data_dir, dtype):
+REDUCED = ("fp16", "bf16")
+
+
+@pytest.fixture(scope="module")
+def reduced_precision_runs(tmp_path_factory, data_dir):
+    """One run per reduced-precision dtype, both started at once: much of a run is one core's work
+    (Python, torch, data, scoring), and they share nothing but the data they read."""
     tiny = P.PROFILES["tiny"]
-    # A quarter of the tiny profile's tokens per step (256 = 4 rows of 64): CPUs emulate fp16
-    # slowly (~2 ms a token), and the loss still falls by ~1.4 in 8 steps (fp16 9.01 -> 7.62).
-    ws = make_workspace(tmp_path / dtype, {**tiny.constants, "TOTAL_BATCH_SIZE": 2**8})
-    proc = run_train(ws, data_dir, {**tiny.harness_env, "NIGHTLAB_DTYPE": dtype, "NIGHTLAB_BUDGET_STEPS": "8",
-                                    "NIGHTLAB_MAX_SEQ_LEN": "64", "NIGHTLAB_EVAL_TOKENS": "2048"})
+    root = tmp_path_factory.mktemp("reduced")
+    started = {}
+    for dtype in REDUCED:
+        # A quarter of the tiny profile's tokens per step (256 = 4 rows of 64): CPUs emulate fp16
+        # slowly (~2 ms a token), and the loss still falls by ~1.4 in 8 steps (fp16 9.01 -> 7.62).
+        ws = make_workspace(root / dtype, {**tiny.constants, "TOTAL_BATCH_SIZE": 2**8})
+        started[dtype] = start_train(ws, data_dir, {**tiny.harness_env, "NIGHTLAB_DTYPE": dtype,
+                                                    "NIGHTLAB_BUDGET_STEPS": "8", "NIGHTLAB_MAX_SEQ_LEN": "64",
+                                                    "NIGHTLAB_EVAL_TOKENS": "2048"})
+    return {dtype: finish_train(proc) for dtype, proc in started.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", REDUCED)
+def test_reduced_precision_paths_train_on_cpu(reduced_precision_runs, dtype):
+    proc = reduced_precision_runs[dtype]
     assert proc.returncode == 0, proc.stdout[-3000:]
     name = {"fp16": "float16", "bf16": "bfloat16"}[dtype]
     assert f"compute dtype {name} (NIGHTLAB_DTYPE={dtype})" in proc.stdout

@@ -373,19 +373,36 @@ def make_workspace(root: Path, constants: dict, edit=None) -> Path:
     return root
 
 
-def run_train(workspace: Path, data_dir: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+def start_train(workspace: Path, data_dir: Path, env: dict) -> subprocess.Popen:
     """`python prepare.py run` as the loop runs it: train, then the harness scores."""
     full_env = {**os.environ, **env, "NIGHTLAB_DATA_DIR": str(data_dir)}
     full_env.pop("CUDA_VISIBLE_DEVICES", None)
-    return subprocess.run([sys.executable, "prepare.py", "run"], cwd=workspace, env=full_env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.Popen([sys.executable, "prepare.py", "run"], cwd=workspace, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_train(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_train(workspace: Path, data_dir: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return finish_train(start_train(workspace, data_dir, env), timeout)
+
+
+TINY_RUN_STEPS = 10  # the tiny profile with a quarter of its 40 steps: it learns as clearly, in half the time
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir):
     tiny = P.PROFILES["tiny"]
     ws = make_workspace(tmp_path_factory.mktemp("ws") / "tiny", tiny.constants)
-    proc = run_train(ws, data_dir, tiny.harness_env)
+    proc = run_train(ws, data_dir, {**tiny.harness_env, "NIGHTLAB_BUDGET_STEPS": str(TINY_RUN_STEPS)})
     return proc, ws
 
 
@@ -420,7 +437,7 @@ def test_tiny_run_stops_at_its_step_budget(tiny_run):
     proc, _ = tiny_run
     assert proc.returncode == 0, proc.stdout[-3000:]
     summary = parse_summary(proc.stdout)
-    assert summary.get("num_steps") == int(P.PROFILES["tiny"].harness_env["NIGHTLAB_BUDGET_STEPS"])
+    assert summary.get("num_steps") == TINY_RUN_STEPS
     # the budget in force is said, not the time budget it overrides (METRIC time_budget=15 misled)
     assert summary.get("budget_steps") == summary.get("num_steps") and summary.get("time_budget") is None
     assert summary.get("total_seconds") >= summary.get("training_seconds")
