@@ -1102,10 +1102,11 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
     """What the training command changed in the data dir, or None. train.py gets a view of it whose
     shards are hard links (the same files: a write into one reaches the data dir, and a local
     source's own file), and the data dir's path can be guessed from the view's. The scored rows'
-    cache is derived data: a cache file that appeared or changed is removed here either way (another
-    slot's scorer may add one meanwhile; the scorer makes it again from the validation shard), so
-    no run is scored on rows written by train.py. A changed cache file, a shard or tokenizer
-    written, or a shard added that sorts last (it would validate) is why the run is refused."""
+    cache is derived data: a cache file that appeared or changed is removed here, so no run is
+    scored on rows written by train.py (the scorer makes it again from the validation shard), and
+    is no reason to refuse the run: other slots' scorers add and replace cache files meanwhile (one
+    this check removed for another run is made again, as often under the same inode number). A
+    shard or tokenizer written, or a shard added that sorts last (it would validate), is."""
     after = data_files(data_dir)
     validation = max((name for name in after if Path(name).match(SHARD_PATTERN) and "/" not in name), default=None)
     problems = []
@@ -1115,8 +1116,6 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
         if Path(name).parts[0] == EVAL_CACHE_DIR:
             if old is None or changed:
                 (Path(data_dir) / name).unlink(missing_ok=True)
-            if changed:
-                problems.append(f"{name} (the cached validation rows; removed)")
         elif changed:
             problems.append(f"{_origin(Path(data_dir) / name)} (written)")
         elif old is None and name == validation:  # a training shard added (more downloaded) scores nothing
