@@ -1211,16 +1211,16 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
 
     code = _stream(train_command, train_env, untrusted)
     # whatever its exit code: a cache file it wrote must not score a later run
-    tampered = tampered_data(data_dir, data_before) if data_dir is not None else None
+    tampered = [tampered_data(data_dir, data_before) if data_dir is not None else None]
     changed = [path.name for path, text in scorer_files.items() if not path.is_file() or path.read_bytes() != text]
     if changed and score_command is None:
-        tampered = (f"the training command changed the harness that scores it ({', '.join(changed)}); a run must not"
-                    " write the protected files: `git checkout` them, or `nightlab doctor` says how")
-    elif scored_code is not None and (artifact / "train.py").is_file() and (artifact / "train.py").read_bytes() != scored_code:
-        tampered = (f"the training command replaced {artifact / 'train.py'}, the code the harness builds the model with:"
-                    " a run is scored with the train.py it committed")
-    if tampered:
-        print(f"REJECTED: {tampered}", flush=True)
+        tampered.append(f"the training command changed the harness that scores it ({', '.join(changed)}); a run must not"
+                        " write the protected files: `git checkout` them, or `nightlab doctor` says how")
+    if scored_code is not None and (artifact / "train.py").is_file() and (artifact / "train.py").read_bytes() != scored_code:
+        tampered.append(f"the training command replaced {artifact / 'train.py'}, the code the harness builds the model"
+                        " with: a run is scored with the train.py it committed")
+    if any(tampered):  # each said: a shard written stays damaged for the runs after this one
+        print(f"REJECTED: {'. Also, '.join(why for why in tampered if why)}", flush=True)
         return REJECTED_EXIT
     if code != 0:
         if blamed and view is not None:

@@ -190,6 +190,18 @@ def test_a_training_command_that_writes_into_the_data_dir_is_refused_naming_the_
                               " A run must only read its data; a written shard or tokenizer is damaged for every run"), refused
 
 
+def test_a_refusal_names_every_change_the_training_command_made(run_env, capfd):
+    """A shard written and the scored train.py replaced: the refusal named only train.py, and the
+    written shard, damaged for every later run, went unsaid (the next run's check starts from it)."""
+    data, train_command = run_env
+    trick = ("with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
+             "    f.write(b'x')\nopen(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'train.py'), 'a').write('#\\n')\n")
+    assert prepare.run(train_command(trick)) == prepare.REJECTED_EXIT
+    refused = _scored(capfd.readouterr().out).rejected
+    assert refused is not None and f"{data}/shard_00000.parquet (written)" in refused, refused
+    assert "the code the harness builds the model with" in refused, refused
+
+
 def test_a_training_shard_added_while_a_run_trains_is_no_reason_to_refuse_it(run_env, capfd):
     """More shards downloaded meanwhile (a restarted daemon's prepare, a raised [data] shards) change
     nothing the run is scored on."""
