@@ -1106,7 +1106,8 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
     scored on rows written by train.py (the scorer makes it again from the validation shard), and
     is no reason to refuse the run: other slots' scorers add and replace cache files meanwhile (one
     this check removed for another run is made again, as often under the same inode number). A
-    shard or tokenizer written, or a shard added that sorts last (it would validate), is."""
+    shard or tokenizer written or removed (the validation shard removed, the shard before it
+    validates: one the run trained on), or a shard added that sorts last (it would validate), is."""
     after = data_files(data_dir)
     validation = max((name for name in after if Path(name).match(SHARD_PATTERN) and "/" not in name), default=None)
     problems = []
@@ -1120,6 +1121,8 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
             problems.append(f"{_origin(Path(data_dir) / name)} (written)")
         elif old is None and name == validation:  # a training shard added (more downloaded) scores nothing
             problems.append(f"{Path(data_dir) / name} (a shard added: the last by name is the validation shard)")
+    problems += [f"{Path(data_dir) / name} (removed)" for name in sorted(before.keys() - after.keys())
+                 if Path(name).parts[0] != EVAL_CACHE_DIR]  # the scorer's cache prunes itself
     if not problems:
         return None
     return (f"the training command changed the data dir {data_dir} while it ran: {'; '.join(problems[:3])}"

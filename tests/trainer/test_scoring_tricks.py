@@ -181,7 +181,10 @@ def test_a_cache_file_another_slots_scorer_made_again_is_no_reason_to_refuse_a_r
     ("shutil.copy(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', os.environ['NIGHTLAB_DATA_DIR']"
      ".removesuffix('.train') + '/shard_99999.parquet')\n",
      "{data}/shard_99999.parquet (a shard added: the last by name is the validation shard)"),
-], ids=["shard written through its link", "mtime put back", "validation shard added"])
+    # the shard before it validated then: the one this run's scorer scored it on, a shard it trained on
+    ("import glob\nos.remove(max(glob.glob(os.environ['NIGHTLAB_DATA_DIR'].removesuffix('.train') + '/shard_*')))\n",
+     "{data}/shard_00003.parquet (removed)"),
+], ids=["shard written through its link", "mtime put back", "validation shard added", "validation shard removed"])
 def test_a_training_command_that_writes_into_the_data_dir_is_refused_naming_the_file(run_env, capfd, trick, said):
     data, train_command = run_env
     assert prepare.run(train_command(trick)) == prepare.REJECTED_EXIT
