@@ -1102,10 +1102,12 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
     """What the training command changed in the data dir, or None. train.py gets a view of it whose
     shards are hard links (the same files: a write into one reaches the data dir, and a local
     source's own file), and the data dir's path can be guessed from the view's. The scored rows'
-    cache is derived data: a cache file that appeared or changed is removed here either way (another
-    slot's scorer may add one meanwhile; the scorer makes it again from the validation shard), so
-    no run is scored on rows written by train.py. A changed cache file, a shard or tokenizer
-    written, or a shard added that sorts last (it would validate) is why the run is refused."""
+    cache is derived data: a cache file that appeared or changed is removed here, so no run is
+    scored on rows written by train.py (the scorer makes it again from the validation shard), and
+    is no reason to refuse the run: other slots' scorers add and replace cache files meanwhile (one
+    this check removed for another run is made again, as often under the same inode number). A
+    shard or tokenizer written or removed (the validation shard removed, the shard before it
+    validates: one the run trained on), or a shard added that sorts last (it would validate), is."""
     after = data_files(data_dir)
     validation = max((name for name in after if Path(name).match(SHARD_PATTERN) and "/" not in name), default=None)
     problems = []
@@ -1115,12 +1117,12 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
         if Path(name).parts[0] == EVAL_CACHE_DIR:
             if old is None or changed:
                 (Path(data_dir) / name).unlink(missing_ok=True)
-            if changed:
-                problems.append(f"{name} (the cached validation rows; removed)")
         elif changed:
             problems.append(f"{_origin(Path(data_dir) / name)} (written)")
         elif old is None and name == validation:  # a training shard added (more downloaded) scores nothing
             problems.append(f"{Path(data_dir) / name} (a shard added: the last by name is the validation shard)")
+    problems += [f"{Path(data_dir) / name} (removed)" for name in sorted(before.keys() - after.keys())
+                 if Path(name).parts[0] != EVAL_CACHE_DIR]  # the scorer's cache prunes itself
     if not problems:
         return None
     return (f"the training command changed the data dir {data_dir} while it ran: {'; '.join(problems[:3])}"
@@ -1212,16 +1214,16 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
 
     code = _stream(train_command, train_env, untrusted)
     # whatever its exit code: a cache file it wrote must not score a later run
-    tampered = tampered_data(data_dir, data_before) if data_dir is not None else None
+    tampered = [tampered_data(data_dir, data_before) if data_dir is not None else None]
     changed = [path.name for path, text in scorer_files.items() if not path.is_file() or path.read_bytes() != text]
     if changed and score_command is None:
-        tampered = (f"the training command changed the harness that scores it ({', '.join(changed)}); a run must not"
-                    " write the protected files: `git checkout` them, or `nightlab doctor` says how")
-    elif scored_code is not None and (artifact / "train.py").is_file() and (artifact / "train.py").read_bytes() != scored_code:
-        tampered = (f"the training command replaced {artifact / 'train.py'}, the code the harness builds the model with:"
-                    " a run is scored with the train.py it committed")
-    if tampered:
-        print(f"REJECTED: {tampered}", flush=True)
+        tampered.append(f"the training command changed the harness that scores it ({', '.join(changed)}); a run must not"
+                        " write the protected files: `git checkout` them, or `nightlab doctor` says how")
+    if scored_code is not None and (artifact / "train.py").is_file() and (artifact / "train.py").read_bytes() != scored_code:
+        tampered.append(f"the training command replaced {artifact / 'train.py'}, the code the harness builds the model"
+                        " with: a run is scored with the train.py it committed")
+    if any(tampered):  # each said: a shard written stays damaged for the runs after this one
+        print(f"REJECTED: {'. Also, '.join(why for why in tampered if why)}", flush=True)
         return REJECTED_EXIT
     if code != 0:
         if blamed and view is not None:

@@ -137,22 +137,37 @@ def test_rows_written_into_the_scorers_cache_never_score_a_run(run_env, capfd):
     """The scored rows are cached in the data dir, found by the view's name: train.py wrote rows of
     one long token there and the scorer read them, val_bpb 2.86 -> 0.19 for the same model, and every
     later run's too. A cache file that appears while train.py runs is removed (another slot's scorer
-    may write one meanwhile: it is made again); one that changed refuses the run."""
+    may write one meanwhile), and so is one that changed (another slot's scorer may make one again):
+    the scorer makes it again from the validation shard."""
     data, train_command = run_env
     assert prepare.run(train_command()) == 0
     honest = _scored(capfd.readouterr().out).get("val_bpb")
     cached = list((data / prepare.EVAL_CACHE_DIR).glob("*.pt"))
     assert honest is not None and len(cached) == 1  # the scorer's own
-    cached[0].unlink()  # as on a new validation shard: the cache file is written by the first run scored
-    assert prepare.run(train_command(POISON)) == 0
-    assert _scored(capfd.readouterr().out).get("val_bpb") == honest  # its file was removed: the shard's rows
-    assert cached[0].exists()  # the scorer's again
+    for written in ("appeared", "changed"):
+        if written == "appeared":
+            cached[0].unlink()  # as on a new validation shard: the cache file is written by the first run scored
+        assert prepare.run(train_command(POISON)) == 0
+        assert _scored(capfd.readouterr().out).get("val_bpb") == honest, written  # the shard's rows
+        assert cached[0].exists()  # the scorer's again
 
-    assert prepare.run(train_command(POISON)) == prepare.REJECTED_EXIT
-    refused = _scored(capfd.readouterr().out).rejected
-    assert refused.startswith(f"the training command changed the data dir {data} while it ran: eval-cache/"
-                              f"{cached[0].name} (the cached validation rows; removed). A run must only read its data")
-    assert not cached[0].exists()  # no later run is scored on them
+
+def test_a_cache_file_another_slots_scorer_made_again_is_no_reason_to_refuse_a_run(run_env):
+    """Slots share the data dir. Run R began before the scored rows were cached, run C after another
+    slot's scorer cached them; R's check removed the file (it appeared while R trained) and R's scorer
+    made it again: C was refused as if it had rewritten the cache, an honest run lost."""
+    data, _ = run_env
+    tokenizer = prepare.Tokenizer.from_directory(data / "tokenizer")
+
+    def scorer() -> None:
+        prepare.cached_rows(tokenizer, data, T, 0, ROWS)
+
+    r_began = prepare.data_files(data)
+    scorer()  # another slot's
+    c_began = prepare.data_files(data)
+    assert prepare.tampered_data(data, r_began) is None  # R ends: the file that appeared is removed
+    scorer()  # R's
+    assert prepare.tampered_data(data, c_began) is None  # C ends (and its scorer makes the file again)
 
 
 @pytest.mark.parametrize(("trick", "said"), [
@@ -166,13 +181,28 @@ def test_rows_written_into_the_scorers_cache_never_score_a_run(run_env, capfd):
     ("shutil.copy(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', os.environ['NIGHTLAB_DATA_DIR']"
      ".removesuffix('.train') + '/shard_99999.parquet')\n",
      "{data}/shard_99999.parquet (a shard added: the last by name is the validation shard)"),
-], ids=["shard written through its link", "mtime put back", "validation shard added"])
+    # the shard before it validated then: the one this run's scorer scored it on, a shard it trained on
+    ("import glob\nos.remove(max(glob.glob(os.environ['NIGHTLAB_DATA_DIR'].removesuffix('.train') + '/shard_*')))\n",
+     "{data}/shard_00003.parquet (removed)"),
+], ids=["shard written through its link", "mtime put back", "validation shard added", "validation shard removed"])
 def test_a_training_command_that_writes_into_the_data_dir_is_refused_naming_the_file(run_env, capfd, trick, said):
     data, train_command = run_env
     assert prepare.run(train_command(trick)) == prepare.REJECTED_EXIT
     refused = _scored(capfd.readouterr().out).rejected
     assert refused.startswith(f"the training command changed the data dir {data} while it ran: {said.format(data=data)}."
                               " A run must only read its data; a written shard or tokenizer is damaged for every run"), refused
+
+
+def test_a_refusal_names_every_change_the_training_command_made(run_env, capfd):
+    """A shard written and the scored train.py replaced: the refusal named only train.py, and the
+    written shard, damaged for every later run, went unsaid (the next run's check starts from it)."""
+    data, train_command = run_env
+    trick = ("with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
+             "    f.write(b'x')\nopen(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'train.py'), 'a').write('#\\n')\n")
+    assert prepare.run(train_command(trick)) == prepare.REJECTED_EXIT
+    refused = _scored(capfd.readouterr().out).rejected
+    assert refused is not None and f"{data}/shard_00000.parquet (written)" in refused, refused
+    assert "the code the harness builds the model with" in refused, refused
 
 
 def test_a_training_shard_added_while_a_run_trains_is_no_reason_to_refuse_it(run_env, capfd):
