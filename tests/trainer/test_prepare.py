@@ -887,6 +887,36 @@ def test_a_training_command_that_removed_the_artifact_folder_is_rejected_without
     assert parse_summary(capfd.readouterr().out).rejected.startswith("the training command saved nothing")
 
 
+def test_a_data_failure_is_checked_on_the_file_it_names_not_on_every_shard(
+        corpus, tmp_path: Path, monkeypatch, capfd) -> None:
+    """After a run failed saying its data did, the harness read every training shard through before
+    it believed it: minutes to hours on a data dir of thousands of shards (climbmix has ~6,500), and
+    a damaged shard the run never met was said as its failure. Now the tokenizer and the shard the
+    claim names are read; a claim about a file outside the data dir finds nothing there."""
+    from nightlab.loop.judge import Measurement, failure_reason
+    from nightlab.loop.summary import parse_summary
+
+    def said(claim: str) -> str | None:
+        train = _script(tmp_path, "t.py", f"print({('FAIL: data: ' + claim)!r})\nraise SystemExit(1)\n")
+        assert P.run(train) == 1
+        return failure_reason(Measurement(1, None, parse_summary(out := capfd.readouterr().out), out), "val_bpb")
+
+    source = tmp_path / "source"
+    shutil.copytree(corpus[0], source)
+    monkeypatch.setenv(P.ENV_DATA_DIR, str(P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(source, elsewhere)
+    damage_inside(elsewhere / "shard_00001.parquet")
+    damage_inside(source / "shard_00000.parquet")  # a shard this run did not fail on
+    assert said(f"{source / 'shard_00001.parquet'} is damaged (zeros); replace it") == "exit code 1"
+    assert said(f"{elsewhere / 'shard_00001.parquet'} is damaged (zeros)") == "exit code 1"  # not the data dir's
+    damage_inside(source / "shard_00001.parquet")
+    found = said(f"{source / 'shard_00001.parquet'} is damaged (zeros); replace it")
+    assert found is not None and found.startswith(f"data problem: {source / 'shard_00001.parquet'} is damaged (")
+
+
 @pytest.mark.parametrize("project", [False, True])
 def test_training_output_cannot_pose_as_a_data_failure(corpus, tmp_path: Path, monkeypatch, capfd,
                                                        project: bool) -> None:
@@ -911,8 +941,8 @@ def test_training_output_cannot_pose_as_a_data_failure(corpus, tmp_path: Path, m
     out = capfd.readouterr().out
     assert "train.py| FAIL: data: shard_00001.parquet is damaged; replace it\n" in out
     assert "\rtrain.py| FAIL: data: the tokenizer is gone\n" in out
-    assert out.endswith("note: train.py said its data failed, but its training shards and tokenizer read well:"
-                        " the failure is its own\nFAIL: the training command exited with code 1\n")
+    assert out.endswith("note: train.py said its data failed, but the tokenizer and the training shards it named"
+                        " read well: the failure is its own\nFAIL: the training command exited with code 1\n")
     assert reason(out) == "exit code 1"  # the change's crash; the night goes on
     damage_inside(source / "shard_00001.parquet")  # now it is so
     assert P.run(blames, score) == 1
