@@ -1045,12 +1045,28 @@ def training_view(data_dir: Path) -> Path:
     train_paths, val_path = split_shards(data_dir)
     if val_path is None:
         return data_dir
-    view = training_view_dir(data_dir)
-    (view / TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
     for path in train_paths:
         if path.resolve() == val_path.resolve():  # links to one file (a source folder's shards are links)
             raise DataError(f"{path.name} and {val_path.name} in {data_dir} are one file ({path.resolve()}): train.py"
                             " would train on the text that scores it; run `nightlab prepare` again")
+    try:
+        tokenizer = (data_dir / TOKENIZER_FILE).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"no tokenizer at {data_dir / TOKENIZER_FILE} (removed since it was prepared?); run"
+                           " `nightlab prepare` again, which trains it on the same shards") from None
+    view = training_view_dir(data_dir)
+    try:
+        _fill_view(view, train_paths, tokenizer)
+    except OSError as e:  # a data dir prepared by another user, in a folder this one cannot write
+        raise DataError(f"cannot make {view}, the data dir as train.py reads it, kept next to the data dir"
+                        f" ({e.strerror}: {e.filename}): make {view.parent} writable for this user, or prepare the"
+                        " data in a folder it can write (data.cache_dir, then `nightlab prepare`)") from None
+    return view
+
+
+def _fill_view(view: Path, train_paths: list[Path], tokenizer: bytes) -> None:
+    """`training_view`'s folder brought up to the data dir's training shards and tokenizer."""
+    (view / TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
     wanted = {p.name for p in train_paths}
     for old in view.glob(SHARD_PATTERN):
         if old.name not in wanted:
@@ -1064,18 +1080,12 @@ def training_view(data_dir: Path) -> Path:
             fresh.unlink(missing_ok=True)
             _link(path.resolve(), fresh)
             os.replace(fresh, entry)
-    try:
-        tokenizer = (data_dir / TOKENIZER_FILE).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"no tokenizer at {data_dir / TOKENIZER_FILE} (removed since it was prepared?); run"
-                           " `nightlab prepare` again, which trains it on the same shards") from None
     if not (view / TOKENIZER_FILE).is_file() or (view / TOKENIZER_FILE).read_bytes() != tokenizer:
         fd, tmp = tempfile.mkstemp(dir=view / "tokenizer", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(tokenizer)
         os.replace(tmp, view / TOKENIZER_FILE)
     (view / TRAINING_ONLY_MARKER).touch()
-    return view
 
 
 FileState = tuple[int, int, int, int, int]  # inode, size, mtime_ns, ctime_ns, link count

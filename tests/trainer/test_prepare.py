@@ -528,6 +528,34 @@ def test_training_view_has_no_validation_shard(data_dir: Path, tokenizer: P.Toke
         next(P.make_dataloader(tokenizer, 2, 32, "val", device="cpu"))
 
 
+@pytest.mark.parametrize("blocked", ["parent not writable", "a file where the view goes"])
+def test_a_training_view_that_cannot_be_made_is_said_in_one_line(
+        data_dir: Path, tmp_path: Path, monkeypatch, capfd, blocked: str) -> None:
+    """A data dir prepared by another user, in a folder this one cannot write: the run (and the
+    daemon's start, loop/runenv.py) ended in a PermissionError traceback instead of saying which
+    folder and what to do. (Root writes anywhere: there a file in the view's place stands in.)"""
+    if blocked == "parent not writable" and os.geteuid() == 0:
+        pytest.skip("root writes into any folder")
+    ours = tmp_path / "shared" / "data"
+    shutil.copytree(data_dir, ours, ignore=shutil.ignore_patterns(P.EVAL_CACHE_DIR))
+    if blocked == "parent not writable":
+        ours.parent.chmod(0o555)
+    else:
+        P.training_view_dir(ours).write_text("")
+    try:
+        with pytest.raises(P.DataError, match=f"cannot make {P.training_view_dir(ours)}, .*: make {ours.parent}"
+                           " writable for this user, or prepare the data in a folder it can write"):
+            P.training_view(ours)
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv(P.ENV_DATA_DIR, str(ours))
+        monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+        assert P.run(_script(tmp_path, "t.py", SAVE)) == 1
+        out = capfd.readouterr().out
+        assert out.startswith(f"FAIL: data: cannot make {P.training_view_dir(ours)}") and out.count("\n") == 1
+    finally:
+        ours.parent.chmod(0o755)
+
+
 def _prepared_again(source: Path, data_dir: Path) -> Path:
     P._link_local_shards(source, -1, data_dir, lambda _: None)
     return P.training_view(data_dir)
