@@ -1114,7 +1114,9 @@ def _written(before: FileState, after: FileState) -> bool:
 
 
 def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
-    """What the training command changed in the data dir, or None. train.py gets a view of it whose
+    """What changed in the data dir while the training command ran, or None: by the training
+    command, or by a person (a shard replaced, `nightlab prepare` run again) whom the check cannot
+    tell from it, so the refusal is worded true of both. train.py gets a view of it whose
     shards are hard links (the same files: a write into one reaches the data dir, and a local
     source's own file), and the data dir's path can be guessed from the view's. The scored rows'
     cache is derived data: a cache file that appeared or changed is removed here, so no run is
@@ -1140,10 +1142,12 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
                  if Path(name).parts[0] != EVAL_CACHE_DIR]  # the scorer's cache prunes itself
     if not problems:
         return None
-    return (f"the training command changed the data dir {data_dir} while it ran: {'; '.join(problems[:3])}"
-            f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}. A run must only read its data; a"
-            " written shard or tokenizer is damaged for every run: put back a good copy (or remove it and run"
-            " `nightlab prepare` again)")
+    return (f"the data dir {data_dir} changed while the training command ran: {'; '.join(problems[:3])}"
+            f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}. A run is scored only on data that"
+            " stayed as it was, so this one is refused. If a person changed it (a damaged shard replaced,"
+            " `nightlab prepare` run again), the next run reads it as it is now; if not, the training command"
+            " wrote it, damaging it for every run: put back a good copy (or remove it and run `nightlab prepare`"
+            " again)")
 
 
 def scorer_command(harness: Path, *args: str) -> list[str]:
