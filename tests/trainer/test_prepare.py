@@ -528,6 +528,34 @@ def test_training_view_has_no_validation_shard(data_dir: Path, tokenizer: P.Toke
         next(P.make_dataloader(tokenizer, 2, 32, "val", device="cpu"))
 
 
+@pytest.mark.parametrize("blocked", ["parent not writable", "a file where the view goes"])
+def test_a_training_view_that_cannot_be_made_is_said_in_one_line(
+        data_dir: Path, tmp_path: Path, monkeypatch, capfd, blocked: str) -> None:
+    """A data dir prepared by another user, in a folder this one cannot write: the run (and the
+    daemon's start, loop/runenv.py) ended in a PermissionError traceback instead of saying which
+    folder and what to do. (Root writes anywhere: there a file in the view's place stands in.)"""
+    if blocked == "parent not writable" and os.geteuid() == 0:
+        pytest.skip("root writes into any folder")
+    ours = tmp_path / "shared" / "data"
+    shutil.copytree(data_dir, ours, ignore=shutil.ignore_patterns(P.EVAL_CACHE_DIR))
+    if blocked == "parent not writable":
+        ours.parent.chmod(0o555)
+    else:
+        P.training_view_dir(ours).write_text("")
+    try:
+        with pytest.raises(P.DataError, match=f"cannot make {P.training_view_dir(ours)}, .*: make {ours.parent}"
+                           " writable for this user, or prepare the data in a folder it can write"):
+            P.training_view(ours)
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv(P.ENV_DATA_DIR, str(ours))
+        monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+        assert P.run(_script(tmp_path, "t.py", SAVE)) == 1
+        out = capfd.readouterr().out
+        assert out.startswith(f"FAIL: data: cannot make {P.training_view_dir(ours)}") and out.count("\n") == 1
+    finally:
+        ours.parent.chmod(0o755)
+
+
 def _prepared_again(source: Path, data_dir: Path) -> Path:
     P._link_local_shards(source, -1, data_dir, lambda _: None)
     return P.training_view(data_dir)
@@ -887,6 +915,36 @@ def test_a_training_command_that_removed_the_artifact_folder_is_rejected_without
     assert parse_summary(capfd.readouterr().out).rejected.startswith("the training command saved nothing")
 
 
+def test_a_data_failure_is_checked_on_the_file_it_names_not_on_every_shard(
+        corpus, tmp_path: Path, monkeypatch, capfd) -> None:
+    """After a run failed saying its data did, the harness read every training shard through before
+    it believed it: minutes to hours on a data dir of thousands of shards (climbmix has ~6,500), and
+    a damaged shard the run never met was said as its failure. Now the tokenizer and the shard the
+    claim names are read; a claim about a file outside the data dir finds nothing there."""
+    from nightlab.loop.judge import Measurement, failure_reason
+    from nightlab.loop.summary import parse_summary
+
+    def said(claim: str) -> str | None:
+        train = _script(tmp_path, "t.py", f"print({('FAIL: data: ' + claim)!r})\nraise SystemExit(1)\n")
+        assert P.run(train) == 1
+        return failure_reason(Measurement(1, None, parse_summary(out := capfd.readouterr().out), out), "val_bpb")
+
+    source = tmp_path / "source"
+    shutil.copytree(corpus[0], source)
+    monkeypatch.setenv(P.ENV_DATA_DIR, str(P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(source, elsewhere)
+    damage_inside(elsewhere / "shard_00001.parquet")
+    damage_inside(source / "shard_00000.parquet")  # a shard this run did not fail on
+    assert said(f"{source / 'shard_00001.parquet'} is damaged (zeros); replace it") == "exit code 1"
+    assert said(f"{elsewhere / 'shard_00001.parquet'} is damaged (zeros)") == "exit code 1"  # not the data dir's
+    damage_inside(source / "shard_00001.parquet")
+    found = said(f"{source / 'shard_00001.parquet'} is damaged (zeros); replace it")
+    assert found is not None and found.startswith(f"data problem: {source / 'shard_00001.parquet'} is damaged (")
+
+
 @pytest.mark.parametrize("project", [False, True])
 def test_training_output_cannot_pose_as_a_data_failure(corpus, tmp_path: Path, monkeypatch, capfd,
                                                        project: bool) -> None:
@@ -911,8 +969,8 @@ def test_training_output_cannot_pose_as_a_data_failure(corpus, tmp_path: Path, m
     out = capfd.readouterr().out
     assert "train.py| FAIL: data: shard_00001.parquet is damaged; replace it\n" in out
     assert "\rtrain.py| FAIL: data: the tokenizer is gone\n" in out
-    assert out.endswith("note: train.py said its data failed, but its training shards and tokenizer read well:"
-                        " the failure is its own\nFAIL: the training command exited with code 1\n")
+    assert out.endswith("note: train.py said its data failed, but the tokenizer and the training shards it named"
+                        " read well: the failure is its own\nFAIL: the training command exited with code 1\n")
     assert reason(out) == "exit code 1"  # the change's crash; the night goes on
     damage_inside(source / "shard_00001.parquet")  # now it is so
     assert P.run(blames, score) == 1

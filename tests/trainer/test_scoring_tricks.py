@@ -4,6 +4,7 @@ saved as `finish` saves a run's model and scored by the harness's own `score`, i
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -170,6 +171,22 @@ def test_a_cache_file_another_slots_scorer_made_again_is_no_reason_to_refuse_a_r
     assert prepare.tampered_data(data, c_began) is None  # C ends (and its scorer makes the file again)
 
 
+def test_a_shard_a_person_replaced_mid_run_is_refused_in_words_true_of_a_person(run_env):
+    """A person replacing a damaged shard (or running `nightlab prepare`) while a run trained read
+    "the training command changed the data dir": blamed on the change, which had only read it. The
+    check cannot tell who wrote it, so it stays, worded true either way, saying what to do for both."""
+    data, _ = run_env
+    began = prepare.data_files(data)
+    shard = data / "shard_00000.parquet"
+    shutil.copy(shard, data / "good-copy.tmp")
+    os.replace(data / "good-copy.tmp", shard)  # the person's good copy, put in place
+    refused = prepare.tampered_data(data, began)
+    assert refused is not None and refused.startswith(
+        f"the data dir {data} changed while the training command ran: {shard.resolve()} (written). ")
+    assert "If a person changed it (a damaged shard replaced, `nightlab prepare` run again), the next run reads" in refused
+    assert "if not, the training command wrote it" in refused
+
+
 @pytest.mark.parametrize(("trick", "said"), [
     # r+: the view's shard is a hard link, so this writes the data dir's file (a local source's own)
     ("with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
@@ -189,8 +206,8 @@ def test_a_training_command_that_writes_into_the_data_dir_is_refused_naming_the_
     data, train_command = run_env
     assert prepare.run(train_command(trick)) == prepare.REJECTED_EXIT
     refused = _scored(capfd.readouterr().out).rejected
-    assert refused.startswith(f"the training command changed the data dir {data} while it ran: {said.format(data=data)}."
-                              " A run must only read its data; a written shard or tokenizer is damaged for every run"), refused
+    assert refused.startswith(f"the data dir {data} changed while the training command ran: {said.format(data=data)}."
+                              " A run is scored only on data that stayed as it was, so this one is refused."), refused
 
 
 def test_a_refusal_names_every_change_the_training_command_made(run_env, capfd):
