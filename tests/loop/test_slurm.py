@@ -328,6 +328,9 @@ def test_a_job_whose_log_an_agent_removed_is_not_killed_as_stalled(slurm: SlurmC
     spec = _spec(slurm, "cleaned", f"until [ -e {gate} ]; do echo step; sleep 0.1; done")
     handle = ex.launch(spec)
     wait_until(lambda: ex.poll([handle])[handle.key].state == "running", "the job to run", 30, every=EVERY)
+    # Slurm says RUNNING once the job has its node, a moment before the node's step opens the log
+    wait_until(lambda: spec.log_path.is_file() and "step" in spec.log_path.read_text(), "the job to print", 30,
+               every=EVERY)
     settings = settings_from_table({"heartbeat": {"stall_after": 1.0}})
     store = Store.for_workspace(tmp_path / "ws")
     ledger.add_run(store, 1, handle.to_json(), "slurm0", str(spec.log_path))
