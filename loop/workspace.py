@@ -260,8 +260,9 @@ def run_command(settings: Settings) -> str:
         return f"{python} prepare.py run"
     if not project.score_command:
         return project.run_command
+    protect = "".join(f" --protect {shlex.quote(name)}" for name in project.protected)
     return (f"{python} -m nightlab.trainer.prepare run --command {shlex.quote(project.run_command)}"
-            f" --score {shlex.quote(project.score_command)}")
+            f" --score {shlex.quote(project.score_command)}{protect}")
 
 
 def project_commands(settings: Settings, here: bool = False) -> list[tuple[str, str]]:

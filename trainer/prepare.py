@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, overload
@@ -1177,7 +1177,8 @@ def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) ->
     return proc.wait()
 
 
-def run(train_command: str, score_command: str | None = None, environ: Mapping[str, str] | None = None) -> int:
+def run(train_command: str, score_command: str | None = None, environ: Mapping[str, str] | None = None,
+        protected: Sequence[str] = ()) -> int:
     """Train, then score: the run command of the built-in trainer (and of a project that names
     its own score command).
 
@@ -1189,7 +1190,9 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     with the full data dir. score_command None: the built-in scorer (harness.py next to this
     file), whose output is filtered the same way (it imports train.py's model code) and whose
     result comes back in a file this process prints; a project's own score command prints its
-    result itself. A val_bpb the training command printed is shown beside, never used."""
+    result itself. A val_bpb the training command printed is shown beside, never used. The code that
+    scores (the built-in scorer's files, or `protected`: a project's score script) must be as it was
+    after the training command, or the run is refused."""
     started = time.time()
     env = dict(os.environ if environ is None else environ)
     env[ENV_RUN_STARTED] = f"{started:.3f}"
@@ -1205,8 +1208,11 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     if score_command is None and Path("train.py").is_file():  # the scorer builds the model with the code that trained it
         shutil.copyfile("train.py", artifact / "train.py")
     harness = Path(__file__).resolve().with_name("harness.py")
-    # the scorer's own code, in the training command's reach (a single slot runs in the workspace)
-    scorer_files = {path: path.read_bytes() for path in (Path(__file__).resolve(), harness) if path.is_file()}
+    # the code that scores, in the training command's reach: the built-in scorer's (a single slot runs in
+    # the workspace), or a project's protected files (its score script); hash-checked before the run by
+    # the engine, and here after the training command, which the score command runs after
+    watched = [Path(__file__).resolve(), harness] if score_command is None else [Path(p).resolve() for p in protected]
+    scorer_files = {path: path.read_bytes() for path in watched if path.is_file()}
     # ... and the train.py it builds the model with: the commit's, which the training command could replace
     scored_code = (artifact / "train.py").read_bytes() if (artifact / "train.py").is_file() else None
     train_env = dict(env)
@@ -1235,8 +1241,8 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     # whatever its exit code: a cache file it wrote must not score a later run
     tampered = [tampered_data(data_dir, data_before) if data_dir is not None else None]
     changed = [path.name for path, text in scorer_files.items() if not path.is_file() or path.read_bytes() != text]
-    if changed and score_command is None:
-        tampered.append(f"the training command changed the harness that scores it ({', '.join(changed)}); a run must not"
+    if changed:
+        tampered.append(f"the training command changed the code that scores it ({', '.join(changed)}); a run must not"
                         " write the protected files: `git checkout` them, or `nightlab doctor` says how")
     if scored_code is not None and (artifact / "train.py").is_file() and (artifact / "train.py").read_bytes() != scored_code:
         tampered.append(f"the training command replaced {artifact / 'train.py'}, the code the harness builds the model"
@@ -1366,8 +1372,10 @@ def run_main(argv: list[str]) -> int:
     parser.add_argument("--command", default=f"{shlex.quote(sys.executable)} train.py", help="the training command")
     parser.add_argument("--score", default=None,
                         help="a project's own score command (default: the built-in scorer, harness.py next to this file)")
+    parser.add_argument("--protect", action="append", default=[], metavar="FILE",
+                        help="a file the training command must leave as it is (a project's score script); repeatable")
     args = parser.parse_args(argv)
-    return run(args.command, args.score)
+    return run(args.command, args.score, protected=args.protect)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,8 +143,9 @@ def test_a_project_with_a_score_command_runs_through_the_harness(tmp_path: Path)
         return run_command(settings_from_table({"workspace": {"path": str(tmp_path)}, "project": project}))
 
     assert command({"run_command": "make train"}) == "make train"  # no score command: trusted as today
-    scored = command({"run_command": "make train", "score_command": "python score.py"})
+    scored = command({"run_command": "make train", "score_command": "python score.py", "protected": ["score.py"]})
     assert "-m nightlab.trainer.prepare run --command 'make train' --score 'python score.py'" in scored
+    assert scored.endswith(" --protect score.py")  # checked again after training, before it scores
 
 
 def test_on_slurm_only_the_checks_are_started_here(tmp_path: Path) -> None:

@@ -805,6 +805,27 @@ def test_run_passes_training_output_on_but_never_as_a_result(tmp_path: Path, mon
     assert summary.get("val_bpb") == 1.5 and summary.get("claimed_val_bpb") == 0.1 and summary.rejected is None
 
 
+def test_a_project_training_command_that_rewrites_its_score_script_is_refused(tmp_path: Path, monkeypatch,
+                                                                                capfd) -> None:
+    """The engine hash-checks the protected files before each run; the training command runs after
+    that and before the score command, so it could write the score script (`print 0.99`) and be
+    scored by it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    (tmp_path / "score.py").write_text("print('---')\nprint('accuracy: 0.5')\n")
+    train = _script(tmp_path, "t.py", "open('score.py', 'w').write(\"print('---'); print('accuracy: 0.99')\")\n" + SAVE)
+    score = f"{sys.executable} score.py"
+    from nightlab.loop.summary import parse_summary
+
+    assert P.run(train, score, protected=["score.py"]) == P.REJECTED_EXIT
+    summary = parse_summary(capfd.readouterr().out)
+    assert summary.get("accuracy") is None
+    assert summary.rejected and "changed the code that scores it (score.py)" in summary.rejected
+    (tmp_path / "score.py").write_text("print('---')\nprint('accuracy: 0.5')\n")  # an honest run: scored
+    assert P.run(_script(tmp_path, "h.py", SAVE), score, protected=["score.py"]) == 0
+    assert parse_summary(capfd.readouterr().out).get("accuracy") == 0.5
+
+
 @pytest.mark.parametrize(("millions", "shown"), [(0.16384, "0.163840"), (499.63, "499.6")])
 def test_the_tokens_trained_say_something_at_the_tiny_profiles_size(capsys, millions: float, shown: str) -> None:
     """The tiny profile trains a fraction of a million tokens: upstream's one decimal said 0.0."""

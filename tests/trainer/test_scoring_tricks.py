@@ -280,7 +280,7 @@ def test_a_training_command_never_changes_the_code_that_scores_it(run_env, trick
     code, out = run(train_command(HARNESS_TRICKS[trick]))
     if trick == "harness.py rewritten":
         assert code == prepare.REJECTED_EXIT and parse_summary(out).rejected == (
-            "the training command changed the harness that scores it (harness.py); a run must not write the protected"
+            "the training command changed the code that scores it (harness.py); a run must not write the protected"
             " files: `git checkout` them, or `nightlab doctor` says how"), out[-2000:]
     elif trick == "the scored train.py replaced":
         assert code == prepare.REJECTED_EXIT and parse_summary(out).rejected == (
