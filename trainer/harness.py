@@ -645,6 +645,8 @@ def load_trained(artifact: Path, rt: Runtime):
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("train"), dict):
         raise Rejected("the saved model's meta.json has no config and train figures: train.py must save through the"
                        " harness's finish(...)")
+    # a .pyc dated as the copy would run instead of it (code the commit never showed): compiled anew
+    shutil.rmtree(artifact / "__pycache__", ignore_errors=True)
     spec = importlib.util.spec_from_file_location("nightlab_scored_train", artifact / "train.py")
     if spec is None or spec.loader is None or not (artifact / "train.py").is_file():
         raise Rejected(f"no train.py saved with the model in {artifact}")

@@ -250,6 +250,14 @@ HARNESS_TRICKS = {
         " dtype', 'return 2 * torch.tensor(tokenizer.token_byte_lengths(), dtype'), src, 'exec')\n"
         "pyc = importlib.util.cache_from_source(src)\nos.makedirs(os.path.dirname(pyc), exist_ok=True)\n"
         "open(pyc, 'wb').write(ext._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size))\n"),
+    # a .pyc of the scored train.py, dated as the copy: its code runs in the scorer, unseen in the commit
+    "a .pyc of the scored train.py planted": (
+        "import importlib.util, importlib._bootstrap_external as ext\n"
+        "src = os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'train.py')\nst = os.stat(src)\n"
+        "code = compile(open(src).read() + '\\nimport torch.nn.functional as F\\n_ce = F.cross_entropy\\n"
+        "F.cross_entropy = lambda *a, **k: _ce(*a, **k) / 2\\n', src, 'exec')\n"
+        "pyc = importlib.util.cache_from_source(src)\nos.makedirs(os.path.dirname(pyc), exist_ok=True)\n"
+        "open(pyc, 'wb').write(ext._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size))\n"),
 }
 
 
@@ -260,7 +268,7 @@ def test_a_training_command_never_changes_the_code_that_scores_it(run_env, trick
     module that harness.py imports (half the cross-entropy) or a .pyc of another prepare.py (twice the
     bytes) there got the score it wrote, and the model was built with whatever train.py it left in
     the artifact folder. The harness's files or the scored train.py changed refuse the run; the
-    scorer runs with -P, prepare.py's bytecode compiled again."""
+    scorer runs with -P, prepare.py's and the scored train.py's bytecode compiled again."""
     import subprocess
 
     from nightlab.loop.summary import parse_summary
