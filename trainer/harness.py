@@ -606,10 +606,7 @@ def eval_rows(tokenizer: Tokenizer, data_dir: Path, split: str = "val", slice_in
     keep decisions."""
     if split not in ("val", "heldout"):
         raise HarnessError(f"split must be val or heldout, not {split!r}")
-    T = MAX_SEQ_LEN
-    n = EVAL_TOKENS // T
-    if n < 1:
-        raise HarnessError(f"EVAL_TOKENS={EVAL_TOKENS} is less than one row of {T}; raise {prepare.ENV_EVAL_TOKENS}")
+    T, n = prepare.scored_shape(MAX_SEQ_LEN, EVAL_TOKENS)
     start = 0 if split == "val" else n * (1 + slice_index)
     return prepare.cached_rows(tokenizer, Path(data_dir), T, start, n)
 

@@ -913,6 +913,37 @@ def make_dataloader(
             yield batch[:, :-1].contiguous().to(device), batch[:, 1:].contiguous().to(device), epoch
 
 
+def scored_shape(seq_len: int, eval_tokens: int) -> tuple[int, int]:
+    """(T, n): the scored rows' length and count, EVAL_TOKENS // MAX_SEQ_LEN rows of MAX_SEQ_LEN + 1
+    tokens (held-out slices are as many rows after them); PrepareError when not one row fits."""
+    n = eval_tokens // seq_len
+    if n < 1:
+        raise PrepareError(f"EVAL_TOKENS={eval_tokens} is less than one row of {seq_len}; raise {ENV_EVAL_TOKENS}")
+    return seq_len, n
+
+
+def eval_cache_file(data_dir: Path, T: int, start: int, n: int) -> Path:
+    """Where `cached_rows` keeps validation rows start..start+n of length T+1 (made or not)."""
+    tok_hash = hashlib.sha256((Path(data_dir) / TOKENIZER_FILE).read_bytes()).hexdigest()[:12]
+    # Keyed by the shard's content, not its name and size: a validation file replaced by one of the
+    # same size (or another file under the shard's name) had its runs scored on the old file's rows.
+    val_hash = file_digest(_split_paths("val", data_dir)[0])[:12]
+    return Path(data_dir) / EVAL_CACHE_DIR / f"{tok_hash}-{val_hash}-T{T}-rows{start}+{n}.pt"
+
+
+def cache_scored_rows(data_dir: Path, environ: Mapping[str, str]) -> None:
+    """Make the cache file of the rows the built-in scorer started with `environ` scores, if missing,
+    before the training command starts. A cache file that appears or changes while a run trains is
+    removed after it (`tampered_data`): slots sharing the data dir, their scorers writing it while
+    another trained, removed it for each other, and nearly every run tokenized the rows again (on an
+    H200, 40.2 s of scoring for the default 21M tokens, 5.7 s of it the eval loop). Made here, before
+    this run trains, it is only read while runs of this data dir train."""
+    settings = harness_settings(environ)
+    T, n = scored_shape(settings["MAX_SEQ_LEN"], settings["EVAL_TOKENS"])
+    if not eval_cache_file(data_dir, T, 0, n).is_file():
+        cached_rows(Tokenizer.from_directory(Path(data_dir) / "tokenizer"), data_dir, T, 0, n)
+
+
 def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int):
     """int32 tensor [n, T+1]: validation rows start..start+n of `packed_rows`, tokenized once per
     data dir (cached in its eval-cache/, keyed by the tokenizer, the shard's content and the shape), not
@@ -920,12 +951,7 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
     import torch  # lazy: the daemon imports this module and must never load torch
 
     paths = _split_paths("val", data_dir)
-    tok_hash = hashlib.sha256((Path(data_dir) / TOKENIZER_FILE).read_bytes()).hexdigest()[:12]
-    # Keyed by the shard's content, not its name and size: a validation file replaced by one of the
-    # same size (or another file under the shard's name) had its runs scored on the old file's rows.
-    val_hash = file_digest(paths[0])[:12]
-    key = f"{tok_hash}-{val_hash}-T{T}-rows{start}+{n}"
-    path = Path(data_dir) / EVAL_CACHE_DIR / f"{key}.pt"
+    path = eval_cache_file(data_dir, T, start, n)
     if path.is_file():
         try:
             rows = torch.load(path, weights_only=True)
@@ -955,8 +981,9 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
     os.close(fd)
     torch.save(rows, tmp)
     os.replace(tmp, path)
+    data_key = path.name.split("-T")[0] + "-"  # the tokenizer's and the shard's hashes (lowercase hex)
     for other in path.parent.glob("*.pt"):  # no run scores on them again: each can be tens of MB
-        if not other.name.startswith(f"{tok_hash}-{val_hash}-"):
+        if not other.name.startswith(data_key):
             other.unlink(missing_ok=True)
     return rows
 
@@ -1225,6 +1252,12 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
             return 1
         train_env[ENV_DATA_DIR] = str(view)
         data_dir = Path(env[ENV_DATA_DIR])
+        if score_command is None:
+            try:
+                cache_scored_rows(data_dir, env)
+            except PrepareError as e:  # the scorer would fail the same way, after the training
+                print(f"FAIL: {fail_text(e)}", flush=True)
+                return 1
         data_before = data_files(data_dir)
     claimed: list[str] = []
     blamed: list[str] = []  # train.py's word that its data failed (the harness's hook in its process says it)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def test_rows_written_into_the_scorers_cache_never_score_a_run(run_env, capfd):
     assert honest is not None and len(cached) == 1  # the scorer's own
     for written in ("appeared", "changed"):
         if written == "appeared":
-            cached[0].unlink()  # as on a new validation shard: the cache file is written by the first run scored
+            cached[0].unlink()  # as on a new validation shard: the run makes it again before its training
         assert prepare.run(train_command(POISON)) == 0
         assert _scored(capfd.readouterr().out).get("val_bpb") == honest, written  # the shard's rows
         assert cached[0].exists()  # the scorer's again
@@ -169,6 +170,47 @@ def test_a_cache_file_another_slots_scorer_made_again_is_no_reason_to_refuse_a_r
     assert prepare.tampered_data(data, r_began) is None  # R ends: the file that appeared is removed
     scorer()  # R's
     assert prepare.tampered_data(data, c_began) is None  # C ends (and its scorer makes the file again)
+
+
+# trains until the test writes a line to the run's stdin (its scorer's check is taken by then)
+GATED = "import sys\nprint('training', flush=True)\nsys.stdin.readline()\n"
+
+
+def test_slots_sharing_a_data_dir_tokenize_the_scored_rows_once(run_env, tmp_path):
+    """Slots share the data dir and run staggered: one slot's scorer wrote the cache of the scored rows
+    while another trained, so that one's check removed it and its scorer made it again while the first
+    trained again, and so on: nearly every run tokenized the rows again (40.2 s of scoring instead of
+    the eval loop's 5.7 s on an H200). The run makes the file before its training; a scorer only reads it."""
+    data, train_command = run_env
+    command = train_command(GATED)
+
+    def start(slot: str) -> subprocess.Popen[str]:
+        env = dict(os.environ, **{prepare.ENV_ARTIFACT_DIR: str(tmp_path / f"artifact-{slot}")})
+        proc = subprocess.Popen([sys.executable, "-m", "nightlab.trainer.prepare", "run", "--command", command],
+                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        while (line := proc.stdout.readline()) != "training\n":
+            assert line, f"slot {slot}'s run ended before its training"
+        return proc
+
+    def finish(proc: subprocess.Popen[str]) -> tuple[float, tuple[int, int]]:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+        out = proc.stdout.read()
+        assert proc.wait() == 0, out
+        (cached,) = (data / prepare.EVAL_CACHE_DIR).glob("*.pt")
+        return _scored(out).get("val_bpb"), (cached.stat().st_ino, cached.stat().st_mtime_ns)
+
+    b1 = start("b")
+    a1 = start("a")
+    ends = [finish(a1)]  # scored while b1 trains
+    a2 = start("a")
+    ends.append(finish(b1))  # b1's check and scorer while a2 trains
+    b2 = start("b")
+    ends += [finish(a2), finish(b2)]
+    assert ends[0][0] is not None and [end[0] for end in ends] == [ends[0][0]] * 4  # the same rows scored
+    assert [end[1] for end in ends] == [ends[0][1]] * 4  # made once
 
 
 def test_a_shard_a_person_replaced_mid_run_is_refused_in_words_true_of_a_person(run_env):
