@@ -922,13 +922,19 @@ def scored_shape(seq_len: int, eval_tokens: int) -> tuple[int, int]:
     return seq_len, n
 
 
-def eval_cache_file(data_dir: Path, T: int, start: int, n: int) -> Path:
-    """Where `cached_rows` keeps validation rows start..start+n of length T+1 (made or not)."""
+def scored_rows_key(data_dir: Path) -> str:
+    """What the scored rows are made of, as `cached_rows` keys them: the tokenizer's and the
+    validation shard's content digests (12 hex digits each, joined by `-`)."""
     tok_hash = hashlib.sha256((Path(data_dir) / TOKENIZER_FILE).read_bytes()).hexdigest()[:12]
     # Keyed by the shard's content, not its name and size: a validation file replaced by one of the
     # same size (or another file under the shard's name) had its runs scored on the old file's rows.
     val_hash = file_digest(_split_paths("val", data_dir)[0])[:12]
-    return Path(data_dir) / EVAL_CACHE_DIR / f"{tok_hash}-{val_hash}-T{T}-rows{start}+{n}.pt"
+    return f"{tok_hash}-{val_hash}"
+
+
+def eval_cache_file(data_dir: Path, key: str, T: int, start: int, n: int) -> Path:
+    """Where `cached_rows` keeps validation rows start..start+n of length T+1 made of `key` (made or not)."""
+    return Path(data_dir) / EVAL_CACHE_DIR / f"{key}-T{T}-rows{start}+{n}.pt"
 
 
 def cache_scored_rows(data_dir: Path, environ: Mapping[str, str]) -> None:
@@ -940,18 +946,21 @@ def cache_scored_rows(data_dir: Path, environ: Mapping[str, str]) -> None:
     this run trains, it is only read while runs of this data dir train."""
     settings = harness_settings(environ)
     T, n = scored_shape(settings["MAX_SEQ_LEN"], settings["EVAL_TOKENS"])
-    if not eval_cache_file(data_dir, T, 0, n).is_file():
-        cached_rows(Tokenizer.from_directory(Path(data_dir) / "tokenizer"), data_dir, T, 0, n)
+    key = scored_rows_key(data_dir)
+    if not eval_cache_file(data_dir, key, T, 0, n).is_file():
+        cached_rows(Tokenizer.from_directory(Path(data_dir) / "tokenizer"), data_dir, T, 0, n, key)
 
 
-def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int):
+def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int, key: str | None = None):
     """int32 tensor [n, T+1]: validation rows start..start+n of `packed_rows`, tokenized once per
     data dir (cached in its eval-cache/, keyed by the tokenizer, the shard's content and the shape), not
-    once per run. Rows of other text or another tokenizer are removed as these are written."""
+    once per run. Rows of other text or another tokenizer are removed as these are written.
+    key: `scored_rows_key(data_dir)`, when the caller has it (None: found here)."""
     import torch  # lazy: the daemon imports this module and must never load torch
 
     paths = _split_paths("val", data_dir)
-    path = eval_cache_file(data_dir, T, start, n)
+    key = scored_rows_key(data_dir) if key is None else key
+    path = eval_cache_file(data_dir, key, T, start, n)
     if path.is_file():
         try:
             rows = torch.load(path, weights_only=True)
@@ -981,9 +990,8 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
     os.close(fd)
     torch.save(rows, tmp)
     os.replace(tmp, path)
-    data_key = path.name.split("-T")[0] + "-"  # the tokenizer's and the shard's hashes (lowercase hex)
     for other in path.parent.glob("*.pt"):  # no run scores on them again: each can be tens of MB
-        if not other.name.startswith(data_key):
+        if not other.name.startswith(f"{key}-"):
             other.unlink(missing_ok=True)
     return rows
 
