@@ -937,16 +937,15 @@ def eval_cache_file(data_dir: Path, key: str, T: int, start: int, n: int) -> Pat
     return Path(data_dir) / EVAL_CACHE_DIR / f"{key}-T{T}-rows{start}+{n}.pt"
 
 
-def cache_scored_rows(data_dir: Path, environ: Mapping[str, str]) -> None:
+def cache_scored_rows(data_dir: Path, environ: Mapping[str, str], key: str) -> None:
     """Make the cache file of the rows the built-in scorer started with `environ` scores, if missing,
     before the training command starts. A cache file that appears or changes while a run trains is
     removed after it (`tampered_data`): slots sharing the data dir, their scorers writing it while
     another trained, removed it for each other, and nearly every run tokenized the rows again (on an
     H200, 40.2 s of scoring for the default 21M tokens, 5.7 s of it the eval loop). Made here, before
-    this run trains, it is only read while runs of this data dir train."""
+    this run trains, it is only read while runs of this data dir train. key: `scored_rows_key(data_dir)`."""
     settings = harness_settings(environ)
     T, n = scored_shape(settings["MAX_SEQ_LEN"], settings["EVAL_TOKENS"])
-    key = scored_rows_key(data_dir)
     if not eval_cache_file(data_dir, key, T, 0, n).is_file():
         cached_rows(Tokenizer.from_directory(Path(data_dir) / "tokenizer"), data_dir, T, 0, n, key)
 
@@ -1142,6 +1141,11 @@ def data_files(data_dir: Path) -> dict[str, FileState]:
     return found
 
 
+def _cached(name: str) -> bool:
+    """A file of `data_files` that is the scored rows' cache (derived data, pruned by its writer)."""
+    return Path(name).parts[0] == EVAL_CACHE_DIR
+
+
 def _written(before: FileState, after: FileState) -> bool:
     """A file's content may have changed: another inode, size or mtime, or a new ctime (which no one
     can set back) while its link count stayed (another slot's view linking a shard changes only both)."""
@@ -1166,7 +1170,7 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
     for name, state in sorted(after.items()):
         old = before.get(name)
         changed = old is not None and _written(old, state)
-        if Path(name).parts[0] == EVAL_CACHE_DIR:
+        if _cached(name):
             if old is None or changed:
                 (Path(data_dir) / name).unlink(missing_ok=True)
         elif changed:
@@ -1174,7 +1178,7 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
         elif old is None and name == validation:  # a training shard added (more downloaded) scores nothing
             problems.append(f"{Path(data_dir) / name} (a shard added: the last by name is the validation shard)")
     problems += [f"{Path(data_dir) / name} (removed)" for name in sorted(before.keys() - after.keys())
-                 if Path(name).parts[0] != EVAL_CACHE_DIR]  # the scorer's cache prunes itself
+                 if not _cached(name)]  # the scorer's cache prunes itself
     if not problems:
         return None
     return (f"the data dir {data_dir} changed while the training command ran: {'; '.join(problems[:3])}"
@@ -1252,6 +1256,7 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     scored_code = (artifact / "train.py").read_bytes() if (artifact / "train.py").is_file() else None
     train_env = dict(env)
     view, data_dir, data_before = None, None, {}
+    keyed: list[str] = []  # the scorer's --rows-key, where this process hashed the data dir
     if env.get(ENV_DATA_DIR, "").strip():
         try:
             view = training_view(Path(env[ENV_DATA_DIR]))
@@ -1260,13 +1265,20 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
             return 1
         train_env[ENV_DATA_DIR] = str(view)
         data_dir = Path(env[ENV_DATA_DIR])
+        data_before = data_files(data_dir)
         if score_command is None:
+            # The scorer gets the rows' key hashed here, not hashing the shard again after training: the
+            # shards and tokenizer are held to how stat saw them before this hash (`tampered_data`), so
+            # a run whose training (or anyone) wrote them since is refused, never scored on stale rows.
             try:
-                cache_scored_rows(data_dir, env)
+                rows_key = scored_rows_key(data_dir)
+                cache_scored_rows(data_dir, env, rows_key)
+                keyed = ["--rows-key", rows_key]
             except PrepareError as e:  # the scorer would fail the same way, after the training
                 print(f"FAIL: {fail_text(e)}", flush=True)
                 return 1
-        data_before = data_files(data_dir)
+            # the cache files as made now, not as before: one made here is no file that appeared in training
+            data_before.update((name, state) for name, state in data_files(data_dir).items() if _cached(name))
     claimed: list[str] = []
     blamed: list[str] = []  # train.py's word that its data failed (the harness's hook in its process says it)
 
@@ -1314,7 +1326,7 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         scored = None
     else:
         result_path = Path(tempfile.mkdtemp(prefix="nightlab-score-")) / "result.json"
-        command = scorer_command(harness, "--artifact", str(artifact), "--result", str(result_path))
+        command = scorer_command(harness, "--artifact", str(artifact), "--result", str(result_path), *keyed)
         code = _stream(shlex.join(command), env, untrusted)
         try:
             result = json.loads(result_path.read_text())

@@ -766,7 +766,8 @@ def test_the_scored_rows_made_before_a_run_hash_the_validation_shard_once(
     hashed: list[Path] = []
     digest = P.file_digest
     monkeypatch.setattr(P, "file_digest", lambda path: hashed.append(Path(path)) or digest(path))
-    P.cache_scored_rows(ours, {P.ENV_DATA_DIR: str(ours), P.ENV_MAX_SEQ_LEN: "32", P.ENV_EVAL_TOKENS: str(6 * 32)})
+    environ = {P.ENV_DATA_DIR: str(ours), P.ENV_MAX_SEQ_LEN: "32", P.ENV_EVAL_TOKENS: str(6 * 32)}
+    P.cache_scored_rows(ours, environ, P.scored_rows_key(ours))
     assert hashed == [P.split_shards(ours)[1]]
     (cached,) = (ours / P.EVAL_CACHE_DIR).glob("*.pt")
     assert cached.name == f"{P.scored_rows_key(ours)}-T32-rows0+6.pt"
