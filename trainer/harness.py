@@ -733,7 +733,7 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     phases = Phases()
     rt = setup(attention_backend="sdpa", compile=False)
     phases.lap("setup", rt.device)
-    tokenizer = Tokenizer.from_directory(Path(data_dir) / "tokenizer")
+    tokenizer = Tokenizer.from_directory(Path(data_dir) / prepare.TOKENIZER_DIR)
     vocab = tokenizer.get_vocab_size()
     phases.lap("tokenizer")
     model, meta = load_trained(artifact, rt)

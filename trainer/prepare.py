@@ -91,7 +91,8 @@ DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation, not per file
 PARQUET_MAGIC = b"PAR1"
 
 # Tokenizer
-TOKENIZER_FILE = "tokenizer/tokenizer.json"
+TOKENIZER_DIR = "tokenizer"  # in a data dir (and in its training view)
+TOKENIZER_FILE = f"{TOKENIZER_DIR}/tokenizer.json"
 TOKENIZER_FORMAT = "nightlab-bpe/1"
 TOKENIZER_MAX_CHARS = 1_000_000_000  # cap on the training text (upstream's)
 TOKENIZER_DOC_CAP = 10_000  # characters taken from any one document (upstream's)
@@ -677,7 +678,7 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, tokenizer_dir: str | Path | None = None) -> Tokenizer:
         """Load `<tokenizer_dir>/tokenizer.json` (default: the data dir's `tokenizer/`)."""
-        directory = Path(tokenizer_dir) if tokenizer_dir is not None else get_data_dir() / "tokenizer"
+        directory = Path(tokenizer_dir) if tokenizer_dir is not None else get_data_dir() / TOKENIZER_DIR
         path = directory / Path(TOKENIZER_FILE).name
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))
@@ -795,7 +796,7 @@ def data_problem(data_dir: Path, claim: str) -> DataError | None:
     about a file elsewhere finds nothing. Reading every shard took time that grows with the data
     dir's bytes (4.8 s for 6,500 small shards, 1.2 GB; climbmix's shards are far larger)."""
     try:
-        Tokenizer.from_directory(Path(data_dir) / Path(TOKENIZER_FILE).parent)
+        Tokenizer.from_directory(Path(data_dir) / TOKENIZER_DIR)
         paths = split_shards(Path(data_dir))[0]
         named = [path for path in paths if path.name in claim or str(_origin(path)) in claim]
         if sum(len(column) for path in named for column in _text_columns(path)) == 0 and named == paths:
@@ -947,7 +948,7 @@ def cache_scored_rows(data_dir: Path, environ: Mapping[str, str], key: str) -> N
     settings = harness_settings(environ)
     T, n = scored_shape(settings["MAX_SEQ_LEN"], settings["EVAL_TOKENS"])
     if not eval_cache_file(data_dir, key, T, 0, n).is_file():
-        cached_rows(Tokenizer.from_directory(Path(data_dir) / "tokenizer"), data_dir, T, 0, n, key)
+        cached_rows(Tokenizer.from_directory(Path(data_dir) / TOKENIZER_DIR), data_dir, T, 0, n, key)
 
 
 def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int, key: str | None = None):
@@ -1100,7 +1101,7 @@ def training_view(data_dir: Path) -> Path:
 
 def _fill_view(view: Path, train_paths: list[Path], tokenizer: bytes) -> None:
     """`training_view`'s folder brought up to the data dir's training shards and tokenizer."""
-    (view / TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (view / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
     wanted = {p.name for p in train_paths}
     for old in view.glob(SHARD_PATTERN):
         if old.name not in wanted:
@@ -1115,7 +1116,7 @@ def _fill_view(view: Path, train_paths: list[Path], tokenizer: bytes) -> None:
             _link(path.resolve(), fresh)
             os.replace(fresh, entry)
     if not (view / TOKENIZER_FILE).is_file() or (view / TOKENIZER_FILE).read_bytes() != tokenizer:
-        fd, tmp = tempfile.mkstemp(dir=view / "tokenizer", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=view / TOKENIZER_DIR, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(tokenizer)
         os.replace(tmp, view / TOKENIZER_FILE)
