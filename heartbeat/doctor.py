@@ -4,8 +4,9 @@ Checks what a run needs, each finding with what to do about it: the GPUs (nvidia
 memory, compute capability, bf16, driver), torch as the runs will import it (version, CUDA build,
 whether it sees the GPU or Apple MPS, FlexAttention; probed in a child process, because the daemon
 never imports torch), the FA3 kernel in the local kernels cache (Hopper), free disk for data and
-workspace, the data and tokenizer, git, the programs the config's commands start, each configured
-chat channel (a real call through the same client library the bot uses), and the profile `auto`
+workspace, the data and tokenizer (and the folder train.py's view of them is made in), git, the
+programs the config's commands start, each configured chat channel (a real call through the same
+client library the bot uses), and the profile `auto`
 picks with its reason (and whether the config's context and eval sizes fit it). `fail` findings mean a
 run would fail: the command exits 1. `nightlab run` logs the same findings when it starts.
 """
@@ -21,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +141,7 @@ def diagnose(settings: Settings, python: str = sys.executable) -> Report:
     found += _disk_findings(settings)
     if builtin:
         found.append(_data_finding(settings))
+        found += _view_findings(settings)
     found += _protected_findings(settings)
     found.append(_git_finding())
     found += _program_findings(settings)
@@ -329,6 +332,28 @@ def _data_finding(settings: Settings) -> Finding:
     fetch = " (downloads them)" if source == "climbmix" or source.startswith("http") else ""
     return Finding("warn", "data", f"{what} not prepared yet in {data_dir}",
                    f"`nightlab run` prepares them first{fetch}; or now: {prepare_now}")
+
+
+def _view_findings(settings: Settings) -> list[Finding]:
+    """The data dir as train.py reads it (`<data dir>.train`, beside it): `nightlab run` makes it at its
+    start and each run brings it up to date, so one this user cannot write there fails them all (data
+    prepared by another user, in a folder shared read-only). Probed by making a folder and removing it:
+    what the run does, not what the mode bits say (root, a read-only file system)."""
+    from nightlab.trainer import prepare  # no torch (pyarrow, tokenizers)
+
+    view = prepare.training_view_dir(settings.cache_path / prepare.source_id(settings.data_source))
+    if view.exists() and not view.is_dir():
+        return [Finding("fail", "data", f"{view}, where runs put the data dir as train.py reads it, is not a folder",
+                        f"remove {view}; `nightlab run` makes it")]
+    target = view if view.is_dir() else next(p for p in view.parents if p.is_dir())  # what `nightlab run` writes in
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".nightlab-doctor-", dir=target))
+    except OSError as e:
+        return [Finding("fail", "data", f"cannot {'update' if target == view else 'make'} {view}, the data dir as"
+                        " train.py reads it, kept next to the data"
+                        f" dir: {target} cannot be written ({e.strerror})", f"make {target} writable for this user, or"
+                        " set data.cache_dir to a folder it can write (then `nightlab prepare`)")]
+    return []
 
 
 def _folder_change(source: str, data_dir: Path, shards: list[Path], chosen: list[tuple[int, Path]],

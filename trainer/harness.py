@@ -23,6 +23,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -599,16 +600,17 @@ def setup(seed: int = 42, attention_backend: str = "auto", compile: bool = True)
 # ---------------------------------------------------------------------------
 
 
-def eval_rows(tokenizer: Tokenizer, data_dir: Path, split: str = "val", slice_index: int = 0) -> torch.Tensor:
+def eval_rows(tokenizer: Tokenizer, data_dir: Path, split: str = "val", slice_index: int = 0,
+              rows_key: str | None = None) -> torch.Tensor:
     """The scored rows [EVAL_TOKENS // MAX_SEQ_LEN, MAX_SEQ_LEN + 1] of the validation shard,
     tokenized once per data dir and cached there. `val`: the first rows (what evaluate_bpb
     scores); `heldout` slice k: the k+1-th block of as many rows after them, never scored for
-    keep decisions."""
+    keep decisions. rows_key: `prepare.scored_rows_key(data_dir)` if known (None: hashed here)."""
     if split not in ("val", "heldout"):
         raise HarnessError(f"split must be val or heldout, not {split!r}")
     T, n = prepare.scored_shape(MAX_SEQ_LEN, EVAL_TOKENS)
     start = 0 if split == "val" else n * (1 + slice_index)
-    return prepare.cached_rows(tokenizer, Path(data_dir), T, start, n)
+    return prepare.cached_rows(tokenizer, Path(data_dir), T, start, n, rows_key)
 
 
 def _eval_batch(n_rows: int, T: int, vocab: int, device: torch.device) -> int:
@@ -718,9 +720,10 @@ class Phases:
 
 
 def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int = 0,
-          seed: int | None = None) -> dict[str, Any]:
+          seed: int | None = None, rows_key: str | None = None) -> dict[str, Any]:
     """Score a saved model: {"bpb", "score_seconds", "eval_seconds", "phases", "meta", "rt"}.
     Raises Rejected. `seed`: the causality probe's draws (None: the system's randomness; tests).
+    `rows_key`: see `eval_rows`.
 
     Eager and SDPA, whatever the training used: the scorer runs one forward-only pass per
     experiment, and a changed model would compile afresh each time (tens of seconds cold, several
@@ -730,12 +733,12 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     phases = Phases()
     rt = setup(attention_backend="sdpa", compile=False)
     phases.lap("setup", rt.device)
-    tokenizer = Tokenizer.from_directory(Path(data_dir) / "tokenizer")
+    tokenizer = Tokenizer.from_directory(Path(data_dir) / prepare.TOKENIZER_DIR)
     vocab = tokenizer.get_vocab_size()
     phases.lap("tokenizer")
     model, meta = load_trained(artifact, rt)
     phases.lap("model", rt.device)
-    rows = eval_rows(tokenizer, data_dir, split, slice_index)
+    rows = eval_rows(tokenizer, data_dir, split, slice_index, rows_key)
     n, T = rows.size(0), rows.size(1) - 1
     B = _eval_batch(n, T, vocab, rt.device)
     rows = rows.to(rt.device)
@@ -786,6 +789,14 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
             "phases": phases.seconds, "meta": meta, "rt": rt, "rows": n}
 
 
+def rows_key_arg(text: str) -> str:
+    """--rows-key's value, in `prepare.scored_rows_key`'s form only: it names cache files."""
+    if not re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]{12}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a key of the scored rows (12 hex digits, '-', 12 hex"
+                                         " digits); leave --rows-key out and the scorer hashes the data itself")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Score a trained model saved by train.py (the harness's metric).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -793,12 +804,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, default=None, help=f"default: ${prepare.ENV_ARTIFACT_DIR} or {prepare.DEFAULT_ARTIFACT_DIR}")
     p.add_argument("--split", choices=["val", "heldout"], default="val")
     p.add_argument("--slice", type=int, default=0, help="which held-out slice (0, 1, ...)")
+    p.add_argument("--rows-key", type=rows_key_arg, default=None,
+                   help="the data dir's scored_rows_key, hashed by `prepare.py run` before the training (default: hashed here)")
     p.add_argument("--result", type=Path, default=None,
                    help="write the result here as JSON instead of printing the summary (what `prepare.py run` reads)")
     args = parser.parse_args(argv)
     artifact = args.artifact or artifact_dir()
     try:
-        found = score(artifact, prepare.get_data_dir(), args.split, args.slice)
+        found = score(artifact, prepare.get_data_dir(), args.split, args.slice, rows_key=args.rows_key)
         result = {"bpb": found["bpb"], "score_seconds": found["score_seconds"], "eval_seconds": found["eval_seconds"],
                   "rows": found["rows"], "split": args.split, "slice": args.slice, "train": found["meta"]["train"],
                   "phases": found["phases"]}

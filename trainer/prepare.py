@@ -91,7 +91,8 @@ DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation, not per file
 PARQUET_MAGIC = b"PAR1"
 
 # Tokenizer
-TOKENIZER_FILE = "tokenizer/tokenizer.json"
+TOKENIZER_DIR = "tokenizer"  # in a data dir (and in its training view)
+TOKENIZER_FILE = f"{TOKENIZER_DIR}/tokenizer.json"
 TOKENIZER_FORMAT = "nightlab-bpe/1"
 TOKENIZER_MAX_CHARS = 1_000_000_000  # cap on the training text (upstream's)
 TOKENIZER_DOC_CAP = 10_000  # characters taken from any one document (upstream's)
@@ -677,7 +678,7 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, tokenizer_dir: str | Path | None = None) -> Tokenizer:
         """Load `<tokenizer_dir>/tokenizer.json` (default: the data dir's `tokenizer/`)."""
-        directory = Path(tokenizer_dir) if tokenizer_dir is not None else get_data_dir() / "tokenizer"
+        directory = Path(tokenizer_dir) if tokenizer_dir is not None else get_data_dir() / TOKENIZER_DIR
         path = directory / Path(TOKENIZER_FILE).name
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))
@@ -795,7 +796,7 @@ def data_problem(data_dir: Path, claim: str) -> DataError | None:
     about a file elsewhere finds nothing. Reading every shard took time that grows with the data
     dir's bytes (4.8 s for 6,500 small shards, 1.2 GB; climbmix's shards are far larger)."""
     try:
-        Tokenizer.from_directory(Path(data_dir) / Path(TOKENIZER_FILE).parent)
+        Tokenizer.from_directory(Path(data_dir) / TOKENIZER_DIR)
         paths = split_shards(Path(data_dir))[0]
         named = [path for path in paths if path.name in claim or str(_origin(path)) in claim]
         if sum(len(column) for path in named for column in _text_columns(path)) == 0 and named == paths:
@@ -922,36 +923,44 @@ def scored_shape(seq_len: int, eval_tokens: int) -> tuple[int, int]:
     return seq_len, n
 
 
-def eval_cache_file(data_dir: Path, T: int, start: int, n: int) -> Path:
-    """Where `cached_rows` keeps validation rows start..start+n of length T+1 (made or not)."""
+def scored_rows_key(data_dir: Path) -> str:
+    """What the scored rows are made of, as `cached_rows` keys them: the tokenizer's and the
+    validation shard's content digests (12 hex digits each, joined by `-`)."""
     tok_hash = hashlib.sha256((Path(data_dir) / TOKENIZER_FILE).read_bytes()).hexdigest()[:12]
     # Keyed by the shard's content, not its name and size: a validation file replaced by one of the
     # same size (or another file under the shard's name) had its runs scored on the old file's rows.
     val_hash = file_digest(_split_paths("val", data_dir)[0])[:12]
-    return Path(data_dir) / EVAL_CACHE_DIR / f"{tok_hash}-{val_hash}-T{T}-rows{start}+{n}.pt"
+    return f"{tok_hash}-{val_hash}"
 
 
-def cache_scored_rows(data_dir: Path, environ: Mapping[str, str]) -> None:
+def eval_cache_file(data_dir: Path, key: str, T: int, start: int, n: int) -> Path:
+    """Where `cached_rows` keeps validation rows start..start+n of length T+1 made of `key` (made or not)."""
+    return Path(data_dir) / EVAL_CACHE_DIR / f"{key}-T{T}-rows{start}+{n}.pt"
+
+
+def cache_scored_rows(data_dir: Path, environ: Mapping[str, str], key: str) -> None:
     """Make the cache file of the rows the built-in scorer started with `environ` scores, if missing,
     before the training command starts. A cache file that appears or changes while a run trains is
     removed after it (`tampered_data`): slots sharing the data dir, their scorers writing it while
     another trained, removed it for each other, and nearly every run tokenized the rows again (on an
     H200, 40.2 s of scoring for the default 21M tokens, 5.7 s of it the eval loop). Made here, before
-    this run trains, it is only read while runs of this data dir train."""
+    this run trains, it is only read while runs of this data dir train. key: `scored_rows_key(data_dir)`."""
     settings = harness_settings(environ)
     T, n = scored_shape(settings["MAX_SEQ_LEN"], settings["EVAL_TOKENS"])
-    if not eval_cache_file(data_dir, T, 0, n).is_file():
-        cached_rows(Tokenizer.from_directory(Path(data_dir) / "tokenizer"), data_dir, T, 0, n)
+    if not eval_cache_file(data_dir, key, T, 0, n).is_file():
+        cached_rows(Tokenizer.from_directory(Path(data_dir) / TOKENIZER_DIR), data_dir, T, 0, n, key)
 
 
-def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int):
+def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int, key: str | None = None):
     """int32 tensor [n, T+1]: validation rows start..start+n of `packed_rows`, tokenized once per
     data dir (cached in its eval-cache/, keyed by the tokenizer, the shard's content and the shape), not
-    once per run. Rows of other text or another tokenizer are removed as these are written."""
+    once per run. Rows of other text or another tokenizer are removed as these are written.
+    key: `scored_rows_key(data_dir)`, when the caller has it (None: found here)."""
     import torch  # lazy: the daemon imports this module and must never load torch
 
     paths = _split_paths("val", data_dir)
-    path = eval_cache_file(data_dir, T, start, n)
+    key = scored_rows_key(data_dir) if key is None else key
+    path = eval_cache_file(data_dir, key, T, start, n)
     if path.is_file():
         try:
             rows = torch.load(path, weights_only=True)
@@ -981,9 +990,8 @@ def cached_rows(tokenizer: Tokenizer, data_dir: Path, T: int, start: int, n: int
     os.close(fd)
     torch.save(rows, tmp)
     os.replace(tmp, path)
-    data_key = path.name.split("-T")[0] + "-"  # the tokenizer's and the shard's hashes (lowercase hex)
     for other in path.parent.glob("*.pt"):  # no run scores on them again: each can be tens of MB
-        if not other.name.startswith(data_key):
+        if not other.name.startswith(f"{key}-"):
             other.unlink(missing_ok=True)
     return rows
 
@@ -1093,7 +1101,7 @@ def training_view(data_dir: Path) -> Path:
 
 def _fill_view(view: Path, train_paths: list[Path], tokenizer: bytes) -> None:
     """`training_view`'s folder brought up to the data dir's training shards and tokenizer."""
-    (view / TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (view / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
     wanted = {p.name for p in train_paths}
     for old in view.glob(SHARD_PATTERN):
         if old.name not in wanted:
@@ -1108,7 +1116,7 @@ def _fill_view(view: Path, train_paths: list[Path], tokenizer: bytes) -> None:
             _link(path.resolve(), fresh)
             os.replace(fresh, entry)
     if not (view / TOKENIZER_FILE).is_file() or (view / TOKENIZER_FILE).read_bytes() != tokenizer:
-        fd, tmp = tempfile.mkstemp(dir=view / "tokenizer", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=view / TOKENIZER_DIR, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(tokenizer)
         os.replace(tmp, view / TOKENIZER_FILE)
@@ -1132,6 +1140,11 @@ def data_files(data_dir: Path) -> dict[str, FileState]:
         if not path.is_dir():
             found[str(path.relative_to(data_dir))] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
     return found
+
+
+def _cached(name: str) -> bool:
+    """A file of `data_files` that is the scored rows' cache (derived data, pruned by its writer)."""
+    return Path(name).parts[0] == EVAL_CACHE_DIR
 
 
 def _written(before: FileState, after: FileState) -> bool:
@@ -1158,7 +1171,7 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
     for name, state in sorted(after.items()):
         old = before.get(name)
         changed = old is not None and _written(old, state)
-        if Path(name).parts[0] == EVAL_CACHE_DIR:
+        if _cached(name):
             if old is None or changed:
                 (Path(data_dir) / name).unlink(missing_ok=True)
         elif changed:
@@ -1166,7 +1179,7 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
         elif old is None and name == validation:  # a training shard added (more downloaded) scores nothing
             problems.append(f"{Path(data_dir) / name} (a shard added: the last by name is the validation shard)")
     problems += [f"{Path(data_dir) / name} (removed)" for name in sorted(before.keys() - after.keys())
-                 if Path(name).parts[0] != EVAL_CACHE_DIR]  # the scorer's cache prunes itself
+                 if not _cached(name)]  # the scorer's cache prunes itself
     if not problems:
         return None
     return (f"the data dir {data_dir} changed while the training command ran: {'; '.join(problems[:3])}"
@@ -1244,6 +1257,7 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     scored_code = (artifact / "train.py").read_bytes() if (artifact / "train.py").is_file() else None
     train_env = dict(env)
     view, data_dir, data_before = None, None, {}
+    keyed: list[str] = []  # the scorer's --rows-key, where this process hashed the data dir
     if env.get(ENV_DATA_DIR, "").strip():
         try:
             view = training_view(Path(env[ENV_DATA_DIR]))
@@ -1252,13 +1266,20 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
             return 1
         train_env[ENV_DATA_DIR] = str(view)
         data_dir = Path(env[ENV_DATA_DIR])
+        data_before = data_files(data_dir)
         if score_command is None:
+            # The scorer gets the rows' key hashed here, not hashing the shard again after training: the
+            # shards and tokenizer are held to how stat saw them before this hash (`tampered_data`), so
+            # a run whose training (or anyone) wrote them since is refused, never scored on stale rows.
             try:
-                cache_scored_rows(data_dir, env)
+                rows_key = scored_rows_key(data_dir)
+                cache_scored_rows(data_dir, env, rows_key)
+                keyed = ["--rows-key", rows_key]
             except PrepareError as e:  # the scorer would fail the same way, after the training
                 print(f"FAIL: {fail_text(e)}", flush=True)
                 return 1
-        data_before = data_files(data_dir)
+            # the cache files as made now, not as before: one made here is no file that appeared in training
+            data_before.update((name, state) for name, state in data_files(data_dir).items() if _cached(name))
     claimed: list[str] = []
     blamed: list[str] = []  # train.py's word that its data failed (the harness's hook in its process says it)
 
@@ -1306,7 +1327,7 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         scored = None
     else:
         result_path = Path(tempfile.mkdtemp(prefix="nightlab-score-")) / "result.json"
-        command = scorer_command(harness, "--artifact", str(artifact), "--result", str(result_path))
+        command = scorer_command(harness, "--artifact", str(artifact), "--result", str(result_path), *keyed)
         code = _stream(shlex.join(command), env, untrusted)
         try:
             result = json.loads(result_path.read_text())

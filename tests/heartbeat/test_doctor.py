@@ -4,10 +4,12 @@ channels are the fake Telegram and Slack servers reached with the real client li
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +287,64 @@ def test_a_relative_source_folder_is_found_from_any_directory(tmp_path: Path, fa
     code, out = doctor(config, capsys)
     data_dir = tmp_path / "cache" / prepare.source_id(str(folder))
     assert code == 0 and lines(out, "ok   data") == [f"ok   data      2 shards and the tokenizer in {data_dir}"], out
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path) -> Iterator[None]:
+    """`folder` as this user cannot write it: by its mode, or for root (who writes through any mode)
+    immutable (chattr +i), where the file system and the container allow it."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    elif shutil.which("chattr") and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        pytest.skip("root writes into any folder, and chattr +i is refused here")
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+@pytest.mark.parametrize("blocked", ["the data dir's folder", "the view", "a file in the view's place"])
+def test_a_training_view_that_cannot_be_made_fails_with_what_to_do(
+    tmp_path: Path, fake_gpus, capsys, blocked: str
+) -> None:
+    """Data prepared by another user in a folder this one cannot write: doctor said `ok data` and
+    `runs can start`, and every run failed making the data dir train.py reads, next to the data dir."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nightlab.trainer import prepare
+
+    fake_gpus([])
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"text": [f"{name} text {i}" for i in range(300)]}), folder / f"{name}.parquet")
+    config = write_config(tmp_path, data={"source": str(folder), "cache_dir": str(tmp_path / "cache")})
+    data_dir = prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None, tokenizer_max_chars=10_000)
+    view = prepare.training_view_dir(data_dir)
+    if blocked == "a file in the view's place":
+        view.write_text("")
+        code, out = doctor(config, capsys)
+        assert code == 1 and out[out.index("FAIL data"):].split("\n", 2)[:2] == [
+            f"FAIL data      {view}, where runs put the data dir as train.py reads it, is not a folder",
+            f"               -> remove {view}; `nightlab run` makes it"]
+        return
+    if blocked == "the view":
+        prepare.training_view(data_dir)  # made by a run of the user who prepared the data
+    target, verb = (view, "update") if blocked == "the view" else (data_dir.parent, "make")
+    with unwritable(target):
+        code, out = doctor(config, capsys)
+    assert code == 1 and lines(out, "ok   data")  # the data itself reads well
+    said = out[out.index("FAIL data"):].split("\n", 2)[:2]
+    assert said[0].startswith(f"FAIL data      cannot {verb} {view}, the data dir as train.py reads it, kept next to"
+                              f" the data dir: {target} cannot be written ("), said
+    assert said[1] == (f"               -> make {target} writable for this user, or set data.cache_dir to a folder it"
+                       " can write (then `nightlab prepare`)")
+    assert out.rstrip().endswith("1 problem(s) would make runs fail")
+    assert [p.name for p in target.iterdir() if p.name.startswith(".nightlab")] == []
+    assert lines(doctor(config, capsys)[1], "FAIL data") == []  # writable again
 
 
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system python")

@@ -37,6 +37,17 @@ def test_a_bad_dtype_is_named(H):
         H.choose_dtype("cpu", None, "int8")
 
 
+@pytest.mark.parametrize("key", ["../../x", "0123456789ab", "0123456789AB-0123456789ab"])
+def test_a_rows_key_not_of_the_runs_making_is_refused_in_one_line(H, capsys, key):
+    """It names the scored rows' cache files, which the scorer writes and prunes."""
+    with pytest.raises(SystemExit) as ended:
+        H.main(["score", "--rows-key", key])
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f" score: error: argument --rows-key: {key!r} is not a key of the scored rows (12 hex digits,"
+        " '-', 12 hex digits); leave --rows-key out and the scorer hashes the data itself")
+
+
 def test_wall_clock_budget_starts_after_the_untimed_steps(H):
     budget = H.Budget(seconds=3.0, untimed=2)
     dts = []

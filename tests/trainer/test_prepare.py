@@ -758,6 +758,21 @@ def test_a_validation_shard_too_small_for_the_scored_rows_is_said_and_tokenized_
     assert "note:" not in capfd.readouterr().err
 
 
+def test_the_scored_rows_made_before_a_run_hash_the_validation_shard_once(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their cache file's name was made twice, each time hashing the whole shard (gigabytes may be)."""
+    ours = _folder_with_validation(data_dir, tmp_path, [f"validation text {i} " * 40 for i in range(50)])
+    hashed: list[Path] = []
+    digest = P.file_digest
+    monkeypatch.setattr(P, "file_digest", lambda path: hashed.append(Path(path)) or digest(path))
+    environ = {P.ENV_DATA_DIR: str(ours), P.ENV_MAX_SEQ_LEN: "32", P.ENV_EVAL_TOKENS: str(6 * 32)}
+    P.cache_scored_rows(ours, environ, P.scored_rows_key(ours))
+    assert hashed == [P.split_shards(ours)[1]]
+    (cached,) = (ours / P.EVAL_CACHE_DIR).glob("*.pt")
+    assert cached.name == f"{P.scored_rows_key(ours)}-T32-rows0+6.pt"
+
+
 SAVE = "import os\nopen(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'w.npy'), 'w').close()\n"
 
 

@@ -213,6 +213,52 @@ def test_slots_sharing_a_data_dir_tokenize_the_scored_rows_once(run_env, tmp_pat
     assert [end[1] for end in ends] == [ends[0][1]] * 4  # made once
 
 
+def test_a_run_hashes_the_validation_shard_once_and_hands_its_scorer_the_key(run_env, capfd, monkeypatch):
+    """The run hashed the shard before its training (to make the scored rows' cache) and its scorer
+    hashed it again after: about 0.09 s per 100 MB of validation shard, twice per run."""
+    data, train_command = run_env
+    hashed: list[str] = []
+    commands: list[list[str]] = []
+    digest, scorer_command = prepare.file_digest, prepare.scorer_command
+    monkeypatch.setattr(prepare, "file_digest", lambda path: hashed.append(str(path)) or digest(path))
+    monkeypatch.setattr(prepare, "scorer_command", lambda *args: commands.append(scorer_command(*args)) or commands[-1])
+    assert prepare.run(train_command()) == 0
+    assert _scored(capfd.readouterr().out).get("val_bpb") is not None
+    assert hashed == [str(prepare.split_shards(data)[1])]
+    assert commands[0][-2:] == ["--rows-key", prepare.scored_rows_key(data)]
+
+
+def test_a_scorer_handed_the_rows_key_scores_without_hashing_the_data(H, score, data_dir, monkeypatch, tmp_path):
+    honest = score("honest", seed=1)
+    key = prepare.scored_rows_key(data_dir)
+
+    def no_hashing(path):
+        raise AssertionError(f"{path} was hashed again")
+
+    monkeypatch.setattr(prepare, "file_digest", no_hashing)
+    artifact = save_artifact(tmp_path / "keyed", "honest", score.tokenizer.get_vocab_size())
+    assert H.score(artifact, data_dir, seed=1, rows_key=key)["bpb"] == honest
+
+
+def test_a_validation_shard_replaced_after_the_run_hashed_it_is_refused_not_scored_on_its_key(run_env, capfd, monkeypatch):
+    """The scorer trusts the key the run hashed before its training: the check after the training
+    holds the data dir to how it was before that hash, so a shard a person replaced in between (here
+    as the run made the rows' cache) is refused, never scored on the rows of the text it replaced."""
+    data, train_command = run_env
+    validation = prepare.split_shards(data)[1]
+    made = prepare.cache_scored_rows
+
+    def then_replaced(*args) -> None:
+        made(*args)
+        shutil.copy(data / "shard_00000.parquet", data / "new.tmp")
+        os.replace(data / "new.tmp", validation)
+
+    monkeypatch.setattr(prepare, "cache_scored_rows", then_replaced)
+    assert prepare.run(train_command()) == prepare.REJECTED_EXIT
+    refused = _scored(capfd.readouterr().out).rejected
+    assert refused is not None and f"{validation} (written)" in refused, refused
+
+
 def test_a_shard_a_person_replaced_mid_run_is_refused_in_words_true_of_a_person(run_env):
     """A person replacing a damaged shard (or running `nightlab prepare`) while a run trained read
     "the training command changed the data dir": blamed on the change, which had only read it. The
