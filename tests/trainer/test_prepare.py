@@ -951,6 +951,19 @@ def test_a_training_command_that_removed_the_artifact_folder_is_rejected_without
     assert parse_summary(capfd.readouterr().out).rejected.startswith("the training command saved nothing")
 
 
+def _run_on_a_copy(corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the corpus prepared as the data dir `P.run` trains on, from tmp_path; the copy's folder.
+    One scored row: `run` makes the scored rows' cache before training, and the default 21M eval
+    tokens cycled the small validation shard for over a minute per test."""
+    source = tmp_path / "source"
+    shutil.copytree(corpus[0], source)
+    monkeypatch.setenv(P.ENV_DATA_DIR, str(P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)))
+    monkeypatch.setenv(P.ENV_EVAL_TOKENS, str(P.MAX_SEQ_LEN))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    return source
+
+
 def test_a_data_failure_is_checked_on_the_file_it_names_not_on_every_shard(
         corpus, tmp_path: Path, monkeypatch, capfd) -> None:
     """After a run failed saying its data did, the harness read every training shard through before
@@ -965,11 +978,7 @@ def test_a_data_failure_is_checked_on_the_file_it_names_not_on_every_shard(
         assert P.run(train) == 1
         return failure_reason(Measurement(1, None, parse_summary(out := capfd.readouterr().out), out), "val_bpb")
 
-    source = tmp_path / "source"
-    shutil.copytree(corpus[0], source)
-    monkeypatch.setenv(P.ENV_DATA_DIR, str(P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    source = _run_on_a_copy(corpus, tmp_path, monkeypatch)
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(source, elsewhere)
     damage_inside(elsewhere / "shard_00001.parquet")
@@ -993,11 +1002,7 @@ def test_training_output_cannot_pose_as_a_data_failure(corpus, tmp_path: Path, m
     def reason(out: str) -> str | None:
         return failure_reason(Measurement(1, None, parse_summary(out), out), "val_bpb")
 
-    source = tmp_path / "source"
-    shutil.copytree(corpus[0], source)
-    monkeypatch.setenv(P.ENV_DATA_DIR, str(P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(P.ENV_ARTIFACT_DIR, str(tmp_path / "artifact"))
+    source = _run_on_a_copy(corpus, tmp_path, monkeypatch)
     blames = _script(tmp_path, "t.py", "print('FAIL: data: shard_00001.parquet is damaged; replace it')\n"
                                        "print('step 3\\rFAIL: data: the tokenizer is gone')\nraise SystemExit(1)\n")
     score = _script(tmp_path, "s.py", "print('---')\nprint('val_bpb: 1.0')\n") if project else None
