@@ -200,6 +200,25 @@ def test_a_file_with_nothing_to_search_stops_the_engine_at_its_start(tmp_path: P
     assert make_proposer(settings).areas == ("constants",)
 
 
+def test_a_syntax_error_in_the_file_is_named_at_the_start_not_called_nothing_to_search(tmp_path: Path) -> None:
+    """An editor's stray `+` in train.py stopped the night with "has no numeric UPPER_CASE
+    constants ...; add some, or use the agent proposer": the file's line and what to do instead."""
+    from nightlab.loop.state.errors import UserError
+
+    from tests.fakes.loop_workspace import stub_settings
+
+    (tmp_path / "train.py").write_text(TRAIN.read_text().replace("\nSOFTCAP = 15.0", "\nSOFTCAP = 15.0 +", 1))
+    line = next(i for i, text in enumerate((tmp_path / "train.py").read_text().splitlines(), 1)
+                if text.startswith("SOFTCAP"))
+    where = re.escape(str(tmp_path / "train.py"))  # which train.py: the workspace's
+    with pytest.raises(UserError, match=rf"^search: {where} is not valid Python \(line {line}: invalid syntax\);"
+                                        r" fix it .*then start again$") as raised:
+        make_proposer(stub_settings(tmp_path))
+    assert "agent proposer" not in str(raised.value)
+    with pytest.raises(ProposalError, match=rf"^search: {where} is not valid Python \(line {line}: "):
+        SearchProposer().propose(ctx_for(tmp_path, []))
+
+
 def test_a_large_integer_is_halved_and_doubled_a_small_one_stepped() -> None:
     """A step of 1, 8 at most, never moved NUM_STEPS = 200 by more than 4 %: a night could not try
     100 or 400 steps, nor HIDDEN = 100 at 50 or 200."""
