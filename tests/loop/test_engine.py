@@ -201,6 +201,36 @@ def test_a_data_problem_pauses_the_loop_at_its_first_crash(tmp_path: Path) -> No
     engine.join(stop=True)
 
 
+def test_a_baseline_that_crashes_pauses_the_loop_at_once_and_runs_again_once_fixed(tmp_path: Path) -> None:
+    """The user's committed train.py crashed as the baseline, and the loop ran the same crash
+    pause_after_failures (15) times, then paused saying "resume when you have looked (focus,
+    note)": on a GPU, 15 runs of a crash late in training. Every experiment branches from that
+    commit, so its first crash pauses, saying what to fix; the commit that fixes it is measured."""
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    ws = settings.workspace_path
+    train = ws / "train.py"
+    train.chmod(0o644)
+    train.write_text(train.read_text().replace('MODE = "ok"', 'MODE = "crash"'))
+    git_out(ws, "commit", "-qam", "my edit, which crashes")
+    broken = git_out(ws, "rev-parse", "HEAD")
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}]), limit=3)
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine.ticks()  # paused: the crash is not run again
+    assert [(e.kind, e.status, e.reason) for e in ledger.experiments(engine.store)] == [
+        ("baseline", "crash", "exit code 3")]
+    self_paused = [e.payload["reason"] for e in engine.store.events_after(0) if e.kind == "self_paused"]
+    assert self_paused == [f"#1: the baseline crashed (exit code 3): {broken[:7]}, the commit the night starts"
+                           f" from, does not run, and every experiment branches from it; fix it, commit the fix in"
+                           f" {ws} and /resume (the fix is measured as the baseline)"]
+    train.write_text(train.read_text().replace('MODE = "crash"', 'MODE = "ok"'))
+    git_out(ws, "commit", "-qam", "fixed")
+    send_command(ws, "resume", "cli:test")
+    assert engine.join() == 0
+    rows = ledger.experiments(engine.store)
+    assert [(e.kind, e.status) for e in rows] == [("baseline", "crash"), ("baseline", "keep"), ("proposal", "keep")]
+    assert rows[1].commit == git_out(ws, "rev-parse", "HEAD~1") != broken
+
+
 def _night_the_data_fails_at_2(settings: Settings, proposer: ScriptedProposer, gates: Gates,
                                stub_data: StubData) -> EngineThread:
     """A night of 4 whose data is damaged while #2 runs: returned paused by the engine."""
