@@ -41,7 +41,8 @@ def train_once(settings: Settings, profile: str | None) -> int:
     to_stderr(f"running `{ws.run_command}` in {ws.path} (log {log})")
     offset = 0
     # The run is in a session of its own (it outlives a daemon restart), so a closed terminal or a
-    # `kill` would not reach it: those end it as Ctrl-C does, not leave it holding the GPU.
+    # `kill` would not reach it: those end it as Ctrl-C does, not leave it holding the GPU; and so
+    # does a reader of its output that went away.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while True:
@@ -50,7 +51,7 @@ def train_once(settings: Settings, profile: str | None) -> int:
             if state.state != "running":
                 break
             time.sleep(0.2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):  # `nightlab train | head`: the reader has gone too
         executor.cancel(handle, grace_s=5)
         raise
     finally:
