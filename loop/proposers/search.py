@@ -235,7 +235,7 @@ def _pick(
 ) -> _Pick | None:
     """The best untried move of `area` under one draw of the model (one or two constants, or the
     together move), or None when every move in the area has been tried."""
-    moves = {p.name: p.moves(space.current[p.name]) for p in space.in_area(area)}
+    moves = {p.name: space.moves(p) for p in space.in_area(area)}
     candidates: list[Changes] = [{n: v} for n, values in moves.items() for v in values]
     candidates += [{a: v, b: w} for a, b in combinations(moves, 2) for v in moves[a] for w in moves[b]]
     sign = -1.0 if ctx.direction == "maximize" else 1.0

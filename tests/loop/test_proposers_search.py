@@ -24,7 +24,7 @@ from nightlab.loop.proposers.search import SearchProposer, _observations, _toget
 from nightlab.loop.proposers.space import build_space
 from nightlab.loop.proposers.surface import Observation, Surface, noise_sigma
 from nightlab.loop.state.config import settings_from_table
-from nightlab.trainer.profiles import read_constants
+from nightlab.trainer.profiles import apply_constants, read_constants
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "trainer" / "train.py"
@@ -138,19 +138,46 @@ def test_wave_of_distinct_candidates_via_in_flight(ws: Path) -> None:
     history = [PastExperiment(1, "keep", 1.0, "baseline", "", "", {})]
     original = (ws / "train.py").read_text()
     wave: list[str] = []
-    for _ in range(5):  # WINDOW_PATTERN has five alternatives to 'SSSL': the wave takes them all
+    for _ in range(4):  # WINDOW_PATTERN has four alternatives to 'SSSL': the wave takes them all
         (ws / "train.py").write_text(original)
         wave.append(SearchProposer(seed=2).propose(ctx_for(ws, history, focus="attention", in_flight=tuple(wave))).description)
-    assert len(set(wave)) == 5
+    assert len(set(wave)) == 4
     (ws / "train.py").write_text(original)
     wider = SearchProposer(seed=2).propose(ctx_for(ws, history, focus="attention", in_flight=tuple(wave)))
     assert wider.area != "attention" and "focus 'attention' has nothing left to try" in wider.hypothesis
 
 
+def test_a_window_pattern_that_builds_the_same_model_is_not_proposed(ws: Path) -> None:
+    """A tiny night's first attention moves were 'SL'→'SLSL' and 'SL'→'SSSSL', val_bpb the same to
+    6 decimals: at DEPTH 2 each gives the first layer a short window and the last the full one
+    (train.py cycles the pattern over the layers and makes the last layer full), and 'SLSL' is
+    'SL' at any depth. Only a pattern that changes some layer's window is an experiment."""
+    from nightlab.trainer.profiles import PROFILES
+
+    tiny = apply_constants(TRAIN.read_text(), PROFILES["tiny"].constants)
+    history = [PastExperiment(1, "keep", 2.4, "baseline", "", "", {})]
+    proposer = SearchProposer(seed=3)
+    (ws / "train.py").write_text(tiny)
+    first = proposer.propose(ctx_for(ws, history, focus="attention"))
+    assert first.params == {"WINDOW_PATTERN": "L"}  # every layer full: the one other model
+    history.append(PastExperiment(2, "discard", 2.5, first.description, first.hypothesis, first.area, first.params))
+    (ws / "train.py").write_text(tiny)
+    assert "focus 'attention' has nothing left to try" in proposer.propose(ctx_for(ws, history, focus="attention")).hypothesis
+    # upstream's DEPTH 8 and 'SSSL': four other models, 'SLSL' not among them (it is 'SL')
+    history, seen = history[:1], []
+    for n in range(2, 7):
+        shutil.copy(TRAIN, ws / "train.py")
+        p = proposer.propose(ctx_for(ws, history, focus="attention"))
+        history.append(PastExperiment(n, "discard", 1.1, p.description, p.hypothesis, p.area, p.params))
+        seen.append(p.params.get("WINDOW_PATTERN"))
+    assert sorted(map(str, seen[:4])) == ["L", "SL", "SSL", "SSSSL"]
+    assert seen[4] is None  # widened: nothing left in attention
+
+
 def test_an_exhausted_focus_widens_instead_of_failing(ws: Path) -> None:
     history = [PastExperiment(1, "keep", 1.0, "baseline", "", "", {})]
     proposer = SearchProposer(seed=5)
-    for n in range(2, 7):  # 'SSSL' has five alternatives
+    for n in range(2, 6):  # 'SSSL' has four alternatives
         p = proposer.propose(ctx_for(ws, history, focus="attention"))
         history.append(PastExperiment(n, "crash", None, p.description, p.hypothesis, p.area, p.params))
         shutil.copy(TRAIN, ws / "train.py")
