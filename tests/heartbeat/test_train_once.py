@@ -20,6 +20,14 @@ HANG = ("import os, pathlib, time\npathlib.Path('run.pid').write_text(str(os.get
 
 def _train(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
     """`nightlab train` of a project whose run is HANG, its stdout a pipe; the workspace."""
+    config, ws = _project(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "nightlab.heartbeat.cli", "train", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, ws
+
+
+def _project(tmp_path: Path) -> tuple[Path, Path]:
+    """A project whose run is HANG: its config and its workspace."""
     ws = tmp_path / "ws"
     ws.mkdir()
     (ws / "hang.py").write_text(HANG)
@@ -30,9 +38,7 @@ def _train(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
     config = tmp_path / "nightlab.toml"
     config.write_text(f'[workspace]\npath = "{ws}"\n[project]\nrun_command = "{sys.executable} hang.py"\n'
                       'editable = ["hang.py"]\nprotected = []\n')
-    proc = subprocess.Popen([sys.executable, "-m", "nightlab.heartbeat.cli", "train", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc, ws
+    return config, ws
 
 
 def _run_pid(proc: subprocess.Popen[str], ws: Path) -> int:
@@ -74,4 +80,27 @@ def test_a_train_whose_reader_closed_the_pipe_ends_its_run(tmp_path: Path) -> No
         assert proc.wait(timeout=60) == 141, proc.stderr.read() if proc.stderr else ""
         wait_until(lambda: gone(pid), "the run to end with nightlab train")
     finally:
+        _end_all(proc, ws)
+
+
+def test_a_train_beside_a_running_daemon_is_refused_saying_to_stop_it_even_paused(tmp_path: Path) -> None:
+    """Only the engine's lock was asked: a train started while the daemon was up but its engine was
+    not (restarting) ran beside it, and one refused told to "pause or stop" a loop already paused,
+    which the engine still holds. The daemon's lock is asked too, and the way out is to stop it."""
+    from nightlab.heartbeat.lock import DaemonLock
+
+    config, ws = _project(tmp_path)
+    cli = [sys.executable, "-m", "nightlab.heartbeat.cli"]
+    subprocess.run([*cli, "init", "--config", str(config)], check=True, capture_output=True)
+    daemon = DaemonLock(ws)
+    daemon.acquire()  # this test's process is the daemon
+    proc = subprocess.Popen([*cli, "train", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and not (ws / "run.pid").exists(), err
+        assert err == (f"nightlab: nightlab (pid {os.getpid()}) is running in {ws}; stop it before `nightlab train`"
+                       " (`systemctl stop nightlab` or kill that pid: a paused loop still owns the workspace)\n")
+    finally:
+        daemon.release()
         _end_all(proc, ws)
