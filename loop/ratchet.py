@@ -55,13 +55,6 @@ class Git:
         except git.GitCommandError:
             return None  # detached
 
-    def is_branch_name(self, name: str) -> bool:
-        try:
-            self.g.check_ref_format("--branch", name)
-        except git.GitCommandError:
-            return False
-        return True
-
     def switch_branch(self, branch: str) -> None:
         """HEAD on `branch`: checked out where it exists, else made where HEAD is."""
         if self.has_commits() and branch in [h.name for h in self.repo.heads]:
@@ -248,3 +241,12 @@ def clear_stale_git_locks(path: Path) -> list[Path]:
     for lock in removed:
         lock.unlink(missing_ok=True)
     return removed
+
+
+def is_branch_name(name: str) -> bool:
+    """git takes `name` for a branch (asked before any repository exists: none is needed)."""
+    try:
+        git.cmd.Git().check_ref_format("--branch", name)
+    except git.GitCommandError:
+        return False
+    return True
