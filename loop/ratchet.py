@@ -165,6 +165,10 @@ class Git:
             self.g.stash("store", "-m", message, self.g.stash("create", message))
         return files
 
+    def subject(self, sha: str) -> str:
+        """The first line of `sha`'s commit message."""
+        return str(self.g.log("-1", "--format=%s", sha))
+
     def reset_to(self, sha: str) -> None:
         """Make the tree exactly `sha`: tracked changes undone, untracked (non-ignored) files removed."""
         self.g.reset("--hard", "-q", sha)

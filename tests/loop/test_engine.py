@@ -461,6 +461,35 @@ def test_restart_reattaches_to_a_live_run_and_reads_a_finished_one(tmp_path: Pat
     assert_consistent(settings)
 
 
+def test_a_commit_made_while_a_run_was_left_in_flight_is_measured_after_it_not_reset_away(
+    tmp_path: Path, gates: Gates
+) -> None:
+    """nightlab stopped (systemctl stop) leaves the run in flight; the user then commits an edit
+    of train.py, as the README says, and starts nightlab. Recording the run it re-attached reset
+    the branch to that run's commit: the user's commit was gone from the branch (the reflog
+    only), never measured, and nothing said so. Now it is kept and measured as the next baseline."""
+    gates.open(1)
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    ws = settings.workspace_path
+    first = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}]), limit=3)
+    first.running(2)
+    first.join(stop=True)  # the daemon stops; #2 goes on
+    train = ws / "train.py"
+    train.write_text(train.read_text().replace("SLEEP = 0.0", "SLEEP = 0.01"))
+    git_out(ws, "commit", "-qam", "mine: sleep a little")
+    mine = git_out(ws, "rev-parse", "HEAD")
+    second = EngineThread(settings, ScriptedProposer([]), limit=3)
+    gates.open(2, 3)
+    assert second.join() == 0
+    rows = ledger.experiments(second.store)
+    assert [(e.kind, e.status, e.metric) for e in rows] == [("baseline", "keep", 1.0), ("proposal", "keep", 0.9),
+                                                             ("baseline", "keep", 0.9)]
+    assert rows[2].commit == mine == git_out(ws, "rev-parse", "HEAD")
+    alerts = [e.payload["text"] for e in second.store.events_after(0) if e.kind == "alert"]
+    assert f"your commit {mine[:7]} (mine: sleep a little) came while #2 was open" in " ".join(alerts), alerts
+    assert_consistent(settings)
+
+
 def test_an_engine_its_test_left_running_is_ended_with_its_run(tmp_path: Path) -> None:
     # What tests/loop/conftest.py does after every test: the engine of a test that failed half-way
     # went on launching runs (a hang here) beside the tests after it, and outlived the suite.
