@@ -165,6 +165,10 @@ class Git:
             self.g.stash("store", "-m", message, self.g.stash("create", message))
         return files
 
+    def commits_between(self, since: str, until: str) -> list[str]:
+        """The commits `until` has and `since` has not (git's since..until), newest first."""
+        return str(self.g.rev_list(f"{since}..{until}")).split()
+
     def subject(self, sha: str) -> str:
         """The first line of `sha`'s commit message."""
         return str(self.g.log("-1", "--format=%s", sha))

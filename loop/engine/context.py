@@ -176,9 +176,13 @@ class Context:
         if head != target and not ledger.made_by_the_loop(self.store, head) and self.store.get(USER_HEAD_KEY) != head:
             # a person's commit on the branch (made while a run was left in flight): measured next, not reset away
             self.store.set(USER_HEAD_KEY, head)
+            # a stop leaves a run's tree in the workspace: an edit committed there is made on its commit
+            held = [n for sha in git.commits_between(target, head) if (n := ledger.number_of_commit(self.store, sha))]
+            also = "".join(f"; it is made on #{n}'s commit, so it holds #{n}'s change too (`git -C {at} diff"
+                           f" {target[:7]} {head[:7]}` shows all it changes)" for n in held[:1])
             self.store.emit("alert", text=(
                 f"your commit {head[:7]} ({self.redact(git.subject(head))}) came while #{number} was open: kept, and"
-                " measured as the baseline once the runs in flight are recorded; the loop goes on from it"))
+                " measured as the baseline once the runs in flight are recorded; the loop goes on from it" + also))
         changed = git.changed_files()
         if head == target and not changed:
             return

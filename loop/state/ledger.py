@@ -159,6 +159,13 @@ def made_by_the_loop(store: Store, sha: str) -> bool:
     return row is not None
 
 
+def number_of_commit(store: Store, sha: str) -> int | None:
+    """The experiment whose commit `sha` is (a proposal's, a re-made one's), or None."""
+    row = store.connection().execute(
+        "SELECT number FROM candidates WHERE commit_sha = ? AND kind != 'baseline' LIMIT 1", (sha,)).fetchone()
+    return None if row is None else int(row[0])
+
+
 def open_candidates(store: Store) -> list[Candidate]:
     rows = store.connection().execute("SELECT * FROM candidates WHERE phase != 'done' ORDER BY number")
     return [_candidate(r) for r in rows]

@@ -490,6 +490,32 @@ def test_a_commit_made_while_a_run_was_left_in_flight_is_measured_after_it_not_r
     assert_consistent(settings)
 
 
+def test_a_commit_made_on_an_experiments_tree_is_said_to_hold_its_change(tmp_path: Path, gates: Gates) -> None:
+    """A stop leaves a proposal in flight in the workspace's tree, so an edit committed then is
+    made on that proposal's commit and holds its change too, which its run may then discard:
+    measured next as the user's, nothing said the change was in it."""
+    gates.open(1)
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    ws = settings.workspace_path
+    first = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}]), limit=3)
+    first.running(2)
+    first.join(stop=True)
+    train = ws / "train.py"
+    train.write_text(train.read_text().replace("SLEEP = 0.0", "SLEEP = 0.01"))
+    git_out(ws, "commit", "-qam", "mine")
+    mine = git_out(ws, "rev-parse", "HEAD")
+    second = EngineThread(settings, ScriptedProposer([]), limit=3)
+    gates.open(2, 3)
+    assert second.join() == 0
+    rows = ledger.experiments(second.store)
+    assert [(e.kind, e.status, e.metric) for e in rows] == [("baseline", "keep", 1.0), ("proposal", "discard", 1.5),
+                                                             ("baseline", "keep", 1.5)]
+    [said] = [e.payload["text"] for e in second.store.events_after(0) if e.kind == "alert" and "your commit" in
+              e.payload["text"]]
+    assert said.endswith(f"; it is made on #2's commit, so it holds #2's change too (`git -C {ws} diff"
+                         f" {rows[0].commit[:7]} {mine[:7]}` shows all it changes)"), said
+
+
 def test_an_engine_its_test_left_running_is_ended_with_its_run(tmp_path: Path) -> None:
     # What tests/loop/conftest.py does after every test: the engine of a test that failed half-way
     # went on launching runs (a hang here) beside the tests after it, and outlived the suite.
