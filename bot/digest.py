@@ -127,8 +127,10 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
     elif p.get("delta") is not None:  # worded as the gains are: "better"/"worse", whichever the direction
         d, was = float(p["delta"]), p.get("previous_best")
         better = (d < 0) == (p.get("direction", "minimize") == "minimize")  # an older event: val_bpb's
-        words = f"{'better' if better else 'worse'} by {abs(d):.4f}" if d else "the same"
-        figure += f" ({words} {'than' if d else 'as'} {_num(was)})" if was is not None else f" ({words})"
+        moved = f"{abs(d):.4f}" != "0.0000"  # "worse by 0.0000" read as a loss (as in gain_words)
+        words = f"{'better' if better else 'worse'} by {abs(d):.4f}" if moved else \
+            "the same to 4 decimals" if d else "the same"
+        figure += f" ({words} {'than' if moved else 'as'} {_num(was)})" if was is not None else f" ({words})"
     spans: list[Span] = [bold(f"{head} · {figure}")]
     # the spaces and line breaks stay outside the marks: Slack shows "*  NEW BEST*" or "_\ntext_"
     # with the asterisks and underscores, not bold or italic

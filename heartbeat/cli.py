@@ -191,8 +191,23 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     from nightlab.loop.state.steering import send_command
 
     settings = _named_settings(args)
+    if args.name == "plot" and not args.words:  # a chat gets the chart as a photo; a terminal, its file
+        return _plot(settings)
     text = Redactor.known(settings)(" ".join([args.name, *args.words]))  # a note goes into the agent's prompt
     print(send_command(settings.workspace_path, text, sender=f"cli:{_user()}"))
+    return 0
+
+
+def _plot(settings: Settings) -> int:
+    from nightlab.heartbeat.report import write_chart
+    from nightlab.loop.state.store import Store
+
+    store = Store.for_workspace(settings.workspace_path)
+    try:
+        chart = write_chart(settings.workspace_path, store, settings.project)
+    finally:
+        store.close()
+    print(f"progress chart: {chart}" if chart else "no experiments yet: nothing to plot")
     return 0
 
 

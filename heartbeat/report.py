@@ -1,6 +1,7 @@
 """The session report as files: the loop's markdown report and the bot's progress chart.
 
-Used by the daily report job (the event carries both, the bot sends them) and by the demo.
+Used by the daily report job (the event carries both, the bot sends them), by the demo, and by
+`nightlab ctl plot` (a console night's chart).
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ def write_report(workspace: Path, store: Store, project: ProjectSettings, since:
     markdown = views.report_markdown(workspace, since=since)
     markdown_path = folder / f"report-{stamp}.md"
     markdown_path.write_text(markdown + "\n")  # a text file ends with a newline
-    points = ledger.experiments(store)
-    chart = (progress_chart(points, folder / f"progress-{stamp}.png", project.metric, project.direction)
-             if points else None)
+    chart = write_chart(workspace, store, project, stamp)
     return Report(markdown, views.report_markdown(workspace, since=since, chat=True), markdown_path, chart)
+
+
+def write_chart(workspace: Path, store: Store, project: ProjectSettings, stamp: str | None = None) -> Path | None:
+    """The progress chart as a PNG beside the reports; None when there is no experiment to plot."""
+    points = ledger.experiments(store)
+    if not points:
+        return None
+    name = f"progress-{stamp or time.strftime('%Y%m%d-%H%M%S')}.png"
+    return progress_chart(points, state_dir(workspace) / "reports" / name, project.metric, project.direction)

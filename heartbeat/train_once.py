@@ -14,7 +14,7 @@ from nightlab.loop.executors.runfiles import read_tail
 from nightlab.loop.runenv import run_environment
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.errors import UserError
-from nightlab.loop.state.lock import holder
+from nightlab.loop.state.lock import DAEMON_LOCK, holder
 from nightlab.loop.state.store import DB_FILENAME, state_dir
 from nightlab.loop.summary import parse_summary
 from nightlab.loop.workspace import init_workspace, open_workspace, to_stderr
@@ -31,9 +31,11 @@ def train_once(settings: Settings, profile: str | None) -> int:
             to_stderr(f"note: {path} was set up with profile {ws.profile!r}; running it as it is")
     else:
         ws = init_workspace(path, settings.workspace.tag, settings)
-    pid = holder(ws.path)
+    # the daemon's lock too: its engine's is free while the daemon restarts it
+    pid = holder(ws.path, DAEMON_LOCK) or holder(ws.path)
     if pid is not None:
-        raise UserError(f"the loop (pid {pid}) is running in {ws.path}; pause or stop it before `nightlab train`")
+        raise UserError(f"nightlab (pid {pid}) is running in {ws.path}; stop it before `nightlab train` (`systemctl"
+                        " stop nightlab` or kill that pid: a paused loop still owns the workspace)")
     env = run_environment(ws, settings)
     executor = LocalExecutor(settings.executor.gpus, settings.executor.cpu_slots)
     log = state_dir(ws.path) / "runs" / f"train-{int(time.time())}.log"
@@ -41,7 +43,8 @@ def train_once(settings: Settings, profile: str | None) -> int:
     to_stderr(f"running `{ws.run_command}` in {ws.path} (log {log})")
     offset = 0
     # The run is in a session of its own (it outlives a daemon restart), so a closed terminal or a
-    # `kill` would not reach it: those end it as Ctrl-C does, not leave it holding the GPU.
+    # `kill` would not reach it: those end it as Ctrl-C does, not leave it holding the GPU; and so
+    # does a reader of its output that went away.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while True:
@@ -50,7 +53,7 @@ def train_once(settings: Settings, profile: str | None) -> int:
             if state.state != "running":
                 break
             time.sleep(0.2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):  # `nightlab train | head`: the reader has gone too
         executor.cancel(handle, grace_s=5)
         raise
     finally:

@@ -169,8 +169,12 @@ def setting_changes(store: Store, before: str, after: str, config: bool = True) 
         said.append(f"{' and '.join(parts)} changed")
     if not config:
         return said
-    old_env, new_env = old.get("env", {}), new.get("env", {})
-    for key in sorted((old_env.keys() | new_env.keys()) - {*_PLACE_ENV, DATA_DIR_ENV}):
+    old_env, new_env = _in_force(old.get("env", {})), _in_force(new.get("env", {}))
+    skip = {*_PLACE_ENV, DATA_DIR_ENV}
+    if (BUDGET_STEPS_ENV in old_env) != (BUDGET_STEPS_ENV in new_env):  # steps one side, seconds the other
+        said.append(f"the budget {_budget(old_env)} -> {_budget(new_env)}")
+        skip |= {BUDGET_STEPS_ENV, HARNESS_ENV["time_budget"]}
+    for key in sorted((old_env.keys() | new_env.keys()) - skip):
         was, now = old_env.get(key, "default"), new_env.get(key, "default")
         if was != now:
             said.append(f"{key.removeprefix('NIGHTLAB_').lower()} {was} -> {now}")
@@ -179,6 +183,22 @@ def setting_changes(store: Store, before: str, after: str, config: bool = True) 
     if old.get("goal", DEFAULT_GOAL) != new.get("goal", DEFAULT_GOAL):
         said.append(f"the metric {old.get('goal', DEFAULT_GOAL)} -> {new.get('goal', DEFAULT_GOAL)}")
     return said
+
+
+def _in_force(env: dict[str, str]) -> dict[str, str]:
+    """`env` less a time budget that a step budget (tiny's) overrides: the profile's 15 s under its
+    40 steps was said as changed though no run ever trained by it."""
+    if BUDGET_STEPS_ENV not in env:
+        return env
+    return {k: v for k, v in env.items() if k != HARNESS_ENV["time_budget"]}
+
+
+def _budget(env: dict[str, str]) -> str:
+    """The budget in force: "40 steps", "5 s", or the harness's own when neither is set."""
+    if BUDGET_STEPS_ENV in env:
+        return f"{env[BUDGET_STEPS_ENV]} steps"
+    seconds = env.get(HARNESS_ENV["time_budget"])
+    return f"{seconds} s" if seconds is not None else "the harness's default seconds"
 
 
 def _moved(recorded: dict[str, Any], run_command: str, env: dict[str, str], scorer: str,

@@ -55,13 +55,6 @@ class Git:
         except git.GitCommandError:
             return None  # detached
 
-    def is_branch_name(self, name: str) -> bool:
-        try:
-            self.g.check_ref_format("--branch", name)
-        except git.GitCommandError:
-            return False
-        return True
-
     def switch_branch(self, branch: str) -> None:
         """HEAD on `branch`: checked out where it exists, else made where HEAD is."""
         if self.has_commits() and branch in [h.name for h in self.repo.heads]:
@@ -172,6 +165,14 @@ class Git:
             self.g.stash("store", "-m", message, self.g.stash("create", message))
         return files
 
+    def commits_between(self, since: str, until: str) -> list[str]:
+        """The commits `until` has and `since` has not (git's since..until), newest first."""
+        return str(self.g.rev_list(f"{since}..{until}")).split()
+
+    def subject(self, sha: str) -> str:
+        """The first line of `sha`'s commit message."""
+        return str(self.g.log("-1", "--format=%s", sha))
+
     def reset_to(self, sha: str) -> None:
         """Make the tree exactly `sha`: tracked changes undone, untracked (non-ignored) files removed."""
         self.g.reset("--hard", "-q", sha)
@@ -248,3 +249,12 @@ def clear_stale_git_locks(path: Path) -> list[Path]:
     for lock in removed:
         lock.unlink(missing_ok=True)
     return removed
+
+
+def is_branch_name(name: str) -> bool:
+    """git takes `name` for a branch (asked before any repository exists: none is needed)."""
+    try:
+        git.cmd.Git().check_ref_format("--branch", name)
+    except git.GitCommandError:
+        return False
+    return True

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.loop.program import PROGRAM_MD, program_for
-from nightlab.loop.ratchet import Git
+from nightlab.loop.ratchet import Git, is_branch_name
 from nightlab.loop.state.config import ProjectSettings, Settings
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import AUTORESEARCH_JSONL, RESULTS_TSV
@@ -123,6 +123,10 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
     problem = workspace_problem(path)
     if problem:
         raise UserError(problem)
+    branch = BRANCH_PREFIX + (tag or settings.workspace.tag or default_tag())
+    if not is_branch_name(branch):  # before the folder becomes a repository nobody asked for
+        raise UserError(f"tag {branch[len(BRANCH_PREFIX):]!r} does not make a valid git branch name ({branch}): use"
+                        " letters, digits, '-', '_' or '.', e.g. 'nov23' (--tag, or [workspace] tag in the config)")
     fresh = _fresh(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -137,9 +141,6 @@ def init_workspace(path: Path, tag: str, settings: Settings, say: Say = to_stder
 
     project = settings.project
     builtin = not project.run_command
-    branch = BRANCH_PREFIX + (tag or settings.workspace.tag or default_tag())
-    if not repo.is_branch_name(branch):
-        raise UserError(f"tag {branch[len(BRANCH_PREFIX):]!r} does not make a valid branch name")
     # before anything is switched or written: a refusal that left program.md behind had the next
     # start refuse the user's repository as holding changes nightlab did not make
     missing = missing_project_files(path, project)

@@ -33,6 +33,8 @@ from nightlab.loop.workspace import Workspace, harness_upgrade, installed_harnes
 
 # a pin that does not restrict where a run goes; candidates' pins are {hardware, node}
 ANYWHERE = {"hardware": "", "node": ""}
+# kv: a person's commit found on the session branch while runs were open; the next wave starts from it
+USER_HEAD_KEY = "loop.user_head"
 
 
 # The engine's one redactor (Context.redact), set where the engine starts: say() has no context.
@@ -170,8 +172,19 @@ class Context:
                 f"{at} was switched to {branch or 'a detached HEAD'} while the loop ran (it owns the workspace's"
                 f" git; to look at an old commit use `git -C {at} show <commit>:train.py`); run"
                 f" `git -C {at} checkout {self.ws.branch}` and start nightlab again: nothing recorded is lost")
+        head = git.head()
+        if head != target and not ledger.made_by_the_loop(self.store, head) and self.store.get(USER_HEAD_KEY) != head:
+            # a person's commit on the branch (made while a run was left in flight): measured next, not reset away
+            self.store.set(USER_HEAD_KEY, head)
+            # a stop leaves a run's tree in the workspace: an edit committed there is made on its commit
+            held = [n for sha in git.commits_between(target, head) if (n := ledger.number_of_commit(self.store, sha))]
+            also = "".join(f"; it is made on #{n}'s commit, so it holds #{n}'s change too (`git -C {at} diff"
+                           f" {target[:7]} {head[:7]}` shows all it changes)" for n in held[:1])
+            self.store.emit("alert", text=(
+                f"your commit {head[:7]} ({self.redact(git.subject(head))}) came while #{number} was open: kept, and"
+                " measured as the baseline once the runs in flight are recorded; the loop goes on from it" + also))
         changed = git.changed_files()
-        if git.head() == target and not changed:
+        if head == target and not changed:
             return
         if not git.has_commit(target):  # git's own words would be a traceback, and restarts the same one
             raise UserError(

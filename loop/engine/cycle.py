@@ -32,7 +32,7 @@ from typing import Any
 
 from nightlab.loop.engine import planning
 from nightlab.loop.engine.caching import prune_compile_cache, prune_waiting
-from nightlab.loop.engine.context import Context, say
+from nightlab.loop.engine.context import USER_HEAD_KEY, Context, say
 from nightlab.loop.engine.deciding import decide
 from nightlab.loop.engine.exporting import export
 from nightlab.loop.engine.launching import free_slot, launch
@@ -210,7 +210,8 @@ class Engine:
                 return True
         # an upgrade of the harness, and a prune of the compile caches, wait for no candidate to be
         # open: none new until then (the caches are measured last, only when one would start)
-        room = not ctx.upgrade_waiting and (
+        # a person's commit waits for the open runs to end, then a new wave starts from it (new_wave)
+        room = not ctx.upgrade_waiting and store.get(USER_HEAD_KEY) is None and (
             ctx.max_experiments is None or ledger.experiment_count(store) + len(open_) < ctx.max_experiments)
         if room and len(open_) - waiting < len(ctx.slots) and free_slot(ctx) is not None and not prune_waiting(ctx):
             notice_data_change(ctx)  # planned on the data as it is now: the best measured first on new data

@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from nightlab.loop.engine.context import ANYWHERE, Context
+from nightlab.loop.engine.context import ANYWHERE, USER_HEAD_KEY, Context
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment
 
@@ -57,7 +57,13 @@ def current_wave(ctx: Context, open_: list[Candidate]) -> Wave:
 
 
 def new_wave(ctx: Context) -> None:
-    """The next wave from the best commit, and its first member."""
+    """The next wave from the best commit (a person's commit found while runs were open, once), and
+    its first member."""
+    mine = ctx.store.get(USER_HEAD_KEY)
+    if mine is not None:
+        ctx.store.delete(USER_HEAD_KEY)
+        if ctx.git.has_commit(mine):
+            ctx.reset_tree(mine, ledger.last_number(ctx.store) + 1)
     head = ctx.git.head()
     rows = ledger.experiments(ctx.store)
     size = len(ctx.slots)

@@ -97,9 +97,10 @@ def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float 
 
 
 def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
-    """Failures in a row pause the loop, a data problem at once; a run without a keep is said
-    once. Only failures (crashes, timeouts, rejected proposals, failed checks) pause it: a run of
-    discards is the search's business (it widens), said once in chat, never a stop."""
+    """Failures in a row pause the loop, a data problem and a crash of the starting commit at once;
+    a run without a keep is said once. Only failures (crashes, timeouts, rejected proposals, failed
+    checks) pause it: a run of discards is the search's business (it widens), said once in chat,
+    never a stop."""
     store = ctx.store
     failures = failures_in_a_row(store, rows)
     limit = ctx.settings.loop.pause_after_failures
@@ -107,10 +108,17 @@ def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
     last = rows[-1]
     again = ledger.failed_by_data(last.reason)  # its change runs again after /resume
     data = again or last.reason.startswith(ledger.DATA_AGAIN_PREFIX)
-    if (failures >= limit or data) and ledger.paused(store) is None:
+    # the commit the night starts from, never run to a result: every proposal would branch from it
+    broken_start = (last.kind == "baseline" and last.status == "crash" and not data
+                    and not any(e.commit == last.commit and e.status == "keep" for e in rows))
+    if (failures >= limit or data or broken_start) and ledger.paused(store) is None:
         if data:
             reason = f"#{last.number}: {last.reason}; /resume once it is fixed" + (
                 f", and #{last.number} runs again" if again else "")
+        elif broken_start:
+            reason = (f"#{last.number}: the baseline crashed ({last.reason}): {last.commit[:7]}, the commit the night"
+                      " starts from, does not run, and every experiment branches from it; fix it, commit the fix in"
+                      f" {ctx.ws.path} and /resume (the fix is measured as the baseline)")
         else:
             reason = f"{failures} failed experiments in a row; resume when you have looked (focus, note)"
         ledger.set_paused(store, "nightlab", reason, None)

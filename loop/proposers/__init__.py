@@ -52,6 +52,8 @@ def make_proposer(settings: Settings, tick: Callable[[], None] | None = None) ->
         target=settings.workspace_path / settings.project.editable[0],
         noise_prior=settings.loop.noise_prior,
     )
+    if search.unparsable:  # once at the start, like the two below
+        raise UserError(search.unparsable)
     if search.unsearchable:  # as for the agent: once at the start, not a crash per proposal
         raise UserError(f"{search.unsearchable} ([proposer] kind in {settings.origin})")
     return search

@@ -72,6 +72,17 @@ def _nothing_to_search(file: str) -> str:
             " UPPER_CASE constants (`NAME = value` lines) to search; add some, or use the agent proposer")
 
 
+def _unparsable(file: str, source: str) -> str | None:
+    """Why `source` is no Python, in the file's words; None when it parses. A file that does not
+    parse has no constants either, but "add some" sent an editor's stray character elsewhere."""
+    try:
+        ast.parse(source)
+    except SyntaxError as exc:
+        return (f"search: {file} is not valid Python (line {exc.lineno}: {exc.msg}); fix it (an edit not"
+                " committed yet shows in `git diff`; commit the fix), then start again")
+    return None
+
+
 class SearchProposer:
     def __init__(self, seed: int = 0, switch_area_after: int = 5, target: Path | None = None,
                  noise_prior: float = 0.003) -> None:
@@ -82,9 +93,12 @@ class SearchProposer:
         self.switch_area_after = switch_area_after
         self.areas: tuple[str, ...] | None = BUILTIN_AREAS
         self.unsearchable: str | None = None  # why `target` gives the search nothing to set
+        self.unparsable: str | None = None  # why `target` is no Python (a fix in the file, not the config)
         if target is not None and target.is_file():
-            space = build_space(target.name, target.read_text(encoding="utf-8", errors="replace"))
+            source = target.read_text(encoding="utf-8", errors="replace")
+            space = build_space(target.name, source)
             self.areas = space.areas or BUILTIN_AREAS
+            self.unparsable = _unparsable(str(target), source)
             self.unsearchable = None if space.params else _nothing_to_search(target.name)
 
     def propose(self, ctx: ProposalContext) -> Proposal:
@@ -95,7 +109,7 @@ class SearchProposer:
             raise ProposalError(f"search: cannot read {ctx.editable[0]}: {exc}") from None
         space = build_space(ctx.editable[0], source)
         if not space.params:
-            raise ProposalError(_nothing_to_search(ctx.editable[0]))
+            raise ProposalError(_unparsable(str(path), source) or _nothing_to_search(ctx.editable[0]))
         if ctx.focus is not None and ctx.focus not in space.areas:
             raise ProposalError(f"search: unknown focus area {ctx.focus!r}; areas: {', '.join(space.areas)}")
 
@@ -221,7 +235,7 @@ def _pick(
 ) -> _Pick | None:
     """The best untried move of `area` under one draw of the model (one or two constants, or the
     together move), or None when every move in the area has been tried."""
-    moves = {p.name: p.moves(space.current[p.name]) for p in space.in_area(area)}
+    moves = {p.name: space.moves(p) for p in space.in_area(area)}
     candidates: list[Changes] = [{n: v} for n, values in moves.items() for v in values]
     candidates += [{a: v, b: w} for a, b in combinations(moves, 2) for v in moves[a] for w in moves[b]]
     sign = -1.0 if ctx.direction == "maximize" else 1.0

@@ -74,6 +74,25 @@ class SearchSpace:
     def in_area(self, area: str) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.area == area)
 
+    def moves(self, param: Param) -> list[object]:
+        """`param`'s moves from the current configuration, less those that build the model it builds
+        now: a window pattern giving every layer the window it has now is no experiment (at the
+        tiny profile's DEPTH 2, 'SL', 'SSL' and 'SSSSL' are one model)."""
+        depth = self.current.get("DEPTH")
+        now = self.current[param.name]
+        if param.name != "WINDOW_PATTERN" or not isinstance(depth, int) or isinstance(depth, bool):
+            return param.moves(now)
+        return [v for v in param.moves(now) if _layer_windows(v, depth) != _layer_windows(now, depth)]
+
+
+def _layer_windows(pattern: object, depth: int) -> tuple[str, ...] | object:
+    """Each layer's window as train.py's compute_window_sizes sets it: the pattern cycled over the
+    layers, the last one full ("L"); a value that is no pattern stands for itself."""
+    if not isinstance(pattern, str) or not pattern or depth < 1:
+        return pattern
+    cycled = pattern.upper()
+    return tuple(cycled[i % len(cycled)] for i in range(depth - 1)) + ("L",)
+
 
 def _log(name: str, area: str, low: float, high: float) -> Param:
     return Param(name, area, "log", low=low, high=high)
@@ -112,7 +131,7 @@ _BUILTIN: tuple[Param, ...] = (
     _choice("ASPECT_RATIO", "architecture", 32, 48, 64, 80, 96, 128),
     _choice("HEAD_DIM", "architecture", 32, 64, 96, 128),
     _linear("SOFTCAP", "architecture", 5.0, 30.0, 2.5),
-    _choice("WINDOW_PATTERN", "attention", "L", "SL", "SSL", "SSSL", "SSSSL", "SLSL"),
+    _choice("WINDOW_PATTERN", "attention", "L", "SL", "SSL", "SSSL", "SSSSL"),  # ('SLSL' is 'SL')
 )
 # Sized relative to the current value (powers of two), since tiny and default differ 100×.
 _BUILTIN_POW2 = (("TOTAL_BATCH_SIZE", "batch"), ("DEVICE_BATCH_SIZE", "batch"))

@@ -152,6 +152,20 @@ def candidate_numbered(store: Store, number: int) -> Candidate | None:
     return None if row is None else _candidate(row)
 
 
+def made_by_the_loop(store: Store, sha: str) -> bool:
+    """`sha` is a candidate's commit or the base one branched from: the loop made or measured it."""
+    row = store.connection().execute(
+        "SELECT 1 FROM candidates WHERE commit_sha = ? OR base_commit = ? LIMIT 1", (sha, sha)).fetchone()
+    return row is not None
+
+
+def number_of_commit(store: Store, sha: str) -> int | None:
+    """The experiment whose commit `sha` is (a proposal's, a re-made one's), or None."""
+    row = store.connection().execute(
+        "SELECT number FROM candidates WHERE commit_sha = ? AND kind != 'baseline' LIMIT 1", (sha,)).fetchone()
+    return None if row is None else int(row[0])
+
+
 def open_candidates(store: Store) -> list[Candidate]:
     rows = store.connection().execute("SELECT * FROM candidates WHERE phase != 'done' ORDER BY number")
     return [_candidate(r) for r in rows]

@@ -32,6 +32,14 @@ def test_a_keeps_digest_says_better_by_gain_plus_minus_its_error() -> None:
     assert "(the same as 1.0000)" in _text(experiment_digest({**unjudged, "delta": 0.0}, 10))
 
 
+def test_a_change_from_the_best_that_rounds_to_nothing_is_the_same_not_worse_by_zero() -> None:
+    """A project's second baseline read "✅ #2 keep · val_loss 0.0392 (worse by 0.0000 than
+    0.0391)": a difference of 0.00003 shown to four decimals, as the decisions' words no longer do."""
+    payload = {"number": 2, "status": "keep", "kind": "baseline", "metric_name": "val_loss", "metric": 0.03917,
+               "best": 0.039155, "previous_best": 0.03914, "delta": 0.00003}
+    assert "val_loss 0.0392 (the same to 4 decimals as 0.0391)" in _text(experiment_digest(payload, 10))
+
+
 def test_a_run_the_rule_runs_again_to_decide_does_not_read_as_the_changes_end() -> None:
     payload = {"number": 4, "status": "discard", "metric_name": "val_bpb", "metric": 0.99, "best": 1.0,
                "gain": 0.01, "se": 0.0085, "n": 1, "n_best": 3, "rerun": True,

@@ -328,9 +328,13 @@ def _the_morning(n: Night) -> None:
     assert all(e.metric is not None and 0 < e.metric < 20 for e in rows if e.status != "crash")
     # Focus: proposals made after it are in the area asked for; the note reached a proposal.
     focused = [e for e in rows if e.focus == "attention" and e.kind == "proposal"]
-    assert focused and all(e.area == "attention" for e in focused)
-    assert [e.area for e in rows if e.focus == "optimizer"] and all(
-        e.area == "optimizer" for e in rows if e.focus == "optimizer")
+    # tiny's DEPTH 2 leaves one attention model to try ('L'): past it the focus widens, saying so
+    assert focused and focused[0].area == "attention"
+    assert all(e.area == "attention" or "widened: focus 'attention'" in e.hypothesis for e in focused), focused
+    # (a proposal's: a re-measure of a new best, which may be all that runs after it, has none)
+    optimizer = [e for e in rows if e.focus == "optimizer"]
+    assert optimizer and all(e.area == "optimizer" for e in optimizer if e.kind == "proposal"), [
+        (e.number, e.kind, e.status, e.area, e.focus, e.description) for e in rows]
     notes = store.connection().execute("SELECT result FROM commands WHERE name = 'note'").fetchall()
     assert [r[0] for r in notes] and notes[0][0].startswith("delivered with #")
     # The stranger changed nothing: no kill was queued, and only the hung run was ever killed.

@@ -210,3 +210,22 @@ def test_a_change_whose_re_run_the_night_did_not_reach_is_undecided_not_a_failur
     assert cli.main(["history", "--workspace", str(ws)]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("#2 undecided ")
     assert "  #2 undecided " in views.status_text(ws)
+
+
+def test_ctl_plot_on_a_console_night_writes_the_chart_and_says_where(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a chat, `nightlab ctl plot` answered "the progress chart is sent by the chat bot": a
+    console night had no way to see its chart. It is written beside the reports and its path said."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    store = Store.for_workspace(ws)
+    assert cli.main(["ctl", "plot", "--workspace", str(ws)]) == 0
+    assert capsys.readouterr().out == "no experiments yet: nothing to plot\n"
+    record(store, "baseline", "keep", 1.0, "baseline")
+    record(store, "proposal", "discard", 1.1, "not better")
+    store.close()
+    assert cli.main(["ctl", "plot", "--workspace", str(ws)]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("progress chart: ") and said.endswith(".png\n")
+    chart = Path(said.removeprefix("progress chart: ").strip())
+    assert chart.parent == ws / ".nightlab" / "reports" and chart.read_bytes().startswith(b"\x89PNG")

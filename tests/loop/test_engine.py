@@ -201,6 +201,36 @@ def test_a_data_problem_pauses_the_loop_at_its_first_crash(tmp_path: Path) -> No
     engine.join(stop=True)
 
 
+def test_a_baseline_that_crashes_pauses_the_loop_at_once_and_runs_again_once_fixed(tmp_path: Path) -> None:
+    """The user's committed train.py crashed as the baseline, and the loop ran the same crash
+    pause_after_failures (15) times, then paused saying "resume when you have looked (focus,
+    note)": on a GPU, 15 runs of a crash late in training. Every experiment branches from that
+    commit, so its first crash pauses, saying what to fix; the commit that fixes it is measured."""
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    ws = settings.workspace_path
+    train = ws / "train.py"
+    train.chmod(0o644)
+    train.write_text(train.read_text().replace('MODE = "ok"', 'MODE = "crash"'))
+    git_out(ws, "commit", "-qam", "my edit, which crashes")
+    broken = git_out(ws, "rev-parse", "HEAD")
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}]), limit=3)
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine.ticks()  # paused: the crash is not run again
+    assert [(e.kind, e.status, e.reason) for e in ledger.experiments(engine.store)] == [
+        ("baseline", "crash", "exit code 3")]
+    self_paused = [e.payload["reason"] for e in engine.store.events_after(0) if e.kind == "self_paused"]
+    assert self_paused == [f"#1: the baseline crashed (exit code 3): {broken[:7]}, the commit the night starts"
+                           f" from, does not run, and every experiment branches from it; fix it, commit the fix in"
+                           f" {ws} and /resume (the fix is measured as the baseline)"]
+    train.write_text(train.read_text().replace('MODE = "crash"', 'MODE = "ok"'))
+    git_out(ws, "commit", "-qam", "fixed")
+    send_command(ws, "resume", "cli:test")
+    assert engine.join() == 0
+    rows = ledger.experiments(engine.store)
+    assert [(e.kind, e.status) for e in rows] == [("baseline", "crash"), ("baseline", "keep"), ("proposal", "keep")]
+    assert rows[1].commit == git_out(ws, "rev-parse", "HEAD~1") != broken
+
+
 def _night_the_data_fails_at_2(settings: Settings, proposer: ScriptedProposer, gates: Gates,
                                stub_data: StubData) -> EngineThread:
     """A night of 4 whose data is damaged while #2 runs: returned paused by the engine."""
@@ -429,6 +459,61 @@ def test_restart_reattaches_to_a_live_run_and_reads_a_finished_one(tmp_path: Pat
     rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
     assert [(e.number, e.status, e.metric) for e in rows] == [(1, "keep", 1.0), (2, "keep", 0.9), (3, "keep", 0.8)]
     assert_consistent(settings)
+
+
+def test_a_commit_made_while_a_run_was_left_in_flight_is_measured_after_it_not_reset_away(
+    tmp_path: Path, gates: Gates
+) -> None:
+    """nightlab stopped (systemctl stop) leaves the run in flight; the user then commits an edit
+    of train.py, as the README says, and starts nightlab. Recording the run it re-attached reset
+    the branch to that run's commit: the user's commit was gone from the branch (the reflog
+    only), never measured, and nothing said so. Now it is kept and measured as the next baseline."""
+    gates.open(1)
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    ws = settings.workspace_path
+    first = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}]), limit=3)
+    first.running(2)
+    first.join(stop=True)  # the daemon stops; #2 goes on
+    train = ws / "train.py"
+    train.write_text(train.read_text().replace("SLEEP = 0.0", "SLEEP = 0.01"))
+    git_out(ws, "commit", "-qam", "mine: sleep a little")
+    mine = git_out(ws, "rev-parse", "HEAD")
+    second = EngineThread(settings, ScriptedProposer([]), limit=3)
+    gates.open(2, 3)
+    assert second.join() == 0
+    rows = ledger.experiments(second.store)
+    assert [(e.kind, e.status, e.metric) for e in rows] == [("baseline", "keep", 1.0), ("proposal", "keep", 0.9),
+                                                             ("baseline", "keep", 0.9)]
+    assert rows[2].commit == mine == git_out(ws, "rev-parse", "HEAD")
+    alerts = [e.payload["text"] for e in second.store.events_after(0) if e.kind == "alert"]
+    assert f"your commit {mine[:7]} (mine: sleep a little) came while #2 was open" in " ".join(alerts), alerts
+    assert_consistent(settings)
+
+
+def test_a_commit_made_on_an_experiments_tree_is_said_to_hold_its_change(tmp_path: Path, gates: Gates) -> None:
+    """A stop leaves a proposal in flight in the workspace's tree, so an edit committed then is
+    made on that proposal's commit and holds its change too, which its run may then discard:
+    measured next as the user's, nothing said the change was in it."""
+    gates.open(1)
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    ws = settings.workspace_path
+    first = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}]), limit=3)
+    first.running(2)
+    first.join(stop=True)
+    train = ws / "train.py"
+    train.write_text(train.read_text().replace("SLEEP = 0.0", "SLEEP = 0.01"))
+    git_out(ws, "commit", "-qam", "mine")
+    mine = git_out(ws, "rev-parse", "HEAD")
+    second = EngineThread(settings, ScriptedProposer([]), limit=3)
+    gates.open(2, 3)
+    assert second.join() == 0
+    rows = ledger.experiments(second.store)
+    assert [(e.kind, e.status, e.metric) for e in rows] == [("baseline", "keep", 1.0), ("proposal", "discard", 1.5),
+                                                             ("baseline", "keep", 1.5)]
+    [said] = [e.payload["text"] for e in second.store.events_after(0) if e.kind == "alert" and "your commit" in
+              e.payload["text"]]
+    assert said.endswith(f"; it is made on #2's commit, so it holds #2's change too (`git -C {ws} diff"
+                         f" {rows[0].commit[:7]} {mine[:7]}` shows all it changes)"), said
 
 
 def test_an_engine_its_test_left_running_is_ended_with_its_run(tmp_path: Path) -> None:

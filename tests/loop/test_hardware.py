@@ -230,3 +230,18 @@ def test_a_changed_run_command_is_said_with_both_commands(tmp_path: Path) -> Non
     new = record_setting(store, "/new/venv/bin/python3 prepare.py run", {})
     assert setting_changes(store, old, new) == [
         "the run command `/old/venv/bin/python3 prepare.py run` -> `/new/venv/bin/python3 prepare.py run`"]
+
+
+def test_a_tiny_night_given_seconds_is_said_as_its_budget_changing_from_steps_to_seconds(tmp_path: Path) -> None:
+    """`trainer.time_budget = 5` on the tiny profile was said as "budget_steps 40 -> default,
+    time_budget 15 -> 5": a 15 s budget nobody set or saw (the profile's, not in force under its 40
+    steps), and "default" for no step budget at all. The budget in force before and after is said."""
+    from nightlab.loop.hardware import record_setting, setting_changes
+
+    store = Store.for_workspace(tmp_path)
+    steps = record_setting(store, "python prepare.py run", {"NIGHTLAB_BUDGET_STEPS": "40", "NIGHTLAB_TIME_BUDGET": "15"})
+    seconds = record_setting(store, "python prepare.py run", {"NIGHTLAB_TIME_BUDGET": "5"})
+    assert setting_changes(store, steps, seconds) == ["the budget 40 steps -> 5 s"]
+    assert setting_changes(store, seconds, steps) == ["the budget 5 s -> 40 steps"]
+    more = record_setting(store, "python prepare.py run", {"NIGHTLAB_BUDGET_STEPS": "80", "NIGHTLAB_TIME_BUDGET": "15"})
+    assert setting_changes(store, steps, more) == ["budget_steps 40 -> 80"]

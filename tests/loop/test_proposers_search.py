@@ -24,7 +24,7 @@ from nightlab.loop.proposers.search import SearchProposer, _observations, _toget
 from nightlab.loop.proposers.space import build_space
 from nightlab.loop.proposers.surface import Observation, Surface, noise_sigma
 from nightlab.loop.state.config import settings_from_table
-from nightlab.trainer.profiles import read_constants
+from nightlab.trainer.profiles import apply_constants, read_constants
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "trainer" / "train.py"
@@ -138,19 +138,46 @@ def test_wave_of_distinct_candidates_via_in_flight(ws: Path) -> None:
     history = [PastExperiment(1, "keep", 1.0, "baseline", "", "", {})]
     original = (ws / "train.py").read_text()
     wave: list[str] = []
-    for _ in range(5):  # WINDOW_PATTERN has five alternatives to 'SSSL': the wave takes them all
+    for _ in range(4):  # WINDOW_PATTERN has four alternatives to 'SSSL': the wave takes them all
         (ws / "train.py").write_text(original)
         wave.append(SearchProposer(seed=2).propose(ctx_for(ws, history, focus="attention", in_flight=tuple(wave))).description)
-    assert len(set(wave)) == 5
+    assert len(set(wave)) == 4
     (ws / "train.py").write_text(original)
     wider = SearchProposer(seed=2).propose(ctx_for(ws, history, focus="attention", in_flight=tuple(wave)))
     assert wider.area != "attention" and "focus 'attention' has nothing left to try" in wider.hypothesis
 
 
+def test_a_window_pattern_that_builds_the_same_model_is_not_proposed(ws: Path) -> None:
+    """A tiny night's first attention moves were 'SL'→'SLSL' and 'SL'→'SSSSL', val_bpb the same to
+    6 decimals: at DEPTH 2 each gives the first layer a short window and the last the full one
+    (train.py cycles the pattern over the layers and makes the last layer full), and 'SLSL' is
+    'SL' at any depth. Only a pattern that changes some layer's window is an experiment."""
+    from nightlab.trainer.profiles import PROFILES
+
+    tiny = apply_constants(TRAIN.read_text(), PROFILES["tiny"].constants)
+    history = [PastExperiment(1, "keep", 2.4, "baseline", "", "", {})]
+    proposer = SearchProposer(seed=3)
+    (ws / "train.py").write_text(tiny)
+    first = proposer.propose(ctx_for(ws, history, focus="attention"))
+    assert first.params == {"WINDOW_PATTERN": "L"}  # every layer full: the one other model
+    history.append(PastExperiment(2, "discard", 2.5, first.description, first.hypothesis, first.area, first.params))
+    (ws / "train.py").write_text(tiny)
+    assert "focus 'attention' has nothing left to try" in proposer.propose(ctx_for(ws, history, focus="attention")).hypothesis
+    # upstream's DEPTH 8 and 'SSSL': four other models, 'SLSL' not among them (it is 'SL')
+    history, seen = history[:1], []
+    for n in range(2, 7):
+        shutil.copy(TRAIN, ws / "train.py")
+        p = proposer.propose(ctx_for(ws, history, focus="attention"))
+        history.append(PastExperiment(n, "discard", 1.1, p.description, p.hypothesis, p.area, p.params))
+        seen.append(p.params.get("WINDOW_PATTERN"))
+    assert sorted(map(str, seen[:4])) == ["L", "SL", "SSL", "SSSSL"]
+    assert seen[4] is None  # widened: nothing left in attention
+
+
 def test_an_exhausted_focus_widens_instead_of_failing(ws: Path) -> None:
     history = [PastExperiment(1, "keep", 1.0, "baseline", "", "", {})]
     proposer = SearchProposer(seed=5)
-    for n in range(2, 7):  # 'SSSL' has five alternatives
+    for n in range(2, 6):  # 'SSSL' has four alternatives
         p = proposer.propose(ctx_for(ws, history, focus="attention"))
         history.append(PastExperiment(n, "crash", None, p.description, p.hypothesis, p.area, p.params))
         shutil.copy(TRAIN, ws / "train.py")
@@ -198,6 +225,25 @@ def test_a_file_with_nothing_to_search_stops_the_engine_at_its_start(tmp_path: P
         make_proposer(settings)
     (tmp_path / "fit.py").write_text("LR = 0.1\n")
     assert make_proposer(settings).areas == ("constants",)
+
+
+def test_a_syntax_error_in_the_file_is_named_at_the_start_not_called_nothing_to_search(tmp_path: Path) -> None:
+    """An editor's stray `+` in train.py stopped the night with "has no numeric UPPER_CASE
+    constants ...; add some, or use the agent proposer": the file's line and what to do instead."""
+    from nightlab.loop.state.errors import UserError
+
+    from tests.fakes.loop_workspace import stub_settings
+
+    (tmp_path / "train.py").write_text(TRAIN.read_text().replace("\nSOFTCAP = 15.0", "\nSOFTCAP = 15.0 +", 1))
+    line = next(i for i, text in enumerate((tmp_path / "train.py").read_text().splitlines(), 1)
+                if text.startswith("SOFTCAP"))
+    where = re.escape(str(tmp_path / "train.py"))  # which train.py: the workspace's
+    with pytest.raises(UserError, match=rf"^search: {where} is not valid Python \(line {line}: invalid syntax\);"
+                                        r" fix it .*then start again$") as raised:
+        make_proposer(stub_settings(tmp_path))
+    assert "agent proposer" not in str(raised.value)
+    with pytest.raises(ProposalError, match=rf"^search: {where} is not valid Python \(line {line}: "):
+        SearchProposer().propose(ctx_for(tmp_path, []))
 
 
 def test_a_large_integer_is_halved_and_doubled_a_small_one_stepped() -> None:

@@ -87,10 +87,21 @@ def test_missing_project_files_and_bad_tag(tmp_path: Path) -> None:
     settings = stub_settings(path, project={"editable": ["model.py"]})
     with pytest.raises(UserError, match="do not exist: model.py, prepare.py"):
         init_workspace(path, "t", settings, say=lambda _: None)
-    with pytest.raises(UserError, match="valid branch name"):
+    with pytest.raises(UserError, match="valid git branch name"):
         init_workspace(tmp_path / "other", "a..b", stub_settings(tmp_path / "other"), say=lambda _: None)
     with pytest.raises(UserError, match="run `nightlab init"):
         open_workspace(tmp_path / "nowhere", settings)
+
+
+def test_a_tag_git_refuses_says_what_a_tag_may_hold_and_leaves_no_repository(tmp_path: Path) -> None:
+    """`nightlab init --tag 'my tag'` said only "does not make a valid branch name", after making
+    the folder a git repository: the next try found a repository nobody asked for."""
+    path = tmp_path / "ws"
+    with pytest.raises(UserError, match=r"^tag 'my tag' does not make a valid git branch name \(autoresearch/my tag\):"
+                                        r" use letters, digits, '-', '_' or '\.', e.g. 'nov23' \(--tag, or \[workspace\]"
+                                        r" tag in the config\)$"):
+        init_workspace(path, "my tag", stub_settings(path), say=lambda _: None)
+    assert not path.exists()
 
 
 def test_a_config_naming_a_missing_file_leaves_the_repository_as_it_was(tmp_path: Path) -> None:
