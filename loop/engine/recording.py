@@ -97,7 +97,7 @@ def finished_event(ctx: Context, exp: Experiment, out: Outcome, previous: float 
 
 
 def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
-    """Failures in a row pause the loop, a data problem and a crash of the starting commit at once;
+    """Failures in a row pause the loop, a data problem at once, the starting commit at its second crash;
     a run without a keep is said once. Only failures (crashes, timeouts, rejected proposals, failed
     checks) pause it: a run of discards is the search's business (it widens), said once in chat,
     never a stop."""
@@ -108,15 +108,17 @@ def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
     last = rows[-1]
     again = ledger.failed_by_data(last.reason)  # its change runs again after /resume
     data = again or last.reason.startswith(ledger.DATA_AGAIN_PREFIX)
-    # the commit the night starts from, never run to a result: every proposal would branch from it
-    broken_start = (last.kind == "baseline" and last.status == "crash" and not data
+    # the commit the night starts from, never run to a result: every proposal would branch from it.
+    # Its second crash pauses: the first may be the box's (another process holding the GPU's memory)
+    crashes = [e for e in rows if e.commit == last.commit and e.kind == "baseline" and e.status == "crash"]
+    broken_start = (last.kind == "baseline" and last.status == "crash" and not data and len(crashes) >= 2
                     and not any(e.commit == last.commit and e.status == "keep" for e in rows))
     if (failures >= limit or data or broken_start) and ledger.paused(store) is None:
         if data:
             reason = f"#{last.number}: {last.reason}; /resume once it is fixed" + (
                 f", and #{last.number} runs again" if again else "")
         elif broken_start:
-            reason = (f"#{last.number}: the baseline crashed ({last.reason}): {last.commit[:7]}, the commit the night"
+            reason = (f"#{last.number}: the baseline crashed again ({last.reason}): {last.commit[:7]}, the commit the night"
                       " starts from, does not run, and every experiment branches from it; fix it, commit the fix in"
                       f" {ctx.ws.path} and /resume (the fix is measured as the baseline)")
         else:
