@@ -57,6 +57,16 @@ def test_a_model_that_looks_ahead_everywhere_but_at_the_probes_cuts_is_rejected(
             score("avoids_the_cuts", seed=seed)
 
 
+def test_a_model_that_replays_its_last_call_to_the_probe_is_rejected(H, score):
+    """The probe's changed batch is the scored batch's rows up to their cuts: a model that kept its last
+    call's inputs and logits gave them back where the rows agree, so the probe saw no move, and it
+    looked ahead on every batch (2.86 -> 0.29 here). The changed batch now goes through a model built
+    anew (its module run again, the weights loaded again): it saw no call before."""
+    for seed in (None, 0, 1):
+        with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
+            score("replays_its_last_call", seed=seed)
+
+
 def test_minus_inf_for_tokens_that_never_come_is_no_look_ahead(score):
     """-inf == -inf: the probe read the difference as NaN and refused the model as not causal."""
     tokenizer = score.tokenizer
@@ -75,6 +85,22 @@ def test_minus_inf_for_tokens_that_never_come_is_no_look_ahead(score):
 def test_a_model_whose_output_cannot_be_scored_is_refused_saying_why(H, score, variant, reason):
     with pytest.raises(H.Rejected) as refused:
         score(variant)
+    assert str(refused.value).startswith(reason), str(refused.value)
+
+
+@pytest.mark.parametrize(("saved", "reason"), [
+    ("the module", "the saved model.pt is not weights the harness can read (UnpicklingError: Weights only load failed."),
+    ("a list", "the saved weights do not fit build_model(config): Expected state_dict to be dict-like, got <class 'list'>"),
+])
+def test_a_model_pt_that_holds_no_weights_is_refused_saying_why(H, score, data_dir, tmp_path, saved, reason):
+    """A train.py that saved its model itself (torch.save(model), not its state_dict) ended the scorer
+    with a traceback: the run's log said only that the scorer left no result."""
+    import torch
+
+    artifact = save_artifact(tmp_path / "saved", "honest", score.tokenizer.get_vocab_size())
+    torch.save(torch.nn.Linear(2, 2) if saved == "the module" else [1, 2], artifact / "model.pt")
+    with pytest.raises(H.Rejected) as refused:
+        H.score(artifact, data_dir)
     assert str(refused.value).startswith(reason), str(refused.value)
 
 
