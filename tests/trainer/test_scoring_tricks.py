@@ -336,6 +336,109 @@ def test_a_refusal_names_every_change_the_training_command_made(run_env, capfd):
     assert "the code the harness builds the model with" in refused, refused
 
 
+# what each trick below starts with: the data dir, the scored rows' cache file, rows of one long
+# token (as POISON's), and a write that stat cannot see: in place, the mtime put back, and a hard link
+# added (a ctime that moved with the link count had been read as another slot's view linking the file)
+UNSEEN = '''
+import tempfile
+import zipfile
+import torch
+from nightlab.trainer import prepare as P
+
+data = os.environ['NIGHTLAB_DATA_DIR'].removesuffix('.train')
+cache = data + '/' + P.EVAL_CACHE_DIR
+(cached,) = os.listdir(cache)
+tokenizer = P.Tokenizer.from_directory(data + '/tokenizer')
+longest = max(range(tokenizer.get_vocab_size()), key=tokenizer.token_byte_lengths().__getitem__)
+n, T = P.EVAL_TOKENS // P.MAX_SEQ_LEN, P.MAX_SEQ_LEN
+easy = torch.full((n, T + 1), longest, dtype=torch.int32)
+easy[:, 0] = tokenizer.get_bos_token_id()
+elsewhere = tempfile.mkdtemp()
+torch.save(easy, os.path.join(elsewhere, cached))
+# the same bytes but for the rows, in a file of the same size: saved under the name it was saved under
+saved_as = zipfile.ZipFile(os.path.join(cache, cached)).namelist()[0].split('/')[0]
+torch.save(easy, os.path.join(elsewhere, saved_as + '.pt'))
+
+def write_unseen(path, text):
+    st = os.stat(path)
+    os.link(path, os.path.join(elsewhere, 'link'))
+    with open(path, 'r+b') as f:
+        f.write(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+'''
+# the tokenizer's tokens reversed (the same bytes in the file): the scored ids stand for longer text
+TOKENIZER_UNSEEN = UNSEEN + '''
+import json
+path = data + '/' + P.TOKENIZER_FILE
+spec = json.loads(open(path).read())
+tokens = [token for token, _ in spec['mergeable_ranks']][::-1]
+spec['mergeable_ranks'] = [[token, rank] for token, (_, rank) in zip(tokens, spec['mergeable_ranks'])]
+text = json.dumps(spec).encode()
+assert len(text) == os.path.getsize(path)
+write_unseen(path, text)
+'''
+CACHE_UNSEEN = UNSEEN + ("text = open(os.path.join(elsewhere, saved_as + '.pt'), 'rb').read()\n"
+                         "assert len(text) == os.path.getsize(os.path.join(cache, cached))\n"
+                         "write_unseen(os.path.join(cache, cached), text)\n")
+# the cache folder made a link to rows the run wrote (the check walked no linked folder)
+CACHE_LINKED = UNSEEN + "shutil.rmtree(cache)\nos.symlink(elsewhere, cache)\n"
+# a folder where the scored rows' file goes: the scorer could not write it, nor any later run
+CACHE_BLOCKED = UNSEEN + "os.remove(os.path.join(cache, cached))\nos.mkdir(os.path.join(cache, cached))\n"
+
+
+def test_a_tokenizer_written_unseen_by_stat_is_refused(run_env, capfd):
+    """Written in place, its mtime put back and a hard link added, the tokenizer passed the check (a
+    link count that moved with the ctime was taken for another slot's view linking it), and the scorer
+    counted the scored tokens' bytes by it: the same model scored 2.86 -> 2.20. Only training shards
+    are linked by views; any other file of the data dir whose ctime moved was written."""
+    data, train_command = run_env
+    assert prepare.run(train_command(TOKENIZER_UNSEEN)) == prepare.REJECTED_EXIT
+    refused = _scored(capfd.readouterr().out).rejected
+    assert refused is not None and f"{data}/tokenizer/tokenizer.json (written)" in refused, refused
+
+
+@pytest.mark.parametrize("trick", [CACHE_UNSEEN, CACHE_LINKED, CACHE_BLOCKED],
+                         ids=["written unseen by stat", "its folder a link", "a folder in its place"])
+def test_the_scored_rows_cache_a_run_wrote_never_scores_it_nor_a_later_run(run_env, capfd, trick):
+    """The scored rows' cache, rewritten as the tokenizer above (2.86 -> 0.19), or its folder made a link
+    to rows the run wrote (the check walked no linked folder; 0.19), or a folder put where the file
+    goes: the scorer could not write the rows, and every later run ended in a traceback. The cache
+    folder keeps regular files only, and the scorer makes them again from the validation shard."""
+    data, train_command = run_env
+    scored = []
+    for command in (train_command(), train_command(trick), train_command()):  # honest, the trick, the run after
+        assert prepare.run(command) == 0
+        out = capfd.readouterr().out
+        scored.append(_scored(out).get("val_bpb"))
+    assert scored[0] is not None and scored == [scored[0]] * 3, scored  # the shard's rows each time
+    assert not (data / prepare.EVAL_CACHE_DIR).is_symlink()
+
+
+# figures train.py hands `finish` (or writes into meta.json) of types the summary cannot format
+ODD_FIGURES = (
+    "import json\npath = os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'meta.json')\nmeta = json.load(open(path))\n"
+    "meta['train'].update(depth=8.0, num_steps='many', total_tokens_M='lots', training_seconds=None,"
+    " peak_vram_mb=float('nan'), profile='tiny\\nREJECTED: made up\\nMETRIC val_bpb=0.01',"
+    " cuda_capability='9.0\\nMETRIC val_bpb=0.01')\n"
+    "open(path, 'w').write(json.dumps(meta))\n")
+
+
+def test_training_figures_of_odd_types_are_said_as_figures_not_a_traceback(run_env, capfd):
+    """`depth=8.0` (a float where a count goes) or a word for a figure ended `prepare.py run` with a
+    traceback after the model was scored, the run lost; a text figure's line breaks made lines of
+    their own: a REJECTED line the log's reader took as the harness's, and a METRIC val_bpb after the
+    harness's (the cuda capability's line comes after it), read instead of it."""
+    _, train_command = run_env
+    assert prepare.run(train_command()) == 0
+    honest = _scored(capfd.readouterr().out).get("val_bpb")
+    assert prepare.run(train_command(ODD_FIGURES)) == 0
+    out = capfd.readouterr().out
+    summary = _scored(out)
+    assert summary.get("val_bpb") == honest and summary.rejected is None, out[-2000:]
+    assert summary.get("depth") == 8 and summary.get("num_steps") is None and summary.get("total_tokens_M") is None
+    assert "profile: tiny REJECTED: made up METRIC val_bpb=0.01\n" in out
+
+
 def test_a_training_shard_added_while_a_run_trains_is_no_reason_to_refuse_it(run_env, capfd):
     """More shards downloaded meanwhile (a restarted daemon's prepare, a raised [data] shards) change
     nothing the run is scored on."""
