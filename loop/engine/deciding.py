@@ -233,7 +233,9 @@ def held_out_opinion(ctx: Context, cand: Candidate, out: Outcome,
     if cand.kind == "baseline":
         return None
     earlier = sum(1 for e in rows if e.status == "keep" and e.kind != "baseline")
-    return second_opinion(ctx.ws, ctx.env, cand.commit, cand.base_commit, earlier, ctx.direction)
+    return second_opinion(ctx.ws, ctx.env, cand.commit, cand.base_commit, earlier, ctx.direction,
+                          timeout_s=ctx.settings.heartbeat.run_timeout,
+                          tick=lambda: ctx.store.set("engine.tick", time.time()))
 
 
 def _measurements(rows: list[Experiment], judged: Judged, cls: HardwareClass, hw: str) -> Callable[[str], list[float]]:

@@ -152,3 +152,43 @@ def test_a_held_out_score_the_run_saved_beside_its_model_is_not_its_second_opini
     kept = keep_artifact(ws, tmp_path / "run", "c" * 40)
     assert kept is not None and sorted(p.name for p in kept.iterdir()) == ["meta.json", "model.pt", "train.py"]
     assert heldout_bpb(ws, {}, "c" * 40, 0) is None  # scored by the harness (none in this stub workspace), not read
+
+
+# a scorer that never ends on a held-out slice (a model's code can tell one from the scorer's argv)
+HANGING_SCORER = """
+import os, sys, time
+open(os.environ["SCORER_PID_FILE"], "w").write(str(os.getpid()))
+while True:
+    time.sleep(60)
+"""
+
+
+def test_a_held_out_scorer_that_never_ends_is_stopped_and_said(tmp_path: Path) -> None:
+    """The held-out scorer ran with no limit: a kept model whose forward never ended on a held-out
+    slice held the engine until the daemon restarted it, and again at each restart (the decision is
+    made again from stored state), until the restarts paused the night. It is stopped after
+    [heartbeat] run_timeout, the engine ticking meanwhile, and the keep says it got no second opinion."""
+    import psutil
+    from nightlab.loop.second_opinion import NoOpinion, second_opinion
+    from nightlab.loop.workspace import open_workspace
+
+    from tests.fakes.loop_workspace import make_stub_workspace
+
+    settings = make_stub_workspace(tmp_path)
+    ws = open_workspace(settings.workspace_path, settings)
+    (ws.path / "harness.py").write_text(HANGING_SCORER)
+    root = ws.path / ".nightlab" / "artifacts"
+    kept, base = "a" * 40, "b" * 40
+    for commit in (kept, base):
+        (root / commit).mkdir(parents=True)
+        (root / commit / "model.pt").write_bytes(b"weights")
+    pid_file = tmp_path / "scorer.pid"
+    ticks: list[None] = []
+    opinion = second_opinion(ws, {"SCORER_PID_FILE": str(pid_file)}, kept, base, 0, timeout_s=2.0,
+                             tick=lambda: ticks.append(None))
+    assert opinion == NoOpinion("the harness could not score the model of aaaaaaa on held-out slice 0 within 2 s"
+                                " ([heartbeat] run_timeout) (python harness.py score --split heldout)")
+    assert ticks  # the engine stayed alive to the daemon
+    if pid_file.is_file():  # started before its time ran out: stopped since
+        pid = int(pid_file.read_text())
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
