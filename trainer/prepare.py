@@ -268,9 +268,11 @@ def viewed_data_dir(folder: Path) -> Path | None:
 
 def split_shards(data_dir: Path) -> tuple[list[Path], Path | None]:
     """(training shards, validation shard) of a data dir: the last shard by name validates.
-    A training-only view (what train.py gets under `run`) has no validation shard: None."""
+    A training-only view (what train.py gets under `run`) has no validation shard: None. The view's
+    marker counts only in a folder named as a view: one a run put in the data dir had made every
+    later run fail, its validation shard taken for a training shard."""
     shards = sorted(Path(data_dir).glob(SHARD_PATTERN))
-    if (Path(data_dir) / TRAINING_ONLY_MARKER).exists() and shards:
+    if (Path(data_dir) / TRAINING_ONLY_MARKER).exists() and viewed_data_dir(Path(data_dir)) is not None and shards:
         return shards, None
     if len(shards) < 2:
         raise DataError(

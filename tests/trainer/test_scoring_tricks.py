@@ -439,6 +439,19 @@ def test_training_figures_of_odd_types_are_said_as_figures_not_a_traceback(run_e
     assert "profile: tiny REJECTED: made up METRIC val_bpb=0.01\n" in out
 
 
+def test_the_training_views_marker_put_in_the_data_dir_changes_nothing(run_env, capfd):
+    """The marker of the data dir as train.py sees it (no validation shard) put in the data dir
+    itself: the check did not look at a file that was no shard, the scorer found no validation data,
+    and every later run failed saying the data dir 'holds no validation data: ... do not evaluate in
+    train.py', until a person found the file. It marks a view only in a folder named as one."""
+    _, train_command = run_env
+    trick = f"open(os.environ['NIGHTLAB_DATA_DIR'].removesuffix('.train') + '/{prepare.TRAINING_ONLY_MARKER}', 'w').close()\n"
+    for command in (train_command(trick), train_command()):  # the run, and the one after it
+        assert prepare.run(command) == 0
+        out = capfd.readouterr().out
+        assert _scored(out).get("val_bpb") is not None, out[-2000:]
+
+
 def test_a_training_shard_added_while_a_run_trains_is_no_reason_to_refuse_it(run_env, capfd):
     """More shards downloaded meanwhile (a restarted daemon's prepare, a raised [data] shards) change
     nothing the run is scored on."""
