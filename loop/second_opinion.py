@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 from nightlab.loop.processes import stop_tree
 from nightlab.loop.state.errors import UserError
-from nightlab.loop.state.stats import HELDOUT_GAIN, gain, suspect
+from nightlab.loop.state.stats import HELDOUT_GAIN, HELDOUT_UNSCORED, gain, suspect
 from nightlab.loop.state.store import state_dir
 from nightlab.loop.workspace import Workspace
 
@@ -103,6 +103,28 @@ class NoOpinion:
         return f"no held-out second opinion: {self.why}"
 
 
+@dataclass(frozen=True)
+class KeptUnscored:
+    """A keep whose own model the harness could not score on the held-out slice while the commit it
+    replaced scored there: a model's code can tell a held-out slice from the scorer's arguments and
+    fail on it (or never end), which had left a keep that memorised the scored rows without a word
+    of doubt. Suspect, as a gain that vanishes there."""
+
+    slice: int
+    why: str
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {HELDOUT_UNSCORED: 1.0}
+
+    @property
+    def suspect(self) -> bool:
+        return True
+
+    def text(self) -> str:
+        return f"held-out slice {self.slice}: SUSPECT: its model could not be scored there ({self.why})"
+
+
 def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: int,
                 timeout_s: float = DEFAULT_SCORE_TIMEOUT_S, tick: Callable[[], None] = lambda: None) -> float | None:
     """The held-out bpb of a kept commit's model (scored by the workspace's harness once, then
@@ -160,20 +182,23 @@ def _finished(proc: subprocess.Popen[bytes], timeout_s: float, tick: Callable[[]
 
 def second_opinion(ws: Workspace, env: dict[str, str], kept: str, base: str, slice_index: int,
                    direction: str = "minimize", timeout_s: float = DEFAULT_SCORE_TIMEOUT_S,
-                   tick: Callable[[], None] = lambda: None) -> SecondOpinion | NoOpinion:
+                   tick: Callable[[], None] = lambda: None) -> SecondOpinion | NoOpinion | KeptUnscored:
     """Score the kept commit and the one it replaced on held-out slice `slice_index` (rows after
     the validation rows, never used for a decision); NoOpinion when a model is not there (an
     agent's `git clean -x` took the state folder's) or its scoring failed or ran past `timeout_s`
-    (each model's; `heldout_bpb`)."""
+    (each model's; `heldout_bpb`); KeptUnscored when only the kept commit's did."""
     root = state_dir(ws.path) / ARTIFACTS_DIRNAME
     gone = [c[:7] for c in (kept, base) if not (root / c / "model.pt").is_file()]
     if gone:
         return NoOpinion(f"the model of {' and '.join(gone)} is not in {root} (removed?); the next keep is"
                          " compared with this one's")
     kept_bpb = heldout_bpb(ws, env, kept, slice_index, timeout_s, tick)
-    base_bpb = heldout_bpb(ws, env, base, slice_index, timeout_s, tick) if kept_bpb is not None else None
+    base_bpb = heldout_bpb(ws, env, base, slice_index, timeout_s, tick)
+    how = (f"python harness.py score --split heldout failed or ran past {timeout_s:g} s, [heartbeat]"
+           " run_timeout")
+    if kept_bpb is None and base_bpb is not None:
+        return KeptUnscored(slice_index, f"the model of {base[:7]} it replaced could; {how}")
     if kept_bpb is None or base_bpb is None:
         return NoOpinion(f"the harness could not score the model of {(base if kept_bpb else kept)[:7]} on held-out"
-                         f" slice {slice_index} within {timeout_s:g} s ([heartbeat] run_timeout) (python harness.py"
-                         " score --split heldout)")
+                         f" slice {slice_index} ({how})")
     return SecondOpinion(slice_index, kept_bpb, base_bpb, direction)
