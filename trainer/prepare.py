@@ -1051,6 +1051,7 @@ def evaluate_bpb(model: Any, tokenizer: Tokenizer, batch_size: int) -> float:
 _POSING = re.compile(r"^\s*(---\s*$|METRIC\s|REJECTED:|FAIL:)")
 _CLAIMED = re.compile(r"^\s*(?:val_bpb:\s+|METRIC\s+val_bpb=)(\S+)\s*$")
 TRAIN_PREFIX = "train.py| "
+LINE_PIECE = 1 << 16  # bytes of a command's output line passed on at a time (`_stream`)
 
 
 def _link(src: Path, dest: Path) -> None:
@@ -1231,8 +1232,12 @@ def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) ->
 
     proc = subprocess.Popen(command, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
-    out = sys.stdout.buffer
-    for raw in proc.stdout:
+    output, out = proc.stdout, sys.stdout.buffer
+    # at most LINE_PIECE bytes at a time: output that never ends its line (progress redrawn with `\r`,
+    # or without end) was held here whole, the memory growing while the log did not (a stalled run to
+    # the heartbeat). A line passed on in pieces is not read from a piece's start: the prefix still
+    # lands before anything that could pose as a line of the harness's.
+    for raw in iter(lambda: output.readline(LINE_PIECE), b""):
         out.write(on_line(raw.decode("utf-8", errors="replace")).encode("utf-8"))
         out.flush()
     return proc.wait()

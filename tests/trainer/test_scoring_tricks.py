@@ -452,6 +452,36 @@ def test_the_training_views_marker_put_in_the_data_dir_changes_nothing(run_env, 
         assert _scored(out).get("val_bpb") is not None, out[-2000:]
 
 
+def test_output_that_never_ends_its_line_reaches_the_log_as_it_comes(tmp_path):
+    """The training command's output was passed on a line at a time: one that never ended its line
+    (a progress bar redrawn with `\\r`, or a print without end in a loop) was held whole in the run's
+    memory, growing while the log did not. It is passed on in pieces; the test waits for a line's
+    first megabyte in the log while the line is still open."""
+    from tests.waiting import wait_until
+
+    script = tmp_path / "train.py"
+    script.write_text("import os, sys\nopen(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'model'), 'w').close()\n"
+                      "sys.stdout.write('x' * 2**20)\nsys.stdout.flush()\nsys.stdin.readline()\n"
+                      "print('METRIC val_bpb=0.5')\n")
+    env = {k: v for k, v in os.environ.items() if k != prepare.ENV_DATA_DIR}
+    env[prepare.ENV_ARTIFACT_DIR] = str(tmp_path / "artifact")
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nightlab.trainer.prepare", "run", "--command",
+                                 f"{sys.executable} {script}", "--score", "echo METRIC score=1"], cwd=tmp_path,
+                                env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: log.stat().st_size >= 2**20, "the open line's megabyte in the log",
+                       abort=lambda: None if proc.poll() is None else f"the run ended: {log.read_text()[-500:]}")
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-500:]
+    assert "train.py| METRIC val_bpb=0.5" in text and _scored(text).get("val_bpb") is None  # still prefixed
+
+
 def test_a_training_shard_added_while_a_run_trains_is_no_reason_to_refuse_it(run_env, capfd):
     """More shards downloaded meanwhile (a restarted daemon's prepare, a raised [data] shards) change
     nothing the run is scored on."""
