@@ -146,8 +146,9 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
         # the model's code runs in the scorer and can tell a held-out slice from its argv: one that never
         # ended there held the engine until the daemon restarted it, again at each restart, and paused the
         # night; its output is not read (a model printing without end filled the engine's memory)
+        # in the engine's process group: an engine the daemon stops takes it along
         proc = subprocess.Popen(cmd, cwd=ws.path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.DEVNULL)
         if not _finished(proc, timeout_s, tick):
             return None
         try:
@@ -161,8 +162,8 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
 
 
 def _finished(proc: subprocess.Popen[bytes], timeout_s: float, tick: Callable[[], None]) -> bool:
-    """Wait for `proc` up to `timeout_s`, calling `tick` about once a second; False (its process
-    tree stopped) when it ran past it."""
+    """Wait for `proc` up to `timeout_s`, calling `tick` about once a second; False (it and its
+    descendants stopped; it leads no group of its own) when it ran past it."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
