@@ -9,16 +9,23 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+from nightlab.loop.processes import stop_tree
 from nightlab.loop.state.errors import UserError
-from nightlab.loop.state.stats import HELDOUT_GAIN, gain, suspect
+from nightlab.loop.state.stats import HELDOUT_GAIN, HELDOUT_UNSCORED, gain, suspect
 from nightlab.loop.state.store import state_dir
 from nightlab.loop.workspace import Workspace
 
 ARTIFACTS_DIRNAME = "artifacts"  # kept models by commit, for held-out scoring
 KEPT_ARTIFACTS = 3  # the newest kept models stay (a default-profile model is ~150 MB)
+DEFAULT_SCORE_TIMEOUT_S = 600.0  # a held-out scorer is stopped after this ([heartbeat] run_timeout's default)
+TICK_S = 1.0  # `tick` while a held-out scorer runs, well within [heartbeat] loop_stall_after
+STOP_GRACE_S = 5.0  # a held-out scorer past its time: SIGTERM, then SIGKILL after this
 
 
 def keep_artifact(ws: Workspace, run_dir: Path, commit: str) -> Path | None:
@@ -96,9 +103,34 @@ class NoOpinion:
         return f"no held-out second opinion: {self.why}"
 
 
-def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: int) -> float | None:
+@dataclass(frozen=True)
+class KeptUnscored:
+    """A keep whose own model the harness could not score on the held-out slice while the commit it
+    replaced scored there: a model's code can tell a held-out slice from the scorer's arguments and
+    fail on it (or never end), which had left a keep that memorised the scored rows without a word
+    of doubt. Suspect, as a gain that vanishes there."""
+
+    slice: int
+    why: str
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {HELDOUT_UNSCORED: 1.0}
+
+    @property
+    def suspect(self) -> bool:
+        return True
+
+    def text(self) -> str:
+        return f"held-out slice {self.slice}: SUSPECT: its model could not be scored there ({self.why})"
+
+
+def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: int,
+                timeout_s: float = DEFAULT_SCORE_TIMEOUT_S, tick: Callable[[], None] = lambda: None) -> float | None:
     """The held-out bpb of a kept commit's model (scored by the workspace's harness once, then
-    cached beside the model); None when there is no model or the scorer failed."""
+    cached beside the model); None when there is no model or the scorer failed, or ran past
+    `timeout_s` (then its process tree is stopped). `tick` is called about once a second meanwhile:
+    the engine's liveness, which the daemon restarts it without."""
     artifact = state_dir(ws.path) / ARTIFACTS_DIRNAME / commit
     from nightlab.trainer.prepare import scorer_command  # no torch
 
@@ -111,7 +143,14 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
         result = Path(tmp) / "result.json"
         cmd = scorer_command(ws.path / "harness.py", "--split", "heldout", "--slice", str(slice_index),
                              "--artifact", str(artifact), "--result", str(result))
-        subprocess.run(cmd, cwd=ws.path, env={**os.environ, **env}, capture_output=True, check=False)
+        # the model's code runs in the scorer and can tell a held-out slice from its argv: one that never
+        # ended there held the engine until the daemon restarted it, again at each restart, and paused the
+        # night; its output is not read (a model printing without end filled the engine's memory)
+        # in the engine's process group: an engine the daemon stops takes it along
+        proc = subprocess.Popen(cmd, cwd=ws.path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        if not _finished(proc, timeout_s, tick):
+            return None
         try:
             found = json.loads(result.read_text())
         except (OSError, ValueError):
@@ -122,19 +161,45 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
     return float(found["bpb"])
 
 
+def _finished(proc: subprocess.Popen[bytes], timeout_s: float, tick: Callable[[], None]) -> bool:
+    """Wait for `proc` up to `timeout_s`, calling `tick` about once a second; False (it and its
+    descendants stopped; it leads no group of its own) when it ran past it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            proc.wait(timeout=max(0.0, min(TICK_S, deadline - time.monotonic())))
+            return True
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                try:
+                    leader: psutil.Process | None = psutil.Process(proc.pid)
+                except psutil.NoSuchProcess:
+                    leader = None
+                stop_tree(proc.pid, leader, STOP_GRACE_S)
+                proc.wait()
+                return False
+            tick()
+
+
 def second_opinion(ws: Workspace, env: dict[str, str], kept: str, base: str, slice_index: int,
-                   direction: str = "minimize") -> SecondOpinion | NoOpinion:
+                   direction: str = "minimize", timeout_s: float = DEFAULT_SCORE_TIMEOUT_S,
+                   tick: Callable[[], None] = lambda: None) -> SecondOpinion | NoOpinion | KeptUnscored:
     """Score the kept commit and the one it replaced on held-out slice `slice_index` (rows after
     the validation rows, never used for a decision); NoOpinion when a model is not there (an
-    agent's `git clean -x` took the state folder's) or its scoring failed."""
+    agent's `git clean -x` took the state folder's) or its scoring failed or ran past `timeout_s`
+    (each model's; `heldout_bpb`); KeptUnscored when only the kept commit's did."""
     root = state_dir(ws.path) / ARTIFACTS_DIRNAME
     gone = [c[:7] for c in (kept, base) if not (root / c / "model.pt").is_file()]
     if gone:
         return NoOpinion(f"the model of {' and '.join(gone)} is not in {root} (removed?); the next keep is"
                          " compared with this one's")
-    kept_bpb = heldout_bpb(ws, env, kept, slice_index)
-    base_bpb = heldout_bpb(ws, env, base, slice_index) if kept_bpb is not None else None
+    kept_bpb = heldout_bpb(ws, env, kept, slice_index, timeout_s, tick)
+    base_bpb = heldout_bpb(ws, env, base, slice_index, timeout_s, tick)
+    how = (f"python harness.py score --split heldout failed or ran past {timeout_s:g} s, [heartbeat]"
+           " run_timeout")
+    if kept_bpb is None and base_bpb is not None:
+        return KeptUnscored(slice_index, f"the model of {base[:7]} it replaced could; {how}")
     if kept_bpb is None or base_bpb is None:
         return NoOpinion(f"the harness could not score the model of {(base if kept_bpb else kept)[:7]} on held-out"
-                         f" slice {slice_index} (python harness.py score --split heldout)")
+                         f" slice {slice_index} ({how})")
     return SecondOpinion(slice_index, kept_bpb, base_bpb, direction)

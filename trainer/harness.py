@@ -23,6 +23,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -632,8 +633,8 @@ def model_failed(error: BaseException, artifact: Path) -> Rejected:
 
 
 def load_trained(artifact: Path, rt: Runtime):
-    """train.py's `build_model(config, device, dtype)` with the saved weights; Rejected when the
-    artifact is missing or does not fit, or the model's code fails."""
+    """train.py's `build_model(config, device, dtype)` with the saved weights, and the saved meta;
+    Rejected when the artifact is missing or does not fit, or the model's code fails."""
     meta_path, weights = artifact / "meta.json", artifact / "model.pt"
     if not meta_path.is_file() or not weights.is_file():
         raise Rejected("train.py saved no trained model: it must end with the harness's finish(...)")
@@ -646,6 +647,13 @@ def load_trained(artifact: Path, rt: Runtime):
                        " harness's finish(...)")
     # a .pyc dated as the copy would run instead of it (code the commit never showed): compiled anew
     shutil.rmtree(artifact / "__pycache__", ignore_errors=True)
+    return built_model(artifact, meta, rt), meta
+
+
+def built_model(artifact: Path, meta: dict[str, Any], rt: Runtime):
+    """A model built from scratch: the artifact's train.py run as a module of its own, its
+    `build_model(config, device, dtype)`, the weights read from model.pt. Nothing of an earlier
+    one's (its calls, its module's globals) is in it: the probe's model is built so."""
     spec = importlib.util.spec_from_file_location("nightlab_scored_train", artifact / "train.py")
     if spec is None or spec.loader is None or not (artifact / "train.py").is_file():
         raise Rejected(f"no train.py saved with the model in {artifact}")
@@ -663,11 +671,17 @@ def load_trained(artifact: Path, rt: Runtime):
         raise Rejected(f"build_model(config, device, dtype) returned {type(model).__name__}, not a torch.nn.Module")
     try:
         # mmap: the weights go from the page cache straight into the built model (one copy)
-        model.load_state_dict(torch.load(weights, map_location="cpu", mmap=True, weights_only=True))
-    except RuntimeError as e:
+        state = torch.load(artifact / "model.pt", map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
+        # a model saved whole (torch.save(model)), or a file that is no torch.save's: a traceback had ended the scorer
+        raise Rejected(f"the saved model.pt is not weights the harness can read ({type(e).__name__}:"
+                       f" {' '.join(str(e).split())[:160]}): train.py must save through the harness's finish(...)") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
         raise Rejected(f"the saved weights do not fit build_model(config): {str(e).splitlines()[0]}") from None
     model.eval()
-    return model, meta
+    return model
 
 
 def causality_problem(forward, rows: torch.Tensor, vocab: int, generator: torch.Generator,
@@ -745,7 +759,7 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     token_bytes = prepare.get_token_bytes(rt.device, tokenizer)
     phases.lap("rows", rt.device)
 
-    def logits_of(x):
+    def logits_of(x, model=model):
         try:
             with rt.autocast():
                 out = model(x.long().contiguous())
@@ -760,7 +774,9 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
 
     # The probed batch and its cuts are drawn here, from the system's randomness: a model cannot know
     # which of its calls is checked (a fixed first batch and fixed cuts let one look ahead elsewhere).
-    # It follows the scored batch's forward and reuses its logits, at the shape every batch has.
+    # It reuses the scored batch's logits; its changed batch, at the shape every batch has, goes through
+    # a model built anew: the scored one, asked for rows that start as its last call's, had given that
+    # call's logits back (a model that looked ahead on every batch passed).
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
     probed = int(torch.randint(0, n // B, (), generator=generator)) * B
     with torch.no_grad():
@@ -772,7 +788,9 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
             logits = logits_of(x)
             if i == probed:
                 phases.lap("eval", rt.device)
-                why = causality_problem(logits_of, batch, vocab, generator, logits, rows)
+                fresh = built_model(artifact, meta, rt)
+                why = causality_problem(lambda changed: logits_of(changed, fresh), batch, vocab, generator, logits, rows)
+                del fresh
                 if why:
                     raise Rejected(why)
                 phases.lap("probe", rt.device)

@@ -268,9 +268,11 @@ def viewed_data_dir(folder: Path) -> Path | None:
 
 def split_shards(data_dir: Path) -> tuple[list[Path], Path | None]:
     """(training shards, validation shard) of a data dir: the last shard by name validates.
-    A training-only view (what train.py gets under `run`) has no validation shard: None."""
+    A training-only view (what train.py gets under `run`) has no validation shard: None. The view's
+    marker counts only in a folder named as a view: one a run put in the data dir had made every
+    later run fail, its validation shard taken for a training shard."""
     shards = sorted(Path(data_dir).glob(SHARD_PATTERN))
-    if (Path(data_dir) / TRAINING_ONLY_MARKER).exists() and shards:
+    if (Path(data_dir) / TRAINING_ONLY_MARKER).exists() and viewed_data_dir(Path(data_dir)) is not None and shards:
         return shards, None
     if len(shards) < 2:
         raise DataError(
@@ -1049,6 +1051,7 @@ def evaluate_bpb(model: Any, tokenizer: Tokenizer, batch_size: int) -> float:
 _POSING = re.compile(r"^\s*(---\s*$|METRIC\s|REJECTED:|FAIL:)")
 _CLAIMED = re.compile(r"^\s*(?:val_bpb:\s+|METRIC\s+val_bpb=)(\S+)\s*$")
 TRAIN_PREFIX = "train.py| "
+LINE_PIECE = 1 << 16  # bytes of a command's output line passed on at a time (`_stream`)
 
 
 def _link(src: Path, dest: Path) -> None:
@@ -1147,10 +1150,27 @@ def _cached(name: str) -> bool:
     return Path(name).parts[0] == EVAL_CACHE_DIR
 
 
-def _written(before: FileState, after: FileState) -> bool:
+def _written(before: FileState, after: FileState, view_links: bool) -> bool:
     """A file's content may have changed: another inode, size or mtime, or a new ctime (which no one
-    can set back) while its link count stayed (another slot's view linking a shard changes only both)."""
-    return before[:3] != after[:3] or (before[3] != after[3] and before[4] == after[4])
+    can set back), unless `view_links` (a training shard) and its link count moved with it: another
+    slot's view linking the shard changes only both. Only training shards are so linked: a tokenizer
+    or scored rows written in place, their mtime put back and a hard link added, had passed."""
+    return before[:3] != after[:3] or (before[3] != after[3] and (before[4] == after[4] or not view_links))
+
+
+def _regular_cache(data_dir: Path) -> None:
+    """The scored rows' cache folder as the scorer makes it: a folder of regular files. A link in its
+    place (to rows a run wrote elsewhere: the check walks no linked folder) or a link or folder in it
+    (one where a cache file goes: no scorer could write the rows again) is removed."""
+    cache = Path(data_dir) / EVAL_CACHE_DIR
+    if cache.is_symlink() or (cache.exists() and not cache.is_dir()):
+        cache.unlink()
+        return
+    for entry in cache.iterdir() if cache.is_dir() else ():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_symlink() or not entry.is_file():
+            entry.unlink(missing_ok=True)
 
 
 def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
@@ -1162,15 +1182,17 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
     cache is derived data: a cache file that appeared or changed is removed here, so no run is
     scored on rows written by train.py (the scorer makes it again from the validation shard), and
     is no reason to refuse the run: other slots' scorers add and replace cache files meanwhile (one
-    this check removed for another run is made again, as often under the same inode number). A
-    shard or tokenizer written or removed (the validation shard removed, the shard before it
+    this check removed for another run is made again, as often under the same inode number); the
+    cache folder keeps regular files only (`_regular_cache`). A shard or tokenizer written or removed (the validation shard removed, the shard before it
     validates: one the run trained on), or a shard added that sorts last (it would validate), is."""
+    _regular_cache(data_dir)
     after = data_files(data_dir)
     validation = max((name for name in after if Path(name).match(SHARD_PATTERN) and "/" not in name), default=None)
     problems = []
     for name, state in sorted(after.items()):
         old = before.get(name)
-        changed = old is not None and _written(old, state)
+        training_shard = Path(name).match(SHARD_PATTERN) and "/" not in name and name != validation
+        changed = old is not None and _written(old, state, view_links=training_shard)
         if _cached(name):
             if old is None or changed:
                 (Path(data_dir) / name).unlink(missing_ok=True)
@@ -1210,8 +1232,12 @@ def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) ->
 
     proc = subprocess.Popen(command, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
-    out = sys.stdout.buffer
-    for raw in proc.stdout:
+    output, out = proc.stdout, sys.stdout.buffer
+    # at most LINE_PIECE bytes at a time: output that never ends its line (progress redrawn with `\r`,
+    # or without end) was held here whole, the memory growing while the log did not (a stalled run to
+    # the heartbeat). A line passed on in pieces is not read from a piece's start: the prefix still
+    # lands before anything that could pose as a line of the harness's.
+    for raw in iter(lambda: output.readline(LINE_PIECE), b""):
         out.write(on_line(raw.decode("utf-8", errors="replace")).encode("utf-8"))
         out.flush()
     return proc.wait()
@@ -1372,41 +1398,58 @@ def print_result(result: dict[str, Any], run_started: float | None) -> None:
         return
     train = result["train"]
     total = time.time() - run_started if run_started else None
+
+    def figure(key: str, spec: str) -> float | int | None:
+        return _figure(train.get(key), spec)
+
+    tokens = figure("total_tokens_M", ".6f")
     block = [
         ("val_bpb", result["bpb"], ".6f"),
-        ("training_seconds", train.get("training_seconds"), ".1f"),
+        ("training_seconds", figure("training_seconds", ".1f"), ".1f"),
         ("total_seconds", total, ".1f"),
-        ("peak_vram_mb", train.get("peak_vram_mb"), ".1f"),
-        ("mfu_percent", train.get("mfu_percent"), ".2f"),
-        ("total_tokens_M", train.get("total_tokens_M"), _tokens_spec(train.get("total_tokens_M"))),
-        ("num_steps", train.get("num_steps"), "d"),
-        ("num_params_M", train.get("num_params_M"), ".1f"),
-        ("depth", train.get("depth"), "d"),
+        ("peak_vram_mb", figure("peak_vram_mb", ".1f"), ".1f"),
+        ("mfu_percent", figure("mfu_percent", ".2f"), ".2f"),
+        ("total_tokens_M", tokens, _tokens_spec(tokens)),
+        ("num_steps", figure("num_steps", "d"), "d"),
+        ("num_params_M", figure("num_params_M", ".1f"), ".1f"),
+        ("depth", figure("depth", "d"), "d"),
     ]
     extra = [
-        ("tokens_per_sec", train.get("tokens_per_sec"), ".0f"),
-        ("startup_seconds", train.get("startup_seconds"), ".1f"),
+        ("tokens_per_sec", figure("tokens_per_sec", ".0f"), ".0f"),
+        ("startup_seconds", figure("startup_seconds", ".1f"), ".1f"),
         ("score_seconds", result["score_seconds"], ".1f"),
         ("eval_seconds", result["eval_seconds"], ".1f"),
-        ("overhead_seconds", None if total is None else total - train.get("training_seconds", 0.0), ".1f"),
+        ("overhead_seconds", None if total is None else total - (figure("training_seconds", ".1f") or 0.0), ".1f"),
         # the budget in force: a step budget (tiny's) is the budget, its time budget would only mislead
         ("time_budget", None if train.get("budget_steps") else TIME_BUDGET, "d"),
-        ("budget_steps", train.get("budget_steps"), "d"),
+        ("budget_steps", figure("budget_steps", "d"), "d"),
         ("max_seq_len", MAX_SEQ_LEN, "d"),
         ("eval_tokens", EVAL_TOKENS, "d"),
-        ("total_batch_size", train.get("total_batch_size"), "d"),
-        ("device_batch_size", train.get("device_batch_size"), "d"),
-        ("grad_accum_steps", train.get("grad_accum_steps"), "d"),
-        ("flops_per_token", train.get("flops_per_token"), ".6e"),
-        ("peak_flops", train.get("peak_flops"), ".4e"),
+        ("total_batch_size", figure("total_batch_size", "d"), "d"),
+        ("device_batch_size", figure("device_batch_size", "d"), "d"),
+        ("grad_accum_steps", figure("grad_accum_steps", "d"), "d"),
+        ("flops_per_token", figure("flops_per_token", ".6e"), ".6e"),
+        ("peak_flops", figure("peak_flops", ".4e"), ".4e"),
     ]
-    lines = [f"{key}: {train[key]}" for key in ("attention_backend", "device", "dtype", "profile") if train.get(key) is not None]
+    # train.py's words, on one line each: a line break in one made a line the log's reader reads
+    lines = [f"{key}: {' '.join(str(train[key]).split())}" for key in ("attention_backend", "device", "dtype", "profile")
+             if train.get(key) is not None]
     lines.append("---")
     lines += [f"{name + ':':<18}{_fmt(value, spec)}" for name, value, spec in block]
     lines += [f"METRIC {name}={format(value, spec)}" for name, value, spec in block + extra if value is not None]
-    if train.get("cuda_capability"):
+    if re.fullmatch(r"\d+\.\d+", str(train.get("cuda_capability"))):  # printed after val_bpb: a number only
         lines.append(f"METRIC cuda_capability={train['cuda_capability']}")
     print("\n".join(lines), flush=True)
+
+
+def _figure(value: Any, spec: str) -> float | int | None:
+    """A training figure from meta.json (train.py's to write) as `spec` formats it, or None (said as
+    n/a): a whole float where a count goes is the count; a word, NaN or a fraction of a count is none."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if spec == "d":
+        return int(value) if float(value).is_integer() else None
+    return value
 
 
 def _number_or_none(text: str) -> float | None:

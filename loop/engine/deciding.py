@@ -27,7 +27,7 @@ from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.executors.runfiles import ended_at
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
-from nightlab.loop.second_opinion import NoOpinion, SecondOpinion, keep_artifact, second_opinion
+from nightlab.loop.second_opinion import KeptUnscored, NoOpinion, SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass, started_at
 from nightlab.loop.state.stats import gain, pooled_noise
@@ -222,7 +222,7 @@ def checks(ctx: Context, verdict: Verdict, cwd: Path, best: float | None) -> Ver
 
 
 def held_out_opinion(ctx: Context, cand: Candidate, out: Outcome,
-                     rows: list[Experiment]) -> SecondOpinion | NoOpinion | None:
+                     rows: list[Experiment]) -> SecondOpinion | NoOpinion | KeptUnscored | None:
     """The harness's hook for keeps (built-in trainer): keep the run's model, and score a kept
     change and the commit it replaced on a held-out slice (a fresh one per keep); its gain there
     goes into the keep's metrics and its text into the reason (SUSPECT when the gain vanishes).
@@ -233,7 +233,9 @@ def held_out_opinion(ctx: Context, cand: Candidate, out: Outcome,
     if cand.kind == "baseline":
         return None
     earlier = sum(1 for e in rows if e.status == "keep" and e.kind != "baseline")
-    return second_opinion(ctx.ws, ctx.env, cand.commit, cand.base_commit, earlier, ctx.direction)
+    return second_opinion(ctx.ws, ctx.env, cand.commit, cand.base_commit, earlier, ctx.direction,
+                          timeout_s=ctx.settings.heartbeat.run_timeout,
+                          tick=lambda: ctx.store.set("engine.tick", time.time()))
 
 
 def _measurements(rows: list[Experiment], judged: Judged, cls: HardwareClass, hw: str) -> Callable[[str], list[float]]:

@@ -93,7 +93,11 @@ class LocalExecutor:
             # an empty value hides every GPU from a CPU-slot run
             "CUDA_VISIBLE_DEVICES": "" if spec.slot.gpu is None else str(spec.slot.gpu),
         }
-        with open(spec.log_path, "wb") as log:
+        # appended to by every writer: a line a run wrote into the file itself (through /proc, past the
+        # harness's prefix) lay past the harness's offset, its start overwritten by the summary and its
+        # end (a METRIC val_bpb) read after it; appended, the harness's lines come after it
+        fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        with open(fd, "wb") as log:
             try:
                 proc = subprocess.Popen(
                     ["/bin/sh", "-c", wrap(spec.command)],

@@ -20,6 +20,10 @@ DIRECTION_KEY = "loop.direction"
 NOISE_PRIOR_KEY = "loop.noise_prior"  # [loop] noise_prior: a share of the metric
 # A keep's gain on a held-out slice (its second opinion; positive = better), in its metrics.
 HELDOUT_GAIN = "heldout_gain"
+# 1 in a keep's metrics when its own model could not be scored on the held-out slice (the commit it
+# replaced could): suspect as a gain that vanishes there.
+HELDOUT_UNSCORED = "heldout_unscored"
+HELDOUT_KEYS = (HELDOUT_GAIN, HELDOUT_UNSCORED)  # the second opinion's alone: never a run's own
 
 
 @dataclass(frozen=True)
@@ -86,5 +90,6 @@ def compare(candidate: Sequence[float], incumbent: Sequence[float], noise_sd: fl
 
 
 def suspect(metrics: dict[str, float]) -> bool:
-    """A keep whose gain vanishes on rows no decision has seen (its held-out second opinion)."""
-    return HELDOUT_GAIN in metrics and metrics[HELDOUT_GAIN] <= 0
+    """A keep whose gain vanishes on rows no decision has seen (its held-out second opinion), or
+    whose model could not be scored there."""
+    return (HELDOUT_GAIN in metrics and metrics[HELDOUT_GAIN] <= 0) or metrics.get(HELDOUT_UNSCORED, 0) > 0

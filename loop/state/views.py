@@ -215,7 +215,8 @@ def _line(e: Experiment, undecided: set[int], width: int) -> str:
     figure = _fmt(e.metric).ljust(8)
     why = f" ({e.reason})" if e.status != "keep" and e.reason else ""
     if e.status == "keep" and suspect(e.metrics):
-        why = " (SUSPECT: its gain vanishes on held-out rows)"
+        why = (" (SUSPECT: its gain vanishes on held-out rows)" if HELDOUT_GAIN in e.metrics
+               else " (SUSPECT: its model could not be scored on held-out rows)")
     return f"{f'#{e.number}':<{width}} {_shown_status(e, undecided):<13} {figure}  {e.description or e.kind}{why}"
 
 
@@ -227,7 +228,7 @@ def _shown_status(e: Experiment, undecided: set[int]) -> str:
 def _heldout(e: Experiment) -> str:
     """A keep's second opinion: its gain on a held-out slice, SUSPECT when it vanishes there."""
     if HELDOUT_GAIN not in e.metrics:
-        return "—"
+        return "unscored SUSPECT" if suspect(e.metrics) else "—"
     return f"{e.metrics[HELDOUT_GAIN]:+.6f}" + (" SUSPECT" if suspect(e.metrics) else "")
 
 
@@ -394,9 +395,10 @@ def best_text(workspace: Path) -> str:
         text += "\n" + classes
     if best_exp.confidence is not None:
         text += f"\nconfidence when kept: {best_exp.confidence:.1f} standard errors"
-    if HELDOUT_GAIN in best_exp.metrics:
-        text += f"\nheld-out gain: {_heldout(best_exp)}" + (" (the gain vanishes on rows no decision saw)"
-                                                            if suspect(best_exp.metrics) else "")
+    if HELDOUT_GAIN in best_exp.metrics or suspect(best_exp.metrics):
+        text += f"\nheld-out gain: {_heldout(best_exp)}" + (
+            "" if not suspect(best_exp.metrics) else " (the gain vanishes on rows no decision saw)"
+            if HELDOUT_GAIN in best_exp.metrics else " (its model could not be scored on rows no decision saw)")
     return text
 
 
@@ -529,7 +531,7 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
     if top and chat:  # a seven-column table wraps into a jumble on a phone
         for e, delta in top:
             conf = "" if e.confidence is None else f", {e.confidence:.1f} SE"
-            held = "" if HELDOUT_GAIN not in e.metrics else f", held-out {_heldout(e)}"
+            held = "" if HELDOUT_GAIN not in e.metrics and not suspect(e.metrics) else f", held-out {_heldout(e)}"
             out.append(f"- #{e.number} {e.commit[:7]} {name} {_fmt(e.best)}, gain {delta:.6f}{conf}{held}:"
                        f" {e.description}")
     elif top:

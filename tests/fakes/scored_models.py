@@ -44,8 +44,9 @@ _BUILD = "    return Model(config['vocab_size'], config.get('masked', [])).to(de
 
 FORWARDS = {
     "honest": "return self.honest(x)",
-    # the old probe checked the first scored batch with the call after it: honest for those two calls
-    "causal_at_first": "return self.honest(x) if self.calls <= 2 else self.peek(x)",
+    # the old probe checked the first scored batch (the probe's own forward, the call after it, now
+    # goes through a model built anew): honest for that batch
+    "causal_at_first": "return self.honest(x) if self.calls <= 1 else self.peek(x)",
     # the old probe cut row r of a batch of R rows at (r + 1) * (T - 1) // (R + 1): honest only there
     "avoids_the_cuts": ("logits, honest = self.peek(x), self.honest(x)\n"
                         "R, T = x.shape\n"
@@ -57,6 +58,15 @@ FORWARDS = {
     "masks_unused_tokens": ("logits = self.honest(x)\n"
                             "logits[..., self.masked] = float('-inf')\n"
                             "return logits"),
+    # looks ahead everywhere, and gives a call that starts as the one before (the probe's changed
+    # batch: each row the scored row up to its cut) that call's logits up to where the two part
+    "replays_its_last_call": ("logits = self.peek(x)\n"
+                              "last = getattr(self, 'last', None)\n"
+                              "if last is not None and last[0].shape == x.shape:\n"
+                              "    same = (x == last[0]).long().cumprod(dim=1).bool()[..., None]\n"
+                              "    logits = torch.where(same, last[1], logits)\n"
+                              "self.last = (x.clone(), logits.detach().clone())\n"
+                              "return logits"),
     "nan_logits": "return self.honest(x) * float('nan')",
     "all_minus_inf": "return torch.full_like(self.honest(x), float('-inf'))",
     "raises": "return self.honest(x) / {}['no such key']",

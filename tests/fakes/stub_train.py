@@ -22,7 +22,7 @@ import time
 # line between two changes), as a re-made (rebased) change must.
 VAL_BPB = [1.0]
 
-MODE = "ok"  # ok | crash | nan | oom | datafail | nosummary | hang | spawn (hang with a child process)
+MODE = "ok"  # ok | crash | nan | oom | datafail | nosummary | hang | spawn (hang with a child process) | heldout (names a held-out gain)
 
 SLEEP = 0.0  # seconds of "training" before the summary
 
@@ -87,3 +87,5 @@ print("training_seconds: 0.1")
 print(f"peak_vram_mb:     {PEAK_VRAM_MB:.1f}")
 print("mfu_percent:      1.00")
 print("depth:            2")
+if MODE == "heldout":  # the second opinion's figure, as a line train.py wrote into the log itself
+    print("METRIC heldout_gain=0.5")

@@ -105,6 +105,16 @@ def test_a_session_keeps_discards_crashes_rejects(tmp_path: Path) -> None:
     assert "- gain: +0.200000 ± 0.003394 (+20.00%, n = 1 vs 1; not confirmed yet" in report and "| 0.100000 |" in report
 
 
+def test_a_held_out_gain_a_run_names_itself_is_not_recorded(tmp_path: Path) -> None:
+    """`heldout_gain` is the second opinion's (a keep is SUSPECT when it vanishes): a run whose log
+    named one (a line train.py wrote into the log file itself, past the harness's prefix) had it
+    recorded as its own, shown in the report's table and /best for a keep that got no second opinion."""
+    settings = make_stub_workspace(tmp_path)
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.5], "MODE": "heldout"}}])) == 0
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert rows[1].status == "keep" and rows[1].metric == 0.5 and "heldout_gain" not in rows[1].metrics, rows[1]
+
+
 @pytest.mark.parametrize(
     ("step", "reason"),
     [

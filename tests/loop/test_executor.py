@@ -97,3 +97,35 @@ def test_a_reused_pid_is_not_our_run(tmp_path: Path) -> None:
     impostor = dataclasses.replace(handle, create_time=handle.create_time - 100)
     assert ex.poll([impostor])[impostor.key] == RunStatus("lost")
     ex.cancel(handle, grace_s=1)
+
+
+# a training command that writes the run's log file itself (through /proc, as the process whose
+# stdout it is), past the harness's `train.py| ` prefix: padding, then a better val_bpb at its end
+WRITES_THE_LOG = """
+import os
+open(os.path.join(os.environ["NIGHTLAB_ARTIFACT_DIR"], "model"), "w").close()
+pid = os.getppid()
+while not os.readlink(f"/proc/{pid}/fd/1").endswith("1.log"):
+    pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+with open(f"/proc/{pid}/fd/1", "a") as log:
+    log.write("#" * 4096 + "\\nMETRIC val_bpb=0.001\\n")
+"""
+
+
+def test_lines_a_run_writes_into_its_log_itself_come_before_the_harness_s(tmp_path: Path) -> None:
+    """The log was opened without O_APPEND: a line the training command appended to it (through
+    /proc) lay past the harness's offset, whose later lines (the summary) overwrote only its start,
+    so a METRIC val_bpb at its end came after the harness's and was read instead (0.001 for 2.5).
+    Every writer now appends: the harness's lines come after it."""
+    import sys
+
+    from nightlab.loop.summary import parse_summary
+
+    (tmp_path / "inject.py").write_text(WRITES_THE_LOG)
+    python = sys.executable
+    cmd = (f"{python} -m nightlab.trainer.prepare run --command '{python} inject.py'"
+           " --score 'echo METRIC val_bpb=2.5'")
+    ex = LocalExecutor()
+    handle = ex.launch(_spec(tmp_path, cmd))
+    assert _wait(ex, handle) == RunStatus("exited", 0), ex.read_log(handle)
+    assert parse_summary(ex.read_log(handle)).get("val_bpb") == 2.5

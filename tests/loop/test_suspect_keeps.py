@@ -13,10 +13,10 @@ from nightlab.loop.state.store import Store
 
 
 def _record(store: Store, number: int, kind: str, metric: float, best: float, heldout: float | None = None,
-            status: str = "keep", confirm_of: int | None = None) -> None:
+            status: str = "keep", confirm_of: int | None = None, metrics: dict[str, float] | None = None) -> None:
     cand = ledger.new_candidate(store, kind, "base", commit=f"{number:07d}abc", description=f"change {number}",
                                 confirm_of=confirm_of)
-    metrics = {} if heldout is None else {HELDOUT_GAIN: heldout}
+    metrics = metrics if metrics is not None else {} if heldout is None else {HELDOUT_GAIN: heldout}
     exp = ledger.Experiment(
         number=cand.number, kind=kind, confirm_of=confirm_of, commit=f"{number:07d}abc", status=status, metric=metric,
         metrics=metrics, best=best, confidence=None if kind == "baseline" else 3.0, description=f"change {number}",
@@ -152,3 +152,74 @@ def test_a_held_out_score_the_run_saved_beside_its_model_is_not_its_second_opini
     kept = keep_artifact(ws, tmp_path / "run", "c" * 40)
     assert kept is not None and sorted(p.name for p in kept.iterdir()) == ["meta.json", "model.pt", "train.py"]
     assert heldout_bpb(ws, {}, "c" * 40, 0) is None  # scored by the harness (none in this stub workspace), not read
+
+
+# the workspace's scorer on a held-out slice: never ends for the commits in $HANGS_ON (a model's code
+# can tell a held-out slice from the scorer's argv), scores the others 1.0
+HELD_OUT_SCORER = """
+import json, os, sys, time
+open(os.environ["SCORER_PID_FILE"], "a").write(f"{os.getpid()}\\n")
+if os.path.basename(sys.argv[sys.argv.index("--artifact") + 1]) in os.environ["HANGS_ON"].split():
+    while True:
+        time.sleep(60)
+json.dump({"bpb": 1.0}, open(sys.argv[sys.argv.index("--result") + 1], "w"))
+"""
+
+
+def _held_out(tmp_path: Path, hangs_on: list[str]):
+    """The second opinion on keeping "a"*40 over "b"*40, with HELD_OUT_SCORER stopped after 2 s."""
+    import psutil
+    from nightlab.loop.second_opinion import second_opinion
+    from nightlab.loop.workspace import open_workspace
+
+    from tests.fakes.loop_workspace import make_stub_workspace
+
+    settings = make_stub_workspace(tmp_path)
+    ws = open_workspace(settings.workspace_path, settings)
+    (ws.path / "harness.py").write_text(HELD_OUT_SCORER)
+    root = ws.path / ".nightlab" / "artifacts"
+    for commit in ("a" * 40, "b" * 40):
+        (root / commit).mkdir(parents=True)
+        (root / commit / "model.pt").write_bytes(b"weights")
+    pid_file = tmp_path / "scorer.pids"
+    ticks: list[None] = []
+    opinion = second_opinion(ws, {"SCORER_PID_FILE": str(pid_file), "HANGS_ON": " ".join(hangs_on)}, "a" * 40,
+                             "b" * 40, 0, timeout_s=2.0, tick=lambda: ticks.append(None))
+    assert ticks  # the engine stayed alive to the daemon
+    for pid in map(int, pid_file.read_text().split() if pid_file.is_file() else []):  # each stopped since
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    return opinion
+
+
+def test_a_held_out_scorer_that_never_ends_is_stopped_and_said(tmp_path: Path) -> None:
+    """The held-out scorer ran with no limit: one that never ended held the engine until the daemon
+    restarted it, and again at each restart (the decision is made again from stored state), until the
+    restarts paused the night. It is stopped after [heartbeat] run_timeout, the engine ticking
+    meanwhile, and the keep says it got no second opinion."""
+    from nightlab.loop.second_opinion import NoOpinion
+
+    assert _held_out(tmp_path, ["a" * 40, "b" * 40]) == NoOpinion(
+        "the harness could not score the model of aaaaaaa on held-out slice 0 (python harness.py score --split"
+        " heldout failed or ran past 2 s, [heartbeat] run_timeout)")
+
+
+def test_a_keep_whose_own_model_cannot_be_scored_on_held_out_rows_is_suspect(tmp_path: Path) -> None:
+    """A model's code can tell a held-out slice from the scorer's argv: a keep that memorised the
+    scored rows and failed (or never ended) there got "no held-out second opinion", never SUSPECT,
+    and so escaped the one check that shows such a keep. Its model unscored where the one it
+    replaced scored is suspect, in the reason, the report's table, /best and the history."""
+    (tmp_path / "night").mkdir()
+    opinion = _held_out(tmp_path / "night", ["a" * 40])
+    assert opinion.text() == ("held-out slice 0: SUSPECT: its model could not be scored there (the model of"
+                              " bbbbbbb it replaced could; python harness.py score --split heldout failed or ran"
+                              " past 2 s, [heartbeat] run_timeout)")
+    store = Store.for_workspace(tmp_path)
+    store.set("workspace.branch", "autoresearch/test")
+    _record(store, 1, "baseline", 1.0, 1.0)
+    _record(store, 2, "proposal", 0.9, 0.9, metrics=opinion.metrics)
+    row = next(line for line in views.report_markdown(tmp_path).splitlines() if line.startswith("| 2 |"))
+    assert "| unscored SUSPECT |" in row, row
+    assert "held-out gain: unscored SUSPECT (its model could not be scored on rows no decision saw)" in views.best_text(
+        tmp_path)
+    assert views.history_text(tmp_path).splitlines()[1].endswith(
+        "change 2 (SUSPECT: its model could not be scored on held-out rows)")

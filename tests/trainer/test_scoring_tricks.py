@@ -57,6 +57,16 @@ def test_a_model_that_looks_ahead_everywhere_but_at_the_probes_cuts_is_rejected(
             score("avoids_the_cuts", seed=seed)
 
 
+def test_a_model_that_replays_its_last_call_to_the_probe_is_rejected(H, score):
+    """The probe's changed batch is the scored batch's rows up to their cuts: a model that kept its last
+    call's inputs and logits gave them back where the rows agree, so the probe saw no move, and it
+    looked ahead on every batch (2.86 -> 0.29 here). The changed batch now goes through a model built
+    anew (its module run again, the weights loaded again): it saw no call before."""
+    for seed in (None, 0, 1):
+        with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
+            score("replays_its_last_call", seed=seed)
+
+
 def test_minus_inf_for_tokens_that_never_come_is_no_look_ahead(score):
     """-inf == -inf: the probe read the difference as NaN and refused the model as not causal."""
     tokenizer = score.tokenizer
@@ -75,6 +85,22 @@ def test_minus_inf_for_tokens_that_never_come_is_no_look_ahead(score):
 def test_a_model_whose_output_cannot_be_scored_is_refused_saying_why(H, score, variant, reason):
     with pytest.raises(H.Rejected) as refused:
         score(variant)
+    assert str(refused.value).startswith(reason), str(refused.value)
+
+
+@pytest.mark.parametrize(("saved", "reason"), [
+    ("the module", "the saved model.pt is not weights the harness can read (UnpicklingError: Weights only load failed."),
+    ("a list", "the saved weights do not fit build_model(config): Expected state_dict to be dict-like, got <class 'list'>"),
+])
+def test_a_model_pt_that_holds_no_weights_is_refused_saying_why(H, score, data_dir, tmp_path, saved, reason):
+    """A train.py that saved its model itself (torch.save(model), not its state_dict) ended the scorer
+    with a traceback: the run's log said only that the scorer left no result."""
+    import torch
+
+    artifact = save_artifact(tmp_path / "saved", "honest", score.tokenizer.get_vocab_size())
+    torch.save(torch.nn.Linear(2, 2) if saved == "the module" else [1, 2], artifact / "model.pt")
+    with pytest.raises(H.Rejected) as refused:
+        H.score(artifact, data_dir)
     assert str(refused.value).startswith(reason), str(refused.value)
 
 
@@ -308,6 +334,153 @@ def test_a_refusal_names_every_change_the_training_command_made(run_env, capfd):
     refused = _scored(capfd.readouterr().out).rejected
     assert refused is not None and f"{data}/shard_00000.parquet (written)" in refused, refused
     assert "the code the harness builds the model with" in refused, refused
+
+
+# what each trick below starts with: the data dir, the scored rows' cache file, rows of one long
+# token (as POISON's), and a write that stat cannot see: in place, the mtime put back, and a hard link
+# added (a ctime that moved with the link count had been read as another slot's view linking the file)
+UNSEEN = '''
+import tempfile
+import zipfile
+import torch
+from nightlab.trainer import prepare as P
+
+data = os.environ['NIGHTLAB_DATA_DIR'].removesuffix('.train')
+cache = data + '/' + P.EVAL_CACHE_DIR
+(cached,) = os.listdir(cache)
+tokenizer = P.Tokenizer.from_directory(data + '/tokenizer')
+longest = max(range(tokenizer.get_vocab_size()), key=tokenizer.token_byte_lengths().__getitem__)
+n, T = P.EVAL_TOKENS // P.MAX_SEQ_LEN, P.MAX_SEQ_LEN
+easy = torch.full((n, T + 1), longest, dtype=torch.int32)
+easy[:, 0] = tokenizer.get_bos_token_id()
+elsewhere = tempfile.mkdtemp()
+torch.save(easy, os.path.join(elsewhere, cached))
+# the same bytes but for the rows, in a file of the same size: saved under the name it was saved under
+saved_as = zipfile.ZipFile(os.path.join(cache, cached)).namelist()[0].split('/')[0]
+torch.save(easy, os.path.join(elsewhere, saved_as + '.pt'))
+
+def write_unseen(path, text):
+    st = os.stat(path)
+    os.link(path, os.path.join(elsewhere, 'link'))
+    with open(path, 'r+b') as f:
+        f.write(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+'''
+# the tokenizer's tokens reversed (the same bytes in the file): the scored ids stand for longer text
+TOKENIZER_UNSEEN = UNSEEN + '''
+import json
+path = data + '/' + P.TOKENIZER_FILE
+spec = json.loads(open(path).read())
+tokens = [token for token, _ in spec['mergeable_ranks']][::-1]
+spec['mergeable_ranks'] = [[token, rank] for token, (_, rank) in zip(tokens, spec['mergeable_ranks'])]
+text = json.dumps(spec).encode()
+assert len(text) == os.path.getsize(path)
+write_unseen(path, text)
+'''
+CACHE_UNSEEN = UNSEEN + ("text = open(os.path.join(elsewhere, saved_as + '.pt'), 'rb').read()\n"
+                         "assert len(text) == os.path.getsize(os.path.join(cache, cached))\n"
+                         "write_unseen(os.path.join(cache, cached), text)\n")
+# the cache folder made a link to rows the run wrote (the check walked no linked folder)
+CACHE_LINKED = UNSEEN + "shutil.rmtree(cache)\nos.symlink(elsewhere, cache)\n"
+# a folder where the scored rows' file goes: the scorer could not write it, nor any later run
+CACHE_BLOCKED = UNSEEN + "os.remove(os.path.join(cache, cached))\nos.mkdir(os.path.join(cache, cached))\n"
+
+
+def test_a_tokenizer_written_unseen_by_stat_is_refused(run_env, capfd):
+    """Written in place, its mtime put back and a hard link added, the tokenizer passed the check (a
+    link count that moved with the ctime was taken for another slot's view linking it), and the scorer
+    counted the scored tokens' bytes by it: the same model scored 2.86 -> 2.20. Only training shards
+    are linked by views; any other file of the data dir whose ctime moved was written."""
+    data, train_command = run_env
+    assert prepare.run(train_command(TOKENIZER_UNSEEN)) == prepare.REJECTED_EXIT
+    refused = _scored(capfd.readouterr().out).rejected
+    assert refused is not None and f"{data}/tokenizer/tokenizer.json (written)" in refused, refused
+
+
+def test_the_scored_rows_cache_a_run_wrote_never_scores_it_nor_a_later_run(run_env, capfd):
+    """The scored rows' cache, rewritten as the tokenizer above (2.86 -> 0.19), or its folder made a link
+    to rows the run wrote (the check walked no linked folder; 0.19), or a folder put where the file
+    goes: the scorer could not write the rows, and every later run ended in a traceback. The cache
+    folder keeps regular files only, and the scorer makes them again from the validation shard."""
+    data, train_command = run_env
+    scored = []
+    tricks = {"honest": "", "written unseen by stat": CACHE_UNSEEN, "its folder a link": CACHE_LINKED,
+              "a folder in its place": CACHE_BLOCKED, "the run after": ""}
+    for name, trick in tricks.items():
+        code = prepare.run(train_command(trick))
+        out = capfd.readouterr().out
+        assert code == 0, (name, out[-2000:])
+        scored.append((name, _scored(out).get("val_bpb")))
+    assert scored[0][1] is not None and all(bpb == scored[0][1] for _, bpb in scored), scored  # the shard's rows
+    assert not (data / prepare.EVAL_CACHE_DIR).is_symlink()
+
+
+# figures train.py hands `finish` (or writes into meta.json) of types the summary cannot format
+ODD_FIGURES = (
+    "import json\npath = os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'meta.json')\nmeta = json.load(open(path))\n"
+    "meta['train'].update(depth=8.0, num_steps='many', total_tokens_M='lots', training_seconds=None,"
+    " peak_vram_mb=float('nan'), profile='tiny\\nREJECTED: made up\\nMETRIC val_bpb=0.01',"
+    " cuda_capability='9.0\\nMETRIC val_bpb=0.01')\n"
+    "open(path, 'w').write(json.dumps(meta))\n")
+
+
+def test_training_figures_of_odd_types_are_said_as_figures_not_a_traceback(run_env, capfd):
+    """`depth=8.0` (a float where a count goes) or a word for a figure ended `prepare.py run` with a
+    traceback after the model was scored, the run lost; a text figure's line breaks made lines of
+    their own: a REJECTED line the log's reader took as the harness's, and a METRIC val_bpb after the
+    harness's (the cuda capability's line comes after it), read instead of it."""
+    _, train_command = run_env
+    assert prepare.run(train_command()) == 0
+    honest = _scored(capfd.readouterr().out).get("val_bpb")
+    assert prepare.run(train_command(ODD_FIGURES)) == 0
+    out = capfd.readouterr().out
+    summary = _scored(out)
+    assert summary.get("val_bpb") == honest and summary.rejected is None, out[-2000:]
+    assert summary.get("depth") == 8 and summary.get("num_steps") is None and summary.get("total_tokens_M") is None
+    assert "profile: tiny REJECTED: made up METRIC val_bpb=0.01\n" in out
+
+
+def test_the_training_views_marker_put_in_the_data_dir_changes_nothing(run_env, capfd):
+    """The marker of the data dir as train.py sees it (no validation shard) put in the data dir
+    itself: the check did not look at a file that was no shard, the scorer found no validation data,
+    and every later run failed saying the data dir 'holds no validation data: ... do not evaluate in
+    train.py', until a person found the file. It marks a view only in a folder named as one."""
+    _, train_command = run_env
+    trick = f"open(os.environ['NIGHTLAB_DATA_DIR'].removesuffix('.train') + '/{prepare.TRAINING_ONLY_MARKER}', 'w').close()\n"
+    for command in (train_command(trick), train_command()):  # the run, and the one after it
+        assert prepare.run(command) == 0
+        out = capfd.readouterr().out
+        assert _scored(out).get("val_bpb") is not None, out[-2000:]
+
+
+def test_output_that_never_ends_its_line_reaches_the_log_as_it_comes(tmp_path):
+    """The training command's output was passed on a line at a time: one that never ended its line
+    (a progress bar redrawn with `\\r`, or a print without end in a loop) was held whole in the run's
+    memory, growing while the log did not. It is passed on in pieces; the test waits for a line's
+    first megabyte in the log while the line is still open."""
+    from tests.waiting import wait_until
+
+    script = tmp_path / "train.py"
+    script.write_text("import os, sys\nopen(os.path.join(os.environ['NIGHTLAB_ARTIFACT_DIR'], 'model'), 'w').close()\n"
+                      "sys.stdout.write('x' * 2**20)\nsys.stdout.flush()\nsys.stdin.readline()\n"
+                      "print('METRIC val_bpb=0.5')\n")
+    env = {k: v for k, v in os.environ.items() if k != prepare.ENV_DATA_DIR}
+    env[prepare.ENV_ARTIFACT_DIR] = str(tmp_path / "artifact")
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nightlab.trainer.prepare", "run", "--command",
+                                 f"{sys.executable} {script}", "--score", "echo METRIC score=1"], cwd=tmp_path,
+                                env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: log.stat().st_size >= 2**20, "the open line's megabyte in the log",
+                       abort=lambda: None if proc.poll() is None else f"the run ended: {log.read_text()[-500:]}")
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-500:]
+    assert "train.py| METRIC val_bpb=0.5" in text and _scored(text).get("val_bpb") is None  # still prefixed
 
 
 def test_a_training_shard_added_while_a_run_trains_is_no_reason_to_refuse_it(run_env, capfd):
