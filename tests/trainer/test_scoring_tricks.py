@@ -4,6 +4,7 @@ saved as `finish` saves a run's model and scored by the harness's own `score`, i
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from nightlab.trainer import prepare
 
-from tests.fakes.scored_models import save_artifact
+from tests.fakes.scored_models import RANDOM_FEATURES, save_artifact
 from tests.trainer.conftest import TRAINER
 
 T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
@@ -74,6 +75,15 @@ def test_minus_inf_for_tokens_that_never_come_is_no_look_ahead(score):
                     if name != prepare.BOS_TOKEN)
     honest = score("honest")
     assert honest - 1e-3 < score("masks_unused_tokens", masked=unused) < honest  # their share of the mass goes
+
+
+def test_random_state_a_model_draws_when_built_is_no_look_ahead(score):
+    """The probe's changed batch goes through a model built anew: a model whose build draws random
+    values it does not save (a non-persistent buffer of random features) drew other ones there, its
+    logits moved everywhere and the honest model was refused as not causal. Every build starts from
+    the same seed."""
+    for seed in (None, 0, 1):
+        assert math.isfinite(score("random_features", seed=seed, build=RANDOM_FEATURES))
 
 
 @pytest.mark.parametrize(("variant", "reason"), [
