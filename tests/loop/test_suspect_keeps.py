@@ -183,7 +183,8 @@ def _held_out(tmp_path: Path, hangs_on: list[str]):
         (root / commit / "model.pt").write_bytes(b"weights")
     pid_file = tmp_path / "scorer.pids"
     ticks: list[None] = []
-    opinion = second_opinion(ws, {"SCORER_PID_FILE": str(pid_file), "HANGS_ON": " ".join(hangs_on)}, "a" * 40,
+    opinion = second_opinion(ws, {"SCORER_PID_FILE": str(pid_file), "HANGS_ON": " ".join(hangs_on),
+                                  "NIGHTLAB_DATA_DIR": "/data/stdlib"}, "a" * 40,
                              "b" * 40, 0, timeout_s=2.0, tick=lambda: ticks.append(None))
     assert ticks  # the engine stayed alive to the daemon
     for pid in map(int, pid_file.read_text().split() if pid_file.is_file() else []):  # each stopped since
@@ -198,9 +199,12 @@ def test_a_held_out_scorer_that_never_ends_is_stopped_and_said(tmp_path: Path) -
     meanwhile, and the keep says it got no second opinion."""
     from nightlab.loop.second_opinion import NoOpinion
 
+    artifacts = tmp_path / "ws" / ".nightlab" / "artifacts"
     assert _held_out(tmp_path, ["a" * 40, "b" * 40]) == NoOpinion(
-        "the harness could not score the model of aaaaaaa on held-out slice 0 (python harness.py score --split"
-        " heldout failed or ran past 2 s, [heartbeat] run_timeout)")
+        "the harness could not score the model of aaaaaaa on held-out slice 0 (`NIGHTLAB_DATA_DIR=/data/stdlib python"
+        " harness.py score --split"
+        f" heldout --slice 0 --artifact {artifacts / ('a' * 40)}` failed or ran past 2 s, [heartbeat] run_timeout;"
+        " run it in the workspace to see why)")
 
 
 def test_a_keep_whose_own_model_cannot_be_scored_on_held_out_rows_is_suspect(tmp_path: Path) -> None:
@@ -210,9 +214,12 @@ def test_a_keep_whose_own_model_cannot_be_scored_on_held_out_rows_is_suspect(tmp
     replaced scored is suspect, in the reason, the report's table, /best and the history."""
     (tmp_path / "night").mkdir()
     opinion = _held_out(tmp_path / "night", ["a" * 40])
+    artifacts = tmp_path / "night" / "ws" / ".nightlab" / "artifacts"
     assert opinion.text() == ("held-out slice 0: SUSPECT: its model could not be scored there (the model of"
-                              " bbbbbbb it replaced could; python harness.py score --split heldout failed or ran"
-                              " past 2 s, [heartbeat] run_timeout)")
+                              " bbbbbbb it replaced could; `NIGHTLAB_DATA_DIR=/data/stdlib python harness.py score"
+                              " --split heldout --slice 0"
+                              f" --artifact {artifacts / ('a' * 40)}` failed or ran past 2 s, [heartbeat]"
+                              " run_timeout; run it in the workspace to see why)")
     store = Store.for_workspace(tmp_path)
     store.set("workspace.branch", "autoresearch/test")
     _record(store, 1, "baseline", 1.0, 1.0)
