@@ -208,6 +208,20 @@ def test_a_cache_file_another_slots_scorer_made_again_is_no_reason_to_refuse_a_r
     assert prepare.tampered_data(data, c_began) is None  # C ends (and its scorer makes the file again)
 
 
+def test_another_slot_making_the_training_view_again_leaves_the_data_dirs_tokenizer_alone(run_env):
+    """Only a training shard may have its ctime move with its link count (another slot's view linking
+    it) since the tokenizer written behind a hard link was refused: the view holds a copy of the
+    tokenizer, never a link, so another slot's run making the view's again (removed meanwhile) leaves
+    the data dir's as it was, and the run training meanwhile is not refused for it."""
+    data, _ = run_env
+    view = prepare.training_view(data)  # this run's
+    began = prepare.data_files(data)
+    (view / prepare.TOKENIZER_FILE).unlink()
+    assert prepare.training_view(data) == view  # another slot's run
+    assert not os.path.samefile(view / prepare.TOKENIZER_FILE, data / prepare.TOKENIZER_FILE)
+    assert prepare.tampered_data(data, began) is None
+
+
 # trains until the test writes a line to the run's stdin (its scorer's check is taken by then)
 GATED = "import sys\nprint('training', flush=True)\nsys.stdin.readline()\n"
 
