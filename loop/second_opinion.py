@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from nightlab.loop.hardware import DATA_DIR_ENV
 from nightlab.loop.processes import stop_tree
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.stats import HELDOUT_GAIN, HELDOUT_UNSCORED, gain, suspect
@@ -195,11 +197,18 @@ def second_opinion(ws: Workspace, env: dict[str, str], kept: str, base: str, sli
                          " compared with this one's")
     kept_bpb = heldout_bpb(ws, env, kept, slice_index, timeout_s, tick)
     base_bpb = heldout_bpb(ws, env, base, slice_index, timeout_s, tick)
-    how = (f"python harness.py score --split heldout failed or ran past {timeout_s:g} s, [heartbeat]"
-           " run_timeout")
+
+    def how(commit: str) -> str:
+        # the command, to see why: the scorer's output is not kept (a model could print without end), and
+        # a keep SUSPECT for it may be the box's doing (out of the GPU's memory) as well as its model's
+        data = f"{DATA_DIR_ENV}={shlex.quote(env[DATA_DIR_ENV])} " if env.get(DATA_DIR_ENV) else ""  # the runs' data
+        return (f"`{data}python harness.py score --split heldout --slice {slice_index} --artifact {root / commit}` failed"
+                f" or ran past {timeout_s:g} s, [heartbeat] run_timeout; run it in the workspace to see why")
+
     if kept_bpb is None and base_bpb is not None:
-        return KeptUnscored(slice_index, f"the model of {base[:7]} it replaced could; {how}")
+        return KeptUnscored(slice_index, f"the model of {base[:7]} it replaced could; {how(kept)}")
     if kept_bpb is None or base_bpb is None:
-        return NoOpinion(f"the harness could not score the model of {(base if kept_bpb else kept)[:7]} on held-out"
-                         f" slice {slice_index} ({how})")
+        unscored = base if kept_bpb else kept
+        return NoOpinion(f"the harness could not score the model of {unscored[:7]} on held-out slice {slice_index}"
+                         f" ({how(unscored)})")
     return SecondOpinion(slice_index, kept_bpb, base_bpb, direction)

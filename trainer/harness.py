@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import resource
 import shutil
@@ -59,6 +60,7 @@ ENV_COMPILE = "NIGHTLAB_COMPILE"  # 0: never torch.compile (a device where it ca
 UNTIMED_STEPS = 10  # the first steps (compilation, warm-up) do not count against TIME_BUDGET
 ARTIFACT_FORMAT = "nightlab-artifact/1"
 REJECTED_EXIT = prepare.REJECTED_EXIT  # `score`: the model was refused (the line before says why)
+SEED = 42  # `setup`'s, and every build of a scored model's (`built_model`)
 PROBE_ATOL = 1e-2  # logits are soft-capped at ~15; a model that looks ahead moves them far more
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -564,7 +566,7 @@ def artifact_dir() -> Path:
     return Path(raw) if raw else Path(prepare.DEFAULT_ARTIFACT_DIR)
 
 
-def setup(seed: int = 42, attention_backend: str = "auto", compile: bool = True) -> Runtime:
+def setup(seed: int = SEED, attention_backend: str = "auto", compile: bool = True) -> Runtime:
     """Seed, device, dtype, compile and attention backend for this process; prints what it chose."""
     sys.excepthook = _data_errors_said
     torch.manual_seed(seed)
@@ -653,7 +655,12 @@ def load_trained(artifact: Path, rt: Runtime):
 def built_model(artifact: Path, meta: dict[str, Any], rt: Runtime):
     """A model built from scratch: the artifact's train.py run as a module of its own, its
     `build_model(config, device, dtype)`, the weights read from model.pt. Nothing of an earlier
-    one's (its calls, its module's globals) is in it: the probe's model is built so."""
+    one's (its calls, its module's globals) is in it: the probe's model is built so. Each build draws
+    from the same seed: random values a build draws but does not save (a non-persistent buffer of
+    random features) differed in the probe's model, and an honest model was refused as not causal.
+    The first build's draws are as before (`setup` seeds torch so, and nothing draws in between)."""
+    torch.manual_seed(SEED)  # every device's
+    random.seed(SEED)
     spec = importlib.util.spec_from_file_location("nightlab_scored_train", artifact / "train.py")
     if spec is None or spec.loader is None or not (artifact / "train.py").is_file():
         raise Rejected(f"no train.py saved with the model in {artifact}")

@@ -233,9 +233,20 @@ def held_out_opinion(ctx: Context, cand: Candidate, out: Outcome,
     if cand.kind == "baseline":
         return None
     earlier = sum(1 for e in rows if e.status == "keep" and e.kind != "baseline")
-    return second_opinion(ctx.ws, ctx.env, cand.commit, cand.base_commit, earlier, ctx.direction,
+    return second_opinion(ctx.ws, _scorer_env(ctx, cand), cand.commit, cand.base_commit, earlier, ctx.direction,
                           timeout_s=ctx.settings.heartbeat.run_timeout,
                           tick=lambda: ctx.store.set("engine.tick", time.time()))
+
+
+def _scorer_env(ctx: Context, cand: Candidate) -> dict[str, str]:
+    """The held-out scorer's environment: on this machine, the GPU of the run just recorded (free until
+    the next launch), as the executor pins a run. It saw every GPU and took the first, another slot's
+    while that one trained: slowing its run, or out of its memory, which made an honest keep SUSPECT."""
+    run = ledger.run_for_candidate(ctx.store, cand.id)
+    slot = next((s for s in ctx.slots if run is not None and s.name == run.slot), None)
+    if slot is None or ctx.executor.backend != "local":
+        return ctx.env
+    return {**ctx.env, "CUDA_VISIBLE_DEVICES": "" if slot.gpu is None else str(slot.gpu)}
 
 
 def _measurements(rows: list[Experiment], judged: Judged, cls: HardwareClass, hw: str) -> Callable[[str], list[float]]:

@@ -41,6 +41,10 @@ def build_model(config, device, dtype=torch.float32):
 '''
 
 _BUILD = "    return Model(config['vocab_size'], config.get('masked', [])).to(device)"
+# the build of "random_features": its features a buffer that is not in the state dict
+RANDOM_FEATURES = ("    model = Model(config['vocab_size'], config.get('masked', []))\n"
+                   "    model.register_buffer('features', torch.randn(16, 16), persistent=False)\n"
+                   "    return model.to(device)")
 
 FORWARDS = {
     "honest": "return self.honest(x)",
@@ -67,6 +71,8 @@ FORWARDS = {
                               "    logits = torch.where(same, last[1], logits)\n"
                               "self.last = (x.clone(), logits.detach().clone())\n"
                               "return logits"),
+    # a legitimate design: random features drawn when the model is built, never saved (`RANDOM_FEATURES`)
+    "random_features": "h = self.embed(x)\nreturn self.head(h + torch.sin(h @ self.features))",
     "nan_logits": "return self.honest(x) * float('nan')",
     "all_minus_inf": "return torch.full_like(self.honest(x), float('-inf'))",
     "raises": "return self.honest(x) / {}['no such key']",

@@ -129,3 +129,17 @@ def test_lines_a_run_writes_into_its_log_itself_come_before_the_harness_s(tmp_pa
     handle = ex.launch(_spec(tmp_path, cmd))
     assert _wait(ex, handle) == RunStatus("exited", 0), ex.read_log(handle)
     assert parse_summary(ex.read_log(handle)).get("val_bpb") == 2.5
+
+
+def test_a_new_attempt_of_a_run_starts_its_log_empty(tmp_path: Path) -> None:
+    """Every writer appends to the log since be85187: a re-run of the same experiment (same log path)
+    must still start from an empty file, or the earlier attempt's METRIC val_bpb, read last, would be
+    the new attempt's when it prints none."""
+    from nightlab.loop.summary import parse_summary
+
+    ex = LocalExecutor()
+    first = ex.launch(_spec(tmp_path, "echo METRIC val_bpb=0.5"))
+    assert _wait(ex, first) == RunStatus("exited", 0)
+    again = ex.launch(_spec(tmp_path, "echo no summary; exit 1"))
+    assert _wait(ex, again) == RunStatus("exited", 1)
+    assert ex.read_log(again) == "no summary\n" and parse_summary(ex.read_log(again)).get("val_bpb") is None

@@ -183,7 +183,8 @@ def _held_out(tmp_path: Path, hangs_on: list[str]):
         (root / commit / "model.pt").write_bytes(b"weights")
     pid_file = tmp_path / "scorer.pids"
     ticks: list[None] = []
-    opinion = second_opinion(ws, {"SCORER_PID_FILE": str(pid_file), "HANGS_ON": " ".join(hangs_on)}, "a" * 40,
+    opinion = second_opinion(ws, {"SCORER_PID_FILE": str(pid_file), "HANGS_ON": " ".join(hangs_on),
+                                  "NIGHTLAB_DATA_DIR": "/data/stdlib"}, "a" * 40,
                              "b" * 40, 0, timeout_s=2.0, tick=lambda: ticks.append(None))
     assert ticks  # the engine stayed alive to the daemon
     for pid in map(int, pid_file.read_text().split() if pid_file.is_file() else []):  # each stopped since
@@ -198,9 +199,12 @@ def test_a_held_out_scorer_that_never_ends_is_stopped_and_said(tmp_path: Path) -
     meanwhile, and the keep says it got no second opinion."""
     from nightlab.loop.second_opinion import NoOpinion
 
+    artifacts = tmp_path / "ws" / ".nightlab" / "artifacts"
     assert _held_out(tmp_path, ["a" * 40, "b" * 40]) == NoOpinion(
-        "the harness could not score the model of aaaaaaa on held-out slice 0 (python harness.py score --split"
-        " heldout failed or ran past 2 s, [heartbeat] run_timeout)")
+        "the harness could not score the model of aaaaaaa on held-out slice 0 (`NIGHTLAB_DATA_DIR=/data/stdlib python"
+        " harness.py score --split"
+        f" heldout --slice 0 --artifact {artifacts / ('a' * 40)}` failed or ran past 2 s, [heartbeat] run_timeout;"
+        " run it in the workspace to see why)")
 
 
 def test_a_keep_whose_own_model_cannot_be_scored_on_held_out_rows_is_suspect(tmp_path: Path) -> None:
@@ -210,9 +214,12 @@ def test_a_keep_whose_own_model_cannot_be_scored_on_held_out_rows_is_suspect(tmp
     replaced scored is suspect, in the reason, the report's table, /best and the history."""
     (tmp_path / "night").mkdir()
     opinion = _held_out(tmp_path / "night", ["a" * 40])
+    artifacts = tmp_path / "night" / "ws" / ".nightlab" / "artifacts"
     assert opinion.text() == ("held-out slice 0: SUSPECT: its model could not be scored there (the model of"
-                              " bbbbbbb it replaced could; python harness.py score --split heldout failed or ran"
-                              " past 2 s, [heartbeat] run_timeout)")
+                              " bbbbbbb it replaced could; `NIGHTLAB_DATA_DIR=/data/stdlib python harness.py score"
+                              " --split heldout --slice 0"
+                              f" --artifact {artifacts / ('a' * 40)}` failed or ran past 2 s, [heartbeat]"
+                              " run_timeout; run it in the workspace to see why)")
     store = Store.for_workspace(tmp_path)
     store.set("workspace.branch", "autoresearch/test")
     _record(store, 1, "baseline", 1.0, 1.0)
@@ -223,3 +230,49 @@ def test_a_keep_whose_own_model_cannot_be_scored_on_held_out_rows_is_suspect(tmp
         tmp_path)
     assert views.history_text(tmp_path).splitlines()[1].endswith(
         "change 2 (SUSPECT: its model could not be scored on held-out rows)")
+
+
+# the workspace's scorer on a held-out slice: fails (as out of the GPU's memory) on any GPU but the one in
+# $FREE_GPU, where it scores 1.0
+SCORER_ON_A_BUSY_GPU = """
+import json, os, sys
+if os.environ.get("CUDA_VISIBLE_DEVICES") != os.environ["FREE_GPU"]:
+    sys.exit("torch.OutOfMemoryError: CUDA out of memory (another slot's training holds it)")
+json.dump({"bpb": 1.0}, open(sys.argv[sys.argv.index("--result") + 1], "w"))
+"""
+
+
+def test_a_keep_is_scored_on_held_out_rows_on_its_own_slots_gpu_not_another_slots(tmp_path: Path) -> None:
+    """The held-out scorer saw every GPU and took the first: in an asynchronous night a keep from slot
+    gpu1 was scored on gpu0 while gpu0's run trained there (slowing that run, or out of its memory),
+    and an unscorable keep is SUSPECT. It runs on the GPU of the run just recorded, free until the
+    next launch, as that run did."""
+    import dataclasses
+    import threading
+
+    from nightlab.loop.engine import Engine
+    from nightlab.loop.engine.deciding import held_out_opinion
+    from nightlab.loop.engine.outcome import Outcome
+    from nightlab.loop.executors.local import LocalExecutor
+    from nightlab.loop.second_opinion import SecondOpinion
+    from nightlab.loop.workspace import open_workspace
+    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR
+
+    from tests.fakes.loop_workspace import make_stub_workspace
+    from tests.fakes.scripted_proposer import ScriptedProposer
+
+    settings = make_stub_workspace(tmp_path)
+    ws = open_workspace(settings.workspace_path, settings)
+    ctx = Engine(settings, ws, LocalExecutor(gpus=(0, 1)), ScriptedProposer([]), {"FREE_GPU": "1"}, threading.Event()).ctx
+    ctx.ws = dataclasses.replace(ctx.ws, builtin_trainer=True)  # the stub workspace's run stands for the harness's
+    (ws.path / "harness.py").write_text(SCORER_ON_A_BUSY_GPU)
+    kept, base = "a" * 40, "b" * 40
+    (ws.path / ".nightlab" / "artifacts" / base).mkdir(parents=True)
+    (ws.path / ".nightlab" / "artifacts" / base / "model.pt").write_bytes(b"weights")
+    cand = ledger.new_candidate(ctx.store, "proposal", base, commit=kept, description="a change")
+    ledger.add_run(ctx.store, cand.id, "{}", "gpu1", str(tmp_path / "1.log"))
+    artifact = ctx.run_dir(cand) / DEFAULT_ARTIFACT_DIR
+    artifact.mkdir(parents=True, exist_ok=True)
+    (artifact / "model.pt").write_bytes(b"weights")
+    opinion = held_out_opinion(ctx, cand, Outcome("keep", 0.9, 0.9, "kept"), [])
+    assert opinion == SecondOpinion(0, 1.0, 1.0), opinion.text() if opinion else opinion

@@ -4,6 +4,7 @@ saved as `finish` saves a run's model and scored by the harness's own `score`, i
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from nightlab.trainer import prepare
 
-from tests.fakes.scored_models import save_artifact
+from tests.fakes.scored_models import RANDOM_FEATURES, save_artifact
 from tests.trainer.conftest import TRAINER
 
 T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
@@ -74,6 +75,15 @@ def test_minus_inf_for_tokens_that_never_come_is_no_look_ahead(score):
                     if name != prepare.BOS_TOKEN)
     honest = score("honest")
     assert honest - 1e-3 < score("masks_unused_tokens", masked=unused) < honest  # their share of the mass goes
+
+
+def test_random_state_a_model_draws_when_built_is_no_look_ahead(score):
+    """The probe's changed batch goes through a model built anew: a model whose build draws random
+    values it does not save (a non-persistent buffer of random features) drew other ones there, its
+    logits moved everywhere and the honest model was refused as not causal. Every build starts from
+    the same seed."""
+    for seed in (None, 0, 1):
+        assert math.isfinite(score("random_features", seed=seed, build=RANDOM_FEATURES))
 
 
 @pytest.mark.parametrize(("variant", "reason"), [
@@ -196,6 +206,20 @@ def test_a_cache_file_another_slots_scorer_made_again_is_no_reason_to_refuse_a_r
     assert prepare.tampered_data(data, r_began) is None  # R ends: the file that appeared is removed
     scorer()  # R's
     assert prepare.tampered_data(data, c_began) is None  # C ends (and its scorer makes the file again)
+
+
+def test_another_slot_making_the_training_view_again_leaves_the_data_dirs_tokenizer_alone(run_env):
+    """Only a training shard may have its ctime move with its link count (another slot's view linking
+    it) since the tokenizer written behind a hard link was refused: the view holds a copy of the
+    tokenizer, never a link, so another slot's run making the view's again (removed meanwhile) leaves
+    the data dir's as it was, and the run training meanwhile is not refused for it."""
+    data, _ = run_env
+    view = prepare.training_view(data)  # this run's
+    began = prepare.data_files(data)
+    (view / prepare.TOKENIZER_FILE).unlink()
+    assert prepare.training_view(data) == view  # another slot's run
+    assert not os.path.samefile(view / prepare.TOKENIZER_FILE, data / prepare.TOKENIZER_FILE)
+    assert prepare.tampered_data(data, began) is None
 
 
 # trains until the test writes a line to the run's stdin (its scorer's check is taken by then)
