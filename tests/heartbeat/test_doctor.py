@@ -208,18 +208,24 @@ def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_g
     assert code == 1 and lines(out, "FAIL git")[0].endswith("git is not installed (the loop commits every experiment)")
 
 
+def shard_folder(folder: Path, *names: str) -> Path:
+    """A source folder of small shards `<name>.parquet`, the last by name the validation shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    for name in names:
+        pq.write_table(pa.table({"text": [f"{name} text {i}" for i in range(300)]}), folder / f"{name}.parquet")
+    return folder
+
+
 def test_a_bad_file_in_the_source_folder_fails_as_the_run_would(tmp_path: Path, fake_gpus, capsys) -> None:
     """The data was prepared, then the folder's last file replaced by one that is not parquet:
     doctor said `ok data`, and `nightlab run`, which prepares the folder again first, refused it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from nightlab.trainer import prepare
 
     fake_gpus([])
-    folder = tmp_path / "my shards"
-    folder.mkdir()
-    for name in ("a", "b"):
-        pq.write_table(pa.table({"text": [f"{name} text {i}" for i in range(300)]}), folder / f"{name}.parquet")
+    folder = shard_folder(tmp_path / "my shards", "a", "b")
     config = write_config(tmp_path, data={"source": str(folder), "cache_dir": str(tmp_path / "cache")})
     prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None, tokenizer_max_chars=10_000)
     code, out = doctor(config, capsys)
@@ -241,10 +247,7 @@ def test_a_source_folder_changed_since_prepare_is_said_with_what_the_run_will_do
     from nightlab.trainer import prepare
 
     fake_gpus([])
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    for name in ("a", "b", "c"):
-        pq.write_table(pa.table({"text": [f"{name} text {i}" for i in range(300)]}), folder / f"{name}.parquet")
+    folder = shard_folder(tmp_path / "shards", "a", "b", "c")
     config = write_config(tmp_path, data={"source": str(folder), "cache_dir": str(tmp_path / "cache")})
     data_dir = prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None)
     (folder / "c.parquet").unlink()
@@ -271,15 +274,10 @@ def test_a_relative_source_folder_is_found_from_any_directory(tmp_path: Path, fa
     """data.source = "my shards" was looked for in the shell's directory, unlike workspace.path and
     data.cache_dir (the config's folder): doctor from elsewhere said it was not a directory, and
     `nightlab run --config` from elsewhere refused it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from nightlab.trainer import prepare
 
     fake_gpus([])
-    folder = tmp_path / "my shards"
-    folder.mkdir()
-    for name in ("a", "b"):
-        pq.write_table(pa.table({"text": [f"{name} text {i}" for i in range(300)]}), folder / f"{name}.parquet")
+    folder = shard_folder(tmp_path / "my shards", "a", "b")
     prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None, tokenizer_max_chars=10_000)
     config = write_config(tmp_path, data={"source": "my shards", "cache_dir": "cache"})
     (tmp_path / "elsewhere").mkdir()
@@ -312,15 +310,10 @@ def test_a_training_view_that_cannot_be_made_fails_with_what_to_do(
 ) -> None:
     """Data prepared by another user in a folder this one cannot write: doctor said `ok data` and
     `runs can start`, and every run failed making the data dir train.py reads, next to the data dir."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from nightlab.trainer import prepare
 
     fake_gpus([])
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    for name in ("a", "b"):
-        pq.write_table(pa.table({"text": [f"{name} text {i}" for i in range(300)]}), folder / f"{name}.parquet")
+    folder = shard_folder(tmp_path / "shards", "a", "b")
     config = write_config(tmp_path, data={"source": str(folder), "cache_dir": str(tmp_path / "cache")})
     data_dir = prepare.prepare(str(folder), -1, tmp_path / "cache", progress=lambda _: None, tokenizer_max_chars=10_000)
     view = prepare.training_view_dir(data_dir)

@@ -472,17 +472,14 @@ def test_restart_reattaches_to_a_live_run_and_reads_a_finished_one(tmp_path: Pat
     assert_consistent(settings)
 
 
-def test_a_commit_made_while_a_run_was_left_in_flight_is_measured_after_it_not_reset_away(
-    tmp_path: Path, gates: Gates
-) -> None:
-    """nightlab stopped (systemctl stop) leaves the run in flight; the user then commits an edit
-    of train.py, as the README says, and starts nightlab. Recording the run it re-attached reset
-    the branch to that run's commit: the user's commit was gone from the branch (the reflog
-    only), never measured, and nothing said so. Now it is kept and measured as the next baseline."""
+def _committed_while_2_was_left_in_flight(tmp_path: Path, gates: Gates, value: float) -> tuple[Settings, str, Store]:
+    """A night stopped (systemctl stop) with #2 (its change's VAL_BPB `value`) left in flight, an
+    edit of train.py the user committed then, and the next start's night of 3: (settings, that
+    commit, the store)."""
     gates.open(1)
     settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
     ws = settings.workspace_path
-    first = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}]), limit=3)
+    first = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [value]}}]), limit=3)
     first.running(2)
     first.join(stop=True)  # the daemon stops; #2 goes on
     train = ws / "train.py"
@@ -492,11 +489,23 @@ def test_a_commit_made_while_a_run_was_left_in_flight_is_measured_after_it_not_r
     second = EngineThread(settings, ScriptedProposer([]), limit=3)
     gates.open(2, 3)
     assert second.join() == 0
-    rows = ledger.experiments(second.store)
+    return settings, mine, second.store
+
+
+def test_a_commit_made_while_a_run_was_left_in_flight_is_measured_after_it_not_reset_away(
+    tmp_path: Path, gates: Gates
+) -> None:
+    """nightlab stopped (systemctl stop) leaves the run in flight; the user then commits an edit
+    of train.py, as the README says, and starts nightlab. Recording the run it re-attached reset
+    the branch to that run's commit: the user's commit was gone from the branch (the reflog
+    only), never measured, and nothing said so. Now it is kept and measured as the next baseline."""
+    settings, mine, store = _committed_while_2_was_left_in_flight(tmp_path, gates, 0.9)
+    ws = settings.workspace_path
+    rows = ledger.experiments(store)
     assert [(e.kind, e.status, e.metric) for e in rows] == [("baseline", "keep", 1.0), ("proposal", "keep", 0.9),
                                                              ("baseline", "keep", 0.9)]
     assert rows[2].commit == mine == git_out(ws, "rev-parse", "HEAD")
-    alerts = [e.payload["text"] for e in second.store.events_after(0) if e.kind == "alert"]
+    alerts = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
     assert f"your commit {mine[:7]} (mine: sleep a little) came while #2 was open" in " ".join(alerts), alerts
     assert_consistent(settings)
 
@@ -505,23 +514,12 @@ def test_a_commit_made_on_an_experiments_tree_is_said_to_hold_its_change(tmp_pat
     """A stop leaves a proposal in flight in the workspace's tree, so an edit committed then is
     made on that proposal's commit and holds its change too, which its run may then discard:
     measured next as the user's, nothing said the change was in it."""
-    gates.open(1)
-    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    settings, mine, store = _committed_while_2_was_left_in_flight(tmp_path, gates, 1.5)
     ws = settings.workspace_path
-    first = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [1.5]}}]), limit=3)
-    first.running(2)
-    first.join(stop=True)
-    train = ws / "train.py"
-    train.write_text(train.read_text().replace("SLEEP = 0.0", "SLEEP = 0.01"))
-    git_out(ws, "commit", "-qam", "mine")
-    mine = git_out(ws, "rev-parse", "HEAD")
-    second = EngineThread(settings, ScriptedProposer([]), limit=3)
-    gates.open(2, 3)
-    assert second.join() == 0
-    rows = ledger.experiments(second.store)
+    rows = ledger.experiments(store)
     assert [(e.kind, e.status, e.metric) for e in rows] == [("baseline", "keep", 1.0), ("proposal", "discard", 1.5),
                                                              ("baseline", "keep", 1.5)]
-    [said] = [e.payload["text"] for e in second.store.events_after(0) if e.kind == "alert" and "your commit" in
+    [said] = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert" and "your commit" in
               e.payload["text"]]
     assert said.endswith(f"; it is made on #2's commit, so it holds #2's change too (`git -C {ws} diff"
                          f" {rows[0].commit[:7]} {mine[:7]}` shows all it changes)"), said
