@@ -1187,12 +1187,12 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
     validates: one the run trained on), or a shard added that sorts last (it would validate), is."""
     _regular_cache(data_dir)
     after = data_files(data_dir)
-    validation = max((name for name in after if Path(name).match(SHARD_PATTERN) and "/" not in name), default=None)
+    shards = {name for name in after if Path(name).match(SHARD_PATTERN) and "/" not in name}
+    validation = max(shards, default=None)
     problems = []
     for name, state in sorted(after.items()):
         old = before.get(name)
-        training_shard = Path(name).match(SHARD_PATTERN) and "/" not in name and name != validation
-        changed = old is not None and _written(old, state, view_links=training_shard)
+        changed = old is not None and _written(old, state, view_links=name in shards and name != validation)
         if _cached(name):
             if old is None or changed:
                 (Path(data_dir) / name).unlink(missing_ok=True)
@@ -1402,10 +1402,10 @@ def print_result(result: dict[str, Any], run_started: float | None) -> None:
     def figure(key: str, spec: str) -> float | int | None:
         return _figure(train.get(key), spec)
 
-    tokens = figure("total_tokens_M", ".6f")
+    tokens, trained = figure("total_tokens_M", ".6f"), figure("training_seconds", ".1f")
     block = [
         ("val_bpb", result["bpb"], ".6f"),
-        ("training_seconds", figure("training_seconds", ".1f"), ".1f"),
+        ("training_seconds", trained, ".1f"),
         ("total_seconds", total, ".1f"),
         ("peak_vram_mb", figure("peak_vram_mb", ".1f"), ".1f"),
         ("mfu_percent", figure("mfu_percent", ".2f"), ".2f"),
@@ -1419,7 +1419,7 @@ def print_result(result: dict[str, Any], run_started: float | None) -> None:
         ("startup_seconds", figure("startup_seconds", ".1f"), ".1f"),
         ("score_seconds", result["score_seconds"], ".1f"),
         ("eval_seconds", result["eval_seconds"], ".1f"),
-        ("overhead_seconds", None if total is None else total - (figure("training_seconds", ".1f") or 0.0), ".1f"),
+        ("overhead_seconds", None if total is None else total - (trained or 0.0), ".1f"),
         # the budget in force: a step budget (tiny's) is the budget, its time budget would only mislead
         ("time_budget", None if train.get("budget_steps") else TIME_BUDGET, "d"),
         ("budget_steps", figure("budget_steps", "d"), "d"),
