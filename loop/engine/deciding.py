@@ -25,11 +25,10 @@ from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle
-from nightlab.loop.executors.runfiles import ended_at
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
 from nightlab.loop.second_opinion import KeptUnscored, NoOpinion, SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
-from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass, started_at
+from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass, ended_at, started_at
 from nightlab.loop.state.stats import gain, pooled_noise
 from nightlab.loop.summary import parse_summary
 

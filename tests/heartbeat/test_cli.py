@@ -14,13 +14,17 @@ from pathlib import Path
 import pytest
 from nightlab.heartbeat.cli import build_parser, main
 from nightlab.heartbeat.lock import DaemonLock
+from nightlab.loop.executors import RunSpec
+from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import DAEMON_CONFIG_KEY
+from nightlab.loop.state.ledger import ended_at, started_at
 from nightlab.loop.state.store import Store
 
 from tests.conftest import REPO
 from tests.fakes.daemon_config import write_daemon_config
 from tests.fakes.loop_workspace import make_stub_workspace
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -96,6 +100,34 @@ def test_status_says_when_nightlab_is_not_running(loop: Path, capsys: pytest.Cap
     with DaemonLock(loop):  # as `nightlab run` holds it
         assert main(["status", "--workspace", str(loop)]) == 0
     assert "not running" not in capsys.readouterr().out
+
+
+def test_status_says_a_run_that_ended_finished_not_zero_seconds_left(loop: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A run whose command had ended, its result not read yet by an engine busy elsewhere (an agent
+    proposing, a keep scored on held-out data), showed "(~0s left)" for as long as that took."""
+    store = Store.for_workspace(loop)
+    past = ledger.new_candidate(store, "baseline", "base", description="baseline")
+    ledger.record_experiment(store, past.id, ledger.Experiment(
+        number=past.number, kind="baseline", confirm_of=None, commit="c0ffee", status="keep", metric=1.0,
+        metrics={}, best=1.0, confidence=None, description="baseline", hypothesis="", area="", reason="baseline",
+        duration_s=3600.0), {})
+    cand = ledger.new_candidate(store, "proposal", "c0ffee", phase="running", description="wider MLP")
+    ex = LocalExecutor(cpu_slots=1)
+    go = loop / "go"
+    handle = ex.launch(RunSpec(f"while [ ! -e {go} ]; do sleep 0.05; done", loop, loop / "runs" / "2.log",
+                               ex.slots()[0], {}))
+    ledger.add_run(store, cand.id, handle.to_json(), handle.slot, str(handle.log_path))
+    wait_until(lambda: started_at(handle.log_path), "the run to start")
+    assert main(["status", "--workspace", str(loop)]) == 0
+    running = capsys.readouterr().out.splitlines()[1]
+    assert running.startswith("now: #2 proposal running ") and " left) on cpu0: wider MLP" in running  # the baseline's hour
+    go.touch()
+    wait_until(lambda: ended_at(handle.log_path), "the run to end")
+    assert main(["status", "--workspace", str(loop)]) == 0
+    now = capsys.readouterr().out.splitlines()[1]
+    assert now.startswith("now: #2 proposal finished ") and "left" not in now
+    assert now.endswith(" ago, result not recorded yet on cpu0: wider MLP"), now
 
 
 @pytest.mark.parametrize("argv", [
