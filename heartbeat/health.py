@@ -9,6 +9,7 @@ from pathlib import Path
 
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.disk import GIB, MIB, human_size, tree_size
+from nightlab.loop.state.errors import UserError
 
 # What nightlab writes, and what a person may do about each (folder names as the engine makes them:
 # loop/engine/context.py, loop/compile_cache.py, loop/second_opinion.py, loop/proposers/agent.py).
@@ -47,6 +48,20 @@ def space_used(workspace: Path, cache: Path) -> str:
     found.append((tree_size(cache), str(cache), "data shards and tokenizer: needed (`nightlab prepare` fetches them again)"))
     said = [f"{where} {human_size(size)} ({what})" for size, where, what in sorted(found, reverse=True) if size >= MIB]
     return "; ".join(said)
+
+
+def check_data_source(settings: Settings) -> None:
+    """UserError when the built-in trainer's data folder cannot give data (not there, bad files):
+    asked before `nightlab run` or `nightlab train` makes a workspace, which a refusal once it was
+    made left behind (a repository, its baseline commit, the ledger)."""
+    if settings.project.run_command:
+        return  # a custom project brings its own data
+    from nightlab.trainer import prepare  # pyarrow: not for every import of the jobs
+
+    try:
+        prepare.check_source(settings.data_source, settings.data.shards)
+    except prepare.PrepareError as exc:
+        raise UserError(str(exc)) from None
 
 
 def left_data_dirs(data_dir: Path) -> list[str]:

@@ -353,3 +353,21 @@ def test_the_training_views_name_is_written_once() -> None:
     written = [(p.relative_to(REPO).as_posix(), line.split("#")[0].strip()) for p in code
                for line in p.read_text().splitlines() if re.search(r"""\.train["'/]""", line)]
     assert written == [("trainer/prepare.py", 'TRAINING_VIEW_SUFFIX = ".train"')]
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_data_folder_that_is_not_there_is_refused_before_the_workspace_is_made(
+        command: str, tmp_path: Path, home: Path) -> None:
+    """`nightlab run` with `[data] source` naming a folder that is not there made the workspace (a git
+    repository, its baseline commit, the ledger) and only then failed preparing the data."""
+    nowhere, ws = tmp_path / "nowhere", tmp_path / "ws"
+    config = tmp_path / "n.toml"
+    config.write_text(f'[workspace]\npath = "{ws}"\ntag = "test"\n[data]\nsource = "{nowhere}"\n'
+                      f'cache_dir = "{tmp_path / "cache"}"\n[trainer]\nprofile = "tiny"\n')
+    out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", command, "--config", str(config)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines()[-1] == (
+        f"nightlab: data source {str(nowhere)!r} is not a directory. Use `climbmix`, `stdlib`, an http(s) mirror"
+        " URL, or a folder of parquet shards with a `text` column."), out.stderr
+    assert not ws.exists() and not (tmp_path / "cache").exists()
