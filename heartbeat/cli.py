@@ -134,6 +134,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from nightlab.heartbeat.health import check_data_source
     from nightlab.heartbeat.train_once import train_once
 
     settings = _settings(args)
@@ -149,6 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if source is not None:  # typed here (or written by prepare): relative to this directory, not the config's
         settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, source=_absolute_source(source)))
     path = settings.workspace_path
+    check_data_source(settings)  # before a workspace is made: a refusal after it left it behind
     if not path.exists():
         print(f"nightlab: creating the workspace {path} (--workspace DIR to put it elsewhere)", file=sys.stderr)
     _workspace_dir(path)
@@ -157,9 +159,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from nightlab.heartbeat.daemon import run_daemon
+    from nightlab.heartbeat.health import check_data_source
     from nightlab.loop.state import views
 
     settings = _settings(args)
+    check_data_source(settings)  # before a workspace is made: a refusal after it left it behind
     _workspace_dir(settings.workspace_path)
     # the flag wins, else [loop] max_experiments (0 = no limit); both mean N more than the ledger holds
     more = args.max_experiments if args.max_experiments is not None else settings.loop.max_experiments or None

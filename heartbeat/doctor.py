@@ -4,7 +4,8 @@ Checks what a run needs, each finding with what to do about it: the GPUs (nvidia
 memory, compute capability, bf16, driver), torch as the runs will import it (version, CUDA build,
 whether it sees the GPU or Apple MPS, FlexAttention; probed in a child process, because the daemon
 never imports torch), the FA3 kernel in the local kernels cache (Hopper), free disk for data and
-workspace, the data and tokenizer (and the folder train.py's view of them is made in), git, the
+workspace, the data and tokenizer (and the folder train.py's view of them is made in), the
+workspace's protected files and whether its editable Python files parse, git, the
 programs the config's commands start, each configured chat channel (a real call through the same
 client library the bot uses), and the profile `auto`
 picks with its reason (and whether the config's context and eval sizes fit it). `fail` findings mean a
@@ -48,12 +49,14 @@ from nightlab.loop.workspace import (
 )
 from nightlab.trainer.profiles import (
     DTYPE_ENV,
+    NOT_PYTHON_FIX,
     PROFILES,
     Choice,
     Machine,
     choose,
     dtype_for,
     estimated_peak_bytes,
+    not_python,
     read_constants,
 )
 
@@ -143,6 +146,7 @@ def diagnose(settings: Settings, python: str = sys.executable) -> Report:
         found.append(_data_finding(settings))
         found += _view_findings(settings)
     found += _protected_findings(settings)
+    found += _python_findings(settings)
     found.append(_git_finding())
     found += _program_findings(settings)
     found += _channel_findings(settings)
@@ -400,6 +404,19 @@ def _protected_findings(settings: Settings) -> list[Finding]:
         return [Finding("ok", "harness", f"{', '.join((*todo.write, *todo.record))}: not this nightlab's copy yet,"
                         " brought up to it when the loop starts (a commit on the session branch, said in chat)")]
     return []
+
+
+def _python_findings(settings: Settings) -> list[Finding]:
+    """The workspace's editable Python files that do not parse: every run crashes on one, and the
+    search refuses to start on its file, in the same words."""
+    out = []
+    for name in settings.project.editable:
+        path = settings.workspace_path / name
+        if path.suffix == ".py" and path.is_file():
+            problem = not_python(str(path), path.read_text(encoding="utf-8", errors="replace"))
+            if problem is not None:
+                out.append(Finding("fail", "python", problem, NOT_PYTHON_FIX))
+    return out
 
 
 def _git_finding() -> Finding:

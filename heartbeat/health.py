@@ -9,6 +9,8 @@ from pathlib import Path
 
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.disk import GIB, MIB, human_size, tree_size
+from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.store import DB_FILENAME, state_dir
 
 # What nightlab writes, and what a person may do about each (folder names as the engine makes them:
 # loop/engine/context.py, loop/compile_cache.py, loop/second_opinion.py, loop/proposers/agent.py).
@@ -47,6 +49,22 @@ def space_used(workspace: Path, cache: Path) -> str:
     found.append((tree_size(cache), str(cache), "data shards and tokenizer: needed (`nightlab prepare` fetches them again)"))
     said = [f"{where} {human_size(size)} ({what})" for size, where, what in sorted(found, reverse=True) if size >= MIB]
     return "; ".join(said)
+
+
+def check_data_source(settings: Settings) -> None:
+    """UserError when the built-in trainer's data folder cannot give data (not there, bad files),
+    asked before `nightlab run` or `nightlab train` makes a workspace: a refusal once it was made
+    left it behind (a repository, its baseline commit, the ledger). A workspace made already is left
+    to the start's own preparation, whose refusal the daemon also says in chat."""
+    made = (state_dir(settings.workspace_path) / DB_FILENAME).exists()
+    if settings.project.run_command or made:  # a custom project brings its own data
+        return
+    from nightlab.trainer import prepare  # pyarrow: not for every import of the jobs
+
+    try:
+        prepare.check_source(settings.data_source, settings.data.shards)
+    except prepare.PrepareError as exc:
+        raise UserError(str(exc)) from None
 
 
 def left_data_dirs(data_dir: Path) -> list[str]:

@@ -251,10 +251,3 @@ def clear_stale_git_locks(path: Path) -> list[Path]:
     return removed
 
 
-def is_branch_name(name: str) -> bool:
-    """git takes `name` for a branch (asked before any repository exists: none is needed)."""
-    try:
-        git.cmd.Git().check_ref_format("--branch", name)
-    except git.GitCommandError:
-        return False
-    return True

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.loop.program import PROGRAM_MD, program_for
-from nightlab.loop.ratchet import Git, is_branch_name
-from nightlab.loop.state.config import ProjectSettings, Settings
+from nightlab.loop.ratchet import Git
+from nightlab.loop.state.config import BRANCH_PREFIX, ProjectSettings, Settings, is_branch_name
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.ledger import AUTORESEARCH_JSONL, RESULTS_TSV
 from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, Store, state_dir
 
-BRANCH_PREFIX = "autoresearch/"
 # Never part of an experiment: our state, the exports, and the bytecode `import prepare` leaves;
 # and a coding agent's session files: aider writes `.aider*` and adds it and `.env` to .gitignore
 # unless git ignores both already, and a changed .gitignore would reject every proposal.

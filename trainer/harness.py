@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -658,9 +659,10 @@ def built_model(artifact: Path, meta: dict[str, Any], rt: Runtime):
     one's (its calls, its module's globals) is in it: the probe's model is built so. Each build draws
     from the same seed: random values a build draws but does not save (a non-persistent buffer of
     random features) differed in the probe's model, and an honest model was refused as not causal.
-    The first build's draws are as before (`setup` seeds torch so, and nothing draws in between)."""
+    The first build's torch draws are as before (`setup` seeds torch so, and nothing draws in between)."""
     torch.manual_seed(SEED)  # every device's
-    random.seed(SEED)
+    random.seed(SEED)  # and the other global generators a train.py may draw from
+    np.random.seed(SEED)
     spec = importlib.util.spec_from_file_location("nightlab_scored_train", artifact / "train.py")
     if spec is None or spec.loader is None or not (artifact / "train.py").is_file():
         raise Rejected(f"no train.py saved with the model in {artifact}")

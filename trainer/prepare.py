@@ -319,14 +319,10 @@ def prepare(
     """
     say = progress or _stderr_progress
     base_url = BASE_URL if source == "climbmix" else source.rstrip("/")
-    remote = source == "climbmix" or source.startswith(("http://", "https://"))
+    remote = _remote(source)
     if remote and shards != -1 and shards < 1:
         raise PrepareError(f"--shards must be at least 1 (or -1 for all), got {shards}")
-    if not remote and source != "stdlib" and not Path(source).expanduser().is_dir():
-        raise PrepareError(
-            f"data source {source!r} is not a directory. Use `climbmix`, `stdlib`, an "
-            "http(s) mirror URL, or a folder of parquet shards with a `text` column."
-        )
+    folder = _source_folder(source)
     data_dir = (cache_dir or cache_root()) / source_id(source)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -338,10 +334,37 @@ def prepare(
         _download_shards(base_url, num_train, data_dir, say, workers, retries, backoff_s)
     elif source == "stdlib":
         _build_stdlib_shards(data_dir, say)
-    else:
-        _link_local_shards(Path(source).expanduser(), shards, data_dir, say)
+    elif folder is not None:
+        _link_local_shards(folder, shards, data_dir, say)
     ensure_tokenizer(data_dir, say, max_chars=tokenizer_max_chars)
     return data_dir
+
+
+def _remote(source: str) -> bool:
+    return source == "climbmix" or source.startswith(("http://", "https://"))
+
+
+def _source_folder(source: str) -> Path | None:
+    """The folder of shards a source names (None: climbmix, stdlib or a mirror); PrepareError when
+    it is not a directory."""
+    if _remote(source) or source == "stdlib":
+        return None
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise PrepareError(
+            f"data source {source!r} is not a directory. Use `climbmix`, `stdlib`, an "
+            "http(s) mirror URL, or a folder of parquet shards with a `text` column."
+        )
+    return folder
+
+
+def check_source(source: str, shards: int) -> None:
+    """PrepareError when a folder source cannot give data: not there, or files `local_shards`
+    refuses. Asked before a night makes its workspace, so a refusal leaves nothing behind; what a
+    download or the tokenizer may fail on shows only while preparing."""
+    folder = _source_folder(source)
+    if folder is not None:
+        local_shards(folder, shards)
 
 
 def _download_shards(

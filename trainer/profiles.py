@@ -331,6 +331,19 @@ _BINOPS = {
 }
 
 
+# what to do about a file `not_python` names: the engine's start (the search) and `nightlab doctor` say it
+NOT_PYTHON_FIX = "fix it (an edit not committed yet shows in `git diff`; commit the fix)"
+
+
+def not_python(file: str, source: str) -> str | None:
+    """Why `source` (the file `file`) is no Python, with the line, in one line; None when it parses."""
+    try:
+        ast.parse(source)
+    except SyntaxError as exc:
+        return f"{file} is not valid Python (line {exc.lineno}: {exc.msg})"
+    return None
+
+
 def read_constants(source: str, names: list[str] | None = None) -> dict[str, object]:
     """The literal values of top-level UPPER_CASE constants in a train.py (all, or `names`)."""
     found: dict[str, object] = {}

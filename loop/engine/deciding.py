@@ -25,11 +25,10 @@ from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle
-from nightlab.loop.executors.runfiles import ended_at
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
 from nightlab.loop.second_opinion import KeptUnscored, NoOpinion, SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
-from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass, started_at
+from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass, ended_at, started_at
 from nightlab.loop.state.stats import gain, pooled_noise
 from nightlab.loop.summary import parse_summary
 
@@ -244,6 +243,8 @@ def _scorer_env(ctx: Context, cand: Candidate) -> dict[str, str]:
     while that one trained: slowing its run, or out of its memory, which made an honest keep SUSPECT."""
     run = ledger.run_for_candidate(ctx.store, cand.id)
     slot = next((s for s in ctx.slots if run is not None and s.name == run.slot), None)
+    # On Slurm a run's GPU is its job's (--gres, Slurm's CUDA_VISIBLE_DEVICES on the node); the scorer
+    # runs here, on the engine's host, where no slot names a GPU: nothing of this host's to pin it to
     if slot is None or ctx.executor.backend != "local":
         return ctx.env
     return {**ctx.env, "CUDA_VISIBLE_DEVICES": "" if slot.gpu is None else str(slot.gpu)}

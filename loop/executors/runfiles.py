@@ -14,8 +14,9 @@ from typing import BinaryIO
 from nightlab.loop import hardware
 from nightlab.loop.executors.base import RunHandle
 
-# The start marker is the state layer's (the views and the engine read it); the backends write it.
-from nightlab.loop.state.ledger import start_file
+# The start marker and the exit file are the state layer's (the views and the engine read them);
+# the backends write them.
+from nightlab.loop.state.ledger import exit_file, start_file
 
 # The exit-file protocol, shared by every backend. A stale status is removed first (a requeued
 # Slurm job runs this again); the start marker's mtime is when the command really started (a
@@ -44,10 +45,6 @@ def wrap(command: str) -> str:
     return f"{_WRAPPER_START}( {command}\n)\n{_WRAPPER_END}"
 
 
-def exit_file(log_path: Path | str) -> Path:
-    return Path(f"{log_path}.exit")
-
-
 def handle_file(log_path: Path | str) -> Path:
     return Path(f"{log_path}.handle")
 
@@ -58,14 +55,6 @@ def run_hardware(log_path: Path | str) -> str:
         return hardware.describe(start_file(log_path).read_text(errors="replace"))
     except OSError:
         return ""
-
-
-def ended_at(log_path: Path | str) -> float | None:
-    """When the command ended (its exit file's mtime), None if it has not (or left no status)."""
-    try:
-        return exit_file(log_path).stat().st_mtime
-    except OSError:
-        return None
 
 
 def read_exit_code(log_path: Path | str) -> int | None:

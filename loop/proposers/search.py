@@ -46,7 +46,7 @@ from nightlab.loop.proposers.space import (
     format_value,
 )
 from nightlab.loop.proposers.surface import Observation, Surface, noise_sigma
-from nightlab.trainer.profiles import apply_constants
+from nightlab.trainer.profiles import NOT_PYTHON_FIX, apply_constants, not_python
 
 WIDENED = "widened:"  # in a hypothesis: the focused area had nothing left, the proposal is elsewhere
 _FAILED = {"discard", "crash", "checks_failed"}
@@ -75,12 +75,8 @@ def _nothing_to_search(file: str) -> str:
 def _unparsable(file: str, source: str) -> str | None:
     """Why `source` is no Python, in the file's words; None when it parses. A file that does not
     parse has no constants either, but "add some" sent an editor's stray character elsewhere."""
-    try:
-        ast.parse(source)
-    except SyntaxError as exc:
-        return (f"search: {file} is not valid Python (line {exc.lineno}: {exc.msg}); fix it (an edit not"
-                " committed yet shows in `git diff`; commit the fix), then start again")
-    return None
+    problem = not_python(file, source)
+    return None if problem is None else f"search: {problem}; {NOT_PYTHON_FIX}, then start again"
 
 
 class SearchProposer:

@@ -105,6 +105,10 @@ class Steer(Command):
         """What will happen and when (`soon`: SOON, or "" while no engine runs), for `sender`;
         UserError when it cannot happen or would change nothing (it is then not queued)."""
 
+    def resolved(self, running: list[int]) -> Self:
+        """The command as it is queued: what it means given what is running when it is sent."""
+        return self
+
     @abc.abstractmethod
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
         """Carry it out (inside the command's transaction); UserError when it no longer can."""
@@ -340,13 +344,31 @@ class Kill(Steer):
             raise UserError(f"{len(running)} experiments are running ({views.numbered(running)}); say which: kill N")
         return running[0]
 
+    def resolved(self, running: list[int]) -> Self:
+        # "kill" means the run it was promised for: applied later, it must not land on the next one
+        return dataclasses.replace(self, number=self.target(running))
+
     def promise(self, store: Store, running: list[int], soon: str, sender: str) -> str:
-        return _when(f"killing #{self.target(running)}", soon) + "; it will be recorded as discarded"
+        number = self.target(running)
+        _not_stopping(store, number)
+        queued = [r.sender for r in store.pending_commands() if r.name == self.name and r.args == str(number)]
+        if queued:
+            raise UserError(f"a kill of #{number} from {queued[0]} is queued already; nothing changed")
+        return _when(f"killing #{number}", soon) + "; it will be recorded as discarded"
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
         number = self.target(loop.running_numbers())
+        _not_stopping(store, number)  # sent by two chats at once: the second was queued before the first applied
         loop.kill(number, f"{ledger.USER_KILL_PREFIX}{by}")
         return Applied(f"killed #{number}")
+
+
+def _not_stopping(store: Store, number: int) -> None:
+    """UserError when #number's run is being stopped already (a kill, a timeout): a second kill
+    would change nothing, and announced, read as a second run killed."""
+    reason = next((run.kill_reason for cand, run in ledger.in_flight(store) if cand.number == number), None)
+    if reason:
+        raise UserError(f"#{number} is being stopped already ({reason}); nothing changed")
 
 
 REGISTRY: dict[str, type[Command]] = {

@@ -94,10 +94,24 @@ class SecretRef:
         return Secret(value)
 
 
+BRANCH_PREFIX = "autoresearch/"  # a session's branch: BRANCH_PREFIX + its tag
+
+
 @dataclass(frozen=True)
 class WorkspaceSettings:
     path: str = "~/nightlab-workspace"  # the git repository the loop works in
     tag: str = ""  # branch autoresearch/<tag>; empty: today's date, e.g. nov23
+
+
+def is_branch_name(name: str) -> bool:
+    """git takes `name` for a branch (its own rules, asked before any repository exists: none is needed)."""
+    import git  # here: only a tag to check needs git to read a config
+
+    try:
+        git.cmd.Git().check_ref_format("--branch", name)
+    except git.GitCommandError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -525,6 +539,9 @@ def _check(s: Settings, problems: _Problems) -> None:
 
     if not s.workspace.path.strip():  # "" would be whatever directory nightlab was started in
         fail("workspace.path", s.workspace.path, 'a directory, e.g. "~/nightlab-workspace"')
+    if s.workspace.tag and not is_branch_name(BRANCH_PREFIX + s.workspace.tag):  # else refused only at init
+        fail("workspace.tag", s.workspace.tag, f"what git takes in a branch name ({BRANCH_PREFIX}<tag>):"
+             " letters, digits, '-', '_' or '.', e.g. \"nov23\"")
     paths = [("workspace.path", s.workspace.path), ("data.cache_dir", s.data.cache_dir)]
     if s.executor.kind == "slurm":
         paths.append(("executor.slurm.shared_dir", s.executor.slurm.shared_dir))

@@ -292,16 +292,29 @@ def get_run(store: Store, run_id: int) -> RunRecord:
     return _run(store.connection().execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
 
 
-# A run's start marker, next to its log: the executors' wrapper touches it when the command really
-# starts (a batch job may wait in a queue long after submission); the views and the heartbeat read it.
+# A run's start marker and exit status, next to its log: the executors' wrapper touches the marker
+# when the command really starts (a batch job may wait in a queue long after submission) and writes
+# the status when it ends; the views, the heartbeat and the engine read them.
 def start_file(log_path: Path | str) -> Path:
     return Path(f"{log_path}.exit.start")
+
+
+def exit_file(log_path: Path | str) -> Path:
+    return Path(f"{log_path}.exit")
 
 
 def started_at(log_path: Path | str) -> float | None:
     """When the command really started (its wrapper's start marker), None if it has not yet."""
     try:
         return start_file(log_path).stat().st_mtime
+    except OSError:
+        return None
+
+
+def ended_at(log_path: Path | str) -> float | None:
+    """When the command ended (its exit file's mtime), None if it has not (or left no status)."""
+    try:
+        return exit_file(log_path).stat().st_mtime
     except OSError:
         return None
 

@@ -35,11 +35,13 @@ def send_command(workspace_path: Path, text: str, sender: str) -> str:
 def queue(store: Store, workspace: Path, command: Steer, sender: str, reply_to: str = "") -> str:
     """Write a steering command for the engine; returns the promise. `reply_to` ("telegram:<chat>")
     is the chat that gets this promise as its answer, so the command's event is not sent there again."""
+    running = running_numbers(store)
+    command = command.resolved(running)  # UserError: e.g. nothing to kill
     if any(r.sender == sender and r.command == command.to_json() for r in store.pending_commands()):
         # A double tap: applied twice, the other chats would hear it twice (a kill, a note).
         raise UserError(f"the same {command.name} is queued already (sent twice?); nothing changed")
     engine = holder(workspace) is not None  # none: it acts on this at its start, whenever that is
-    promise = command.promise(store, running_numbers(store), SOON if engine else "", sender)  # UserError: e.g. nothing to kill
+    promise = command.promise(store, running, SOON if engine else "", sender)  # UserError: e.g. nothing changes
     store.add_command(command.name, command.args(), sender=sender, command=command.to_json(), reply_to=reply_to)
     return promise + ("" if engine else " (the loop is not running right now: it acts on this when it starts)")
 

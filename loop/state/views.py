@@ -14,7 +14,7 @@ from pathlib import Path
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import DAEMON_CONFIG_KEY
 from nightlab.loop.state.errors import UserError
-from nightlab.loop.state.ledger import Experiment, HardwareClass, started_at
+from nightlab.loop.state.ledger import Experiment, HardwareClass, ended_at, started_at
 from nightlab.loop.state.lock import DAEMON_LOCK, holder
 from nightlab.loop.state.stats import (
     DIRECTION_KEY,
@@ -64,7 +64,12 @@ def _metric_name(store: Store) -> str:
 
 
 def _elapsed(run: ledger.RunRecord) -> str:
-    """How long the command has run; a cluster job still waiting in the queue says so."""
+    """How long the command has run; a cluster job still waiting in the queue says so, and a
+    command that has ended says when: the engine reads its result at its next poll, which a busy
+    engine (a proposer at work, a keep being scored on held-out data) may not reach for minutes."""
+    ended = ended_at(run.log_path)
+    if ended is not None:
+        return f"finished {duration(time.time() - ended)} ago, result not recorded yet"
     began = started_at(run.log_path)
     if began is None and run.handle and '"job_id": ""' not in run.handle:
         return f"queued {duration(time.time() - run.started_at)}"
@@ -72,10 +77,11 @@ def _elapsed(run: ledger.RunRecord) -> str:
 
 
 def remaining_s(store: Store) -> float | None:
-    """Expected seconds left of the running experiment: the median past duration minus elapsed."""
+    """Expected seconds left of the running experiment: the median past duration minus elapsed
+    (None once its command has ended: nothing is left of it but the engine's reading its result)."""
     runs = ledger.running_runs(store)
     past = [e.duration_s for e in ledger.experiments(store, last=20) if e.duration_s and e.metric is not None]
-    if not runs or not past:
+    if not runs or not past or ended_at(runs[-1].log_path) is not None:
         return None
     return max(0.0, statistics.median(past) - (time.time() - runs[-1].started_at))
 
@@ -252,7 +258,7 @@ def status_text(workspace: Path) -> str:
         cand, run = flight[0]
         left = remaining_s(store)
         lines.append(
-            f"now: #{cand.number} {cand.kind} running {duration(time.time() - run.started_at)}"
+            f"now: #{cand.number} {cand.kind} {_elapsed(run)}"
             + (f" (~{duration(left)} left)" if left is not None else "")
             + f" on {run.slot}: {cand.description or cand.kind}" + (f" [{cand.area}]" if cand.area else "")
         )

@@ -63,7 +63,7 @@ def test_mentions_and_dms_steer_but_channel_membership_grants_nothing(
     slack.event({"type": "message", "channel_type": "im", "user": OPERATOR, "channel": DM, "text": "note try rope"})
     assert replies(slack, DM, 0)[0].startswith("✔ note queued")
     assert [(c.name, c.args, c.sender) for c in store.pending_commands()] == [
-        ("kill", "", f"slack:{OPERATOR}"), ("note", "try rope", f"slack:{OPERATOR}")]
+        ("kill", str(number), f"slack:{OPERATOR}"), ("note", "try rope", f"slack:{OPERATOR}")]
     # A stranger in the allowed channel, an operator in a channel that is not allowed, chatter,
     # our own bot's post: all silent. A stranger's DM gets a short refusal.
     slack.slash_command("pause", STRANGER, CHANNEL)
@@ -200,7 +200,7 @@ def test_a_redelivered_event_is_applied_once(slack: FakeSlack, bot: BotService, 
     # Each copy leaves a line once it is dropped: the point where it would have been acted on.
     wait_until(lambda: sum("handled already" in r.getMessage() for r in caplog.records) == 3,
                "three redeliveries dropped", abort=lambda: "a copy was answered" if len(slack.posts) > 2 else None)
-    assert [(c.name, c.args) for c in store.pending_commands()] == [("kill", ""), ("note", "try rope")]
+    assert [(c.name, c.args) for c in store.pending_commands()] == [("kill", str(number)), ("note", "try rope")]
     assert len(slack.posts) == 2
 
 

@@ -236,7 +236,7 @@ def test_commands_addressed_to_another_bot_are_ignored(tg: FakeTelegram, bot: Bo
     assert store.pending_commands() == []
     assert ask(tg, "/kill@NightLab_Test_Bot", OPERATOR, GROUP)[0].startswith(f"✔ killing #{number}")
     assert len(tg.messages(GROUP)) == 2 and len(tg.messages(OPERATOR)) == 2  # nothing else answered
-    assert [(c.name, c.args) for c in store.pending_commands()] == [("kill", "")]
+    assert [(c.name, c.args) for c in store.pending_commands()] == [("kill", str(number))]
 
 
 def test_digest_per_experiment_and_new_best(tg: FakeTelegram, bot: BotService, store: Store) -> None:

@@ -45,6 +45,9 @@ _BUILD = "    return Model(config['vocab_size'], config.get('masked', [])).to(de
 RANDOM_FEATURES = ("    model = Model(config['vocab_size'], config.get('masked', []))\n"
                    "    model.register_buffer('features', torch.randn(16, 16), persistent=False)\n"
                    "    return model.to(device)")
+# the same drawn with numpy's global generator (an agent's train.py may well draw so)
+NUMPY_FEATURES = "    import numpy as np\n" + RANDOM_FEATURES.replace(
+    "torch.randn(16, 16)", "torch.from_numpy(np.random.randn(16, 16)).float()")
 
 FORWARDS = {
     "honest": "return self.honest(x)",

@@ -14,13 +14,17 @@ from pathlib import Path
 import pytest
 from nightlab.heartbeat.cli import build_parser, main
 from nightlab.heartbeat.lock import DaemonLock
+from nightlab.loop.executors import RunSpec
+from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import DAEMON_CONFIG_KEY
+from nightlab.loop.state.ledger import ended_at, started_at
 from nightlab.loop.state.store import Store
 
 from tests.conftest import REPO
 from tests.fakes.daemon_config import write_daemon_config
 from tests.fakes.loop_workspace import make_stub_workspace
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -96,6 +100,34 @@ def test_status_says_when_nightlab_is_not_running(loop: Path, capsys: pytest.Cap
     with DaemonLock(loop):  # as `nightlab run` holds it
         assert main(["status", "--workspace", str(loop)]) == 0
     assert "not running" not in capsys.readouterr().out
+
+
+def test_status_says_a_run_that_ended_finished_not_zero_seconds_left(loop: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A run whose command had ended, its result not read yet by an engine busy elsewhere (an agent
+    proposing, a keep scored on held-out data), showed "(~0s left)" for as long as that took."""
+    store = Store.for_workspace(loop)
+    past = ledger.new_candidate(store, "baseline", "base", description="baseline")
+    ledger.record_experiment(store, past.id, ledger.Experiment(
+        number=past.number, kind="baseline", confirm_of=None, commit="c0ffee", status="keep", metric=1.0,
+        metrics={}, best=1.0, confidence=None, description="baseline", hypothesis="", area="", reason="baseline",
+        duration_s=3600.0), {})
+    cand = ledger.new_candidate(store, "proposal", "c0ffee", phase="running", description="wider MLP")
+    ex = LocalExecutor(cpu_slots=1)
+    go = loop / "go"
+    handle = ex.launch(RunSpec(f"while [ ! -e {go} ]; do sleep 0.05; done", loop, loop / "runs" / "2.log",
+                               ex.slots()[0], {}))
+    ledger.add_run(store, cand.id, handle.to_json(), handle.slot, str(handle.log_path))
+    wait_until(lambda: started_at(handle.log_path), "the run to start")
+    assert main(["status", "--workspace", str(loop)]) == 0
+    running = capsys.readouterr().out.splitlines()[1]
+    assert running.startswith("now: #2 proposal running ") and " left) on cpu0: wider MLP" in running  # the baseline's hour
+    go.touch()
+    wait_until(lambda: ended_at(handle.log_path), "the run to end")
+    assert main(["status", "--workspace", str(loop)]) == 0
+    now = capsys.readouterr().out.splitlines()[1]
+    assert now.startswith("now: #2 proposal finished ") and "left" not in now
+    assert now.endswith(" ago, result not recorded yet on cpu0: wider MLP"), now
 
 
 @pytest.mark.parametrize("argv", [
@@ -321,3 +353,21 @@ def test_the_training_views_name_is_written_once() -> None:
     written = [(p.relative_to(REPO).as_posix(), line.split("#")[0].strip()) for p in code
                for line in p.read_text().splitlines() if re.search(r"""\.train["'/]""", line)]
     assert written == [("trainer/prepare.py", 'TRAINING_VIEW_SUFFIX = ".train"')]
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_data_folder_that_is_not_there_is_refused_before_the_workspace_is_made(
+        command: str, tmp_path: Path, home: Path) -> None:
+    """`nightlab run` with `[data] source` naming a folder that is not there made the workspace (a git
+    repository, its baseline commit, the ledger) and only then failed preparing the data."""
+    nowhere, ws = tmp_path / "nowhere", tmp_path / "ws"
+    config = tmp_path / "n.toml"
+    config.write_text(f'[workspace]\npath = "{ws}"\ntag = "test"\n[data]\nsource = "{nowhere}"\n'
+                      f'cache_dir = "{tmp_path / "cache"}"\n[trainer]\nprofile = "tiny"\n')
+    out = subprocess.run([sys.executable, "-m", "nightlab.heartbeat.cli", command, "--config", str(config)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines()[-1] == (
+        f"nightlab: data source {str(nowhere)!r} is not a directory. Use `climbmix`, `stdlib`, an http(s) mirror"
+        " URL, or a folder of parquet shards with a `text` column."), out.stderr
+    assert not ws.exists() and not (tmp_path / "cache").exists()

@@ -182,6 +182,25 @@ def test_a_project_file_the_repository_lacks_fails_before_the_workspace_is_made(
     assert "-> fix the config or add them to the repository" in out
 
 
+def test_an_editable_file_that_does_not_parse_is_named_with_its_line(tmp_path: Path, fake_gpus, capsys) -> None:
+    """Doctor said "runs can start" of a train.py an editor left a stray character in: the engine's
+    start then refused it (the search), or every run crashed on it (an agent's night)."""
+    fake_gpus([])
+    ws = tmp_path / "ws"
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)  # the user's project
+    (ws / "fit.py").write_text("LR = 0.1 +\nprint('---')\n")
+    (ws / "notes.md").write_text("not Python, not read as Python\n")
+    config = write_config(tmp_path, project={"run_command": "python fit.py", "editable": ["fit.py", "notes.md"],
+                                             "protected": []})
+    code, out = doctor(config, capsys)
+    assert code == 1
+    assert lines(out, "FAIL python") == [f"FAIL python    {ws / 'fit.py'} is not valid Python (line 1: invalid syntax)"]
+    assert "-> fix it (an edit not committed yet shows in `git diff`; commit the fix)" in out
+    (ws / "fit.py").write_text("LR = 0.1\nprint('---')\n")
+    code, out = doctor(config, capsys)
+    assert not lines(out, "FAIL python") and code == 0, out
+
+
 def test_missing_gpu_torch_git_disk_and_data_are_failures(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
     fake_gpus(["NVIDIA GeForce RTX 4090"])
     (tmp_path / "ws" / ".nightlab" / "agent").mkdir(parents=True)

@@ -172,3 +172,33 @@ def test_a_focus_sent_before_the_areas_were_known_is_checked_when_applied(tmp_pa
     assert rejected.result == f"unknown area 'nosucharea'; focus unchanged; areas: {', '.join(AREAS)}, off"
     assert done is not None and (done.status, done.result) == ("done", "focus: attention")
     assert ledger.focus(store) == "attention"
+
+
+def test_a_second_kill_of_a_run_being_stopped_says_so_and_kills_nothing(tmp_path: Path) -> None:
+    """A `/kill` sent again (from another chat, or after the first was applied while the run was
+    still stopping) was promised "killing #1" and announced "killed #1" a second time; a `kill`
+    queued while #1 ran could also land on whatever ran by the time the engine applied it."""
+    from nightlab.loop.engine.steering import Control
+    from nightlab.loop.state import ledger
+    from nightlab.loop.state.errors import UserError
+    from nightlab.loop.state.steering import apply_pending, queue
+    from nightlab.loop.state.store import Store
+
+    store = Store.for_workspace(tmp_path)
+    cand = ledger.new_candidate(store, "proposal", "base")
+    ledger.add_run(store, cand.id, "{}", "cpu0", str(tmp_path / "1.log"))
+    assert queue(store, tmp_path, Kill(), "telegram:1").startswith("killing #1")
+    assert store.pending_commands()[0].args == "1"  # the run it promised, whatever runs when it is applied
+    with pytest.raises(UserError, match=r"^a kill of #1 from telegram:1 is queued already; nothing changed$"):
+        queue(store, tmp_path, Kill(1), "telegram:2")
+    apply_pending(store, Control(store))
+    with pytest.raises(UserError, match=r"^#1 is being stopped already \(killed by telegram:1\); nothing changed$"):
+        queue(store, tmp_path, Kill(), "telegram:1")
+    # sent by two chats at once, both queued before the engine applied either: the second is refused
+    # (to every chat), not announced as a kill
+    second = Kill(1)
+    store.add_command(second.name, second.args(), sender="telegram:2", command=second.to_json())
+    apply_pending(store, Control(store))
+    done = [(e.payload["sender"], e.payload["result"]) for e in store.events_after(0) if e.kind == "command_done"]
+    assert done == [("telegram:1", "killed #1"),
+                    ("telegram:2", "#1 is being stopped already (killed by telegram:1); nothing changed")]

@@ -323,3 +323,16 @@ def test_what_a_process_can_read_of_the_secrets_is_starred(tmp_path: Path, monke
                            '[slack]\noperators = ["U1"]\nchannels = ["C1"]\n')
     redact = Redactor.known(load_settings(path))
     assert redact("bot 123456:AAH-from-a-file, key sk-proj-0123456789abcdef") == "bot ***, key ***"
+
+
+@pytest.mark.parametrize("tag", ["my tag", "a..b", "nov23.lock", "x~1"])
+def test_a_tag_git_takes_for_no_branch_is_a_config_error(tmp_path: Path, tag: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`nightlab config check` passed a tag git refuses in a branch name; the night then failed
+    when it made the workspace. git's own rules judge it (`git check-ref-format --branch`)."""
+    path = write(tmp_path, f'[workspace]\ntag = "{tag}"\n')
+    assert main(["config", "check", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"nightlab: {path}: workspace.tag = {tag!r}: expected what git takes in a branch name (autoresearch/<tag>):"
+        " letters, digits, '-', '_' or '.', e.g. \"nov23\""]
+    assert load_settings(write(tmp_path, '[workspace]\ntag = "nov23-rope_2.1"\n')).workspace.tag == "nov23-rope_2.1"

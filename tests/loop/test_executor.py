@@ -7,7 +7,8 @@ import psutil
 from nightlab.loop import hardware
 from nightlab.loop.executors import RunHandle, RunSpec, RunStatus, Slot
 from nightlab.loop.executors.local import LocalExecutor
-from nightlab.loop.executors.runfiles import ended_at, read_exit_code, run_hardware
+from nightlab.loop.executors.runfiles import read_exit_code, run_hardware
+from nightlab.loop.state.ledger import ended_at
 
 from tests.waiting import wait_until
 

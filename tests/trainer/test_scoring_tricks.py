@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from nightlab.trainer import prepare
 
-from tests.fakes.scored_models import RANDOM_FEATURES, save_artifact
+from tests.fakes.scored_models import NUMPY_FEATURES, RANDOM_FEATURES, save_artifact
 from tests.trainer.conftest import TRAINER
 
 T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
@@ -84,6 +84,13 @@ def test_random_state_a_model_draws_when_built_is_no_look_ahead(score):
     the same seed."""
     for seed in (None, 0, 1):
         assert math.isfinite(score("random_features", seed=seed, build=RANDOM_FEATURES))
+
+
+def test_random_features_numpy_draws_when_built_are_no_look_ahead(score):
+    """The same model drawing its features with numpy's global generator: each build drew others (torch's
+    and Python's generators were seeded for every build, numpy's not), and it was refused as not causal."""
+    for seed in (None, 0, 1):
+        assert math.isfinite(score("random_features", seed=seed, build=NUMPY_FEATURES))
 
 
 @pytest.mark.parametrize(("variant", "reason"), [
