@@ -221,6 +221,15 @@ def test_a_huge_proposal_file_gives_a_hypothesis_git_can_commit(ws: Path) -> Non
     Git(ws).commit_all(f"#3: {proposal.description}\n\n{proposal.hypothesis}")
 
 
+def test_an_agent_writing_terminal_codes_gives_a_proposal_git_can_commit(ws: Path) -> None:
+    from nightlab.loop.ratchet import Git
+
+    proposal = agent("agent_misbehave.py", "terminal").propose(ctx(ws))
+    assert (proposal.description, proposal.hypothesis) == ("deeper now", "Deeper: DEPTH 8 -> 10")
+    # a NUL in the commit message was git's "a NUL byte in commit log message not allowed": the engine's traceback
+    Git(ws).commit_all(f"#3: {proposal.description}\n\n{proposal.hypothesis}")
+
+
 def test_an_agent_failing_with_pages_of_stderr_is_said_in_one_line_ending_with_its_last_words(ws: Path) -> None:
     with pytest.raises(ProposalError) as failed:
         agent("agent_misbehave.py", "long-stderr").propose(ctx(ws))
