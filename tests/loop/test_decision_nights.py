@@ -95,3 +95,19 @@ def test_a_run_of_discards_never_pauses_the_loop_and_is_said_once(tmp_path: Path
     assert not [e for e in events if e.kind == "self_paused"]
     alerts = [e.payload["text"] for e in events if e.kind == "alert"]
     assert len(alerts) == 1 and alerts[0].startswith("4 experiments in a row without a keep: the search widens")
+
+
+def test_a_gain_whose_noise_no_repeat_has_measured_says_its_error_is_assumed(tmp_path: Path) -> None:
+    """With one baseline run and nothing repeated, the ± beside a gain is loop.noise_prior's guess:
+    /best, /status and the report said it as measured, and the report that the repeats measured it."""
+    land = landscape.make("one_big", seed=0)
+    proposer = ScriptedProposer([{"set": {"K00": round(2.0 ** land.c[0], 2)}}])
+    settings = landscape.make_workspace(tmp_path, land, baseline_runs=1, noise_prior=0.001)
+    run_engine(settings, 2, proposer=proposer)  # type: ignore[arg-type]
+    repo = settings.workspace_path
+    rows = ledger.experiments(Store.for_workspace(repo))
+    assert [(e.kind, e.status) for e in rows] == [("baseline", "keep"), ("proposal", "keep")]
+    assumed = "± from loop.noise_prior: no run repeated yet to measure the noise"
+    assert assumed in views.best_text(repo) and assumed in views.status_text(repo)
+    report = views.report_markdown(repo)
+    assert assumed in report and "the repeats" not in report
