@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,13 @@ def test_a_gain_whose_noise_no_repeat_has_measured_says_its_error_is_assumed(tmp
     assert assumed in views.best_text(repo) and assumed in views.status_text(repo)
     report = views.report_markdown(repo)
     assert assumed in report and "the repeats" not in report
+
+
+def test_the_engines_line_for_a_result_run_again_says_undecided_as_the_digest_does(tmp_path: Path, capsys) -> None:
+    """The journal read '#2 discard 0.992712 re-running to decide' beside the digest's '🔁 #2 undecided'."""
+    land = landscape.make("one_big", seed=0)
+    proposer = ScriptedProposer([{"set": {"K00": round(2.0 ** land.c[0], 2)}}])
+    settings = landscape.make_workspace(tmp_path, land, baseline_runs=1)
+    run_engine(settings, 2, proposer=proposer)  # type: ignore[arg-type]
+    said = capsys.readouterr().err
+    assert re.search(r"nightlab engine: #2 undecided [\d.]+ re-running to decide: better by", said), said
