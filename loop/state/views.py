@@ -31,6 +31,7 @@ from nightlab.loop.state.stats import (
 from nightlab.loop.state.store import DB_FILENAME, Store, state_dir
 
 ASSUMED_NOISE = "± from loop.noise_prior: no run repeated yet to measure the noise"
+IDENTICAL_NOISE = "± from loop.noise_prior: the repeated runs gave the same number, so they measure no noise"
 
 
 def recorded(workspace: Path) -> int:
@@ -249,7 +250,7 @@ def _gain_text(store: Store, rows: list[Experiment], best: Experiment) -> str:
 def _assumed(store: Store, rows: list[Experiment]) -> str:
     """Said beside a ± that no repeated run has measured: it is `loop.noise_prior`'s guess."""
     noise = night_noise(store, rows)
-    return "" if noise is None or noise.measured else f"; {ASSUMED_NOISE}"
+    return "" if noise is None or noise.measured else f"; {IDENTICAL_NOISE if noise.identical else ASSUMED_NOISE}"
 
 
 def status_text(workspace: Path) -> str:
@@ -591,8 +592,8 @@ def chart_caption(workspace: Path) -> str:
     if best_exp is None:
         return "\n".join([*lines, f"no {_metric_name(store)} yet"])
     noise = night_noise(store, rows)
-    vary = "" if noise is None or noise.sd == 0 else \
-        f", runs vary ± {noise.sd:.4f}" + ("" if noise.measured else " (assumed until repeats measure it)")
+    vary = ("" if noise is None or noise.sd == 0 else f", repeats gave the same number (± {noise.sd:.4f} assumed)"
+            if noise.identical else f", runs vary ± {noise.sd:.4f}" + ("" if noise.measured else f" ({noise.how()})"))
     lines.append(f"best {_metric_name(store)} {_fmt(best)} (#{best_exp.number}){vary}")
     found = night_gain(store, rows)
     if _unchanged(rows, best_exp):

@@ -122,3 +122,21 @@ def test_the_engines_line_for_a_result_run_again_says_undecided_as_the_digest_do
     run_engine(settings, 2, proposer=proposer)  # type: ignore[arg-type]
     said = capsys.readouterr().err
     assert re.search(r"nightlab engine: #2 undecided [\d.]+ re-running to decide: better by", said), said
+
+
+def test_repeats_that_give_identical_numbers_are_not_said_to_measure_a_noise(tmp_path: Path) -> None:
+    """A trainer with a fixed seed (the tiny CPU profile) gives a commit the same number every run:
+    the digest said 'run-to-run noise ± 0.0058 (measured from 2+ repeats)' and the chart 'runs vary ±
+    0.0045' when the runs had not varied at all, the ± being loop.noise_prior's shrunk by them."""
+    land = dataclasses.replace(landscape.make("one_big", seed=0), sigma=0.0)  # its effects, without noise
+    proposer = ScriptedProposer([{"set": {"K00": round(2.0 ** land.c[0], 2)}}])
+    settings = landscape.make_workspace(tmp_path, land)
+    run_engine(settings, 4, proposer=proposer)  # type: ignore[arg-type]
+    repo = settings.workspace_path
+    rows = ledger.experiments(Store.for_workspace(repo))
+    assert len({e.metric for e in rows[:3]}) == 1
+    assert rows[2].reason.endswith("(assumed: the repeats gave the same number, so they measure no noise)")
+    caption = views.chart_caption(repo)
+    assert "runs vary" not in caption and "repeats gave the same number" in caption
+    identical = "± from loop.noise_prior: the repeated runs gave the same number, so they measure no noise"
+    assert identical in views.best_text(repo) and identical in views.report_markdown(repo)
