@@ -13,6 +13,7 @@ import pwd
 import shlex
 import shutil
 import stat
+import subprocess
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -54,6 +55,8 @@ def install_unit(config_path: Path, user: bool, dry_run: bool, run_as: str | Non
             raise UserError(f"--run-as {run_as}: no such user on this machine; create it first"
                             f" (sudo useradd --system --create-home {run_as})") from None
     run_as = run_as or os.environ.get("SUDO_USER") or getpass.getuser()
+    if not user:
+        _check_run_as(run_as, nightlab_command(), config_path)
     unit = render_unit(config_path, user, run_as, nightlab_command())
     if dry_run:
         return unit
@@ -83,6 +86,36 @@ def install_unit(config_path: Path, user: bool, dry_run: bool, run_as: str | Non
     if user:
         steps.append(f"  loginctl enable-linger {run_as}   # keep it running after you log out")
     return "\n".join(steps)
+
+
+def _check_run_as(run_as: str, executable: list[str], config_path: Path) -> None:
+    """The unit's user must read the config and start this nightlab: a venv made in a home folder
+    that is not theirs (mode 700 or 750, Debian's and Ubuntu's default) wrote a unit that failed at
+    every start (`status=203/EXEC`, then the start limit). Tried as that user; only root can, and
+    it needs no check for itself."""
+    entry = pwd.getpwnam(run_as)
+    if os.geteuid() != 0 or entry.pw_uid == os.geteuid():
+        return
+    fix = (f"install nightlab where {run_as} can read it (a venv under /opt, or in {entry.pw_dir}) and run"
+           " `service install` from there")
+    if not _runs_as(entry, ["test", "-r", str(config_path)]):
+        raise UserError(f"--run-as {run_as}: {run_as} cannot read {config_path}; put the config where {run_as} can"
+                        f" (e.g. {entry.pw_dir}/nightlab.toml) and name that one")
+    if not _runs_as(entry, [*executable, "--version"]):
+        raise UserError(f"--run-as {run_as}: {run_as} cannot start {shlex.join(executable)} (a folder on its"
+                        f" path, or its Python's, is closed to {run_as}); {fix}")
+
+
+def _runs_as(entry: pwd.struct_passwd, command: list[str]) -> bool:
+    """Whether `command` exits 0 when run as that user, with its groups."""
+    try:
+        done = subprocess.run(command, user=entry.pw_uid, group=entry.pw_gid,
+                              extra_groups=os.getgrouplist(entry.pw_name, entry.pw_gid), cwd="/",
+                              env={"PATH": os.defpath, "HOME": entry.pw_dir}, capture_output=True, timeout=60,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):  # not executable by that user, or hung
+        return False
+    return done.returncode == 0
 
 
 def nightlab_command() -> list[str]:

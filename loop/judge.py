@@ -107,8 +107,7 @@ def judge(
         mean = statistics.fmean(runs)
         what = "re-measured the best" if best_again else "baseline"
         why = what if len(runs) == 1 else f"{what}: mean of {len(runs)} runs {mean:.6f}"
-        how = f"measured from {noise.df + 1}+ repeats" if noise.measured else "assumed until repeats measure it"
-        why += f"; run-to-run noise ± {noise.sd:.4f} ({how})"
+        why += f"; run-to-run noise ± {noise.sd:.4f} ({noise.how()})"
         return Verdict("keep", value, mean, why, metrics=metrics)
     if not incumbent:
         return Verdict("discard", value, None, f"{NOT_COMPARED_PREFIX} no reference measurement", metrics=metrics)

@@ -57,7 +57,9 @@ def record(ctx: Context, cand: Candidate) -> None:
             return
         _on_streaks(ctx, [*rows, exp])
     ctx.learn([exp])
-    say(f"#{exp.number} {exp.status} {exp.metric if exp.metric is not None else ''} {exp.reason}")
+    # a run to be repeated is recorded as a discard, but undecided, as the digest and the views say
+    shown = "undecided" if out.needs_confirm or out.retry else exp.status
+    say(f"#{exp.number} {shown} {exp.metric if exp.metric is not None else ''} {exp.reason}")
 
 
 def _night_patch(ctx: Context, exp: Experiment, rows: list[Experiment]) -> ledger.Patch | None:

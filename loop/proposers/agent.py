@@ -71,6 +71,9 @@ _SHELL_HINTS = {
     127: "; the shell found no such program: install the agent or fix [proposer.agent] command",
 }
 _ASSIGNED = re.compile(r"^[+-]\s*([A-Z_][A-Z0-9_]*)\s*=(?!=)")
+# A CLI writing for a terminal: its colours and cursor moves, and control bytes (a NUL in a commit
+# message is refused by git) are no words for a commit, a digest or the next prompt.
+_TERMINAL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ class AgentProposer:
                 _kill_tree(proc, token)
                 proc.wait()
             # from the open files: an agent that removed the state folder still has its words read
-            stdout, stderr = file_tail(out, TAIL_CHARS).strip(), file_tail(err, TAIL_CHARS).strip()
+            stdout, stderr = (_printable(file_tail(f, TAIL_CHARS)).strip() for f in (out, err))
             cut = _written(out) > TAIL_CHARS  # the tail starts in the middle of something
             # what it wrote in its last second, or before it exited within the first, stays under the limit too
             for f in (out, err):
@@ -361,13 +364,18 @@ def _read_proposal_file(path: Path) -> tuple[dict[str, str], str]:
     if not isinstance(data, dict):
         return {}, 'not a JSON object {"description": ..., "hypothesis": ...}'
     # JSON may hold a lone surrogate ("\udcff") that no store, log or chat can encode: "?" instead
-    found = {k: " ".join(data[k].encode("utf-8", "replace").decode("utf-8").split())
+    found = {k: " ".join(_printable(data[k].encode("utf-8", "replace").decode("utf-8")).split())
              for k in ("description", "hypothesis") if isinstance(data.get(k), str)}
     if "description" in found:
         found["description"] = found["description"][:200]
     if "hypothesis" in found:
         found["hypothesis"] = found["hypothesis"][:HYPOTHESIS_CHARS]
     return found, ""
+
+
+def _printable(text: str) -> str:
+    """`text` without terminal codes and control bytes; line breaks and tabs stay."""
+    return _TERMINAL.sub("", text.replace("\r\n", "\n"))
 
 
 def _last_words(text: str) -> str:

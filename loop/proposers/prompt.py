@@ -107,9 +107,8 @@ def _caveats(shown: tuple[PastExperiment, ...], gpus: bool) -> list[str]:
 
 
 def _noise(ctx: ProposalContext, noise: Noise) -> str:
-    how = f"measured from {noise.df + 1}+ repeated runs" if noise.measured else "assumed until repeated runs measure it"
     return (f"Two runs of the same code differ by about ± {noise.sd:.4g} {ctx.metric_name} (one standard"
-            f" deviation, {how}). A change is kept only when it beats the best by more than {ctx.keep_z:g}"
+            f" deviation, {noise.how()}). A change is kept only when it beats the best by more than {ctx.keep_z:g}"
             " standard errors of the difference; one in between is re-run first." + _keep_at(ctx, noise)
             + " Aim for changes you expect to be worth several times the noise: a smaller one costs runs and"
             " is discarded.")

@@ -404,7 +404,8 @@ def parse_command(text: str, areas: Areas = None) -> Command:
     text = _CONTROL.sub(" ", text).strip()
     if not text:
         raise CommandError("empty command; send 'help' for the list")
-    head, _, rest = text.partition(" ")
+    parts = text.split(maxsplit=1)  # any space: "/note" and its text on the next line, as a phone sends it
+    head, rest = parts[0], parts[1] if len(parts) > 1 else ""
     # "/status@somebot" is not stripped here: the Telegram adapter decides whom a command is
     # addressed to and hands over only ours, without the "@thisbot".
     name = head.lstrip("/").lower()

@@ -30,10 +30,21 @@ HELDOUT_KEYS = (HELDOUT_GAIN, HELDOUT_UNSCORED)  # the second opinion's alone: n
 class Noise:
     sd: float  # run-to-run standard deviation
     df: int  # measured degrees of freedom behind it (0: the prior alone)
+    # every repeat gave its commit the same number (a fixed seed: the tiny CPU profile): the sd is
+    # the prior shrunk by them, and no spread between runs was seen
+    identical: bool = False
 
     @property
     def measured(self) -> bool:
-        return self.df > 0
+        return self.df > 0 and not self.identical
+
+    def how(self) -> str:
+        """Where the sd comes from, in a few words."""
+        if self.measured:
+            return f"measured from {self.df + 1}+ repeats"
+        if self.identical:
+            return "assumed: the repeats gave the same number, so they measure no noise"
+        return "assumed until repeats measure it"
 
 
 @dataclass(frozen=True)
@@ -71,16 +82,17 @@ def pooled_noise(groups: Iterable[Sequence[float]], prior_sd: float, prior_df: f
     """The pooled standard deviation of groups of repeated runs (each group: one commit on one
     hardware class), shrunk towards the prior: (prior_df x prior² + Σ squared deviations from each
     group's mean) / (prior_df + Σ (n - 1))."""
-    squares, df = 0.0, 0
+    squares, df, spread = 0.0, 0, False
     for values in groups:
         if len(values) >= 2:
             mean = statistics.fmean(values)
             squares += sum((v - mean) ** 2 for v in values)
             df += len(values) - 1
+            spread = spread or min(values) != max(values)
     weight = prior_df if prior_sd > 0 else 0.0
     if df == 0 and weight == 0:
         return Noise(0.0, 0)
-    return Noise(math.sqrt((weight * prior_sd**2 + squares) / (weight + df)), df)
+    return Noise(math.sqrt((weight * prior_sd**2 + squares) / (weight + df)), df, identical=df > 0 and not spread)
 
 
 def compare(candidate: Sequence[float], incumbent: Sequence[float], noise_sd: float, direction: str) -> Comparison:

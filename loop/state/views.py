@@ -30,6 +30,9 @@ from nightlab.loop.state.stats import (
 )
 from nightlab.loop.state.store import DB_FILENAME, Store, state_dir
 
+ASSUMED_NOISE = "± from loop.noise_prior: no run repeated yet to measure the noise"
+IDENTICAL_NOISE = "± from loop.noise_prior: the repeated runs gave the same number, so they measure no noise"
+
 
 def recorded(workspace: Path) -> int:
     """Experiments in the ledger (0 for a workspace not started yet)."""
@@ -238,14 +241,22 @@ def _heldout(e: Experiment) -> str:
     return f"{e.metrics[HELDOUT_GAIN]:+.6f}" + (" SUSPECT" if suspect(e.metrics) else "")
 
 
-def _gain_text(found: tuple[float, Comparison] | None, rows: list[Experiment], best: Experiment) -> str:
-    """ "+0.091757 ± 0.002100 (+6.34%, n = 3 vs 5)": positive = better (issue 14, item 13), and
-    whether fresh runs have confirmed it."""
+def _gain_text(store: Store, rows: list[Experiment], best: Experiment) -> str:
+    """ "+0.091757 ± 0.002100 (+6.34%, n = 3 vs 5)": positive = better (issue 14, item 13),
+    whether its ± is a guess (no run repeated yet) and whether fresh runs have confirmed it."""
+    found = night_gain(store, rows)
     if found is None:
         return ""
     baseline, c = found
     pct = f"{c.gain / abs(baseline) * 100:+.2f}%, " if baseline else ""
-    return f"{c.gain:+.6f} ± {c.se:.6f} ({pct}n = {c.n_candidate} vs {c.n_incumbent}{_unconfirmed(rows, best, c.n_candidate)})"
+    return (f"{c.gain:+.6f} ± {c.se:.6f} ({pct}n = {c.n_candidate} vs {c.n_incumbent}{_assumed(store, rows)}"
+            f"{_unconfirmed(rows, best, c.n_candidate)})")
+
+
+def _assumed(store: Store, rows: list[Experiment]) -> str:
+    """Said beside a ± that no repeated run has measured: it is `loop.noise_prior`'s guess."""
+    noise = night_noise(store, rows)
+    return "" if noise is None or noise.measured else f"; {IDENTICAL_NOISE if noise.identical else ASSUMED_NOISE}"
 
 
 def status_text(workspace: Path) -> str:
@@ -283,7 +294,7 @@ def status_text(workspace: Path) -> str:
         lines.append(f"paused by {pause.by} ({pause.reason}{waits}) {duration(time.time() - pause.since)} ago")
     best_exp, best = current_best(rows)
     if best_exp is not None:
-        gain = "" if _unchanged(rows, best_exp) else _gain_text(night_gain(store, rows), rows, best_exp)
+        gain = "" if _unchanged(rows, best_exp) else _gain_text(store, rows, best_exp)
         lines.append(f"best {name}: {_fmt(best)} (#{best_exp.number}, {best_exp.commit[:7]})" + (f" · vs baseline {gain}" if gain else ""))
     classes = _classes_line(rows)
     if classes:
@@ -393,7 +404,7 @@ def best_text(workspace: Path) -> str:
         text += f"\nhypothesis: {best_exp.hypothesis}"
     found = night_gain(store, rows)
     if found is not None and not _unchanged(rows, best_exp):
-        text += f"\nvs baseline {_fmt(found[0])}: gain {_gain_text(found, rows, best_exp)}"
+        text += f"\nvs baseline {_fmt(found[0])}: gain {_gain_text(store, rows, best_exp)}"
     if best_exp.hardware:
         text += f"\nmeasured on: {best_exp.hardware}"
     classes = _classes_line(rows)
@@ -522,11 +533,13 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
                 f" did not work); {code('nightlab train --config FILE')} runs one and shows all its output"]
     else:
         gain = ("none yet, the best is the baseline" if best_exp is not None and _unchanged(rows, best_exp)
-                else f"{(_gain_text(found, rows, best_exp) if best_exp else '') or '—'}"
+                else f"{(_gain_text(store, rows, best_exp) if best_exp else '') or '—'}"
                 " (± one standard error; positive = better)")
+        noise = night_noise(store, rows)  # not measured: the gain's line says so
         out += [
-            f"- experiments: {len(rows)} ({_counts(store, rows)}) over {duration(span)}; the baseline's runs and the"
-            " repeats (re-runs of a result, re-measurements of the best) measure the noise",
+            f"- experiments: {len(rows)} ({_counts(store, rows)}) over {duration(span)}"
+            + ("; the baseline's runs and the repeats (re-runs of a result, re-measurements of the best) measure"
+               " the noise" if noise is None or noise.measured else ""),
             f"- baseline {name}: {_fmt(found[0] if found else None)}",
             f"- best {name}: {_fmt(best)}"
             + (f" (#{best_exp.number}, {code(best_exp.commit[:7])})" if best_exp else ""),
@@ -585,8 +598,8 @@ def chart_caption(workspace: Path) -> str:
     if best_exp is None:
         return "\n".join([*lines, f"no {_metric_name(store)} yet"])
     noise = night_noise(store, rows)
-    vary = "" if noise is None or noise.sd == 0 else \
-        f", runs vary ± {noise.sd:.4f}" + ("" if noise.measured else " (assumed until repeats measure it)")
+    vary = ("" if noise is None or noise.sd == 0 else f", repeats gave the same number (± {noise.sd:.4f} assumed)"
+            if noise.identical else f", runs vary ± {noise.sd:.4f}" + ("" if noise.measured else f" ({noise.how()})"))
     lines.append(f"best {_metric_name(store)} {_fmt(best)} (#{best_exp.number}){vary}")
     found = night_gain(store, rows)
     if _unchanged(rows, best_exp):

@@ -188,6 +188,36 @@ def test_a_system_unit_runs_as_the_user_named(tmp_path: Path, monkeypatch: pytes
                               " (sudo useradd --system --create-home no-such-user-here)")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can try a command as another user")
+def test_a_system_unit_whose_user_cannot_start_nightlab_is_not_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's `sudo .venv/bin/nightlab service install ... --run-as nightlab` from a clone in a home
+    folder closed to others (mode 700/750) wrote a unit that failed at every start (203/EXEC)."""
+    top = Path(tempfile.mkdtemp(prefix="nightlab-unit-"))
+    try:
+        top.chmod(0o755)
+        (top / "closed").mkdir(mode=0o700)
+        (top / "bin").mkdir(mode=0o755)
+        for folder in ("closed", "bin"):  # this installation's console script, beside its Python
+            script = top / folder / "nightlab"
+            script.write_text("#!/bin/sh\nexit 0\n")
+            script.chmod(0o755)
+        config, hidden = top / "nightlab.toml", top / "closed" / "nightlab.toml"
+        for path in (config, hidden):
+            path.write_text("")
+            path.chmod(0o644)
+        monkeypatch.setattr(sys, "executable", str(top / "bin" / "python"))
+        assert "User=nobody" in install_unit(config, user=False, dry_run=True, run_as="nobody").splitlines()
+        with pytest.raises(UserError) as err:
+            install_unit(hidden, user=False, dry_run=True, run_as="nobody")
+        assert str(err.value).startswith(f"--run-as nobody: nobody cannot read {hidden}; put the config where")
+        monkeypatch.setattr(sys, "executable", str(top / "closed" / "python"))
+        with pytest.raises(UserError) as err:
+            install_unit(config, user=False, dry_run=True, run_as="nobody")
+        assert str(err.value).startswith(f"--run-as nobody: nobody cannot start {top}/closed/nightlab (a folder")
+    finally:
+        shutil.rmtree(top)
+
+
 def test_the_env_file_for_the_tokens_is_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Made by hand, nightlab.env gets the umask's 644: a chat token any user of the box can read."""
     monkeypatch.setenv("HOME", str(tmp_path))

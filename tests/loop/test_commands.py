@@ -36,6 +36,9 @@ AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")
         ("kill #42", Kill(42)),
         ("/diff", Diff()),
         ("diff #37", Diff(37)),
+        # typed on a phone: the line break after the command, not a space; the note keeps its lines
+        ("/note\ntry a longer warmup\nthen rope", Note("try a longer warmup\nthen rope")),
+        ("/pause\tnow", Pause(now=True)),
     ],
 )
 def test_valid(text: str, expected: Command) -> None:

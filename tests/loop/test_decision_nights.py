@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,47 @@ def test_a_run_of_discards_never_pauses_the_loop_and_is_said_once(tmp_path: Path
     assert not [e for e in events if e.kind == "self_paused"]
     alerts = [e.payload["text"] for e in events if e.kind == "alert"]
     assert len(alerts) == 1 and alerts[0].startswith("4 experiments in a row without a keep: the search widens")
+
+
+def test_a_gain_whose_noise_no_repeat_has_measured_says_its_error_is_assumed(tmp_path: Path) -> None:
+    """With one baseline run and nothing repeated, the ± beside a gain is loop.noise_prior's guess:
+    /best, /status and the report said it as measured, and the report that the repeats measured it."""
+    land = landscape.make("one_big", seed=0)
+    proposer = ScriptedProposer([{"set": {"K00": round(2.0 ** land.c[0], 2)}}])
+    settings = landscape.make_workspace(tmp_path, land, baseline_runs=1, noise_prior=0.001)
+    run_engine(settings, 2, proposer=proposer)  # type: ignore[arg-type]
+    repo = settings.workspace_path
+    rows = ledger.experiments(Store.for_workspace(repo))
+    assert [(e.kind, e.status) for e in rows] == [("baseline", "keep"), ("proposal", "keep")]
+    assumed = "± from loop.noise_prior: no run repeated yet to measure the noise"
+    assert assumed in views.best_text(repo) and assumed in views.status_text(repo)
+    report = views.report_markdown(repo)
+    assert assumed in report and "the repeats" not in report
+
+
+def test_the_engines_line_for_a_result_run_again_says_undecided_as_the_digest_does(tmp_path: Path, capsys) -> None:
+    """The journal read '#2 discard 0.992712 re-running to decide' beside the digest's '🔁 #2 undecided'."""
+    land = landscape.make("one_big", seed=0)
+    proposer = ScriptedProposer([{"set": {"K00": round(2.0 ** land.c[0], 2)}}])
+    settings = landscape.make_workspace(tmp_path, land, baseline_runs=1)
+    run_engine(settings, 2, proposer=proposer)  # type: ignore[arg-type]
+    said = capsys.readouterr().err
+    assert re.search(r"nightlab engine: #2 undecided [\d.]+ re-running to decide: better by", said), said
+
+
+def test_repeats_that_give_identical_numbers_are_not_said_to_measure_a_noise(tmp_path: Path) -> None:
+    """A trainer with a fixed seed (the tiny CPU profile) gives a commit the same number every run:
+    the digest said 'run-to-run noise ± 0.0058 (measured from 2+ repeats)' and the chart 'runs vary ±
+    0.0045' when the runs had not varied at all, the ± being loop.noise_prior's shrunk by them."""
+    land = dataclasses.replace(landscape.make("one_big", seed=0), sigma=0.0)  # its effects, without noise
+    proposer = ScriptedProposer([{"set": {"K00": round(2.0 ** land.c[0], 2)}}])
+    settings = landscape.make_workspace(tmp_path, land)
+    run_engine(settings, 4, proposer=proposer)  # type: ignore[arg-type]
+    repo = settings.workspace_path
+    rows = ledger.experiments(Store.for_workspace(repo))
+    assert len({e.metric for e in rows[:3]}) == 1
+    assert rows[2].reason.endswith("(assumed: the repeats gave the same number, so they measure no noise)")
+    caption = views.chart_caption(repo)
+    assert "runs vary" not in caption and "repeats gave the same number" in caption
+    identical = "± from loop.noise_prior: the repeated runs gave the same number, so they measure no noise"
+    assert identical in views.best_text(repo) and identical in views.report_markdown(repo)

@@ -102,7 +102,7 @@ def test_a_session_keeps_discards_crashes_rejects(tmp_path: Path) -> None:
     report = views.report_markdown(settings.workspace_path)
     assert "| 2 |" in report and "#4 crash: step 2: MODE=crash — exit code 3" in report
     # one sign convention: the summary's gain and the table's are both positive (issue 14, item 13)
-    assert "- gain: +0.200000 ± 0.003394 (+20.00%, n = 1 vs 1; not confirmed yet" in report and "| 0.100000 |" in report
+    assert "- gain: +0.200000 ± 0.003394 (+20.00%, n = 1 vs 1; ± from loop.noise_prior: no run repeated yet to measure the noise; not confirmed yet" in report and "| 0.100000 |" in report
 
 
 def test_a_held_out_gain_a_run_names_itself_is_not_recorded(tmp_path: Path) -> None:

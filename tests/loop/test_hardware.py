@@ -76,7 +76,7 @@ def test_each_class_gets_a_baseline_and_results_are_judged_within_their_class(tm
     assert f"per hardware: {RTX} 1.400000 ({rows[3].commit[:7]}) · {H100} 0.850000 ({rows[6].commit[:7]})" \
         in views.status_text(repo)
     # a gain is positive when better (issue 14, item 13), with its standard error
-    assert "vs baseline +0.150000 ± 0.003606 (+15.00%, n = 1 vs 1; not confirmed yet" in views.status_text(repo)
+    assert "vs baseline +0.150000 ± 0.003606 (+15.00%, n = 1 vs 1; ± from loop.noise_prior: no run repeated yet to measure the noise; not confirmed yet" in views.status_text(repo)
     assert git_out(repo, "rev-list", "--first-parent", "HEAD").splitlines()[:3] == [
         rows[6].commit, rows[3].commit, rows[0].commit]
     assert_consistent(settings)

@@ -81,7 +81,7 @@ def test_agent_edits_train_py_and_describes_it_with_its_proposal_file(ws: Path) 
         "- WARMUP_RATIO 0.0→0.1", "Edit only train.py", "Do not commit", ".nightlab/agent/proposal.json",
         # how sure each decision was, and how big a change must be to show: the agent aims above the noise
         "deeper is better) — rejected by the harness: not causal", "about ± 0.0034 val_bpb",
-        "measured from 3+ repeated runs", "more than 2 standard errors",
+        "measured from 3+ repeats", "more than 2 standard errors",
     ):
         assert expected in prompt, expected
 
@@ -165,8 +165,8 @@ def test_a_prompt_of_one_gpu_and_one_setting_reads_as_it_always_did(ws: Path) ->
         "Metric: val_bpb, minimize (lower is better).\n\n"
         "Best so far: val_bpb = 0.9979 (#1: baseline).\n\n"
         "## Noise\n\n"
-        "Two runs of the same code differ by about ± 0.0034 val_bpb (one standard deviation, measured from 3+ repeated"
-        " runs). A change is kept only when it beats the best by more than 2 standard errors of the difference; one in"
+        "Two runs of the same code differ by about ± 0.0034 val_bpb (one standard deviation, measured from 3+ repeats)."
+        " A change is kept only when it beats the best by more than 2 standard errors of the difference; one in"
         " between is re-run first. Aim for changes you expect to be worth several times the noise: a smaller one costs"
         " runs and is discarded.\n\n"
         "## Recent experiments (last 3 of 3, oldest first)\n\n"
@@ -218,6 +218,15 @@ def test_a_huge_proposal_file_gives_a_hypothesis_git_can_commit(ws: Path) -> Non
     proposal = agent("agent_misbehave.py", "huge-proposal").propose(ctx(ws))
     assert proposal.description == "deeper" and proposal.hypothesis.startswith("because because")
     # the engine's commit message; a 960 kB hypothesis was "Argument list too long" and killed the engine
+    Git(ws).commit_all(f"#3: {proposal.description}\n\n{proposal.hypothesis}")
+
+
+def test_an_agent_writing_terminal_codes_gives_a_proposal_git_can_commit(ws: Path) -> None:
+    from nightlab.loop.ratchet import Git
+
+    proposal = agent("agent_misbehave.py", "terminal").propose(ctx(ws))
+    assert (proposal.description, proposal.hypothesis) == ("deeper now", "Deeper: DEPTH 8 -> 10")
+    # a NUL in the commit message was git's "a NUL byte in commit log message not allowed": the engine's traceback
     Git(ws).commit_all(f"#3: {proposal.description}\n\n{proposal.hypothesis}")
 
 
