@@ -4,7 +4,8 @@ The rule, as the README states it: a candidate is kept when its mean beats the i
 (every measurement of the best commit) by more than `z` standard errors of the difference; a
 candidate that measures no better than the incumbent is discarded after one run; in between it is
 re-run (and the incumbent too when its own uncertainty dominates) until it is shown better, falls
-back, or has had `max_runs` runs, and then it is discarded.
+back, or has had `max_runs` runs, and then it is discarded. Where every repeat gave the same number
+(a fixed-seed trainer) nothing is re-run: it is discarded at once.
 
 The noise and the comparison of means are the state layer's (loop/state/stats.py: the views state
 a gain the same way).
@@ -50,6 +51,8 @@ def decide(candidate: Sequence[float], incumbent: Sequence[float], noise: Noise,
         return Decision("discard", c, False, "not better: " + c.text())
     if c.n_candidate >= rule.max_runs:
         return Decision("discard", c, False, f"not shown after {c.n_candidate} runs: {c.text()}, not {rule.z:g} SE")
+    if noise.identical:  # a re-run gives the same number: it would only spend a run
+        return Decision("discard", c, False, f"not shown: {c.text()}, not {rule.z:g} SE (a re-run gives the same number)")
     # Another candidate run shrinks 1/n_candidate; when 1/n_incumbent is as large, run both.
     rerun_incumbent = c.n_incumbent <= c.n_candidate
     why = f"re-running to decide: {c.text()}, not yet {rule.z:g} SE" + (" (the best too: its n is small)" if rerun_incumbent else "")

@@ -23,6 +23,7 @@ from typing import Any
 from nightlab.loop.engine.context import ANYWHERE, USER_HEAD_KEY, Context
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment
+from nightlab.loop.state.stats import pooled_noise
 
 WAVE_KEY = "loop.wave"  # kv: the wave in flight; absent between waves
 # kv: where a result could not be compared (no reference of its base there): [{hardware, node}];
@@ -109,7 +110,8 @@ def plan(ctx: Context, rows: list[Experiment], head: str) -> Wave:
 def drift_pins(ctx: Context, rows: list[Experiment], head: str) -> list[Pin]:
     """Classes where the best (`head`) is measured again: a new best until it has
     `loop.baseline_runs` runs after its keep (the runs that got it kept were picked for
-    luck: fresh ones tell its worth, and every later comparison with it gets surer), then every
+    luck: fresh ones tell its worth, and every later comparison with it gets surer; not where every
+    repeat gave the same number, as a fixed seed's do: no luck to undo), then every
     `loop.remeasure_every` experiments (drift: a GPU's speed, a shared machine's load)."""
     loop = ctx.settings.loop
     pins: list[Pin] = []
@@ -123,7 +125,8 @@ def drift_pins(ctx: Context, rows: list[Experiment], head: str) -> list[Pin]:
         fresh = [n for n in runs if n > kept]
         since = sum(e.number > runs[-1] for e in rows)
         # baseline_runs = 1 asks for no repeats at all: then a new best is not re-measured either
-        if len(fresh) < (loop.baseline_runs if loop.baseline_runs > 1 else 0) or 0 < loop.remeasure_every <= since:
+        lucky = loop.baseline_runs > 1 and not pooled_noise(ledger.repeat_groups(rows, cls), 0.0).identical
+        if (lucky and len(fresh) < loop.baseline_runs) or 0 < loop.remeasure_every <= since:
             pins.append({"hardware": cls.hardware, "node": ""})
     return pins
 

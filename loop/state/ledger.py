@@ -394,6 +394,13 @@ def reference(rows: list[Experiment], cls: HardwareClass) -> Experiment | None:
     return next((e for e in reversed(rows) if e.status == "keep" and e.hardware_class == cls), None)
 
 
+def repeat_groups(rows: list[Experiment], cls: HardwareClass) -> list[list[float]]:
+    """Each commit's results on `cls`, in commit order: the groups the run-to-run noise is pooled over."""
+    commits = sorted({e.commit for e in rows if e.hardware_class == cls and e.metric is not None})
+    return [[e.metric for e in rows if e.commit == c and e.hardware_class == cls and e.metric is not None]
+            for c in commits]
+
+
 def segments(rows: list[Experiment]) -> list[int]:
     """Each experiment's segment: its hardware class, numbered in order of first appearance (a row
     without a run continues the segment before it)."""

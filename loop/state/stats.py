@@ -30,8 +30,8 @@ HELDOUT_KEYS = (HELDOUT_GAIN, HELDOUT_UNSCORED)  # the second opinion's alone: n
 class Noise:
     sd: float  # run-to-run standard deviation
     df: int  # measured degrees of freedom behind it (0: the prior alone)
-    # every repeat gave its commit the same number (a fixed seed: the tiny CPU profile): the sd is
-    # the prior shrunk by them, and no spread between runs was seen
+    # every repeat gave its commit the same number (a fixed seed: the tiny CPU profile): no spread
+    # between runs was seen, so the sd is the prior's, and a re-run can tell nothing new
     identical: bool = False
 
     @property
@@ -81,7 +81,9 @@ def gain(metric: float, best: float, direction: str) -> float:
 def pooled_noise(groups: Iterable[Sequence[float]], prior_sd: float, prior_df: float = PRIOR_DF) -> Noise:
     """The pooled standard deviation of groups of repeated runs (each group: one commit on one
     hardware class), shrunk towards the prior: (prior_df x prior² + Σ squared deviations from each
-    group's mean) / (prior_df + Σ (n - 1))."""
+    group's mean) / (prior_df + Σ (n - 1)). Repeats that all gave the same number measured nothing:
+    the prior stands (pooled, their zeros shrank it towards 0 as a night went on, and ever smaller
+    differences were kept as shown)."""
     squares, df, spread = 0.0, 0, False
     for values in groups:
         if len(values) >= 2:
@@ -92,7 +94,9 @@ def pooled_noise(groups: Iterable[Sequence[float]], prior_sd: float, prior_df: f
     weight = prior_df if prior_sd > 0 else 0.0
     if df == 0 and weight == 0:
         return Noise(0.0, 0)
-    return Noise(math.sqrt((weight * prior_sd**2 + squares) / (weight + df)), df, identical=df > 0 and not spread)
+    if df > 0 and not spread:
+        return Noise(prior_sd, df, identical=True)
+    return Noise(math.sqrt((weight * prior_sd**2 + squares) / (weight + df)), df)
 
 
 def compare(candidate: Sequence[float], incumbent: Sequence[float], noise_sd: float, direction: str) -> Comparison:

@@ -179,9 +179,8 @@ def _night(store: Store, rows: list[Experiment]) -> tuple[Experiment, list[float
     if base is None:
         return None
     baseline_values = _values(rows, base.commit, cls)
-    groups = [_values(rows, c, cls) for c in sorted({e.commit for e in rows if e.hardware_class == cls})]
     scale = abs(statistics.fmean(_values(rows, best.commit, cls) or baseline_values)) or 1.0
-    noise = pooled_noise(groups, store.get(NOISE_PRIOR_KEY, 0.0) * scale)
+    noise = pooled_noise(ledger.repeat_groups(rows, cls), store.get(NOISE_PRIOR_KEY, 0.0) * scale)
     return best, baseline_values, noise
 
 

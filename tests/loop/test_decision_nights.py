@@ -130,7 +130,7 @@ def test_repeats_that_give_identical_numbers_are_not_said_to_measure_a_noise(tmp
     0.0045' when the runs had not varied at all, the ± being loop.noise_prior's shrunk by them."""
     land = dataclasses.replace(landscape.make("one_big", seed=0), sigma=0.0)  # its effects, without noise
     proposer = ScriptedProposer([{"set": {"K00": round(2.0 ** land.c[0], 2)}}])
-    settings = landscape.make_workspace(tmp_path, land)
+    settings = landscape.make_workspace(tmp_path, land, noise_prior=0.001)  # the change clears the prior's bar
     run_engine(settings, 4, proposer=proposer)  # type: ignore[arg-type]
     repo = settings.workspace_path
     rows = ledger.experiments(Store.for_workspace(repo))
@@ -140,3 +140,23 @@ def test_repeats_that_give_identical_numbers_are_not_said_to_measure_a_noise(tmp
     assert "runs vary" not in caption and "repeats gave the same number" in caption
     identical = "± from loop.noise_prior: the repeated runs gave the same number, so they measure no noise"
     assert identical in views.best_text(repo) and identical in views.report_markdown(repo)
+
+
+def test_where_every_repeat_gives_the_same_number_nothing_is_run_again_and_the_prior_stands(tmp_path: Path) -> None:
+    """A fixed-seed trainer (the tiny CPU profile): its repeats pooled as zeros shrank the prior, so a
+    gain under the prior's z SE was re-run (for the same number) and ever smaller ones were kept as a
+    night went on; a new best was run again baseline_runs times, each giving its number once more."""
+    land = dataclasses.replace(landscape.make("one_big", seed=0), sigma=0.0)
+    c, a = land.c[0], land.a[0]
+    small = round(2.0 ** (c * (1 - 0.8**0.5)), 3)  # about a fifth of K00's whole effect
+    best = round(2.0 ** c, 2)
+    ones = {n: 1.0 for n in land.names}
+    small_gain = land.base - land.true(ones | {"K00": small})
+    prior = 0.001  # noise_prior x the metric (1.0): the z = 2 bar for 1 run vs 3 is 2 x 0.001 x (4/3) ** 0.5
+    assert 0.001 < small_gain < 2 * prior * (4 / 3) ** 0.5 < a * c**2 - 0.003  # under the bar; the best far over
+    proposer = ScriptedProposer([{"set": {"K00": small}}, {"set": {"K00": best}}, {"set": {"K01": 2.0}}])
+    _, _, rows = _night(tmp_path, land, 6, proposer, noise_prior=prior)
+    assert [e.kind for e in rows] == ["baseline"] * 3 + ["proposal"] * 3  # no re-run, no re-measure of the best
+    assert rows[3].status == "discard" and rows[3].reason.endswith("(a re-run gives the same number)")
+    assert f"± {prior * (4 / 3) ** 0.5:.4f}" in rows[3].reason  # the prior's, not shrunk by the repeats
+    assert rows[4].status == "keep" and rows[4].params == {"K00": best}
