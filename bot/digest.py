@@ -132,8 +132,6 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
             "the same to 4 decimals" if d else "the same"
         figure += f" ({words} {'than' if moved else 'as'} {_num(was)})" if was is not None else f" ({words})"
     spans: list[Span] = [bold(f"{head} · {figure}")]
-    # the spaces and line breaks stay outside the marks: Slack shows "*  NEW BEST*" or "_\ntext_"
-    # with the asterisks and underscores, not bold or italic
     if p.get("new_best"):
         spans += [plain("  "), bold("NEW BEST")]
     if p.get("description"):

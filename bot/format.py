@@ -1,7 +1,7 @@
 """The one formatter: a channel-neutral message (styled spans) rendered per channel and split.
 
 Content is written once (digest.py, router.py) as `Span`s; each channel picks a `Flavour`
-(Telegram HTML, Slack mrkdwn, plain console text) that escapes, marks up and splits it. Splitting
+(Telegram HTML, Slack rich text, plain console text) that escapes, marks up and splits it. Splitting
 works on spans, so every chunk is well-formed markup on its own: a <pre> block cut in two is
 closed at the end of one chunk and opened again at the start of the next.
 """
@@ -168,14 +168,6 @@ class Flavour:
         return text
 
 
-def _slack_escape(s: str) -> str:
-    # Slack's mrkdwn reserves exactly these three characters. A backtick has no escape: a log's
-    # "```" would end our code block early (the rest read as markup) and one in a description
-    # would open one. A zero-width space after each backtick means no run of three ever forms,
-    # in any span or across pieces escaped one character at a time, and shows nothing.
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "`\u200b")
-
-
 TELEGRAM_HTML = Flavour(
     name="telegram-html",
     limit=4096,
@@ -184,13 +176,31 @@ TELEGRAM_HTML = Flavour(
     markup_counts=False,  # "1-4096 characters after entities parsing"
 )
 
-# A section block's text may hold 3000 characters; a message's `text` far more. 3000 keeps a
-# chunk valid whether Slack shows it as text or we ever wrap it in a block.
-SLACK_MRKDWN = Flavour(
-    name="slack-mrkdwn",
-    limit=3000,
-    escape=_slack_escape,
-    marks={"bold": ("*", "*"), "italic": ("_", "_"), "pre": ("```\n", "```")},
-)
+# Slack gets a rich_text block (bot/slack.py): its text elements are shown as written, styles are
+# flags beside them. Slack's mrkdwn has no escape for `*`, `_`, `~` or a backtick, so a note, a
+# description or an error line holding them showed formatted there. A rendered body marks its
+# spans with control characters, which `_valid` removes from every text, so none comes from
+# outside; the outbox stores and joins bodies as text, and `slack_spans` reads them back.
+_SLACK_MARKS: dict[str, tuple[str, str]] = {"bold": ("\x02", "\x03"), "italic": ("\x04", "\x05"), "pre": ("\x06", "\x07")}
+_SLACK_STYLE: dict[str, Style] = {"\x02": "bold", "\x04": "italic", "\x06": "pre"}
+_SLACK_MARKED = re.compile("([\x02\x04\x06])(.*?)[\x03\x05\x07]", re.S)
+
+# 3000 characters a message, as a section block's text may hold (a rich_text block's limit is
+# not documented): the limit that held before.
+SLACK_RICH = Flavour(name="slack-rich-text", limit=3000, escape=lambda s: s, marks=_SLACK_MARKS)
+
+
+def slack_spans(body: str) -> list[Span]:
+    """A body SLACK_RICH rendered (or several joined), back as its spans."""
+    spans, at = [], 0
+    for m in _SLACK_MARKED.finditer(body):
+        if m.start() > at:
+            spans.append(plain(body[at:m.start()]))
+        spans.append(Span(m.group(2), _SLACK_STYLE[m.group(1)]))
+        at = m.end()
+    if at < len(body):
+        spans.append(plain(body[at:]))
+    return spans
+
 
 PLAIN = Flavour(name="plain", limit=1_000_000, escape=lambda s: s, marks={})

@@ -23,10 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.bot.channel import DeliveryError, Incoming, OnMessage
-from nightlab.bot.format import SLACK_MRKDWN
+from nightlab.bot.format import SLACK_RICH, Span, slack_spans
 from nightlab.bot.outage import LibraryLog, Outage
 from nightlab.loop.state.config import Secret, SlackSettings
 from slack_sdk.errors import SlackApiError, SlackClientNotConnectedError
+from slack_sdk.models.blocks import (
+    RichTextBlock,
+    RichTextElementParts,
+    RichTextPreformattedElement,
+    RichTextSectionElement,
+)
 from slack_sdk.socket_mode import SocketModeClient
 from slack_sdk.socket_mode.client import BaseSocketModeClient
 from slack_sdk.socket_mode.request import SocketModeRequest
@@ -46,7 +52,7 @@ SEEN_EVENTS = 512
 
 class SlackChannel:
     name = "slack"
-    flavour = SLACK_MRKDWN
+    flavour = SLACK_RICH
     progress = False
 
     def __init__(self, settings: SlackSettings, bot_token: Secret, app_token: Secret) -> None:
@@ -128,9 +134,11 @@ class SlackChannel:
     # -- outgoing ----------------------------------------------------------------------------
     async def send_text(self, destination: str, body: str) -> None:
         web = self._connected()
+        spans = slack_spans(body)
         # No previews: an image URL in an agent's description would put its picture in the channel.
-        await _call(web.chat_postMessage, channel=destination, text=body, mrkdwn=True, unfurl_links=False,
-                    unfurl_media=False)
+        # `text` is what a notification shows (mrkdwn: its three reserved characters escaped).
+        await _call(web.chat_postMessage, channel=destination, text=_escape("".join(s.text for s in spans)),
+                    blocks=[_rich_text(spans)], unfurl_links=False, unfurl_media=False)
         self.outage.back()
 
     async def send_photo(self, destination: str, path: Path, caption: str) -> None:
@@ -208,6 +216,39 @@ def _incoming(req: SocketModeRequest, me: str) -> Incoming | None:
     if event.get("type") == "message" and event.get("channel_type") == "im":
         return Incoming("slack", str(event.get("user", "")), channel, True, text)
     return None  # channel chatter (a mention there also arrives as app_mention)
+
+
+def _rich_text(spans: list[Span]) -> RichTextBlock:
+    """The spans as one rich_text block: every text literal (a note's `*`, `_`, `~` or backtick, a
+    `<!channel>` in a log, are shown as written), bold and italic as styles, a pre span a code block.
+    A code block is a paragraph of its own: the line breaks at its edges would show as empty lines."""
+    parts: list[tuple[str, str]] = []  # (style, text)
+    for span in spans:
+        text = span.text.strip("\n") if span.style == "pre" else span.text
+        if parts and "pre" in (span.style, parts[-1][0]):  # the break between a paragraph and a code block
+            parts[-1] = (parts[-1][0], parts[-1][1].rstrip("\n"))
+            text = text.lstrip("\n")
+        parts.append((span.style, text))
+    elements: list[RichTextSectionElement | RichTextPreformattedElement] = []
+    section: list[RichTextElementParts.Text] = []
+    for style, text in parts:
+        if style == "pre":
+            if section:
+                elements.append(RichTextSectionElement(elements=section))
+                section = []
+            if text:
+                elements.append(RichTextPreformattedElement(elements=[RichTextElementParts.Text(text=text)]))
+        elif text:
+            flags = {style: True} if style in ("bold", "italic") else None
+            section.append(RichTextElementParts.Text(text=text, style=flags))
+    if section:
+        elements.append(RichTextSectionElement(elements=section))
+    return RichTextBlock(elements=elements)
+
+
+def _escape(text: str) -> str:
+    # the three characters Slack's mrkdwn reserves, as its docs say to escape them
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _unescape(text: str) -> str:

@@ -1125,6 +1125,19 @@ def training_view(data_dir: Path) -> Path:
     return view
 
 
+def _view_lost(view: Path, data_dir: Path) -> DataError | None:
+    """`training_view`'s folder missing a file of its data dir's after a run (removed by a cleanup
+    while the run trained), or None. The data dir itself is intact (`run` has refused a run that
+    changed it), and the next run's `training_view` makes the folder again: nothing to prepare."""
+    if view == data_dir:  # no validation shard: train.py read the data dir itself
+        return None
+    if all((view / name).is_file() for name in [TOKENIZER_FILE, *(p.name for p in split_shards(data_dir)[0])]):
+        return None
+    return DataError(f"{view}, the data dir as train.py reads it, lost files while this run trained (removed by a"
+                     f" cleanup?); the data dir {data_dir} is as it was and the next run makes the view again:"
+                     " nothing to prepare")
+
+
 def _fill_view(view: Path, train_paths: list[Path], tokenizer: bytes) -> None:
     """`training_view`'s folder brought up to the data dir's training shards and tokenizer."""
     (view / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
@@ -1354,6 +1367,10 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         print(f"REJECTED: {'. Also, '.join(why for why in tampered if why)}", flush=True)
         return REJECTED_EXIT
     if code != 0:
+        lost = _view_lost(view, data_dir) if view is not None and data_dir is not None else None
+        if lost is not None:  # whatever train.py said: its data went from under it, through no change's fault
+            print(f"FAIL: {fail_text(lost)}", flush=True)
+            return code
         if blamed and view is not None:
             found = data_problem(view, "\n".join(blamed))
             if found is not None:  # the harness's own word, the line the engine pauses the night on

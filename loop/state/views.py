@@ -609,14 +609,15 @@ def chart_caption(workspace: Path) -> str:
 
 
 def status_line(workspace: Path) -> str:
-    """One line for systemd's STATUS=, e.g. "exp #42 running 3m12s · best 0.987100 · focus attention"."""
+    """One line for systemd's STATUS=, e.g. "exp #42 running 3m12s · best 0.987100 · focus attention"
+    (the run's state worded as `nightlab status` words it: queued, running, finished not recorded)."""
     store = Store.existing(workspace)
     parts = []
     flight = ledger.in_flight(store)
     if len(flight) > 1:
         parts.append(f"{len(flight)} runs in flight ({numbered(c.number for c, _ in flight)})")
     elif flight:
-        parts.append(f"exp #{flight[0][0].number} running {duration(time.time() - flight[0][1].started_at)}")
+        parts.append(f"exp #{flight[0][0].number} {_elapsed(flight[0][1])}")
     elif ledger.paused(store):
         parts.append("paused")
     else:

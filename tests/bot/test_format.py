@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from nightlab.bot.format import SLACK_MRKDWN, TELEGRAM_HTML, Text, bold, plain, pre, utf16_len
+from nightlab.bot.format import SLACK_RICH, TELEGRAM_HTML, bold, italic, plain, pre, slack_spans, utf16_len
 
 
 def test_telegram_html_escapes_and_marks_up() -> None:
@@ -12,9 +12,13 @@ def test_telegram_html_escapes_and_marks_up() -> None:
     assert out == "<b>a&lt;b&gt;&amp;c</b> x &gt; y<pre>\nif a &lt; b: pass</pre>"
 
 
-def test_slack_escapes_only_its_three_characters() -> None:
-    (out,) = SLACK_MRKDWN.render([bold("new best"), plain(' "q" <@U1> & co')])
-    assert out == '*new best* "q" &lt;@U1&gt; &amp; co'
+def test_slack_bodies_hold_the_spans_as_written() -> None:
+    """Slack gets rich_text (literal text, styles as flags): a body gives back exactly its spans,
+    mrkdwn's characters and Slack's reserved ones untouched."""
+    spans = [bold("new best"), plain(' "q" <@U1> & *co* _x_ ~y~ `z`\n'), italic("a_b"), pre("\n```\nlog")]
+    (out,) = SLACK_RICH.render(spans)
+    assert slack_spans(out) == spans
+    assert slack_spans(f"{out}\n\n{out}") == [*spans, plain("\n\n"), *spans]  # bodies joined (the outbox's hourly pack)
 
 
 def test_a_split_pre_block_is_closed_and_reopened_at_line_ends() -> None:
@@ -30,26 +34,21 @@ def test_a_split_pre_block_is_closed_and_reopened_at_line_ends() -> None:
 
 
 def test_a_line_longer_than_the_limit_is_cut_without_breaking_an_entity() -> None:
-    parts = SLACK_MRKDWN.render([plain("&" * 2000)])  # 10000 characters once escaped
-    assert [len(p) for p in parts] == [3000, 3000, 3000, 1000]
+    parts = TELEGRAM_HTML.render([plain("&" * 5000)])  # the limit counts the text as shown
+    assert [len(p.replace("&amp;", "&")) for p in parts] == [4096, 904]
     assert all(p.replace("&amp;", "") == "" for p in parts)
 
 
 def test_pack_and_summary_respect_the_limit() -> None:
     bodies = ["a" * 1500, "b" * 1500, "c" * 10]
-    assert [len(p) for p in SLACK_MRKDWN.pack(bodies)] == [1500, 1500 + 2 + 10]
-    summary = SLACK_MRKDWN.render_summary("head\n", [f"item {i}" for i in range(1000)])
+    assert [len(p) for p in SLACK_RICH.pack(bodies)] == [1500, 1500 + 2 + 10]
+    summary = SLACK_RICH.render_summary("head\n", [f"item {i}" for i in range(1000)])
     assert len(summary) <= 3000 and summary.endswith("more\n")
 
 
-def test_slack_marks_hug_their_text() -> None:
-    """Slack shows "*  NEW BEST*" and "_\\ntext_" with the marks as written: no space or line break
-    may sit just inside a bold or italic mark of a digest."""
-    from nightlab.bot.digest import experiment_digest
-
-    digest = experiment_digest({"status": "keep", "number": 7, "metric": 1.38, "new_best": True,
-                                "description": "MATRIX_LR 0.02→0.028", "hypothesis": "raising it should help"}, 20)
-    assert isinstance(digest, Text)
-    (out,) = SLACK_MRKDWN.render(digest.spans)
-    assert "  *NEW BEST*" in out and "\n_raising it should help_" in out
-    assert not re.search(r"(^|\s)[*_]\s|\s[*_](\s|$)", out)
+def test_a_code_block_split_for_slack_is_a_code_block_in_every_message() -> None:
+    log = "".join(f"step {i:05d} *loss* _nan_\n" for i in range(300))
+    parts = SLACK_RICH.render([bold("💥 #7 crash"), plain("\n"), pre(log)])
+    assert len(parts) > 1 and all(utf16_len(p) <= 3000 for p in parts)
+    assert [s.style for s in slack_spans(parts[-1])] == ["pre"]
+    assert "".join(s.text for p in parts for s in slack_spans(p) if s.style == "pre") == log

@@ -41,14 +41,14 @@ def bot(slack: FakeSlack, workspace: Path) -> Iterator[BotService]:
 
 
 def replies(slack: FakeSlack, channel: str, before: int, count: int = 1) -> list[str]:
-    return [p.text for p in slack.wait_for(before + count, channel)[before:]]
+    return [p.shown for p in slack.wait_for(before + count, channel)[before:]]
 
 
 def test_slash_command_round_trip_with_ack(slack: FakeSlack, bot: BotService, workspace: Path) -> None:
     envelope = slack.slash_command("status", VIEWER, CHANNEL)
     assert slack.acked(envelope)
-    escaped = views.status_text(workspace).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    assert replies(slack, CHANNEL, 0) == [f"```\n{escaped}```"]
+    assert replies(slack, CHANNEL, 0) == [views.status_text(workspace)]
+    assert slack.posts[0].styled("pre") == [views.status_text(workspace)]  # a code block
     envelope = slack.slash_command("", VIEWER, CHANNEL)  # bare /nightlab: help
     assert "pause [now]" in replies(slack, CHANNEL, 1)[0]
 
@@ -82,8 +82,8 @@ def test_digest_429_retry_after_and_splitting(slack: FakeSlack, bot: BotService,
     finished(store, "keep", 0.98, new_best=True, delta=-0.01, previous_best=0.99, description="*bold* <b>")
     store.emit("alert", text="x" * 7000)
     posts = slack.wait_for(4, CHANNEL)
-    assert posts[0].text.startswith("*🏆 #1 keep · val_bpb 0.9800") and "&lt;b&gt;" in posts[0].text
-    assert [len(p.text) for p in posts[1:]] == [2999, 3000, 1003]  # 3000 UTF-16 units; 🚨 counts 2
+    assert posts[0].styled("bold")[0].startswith("🏆 #1 keep · val_bpb 0.9800") and "\n*bold* <b>\n" in posts[0].shown
+    assert [len(p.shown) for p in posts[1:]] == [2999, 3000, 1003]  # 3000 UTF-16 units; 🚨 counts 2
     tries = [t for m, t in slack.attempts if m == "chat.postMessage"]
     assert tries[1] - tries[0] >= 0.95  # Slack's Retry-After, not our 0.1 s backoff
 
@@ -105,7 +105,7 @@ def test_reconnects_after_disconnect(slack: FakeSlack, bot: BotService) -> None:
     assert slack.connections_opened >= 2
     envelope = slack.slash_command("best", VIEWER, CHANNEL)
     assert slack.acked(envelope)
-    assert replies(slack, CHANNEL, 0) == ["```\nno result yet```"]
+    assert replies(slack, CHANNEL, 0) == ["no result yet"]
 
 
 def test_an_outage_is_two_lines_in_the_journal_and_the_queue_goes_out_when_it_is_back(
@@ -138,7 +138,7 @@ def test_a_mention_of_a_bot_whose_id_starts_with_ours_is_not_for_us(slack: FakeS
     running(store, started_ago_s=30)
     slack.event({"type": "app_mention", "user": OPERATOR, "channel": CHANNEL, "text": "<@UBOT2> kill"})
     slack.slash_command("best", OPERATOR, CHANNEL)
-    assert replies(slack, CHANNEL, 0) == ["```\nno result yet```"]  # processed in order, after that
+    assert replies(slack, CHANNEL, 0) == ["no result yet"]  # processed in order, after that
     assert store.pending_commands() == []
 
 
@@ -159,6 +159,9 @@ def test_echoed_text_never_pings_links_or_previews(slack: FakeSlack, bot: BotSer
     store.emit("note_added", by="slack:UOP", text=bait)
     finished(store, "crash", None, description=bait, log_tail=f"Traceback\n{bait}")
     posts = slack.wait_for(2, CHANNEL)
+    # shown as written: a rich_text block's text elements ping and link nothing (those are elements
+    # of their own); a notification's text has Slack's three reserved characters escaped
+    assert bait in posts[0].shown and f"Traceback\n{bait}" in posts[1].styled("pre")
     assert all("<" not in p.text and ">" not in p.text for p in posts), [p.text for p in posts]
     assert "&lt;!channel&gt; &lt;!here&gt; &lt;@U123&gt; &lt;https://evil.example|click&gt;" in posts[0].text
     assert not any(p.unfurls for p in posts)  # an image URL would have put its picture in the channel
@@ -174,7 +177,7 @@ def test_edits_deletions_bot_posts_and_unlisted_channels_are_silent(slack: FakeS
     slack.event({**dm, "user": "UBOT", "bot_id": "B1", "text": "⚠️ unknown command 'x'"})  # our own reply
     slack.event({"type": "app_mention", "user": OPERATOR, "channel": OTHER_CHANNEL, "text": "<@UBOT> kill"})
     slack.event({**dm, "user": OPERATOR, "text": "best", "thread_ts": "1.0"})  # a thread is still a DM
-    assert replies(slack, DM, 0) == ["```\nno result yet```"]
+    assert replies(slack, DM, 0) == ["no result yet"]
     assert store.pending_commands() == [] and slack.wait_for(0, OTHER_CHANNEL, timeout=0) == []
 
 
@@ -204,16 +207,20 @@ def test_a_redelivered_event_is_applied_once(slack: FakeSlack, bot: BotService, 
     assert len(slack.posts) == 2
 
 
-def test_backticks_in_a_crash_log_or_a_description_never_end_the_code_block(slack: FakeSlack, bot: BotService,
-                                                                              store: Store) -> None:
-    # Slack's mrkdwn has no escape for a backtick: a log line "```" closed the crash's code block
-    # early and the rest of the log was read as markup; one in a description opened a block.
+def test_markup_characters_in_text_from_others_are_shown_as_written(slack: FakeSlack, bot: BotService,
+                                                                     store: Store) -> None:
+    """Slack's mrkdwn has no escape for `*`, `_`, `~` or a backtick: a note "try *two* heads"
+    showed "two" bold, a description's `_x_` italic, a hypothesis holding `_` broke our own italic,
+    and a log line "```" closed the crash's code block early. Messages are rich_text blocks: the
+    text is shown as written, and only our own styles are styles."""
+    note = "try *two* heads, ~maybe~ `n_head` = 2 & <b>"
+    store.emit("note_added", by="slack:UOP", text=note)
     tail = "Traceback\n```\n*not bold* _nor italic_ ~nor struck~\nraise `x`"
-    finished(store, "crash", None, description="fix ```the``` bug", log_tail=tail)
-    (post,) = slack.wait_for(1, CHANNEL)
-    assert post.text.count("```") == 2 and post.text.endswith("```"), post.text  # the block's own fences only
-    assert post.text.replace("\u200b", "").endswith(f"```\n\n{tail}```")  # the log itself, unchanged to the eye
-    assert "fix ```the``` bug" in post.text.replace("\u200b", "")
+    finished(store, "crash", None, description="fix ```the``` _bug_", hypothesis="a_b_c *d*", log_tail=tail)
+    posts = slack.wait_for(2, CHANNEL)
+    assert note in posts[0].shown and posts[0].styled("bold") == posts[0].styled("italic") == []
+    assert "\nfix ```the``` _bug_\n" in posts[1].shown
+    assert posts[1].styled("italic") == ["a_b_c *d*"] and posts[1].styled("pre") == [tail]  # the log, unchanged
 
 
 def test_a_long_diff_is_one_message_cut_with_the_command_for_the_rest(slack: FakeSlack, bot: BotService,
@@ -228,9 +235,9 @@ def test_a_long_diff_is_one_message_cut_with_the_command_for_the_rest(slack: Fak
     slack.slash_command("best", VIEWER, CHANNEL)
     best = replies(slack, CHANNEL, 2)[0]
     text = views.diff_text(workspace, number, views.CHAT_DIFF_CHARS)
-    assert diff == "```\n" + text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") + "```"
+    assert diff == text and slack.posts[1].styled("pre") == [text]
     assert text.endswith(f"of 153 lines not shown; all of it: git -C {workspace.resolve()} diff base c0ffee")
-    assert best.startswith("```\nbest val_bpb")
+    assert best.startswith("best val_bpb")
 
 
 def test_commands_sent_back_to_back_are_applied_in_the_order_slack_delivered_them(

@@ -43,7 +43,22 @@ class Post:
     data: bytes = b""
     title: str = ""  # a file's
     unfurls: bool = False  # Slack would show a preview of a link or an image in it (its defaults)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
     at: float = field(default_factory=time.monotonic)
+
+    @property
+    def shown(self) -> str:
+        """What Slack shows of a message's rich_text blocks: each paragraph or code block on its
+        own line, its text as written (the `text` field is only a notification's)."""
+        return "\n".join("".join(part["text"] for part in element["elements"])
+                         for block in self.blocks for element in block["elements"])
+
+    def styled(self, style: str) -> list[str]:
+        """The texts shown bold or italic, or ("pre") as code blocks."""
+        return ["".join(part["text"] for part in element["elements"]) for block in self.blocks
+                for element in block["elements"] if style == "pre" and element["type"] == "rich_text_preformatted"] + [
+            part["text"] for block in self.blocks for element in block["elements"] for part in element["elements"]
+            if (part.get("style") or {}).get(style)]
 
 
 class FakeSlack:
@@ -224,8 +239,13 @@ class FakeSlack:
             text = str(params.get("text", ""))
             if not text or len(text) > 40000:
                 return 200, {"ok": False, "error": "msg_too_long" if text else "no_text"}, {}
+            blocks = params.get("blocks") or []
+            blocks = json.loads(blocks) if isinstance(blocks, str) else blocks
+            if any(not part.get("text") for block in blocks for element in block.get("elements", [])
+                   for part in element.get("elements", [])):  # Slack refuses an empty text element
+                return 200, {"ok": False, "error": "invalid_blocks"}, {}
             unfurls = _flag(params.get("unfurl_links"), False) or _flag(params.get("unfurl_media"), True)
-            self._record(Post(method, str(params["channel"]), text=text, unfurls=unfurls))
+            self._record(Post(method, str(params["channel"]), text=text, unfurls=unfurls, blocks=blocks))
             return 200, {"ok": True, "channel": params["channel"], "ts": f"{time.time():.6f}"}, {}
         if method == "files.getUploadURLExternal":
             file_id = f"F{next(self._ids)}"

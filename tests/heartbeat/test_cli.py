@@ -16,7 +16,7 @@ from nightlab.heartbeat.cli import build_parser, main
 from nightlab.heartbeat.lock import DaemonLock
 from nightlab.loop.executors import RunSpec
 from nightlab.loop.executors.local import LocalExecutor
-from nightlab.loop.state import ledger
+from nightlab.loop.state import ledger, views
 from nightlab.loop.state.config import DAEMON_CONFIG_KEY
 from nightlab.loop.state.ledger import ended_at, started_at
 from nightlab.loop.state.store import Store
@@ -105,7 +105,8 @@ def test_status_says_when_nightlab_is_not_running(loop: Path, capsys: pytest.Cap
 def test_status_says_a_run_that_ended_finished_not_zero_seconds_left(loop: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """A run whose command had ended, its result not read yet by an engine busy elsewhere (an agent
-    proposing, a keep scored on held-out data), showed "(~0s left)" for as long as that took."""
+    proposing, a keep scored on held-out data), showed "(~0s left)" for as long as that took; and
+    systemd's STATUS= line (`systemctl status nightlab`) said "running" all along."""
     store = Store.for_workspace(loop)
     past = ledger.new_candidate(store, "baseline", "base", description="baseline")
     ledger.record_experiment(store, past.id, ledger.Experiment(
@@ -122,12 +123,15 @@ def test_status_says_a_run_that_ended_finished_not_zero_seconds_left(loop: Path,
     assert main(["status", "--workspace", str(loop)]) == 0
     running = capsys.readouterr().out.splitlines()[1]
     assert running.startswith("now: #2 proposal running ") and " left) on cpu0: wider MLP" in running  # the baseline's hour
+    assert views.status_line(loop).startswith("exp #2 running ")
     go.touch()
     wait_until(lambda: ended_at(handle.log_path), "the run to end")
     assert main(["status", "--workspace", str(loop)]) == 0
     now = capsys.readouterr().out.splitlines()[1]
     assert now.startswith("now: #2 proposal finished ") and "left" not in now
     assert now.endswith(" ago, result not recorded yet on cpu0: wider MLP"), now
+    line = views.status_line(loop)
+    assert line.startswith("exp #2 finished ") and line.endswith(" ago, result not recorded yet · best 1.000000"), line
 
 
 @pytest.mark.parametrize("argv", [

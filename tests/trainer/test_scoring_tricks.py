@@ -484,6 +484,30 @@ def test_the_training_views_marker_put_in_the_data_dir_changes_nothing(run_env, 
         assert _scored(out).get("val_bpb") is not None, out[-2000:]
 
 
+@pytest.mark.parametrize("reads", [
+    # what the harness's hook says when the tokenizer train.py loads is gone
+    "from nightlab.trainer import prepare as P\ntry:\n    P.Tokenizer.from_directory()\nexcept P.DataError as e:\n"
+    "    print('FAIL: ' + P.fail_text(e), flush=True)\n    sys.exit(1)\n",
+    "open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'rb')\n",  # its own reader: a traceback
+], ids=["the harness's loader", "its own reader"])
+def test_a_training_view_removed_while_a_run_trains_is_said_as_that_and_made_again(run_env, capfd, reads):
+    """`<data dir>.train` removed while a run trained (a person's or a script's cleanup): the run
+    failed saying "data: no tokenizer at <data dir>.train/... Run `python prepare.py --source ...`
+    first", and the night paused on it, asking for a repair nobody needed (the data dir was intact);
+    or, train.py's own reader failing, the change was blamed for the crash. It is said as what
+    happened, on one line: the next run makes the view again."""
+    data, train_command = run_env
+    view = prepare.training_view_dir(data)
+    trick = f"import sys\nshutil.rmtree({str(view)!r})\n{reads}"
+    assert prepare.run(train_command(trick)) == 1
+    last = capfd.readouterr().out.splitlines()[-1]
+    assert last == (f"FAIL: data: {view}, the data dir as train.py reads it, lost files while this run trained"
+                    f" (removed by a cleanup?); the data dir {data} is as it was and the next run makes the view"
+                    " again: nothing to prepare"), last
+    assert prepare.run(train_command()) == 0  # the next run
+    assert _scored(capfd.readouterr().out).get("val_bpb") is not None
+
+
 def test_output_that_never_ends_its_line_reaches_the_log_as_it_comes(tmp_path):
     """The training command's output was passed on a line at a time: one that never ended its line
     (a progress bar redrawn with `\\r`, or a print without end in a loop) was held whole in the run's
