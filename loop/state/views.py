@@ -115,7 +115,7 @@ def current_best(rows: list[Experiment]) -> tuple[Experiment | None, float | Non
 def best_runs(rows: list[Experiment]) -> list[float]:
     """Every run of the best commit on its hardware class: what the keep rule compares a change with."""
     best, _ = current_best(rows)
-    return [] if best is None else _values(rows, best.commit, best.hardware_class)
+    return [] if best is None else ledger.results(rows, best.commit, best.hardware_class)
 
 
 def _current(rows: list[Experiment]) -> list[Experiment]:
@@ -130,11 +130,11 @@ def _best_values(rows: list[Experiment], best: Experiment) -> list[float]:
     luck (the winner's curse), so once it has been re-measured only the runs after its keep
     count here (the decision rule itself uses every run)."""
     fresh = _fresh_values(rows, best)
-    return fresh if best.kind != "baseline" and fresh else _values(rows, best.commit, best.hardware_class)
+    return fresh if best.kind != "baseline" and fresh else ledger.results(rows, best.commit, best.hardware_class)
 
 
 def _fresh_values(rows: list[Experiment], best: Experiment) -> list[float]:
-    return _values([e for e in rows if e.number > best.number], best.commit, best.hardware_class)
+    return ledger.results([e for e in rows if e.number > best.number], best.commit, best.hardware_class)
 
 
 def _unconfirmed(rows: list[Experiment], best: Experiment, n: int) -> str:
@@ -144,10 +144,6 @@ def _unconfirmed(rows: list[Experiment], best: Experiment, n: int) -> str:
         return ""
     runs = "the run" if n == 1 else f"the {n} runs"
     return f"; not confirmed yet: from {runs} that got it kept, likely too high until a fresh run re-measures it"
-
-
-def _values(rows: list[Experiment], commit: str, cls: HardwareClass) -> list[float]:
-    return [e.metric for e in rows if e.commit == commit and e.hardware_class == cls and e.metric is not None]
 
 
 def night_gain(store: Store, rows: list[Experiment]) -> tuple[float, Comparison] | None:
@@ -185,8 +181,8 @@ def _night(store: Store, rows: list[Experiment]) -> Night | None:
     base = baseline(rows, cls)
     if base is None:
         return None
-    baseline_values = _values(rows, base.commit, cls)
-    scale = abs(statistics.fmean(_values(rows, best.commit, cls) or baseline_values)) or 1.0
+    baseline_values = ledger.results(rows, base.commit, cls)
+    scale = abs(statistics.fmean(ledger.results(rows, best.commit, cls) or baseline_values)) or 1.0
     noise = pooled_noise(ledger.repeat_groups(rows, cls), store.get(NOISE_PRIOR_KEY, 0.0) * scale)
     return best, baseline_values, noise
 
