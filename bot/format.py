@@ -97,7 +97,7 @@ class Flavour:
     def render(self, spans: Sequence[Span]) -> list[str]:
         """Render and split into messages within `limit`, at line ends when possible."""
         out: list[str] = []
-        chunk, size = "", 0
+        chunk, size, shown = "", 0, False  # shown: the chunk has text to see, not only blanks in marks
         for span in spans:
             start, end = self.marks.get(span.style, ("", ""))
             overhead = utf16_len(start + end) if self.markup_counts else 0
@@ -106,15 +106,16 @@ class Flavour:
                 if size + overhead + body_size + cost > self.limit:
                     if body:
                         chunk += start + body + end
-                    if chunk.strip():
+                    if shown:
                         out.append(chunk)
-                    chunk, size, body, body_size = "", 0, "", 0
+                    chunk, size, shown, body, body_size = "", 0, False, "", 0
                 body += piece
                 body_size += cost
+                shown = shown or bool(piece.strip())
             if body:
                 chunk += start + body + end
                 size += overhead + body_size
-        if chunk.strip():
+        if shown:
             out.append(chunk)
         return out
 
