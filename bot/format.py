@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from nightlab.loop.state.config import TERMINAL_CODES
+
 Style = Literal["plain", "bold", "italic", "pre"]
 
 
@@ -63,12 +65,6 @@ def text_message(*spans: Span) -> Text:
     return Text(valid, first_line[:200])
 
 
-# Terminal escape sequences (CSI colours, OSC titles/clipboard/links, two-byte ESC codes) and the
-# other control characters but tab and line ends: a run's log is written by code an agent edited.
-_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?"
-                      r"|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
 # Unicode's Bidi_Control characters: the embeddings and overrides (U+202A-U+202E), the isolates
 # (U+2066-U+2069) and the marks (U+061C, U+200E, U+200F). An override shows a description
 # backwards from what it says ("Trojan source"); a mark is no better: an RLM before "1 2" shows it
@@ -81,7 +77,8 @@ def _valid(text: str) -> str:
     # A lone surrogate (JSON's "\udcff", a path decoded with surrogateescape) can be neither
     # measured, stored nor sent: it becomes U+FFFD, and a split pair becomes its character again.
     text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    return _BIDI.sub("", _CONTROL.sub("", text))
+    # terminal codes and control characters: a run's log is written by code an agent edited
+    return _BIDI.sub("", TERMINAL_CODES.sub("", text))
 
 
 def utf16_len(s: str) -> int:
@@ -100,7 +97,7 @@ class Flavour:
     def render(self, spans: Sequence[Span]) -> list[str]:
         """Render and split into messages within `limit`, at line ends when possible."""
         out: list[str] = []
-        chunk, size = "", 0
+        chunk, size, shown = "", 0, False  # shown: the chunk has text to see, not only blanks in marks
         for span in spans:
             start, end = self.marks.get(span.style, ("", ""))
             overhead = utf16_len(start + end) if self.markup_counts else 0
@@ -109,15 +106,16 @@ class Flavour:
                 if size + overhead + body_size + cost > self.limit:
                     if body:
                         chunk += start + body + end
-                    if chunk.strip():
+                    if shown:
                         out.append(chunk)
-                    chunk, size, body, body_size = "", 0, "", 0
+                    chunk, size, shown, body, body_size = "", 0, False, "", 0
                 body += piece
                 body_size += cost
+                shown = shown or bool(piece.strip())
             if body:
                 chunk += start + body + end
                 size += overhead + body_size
-        if chunk.strip():
+        if shown:
             out.append(chunk)
         return out
 

@@ -571,6 +571,10 @@ def setup(seed: int = SEED, attention_backend: str = "auto", compile: bool = Tru
     """Seed, device, dtype, compile and attention backend for this process; prints what it chose."""
     sys.excepthook = _data_errors_said
     torch.manual_seed(seed)
+    # and the other global generators a build_model may draw from: what the scorer's build draws
+    # (`built_model` seeds them so), or a model was scored with other unsaved values than it trained with
+    random.seed(seed)
+    np.random.seed(seed)
     torch.set_float32_matmul_precision("high")
     if torch.cuda.is_available():
         device = torch.device("cuda")
@@ -659,7 +663,7 @@ def built_model(artifact: Path, meta: dict[str, Any], rt: Runtime):
     one's (its calls, its module's globals) is in it: the probe's model is built so. Each build draws
     from the same seed: random values a build draws but does not save (a non-persistent buffer of
     random features) differed in the probe's model, and an honest model was refused as not causal.
-    The first build's torch draws are as before (`setup` seeds torch so, and nothing draws in between)."""
+    A training run's build draws the same (`setup` seeds these generators so, and nothing draws in between)."""
     torch.manual_seed(SEED)  # every device's
     random.seed(SEED)  # and the other global generators a train.py may draw from
     np.random.seed(SEED)

@@ -253,9 +253,8 @@ def _scorer_env(ctx: Context, cand: Candidate) -> dict[str, str]:
 def _measurements(rows: list[Experiment], judged: Judged, cls: HardwareClass, hw: str) -> Callable[[str], list[float]]:
     """commit -> its measurements on `cls`: recorded, then judged earlier in this wave."""
     def of(commit: str) -> list[float]:
-        values = [e.metric for e in rows if e.commit == commit and e.hardware_class == cls and e.metric is not None]
-        return values + [o.metric for o in judged if o is not None and o.commit == commit
-                         and o.hardware == hw and o.metric is not None]
+        return ledger.results(rows, commit, cls) + [o.metric for o in judged if o is not None and o.commit == commit
+                                                    and o.hardware == hw and o.metric is not None]
     return of
 
 

@@ -54,7 +54,7 @@ from nightlab.loop.processes import stop_tree
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
 from nightlab.loop.ratchet import Git
-from nightlab.loop.state.config import AgentSettings
+from nightlab.loop.state.config import TERMINAL_CODES, AgentSettings
 
 STATE_DIR = ".nightlab/agent"
 RUN_TOKEN_ENV = "NIGHTLAB_AGENT_RUN"  # marks every process of one agent run, to find the ones left behind
@@ -71,9 +71,6 @@ _SHELL_HINTS = {
     127: "; the shell found no such program: install the agent or fix [proposer.agent] command",
 }
 _ASSIGNED = re.compile(r"^[+-]\s*([A-Z_][A-Z0-9_]*)\s*=(?!=)")
-# A CLI writing for a terminal: its colours and cursor moves, and control bytes (a NUL in a commit
-# message is refused by git) are no words for a commit, a digest or the next prompt.
-_TERMINAL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -374,8 +371,9 @@ def _read_proposal_file(path: Path) -> tuple[dict[str, str], str]:
 
 
 def _printable(text: str) -> str:
-    """`text` without terminal codes and control bytes; line breaks and tabs stay."""
-    return _TERMINAL.sub("", text.replace("\r\n", "\n"))
+    """`text` without terminal codes and control bytes (no words for a commit, a digest or the next
+    prompt); line breaks and tabs stay, a spinner's carriage returns go."""
+    return TERMINAL_CODES.sub("", text.replace("\r\n", "\n")).replace("\r", "")
 
 
 def _last_words(text: str) -> str:

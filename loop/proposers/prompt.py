@@ -109,7 +109,8 @@ def _caveats(shown: tuple[PastExperiment, ...], gpus: bool) -> list[str]:
 def _noise(ctx: ProposalContext, noise: Noise) -> str:
     return (f"Two runs of the same code differ by about ± {noise.sd:.4g} {ctx.metric_name} (one standard"
             f" deviation, {noise.how()}). A change is kept only when it beats the best by more than {ctx.keep_z:g}"
-            " standard errors of the difference; one in between is re-run first." + _keep_at(ctx, noise)
+            " standard errors of the difference; one in between is "
+            + ("discarded (a re-run gives the same number)." if noise.identical else "re-run first.") + _keep_at(ctx, noise)
             + " Aim for changes you expect to be worth several times the noise: a smaller one costs runs and"
             " is discarded.")
 
@@ -121,9 +122,11 @@ def _keep_at(ctx: ProposalContext, noise: Noise) -> str:
     n, mean = len(ctx.best_runs), statistics.fmean(ctx.best_runs)
     at = kept_at_once(ctx.best_runs, noise, ctx.direction, Rule(z=ctx.keep_z))
     runs = "its run" if n == 1 else f"the mean of its {n} runs"
-    return (f" In numbers: against the best ({runs}: {mean:.6g}), a change's first run is kept at once"
-            f" {'below' if ctx.direction == 'minimize' else 'above'} {at:.6g}, re-run between that and"
-            f" {mean:.6g}, discarded otherwise.")
+    kept = f" In numbers: against the best ({runs}: {mean:.6g}), a change's first run is kept at once" \
+           f" {'below' if ctx.direction == 'minimize' else 'above'} {at:.6g}"
+    if noise.identical:  # decision.decide re-runs nothing then
+        return f"{kept}, discarded otherwise (the same number again on a re-run)."
+    return f"{kept}, re-run between that and {mean:.6g}, discarded otherwise."
 
 
 def _brief(older: tuple[PastExperiment, ...], gpus: bool) -> list[str]:

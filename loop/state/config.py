@@ -722,6 +722,14 @@ def readable_secrets(s: Settings) -> list[Secret]:
     return found
 
 
+# Terminal escape sequences (CSI colours, OSC titles/clipboard/links, two-byte ESC codes) and the
+# other control characters but tab and line ends: text from outside written for a terminal (a run's
+# log, a coding agent's output) holds them, and none is words (git refuses a NUL in a commit message).
+# The one pattern: the chats' formatter (bot/format.py) and the agent proposer drop them with it.
+TERMINAL_CODES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?"
+                            r"|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 @dataclass(frozen=True)
 class Redactor:
     """Stars out known secret values. Text from outside (an agent's words, a run's log, a note, a

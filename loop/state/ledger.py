@@ -394,11 +394,15 @@ def reference(rows: list[Experiment], cls: HardwareClass) -> Experiment | None:
     return next((e for e in reversed(rows) if e.status == "keep" and e.hardware_class == cls), None)
 
 
+def results(rows: list[Experiment], commit: str, cls: HardwareClass) -> list[float]:
+    """A commit's results on `cls`, oldest first (the views' and the judge's measurements of it)."""
+    return [e.metric for e in rows if e.commit == commit and e.hardware_class == cls and e.metric is not None]
+
+
 def repeat_groups(rows: list[Experiment], cls: HardwareClass) -> list[list[float]]:
     """Each commit's results on `cls`, in commit order: the groups the run-to-run noise is pooled over."""
-    commits = sorted({e.commit for e in rows if e.hardware_class == cls and e.metric is not None})
-    return [[e.metric for e in rows if e.commit == c and e.hardware_class == cls and e.metric is not None]
-            for c in commits]
+    return [results(rows, c, cls) for c in sorted({e.commit for e in rows if e.hardware_class == cls
+                                                   and e.metric is not None})]
 
 
 def segments(rows: list[Experiment]) -> list[int]:

@@ -115,7 +115,7 @@ def current_best(rows: list[Experiment]) -> tuple[Experiment | None, float | Non
 def best_runs(rows: list[Experiment]) -> list[float]:
     """Every run of the best commit on its hardware class: what the keep rule compares a change with."""
     best, _ = current_best(rows)
-    return [] if best is None else _values(rows, best.commit, best.hardware_class)
+    return [] if best is None else ledger.results(rows, best.commit, best.hardware_class)
 
 
 def _current(rows: list[Experiment]) -> list[Experiment]:
@@ -130,11 +130,11 @@ def _best_values(rows: list[Experiment], best: Experiment) -> list[float]:
     luck (the winner's curse), so once it has been re-measured only the runs after its keep
     count here (the decision rule itself uses every run)."""
     fresh = _fresh_values(rows, best)
-    return fresh if best.kind != "baseline" and fresh else _values(rows, best.commit, best.hardware_class)
+    return fresh if best.kind != "baseline" and fresh else ledger.results(rows, best.commit, best.hardware_class)
 
 
 def _fresh_values(rows: list[Experiment], best: Experiment) -> list[float]:
-    return _values([e for e in rows if e.number > best.number], best.commit, best.hardware_class)
+    return ledger.results([e for e in rows if e.number > best.number], best.commit, best.hardware_class)
 
 
 def _unconfirmed(rows: list[Experiment], best: Experiment, n: int) -> str:
@@ -146,15 +146,15 @@ def _unconfirmed(rows: list[Experiment], best: Experiment, n: int) -> str:
     return f"; not confirmed yet: from {runs} that got it kept, likely too high until a fresh run re-measures it"
 
 
-def _values(rows: list[Experiment], commit: str, cls: HardwareClass) -> list[float]:
-    return [e.metric for e in rows if e.commit == commit and e.hardware_class == cls and e.metric is not None]
-
-
 def night_gain(store: Store, rows: list[Experiment]) -> tuple[float, Comparison] | None:
     """(the baseline's mean, the best's gain over it ± its standard error), on the best's hardware
     class (the best's value as `_best_values` states it), the noise pooled over that class's
     repeats. A gain is positive when the best is better, whichever the metric's direction."""
-    night = _night(store, rows)
+    return _gain(store, rows, _night(store, rows))
+
+
+def _gain(store: Store, rows: list[Experiment], night: Night | None) -> tuple[float, Comparison] | None:
+    """`night_gain` of a night read already (a view reads it once for its gain and its noise)."""
     if night is None:
         return None
     best, baseline, noise = night
@@ -168,7 +168,10 @@ def night_noise(store: Store, rows: list[Experiment]) -> Noise | None:
     return None if night is None else night[2]
 
 
-def _night(store: Store, rows: list[Experiment]) -> tuple[Experiment, list[float], Noise] | None:
+Night = tuple[Experiment, list[float], Noise]  # the best, the baseline's results, the noise: `_night`
+
+
+def _night(store: Store, rows: list[Experiment]) -> Night | None:
     """The best, the baseline's results on the best's hardware class, and the noise pooled over
     that class's repeats from the prior (noise_prior × the best's mean, as the judge scales it)."""
     best, _ = current_best(rows)
@@ -178,8 +181,8 @@ def _night(store: Store, rows: list[Experiment]) -> tuple[Experiment, list[float
     base = baseline(rows, cls)
     if base is None:
         return None
-    baseline_values = _values(rows, base.commit, cls)
-    scale = abs(statistics.fmean(_values(rows, best.commit, cls) or baseline_values)) or 1.0
+    baseline_values = ledger.results(rows, base.commit, cls)
+    scale = abs(statistics.fmean(ledger.results(rows, best.commit, cls) or baseline_values)) or 1.0
     noise = pooled_noise(ledger.repeat_groups(rows, cls), store.get(NOISE_PRIOR_KEY, 0.0) * scale)
     return best, baseline_values, noise
 
@@ -240,22 +243,22 @@ def _heldout(e: Experiment) -> str:
     return f"{e.metrics[HELDOUT_GAIN]:+.6f}" + (" SUSPECT" if suspect(e.metrics) else "")
 
 
-def _gain_text(store: Store, rows: list[Experiment], best: Experiment) -> str:
+def _gain_text(store: Store, rows: list[Experiment], best: Experiment, night: Night | None) -> str:
     """ "+0.091757 ± 0.002100 (+6.34%, n = 3 vs 5)": positive = better (issue 14, item 13),
     whether its ± is a guess (no run repeated yet) and whether fresh runs have confirmed it."""
-    found = night_gain(store, rows)
-    if found is None:
+    found = _gain(store, rows, night)
+    if found is None or night is None:
         return ""
-    baseline, c = found
+    (baseline, c), noise = found, night[2]
     pct = f"{c.gain / abs(baseline) * 100:+.2f}%, " if baseline else ""
-    return (f"{c.gain:+.6f} ± {c.se:.6f} ({pct}n = {c.n_candidate} vs {c.n_incumbent}{_assumed(store, rows)}"
-            f"{_unconfirmed(rows, best, c.n_candidate)})")
+    # where every repeat gave the same number a fresh run gives this one again: none is awaited (or made)
+    unconfirmed = "" if noise.identical else _unconfirmed(rows, best, c.n_candidate)
+    return f"{c.gain:+.6f} ± {c.se:.6f} ({pct}n = {c.n_candidate} vs {c.n_incumbent}{_assumed(noise)}{unconfirmed})"
 
 
-def _assumed(store: Store, rows: list[Experiment]) -> str:
+def _assumed(noise: Noise) -> str:
     """Said beside a ± that no repeated run has measured: it is `loop.noise_prior`'s guess."""
-    noise = night_noise(store, rows)
-    return "" if noise is None or noise.measured else f"; {IDENTICAL_NOISE if noise.identical else ASSUMED_NOISE}"
+    return "" if noise.measured else f"; {IDENTICAL_NOISE if noise.identical else ASSUMED_NOISE}"
 
 
 def status_text(workspace: Path) -> str:
@@ -293,7 +296,7 @@ def status_text(workspace: Path) -> str:
         lines.append(f"paused by {pause.by} ({pause.reason}{waits}) {duration(time.time() - pause.since)} ago")
     best_exp, best = current_best(rows)
     if best_exp is not None:
-        gain = "" if _unchanged(rows, best_exp) else _gain_text(store, rows, best_exp)
+        gain = "" if _unchanged(rows, best_exp) else _gain_text(store, rows, best_exp, _night(store, rows))
         lines.append(f"best {name}: {_fmt(best)} (#{best_exp.number}, {best_exp.commit[:7]})" + (f" · vs baseline {gain}" if gain else ""))
     classes = _classes_line(rows)
     if classes:
@@ -401,9 +404,10 @@ def best_text(workspace: Path) -> str:
     text = f"best {name}: {_fmt(best)} — #{best_exp.number} {best_exp.commit[:7]}: {best_exp.description or best_exp.kind}"
     if best_exp.hypothesis:
         text += f"\nhypothesis: {best_exp.hypothesis}"
-    found = night_gain(store, rows)
+    night = _night(store, rows)
+    found = _gain(store, rows, night)
     if found is not None and not _unchanged(rows, best_exp):
-        text += f"\nvs baseline {_fmt(found[0])}: gain {_gain_text(store, rows, best_exp)}"
+        text += f"\nvs baseline {_fmt(found[0])}: gain {_gain_text(store, rows, best_exp, night)}"
     if best_exp.hardware:
         text += f"\nmeasured on: {best_exp.hardware}"
     classes = _classes_line(rows)
@@ -525,20 +529,20 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
         return "\n".join([*out, "No experiments yet."])
     span = rows[-1].finished_at - (rows[0].started_at or rows[0].finished_at)
     best_exp, best = current_best(rows)
-    found = night_gain(store, rows)
+    night = _night(store, rows)
+    found = _gain(store, rows, night)
     if all(e.metric is None for e in rows):  # what to do, not a baseline, a best and a gain of "—"
         out += [f"- experiments: {len(rows)} ({_counts(store, rows)}) over {duration(span)}",
                 f"- no {name} yet: all {len(rows)} experiments failed before giving one (see What"
                 f" did not work); {code('nightlab train --config FILE')} runs one and shows all its output"]
     else:
         gain = ("none yet, the best is the baseline" if best_exp is not None and _unchanged(rows, best_exp)
-                else f"{(_gain_text(store, rows, best_exp) if best_exp else '') or '—'}"
+                else f"{(_gain_text(store, rows, best_exp, night) if best_exp else '') or '—'}"
                 " (± one standard error; positive = better)")
-        noise = night_noise(store, rows)  # not measured: the gain's line says so
         out += [
             f"- experiments: {len(rows)} ({_counts(store, rows)}) over {duration(span)}"
             + ("; the baseline's runs and the repeats (re-runs of a result, re-measurements of the best) measure"
-               " the noise" if noise is None or noise.measured else ""),
+               " the noise" if night is None or night[2].measured else ""),  # not measured: the gain's line says so
             f"- baseline {name}: {_fmt(found[0] if found else None)}",
             f"- best {name}: {_fmt(best)}"
             + (f" (#{best_exp.number}, {code(best_exp.commit[:7])})" if best_exp else ""),
@@ -596,11 +600,12 @@ def chart_caption(workspace: Path) -> str:
     best_exp, best = current_best(rows)
     if best_exp is None:
         return "\n".join([*lines, f"no {_metric_name(store)} yet"])
-    noise = night_noise(store, rows)
+    night = _night(store, rows)
+    noise = None if night is None else night[2]
     vary = ("" if noise is None or noise.sd == 0 else f", repeats gave the same number (± {noise.sd:.4f} assumed)"
             if noise.identical else f", runs vary ± {noise.sd:.4f}" + ("" if noise.measured else f" ({noise.how()})"))
     lines.append(f"best {_metric_name(store)} {_fmt(best)} (#{best_exp.number}){vary}")
-    found = night_gain(store, rows)
+    found = _gain(store, rows, night)
     if _unchanged(rows, best_exp):
         lines.append("nothing beat the baseline yet")
     elif found is not None:

@@ -52,3 +52,13 @@ def test_a_code_block_split_for_slack_is_a_code_block_in_every_message() -> None
     assert len(parts) > 1 and all(utf16_len(p) <= 3000 for p in parts)
     assert [s.style for s in slack_spans(parts[-1])] == ["pre"]
     assert "".join(s.text for p in parts for s in slack_spans(p) if s.style == "pre") == log
+
+
+def test_no_message_is_only_the_marks_of_a_blank_line() -> None:
+    """A code block's blank line that begins a message, then a line longer than a message (a log's
+    dump of a tensor): the blank line alone was a message, '<pre>\\n</pre>' (Telegram: 'message text
+    is empty') or, for Slack, a rich_text block of nothing (a code block's edge lines are not shown)."""
+    for flavour, marks in ((TELEGRAM_HTML, r"</?pre>"), (SLACK_RICH, "[\x06\x07]")):
+        parts = flavour.render([pre("\n" + "a" * 5000 + "\nend")])
+        assert all(re.sub(marks, "", part).strip() for part in parts), (flavour.name, parts)
+        assert "".join(re.sub(marks, "", part) for part in parts).replace("\n", "") == "a" * 5000 + "end"

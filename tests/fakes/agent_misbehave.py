@@ -61,10 +61,10 @@ elif mode == "chatty":  # streams its progress and ends without a word of its ow
         print(f"[tool] read_file train.py chunk {i}")
     if sys.argv[2:] == ["closing"]:  # ... or with its closing words after them
         print("\nDeeper: DEPTH 8 -> 10, more capacity for the same budget.")
-elif mode == "terminal":  # a CLI writing for a terminal: colours, a bell, a NUL among its closing words
+elif mode == "terminal":  # a CLI writing for a terminal: colours, a bell, a NUL, a link, its title
     edit()
-    proposal(json.dumps({"description": "deeper\u0000 \u001b[1mnow\u001b[0m"}))
-    print("\x1b[32m✓\x1b[0m Edited train.py\x07\n\nDeeper:\x00 DEPTH 8 -> 10\x1b[0m")
+    proposal(json.dumps({"description": "deeper\u0000 \u001b]8;;https://x.example\u0007\u001b[1mnow\u001b[0m\u001b]8;;\u0007"}))
+    print("\x1b]0;agent: done\x07\x1b[32m✓\x1b[0m Edited train.py\x07\n\nDeeper:\x00 DEPTH 8 -> 10\x1b[0m")
 elif mode == "flood":  # a debug print in a loop: the same line, forever
     edit()
     while True:

@@ -160,3 +160,16 @@ def test_where_every_repeat_gives_the_same_number_nothing_is_run_again_and_the_p
     assert rows[3].status == "discard" and rows[3].reason.endswith("(a re-run gives the same number)")
     assert f"± {prior * (4 / 3) ** 0.5:.4f}" in rows[3].reason  # the prior's, not shrunk by the repeats
     assert rows[4].status == "keep" and rows[4].params == {"K00": best}
+
+
+def test_a_best_where_every_repeat_gives_the_same_number_is_not_said_to_await_a_fresh_run(tmp_path: Path) -> None:
+    """A fixed-seed trainer's new best is not run again (a run gives its number once more): /best,
+    /status and the report said its gain was 'not confirmed yet: ... likely too high until a fresh
+    run re-measures it' for the rest of the night, for a number no run could change."""
+    land = dataclasses.replace(landscape.make("one_big", seed=0), sigma=0.0)
+    proposer = ScriptedProposer([{"set": {"K00": round(2.0 ** land.c[0], 2)}}])
+    repo, _, rows = _night(tmp_path, land, 4, proposer, noise_prior=0.001)
+    assert rows[-1].status == "keep" and rows[-1].kind == "proposal"
+    for text in (views.best_text(repo), views.status_text(repo), views.report_markdown(repo)):
+        assert "n = 1 vs 3; ± from loop.noise_prior: the repeated runs gave the same number" in text
+        assert "not confirmed yet" not in text

@@ -444,6 +444,18 @@ def test_the_keep_rule_is_said_in_the_metrics_own_numbers(ws: Path, direction: s
     assert f"In numbers: {said}" in prompt
 
 
+def test_where_every_repeat_gives_the_same_number_the_prompt_says_nothing_is_re_run(ws: Path) -> None:
+    """A fixed-seed trainer (the tiny profile): a change under the bar is discarded after its one run,
+    as a re-run gives the same number; the prompt told the agent it would be re-run first."""
+    noise = Noise(0.002, 2, identical=True)
+    prompt = build_prompt(ctx(ws, noise=noise, best_runs=(0.98, 0.98, 0.98)), "", 5)
+    assert "re-run first" not in prompt and "re-run between" not in prompt
+    assert ("standard errors of the difference; one in between is discarded (a re-run gives the same number)."
+            in prompt)
+    assert ("a change's first run is kept at once below 0.975381, discarded otherwise (the same number again"
+            " on a re-run)." in prompt)
+
+
 def test_a_prompt_says_one_failure_in_words_and_what_not_to_do(ws: Path) -> None:
     prompt = build_prompt(ctx(ws, consecutive_failures=1), "", 5)
     assert "## Streak\n\nThe last experiment did not improve on the best.\n" in prompt  # not "the last 1 experiments"

@@ -4,14 +4,19 @@ saved as `finish` saves a run's model and scored by the harness's own `score`, i
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from nightlab.trainer import prepare
 
 from tests.fakes.scored_models import NUMPY_FEATURES, RANDOM_FEATURES, save_artifact
@@ -91,6 +96,27 @@ def test_random_features_numpy_draws_when_built_are_no_look_ahead(score):
     and Python's generators were seeded for every build, numpy's not), and it was refused as not causal."""
     for seed in (None, 0, 1):
         assert math.isfinite(score("random_features", seed=seed, build=NUMPY_FEATURES))
+
+
+@pytest.mark.parametrize("build", [
+    RANDOM_FEATURES, NUMPY_FEATURES,
+    "    import random\n" + RANDOM_FEATURES.replace("torch.randn(16, 16)", "torch.tensor([random.gauss(0, 1) for _ in range(16)])"),
+], ids=["torch", "numpy", "random"])
+def test_a_model_is_scored_with_the_random_features_it_trained_with(H, tmp_path, monkeypatch, build):
+    """The scorer builds the model seeded, and so does a training run's `setup`, for torch only:
+    a train.py whose build_model drew its unsaved features with numpy's or Python's generator
+    trained with other features than the ones it was scored with, an honest change scored as noise."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # `setup` sets the training process's own
+    artifact = save_artifact(tmp_path / "model", "random_features", 50, build=build)
+    meta = json.loads((artifact / "meta.json").read_text())
+    random.seed(12345)  # a training process's generators, whatever they held before `setup`
+    np.random.seed(12345)
+    rt = H.setup(attention_backend="sdpa", compile=False)
+    spec = importlib.util.spec_from_file_location("trained_model", artifact / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trained = module.build_model(meta["config"], rt.device).features  # train.py's build, after `setup`
+    assert torch.equal(trained, H.built_model(artifact, meta, rt).features)  # the scorer's
 
 
 @pytest.mark.parametrize(("variant", "reason"), [
