@@ -5,17 +5,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        # Under pytest-xdist each worker's torch, in the test process and in every run it starts (they
+        # inherit the variable), gets its share of the cores: N workers on N cores, each torch taking
+        # all N, would run N * N threads that wait on each other.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    # The type check runs from now on, beside the tests (tests/test_types.py says why).
+    # The type check runs from now on, beside the tests (tests/test_types.py says why). Under
+    # pytest-xdist every worker collects every test, so none starts it early: the worker that gets
+    # the test runs it there, beside the other workers.
     from tests import test_types
 
-    if any(item.nodeid == test_types.NODEID for item in session.items):
+    if "PYTEST_XDIST_WORKER" not in os.environ and any(item.nodeid == test_types.NODEID for item in session.items):
         test_types.start_mypy()
 
 
@@ -23,6 +35,20 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     from tests import test_types
 
     test_types.stop_mypy()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    from tests.e2e import chaos_table
+
+    chaos_table.gather(report)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.e2e.chaos_table import CHAOS_TABLE, chaos_table
+
+    if CHAOS_TABLE:
+        terminalreporter.write_sep("-", "chaos table")
+        terminalreporter.write_line(chaos_table())
 
 
 @pytest.fixture(autouse=True)

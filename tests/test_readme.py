@@ -7,6 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 from tests.fakes.slurm_cluster import BINARIES
 
@@ -31,7 +33,20 @@ def test_the_readme_test_command_installs_what_every_test_needs() -> None:
     assert installs, cmd
     packages = set(installs.group(1).split())
     assert {PACKAGE_OF[b] for b in BINARIES} <= packages, f"Slurm packages missing from: {cmd}"
-    assert cmd.endswith("-m pytest -q"), "the whole suite, nothing deselected"
+    pytest_args = cmd.rpartition(" -m pytest ")[2].split()
+    # the whole suite, nothing deselected: quiet, on every core (pytest-xdist), and nothing else
+    assert pytest_args == ["-q", "-n", "auto", "--dist", "loadgroup"], cmd
+
+
+def test_the_tests_sharing_a_costly_fixture_stay_on_one_worker(request: pytest.FixtureRequest) -> None:
+    """The command runs the suite on several workers (pytest-xdist); the tests that read one costly
+    module fixture (a night of real training, a Slurm cluster) carry one xdist_group, so that one
+    worker makes it once. pytest 9.2 with pytest-xdist 3.8 dropped every group without a word: each
+    worker ran the night again."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("the suite runs on one process here (not the README's --dist loadgroup)")
+    grouped = [item.nodeid for item in request.session.items if item.get_closest_marker("xdist_group")]
+    assert all("@" in nodeid for nodeid in grouped), [nodeid for nodeid in grouped if "@" not in nodeid][:3]
 
 
 def test_no_test_reads_data_from_outside_the_repository() -> None:

@@ -5,7 +5,9 @@ through the editable install; so mypy reads them through a nightlab/<name> symli
 
 A cold check (a clean clone has no cache) takes ~25 s of one core, so the suite starts it as soon
 as it has collected this test (tests/conftest.py): it runs beside the tests that mostly wait on
-processes and servers, and the test reads its result."""
+processes and servers, and the test reads its result. Under pytest-xdist the worker that gets the
+test starts it then (the other workers go on beside it): every worker collects every test, and
+two checks at once would write one cache."""
 
 from __future__ import annotations
 

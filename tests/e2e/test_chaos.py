@@ -9,7 +9,7 @@ microseconds is hit every time). "While sending" is different: the fake Telegram
 digest of #2 and the test SIGKILLs the daemon while that request is in flight. Then a fresh
 daemon (no kill) runs the session to its end (3 experiments) and every invariant in
 tests/e2e/invariants.py is checked. The table of points x invariants is printed at the end of
-the pytest run (tests/e2e/conftest.py).
+the pytest run (tests/e2e/chaos_table.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from nightlab.loop.state import ledger
 from nightlab.loop.state.steering import send_command
 from nightlab.loop.state.store import Store
 
+from tests.e2e import chaos_table
 from tests.e2e import invariants as inv
-from tests.e2e.conftest import CHAOS_TABLE
 from tests.fakes.daemon_config import write_daemon_config
 from tests.fakes.loop_workspace import Gates, make_stub_workspace
 from tests.fakes.slack_server import FakeSlack
@@ -195,15 +195,18 @@ PARAMS = [pytest.param(point, number, what, id=point) for point, number, what in
 
 @pytest.mark.parametrize(("point", "number", "what"), PARAMS)
 def test_sigkill_at_a_point_of_the_cycle_then_restart(
-    tmp_path: Path, chats: tuple[FakeTelegram, FakeSlack], point: str, number: int, what: str
+    request: pytest.FixtureRequest, tmp_path: Path, chats: tuple[FakeTelegram, FakeSlack], point: str, number: int,
+    what: str
 ) -> None:
     tg, slack = chats
     started = time.monotonic()
+    place = [p for p, _, _ in POINTS].index(point)
     try:
-        checks = run_scenario(tmp_path, point, number, tg, slack, [p for p, _, _ in POINTS].index(point))
+        checks = run_scenario(tmp_path, point, number, tg, slack, place)
     except Exception as exc:  # the scenario itself broke: no invariant can be counted as held
-        CHAOS_TABLE[point] = (what, None, time.monotonic() - started, (str(exc) or repr(exc)).splitlines()[0])
+        chaos_table.record(request.node, point, place, what, None, time.monotonic() - started,
+                           (str(exc) or repr(exc)).splitlines()[0])
         raise
-    CHAOS_TABLE[point] = (what, checks, time.monotonic() - started, "")
+    chaos_table.record(request.node, point, place, what, checks, time.monotonic() - started)
     failed = [str(c) for c in checks if not c.ok]
     assert not failed, "\n".join(failed)

@@ -19,6 +19,8 @@ from tests.fakes.trick_agent import TrickAgent
 
 ORDER = ["fake_print", "skip_eval", "targets_in_forward", "non_causal", "read_val_shard", "honest", "memorise_val"]
 STEPS = 4  # enough for the baseline to learn more than a model trained on a leaked target
+# every test reads the one night: under pytest-xdist they run on one worker, which runs the night once
+pytestmark = pytest.mark.xdist_group("integrity-night")
 
 
 @pytest.fixture(scope="module")

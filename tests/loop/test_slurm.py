@@ -34,6 +34,9 @@ from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.fakes.slurm_cluster import SlurmCluster
 from tests.waiting import wait_until
 
+# one worker under pytest-xdist: the module-scoped clusters start once, not once per worker
+pytestmark = pytest.mark.xdist_group("slurm")
+
 
 # -- no cluster needed ------------------------------------------------------------------------------
 @pytest.mark.parametrize(("job", "code", "expected"), [

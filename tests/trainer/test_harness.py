@@ -111,6 +111,7 @@ def reduced_precision_runs(tmp_path_factory, data_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("reduced-precision")  # both read the runs made once, on one worker
 @pytest.mark.parametrize("dtype", REDUCED)
 def test_reduced_precision_paths_train_on_cpu(reduced_precision_runs, dtype):
     proc = reduced_precision_runs[dtype]

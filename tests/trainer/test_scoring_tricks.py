@@ -177,6 +177,10 @@ torch.save(rows, data / P.EVAL_CACHE_DIR / f"{key}.pt")
 def run_env(data_dir, tmp_path, monkeypatch):
     """A data dir of its own (the tricks write into it), a workspace whose train.py is the honest
     model, and a trained model for the training command to leave where `finish` would."""
+    return _run_env(data_dir, tmp_path, monkeypatch)
+
+
+def _run_env(data_dir, tmp_path, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns(prepare.EVAL_CACHE_DIR))
     vocab = prepare.Tokenizer.from_directory(data / "tokenizer").get_vocab_size()
@@ -603,31 +607,40 @@ HARNESS_TRICKS = {
 }
 
 
+def _run_in_workspace(command: str) -> tuple[int, str]:
+    """`python prepare.py run` from the workspace's own copies of the harness's files (the cwd)."""
+    for name in ("prepare.py", "harness.py"):
+        shutil.copy(TRAINER / name, name)
+    proc = subprocess.run([sys.executable, "prepare.py", "run", "--command", command], capture_output=True,
+                          text=True, timeout=120, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def honest_in_a_workspace(data_dir, tmp_path_factory) -> float:
+    """The honest model's val_bpb from a run as below, with no trick: one run for every trick, each
+    of which starts from the same data, the same saved model and the same files."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _, train_command = _run_env(data_dir, tmp_path_factory.mktemp("honest"), monkeypatch)
+        code, out = _run_in_workspace(train_command())
+    honest = _scored(out).get("val_bpb")
+    assert code == 0 and honest is not None, out[-2000:]
+    return honest
+
+
 @pytest.mark.parametrize("trick", list(HARNESS_TRICKS))
-def test_a_training_command_never_changes_the_code_that_scores_it(run_env, trick):
+def test_a_training_command_never_changes_the_code_that_scores_it(run_env, honest_in_a_workspace, trick):
     """The scorer ran the workspace's harness.py after the training command, with that folder first on
     its path and its __pycache__ read: a training command that rewrote harness.py (0.01), left a
     module that harness.py imports (half the cross-entropy) or a .pyc of another prepare.py (twice the
     bytes) there got the score it wrote, and the model was built with whatever train.py it left in
     the artifact folder. The harness's files or the scored train.py changed refuse the run; the
     scorer runs with -P, prepare.py's and the scored train.py's bytecode compiled again."""
-    import subprocess
-
     from nightlab.loop.summary import parse_summary
 
     _, train_command = run_env
-    for name in ("prepare.py", "harness.py"):
-        shutil.copy(TRAINER / name, name)
-
-    def run(command: str) -> tuple[int, str]:
-        proc = subprocess.run([sys.executable, "prepare.py", "run", "--command", command], capture_output=True,
-                              text=True, timeout=120, check=False)
-        return proc.returncode, proc.stdout + proc.stderr
-
-    code, out = run(train_command())
-    honest = parse_summary(out).get("val_bpb")
-    assert code == 0 and honest is not None, out[-2000:]
-    code, out = run(train_command(HARNESS_TRICKS[trick]))
+    honest = honest_in_a_workspace
+    code, out = _run_in_workspace(train_command(HARNESS_TRICKS[trick]))
     if trick == "harness.py rewritten":
         assert code == prepare.REJECTED_EXIT and parse_summary(out).rejected == (
             "the training command changed the code that scores it (harness.py); a run must not write the protected"

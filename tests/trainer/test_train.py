@@ -396,6 +396,8 @@ def run_train(workspace: Path, data_dir: Path, env: dict, timeout: float = 180) 
 
 
 TINY_RUN_STEPS = 10  # the tiny profile with a quarter of its 40 steps: it learns as clearly, in half the time
+# the tests reading the one run: one worker under pytest-xdist, which trains once
+ON_THE_TINY_RUNS_WORKER = pytest.mark.xdist_group("tiny-run")
 
 
 @pytest.fixture(scope="module")
@@ -407,6 +409,7 @@ def tiny_run(tmp_path_factory, data_dir):
 
 
 @pytest.mark.slow
+@ON_THE_TINY_RUNS_WORKER
 def test_tiny_run_prints_upstream_summary_and_metrics(tiny_run):
     proc, _ = tiny_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -433,6 +436,7 @@ def test_tiny_run_prints_upstream_summary_and_metrics(tiny_run):
 
 
 @pytest.mark.slow
+@ON_THE_TINY_RUNS_WORKER
 def test_tiny_run_stops_at_its_step_budget(tiny_run):
     proc, _ = tiny_run
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -444,6 +448,7 @@ def test_tiny_run_stops_at_its_step_budget(tiny_run):
 
 
 @pytest.mark.slow
+@ON_THE_TINY_RUNS_WORKER
 def test_tiny_run_learns(tiny_run, data_dir):
     proc, _ = tiny_run
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -462,6 +467,7 @@ def test_tiny_run_learns(tiny_run, data_dir):
 
 
 @pytest.mark.slow
+@ON_THE_TINY_RUNS_WORKER
 def test_tiny_run_saves_trained_weights_for_the_harness(tiny_run):
     proc, ws = tiny_run
     assert proc.returncode == 0, proc.stdout[-3000:]
