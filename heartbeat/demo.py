@@ -52,7 +52,7 @@ def run_demo(workspace: Path | None, experiments: int) -> int:
     done = views.recorded(workspace)
     if done < settings.loop.baseline_runs:
         print(f"nightlab demo: workspace {workspace}\n"
-              f"  the baseline ({settings.loop.baseline_runs} runs, to measure the noise) + {experiments}"
+              f"  the baseline ({settings.loop.baseline_runs} runs, to see how much runs of one commit vary) + {experiments}"
               " experiments with the tiny profile; digests follow")
     else:
         print(f"nightlab demo: workspace {workspace}\n  {views.counted(experiments, 'more experiment')} ({done} recorded"

@@ -10,7 +10,8 @@ is then.
 Results are compared only within a hardware class, so a wave first measures the best commit (a
 baseline, pinned there) on every class that has no measurement of it yet: each slot's class known
 ahead (local), and each place where a result could not be compared (a cluster; `kv` WANTED_KEY).
-The session starts with `loop.baseline_runs` baselines; a new best, and later the best every
+The session starts with `loop.baseline_runs` baselines (one on each slot of the first class where
+it has more); a new best, and later the best every
 `loop.remeasure_every` experiments, is measured again (drift pins).
 """
 
@@ -88,16 +89,16 @@ def plan(ctx: Context, rows: list[Experiment], head: str) -> Wave:
     """What a wave from `head` must run first: the session's baseline repeats, then a baseline
     on every class (a slot's, or one where a result could not be compared) that has not
     measured `head`."""
-    baseline_runs = ctx.settings.loop.baseline_runs
     baselines = [e for e in rows if e.kind == "baseline" and e.status == "keep"]
     wanted = [*({"hardware": s.hardware, "node": ""} for s in ctx.slots if s.hardware),
               *ctx.store.get(WANTED_KEY, [])]
     pins: list[Pin] = []
     kind = "proposal"
-    if len(baselines) < baseline_runs and all(e.kind == "baseline" for e in rows):
+    first = wanted[0] if wanted else ANYWHERE
+    repeats = baseline_repeats(ctx, first)
+    if len(baselines) < repeats and all(e.kind == "baseline" for e in rows):
         kind = "baseline"  # the session's first measurements: repeats on the first class
-        first = wanted[0] if wanted else ANYWHERE
-        pins = [first] * (baseline_runs - len(baselines))
+        pins = [first] * (repeats - len(baselines))
     for want in wanted:
         ref = ledger.reference(rows, ctx.hw_class(want["hardware"]))
         if all(p["hardware"] != want["hardware"] for p in pins) and (ref is None or ref.commit != head):
@@ -105,6 +106,14 @@ def plan(ctx: Context, rows: list[Experiment], head: str) -> Wave:
     if kind == "proposal":
         pins += [p for p in drift_pins(ctx, rows, head) if p not in pins]
     return Wave(head, kind, len(ctx.slots), len(baselines), tuple(pins))
+
+
+def baseline_repeats(ctx: Context, first: Pin) -> int:
+    """The session's baseline runs: `loop.baseline_runs`, or one on each slot of the first class
+    where it has more slots (they run at the same time: more runs of the noise for no more time,
+    where those slots would wait). 1 asks for no repeats at all."""
+    asked = ctx.settings.loop.baseline_runs
+    return asked if asked <= 1 else max(asked, sum(s.hardware == first["hardware"] for s in ctx.slots))
 
 
 def drift_pins(ctx: Context, rows: list[Experiment], head: str) -> list[Pin]:
@@ -144,7 +153,7 @@ def add_member(ctx: Context, rows: list[Experiment]) -> Candidate:
             continue
         if wave.kind == "baseline" and pin == wave.pins[0]:
             n = wave.done + len(members) + 1
-            total = ctx.settings.loop.baseline_runs
+            total = baseline_repeats(ctx, pin)
             label = "baseline" if total == 1 else f"baseline {n}/{total}"
         else:
             where = pin["hardware"] or pin["node"]

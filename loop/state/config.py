@@ -166,7 +166,7 @@ class ProjectSettings:
 
 @dataclass(frozen=True)
 class LoopSettings:
-    baseline_runs: int = 3  # repeats of the unmodified baseline: the noise is known from the first hour
+    baseline_runs: int = 3  # repeats of the unmodified baseline (one per slot where there are more): the first hour's noise
     keep_z: float = 2.0  # keep when the gain beats the best by more than z standard errors of the difference
     max_runs: int = 3  # runs of one candidate at most (first run + re-runs) before it is decided
     noise_prior: float = 0.003  # noise assumed until repeats measure it, as a share of the best's metric

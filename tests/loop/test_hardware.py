@@ -245,3 +245,19 @@ def test_a_tiny_night_given_seconds_is_said_as_its_budget_changing_from_steps_to
     assert setting_changes(store, seconds, steps) == ["the budget 5 s -> 40 steps"]
     more = record_setting(store, "python prepare.py run", {"NIGHTLAB_BUDGET_STEPS": "80", "NIGHTLAB_TIME_BUDGET": "15"})
     assert setting_changes(store, steps, more) == ["budget_steps 40 -> 80"]
+
+
+def test_the_first_baselines_run_on_every_slot_of_the_first_class_not_on_baseline_runs_of_them(
+        tmp_path: Path, mixed_box) -> None:
+    """Four H100s and baseline_runs = 2: the first wave ran two baselines while two GPUs waited for
+    them; it now runs one on each (more runs of the noise in the same time), then proposals."""
+    mixed_box([H100, H100, H100, H100])
+    settings = make_stub_workspace(tmp_path, executor={"gpus": [0, 1, 2, 3]}, loop={"baseline_runs": 2})
+    steps = [{"set": {"VAL_BPB": [v]}} for v in (0.95, 0.97, 0.99, 1.2)]
+    assert run_engine(settings, 6, proposer=WaveProposer(steps)) == 0
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert [(e.kind, e.hardware) for e in rows[:4]] == [("baseline", H100)] * 4
+    assert sorted(e.description for e in rows[:4]) == [f"baseline {n}/4" for n in range(1, 5)]
+    assert {e.slot for e in rows[:4]} == {"gpu0", "gpu1", "gpu2", "gpu3"}  # at once, one on each
+    assert [e.kind for e in rows[4:]] == ["proposal", "proposal"]
+    assert_consistent(settings)
