@@ -681,3 +681,43 @@ def test_a_model_that_replays_its_last_call_through_the_process_is_rejected(H, s
     monkeypatch.setitem(sys.modules, "nightlab_last_call", type(sys)("nightlab_last_call"))  # removed after
     with pytest.raises(H.Rejected, match=r"^not causal: "):  # today it scores 0.29 (honest: 2.86)
         score("replays_through_the_process", seed=1)
+
+
+# A process the training command leaves running (a double fork, a new session): once the scorer starts,
+# after the checks of the data dir, it writes rows of one long token into the scored rows' cache
+LEFT_RUNNING = UNSEEN + '''
+import sys, time
+trainer = os.getpid()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        fd = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(fd, std)
+        scorer = None
+        while scorer is None:
+            for pid in filter(str.isdigit, os.listdir('/proc')):
+                try:
+                    cmdline = open(f'/proc/{pid}/cmdline', 'rb').read()
+                except OSError:
+                    continue
+                if b'harness.py' in cmdline and os.environ['NIGHTLAB_ARTIFACT_DIR'].encode() in cmdline:
+                    scorer = pid
+            time.sleep(0.005)
+        shutil.copy(os.path.join(elsewhere, cached), os.path.join(cache, cached))
+    os._exit(0)
+os.wait()
+'''
+
+
+def test_a_process_the_training_command_leaves_running_never_reaches_its_score(run_env, capfd):
+    """The checks of the data dir and the harness's files came when the training command ended; a
+    process it started and left running (detached: a double fork, a new session) wrote the scored
+    rows' cache after them, as the scorer started (2.86 -> 0.19), and could have stayed for the runs
+    after. A run ends what its training command left running before it checks and scores."""
+    _, train_command = run_env
+    assert prepare.run(train_command()) == 0
+    honest = _scored(capfd.readouterr().out).get("val_bpb")
+    assert prepare.run(train_command(LEFT_RUNNING)) == 0
+    out = capfd.readouterr().out
+    assert _scored(out).get("val_bpb") == honest, out[-2000:]
