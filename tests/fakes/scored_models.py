@@ -85,6 +85,9 @@ FORWARDS = {
                                     "    logits = torch.where(same, last[1], logits)\n"
                                     "store.last = (x.clone(), logits.detach().clone())\n"
                                     "return logits"),
+    # looks ahead by just under the probe's tolerance: the next token's logit raised by 0.0099
+    "nudges_ahead": ("ahead = torch.roll(x, -1, dims=1)[..., None]\n"
+                     "return self.honest(x).float().scatter_add(-1, ahead, torch.full(ahead.shape, 0.0099))"),
     # a legitimate design: random features drawn when the model is built, never saved (`RANDOM_FEATURES`)
     "random_features": "h = self.embed(x)\nreturn self.head(h + torch.sin(h @ self.features))",
     "nan_logits": "return self.honest(x) * float('nan')",

@@ -683,6 +683,15 @@ def test_a_model_that_replays_its_last_call_through_the_process_is_rejected(H, s
         score("replays_through_the_process", seed=1)
 
 
+
+@pytest.mark.xfail(strict=True, reason="open: a look-ahead under PROBE_ATOL passes (lowering it needs the GPU's noise measured)")
+def test_a_model_that_looks_ahead_by_less_than_the_probes_tolerance_is_rejected(H, score):
+    """The probe allows the logits up to its cut to move by 0.01 (numerical noise): a model that raises
+    the next token's logit by 0.0099 moves them by less, passes, and scores 0.0030 better on the same
+    weights (2.8576 -> 2.8546), the size of a kept change."""
+    with pytest.raises(H.Rejected, match=r"^not causal: "):
+        score("nudges_ahead", seed=1)
+
 # A process the training command leaves running (a double fork, a new session): once the scorer starts,
 # after the checks of the data dir, it writes rows of one long token into the scored rows' cache
 LEFT_RUNNING = UNSEEN + '''
