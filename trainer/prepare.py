@@ -1261,12 +1261,97 @@ def scorer_command(harness: Path, *args: str) -> list[str]:
     return [sys.executable, "-P", "-u", str(harness), "score", *args]
 
 
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2), Linux
+
+
+def _subreaper(on: bool | None = None) -> bool | None:
+    """Whether this process is its descendants' subreaper (orphans are reparented to it, not to init),
+    after setting it when `on` is given; None where prctl is not there (not Linux)."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    if on is not None:
+        prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+    state = ctypes.c_int()
+    return None if prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(state), 0, 0, 0) != 0 else bool(state.value)
+
+
+def _parents() -> dict[int, int]:
+    """Every process's parent, from /proc (empty where there is none)."""
+    parents = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text() if entry.isdigit() else ""
+        except OSError:
+            continue  # gone meanwhile
+        if stat:
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def _children() -> set[int]:
+    return {pid for pid, parent in _parents().items() if parent == os.getpid()}
+
+
+def _end_leftovers(known: set[int]) -> None:
+    """Kill the processes reparented here (the subreaper) that are none of `known`, with theirs, and
+    reap them; again until none is left (one killed while it forked leaves its child here)."""
+    import signal
+
+    for _ in range(100):
+        parents = _parents()
+        doomed = {pid for pid, parent in parents.items() if parent == os.getpid()} - known
+        if not doomed:
+            return
+        tree = set(doomed)
+        while grown := {pid for pid, parent in parents.items() if parent in tree} - tree:
+            tree |= grown
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass  # gone meanwhile
+        for pid in doomed:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
 def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) -> int:
     """Run a shell command (in our process group, so a kill of the run reaches it), copy its
-    output line by line through on_line to our stdout; its exit code."""
+    output line by line through on_line to our stdout; its exit code. What it leaves running when it
+    ends (a process detached by a double fork or a new session, reparented here) is killed before
+    this returns: one left by a training command wrote the scored rows' cache after the checks that
+    follow, as the scorer started, and could stay to write into the runs after (Linux; elsewhere
+    such a process lives on)."""
     import subprocess
 
+    was_subreaper = _subreaper()
+    before = _children()
+    if was_subreaper is False:
+        _subreaper(True)
     proc = subprocess.Popen(command, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # once the command ends, what it left: a leftover holding the output open would keep the loop below reading
+    def end_leftovers() -> None:
+        proc.wait()
+        _end_leftovers(before | {proc.pid})
+
+    ender = threading.Thread(target=end_leftovers, daemon=True)
+    ender.start()
+    try:
+        return _passed_on(proc, on_line)
+    finally:
+        if proc.poll() is not None:  # not when our own failure ends the reading: the command may run on
+            ender.join()
+        if was_subreaper is False:
+            _subreaper(False)
+
+
+def _passed_on(proc: Any, on_line: Callable[[str], str]) -> int:
     assert proc.stdout is not None
     output, out = proc.stdout, sys.stdout.buffer
     # at most LINE_PIECE bytes at a time: output that never ends its line (progress redrawn with `\r`,

@@ -74,6 +74,20 @@ FORWARDS = {
                               "    logits = torch.where(same, last[1], logits)\n"
                               "self.last = (x.clone(), logits.detach().clone())\n"
                               "return logits"),
+    # the same, its last call kept outside the model (a module of sys.modules): a model built anew
+    # in the same process finds it
+    "replays_through_the_process": ("import sys\n"
+                                    "store = sys.modules['nightlab_last_call']\n"
+                                    "logits = self.peek(x)\n"
+                                    "last = getattr(store, 'last', None)\n"
+                                    "if last is not None and last[0].shape == x.shape:\n"
+                                    "    same = (x == last[0]).long().cumprod(dim=1).bool()[..., None]\n"
+                                    "    logits = torch.where(same, last[1], logits)\n"
+                                    "store.last = (x.clone(), logits.detach().clone())\n"
+                                    "return logits"),
+    # looks ahead by just under the probe's tolerance: the next token's logit raised by 0.0099
+    "nudges_ahead": ("ahead = torch.roll(x, -1, dims=1)[..., None]\n"
+                     "return self.honest(x).float().scatter_add(-1, ahead, torch.full(ahead.shape, 0.0099))"),
     # a legitimate design: random features drawn when the model is built, never saved (`RANDOM_FEATURES`)
     "random_features": "h = self.embed(x)\nreturn self.head(h + torch.sin(h @ self.features))",
     "nan_logits": "return self.honest(x) * float('nan')",

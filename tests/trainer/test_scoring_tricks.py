@@ -651,3 +651,80 @@ def test_a_training_command_never_changes_the_code_that_scores_it(run_env, hones
             " with: a run is scored with the train.py it committed"), out[-2000:]
     else:
         assert code == 0 and parse_summary(out).get("val_bpb") == honest, out[-2000:]
+
+
+# --- train.py's code runs in the scorer's process -------------------------------------------------
+
+# build_model (or train.py's top level, which the scorer runs as well) halves the cross-entropy the
+# harness computes: committed code, in plain sight, no .pyc needed
+HALVES_THE_LOSS = ("    import torch.nn.functional as F\n    ce = F.cross_entropy\n"
+                   "    F.cross_entropy = lambda *a, **k: ce(*a, **k) / 2\n"
+                   "    return Model(config['vocab_size'], config.get('masked', [])).to(device)")
+
+
+@pytest.mark.xfail(strict=True, reason="open: train.py's code runs in the process that computes the score")
+def test_a_build_model_that_patches_the_scorers_loss_scores_as_honest(H, score, monkeypatch):
+    """The scorer imports train.py and calls its build_model and forward in its own process, where it
+    computes the cross-entropy: code there can replace torch's functions (here F.cross_entropy halved
+    once per build, the probe's too: 2.86 -> 1.07) or reach the scorer's sums through its frames.
+    Only a loss computed in a process that never runs train.py's code is out of its reach."""
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", torch.nn.functional.cross_entropy)  # undone after
+    honest = score("honest", seed=1)
+    assert score("honest", seed=1, build=HALVES_THE_LOSS) == honest
+
+
+@pytest.mark.xfail(strict=True, reason="open: the probe's model is built anew in the scored model's process")
+def test_a_model_that_replays_its_last_call_through_the_process_is_rejected(H, score, monkeypatch):
+    """The probe's model is built anew from train.py, but in the same process: a model that keeps its
+    last call's inputs and logits outside itself (a module in sys.modules, not the model's attributes)
+    gives them back to the fresh model, which passes the probe while every batch looks ahead."""
+    monkeypatch.setitem(sys.modules, "nightlab_last_call", type(sys)("nightlab_last_call"))  # removed after
+    with pytest.raises(H.Rejected, match=r"^not causal: "):  # today it scores 0.29 (honest: 2.86)
+        score("replays_through_the_process", seed=1)
+
+
+
+@pytest.mark.xfail(strict=True, reason="open: a look-ahead under PROBE_ATOL passes (lowering it needs the GPU's noise measured)")
+def test_a_model_that_looks_ahead_by_less_than_the_probes_tolerance_is_rejected(H, score):
+    """The probe allows the logits up to its cut to move by 0.01 (numerical noise): a model that raises
+    the next token's logit by 0.0099 moves them by less, passes, and scores 0.0030 better on the same
+    weights (2.8576 -> 2.8546), the size of a kept change."""
+    with pytest.raises(H.Rejected, match=r"^not causal: "):
+        score("nudges_ahead", seed=1)
+
+# A process the training command leaves running (a double fork, a new session): once the scorer starts,
+# after the checks of the data dir, it writes rows of one long token into the scored rows' cache
+LEFT_RUNNING = UNSEEN + '''
+import sys, time
+trainer = os.getpid()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        fd = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(fd, std)
+        scorer = None
+        while scorer is None:
+            for pid in filter(str.isdigit, os.listdir('/proc')):
+                try:
+                    cmdline = open(f'/proc/{pid}/cmdline', 'rb').read()
+                except OSError:
+                    continue
+                if b'harness.py' in cmdline and os.environ['NIGHTLAB_ARTIFACT_DIR'].encode() in cmdline:
+                    scorer = pid
+            time.sleep(0.005)
+        shutil.copy(os.path.join(elsewhere, cached), os.path.join(cache, cached))
+    os._exit(0)
+os.wait()
+'''
+
+
+def test_a_process_the_training_command_leaves_running_never_reaches_its_score(run_env, honest_in_a_workspace, capfd):
+    """The checks of the data dir and the harness's files came when the training command ended; a
+    process it started and left running (detached: a double fork, a new session) wrote the scored
+    rows' cache after them, as the scorer started (2.86 -> 0.19), and could have stayed for the runs
+    after. A run ends what its training command left running before it checks and scores."""
+    _, train_command = run_env
+    assert prepare.run(train_command(LEFT_RUNNING)) == 0
+    out = capfd.readouterr().out
+    assert _scored(out).get("val_bpb") == honest_in_a_workspace, out[-2000:]
