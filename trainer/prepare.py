@@ -1280,7 +1280,8 @@ def _subreaper(on: bool | None = None) -> bool | None:
 
 
 def _parents() -> dict[int, int]:
-    """Every process's parent, from /proc (empty where there is none)."""
+    """Every process's parent, from /proc (empty where there is none). Not psutil: the harness runs
+    in the trainer's environment, where only torch's stack, pyarrow and tiktoken may be installed."""
     parents = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         try:
