@@ -8,9 +8,10 @@ Trains one model as the loop does (`python prepare.py run` in a throwaway worksp
 the scorer on it --repeat times in fresh processes, as `prepare.py run` does after training, and
 prints the median of each part: the process itself (interpreter start, imports, exit; the imports
 of torch and prepare's, as `python -X importtime -c "import harness"` counts them) and the phases the
-scorer reports in its result (`phases`: setup = device, dtype, attention backend; tokenizer; model
-= train.py imported, built and its weights loaded; rows = the eval rows from the data dir's cache;
-probe = the causality probe; eval = the scoring loop). The first scorer call (it fills the eval
+scorer reports in its result (`phases`: start = the tokenizer read and the two model processes
+started; rows = the eval rows from the data dir's cache; model = waiting while those processes
+import train.py, build the model and load its weights; eval = the scoring loop; probe = the
+causality probe's changed batch through the fresh model's process). The first scorer call (it fills the eval
 cache and warms the compile cache) is not counted.
 """
 

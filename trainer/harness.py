@@ -9,9 +9,10 @@ module holds what must stay the same between experiments and what the score must
 - `Budget`: wall-clock seconds after warm-up steps (GPU profiles) or a fixed number of optimizer
   steps (NIGHTLAB_BUDGET_STEPS: the tiny CPU profile, repeatable under any load);
 - `Runtime.finish`: saves the trained weights and the model's config, the run's only result;
-- `score` (`python harness.py score`, run by `python prepare.py run` in its own process): builds
-  the model through train.py's `build_model`, loads the weights, checks causality, then computes
-  val_bpb from the model's logits on inputs only and prints the summary block the daemon reads.
+- `score` (`python harness.py score`, run by `python prepare.py run` in its own process): runs the
+  model (train.py's `build_model`, the saved weights) in processes of its own (`harness.py model`),
+  checks causality, then computes val_bpb from the model's logits on inputs only and prints the
+  summary block the daemon reads; it never imports train.py.
 A change here that can move a run's val_bpb raises prepare.SCORE_VERSION (why: see there).
 """
 
@@ -28,12 +29,15 @@ import random
 import re
 import resource
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn, TextIO
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -567,6 +571,15 @@ def artifact_dir() -> Path:
     return Path(raw) if raw else Path(prepare.DEFAULT_ARTIFACT_DIR)
 
 
+def pick_device() -> tuple[torch.device, tuple[int, int] | None, str]:
+    """(device, CUDA compute capability, name): CUDA, else Apple MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.cuda.get_device_capability(), torch.cuda.get_device_name()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps"), None, "Apple MPS"
+    return torch.device("cpu"), None, "CPU"
+
+
 def setup(seed: int = SEED, attention_backend: str = "auto", compile: bool = True) -> Runtime:
     """Seed, device, dtype, compile and attention backend for this process; prints what it chose."""
     sys.excepthook = _data_errors_said
@@ -576,14 +589,9 @@ def setup(seed: int = SEED, attention_backend: str = "auto", compile: bool = Tru
     random.seed(seed)
     np.random.seed(seed)
     torch.set_float32_matmul_precision("high")
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
+    device, capability, device_name = pick_device()
+    if device.type == "cuda":
         torch.cuda.manual_seed(seed)
-        capability, device_name = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        device, capability, device_name = torch.device("mps"), None, "Apple MPS"
-    else:
-        device, capability, device_name = torch.device("cpu"), None, "CPU"
     try:
         dtype, dtype_note = choose_dtype(device.type, capability, os.environ.get(ENV_DTYPE, ""))
     except HarnessError as e:
@@ -639,9 +647,9 @@ def model_failed(error: BaseException, artifact: Path) -> Rejected:
                     f"{': ' + message if message else ''}{where}")
 
 
-def load_trained(artifact: Path, rt: Runtime):
-    """train.py's `build_model(config, device, dtype)` with the saved weights, and the saved meta;
-    Rejected when the artifact is missing or does not fit, or the model's code fails."""
+def saved_meta(artifact: Path) -> dict[str, Any]:
+    """The saved model's meta.json (its config and training figures), read by the scorer; Rejected
+    when the artifact is missing or was not saved through `finish`."""
     meta_path, weights = artifact / "meta.json", artifact / "model.pt"
     if not meta_path.is_file() or not weights.is_file():
         raise Rejected("train.py saved no trained model: it must end with the harness's finish(...)")
@@ -652,9 +660,7 @@ def load_trained(artifact: Path, rt: Runtime):
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("train"), dict):
         raise Rejected("the saved model's meta.json has no config and train figures: train.py must save through the"
                        " harness's finish(...)")
-    # a .pyc dated as the copy would run instead of it (code the commit never showed): compiled anew
-    shutil.rmtree(artifact / "__pycache__", ignore_errors=True)
-    return built_model(artifact, meta, rt), meta
+    return meta
 
 
 def built_model(artifact: Path, meta: dict[str, Any], rt: Runtime):
@@ -746,78 +752,200 @@ class Phases:
         self._last = now
 
 
+def model_logits(model, x: torch.Tensor, vocab: int, artifact: Path, rt: Runtime) -> torch.Tensor:
+    """The model's logits for inputs x, checked: [B, T, vocab] on the model's device; Rejected when
+    its code fails or returns anything else."""
+    try:
+        with rt.autocast():
+            out = model(x.long().contiguous())
+    except Exception as e:  # noqa: BLE001 - the model's own code: whatever it raises refuses the run
+        raise model_failed(e, artifact) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.size(0), x.size(1), vocab):
+        raise Rejected(f"model(inputs) must return logits [B, T, {vocab}], got "
+                       f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    if out.device != x.device:
+        raise Rejected(f"model(inputs) must return its logits on {x.device}, where the inputs are, not on {out.device}")
+    return out
+
+
+# --- the model's own process: train.py's code never runs where the score is computed ---------------
+
+
+def shared_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, folder: Path) -> tuple[torch.Tensor, Any]:
+    """A tensor the scorer and a model process both see, and what the model process attaches it by
+    (`attached`): GPU memory shared through CUDA IPC, else a file in `folder` (tmpfs where there is one)."""
+    if device.type == "cuda":
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        return tensor, ("cuda", bytes(ForkingPickler.dumps(tensor)))
+    path = folder / f"{len(list(folder.iterdir()))}.bin"
+    numel = math.prod(shape)
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape), ("file", str(path), shape, dtype)
+
+
+def attached(token: Any) -> torch.Tensor:
+    """The tensor `shared_buffer` made, in the model process."""
+    if token[0] == "cuda":
+        return pickle.loads(token[1])
+    _, path, shape, dtype = token
+    return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+
+
+def serve_model(artifact: Path, requests: BinaryIO, replies: TextIO) -> None:
+    """`harness.py model`, started by the scorer (`ModelProcess`): builds train.py's model from the
+    artifact, then for each request (a number of rows, a line) writes its logits for that many rows of
+    the shared inputs into the shared logits, and answers a JSON line. Whatever train.py's code does
+    here (replace torch's functions, keep its calls) stays in this process, which sees inputs only."""
+
+    def say(**message: Any) -> None:
+        replies.write(json.dumps(message) + "\n")
+        replies.flush()
+
+    try:
+        rt = setup(attention_backend="sdpa", compile=False)
+        shared = pickle.load(requests)  # the scorer's: trusted
+        inputs, out = attached(shared["inputs"]), attached(shared["logits"])
+        model = built_model(artifact, shared["meta"], rt)
+        say(ready=True)
+        with torch.no_grad():
+            for line in requests:
+                rows = int(line)
+                out[:rows].copy_(model_logits(model, inputs[:rows].to(rt.device), out.size(-1), artifact, rt))
+                synchronize(out.device)
+                say(done=rows)
+    except Rejected as e:
+        say(rejected=str(e))
+
+
+class ModelProcess:
+    """train.py's model built anew in a process of its own (`harness.py model`), which gets inputs
+    and gives logits through buffers of its own; closing it kills it. The scorer computes the loss
+    from those logits: code in train.py that patched torch's cross-entropy, or reached the scorer's
+    sums, patched them in a process that computes nothing that counts."""
+
+    def __init__(self, artifact: Path, meta: dict[str, Any], rows: int, T: int, vocab: int,
+                 device: torch.device, folder: Path) -> None:
+        self.device = device
+        self.inputs, inputs_token = shared_buffer((rows, T), torch.int64, device, folder)
+        self.logits, logits_token = shared_buffer((rows, T, vocab), torch.float32, device, folder)
+        requests_in, requests_out = os.pipe()
+        replies_in, replies_out = os.pipe()
+        command = prepare.scorer_command(Path(__file__).resolve(), "--artifact", str(artifact), "--requests",
+                                         str(requests_in), "--replies", str(replies_out), command="model")
+        self.proc = subprocess.Popen(command, pass_fds=(requests_in, replies_out), stdin=subprocess.DEVNULL)
+        os.close(requests_in)
+        os.close(replies_out)
+        self.requests = os.fdopen(requests_out, "wb")
+        self.replies = os.fdopen(replies_in, "rb")
+        self.requests.write(pickle.dumps({"inputs": inputs_token, "logits": logits_token, "meta": meta}))
+        self.requests.flush()
+
+    def answer(self) -> dict[str, Any]:
+        """Its next answer; Rejected when it refused the model, ended, or said anything else."""
+        line = self.replies.readline(1 << 16)
+        if not line:
+            raise Rejected(f"train.py's model ended its process (exit code {self.proc.wait()}) while the harness"
+                           " scored it")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        if isinstance(message, dict) and isinstance(message.get("rejected"), str):
+            raise Rejected(" ".join(message["rejected"].split())[:500])
+        if not isinstance(message, dict) or not message.keys() <= {"ready", "done"}:
+            raise Rejected("train.py's model wrote into the harness's channel with its scorer (fd "
+                           f"{self.replies.fileno()}): {line[:80]!r}")
+        return message
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits for x (fp32, a copy of its own: what the model process writes after
+        answering changes nothing scored)."""
+        self.inputs[: x.size(0)].copy_(x)
+        synchronize(self.device)  # the inputs are there before the model process reads them
+        self.requests.write(f"{x.size(0)}\n".encode())
+        self.requests.flush()
+        self.answer()
+        return self.logits[: x.size(0)].clone()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.requests.close()
+        self.replies.close()
+
+
 def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int = 0,
           seed: int | None = None, rows_key: str | None = None) -> dict[str, Any]:
-    """Score a saved model: {"bpb", "score_seconds", "eval_seconds", "phases", "meta", "rt"}.
+    """Score a saved model: {"bpb", "score_seconds", "eval_seconds", "phases", "meta", "rows"}.
     Raises Rejected. `seed`: the causality probe's draws (None: the system's randomness; tests).
     `rows_key`: see `eval_rows`.
 
-    Eager and SDPA, whatever the training used: the scorer runs one forward-only pass per
-    experiment, and a changed model would compile afresh each time (tens of seconds cold, several
-    warm) for little gain; SDPA (its causal kernel, or an explicit window mask) is exact attention,
-    fast eager, and needs no kernel loaded. Every model is scored the same way."""
+    The model runs in processes of its own (`ModelProcess`); this one never imports train.py and
+    computes the loss from the logits they give. Eager and SDPA, whatever the training used: the
+    scorer runs one forward-only pass per experiment, and a changed model would compile afresh each
+    time (tens of seconds cold, several warm) for little gain; SDPA (its causal kernel, or an
+    explicit window mask) is exact attention, fast eager, and needs no kernel loaded. Every model is
+    scored the same way."""
     t0 = time.time()
     phases = Phases()
-    rt = setup(attention_backend="sdpa", compile=False)
-    phases.lap("setup", rt.device)
+    device = pick_device()[0]
+    # MPS memory is not shared between processes: the model's process moves its logits to the CPU
+    shared_device = device if device.type == "cuda" else torch.device("cpu")
+    meta = saved_meta(artifact)
+    # a .pyc dated as the copy would run instead of it (code the commit never showed): compiled anew
+    shutil.rmtree(artifact / "__pycache__", ignore_errors=True)
     tokenizer = Tokenizer.from_directory(Path(data_dir) / prepare.TOKENIZER_DIR)
     vocab = tokenizer.get_vocab_size()
-    phases.lap("tokenizer")
-    model, meta = load_trained(artifact, rt)
-    phases.lap("model", rt.device)
-    rows = eval_rows(tokenizer, data_dir, split, slice_index, rows_key)
-    n, T = rows.size(0), rows.size(1) - 1
-    B = _eval_batch(n, T, vocab, rt.device)
-    rows = rows.to(rt.device)
-    token_bytes = prepare.get_token_bytes(rt.device, tokenizer)
-    phases.lap("rows", rt.device)
-
-    def logits_of(x, model=model):
-        try:
-            with rt.autocast():
-                out = model(x.long().contiguous())
-        except Exception as e:  # noqa: BLE001 - the model's own code: whatever it raises refuses the run
-            raise model_failed(e, artifact) from None
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.size(0), x.size(1), vocab):
-            raise Rejected(f"model(inputs) must return logits [B, T, {vocab}], got "
-                           f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-        if out.device != x.device:
-            raise Rejected(f"model(inputs) must return its logits on {x.device}, where the inputs are, not on {out.device}")
-        return out
-
-    # The probed batch and its cuts are drawn here, from the system's randomness: a model cannot know
-    # which of its calls is checked (a fixed first batch and fixed cuts let one look ahead elsewhere).
-    # It reuses the scored batch's logits; its changed batch, at the shape every batch has, goes through
-    # a model built anew: the scored one, asked for rows that start as its last call's, had given that
-    # call's logits back (a model that looked ahead on every batch passed).
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
-    probed = int(torch.randint(0, n // B, (), generator=generator)) * B
-    with torch.no_grad():
-        total_nats = torch.zeros((), dtype=torch.float64, device=rt.device)
-        total_bytes = torch.zeros((), dtype=torch.int64, device=rt.device)
-        for i in range(0, n, B):  # no host sync per batch: the sums stay on the device
+    T, n = prepare.scored_shape(MAX_SEQ_LEN, EVAL_TOKENS)
+    B = _eval_batch(n, T, vocab, shared_device)
+    folder = Path(tempfile.mkdtemp(prefix="nightlab-score-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    models: list[ModelProcess] = []
+    try:
+        # Two processes start at once (their start-ups overlap this one's work): the scored model, and
+        # one built anew for the probe, which sees nothing but its one changed batch; the scored one
+        # is killed before it (it kept its calls in its process, and gave them back where the changed
+        # rows agreed with them: a model that looked ahead on every batch passed).
+        scored, fresh = (ModelProcess(artifact, meta, B, T, vocab, shared_device, folder) for _ in range(2))
+        models += [scored, fresh]
+        phases.lap("start")
+        rows = eval_rows(tokenizer, data_dir, split, slice_index, rows_key).to(shared_device)
+        token_bytes = prepare.get_token_bytes(shared_device, tokenizer)
+        phases.lap("rows", shared_device)
+        scored.answer()
+        fresh.answer()
+        phases.lap("model")
+        # The probed batch and its cuts are drawn here, from the system's randomness: a model cannot know
+        # which of its calls is checked (a fixed first batch and fixed cuts let one look ahead elsewhere).
+        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
+        probed = int(torch.randint(0, n // B, (), generator=generator)) * B
+        total_nats = torch.zeros((), dtype=torch.float64, device=shared_device)
+        total_bytes = torch.zeros((), dtype=torch.int64, device=shared_device)
+        for i in range(0, n, B):  # the sums stay on the device
             batch = rows[i : i + B].long()
             x, y = batch[:, :-1], batch[:, 1:]
-            logits = logits_of(x)
+            logits = scored.forward(x)
             if i == probed:
-                phases.lap("eval", rt.device)
-                fresh = built_model(artifact, meta, rt)
-                why = causality_problem(lambda changed: logits_of(changed, fresh), batch, vocab, generator, logits, rows)
-                del fresh
-                if why:
-                    raise Rejected(why)
-                phases.lap("probe", rt.device)
-            nats = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), reduction="none")
+                probed_logits = logits
+            nats = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="none")
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += torch.where(nbytes > 0, nats, 0.0).sum(dtype=torch.float64)
             total_bytes += nbytes.sum()
-        bpb = total_nats.item() / (math.log(2) * total_bytes.item())
+        scored.close()
+        phases.lap("eval", shared_device)
+        why = causality_problem(fresh.forward, rows[probed : probed + B].long(), vocab, generator, probed_logits, rows)
+        if why:
+            raise Rejected(why)
+        phases.lap("probe", shared_device)
+    finally:
+        for model in models:
+            model.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    bpb = total_nats.item() / (math.log(2) * total_bytes.item())
     if not math.isfinite(bpb):  # inf where a target's logit is -inf, NaN from NaN or +inf logits
         raise Rejected(f"val_bpb is {bpb}: the model's logits are not finite where they are scored (NaN, +inf, or"
                        " -inf at a token that comes)")
     phases.lap("eval")
     return {"bpb": bpb, "score_seconds": time.time() - t0, "eval_seconds": phases.seconds["eval"],
-            "phases": phases.seconds, "meta": meta, "rt": rt, "rows": n}
+            "phases": phases.seconds, "meta": meta, "rows": n}
 
 
 def rows_key_arg(text: str) -> str:
@@ -839,8 +967,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="the data dir's scored_rows_key, hashed by `prepare.py run` before the training (default: hashed here)")
     p.add_argument("--result", type=Path, default=None,
                    help="write the result here as JSON instead of printing the summary (what `prepare.py run` reads)")
+    m = sub.add_parser("model", help="(started by `score`) run train.py's model for the scorer, through the given pipes")
+    m.add_argument("--artifact", type=Path, required=True)
+    m.add_argument("--requests", type=int, required=True, help="the pipe the scorer's requests come through")
+    m.add_argument("--replies", type=int, required=True, help="the pipe this process answers through")
     args = parser.parse_args(argv)
+    if args.command == "model":
+        with os.fdopen(args.requests, "rb") as requests, os.fdopen(args.replies, "w") as replies:
+            serve_model(args.artifact, requests, replies)
+        sys.stdout.flush()
+        os._exit(0)  # train.py's code ran here: no exit hook it set runs
     artifact = args.artifact or artifact_dir()
+    # What a model process leaves running (a double fork) is killed before the result is written: it
+    # could write the result file itself
+    prepare.subreaper(True)
     try:
         found = score(artifact, prepare.get_data_dir(), args.split, args.slice, rows_key=args.rows_key)
         result = {"bpb": found["bpb"], "score_seconds": found["score_seconds"], "eval_seconds": found["eval_seconds"],
@@ -853,6 +993,7 @@ def main(argv: list[str] | None = None) -> int:
         result, code = {"error": prepare.fail_text(e)}, 1
     except HarnessError as e:
         result, code = {"error": str(e)}, 1
+    prepare.end_leftovers(set())
     if args.result is not None:
         tmp = args.result.with_suffix(".tmp")
         tmp.write_text(json.dumps(result))
@@ -860,12 +1001,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prepare.print_result(result, None)
     sys.stdout.flush()
-    # The model's code was imported into this process: leave before any exit hook it set can run.
-    os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
-    # One harness in the process: train.py's `import harness` (the scored model's attention and
-    # masks) gets this module, the one `setup` configured, not a second, unconfigured copy.
+    # One harness in the process: train.py's `import harness` (in a model process: the scored model's
+    # attention and masks) gets this module, the one `setup` configured, not a second, unconfigured copy.
     sys.modules["harness"] = sys.modules[__name__]
-    main()
+    sys.exit(main())

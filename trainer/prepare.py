@@ -1248,8 +1248,8 @@ def tampered_data(data_dir: Path, before: dict[str, FileState]) -> str | None:
             " again)")
 
 
-def scorer_command(harness: Path, *args: str) -> list[str]:
-    """`python harness.py score ARGS` as the harness runs it after a training command that may have
+def scorer_command(harness: Path, *args: str, command: str = "score") -> list[str]:
+    """`python harness.py score ARGS` (or another of its commands) as the harness runs it after a training command that may have
     written anything next to it: -P, so harness.py's folder is not first on its path (harness.py
     puts it last: a torch.py or json.py a run left there is not what it imports; PYTHONPATH, which
     a cluster's modules set, still counts), unbuffered (its lines reach the log as they come). The
@@ -1258,13 +1258,13 @@ def scorer_command(harness: Path, *args: str) -> list[str]:
     pycache_prefix, would compile all of torch at every start)."""
     for planted in (Path(harness).parent / "__pycache__").glob("prepare.*.pyc"):
         planted.unlink(missing_ok=True)
-    return [sys.executable, "-P", "-u", str(harness), "score", *args]
+    return [sys.executable, "-P", "-u", str(harness), command, *args]
 
 
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2), Linux
 
 
-def _subreaper(on: bool | None = None) -> bool | None:
+def subreaper(on: bool | None = None) -> bool | None:
     """Whether this process is its descendants' subreaper (orphans are reparented to it, not to init),
     after setting it when `on` is given; None where prctl is not there (not Linux)."""
     import ctypes
@@ -1297,7 +1297,7 @@ def _children() -> set[int]:
     return {pid for pid, parent in _parents().items() if parent == os.getpid()}
 
 
-def _end_leftovers(known: set[int]) -> None:
+def end_leftovers(known: set[int]) -> None:
     """Kill the processes reparented here (the subreaper) that are none of `known`, with theirs, and
     reap them; again until none is left (one killed while it forked leaves its child here)."""
     import signal
@@ -1331,17 +1331,17 @@ def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) ->
     such a process lives on)."""
     import subprocess
 
-    was_subreaper = _subreaper()
+    was_subreaper = subreaper()
     before = _children()
     if was_subreaper is False:
-        _subreaper(True)
+        subreaper(True)
     proc = subprocess.Popen(command, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     # once the command ends, what it left: a leftover holding the output open would keep the loop below reading
-    def end_leftovers() -> None:
+    def when_ended() -> None:
         proc.wait()
-        _end_leftovers(before | {proc.pid})
+        end_leftovers(before | {proc.pid})
 
-    ender = threading.Thread(target=end_leftovers, daemon=True)
+    ender = threading.Thread(target=when_ended, daemon=True)
     ender.start()
     try:
         return _passed_on(proc, on_line)
@@ -1349,7 +1349,7 @@ def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) ->
         if proc.poll() is not None:  # not when our own failure ends the reading: the command may run on
             ender.join()
         if was_subreaper is False:
-            _subreaper(False)
+            subreaper(False)
 
 
 def _passed_on(proc: Any, on_line: Callable[[str], str]) -> int:

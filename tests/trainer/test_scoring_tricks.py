@@ -662,24 +662,21 @@ HALVES_THE_LOSS = ("    import torch.nn.functional as F\n    ce = F.cross_entrop
                    "    return Model(config['vocab_size'], config.get('masked', [])).to(device)")
 
 
-@pytest.mark.xfail(strict=True, reason="open: train.py's code runs in the process that computes the score")
-def test_a_build_model_that_patches_the_scorers_loss_scores_as_honest(H, score, monkeypatch):
-    """The scorer imports train.py and calls its build_model and forward in its own process, where it
-    computes the cross-entropy: code there can replace torch's functions (here F.cross_entropy halved
-    once per build, the probe's too: 2.86 -> 1.07) or reach the scorer's sums through its frames.
-    Only a loss computed in a process that never runs train.py's code is out of its reach."""
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", torch.nn.functional.cross_entropy)  # undone after
+def test_a_build_model_that_patches_the_scorers_loss_scores_as_honest(H, score):
+    """The scorer imported train.py and called its build_model and forward in its own process, where it
+    computed the cross-entropy: code there replaced torch's functions (here F.cross_entropy halved
+    once per build, the probe's too: 2.86 -> 1.07) and could reach the scorer's sums through its frames.
+    The model now runs in processes of its own; the scorer, which computes the loss, never runs its code."""
     honest = score("honest", seed=1)
     assert score("honest", seed=1, build=HALVES_THE_LOSS) == honest
 
 
-@pytest.mark.xfail(strict=True, reason="open: the probe's model is built anew in the scored model's process")
-def test_a_model_that_replays_its_last_call_through_the_process_is_rejected(H, score, monkeypatch):
-    """The probe's model is built anew from train.py, but in the same process: a model that keeps its
+def test_a_model_that_replays_its_last_call_through_the_process_is_rejected(H, score):
+    """The probe's model was built anew from train.py, but in the same process: a model that kept its
     last call's inputs and logits outside itself (a module in sys.modules, not the model's attributes)
-    gives them back to the fresh model, which passes the probe while every batch looks ahead."""
-    monkeypatch.setitem(sys.modules, "nightlab_last_call", type(sys)("nightlab_last_call"))  # removed after
-    with pytest.raises(H.Rejected, match=r"^not causal: "):  # today it scores 0.29 (honest: 2.86)
+    gave them back to the fresh model, which passed the probe while every batch looked ahead (2.86 ->
+    0.29). The probe's model now has a process of its own, started before the scored model's first call."""
+    with pytest.raises(H.Rejected, match=r"^not causal: "):
         score("replays_through_the_process", seed=1)
 
 
