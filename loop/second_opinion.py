@@ -145,9 +145,10 @@ def heldout_bpb(ws: Workspace, env: dict[str, str], commit: str, slice_index: in
         result = Path(tmp) / "result.json"
         cmd = scorer_command(ws.path / "harness.py", "--split", "heldout", "--slice", str(slice_index),
                              "--artifact", str(artifact), "--result", str(result))
-        # the model's code runs in the scorer and can tell a held-out slice from its argv: one that never
-        # ended there held the engine until the daemon restarted it, again at each restart, and paused the
-        # night; its output is not read (a model printing without end filled the engine's memory)
+        # the model's code runs in the scorer's model processes and can tell a held-out slice from the
+        # scorer's argv: one that never ended there held the engine until the daemon restarted it,
+        # again at each restart, and paused the night; its output is not read (a model printing
+        # without end filled the engine's memory)
         # in the engine's process group: an engine the daemon stops takes it along
         proc = subprocess.Popen(cmd, cwd=ws.path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)

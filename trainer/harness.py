@@ -19,6 +19,7 @@ A change here that can move a run's val_bpb raises prepare.SCORE_VERSION (why: s
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import importlib.util
 import json
@@ -29,6 +30,7 @@ import random
 import re
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -775,11 +777,17 @@ def shared_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     """A tensor the scorer and a model process both see, and what the model process attaches it by
     (`attached`): GPU memory shared through CUDA IPC, else a file in `folder` (tmpfs where there is one)."""
     if device.type == "cuda":
+        # CUDA IPC of memory from expandable segments hands file descriptors over, which the model's
+        # process can only take by tracing the scorer's: these buffers come from plain segments
+        expandable = "expandable_segments:True" in os.environ.get("PYTORCH_ALLOC_CONF", "")
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
         tensor = torch.empty(shape, dtype=dtype, device=device)
+        if expandable:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
         return tensor, ("cuda", bytes(ForkingPickler.dumps(tensor)))
-    path = folder / f"{len(list(folder.iterdir()))}.bin"
-    numel = math.prod(shape)
-    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape), ("file", str(path), shape, dtype)
+    fd, path = tempfile.mkstemp(suffix=".bin", dir=folder)
+    os.close(fd)
+    return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape), ("file", path, shape, dtype)
 
 
 def attached(token: Any) -> torch.Tensor:
@@ -790,10 +798,136 @@ def attached(token: Any) -> torch.Tensor:
     return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
 
 
+ENV_SANDBOX = "NIGHTLAB_SANDBOX"  # 0: the model's processes run unconfined (see `confine`)
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446  # every architecture's
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
+# what a model could talk to a sibling model process through, where landlock does not reach: sockets
+# (UDP), System V shared memory, message queues and semaphores, POSIX message queues
+# (socket, socketpair, shmget, msgget, semget, mq_open)
+_SECCOMP_DENIED = {"x86_64": (0xC000003E, (41, 53, 29, 68, 64, 240)), "aarch64": (0xC00000B7, (198, 199, 194, 186, 190, 180))}
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _read_roots(artifact: Path) -> list[Path]:
+    """What a model process may read: the Python installation and its import path (the harness's
+    folder excepted: the workspace), the system's libraries and devices' state, and the artifact."""
+    here = Path(__file__).resolve().parent
+    roots = {Path(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    roots |= {Path(p).resolve() for p in sys.path if p and Path(p).resolve() != here}
+    roots |= {Path(p) for p in ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/sys")}
+    roots |= {Path(os.environ[k]) for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)}
+    return sorted(r for r in roots | {artifact.resolve()} if r.exists())
+
+
+# the devices a GPU is driven through (NVIDIA, AMD, WSL) and the harmless ones; not /dev/shm, /dev/mqueue
+# or /dev/kmsg, where two processes could meet
+_DEVICES = ("null", "zero", "full", "random", "urandom", "nvidia*", "dri", "kfd", "dxg")
+
+
+def confine(artifact: Path, private: Path) -> str:
+    """Confine this process (a model process, before train.py is imported) with Linux's landlock
+    and seccomp: it reads only `_read_roots` and the harness's two files, writes only its own
+    `private` folder (its TMPDIR) and the GPU's devices (the shared buffers are mapped before),
+    connects no TCP socket, reaches no abstract socket, signal or process outside itself, and makes
+    no socket or System V IPC object. So the scored model's process cannot leave its calls for the
+    probe's (a file, a socket, shared memory: the probe's model had found the scored rows' logits
+    there), nor read the validation rows (the data dir, the cached rows) to predict from or to undo
+    the probe's change. Returns what it did, in words; raises OSError where the kernel refuses
+    (landlock missing: nothing is applied)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    syscall = libc.syscall
+    abi = syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # its version
+    if abi < 1:
+        raise OSError(ctypes.get_errno(), f"the kernel has no landlock ({os.strerror(ctypes.get_errno())})")
+    truncate, ioctl_dev = (1 << 14 if abi >= 3 else 0), (1 << 15 if abi >= 5 else 0)
+    every = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | truncate | ioctl_dev
+    execute, write_file, read_file, read_dir = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+    attr = _RulesetAttr(every, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)  # TCP bind and connect; abstract sockets, signals
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = syscall(_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), f"landlock refused the ruleset ({os.strerror(ctypes.get_errno())})")
+    here = Path(__file__).resolve().parent
+    rules = [(root, read_file | read_dir | execute) for root in _read_roots(artifact)]
+    rules += [(here / name, read_file) for name in ("harness.py", "prepare.py")] + [(private, every)]
+    rules += [(dev, read_file | write_file | ioctl_dev | read_dir) for pattern in _DEVICES for dev in Path("/dev").glob(pattern)]
+    try:
+        for path, access in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone meanwhile, or not ours to open
+            try:
+                if not path.is_dir():  # a file takes a file's rights only
+                    access &= execute | write_file | read_file | truncate | ioctl_dev
+                rule = _PathBeneath(access, fd)
+                if syscall(_LANDLOCK_ADD_RULE, ruleset, 1, ctypes.byref(rule), 0) != 0:
+                    raise OSError(ctypes.get_errno(), f"landlock refused a rule for {path} ({os.strerror(ctypes.get_errno())})")
+            finally:
+                os.close(fd)
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+        if syscall(_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})")
+    finally:
+        os.close(ruleset)
+    return f"landlock ABI {abi} (reads the Python installation and the artifact, writes its own folder){_deny_ipc(libc)}"
+
+
+def _deny_ipc(libc: Any) -> str:
+    """seccomp: socket(), socketpair(), System V IPC and POSIX message queues fail with EPERM from
+    now on (landlock covers files, TCP and abstract sockets: a UDP socket or a shared memory
+    segment passed the calls on), as does any call of another architecture's numbering. Returns its
+    words for `confine`'s."""
+    machine = os.uname().machine
+    if machine not in _SECCOMP_DENIED:
+        return f"; sockets and System V IPC not denied (no seccomp table for {machine})"
+    arch, numbers = _SECCOMP_DENIED[machine]
+    ld_abs, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JSET|K, BPF_RET|K
+    allow, eperm = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    denied = len(numbers) + 2  # the last instruction, counted from the one after the load of the number
+    # seccomp_data: the call's number at offset 0, its architecture at 4; x32's numbers have bit 30 set
+    program = [(ld_abs, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, eperm), (ld_abs, 0, 0, 0),
+               (jset, denied - 1, 0, 0x40000000)]
+    program += [(jeq, len(numbers) - i, 0, number) for i, number in enumerate(numbers)]
+    program += [(ret, 0, 0, allow), (ret, 0, 0, eperm)]
+    code = b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+    filters = ctypes.create_string_buffer(code, len(code))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(program), ctypes.addressof(filters))
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"seccomp refused its filter ({os.strerror(ctypes.get_errno())})")
+    return "; no sockets, System V IPC or message queues"
+
+
+def _self_check(rt: Runtime) -> None:
+    """What an honest model's forward needs of the device (a matmul, SDPA), run by the harness's own
+    code once the process is confined: a sandbox that breaks the device shows here, before train.py
+    is imported, never as a model refused."""
+    x = torch.randn(1, 2, 8, 16, device=rt.device)
+    with torch.no_grad(), rt.autocast():
+        F.scaled_dot_product_attention(x, x, x, is_causal=True)
+        torch.nn.Linear(16, 16).to(rt.device)(x)
+    synchronize(rt.device)
+
+
 def serve_model(artifact: Path, requests: BinaryIO, replies: TextIO) -> None:
-    """`harness.py model`, started by the scorer (`ModelProcess`): builds train.py's model from the
-    artifact, then for each request (a number of rows, a line) writes its logits for that many rows of
-    the shared inputs into the shared logits, and answers a JSON line. Whatever train.py's code does
+    """`harness.py model`, started by the scorer (`ModelProcess`): maps the shared buffers, confines
+    itself (`confine`, unless the scorer says not to), builds train.py's model from the artifact,
+    then for each request (a number of rows, a line) writes its logits for that many rows of the
+    shared inputs into the shared logits, and answers a JSON line. Whatever train.py's code does
     here (replace torch's functions, keep its calls) stays in this process, which sees inputs only."""
 
     def say(**message: Any) -> None:
@@ -804,6 +938,18 @@ def serve_model(artifact: Path, requests: BinaryIO, replies: TextIO) -> None:
         rt = setup(attention_backend="sdpa", compile=False)
         shared = pickle.load(requests)  # the scorer's: trusted
         inputs, out = attached(shared["inputs"]), attached(shared["logits"])
+        sandbox = f"none ({ENV_SANDBOX}=0)"
+        if shared["private"] is not None:
+            try:
+                sandbox = confine(artifact, Path(shared["private"]))
+            except OSError as e:
+                sandbox = f"none ({e.strerror or e})"
+            try:
+                _self_check(rt)
+            except Exception as e:  # noqa: BLE001 - the harness's own code failed under the sandbox
+                say(broken=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+                return
+        say(sandbox=sandbox)
         model = built_model(artifact, shared["meta"], rt)
         say(ready=True)
         with torch.no_grad():
@@ -820,38 +966,49 @@ class ModelProcess:
     """train.py's model built anew in a process of its own (`harness.py model`), which gets inputs
     and gives logits through buffers of its own; closing it kills it. The scorer computes the loss
     from those logits: code in train.py that patched torch's cross-entropy, or reached the scorer's
-    sums, patched them in a process that computes nothing that counts."""
+    sums, patched them in a process that computes nothing that counts. Its output goes to a file of
+    its own (the scorer's stdout, a pipe, could be opened again for reading through /proc and read
+    by the other model process); the tail is shown when it ends without an answer. `sandboxed`:
+    confined (`confine`) in a private folder of `folder`."""
 
     def __init__(self, artifact: Path, meta: dict[str, Any], rows: int, T: int, vocab: int,
-                 device: torch.device, folder: Path) -> None:
+                 device: torch.device, folder: Path, sandboxed: bool) -> None:
         self.device = device
         self.inputs, inputs_token = shared_buffer((rows, T), torch.int64, device, folder)
         self.logits, logits_token = shared_buffer((rows, T, vocab), torch.float32, device, folder)
+        private = Path(tempfile.mkdtemp(dir=folder))
+        self.output = private.with_suffix(".log")
         requests_in, requests_out = os.pipe()
         replies_in, replies_out = os.pipe()
         command = prepare.scorer_command(Path(__file__).resolve(), "--artifact", str(artifact), "--requests",
                                          str(requests_in), "--replies", str(replies_out), command="model")
-        self.proc = subprocess.Popen(command, pass_fds=(requests_in, replies_out), stdin=subprocess.DEVNULL)
+        with self.output.open("wb") as output:
+            self.proc = subprocess.Popen(command, pass_fds=(requests_in, replies_out), stdin=subprocess.DEVNULL,
+                                         stdout=output, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "TMPDIR": str(private)})
         os.close(requests_in)
         os.close(replies_out)
         self.requests = os.fdopen(requests_out, "wb")
         self.replies = os.fdopen(replies_in, "rb")
-        self.requests.write(pickle.dumps({"inputs": inputs_token, "logits": logits_token, "meta": meta}))
+        self.requests.write(pickle.dumps({"inputs": inputs_token, "logits": logits_token, "meta": meta,
+                                          "private": str(private) if sandboxed else None}))
         self.requests.flush()
 
     def answer(self) -> dict[str, Any]:
         """Its next answer; Rejected when it refused the model, ended, or said anything else."""
         line = self.replies.readline(1 << 16)
         if not line:
-            raise Rejected(f"train.py's model ended its process (exit code {self.proc.wait()}) while the harness"
-                           " scored it")
+            code = self.proc.wait()
+            tail = [t for t in self.output.read_text(errors="replace").splitlines() if t.strip()][-1:]
+            raise Rejected(f"train.py's model ended its process (exit code {code}) while the harness scored it"
+                           + (f"; its last line: {' '.join(tail[0].split())[:200]}" if tail else ""))
         try:
             message = json.loads(line)
         except ValueError:
             message = None
         if isinstance(message, dict) and isinstance(message.get("rejected"), str):
             raise Rejected(" ".join(message["rejected"].split())[:500])
-        if not isinstance(message, dict) or not message.keys() <= {"ready", "done"}:
+        if not isinstance(message, dict) or not message.keys() <= {"ready", "done", "sandbox", "broken"}:
             raise Rejected("train.py's model wrote into the harness's channel with its scorer (fd "
                            f"{self.replies.fileno()}): {line[:80]!r}")
         return message
@@ -871,6 +1028,32 @@ class ModelProcess:
         self.proc.wait()
         self.requests.close()
         self.replies.close()
+
+
+def started_models(artifact: Path, meta: dict[str, Any], rows: int, T: int, vocab: int, device: torch.device,
+                   folder: Path) -> list[ModelProcess]:
+    """The scored model's process and the probe's, confined (`confine`) unless NIGHTLAB_SANDBOX=0,
+    each answered once (how it is confined). Where confining broke what the harness's own forward
+    needs of the device (`_self_check`, before train.py is imported: a model cannot cause it), both
+    are started again unconfined, saying so."""
+    sandboxed = os.environ.get(ENV_SANDBOX, "1").strip() != "0"
+    models = [ModelProcess(artifact, meta, rows, T, vocab, device, folder, sandboxed) for _ in range(2)]
+    try:
+        first = [model.answer() for model in models]
+        broken = next((said["broken"] for said in first if "broken" in said), None)
+        if broken is not None:
+            for model in models:
+                model.close()
+            print(f"note: the sandbox of the model's processes broke the device ({broken}); they run without it",
+                  flush=True)
+            models = [ModelProcess(artifact, meta, rows, T, vocab, device, folder, False) for _ in range(2)]
+            first = [model.answer() for model in models]
+    except BaseException:
+        for model in models:
+            model.close()
+        raise
+    print(f"Model processes: sandbox {first[0].get('sandbox', 'none')}", flush=True)
+    return models
 
 
 def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int = 0,
@@ -904,8 +1087,8 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
         # one built anew for the probe, which sees nothing but its one changed batch; the scored one
         # is killed before it (it kept its calls in its process, and gave them back where the changed
         # rows agreed with them: a model that looked ahead on every batch passed).
-        scored, fresh = (ModelProcess(artifact, meta, B, T, vocab, shared_device, folder) for _ in range(2))
-        models += [scored, fresh]
+        models = started_models(artifact, meta, B, T, vocab, shared_device, folder)
+        scored, fresh = models
         phases.lap("start")
         rows = eval_rows(tokenizer, data_dir, split, slice_index, rows_key).to(shared_device)
         token_bytes = prepare.get_token_bytes(shared_device, tokenizer)

@@ -36,6 +36,19 @@ class Model(torch.nn.Module):
 {forward}
 
 
+def replayed(model, x, seen):
+    """peek(x), except where x's rows agree with those of the earlier call (of `seen`, another
+    process's) they agree with most: there, what peek gave that call (the probe's changed batch is
+    the scored batch, each row up to its cut)."""
+    logits = model.peek(x)
+    olds = [old for old in seen if old.shape == x.shape]
+    if not olds:
+        return logits
+    agree = (torch.stack(olds) == x[None]).long().cumprod(dim=2)
+    best = int(agree.sum(dim=(1, 2)).argmax())
+    return torch.where(agree[best].bool()[..., None], model.peek(olds[best]), logits)
+
+
 def build_model(config, device, dtype=torch.float32):
 {build}
 '''
@@ -48,6 +61,23 @@ RANDOM_FEATURES = ("    model = Model(config['vocab_size'], config.get('masked',
 # the same drawn with numpy's global generator (an agent's train.py may well draw so)
 NUMPY_FEATURES = "    import numpy as np\n" + RANDOM_FEATURES.replace(
     "torch.randn(16, 16)", "torch.from_numpy(np.random.randn(16, 16)).float()")
+
+# the build of "replays_through_a_socket": a UDP port bound (the first of two free), the other its peer's
+UDP_BUILD = """    import socket, zlib
+    base = 40000 + zlib.crc32(__file__.encode()) % 20000
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for port, peer in ((base, base + 1), (base + 1, base)):
+            try:
+                sock.bind(('127.0.0.1', port))
+            except OSError:
+                continue
+            sock.setblocking(False)
+            globals().update(sock=sock, peer=peer)
+            break
+    except OSError:
+        pass
+""" + _BUILD
 
 FORWARDS = {
     "honest": "return self.honest(x)",
@@ -85,6 +115,45 @@ FORWARDS = {
                                     "    logits = torch.where(same, last[1], logits)\n"
                                     "store.last = (x.clone(), logits.detach().clone())\n"
                                     "return logits"),
+    # looks ahead, and leaves its calls' inputs in a file beside itself for the other model process
+    # (the probe's), which gives back peek's logits for them where its changed rows agree with them
+    "replays_through_a_file": ("import glob, os\n"
+                               "folder = os.path.dirname(os.path.abspath(__file__))\n"
+                               "mine = os.path.join(folder, f'calls-{os.getpid()}.pt')\n"
+                               "seen = [c for path in glob.glob(os.path.join(folder, 'calls-*.pt')) if path != mine\n"
+                               "        for c in torch.load(path)]\n"
+                               "logits = replayed(self, x, seen)\n"
+                               "self.sent = getattr(self, 'sent', []) + [x.clone()]\n"
+                               "try:\n"
+                               "    torch.save(self.sent, mine)\n"
+                               "except (OSError, RuntimeError):  # torch.save's refusal to open\n"
+                               "    pass\n"
+                               "return logits"),
+    # the same through UDP: each process binds a port when built (`UDP_BUILD`) and sends its calls to the other's
+    "replays_through_a_socket": ("g = globals()\n"
+                                 "inbox = g.setdefault('inbox', [])\n"
+                                 "while 'sock' in g:\n"
+                                 "    try:\n"
+                                 "        inbox.append(g['sock'].recv(65536))\n"
+                                 "    except BlockingIOError:\n"
+                                 "        break\n"
+                                 "seen = [torch.frombuffer(bytearray(d), dtype=torch.int32).view(-1, x.shape[1]).long() for d in inbox]\n"
+                                 "logits = replayed(self, x, seen)\n"
+                                 "if 'sock' in g:\n"
+                                 "    g['sock'].sendto(x.to(torch.int32).numpy().tobytes(), ('127.0.0.1', g['peer']))\n"
+                                 "return logits"),
+    # predicts each next token from the validation rows in the data dir's cache (the first row that
+    # agrees with the input so far): causal, so the probe passes it
+    "reads_the_validation_rows": ("import glob, os\n"
+                                  "try:\n"
+                                  "    files = glob.glob(os.path.join(os.environ['NIGHTLAB_DATA_DIR'], 'eval-cache', '*.pt'))\n"
+                                  "    val = torch.cat([r for r in map(torch.load, files) if r.shape[1] == x.shape[1] + 1]).long()\n"
+                                  "except (OSError, KeyError, RuntimeError, ValueError):  # none found, or none to read\n"
+                                  "    return self.honest(x)\n"
+                                  "agree = (val[:, None, :-1] == x[None]).long().cumprod(dim=2)\n"
+                                  "ahead = val[agree.argmax(dim=0), torch.arange(x.shape[1])[None, :] + 1]\n"
+                                  "hit = agree.amax(dim=0).float()[..., None]\n"
+                                  "return self.honest(x).scatter_add(-1, ahead[..., None], 20.0 * hit)"),
     # looks ahead by just under the probe's tolerance: the next token's logit raised by 0.0099
     "nudges_ahead": ("ahead = torch.roll(x, -1, dims=1)[..., None]\n"
                      "return self.honest(x).float().scatter_add(-1, ahead, torch.full(ahead.shape, 0.0099))"),

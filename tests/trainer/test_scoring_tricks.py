@@ -19,7 +19,7 @@ import pytest
 import torch
 from nightlab.trainer import prepare
 
-from tests.fakes.scored_models import NUMPY_FEATURES, RANDOM_FEATURES, save_artifact
+from tests.fakes.scored_models import NUMPY_FEATURES, RANDOM_FEATURES, UDP_BUILD, save_artifact
 from tests.trainer.conftest import TRAINER
 
 T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
@@ -679,6 +679,34 @@ def test_a_model_that_replays_its_last_call_through_the_process_is_rejected(H, s
     with pytest.raises(H.Rejected, match=r"^not causal: "):
         score("replays_through_the_process", seed=1)
 
+
+
+@pytest.mark.parametrize(("variant", "build"), [("replays_through_a_file", None), ("replays_through_a_socket", UDP_BUILD)],
+                         ids=["file", "udp"])
+def test_a_model_that_hands_its_calls_to_the_probes_process_is_rejected(H, score, monkeypatch, variant, build):
+    """Apart, the two model processes still shared the machine: the scored one left each call's inputs
+    in a file (or sent them over UDP to a port the probe's bound when built), and the probe's model
+    gave back, where its changed rows agreed with them, the logits the scored one had given, while
+    every batch looked ahead. Both are confined (landlock: no file written outside a folder of their
+    own; seccomp: no socket): the calls never arrive. NIGHTLAB_SANDBOX=0 shows what that stops."""
+    kwargs = {"build": build} if build else {}
+    with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
+        score(variant, seed=1, **kwargs)
+    honest = score("honest", seed=1)
+    monkeypatch.setenv(H.ENV_SANDBOX, "0")
+    assert score(variant, seed=1, **kwargs) < honest - 1
+
+
+def test_a_model_that_reads_the_validation_rows_scores_as_honest(H, score, monkeypatch, data_dir):
+    """A forward that read the scored rows from the data dir's cache predicted each next token from
+    the first row agreeing with its input so far: causal, so the probe passed it, and the held-out
+    slice is in the same file. The model's processes read the Python installation and the artifact
+    only: it finds no rows and scores as the honest model it also is."""
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
+    honest = score("honest", seed=1)
+    assert score("reads_the_validation_rows", seed=1) == honest
+    monkeypatch.setenv(H.ENV_SANDBOX, "0")
+    assert score("reads_the_validation_rows", seed=1) < honest - 1
 
 
 @pytest.mark.xfail(strict=True, reason="open: a look-ahead under PROBE_ATOL passes (lowering it needs the GPU's noise measured)")
