@@ -880,7 +880,12 @@ def confine(artifact: Path, private: Path) -> str:
             raise OSError(ctypes.get_errno(), f"landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})")
     finally:
         os.close(ruleset)
-    return f"landlock ABI {abi} (reads the Python installation and the artifact, writes its own folder){_deny_ipc(libc)}"
+    said = f"landlock ABI {abi} (reads the Python installation and the artifact, writes its own folder)"
+    data = prepare.get_data_dir().resolve()
+    exposed = next((root for root, _ in rules if data.is_relative_to(root.resolve())), None)
+    if exposed is not None:  # a data dir inside the repository of an editable install, say
+        said += f", but the data dir {data} lies beneath {exposed}, which it reads: keep the data elsewhere"
+    return said + _deny_ipc(libc)
 
 
 def _deny_ipc(libc: Any) -> str:

@@ -709,6 +709,18 @@ def test_a_model_that_reads_the_validation_rows_scores_as_honest(H, score, monke
     assert score("reads_the_validation_rows", seed=1) < honest - 1
 
 
+def test_a_data_dir_the_model_can_read_is_said(H, score, monkeypatch, tmp_path, capsys):
+    """The sandbox lets the model read the Python installation, its import path and the artifact: a
+    data dir beneath one of them (inside the repository of an editable install) stays readable, and
+    the run's log says so, with what to do."""
+    score("honest", seed=1)
+    assert "but the data dir" not in capsys.readouterr().out
+    monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(tmp_path / "honest" / "data"))
+    score("honest", seed=1)
+    assert (f", but the data dir {tmp_path / 'honest' / 'data'} lies beneath {tmp_path / 'honest'}, which it reads:"
+            " keep the data elsewhere") in capsys.readouterr().out
+
+
 @pytest.mark.xfail(strict=True, reason="open: a look-ahead under PROBE_ATOL passes (lowering it needs the GPU's noise measured)")
 def test_a_model_that_looks_ahead_by_less_than_the_probes_tolerance_is_rejected(H, score):
     """The probe allows the logits up to its cut to move by 0.01 (numerical noise): a model that raises
