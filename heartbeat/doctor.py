@@ -143,6 +143,7 @@ def diagnose(settings: Settings, python: str = sys.executable) -> Report:
         found += _attention_findings(gpus, torch or {}, choice)
     found += _disk_findings(settings)
     if builtin:
+        found.append(_sandbox_finding())
         found.append(_data_finding(settings))
         found += _view_findings(settings)
     found += _protected_findings(settings)
@@ -306,6 +307,22 @@ def _disk_findings(settings: Settings) -> list[Finding]:
         else:
             out.append(Finding("ok", "disk", f"{label} {path}: {free:.1f} GB free"))
     return out
+
+
+def _sandbox_finding() -> Finding:
+    """Whether the scorer can confine the model's processes (README: Integrity)."""
+    from nightlab.trainer.prepare import ENV_SANDBOX, landlock_abi  # no torch (pyarrow, tokenizers)
+
+    abi = landlock_abi()
+    if os.environ.get(ENV_SANDBOX, "").strip() == "0":
+        return Finding("warn", "sandbox", f"{ENV_SANDBOX}=0: the scorer's model processes run unconfined; a model can"
+                       " hand its calls to the probe's process or read the validation rows", f"unset {ENV_SANDBOX}")
+    if abi < 1:
+        return Finding("warn", "sandbox", "the kernel has no landlock: the scorer's model processes run unconfined; a"
+                       " model can hand its calls to the probe's process or read the validation rows",
+                       "Linux 5.13 or later with landlock in its lsm= boot list confines them")
+    return Finding("ok", "sandbox", f"the scorer confines the model's processes (landlock ABI {abi}, seccomp on"
+                   f" {os.uname().machine})")
 
 
 def _data_finding(settings: Settings) -> Finding:

@@ -798,8 +798,8 @@ def attached(token: Any) -> torch.Tensor:
     return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
 
 
-ENV_SANDBOX = "NIGHTLAB_SANDBOX"  # 0: the model's processes run unconfined (see `confine`)
-_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446  # every architecture's
+ENV_SANDBOX = prepare.ENV_SANDBOX
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = prepare.LANDLOCK_CREATE_RULESET, 445, 446
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 # what a model could talk to a sibling model process through, where landlock does not reach: sockets
 # (UDP), System V shared memory, message queues and semaphores, POSIX message queues
@@ -843,11 +843,11 @@ def confine(artifact: Path, private: Path) -> str:
     there), nor read the validation rows (the data dir, the cached rows) to predict from or to undo
     the probe's change. Returns what it did, in words; raises OSError where the kernel refuses
     (landlock missing: nothing is applied)."""
+    abi = prepare.landlock_abi()
+    if abi < 1:
+        raise OSError(0, "the kernel has no landlock")
     libc = ctypes.CDLL(None, use_errno=True)
     syscall = libc.syscall
-    abi = syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # its version
-    if abi < 1:
-        raise OSError(ctypes.get_errno(), f"the kernel has no landlock ({os.strerror(ctypes.get_errno())})")
     truncate, ioctl_dev = (1 << 14 if abi >= 3 else 0), (1 << 15 if abi >= 5 else 0)
     every = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | truncate | ioctl_dev
     execute, write_file, read_file, read_dir = 1 << 0, 1 << 1, 1 << 2, 1 << 3

@@ -1262,6 +1262,23 @@ def scorer_command(harness: Path, *args: str, command: str = "score") -> list[st
 
 
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2), Linux
+LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
+ENV_SANDBOX = "NIGHTLAB_SANDBOX"  # 0: the scorer's model processes run unconfined (harness.confine)
+
+
+def landlock_abi() -> int:
+    """The kernel's landlock ABI version, which the scorer's model processes confine themselves with
+    (harness.confine); 0 where there is none (not Linux, a kernel before 5.13, or landlock left out
+    of its `lsm=` list)."""
+    import ctypes
+
+    if sys.platform != "linux":
+        return 0
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return 0
+    return max(0, syscall(LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1)))  # its version
 
 
 def subreaper(on: bool | None = None) -> bool | None:

@@ -17,6 +17,7 @@ import pytest
 from nightlab.heartbeat import cli
 from nightlab.heartbeat.doctor import diagnose
 from nightlab.loop.state.config import settings_from_table
+from nightlab.trainer import prepare
 
 
 def write_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
@@ -63,6 +64,17 @@ def test_a_cpu_box_can_run_the_tiny_profile(tmp_path: Path, fake_gpus, capsys) -
     # the command to type names this config (it said `--config <file>`)
     assert f"or now: nightlab prepare --config {tmp_path / 'nightlab.toml'}\n" in out
     assert lines(out, "ok   git") and out.rstrip().endswith("runs can start (2 warning(s))")
+    assert lines(out, "ok   sandbox") == [f"ok   sandbox   the scorer confines the model's processes (landlock ABI"
+                                          f" {prepare.landlock_abi()}, seccomp on {os.uname().machine})"]
+
+
+def test_a_sandbox_turned_off_is_a_warning(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
+    fake_gpus([])
+    monkeypatch.setenv("NIGHTLAB_SANDBOX", "0")
+    code, out = doctor(write_config(tmp_path), capsys)
+    assert code == 0 and lines(out, "WARN sandbox") == [
+        "WARN sandbox   NIGHTLAB_SANDBOX=0: the scorer's model processes run unconfined; a model can hand its calls"
+        " to the probe's process or read the validation rows"], out
 
 
 def test_a_gpu_that_torch_cannot_use_fails_with_what_to_do(tmp_path: Path, fake_gpus, capsys) -> None:
