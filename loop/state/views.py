@@ -292,8 +292,7 @@ def status_text(workspace: Path) -> str:
                      f" (systemctl start nightlab, or nightlab run --config {config})")
     pause = ledger.paused(store)
     if pause:
-        waits = f", after #{pause.after}" if pause.after else ""
-        lines.append(f"paused by {pause.by} ({pause.reason}{waits}) {duration(time.time() - pause.since)} ago")
+        lines.append(paused_text(pause, f"{duration(time.time() - pause.since)} ago"))
     best_exp, best = current_best(rows)
     if best_exp is not None:
         gain = "" if _unchanged(rows, best_exp) else _gain_text(store, rows, best_exp, _night(store, rows))
@@ -580,9 +579,15 @@ def _since_line(store: Store, rows: list[Experiment], since: float) -> str:
     if rows:
         return head + f"{len(rows)} experiments ({_counts(store, rows)})"
     pause = ledger.paused(store)
-    why = (f"; the loop is paused by {pause.by} ({pause.reason}) since"
-           f" {time.strftime('%a %H:%M', time.localtime(pause.since))}" if pause else "")
+    why = f"; the loop is {paused_text(pause, time.strftime('since %a %H:%M', time.localtime(pause.since)))}" if pause else ""
     return head + "no experiments" + why
+
+
+def paused_text(pause: ledger.Paused, when: str) -> str:
+    """"paused by nightlab 3m ago: #2: the baseline crashed again (exit code 1): …". The reason comes
+    last, not in parentheses: the engine's own may hold some, and ended in two."""
+    waits = f", after #{pause.after} finishes" if pause.after else ""
+    return f"paused by {pause.by} {when}{waits}: {pause.reason}"
 
 
 def chart_caption(workspace: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -233,6 +234,9 @@ def test_a_baseline_that_crashes_twice_pauses_the_loop_and_runs_again_once_fixed
     assert self_paused == [f"#2: the baseline crashed again (exit code 3): {broken[:7]}, the commit the night starts"
                            f" from, does not run, and every experiment branches from it; fix it, commit the fix in"
                            f" {ws} and /resume (the fix is measured as the baseline)"]
+    # `/status` says it last, out of parentheses: in them it ended "(the fix is measured as the baseline)) 3 s ago"
+    assert re.search(r"^paused by nightlab .* ago: #2: the baseline crashed again .* as the baseline\)$",
+                     views.status_text(ws), re.M)
     train.write_text(train.read_text().replace('MODE = "crash"', 'MODE = "ok"'))
     git_out(ws, "commit", "-qam", "fixed")
     send_command(ws, "resume", "cli:test")
@@ -275,7 +279,7 @@ def test_a_change_the_data_failed_is_not_blamed_and_runs_again_once_the_data_is_
     finished = [e.payload for e in engine.store.events_after(0) if e.kind == "experiment_finished"]
     assert finished[-1]["rerun"]  # the digest: the data failed it, it runs again
     status = views.status_text(ws)
-    assert f"paused by nightlab (#2: {reason}; /resume once it is fixed, and #2 runs again)" in status
+    assert re.search(f"paused by nightlab .* ago: #2: {re.escape(reason)}; /resume once it is fixed, and #2 runs again$", status, re.M)
     assert "experiments: 2 (1 baseline, 1 bad data)" in status and "  #2 undecided " in status
     assert views.report_markdown(ws).endswith("## What did not work\n\n- nothing failed")
     assert len(proposer.contexts) == 1  # no proposal spent on bad data
@@ -444,8 +448,10 @@ def test_bad_commands_get_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a nightlab workspace"):
         send_command(tmp_path / "nowhere", "pause", "cli:t")
     # no engine: no "within ~2 s" beside "not running" (it acts whenever the loop starts)
-    assert send_command(ws, "pause", "cli:t") == ("pausing (nothing is running) (the loop is not running right now:"
-                                                  " it acts on this when it starts)")
+    # one parenthesis: it was "pausing (nothing is running) (the loop is not running right now: …)"
+    assert send_command(ws, "pause", "cli:t") == "pausing (the loop is not running right now: it acts on this when it starts)"
+    with EngineLock(ws):  # an engine that acts within a checkpoint says why nothing is waited for
+        assert send_command(ws, "pause", "cli:u") == "pausing within ~2 s (nothing is running)"
     assert send_command(ws, "status", "cli:t").startswith("nightlab · autoresearch/test")
     assert "pause [now]" in send_command(ws, "help", "cli:t")
 
