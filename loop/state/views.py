@@ -314,8 +314,9 @@ def _counts(store: Store, rows: list[Experiment]) -> str:
     baseline run is recorded as a keep, and "3 keep" beside "nothing beat the baseline" would
     read as a contradiction; a change re-run to decide counts once, by its deciding run (a change
     kept on its third run was "2 repeat", and no keep), or as undecided while that run is to come.
-    A run the data failed measured nothing, of a change or of the baseline: "bad data", apart."""
-    measured = [e for e in rows if not ledger.failed_by_data(e.reason)]
+    A run the data failed measured nothing, of a change or of the baseline: "bad data", apart (and
+    likewise one during which the harness changed)."""
+    measured = [e for e in rows if ledger.not_the_change(e.reason) is None]
     last = _decided_changes(measured)
     undecided = _undecided(store, last)
     decided = [e for e in last if e.number not in undecided]
@@ -323,7 +324,8 @@ def _counts(store: Store, rows: list[Experiment]) -> str:
     counts = {"baseline": sum(e.kind == "baseline" for e in measured), "repeat": len(changes) - len(last)}
     counts |= {s: sum(e.status == s for e in decided) for s in ("keep", "discard", "crash", "checks_failed")}
     counts["undecided"] = len(undecided)
-    counts["bad data"] = len(rows) - len(measured)
+    for kind in ledger.NOT_THE_CHANGE:
+        counts[kind.words] = sum(ledger.not_the_change(e.reason) == kind for e in rows)
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
 
 

@@ -29,7 +29,7 @@ from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import init_workspace
 
 from tests.fakes.engine_thread import EngineThread
-from tests.fakes.loop_workspace import STUB, Gates, StubData, git_out, make_stub_workspace, stub_settings
+from tests.fakes.loop_workspace import HARNESS, STUB, Gates, StubData, git_out, make_stub_workspace, stub_settings
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.waiting import wait_until
 
@@ -299,6 +299,73 @@ def test_a_change_the_data_failed_is_not_blamed_and_runs_again_once_the_data_is_
     assert "experiments: 4 (1 baseline, 1 keep, 1 discard, 1 bad data)" in views.status_text(ws)
     assert views.history_text(ws, status="crash") == "no crash experiments yet"
     assert_consistent(settings)
+
+
+def _scored_project(tmp_path: Path) -> Settings:
+    """The stub workspace whose runs take the harness's two steps (`prepare.run`): the training command,
+    the check that the protected prepare.py is as it was, then the score command (the stub's summary)."""
+    python = shlex.quote(sys.executable)
+    return make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05}, project={
+        "run_command": f'{python} train.py | tee "$NIGHTLAB_ARTIFACT_DIR/out"',
+        "score_command": 'cat "$NIGHTLAB_ARTIFACT_DIR/out"'})
+
+
+HARNESS_CHANGED = ("prepare.py changed while the run trained in the workspace: a person's edit, or the run's own"
+                   " write (nothing tells which as it happens); put back as recorded (an edit of yours is kept in"
+                   " `git stash list`)")
+
+
+def test_a_persons_edit_of_the_harness_while_a_run_trains_is_not_the_changes_crash(tmp_path: Path, gates: Gates) -> None:
+    """One slot runs in the workspace: a person's edit of prepare.py while #2 trained was recorded as
+    #2's crash, the harness saying "the training command changed the code that scores it". Nothing
+    tells a person's edit from the run's own write as it happens, so it is said as either; the harness
+    is put back, the loop pauses, and the change runs again after /resume, as after bad data."""
+    settings = _scored_project(tmp_path)
+    ws = settings.workspace_path
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])
+    engine = EngineThread(settings, proposer, limit=3)
+    gates.open(1)
+    log = Path(engine.running(2).log_path)
+    engine.wait_for(lambda: "step 00001" in log.read_text(), "#2 to train")
+    harness = ws / "prepare.py"
+    harness.chmod(0o644)
+    harness.write_text("# my edit\n")
+    gates.open(2)
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine.ticks()  # paused: the change's re-run waits for /resume
+    second = ledger.experiments(engine.store)[1]
+    assert (second.status, second.reason) == ("crash", f"harness changed: {HARNESS_CHANGED}")
+    assert harness.read_text() == HARNESS and "+# my edit" in git_out(ws, "stash", "show", "-p")
+    status = views.status_text(ws)
+    assert re.search(r"ago: #2: harness changed: .*; edit the harness only while nightlab is stopped, then /resume,"
+                     r" and #2 runs again$", status, re.M)
+    assert "experiments: 2 (1 baseline, 1 harness edited)" in status and "  #2 undecided " in status
+    send_command(ws, "resume", "cli:test")
+    gates.open(3)
+    assert engine.join() == 0
+    third = ledger.experiments(engine.store)[2]
+    assert (third.kind, third.confirm_of, third.commit, third.status) == ("confirm", 2, second.commit, "keep")
+    assert len(proposer.contexts) == 1  # no proposal spent on it
+    assert_consistent(settings)
+
+
+def test_a_change_that_writes_the_harness_is_its_crash_at_its_re_run(tmp_path: Path, gates: Gates) -> None:
+    """The other side: a train.py that writes prepare.py reads as a person's edit the first time (the
+    same words, a pause); its re-run writes it again, and that is the change's crash."""
+    settings = _scored_project(tmp_path)
+    ws = settings.workspace_path
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"MODE": "harness"}}]), limit=3)
+    gates.open(1, 2, 3)
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    send_command(ws, "resume", "cli:test")
+    assert engine.join() == 0
+    third = ledger.experiments(engine.store)[2]
+    assert (third.kind, third.confirm_of, third.status) == ("confirm", 2, "crash")
+    assert third.reason == (f"harness changed again: {HARNESS_CHANGED}; its run before changed it too, so it counts"
+                            " as this change's crash (a person's edit twice, each during one of its runs, is unlikely:"
+                            " the change is what writes it)")
+    assert "experiments: 3 (1 baseline, 1 crash, 1 harness edited)" in views.status_text(ws)
+    assert (ws / "prepare.py").read_text() == HARNESS
 
 
 def test_a_change_the_data_fails_again_on_its_re_run_is_its_crash_not_run_forever(
