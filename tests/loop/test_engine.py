@@ -336,6 +336,12 @@ def test_a_persons_edit_of_the_harness_while_a_run_trains_is_not_the_changes_cra
     second = ledger.experiments(engine.store)[1]
     assert (second.status, second.reason) == ("crash", f"harness changed: {HARNESS_CHANGED}")
     assert harness.read_text() == HARNESS and "+# my edit" in git_out(ws, "stash", "show", "-p")
+    alerts = [e.payload["text"] for e in engine.store.events_after(0) if e.kind == "alert"]
+    # not "to have them tried: … stash pop, commit them": a committed edit of the harness stops the next start
+    assert alerts == [f"edits nightlab did not make were in prepare.py at #2: the loop owns the workspace's files while"
+                      f" it runs, so they were not run; kept in `git -C {ws} stash list`. prepare.py: the protected"
+                      f" harness, which no run uses edited; keep it as recorded (`git -C {ws} checkout -- prepare.py`"
+                      " after a stash pop; `nightlab doctor` says more)"]
     status = views.status_text(ws)
     assert re.search(r"ago: #2: harness changed: .*; edit the harness only while nightlab is stopped, then /resume,"
                      r" and #2 runs again$", status, re.M)
