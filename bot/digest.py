@@ -117,7 +117,8 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
     # "❌ discard" or "💥 crash" read as the change's end
     mark = "🏆" if p.get("new_best") else "🔁" if p.get("rerun") else MARKS.get(status, "•")
     other = ledger.not_the_change(str(p.get("reason", "")))
-    again = f"{other.digest}: runs again after /resume" if other else "undecided, runs again"
+    again = (f"{other.digest}: runs again{' after /resume' if other.resume else ''}" if other
+             else "undecided, runs again")
     head = f"{mark} #{p.get('number', '?')} {again if p.get('rerun') else status}"
     metric = p.get("metric")
     figure = f"{name} {_num(metric)}" if metric is not None else f"{name} —"

@@ -110,11 +110,12 @@ def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
     store = ctx.store
     failures = failures_in_a_row(store, rows)
     limit = ctx.settings.loop.pause_after_failures
-    # bad data fails every run alike: pausing at once spares the proposals that would follow; a harness
-    # changed while a run trained is a person's to put back (or the change's, whose re-run says so)
+    # bad data fails every run alike: pausing at once spares the proposals that would follow (a harness
+    # changed while a run trained is put back by the engine: no pause)
     last = rows[-1]
-    again = ledger.not_the_change(last.reason)  # its change runs again after /resume
+    again = ledger.not_the_change(last.reason)  # its change runs again (after /resume)
     other = again or next((kind for kind in ledger.NOT_THE_CHANGE if last.reason.startswith(kind.again)), None)
+    other = other if other is not None and other.resume is not None else None
     # the commit the night starts from, never run to a result: every proposal would branch from it.
     # Its second crash pauses: the first may be the box's (another process holding the GPU's memory)
     crashes = [e for e in rows if e.commit == last.commit and e.kind == "baseline" and e.status == "crash"]

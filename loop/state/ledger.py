@@ -257,13 +257,13 @@ RESULT_LOST_PREFIX = "result lost:"
 @dataclass(frozen=True)
 class NotTheChange:
     """What failed a run besides its change, as the run's reason starts (loop/judge.py writes it): the
-    loop pauses for a person, and the change runs again after /resume, once."""
+    change runs again, once (after /resume where the loop pauses for a person)."""
 
     prefix: str
     again: str  # the reason's start when the change's re-run met it too: then it is the change's crash
     words: str  # in the counts ("2 bad data")
     digest: str  # a digest's head, before "runs again after /resume"
-    resume: str  # what the loop's pause asks of a person
+    resume: str | None  # what the loop's pause asks of a person; None: no pause (nothing for a person to fix)
     blame: str  # why a second time is the change's
 
 
@@ -272,7 +272,7 @@ NOT_THE_CHANGE = (
                  "its run before met it too, so it counts as this change's crash (if the data is fine, the change is"
                  " what fails it)"),
     NotTheChange(HARNESS_CHANGED_PREFIX, HARNESS_AGAIN_PREFIX, "harness edited", "harness edited while it ran",
-                 "edit the harness only while nightlab is stopped, then /resume",
+                 None,  # the engine puts the harness back: a train.py that writes it stalls no night
                  "its run before changed it too, so it counts as this change's crash (a person's edit twice, each"
                  " during one of its runs, is unlikely: the change is what writes it)"),
 )

@@ -319,7 +319,7 @@ def test_a_persons_edit_of_the_harness_while_a_run_trains_is_not_the_changes_cra
     """One slot runs in the workspace: a person's edit of prepare.py while #2 trained was recorded as
     #2's crash, the harness saying "the training command changed the code that scores it". Nothing
     tells a person's edit from the run's own write as it happens, so it is said as either; the harness
-    is put back, the loop pauses, and the change runs again after /resume, as after bad data."""
+    is put back and the change runs again at once (no pause: a train.py writing it stalls no night)."""
     settings = _scored_project(tmp_path)
     ws = settings.workspace_path
     proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])
@@ -330,9 +330,9 @@ def test_a_persons_edit_of_the_harness_while_a_run_trains_is_not_the_changes_cra
     harness = ws / "prepare.py"
     harness.chmod(0o644)
     harness.write_text("# my edit\n")
-    gates.open(2)
-    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
-    engine.ticks()  # paused: the change's re-run waits for /resume
+    gates.open(2, 3)
+    assert engine.join() == 0
+    assert ledger.paused(engine.store) is None
     second = ledger.experiments(engine.store)[1]
     assert (second.status, second.reason) == ("crash", f"harness changed: {HARNESS_CHANGED}")
     assert harness.read_text() == HARNESS and "+# my edit" in git_out(ws, "stash", "show", "-p")
@@ -343,12 +343,7 @@ def test_a_persons_edit_of_the_harness_while_a_run_trains_is_not_the_changes_cra
                       f" harness, which no run uses edited; keep it as recorded (`git -C {ws} checkout -- prepare.py`"
                       " after a stash pop; `nightlab doctor` says more)"]
     status = views.status_text(ws)
-    assert re.search(r"ago: #2: harness changed: .*; edit the harness only while nightlab is stopped, then /resume,"
-                     r" and #2 runs again$", status, re.M)
-    assert "experiments: 2 (1 baseline, 1 harness edited)" in status and "  #2 undecided " in status
-    send_command(ws, "resume", "cli:test")
-    gates.open(3)
-    assert engine.join() == 0
+    assert "experiments: 3 (1 baseline, 1 keep, 1 harness edited)" in status and "  #2 undecided " in status
     third = ledger.experiments(engine.store)[2]
     assert (third.kind, third.confirm_of, third.commit, third.status) == ("confirm", 2, second.commit, "keep")
     assert len(proposer.contexts) == 1  # no proposal spent on it
@@ -357,14 +352,13 @@ def test_a_persons_edit_of_the_harness_while_a_run_trains_is_not_the_changes_cra
 
 def test_a_change_that_writes_the_harness_is_its_crash_at_its_re_run(tmp_path: Path, gates: Gates) -> None:
     """The other side: a train.py that writes prepare.py reads as a person's edit the first time (the
-    same words, a pause); its re-run writes it again, and that is the change's crash."""
+    same words); its re-run writes it again, and that is the change's crash. The night never pauses."""
     settings = _scored_project(tmp_path)
     ws = settings.workspace_path
     engine = EngineThread(settings, ScriptedProposer([{"set": {"MODE": "harness"}}]), limit=3)
     gates.open(1, 2, 3)
-    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
-    send_command(ws, "resume", "cli:test")
     assert engine.join() == 0
+    assert not [e for e in engine.store.events_after(0) if e.kind == "self_paused"]
     third = ledger.experiments(engine.store)[2]
     assert (third.kind, third.confirm_of, third.status) == ("confirm", 2, "crash")
     assert third.reason == (f"harness changed again: {HARNESS_CHANGED}; its run before changed it too, so it counts"
