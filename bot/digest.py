@@ -116,7 +116,8 @@ def experiment_digest(p: dict[str, Any], log_tail_lines: int) -> Outgoing:
     # a run the rule re-runs to decide is recorded as a discard, one the data failed as a crash;
     # "❌ discard" or "💥 crash" read as the change's end
     mark = "🏆" if p.get("new_best") else "🔁" if p.get("rerun") else MARKS.get(status, "•")
-    again = ("bad data, not the change: runs again after /resume" if ledger.failed_by_data(str(p.get("reason", "")))
+    other = ledger.not_the_change(str(p.get("reason", "")))
+    again = (f"{other.digest}: runs again{' after /resume' if other.resume else ''}" if other
              else "undecided, runs again")
     head = f"{mark} #{p.get('number', '?')} {again if p.get('rerun') else status}"
     metric = p.get("metric")

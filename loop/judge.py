@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from nightlab.loop.decision import Rule, decide
-from nightlab.loop.state.ledger import DATA_PROBLEM_PREFIX, RESULT_LOST_PREFIX, USER_KILL_PREFIX
+from nightlab.loop.state.ledger import DATA_PROBLEM_PREFIX, HARNESS_CHANGED_PREFIX, RESULT_LOST_PREFIX, USER_KILL_PREFIX
 from nightlab.loop.state.stats import Comparison, Noise
 from nightlab.loop.summary import Summary
 
@@ -23,6 +23,10 @@ REBASE_PREFIX = "rebased:"
 # how the harness says a run met bad data (prepare.DATA_FAIL, written out here: importing prepare
 # would load pyarrow and tiktoken into the engine; tests/loop/test_profiles.py holds them equal)
 DATA_FAIL = "FAIL: data: "
+# how the harness begins its refusal of a run during which the code that scores it changed, nothing else
+# (prepare.HARNESS_CHANGED, written out here likewise)
+HARNESS_CHANGED = "the code that scores it changed while the training command ran"
+_NAMED = re.compile(r" \(([^)]+)\)")  # the files HARNESS_CHANGED is followed by
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|MemoryError", re.IGNORECASE)
 
 
@@ -34,6 +38,9 @@ class Measurement:
     kill_reason: str | None
     summary: Summary
     log_tail: str
+    # it ran in the workspace, where a person may edit the harness while it trains (one local slot); a
+    # snapshot's harness changes only by the run's own write
+    in_workspace: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,11 @@ def failure_reason(m: Measurement, metric_name: str) -> str | None:
     if m.kill_reason:
         return m.kill_reason
     if m.summary.rejected and m.exit_code not in (0, None):  # the harness refused the model (trainer/harness.py)
+        if m.in_workspace and m.summary.rejected.startswith(HARNESS_CHANGED):  # whose edit: its re-run tells
+            files = _NAMED.match(m.summary.rejected[len(HARNESS_CHANGED):])
+            return (f"{HARNESS_CHANGED_PREFIX} {files.group(1) if files else 'the harness'} changed while the run"
+                    " trained in the workspace: a person's edit, or the run's own write (nothing tells which as it"
+                    " happens); put back as recorded (an edit of yours is kept in `git stash list`)")
         return f"rejected by the harness: {m.summary.rejected}"
     value = m.summary.get(metric_name)
     if m.exit_code is None and not (m.summary.complete and value is not None):

@@ -62,6 +62,9 @@ class Workspace:
     protected: tuple[str, ...]
     run_command: str
     builtin_trainer: bool
+    # the editable files each run executes (the built-in trainer's train.py, the ones a project's run_command
+    # names): a proposal that deletes one is refused before it runs, not run to "can't open file" (exit code 2)
+    run_files: tuple[str, ...] = ()
 
     @cached_property
     def store(self) -> Store:
@@ -229,8 +232,20 @@ def open_workspace(path: Path, settings: Settings) -> Workspace:
         path=path, branch=branch, profile=store.get("workspace.profile", "custom"),
         harness_env=dict(store.get("workspace.harness_env", {})), editable=project.editable,
         protected=_protected_files(project.protected, builtin), run_command=run_command(settings),
-        builtin_trainer=builtin,
+        builtin_trainer=builtin, run_files=_run_files(project),
     )
+
+
+def _run_files(project: ProjectSettings) -> tuple[str, ...]:
+    """The editable files a run executes: train.py under the built-in trainer (`prepare.py run` starts
+    it), else the editable files named as words of [project] run_command (`python my_train.py --fast`)."""
+    if not project.run_command:
+        return tuple(f for f in project.editable if f == "train.py")
+    try:
+        words = {os.path.normpath(w) for w in shlex.split(project.run_command)}
+    except ValueError:  # unbalanced quotes: the shell decides; nothing is named plainly
+        return ()
+    return tuple(f for f in project.editable if os.path.normpath(f) in words)
 
 
 def _protected_files(protected: tuple[str, ...], builtin: bool) -> tuple[str, ...]:

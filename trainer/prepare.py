@@ -114,6 +114,10 @@ class DataError(PrepareError):
 
 
 DATA_FAIL = "FAIL: data: "  # how a run says so (its last words); the engine pauses the loop on it
+# How `run` begins its refusal of a run during which the code that scores it changed: the run's own
+# write, or a person's edit of the workspace's harness while it trained (a single slot runs there); it
+# cannot tell which, so it says both, and the engine pauses the loop and runs the change again once.
+HARNESS_CHANGED = "the code that scores it changed while the training command ran"
 
 
 def fail_text(error: PrepareError) -> str:
@@ -1459,13 +1463,14 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     code = _stream(train_command, train_env, untrusted)
     # whatever its exit code: a cache file it wrote must not score a later run
     tampered = [tampered_data(data_dir, data_before) if data_dir is not None else None]
-    changed = [path.name for path, text in scorer_files.items() if not path.is_file() or path.read_bytes() != text]
-    if changed:
-        tampered.append(f"the training command changed the code that scores it ({', '.join(changed)}); a run must not"
-                        " write the protected files: `git checkout` them, or `nightlab doctor` says how")
     if scored_code is not None and (artifact / "train.py").is_file() and (artifact / "train.py").read_bytes() != scored_code:
         tampered.append(f"the training command replaced {artifact / 'train.py'}, the code the harness builds the model"
                         " with: a run is scored with the train.py it committed")
+    changed = [path.name for path, text in scorer_files.items() if not path.is_file() or path.read_bytes() != text]
+    if changed:  # said last: the refusal starts with HARNESS_CHANGED only when nothing else was tampered with
+        tampered.append(f"{HARNESS_CHANGED} ({', '.join(changed)}): the run wrote it, or a person edited it meanwhile;"
+                        " a run must not write the protected files, nor anyone while a run is in flight: `git checkout`"
+                        " them, or `nightlab doctor` says how")
     if any(tampered):  # each said: a shard written stays damaged for the runs after this one
         print(f"REJECTED: {'. Also, '.join(why for why in tampered if why)}", flush=True)
         return REJECTED_EXIT

@@ -194,11 +194,18 @@ class Context:
                 " experiment is open")
         saved = git.stash_edits(f"nightlab: edits found in the workspace at #{number}") if changed else []
         if saved:
-            self.store.emit("alert", text=(
-                f"edits nightlab did not make were in {', '.join(saved)} at #{number}: the loop owns the"
-                f" workspace's files while it runs, so they were not run; kept in `git -C {at} stash list`."
-                f" To have them tried: `nightlab ctl pause`, then `git -C {at} stash pop`, commit them, and"
-                " resume"))
+            # the harness is never run edited (a committed edit stops the next start): not one to have "tried"
+            harness = [p for p in saved if p in self.ws.protected]
+            text = (f"edits nightlab did not make were in {', '.join(saved)} at #{number}: the loop owns the"
+                    f" workspace's files while it runs, so they were not run; kept in `git -C {at} stash list`.")
+            if len(harness) < len(saved):
+                text += (f" To have them tried: `nightlab ctl pause`, then `git -C {at} stash pop`, commit them, and"
+                         " resume")
+            if harness:
+                text += (f"{';' if len(harness) < len(saved) else ''} {', '.join(harness)}: the protected harness,"
+                         f" which no run uses edited; keep it as recorded (`git -C {at} checkout --"
+                         f" {' '.join(harness)}` after a stash pop; `nightlab doctor` says more)")
+            self.store.emit("alert", text=text)
         git.reset_to(target)
 
     def log_tail(self, number: int, tail_bytes: int) -> str:

@@ -116,7 +116,7 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
     loop = ctx.settings.loop
     rule = Rule(z=loop.keep_z, max_runs=loop.max_runs, prior_sd=loop.noise_prior * scale)
     verdict = judge(
-        Measurement(run.exit_code, run.kill_reason, summary, tail),
+        Measurement(run.exit_code, run.kill_reason, summary, tail, in_workspace=ctx.in_place),
         kind=cand.kind, metric_name=ctx.metric_name, direction=ctx.direction,
         earlier=measured(cand.commit or cand.base_commit), incumbent=incumbent or None,
         noise=pooled_noise(groups, rule.prior_sd), rule=rule,
@@ -151,11 +151,10 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
     across = bool(moved) and verdict.metric is not None
     if across:
         verdict, best, rebase = _across(cand, verdict, moved), None, False
-    if cand.kind != "baseline" and ledger.failed_by_data(verdict.reason) and _data_failed_before(rows, cand):
-        said = verdict.reason[len(ledger.DATA_PROBLEM_PREFIX):].strip()
-        verdict = dataclasses.replace(verdict, reason=(
-            f"{ledger.DATA_AGAIN_PREFIX} {said}; its run before met it too, so it counts as this change's"
-            " crash (if the data is fine, the change is what fails it)"))
+    other = ledger.not_the_change(verdict.reason)
+    if cand.kind != "baseline" and other is not None and _failed_before(rows, cand, other):
+        said = verdict.reason[len(other.prefix):].strip()
+        verdict = dataclasses.replace(verdict, reason=f"{other.again} {said}; {other.blame}")
     if (verdict.status == "keep" or verdict.needs_confirm) and ctx.settings.project.checks_command:
         verdict = checks(ctx, verdict, ctx.run_dir(cand), best)
     started = started_at(run.log_path) or run.started_at
@@ -193,11 +192,12 @@ def _across(cand: Candidate, verdict: Verdict, moved: list[str]) -> Verdict:
             f" {verdict.metric:.6f} is compared with neither best; {then}"))
 
 
-def _data_failed_before(rows: list[Experiment], cand: Candidate) -> bool:
-    """A re-run of a change (confirm, rebase) one of whose runs the data failed already."""
+def _failed_before(rows: list[Experiment], cand: Candidate, other: ledger.NotTheChange) -> bool:
+    """A re-run of a change (confirm, rebase) one of whose runs `other` (bad data, the harness
+    changed) failed already."""
     first = cand.confirm_of
     return first is not None and any(
-        ledger.failed_by_data(e.reason) for e in rows if first in (e.number, e.confirm_of))
+        ledger.not_the_change(e.reason) == other for e in rows if first in (e.number, e.confirm_of))
 
 
 def checks(ctx: Context, verdict: Verdict, cwd: Path, best: float | None) -> Verdict:

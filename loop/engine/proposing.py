@@ -62,8 +62,10 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
                                  f" other areas (#{cand.number}: {proposal.area}). `focus off` or another focus to steer")
     changed = git.changed_files()
     outside = [p for p in changed if p not in ctx.ws.editable]
-    if outside:
-        reason = outside_reason(ctx, outside, set(git.untracked_files()))
+    # a run without the file it executes measures nothing ("can't open file": exit code 2)
+    deleted = [p for p in ctx.ws.run_files if p in changed and not (ctx.ws.path / p).exists()]
+    if outside or deleted:
+        reason = refusal_reason(ctx, outside, set(git.untracked_files()), deleted)
         git.reset_to(cand.base_commit)
         protect(ctx.ws)
         return no_run(ctx, cand, "crash", reason, **described)
@@ -139,14 +141,18 @@ def _runs_hit(ctx: Context, number: int) -> str:
     return said
 
 
-def outside_reason(ctx: Context, outside: list[str], new: set[str]) -> str:
-    """Why a change to files besides the editable ones is refused, for the user and the next
-    proposal alike: the protected harness said as such (no config lets a proposal change it), a
-    new file said removed (a module train.py imports cannot run from a commit that lacks it)."""
+def refusal_reason(ctx: Context, outside: list[str], new: set[str], deleted: list[str]) -> str:
+    """Why a change the engine will not run is refused, for the user and the next proposal alike:
+    a change to files besides the editable ones (the protected harness said as such: no config lets
+    a proposal change it; a new file said removed: a module train.py imports cannot run from a
+    commit that lacks it), or the deletion of a file each run executes."""
     protected = [p for p in outside if p in ctx.ws.protected]
     added = [p for p in outside if p in new and p not in protected]
     other = [p for p in outside if p not in protected and p not in added]
     said = []
+    if deleted:
+        who = "the agent" if ctx.settings.proposer.kind == "agent" else "the proposal"
+        said.append(f"{who} deleted {', '.join(deleted)}, which every run executes; the change was undone")
     if protected:
         said.append(f"changed the protected {', '.join(protected)} (the harness that measures every run; restored)")
     if other:

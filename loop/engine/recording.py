@@ -110,18 +110,20 @@ def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
     store = ctx.store
     failures = failures_in_a_row(store, rows)
     limit = ctx.settings.loop.pause_after_failures
-    # bad data fails every run alike: pausing at once spares the proposals that would follow
+    # bad data fails every run alike: pausing at once spares the proposals that would follow (a harness
+    # changed while a run trained is put back by the engine: no pause)
     last = rows[-1]
-    again = ledger.failed_by_data(last.reason)  # its change runs again after /resume
-    data = again or last.reason.startswith(ledger.DATA_AGAIN_PREFIX)
+    again = ledger.not_the_change(last.reason)  # its change runs again (after /resume)
+    other = again or next((kind for kind in ledger.NOT_THE_CHANGE if last.reason.startswith(kind.again)), None)
+    other = other if other is not None and other.resume is not None else None
     # the commit the night starts from, never run to a result: every proposal would branch from it.
     # Its second crash pauses: the first may be the box's (another process holding the GPU's memory)
     crashes = [e for e in rows if e.commit == last.commit and e.kind == "baseline" and e.status == "crash"]
-    broken_start = (last.kind == "baseline" and last.status == "crash" and not data and len(crashes) >= 2
+    broken_start = (last.kind == "baseline" and last.status == "crash" and other is None and len(crashes) >= 2
                     and not any(e.commit == last.commit and e.status == "keep" for e in rows))
-    if (failures >= limit or data or broken_start) and ledger.paused(store) is None:
-        if data:
-            reason = f"#{last.number}: {last.reason}; /resume once it is fixed" + (
+    if (failures >= limit or other is not None or broken_start) and ledger.paused(store) is None:
+        if other is not None:
+            reason = f"#{last.number}: {last.reason}; {other.resume}" + (
                 f", and #{last.number} runs again" if again else "")
         elif broken_start:
             reason = (f"#{last.number}: the baseline crashed again ({last.reason}): {last.commit[:7]}, the commit the night"

@@ -222,8 +222,8 @@ class Pause(Steer):
             raise UserError(f"already {after}; nothing changed (resume undoes it)")
         if self.now:
             return _when(f"cancelling {listed} and pausing" if running else "pausing", soon)
-        if not running:
-            return _when("pausing", soon) + " (nothing is running)"
+        if not running:  # with no engine either, its own words say more: one parenthesis, not two in a row
+            return _when("pausing", soon) + (" (nothing is running)" if soon else "")
         if len(running) > 1:
             return f"no new launches; pausing after {listed} finish"
         left = views.remaining_s(store)

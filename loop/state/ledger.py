@@ -242,6 +242,11 @@ DATA_PROBLEM_PREFIX = "data problem:"
 # the reason of a change's re-run the data failed again: the change's crash (it may be what breaks
 # the data, or an agent's train.py printing the harness's line), so no change runs again forever
 DATA_AGAIN_PREFIX = "data problem again:"
+# the reason of a run in the workspace that the harness refused because its own files changed while it
+# trained: a person's edit as likely as the run's write (nothing tells them apart as it happens), so it
+# is taken as the person's once: the change runs again, and a re-run that changes them too is its crash
+HARNESS_CHANGED_PREFIX = "harness changed:"
+HARNESS_AGAIN_PREFIX = "harness changed again:"
 
 
 # the reason of a run whose log and exit status were removed after it ended (an agent's `git clean -x`
@@ -249,15 +254,40 @@ DATA_AGAIN_PREFIX = "data problem again:"
 RESULT_LOST_PREFIX = "result lost:"
 
 
-def failed_by_data(reason: str) -> bool:
-    """A run's reason says the data failed it, not its change (loop/judge.py writes it)."""
-    return reason.startswith(DATA_PROBLEM_PREFIX)
+@dataclass(frozen=True)
+class NotTheChange:
+    """What failed a run besides its change, as the run's reason starts (loop/judge.py writes it): the
+    change runs again, once (after /resume where the loop pauses for a person)."""
+
+    prefix: str
+    again: str  # the reason's start when the change's re-run met it too: then it is the change's crash
+    words: str  # in the counts ("2 bad data")
+    digest: str  # a digest's head, before "runs again after /resume"
+    resume: str | None  # what the loop's pause asks of a person; None: no pause (nothing for a person to fix)
+    blame: str  # why a second time is the change's
+
+
+NOT_THE_CHANGE = (
+    NotTheChange(DATA_PROBLEM_PREFIX, DATA_AGAIN_PREFIX, "bad data", "bad data, not the change", "/resume once it is fixed",
+                 "its run before met it too, so it counts as this change's crash (if the data is fine, the change is"
+                 " what fails it)"),
+    NotTheChange(HARNESS_CHANGED_PREFIX, HARNESS_AGAIN_PREFIX, "harness edited", "harness edited while it ran",
+                 None,  # the engine puts the harness back: a train.py that writes it stalls no night
+                 "its run before changed it too, so it counts as this change's crash (a person's edit twice, each"
+                 " during one of its runs, is unlikely: the change is what writes it)"),
+)
+
+
+def not_the_change(reason: str) -> NotTheChange | None:
+    """What failed a run, when a run's reason says it was not its change: bad data, or the harness
+    changed while it ran."""
+    return next((kind for kind in NOT_THE_CHANGE if reason.startswith(kind.prefix)), None)
 
 
 def measured_nothing(reason: str) -> bool:
-    """A run that tells nothing of its change, which runs again: the data failed it, or its result
-    was lost."""
-    return reason.startswith((DATA_PROBLEM_PREFIX, RESULT_LOST_PREFIX))
+    """A run that tells nothing of its change, which runs again: something besides the change failed it
+    (`not_the_change`), or its result was lost."""
+    return not_the_change(reason) is not None or reason.startswith(RESULT_LOST_PREFIX)
 
 
 def mark_kill(store: Store, run_id: int, reason: str) -> bool:

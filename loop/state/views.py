@@ -292,8 +292,7 @@ def status_text(workspace: Path) -> str:
                      f" (systemctl start nightlab, or nightlab run --config {config})")
     pause = ledger.paused(store)
     if pause:
-        waits = f", after #{pause.after}" if pause.after else ""
-        lines.append(f"paused by {pause.by} ({pause.reason}{waits}) {duration(time.time() - pause.since)} ago")
+        lines.append(paused_text(pause, f"{duration(time.time() - pause.since)} ago"))
     best_exp, best = current_best(rows)
     if best_exp is not None:
         gain = "" if _unchanged(rows, best_exp) else _gain_text(store, rows, best_exp, _night(store, rows))
@@ -315,8 +314,9 @@ def _counts(store: Store, rows: list[Experiment]) -> str:
     baseline run is recorded as a keep, and "3 keep" beside "nothing beat the baseline" would
     read as a contradiction; a change re-run to decide counts once, by its deciding run (a change
     kept on its third run was "2 repeat", and no keep), or as undecided while that run is to come.
-    A run the data failed measured nothing, of a change or of the baseline: "bad data", apart."""
-    measured = [e for e in rows if not ledger.failed_by_data(e.reason)]
+    A run the data failed measured nothing, of a change or of the baseline: "bad data", apart (and
+    likewise one during which the harness changed)."""
+    measured = [e for e in rows if ledger.not_the_change(e.reason) is None]
     last = _decided_changes(measured)
     undecided = _undecided(store, last)
     decided = [e for e in last if e.number not in undecided]
@@ -324,7 +324,8 @@ def _counts(store: Store, rows: list[Experiment]) -> str:
     counts = {"baseline": sum(e.kind == "baseline" for e in measured), "repeat": len(changes) - len(last)}
     counts |= {s: sum(e.status == s for e in decided) for s in ("keep", "discard", "crash", "checks_failed")}
     counts["undecided"] = len(undecided)
-    counts["bad data"] = len(rows) - len(measured)
+    for kind in ledger.NOT_THE_CHANGE:
+        counts[kind.words] = sum(ledger.not_the_change(e.reason) == kind for e in rows)
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
 
 
@@ -580,9 +581,15 @@ def _since_line(store: Store, rows: list[Experiment], since: float) -> str:
     if rows:
         return head + f"{len(rows)} experiments ({_counts(store, rows)})"
     pause = ledger.paused(store)
-    why = (f"; the loop is paused by {pause.by} ({pause.reason}) since"
-           f" {time.strftime('%a %H:%M', time.localtime(pause.since))}" if pause else "")
+    why = f"; the loop is {paused_text(pause, time.strftime('since %a %H:%M', time.localtime(pause.since)))}" if pause else ""
     return head + "no experiments" + why
+
+
+def paused_text(pause: ledger.Paused, when: str) -> str:
+    """"paused by nightlab 3m ago: #2: the baseline crashed again (exit code 1): …". The reason comes
+    last, not in parentheses: the engine's own may hold some, and ended in two."""
+    waits = f", after #{pause.after} finishes" if pause.after else ""
+    return f"paused by {pause.by} {when}{waits}: {pause.reason}"
 
 
 def chart_caption(workspace: Path) -> str:

@@ -53,7 +53,7 @@ def test_router_answers_and_promises(workspace: Path, store: Store) -> None:
     assert "too long" in ask(router, "/note " + "é" * 3000)[0].title
     assert ask(router, "\x00\x07")[0].title.startswith("⚠️ empty command")
     assert ask(router, "/plot")[0].title == "No finished experiments to plot yet."
-    assert ask(router, "/pause")[0].title.startswith("✔ pausing (nothing is running) (the loop is not running right now")
+    assert ask(router, "/pause")[0].title == "✔ pausing (the loop is not running right now: it acts on this when it starts)"
     assert ask(router, "/focus gpu")[0].title.startswith("⚠️ unknown area 'gpu'; areas: attention")
     assert "only operators" in ask(router, "/resume", user="2")[0].title
     number = running(store, started_ago_s=10)

@@ -22,7 +22,7 @@ import time
 # line between two changes), as a re-made (rebased) change must.
 VAL_BPB = [1.0]
 
-MODE = "ok"  # ok | crash | nan | oom | datafail | nosummary | hang | spawn (hang with a child process) | heldout (names a held-out gain)
+MODE = "ok"  # ok | crash | nan | oom | datafail | nosummary | hang | spawn (hang with a child process) | heldout (names a held-out gain) | harness (writes prepare.py)
 
 SLEEP = 0.0  # seconds of "training" before the summary
 
@@ -65,6 +65,10 @@ if os.environ.get("NIGHTLAB_STUB_GATES"):
             print(f"the gate {gate} never opened", flush=True)
             sys.exit(5)
         time.sleep(0.02)
+if MODE == "harness":  # a change that writes the harness where it runs (the workspace: one slot)
+    harness = pathlib.Path("prepare.py")
+    harness.chmod(0o644)
+    harness.write_text(harness.read_text() + "VALUE = 0\n")
 if MODE == "crash":
     print("Traceback (most recent call last):\nRuntimeError: boom", flush=True)
     sys.exit(3)

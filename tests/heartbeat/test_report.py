@@ -164,7 +164,7 @@ def test_the_morning_report_says_what_happened_since_the_last_one(tmp_path: Path
     paused = time.strftime("%a %H:%M", time.localtime(ledger.paused(store).since))  # type: ignore[union-attr]
     last = time.strftime("%a %H:%M", time.localtime((monday + timedelta(days=1)).timestamp()))
     assert (f"- since the last report ({last}): no experiments; the loop is paused by telegram:42"
-            f" (looking at the logs) since {paused}") in wednesday.splitlines()
+            f" since {paused}: looking at the logs") in wednesday.splitlines()
 
 
 def test_the_morning_report_reads_on_a_phone(tmp_path: Path) -> None:

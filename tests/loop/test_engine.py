@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -28,7 +29,7 @@ from nightlab.loop.state.store import Store
 from nightlab.loop.workspace import init_workspace
 
 from tests.fakes.engine_thread import EngineThread
-from tests.fakes.loop_workspace import STUB, Gates, StubData, git_out, make_stub_workspace, stub_settings
+from tests.fakes.loop_workspace import HARNESS, STUB, Gates, StubData, git_out, make_stub_workspace, stub_settings
 from tests.fakes.scripted_proposer import ScriptedProposer
 from tests.waiting import wait_until
 
@@ -233,6 +234,9 @@ def test_a_baseline_that_crashes_twice_pauses_the_loop_and_runs_again_once_fixed
     assert self_paused == [f"#2: the baseline crashed again (exit code 3): {broken[:7]}, the commit the night starts"
                            f" from, does not run, and every experiment branches from it; fix it, commit the fix in"
                            f" {ws} and /resume (the fix is measured as the baseline)"]
+    # `/status` says it last, out of parentheses: in them it ended "(the fix is measured as the baseline)) 3 s ago"
+    assert re.search(r"^paused by nightlab .* ago: #2: the baseline crashed again .* as the baseline\)$",
+                     views.status_text(ws), re.M)
     train.write_text(train.read_text().replace('MODE = "crash"', 'MODE = "ok"'))
     git_out(ws, "commit", "-qam", "fixed")
     send_command(ws, "resume", "cli:test")
@@ -275,7 +279,7 @@ def test_a_change_the_data_failed_is_not_blamed_and_runs_again_once_the_data_is_
     finished = [e.payload for e in engine.store.events_after(0) if e.kind == "experiment_finished"]
     assert finished[-1]["rerun"]  # the digest: the data failed it, it runs again
     status = views.status_text(ws)
-    assert f"paused by nightlab (#2: {reason}; /resume once it is fixed, and #2 runs again)" in status
+    assert re.search(f"paused by nightlab .* ago: #2: {re.escape(reason)}; /resume once it is fixed, and #2 runs again$", status, re.M)
     assert "experiments: 2 (1 baseline, 1 bad data)" in status and "  #2 undecided " in status
     assert views.report_markdown(ws).endswith("## What did not work\n\n- nothing failed")
     assert len(proposer.contexts) == 1  # no proposal spent on bad data
@@ -295,6 +299,73 @@ def test_a_change_the_data_failed_is_not_blamed_and_runs_again_once_the_data_is_
     assert "experiments: 4 (1 baseline, 1 keep, 1 discard, 1 bad data)" in views.status_text(ws)
     assert views.history_text(ws, status="crash") == "no crash experiments yet"
     assert_consistent(settings)
+
+
+def _scored_project(tmp_path: Path) -> Settings:
+    """The stub workspace whose runs take the harness's two steps (`prepare.run`): the training command,
+    the check that the protected prepare.py is as it was, then the score command (the stub's summary)."""
+    python = shlex.quote(sys.executable)
+    return make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05}, project={
+        "run_command": f'{python} train.py | tee "$NIGHTLAB_ARTIFACT_DIR/out"',
+        "score_command": 'cat "$NIGHTLAB_ARTIFACT_DIR/out"'})
+
+
+HARNESS_CHANGED = ("prepare.py changed while the run trained in the workspace: a person's edit, or the run's own"
+                   " write (nothing tells which as it happens); put back as recorded (an edit of yours is kept in"
+                   " `git stash list`)")
+
+
+def test_a_persons_edit_of_the_harness_while_a_run_trains_is_not_the_changes_crash(tmp_path: Path, gates: Gates) -> None:
+    """One slot runs in the workspace: a person's edit of prepare.py while #2 trained was recorded as
+    #2's crash, the harness saying "the training command changed the code that scores it". Nothing
+    tells a person's edit from the run's own write as it happens, so it is said as either; the harness
+    is put back and the change runs again at once (no pause: a train.py writing it stalls no night)."""
+    settings = _scored_project(tmp_path)
+    ws = settings.workspace_path
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])
+    engine = EngineThread(settings, proposer, limit=3)
+    gates.open(1)
+    log = Path(engine.running(2).log_path)
+    engine.wait_for(lambda: "step 00001" in log.read_text(), "#2 to train")
+    harness = ws / "prepare.py"
+    harness.chmod(0o644)
+    harness.write_text("# my edit\n")
+    gates.open(2, 3)
+    assert engine.join() == 0
+    assert ledger.paused(engine.store) is None
+    second = ledger.experiments(engine.store)[1]
+    assert (second.status, second.reason) == ("crash", f"harness changed: {HARNESS_CHANGED}")
+    assert harness.read_text() == HARNESS and "+# my edit" in git_out(ws, "stash", "show", "-p")
+    alerts = [e.payload["text"] for e in engine.store.events_after(0) if e.kind == "alert"]
+    # not "to have them tried: … stash pop, commit them": a committed edit of the harness stops the next start
+    assert alerts == [f"edits nightlab did not make were in prepare.py at #2: the loop owns the workspace's files while"
+                      f" it runs, so they were not run; kept in `git -C {ws} stash list`. prepare.py: the protected"
+                      f" harness, which no run uses edited; keep it as recorded (`git -C {ws} checkout -- prepare.py`"
+                      " after a stash pop; `nightlab doctor` says more)"]
+    status = views.status_text(ws)
+    assert "experiments: 3 (1 baseline, 1 keep, 1 harness edited)" in status and "  #2 undecided " in status
+    third = ledger.experiments(engine.store)[2]
+    assert (third.kind, third.confirm_of, third.commit, third.status) == ("confirm", 2, second.commit, "keep")
+    assert len(proposer.contexts) == 1  # no proposal spent on it
+    assert_consistent(settings)
+
+
+def test_a_change_that_writes_the_harness_is_its_crash_at_its_re_run(tmp_path: Path, gates: Gates) -> None:
+    """The other side: a train.py that writes prepare.py reads as a person's edit the first time (the
+    same words); its re-run writes it again, and that is the change's crash. The night never pauses."""
+    settings = _scored_project(tmp_path)
+    ws = settings.workspace_path
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"MODE": "harness"}}]), limit=3)
+    gates.open(1, 2, 3)
+    assert engine.join() == 0
+    assert not [e for e in engine.store.events_after(0) if e.kind == "self_paused"]
+    third = ledger.experiments(engine.store)[2]
+    assert (third.kind, third.confirm_of, third.status) == ("confirm", 2, "crash")
+    assert third.reason == (f"harness changed again: {HARNESS_CHANGED}; its run before changed it too, so it counts"
+                            " as this change's crash (a person's edit twice, each during one of its runs, is unlikely:"
+                            " the change is what writes it)")
+    assert "experiments: 3 (1 baseline, 1 crash, 1 harness edited)" in views.status_text(ws)
+    assert (ws / "prepare.py").read_text() == HARNESS
 
 
 def test_a_change_the_data_fails_again_on_its_re_run_is_its_crash_not_run_forever(
@@ -444,8 +515,10 @@ def test_bad_commands_get_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a nightlab workspace"):
         send_command(tmp_path / "nowhere", "pause", "cli:t")
     # no engine: no "within ~2 s" beside "not running" (it acts whenever the loop starts)
-    assert send_command(ws, "pause", "cli:t") == ("pausing (nothing is running) (the loop is not running right now:"
-                                                  " it acts on this when it starts)")
+    # one parenthesis: it was "pausing (nothing is running) (the loop is not running right now: …)"
+    assert send_command(ws, "pause", "cli:t") == "pausing (the loop is not running right now: it acts on this when it starts)"
+    with EngineLock(ws):  # an engine that acts within a checkpoint says why nothing is waited for
+        assert send_command(ws, "pause", "cli:u") == "pausing within ~2 s (nothing is running)"
     assert send_command(ws, "status", "cli:t").startswith("nightlab · autoresearch/test")
     assert "pause [now]" in send_command(ws, "help", "cli:t")
 

@@ -153,3 +153,19 @@ def test_a_log_with_other_figures_names_what_was_read() -> None:
     m = Measurement(0, None, Summary({"score": 0.9, "steps": 100.0}), "---\nscore: 0.9\nsteps: 100\n")
     assert failure_reason(m, "val_bpb") == ("no val_bpb in the log (read: score, steps); the run must print a"
                                             " line `---`, then `val_bpb: <value>`, or a line `METRIC val_bpb=<value>`")
+
+
+@pytest.mark.parametrize(("in_workspace", "reason"), [
+    (True, "harness changed: prepare.py, harness.py changed while the run trained in the workspace: a person's edit, or"
+           " the run's own write (nothing tells which as it happens); put back as recorded (an edit of yours is kept in"
+           " `git stash list`)"),
+    # a snapshot's harness is written only by its run
+    (False, "rejected by the harness: the code that scores it changed while the training command ran (prepare.py,"
+            " harness.py): the run wrote it, or a person edited it meanwhile"),
+])
+def test_a_harness_changed_during_a_run_in_the_workspace_is_not_said_to_be_the_runs_doing(
+        in_workspace: bool, reason: str) -> None:
+    said = ("the code that scores it changed while the training command ran (prepare.py, harness.py): the run wrote it,"
+            " or a person edited it meanwhile")
+    m = Measurement(3, None, Summary({}, rejected=said), f"REJECTED: {said}\n", in_workspace=in_workspace)
+    assert failure_reason(m, "val_bpb") == reason

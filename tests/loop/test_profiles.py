@@ -142,6 +142,7 @@ def test_budget_keys_are_the_harness_names() -> None:
     assert set(HARNESS_ENV.values()) == {prepare.ENV_TIME_BUDGET, prepare.ENV_MAX_SEQ_LEN, prepare.ENV_EVAL_TOKENS}
     assert BUDGET_STEPS_ENV == prepare.ENV_BUDGET_STEPS
     assert judge.DATA_FAIL == prepare.DATA_FAIL  # how a run says its data failed
+    assert judge.HARNESS_CHANGED == prepare.HARNESS_CHANGED  # how a run's refusal says its harness changed
     settings = settings_from_table({"trainer": {"time_budget": 200}})
     assert prepare.harness_settings(settings.trainer.harness_overrides())["TIME_BUDGET"] == 200
 

@@ -326,6 +326,22 @@ def test_an_agent_that_deletes_the_file_is_described_as_deleting_it(ws: Path) ->
     assert proposal.description == "delete train.py: +0 −5 lines (DEPTH, MATRIX_LR, WARMUP_RATIO)"
 
 
+def test_an_agent_that_deletes_train_py_is_refused_before_any_run_and_the_night_goes_on(tmp_path: Path) -> None:
+    """It was committed and run, recorded as "exit code 2" (python cannot open train.py): a run
+    spent on nothing, and the agent told only that its code crashed."""
+    command = shlex.join([sys.executable, str(FAKES / "agent_misbehave.py"), "delete-train"])
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": command}})
+    assert run_engine(settings, 3) == 0
+    store = Store.for_workspace(settings.workspace_path)
+    rows = ledger.experiments(store)
+    said = "rejected: the agent deleted train.py, which every run executes; the change was undone"
+    assert [(e.status, e.reason, e.duration_s) for e in rows[1:]] == [("crash", said, None)] * 2
+    assert [e.payload["number"] for e in store.events_after(0) if e.kind == "experiment_started"] == [1]
+    ws = settings.workspace_path
+    assert (ws / "train.py").is_file() and git(ws, "status", "--porcelain") == ""
+    assert git(ws, "rev-parse", "HEAD").strip() == rows[0].commit
+
+
 def test_what_an_agent_leaves_running_in_the_background_is_killed(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     pid_file = tmp_path_factory.mktemp("pids") / "pid"
     agent("agent_misbehave.py", "background", str(pid_file)).propose(ctx(ws))

@@ -247,3 +247,16 @@ def test_bashs_source_is_named_with_what_sh_has_instead(tmp_path: Path) -> None:
         pytest.skip("this /bin/sh has `source` (bash)")
     assert missing_program("source .venv/bin/activate && python fit.py", tmp_path) == (
         "'source', which /bin/sh (it runs the commands) does not have: write `. FILE` instead")
+
+
+def test_the_files_a_run_executes_are_the_editable_ones_its_command_names(tmp_path: Path) -> None:
+    """A proposal that deletes one is refused before it runs (tests/loop/test_proposers_agent.py)."""
+    repo = make_stub_workspace(tmp_path).workspace_path
+
+    def run_files(**project: object) -> tuple[str, ...]:
+        return open_workspace(repo, stub_settings(repo, project=project)).run_files
+
+    assert run_files() == ("train.py",)  # `python train.py`
+    assert run_files(run_command="", editable=["model.py", "train.py"]) == ("train.py",)  # the built-in trainer's
+    assert run_files(run_command="bash ./run.sh --fast", editable=["train.py", "run.sh"]) == ("run.sh",)
+    assert run_files(run_command="make train", editable=["train.py"]) == ()  # named by no word: none refused

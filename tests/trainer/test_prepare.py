@@ -835,7 +835,7 @@ def test_a_project_training_command_that_rewrites_its_score_script_is_refused(tm
     assert P.run(train, score, protected=["score.py"]) == P.REJECTED_EXIT
     summary = parse_summary(capfd.readouterr().out)
     assert summary.get("accuracy") is None
-    assert summary.rejected and "changed the code that scores it (score.py)" in summary.rejected
+    assert summary.rejected and summary.rejected.startswith(f"{P.HARNESS_CHANGED} (score.py): the run wrote it, or a person")
     (tmp_path / "score.py").write_text("print('---')\nprint('accuracy: 0.5')\n")  # an honest run: scored
     assert P.run(_script(tmp_path, "h.py", SAVE), score, protected=["score.py"]) == 0
     assert parse_summary(capfd.readouterr().out).get("accuracy") == 0.5

@@ -643,8 +643,9 @@ def test_a_training_command_never_changes_the_code_that_scores_it(run_env, hones
     code, out = _run_in_workspace(train_command(HARNESS_TRICKS[trick]))
     if trick == "harness.py rewritten":
         assert code == prepare.REJECTED_EXIT and parse_summary(out).rejected == (
-            "the training command changed the code that scores it (harness.py); a run must not write the protected"
-            " files: `git checkout` them, or `nightlab doctor` says how"), out[-2000:]
+            "the code that scores it changed while the training command ran (harness.py): the run wrote it, or a person"
+            " edited it meanwhile; a run must not write the protected files, nor anyone while a run is in flight:"
+            " `git checkout` them, or `nightlab doctor` says how"), out[-2000:]
     elif trick == "the scored train.py replaced":
         assert code == prepare.REJECTED_EXIT and parse_summary(out).rejected == (
             f"the training command replaced {Path.cwd() / 'artifact' / 'train.py'}, the code the harness builds the model"
