@@ -11,7 +11,9 @@ of torch and prepare's, as `python -X importtime -c "import harness"` counts the
 scorer reports in its result (`phases`: start = the tokenizer read and the two model processes
 started; rows = the eval rows from the data dir's cache; model = waiting while those processes
 import train.py, build the model and load its weights; eval = the scoring loop; probe = the
-causality probe's changed batch through the fresh model's process). The first scorer call (it fills the eval
+causality probe's changed batch through the fresh model's process), then how the model's processes
+were confined and how far the probe saw the honest model's logits move (numerical noise, which
+the probe's tolerance must stay above). The first scorer call (it fills the eval
 cache and warms the compile cache) is not counted.
 """
 
@@ -48,8 +50,9 @@ def score_once(ws: Path, env: dict[str, str], result: Path) -> dict[str, float]:
     found = json.loads(result.read_text()) if result.is_file() else {}
     if proc.returncode != 0 or "bpb" not in found:
         sys.exit(f"bench: the scorer exited {proc.returncode}: {found or proc.stderr[-2000:]}")
-    return {"wall": wall, "score": found["score_seconds"], "bpb": found["bpb"],
-            **{f"phase {k}": v for k, v in found["phases"].items()}}
+    sandbox = next((line for line in proc.stdout.splitlines() if line.startswith("Model processes: ")), "?")
+    return {"wall": wall, "score": found["score_seconds"], "bpb": found["bpb"], "moved": found["probe_moved"],
+            "sandbox": sandbox, **{f"phase {k}": v for k, v in found["phases"].items()}}
 
 
 def nested_imports(ws: Path, env: dict[str, str]) -> dict[str, tuple[float, int]]:
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "sandbox"}
     phases = [k for k in runs[0] if k.startswith("phase ")]
     process = med["wall"] - med["score"]
     rows: list[tuple[str, float]] = [("scorer process, wall", med["wall"]),
@@ -109,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: profile {profile.name}, {len(runs)} scorer runs (median), val_bpb {med['bpb']:.6f},"
           f" python {sys.version.split()[0]}, {os.cpu_count()} CPUs; the import rows are measured apart"
           " (python -X importtime -c 'import harness')")
+    # an honest model's logits up to the probe's cuts, moved by numerical noise alone: PROBE_ATOL stays above it
+    print(f"{runs[0]['sandbox']}\nprobe: the logits up to the cuts moved by at most {max(r['moved'] for r in runs):.3g}"
+          " (an honest model: numerical noise; the probe's tolerance PROBE_ATOL is 0.01)")
     width = max(len(k) for k, _ in rows)
     print(f"{'part':<{width}}  seconds  share")
     for key, value in rows:

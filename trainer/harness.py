@@ -706,12 +706,13 @@ def built_model(artifact: Path, meta: dict[str, Any], rt: Runtime):
 
 
 def causality_problem(forward, rows: torch.Tensor, vocab: int, generator: torch.Generator,
-                      logits: torch.Tensor | None = None, pool: torch.Tensor | None = None) -> str | None:
+                      logits: torch.Tensor | None = None, pool: torch.Tensor | None = None) -> tuple[str | None, float]:
     """Change each row's tokens after its own position t (a random cut per row): the logits up to t
     must not move. The new tokens are another row's of `pool` at those positions (text, not noise a
     model that looks ahead could tell apart), random ones without a pool. One forward of the changed
     batch, plus one of the rows unless `logits` (forward of the rows' inputs, e.g. a scored batch's)
-    is given. Returns why the model fails, or None."""
+    is given. Returns why the model fails (or None) and how far the logits up to the cuts moved at most
+    (an honest model's: the numerical noise PROBE_ATOL must stay above; `bench/scoring.py` prints it)."""
     x = rows[:, :-1]
     R, T = x.shape
     cuts = torch.randint(0, max(1, T - 1), (R,), generator=generator).tolist()
@@ -726,17 +727,17 @@ def causality_problem(forward, rows: torch.Tensor, vocab: int, generator: torch.
     before = (forward(x) if logits is None else logits).float()
     after = forward(changed).float()
     moved = torch.stack([(before[r, : t + 1] - after[r, : t + 1]).abs().amax() for r, t in enumerate(cuts)]).tolist()
-    for r, t in sorted(enumerate(cuts), key=lambda cut: cut[1]):
-        diff = moved[r]
-        if not math.isfinite(diff):  # a NaN logit, or -inf on both sides: a token the model rules out did not move
+    for r, t in enumerate(cuts):
+        if not math.isfinite(moved[r]):  # a NaN logit, or -inf on both sides: a token the model rules out did not move
             b, a = before[r, : t + 1], after[r, : t + 1]
             if b.isnan().any() or a.isnan().any():
-                return "the model's logits hold NaN: it must return finite logits (or -inf) for every position"
-            diff = (b - a).abs().masked_fill_(b == a, 0.0).amax().item()
-        if diff > PROBE_ATOL:
+                return "the model's logits hold NaN: it must return finite logits (or -inf) for every position", math.nan
+            moved[r] = (b - a).abs().masked_fill_(b == a, 0.0).amax().item()
+    for r, t in sorted(enumerate(cuts), key=lambda cut: cut[1]):
+        if moved[r] > PROBE_ATOL:
             return (f"not causal: changing the tokens after position {t} moved the logits at positions <= {t}"
-                    f" by up to {diff:.3g} (tolerance {PROBE_ATOL:g}); the model looks ahead")
-    return None
+                    f" by up to {moved[r]:.3g} (tolerance {PROBE_ATOL:g}); the model looks ahead"), max(moved)
+    return None, max(moved)
 
 
 class Phases:
@@ -1063,7 +1064,8 @@ def started_models(artifact: Path, meta: dict[str, Any], rows: int, T: int, voca
 
 def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int = 0,
           seed: int | None = None, rows_key: str | None = None) -> dict[str, Any]:
-    """Score a saved model: {"bpb", "score_seconds", "eval_seconds", "phases", "meta", "rows"}.
+    """Score a saved model: {"bpb", "score_seconds", "eval_seconds", "phases", "meta", "rows",
+    "probe_moved" (`causality_problem`'s)}.
     Raises Rejected. `seed`: the causality probe's draws (None: the system's randomness; tests).
     `rows_key`: see `eval_rows`.
 
@@ -1119,7 +1121,7 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
             total_bytes += nbytes.sum()
         scored.close()
         phases.lap("eval", shared_device)
-        why = causality_problem(fresh.forward, rows[probed : probed + B].long(), vocab, generator, probed_logits, rows)
+        why, moved = causality_problem(fresh.forward, rows[probed : probed + B].long(), vocab, generator, probed_logits, rows)
         if why:
             raise Rejected(why)
         phases.lap("probe", shared_device)
@@ -1133,7 +1135,7 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
                        " -inf at a token that comes)")
     phases.lap("eval")
     return {"bpb": bpb, "score_seconds": time.time() - t0, "eval_seconds": phases.seconds["eval"],
-            "phases": phases.seconds, "meta": meta, "rows": n}
+            "phases": phases.seconds, "meta": meta, "rows": n, "probe_moved": moved}
 
 
 def rows_key_arg(text: str) -> str:
@@ -1173,7 +1175,7 @@ def main(argv: list[str] | None = None) -> int:
         found = score(artifact, prepare.get_data_dir(), args.split, args.slice, rows_key=args.rows_key)
         result = {"bpb": found["bpb"], "score_seconds": found["score_seconds"], "eval_seconds": found["eval_seconds"],
                   "rows": found["rows"], "split": args.split, "slice": args.slice, "train": found["meta"]["train"],
-                  "phases": found["phases"]}
+                  "phases": found["phases"], "probe_moved": found["probe_moved"]}
         code = 0
     except Rejected as e:
         result, code = {"rejected": str(e)}, REJECTED_EXIT

@@ -76,18 +76,19 @@ def test_causality_probe(H, T):
         torch.nn.init.normal_(block.attn.c_proj.weight, std=0.2)
     rows = torch.randint(0, 96, (2, 33), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert H.causality_problem(model, rows, 96, torch.Generator().manual_seed(0)) is None
+        why, moved = H.causality_problem(model, rows, 96, torch.Generator().manual_seed(0))
+        assert why is None and 0 <= moved < H.PROBE_ATOL  # how far an honest model's moved: numerical noise
 
         def peeks(x):  # position t also sees token t + 1
             return model(x) + 5 * torch.nn.functional.one_hot(torch.roll(x, -1, dims=1), 96)
 
-        why = H.causality_problem(peeks, rows, 96, torch.Generator().manual_seed(0))
+        why, _ = H.causality_problem(peeks, rows, 96, torch.Generator().manual_seed(0))
     assert why and re.match(r"not causal: changing the tokens after position \d+ moved", why) and "looks ahead" in why
     with torch.no_grad():  # given the rows' logits (a scored batch), the probe reuses them
-        assert H.causality_problem(peeks, rows, 96, torch.Generator().manual_seed(0), peeks(rows[:, :-1])) == why
+        assert H.causality_problem(peeks, rows, 96, torch.Generator().manual_seed(0), peeks(rows[:, :-1]))[0] == why
         # the new tokens taken from other rows (text, not noise): the same verdicts
-        assert H.causality_problem(model, rows, 96, torch.Generator().manual_seed(0), pool=rows) is None
-        assert "looks ahead" in H.causality_problem(peeks, rows, 96, torch.Generator().manual_seed(0), pool=rows)
+        assert H.causality_problem(model, rows, 96, torch.Generator().manual_seed(0), pool=rows)[0] is None
+        assert "looks ahead" in H.causality_problem(peeks, rows, 96, torch.Generator().manual_seed(0), pool=rows)[0]
 
 
 REDUCED = ("fp16", "bf16")
