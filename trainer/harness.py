@@ -633,8 +633,14 @@ def eval_rows(tokenizer: Tokenizer, data_dir: Path, split: str = "val", slice_in
 
 def _eval_batch(n_rows: int, T: int, vocab: int, device: torch.device) -> int:
     """Rows per scoring batch: the largest divisor of n_rows whose fp32 logits stay under a cap
-    (every batch has one shape: the probed batch, drawn at random, looks like any other)."""
-    cap_elements = 2**29 if device.type == "cuda" else 2**25
+    (every batch has one shape: the probed batch, drawn at random, looks like any other). On a GPU
+    about eight batches of logits live at once (the model's output, both model processes' shared
+    buffers, the probed batch's copy, the loss's), so the cap is a sixteenth of its memory (in
+    bytes) up to 2^29 logits (2 GB a batch, eight of which an 8 GB card cannot hold)."""
+    if device.type == "cuda":
+        cap_elements = min(2**29, torch.cuda.get_device_properties(device).total_memory // (4 * 16))
+    else:
+        cap_elements = 2**25
     cap = max(1, cap_elements // (T * vocab))
     return max(b for b in range(1, min(cap, n_rows) + 1) if n_rows % b == 0)
 
@@ -1020,14 +1026,13 @@ class ModelProcess:
         return message
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's logits for x (fp32, a copy of its own: what the model process writes after
-        answering changes nothing scored)."""
+        """The model's logits for x (fp32): its shared buffer, until the next call."""
         self.inputs[: x.size(0)].copy_(x)
         synchronize(self.device)  # the inputs are there before the model process reads them
         self.requests.write(f"{x.size(0)}\n".encode())
         self.requests.flush()
         self.answer()
-        return self.logits[: x.size(0)].clone()
+        return self.logits[: x.size(0)]
 
     def close(self) -> None:
         self.proc.kill()
@@ -1113,8 +1118,8 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
             batch = rows[i : i + B].long()
             x, y = batch[:, :-1], batch[:, 1:]
             logits = scored.forward(x)
-            if i == probed:
-                probed_logits = logits
+            if i == probed:  # a copy: what the model's process writes into its buffer later is not what it gave
+                logits = probed_logits = logits.clone()
             nats = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="none")
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += torch.where(nbytes > 0, nats, 0.0).sum(dtype=torch.float64)
