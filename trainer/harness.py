@@ -46,6 +46,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np
 import torch
+import torch.multiprocessing  # registers torch's reductions (CUDA IPC: `shared_buffer`) with ForkingPickler
 import torch.nn.functional as F
 
 try:
@@ -784,8 +785,6 @@ def shared_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     """A tensor the scorer and a model process both see, and what the model process attaches it by
     (`attached`): GPU memory shared through CUDA IPC, else a file in `folder` (tmpfs where there is one)."""
     if device.type == "cuda":
-        import torch.multiprocessing  # noqa: F401 - registers torch's CUDA IPC reductions with ForkingPickler
-
         # CUDA IPC of memory from expandable segments hands file descriptors over, which the model's
         # process can only take by tracing the scorer's: these buffers come from plain segments
         expandable = "expandable_segments:True" in os.environ.get("PYTORCH_ALLOC_CONF", "")
