@@ -798,6 +798,17 @@ def shared_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape), ("file", path, shape, dtype)
 
 
+def buffer_dir(need: int) -> str | None:
+    """Where the model processes' buffers go: /dev/shm (memory) when it has room for twice `need`
+    bytes, else the temp dir (its pages cached all the same). A container's /dev/shm is often 64 MB,
+    and a shared file written past a full tmpfs ends the process that writes it (SIGBUS)."""
+    try:
+        shm = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if shm.f_bavail * shm.f_frsize >= 2 * need else None
+
+
 def attached(token: Any) -> torch.Tensor:
     """The tensor `shared_buffer` made, in the model process."""
     if token[0] == "cuda":
@@ -1093,7 +1104,8 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     vocab = tokenizer.get_vocab_size()
     T, n = prepare.scored_shape(MAX_SEQ_LEN, EVAL_TOKENS)
     B = _eval_batch(n, T, vocab, shared_device)
-    folder = Path(tempfile.mkdtemp(prefix="nightlab-score-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    need = 0 if shared_device.type == "cuda" else 2 * B * T * (vocab * 4 + 8)  # two processes' file buffers
+    folder = Path(tempfile.mkdtemp(prefix="nightlab-score-", dir=buffer_dir(need)))
     models: list[ModelProcess] = []
     try:
         # Two processes start at once (their start-ups overlap this one's work): the scored model, and

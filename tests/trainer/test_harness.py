@@ -3,6 +3,7 @@ and the fp16 (loss scaling) and bf16 paths run end to end on the CPU."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 
@@ -179,3 +180,11 @@ def test_a_model_that_cannot_be_saved_is_one_line_not_a_traceback(tmp_path, data
     assert f"\ntrain.py| FAIL: could not save the trained model in {ws}/.nightlab/artifact (" in proc.stdout
     assert " MB free there: a full disk? free space on it\n" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_the_scorers_buffers_go_to_dev_shm_only_where_they_fit(H):
+    """A container's /dev/shm is often 64 MB: two file buffers of 128 MB written there end the process
+    that writes past it (SIGBUS). Buffers that do not fit twice go to the temp dir."""
+    free = (lambda st: st.f_bavail * st.f_frsize)(os.statvfs("/dev/shm"))
+    assert H.buffer_dir(free // 4) == "/dev/shm"  # room for twice as much (other tests write there too)
+    assert H.buffer_dir(free) is None
