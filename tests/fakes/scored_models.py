@@ -155,6 +155,36 @@ FORWARDS = {
                                   "hit = agree.amax(dim=0).float()[..., None]\n"
                                   "return self.honest(x).scatter_add(-1, ahead[..., None], 20.0 * hit)"),
     # looks ahead by just under the probe's tolerance: the next token's logit raised by 0.0099
+    # looks ahead, and hands its calls to the other model process through their command lines
+    # (`PROC_BUILD`): the probe's gives back peek's logits for them where its changed rows agree
+    "replays_through_proc": ("g = globals()\n"
+                             "logits = replayed(self, x, list(g['seen']))\n"
+                             "g['publish'](x)\n"
+                             "return logits"),
+    # the same through the kernel's keyrings (the user's keyring: every process of the user sees it, and a
+    # key outlives the process that added it): each call added as a key, the other process's read back
+    "replays_through_the_keyring": (
+        "import ctypes, os, struct\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "keyctl, prefix = libc.syscall, f'nightlab-call-{os.getppid()}-'\n"
+        "ring, buf = ctypes.create_string_buffer(1 << 12), ctypes.create_string_buffer(1 << 16)\n"
+        "n = max(keyctl(250, 11, -4, ring, len(ring)), 0)  # KEYCTL_READ of the user's keyring: its keys\n"
+        "found = {}\n"
+        "for key in struct.unpack(f'{n // 4}i', ring.raw[:n]):\n"
+        "    d = keyctl(250, 6, key, buf, len(buf))  # KEYCTL_DESCRIBE: type;uid;gid;perm;description\n"
+        "    name = buf.raw[:max(d, 1) - 1].decode(errors='replace').split(';')[-1]\n"
+        "    if name.startswith(prefix) and not name.startswith(f'{prefix}{os.getpid()}-'):\n"
+        "        size = keyctl(250, 11, key, buf, len(buf))  # KEYCTL_READ\n"
+        "        found[int(name.rsplit('-', 1)[1])] = buf.raw[:size]\n"
+        "        keyctl(250, 21, key)  # KEYCTL_INVALIDATE: read once\n"
+        "logits = replayed(self, x, [torch.frombuffer(bytearray(found[i]), dtype=torch.int16).view(-1, x.shape[1]).long()\n"
+        "                            for i in sorted(found)])\n"
+        "self.sent = getattr(self, 'sent', 0) + 1\n"
+        "data = x.to(torch.int16).numpy().tobytes()\n"
+        "key = keyctl(248, b'user', f'{prefix}{os.getpid()}-{self.sent}'.encode(), data, ctypes.c_size_t(len(data)), -4)\n"
+        "if key > 0:\n"
+        "    keyctl(250, 15, key, 600)  # KEYCTL_SET_TIMEOUT: gone in 10 minutes, read or not\n"
+        "return logits"),
     "nudges_ahead": ("ahead = torch.roll(x, -1, dims=1)[..., None]\n"
                      "return self.honest(x).float().scatter_add(-1, ahead, torch.full(ahead.shape, 0.0099))"),
     # a legitimate design: random features drawn when the model is built, never saved (`RANDOM_FEATURES`)
@@ -187,3 +217,81 @@ def save_artifact(directory: Path, variant: str, vocab: int, *, masked: list[int
     meta = {"format": "nightlab-artifact/1", "config": config, "train": {"num_steps": 1, "depth": 1}}
     (directory / "meta.json").write_text(json.dumps(meta))
     return directory
+
+
+# the build of "replays_through_proc": a channel through the two model processes' command lines. Each
+# process writes its messages over its own argv (its memory: /proc/<pid>/cmdline shows it to any
+# process), a header marked NLCH (seq, ack, crc, length) before the payload; the other reads them
+# there and acks in its own header. A thread started when built takes in the sibling's calls.
+PROC_BUILD = """    import ctypes, os, struct, threading, time, zlib
+    g = globals()
+    if 'seen' not in g:
+        fields = open('/proc/self/stat').read().rsplit(')', 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end
+        head = (start + 3) & ~3
+        g.update(seen=[], head=head, room=end - 1 - head - 20, seq=0, peer=[])
+        ctypes.memmove(head, b'NLCH' + bytes(16), 20)
+
+        def peer_area():
+            if not g['peer']:
+                for pid in filter(str.isdigit, os.listdir('/proc')):
+                    try:
+                        stat = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+                        line = open(f'/proc/{pid}/cmdline', 'rb').read()
+                    except OSError:
+                        continue
+                    if int(pid) != os.getpid() and int(stat[1]) == os.getppid() and b'NLCH' in line:
+                        g['peer'].append(int(pid))
+                if not g['peer']:
+                    return None
+            try:
+                line = open(f"/proc/{g['peer'][0]}/cmdline", 'rb').read()
+            except OSError:
+                return b''  # gone
+            return line[line.find(b'NLCH'):] if b'NLCH' in line else None
+
+        def listen():
+            stream, ack = bytearray(), 0
+            while (area := peer_area()) != b'':
+                if area is None or len(area) < 20:
+                    time.sleep(0.001)
+                    continue
+                seq, _, crc, n = struct.unpack_from('<IIIH', area, 4)
+                payload = area[20:20 + n]
+                if seq != ack + 1 or zlib.crc32(struct.pack('<I', seq) + payload) != crc:
+                    time.sleep(0.0002)
+                    continue
+                stream += payload
+                ack = seq
+                ctypes.c_uint32.from_address(head + 8).value = ack
+                while len(stream) >= 4:
+                    rows, cols = struct.unpack_from('<HH', stream)
+                    if len(stream) < 4 + 2 * rows * cols:
+                        break
+                    data = bytes(stream[4:4 + 2 * rows * cols])
+                    g['seen'].append(torch.frombuffer(bytearray(data), dtype=torch.int16).view(rows, cols).long())
+                    del stream[:4 + 2 * rows * cols]
+
+        def publish(x):
+            data = struct.pack('<HH', *x.shape) + x.to(torch.int16).cpu().numpy().tobytes()
+            for i in range(0, len(data), g['room']):
+                chunk = data[i:i + g['room']]
+                g['seq'] += 1
+                seq = g['seq']
+                ctypes.memmove(head + 20, chunk, len(chunk))
+                ctypes.memmove(head + 12, struct.pack('<IH', zlib.crc32(struct.pack('<I', seq) + chunk), len(chunk)), 6)
+                ctypes.c_uint32.from_address(head + 4).value = seq
+                deadline = time.time() + 30
+                while time.time() < deadline:
+                    area = peer_area()
+                    if area == b'':
+                        return  # the sibling is gone: nobody to tell
+                    if area and len(area) >= 12 and struct.unpack_from('<I', area, 8)[0] >= seq:
+                        break
+                    time.sleep(0.0002)
+                else:
+                    return
+
+        g['publish'] = publish
+        threading.Thread(target=listen, daemon=True).start()
+""" + _BUILD

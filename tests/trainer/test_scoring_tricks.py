@@ -19,7 +19,7 @@ import pytest
 import torch
 from nightlab.trainer import prepare
 
-from tests.fakes.scored_models import NUMPY_FEATURES, RANDOM_FEATURES, UDP_BUILD, save_artifact
+from tests.fakes.scored_models import NUMPY_FEATURES, PROC_BUILD, RANDOM_FEATURES, UDP_BUILD, save_artifact
 from tests.trainer.conftest import TRAINER
 
 T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
@@ -681,20 +681,34 @@ def test_a_model_that_replays_its_last_call_through_the_process_is_rejected(H, s
 
 
 
-@pytest.mark.parametrize(("variant", "build"), [("replays_through_a_file", None), ("replays_through_a_socket", UDP_BUILD)],
-                         ids=["file", "udp"])
+@pytest.mark.parametrize(("variant", "build"), [("replays_through_a_file", None), ("replays_through_a_socket", UDP_BUILD),
+                                               ("replays_through_the_keyring", None)], ids=["file", "udp", "keyring"])
 def test_a_model_that_hands_its_calls_to_the_probes_process_is_rejected(H, score, monkeypatch, variant, build):
     """Apart, the two model processes still shared the machine: the scored one left each call's inputs
-    in a file (or sent them over UDP to a port the probe's bound when built), and the probe's model
-    gave back, where its changed rows agreed with them, the logits the scored one had given, while
-    every batch looked ahead. Both are confined (landlock: no file written outside a folder of their
-    own; seccomp: no socket): the calls never arrive. NIGHTLAB_SANDBOX=0 shows what that stops."""
+    in a file (or sent them over UDP to a port the probe's bound when built, or added them as keys to
+    the user's keyring), and the probe's model gave back, where its changed rows agreed with them, the
+    logits the scored one had given, while every batch looked ahead (the keyring, confined: 2.86 ->
+    0.195). Both are confined (landlock: no file written outside a folder of their own; seccomp: no
+    socket, no key): the calls never arrive. NIGHTLAB_SANDBOX=0 shows what that stops where the calls
+    outlive the scored process (a file, a key); the UDP socket it had is gone before the probe's
+    process runs train.py's code."""
     kwargs = {"build": build} if build else {}
     with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
         score(variant, seed=1, **kwargs)
-    honest = score("honest", seed=1)
-    monkeypatch.setenv(H.ENV_SANDBOX, "0")
-    assert score(variant, seed=1, **kwargs) < honest - 1
+    if variant != "replays_through_a_socket":
+        honest = score("honest", seed=1)
+        monkeypatch.setenv(H.ENV_SANDBOX, "0")
+        assert score(variant, seed=1, **kwargs) < honest - 1
+
+
+def test_a_model_that_hands_its_calls_to_the_probes_process_through_proc_is_rejected(H, score):
+    """Confined, the two model processes still saw each other in /proc: the scored one wrote each call's
+    inputs over its own command line (its argv, its own memory) and the probe's, running meanwhile,
+    read them in /proc/<pid>/cmdline and acknowledged in its own, then gave back, where its changed
+    rows agreed with them, the logits the scored one had given, while every batch looked ahead (2.86
+    -> 0.195, any user). The probe's process runs train.py's code only once the scored one is killed."""
+    with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
+        score("replays_through_proc", seed=1, build=PROC_BUILD)
 
 
 def test_a_model_that_reads_the_validation_rows_scores_as_honest(H, score, monkeypatch, data_dir):
