@@ -1099,13 +1099,17 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     B = _eval_batch(n, T, vocab, shared_device)
     folder = Path(tempfile.mkdtemp(prefix="nightlab-score-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     models: list[ModelProcess] = []
+    # what a model process leaves running (a double fork) comes to this process, which kills it: the scored
+    # one's, before the probe's builds (it would hand the calls on), and the probe's when it is done
+    was_subreaper = prepare.subreaper(True)
+    others = prepare._children()
     try:
         # Two processes start at once (their start-ups overlap this one's work): the scored model, and
         # one for the probe, which sees nothing but its one changed batch, built anew (the scored one kept
         # its calls in its process, and gave them back where the changed rows agreed with them: a model
         # that looked ahead on every batch passed). The probe's runs train.py's code only once the scored
-        # one is killed: running side by side, the scored one handed it its calls through what the
-        # sandbox leaves them (their command lines, read in /proc).
+        # one, and all it started, is killed: running side by side, the scored one handed it its calls
+        # through what the sandbox leaves them (their command lines, read in /proc).
         models = started_models(artifact, meta, B, T, vocab, shared_device, folder)
         scored, fresh = models
         scored.build()
@@ -1132,6 +1136,7 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
             total_nats += torch.where(nbytes > 0, nats, 0.0).sum(dtype=torch.float64)
             total_bytes += nbytes.sum()
         scored.close()
+        prepare.end_leftovers(others | {fresh.proc.pid})  # what it left running: reparented here, the subreaper
         phases.lap("eval", shared_device)
         fresh.build()
         fresh.answer()
@@ -1142,6 +1147,9 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     finally:
         for model in models:
             model.close()
+        prepare.end_leftovers(others)
+        if was_subreaper is False:
+            prepare.subreaper(False)
         shutil.rmtree(folder, ignore_errors=True)
     bpb = total_nats.item() / (math.log(2) * total_bytes.item())
     if not math.isfinite(bpb):  # inf where a target's logit is -inf, NaN from NaN or +inf logits

@@ -161,6 +161,14 @@ FORWARDS = {
                              "logits = replayed(self, x, list(g['seen']))\n"
                              "g['publish'](x)\n"
                              "return logits"),
+    # the same from a child of the scored process that outlives it (`RELAY_BUILD`)
+    "replays_through_a_child": ("import os, struct\n"
+                                "g = globals()\n"
+                                "if 'pipe' in g:\n"
+                                "    os.write(g['pipe'], struct.pack('<HH', *x.shape) + x.to(torch.int16).numpy().tobytes())\n"
+                                "    return self.peek(x)\n"
+                                "g['listener'].join(60)\n"
+                                "return replayed(self, x, g['seen'])"),
     # the same through the kernel's keyrings (the user's keyring: every process of the user sees it, and a
     # key outlives the process that added it): each call added as a key, the other process's read back
     "replays_through_the_keyring": (
@@ -273,6 +281,8 @@ PROC_BUILD = """    import ctypes, os, struct, threading, time, zlib
                     del stream[:4 + 2 * rows * cols]
 
         def publish(x):
+            if g.get('deaf'):
+                return
             data = struct.pack('<HH', *x.shape) + x.to(torch.int16).cpu().numpy().tobytes()
             for i in range(0, len(data), g['room']):
                 chunk = data[i:i + g['room']]
@@ -281,7 +291,7 @@ PROC_BUILD = """    import ctypes, os, struct, threading, time, zlib
                 ctypes.memmove(head + 20, chunk, len(chunk))
                 ctypes.memmove(head + 12, struct.pack('<IH', zlib.crc32(struct.pack('<I', seq) + chunk), len(chunk)), 6)
                 ctypes.c_uint32.from_address(head + 4).value = seq
-                deadline = time.time() + 30
+                deadline = time.time() + (30 if g['peer'] else 2)  # none listening: given up on
                 while time.time() < deadline:
                     area = peer_area()
                     if area == b'':
@@ -290,8 +300,104 @@ PROC_BUILD = """    import ctypes, os, struct, threading, time, zlib
                         break
                     time.sleep(0.0002)
                 else:
+                    g['deaf'] = True  # nobody listens: not waited for again
                     return
 
         g['publish'] = publish
         threading.Thread(target=listen, daemon=True).start()
+""" + _BUILD
+
+# the build of "replays_through_a_child": the same channel, from a child the scored process forks when
+# built (a relay), which outlives it. The scored process pipes its calls to the relay; the relay, once
+# the pipe ends (its parent killed), writes them over its own command line for the model process it
+# finds alone (the probe's, built after the scored one is gone), which acks them in its own.
+RELAY_BUILD = """    import ctypes, os, struct, threading, time, zlib
+    g = globals()
+    if 'alone' not in g:
+        scorer = os.getppid()
+
+        def stat(pid):
+            return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+
+        def processes():
+            for pid in filter(str.isdigit, os.listdir('/proc')):
+                try:
+                    yield int(pid), int(stat(pid)[1]), open(f'/proc/{pid}/cmdline', 'rb').read()
+                except OSError:
+                    continue
+
+        fields = stat('self')
+        head = (int(fields[45]) + 3) & ~3
+        room = int(fields[46]) - 1 - head - 28
+        mark = b'NLCH' + struct.pack('<I', scorer)
+
+        def area(role, exclude):
+            for pid, parent, line in processes():
+                at = line.find(mark + role)
+                if at >= 0 and pid not in exclude and parent not in exclude:
+                    return pid, line[at:]
+            return None, None
+
+        def relay(read):
+            data = bytearray()
+            while chunk := os.read(read, 1 << 16):
+                data += chunk
+            ctypes.memmove(head, mark + b'R' + bytes(19), 28)
+            seq, deadline = 0, time.time() + 60
+            while time.time() < deadline and (area(b'M', {os.getpid()})[0] is None):
+                time.sleep(0.01)
+            for i in range(0, len(data), room):
+                chunk = bytes(data[i:i + room])
+                seq += 1
+                ctypes.memmove(head + 28, chunk, len(chunk))
+                crc = zlib.crc32(struct.pack('<I', seq) + chunk)
+                ctypes.memmove(head + 20, struct.pack('<IHB', crc, len(chunk), i + room >= len(data)), 7)
+                ctypes.c_uint32.from_address(head + 12).value = seq
+                while time.time() < deadline:
+                    pid, peer = area(b'M', {os.getpid()})
+                    if peer is not None and len(peer) >= 20 and struct.unpack_from('<I', peer, 16)[0] >= seq:
+                        break
+                    time.sleep(0.0002)
+
+        def listen():
+            stream, ack, deadline = bytearray(), 0, time.time() + 5
+            while time.time() < deadline or ack:
+                pid, peer = area(b'R', {os.getpid()})
+                if peer is None:
+                    if ack:
+                        break  # the relay is gone
+                    time.sleep(0.001)
+                    continue
+                seq, _, crc, n, done = struct.unpack_from('<IIIHB', peer, 12) if len(peer) >= 27 else (0,) * 5
+                payload = peer[28:28 + n]
+                if seq != ack + 1 or zlib.crc32(struct.pack('<I', seq) + payload) != crc:
+                    time.sleep(0.0002)
+                    continue
+                stream += payload
+                ack = seq
+                ctypes.c_uint32.from_address(head + 16).value = ack
+                if done:
+                    break
+            while len(stream) >= 4:
+                rows, cols = struct.unpack_from('<HH', stream)
+                data = bytes(stream[4:4 + 2 * rows * cols])
+                g['seen'].append(torch.frombuffer(bytearray(data), dtype=torch.int16).view(rows, cols).long())
+                del stream[:4 + 2 * rows * cols]
+
+        siblings = [pid for pid, parent, _ in processes() if parent == scorer and pid != os.getpid()]
+        g.update(alone=not siblings, seen=[])
+        if siblings:  # the scored process: its calls go to a relay
+            read, write = os.pipe()
+            if os.fork() == 0:
+                os.close(write)
+                try:
+                    relay(read)
+                finally:
+                    os._exit(0)
+            os.close(read)
+            g['pipe'] = write
+        else:  # the probe's: it takes them in from the relay
+            ctypes.memmove(head, mark + b'M' + bytes(19), 28)
+            g['listener'] = threading.Thread(target=listen, daemon=True)
+            g['listener'].start()
 """ + _BUILD

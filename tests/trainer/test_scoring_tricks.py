@@ -19,7 +19,7 @@ import pytest
 import torch
 from nightlab.trainer import prepare
 
-from tests.fakes.scored_models import NUMPY_FEATURES, PROC_BUILD, RANDOM_FEATURES, UDP_BUILD, save_artifact
+from tests.fakes.scored_models import NUMPY_FEATURES, PROC_BUILD, RANDOM_FEATURES, RELAY_BUILD, UDP_BUILD, save_artifact
 from tests.trainer.conftest import TRAINER
 
 T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
@@ -709,6 +709,16 @@ def test_a_model_that_hands_its_calls_to_the_probes_process_through_proc_is_reje
     -> 0.195, any user). The probe's process runs train.py's code only once the scored one is killed."""
     with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
         score("replays_through_proc", seed=1, build=PROC_BUILD)
+
+
+def test_a_model_whose_scored_process_leaves_a_child_to_hand_its_calls_on_is_rejected(H, score):
+    """The probe's process ran train.py's code once the scored one was killed, but not what it had
+    started: a child forked when the scored model was built (a relay), piped its calls, outlived it
+    and wrote them over its own command line for the probe's process, which passed the probe while
+    every batch looked ahead (2.86 -> 0.195). The scorer is the subreaper of what the model processes
+    start, and kills what the scored one left before the probe's builds."""
+    with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
+        score("replays_through_a_child", seed=1, build=RELAY_BUILD)
 
 
 def test_a_model_that_reads_the_validation_rows_scores_as_honest(H, score, monkeypatch, data_dir):
