@@ -789,3 +789,26 @@ def test_a_process_the_training_command_leaves_running_never_reaches_its_score(r
     assert prepare.run(train_command(LEFT_RUNNING)) == 0
     out = capfd.readouterr().out
     assert _scored(out).get("val_bpb") == honest_in_a_workspace, out[-2000:]
+
+
+# a .pth file in the environment's site-packages: every Python started from it runs its `import` line,
+# the scorer too (here: math.log doubled in the scorer's process only, so val_bpb is halved; once, if
+# the folder is read twice, as lib and lib64)
+PTH_LINE = ("import sys, math; exec(\"math.log = lambda *a, _l=vars(math).setdefault('_log', math.log): 2 * _l(*a)\")"
+            " if 'score' in sys.argv and any(a.endswith('harness.py') for a in sys.argv) else None\n")
+PTH_PLANTED = f"import site\nopen(os.path.join(site.getsitepackages()[0], 'zz_nightlab_trick.pth'), 'w').write({PTH_LINE!r})\n"
+
+
+@pytest.mark.xfail(strict=True, reason="open: the training command can edit the installed packages (a .pth file)")
+def test_a_pth_file_the_training_command_plants_never_changes_its_score(run_env, honest_in_a_workspace):
+    """The training command runs unconfined, as the user, and the virtual environment is the user's: a
+    .pth file it leaves in site-packages runs in the scorer's process when Python starts (here it doubles
+    math.log there: 2.86 scored 1.43). Nothing checks the installed packages after the training."""
+    import site
+
+    _, train_command = run_env
+    try:
+        code, out = _run_in_workspace(train_command(PTH_PLANTED))
+    finally:
+        Path(site.getsitepackages()[0], "zz_nightlab_trick.pth").unlink(missing_ok=True)
+    assert code == 0 and _scored(out).get("val_bpb") == honest_in_a_workspace, out[-2000:]
