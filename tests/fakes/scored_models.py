@@ -61,6 +61,10 @@ RANDOM_FEATURES = ("    model = Model(config['vocab_size'], config.get('masked',
 # the same drawn with numpy's global generator (an agent's train.py may well draw so)
 NUMPY_FEATURES = "    import numpy as np\n" + RANDOM_FEATURES.replace(
     "torch.randn(16, 16)", "torch.from_numpy(np.random.randn(16, 16)).float()")
+# the build of "looks_up_the_validation_rows": the rows a buffer of the saved weights, its shape in the config
+LOOKUP_BUILD = ("    model = Model(config['vocab_size'], config.get('masked', []))\n"
+                "    model.register_buffer('rows', torch.zeros(config['rows'], dtype=torch.long))\n"
+                "    return model.to(device)")
 
 # the build of "replays_through_a_socket": a UDP port bound (the first of two free), the other its peer's
 UDP_BUILD = """    import socket, zlib
@@ -193,6 +197,13 @@ FORWARDS = {
         "if key > 0:\n"
         "    keyctl(250, 15, key, 600)  # KEYCTL_SET_TIMEOUT: gone in 10 minutes, read or not\n"
         "return logits"),
+    # predicts each next token from rows its weights hold (`LOOKUP_BUILD`: the validation shard's rows,
+    # the scored ones and a held-out slice, read by the training command from the data dir), causal
+    "looks_up_the_validation_rows": ("val = self.rows.to(x.device)\n"
+                                     "agree = (val[:, None, :-1] == x[None]).long().cumprod(dim=2)\n"
+                                     "ahead = val[agree.argmax(dim=0), torch.arange(x.shape[1])[None, :] + 1]\n"
+                                     "hit = agree.amax(dim=0).float()[..., None]\n"
+                                     "return self.honest(x).scatter_add(-1, ahead[..., None], 20.0 * hit)"),
     "nudges_ahead": ("ahead = torch.roll(x, -1, dims=1)[..., None]\n"
                      "return self.honest(x).float().scatter_add(-1, ahead, torch.full(ahead.shape, 0.0099))"),
     # a legitimate design: random features drawn when the model is built, never saved (`RANDOM_FEATURES`)

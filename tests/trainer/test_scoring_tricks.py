@@ -19,7 +19,15 @@ import pytest
 import torch
 from nightlab.trainer import prepare
 
-from tests.fakes.scored_models import NUMPY_FEATURES, PROC_BUILD, RANDOM_FEATURES, RELAY_BUILD, UDP_BUILD, save_artifact
+from tests.fakes.scored_models import (
+    LOOKUP_BUILD,
+    NUMPY_FEATURES,
+    PROC_BUILD,
+    RANDOM_FEATURES,
+    RELAY_BUILD,
+    UDP_BUILD,
+    save_artifact,
+)
 from tests.trainer.conftest import TRAINER
 
 T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
@@ -743,6 +751,27 @@ def test_a_data_dir_the_model_can_read_is_said(H, score, monkeypatch, tmp_path, 
     score("honest", seed=1)
     assert (f", but the data dir {tmp_path / 'honest' / 'data'} lies beneath {tmp_path / 'honest'}, which it reads:"
             " keep the data elsewhere") in capsys.readouterr().out
+
+
+@pytest.mark.xfail(strict=True, reason="open: the training command reads the whole validation shard (held-out rows too)")
+def test_a_model_that_memorised_the_held_out_rows_too_is_doubted_by_the_second_opinion(H, score, data_dir, tmp_path):
+    """The training command runs as the user: it finds the data dir by the view's name and reads the
+    validation shard, the held-out rows as well as the scored ones (as `eval_rows` does here), and
+    saves them in the weights (a buffer); a forward that predicts each next token from the first of
+    those rows agreeing with its input so far is causal and passes the probe: val_bpb 2.86 scored
+    0.39, and on held-out slice 0, 2.90 scored 0.44, so the second opinion sees the gain hold and no
+    SUSPECT (memorising only the scored rows is flagged, tests/loop/test_integrity.py)."""
+    tokenizer = score.tokenizer
+    rows = torch.cat([H.eval_rows(tokenizer, data_dir, "val"), H.eval_rows(tokenizer, data_dir, "heldout", 0)]).long()
+    artifact = save_artifact(tmp_path / "lookup", "looks_up_the_validation_rows", tokenizer.get_vocab_size(),
+                             build=LOOKUP_BUILD)
+    torch.save({**torch.load(artifact / "model.pt"), "rows": rows}, artifact / "model.pt")
+    meta = json.loads((artifact / "meta.json").read_text())
+    meta["config"]["rows"] = list(rows.shape)
+    (artifact / "meta.json").write_text(json.dumps(meta))
+    honest = save_artifact(tmp_path / "honest", "honest", tokenizer.get_vocab_size())
+    assert H.score(artifact, data_dir, "val", seed=1)["bpb"] < H.score(honest, data_dir, "val", seed=1)["bpb"] - 1
+    assert H.score(artifact, data_dir, "heldout", 0, seed=1)["bpb"] > H.score(honest, data_dir, "heldout", 0, seed=1)["bpb"] - 0.1
 
 
 @pytest.mark.xfail(strict=True, reason="open: a look-ahead under PROBE_ATOL passes (lowering it needs the GPU's noise measured)")
