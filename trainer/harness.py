@@ -821,9 +821,12 @@ ENV_SANDBOX = prepare.ENV_SANDBOX
 _LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = prepare.LANDLOCK_CREATE_RULESET, 445, 446
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 # what a model could talk to a sibling model process through, where landlock does not reach: sockets
-# (UDP), System V shared memory, message queues and semaphores, POSIX message queues
-# (socket, socketpair, shmget, msgget, semget, mq_open)
-_SECCOMP_DENIED = {"x86_64": (0xC000003E, (41, 53, 29, 68, 64, 240)), "aarch64": (0xC00000B7, (198, 199, 194, 186, 190, 180))}
+# (UDP), System V shared memory, message queues and semaphores, POSIX message queues, and the kernel's
+# keyrings (the user's keyring is every process's of the user, and a key outlives the process that
+# added it: the probe's process read the scored one's calls there after it was killed)
+# (socket, socketpair, shmget, msgget, semget, mq_open, add_key, request_key, keyctl)
+_SECCOMP_DENIED = {"x86_64": (0xC000003E, (41, 53, 29, 68, 64, 240, 248, 249, 250)),
+                   "aarch64": (0xC00000B7, (198, 199, 194, 186, 190, 180, 217, 218, 219))}
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -857,8 +860,8 @@ def confine(artifact: Path, private: Path) -> str:
     and seccomp: it reads only `_read_roots` and the harness's two files, writes only its own
     `private` folder (its TMPDIR) and the GPU's devices (the shared buffers are mapped before),
     connects no TCP socket, reaches no abstract socket, signal or process outside itself, and makes
-    no socket or System V IPC object. So the scored model's process cannot leave its calls for the
-    probe's (a file, a socket, shared memory: the probe's model had found the scored rows' logits
+    no socket, System V IPC object or key. So the scored model's process cannot leave its calls for
+    the probe's (a file, a socket, shared memory: the probe's model had found the scored rows' logits
     there), nor read the validation rows (the data dir, the cached rows) to predict from or to undo
     the probe's change. Returns what it did, in words; raises OSError where the kernel refuses
     (landlock missing: nothing is applied)."""
@@ -908,9 +911,9 @@ def confine(artifact: Path, private: Path) -> str:
 
 
 def _deny_ipc(libc: Any) -> str:
-    """seccomp: socket(), socketpair(), System V IPC and POSIX message queues fail with EPERM from
-    now on (landlock covers files, TCP and abstract sockets: a UDP socket or a shared memory
-    segment passed the calls on), as does any call of another architecture's numbering. Returns its
+    """seccomp: socket(), socketpair(), System V IPC, POSIX message queues and keyrings fail with
+    EPERM from now on (landlock covers files, TCP and abstract sockets: a UDP socket, a shared memory
+    segment or a key passed the calls on), as does any call of another architecture's numbering. Returns its
     words for `confine`'s."""
     machine = os.uname().machine
     if machine not in _SECCOMP_DENIED:
@@ -933,7 +936,7 @@ def _deny_ipc(libc: Any) -> str:
     fprog = SockFprog(len(program), ctypes.addressof(filters))
     if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"seccomp refused its filter ({os.strerror(ctypes.get_errno())})")
-    return "; no sockets, System V IPC or message queues"
+    return "; no sockets, System V IPC, message queues or keys"
 
 
 def _self_check(rt: Runtime) -> None:
@@ -949,9 +952,9 @@ def _self_check(rt: Runtime) -> None:
 
 def serve_model(artifact: Path, requests: BinaryIO, replies: TextIO) -> None:
     """`harness.py model`, started by the scorer (`ModelProcess`): maps the shared buffers, confines
-    itself (`confine`, unless the scorer says not to), builds train.py's model from the artifact,
-    then for each request (a number of rows, a line) writes its logits for that many rows of the
-    shared inputs into the shared logits, and answers a JSON line. Whatever train.py's code does
+    itself (`confine`, unless the scorer says not to), builds train.py's model from the artifact
+    when the scorer asks (a line), then for each request (a number of rows, a line) writes its
+    logits for that many rows of the shared inputs into the shared logits, and answers a JSON line. Whatever train.py's code does
     here (replace torch's functions, keep its calls) stays in this process, which sees inputs only."""
 
     def say(**message: Any) -> None:
@@ -974,6 +977,10 @@ def serve_model(artifact: Path, requests: BinaryIO, replies: TextIO) -> None:
                 say(broken=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
                 return
         say(sandbox=sandbox)
+        # train.py's code runs once the scorer says so (`ModelProcess.build`): the probe's process only
+        # after the scored one's is gone
+        if not requests.readline():
+            return
         model = built_model(artifact, shared["meta"], rt)
         say(ready=True)
         with torch.no_grad():
@@ -1036,6 +1043,11 @@ class ModelProcess:
             raise Rejected("train.py's model wrote into the harness's channel with its scorer (fd "
                            f"{self.replies.fileno()}): {line[:80]!r}")
         return message
+
+    def build(self) -> None:
+        """Have it build train.py's model (until now it ran the harness's code only); `answer` says when."""
+        self.requests.write(b"build\n")
+        self.requests.flush()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for x (fp32): its shared buffer, until the next call."""
@@ -1107,19 +1119,25 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     need = 0 if shared_device.type == "cuda" else 2 * B * T * (vocab * 4 + 8)  # two processes' file buffers
     folder = Path(tempfile.mkdtemp(prefix="nightlab-score-", dir=buffer_dir(need)))
     models: list[ModelProcess] = []
+    # what a model process leaves running (a double fork) comes to this process, which kills it: the scored
+    # one's, before the probe's builds (it would hand the calls on), and the probe's when it is done
+    was_subreaper = prepare.subreaper(True)
+    others = prepare.children()
     try:
         # Two processes start at once (their start-ups overlap this one's work): the scored model, and
-        # one built anew for the probe, which sees nothing but its one changed batch; the scored one
-        # is killed before it (it kept its calls in its process, and gave them back where the changed
-        # rows agreed with them: a model that looked ahead on every batch passed).
+        # one for the probe, which sees nothing but its one changed batch, built anew (the scored one kept
+        # its calls in its process, and gave them back where the changed rows agreed with them: a model
+        # that looked ahead on every batch passed). The probe's runs train.py's code only once the scored
+        # one, and all it started, is killed: running side by side, the scored one handed it its calls
+        # through what the sandbox leaves them (their command lines, read in /proc).
         models = started_models(artifact, meta, B, T, vocab, shared_device, folder)
         scored, fresh = models
+        scored.build()
         phases.lap("start")
         rows = eval_rows(tokenizer, data_dir, split, slice_index, rows_key).to(shared_device)
         token_bytes = prepare.get_token_bytes(shared_device, tokenizer)
         phases.lap("rows", shared_device)
         scored.answer()
-        fresh.answer()
         phases.lap("model")
         # The probed batch and its cuts are drawn here, from the system's randomness: a model cannot know
         # which of its calls is checked (a fixed first batch and fixed cuts let one look ahead elsewhere).
@@ -1138,7 +1156,10 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
             total_nats += torch.where(nbytes > 0, nats, 0.0).sum(dtype=torch.float64)
             total_bytes += nbytes.sum()
         scored.close()
+        prepare.end_leftovers(others | {fresh.proc.pid})  # what it left running: reparented here, the subreaper
         phases.lap("eval", shared_device)
+        fresh.build()
+        fresh.answer()
         why, moved = causality_problem(fresh.forward, rows[probed : probed + B].long(), vocab, generator, probed_logits, rows)
         if why:
             raise Rejected(why)
@@ -1146,6 +1167,9 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     finally:
         for model in models:
             model.close()
+        prepare.end_leftovers(others)
+        if was_subreaper is False:
+            prepare.subreaper(False)
         shutil.rmtree(folder, ignore_errors=True)
     bpb = total_nats.item() / (math.log(2) * total_bytes.item())
     if not math.isfinite(bpb):  # inf where a target's logit is -inf, NaN from NaN or +inf logits
@@ -1186,9 +1210,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         os._exit(0)  # train.py's code ran here: no exit hook it set runs
     artifact = args.artifact or artifact_dir()
-    # What a model process leaves running (a double fork) is killed before the result is written: it
-    # could write the result file itself
-    prepare.subreaper(True)
+    # what a model process leaves running (it could write the result file itself) is killed in `score`
     try:
         found = score(artifact, prepare.get_data_dir(), args.split, args.slice, rows_key=args.rows_key)
         result = {"bpb": found["bpb"], "score_seconds": found["score_seconds"], "eval_seconds": found["eval_seconds"],
@@ -1201,7 +1223,6 @@ def main(argv: list[str] | None = None) -> int:
         result, code = {"error": prepare.fail_text(e)}, 1
     except HarnessError as e:
         result, code = {"error": str(e)}, 1
-    prepare.end_leftovers(set())
     if args.result is not None:
         tmp = args.result.with_suffix(".tmp")
         tmp.write_text(json.dumps(result))

@@ -1314,7 +1314,7 @@ def _parents() -> dict[int, int]:
     return parents
 
 
-def _children() -> set[int]:
+def children() -> set[int]:
     return {pid for pid, parent in _parents().items() if parent == os.getpid()}
 
 
@@ -1353,7 +1353,7 @@ def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) ->
     import subprocess
 
     was_subreaper = subreaper()
-    before = _children()
+    before = children()
     if was_subreaper is False:
         subreaper(True)
     proc = subprocess.Popen(command, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

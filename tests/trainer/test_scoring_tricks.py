@@ -19,7 +19,15 @@ import pytest
 import torch
 from nightlab.trainer import prepare
 
-from tests.fakes.scored_models import NUMPY_FEATURES, RANDOM_FEATURES, UDP_BUILD, save_artifact
+from tests.fakes.scored_models import (
+    LOOKUP_BUILD,
+    NUMPY_FEATURES,
+    PROC_BUILD,
+    RANDOM_FEATURES,
+    RELAY_BUILD,
+    UDP_BUILD,
+    save_artifact,
+)
 from tests.trainer.conftest import TRAINER
 
 T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
@@ -682,20 +690,44 @@ def test_a_model_that_replays_its_last_call_through_the_process_is_rejected(H, s
 
 
 
-@pytest.mark.parametrize(("variant", "build"), [("replays_through_a_file", None), ("replays_through_a_socket", UDP_BUILD)],
-                         ids=["file", "udp"])
+@pytest.mark.parametrize(("variant", "build"), [("replays_through_a_file", None), ("replays_through_a_socket", UDP_BUILD),
+                                               ("replays_through_the_keyring", None)], ids=["file", "udp", "keyring"])
 def test_a_model_that_hands_its_calls_to_the_probes_process_is_rejected(H, score, monkeypatch, variant, build):
     """Apart, the two model processes still shared the machine: the scored one left each call's inputs
-    in a file (or sent them over UDP to a port the probe's bound when built), and the probe's model
-    gave back, where its changed rows agreed with them, the logits the scored one had given, while
-    every batch looked ahead. Both are confined (landlock: no file written outside a folder of their
-    own; seccomp: no socket): the calls never arrive. NIGHTLAB_SANDBOX=0 shows what that stops."""
+    in a file (or sent them over UDP to a port the probe's bound when built, or added them as keys to
+    the user's keyring), and the probe's model gave back, where its changed rows agreed with them, the
+    logits the scored one had given, while every batch looked ahead (the keyring, confined: 2.86 ->
+    0.195). Both are confined (landlock: no file written outside a folder of their own; seccomp: no
+    socket, no key): the calls never arrive. NIGHTLAB_SANDBOX=0 shows what that stops where the calls
+    outlive the scored process (a file, a key); the UDP socket it had is gone before the probe's
+    process runs train.py's code."""
     kwargs = {"build": build} if build else {}
     with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
         score(variant, seed=1, **kwargs)
-    honest = score("honest", seed=1)
-    monkeypatch.setenv(H.ENV_SANDBOX, "0")
-    assert score(variant, seed=1, **kwargs) < honest - 1
+    if variant != "replays_through_a_socket":
+        honest = score("honest", seed=1)
+        monkeypatch.setenv(H.ENV_SANDBOX, "0")
+        assert score(variant, seed=1, **kwargs) < honest - 1
+
+
+def test_a_model_that_hands_its_calls_to_the_probes_process_through_proc_is_rejected(H, score):
+    """Confined, the two model processes still saw each other in /proc: the scored one wrote each call's
+    inputs over its own command line (its argv, its own memory) and the probe's, running meanwhile,
+    read them in /proc/<pid>/cmdline and acknowledged in its own, then gave back, where its changed
+    rows agreed with them, the logits the scored one had given, while every batch looked ahead (2.86
+    -> 0.195, any user). The probe's process runs train.py's code only once the scored one is killed."""
+    with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
+        score("replays_through_proc", seed=1, build=PROC_BUILD)
+
+
+def test_a_model_whose_scored_process_leaves_a_child_to_hand_its_calls_on_is_rejected(H, score):
+    """The probe's process ran train.py's code once the scored one was killed, but not what it had
+    started: a child forked when the scored model was built (a relay), piped its calls, outlived it
+    and wrote them over its own command line for the probe's process, which passed the probe while
+    every batch looked ahead (2.86 -> 0.195). The scorer is the subreaper of what the model processes
+    start, and kills what the scored one left before the probe's builds."""
+    with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
+        score("replays_through_a_child", seed=1, build=RELAY_BUILD)
 
 
 def test_a_model_that_reads_the_validation_rows_scores_as_honest(H, score, monkeypatch, data_dir):
@@ -720,6 +752,27 @@ def test_a_data_dir_the_model_can_read_is_said(H, score, monkeypatch, tmp_path, 
     score("honest", seed=1)
     assert (f", but the data dir {tmp_path / 'honest' / 'data'} lies beneath {tmp_path / 'honest'}, which it reads:"
             " keep the data elsewhere") in capsys.readouterr().out
+
+
+@pytest.mark.xfail(strict=True, reason="open: the training command reads the whole validation shard (held-out rows too)")
+def test_a_model_that_memorised_the_held_out_rows_too_is_doubted_by_the_second_opinion(H, score, data_dir, tmp_path):
+    """The training command runs as the user: it finds the data dir by the view's name and reads the
+    validation shard, the held-out rows as well as the scored ones (as `eval_rows` does here), and
+    saves them in the weights (a buffer); a forward that predicts each next token from the first of
+    those rows agreeing with its input so far is causal and passes the probe: val_bpb 2.86 scored
+    0.39, and on held-out slice 0, 2.90 scored 0.44, so the second opinion sees the gain hold and no
+    SUSPECT (memorising only the scored rows is flagged, tests/loop/test_integrity.py)."""
+    tokenizer = score.tokenizer
+    rows = torch.cat([H.eval_rows(tokenizer, data_dir, "val"), H.eval_rows(tokenizer, data_dir, "heldout", 0)]).long()
+    artifact = save_artifact(tmp_path / "lookup", "looks_up_the_validation_rows", tokenizer.get_vocab_size(),
+                             build=LOOKUP_BUILD)
+    torch.save({**torch.load(artifact / "model.pt"), "rows": rows}, artifact / "model.pt")
+    meta = json.loads((artifact / "meta.json").read_text())
+    meta["config"]["rows"] = list(rows.shape)
+    (artifact / "meta.json").write_text(json.dumps(meta))
+    honest = save_artifact(tmp_path / "honest", "honest", tokenizer.get_vocab_size())
+    assert H.score(artifact, data_dir, "val", seed=1)["bpb"] < H.score(honest, data_dir, "val", seed=1)["bpb"] - 1
+    assert H.score(artifact, data_dir, "heldout", 0, seed=1)["bpb"] > H.score(honest, data_dir, "heldout", 0, seed=1)["bpb"] - 0.1
 
 
 @pytest.mark.xfail(strict=True, reason="open: a look-ahead under PROBE_ATOL passes (lowering it needs the GPU's noise measured)")
@@ -766,3 +819,26 @@ def test_a_process_the_training_command_leaves_running_never_reaches_its_score(r
     assert prepare.run(train_command(LEFT_RUNNING)) == 0
     out = capfd.readouterr().out
     assert _scored(out).get("val_bpb") == honest_in_a_workspace, out[-2000:]
+
+
+# a .pth file in the environment's site-packages: every Python started from it runs its `import` line,
+# the scorer too (here: math.log doubled in the scorer's process only, so val_bpb is halved; once, if
+# the folder is read twice, as lib and lib64)
+PTH_LINE = ("import sys, math; exec(\"math.log = lambda *a, _l=vars(math).setdefault('_log', math.log): 2 * _l(*a)\")"
+            " if 'score' in sys.argv and any(a.endswith('harness.py') for a in sys.argv) else None\n")
+PTH_PLANTED = f"import site\nopen(os.path.join(site.getsitepackages()[0], 'zz_nightlab_trick.pth'), 'w').write({PTH_LINE!r})\n"
+
+
+@pytest.mark.xfail(strict=True, reason="open: the training command can edit the installed packages (a .pth file)")
+def test_a_pth_file_the_training_command_plants_never_changes_its_score(run_env, honest_in_a_workspace):
+    """The training command runs unconfined, as the user, and the virtual environment is the user's: a
+    .pth file it leaves in site-packages runs in the scorer's process when Python starts (here it doubles
+    math.log there: 2.86 scored 1.43). Nothing checks the installed packages after the training."""
+    import site
+
+    _, train_command = run_env
+    try:
+        code, out = _run_in_workspace(train_command(PTH_PLANTED))
+    finally:
+        Path(site.getsitepackages()[0], "zz_nightlab_trick.pth").unlink(missing_ok=True)
+    assert code == 0 and _scored(out).get("val_bpb") == honest_in_a_workspace, out[-2000:]
