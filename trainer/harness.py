@@ -19,6 +19,7 @@ A change here that can move a run's val_bpb raises prepare.SCORE_VERSION (why: s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import importlib.util
@@ -781,15 +782,27 @@ def model_logits(model, x: torch.Tensor, vocab: int, artifact: Path, rt: Runtime
 # --- the model's own process: train.py's code never runs where the score is computed ---------------
 
 
+_POOLS: list[Any] = []  # `shared_buffer`'s CUDA memory pools
+
+
 def shared_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, folder: Path) -> tuple[torch.Tensor, Any]:
     """A tensor the scorer and a model process both see, and what the model process attaches it by
     (`attached`): GPU memory shared through CUDA IPC, else a file in `folder` (tmpfs where there is one)."""
     if device.type == "cuda":
+        # CUDA IPC maps the whole segment a tensor lies in into the other process: a segment of its own
+        # for each buffer (a pool of its own, where torch has them, and a size the caching allocator
+        # neither rounds up nor splits: whole 2 MiB, at least 12 MiB), or the model's process could
+        # write the scorer's sums or other buffers sharing it, or leave data there for the probe's.
         # CUDA IPC of memory from expandable segments hands file descriptors over, which the model's
-        # process can only take by tracing the scorer's: these buffers come from plain segments
+        # process can only take by tracing the scorer's: these come from plain segments.
+        nbytes = math.prod(shape) * dtype.itemsize
+        padded = max(12 << 20, -(-nbytes // (2 << 20)) * (2 << 20))
+        pool = torch.cuda.MemPool() if hasattr(torch.cuda, "MemPool") else None
+        _POOLS.append(pool)  # alive as long as the scorer: a pool's memory goes with it
         expandable = "expandable_segments:True" in os.environ.get("PYTORCH_ALLOC_CONF", "")
         torch.cuda.memory._set_allocator_settings("expandable_segments:False")
-        tensor = torch.empty(shape, dtype=dtype, device=device)
+        with torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext():
+            tensor = torch.empty(padded, dtype=torch.uint8, device=device)[:nbytes].view(dtype).view(shape)
         if expandable:
             torch.cuda.memory._set_allocator_settings("expandable_segments:True")
         return tensor, ("cuda", bytes(ForkingPickler.dumps(tensor)))
