@@ -3,7 +3,9 @@
 # minutes (each step has its own limit, so a slow one cannot eat the others' time):
 #   1. the trainer against another train.py (upstream's) in the same call, warm and cold overhead
 #   2. each GPU profile with the process's memory capped to its tier's card
-#   3. the harness scorer's cost per experiment
+#   3. the harness scorer's cost per experiment (and how its model processes were confined, and how far
+#      an honest model's logits moved under the probe: bf16 noise, for PROBE_ATOL)
+#   4. that each buffer the scorer shares with a model process has its CUDA segment to itself
 # Everything is printed and also written under $OUT (default ./gpu-out).
 #
 #   usage: bench/gpu_checks.sh DATA_DIR [OTHER_TRAIN_PY]
@@ -33,3 +35,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 step trainer 230 "$PY" bench/trainer.py --budget 40 --data-dir "$DATA" ${OTHER:+--other "$OTHER"} --log "$OUT/trainer.log"
 step profiles 250 "$PY" bench/profiles_gpu.py --budget 20 --data-dir "$DATA" --deadline 225 --log-dir "$OUT/profiles"
 step scoring 100 "$PY" bench/scoring.py --repeat 3 --profile default --data-dir "$DATA"
+step ipc_segments 60 "$PY" bench/ipc_segments.py
