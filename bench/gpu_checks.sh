@@ -2,10 +2,10 @@
 # The GPU measurements the README's GPU rows need, in one call that fits a GPU box lent for a few
 # minutes (each step has its own limit, so a slow one cannot eat the others' time):
 #   1. the trainer against another train.py (upstream's) in the same call, warm and cold overhead
-#   2. each GPU profile with the process's memory capped to its tier's card
-#   3. the harness scorer's cost per experiment (and how its model processes were confined, and how far
+#   2. the harness scorer's cost per experiment (and how its model processes were confined, and how far
 #      an honest model's logits moved under the probe: bf16 noise, for PROBE_ATOL)
-#   4. that each buffer the scorer shares with a model process has its CUDA segment to itself
+#   3. that each buffer the scorer shares with a model process has its CUDA segment to itself
+#   4. each GPU profile with the process's memory capped to its tier's card
 # Everything is printed and also written under $OUT (default ./gpu-out).
 #
 #   usage: bench/gpu_checks.sh DATA_DIR [OTHER_TRAIN_PY]
@@ -33,6 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" \
     2>&1 | tee -a "$OUT/gpu.txt"
 step trainer 230 "$PY" bench/trainer.py --budget 40 --data-dir "$DATA" ${OTHER:+--other "$OTHER"} --log "$OUT/trainer.log"
-step profiles 250 "$PY" bench/profiles_gpu.py --budget 20 --data-dir "$DATA" --deadline 225 --log-dir "$OUT/profiles"
 step scoring 100 "$PY" bench/scoring.py --repeat 3 --profile default --data-dir "$DATA"
-step ipc_segments 60 "$PY" bench/ipc_segments.py
+step ipc_segments 30 "$PY" bench/ipc_segments.py
+# last: it stops starting profiles at its deadline, and the call's 600 s end it at worst
+step profiles 215 "$PY" bench/profiles_gpu.py --budget 20 --data-dir "$DATA" --deadline 200 --log-dir "$OUT/profiles"
