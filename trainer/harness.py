@@ -1134,7 +1134,9 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     models: list[ModelProcess] = []
     # what a model process leaves running (a double fork) comes to this process, which kills it: the scored
     # one's, before the probe's builds (it would hand the calls on), and the probe's when it is done
-    was_subreaper = prepare.subreaper(True)
+    was_subreaper = prepare.subreaper()
+    if was_subreaper is False:
+        prepare.subreaper(True)
     others = prepare.children()
     try:
         # Two processes start at once (their start-ups overlap this one's work): the scored model, and

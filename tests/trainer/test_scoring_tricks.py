@@ -139,6 +139,15 @@ def test_a_model_whose_output_cannot_be_scored_is_refused_saying_why(H, score, v
     assert str(refused.value).startswith(reason), str(refused.value)
 
 
+@pytest.mark.skipif(prepare.subreaper() is None, reason="prctl's child subreaper is Linux's")
+def test_scoring_leaves_the_process_no_subreaper_when_it_was_not_one(score):
+    """`score` makes its process the subreaper of the model processes' leftovers; it took the state it
+    had just set for the one to restore, and left every caller a subreaper for good."""
+    prepare.subreaper(False)
+    score("honest")
+    assert prepare.subreaper() is False
+
+
 @pytest.mark.parametrize(("saved", "reason"), [
     ("the module", "the saved model.pt is not weights the harness can read (UnpicklingError: Weights only load failed."),
     ("a list", "the saved weights do not fit build_model(config): Expected state_dict to be dict-like, got <class 'list'>"),
