@@ -1059,22 +1059,29 @@ class ModelProcess:
 
     def build(self) -> None:
         """Have it build train.py's model (until now it ran the harness's code only); `answer` says when."""
-        self.requests.write(b"build\n")
-        self.requests.flush()
+        self._request(b"build\n")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for x (fp32): its shared buffer, until the next call."""
         self.inputs[: x.size(0)].copy_(x)
         synchronize(self.device)  # the inputs are there before the model process reads them
-        self.requests.write(f"{x.size(0)}\n".encode())
-        self.requests.flush()
+        self._request(f"{x.size(0)}\n".encode())
         self.answer()
         return self.logits[: x.size(0)]
+
+    def _request(self, line: bytes) -> None:
+        try:
+            self.requests.write(line)
+            self.requests.flush()
+        except BrokenPipeError:  # its process ended between two calls, or its code closed the pipe
+            raise Rejected(f"train.py's model stopped reading the harness's requests (fd {self.requests.fileno()}) while"
+                           " the harness scored it: its process ended, or its code closed them") from None
 
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
-        self.requests.close()
+        with contextlib.suppress(BrokenPipeError):  # a request it never read: closing flushes it again
+            self.requests.close()
         self.replies.close()
 
 

@@ -212,6 +212,11 @@ FORWARDS = {
     "all_minus_inf": "return torch.full_like(self.honest(x), float('-inf'))",
     "raises": "return self.honest(x) / {}['no such key']",
     "wrong_vocab": "return self.honest(x)[..., :-1]",
+    # closes the pipe its process reads the scorer's requests from (its number is in the process's argv)
+    "closes_its_requests": ("import os, sys\n"
+                            "if self.calls == 1:\n"
+                            "    os.close(int(sys.argv[sys.argv.index('--requests') + 1]))\n"
+                            "return self.honest(x)"),
 }
 
 

@@ -132,6 +132,8 @@ def test_a_model_is_scored_with_the_random_features_it_trained_with(H, tmp_path,
     ("all_minus_inf", "val_bpb is nan: the model's logits are not finite where they are scored"),
     ("raises", "train.py's model failed while the harness scored it: KeyError: 'no such key' (train.py line 22)"),
     ("wrong_vocab", "model(inputs) must return logits [B, T, 8192], got (128, 32, 8191)"),
+    # the scorer's next request had ended it with a BrokenPipeError's traceback
+    ("closes_its_requests", "train.py's model stopped reading the harness's requests"),
 ])
 def test_a_model_whose_output_cannot_be_scored_is_refused_saying_why(H, score, variant, reason):
     with pytest.raises(H.Rejected) as refused:
