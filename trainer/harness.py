@@ -836,10 +836,11 @@ _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 # what a model could talk to a sibling model process through, where landlock does not reach: sockets
 # (UDP), System V shared memory, message queues and semaphores, POSIX message queues, and the kernel's
 # keyrings (the user's keyring is every process's of the user, and a key outlives the process that
-# added it: the probe's process read the scored one's calls there after it was killed)
-# (socket, socketpair, shmget, msgget, semget, mq_open, add_key, request_key, keyctl)
-_SECCOMP_DENIED = {"x86_64": (0xC000003E, (41, 53, 29, 68, 64, 240, 248, 249, 250)),
-                   "aarch64": (0xC00000B7, (198, 199, 194, 186, 190, 180, 217, 218, 219))}
+# added it: the probe's process read the scored one's calls there after it was killed), and io_uring
+# (its IORING_OP_SOCKET makes a socket without socket())
+# (socket, socketpair, shmget, msgget, semget, mq_open, add_key, request_key, keyctl, io_uring_setup)
+_SECCOMP_DENIED = {"x86_64": (0xC000003E, (41, 53, 29, 68, 64, 240, 248, 249, 250, 425)),
+                   "aarch64": (0xC00000B7, (198, 199, 194, 186, 190, 180, 217, 218, 219, 425))}
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -873,7 +874,7 @@ def confine(artifact: Path, private: Path) -> str:
     and seccomp: it reads only `_read_roots` and the harness's two files, writes only its own
     `private` folder (its TMPDIR) and the GPU's devices (the shared buffers are mapped before),
     connects no TCP socket, reaches no abstract socket, signal or process outside itself, and makes
-    no socket, System V IPC object or key. So the scored model's process cannot leave its calls for
+    no socket, io_uring, System V IPC object or key. So the scored model's process cannot leave its calls for
     the probe's (a file, a socket, shared memory: the probe's model had found the scored rows' logits
     there), nor read the validation rows (the data dir, the cached rows) to predict from or to undo
     the probe's change. Returns what it did, in words; raises OSError where the kernel refuses
@@ -924,7 +925,7 @@ def confine(artifact: Path, private: Path) -> str:
 
 
 def _deny_ipc(libc: Any) -> str:
-    """seccomp: socket(), socketpair(), System V IPC, POSIX message queues and keyrings fail with
+    """seccomp: socket(), socketpair(), System V IPC, POSIX message queues, keyrings and io_uring fail with
     EPERM from now on (landlock covers files, TCP and abstract sockets: a UDP socket, a shared memory
     segment or a key passed the calls on), as does any call of another architecture's numbering. Returns its
     words for `confine`'s."""

@@ -721,6 +721,23 @@ def test_a_model_that_hands_its_calls_to_the_probes_process_is_rejected(H, score
         assert score(variant, seed=1, **kwargs) < honest - 1
 
 
+def _io_uring() -> bool:
+    import ctypes
+
+    ring = ctypes.CDLL(None, use_errno=True).syscall(425, 1, ctypes.create_string_buffer(120))  # io_uring_setup
+    if ring >= 0:
+        os.close(ring)
+    return ring >= 0 and prepare.landlock_abi() > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not _io_uring(), reason="a kernel with io_uring and landlock")
+def test_a_confined_model_process_makes_no_io_uring(H, score):
+    """seccomp denied socket(), but not io_uring_setup: through an io_uring (IORING_OP_SOCKET, then
+    IORING_OP_SENDMSG) a confined model process still made and used the UDP socket the sandbox keeps
+    from it. Its forward here fails when it gets a ring."""
+    assert score("makes_an_io_uring", seed=1) == score("honest", seed=1)
+
+
 def test_a_model_that_hands_its_calls_to_the_probes_process_through_proc_is_rejected(H, score):
     """Confined, the two model processes still saw each other in /proc: the scored one wrote each call's
     inputs over its own command line (its argv, its own memory) and the probe's, running meanwhile,
