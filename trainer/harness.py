@@ -1021,6 +1021,7 @@ class ModelProcess:
         self.device = device
         self.inputs, inputs_token = shared_buffer((rows, T), torch.int64, device, folder)
         self.logits, logits_token = shared_buffer((rows, T, vocab), torch.float32, device, folder)
+        self.files = [Path(token[1]) for token in (inputs_token, logits_token) if token[0] == "file"]
         private = Path(tempfile.mkdtemp(dir=folder))
         self.output = private.with_suffix(".log")
         requests_in, requests_out = os.pipe()
@@ -1057,6 +1058,12 @@ class ModelProcess:
             raise Rejected("train.py's model wrote into the harness's channel with its scorer (fd "
                            f"{self.replies.fileno()}): {line[:80]!r}")
         return message
+
+    def unlink_files(self) -> None:
+        """Its buffers' files, once it has mapped them (its first answer): the memory stays both sides',
+        and a scorer killed at run_timeout (no `finally` runs) leaves no files of logits in /dev/shm."""
+        for path in self.files:
+            path.unlink(missing_ok=True)
 
     def build(self) -> None:
         """Have it build train.py's model (until now it ran the harness's code only); `answer` says when."""
@@ -1108,6 +1115,8 @@ def started_models(artifact: Path, meta: dict[str, Any], rows: int, T: int, voca
         for model in models:
             model.close()
         raise
+    for model in models:
+        model.unlink_files()
     print(f"Model processes: sandbox {first[0].get('sandbox', 'none')}", flush=True)
     return models
 

@@ -142,6 +142,27 @@ def test_a_model_whose_output_cannot_be_scored_is_refused_saying_why(H, score, v
 
 
 @pytest.mark.skipif(prepare.subreaper() is None, reason="prctl's child subreaper is Linux's")
+def test_the_model_processes_buffers_leave_no_files_once_both_sides_mapped_them(H, score, tmp_path):
+    """The CPU's shared buffers are files (in /dev/shm where they fit), removed by `score`'s `finally`: a
+    scorer killed at run_timeout (a forward that never returns) ran none, and left the two processes'
+    logits there (up to 128 MiB each: the CPU's cap on a batch's logits). Once both sides have mapped them
+    they are unlinked."""
+    artifact = save_artifact(tmp_path / "honest", "honest", score.tokenizer.get_vocab_size())
+    folder = tmp_path / "buffers"
+    folder.mkdir()
+    models = H.started_models(artifact, H.saved_meta(artifact), 4, T, score.tokenizer.get_vocab_size(),
+                              torch.device("cpu"), folder)
+    try:
+        assert not list(folder.glob("*.bin"))
+        for model in models:  # what they map is still what the scorer sees
+            model.build()
+            model.answer()
+            assert model.forward(torch.zeros(4, T, dtype=torch.int64)).isfinite().all()
+    finally:
+        for model in models:
+            model.close()
+
+
 def test_scoring_leaves_the_process_no_subreaper_when_it_was_not_one(score):
     """`score` makes its process the subreaper of the model processes' leftovers; it took the state it
     had just set for the one to restore, and left every caller a subreaper for good."""
