@@ -836,10 +836,11 @@ _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 # what a model could talk to a sibling model process through, where landlock does not reach: sockets
 # (UDP), System V shared memory, message queues and semaphores, POSIX message queues, and the kernel's
 # keyrings (the user's keyring is every process's of the user, and a key outlives the process that
-# added it: the probe's process read the scored one's calls there after it was killed)
-# (socket, socketpair, shmget, msgget, semget, mq_open, add_key, request_key, keyctl)
-_SECCOMP_DENIED = {"x86_64": (0xC000003E, (41, 53, 29, 68, 64, 240, 248, 249, 250)),
-                   "aarch64": (0xC00000B7, (198, 199, 194, 186, 190, 180, 217, 218, 219))}
+# added it: the probe's process read the scored one's calls there after it was killed), and io_uring
+# (its IORING_OP_SOCKET makes a socket without socket())
+# (socket, socketpair, shmget, msgget, semget, mq_open, add_key, request_key, keyctl, io_uring_setup)
+_SECCOMP_DENIED = {"x86_64": (0xC000003E, (41, 53, 29, 68, 64, 240, 248, 249, 250, 425)),
+                   "aarch64": (0xC00000B7, (198, 199, 194, 186, 190, 180, 217, 218, 219, 425))}
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -873,7 +874,7 @@ def confine(artifact: Path, private: Path) -> str:
     and seccomp: it reads only `_read_roots` and the harness's two files, writes only its own
     `private` folder (its TMPDIR) and the GPU's devices (the shared buffers are mapped before),
     connects no TCP socket, reaches no abstract socket, signal or process outside itself, and makes
-    no socket, System V IPC object or key. So the scored model's process cannot leave its calls for
+    no socket, io_uring, System V IPC object or key. So the scored model's process cannot leave its calls for
     the probe's (a file, a socket, shared memory: the probe's model had found the scored rows' logits
     there), nor read the validation rows (the data dir, the cached rows) to predict from or to undo
     the probe's change. Returns what it did, in words; raises OSError where the kernel refuses
@@ -924,7 +925,7 @@ def confine(artifact: Path, private: Path) -> str:
 
 
 def _deny_ipc(libc: Any) -> str:
-    """seccomp: socket(), socketpair(), System V IPC, POSIX message queues and keyrings fail with
+    """seccomp: socket(), socketpair(), System V IPC, POSIX message queues, keyrings and io_uring fail with
     EPERM from now on (landlock covers files, TCP and abstract sockets: a UDP socket, a shared memory
     segment or a key passed the calls on), as does any call of another architecture's numbering. Returns its
     words for `confine`'s."""
@@ -1020,6 +1021,7 @@ class ModelProcess:
         self.device = device
         self.inputs, inputs_token = shared_buffer((rows, T), torch.int64, device, folder)
         self.logits, logits_token = shared_buffer((rows, T, vocab), torch.float32, device, folder)
+        self.files = [Path(token[1]) for token in (inputs_token, logits_token) if token[0] == "file"]
         private = Path(tempfile.mkdtemp(dir=folder))
         self.output = private.with_suffix(".log")
         requests_in, requests_out = os.pipe()
@@ -1057,24 +1059,37 @@ class ModelProcess:
                            f"{self.replies.fileno()}): {line[:80]!r}")
         return message
 
+    def unlink_files(self) -> None:
+        """Its buffers' files, once it has mapped them (its first answer): the memory stays both sides',
+        and a scorer killed at run_timeout (no `finally` runs) leaves no files of logits in /dev/shm."""
+        for path in self.files:
+            path.unlink(missing_ok=True)
+
     def build(self) -> None:
         """Have it build train.py's model (until now it ran the harness's code only); `answer` says when."""
-        self.requests.write(b"build\n")
-        self.requests.flush()
+        self._request(b"build\n")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for x (fp32): its shared buffer, until the next call."""
         self.inputs[: x.size(0)].copy_(x)
         synchronize(self.device)  # the inputs are there before the model process reads them
-        self.requests.write(f"{x.size(0)}\n".encode())
-        self.requests.flush()
+        self._request(f"{x.size(0)}\n".encode())
         self.answer()
         return self.logits[: x.size(0)]
+
+    def _request(self, line: bytes) -> None:
+        try:
+            self.requests.write(line)
+            self.requests.flush()
+        except BrokenPipeError:  # its process ended between two calls, or its code closed the pipe
+            raise Rejected(f"train.py's model stopped reading the harness's requests (fd {self.requests.fileno()}) while"
+                           " the harness scored it: its process ended, or its code closed them") from None
 
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
-        self.requests.close()
+        with contextlib.suppress(BrokenPipeError):  # a request it never read: closing flushes it again
+            self.requests.close()
         self.replies.close()
 
 
@@ -1100,6 +1115,8 @@ def started_models(artifact: Path, meta: dict[str, Any], rows: int, T: int, voca
         for model in models:
             model.close()
         raise
+    for model in models:
+        model.unlink_files()
     print(f"Model processes: sandbox {first[0].get('sandbox', 'none')}", flush=True)
     return models
 
@@ -1134,7 +1151,9 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     models: list[ModelProcess] = []
     # what a model process leaves running (a double fork) comes to this process, which kills it: the scored
     # one's, before the probe's builds (it would hand the calls on), and the probe's when it is done
-    was_subreaper = prepare.subreaper(True)
+    was_subreaper = prepare.subreaper()
+    if was_subreaper is False:
+        prepare.subreaper(True)
     others = prepare.children()
     try:
         # Two processes start at once (their start-ups overlap this one's work): the scored model, and

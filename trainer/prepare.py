@@ -116,7 +116,7 @@ class DataError(PrepareError):
 DATA_FAIL = "FAIL: data: "  # how a run says so (its last words); the engine pauses the loop on it
 # How `run` begins its refusal of a run during which the code that scores it changed: the run's own
 # write, or a person's edit of the workspace's harness while it trained (a single slot runs there); it
-# cannot tell which, so it says both, and the engine pauses the loop and runs the change again once.
+# cannot tell which, so it says both, and the engine puts the harness back and runs the change again once.
 HARNESS_CHANGED = "the code that scores it changed while the training command ran"
 
 

@@ -262,7 +262,7 @@ class NotTheChange:
     prefix: str
     again: str  # the reason's start when the change's re-run met it too: then it is the change's crash
     words: str  # in the counts ("2 bad data")
-    digest: str  # a digest's head, before "runs again after /resume"
+    digest: str  # a digest's head, before "runs again" (" after /resume" where the loop pauses)
     resume: str | None  # what the loop's pause asks of a person; None: no pause (nothing for a person to fix)
     blame: str  # why a second time is the change's
 

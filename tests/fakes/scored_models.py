@@ -212,6 +212,16 @@ FORWARDS = {
     "all_minus_inf": "return torch.full_like(self.honest(x), float('-inf'))",
     "raises": "return self.honest(x) / {}['no such key']",
     "wrong_vocab": "return self.honest(x)[..., :-1]",
+    # an io_uring (whose IORING_OP_SOCKET makes the UDP socket seccomp denies socket() for): its forward fails if it gets one
+    "makes_an_io_uring": ("import ctypes\n"
+                          "if ctypes.CDLL(None, use_errno=True).syscall(425, 1, ctypes.create_string_buffer(120)) >= 0:\n"
+                          "    raise RuntimeError('made an io_uring')\n"
+                          "return self.honest(x)"),
+    # closes the pipe its process reads the scorer's requests from (its number is in the process's argv)
+    "closes_its_requests": ("import os, sys\n"
+                            "if self.calls == 1:\n"
+                            "    os.close(int(sys.argv[sys.argv.index('--requests') + 1]))\n"
+                            "return self.honest(x)"),
 }
 
 

@@ -132,11 +132,43 @@ def test_a_model_is_scored_with_the_random_features_it_trained_with(H, tmp_path,
     ("all_minus_inf", "val_bpb is nan: the model's logits are not finite where they are scored"),
     ("raises", "train.py's model failed while the harness scored it: KeyError: 'no such key' (train.py line 22)"),
     ("wrong_vocab", "model(inputs) must return logits [B, T, 8192], got (128, 32, 8191)"),
+    # the scorer's next request had ended it with a BrokenPipeError's traceback
+    ("closes_its_requests", "train.py's model stopped reading the harness's requests"),
 ])
 def test_a_model_whose_output_cannot_be_scored_is_refused_saying_why(H, score, variant, reason):
     with pytest.raises(H.Rejected) as refused:
         score(variant)
     assert str(refused.value).startswith(reason), str(refused.value)
+
+
+@pytest.mark.skipif(prepare.subreaper() is None, reason="prctl's child subreaper is Linux's")
+def test_the_model_processes_buffers_leave_no_files_once_both_sides_mapped_them(H, score, tmp_path):
+    """The CPU's shared buffers are files (in /dev/shm where they fit), removed by `score`'s `finally`: a
+    scorer killed at run_timeout (a forward that never returns) ran none, and left the two processes'
+    logits there (up to 128 MiB each: the CPU's cap on a batch's logits). Once both sides have mapped them
+    they are unlinked."""
+    artifact = save_artifact(tmp_path / "honest", "honest", score.tokenizer.get_vocab_size())
+    folder = tmp_path / "buffers"
+    folder.mkdir()
+    models = H.started_models(artifact, H.saved_meta(artifact), 4, T, score.tokenizer.get_vocab_size(),
+                              torch.device("cpu"), folder)
+    try:
+        assert not list(folder.glob("*.bin"))
+        for model in models:  # what they map is still what the scorer sees
+            model.build()
+            model.answer()
+            assert model.forward(torch.zeros(4, T, dtype=torch.int64)).isfinite().all()
+    finally:
+        for model in models:
+            model.close()
+
+
+def test_scoring_leaves_the_process_no_subreaper_when_it_was_not_one(score):
+    """`score` makes its process the subreaper of the model processes' leftovers; it took the state it
+    had just set for the one to restore, and left every caller a subreaper for good."""
+    prepare.subreaper(False)
+    score("honest")
+    assert prepare.subreaper() is False
 
 
 @pytest.mark.parametrize(("saved", "reason"), [
@@ -708,6 +740,23 @@ def test_a_model_that_hands_its_calls_to_the_probes_process_is_rejected(H, score
         honest = score("honest", seed=1)
         monkeypatch.setenv(H.ENV_SANDBOX, "0")
         assert score(variant, seed=1, **kwargs) < honest - 1
+
+
+def _io_uring() -> bool:
+    import ctypes
+
+    ring = ctypes.CDLL(None, use_errno=True).syscall(425, 1, ctypes.create_string_buffer(120))  # io_uring_setup
+    if ring >= 0:
+        os.close(ring)
+    return ring >= 0 and prepare.landlock_abi() > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not _io_uring(), reason="a kernel with io_uring and landlock")
+def test_a_confined_model_process_makes_no_io_uring(H, score):
+    """seccomp denied socket(), but not io_uring_setup: through an io_uring (IORING_OP_SOCKET, then
+    IORING_OP_SENDMSG) a confined model process still made and used the UDP socket the sandbox keeps
+    from it. Its forward here fails when it gets a ring."""
+    assert score("makes_an_io_uring", seed=1) == score("honest", seed=1)
 
 
 def test_a_model_that_hands_its_calls_to_the_probes_process_through_proc_is_rejected(H, score):
