@@ -1237,10 +1237,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
     m.add_argument("--replies", type=int, required=True, help="the pipe this process answers through")
     args = parser.parse_args(argv)
     if args.command == "model":
-        with os.fdopen(args.requests, "rb") as requests, os.fdopen(args.replies, "w") as replies:
-            serve_model(args.artifact, requests, replies)
-        sys.stdout.flush()
-        os._exit(0)  # train.py's code ran here: no exit hook it set runs
+        try:
+            with os.fdopen(args.requests, "rb") as requests, os.fdopen(args.replies, "w") as replies:
+                serve_model(args.artifact, requests, replies)
+        finally:  # whatever ended it (a SystemExit from the model's code too): no exit hook train.py set runs
+            sys.stdout.flush()
+            os._exit(0)
     artifact = args.artifact or artifact_dir()
     # what a model process leaves running (it could write the result file itself) is killed in `score`
     try:

@@ -824,6 +824,19 @@ def test_a_model_that_memorised_the_held_out_rows_too_is_doubted_by_the_second_o
     assert H.score(artifact, data_dir, "heldout", 0, seed=1)["bpb"] > H.score(honest, data_dir, "heldout", 0, seed=1)["bpb"] - 0.1
 
 
+def test_an_exit_hook_of_train_py_never_runs(H, score, monkeypatch, tmp_path):
+    """A build_model that set an exit hook and then called sys.exit ended its model process through
+    the interpreter's normal exit, which ran the hook (here unconfined: NIGHTLAB_SANDBOX=0, so it may
+    write beside itself). The model process leaves with os._exit however it ends."""
+    monkeypatch.setenv(H.ENV_SANDBOX, "0")
+    build = ("    import atexit, os, sys\n"
+             "    atexit.register(lambda: open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hooked'), 'w').close())\n"
+             "    sys.exit(0)\n")
+    with pytest.raises(H.Rejected, match=r"^train.py's model ended its process \(exit code 0\)"):
+        score("honest", seed=1, build=build)
+    assert not (tmp_path / "honest" / "hooked").exists()
+
+
 @pytest.mark.xfail(strict=True, reason="open: a look-ahead under PROBE_ATOL passes (lowering it needs the GPU's noise measured)")
 def test_a_model_that_looks_ahead_by_less_than_the_probes_tolerance_is_rejected(H, score):
     """The probe allows the logits up to its cut to move by 0.01 (numerical noise): a model that raises
