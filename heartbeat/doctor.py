@@ -311,7 +311,7 @@ def _disk_findings(settings: Settings) -> list[Finding]:
 
 def _sandbox_finding() -> Finding:
     """Whether the scorer can confine the model's processes (README: Integrity)."""
-    from nightlab.trainer.prepare import ENV_SANDBOX, landlock_abi  # no torch (pyarrow, tokenizers)
+    from nightlab.trainer.prepare import ENV_SANDBOX, SECCOMP_DENIED, landlock_abi  # no torch (pyarrow, tokenizers)
 
     abi = landlock_abi()
     if os.environ.get(ENV_SANDBOX, "").strip() == "0":
@@ -321,8 +321,9 @@ def _sandbox_finding() -> Finding:
         return Finding("warn", "sandbox", "the kernel has no landlock: the scorer's model processes run unconfined; a"
                        " model can hand its calls to the probe's process or read the validation rows",
                        "Linux 5.13 or later with landlock in its lsm= boot list confines them")
-    return Finding("ok", "sandbox", f"the scorer confines the model's processes (landlock ABI {abi}, seccomp on"
-                   f" {os.uname().machine})")
+    machine = os.uname().machine
+    seccomp = f"seccomp on {machine}" if machine in SECCOMP_DENIED else f"no seccomp table for {machine}"
+    return Finding("ok", "sandbox", f"the scorer confines the model's processes (landlock ABI {abi}, {seccomp})")
 
 
 def _data_finding(settings: Settings) -> Finding:

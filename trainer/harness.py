@@ -833,16 +833,6 @@ def attached(token: Any) -> torch.Tensor:
 ENV_SANDBOX = prepare.ENV_SANDBOX
 _LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = prepare.LANDLOCK_CREATE_RULESET, 445, 446
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
-# what a model could talk to a sibling model process through, where landlock does not reach: sockets
-# (UDP), System V shared memory, message queues and semaphores, POSIX message queues, and the kernel's
-# keyrings (the user's keyring is every process's of the user, and a key outlives the process that
-# added it: the probe's process read the scored one's calls there after it was killed), and io_uring
-# (its IORING_OP_SOCKET makes a socket without socket())
-# (socket, socketpair, shmget, msgget, semget, mq_open, add_key, request_key, keyctl, io_uring_setup)
-_SECCOMP_DENIED = {"x86_64": (0xC000003E, (41, 53, 29, 68, 64, 240, 248, 249, 250, 425)),
-                   "aarch64": (0xC00000B7, (198, 199, 194, 186, 190, 180, 217, 218, 219, 425))}
-
-
 class _RulesetAttr(ctypes.Structure):
     _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
                 ("scoped", ctypes.c_uint64)]
@@ -930,9 +920,9 @@ def _deny_ipc(libc: Any) -> str:
     segment or a key passed the calls on), as does any call of another architecture's numbering. Returns its
     words for `confine`'s."""
     machine = os.uname().machine
-    if machine not in _SECCOMP_DENIED:
+    if machine not in prepare.SECCOMP_DENIED:
         return f"; sockets and System V IPC not denied (no seccomp table for {machine})"
-    arch, numbers = _SECCOMP_DENIED[machine]
+    arch, numbers = prepare.SECCOMP_DENIED[machine]
     ld_abs, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JSET|K, BPF_RET|K
     allow, eperm = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
     denied = len(numbers) + 2  # the last instruction, counted from the one after the load of the number

@@ -1268,6 +1268,15 @@ def scorer_command(harness: Path, *args: str, command: str = "score") -> list[st
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2), Linux
 LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
 ENV_SANDBOX = "NIGHTLAB_SANDBOX"  # 0: the scorer's model processes run unconfined (harness.confine)
+# The calls harness.confine denies a model process (seccomp), by machine (its audit arch, the calls'
+# numbers), also read by `nightlab doctor`: what a model could talk to a sibling model process through
+# where landlock does not reach: sockets (UDP), System V shared memory, message queues and semaphores,
+# POSIX message queues, the kernel's keyrings (the user's keyring is every process's of the user, and a
+# key outlives the process that added it: the probe's process read the scored one's calls there after
+# it was killed), and io_uring (its IORING_OP_SOCKET makes a socket without socket()).
+# (socket, socketpair, shmget, msgget, semget, mq_open, add_key, request_key, keyctl, io_uring_setup)
+SECCOMP_DENIED = {"x86_64": (0xC000003E, (41, 53, 29, 68, 64, 240, 248, 249, 250, 425)),
+                   "aarch64": (0xC00000B7, (198, 199, 194, 186, 190, 180, 217, 218, 219, 425))}
 
 
 def landlock_abi() -> int:
