@@ -965,10 +965,14 @@ def serve_model(artifact: Path, requests: BinaryIO, replies: TextIO) -> None:
         replies.write(json.dumps(message) + "\n")
         replies.flush()
 
-    try:
+    try:  # the harness's own steps, before any of train.py's code: what fails here is not the model's doing
         rt = setup(attention_backend="sdpa", compile=False)
         shared = pickle.load(requests)  # the scorer's: trusted
         inputs, out = attached(shared["inputs"]), attached(shared["logits"])
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - setup's FAIL (a SystemExit), CUDA IPC refused, ...
+        say(failed=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        return
+    try:
         sandbox = f"none ({ENV_SANDBOX}=0)"
         if shared["private"] is not None:
             try:
@@ -1014,6 +1018,7 @@ class ModelProcess:
         self.files = [Path(token[1]) for token in (inputs_token, logits_token) if token[0] == "file"]
         private = Path(tempfile.mkdtemp(dir=folder))
         self.output = private.with_suffix(".log")
+        self.answered = False  # its first answer may say the harness failed it (`serve_model`)
         requests_in, requests_out = os.pipe()
         replies_in, replies_out = os.pipe()
         command = prepare.scorer_command(Path(__file__).resolve(), "--artifact", str(artifact), "--requests",
@@ -1035,19 +1040,26 @@ class ModelProcess:
         line = self.replies.readline(1 << 16)
         if not line:
             code = self.proc.wait()
-            tail = [t for t in self.output.read_text(errors="replace").splitlines() if t.strip()][-1:]
             raise Rejected(f"train.py's model ended its process (exit code {code}) while the harness scored it"
-                           + (f"; its last line: {' '.join(tail[0].split())[:200]}" if tail else ""))
+                           + self._last_line())
         try:
             message = json.loads(line)
         except ValueError:
             message = None
         if isinstance(message, dict) and isinstance(message.get("rejected"), str):
             raise Rejected(" ".join(message["rejected"].split())[:500])
+        first, self.answered = not self.answered, True
+        if first and isinstance(message, dict) and isinstance(message.get("failed"), str):  # before train.py ran
+            raise HarnessError(f"the scorer's model process could not start ({message['failed']}){self._last_line()}")
         if not isinstance(message, dict) or not message.keys() <= {"ready", "done", "sandbox", "broken"}:
             raise Rejected("train.py's model wrote into the harness's channel with its scorer (fd "
                            f"{self.replies.fileno()}): {line[:80]!r}")
         return message
+
+    def _last_line(self) -> str:
+        """"; its last line: …" of its output, where it wrote one."""
+        tail = [t for t in self.output.read_text(errors="replace").splitlines() if t.strip()][-1:]
+        return f"; its last line: {' '.join(tail[0].split())[:200]}" if tail else ""
 
     def unlink_files(self) -> None:
         """Its buffers' files, once it has mapped them (its first answer): the memory stays both sides',
@@ -1230,8 +1242,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
         try:
             with os.fdopen(args.requests, "rb") as requests, os.fdopen(args.replies, "w") as replies:
                 serve_model(args.artifact, requests, replies)
+        except BaseException:  # noqa: BLE001 - into its output, whose last line the scorer shows
+            traceback.print_exc()
         finally:  # whatever ended it (a SystemExit from the model's code too): no exit hook train.py set runs
             sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(0)
     artifact = args.artifact or artifact_dir()
     # what a model process leaves running (it could write the result file itself) is killed in `score`

@@ -824,6 +824,17 @@ def test_a_model_that_memorised_the_held_out_rows_too_is_doubted_by_the_second_o
     assert H.score(artifact, data_dir, "heldout", 0, seed=1)["bpb"] > H.score(honest, data_dir, "heldout", 0, seed=1)["bpb"] - 0.1
 
 
+def test_a_model_process_the_harness_cannot_start_is_the_harnesss_failure_not_the_models(H, score, monkeypatch):
+    """A model process whose own setup failed (here the dtype asked for; on a GPU, CUDA IPC refused)
+    ended before a word, read as train.py's model ending its process: the change refused for the
+    harness's failure. It is the run's failure, saying what failed."""
+    monkeypatch.setenv("NIGHTLAB_DTYPE", "int8")
+    with pytest.raises(H.HarnessError) as failed:
+        score("honest", seed=1)
+    assert str(failed.value) == ("the scorer's model process could not start (SystemExit: 1); its last line: FAIL:"
+                                 " NIGHTLAB_DTYPE='int8' is not one of bf16, fp16, fp32; set one of them or unset it")
+
+
 def test_an_exit_hook_of_train_py_never_runs(H, score, monkeypatch, tmp_path):
     """A build_model that set an exit hook and then called sys.exit ended its model process through
     the interpreter's normal exit, which ran the hook (here unconfined: NIGHTLAB_SANDBOX=0, so it may
