@@ -29,11 +29,14 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under a limit, tee its output, 
     echo "== $name: exit ${PIPESTATUS[0]}"
 }
 
+ls /dev/shm > "$OUT/shm-before.txt" 2>&1  # what the scorer's CUDA IPC leaves there: compared at the end
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" \
     2>&1 | tee -a "$OUT/gpu.txt"
 step trainer 230 "$PY" bench/trainer.py --budget 40 --data-dir "$DATA" ${OTHER:+--other "$OTHER"} --log "$OUT/trainer.log"
 step scoring 100 "$PY" bench/scoring.py --repeat 3 --profile default --data-dir "$DATA"
 step ipc_segments 30 "$PY" bench/ipc_segments.py
+ls /dev/shm > "$OUT/shm-after.txt" 2>&1  # after the scorer's runs, before the profiles (which may be cut)
+echo "== /dev/shm: $(comm -13 "$OUT/shm-before.txt" "$OUT/shm-after.txt" | wc -l) entries more than before the scorer's runs"
 # last: it stops starting profiles at its deadline, and the call's 600 s end it at worst
 step profiles 215 "$PY" bench/profiles_gpu.py --budget 20 --data-dir "$DATA" --deadline 200 --log-dir "$OUT/profiles"
