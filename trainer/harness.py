@@ -82,6 +82,17 @@ class Rejected(Exception):
     """The trained model is refused by the scorer; the message is the reason recorded."""
 
 
+def one_line(text: str, limit: int) -> str:
+    """text on one line (whitespace runs as one space), cut at `limit` characters: what a message to
+    chat or a log line holds of an error."""
+    return " ".join(text.split())[:limit]
+
+
+def error_line(error: BaseException) -> str:
+    """`Type: message` of an error, on one line."""
+    return f"{type(error).__name__}: {one_line(str(error), 300)}"
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     print(f"\nFAIL: {message}", flush=True)
     sys.exit(code)
@@ -563,7 +574,7 @@ class Runtime:
             while not probe.exists():
                 probe = probe.parent
             free = shutil.disk_usage(probe).free
-            fail(f"could not save the trained model in {out} ({' '.join(str(e).split())[:200]}); {free / 2**20:,.0f} MB"
+            fail(f"could not save the trained model in {out} ({one_line(str(e), 200)}); {free / 2**20:,.0f} MB"
                  " free there: a full disk? free space on it")
         print(f"Training done: {budget.step} steps in {budget.counted:.1f}s counted; weights saved to {out}", flush=True)
         return out
@@ -652,7 +663,7 @@ def model_failed(error: BaseException, artifact: Path) -> Rejected:
     traceback: the reason goes to chat)."""
     frames = traceback.extract_tb(error.__traceback__)
     where = next((f" (train.py line {f.lineno})" for f in reversed(frames) if Path(f.filename) == artifact / "train.py"), "")
-    message = " ".join(str(error).split())[:200]
+    message = one_line(str(error), 200)
     return Rejected(f"train.py's model failed while the harness scored it: {type(error).__name__}"
                     f"{': ' + message if message else ''}{where}")
 
@@ -704,7 +715,7 @@ def built_model(artifact: Path, meta: dict[str, Any], rt: Runtime):
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
         # a model saved whole (torch.save(model)), or a file that is no torch.save's: a traceback had ended the scorer
         raise Rejected(f"the saved model.pt is not weights the harness can read ({type(e).__name__}:"
-                       f" {' '.join(str(e).split())[:160]}): train.py must save through the harness's finish(...)") from None
+                       f" {one_line(str(e), 160)}): train.py must save through the harness's finish(...)") from None
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as e:
@@ -970,7 +981,7 @@ def serve_model(artifact: Path, requests: BinaryIO, replies: TextIO) -> None:
         shared = pickle.load(requests)  # the scorer's: trusted
         inputs, out = attached(shared["inputs"]), attached(shared["logits"])
     except (Exception, SystemExit) as e:  # noqa: BLE001 - setup's FAIL (a SystemExit), CUDA IPC refused, ...
-        say(failed=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        say(failed=error_line(e))
         return
     try:
         sandbox = f"none ({ENV_SANDBOX}=0)"
@@ -982,7 +993,7 @@ def serve_model(artifact: Path, requests: BinaryIO, replies: TextIO) -> None:
             try:
                 _self_check(rt)
             except Exception as e:  # noqa: BLE001 - the harness's own code failed under the sandbox
-                say(broken=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+                say(broken=error_line(e))
                 return
         say(sandbox=sandbox)
         # train.py's code runs once the scorer says so (`ModelProcess.build`): the probe's process only
@@ -1047,7 +1058,7 @@ class ModelProcess:
         except ValueError:
             message = None
         if isinstance(message, dict) and isinstance(message.get("rejected"), str):
-            raise Rejected(" ".join(message["rejected"].split())[:500])
+            raise Rejected(one_line(message["rejected"], 500))
         first, self.answered = not self.answered, True
         if first and isinstance(message, dict) and isinstance(message.get("failed"), str):  # before train.py ran
             raise HarnessError(f"the scorer's model process could not start ({message['failed']}){self._last_line()}")
@@ -1059,7 +1070,7 @@ class ModelProcess:
     def _last_line(self) -> str:
         """"; its last line: …" of its output, where it wrote one."""
         tail = [t for t in self.output.read_text(errors="replace").splitlines() if t.strip()][-1:]
-        return f"; its last line: {' '.join(tail[0].split())[:200]}" if tail else ""
+        return f"; its last line: {one_line(tail[0], 200)}" if tail else ""
 
     def unlink_files(self) -> None:
         """Its buffers' files, once it has mapped them (its first answer): the memory stays both sides',
