@@ -12,7 +12,13 @@ import statistics
 from dataclasses import dataclass, field
 
 from nightlab.loop.decision import Rule, decide
-from nightlab.loop.state.ledger import DATA_PROBLEM_PREFIX, HARNESS_CHANGED_PREFIX, RESULT_LOST_PREFIX, USER_KILL_PREFIX
+from nightlab.loop.state.ledger import (
+    DATA_PROBLEM_PREFIX,
+    HARNESS_CHANGED_PREFIX,
+    PYTHON_CHANGED_PREFIX,
+    RESULT_LOST_PREFIX,
+    USER_KILL_PREFIX,
+)
 from nightlab.loop.state.stats import Comparison, Noise
 from nightlab.loop.summary import Summary
 
@@ -26,6 +32,8 @@ DATA_FAIL = "FAIL: data: "
 # how the harness begins its refusal of a run during which the code that scores it changed, nothing else
 # (prepare.HARNESS_CHANGED, written out here likewise)
 HARNESS_CHANGED = "the code that scores it changed while the training command ran"
+# how the harness begins its refusal of a run when the scorer's Python changed (prepare.PYTHON_CHANGED)
+PYTHON_CHANGED = "the Python environment the scorer runs in changed"
 _NAMED = re.compile(r" \(([^)]+)\)")  # the files HARNESS_CHANGED is followed by
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|MemoryError", re.IGNORECASE)
 
@@ -66,6 +74,8 @@ def failure_reason(m: Measurement, metric_name: str) -> str | None:
             return (f"{HARNESS_CHANGED_PREFIX} {files.group(1) if files else 'the harness'} changed while the run"
                     " trained in the workspace: a person's edit, or the run's own write (nothing tells which as it"
                     " happens); put back as recorded (an edit of yours is kept in `git stash list`)")
+        if m.summary.rejected.startswith(PYTHON_CHANGED):  # a person's install, or a write by the run or the agent
+            return f"{PYTHON_CHANGED_PREFIX} {m.summary.rejected}"
         return f"rejected by the harness: {m.summary.rejected}"
     value = m.summary.get(metric_name)
     if m.exit_code is None and not (m.summary.complete and value is not None):

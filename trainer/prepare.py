@@ -70,6 +70,9 @@ ENV_CACHE = "NIGHTLAB_CACHE"
 ENV_ARTIFACT_DIR = "NIGHTLAB_ARTIFACT_DIR"  # where train.py's run saves the trained model
 ENV_RUN_STARTED = "NIGHTLAB_RUN_STARTED"  # set by `run` for the scorer's total_seconds
 ENV_BUDGET_STEPS = "NIGHTLAB_BUDGET_STEPS"  # a step budget instead of TIME_BUDGET (harness.py)
+# when the run's change began (the engine: its candidate made, before an agent edits): `run` refuses to
+# score when anything in the scorer's Python changed since (`environment_changes`); unset, the run's start
+ENV_PYTHON_SINCE = "NIGHTLAB_PYTHON_SINCE"
 DEFAULT_ARTIFACT_DIR = ".nightlab/artifact"
 ARTIFACT_FILES = ("model.pt", "meta.json", "train.py")  # what the scorer reads of a saved model, all it is kept with
 TRAINING_ONLY_MARKER = "TRAINING_ONLY"  # in a data dir without its validation shard (see `run`)
@@ -118,6 +121,10 @@ DATA_FAIL = "FAIL: data: "  # how a run says so (its last words); the engine pau
 # write, or a person's edit of the workspace's harness while it trained (a single slot runs there); it
 # cannot tell which, so it says both, and the engine puts the harness back and runs the change again once.
 HARNESS_CHANGED = "the code that scores it changed while the training command ran"
+# How `run` begins its refusal of a run when the Python the scorer runs in (its standard library, its
+# site dirs) changed: a package a person installed, or a file the run or the agent wrote there (a .pth
+# file in site-packages runs in every Python started, the scorer too). The engine pauses the night on it.
+PYTHON_CHANGED = "the Python environment the scorer runs in changed"
 
 
 def fail_text(error: PrepareError) -> str:
@@ -1265,6 +1272,61 @@ def scorer_command(harness: Path, *args: str, command: str = "score") -> list[st
     return [sys.executable, "-P", "-u", str(harness), command, *args]
 
 
+def python_roots(environ: Mapping[str, str]) -> list[Path]:
+    """What the built-in scorer (this Python, with -P) imports from, as found now: PYTHONPATH's folders,
+    the standard library (and its zip, where one has appeared), the site dirs with what their .pth files
+    add, and the user's site dir where Python reads one (made by a run, it is read by the scorer after).
+    This process's path from the standard library on: before it come the script's folder (the workspace)
+    and what a test runner put there."""
+    import site
+
+    bases = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
+    start = next((i for i, entry in enumerate(sys.path)
+                  if entry and any(base in Path(entry).resolve().parents for base in bases)), 1)
+    user = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
+    entries = [*environ.get("PYTHONPATH", "").split(os.pathsep), *sys.path[start:], *user]
+    found = list(dict.fromkeys(Path(entry).resolve() for entry in entries if entry and os.path.exists(entry)))
+    return [f for f in found if not any(other in f.parents for other in found)]  # each file once
+
+
+def environment_changes(since: float, environ: Mapping[str, str], spared: Sequence[Path]) -> list[str] | None:
+    """The files in the scorer's Python (`python_roots`, beneath none of `spared`; and the interpreter's
+    own link and its virtual environment's pyvenv.cfg, which say which Python runs) whose inode changed
+    after `since` (ctime: written, linked, renamed or made; no process can set it back), by `find` (a
+    walk of ~100k files in a third of a second; Python's own took ten times that). A bytecode cache
+    written meanwhile (any Python importing a module writes one) is removed instead: Python compiles
+    it again from its source, and one planted there is never run. None where `find` could not say."""
+    import subprocess
+
+    try:
+        found = subprocess.run(["find", *map(str, python_roots(environ)), "!", "-type", "d", "-newerct",
+                                f"@{since:.6f}", "-print0"], capture_output=True, check=False)
+    except OSError:
+        return None
+    if found.returncode != 0 and not found.stdout:
+        return None
+    changed = []
+    for path in (Path(os.fsdecode(raw)) for raw in found.stdout.split(b"\0") if raw):
+        if any(path.is_relative_to(folder) for folder in spared):
+            continue
+        if path.parent.name == "__pycache__":
+            if path.suffix != ".pyc":  # a .pyc being written (its temporary name): Python reads only .pyc there
+                continue
+            try:
+                path.unlink(missing_ok=True)
+                continue
+            except OSError:
+                pass
+        changed.append(str(path))
+    for which in (Path(sys.executable), Path(sys.prefix, "pyvenv.cfg")):
+        try:
+            if os.lstat(which).st_ctime > since:  # the link itself: one made anew may name another Python
+                changed.append(str(which))
+        except OSError:
+            pass
+    return sorted(changed)
+
+
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2), Linux
 LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
 ENV_SANDBOX = "NIGHTLAB_SANDBOX"  # 0: the scorer's model processes run unconfined (harness.confine)
@@ -1472,6 +1534,21 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     code = _stream(train_command, train_env, untrusted)
     # whatever its exit code: a cache file it wrote must not score a later run
     tampered = [tampered_data(data_dir, data_before) if data_dir is not None else None]
+    if score_command is None:  # the built-in scorer runs in this Python; a project's own score command, its own
+        try:
+            since = min(started, float(env.get(ENV_PYTHON_SINCE, "")))
+        except ValueError:
+            since = started
+        spared = [Path.cwd().resolve(), artifact, *(p.resolve() for p in (data_dir, view) if p is not None)]
+        changes = environment_changes(since, env, spared)
+        if changes is None:
+            print("note: the Python environment could not be checked for changes (`find` is missing here, or failed)", flush=True)
+        elif changes:  # said first: the engine pauses the night on it, whatever else the run did
+            shown = ", ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
+            tampered.insert(0, f"{PYTHON_CHANGED} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+                               f" ({shown}): what is there runs in the scorer's process (a .pth file in a site dir,"
+                               " as it starts), so nothing is scored until it is checked: remove what you did not"
+                               " install (`pip install --force-reinstall <package>` puts a package back)")
     if scored_code is not None and (artifact / "train.py").is_file() and (artifact / "train.py").read_bytes() != scored_code:
         tampered.append(f"the training command replaced {artifact / 'train.py'}, the code the harness builds the model"
                         " with: a run is scored with the train.py it committed")

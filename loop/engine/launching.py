@@ -13,6 +13,8 @@ from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate
 from nightlab.loop.workspace import protect, protected_mismatches
 
+PYTHON_SINCE_ENV = "NIGHTLAB_PYTHON_SINCE"  # prepare.ENV_PYTHON_SINCE (importing prepare loads pyarrow)
+
 
 def free_slot(ctx: Context, cand: Candidate | None = None) -> Slot | None:
     """A slot with no run; for a candidate pinned to a hardware class, one of that class (when
@@ -46,7 +48,9 @@ def launch(ctx: Context, cand: Candidate) -> None:
         slot = free_slot(ctx, cand)
         assert slot is not None  # the cycle launches only with a free slot
         node = (cand.pin or ANYWHERE)["node"]
-        spec = RunSpec(ws.run_command, ctx.run_dir(cand), log, slot, ctx.env, node)
+        # the harness holds the scorer's Python to how it was when this change began, before an agent edited
+        env = {**ctx.env, PYTHON_SINCE_ENV: f"{cand.created_at:.3f}"}
+        spec = RunSpec(ws.run_command, ctx.run_dir(cand), log, slot, env, node)
         handle = ctx.executor.launch(spec)
     with ctx.store.transaction():
         ledger.add_run(ctx.store, cand.id, handle.to_json(), handle.slot, str(log), ctx.setting)

@@ -247,6 +247,12 @@ DATA_AGAIN_PREFIX = "data problem again:"
 # is taken as the person's once: the change runs again, and a re-run that changes them too is its crash
 HARNESS_CHANGED_PREFIX = "harness changed:"
 HARNESS_AGAIN_PREFIX = "harness changed again:"
+# the reason of a run that the harness refused because the scorer's Python (its standard library, its site
+# dirs) changed since its change began: a package a person installed, or a file the run or the agent wrote
+# there (a .pth file runs in the scorer as it starts). Nothing is scored until a person has looked: the
+# loop pauses, and the change runs again after /resume; a re-run that changes it too is its crash
+PYTHON_CHANGED_PREFIX = "python changed:"
+PYTHON_AGAIN_PREFIX = "python changed again:"
 
 
 # the reason of a run whose log and exit status were removed after it ended (an agent's `git clean -x`
@@ -275,6 +281,10 @@ NOT_THE_CHANGE = (
                  None,  # the engine puts the harness back: a train.py that writes it stalls no night
                  "its run before changed it too, so it counts as this change's crash (a person's edit twice, each"
                  " during one of its runs, is unlikely: the change is what writes it)"),
+    NotTheChange(PYTHON_CHANGED_PREFIX, PYTHON_AGAIN_PREFIX, "python changed", "the scorer's Python changed",
+                 "/resume once you have checked them",
+                 "its run before changed it too, so it counts as this change's crash (the change is what writes"
+                 " there)"),
 )
 
 

@@ -22,7 +22,7 @@ import time
 # line between two changes), as a re-made (rebased) change must.
 VAL_BPB = [1.0]
 
-MODE = "ok"  # ok | crash | nan | oom | datafail | nosummary | hang | spawn (hang with a child process) | heldout (names a held-out gain) | harness (writes prepare.py)
+MODE = "ok"  # ok | crash | nan | oom | datafail | nosummary | hang | spawn (hang with a child process) | heldout (names a held-out gain) | harness (writes prepare.py) | python (the harness finds the scorer's Python changed)
 
 SLEEP = 0.0  # seconds of "training" before the summary
 
@@ -69,6 +69,10 @@ if MODE == "harness":  # a change that writes the harness where it runs (the wor
     harness = pathlib.Path("prepare.py")
     harness.chmod(0o644)
     harness.write_text(harness.read_text() + "VALUE = 0\n")
+if MODE == "python":  # the harness's words for a file that appeared in site-packages since the change began
+    print(f"REJECTED: the Python environment the scorer runs in changed since {os.environ.get('NIGHTLAB_PYTHON_SINCE')}"
+          " (/venv/site-packages/zz.pth): remove what you did not install", flush=True)
+    sys.exit(3)
 if MODE == "crash":
     print("Traceback (most recent call last):\nRuntimeError: boom", flush=True)
     sys.exit(3)

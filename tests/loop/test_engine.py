@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,35 @@ def test_a_data_problem_pauses_the_loop_at_its_first_crash(tmp_path: Path) -> No
     assert ledger.experiments(engine.store)[1].reason == reason
     self_paused = [e.payload for e in engine.store.events_after(0) if e.kind == "self_paused"]
     assert self_paused == [{"reason": f"#2: {reason}; /resume once it is fixed, and #2 runs again"}]
+    engine.join(stop=True)
+
+
+def test_a_change_of_the_scorers_python_pauses_the_loop_until_a_person_has_looked(tmp_path: Path) -> None:
+    """A file that appeared in site-packages since the change began (a package a person installed, or
+    a .pth file the run or the agent wrote, which runs in every scorer after) is said by the harness,
+    which scores nothing: the loop pauses for a person, and the change runs again after /resume; a
+    re-run that changes it again is its crash. Each run is held to its own change's start."""
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    ws = settings.workspace_path
+    started = time.time()
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"MODE": "python"}}]), limit=3)
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine.ticks()  # paused: the re-run waits for /resume
+    said = "(/venv/site-packages/zz.pth): remove what you did not install"
+    second = ledger.experiments(engine.store)[1]
+    assert re.fullmatch(rf"python changed: the Python environment the scorer runs in changed since [0-9.]+ {re.escape(said)}",
+                        second.reason) and second.status == "crash"
+    self_paused = [e.payload["reason"] for e in engine.store.events_after(0) if e.kind == "self_paused"]
+    assert self_paused == [f"#2: {second.reason}; /resume once you have checked them, and #2 runs again"]
+    send_command(ws, "resume", "cli:test")
+    engine.wait_for(lambda: len(ledger.experiments(engine.store)) == 3, "#2's re-run")
+    third = ledger.experiments(engine.store)[2]
+    assert (third.kind, third.confirm_of, third.status) == ("confirm", 2, "crash")
+    assert third.reason.startswith("python changed again: ") and third.reason.endswith(
+        "its run before changed it too, so it counts as this change's crash (the change is what writes there)")
+    since = [float(re.search(r"since ([0-9.]+) ", e.reason).group(1)) for e in (second, third)]  # type: ignore[union-attr]
+    assert started - 1 < since[0] < since[1] < time.time()  # the re-run's own start, made after #2 ended
+    assert "experiments: 3 (1 baseline, 1 crash, 1 python changed)" in views.status_text(ws)
     engine.join(stop=True)
 
 

@@ -1018,3 +1018,26 @@ def test_training_output_cannot_pose_as_a_data_failure(corpus, tmp_path: Path, m
     out = capfd.readouterr().out
     said = reason(out)
     assert said is not None and said.startswith(f"data problem: {source / 'shard_00001.parquet'} is damaged (")
+
+
+def test_the_scorers_python_is_checked_for_files_changed_since_the_change_began(tmp_path: Path) -> None:
+    """What `run` refuses a run for when the scorer's Python changed (a .pth file planted in a site dir
+    runs in the scorer as it starts): a file of its import path whose inode changed since, beneath none of
+    the folders spared (the workspace); a .pyc written meanwhile is removed (compiled again from its
+    source, and one planted never runs), a .pyc being written (its temporary name) left alone."""
+    path = tmp_path / "path"
+    (path / "__pycache__").mkdir(parents=True)
+    (path / "old.py").write_text("")
+    old = os.stat(path / "old.py").st_ctime_ns
+    since = old / 1e9 + 2e-6  # just after it (a float, to the microsecond, as the engine hands it)
+    made = [path / "planted.pth", path / "__pycache__" / "old.cpython-311.pyc", path / "__pycache__" / "old.pyc.123",
+            path / "ws" / "train.py"]
+    made[-1].parent.mkdir()
+    for new in made:
+        new.write_text("")
+        while os.stat(new).st_ctime_ns <= old + 5000:  # the same tick of the clock: a change made after it
+            new.chmod(0o644)
+    assert path.resolve() in P.python_roots({"PYTHONPATH": str(path)})
+    assert P.environment_changes(since, {"PYTHONPATH": str(path)}, [(path / "ws").resolve()]) == [str(made[0].resolve())]
+    assert not made[1].exists() and made[2].exists()
+    assert P.environment_changes(since, {}, []) == []  # this Python: nothing written since

@@ -647,11 +647,11 @@ HARNESS_TRICKS = {
 }
 
 
-def _run_in_workspace(command: str) -> tuple[int, str]:
+def _run_in_workspace(command: str, python: str = sys.executable) -> tuple[int, str]:
     """`python prepare.py run` from the workspace's own copies of the harness's files (the cwd)."""
     for name in ("prepare.py", "harness.py"):
         shutil.copy(TRAINER / name, name)
-    proc = subprocess.run([sys.executable, "prepare.py", "run", "--command", command], capture_output=True,
+    proc = subprocess.run([python, "prepare.py", "run", "--command", command], capture_output=True,
                           text=True, timeout=120, check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -895,23 +895,30 @@ def test_a_process_the_training_command_leaves_running_never_reaches_its_score(r
 
 
 # a .pth file in the environment's site-packages: every Python started from it runs its `import` line,
-# the scorer too (here: math.log doubled in the scorer's process only, so val_bpb is halved; once, if
-# the folder is read twice, as lib and lib64)
+# the scorer too (here: math.log doubled in the scorer's process only, so val_bpb is halved)
 PTH_LINE = ("import sys, math; exec(\"math.log = lambda *a, _l=vars(math).setdefault('_log', math.log): 2 * _l(*a)\")"
             " if 'score' in sys.argv and any(a.endswith('harness.py') for a in sys.argv) else None\n")
 PTH_PLANTED = f"import site\nopen(os.path.join(site.getsitepackages()[0], 'zz_nightlab_trick.pth'), 'w').write({PTH_LINE!r})\n"
 
 
-@pytest.mark.xfail(strict=True, reason="open: the training command can edit the installed packages (a .pth file)")
-def test_a_pth_file_the_training_command_plants_never_changes_its_score(run_env, honest_in_a_workspace):
+def test_a_pth_file_the_training_command_plants_is_never_scored_with(run_env, honest_in_a_workspace, tmp_path):
     """The training command runs unconfined, as the user, and the virtual environment is the user's: a
-    .pth file it leaves in site-packages runs in the scorer's process when Python starts (here it doubles
-    math.log there: 2.86 scored 1.43). Nothing checks the installed packages after the training."""
-    import site
+    .pth file it left in site-packages ran in the scorer's process as Python started (here it doubles
+    math.log there: 2.86 scored 1.43). The run checks the scorer's Python after the training: a file
+    changed there since the change began refuses it, naming the file (the engine pauses the night).
+    (A virtual environment of its own, over this one's packages: the file planted reaches no other test.)"""
+    import sysconfig
 
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_dir = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+                                   capture_output=True, text=True, check=True).stdout.strip())
+    (site_dir / "packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     _, train_command = run_env
-    try:
-        code, out = _run_in_workspace(train_command(PTH_PLANTED))
-    finally:
-        Path(site.getsitepackages()[0], "zz_nightlab_trick.pth").unlink(missing_ok=True)
-    assert code == 0 and _scored(out).get("val_bpb") == honest_in_a_workspace, out[-2000:]
+    python = str(venv / "bin" / "python")
+    code, out = _run_in_workspace(train_command(PTH_PLANTED).replace(sys.executable, python, 1), python)
+    assert code == prepare.REJECTED_EXIT and _scored(out).get("val_bpb") is None, out[-2000:]
+    assert f"REJECTED: {prepare.PYTHON_CHANGED} since " in out and f"({site_dir / 'zz_nightlab_trick.pth'}):" in out
+    # why it is refused, and why the engine pauses for a person: left there, it halves the runs after
+    code, out = _run_in_workspace(train_command(), python)
+    assert code == 0 and _scored(out).get("val_bpb") < honest_in_a_workspace * 0.6, out[-2000:]
