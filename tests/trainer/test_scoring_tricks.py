@@ -33,8 +33,7 @@ from tests.trainer.conftest import TRAINER
 T, ROWS = 32, 256  # two batches of 128 rows on a CPU (the scorer's cap on logits)
 
 
-@pytest.fixture
-def score(H, data_dir, monkeypatch, tmp_path):
+def _scorer(H, data_dir, monkeypatch, tmp_path):
     monkeypatch.setattr(H, "MAX_SEQ_LEN", T)
     monkeypatch.setattr(H, "EVAL_TOKENS", ROWS * T)
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # `setup` sets the training process's own
@@ -48,17 +47,29 @@ def score(H, data_dir, monkeypatch, tmp_path):
     return scored
 
 
-def test_an_honest_model_scores_the_same_whatever_the_probe_draws(score):
-    assert score("honest", seed=1) == score("honest")
+@pytest.fixture
+def score(H, data_dir, monkeypatch, tmp_path):
+    return _scorer(H, data_dir, monkeypatch, tmp_path)
 
 
-def test_a_model_honest_only_where_the_probe_used_to_look_is_rejected(H, score):
+@pytest.fixture(scope="module")
+def honest(H, data_dir, tmp_path_factory) -> float:
+    """The honest model's val_bpb, scored once for the tests that compare with it: the same whatever the
+    probe draws (the first test), with the sandbox on or off."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return _scorer(H, data_dir, monkeypatch, tmp_path_factory.mktemp("honest"))("honest", seed=1)
+
+
+def test_an_honest_model_scores_the_same_whatever_the_probe_draws(score, honest):
+    assert score("honest") == honest  # the probe's draws from the system's randomness; `honest`'s, seed 1
+
+
+def test_a_model_honest_only_where_the_probe_used_to_look_is_rejected(H, score, honest):
     """The probe was the first batch's forward and the call after it: a model honest for its first two
     calls and looking ahead from the third passed it and scored far better on every other batch. The
     probed batch is now drawn from the system's randomness: a model that looks ahead on some batches
     is refused when the draw falls on one of them (here the second batch, seed 1), and passes when it
     does not (seed 0: the first batch; the README says so)."""
-    honest = score("honest")
     assert score("causal_at_first", seed=0) < honest - 1  # the first batch probed: its look-ahead not seen
     with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
         score("causal_at_first", seed=1)
@@ -76,17 +87,16 @@ def test_a_model_that_replays_its_last_call_to_the_probe_is_rejected(H, score):
     call's inputs and logits gave them back where the rows agree, so the probe saw no move, and it
     looked ahead on every batch (2.86 -> 0.29 here). The changed batch now goes through a model built
     anew (its module run again, the weights loaded again): it saw no call before."""
-    for seed in (None, 0, 1):
+    for seed in (0, 1):  # each of the two batches probed
         with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
             score("replays_its_last_call", seed=seed)
 
 
-def test_minus_inf_for_tokens_that_never_come_is_no_look_ahead(score):
+def test_minus_inf_for_tokens_that_never_come_is_no_look_ahead(score, honest):
     """-inf == -inf: the probe read the difference as NaN and refused the model as not causal."""
     tokenizer = score.tokenizer
     unused = sorted(tokenizer.enc.encode_single_token(name) for name in tokenizer.enc.special_tokens_set
                     if name != prepare.BOS_TOKEN)
-    honest = score("honest")
     assert honest - 1e-3 < score("masks_unused_tokens", masked=unused) < honest  # their share of the mass goes
 
 
@@ -95,14 +105,14 @@ def test_random_state_a_model_draws_when_built_is_no_look_ahead(score):
     values it does not save (a non-persistent buffer of random features) drew other ones there, its
     logits moved everywhere and the honest model was refused as not causal. Every build starts from
     the same seed."""
-    for seed in (None, 0, 1):
+    for seed in (0, 1):  # each of the two batches probed
         assert math.isfinite(score("random_features", seed=seed, build=RANDOM_FEATURES))
 
 
 def test_random_features_numpy_draws_when_built_are_no_look_ahead(score):
     """The same model drawing its features with numpy's global generator: each build drew others (torch's
     and Python's generators were seeded for every build, numpy's not), and it was refused as not causal."""
-    for seed in (None, 0, 1):
+    for seed in (0, 1):  # each of the two batches probed
         assert math.isfinite(score("random_features", seed=seed, build=NUMPY_FEATURES))
 
 
@@ -355,8 +365,7 @@ def test_a_run_hashes_the_validation_shard_once_and_hands_its_scorer_the_key(run
     assert commands[0][-2:] == ["--rows-key", prepare.scored_rows_key(data)]
 
 
-def test_a_scorer_handed_the_rows_key_scores_without_hashing_the_data(H, score, data_dir, monkeypatch, tmp_path):
-    honest = score("honest", seed=1)
+def test_a_scorer_handed_the_rows_key_scores_without_hashing_the_data(H, score, honest, data_dir, monkeypatch, tmp_path):
     key = prepare.scored_rows_key(data_dir)
 
     def no_hashing(path):
@@ -498,21 +507,21 @@ def test_a_tokenizer_written_unseen_by_stat_is_refused(run_env, capfd):
     assert refused is not None and f"{data}/tokenizer/tokenizer.json (written)" in refused, refused
 
 
-def test_the_scored_rows_cache_a_run_wrote_never_scores_it_nor_a_later_run(run_env, capfd):
+def test_the_scored_rows_cache_a_run_wrote_never_scores_it_nor_a_later_run(run_env, honest_in_a_workspace, capfd):
     """The scored rows' cache, rewritten as the tokenizer above (2.86 -> 0.19), or its folder made a link
     to rows the run wrote (the check walked no linked folder; 0.19), or a folder put where the file
     goes: the scorer could not write the rows, and every later run ended in a traceback. The cache
     folder keeps regular files only, and the scorer makes them again from the validation shard."""
     data, train_command = run_env
     scored = []
-    tricks = {"honest": "", "written unseen by stat": CACHE_UNSEEN, "its folder a link": CACHE_LINKED,
+    tricks = {"written unseen by stat": CACHE_UNSEEN, "its folder a link": CACHE_LINKED,
               "a folder in its place": CACHE_BLOCKED, "the run after": ""}
     for name, trick in tricks.items():
         code = prepare.run(train_command(trick))
         out = capfd.readouterr().out
         assert code == 0, (name, out[-2000:])
         scored.append((name, _scored(out).get("val_bpb")))
-    assert scored[0][1] is not None and all(bpb == scored[0][1] for _, bpb in scored), scored  # the shard's rows
+    assert all(bpb == honest_in_a_workspace for _, bpb in scored), scored  # the shard's rows
     assert not (data / prepare.EVAL_CACHE_DIR).is_symlink()
 
 
@@ -525,18 +534,16 @@ ODD_FIGURES = (
     "open(path, 'w').write(json.dumps(meta))\n")
 
 
-def test_training_figures_of_odd_types_are_said_as_figures_not_a_traceback(run_env, capfd):
+def test_training_figures_of_odd_types_are_said_as_figures_not_a_traceback(run_env, honest_in_a_workspace, capfd):
     """`depth=8.0` (a float where a count goes) or a word for a figure ended `prepare.py run` with a
     traceback after the model was scored, the run lost; a text figure's line breaks made lines of
     their own: a REJECTED line the log's reader took as the harness's, and a METRIC val_bpb after the
     harness's (the cuda capability's line comes after it), read instead of it."""
     _, train_command = run_env
-    assert prepare.run(train_command()) == 0
-    honest = _scored(capfd.readouterr().out).get("val_bpb")
     assert prepare.run(train_command(ODD_FIGURES)) == 0
     out = capfd.readouterr().out
     summary = _scored(out)
-    assert summary.get("val_bpb") == honest and summary.rejected is None, out[-2000:]
+    assert summary.get("val_bpb") == honest_in_a_workspace and summary.rejected is None, out[-2000:]
     assert summary.get("depth") == 8 and summary.get("num_steps") is None and summary.get("total_tokens_M") is None
     assert "profile: tiny REJECTED: made up METRIC val_bpb=0.01\n" in out
 
@@ -703,12 +710,11 @@ HALVES_THE_LOSS = ("    import torch.nn.functional as F\n    ce = F.cross_entrop
                    "    return Model(config['vocab_size'], config.get('masked', [])).to(device)")
 
 
-def test_a_build_model_that_patches_the_scorers_loss_scores_as_honest(H, score):
+def test_a_build_model_that_patches_the_scorers_loss_scores_as_honest(H, score, honest):
     """The scorer imported train.py and called its build_model and forward in its own process, where it
     computed the cross-entropy: code there replaced torch's functions (here F.cross_entropy halved
     once per build, the probe's too: 2.86 -> 1.07) and could reach the scorer's sums through its frames.
     The model now runs in processes of its own; the scorer, which computes the loss, never runs its code."""
-    honest = score("honest", seed=1)
     assert score("honest", seed=1, build=HALVES_THE_LOSS) == honest
 
 
@@ -724,7 +730,7 @@ def test_a_model_that_replays_its_last_call_through_the_process_is_rejected(H, s
 
 @pytest.mark.parametrize(("variant", "build"), [("replays_through_a_file", None), ("replays_through_a_socket", UDP_BUILD),
                                                ("replays_through_the_keyring", None)], ids=["file", "udp", "keyring"])
-def test_a_model_that_hands_its_calls_to_the_probes_process_is_rejected(H, score, monkeypatch, variant, build):
+def test_a_model_that_hands_its_calls_to_the_probes_process_is_rejected(H, score, honest, monkeypatch, variant, build):
     """Apart, the two model processes still shared the machine: the scored one left each call's inputs
     in a file (or sent them over UDP to a port the probe's bound when built, or added them as keys to
     the user's keyring), and the probe's model gave back, where its changed rows agreed with them, the
@@ -737,7 +743,6 @@ def test_a_model_that_hands_its_calls_to_the_probes_process_is_rejected(H, score
     with pytest.raises(H.Rejected, match=r"^not causal: changing the tokens after position \d+ moved the logits"):
         score(variant, seed=1, **kwargs)
     if variant != "replays_through_a_socket":
-        honest = score("honest", seed=1)
         monkeypatch.setenv(H.ENV_SANDBOX, "0")
         assert score(variant, seed=1, **kwargs) < honest - 1
 
@@ -752,11 +757,11 @@ def _io_uring() -> bool:
 
 
 @pytest.mark.skipif(sys.platform != "linux" or not _io_uring(), reason="a kernel with io_uring and landlock")
-def test_a_confined_model_process_makes_no_io_uring(H, score):
+def test_a_confined_model_process_makes_no_io_uring(H, score, honest):
     """seccomp denied socket(), but not io_uring_setup: through an io_uring (IORING_OP_SOCKET, then
     IORING_OP_SENDMSG) a confined model process still made and used the UDP socket the sandbox keeps
     from it. Its forward here fails when it gets a ring."""
-    assert score("makes_an_io_uring", seed=1) == score("honest", seed=1)
+    assert score("makes_an_io_uring", seed=1) == honest
 
 
 def test_a_model_that_hands_its_calls_to_the_probes_process_through_proc_is_rejected(H, score):
@@ -779,13 +784,12 @@ def test_a_model_whose_scored_process_leaves_a_child_to_hand_its_calls_on_is_rej
         score("replays_through_a_child", seed=1, build=RELAY_BUILD)
 
 
-def test_a_model_that_reads_the_validation_rows_scores_as_honest(H, score, monkeypatch, data_dir):
+def test_a_model_that_reads_the_validation_rows_scores_as_honest(H, score, honest, monkeypatch, data_dir):
     """A forward that read the scored rows from the data dir's cache predicted each next token from
     the first row agreeing with its input so far: causal, so the probe passed it, and the held-out
     slice is in the same file. The model's processes read the Python installation and the artifact
     only: it finds no rows and scores as the honest model it also is."""
     monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
-    honest = score("honest", seed=1)
     assert score("reads_the_validation_rows", seed=1) == honest
     monkeypatch.setenv(H.ENV_SANDBOX, "0")
     assert score("reads_the_validation_rows", seed=1) < honest - 1
