@@ -1037,7 +1037,14 @@ def test_the_scorers_python_is_checked_for_files_changed_since_the_change_began(
         new.write_text("")
         while os.stat(new).st_ctime_ns <= old + 5000:  # the same tick of the clock: a change made after it
             new.chmod(0o644)
-    assert path.resolve() in P.python_roots({"PYTHONPATH": str(path)})
-    assert P.environment_changes(since, {"PYTHONPATH": str(path)}, [(path / "ws").resolve()]) == [str(made[0].resolve())]
+    # a zip on the path (python311.zip, say) that appeared: Python imports from it
+    zipped = tmp_path / "modules.zip"
+    zipped.write_bytes(b"")
+    while os.stat(zipped).st_ctime_ns <= old + 5000:
+        zipped.chmod(0o644)
+    environ = {"PYTHONPATH": os.pathsep.join([str(path), str(zipped), str(tmp_path / "gone.zip")])}
+    assert {path.resolve(), zipped.resolve()} <= set(P.python_roots(environ))
+    assert P.environment_changes(since, environ, [(path / "ws").resolve()]) == sorted(
+        [str(made[0].resolve()), str(zipped.resolve())])
     assert not made[1].exists() and made[2].exists()
     assert P.environment_changes(since, {}, []) == []  # this Python: nothing written since
