@@ -1275,7 +1275,8 @@ def scorer_command(harness: Path, *args: str, command: str = "score") -> list[st
 def python_roots(environ: Mapping[str, str]) -> list[Path]:
     """What the built-in scorer (this Python, with -P) imports from, as found now: PYTHONPATH's folders,
     the standard library (and its zip, where one has appeared), the site dirs with what their .pth files
-    add, and the user's site dir where Python reads one (made by a run, it is read by the scorer after).
+    add, the user's site dir where Python reads one (made by a run, it is read by the scorer after), and
+    LD_LIBRARY_PATH's folders.
     This process's path from the standard library on: before it come the script's folder (the workspace)
     and what a test runner put there."""
     import site
@@ -1284,14 +1285,16 @@ def python_roots(environ: Mapping[str, str]) -> list[Path]:
     start = next((i for i, entry in enumerate(sys.path)
                   if entry and any(base in Path(entry).resolve().parents for base in bases)), 1)
     user = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
-    entries = [*environ.get("PYTHONPATH", "").split(os.pathsep), *sys.path[start:], *user]
+    # ... and the folders the dynamic loader looks in first, where a library planted shadows the one it loads
+    loader = environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+    entries = [*environ.get("PYTHONPATH", "").split(os.pathsep), *sys.path[start:], *user, *loader]
     found = list(dict.fromkeys(Path(entry).resolve() for entry in entries if entry and os.path.exists(entry)))
     return [f for f in found if not any(other in f.parents for other in found)]  # each file once
 
 
 def environment_changes(since: float, environ: Mapping[str, str], spared: Sequence[Path]) -> list[str] | None:
-    """The files in the scorer's Python (`python_roots`, beneath none of `spared`; and the interpreter's
-    own link and its virtual environment's pyvenv.cfg, which say which Python runs) whose inode changed
+    """The files in the scorer's Python (`python_roots`, beneath none of `spared`; and the interpreter, its
+    link, its shared library and its virtual environment's pyvenv.cfg) whose inode changed
     after `since` (ctime: written, linked, renamed or made; no process can set it back), by `find` (a
     walk of ~100k files in a third of a second; Python's own took ten times that). A bytecode cache
     written meanwhile (any Python importing a module writes one) is removed instead: Python compiles
@@ -1318,9 +1321,11 @@ def environment_changes(since: float, environ: Mapping[str, str], spared: Sequen
             except OSError:
                 pass
         changed.append(str(path))
-    for which in (Path(sys.executable), Path(sys.prefix, "pyvenv.cfg")):
+    # the interpreter: its link (one made anew may name another Python), its binary and its shared library
+    libpython = Path(str(sysconfig.get_config_var("LIBDIR")), str(sysconfig.get_config_var("LDLIBRARY")))
+    for which in (Path(sys.executable), Path(sys.executable).resolve(), libpython, Path(sys.prefix, "pyvenv.cfg")):
         try:
-            if os.lstat(which).st_ctime > since:  # the link itself: one made anew may name another Python
+            if os.lstat(which).st_ctime > since:
                 changed.append(str(which))
         except OSError:
             pass

@@ -1042,9 +1042,16 @@ def test_the_scorers_python_is_checked_for_files_changed_since_the_change_began(
     zipped.write_bytes(b"")
     while os.stat(zipped).st_ctime_ns <= old + 5000:
         zipped.chmod(0o644)
-    environ = {"PYTHONPATH": os.pathsep.join([str(path), str(zipped), str(tmp_path / "gone.zip")])}
-    assert {path.resolve(), zipped.resolve()} <= set(P.python_roots(environ))
+    # a library in a folder the dynamic loader looks in first
+    (tmp_path / "lib").mkdir()
+    library = tmp_path / "lib" / "libgomp.so.1"
+    library.write_bytes(b"")
+    while os.stat(library).st_ctime_ns <= old + 5000:
+        library.chmod(0o644)
+    environ = {"PYTHONPATH": os.pathsep.join([str(path), str(zipped), str(tmp_path / "gone.zip")]),
+               "LD_LIBRARY_PATH": str(tmp_path / "lib")}
+    assert {path.resolve(), zipped.resolve(), library.parent.resolve()} <= set(P.python_roots(environ))
     assert P.environment_changes(since, environ, [(path / "ws").resolve()]) == sorted(
-        [str(made[0].resolve()), str(zipped.resolve())])
+        [str(made[0].resolve()), str(zipped.resolve()), str(library.resolve())])
     assert not made[1].exists() and made[2].exists()
     assert P.environment_changes(since, {}, []) == []  # this Python: nothing written since
