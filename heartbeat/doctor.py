@@ -144,6 +144,7 @@ def diagnose(settings: Settings, python: str = sys.executable) -> Report:
     found += _disk_findings(settings)
     if builtin:
         found.append(_sandbox_finding())
+        found.append(_packages_finding())
         found.append(_data_finding(settings))
         found += _view_findings(settings)
     found += _protected_findings(settings)
@@ -324,6 +325,16 @@ def _sandbox_finding() -> Finding:
     machine = os.uname().machine
     seccomp = f"seccomp on {machine}" if machine in SECCOMP_DENIED else f"no seccomp table for {machine}"
     return Finding("ok", "sandbox", f"the scorer confines the model's processes (landlock ABI {abi}, {seccomp})")
+
+
+def _packages_finding() -> Finding:
+    """Whether a run can check the scorer's Python for files changed since its change began
+    (`prepare.environment_changes`, by `find`): a .pth file planted in site-packages runs in the scorer."""
+    if shutil.which("find") is None:
+        return Finding("warn", "packages", "no `find` here: a run does not check the scorer's Python for changed files,"
+                       " and a .pth file a run or an agent plants in site-packages would run in the scorer",
+                       "install findutils (sudo apt-get install -y findutils)")
+    return Finding("ok", "packages", "each run checks the scorer's Python for files changed since its change began")
 
 
 def _data_finding(settings: Settings) -> Finding:

@@ -66,6 +66,22 @@ def test_a_cpu_box_can_run_the_tiny_profile(tmp_path: Path, fake_gpus, capsys) -
     assert lines(out, "ok   git") and out.rstrip().endswith("runs can start (2 warning(s))")
     assert lines(out, "ok   sandbox") == [f"ok   sandbox   the scorer confines the model's processes (landlock ABI"
                                           f" {prepare.landlock_abi()}, seccomp on {os.uname().machine})"]
+    assert lines(out, "ok   packages") == ["ok   packages  each run checks the scorer's Python for files changed since"
+                                           " its change began"]
+
+
+def test_a_box_without_find_is_told_its_runs_do_not_check_the_scorers_python(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`prepare.run` checks the scorer's Python with `find`; without it each run only says so."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    code, out = doctor(write_config(tmp_path), capsys)
+    assert code == 0, out
+    assert lines(out, "WARN packages") == ["WARN packages  no `find` here: a run does not check the scorer's Python for"
+                                           " changed files, and a .pth file a run or an agent plants in site-packages"
+                                           " would run in the scorer"]
+    assert "install findutils (sudo apt-get install -y findutils)" in out
 
 
 def test_a_sandbox_turned_off_is_a_warning(tmp_path: Path, fake_gpus, capsys, monkeypatch) -> None:
