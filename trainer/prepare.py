@@ -1292,6 +1292,11 @@ def python_roots(environ: Mapping[str, str]) -> list[Path]:
     return [f for f in found if not any(other in f.parents for other in found)]  # each file once
 
 
+# a file's ctime comes from the kernel's coarse clock, up to a tick (1-10 ms) behind time.time(): a rename
+# 3 ms after a time taken just before it had an earlier ctime than that time (seen here)
+CTIME_LAG_S = 0.05
+
+
 def environment_changes(since: float, environ: Mapping[str, str], spared: Sequence[Path]) -> list[str] | None:
     """The files in the scorer's Python (`python_roots`, beneath none of `spared`; and the interpreter, its
     link, its shared library and its virtual environment's pyvenv.cfg) whose inode changed
@@ -1301,6 +1306,7 @@ def environment_changes(since: float, environ: Mapping[str, str], spared: Sequen
     it again from its source, and one planted there is never run. None where `find` could not say."""
     import subprocess
 
+    since -= CTIME_LAG_S
     try:
         found = subprocess.run(["find", *map(str, python_roots(environ)), "!", "-type", "d", "-newerct",
                                 f"@{since:.6f}", "-print0"], capture_output=True, check=False)

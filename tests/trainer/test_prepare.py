@@ -1028,26 +1028,21 @@ def test_the_scorers_python_is_checked_for_files_changed_since_the_change_began(
     path = tmp_path / "path"
     (path / "__pycache__").mkdir(parents=True)
     (path / "old.py").write_text("")
-    old = os.stat(path / "old.py").st_ctime_ns
-    since = old / 1e9 + 2e-6  # just after it (a float, to the microsecond, as the engine hands it)
-    made = [path / "planted.pth", path / "__pycache__" / "old.cpython-311.pyc", path / "__pycache__" / "old.pyc.123",
-            path / "ws" / "train.py"]
-    made[-1].parent.mkdir()
-    for new in made:
-        new.write_text("")
-        while os.stat(new).st_ctime_ns <= old + 5000:  # the same tick of the clock: a change made after it
-            new.chmod(0o644)
-    # a zip on the path (python311.zip, say) that appeared: Python imports from it
-    zipped = tmp_path / "modules.zip"
-    zipped.write_bytes(b"")
-    while os.stat(zipped).st_ctime_ns <= old + 5000:
-        zipped.chmod(0o644)
-    # a library in a folder the dynamic loader looks in first
+    # just after it, the clock's lag allowed for (a float, to the microsecond, as the engine hands it)
+    since = os.stat(path / "old.py").st_ctime_ns / 1e9 + P.CTIME_LAG_S + 2e-6
+
+    def written(file: Path) -> Path:
+        file.write_bytes(b"")
+        while os.stat(file).st_ctime_ns <= since * 1e9 + 1000:  # within the clock's lag: changed after `since`
+            file.chmod(0o644)
+        return file
+
+    (path / "ws").mkdir()
+    made = [written(path / "planted.pth"), written(path / "__pycache__" / "old.cpython-311.pyc"),
+            written(path / "__pycache__" / "old.pyc.123"), written(path / "ws" / "train.py")]
+    zipped = written(tmp_path / "modules.zip")  # a zip on the path (python311.zip, say): Python imports from it
     (tmp_path / "lib").mkdir()
-    library = tmp_path / "lib" / "libgomp.so.1"
-    library.write_bytes(b"")
-    while os.stat(library).st_ctime_ns <= old + 5000:
-        library.chmod(0o644)
+    library = written(tmp_path / "lib" / "libgomp.so.1")  # in a folder the dynamic loader looks in first
     environ = {"PYTHONPATH": os.pathsep.join([str(path), str(zipped), str(tmp_path / "gone.zip")]),
                "LD_LIBRARY_PATH": str(tmp_path / "lib")}
     assert {path.resolve(), zipped.resolve(), library.parent.resolve()} <= set(P.python_roots(environ))
