@@ -1164,58 +1164,53 @@ def score(artifact: Path, data_dir: Path, split: str = "val", slice_index: int =
     models: list[ModelProcess] = []
     # what a model process leaves running (a double fork) comes to this process, which kills it: the scored
     # one's, before the probe's builds (it would hand the calls on), and the probe's when it is done
-    was_subreaper = prepare.subreaper()
-    if was_subreaper is False:
-        prepare.subreaper(True)
-    others = prepare.children()
-    try:
-        # Two processes start at once (their start-ups overlap this one's work): the scored model, and
-        # one for the probe, which sees nothing but its one changed batch, built anew (the scored one kept
-        # its calls in its process, and gave them back where the changed rows agreed with them: a model
-        # that looked ahead on every batch passed). The probe's runs train.py's code only once the scored
-        # one, and all it started, is killed: running side by side, the scored one handed it its calls
-        # through what the sandbox leaves them (their command lines, read in /proc).
-        models = started_models(artifact, meta, B, T, vocab, shared_device, folder)
-        scored, fresh = models
-        scored.build()
-        phases.lap("start")
-        rows = eval_rows(tokenizer, data_dir, split, slice_index, rows_key).to(shared_device)
-        token_bytes = prepare.get_token_bytes(shared_device, tokenizer)
-        phases.lap("rows", shared_device)
-        scored.answer()
-        phases.lap("model")
-        # The probed batch and its cuts are drawn here, from the system's randomness: a model cannot know
-        # which of its calls is checked (a fixed first batch and fixed cuts let one look ahead elsewhere).
-        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
-        probed = int(torch.randint(0, n // B, (), generator=generator)) * B
-        total_nats = torch.zeros((), dtype=torch.float64, device=shared_device)
-        total_bytes = torch.zeros((), dtype=torch.int64, device=shared_device)
-        for i in range(0, n, B):  # the sums stay on the device
-            batch = rows[i : i + B].long()
-            x, y = batch[:, :-1], batch[:, 1:]
-            logits = scored.forward(x)
-            if i == probed:  # a copy: what the model's process writes into its buffer later is not what it gave
-                logits = probed_logits = logits.clone()
-            nats = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="none")
-            nbytes = token_bytes[y.reshape(-1)]
-            total_nats += torch.where(nbytes > 0, nats, 0.0).sum(dtype=torch.float64)
-            total_bytes += nbytes.sum()
-        scored.close()
-        prepare.end_leftovers(others | {fresh.proc.pid})  # what it left running: reparented here, the subreaper
-        phases.lap("eval", shared_device)
-        fresh.build()
-        fresh.answer()
-        why, moved = causality_problem(fresh.forward, rows[probed : probed + B].long(), vocab, generator, probed_logits, rows)
-        if why:
-            raise Rejected(why)
-        phases.lap("probe", shared_device)
-    finally:
-        for model in models:
-            model.close()
-        prepare.end_leftovers(others)
-        if was_subreaper is False:
-            prepare.subreaper(False)
-        shutil.rmtree(folder, ignore_errors=True)
+    with prepare.reaping() as others:
+        try:
+            # Two processes start at once (their start-ups overlap this one's work): the scored model, and
+            # one for the probe, which sees nothing but its one changed batch, built anew (the scored one kept
+            # its calls in its process, and gave them back where the changed rows agreed with them: a model
+            # that looked ahead on every batch passed). The probe's runs train.py's code only once the scored
+            # one, and all it started, is killed: running side by side, the scored one handed it its calls
+            # through what the sandbox leaves them (their command lines, read in /proc).
+            models = started_models(artifact, meta, B, T, vocab, shared_device, folder)
+            scored, fresh = models
+            scored.build()
+            phases.lap("start")
+            rows = eval_rows(tokenizer, data_dir, split, slice_index, rows_key).to(shared_device)
+            token_bytes = prepare.get_token_bytes(shared_device, tokenizer)
+            phases.lap("rows", shared_device)
+            scored.answer()
+            phases.lap("model")
+            # The probed batch and its cuts are drawn here, from the system's randomness: a model cannot know
+            # which of its calls is checked (a fixed first batch and fixed cuts let one look ahead elsewhere).
+            generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
+            probed = int(torch.randint(0, n // B, (), generator=generator)) * B
+            total_nats = torch.zeros((), dtype=torch.float64, device=shared_device)
+            total_bytes = torch.zeros((), dtype=torch.int64, device=shared_device)
+            for i in range(0, n, B):  # the sums stay on the device
+                batch = rows[i : i + B].long()
+                x, y = batch[:, :-1], batch[:, 1:]
+                logits = scored.forward(x)
+                if i == probed:  # a copy: what the model's process writes into its buffer later is not what it gave
+                    logits = probed_logits = logits.clone()
+                nats = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="none")
+                nbytes = token_bytes[y.reshape(-1)]
+                total_nats += torch.where(nbytes > 0, nats, 0.0).sum(dtype=torch.float64)
+                total_bytes += nbytes.sum()
+            scored.close()
+            prepare.end_leftovers(others | {fresh.proc.pid})  # what it left running: reparented here, the subreaper
+            phases.lap("eval", shared_device)
+            fresh.build()
+            fresh.answer()
+            why, moved = causality_problem(fresh.forward, rows[probed : probed + B].long(), vocab, generator, probed_logits, rows)
+            if why:
+                raise Rejected(why)
+            phases.lap("probe", shared_device)
+        finally:
+            for model in models:
+                model.close()
+            prepare.end_leftovers(others)
+            shutil.rmtree(folder, ignore_errors=True)
     bpb = total_nats.item() / (math.log(2) * total_bytes.item())
     if not math.isfinite(bpb):  # inf where a target's logit is -inf, NaN from NaN or +inf logits
         raise Rejected(f"val_bpb is {bpb}: the model's logits are not finite where they are scored (NaN, +inf, or"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -1396,6 +1397,20 @@ def _parents() -> dict[int, int]:
     return parents
 
 
+@contextlib.contextmanager
+def reaping() -> Iterator[set[int]]:
+    """This process as its descendants' subreaper (`subreaper`) for the block, and as it was after; gives
+    its children as the block begins: what `end_leftovers` spares."""
+    was = subreaper()
+    if was is False:
+        subreaper(True)
+    try:
+        yield children()
+    finally:
+        if was is False:
+            subreaper(False)
+
+
 def children() -> set[int]:
     return {pid for pid, parent in _parents().items() if parent == os.getpid()}
 
@@ -1434,25 +1449,20 @@ def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) ->
     such a process lives on)."""
     import subprocess
 
-    was_subreaper = subreaper()
-    before = children()
-    if was_subreaper is False:
-        subreaper(True)
-    proc = subprocess.Popen(command, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    # once the command ends, what it left: a leftover holding the output open would keep the loop below reading
-    def when_ended() -> None:
-        proc.wait()
-        end_leftovers(before | {proc.pid})
+    with reaping() as before:
+        proc = subprocess.Popen(command, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # once the command ends, what it left: a leftover holding the output open would keep the loop below reading
+        def when_ended() -> None:
+            proc.wait()
+            end_leftovers(before | {proc.pid})
 
-    ender = threading.Thread(target=when_ended, daemon=True)
-    ender.start()
-    try:
-        return _passed_on(proc, on_line)
-    finally:
-        if proc.poll() is not None:  # not when our own failure ends the reading: the command may run on
-            ender.join()
-        if was_subreaper is False:
-            subreaper(False)
+        ender = threading.Thread(target=when_ended, daemon=True)
+        ender.start()
+        try:
+            return _passed_on(proc, on_line)
+        finally:
+            if proc.poll() is not None:  # not when our own failure ends the reading: the command may run on
+                ender.join()
 
 
 def _passed_on(proc: Any, on_line: Callable[[str], str]) -> int:
