@@ -142,6 +142,7 @@ def diagnose(settings: Settings, python: str = sys.executable) -> Report:
         found += _profile_findings(settings, choice, choose("auto", machine), gpus)
         found += _attention_findings(gpus, torch or {}, choice)
     found += _disk_findings(settings)
+    found.append(_run_sandbox_finding(settings))
     if builtin:
         found.append(_sandbox_finding())
         found.append(_packages_finding())
@@ -325,6 +326,24 @@ def _sandbox_finding() -> Finding:
     machine = os.uname().machine
     seccomp = f"seccomp on {machine}" if machine in SECCOMP_DENIED else f"no seccomp table for {machine}"
     return Finding("ok", "sandbox", f"the scorer confines the model's processes (landlock ABI {abi}, {seccomp})")
+
+
+def _run_sandbox_finding(settings: Settings) -> Finding:
+    """Whether a run here is kept from the workspace's state (loop/executors/sandbox.py)."""
+    from nightlab.loop.executors.sandbox import ENV_SANDBOX, probe
+
+    risk = "a run can write the ledger (.nightlab/state.db) the keep rule reads, and fake a win"
+    if settings.executor.kind != "local":
+        return Finding("warn", "runs", f"runs on {settings.executor.kind} are not sandboxed: {risk}")
+    if os.environ.get(ENV_SANDBOX, "").strip() == "0":
+        return Finding("warn", "runs", f"{ENV_SANDBOX}=0: runs are not sandboxed: {risk}", f"unset {ENV_SANDBOX}")
+    said = probe()
+    if said:
+        return Finding("warn", "runs", f"{said}: {risk}",
+                       "allow unprivileged user namespaces (Ubuntu 23.10+: `sudo sysctl"
+                       " kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile that allows `userns`"
+                       " for this Python)")
+    return Finding("ok", "runs", "each run sees the workspace's state and git read-only, and only its own processes")
 
 
 def _packages_finding() -> Finding:

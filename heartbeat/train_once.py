@@ -11,7 +11,7 @@ from pathlib import Path
 from nightlab.loop.executors import RunSpec
 from nightlab.loop.executors.local import LocalExecutor
 from nightlab.loop.executors.runfiles import read_tail
-from nightlab.loop.runenv import run_environment
+from nightlab.loop.runenv import run_environment, sandbox_paths
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.lock import DAEMON_LOCK, holder
@@ -39,7 +39,9 @@ def train_once(settings: Settings, profile: str | None) -> int:
     env = run_environment(ws, settings)
     executor = LocalExecutor(settings.executor.gpus, settings.executor.cpu_slots)
     log = state_dir(ws.path) / "runs" / f"train-{int(time.time())}.log"
-    handle = executor.launch(RunSpec(ws.run_command, ws.path, log, executor.slots()[0], env))
+    read_only, writable = sandbox_paths(ws.path, ws.path)
+    handle = executor.launch(RunSpec(ws.run_command, ws.path, log, executor.slots()[0], env,
+                                     read_only=read_only, writable=writable))
     to_stderr(f"running `{ws.run_command}` in {ws.path} (log {log})")
     offset = 0
     # The run is in a session of its own (it outlives a daemon restart), so a closed terminal or a

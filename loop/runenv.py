@@ -1,5 +1,6 @@
 """The environment a run gets: the profile's harness values, the [trainer] overrides, and for the
-built-in trainer the prepared data dir and the compile caches every experiment shares."""
+built-in trainer the prepared data dir and the compile caches every experiment shares; and what
+its sandbox lets it write (executors/sandbox.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from nightlab.loop.compile_cache import cache_dir
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.errors import UserError
+from nightlab.loop.state.store import state_dir
 from nightlab.loop.workspace import Say, Workspace, to_stderr
 
 
@@ -32,3 +34,15 @@ def run_environment(ws: Workspace, settings: Settings, say: Say = to_stderr,
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     return env
+
+
+def sandbox_paths(workspace: Path, run_dir: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """(read-only, writable) for a run in `run_dir`: the workspace's state (the ledger the keep rule
+    reads, the kept models and their held-out scores, the runs' logs and exit files) and its git
+    are the engine's; a run writes its own folder (its snapshot, or in the workspace the folder it
+    saves its model in) and the compile caches every run shares."""
+    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR  # no torch
+
+    state = state_dir(workspace)
+    own = run_dir if run_dir.is_relative_to(state) else run_dir / DEFAULT_ARTIFACT_DIR
+    return (state, workspace / ".git"), (own, cache_dir(workspace))

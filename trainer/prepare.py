@@ -1504,7 +1504,7 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     artifact = Path(env.get(ENV_ARTIFACT_DIR, "").strip() or DEFAULT_ARTIFACT_DIR).resolve()
     shutil.rmtree(artifact, ignore_errors=True)  # never score a model an earlier run left
-    artifact.mkdir(parents=True)
+    artifact.mkdir(parents=True, exist_ok=True)  # emptied, not removed, where the run's sandbox bound it
     env[ENV_ARTIFACT_DIR] = str(artifact)
     if score_command is None and Path("train.py").is_file():  # the scorer builds the model with the code that trained it
         shutil.copyfile("train.py", artifact / "train.py")

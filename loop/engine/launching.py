@@ -9,6 +9,7 @@ from nightlab.loop.engine.proposing import no_run
 from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle, RunSpec, Slot
 from nightlab.loop.executors.runfiles import find_handle
+from nightlab.loop.runenv import sandbox_paths
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate
 from nightlab.loop.workspace import protect, protected_mismatches
@@ -50,7 +51,8 @@ def launch(ctx: Context, cand: Candidate) -> None:
         node = (cand.pin or ANYWHERE)["node"]
         # the harness holds the scorer's Python to how it was when this change began, before an agent edited
         env = {**ctx.env, PYTHON_SINCE_ENV: f"{cand.created_at:.3f}"}
-        spec = RunSpec(ws.run_command, ctx.run_dir(cand), log, slot, env, node)
+        read_only, writable = sandbox_paths(ws.path, ctx.run_dir(cand))
+        spec = RunSpec(ws.run_command, ctx.run_dir(cand), log, slot, env, node, read_only, writable)
         handle = ctx.executor.launch(spec)
     with ctx.store.transaction():
         ledger.add_run(ctx.store, cand.id, handle.to_json(), handle.slot, str(log), ctx.setting)

@@ -29,6 +29,10 @@ class RunSpec:
     slot: Slot
     env: dict[str, str] = field(default_factory=dict)  # added to the daemon's environment
     node: str = ""  # run on this node (a cluster backend), e.g. to confirm a result on the same GPU type
+    # the local backend's sandbox (sandbox.py): folders the command may read but not write, and
+    # folders inside them it may write (its own); none: unconfined
+    read_only: tuple[Path, ...] = ()
+    writable: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from nightlab.loop.executors.runfiles import (
     save_handle,
     wrap,
 )
+from nightlab.loop.executors.sandbox import command_line
 from nightlab.loop.processes import stop_tree
 from nightlab.loop.state.errors import UserError
 
@@ -100,7 +101,8 @@ class LocalExecutor:
         with open(fd, "wb") as log:
             try:
                 proc = subprocess.Popen(
-                    ["/bin/sh", "-c", wrap(spec.command)],
+                    ["/bin/sh", "-c", wrap(command_line(spec.command, spec.read_only, spec.writable)
+                                           if spec.read_only else spec.command)],
                     cwd=spec.cwd,
                     env=env,
                     stdin=subprocess.DEVNULL,

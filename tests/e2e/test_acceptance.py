@@ -46,6 +46,7 @@ from nightlab.loop.state.store import Store
 from tests.e2e import invariants as inv
 from tests.fakes.loop_workspace import Gates
 from tests.fakes.slack_server import FakeSlack
+from tests.fakes.tagged import tagged
 from tests.fakes.telegram_server import FakeTelegram
 from tests.waiting import wait_until
 
@@ -216,8 +217,8 @@ def test_a_night_with_chats_a_hang_a_crash_and_a_sigkill(tmp_path: Path, stdlib_
             if night.daemon is not None and night.daemon.poll() is None:
                 night.daemon.kill()
                 night.daemon.wait(10)
-            for pid in _hung_pids(tmp_path):  # never leave a stray process behind, pass or fail
-                _kill_quietly(pid)
+            for proc in tagged(str(tmp_path / "hung.pids")):  # never leave a stray process behind, pass or fail
+                _kill_quietly(proc.pid)
         _the_morning(night)
 
 
@@ -318,7 +319,7 @@ def _the_morning(n: Night) -> None:
     (hang,) = [e for e in rows if e.reason.startswith("stalled")]
     assert hang.reason == f"stalled: no output for 0m{STALL_AFTER}s"
     assert "stalled" in n.digest(n.group_messages(), hang.number)
-    assert all(not psutil.pid_exists(p) for p in _hung_pids(n.tmp)) and _hung_pids(n.tmp)
+    assert (n.tmp / "hung.pids").exists() and not tagged(str(n.tmp / "hung.pids"))
     # The crash: its digest carries the traceback's last lines.
     (crash,) = [e for e in rows if e.reason == "exit code 1"]
     assert "injected crash" in n.digest(n.group_messages(), crash.number)
@@ -353,11 +354,6 @@ def _the_morning(n: Night) -> None:
     # The re-attached run: one run row for it, and the trainer started once per run.
     assert n.invocations() == store.connection().execute("SELECT COUNT(*) FROM runs").fetchone()[0]
     assert not any(e.kind == "engine_restarted" for e in events)  # the restart was the daemon's, cleanly
-
-
-def _hung_pids(tmp: Path) -> list[int]:
-    path = tmp / "hung.pids"
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 def _kill_quietly(pid: int) -> None:

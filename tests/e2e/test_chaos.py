@@ -167,7 +167,7 @@ def run_scenario(tmp: Path, point: str, number: int, tg: FakeTelegram, slack: Fa
     while inv.orphans([ws]) and time.monotonic() < deadline:
         time.sleep(0.1)
 
-    launches = sum(int(p.read_text()) for p in (ws / ".nightlab").glob("stub-*"))
+    launches = sum(int(p.read_text()) for p in (ws / ".stub").glob("stub-*"))
     received = {
         ("telegram", str(chat)): [s.text for s in tg.messages(chat)],
         ("slack", channel): [p.text for p in slack.posts if p.channel == channel],

@@ -9,7 +9,8 @@ not started again, so the count is also the number of times the loop really laun
 
 - hang:  prints one line, starts a child (a stand-in for a dataloader worker) and then stays
          silent forever: only the heartbeat's stall check can end it, and only by killing the
-         whole process tree. "<own pid> <child pid>" is appended to --pidfile.
+         whole process tree. A line is appended to --pidfile, whose path is an argument of both
+         processes (their tag: tests/fakes/tagged.py).
 - crash: prints a few progress lines and a traceback, exits 1 (what an exception in train.py
          looks like to the loop).
 - hold:  waits until the file DIR/<n> exists (tests/fakes/loop_workspace.py's `Gates` opens it),
@@ -56,10 +57,11 @@ def main() -> None:
     args, command = p.parse_args(argv[:split]), argv[split + 1:]
     n = bump(args.counter)
     if n in args.hang:
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        # the pidfile's path tags the child too: pids seen in the run's sandbox are its own (tests/fakes/tagged.py)
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", *([args.pidfile] if args.pidfile else [])])
         if args.pidfile:
             with open(args.pidfile, "a") as f:
-                f.write(f"{os.getpid()} {child.pid}\n")
+                f.write("hung\n")
         print(f"flaky_train: invocation {n}: hanging (silent from now on)", flush=True)
         while True:
             time.sleep(1)

@@ -22,7 +22,7 @@ import time
 # line between two changes), as a re-made (rebased) change must.
 VAL_BPB = [1.0]
 
-MODE = "ok"  # ok | crash | nan | oom | datafail | nosummary | hang | spawn (hang with a child process) | heldout (names a held-out gain) | harness (writes prepare.py) | python (the harness finds the scorer's Python changed)
+MODE = "ok"  # ok | crash | nan | oom | datafail | nosummary | hang | spawn (hang with a child process) | heldout (names a held-out gain) | harness (writes prepare.py) | python (the harness finds the scorer's Python changed) | ledger (raises the best's recorded val_bpb in the workspace's state.db)
 
 SLEEP = 0.0  # seconds of "training" before the summary
 
@@ -31,10 +31,12 @@ PEAK_VRAM_MB = 1024.0
 GAIN = 0.0  # subtracted from val_bpb: a better result that leaves VAL_BPB alone
 
 here = pathlib.Path(__file__).resolve()
-# per content, in the run's own directory (a wave's snapshots count apart) or one shared folder
-counts = pathlib.Path(os.environ.get("NIGHTLAB_STUB_COUNTS", here.parent / ".nightlab"))
+# per content, in the run's own directory (a wave's snapshots count apart; not .nightlab, which is
+# read-only to a run) or one shared folder
+counts = pathlib.Path(os.environ.get("NIGHTLAB_STUB_COUNTS", here.parent / ".stub"))
 counter = counts / ("stub-" + hashlib.sha1(here.read_bytes()).hexdigest()[:12])
 counter.parent.mkdir(exist_ok=True)
+(counts / ".gitignore").write_text("*\n")  # not the workspace's change: git ignores the folder
 with open(counts / "stub.lock", "w") as lock:  # runs of a wave may start at the same moment
     fcntl.flock(lock, fcntl.LOCK_EX)
     seen = int(counter.read_text()) if counter.exists() else 0
@@ -51,8 +53,10 @@ value += json.loads(os.environ.get("NIGHTLAB_STUB_OFFSETS", "{}")).get(model, 0.
 print(f"step 00001 | loss 4.2 | cuda={os.environ.get('CUDA_VISIBLE_DEVICES')!r} | budget={os.environ.get('NIGHTLAB_TIME_BUDGET')!r}", flush=True)
 if MODE in ("hang", "spawn"):
     if MODE == "spawn":
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        print(f"child {child.pid}", flush=True)
+        # named by a tag, not its pid: the run's pids are its sandbox's own (a PID namespace)
+        tag = f"stub-child-{time.time_ns()}"
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", tag])
+        print(f"child {tag}", flush=True)
     while True:
         time.sleep(0.05)
 time.sleep(SLEEP)
@@ -73,6 +77,16 @@ if MODE == "python":  # the harness's words for a file that appeared in site-pac
     print(f"REJECTED: the Python environment the scorer runs in changed since {os.environ.get('NIGHTLAB_PYTHON_SINCE')}"
           " (/venv/site-packages/zz.pth): remove what you did not install", flush=True)
     sys.exit(3)
+if MODE == "ledger":  # the trick: the best's recorded val_bpb raised where the keep rule reads it
+    import sqlite3
+
+    ledger = pathlib.Path(os.environ["NIGHTLAB_EXIT_FILE"]).parent.parent / "state.db"  # .nightlab/runs/N.log.exit
+    try:
+        with sqlite3.connect(ledger, timeout=30) as db:
+            db.execute("UPDATE experiments SET metric = 9.0, best = 9.0")
+        print("ledger: written", flush=True)
+    except sqlite3.Error as e:
+        print(f"ledger: refused ({e})", flush=True)
 if MODE == "crash":
     print("Traceback (most recent call last):\nRuntimeError: boom", flush=True)
     sys.exit(3)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from nightlab.heartbeat import cli
 from nightlab.heartbeat.doctor import diagnose
+from nightlab.loop.executors.sandbox import probe
 from nightlab.loop.state.config import settings_from_table
 from nightlab.trainer import prepare
 
@@ -68,6 +69,8 @@ def test_a_cpu_box_can_run_the_tiny_profile(tmp_path: Path, fake_gpus, capsys) -
                                           f" {prepare.landlock_abi()}, seccomp on {os.uname().machine})"]
     assert lines(out, "ok   packages") == ["ok   packages  each run checks the scorer's Python for files changed since"
                                            " its change began"]
+    assert probe() or lines(out, "ok   runs") == ["ok   runs      each run sees the workspace's state and git"
+                                                  " read-only, and only its own processes"]
 
 
 def test_a_box_without_find_is_told_its_runs_do_not_check_the_scorers_python(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -91,6 +94,8 @@ def test_a_sandbox_turned_off_is_a_warning(tmp_path: Path, fake_gpus, capsys, mo
     assert code == 0 and lines(out, "WARN sandbox") == [
         "WARN sandbox   NIGHTLAB_SANDBOX=0: the scorer's model processes run unconfined; a model can hand its calls"
         " to the probe's process or read the validation rows"], out
+    assert lines(out, "WARN runs") == ["WARN runs      NIGHTLAB_SANDBOX=0: runs are not sandboxed: a run can write"
+                                       " the ledger (.nightlab/state.db) the keep rule reads, and fake a win"], out
 
 
 def test_a_gpu_that_torch_cannot_use_fails_with_what_to_do(tmp_path: Path, fake_gpus, capsys) -> None:

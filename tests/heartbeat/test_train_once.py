@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.heartbeat.conftest import gone
+from tests.fakes.tagged import tagged
 from tests.waiting import wait_until
 
-# The run: says its pid, then trains "forever" (until it is killed), printing a step now and then.
-HANG = ("import os, pathlib, time\npathlib.Path('run.pid').write_text(str(os.getpid()))\n"
+# The run: says it started, then trains "forever" (until it is killed), printing a step now and then.
+# Found by its argument, the workspace's path (tests/fakes/tagged.py): its pid is its sandbox's own.
+HANG = ("import pathlib, time\npathlib.Path('run.started').write_text('yes')\n"
         "for step in range(3000):\n    print('step', step, flush=True)\n    time.sleep(0.2)\n")
 
 
@@ -36,34 +37,35 @@ def _project(tmp_path: Path) -> tuple[Path, Path]:
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "initial"], check=True)
     config = tmp_path / "nightlab.toml"
-    config.write_text(f'[workspace]\npath = "{ws}"\n[project]\nrun_command = "{sys.executable} hang.py"\n'
+    config.write_text(f'[workspace]\npath = "{ws}"\n[project]\nrun_command = "{sys.executable} hang.py {ws}"\n'
                       'editable = ["hang.py"]\nprotected = []\n')
     return config, ws
 
 
-def _run_pid(proc: subprocess.Popen[str], ws: Path) -> int:
-    return int(wait_until(lambda: (ws / "run.pid").is_file() and (ws / "run.pid").read_text(), "the run's pid",
-                          abort=lambda: None if proc.poll() is None else f"nightlab exited {proc.returncode}"))
+def _run_tag(proc: subprocess.Popen[str], ws: Path) -> str:
+    """The run's tag, once it has started (and is found by it)."""
+    wait_until(lambda: (ws / "run.started").is_file() and tagged(str(ws)), "the run to start",
+               abort=lambda: None if proc.poll() is None else f"nightlab exited {proc.returncode}")
+    return str(ws)
 
 
 def _end_all(proc: subprocess.Popen[str], ws: Path) -> None:
     """A failed test leaves nothing running."""
     proc.kill()
     proc.wait(30)
-    pidfile = ws / "run.pid"
-    if pidfile.is_file() and pidfile.read_text() and not gone(left := int(pidfile.read_text())):
-        os.kill(left, signal.SIGKILL)
+    for left in tagged(str(ws)):
+        left.kill()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # `kill`, a closed terminal
 def test_a_stopped_train_ends_its_run(tmp_path: Path, sig: signal.Signals) -> None:
     proc, ws = _train(tmp_path)
     try:
-        pid = _run_pid(proc, ws)
+        tag = _run_tag(proc, ws)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130 and err.rstrip().endswith("nightlab: interrupted"), err
-        wait_until(lambda: gone(pid), "the run to end with nightlab train")
+        wait_until(lambda: not tagged(tag), "the run to end with nightlab train")
     finally:
         _end_all(proc, ws)
 
@@ -73,12 +75,12 @@ def test_a_train_whose_reader_closed_the_pipe_ends_its_run(tmp_path: Path) -> No
     exited, leaving the run training on in its own session (on a GPU box, holding the GPU)."""
     proc, ws = _train(tmp_path)
     try:
-        pid = _run_pid(proc, ws)
+        tag = _run_tag(proc, ws)
         assert proc.stdout is not None
         wait_until(lambda: proc.stdout.readline().startswith("step"), "a step of the run on nightlab's stdout")
         proc.stdout.close()  # the reader is gone
         assert proc.wait(timeout=60) == 141, proc.stderr.read() if proc.stderr else ""
-        wait_until(lambda: gone(pid), "the run to end with nightlab train")
+        wait_until(lambda: not tagged(tag), "the run to end with nightlab train")
     finally:
         _end_all(proc, ws)
 
@@ -98,7 +100,7 @@ def test_a_train_beside_a_running_daemon_is_refused_saying_to_stop_it_even_pause
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 2 and not (ws / "run.pid").exists(), err
+        assert proc.returncode == 2 and not (ws / "run.started").exists(), err
         assert err == (f"nightlab: nightlab (pid {os.getpid()}) is running in {ws}; stop it before `nightlab train`"
                        " (`systemctl stop nightlab` or kill that pid: a paused loop still owns the workspace)\n")
     finally:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from nightlab.loop.engine import run_engine
 from nightlab.loop.executors import RunHandle
@@ -32,6 +31,7 @@ from nightlab.loop.workspace import init_workspace
 from tests.fakes.engine_thread import EngineThread
 from tests.fakes.loop_workspace import HARNESS, STUB, Gates, StubData, git_out, make_stub_workspace, stub_settings
 from tests.fakes.scripted_proposer import ScriptedProposer
+from tests.fakes.tagged import tagged
 from tests.waiting import wait_until
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
@@ -452,12 +452,13 @@ def test_steering_while_runs_are_in_flight(tmp_path: Path, gates: Gates) -> None
     assert len(_statuses(engine.store)) == 3 and not ledger.open_candidates(engine.store)
     send_command(ws, "resume", "slack:U1")
     run = engine.running(4)
-    child = int(engine.wait_for(lambda: "child " in Path(run.log_path).read_text() and Path(run.log_path).read_text(),
-                                "the child's pid in the log").split("child ")[1].split()[0])
+    tag = engine.wait_for(lambda: "child " in Path(run.log_path).read_text() and Path(run.log_path).read_text(),
+                          "the child's tag in the log").split("child ")[1].split()[0]
+    assert tagged(tag)
     assert ledger.mark_kill(engine.store, run.id, "timeout after 0m01s")  # what the heartbeat does
     LocalExecutor().cancel(RunHandle.from_json(run.handle), grace_s=2)
     engine.running(5)
-    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert not tagged(tag)
     assert send_command(ws, "pause now", "cli:me") == "cancelling #5 and pausing within ~2 s"
     engine.wait_for(lambda: len(_statuses(engine.store)) == 5 and ledger.paused(engine.store), "#5 cancelled, paused")
     send_command(ws, "focus off", "cli:me")
@@ -761,7 +762,7 @@ def test_kill_9_anywhere_loses_nothing_and_records_nothing_twice(tmp_path: Path,
     assert starts == [1, 2, 3, 4, 5]
     assert_consistent(settings)
     # every stub run left its counter file: each commit ran exactly once (a re-attach, never a re-run)
-    counters = [int(p.read_text()) for p in (settings.workspace_path / ".nightlab").glob("stub-*")]
+    counters = [int(p.read_text()) for p in (settings.workspace_path / ".stub").glob("stub-*")]
     assert sorted(counters) == [1, 1, 1, 1, 1]
 
 

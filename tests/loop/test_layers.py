@@ -19,6 +19,7 @@ ALLOWED = {
     ("heartbeat/doctor.py", "nightlab.loop.hardware"): "`nightlab doctor` probes the GPUs",
     ("heartbeat/doctor.py", "nightlab.loop.kernel_prefetch"): "`nightlab doctor` checks the FA3 kernel",
     ("heartbeat/doctor.py", "nightlab.loop.workspace"): "`nightlab doctor` says what init would refuse",
+    ("heartbeat/doctor.py", "nightlab.loop.executors"): "`nightlab doctor` tries the run sandbox",
     ("heartbeat/cli.py", "nightlab.loop.workspace"): "`nightlab init` creates the workspace",
     ("heartbeat/cli.py", "nightlab.loop.kernel_prefetch"): "`nightlab prepare` fetches the FA3 kernel",
     # `nightlab train` runs train.py once, the way the engine runs an experiment

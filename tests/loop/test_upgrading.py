@@ -36,7 +36,7 @@ from tests.waiting import wait_until
 
 INSTALLED = Path(__import__("nightlab.trainer", fromlist=["__path__"]).__path__[0])
 # a line per run: the prepare.py it scored with (read after training ends)
-RUN = f"{sys.executable} train.py && sha256sum prepare.py >> .nightlab/scored-with"
+RUN = f"{sys.executable} train.py && sha256sum prepare.py >> .stub/scored-with"  # .nightlab is read-only to a run
 
 
 def _settings(path: Path, **loop: str) -> Settings:
@@ -151,7 +151,7 @@ def test_a_run_in_flight_scores_with_its_copy_and_the_upgrade_comes_after_it(
     assert result == [0]
     one, two = ledger.experiments(engine.store)
     assert one.status == "keep" and one.setting == setting_of(RUN, {}, "1" if declared else "")
-    scored = [line.split()[0] for line in (repo / ".nightlab" / "scored-with").read_text().splitlines()]
+    scored = [line.split()[0] for line in (repo / ".stub" / "scored-with").read_text().splitlines()]
     assert scored == [old_sha, sha256_file(INSTALLED / "prepare.py")]
     assert _installed(repo, "prepare.py") and event.payload["setting_changed"] is not declared
     # the best measured again at the upgrade's commit before anything is compared with it ...

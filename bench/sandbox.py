@@ -1,0 +1,53 @@
+"""What the run sandbox (loop/executors/sandbox.py) adds to a run's start: a command that does
+nothing, started as the local executor starts it (`/bin/sh -c <line>`), plain, through the
+sandbox, and through its launcher with the sandbox turned off (NIGHTLAB_SANDBOX=0: the
+launcher's Python start alone). Alternated, `--repeat` times each; medians and means.
+
+    .venv/bin/python bench/sandbox.py [--repeat 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from nightlab.loop.executors.sandbox import command_line, probe
+
+
+def started(line: str, env: dict[str, str]) -> float:
+    begun = time.perf_counter()
+    subprocess.run(["/bin/sh", "-c", line], env=env, check=True, capture_output=True)
+    return time.perf_counter() - begun
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=30)
+    args = parser.parse_args()
+    refused = probe()
+    if refused:
+        print(f"the kernel refuses the sandbox here ({refused}): the times below are the unconfined fallback's")
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Path(tmp)
+        (ws / ".nightlab" / "compile-cache").mkdir(parents=True)
+        (ws / ".git").mkdir()
+        line = command_line("true", [ws / ".nightlab", ws / ".git"], [ws / ".nightlab" / "compile-cache"])
+        ways = {"plain": ("true", dict(os.environ)), "sandboxed": (line, dict(os.environ)),
+                "launcher only (NIGHTLAB_SANDBOX=0)": (line, {**os.environ, "NIGHTLAB_SANDBOX": "0"})}
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(args.repeat):
+            for name, (command, env) in ways.items():
+                times[name].append(started(command, env))
+    print(f"| start of a run that does nothing ({args.repeat} each, alternated) | median | mean |")
+    print("| --- | --- | --- |")
+    for name, seen in times.items():
+        print(f"| {name} | {statistics.median(seen) * 1000:.1f} ms | {statistics.fmean(seen) * 1000:.1f} ms |")
+
+
+if __name__ == "__main__":
+    main()

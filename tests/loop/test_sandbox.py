@@ -1,0 +1,156 @@
+"""A local run's sandbox (loop/executors/sandbox.py): the run command cannot write the workspace's
+state nor undo that, sees no process outside its own tree, and leaves none behind; where the
+kernel refuses, it runs unconfined and says so."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+import pytest
+from nightlab.loop.engine import run_engine
+from nightlab.loop.executors.sandbox import ENV_SANDBOX, SAID, command_line, probe
+from nightlab.loop.state import ledger
+from nightlab.loop.state.store import Store
+
+from tests.fakes.loop_workspace import make_stub_workspace
+from tests.fakes.scripted_proposer import ScriptedProposer
+
+REFUSED = probe()
+needs_sandbox = pytest.mark.skipif(bool(REFUSED), reason=f"the kernel refuses the run sandbox here: {REFUSED}")
+
+
+def _sandboxed(cwd: Path, script: str, read_only: Sequence[Path], writable: Sequence[Path] = (),
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["/bin/sh", "-c", command_line(script, read_only, writable)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def _state(tmp_path: Path) -> Path:
+    state = tmp_path / "ws" / ".nightlab"
+    state.mkdir(parents=True)
+    (state / "state.db").write_text("the ledger")
+    return state
+
+
+@needs_sandbox
+def test_a_run_writes_its_own_folders_but_not_the_state_and_its_status_comes_back(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    own, caches = state / "worktrees" / "3", state / "compile-cache"  # the caches' folder is made for it
+    own.mkdir(parents=True)
+    done = _sandboxed(tmp_path / "ws", (
+        "echo forged > .nightlab/state.db || echo state refused;"
+        " touch .nightlab/new || echo new refused;"
+        " echo trained > .nightlab/worktrees/3/model && mkdir .nightlab/compile-cache/triton && echo own written;"
+        " exit 7"), [state], [own, caches])
+    assert done.returncode == 7, done.stderr
+    assert done.stdout.split("\n")[:3] == ["state refused", "new refused", "own written"]
+    assert "Read-only file system" in done.stderr and SAID not in done.stderr
+    assert (state / "state.db").read_text() == "the ledger" and not (state / "new").exists()
+    assert (own / "model").read_text() == "trained\n" and (caches / "triton").is_dir()
+    assert (own / "model").stat().st_uid == Path(tmp_path).stat().st_uid  # the user's files, as before
+
+
+TRY_TO_UNDO = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+state = sys.argv[1]
+tried = {
+    "umount": libc.umount2(state.encode(), 2),
+    "remount": libc.mount(None, state.encode(), None, 32 | 4096, None),  # MS_REMOUNT | MS_BIND: read-write again
+    "proc": libc.mount(b"proc", b"/mnt", b"proc", 0, None),  # a /proc of the machine's processes
+}
+for path in (f"/proc/1/root{state}/state.db", f"{state}/state.db"):
+    try:
+        with open(path, "w") as f:
+            f.write("forged")
+        tried[path] = 0
+    except OSError:
+        tried[path] = -1
+print(sorted(tried.values()), len([p for p in os.listdir("/proc") if p.isdigit()]))
+"""
+
+
+@needs_sandbox
+def test_a_run_cannot_undo_the_sandbox_nor_see_the_processes_outside_it(tmp_path: Path) -> None:
+    """Even as root (CI): the mounts are locked (made in one user namespace, the run in a nested
+    one), and the run's /proc is its own (the engine's /proc/<pid>/root reached the state unprotected)."""
+    state = _state(tmp_path)
+    script = tmp_path / "undo.py"
+    script.write_text(TRY_TO_UNDO)
+    done = _sandboxed(tmp_path, f"{sys.executable} {script} {state}", [state])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[:5] == ["[-1,", "-1,", "-1,", "-1,", "-1]"], done.stdout
+    # its init, the shell and python, of the machine's many (this test's among them)
+    assert int(done.stdout.split()[-1]) <= 4 < len(psutil.pids())
+    assert (state / "state.db").read_text() == "the ledger"
+
+
+@needs_sandbox
+def test_signals_reach_the_command_and_what_it_leaves_running_ends_with_it(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    tag = f"left-running-{tmp_path.name}"
+    script = (f"{sys.executable} -c 'import time; time.sleep(300)' {tag} & "
+              "trap 'echo stopped; exit 0' TERM; echo ready; while :; do sleep 0.05; done")
+    proc = subprocess.Popen(["/bin/sh", "-c", f"exec {command_line(script, [state], [])}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)  # the sandbox's launcher only, as a person's `kill` would
+    assert proc.wait(timeout=30) == 0 and proc.stdout.read() == "stopped\n"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert tag not in ps  # the kernel ends the namespace's processes with its first
+
+
+@needs_sandbox
+def test_a_writable_folder_that_links_to_the_state_does_not_open_it(tmp_path: Path) -> None:
+    """The artifact folder a run saves in is bound writable: a link planted there to the state
+    folder would have made the whole state writable again."""
+    state = _state(tmp_path)
+    (tmp_path / "artifact").symlink_to(state)
+    done = _sandboxed(tmp_path, "echo forged > artifact/state.db", [state], [tmp_path / "artifact"])
+    assert done.returncode != 0 and (state / "state.db").read_text() == "the ledger"
+
+
+def test_turned_off_or_refused_by_the_kernel_the_run_goes_on_unconfined_saying_so(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    done = _sandboxed(tmp_path / "ws", "echo one > .nightlab/state.db", [state],
+                      env={"PATH": "/usr/bin:/bin", ENV_SANDBOX: "0"})
+    assert done.returncode == 0 and done.stderr == f"{SAID} none ({ENV_SANDBOX}=0)\n"
+    assert (state / "state.db").read_text() == "one\n"
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--user", "--map-root-user", "true"]).returncode:
+        pytest.skip("no `unshare` to make a user namespace that allows no more")
+    # a user namespace that allows no nested one: the kernel's own refusal (ENOSPC)
+    line = command_line("echo two > .nightlab/state.db", [state], [])
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "/bin/sh", "-c",
+                           f"echo 0 > /proc/sys/user/max_user_namespaces && {line}"],
+                          cwd=tmp_path / "ws", capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"{SAID} none, the kernel refused it (unshare (user namespaces): No space left")
+    assert (state / "state.db").read_text() == "two\n"
+
+
+@pytest.mark.parametrize("sandbox", ["1", "0"])
+def test_a_change_that_raises_the_best_in_the_ledger_is_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  sandbox: str) -> None:
+    """The trick: a training command that writes 9.0 as the best's recorded val_bpb, then scores
+    worse than it (1.5 against 1.0). Unconfined (NIGHTLAB_SANDBOX=0) it is kept as a gain of 7.5;
+    sandboxed, its write is refused and it is judged against the best's real 1.0."""
+    if sandbox == "1" and REFUSED:
+        pytest.skip(f"the kernel refuses the run sandbox here: {REFUSED}")
+    monkeypatch.setenv(ENV_SANDBOX, sandbox)
+    settings = make_stub_workspace(tmp_path)
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [1.5], "MODE": "ledger"}}])
+    assert run_engine(settings, 2, proposer=proposer) == 0
+    first, second = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    log = (settings.workspace_path / ".nightlab" / "runs" / "2.log").read_text()
+    if sandbox == "1":
+        assert "ledger: refused (attempt to write a readonly database)" in log
+        assert (first.metric, second.status, second.metric) == (1.0, "discard", 1.5)
+    else:
+        assert "ledger: written" in log
+        assert (first.metric, second.status) == (9.0, "keep")
