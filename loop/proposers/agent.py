@@ -50,6 +50,7 @@ from typing import BinaryIO
 import psutil
 from git import GitCommandError
 from nightlab.loop.executors.runfiles import file_tail
+from nightlab.loop.executors.sandbox import command_line
 from nightlab.loop.processes import stop_tree
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
@@ -193,9 +194,12 @@ class AgentProposer:
         out_path, err_path = state / "stdout.log", state / "stderr.log"
         start = time.monotonic()
         # Files, not pipes: a backgrounded grandchild holding a pipe open cannot block us.
+        # Sandboxed as a run is (executors/sandbox.py): the agent edits the workspace, but the ledger the
+        # keep rule reads, git and the daemon's processes (its environment holds the chat tokens) are not its
+        sandboxed = command_line(command, (state.parent, ws / ".git"), (state,))
         with prompt_file.open("rb") as stdin, out_path.open("w+b") as out, err_path.open("w+b") as err:
             proc = subprocess.Popen(
-                command, shell=True, cwd=ws, env=env, stdin=stdin, stdout=out, stderr=err, start_new_session=True
+                sandboxed, shell=True, cwd=ws, env=env, stdin=stdin, stdout=out, stderr=err, start_new_session=True
             )
             timed_out = too_much = False
             limit = int(self.settings.max_output_mb * 2**20)

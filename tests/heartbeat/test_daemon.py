@@ -231,7 +231,8 @@ def test_a_chat_token_an_agent_reads_in_the_daemons_environ_is_starred_wherever_
     config = _agent_night(project, "steal-token NIGHTLAB_TEST_TG", telegram.url, chat_id)
     token = telegram.token
     daemon = harness.start(real_engine=True, extra_config=config, max_experiments=2, channels=True,
-                           env={"NIGHTLAB_TEST_TG": token})
+                           # where the kernel refuses the agent's sandbox, which hides the daemon from it
+                           env={"NIGHTLAB_TEST_TG": token, "NIGHTLAB_SANDBOX": "0"})
     assert daemon.proc.wait(timeout=120) == 0, daemon.log()
     two = ledger.experiments(daemon.store)[1]
     assert (two.status, two.description) == ("crash", "tell the chat (token ***)"), daemon.log()
@@ -379,7 +380,7 @@ def test_after_an_agent_removed_the_ledger_the_next_start_is_honest(harness: Har
     workspace, project = _stub_project(tmp_path)
     chat_id = -100
     config = _agent_night(project, "clean-all", telegram.url, chat_id)
-    env = {"NIGHTLAB_TEST_TG": telegram.token}
+    env = {"NIGHTLAB_TEST_TG": telegram.token, "NIGHTLAB_SANDBOX": "0"}  # unconfined: sandboxed, it cannot clean
 
     def texts() -> list[str]:
         return [m.text for m in telegram.messages(chat_id)]
@@ -440,7 +441,8 @@ def test_checks_while_an_agent_has_removed_the_ledger_say_one_line_not_a_traceba
     daemon's log at every beat. The beats begin only in that window here (a SIGHUP shortens them),
     so every thread that runs them opens the ledger there."""
     workspace, config, gate = cleaning_night(tmp_path)
-    daemon = harness.start(real_engine=True, extra_config=config, check_interval=3600.0)
+    daemon = harness.start(real_engine=True, extra_config=config, check_interval=3600.0,
+                           env={"NIGHTLAB_SANDBOX": "0"})  # unconfined: sandboxed, the agent cannot clean
     wait_until(lambda: not (workspace / ".nightlab" / "state.db").exists(), timeout=60, what="the agent to clean",
                abort=lambda: daemon.proc.poll() is not None and daemon.log())
     write_config(tmp_path / "daemon.toml", config)  # the beats as the tests have them

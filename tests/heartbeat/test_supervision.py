@@ -188,7 +188,8 @@ def test_while_an_agent_has_removed_the_ledger_the_status_says_so_not_to_init_a_
     workspace, config, gate = cleaning_night(tmp_path)
     notify = _NotifySocket()
     try:
-        env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000"}  # a beat every 0.2 s
+        env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000",  # a beat every 0.2 s
+               "NIGHTLAB_SANDBOX": "0"}  # unconfined: sandboxed, the agent cannot clean
         daemon = harness.start(real_engine=True, extra_config=config, env=env)
         wait_until(lambda: not (workspace / ".nightlab" / "state.db").exists(), timeout=60,
                    what="the agent to clean", abort=lambda: daemon.proc.poll() is not None and daemon.log())

@@ -945,9 +945,10 @@ def test_a_proposer_bugs_traceback_is_scrubbed(tmp_path: Path, monkeypatch: pyte
     assert reason == "proposer error: RuntimeError: bad token ***"
 
 
-def test_an_agent_that_removes_the_ledger_stops_the_loop_with_the_ledger_written_back(tmp_path: Path) -> None:
+def test_an_agent_that_removes_the_ledger_stops_the_loop_with_the_ledger_written_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`git clean -fdx` took .nightlab/state.db: the night went on in the removed file and the next
     start found an empty ledger, every experiment forgotten."""
+    monkeypatch.setenv("NIGHTLAB_SANDBOX", "0")  # unconfined: in its sandbox an agent cannot (tests/loop/test_sandbox.py)
     agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} clean-all"
     settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})
     with pytest.raises(UserError, match=r"^the proposer removed the night's ledger \(.*state.db: an agent's"
@@ -958,9 +959,10 @@ def test_an_agent_that_removes_the_ledger_stops_the_loop_with_the_ledger_written
     assert store.get("engine.user_error").startswith("the proposer removed the night's ledger")
 
 
-def test_an_engine_whose_lock_file_an_agent_removed_still_refuses_a_second(tmp_path: Path) -> None:
+def test_an_engine_whose_lock_file_an_agent_removed_still_refuses_a_second(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The agent's `git clean -fdx` removed engine.lock: the engine held its lock on the removed file,
     so a second engine on the workspace took a new one while the agent worked on."""
+    monkeypatch.setenv("NIGHTLAB_SANDBOX", "0")  # unconfined: in its sandbox an agent cannot (tests/loop/test_sandbox.py)
     gate = tmp_path / "gate"
     agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} clean-all {gate}"
     settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})

@@ -33,6 +33,14 @@ def git(ws: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
 
 
+@pytest.fixture(autouse=True)
+def _unconfined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the proposer does about an agent's misbehaviour where nothing confines the agent (a
+    kernel that refuses the sandbox: loop/executors/sandbox.py); sandboxed, most of it cannot
+    happen (tests/loop/test_sandbox.py)."""
+    monkeypatch.setenv("NIGHTLAB_SANDBOX", "0")
+
+
 @pytest.fixture()
 def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for key in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):

@@ -4,6 +4,8 @@ kernel refuses, it runs unconfined and says so."""
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from nightlab.loop.state.store import Store
 
 from tests.fakes.loop_workspace import make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
+from tests.fakes.tagged import tagged
 
 REFUSED = probe()
 needs_sandbox = pytest.mark.skipif(bool(REFUSED), reason=f"the kernel refuses the run sandbox here: {REFUSED}")
@@ -154,3 +157,48 @@ def test_a_change_that_raises_the_best_in_the_ledger_is_not_kept(tmp_path: Path,
     else:
         assert "ledger: written" in log
         assert (first.metric, second.status) == (9.0, "keep")
+
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+
+
+@pytest.mark.parametrize("sandbox", ["1", "0"])
+def test_an_agent_that_raises_the_best_in_the_ledger_does_not_get_its_change_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sandbox: str) -> None:
+    """The coding agent runs in the same sandbox as a run, its own folder (.nightlab/agent) writable:
+    its change scores 1.5 against the best's 1.0, and it wrote 9.0 as the best's val_bpb."""
+    if sandbox == "1" and REFUSED:
+        pytest.skip(f"the kernel refuses the sandbox here: {REFUSED}")
+    monkeypatch.setenv(ENV_SANDBOX, sandbox)
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} write-ledger"
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})
+    assert run_engine(settings, 2) == 0
+    first, second = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    said = (settings.workspace_path / ".nightlab" / "agent" / "stdout.log").read_text()
+    if sandbox == "1":
+        assert said == "ledger: refused (attempt to write a readonly database)\n"
+        assert (first.metric, second.status, second.metric) == (1.0, "discard", 1.5)
+    else:
+        assert said == "ledger: written\n" and (first.metric, second.status) == (9.0, "keep")
+
+
+@needs_sandbox
+def test_an_agent_cannot_see_the_daemon_whose_environment_holds_the_chat_tokens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unconfined, an agent read the daemon's /proc/<pid>/environ (its pid in .nightlab/daemon.lock)
+    and put the chat token in train.py (tests/heartbeat/test_daemon.py: redacted wherever nightlab
+    says it). In its sandbox the daemon is not there to read."""
+    secret = f"123:{tmp_path.name}"
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} steal-token NIGHTLAB_TEST_SECRET"
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})
+    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", tmp_path.name],
+                              env={**os.environ, "NIGHTLAB_TEST_SECRET": secret})
+    try:
+        (settings.workspace_path / ".nightlab" / "daemon.lock").write_text(str(daemon.pid))
+        assert run_engine(settings, 2) == 0
+    finally:
+        daemon.kill()
+        daemon.wait()
+    second = ledger.experiments(Store.for_workspace(settings.workspace_path))[1]
+    assert second.status == "crash" and "No such file or directory" in second.reason, second.reason
+    assert secret not in (settings.workspace_path / "train.py").read_text() and not tagged(tmp_path.name)
