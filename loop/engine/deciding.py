@@ -25,7 +25,9 @@ from nightlab.loop.engine.context import Context
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle
+from nightlab.loop.executors.sandbox import command_line
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
+from nightlab.loop.runenv import sandbox_paths
 from nightlab.loop.second_opinion import KeptUnscored, NoOpinion, SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass, ended_at, started_at
@@ -202,10 +204,12 @@ def _failed_before(rows: list[Experiment], cand: Candidate, other: ledger.NotThe
 
 def checks(ctx: Context, verdict: Verdict, cwd: Path, best: float | None) -> Verdict:
     """The project's checks command on a result that would move the best; a failure turns it
-    into `checks_failed`."""
+    into `checks_failed`. In the run's sandbox: checks run the change's code (tests that import train.py)."""
+    read_only, writable = sandbox_paths(ctx.ws.path, cwd)
     try:
         done = subprocess.run(
-            ctx.settings.project.checks_command, shell=True, check=False, cwd=cwd, capture_output=True,
+            command_line(ctx.settings.project.checks_command, read_only, writable), shell=True, check=False, cwd=cwd,
+            capture_output=True,
             text=True, env={**os.environ, **ctx.env}, timeout=ctx.settings.heartbeat.run_timeout,
         )
         code, output = done.returncode, ctx.redact(done.stdout + done.stderr).strip()

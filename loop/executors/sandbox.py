@@ -96,8 +96,8 @@ def _kept_flags(path: str) -> int:
 
 
 def enter(read_only: Sequence[str], writable: Sequence[str]) -> None:
-    """Make this process's namespaces: the mounts (read-only ones, writable ones bound back inside
-    them), a PID namespace for its next child. Raises Refused."""
+    """Put this process in namespaces of its own: the mounts (read-only ones, writable ones bound
+    back inside them), a PID namespace for its next child. Raises Refused, maybe half-way."""
     if not sys.platform.startswith("linux"):
         raise Refused("only Linux has the namespaces it needs")
     libc = _libc()
@@ -179,18 +179,33 @@ def run(read_only: Sequence[str], writable: Sequence[str], command: list[str]) -
         print(f"{SAID} none ({ENV_SANDBOX}=0)", file=sys.stderr, flush=True)
         _exec(command)
     cwd = os.getcwd()
-    try:
-        enter(read_only, writable)
-    except Refused as exc:
-        print(f"{SAID} none, the kernel refused it ({exc}); the run can write the workspace's state"
-              " (`nightlab doctor` says how to allow it)", file=sys.stderr, flush=True)
-        _exec(command)
+    # The namespaces are made in a child: one refused half-way (ids unmapped: files made as nobody)
+    # must not be the one the command runs in unconfined.
+    reader, writer = os.pipe()
     child = os.fork()
     if child == 0:
-        os._exit(_init(command, cwd))
+        os.close(reader)
+        try:
+            enter(read_only, writable)
+        except Refused as exc:
+            os.write(writer, str(exc).encode())
+            os._exit(0)
+        os.close(writer)
+        init = os.fork()
+        if init == 0:
+            os._exit(_init(command, cwd))
+        _forward_to(init)
+        os._exit(_status(os.waitpid(init, 0)[1]))
+    os.close(writer)
+    with os.fdopen(reader, "rb") as said:
+        refused = said.read().decode(errors="replace")
+    if refused:
+        os.waitpid(child, 0)
+        print(f"{SAID} none, the kernel refused it ({refused}); the run can write the workspace's state"
+              " (`nightlab doctor` says how to allow it)", file=sys.stderr, flush=True)
+        _exec(command)
     _forward_to(child)
-    _, wait_status = os.waitpid(child, 0)
-    return _status(wait_status)
+    return _status(os.waitpid(child, 0)[1])
 
 
 def main(argv: list[str]) -> int:

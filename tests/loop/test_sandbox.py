@@ -202,3 +202,16 @@ def test_an_agent_cannot_see_the_daemon_whose_environment_holds_the_chat_tokens(
     second = ledger.experiments(Store.for_workspace(settings.workspace_path))[1]
     assert second.status == "crash" and "No such file or directory" in second.reason, second.reason
     assert secret not in (settings.workspace_path / "train.py").read_text() and not tagged(tmp_path.name)
+
+
+@needs_sandbox
+def test_the_projects_checks_run_in_the_sandbox_too(tmp_path: Path) -> None:
+    """The checks command runs the change's code (tests that import train.py): unconfined, it could
+    write the ledger as a run could."""
+    forge = ("import sqlite3; db = sqlite3.connect('.nightlab/state.db');"
+             " db.execute('UPDATE experiments SET metric = 9.0'); db.commit()")
+    settings = make_stub_workspace(tmp_path, project={"checks_command": f'{sys.executable} -c "{forge}"'})
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.5]}}])) == 0
+    first, second = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert first.metric == 1.0 and second.status == "checks_failed"
+    assert second.reason == "checks failed (exit 1): sqlite3.OperationalError: attempt to write a readonly database"
