@@ -1,7 +1,8 @@
 """Scale: experiments per hour with N local slots, and 64 jobs in flight on a test Slurm.
 
-A stub trainer (tests/fakes/stub_train.py) that sleeps a fixed time per run, and a proposer that
-gives every wave member a distinct value, so the only variables are the slot count and nightlab.
+A stub trainer (tests/fakes/stub_train.py) that sleeps a fixed time per run, and a proposer whose
+every result is worse than the best (nothing kept or re-measured), so the only variables are the
+slot count and nightlab.
 
 - local N = 1, 2, 4, 8 slots (pinned fake GPUs; nothing runs on a GPU): experiments per hour,
   and the loop's overhead per experiment = slot time not spent in a run / experiments
@@ -44,7 +45,6 @@ from nightlab.loop.proposers.base import Proposal, ProposalContext
 from nightlab.loop.state import ledger
 from nightlab.loop.state.store import Store
 
-from tests.fakes.bench_engine import DistinctProposer as Distinct
 from tests.fakes.daemon_config import stop_daemon, write_daemon_config
 from tests.fakes.loop_workspace import make_stub_workspace
 from tests.fakes.scripted_proposer import ScriptedProposer
@@ -56,7 +56,9 @@ def local(slots: int, sleep: float, waves: int) -> dict[str, Any]:
         settings = make_stub_workspace(Path(tmp), executor={"gpus": list(range(slots))},
                                        loop={"checkpoint_interval": 1.0})
         count = 1 + waves * slots  # the baseline (SLEEP 0) and `waves` full waves
-        run_engine(settings, count, proposer=Distinct(sleep))
+        # every result worse than the best: one near it (a distinct value 0.0001 better) made the
+        # noise-aware rule re-measure the best, zero-length runs counted as experiments
+        run_engine(settings, count, proposer=Worse(sleep, lengths=(3.0,)))
         end = time.time()
         rows = ledger.experiments(Store.for_workspace(settings.workspace_path))[1:]
         # from the first proposal's start (the baseline run is not part of the waves) to the end
@@ -66,15 +68,15 @@ def local(slots: int, sleep: float, waves: int) -> dict[str, Any]:
                 "per_hour": len(rows) / window * 3600, "overhead_s": (slots * window - busy) / len(rows)}
 
 
-class Uneven:
-    """Run lengths from a fixed uneven cycle, and every result worse than the baseline (nothing is
-    kept or re-run), so waves and the asynchronous mode differ only in how they fill the slots."""
+class Worse:
+    """Run lengths from a fixed cycle (uneven by default), and every result worse than the baseline
+    (nothing is kept or re-run), so what differs is only how the slots are filled."""
 
     areas = ("lr",)
-    LENGTHS = (1.0, 5.0, 2.0, 4.0, 3.0)  # x --sleep / 3: mean = --sleep
+    UNEVEN = (1.0, 5.0, 2.0, 4.0, 3.0)  # x --sleep / 3: mean = --sleep
 
-    def __init__(self, sleep: float) -> None:
-        self.lengths = [length * sleep / 3.0 for length in self.LENGTHS]
+    def __init__(self, sleep: float, lengths: tuple[float, ...] = UNEVEN) -> None:
+        self.lengths = [length * sleep / 3.0 for length in lengths]
 
     def propose(self, ctx: ProposalContext) -> Proposal:
         k = len(ctx.history) + len(ctx.in_flight)
@@ -88,7 +90,7 @@ def uneven(slots: int, mode: str, sleep: float, count: int) -> dict[str, Any]:
         settings = make_stub_workspace(Path(tmp), executor={"gpus": list(range(slots))},
                                        loop={"checkpoint_interval": 1.0, "mode": mode,
                                              "pause_after_failures": 10_000})  # all discards: never self-pause
-        run_engine(settings, 1 + count, proposer=Uneven(sleep))
+        run_engine(settings, 1 + count, proposer=Worse(sleep))
         end = time.time()
         rows = ledger.experiments(Store.for_workspace(settings.workspace_path))[1:]
         window = end - min(e.started_at for e in rows if e.started_at is not None)
@@ -220,7 +222,7 @@ def main() -> int:
     parser.add_argument("--only", choices=("local", "uneven", "slurm"), help="run one part only")
     args = parser.parse_args()
     if args.only in (None, "uneven"):
-        lengths = ", ".join(f"{x:g}" for x in Uneven(args.sleep).lengths)
+        lengths = ", ".join(f"{x:g}" for x in Worse(args.sleep).lengths)
         print(f"uneven run lengths ({lengths} s, in turn), 4 local slots, {args.uneven_count} experiments:")
         print(f"{'mode':>6} {'wall s':>7} {'exp/hour':>9} {'slots busy':>11}")
         for mode in ("waves", "async"):

@@ -1162,7 +1162,8 @@ def _fill_view(view: Path, train_paths: list[Path], tokenizer: bytes) -> None:
         if not entry.exists():
             _link(path.resolve(), entry)
         elif not _same_file(entry, path):  # the name now holds another file (prepared again)
-            fresh = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+            # not by pid: runs in their sandboxes have pids of their own, the same in two runs
+            fresh = entry.with_name(f"{entry.name}.{os.urandom(6).hex()}.tmp")
             fresh.unlink(missing_ok=True)
             _link(path.resolve(), fresh)
             os.replace(fresh, entry)
