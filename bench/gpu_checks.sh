@@ -6,6 +6,7 @@
 #      an honest model's logits moved under the probe: bf16 noise, for PROBE_ATOL)
 #   3. that each buffer the scorer shares with a model process has its CUDA segment to itself
 #   4. each GPU profile with the process's memory capped to its tier's card
+#   5. CUDA inside the run's sandbox (user, mount and PID namespaces), and its start's cost
 # Everything is printed and also written under $OUT (default ./gpu-out).
 #
 #   usage: bench/gpu_checks.sh DATA_DIR [OTHER_TRAIN_PY]
@@ -36,6 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 step trainer 230 "$PY" bench/trainer.py --budget 40 --data-dir "$DATA" ${OTHER:+--other "$OTHER"} --log "$OUT/trainer.log"
 step scoring 100 "$PY" bench/scoring.py --repeat 3 --profile default --data-dir "$DATA"
 step ipc_segments 30 "$PY" bench/ipc_segments.py
+step sandbox 20 "$PY" bench/sandbox.py --repeat 5 --cuda  # CUDA in the run's sandbox (no `Run sandbox:` line)
 ls /dev/shm > "$OUT/shm-after.txt" 2>&1  # after the scorer's runs, before the profiles (which may be cut)
 echo "== /dev/shm: $(comm -13 "$OUT/shm-before.txt" "$OUT/shm-after.txt" | wc -l) entries more than before the scorer's runs"
 # last: it stops starting profiles at its deadline, and the call's 600 s end it at worst

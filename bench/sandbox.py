@@ -1,17 +1,21 @@
 """What the run sandbox (loop/executors/sandbox.py) adds to a run's start: a command that does
 nothing, started as the local executor starts it (`/bin/sh -c <line>`), plain, through the
 sandbox, and through its launcher with the sandbox turned off (NIGHTLAB_SANDBOX=0: the
-launcher's Python start alone). Alternated, `--repeat` times each; medians and means.
+launcher's Python start alone). Alternated, `--repeat` times each; medians and means. With
+`--cuda` (a GPU box: bench/gpu_checks.sh), also a CUDA matmul started in the sandbox, which must
+print no `Run sandbox:` line.
 
-    .venv/bin/python bench/sandbox.py [--repeat 30]
+    .venv/bin/python bench/sandbox.py [--repeat 30] [--cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +32,7 @@ def started(line: str, env: dict[str, str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--cuda", action="store_true", help="also run a CUDA matmul in the sandbox")
     args = parser.parse_args()
     refused = probe()
     if refused:
@@ -43,6 +48,13 @@ def main() -> None:
         for _ in range(args.repeat):
             for name, (command, env) in ways.items():
                 times[name].append(started(command, env))
+        if args.cuda:
+            code = ("import torch; x = torch.randn(256, 256, device='cuda');"
+                    " print('CUDA in the sandbox:', torch.cuda.get_device_name(), float((x @ x).sum()))")
+            cuda = command_line(f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}",
+                                [ws / ".nightlab", ws / ".git"], [ws / ".nightlab" / "compile-cache"])
+            done = subprocess.run(["/bin/sh", "-c", cuda], capture_output=True, text=True, timeout=300, check=False)
+            print(f"{done.stdout}{done.stderr}exit {done.returncode}")
     print(f"| start of a run that does nothing ({args.repeat} each, alternated) | median | mean |")
     print("| --- | --- | --- |")
     for name, seen in times.items():
