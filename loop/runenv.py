@@ -40,7 +40,7 @@ def sandbox_paths(workspace: Path, run_dir: Path) -> tuple[tuple[Path, ...], tup
     """(read-only, writable) for a run in `run_dir`: the workspace's state (the ledger the keep rule
     reads, the kept models and their held-out scores, the runs' logs and exit files) and its git
     are the engine's; a run writes its own folder (its snapshot, or in the workspace the folder it
-    saves its model in) and the compile caches every run shares."""
+    saves its model in; the agent's, .nightlab/agent) and the compile caches every run shares."""
     from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR  # no torch
 
     state = state_dir(workspace)

@@ -205,11 +205,10 @@ def _failed_before(rows: list[Experiment], cand: Candidate, other: ledger.NotThe
 def checks(ctx: Context, verdict: Verdict, cwd: Path, best: float | None) -> Verdict:
     """The project's checks command on a result that would move the best; a failure turns it
     into `checks_failed`. In the run's sandbox: checks run the change's code (tests that import train.py)."""
-    read_only, writable = sandbox_paths(ctx.ws.path, cwd)
     try:
         done = subprocess.run(
-            command_line(ctx.settings.project.checks_command, read_only, writable), shell=True, check=False, cwd=cwd,
-            capture_output=True,
+            command_line(ctx.settings.project.checks_command, *sandbox_paths(ctx.ws.path, cwd)), shell=True,
+            check=False, cwd=cwd, capture_output=True,
             text=True, env={**os.environ, **ctx.env}, timeout=ctx.settings.heartbeat.run_timeout,
         )
         code, output = done.returncode, ctx.redact(done.stdout + done.stderr).strip()

@@ -80,7 +80,7 @@ def _call(what: str, result: int) -> None:
         raise Refused(f"{what}: {os.strerror(err)}")
 
 
-def _own_ids(libc: ctypes.CDLL, uid: int, gid: int) -> None:
+def _own_ids(uid: int, gid: int) -> None:
     """This user namespace maps the user's ids to themselves (files and caches keep their owner)."""
     try:
         Path("/proc/self/setgroups").write_text("deny")
@@ -106,7 +106,7 @@ def enter(read_only: Sequence[str], writable: Sequence[str]) -> None:
         with contextlib.suppress(OSError):
             os.makedirs(path, exist_ok=True)
     _call("unshare (user namespaces)", libc.unshare(CLONE_NEWUSER | CLONE_NEWNS))
-    _own_ids(libc, uid, gid)
+    _own_ids(uid, gid)
     _call("making the mounts private", libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
     protected = [os.path.realpath(p) for p in read_only if os.path.isdir(p)]
     # a writable path that is (or holds) a protected one would undo it: a link planted as the artifact folder
@@ -149,7 +149,7 @@ def _init(command: list[str], cwd: str) -> int:
         print(f"{SAID} but it sees every process ({exc})", file=sys.stderr, flush=True)
     try:
         _call("unshare (locking the mounts)", libc.unshare(CLONE_NEWUSER | CLONE_NEWNS))
-        _own_ids(libc, uid, gid)
+        _own_ids(uid, gid)
     except Refused as exc:
         print(f"{SAID} but its mounts are not locked ({exc})", file=sys.stderr, flush=True)
     os.chdir(cwd)  # looked up again: through the new mounts

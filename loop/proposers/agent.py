@@ -55,6 +55,7 @@ from nightlab.loop.processes import stop_tree
 from nightlab.loop.proposers.base import Proposal, ProposalContext, ProposalError
 from nightlab.loop.proposers.prompt import PROPOSAL_FILE, REASON_CHARS, build_prompt
 from nightlab.loop.ratchet import Git
+from nightlab.loop.runenv import sandbox_paths
 from nightlab.loop.state.config import TERMINAL_CODES, AgentSettings
 
 STATE_DIR = ".nightlab/agent"
@@ -196,7 +197,7 @@ class AgentProposer:
         # Files, not pipes: a backgrounded grandchild holding a pipe open cannot block us.
         # Sandboxed as a run is (executors/sandbox.py): the agent edits the workspace, but the ledger the
         # keep rule reads, git and the daemon's processes (its environment holds the chat tokens) are not its
-        sandboxed = command_line(command, (state.parent, ws / ".git"), (state,))
+        sandboxed = command_line(command, *sandbox_paths(ws, state))
         with prompt_file.open("rb") as stdin, out_path.open("w+b") as out, err_path.open("w+b") as err:
             proc = subprocess.Popen(
                 sandboxed, shell=True, cwd=ws, env=env, stdin=stdin, stdout=out, stderr=err, start_new_session=True
