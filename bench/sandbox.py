@@ -1,9 +1,10 @@
 """What the run sandbox (loop/executors/sandbox.py) adds to a run's start: a command that does
 nothing, started as the local executor starts it (`/bin/sh -c <line>`), plain, through the
-sandbox, and through its launcher with the sandbox turned off (NIGHTLAB_SANDBOX=0: the
-launcher's Python start alone). Alternated, `--repeat` times each; medians and means. With
-`--cuda` (a GPU box: bench/gpu_checks.sh), also a CUDA matmul started in the sandbox, which must
-print no `Run sandbox:` line.
+sandbox, in a sandbox nested in it (as the built-in trainer's harness starts its training
+command: prepare.read_only_to), and through its launcher with the sandbox turned off
+(NIGHTLAB_SANDBOX=0: the launcher's Python start alone). Alternated, `--repeat` times each; medians
+and means. With `--cuda` (a GPU box: bench/gpu_checks.sh), also a CUDA matmul started in the
+sandbox and in the nested one, which must print no `Run sandbox:` line.
 
     .venv/bin/python bench/sandbox.py [--repeat 30] [--cuda]
 """
@@ -20,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nightlab.loop.executors.sandbox import command_line, probe
+from nightlab.loop.executors.sandbox import ENV_LAUNCHER, command_line, probe
 
 
 def started(line: str, env: dict[str, str]) -> float:
@@ -41,8 +42,15 @@ def main() -> None:
         ws = Path(tmp)
         (ws / ".nightlab" / "compile-cache").mkdir(parents=True)
         (ws / ".git").mkdir()
-        line = command_line("true", [ws / ".nightlab", ws / ".git"], [ws / ".nightlab" / "compile-cache"])
+        (ws / "data").mkdir()
+        protected, writable = [ws / ".nightlab", ws / ".git"], [ws / ".nightlab" / "compile-cache"]
+
+        def nested(command: str) -> str:
+            return f"${ENV_LAUNCHER} --read-only {shlex.quote(str(ws / 'data'))} -- /bin/sh -c {shlex.quote(command)}"
+
+        line = command_line("true", protected, writable)
         ways = {"plain": ("true", dict(os.environ)), "sandboxed": (line, dict(os.environ)),
+                "nested in it": (command_line(nested("true"), protected, writable), dict(os.environ)),
                 "launcher only (NIGHTLAB_SANDBOX=0)": (line, {**os.environ, "NIGHTLAB_SANDBOX": "0"})}
         times: dict[str, list[float]] = {name: [] for name in ways}
         for _ in range(args.repeat):
@@ -51,8 +59,8 @@ def main() -> None:
         if args.cuda:
             code = ("import torch; x = torch.randn(256, 256, device='cuda');"
                     " print('CUDA in the sandbox:', torch.cuda.get_device_name(), float((x @ x).sum()))")
-            cuda = command_line(f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}",
-                                [ws / ".nightlab", ws / ".git"], [ws / ".nightlab" / "compile-cache"])
+            python = f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+            cuda = command_line(f"{python} && {nested(python)}", protected, writable)
             done = subprocess.run(["/bin/sh", "-c", cuda], capture_output=True, text=True, timeout=300, check=False)
             print(f"{done.stdout}{done.stderr}exit {done.returncode}")
     print(f"| start of a run that does nothing ({args.repeat} each, alternated) | median | mean |")

@@ -343,7 +343,8 @@ def _run_sandbox_finding(settings: Settings) -> Finding:
                        "allow unprivileged user namespaces (Ubuntu 23.10+: `sudo sysctl"
                        " kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile that allows `userns`"
                        " for this Python)")
-    return Finding("ok", "runs", "each run sees the workspace's state and git read-only, and only its own processes")
+    return Finding("ok", "runs", "each run sees the workspace's state and git read-only (its training the data and"
+                   " the code that scores too), and only its own processes")
 
 
 def _packages_finding() -> Finding:

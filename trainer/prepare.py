@@ -1343,6 +1343,8 @@ def environment_changes(since: float, environ: Mapping[str, str], spared: Sequen
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2), Linux
 LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
 ENV_SANDBOX = "NIGHTLAB_SANDBOX"  # 0: the scorer's model processes run unconfined (harness.confine)
+# the run's sandbox launcher, offered by a whole one to the command it runs (loop/executors/sandbox.py)
+ENV_SANDBOX_LAUNCHER = "NIGHTLAB_SANDBOX_LAUNCHER"
 # The calls harness.confine denies a model process (seccomp), by machine (its audit arch, the calls'
 # numbers), also read by `nightlab doctor`: what a model could talk to a sibling model process through
 # where landlock does not reach: sockets (UDP), System V shared memory, message queues and semaphores,
@@ -1441,6 +1443,26 @@ def end_leftovers(known: set[int]) -> None:
                 pass
 
 
+def data_paths(data_dir: Path, view: Path) -> list[Path]:
+    """The data dir, its training view and the files its shards and tokenizer are where they lie
+    outside it (a local source's, linked: the view's hard links are those files too)."""
+    inside = data_dir.resolve()
+    outside = {Path(os.path.realpath(entry)) for entry in [*data_dir.glob(SHARD_PATTERN), data_dir / TOKENIZER_FILE]}
+    return [data_dir, *([view] if view != data_dir else []), *sorted(p for p in outside if not p.is_relative_to(inside))]
+
+
+def read_only_to(command: str, environ: Mapping[str, str], paths: Sequence[Path]) -> str:
+    """`command` in a sandbox nested in the run's, where `paths` are read-only: a training command
+    cannot write the data, the scored rows' cache nor the code that scores, rather than be caught
+    after (`tampered_data`, which stays for where there is no such sandbox: the run's refused by the
+    kernel, NIGHTLAB_SANDBOX=0, Slurm, not Linux). Unchanged where the run has none to offer."""
+    launcher = environ.get(ENV_SANDBOX_LAUNCHER, "").strip()
+    if not launcher:
+        return command
+    paths_args = [arg for path in dict.fromkeys(paths) for arg in ("--read-only", str(path))]
+    return shlex.join([*shlex.split(launcher), *paths_args, "--", "/bin/sh", "-c", command])
+
+
 def _stream(command: str, env: dict[str, str], on_line: Callable[[str], str]) -> int:
     """Run a shell command (in our process group, so a kill of the run reaches it), copy its
     output line by line through on_line to our stdout; its exit code. What it leaves running when it
@@ -1494,7 +1516,8 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     result comes back in a file this process prints; a project's own score command prints its
     result itself. A val_bpb the training command printed is shown beside, never used. The code that
     scores (the built-in scorer's files, or `protected`: a project's score script) must be as it was
-    after the training command, or the run is refused."""
+    after the training command, or the run is refused. In a local run's sandbox the training command
+    cannot write these, nor the data (`read_only_to`); the checks after it stay for where it can."""
     started = time.time()
     env = dict(os.environ if environ is None else environ)
     env[ENV_RUN_STARTED] = f"{started:.3f}"
@@ -1553,7 +1576,10 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         blamed.extend(part for part in parts if part.lstrip().startswith(DATA_FAIL))
         return "".join(TRAIN_PREFIX + part if _POSING.match(part) else part for part in parts)
 
-    code = _stream(train_command, train_env, untrusted)
+    read_only = [*scorer_files, *([artifact / "train.py"] if scored_code is not None else [])]
+    if data_dir is not None and view is not None:
+        read_only += data_paths(data_dir, view)
+    code = _stream(read_only_to(train_command, env, read_only), train_env, untrusted)
     # whatever its exit code: a cache file it wrote must not score a later run
     tampered = [tampered_data(data_dir, data_before) if data_dir is not None else None]
     if score_command is None:  # the built-in scorer runs in this Python; a project's own score command, its own

@@ -16,6 +16,9 @@ Run as a script with the interpreter's -I -S (stdlib only, no site: a fraction o
 Where the kernel refuses (no user namespaces, or a distribution that restricts them: Ubuntu's
 AppArmor setting `kernel.apparmor_restrict_unprivileged_userns`), the command runs unconfined and
 the run's log says why in one line; `NIGHTLAB_SANDBOX=0` turns it off (and the scorer's too).
+A whole sandbox hands its command the launcher (NIGHTLAB_SANDBOX_LAUNCHER): the built-in trainer's
+harness starts its training command in a nested one, where the data and the code that scores are
+read-only too (trainer/prepare.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ENV_SANDBOX = "NIGHTLAB_SANDBOX"  # prepare.ENV_SANDBOX: one switch for the run's and the scorer's
+ENV_LAUNCHER = "NIGHTLAB_SANDBOX_LAUNCHER"  # prepare.ENV_SANDBOX_LAUNCHER: set in a whole sandbox only
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x10000000, 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
@@ -40,10 +44,14 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SAID = "Run sandbox:"  # a line in the run's log, only where the sandbox is not whole
 
 
+def launcher() -> list[str]:
+    """The launcher's command, before its paths and the command it runs."""
+    return [sys.executable, "-I", "-S", str(Path(__file__).resolve())]
+
+
 def command_line(command: str, read_only: Sequence[Path], writable: Sequence[Path]) -> str:
     """The shell command line that runs `command` (a shell command line) in the sandbox."""
-    args = [sys.executable, "-I", "-S", str(Path(__file__).resolve())]
-    args += [a for p in read_only for a in ("--read-only", str(p))]
+    args = launcher() + [a for p in read_only for a in ("--read-only", str(p))]
     args += [a for p in writable for a in ("--writable", str(p))]
     return shlex.join([*args, "--", "/bin/sh", "-c", command])
 
@@ -108,7 +116,7 @@ def enter(read_only: Sequence[str], writable: Sequence[str]) -> None:
     _call("unshare (user namespaces)", libc.unshare(CLONE_NEWUSER | CLONE_NEWNS))
     _own_ids(uid, gid)
     _call("making the mounts private", libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
-    protected = [os.path.realpath(p) for p in read_only if os.path.isdir(p)]
+    protected = [os.path.realpath(p) for p in read_only if os.path.exists(p)]  # folders or files
     # a writable path that is (or holds) a protected one would undo it: a link planted as the artifact folder
     opened = [w for w in (os.path.realpath(p) for p in writable if os.path.isdir(p))
               if not any(p == w or p.startswith(w + os.sep) for p in protected)]
@@ -153,6 +161,7 @@ def _init(command: list[str], cwd: str) -> int:
     except Refused as exc:
         print(f"{SAID} but its mounts are not locked ({exc})", file=sys.stderr, flush=True)
     os.chdir(cwd)  # looked up again: through the new mounts
+    os.environ[ENV_LAUNCHER] = shlex.join(launcher())  # a nested sandbox adds read-only paths (the harness's)
     child = os.fork()
     if child == 0:
         _exec(command)
@@ -175,6 +184,7 @@ def _exec(command: list[str]) -> None:
 
 def run(read_only: Sequence[str], writable: Sequence[str], command: list[str]) -> int:
     """Run `command` sandboxed (or, where the kernel refuses, unconfined, saying why); its exit status."""
+    os.environ.pop(ENV_LAUNCHER, None)  # offered to the command by a whole sandbox only (_init)
     if os.environ.get(ENV_SANDBOX, "1").strip() == "0":
         print(f"{SAID} none ({ENV_SANDBOX}=0)", file=sys.stderr, flush=True)
         _exec(command)
@@ -201,8 +211,8 @@ def run(read_only: Sequence[str], writable: Sequence[str], command: list[str]) -
         refused = said.read().decode(errors="replace")
     if refused:
         os.waitpid(child, 0)
-        print(f"{SAID} none, the kernel refused it ({refused}); the run can write the workspace's state"
-              " (`nightlab doctor` says how to allow it)", file=sys.stderr, flush=True)
+        print(f"{SAID} none, the kernel refused it ({refused}); the run can write what it should only read"
+              " (the workspace's state, its data; `nightlab doctor` says how to allow it)", file=sys.stderr, flush=True)
         _exec(command)
     _forward_to(child)
     return _status(os.waitpid(child, 0)[1])

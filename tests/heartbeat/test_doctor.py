@@ -70,7 +70,8 @@ def test_a_cpu_box_can_run_the_tiny_profile(tmp_path: Path, fake_gpus, capsys) -
     assert lines(out, "ok   packages") == ["ok   packages  each run checks the scorer's Python for files changed since"
                                            " its change began"]
     assert probe() or lines(out, "ok   runs") == ["ok   runs      each run sees the workspace's state and git"
-                                                  " read-only, and only its own processes"]
+                                                  " read-only (its training the data and the code that scores too),"
+                                                  " and only its own processes"]
 
 
 def test_a_box_without_find_is_told_its_runs_do_not_check_the_scorers_python(tmp_path: Path, capsys, monkeypatch) -> None:

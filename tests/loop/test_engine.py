@@ -380,9 +380,12 @@ def test_a_persons_edit_of_the_harness_while_a_run_trains_is_not_the_changes_cra
     assert_consistent(settings)
 
 
-def test_a_change_that_writes_the_harness_is_its_crash_at_its_re_run(tmp_path: Path, gates: Gates) -> None:
+def test_a_change_that_writes_the_harness_is_its_crash_at_its_re_run(tmp_path: Path, gates: Gates,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The other side: a train.py that writes prepare.py reads as a person's edit the first time (the
-    same words); its re-run writes it again, and that is the change's crash. The night never pauses."""
+    same words); its re-run writes it again, and that is the change's crash. The night never pauses.
+    Unconfined (NIGHTLAB_SANDBOX=0): in the run's sandbox its write fails as it is made (below)."""
+    monkeypatch.setenv("NIGHTLAB_SANDBOX", "0")
     settings = _scored_project(tmp_path)
     ws = settings.workspace_path
     engine = EngineThread(settings, ScriptedProposer([{"set": {"MODE": "harness"}}]), limit=3)
@@ -396,6 +399,25 @@ def test_a_change_that_writes_the_harness_is_its_crash_at_its_re_run(tmp_path: P
                             " the change is what writes it)")
     assert "experiments: 3 (1 baseline, 1 crash, 1 harness edited)" in views.status_text(ws)
     assert (ws / "prepare.py").read_text() == HARNESS
+
+
+def test_in_the_runs_sandbox_a_change_that_writes_the_harness_is_its_crash_at_once(tmp_path: Path, gates: Gates) -> None:
+    """The harness starts the training command in a sandbox where the protected files are read-only
+    (prepare.read_only_to): the write fails, so it is the change's crash at its first run, and no
+    person's edit is put aside for it."""
+    from nightlab.loop.executors.sandbox import probe
+
+    if probe():
+        pytest.skip(f"the kernel refuses the run sandbox here: {probe()}")
+    settings = _scored_project(tmp_path)
+    ws = settings.workspace_path
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"MODE": "harness"}}]), limit=2)
+    gates.open(1, 2)
+    assert engine.join() == 0
+    second = ledger.experiments(engine.store)[1]
+    assert (second.kind, second.status) == ("proposal", "crash")
+    assert "OSError: [Errno 30] Read-only file system: 'prepare.py'" in (ws / ".nightlab" / "runs" / "2.log").read_text()
+    assert (ws / "prepare.py").read_text() == HARNESS and not git_out(ws, "stash", "list")
 
 
 def test_a_change_the_data_fails_again_on_its_re_run_is_its_crash_not_run_forever(

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from nightlab.loop.engine import run_engine
-from nightlab.loop.executors.sandbox import ENV_SANDBOX, SAID, command_line, probe
+from nightlab.loop.executors.sandbox import ENV_LAUNCHER, ENV_SANDBOX, SAID, command_line, probe
 from nightlab.loop.state import ledger
 from nightlab.loop.state.store import Store
 
@@ -117,6 +117,27 @@ def test_a_writable_folder_that_links_to_the_state_does_not_open_it(tmp_path: Pa
     (tmp_path / "artifact").symlink_to(state)
     done = _sandboxed(tmp_path, "echo forged > artifact/state.db", [state], [tmp_path / "artifact"])
     assert done.returncode != 0 and (state / "state.db").read_text() == "the ledger"
+
+
+@needs_sandbox
+def test_a_whole_sandbox_offers_its_command_the_launcher_to_nest_one_with_more_read_only(tmp_path: Path) -> None:
+    """The harness nests one around its training command (trainer/prepare.py `read_only_to`): the
+    data and the code that scores are read-only there, the run's own folders still writable."""
+    state, data = _state(tmp_path), tmp_path / "data"
+    own = state / "artifact"
+    data.mkdir()
+    script = tmp_path / "train.sh"
+    script.write_text("echo forged > ../data/shard || echo data refused; echo model > .nightlab/artifact/m\n")
+    done = _sandboxed(tmp_path / "ws", f"${ENV_LAUNCHER} --read-only {data} -- /bin/sh {script}", [state], [own])
+    assert done.returncode == 0 and done.stdout == "data refused\n", done.stderr
+    assert not (data / "shard").exists() and (own / "m").read_text() == "model\n"
+
+
+def test_a_sandbox_turned_off_or_refused_offers_no_launcher(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    env = {"PATH": "/usr/bin:/bin", ENV_SANDBOX: "0", ENV_LAUNCHER: "inherited"}
+    done = _sandboxed(tmp_path, f'echo "[${ENV_LAUNCHER}]"', [state], env=env)
+    assert done.returncode == 0 and done.stdout == "[]\n", done.stderr
 
 
 def test_turned_off_or_refused_by_the_kernel_the_run_goes_on_unconfined_saying_so(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -411,21 +412,29 @@ def test_a_shard_a_person_replaced_mid_run_is_refused_in_words_true_of_a_person(
     assert "if not, the training command wrote it" in refused
 
 
-@pytest.mark.parametrize(("trick", "said"), [
+# tricks of a training command that writes the data dir, and what the check after it says of each
+DATA_TRICKS = {
     # r+: the view's shard is a hard link, so this writes the data dir's file (a local source's own)
-    ("with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
-     "    f.write(b'x')\n", "{data}/shard_00000.parquet (written)"),
-    ("st = os.stat(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet')\n"
-     "with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
-     "    f.write(b'x')\nos.utime(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', ns=(st.st_atime_ns,"
-     " st.st_mtime_ns))\n", "{data}/shard_00000.parquet (written)"),  # its mtime put back: the ctime tells
-    ("shutil.copy(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', os.environ['NIGHTLAB_DATA_DIR']"
-     ".removesuffix('.train') + '/shard_99999.parquet')\n",
-     "{data}/shard_99999.parquet (a shard added: the last by name is the validation shard)"),
+    "shard written through its link": (
+        "with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
+        "    f.write(b'x')\n", "{data}/shard_00000.parquet (written)"),
+    "mtime put back": (  # the ctime tells
+        "st = os.stat(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet')\n"
+        "with open(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', 'r+b') as f:\n    f.seek(100)\n"
+        "    f.write(b'x')\nos.utime(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', ns=(st.st_atime_ns,"
+        " st.st_mtime_ns))\n", "{data}/shard_00000.parquet (written)"),
+    "validation shard added": (
+        "shutil.copy(os.environ['NIGHTLAB_DATA_DIR'] + '/shard_00000.parquet', os.environ['NIGHTLAB_DATA_DIR']"
+        ".removesuffix('.train') + '/shard_99999.parquet')\n",
+        "{data}/shard_99999.parquet (a shard added: the last by name is the validation shard)"),
     # the shard before it validated then: the one this run's scorer scored it on, a shard it trained on
-    ("import glob\nos.remove(max(glob.glob(os.environ['NIGHTLAB_DATA_DIR'].removesuffix('.train') + '/shard_*')))\n",
-     "{data}/shard_00003.parquet (removed)"),
-], ids=["shard written through its link", "mtime put back", "validation shard added", "validation shard removed"])
+    "validation shard removed": (
+        "import glob\nos.remove(max(glob.glob(os.environ['NIGHTLAB_DATA_DIR'].removesuffix('.train') + '/shard_*')))\n",
+        "{data}/shard_00003.parquet (removed)"),
+}
+
+
+@pytest.mark.parametrize(("trick", "said"), list(DATA_TRICKS.values()), ids=list(DATA_TRICKS))
 def test_a_training_command_that_writes_into_the_data_dir_is_refused_naming_the_file(run_env, capfd, trick, said):
     data, train_command = run_env
     assert prepare.run(train_command(trick)) == prepare.REJECTED_EXIT
@@ -699,6 +708,72 @@ def test_a_training_command_never_changes_the_code_that_scores_it(run_env, hones
             " with: a run is scored with the train.py it committed"), out[-2000:]
     else:
         assert code == 0 and parse_summary(out).get("val_bpb") == honest, out[-2000:]
+
+
+# --- the run's sandbox: the data and the code that scores, read-only to the training command ------
+
+# the file a data dir's shard links to (`nightlab prepare --source` of a local folder): not the data dir's
+SOURCE_WRITTEN = ("src = os.path.realpath(os.environ['NIGHTLAB_DATA_DIR'].removesuffix('.train') + '/shard_00000.parquet')\n"
+                  "with open(src, 'r+b') as f:\n    f.seek(100)\n    f.write(b'x')\n")
+SANDBOXED_TRICKS = {
+    **{name: trick for name, (trick, _) in DATA_TRICKS.items() if name != "mtime put back"},  # it fails as the first
+    "a local source's shard written": SOURCE_WRITTEN,
+    "tokenizer written unseen by stat": TOKENIZER_UNSEEN,
+    "scored rows written unseen by stat": CACHE_UNSEEN,
+    "scored rows' folder a link": CACHE_LINKED,
+    "harness.py rewritten": HARNESS_TRICKS["harness.py rewritten"],
+    "the scored train.py replaced": HARNESS_TRICKS["the scored train.py replaced"],
+}
+
+
+@pytest.fixture
+def in_a_run_sandbox(monkeypatch):
+    """What a run's sandbox offers the command it runs (`prepare.py run`): its launcher, to nest one."""
+    from nightlab.loop.executors import sandbox
+
+    refused = sandbox.probe()
+    if refused:
+        pytest.skip(f"the kernel refuses the run sandbox here: {refused}")
+    monkeypatch.setenv(prepare.ENV_SANDBOX_LAUNCHER, shlex.join(sandbox.launcher()))
+
+
+def _link_to_a_source(data: Path, source: Path) -> None:
+    """The data dir as `nightlab prepare --source` makes it of a local folder: its shards links to the folder's files."""
+    source.mkdir()
+    for shard in data.glob(prepare.SHARD_PATTERN):
+        shutil.move(shard, source / shard.name)
+        shard.symlink_to(source / shard.name)
+
+
+@pytest.mark.parametrize("trick", list(SANDBOXED_TRICKS))
+def test_in_the_runs_sandbox_a_training_command_cannot_write_the_data_nor_the_code_that_scores(
+        run_env, in_a_run_sandbox, tmp_path, trick):
+    """Each write the checks after the training command refuse the run for (above) fails as it is
+    made: the run is the training command's failure, nothing is scored, and the data, the scored rows'
+    cache, the harness's files and the scored train.py are as they were, for this run and the next.
+    The check alone came after the fact: a write it cannot see (another slot's scorer's cache file
+    written before this run began), or one a timeout's kill left unchecked, had stood."""
+    data, train_command = run_env
+    if trick == "a local source's shard written":
+        _link_to_a_source(data, tmp_path / "source")
+    prepare.training_view(data)  # as the run makes them before training
+    prepare.cache_scored_rows(data, os.environ, prepare.scored_rows_key(data))
+    before = prepare.data_files(data)
+    code, out = _run_in_workspace(train_command(SANDBOXED_TRICKS[trick]))
+    assert code == 1 and "FAIL: the training command exited with code 1" in out, out[-2000:]
+    assert any(why in out for why in ("Read-only file system", "Invalid cross-device link")), out[-2000:]
+    assert _scored(out).rejected is None and _scored(out).get("val_bpb") is None
+    assert prepare.data_files(data) == before
+    for name in ("harness.py", "prepare.py"):
+        assert Path(name).read_bytes() == (TRAINER / name).read_bytes()
+    assert (Path("artifact") / "train.py").read_bytes() == Path("train.py").read_bytes()
+
+
+def test_in_the_runs_sandbox_an_honest_run_scores_as_without_it(run_env, in_a_run_sandbox, honest_in_a_workspace):
+    _, train_command = run_env
+    code, out = _run_in_workspace(train_command())
+    assert code == 0 and _scored(out).get("val_bpb") == honest_in_a_workspace, out[-2000:]
+    assert "Run sandbox:" not in out  # whole: nothing said
 
 
 # --- train.py's code runs in the scorer's process -------------------------------------------------
