@@ -4,6 +4,7 @@ its sandbox lets it write (executors/sandbox.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from nightlab.loop.compile_cache import cache_dir
@@ -36,13 +37,24 @@ def run_environment(ws: Workspace, settings: Settings, say: Say = to_stderr,
     return env
 
 
-def sandbox_paths(workspace: Path, run_dir: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+def data_dir(env: Mapping[str, str]) -> Path | None:
+    """The built-in trainer's data dir in a run's environment (`run_environment`); None for a project's."""
+    from nightlab.trainer.prepare import ENV_DATA_DIR  # no torch
+
+    return Path(env[ENV_DATA_DIR]) if env.get(ENV_DATA_DIR, "").strip() else None
+
+
+def sandbox_paths(workspace: Path, run_dir: Path, data: Path | None = None) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
     """(read-only, writable) for a run in `run_dir`: the workspace's state (the ledger the keep rule
     reads, the kept models and their held-out scores, the runs' logs and exit files) and its git
     are the engine's; a run writes its own folder (its snapshot, or in the workspace the folder it
-    saves its model in; the agent's, .nightlab/agent) and the compile caches every run shares."""
-    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR  # no torch
+    saves its model in; the agent's, .nightlab/agent) and the compile caches every run shares.
+    `data`: a data dir read-only too, for what no harness is around (the agent, the checks): rows
+    written into its scored rows' cache between runs scored the next run on them (2.86 -> 0.19). A
+    run's harness makes that cache before its training, then starts it with the data read-only."""
+    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR, data_paths, training_view_dir  # no torch
 
     state = state_dir(workspace)
     own = run_dir if run_dir.is_relative_to(state) else run_dir / DEFAULT_ARTIFACT_DIR
-    return (state, workspace / ".git"), (own, cache_dir(workspace))
+    scored = tuple(data_paths(data, training_view_dir(data))) if data is not None else ()
+    return (state, workspace / ".git", *scored), (own, cache_dir(workspace))

@@ -27,7 +27,7 @@ from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.executors.sandbox import command_line
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
-from nightlab.loop.runenv import sandbox_paths
+from nightlab.loop.runenv import data_dir, sandbox_paths
 from nightlab.loop.second_opinion import KeptUnscored, NoOpinion, SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass, ended_at, started_at
@@ -207,7 +207,8 @@ def checks(ctx: Context, verdict: Verdict, cwd: Path, best: float | None) -> Ver
     into `checks_failed`. In the run's sandbox: checks run the change's code (tests that import train.py)."""
     try:
         done = subprocess.run(
-            command_line(ctx.settings.project.checks_command, *sandbox_paths(ctx.ws.path, cwd)), shell=True,
+            command_line(ctx.settings.project.checks_command, *sandbox_paths(ctx.ws.path, cwd, data_dir(ctx.env))),
+            shell=True,
             check=False, cwd=cwd, capture_output=True,
             text=True, env={**os.environ, **ctx.env}, timeout=ctx.settings.heartbeat.run_timeout,
         )

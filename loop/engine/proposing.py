@@ -17,6 +17,7 @@ from nightlab.loop.engine.polling import CANCEL_GRACE_S
 from nightlab.loop.engine.streaks import without_a_keep
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.proposers.base import PastExperiment, Proposal, ProposalContext, ProposalError, ProposalStopped
+from nightlab.loop.runenv import data_dir
 from nightlab.loop.state import ledger, views
 from nightlab.loop.state.errors import USER_ERROR_KEY, UserError
 from nightlab.loop.state.ledger import Candidate
@@ -199,6 +200,7 @@ def proposal_context(ctx: Context, cand: Candidate, notes: tuple[str, ...]) -> P
         last_crash_log=ctx.log_tail(crashes[-1].number, 4000) if crashes else "",
         noise=views.night_noise(ctx.store, every), keep_z=ctx.settings.loop.keep_z,
         best_runs=tuple(views.best_runs(rows)), last_crash=crashes[-1].number if crashes else 0,
+        data_dir=data_dir(ctx.env),
     )
 
 

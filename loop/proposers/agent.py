@@ -121,7 +121,7 @@ class AgentProposer:
         branch, head = git.branch(), git.head()
 
         ignored, git_files = git.ignored_files(_NOT_STATE), _git_files(ws)
-        run = self._run(ws, state, prompt_file, proposal_file)
+        run = self._run(ws, state, prompt_file, proposal_file, ctx.data_dir)
         git_changed = _put_back(ws, git_files)
         hidden = _remove_new(ws, git.ignored_files(_NOT_STATE) - ignored)
         if run.too_much:
@@ -187,7 +187,7 @@ class AgentProposer:
             area=ctx.focus or "",
         )
 
-    def _run(self, ws: Path, state: Path, prompt_file: Path, proposal_file: Path) -> _Run:
+    def _run(self, ws: Path, state: Path, prompt_file: Path, proposal_file: Path, data: Path | None) -> _Run:
         command = self.settings.command.replace("{prompt_file}", shlex.quote(str(prompt_file)))
         token = uuid.uuid4().hex  # every process the agent starts inherits it, detached or not
         env = {**os.environ, "NIGHTLAB_PROMPT_FILE": str(prompt_file), "NIGHTLAB_PROPOSAL_FILE": str(proposal_file),
@@ -196,8 +196,9 @@ class AgentProposer:
         start = time.monotonic()
         # Files, not pipes: a backgrounded grandchild holding a pipe open cannot block us.
         # Sandboxed as a run is (executors/sandbox.py): the agent edits the workspace, but the ledger the
-        # keep rule reads, git and the daemon's processes (its environment holds the chat tokens) are not its
-        sandboxed = command_line(command, *sandbox_paths(ws, state))
+        # keep rule reads, git, the data runs are scored on and the daemon's processes (its environment
+        # holds the chat tokens) are not its
+        sandboxed = command_line(command, *sandbox_paths(ws, state, data))
         with prompt_file.open("rb") as stdin, out_path.open("w+b") as out, err_path.open("w+b") as err:
             proc = subprocess.Popen(
                 sandboxed, shell=True, cwd=ws, env=env, stdin=stdin, stdout=out, stderr=err, start_new_session=True

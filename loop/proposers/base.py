@@ -52,6 +52,7 @@ class ProposalContext:
     keep_z: float = 2.0  # a change is kept when it beats the best by more than this many standard errors
     best_runs: tuple[float, ...] = ()  # the best's runs on its hardware, the keep rule's incumbent (): none
     last_crash: int = 0  # the experiment whose log is last_crash_log
+    data_dir: Path | None = None  # the built-in trainer's data dir: read-only to an agent (runenv.sandbox_paths)
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,14 @@ elif mode == "write-ledger":  # a worse change (the stub trainer's VAL_BPB), the
         print("ledger: written")
     except sqlite3.Error as e:
         print(f"ledger: refused ({e})")
+elif mode == "write-data":  # "warmed the eval cache": rows of its own where the scorer reads them (the data dir: argv[2])
+    edit()
+    try:
+        (Path(sys.argv[2]) / "eval-cache").mkdir(exist_ok=True)
+        (Path(sys.argv[2]) / "eval-cache" / "rows.pt").write_text("easy rows")
+        print("data: written")
+    except OSError as e:
+        print(f"data: refused ({e.strerror})")
 elif mode == "switch-branch":  # works on a branch of its own and leaves the workspace there
     subprocess.run(["git", "checkout", "-qb", "agent-experiment"], check=True)
     edit()

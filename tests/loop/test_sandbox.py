@@ -4,6 +4,7 @@ kernel refuses, it runs unconfined and says so."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import shutil
@@ -18,6 +19,7 @@ import pytest
 from nightlab.loop.engine import run_engine
 from nightlab.loop.executors.sandbox import ENV_LAUNCHER, ENV_SANDBOX, SAID, command_line, probe
 from nightlab.loop.state import ledger
+from nightlab.loop.state.config import Settings
 from nightlab.loop.state.store import Store
 
 from tests.fakes.loop_workspace import make_stub_workspace
@@ -203,6 +205,40 @@ def test_an_agent_that_raises_the_best_in_the_ledger_does_not_get_its_change_kep
         assert said == "ledger: written\n" and (first.metric, second.status) == (9.0, "keep")
 
 
+def _with_a_data_dir(settings: Settings, tmp_path: Path) -> Path:
+    """The built-in trainer's data dir in the runs' environment (runenv.data_dir), for a stub workspace."""
+    data = tmp_path / "data"
+    (data / "tokenizer").mkdir(parents=True)
+    for name in ("shard_00000.parquet", "shard_00001.parquet", "tokenizer/tokenizer.json"):
+        (data / name).write_text(name)
+    store = Store.for_workspace(settings.workspace_path)
+    store.set("workspace.harness_env", {"NIGHTLAB_DATA_DIR": str(data)})
+    store.close()
+    return data
+
+
+@pytest.mark.parametrize("sandbox", ["1", "0"])
+def test_an_agent_cannot_write_the_data_runs_are_scored_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           sandbox: str) -> None:
+    """The agent runs before its change's run: rows it wrote into the data dir's scored rows' cache
+    were what that run was scored on (2.86 -> 0.19: the harness makes the cache only where it is
+    missing). The data dir is read-only to the agent too."""
+    if sandbox == "1" and REFUSED:
+        pytest.skip(f"the kernel refuses the sandbox here: {REFUSED}")
+    monkeypatch.setenv(ENV_SANDBOX, sandbox)
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": "true"}})
+    data = _with_a_data_dir(settings, tmp_path)
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} write-data {data}"
+    settings = dataclasses.replace(settings, proposer=dataclasses.replace(
+        settings.proposer, agent=dataclasses.replace(settings.proposer.agent, command=agent)))
+    assert run_engine(settings, 2) == 0
+    said = (settings.workspace_path / ".nightlab" / "agent" / "stdout.log").read_text()
+    if sandbox == "1":
+        assert said == "data: refused (Read-only file system)\n" and not (data / "eval-cache").exists()
+    else:
+        assert said == "data: written\n" and (data / "eval-cache" / "rows.pt").is_file()
+
+
 @needs_sandbox
 def test_an_agent_cannot_see_the_daemon_whose_environment_holds_the_chat_tokens(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,3 +272,16 @@ def test_the_projects_checks_run_in_the_sandbox_too(tmp_path: Path) -> None:
     first, second = ledger.experiments(Store.for_workspace(settings.workspace_path))
     assert first.metric == 1.0 and second.status == "checks_failed"
     assert second.reason == "checks failed (exit 1): sqlite3.OperationalError: attempt to write a readonly database"
+
+
+@needs_sandbox
+def test_the_projects_checks_cannot_write_the_data_runs_are_scored_on(tmp_path: Path) -> None:
+    """They run after a run, before the next: rows written into the scored rows' cache would score it."""
+    write = "import os; open(os.environ['NIGHTLAB_DATA_DIR'] + '/tokenizer/tokenizer.json', 'w')"
+    settings = make_stub_workspace(tmp_path, project={"checks_command": f'{sys.executable} -c "{write}"'})
+    data = _with_a_data_dir(settings, tmp_path)
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.5]}}])) == 0
+    second = ledger.experiments(Store.for_workspace(settings.workspace_path))[1]
+    assert second.status == "checks_failed" and second.reason.endswith("OSError: [Errno 30] Read-only file system:"
+                                                                       f" '{data}/tokenizer/tokenizer.json'")
+    assert (data / "tokenizer" / "tokenizer.json").read_text() == "tokenizer/tokenizer.json"
