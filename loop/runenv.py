@@ -4,6 +4,7 @@ its sandbox lets it write (executors/sandbox.py)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -49,12 +50,17 @@ def sandbox_paths(workspace: Path, run_dir: Path, data: Path | None = None) -> t
     reads, the kept models and their held-out scores, the runs' logs and exit files) and its git
     are the engine's; a run writes its own folder (its snapshot, or in the workspace the folder it
     saves its model in; the agent's, .nightlab/agent) and the compile caches every run shares.
-    `data`: a data dir read-only too, for what no harness is around (the agent, the checks): rows
-    written into its scored rows' cache between runs scored the next run on them (2.86 -> 0.19). A
-    run's harness makes that cache before its training, then starts it with the data read-only."""
-    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR, data_paths, training_view_dir  # no torch
+    `data`: the built-in trainer's data dir, for what no harness is around (the agent, the checks):
+    it and the scorer's Python are read-only too. Rows written into its scored rows' cache between
+    runs scored the next run on them (2.86 -> 0.19); a .pth file planted in site-packages runs in the
+    scorer (the run finds it after, and the night pauses for a person). A run's harness makes that
+    cache before its training, then starts it with both read-only (prepare.read_only_to)."""
+    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR, data_paths, installed_python, training_view_dir
 
     state = state_dir(workspace)
     own = run_dir if run_dir.is_relative_to(state) else run_dir / DEFAULT_ARTIFACT_DIR
-    scored = tuple(data_paths(data, training_view_dir(data))) if data is not None else ()
-    return (state, workspace / ".git", *scored), (own, cache_dir(workspace))
+    writable = (own, cache_dir(workspace))
+    scored: list[Path] = []
+    if data is not None:
+        scored = [*data_paths(data, training_view_dir(data)), *installed_python(os.environ, [workspace, *writable])]
+    return (state, workspace / ".git", *scored), writable

@@ -1294,6 +1294,23 @@ def python_roots(environ: Mapping[str, str]) -> list[Path]:
     return [f for f in found if not any(other in f.parents for other in found)]  # each file once
 
 
+def installed_python(environ: Mapping[str, str], spared: Sequence[Path]) -> list[Path]:
+    """The scorer's Python as installed, for a sandbox to hold read-only to what runs before the
+    scorer (the training command, the agent): what of `python_roots` lies in its installation
+    (beneath sys.prefix or sys.base_prefix: the standard library, the site dirs) or is the user's
+    site dir, and the interpreter's folders (its link's, its binary's); none that is or holds one of
+    `spared` (what that command writes). PYTHONPATH's and LD_LIBRARY_PATH's folders are left to
+    `environment_changes`: they may be as wide as a home folder."""
+    import site
+
+    bases = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
+    user = Path(site.getusersitepackages()).resolve() if site.ENABLE_USER_SITE else None
+    installed = [root for root in python_roots(environ) if root == user or any(b == root or b in root.parents for b in bases)]
+    installed += sorted({Path(sys.executable).absolute().parent, Path(sys.executable).resolve().parent})
+    kept = [Path(s).resolve() for s in spared]
+    return [path for path in dict.fromkeys(installed) if not any(path == s or path in s.parents for s in kept)]
+
+
 # a file's ctime comes from the kernel's coarse clock, up to a tick (1-10 ms) behind time.time(): a rename
 # 3 ms after a time taken just before it had an earlier ctime than that time (seen here)
 CTIME_LAG_S = 0.05
@@ -1453,9 +1470,10 @@ def data_paths(data_dir: Path, view: Path) -> list[Path]:
 
 def read_only_to(command: str, environ: Mapping[str, str], paths: Sequence[Path]) -> str:
     """`command` in a sandbox nested in the run's, where `paths` are read-only: a training command
-    cannot write the data, the scored rows' cache nor the code that scores, rather than be caught
-    after (`tampered_data`, which stays for where there is no such sandbox: the run's refused by the
-    kernel, NIGHTLAB_SANDBOX=0, Slurm, not Linux). Unchanged where the run has none to offer."""
+    cannot write the data, the scored rows' cache, the code that scores nor the scorer's Python,
+    rather than be caught after (`tampered_data`, `environment_changes`, which stay for where there
+    is no such sandbox: the run's refused by the kernel, NIGHTLAB_SANDBOX=0, Slurm, not Linux).
+    Unchanged where the run has none to offer."""
     launcher = environ.get(ENV_SANDBOX_LAUNCHER, "").strip()
     if not launcher:
         return command
@@ -1579,6 +1597,8 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
     read_only = [*scorer_files, *([artifact / "train.py"] if scored_code is not None else [])]
     if data_dir is not None and view is not None:
         read_only += data_paths(data_dir, view)
+    if score_command is None:  # the built-in scorer's Python: a .pth file planted there runs in it
+        read_only += installed_python(env, [Path.cwd(), artifact])
     code = _stream(read_only_to(train_command, env, read_only), train_env, untrusted)
     # whatever its exit code: a cache file it wrote must not score a later run
     tampered = [tampered_data(data_dir, data_before) if data_dir is not None else None]

@@ -240,6 +240,25 @@ def test_an_agent_cannot_write_the_data_runs_are_scored_on(tmp_path: Path, monke
 
 
 @needs_sandbox
+def test_an_agent_cannot_plant_a_pth_file_in_the_scorers_python(tmp_path: Path) -> None:
+    """Found after it by the run of its change, which the night then pauses on for a person: the
+    scorer's Python is read-only to the agent of the built-in trainer. (Sandboxed only: unconfined,
+    the file would land in the Python this suite runs in.)"""
+    import site
+
+    planted = Path(site.getsitepackages()[0], f"zz_nightlab_{tmp_path.name}.pth")
+    agent = f"{shlex.quote(sys.executable)} {FAKES / 'agent_misbehave.py'} plant-pth {planted.name}"
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": agent}})
+    _with_a_data_dir(settings, tmp_path)
+    try:
+        assert run_engine(settings, 2) == 0
+        said = (settings.workspace_path / ".nightlab" / "agent" / "stdout.log").read_text()
+        assert said == "python: refused (Read-only file system)\n" and not planted.exists()
+    finally:
+        planted.unlink(missing_ok=True)
+
+
+@needs_sandbox
 def test_an_agent_cannot_see_the_daemon_whose_environment_holds_the_chat_tokens(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Unconfined, an agent read the daemon's /proc/<pid>/environ (its pid in .nightlab/daemon.lock)

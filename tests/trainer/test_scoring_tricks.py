@@ -980,12 +980,9 @@ PTH_LINE = ("import sys, math; exec(\"math.log = lambda *a, _l=vars(math).setdef
 PTH_PLANTED = f"import site\nopen(os.path.join(site.getsitepackages()[0], 'zz_nightlab_trick.pth'), 'w').write({PTH_LINE!r})\n"
 
 
-def test_a_pth_file_the_training_command_plants_is_never_scored_with(run_env, honest_in_a_workspace, tmp_path):
-    """The training command runs unconfined, as the user, and the virtual environment is the user's: a
-    .pth file it left in site-packages ran in the scorer's process as Python started (here it doubles
-    math.log there: 2.86 scored 1.43). The run checks the scorer's Python after the training: a file
-    changed there since the change began refuses it, naming the file (the engine pauses the night).
-    (A virtual environment of its own, over this one's packages: the file planted reaches no other test.)"""
+def _venv_over_this_one(tmp_path: Path) -> tuple[str, Path]:
+    """A virtual environment of its own, over this one's packages: a file planted there reaches no
+    other test. Its python and its site dir."""
     import sysconfig
 
     venv = tmp_path / "venv"
@@ -993,11 +990,33 @@ def test_a_pth_file_the_training_command_plants_is_never_scored_with(run_env, ho
     site_dir = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
                                    capture_output=True, text=True, check=True).stdout.strip())
     (site_dir / "packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return str(venv / "bin" / "python"), site_dir
+
+
+def test_a_pth_file_the_training_command_plants_is_never_scored_with(run_env, honest_in_a_workspace, tmp_path):
+    """The training command runs unconfined, as the user, and the virtual environment is the user's: a
+    .pth file it left in site-packages ran in the scorer's process as Python started (here it doubles
+    math.log there: 2.86 scored 1.43). The run checks the scorer's Python after the training: a file
+    changed there since the change began refuses it, naming the file (the engine pauses the night).
+    Where there is no run sandbox: in one, the write fails (below)."""
     _, train_command = run_env
-    python = str(venv / "bin" / "python")
+    python, site_dir = _venv_over_this_one(tmp_path)
     code, out = _run_in_workspace(train_command(PTH_PLANTED).replace(sys.executable, python, 1), python)
     assert code == prepare.REJECTED_EXIT and _scored(out).get("val_bpb") is None, out[-2000:]
     assert f"REJECTED: {prepare.PYTHON_CHANGED} since " in out and f"({site_dir / 'zz_nightlab_trick.pth'}):" in out
     # why it is refused, and why the engine pauses for a person: left there, it halves the runs after
     code, out = _run_in_workspace(train_command(), python)
     assert code == 0 and _scored(out).get("val_bpb") < honest_in_a_workspace * 0.6, out[-2000:]
+
+
+def test_in_the_runs_sandbox_a_training_command_cannot_plant_a_pth_file(run_env, in_a_run_sandbox,
+                                                                       honest_in_a_workspace, tmp_path):
+    """The scorer's Python is read-only to the training command there: its write fails as it is made,
+    the run is its crash (no night paused for a person), and the next run scores as before."""
+    _, train_command = run_env
+    python, site_dir = _venv_over_this_one(tmp_path)
+    code, out = _run_in_workspace(train_command(PTH_PLANTED).replace(sys.executable, python, 1), python)
+    assert code == 1 and "Read-only file system" in out and prepare.PYTHON_CHANGED not in out, out[-2000:]
+    assert not (site_dir / "zz_nightlab_trick.pth").exists()
+    code, out = _run_in_workspace(train_command(), python)
+    assert code == 0 and _scored(out).get("val_bpb") == honest_in_a_workspace, out[-2000:]
