@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from nightlab.loop.executors.sandbox import ENV_LAUNCHER, command_line, probe
+from nightlab.loop.executors.sandbox import command_line, launcher, probe
+from nightlab.trainer.prepare import ENV_SANDBOX_LAUNCHER, read_only_to
 
 
 def started(line: str, env: dict[str, str]) -> float:
@@ -45,8 +46,8 @@ def main() -> None:
         (ws / "data").mkdir()
         protected, writable = [ws / ".nightlab", ws / ".git"], [ws / ".nightlab" / "compile-cache"]
 
-        def nested(command: str) -> str:
-            return f"${ENV_LAUNCHER} --read-only {shlex.quote(str(ws / 'data'))} -- /bin/sh -c {shlex.quote(command)}"
+        def nested(command: str) -> str:  # as the harness nests it, offered the launcher as a run's sandbox offers it
+            return read_only_to(command, {ENV_SANDBOX_LAUNCHER: shlex.join(launcher())}, [ws / "data"])
 
         line = command_line("true", protected, writable)
         ways = {"plain": ("true", dict(os.environ)), "sandboxed": (line, dict(os.environ)),

@@ -55,12 +55,12 @@ def sandbox_paths(workspace: Path, run_dir: Path, data: Path | None = None) -> t
     runs scored the next run on them (2.86 -> 0.19); a .pth file planted in site-packages runs in the
     scorer (the run finds it after, and the night pauses for a person). A run's harness makes that
     cache before its training, then starts it with both read-only (prepare.read_only_to)."""
-    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR, data_paths, installed_python, training_view_dir
+    from nightlab.trainer.prepare import DEFAULT_ARTIFACT_DIR, data_paths, installed_python
 
     state = state_dir(workspace)
     own = run_dir if run_dir.is_relative_to(state) else run_dir / DEFAULT_ARTIFACT_DIR
     writable = (own, cache_dir(workspace))
     scored: list[Path] = []
     if data is not None:
-        scored = [*data_paths(data, training_view_dir(data)), *installed_python(os.environ, [workspace, *writable])]
+        scored = [*data_paths(data), *installed_python(os.environ, [workspace, *writable])]
     return (state, workspace / ".git", *scored), writable

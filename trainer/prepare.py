@@ -1460,12 +1460,13 @@ def end_leftovers(known: set[int]) -> None:
                 pass
 
 
-def data_paths(data_dir: Path, view: Path) -> list[Path]:
-    """The data dir, its training view and the files its shards and tokenizer are where they lie
-    outside it (a local source's, linked: the view's hard links are those files too)."""
+def data_paths(data_dir: Path) -> list[Path]:
+    """The data dir, its training view (`training_view_dir`, made or not) and the files its shards
+    and tokenizer are where they lie outside it (a local source's, linked: the view's hard links are
+    those files too)."""
     inside = data_dir.resolve()
     outside = {Path(os.path.realpath(entry)) for entry in [*data_dir.glob(SHARD_PATTERN), data_dir / TOKENIZER_FILE]}
-    return [data_dir, *([view] if view != data_dir else []), *sorted(p for p in outside if not p.is_relative_to(inside))]
+    return [data_dir, training_view_dir(data_dir), *sorted(p for p in outside if not p.is_relative_to(inside))]
 
 
 def read_only_to(command: str, environ: Mapping[str, str], paths: Sequence[Path]) -> str:
@@ -1595,8 +1596,8 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         return "".join(TRAIN_PREFIX + part if _POSING.match(part) else part for part in parts)
 
     read_only = [*scorer_files, *([artifact / "train.py"] if scored_code is not None else [])]
-    if data_dir is not None and view is not None:
-        read_only += data_paths(data_dir, view)
+    if data_dir is not None:
+        read_only += data_paths(data_dir)
     if score_command is None:  # the built-in scorer's Python: a .pth file planted there runs in it
         read_only += installed_python(env, [Path.cwd(), artifact])
     code = _stream(read_only_to(train_command, env, read_only), train_env, untrusted)

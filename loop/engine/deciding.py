@@ -208,9 +208,8 @@ def checks(ctx: Context, verdict: Verdict, cwd: Path, best: float | None) -> Ver
     try:
         done = subprocess.run(
             command_line(ctx.settings.project.checks_command, *sandbox_paths(ctx.ws.path, cwd, data_dir(ctx.env))),
-            shell=True,
-            check=False, cwd=cwd, capture_output=True,
-            text=True, env={**os.environ, **ctx.env}, timeout=ctx.settings.heartbeat.run_timeout,
+            shell=True, check=False, cwd=cwd, capture_output=True, text=True, env={**os.environ, **ctx.env},
+            timeout=ctx.settings.heartbeat.run_timeout,
         )
         code, output = done.returncode, ctx.redact(done.stdout + done.stderr).strip()
     except subprocess.TimeoutExpired:
