@@ -19,7 +19,7 @@ from nightlab.loop.state.ledger import (
     RESULT_LOST_PREFIX,
     USER_KILL_PREFIX,
 )
-from nightlab.loop.state.stats import Comparison, Noise
+from nightlab.loop.state.stats import ENGINE_KEYS, Comparison, Noise
 from nightlab.loop.summary import Summary
 
 # the reason of a result that had nothing to be compared with (no reference on its hardware class)
@@ -116,7 +116,9 @@ def judge(
     `decision.decide` on the means (see its rule). best_again: the baseline run measures a kept
     change again (the best), not the starting commit, and its reason says so.
     """
-    metrics = dict(m.summary.metrics)
+    # the engine's own figures (the second opinion's, the overtime) are never a run's: a log that names
+    # them (a project's own run command, or a line train.py wrote to the log past the harness's prefix) is not one
+    metrics = {name: value for name, value in m.summary.metrics.items() if name not in ENGINE_KEYS}
     best = statistics.fmean(incumbent) if incumbent else None
     reason = failure_reason(m, metric_name)
     if reason is not None:

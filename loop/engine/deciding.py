@@ -2,7 +2,8 @@
 rule itself is loop/decision.py's) against the best commit as measured on its own hardware class;
 then the wave keeps at most one winner, and each member's outcome fixes where git and the best
 stand once it is recorded. The hooks around a keep live here too: the project's checks command
-before it, the held-out second opinion (built-in trainer) when it is recorded.
+before it, the overtime check (loop/overtime.py: SUSPECT when it trained past the budget), the
+held-out second opinion (built-in trainer) when it is recorded.
 
 Deterministic from stored state, so a restart mid-way decides the same.
 """
@@ -27,11 +28,12 @@ from nightlab.loop.engine.upgrading import notice_data_change
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.executors.sandbox import command_line
 from nightlab.loop.judge import NOT_COMPARED_PREFIX, REBASE_PREFIX, Measurement, Verdict, judge
+from nightlab.loop.overtime import TRAINING_WALL, Overtime, overtime
 from nightlab.loop.runenv import data_dir, sandbox_paths
 from nightlab.loop.second_opinion import KeptUnscored, NoOpinion, SecondOpinion, keep_artifact, second_opinion
 from nightlab.loop.state import ledger
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass, ended_at, started_at
-from nightlab.loop.state.stats import gain, pooled_noise
+from nightlab.loop.state.stats import OVERTIME, gain, pooled_noise
 from nightlab.loop.summary import parse_summary
 
 LOG_TAIL_BYTES = 256 * 1024  # the summary block is at the end of the log
@@ -159,6 +161,10 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
         verdict = dataclasses.replace(verdict, reason=f"{other.again} {said}; {other.blame}")
     if (verdict.status == "keep" or verdict.needs_confirm) and ctx.settings.project.checks_command:
         verdict = checks(ctx, verdict, ctx.run_dir(cand), best)
+    if verdict.status == "keep" and cand.kind != "baseline" and TRAINING_WALL in summary.metrics:
+        walls = _measurements(rows, judged, cls, hw, TRAINING_WALL)
+        verdict = _timed(verdict, overtime([*walls(cand.commit or cand.base_commit), summary.metrics[TRAINING_WALL]],
+                                           walls(cand.base_commit)))
     started = started_at(run.log_path) or run.started_at
     finished_at = ended_at(run.log_path) or run.finished_at or time.time()
     c = verdict.comparison
@@ -192,6 +198,14 @@ def _across(cand: Candidate, verdict: Verdict, moved: list[str]) -> Verdict:
         remeasure_best=cand.kind != "baseline", comparison=None, confidence=None, reason=(
             f"{NOT_COMPARED_PREFIX} {what} while it ran: it started on the old data and ended on the new, so its"
             f" {verdict.metric:.6f} is compared with neither best; {then}"))
+
+
+def _timed(verdict: Verdict, found: Overtime | None) -> Verdict:
+    """A keep that trained past the budget (loop/overtime.py): SUSPECT, in its reason and its metrics."""
+    if found is None:
+        return verdict
+    return dataclasses.replace(verdict, reason=f"{verdict.reason}; {found.text()}",
+                               metrics={**verdict.metrics, OVERTIME: round(found.seconds, 1)})
 
 
 def _failed_before(rows: list[Experiment], cand: Candidate, other: ledger.NotTheChange) -> bool:
@@ -253,11 +267,14 @@ def _scorer_env(ctx: Context, cand: Candidate) -> dict[str, str]:
     return {**ctx.env, "CUDA_VISIBLE_DEVICES": "" if slot.gpu is None else str(slot.gpu)}
 
 
-def _measurements(rows: list[Experiment], judged: Judged, cls: HardwareClass, hw: str) -> Callable[[str], list[float]]:
-    """commit -> its measurements on `cls`: recorded, then judged earlier in this wave."""
+def _measurements(rows: list[Experiment], judged: Judged, cls: HardwareClass, hw: str,
+                  figure: str | None = None) -> Callable[[str], list[float]]:
+    """commit -> its measurements on `cls` (or another figure of those runs, where they gave it):
+    recorded, then judged earlier in this wave."""
     def of(commit: str) -> list[float]:
-        return ledger.results(rows, commit, cls) + [o.metric for o in judged if o is not None and o.commit == commit
-                                                    and o.hardware == hw and o.metric is not None]
+        return ledger.results(rows, commit, cls, figure) + [
+            o.metric if figure is None else o.metrics[figure] for o in judged if o is not None and o.commit == commit
+            and o.hardware == hw and o.metric is not None and (figure is None or figure in o.metrics)]
     return of
 
 

@@ -14,7 +14,6 @@ from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.streaks import failures_in_a_row, without_a_keep
 from nightlab.loop.state import ledger, views
 from nightlab.loop.state.ledger import Candidate, Experiment, HardwareClass
-from nightlab.loop.state.stats import HELDOUT_KEYS
 
 DISCARDS_SAID_KEY = "loop.discards_said"  # kv: the keep whose following run of discards was reported
 
@@ -35,10 +34,7 @@ def record(ctx: Context, cand: Candidate) -> None:
         previous = ctx.best(rows)
     opinion = held_out_opinion(ctx, cand, out, rows)
     reason = out.reason + ("" if opinion is None else f"; {opinion.text()}")
-    # the held-out figures are the second opinion's: a run's log that names them (a line train.py wrote
-    # to the log past the harness's prefix) is not one
-    metrics = {name: value for name, value in out.metrics.items() if name not in HELDOUT_KEYS}
-    metrics = metrics if opinion is None else {**metrics, **opinion.metrics}
+    metrics = out.metrics if opinion is None else {**out.metrics, **opinion.metrics}
     exp = Experiment(
         number=cand.number, kind=cand.kind, confirm_of=cand.confirm_of, commit=commit,
         status=out.status, metric=out.metric, metrics=metrics, best=out.best_after,

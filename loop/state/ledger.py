@@ -434,9 +434,11 @@ def reference(rows: list[Experiment], cls: HardwareClass) -> Experiment | None:
     return next((e for e in reversed(rows) if e.status == "keep" and e.hardware_class == cls), None)
 
 
-def results(rows: list[Experiment], commit: str, cls: HardwareClass) -> list[float]:
-    """A commit's results on `cls`, oldest first (the views' and the judge's measurements of it)."""
-    return [e.metric for e in rows if e.commit == commit and e.hardware_class == cls and e.metric is not None]
+def results(rows: list[Experiment], commit: str, cls: HardwareClass, figure: str | None = None) -> list[float]:
+    """A commit's results on `cls`, oldest first (the views' and the judge's measurements of it);
+    `figure`: another figure of the same runs (the harness's timing), where a run gave it."""
+    return [e.metric if figure is None else e.metrics[figure] for e in rows if e.commit == commit
+            and e.hardware_class == cls and e.metric is not None and (figure is None or figure in e.metrics)]
 
 
 def repeat_groups(rows: list[Experiment], cls: HardwareClass) -> list[list[float]]:

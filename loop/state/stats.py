@@ -23,7 +23,10 @@ HELDOUT_GAIN = "heldout_gain"
 # 1 in a keep's metrics when its own model could not be scored on the held-out slice (the commit it
 # replaced could): suspect as a gain that vanishes there.
 HELDOUT_UNSCORED = "heldout_unscored"
-HELDOUT_KEYS = (HELDOUT_GAIN, HELDOUT_UNSCORED)  # the second opinion's alone: never a run's own
+# How many seconds longer a keep's training command ran than the replaced commit's (loop/overtime.py),
+# in its metrics where that is past the allowance: suspect as training past the budget.
+OVERTIME = "overtime_seconds"
+ENGINE_KEYS = (HELDOUT_GAIN, HELDOUT_UNSCORED, OVERTIME)  # the engine's figures alone: never a run's own
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,30 @@ def compare(candidate: Sequence[float], incumbent: Sequence[float], noise_sd: fl
 
 
 def suspect(metrics: dict[str, float]) -> bool:
-    """A keep whose gain vanishes on rows no decision has seen (its held-out second opinion), or
-    whose model could not be scored there."""
+    """A keep whose gain vanishes on rows no decision has seen (its held-out second opinion), whose
+    model could not be scored there, or whose training ran past the budget."""
+    return bool(suspicions(metrics))
+
+
+def suspicions(metrics: dict[str, float]) -> list[str]:
+    """Why a keep is suspect, a few words each (none: it is not)."""
+    words = []
+    if heldout_suspect(metrics):
+        words.append("its gain vanishes on held-out rows" if HELDOUT_GAIN in metrics
+                     else "its model could not be scored on held-out rows")
+    over = overtime_words(metrics)
+    if over is not None:
+        words.append(over)
+    return words
+
+
+def heldout_suspect(metrics: dict[str, float]) -> bool:
+    """Suspect by its held-out second opinion: the gain vanishes there, or its model was not scored."""
     return (HELDOUT_GAIN in metrics and metrics[HELDOUT_GAIN] <= 0) or metrics.get(HELDOUT_UNSCORED, 0) > 0
+
+
+def overtime_words(metrics: dict[str, float]) -> str | None:
+    """A keep that trained past the budget, in words; None for one that did not."""
+    if metrics.get(OVERTIME, 0) <= 0:
+        return None
+    return f"it trained {metrics[OVERTIME]:.0f} s longer than the commit it replaced (past the budget?)"

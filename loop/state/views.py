@@ -25,8 +25,11 @@ from nightlab.loop.state.stats import (
     compare,
     gain,
     gain_words,
+    heldout_suspect,
+    overtime_words,
     pooled_noise,
     suspect,
+    suspicions,
 )
 from nightlab.loop.state.store import DB_FILENAME, Store, state_dir
 
@@ -226,8 +229,7 @@ def _line(e: Experiment, undecided: set[int], width: int) -> str:
     figure = _fmt(e.metric).ljust(8)
     why = f" ({e.reason})" if e.status != "keep" and e.reason else ""
     if e.status == "keep" and suspect(e.metrics):
-        why = (" (SUSPECT: its gain vanishes on held-out rows)" if HELDOUT_GAIN in e.metrics
-               else " (SUSPECT: its model could not be scored on held-out rows)")
+        why = f" (SUSPECT: {'; '.join(suspicions(e.metrics))})"
     return f"{f'#{e.number}':<{width}} {_shown_status(e, undecided):<13} {figure}  {e.description or e.kind}{why}"
 
 
@@ -239,8 +241,14 @@ def _shown_status(e: Experiment, undecided: set[int]) -> str:
 def _heldout(e: Experiment) -> str:
     """A keep's second opinion: its gain on a held-out slice, SUSPECT when it vanishes there."""
     if HELDOUT_GAIN not in e.metrics:
-        return "unscored SUSPECT" if suspect(e.metrics) else "—"
-    return f"{e.metrics[HELDOUT_GAIN]:+.6f}" + (" SUSPECT" if suspect(e.metrics) else "")
+        return "unscored SUSPECT" if heldout_suspect(e.metrics) else "—"
+    return f"{e.metrics[HELDOUT_GAIN]:+.6f}" + (" SUSPECT" if heldout_suspect(e.metrics) else "")
+
+
+def _overtime(e: Experiment) -> str:
+    """Said after a keep's description where it trained past the budget (a column empty on most nights)."""
+    over = overtime_words(e.metrics)
+    return "" if over is None else f" (SUSPECT: {over})"
 
 
 def _gain_text(store: Store, rows: list[Experiment], best: Experiment, night: Night | None) -> str:
@@ -416,10 +424,13 @@ def best_text(workspace: Path) -> str:
         text += "\n" + classes
     if best_exp.confidence is not None:
         text += f"\nconfidence when kept: {best_exp.confidence:.1f} standard errors"
-    if HELDOUT_GAIN in best_exp.metrics or suspect(best_exp.metrics):
+    if HELDOUT_GAIN in best_exp.metrics or heldout_suspect(best_exp.metrics):
         text += f"\nheld-out gain: {_heldout(best_exp)}" + (
-            "" if not suspect(best_exp.metrics) else " (the gain vanishes on rows no decision saw)"
+            "" if not heldout_suspect(best_exp.metrics) else " (the gain vanishes on rows no decision saw)"
             if HELDOUT_GAIN in best_exp.metrics else " (its model could not be scored on rows no decision saw)")
+    over = overtime_words(best_exp.metrics)
+    if over is not None:
+        text += f"\nSUSPECT: {over}"
     return text
 
 
@@ -554,16 +565,16 @@ def report_markdown(workspace: Path, since: float | None = None, chat: bool = Fa
     if top and chat:  # a seven-column table wraps into a jumble on a phone
         for e, delta in top:
             conf = "" if e.confidence is None else f", {e.confidence:.1f} SE"
-            held = "" if HELDOUT_GAIN not in e.metrics and not suspect(e.metrics) else f", held-out {_heldout(e)}"
+            held = "" if HELDOUT_GAIN not in e.metrics and not heldout_suspect(e.metrics) else f", held-out {_heldout(e)}"
             out.append(f"- #{e.number} {e.commit[:7]} {name} {_fmt(e.best)}, gain {delta:.6f}{conf}{held}:"
-                       f" {e.description}")
+                       f" {e.description}{_overtime(e)}")
     elif top:
         out += ["", f"| # | commit | {name} | gain | confidence | held-out gain | description |",
                 "|---|---|---|---|---|---|---|"]
         for e, delta in top:
             conf = "—" if e.confidence is None else f"{e.confidence:.1f}"
             out.append(f"| {e.number} | `{e.commit[:7]}` | {_fmt(e.best)} | {delta:.6f} | {conf} | {_heldout(e)}"
-                       f" | {e.description} |")
+                       f" | {e.description}{_overtime(e)} |")
     else:
         out.append("Nothing beat the baseline yet." if chat else "\nNothing beat the baseline yet.")
     # a run re-run to decide is no failure: the change it was may be kept on its next run

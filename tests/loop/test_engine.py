@@ -107,14 +107,47 @@ def test_a_session_keeps_discards_crashes_rejects(tmp_path: Path) -> None:
     assert "- gain: +0.200000 ± 0.003394 (+20.00%, n = 1 vs 1; ± from loop.noise_prior: no run repeated yet to measure the noise; not confirmed yet" in report and "| 0.100000 |" in report
 
 
-def test_a_held_out_gain_a_run_names_itself_is_not_recorded(tmp_path: Path) -> None:
+def test_the_engines_own_figures_a_run_names_itself_are_not_recorded(tmp_path: Path) -> None:
     """`heldout_gain` is the second opinion's (a keep is SUSPECT when it vanishes): a run whose log
     named one (a line train.py wrote into the log file itself, past the harness's prefix) had it
-    recorded as its own, shown in the report's table and /best for a keep that got no second opinion."""
+    recorded as its own, shown in the report's table and /best for a keep that got no second opinion.
+    The overtime (a keep SUSPECT of training past the budget) is the engine's likewise."""
     settings = make_stub_workspace(tmp_path)
-    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.5], "MODE": "heldout"}}])) == 0
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.5], "MODE": "engine"}}])) == 0
     rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
-    assert rows[1].status == "keep" and rows[1].metric == 0.5 and "heldout_gain" not in rows[1].metrics, rows[1]
+    assert rows[1].status == "keep" and rows[1].metric == 0.5, rows[1]
+    assert "heldout_gain" not in rows[1].metrics and "overtime_seconds" not in rows[1].metrics, rows[1]
+    assert "SUSPECT" not in views.history_text(settings.workspace_path)
+
+
+def test_a_keep_that_trained_past_the_budget_is_suspect(tmp_path: Path) -> None:
+    """The budget is counted by train.py's own loop, so an edit could train longer and win by it;
+    the harness times the training command from outside (`training_command_seconds`), and a keep
+    whose run took longer than the replaced commit's slowest by more than max(10 %, 30 s) is marked
+    SUSPECT where people look. Within the allowance (start-up differs by change) it is not."""
+    settings = make_stub_workspace(tmp_path)
+    proposer = ScriptedProposer([
+        {"set": {"VAL_BPB": [0.9], "WALL": [100.0]}},  # the baseline has no figure: nothing to compare with
+        {"set": {"VAL_BPB": [0.8], "WALL": [125.0]}},  # 25 s longer: within 30 s
+        {"set": {"VAL_BPB": [0.7], "WALL": [170.0]}},  # 45 s longer
+    ])
+    assert run_engine(settings, 4, proposer=proposer) == 0
+    ws = settings.workspace_path
+    store = Store.for_workspace(ws)
+    rows = ledger.experiments(store)
+    assert [e.status for e in rows] == ["keep"] * 4
+    assert "SUSPECT" not in rows[1].reason + rows[2].reason and "overtime_seconds" not in rows[2].metrics
+    assert rows[3].metrics["overtime_seconds"] == 45.0 and rows[3].metrics["training_command_seconds"] == 170.0
+    assert rows[3].reason.endswith("; SUSPECT: its training command ran 45 s longer than the best's slowest run"
+                                   " (170 s vs 125 s, start-up included): training past the budget?"), rows[3].reason
+    finished = [e.payload for e in store.events_after(0) if e.kind == "experiment_finished"]
+    assert "SUSPECT: its training command ran 45 s longer" in finished[3]["reason"]  # the digest's reason line
+    history = views.history_text(ws).splitlines()
+    assert history[3].endswith("(SUSPECT: it trained 45 s longer than the commit it replaced (past the budget?))"), history
+    assert "SUSPECT" not in "\n".join(history[:3])
+    assert "\nSUSPECT: it trained 45 s longer than the commit it replaced (past the budget?)" in views.best_text(ws)
+    row4 = next(line for line in views.report_markdown(ws).splitlines() if line.startswith("| 4 |"))
+    assert row4.endswith(" (SUSPECT: it trained 45 s longer than the commit it replaced (past the budget?)) |"), row4
 
 
 @pytest.mark.parametrize(

@@ -135,7 +135,7 @@ def test_bad_budget_keys_are_named(table: dict, message: str) -> None:
 
 
 def test_budget_keys_are_the_harness_names() -> None:
-    from nightlab.loop import judge
+    from nightlab.loop import judge, overtime
     from nightlab.loop.engine import launching
     from nightlab.loop.state.config import BUDGET_STEPS_ENV, HARNESS_ENV
     from nightlab.trainer import prepare
@@ -145,6 +145,7 @@ def test_budget_keys_are_the_harness_names() -> None:
     assert judge.DATA_FAIL == prepare.DATA_FAIL  # how a run says its data failed
     assert judge.HARNESS_CHANGED == prepare.HARNESS_CHANGED  # how a run's refusal says its harness changed
     assert judge.PYTHON_CHANGED == prepare.PYTHON_CHANGED  # ... and that the scorer's Python changed
+    assert overtime.TRAINING_WALL == prepare.TRAINING_WALL  # the training command's wall clock, timed by the harness
     assert launching.PYTHON_SINCE_ENV == prepare.ENV_PYTHON_SINCE
     settings = settings_from_table({"trainer": {"time_budget": 200}})
     assert prepare.harness_settings(settings.trainer.harness_overrides())["TIME_BUDGET"] == 200

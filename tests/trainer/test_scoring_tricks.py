@@ -543,6 +543,19 @@ ODD_FIGURES = (
     "open(path, 'w').write(json.dumps(meta))\n")
 
 
+def test_the_training_command_is_timed_from_outside_and_cannot_say_its_own_time(run_env, capfd):
+    """The budget is counted by train.py's own loop: an edit could train longer and win by it. The
+    harness times the training command itself (the engine compares that with the replaced commit's
+    runs: loop/overtime.py), and a line of the command's that names the figure is not read."""
+    _, train_command = run_env
+    trick = "import time\ntime.sleep(1.5)\nprint('METRIC training_command_seconds=0.1')\n"
+    assert prepare.run(train_command(trick)) == 0
+    out = capfd.readouterr().out
+    timed = _scored(out).get(prepare.TRAINING_WALL)
+    assert timed is not None and timed >= 1.5, out[-2000:]
+    assert f"{prepare.TRAIN_PREFIX}METRIC training_command_seconds=0.1\n" in out
+
+
 def test_training_figures_of_odd_types_are_said_as_figures_not_a_traceback(run_env, honest_in_a_workspace, capfd):
     """`depth=8.0` (a float where a count goes) or a word for a figure ended `prepare.py run` with a
     traceback after the model was scored, the run lost; a text figure's line breaks made lines of
