@@ -1,9 +1,9 @@
 """A keep that trained past the budget: the budget is counted by train.py's own loop (the harness's
-`Budget`), so an edit can train longer and win by it. The harness times the training command from
-outside (`prepare.run` prints TRAINING_WALL; the command cannot print that line past the harness's
-prefix), and a keep whose fastest run took longer than the slowest run of the commit it replaced,
-by more than a tenth (at least OVERTIME_MIN_S), is marked SUSPECT, as a gain that vanishes on the
-held-out slice is. Not refused: start-up is in the figure, and a change that compiles a larger
+`Budget`), so an edit can train longer and win by it. Under a time budget the harness times the
+training command from outside (`prepare.run` prints TRAINING_WALL; the command cannot print that line
+past the harness's prefix), and a keep whose fastest run took longer than the slowest run of the
+commit it replaced, by more than a tenth (at least OVERTIME_MIN_S), is marked SUSPECT, as a gain
+that vanishes on the held-out slice is. Not refused: start-up is in the figure, and a change that compiles a larger
 graph starts up slower (a cold compile took 42 s on an H200); a person reads the flag.
 
 Plain numbers, as loop/judge.py's rule: nothing here touches git, processes or the store.
@@ -37,8 +37,8 @@ class Overtime:
 
 def overtime(candidate: Sequence[float], incumbent: Sequence[float]) -> Overtime | None:
     """The kept change's runs (`candidate`: seconds of each run's training command) against the
-    replaced commit's; None when either has no figure (an older harness, a project with no run
-    command of the harness's) or the change's fastest run is within the allowance."""
+    replaced commit's; None when either has no figure (an older harness, a step budget, a
+    project with no run command of the harness's) or the change's fastest run is within the allowance."""
     if not candidate or not incumbent:
         return None
     found = Overtime(min(candidate), max(incumbent))

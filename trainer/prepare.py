@@ -126,9 +126,9 @@ HARNESS_CHANGED = "the code that scores it changed while the training command ra
 # site dirs) changed: a package a person installed, or a file the run or the agent wrote there (a .pth
 # file in site-packages runs in every Python started, the scorer too). The engine pauses the night on it.
 PYTHON_CHANGED = "the Python environment the scorer runs in changed"
-# `run`'s METRIC for the training command's wall clock, timed from outside it (start-up included): the
-# budget is counted by train.py's own loop, so the engine compares this with the replaced commit's runs
-# to tell a change that trained past it (loop/overtime.py).
+# `run`'s METRIC for the training command's wall clock, timed from outside it (start-up included), under
+# a time budget: that is counted by train.py's own loop, so the engine compares this with the replaced
+# commit's runs to tell a change that trained past it (loop/overtime.py).
 TRAINING_WALL = "training_command_seconds"
 
 
@@ -1606,7 +1606,9 @@ def run(train_command: str, score_command: str | None = None, environ: Mapping[s
         read_only += installed_python(env, [Path.cwd(), artifact])
     began = time.monotonic()
     code = _stream(read_only_to(train_command, env, read_only), train_env, untrusted)
-    if code == 0:  # a failed run is compared with nothing: its log has no figure
+    # a failed run is compared with nothing; a step budget is counted in steps, which a larger model
+    # takes longer to make (the tiny profile's): the wall clock says nothing of it there
+    if code == 0 and not env.get(ENV_BUDGET_STEPS, "").strip():
         print(f"METRIC {TRAINING_WALL}={time.monotonic() - began:.1f}", flush=True)
     # whatever its exit code: a cache file it wrote must not score a later run
     tampered = [tampered_data(data_dir, data_before) if data_dir is not None else None]

@@ -543,10 +543,11 @@ ODD_FIGURES = (
     "open(path, 'w').write(json.dumps(meta))\n")
 
 
-def test_the_training_command_is_timed_from_outside_and_cannot_say_its_own_time(run_env, capfd):
+def test_the_training_command_is_timed_from_outside_and_cannot_say_its_own_time(run_env, capfd, monkeypatch):
     """The budget is counted by train.py's own loop: an edit could train longer and win by it. The
     harness times the training command itself (the engine compares that with the replaced commit's
-    runs: loop/overtime.py), and a line of the command's that names the figure is not read."""
+    runs: loop/overtime.py), and a line of the command's that names the figure is not read. Under a
+    step budget there is no figure: a larger model takes longer to make the same steps."""
     _, train_command = run_env
     trick = "import time\ntime.sleep(1.5)\nprint('METRIC training_command_seconds=0.1')\n"
     assert prepare.run(train_command(trick)) == 0
@@ -554,6 +555,10 @@ def test_the_training_command_is_timed_from_outside_and_cannot_say_its_own_time(
     timed = _scored(out).get(prepare.TRAINING_WALL)
     assert timed is not None and timed >= 1.5, out[-2000:]
     assert f"{prepare.TRAIN_PREFIX}METRIC training_command_seconds=0.1\n" in out
+    monkeypatch.setenv(prepare.ENV_BUDGET_STEPS, "40")
+    assert prepare.run(train_command(trick)) == 0
+    out = capfd.readouterr().out
+    assert _scored(out).get("val_bpb") is not None and _scored(out).get(prepare.TRAINING_WALL) is None, out[-2000:]
 
 
 def test_training_figures_of_odd_types_are_said_as_figures_not_a_traceback(run_env, honest_in_a_workspace, capfd):
