@@ -184,7 +184,8 @@ def _exec(command: list[str]) -> None:
 
 def run(read_only: Sequence[str], writable: Sequence[str], command: list[str]) -> int:
     """Run `command` sandboxed (or, where the kernel refuses, unconfined, saying why); its exit status."""
-    os.environ.pop(ENV_LAUNCHER, None)  # offered to the command by a whole sandbox only (_init)
+    # offered to the command by a whole sandbox only (_init); set here, this one is nested in it (the harness's)
+    nested = os.environ.pop(ENV_LAUNCHER, None) is not None
     if os.environ.get(ENV_SANDBOX, "1").strip() == "0":
         print(f"{SAID} none ({ENV_SANDBOX}=0)", file=sys.stderr, flush=True)
         _exec(command)
@@ -211,7 +212,9 @@ def run(read_only: Sequence[str], writable: Sequence[str], command: list[str]) -
         refused = said.read().decode(errors="replace")
     if refused:
         os.waitpid(child, 0)
-        print(f"{SAID} none, the kernel refused it ({refused}); the run can write what it should only read"
+        print(f"{SAID} none for the training command, the kernel refused it ({refused}); the run's own sandbox"
+              " stands, and the data and the code that scores are checked after the training instead" if nested else
+              f"{SAID} none, the kernel refused it ({refused}); the run can write what it should only read"
               " (the workspace's state, its data; `nightlab doctor` says how to allow it)", file=sys.stderr, flush=True)
         _exec(command)
     _forward_to(child)

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 from nightlab.loop.engine import run_engine
-from nightlab.loop.executors.sandbox import ENV_LAUNCHER, ENV_SANDBOX, SAID, command_line, probe
+from nightlab.loop.executors.sandbox import ENV_LAUNCHER, ENV_SANDBOX, SAID, command_line, launcher, probe
 from nightlab.loop.state import ledger
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.store import Store
@@ -158,6 +158,14 @@ def test_turned_off_or_refused_by_the_kernel_the_run_goes_on_unconfined_saying_s
     assert done.returncode == 0, done.stderr
     assert done.stderr.startswith(f"{SAID} none, the kernel refused it (unshare (user namespaces): No space left")
     assert (state / "state.db").read_text() == "two\n"
+    # refused to the harness's nested one (the run's sandbox offered it the launcher): said as that one
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "/bin/sh", "-c",
+                           f"echo 0 > /proc/sys/user/max_user_namespaces && {line}"],
+                          cwd=tmp_path / "ws", capture_output=True, text=True, timeout=60, check=False,
+                          env={"PATH": "/usr/bin:/bin", ENV_LAUNCHER: shlex.join(launcher())})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"{SAID} none for the training command, the kernel refused it (unshare"), done.stderr
+    assert done.stderr.rstrip().endswith("the data and the code that scores are checked after the training instead")
 
 
 @pytest.mark.parametrize("sandbox", ["1", "0"])
