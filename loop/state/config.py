@@ -70,6 +70,8 @@ class SecretRef:
                 why = ("systemd sets it only inside the service (LoadCredential=), so the secret can be read there"
                        " only" if unset[0] == "CREDENTIALS_DIRECTORY" else "set it, or write the path out")
                 raise ConfigError(f"{config_path}: {key}.file = {self.file!r}: ${unset[0]} is not set here; {why}")
+            if no_home := _home_problem(self.file):
+                raise ConfigError(f"{config_path}: {key}.file = {self.file!r}: {no_home}")
             path = Path(os.path.expandvars(self.file)).expanduser()
             try:
                 value = path.read_text().strip()
@@ -125,6 +127,7 @@ class DataSettings:
 # does not import the harness and its data libraries).
 HARNESS_ENV = {"time_budget": "NIGHTLAB_TIME_BUDGET", "max_seq_len": "NIGHTLAB_MAX_SEQ_LEN",
                "eval_tokens": "NIGHTLAB_EVAL_TOKENS"}
+MAX_SHARDS = 100_000  # training shards: [data] shards and `nightlab prepare --shards` (-1: all)
 BUDGET_STEPS_ENV = "NIGHTLAB_BUDGET_STEPS"  # a profile's step budget (tiny's), instead of seconds
 
 
@@ -471,11 +474,16 @@ def _unknown_key_hint(key: str, names: set[str], prefix: str) -> str:
     """What the user most likely meant: a key of another section (one written under the wrong
     header, or appended at the end of the file, lands in the last section), else a near spelling."""
     here = prefix.rstrip(".")
-    homes = [section for section, keys in _sections(Settings).items() if key in keys and section != here]
+    sections = _sections(Settings)
+    homes = [section for section, keys in sections.items() if key in keys and section != here]
+    if "" in homes:  # a section's own name ("" is the top level), e.g. [heartbeat.loop] for [loop]
+        return f"[{key}] is a section of its own: write it as [{key}], not inside [{here}]"
     if homes:
         which = "that header" if len(homes) == 1 else "the one you meant"
         return f"it is a key of {' or '.join(f'[{h}]' for h in homes)}: move it under {which}"
     close = difflib.get_close_matches(key, sorted(names - {"origin"}), n=1)
+    if close and f"{prefix}{close[0]}" in sections:  # a misspelt header: [loops] for [loop]
+        return f"did you mean [{prefix}{close[0]}]?"
     return f"did you mean {close[0]!r}?" if close else "remove it"
 
 
@@ -530,90 +538,152 @@ def _type_name(hint: Any) -> str:
     )
 
 
+_DAY = 86_400  # seconds
+_WEEK = 7 * _DAY
+
+
+def _amount(bound: float) -> str:
+    """A bound as it would be written in the TOML: 3600, 0.05, 1e-06."""
+    return str(int(bound)) if float(bound).is_integer() else repr(float(bound))
+
+
+def _home_problem(text: str) -> str | None:
+    """Why the ~ or ~user a path starts with names no home here, or None. Path.expanduser raises
+    RuntimeError for it: every command reading the path would stop with a traceback."""
+    expanded = os.path.expandvars(text)
+    try:
+        Path(expanded).expanduser()
+    except RuntimeError:
+        home = expanded.split("/", 1)[0]
+        why = "HOME is not set" if home == "~" else f"no user {home[1:]!r} here"
+        return f"{home} names no home folder ({why}); write the path out, or start it with ~/ for your own home"
+    return None
+
+
+class _Checks:
+    """_check's checks, one per kind of value. Each names the file, the key, the value and what to
+    write instead; a key already wrong is not checked again (a key that failed to parse holds its
+    default: no second line)."""
+
+    def __init__(self, problems: _Problems) -> None:
+        self.problems = problems
+
+    def fail(self, key: str, value: Any, expected: str) -> None:
+        if not self.problems.seen(key):
+            self.problems.add(key, f"{key} = {value!r}: expected {expected}")
+
+    def bounded(self, key: str, value: float, low: float, high: float, expected: str,
+                special: tuple[int, ...] = ()) -> None:
+        """`value` in [low, high], or one of `special` (0: off or the profile's, -1: all);
+        `expected` says so, its {low} and {high} filled in from the bounds. Unbounded, a value
+        passed `config check` and crashed later (1e300 s overflows the scheduler's timers)."""
+        if value not in special and not low <= value <= high:
+            self.fail(key, value, expected.format(low=_amount(low), high=_amount(high)))
+
+    def path(self, key: str, text: str, expected: str) -> None:
+        """A folder the config names: `expected` when empty ("" would be whatever directory
+        nightlab was started in), and every $NAME and ~user in it known here."""
+        if self.problems.seen(key):
+            return
+        if not text.strip():
+            self.fail(key, text, expected)
+        elif unset := _unset_variables(text):
+            # expandvars leaves an unset $NAME as it is: a folder literally named "$SCRATCH" would appear
+            self.problems.add(key, f"{key} = {text!r}: ${unset[0]} is not set here; set it (for the service"
+                                   " too, with Environment= in its unit) or write the path out")
+        elif why := _home_problem(text):
+            self.problems.add(key, f"{key} = {text!r}: {why}")
+
+    def workspace_files(self, key: str, names: tuple[str, ...]) -> None:
+        """Files named relative to the workspace. git names changed files that way: "/abs/train.py"
+        would never match one, and every proposal would be rejected as changing a file outside
+        project.editable; "" or "." names no file at all."""
+        if any(not n.strip() or not PurePosixPath(n).parts or PurePosixPath(n).is_absolute() or n.startswith("~")
+               or ".." in PurePosixPath(n).parts for n in names):
+            self.fail(key, list(names), 'paths of files inside the workspace, relative to it, e.g. ["train.py"]')
+
+
 def _check(s: Settings, problems: _Problems) -> None:
     """Range and cross-field checks that types alone cannot express."""
+    checks = _Checks(problems)
+    fail, bounded = checks.fail, checks.bounded
 
-    def fail(key: str, value: Any, expected: str) -> None:
-        if not problems.seen(key):  # a key that failed to parse holds its default: no second line
-            problems.add(key, f"{key} = {value!r}: expected {expected}")
-
-    if not s.workspace.path.strip():  # "" would be whatever directory nightlab was started in
-        fail("workspace.path", s.workspace.path, 'a directory, e.g. "~/nightlab-workspace"')
+    checks.path("workspace.path", s.workspace.path, 'a directory, e.g. "~/nightlab-workspace"')
     if s.workspace.tag and not is_branch_name(BRANCH_PREFIX + s.workspace.tag):  # else refused only at init
         fail("workspace.tag", s.workspace.tag, f"what git takes in a branch name ({BRANCH_PREFIX}<tag>):"
              " letters, digits, '-', '_' or '.', e.g. \"nov23\"")
-    paths = [("workspace.path", s.workspace.path), ("data.cache_dir", s.data.cache_dir)]
+    checks.path("data.cache_dir", s.data.cache_dir, 'a directory, e.g. "~/.cache/nightlab"')
+    if not is_named_source(s.data.source):
+        checks.path("data.source", s.data.source, '"climbmix", "stdlib", an http(s):// mirror or a folder of'
+                                                  " parquet shards")
     if s.executor.kind == "slurm":
-        paths.append(("executor.slurm.shared_dir", s.executor.slurm.shared_dir))
-    for key, text in paths:
-        # expandvars leaves an unset $NAME as it is: a folder literally named "$SCRATCH" would appear
-        if (unset := _unset_variables(text)) and not problems.seen(key):
-            problems.add(key, f"{key} = {text!r}: ${unset[0]} is not set here; set it (for the service too,"
-                         " with Environment= in its unit) or write the path out")
+        checks.path("executor.slurm.shared_dir", s.executor.slurm.shared_dir, 'a directory every compute node'
+                    ' sees, e.g. "/shared/nightlab" (run snapshots, logs and exit files go there)')
     if s.trainer.profile not in profile_names():
         fail("trainer.profile", s.trainer.profile, "one of " + ", ".join(map(repr, profile_names())))
-    for key in HARNESS_ENV:
-        if getattr(s.trainer, key) < 0:
-            fail(f"trainer.{key}", getattr(s.trainer, key), "a positive number, or 0 for the profile's value")
-    # a run also starts up (compiles) and evaluates; the heartbeat kills it at run_timeout
-    if s.trainer.time_budget and s.heartbeat.run_timeout < s.trainer.time_budget + RUN_OVERHEAD_S:
+    bounded("trainer.time_budget", s.trainer.time_budget, 1, _DAY,
+            "0 (the profile's) or seconds of training from {low} to {high}, e.g. 300", special=(0,))
+    bounded("trainer.max_seq_len", s.trainer.max_seq_len, 1, 2**20,
+            "0 (the profile's) or a context length in tokens from {low} to {high}, e.g. 1024", special=(0,))
+    bounded("trainer.eval_tokens", s.trainer.eval_tokens, 1, 10**11,
+            "0 (the profile's) or validation tokens from {low} to {high}, e.g. 4194304", special=(0,))
+    # a run also starts up (compiles) and evaluates; the heartbeat kills it at run_timeout (a budget
+    # already out of range is said once, not again as run_timeout's)
+    budget = 0 if problems.seen("trainer.time_budget") else s.trainer.time_budget
+    if budget and s.heartbeat.run_timeout < budget + RUN_OVERHEAD_S:
         fail("heartbeat.run_timeout", s.heartbeat.run_timeout, f"at least trainer.time_budget + {RUN_OVERHEAD_S} s"
-             f" (start-up and eval); e.g. {s.trainer.time_budget + 300}")
-    if s.loop.max_experiments < 0:
-        fail("loop.max_experiments", s.loop.max_experiments, "a number of experiments >= 1, or 0 for no limit")
-    if s.data.shards < 1:
-        fail("data.shards", s.data.shards, "at least 1")
-    for name in ("check_interval", "run_timeout", "stall_after", "loop_stall_after"):
-        if getattr(s.heartbeat, name) <= 0:
-            fail(f"heartbeat.{name}", getattr(s.heartbeat, name), "a positive number of seconds")
-    if s.heartbeat.max_log_mb <= 0:
-        fail("heartbeat.max_log_mb", s.heartbeat.max_log_mb, "a positive number of megabytes, e.g. 1024")
-    if s.heartbeat.report_time and minute_of_day(s.heartbeat.report_time) is None:
-        fail("heartbeat.report_time", s.heartbeat.report_time, 'HH:MM, e.g. "07:30", or ""')
+             f" (start-up and eval); e.g. {budget + 300}")
+    bounded("loop.max_experiments", s.loop.max_experiments, 1, 10**6,
+            "0 (no limit) or a number of experiments from {low} to {high}", special=(0,))
+    bounded("data.shards", s.data.shards, 1, MAX_SHARDS,
+            "-1 (all) or a number of training shards from {low} to {high}, e.g. 10", special=(-1,))
+    hb = s.heartbeat
+    bounded("heartbeat.check_interval", hb.check_interval, 0.1, 3600,
+            "seconds from {low} to {high} between supervision checks, e.g. 5")
+    for name in ("run_timeout", "stall_after", "loop_stall_after"):
+        bounded(f"heartbeat.{name}", getattr(hb, name), 1, _WEEK, "seconds from {low} to {high} (a week)")
+    bounded("heartbeat.max_log_mb", hb.max_log_mb, 0.1, 10**6, "megabytes from {low} to {high}, e.g. 1024")
+    # the top is past any disk (a check meant to fail everywhere still can), not past a float's range
+    bounded("heartbeat.min_free_disk_gb", hb.min_free_disk_gb, 0, 10**9,
+            "gigabytes from {low} (no check) to {high}, e.g. 2")
+    bounded("heartbeat.max_restarts_per_hour", hb.max_restarts_per_hour, 0, 60,
+            "from {low} (pause instead of restarting) to {high} restarts")
+    if hb.report_time and minute_of_day(hb.report_time) is None:
+        fail("heartbeat.report_time", hb.report_time, 'HH:MM, e.g. "07:30", or ""')
     try:
-        RunHours.parse(s.heartbeat.hours)
+        RunHours.parse(hb.hours)
     except ValueError:
-        fail("heartbeat.hours", s.heartbeat.hours, 'from-to in local time, e.g. "22:00-08:00", or "" for any time')
-    if s.loop.baseline_runs < 1:
-        fail("loop.baseline_runs", s.loop.baseline_runs, "at least 1")
-    if s.loop.keep_z < 0:
-        fail("loop.keep_z", s.loop.keep_z, "a number >= 0")
-    if s.loop.max_runs < 1:
-        fail("loop.max_runs", s.loop.max_runs, "at least 1")
-    if s.loop.noise_prior <= 0:
-        fail("loop.noise_prior", s.loop.noise_prior, "a positive share, e.g. 0.003 (0.3 % of the metric)")
-    if s.loop.remeasure_every < 0:
-        fail("loop.remeasure_every", s.loop.remeasure_every, "0 (never) or a number of experiments")
-    # below 1 these do not mean "never": the loop would pause after every experiment, change area
-    # every proposal, or poll in a busy loop
-    if s.loop.switch_area_after < 1:
-        fail("loop.switch_area_after", s.loop.switch_area_after, "at least 1 (experiments without a keep)")
-    if s.loop.pause_after_failures < 1:
-        fail("loop.pause_after_failures", s.loop.pause_after_failures, "at least 1 (failures in a row)")
-    if s.loop.checkpoint_interval <= 0:
-        fail("loop.checkpoint_interval", s.loop.checkpoint_interval, "a positive number of seconds, e.g. 1.0")
-    if s.loop.decided_log_mb < 0:
-        fail("loop.decided_log_mb", s.loop.decided_log_mb, "0 (keep logs whole) or a number of megabytes, e.g. 1")
-    if s.loop.compile_cache_gb <= 0:
-        fail("loop.compile_cache_gb", s.loop.compile_cache_gb,
-             "a positive number of gigabytes, e.g. 20 (the compile caches are pruned past it)")
-    if s.proposer.agent.timeout <= 0:
-        fail("proposer.agent.timeout", s.proposer.agent.timeout, "a positive number of seconds, e.g. 900")
-    if s.proposer.agent.max_output_mb <= 0:
-        fail("proposer.agent.max_output_mb", s.proposer.agent.max_output_mb, "a positive number of megabytes, e.g. 100")
-    if s.heartbeat.max_restarts_per_hour < 0:
-        fail("heartbeat.max_restarts_per_hour", s.heartbeat.max_restarts_per_hour,
-             "0 (pause instead of restarting) or more")
-    if s.digest.log_tail_lines < 1:
-        fail("digest.log_tail_lines", s.digest.log_tail_lines, "at least 1 (log lines in a crash digest)")
+        fail("heartbeat.hours", hb.hours, 'from-to in local time, e.g. "22:00-08:00", or "" for any time')
+    lp = s.loop
+    bounded("loop.baseline_runs", lp.baseline_runs, 1, 100, "at least {low} and at most {high} (runs of the baseline)")
+    bounded("loop.keep_z", lp.keep_z, 0, 10, "a number >= {low} and <= {high} (standard errors), e.g. 2")
+    bounded("loop.max_runs", lp.max_runs, 1, 100, "at least {low} and at most {high} (runs of one candidate)")
+    bounded("loop.noise_prior", lp.noise_prior, 1e-6, 1,
+            "a positive share from {low} to {high} (all of it), e.g. 0.003 (0.3 % of the metric)")
+    bounded("loop.remeasure_every", lp.remeasure_every, 1, 10**5,
+            "0 (never) or a number of experiments from {low} to {high}", special=(0,))
+    # below 1 these do not mean "never": the loop would pause after every experiment or change area
+    # every proposal
+    bounded("loop.switch_area_after", lp.switch_area_after, 1, 10**5,
+            "at least {low} and at most {high} (experiments without a keep)")
+    bounded("loop.pause_after_failures", lp.pause_after_failures, 1, 10**5,
+            "at least {low} and at most {high} (failures in a row)")
+    # tiny: the engine polls in a busy loop; huge: commands wait for hours (or the wait overflows)
+    bounded("loop.checkpoint_interval", lp.checkpoint_interval, 0.05, 60, "seconds from {low} to {high}, e.g. 1.0")
+    bounded("loop.decided_log_mb", lp.decided_log_mb, 0.01, 10**6,
+            "0 (keep logs whole) or megabytes from {low} to {high}, e.g. 1", special=(0,))
+    # no floor but 0: a test of the pruning bounds the caches to a few kilobytes
+    bounded("loop.compile_cache_gb", lp.compile_cache_gb, 1e-9, 10**6,
+            "a positive number of gigabytes up to {high}, e.g. 20 (the compile caches are pruned past it)")
+    agent = s.proposer.agent
+    bounded("proposer.agent.timeout", agent.timeout, 1, _DAY, "seconds from {low} to {high}, e.g. 900")
+    bounded("proposer.agent.max_output_mb", agent.max_output_mb, 0.1, 10**6, "megabytes from {low} to {high}, e.g. 100")
+    bounded("digest.log_tail_lines", s.digest.log_tail_lines, 1, 1000,
+            "at least {low} and at most {high} (log lines in a crash digest)")
     if not s.project.editable:
         fail("project.editable", [], "at least one file the proposer may edit")
-    for key in ("editable", "protected"):
-        # git names changed files relative to the workspace: "/abs/train.py" would never match one,
-        # and every proposal would be rejected as changing a file outside project.editable
-        names = getattr(s.project, key)
-        if any(PurePosixPath(n).is_absolute() or n.startswith("~") or ".." in PurePosixPath(n).parts for n in names):
-            fail(f"project.{key}", list(names), 'paths inside the workspace, relative to it, e.g. ["train.py"]')
+    checks.workspace_files("project.editable", s.project.editable)
+    checks.workspace_files("project.protected", s.project.protected)
     if s.project.score_command and not s.project.run_command:  # else ignored: the built-in trainer's harness scores
         fail("project.score_command", s.project.score_command,
              '"" with the built-in trainer (its harness scores), or your training command in project.run_command')
@@ -623,7 +693,7 @@ def _check(s: Settings, problems: _Problems) -> None:
     if set(s.project.editable) & set(s.project.protected):
         both = sorted(set(s.project.editable) & set(s.project.protected))
         fail("project.protected", both, "files that are not also editable")
-    _check_executor(s, fail)
+    _check_executor(s, checks)
     if s.proposer.kind == "agent" and not s.proposer.agent.command:
         fail("proposer.agent.command", "", 'a command when proposer.kind = "agent" (see README)')
     for name in _BRACED.findall(s.proposer.agent.command):
@@ -662,26 +732,20 @@ def secret_refs(s: Settings) -> list[tuple[str, SecretRef]]:
     return refs
 
 
-def _check_executor(s: Settings, fail: Any) -> None:
+def _check_executor(s: Settings, checks: _Checks) -> None:
     ex = s.executor
-    if ex.cpu_slots < 1:
-        fail("executor.cpu_slots", ex.cpu_slots, "at least 1")
+    checks.bounded("executor.cpu_slots", ex.cpu_slots, 1, 256, "at least {low} and at most {high} (CPU slots)")
     if len(set(ex.gpus)) != len(ex.gpus) or any(g < 0 for g in ex.gpus):
-        fail("executor.gpus", list(ex.gpus), "distinct GPU indices >= 0, e.g. [0, 1, 2, 3]")
+        checks.fail("executor.gpus", list(ex.gpus), "distinct GPU indices >= 0, e.g. [0, 1, 2, 3]")
     if ex.kind != "slurm":
         return
-    sl = ex.slurm
-    if not sl.shared_dir:
-        fail("executor.slurm.shared_dir", "", 'a directory every compute node sees, e.g. "/shared/nightlab"'
-             ' (run snapshots, logs and exit files go there)')
-    if not sl.shared_path.is_absolute():
+    sl, fail = ex.slurm, checks.fail
+    # shared_path expands ~user: not for a path already found wrong (_Checks.path)
+    if not checks.problems.seen("executor.slurm.shared_dir") and not sl.shared_path.is_absolute():
         fail("executor.slurm.shared_dir", sl.shared_dir, "an absolute path (~ and $VARS are expanded)")
-    if sl.jobs < 1:
-        fail("executor.slurm.jobs", sl.jobs, "at least 1 (jobs in flight at once)")
-    if sl.time_margin < 0:
-        fail("executor.slurm.time_margin", sl.time_margin, "seconds >= 0")
-    if sl.poll_interval <= 0:
-        fail("executor.slurm.poll_interval", sl.poll_interval, "a positive number of seconds")
+    checks.bounded("executor.slurm.jobs", sl.jobs, 1, 1000, "at least {low} and at most {high} (jobs in flight at once)")
+    checks.bounded("executor.slurm.time_margin", sl.time_margin, 0, _DAY, "seconds from {low} to {high}, e.g. 300")
+    checks.bounded("executor.slurm.poll_interval", sl.poll_interval, 0.01, 600, "seconds from {low} to {high}, e.g. 5")
     owned = ("-o", "--output", "-e", "--error", "-t", "--time", "--parsable", "-D", "--chdir", "-J", "--job-name")
     for arg in sl.extra_args:
         if arg.split("=", 1)[0] in owned:

@@ -336,3 +336,107 @@ def test_a_tag_git_takes_for_no_branch_is_a_config_error(tmp_path: Path, tag: st
         f"nightlab: {path}: workspace.tag = {tag!r}: expected what git takes in a branch name (autoresearch/<tag>):"
         " letters, digits, '-', '_' or '.', e.g. \"nov23\""]
     assert load_settings(write(tmp_path, '[workspace]\ntag = "nov23-rope_2.1"\n')).workspace.tag == "nov23-rope_2.1"
+
+
+@pytest.mark.parametrize("line", [
+    '[workspace]\npath = "~nightlab-no-such-user/ws"',
+    '[data]\ncache_dir = "~nightlab-no-such-user/cache"',
+    '[data]\nsource = "~nightlab-no-such-user/shards"',
+    '[executor]\nkind = "slurm"\n[executor.slurm]\nshared_dir = "~nightlab-no-such-user/shared"',
+])
+def test_a_home_of_no_user_here_is_a_config_error(tmp_path: Path, line: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`config check` passed it, then every command stopped with a RuntimeError traceback
+    (Path.expanduser knows no home for an unknown ~user)."""
+    path = write(tmp_path, line + "\n")
+    assert main(["config", "check", str(path)]) == 2
+    key = f"{line.splitlines()[-2].strip('[]')}.{line.splitlines()[-1].split(' = ')[0]}"
+    (said,) = capsys.readouterr().err.splitlines()
+    assert said.startswith(f"nightlab: {path}: {key} = '~nightlab-no-such-user/")
+    assert said.endswith(": ~nightlab-no-such-user names no home folder (no user 'nightlab-no-such-user' here);"
+                         " write the path out, or start it with ~/ for your own home")
+
+
+def test_a_secret_file_under_a_home_of_no_user_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, '[telegram]\noperators = [1]\ntoken = { file = "~nightlab-no-such-user/token" }\n')
+    with pytest.raises(ConfigError, match=r"telegram\.token\.file = '~nightlab-no-such-user/token': "
+                                          "~nightlab-no-such-user names no home folder"):
+        resolve_secrets(load_settings(path))
+
+
+@pytest.mark.parametrize(("section", "line", "expected"), [
+    # overflowed the scheduler's timer: the daemon crashed at start
+    ("heartbeat", "check_interval = 1e300", "seconds from 0.1 to 3600 between supervision checks, e.g. 5"),
+    ("heartbeat", "run_timeout = 1e300", "seconds from 1 to 604800 (a week)"),
+    ("heartbeat", "stall_after = 1e12", "seconds from 1 to 604800 (a week)"),
+    ("heartbeat", "loop_stall_after = 0.001", "seconds from 1 to 604800 (a week)"),
+    ("heartbeat", "max_log_mb = 1e300", "megabytes from 0.1 to 1000000, e.g. 1024"),
+    ("heartbeat", "min_free_disk_gb = -1", "gigabytes from 0 (no check) to 1000000000, e.g. 2"),
+    ("heartbeat", "min_free_disk_gb = 1e300", "gigabytes from 0 (no check) to 1000000000, e.g. 2"),
+    ("heartbeat", "max_restarts_per_hour = 100000", "from 0 (pause instead of restarting) to 60 restarts"),
+    # a busy loop, or an Event.wait that overflows
+    ("loop", "checkpoint_interval = 1e-9", "seconds from 0.05 to 60, e.g. 1.0"),
+    ("loop", "checkpoint_interval = 1e300", "seconds from 0.05 to 60, e.g. 1.0"),
+    ("loop", "keep_z = 1e300", "a number >= 0 and <= 10 (standard errors), e.g. 2"),
+    ("loop", "noise_prior = 1e300", "a positive share from 1e-06 to 1 (all of it), e.g. 0.003 (0.3 % of the metric)"),
+    ("loop", "decided_log_mb = 1e300", "0 (keep logs whole) or megabytes from 0.01 to 1000000, e.g. 1"),
+    ("loop", "compile_cache_gb = 1e300", "a positive number of gigabytes up to 1000000, e.g. 20 (the compile caches are pruned"
+                                         " past it)"),
+    ("loop", "max_experiments = 9223372036854775807", "0 (no limit) or a number of experiments from 1 to 1000000"),
+    ("proposer.agent", "timeout = 1e300", "seconds from 1 to 86400, e.g. 900"),
+    ("proposer.agent", "max_output_mb = 1e300", "megabytes from 0.1 to 1000000, e.g. 100"),
+    ("executor.slurm", 'shared_dir = "/s"\ntime_margin = 1e300', "seconds from 0 to 86400, e.g. 300"),
+    ("executor.slurm", 'shared_dir = "/s"\npoll_interval = 1e300', "seconds from 0.01 to 600, e.g. 5"),
+    ("executor.slurm", 'shared_dir = "/s"\njobs = 1000000', "at least 1 and at most 1000 (jobs in flight at once)"),
+    ("trainer", "time_budget = 100000000", "0 (the profile's) or seconds of training from 1 to 86400, e.g. 300"),
+    ("trainer", "max_seq_len = -8", "0 (the profile's) or a context length in tokens from 1 to 1048576, e.g. 1024"),
+    ("trainer", "max_seq_len = 4294967296", "0 (the profile's) or a context length in tokens from 1 to 1048576,"
+                                            " e.g. 1024"),
+    ("trainer", "eval_tokens = -1", "0 (the profile's) or validation tokens from 1 to 100000000000, e.g. 4194304"),
+    ("executor", "cpu_slots = 0", "at least 1 and at most 256 (CPU slots)"),
+    ("executor", "cpu_slots = 1000000", "at least 1 and at most 256 (CPU slots)"),
+    ("digest", "log_tail_lines = 1000000", "at least 1 and at most 1000 (log lines in a crash digest)"),
+    ("data", "shards = 0", "-1 (all) or a number of training shards from 1 to 100000, e.g. 10"),
+    ("data", "shards = -2", "-1 (all) or a number of training shards from 1 to 100000, e.g. 10"),
+    ("data", 'cache_dir = ""', 'a directory, e.g. "~/.cache/nightlab"'),
+    ("data", 'source = ""', '"climbmix", "stdlib", an http(s):// mirror or a folder of parquet shards'),
+    # an empty entry names no file: every proposal would be refused
+    ("project", 'editable = [""]', 'paths of files inside the workspace, relative to it, e.g. ["train.py"]'),
+    ("project", 'editable = ["train.py", "."]', 'paths of files inside the workspace, relative to it, e.g.'
+                                                ' ["train.py"]'),
+])
+def test_a_value_out_of_its_range_names_the_range(tmp_path: Path, section: str, line: str, expected: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Unbounded, these passed `config check` and crashed the daemon later (1e300 s overflowed
+    its scheduler) or made the loop useless; each is one line that says the range, no traceback."""
+    slurm = '[executor]\nkind = "slurm"\n' if section == "executor.slurm" else ""
+    path = write(tmp_path, f"{slurm}[{section}]\n{line}\n")
+    assert main(["config", "check", str(path)]) == 2
+    (said,) = capsys.readouterr().err.splitlines()
+    key = f"{section}.{line.splitlines()[-1].split(' = ')[0]}"
+    assert said.startswith(f"nightlab: {path}: {key} = ") and said.endswith(f": expected {expected}"), said
+
+
+@pytest.mark.parametrize("line", [
+    "[data]\nshards = -1",  # all of them, as `nightlab prepare --shards -1`
+    "[trainer]\nmax_seq_len = 0\neval_tokens = 0\ntime_budget = 0",  # the profile's
+    "[heartbeat]\ncheck_interval = 0.1\nmin_free_disk_gb = 0\nmax_restarts_per_hour = 0",
+    "[loop]\ncheckpoint_interval = 60\ndecided_log_mb = 0\nremeasure_every = 0\nmax_experiments = 0",
+])
+def test_the_ends_of_the_ranges_and_their_special_values_load(tmp_path: Path, line: str) -> None:
+    assert load_settings(write(tmp_path, line + "\n"))
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    # a section's own name inside another: the hint named "[]" (the top level)
+    ("[heartbeat.loop]\nkeep_z = 2\n", "unknown key 'heartbeat.loop' in [heartbeat]; [loop] is a section of its own:"
+                                       " write it as [loop], not inside [heartbeat] (known keys: "),
+    ("[digest]\nloop = { keep_z = 2 }\n", "[loop] is a section of its own: write it as [loop], not inside [digest]"),
+    ("[loops]\nkeep_z = 2\n", "unknown key 'loops' in the top level; did you mean [loop]? (known keys: "),
+    ("[proposer.agnt]\ntimeout = 60\n", "unknown key 'proposer.agnt' in [proposer]; did you mean [proposer.agent]?"),
+])
+def test_a_misplaced_or_misspelt_section_is_named_with_its_header(tmp_path: Path, text: str, said: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text))
+    message = str(err.value)
+    assert said in message and "[]" not in message and len(message.splitlines()) == 1
