@@ -71,6 +71,9 @@ class Router:
             cmd = parse_command(self.redact(msg.text), ledger.areas(self.store))
         except UserError as exc:
             return [text_message(plain(f"⚠️ {exc}"))]
+        except Exception:  # a bug in reading it: the sender still gets an answer, the log the traceback
+            log.exception("reading %.80r from %s failed", msg.text, msg.sender)
+            return [_failed("that command")]
         if cmd.role is Role.OPERATOR and role is not Role.OPERATOR:
             log.warning("refused %s from viewer %s", cmd.name, msg.sender)
             return [text_message(plain(f"🔒 {cmd.name} changes the loop; only operators may send it."))]
@@ -91,7 +94,7 @@ class Router:
             return [text_message(plain(f"⚠️ {exc}"))]
         except Exception:
             log.exception("command %r from %s failed", cmd.text(), msg.sender)
-            return [text_message(plain(f"⚠️ {cmd.name} failed on the server; the log has the details."))]
+            return [_failed(cmd.name)]
 
     # -- read-only ---------------------------------------------------------------------------
     async def _answer(self, cmd: View) -> list[Outgoing]:
@@ -117,6 +120,10 @@ class Router:
 
         await asyncio.to_thread(progress_chart, points, path, self.metric_name, self.direction)
         return Photo(path, await asyncio.to_thread(chart_caption, self.workspace))
+
+
+def _failed(what: str) -> Outgoing:
+    return text_message(plain(f"⚠️ {what} failed on the server; the log has the details."))
 
 
 def _view(text: str) -> Outgoing:

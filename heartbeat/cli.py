@@ -17,15 +17,24 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nightlab.loop.state.config import Settings, is_named_source, load_settings, render_settings, settings_from_table
+from nightlab.loop.state.config import (
+    MAX_SHARDS,
+    Settings,
+    is_named_source,
+    load_settings,
+    render_settings,
+    settings_from_table,
+)
 from nightlab.loop.state.errors import EXIT_USER_ERROR, UserError
 from nightlab.loop.state.store import DB_FILENAME, STATE_DIRNAME, state_dir, unusable
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    config = getattr(args, "config", None)
+    config = _not_empty(getattr(args, "config", None), "--config is empty; give the TOML file,"
+                        " e.g. --config nightlab.toml")
     settings = load_settings(config) if config else settings_from_table({}, source="<defaults>")
-    workspace = getattr(args, "workspace", None)
+    workspace = _not_empty(getattr(args, "workspace", None), "--workspace is empty; give a folder,"
+                           " e.g. --workspace ~/nightlab-workspace")
     if workspace:
         settings = dataclasses.replace(
             settings, workspace=dataclasses.replace(settings.workspace, path=str(workspace))
@@ -36,10 +45,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _named_settings(args: argparse.Namespace) -> Settings:
     """Settings for a command that acts on an existing loop: the user must say which one (a
     command never lands in a default workspace nobody named) and it must be there."""
+    settings = _settings(args)  # first: an empty --workspace "" is said as such
     if not (args.config or args.workspace):
         raise UserError(f"{args.command}: which loop? give --config FILE (the one `nightlab run` uses)"
                         " or --workspace DIR")
-    settings = _settings(args)
     path = settings.workspace_path
     if not (state_dir(path) / DB_FILENAME).is_file():
         config = shlex.quote(args.config) if args.config else "FILE"  # the command to type, filled in
@@ -63,13 +72,30 @@ def _workspace_dir(path: Path) -> Path:
     return path
 
 
+def _not_empty(path: str | None, message: str) -> str | None:
+    """`path` as given; UserError(`message`) for "" (an unset variable in `--workspace "$WS"`),
+    which would otherwise fall back to a default path the user did not name."""
+    if path == "":
+        raise UserError(message)
+    return path
+
+
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of 1 or more, got {value}")
+    from nightlab.loop.state.commands import MAX_NUMBER, whole_number
+
+    value = whole_number(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_NUMBER}, got {text!r}")
+    return value
+
+
+def _shard_count(text: str) -> int:
+    """--shards: -1 (all) or a number of shards; 0 and other negatives mean nothing."""
+    from nightlab.loop.state.commands import whole_number
+
+    value = -1 if text == "-1" else whole_number(text, MAX_SHARDS)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected -1 (all) or a number from 1 to {MAX_SHARDS}, got {text!r}")
     return value
 
 
@@ -127,6 +153,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.path is None and not args.config:
         raise UserError("init: which directory? give it (nightlab init DIR), or --config FILE whose"
                         " [workspace] path names it")
+    _not_empty(args.path, "the workspace path is empty; give a folder, e.g. nightlab init ~/nightlab-workspace")
     settings = _settings(args)
     ws = init_workspace(Path(args.path) if args.path else settings.workspace_path, tag=args.tag, settings=settings)
     print(f"workspace ready: {ws.path} on branch {ws.branch}")
@@ -178,7 +205,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from nightlab.heartbeat.demo import run_demo
 
-    workspace = _workspace_dir(Path(args.workspace).expanduser().resolve()) if args.workspace else None
+    given = _not_empty(args.workspace, "--workspace is empty; give a folder, e.g. --workspace ~/nightlab-demo,"
+                       " or leave it out for a new temporary one")
+    workspace = _workspace_dir(Path(given).expanduser().resolve()) if given else None
     return run_demo(workspace, experiments=args.experiments)
 
 
@@ -215,6 +244,9 @@ def _plot(settings: Settings) -> int:
     return 0
 
 
+HISTORY_N = 20  # `nightlab history` without -n or --top: the last 20
+
+
 def cmd_view(args: argparse.Namespace) -> int:
     from nightlab.loop.state import views
 
@@ -225,7 +257,7 @@ def cmd_view(args: argparse.Namespace) -> int:
         status = "keep" if args.kept_only else args.status
         if args.top and status == "crash":
             raise UserError("--top ranks results and a crash has none; leave out --top to list the crashes")
-        text = views.history_text(path, args.n, status=status, top=args.top,
+        text = views.history_text(path, HISTORY_N if args.n is None else args.n, status=status, top=args.top,
                                   direction=_settings(args).project.direction)
     elif args.command == "best":
         text = views.best_text(path)
@@ -296,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
              "nightlab prepare --source stdlib")
     _config_args(p)
     p.add_argument("--source", help="climbmix | stdlib | http(s)://mirror | /path/to/shards")
-    p.add_argument("--shards", type=int, help="number of training shards (-1: all; default: the config's, 10)")
+    p.add_argument("--shards", type=_shard_count, help="number of training shards (-1: all; default: the config's, 10)")
 
     p = _add(sub, "train", cmd_train, "run train.py once (smoke test)",
              "nightlab train --profile tiny")
@@ -330,8 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
              "  nightlab ctl note try a longer warmup --workspace ~/nightlab-ws\n"
              "  nightlab ctl --config nightlab.toml note -- text that starts with --")
     _config_args(p)
-    p.add_argument("name", help="pause | resume | focus | note | kill | status | diff | ...")
-    p.add_argument("words", nargs="*", help="the command's arguments (after -- when they start with -)")
+    p.add_argument("name", metavar="COMMAND", help="pause | resume | focus | note | kill | status | diff | ...")
+    # default: without one argparse calls the words required in its error, though none may be given
+    p.add_argument("words", nargs="*", default=[], metavar="ARG",
+                   help="the command's arguments (after -- when they start with -)")
 
     for name, summary, example in (
         ("status", "what the loop is doing now", "nightlab status --config nightlab.toml"),
@@ -344,12 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = _add(sub, name, cmd_view, summary, example)
         _config_args(p)
         if name == "history":
-            p.add_argument("-n", type=_positive_int, default=20, help="how many (default 20)")
+            # -n counts the last ones, --top the best ones: given both, one would be ignored
+            how_many = p.add_mutually_exclusive_group()
+            how_many.add_argument("-n", type=_positive_int, help=f"how many of the last (default {HISTORY_N})")
+            how_many.add_argument("--top", type=_positive_int, metavar="N",
+                                  help="the N best results, best first (instead of the last ones)")
             only = p.add_mutually_exclusive_group()
             only.add_argument("--kept-only", action="store_true", help="only kept experiments (= --status keep)")
             only.add_argument("--status", choices=("keep", "discard", "crash", "checks_failed", "undecided"),
                               help="only experiments with this status (undecided: runs the rule runs again)")
-            p.add_argument("--top", type=_positive_int, metavar="N", help="the N best results, best first")
         if name == "diff":
             p.add_argument("number", nargs="?", type=_positive_int, metavar="N",
                            help="the experiment (default: the best, against the night's baseline)")

@@ -23,8 +23,11 @@ from nightlab.loop.state import ledger, views
 from nightlab.loop.state.errors import UserError
 from nightlab.loop.state.store import Store
 
-MAX_COMMAND_CHARS = 2000
+MAX_COMMAND_CHARS = 2000  # a command's text after its name
 MAX_NOTE_CHARS = 1000
+# An experiment number or a count past it is a typo: no night gets near it, and SQLite's INTEGER
+# (2**63 - 1) would refuse a larger one with a traceback.
+MAX_NUMBER = 999_999_999
 SOON = "within ~2 s"  # a checkpoint comes every ~1 s while a run is in flight
 
 
@@ -37,6 +40,26 @@ Areas = tuple[str, ...] | None  # the proposer's focus areas; None: any text (th
 
 class CommandError(UserError):
     """Bad command text; the message says what is wrong and shows the usage."""
+
+
+def whole_number(text: str, most: int = MAX_NUMBER) -> int | None:
+    """`text` as a number from 1 to `most`, or None. ASCII digits only: str.isdigit takes "²",
+    which int() refuses, and int() takes "٣", which no one means as an experiment number."""
+    if not (text.isascii() and text.isdecimal()) or len(text.lstrip("0")) > len(str(most)):
+        return None  # the length first: int() refuses 4300 digits and more
+    value = int(text)
+    return value if 1 <= value <= most else None
+
+
+def _number(name: str, rest: str, what: str = "an experiment number", most: int = MAX_NUMBER) -> int | None:
+    """The number a command's text gives ("#42" too, as the views write it); None when none is given."""
+    rest = rest.removeprefix("#")
+    if not rest:
+        return None
+    found = whole_number(rest, most)
+    if found is None:
+        raise CommandError(f"{name} takes {what} from 1 to {most}, got {rest[:20]!r}; {usage(name)}")
+    return found
 
 
 class Role(enum.Enum):
@@ -67,6 +90,7 @@ class Command(abc.ABC):
     usage: ClassVar[str]
     help: ClassVar[str]
     role: ClassVar[Role] = Role.VIEWER
+    max_chars: ClassVar[int] = MAX_COMMAND_CHARS  # of the text after the name
 
     @classmethod
     def parse(cls, rest: str, areas: Areas) -> Self:
@@ -147,10 +171,7 @@ class Diff(View):
 
     @classmethod
     def parse(cls, rest: str, areas: Areas) -> Self:
-        rest = rest.removeprefix("#")
-        if rest and not (rest.isdigit() and int(rest) >= 1):
-            raise CommandError(f"diff takes an experiment number, got {rest[:20]!r}; {usage(cls.name)}")
-        return cls(int(rest) if rest else None)
+        return cls(_number(cls.name, rest))
 
     def args(self) -> str:
         return "" if self.number is None else str(self.number)
@@ -166,9 +187,8 @@ class Last(View):
 
     @classmethod
     def parse(cls, rest: str, areas: Areas) -> Self:
-        if rest and not (rest.isdigit() and 1 <= int(rest) <= 50):
-            raise CommandError(f"last wants a number from 1 to 50, got {rest[:20]!r}; {usage(cls.name)}")
-        return cls(int(rest)) if rest else cls()
+        n = _number(cls.name, rest, "a number", most=50)
+        return cls() if n is None else cls(n)
 
     def args(self) -> str:
         return str(self.n)
@@ -296,14 +316,13 @@ class Focus(Steer):
 @dataclass(frozen=True)
 class Note(Steer):
     name, usage, help = "note", "note <text>", "a note for the next proposal"
+    max_chars = MAX_NOTE_CHARS
     body: str
 
     @classmethod
     def parse(cls, rest: str, areas: Areas) -> Self:
         if not rest:
             raise CommandError(f"note needs some text; {usage(cls.name)}")
-        if len(rest) > MAX_NOTE_CHARS:
-            raise CommandError(f"note too long ({len(rest)} characters, at most {MAX_NOTE_CHARS})")
         return cls(rest)
 
     def args(self) -> str:
@@ -324,10 +343,7 @@ class Kill(Steer):
 
     @classmethod
     def parse(cls, rest: str, areas: Areas) -> Self:
-        rest = rest.removeprefix("#")
-        if rest and not rest.isdigit():
-            raise CommandError(f"kill takes an experiment number, got {rest[:20]!r}; {usage(cls.name)}")
-        return cls(int(rest) if rest else None)
+        return cls(_number(cls.name, rest))
 
     def args(self) -> str:
         return "" if self.number is None else str(self.number)
@@ -399,8 +415,15 @@ def parse_command(text: str, areas: Areas = None) -> Command:
     `areas` are the focus areas the proposer knows (`ledger.areas`); None means any text is
     accepted (the agent proposer takes the focus as free text in its prompt).
     """
-    if len(text) > MAX_COMMAND_CHARS:
-        raise CommandError(f"command too long ({len(text)} characters, at most {MAX_COMMAND_CHARS})")
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        # bytes of another encoding (a terminal not set to UTF-8) come as surrogates, which the store
+        # cannot keep; refused, not replaced: a note with a character replaced may say something
+        # else, and the sender still has the text to send again
+        where = f"after {text[max(0, exc.start - 20):exc.start]!r}" if exc.start else "at its start"
+        raise CommandError(f"the text has a byte that is not UTF-8 {where}; send it as UTF-8"
+                           " (from a terminal set to UTF-8, e.g. LANG=C.UTF-8)") from None
     text = _CONTROL.sub(" ", text).strip()
     if not text:
         raise CommandError("empty command; send 'help' for the list")
@@ -412,7 +435,10 @@ def parse_command(text: str, areas: Areas = None) -> Command:
     cls = REGISTRY.get(ALIASES.get(name, name))
     if cls is None:
         raise CommandError(f"unknown command {head[:40]!r}; commands: {', '.join(REGISTRY)}")
-    return cls.parse(rest.strip(), areas)
+    rest = rest.strip()
+    if len(rest) > cls.max_chars:  # the text after the name: a note's limit is its own text's
+        raise CommandError(f"{cls.name} too long ({len(rest)} characters, at most {cls.max_chars})")
+    return cls.parse(rest, areas)
 
 
 def from_json(text: str) -> Command:

@@ -67,6 +67,23 @@ def test_router_answers_and_promises(workspace: Path, store: Store) -> None:
     assert report[1].path.read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_command_that_cannot_be_read_still_gets_an_answer(workspace: Path, store: Store,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """"/diff ²" raised a ValueError out of the router: the sender got no reply at all; and
+    "/diff 99999999999999999999" an OverflowError, said as "diff failed on the server"."""
+    router = Router(store, workspace, allowlists(settings(telegram={"operators": [1]})))
+    assert ask(router, "/diff ²")[0].title.startswith("⚠️ diff takes an experiment number from 1 to 999999999")
+    assert ask(router, "/diff 99999999999999999999")[0].title.startswith("⚠️ diff takes an experiment number")
+
+    def broken(text: str, areas: object) -> None:
+        raise ValueError("a bug in a command's parse")
+
+    monkeypatch.setattr("nightlab.bot.router.parse_command", broken)
+    assert [m.title for m in ask(router, "/diff 3")] == ["⚠️ that command failed on the server; the log has the details."]
+    assert "a bug in a command's parse" in caplog.text  # the traceback is logged, not swallowed
+
+
 def test_a_token_pasted_into_a_note_is_queued_starred(workspace: Path, store: Store) -> None:
     """The note went into the commands table, the ledger and the next agent's prompt as written."""
     s = settings(telegram={"operators": [1]})

@@ -145,7 +145,41 @@ def test_bad_arguments_are_refused_by_the_parser(argv: list[str], capsys: pytest
         main(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and ("1 or more" in err or "unrecognized arguments" in err)
+    assert "Traceback" not in err and ("from 1 to 999999999" in err or "unrecognized arguments" in err)
+
+
+def test_ctl_without_a_command_asks_only_for_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    # said "the following arguments are required: name, words", though a command may take no words
+    with pytest.raises(SystemExit) as exit_:
+        main(["ctl"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "[--workspace WORKSPACE] COMMAND [ARG ...]" in " ".join(err.split())  # the usage, however wrapped
+    assert err.splitlines()[-1] == "nightlab ctl: error: the following arguments are required: COMMAND"
+
+
+def test_a_note_in_another_encoding_is_refused_and_nothing_queued(loop: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`nightlab ctl note $'caf\xe9'` from a Latin-1 terminal: the byte arrives as a surrogate, which
+    the store could not write (a UnicodeEncodeError's traceback)."""
+    assert main(["ctl", "note", "caf\udce9", "--workspace", str(loop)]) == 2
+    assert capsys.readouterr().err == ("nightlab: the text has a byte that is not UTF-8 after 'note caf'; send it as"
+                                       " UTF-8 (from a terminal set to UTF-8, e.g. LANG=C.UTF-8)\n")
+    assert pending(loop) == []
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["init", ""], "the workspace path is empty; give a folder, e.g. nightlab init ~/nightlab-workspace"),
+    (["init", "", "--config", "n.toml"], "the workspace path is empty; give a folder, e.g. nightlab init ~/nightlab-workspace"),
+    (["status", "--workspace", ""], "--workspace is empty; give a folder, e.g. --workspace ~/nightlab-workspace"),
+    (["train", "--workspace", ""], "--workspace is empty; give a folder, e.g. --workspace ~/nightlab-workspace"),
+    (["run", "--config", ""], "--config is empty; give the TOML file, e.g. --config nightlab.toml"),
+])
+def test_an_empty_path_is_refused_not_replaced_by_the_default(argv: list[str], said: str, home: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`nightlab init ""` (an unset variable) made ~/nightlab-workspace, or the config's, silently."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"nightlab: {said}\n"
+    assert not (home / "nightlab-workspace").exists()
 
 
 @pytest.mark.parametrize("command", ["run", "demo", "train"])
@@ -166,11 +200,24 @@ def test_a_workspace_that_cannot_be_a_directory_gets_a_message(command: str, tmp
     assert [p.name for p in notes.iterdir()] == ["todo.txt"]  # no state folder left in it
 
 
-def test_prepare_with_zero_shards_is_refused_not_replaced(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # 0 was taken as "not given": the config's 10 shards were downloaded instead
-    assert main(["prepare", "--source", "climbmix", "--shards", "0"]) == 2
-    assert capsys.readouterr().err == "nightlab: --shards must be at least 1 (or -1 for all), got 0\n"
+@pytest.mark.parametrize("source", ["climbmix", "stdlib"])
+@pytest.mark.parametrize("shards", ["0", "-2", "100001", "99999999999999999999", "²"])
+def test_prepare_with_shards_neither_positive_nor_all_is_refused(source: str, shards: str, home: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0 was once taken as "not given": the config's 10 shards were downloaded instead; and the
+    # stdlib corpus, which has its own number of shards, was made for any number at all
+    from nightlab.trainer import prepare
+
+    made: list[int] = []
+    monkeypatch.setattr(prepare, "prepare", lambda source, shards, cache: made.append(shards))
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--source", source, "--shards", shards])
+    assert exit_.value.code == 2 and made == []
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"nightlab prepare: error: argument --shards: expected -1 (all) or a number from 1 to 100000, got {shards!r}")
     assert not (home / ".cache").exists()
+    assert [build_parser().parse_args(["prepare", "--shards", n]).shards for n in ("-1", "1", "100000")] == [-1, 1, 100000]
 
 
 @pytest.mark.parametrize("command", ["history", "report"])

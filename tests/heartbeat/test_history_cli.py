@@ -79,12 +79,15 @@ def test_bigger_is_better_and_bad_input(workspace: Path, tmp_path: Path, capsys)
             cli.main(["history", "--workspace", str(workspace), *bad])
         assert exit_.value.code == 2
         err = capsys.readouterr().err
-        assert "expected a number of 1 or more, got 0" in err or "invalid choice: 'kept'" in err
+        assert "expected a whole number from 1 to 999999999, got '0'" in err or "invalid choice: 'kept'" in err
 
 
 @pytest.mark.parametrize(("args", "said"), [
     (["--kept-only", "--status", "crash"], "nightlab history: error: argument --status: not allowed with argument --kept-only"),
     (["--top", "3", "--status", "crash"], "nightlab: --top ranks results and a crash has none; leave out --top to list the crashes"),
+    # -n was ignored: the 3 best were listed
+    (["--top", "3", "-n", "1"], "nightlab history: error: argument -n: not allowed with argument --top"),
+    (["-n", "20", "--top", "3"], "nightlab history: error: argument --top: not allowed with argument -n"),  # -n's default
 ])
 def test_filters_that_contradict_are_refused_in_one_line(workspace: Path, capsys, args: list[str], said: str) -> None:
     # were answered as if half of it was not asked: the kept ones, or "no crash experiments yet"
@@ -109,7 +112,30 @@ def test_diff_prints_all_the_ledger_holds_and_ctl_diff_the_chat_s_cut(workspace:
     assert capsys.readouterr().err == f"nightlab: there is no experiment #99; the last recorded is #{number}\n"
     with pytest.raises(SystemExit) as exit_:
         cli.main(["diff", "best", "--workspace", str(workspace)])
-    assert exit_.value.code == 2 and "expected a whole number, got 'best'" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "expected a whole number from 1 to 999999999, got 'best'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    # past SQLite's INTEGER: an OverflowError's traceback
+    (["history", "-n", "99999999999999999999"], "argument -n: expected a whole number from 1 to 999999999,"
+                                                " got '99999999999999999999'"),
+    (["history", "-n", "9" * 5000], "argument -n: expected a whole number from 1 to 999999999"),  # int(): 4300 digits
+    (["history", "--top", "99999999999999999999"], "argument --top: expected a whole number from 1 to 999999999"),
+    (["diff", "99999999999999999999"], "argument N: expected a whole number from 1 to 999999999"),
+    (["history", "-n", "²"], "argument -n: expected a whole number from 1 to 999999999, got '²'"),
+    (["ctl", "diff", "99999999999999999999"], "nightlab: diff takes an experiment number from 1 to 999999999,"
+                                              " got '99999999999999999999'; usage: diff [N]"),
+    (["ctl", "diff", "²"], "nightlab: diff takes an experiment number from 1 to 999999999, got '²'; usage: diff [N]"),
+])
+def test_a_number_too_big_or_not_ascii_is_refused_in_one_line(workspace: Path, capsys, argv: list[str],
+                                                               said: str) -> None:
+    try:
+        code = cli.main([*argv, "--workspace", str(workspace)])
+    except SystemExit as exit_:  # the parser's own refusal
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert said in err.strip().splitlines()[-1]
 
 
 def _disk_full() -> None:

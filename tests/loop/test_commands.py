@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ AREAS = ("architecture", "attention", "optimizer", "schedule", "batch")
         ("kill #42", Kill(42)),
         ("/diff", Diff()),
         ("diff #37", Diff(37)),
+        ("diff 007", Diff(7)),
+        ("last 50", Last(50)),
         # typed on a phone: the line break after the command, not a space; the note keeps its lines
         ("/note\ntry a longer warmup\nthen rope", Note("try a longer warmup\nthen rope")),
         ("/pause\tnow", Pause(now=True)),
@@ -53,19 +56,31 @@ def test_valid(text: str, expected: Command) -> None:
         ("/kill@otherbot", "unknown command"),  # only the Telegram adapter may drop an addressee
         ("/focus", "focus needs an area"),
         ("/focus quantum", "unknown area 'quantum'; areas: architecture"),
-        ("/last many", "last wants a number"),
-        ("/last 0", "last wants a number"),
+        ("/last many", "last takes a number from 1 to 50"),
+        ("/last 0", "last takes a number from 1 to 50"),
+        ("/last 51", "last takes a number from 1 to 50, got '51'"),
         ("/pause later", "pause takes nothing or 'now'"),
         ("/status please", "status takes no arguments"),
         ("/note", "note needs some text"),
         ("/kill everything", "kill takes an experiment number"),
-        ("/diff best", "diff takes an experiment number, got 'best'; usage: diff"),
+        ("/diff best", "diff takes an experiment number from 1 to 999999999, got 'best'; usage: diff"),
         ("/diff 0", "diff takes an experiment number"),
-        ("x" * 5000, "command too long"),
+        # digits to str.isdigit, yet int() refuses them: a ValueError, and no reply in a chat
+        ("/diff ²", "diff takes an experiment number from 1 to 999999999, got '²'"),
+        ("/kill ²", "kill takes an experiment number from 1 to 999999999, got '²'"),
+        ("/last ²", "last takes a number from 1 to 50, got '²'"),
+        # past SQLite's INTEGER: an OverflowError when the view looked it up
+        ("/diff 99999999999999999999", "got '99999999999999999999'; usage: diff"),
+        ("/kill 99999999999999999999", "got '99999999999999999999'; usage: kill"),
+        ("/note " + "x" * 1999, "note too long (1999 characters, at most 1000)"),  # not the 2005 of "/note …"
+        ("/focus " + "x" * 2001, "focus too long (2001 characters, at most 2000)"),
+        # a byte of another encoding, as a non-UTF-8 terminal's argument arrives: the store could not keep it
+        ("note caf\udce9 au lait", "the text has a byte that is not UTF-8 after 'note caf'; send it as UTF-8"),
     ],
+    ids=lambda value: value[:40],  # not a note's 2000 characters
 )
 def test_invalid_gets_a_clear_message(text: str, message: str) -> None:
-    with pytest.raises(CommandError, match=message.replace("(", r"\(")):
+    with pytest.raises(CommandError, match=re.escape(message)):
         parse_command(text, AREAS)
 
 
