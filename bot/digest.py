@@ -99,7 +99,7 @@ def _found_at_start(p: dict[str, Any]) -> list[str]:
         parts.append("the daemon before it did not stop cleanly (killed, crashed, or the machine went down)")
     runs = numbered(p.get("in_flight") or [])
     if runs:
-        parts.append(f"{runs} still running, re-attached")
+        parts.append(f"{runs} in flight at the last stop, picked up again")  # it may have ended meanwhile
     pause = p.get("paused")
     if pause:
         parts.append(f"the loop is paused by {pause.get('by', '?')}" + (f": {pause['reason']}" if pause.get("reason") else ""))

@@ -88,7 +88,9 @@ def failure_reason(m: Measurement, metric_name: str) -> str | None:
         return f"OOM (exit code {m.exit_code}): {oom[:200]}" if oom else f"exit code {m.exit_code}"
     if value is None:  # a user's project meets this first: say what was read and what is wanted
         found = f" (read: {', '.join(sorted(m.summary.metrics)[:8])})" if m.summary.metrics else ""
-        return (f"no {metric_name} in the log{found}; the run must print a line `---`, then"
+        raw = m.summary.unreadable.get(metric_name)
+        what = f"{metric_name} in the log is {raw[:40]!r}, not a number" if raw else f"no {metric_name} in the log{found}"
+        return (f"{what}; the run must print a line `---`, then"
                 f" `{metric_name}: <value>`, or a line `METRIC {metric_name}=<value>`")
     if not math.isfinite(value):
         return f"{metric_name} is {value}"

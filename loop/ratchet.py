@@ -157,13 +157,15 @@ class Git:
         their changes kept uncommitted."""
         self.g.reset("-q", "--mixed", sha)
 
-    def stash_edits(self, message: str) -> list[str]:
-        """Keep the tracked files' uncommitted changes as a git stash entry, the tree untouched
-        (`git stash list` shows it, `git stash pop` brings it back); the files, [] when none."""
-        files = [f for f in self.g.diff("--name-only", "-z", "HEAD").split("\0") if f]
-        if files:
-            self.g.stash("store", "-m", message, self.g.stash("create", message))
-        return files
+    def stash_edits(self, message: str) -> tuple[list[str], list[str]]:
+        """Keep the uncommitted changes, new files too, as a git stash entry (`git stash list` shows
+        it, `git stash pop` brings it back) and leave the tree at HEAD; ignored files stay where they
+        are. (edited, new) files, both [] when none: a person's new file was removed unsaid."""
+        edited = [f for f in self.g.diff("--name-only", "-z", "HEAD").split("\0") if f]
+        new = self.untracked_files()
+        if edited or new:
+            self.g.stash("push", "--include-untracked", "-q", "-m", message)
+        return edited, new
 
     def commits_between(self, since: str, until: str) -> list[str]:
         """The commits `until` has and `since` has not (git's since..until), newest first."""

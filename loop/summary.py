@@ -25,6 +25,8 @@ _REJECTED_LINE = re.compile(r"^REJECTED:\s*(.+?)\s*$")
 class Summary:
     metrics: dict[str, float] = field(default_factory=dict)
     rejected: str | None = None  # why the harness refused the run's model (the last REJECTED line)
+    # a figure given only as text that is no number (`val_bpb: abc`): said as such, not as "no val_bpb"
+    unreadable: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -56,4 +58,5 @@ def parse_summary(text: str) -> Summary:
         elif rejection := _REJECTED_LINE.match(line):
             rejected = rejection.group(1)
     metrics = {name: value for name, raw in figures if (value := _number(raw)) is not None}
-    return Summary(metrics=metrics, rejected=rejected)
+    unreadable = {name: raw for name, raw in figures if name not in metrics}
+    return Summary(metrics=metrics, rejected=rejected, unreadable=unreadable)

@@ -210,8 +210,10 @@ def _ensure_excludes(path: Path) -> None:
 def _dirty_message(path: Path, files: list[str]) -> str:
     shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
     return (
-        f"{path} has changes nightlab did not make: {shown}; commit them (git -C {path} commit -am ...)"
-        f" or discard them (git -C {path} checkout -- . && git -C {path} clean -fd), then start again"
+        # new files too: `commit -am` left them out, and `clean -fd` deleted them
+        f"{path} has changes nightlab did not make: {shown}; commit them (git -C {path} add -A && git -C {path}"
+        f" commit -m ...) or put them aside (git -C {path} stash -u; `git stash pop` brings them back), then start"
+        " again"
     )
 
 

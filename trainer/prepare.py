@@ -581,17 +581,18 @@ def _build_stdlib_shards(data_dir: Path, say: Progress) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _training_text(paths: list[Path], max_chars: int, say: Progress, read: list[Path]) -> Iterator[str]:
+def _training_text(paths: list[Path], max_chars: int, say: Progress, read: dict[Path, int]) -> Iterator[str]:
     """Documents of the training shards, each capped, until `max_chars` in all; each shard opened is
-    appended to `read` (the text may end before the last ones)."""
+    in `read` with the characters read from it (the text may end before the last ones)."""
     nchars = 0
     next_report = 100_000_000
     for path in paths:
-        read.append(path)
+        read[path] = 0
         for texts in _row_groups(path):
             for text in texts:
                 doc = (text or "")[:TOKENIZER_DOC_CAP]
                 nchars += len(doc)
+                read[path] += len(doc)
                 yield doc
                 if nchars >= next_report:
                     say(f"tokenizer: read {nchars / 1e6:.0f}M chars")
@@ -628,10 +629,14 @@ def ensure_tokenizer(data_dir: Path, progress: Progress | None = None, *, max_ch
     import rustbpe  # only to train a tokenizer: a box given a prepared data dir needs none
 
     trainer = rustbpe.Tokenizer()
-    read: list[Path] = []
+    read: dict[Path, int] = {}
     trainer.train_from_iterator(
         _training_text(train_paths, max_chars, say, read), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN
     )
+    if not any(read.values()):  # a tokenizer of bytes only, then runs that train on BOS tokens "successfully"
+        raise PrepareError(f"the training shards hold no text: the `text` of every document in"
+                           f" {', '.join(str(_origin(p)) for p in read)} is empty or null; give shards with text and"
+                           " run `nightlab prepare` again")
     ranks = sorted(((bytes(token), rank) for token, rank in trainer.get_mergeable_ranks()), key=lambda kv: kv[1])
     specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
     seconds = time.time() - t0

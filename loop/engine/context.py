@@ -192,10 +192,11 @@ class Context:
                 f" cleaned (git gc) under the loop. Put it back if a backup or `git -C {at} fsck --lost-found` has"
                 f" it, then start nightlab again; rewrite the session branch only while nightlab is stopped and no"
                 " experiment is open")
-        saved = git.stash_edits(f"nightlab: edits found in the workspace at #{number}") if changed else []
-        if saved:
+        edited, new = git.stash_edits(f"nightlab: edits found in the workspace at #{number}") if changed else ([], [])
+        if edited or new:
+            saved = [*edited, *(f"{f} (new)" for f in new)]
             # the harness is never run edited (a committed edit stops the next start): not one to have "tried"
-            harness = [p for p in saved if p in self.ws.protected]
+            harness = [p for p in edited if p in self.ws.protected]
             text = (f"edits nightlab did not make were in {', '.join(saved)} at #{number}: the loop owns the"
                     f" workspace's files while it runs, so they were not run; kept in `git -C {at} stash list`.")
             if len(harness) < len(saved):
@@ -205,6 +206,9 @@ class Context:
                 text += (f"{';' if len(harness) < len(saved) else ''} {', '.join(harness)}: the protected harness,"
                          f" which no run uses edited; keep it as recorded (`git -C {at} checkout --"
                          f" {' '.join(harness)}` after a stash pop; `nightlab doctor` says more)")
+            if new:  # a run's own output, in the tree of the only slot, is stashed at every experiment
+                text += (". Files your runs write belong in .gitignore (or .git/info/exclude): the loop leaves"
+                         " ignored files where they are")
             self.store.emit("alert", text=text)
         git.reset_to(target)
 

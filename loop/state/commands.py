@@ -370,7 +370,9 @@ class Kill(Steer):
         queued = [r.sender for r in store.pending_commands() if r.name == self.name and r.args == str(number)]
         if queued:
             raise UserError(f"a kill of #{number} from {queued[0]} is queued already; nothing changed")
-        return _when(f"killing #{number}", soon) + "; it will be recorded as discarded"
+        # no engine: the run may end before one starts, and what it measured then stands
+        return _when(f"killing #{number}", soon) + ("; it will be recorded as discarded" if soon
+                                                    else "; it will be recorded as discarded unless it has ended by then")
 
     def apply(self, store: Store, loop: LoopControl, by: str) -> Applied:
         number = self.target(loop.running_numbers())

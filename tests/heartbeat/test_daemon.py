@@ -266,9 +266,9 @@ def test_an_engine_that_stops_on_a_problem_to_fix_stops_the_daemon_and_says_why(
 
     second = harness.start(real_engine=True, extra_config=project, name="second")
     assert second.proc.wait(timeout=90) == 2, second.log()
-    problem = (f"{workspace} has changes nightlab did not make: train.py; commit them (git -C {workspace} commit"
-               f" -am ...) or discard them (git -C {workspace} checkout -- . && git -C {workspace} clean -fd),"
-               " then start again")
+    problem = (f"{workspace} has changes nightlab did not make: train.py; commit them (git -C {workspace} add -A &&"
+               f" git -C {workspace} commit -m ...) or put them aside (git -C {workspace} stash -u; `git stash pop`"
+               " brings them back), then start again")
     assert [a["text"] for a in second.events("alert")] == [f"nightlab stopped: {problem}"]
     assert second.events("engine_restarted") == [] and second.events("self_paused") == []
     assert (workspace / "train.py").read_text().endswith("# mine\n")  # nothing of the user's undone

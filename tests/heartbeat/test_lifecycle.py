@@ -63,6 +63,6 @@ def test_every_restart_asked_for_is_said_with_what_the_new_daemon_found(tmp_path
     n = candidate.number
     stopped = (f"⏹ nightlab stopped: SIGTERM (systemctl stop or restart, or a kill); #{n} keeps running, re-attached"
                " at the next start")
-    started = f"🟢 nightlab started; #{n} still running, re-attached"
+    started = f"🟢 nightlab started; #{n} in flight at the last stop, picked up again"
     assert _said(store) == [started, stopped, started, stopped,
                             f"{started}; the loop is paused by telegram:7: checking the GPU"]

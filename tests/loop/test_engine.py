@@ -20,6 +20,7 @@ import pytest
 from nightlab.loop.engine import run_engine
 from nightlab.loop.executors import RunHandle
 from nightlab.loop.executors.local import LocalExecutor
+from nightlab.loop.executors.runfiles import read_exit_code
 from nightlab.loop.state import ledger, views
 from nightlab.loop.state.config import Settings
 from nightlab.loop.state.errors import UserError
@@ -730,6 +731,53 @@ def test_an_edit_made_by_hand_while_a_run_is_in_flight_is_kept_not_reset_away(tm
     assert "GAIN = 0.0" in (ws / "train.py").read_text()  # the tree is the kept commit's
     subprocess.run(["git", "-C", str(ws), "stash", "pop", "-q"], check=True)  # the edit, on the best
     assert (ws / "train.py").read_text() == edited.replace("VAL_BPB = [1.1]", "VAL_BPB = [1.0]")
+
+
+def test_a_file_added_by_hand_while_a_run_is_in_flight_is_kept_not_cleaned_away(tmp_path: Path, gates: Gates) -> None:
+    """A person drops notes into the workspace while #2 runs there: the ratchet's reset (`git clean`)
+    deleted the new file without a word. It goes into the stash with the edits, and chat says so."""
+    settings = make_stub_workspace(tmp_path)
+    ws = settings.workspace_path
+    gates.open(1)
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [1.1]}}]), limit=2)
+    engine.running(2)
+    (ws / "ideas").mkdir()
+    (ws / "ideas" / "notes.md").write_text("try a wider MLP\n")
+    gates.open(2)
+    engine.join()
+    assert not (ws / "ideas").exists()  # the tree is the kept commit's
+    alerts = [e.payload["text"] for e in engine.store.events_after(0) if e.kind == "alert"]
+    assert alerts == [f"edits nightlab did not make were in ideas/notes.md (new) at #2: the loop owns the workspace's"
+                      f" files while it runs, so they were not run; kept in `git -C {ws} stash list`. To have them"
+                      f" tried: `nightlab ctl pause`, then `git -C {ws} stash pop`, commit them, and resume. Files your"
+                      " runs write belong in .gitignore (or .git/info/exclude): the loop leaves ignored files where"
+                      " they are"]
+    subprocess.run(["git", "-C", str(ws), "stash", "pop", "-q"], check=True)
+    assert (ws / "ideas" / "notes.md").read_text() == "try a wider MLP\n"
+
+
+def test_a_kill_sent_while_nightlab_was_stopped_leaves_a_run_that_had_ended_as_measured(
+    tmp_path: Path, gates: Gates
+) -> None:
+    """`nightlab ctl kill 2` while nightlab was stopped: #2 had finished meanwhile, its val_bpb in its log,
+    and the next start recorded it as "discard (killed by cli:…)", its result thrown away. The runs that
+    ended are seen before a command is applied: #2 is recorded as measured, and the kill finds nothing."""
+    settings = make_stub_workspace(tmp_path)
+    gates.open(1)
+    proposer = ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])
+    engine = EngineThread(settings, proposer, limit=2)
+    run = engine.running(2)
+    engine.join(stop=True)  # the run goes on: the next start re-attaches it
+    gates.open(2)
+    wait_until(lambda: read_exit_code(Path(run.log_path)) == 0, "#2 to end while nightlab is stopped")
+    assert send_command(settings.workspace_path, "kill 2", "cli:t") == (
+        "killing #2; it will be recorded as discarded unless it has ended by then (the loop is not running right now:"
+        " it acts on this when it starts)")
+    EngineThread(settings, proposer, limit=2).join()
+    second = ledger.experiments(engine.store)[1]
+    assert (second.status, second.metric) == ("keep", 0.9), second.reason
+    done = [(e.payload["name"], e.payload["result"]) for e in engine.store.events_after(0) if e.kind == "command_done"]
+    assert done == [("kill", "nothing is running; there is no experiment to kill")]
 
 
 def test_a_checkout_by_hand_while_a_run_is_in_flight_stops_the_engine_with_what_to_do(

@@ -9,7 +9,7 @@ from nightlab.loop.decision import Rule, decide
 from nightlab.loop.judge import Measurement, failure_reason, judge
 from nightlab.loop.state.config import ConfigError, settings_from_table
 from nightlab.loop.state.stats import Noise, pooled_noise
-from nightlab.loop.summary import Summary
+from nightlab.loop.summary import Summary, parse_summary
 
 
 def _m(value: float | None = None, exit_code: int | None = 0, kill: str | None = None, tail: str = "") -> Measurement:
@@ -153,6 +153,14 @@ def test_a_log_with_other_figures_names_what_was_read() -> None:
     m = Measurement(0, None, Summary({"score": 0.9, "steps": 100.0}), "---\nscore: 0.9\nsteps: 100\n")
     assert failure_reason(m, "val_bpb") == ("no val_bpb in the log (read: score, steps); the run must print a"
                                             " line `---`, then `val_bpb: <value>`, or a line `METRIC val_bpb=<value>`")
+
+
+def test_a_metric_printed_as_no_number_is_said_as_such_not_as_missing() -> None:
+    """`val_bpb: abc` read as "no val_bpb in the log": the user looked for a missing line that was there."""
+    log = "---\nval_bpb: abc\nsteps: 100\n"
+    m = Measurement(0, None, parse_summary(log), log)
+    assert failure_reason(m, "val_bpb") == ("val_bpb in the log is 'abc', not a number; the run must print a line"
+                                            " `---`, then `val_bpb: <value>`, or a line `METRIC val_bpb=<value>`")
 
 
 @pytest.mark.parametrize(("in_workspace", "reason"), [

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import shlex
 import stat
 import subprocess
 from pathlib import Path
@@ -56,8 +58,15 @@ def test_refuses_a_dirty_tree_naming_the_files(tmp_path: Path) -> None:
     subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "i"], check=True)
     (repo / "train.py").write_text("x = 2\n")
     (repo / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match=r"changes nightlab did not make: notes.txt, train.py; commit them"):
+    with pytest.raises(UserError, match=r"changes nightlab did not make: notes.txt, train.py; commit them") as err:
         init_workspace(repo, "t", stub_settings(repo), say=lambda _: None)
+    # the advice, followed as printed, keeps the new file too (`commit -am` left it out, `clean -fd` deleted it)
+    aside = re.search(r"put them aside \((git -C \S+ stash -u);", str(err.value))
+    assert aside is not None, str(err.value)
+    subprocess.run(shlex.split(aside.group(1)), check=True, capture_output=True)
+    assert Git(repo).changed_files() == []
+    subprocess.run(["git", "-C", str(repo), "stash", "pop", "-q"], check=True)
+    assert (repo / "notes.txt").read_text() == "mine" and (repo / "train.py").read_text() == "x = 2\n"
 
 
 @pytest.mark.parametrize(

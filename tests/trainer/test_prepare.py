@@ -463,6 +463,17 @@ def test_dataloader_over_shards_emptied_after_prepare_fails_instead_of_spinning(
         next(P.make_dataloader(tokenizer, 1, 32, "train", device="cpu"))
 
 
+def test_training_shards_without_text_are_refused_at_prepare(tmp_path: Path) -> None:
+    """Empty and null texts passed prepare with a tokenizer of 0 merges, and the night trained on nothing."""
+    source = tmp_path / "source"
+    write_shards(source, [["", ""], [None, ""], ["validation text"]])
+    with pytest.raises(P.PrepareError) as err:
+        P.prepare(str(source), -1, tmp_path / "cache", progress=lambda _: None)
+    assert str(err.value) == (f"the training shards hold no text: the `text` of every document in"
+                              f" {source / 'shard_00000.parquet'}, {source / 'shard_00001.parquet'} is empty or null;"
+                              " give shards with text and run `nightlab prepare` again")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dataloader_on_cuda(tokenizer: P.Tokenizer, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NIGHTLAB_DATA_DIR", str(data_dir))
