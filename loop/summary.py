@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_SUMMARY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):\s+(\S+)\s*$")
+_SUMMARY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):\s*(\S+)\s*$")  # `val_bpb:0.9` too, as grep reads it
 _METRIC_LINE = re.compile(r"^METRIC\s+([A-Za-z_][A-Za-z0-9_.]*)=(\S+)\s*$")
 _REJECTED_LINE = re.compile(r"^REJECTED:\s*(.+?)\s*$")
 
@@ -37,9 +37,19 @@ class Summary:
         return self.metrics.get(name)
 
 
+# commas only as thousands separators (1,650,000): a decimal comma, `val_bpb: 0,85`, read as 85.0
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?(?:[eE][+-]?\d+)?")
+
+
 def _number(text: str) -> float | None:
+    if "," in text:
+        if not _THOUSANDS.fullmatch(text):
+            return None
+        text = text.replace(",", "")
+    if "_" in text:  # float() reads "1_0" as 10
+        return None
     try:
-        return float(text.replace(",", ""))
+        return float(text)
     except ValueError:
         return None
 

@@ -115,8 +115,9 @@ def judge_run(ctx: Context, cand: Candidate, run: ledger.RunRecord, rows: list[E
     summary = parse_summary(tail)
     # the prior is a share of the metric: of the best, else (the night's first run) of this run's own
     own = summary.metrics.get(ctx.metric_name)
+    # (a best of 0 is the scale's end, not a gap: a run's own 1e-11 beside it made float jitter a keep)
     scale = next((abs(v) for v in (best, ref.best if ref is not None else None, own)
-                  if v is not None and math.isfinite(v) and v != 0), 1.0)
+                  if v is not None and math.isfinite(v)), 1.0) or 1.0
     loop = ctx.settings.loop
     rule = Rule(z=loop.keep_z, max_runs=loop.max_runs, prior_sd=loop.noise_prior * scale)
     verdict = judge(

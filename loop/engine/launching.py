@@ -33,7 +33,7 @@ def launch(ctx: Context, cand: Candidate) -> None:
     git, ws = ctx.git, ctx.ws
     log = ctx.log_path(cand.number)
     # A launch that happened just before we were killed left its handle: adopt that run.
-    handle = find_handle(log)
+    handle = find_handle(log, since=cand.created_at)
     notice_data_change(ctx)  # what this run is scored on: the data as found now (async has no pause between runs)
     if handle is None:
         if ctx.in_place:

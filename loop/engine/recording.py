@@ -114,15 +114,18 @@ def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
     other = other if other is not None and other.resume is not None else None
     # the commit the night starts from, never run to a result: every proposal would branch from it.
     # Its second crash pauses: the first may be the box's (another process holding the GPU's memory)
-    crashes = [e for e in rows if e.commit == last.commit and e.kind == "baseline" and e.status == "crash"]
-    broken_start = (last.kind == "baseline" and last.status == "crash" and other is None and len(crashes) >= 2
+    # (failing the checks command too: such a baseline ran again and again, to the failure limit)
+    failed = ("crash", "checks_failed")
+    crashes = [e for e in rows if e.commit == last.commit and e.kind == "baseline" and e.status in failed]
+    broken_start = (last.kind == "baseline" and last.status in failed and other is None and len(crashes) >= 2
                     and not any(e.commit == last.commit and e.status == "keep" for e in rows))
     if (failures >= limit or other is not None or broken_start) and ledger.paused(store) is None:
         if other is not None:
             reason = f"#{last.number}: {last.reason}; {other.resume}" + (
                 f", and #{last.number} runs again" if again else "")
         elif broken_start:
-            reason = (f"#{last.number}: the baseline crashed again ({last.reason}): {last.commit[:7]}, the commit the night"
+            what = "crashed" if last.status == "crash" else "failed its checks"
+            reason = (f"#{last.number}: the baseline {what} again ({last.reason}): {last.commit[:7]}, the commit the night"
                       " starts from, does not run, and every experiment branches from it; fix it, commit the fix in"
                       f" {ctx.ws.path} and /resume (the fix is measured as the baseline)")
         else:

@@ -100,10 +100,20 @@ def trim_log(path: Path | str, max_bytes: int) -> None:
         return
 
 
-def find_handle(log_path: Path | str) -> RunHandle | None:
-    """The handle a launch left next to its log (a run launched just before a crash of ours)."""
+# a shared filesystem's clock may run a little apart from ours
+_HANDLE_CLOCK_SLACK_S = 5.0
+
+
+def find_handle(log_path: Path | str, since: float) -> RunHandle | None:
+    """The handle a launch left next to its log (a run launched just before a crash of ours), if it
+    was written after `since` (the candidate's creation): an older one is another ledger's run of the
+    same number (the ledger moved aside, the workspace's runs folder kept), whose result was adopted
+    as a new run's though nothing ran."""
+    path = handle_file(log_path)
     try:
-        return RunHandle.from_json(handle_file(log_path).read_text())
+        if path.stat().st_mtime < since - _HANDLE_CLOCK_SLACK_S:
+            return None
+        return RunHandle.from_json(path.read_text())
     except (OSError, ValueError, TypeError):
         return None
 

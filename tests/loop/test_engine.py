@@ -216,6 +216,20 @@ def test_failing_checks_reset_the_commit(tmp_path: Path) -> None:
     assert git_out(settings.workspace_path, "rev-parse", "HEAD") == rows[0].commit
 
 
+def test_a_baseline_that_fails_its_checks_twice_pauses_the_loop_as_a_crashing_one_does(tmp_path: Path) -> None:
+    """Checks that fail on the commit the night starts from: the baseline ran again and again, to
+    pause_after_failures (15), where a crashing one pauses at its second."""
+    settings = make_stub_workspace(tmp_path, project={"checks_command": "echo lint error; exit 4"},
+                                   loop={"checkpoint_interval": 0.05})
+    engine = EngineThread(settings, ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}]), limit=6)
+    engine.wait_for(lambda: ledger.paused(engine.store), "the loop to pause itself")
+    engine.ticks()  # paused: the baseline is not run again
+    assert [(e.kind, e.status) for e in ledger.experiments(engine.store)] == [("baseline", "checks_failed")] * 2
+    reason = ledger.paused(engine.store).reason
+    assert reason.startswith("#2: the baseline failed its checks again (checks failed (exit 4): lint error):"), reason
+    engine.join(stop=True)
+
+
 def test_the_loop_pauses_itself_after_repeated_failures(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path, loop={"pause_after_failures": 3, "checkpoint_interval": 0.05})
     proposer = ScriptedProposer([{"set": {"MODE": "crash"}}])
@@ -1107,6 +1121,37 @@ def test_an_engine_on_a_damaged_ledger_stops_with_what_to_do(tmp_path: Path) -> 
     assert (out.returncode, out.stderr) == (2, f"nightlab: {db} is not a readable nightlab state database (database"
                                                " disk image is malformed); restore it from a backup, or move it aside"
                                                " to start this workspace's ledger afresh\n")
+
+
+def test_a_ledger_moved_aside_starts_afresh_without_adopting_the_old_ledgers_runs(tmp_path: Path) -> None:
+    """What the damaged-ledger message says to do: move it aside. The next night's #1 found the old
+    night's #1 handle and exit file beside its log, adopted that run and recorded its val_bpb, though
+    nothing ran: a result never measured, of another commit."""
+    settings = make_stub_workspace(tmp_path)
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [0.9]}}])) == 0
+    state = settings.workspace_path / ".nightlab"
+    old_night = time.time() - 3600
+    for path in (state / "runs").iterdir():
+        os.utime(path, (old_night, old_night))
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        if (state / name).exists():
+            (state / name).rename(tmp_path / name)
+    init_workspace(settings.workspace_path, "test", settings, say=lambda _: None)
+    assert run_engine(settings, 1, proposer=ScriptedProposer([])) == 0
+    first = ledger.experiments(Store.for_workspace(settings.workspace_path))[0]
+    assert (first.kind, first.metric) == ("baseline", 0.9)  # the kept #2's train.py, run; not the old #1's 1.0
+
+
+def test_a_best_of_zero_keeps_the_noise_prior_at_its_absolute_size(tmp_path: Path) -> None:
+    """A metric whose baseline is 0: the prior's scale skipped the best (0) for the run's own value,
+    4e-6, so the noise was ± 0.0000 and a jitter of 4e-6 was kept ("the same to 4 decimals", 235 SE)."""
+    settings = make_stub_workspace(tmp_path)
+    ws = settings.workspace_path
+    (ws / "train.py").write_text((ws / "train.py").read_text().replace("VAL_BPB = [1.0]", "VAL_BPB = [0.0]"))
+    subprocess.run(["git", "-C", str(ws), "commit", "-qam", "a metric that starts at 0"], check=True)
+    assert run_engine(settings, 2, proposer=ScriptedProposer([{"set": {"VAL_BPB": [-4e-6]}}])) == 0
+    second = ledger.experiments(Store.for_workspace(ws))[1]
+    assert second.status == "discard", second.reason
 
 
 def test_a_note_waits_for_a_proposal_that_runs(tmp_path: Path) -> None:

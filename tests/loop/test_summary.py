@@ -72,3 +72,16 @@ def test_a_summary_after_progress_ended_by_a_carriage_return_is_read() -> None:
     command) printed its block on the progress line, and every run crashed "no accuracy in the log"."""
     summary = parse_summary("epoch 1 loss 0.3\repoch 2 loss 0.1\r---\naccuracy: 0.91\n")
     assert summary.get("accuracy") == 0.91
+
+
+def test_a_decimal_comma_is_no_number_and_a_thousands_comma_is() -> None:
+    """`val_bpb: 0,85` (a locale's print) was read as 85.0, `1_0` as 10.0: a wrong figure, unsaid."""
+    summary = parse_summary("---\nval_bpb: 0,85\nsteps: 1_0\ntokens: 1,650,000\nflops: -2,000.5e3\n")
+    assert summary.metrics == {"tokens": 1_650_000, "flops": -2_000_500.0}
+    assert summary.unreadable == {"val_bpb": "0,85", "steps": "1_0"}  # said as "not a number" (test_judge)
+    assert parse_summary("METRIC val_bpb=0,5\n").get("val_bpb") is None
+
+
+def test_a_summary_line_without_a_space_after_the_colon_is_read() -> None:
+    """Upstream's `grep "^val_bpb:"` reads `val_bpb:0.9`; it was "no val_bpb in the log"."""
+    assert parse_summary("---\nval_bpb:0.9\n").get("val_bpb") == 0.9
