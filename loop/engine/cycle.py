@@ -110,12 +110,18 @@ class Engine:
 
     def rest(self) -> None:
         """The workspace as every stop leaves it (SIGTERM, the parent gone, --max-experiments): with no
-        run in flight, the session branch at the best that status and best name. Git had followed a
+        run in flight, the session branch at the best that status and best name (or at a person's
+        commit the loop has not measured yet, which the next start measures). Git had followed a
         result to be re-run (or a proposal not launched yet) to its commit; the next start checks it
         out again. A run in flight keeps the tree it runs in, and a result being recorded its git step."""
         open_ = ledger.open_candidates(self.store)
         if self.ctx.in_place and open_ and not _in_flight(open_):
             self.ctx.reset_tree(open_[0].base_commit, open_[0].number)
+        mine = self.store.get(USER_HEAD_KEY)
+        if not open_ and mine is not None and self.ctx.git.has_commit(mine):
+            # a person's commit found while runs were open, not measured yet: the next wave starts from
+            # it; stopped before, the branch is left on it (it was left off it, "kept" as the alert said)
+            self.ctx.reset_tree(mine, ledger.last_number(self.store) + 1)
 
     def checkpoint(self) -> None:
         """Tick, apply steering commands and reloaded settings, notice a dead parent. Cheap;

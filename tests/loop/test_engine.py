@@ -646,10 +646,11 @@ def test_restart_reattaches_to_a_live_run_and_reads_a_finished_one(tmp_path: Pat
     assert_consistent(settings)
 
 
-def _committed_while_2_was_left_in_flight(tmp_path: Path, gates: Gates, value: float) -> tuple[Settings, str, Store]:
+def _committed_while_2_was_left_in_flight(tmp_path: Path, gates: Gates, value: float,
+                                         limit: int = 3) -> tuple[Settings, str, Store]:
     """A night stopped (systemctl stop) with #2 (its change's VAL_BPB `value`) left in flight, an
-    edit of train.py the user committed then, and the next start's night of 3: (settings, that
-    commit, the store)."""
+    edit of train.py the user committed then, and the next start's night of `limit`: (settings,
+    that commit, the store)."""
     gates.open(1)
     settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
     ws = settings.workspace_path
@@ -660,7 +661,7 @@ def _committed_while_2_was_left_in_flight(tmp_path: Path, gates: Gates, value: f
     train.write_text(train.read_text().replace("SLEEP = 0.0", "SLEEP = 0.01"))
     git_out(ws, "commit", "-qam", "mine: sleep a little")
     mine = git_out(ws, "rev-parse", "HEAD")
-    second = EngineThread(settings, ScriptedProposer([]), limit=3)
+    second = EngineThread(settings, ScriptedProposer([]), limit=limit)
     gates.open(2, 3)
     assert second.join() == 0
     return settings, mine, second.store
@@ -682,6 +683,20 @@ def test_a_commit_made_while_a_run_was_left_in_flight_is_measured_after_it_not_r
     alerts = [e.payload["text"] for e in store.events_after(0) if e.kind == "alert"]
     assert f"your commit {mine[:7]} (mine: sleep a little) came while #2 was open" in " ".join(alerts), alerts
     assert_consistent(settings)
+
+
+def test_a_commit_made_while_a_run_was_open_stays_on_the_branch_when_the_night_ends_before_measuring_it(
+    tmp_path: Path, gates: Gates
+) -> None:
+    """The night ended (--max-experiments) with the person's commit not measured yet: the branch was
+    left at #2's commit, theirs off it (the reflog only, until a next start), though the alert said
+    "kept". The stop leaves the branch on it, and the next start measures it."""
+    settings, mine, store = _committed_while_2_was_left_in_flight(tmp_path, gates, 0.9, limit=2)
+    ws = settings.workspace_path
+    assert git_out(ws, "rev-parse", "HEAD") == mine and git_out(ws, "status", "--porcelain") == ""
+    assert run_engine(settings, 3, proposer=ScriptedProposer([])) == 0
+    third = ledger.experiments(store)[2]
+    assert (third.kind, third.commit, third.metric) == ("baseline", mine, 0.9)
 
 
 def test_a_commit_made_on_an_experiments_tree_is_said_to_hold_its_change(tmp_path: Path, gates: Gates) -> None:
