@@ -329,12 +329,17 @@ def _counts(store: Store, rows: list[Experiment]) -> str:
     undecided = _undecided(store, last)
     decided = [e for e in last if e.number not in undecided]
     changes = [e for e in measured if e.kind != "baseline"]
-    counts = {"baseline": sum(e.kind == "baseline" for e in measured), "repeat": len(changes) - len(last)}
+    baselines = [e for e in measured if e.kind == "baseline"]
+    # a baseline that crashed, failed its checks or was killed measured nothing: "2 baseline" hid it
+    failed = ", ".join(f"{n} {s}" for s in ("crash", "checks_failed", "discard")
+                       if (n := sum(e.status == s for e in baselines)))
+    counts = {"repeat": len(changes) - len(last)}
     counts |= {s: sum(e.status == s for e in decided) for s in ("keep", "discard", "crash", "checks_failed")}
     counts["undecided"] = len(undecided)
     for kind in ledger.NOT_THE_CHANGE:
         counts[kind.words] = sum(ledger.not_the_change(e.reason) == kind for e in rows)
-    return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
+    parts = [f"{len(baselines)} baseline" + (f" ({failed})" if failed else "")] if baselines else []
+    return ", ".join([*parts, *(f"{n} {s}" for s, n in counts.items() if n)]) or "none yet"
 
 
 def _undecided(store: Store, last: list[Experiment]) -> set[int]:
@@ -375,8 +380,11 @@ def history_text(workspace: Path, n: int = 20, *, status: str | None = None, top
                  direction: str = "minimize") -> str:
     """The last `n` experiments; with `status` only those as the views call them (keep, crash,
     undecided: a discard the rule runs again is not a discard); with `top` the `top` best results
-    by the metric (in `direction`), best first, instead of the last ones."""
+    by the metric, best first, instead of the last ones: in the direction the ledger's results were
+    judged in, as `best` and the report rank them (`direction`, the config's, for a ledger without one:
+    a config changed since ranked the list against the best the other views named)."""
     store = Store.existing(workspace)
+    direction = store.get(DIRECTION_KEY, direction)
     if status is None and top is None:
         rows = ledger.experiments(store, last=max(1, n))  # the last ones: their re-runs too
         later = _undecided_runs(store, rows)

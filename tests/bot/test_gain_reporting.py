@@ -156,10 +156,10 @@ def test_the_charts_caption_before_a_result_and_before_a_keep(workspace: Path, s
     from tests.bot.conftest import finished
 
     finished(store, "crash", None, kind="baseline", commit="a", setting="s")
-    assert views.chart_caption(workspace) == "1 experiment (1 baseline)\nno val_bpb yet"  # as /status counts it
+    assert views.chart_caption(workspace) == "1 experiment (1 baseline (1 crash))\nno val_bpb yet"  # as /status counts it
     store.set(NOISE_PRIOR_KEY, 0.002)  # [loop] noise_prior: 0.2 % of the metric until repeats measure it
     finished(store, "keep", 1.0, kind="baseline", commit="a", hardware="H200", setting="s")
     finished(store, "discard", 1.01, commit="b", hardware="H200", setting="s", best=1.0)
     assert views.chart_caption(workspace) == (
-        "3 experiments (2 baseline, 1 discard)\nbest val_bpb 1.000000 (#2), runs vary ± 0.0020 (assumed until repeats"
+        "3 experiments (2 baseline (1 crash), 1 discard)\nbest val_bpb 1.000000 (#2), runs vary ± 0.0020 (assumed until repeats"
         " measure it)\nnothing beat the baseline yet")

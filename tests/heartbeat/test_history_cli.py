@@ -173,3 +173,16 @@ def test_a_ledger_damaged_inside_is_said_with_what_to_do(workspace: Path, capsys
     assert capsys.readouterr().err == (f"nightlab: {db} is not a readable nightlab state database (database disk"
                                        " image is malformed); restore it from a backup, or move it aside to start"
                                        " this workspace's ledger afresh\n")
+
+
+def test_top_ranks_in_the_direction_the_ledger_judged_in(workspace: Path, tmp_path: Path, capsys) -> None:
+    """The config turned to maximize after a night judged lower-is-better: --top ranked 1.2 first while
+    `best` and the report still named the night's lowest."""
+    from nightlab.loop.state.stats import DIRECTION_KEY
+
+    with closing(Store.for_workspace(workspace)) as store:
+        store.set(DIRECTION_KEY, "minimize")
+    config = tmp_path / "max.toml"
+    config.write_text(f'[workspace]\npath = "{workspace}"\n[project]\ndirection = "maximize"\n')
+    assert cli.main(["history", "--config", str(config), "--top", "2"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["#6", "#3"]

@@ -227,6 +227,8 @@ def test_a_baseline_that_fails_its_checks_twice_pauses_the_loop_as_a_crashing_on
     assert [(e.kind, e.status) for e in ledger.experiments(engine.store)] == [("baseline", "checks_failed")] * 2
     reason = ledger.paused(engine.store).reason
     assert reason.startswith("#2: the baseline failed its checks again (checks failed (exit 4): lint error):"), reason
+    # not "2 (2 baseline)": the baseline measured nothing
+    assert "experiments: 2 (2 baseline (2 checks_failed))" in views.status_text(settings.workspace_path)
     engine.join(stop=True)
 
 
