@@ -193,6 +193,9 @@ def draw(points: Sequence[Point], metric_name: str = "val_bpb", direction: str =
         edge = _worse_edge(kept, measured, direction)
         if edge is not None:
             _fold_worse(ax, measured, edge, direction)
+        if points:  # the crosses sit on the axes' own height, so autoscaling left out a crash at either end
+            numbers = [p.number for p in points]
+            ax.set_xlim(min(numbers) - 0.5, max(numbers) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("experiment #")
         ax.set_ylabel(f"{metric_name} ({'lower' if direction == 'minimize' else 'higher'} is better)")

@@ -234,7 +234,7 @@ def checks(ctx: Context, verdict: Verdict, cwd: Path, best: float | None) -> Ver
     last = output.splitlines()[-1] if output else ""
     return dataclasses.replace(
         verdict, status="checks_failed", needs_confirm=False, remeasure_best=False, best_after=best,
-        reason=f"checks failed (exit {code}): {last[:200]}",
+        reason=f"checks failed (exit {code}): {last[:200]}" if last else f"checks failed (exit {code}, no output)",
     )
 
 

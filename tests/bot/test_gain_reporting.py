@@ -113,6 +113,22 @@ def test_the_legend_hides_no_point() -> None:
         plt.close(fig)
 
 
+def test_crashes_at_either_end_are_on_the_chart() -> None:
+    """Every run crashed: the x axis ran from -0.045 to 0.045 and no cross showed, the legend saying
+    "crashed (2)"; a crash after the last result fell off its right edge the same way."""
+    import matplotlib.pyplot as plt
+
+    for night in ([P(1, "crash", None, "baseline", "baseline", "a", None), P(2, "crash", None, "b", "baseline", "a", None)],
+                  [P(1, "keep", 1.0, "baseline", "baseline", "a", 1.0), P(2, "discard", 1.1, "x", "proposal", "b", 1.0),
+                   P(9, "crash", None, "y", "proposal", "c", 1.0)]):
+        fig = draw(night)
+        try:
+            low, high = fig.axes[0].get_xlim()
+            assert low < night[0].number and night[-1].number < high, (low, high)
+        finally:
+            plt.close(fig)
+
+
 def test_one_disastrous_run_does_not_flatten_the_best_it_is_an_arrow_on_the_edge() -> None:
     """A learning rate x4 scored 2.0 on a night at 1.40: the axis ran to 2.0 and the best's steps
     (0.01 apart) were one flat line."""

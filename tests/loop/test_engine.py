@@ -216,6 +216,14 @@ def test_failing_checks_reset_the_commit(tmp_path: Path) -> None:
     assert git_out(settings.workspace_path, "rev-parse", "HEAD") == rows[0].commit
 
 
+def test_checks_that_fail_without_a_word_say_so(tmp_path: Path) -> None:
+    """The reason ended in an empty "checks failed (exit 1): "."""
+    settings = make_stub_workspace(tmp_path, project={"checks_command": "exit 4"})
+    run_engine(settings, 1, proposer=ScriptedProposer([]))
+    first = ledger.experiments(Store.for_workspace(settings.workspace_path))[0]
+    assert first.reason == "checks failed (exit 4, no output)"
+
+
 def test_a_baseline_that_fails_its_checks_twice_pauses_the_loop_as_a_crashing_one_does(tmp_path: Path) -> None:
     """Checks that fail on the commit the night starts from: the baseline ran again and again, to
     pause_after_failures (15), where a crashing one pauses at its second."""
