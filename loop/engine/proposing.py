@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,10 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
     outside = [p for p in changed if p not in ctx.ws.editable]
     # a run without the file it executes measures nothing ("can't open file": exit code 2)
     deleted = [p for p in ctx.ws.run_files if p in changed and not (ctx.ws.path / p).exists()]
-    if outside or deleted:
-        reason = refusal_reason(ctx, outside, set(git.untracked_files()), deleted)
+    # a link runs code its commit does not hold (train.py -> /tmp/evil.py, kept as the best, editable there)
+    linked = [p for p in changed if (ctx.ws.path / p).is_symlink()]
+    if outside or deleted or linked:
+        reason = refusal_reason(ctx, outside, set(git.untracked_files()), deleted, linked)
         git.reset_to(cand.base_commit)
         protect(ctx.ws)
         return no_run(ctx, cand, "crash", reason, **described)
@@ -142,11 +145,12 @@ def _runs_hit(ctx: Context, number: int) -> str:
     return said
 
 
-def refusal_reason(ctx: Context, outside: list[str], new: set[str], deleted: list[str]) -> str:
+def refusal_reason(ctx: Context, outside: list[str], new: set[str], deleted: list[str],
+                   linked: Sequence[str] = ()) -> str:
     """Why a change the engine will not run is refused, for the user and the next proposal alike:
     a change to files besides the editable ones (the protected harness said as such: no config lets
     a proposal change it; a new file said removed: a module train.py imports cannot run from a
-    commit that lacks it), or the deletion of a file each run executes."""
+    commit that lacks it), the deletion of a file each run executes, or a file made a symbolic link."""
     protected = [p for p in outside if p in ctx.ws.protected]
     added = [p for p in outside if p in new and p not in protected]
     other = [p for p in outside if p not in protected and p not in added]
@@ -154,6 +158,9 @@ def refusal_reason(ctx: Context, outside: list[str], new: set[str], deleted: lis
     if deleted:
         who = "the agent" if ctx.settings.proposer.kind == "agent" else "the proposal"
         said.append(f"{who} deleted {', '.join(deleted)}, which every run executes; the change was undone")
+    if linked:
+        said.append(f"made {', '.join(linked)} a symbolic link, whose code the commit would not hold (undone:"
+                    " edit the file itself)")
     if protected:
         said.append(f"changed the protected {', '.join(protected)} (the harness that measures every run; restored)")
     if other:

@@ -35,10 +35,13 @@ Example commands (`[proposer.agent] command`); each runs one non-interactive tur
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shlex
+import shutil
+import stat
 import subprocess
 import time
 import uuid
@@ -114,16 +117,15 @@ class AgentProposer:
         proposal_file.unlink(missing_ok=True)  # a stale one would describe an older edit
         program = ws / "program.md"
         prompt_file = state / "prompt.md"
-        prompt_file.write_text(
-            build_prompt(ctx, program.read_text(encoding="utf-8") if program.is_file() else "", self.switch_area_after),
-            encoding="utf-8",
-        )
+        with _fresh(prompt_file) as f:
+            f.write(build_prompt(ctx, program.read_text(encoding="utf-8") if program.is_file() else "",
+                                 self.switch_area_after).encode("utf-8"))
         branch, head = git.branch(), git.head()
 
         ignored, git_files = git.ignored_files(_NOT_STATE), _git_files(ws)
         run = self._run(ws, state, prompt_file, proposal_file, ctx.data_dir)
         git_changed = _put_back(ws, git_files)
-        hidden = _remove_new(ws, git.ignored_files(_NOT_STATE) - ignored)
+        hidden = _remove_new(ws, git.ignored_files(_NOT_STATE) - ignored) + _clear_own_folder(ws, state)
         if run.too_much:
             raise ProposalError(
                 f"agent printed more than {self.settings.max_output_mb:g} MB and was killed with all its processes"
@@ -199,7 +201,7 @@ class AgentProposer:
         # keep rule reads, git, the data runs are scored on and the daemon's processes (its environment
         # holds the chat tokens) are not its
         sandboxed = command_line(command, *sandbox_paths(ws, state, data))
-        with prompt_file.open("rb") as stdin, out_path.open("w+b") as out, err_path.open("w+b") as err:
+        with prompt_file.open("rb") as stdin, _fresh(out_path) as out, _fresh(err_path) as err:
             proc = subprocess.Popen(
                 sandboxed, shell=True, cwd=ws, env=env, stdin=stdin, stdout=out, stderr=err, start_new_session=True
             )
@@ -232,6 +234,28 @@ class AgentProposer:
                 if _written(f) > limit:
                     f.truncate(limit)
         return _Run(proc.returncode, timed_out, time.monotonic() - start, stdout, stderr, cut, too_much)
+
+
+def _fresh(path: Path) -> BinaryIO:
+    """`path` in the agent's folder as a new, empty file of ours, for writing and reading. The folder is
+    the agent's to write: a link it left there in the file's place (stdout.log -> ../state.db) was
+    followed, and the next proposal's output truncated the ledger through it."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w+b")
+
+
+def _regular(path: Path) -> BinaryIO:
+    """`path` opened to read if it is a regular file; OSError if not: a link to /dev/zero was read
+    for ever, a FIFO blocked the engine's open() until it was restarted, and again."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _written(f: BinaryIO) -> int:
@@ -315,6 +339,26 @@ def _remove_new(ws: Path, paths: set[str]) -> list[str]:
     return removed
 
 
+_OWN_FILES = frozenset({"prompt.md", "stdout.log", "stderr.log", Path(PROPOSAL_FILE).name})
+
+
+def _clear_own_folder(ws: Path, state: Path) -> list[str]:
+    """Remove what the agent left in its own folder besides the files nightlab reads and writes there:
+    the one place git never looks, so a module train.py imports from it ran without being in the
+    commit (the same-code check dodged, the result not reproducible)."""
+    removed = []
+    for path in sorted(state.iterdir()) if state.is_dir() else []:
+        if path.name in _OWN_FILES:
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(str(path.relative_to(ws)))
+    return removed
+
+
 def _diff_stats(git: Git, ws: Path) -> dict[str, tuple[int, int]]:
     """{path: (lines added, lines removed)} against HEAD, untracked files included."""
     stats = git.file_numstat("HEAD", paths=_NOT_STATE)
@@ -329,7 +373,7 @@ def _diff_stats(git: Git, ws: Path) -> dict[str, tuple[int, int]]:
 def _line_count(path: Path) -> int:
     """Lines of a file, read a megabyte at a time: an agent may leave a checkpoint of gigabytes."""
     lines, last = 0, b"\n"
-    with path.open("rb") as f:
+    with _regular(path) as f:
         while chunk := f.read(1 << 20):
             lines, last = lines + chunk.count(b"\n"), chunk[-1:]
     return lines + (last != b"\n")  # a last line without its newline counts too
@@ -352,7 +396,7 @@ def _read_proposal_file(path: Path) -> tuple[dict[str, str], str]:
     """The agent's own description and hypothesis, and why a file that is there could not be
     used ("" when it was, or when there is none: writing it is optional)."""
     try:
-        with path.open("rb") as f:
+        with _regular(path) as f:
             raw = f.read(PROPOSAL_BYTES + 1)
     except FileNotFoundError:
         return {}, ""

@@ -275,6 +275,27 @@ def test_a_proposal_file_over_a_megabyte_is_not_read(tmp_path: Path) -> None:
     assert _read_proposal_file(tmp_path / "none.json") == ({}, "")  # writing one is optional
 
 
+def test_an_agent_that_links_its_logs_to_the_ledger_cannot_write_it_through_them(ws: Path, tmp_path: Path) -> None:
+    """An agent's folder is its own to write: stdout.log made a link to state.db, the next proposal's
+    output truncated the ledger through it (the sandbox holds the ledger read-only, not the link)."""
+    ledger_file = tmp_path / "state.db"
+    ledger_file.write_bytes(b"SQLite format 3\0" + b"x" * 10_000)
+    proposer = agent("agent_misbehave.py", "link-log", str(ledger_file))
+    proposer.propose(ctx(ws))
+    proposer.propose(ctx(ws))  # writes its prompt and logs where the links are
+    assert ledger_file.read_bytes() == b"SQLite format 3\0" + b"x" * 10_000
+
+
+def test_an_agent_that_leaves_a_fifo_or_an_endless_link_does_not_hang_the_engine(ws: Path) -> None:
+    """A FIFO as its proposal file blocked the engine's open() for ever (restarted, it hung again); a new
+    file linked to /dev/zero was counted for ever. Both are said and the proposal goes on."""
+    proposal = agent("agent_misbehave.py", "fifo-proposal").propose(ctx(ws))
+    assert "[.nightlab/agent/proposal.json ignored: unreadable: not a regular file]" in proposal.hypothesis, \
+        proposal.hypothesis
+    git(ws, "checkout", "-q", "--", "train.py")
+    assert agent("agent_misbehave.py", "zero-link").propose(ctx(ws)).description.startswith("edit train.py")
+
+
 @pytest.mark.parametrize("mode", ["switch-branch", "detach"])
 def test_an_agent_that_leaves_the_branch_is_refused_and_the_workspace_put_back(ws: Path, mode: str) -> None:
     head = git(ws, "rev-parse", "HEAD")
@@ -297,6 +318,15 @@ def test_what_an_agent_leaves_in_git_ignored_places_is_removed_and_said(ws: Path
         "[removed what the agent left where git ignores it, which the commit would not hold: __pycache__/helper.py]"
     ), proposal.hypothesis
     assert (ws / ".nightlab/agent/prompt.md").is_file()  # our own state stays
+
+
+def test_what_an_agent_leaves_in_its_own_folder_is_removed_and_said(ws: Path) -> None:
+    """Its folder (.nightlab/agent) is the one place git never looks: a module train.py imported from it
+    ran, and the commit did not hold it."""
+    proposal = agent("agent_misbehave.py", "hide-in-own-folder").propose(ctx(ws))
+    assert sorted(p.name for p in (ws / ".nightlab/agent").iterdir()) == ["prompt.md", "stderr.log", "stdout.log"]
+    assert proposal.hypothesis.endswith("[removed what the agent left where git ignores it, which the commit would"
+                                        " not hold: .nightlab/agent/hp.py, .nightlab/agent/pkg]"), proposal.hypothesis
 
 
 def test_an_agent_that_only_changes_a_file_mode_changed_nothing(ws: Path) -> None:
@@ -348,6 +378,20 @@ def test_an_agent_that_deletes_train_py_is_refused_before_any_run_and_the_night_
     ws = settings.workspace_path
     assert (ws / "train.py").is_file() and git(ws, "status", "--porcelain") == ""
     assert git(ws, "rev-parse", "HEAD").strip() == rows[0].commit
+
+
+def test_an_agent_that_makes_train_py_a_link_is_refused_before_any_run(tmp_path: Path) -> None:
+    """train.py -> /tmp/evil.py printing 0.5: kept as the night's best, its commit holding only the
+    link, the code free to change after the keep."""
+    outside = tmp_path / "evil.py"
+    command = shlex.join([sys.executable, str(FAKES / "agent_misbehave.py"), "link-train", str(outside)])
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": command}})
+    assert run_engine(settings, 2) == 0
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert (rows[1].status, rows[1].reason) == ("crash", "rejected: made train.py a symbolic link, whose code the"
+                                                         " commit would not hold (undone: edit the file itself)")
+    ws = settings.workspace_path
+    assert not (ws / "train.py").is_symlink() and git(ws, "status", "--porcelain") == ""
 
 
 def test_what_an_agent_leaves_running_in_the_background_is_killed(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
