@@ -76,6 +76,9 @@ class Context:
         # whether the compile caches passed their bound: new candidates wait for a prune (async)
         self.prune_waiting = False
         self.cache_measured: float | None = None  # when the caches were last walked (monotonic)
+        # the proposer's failures in a row, and when it is asked again (monotonic): loop/engine/proposing.py
+        self.proposer_failures = 0
+        self.propose_after = 0.0
         self.data: DataIdentity | None
         self.setting: str
         self.identify_data()

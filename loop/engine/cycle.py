@@ -38,7 +38,7 @@ from nightlab.loop.engine.exporting import export
 from nightlab.loop.engine.launching import free_slot, launch
 from nightlab.loop.engine.outcome import Outcome
 from nightlab.loop.engine.polling import poll
-from nightlab.loop.engine.proposing import propose
+from nightlab.loop.engine.proposing import propose, proposer_resting
 from nightlab.loop.engine.recording import record
 from nightlab.loop.engine.startup import startup
 from nightlab.loop.engine.steering import apply_commands
@@ -160,7 +160,7 @@ class Engine:
                     launch(ctx, cand)
                     self._delay = FIRST_POLL_S
                     return True
-                if cand.phase == "proposing":
+                if cand.phase == "proposing" and not proposer_resting(ctx):
                     propose(ctx, cand, open_)
                     return True
             if len(open_) < wave.size and free_slot(ctx) is not None:
@@ -188,7 +188,7 @@ class Engine:
         free slot gets a new candidate."""
         ctx, store = self.ctx, self.store
         for cand in open_:
-            if cand.phase == "proposing":
+            if cand.phase == "proposing" and not proposer_resting(ctx):
                 propose(ctx, cand, open_)
                 return True
         for cand in open_:

@@ -48,13 +48,16 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
             return None
         except ProposalError as exc:
             git.reset_to(cand.base_commit)  # what a failed proposer left is its own, not a person's
+            rest_proposer(ctx)
             return no_run(ctx, cand, "crash", ctx.redact(f"proposer failed: {exc}"))
         except Exception as exc:  # noqa: BLE001 -- a proposer bug must not stop the night; it counts as a failure
             say(ctx.redact(traceback.format_exc().rstrip()))  # its message may quote what the agent said
             git.reset_to(cand.base_commit)
+            rest_proposer(ctx)
             return no_run(ctx, cand, "crash", ctx.redact(f"proposer error: {type(exc).__name__}: {exc}"))
         finally:
             keep_ledger(ctx, ledger_file, cand.number)
+        ctx.proposer_failures = 0
     # the words stored, committed, exported, reported and put in later prompts: clean once, here
     described = {"description": ctx.redact(proposal.description), "hypothesis": ctx.redact(proposal.hypothesis),
                  "area": ctx.redact(proposal.area), "params": dict(proposal.params)}
@@ -87,6 +90,26 @@ def propose(ctx: Context, cand: Candidate, open_: list[Candidate]) -> None:
         ledger.update_candidate(store, cand.id, phase="committed", commit_sha=commit,
                                 lines_added=added, lines_removed=removed, **described)
         ledger.mark_notes_delivered(store, [cid for cid, _ in notes], cand.number)
+
+
+PROPOSER_REST_S = 15.0  # after the second failure in a row; doubled at each one after, to MAX
+PROPOSER_REST_MAX_S = 600.0
+
+
+def rest_proposer(ctx: Context) -> None:
+    """A proposer that failed twice in a row is asked again later, and later at each failure: an agent
+    rate-limited by its provider failed 15 times in two seconds, and the night paused for nothing
+    a few minutes would not have mended. Its failures still count toward the pause."""
+    ctx.proposer_failures += 1
+    if ctx.proposer_failures < 2:  # once may be a glitch: at once
+        return
+    wait = min(PROPOSER_REST_S * 2 ** (ctx.proposer_failures - 2), PROPOSER_REST_MAX_S)
+    ctx.propose_after = time.monotonic() + wait
+    say(f"the proposer failed {ctx.proposer_failures} times in a row; the next proposal in {wait:.0f} s")
+
+
+def proposer_resting(ctx: Context) -> bool:
+    return time.monotonic() < ctx.propose_after
 
 
 def keep_ledger(ctx: Context, before: tuple[int, int] | None, number: int) -> None:

@@ -1179,6 +1179,27 @@ def test_a_best_of_zero_keeps_the_noise_prior_at_its_absolute_size(tmp_path: Pat
     assert second.status == "discard", second.reason
 
 
+def test_a_proposer_failing_again_and_again_is_asked_again_later_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent rate-limited by its provider failed 15 times in two seconds, and the night paused
+    itself for what minutes would have mended. The first failure is retried at once, then it rests,
+    twice as long each time; a proposal that works ends the rest."""
+    from nightlab.loop.engine import proposing
+
+    monkeypatch.setattr(proposing, "PROPOSER_REST_S", 0.2)
+    settings = make_stub_workspace(tmp_path, loop={"checkpoint_interval": 0.05})
+    steps: list[dict[str, Any]] = [{"raise": "rate limited"}] * 3 + [{"set": {"VAL_BPB": [0.9]}}]
+    assert run_engine(settings, 5, proposer=ScriptedProposer(steps)) == 0
+    rows = ledger.experiments(Store.for_workspace(settings.workspace_path))
+    assert [e.status for e in rows] == ["keep", "crash", "crash", "crash", "keep"]
+    said = capsys.readouterr().err
+    assert "the proposer failed 2 times in a row; the next proposal in 0 s" in said
+    assert "the proposer failed 3 times in a row" in said and "failed 1 times" not in said
+    # the rests, between the failures' records: none after the first, 0.2 s after the second, 0.4 s after the third
+    assert rows[3].finished_at - rows[2].finished_at >= 0.2 and rows[4].started_at - rows[3].finished_at >= 0.4
+
+
 def test_a_note_waits_for_a_proposal_that_runs(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     send_command(settings.workspace_path, "note try rope", "telegram:7")
