@@ -136,6 +136,8 @@ def _on_streaks(ctx: Context, rows: list[Experiment]) -> None:
     streak = next((e.number for e in reversed(rows) if e.status == "keep" and e.kind != "baseline"), 0)
     if misses >= limit and store.get(DISCARDS_SAID_KEY) != streak:
         store.set(DISCARDS_SAID_KEY, streak)  # said once per streak (it starts at a keep)
-        store.emit("alert", text=(
-            f"{misses} experiments in a row without a keep: the search widens its moves and changes area;"
-            " the loop goes on (only failures pause it)"))
+        # each proposer's own answer to the streak: the search's moves, the agent's prompt (loop/proposers/prompt.py)
+        answer = ("the agent's prompt asks it for a clearly different idea or area" if ctx.settings.proposer.kind ==
+                  "agent" else "the search widens its moves and changes area")
+        store.emit("alert", text=(f"{misses} experiments in a row without a keep: {answer}; the loop goes on (only"
+                                  " failures pause it)"))

@@ -1200,6 +1200,18 @@ def test_a_proposer_failing_again_and_again_is_asked_again_later_each_time(
     assert rows[3].finished_at - rows[2].finished_at >= 0.2 and rows[4].started_at - rows[3].finished_at >= 0.4
 
 
+def test_a_run_without_a_keep_is_said_as_the_agents_prompt_answers_it(tmp_path: Path) -> None:
+    """With an agent proposing, the alert said "the search widens its moves", which no search does."""
+    command = shlex.join([sys.executable, "-c", "import time; open('train.py', 'a').write('# %r\\n' % time.time())"])
+    settings = make_stub_workspace(tmp_path, proposer={"kind": "agent", "agent": {"command": command}},
+                                   loop={"pause_after_failures": 2})
+    assert run_engine(settings, 3) == 0
+    alerts = [e.payload["text"] for e in Store.for_workspace(settings.workspace_path).events_after(0)
+              if e.kind == "alert"]
+    assert alerts == ["2 experiments in a row without a keep: the agent's prompt asks it for a clearly different idea"
+                      " or area; the loop goes on (only failures pause it)"]
+
+
 def test_a_note_waits_for_a_proposal_that_runs(tmp_path: Path) -> None:
     settings = make_stub_workspace(tmp_path)
     send_command(settings.workspace_path, "note try rope", "telegram:7")
