@@ -128,9 +128,11 @@ class Engine:
         called often."""
         self._last_checkpoint = time.monotonic()
         self.store.set("engine.tick", time.time())
-        # runs that ended since the last look are recorded ended before a kill is applied: one sent
-        # while nightlab was stopped discarded the result of a run that had finished meanwhile
-        poll(self.ctx)
+        # runs that ended since the last look are recorded ended before a command is applied: a kill
+        # sent while nightlab was stopped discarded the result of a run that had finished meanwhile
+        # (only then: the step polls anyway)
+        if self.store.pending_commands():
+            poll(self.ctx)
         apply_commands(self.store)
         paused = ledger.paused(self.store) is not None
         if self._paused and not paused:  # before a data-failed run is run again, maybe on repaired data

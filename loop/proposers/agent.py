@@ -241,10 +241,7 @@ def _fresh(path: Path) -> BinaryIO:
     the agent's to write: a link it left there in the file's place (stdout.log -> ../state.db) was
     followed, and the next proposal's output truncated the ledger through it."""
     with contextlib.suppress(FileNotFoundError):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        _remove(path)
     return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w+b")
 
 
@@ -351,12 +348,17 @@ def _clear_own_folder(ws: Path, state: Path) -> list[str]:
         if path.name in _OWN_FILES:
             continue
         with contextlib.suppress(OSError):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            _remove(path)
             removed.append(str(path.relative_to(ws)))
     return removed
+
+
+def _remove(path: Path) -> None:
+    """A file, a link (not what it names) or a folder with all it holds."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _diff_stats(git: Git, ws: Path) -> dict[str, tuple[int, int]]:
